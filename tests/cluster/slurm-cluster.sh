@@ -1,0 +1,398 @@
+#!/usr/bin/env bash
+# Single-node Slurm test cluster for hpc-compose: up | down | status | restart.
+#
+# Run as root on Debian/Ubuntu (the CI machine is Debian 12 with Slurm 22.05):
+#   sudo bash tests/cluster/slurm-cluster.sh up       # install, configure, start; waits for an idle node
+#   sudo bash tests/cluster/slurm-cluster.sh status   # sinfo, daemons, log paths; exit 0 only if usable
+#   sudo bash tests/cluster/slurm-cluster.sh down     # stop every daemon this script started
+# `up` is idempotent: a second run rewrites the same config, restarts the Slurm daemons only if the
+# config changed, and returns as soon as the node is idle again.
+#
+# It installs munge, MariaDB, slurmdbd, slurmctld, slurmd and the client tools from the distribution,
+# starts them WITHOUT systemd (plain daemons, pid files under /run), registers the cluster in the
+# accounting database (so `sacct` works) and gathers job accounting with jobacct_gather/linux (so
+# `sstat` works on running steps). Jobs run as the submitting user on this very host.
+#
+# Facts found on the machine this was written on (Debian 12, Firecracker VM, 2 cores, 24 GiB,
+# PID 1 is not systemd, policy-rc.d forbids package scripts from starting services):
+# - Debian 12 ships Slurm 22.05.8; its packages start nothing here, so every daemon is started by hand.
+# - The munge package generates /etc/munge/munge.key; /run/munge does not exist until we create it.
+# - MariaDB's datadir is initialised by the package; mariadbd is started with --user=mysql directly.
+# - cgroup v1 hierarchies are mounted (hybrid with cgroup2 at /sys/fs/cgroup/unified) but nothing
+#   delegates them, so the config uses ProctrackType=proctrack/linuxproc and TaskPlugin=task/affinity,
+#   which need no cgroup at all and also work in containers. A step's processes are found through
+#   their parent chain; this is what teardown (scancel, time limit) relies on.
+# - `hostname -s` resolves through /etc/hosts to 127.0.0.1, so the node and the controller are
+#   addressed as 127.0.0.1 and nothing depends on DNS.
+# - Background steps inside one job need `srun --overlap` on 22.05 (see the issue); that is the
+#   renderer's business, not this config's.
+# - The partition oversubscribes cores (OverSubscribe=FORCE:4) so that up to 4 small test jobs per
+#   core run at once on a 2-core machine instead of queueing behind each other; memory is not a
+#   consumable resource (CR_Core), so a job without --mem does not claim the whole node.
+set -euo pipefail
+
+ACTION="${1:-status}"
+CLUSTER_NAME="${HPC_COMPOSE_TEST_CLUSTER:-hpccompose}"
+NODE="$(hostname -s)"
+ETC=/etc/slurm
+LOGDIR=/var/log/slurm
+STATEDIR=/var/lib/slurm
+DB_USER=slurm
+DB_PASS=slurm-test-cluster
+UP_TIMEOUT="${SLURM_CLUSTER_UP_TIMEOUT:-120}"
+
+say() { printf '[slurm-cluster] %s\n' "$*"; }
+die() { printf '[slurm-cluster] ERROR: %s\n' "$*" >&2; exit 1; }
+
+need_root() {
+    [ "$(id -u)" -eq 0 ] || die "run as root (sudo bash $0 $ACTION): it installs packages and starts daemons"
+}
+
+pid_alive() {  # pid_alive PIDFILE -> 0 if the pid in the file is a live process
+    local pid
+    [ -s "$1" ] || return 1
+    pid="$(cat "$1" 2>/dev/null)" || return 1
+    [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null
+}
+
+wait_until() {  # wait_until SECONDS DESCRIPTION COMMAND... -> polls the command every 0.5 s
+    local limit=$1 i=0  # $2 names what is awaited, for the reader
+    shift 2
+    while ! "$@" >/dev/null 2>&1; do
+        i=$((i + 1))
+        if [ "$i" -gt $((limit * 2)) ]; then
+            return 1
+        fi
+        sleep 0.5
+    done
+    return 0
+}
+
+show_log_tail() {
+    local f
+    for f in "$@"; do
+        if [ -f "$f" ]; then
+            printf -- '---- last lines of %s ----\n' "$f" >&2
+            tail -n 25 "$f" >&2
+        fi
+    done
+}
+
+# ---------------------------------------------------------------- install
+
+install_packages() {
+    local pkgs=(slurmctld slurmd slurm-client slurmdbd munge mariadb-server shellcheck curl)
+    local missing=() p
+    for p in "${pkgs[@]}"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+    done
+    [ "${#missing[@]}" -eq 0 ] && return 0
+    say "installing: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    # The package lists may be absent on a fresh machine: update once if the first try fails.
+    if ! apt-get install -y -q --no-install-recommends "${missing[@]}" >/tmp/slurm-cluster-apt.log 2>&1; then
+        apt-get update -q >>/tmp/slurm-cluster-apt.log 2>&1 || true
+        apt-get install -y -q --no-install-recommends "${missing[@]}" >>/tmp/slurm-cluster-apt.log 2>&1 \
+            || { tail -n 30 /tmp/slurm-cluster-apt.log >&2; die "apt-get install failed (log: /tmp/slurm-cluster-apt.log)"; }
+    fi
+}
+
+# ---------------------------------------------------------------- config
+
+write_if_changed() {  # write_if_changed PATH MODE OWNER < content -> 0 if the file changed
+    local path=$1 mode=$2 owner=$3 tmp
+    tmp="$(mktemp "${path}.XXXXXX")"
+    cat >"$tmp"
+    chmod "$mode" "$tmp"
+    chown "$owner" "$tmp"
+    if [ -f "$path" ] && cmp -s "$tmp" "$path"; then
+        rm -f "$tmp"
+        return 1
+    fi
+    mv -f "$tmp" "$path"
+    return 0
+}
+
+node_resources() {
+    CPUS="$(nproc)"
+    local total_mb reserve
+    total_mb="$(awk '/^MemTotal:/ {print int($2 / 1024)}' /proc/meminfo)"
+    # Leave room for the OS and the daemons: 1/8 of the memory, at least 512 MiB.
+    reserve=$((total_mb / 8))
+    [ "$reserve" -lt 512 ] && reserve=512
+    REAL_MEM=$((total_mb - reserve))
+    [ "$REAL_MEM" -lt 256 ] && REAL_MEM=256
+    return 0
+}
+
+write_configs() {  # sets CONFIG_CHANGED=1 when slurm.conf or slurmdbd.conf changed
+    CONFIG_CHANGED=0
+    node_resources
+    mkdir -p "$ETC" "$LOGDIR" "$STATEDIR/slurmctld" "$STATEDIR/slurmd" /run/slurm
+    chown slurm:slurm "$LOGDIR" "$STATEDIR" "$STATEDIR/slurmctld" "$STATEDIR/slurmd" /run/slurm
+
+    if write_if_changed "$ETC/slurm.conf" 0644 root:root <<EOF
+# Written by tests/cluster/slurm-cluster.sh: single-node test cluster. Do not edit by hand.
+ClusterName=$CLUSTER_NAME
+SlurmctldHost=$NODE(127.0.0.1)
+SlurmUser=slurm
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+MpiDefault=none
+StateSaveLocation=$STATEDIR/slurmctld
+SlurmdSpoolDir=$STATEDIR/slurmd
+SlurmctldPidFile=/run/slurm/slurmctld.pid
+SlurmdPidFile=/run/slurm/slurmd.pid
+SlurmctldLogFile=$LOGDIR/slurmctld.log
+SlurmdLogFile=$LOGDIR/slurmd.log
+SlurmctldDebug=info
+SlurmdDebug=info
+# No cgroup delegation here: track processes by parent chain.
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/affinity
+SwitchType=switch/none
+ReturnToService=2
+SchedulerType=sched/backfill
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+# Accounting through slurmdbd (sacct), per-step usage sampling (sstat).
+AccountingStorageType=accounting_storage/slurmdbd
+AccountingStorageHost=127.0.0.1
+JobAcctGatherType=jobacct_gather/linux
+JobAcctGatherFrequency=task=2
+JobCompType=jobcomp/none
+# Tests want quick turnaround: finished jobs leave squeue after a minute (then sacct answers),
+# scancel/time-limit escalate SIGTERM to SIGKILL after KillWait seconds.
+MinJobAge=60
+KillWait=10
+OverTimeLimit=0
+InactiveLimit=0
+Waittime=0
+SlurmctldTimeout=30
+SlurmdTimeout=60
+MessageTimeout=20
+NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$CPUS RealMemory=$REAL_MEM State=UNKNOWN
+PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
+EOF
+    then CONFIG_CHANGED=1; fi
+
+    if write_if_changed "$ETC/slurmdbd.conf" 0600 slurm:slurm <<EOF
+# Written by tests/cluster/slurm-cluster.sh. Do not edit by hand.
+AuthType=auth/munge
+DbdHost=localhost
+DbdAddr=127.0.0.1
+SlurmUser=slurm
+PidFile=/run/slurm/slurmdbd.pid
+LogFile=$LOGDIR/slurmdbd.log
+DebugLevel=info
+StorageType=accounting_storage/mysql
+StorageHost=localhost
+StorageUser=$DB_USER
+StoragePass=$DB_PASS
+StorageLoc=slurm_acct_db
+EOF
+    then CONFIG_CHANGED=1; fi
+    return 0
+}
+
+# ---------------------------------------------------------------- daemons
+
+start_munge() {
+    mkdir -p /run/munge /var/log/munge /var/lib/munge
+    chown munge:munge /run/munge /var/log/munge /var/lib/munge
+    chmod 0755 /run/munge
+    if [ ! -s /etc/munge/munge.key ]; then
+        say "creating munge key"
+        if command -v mungekey >/dev/null 2>&1; then
+            mungekey --create --force
+        else
+            dd if=/dev/urandom of=/etc/munge/munge.key bs=1 count=1024 status=none
+        fi
+    fi
+    chown munge:munge /etc/munge /etc/munge/munge.key
+    chmod 0700 /etc/munge
+    chmod 0400 /etc/munge/munge.key
+    if pid_alive /run/munge/munged.pid && munge -n </dev/null | unmunge >/dev/null 2>&1; then
+        return 0
+    fi
+    say "starting munged"
+    rm -f /run/munge/munged.pid
+    runuser -u munge -- /usr/sbin/munged
+    wait_until 15 "munge" sh -c 'munge -n </dev/null | unmunge' \
+        || { show_log_tail /var/log/munge/munged.log; die "munged does not answer"; }
+}
+
+mariadb_alive() {
+    mariadb-admin --protocol=socket -uroot ping >/dev/null 2>&1
+}
+
+start_mariadb() {
+    mkdir -p /run/mysqld /var/log/mysql
+    chown mysql:mysql /run/mysqld /var/log/mysql
+    if [ ! -d /var/lib/mysql/mysql ]; then
+        say "initialising the MariaDB datadir"
+        mariadb-install-db --user=mysql --datadir=/var/lib/mysql >/tmp/slurm-cluster-mariadb-init.log 2>&1 \
+            || { tail -n 20 /tmp/slurm-cluster-mariadb-init.log >&2; die "mariadb-install-db failed"; }
+    fi
+    if ! mariadb_alive; then
+        say "starting mariadbd"
+        # setsid + nohup: the server must outlive this script and whatever shell ran it.
+        setsid nohup /usr/sbin/mariadbd --user=mysql --datadir=/var/lib/mysql \
+            --socket=/run/mysqld/mysqld.sock --pid-file=/run/mysqld/mysqld.pid \
+            --bind-address=127.0.0.1 --log-error=/var/log/mysql/error.log \
+            </dev/null >/dev/null 2>&1 &
+        wait_until 60 "mariadb" mariadb_alive \
+            || { show_log_tail /var/log/mysql/error.log; die "mariadbd did not come up within 60 s"; }
+    fi
+    mariadb --protocol=socket -uroot <<EOF
+CREATE DATABASE IF NOT EXISTS slurm_acct_db;
+CREATE USER IF NOT EXISTS '$DB_USER'@'localhost' IDENTIFIED BY '$DB_PASS';
+ALTER USER '$DB_USER'@'localhost' IDENTIFIED BY '$DB_PASS';
+GRANT ALL PRIVILEGES ON slurm_acct_db.* TO '$DB_USER'@'localhost';
+FLUSH PRIVILEGES;
+EOF
+}
+
+stop_pidfile() {  # stop_pidfile NAME PIDFILE -> SIGTERM, wait up to 20 s, then SIGKILL
+    local name=$1 pidfile=$2 pid i
+    pid_alive "$pidfile" || { rm -f "$pidfile"; return 0; }
+    pid="$(cat "$pidfile")"
+    say "stopping $name (pid $pid)"
+    kill -TERM "$pid" 2>/dev/null || true
+    for i in $(seq 1 40); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.5
+    done
+    if kill -0 "$pid" 2>/dev/null; then
+        kill -KILL "$pid" 2>/dev/null || true
+    fi
+    rm -f "$pidfile"
+}
+
+dbd_alive() {
+    sacctmgr -n -P list cluster format=cluster >/dev/null 2>&1
+}
+
+start_slurmdbd() {
+    if ! pid_alive /run/slurm/slurmdbd.pid; then
+        say "starting slurmdbd"
+        /usr/sbin/slurmdbd
+    fi
+    wait_until 60 "slurmdbd" dbd_alive \
+        || { show_log_tail "$LOGDIR/slurmdbd.log"; die "slurmdbd does not answer sacctmgr within 60 s"; }
+    if ! sacctmgr -n -P list cluster format=cluster 2>/dev/null | grep -qx "$CLUSTER_NAME"; then
+        say "registering cluster $CLUSTER_NAME in accounting"
+        sacctmgr -i add cluster "$CLUSTER_NAME" >/dev/null
+    fi
+}
+
+node_state() {
+    sinfo -h -N -n "$NODE" -o '%T' 2>/dev/null | head -n 1
+}
+
+node_usable() {
+    case "$(node_state)" in
+        idle|mixed|allocated|completing) return 0 ;;
+        *) return 1 ;;
+    esac
+}
+
+start_slurm() {
+    if ! pid_alive /run/slurm/slurmctld.pid; then
+        say "starting slurmctld"
+        /usr/sbin/slurmctld
+    fi
+    wait_until 30 "slurmctld" scontrol ping \
+        || { show_log_tail "$LOGDIR/slurmctld.log"; die "slurmctld does not answer scontrol ping within 30 s"; }
+    if ! pid_alive /run/slurm/slurmd.pid; then
+        say "starting slurmd"
+        /usr/sbin/slurmd
+    fi
+}
+
+wait_for_idle_node() {
+    local i state
+    for i in $(seq 1 $((UP_TIMEOUT * 2))); do
+        state="$(node_state)"
+        case "$state" in
+            idle|mixed|allocated|completing) say "node $NODE is $state"; return 0 ;;
+            down*|drain*|fail*)
+                # A node that was down before a restart: ReturnToService=2 normally clears it; nudge it.
+                if [ $((i % 10)) -eq 0 ]; then
+                    scontrol update nodename="$NODE" state=resume >/dev/null 2>&1 || true
+                fi ;;
+        esac
+        sleep 0.5
+    done
+    sinfo -N -l >&2 || true
+    scontrol show node "$NODE" >&2 || true
+    show_log_tail "$LOGDIR/slurmctld.log" "$LOGDIR/slurmd.log"
+    die "node $NODE is not idle after ${UP_TIMEOUT} s (state: ${state:-none}); see the logs above"
+}
+
+# ---------------------------------------------------------------- actions
+
+cmd_up() {
+    need_root
+    install_packages
+    write_configs
+    start_munge
+    start_mariadb
+    if [ "$CONFIG_CHANGED" -eq 1 ]; then
+        # A changed config needs fresh daemons; an unchanged one keeps running jobs alive.
+        stop_pidfile slurmd /run/slurm/slurmd.pid
+        stop_pidfile slurmctld /run/slurm/slurmctld.pid
+        stop_pidfile slurmdbd /run/slurm/slurmdbd.pid
+    fi
+    start_slurmdbd
+    start_slurm
+    wait_for_idle_node
+    say "cluster $CLUSTER_NAME is up: partition debug on node $NODE ($CPUS CPUs, ${REAL_MEM} MB)"
+}
+
+cmd_down() {
+    need_root
+    stop_pidfile slurmd /run/slurm/slurmd.pid
+    stop_pidfile slurmctld /run/slurm/slurmctld.pid
+    stop_pidfile slurmdbd /run/slurm/slurmdbd.pid
+    if mariadb_alive; then
+        say "stopping mariadbd"
+        mariadb-admin --protocol=socket -uroot shutdown >/dev/null 2>&1 || stop_pidfile mariadbd /run/mysqld/mysqld.pid
+    fi
+    stop_pidfile munged /run/munge/munged.pid
+    say "cluster is down"
+}
+
+cmd_status() {
+    local ok=0 name pidfile
+    for name in munged:/run/munge/munged.pid mariadbd:/run/mysqld/mysqld.pid \
+                slurmdbd:/run/slurm/slurmdbd.pid slurmctld:/run/slurm/slurmctld.pid \
+                slurmd:/run/slurm/slurmd.pid; do
+        pidfile="${name#*:}"
+        if pid_alive "$pidfile"; then
+            printf '%-10s running (pid %s)\n' "${name%%:*}" "$(cat "$pidfile")"
+        else
+            printf '%-10s NOT running\n' "${name%%:*}"
+            ok=1
+        fi
+    done
+    if command -v sinfo >/dev/null 2>&1 && sinfo >/dev/null 2>&1; then
+        sinfo -N -o '%N %P %T %c %m'
+        node_usable || ok=1
+    else
+        echo "sinfo: controller not reachable"
+        ok=1
+    fi
+    echo "logs: $LOGDIR/{slurmctld,slurmd,slurmdbd}.log /var/log/mysql/error.log"
+    if [ "$ok" -eq 0 ]; then echo "status: up"; else echo "status: DOWN or degraded"; fi
+    return "$ok"
+}
+
+case "$ACTION" in
+    up) cmd_up ;;
+    down) cmd_down ;;
+    status) cmd_status ;;
+    restart) cmd_down; cmd_up ;;
+    *) die "usage: $0 up|down|status|restart" ;;
+esac

@@ -314,18 +314,191 @@ def load_yaml(text, filename=None):
 ##############################################################################
 # OWNER: spec helper. Contract:
 #   load_dotenv(path) -> dict (missing file -> {}; unreadable/malformed -> SpecError with file+line)
-#   interpolate(value, variables, path=None) -> str   ($VAR ${VAR} ${VAR:-d} ${VAR-d} $$; missing
-#          variable without default -> SpecError naming the variable and the key path)
+#   interpolate(value, variables, path=None, ...) -> str   ($VAR ${VAR} ${VAR:-d} ${VAR-d} $$;
+#          missing variable without default -> SpecError naming the variable, file, line, key path)
+# The grammar is Compose's, restricted to what the manual documents: other operators (`:?`, `:+`...)
+# are refused rather than half-supported.
+
+_NAME_START = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ_")
+_NAME_CHARS = _NAME_START | frozenset("0123456789")
 
 
 def load_dotenv(path):
     """Read a ``.env`` file into a dict (empty when the file does not exist)."""
-    raise NotImplementedError
+    if not os.path.lexists(path):
+        return {}
+    if os.path.isdir(path):
+        raise SpecError("'.env' is a directory, not a file", file=path,
+                        hint="remove or rename it; hpc-compose reads KEY=VALUE lines from .env")
+    try:
+        with open(path, "rb") as handle:
+            raw = handle.read()
+    except OSError as exc:
+        raise SpecError("cannot read .env file: %s" % (exc.strerror or exc), file=path,
+                        hint="fix its permissions, or remove it if it is not meant for this project")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise SpecError(".env file is not UTF-8 text", file=path, line=line)
+    return parse_dotenv(text, path)
 
 
-def interpolate(value, variables, path=None):
-    """Expand ``$VAR``, ``${VAR}``, ``${VAR:-default}``, ``${VAR-default}`` and ``$$`` in ``value``."""
-    raise NotImplementedError
+def parse_dotenv(text, filename=None):
+    """Parse ``.env`` text: comments, blank lines, optional ``export``, ``KEY=VALUE``, quotes stripped."""
+    values = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        if "\0" in stripped:
+            raise SpecError(".env line contains a NUL byte (is this a binary file?)",
+                            file=filename, line=number)
+        if stripped.startswith("export ") or stripped.startswith("export\t"):
+            stripped = stripped[len("export"):].lstrip()
+        if "=" not in stripped:
+            raise SpecError(".env line is not KEY=VALUE: %r" % stripped, file=filename, line=number,
+                            hint="write KEY=VALUE, or start the line with # to make it a comment")
+        key, value = stripped.split("=", 1)
+        key = key.strip()
+        if not key or key[0] not in _NAME_START or not _NAME_CHARS.issuperset(key):
+            raise SpecError(".env variable name %r is not a valid name" % key, file=filename,
+                            line=number, hint="names use letters, digits and _, and do not start "
+                                              "with a digit")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+            value = value[1:-1]
+        values[key] = value
+    return values
+
+
+def build_variables(project_dir, environ=None):
+    """The interpolation variables: ``.env`` from ``project_dir`` under the process environment."""
+    variables = load_dotenv(os.path.join(project_dir, ".env"))
+    variables.update(os.environ if environ is None else environ)
+    return variables
+
+
+def interpolate(value, variables, path=None, file=None, line=None, column=None,
+                unset_is_empty=False, keep=()):
+    """Expand ``$VAR``, ``${VAR}``, ``${VAR:-default}``, ``${VAR-default}`` and ``$$`` in ``value``.
+
+    ``unset_is_empty``: an unset variable without a default expands to "" instead of failing (the
+    manual's rule for ``image``). ``keep``: names left exactly as written (``SLURM_JOB_ID`` in
+    ``artifacts.export_dir`` is expanded later, from tracked metadata).
+    """
+    if "$" not in value:
+        return value
+    where = {"path": path, "file": file, "line": line, "column": column}
+    return _Interpolation(value, variables, where, unset_is_empty, keep).expand()
+
+
+class _Interpolation(object):
+    """One pass over one string; a small recursive-descent expander for the ``${...}`` forms."""
+
+    def __init__(self, text, variables, where, unset_is_empty, keep):
+        self.text = text
+        self.variables = variables
+        self.where = where
+        self.unset_is_empty = unset_is_empty
+        self.keep = keep
+
+    def fail(self, message, hint=None):
+        raise SpecError(message, hint=hint, **self.where)
+
+    def expand(self):
+        return self.expand_range(0, len(self.text))
+
+    def expand_range(self, start, end):
+        text = self.text
+        out = []
+        pos = start
+        while pos < end:
+            dollar = text.find("$", pos, end)
+            if dollar < 0:
+                out.append(text[pos:end])
+                break
+            out.append(text[pos:dollar])
+            nxt = dollar + 1
+            if nxt >= end:
+                out.append("$")
+                pos = nxt
+            elif text[nxt] == "$":
+                out.append("$")
+                pos = nxt + 1
+            elif text[nxt] == "{":
+                close = self.matching_brace(nxt, end)
+                out.append(self.expand_braced(dollar, nxt + 1, close))
+                pos = close + 1
+            elif text[nxt] in _NAME_START:
+                stop = nxt
+                while stop < end and text[stop] in _NAME_CHARS:
+                    stop += 1
+                name = text[nxt:stop]
+                out.append(text[dollar:stop] if name in self.keep else self.lookup(name))
+                pos = stop
+            else:
+                # `$(`, `$1`, `$ `...: not a variable reference; kept for the shell that reads it.
+                out.append("$")
+                pos = nxt
+        return "".join(out)
+
+    def matching_brace(self, open_pos, end):
+        depth = 0
+        pos = open_pos
+        text = self.text
+        while pos < end:
+            char = text[pos]
+            if char == "$" and pos + 1 < end and text[pos + 1] in "{$":
+                if text[pos + 1] == "{":
+                    depth += 1
+                pos += 2
+                continue
+            if char == "{" and pos == open_pos:
+                depth += 1
+            elif char == "}":
+                depth -= 1
+                if depth == 0:
+                    return pos
+            pos += 1
+        self.fail("unterminated variable expression %r (missing '}')" % self.text[open_pos - 1:end],
+                  hint="close it with }, or write $$ for a literal $")
+
+    def expand_braced(self, dollar, start, close):
+        text = self.text
+        stop = start
+        while stop < close and text[stop] in _NAME_CHARS:
+            stop += 1
+        name = text[start:stop]
+        expression = text[dollar:close + 1]
+        if not name or name[0] not in _NAME_START:
+            self.fail("invalid variable expression %r" % expression,
+                      hint="use ${NAME}, ${NAME:-default} or ${NAME-default}; $$ is a literal $")
+        if name in self.keep:
+            return expression
+        if stop == close:
+            return self.lookup(name)
+        if text.startswith(":-", stop):
+            value = self.variables.get(name)
+            if value:
+                return value
+            return self.expand_range(stop + 2, close)
+        if text[stop] == "-":
+            if name in self.variables:
+                return self.variables[name]
+            return self.expand_range(stop + 1, close)
+        self.fail("unsupported variable expression %r" % expression,
+                  hint="supported forms: $NAME, ${NAME}, ${NAME:-default}, ${NAME-default}, "
+                       "and $$ for a literal $")
+
+    def lookup(self, name):
+        if name in self.variables:
+            return self.variables[name]
+        if self.unset_is_empty:
+            return ""
+        self.fail("variable '%s' is not set and has no default" % name,
+                  hint="set it in the environment or in .env next to the compose file, give a "
+                       "default with ${%s:-value}, or write $$ for a literal $" % name)
 
 
 ##############################################################################
@@ -544,6 +717,13 @@ def build_plan(spec, environ=None):
 #       container starts from (pure apart from cheap stats of local images and reading manifests).
 #   prepare_images(runtime_plan, options: PrepareOptions, progress=print-like callable or None)
 #       -> tuple of PrepareResult (one per service); raises ToolError on enroot failures.
+#
+# Cache layout under x-slurm.cache_dir (shared between the login node and the compute nodes):
+#   base/<key16>-<label>.sqsh       imported remote images, + <artifact>.json manifest
+#   prepared/<key16>-<label>.sqsh   x-enroot.prepare results, + <artifact>.json manifest
+#   enroot/{cache,data}/            ENROOT_CACHE_PATH (layer cache) and ENROOT_DATA_PATH (prepare rootfs)
+# The file name carries the first 16 hex digits of the cache key, so a changed input is a different
+# file: nothing is ever overwritten in place, and a hit is "the file exists" (one stat, no hashing).
 
 
 class Artifact(NamedTuple):
@@ -552,6 +732,8 @@ class Artifact(NamedTuple):
     manifest_path: str             # path + ".json"
     cache_key: str                 # full sha256 hex
     source: str                    # the image reference (or local path) it is built from
+    inputs: tuple = ()             # ((category, digest), ...): what the key covers, for "why it rebuilds"
+    enroot_uri: object = None      # base: the URI handed to `enroot import`
 
 
 class ServiceImage(NamedTuple):
@@ -578,13 +760,202 @@ class PrepareOptions(NamedTuple):
 class PrepareResult(NamedTuple):
     service: str
     base_action: object = None     # None | present | reused | built
-    runtime_action: object = None  # present | reused | built
+    runtime_action: object = None  # present | reused | built  (None for host runtime)
     note: object = None
+    artifact: object = None        # path the container starts from (None for host runtime)
 
+
+MANIFEST_SUFFIX = ".json"
+PARTIAL_PREFIX = ".partial-"       # in-progress imports/exports; renamed into place when complete
+_DOCKER_HUB_HOSTS = ("docker.io", "index.docker.io", "registry-1.docker.io", "registry.hub.docker.com")
+
+
+# -- references ------------------------------------------------------------------------------------
+
+class DockerReference(NamedTuple):
+    registry: object               # None for Docker Hub
+    repository: str                # e.g. library/redis, nvidia/pytorch
+    tag: object = None
+    digest: object = None          # sha256:... (Enroot >= 4.0 only)
+    user: object = None            # docker://user@registry#image (Enroot syntax)
+
+
+def parse_docker_reference(reference):
+    """Split a ``docker://`` reference (Docker or Enroot syntax) into a ``DockerReference``."""
+    rest = reference[len("docker://"):] if reference.startswith("docker://") else reference
+    user = None
+    if "#" in rest:
+        # Already Enroot syntax: [user@]registry#image[:tag]
+        head, image = rest.split("#", 1)
+        if "@" in head:
+            user, head = head.rsplit("@", 1)
+        registry = head or None
+    else:
+        image = rest
+        registry = None
+        first, sep, remainder = image.partition("/")
+        if sep and (first == "localhost" or "." in first or ":" in first):
+            registry, image = first, remainder
+    digest = None
+    if "@" in image:
+        image, digest = image.split("@", 1)
+    tag = None
+    last_slash = image.rfind("/")
+    colon = image.rfind(":")
+    if colon > last_slash:
+        image, tag = image[:colon], image[colon + 1:]
+    if registry in _DOCKER_HUB_HOSTS:
+        registry = None
+    return DockerReference(registry, image, tag, digest, user)
+
+
+def enroot_uri(reference):
+    """The URI for ``enroot import``: Enroot's ``docker://[user@]registry#image[:tag]`` syntax.
+
+    Enroot 3.x only understands the ``#`` form (a ``registry/image`` reference is sent to Docker
+    Hub); 4.x accepts it too, so one form serves both. Docker Hub references keep no registry part,
+    which makes Enroot use ``registry-1.docker.io`` and add ``library/`` itself. A digest cannot be
+    written in the ``#`` form, so digest references use Docker's syntax, which needs Enroot >= 4.0
+    (preflight warns). ``dockerd://`` and ``podman://`` references pass through unchanged.
+    """
+    if not reference.startswith("docker://"):
+        return reference
+    ref = parse_docker_reference(reference)
+    if ref.digest:
+        host = (ref.registry + "/") if ref.registry else ""
+        return "docker://%s%s%s@%s" % ((ref.user + "@") if ref.user else "", host, ref.repository,
+                                       ref.digest)
+    text = "docker://"
+    if ref.user:
+        text += ref.user + "@"
+    if ref.registry:
+        text += ref.registry + "#"
+    text += ref.repository
+    if ref.tag:
+        text += ":" + ref.tag
+    return text
+
+
+def registry_host(reference):
+    """The registry host a remote reference pulls from (``docker.io`` for Docker Hub, None for
+    ``dockerd://`` / ``podman://`` / local images)."""
+    if not reference.startswith("docker://"):
+        return None
+    return parse_docker_reference(reference).registry or "docker.io"
+
+
+def _artifact_label(text):
+    """A readable file-name label: ``docker://nvcr.io#nvidia/pytorch:24.01`` -> ``pytorch-24.01``."""
+    name = text
+    for prefix in ("docker://", "dockerd://", "podman://"):
+        if name.startswith(prefix):
+            name = name[len(prefix):]
+    name = name.split("#")[-1].split("@")[0]
+    name = name.rstrip("/").rsplit("/", 1)[-1]
+    for suffix in (".sqsh", ".squashfs"):
+        if name.endswith(suffix):
+            name = name[:-len(suffix)]
+    name = name.replace(":", "-")
+    label = "".join(c if c in _LABEL_CHARS else "_" for c in name)
+    return label.strip("._")[:60] or "image"
+
+
+_LABEL_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+
+
+# -- cache keys --------------------------------------------------------------------------------------
+
+def _digest(parts):
+    """SHA-256 hex over ``parts``, each followed by a NUL byte (so no two part lists collide)."""
+    import hashlib
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(str(part).encode("utf-8", "surrogateescape"))
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def _local_image_identity(path):
+    """``path``, size and modification time of a local image: an edited .sqsh is a new input
+    without hashing gigabytes."""
+    try:
+        st = os.stat(path)
+        return "%s size=%d mtime_ns=%d" % (path, st.st_size, getattr(st, "st_mtime_ns",
+                                                                     int(st.st_mtime * 1e9)))
+    except OSError:
+        return "%s missing" % path
+
+
+def _mount_text(mount):
+    text = "%s:%s" % (mount.host, mount.container)
+    if mount.options:
+        text += ":" + mount.options
+    return text
+
+
+def _make_artifact(cache_dir, kind, label, source, inputs, uri=None):
+    key = _digest(["hpc-compose-cache", "format=%d" % CACHE_FORMAT_VERSION, kind]
+                  + ["%s=%s" % pair for pair in inputs])
+    path = os.path.join(cache_dir, kind if kind == "base" else "prepared",
+                        "%s-%s.sqsh" % (key[:16], label))
+    return Artifact(kind=kind, path=path, manifest_path=path + MANIFEST_SUFFIX, cache_key=key,
+                    source=source, inputs=tuple(inputs), enroot_uri=uri)
+
+
+def _base_artifact(cache_dir, reference):
+    uri = enroot_uri(reference)
+    return _make_artifact(cache_dir, "base", _artifact_label(uri), reference,
+                          (("image", _digest([uri])),), uri=uri)
+
+
+def _prepared_artifact(cache_dir, base_source, base_identity, prepare):
+    inputs = (
+        ("base", _digest([base_identity])),
+        ("commands", _digest(prepare.commands)),
+        ("env", _digest("%s=%s" % pair for pair in prepare.env)),
+        ("mounts", _digest(_mount_text(m) for m in prepare.mounts)),
+        ("root", "true" if prepare.root else "false"),
+    )
+    return _make_artifact(cache_dir, "prepared", _artifact_label(base_source) + "-prepared",
+                          base_source, inputs)
+
+
+# -- runtime plan ------------------------------------------------------------------------------------
 
 def build_runtime_plan(plan):
     """Attach image artifacts (cache paths and keys) to every service of ``plan``."""
-    raise NotImplementedError
+    cache_dir = plan.cache_dir
+    images = []
+    for service in plan.services:
+        images.append(_service_image(cache_dir, service))
+    return RuntimePlan(plan=plan, images=tuple(images), cache_dir=cache_dir)
+
+
+def _service_image(cache_dir, service):
+    if service.runtime == "host" or service.image is None or service.image.kind == "none":
+        return ServiceImage(service=service.name, container_image=None)
+    image = service.image
+    base = None
+    local_path = None
+    if image.kind == "local":
+        local_path = image.reference
+        base_identity = "local " + _local_image_identity(local_path)
+    else:
+        base = _base_artifact(cache_dir, image.reference)
+        base_identity = "base " + base.cache_key
+    prepared = None
+    rebuild = False
+    if service.prepare is not None:
+        prepared = _prepared_artifact(cache_dir, image.reference, base_identity, service.prepare)
+        rebuild = bool(service.prepare.mounts)
+    if prepared is not None:
+        container_image = prepared.path
+    elif base is not None:
+        container_image = base.path
+    else:
+        container_image = local_path
+    return ServiceImage(service=service.name, container_image=container_image, base=base,
+                        prepared=prepared, local_path=local_path, rebuild_every_time=rebuild)
 
 
 def prepare_images(runtime_plan, options=PrepareOptions(), progress=None):

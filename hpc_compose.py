@@ -1014,6 +1014,419 @@ def render_script(runtime_plan):
     raise NotImplementedError
 
 
+# ---------------------------------------------------------------------------------------------
+# Render extras: the metrics sampler and teardown artifact collection (bash pieces)
+# ---------------------------------------------------------------------------------------------
+# OWNER: tracking helper. render_script() pastes these blocks into the batch script. Contract with
+# the rest of the script:
+#   * ``JOB_DIR`` is set (the per-job directory; with resume its ``metrics``/``artifacts`` names are
+#     already symlinks to the current attempt) before ``metrics_start`` / ``collect_artifacts`` run;
+#     ``HPC_COMPOSE_ATTEMPT``, ``HPC_COMPOSE_IS_RESUME`` and ``HPC_COMPOSE_RESUME_DIR`` are read if set.
+#   * ``metrics_start`` (after setup, before the first launch) and ``metrics_stop`` (in teardown) are
+#     always defined; they do nothing when x-slurm.metrics is absent or disabled.
+#   * ``collect_artifacts success|failure`` (in teardown, after services are reaped) is always
+#     defined; it does nothing when x-slurm.artifacts is absent.
+#   * Everything is best-effort: no function here ever returns non-zero or exits the script, so they
+#     are safe under ``set -e``. Helper names start with ``metrics_`` / ``artifacts_``.
+# The files written are read back by ``stats`` and ``artifacts`` in the job tracking section.
+
+METRICS_DISABLED_TEMPLATE = """\
+# Metrics sampling is off (no enabled x-slurm.metrics block).
+metrics_start() { :; }
+metrics_stop() { :; }
+"""
+
+METRICS_TEMPLATE = r"""# Metrics sampler (x-slurm.metrics): best-effort, batch host only; never fails the job.
+METRICS_INTERVAL=$interval
+METRICS_COLLECT_GPU=$collect_gpu
+METRICS_COLLECT_SLURM=$collect_slurm
+METRICS_PID=""
+METRICS_DIR=""
+METRICS_GPU_AVAILABLE=null
+METRICS_GPU_NOTE=""
+METRICS_GPU_LAST=""
+METRICS_SLURM_AVAILABLE=null
+METRICS_SLURM_NOTE=""
+METRICS_SLURM_LAST=""
+
+# JSON text for one value in REPLY: a quoted string, or null for empty and nvidia-smi's N/A forms.
+metrics_json_value() {
+    local value=$$1
+    value=$${value#"$${value%%[![:space:]]*}"}
+    value=$${value%"$${value##*[![:space:]]}"}
+    case $$value in
+        ''|'N/A'|'[N/A]'|'[Not Supported]'|'[Unknown Error]'|'[Insufficient Permissions]')
+            REPLY=null
+            return 0 ;;
+    esac
+    value=$${value//\\/\\\\}
+    value=$${value//\"/\\\"}
+    value=$${value//$$'\t'/\\t}
+    value=$${value//[[:cntrl:]]/}
+    REPLY="\"$$value\""
+}
+
+# Record a collector's availability; the first time it turns unavailable, say why in the batch log.
+metrics_mark() {
+    local collector=$$1 available=$$2 note=$$3 sampled_at=$$4
+    if [ "$$collector" = gpu ]; then
+        if [ "$$available" = false ] && [ "$$METRICS_GPU_AVAILABLE" != false ]; then
+            echo "metrics warning [gpu]: $$note" >&2
+        fi
+        METRICS_GPU_AVAILABLE=$$available
+        METRICS_GPU_NOTE=$$note
+        [ -z "$$sampled_at" ] || METRICS_GPU_LAST=$$sampled_at
+    else
+        if [ "$$available" = false ] && [ "$$METRICS_SLURM_AVAILABLE" != false ]; then
+            echo "metrics warning [slurm]: $$note" >&2
+        fi
+        METRICS_SLURM_AVAILABLE=$$available
+        METRICS_SLURM_NOTE=$$note
+        [ -z "$$sampled_at" ] || METRICS_SLURM_LAST=$$sampled_at
+    fi
+}
+
+metrics_write_meta() {
+    local gpu_note gpu_last slurm_note slurm_last tmp
+    metrics_json_value "$$METRICS_GPU_NOTE"; gpu_note=$$REPLY
+    metrics_json_value "$$METRICS_GPU_LAST"; gpu_last=$$REPLY
+    metrics_json_value "$$METRICS_SLURM_NOTE"; slurm_note=$$REPLY
+    metrics_json_value "$$METRICS_SLURM_LAST"; slurm_last=$$REPLY
+    tmp="$$METRICS_DIR/.meta.json.$$BASHPID"
+    {
+        printf '{"schema_version":1,"sampler_pid":%s,"interval_seconds":%s,"collectors":[' \
+            "$${METRICS_PID:-null}" "$$METRICS_INTERVAL"
+        printf '{"name":"gpu","enabled":%s,"available":%s,"note":%s,"last_sampled_at":%s},' \
+            "$$METRICS_COLLECT_GPU" "$$METRICS_GPU_AVAILABLE" "$$gpu_note" "$$gpu_last"
+        printf '{"name":"slurm","enabled":%s,"available":%s,"note":%s,"last_sampled_at":%s}]}\n' \
+            "$$METRICS_COLLECT_SLURM" "$$METRICS_SLURM_AVAILABLE" "$$slurm_note" "$$slurm_last"
+    } > "$$tmp" 2>/dev/null && mv -f "$$tmp" "$$METRICS_DIR/meta.json" 2>/dev/null
+    return 0
+}
+
+metrics_sample_gpu() {
+    local now=$$1 output line chunk="" record value i
+    local -a fields
+    local -a names=(index uuid name utilization_gpu utilization_memory memory_used_mib
+                    memory_total_mib temperature_c power_draw_w power_limit_w)
+    if ! command -v nvidia-smi >/dev/null 2>&1; then
+        metrics_mark gpu false "nvidia-smi not found on the batch host" ""
+        return 0
+    fi
+    if ! output=$$(nvidia-smi --query-gpu=index,uuid,name,utilization.gpu,utilization.memory,memory.used,memory.total,temperature.gpu,power.draw,power.limit --format=csv,noheader,nounits 2>&1); then
+        metrics_mark gpu false "nvidia-smi --query-gpu failed: $${output%%$$'\n'*}" ""
+        return 0
+    fi
+    while IFS= read -r line; do
+        [ -n "$$line" ] || continue
+        IFS=',' read -r -a fields <<< "$$line"
+        record="{\"sampled_at\":\"$$now\""
+        for i in "$${!names[@]}"; do
+            metrics_json_value "$${fields[$$i]:-}"
+            value=$$REPLY
+            record+=",\"$${names[$$i]}\":$$value"
+        done
+        chunk+="$$record}"$$'\n'
+    done <<< "$$output"
+    [ -z "$$chunk" ] || printf '%s' "$$chunk" >> "$$METRICS_DIR/gpu.jsonl"
+    chunk=""
+    if output=$$(nvidia-smi --query-compute-apps=gpu_uuid,pid,process_name,used_gpu_memory --format=csv,noheader,nounits 2>/dev/null); then
+        names=(gpu_uuid pid process_name used_memory_mib)
+        while IFS= read -r line; do
+            [ -n "$$line" ] || continue
+            case $$line in *'No running'*) continue ;; esac
+            IFS=',' read -r -a fields <<< "$$line"
+            record="{\"sampled_at\":\"$$now\""
+            for i in "$${!names[@]}"; do
+                metrics_json_value "$${fields[$$i]:-}"
+                record+=",\"$${names[$$i]}\":$$REPLY"
+            done
+            chunk+="$$record}"$$'\n'
+        done <<< "$$output"
+        [ -z "$$chunk" ] || printf '%s' "$$chunk" >> "$$METRICS_DIR/gpu_processes.jsonl"
+    fi
+    metrics_mark gpu true "" "$$now"
+}
+
+metrics_sample_slurm() {
+    local now=$$1 output line chunk="" record i
+    local -a fields
+    local -a names=(step_id ntasks ave_cpu ave_rss max_rss alloc_tres tres_usage_in_ave)
+    if ! command -v sstat >/dev/null 2>&1; then
+        metrics_mark slurm false "sstat not found on the batch host" ""
+        return 0
+    fi
+    if ! output=$$(sstat --allsteps --jobs "$${SLURM_JOB_ID:-0}" --parsable2 --noconvert --noheader --format=JobID,NTasks,AveCPU,AveRSS,MaxRSS,AllocTRES,TRESUsageInAve 2>&1); then
+        metrics_mark slurm false "sstat failed: $${output%%$$'\n'*}" ""
+        return 0
+    fi
+    while IFS= read -r line; do
+        # Only numbered service steps (<jobid>.<n>); batch/extern steps are the scaffolding.
+        case $${line%%|*} in
+            *.*[!0-9]*|*.) continue ;;
+            *.*) ;;
+            *) continue ;;
+        esac
+        IFS='|' read -r -a fields <<< "$$line|"
+        if [ "$${#fields[@]}" -ne 7 ]; then
+            metrics_mark slurm false "sstat printed $${#fields[@]} fields instead of 7" ""
+            return 0
+        fi
+        record="{\"sampled_at\":\"$$now\""
+        for i in "$${!names[@]}"; do
+            metrics_json_value "$${fields[$$i]}"
+            record+=",\"$${names[$$i]}\":$$REPLY"
+        done
+        chunk+="$$record}"$$'\n'
+    done <<< "$$output"
+    [ -z "$$chunk" ] || printf '%s' "$$chunk" >> "$$METRICS_DIR/slurm.jsonl"
+    metrics_mark slurm true "" "$$now"
+}
+
+metrics_sample() {
+    local now
+    now=$$(date -u +%Y-%m-%dT%H:%M:%SZ)
+    [ "$$METRICS_COLLECT_GPU" != true ] || metrics_sample_gpu "$$now"
+    [ "$$METRICS_COLLECT_SLURM" != true ] || metrics_sample_slurm "$$now"
+    metrics_write_meta
+    return 0
+}
+
+metrics_loop() {
+    local sleeper=""
+    trap 'kill "$$sleeper" 2>/dev/null; exit 0' TERM INT
+    METRICS_PID=$$BASHPID
+    while :; do
+        sleep "$$METRICS_INTERVAL" &
+        sleeper=$$!
+        wait "$$sleeper"
+        metrics_sample
+    done
+}
+
+metrics_start() {
+    METRICS_DIR="$$JOB_DIR/metrics"
+    if ! mkdir -p "$$METRICS_DIR" 2>/dev/null; then
+        echo "metrics warning: cannot create $$METRICS_DIR; sampling is off" >&2
+        return 0
+    fi
+    : > "$$METRICS_DIR/gpu.jsonl"
+    : > "$$METRICS_DIR/gpu_processes.jsonl"
+    : > "$$METRICS_DIR/slurm.jsonl"
+    metrics_sample
+    metrics_loop </dev/null &
+    METRICS_PID=$$!
+    metrics_write_meta
+    return 0
+}
+
+metrics_stop() {
+    if [ -n "$$METRICS_PID" ]; then
+        kill "$$METRICS_PID" 2>/dev/null
+        wait "$$METRICS_PID" 2>/dev/null
+        METRICS_PID=""
+    fi
+    return 0
+}
+"""
+
+ARTIFACTS_DISABLED_TEMPLATE = """\
+# Artifact collection is off (no x-slurm.artifacts block).
+collect_artifacts() { :; }
+"""
+
+ARTIFACTS_TEMPLATE = r"""# Artifact collection at teardown (x-slurm.artifacts): best-effort; never fails the job.
+# Parallel arrays: the bundle each declared pattern belongs to, and the pattern (a container path).
+ARTIFACTS_COLLECT_POLICY=$policy
+ARTIFACTS_BUNDLE_NAMES=($bundle_names)
+ARTIFACTS_PATTERN_BUNDLES=($pattern_bundles)
+ARTIFACTS_PATTERNS=($patterns)
+
+artifacts_json_string() {
+    local value=$$1
+    value=$${value//\\/\\\\}
+    value=$${value//\"/\\\"}
+    value=$${value//$$'\t'/\\t}
+    value=$${value//$$'\n'/\\n}
+    value=$${value//[[:cntrl:]]/}
+    REPLY="\"$$value\""
+}
+
+# Escape glob characters in a literal path so that only the user's pattern part globs.
+artifacts_glob_escape() {
+    local text=$$1 out="" char i
+    for ((i = 0; i < $${#text}; i++)); do
+        char=$${text:i:1}
+        case $$char in
+            '*'|'?'|'['|']'|'\') out+="\\$$char" ;;
+            *) out+=$$char ;;
+        esac
+    done
+    REPLY=$$out
+}
+
+# Append a JSON string to the comma-separated list held in the named variable.
+artifacts_append() {
+    local -n artifacts_list=$$1
+    artifacts_json_string "$$2"
+    artifacts_list+="$${artifacts_list:+,}$$REPLY"
+}
+
+collect_artifacts() {
+    local outcome=$${1:-failure}
+    local dir="$$JOB_DIR/artifacts" root_glob pattern bundle host_pattern match rel parent i
+    local payload="$$dir/payload" collected_at tmp skip="" already
+    local declared="" matched="" copied="" warnings="" bundles_json="" name
+    local -a matches
+    local -A seen_match=() seen_copy=() b_declared=() b_matched=() b_copied=() b_warnings=()
+    local -A b_seen_match=() b_seen_copy=()
+    local restore_shopt
+    restore_shopt=$$(shopt -p nullglob globstar dotglob)
+    collected_at=$$(date -u +%Y-%m-%dT%H:%M:%SZ)
+    if ! { rm -rf "$$payload" && mkdir -p "$$payload"; } 2>/dev/null; then
+        echo "artifacts warning: cannot prepare $$payload; nothing collected" >&2
+        return 0
+    fi
+    case $$ARTIFACTS_COLLECT_POLICY:$$outcome in
+        on_success:success|on_failure:failure|always:*) ;;
+        *) skip="collection skipped: policy $$ARTIFACTS_COLLECT_POLICY, job outcome $$outcome" ;;
+    esac
+    [ -z "$$skip" ] || artifacts_append warnings "$$skip"
+    artifacts_glob_escape "$$JOB_DIR"
+    root_glob=$$REPLY
+    shopt -s nullglob globstar dotglob
+    for i in "$${!ARTIFACTS_PATTERNS[@]}"; do
+        pattern=$${ARTIFACTS_PATTERNS[$$i]}
+        bundle=$${ARTIFACTS_PATTERN_BUNDLES[$$i]}
+        artifacts_append declared "$$pattern"
+        artifacts_append "b_declared[$$bundle]" "$$pattern"
+        [ -z "$$skip" ] || continue
+        host_pattern="$$root_glob$${pattern#/hpc-compose/job}"
+        # IFS is empty so the expansion only globs: paths with spaces stay whole.
+        # shellcheck disable=SC2206
+        IFS= matches=($$host_pattern)
+        if [ "$${#matches[@]}" -eq 0 ] || { [ "$${#matches[@]}" -eq 1 ] && [ ! -e "$${matches[0]}" ] && [ ! -L "$${matches[0]}" ]; }; then
+            artifacts_append warnings "no match for $$pattern"
+            artifacts_append "b_warnings[$$bundle]" "no match for $$pattern"
+            continue
+        fi
+        for match in "$${matches[@]}"; do
+            match=$${match%/}
+            [ -e "$$match" ] || [ -L "$$match" ] || continue
+            if [ "$$match" = "$$JOB_DIR" ]; then
+                artifacts_append warnings "skipped the job directory itself (matched by $$pattern)"
+                continue
+            fi
+            rel=$${match#"$$JOB_DIR"/}
+            case $$rel in
+                artifacts|artifacts/*) continue ;;
+            esac
+            if [ -z "$${seen_match[$$rel]:-}" ]; then
+                seen_match[$$rel]=1
+                artifacts_append matched "/hpc-compose/job/$$rel"
+            fi
+            if [ -z "$${b_seen_match[$$bundle/$$rel]:-}" ]; then
+                b_seen_match[$$bundle/$$rel]=1
+                artifacts_append "b_matched[$$bundle]" "/hpc-compose/job/$$rel"
+            fi
+            # Copied once, even when an overlapping pattern or a parent directory matched too.
+            already=""
+            parent=$$rel
+            while :; do
+                if [ -n "$${seen_copy[$$parent]:-}" ]; then already=1; break; fi
+                case $$parent in */*) parent=$${parent%/*} ;; *) break ;; esac
+            done
+            if [ -z "$$already" ]; then
+                if [ -d "$$match" ] && [ ! -L "$$match" ]; then
+                    mkdir -p "$$payload/$$rel" && cp -a "$$match/." "$$payload/$$rel/" 2>/dev/null
+                else
+                    mkdir -p "$$(dirname "$$payload/$$rel")" && cp -a "$$match" "$$payload/$$rel" 2>/dev/null
+                fi
+                # shellcheck disable=SC2181
+                if [ "$$?" -ne 0 ]; then
+                    artifacts_append warnings "could not copy /hpc-compose/job/$$rel"
+                    artifacts_append "b_warnings[$$bundle]" "could not copy /hpc-compose/job/$$rel"
+                    continue
+                fi
+                seen_copy[$$rel]=1
+                artifacts_append copied "$$rel"
+            fi
+            if [ -z "$${b_seen_copy[$$bundle/$$rel]:-}" ]; then
+                b_seen_copy[$$bundle/$$rel]=1
+                artifacts_append "b_copied[$$bundle]" "$$rel"
+            fi
+        done
+    done
+    eval "$$restore_shopt"
+    for name in "$${ARTIFACTS_BUNDLE_NAMES[@]}"; do
+        artifacts_json_string "$$name"
+        bundles_json+="$${bundles_json:+,}$$REPLY:{\"declared_source_patterns\":[$${b_declared[$$name]:-}],\"matched_source_paths\":[$${b_matched[$$name]:-}],\"copied_relative_paths\":[$${b_copied[$$name]:-}],\"warnings\":[$${b_warnings[$$name]:-}]}"
+    done
+    tmp="$$dir/.manifest.json.$$BASHPID"
+    {
+        artifacts_json_string "$${SLURM_JOB_ID:-}"
+        printf '{"schema_version":3,"job_id":%s,' "$$REPLY"
+        artifacts_json_string "$$ARTIFACTS_COLLECT_POLICY"
+        printf '"collect_policy":%s,"collected_at":"%s",' "$$REPLY" "$$collected_at"
+        artifacts_json_string "$$outcome"
+        printf '"job_outcome":%s,"attempt":%s,' "$$REPLY" "$${HPC_COMPOSE_ATTEMPT:-0}"
+        if [ "$${HPC_COMPOSE_IS_RESUME:-0}" = 1 ]; then printf '"is_resume":true,'; else printf '"is_resume":false,'; fi
+        if [ -n "$${HPC_COMPOSE_RESUME_DIR:-}" ]; then
+            artifacts_json_string "$$HPC_COMPOSE_RESUME_DIR"
+            printf '"resume_dir":%s,' "$$REPLY"
+        else
+            printf '"resume_dir":null,'
+        fi
+        printf '"declared_source_patterns":[%s],"matched_source_paths":[%s],' "$$declared" "$$matched"
+        printf '"copied_relative_paths":[%s],"warnings":[%s],"bundles":{%s}}\n' "$$copied" "$$warnings" "$$bundles_json"
+    } > "$$tmp" 2>/dev/null && mv -f "$$tmp" "$$dir/manifest.json" 2>/dev/null
+    return 0
+}
+"""
+
+
+def render_metrics_block(runtime_plan):
+    """Bash defining ``metrics_start`` / ``metrics_stop`` for the plan's x-slurm.metrics block."""
+    from string import Template
+    metrics = runtime_plan.plan.slurm.metrics
+    if metrics is None or not metrics.enabled:
+        return METRICS_DISABLED_TEMPLATE
+    collectors = tuple(metrics.collectors or ())
+    return Template(METRICS_TEMPLATE).substitute(
+        interval=shell_quote(int(metrics.interval_seconds or 5)),
+        collect_gpu=shell_quote("true" if "gpu" in collectors else "false"),
+        collect_slurm=shell_quote("true" if "slurm" in collectors else "false"))
+
+
+def artifact_bundles(artifacts):
+    """``((bundle, (pattern, ...)), ...)`` of an ``ArtifactsSpec``: ``default`` first when present."""
+    bundles = []
+    if artifacts.paths:
+        bundles.append(("default", tuple(artifacts.paths)))
+    for name, paths in artifacts.bundles:
+        bundles.append((name, tuple(paths)))
+    return tuple(bundles)
+
+
+def render_artifacts_block(runtime_plan):
+    """Bash defining ``collect_artifacts success|failure`` for the plan's x-slurm.artifacts block."""
+    from string import Template
+    artifacts = runtime_plan.plan.slurm.artifacts
+    if artifacts is None:
+        return ARTIFACTS_DISABLED_TEMPLATE
+    bundles = artifact_bundles(artifacts)
+    pattern_bundles, patterns = [], []
+    for name, paths in bundles:
+        for path in paths:
+            pattern_bundles.append(shell_quote(name))
+            patterns.append(shell_quote(path))
+    return Template(ARTIFACTS_TEMPLATE).substitute(
+        policy=shell_quote(artifacts.collect or "always"),
+        bundle_names=" ".join(shell_quote(name) for name, _ in bundles),
+        pattern_bundles=" ".join(pattern_bundles),
+        patterns=" ".join(patterns))
+
+
 ##############################################################################
 # Job tracking: scheduler, logs, stats, artifacts
 ##############################################################################
@@ -1024,8 +1437,201 @@ def render_script(runtime_plan):
 ##############################################################################
 # Init templates: the shipped examples
 ##############################################################################
-# OWNER: packaging helper. The examples/ folder is shipped inside the .pyz; init reads it from the
-# zip (or from examples/ beside this file in a checkout).
+# The examples/ folder is the template library. It is read through the module's own loader, so the
+# same code finds it inside the .pyz (zipimport) and beside hpc_compose.py in a checkout. A template
+# is edited as text, not re-serialized: the user gets the example's comments and layout intact.
+
+# The order of `init --list`: the simplest first, then by workload family.
+TEMPLATE_NAMES = (
+    "minimal-batch", "host-pipeline", "app-redis-worker", "dev-python-app", "postgres-etl",
+    "restart-policy", "multi-stage-pipeline", "fairseq-preprocess", "llm-curl-workflow",
+    "llm-curl-workflow-workdir", "llama-app", "llama-uv-worker", "vllm-openai", "vllm-uv-worker",
+    "training-checkpoints", "training-resume", "mpi-hello", "multi-node-mpi", "multi-node-torchrun",
+)
+
+DEFAULT_INIT_OUTPUT = "compose.yaml"
+
+
+class InitTemplate(NamedTuple):
+    name: str
+    description: str               # the text after "# <name>: " on the example's first line
+    text: str                      # the example file, unchanged
+
+
+def _examples_location():
+    """``(loader, folder)`` where the shipped examples live for this copy of the module."""
+    module_file = globals().get("__file__") or ""
+    folder = os.path.join(os.path.dirname(os.path.abspath(module_file)), "examples")
+    return globals().get("__loader__"), folder
+
+
+def _read_example(relative_path):
+    """Bytes of ``examples/<relative_path>``; ``None`` when this copy ships no such file."""
+    loader, folder = _examples_location()
+    path = os.path.join(folder, *relative_path.split("/"))
+    # zipimporter.get_data and SourceFileLoader.get_data both take a path under the module's
+    # folder (or archive), so one call covers the .pyz and a checkout.
+    if loader is not None and hasattr(loader, "get_data"):
+        try:
+            return loader.get_data(path)
+        except (OSError, IOError):
+            pass
+    try:
+        with open(path, "rb") as handle:
+            return handle.read()
+    except (OSError, IOError):
+        return None
+
+
+def _no_examples_error():
+    _, folder = _examples_location()
+    return HpcComposeError(
+        "the shipped examples are not available to this copy of hpc-compose (looked in %s)" % folder,
+        hint="use the released hpc-compose.pyz, or run hpc_compose.py from a checkout that has its "
+             "examples/ folder; a vendored single hpc_compose.py carries no templates")
+
+
+def template_description(text):
+    """The one-line description from an example's first line ``# <name>: <description>``."""
+    first = text.split("\n", 1)[0]
+    if first.startswith("#") and ":" in first:
+        return first.split(":", 1)[1].strip()
+    return ""
+
+
+def load_template(name):
+    """The shipped example ``name`` (a trailing ``.yaml`` is tolerated) as an ``InitTemplate``."""
+    wanted = name[:-5] if name.endswith(".yaml") else name
+    if wanted not in TEMPLATE_NAMES:
+        raise UsageError("unknown template '%s'" % name,
+                         hint="available templates: %s (see 'hpc-compose init --list')"
+                              % ", ".join(TEMPLATE_NAMES))
+    data = _read_example(wanted + ".yaml")
+    if data is None:
+        raise _no_examples_error()
+    text = data.decode("utf-8")
+    return InitTemplate(wanted, template_description(text), text)
+
+
+def list_templates():
+    """Every shipped template, in ``init --list`` order."""
+    return [load_template(name) for name in TEMPLATE_NAMES]
+
+
+def _yaml_scalar(value):
+    """``value`` as a YAML scalar that reads back as exactly that string."""
+    import json
+    import re
+    if (re.match(r"^[A-Za-z0-9_/.$~][A-Za-z0-9_/.$~@+=-]*$", value)
+            and value.lower() not in ("true", "false", "null", "~", "yes", "no", "on", "off")
+            and not re.match(r"^[-+]?(\.?[0-9]|0[xo])", value)):
+        return value
+    # A JSON string is a valid YAML double-quoted scalar with the same meaning.
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _top_level_key(line):
+    """The key of a top-level ``key: ...`` line, or ``None`` (comments, blanks, indented lines)."""
+    if not line or line[0] in " \t#" or ":" not in line:
+        return None
+    key = line.split(":", 1)[0].strip()
+    if key.startswith(("'", '"')):
+        key = key[1:-1]
+    return key
+
+
+def _line_key(line, indent):
+    """The key of a ``key: ...`` line at exactly ``indent`` spaces, or ``None``."""
+    body = line[indent:]
+    if line[:indent].strip() or not body or body[0] in " \t#" or ":" not in body:
+        return None
+    return body.split(":", 1)[0].strip()
+
+
+def _keep_comment(line):
+    """The trailing `` # comment`` of a simple ``key: value`` line ('' when none)."""
+    index = line.find(" #")
+    return line[index:] if index >= 0 and "'" not in line and '"' not in line else ""
+
+
+def customize_template(text, name=None, job_name=None, cache_dir=None):
+    """Set top-level ``name``, ``x-slurm.job_name`` and ``x-slurm.cache_dir`` in a template's text.
+
+    Only the lines holding those keys change (they are added where missing); every comment and the
+    layout of the example stay as they were.
+    """
+    lines = text.split("\n")
+    if name is not None:
+        _set_top_level_name(lines, name)
+    settings = [(key, value) for key, value in (("job_name", job_name), ("cache_dir", cache_dir))
+                if value is not None]
+    if settings:
+        _set_slurm_keys(lines, settings)
+    return "\n".join(lines)
+
+
+def _set_top_level_name(lines, name):
+    for index, line in enumerate(lines):
+        if _top_level_key(line) == "name":
+            lines[index] = "name: " + _yaml_scalar(name) + _keep_comment(line)
+            return
+    # No name yet: put it before the first top-level key, below the header comment.
+    for index, line in enumerate(lines):
+        if _top_level_key(line) is not None:
+            lines[index:index] = ["name: " + _yaml_scalar(name), ""]
+            return
+    lines.append("name: " + _yaml_scalar(name))
+
+
+def _set_slurm_keys(lines, settings):
+    header = None
+    for index, line in enumerate(lines):
+        if _top_level_key(line) == "x-slurm":
+            header = index
+            break
+    if header is None:
+        block = ["x-slurm:"] + ["  %s: %s" % (key, _yaml_scalar(value)) for key, value in settings]
+        position = len(lines)
+        for index, line in enumerate(lines):
+            if _top_level_key(line) == "services":
+                position = index
+                break
+        lines[position:position] = block + [""]
+        return
+    rest = lines[header].split(":", 1)[1].strip()
+    if rest and not rest.startswith("#"):
+        raise HpcComposeError("template x-slurm block is not in block style; cannot edit it")
+    end = len(lines)
+    indent = None
+    for index in range(header + 1, len(lines)):
+        line = lines[index]
+        if _top_level_key(line) is not None or (line[:1] not in ("", " ", "\t", "#")):
+            end = index
+            break
+        stripped = line.lstrip(" ")
+        if indent is None and stripped and not stripped.startswith("#"):
+            indent = len(line) - len(stripped)
+    indent = indent or 2
+    missing = []
+    for key, value in settings:
+        for index in range(header + 1, end):
+            if _line_key(lines[index], indent) == key:
+                lines[index] = "%s%s: %s%s" % (" " * indent, key, _yaml_scalar(value),
+                                               _keep_comment(lines[index]))
+                break
+        else:
+            missing.append("%s%s: %s" % (" " * indent, key, _yaml_scalar(value)))
+    lines[header + 1:header + 1] = missing
+
+
+def template_assets(text):
+    """Relative host paths (``./...``) a template mounts, which must be copied along with it."""
+    import re
+    found = []
+    for match in re.finditer(r"^\s*-\s*['\"]?(\./[^:'\"\s]+):", text, re.M):
+        if match.group(1) not in found:
+            found.append(match.group(1))
+    return found
 
 
 ##############################################################################
@@ -1306,10 +1912,101 @@ def _add_cache_parser(subparsers):
     add_command(subparsers, "cache", _not_written_yet, "(not written yet)")
 
 
-# CLI: init commands (OWNER: packaging helper)
+# CLI: init
 
 def _add_init_parser(subparsers):
-    add_command(subparsers, "init", _not_written_yet, "(not written yet)")
+    parser = add_command(
+        subparsers, "init", cmd_init, "write a starter compose file from a shipped example",
+        ["hpc-compose init --list",
+         "hpc-compose init --describe-template app-redis-worker",
+         "hpc-compose init --template minimal-batch --name my-app "
+         "--cache-dir /shared/$USER/hpc-compose-cache --output compose.yaml",
+         "hpc-compose init --template host-pipeline --output - | less"])
+    parser.add_argument("--template", metavar="NAME",
+                        help="the example to start from (see --list)")
+    parser.add_argument("--name", metavar="NAME",
+                        help="application name: sets top-level name and x-slurm.job_name "
+                             "(default: the template name)")
+    parser.add_argument("--cache-dir", dest="cache_dir", metavar="DIR",
+                        help="sets x-slurm.cache_dir; must be shared between login and compute "
+                             "nodes (default: keep the template's value)")
+    parser.add_argument("--output", "-o", metavar="FILE", default=DEFAULT_INIT_OUTPUT,
+                        help="file to write, '-' for standard output (default: %s)"
+                             % DEFAULT_INIT_OUTPUT)
+    parser.add_argument("--force", action="store_true", help="overwrite FILE if it exists")
+    parser.add_argument("--list", "--list-templates", dest="list_templates", action="store_true",
+                        help="list the available templates and exit")
+    parser.add_argument("--describe-template", dest="describe_template", metavar="NAME",
+                        help="show what a template contains and exit")
+
+
+def cmd_init(args):
+    """Write a shipped example, customized, as a new compose file (or list/describe templates)."""
+    if args.list_templates:
+        templates = list_templates()
+        width = max(len(t.name) for t in templates)
+        for template in templates:
+            sys.stdout.write("%-*s  %s\n" % (width, template.name, template.description))
+        return EXIT_OK
+    if args.describe_template:
+        sys.stdout.write(_describe_template(load_template(args.describe_template)))
+        return EXIT_OK
+    if not args.template:
+        raise UsageError("init needs --template NAME",
+                         hint="see the templates with 'hpc-compose init --list'")
+    template = load_template(args.template)
+    name = args.name if args.name is not None else template.name
+    if not name.strip():
+        raise UsageError("--name must not be empty")
+    if args.cache_dir is not None and not args.cache_dir.strip():
+        raise UsageError("--cache-dir must not be empty")
+    text = customize_template(template.text, name=name, job_name=name, cache_dir=args.cache_dir)
+    if args.output == "-":
+        sys.stdout.write(text)
+        return EXIT_OK
+    output = os.path.abspath(os.path.expanduser(args.output))
+    if os.path.isdir(output):
+        raise UsageError("'%s' is a directory" % args.output,
+                         hint="pass a file name, e.g. --output %s"
+                              % os.path.join(args.output, DEFAULT_INIT_OUTPUT))
+    if os.path.lexists(output) and not args.force:
+        raise UsageError("'%s' already exists; not overwriting it" % args.output,
+                         hint="pass --force to replace it, or choose another --output")
+    write_file_atomic(output, text)
+    display = shell_quote(args.output)
+    lines = ["wrote %s (from template %s)" % (output, template.name)]
+    assets = template_assets(template.text)
+    if assets:
+        lines.append("this template mounts %s relative to the compose file: copy %s from the "
+                     "examples/ folder next to it, or change the volumes"
+                     % (", ".join(assets), "it" if len(assets) == 1 else "them"))
+    lines += ["next steps:",
+              "  hpc-compose validate -f %s" % display,
+              "  hpc-compose inspect --verbose -f %s" % display,
+              "  hpc-compose submit --watch -f %s" % display]
+    sys.stdout.write("\n".join(lines) + "\n")
+    return EXIT_OK
+
+
+def _describe_template(template):
+    """The text of ``init --describe-template``: description, header notes, an init command."""
+    notes = []
+    for line in template.text.split("\n")[1:]:
+        if not line.startswith("#"):
+            break
+        notes.append(line[1:].strip() and "  " + line[1:].strip() or "")
+    lines = ["template: %s" % template.name, "description: %s" % template.description]
+    while notes and not notes[0]:
+        notes.pop(0)
+    if notes:
+        lines += ["", "notes:"] + notes
+    assets = template_assets(template.text)
+    if assets:
+        lines += ["", "mounts from beside the compose file: %s" % ", ".join(assets)]
+    lines += ["", "start from it with:",
+              "  hpc-compose init --template %s --name my-app "
+              "--cache-dir /shared/$USER/hpc-compose-cache --output compose.yaml" % template.name]
+    return "\n".join(lines).rstrip("\n") + "\n"
 
 
 

@@ -958,9 +958,401 @@ def _service_image(cache_dir, service):
                         prepared=prepared, local_path=local_path, rebuild_every_time=rebuild)
 
 
+def default_cache_dir(environ=None):
+    """``$HOME/.cache/hpc-compose``: the cache directory when x-slurm.cache_dir is not set."""
+    environ = os.environ if environ is None else environ
+    home = environ.get("HOME") or os.path.expanduser("~")
+    return os.path.join(home, ".cache", "hpc-compose")
+
+
+def runtime_artifacts(runtime_plan):
+    """Every cache artifact path ``runtime_plan`` references (runtime images and their bases)."""
+    paths = set()
+    for image in runtime_plan.images:
+        for artifact in (image.base, image.prepared):
+            if artifact is not None:
+                paths.add(artifact.path)
+    return paths
+
+
+# -- enroot wrapper ------------------------------------------------------------------------------------
+
+def enroot_environment(cache_dir, environ=None):
+    """The environment every enroot call of ours gets: layer cache and prepare rootfs under the
+    shared cache dir, but a node-local temporary directory (squashfs creation on NFS/Lustre fails
+    with stale file handles)."""
+    import tempfile
+    env = dict(os.environ if environ is None else environ)
+    env["ENROOT_CACHE_PATH"] = os.path.join(cache_dir, "enroot", "cache")
+    env["ENROOT_DATA_PATH"] = os.path.join(cache_dir, "enroot", "data")
+    if not env.get("ENROOT_TEMP_PATH"):
+        env["ENROOT_TEMP_PATH"] = os.path.join(tempfile.gettempdir(),
+                                               "hpc-compose-enroot-%d" % os.getuid())
+    for key in ("ENROOT_CACHE_PATH", "ENROOT_DATA_PATH", "ENROOT_TEMP_PATH"):
+        os.makedirs(env[key], exist_ok=True)
+    return env
+
+
+def run_enroot(argv, env, output=None):
+    """Run one enroot command, streaming its output lines to ``output`` (a callable) as they come.
+
+    This does not use ``run_command`` because an import can run for many minutes and the user must
+    see Enroot's own progress while it happens. Returns ``(exit_code, last_lines)``.
+    """
+    import subprocess
+    from collections import deque
+    try:
+        process = subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                   env=env, universal_newlines=True, errors="replace")
+    except FileNotFoundError:
+        raise ToolError("required binary '%s' was not found" % argv[0],
+                        hint="install Enroot, load its module, or pass its path with --enroot-bin")
+    except PermissionError:
+        raise ToolError("'%s' is not executable" % argv[0],
+                        hint="pass the path of a working enroot with --enroot-bin")
+    tail = deque(maxlen=20)
+    try:
+        for line in process.stdout:
+            line = line.rstrip("\n")
+            tail.append(line)
+            if output is not None:
+                output("    " + line)
+        code = process.wait()
+    except BaseException:
+        process.kill()
+        process.wait()
+        raise
+    finally:
+        process.stdout.close()
+    return code, list(tail)
+
+
+def _enroot_failure(step, argv, code, tail, hint=None):
+    text = "%s failed (exit %d): %s" % (step, code, " ".join(shell_quote(a) for a in argv))
+    detail = [line for line in tail if line.strip()][-8:]
+    if detail:
+        text += "\n  enroot said:\n" + "\n".join("    " + line for line in detail)
+    return ToolError(text, hint=hint)
+
+
+# -- manifests -----------------------------------------------------------------------------------------
+
+def read_manifest(artifact_path):
+    """The manifest dict stored beside ``artifact_path``; None when absent or unreadable."""
+    data = read_json(artifact_path + MANIFEST_SUFFIX)
+    return data if isinstance(data, dict) else None
+
+
+def _manifest_for(artifact, plan, services, service_plan=None, base_path=None, local_base=None):
+    prepare = service_plan.prepare if service_plan is not None else None
+    manifest = {
+        "cache_format_version": CACHE_FORMAT_VERSION,
+        "kind": artifact.kind,
+        "artifact_path": artifact.path,
+        "cache_key": artifact.cache_key,
+        "source_image": artifact.source,
+        "enroot_uri": artifact.enroot_uri,
+        "registry": registry_host(artifact.source) if "://" in artifact.source else None,
+        "inputs": dict(artifact.inputs),
+        "services": sorted(services),
+        "projects": [plan.compose_file],
+        "created_by": plan.compose_file,
+        "built_with": __version__,
+    }
+    if artifact.kind == "prepared":
+        manifest.update({
+            "base_artifact": base_path,
+            "local_base": local_base,
+            "prepare_commands": list(prepare.commands),
+            "prepare_env_keys": [key for key, _ in prepare.env],
+            "prepare_mounts": [_mount_text(m) for m in prepare.mounts],
+            "prepare_root": bool(prepare.root),
+            "rebuild_every_time": bool(prepare.mounts),
+        })
+    return manifest
+
+
+def _record_build(artifact, manifest, seconds):
+    import time
+    now = int(time.time())
+    manifest = dict(manifest, created_at=now, last_used_at=now, build_seconds=round(seconds, 1))
+    write_json_atomic(artifact.manifest_path, manifest)
+
+
+def _record_use(artifact, plan, services, fresh_manifest):
+    """Touch ``last_used_at`` and add this project and these services to the manifest (the caller
+    holds the artifact's lock)."""
+    import time
+    manifest = read_manifest(artifact.path)
+    if manifest is None:
+        # An artifact without a manifest (copied in, or a crash between rename and manifest):
+        # describe it from the current plan, dated by the file itself.
+        manifest = dict(fresh_manifest)
+        try:
+            manifest["created_at"] = int(os.stat(artifact.path).st_mtime)
+        except OSError:
+            manifest["created_at"] = int(time.time())
+    manifest["services"] = sorted(set(manifest.get("services") or []) | set(services))
+    projects = list(manifest.get("projects") or [])
+    if plan.compose_file not in projects:
+        projects.append(plan.compose_file)
+    manifest["projects"] = projects
+    manifest["last_used_at"] = int(time.time())
+    write_json_atomic(artifact.manifest_path, manifest)
+
+
+# -- prepare -------------------------------------------------------------------------------------------
+
+def _partial_path(artifact_path):
+    """Where an import/export writes before the rename: same directory (same file system, so the
+    rename is atomic), a name that is never mistaken for an artifact."""
+    directory, name = os.path.split(artifact_path)
+    return os.path.join(directory, "%s%d-%s" % (PARTIAL_PREFIX, os.getpid(), name))
+
+
+def _remove_quietly(path):
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+class _PrepareRun(object):
+    """State of one prepare_images call: options, the enroot environment, what was built."""
+
+    def __init__(self, runtime_plan, options, progress):
+        self.runtime_plan = runtime_plan
+        self.plan = runtime_plan.plan
+        self.options = options
+        self.progress = progress
+        self.env = None
+        self.built = set()         # artifact paths built in this run (force rebuilds each once)
+
+    def say(self, text):
+        if self.progress is not None:
+            self.progress(text)
+
+    def enroot_env(self):
+        if self.env is None:
+            self.env = enroot_environment(self.runtime_plan.cache_dir)
+        return self.env
+
+    def enroot(self, args):
+        return [self.options.enroot_bin] + list(args)
+
+    def needs_build(self, artifact, always=False):
+        if artifact.path in self.built:
+            return False
+        if always or self.options.force:
+            return True
+        return not os.path.isfile(artifact.path)
+
+
 def prepare_images(runtime_plan, options=PrepareOptions(), progress=None):
     """Import and prepare every image the plan needs into the shared cache."""
-    raise NotImplementedError
+    run = _PrepareRun(runtime_plan, options, progress)
+    users = {}
+    for service, image in zip(runtime_plan.plan.services, runtime_plan.images):
+        for artifact in (image.base, image.prepared):
+            if artifact is not None:
+                users.setdefault(artifact.path, set()).add(service.name)
+    results = []
+    for service, image in zip(runtime_plan.plan.services, runtime_plan.images):
+        results.append(_prepare_service(run, service, image, users))
+    return tuple(results)
+
+
+def _prepare_service(run, service, image, users):
+    if image.container_image is None:
+        return PrepareResult(service=service.name, note="host runtime: no container image")
+    if image.prepared is None and image.base is None:
+        return PrepareResult(service=service.name, runtime_action="present",
+                             note="local image used in place", artifact=image.local_path)
+    base_action = None
+    if image.prepared is None:
+        base_action = _ensure_base(run, image.base, users)
+        return PrepareResult(service=service.name, base_action=base_action,
+                             runtime_action=base_action, artifact=image.base.path)
+    prepared = image.prepared
+    if not run.needs_build(prepared, always=image.rebuild_every_time):
+        _reuse(run, prepared, users, service)
+        return PrepareResult(service=service.name, base_action=None, runtime_action="reused",
+                             artifact=prepared.path,
+                             note="base not needed: the prepared image is cached")
+    with FileLock(prepared.path + ".lock"):
+        # Someone else may have built it while we waited for the lock: then reuse theirs.
+        if not run.needs_build(prepared, always=image.rebuild_every_time):
+            _reuse(run, prepared, users, service, locked=True)
+            return PrepareResult(service=service.name, runtime_action="reused",
+                                 artifact=prepared.path)
+        if image.base is not None:
+            base_action = _ensure_base(run, image.base, users)
+            base_path = image.base.path
+        else:
+            base_action = "present"
+            base_path = image.local_path
+            if not os.path.isfile(base_path):
+                raise ToolError("local image '%s' of service '%s' does not exist" % (base_path, service.name),
+                                hint="fix the image path (relative paths resolve from the compose file's folder)")
+        _build_prepared(run, service, image, base_path, users.get(image.prepared.path, ()))
+    note = None
+    if image.rebuild_every_time:
+        note = "rebuilt because x-enroot.prepare.mounts is set (rebuilds on every prepare/submit)"
+    return PrepareResult(service=service.name, base_action=base_action, runtime_action="built",
+                         artifact=prepared.path, note=note)
+
+
+def _reuse(run, artifact, users, service, locked=False):
+    service_plan = service if artifact.kind == "prepared" else None
+    fresh = _manifest_for(artifact, run.plan, users.get(artifact.path, ()), service_plan,
+                          base_path=None, local_base=None)
+    if locked:
+        _record_use(artifact, run.plan, users.get(artifact.path, ()), fresh)
+    else:
+        with FileLock(artifact.path + ".lock"):
+            _record_use(artifact, run.plan, users.get(artifact.path, ()), fresh)
+    run.say("reusing %s (cache hit)" % artifact.path)
+
+
+def _ensure_base(run, artifact, users):
+    """Import a remote image unless its artifact is already in the cache: ``reused`` or ``built``."""
+    import time
+    if not run.needs_build(artifact):
+        if artifact.path in run.built:
+            return "built"
+        with FileLock(artifact.path + ".lock"):
+            _record_use(artifact, run.plan, users.get(artifact.path, ()),
+                        _manifest_for(artifact, run.plan, users.get(artifact.path, ())))
+        run.say("reusing %s for %s (cache hit)" % (artifact.path, artifact.source))
+        return "reused"
+    with FileLock(artifact.path + ".lock"):
+        if not run.needs_build(artifact):
+            _record_use(artifact, run.plan, users.get(artifact.path, ()),
+                        _manifest_for(artifact, run.plan, users.get(artifact.path, ())))
+            run.say("reusing %s for %s (imported meanwhile by another prepare)"
+                    % (artifact.path, artifact.source))
+            return "reused"
+        env = run.enroot_env()
+        partial = _partial_path(artifact.path)
+        _remove_quietly(partial)
+        argv = run.enroot(["import", "--output", partial, artifact.enroot_uri])
+        run.say("importing %s -> %s" % (artifact.enroot_uri, artifact.path))
+        started = time.time()
+        try:
+            code, tail = run_enroot(argv, env, run.progress)
+            if code != 0:
+                raise _enroot_failure("enroot import of %s" % artifact.enroot_uri, argv, code, tail,
+                                      hint=_import_hint(artifact, tail))
+            if not os.path.isfile(partial):
+                raise ToolError("enroot import of %s reported success but wrote no file at %s"
+                                % (artifact.enroot_uri, partial))
+            os.replace(partial, artifact.path)
+        finally:
+            _remove_quietly(partial)
+        elapsed = time.time() - started
+        _record_build(artifact, _manifest_for(artifact, run.plan, users.get(artifact.path, ())),
+                      elapsed)
+        run.built.add(artifact.path)
+        run.say("imported %s in %.1fs" % (artifact.enroot_uri, elapsed))
+        return "built"
+
+
+def _import_hint(artifact, tail):
+    text = "\n".join(tail)
+    if "401" in text or "403" in text or "nauthorized" in text:
+        return ("the registry refused the pull: add credentials for %s to Enroot's credentials file "
+                "($ENROOT_CONFIG_PATH/.credentials); 'hpc-compose preflight' shows which machine "
+                "lines are needed" % (registry_host(artifact.source) or "the registry"))
+    if "429" in text or "Too Many Requests" in text:
+        return "the registry rate-limited an anonymous pull: add credentials (see 'hpc-compose preflight')"
+    return "check the image name and tag, and that this node can reach the registry"
+
+
+def _prepare_container_name(prepared):
+    import time
+    return "hpc-compose-prep-%s-%d-%d" % (prepared.cache_key[:12], os.getpid(), int(time.time()))
+
+
+def enroot_start_args(name, prepare, command):
+    """Arguments after ``enroot`` for one prepare command: ``start [--root] --rw [--mount M]...
+    [--env K=V]... NAME /bin/sh -lc COMMAND``."""
+    args = ["start"]
+    if prepare.root:
+        args.append("--root")
+    args.append("--rw")
+    for mount in prepare.mounts:
+        args += ["--mount", _mount_text(mount)]
+    for key, value in prepare.env:
+        args += ["--env", "%s=%s" % (key, value)]
+    return args + [name, "/bin/sh", "-lc", command]
+
+
+def _build_prepared(run, service, image, base_path, services):
+    import time
+    prepared = image.prepared
+    prepare = service.prepare
+    env = run.enroot_env()
+    name = _prepare_container_name(prepared)
+    partial = _partial_path(prepared.path)
+    _remove_quietly(partial)
+    run.say("preparing %s from %s (%d command%s)"
+            % (service.name, base_path, len(prepare.commands), "" if len(prepare.commands) == 1 else "s"))
+    started = time.time()
+    created = False
+    try:
+        argv = run.enroot(["create", "--force", "--name", name, base_path])
+        code, tail = run_enroot(argv, env, run.progress)
+        if code != 0:
+            raise _enroot_failure("enroot create for service '%s'" % service.name, argv, code, tail)
+        created = True
+        for index, command in enumerate(prepare.commands, 1):
+            run.say("preparing %s: command %d/%d: %s" % (service.name, index, len(prepare.commands), command))
+            argv = run.enroot(enroot_start_args(name, prepare, command))
+            code, tail = run_enroot(argv, env, run.progress)
+            if code != 0:
+                raise _enroot_failure(
+                    "prepare command %d of service '%s' (%s)" % (index, service.name, command),
+                    argv, code, tail,
+                    hint="fix the command in services.%s.x-enroot.prepare.commands and run "
+                         "'hpc-compose prepare' again%s" % (service.name, "" if run.options.keep_failed
+                                                            else "; --keep-failed-prep keeps the container for debugging"))
+        run.say("exporting %s -> %s" % (service.name, prepared.path))
+        argv = run.enroot(["export", "--force", "--output", partial, name])
+        code, tail = run_enroot(argv, env, run.progress)
+        if code != 0:
+            raise _enroot_failure("enroot export for service '%s'" % service.name, argv, code, tail,
+                                  hint="check free space in %s" % os.path.dirname(prepared.path))
+        if not os.path.isfile(partial):
+            raise ToolError("enroot export for service '%s' reported success but wrote no file at %s"
+                            % (service.name, partial))
+        os.replace(partial, prepared.path)
+    except BaseException as exc:
+        _remove_quietly(partial)
+        if created and run.options.keep_failed:
+            location = os.path.join(env["ENROOT_DATA_PATH"], name)
+            message = ("kept the failed prepare container '%s' at %s (inspect it with: "
+                       "ENROOT_DATA_PATH=%s enroot start --rw %s /bin/sh; remove it with: "
+                       "ENROOT_DATA_PATH=%s enroot remove --force %s)"
+                       % (name, location, shell_quote(env["ENROOT_DATA_PATH"]), name,
+                          shell_quote(env["ENROOT_DATA_PATH"]), name))
+            run.say(message)
+            if isinstance(exc, HpcComposeError):
+                exc.message += "\n  " + message
+        elif created:
+            run_enroot(run.enroot(["remove", "--force", name]), env, None)
+        raise
+    remove_argv = run.enroot(["remove", "--force", name])
+    code, tail = run_enroot(remove_argv, env, None)
+    if code != 0:
+        run.say("warning: could not remove the prepare container %s: %s" % (name, " ".join(tail[-2:])))
+    elapsed = time.time() - started
+    local_base = None
+    if image.local_path:
+        local_base = _local_image_identity(image.local_path)
+    _record_build(prepared, _manifest_for(prepared, run.plan, services, service,
+                                          base_path=base_path, local_base=local_base), elapsed)
+    run.built.add(prepared.path)
+    run.say("prepared %s in %.1fs" % (service.name, elapsed))
 
 
 ##############################################################################
@@ -1100,8 +1492,8 @@ metrics_write_meta() {
             "$$METRICS_COLLECT_GPU" "$$METRICS_GPU_AVAILABLE" "$$gpu_note" "$$gpu_last"
         printf '{"name":"slurm","enabled":%s,"available":%s,"note":%s,"last_sampled_at":%s}]}\n' \
             "$$METRICS_COLLECT_SLURM" "$$METRICS_SLURM_AVAILABLE" "$$slurm_note" "$$slurm_last"
-    } > "$$tmp" 2>/dev/null && mv -f "$$tmp" "$$METRICS_DIR/meta.json" 2>/dev/null
-    return 0
+    } > "$$tmp" 2>/dev/null || return 0
+    mv -f "$$tmp" "$$METRICS_DIR/meta.json" 2>/dev/null || true
 }
 
 metrics_sample_gpu() {
@@ -1128,7 +1520,7 @@ metrics_sample_gpu() {
         done
         chunk+="$$record}"$$'\n'
     done <<< "$$output"
-    [ -z "$$chunk" ] || printf '%s' "$$chunk" >> "$$METRICS_DIR/gpu.jsonl"
+    [ -z "$$chunk" ] || printf '%s' "$$chunk" >> "$$METRICS_DIR/gpu.jsonl" 2>/dev/null || true
     chunk=""
     if output=$$(nvidia-smi --query-compute-apps=gpu_uuid,pid,process_name,used_gpu_memory --format=csv,noheader,nounits 2>/dev/null); then
         names=(gpu_uuid pid process_name used_memory_mib)
@@ -1143,7 +1535,7 @@ metrics_sample_gpu() {
             done
             chunk+="$$record}"$$'\n'
         done <<< "$$output"
-        [ -z "$$chunk" ] || printf '%s' "$$chunk" >> "$$METRICS_DIR/gpu_processes.jsonl"
+        [ -z "$$chunk" ] || printf '%s' "$$chunk" >> "$$METRICS_DIR/gpu_processes.jsonl" 2>/dev/null || true
     fi
     metrics_mark gpu true "" "$$now"
 }
@@ -1179,7 +1571,7 @@ metrics_sample_slurm() {
         done
         chunk+="$$record}"$$'\n'
     done <<< "$$output"
-    [ -z "$$chunk" ] || printf '%s' "$$chunk" >> "$$METRICS_DIR/slurm.jsonl"
+    [ -z "$$chunk" ] || printf '%s' "$$chunk" >> "$$METRICS_DIR/slurm.jsonl" 2>/dev/null || true
     metrics_mark slurm true "" "$$now"
 }
 
@@ -1210,9 +1602,8 @@ metrics_start() {
         echo "metrics warning: cannot create $$METRICS_DIR; sampling is off" >&2
         return 0
     fi
-    : > "$$METRICS_DIR/gpu.jsonl"
-    : > "$$METRICS_DIR/gpu_processes.jsonl"
-    : > "$$METRICS_DIR/slurm.jsonl"
+    { : > "$$METRICS_DIR/gpu.jsonl"; : > "$$METRICS_DIR/gpu_processes.jsonl"
+      : > "$$METRICS_DIR/slurm.jsonl"; } 2>/dev/null || true
     metrics_sample
     metrics_loop </dev/null &
     METRICS_PID=$$!
@@ -1222,8 +1613,8 @@ metrics_start() {
 
 metrics_stop() {
     if [ -n "$$METRICS_PID" ]; then
-        kill "$$METRICS_PID" 2>/dev/null
-        wait "$$METRICS_PID" 2>/dev/null
+        kill "$$METRICS_PID" 2>/dev/null || true
+        wait "$$METRICS_PID" 2>/dev/null || true
         METRICS_PID=""
     fi
     return 0
@@ -1258,7 +1649,7 @@ artifacts_glob_escape() {
     for ((i = 0; i < $${#text}; i++)); do
         char=$${text:i:1}
         case $$char in
-            '*'|'?'|'['|']'|'\') out+="\\$$char" ;;
+            '*'|'?'|'['|']'|\\) out+="\\$$char" ;;
             *) out+=$$char ;;
         esac
     done
@@ -1272,6 +1663,15 @@ artifacts_append() {
     artifacts_list+="$${artifacts_list:+,}$$REPLY"
 }
 
+# Copy one match into the payload: a directory by its content, anything else as itself.
+artifacts_copy() {
+    if [ -d "$$1" ] && [ ! -L "$$1" ]; then
+        mkdir -p "$$2" 2>/dev/null && cp -a "$$1/." "$$2/" 2>/dev/null
+    else
+        mkdir -p "$${2%/*}" 2>/dev/null && cp -a "$$1" "$$2" 2>/dev/null
+    fi
+}
+
 collect_artifacts() {
     local outcome=$${1:-failure}
     local dir="$$JOB_DIR/artifacts" root_glob pattern bundle host_pattern match rel parent i
@@ -1280,8 +1680,8 @@ collect_artifacts() {
     local -a matches
     local -A seen_match=() seen_copy=() b_declared=() b_matched=() b_copied=() b_warnings=()
     local -A b_seen_match=() b_seen_copy=()
-    local restore_shopt
-    restore_shopt=$$(shopt -p nullglob globstar dotglob)
+    local restore_shopt IFS=
+    restore_shopt=$$(shopt -p nullglob globstar dotglob || true)
     collected_at=$$(date -u +%Y-%m-%dT%H:%M:%SZ)
     if ! { rm -rf "$$payload" && mkdir -p "$$payload"; } 2>/dev/null; then
         echo "artifacts warning: cannot prepare $$payload; nothing collected" >&2
@@ -1301,10 +1701,14 @@ collect_artifacts() {
         artifacts_append declared "$$pattern"
         artifacts_append "b_declared[$$bundle]" "$$pattern"
         [ -z "$$skip" ] || continue
-        host_pattern="$$root_glob$${pattern#/hpc-compose/job}"
-        # IFS is empty so the expansion only globs: paths with spaces stay whole.
-        # shellcheck disable=SC2206
-        IFS= matches=($$host_pattern)
+        case $$pattern in
+            *[*?[]*)
+                host_pattern="$$root_glob$${pattern#/hpc-compose/job}"
+                # IFS is empty (local) so the expansion only globs: paths with spaces stay whole.
+                # shellcheck disable=SC2206
+                matches=($$host_pattern) ;;
+            *) matches=("$$JOB_DIR$${pattern#/hpc-compose/job}") ;;
+        esac
         if [ "$${#matches[@]}" -eq 0 ] || { [ "$${#matches[@]}" -eq 1 ] && [ ! -e "$${matches[0]}" ] && [ ! -L "$${matches[0]}" ]; }; then
             artifacts_append warnings "no match for $$pattern"
             artifacts_append "b_warnings[$$bundle]" "no match for $$pattern"
@@ -1337,13 +1741,7 @@ collect_artifacts() {
                 case $$parent in */*) parent=$${parent%/*} ;; *) break ;; esac
             done
             if [ -z "$$already" ]; then
-                if [ -d "$$match" ] && [ ! -L "$$match" ]; then
-                    mkdir -p "$$payload/$$rel" && cp -a "$$match/." "$$payload/$$rel/" 2>/dev/null
-                else
-                    mkdir -p "$$(dirname "$$payload/$$rel")" && cp -a "$$match" "$$payload/$$rel" 2>/dev/null
-                fi
-                # shellcheck disable=SC2181
-                if [ "$$?" -ne 0 ]; then
+                if ! artifacts_copy "$$match" "$$payload/$$rel"; then
                     artifacts_append warnings "could not copy /hpc-compose/job/$$rel"
                     artifacts_append "b_warnings[$$bundle]" "could not copy /hpc-compose/job/$$rel"
                     continue
@@ -1351,7 +1749,13 @@ collect_artifacts() {
                 seen_copy[$$rel]=1
                 artifacts_append copied "$$rel"
             fi
-            if [ -z "$${b_seen_copy[$$bundle/$$rel]:-}" ]; then
+            already=""
+            parent=$$rel
+            while :; do
+                if [ -n "$${b_seen_copy[$$bundle/$$parent]:-}" ]; then already=1; break; fi
+                case $$parent in */*) parent=$${parent%/*} ;; *) break ;; esac
+            done
+            if [ -z "$$already" ]; then
                 b_seen_copy[$$bundle/$$rel]=1
                 artifacts_append "b_copied[$$bundle]" "$$rel"
             fi
@@ -1379,8 +1783,8 @@ collect_artifacts() {
         fi
         printf '"declared_source_patterns":[%s],"matched_source_paths":[%s],' "$$declared" "$$matched"
         printf '"copied_relative_paths":[%s],"warnings":[%s],"bundles":{%s}}\n' "$$copied" "$$warnings" "$$bundles_json"
-    } > "$$tmp" 2>/dev/null && mv -f "$$tmp" "$$dir/manifest.json" 2>/dev/null
-    return 0
+    } > "$$tmp" 2>/dev/null || return 0
+    mv -f "$$tmp" "$$dir/manifest.json" 2>/dev/null || true
 }
 """
 

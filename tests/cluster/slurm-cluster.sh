@@ -48,11 +48,17 @@ need_root() {
     [ "$(id -u)" -eq 0 ] || die "run as root (sudo bash $0 $ACTION): it installs packages and starts daemons"
 }
 
-pid_alive() {  # pid_alive PIDFILE -> 0 if the pid in the file is a live process
-    local pid
+pid_alive() {  # pid_alive PIDFILE -> 0 if the pid in the file is a live process of that daemon
+    # The daemon's name is the pid file's name; checking it guards against a stale pid file from
+    # before a reboot whose number now belongs to some other process.
+    local pid comm want
     [ -s "$1" ] || return 1
     pid="$(cat "$1" 2>/dev/null)" || return 1
-    [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null
+    [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null || return 1
+    comm="$(cat "/proc/$pid/comm" 2>/dev/null)" || return 1
+    want="$(basename "$1" .pid)"
+    [ "$want" = mysqld ] && want=mariadbd
+    [ "$comm" = "$want" ]
 }
 
 wait_until() {  # wait_until SECONDS DESCRIPTION COMMAND... -> polls the command every 0.5 s

@@ -506,8 +506,9 @@ class _Interpolation(object):
 ##############################################################################
 # OWNER: spec helper. load_spec(path, environ=None) -> ComposeSpec. Everything here is validated,
 # interpolated and normalized in shape (environment as ordered pairs, depends_on as pairs, healthcheck
-# folded into readiness, failure-policy defaults applied), but paths are not resolved yet (planner).
-# Records are immutable; tuples, never lists; mappings kept as tuples of pairs in declared order.
+# folded into readiness, failure-policy and readiness defaults applied), but paths are not resolved
+# yet (planner). Records are immutable; tuples, never lists; mappings kept as tuples of pairs in
+# declared order.
 
 
 class ReadinessSpec(NamedTuple):
@@ -615,9 +616,1054 @@ class ComposeSpec(NamedTuple):
     warnings: tuple = ()           # human-readable warnings (e.g. misspelt x- keys)
 
 
+# --- accepted keys -------------------------------------------------------------------------------
+
+_TOP_LEVEL_KEYS = ("name", "version", "services", "x-slurm")
+_SERVICE_KEYS = ("image", "command", "entrypoint", "environment", "volumes", "working_dir",
+                 "depends_on", "readiness", "healthcheck", "x-slurm", "x-enroot")
+_SLURM_STRING_KEYS = ("job_name", "partition", "account", "qos", "time", "mem", "gres",
+                      "constraint", "output", "error", "chdir", "cache_dir")
+_SLURM_COUNT_KEYS = ("nodes", "ntasks", "ntasks_per_node", "cpus_per_task", "gpus")
+_SLURM_KEYS = _SLURM_STRING_KEYS + _SLURM_COUNT_KEYS + (
+    "metrics", "artifacts", "resume", "setup", "submit_args", "runtime")
+_SERVICE_SLURM_KEYS = ("nodes", "ntasks", "ntasks_per_node", "cpus_per_task", "gpus", "gres",
+                       "extra_srun_args", "failure_policy", "runtime")
+_FAILURE_POLICY_KEYS = ("mode", "max_restarts", "backoff_seconds")
+_FAILURE_MODES = ("fail_job", "ignore", "restart_on_failure")
+_DEFAULT_MAX_RESTARTS = 3
+_DEFAULT_BACKOFF_SECONDS = 5
+_READINESS_FIELDS = {
+    "sleep": ("seconds",),
+    "tcp": ("host", "port", "timeout_seconds"),
+    "log": ("pattern", "timeout_seconds"),
+    "http": ("url", "status_code", "timeout_seconds"),
+}
+_DEFAULT_READINESS_TIMEOUT = 60
+_HEALTHCHECK_KEYS = ("test", "timeout", "disable", "interval", "retries", "start_period",
+                     "start_interval")
+_DEPENDENCY_CONDITIONS = ("service_started", "service_healthy")
+_X_ENROOT_KEYS = ("prepare",)
+_PREPARE_KEYS = ("commands", "mounts", "env", "root")
+_METRICS_KEYS = ("enabled", "interval_seconds", "collectors")
+_METRICS_COLLECTORS = ("gpu", "slurm")
+_ARTIFACTS_KEYS = ("collect", "export_dir", "paths", "bundles")
+_ARTIFACT_COLLECT = ("always", "on_success", "on_failure")
+_RESUME_KEYS = ("path",)
+
+_NETWORK_HINT = ("there is no Docker network or service-name DNS: services on one node share the "
+                 "host network (use 127.0.0.1); multi-node runs use HPC_COMPOSE_PRIMARY_NODE")
+_UNSUPPORTED_SERVICE_KEYS = {
+    "build": ("'build' is not supported",
+              "use image: with a base image plus x-enroot.prepare.commands for dependencies "
+              "(mount build files with x-enroot.prepare.mounts)"),
+    "ports": ("'ports' is not supported",
+              "remove it: services share the host network, so use 127.0.0.1:<port> when both "
+              "sides run on the same node"),
+    "networks": ("'networks' is not supported", _NETWORK_HINT),
+    "network_mode": ("'network_mode' is not supported", _NETWORK_HINT),
+    "restart": ("the Compose 'restart' key is not supported",
+                "use services.<name>.x-slurm.failure_policy (mode: restart_on_failure, "
+                "max_restarts, backoff_seconds)"),
+    "deploy": ("'deploy' is not supported",
+               "use x-slurm for resources (cpus_per_task, mem, gpus, gres) at the top level or "
+               "per service"),
+}
+# Other Compose keys people bring along; rejected like any unknown key, but with a useful hint.
+_COMPOSE_KEY_HINTS = {
+    "env_file": "put variables in .env next to the compose file (loaded automatically) and list "
+                "them under environment",
+    "cpus": "use x-slurm.cpus_per_task",
+    "mem_limit": "use x-slurm.mem at the top level",
+    "container_name": "remove it: each service runs as a Slurm step named after the service",
+    "expose": "remove it: services share the host network",
+    "hostname": "remove it: services run on the allocation's nodes under their real host names",
+}
+_UNSUPPORTED_TOP_LEVEL_KEYS = {
+    "volumes": ("top-level 'volumes' (named volumes) is not supported",
+                "use host-path bind mounts in services.<name>.volumes, e.g. ./data:/data"),
+    "networks": ("top-level 'networks' is not supported", _NETWORK_HINT),
+    "secrets": ("top-level 'secrets' is not supported",
+                "pass secrets as environment values from .env or the shell, or mount a host file "
+                "with volumes"),
+    "configs": ("top-level 'configs' is not supported",
+                "mount the file from the host with services.<name>.volumes"),
+}
+
+
+def _is_service_name(name):
+    import re
+    return bool(re.match(r"\A[A-Za-z0-9][A-Za-z0-9_.-]*\Z", name))
+
+
+def _is_env_name(name):
+    return bool(name) and name[0] in _NAME_START and _NAME_CHARS.issuperset(name)
+
+
+class _Invalid(Exception):
+    """A value-level problem found by a pure helper; the caller adds the location."""
+
+    def __init__(self, message, hint=None):
+        Exception.__init__(self, message)
+        self.message = message
+        self.hint = hint
+
+
+# --- pure value rules shared by the spec checks and the planner --------------------------------
+
+_IMAGE_SCHEMES = ("docker://", "dockerd://", "podman://")
+_LOCAL_IMAGE_SUFFIXES = (".sqsh", ".squashfs")
+
+
+def _classify_image(image):
+    """``("local", path)`` or ``("remote", normalized reference)``; raises ``_Invalid``."""
+    if not image.strip():
+        raise _Invalid("image is empty", hint="name a registry image (redis:7) or a local "
+                                              ".sqsh/.squashfs file")
+    if image != image.strip() or any(c.isspace() for c in image):
+        raise _Invalid("image %r contains whitespace" % image)
+    lowered = image.lower()
+    looks_like_path = image.startswith(("/", "./", "../", "~/")) or image in (".", "..", "~")
+    if lowered.endswith(_LOCAL_IMAGE_SUFFIXES):
+        return "local", image
+    if looks_like_path:
+        raise _Invalid("image %r is a path but not a .sqsh or .squashfs file; build contexts are "
+                       "not supported" % image,
+                       hint="use a registry image plus x-enroot.prepare.commands, or point at a "
+                            "squashfs image exported with enroot")
+    if "://" in image:
+        if not image.startswith(_IMAGE_SCHEMES):
+            raise _Invalid("image scheme %r is not supported" % image.split("://", 1)[0],
+                           hint="use docker://, dockerd:// or podman://, or no scheme (docker:// "
+                                "is assumed)")
+        if not image.split("://", 1)[1]:
+            raise _Invalid("image %r names no image after the scheme" % image)
+        return "remote", image
+    return "remote", "docker://" + image
+
+
+def _split_volume(entry, reserved=True, resume_enabled=False):
+    """``(host, container, options)`` from ``host:container[:options]``; raises ``_Invalid``."""
+    import posixpath
+    if "," in entry:
+        raise _Invalid("mount %r contains ',' which Pyxis uses to separate mounts" % entry,
+                       hint="rename the path, or mount a parent directory without a comma")
+    if ":" not in entry:
+        raise _Invalid("mount %r needs the form host_path:container_path" % entry,
+                       hint="anonymous volumes are not supported; bind a host directory, e.g. "
+                            "./data:%s" % entry)
+    host, rest = entry.split(":", 1)
+    container, _, options = rest.partition(":")
+    if not host:
+        raise _Invalid("mount %r has an empty host path" % entry)
+    if not host.startswith(("/", ".", "~")):
+        raise _Invalid("mount %r uses the named volume '%s'; named volumes are not supported"
+                       % (entry, host), hint="bind a host path instead, e.g. ./%s:%s"
+                                             % (host, container or "/data"))
+    if not container.startswith("/"):
+        raise _Invalid("mount %r: the container path must be absolute" % entry)
+    target = posixpath.normpath(container)
+    if reserved and (target == JOB_MOUNT or target.startswith(JOB_MOUNT + "/")):
+        raise _Invalid("mount %r targets %s, which is reserved for the per-job directory"
+                       % (entry, JOB_MOUNT), hint="mount it somewhere else; the job directory is "
+                                                   "mounted there automatically")
+    if reserved and resume_enabled and (target == RESUME_MOUNT
+                                        or target.startswith(RESUME_MOUNT + "/")):
+        raise _Invalid("mount %r targets %s, which is reserved for x-slurm.resume.path"
+                       % (entry, RESUME_MOUNT))
+    if options and not all(part for part in options.split(":")):
+        raise _Invalid("mount %r has empty mount options" % entry)
+    return host, container, options or None
+
+
+def _normalize_artifact_path(value):
+    """An artifact source path, normalized; must live under /hpc-compose/job (not its artifacts/)."""
+    import posixpath
+    if not value.startswith("/"):
+        raise _Invalid("artifact path %r must be an absolute container path under %s"
+                       % (value, JOB_MOUNT), hint="e.g. %s/checkpoints/*.pt" % JOB_MOUNT)
+    path = "/" + posixpath.normpath(value).lstrip("/")
+    if not path.startswith(JOB_MOUNT + "/"):
+        raise _Invalid("artifact path %r is not under %s" % (value, JOB_MOUNT),
+                       hint="collect files the services wrote below %s" % JOB_MOUNT)
+    artifacts_dir = JOB_MOUNT + "/artifacts"
+    if path == artifacts_dir or path.startswith(artifacts_dir + "/"):
+        raise _Invalid("artifact path %r is inside %s, where collection writes its output"
+                       % (value, artifacts_dir))
+    return path
+
+
+def _parse_duration(value):
+    """Seconds from an integer or a Compose duration such as ``30s``, ``2m``, ``1m30s``, ``1h``."""
+    import re
+    if isinstance(value, bool):
+        raise _Invalid("expected a duration such as 30s or 1m30s, got %r" % value)
+    if isinstance(value, int):
+        seconds = value
+    elif isinstance(value, str):
+        match = re.match(r"\A(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?\Z", value.strip())
+        if value.strip().isdigit():
+            seconds = int(value.strip())
+        elif match and value.strip():
+            hours, minutes, secs = (int(g) if g else 0 for g in match.groups())
+            seconds = hours * 3600 + minutes * 60 + secs
+        else:
+            raise _Invalid("%r is not a duration in whole seconds (like 30s, 2m or 1m30s)" % value)
+    else:
+        raise _Invalid("expected a duration such as 30s or 1m30s")
+    if seconds < 1:
+        raise _Invalid("duration must be at least 1 second")
+    return seconds
+
+
+def _is_local_host(host):
+    host = (host or "").strip().strip("[]").lower()
+    return host in ("localhost", "::1", "0.0.0.0", "") or host.startswith("127.")
+
+
+def _url_host(url):
+    try:
+        from urllib.parse import urlsplit
+        return urlsplit(url).hostname
+    except ValueError:
+        return None
+
+
+def _resolve_placement(alloc_nodes, service_slurm, top_slurm, service_count):
+    """The ``Placement`` of one service in an allocation of ``alloc_nodes``; raises ``_Invalid``."""
+    requested = service_slurm.nodes
+    if alloc_nodes <= 1:
+        if requested not in (None, 1):
+            raise _Invalid("x-slurm.nodes is %s but the allocation has 1 node" % requested,
+                           hint="raise the top-level x-slurm.nodes, or drop the service's nodes")
+        return _helper_geometry("single", service_slurm)
+    if requested is None:
+        distributed = service_count == 1
+    elif requested == alloc_nodes:
+        distributed = True
+    elif requested == 1:
+        distributed = False
+    elif requested > alloc_nodes:
+        raise _Invalid("x-slurm.nodes is %s but the allocation has only %s nodes"
+                       % (requested, alloc_nodes))
+    else:
+        raise _Invalid("x-slurm.nodes is %s; a service runs either on 1 node (a helper on the "
+                       "primary node) or on all %s nodes (the distributed step)"
+                       % (requested, alloc_nodes),
+                       hint="partial-node placement is not supported in v1")
+    if not distributed:
+        return _helper_geometry("primary", service_slurm)
+    ntasks = service_slurm.ntasks
+    ntasks_per_node = service_slurm.ntasks_per_node
+    if ntasks is None:
+        ntasks = top_slurm.ntasks
+        if ntasks_per_node is None:
+            ntasks_per_node = top_slurm.ntasks_per_node
+            if ntasks_per_node is None and ntasks is None:
+                ntasks_per_node = 1
+    return Placement("distributed", alloc_nodes, ntasks, ntasks_per_node)
+
+
+def _helper_geometry(mode, service_slurm):
+    # A one-node step runs one task unless the service asks otherwise: otherwise srun inside the
+    # batch job would inherit the allocation's task count and start the program many times.
+    ntasks = service_slurm.ntasks
+    if ntasks is None and service_slurm.ntasks_per_node is None:
+        ntasks = 1
+    return Placement(mode, 1, ntasks, service_slurm.ntasks_per_node)
+
+
+# --- reading the file ----------------------------------------------------------------------------
+
+def _read_compose_text(path):
+    if os.path.isdir(path):
+        raise SpecError("'%s' is a directory, not a compose file" % path, file=path,
+                        hint="pass the YAML file itself, e.g. -f %s"
+                             % os.path.join(path, "compose.yaml"))
+    try:
+        with open(path, "rb") as handle:
+            raw = handle.read()
+    except FileNotFoundError:
+        raise SpecError("compose file does not exist", file=path,
+                        hint="check the path, or create one with 'hpc-compose init'")
+    except OSError as exc:
+        raise SpecError("cannot read the compose file: %s" % (exc.strerror or exc), file=path)
+    if b"\0" in raw[:8192]:
+        raise SpecError("this is a binary file, not a YAML compose file", file=path,
+                        hint="pass the compose.yaml text file with -f")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise SpecError("the compose file is not valid UTF-8 text", file=path, line=line,
+                        column=column, hint="save it as UTF-8")
+
+
 def load_spec(path, environ=None):
     """Read, interpolate and validate a compose file; returns a ``ComposeSpec``."""
-    raise NotImplementedError
+    path = os.path.abspath(path)
+    text = _read_compose_text(path)
+    document = load_yaml(text, filename=path)
+    project_dir = os.path.dirname(path)
+    if document.data is None:
+        raise SpecError("the compose file is empty", file=path, line=1,
+                        hint="it needs at least a services: mapping with one service; "
+                             "'hpc-compose init --list' shows starting points")
+    variables = build_variables(project_dir, environ)
+    return _SpecLoader(path, document, variables).load()
+
+
+def _dotted(path):
+    text = ""
+    for part in path:
+        if isinstance(part, int):
+            text += "[%d]" % part
+        else:
+            text += ("." if text else "") + str(part)
+    return text
+
+
+def _closest(word, choices):
+    import difflib
+    matches = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return matches[0] if matches else None
+
+
+class _SpecLoader(object):
+    """Walks the parsed YAML once, checking and normalizing every field it knows."""
+
+    def __init__(self, path, document, variables):
+        self.file = path
+        self.project_dir = os.path.dirname(path)
+        self.data = document.data
+        self.marks = document.marks or {}
+        self.key_marks = getattr(document, "key_marks", None) or {}
+        self.variables = variables
+        self.warnings = []
+
+    # --- locations and errors ---
+
+    def mark(self, path, at_key=False):
+        path = tuple(path)
+        while True:
+            mark = None
+            if at_key:
+                mark = self.key_marks.get(path)
+            if mark is None:
+                mark = self.marks.get(path)
+            if mark is None and not at_key:
+                mark = self.key_marks.get(path)
+            if mark is not None or not path:
+                return mark
+            path = path[:-1]
+
+    def error(self, path, message, hint=None, at_key=False):
+        mark = self.mark(path, at_key)
+        return SpecError(message, file=self.file, line=mark.line if mark else None,
+                         column=mark.column if mark else None, path=_dotted(path) or None,
+                         hint=hint)
+
+    def interpolate(self, path, value, **options):
+        mark = self.mark(path)
+        return interpolate(value, self.variables, path=_dotted(path), file=self.file,
+                           line=mark.line if mark else None,
+                           column=mark.column if mark else None, **options)
+
+    # --- typed readers ---
+
+    def mapping(self, path, value, what="a mapping"):
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise self.error(path, "expected %s, got %s" % (what, _describe(value)))
+        return value
+
+    def check_keys(self, path, mapping, allowed, scope, hints=None):
+        for key in mapping:
+            if key in allowed:
+                continue
+            key_path = tuple(path) + (key,)
+            if not isinstance(key, str):
+                raise self.error(key_path, "keys must be strings, got %r" % (key,), at_key=True)
+            if hints and key in hints:
+                message, hint = hints[key]
+                raise self.error(key_path, message, hint=hint, at_key=True)
+            suggestion = _closest(key, allowed)
+            hint = "did you mean '%s'?" % suggestion if suggestion else None
+            if _COMPOSE_KEY_HINTS.get(key) and scope.startswith("service"):
+                hint = _COMPOSE_KEY_HINTS[key]
+            if not hint:
+                hint = "valid keys: " + ", ".join(allowed)
+            raise self.error(key_path, "unknown key '%s' in %s" % (key, scope), hint=hint,
+                             at_key=True)
+
+    def string(self, path, value, interpolated=True, allow_empty=False, **options):
+        if isinstance(value, str):
+            text = value
+        elif isinstance(value, (bool, int, float)):
+            # Keep what the user typed: `1.10` must not become `1.1`, nor `True` replace `true`.
+            mark = self.marks.get(tuple(path))
+            text = mark.text if mark is not None and mark.text is not None else _scalar_text(value)
+        elif value is None:
+            raise self.error(path, "expected a string, got an empty value")
+        else:
+            raise self.error(path, "expected a string, got %s" % _describe(value))
+        if interpolated:
+            text = self.interpolate(path, text, **options)
+        if not allow_empty and not text.strip():
+            raise self.error(path, "must not be empty")
+        return text
+
+    def optional_string(self, path, value, **options):
+        return None if value is None else self.string(path, value, **options)
+
+    def integer(self, path, value, minimum=1):
+        if value is None:
+            return None
+        number = None
+        if isinstance(value, int) and not isinstance(value, bool):
+            number = value
+        elif isinstance(value, str):
+            # `${NODES:-2}`: a string is accepted when it interpolates to a plain integer.
+            text = self.interpolate(path, value).strip()
+            if text.isdigit():
+                number = int(text)
+        if number is None:
+            raise self.error(path, "must be an integer, got %s" % _describe(value))
+        if number < minimum:
+            raise self.error(path, "must be at least %d, got %d" % (minimum, number))
+        return number
+
+    def boolean(self, path, value):
+        if not isinstance(value, bool):
+            raise self.error(path, "must be true or false, got %s" % _describe(value))
+        return value
+
+    def sequence(self, path, value):
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            raise self.error(path, "expected a list, got %s" % _describe(value))
+        return value
+
+    def string_list(self, path, value, interpolated=True, **options):
+        items = self.sequence(path, value)
+        return tuple(self.string(tuple(path) + (index,), item, interpolated, **options)
+                     for index, item in enumerate(items))
+
+    def choice(self, path, value, choices):
+        text = self.string(path, value)
+        if text not in choices:
+            suggestion = _closest(text, choices)
+            raise self.error(path, "'%s' is not one of %s" % (text, ", ".join(choices)),
+                             hint="did you mean '%s'?" % suggestion if suggestion else None)
+        return text
+
+    def checked(self, path, function, *args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        except _Invalid as exc:
+            raise self.error(path, exc.message, hint=exc.hint)
+
+    def environment(self, path, value):
+        """Map or ``KEY=VALUE`` list -> ((key, value), ...); values interpolated, keys not."""
+        pairs = []
+        seen = set()
+        if isinstance(value, dict):
+            for key, item in value.items():
+                item_path = tuple(path) + (key,)
+                if not isinstance(key, str) or not _is_env_name(key):
+                    raise self.error(item_path, "%r is not a valid environment variable name"
+                                     % (key,), at_key=True,
+                                     hint="names use letters, digits and _, and do not start "
+                                          "with a digit")
+                if item is None:
+                    # Compose's `KEY:` with no value passes the variable through from the shell.
+                    text = self.interpolate(item_path, "${%s}" % key)
+                else:
+                    text = self.string(item_path, item, allow_empty=True)
+                pairs.append((key, text))
+            return tuple(pairs)
+        for index, item in enumerate(self.sequence(path, value)):
+            item_path = tuple(path) + (index,)
+            if not isinstance(item, str) or "=" not in item:
+                raise self.error(item_path, "environment list items must be KEY=VALUE, got %s"
+                                 % _describe(item),
+                                 hint="write KEY=VALUE, or use the mapping form KEY: VALUE")
+            key, text = item.split("=", 1)
+            if not _is_env_name(key):
+                raise self.error(item_path, "%r is not a valid environment variable name" % key,
+                                 hint="names use letters, digits and _, and do not start with "
+                                      "a digit")
+            if key in seen:
+                raise self.error(item_path, "environment variable '%s' is set twice" % key)
+            seen.add(key)
+            pairs.append((key, self.interpolate(item_path, text)))
+        return tuple(pairs)
+
+    # --- the document ---
+
+    def load(self):
+        root = self.data
+        if not isinstance(root, dict):
+            raise self.error((), "the compose file must be a mapping with a services: key, got %s"
+                             % _describe(root))
+        for key in root:
+            if isinstance(key, str) and key.startswith("x-") and key != "x-slurm":
+                self.check_extension_key((key,), key, top_level=True)
+        known = tuple(k for k in root if not (isinstance(k, str) and k.startswith("x-")
+                                               and k != "x-slurm"))
+        self.check_keys((), dict.fromkeys(known), _TOP_LEVEL_KEYS, "the top level",
+                        _UNSUPPORTED_TOP_LEVEL_KEYS)
+        name = self.optional_string(("name",), root.get("name"))
+        version = root.get("version")
+        if version is not None:
+            version = self.string(("version",), version, interpolated=False, allow_empty=True)
+        slurm = self.slurm(("x-slurm",), root.get("x-slurm"))
+        if "services" not in root:
+            raise self.error((), "the compose file has no services: mapping",
+                             hint="add services: with at least one service")
+        raw_services = self.mapping(("services",), root["services"], "a mapping of services")
+        if not raw_services:
+            raise self.error(("services",), "services must contain at least one service")
+        services = tuple(self.service(name_, raw, slurm) for name_, raw in raw_services.items())
+        self.check_relations(services, slurm)
+        return ComposeSpec(self.file, self.project_dir, name, version, slurm, services,
+                           tuple(self.warnings))
+
+    def check_extension_key(self, path, key, top_level):
+        """Extension keys are ignored (anchor holders); a near-miss of ours earns a warning."""
+        known = ("x-slurm",) if top_level else ("x-slurm", "x-enroot")
+        if top_level and key == "x-enroot":
+            self.warnings.append("%s: x-enroot belongs under a service (services.<name>.x-enroot);"
+                                 " at the top level it is ignored" % self.where(path))
+            return
+        import difflib
+        for candidate in known:
+            if difflib.SequenceMatcher(None, key.lower(), candidate).ratio() >= 0.75:
+                self.warnings.append("%s: extension key '%s' is ignored; did you mean '%s'?"
+                                     % (self.where(path), key, candidate))
+                return
+
+    def where(self, path):
+        mark = self.mark(path, at_key=True)
+        location = self.file + (":%d" % mark.line if mark else "")
+        return "%s: %s" % (location, _dotted(path))
+
+    # --- x-slurm (top level) ---
+
+    def slurm(self, path, raw):
+        raw = self.mapping(path, raw)
+        self.check_keys(path, raw, _SLURM_KEYS, "x-slurm")
+        values = {}
+        for key in _SLURM_STRING_KEYS:
+            values[key] = self.optional_string(path + (key,), raw.get(key))
+        for key in _SLURM_COUNT_KEYS:
+            values[key] = self.integer(path + (key,), raw.get(key))
+        if "metrics" in raw:
+            values["metrics"] = self.metrics(path + ("metrics",), raw["metrics"])
+        if raw.get("artifacts") is not None:
+            values["artifacts"] = self.artifacts(path + ("artifacts",), raw["artifacts"])
+        if raw.get("resume") is not None:
+            values["resume"] = self.resume(path + ("resume",), raw["resume"])
+        # setup lines are shell, emitted verbatim: interpolating them would eat the user's $VARS.
+        values["setup"] = self.string_list(path + ("setup",), raw.get("setup"), interpolated=False,
+                                           allow_empty=True)
+        values["submit_args"] = self.string_list(path + ("submit_args",), raw.get("submit_args"))
+        if raw.get("runtime") is not None:
+            values["runtime"] = self.choice(path + ("runtime",), raw["runtime"], RUNTIMES)
+        return SlurmSpec(**values)
+
+    def metrics(self, path, raw):
+        raw = self.mapping(path, raw)
+        self.check_keys(path, raw, _METRICS_KEYS, "x-slurm.metrics")
+        enabled = True if raw.get("enabled") is None else self.boolean(path + ("enabled",),
+                                                                        raw["enabled"])
+        interval = self.integer(path + ("interval_seconds",), raw.get("interval_seconds"))
+        collectors = ("gpu", "slurm")
+        if raw.get("collectors") is not None:
+            collectors = []
+            for index, item in enumerate(self.sequence(path + ("collectors",), raw["collectors"])):
+                item_path = path + ("collectors", index)
+                collector = self.choice(item_path, item, _METRICS_COLLECTORS)
+                if collector in collectors:
+                    raise self.error(item_path, "collector '%s' is listed twice" % collector)
+                collectors.append(collector)
+            if not collectors:
+                raise self.error(path + ("collectors",), "collectors must not be empty",
+                                 hint="list gpu and/or slurm, or set enabled: false")
+            collectors = tuple(collectors)
+        return MetricsSpec(enabled, interval if interval is not None else 5, collectors)
+
+    def artifacts(self, path, raw):
+        raw = self.mapping(path, raw)
+        self.check_keys(path, raw, _ARTIFACTS_KEYS, "x-slurm.artifacts")
+        if raw.get("export_dir") is None:
+            raise self.error(path, "x-slurm.artifacts needs export_dir",
+                             hint="e.g. export_dir: ./results/${SLURM_JOB_ID}")
+        export_dir = self.string(path + ("export_dir",), raw["export_dir"],
+                                 keep=("SLURM_JOB_ID",))
+        collect = "always"
+        if raw.get("collect") is not None:
+            collect = self.choice(path + ("collect",), raw["collect"], _ARTIFACT_COLLECT)
+        paths = self.artifact_paths(path + ("paths",), raw.get("paths"))
+        bundles = []
+        raw_bundles = self.mapping(path + ("bundles",), raw.get("bundles"))
+        for bundle, body in raw_bundles.items():
+            bundle_path = path + ("bundles", bundle)
+            import re
+            if not isinstance(bundle, str) or not re.match(r"\A[A-Za-z0-9_-]+\Z", bundle):
+                raise self.error(bundle_path, "bundle name %r must match [A-Za-z0-9_-]+"
+                                 % (bundle,), at_key=True)
+            if bundle == "default":
+                raise self.error(bundle_path, "bundle name 'default' is reserved for "
+                                 "x-slurm.artifacts.paths", at_key=True,
+                                 hint="put those paths under artifacts.paths, or rename the bundle")
+            body = self.mapping(bundle_path, body)
+            self.check_keys(bundle_path, body, ("paths",), "an artifact bundle")
+            bundle_paths = self.artifact_paths(bundle_path + ("paths",), body.get("paths"))
+            if not bundle_paths:
+                raise self.error(bundle_path, "bundle '%s' needs at least one path" % bundle)
+            bundles.append((bundle, bundle_paths))
+        if not paths and not bundles:
+            raise self.error(path, "x-slurm.artifacts needs at least one source path in paths or "
+                             "bundles", hint="e.g. paths: [%s/metrics/**]" % JOB_MOUNT)
+        return ArtifactsSpec(export_dir, collect, paths, tuple(bundles))
+
+    def artifact_paths(self, path, raw):
+        result = []
+        for index, item in enumerate(self.sequence(path, raw)):
+            item_path = path + (index,)
+            text = self.string(item_path, item, keep=("SLURM_JOB_ID",))
+            result.append(self.checked(item_path, _normalize_artifact_path, text))
+        return tuple(result)
+
+    def resume(self, path, raw):
+        import posixpath
+        raw = self.mapping(path, raw)
+        self.check_keys(path, raw, _RESUME_KEYS, "x-slurm.resume")
+        if raw.get("path") is None:
+            raise self.error(path, "x-slurm.resume needs path",
+                             hint="a shared host directory, e.g. path: /shared/$USER/runs/my-run")
+        text = self.string(path + ("path",), raw["path"])
+        if not text.startswith("/"):
+            raise self.error(path + ("path",), "resume path %r must be an absolute host path"
+                             % text, hint="use shared storage visible from every node")
+        normalized = "/" + posixpath.normpath(text).lstrip("/")
+        if normalized == "/hpc-compose" or normalized.startswith("/hpc-compose/"):
+            raise self.error(path + ("path",), "resume path %r is a container path; it must point "
+                             "at shared host storage" % text,
+                             hint="it is mounted into every service at %s" % RESUME_MOUNT)
+        return ResumeSpec(normalized)
+
+    # --- services ---
+
+    def service(self, name, raw, top_slurm):
+        path = ("services", name)
+        if not isinstance(name, str) or not _is_service_name(name):
+            raise self.error(path, "service name %r is not valid" % (name,), at_key=True,
+                             hint="use letters, digits, '_', '.' and '-', starting with a letter "
+                                  "or digit")
+        if raw is None:
+            raise self.error(path, "service '%s' is empty" % name,
+                             hint="give it at least an image and usually a command")
+        raw = self.mapping(path, raw, "a mapping (the service definition)")
+        for key in raw:
+            if isinstance(key, str) and key.startswith("x-") and key not in ("x-slurm", "x-enroot"):
+                self.check_extension_key(path + (key,), key, top_level=False)
+        known = dict((k, v) for k, v in raw.items()
+                     if not (isinstance(k, str) and k.startswith("x-")
+                             and k not in ("x-slurm", "x-enroot")))
+        self.check_keys(path, known, _SERVICE_KEYS, "service '%s'" % name,
+                        _UNSUPPORTED_SERVICE_KEYS)
+        slurm = self.service_slurm(path + ("x-slurm",), raw.get("x-slurm"))
+        runtime = slurm.runtime or top_slurm.runtime
+        host = runtime == "host"
+        line = self.mark(path, at_key=True).line if self.mark(path, at_key=True) else None
+
+        image = None
+        if raw.get("image") is not None:
+            # The manual: unset variables in image expand to empty strings (then caught as empty).
+            image = self.string(path + ("image",), raw["image"], unset_is_empty=True,
+                                allow_empty=True)
+            if not host:
+                self.checked(path + ("image",), _classify_image, image)
+            else:
+                self.warnings.append("%s: image '%s' is not used: the service runs with the host "
+                                     "runtime" % (self.where(path + ("image",)), image))
+        elif not host:
+            raise self.error(path, "service '%s' needs an image" % name,
+                             hint="e.g. image: python:3.11-slim, or run it on the node with "
+                                  "x-slurm.runtime: host")
+
+        command = self.command_form(path + ("command",), raw.get("command"))
+        entrypoint = self.command_form(path + ("entrypoint",), raw.get("entrypoint"))
+        if command is not None and entrypoint is not None and \
+                isinstance(command, str) != isinstance(entrypoint, str):
+            raise self.error(path + ("entrypoint",), "command and entrypoint must use the same "
+                             "form (both strings or both lists)",
+                             hint="write both as lists (exec form) or both as strings (shell "
+                                  "form)")
+        if host and command is None and entrypoint is None:
+            raise self.error(path, "service '%s' uses the host runtime but has no command or "
+                             "entrypoint" % name,
+                             hint="there is no image default to run; give it a command")
+
+        environment = self.environment(path + ("environment",), raw.get("environment"))
+
+        volumes = ()
+        if raw.get("volumes") is not None:
+            if host:
+                raise self.error(path + ("volumes",), "volumes are not available with the host "
+                                 "runtime: the service already sees the node's file system",
+                                 hint="use the host paths directly, or switch the service to "
+                                      "x-slurm.runtime: pyxis")
+            volumes = []
+            for index, item in enumerate(self.sequence(path + ("volumes",), raw["volumes"])):
+                item_path = path + ("volumes", index)
+                if isinstance(item, dict):
+                    raise self.error(item_path, "long-syntax volumes are not supported",
+                                     hint="write host_path:container_path[:ro]")
+                text = self.string(item_path, item)
+                self.checked(item_path, _split_volume, text,
+                             resume_enabled=top_slurm.resume is not None)
+                volumes.append(text)
+            volumes = tuple(volumes)
+
+        working_dir = None
+        if raw.get("working_dir") is not None:
+            working_dir = self.string(path + ("working_dir",), raw["working_dir"])
+            if command is None and entrypoint is None:
+                raise self.error(path + ("working_dir",), "working_dir needs an explicit command "
+                                 "or entrypoint",
+                                 hint="add the command to run in that directory")
+            if not host and not working_dir.startswith("/"):
+                raise self.error(path + ("working_dir",), "working_dir %r must be an absolute "
+                                 "container path" % working_dir)
+
+        depends_on = self.depends_on(path + ("depends_on",), raw.get("depends_on"))
+        if raw.get("readiness") is not None and raw.get("healthcheck") is not None:
+            raise self.error(path + ("healthcheck",), "healthcheck and readiness are mutually "
+                             "exclusive", hint="keep one of them (readiness is the native form)")
+        readiness = None
+        if raw.get("readiness") is not None:
+            readiness = self.readiness(path + ("readiness",), raw["readiness"])
+        elif raw.get("healthcheck") is not None:
+            readiness = self.healthcheck(path + ("healthcheck",), raw["healthcheck"])
+
+        prepare = None
+        if raw.get("x-enroot") is not None:
+            if host:
+                raise self.error(path + ("x-enroot",), "x-enroot is not available with the host "
+                                 "runtime: there is no container image to prepare",
+                                 hint="install the tools on the node (x-slurm.setup can load "
+                                      "modules), or use x-slurm.runtime: pyxis")
+            prepare = self.x_enroot(path + ("x-enroot",), raw["x-enroot"])
+
+        return ServiceSpec(name, image, command, entrypoint, environment, volumes, working_dir,
+                           depends_on, readiness, slurm, prepare, runtime, line)
+
+    def command_form(self, path, value):
+        if value is None:
+            return None
+        if isinstance(value, list):
+            if not value:
+                raise self.error(path, "must not be an empty list")
+            # Exec form: each word is interpolated (write $$ for a literal $).
+            return tuple(self.string(path + (index,), item, allow_empty=True)
+                         for index, item in enumerate(value))
+        # Shell form reaches /bin/sh -c exactly as written: $VARS are the container shell's.
+        return self.string(path, value, interpolated=False)
+
+    def service_slurm(self, path, raw):
+        raw = self.mapping(path, raw)
+        self.check_keys(path, raw, _SERVICE_SLURM_KEYS, "services.<name>.x-slurm")
+        values = {}
+        for key in ("nodes", "ntasks", "ntasks_per_node", "cpus_per_task", "gpus"):
+            values[key] = self.integer(path + (key,), raw.get(key))
+        values["gres"] = self.optional_string(path + ("gres",), raw.get("gres"))
+        values["extra_srun_args"] = self.string_list(path + ("extra_srun_args",),
+                                                     raw.get("extra_srun_args"))
+        values["failure_policy"] = self.failure_policy(path + ("failure_policy",),
+                                                       raw.get("failure_policy"))
+        if raw.get("runtime") is not None:
+            values["runtime"] = self.choice(path + ("runtime",), raw["runtime"], RUNTIMES)
+        return ServiceSlurmSpec(**values)
+
+    def failure_policy(self, path, raw):
+        raw = self.mapping(path, raw)
+        self.check_keys(path, raw, _FAILURE_POLICY_KEYS, "failure_policy")
+        mode = "fail_job"
+        if raw.get("mode") is not None:
+            mode = self.choice(path + ("mode",), raw["mode"], _FAILURE_MODES)
+        if mode != "restart_on_failure":
+            for key in ("max_restarts", "backoff_seconds"):
+                if key in raw:
+                    raise self.error(path + (key,), "%s is valid only with mode: "
+                                     "restart_on_failure (mode is %s)" % (key, mode), at_key=True)
+            return FailurePolicy(mode)
+        max_restarts = self.integer(path + ("max_restarts",), raw.get("max_restarts"))
+        backoff = self.integer(path + ("backoff_seconds",), raw.get("backoff_seconds"))
+        return FailurePolicy(mode,
+                             _DEFAULT_MAX_RESTARTS if max_restarts is None else max_restarts,
+                             _DEFAULT_BACKOFF_SECONDS if backoff is None else backoff)
+
+    def depends_on(self, path, raw):
+        pairs = []
+        if isinstance(raw, dict):
+            for target, body in raw.items():
+                item_path = path + (target,)
+                if not isinstance(target, str):
+                    raise self.error(item_path, "dependency names must be strings", at_key=True)
+                condition = "service_started"
+                body = self.mapping(item_path, body, "a mapping with condition:")
+                self.check_keys(item_path, body, ("condition",), "a depends_on entry")
+                if body.get("condition") is not None:
+                    condition_path = item_path + ("condition",)
+                    text = self.string(condition_path, body["condition"])
+                    if text == "service_completed_successfully":
+                        raise self.error(condition_path, "condition "
+                                         "service_completed_successfully is not supported in v1",
+                                         hint="use service_started or service_healthy")
+                    condition = self.choice(condition_path, text, _DEPENDENCY_CONDITIONS)
+                pairs.append((target, condition))
+            return tuple(pairs)
+        for index, item in enumerate(self.sequence(path, raw)):
+            item_path = path + (index,)
+            target = self.string(item_path, item, interpolated=False)
+            if target in [p[0] for p in pairs]:
+                raise self.error(item_path, "'%s' is listed twice" % target)
+            pairs.append((target, "service_started"))
+        return tuple(pairs)
+
+    def readiness(self, path, raw):
+        raw = self.mapping(path, raw)
+        if raw.get("type") is None:
+            raise self.error(path, "readiness needs a type (%s)" % ", ".join(_READINESS_FIELDS))
+        kind = self.choice(path + ("type",), raw["type"], tuple(_READINESS_FIELDS))
+        self.check_keys(path, raw, ("type",) + _READINESS_FIELDS[kind],
+                        "readiness of type %s" % kind)
+        timeout = self.integer(path + ("timeout_seconds",), raw.get("timeout_seconds"))
+        if timeout is None:
+            timeout = _DEFAULT_READINESS_TIMEOUT
+        if kind == "sleep":
+            if raw.get("seconds") is None:
+                raise self.error(path, "readiness type sleep needs seconds")
+            return ReadinessSpec("sleep", seconds=self.integer(path + ("seconds",),
+                                                               raw["seconds"], minimum=0))
+        if kind == "tcp":
+            if raw.get("port") is None:
+                raise self.error(path, "readiness type tcp needs port")
+            port = self.integer(path + ("port",), raw["port"])
+            if port > 65535:
+                raise self.error(path + ("port",), "port %d is out of range (1-65535)" % port)
+            host = "127.0.0.1"
+            if raw.get("host") is not None:
+                host = self.string(path + ("host",), raw["host"])
+            return ReadinessSpec("tcp", host=host, port=port, timeout_seconds=timeout)
+        if kind == "log":
+            if raw.get("pattern") is None:
+                raise self.error(path, "readiness type log needs pattern")
+            # A literal substring of the log: never interpolated, `$` is just a character.
+            pattern = self.string(path + ("pattern",), raw["pattern"], interpolated=False)
+            return ReadinessSpec("log", pattern=pattern, timeout_seconds=timeout)
+        if raw.get("url") is None:
+            raise self.error(path, "readiness type http needs url")
+        url = self.string(path + ("url",), raw["url"])
+        if not url.startswith(("http://", "https://")) or not _url_host(url):
+            raise self.error(path + ("url",), "url %r must be an http:// or https:// URL with a "
+                             "host" % url)
+        status = 200
+        if raw.get("status_code") is not None:
+            status = self.integer(path + ("status_code",), raw["status_code"], minimum=100)
+            if status > 599:
+                raise self.error(path + ("status_code",), "status_code %d is not an HTTP status"
+                                 % status)
+        return ReadinessSpec("http", url=url, status_code=status, timeout_seconds=timeout)
+
+    def healthcheck(self, path, raw):
+        raw = self.mapping(path, raw)
+        self.check_keys(path, raw, _HEALTHCHECK_KEYS, "healthcheck")
+        if raw.get("disable") is not None and self.boolean(path + ("disable",), raw["disable"]):
+            return None
+        for key in ("interval", "retries", "start_period", "start_interval"):
+            if key in raw:
+                raise self.error(path + (key,), "healthcheck.%s is not supported in v1" % key,
+                                 at_key=True, hint="remove it: readiness is polled every second "
+                                                   "until healthcheck.timeout (default 60s)")
+        if raw.get("test") is None:
+            raise self.error(path, "healthcheck needs test (or disable: true)")
+        timeout = _DEFAULT_READINESS_TIMEOUT
+        if raw.get("timeout") is not None:
+            timeout = self.checked(path + ("timeout",), _parse_duration, raw["timeout"])
+        test_path = path + ("test",)
+        test = raw["test"]
+        if isinstance(test, list):
+            words = [self.string(test_path + (i,), w, allow_empty=True) for i, w in enumerate(test)]
+            if not words:
+                raise self.error(test_path, "healthcheck test must not be empty")
+            if words[0] == "NONE":
+                return None
+            if words[0] == "CMD":
+                argv = words[1:]
+            elif words[0] == "CMD-SHELL":
+                if len(words) != 2:
+                    raise self.error(test_path, "CMD-SHELL takes exactly one command string")
+                argv = self.checked(test_path, _split_shell_probe, words[1])
+            else:
+                raise self.error(test_path, "healthcheck test lists must start with CMD or "
+                                 "CMD-SHELL, got %r" % words[0])
+        else:
+            argv = self.checked(test_path, _split_shell_probe, self.string(test_path, test))
+        readiness = self.checked(test_path, _probe_readiness, argv)
+        return readiness._replace(timeout_seconds=timeout)
+
+    def x_enroot(self, path, raw):
+        raw = self.mapping(path, raw)
+        self.check_keys(path, raw, _X_ENROOT_KEYS, "x-enroot")
+        if raw.get("prepare") is None:
+            return None
+        path = path + ("prepare",)
+        raw = self.mapping(path, raw["prepare"])
+        self.check_keys(path, raw, _PREPARE_KEYS, "x-enroot.prepare")
+        # Prepare commands are shell run inside the image by enroot: never interpolated.
+        commands = self.string_list(path + ("commands",), raw.get("commands"), interpolated=False)
+        if not commands:
+            raise self.error(path + ("commands",), "x-enroot.prepare.commands must not be empty",
+                             hint="list the shell commands that customize the image")
+        mounts = []
+        for index, item in enumerate(self.sequence(path + ("mounts",), raw.get("mounts"))):
+            item_path = path + ("mounts", index)
+            text = self.string(item_path, item)
+            self.checked(item_path, _split_volume, text, reserved=False)
+            mounts.append(text)
+        env = self.environment(path + ("env",), raw.get("env"))
+        root = True if raw.get("root") is None else self.boolean(path + ("root",), raw["root"])
+        return PrepareSpec(commands, tuple(mounts), env, root)
+
+    # --- rules across services ---
+
+    def check_relations(self, services, slurm):
+        by_name = dict((s.name, s) for s in services)
+        for service in services:
+            base = ("services", service.name, "depends_on")
+            for target, condition in service.depends_on:
+                where = base + (target,)
+                if target not in by_name:
+                    suggestion = _closest(target, by_name)
+                    raise self.error(where, "service '%s' depends on unknown service '%s'"
+                                     % (service.name, target),
+                                     hint="did you mean '%s'?" % suggestion if suggestion else
+                                     "defined services: " + ", ".join(by_name))
+                if target == service.name:
+                    raise self.error(where, "service '%s' depends on itself" % target)
+                dependency = by_name[target]
+                if condition == "service_healthy" and dependency.readiness is None:
+                    raise self.error(where, "condition service_healthy needs service '%s' to "
+                                     "define readiness (or a supported healthcheck)" % target,
+                                     hint="add readiness to '%s', or use service_started"
+                                          % target)
+                if dependency.slurm.failure_policy.mode == "ignore":
+                    raise self.error(where, "service '%s' cannot be a dependency: its "
+                                     "failure_policy mode is ignore" % target,
+                                     hint="use fail_job or restart_on_failure for services "
+                                          "others depend on")
+        alloc_nodes = slurm.nodes or 1
+        distributed = None
+        for service in services:
+            path = ("services", service.name, "x-slurm", "nodes")
+            placement = self.checked(path, _resolve_placement, alloc_nodes, service.slurm, slurm,
+                                     len(services))
+            if placement.mode != "distributed":
+                continue
+            if distributed is not None:
+                raise self.error(path, "services '%s' and '%s' both span the whole allocation; "
+                                 "at most one distributed service is supported"
+                                 % (distributed, service.name),
+                                 hint="set x-slurm.nodes: 1 on helper services")
+            distributed = service.name
+            readiness = service.readiness
+            local = readiness is not None and (
+                (readiness.type == "tcp" and _is_local_host(readiness.host))
+                or (readiness.type == "http" and _is_local_host(_url_host(readiness.url))))
+            if local:
+                raise self.error(("services", service.name, "readiness"),
+                                 "the distributed service '%s' cannot use %s readiness against "
+                                 "localhost" % (service.name, readiness.type),
+                                 hint="use sleep or log readiness, or an explicit non-local host")
+
+
+def _split_shell_probe(command):
+    """Words of a CMD-SHELL probe, dropping a trailing ``|| exit 1`` (Compose habit)."""
+    import shlex
+    try:
+        words = shlex.split(command)
+    except ValueError as exc:
+        raise _Invalid("cannot split healthcheck command %r: %s" % (command, exc))
+    if "||" in words:
+        tail = words[words.index("||") + 1:]
+        if tail in (["exit", "1"], ["false"], ["exit"]):
+            words = words[:words.index("||")]
+    for word in words:
+        if word in ("|", "||", "&&", ";", "&") or word.startswith("$("):
+            raise _Invalid("healthcheck command %r is not a recognized probe" % command,
+                           hint=_PROBE_HINT)
+    return words
+
+
+_PROBE_HINT = ("supported probes: nc -z HOST PORT, curl URL, wget --spider URL; for anything else "
+               "use readiness: (type tcp, http, log or sleep)")
+
+
+def _probe_readiness(argv):
+    """The readiness a healthcheck argv stands for; raises ``_Invalid`` for other probes."""
+    if not argv:
+        raise _Invalid("healthcheck test has no command", hint=_PROBE_HINT)
+    program = argv[0].rsplit("/", 1)[-1]
+    args = argv[1:]
+    if program in ("nc", "ncat", "netcat") and "-z" in args:
+        positional = []
+        skip = False
+        for arg in args:
+            if skip:
+                skip = False
+            elif arg in ("-w", "-i", "-q"):
+                skip = True
+            elif not arg.startswith("-"):
+                positional.append(arg)
+        if len(positional) != 2 or not positional[1].isdigit() or \
+                not 1 <= int(positional[1]) <= 65535:
+            raise _Invalid("nc probe %r needs exactly HOST PORT" % " ".join(argv),
+                           hint=_PROBE_HINT)
+        return ReadinessSpec("tcp", host=positional[0], port=int(positional[1]))
+    if program == "curl" or (program == "wget" and "--spider" in args):
+        urls = [a for a in args if a.startswith(("http://", "https://"))]
+        if not urls:
+            raise _Invalid("%s probe has no http:// or https:// URL" % program, hint=_PROBE_HINT)
+        return ReadinessSpec("http", url=urls[-1], status_code=200)
+    raise _Invalid("healthcheck probe %r is not supported" % " ".join(argv), hint=_PROBE_HINT)
+
+
+def _describe(value):
+    if value is None:
+        return "an empty value"
+    if isinstance(value, bool):
+        return "a boolean (%s)" % ("true" if value else "false")
+    if isinstance(value, (int, float)):
+        return "a number (%s)" % _scalar_text(value)
+    if isinstance(value, str):
+        return "the string %r" % value
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return type(value).__name__
+
+
+def _scalar_text(value):
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
 
 
 ##############################################################################

@@ -112,3 +112,371 @@ def test_runtime_plan_marks_prepare_mounts_as_rebuild_every_time(tmp_path):
     mount = hc.Mount(host=str(tmp_path / "req.txt"), container="/tmp/req.txt")
     plan = make_plan(tmp_path, [make_service("app", "python:3.11", prepare=prepare_plan(mounts=[mount]))])
     assert hc.build_runtime_plan(plan).images[0].rebuild_every_time is True
+
+
+def test_prepared_key_changes_with_every_input(tmp_path):
+    def key(**kw):
+        plan = make_plan(tmp_path, [make_service("app", kw.pop("image", "python:3.11"),
+                                                 prepare=prepare_plan(**kw))])
+        return hc.build_runtime_plan(plan).images[0].prepared.cache_key
+    reference = key()
+    mount = hc.Mount(host="/data/req.txt", container="/tmp/req.txt")
+    variants = [key(image="python:3.12"), key(commands=["pip install pandas"]),
+                key(env=[("PIP_INDEX_URL", "x")]), key(root=False), key(mounts=[mount])]
+    assert reference == key()
+    assert len(set(variants + [reference])) == len(variants) + 1
+
+
+def test_keys_carry_cache_format_version_not_release_version(tmp_path, monkeypatch):
+    plan = make_plan(tmp_path, [make_service("redis", "redis:7")])
+    before = hc.build_runtime_plan(plan).images[0].base.cache_key
+    monkeypatch.setattr(hc, "__version__", "99.0.0")
+    assert hc.build_runtime_plan(plan).images[0].base.cache_key == before
+    monkeypatch.setattr(hc, "CACHE_FORMAT_VERSION", hc.CACHE_FORMAT_VERSION + 1)
+    assert hc.build_runtime_plan(plan).images[0].base.cache_key != before
+
+
+def test_local_base_size_and_mtime_are_part_of_prepared_key(tmp_path):
+    sqsh = tmp_path / "base.sqsh"
+    sqsh.write_bytes(b"one")
+    plan = make_plan(tmp_path, [make_service("app", str(sqsh), prepare=prepare_plan())])
+    first = hc.build_runtime_plan(plan).images[0].prepared.cache_key
+    sqsh.write_bytes(b"longer content")
+    assert hc.build_runtime_plan(plan).images[0].prepared.cache_key != first
+
+
+def test_same_image_in_two_services_shares_one_base_artifact(tmp_path):
+    plan = make_plan(tmp_path, [make_service("a", "redis:7"), make_service("b", "redis:7")])
+    a, b = hc.build_runtime_plan(plan).images
+    assert a.base.path == b.base.path
+
+
+# -- prepare through the stand-in enroot ----------------------------------------------------------
+
+STANDIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "standins", "enroot")
+
+
+class EnrootLog(object):
+    def __init__(self, path):
+        self.path = path
+
+    def calls(self):
+        import json
+        if not os.path.exists(self.path):
+            return []
+        with open(self.path) as handle:
+            return [json.loads(line) for line in handle if line.strip()]
+
+    def argvs(self):
+        return [call["argv"] for call in self.calls()]
+
+
+@pytest.fixture
+def enroot(tmp_path, monkeypatch):
+    """The stand-in enroot, logging to a temporary file; returns the log reader."""
+    log = EnrootLog(str(tmp_path / "enroot-calls.jsonl"))
+    monkeypatch.setenv("ENROOT_STANDIN_LOG", log.path)
+    monkeypatch.setenv("ENROOT_TEMP_PATH", str(tmp_path / "enroot-tmp"))
+    for name in ("ENROOT_STANDIN_FAIL", "ENROOT_STANDIN_FAIL_MATCH", "ENROOT_STANDIN_DELAY"):
+        monkeypatch.delenv(name, raising=False)
+    return log
+
+
+def options(**kw):
+    return hc.PrepareOptions(enroot_bin=STANDIN, **kw)
+
+
+def partial_of(path):
+    directory, name = os.path.split(path)
+    return os.path.join(directory, ".partial-%d-%s" % (os.getpid(), name))
+
+
+def test_import_command_line_and_environment(tmp_path, enroot):
+    rp = hc.build_runtime_plan(make_plan(tmp_path, [make_service("model", "nvcr.io/nvidia/pytorch:24.01-py3")]))
+    base = rp.images[0].base
+    results = hc.prepare_images(rp, options())
+    calls = enroot.calls()
+    assert [c["argv"] for c in calls] == [
+        ["import", "--output", partial_of(base.path), "docker://nvcr.io#nvidia/pytorch:24.01-py3"]]
+    cache = str(tmp_path / "cache")
+    assert calls[0]["env"]["ENROOT_CACHE_PATH"] == os.path.join(cache, "enroot", "cache")
+    assert calls[0]["env"]["ENROOT_DATA_PATH"] == os.path.join(cache, "enroot", "data")
+    assert calls[0]["env"]["ENROOT_TEMP_PATH"] == str(tmp_path / "enroot-tmp")
+    assert os.path.isfile(base.path)
+    assert not os.path.exists(partial_of(base.path))
+    assert results[0].base_action == "built" and results[0].runtime_action == "built"
+    assert results[0].artifact == base.path
+
+
+def test_default_temp_path_is_node_local_not_in_cache(tmp_path, enroot, monkeypatch):
+    monkeypatch.delenv("ENROOT_TEMP_PATH")
+    rp = hc.build_runtime_plan(make_plan(tmp_path, [make_service("r", "redis:7")]))
+    hc.prepare_images(rp, options())
+    import tempfile
+    temp = enroot.calls()[0]["env"]["ENROOT_TEMP_PATH"]
+    assert temp.startswith(tempfile.gettempdir() + os.sep)
+    assert not temp.startswith(str(tmp_path / "cache"))
+
+
+def test_prepare_command_lines_root_mounts_env(tmp_path, enroot):
+    req = tmp_path / "req.txt"
+    req.write_text("numpy\n")
+    mount = hc.Mount(host=str(req), container="/tmp/req.txt", options="ro")
+    prep = prepare_plan(commands=["pip install -r /tmp/req.txt", "echo 'done' > /marker"],
+                        mounts=[mount], env=[("PIP_CACHE_DIR", "/tmp/pip cache"), ("A", "1")])
+    rp = hc.build_runtime_plan(make_plan(tmp_path, [make_service("app", "python:3.11-slim", prepare=prep)]))
+    image = rp.images[0]
+    hc.prepare_images(rp, options())
+    argvs = enroot.argvs()
+    assert argvs[0] == ["import", "--output", partial_of(image.base.path), "docker://python:3.11-slim"]
+    name = argvs[1][3]
+    assert name.startswith("hpc-compose-prep-" + image.prepared.cache_key[:12])
+    assert argvs[1:] == [
+        ["create", "--force", "--name", name, image.base.path],
+        ["start", "--root", "--rw", "--mount", str(req) + ":/tmp/req.txt:ro",
+         "--env", "PIP_CACHE_DIR=/tmp/pip cache", "--env", "A=1",
+         name, "/bin/sh", "-lc", "pip install -r /tmp/req.txt"],
+        ["start", "--root", "--rw", "--mount", str(req) + ":/tmp/req.txt:ro",
+         "--env", "PIP_CACHE_DIR=/tmp/pip cache", "--env", "A=1",
+         name, "/bin/sh", "-lc", "echo 'done' > /marker"],
+        ["export", "--force", "--output", partial_of(image.prepared.path), name],
+        ["remove", "--force", name],
+    ]
+    assert os.path.isfile(image.prepared.path)
+    assert not os.path.exists(str(tmp_path / "cache" / "enroot" / "data" / name))
+
+
+def test_prepare_without_root_omits_root_flag(tmp_path, enroot):
+    rp = hc.build_runtime_plan(make_plan(tmp_path, [
+        make_service("app", "python:3.11", prepare=prepare_plan(commands=["id"], root=False))]))
+    hc.prepare_images(rp, options())
+    start = [a for a in enroot.argvs() if a[0] == "start"]
+    assert start == [["start", "--rw", start[0][2], "/bin/sh", "-lc", "id"]]
+
+
+def test_prepare_from_local_image_skips_import(tmp_path, enroot):
+    sqsh = tmp_path / "base.sqsh"
+    sqsh.write_bytes(b"x")
+    rp = hc.build_runtime_plan(make_plan(tmp_path, [make_service("app", str(sqsh), prepare=prepare_plan())]))
+    results = hc.prepare_images(rp, options())
+    assert [a[0] for a in enroot.argvs()] == ["create", "start", "export", "remove"]
+    assert enroot.argvs()[0][-1] == str(sqsh)
+    assert results[0].base_action == "present"
+
+
+def test_local_image_without_prepare_makes_no_enroot_call(tmp_path, enroot):
+    sqsh = tmp_path / "app.sqsh"
+    sqsh.write_bytes(b"x")
+    rp = hc.build_runtime_plan(make_plan(tmp_path, [make_service("app", str(sqsh)),
+                                                    make_service("h", None, runtime="host")]))
+    results = hc.prepare_images(rp, options())
+    assert enroot.calls() == []
+    assert results[0].runtime_action == "present" and results[0].artifact == str(sqsh)
+    assert results[1].runtime_action is None and results[1].artifact is None
+
+
+def test_second_prepare_is_a_hit_with_no_enroot_call(tmp_path, enroot):
+    plan = make_plan(tmp_path, [make_service("app", "python:3.11", prepare=prepare_plan()),
+                                make_service("redis", "redis:7")])
+    hc.prepare_images(hc.build_runtime_plan(plan), options())
+    first = len(enroot.calls())
+    results = hc.prepare_images(hc.build_runtime_plan(plan), options())
+    assert len(enroot.calls()) == first
+    assert [r.runtime_action for r in results] == ["reused", "reused"]
+
+
+def test_hit_does_not_read_large_local_files(tmp_path, enroot, monkeypatch):
+    sqsh = tmp_path / "base.sqsh"
+    sqsh.write_bytes(b"x" * 1000)
+    plan = make_plan(tmp_path, [make_service("app", str(sqsh), prepare=prepare_plan())])
+    hc.prepare_images(hc.build_runtime_plan(plan), options())
+    import builtins
+    real_open = builtins.open
+
+    def guarded_open(path, *args, **kwargs):
+        assert str(path) != str(sqsh), "the local image was read"
+        return real_open(path, *args, **kwargs)
+    monkeypatch.setattr(builtins, "open", guarded_open)
+    results = hc.prepare_images(hc.build_runtime_plan(plan), options())
+    assert results[0].runtime_action == "reused"
+
+
+def test_force_rebuilds_base_and_prepared_once_per_run(tmp_path, enroot):
+    plan = make_plan(tmp_path, [make_service("a", "python:3.11", prepare=prepare_plan()),
+                                make_service("b", "python:3.11", prepare=prepare_plan())])
+    hc.prepare_images(hc.build_runtime_plan(plan), options())
+    before = len(enroot.calls())
+    results = hc.prepare_images(hc.build_runtime_plan(plan), options(force=True))
+    again = [a[0] for a in enroot.argvs()[before:]]
+    assert again == ["import", "create", "start", "export", "remove"]
+    assert results[0].runtime_action == "built"
+
+
+def test_prepare_mounts_rebuild_every_time(tmp_path, enroot):
+    mount = hc.Mount(host=str(tmp_path), container="/src")
+    plan = make_plan(tmp_path, [make_service("app", "python:3.11", prepare=prepare_plan(mounts=[mount]))])
+    hc.prepare_images(hc.build_runtime_plan(plan), options())
+    before = len(enroot.calls())
+    results = hc.prepare_images(hc.build_runtime_plan(plan), options())
+    assert [a[0] for a in enroot.argvs()[before:]] == ["create", "start", "export", "remove"]
+    assert results[0].runtime_action == "built"
+    assert "mounts" in results[0].note
+
+
+def test_prepared_hit_does_not_need_the_base_image(tmp_path, enroot):
+    plan = make_plan(tmp_path, [make_service("app", "python:3.11", prepare=prepare_plan())])
+    rp = hc.build_runtime_plan(plan)
+    hc.prepare_images(rp, options())
+    os.unlink(rp.images[0].base.path)
+    before = len(enroot.calls())
+    hc.prepare_images(rp, options())
+    assert len(enroot.calls()) == before
+
+
+def test_manifest_records_key_inputs_services_and_project(tmp_path, enroot):
+    prep = prepare_plan(env=[("TOKEN", "secret-value")])
+    plan = make_plan(tmp_path, [make_service("app", "python:3.11", prepare=prep)])
+    rp = hc.build_runtime_plan(plan)
+    hc.prepare_images(rp, options())
+    manifest = hc.read_manifest(rp.images[0].prepared.path)
+    assert manifest["kind"] == "prepared"
+    assert manifest["cache_key"] == rp.images[0].prepared.cache_key
+    assert manifest["cache_format_version"] == hc.CACHE_FORMAT_VERSION
+    assert manifest["services"] == ["app"]
+    assert manifest["projects"] == [plan.compose_file]
+    assert manifest["prepare_commands"] == ["pip install numpy"]
+    assert manifest["prepare_env_keys"] == ["TOKEN"]
+    assert "secret-value" not in open(rp.images[0].prepared.manifest_path).read()
+    base = hc.read_manifest(rp.images[0].base.path)
+    assert base["kind"] == "base" and base["enroot_uri"] == "docker://python:3.11"
+    assert base["registry"] == "docker.io"
+
+
+def test_reuse_adds_project_and_touches_last_used(tmp_path, enroot):
+    other = tmp_path / "other"
+    other.mkdir()
+    cache = tmp_path / "cache"
+    plan1 = make_plan(tmp_path, [make_service("r", "redis:7")], cache_dir=cache)
+    plan2 = make_plan(other, [make_service("cache", "redis:7")], cache_dir=cache)
+    rp = hc.build_runtime_plan(plan1)
+    hc.prepare_images(rp, options())
+    path = rp.images[0].base.manifest_path
+    manifest = hc.read_json(path)
+    manifest["last_used_at"] = 1000
+    hc.write_json_atomic(path, manifest)
+    hc.prepare_images(hc.build_runtime_plan(plan2), options())
+    manifest = hc.read_json(path)
+    assert manifest["projects"] == [plan1.compose_file, plan2.compose_file]
+    assert manifest["services"] == ["cache", "r"]
+    assert manifest["created_by"] == plan1.compose_file
+    assert manifest["last_used_at"] > 1000
+
+
+# -- failures ----------------------------------------------------------------------------------------
+
+def test_import_failure_reports_enroot_output_and_leaves_nothing(tmp_path, enroot, monkeypatch):
+    monkeypatch.setenv("ENROOT_STANDIN_FAIL", "import")
+    rp = hc.build_runtime_plan(make_plan(tmp_path, [make_service("r", "redis:7")]))
+    with pytest.raises(hc.ToolError) as info:
+        hc.prepare_images(rp, options())
+    text = info.value.render()
+    assert "enroot import of docker://redis:7 failed (exit 1)" in text
+    assert "injected import failure" in text
+    base = rp.images[0].base.path
+    assert not os.path.exists(base) and not os.path.exists(base + ".json")
+    assert [n for n in os.listdir(os.path.dirname(base)) if n.startswith(".partial-")] == []
+
+
+def test_prepare_command_failure_names_command_and_removes_container(tmp_path, enroot, monkeypatch):
+    monkeypatch.setenv("ENROOT_STANDIN_FAIL", "start")
+    monkeypatch.setenv("ENROOT_STANDIN_FAIL_MATCH", "make install")
+    rp = hc.build_runtime_plan(make_plan(tmp_path, [make_service(
+        "app", "python:3.11", prepare=prepare_plan(commands=["true", "make install"]))]))
+    with pytest.raises(hc.ToolError) as info:
+        hc.prepare_images(rp, options())
+    text = info.value.render()
+    assert "prepare command 2 of service 'app' (make install) failed (exit 1)" in text
+    assert "--keep-failed-prep" in text
+    argvs = enroot.argvs()
+    assert argvs[-1][:2] == ["remove", "--force"]
+    assert not os.path.exists(rp.images[0].prepared.path)
+    data = tmp_path / "cache" / "enroot" / "data"
+    assert os.listdir(str(data)) == []
+
+
+def test_keep_failed_prep_keeps_container_and_says_where(tmp_path, enroot, monkeypatch):
+    monkeypatch.setenv("ENROOT_STANDIN_FAIL", "start")
+    rp = hc.build_runtime_plan(make_plan(tmp_path, [make_service("app", "python:3.11", prepare=prepare_plan())]))
+    lines = []
+    with pytest.raises(hc.ToolError) as info:
+        hc.prepare_images(rp, options(keep_failed=True), progress=lines.append)
+    assert "remove" not in [a[0] for a in enroot.argvs()]
+    data = str(tmp_path / "cache" / "enroot" / "data")
+    kept = os.listdir(data)
+    assert len(kept) == 1
+    assert os.path.join(data, kept[0]) in info.value.render()
+    assert any("kept the failed prepare container" in line for line in lines)
+
+
+def test_export_failure_keeps_old_artifact_untouched(tmp_path, enroot, monkeypatch):
+    mount = hc.Mount(host=str(tmp_path), container="/src")
+    rp = hc.build_runtime_plan(make_plan(tmp_path, [make_service(
+        "app", "python:3.11", prepare=prepare_plan(mounts=[mount]))]))
+    hc.prepare_images(rp, options())
+    path = rp.images[0].prepared.path
+    old = open(path).read()
+    monkeypatch.setenv("ENROOT_STANDIN_FAIL", "export")
+    with pytest.raises(hc.ToolError) as info:
+        hc.prepare_images(rp, options())
+    assert "enroot export for service 'app' failed" in info.value.render()
+    assert open(path).read() == old
+    assert [n for n in os.listdir(os.path.dirname(path)) if n.startswith(".partial-")] == []
+
+
+def test_missing_enroot_binary_is_a_clear_error(tmp_path, enroot):
+    rp = hc.build_runtime_plan(make_plan(tmp_path, [make_service("r", "redis:7")]))
+    with pytest.raises(hc.ToolError) as info:
+        hc.prepare_images(rp, hc.PrepareOptions(enroot_bin=str(tmp_path / "no-enroot")))
+    assert "required binary" in info.value.render() and "--enroot-bin" in info.value.render()
+
+
+def test_progress_lines_and_enroot_output_pass_through(tmp_path, enroot):
+    rp = hc.build_runtime_plan(make_plan(tmp_path, [make_service("app", "python:3.11", prepare=prepare_plan())]))
+    lines = []
+    hc.prepare_images(rp, options(), progress=lines.append)
+    text = "\n".join(lines)
+    assert "importing docker://python:3.11 -> " in text
+    assert "imported docker://python:3.11 in " in text
+    assert "preparing app from " in text
+    assert "exporting app -> " + rp.images[0].prepared.path in text
+    assert "prepared app in " in text
+    assert "    [INFO] Fetching image manifest list" in lines
+
+
+# -- locking -------------------------------------------------------------------------------------------
+
+def _prepare_in_child(compose_dir, cache_dir, queue):
+    plan = make_plan(__import__("pathlib").Path(compose_dir),
+                     [make_service("app", "python:3.11", prepare=prepare_plan())], cache_dir=cache_dir)
+    try:
+        results = hc.prepare_images(hc.build_runtime_plan(plan), options())
+        queue.put((results[0].base_action, results[0].runtime_action))
+    except Exception as exc:  # reported to the parent, which fails the test
+        queue.put(("error", str(exc)))
+
+
+def test_concurrent_prepares_build_once_and_both_succeed(tmp_path, enroot, monkeypatch):
+    import multiprocessing
+    monkeypatch.setenv("ENROOT_STANDIN_DELAY", "0.5")
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    children = [ctx.Process(target=_prepare_in_child, args=(str(tmp_path), str(tmp_path / "cache"), queue))
+                for _ in range(2)]
+    for child in children:
+        child.start()
+    outcomes = sorted((queue.get(timeout=60) for _ in children), key=str)
+    for child in children:
+        child.join(30)
+    assert outcomes == [("built", "built"), (None, "reused")]
+    commands = [a[0] for a in enroot.argvs()]
+    assert commands.count("import") == 1 and commands.count("export") == 1

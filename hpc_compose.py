@@ -1746,13 +1746,213 @@ class Plan(NamedTuple):
 
 
 def service_token(name):
-    """The file-name-safe token for a service: ``[A-Za-z0-9_-]`` kept, anything else ``_xHH_``."""
-    raise NotImplementedError
+    """The file-name-safe token for a service: ``[A-Za-z0-9_-]`` kept, anything else ``_xHH_``.
+
+    An ``_`` that would otherwise read as the start of an ``_xHH_`` group is itself encoded
+    (``_x5f_``), so decoding left to right is unambiguous and two services never share a token.
+    """
+    data = name.encode("utf-8")
+    out = []
+    for index, byte in enumerate(data):
+        char = chr(byte)
+        if char in _TOKEN_SAFE:
+            if char == "_" and _starts_group(data, index):
+                out.append("_x5f_")
+            else:
+                out.append(char)
+        else:
+            out.append("_x%02x_" % byte)
+    return "".join(out)
+
+
+_TOKEN_SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
+_HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
+
+
+def _starts_group(data, index):
+    # `_` `x` H H followed by something whose encoding begins with `_` (a kept `_` or an encoded
+    # byte): left as is, a decoder would read `_xHH_` there.
+    if index + 4 >= len(data):
+        return False
+    if chr(data[index + 1]) != "x" or not _HEX_DIGITS.issuperset(chr(data[index + 2])
+                                                                + chr(data[index + 3])):
+        return False
+    following = chr(data[index + 4])
+    return following == "_" or following not in _TOKEN_SAFE
+
+
+_TMP_CACHE_ROOTS = ("/tmp", "/var/tmp", "/private/tmp", "/dev/shm")
+
+
+def _expand_home(path, environ):
+    if path == "~" or path.startswith("~/"):
+        home = environ.get("HOME") or os.path.expanduser("~")
+        return home + path[1:]
+    if path.startswith("~"):
+        return os.path.expanduser(path)
+    return path
+
+
+def resolve_host_path(path, project_dir, environ=None):
+    """An absolute, normalized host path: ``~`` expanded, relative to the compose file's folder."""
+    environ = os.environ if environ is None else environ
+    path = _expand_home(path, environ)
+    if not os.path.isabs(path):
+        path = os.path.join(project_dir, path)
+    return os.path.normpath(path)
+
+
+def resolve_cache_dir(spec, environ=None):
+    """The absolute cache directory of ``spec``; refuses node-local temporary file systems."""
+    environ = os.environ if environ is None else environ
+    configured = spec.slurm.cache_dir
+    if configured is None:
+        home = environ.get("HOME")
+        if home:
+            return os.path.normpath(os.path.join(home, ".cache", "hpc-compose"))
+        return os.path.normpath(os.path.join(spec.project_dir, ".cache", "hpc-compose"))
+    path = resolve_host_path(configured, spec.project_dir, environ)
+    for candidate in (path, os.path.realpath(path)):
+        for root in _TMP_CACHE_ROOTS:
+            if candidate == root or candidate.startswith(root + "/"):
+                raise SpecError("x-slurm.cache_dir %s is under %s, which is not shared between "
+                                "the login node and the compute nodes" % (path, root),
+                                file=spec.path, path="x-slurm.cache_dir",
+                                hint="use shared storage such as /shared/$USER/hpc-compose-cache,"
+                                     " or omit it for $HOME/.cache/hpc-compose")
+    return path
+
+
+def normalize_image(image, project_dir, environ=None):
+    """The ``ImageRef`` for an image string (remote reference or local squashfs path)."""
+    kind, value = _classify_image(image)
+    if kind == "local":
+        return ImageRef("local", resolve_host_path(value, project_dir, environ), None, image)
+    return ImageRef("remote", value, _image_registry(value), image)
+
+
+def _image_registry(reference):
+    # Only docker:// references name a registry; dockerd:// and podman:// read a local daemon.
+    if not reference.startswith("docker://"):
+        return None
+    rest = reference[len("docker://"):]
+    if "#" in rest:
+        # Enroot's own form: docker://[USER@]REGISTRY#IMAGE
+        return rest.split("#", 1)[0].rsplit("@", 1)[-1] or "docker.io"
+    first, slash, _ = rest.partition("/")
+    if slash and ("." in first or ":" in first or first == "localhost"):
+        return first
+    return "docker.io"
+
+
+def _execution(service):
+    command, entrypoint = service.command, service.entrypoint
+    if command is None and entrypoint is None:
+        return Execution("default", use_image_entrypoint=True)
+    use_image_entrypoint = entrypoint is None
+    if isinstance(command, str) or isinstance(entrypoint, str):
+        script = " ".join(part for part in (entrypoint, command) if part is not None)
+        return Execution("shell", script=script, use_image_entrypoint=use_image_entrypoint)
+    argv = tuple(entrypoint or ()) + tuple(command or ())
+    return Execution("exec", argv=argv, use_image_entrypoint=use_image_entrypoint)
+
+
+def _mounts(entries, project_dir, environ):
+    mounts = []
+    for entry in entries:
+        host, container, options = _split_volume(entry, reserved=False)
+        mounts.append(Mount(resolve_host_path(host, project_dir, environ), container, options))
+    return tuple(mounts)
+
+
+def _launch_order(spec):
+    """Services in dependency order: among those ready, file order wins; a cycle is an error."""
+    remaining = list(spec.services)
+    placed = []
+    placed_names = set()
+    while remaining:
+        for service in remaining:
+            if all(target in placed_names for target, _ in service.depends_on):
+                placed.append(service)
+                placed_names.add(service.name)
+                remaining.remove(service)
+                break
+        else:
+            cycle = _find_cycle(remaining)
+            first = next(s for s in spec.services if s.name == cycle[0])
+            raise SpecError("dependency cycle: %s" % " -> ".join(cycle), file=spec.path,
+                            line=first.line, path="services.%s.depends_on" % cycle[0],
+                            hint="remove one of these depends_on entries")
+    return placed
+
+
+def _find_cycle(services):
+    by_name = dict((s.name, s) for s in services)
+    for start in services:
+        trail = [start.name]
+        current = start
+        # Every remaining service waits on a remaining one, so following the first such edge
+        # must come back to a name already on the trail.
+        while True:
+            target = next(t for t, _ in current.depends_on if t in by_name)
+            if target in trail:
+                return trail[trail.index(target):] + [target]
+            trail.append(target)
+            current = by_name[target]
 
 
 def build_plan(spec, environ=None):
     """Turn a validated spec into the deterministic ``Plan``."""
-    raise NotImplementedError
+    environ = os.environ if environ is None else environ
+    alloc_nodes = spec.slurm.nodes or 1
+    cache_dir = resolve_cache_dir(spec, environ)
+    ordered = _launch_order(spec)
+    dependents = dict((s.name, []) for s in ordered)
+    for service in ordered:
+        for target, _ in service.depends_on:
+            dependents[target].append(service.name)
+    services = []
+    for service in ordered:
+        try:
+            placement = _resolve_placement(alloc_nodes, service.slurm, spec.slurm,
+                                           len(spec.services))
+            if service.runtime == "host" or service.image is None:
+                image = ImageRef("none", "", None, service.image)
+            else:
+                image = normalize_image(service.image, spec.project_dir, environ)
+            mounts = _mounts(service.volumes, spec.project_dir, environ)
+            prepare = None
+            if service.prepare is not None:
+                prepare = PreparePlan(service.prepare.commands,
+                                      _mounts(service.prepare.mounts, spec.project_dir, environ),
+                                      service.prepare.env, service.prepare.root)
+        except _Invalid as exc:
+            raise SpecError(exc.message, file=spec.path, line=service.line,
+                            path="services." + service.name, hint=exc.hint)
+        working_dir = service.working_dir
+        if working_dir is not None and service.runtime == "host":
+            working_dir = resolve_host_path(working_dir, spec.project_dir, environ)
+        policy = service.slurm.failure_policy
+        if policy.mode == "restart_on_failure":
+            policy = policy._replace(
+                max_restarts=_DEFAULT_MAX_RESTARTS if policy.max_restarts is None
+                else policy.max_restarts,
+                backoff_seconds=_DEFAULT_BACKOFF_SECONDS if policy.backoff_seconds is None
+                else policy.backoff_seconds)
+        services.append(ServicePlan(
+            name=service.name, token=service_token(service.name), runtime=service.runtime,
+            image=image, execution=_execution(service), working_dir=working_dir,
+            environment=service.environment, mounts=mounts,
+            depends_on=tuple(Dependency(t, c) for t, c in service.depends_on),
+            dependents=tuple(dependents[service.name]), readiness=service.readiness,
+            failure_policy=policy, placement=placement,
+            cpus_per_task=service.slurm.cpus_per_task, gpus=service.slurm.gpus,
+            gres=service.slurm.gres, extra_srun_args=service.slurm.extra_srun_args,
+            prepare=prepare))
+    job_name = spec.slurm.job_name or spec.name or "hpc-compose"
+    return Plan(spec=spec, compose_file=spec.path, project_dir=spec.project_dir,
+                job_name=job_name, cache_dir=cache_dir, nodes=alloc_nodes, slurm=spec.slurm,
+                services=tuple(services), runtime=spec.slurm.runtime)
 
 
 ##############################################################################
@@ -2401,6 +2601,307 @@ def _build_prepared(run, service, image, base_path, services):
     run.say("prepared %s in %.1fs" % (service.name, elapsed))
 
 
+# -- cache list / inspect / prune -----------------------------------------------------------------------
+
+_ARTIFACT_SUFFIXES = (".sqsh", ".squashfs")
+
+
+def _cache_artifact_paths(cache_dir):
+    """Every artifact file (complete ones only) under ``cache_dir``'s base/ and prepared/."""
+    paths = []
+    for kind in ("base", "prepared"):
+        directory = os.path.join(cache_dir, kind)
+        try:
+            names = sorted(os.listdir(directory))
+        except OSError:
+            continue
+        for name in names:
+            if name.startswith(PARTIAL_PREFIX):
+                continue
+            if name.endswith(_ARTIFACT_SUFFIXES) or \
+                    (name.endswith(MANIFEST_SUFFIX) and name[:-len(MANIFEST_SUFFIX)].endswith(_ARTIFACT_SUFFIXES)):
+                path = os.path.join(directory, name)
+                if name.endswith(MANIFEST_SUFFIX):
+                    path = path[:-len(MANIFEST_SUFFIX)]
+                if path not in paths:
+                    paths.append(path)
+    return sorted(paths)
+
+
+def list_cache(cache_dir):
+    """One dict per cached artifact: its manifest (when present) plus ``present`` and ``size_bytes``."""
+    entries = []
+    for path in _cache_artifact_paths(cache_dir):
+        manifest = read_manifest(path)
+        entry = dict(manifest or {})
+        entry.setdefault("kind", os.path.basename(os.path.dirname(path)))
+        entry["artifact_path"] = path
+        entry["manifest_present"] = manifest is not None
+        try:
+            st = os.stat(path)
+            entry["present"] = True
+            entry["size_bytes"] = st.st_size
+            if manifest is None:
+                entry["created_at"] = int(st.st_mtime)
+        except OSError:
+            entry["present"] = False
+            entry["size_bytes"] = None
+        entries.append(entry)
+    return entries
+
+
+_INPUT_REASONS = {
+    "image": "the image reference changed",
+    "base": "the base image changed (reference, or a local image's size or modification time)",
+    "commands": "x-enroot.prepare.commands changed",
+    "env": "x-enroot.prepare.env changed",
+    "mounts": "x-enroot.prepare.mounts changed",
+    "root": "x-enroot.prepare.root changed",
+}
+
+
+def _miss_reasons(artifact, plan, service_name, cache_dir):
+    """Why ``artifact`` is not in the cache, by comparing with the last artifact of the same kind
+    that this project built for this service."""
+    previous = None
+    for entry in list_cache(cache_dir):
+        if entry.get("kind") != artifact.kind or entry.get("artifact_path") == artifact.path:
+            continue
+        if service_name not in (entry.get("services") or []):
+            continue
+        if plan.compose_file not in (entry.get("projects") or []):
+            continue
+        if previous is None or (entry.get("last_used_at") or 0) > (previous.get("last_used_at") or 0):
+            previous = entry
+    if previous is None:
+        return ["not built yet (no earlier %s artifact of this project for service '%s')"
+                % (artifact.kind, service_name)]
+    reasons = []
+    if previous.get("cache_format_version") != CACHE_FORMAT_VERSION:
+        reasons.append("the cache format changed (version %s -> %s)"
+                       % (previous.get("cache_format_version"), CACHE_FORMAT_VERSION))
+    old_inputs = previous.get("inputs") or {}
+    for category, digest in artifact.inputs:
+        if old_inputs.get(category) != digest:
+            reasons.append(_INPUT_REASONS.get(category, category + " changed"))
+    if not reasons:
+        reasons.append("the earlier artifact was removed")
+    return ["%s (earlier artifact: %s)" % (r, previous["artifact_path"]) for r in reasons[:1]] + reasons[1:]
+
+
+def _artifact_report(artifact, plan, service_name, cache_dir, always=False):
+    present = os.path.isfile(artifact.path)
+    manifest = read_manifest(artifact.path) if present else None
+    report = {
+        "kind": artifact.kind,
+        "path": artifact.path,
+        "cache_key": artifact.cache_key,
+        "source": artifact.source,
+        "present": present,
+        "manifest_present": manifest is not None,
+        "created_at": (manifest or {}).get("created_at"),
+        "last_used_at": (manifest or {}).get("last_used_at"),
+        "services": (manifest or {}).get("services", []),
+    }
+    if artifact.enroot_uri:
+        report["enroot_uri"] = artifact.enroot_uri
+    if always:
+        report["expectation"] = "rebuild"
+        report["reasons"] = ["x-enroot.prepare.mounts is set: rebuilds on every prepare/submit"]
+    elif present:
+        report["expectation"] = "hit"
+        report["reasons"] = []
+    else:
+        report["expectation"] = "miss"
+        report["reasons"] = _miss_reasons(artifact, plan, service_name, cache_dir)
+    return report
+
+
+def inspect_cache(runtime_plan, service=None):
+    """Per service: which artifact the container starts from, and whether the next prepare will
+    reuse it (hit), build it (miss, with the reasons) or rebuild it every time (prepare mounts)."""
+    plan = runtime_plan.plan
+    names = [s.name for s in plan.services]
+    if service is not None and service not in names:
+        raise UsageError("service '%s' is not in %s" % (service, plan.compose_file),
+                         hint="services: %s" % ", ".join(names))
+    reports = []
+    for service_plan, image in zip(plan.services, runtime_plan.images):
+        if service is not None and service_plan.name != service:
+            continue
+        entry = {"service": service_plan.name, "runtime": service_plan.runtime,
+                 "image": service_plan.image.reference or None,
+                 "container_image": image.container_image, "artifacts": []}
+        if image.container_image is None:
+            entry["expectation"] = "none"
+            entry["note"] = "host runtime: no container image"
+        elif image.base is None and image.prepared is None:
+            entry["expectation"] = "present" if os.path.isfile(image.local_path) else "missing"
+            entry["note"] = "local image used in place"
+        else:
+            if image.prepared is not None:
+                prepared = _artifact_report(image.prepared, plan, service_plan.name,
+                                            runtime_plan.cache_dir, image.rebuild_every_time)
+                entry["artifacts"].append(prepared)
+                entry["expectation"] = prepared["expectation"]
+            if image.base is not None:
+                base = _artifact_report(image.base, plan, service_plan.name, runtime_plan.cache_dir)
+                if image.prepared is not None and entry["expectation"] == "hit" and not base["present"]:
+                    base["expectation"] = "not needed"
+                    base["reasons"] = ["the prepared image is cached, so the base is not imported"]
+                entry["artifacts"].insert(0, base)
+                if image.prepared is None:
+                    entry["expectation"] = base["expectation"]
+            if image.local_path:
+                entry["local_base"] = image.local_path
+        reports.append(entry)
+    return reports
+
+
+def _jobs_in_progress(project_dir):
+    """``[(job_id, record)]`` for tracked jobs of a project that have not finished (a job without
+    a final state counts as unfinished: pending jobs have no state yet)."""
+    import glob
+    finished = ("completed", "failed", "cancelled", "timeout")
+    active = []
+    for path in sorted(glob.glob(os.path.join(project_dir, METADATA_DIR_NAME, "jobs", "*.json"))):
+        record = read_json(path)
+        if not isinstance(record, dict):
+            continue
+        job_id = str(record.get("job_id") or os.path.basename(path)[:-len(".json")])
+        state = read_json(os.path.join(project_dir, METADATA_DIR_NAME, job_id, "state.json"))
+        status = (state or {}).get("status") if isinstance(state, dict) else None
+        if status is None:
+            status = record.get("status") if isinstance(record.get("status"), str) else None
+        if status is not None and status.lower() in finished:
+            continue
+        active.append((job_id, record))
+    return active
+
+
+def _paths_named_in(value, found):
+    if isinstance(value, dict):
+        for item in value.values():
+            _paths_named_in(item, found)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            _paths_named_in(item, found)
+    elif isinstance(value, str) and value.endswith(_ARTIFACT_SUFFIXES):
+        found.add(value)
+
+
+def _script_artifacts(text):
+    import re
+    return set(re.findall(r"(/[^\s'\"=,]+\.(?:sqsh|squashfs))", text))
+
+
+def artifacts_in_use(cache_dir, extra_projects=()):
+    """``{artifact_path: reason}`` for artifacts a tracked, unfinished job may be using.
+
+    Jobs are found through the projects named in the cache's manifests (and ``extra_projects``):
+    ``<compose dir>/.hpc-compose/jobs/*.json``. The paths come from the job record and its rendered
+    script; when a running job names none, every artifact of that project is protected.
+    """
+    entries = list_cache(cache_dir)
+    projects = set(extra_projects)
+    for entry in entries:
+        projects.update(p for p in (entry.get("projects") or []) if isinstance(p, str))
+    in_use = {}
+    for compose_file in sorted(projects):
+        project_dir = os.path.dirname(compose_file)
+        for job_id, record in _jobs_in_progress(project_dir):
+            found = set()
+            _paths_named_in(record, found)
+            scripts = [v for k, v in record.items() if "script" in k and isinstance(v, str)]
+            for script in scripts:
+                script = script if os.path.isabs(script) else os.path.join(project_dir, script)
+                try:
+                    with open(script, encoding="utf-8", errors="replace") as handle:
+                        found |= _script_artifacts(handle.read())
+                except OSError:
+                    pass
+            reason = "used by job %s of %s" % (job_id, compose_file)
+            if found:
+                for path in found:
+                    in_use.setdefault(os.path.abspath(path), reason)
+            else:
+                for entry in entries:
+                    if compose_file in (entry.get("projects") or []):
+                        in_use.setdefault(entry["artifact_path"], reason + " (its artifacts are unknown)")
+    return in_use
+
+
+def _try_lock(path):
+    """A non-blocking exclusive lock on ``path``; the open handle, or None when someone holds it."""
+    import fcntl
+    handle = open(path, "a")
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        return None
+    return handle
+
+
+def _remove_artifact(path):
+    """Delete an artifact and its manifest unless a prepare holds its lock; True when removed."""
+    handle = _try_lock(path + ".lock")
+    if handle is None:
+        return False
+    try:
+        _remove_quietly(path)
+        _remove_quietly(path + MANIFEST_SUFFIX)
+    finally:
+        handle.close()
+    _remove_quietly(path + ".lock")
+    return True
+
+
+def prune_cache(cache_dir, age_days=None, runtime_plan=None, now=None):
+    """Remove old (``age_days``) or unused (``runtime_plan``: this project's artifacts its plan no
+    longer references) cache entries, never what a tracked unfinished job uses. Returns a report."""
+    import time
+    if (age_days is None) == (runtime_plan is None):
+        raise UsageError("choose one prune strategy: --age DAYS or --all-unused -f FILE")
+    now = time.time() if now is None else now
+    extra = [runtime_plan.plan.compose_file] if runtime_plan is not None else []
+    in_use = artifacts_in_use(cache_dir, extra)
+    referenced = runtime_artifacts(runtime_plan) if runtime_plan is not None else set()
+    removed, kept = [], []
+    for entry in list_cache(cache_dir):
+        path = entry["artifact_path"]
+        if runtime_plan is not None:
+            if path in referenced or runtime_plan.plan.compose_file not in (entry.get("projects") or []):
+                continue
+        else:
+            stamp = max(entry.get("created_at") or 0, entry.get("last_used_at") or 0)
+            if stamp > now - age_days * 86400:
+                continue
+        if path in in_use:
+            kept.append({"path": path, "reason": in_use[path]})
+            continue
+        if _remove_artifact(path):
+            removed.append(path)
+        else:
+            kept.append({"path": path, "reason": "a prepare is writing it right now"})
+    if age_days is not None:
+        # Leftovers of interrupted imports/exports (never reused: only renamed files are artifacts).
+        for kind in ("base", "prepared"):
+            directory = os.path.join(cache_dir, kind)
+            try:
+                names = os.listdir(directory)
+            except OSError:
+                continue
+            for name in names:
+                path = os.path.join(directory, name)
+                if name.startswith(PARTIAL_PREFIX) and os.path.getmtime(path) <= now - max(age_days, 1) * 86400:
+                    _remove_quietly(path)
+                    removed.append(path)
+    return {"cache_dir": cache_dir, "mode": "age" if age_days is not None else "all_unused",
+            "age_days": age_days, "removed_count": len(removed), "removed_paths": removed,
+            "kept_in_use": kept}
+
+
 ##############################################################################
 # Preflight: login-node checks before a submission
 ##############################################################################
@@ -2478,6 +2979,8 @@ METRICS_TEMPLATE = r"""# Metrics sampler (x-slurm.metrics): best-effort, batch h
 METRICS_INTERVAL=$interval
 METRICS_COLLECT_GPU=$collect_gpu
 METRICS_COLLECT_SLURM=$collect_slurm
+# AllocTRES is not an sstat field before Slurm 23.x, so the sampler asks only for what 22.05 has.
+METRICS_SSTAT_FIELDS=JobID,NTasks,AveCPU,AveRSS,MaxRSS,TRESUsageInAve
 METRICS_PID=""
 METRICS_DIR=""
 METRICS_GPU_AVAILABLE=null
@@ -2589,12 +3092,12 @@ metrics_sample_gpu() {
 metrics_sample_slurm() {
     local now=$$1 output line chunk="" record i
     local -a fields
-    local -a names=(step_id ntasks ave_cpu ave_rss max_rss alloc_tres tres_usage_in_ave)
+    local -a names=(step_id ntasks ave_cpu ave_rss max_rss tres_usage_in_ave)
     if ! command -v sstat >/dev/null 2>&1; then
         metrics_mark slurm false "sstat not found on the batch host" ""
         return 0
     fi
-    if ! output=$$(sstat --allsteps --jobs "$${SLURM_JOB_ID:-0}" --parsable2 --noconvert --noheader --format=JobID,NTasks,AveCPU,AveRSS,MaxRSS,AllocTRES,TRESUsageInAve 2>&1); then
+    if ! output=$$(sstat --allsteps --jobs "$${SLURM_JOB_ID:-0}" --parsable2 --noconvert --noheader --format="$$METRICS_SSTAT_FIELDS" 2>&1); then
         metrics_mark slurm false "sstat failed: $${output%%$$'\n'*}" ""
         return 0
     fi
@@ -2606,8 +3109,8 @@ metrics_sample_slurm() {
             *) continue ;;
         esac
         IFS='|' read -r -a fields <<< "$$line|"
-        if [ "$${#fields[@]}" -ne 7 ]; then
-            metrics_mark slurm false "sstat printed $${#fields[@]} fields instead of 7" ""
+        if [ "$${#fields[@]}" -ne "$${#names[@]}" ]; then
+            metrics_mark slurm false "sstat printed $${#fields[@]} fields instead of $${#names[@]}" ""
             return 0
         fi
         record="{\"sampled_at\":\"$$now\""

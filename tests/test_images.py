@@ -480,3 +480,140 @@ def test_concurrent_prepares_build_once_and_both_succeed(tmp_path, enroot, monke
     assert outcomes == [("built", "built"), (None, "reused")]
     commands = [a[0] for a in enroot.argvs()]
     assert commands.count("import") == 1 and commands.count("export") == 1
+
+
+# -- cache list / inspect / prune ------------------------------------------------------------------
+
+def built_plan(tmp_path, enroot, services, **kw):
+    plan = make_plan(tmp_path, services, **kw)
+    rp = hc.build_runtime_plan(plan)
+    hc.prepare_images(rp, options())
+    return rp
+
+
+def test_list_cache_shows_every_artifact_with_manifest(tmp_path, enroot):
+    rp = built_plan(tmp_path, enroot, [make_service("app", "python:3.11", prepare=prepare_plan()),
+                                       make_service("r", "redis:7")])
+    entries = hc.list_cache(rp.cache_dir)
+    paths = sorted(e["artifact_path"] for e in entries)
+    assert paths == sorted(hc.runtime_artifacts(rp))
+    assert all(e["present"] and e["manifest_present"] for e in entries)
+    assert {e["kind"] for e in entries} == {"base", "prepared"}
+
+
+def test_list_cache_ignores_partial_files_and_reports_manifestless_artifacts(tmp_path):
+    cache = tmp_path / "cache"
+    (cache / "base").mkdir(parents=True)
+    (cache / "base" / ".partial-1-x.sqsh").write_text("half")
+    (cache / "base" / "copied.sqsh").write_text("x")
+    entries = hc.list_cache(str(cache))
+    assert [e["artifact_path"] for e in entries] == [str(cache / "base" / "copied.sqsh")]
+    assert entries[0]["manifest_present"] is False and entries[0]["kind"] == "base"
+
+
+def test_inspect_reports_hit_miss_and_rebuild(tmp_path, enroot):
+    mount = hc.Mount(host=str(tmp_path), container="/src")
+    services = [make_service("app", "python:3.11", prepare=prepare_plan()),
+                make_service("dev", "python:3.11", prepare=prepare_plan(commands=["x"], mounts=[mount])),
+                make_service("r", "redis:7"), make_service("h", None, runtime="host")]
+    plan = make_plan(tmp_path, services)
+    rp = hc.build_runtime_plan(plan)
+    before = {e["service"]: e["expectation"] for e in hc.inspect_cache(rp)}
+    assert before == {"app": "miss", "dev": "rebuild", "r": "miss", "h": "none"}
+    hc.prepare_images(rp, options())
+    after = {e["service"]: e for e in hc.inspect_cache(rp)}
+    assert after["app"]["expectation"] == "hit"
+    assert after["app"]["container_image"] == rp.images[0].prepared.path
+    assert after["dev"]["expectation"] == "rebuild"
+    assert "mounts" in after["dev"]["artifacts"][-1]["reasons"][0]
+    assert after["r"]["expectation"] == "hit"
+
+
+def test_inspect_explains_why_a_changed_prepare_rebuilds(tmp_path, enroot):
+    built_plan(tmp_path, enroot, [make_service("app", "python:3.11", prepare=prepare_plan())])
+    changed = hc.build_runtime_plan(make_plan(tmp_path, [
+        make_service("app", "python:3.11", prepare=prepare_plan(commands=["pip install pandas"]))]))
+    entry = hc.inspect_cache(changed, service="app")[0]
+    prepared = entry["artifacts"][-1]
+    assert entry["expectation"] == "miss"
+    assert prepared["reasons"][0].startswith("x-enroot.prepare.commands changed (earlier artifact: ")
+    assert entry["artifacts"][0]["expectation"] == "hit"
+
+
+def test_inspect_unknown_service_is_usage_error(tmp_path):
+    rp = hc.build_runtime_plan(make_plan(tmp_path, [make_service("r", "redis:7")]))
+    with pytest.raises(hc.UsageError):
+        hc.inspect_cache(rp, service="nope")
+
+
+def test_prune_age_removes_old_entries_only(tmp_path, enroot):
+    rp = built_plan(tmp_path, enroot, [make_service("r", "redis:7"), make_service("p", "postgres:16")])
+    old = rp.images[0].base
+    manifest = hc.read_json(old.manifest_path)
+    manifest["created_at"] = manifest["last_used_at"] = 1000
+    hc.write_json_atomic(old.manifest_path, manifest)
+    report = hc.prune_cache(rp.cache_dir, age_days=14)
+    assert report["removed_paths"] == [old.path]
+    assert not os.path.exists(old.path) and not os.path.exists(old.manifest_path)
+    assert os.path.exists(rp.images[1].base.path)
+
+
+def test_prune_age_zero_removes_everything_unused(tmp_path, enroot):
+    rp = built_plan(tmp_path, enroot, [make_service("r", "redis:7")])
+    report = hc.prune_cache(rp.cache_dir, age_days=0, now=__import__("time").time() + 1)
+    assert report["removed_count"] == 1 and hc.list_cache(rp.cache_dir) == []
+
+
+def test_prune_all_unused_removes_only_this_projects_unreferenced_artifacts(tmp_path, enroot):
+    cache = tmp_path / "cache"
+    other_dir = tmp_path / "other"
+    other_dir.mkdir()
+    mine_old = built_plan(tmp_path, enroot, [make_service("r", "redis:6")], cache_dir=cache)
+    theirs = built_plan(other_dir, enroot, [make_service("x", "nginx:1")], cache_dir=cache)
+    current = built_plan(tmp_path, enroot, [make_service("r", "redis:7")], cache_dir=cache)
+    report = hc.prune_cache(str(cache), runtime_plan=current)
+    assert report["mode"] == "all_unused"
+    assert report["removed_paths"] == [mine_old.images[0].base.path]
+    assert os.path.exists(theirs.images[0].base.path)
+    assert os.path.exists(current.images[0].base.path)
+
+
+def test_prune_all_unused_keeps_artifact_of_running_tracked_job(tmp_path, enroot):
+    cache = tmp_path / "cache"
+    old = built_plan(tmp_path, enroot, [make_service("r", "redis:6")], cache_dir=cache)
+    current = hc.build_runtime_plan(make_plan(tmp_path, [make_service("r", "redis:7")], cache_dir=cache))
+    jobs = tmp_path / ".hpc-compose" / "jobs"
+    jobs.mkdir(parents=True)
+    script = tmp_path / "hpc-compose.sbatch"
+    script.write_text("srun --container-image=%s true\n" % old.images[0].base.path)
+    hc.write_json_atomic(str(jobs / "4242.json"), {"job_id": "4242", "script_path": str(script)})
+    hc.write_json_atomic(str(tmp_path / ".hpc-compose" / "4242" / "state.json"), {"status": "running"})
+    report = hc.prune_cache(str(cache), runtime_plan=current)
+    assert report["removed_count"] == 0
+    assert report["kept_in_use"][0]["path"] == old.images[0].base.path
+    assert "4242" in report["kept_in_use"][0]["reason"]
+    hc.write_json_atomic(str(tmp_path / ".hpc-compose" / "4242" / "state.json"), {"status": "completed"})
+    assert hc.prune_cache(str(cache), runtime_plan=current)["removed_paths"] == [old.images[0].base.path]
+
+
+def test_prune_age_protects_all_project_artifacts_when_running_job_names_none(tmp_path, enroot):
+    rp = built_plan(tmp_path, enroot, [make_service("r", "redis:7")])
+    jobs = tmp_path / ".hpc-compose" / "jobs"
+    jobs.mkdir(parents=True)
+    hc.write_json_atomic(str(jobs / "77.json"), {"job_id": "77"})
+    report = hc.prune_cache(rp.cache_dir, age_days=0, now=__import__("time").time() + 1)
+    assert report["removed_count"] == 0
+    assert "job 77" in report["kept_in_use"][0]["reason"]
+
+
+def test_prune_skips_artifact_locked_by_a_prepare(tmp_path, enroot):
+    rp = built_plan(tmp_path, enroot, [make_service("r", "redis:7")])
+    path = rp.images[0].base.path
+    with hc.FileLock(path + ".lock"):
+        report = hc.prune_cache(rp.cache_dir, age_days=0, now=__import__("time").time() + 1)
+    assert report["removed_count"] == 0 and os.path.exists(path)
+
+
+def test_prune_requires_exactly_one_strategy(tmp_path):
+    with pytest.raises(hc.UsageError):
+        hc.prune_cache(str(tmp_path))

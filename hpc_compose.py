@@ -3804,14 +3804,401 @@ def cmd_completions(args):
 
 # CLI: validate, inspect, config commands (OWNER: spec helper)
 
+
+def _readiness_to_dict(readiness):
+    if readiness is None:
+        return None
+    fields = ("type",) + _READINESS_FIELDS.get(readiness.type, ())
+    return dict((key, getattr(readiness, key)) for key in fields)
+
+
+def _failure_policy_to_dict(policy):
+    data = {"mode": policy.mode}
+    if policy.mode == "restart_on_failure":
+        data["max_restarts"] = policy.max_restarts
+        data["backoff_seconds"] = policy.backoff_seconds
+    return data
+
+
+def _slurm_to_dict(slurm):
+    data = {}
+    for key in _SLURM_STRING_KEYS + _SLURM_COUNT_KEYS:
+        value = getattr(slurm, key)
+        if value is not None:
+            data[key] = value
+    if slurm.metrics is not None:
+        data["metrics"] = {"enabled": slurm.metrics.enabled,
+                           "interval_seconds": slurm.metrics.interval_seconds,
+                           "collectors": list(slurm.metrics.collectors)}
+    if slurm.artifacts is not None:
+        artifacts = slurm.artifacts
+        data["artifacts"] = {"collect": artifacts.collect, "export_dir": artifacts.export_dir,
+                             "paths": list(artifacts.paths),
+                             "bundles": dict((name, {"paths": list(paths)})
+                                             for name, paths in artifacts.bundles)}
+    if slurm.resume is not None:
+        data["resume"] = {"path": slurm.resume.path}
+    if slurm.setup:
+        data["setup"] = list(slurm.setup)
+    if slurm.submit_args:
+        data["submit_args"] = list(slurm.submit_args)
+    data["runtime"] = slurm.runtime
+    return data
+
+
+def spec_to_dict(spec):
+    """The normalized, interpolated spec as plain data (what ``config`` prints)."""
+    services = {}
+    for service in spec.services:
+        data = {}
+        if service.image is not None:
+            data["image"] = service.image
+        for key in ("entrypoint", "command"):
+            value = getattr(service, key)
+            if value is not None:
+                data[key] = value if isinstance(value, str) else list(value)
+        if service.environment:
+            data["environment"] = dict(service.environment)
+        if service.volumes:
+            data["volumes"] = list(service.volumes)
+        if service.working_dir is not None:
+            data["working_dir"] = service.working_dir
+        if service.depends_on:
+            data["depends_on"] = dict((name, {"condition": condition})
+                                      for name, condition in service.depends_on)
+        if service.readiness is not None:
+            data["readiness"] = _readiness_to_dict(service.readiness)
+        slurm = {}
+        for key in ("nodes", "ntasks", "ntasks_per_node", "cpus_per_task", "gpus", "gres"):
+            value = getattr(service.slurm, key)
+            if value is not None:
+                slurm[key] = value
+        if service.slurm.extra_srun_args:
+            slurm["extra_srun_args"] = list(service.slurm.extra_srun_args)
+        if service.slurm.failure_policy != FailurePolicy():
+            slurm["failure_policy"] = _failure_policy_to_dict(service.slurm.failure_policy)
+        slurm["runtime"] = service.runtime
+        data["x-slurm"] = slurm
+        if service.prepare is not None:
+            prepare = {"commands": list(service.prepare.commands), "root": service.prepare.root}
+            if service.prepare.mounts:
+                prepare["mounts"] = list(service.prepare.mounts)
+            if service.prepare.env:
+                prepare["env"] = dict(service.prepare.env)
+            data["x-enroot"] = {"prepare": prepare}
+        services[service.name] = data
+    result = {}
+    if spec.name is not None:
+        result["name"] = spec.name
+    if spec.version is not None:
+        result["version"] = spec.version
+    result["x-slurm"] = _slurm_to_dict(spec.slurm)
+    result["services"] = services
+    return result
+
+
+def _mount_to_dict(mount):
+    return {"host": mount.host, "container": mount.container, "options": mount.options}
+
+
+def plan_to_dict(plan):
+    """The plan as plain JSON-ready data (``inspect --format json``); reusable by other commands."""
+    services = []
+    for service in plan.services:
+        execution = service.execution
+        prepare = None
+        if service.prepare is not None:
+            prepare = {"commands": list(service.prepare.commands),
+                       "mounts": [_mount_to_dict(m) for m in service.prepare.mounts],
+                       "env": [list(pair) for pair in service.prepare.env],
+                       "root": service.prepare.root}
+        services.append({
+            "name": service.name,
+            "token": service.token,
+            "runtime": service.runtime,
+            "image": {"kind": service.image.kind, "reference": service.image.reference,
+                      "registry": service.image.registry, "original": service.image.original},
+            "execution": {"form": execution.form, "argv": list(execution.argv),
+                          "script": execution.script,
+                          "use_image_entrypoint": execution.use_image_entrypoint},
+            "working_dir": service.working_dir,
+            "environment": [list(pair) for pair in service.environment],
+            "mounts": [_mount_to_dict(m) for m in service.mounts],
+            "depends_on": [{"name": d.name, "condition": d.condition}
+                           for d in service.depends_on],
+            "dependents": list(service.dependents),
+            "readiness": _readiness_to_dict(service.readiness),
+            "failure_policy": _failure_policy_to_dict(service.failure_policy),
+            "placement": {"mode": service.placement.mode, "nodes": service.placement.nodes,
+                          "ntasks": service.placement.ntasks,
+                          "ntasks_per_node": service.placement.ntasks_per_node},
+            "cpus_per_task": service.cpus_per_task,
+            "gpus": service.gpus,
+            "gres": service.gres,
+            "extra_srun_args": list(service.extra_srun_args),
+            "prepare": prepare,
+        })
+    return {
+        "compose_file": plan.compose_file,
+        "project_dir": plan.project_dir,
+        "name": plan.spec.name,
+        "job_name": plan.job_name,
+        "runtime": plan.runtime,
+        "cache_dir": plan.cache_dir,
+        "nodes": plan.nodes,
+        "slurm": _slurm_to_dict(plan.slurm),
+        "service_order": [s.name for s in plan.services],
+        "services": services,
+        "warnings": list(plan.spec.warnings),
+    }
+
+
+# --- validate ------------------------------------------------------------------------------------
+
 def _add_validate_parser(subparsers):
-    add_command(subparsers, "validate", _not_written_yet, "(not written yet)")
+    parser = add_command(subparsers, "validate", cmd_validate,
+                         "check the compose file (keys, types, dependencies, placement)",
+                         ["hpc-compose validate -f compose.yaml",
+                          "hpc-compose validate -f compose.yaml --format json"])
+    add_file_argument(parser)
+    add_format_argument(parser)
+
+
+def cmd_validate(args):
+    """Load, interpolate and validate the spec and build its plan; report the result."""
+    fmt = output_format(args)
+    spec, plan = load_plan_from_args(args)
+    if fmt == "json":
+        print_json({"valid": True, "compose_file": plan.compose_file, "name": spec.name,
+                    "service_count": len(plan.services),
+                    "services": [s.name for s in plan.services]})
+    else:
+        count = len(plan.services)
+        sys.stdout.write("spec is valid (%d service%s: %s)\n"
+                         % (count, "" if count == 1 else "s",
+                            " -> ".join(s.name for s in plan.services)))
+    return EXIT_OK
+
+
+# --- inspect -------------------------------------------------------------------------------------
 
 def _add_inspect_parser(subparsers):
-    add_command(subparsers, "inspect", _not_written_yet, "(not written yet)")
+    parser = add_command(subparsers, "inspect", cmd_inspect,
+                         "show the normalized plan: order, images, placement, readiness",
+                         ["hpc-compose inspect -f compose.yaml",
+                          "hpc-compose inspect --verbose -f compose.yaml   (may print secrets)",
+                          "hpc-compose inspect -f compose.yaml --format json"])
+    add_file_argument(parser)
+    add_format_argument(parser)
+    parser.add_argument("--verbose", action="store_true",
+                        help="also print resolved environment values and mounts (may show "
+                             "secrets)")
+
+
+def _geometry_text(ntasks, ntasks_per_node, nodes):
+    return "nodes=%s ntasks=%s ntasks_per_node=%s" % (
+        nodes, "auto" if ntasks is None else ntasks,
+        "auto" if ntasks_per_node is None else ntasks_per_node)
+
+
+def _readiness_text(readiness):
+    if readiness is None:
+        return "none"
+    if readiness.type == "sleep":
+        return "sleep %ss" % readiness.seconds
+    if readiness.type == "tcp":
+        return "tcp %s:%s (timeout %ss)" % (readiness.host, readiness.port,
+                                            readiness.timeout_seconds)
+    if readiness.type == "log":
+        return "log pattern %r (timeout %ss)" % (readiness.pattern, readiness.timeout_seconds)
+    return "http %s -> %s (timeout %ss)" % (readiness.url, readiness.status_code,
+                                            readiness.timeout_seconds)
+
+
+def _failure_policy_text(policy):
+    if policy.mode == "restart_on_failure":
+        return "restart_on_failure (max_restarts=%s, backoff_seconds=%s)" % (
+            policy.max_restarts, policy.backoff_seconds)
+    return policy.mode
+
+
+def _execution_text(service):
+    execution = service.execution
+    if execution.form == "default":
+        return "image default (ENTRYPOINT + CMD)"
+    entry = " (image ENTRYPOINT runs first)" if (execution.use_image_entrypoint
+                                                  and service.runtime != "host") else ""
+    if execution.form == "shell":
+        return "shell: /bin/sh -c %s%s" % (shell_quote(execution.script), entry)
+    return "exec: %s%s" % (" ".join(shell_quote(a) for a in execution.argv), entry)
+
+
+def _image_text(image):
+    if image.kind == "none":
+        return "none (host runtime)"
+    if image.kind == "local":
+        return "%s (local squashfs)" % image.reference
+    registry = " (registry %s)" % image.registry if image.registry else ""
+    return image.reference + registry
+
+
+def render_inspect_text(plan, verbose=False):
+    """The human summary ``inspect`` prints."""
+    slurm = plan.slurm
+    lines = []
+    if verbose:
+        lines.append("note: --verbose prints resolved environment values, which may include "
+                     "secrets")
+        lines.append("compose file: %s" % plan.compose_file)
+        lines.append("project dir: %s" % plan.project_dir)
+    lines.append("name: %s" % (plan.spec.name or "-"))
+    lines.append("job name: %s" % plan.job_name)
+    lines.append("runtime: %s" % plan.runtime)
+    lines.append("cache dir: %s" % plan.cache_dir)
+    lines.append("allocation geometry: %s" % _geometry_text(slurm.ntasks, slurm.ntasks_per_node,
+                                                           plan.nodes))
+    lines.append("service order: %s" % " -> ".join(s.name for s in plan.services))
+    for service in plan.services:
+        lines.append("")
+        lines.append("service: %s" % service.name)
+        lines.append("  image: %s" % _image_text(service.image))
+        lines.append("  runtime: %s" % service.runtime)
+        lines.append("  execution: %s" % _execution_text(service))
+        if service.working_dir is not None:
+            lines.append("  working dir: %s" % service.working_dir)
+        placement = service.placement
+        geometry = _geometry_text(placement.ntasks, placement.ntasks_per_node, placement.nodes)
+        pinned = " nodelist=$HPC_COMPOSE_PRIMARY_NODE" if placement.mode == "primary" else ""
+        lines.append("  placement: %s %s%s" % (placement.mode, geometry, pinned))
+        resources = []
+        if service.cpus_per_task is not None:
+            resources.append("cpus_per_task=%s" % service.cpus_per_task)
+        if service.gres is not None:
+            resources.append("gres=%s" % service.gres)
+        elif service.gpus is not None:
+            resources.append("gpus=%s" % service.gpus)
+        if resources:
+            lines.append("  resources: %s" % " ".join(resources))
+        if service.extra_srun_args:
+            lines.append("  extra srun args: %s" % " ".join(service.extra_srun_args))
+        lines.append("  depends on: %s" % (", ".join("%s (%s)" % (d.name, d.condition)
+                                                      for d in service.depends_on) or "-"))
+        lines.append("  readiness: %s" % _readiness_text(service.readiness))
+        lines.append("  failure policy: %s" % _failure_policy_text(service.failure_policy))
+        if service.prepare is not None:
+            rebuild = (" (rebuilds on every prepare/submit: prepare.mounts are set)"
+                       if service.prepare.mounts else "")
+            lines.append("  prepare: %d command%s%s" % (
+                len(service.prepare.commands), "" if len(service.prepare.commands) == 1 else "s",
+                rebuild))
+        if verbose:
+            if service.runtime != "host":
+                lines.append("  mounts:")
+                lines.append("    %s -> %s (per-job directory)"
+                             % ("${SLURM_SUBMIT_DIR:-$PWD}/.hpc-compose/${SLURM_JOB_ID}",
+                                JOB_MOUNT))
+                if slurm.resume is not None:
+                    lines.append("    %s -> %s (resume)" % (slurm.resume.path, RESUME_MOUNT))
+                for mount in service.mounts:
+                    lines.append("    %s -> %s%s" % (mount.host, mount.container,
+                                                     " (%s)" % mount.options if mount.options
+                                                     else ""))
+            if service.environment:
+                lines.append("  environment:")
+                for key, value in service.environment:
+                    lines.append("    %s=%s" % (key, value))
+            else:
+                lines.append("  environment: -")
+            if service.prepare is not None:
+                for command in service.prepare.commands:
+                    lines.append("  prepare command: %s" % command)
+                for mount in service.prepare.mounts:
+                    lines.append("  prepare mount: %s -> %s%s" % (
+                        mount.host, mount.container,
+                        " (%s)" % mount.options if mount.options else ""))
+                for key, value in service.prepare.env:
+                    lines.append("  prepare env: %s=%s" % (key, value))
+    return "\n".join(lines) + "\n"
+
+
+def cmd_inspect(args):
+    """Print the normalized plan (text summary, or the whole plan as JSON)."""
+    fmt = output_format(args)
+    spec, plan = load_plan_from_args(args)
+    if fmt == "json":
+        print_json(plan_to_dict(plan))
+    else:
+        sys.stdout.write(render_inspect_text(plan, verbose=args.verbose))
+    return EXIT_OK
+
+
+# --- config --------------------------------------------------------------------------------------
 
 def _add_config_parser(subparsers):
-    add_command(subparsers, "config", _not_written_yet, "(not written yet)")
+    parser = add_command(subparsers, "config", cmd_config,
+                         "print the normalized, interpolated spec (like docker compose config)",
+                         ["hpc-compose config -f compose.yaml",
+                          "hpc-compose config -f compose.yaml --format json"])
+    add_file_argument(parser)
+    add_format_argument(parser)
+
+
+def render_yaml(data, indent=0):
+    """Block-style YAML for plain data; every string is double-quoted so it reads back exactly."""
+    pad = "  " * indent
+    lines = []
+    if isinstance(data, dict):
+        for key, value in data.items():
+            if isinstance(value, (dict, list)) and value:
+                lines.append("%s%s:" % (pad, _yaml_key(key)))
+                lines.append(render_yaml(value, indent + 1))
+            else:
+                lines.append("%s%s: %s" % (pad, _yaml_key(key), _yaml_scalar(value)))
+    else:
+        for value in data:
+            if isinstance(value, (dict, list)) and value:
+                nested = render_yaml(value, indent + 1).split("\n")
+                lines.append("%s- %s" % (pad, nested[0].lstrip()))
+                lines.extend(nested[1:])
+            else:
+                lines.append("%s- %s" % (pad, _yaml_scalar(value)))
+    return "\n".join(lines)
+
+
+def _yaml_key(key):
+    import re
+    if re.match(r"\A[A-Za-z0-9_][A-Za-z0-9_.-]*\Z", key) and key not in (
+            "true", "false", "null", "yes", "no", "on", "off", "y", "n", "~"):
+        return key
+    return _yaml_scalar(key)
+
+
+def _yaml_scalar(value):
+    import json
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, dict):
+        return "{}"
+    if isinstance(value, list):
+        return "[]"
+    # JSON string escapes are valid YAML double-quoted escapes.
+    return json.dumps(value, ensure_ascii=False)
+
+
+def cmd_config(args):
+    """Print the spec after interpolation and normalization."""
+    fmt = output_format(args)
+    spec, plan = load_plan_from_args(args)
+    data = spec_to_dict(spec)
+    if fmt == "json":
+        print_json(data)
+    else:
+        sys.stdout.write(render_yaml(data) + "\n")
+    return EXIT_OK
 
 
 # CLI: render commands (OWNER: render helper)

@@ -1160,6 +1160,9 @@ class _SpecLoader(object):
             values[key] = self.optional_string(path + (key,), raw.get(key))
         for key in _SLURM_COUNT_KEYS:
             values[key] = self.integer(path + (key,), raw.get(key))
+        if values["cache_dir"] is not None:
+            self.checked(path + ("cache_dir",), _check_cache_dir,
+                         resolve_host_path(values["cache_dir"], self.project_dir, self.variables))
         if "metrics" in raw:
             values["metrics"] = self.metrics(path + ("metrics",), raw["metrics"])
         if raw.get("artifacts") is not None:
@@ -1812,15 +1815,22 @@ def resolve_cache_dir(spec, environ=None):
             return os.path.normpath(os.path.join(home, ".cache", "hpc-compose"))
         return os.path.normpath(os.path.join(spec.project_dir, ".cache", "hpc-compose"))
     path = resolve_host_path(configured, spec.project_dir, environ)
+    try:
+        _check_cache_dir(path)
+    except _Invalid as exc:
+        raise SpecError(exc.message, file=spec.path, path="x-slurm.cache_dir", hint=exc.hint)
+    return path
+
+
+def _check_cache_dir(path):
+    """Refuse node-local temporary file systems: prepare runs on the login node, jobs elsewhere."""
     for candidate in (path, os.path.realpath(path)):
         for root in _TMP_CACHE_ROOTS:
             if candidate == root or candidate.startswith(root + "/"):
-                raise SpecError("x-slurm.cache_dir %s is under %s, which is not shared between "
-                                "the login node and the compute nodes" % (path, root),
-                                file=spec.path, path="x-slurm.cache_dir",
-                                hint="use shared storage such as /shared/$USER/hpc-compose-cache,"
-                                     " or omit it for $HOME/.cache/hpc-compose")
-    return path
+                raise _Invalid("cache_dir %s is under %s, which is not shared between the login "
+                               "node and the compute nodes" % (path, root),
+                               hint="use shared storage such as /shared/$USER/hpc-compose-cache, "
+                                    "or omit it for $HOME/.cache/hpc-compose")
 
 
 def normalize_image(image, project_dir, environ=None):
@@ -2013,6 +2023,7 @@ class PrepareResult(NamedTuple):
 
 MANIFEST_SUFFIX = ".json"
 PARTIAL_PREFIX = ".partial-"       # in-progress imports/exports; renamed into place when complete
+DOCKER_HUB_REGISTRY = "registry-1.docker.io"
 _DOCKER_HUB_HOSTS = ("docker.io", "index.docker.io", "registry-1.docker.io", "registry.hub.docker.com")
 
 
@@ -2059,27 +2070,24 @@ def enroot_uri(reference):
     """The URI for ``enroot import``: Enroot's ``docker://[user@]registry#image[:tag]`` syntax.
 
     Enroot 3.x only understands the ``#`` form (a ``registry/image`` reference is sent to Docker
-    Hub); 4.x accepts it too, so one form serves both. Docker Hub references keep no registry part,
-    which makes Enroot use ``registry-1.docker.io`` and add ``library/`` itself. A digest cannot be
+    Hub); 4.x accepts it too, so one form serves both. Docker Hub references name
+    ``registry-1.docker.io`` (and ``library/`` for official images). A digest cannot be
     written in the ``#`` form, so digest references use Docker's syntax, which needs Enroot >= 4.0
     (preflight warns). ``dockerd://`` and ``podman://`` references pass through unchanged.
     """
     if not reference.startswith("docker://"):
         return reference
     ref = parse_docker_reference(reference)
+    repository = ref.repository
+    if ref.registry is None and "/" not in repository:
+        repository = "library/" + repository
+    # Docker Hub is named explicitly: Enroot 3.x looks up the login for a pull in its credentials
+    # file by the registry part of the URI, so without it a Hub pull is always anonymous.
+    registry = ref.registry or DOCKER_HUB_REGISTRY
+    user = (ref.user + "@") if ref.user else ""
     if ref.digest:
-        host = (ref.registry + "/") if ref.registry else ""
-        return "docker://%s%s%s@%s" % ((ref.user + "@") if ref.user else "", host, ref.repository,
-                                       ref.digest)
-    text = "docker://"
-    if ref.user:
-        text += ref.user + "@"
-    if ref.registry:
-        text += ref.registry + "#"
-    text += ref.repository
-    if ref.tag:
-        text += ":" + ref.tag
-    return text
+        return "docker://%s%s/%s@%s" % (user, registry, repository, ref.digest)
+    return "docker://%s%s#%s%s" % (user, registry, repository, (":" + ref.tag) if ref.tag else "")
 
 
 def registry_host(reference):

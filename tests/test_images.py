@@ -42,9 +42,10 @@ def prepare_plan(commands=("pip install numpy",), mounts=(), env=(), root=True):
 # -- reference translation -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("reference, uri", [
-    ("docker://redis:7", "docker://redis:7"),
-    ("docker://bitnami/redis:7", "docker://bitnami/redis:7"),
-    ("docker://docker.io/library/python:3.11", "docker://library/python:3.11"),
+    ("docker://redis:7", "docker://registry-1.docker.io#library/redis:7"),
+    ("docker://bitnami/redis:7", "docker://registry-1.docker.io#bitnami/redis:7"),
+    ("docker://docker.io/library/python:3.11", "docker://registry-1.docker.io#library/python:3.11"),
+    ("docker://redis@sha256:0123", "docker://registry-1.docker.io/library/redis@sha256:0123"),
     ("docker://nvcr.io/nvidia/pytorch:24.01-py3", "docker://nvcr.io#nvidia/pytorch:24.01-py3"),
     ("docker://localhost:5000/team/app:1", "docker://localhost:5000#team/app:1"),
     ("docker://$oauthtoken@nvcr.io#nvidia/x:1", "docker://$oauthtoken@nvcr.io#nvidia/x:1"),
@@ -77,7 +78,7 @@ def test_runtime_plan_points_remote_service_at_base_artifact(tmp_path):
     assert image.base.path.startswith(str(tmp_path / "cache" / "base") + os.sep)
     assert image.base.path.endswith("-redis-7.sqsh")
     assert image.base.manifest_path == image.base.path + ".json"
-    assert image.base.enroot_uri == "docker://redis:7"
+    assert image.base.enroot_uri == "docker://registry-1.docker.io#library/redis:7"
     assert rp.cache_dir == str(tmp_path / "cache")
 
 
@@ -228,7 +229,7 @@ def test_prepare_command_lines_root_mounts_env(tmp_path, enroot):
     image = rp.images[0]
     hc.prepare_images(rp, options())
     argvs = enroot.argvs()
-    assert argvs[0] == ["import", "--output", partial_of(image.base.path), "docker://python:3.11-slim"]
+    assert argvs[0] == ["import", "--output", partial_of(image.base.path), "docker://registry-1.docker.io#library/python:3.11-slim"]
     name = argvs[1][3]
     assert name.startswith("hpc-compose-prep-" + image.prepared.cache_key[:12])
     assert argvs[1:] == [
@@ -348,7 +349,7 @@ def test_manifest_records_key_inputs_services_and_project(tmp_path, enroot):
     assert manifest["prepare_env_keys"] == ["TOKEN"]
     assert "secret-value" not in open(rp.images[0].prepared.manifest_path).read()
     base = hc.read_manifest(rp.images[0].base.path)
-    assert base["kind"] == "base" and base["enroot_uri"] == "docker://python:3.11"
+    assert base["kind"] == "base" and base["enroot_uri"] == "docker://registry-1.docker.io#library/python:3.11"
     assert base["registry"] == "docker.io"
 
 
@@ -380,7 +381,7 @@ def test_import_failure_reports_enroot_output_and_leaves_nothing(tmp_path, enroo
     with pytest.raises(hc.ToolError) as info:
         hc.prepare_images(rp, options())
     text = info.value.render()
-    assert "enroot import of docker://redis:7 failed (exit 1)" in text
+    assert "enroot import of docker://registry-1.docker.io#library/redis:7 failed (exit 1)" in text
     assert "injected import failure" in text
     base = rp.images[0].base.path
     assert not os.path.exists(base) and not os.path.exists(base + ".json")
@@ -445,8 +446,8 @@ def test_progress_lines_and_enroot_output_pass_through(tmp_path, enroot):
     lines = []
     hc.prepare_images(rp, options(), progress=lines.append)
     text = "\n".join(lines)
-    assert "importing docker://python:3.11 -> " in text
-    assert "imported docker://python:3.11 in " in text
+    assert "importing docker://registry-1.docker.io#library/python:3.11 -> " in text
+    assert "imported docker://registry-1.docker.io#library/python:3.11 in " in text
     assert "preparing app from " in text
     assert "exporting app -> " + rp.images[0].prepared.path in text
     assert "prepared app in " in text

@@ -3391,8 +3391,1152 @@ def render_artifacts_block(runtime_plan):
 ##############################################################################
 # Job tracking: scheduler, logs, stats, artifacts
 ##############################################################################
-# OWNER: tracking helper. Thin wrappers for sbatch, squeue, sacct, sstat, scancel; the tracked
-# metadata under <compose dir>/.hpc-compose/; status, logs, watch, stats, artifacts, clean.
+# OWNER: tracking helper. Thin wrappers for sbatch, squeue, sacct, sstat, scancel (all through
+# run_command); the tracked metadata under <compose dir>/.hpc-compose/ (jobs/<id>.json, latest.json);
+# scheduler state, runtime state (state.json), log following, watch, stats, artifact export, clean.
+#
+# Politeness: the scheduler is asked about our own job id only, at an adaptive interval
+# (WATCH_POLL_FIRST doubling to WATCH_POLL_MAX, back to the first after a state change); `squeue`
+# while the job is queued or running, `sacct` only after it left the queue. Logs are read from files.
+
+TRACKING_SCHEMA_VERSION = 1
+WATCH_POLL_FIRST = 2.0       # seconds between scheduler queries right after a change
+WATCH_POLL_MAX = 30.0        # the back-off cap
+LOG_POLL_SECONDS = 0.5       # log files are cheap to read: no scheduler cost
+ACCOUNTING_GRACE_SECONDS = 60.0  # how long a job may be unknown to both squeue and sacct
+TERMINAL_STATES = frozenset((
+    "BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "LAUNCH_FAILED", "NODE_FAIL",
+    "OUT_OF_MEMORY", "PREEMPTED", "RECONFIG_FAIL", "REVOKED", "SPECIAL_EXIT", "TIMEOUT"))
+FINAL_RUNTIME_STATUSES = frozenset(("completed", "failed", "cancelled", "timeout"))
+_ABSENT_VALUES = frozenset(("", "n/a", "none", "unknown", "invalid", "not set", "(null)"))
+
+
+class SchedulerState(NamedTuple):
+    state: str                     # upper-case Slurm state (RUNNING, COMPLETED...) or UNKNOWN
+    source: str                    # squeue | sacct | none
+    reason: object = None          # pending or failure reason, when Slurm gives one
+    start: object = None
+    end: object = None
+    exit_code: object = None       # sacct's "code:signal"
+
+    @property
+    def terminal(self):
+        return self.state in TERMINAL_STATES
+
+    @property
+    def failed(self):
+        return self.terminal and self.state != "COMPLETED"
+
+    def to_dict(self):
+        """JSON form used by status, stats and submit --format json."""
+        data = dict(self._asdict())
+        data["terminal"] = self.terminal
+        data["failed"] = self.failed
+        return data
+
+
+# --- where things live ----------------------------------------------------------------------
+
+def tracking_root(project_dir):
+    """``<compose dir>/.hpc-compose``: tracked metadata and (sbatch runs there) job directories."""
+    return os.path.join(project_dir, METADATA_DIR_NAME)
+
+
+def job_directory(project_dir, job_id):
+    """The per-job runtime directory the batch script writes (``.hpc-compose/<id>``)."""
+    return os.path.join(tracking_root(project_dir), str(job_id))
+
+
+def job_record_path(project_dir, job_id):
+    """``.hpc-compose/jobs/<id>.json``."""
+    return os.path.join(tracking_root(project_dir), "jobs", "%s.json" % job_id)
+
+
+def latest_record_path(project_dir):
+    """``.hpc-compose/latest.json`` (a copy of the newest job record)."""
+    return os.path.join(tracking_root(project_dir), "latest.json")
+
+
+# --- sbatch and the tracked record ------------------------------------------------------------
+
+def parse_sbatch_job_id(stdout):
+    """``(job_id, cluster)`` from ``sbatch --parsable`` output (``123`` or ``123;cluster``)."""
+    import re
+    for line in reversed([l.strip() for l in (stdout or "").splitlines() if l.strip()]):
+        match = re.match(r"^(\d+)(?:;(\S+))?$", line)
+        if match:
+            return match.group(1), match.group(2)
+        match = re.search(r"Submitted batch job (\d+)", line)
+        if match:
+            return match.group(1), None
+    raise ToolError("sbatch did not print a job id (output: %r)" % (stdout or "").strip()[:200],
+                    hint="check that --sbatch-bin points at Slurm's sbatch")
+
+
+def current_user():
+    """The login name Slurm's ``%u`` expands to."""
+    name = os.environ.get("USER") or os.environ.get("LOGNAME")
+    if name:
+        return name
+    try:
+        import pwd
+        return pwd.getpwuid(os.getuid()).pw_name
+    except (ImportError, KeyError):
+        return "unknown"
+
+
+def expand_slurm_filename(pattern, job_id, job_name, user=None):
+    """Expand sbatch's ``%j %A %x %u %%`` (with optional zero-pad width) in an output file name.
+
+    Specifiers that need the node or task (``%N``, ``%t``...) are kept as written.
+    """
+    import re
+    user = user or current_user()
+
+    def replace(match):
+        width, letter = match.group(1), match.group(2)
+        if letter == "%":
+            return "%"
+        if letter in "jA":
+            value = str(job_id)
+            return value.zfill(min(int(width), 10)) if width else value
+        if letter == "x":
+            return str(job_name)
+        if letter == "u":
+            return user
+        return match.group(0)
+
+    return re.sub(r"%(\d*)([%A-Za-z])", replace, pattern)
+
+
+def batch_log_path(project_dir, job_id, job_name, output=None, chdir=None, user=None):
+    """Absolute path of Slurm's batch log: x-slurm.output or ``slurm-%j.out``.
+
+    Relative names are relative to the job's working directory: x-slurm.chdir when set (itself
+    relative to the compose dir), else the compose dir, where ``submit`` runs sbatch.
+    """
+    name = expand_slurm_filename(output or "slurm-%j.out", job_id, job_name, user)
+    base = project_dir
+    if chdir:
+        base = os.path.join(project_dir, os.path.expanduser(str(chdir)))
+    return os.path.normpath(os.path.join(base, os.path.expanduser(name)))
+
+
+def build_job_record(runtime_plan, job_id, cluster=None, script_path=None, submitted_at=None):
+    """The tracked metadata of one submission (a JSON-ready dict)."""
+    import time
+    plan = runtime_plan.plan
+    project_dir = plan.project_dir
+    slurm = plan.slurm
+    directory = job_directory(project_dir, job_id)
+    services = []
+    for service in plan.services:
+        services.append({
+            "name": service.name, "token": service.token, "runtime": service.runtime,
+            "log_path": os.path.join(directory, "logs", service.token + ".log")})
+    artifacts = slurm.artifacts
+    return {
+        "schema_version": TRACKING_SCHEMA_VERSION,
+        "job_id": str(job_id),
+        "cluster": cluster,
+        "submitted_at": submitted_at if submitted_at is not None else time.time(),
+        "compose_file": plan.compose_file,
+        "project_dir": project_dir,
+        "submit_dir": project_dir,
+        "script_path": script_path,
+        "cache_dir": plan.cache_dir,
+        "job_name": plan.job_name,
+        "job_dir": directory,
+        "batch_log": batch_log_path(project_dir, job_id, plan.job_name, slurm.output, slurm.chdir),
+        "services": services,
+        "metrics_enabled": bool(slurm.metrics is not None and slurm.metrics.enabled),
+        "artifact_export_dir": artifacts.export_dir if artifacts is not None else None,
+        "resume_dir": slurm.resume.path if slurm.resume is not None else None,
+    }
+
+
+def record_job(project_dir, record):
+    """Store ``jobs/<id>.json`` and ``latest.json`` atomically, serialized by a lock.
+
+    Parallel submits from one compose dir each write their own record; ``latest.json`` ends up
+    naming whichever took the lock last, never a mix of two.
+    """
+    root = tracking_root(project_dir)
+    with FileLock(os.path.join(root, "jobs", ".lock")):
+        write_json_atomic(job_record_path(project_dir, record["job_id"]), record)
+        write_json_atomic(latest_record_path(project_dir), record)
+    return job_record_path(project_dir, record["job_id"])
+
+
+def minimal_job_record(project_dir, job_id):
+    """A record for a job id that was not submitted through this compose dir's tracking."""
+    return {
+        "schema_version": TRACKING_SCHEMA_VERSION, "job_id": str(job_id), "cluster": None,
+        "submitted_at": None, "compose_file": None, "project_dir": project_dir,
+        "submit_dir": project_dir, "script_path": None, "cache_dir": None,
+        "job_name": None, "job_dir": job_directory(project_dir, job_id),
+        "batch_log": batch_log_path(project_dir, job_id, "hpc-compose"), "services": [],
+        "metrics_enabled": False, "artifact_export_dir": None, "resume_dir": None,
+        "untracked": True,
+    }
+
+
+def load_job_record(project_dir, job_id=None):
+    """The tracked record of ``job_id`` (or of the latest submission); raises UsageError if none."""
+    if job_id is not None:
+        job_id = str(job_id).strip()
+        if not job_id.isdigit():
+            raise UsageError("--job-id must be a numeric Slurm job id, got %r" % job_id)
+        record = read_json(job_record_path(project_dir, job_id))
+        if not isinstance(record, dict):
+            return minimal_job_record(project_dir, job_id)
+    else:
+        record = read_json(latest_record_path(project_dir))
+        if not isinstance(record, dict) or not str(record.get("job_id", "")).isdigit():
+            raise UsageError("no tracked job in %s" % tracking_root(project_dir),
+                             hint="submit one with 'hpc-compose submit', or pass --job-id ID")
+    record.setdefault("project_dir", project_dir)
+    record.setdefault("job_dir", job_directory(project_dir, record["job_id"]))
+    record.setdefault("services", [])
+    return record
+
+
+def list_job_records(project_dir):
+    """Every tracked record under ``jobs/``, oldest first (unreadable files skipped)."""
+    directory = os.path.join(tracking_root(project_dir), "jobs")
+    records = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return records
+    for name in names:
+        if name.endswith(".json") and name[:-5].isdigit():
+            record = read_json(os.path.join(directory, name))
+            if isinstance(record, dict) and str(record.get("job_id")) == name[:-5]:
+                records.append(record)
+    records.sort(key=lambda r: (r.get("submitted_at") or 0, int(r["job_id"])))
+    return records
+
+
+def record_log_sources(record, service=None):
+    """``[(service name, log path), ...]`` of a record, optionally one service (UsageError if unknown)."""
+    sources = [(s.get("name"), s.get("log_path")) for s in record.get("services", [])
+               if isinstance(s, dict) and s.get("name") and s.get("log_path")]
+    if not sources:
+        # An untracked job id: take whatever the batch script wrote.
+        state = read_runtime_state(record["job_dir"]) or {}
+        sources = [(s["name"], s["log_path"]) for s in state.get("services", [])
+                   if s.get("name") and s.get("log_path")]
+        if not sources:
+            logs = os.path.join(record["job_dir"], "logs")
+            try:
+                sources = [(name[:-4], os.path.join(logs, name))
+                           for name in sorted(os.listdir(logs)) if name.endswith(".log")]
+            except OSError:
+                sources = []
+    if service is not None:
+        chosen = [pair for pair in sources if pair[0] == service]
+        if not chosen:
+            raise UsageError("job %s has no service '%s'" % (record["job_id"], service),
+                             hint="services: %s" % (", ".join(n for n, _ in sources) or "(none)"))
+        return chosen
+    return sources
+
+
+# --- scheduler (squeue, sacct, scancel, sbatch) -----------------------------------------------
+
+def normalize_slurm_state(text):
+    """``CANCELLED by 123`` -> ``CANCELLED``; ``COMPLETED+`` -> ``COMPLETED``; empty -> ``UNKNOWN``."""
+    text = (text or "").strip()
+    if not text:
+        return "UNKNOWN"
+    return text.split()[0].rstrip("+").upper()
+
+
+def _present(value):
+    value = (value or "").strip()
+    return None if value.lower() in _ABSENT_VALUES else value
+
+
+def squeue_state(job_id, squeue_bin="squeue"):
+    """The job's state while Slurm still lists it in the queue, else ``None`` (one squeue call)."""
+    result = run_command([squeue_bin, "-h", "-j", str(job_id), "-o", "%T|%r|%S"], timeout=60)
+    if result.returncode != 0:
+        return None
+    for line in result.stdout.splitlines():
+        if line.strip():
+            parts = (line.split("|") + ["", "", ""])[:3]
+            state = normalize_slurm_state(parts[0])
+            reason = _present(parts[1]) if state == "PENDING" else None
+            return SchedulerState(state, "squeue", reason=reason, start=_present(parts[2]))
+    return None
+
+
+def sacct_state(job_id, sacct_bin="sacct"):
+    """The job's accounting record (state, exit code, reason, start, end), or ``None``."""
+    result = run_command([sacct_bin, "-n", "-X", "-P", "-j", str(job_id),
+                          "--format=State,ExitCode,Reason,Start,End"], timeout=60)
+    if result.returncode != 0:
+        return None
+    for line in result.stdout.splitlines():
+        if line.strip():
+            parts = (line.split("|") + [""] * 5)[:5]
+            return SchedulerState(normalize_slurm_state(parts[0]), "sacct",
+                                  reason=_present(parts[2]), start=_present(parts[3]),
+                                  end=_present(parts[4]), exit_code=_present(parts[1]))
+    return None
+
+
+def query_scheduler(job_id, squeue_bin="squeue", sacct_bin="sacct", use_sacct=True):
+    """Scheduler state: ``squeue`` first; ``sacct`` only once the job is not queued or running."""
+    state = squeue_state(job_id, squeue_bin)
+    if state is not None and not state.terminal:
+        return state
+    if use_sacct:
+        try:
+            accounted = sacct_state(job_id, sacct_bin)
+        except ToolError:
+            accounted = None
+        if accounted is not None and (state is None or accounted.terminal):
+            return accounted
+    return state or SchedulerState("UNKNOWN", "none")
+
+
+def squeue_states(job_ids, squeue_bin="squeue"):
+    """``{job_id: STATE}`` for those of ``job_ids`` still in the queue, in one squeue call."""
+    job_ids = [str(j) for j in job_ids]
+    if not job_ids:
+        return {}
+    result = run_command([squeue_bin, "-h", "-j", ",".join(job_ids), "-o", "%i|%T"], timeout=60)
+    if result.returncode != 0:
+        if "invalid job id" in (result.stderr or "").lower():
+            return {}
+        raise ToolError("squeue failed: %s" % (result.stderr or result.stdout).strip())
+    states = {}
+    for line in result.stdout.splitlines():
+        if "|" in line:
+            job, state = line.split("|", 1)
+            states[job.strip().split("_")[0]] = normalize_slurm_state(state)
+    return states
+
+
+def submit_batch_script(script_path, project_dir, sbatch_bin="sbatch"):
+    """``sbatch --parsable <script>`` run from the compose dir; returns ``(job_id, cluster)``."""
+    result = run_command([sbatch_bin, "--parsable", script_path], cwd=project_dir, timeout=300)
+    if result.returncode != 0:
+        raise ToolError("sbatch failed (exit %d): %s"
+                        % (result.returncode, (result.stderr or result.stdout).strip()),
+                        hint="the rendered script is at %s" % script_path)
+    return parse_sbatch_job_id(result.stdout)
+
+
+def cancel_job(job_id, scancel_bin="scancel"):
+    """``scancel <id>``; raises ToolError with scancel's message when it fails."""
+    result = run_command([scancel_bin, str(job_id)], timeout=60)
+    if result.returncode != 0:
+        raise ToolError("scancel %s failed: %s"
+                        % (job_id, (result.stderr or result.stdout).strip() or "exit %d" % result.returncode))
+    return result.stdout
+
+
+# --- runtime state (state.json written by the batch script) ----------------------------------
+
+def read_runtime_state(job_dir):
+    """``state.json`` of a job, normalized; ``None`` while it does not exist or is unreadable.
+
+    Read tolerantly: unknown keys are kept, missing ones default, a service entry that is not an
+    object is skipped, so an older or newer batch script never breaks ``status``.
+    """
+    data = read_json(os.path.join(job_dir, "state.json"))
+    if not isinstance(data, dict):
+        return None
+    services = []
+    for entry in data.get("services") or ():
+        if not isinstance(entry, dict) or not entry.get("name"):
+            continue
+        service = dict(entry)
+        service.setdefault("status", "unknown")
+        for key in ("pid", "launches", "restarts", "failure_policy", "max_restarts",
+                    "last_exit_code", "readiness", "placement", "started_at", "finished_at",
+                    "log_path", "token"):
+            service.setdefault(key, None)
+        services.append(service)
+    state = dict(data)
+    state["services"] = services
+    for key in ("status", "exit_code", "reason", "attempt", "updated_at"):
+        state.setdefault(key, None)
+    return state
+
+
+def runtime_failure_summary(state):
+    """One phrase naming the failed services from state.json (or ``None``)."""
+    if not state:
+        return None
+    failed = [s for s in state["services"] if s.get("status") == "failed"]
+    parts = []
+    for service in failed:
+        text = "service '%s' failed" % service["name"]
+        if service.get("last_exit_code") not in (None, 0):
+            text += " (exit %s)" % service["last_exit_code"]
+        readiness = service.get("readiness")
+        if isinstance(readiness, dict) and readiness.get("status") == "timeout":
+            text += " (readiness %s timed out)" % readiness.get("type", "probe")
+        parts.append(text)
+    if state.get("reason"):
+        parts.append(str(state["reason"]))
+    return "; ".join(parts) or None
+
+
+# --- logs -------------------------------------------------------------------------------------
+
+def tail_lines(path, count):
+    """The last ``count`` lines of a file (fewer if it is shorter; ``[]`` if it is missing)."""
+    if count <= 0:
+        return []
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            end = handle.tell()
+            block, data = 65536, b""
+            position = end
+            while position > 0 and data.count(b"\n") <= count:
+                step = min(block, position)
+                position -= step
+                handle.seek(position)
+                data = handle.read(step) + data
+    except OSError:
+        return []
+    lines = data.decode("utf-8", "replace").splitlines()
+    return lines[-count:]
+
+
+class LogFollower(object):
+    """Follows several log files by offset: complete lines only, files that appear later, truncation.
+
+    ``poll()`` returns ``[(name, line), ...]`` of new complete lines; ``flush()`` also returns the
+    partial last lines (used once the job has ended).
+    """
+
+    def __init__(self, sources, from_end=False):
+        self.sources = list(sources)
+        self.offsets = {}
+        self.partial = {}
+        for name, path in self.sources:
+            size = 0
+            if from_end:
+                try:
+                    size = os.path.getsize(path)
+                except OSError:
+                    size = 0
+            self.offsets[path] = size
+            self.partial[path] = b""
+
+    def _read(self, path):
+        try:
+            size = os.path.getsize(path)
+        except OSError:
+            return b""
+        if size < self.offsets[path]:
+            # Truncated or replaced: start over rather than miss what is there now.
+            self.offsets[path] = 0
+            self.partial[path] = b""
+        if size == self.offsets[path]:
+            return b""
+        try:
+            with open(path, "rb") as handle:
+                handle.seek(self.offsets[path])
+                data = handle.read(size - self.offsets[path])
+        except OSError:
+            return b""
+        self.offsets[path] += len(data)
+        return data
+
+    def poll(self):
+        """New complete lines since the last call."""
+        lines = []
+        for name, path in self.sources:
+            data = self.partial[path] + self._read(path)
+            if not data:
+                continue
+            pieces = data.split(b"\n")
+            self.partial[path] = pieces.pop()
+            lines.extend((name, piece.decode("utf-8", "replace")) for piece in pieces)
+        return lines
+
+    def flush(self):
+        """New complete lines plus every held partial line."""
+        lines = self.poll()
+        for name, path in self.sources:
+            if self.partial[path]:
+                lines.append((name, self.partial[path].decode("utf-8", "replace")))
+                self.partial[path] = b""
+        return lines
+
+
+def format_log_line(name, line):
+    """``[service] line``: the prefix every streamed log line gets."""
+    return "[%s] %s" % (name, line.rstrip("\r"))
+
+
+# --- watch ------------------------------------------------------------------------------------
+
+class SchedulerPoller(object):
+    """Asks the scheduler about one job at an adaptive interval and counts its calls.
+
+    ``squeue`` while the job is listed in the queue; ``sacct`` after it left (or squeue shows it
+    ended, for the exit code). Interval: WATCH_POLL_FIRST, doubling to WATCH_POLL_MAX, reset to the
+    first after a state change.
+    """
+
+    def __init__(self, job_id, squeue_bin="squeue", sacct_bin="sacct", clock=None,
+                 first=WATCH_POLL_FIRST, cap=WATCH_POLL_MAX):
+        import time
+        self.job_id = job_id
+        self.squeue_bin = squeue_bin
+        self.sacct_bin = sacct_bin
+        self.clock = clock or time.monotonic
+        self.first = first
+        self.cap = cap
+        self.interval = first
+        self.next_at = self.clock()
+        self.calls = 0
+        self.state = SchedulerState("UNKNOWN", "none")
+        self.seen_in_queue = False
+        self.left_queue = False
+        self.unknown_since = None
+
+    def due(self):
+        return self.clock() >= self.next_at
+
+    def poll(self):
+        """One query (squeue, or sacct once out of the queue); returns ``(state, changed)``."""
+        state = None
+        if not self.left_queue:
+            self.calls += 1
+            state = squeue_state(self.job_id, self.squeue_bin)
+            if state is not None:
+                self.seen_in_queue = True
+            elif self.seen_in_queue:
+                self.left_queue = True  # from now on only sacct can know it
+        if state is None or state.terminal:
+            self.calls += 1
+            try:
+                accounted = sacct_state(self.job_id, self.sacct_bin)
+            except ToolError:
+                accounted = None
+            if accounted is not None and (state is None or accounted.terminal):
+                state = accounted
+        now = self.clock()
+        if state is None:
+            if self.unknown_since is None:
+                self.unknown_since = now
+            state = SchedulerState("UNKNOWN", "none")
+        else:
+            self.unknown_since = None
+        changed = (state.state, state.source) != (self.state.state, self.state.source)
+        self.state = state
+        self.interval = self.first if changed else min(self.interval * 2, self.cap)
+        self.next_at = now + self.interval
+        return state, changed
+
+    def lost(self):
+        """True when neither squeue nor sacct has known the job for ACCOUNTING_GRACE_SECONDS."""
+        return (self.unknown_since is not None
+                and self.clock() - self.unknown_since > ACCOUNTING_GRACE_SECONDS)
+
+
+class WatchOutcome(NamedTuple):
+    scheduler: SchedulerState
+    runtime: object                # state.json dict or None
+    ok: bool
+    reason: str
+    scheduler_calls: int
+    seconds: float
+
+
+def watch_job(record, squeue_bin="squeue", sacct_bin="sacct", out=None, sleep=None, clock=None):
+    """Stream every service log (prefixed) and follow the scheduler until the job ends."""
+    import time
+    out = out or sys.stdout
+    sleep = sleep or time.sleep
+    clock = clock or time.monotonic
+    started = clock()
+    job_id = record["job_id"]
+    follower = LogFollower(record_log_sources(record))
+    poller = SchedulerPoller(job_id, squeue_bin, sacct_bin, clock=clock)
+    out.write("watching job %s (Ctrl-C stops watching, not the job)\n" % job_id)
+    out.flush()
+    while True:
+        for name, line in follower.poll():
+            out.write(format_log_line(name, line) + "\n")
+        if poller.due():
+            state, changed = poller.poll()
+            if changed:
+                text = "scheduler: job %s %s" % (job_id, state.state)
+                if state.reason:
+                    text += " (%s)" % state.reason
+                out.write(text + "\n")
+            if state.terminal or poller.lost():
+                break
+        out.flush()
+        sleep(LOG_POLL_SECONDS)
+    # The batch script may still be finishing its last writes when the scheduler says done.
+    for name, line in follower.flush():
+        out.write(format_log_line(name, line) + "\n")
+    runtime = read_runtime_state(record["job_dir"])
+    state = poller.state
+    ok = state.state == "COMPLETED"
+    if ok:
+        reason = "job %s COMPLETED" % job_id
+    elif not state.terminal:
+        reason = ("job %s could not be tracked: neither squeue nor sacct knows it"
+                  % job_id)
+    else:
+        reason = "job %s ended %s" % (job_id, state.state)
+        if state.exit_code and state.exit_code != "0:0":
+            reason += " (exit %s)" % state.exit_code
+        summary = runtime_failure_summary(runtime)
+        if summary:
+            reason += ": " + summary
+    out.flush()
+    return WatchOutcome(state, runtime, ok, reason, poller.calls, clock() - started)
+
+
+def follow_logs(record, sources, squeue_bin="squeue", sacct_bin="sacct", out=None, sleep=None,
+                clock=None):
+    """``logs --follow``: print new lines as they appear until the job ends (sparse job checks)."""
+    import time
+    out = out or sys.stdout
+    sleep = sleep or time.sleep
+    follower = LogFollower(sources, from_end=True)
+    poller = SchedulerPoller(record["job_id"], squeue_bin, sacct_bin, clock=clock,
+                             first=5.0, cap=WATCH_POLL_MAX)
+    poller.next_at += poller.first
+    scheduler_ok = True
+    while True:
+        for name, line in follower.poll():
+            out.write(format_log_line(name, line) + "\n")
+        out.flush()
+        if scheduler_ok and poller.due():
+            try:
+                state, _ = poller.poll()
+            except ToolError:
+                scheduler_ok = False  # no Slurm client here: follow until interrupted
+                state = None
+            if state is not None and (state.terminal or poller.lost()):
+                break
+        sleep(LOG_POLL_SECONDS)
+    for name, line in follower.flush():
+        out.write(format_log_line(name, line) + "\n")
+    out.flush()
+    return poller.state
+
+
+# --- status -----------------------------------------------------------------------------------
+
+def _file_facts(path):
+    import time
+    try:
+        info = os.stat(path)
+    except OSError:
+        return {"path": path, "present": False, "size_bytes": None, "updated_age_seconds": None}
+    return {"path": path, "present": True, "size_bytes": info.st_size,
+            "updated_age_seconds": max(0, int(time.time() - info.st_mtime))}
+
+
+def job_status(record, squeue_bin="squeue", sacct_bin="sacct"):
+    """Scheduler state, runtime state and log facts of a tracked job (a JSON-ready dict)."""
+    scheduler = query_scheduler(record["job_id"], squeue_bin, sacct_bin)
+    runtime = read_runtime_state(record["job_dir"])
+    by_name = {}
+    if runtime:
+        by_name = dict((s["name"], s) for s in runtime["services"])
+    services = []
+    names = [n for n, _ in record_log_sources(record)] if (record.get("services") or runtime) else []
+    for name, path in (record_log_sources(record) if names else []):
+        entry = {"name": name, "log": _file_facts(path)}
+        state = by_name.get(name, {})
+        for key in ("status", "pid", "launches", "restarts", "failure_policy", "max_restarts",
+                    "last_exit_code", "readiness", "placement", "started_at", "finished_at"):
+            entry[key] = state.get(key)
+        if not state:
+            entry["status"] = "unknown"
+        services.append(entry)
+    return {
+        "job_id": record["job_id"],
+        "compose_file": record.get("compose_file"),
+        "job_dir": record["job_dir"],
+        "script_path": record.get("script_path"),
+        "tracked": not record.get("untracked", False),
+        "scheduler": scheduler.to_dict(),
+        "runtime": None if runtime is None else {
+            key: runtime.get(key) for key in ("status", "exit_code", "reason", "attempt",
+                                              "updated_at")},
+        "batch_log": _file_facts(record.get("batch_log")
+                                 or batch_log_path(record["project_dir"], record["job_id"],
+                                                   "hpc-compose")),
+        "services": services,
+        "resume_dir": record.get("resume_dir"),
+    }
+
+
+def _age(seconds):
+    if seconds is None:
+        return "-"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return "%d%s ago" % (seconds // size, unit)
+    return "%ds ago" % seconds
+
+
+def format_status_text(status):
+    """The human rendering of ``job_status``."""
+    scheduler = status["scheduler"]
+    lines = ["job %s" % status["job_id"]]
+    text = "%s (%s)" % (scheduler["state"], scheduler["source"])
+    for key in ("reason", "exit_code"):
+        if scheduler.get(key) and scheduler[key] != "0:0":
+            text += ", %s %s" % (key.replace("_", " "), scheduler[key])
+    lines.append("  scheduler:  " + text)
+    runtime = status["runtime"]
+    if runtime:
+        text = str(runtime.get("status"))
+        if runtime.get("exit_code") is not None:
+            text += ", exit code %s" % runtime["exit_code"]
+        if runtime.get("reason"):
+            text += ", %s" % runtime["reason"]
+        if runtime.get("attempt") not in (None, 0, "0"):
+            text += ", attempt %s" % runtime["attempt"]
+        lines.append("  runtime:    " + text)
+    else:
+        lines.append("  runtime:    no state.json yet")
+    if status.get("compose_file"):
+        lines.append("  compose:    %s" % status["compose_file"])
+    lines.append("  job dir:    %s" % status["job_dir"])
+    batch = status["batch_log"]
+    lines.append("  batch log:  %s (%s)" % (batch["path"], "updated " + _age(batch["updated_age_seconds"])
+                                           if batch["present"] else "not written yet"))
+    for service in status["services"]:
+        parts = ["  service %s: %s" % (service["name"], service["status"])]
+        if service.get("failure_policy"):
+            restarts = "%s" % (service.get("restarts") or 0)
+            if service.get("max_restarts") is not None:
+                restarts += "/%s" % service["max_restarts"]
+            parts.append("policy=%s restarts=%s" % (service["failure_policy"], restarts))
+        if service.get("last_exit_code") is not None:
+            parts.append("last_exit=%s" % service["last_exit_code"])
+        readiness = service.get("readiness")
+        if isinstance(readiness, dict):
+            parts.append("readiness=%s:%s" % (readiness.get("type"), readiness.get("status")))
+        placement = service.get("placement")
+        if isinstance(placement, dict) and (placement.get("nodes") or 1) not in (1, "1"):
+            parts.append("placement=%s nodes=%s nodelist=%s" % (
+                placement.get("mode"), placement.get("nodes"), placement.get("nodelist")))
+        lines.append(" ".join(parts))
+        log = service["log"]
+        lines.append("    log: %s (%s)" % (log["path"], "updated " + _age(log["updated_age_seconds"])
+                                           if log["present"] else "not written yet"))
+    return "\n".join(lines) + "\n"
+
+
+# --- stats ------------------------------------------------------------------------------------
+
+STATS_CSV_COLUMNS = ("job_id", "scheduler_state", "scheduler_source", "stats_source", "step_id",
+                     "ntasks", "ave_cpu", "ave_rss", "max_rss", "tres_usage_in_ave", "gpu_util",
+                     "gpu_mem", "usage_tres_in_ave_map")
+SSTAT_FIELDS = ("step_id", "ntasks", "ave_cpu", "ave_rss", "max_rss", "tres_usage_in_ave")
+
+
+def parse_tres(text):
+    """``cpu=1,gres/gpu=2`` -> ``{"cpu": "1", "gres/gpu": "2"}`` (empty for null or junk)."""
+    result = {}
+    for item in (text or "").split(","):
+        if "=" in item:
+            key, value = item.split("=", 1)
+            result[key.strip()] = value.strip()
+    return result
+
+
+def _read_jsonl_tail(path, limit=1 << 20):
+    """Parsed records of the last ``limit`` bytes of a jsonl file (a half-written line skipped)."""
+    import json
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            size = handle.tell()
+            handle.seek(max(0, size - limit))
+            data = handle.read()
+    except OSError:
+        return []
+    lines = data.split(b"\n")
+    if size > limit:
+        lines = lines[1:]
+    records = []
+    for line in lines:
+        try:
+            value = json.loads(line.decode("utf-8", "replace"))
+        except ValueError:
+            continue
+        if isinstance(value, dict):
+            records.append(value)
+    return records
+
+
+def _latest_group(records):
+    if not records:
+        return None, []
+    latest = max(str(r.get("sampled_at") or "") for r in records)
+    return latest, [r for r in records if str(r.get("sampled_at") or "") == latest]
+
+
+def read_sampler_metrics(job_dir):
+    """The metrics sampler's files: meta plus the latest sample of each jsonl file."""
+    directory = os.path.join(job_dir, "metrics")
+    meta = read_json(os.path.join(directory, "meta.json"))
+    gpu_at, gpus = _latest_group(_read_jsonl_tail(os.path.join(directory, "gpu.jsonl")))
+    _, processes = _latest_group(_read_jsonl_tail(os.path.join(directory, "gpu_processes.jsonl")))
+    slurm_at, steps = _latest_group(_read_jsonl_tail(os.path.join(directory, "slurm.jsonl")))
+    return {"present": isinstance(meta, dict) or bool(gpus or steps),
+            "meta": meta if isinstance(meta, dict) else None,
+            "gpu_sampled_at": gpu_at, "gpus": gpus, "gpu_processes": processes,
+            "slurm_sampled_at": slurm_at, "steps": steps}
+
+
+def parse_sstat_output(text):
+    """Rows of ``sstat --parsable2 --noheader`` for numbered steps only (``<job>.<n>``)."""
+    import re
+    rows = []
+    for line in (text or "").splitlines():
+        fields = line.split("|")
+        if len(fields) != len(SSTAT_FIELDS) or not re.match(r"^\d+(\+\d+)?\.\d+$", fields[0]):
+            continue
+        rows.append(dict(zip(SSTAT_FIELDS, [f.strip() or None for f in fields])))
+    return rows
+
+
+def live_sstat(job_id, sstat_bin="sstat"):
+    """Step CPU/memory rows from a live ``sstat`` call (the job must be running)."""
+    result = run_command([sstat_bin, "--allsteps", "--jobs", str(job_id), "--parsable2",
+                          "--noconvert", "--noheader",
+                          "--format=JobID,NTasks,AveCPU,AveRSS,MaxRSS,TRESUsageInAve"], timeout=60)
+    if result.returncode != 0:
+        raise ToolError("sstat failed: %s" % (result.stderr or result.stdout).strip())
+    return parse_sstat_output(result.stdout)
+
+
+def collect_stats(record, sstat_bin="sstat", squeue_bin="squeue", sacct_bin="sacct"):
+    """Metrics of a job: the sampler's files first, live ``sstat`` when they have no step rows."""
+    scheduler = query_scheduler(record["job_id"], squeue_bin, sacct_bin)
+    sampler = read_sampler_metrics(record["job_dir"])
+    notes, sources = [], []
+    steps = [dict(row) for row in sampler["steps"]]
+    if sampler["present"]:
+        sources.append("sampler")
+    if not steps:
+        if scheduler.state == "RUNNING":
+            try:
+                steps = live_sstat(record["job_id"], sstat_bin)
+                sources.append("sstat")
+            except ToolError as exc:
+                if not sampler["present"]:
+                    raise
+                notes.append(str(exc.message))
+        elif not sampler["present"]:
+            notes.append("no sampler data and the job is %s, so live sstat has nothing to show"
+                         % scheduler.state)
+    for step in steps:
+        usage = parse_tres(step.get("tres_usage_in_ave"))
+        step["usage_tres_in_ave_map"] = usage
+        step["gpu_util"] = usage.get("gres/gpuutil")
+        step["gpu_mem"] = usage.get("gres/gpumem")
+    collectors = []
+    if sampler["meta"]:
+        collectors = [c for c in sampler["meta"].get("collectors") or [] if isinstance(c, dict)]
+    available = bool(steps or sampler["gpus"])
+    if not available and not notes:
+        notes.append("no samples yet" if scheduler.state in ("PENDING", "RUNNING", "CONFIGURING")
+                     else "no step metrics were recorded")
+    return {
+        "job_id": record["job_id"], "scheduler": scheduler.to_dict(),
+        "source": "+".join(sources) or "none", "available": available, "notes": notes,
+        "collectors": collectors, "gpu_sampled_at": sampler["gpu_sampled_at"],
+        "slurm_sampled_at": sampler["slurm_sampled_at"], "gpus": sampler["gpus"],
+        "gpu_processes": sampler["gpu_processes"], "steps": steps,
+    }
+
+
+def _map_text(mapping):
+    return ";".join("%s=%s" % (k, v) for k, v in sorted((mapping or {}).items()))
+
+
+def format_stats_csv(stats):
+    """One CSV row per step (header first; every field quoted)."""
+    import csv
+    import io
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, quoting=csv.QUOTE_ALL, lineterminator="\n")
+    writer.writerow(STATS_CSV_COLUMNS)
+    for step in stats["steps"]:
+        row = {"job_id": stats["job_id"], "scheduler_state": stats["scheduler"]["state"],
+               "scheduler_source": stats["scheduler"]["source"], "stats_source": stats["source"]}
+        row.update(step)
+        row["usage_tres_in_ave_map"] = _map_text(step.get("usage_tres_in_ave_map"))
+        writer.writerow(["" if row.get(c) is None else row.get(c) for c in STATS_CSV_COLUMNS])
+    return buffer.getvalue()
+
+
+def format_stats_jsonl(stats):
+    """One JSON object per line: summary, note, collector, gpu_device, gpu_process, step."""
+    import json
+    job_id = stats["job_id"]
+    records = [{"type": "summary", "job_id": job_id, "scheduler_state": stats["scheduler"]["state"],
+                "scheduler_source": stats["scheduler"]["source"], "stats_source": stats["source"],
+                "available": stats["available"], "gpu_sampled_at": stats["gpu_sampled_at"],
+                "slurm_sampled_at": stats["slurm_sampled_at"]}]
+    records += [{"type": "note", "job_id": job_id, "message": n} for n in stats["notes"]]
+    for kind, key in (("collector", "collectors"), ("gpu_device", "gpus"),
+                      ("gpu_process", "gpu_processes"), ("step", "steps")):
+        for item in stats[key]:
+            record = {"type": kind, "job_id": job_id}
+            record.update(item)
+            records.append(record)
+    return "".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in records)
+
+
+def format_stats_text(stats):
+    """The human rendering of ``collect_stats``."""
+    lines = ["job %s: %s (%s); stats from %s" % (stats["job_id"], stats["scheduler"]["state"],
+                                                 stats["scheduler"]["source"], stats["source"])]
+    for collector in stats["collectors"]:
+        text = "  collector %s: " % collector.get("name")
+        if not collector.get("enabled"):
+            text += "disabled"
+        elif collector.get("available") is False:
+            text += "unavailable (%s)" % collector.get("note")
+        else:
+            text += "ok, last sample %s" % collector.get("last_sampled_at")
+        lines.append(text)
+    if stats["steps"]:
+        header = ("STEP", "NTASKS", "AVE_CPU", "AVE_RSS", "MAX_RSS", "GPU_UTIL", "GPU_MEM")
+        rows = [header] + [tuple(str(s.get(k) if s.get(k) is not None else "-") for k in
+                                 ("step_id", "ntasks", "ave_cpu", "ave_rss", "max_rss",
+                                  "gpu_util", "gpu_mem")) for s in stats["steps"]]
+        widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+        for row in rows:
+            lines.append("  " + "  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
+    for gpu in stats["gpus"]:
+        lines.append("  gpu %s %s: util %s%% mem %s/%s MiB temp %sC power %s/%s W" % tuple(
+            gpu.get(k) if gpu.get(k) is not None else "-" for k in (
+                "index", "name", "utilization_gpu", "memory_used_mib", "memory_total_mib",
+                "temperature_c", "power_draw_w", "power_limit_w")))
+    for process in stats["gpu_processes"]:
+        lines.append("  gpu process %s %s on %s: %s MiB" % (
+            process.get("pid"), process.get("process_name"), process.get("gpu_uuid"),
+            process.get("used_memory_mib")))
+    for note in stats["notes"]:
+        lines.append("  note: %s" % note)
+    return "\n".join(lines) + "\n"
+
+
+# --- artifacts export -------------------------------------------------------------------------
+
+def expand_export_dir(template, job_id, project_dir):
+    """x-slurm.artifacts.export_dir with ``${SLURM_JOB_ID}`` expanded, relative to the compose dir."""
+    path = str(template).replace("${SLURM_JOB_ID}", str(job_id)).replace("$SLURM_JOB_ID", str(job_id))
+    return os.path.normpath(os.path.join(project_dir, os.path.expanduser(path)))
+
+
+def _copy_entry(source, target):
+    """Copy a file, symlink (recreated) or directory tree; overwrites what an earlier export left."""
+    import shutil
+    if os.path.islink(source):
+        if os.path.lexists(target):
+            os.unlink(target)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        os.symlink(os.readlink(source), target)
+    elif os.path.isdir(source):
+        os.makedirs(target, exist_ok=True)
+        for name in sorted(os.listdir(source)):
+            _copy_entry(os.path.join(source, name), os.path.join(target, name))
+    else:
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        shutil.copy2(source, target)
+
+
+def _describe_files(root, relative_paths):
+    """Provenance entries (type, size, sha256) for every file under the exported relative paths."""
+    import hashlib
+    entries = []
+
+    def visit(relative):
+        path = os.path.join(root, relative)
+        if os.path.islink(path):
+            entries.append({"relative_path": relative, "entry_type": "symlink", "size_bytes": None,
+                            "sha256": None, "link_target": os.readlink(path)})
+        elif os.path.isdir(path):
+            entries.append({"relative_path": relative, "entry_type": "directory",
+                            "size_bytes": None, "sha256": None, "link_target": None})
+            for name in sorted(os.listdir(path)):
+                visit(os.path.join(relative, name))
+        elif os.path.isfile(path):
+            digest = hashlib.sha256()
+            with open(path, "rb") as handle:
+                for chunk in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(chunk)
+            entries.append({"relative_path": relative, "entry_type": "file",
+                            "size_bytes": os.path.getsize(path), "sha256": digest.hexdigest(),
+                            "link_target": None})
+
+    for relative in relative_paths:
+        visit(relative)
+    return entries
+
+
+def export_artifacts(record, bundles=None, tarball=False, export_template=None):
+    """Copy collected artifacts into the export dir, with provenance JSON per bundle."""
+    import time
+    import tarfile
+    job_id = record["job_id"]
+    template = export_template or record.get("artifact_export_dir")
+    if not template:
+        raise UsageError("job %s has no x-slurm.artifacts.export_dir" % job_id,
+                         hint="add an x-slurm.artifacts block to the compose file and resubmit")
+    artifacts_dir = os.path.join(record["job_dir"], "artifacts")
+    manifest = read_json(os.path.join(artifacts_dir, "manifest.json"))
+    if not isinstance(manifest, dict):
+        raise ToolError("job %s has no collected artifacts yet (%s is missing)"
+                        % (job_id, os.path.join(artifacts_dir, "manifest.json")),
+                        hint="artifacts are collected when the job ends; check 'hpc-compose status'")
+    if str(manifest.get("job_id")) != str(job_id):
+        raise ToolError("%s belongs to job %s, not %s" % (os.path.join(artifacts_dir, "manifest.json"),
+                                                          manifest.get("job_id"), job_id))
+    available = manifest.get("bundles") or {}
+    selected = list(bundles) if bundles else list(available)
+    unknown = [b for b in selected if b not in available]
+    if unknown:
+        raise UsageError("unknown artifact bundle(s): %s" % ", ".join(unknown),
+                         hint="bundles of job %s: %s" % (job_id, ", ".join(available) or "(none)"))
+    export_dir = expand_export_dir(template, job_id, record["project_dir"])
+    payload = os.path.join(artifacts_dir, "payload")
+    results = []
+    for name in selected:
+        bundle = available[name] or {}
+        target = export_dir if name == "default" else os.path.join(export_dir, "bundles", name)
+        warnings = list(bundle.get("warnings") or [])
+        exported = []
+        for relative in bundle.get("copied_relative_paths") or []:
+            relative = os.path.normpath(str(relative))
+            if relative.startswith("..") or os.path.isabs(relative):
+                warnings.append("skipped unsafe path %s" % relative)
+                continue
+            source = os.path.join(payload, relative)
+            if not os.path.lexists(source):
+                warnings.append("missing from payload: %s" % relative)
+                continue
+            _copy_entry(source, os.path.join(target, relative))
+            exported.append(relative)
+        tarball_path = None
+        if tarball:
+            tarball_path = os.path.join(export_dir, "%s.tar.gz" % name)
+            os.makedirs(export_dir, exist_ok=True)
+            with tarfile.open(tarball_path + ".tmp", "w:gz") as archive:
+                for relative in sorted(exported):
+                    archive.add(os.path.join(target, relative), arcname=relative)
+            os.replace(tarball_path + ".tmp", tarball_path)
+        provenance = {
+            "schema_version": 2, "job_id": job_id, "bundle": name,
+            "attempt": manifest.get("attempt"), "is_resume": manifest.get("is_resume"),
+            "resume_dir": manifest.get("resume_dir"), "compose_file": record.get("compose_file"),
+            "script_path": record.get("script_path"), "collect_policy": manifest.get("collect_policy"),
+            "job_outcome": manifest.get("job_outcome"), "collected_at": manifest.get("collected_at"),
+            "exported_at_unix": int(time.time()), "export_dir": export_dir, "bundle_dir": target,
+            "tarball_path": tarball_path, "selected_bundles": selected,
+            "declared_source_patterns": bundle.get("declared_source_patterns") or [],
+            "matched_source_paths": bundle.get("matched_source_paths") or [],
+            "copied_relative_paths": exported, "warnings": warnings,
+            "files": _describe_files(target, exported),
+        }
+        provenance_path = os.path.join(export_dir, "_hpc-compose", "bundles", "%s.json" % name)
+        write_json_atomic(provenance_path, provenance)
+        results.append({"bundle": name, "bundle_dir": target, "exported": exported,
+                        "warnings": warnings, "tarball_path": tarball_path,
+                        "provenance_path": provenance_path})
+    return {"job_id": job_id, "export_dir": export_dir, "manifest_path":
+            os.path.join(artifacts_dir, "manifest.json"), "collect_policy":
+            manifest.get("collect_policy"), "job_outcome": manifest.get("job_outcome"),
+            "bundles": results}
+
+
+# --- clean ------------------------------------------------------------------------------------
+
+def _job_is_finished(job_dir, queue_states, queue_known):
+    """True only when we are sure the job no longer runs (state.json final, or not in the queue)."""
+    state = read_runtime_state(job_dir)
+    if state and state.get("status") in FINAL_RUNTIME_STATUSES:
+        return True
+    if not queue_known:
+        return False
+    job_id = os.path.basename(job_dir)
+    queued = queue_states.get(job_id)
+    return queued is None or queued in TERMINAL_STATES
+
+
+def clean_jobs(project_dir, age_days=None, remove_all=False, squeue_bin="squeue", now=None):
+    """Remove old tracked jobs (record + job dir); never a running job, never the latest one.
+
+    Returns ``(removed ids, {kept id: why})``.
+    """
+    import shutil
+    import time
+    now = time.time() if now is None else now
+    root = tracking_root(project_dir)
+    latest = read_json(latest_record_path(project_dir))
+    latest_id = str(latest.get("job_id")) if isinstance(latest, dict) else None
+    candidates = {}
+    for record in list_job_records(project_dir):
+        candidates[str(record["job_id"])] = record.get("submitted_at")
+    try:
+        names = os.listdir(root)
+    except OSError:
+        names = []
+    for name in names:
+        if name.isdigit() and os.path.isdir(os.path.join(root, name)) and name not in candidates:
+            candidates[name] = os.path.getmtime(os.path.join(root, name))
+    chosen, kept = [], {}
+    for job_id, submitted_at in sorted(candidates.items(), key=lambda item: int(item[0])):
+        if job_id == latest_id:
+            kept[job_id] = "latest tracked job"
+            continue
+        if not remove_all and submitted_at is not None and now - submitted_at < age_days * 86400.0:
+            continue
+        chosen.append(job_id)
+    unsure = [j for j in chosen if not _final_state_file(job_directory(project_dir, j))]
+    queue_states, queue_known = {}, True
+    if unsure:
+        try:
+            queue_states = squeue_states(unsure, squeue_bin)
+        except ToolError:
+            queue_known = False
+    removed = []
+    for job_id in chosen:
+        directory = job_directory(project_dir, job_id)
+        if not _job_is_finished(directory, queue_states, queue_known):
+            kept[job_id] = ("still in the queue (%s)" % queue_states[job_id]
+                            if job_id in queue_states else "could not confirm that it ended")
+            continue
+        if os.path.isdir(directory) and not os.path.islink(directory):
+            shutil.rmtree(directory, ignore_errors=True)
+        try:
+            os.unlink(job_record_path(project_dir, job_id))
+        except OSError:
+            pass
+        removed.append(job_id)
+    return removed, kept
+
+
+def _final_state_file(job_dir):
+    state = read_runtime_state(job_dir)
+    return bool(state and state.get("status") in FINAL_RUNTIME_STATUSES)
 
 
 ##############################################################################
@@ -4217,35 +5361,365 @@ def _add_render_parser(subparsers):
 
 # CLI: submit, up, status, ps, logs, stats, artifacts, cancel, down, clean commands (OWNER: tracking helper)
 
+def _add_tool_arguments(parser, names):
+    for name in names:
+        parser.add_argument("--%s-bin" % name, dest="%s_bin" % name, default=name, metavar="PATH",
+                            help="%s executable (default: %s from PATH)" % (name, name))
+
+
+def _add_job_id_argument(parser):
+    parser.add_argument("--job-id", dest="job_id", metavar="ID",
+                        help="a Slurm job id (default: the latest job submitted from this compose dir)")
+
+
+def _add_submit_arguments(parser):
+    add_file_argument(parser)
+    parser.add_argument("--script-out", dest="script_out", metavar="PATH",
+                        help="where to write the batch script (default: <compose dir>/hpc-compose.sbatch)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="run preflight, prepare and render, write the script, but do not call sbatch")
+    parser.add_argument("--no-preflight", action="store_true", help="skip the preflight checks")
+    parser.add_argument("--skip-prepare", action="store_true",
+                        help="reuse existing prepared images instead of preparing them")
+    parser.add_argument("--force-rebuild", action="store_true",
+                        help="re-import and re-prepare every image")
+    parser.add_argument("--keep-failed-prep", action="store_true",
+                        help="keep the Enroot rootfs when a prepare step fails")
+    _add_tool_arguments(parser, ("enroot", "srun", "sbatch", "squeue", "sacct"))
+    add_format_argument(parser)
+
+
 def _add_submit_parser(subparsers):
-    add_command(subparsers, "submit", _not_written_yet, "(not written yet)")
+    parser = add_command(
+        subparsers, "submit", cmd_submit,
+        "check, prepare, render and submit the job with sbatch (--watch to follow it)",
+        ["hpc-compose submit --watch -f compose.yaml",
+         "hpc-compose submit --dry-run --skip-prepare -f compose.yaml",
+         "hpc-compose submit --script-out job.sbatch -f compose.yaml"])
+    _add_submit_arguments(parser)
+    parser.add_argument("--watch", action="store_true",
+                        help="follow the scheduler state and stream service logs until the job ends")
+
 
 def _add_up_parser(subparsers):
-    add_command(subparsers, "up", _not_written_yet, "(not written yet)")
+    parser = add_command(subparsers, "up", cmd_up,
+                         "submit and watch (= submit --watch); exits 0 only if the job completed",
+                         ["hpc-compose up -f examples/host-pipeline.yaml"])
+    _add_submit_arguments(parser)
+
+
+def _add_status_arguments(parser):
+    add_file_argument(parser)
+    _add_job_id_argument(parser)
+    _add_tool_arguments(parser, ("squeue", "sacct"))
+    add_format_argument(parser)
+
 
 def _add_status_parser(subparsers):
-    add_command(subparsers, "status", _not_written_yet, "(not written yet)")
+    parser = add_command(subparsers, "status", cmd_status,
+                         "scheduler state, per-service state and log paths of a tracked job",
+                         ["hpc-compose status -f compose.yaml",
+                          "hpc-compose status --job-id 12345 --format json"])
+    _add_status_arguments(parser)
+
 
 def _add_ps_parser(subparsers):
-    add_command(subparsers, "ps", _not_written_yet, "(not written yet)")
+    parser = add_command(subparsers, "ps", cmd_status, "alias of status",
+                         ["hpc-compose ps -f compose.yaml"])
+    _add_status_arguments(parser)
+
 
 def _add_logs_parser(subparsers):
-    add_command(subparsers, "logs", _not_written_yet, "(not written yet)")
+    parser = add_command(subparsers, "logs", cmd_logs,
+                         "print (or follow) the service logs of a tracked job, prefixed [service]",
+                         ["hpc-compose logs -f compose.yaml",
+                          "hpc-compose logs -f compose.yaml --service app --follow",
+                          "hpc-compose logs -f compose.yaml --tail 20"])
+    add_file_argument(parser)
+    _add_job_id_argument(parser)
+    parser.add_argument("--service", metavar="NAME", help="only this service")
+    parser.add_argument("--follow", action="store_true",
+                        help="keep printing new lines until the job ends (Ctrl-C to stop)")
+    parser.add_argument("--tail", "--lines", dest="tail", type=int, default=100, metavar="N",
+                        help="how many existing lines per service to print first (default: 100)")
+    _add_tool_arguments(parser, ("squeue", "sacct"))
+
 
 def _add_stats_parser(subparsers):
-    add_command(subparsers, "stats", _not_written_yet, "(not written yet)")
+    parser = add_command(subparsers, "stats", cmd_stats,
+                         "GPU and step metrics of a job (sampler files first, then live sstat)",
+                         ["hpc-compose stats -f compose.yaml",
+                          "hpc-compose stats -f compose.yaml --format csv"])
+    add_file_argument(parser)
+    _add_job_id_argument(parser)
+    _add_tool_arguments(parser, ("sstat", "squeue", "sacct"))
+    add_format_argument(parser, choices=("text", "json", "csv", "jsonl"))
+
 
 def _add_artifacts_parser(subparsers):
-    add_command(subparsers, "artifacts", _not_written_yet, "(not written yet)")
+    parser = add_command(subparsers, "artifacts", cmd_artifacts,
+                         "export collected artifacts to x-slurm.artifacts.export_dir",
+                         ["hpc-compose artifacts -f compose.yaml",
+                          "hpc-compose artifacts -f compose.yaml --bundle checkpoints --tarball"])
+    add_file_argument(parser)
+    _add_job_id_argument(parser)
+    parser.add_argument("--bundle", action="append", metavar="NAME",
+                        help="export only this bundle (repeatable; 'default' is x-slurm.artifacts.paths)")
+    parser.add_argument("--tarball", action="store_true",
+                        help="also write <export_dir>/<bundle>.tar.gz per exported bundle")
+    add_format_argument(parser)
+
+
+def _add_cancel_arguments(parser):
+    add_file_argument(parser)
+    _add_job_id_argument(parser)
+    _add_tool_arguments(parser, ("scancel",))
+
 
 def _add_cancel_parser(subparsers):
-    add_command(subparsers, "cancel", _not_written_yet, "(not written yet)")
+    parser = add_command(subparsers, "cancel", cmd_cancel, "cancel a tracked job (scancel)",
+                         ["hpc-compose cancel -f compose.yaml"])
+    _add_cancel_arguments(parser)
+
 
 def _add_down_parser(subparsers):
-    add_command(subparsers, "down", _not_written_yet, "(not written yet)")
+    parser = add_command(subparsers, "down", cmd_cancel, "alias of cancel",
+                         ["hpc-compose down -f compose.yaml"])
+    _add_cancel_arguments(parser)
+
 
 def _add_clean_parser(subparsers):
-    add_command(subparsers, "clean", _not_written_yet, "(not written yet)")
+    parser = add_command(subparsers, "clean", cmd_clean,
+                         "remove old tracked jobs (never a running one, never the latest)",
+                         ["hpc-compose clean -f compose.yaml --age 7",
+                          "hpc-compose clean -f compose.yaml --all"])
+    add_file_argument(parser)
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--age", type=float, metavar="DAYS",
+                       help="remove jobs submitted more than DAYS days ago")
+    group.add_argument("--all", dest="remove_all", action="store_true",
+                       help="remove every tracked job except the latest")
+    _add_tool_arguments(parser, ("squeue",))
+    add_format_argument(parser)
+
+
+def _project_dir(args):
+    return os.path.dirname(resolve_compose_file(args))
+
+
+def _needs_images(plan):
+    return any(service.runtime != "host" for service in plan.services)
+
+
+def _print_findings(report):
+    for finding in report.findings:
+        if finding.level in ("warn", "error"):
+            text = "preflight %s: %s" % ("warning" if finding.level == "warn" else "error",
+                                         finding.message)
+            if finding.remediation:
+                text += "\n  hint: %s" % finding.remediation
+            sys.stderr.write(text + "\n")
+
+
+def cmd_submit(args):
+    """Preflight, prepare, render, write the script, sbatch, record; optionally watch."""
+    fmt = output_format(args)
+    say = (lambda text: sys.stderr.write(text + "\n")) if fmt == "json" else print
+    spec, plan = load_plan_from_args(args)
+    runtime_plan = build_runtime_plan(plan)
+    if not args.no_preflight:
+        report = run_preflight(runtime_plan, PreflightOptions(
+            enroot_bin=args.enroot_bin, srun_bin=args.srun_bin, sbatch_bin=args.sbatch_bin,
+            skip_prepare=args.skip_prepare))
+        _print_findings(report)
+        if report.errors:
+            raise ToolError("preflight found %d error(s); nothing was submitted" % len(report.errors),
+                            hint="fix them, or pass --no-preflight to submit anyway")
+    if not args.skip_prepare and _needs_images(plan):
+        try:
+            prepare_images(runtime_plan, PrepareOptions(
+                enroot_bin=args.enroot_bin, force=args.force_rebuild,
+                keep_failed=args.keep_failed_prep), progress=say)
+        except NotImplementedError:
+            raise ToolError("image preparation is not available in this build",
+                            hint="prepare images separately and pass --skip-prepare")
+    script = render_script(runtime_plan)
+    script_path = os.path.abspath(args.script_out) if args.script_out else \
+        os.path.join(plan.project_dir, "hpc-compose.sbatch")
+    write_file_atomic(script_path, script, 0o755)
+    result = {"dry_run": bool(args.dry_run), "script_path": script_path,
+              "cache_dir": plan.cache_dir, "job_id": None}
+    if args.dry_run:
+        if fmt == "json":
+            print_json(result)
+        else:
+            print("rendered script: %s" % script_path)
+            print("cache dir: %s" % plan.cache_dir)
+            print("dry run: skipping sbatch")
+        return EXIT_OK
+    job_id, cluster = submit_batch_script(script_path, plan.project_dir, args.sbatch_bin)
+    record = build_job_record(runtime_plan, job_id, cluster, script_path)
+    metadata_path = None
+    try:
+        metadata_path = record_job(plan.project_dir, record)
+    except OSError as exc:
+        warn("job %s was submitted but its tracking record could not be written: %s" % (job_id, exc))
+    result.update({"job_id": job_id, "cluster": cluster, "batch_log": record["batch_log"],
+                   "job_dir": record["job_dir"], "metadata_path": metadata_path,
+                   "service_logs": [{"service": s["name"], "path": s["log_path"]}
+                                    for s in record["services"]]})
+    if fmt == "json" and not getattr(args, "watch", False):
+        print_json(result)
+    else:
+        say("submitted batch job %s%s" % (job_id, " on cluster %s" % cluster if cluster else ""))
+        say("rendered script: %s" % script_path)
+        say("cache dir: %s" % plan.cache_dir)
+        say("batch log: %s" % record["batch_log"])
+        for service in record["services"]:
+            say("log  service '%s': %s" % (service["name"], service["log_path"]))
+        if metadata_path:
+            say("tracked job metadata: %s" % metadata_path)
+    if getattr(args, "watch", False):
+        return _watch(record, args, fmt)
+    return EXIT_OK
+
+
+def _watch(record, args, fmt):
+    out = sys.stderr if fmt == "json" else sys.stdout
+    try:
+        outcome = watch_job(record, args.squeue_bin, args.sacct_bin, out=out)
+    except KeyboardInterrupt:
+        sys.stdout.flush()
+        sys.stderr.write("\nstopped watching job %s; it keeps running.\n"
+                         "  follow it again: hpc-compose logs --follow -f %s\n"
+                         "  cancel it:       hpc-compose cancel -f %s\n"
+                         % (record["job_id"], record.get("compose_file") or "compose.yaml",
+                            record.get("compose_file") or "compose.yaml"))
+        return EXIT_INTERRUPTED
+    if fmt == "json":
+        print_json({"job_id": record["job_id"], "ok": outcome.ok, "reason": outcome.reason,
+                    "scheduler": outcome.scheduler.to_dict(), "runtime": outcome.runtime,
+                    "scheduler_calls": outcome.scheduler_calls})
+    if outcome.ok:
+        out.write(outcome.reason + "\n")
+        return EXIT_OK
+    sys.stderr.write("error: %s\n" % outcome.reason)
+    if record.get("batch_log"):
+        sys.stderr.write("  hint: the batch log is %s\n" % record["batch_log"])
+    return EXIT_FAILURE
+
+
+def cmd_up(args):
+    """``submit --watch``."""
+    args.watch = True
+    return cmd_submit(args)
+
+
+def cmd_status(args):
+    """Scheduler state (squeue, then sacct), per-service state from state.json, log paths."""
+    record = load_job_record(_project_dir(args), args.job_id)
+    status = job_status(record, args.squeue_bin, args.sacct_bin)
+    if output_format(args) == "json":
+        print_json(status)
+    else:
+        sys.stdout.write(format_status_text(status))
+    return EXIT_OK
+
+
+def cmd_logs(args):
+    """Print the last lines of every service log, prefixed; ``--follow`` keeps reading the files."""
+    if args.tail < 0:
+        raise UsageError("--tail must be 0 or more")
+    record = load_job_record(_project_dir(args), args.job_id)
+    sources = record_log_sources(record, args.service)
+    for name, path in sources:
+        for line in tail_lines(path, args.tail):
+            sys.stdout.write(format_log_line(name, line) + "\n")
+    sys.stdout.flush()
+    if args.follow:
+        try:
+            follow_logs(record, sources, args.squeue_bin, args.sacct_bin)
+        except KeyboardInterrupt:
+            sys.stdout.flush()
+            return EXIT_INTERRUPTED
+    return EXIT_OK
+
+
+def cmd_stats(args):
+    """Metrics from the sampler files, else live sstat, as text, json, csv or jsonl."""
+    record = load_job_record(_project_dir(args), args.job_id)
+    stats = collect_stats(record, args.sstat_bin, args.squeue_bin, args.sacct_bin)
+    fmt = output_format(args)
+    if fmt == "json":
+        print_json(stats)
+    elif fmt == "csv":
+        sys.stdout.write(format_stats_csv(stats))
+    elif fmt == "jsonl":
+        sys.stdout.write(format_stats_jsonl(stats))
+    else:
+        sys.stdout.write(format_stats_text(stats))
+    return EXIT_OK
+
+
+def cmd_artifacts(args):
+    """Export the collected payload into x-slurm.artifacts.export_dir (with provenance)."""
+    project_dir = _project_dir(args)
+    record = load_job_record(project_dir, args.job_id)
+    template = None
+    if not record.get("artifact_export_dir"):
+        # An untracked job id: the compose file still says where exports go.
+        try:
+            spec = load_spec(resolve_compose_file(args))
+            if spec.slurm.artifacts is not None:
+                template = spec.slurm.artifacts.export_dir
+        except (HpcComposeError, NotImplementedError):
+            template = None
+    report = export_artifacts(record, args.bundle, args.tarball, template)
+    if output_format(args) == "json":
+        print_json(report)
+        return EXIT_OK
+    print("job %s: collect policy %s, job outcome %s" % (report["job_id"], report["collect_policy"],
+                                                         report["job_outcome"]))
+    print("manifest: %s" % report["manifest_path"])
+    print("export dir: %s" % report["export_dir"])
+    for bundle in report["bundles"]:
+        print("bundle %s: %d path(s) -> %s" % (bundle["bundle"], len(bundle["exported"]),
+                                               bundle["bundle_dir"]))
+        for path in bundle["exported"]:
+            print("  %s" % os.path.join(bundle["bundle_dir"], path))
+        for text in bundle["warnings"]:
+            print("  warning: %s" % text)
+        if bundle["tarball_path"]:
+            print("  tarball: %s" % bundle["tarball_path"])
+        print("  provenance: %s" % bundle["provenance_path"])
+    return EXIT_OK
+
+
+def cmd_cancel(args):
+    """``scancel`` the tracked job; the batch script's teardown writes the final state."""
+    record = load_job_record(_project_dir(args), args.job_id)
+    output = cancel_job(record["job_id"], args.scancel_bin)
+    if output.strip():
+        print(output.strip())
+    print("cancelled job: %s" % record["job_id"])
+    return EXIT_OK
+
+
+def cmd_clean(args):
+    """Remove tracked jobs by age or all but the latest; running jobs are always kept."""
+    if args.age is not None and args.age < 0:
+        raise UsageError("--age must be 0 or more days")
+    removed, kept = clean_jobs(_project_dir(args), args.age, args.remove_all, args.squeue_bin)
+    if output_format(args) == "json":
+        print_json({"removed": removed, "kept": kept})
+        return EXIT_OK
+    if removed:
+        print("removed %d tracked job(s): %s" % (len(removed), ", ".join(removed)))
+    else:
+        print("no tracked jobs to clean")
+    for job_id, why in sorted(kept.items(), key=lambda item: int(item[0])):
+        print("kept job %s: %s" % (job_id, why))
+    return EXIT_OK
 
 
 # CLI: preflight, prepare, cache commands (OWNER: images helper)

@@ -278,13 +278,23 @@ def warn(message):
 ##############################################################################
 # OWNER: YAML helper. Contract (others rely on it):
 #   parse_yaml(text) -> plain dict/list/str/int/float/bool/None
-#   load_yaml(text, filename=None) -> YamlDocument(data, marks)
+#   load_yaml(text, filename=None) -> YamlDocument(data, marks, key_marks)
 #   marks: dict mapping a path tuple (mapping keys as str, sequence indexes as int; () is the root)
 #          to Mark(line, column, text): 1-based position of that node's value, and for plain
 #          scalars the exact source text (so `1.10` and `true` can be kept as written); None otherwise.
 #   key_marks: marks for the KEY token of each mapping entry, keyed by the entry's path tuple
 #          (so an "unknown key" error can point at the key itself).
 #   Errors raise YamlError(message, file, line, column).
+#
+# The subset (docs/yaml-subset.md): one document of block and flow collections, plain / quoted /
+# block scalars, comments, anchors, aliases and merge keys, resolved with the YAML 1.2 core schema
+# (`yes`, `on`, `00:10:00` stay strings). Tags, complex keys, directives and several documents are
+# refused rather than guessed. Values reached through an alias or a merge key are copies, and their
+# marks point at where they are defined.
+#
+# Shape: a line-oriented block layer (indentation decides structure) over a character-level layer
+# for scalars and flow collections. Positions are (row, col), 0-based internally, 1-based in marks
+# and errors. Hot paths use str.find/lstrip rather than per-character loops or regular expressions.
 
 
 class Mark(NamedTuple):
@@ -299,6 +309,40 @@ class YamlDocument(NamedTuple):
     key_marks: dict
 
 
+_SPACE_TAB = " \t"
+_FLOW_INDICATORS = frozenset(",[]{}")
+# A ':' or '-' or '?' followed by one of these is an indicator, not the start of a plain scalar.
+_FLOW_BREAKS = frozenset(" \t,[]{}")
+_ANCHOR_END = frozenset(" \t,[]{}")
+_DIGITS = frozenset("0123456789")
+_OCTAL_DIGITS = frozenset("01234567")
+_HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
+# Only plain scalars starting with one of these can resolve to something other than a string.
+_RESOLVABLE_START = frozenset("0123456789+-.~nNtTfF")
+_RESERVED_START = frozenset("@`")
+_MISSING = object()
+_CORE_SCHEMA_WORDS = {
+    "~": None, "null": None, "Null": None, "NULL": None,
+    "true": True, "True": True, "TRUE": True,
+    "false": False, "False": False, "FALSE": False,
+    ".inf": float("inf"), ".Inf": float("inf"), ".INF": float("inf"),
+    "+.inf": float("inf"), "+.Inf": float("inf"), "+.INF": float("inf"),
+    "-.inf": float("-inf"), "-.Inf": float("-inf"), "-.INF": float("-inf"),
+    ".nan": float("nan"), ".NaN": float("nan"), ".NAN": float("nan"),
+}
+_DOUBLE_QUOTED_ESCAPES = {
+    "0": "\0", "a": "\a", "b": "\b", "t": "\t", "\t": "\t", "n": "\n", "v": "\v", "f": "\f",
+    "r": "\r", "e": "\x1b", " ": " ", '"': '"', "/": "/", "\\": "\\", "N": "\x85",
+    "_": "\xa0", "L": "\u2028", "P": "\u2029",
+}
+_HEX_ESCAPE_LENGTHS = {"x": 2, "u": 4, "U": 8}
+# Aliases copy what they point at; this caps the total number of nodes a document may expand to,
+# so that a "billion laughs" file fails fast instead of eating the login node's memory.
+_MAX_YAML_NODES = 250000
+_ROOT_INDENT = -1
+_MARKER_INDENT = -2   # "indentation" reported for `---` / `...` lines and the end of the text
+
+
 def parse_yaml(text):
     """Parse YAML text into plain Python values (dict, list, str, int, float, bool, None)."""
     return load_yaml(text).data
@@ -306,7 +350,1050 @@ def parse_yaml(text):
 
 def load_yaml(text, filename=None):
     """Parse YAML text, keeping source positions: returns a ``YamlDocument``."""
-    raise NotImplementedError("YAML reader not written yet")
+    text = _decode_yaml_source(text, filename)
+    reader = _YamlReader(text, filename)
+    data = reader.read_document()
+    return YamlDocument(data, reader.marks, reader.key_marks)
+
+
+def _decode_yaml_source(text, filename):
+    """Text as str without BOM and with LF line ends; binary input is refused with its position."""
+    if isinstance(text, (bytes, bytearray)):
+        raw = bytes(text)
+        if b"\0" in raw:
+            line, column = _text_position(raw, raw.index(b"\0"), b"\n")
+            raise YamlError("this is a binary file (it contains NUL bytes), not YAML text",
+                            file=filename, line=line, column=column,
+                            hint="give the path of the compose YAML file")
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            line, column = _text_position(raw, exc.start, b"\n")
+            raise YamlError("the file is not valid UTF-8 text (byte 0x%02x)" % raw[exc.start],
+                            file=filename, line=line, column=column, hint="save it as UTF-8")
+    if text.startswith("\ufeff"):
+        text = text[1:]
+    if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    # Fast C-level check first; the exact scan only runs for unusual text.
+    if not text.replace("\n", "").replace("\t", "").isprintable():
+        _check_printable(text, filename)
+    return text
+
+
+def _text_position(text, index, newline):
+    """1-based (line, column) of ``index`` in ``text`` (str or bytes)."""
+    line = text.count(newline, 0, index) + 1
+    return line, index - (text.rfind(newline, 0, index) + 1) + 1
+
+
+def _check_printable(text, filename):
+    """Refuse characters YAML does not allow in a stream (control characters, NUL...)."""
+    for index, char in enumerate(text):
+        code = ord(char)
+        if code < 0x20 and char not in "\n\t" or 0x7F <= code <= 0x9F and code != 0x85 or \
+                0xD800 <= code <= 0xDFFF or code in (0xFFFE, 0xFFFF):
+            line, column = _text_position(text, index, "\n")
+            if char == "\0":
+                message = "this is a binary file (it contains NUL bytes), not YAML text"
+            else:
+                message = "control character U+%04X is not allowed in YAML text" % code
+            raise YamlError(message, file=filename, line=line, column=column,
+                            hint="give the path of the compose YAML file; write special "
+                                 "characters as escapes in a double-quoted string (\"\\x07\")")
+
+
+def _resolve_plain(text):
+    """The YAML 1.2 core-schema value of a plain scalar's text."""
+    if not text:
+        return None
+    if text[0] not in _RESOLVABLE_START:
+        return text
+    value = _CORE_SCHEMA_WORDS.get(text, _MISSING)
+    if value is not _MISSING:
+        return value
+    body = text[1:] if text[0] in "+-" else text
+    if not body:
+        return text
+    if _DIGITS.issuperset(body):
+        return int(text)
+    if body is text and len(text) > 2 and text[0] == "0":
+        if text[1] == "x" and _HEX_DIGITS.issuperset(text[2:]):
+            return int(text[2:], 16)
+        if text[1] == "o" and _OCTAL_DIGITS.issuperset(text[2:]):
+            return int(text[2:], 8)
+    if _is_core_float(body):
+        return float(text)
+    return text
+
+
+def _is_core_float(body):
+    """Does ``body`` (sign removed) match ``(\\.[0-9]+|[0-9]+(\\.[0-9]*)?)([eE][-+]?[0-9]+)?``?"""
+    mantissa, exponent = body, None
+    for letter in "eE":
+        if letter in body:
+            mantissa, _, exponent = body.partition(letter)
+            break
+    if exponent is not None:
+        if exponent[:1] in ("+", "-"):
+            exponent = exponent[1:]
+        if not exponent or not _DIGITS.issuperset(exponent):
+            return False
+    whole, dot, fraction = mantissa.partition(".")
+    if whole and not _DIGITS.issuperset(whole):
+        return False
+    if fraction and not _DIGITS.issuperset(fraction):
+        return False
+    if not whole:
+        return bool(dot and fraction)
+    return True
+
+
+def _copy_node(value):
+    """A deep copy of a parsed collection (alias targets are copied, never shared)."""
+    if type(value) is dict:
+        return {key: _copy_node(item) for key, item in value.items()}
+    if type(value) is list:
+        return [_copy_node(item) for item in value]
+    return value
+
+
+def _path_key(key):
+    return key if type(key) is str else str(key)
+
+
+def _describe(char):
+    """How to name a character in an error message."""
+    if char == "":
+        return "the end of the line"
+    return repr(char)
+
+
+class _YamlReader(object):
+    """One pass over the lines of one document; fills marks and key_marks as it goes."""
+
+    def __init__(self, text, filename):
+        lines = text.split("\n")
+        # A final "\n" ends the last line; it does not start an empty one.
+        self.final_break = lines[-1] == ""
+        if self.final_break:
+            lines.pop()
+        self.lines = lines
+        self.count = len(lines)
+        self.filename = filename
+        self.marks = {}
+        self.key_marks = {}
+        self.log = []        # paths in the order their marks were recorded (to re-root aliases)
+        self.anchors = {}    # name -> (value, path, first log index, end log index)
+        self.alias_row = self.alias_col = 0   # where the alias being expanded is (for errors)
+
+    # -- errors and marks ---------------------------------------------------------------------
+
+    def error(self, message, row, col, hint=None):
+        return YamlError(message, file=self.filename, line=row + 1, column=col + 1, hint=hint)
+
+    def mark(self, path, row, col, text=None):
+        self.marks[path] = Mark(row + 1, col + 1, text)
+        self.log.append(path)
+
+    def copy_marks(self, first, end, source, target, skip_root, only_keys=None):
+        """Re-root the marks logged in [first, end) from path ``source`` to path ``target``."""
+        if len(self.log) + (end - first) > _MAX_YAML_NODES:
+            raise YamlError(
+                "aliases expand this document to more than %d nodes" % _MAX_YAML_NODES,
+                file=self.filename, line=self.alias_row + 1, column=self.alias_col + 1,
+                hint="this looks like an alias bomb (\"billion laughs\"); a compose file never "
+                     "needs that many values")
+        marks = self.marks
+        key_marks = self.key_marks
+        log = self.log
+        size = len(source)
+        for path in log[first:end]:
+            if path[:size] != source:
+                continue
+            if len(path) == size:
+                if skip_root:
+                    continue
+                new_path = target
+            else:
+                if only_keys is not None and only_keys.get(path[size]) != source:
+                    continue
+                new_path = target + path[size:]
+            mark = marks.get(path)
+            if mark is None:
+                continue
+            marks[new_path] = mark
+            log.append(new_path)
+            if len(path) != size:
+                key_mark = key_marks.get(path)
+                if key_mark is not None:
+                    key_marks[new_path] = key_mark
+
+    # -- lines --------------------------------------------------------------------------------
+
+    def next_content_row(self, row):
+        """(row, indent) of the next line holding content, skipping blank and comment lines.
+
+        `---` / `...` lines and the end of the text report _MARKER_INDENT, below any real indent.
+        """
+        lines = self.lines
+        count = self.count
+        while row < count:
+            line = lines[row]
+            rest = line.lstrip(" ")
+            if not rest or rest[0] == "#":
+                row += 1
+                continue
+            indent = len(line) - len(rest)
+            if rest[0] == "\t":
+                rest = rest.lstrip(_SPACE_TAB)
+                if not rest or rest[0] == "#":
+                    row += 1
+                    continue
+                raise self.error("a tab character is used for indentation", row,
+                                 line.index("\t"), hint="YAML indentation must use spaces only")
+            if indent == 0 and (rest[:3] == "---" or rest[:3] == "...") and \
+                    (len(rest) == 3 or rest[3] in _SPACE_TAB):
+                return row, _MARKER_INDENT
+            return row, indent
+        return count, _MARKER_INDENT
+
+    def expect_line_end(self, row, col, what):
+        """Only spaces and a comment may follow ``what`` on its line; returns the next row."""
+        line = self.lines[row]
+        start = col
+        length = len(line)
+        while col < length and line[col] in _SPACE_TAB:
+            col += 1
+        if col < length and (line[col] != "#" or col == start):
+            if line[col] == ":" and (col + 1 == length or line[col + 1] in _SPACE_TAB):
+                raise self.error("a ':' after %s is not allowed here (mapping values are not "
+                                 "allowed in this context)" % what, row, col,
+                                 hint="a mapping key must be a plain or quoted scalar on the line "
+                                      "where its block mapping starts")
+            raise self.error("expected a comment or the end of the line after %s, found %s"
+                             % (what, _describe(line[col])), row, col)
+        return row + 1
+
+    # -- document -----------------------------------------------------------------------------
+
+    def read_document(self):
+        """The value of the one document in the text (None when it is empty)."""
+        lines = self.lines
+        row, indent = self.next_content_row(0)
+        while row < self.count and lines[row][:1] == "%":
+            raise self.error("YAML directives (%s) are not supported" % lines[row].split()[0],
+                             row, 0, hint="remove the directive line; the file is read as "
+                                          "YAML 1.2 core schema")
+        if row >= self.count:
+            self.mark((), 0, 0)
+            return None
+        line = lines[row]
+        if indent == _MARKER_INDENT and line[:3] == "...":
+            self.mark((), row, 0)
+            self.finish_document(row)
+            return None
+        if indent == _MARKER_INDENT:
+            col = 3
+            while col < len(line) and line[col] in _SPACE_TAB:
+                col += 1
+            if col < len(line) and line[col] != "#":
+                row, value = self.parse_node(row, col, _ROOT_INDENT, (), False, False)
+            else:
+                row, value = self.parse_node_below(row + 1, _ROOT_INDENT, (), False, row, 3)
+        else:
+            row, value = self.parse_node(row, indent, _ROOT_INDENT, (), True, False)
+        self.finish_document(row)
+        return value
+
+    def finish_document(self, row):
+        """After the document only blank lines, comments and one `...` may follow."""
+        lines = self.lines
+        row, indent = self.next_content_row(row)
+        if row < self.count and indent == _MARKER_INDENT and lines[row][:3] == "...":
+            self.expect_line_end(row, 3, "'...'")
+            row, indent = self.next_content_row(row + 1)
+        if row >= self.count:
+            return
+        line = lines[row]
+        if indent == _MARKER_INDENT or line[:1] == "%":
+            raise self.error("several YAML documents in one file are not supported", row, 0,
+                             hint="keep one document per compose file (remove this '---' or "
+                                  "split the file)")
+        raise self.error("expected the end of the document, found more content at column %d "
+                         "(less indented than the start of the document?)" % (indent + 1),
+                         row, indent, hint="check the indentation of this line")
+
+    # -- block nodes --------------------------------------------------------------------------
+
+    def parse_node_below(self, row, parent_indent, path, sequence_at_same_indent,
+                         empty_row, empty_col):
+        """The node that starts on a later line (after `key:` or `-` with nothing after it)."""
+        next_row, indent = self.next_content_row(row)
+        if indent > parent_indent:
+            return self.parse_node(next_row, indent, parent_indent, path, True, False)
+        if sequence_at_same_indent and indent == parent_indent:
+            line = self.lines[next_row]
+            if line[indent] == "-" and (len(line) == indent + 1 or line[indent + 1] in _SPACE_TAB):
+                return self.parse_block_sequence(next_row, indent, parent_indent, path)
+        self.mark(path, empty_row, empty_col)
+        return row, None
+
+    def parse_node(self, row, col, parent_indent, path, block_allowed, sequence_at_same_indent):
+        """The node whose first character is at (row, col); returns (next row, value).
+
+        ``block_allowed``: a block mapping or sequence may start here (at a line start or after
+        `- `), not after `key: ` where only a scalar, flow collection or block scalar may follow.
+        """
+        line = self.lines[row]
+        char = line[col]
+        if char == "&":
+            return self.parse_anchored_node(row, col, parent_indent, path, block_allowed,
+                                            sequence_at_same_indent)
+        if char == "*":
+            col, value = self.parse_alias(row, col, path)
+            return self.expect_line_end(row, col, "an alias"), value
+        if char == '"' or char == "'":
+            end_row, end_col, value = self.parse_quoted(row, col)
+            if end_row == row and self.is_key_colon(line, end_col):
+                if block_allowed:
+                    return self.parse_block_mapping(row, col, path)
+                raise self.error("mapping values are not allowed here", row,
+                                 self.skip_spaces(line, end_col),
+                                 hint="a nested mapping goes on its own lines, indented under "
+                                      "its key")
+            self.mark(path, row, col)
+            return self.expect_line_end(end_row, end_col, "a quoted string"), value
+        if char == "[" or char == "{":
+            end_row, end_col, value = self.parse_flow_collection(row, col, path)
+            if end_row == row and self.is_key_colon(line, end_col):
+                raise self.error("a flow collection as a mapping key (a complex key) is not "
+                                 "supported", row, col, hint="use a plain or quoted string key")
+            return self.expect_line_end(end_row, end_col, "a flow collection"), value
+        if char == "|" or char == ">":
+            return self.parse_block_scalar(row, col, parent_indent, path)
+        following = line[col + 1:col + 2]
+        if char == "-" and (following == "" or following in _SPACE_TAB):
+            if block_allowed:
+                return self.parse_block_sequence(row, col, parent_indent, path)
+            raise self.error("a block sequence cannot start on the line of its key", row, col,
+                             hint="start the '- ' items on the next line, indented under the "
+                                  "key")
+        self.check_node_start(row, col, char, following)
+        return self.parse_plain_block(row, col, parent_indent, path, block_allowed)
+
+    def check_node_start(self, row, col, char, following):
+        """Refuse what cannot start a node in this subset (tags, complex keys, indicators)."""
+        if char == "!":
+            tag = self.lines[row][col:].split(None, 1)[0]
+            raise self.error("YAML tags (%s) are not supported" % tag, row, col,
+                             hint="remove the tag; to write a string that starts with '!', "
+                                  "quote it")
+        if char == "?" and (following == "" or following in _SPACE_TAB):
+            raise self.error("complex mapping keys ('? ') are not supported", row, col,
+                             hint="write the key as a plain or quoted string: 'key: value'")
+        if char == ":" and (following == "" or following in _SPACE_TAB):
+            raise self.error("a mapping entry without a key (':' at the start of a value)",
+                             row, col, hint="write 'key: value', or quote the value")
+        if char == "%":
+            raise self.error("a plain value cannot start with '%'", row, col,
+                             hint="quote the value ('%...') ; YAML directives are not supported")
+        if char in _RESERVED_START:
+            raise self.error("a plain value cannot start with the reserved character %r" % char,
+                             row, col, hint="quote the value")
+        if char in _FLOW_INDICATORS or char == "#":
+            raise self.error("expected a value, found %r" % char, row, col,
+                             hint="quote the value if %r is part of it" % char)
+
+    def parse_anchored_node(self, row, col, parent_indent, path, block_allowed,
+                            sequence_at_same_indent):
+        """`&name node`: parse the node and remember it for later aliases."""
+        line = self.lines[row]
+        name, col = self.read_anchor_name(row, col)
+        col = self.skip_spaces(line, col)
+        first = len(self.log)
+        if col >= len(line) or line[col] == "#":
+            row, value = self.parse_node_below(row + 1, parent_indent, path,
+                                               sequence_at_same_indent, row, col)
+        else:
+            char = line[col]
+            if block_allowed and char not in "[{|>*&!" and self.find_key_colon(line, col) >= 0:
+                raise self.error("an anchor before a key on the same line is not supported (it "
+                                 "would anchor the key, not the mapping)", row, col,
+                                 hint="put '&%s' on the line of the parent key "
+                                      "(parent: &%s) or alone before the mapping" % (name, name))
+            if char == "&":
+                raise self.error("a node may have only one anchor", row, col)
+            row, value = self.parse_node(row, col, parent_indent, path, block_allowed and
+                                         char == "-", sequence_at_same_indent)
+        self.anchors[name] = (value, path, first, len(self.log))
+        return row, value
+
+    def read_anchor_name(self, row, col):
+        """The name after '&' or '*' at (row, col); returns (name, column after it)."""
+        line = self.lines[row]
+        end = col + 1
+        length = len(line)
+        while end < length and line[end] not in _ANCHOR_END:
+            end += 1
+        name = line[col + 1:end]
+        if not name:
+            what = "an anchor" if line[col] == "&" else "an alias"
+            raise self.error("expected the name of %s after %r" % (what, line[col]), row, col)
+        return name, end
+
+    def parse_alias(self, row, col, path):
+        """`*name`: a copy of the anchored node; its marks are those of the anchored node."""
+        name, end = self.read_anchor_name(row, col)
+        anchor = self.anchors.get(name)
+        if anchor is None:
+            raise self.error("undefined alias '*%s'" % name, row, col,
+                             hint="define it earlier in the file with '&%s' (an alias cannot "
+                                  "refer to a later or enclosing node)" % name)
+        value, source, first, last = anchor
+        self.alias_row, self.alias_col = row, col
+        self.copy_marks(first, last, source, path, False)
+        if type(value) is dict or type(value) is list:
+            value = _copy_node(value)
+        return end, value
+
+    def skip_spaces(self, line, col):
+        length = len(line)
+        while col < length and line[col] in _SPACE_TAB:
+            col += 1
+        return col
+
+    def is_key_colon(self, line, col):
+        """After a quoted key or flow collection: is the next thing a `:` key indicator?"""
+        col = self.skip_spaces(line, col)
+        return col < len(line) and line[col] == ":" and (
+            col + 1 == len(line) or line[col + 1] in _SPACE_TAB)
+
+    def find_key_colon(self, line, col):
+        """Index of the `: ` that ends a plain key starting at ``col``, or -1 (none before a comment)."""
+        limit = self.find_comment(line, col)
+        index = line.find(":", col, limit)
+        while index >= 0:
+            if index + 1 == len(line) or line[index + 1] in _SPACE_TAB:
+                return index
+            index = line.find(":", index + 1, limit)
+        return -1
+
+    def find_comment(self, line, col):
+        """Index where a ` #` comment starts after ``col``, or the line length."""
+        index = line.find(" #", col)
+        if "\t#" in line:
+            tab_index = line.find("\t#", col)
+            if tab_index >= 0 and (index < 0 or tab_index < index):
+                index = tab_index
+        return len(line) if index < 0 else index
+
+    def parse_plain_block(self, row, col, parent_indent, path, block_allowed):
+        """A plain scalar in block context (maybe over several lines), or the first key of a
+        block mapping when `key: ` follows."""
+        line = self.lines[row]
+        limit = self.find_comment(line, col)
+        colon = line.find(":", col, limit)
+        while colon >= 0:
+            if colon + 1 == len(line) or line[colon + 1] in _SPACE_TAB:
+                if block_allowed:
+                    return self.parse_block_mapping(row, col, path)
+                raise self.error("mapping values are not allowed here", row, colon,
+                                 hint="quote the value if it contains ': ', or put a nested "
+                                      "mapping on its own lines under its key")
+            colon = line.find(":", colon + 1, limit)
+        text = line[col:limit].rstrip(_SPACE_TAB)
+        next_row = row + 1
+        if limit == len(line) and next_row < self.count:
+            lines = self.lines
+            pieces = None
+            blank_lines = 0
+            count = self.count
+            while next_row < count:
+                line = lines[next_row]
+                rest = line.lstrip(_SPACE_TAB)
+                if not rest:
+                    blank_lines += 1
+                    next_row += 1
+                    continue
+                indent = len(line) - len(line.lstrip(" "))
+                if indent <= parent_indent or rest[0] == "#" or indent == 0 and (
+                        rest[:3] == "---" or rest[:3] == "...") and (
+                        len(rest) == 3 or rest[3] in _SPACE_TAB):
+                    break
+                start = len(line) - len(rest)
+                limit = self.find_comment(line, start)
+                colon = self.find_key_colon(line, start)
+                if colon >= 0:
+                    raise self.error(
+                        "mapping values are not allowed here (this line continues the plain "
+                        "value of the line above, so its ': ' is invalid)", next_row, colon,
+                        hint="if this is meant to be a new key, indent it exactly like the key "
+                             "above; if it is text, quote the whole value")
+                if pieces is None:
+                    pieces = [text]
+                pieces.append("\n" * blank_lines if blank_lines else " ")
+                pieces.append(line[start:limit].rstrip(_SPACE_TAB))
+                blank_lines = 0
+                row = next_row
+                next_row += 1
+                if limit < len(line):
+                    break
+            if pieces is not None:
+                text = "".join(pieces)
+                self.mark(path, row, col, text)
+                return row + 1, text
+        value = _resolve_plain(text)
+        self.mark(path, row, col, text)
+        return row + 1, value
+
+    def parse_block_mapping(self, row, indent, path):
+        """Entries `key: value` at column ``indent`` from ``row`` on."""
+        lines = self.lines
+        result = {}
+        merges = None
+        key_rows = {}
+        self.mark(path, row, indent)
+        while True:
+            line = lines[row]
+            key, text, col = self.parse_mapping_key(row, indent)
+            key_path = path + (key if type(key) is str else str(key),)
+            if key in result or (text == "<<" and merges is not None):
+                first_row, first_col = key_rows[key]
+                raise self.error("duplicate key %r (first defined at line %d, column %d)"
+                                 % (_path_key(key), first_row + 1, first_col + 1), row, indent,
+                                 hint="remove one of them; YAML mapping keys must be unique")
+            key_rows[key] = (row, indent)
+            self.key_marks[key_path] = Mark(row + 1, indent + 1, text)
+            value_col = self.skip_spaces(line, col)
+            first = len(self.log)
+            if value_col >= len(line) or line[value_col] == "#":
+                row, value = self.parse_node_below(row + 1, indent, key_path, True, row,
+                                                   min(col + 1, len(line)))
+            else:
+                row, value = self.parse_node(row, value_col, indent, key_path, False, True)
+            if text == "<<":
+                merges = self.merge_sources(value, key_path, first, key_rows[key])
+            else:
+                result[key] = value
+            row, next_indent = self.next_content_row(row)
+            if next_indent == indent:
+                continue
+            if next_indent > indent:
+                raise self.error("unexpected indentation: expected a key at column %d (like the "
+                                 "keys above) or less" % (indent + 1), row, next_indent,
+                                 hint="align this line with its sibling keys")
+            break
+        if merges is not None:
+            result = self.apply_merges(result, merges, path)
+        return row, result
+
+    def parse_mapping_key(self, row, col):
+        """The key at (row, col) of a block mapping entry; returns (key, source text of a plain
+        key or None for a quoted one, column after the ':')."""
+        line = self.lines[row]
+        char = line[col]
+        if char == '"' or char == "'":
+            end_row, end_col, key = self.parse_quoted(row, col)
+            if end_row != row:
+                raise self.error("a mapping key must fit on one line", row, col)
+            end_col = self.skip_spaces(line, end_col)
+            if end_col < len(line) and line[end_col] == ":" and (
+                    end_col + 1 == len(line) or line[end_col + 1] in _SPACE_TAB):
+                return key, None, end_col + 1
+            raise self.error("expected ':' after the mapping key %s, found %s"
+                             % (line[col:end_col].rstrip(), _describe(line[end_col:end_col + 1])),
+                             row, end_col)
+        following = line[col + 1:col + 2]
+        if char == "-" and (following == "" or following in _SPACE_TAB):
+            raise self.error("expected a mapping key at this indentation, found a sequence entry "
+                             "'- '", row, col, hint="a list goes under a key (key:, then the '- ' "
+                                                     "items), not between the keys of a mapping")
+        if char == "[" or char == "{":
+            raise self.error("a flow collection as a mapping key (a complex key) is not "
+                             "supported", row, col, hint="use a plain or quoted string key")
+        if char == "*":
+            raise self.error("an alias as a mapping key is not supported", row, col,
+                             hint="write the key itself")
+        if char == "&":
+            raise self.error("an anchor before a key on the same line is not supported (it "
+                             "would anchor the key, not the mapping)", row, col,
+                             hint="put the anchor on the line of the parent key")
+        if char in "|>":
+            raise self.error("expected a mapping key, found a block scalar indicator %r" % char,
+                             row, col)
+        self.check_node_start(row, col, char, following)
+        colon = self.find_key_colon(line, col)
+        if colon < 0:
+            raise self.error("expected a mapping entry 'key: value' at this indentation, found "
+                             "%r without a ':'" % line[col:self.find_comment(line, col)].rstrip(),
+                             row, col, hint="add ': ' after the key, or fix the indentation")
+        text = line[col:colon].rstrip(_SPACE_TAB)
+        return _resolve_plain(text), text, colon + 1
+
+    def merge_sources(self, value, key_path, first, key_position):
+        """The mappings a `<<` key merges, with where their marks were logged."""
+        if type(value) is dict:
+            return [(value, key_path, first, len(self.log))]
+        if type(value) is list and value and all(type(item) is dict for item in value):
+            return [(item, key_path + (index,), first, len(self.log))
+                    for index, item in enumerate(value)]
+        row, col = key_position
+        raise self.error("the merge key '<<' expects a mapping or a list of mappings (such as "
+                         "*common or [*a, *b])", row, col,
+                         hint="quote the key ('<<') if you want a literal '<<' key")
+
+    def apply_merges(self, explicit, merges, path):
+        """YAML merge precedence: explicit keys win; earlier merged mappings win over later."""
+        result = {}
+        taken_from = {}
+        for mapping, source, _, _ in merges:
+            for key, value in mapping.items():
+                if key not in explicit and key not in result:
+                    result[key] = value
+                    taken_from[_path_key(key)] = source
+        for mapping, source, first, end in merges:
+            self.alias_row, self.alias_col = self.marks[path][0] - 1, self.marks[path][1] - 1
+            self.copy_marks(first, end, source, path, True, taken_from)
+        for key, value in explicit.items():
+            result[key] = value
+        return result
+
+    def parse_block_sequence(self, row, indent, parent_indent, path):
+        """Entries `- value` at column ``indent`` from ``row`` on."""
+        lines = self.lines
+        items = []
+        self.mark(path, row, indent)
+        while True:
+            line = lines[row]
+            item_path = path + (len(items),)
+            col = self.skip_spaces(line, indent + 1)
+            if col >= len(line) or line[col] == "#":
+                row, value = self.parse_node_below(row + 1, indent, item_path, False, row,
+                                                   min(indent + 2, len(line)))
+            else:
+                row, value = self.parse_node(row, col, indent, item_path, True, False)
+            items.append(value)
+            row, next_indent = self.next_content_row(row)
+            if next_indent == indent:
+                line = lines[row]
+                if line[indent] == "-" and (len(line) == indent + 1 or
+                                            line[indent + 1] in _SPACE_TAB):
+                    continue
+                if indent > parent_indent:
+                    raise self.error("expected a sequence entry '- ' at this indentation, found "
+                                     "%r" % line.strip()[:40], row, indent,
+                                     hint="a mapping entry cannot follow the items of a list at "
+                                          "the same indentation; check the indentation")
+            elif next_indent > indent:
+                raise self.error("unexpected indentation: expected '- ' at column %d (like the "
+                                 "entries above) or less" % (indent + 1), row, next_indent,
+                                 hint="align this line with its sibling entries")
+            break
+        return row, items
+
+    def parse_block_scalar(self, row, col, parent_indent, path):
+        """`|` (literal) or `>` (folded) with optional chomping and indentation indicators."""
+        lines = self.lines
+        line = lines[row]
+        folded = line[col] == ">"
+        chomping = None
+        increment = None
+        cursor = col + 1
+        for _ in range(2):
+            char = line[cursor:cursor + 1]
+            if char and char in "+-" and chomping is None:
+                chomping = char
+            elif char and char in "123456789" and increment is None:
+                increment = int(char)
+            elif char == "0":
+                raise self.error("a block scalar indentation indicator must be 1 to 9", row,
+                                 cursor)
+            else:
+                break
+            cursor += 1
+        end = self.skip_spaces(line, cursor)
+        if end < len(line) and (line[end] != "#" or end == cursor):
+            raise self.error("expected a chomping indicator (+ or -), an indentation indicator "
+                             "(1-9), a comment or the end of the line after %r, found %s"
+                             % (line[col], _describe(line[end])), row, end)
+        self.mark(path, row, col)
+        base = parent_indent if parent_indent > 0 else 0
+        count = self.count
+        next_row = row + 1
+        leading = []
+        if increment is not None:
+            indent = base + increment
+        else:
+            # The first non-blank line sets the indentation (at least one more than the parent).
+            indent = 0
+            scan = next_row
+            while scan < count:
+                text = lines[scan]
+                stripped = text.lstrip(" ")
+                if stripped:
+                    indent = max(indent, len(text) - len(stripped))
+                    break
+                indent = max(indent, len(text))
+                scan += 1
+            indent = max(indent, parent_indent + 1, 1 if parent_indent >= 0 else 0)
+        # Collect (blank lines before, content) for each content line.
+        groups = []
+        blank_lines = 0
+        last_content_row = -1
+        while next_row < count:
+            text = lines[next_row]
+            if len(text) > indent and text[:indent].strip(" ") == "":
+                if indent == 0 and (text[:3] == "---" or text[:3] == "...") and (
+                        len(text) == 3 or text[3] in _SPACE_TAB):
+                    break
+                groups.append((blank_lines, text[indent:]))
+                blank_lines = 0
+                last_content_row = next_row
+            elif text.strip(" ") == "":
+                blank_lines += 1
+            else:
+                break
+            next_row += 1
+        if not groups:
+            value = "\n" * blank_lines if chomping == "+" else ""
+            return next_row, value
+        chunks = []
+        previous = None
+        for blanks, text in groups:
+            if previous is None:
+                if blanks:
+                    chunks.append("\n" * blanks)
+            elif folded and previous[:1] not in (" ", "\t") and text[:1] not in (" ", "\t"):
+                chunks.append("\n" * blanks if blanks else " ")
+            else:
+                chunks.append("\n" * (blanks + 1))
+            chunks.append(text)
+            previous = text
+        has_break = last_content_row < count - 1 or self.final_break
+        if chomping != "-" and has_break:
+            chunks.append("\n")
+            if chomping == "+":
+                chunks.append("\n" * blank_lines)
+        return next_row, "".join(chunks)
+
+    # -- quoted scalars -----------------------------------------------------------------------
+
+    def parse_quoted(self, row, col):
+        """A single- or double-quoted scalar starting at (row, col); returns (row, column after
+        the closing quote, value). Line breaks inside fold like YAML says."""
+        lines = self.lines
+        line = lines[row]
+        quote = line[col]
+        double = quote == '"'
+        start_row, start_col = row, col
+        col += 1
+        # Fast path: a one-line string without escapes.
+        end = line.find(quote, col)
+        if end >= 0 and (not double or line.find("\\", col, end) < 0) and (
+                double or line[end + 1:end + 2] != "'"):
+            return row, end + 1, line[col:end]
+        chunks = []
+        while True:
+            length = len(line)
+            escaped_break = False
+            while True:
+                end = line.find(quote, col)
+                if double:
+                    escape = line.find("\\", col, end if end >= 0 else length)
+                    if escape >= 0:
+                        chunks.append(line[col:escape])
+                        if escape + 1 == length:
+                            col = length
+                            escaped_break = True
+                            break
+                        text, col = self.read_escape(row, escape)
+                        chunks.append(text)
+                        continue
+                elif end >= 0 and line[end + 1:end + 2] == "'":
+                    chunks.append(line[col:end + 1])
+                    col = end + 2
+                    continue
+                if end >= 0:
+                    chunks.append(line[col:end])
+                    return row, end + 1, "".join(chunks)
+                break
+            if not escaped_break:
+                # Trailing spaces of a line are not part of a folded string.
+                chunks.append(line[col:].rstrip(_SPACE_TAB))
+            row += 1
+            blank_lines = 0
+            while row < self.count and lines[row].strip(_SPACE_TAB) == "":
+                blank_lines += 1
+                row += 1
+            if row >= self.count:
+                raise self.error("unterminated %s string (expected a closing %s)"
+                                 % ("double-quoted" if double else "single-quoted", quote),
+                                 start_row, start_col,
+                                 hint="add the closing quote, or escape quotes inside it")
+            line = lines[row]
+            if (line[:3] == "---" or line[:3] == "...") and (len(line) == 3 or line[3] in
+                                                             _SPACE_TAB):
+                raise self.error("unterminated %s string before a document marker"
+                                 % ("double-quoted" if double else "single-quoted"),
+                                 start_row, start_col, hint="add the closing %s" % quote)
+            if escaped_break:
+                chunks.append("\n" * blank_lines)
+            else:
+                chunks.append("\n" * blank_lines if blank_lines else " ")
+            col = self.skip_spaces(line, 0)
+
+    def read_escape(self, row, col):
+        """The character(s) of the escape at line[col] == '\\'; returns (text, next column)."""
+        line = self.lines[row]
+        char = line[col + 1]
+        text = _DOUBLE_QUOTED_ESCAPES.get(char)
+        if text is not None:
+            return text, col + 2
+        size = _HEX_ESCAPE_LENGTHS.get(char)
+        if size is not None:
+            digits = line[col + 2:col + 2 + size]
+            if len(digits) != size or not _HEX_DIGITS.issuperset(digits):
+                raise self.error("expected %d hexadecimal digits after '\\%s'" % (size, char),
+                                 row, col)
+            code = int(digits, 16)
+            if code > 0x10FFFF:
+                raise self.error("'\\%s%s' is not a valid Unicode code point" % (char, digits),
+                                 row, col)
+            return chr(code), col + 2 + size
+        raise self.error("unknown escape '\\%s' in a double-quoted string" % char, row, col,
+                         hint="write '\\\\' for a backslash, or use single quotes, where "
+                              "backslashes are literal")
+
+    # -- flow collections ---------------------------------------------------------------------
+
+    def skip_flow_space(self, row, col, open_row, open_col):
+        """Skip spaces, line breaks and comments inside a flow collection."""
+        lines = self.lines
+        while True:
+            line = lines[row]
+            length = len(line)
+            while col < length and line[col] in _SPACE_TAB:
+                col += 1
+            if col < length and line[col] == "#" and (col == 0 or line[col - 1] in _SPACE_TAB):
+                col = length
+            if col < length:
+                return row, col
+            row += 1
+            col = 0
+            if row >= self.count:
+                raise self.error("unterminated flow collection (expected a closing %r)"
+                                 % ("]" if lines[open_row][open_col] == "[" else "}"),
+                                 open_row, open_col, hint="add the closing bracket")
+            line = lines[row]
+            if (line[:3] == "---" or line[:3] == "...") and (len(line) == 3 or line[3] in
+                                                             _SPACE_TAB):
+                raise self.error("unterminated flow collection before a document marker",
+                                 open_row, open_col, hint="add the closing bracket")
+
+    def parse_flow_collection(self, row, col, path):
+        """`[...]` or `{...}`, maybe over several lines; returns (row, column after it, value)."""
+        lines = self.lines
+        open_row, open_col = row, col
+        is_mapping = lines[row][col] == "{"
+        closer = "}" if is_mapping else "]"
+        result = {} if is_mapping else []
+        key_rows = {}
+        self.mark(path, row, col)
+        row, col = self.skip_flow_space(row, col + 1, open_row, open_col)
+        while True:
+            line = lines[row]
+            char = line[col]
+            if char == closer:
+                return row, col + 1, result
+            following = line[col + 1:col + 2]
+            if char == "?" and (following == "" or following in _FLOW_BREAKS):
+                raise self.error("complex mapping keys ('? ') are not supported", row, col,
+                                 hint="write the key as a plain or quoted string")
+            entry_row, entry_col = row, col
+            if is_mapping:
+                key, text, row, col = self.parse_flow_key(row, col)
+                key_path = path + (key if type(key) is str else str(key),)
+                if key in result:
+                    first_row, first_col = key_rows[key]
+                    raise self.error("duplicate key %r (first defined at line %d, column %d)"
+                                     % (_path_key(key), first_row + 1, first_col + 1),
+                                     entry_row, entry_col,
+                                     hint="remove one of them; YAML mapping keys must be unique")
+                key_rows[key] = (entry_row, entry_col)
+                self.key_marks[key_path] = Mark(entry_row + 1, entry_col + 1, text)
+                row, col = self.skip_flow_space(row, col, open_row, open_col)
+                line = lines[row]
+                if line[col] == ":":
+                    row, col = self.skip_flow_space(row, col + 1, open_row, open_col)
+                    line = lines[row]
+                    if line[col] == "," or line[col] == closer:
+                        self.mark(key_path, row, col)
+                        value = None
+                    else:
+                        row, col, value = self.parse_flow_node(row, col, key_path, open_row,
+                                                               open_col)
+                else:
+                    self.mark(key_path, row, col)
+                    value = None
+                result[key] = value
+            else:
+                item_path = path + (len(result),)
+                row, col, value = self.parse_flow_node(row, col, item_path, open_row, open_col)
+                after_row, after_col = self.skip_flow_space(row, col, open_row, open_col)
+                if lines[after_row][after_col] == ":":
+                    value = self.parse_flow_pair(entry_row, entry_col, value, item_path,
+                                                 after_row, after_col, open_row, open_col)
+                    row, col, value = value
+                result.append(value)
+            row, col = self.skip_flow_space(row, col, open_row, open_col)
+            line = lines[row]
+            char = line[col]
+            if char == ",":
+                row, col = self.skip_flow_space(row, col + 1, open_row, open_col)
+            elif char != closer:
+                raise self.error("expected ',' or %r in a flow %s, found %s"
+                                 % (closer, "mapping" if is_mapping else "sequence",
+                                    _describe(char)), row, col,
+                                 hint="separate entries with ', ' and quote values containing "
+                                      "',', '[', ']', '{' or '}'")
+
+    def parse_flow_pair(self, key_row, key_col, key, item_path, row, col, open_row, open_col):
+        """`[key: value]`: a single-pair mapping inside a flow sequence."""
+        if type(key) is dict or type(key) is list:
+            raise self.error("a flow collection as a mapping key (a complex key) is not "
+                             "supported", key_row, key_col, hint="use a plain or quoted key")
+        old_mark = self.marks.get(item_path)
+        text = old_mark.text if old_mark is not None and old_mark.text is not None else key
+        self.mark(item_path, key_row, key_col)
+        key_path = item_path + (_path_key(key),)
+        self.key_marks[key_path] = Mark(key_row + 1, key_col + 1, text)
+        row, col = self.skip_flow_space(row, col + 1, open_row, open_col)
+        char = self.lines[row][col]
+        if char == "," or char == "]":
+            self.mark(key_path, row, col)
+            return row, col, {key: None}
+        row, col, value = self.parse_flow_node(row, col, key_path, open_row, open_col)
+        return row, col, {key: value}
+
+    def parse_flow_key(self, row, col):
+        """A key inside `{...}`: a quoted or plain scalar; returns (key, text, row, col)."""
+        line = self.lines[row]
+        char = line[col]
+        if char == '"' or char == "'":
+            end_row, end_col, key = self.parse_quoted(row, col)
+            return key, None, end_row, end_col
+        if char == "[" or char == "{":
+            raise self.error("a flow collection as a mapping key (a complex key) is not "
+                             "supported", row, col, hint="use a plain or quoted string key")
+        if char == "*":
+            raise self.error("an alias as a mapping key is not supported", row, col,
+                             hint="write the key itself")
+        if char == "&":
+            raise self.error("an anchor on a mapping key is not supported", row, col,
+                             hint="anchor the whole mapping instead")
+        following = line[col + 1:col + 2]
+        if char == ":" and (following == "" or following in _FLOW_BREAKS):
+            raise self.error("a mapping entry without a key", row, col,
+                             hint="write 'key: value'")
+        self.check_flow_start(row, col, char, following)
+        end_row, end_col, text = self.scan_flow_plain(row, col)
+        return _resolve_plain(text), text, end_row, end_col
+
+    def check_flow_start(self, row, col, char, following):
+        if char == "-" and (following == "" or following in _FLOW_BREAKS):
+            raise self.error("a block sequence entry '- ' is not allowed inside a flow "
+                             "collection", row, col, hint="separate items with ', ' instead")
+        if char in "|>":
+            raise self.error("a block scalar (%s) is not allowed inside a flow collection" % char,
+                             row, col, hint="use a quoted string with \\n escapes")
+        self.check_node_start(row, col, char, following)
+
+    def parse_flow_node(self, row, col, path, open_row, open_col):
+        """A node inside a flow collection; returns (row, column after it, value)."""
+        lines = self.lines
+        line = lines[row]
+        char = line[col]
+        if char == "[" or char == "{":
+            return self.parse_flow_collection(row, col, path)
+        if char == '"' or char == "'":
+            end_row, end_col, value = self.parse_quoted(row, col)
+            self.mark(path, row, col)
+            return end_row, end_col, value
+        if char == "*":
+            end, value = self.parse_alias(row, col, path)
+            return row, end, value
+        if char == "&":
+            name, end = self.read_anchor_name(row, col)
+            first = len(self.log)
+            next_row, next_col = self.skip_flow_space(row, end, open_row, open_col)
+            following = lines[next_row][next_col]
+            if following == "," or following in "]}" or (
+                    following == ":" and lines[next_row][next_col + 1:next_col + 2] in
+                    ("", " ", "\t", ",", "]", "}")):
+                self.mark(path, next_row, next_col)
+                value = None
+                row, col = next_row, next_col
+            else:
+                row, col, value = self.parse_flow_node(next_row, next_col, path, open_row,
+                                                       open_col)
+            self.anchors[name] = (value, path, first, len(self.log))
+            return row, col, value
+        self.check_flow_start(row, col, char, line[col + 1:col + 2])
+        end_row, end_col, text = self.scan_flow_plain(row, col)
+        if end_row == row:
+            self.mark(path, row, col, text)
+            return end_row, end_col, _resolve_plain(text)
+        self.mark(path, row, col, text)
+        return end_row, end_col, text
+
+    def scan_flow_plain(self, row, col):
+        """A plain scalar inside a flow collection, maybe folded over several lines; returns
+        (row, column after it, text)."""
+        lines = self.lines
+        line = lines[row]
+        end = self.plain_flow_end(line, col)
+        text = line[col:end].rstrip(_SPACE_TAB)
+        pieces = None
+        while end == len(line):
+            scan = row + 1
+            blank_lines = 0
+            while scan < self.count and lines[scan].strip(_SPACE_TAB) == "":
+                blank_lines += 1
+                scan += 1
+            if scan >= self.count:
+                break
+            following = lines[scan]
+            start = self.skip_spaces(following, 0)
+            char = following[start]
+            if char in "#,[]{}" or char == ":" and following[start + 1:start + 2] in (
+                    "", " ", "\t", ",", "[", "]", "{", "}") or start == 0 and (
+                    following[:3] == "---" or following[:3] == "..."):
+                break
+            end = self.plain_flow_end(following, start)
+            if pieces is None:
+                pieces = [text]
+            pieces.append("\n" * blank_lines if blank_lines else " ")
+            pieces.append(following[start:end].rstrip(_SPACE_TAB))
+            row, line = scan, following
+        if pieces is not None:
+            text = "".join(pieces)
+        return row, end, text
+
+    def plain_flow_end(self, line, col):
+        """Where a plain scalar inside a flow collection ends on ``line``."""
+        length = len(line)
+        index = col
+        while index < length:
+            char = line[index]
+            if char in _FLOW_INDICATORS:
+                break
+            if char == ":" and (index + 1 == length or line[index + 1] in _FLOW_BREAKS):
+                break
+            if char == "#" and line[index - 1] in _SPACE_TAB:
+                break
+            index += 1
+        return index
 
 
 ##############################################################################
@@ -2915,6 +4002,8 @@ def prune_cache(cache_dir, age_days=None, runtime_plan=None, now=None):
 ##############################################################################
 # OWNER: images helper. Contract:
 #   run_preflight(runtime_plan, options: PreflightOptions) -> PreflightReport
+# Levels: error (the run cannot work: submit stops), warn (it may work; `preflight --strict` fails),
+# ok (passed; listed with --verbose). Every error and warning carries a remediation.
 
 
 class Finding(NamedTuple):
@@ -2942,10 +4031,435 @@ class PreflightReport(NamedTuple):
     def warnings(self):
         return tuple(f for f in self.findings if f.level == "warn")
 
+    @property
+    def passed(self):
+        return tuple(f for f in self.findings if f.level == "ok")
+
+    def failed(self, strict=False):
+        """True when the report should fail the command (errors, or warnings with ``strict``)."""
+        return bool(self.errors) or (strict and bool(self.warnings))
+
+
+FORBIDDEN_CACHE_ROOTS = ("/tmp", "/var/tmp", "/private/tmp", "/dev/shm")
+_UNRELIABLE_RESUME_ROOTS = ("/tmp", "/var/tmp")
+_SYMLINK_SCAN_LIMIT = 5000         # entries per mounted directory: big model trees are not walked whole
+
 
 def run_preflight(runtime_plan, options=PreflightOptions()):
     """Check that this login node can prepare and submit ``runtime_plan``."""
-    raise NotImplementedError
+    plan = runtime_plan.plan
+    uses_containers = any(image.container_image is not None for image in runtime_plan.images)
+    findings = []
+    enroot_path = None
+    if uses_containers:
+        enroot_path = _check_binary(findings, "enroot", options.enroot_bin, "--enroot-bin")
+    srun_path = _check_binary(findings, "srun", options.srun_bin, "--srun-bin")
+    _check_binary(findings, "sbatch", options.sbatch_bin, "--sbatch-bin")
+    if plan.nodes > 1:
+        _check_binary(findings, "scontrol", "scontrol", None,
+                      why="x-slurm.nodes is %d: the batch script expands the node list with it"
+                          % plan.nodes)
+    if uses_containers and srun_path:
+        findings.append(_check_pyxis(srun_path))
+    if uses_containers and enroot_path:
+        findings.extend(_check_enroot_version(runtime_plan, enroot_path))
+    if uses_containers:
+        findings.extend(_check_cache_dir(runtime_plan, writable=not options.skip_prepare))
+    findings.extend(_check_paths(runtime_plan))
+    findings.extend(_check_resume_path(plan))
+    if uses_containers and not options.skip_prepare:
+        findings.extend(_check_credentials(runtime_plan))
+    findings.extend(_check_curl(plan))
+    if options.skip_prepare:
+        findings.extend(_check_skip_prepare(runtime_plan))
+    return PreflightReport(findings=tuple(findings))
+
+
+def _check_binary(findings, name, given, flag, why=None):
+    path = find_executable(given)
+    if path:
+        findings.append(Finding("ok", "binary." + name, "%s found at %s" % (name, path)))
+        return path
+    message = "required binary '%s' was not found" % given
+    if why:
+        message += " (%s)" % why
+    remedy = "run on a login node with the Slurm client tools and Enroot available"
+    if flag:
+        remedy += ", or pass its path with %s PATH" % flag
+    else:
+        remedy += ", or put it on PATH"
+    findings.append(Finding("error", "binary." + name, message, remedy))
+    return None
+
+
+def _check_pyxis(srun_path):
+    """Pyxis adds ``--container-image`` to ``srun``: its help text is the standard detection."""
+    try:
+        result = run_command([srun_path, "--help"], timeout=30)
+    except ToolError as exc:
+        return Finding("error", "pyxis", "could not run '%s --help': %s" % (srun_path, exc.message),
+                       "check that srun works on this node, or pass another one with --srun-bin")
+    if "--container-image" in (result.stdout or "") + (result.stderr or ""):
+        return Finding("ok", "pyxis", "srun advertises --container-image (Pyxis is available)")
+    return Finding("error", "pyxis",
+                   "srun does not advertise --container-image: Pyxis support appears unavailable "
+                   "on this node (%s)" % srun_path,
+                   "move to a login node or cluster with Pyxis, or run the services without "
+                   "containers with x-slurm.runtime: host")
+
+
+def _check_enroot_version(runtime_plan, enroot_path):
+    digests = sorted({image.base.enroot_uri for image in runtime_plan.images
+                      if image.base is not None and "@sha256:" in (image.base.enroot_uri or "")})
+    if not digests:
+        return []
+    try:
+        result = run_command([enroot_path, "version"], timeout=30)
+        version = (result.stdout or "").strip().split()[-1] if result.returncode == 0 else ""
+    except (ToolError, IndexError):
+        version = ""
+    major = version.split(".")[0]
+    if major.isdigit() and int(major) >= 4:
+        return [Finding("ok", "enroot.version",
+                        "Enroot %s accepts digest references (%s)" % (version, ", ".join(digests)))]
+    if major.isdigit():
+        return [Finding("error", "enroot.version",
+                        "Enroot %s cannot import digest references (%s): digests need Enroot 4.0 or "
+                        "newer" % (version, ", ".join(digests)),
+                        "use a tag instead of @sha256:..., or run on a node with Enroot >= 4.0")]
+    return [Finding("warn", "enroot.version",
+                    "could not tell the Enroot version; digest references (%s) need Enroot 4.0 or "
+                    "newer" % ", ".join(digests),
+                    "check 'enroot version', or use a tag instead of @sha256:...")]
+
+
+def _under(path, root):
+    path = os.path.normpath(path)
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def _check_cache_dir(runtime_plan, writable=True):
+    plan = runtime_plan.plan
+    cache_dir = runtime_plan.cache_dir
+    explicit = plan.slurm.cache_dir is not None
+    findings = []
+    resolved = os.path.realpath(cache_dir)
+    for root in FORBIDDEN_CACHE_ROOTS:
+        if _under(cache_dir, root) or _under(resolved, root):
+            findings.append(Finding(
+                "error", "cache_dir.policy",
+                "cache directory %s is under %s, which is node-local or wiped: images prepared on "
+                "the login node would not be visible to the compute nodes" % (cache_dir, root),
+                "set x-slurm.cache_dir to shared storage visible from the login and compute nodes, "
+                "e.g. /shared/$USER/hpc-compose-cache"))
+            return findings
+    home = os.environ.get("HOME")
+    if home and home != "/" and _under(resolved, os.path.realpath(home)):
+        if explicit:
+            message = "cache directory %s is under $HOME" % cache_dir
+        else:
+            message = ("x-slurm.cache_dir is not set, so images are cached under $HOME (%s)"
+                       % cache_dir)
+        findings.append(Finding(
+            "warn", "cache_dir.policy",
+            message + ": this works only if $HOME is shared with the compute nodes, and home "
+            "quotas are small for multi-gigabyte images",
+            "set x-slurm.cache_dir to a shared project or workspace path"))
+    else:
+        findings.append(Finding("ok", "cache_dir.policy",
+                                "cache directory %s is outside temporary locations" % cache_dir))
+    if writable:
+        findings.append(_check_writable(cache_dir))
+    return findings
+
+
+def _check_writable(cache_dir):
+    probe = os.path.join(cache_dir, ".hpc-compose-write-probe-%d" % os.getpid())
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+        with open(probe, "w") as handle:
+            handle.write("probe\n")
+        os.unlink(probe)
+    except OSError as exc:
+        return Finding("error", "cache_dir.writable",
+                       "cache directory %s is not writable: %s" % (cache_dir, exc.strerror or exc),
+                       "fix its permissions, or point x-slurm.cache_dir at a writable shared path")
+    return Finding("ok", "cache_dir.writable", "cache directory %s is writable" % cache_dir)
+
+
+def _check_paths(runtime_plan):
+    plan = runtime_plan.plan
+    findings = []
+    for service, image in zip(plan.services, runtime_plan.images):
+        if image.local_path is not None:
+            if os.path.isfile(image.local_path):
+                findings.append(Finding("ok", "paths.image", "service '%s': local image %s exists"
+                                        % (service.name, image.local_path)))
+            else:
+                findings.append(Finding(
+                    "error", "paths.image",
+                    "service '%s': local image %s does not exist" % (service.name, image.local_path),
+                    "fix the image path; relative paths resolve from the compose file's folder (%s)"
+                    % plan.project_dir))
+        groups = [("paths.volume", "volume", service.mounts, "volumes")]
+        if service.prepare is not None:
+            groups.append(("paths.prepare_mount", "prepare mount", service.prepare.mounts,
+                           "x-enroot.prepare.mounts"))
+        for check, label, mounts, key in groups:
+            for mount in mounts:
+                if os.path.exists(mount.host):
+                    findings.append(Finding("ok", check, "service '%s': %s %s exists"
+                                            % (service.name, label, mount.host)))
+                    findings.extend(_check_symlinks(service, mount, mounts))
+                else:
+                    findings.append(Finding(
+                        "error", check,
+                        "service '%s': %s host path %s does not exist" % (service.name, label, mount.host),
+                        "create it or fix services.%s.%s; relative paths resolve from the compose "
+                        "file's folder (%s)" % (service.name, key, plan.project_dir)))
+    return findings
+
+
+def _check_symlinks(service, mount, mounts):
+    """Warn about symlinks inside a mounted directory whose targets the container cannot see."""
+    root = os.path.realpath(mount.host)
+    if not os.path.isdir(root):
+        return []
+    visible = [os.path.realpath(m.host) for m in mounts]
+    invisible = []
+    seen = 0
+    for directory, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            seen += 1
+            path = os.path.join(directory, name)
+            if os.path.islink(path):
+                target = os.path.realpath(path)
+                if not any(_under(target, v) for v in visible):
+                    invisible.append((path, target))
+        if seen >= _SYMLINK_SCAN_LIMIT:
+            break
+    findings = []
+    for path, target in invisible[:5]:
+        findings.append(Finding(
+            "warn", "paths.symlink",
+            "service '%s': %s is a symlink to %s, which is outside the mounted directory %s and "
+            "will not be visible inside the container" % (service.name, path, target, mount.host),
+            "copy the real file into the mounted directory, or also mount the directory that "
+            "contains the target"))
+    if len(invisible) > 5:
+        findings.append(Finding("warn", "paths.symlink",
+                                "service '%s': %d more symlinks under %s point outside it"
+                                % (service.name, len(invisible) - 5, mount.host),
+                                "see the warnings above"))
+    return findings
+
+
+def _check_resume_path(plan):
+    resume = plan.slurm.resume
+    if resume is None:
+        return []
+    for root in _UNRELIABLE_RESUME_ROOTS:
+        if _under(resume.path, root):
+            return [Finding("warn", "resume.path",
+                            "x-slurm.resume.path %s is under %s: node-local or cleaned storage is "
+                            "not a reliable place for checkpoints a restarted job must find"
+                            % (resume.path, root),
+                            "put the resume path on shared storage")]
+    return [Finding("ok", "resume.path", "resume path %s is outside temporary locations" % resume.path)]
+
+
+# -- registry credentials --------------------------------------------------------------------------------
+
+def enroot_credentials_path(environ=None):
+    """Enroot's credentials file: ``$ENROOT_CONFIG_PATH/.credentials``, else under
+    ``$XDG_CONFIG_HOME/enroot`` or ``$HOME/.config/enroot``."""
+    environ = os.environ if environ is None else environ
+    if environ.get("ENROOT_CONFIG_PATH"):
+        base = environ["ENROOT_CONFIG_PATH"]
+    elif environ.get("XDG_CONFIG_HOME"):
+        base = os.path.join(environ["XDG_CONFIG_HOME"], "enroot")
+    else:
+        base = os.path.join(environ.get("HOME") or os.path.expanduser("~"), ".config", "enroot")
+    return os.path.join(base, ".credentials")
+
+
+def credential_machines(path):
+    """``{machine: login}`` from a netrc-style file (comment lines skipped); {} when unreadable."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            lines = handle.read().splitlines()
+    except OSError:
+        return {}
+    tokens = []
+    for line in lines:
+        if line.lstrip().startswith("#"):
+            continue
+        tokens.extend(line.split())
+    machines = {}
+    current = None
+    index = 0
+    while index < len(tokens):
+        token = tokens[index]
+        if token == "machine" and index + 1 < len(tokens):
+            current = tokens[index + 1]
+            machines.setdefault(current, None)
+            index += 2
+            continue
+        if token == "login" and current is not None and index + 1 < len(tokens):
+            machines[current] = tokens[index + 1]
+            index += 2
+            continue
+        index += 1
+    return machines
+
+
+def _pulls(runtime_plan):
+    """``{registry: [service, ...]}`` for the images the next prepare would import."""
+    pulls = {}
+    for service, image in zip(runtime_plan.plan.services, runtime_plan.images):
+        if image.base is None or os.path.isfile(image.base.path):
+            continue
+        if image.prepared is not None and not image.rebuild_every_time \
+                and os.path.isfile(image.prepared.path):
+            continue
+        host = registry_host(image.base.source)
+        if host is not None:
+            pulls.setdefault(host, []).append(service.name)
+    return pulls
+
+
+def _check_credentials(runtime_plan):
+    path = enroot_credentials_path()
+    machines = credential_machines(path)
+    findings = []
+    for host, services in sorted(_pulls(runtime_plan).items()):
+        who = "service%s %s" % ("s" if len(services) > 1 else "", ", ".join("'%s'" % s for s in services))
+        if host == "docker.io":
+            missing = [m for m in ("auth.docker.io", DOCKER_HUB_REGISTRY) if m not in machines]
+            if "auth.docker.io" in missing:
+                findings.append(Finding(
+                    "warn", "registry.credentials",
+                    "%s will pull anonymously from Docker Hub, which rate-limits anonymous pulls "
+                    "(HTTP 429); no 'machine auth.docker.io' entry in %s" % (who, path),
+                    "add 'machine auth.docker.io login <user> password <access-token>' and "
+                    "'machine %s login <user> password <access-token>' to %s"
+                    % (DOCKER_HUB_REGISTRY, path)))
+            elif missing:
+                findings.append(Finding(
+                    "warn", "registry.credentials",
+                    "%s: %s has 'machine auth.docker.io' but no 'machine %s' entry, so Enroot 3.x "
+                    "does not know which login to use and pulls anonymously" % (who, path, DOCKER_HUB_REGISTRY),
+                    "add 'machine %s login <user> password <access-token>' (same login) to %s"
+                    % (DOCKER_HUB_REGISTRY, path)))
+            else:
+                findings.append(Finding("ok", "registry.credentials",
+                                        "Docker Hub credentials found in %s" % path))
+        elif host == "nvcr.io":
+            missing = [m for m in ("nvcr.io", "authn.nvidia.com") if m not in machines]
+            if missing:
+                findings.append(Finding(
+                    "warn", "registry.credentials",
+                    "%s pull from nvcr.io, which needs both 'machine nvcr.io' and 'machine "
+                    "authn.nvidia.com' entries; %s lacks %s"
+                    % (who, path, " and ".join("'machine %s'" % m for m in missing)),
+                    "add 'machine nvcr.io login $oauthtoken password <NGC API key>' and 'machine "
+                    "authn.nvidia.com login $oauthtoken password <NGC API key>' to %s" % path))
+            else:
+                findings.append(Finding("ok", "registry.credentials",
+                                        "NGC (nvcr.io) credentials found in %s" % path))
+        else:
+            machine = host.rsplit(":", 1)[0] if ":" in host else host
+            if machine in machines:
+                findings.append(Finding("ok", "registry.credentials",
+                                        "credentials for %s found in %s" % (machine, path)))
+            else:
+                findings.append(Finding(
+                    "ok", "registry.credentials",
+                    "%s will pull anonymously from %s (fine for public images; for a private one add "
+                    "'machine %s login <user> password <token>' to %s)" % (who, host, machine, path)))
+    return findings
+
+
+def _check_curl(plan):
+    users = [s.name for s in plan.services if s.readiness is not None and s.readiness.type == "http"]
+    if not users:
+        return []
+    path = find_executable("curl")
+    if path:
+        return [Finding("ok", "readiness.curl", "curl found at %s (HTTP readiness)" % path)]
+    return [Finding("warn", "readiness.curl",
+                    "HTTP readiness (%s) polls with curl, which is not on this node's PATH"
+                    % ", ".join(users),
+                    "make sure curl exists on the compute nodes, or use tcp or log readiness")]
+
+
+def _check_skip_prepare(runtime_plan):
+    findings = []
+    for service, image in zip(runtime_plan.plan.services, runtime_plan.images):
+        artifact = image.prepared or image.base
+        if artifact is None:
+            continue
+        if not os.path.isfile(artifact.path):
+            findings.append(Finding(
+                "error", "skip_prepare.artifact",
+                "service '%s': --skip-prepare reuses cached images, but its %s image %s is not in "
+                "the cache" % (service.name, artifact.kind, artifact.path),
+                "run 'hpc-compose prepare -f %s' first, or submit without --skip-prepare"
+                % runtime_plan.plan.compose_file))
+            continue
+        manifest = read_manifest(artifact.path)
+        if image.rebuild_every_time:
+            built = (manifest or {}).get("created_at")
+            when = ""
+            if built:
+                import time
+                when = " at " + time.strftime("%Y-%m-%d %H:%M", time.localtime(built))
+            findings.append(Finding(
+                "warn", "skip_prepare.reuse",
+                "service '%s': its prepared image was built from x-enroot.prepare.mounts%s; "
+                "--skip-prepare reuses it without the current contents of those mounts"
+                % (service.name, when),
+                "submit without --skip-prepare to rebuild it from the current files"))
+        elif manifest is None:
+            findings.append(Finding(
+                "warn", "skip_prepare.reuse",
+                "service '%s': %s has no manifest, so nothing tells what it was built from"
+                % (service.name, artifact.path),
+                "run 'hpc-compose prepare --force -f %s' to rebuild and record it"
+                % runtime_plan.plan.compose_file))
+        else:
+            findings.append(Finding("ok", "skip_prepare.artifact", "service '%s': reusing %s"
+                                    % (service.name, artifact.path)))
+    return findings
+
+
+def preflight_report_json(report, compose_file=None, strict=False):
+    """The ``--format json`` form of a report."""
+    return {
+        "compose_file": compose_file,
+        "ok": not report.failed(strict),
+        "strict": strict,
+        "summary": {"errors": len(report.errors), "warnings": len(report.warnings),
+                    "passed": len(report.passed)},
+        "findings": [f._asdict() for f in report.findings],
+    }
+
+
+def format_preflight_report(report, verbose=False):
+    """The text form of a report: a summary line, then errors, warnings (and passes with verbose)."""
+    lines = ["preflight: %d error%s, %d warning%s, %d check%s passed" % (
+        len(report.errors), "" if len(report.errors) == 1 else "s",
+        len(report.warnings), "" if len(report.warnings) == 1 else "s",
+        len(report.passed), "" if len(report.passed) == 1 else "s")]
+    for label, findings in (("error", report.errors), ("warning", report.warnings)):
+        for finding in findings:
+            lines.append("%s: %s" % (label, finding.message))
+            if finding.remediation:
+                lines.append("  fix: %s" % finding.remediation)
+    if verbose:
+        for finding in report.passed:
+            lines.append("ok: %s" % finding.message)
+    return "\n".join(lines) + "\n"
 
 
 ##############################################################################

@@ -7238,14 +7238,259 @@ def cmd_clean(args):
 
 # CLI: preflight, prepare, cache commands (OWNER: images helper)
 
+def add_tool_arguments(parser, enroot=True, srun=True, sbatch=True):
+    """``--enroot-bin`` / ``--srun-bin`` / ``--sbatch-bin`` (preflight, prepare, submit)."""
+    if enroot:
+        parser.add_argument("--enroot-bin", default="enroot", metavar="PATH",
+                            help="enroot executable (default: enroot on PATH)")
+    if srun:
+        parser.add_argument("--srun-bin", default="srun", metavar="PATH",
+                            help="srun executable (default: srun on PATH)")
+    if sbatch:
+        parser.add_argument("--sbatch-bin", default="sbatch", metavar="PATH",
+                            help="sbatch executable (default: sbatch on PATH)")
+
+
+def progress_to_stderr(line):
+    """Progress sink for prepare: stderr, so that stdout stays clean for --format json."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def _add_preflight_parser(subparsers):
-    add_command(subparsers, "preflight", _not_written_yet, "(not written yet)")
+    parser = add_command(subparsers, "preflight", cmd_preflight,
+                         "check that this node can prepare and submit the spec",
+                         ["hpc-compose preflight -f compose.yaml",
+                          "hpc-compose preflight --verbose -f compose.yaml",
+                          "hpc-compose preflight --strict -f compose.yaml",
+                          "hpc-compose preflight -f compose.yaml --enroot-bin /opt/enroot/bin/enroot "
+                          "--srun-bin /usr/local/bin/srun --sbatch-bin /usr/local/bin/sbatch"])
+    add_file_argument(parser)
+    parser.add_argument("--strict", action="store_true", help="fail on warnings too")
+    parser.add_argument("--verbose", action="store_true", help="also list the checks that passed")
+    parser.add_argument("--skip-prepare", action="store_true",
+                        help="check as 'submit --skip-prepare' would: cached images must exist")
+    add_tool_arguments(parser)
+    add_format_argument(parser)
+
+
+def cmd_preflight(args):
+    """Run the login-node checks and print the report; exit 1 on errors (or warnings with --strict)."""
+    fmt = output_format(args)
+    _spec, plan = load_plan_from_args(args)
+    runtime_plan = build_runtime_plan(plan)
+    report = run_preflight(runtime_plan, PreflightOptions(
+        enroot_bin=args.enroot_bin, srun_bin=args.srun_bin, sbatch_bin=args.sbatch_bin,
+        skip_prepare=args.skip_prepare))
+    if fmt == "json":
+        print_json(preflight_report_json(report, plan.compose_file, args.strict))
+    else:
+        sys.stdout.write(format_preflight_report(report, verbose=args.verbose))
+        if args.strict and report.warnings and not report.errors:
+            sys.stdout.write("--strict: warnings count as failures\n")
+    return EXIT_FAILURE if report.failed(args.strict) else EXIT_OK
+
 
 def _add_prepare_parser(subparsers):
-    add_command(subparsers, "prepare", _not_written_yet, "(not written yet)")
+    parser = add_command(subparsers, "prepare", cmd_prepare,
+                         "import and prepare images into the shared cache (login node)",
+                         ["hpc-compose prepare -f compose.yaml",
+                          "hpc-compose prepare --force -f compose.yaml",
+                          "hpc-compose prepare --keep-failed-prep -f compose.yaml"])
+    add_file_argument(parser)
+    parser.add_argument("--force", action="store_true",
+                        help="re-import and rebuild every image even when cached")
+    parser.add_argument("--keep-failed-prep", action="store_true",
+                        help="keep the Enroot container of a failed prepare step for debugging")
+    add_tool_arguments(parser, srun=False, sbatch=False)
+    add_format_argument(parser)
+
+
+def prepare_results_json(runtime_plan, results):
+    """The ``--format json`` form of a prepare run."""
+    return {"compose_file": runtime_plan.plan.compose_file, "cache_dir": runtime_plan.cache_dir,
+            "services": [r._asdict() for r in results]}
+
+
+def format_prepare_results(runtime_plan, results):
+    """One line per service: what the container starts from and what prepare did."""
+    lines = ["cache dir: %s" % runtime_plan.cache_dir]
+    for result in results:
+        if result.artifact is None:
+            lines.append("%s: %s" % (result.service, result.note or "nothing to prepare"))
+            continue
+        text = "%s: %s %s" % (result.service, result.runtime_action, result.artifact)
+        extras = []
+        if result.base_action and result.base_action != result.runtime_action:
+            extras.append("base %s" % result.base_action)
+        if result.note:
+            extras.append(result.note)
+        if extras:
+            text += " (%s)" % "; ".join(extras)
+        lines.append(text)
+    return "\n".join(lines) + "\n"
+
+
+def cmd_prepare(args):
+    """Import and prepare the spec's images; a cached image costs nothing."""
+    fmt = output_format(args)
+    _spec, plan = load_plan_from_args(args)
+    runtime_plan = build_runtime_plan(plan)
+    results = prepare_images(runtime_plan, PrepareOptions(
+        enroot_bin=args.enroot_bin, force=args.force, keep_failed=args.keep_failed_prep),
+        progress=progress_to_stderr)
+    if fmt == "json":
+        print_json(prepare_results_json(runtime_plan, results))
+    else:
+        sys.stdout.write(format_prepare_results(runtime_plan, results))
+    return EXIT_OK
+
 
 def _add_cache_parser(subparsers):
-    add_command(subparsers, "cache", _not_written_yet, "(not written yet)")
+    parser = add_command(subparsers, "cache", cmd_cache, "list, inspect and prune cached images",
+                         ["hpc-compose cache list",
+                          "hpc-compose cache inspect -f compose.yaml --service app",
+                          "hpc-compose cache prune --age 14",
+                          "hpc-compose cache prune --all-unused -f compose.yaml"])
+    sub = parser.add_subparsers(dest="cache_command", metavar="SUBCOMMAND", parser_class=type(parser))
+    listing = add_command(sub, "list", cmd_cache_list, "list imported and prepared images",
+                          ["hpc-compose cache list", "hpc-compose cache list --cache-dir /shared/me/cache"])
+    add_file_argument(listing)
+    listing.add_argument("--cache-dir", metavar="DIR",
+                         help="cache to list (default: -f's x-slurm.cache_dir, else "
+                              "$HOME/.cache/hpc-compose)")
+    add_format_argument(listing)
+    inspect = add_command(sub, "inspect", cmd_cache_inspect,
+                          "show per service which image is used and whether it will be rebuilt",
+                          ["hpc-compose cache inspect -f compose.yaml",
+                           "hpc-compose cache inspect -f compose.yaml --service app"])
+    add_file_argument(inspect)
+    inspect.add_argument("--service", metavar="NAME", help="only this service")
+    add_format_argument(inspect)
+    prune = add_command(sub, "prune", cmd_cache_prune,
+                        "remove old or unused cached images (never those of running jobs)",
+                        ["hpc-compose cache prune --age 14",
+                         "hpc-compose cache prune --all-unused -f compose.yaml"])
+    strategy = prune.add_mutually_exclusive_group(required=True)
+    strategy.add_argument("--age", type=int, metavar="DAYS",
+                          help="remove entries not used for DAYS days (0: everything not in use)")
+    strategy.add_argument("--all-unused", action="store_true",
+                          help="remove this project's entries that its current plan no longer "
+                               "references (needs -f)")
+    add_file_argument(prune)
+    prune.add_argument("--cache-dir", metavar="DIR", help="cache to prune with --age")
+    add_format_argument(prune)
+
+
+def cmd_cache(args):
+    """``cache`` without a subcommand is a usage error."""
+    raise UsageError("cache needs a subcommand: list, inspect or prune",
+                     hint="run 'hpc-compose cache --help'")
+
+
+def _cache_dir_from_args(args):
+    if getattr(args, "cache_dir", None):
+        return os.path.abspath(os.path.expanduser(args.cache_dir))
+    if getattr(args, "file", None):
+        return load_plan_from_args(args)[1].cache_dir
+    return default_cache_dir()
+
+
+def _when(stamp):
+    import time
+    if not stamp:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(stamp))
+
+
+def _size(value):
+    if value is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return ("%d %s" % (value, unit)) if unit == "B" else ("%.1f %s" % (value, unit))
+        value /= 1024.0
+
+
+def cmd_cache_list(args):
+    """List the cache's artifacts with their manifests."""
+    fmt = output_format(args)
+    cache_dir = _cache_dir_from_args(args)
+    entries = list_cache(cache_dir)
+    if fmt == "json":
+        print_json({"cache_dir": cache_dir, "entries": entries})
+        return EXIT_OK
+    if not entries:
+        sys.stdout.write("no cache entries found in %s\n" % cache_dir)
+        return EXIT_OK
+    lines = ["cache dir: %s" % cache_dir]
+    for entry in entries:
+        lines.append("\t".join([
+            entry.get("kind", "?"), entry["artifact_path"], _size(entry.get("size_bytes")),
+            "services=%s" % ",".join(entry.get("services") or []) if entry["manifest_present"]
+            else "manifest=missing",
+            "source=%s" % (entry.get("source_image") or "?"),
+            "last_used=%s" % _when(entry.get("last_used_at") or entry.get("created_at"))]))
+    sys.stdout.write("\n".join(lines) + "\n")
+    return EXIT_OK
+
+
+def cmd_cache_inspect(args):
+    """Per service: which artifact, hit or miss, and why it rebuilds."""
+    fmt = output_format(args)
+    _spec, plan = load_plan_from_args(args)
+    runtime_plan = build_runtime_plan(plan)
+    reports = inspect_cache(runtime_plan, service=args.service)
+    if fmt == "json":
+        print_json({"compose_file": plan.compose_file, "cache_dir": runtime_plan.cache_dir,
+                    "services": reports})
+        return EXIT_OK
+    lines = ["cache dir: %s" % runtime_plan.cache_dir]
+    for entry in reports:
+        lines.append("service %s (%s): %s" % (entry["service"], entry["runtime"], entry["expectation"]))
+        if entry.get("note"):
+            lines.append("  %s" % entry["note"])
+        if entry["container_image"]:
+            lines.append("  container image: %s" % entry["container_image"])
+        if entry.get("local_base"):
+            lines.append("  local base image: %s" % entry["local_base"])
+        for artifact in entry["artifacts"]:
+            lines.append("  %-8s %-10s %s" % (artifact["kind"], artifact["expectation"], artifact["path"]))
+            lines.append("           source: %s" % artifact.get("enroot_uri", artifact["source"]))
+            if artifact["present"]:
+                lines.append("           manifest: %s, built %s, last used %s" % (
+                    "yes" if artifact["manifest_present"] else "missing",
+                    _when(artifact["created_at"]), _when(artifact["last_used_at"])))
+            for reason in artifact["reasons"]:
+                lines.append("           why: %s" % reason)
+    sys.stdout.write("\n".join(lines) + "\n")
+    return EXIT_OK
+
+
+def cmd_cache_prune(args):
+    """Remove old (--age) or this project's unused (--all-unused) cache entries."""
+    fmt = output_format(args)
+    if args.age is not None and args.age < 0:
+        raise UsageError("--age must be 0 or more days")
+    if args.all_unused:
+        if not args.file:
+            raise UsageError("cache prune --all-unused needs the compose file named explicitly with -f",
+                             hint="hpc-compose cache prune --all-unused -f compose.yaml")
+        if args.cache_dir:
+            raise UsageError("--cache-dir goes with --age; --all-unused prunes the -f file's cache")
+        _spec, plan = load_plan_from_args(args)
+        runtime_plan = build_runtime_plan(plan)
+        report = prune_cache(runtime_plan.cache_dir, runtime_plan=runtime_plan)
+    else:
+        report = prune_cache(_cache_dir_from_args(args), age_days=args.age)
+    if fmt == "json":
+        print_json(report)
+        return EXIT_OK
+    lines = ["cache dir: %s" % report["cache_dir"], "removed: %d" % report["removed_count"]]
+    lines += ["pruned: %s" % path for path in report["removed_paths"]]
+    lines += ["kept: %s (%s)" % (k["path"], k["reason"]) for k in report["kept_in_use"]]
+    sys.stdout.write("\n".join(lines) + "\n")
+    return EXIT_OK
 
 
 # CLI: init

@@ -180,15 +180,27 @@ def wait_for_state(job_id, states, timeout=120.0):
         delay = min(delay * 1.5, 3.0)
 
 
+def _record_settled(job_id):
+    # slurmdbd may first store a placeholder row (JobName 'allocation', End 'Unknown') when a job's
+    # end reaches it before its start record; the real row follows within a second or two.
+    row = sacct_job(job_id, fields=("JobID", "JobName", "State", "End"))
+    return bool(row) and row["JobName"] != "allocation" and row["End"] not in ("", "Unknown")
+
+
 def wait_for_job(job_id, timeout=120.0, cancel_on_timeout=True):
     """Wait until the job reaches a terminal state and return it (e.g. 'COMPLETED', 'FAILED').
 
+    It also waits (up to 15 s more) until slurmdbd's accounting row for the job is complete, so
+    ``sacct_job`` afterwards sees the real name, end time and exit code.
     On timeout the job is scancelled (unless ``cancel_on_timeout`` is false) and AssertionError is
     raised with the last state seen, so a hung job fails its test instead of hanging the suite.
     """
     state = wait_for_state(job_id, (), timeout=timeout)
     if state in TERMINAL_STATES:
-        return state
+        settle_deadline = time.monotonic() + 15.0
+        while not _record_settled(job_id) and time.monotonic() < settle_deadline:
+            time.sleep(0.5)
+        return job_state(job_id)[0]
     if cancel_on_timeout:
         cancel_job(job_id)
     raise AssertionError("job %s not finished after %.0f s (last state: %s)" % (job_id, timeout, state or "unknown"))

@@ -2032,17 +2032,29 @@ class _SpecLoader(object):
 
     def mark(self, path, at_key=False):
         path = tuple(path)
-        while True:
-            mark = None
-            if at_key:
-                mark = self.key_marks.get(path)
-            if mark is None:
-                mark = self.marks.get(path)
-            if mark is None and not at_key:
-                mark = self.key_marks.get(path)
-            if mark is not None or not path:
-                return mark
+        if not at_key and isinstance(self.value_at(path), (dict, list)):
+            # A whole block is best pointed at by its key: the value starts on a later line.
+            at_key = True
+        first = (self.key_marks.get(path) if at_key else None) or self.marks.get(path) or \
+            self.key_marks.get(path)
+        if first is not None:
+            return first
+        # A missing key: point at the nearest enclosing key that exists.
+        while path:
             path = path[:-1]
+            mark = self.key_marks.get(path) or self.marks.get(path)
+            if mark is not None:
+                return mark
+        return None
+
+    def value_at(self, path):
+        node = self.data
+        for part in path:
+            try:
+                node = node[part]
+            except (KeyError, IndexError, TypeError):
+                return None
+        return node
 
     def error(self, path, message, hint=None, at_key=False):
         mark = self.mark(path, at_key)
@@ -4052,30 +4064,30 @@ def run_preflight(runtime_plan, options=PreflightOptions()):
     findings = []
     enroot_path = None
     if uses_containers:
-        enroot_path = _check_binary(findings, "enroot", options.enroot_bin, "--enroot-bin")
-    srun_path = _check_binary(findings, "srun", options.srun_bin, "--srun-bin")
-    _check_binary(findings, "sbatch", options.sbatch_bin, "--sbatch-bin")
+        enroot_path = _preflight_binary(findings, "enroot", options.enroot_bin, "--enroot-bin")
+    srun_path = _preflight_binary(findings, "srun", options.srun_bin, "--srun-bin")
+    _preflight_binary(findings, "sbatch", options.sbatch_bin, "--sbatch-bin")
     if plan.nodes > 1:
-        _check_binary(findings, "scontrol", "scontrol", None,
+        _preflight_binary(findings, "scontrol", "scontrol", None,
                       why="x-slurm.nodes is %d: the batch script expands the node list with it"
                           % plan.nodes)
     if uses_containers and srun_path:
-        findings.append(_check_pyxis(srun_path))
+        findings.append(_preflight_pyxis(srun_path))
     if uses_containers and enroot_path:
-        findings.extend(_check_enroot_version(runtime_plan, enroot_path))
+        findings.extend(_preflight_enroot_version(runtime_plan, enroot_path))
     if uses_containers:
-        findings.extend(_check_cache_dir(runtime_plan, writable=not options.skip_prepare))
-    findings.extend(_check_paths(runtime_plan))
-    findings.extend(_check_resume_path(plan))
+        findings.extend(_preflight_cache_dir(runtime_plan, writable=not options.skip_prepare))
+    findings.extend(_preflight_paths(runtime_plan))
+    findings.extend(_preflight_resume_path(plan))
     if uses_containers and not options.skip_prepare:
-        findings.extend(_check_credentials(runtime_plan))
-    findings.extend(_check_curl(plan))
+        findings.extend(_preflight_credentials(runtime_plan))
+    findings.extend(_preflight_curl(plan))
     if options.skip_prepare:
-        findings.extend(_check_skip_prepare(runtime_plan))
+        findings.extend(_preflight_skip_prepare(runtime_plan))
     return PreflightReport(findings=tuple(findings))
 
 
-def _check_binary(findings, name, given, flag, why=None):
+def _preflight_binary(findings, name, given, flag, why=None):
     path = find_executable(given)
     if path:
         findings.append(Finding("ok", "binary." + name, "%s found at %s" % (name, path)))
@@ -4092,7 +4104,7 @@ def _check_binary(findings, name, given, flag, why=None):
     return None
 
 
-def _check_pyxis(srun_path):
+def _preflight_pyxis(srun_path):
     """Pyxis adds ``--container-image`` to ``srun``: its help text is the standard detection."""
     try:
         result = run_command([srun_path, "--help"], timeout=30)
@@ -4108,7 +4120,7 @@ def _check_pyxis(srun_path):
                    "containers with x-slurm.runtime: host")
 
 
-def _check_enroot_version(runtime_plan, enroot_path):
+def _preflight_enroot_version(runtime_plan, enroot_path):
     digests = sorted({image.base.enroot_uri for image in runtime_plan.images
                       if image.base is not None and "@sha256:" in (image.base.enroot_uri or "")})
     if not digests:
@@ -4138,7 +4150,7 @@ def _under(path, root):
     return path == root or path.startswith(root.rstrip("/") + "/")
 
 
-def _check_cache_dir(runtime_plan, writable=True):
+def _preflight_cache_dir(runtime_plan, writable=True):
     plan = runtime_plan.plan
     cache_dir = runtime_plan.cache_dir
     explicit = plan.slurm.cache_dir is not None
@@ -4169,14 +4181,37 @@ def _check_cache_dir(runtime_plan, writable=True):
         findings.append(Finding("ok", "cache_dir.policy",
                                 "cache directory %s is outside temporary locations" % cache_dir))
     if writable:
-        findings.append(_check_writable(cache_dir))
+        findings.append(_preflight_writable(cache_dir))
     return findings
 
 
-def _check_writable(cache_dir):
+def _preflight_can_create_in(directory):
+    """Really try (root passes every permission test of os.access)."""
+    import tempfile
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".hpc-compose-probe-", dir=directory))
+        return True
+    except OSError:
+        return False
+
+
+def _preflight_writable(cache_dir):
+    if not os.path.isdir(cache_dir):
+        # Do not create it here (a typo would leave stray directories): prepare creates it, so
+        # the nearest existing ancestor must be writable.
+        ancestor = os.path.dirname(os.path.abspath(cache_dir))
+        while ancestor != os.path.dirname(ancestor) and not os.path.exists(ancestor):
+            ancestor = os.path.dirname(ancestor)
+        if os.path.isdir(ancestor) and _preflight_can_create_in(ancestor):
+            return Finding("ok", "cache_dir.writable",
+                           "cache directory %s does not exist yet; prepare will create it in %s"
+                           % (cache_dir, ancestor))
+        return Finding("error", "cache_dir.writable",
+                       "cache directory %s does not exist and cannot be created: %s is not writable"
+                       % (cache_dir, ancestor),
+                       "create it yourself, or point x-slurm.cache_dir at a writable shared path")
     probe = os.path.join(cache_dir, ".hpc-compose-write-probe-%d" % os.getpid())
     try:
-        os.makedirs(cache_dir, exist_ok=True)
         with open(probe, "w") as handle:
             handle.write("probe\n")
         os.unlink(probe)
@@ -4187,7 +4222,7 @@ def _check_writable(cache_dir):
     return Finding("ok", "cache_dir.writable", "cache directory %s is writable" % cache_dir)
 
 
-def _check_paths(runtime_plan):
+def _preflight_paths(runtime_plan):
     plan = runtime_plan.plan
     findings = []
     for service, image in zip(plan.services, runtime_plan.images):
@@ -4210,7 +4245,7 @@ def _check_paths(runtime_plan):
                 if os.path.exists(mount.host):
                     findings.append(Finding("ok", check, "service '%s': %s %s exists"
                                             % (service.name, label, mount.host)))
-                    findings.extend(_check_symlinks(service, mount, mounts))
+                    findings.extend(_preflight_symlinks(service, mount, mounts))
                 else:
                     findings.append(Finding(
                         "error", check,
@@ -4220,7 +4255,7 @@ def _check_paths(runtime_plan):
     return findings
 
 
-def _check_symlinks(service, mount, mounts):
+def _preflight_symlinks(service, mount, mounts):
     """Warn about symlinks inside a mounted directory whose targets the container cannot see."""
     root = os.path.realpath(mount.host)
     if not os.path.isdir(root):
@@ -4254,7 +4289,7 @@ def _check_symlinks(service, mount, mounts):
     return findings
 
 
-def _check_resume_path(plan):
+def _preflight_resume_path(plan):
     resume = plan.slurm.resume
     if resume is None:
         return []
@@ -4328,7 +4363,7 @@ def _pulls(runtime_plan):
     return pulls
 
 
-def _check_credentials(runtime_plan):
+def _preflight_credentials(runtime_plan):
     path = enroot_credentials_path()
     machines = credential_machines(path)
     findings = []
@@ -4380,7 +4415,7 @@ def _check_credentials(runtime_plan):
     return findings
 
 
-def _check_curl(plan):
+def _preflight_curl(plan):
     users = [s.name for s in plan.services if s.readiness is not None and s.readiness.type == "http"]
     if not users:
         return []
@@ -4393,7 +4428,7 @@ def _check_curl(plan):
                     "make sure curl exists on the compute nodes, or use tcp or log readiness")]
 
 
-def _check_skip_prepare(runtime_plan):
+def _preflight_skip_prepare(runtime_plan):
     findings = []
     for service, image in zip(runtime_plan.plan.services, runtime_plan.images):
         artifact = image.prepared or image.base
@@ -4465,14 +4500,882 @@ def format_preflight_report(report, verbose=False):
 ##############################################################################
 # Render: the batch script
 ##############################################################################
-# OWNER: render helper. Contract:
-#   render_script(runtime_plan) -> str   (the complete sbatch script)
-#   Templates are string.Template constants named *_TEMPLATE; every value goes through shell_quote.
+# render_script(runtime_plan) -> str: the complete, self-contained sbatch script. It is built from
+# small string.Template constants (named *_TEMPLATE, placeholders written ``@{name}`` so the bash
+# inside reads naturally); every value from the spec reaches the script through shell_quote.
+#
+# What the script does, in order (docs/execution-model.md tells the same story for users):
+#   1. #SBATCH lines (x-slurm fields, then submit_args verbatim), ``set -euo pipefail``;
+#   2. the per-job directory, allocation metadata, HPC_COMPOSE_* variables, resume attempt layout;
+#   3. one static table per service (policy, dependencies, readiness) and one ``run_service_<i>``
+#      function holding the exact srun command line;
+#   4. the supervisor's functions, the traps, the x-slurm.setup lines, then ONE event loop in the
+#      batch shell that launches, probes, restarts and ends the job, and a teardown that always
+#      leaves a final state.json.
+
+STOP_GRACE_SECONDS = 10      # SIGTERM -> SIGKILL; below Slurm's default KillWait (30 s)
+SUPERVISOR_TICK = "0.2"      # seconds between two turns of the event loop
+PROBE_LIMIT_SECONDS = 3      # one readiness attempt (tcp connect, grep, curl) may take this long
+READINESS_TIMEOUT_DEFAULT = 60
+TCP_HOST_DEFAULT = "127.0.0.1"
+HTTP_STATUS_DEFAULT = 200
+EXIT_READINESS_TIMEOUT = 124  # like timeout(1)
+RESTART_MARKER = "### hpc-compose:"
+
+
+def _shell_template_class():
+    from string import Template
+
+    class ShellTemplate(Template):
+        """``string.Template`` with ``@{name}`` placeholders, so bash's own ``$`` stays as is."""
+        delimiter = "@"
+        pattern = r"""
+        @(?:
+          (?P<escaped>(?!))|
+          (?P<named>(?!))|
+          \{(?P<braced>[_a-z][_a-z0-9]*)\}|
+          (?P<invalid>(?!))
+        )"""
+
+    return ShellTemplate
+
+
+def _fill(template, **values):
+    return _shell_template_class()(template).substitute(**values)
+
+
+SCRIPT_HEAD_TEMPLATE = """\
+#!/bin/bash
+# hpc-compose batch script for job @{job_name}, generated by hpc-compose @{version}
+# from @{compose_file}
+# Services in launch order: @{service_names}
+# Re-render rather than edit: hpc-compose render -f <compose file> --output <path>
+"""
+
+PRELUDE_TEMPLATE = """
+set -euo pipefail
+
+# ---------------------------------------------------------------------------
+# Per-job directory (mounted at /hpc-compose/job in every container)
+# ---------------------------------------------------------------------------
+: "${SLURM_JOB_ID:?this script runs as a Slurm batch job: submit it with sbatch}"
+JOB_DIR="${SLURM_SUBMIT_DIR:-$PWD}/.hpc-compose/${SLURM_JOB_ID}"
+ATTEMPT="${SLURM_RESTART_COUNT:-0}"
+RUN_DIR="@{run_dir}"
+LOG_DIR="$RUN_DIR/logs"
+STATE_FILE="$RUN_DIR/state.json"
+EXPECTED_NODES=@{nodes}
+mkdir -p "$LOG_DIR" "$RUN_DIR/metrics" "$RUN_DIR/artifacts" "$RUN_DIR/allocation"
+exec {SLEEP_FD}<> <(:)  # a pipe nobody writes: read -t on it sleeps without forking
+"""
+
+RESUME_TEMPLATE = """
+# Resume (x-slurm.resume): this attempt writes under attempts/<n>/; the top-level names point at it.
+RESUME_DIR=@{resume_path}
+IS_RESUME=0
+mkdir -p "$RESUME_DIR/_hpc-compose"
+if (( ATTEMPT > 0 )) || [[ -e $RESUME_DIR/_hpc-compose/latest.json ]]; then
+    IS_RESUME=1
+fi
+for name in logs metrics artifacts allocation state.json; do
+    if [[ -L $JOB_DIR/$name || ! -e $JOB_DIR/$name ]]; then
+        ln -sfn "attempts/$ATTEMPT/$name" "$JOB_DIR/$name"
+    else
+        echo "hpc-compose: warning: $JOB_DIR/$name is not a symlink; left as it is" >&2
+    fi
+done
+export HPC_COMPOSE_RESUME_DIR="$RESUME_DIR" HPC_COMPOSE_ATTEMPT="$ATTEMPT" HPC_COMPOSE_IS_RESUME="$IS_RESUME"
+"""
+
+ALLOCATION_TEMPLATE = """
+# ---------------------------------------------------------------------------
+# Allocation metadata (every job, single-node included)
+# ---------------------------------------------------------------------------
+SRUN=$(command -v srun) || { echo "hpc-compose: srun is not on PATH on $(hostname)" >&2; exit 1; }
+allocation_nodes=()
+if [[ -n ${SLURM_JOB_NODELIST:-} ]] && command -v scontrol >/dev/null 2>&1; then
+    mapfile -t allocation_nodes < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
+fi
+if (( ${#allocation_nodes[@]} == 0 )); then
+    if (( EXPECTED_NODES > 1 )); then
+        echo "hpc-compose: cannot expand SLURM_JOB_NODELIST (needs scontrol) in a multi-node job" >&2
+        exit 1
+    fi
+    allocation_nodes=("${SLURMD_NODENAME:-${HOSTNAME:-$(hostname)}}")
+fi
+printf '%s\\n' "${allocation_nodes[@]}" >"$RUN_DIR/allocation/nodes.txt"
+printf '%s\\n' "${allocation_nodes[0]}" >"$RUN_DIR/allocation/primary_node"
+export HPC_COMPOSE_JOB_DIR="$JOB_DIR"
+export HPC_COMPOSE_PRIMARY_NODE="${allocation_nodes[0]}"
+export HPC_COMPOSE_NODE_COUNT="${#allocation_nodes[@]}"
+export HPC_COMPOSE_NODELIST="${allocation_nodes[*]}"
+export HPC_COMPOSE_NODELIST_FILE="$JOB_DIR/allocation/nodes.txt"
+"""
+
+RESUME_LATEST_TEMPLATE = """
+# The resume directory remembers which job and attempt wrote it last.
+json_string @{compose_name}
+printf '{"schema_version": 1, "compose_name": %s, "job_id": "%s", "attempt": %s, "updated_at": "%s"}\\n' \\
+    "$JSON" "$SLURM_JOB_ID" "$ATTEMPT" "$(date -u +%Y-%m-%dT%H:%M:%SZ)" \\
+    >"$RESUME_DIR/_hpc-compose/latest.json.tmp"
+mv -f "$RESUME_DIR/_hpc-compose/latest.json.tmp" "$RESUME_DIR/_hpc-compose/latest.json"
+"""
+
+SERVICE_TABLE_HEAD_TEMPLATE = """
+# ---------------------------------------------------------------------------
+# Services: static facts, one bash array per fact, indexed in launch order
+# ---------------------------------------------------------------------------
+# DEPENDS_ON holds "index:condition" words. ENDS_JOB=1 marks the services that no other service
+# depends on (ignore sidecars left out): the job ends when all of them have exited.
+SERVICE_COUNT=@{count}
+END_REASON=@{end_reason}
+"""
+
+SERVICE_ENTRY_TEMPLATE = """
+# @{index}: @{name}
+NAME[@{index}]=@{name_word} TOKEN[@{index}]=@{token} DISTRIBUTED[@{index}]=@{distributed}
+POLICY[@{index}]=@{policy} MAX_RESTARTS[@{index}]=@{max_restarts} BACKOFF[@{index}]=@{backoff} ENDS_JOB[@{index}]=@{ends_job}
+DEPENDS_ON[@{index}]=@{depends_on}
+READINESS[@{index}]=@{readiness} READY_TIMEOUT[@{index}]=@{timeout} READY_SECONDS[@{index}]=@{seconds}
+READY_HOST[@{index}]=@{host} READY_PORT[@{index}]=@{port} READY_CODE[@{index}]=@{code}
+READY_PATTERN[@{index}]=@{pattern}
+READY_URL[@{index}]=@{url}
+READY_DESCRIPTION[@{index}]=@{description}
+PLACEMENT[@{index}]=@{placement}
+"""
+
+RUN_SERVICE_TEMPLATE = """
+# @{name}: the srun step (runs in a background subshell; its output is appended to the log).
+run_service_@{index}() {
+@{mkdirs}    exec env \\
+@{env}        "$SRUN" \\
+@{argv}
+}
+"""
+
+SUPERVISOR_TEMPLATE = r"""
+# ---------------------------------------------------------------------------
+# Supervisor state (one entry per service) and helpers
+# ---------------------------------------------------------------------------
+TICK=@{tick}
+STOP_GRACE_SECONDS=@{grace}
+PROBE_LIMIT_MS=@{probe_limit_ms}
+JOB_STATUS=running JOB_EXIT=null JOB_REASON='' FINISHING=0 STATE_CHANGED=1
+for ((i = 0; i < SERVICE_COUNT; i++)); do
+    STATUS[i]=waiting PID[i]='' LAUNCHES[i]=0 RESTARTS[i]=0 LAST_EXIT[i]=null
+    READY_STATE[i]='' LAUNCH_MS[i]=0 DUE_MS[i]=0 KILL_MS[i]=0 PROBE_PID[i]='' PROBE_MS[i]=0
+    LOG_OFFSET[i]=0 STARTED_AT[i]='' FINISHED_AT[i]=''
+    [[ ${READINESS[i]} == none ]] || READY_STATE[i]=pending
+done
+
+# NOW_MS: milliseconds since the epoch, NOW_ISO: the same second as ISO 8601 (no fork either way).
+clock() {
+    local t
+    if [[ -n ${EPOCHREALTIME:-} ]]; then
+        t=${EPOCHREALTIME/[.,]/}
+        NOW_MS=$((10#${t:0:${#t}-3}))
+    else
+        printf -v t '%(%s)T' -1
+        NOW_MS=$((t * 1000))
+    fi
+    printf -v t '%(%Y-%m-%dT%H:%M:%S%z)T' $((NOW_MS / 1000))
+    NOW_ISO="${t:0:22}:${t:22}"
+}
+
+say() {  # a line for the Slurm batch log
+    clock
+    printf '%s hpc-compose: %s\n' "$NOW_ISO" "$*"
+}
+
+# JSON: the JSON string literal for $1.
+json_string() {
+    local s=$1 n hex ch
+    s=${s//\\/\\\\}
+    s=${s//\"/\\\"}
+    s=${s//$'\n'/\\n}
+    s=${s//$'\r'/\\r}
+    s=${s//$'\t'/\\t}
+    if [[ $s == *[$'\001'-$'\037']* ]]; then
+        for ((n = 1; n < 32; n++)); do
+            printf -v hex '%02x' "$n"
+            printf -v ch "\\x$hex"
+            s=${s//"$ch"/\\u00$hex}
+        done
+    fi
+    JSON="\"$s\""
+}
+
+json_or_null() {  # JSON for $1, or null when it is empty
+    if [[ -z $1 ]]; then JSON=null; else json_string "$1"; fi
+}
+
+# state.json, rewritten atomically (temporary file + rename) whenever something changed.
+write_state() {
+    local i services='' separator='' readiness pid reason nodelist
+    clock
+    for ((i = 0; i < SERVICE_COUNT; i++)); do
+        readiness=null
+        if [[ ${READINESS[i]} != none ]]; then
+            readiness="{\"type\": \"${READINESS[i]}\", \"status\": \"${READY_STATE[i]}\"}"
+        fi
+        pid=${PID[i]:-null}
+        json_string "$JOB_DIR/logs/${TOKEN[i]}.log"
+        services+="$separator    {\"name\": \"${NAME[i]}\", \"token\": \"${TOKEN[i]}\", \"log_path\": $JSON"
+        services+=", \"status\": \"${STATUS[i]}\", \"pid\": $pid, \"launches\": ${LAUNCHES[i]}"
+        services+=", \"restarts\": ${RESTARTS[i]}, \"failure_policy\": \"${POLICY[i]}\""
+        if [[ ${POLICY[i]} == restart_on_failure ]]; then
+            services+=", \"max_restarts\": ${MAX_RESTARTS[i]}"
+        else
+            services+=", \"max_restarts\": null"
+        fi
+        services+=", \"last_exit_code\": ${LAST_EXIT[i]}, \"readiness\": $readiness"
+        if (( DISTRIBUTED[i] )); then
+            json_string "${HPC_COMPOSE_NODELIST:-}"
+        else
+            json_string "${HPC_COMPOSE_PRIMARY_NODE:-}"
+        fi
+        nodelist=$JSON
+        services+=", \"placement\": {${PLACEMENT[i]}, \"nodelist\": $nodelist}"
+        json_or_null "${STARTED_AT[i]}"
+        services+=", \"started_at\": $JSON"
+        json_or_null "${FINISHED_AT[i]}"
+        services+=", \"finished_at\": $JSON}"
+        separator=$',\n'
+    done
+    json_or_null "$JOB_REASON"
+    reason=$JSON
+    printf '{\n  "schema_version": 1,\n  "job_id": "%s",\n  "attempt": %s,\n  "status": "%s",\n  "exit_code": %s,\n  "reason": %s,\n  "updated_at": "%s",\n  "services": [\n%s\n  ]\n}\n' \
+        "$SLURM_JOB_ID" "$ATTEMPT" "$JOB_STATUS" "$JOB_EXIT" "$reason" "$NOW_ISO" "$services" \
+        >"$STATE_FILE.tmp" && mv -f "$STATE_FILE.tmp" "$STATE_FILE"
+    STATE_CHANGED=0
+}
+
+# Launch service $1 as a background srun step; its log is appended to, never truncated.
+launch() {
+    local i=$1 log="$LOG_DIR/${TOKEN[$1]}.log"
+    clock
+    if (( LAUNCHES[i] > 0 )); then
+        printf '%s restarting service %s (restart %s of %s, previous exit code %s) at %s\n' \
+            "@{marker}" "'${NAME[i]}'" "${RESTARTS[i]}" "${MAX_RESTARTS[i]}" "${LAST_EXIT[i]}" \
+            "$NOW_ISO" >>"$log"
+    elif [[ -s $log ]]; then
+        printf '%s service %s launched again in a new run of job %s at %s\n' \
+            "@{marker}" "'${NAME[i]}'" "$SLURM_JOB_ID" "$NOW_ISO" >>"$log"
+    fi
+    : >>"$log"
+    LOG_OFFSET[i]=$(stat -c %s -- "$log" 2>/dev/null || echo 0)
+    "run_service_$i" >>"$log" 2>&1 </dev/null &
+    PID[i]=$!
+    LAUNCHES[i]=$((LAUNCHES[i] + 1))
+    LAUNCH_MS[i]=$NOW_MS STARTED_AT[i]=$NOW_ISO FINISHED_AT[i]='' LAST_EXIT[i]=null
+    if [[ ${READINESS[i]} == none ]]; then
+        STATUS[i]=running
+    else
+        STATUS[i]=starting READY_STATE[i]=pending
+    fi
+    STATE_CHANGED=1
+    say "launched service '${NAME[i]}' (pid ${PID[i]}, launch ${LAUNCHES[i]}, log $log)"
+}
+
+# Start service $1 once every dependency is satisfied (called each tick while it waits).
+try_start() {
+    local i=$1 dependency j condition
+    # shellcheck disable=SC2086  # "index:condition" words, split on purpose
+    for dependency in ${DEPENDS_ON[i]}; do
+        j=${dependency%%:*} condition=${dependency#*:}
+        if [[ $condition == service_healthy ]]; then
+            [[ ${READY_STATE[j]} == ready ]] && continue
+            if [[ ${STATUS[j]} == exited ]]; then
+                STATUS[i]=failed
+                fail_job 1 "service '${NAME[i]}' cannot start: its dependency '${NAME[j]}' exited before its ${READINESS[j]} readiness check succeeded"
+            fi
+            return
+        fi
+        # service_started: launched and alive, or already finished successfully (a one-shot).
+        case ${STATUS[j]} in
+            starting|running|ready|exited) ;;
+            *) return ;;
+        esac
+    done
+    launch "$i"
+}
+
+# Readiness of service $1: one attempt at a time, in a background subshell, so the loop never blocks.
+probe() {
+    local i=$1 code
+    if [[ ${READINESS[i]} == sleep ]]; then
+        if (( NOW_MS - LAUNCH_MS[i] >= READY_SECONDS[i] * 1000 )); then mark_ready "$i"; fi
+        return
+    fi
+    if [[ -n ${PROBE_PID[i]} ]]; then
+        if kill -0 "${PROBE_PID[i]}" 2>/dev/null; then
+            (( NOW_MS - PROBE_MS[i] < PROBE_LIMIT_MS )) && return
+            kill -KILL "${PROBE_PID[i]}" 2>/dev/null
+        fi
+        code=0
+        wait "${PROBE_PID[i]}" 2>/dev/null || code=$?
+        PROBE_PID[i]=''
+        if (( code == 0 )); then mark_ready "$i"; return; fi
+    fi
+    if (( NOW_MS - LAUNCH_MS[i] >= READY_TIMEOUT[i] * 1000 )); then
+        readiness_timed_out "$i"
+        return
+    fi
+    run_probe "$i" </dev/null >/dev/null 2>&1 &
+    PROBE_PID[i]=$! PROBE_MS[i]=$NOW_MS
+}
+
+run_probe() {  # one readiness attempt for service $1; exit status 0 means ready
+    local i=$1
+    case ${READINESS[i]} in
+        tcp) exec 3<>"/dev/tcp/${READY_HOST[i]}/${READY_PORT[i]}" ;;
+        log) grep -Fq -e "${READY_PATTERN[i]}" < <(tail -c "+$((LOG_OFFSET[i] + 1))" -- "$LOG_DIR/${TOKEN[i]}.log") ;;
+        http) [[ $(curl --silent --output /dev/null --write-out '%{http_code}' --connect-timeout 1 \
+                    --max-time 2 --url "${READY_URL[i]}") == "${READY_CODE[i]}" ]] ;;
+        *) return 1 ;;
+    esac
+}
+
+stop_probe() {
+    if [[ -n ${PROBE_PID[$1]} ]]; then
+        kill -KILL "${PROBE_PID[$1]}" 2>/dev/null
+        wait "${PROBE_PID[$1]}" 2>/dev/null
+        PROBE_PID[$1]=''
+    fi
+}
+
+mark_ready() {
+    READY_STATE[$1]=ready STATUS[$1]=ready STATE_CHANGED=1
+    say "service '${NAME[$1]}' is ready (${READY_DESCRIPTION[$1]})"
+}
+
+# A readiness timeout counts as a failure of the service: its failure policy decides.
+readiness_timed_out() {
+    local i=$1 what
+    what="${READY_DESCRIPTION[i]} readiness did not succeed within ${READY_TIMEOUT[i]} s"
+    READY_STATE[i]=timeout STATE_CHANGED=1
+    case ${POLICY[i]} in
+        ignore)
+            STATUS[i]=running
+            say "service '${NAME[i]}': $what (failure_policy ignore: it keeps running)" ;;
+        restart_on_failure)
+            if (( RESTARTS[i] < MAX_RESTARTS[i] )); then
+                say "service '${NAME[i]}': $what; stopping it for a restart"
+                STATUS[i]=restarting KILL_MS[i]=$((NOW_MS + STOP_GRACE_SECONDS * 1000))
+                kill -TERM "${PID[i]}" 2>/dev/null
+            else
+                STATUS[i]=failed
+                fail_job @{readiness_exit} "service '${NAME[i]}': $what, after ${RESTARTS[i]} restarts (max_restarts ${MAX_RESTARTS[i]})"
+            fi ;;
+        *)
+            STATUS[i]=failed
+            fail_job @{readiness_exit} "service '${NAME[i]}': $what" ;;
+    esac
+}
+
+# Service $1 exited with code $2: apply its failure policy.
+service_exited() {
+    local i=$1 code=$2
+    stop_probe "$i"
+    PID[i]='' LAST_EXIT[i]=$code FINISHED_AT[i]=$NOW_ISO STATE_CHANGED=1
+    if (( code == 0 )); then
+        STATUS[i]=exited
+        say "service '${NAME[i]}' exited with code 0"
+        return
+    fi
+    case ${POLICY[i]} in
+        ignore)
+            STATUS[i]=failed
+            say "service '${NAME[i]}' exited with code $code (failure_policy ignore: the job goes on)" ;;
+        restart_on_failure)
+            if (( RESTARTS[i] < MAX_RESTARTS[i] )); then
+                STATUS[i]=restarting DUE_MS[i]=$((NOW_MS + BACKOFF[i] * 1000))
+                say "service '${NAME[i]}' exited with code $code; restart $((RESTARTS[i] + 1)) of ${MAX_RESTARTS[i]} in ${BACKOFF[i]} s"
+            else
+                STATUS[i]=failed
+                fail_job "$code" "service '${NAME[i]}' exited with code $code after ${RESTARTS[i]} restarts (max_restarts ${MAX_RESTARTS[i]})"
+            fi ;;
+        *)
+            STATUS[i]=failed
+            fail_job "$code" "service '${NAME[i]}' exited with code $code" ;;
+    esac
+}
+
+watch_service() {  # a launched service: did it exit, is it ready yet?
+    local i=$1 code=0
+    if ! kill -0 "${PID[i]}" 2>/dev/null; then
+        wait "${PID[i]}" 2>/dev/null || code=$?
+        service_exited "$i" "$code"
+        return
+    fi
+    if [[ ${READY_STATE[i]} == pending ]]; then probe "$i"; fi
+}
+
+watch_restart() {  # a service between two launches: being stopped, or in its backoff
+    local i=$1 code=0
+    if [[ -n ${PID[i]} ]]; then
+        if kill -0 "${PID[i]}" 2>/dev/null; then
+            if (( NOW_MS >= KILL_MS[i] )); then kill_service_hard "$i"; fi
+            return
+        fi
+        wait "${PID[i]}" 2>/dev/null || code=$?
+        stop_probe "$i"
+        PID[i]='' LAST_EXIT[i]=$code FINISHED_AT[i]=$NOW_ISO STATE_CHANGED=1
+        DUE_MS[i]=$((NOW_MS + BACKOFF[i] * 1000))
+        return
+    fi
+    if (( NOW_MS >= DUE_MS[i] )); then
+        RESTARTS[i]=$((RESTARTS[i] + 1))
+        launch "$i"
+    fi
+}
+
+# SIGKILL for srun and, since a killed srun can leave its step behind, for the step itself.
+kill_service_hard() {
+    local i=$1 step name
+    kill -KILL "${PID[i]}" 2>/dev/null
+    command -v squeue >/dev/null 2>&1 || return 0
+    while read -r step name; do
+        if [[ $name == "hpc-compose:${TOKEN[i]}" ]]; then
+            scancel --quiet --signal=KILL "$step" 2>/dev/null
+        fi
+    done < <(squeue --steps --noheader --jobs "$SLURM_JOB_ID" --format='%i %j' 2>/dev/null)
+}
+
+check_job_end() {  # the job ends when every service marked ENDS_JOB has exited for good
+    local i
+    for ((i = 0; i < SERVICE_COUNT; i++)); do
+        if (( ENDS_JOB[i] )); then
+            case ${STATUS[i]} in
+                exited|failed) ;;
+                *) return ;;
+            esac
+        fi
+    done
+    finish completed 0 "$END_REASON"
+}
+
+fail_job() {  # fail_job CODE REASON
+    finish failed "$1" "$2"
+}
+
+# Teardown: SIGTERM to every live service, a grace period, SIGKILL; then artifacts, final state, exit.
+finish() {
+    local status=$1 code=$2 reason=$3 i alive deadline outcome=failure
+    (( FINISHING )) && return 0
+    FINISHING=1
+    trap '' TERM INT HUP
+    set +e
+    JOB_STATUS=$status JOB_EXIT=$code JOB_REASON=$reason
+    say "job $status (exit code $code): $reason"
+    metrics_stop
+    for ((i = 0; i < SERVICE_COUNT; i++)); do
+        stop_probe "$i"
+        case ${STATUS[i]} in
+            waiting|starting|running|ready|restarting) STATUS[i]=stopped ;;
+        esac
+        if [[ -n ${PID[i]} ]]; then kill -TERM "${PID[i]}" 2>/dev/null; fi
+    done
+    write_state
+    clock
+    deadline=$((NOW_MS + STOP_GRACE_SECONDS * 1000))
+    while :; do
+        alive=0
+        for ((i = 0; i < SERVICE_COUNT; i++)); do
+            if [[ -n ${PID[i]} ]] && kill -0 "${PID[i]}" 2>/dev/null; then alive=1; fi
+        done
+        (( alive )) || break
+        clock
+        if (( NOW_MS >= deadline )); then
+            for ((i = 0; i < SERVICE_COUNT; i++)); do
+                if [[ -n ${PID[i]} ]] && kill -0 "${PID[i]}" 2>/dev/null; then
+                    say "service '${NAME[i]}' did not stop within ${STOP_GRACE_SECONDS} s: SIGKILL"
+                    kill_service_hard "$i"
+                fi
+            done
+            break
+        fi
+        read -r -t "$TICK" -u "$SLEEP_FD" _ 2>/dev/null
+    done
+    clock
+    for ((i = 0; i < SERVICE_COUNT; i++)); do
+        if [[ -n ${PID[i]} ]]; then
+            code=0
+            wait "${PID[i]}" 2>/dev/null || code=$?
+            PID[i]='' LAST_EXIT[i]=$code FINISHED_AT[i]=$NOW_ISO
+        fi
+    done
+    [[ $status == completed ]] && outcome=success
+    collect_artifacts "$outcome"
+    write_state
+    exit "$JOB_EXIT"
+}
+
+# scancel and the time limit both arrive as SIGTERM; Slurm's record of the job tells them apart.
+on_signal() {
+    local name=$1 number=$2
+    (( FINISHING )) && return 0
+    if scontrol show job "$SLURM_JOB_ID" 2>/dev/null | grep -Eq 'JobState=TIMEOUT|Reason=TimeLimit'; then
+        finish timeout $((128 + number)) "the job reached its time limit (SIG$name)"
+    fi
+    finish cancelled $((128 + number)) "the job was cancelled (SIG$name)"
+}
+
+on_exit() {  # the script ended without finish(): a setup line or the script itself failed
+    local code=$?
+    (( FINISHING )) && exit "$code"
+    (( code != 0 )) || code=1
+    finish failed "$code" "the batch script stopped unexpectedly (exit code $code) before the services finished; see the Slurm batch log"
+}
+"""
+
+SIGNALS_TEMPLATE = """
+# ---------------------------------------------------------------------------
+# Traps: scancel, the time limit and any unexpected exit all end in teardown
+# ---------------------------------------------------------------------------
+trap 'on_signal TERM 15' TERM
+trap 'on_signal INT 2' INT
+trap 'on_signal HUP 1' HUP
+trap on_exit EXIT
+write_state
+"""
+
+SETUP_TEMPLATE = """
+# ---------------------------------------------------------------------------
+# x-slurm.setup (verbatim, under set -euo pipefail)
+# ---------------------------------------------------------------------------
+@{lines}
+"""
+
+MAIN_LOOP_TEMPLATE = """
+# ---------------------------------------------------------------------------
+# The event loop: launch what is ready to start, watch what runs, probe readiness, restart, end
+# ---------------------------------------------------------------------------
+@{curl_check}metrics_start
+set +e  # from here on every failure is handled explicitly; an unexpected exit still tears down
+say "supervising @{count} service(s) in job $SLURM_JOB_ID (state: $STATE_FILE)"
+while :; do
+    clock
+    for ((i = 0; i < SERVICE_COUNT; i++)); do
+        case ${STATUS[i]} in
+            waiting) try_start "$i" ;;
+            starting|running|ready) watch_service "$i" ;;
+            restarting) watch_restart "$i" ;;
+        esac
+    done
+    check_job_end
+    (( STATE_CHANGED )) && write_state
+    read -r -t "$TICK" -u "$SLEEP_FD" _
+done
+"""
+
+EXTRAS_BANNER = """
+# ---------------------------------------------------------------------------
+# Metrics sampler and artifact collection
+# ---------------------------------------------------------------------------
+"""
+
+CURL_CHECK_TEMPLATE = """\
+command -v curl >/dev/null 2>&1 ||
+    echo "hpc-compose: warning: curl is not on PATH on $(hostname); http readiness cannot succeed" >&2
+"""
+
+
+class _Var(NamedTuple):
+    """A bash variable expanded at run time inside one word of the script."""
+    name: str
+
+
+def _word(*parts):
+    """One shell word from literal strings and ``_Var`` parts, literals quoted by shell_quote."""
+    if not any(isinstance(part, _Var) or part for part in parts):
+        return "''"
+    text = ""
+    for part in parts:
+        if isinstance(part, _Var):
+            text += '"${%s}"' % part.name
+        elif part:
+            text += shell_quote(part)
+    return text
+
+
+def _plain(*parts):
+    """The same word as ``_word`` shows it in an argv: variables left as ``${NAME}``."""
+    return "".join("${%s}" % part.name if isinstance(part, _Var) else part for part in parts)
+
+
+def _single_line(value, what):
+    value = str(value)
+    if "\n" in value or "\r" in value:
+        raise HpcComposeError("%s contains a line break, which cannot go into an #SBATCH line: %r"
+                              % (what, value))
+    return value
+
+
+def _sbatch_lines(plan):
+    slurm = plan.slurm
+    lines = ["--job-name=" + shell_quote(_single_line(plan.job_name, "the job name")),
+             "--nodes=" + shell_quote(plan.nodes or 1)]
+    fields = (("ntasks", "--ntasks"), ("ntasks_per_node", "--ntasks-per-node"),
+              ("partition", "--partition"), ("account", "--account"), ("qos", "--qos"),
+              ("time", "--time"), ("cpus_per_task", "--cpus-per-task"), ("mem", "--mem"))
+    for field, flag in fields:
+        value = getattr(slurm, field)
+        if value is not None:
+            lines.append(flag + "=" + shell_quote(_single_line(value, "x-slurm." + field)))
+    if slurm.gres is not None:
+        lines.append("--gres=" + shell_quote(_single_line(slurm.gres, "x-slurm.gres")))
+    elif slurm.gpus is not None:
+        lines.append("--gpus=" + shell_quote(_single_line(slurm.gpus, "x-slurm.gpus")))
+    for field, flag in (("constraint", "--constraint"), ("output", "--output"),
+                        ("error", "--error"), ("chdir", "--chdir")):
+        value = getattr(slurm, field)
+        if value is not None:
+            lines.append(flag + "=" + shell_quote(_single_line(value, "x-slurm." + field)))
+    for arg in slurm.submit_args:
+        lines.append(_single_line(arg, "x-slurm.submit_args entry"))
+    return ["#SBATCH " + line for line in lines]
+
+
+def _job_ending_services(plan):
+    """Names of the services whose exit ends the job: no dependents, failure policy not ignore."""
+    ending = [s.name for s in plan.services
+              if not s.dependents and s.failure_policy.mode != "ignore"]
+    return ending or [s.name for s in plan.services]
+
+
+def _container_argv(service):
+    """The argv after the srun options: shell form, exec form, or nothing (image default)."""
+    execution = service.execution
+    if execution.form == "shell":
+        return ["/bin/sh", "-c", execution.script]
+    if execution.form == "exec":
+        if service.runtime == "host" or execution.use_image_entrypoint:
+            # The image ENTRYPOINT must see the command itself as its arguments (Compose rule).
+            return list(execution.argv)
+        # srun resolves a bare program name on the host (Pyxis lesson): let /bin/sh in the image do it.
+        return ["/bin/sh", "-c", 'exec "$@"', "hpc-compose"] + list(execution.argv)
+    if service.runtime == "host":
+        raise HpcComposeError("service '%s' uses the host runtime but has neither command nor "
+                              "entrypoint" % service.name)
+    return []
+
+
+def _env_names(runtime_plan, service):
+    names = ["HPC_COMPOSE_JOB_DIR", "HPC_COMPOSE_NODELIST", "HPC_COMPOSE_NODELIST_FILE",
+             "HPC_COMPOSE_NODE_COUNT", "HPC_COMPOSE_PRIMARY_NODE", "HPC_COMPOSE_SERVICE"]
+    if runtime_plan.plan.slurm.resume is not None:
+        names += ["HPC_COMPOSE_ATTEMPT", "HPC_COMPOSE_IS_RESUME", "HPC_COMPOSE_RESUME_DIR"]
+    return sorted(set(names) | set(key for key, _ in service.environment))
+
+
+def _environment_parts(runtime_plan, index):
+    """``[(name, parts)]`` the service's step gets on top of the batch environment, in order."""
+    service = runtime_plan.plan.services[index]
+    items = [(key, (str(value),)) for key, value in service.environment]
+    tool = [("HPC_COMPOSE_SERVICE", (service.name,))]
+    if service.runtime == "host":
+        tool += [("HPC_COMPOSE_JOB_DIR", (_Var("JOB_DIR"),)),
+                 ("HPC_COMPOSE_NODELIST_FILE", (_Var("JOB_DIR"), "/allocation/nodes.txt"))]
+    else:
+        tool += [("HPC_COMPOSE_JOB_DIR", (JOB_MOUNT,)),
+                 ("HPC_COMPOSE_NODELIST_FILE", (JOB_MOUNT + "/allocation/nodes.txt",))]
+        if runtime_plan.plan.slurm.resume is not None:
+            tool.append(("HPC_COMPOSE_RESUME_DIR", (RESUME_MOUNT,)))
+    # The tool's own names come last so that they win over a spec value of the same name.
+    return items + tool
+
+
+def service_environment(runtime_plan, index):
+    """``[(name, value)]`` set by ``env`` for service ``index``'s step (``${VAR}`` = run time)."""
+    return [(key, _plain(*parts)) for key, parts in _environment_parts(runtime_plan, index)]
+
+
+def _mount_parts(runtime_plan, service):
+    """Parts of the --container-mounts value: the job dir first, then resume, then volumes."""
+    for mount in service.mounts:
+        for path in (mount.host, mount.container):
+            if "," in path or ":" in path:
+                raise HpcComposeError("volume path %r of service '%s' contains ',' or ':', which "
+                                      "Pyxis cannot mount" % (path, service.name))
+    parts = [_Var("JOB_DIR"), ":" + JOB_MOUNT]
+    resume = runtime_plan.plan.slurm.resume
+    if resume is not None:
+        parts.append("," + resume.path + ":" + RESUME_MOUNT)
+    for mount in service.mounts:
+        parts.append("," + mount.host + ":" + mount.container
+                     + (":" + mount.options if mount.options else ""))
+    return parts
+
+
+def _srun_parts(runtime_plan, index):
+    """The srun argv of service ``index`` as words made of parts (literals and ``_Var``s)."""
+    service = runtime_plan.plan.services[index]
+    placement = service.placement
+    words = [("--overlap",), ("--job-name=hpc-compose:" + service.token,),
+             ("--nodes=%s" % (placement.nodes or 1),)]
+    if placement.ntasks is not None:
+        words.append(("--ntasks=%s" % placement.ntasks,))
+    if placement.ntasks_per_node is not None:
+        words.append(("--ntasks-per-node=%s" % placement.ntasks_per_node,))
+    if placement.ntasks is None and placement.ntasks_per_node is None \
+            and placement.mode != "distributed":
+        # Otherwise the step inherits the job's --ntasks and would start the service N times.
+        words.append(("--ntasks=1",))
+    if placement.mode == "primary":
+        words.append(("--nodelist=", _Var("HPC_COMPOSE_PRIMARY_NODE")))
+    if service.cpus_per_task is not None:
+        words.append(("--cpus-per-task=%s" % service.cpus_per_task,))
+    if service.gres is not None:
+        words.append(("--gres=%s" % service.gres,))
+    elif service.gpus is not None:
+        words.append(("--gpus=%s" % service.gpus,))
+    if service.runtime == "host":
+        if service.working_dir:
+            words.append(("--chdir=%s" % service.working_dir,))
+    else:
+        image = runtime_plan.images[index].container_image
+        words.append(("--container-image=%s" % image,))
+        words.append(tuple(["--container-mounts="] + _mount_parts(runtime_plan, service)))
+        if service.working_dir:
+            words.append(("--container-workdir=%s" % service.working_dir,))
+        words.append(("--container-env=" + ",".join(_env_names(runtime_plan, service)),))
+        if service.execution.form == "default" or service.execution.use_image_entrypoint:
+            words.append(("--container-entrypoint",))
+        else:
+            words.append(("--no-container-entrypoint",))
+    words.extend((str(arg),) for arg in service.extra_srun_args)
+    words.extend((arg,) for arg in _container_argv(service))
+    return words
+
+
+def service_srun_argv(runtime_plan, index):
+    """The exact srun argv (after ``srun``) for service ``index``; ``${VAR}`` marks run-time values."""
+    return [_plain(*parts) for parts in _srun_parts(runtime_plan, index)]
+
+
+def _run_service_function(runtime_plan, index):
+    service = runtime_plan.plan.services[index]
+    mkdirs = ""
+    if service.runtime != "host":
+        # Pyxis refuses a missing bind source; Docker creates missing directories, and so do we.
+        sources = [m.host for m in service.mounts]
+        if runtime_plan.plan.slurm.resume is not None:
+            sources.insert(0, runtime_plan.plan.slurm.resume.path)
+        for source in sources:
+            quoted = shell_quote(source)
+            mkdirs += "    [[ -e %s ]] || mkdir -p -- %s\n" % (quoted, quoted)
+    env = "".join("        %s \\\n" % _word(key + "=", *parts)
+                  for key, parts in _environment_parts(runtime_plan, index))
+    argv = " \\\n".join("        " + _word(*parts) for parts in _srun_parts(runtime_plan, index))
+    return _fill(RUN_SERVICE_TEMPLATE, name=_comment(service.name), index=str(index),
+                 mkdirs=mkdirs, env=env, argv=argv)
+
+
+def _comment(text):
+    """Text safe inside a bash comment (one line)."""
+    return "".join(c if c.isprintable() else "?" for c in str(text))
+
+
+def _readiness_description(readiness):
+    if readiness.type == "sleep":
+        return "sleep %ss" % readiness.seconds
+    if readiness.type == "tcp":
+        return "tcp %s:%s" % (readiness.host or TCP_HOST_DEFAULT, readiness.port)
+    if readiness.type == "log":
+        return "log pattern %r" % readiness.pattern
+    return "http %s status %s" % (readiness.url, readiness.status_code or HTTP_STATUS_DEFAULT)
+
+
+def _service_entry(plan, index, ending):
+    service = plan.services[index]
+    index_of = dict((s.name, i) for i, s in enumerate(plan.services))
+    policy = service.failure_policy
+    restart = policy.mode == "restart_on_failure"
+    readiness = service.readiness
+    placement = service.placement
+    placement_json = '"mode": %s, "nodes": %s, "ntasks": %s, "ntasks_per_node": %s' % (
+        to_json(placement.mode), to_json(placement.nodes or 1),
+        to_json(placement.ntasks), to_json(placement.ntasks_per_node))
+    values = dict(
+        index=str(index), name=_comment(service.name), name_word=shell_quote(service.name),
+        token=shell_quote(service.token),
+        distributed="1" if placement.mode == "distributed" else "0",
+        policy=shell_quote(policy.mode),
+        max_restarts=shell_quote(int(policy.max_restarts or 3) if restart else 0),
+        backoff=shell_quote(int(policy.backoff_seconds or 5) if restart else 0),
+        ends_job="1" if service.name in ending else "0",
+        depends_on=shell_quote(" ".join("%d:%s" % (index_of[d.name], d.condition)
+                                        for d in service.depends_on)),
+        readiness="none", timeout="0", seconds="0", host="''", port="''", code="''",
+        pattern="''", url="''", description="''", placement=shell_quote(placement_json))
+    if readiness is not None:
+        values.update(
+            readiness=shell_quote(readiness.type),
+            timeout=shell_quote(int(readiness.timeout_seconds or READINESS_TIMEOUT_DEFAULT)),
+            description=shell_quote(_readiness_description(readiness)))
+        if readiness.type == "sleep":
+            values["seconds"] = shell_quote(int(readiness.seconds or 0))
+        elif readiness.type == "tcp":
+            values["host"] = shell_quote(readiness.host or TCP_HOST_DEFAULT)
+            values["port"] = shell_quote(int(readiness.port))
+        elif readiness.type == "log":
+            values["pattern"] = shell_quote(readiness.pattern)
+        elif readiness.type == "http":
+            values["url"] = shell_quote(readiness.url)
+            values["code"] = shell_quote(int(readiness.status_code or HTTP_STATUS_DEFAULT))
+    return _fill(SERVICE_ENTRY_TEMPLATE, **values)
+
+
+def _extra_block(name, runtime_plan, fallback):
+    """The TRACKING section's bash block ``name(runtime_plan)``, or ``fallback`` while absent."""
+    render = globals().get(name)
+    text = render(runtime_plan) if render is not None else ""
+    return text if text and text.strip() else fallback
 
 
 def render_script(runtime_plan):
     """Render the complete, self-contained batch script for ``runtime_plan``."""
-    raise NotImplementedError
+    plan = runtime_plan.plan
+    services = plan.services
+    if not services:
+        raise HpcComposeError("the plan has no services to run")
+    ending = _job_ending_services(plan)
+    resume = plan.slurm.resume
+    pieces = [_fill(SCRIPT_HEAD_TEMPLATE, job_name=_comment(plan.job_name), version=__version__,
+                    compose_file=_comment(plan.compose_file),
+                    service_names=_comment(", ".join(s.name for s in services))),
+              "\n".join(_sbatch_lines(plan)) + "\n",
+              _fill(PRELUDE_TEMPLATE, nodes=shell_quote(int(plan.nodes or 1)),
+                    run_dir="$JOB_DIR/attempts/$ATTEMPT" if resume else "$JOB_DIR"),
+              _fill(SERVICE_TABLE_HEAD_TEMPLATE, count=str(len(services)),
+                    end_reason=shell_quote("every service that ends the job has finished: "
+                                           + ", ".join(ending)))]
+    pieces.extend(_service_entry(plan, index, ending) for index in range(len(services)))
+    pieces.extend(_run_service_function(runtime_plan, index) for index in range(len(services)))
+    pieces.append(_fill(SUPERVISOR_TEMPLATE, tick=SUPERVISOR_TICK, grace=str(STOP_GRACE_SECONDS),
+                        probe_limit_ms=str(PROBE_LIMIT_SECONDS * 1000), marker=RESTART_MARKER,
+                        readiness_exit=str(EXIT_READINESS_TIMEOUT)))
+    metrics = _extra_block("render_metrics_block", runtime_plan,
+                           "metrics_start() { :; }\nmetrics_stop() { :; }\n")
+    artifacts = _extra_block("render_artifacts_block", runtime_plan,
+                             "collect_artifacts() { :; }\n")
+    pieces.append(EXTRAS_BANNER + metrics.rstrip("\n") + "\n\n" + artifacts.rstrip("\n") + "\n")
+    # From here on any exit (a failed setup line, scancel, the time limit) goes through teardown.
+    pieces.append(SIGNALS_TEMPLATE)
+    if resume is not None:
+        pieces.append(_fill(RESUME_TEMPLATE, resume_path=shell_quote(resume.path)))
+    pieces.append(ALLOCATION_TEMPLATE)
+    if resume is not None:
+        pieces.append(_fill(RESUME_LATEST_TEMPLATE,
+                            compose_name=shell_quote(plan.spec.name or plan.job_name)))
+    if plan.slurm.setup:
+        pieces.append(_fill(SETUP_TEMPLATE, lines="\n".join(plan.slurm.setup)))
+    curl_check = ""
+    if any(s.readiness is not None and s.readiness.type == "http" for s in services):
+        curl_check = CURL_CHECK_TEMPLATE
+    pieces.append(_fill(MAIN_LOOP_TEMPLATE, count=str(len(services)), curl_check=curl_check))
+    return "".join(pieces)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -5740,9 +6643,13 @@ def live_sstat(job_id, sstat_bin="sstat"):
 
 def collect_stats(record, sstat_bin="sstat", squeue_bin="squeue", sacct_bin="sacct"):
     """Metrics of a job: the sampler's files first, live ``sstat`` when they have no step rows."""
-    scheduler = query_scheduler(record["job_id"], squeue_bin, sacct_bin)
-    sampler = read_sampler_metrics(record["job_dir"])
     notes, sources = [], []
+    try:
+        scheduler = query_scheduler(record["job_id"], squeue_bin, sacct_bin)
+    except ToolError as exc:
+        scheduler = SchedulerState("UNKNOWN", "none")
+        notes.append("scheduler state unavailable: %s" % exc.message)
+    sampler = read_sampler_metrics(record["job_dir"])
     steps = [dict(row) for row in sampler["steps"]]
     if sampler["present"]:
         sources.append("sampler")

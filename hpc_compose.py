@@ -4646,6 +4646,7 @@ PLACEMENT[@{index}]=@{placement}
 
 RUN_SERVICE_TEMPLATE = """
 # @{name}: the srun step (runs in a background subshell; its output is appended to the log).
+# shellcheck disable=SC2016  # single-quoted arguments are expanded by the service, not here
 run_service_@{index}() {
 @{mkdirs}    exec env \\
 @{env}        "$SRUN" \\
@@ -4698,6 +4699,7 @@ json_string() {
     if [[ $s == *[$'\001'-$'\037']* ]]; then
         for ((n = 1; n < 32; n++)); do
             printf -v hex '%02x' "$n"
+            # shellcheck disable=SC2059  # the format is the escape \xHH itself
             printf -v ch "\\x$hex"
             s=${s//"$ch"/\\u00$hex}
         done
@@ -5267,7 +5269,13 @@ def _run_service_function(runtime_plan, index):
             mkdirs += "    [[ -e %s ]] || mkdir -p -- %s\n" % (quoted, quoted)
     env = "".join("        %s \\\n" % _word(key + "=", *parts)
                   for key, parts in _environment_parts(runtime_plan, index))
-    argv = " \\\n".join("        " + _word(*parts) for parts in _srun_parts(runtime_plan, index))
+    words = _srun_parts(runtime_plan, index)
+    command = _container_argv(service)
+    options = words[:len(words) - len(command)]
+    lines = ["        " + _word(*parts) for parts in options]
+    if command:
+        lines.append("        " + " ".join(_word(arg) for arg in command))
+    argv = " \\\n".join(lines)
     return _fill(RUN_SERVICE_TEMPLATE, name=_comment(service.name), index=str(index),
                  mkdirs=mkdirs, env=env, argv=argv)
 

@@ -1,0 +1,603 @@
+"""Job tracking on the login node: records, scheduler parsing, state.json, logs, stats, artifacts,
+clean; and the metrics / artifact bash blocks of the batch script, run under real bash.
+
+End-to-end behaviour against the real Slurm lives in test_tracking_e2e.py.
+"""
+import json
+import multiprocessing
+import os
+import shutil
+import stat
+import subprocess
+import tarfile
+import time
+import types
+
+import pytest
+
+import hpc_compose
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+def runtime_plan_with(metrics=None, artifacts=None):
+    """The part of a RuntimePlan the render-extras blocks read (x-slurm.metrics / .artifacts)."""
+    slurm = hpc_compose.SlurmSpec(metrics=metrics, artifacts=artifacts)
+    return types.SimpleNamespace(plan=types.SimpleNamespace(slurm=slurm))
+
+
+def run_block(tmp_path, body, job_dir, env=None, path_dirs=()):
+    """Run ``set -euo pipefail; JOB_DIR=...; <body>`` under bash; returns the CompletedProcess."""
+    script = tmp_path / "block.sh"
+    script.write_text("#!/bin/bash\nset -euo pipefail\nJOB_DIR=\"$1\"\n" + body)
+    environ = dict(os.environ)
+    environ["PATH"] = os.pathsep.join(list(path_dirs) + ["/usr/bin", "/bin"])
+    environ.update(env or {})
+    return subprocess.run([shutil.which("bash"), str(script), str(job_dir)], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, universal_newlines=True, env=environ, timeout=60)
+
+
+def make_record(project_dir, job_id, services=(("app", "app"),), submitted_at=None, **extra):
+    job_dir = hpc_compose.job_directory(str(project_dir), job_id)
+    record = {
+        "schema_version": 1, "job_id": str(job_id), "project_dir": str(project_dir),
+        "compose_file": os.path.join(str(project_dir), "compose.yaml"),
+        "job_dir": job_dir, "submitted_at": submitted_at if submitted_at is not None else time.time(),
+        "batch_log": os.path.join(str(project_dir), "slurm-%s.out" % job_id),
+        "services": [{"name": name, "token": token,
+                      "log_path": os.path.join(job_dir, "logs", token + ".log")}
+                     for name, token in services],
+    }
+    record.update(extra)
+    return record
+
+
+def write_state(job_dir, status, services=()):
+    os.makedirs(job_dir, exist_ok=True)
+    with open(os.path.join(job_dir, "state.json"), "w") as handle:
+        json.dump({"schema_version": 1, "status": status, "services": list(services)}, handle)
+
+
+NVIDIA_SMI_STANDIN = """#!/bin/bash
+# STAND-IN for nvidia-smi (no GPU on this machine): records its argv and prints the CSV shape the
+# real tool prints for --format=csv,noheader,nounits.
+echo "$*" >> "$STANDIN_LOG"
+case "$1" in
+  --query-gpu=*)
+    echo '0, GPU-1111, NVIDIA A100-SXM4-40GB, 37, 12, 1024, 40960, 41, 88.50, 400.00'
+    echo '1, GPU-2222, NVIDIA A100-SXM4-40GB, [N/A], 0, 0, 40960, 30, [Not Supported], 400.00' ;;
+  --query-compute-apps=*)
+    echo 'GPU-1111, 4242, python3, 1000' ;;
+esac
+"""
+
+
+@pytest.fixture
+def nvidia_smi_standin(tmp_path):
+    directory = tmp_path / "standin-bin"
+    directory.mkdir()
+    tool = directory / "nvidia-smi"
+    tool.write_text(NVIDIA_SMI_STANDIN)
+    tool.chmod(tool.stat().st_mode | stat.S_IEXEC)
+    return str(directory), str(tmp_path / "nvidia-smi.argv")
+
+
+# --- job ids and batch log paths ---------------------------------------------------------------
+
+def test_parsable_job_id_is_parsed(hc):
+    assert hc.parse_sbatch_job_id("4242\n") == ("4242", None)
+
+
+def test_parsable_job_id_with_cluster_is_parsed(hc):
+    assert hc.parse_sbatch_job_id("4243;cluster-a\n") == ("4243", "cluster-a")
+
+
+def test_classic_sbatch_line_is_parsed(hc):
+    assert hc.parse_sbatch_job_id("Submitted batch job 99\n") == ("99", None)
+
+
+def test_sbatch_output_without_job_id_is_a_tool_error(hc):
+    with pytest.raises(hc.ToolError) as info:
+        hc.parse_sbatch_job_id("sbatch: error: Batch job submission failed\n")
+    assert "job id" in info.value.message
+
+
+def test_batch_log_defaults_to_slurm_jobid_out_in_compose_dir(hc, tmp_path):
+    assert hc.batch_log_path(str(tmp_path), "123", "app") == str(tmp_path / "slurm-123.out")
+
+
+def test_batch_log_expands_job_name_user_and_padding(hc, tmp_path):
+    path = hc.batch_log_path(str(tmp_path), "123", "train", "logs/%x-%u-%8j-%A.%%.out", user="ada")
+    assert path == str(tmp_path / "logs" / "train-ada-00000123-123.%.out")
+
+
+def test_batch_log_keeps_node_specifier_and_absolute_paths(hc, tmp_path):
+    assert hc.batch_log_path(str(tmp_path), "7", "x", "/scratch/%N-%j.log") == "/scratch/%N-7.log"
+
+
+def test_batch_log_is_relative_to_chdir_when_set(hc, tmp_path):
+    path = hc.batch_log_path(str(tmp_path), "7", "x", "out-%j.txt", chdir="run")
+    assert path == str(tmp_path / "run" / "out-7.txt")
+
+
+def test_slurm_state_is_normalized(hc):
+    assert hc.normalize_slurm_state("CANCELLED by 0") == "CANCELLED"
+    assert hc.normalize_slurm_state("completed+") == "COMPLETED"
+    assert hc.normalize_slurm_state("") == "UNKNOWN"
+
+
+def test_sstat_output_keeps_numbered_steps_only(hc):
+    rows = hc.parse_sstat_output("12.batch|1|0|1K|1K|cpu=0\n12.extern|1|0|0|0|\n"
+                                 "12.0|2|00:00:03|100K|200K|cpu=00:00:03,mem=100K\n")
+    assert [r["step_id"] for r in rows] == ["12.0"]
+    assert rows[0]["ntasks"] == "2" and rows[0]["max_rss"] == "200K"
+
+
+# --- state.json --------------------------------------------------------------------------------
+
+def test_missing_state_json_reads_as_none(hc, tmp_path):
+    assert hc.read_runtime_state(str(tmp_path)) is None
+
+
+def test_half_written_state_json_reads_as_none(hc, tmp_path):
+    (tmp_path / "state.json").write_text('{"status": "runn')
+    assert hc.read_runtime_state(str(tmp_path)) is None
+
+
+def test_state_json_is_read_tolerantly(hc, tmp_path):
+    (tmp_path / "state.json").write_text(json.dumps({
+        "status": "failed", "future_key": 1,
+        "services": [{"name": "db", "status": "failed", "last_exit_code": 3}, "junk",
+                     {"status": "running"}, {"name": "web"}]}))
+    state = hc.read_runtime_state(str(tmp_path))
+    assert [s["name"] for s in state["services"]] == ["db", "web"]
+    assert state["services"][1]["status"] == "unknown"
+    assert state["services"][0]["restarts"] is None
+    assert state["future_key"] == 1 and state["exit_code"] is None
+
+
+def test_failure_summary_names_failed_service_and_exit_code(hc, tmp_path):
+    write_state(str(tmp_path), "failed", [
+        {"name": "db", "status": "failed", "last_exit_code": 3},
+        {"name": "web", "status": "stopped"},
+        {"name": "probe", "status": "failed", "readiness": {"type": "tcp", "status": "timeout"}}])
+    summary = hc.runtime_failure_summary(hc.read_runtime_state(str(tmp_path)))
+    assert "service 'db' failed (exit 3)" in summary
+    assert "service 'probe' failed (readiness tcp timed out)" in summary
+    assert "web" not in summary
+
+
+# --- tracked metadata --------------------------------------------------------------------------
+
+def _submit_many(project_dir, first_id, count):
+    for job_id in range(first_id, first_id + count):
+        record = make_record(project_dir, job_id, services=[("svc%d" % i, "svc%d" % i)
+                                                            for i in range(30)])
+        hpc_compose.record_job(project_dir, record)
+
+
+def test_parallel_writers_never_corrupt_tracked_metadata(hc, tmp_path):
+    project_dir = str(tmp_path)
+    workers = [multiprocessing.Process(target=_submit_many, args=(project_dir, 1000 * (w + 1), 15))
+               for w in range(6)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(60)
+        assert worker.exitcode == 0
+    written = sorted(os.listdir(os.path.join(project_dir, ".hpc-compose", "jobs")))
+    records = [n for n in written if n.endswith(".json")]
+    assert len(records) == 6 * 15
+    for name in records:
+        with open(os.path.join(project_dir, ".hpc-compose", "jobs", name)) as handle:
+            assert json.load(handle)["job_id"] == name[:-5]
+    latest = hc.read_json(hc.latest_record_path(project_dir))
+    assert latest["job_id"] + ".json" in records
+    assert not [n for n in written if n.endswith(".tmp")]
+
+
+def test_latest_record_is_loaded_without_job_id(hc, tmp_path):
+    hc.record_job(str(tmp_path), make_record(tmp_path, 5))
+    hc.record_job(str(tmp_path), make_record(tmp_path, 6))
+    assert hc.load_job_record(str(tmp_path))["job_id"] == "6"
+    assert hc.load_job_record(str(tmp_path), "5")["job_id"] == "5"
+
+
+def test_unknown_job_id_gets_a_minimal_record(hc, tmp_path):
+    record = hc.load_job_record(str(tmp_path), "77")
+    assert record["untracked"] and record["job_dir"] == str(tmp_path / ".hpc-compose" / "77")
+
+
+def test_no_tracked_job_is_a_usage_error(hc, cli, tmp_path):
+    (tmp_path / "compose.yaml").write_text("services: {}\n")
+    result = cli(["status", "-f", str(tmp_path / "compose.yaml")])
+    assert result.code == 2
+    assert "no tracked job" in result.err and "--job-id" in result.err
+
+
+def test_non_numeric_job_id_is_a_usage_error(hc, tmp_path):
+    with pytest.raises(hc.UsageError):
+        hc.load_job_record(str(tmp_path), "12; rm -rf /")
+
+
+# --- logs ---------------------------------------------------------------------------------------
+
+def test_follower_holds_partial_lines_until_complete(hc, tmp_path):
+    log = tmp_path / "a.log"
+    follower = hc.LogFollower([("a", str(log))])
+    assert follower.poll() == []                      # the file does not exist yet
+    with open(str(log), "ab") as handle:
+        handle.write(b"hel")
+    assert follower.poll() == []
+    with open(str(log), "ab") as handle:
+        handle.write(b"lo\nwor")
+    assert follower.poll() == [("a", "hello")]
+    with open(str(log), "ab") as handle:
+        handle.write("ld \u00e9\n".encode("utf-8"))
+    assert follower.poll() == [("a", "world \u00e9")]
+
+
+def test_follower_flush_returns_the_last_partial_line(hc, tmp_path):
+    log = tmp_path / "a.log"
+    log.write_bytes(b"one\ntwo")
+    follower = hc.LogFollower([("a", str(log))])
+    assert follower.poll() == [("a", "one")]
+    assert follower.flush() == [("a", "two")]
+    assert follower.flush() == []
+
+
+def test_follower_restarts_a_truncated_file(hc, tmp_path):
+    log = tmp_path / "a.log"
+    log.write_bytes(b"first run line\n")
+    follower = hc.LogFollower([("a", str(log))])
+    assert follower.poll() == [("a", "first run line")]
+    log.write_bytes(b"new\n")
+    assert follower.poll() == [("a", "new")]
+
+
+def test_follower_from_end_skips_existing_lines(hc, tmp_path):
+    log = tmp_path / "a.log"
+    log.write_bytes(b"old\n")
+    follower = hc.LogFollower([("a", str(log))], from_end=True)
+    with open(str(log), "ab") as handle:
+        handle.write(b"new\n")
+    assert follower.poll() == [("a", "new")]
+
+
+def test_tail_returns_last_lines(hc, tmp_path):
+    log = tmp_path / "a.log"
+    log.write_text("".join("line %d\n" % i for i in range(5000)))
+    assert hc.tail_lines(str(log), 3) == ["line 4997", "line 4998", "line 4999"]
+    assert hc.tail_lines(str(tmp_path / "missing.log"), 3) == []
+
+
+def test_logs_command_prefixes_lines_and_honours_tail(hc, cli, tmp_path):
+    (tmp_path / "compose.yaml").write_text("services: {}\n")
+    record = make_record(tmp_path, 31, services=[("web", "web"), ("my.app", "my_x2e_app")])
+    hc.record_job(str(tmp_path), record)
+    os.makedirs(os.path.join(record["job_dir"], "logs"))
+    with open(record["services"][0]["log_path"], "w") as handle:
+        handle.write("a\nb\nc\n")
+    with open(record["services"][1]["log_path"], "w") as handle:
+        handle.write("x\n")
+    result = cli(["logs", "-f", str(tmp_path / "compose.yaml"), "--tail", "2"])
+    assert result.code == 0
+    assert result.out.splitlines() == ["[web] b", "[web] c", "[my.app] x"]
+    result = cli(["logs", "-f", str(tmp_path / "compose.yaml"), "--service", "my.app"])
+    assert result.out.splitlines() == ["[my.app] x"]
+
+
+def test_logs_of_unknown_service_is_a_usage_error(hc, cli, tmp_path):
+    (tmp_path / "compose.yaml").write_text("services: {}\n")
+    hc.record_job(str(tmp_path), make_record(tmp_path, 32))
+    result = cli(["logs", "-f", str(tmp_path / "compose.yaml"), "--service", "nope"])
+    assert result.code == 2 and "no service 'nope'" in result.err and "app" in result.err
+
+
+# --- scheduler polling policy -------------------------------------------------------------------
+
+def test_poller_backs_off_and_resets_after_a_change(hc, monkeypatch):
+    now = [0.0]
+    states = iter(["PENDING", "PENDING", "PENDING", "RUNNING", "RUNNING"])
+    monkeypatch.setattr(hc, "squeue_state",
+                        lambda job_id, squeue_bin: hc.SchedulerState(next(states), "squeue"))
+    poller = hc.SchedulerPoller("1", clock=lambda: now[0], first=2.0, cap=8.0)
+    intervals = []
+    for _ in range(5):
+        poller.poll()
+        intervals.append(poller.interval)
+    assert intervals == [2.0, 4.0, 8.0, 2.0, 4.0]
+    assert poller.calls == 5
+
+
+def test_poller_asks_sacct_only_after_the_job_left_the_queue(hc, monkeypatch):
+    asked = []
+    queue = iter([hc.SchedulerState("RUNNING", "squeue"), None])
+
+    def fake_squeue(job_id, squeue_bin):
+        asked.append("squeue")
+        return next(queue)
+
+    def fake_sacct(job_id, sacct_bin):
+        asked.append("sacct")
+        return hc.SchedulerState("COMPLETED", "sacct", exit_code="0:0")
+
+    monkeypatch.setattr(hc, "squeue_state", fake_squeue)
+    monkeypatch.setattr(hc, "sacct_state", fake_sacct)
+    poller = hc.SchedulerPoller("1", clock=lambda: 0.0)
+    assert poller.poll()[0].state == "RUNNING"
+    assert asked == ["squeue"]
+    state, changed = poller.poll()
+    assert state.state == "COMPLETED" and state.source == "sacct" and changed
+    assert asked == ["squeue", "squeue", "sacct"]
+
+
+# --- clean --------------------------------------------------------------------------------------
+
+def _tracked(tmp_path, job_id, age_days, status=None):
+    record = make_record(tmp_path, job_id, submitted_at=time.time() - age_days * 86400)
+    hpc_compose.record_job(str(tmp_path), record)
+    os.makedirs(os.path.join(record["job_dir"], "logs"), exist_ok=True)
+    if status:
+        write_state(record["job_dir"], status)
+    return record
+
+
+def test_clean_age_removes_old_finished_jobs_only(hc, tmp_path):
+    old = _tracked(tmp_path, 1, 10, "completed")
+    young = _tracked(tmp_path, 2, 1, "completed")
+    _tracked(tmp_path, 3, 0, "completed")             # latest
+    removed, kept = hc.clean_jobs(str(tmp_path), age_days=7, squeue_bin="/nonexistent/squeue")
+    assert removed == ["1"]
+    assert not os.path.exists(old["job_dir"])
+    assert not os.path.exists(hc.job_record_path(str(tmp_path), "1"))
+    assert os.path.isdir(young["job_dir"])
+
+
+def test_clean_all_keeps_the_latest_job(hc, tmp_path):
+    for job_id in (1, 2, 3):
+        _tracked(tmp_path, job_id, 5, "failed")
+    removed, kept = hc.clean_jobs(str(tmp_path), remove_all=True, squeue_bin="/nonexistent/squeue")
+    assert removed == ["1", "2"]
+    assert kept == {"3": "latest tracked job"}
+    assert os.path.isdir(os.path.join(str(tmp_path), ".hpc-compose", "3"))
+
+
+def test_clean_never_removes_a_job_it_cannot_prove_finished(hc, tmp_path):
+    running = _tracked(tmp_path, 1, 30, "running")
+    unstarted = _tracked(tmp_path, 2, 30)
+    _tracked(tmp_path, 3, 0, "completed")
+    removed, kept = hc.clean_jobs(str(tmp_path), remove_all=True, squeue_bin="/nonexistent/squeue")
+    assert removed == []
+    assert set(kept) == {"1", "2", "3"}
+    assert os.path.isdir(running["job_dir"]) and os.path.isdir(unstarted["job_dir"])
+
+
+def test_clean_command_reports_what_it_removed(hc, cli, tmp_path):
+    (tmp_path / "compose.yaml").write_text("services: {}\n")
+    _tracked(tmp_path, 8, 9, "cancelled")
+    _tracked(tmp_path, 9, 0, "completed")
+    result = cli(["clean", "-f", str(tmp_path / "compose.yaml"), "--age", "7",
+                  "--squeue-bin", "/nonexistent/squeue"])
+    assert result.code == 0
+    assert "removed 1 tracked job(s): 8" in result.out
+
+
+def test_clean_requires_age_or_all(hc, cli, tmp_path):
+    (tmp_path / "compose.yaml").write_text("services: {}\n")
+    assert cli(["clean", "-f", str(tmp_path / "compose.yaml")]).code == 2
+
+
+# --- the metrics block --------------------------------------------------------------------------
+
+def test_metrics_block_is_a_noop_when_disabled(hc, tmp_path):
+    disabled = hc.render_metrics_block(runtime_plan_with(hc.MetricsSpec(enabled=False)))
+    result = run_block(tmp_path, disabled + "metrics_start\nmetrics_stop\necho done\n",
+                       tmp_path / "job")
+    assert result.returncode == 0 and result.stdout == "done\n"
+    assert not (tmp_path / "job").exists()
+
+
+def test_metrics_block_passes_shellcheck(hc, tmp_path):
+    if shutil.which("shellcheck") is None:
+        pytest.skip("shellcheck is not installed (apt-get install shellcheck)")
+    block = hc.render_metrics_block(runtime_plan_with(hc.MetricsSpec(interval_seconds=3)))
+    script = tmp_path / "m.sh"
+    script.write_text("#!/bin/bash\nJOB_DIR=/x\n" + block + "metrics_start\nmetrics_stop\n")
+    result = subprocess.run(["shellcheck", str(script)], stdout=subprocess.PIPE,
+                            universal_newlines=True)
+    assert result.returncode == 0, result.stdout
+
+
+def test_metrics_block_without_tools_marks_collectors_unavailable(hc, tmp_path):
+    block = hc.render_metrics_block(runtime_plan_with(hc.MetricsSpec(interval_seconds=1)))
+    job_dir = tmp_path / "job"
+    # Only coreutils on PATH: neither nvidia-smi nor sstat.
+    bare = tmp_path / "bare-bin"
+    bare.mkdir()
+    for tool in ("date", "mkdir", "mv", "sleep"):
+        os.symlink(shutil.which(tool), str(bare / tool))
+    result = run_block(tmp_path, block + "metrics_start\nmetrics_stop\necho survived\n", job_dir,
+                       env={"PATH": str(bare)})
+    assert result.returncode == 0 and "survived" in result.stdout
+    assert "metrics warning [gpu]: nvidia-smi not found" in result.stderr
+    meta = json.loads((job_dir / "metrics" / "meta.json").read_text())
+    by_name = dict((c["name"], c) for c in meta["collectors"])
+    assert by_name["gpu"]["available"] is False and by_name["slurm"]["available"] is False
+    assert meta["interval_seconds"] == 1
+    for name in ("gpu.jsonl", "gpu_processes.jsonl", "slurm.jsonl"):
+        assert (job_dir / "metrics" / name).read_text() == ""
+
+
+def test_metrics_block_samples_gpus_in_background(hc, tmp_path, nvidia_smi_standin):
+    standin_dir, argv_log = nvidia_smi_standin
+    block = hc.render_metrics_block(runtime_plan_with(
+        hc.MetricsSpec(interval_seconds=1, collectors=("gpu",))))
+    job_dir = tmp_path / "job"
+    result = run_block(tmp_path, block + "metrics_start\nsleep 2.5\nmetrics_stop\n", job_dir,
+                       env={"STANDIN_LOG": argv_log}, path_dirs=[standin_dir])
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(l) for l in (job_dir / "metrics" / "gpu.jsonl").read_text().splitlines()]
+    assert len(rows) >= 4                               # 2 GPUs x (first sample + >= 1 more)
+    assert len(set(r["sampled_at"] for r in rows)) >= 2
+    assert rows[0]["name"] == "NVIDIA A100-SXM4-40GB" and rows[0]["utilization_gpu"] == "37"
+    assert rows[1]["utilization_gpu"] is None and rows[1]["power_draw_w"] is None
+    processes = (job_dir / "metrics" / "gpu_processes.jsonl").read_text().splitlines()
+    assert json.loads(processes[0])["pid"] == "4242"
+    meta = json.loads((job_dir / "metrics" / "meta.json").read_text())
+    gpu = [c for c in meta["collectors"] if c["name"] == "gpu"][0]
+    slurm = [c for c in meta["collectors"] if c["name"] == "slurm"][0]
+    assert gpu["available"] is True and slurm["enabled"] is False
+    assert "--query-gpu=index,uuid,name" in open(argv_log).read()
+
+
+def _stats_record(tmp_path, job_dir):
+    return {"job_id": "5", "job_dir": str(job_dir), "project_dir": str(tmp_path), "services": []}
+
+
+def test_stats_reads_latest_sampler_group_as_csv_and_jsonl(hc, tmp_path, nvidia_smi_standin):
+    standin_dir, argv_log = nvidia_smi_standin
+    block = hc.render_metrics_block(runtime_plan_with(
+        hc.MetricsSpec(interval_seconds=1, collectors=("gpu",))))
+    job_dir = tmp_path / "job"
+    run_block(tmp_path, block + "metrics_start\nsleep 1.5\nmetrics_stop\n", job_dir,
+              env={"STANDIN_LOG": argv_log}, path_dirs=[standin_dir])
+    # Steps as the in-job sampler writes them from sstat (rows appended per sample).
+    with open(str(job_dir / "metrics" / "slurm.jsonl"), "a") as handle:
+        for at, cpu in (("2026-01-01T00:00:00Z", "00:00:01"), ("2026-01-01T00:00:05Z", "00:00:06")):
+            handle.write(json.dumps({"sampled_at": at, "step_id": "5.0", "ntasks": "1",
+                                     "ave_cpu": cpu, "ave_rss": "10K", "max_rss": "20K",
+                                     "tres_usage_in_ave": "cpu=%s,gres/gpuutil=50" % cpu}) + "\n")
+        handle.write('{"sampled_at": "2026-01-01T00:00:1')     # a half-written last line
+    stats = hc.collect_stats(_stats_record(tmp_path, job_dir), sstat_bin="/nonexistent/sstat",
+                             squeue_bin="/nonexistent/squeue", sacct_bin="/nonexistent/sacct")
+    assert stats["source"] == "sampler" and stats["available"]
+    assert [s["ave_cpu"] for s in stats["steps"]] == ["00:00:06"]
+    assert stats["steps"][0]["gpu_util"] == "50"
+    assert len(stats["gpus"]) == 2
+    csv_lines = hc.format_stats_csv(stats).splitlines()
+    assert csv_lines[0] == ",".join('"%s"' % c for c in hc.STATS_CSV_COLUMNS)
+    assert csv_lines[1].startswith('"5","UNKNOWN","none","sampler","5.0","1","00:00:06"')
+    assert '"cpu=00:00:06;gres/gpuutil=50"' in csv_lines[1]
+    records = [json.loads(l) for l in hc.format_stats_jsonl(stats).splitlines()]
+    assert [r["type"] for r in records] == ["summary", "note", "collector", "collector", "gpu_device", "gpu_device", "gpu_process",
+                                                            "step"]
+    assert all(r["job_id"] == "5" for r in records)
+
+
+# --- the artifacts block and export -------------------------------------------------------------
+
+ARTIFACTS = hpc_compose.ArtifactsSpec(
+    export_dir="./results/${SLURM_JOB_ID}", collect="always",
+    paths=("/hpc-compose/job/metrics/**",),
+    bundles=(("checkpoints", ("/hpc-compose/job/ckpt/*.pt", "/hpc-compose/job/notes dir",
+                              "/hpc-compose/job/missing/*")),))
+
+
+def _job_with_files(tmp_path):
+    job_dir = tmp_path / "proj" / ".hpc-compose" / "41"
+    (job_dir / "ckpt").mkdir(parents=True)
+    (job_dir / "metrics").mkdir()
+    (job_dir / "notes dir" / "sub").mkdir(parents=True)
+    (job_dir / "ckpt" / "epoch1.pt").write_bytes(b"weights-1")
+    (job_dir / "ckpt" / "epoch1.txt").write_text("not a checkpoint")
+    (job_dir / "metrics" / "gpu.jsonl").write_text("{}\n")
+    (job_dir / "notes dir" / "sub" / "it's.md").write_text("quote'd")
+    return job_dir
+
+
+def test_artifacts_block_passes_shellcheck(hc, tmp_path):
+    if shutil.which("shellcheck") is None:
+        pytest.skip("shellcheck is not installed (apt-get install shellcheck)")
+    script = tmp_path / "a.sh"
+    script.write_text("#!/bin/bash\nJOB_DIR=/x\n" + hc.render_artifacts_block(
+        runtime_plan_with(artifacts=ARTIFACTS)) + "collect_artifacts success\n")
+    result = subprocess.run(["shellcheck", str(script)], stdout=subprocess.PIPE,
+                            universal_newlines=True)
+    assert result.returncode == 0, result.stdout
+
+
+def test_artifacts_block_quotes_patterns(hc):
+    block = hc.render_artifacts_block(runtime_plan_with(artifacts=ARTIFACTS))
+    assert "'/hpc-compose/job/notes dir'" in block
+    assert "'/hpc-compose/job/metrics/**'" in block
+
+
+def test_artifacts_block_collects_payload_and_manifest(hc, tmp_path):
+    job_dir = _job_with_files(tmp_path)
+    block = hc.render_artifacts_block(runtime_plan_with(artifacts=ARTIFACTS))
+    result = run_block(tmp_path, block + "collect_artifacts success\necho after\n", job_dir,
+                       env={"SLURM_JOB_ID": "41"})
+    assert result.returncode == 0 and result.stdout == "after\n", result.stderr
+    payload = job_dir / "artifacts" / "payload"
+    assert (payload / "ckpt" / "epoch1.pt").read_bytes() == b"weights-1"
+    assert not (payload / "ckpt" / "epoch1.txt").exists()
+    assert (payload / "notes dir" / "sub" / "it's.md").read_text() == "quote'd"
+    manifest = json.loads((job_dir / "artifacts" / "manifest.json").read_text())
+    assert manifest["job_id"] == "41" and manifest["job_outcome"] == "success"
+    assert manifest["bundles"]["default"]["copied_relative_paths"] == ["metrics"]
+    assert manifest["bundles"]["checkpoints"]["copied_relative_paths"] == ["ckpt/epoch1.pt",
+                                                                           "notes dir"]
+    assert "no match for /hpc-compose/job/missing/*" in manifest["warnings"]
+
+
+def test_artifacts_policy_on_success_skips_failed_jobs(hc, tmp_path):
+    job_dir = _job_with_files(tmp_path)
+    block = hc.render_artifacts_block(runtime_plan_with(artifacts=ARTIFACTS._replace(
+        collect="on_success")))
+    run_block(tmp_path, block + "collect_artifacts failure\n", job_dir, env={"SLURM_JOB_ID": "41"})
+    manifest = json.loads((job_dir / "artifacts" / "manifest.json").read_text())
+    assert manifest["copied_relative_paths"] == []
+    assert manifest["warnings"] == ["collection skipped: policy on_success, job outcome failure"]
+    assert os.listdir(str(job_dir / "artifacts" / "payload")) == []
+
+
+def test_artifacts_are_exported_with_provenance_and_tarball(hc, cli, tmp_path):
+    job_dir = _job_with_files(tmp_path)
+    project = tmp_path / "proj"
+    (project / "compose.yaml").write_text("services: {}\n")
+    run_block(tmp_path, hc.render_artifacts_block(runtime_plan_with(artifacts=ARTIFACTS))
+              + "collect_artifacts success\n", job_dir, env={"SLURM_JOB_ID": "41"})
+    hc.record_job(str(project), make_record(project, 41, artifact_export_dir=ARTIFACTS.export_dir))
+    result = cli(["artifacts", "-f", str(project / "compose.yaml"), "--bundle", "checkpoints",
+                  "--tarball"])
+    assert result.code == 0, result.err
+    export = project / "results" / "41"
+    assert (export / "bundles" / "checkpoints" / "ckpt" / "epoch1.pt").read_bytes() == b"weights-1"
+    assert not (export / "metrics").exists()             # only the selected bundle
+    provenance = json.loads((export / "_hpc-compose" / "bundles" / "checkpoints.json").read_text())
+    files = dict((f["relative_path"], f) for f in provenance["files"])
+    import hashlib
+    assert files["ckpt/epoch1.pt"]["sha256"] == hashlib.sha256(b"weights-1").hexdigest()
+    assert files["notes dir"]["entry_type"] == "directory"
+    with tarfile.open(str(export / "checkpoints.tar.gz")) as archive:
+        assert "ckpt/epoch1.pt" in archive.getnames()
+
+
+def test_default_bundle_exports_to_the_export_root(hc, tmp_path):
+    job_dir = _job_with_files(tmp_path)
+    project = tmp_path / "proj"
+    run_block(tmp_path, hc.render_artifacts_block(runtime_plan_with(artifacts=ARTIFACTS))
+              + "collect_artifacts success\n", job_dir, env={"SLURM_JOB_ID": "41"})
+    record = make_record(project, 41, artifact_export_dir="out-$SLURM_JOB_ID")
+    report = hc.export_artifacts(record)
+    assert report["export_dir"] == str(project / "out-41")
+    assert (project / "out-41" / "metrics" / "gpu.jsonl").exists()
+    assert (project / "out-41" / "_hpc-compose" / "bundles" / "default.json").exists()
+
+
+def test_unknown_bundle_is_a_usage_error(hc, tmp_path):
+    job_dir = _job_with_files(tmp_path)
+    run_block(tmp_path, hc.render_artifacts_block(runtime_plan_with(artifacts=ARTIFACTS))
+              + "collect_artifacts success\n", job_dir, env={"SLURM_JOB_ID": "41"})
+    record = make_record(tmp_path / "proj", 41, artifact_export_dir="out")
+    with pytest.raises(hc.UsageError) as info:
+        hc.export_artifacts(record, bundles=["nope"])
+    assert "checkpoints" in info.value.render()
+
+
+def test_export_without_manifest_explains_why(hc, tmp_path):
+    record = make_record(tmp_path, 8, artifact_export_dir="out")
+    with pytest.raises(hc.ToolError) as info:
+        hc.export_artifacts(record)
+    assert "no collected artifacts" in info.value.message

@@ -1051,7 +1051,9 @@ class _YamlReader(object):
                 blank_lines = 0
                 last_content_row = next_row
             elif text.strip(" ") == "":
-                blank_lines += 1
+                # A whitespace-only last line without a line break is not an empty line.
+                if next_row < count - 1 or self.final_break:
+                    blank_lines += 1
             else:
                 break
             next_row += 1
@@ -1222,7 +1224,8 @@ class _YamlReader(object):
                                      hint="remove one of them; YAML mapping keys must be unique")
                 key_rows[key] = (entry_row, entry_col)
                 self.key_marks[key_path] = Mark(entry_row + 1, entry_col + 1, text)
-                row, col = self.skip_flow_space(row, col, open_row, open_col)
+                row, col = self.check_flow_key_line(entry_row, entry_col, row, col,
+                                                    open_row, open_col)
                 line = lines[row]
                 if line[col] == ":":
                     row, col = self.skip_flow_space(row, col + 1, open_row, open_col)
@@ -1240,7 +1243,8 @@ class _YamlReader(object):
             else:
                 item_path = path + (len(result),)
                 row, col, value = self.parse_flow_node(row, col, item_path, open_row, open_col)
-                after_row, after_col = self.skip_flow_space(row, col, open_row, open_col)
+                after_row, after_col = self.check_flow_key_line(entry_row, entry_col, row, col,
+                                                                open_row, open_col)
                 if lines[after_row][after_col] == ":":
                     value = self.parse_flow_pair(entry_row, entry_col, value, item_path,
                                                  after_row, after_col, open_row, open_col)
@@ -1257,6 +1261,15 @@ class _YamlReader(object):
                                     _describe(char)), row, col,
                                  hint="separate entries with ', ' and quote values containing "
                                       "',', '[', ']', '{' or '}'")
+
+    def check_flow_key_line(self, key_row, key_col, row, col, open_row, open_col):
+        """Skip to what follows a flow entry; a ':' there must be on the line where the key
+        starts and ends (YAML implicit keys are single-line)."""
+        next_row, next_col = self.skip_flow_space(row, col, open_row, open_col)
+        if self.lines[next_row][next_col] == ":" and (next_row != key_row or row != key_row):
+            raise self.error("a mapping key must fit on one line, with its ':' on the same line",
+                             key_row, key_col, hint="join the key and its ':' on one line")
+        return next_row, next_col
 
     def parse_flow_pair(self, key_row, key_col, key, item_path, row, col, open_row, open_col):
         """`[key: value]`: a single-pair mapping inside a flow sequence."""

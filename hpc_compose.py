@@ -4877,7 +4877,7 @@ readiness_timed_out() {
             if (( RESTARTS[i] < MAX_RESTARTS[i] )); then
                 say "service '${NAME[i]}': $what; stopping it for a restart"
                 STATUS[i]=restarting KILL_MS[i]=$((NOW_MS + STOP_GRACE_SECONDS * 1000))
-                kill -TERM "${PID[i]}" 2>/dev/null
+                signal_steps TERM "$i" || kill -TERM "${PID[i]}" 2>/dev/null
             else
                 STATUS[i]=failed
                 fail_job @{readiness_exit} "service '${NAME[i]}': $what, after ${RESTARTS[i]} restarts (max_restarts ${MAX_RESTARTS[i]})"
@@ -4945,16 +4945,27 @@ watch_restart() {  # a service between two launches: being stopped, or in its ba
     fi
 }
 
+# signal_steps SIGNAL INDEX...: signal the Slurm steps of these services through scancel. srun
+# itself turns a SIGTERM into a SIGKILL of its step ("forcing job termination"), so a graceful stop
+# must reach the step directly. Fails when no step was found or the Slurm tools are missing.
+signal_steps() {
+    local signal=$1 step name i steps=()
+    shift
+    command -v squeue >/dev/null 2>&1 || return 1
+    while read -r step name; do
+        for i in "$@"; do
+            if [[ $name == "hpc-compose:${TOKEN[i]}" ]]; then steps+=("$step"); fi
+        done
+    done < <(squeue --steps --noheader --jobs "$SLURM_JOB_ID" --format='%i %j' 2>/dev/null)
+    (( ${#steps[@]} > 0 )) || return 1
+    scancel --quiet --signal="$signal" "${steps[@]}" 2>/dev/null
+}
+
 # SIGKILL for srun and, since a killed srun can leave its step behind, for the step itself.
 kill_service_hard() {
-    local i=$1 step name
-    kill -KILL "${PID[i]}" 2>/dev/null
-    command -v squeue >/dev/null 2>&1 || return 0
-    while read -r step name; do
-        if [[ $name == "hpc-compose:${TOKEN[i]}" ]]; then
-            scancel --quiet --signal=KILL "$step" 2>/dev/null
-        fi
-    done < <(squeue --steps --noheader --jobs "$SLURM_JOB_ID" --format='%i %j' 2>/dev/null)
+    kill -KILL "${PID[$1]}" 2>/dev/null
+    signal_steps KILL "$1"
+    return 0
 }
 
 check_job_end() {  # the job ends when every service marked ENDS_JOB has exited for good
@@ -4976,7 +4987,7 @@ fail_job() {  # fail_job CODE REASON
 
 # Teardown: SIGTERM to every live service, a grace period, SIGKILL; then artifacts, final state, exit.
 finish() {
-    local status=$1 code=$2 reason=$3 i alive deadline outcome=failure
+    local status=$1 code=$2 reason=$3 i alive deadline outcome=failure live=()
     (( FINISHING )) && return 0
     FINISHING=1
     trap '' TERM INT HUP
@@ -4989,8 +5000,11 @@ finish() {
         case ${STATUS[i]} in
             waiting|starting|running|ready|restarting) STATUS[i]=stopped ;;
         esac
-        if [[ -n ${PID[i]} ]]; then kill -TERM "${PID[i]}" 2>/dev/null; fi
+        if [[ -n ${PID[i]} ]]; then live+=("$i"); fi
     done
+    if (( ${#live[@]} > 0 )) && ! signal_steps TERM "${live[@]}"; then
+        for i in "${live[@]}"; do kill -TERM "${PID[i]}" 2>/dev/null; done
+    fi
     write_state
     clock
     deadline=$((NOW_MS + STOP_GRACE_SECONDS * 1000))
@@ -7065,7 +7079,7 @@ def list_templates():
     return [load_template(name) for name in TEMPLATE_NAMES]
 
 
-def _yaml_scalar(value):
+def _init_yaml_scalar(value):
     """``value`` as a YAML scalar that reads back as exactly that string."""
     import json
     import re
@@ -7077,7 +7091,7 @@ def _yaml_scalar(value):
     return json.dumps(value, ensure_ascii=False)
 
 
-def _top_level_key(line):
+def _init_top_level_key(line):
     """The key of a top-level ``key: ...`` line, or ``None`` (comments, blanks, indented lines)."""
     if not line or line[0] in " \t#" or ":" not in line:
         return None
@@ -7087,7 +7101,7 @@ def _top_level_key(line):
     return key
 
 
-def _line_key(line, indent):
+def _init_line_key(line, indent):
     """The key of a ``key: ...`` line at exactly ``indent`` spaces, or ``None``."""
     body = line[indent:]
     if line[:indent].strip() or not body or body[0] in " \t#" or ":" not in body:
@@ -7095,7 +7109,7 @@ def _line_key(line, indent):
     return body.split(":", 1)[0].strip()
 
 
-def _keep_comment(line):
+def _init_trailing_comment(line):
     """The trailing `` # comment`` of a simple ``key: value`` line ('' when none)."""
     index = line.find(" #")
     return line[index:] if index >= 0 and "'" not in line and '"' not in line else ""
@@ -7109,38 +7123,38 @@ def customize_template(text, name=None, job_name=None, cache_dir=None):
     """
     lines = text.split("\n")
     if name is not None:
-        _set_top_level_name(lines, name)
+        _init_set_name(lines, name)
     settings = [(key, value) for key, value in (("job_name", job_name), ("cache_dir", cache_dir))
                 if value is not None]
     if settings:
-        _set_slurm_keys(lines, settings)
+        _init_set_slurm_keys(lines, settings)
     return "\n".join(lines)
 
 
-def _set_top_level_name(lines, name):
+def _init_set_name(lines, name):
     for index, line in enumerate(lines):
-        if _top_level_key(line) == "name":
-            lines[index] = "name: " + _yaml_scalar(name) + _keep_comment(line)
+        if _init_top_level_key(line) == "name":
+            lines[index] = "name: " + _init_yaml_scalar(name) + _init_trailing_comment(line)
             return
     # No name yet: put it before the first top-level key, below the header comment.
     for index, line in enumerate(lines):
-        if _top_level_key(line) is not None:
-            lines[index:index] = ["name: " + _yaml_scalar(name), ""]
+        if _init_top_level_key(line) is not None:
+            lines[index:index] = ["name: " + _init_yaml_scalar(name), ""]
             return
-    lines.append("name: " + _yaml_scalar(name))
+    lines.append("name: " + _init_yaml_scalar(name))
 
 
-def _set_slurm_keys(lines, settings):
+def _init_set_slurm_keys(lines, settings):
     header = None
     for index, line in enumerate(lines):
-        if _top_level_key(line) == "x-slurm":
+        if _init_top_level_key(line) == "x-slurm":
             header = index
             break
     if header is None:
-        block = ["x-slurm:"] + ["  %s: %s" % (key, _yaml_scalar(value)) for key, value in settings]
+        block = ["x-slurm:"] + ["  %s: %s" % (key, _init_yaml_scalar(value)) for key, value in settings]
         position = len(lines)
         for index, line in enumerate(lines):
-            if _top_level_key(line) == "services":
+            if _init_top_level_key(line) == "services":
                 position = index
                 break
         lines[position:position] = block + [""]
@@ -7152,7 +7166,7 @@ def _set_slurm_keys(lines, settings):
     indent = None
     for index in range(header + 1, len(lines)):
         line = lines[index]
-        if _top_level_key(line) is not None or (line[:1] not in ("", " ", "\t", "#")):
+        if _init_top_level_key(line) is not None or (line[:1] not in ("", " ", "\t", "#")):
             end = index
             break
         stripped = line.lstrip(" ")
@@ -7162,12 +7176,12 @@ def _set_slurm_keys(lines, settings):
     missing = []
     for key, value in settings:
         for index in range(header + 1, end):
-            if _line_key(lines[index], indent) == key:
-                lines[index] = "%s%s: %s%s" % (" " * indent, key, _yaml_scalar(value),
-                                               _keep_comment(lines[index]))
+            if _init_line_key(lines[index], indent) == key:
+                lines[index] = "%s%s: %s%s" % (" " * indent, key, _init_yaml_scalar(value),
+                                               _init_trailing_comment(lines[index]))
                 break
         else:
-            missing.append("%s%s: %s" % (" " * indent, key, _yaml_scalar(value)))
+            missing.append("%s%s: %s" % (" " * indent, key, _init_yaml_scalar(value)))
     lines[header + 1:header + 1] = missing
 
 

@@ -1,0 +1,171 @@
+"""The shipped examples: each one validates and renders, and its embedded code is well-formed."""
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+import hpc_compose
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLES = os.path.join(REPO, "examples")
+NAMES = sorted(name[:-5] for name in os.listdir(EXAMPLES) if name.endswith(".yaml"))
+ENV = {"USER": "tester", "HOME": os.environ.get("HOME", "/root")}
+
+# Every example the manual's Examples page and Runbook list, plus the two added by this project.
+MANUAL_EXAMPLES = [
+    "minimal-batch", "app-redis-worker", "dev-python-app", "llm-curl-workflow",
+    "llm-curl-workflow-workdir", "llama-app", "llama-uv-worker", "multi-node-mpi",
+    "multi-node-torchrun", "training-checkpoints", "training-resume", "postgres-etl",
+    "vllm-openai", "vllm-uv-worker", "mpi-hello", "multi-stage-pipeline", "fairseq-preprocess",
+    "restart-policy",
+]
+COMPANION_NOTES = ["llm-curl/README.md", "llama-uv-worker/README.md",
+                   "vllm-uv-worker/README.md", "models/README.md"]
+
+
+def load(name):
+    with open(os.path.join(EXAMPLES, name + ".yaml")) as handle:
+        return hpc_compose.parse_yaml(handle.read())
+
+
+def commands_of(document):
+    """(where, form, value) for every command, entrypoint and prepare command of an example."""
+    found = []
+    for service_name, service in document["services"].items():
+        for key in ("entrypoint", "command"):
+            if key in service:
+                found.append(("%s.%s" % (service_name, key), service[key]))
+        prepare = service.get("x-enroot", {}).get("prepare", {})
+        for index, line in enumerate(prepare.get("commands", [])):
+            found.append(("%s.x-enroot.prepare.commands[%d]" % (service_name, index), line))
+    return found
+
+
+def test_every_manual_example_and_host_pipeline_is_shipped():
+    assert sorted(MANUAL_EXAMPLES + ["host-pipeline"]) == NAMES
+
+
+@pytest.mark.parametrize("note", COMPANION_NOTES)
+def test_companion_notes_named_by_the_manual_exist(note):
+    assert os.path.getsize(os.path.join(EXAMPLES, note)) > 200
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_example_header_names_it_and_describes_it(name):
+    with open(os.path.join(EXAMPLES, name + ".yaml")) as handle:
+        first = handle.readline()
+    assert first.startswith("# %s: " % name)
+    assert len(first) > len(name) + 20
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_example_name_and_job_name_match_its_file(name):
+    document = load(name)
+    assert document["name"] == name
+    assert document["x-slurm"]["job_name"] == name
+    assert document["x-slurm"]["time"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_example_validates(cli, name):
+    result = cli(["validate", "-f", os.path.join(EXAMPLES, name + ".yaml")], env=ENV)
+    assert result.code == 0, result.err
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_example_renders_a_script_that_bash_accepts(cli, tmp_path, name):
+    script = tmp_path / "job.sbatch"
+    result = cli(["render", "-f", os.path.join(EXAMPLES, name + ".yaml"), "--output", script],
+                 env=ENV)
+    assert result.code == 0, result.err
+    check = subprocess.run(["bash", "-n", str(script)], stderr=subprocess.PIPE,
+                           universal_newlines=True)
+    assert check.returncode == 0, check.stderr
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_example_relative_mounts_exist_beside_it(name):
+    for service in load(name)["services"].values():
+        for volume in service.get("volumes", []):
+            host = volume.split(":", 1)[0]
+            if host.startswith("./"):
+                assert os.path.isdir(os.path.join(EXAMPLES, host)), (name, volume)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_example_shell_commands_parse_in_sh(name):
+    for where, value in commands_of(load(name)):
+        if isinstance(value, str):
+            check = subprocess.run(["sh", "-n", "-c", value], stderr=subprocess.PIPE,
+                                   universal_newlines=True)
+            assert check.returncode == 0, "%s: %s: %s" % (name, where, check.stderr)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_example_inline_python_compiles(name):
+    for where, value in commands_of(load(name)):
+        if isinstance(value, list) and value[0] in ("python", "python3"):
+            code = value[value.index("-c") + 1] if "-c" in value else None
+            if code is not None:
+                compile(code, "%s:%s" % (name, where), "exec")
+
+
+def test_example_python_sources_compile():
+    for folder, _, files in os.walk(EXAMPLES):
+        for file_name in files:
+            if file_name.endswith(".py"):
+                path = os.path.join(folder, file_name)
+                with open(path) as handle:
+                    compile(handle.read(), path, "exec")
+
+
+def test_restart_policy_example_shows_all_three_policies():
+    services = load("restart-policy")["services"]
+    modes = {name: service.get("x-slurm", {}).get("failure_policy", {}).get("mode", "fail_job")
+             for name, service in services.items()}
+    assert sorted(modes.values()) == ["fail_job", "ignore", "restart_on_failure"]
+
+
+def _free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_host_pipeline_commands_produce_the_result_file(tmp_path):
+    """Runs host-pipeline's two commands as the batch script would (minus Slurm)."""
+    port = str(_free_port())
+    with open(os.path.join(EXAMPLES, "host-pipeline.yaml")) as handle:
+        document = hpc_compose.parse_yaml(handle.read().replace("18080", port))
+    env = dict(os.environ, HPC_COMPOSE_JOB_DIR=str(tmp_path))
+    web = document["services"]["web"]
+    server = subprocess.Popen(["/bin/sh", "-c", web["command"]], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = web["readiness"]["url"]
+        deadline = time.time() + 20
+        import urllib.request
+        while True:
+            try:
+                with urllib.request.urlopen(url, timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.1)
+        worker = document["services"]["worker"]
+        worker_env = dict(env, **worker["environment"])
+        argv = [sys.executable] + worker["command"][1:]
+        result = subprocess.run(argv, env=worker_env, stdout=subprocess.PIPE,
+                                universal_newlines=True, timeout=60)
+    finally:
+        server.terminate()
+        server.wait(10)
+    assert result.returncode == 0
+    text = (tmp_path / "result.txt").read_text()
+    assert text.startswith("fetched http://127.0.0.1:%s/message.txt: hello from " % port)
+    assert result.stdout == text

@@ -1,10 +1,36 @@
 """Images: Enroot reference translation, cache keys, the runtime plan, import/prepare through a
 stand-in enroot, locking, and the cache commands."""
 import os
+import shutil
+import tempfile
 
 import pytest
 
 import hpc_compose as hc
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def shared(tmp_path, monkeypatch):
+    """A directory standing for shared storage: neither under a temporary root (the spec rejects a
+    cache_dir there) nor under $HOME; $HOME and Enroot's config are moved out of the real ones."""
+    base = None
+    for candidate in ("/var/lib/hpc-compose-tests", os.path.join(REPO, ".tmp")):
+        try:
+            os.makedirs(candidate, exist_ok=True)
+            base = tempfile.mkdtemp(prefix="shared-", dir=candidate)
+            break
+        except OSError:
+            continue
+    assert base and not any(hc._under(base, r) for r in hc.FORBIDDEN_CACHE_ROOTS), base
+    os.makedirs(os.path.join(base, "home"))
+    monkeypatch.setenv("HOME", os.path.join(base, "home"))
+    monkeypatch.setenv("ENROOT_CONFIG_PATH", str(tmp_path / "enroot-config"))
+    monkeypatch.delenv("XDG_CONFIG_HOME", raising=False)
+    yield base
+    shutil.rmtree(base, ignore_errors=True)
 
 
 # -- hand-built plans (independent of the spec loader) ---------------------------------------------
@@ -618,3 +644,98 @@ def test_prune_skips_artifact_locked_by_a_prepare(tmp_path, enroot):
 def test_prune_requires_exactly_one_strategy(tmp_path):
     with pytest.raises(hc.UsageError):
         hc.prune_cache(str(tmp_path))
+
+
+# -- CLI: prepare, cache ---------------------------------------------------------------------------
+
+COMPOSE = """x-slurm:
+  cache_dir: ./cache
+services:
+  app:
+    image: python:3.11-slim
+    command: python -m main
+    x-enroot:
+      prepare:
+        commands:
+          - pip install numpy
+        env:
+          PIP_NO_CACHE_DIR: "1"
+  redis:
+    image: redis:7
+"""
+
+
+@pytest.fixture
+def compose(shared, enroot):
+    import pathlib
+    path = pathlib.Path(shared) / "project" / "compose.yaml"
+    path.parent.mkdir()
+    path.write_text(COMPOSE)
+    return path
+
+
+def test_cli_prepare_builds_then_reuses(compose, enroot, cli):
+    first = cli(["prepare", "-f", compose, "--enroot-bin", STANDIN])
+    assert first.code == 0, first
+    assert "app: built " in first.out and "redis: built " in first.out
+    assert "importing docker://registry-1.docker.io#library/python:3.11-slim" in first.err
+    calls = len(enroot.calls())
+    second = cli(["prepare", "-f", compose, "--enroot-bin", STANDIN, "--format", "json"])
+    assert second.code == 0, second
+    assert len(enroot.calls()) == calls
+    import json
+    data = json.loads(second.out)
+    assert [s["runtime_action"] for s in data["services"]] == ["reused", "reused"]
+    assert data["cache_dir"] == str(compose.parent / "cache")
+
+
+def test_cli_prepare_force_rebuilds(compose, enroot, cli):
+    assert cli(["prepare", "-f", compose, "--enroot-bin", STANDIN]).code == 0
+    calls = len(enroot.calls())
+    result = cli(["prepare", "-f", compose, "--enroot-bin", STANDIN, "--force"])
+    assert result.code == 0, result
+    assert [a[0] for a in enroot.argvs()[calls:]].count("import") == 2
+
+
+def test_cli_prepare_failure_exits_1_with_message(compose, enroot, cli, monkeypatch):
+    monkeypatch.setenv("ENROOT_STANDIN_FAIL", "start")
+    result = cli(["prepare", "-f", compose, "--enroot-bin", STANDIN, "--keep-failed-prep"])
+    assert result.code == 1
+    assert "error: prepare command 1 of service 'app' (pip install numpy) failed" in result.err
+    assert "kept the failed prepare container" in result.err
+    assert "Traceback" not in result.err
+
+
+def test_cli_cache_list_inspect_prune(compose, enroot, cli):
+    import json
+    cache = str(compose.parent / "cache")
+    empty = cli(["cache", "list", "--cache-dir", cache])
+    assert empty.out == "no cache entries found in %s\n" % cache
+    missed = cli(["cache", "inspect", "-f", compose, "--service", "app"])
+    assert missed.code == 0 and "service app (pyxis): miss" in missed.out
+    assert cli(["prepare", "-f", compose, "--enroot-bin", STANDIN]).code == 0
+    listing = cli(["cache", "list", "-f", compose])
+    assert listing.out.startswith("cache dir: %s\n" % cache)
+    assert len(listing.out.strip().splitlines()) == 4
+    data = json.loads(cli(["cache", "list", "--cache-dir", cache, "--format", "json"]).out)
+    assert len(data["entries"]) == 3
+    hit = json.loads(cli(["cache", "inspect", "-f", compose, "--format", "json"]).out)
+    assert [s["expectation"] for s in hit["services"]] == ["hit", "hit"]
+    compose.write_text(COMPOSE.replace("redis:7", "redis:7.2"))
+    pruned = json.loads(cli(["cache", "prune", "--all-unused", "-f", compose, "--format", "json"]).out)
+    assert pruned["removed_count"] == 1 and pruned["removed_paths"][0].endswith("-redis-7.sqsh")
+
+
+def test_cli_cache_prune_strategies_are_exclusive_and_all_unused_needs_file(compose, cli):
+    both = cli(["cache", "prune", "--age", "3", "--all-unused", "-f", compose])
+    assert both.code == 2 and "not allowed with argument" in both.err
+    neither = cli(["cache", "prune"])
+    assert neither.code == 2
+    no_file = cli(["cache", "prune", "--all-unused"], cwd=str(compose.parent))
+    assert no_file.code == 2 and "-f" in no_file.err
+
+
+def test_cli_cache_prune_age_text(compose, enroot, cli):
+    assert cli(["prepare", "-f", compose, "--enroot-bin", STANDIN]).code == 0
+    result = cli(["cache", "prune", "--age", "30", "--cache-dir", str(compose.parent / "cache")])
+    assert result.code == 0 and "removed: 0" in result.out

@@ -3,39 +3,17 @@ stand-ins only for enroot and for a Pyxis-enabled srun."""
 import json
 import os
 import shutil
-import tempfile
 
 import pytest
 
 import hpc_compose as hc
-from test_images import STANDIN, make_plan, make_service, prepare_plan
+from test_images import STANDIN, make_plan, make_service, prepare_plan, shared  # noqa: F401
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TESTS)
 PYXIS_SRUN = os.path.join(TESTS, "standins", "srun-pyxis")
 REAL_SRUN = shutil.which("srun")
 REAL_SBATCH = shutil.which("sbatch")
-
-
-@pytest.fixture
-def shared(tmp_path, monkeypatch):
-    """A directory that is neither under a forbidden temporary root nor under $HOME, standing for
-    shared storage; $HOME and Enroot's config are moved into tmp_path."""
-    base = None
-    for candidate in ("/var/lib/hpc-compose-tests", os.path.join(REPO, ".tmp")):
-        try:
-            os.makedirs(candidate, exist_ok=True)
-            base = tempfile.mkdtemp(prefix="shared-", dir=candidate)
-            break
-        except OSError:
-            continue
-    assert base and not any(hc._under(base, r) for r in hc.FORBIDDEN_CACHE_ROOTS), base
-    os.makedirs(os.path.join(base, "home"))
-    monkeypatch.setenv("HOME", os.path.join(base, "home"))
-    monkeypatch.setenv("ENROOT_CONFIG_PATH", str(tmp_path / "enroot-config"))
-    monkeypatch.delenv("XDG_CONFIG_HOME", raising=False)
-    yield base
-    shutil.rmtree(base, ignore_errors=True)
 
 
 def opts(**kw):

@@ -6391,6 +6391,12 @@ class SchedulerPoller(object):
         self.next_at = now + self.interval
         return state, changed
 
+    def hurry(self):
+        """Query soon and keep the interval short (the job is known to be ending)."""
+        self.interval = self.first
+        self.cap = self.first
+        self.next_at = min(self.next_at, self.clock() + 0.5)
+
     def lost(self):
         """True when neither squeue nor sacct has known the job for ACCOUNTING_GRACE_SECONDS."""
         return (self.unknown_since is not None
@@ -6418,9 +6424,22 @@ def watch_job(record, squeue_bin="squeue", sacct_bin="sacct", out=None, sleep=No
     poller = SchedulerPoller(job_id, squeue_bin, sacct_bin, clock=clock)
     out.write("watching job %s (Ctrl-C stops watching, not the job)\n" % job_id)
     out.flush()
+    state_path = os.path.join(record["job_dir"], "state.json")
+    state_seen = None
     while True:
         for name, line in follower.poll():
             out.write(format_log_line(name, line) + "\n")
+        # state.json is free to read: once the batch script says it is done, ask the scheduler
+        # promptly instead of waiting out a backed-off interval.
+        try:
+            stamp = os.stat(state_path).st_mtime
+        except OSError:
+            stamp = None
+        if stamp != state_seen:
+            state_seen = stamp
+            runtime = read_runtime_state(record["job_dir"])
+            if runtime and runtime.get("status") in FINAL_RUNTIME_STATUSES:
+                poller.hurry()
         if poller.due():
             state, changed = poller.poll()
             if changed:
@@ -7413,11 +7432,16 @@ def cmd_completions(args):
 # CLI: validate, inspect, config commands (OWNER: spec helper)
 
 
-def _readiness_to_dict(readiness):
+def _readiness_to_dict(readiness, escape=None):
     if readiness is None:
         return None
+    escape = escape or _same
     fields = ("type",) + _READINESS_FIELDS.get(readiness.type, ())
-    return dict((key, getattr(readiness, key)) for key in fields)
+    data = dict((key, getattr(readiness, key)) for key in fields)
+    for key in ("host", "url"):
+        if data.get(key) is not None:
+            data[key] = escape(data[key])
+    return data
 
 
 def _failure_policy_to_dict(policy):
@@ -7428,9 +7452,22 @@ def _failure_policy_to_dict(policy):
     return data
 
 
-def _slurm_to_dict(slurm):
+def _same(text):
+    return text
+
+
+def _escape_dollars(text):
+    return text.replace("$", "$$")
+
+
+def _slurm_to_dict(slurm, escape=None):
+    escape = escape or _same
     data = {}
-    for key in _SLURM_STRING_KEYS + _SLURM_COUNT_KEYS:
+    for key in _SLURM_STRING_KEYS:
+        value = getattr(slurm, key)
+        if value is not None:
+            data[key] = escape(value)
+    for key in _SLURM_COUNT_KEYS:
         value = getattr(slurm, key)
         if value is not None:
             data[key] = value
@@ -7440,49 +7477,58 @@ def _slurm_to_dict(slurm):
                            "collectors": list(slurm.metrics.collectors)}
     if slurm.artifacts is not None:
         artifacts = slurm.artifacts
-        data["artifacts"] = {"collect": artifacts.collect, "export_dir": artifacts.export_dir,
-                             "paths": list(artifacts.paths),
-                             "bundles": dict((name, {"paths": list(paths)})
+        data["artifacts"] = {"collect": artifacts.collect,
+                             "export_dir": escape(artifacts.export_dir),
+                             "paths": [escape(p) for p in artifacts.paths],
+                             "bundles": dict((name, {"paths": [escape(p) for p in paths]})
                                              for name, paths in artifacts.bundles)}
     if slurm.resume is not None:
-        data["resume"] = {"path": slurm.resume.path}
+        data["resume"] = {"path": escape(slurm.resume.path)}
     if slurm.setup:
         data["setup"] = list(slurm.setup)
     if slurm.submit_args:
-        data["submit_args"] = list(slurm.submit_args)
+        data["submit_args"] = [escape(a) for a in slurm.submit_args]
     data["runtime"] = slurm.runtime
     return data
 
 
-def spec_to_dict(spec):
-    """The normalized, interpolated spec as plain data (what ``config`` prints)."""
+def spec_to_dict(spec, escape_dollars=False):
+    """The normalized, interpolated spec as plain data (what ``config`` prints).
+
+    With ``escape_dollars`` every ``$`` in a field that is interpolated on load is written ``$$``,
+    so the output loads back into the same spec (as ``docker compose config`` does).
+    """
+    escape = _escape_dollars if escape_dollars else _same
     services = {}
     for service in spec.services:
         data = {}
         if service.image is not None:
-            data["image"] = service.image
+            data["image"] = escape(service.image)
         for key in ("entrypoint", "command"):
             value = getattr(service, key)
             if value is not None:
-                data[key] = value if isinstance(value, str) else list(value)
+                # Shell form is never interpolated, so it is printed exactly as written.
+                data[key] = value if isinstance(value, str) else [escape(v) for v in value]
         if service.environment:
-            data["environment"] = dict(service.environment)
+            data["environment"] = dict((k, escape(v)) for k, v in service.environment)
         if service.volumes:
-            data["volumes"] = list(service.volumes)
+            data["volumes"] = [escape(v) for v in service.volumes]
         if service.working_dir is not None:
-            data["working_dir"] = service.working_dir
+            data["working_dir"] = escape(service.working_dir)
         if service.depends_on:
             data["depends_on"] = dict((name, {"condition": condition})
                                       for name, condition in service.depends_on)
         if service.readiness is not None:
-            data["readiness"] = _readiness_to_dict(service.readiness)
+            data["readiness"] = _readiness_to_dict(service.readiness, escape)
         slurm = {}
-        for key in ("nodes", "ntasks", "ntasks_per_node", "cpus_per_task", "gpus", "gres"):
+        for key in ("nodes", "ntasks", "ntasks_per_node", "cpus_per_task", "gpus"):
             value = getattr(service.slurm, key)
             if value is not None:
                 slurm[key] = value
+        if service.slurm.gres is not None:
+            slurm["gres"] = escape(service.slurm.gres)
         if service.slurm.extra_srun_args:
-            slurm["extra_srun_args"] = list(service.slurm.extra_srun_args)
+            slurm["extra_srun_args"] = [escape(a) for a in service.slurm.extra_srun_args]
         if service.slurm.failure_policy != FailurePolicy():
             slurm["failure_policy"] = _failure_policy_to_dict(service.slurm.failure_policy)
         slurm["runtime"] = service.runtime
@@ -7490,17 +7536,17 @@ def spec_to_dict(spec):
         if service.prepare is not None:
             prepare = {"commands": list(service.prepare.commands), "root": service.prepare.root}
             if service.prepare.mounts:
-                prepare["mounts"] = list(service.prepare.mounts)
+                prepare["mounts"] = [escape(m) for m in service.prepare.mounts]
             if service.prepare.env:
-                prepare["env"] = dict(service.prepare.env)
+                prepare["env"] = dict((k, escape(v)) for k, v in service.prepare.env)
             data["x-enroot"] = {"prepare": prepare}
         services[service.name] = data
     result = {}
     if spec.name is not None:
-        result["name"] = spec.name
+        result["name"] = escape(spec.name)
     if spec.version is not None:
         result["version"] = spec.version
-    result["x-slurm"] = _slurm_to_dict(spec.slurm)
+    result["x-slurm"] = _slurm_to_dict(spec.slurm, escape)
     result["services"] = services
     return result
 
@@ -7801,7 +7847,7 @@ def cmd_config(args):
     """Print the spec after interpolation and normalization."""
     fmt = output_format(args)
     spec, plan = load_plan_from_args(args)
-    data = spec_to_dict(spec)
+    data = spec_to_dict(spec, escape_dollars=True)
     if fmt == "json":
         print_json(data)
     else:
@@ -7809,10 +7855,61 @@ def cmd_config(args):
     return EXIT_OK
 
 
-# CLI: render commands (OWNER: render helper)
+# CLI: render command (OWNER: render helper)
+
 
 def _add_render_parser(subparsers):
-    add_command(subparsers, "render", _not_written_yet, "(not written yet)")
+    parser = add_command(
+        subparsers, "render", cmd_render,
+        "print the batch script (or write it with --output)",
+        ["hpc-compose render -f compose.yaml > job.sbatch",
+         "hpc-compose render -f compose.yaml --output /tmp/job.sbatch",
+         "hpc-compose render -f compose.yaml --format json"])
+    add_file_argument(parser)
+    parser.add_argument("-o", "--output", dest="output", metavar="PATH",
+                        help="write the script to PATH and print the path (default: stdout)")
+    add_format_argument(parser)
+
+
+def render_summary(runtime_plan, script, output=None):
+    """The ``render --format json`` document: the script, where it went, each service's srun argv."""
+    plan = runtime_plan.plan
+    services = []
+    for index, service in enumerate(plan.services):
+        services.append({
+            "name": service.name,
+            "token": service.token,
+            "runtime": service.runtime,
+            "log": "logs/%s.log" % service.token,
+            "ends_job": service.name in _job_ending_services(plan),
+            "srun_argv": ["srun"] + service_srun_argv(runtime_plan, index),
+            "environment": [[key, value] for key, value in service_environment(runtime_plan, index)],
+        })
+    return {"compose_file": plan.compose_file, "job_name": plan.job_name, "output": output,
+            "script": script, "services": services}
+
+
+def cmd_render(args):
+    """Render the batch script to stdout, or to ``--output`` (then print its path)."""
+    fmt = output_format(args)
+    _, plan = load_plan_from_args(args)
+    runtime_plan = build_runtime_plan(plan)
+    script = render_script(runtime_plan)
+    output = None
+    if args.output:
+        output = os.path.abspath(os.path.expanduser(args.output))
+        if os.path.isdir(output):
+            raise UsageError("--output '%s' is a directory" % args.output,
+                             hint="name the script file, e.g. --output %s"
+                                  % os.path.join(args.output, "job.sbatch"))
+        write_file_atomic(output, script, mode=0o755)
+    if fmt == "json":
+        print_json(render_summary(runtime_plan, script, output))
+    elif output:
+        sys.stdout.write(output + "\n")
+    else:
+        sys.stdout.write(script)
+    return EXIT_OK
 
 
 # CLI: submit, up, status, ps, logs, stats, artifacts, cancel, down, clean commands (OWNER: tracking helper)

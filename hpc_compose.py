@@ -7531,8 +7531,10 @@ def spec_to_dict(spec, escape_dollars=False):
             slurm["extra_srun_args"] = [escape(a) for a in service.slurm.extra_srun_args]
         if service.slurm.failure_policy != FailurePolicy():
             slurm["failure_policy"] = _failure_policy_to_dict(service.slurm.failure_policy)
-        slurm["runtime"] = service.runtime
-        data["x-slurm"] = slurm
+        if service.slurm.runtime is not None:
+            slurm["runtime"] = service.slurm.runtime
+        if slurm:
+            data["x-slurm"] = slurm
         if service.prepare is not None:
             prepare = {"commands": list(service.prepare.commands), "root": service.prepare.root}
             if service.prepare.mounts:

@@ -1,0 +1,187 @@
+"""Packaging: the reproducible .pyz, every supported Python, stdlib-only and side-effect-free import."""
+import ast
+import glob
+import os
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODULE = os.path.join(REPO, "hpc_compose.py")
+PYENV_PYTHONS = sorted(
+    (path for path in glob.glob(os.path.expanduser("~/.pyenv/versions/3.*/bin/python"))
+     if os.path.isfile(path)),
+    key=lambda path: [int(part) for part in path.split("/versions/")[1].split("/")[0].split(".")])
+SUPPORTED = [path for path in PYENV_PYTHONS
+             if (3, 6) <= tuple(int(p) for p in path.split("/versions/")[1].split(".")[:2])
+             <= (3, 13)] or [sys.executable]
+
+
+def build(dist, pythons=None):
+    argv = ["make", "-s", "-f", "zipapp.mk", "DIST=%s" % dist, "PYTHON=%s" % sys.executable]
+    if pythons is not None:
+        argv.append("PYTHONS=%s" % " ".join(pythons))
+    subprocess.run(argv, cwd=REPO, check=True, stdout=subprocess.PIPE)
+    return os.path.join(str(dist), "hpc-compose.pyz")
+
+
+def run(argv, **kwargs):
+    kwargs.setdefault("cwd", REPO)
+    env = dict(os.environ, USER="tester")
+    return subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          universal_newlines=True, env=env, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def pyz(tmp_path_factory):
+    return build(tmp_path_factory.mktemp("dist"), SUPPORTED)
+
+
+def test_building_twice_gives_identical_bytes(tmp_path, pyz):
+    again = build(tmp_path, SUPPORTED)
+    with open(pyz, "rb") as first, open(again, "rb") as second:
+        assert first.read() == second.read()
+
+
+def test_archive_holds_module_main_examples_and_bytecode(pyz):
+    with zipfile.ZipFile(pyz) as archive:
+        names = archive.namelist()
+        infos = archive.infolist()
+    assert names == sorted(names)
+    assert {"__main__.py", "hpc_compose.py", "examples/minimal-batch.yaml",
+            "examples/host-pipeline.yaml", "examples/models/README.md"} <= set(names)
+    for root, _, files in os.walk(os.path.join(REPO, "examples")):
+        for file_name in files:
+            relative = os.path.relpath(os.path.join(root, file_name), REPO).replace(os.sep, "/")
+            if "__pycache__" not in relative and ".hpc-compose" not in relative:
+                assert relative in names
+    assert any(name.startswith("hpc_compose.cpython-") and name.endswith(".pyc") for name in names)
+    assert {info.date_time for info in infos} == {(1980, 1, 1, 0, 0, 0)}
+
+
+def test_archive_starts_with_a_python3_shebang_and_a_checksum_file(pyz):
+    with open(pyz, "rb") as handle:
+        assert handle.readline() == b"#!/usr/bin/env python3\n"
+    import hashlib
+    with open(pyz, "rb") as handle:
+        digest = hashlib.sha256(handle.read()).hexdigest()
+    with open(pyz + ".sha256") as handle:
+        assert handle.read() == "%s  hpc-compose.pyz\n" % digest
+
+
+@pytest.mark.parametrize("python", SUPPORTED, ids=lambda p: p.split("/versions/")[-1].split("/")[0])
+def test_pyz_runs_version_init_list_and_validate(python, pyz):
+    version = run([python, pyz, "--version"])
+    assert version.returncode == 0, version.stderr
+    assert version.stdout.startswith("hpc-compose ")
+    listing = run([python, pyz, "init", "--list"])
+    assert listing.returncode == 0, listing.stderr
+    assert listing.stdout.split()[0] == "minimal-batch"
+    validate = run([python, pyz, "validate", "-f", "examples/minimal-batch.yaml"])
+    assert validate.returncode == 0, validate.stderr
+
+
+@pytest.mark.parametrize("python", SUPPORTED, ids=lambda p: p.split("/versions/")[-1].split("/")[0])
+def test_checkout_module_runs_validate(python):
+    result = run([python, MODULE, "validate", "-f", "examples/minimal-batch.yaml"])
+    assert result.returncode == 0, result.stderr
+
+
+def test_pyz_uses_the_precompiled_module_of_the_running_python(pyz):
+    probe = ("import runpy, sys; sys.argv = ['hpc-compose', '--version'];\n"
+             "try:\n    runpy.run_path(sys.argv_pyz, run_name='__main__')\n"
+             "except SystemExit:\n    pass\n"
+             "import hpc_compose; print(type(hpc_compose.__spec__).__name__)")
+    result = run([sys.executable, "-c", probe.replace("sys.argv_pyz", repr(pyz))])
+    assert result.returncode == 0, result.stderr
+    # A module executed from the archive's .pyc has no import spec; one imported from source has.
+    assert result.stdout.splitlines()[-1] == "NoneType"
+
+
+def test_pyz_without_bytecode_runs_from_source(tmp_path):
+    source_only = build(tmp_path, [])
+    with zipfile.ZipFile(source_only) as archive:
+        assert not [name for name in archive.namelist() if name.endswith(".pyc")]
+    result = run([sys.executable, source_only, "init", "--template", "host-pipeline", "-o", "-"])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("# host-pipeline:")
+
+
+def test_pyz_init_writes_the_same_file_as_a_checkout(tmp_path, pyz):
+    from_pyz = run([sys.executable, pyz, "init", "--template", "training-resume", "--name", "n",
+                    "--cache-dir", "/c", "--output", str(tmp_path / "a.yaml")])
+    from_checkout = run([sys.executable, MODULE, "init", "--template", "training-resume",
+                         "--name", "n", "--cache-dir", "/c", "--output", str(tmp_path / "b.yaml")])
+    assert from_pyz.returncode == 0 and from_checkout.returncode == 0, from_pyz.stderr
+    assert (tmp_path / "a.yaml").read_bytes() == (tmp_path / "b.yaml").read_bytes()
+
+
+def test_pyz_on_python2_says_which_python_it_needs(pyz):
+    python2 = [path for path in glob.glob(os.path.expanduser("~/.pyenv/versions/2.*/bin/python"))]
+    if not python2:
+        pytest.skip("no Python 2 under ~/.pyenv to try")
+    result = run([python2[0], pyz, "--version"])
+    assert result.returncode == 2
+    assert "needs Python 3.6 or newer" in result.stderr
+
+
+def _imported_module_names(path):
+    with open(path) as handle:
+        tree = ast.parse(handle.read())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_module_imports_only_the_standard_library():
+    import importlib.util
+    import sysconfig
+    stdlib = os.path.realpath(sysconfig.get_paths()["stdlib"])
+    outside = []
+    for name in sorted(_imported_module_names(MODULE)):
+        if name in sys.builtin_module_names:
+            continue
+        spec = importlib.util.find_spec(name)
+        origin = os.path.realpath(spec.origin) if spec and spec.origin not in (None, "frozen",
+                                                                               "built-in") else ""
+        if spec is None or (origin and (not origin.startswith(stdlib + os.sep)
+                                        or "site-packages" in origin)):
+            outside.append(name)
+    assert outside == []
+
+
+def test_importing_the_module_has_no_side_effects(tmp_path):
+    probe = ("import os, sys\n"
+             "argv = list(sys.argv)\n"
+             "sys.path.insert(0, %r)\n"
+             "import hpc_compose\n"
+             "assert sys.argv == argv, sys.argv\n"
+             "print(sorted(os.listdir('.')), sorted(os.listdir(os.environ['HOME'])))\n" % REPO)
+    home = tmp_path / "home"
+    home.mkdir()
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    env = dict(os.environ, HOME=str(home), PYTHONDONTWRITEBYTECODE="1")
+    result = subprocess.run([sys.executable, "-c", probe, "--some-arg"], cwd=str(cwd), env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            universal_newlines=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    assert result.stdout == "[] []\n"
+
+
+def test_importing_the_module_leaves_heavy_modules_unimported():
+    probe = ("import sys\nsys.path.insert(0, %r)\nbefore = set(sys.modules)\n"
+             "import hpc_compose\n"
+             "heavy = {'json', 'subprocess', 'argparse', 'hashlib', 'tempfile', 'shutil',"
+             " 'datetime', 'zipfile', 'urllib', 'socket', 'string', 'glob', 'fnmatch', 'shlex'}\n"
+             "print(sorted((set(sys.modules) - before) & heavy))\n" % REPO)
+    result = subprocess.run([sys.executable, "-c", probe], stdout=subprocess.PIPE,
+                            universal_newlines=True)
+    assert result.stdout == "[]\n"

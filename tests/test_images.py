@@ -739,3 +739,55 @@ def test_cli_cache_prune_age_text(compose, enroot, cli):
     assert cli(["prepare", "-f", compose, "--enroot-bin", STANDIN]).code == 0
     result = cli(["cache", "prune", "--age", "30", "--cache-dir", str(compose.parent / "cache")])
     assert result.code == 0 and "removed: 0" in result.out
+
+
+# -- submit --dry-run end to end on every shipped example ----------------------------------------------
+
+EXAMPLES = os.path.join(REPO, "examples")
+PYXIS_SRUN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "standins", "srun-pyxis")
+
+
+def example_files():
+    if not os.path.isdir(EXAMPLES):
+        return []
+    return sorted(n for n in os.listdir(EXAMPLES) if n.endswith(".yaml"))
+
+
+@pytest.mark.skipif(shutil.which("sbatch") is None, reason="Slurm client tools not installed")
+@pytest.mark.parametrize("example", example_files())
+def test_submit_dry_run_runs_preflight_prepare_and_render(example, shared, enroot, cli):
+    """Copy the examples (their relative paths must keep working), point their shared paths at the
+    shared-storage stand-in, and dry-run: preflight passes, prepare imports through the stand-in
+    enroot, the script starts every container from a cache artifact; a second run calls no enroot."""
+    import re
+    project = os.path.join(shared, "examples")
+    shutil.copytree(EXAMPLES, project)
+    os.makedirs(os.path.join(shared, "home", "models"), exist_ok=True)
+    path = os.path.join(project, example)
+    with open(path) as handle:
+        text = handle.read().replace("/shared/$USER", os.path.join(shared, "store"))
+    with open(path, "w") as handle:
+        handle.write(text)
+    args = ["submit", "--dry-run", "-f", path, "--enroot-bin", STANDIN, "--srun-bin", PYXIS_SRUN]
+    first = cli(args)
+    assert first.code == 0, first
+    assert "dry run: skipping sbatch" in first.out
+    script_path = os.path.join(project, "hpc-compose.sbatch")
+    with open(script_path) as handle:
+        script = handle.read()
+    plan = hc.build_plan(hc.load_spec(path))
+    runtime_plan = hc.build_runtime_plan(plan)
+    for service, image in zip(plan.services, runtime_plan.images):
+        if image.container_image is None:
+            continue
+        assert os.path.isfile(image.container_image), service.name
+        assert re.search(r"--container-image=['\"]?%s" % re.escape(image.container_image), script), service.name
+    imports = [a for a in enroot.argvs() if a[0] == "import"]
+    expected = {i.base.enroot_uri for i in runtime_plan.images if i.base is not None}
+    assert {a[-1] for a in imports} == expected
+    calls = len(enroot.calls())
+    second = cli(args)
+    assert second.code == 0, second
+    rebuilds = [i for i in runtime_plan.images if i.rebuild_every_time]
+    if not rebuilds:
+        assert len(enroot.calls()) == calls

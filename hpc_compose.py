@@ -336,9 +336,9 @@ _DOUBLE_QUOTED_ESCAPES = {
     "_": "\xa0", "L": "\u2028", "P": "\u2029",
 }
 _HEX_ESCAPE_LENGTHS = {"x": 2, "u": 4, "U": 8}
-# Aliases copy what they point at; this caps the total number of nodes a document may expand to,
+# Aliases copy what they point at; this caps the number of nodes aliases and merge keys may add,
 # so that a "billion laughs" file fails fast instead of eating the login node's memory.
-_MAX_YAML_NODES = 250000
+_MAX_ALIAS_NODES = 100000
 _ROOT_INDENT = -1
 _MARKER_INDENT = -2   # "indentation" reported for `---` / `...` lines and the end of the text
 
@@ -486,6 +486,7 @@ class _YamlReader(object):
         self.log = []        # paths in the order their marks were recorded (to re-root aliases)
         self.anchors = {}    # name -> (value, path, first log index, end log index)
         self.alias_row = self.alias_col = 0   # where the alias being expanded is (for errors)
+        self.expanded = 0    # nodes added by aliases and merge keys so far
 
     # -- errors and marks ---------------------------------------------------------------------
 
@@ -498,9 +499,10 @@ class _YamlReader(object):
 
     def copy_marks(self, first, end, source, target, skip_root, only_keys=None):
         """Re-root the marks logged in [first, end) from path ``source`` to path ``target``."""
-        if len(self.log) + (end - first) > _MAX_YAML_NODES:
+        self.expanded += end - first
+        if self.expanded > _MAX_ALIAS_NODES:
             raise YamlError(
-                "aliases expand this document to more than %d nodes" % _MAX_YAML_NODES,
+                "aliases expand this document by more than %d nodes" % _MAX_ALIAS_NODES,
                 file=self.filename, line=self.alias_row + 1, column=self.alias_col + 1,
                 hint="this looks like an alias bomb (\"billion laughs\"); a compose file never "
                      "needs that many values")
@@ -2365,6 +2367,10 @@ class _SpecLoader(object):
             raise self.error(path + ("path",), "resume path %r must be an absolute host path"
                              % text, hint="use shared storage visible from every node")
         normalized = "/" + posixpath.normpath(text).lstrip("/")
+        if "," in normalized or ":" in normalized:
+            raise self.error(path + ("path",), "resume path %r contains '%s', which the container "
+                             "mount list cannot carry" % (text, "," if "," in text else ":"),
+                             hint="choose a directory name without ',' or ':'")
         if normalized == "/hpc-compose" or normalized.startswith("/hpc-compose/"):
             raise self.error(path + ("path",), "resume path %r is a container path; it must point "
                              "at shared host storage" % text,
@@ -7678,15 +7684,26 @@ def _failure_policy_text(policy):
     return policy.mode
 
 
-def _execution_text(service):
+def _execution_text(service, verbose=False):
     execution = service.execution
     if execution.form == "default":
         return "image default (ENTRYPOINT + CMD)"
     entry = " (image ENTRYPOINT runs first)" if (execution.use_image_entrypoint
                                                   and service.runtime != "host") else ""
     if execution.form == "shell":
-        return "shell: /bin/sh -c %s%s" % (shell_quote(execution.script), entry)
-    return "exec: %s%s" % (" ".join(shell_quote(a) for a in execution.argv), entry)
+        words = ["/bin/sh", "-c", execution.script]
+    else:
+        words = list(execution.argv)
+    text = " ".join(shell_quote(w if verbose else _preview(w)) for w in words)
+    return "%s: %s%s" % (execution.form, text, entry)
+
+
+def _preview(word):
+    # The summary stays one line per field: long inline scripts are cut (--verbose shows them).
+    first = word.split("\n", 1)[0]
+    if first != word or len(first) > 100:
+        return first[:100] + "..."
+    return word
 
 
 def _image_text(image):
@@ -7719,7 +7736,7 @@ def render_inspect_text(plan, verbose=False):
         lines.append("service: %s" % service.name)
         lines.append("  image: %s" % _image_text(service.image))
         lines.append("  runtime: %s" % service.runtime)
-        lines.append("  execution: %s" % _execution_text(service))
+        lines.append("  execution: %s" % _execution_text(service, verbose))
         if service.working_dir is not None:
             lines.append("  working dir: %s" % service.working_dir)
         placement = service.placement

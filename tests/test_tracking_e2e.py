@@ -44,7 +44,7 @@ OK_SERVICES = """\
     depends_on:
       server:
         condition: service_healthy
-    command: ["sh", "-c", "for i in 1 2 3; do echo client-line-$i; sleep 1; done"]
+    command: ["sh", "-c", "for i in 1 2 3; do echo client-line-$$i; sleep 1; done"]
 """
 
 FAILING_SERVICES = """\
@@ -52,9 +52,10 @@ FAILING_SERVICES = """\
     command: "echo about-to-fail; exit 7"
 """
 
+# String-form commands are not interpolated (list items are), so `$i` reaches the shell as is.
 SLOW_SERVICES = """\
   ticker:
-    command: "for i in $$(seq 1 {count}); do echo tick-$$i; sleep 1; done"
+    command: "i=0; while [ $i -lt {count} ]; do i=$((i+1)); echo tick-$i; sleep 1; done"
 """
 
 

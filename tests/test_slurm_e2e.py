@@ -1,0 +1,338 @@
+"""The rendered batch script on the REAL test cluster: launch order, readiness, failure policies,
+the job-end rule, teardown on scancel and on the time limit, and byte-exact values.
+
+Every job uses the host runtime (Pyxis cannot be installed here). Each test renders its compose file
+with ``hpc-compose render --output`` and submits the script with ``sbatch`` from the compose folder,
+as ``submit`` does.
+"""
+import json
+import os
+import random
+import socket
+import subprocess
+import time
+
+import pytest
+
+from slurm_support import run_tool_cli, sacct_job, wait_for_job, wait_for_state
+
+MARKER = "### hpc-compose: restarting service"
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Job(object):
+    """A submitted compose job: its id, folder, and readers for what the batch script wrote."""
+
+    def __init__(self, job_id, folder):
+        self.id = job_id
+        self.folder = folder
+        self.job_dir = os.path.join(folder, ".hpc-compose", job_id)
+
+    def state(self):
+        with open(os.path.join(self.job_dir, "state.json"), encoding="utf-8") as handle:
+            return json.load(handle)
+
+    def service(self, name):
+        return [s for s in self.state()["services"] if s["name"] == name][0]
+
+    def log(self, token):
+        with open(os.path.join(self.job_dir, "logs", token + ".log"), encoding="utf-8") as handle:
+            return handle.read()
+
+    def batch_log(self):
+        with open(os.path.join(self.folder, "slurm-%s.out" % self.id), encoding="utf-8") as handle:
+            return handle.read()
+
+
+def submit(tmp_path, slurm_jobs, compose_text):
+    """Write compose.yaml, render it through the CLI, sbatch it from its folder; returns a Job."""
+    folder = str(tmp_path)
+    compose = os.path.join(folder, "compose.yaml")
+    with open(compose, "w", encoding="utf-8") as handle:
+        handle.write(compose_text)
+    script = os.path.join(folder, "hpc-compose.sbatch")
+    res = run_tool_cli(["render", "-f", compose, "--output", script], cwd=folder)
+    assert res.code == 0, res.err
+    proc = subprocess.run(["sbatch", "--parsable", script], cwd=folder, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, universal_newlines=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    job_id = slurm_jobs.add(proc.stdout.strip().split(";")[0])
+    return Job(job_id, folder)
+
+
+HEAD = """\
+name: e2e
+x-slurm:
+  runtime: host
+  time: "00:05:00"
+services:
+"""
+
+
+def test_minimal_job_completes_with_its_output_in_the_log(slurm, slurm_jobs, tmp_path):
+    job = submit(tmp_path, slurm_jobs, HEAD + """\
+  hello:
+    command: ["printf", "hello from %s\\n", "hpc-compose"]
+""")
+
+    assert wait_for_job(job.id, timeout=120) == "COMPLETED"
+    assert sacct_job(job.id)["ExitCode"] == "0:0"
+    assert job.log("hello") == "hello from hpc-compose\n"
+    state = job.state()
+    assert (state["status"], state["exit_code"]) == ("completed", 0)
+    assert job.service("hello")["status"] == "exited"
+    assert job.service("hello")["last_exit_code"] == 0
+
+
+SERVERS = {
+    "tcp": ("""python3 -c "import socket, time; s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); time.sleep(1); s.bind(('127.0.0.1', {port})); s.listen(5); time.sleep(600)\"""",
+            "{{type: tcp, port: {port}, timeout_seconds: 30}}"),
+    "http": ("python3 -m http.server {port} --bind 127.0.0.1",
+             "{{type: http, url: 'http://127.0.0.1:{port}/', status_code: 200, timeout_seconds: 30}}"),
+    "log": ("""sleep 1; echo 'not yet'; echo 'server [ready] on {port}'; exec sleep 600""",
+            "{{type: log, pattern: '[ready] on {port}', timeout_seconds: 30}}"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(SERVERS))
+def test_server_and_client_with_service_healthy_end_completed_when_the_client_finishes(
+        slurm, slurm_jobs, tmp_path, kind):
+    port = free_port()
+    command, readiness = SERVERS[kind]
+    job = submit(tmp_path, slurm_jobs, HEAD + """\
+  server:
+    command: {command}
+    readiness: {readiness}
+  client:
+    command: 'echo "client saw the server"; cat "$HPC_COMPOSE_JOB_DIR/logs/server.log" | wc -l'
+    depends_on:
+      server:
+        condition: service_healthy
+""".format(command=json.dumps(command.format(port=port)),
+           readiness=readiness.format(port=port)))
+
+    assert wait_for_job(job.id, timeout=120) == "COMPLETED"
+    server, client = job.service("server"), job.service("client")
+    assert server["readiness"] == {"type": kind, "status": "ready"}
+    assert server["status"] == "stopped"
+    assert client["status"] == "exited" and client["last_exit_code"] == 0
+    assert client["started_at"] >= server["started_at"]
+    assert job.log("client").startswith("client saw the server\n")
+    assert job.state()["status"] == "completed"
+
+
+def test_readiness_timeout_fails_the_job_naming_the_service_and_the_probe(slurm, slurm_jobs,
+                                                                           tmp_path):
+    port = free_port()
+    job = submit(tmp_path, slurm_jobs, HEAD + """\
+  db:
+    command: exec sleep 300
+    readiness: {type: tcp, port: %d, timeout_seconds: 3}
+  app:
+    command: echo never
+    depends_on:
+      db:
+        condition: service_healthy
+""" % port)
+
+    assert wait_for_job(job.id, timeout=120) == "FAILED"
+    assert sacct_job(job.id)["ExitCode"] == "124:0"
+    state = job.state()
+    assert state["status"] == "failed" and state["exit_code"] == 124
+    assert "'db'" in state["reason"] and "tcp 127.0.0.1:%d" % port in state["reason"]
+    assert job.service("db")["readiness"]["status"] == "timeout"
+    assert job.service("app")["launches"] == 0
+    assert "service 'db': tcp 127.0.0.1:%d readiness did not succeed within 3 s" % port \
+        in job.batch_log()
+
+
+def test_fail_job_stops_the_other_services_and_fails_with_the_exit_code(slurm, slurm_jobs,
+                                                                        tmp_path):
+    job = submit(tmp_path, slurm_jobs, HEAD + """\
+  long:
+    command: exec sleep 300
+  bad:
+    command: sleep 1; exit 7
+""")
+
+    assert wait_for_job(job.id, timeout=60) == "FAILED"
+    assert sacct_job(job.id)["ExitCode"] == "7:0"
+    state = job.state()
+    assert (state["status"], state["exit_code"]) == ("failed", 7)
+    assert state["reason"] == "service 'bad' exited with code 7"
+    assert job.service("long")["status"] == "stopped"
+    assert job.service("bad")["status"] == "failed"
+
+
+def test_ignore_policy_keeps_the_job_going(slurm, slurm_jobs, tmp_path):
+    job = submit(tmp_path, slurm_jobs, HEAD + """\
+  sidecar:
+    command: exit 5
+    x-slurm:
+      failure_policy: {mode: ignore}
+  main:
+    command: sleep 3; echo main done
+""")
+
+    assert wait_for_job(job.id, timeout=60) == "COMPLETED"
+    sidecar = job.service("sidecar")
+    assert (sidecar["status"], sidecar["last_exit_code"]) == ("failed", 5)
+    assert job.service("main")["status"] == "exited"
+    assert job.log("main") == "main done\n"
+
+
+def test_restart_on_failure_restarts_exactly_max_restarts_times_then_fails(slurm, slurm_jobs,
+                                                                           tmp_path):
+    job = submit(tmp_path, slurm_jobs, HEAD + """\
+  flaky:
+    command: echo run; exit 3
+    x-slurm:
+      failure_policy: {mode: restart_on_failure, max_restarts: 2, backoff_seconds: 1}
+""")
+
+    assert wait_for_job(job.id, timeout=60) == "FAILED"
+    log = job.log("flaky")
+    assert log.count(MARKER) == 2
+    assert log.count("run\n") == 3
+    flaky = job.service("flaky")
+    assert (flaky["launches"], flaky["restarts"], flaky["last_exit_code"]) == (3, 2, 3)
+    assert job.state()["exit_code"] == 3
+
+
+def test_restart_on_failure_stops_restarting_after_a_success(slurm, slurm_jobs, tmp_path):
+    job = submit(tmp_path, slurm_jobs, HEAD + """\
+  flaky:
+    command: >-
+      n=$(cat "$HPC_COMPOSE_JOB_DIR/n" 2>/dev/null || echo 0); n=$((n + 1));
+      echo "$n" > "$HPC_COMPOSE_JOB_DIR/n"; echo "attempt $n"; [ "$n" -ge 2 ]
+    x-slurm:
+      failure_policy: {mode: restart_on_failure, max_restarts: 5, backoff_seconds: 1}
+""")
+
+    assert wait_for_job(job.id, timeout=60) == "COMPLETED"
+    assert job.log("flaky").count(MARKER) == 1
+    assert (job.service("flaky")["restarts"], job.service("flaky")["status"]) == (1, "exited")
+
+
+def test_a_finished_one_shot_satisfies_service_started(slurm, slurm_jobs, tmp_path):
+    job = submit(tmp_path, slurm_jobs, HEAD + """\
+  init:
+    command: echo initialized > "$HPC_COMPOSE_JOB_DIR/init.txt"
+  app:
+    command: sleep 2; cat "$HPC_COMPOSE_JOB_DIR/init.txt"
+    depends_on: [init]
+""")
+
+    assert wait_for_job(job.id, timeout=60) == "COMPLETED"
+    assert job.log("app") == "initialized\n"
+
+
+def test_a_slow_readiness_never_delays_unrelated_services(slurm, slurm_jobs, tmp_path):
+    job = submit(tmp_path, slurm_jobs, HEAD + """\
+  slow:
+    command: date +%s.%N > "$HPC_COMPOSE_JOB_DIR/slow.txt"; exec sleep 300
+    readiness: {type: sleep, seconds: 6}
+  waiter:
+    command: date +%s.%N > "$HPC_COMPOSE_JOB_DIR/waiter.txt"
+    depends_on: {slow: {condition: service_healthy}}
+  quick:
+    command: date +%s.%N > "$HPC_COMPOSE_JOB_DIR/quick.txt"
+""")
+
+    assert wait_for_job(job.id, timeout=60) == "COMPLETED"
+
+    def ran(name):
+        with open(os.path.join(job.job_dir, name + ".txt")) as handle:
+            return float(handle.read())
+
+    assert ran("quick") - ran("slow") < 3
+    assert ran("waiter") - ran("slow") >= 5.5
+
+
+def _random_text(rng, length):
+    alphabet = (["'", '"', "$", "\\", "`", "\n", "\t", " ", "*", "?", "!", "#", ";", "&", "|", ",",
+                 "=", "%", "{", "}", "(", ")", "~", "é", "ß", "€", "日本", "🙂", "\u00a0"]
+                + list("abcXYZ019-_./:"))
+    return "".join(rng.choice(alphabet) for _ in range(length))
+
+
+def _yaml_string(value):
+    # A YAML double-quoted scalar is JSON's string syntax; "$$" keeps a literal "$" (interpolation).
+    return json.dumps(value.replace("$", "$$"), ensure_ascii=False)
+
+
+def test_random_environment_values_and_exec_arguments_arrive_byte_for_byte(slurm, slurm_jobs,
+                                                                           tmp_path):
+    rng = random.Random(20261124)
+    env = dict(("V_%03d" % i, _random_text(rng, rng.randint(0, 24))) for i in range(200))
+    args = [_random_text(rng, rng.randint(0, 24)) for _ in range(200)]
+    program = ("import json, os, sys; json.dump({'env': {k: v for k, v in os.environ.items() "
+               "if k.startswith('V_')}, 'args': sys.argv[1:]}, "
+               "open(os.path.join(os.environ['HPC_COMPOSE_JOB_DIR'], 'seen.json'), 'w'))")
+    lines = [HEAD, "  echo:\n", "    command:\n"]
+    for item in ["python3", "-c", program] + args:
+        lines.append("      - %s\n" % _yaml_string(item))
+    lines.append("    environment:\n")
+    for key, value in sorted(env.items()):
+        lines.append("      %s: %s\n" % (key, _yaml_string(value)))
+    job = submit(tmp_path, slurm_jobs, "".join(lines))
+
+    assert wait_for_job(job.id, timeout=120) == "COMPLETED", job.batch_log()
+    with open(os.path.join(job.job_dir, "seen.json"), encoding="utf-8") as handle:
+        seen = json.load(handle)
+    assert seen["args"] == args
+    assert seen["env"] == env
+
+
+def _wait_for_running_service(job, name, timeout=60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if job.service(name)["status"] in ("running", "ready"):
+                return
+        except (OSError, ValueError, IndexError):
+            pass
+        time.sleep(0.5)
+    raise AssertionError("service %s never ran" % name)
+
+
+def test_scancel_runs_teardown_and_leaves_a_final_state(slurm, slurm_jobs, tmp_path):
+    job = submit(tmp_path, slurm_jobs, HEAD + """\
+  server:
+    command: trap 'echo got SIGTERM; exit 0' TERM; while :; do sleep 0.2; done
+""")
+    assert wait_for_state(job.id, ("RUNNING",), timeout=60) == "RUNNING"
+    _wait_for_running_service(job, "server")
+
+    subprocess.run(["scancel", job.id], check=True, timeout=30)
+
+    assert wait_for_job(job.id, timeout=90) == "CANCELLED"
+    deadline = time.monotonic() + 20
+    while job.state()["status"] == "running" and time.monotonic() < deadline:
+        time.sleep(0.5)
+    state = job.state()
+    assert state["status"] == "cancelled"
+    assert state["exit_code"] == 143
+    assert job.service("server")["status"] == "stopped"
+    assert "got SIGTERM" in job.log("server")
+
+
+def test_time_limit_runs_teardown_and_leaves_a_final_state(slurm, slurm_jobs, tmp_path):
+    job = submit(tmp_path, slurm_jobs, HEAD.replace('"00:05:00"', '"00:01:00"') + """\
+  server:
+    command: exec sleep 600
+""")
+
+    assert wait_for_job(job.id, timeout=240) == "TIMEOUT"
+    deadline = time.monotonic() + 20
+    while job.state()["status"] == "running" and time.monotonic() < deadline:
+        time.sleep(0.5)
+    state = job.state()
+    assert state["status"] == "timeout"
+    assert job.service("server")["status"] == "stopped"
+    assert "time limit" in state["reason"]

@@ -303,6 +303,9 @@ class Mark(NamedTuple):
     text: object = None
 
 
+_new_mark = tuple.__new__   # Mark(...) without the Python-level __new__ (marks are made per node)
+
+
 class YamlDocument(NamedTuple):
     data: object
     marks: dict
@@ -320,6 +323,8 @@ _HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
 # Only plain scalars starting with one of these can resolve to something other than a string.
 _RESOLVABLE_START = frozenset("0123456789+-.~nNtTfF")
 _RESERVED_START = frozenset("@`")
+# First characters after which a key or value needs the general (slower) path.
+_SPECIAL_START = frozenset("-?:,[]{}#&*!|>'\"%@` \t")
 _MISSING = object()
 _CORE_SCHEMA_WORDS = {
     "~": None, "null": None, "Null": None, "NULL": None,
@@ -494,7 +499,7 @@ class _YamlReader(object):
         return YamlError(message, file=self.filename, line=row + 1, column=col + 1, hint=hint)
 
     def mark(self, path, row, col, text=None):
-        self.marks[path] = Mark(row + 1, col + 1, text)
+        self.marks[path] = _new_mark(Mark, (row + 1, col + 1, text))
         self.log.append(path)
 
     def copy_marks(self, first, end, source, target, skip_root, only_keys=None):
@@ -852,33 +857,62 @@ class _YamlReader(object):
     def parse_block_mapping(self, row, indent, path):
         """Entries `key: value` at column ``indent`` from ``row`` on."""
         lines = self.lines
+        marks = self.marks
+        key_marks = self.key_marks
         result = {}
         merges = None
-        key_rows = {}
         self.mark(path, row, indent)
         while True:
             line = lines[row]
-            key, text, col = self.parse_mapping_key(row, indent)
+            length = len(line)
+            # Fast path for the usual `plain key: ...`; anything unusual takes parse_mapping_key.
+            text = None
+            if line[indent] not in _SPECIAL_START:
+                colon = line.find(":", indent)
+                if colon > indent and (colon + 1 == length or line[colon + 1] == " ") and \
+                        line.find("#", indent, colon) < 0:
+                    text = line[indent:colon].rstrip(_SPACE_TAB)
+                    key = text if text[0] not in _RESOLVABLE_START else _resolve_plain(text)
+                    col = colon + 1
+            if text is None:
+                key, text, col = self.parse_mapping_key(row, indent)
             key_path = path + (key if type(key) is str else str(key),)
             if key in result or (text == "<<" and merges is not None):
-                first_row, first_col = key_rows[key]
+                first_mark = key_marks[key_path]
                 raise self.error("duplicate key %r (first defined at line %d, column %d)"
-                                 % (_path_key(key), first_row + 1, first_col + 1), row, indent,
+                                 % (_path_key(key), first_mark[0], first_mark[1]), row, indent,
                                  hint="remove one of them; YAML mapping keys must be unique")
-            key_rows[key] = (row, indent)
-            self.key_marks[key_path] = Mark(row + 1, indent + 1, text)
-            value_col = self.skip_spaces(line, col)
+            key_marks[key_path] = _new_mark(Mark, (row + 1, indent + 1, text))
+            key_row = row
+            value_col = col
+            while value_col < length and line[value_col] in _SPACE_TAB:
+                value_col += 1
             first = len(self.log)
-            if value_col >= len(line) or line[value_col] == "#":
+            value = _MISSING
+            if value_col >= length or line[value_col] == "#":
                 row, value = self.parse_node_below(row + 1, indent, key_path, True, row,
-                                                   min(col + 1, len(line)))
-            else:
+                                                   min(col + 1, length))
+                row, next_indent = self.next_content_row(row)
+            elif line[value_col] not in _SPECIAL_START and line.find(": ", value_col) < 0 and \
+                    line.find(" #", value_col) < 0 and line.find("\t", value_col) < 0 and \
+                    line[-1] != ":" and text != "<<":
+                # A one-line plain value: it ends here unless the next line is more indented.
+                row, next_indent = self.next_content_row(row + 1)
+                if next_indent <= indent:
+                    value_text = line[value_col:].rstrip(" ")
+                    value = value_text if value_text[0] not in _RESOLVABLE_START else \
+                        _resolve_plain(value_text)
+                    marks[key_path] = _new_mark(Mark, (key_row + 1, value_col + 1, value_text))
+                    self.log.append(key_path)
+                else:
+                    row = key_row
+            if value is _MISSING:
                 row, value = self.parse_node(row, value_col, indent, key_path, False, True)
+                row, next_indent = self.next_content_row(row)
             if text == "<<":
-                merges = self.merge_sources(value, key_path, first, key_rows[key])
+                merges = self.merge_sources(value, key_path, first, (key_row, indent))
             else:
                 result[key] = value
-            row, next_indent = self.next_content_row(row)
             if next_indent == indent:
                 continue
             if next_indent > indent:
@@ -973,10 +1007,24 @@ class _YamlReader(object):
             if col >= len(line) or line[col] == "#":
                 row, value = self.parse_node_below(row + 1, indent, item_path, False, row,
                                                    min(indent + 2, len(line)))
+                row, next_indent = self.next_content_row(row)
+            elif line[col] not in _SPECIAL_START and line.find(": ", col) < 0 and \
+                    line.find(" #", col) < 0 and line.find("\t", col) < 0 and line[-1] != ":":
+                # A one-line plain item: it ends here unless the next line is more indented.
+                next_row, next_indent = self.next_content_row(row + 1)
+                if next_indent <= indent:
+                    text = line[col:].rstrip(" ")
+                    value = text if text[0] not in _RESOLVABLE_START else _resolve_plain(text)
+                    self.marks[item_path] = _new_mark(Mark, (row + 1, col + 1, text))
+                    self.log.append(item_path)
+                    row = next_row
+                else:
+                    row, value = self.parse_node(row, col, indent, item_path, True, False)
+                    row, next_indent = self.next_content_row(row)
             else:
                 row, value = self.parse_node(row, col, indent, item_path, True, False)
+                row, next_indent = self.next_content_row(row)
             items.append(value)
-            row, next_indent = self.next_content_row(row)
             if next_indent == indent:
                 line = lines[row]
                 if line[indent] == "-" and (len(line) == indent + 1 or

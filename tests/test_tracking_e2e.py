@@ -323,3 +323,30 @@ def test_clean_keeps_the_directory_of_a_running_job(slurm, slurm_jobs, tmp_path)
     assert kept[old].startswith("still in the queue")
     assert os.path.isdir(str(tmp_path / ".hpc-compose" / old))
     subprocess.run(["scancel", old])
+
+
+def test_ctrl_c_stops_watching_but_not_the_job(slurm, slurm_jobs, tmp_path):
+    import signal
+    compose = write_compose(tmp_path, SLOW_SERVICES.format(count=60))
+    proc = subprocess.Popen([sys.executable, TOOL_PATH, "up", "-f", str(compose)],
+                            cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            universal_newlines=True)
+    log = None
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        records = list((tmp_path / ".hpc-compose" / "jobs").glob("*.json")) \
+            if (tmp_path / ".hpc-compose" / "jobs").exists() else []
+        if records:
+            record = json.loads(records[0].read_text())
+            slurm_jobs.add(record["job_id"])
+            log = record["services"][0]["log_path"]
+            if "tick-2" in _read(log):
+                break
+        time.sleep(0.5)
+    assert log and "tick-2" in _read(log)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert "stopped watching job %s; it keeps running." % record["job_id"] in err
+    assert "[ticker] tick-1" in out.splitlines()
+    assert job_state(record["job_id"])[0] == "RUNNING"

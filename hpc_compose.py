@@ -3578,7 +3578,15 @@ def prepare_images(runtime_plan, options=PrepareOptions(), progress=None):
                 users.setdefault(artifact.path, set()).add(service.name)
     results = []
     for service, image in zip(runtime_plan.plan.services, runtime_plan.images):
-        results.append(_prepare_service(run, service, image, users))
+        try:
+            results.append(_prepare_service(run, service, image, users))
+        except OSError as exc:
+            raise ToolError("preparing the image of service '%s' failed: %s%s"
+                            % (service.name, exc.strerror or exc,
+                               (": " + exc.filename) if getattr(exc, "filename", None) else ""),
+                            hint="check that the cache directory %s is writable for you (a cache "
+                                 "shared by a group needs group write permission)"
+                                 % runtime_plan.cache_dir)
     return tuple(results)
 
 
@@ -3623,15 +3631,24 @@ def _prepare_service(run, service, image, users):
 
 
 def _reuse(run, artifact, users, service, locked=False):
-    service_plan = service if artifact.kind == "prepared" else None
-    fresh = _manifest_for(artifact, run.plan, users.get(artifact.path, ()), service_plan,
-                          base_path=None, local_base=None)
-    if locked:
-        _record_use(artifact, run.plan, users.get(artifact.path, ()), fresh)
-    else:
-        with FileLock(artifact.path + ".lock"):
-            _record_use(artifact, run.plan, users.get(artifact.path, ()), fresh)
+    _note_use(run, artifact, users, service if artifact.kind == "prepared" else None, locked)
     run.say("reusing %s (cache hit)" % artifact.path)
+
+
+def _note_use(run, artifact, users, service_plan=None, locked=False):
+    """Record this use in the manifest. Best effort: in a cache shared by several users the
+    directory may not be writable for us, and a hit must still work."""
+    services = users.get(artifact.path, ())
+    fresh = _manifest_for(artifact, run.plan, services, service_plan)
+    try:
+        if locked:
+            _record_use(artifact, run.plan, services, fresh)
+        else:
+            with FileLock(artifact.path + ".lock"):
+                _record_use(artifact, run.plan, services, fresh)
+    except OSError as exc:
+        run.say("note: could not update the manifest of %s (%s); the image is reused anyway"
+                % (artifact.path, exc.strerror or exc))
 
 
 def _ensure_base(run, artifact, users):
@@ -3640,15 +3657,12 @@ def _ensure_base(run, artifact, users):
     if not run.needs_build(artifact):
         if artifact.path in run.built:
             return "built"
-        with FileLock(artifact.path + ".lock"):
-            _record_use(artifact, run.plan, users.get(artifact.path, ()),
-                        _manifest_for(artifact, run.plan, users.get(artifact.path, ())))
+        _note_use(run, artifact, users)
         run.say("reusing %s for %s (cache hit)" % (artifact.path, artifact.source))
         return "reused"
     with FileLock(artifact.path + ".lock"):
         if not run.needs_build(artifact):
-            _record_use(artifact, run.plan, users.get(artifact.path, ()),
-                        _manifest_for(artifact, run.plan, users.get(artifact.path, ())))
+            _note_use(run, artifact, users, locked=True)
             run.say("reusing %s for %s (imported meanwhile by another prepare)"
                     % (artifact.path, artifact.source))
             return "reused"
@@ -4097,6 +4111,7 @@ class PreflightOptions(NamedTuple):
     srun_bin: str = "srun"
     sbatch_bin: str = "sbatch"
     skip_prepare: bool = False
+    dry_run: bool = False          # submit --dry-run: a missing reused image is a warning, not an error
 
 
 class PreflightReport(NamedTuple):
@@ -4150,7 +4165,7 @@ def run_preflight(runtime_plan, options=PreflightOptions()):
         findings.extend(_preflight_credentials(runtime_plan))
     findings.extend(_preflight_curl(plan))
     if options.skip_prepare:
-        findings.extend(_preflight_skip_prepare(runtime_plan))
+        findings.extend(_preflight_skip_prepare(runtime_plan, options.dry_run))
     return PreflightReport(findings=tuple(findings))
 
 
@@ -4495,15 +4510,17 @@ def _preflight_curl(plan):
                     "make sure curl exists on the compute nodes, or use tcp or log readiness")]
 
 
-def _preflight_skip_prepare(runtime_plan):
+def _preflight_skip_prepare(runtime_plan, dry_run=False):
     findings = []
     for service, image in zip(runtime_plan.plan.services, runtime_plan.images):
         artifact = image.prepared or image.base
         if artifact is None:
             continue
         if not os.path.isfile(artifact.path):
+            # A dry run submits nothing, so `submit --dry-run --skip-prepare` stays a pure
+            # validate-and-render run; the finding still says a real submit would fail.
             findings.append(Finding(
-                "error", "skip_prepare.artifact",
+                "warn" if dry_run else "error", "skip_prepare.artifact",
                 "service '%s': --skip-prepare reuses cached images, but its %s image %s is not in "
                 "the cache" % (service.name, artifact.kind, artifact.path),
                 "run 'hpc-compose prepare -f %s' first, or submit without --skip-prepare"
@@ -8408,7 +8425,9 @@ def _add_prepare_parser(subparsers):
                         help="re-import and rebuild every image even when cached")
     parser.add_argument("--keep-failed-prep", action="store_true",
                         help="keep the Enroot container of a failed prepare step for debugging")
-    add_tool_arguments(parser, srun=False, sbatch=False)
+    # --srun-bin/--sbatch-bin are accepted (the manual gives prepare the same override flags as
+    # preflight and submit) but prepare itself runs only enroot.
+    add_tool_arguments(parser)
     add_format_argument(parser)
 
 

@@ -1,0 +1,384 @@
+"""Render: the exact srun lines for every service shape, the #SBATCH header, the batch script's
+static checks (bash -n, shellcheck) on every shipped example, and the render command.
+
+The plan records are built by hand here, so these tests pin the renderer alone; what the script
+does when it runs is proven on the real cluster in test_slurm_e2e.py.
+"""
+import glob
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+
+import hpc_compose as hc
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLES = sorted(glob.glob(os.path.join(REPO_ROOT, "examples", "*.yaml")))
+IMAGE = "/cache/base/redis.sqsh"
+ENV_NAMES = ("HPC_COMPOSE_JOB_DIR,HPC_COMPOSE_NODELIST,HPC_COMPOSE_NODELIST_FILE,"
+             "HPC_COMPOSE_NODE_COUNT,HPC_COMPOSE_PRIMARY_NODE,HPC_COMPOSE_SERVICE")
+JOB_MOUNT = "--container-mounts=${JOB_DIR}:/hpc-compose/job"
+
+
+def service(name="app", runtime="pyxis", execution=None, placement=None, **fields):
+    values = dict(
+        name=name, token=hc.service_token(name), runtime=runtime,
+        image=hc.ImageRef("local", IMAGE) if runtime == "pyxis" else hc.ImageRef("none", ""),
+        execution=execution or hc.Execution("exec", ("redis-server", "--port", "6380")),
+        working_dir=None, environment=(), mounts=(), depends_on=(), dependents=(), readiness=None,
+        failure_policy=hc.FailurePolicy(), placement=placement or hc.Placement("single", 1, 1))
+    values.update(fields)
+    return hc.ServicePlan(**values)
+
+
+def runtime_plan(*services, **slurm_fields):
+    nodes = slurm_fields.pop("nodes", 1)
+    slurm = hc.SlurmSpec(nodes=nodes, **slurm_fields)
+    spec = hc.ComposeSpec(path="/p/compose.yaml", project_dir="/p", name="demo", version=None,
+                          slurm=slurm, services=())
+    plan = hc.Plan(spec=spec, compose_file="/p/compose.yaml", project_dir="/p",
+                   job_name=slurm.job_name or "demo", cache_dir="/cache", nodes=nodes, slurm=slurm,
+                   services=tuple(services), runtime="pyxis")
+    images = tuple(hc.ServiceImage(s.name, IMAGE if s.runtime == "pyxis" else None)
+                   for s in services)
+    return hc.RuntimePlan(plan=plan, images=images, cache_dir="/cache")
+
+
+def argv(*services, **slurm_fields):
+    return hc.service_srun_argv(runtime_plan(*services, **slurm_fields), 0)
+
+
+BASE = ["--overlap", "--job-name=hpc-compose:app", "--nodes=1", "--ntasks=1"]
+
+
+# --- Pyxis lines -------------------------------------------------------------------------------
+
+def test_exec_entrypoint_runs_through_sh_without_the_image_entrypoint():
+    execution = hc.Execution("exec", ("python3", "-m", "app", "it's $HOME"))
+    assert argv(service(execution=execution)) == BASE + [
+        "--container-image=" + IMAGE, JOB_MOUNT, "--container-env=" + ENV_NAMES,
+        "--no-container-entrypoint",
+        "/bin/sh", "-c", 'exec "$@"', "hpc-compose", "python3", "-m", "app", "it's $HOME"]
+
+
+def test_exec_command_only_passes_argv_straight_to_the_image_entrypoint():
+    execution = hc.Execution("exec", ("redis-server", "--port", "6380"), use_image_entrypoint=True)
+    assert argv(service(execution=execution)) == BASE + [
+        "--container-image=" + IMAGE, JOB_MOUNT, "--container-env=" + ENV_NAMES,
+        "--container-entrypoint", "redis-server", "--port", "6380"]
+
+
+def test_shell_command_only_runs_sh_c_under_the_image_entrypoint():
+    execution = hc.Execution("shell", script="echo $HOME && sleep 1", use_image_entrypoint=True)
+    assert argv(service(execution=execution))[-5:] == [
+        "--container-env=" + ENV_NAMES, "--container-entrypoint",
+        "/bin/sh", "-c", "echo $HOME && sleep 1"]
+
+
+def test_shell_entrypoint_and_command_run_the_joined_string_without_the_image_entrypoint():
+    execution = hc.Execution("shell", script="/entry.sh --flag serve")
+    assert argv(service(execution=execution))[-4:] == [
+        "--no-container-entrypoint", "/bin/sh", "-c", "/entry.sh --flag serve"]
+
+
+def test_neither_command_nor_entrypoint_runs_the_image_default():
+    line = argv(service(execution=hc.Execution("default", use_image_entrypoint=True)))
+    assert line == BASE + ["--container-image=" + IMAGE, JOB_MOUNT, "--container-env=" + ENV_NAMES,
+                           "--container-entrypoint"]
+
+
+def test_working_dir_becomes_container_workdir():
+    line = argv(service(working_dir="/srv/app"))
+    assert line[5:7] == [JOB_MOUNT, "--container-workdir=/srv/app"]
+
+
+def test_volumes_follow_the_job_mount_and_the_resume_mount():
+    mounts = (hc.Mount("/data/in", "/in", "ro"), hc.Mount("/p/src", "/workspace"))
+    line = argv(service(mounts=mounts), resume=hc.ResumeSpec("/shared/run"))
+    assert (JOB_MOUNT + ",/shared/run:/hpc-compose/resume,/data/in:/in:ro,/p/src:/workspace") in line
+
+
+def test_container_env_names_every_variable_set_for_the_service():
+    environment = (("ZED", "1"), ("PATH", "/opt/bin:/usr/bin"), ("A_B", "x y"))
+    line = argv(service(environment=environment))
+    assert ("--container-env=A_B," + ENV_NAMES.replace("HPC_COMPOSE_SERVICE",
+                                                       "HPC_COMPOSE_SERVICE,PATH,ZED")) in line
+
+
+def test_resume_adds_its_variables_to_container_env():
+    line = argv(service(), resume=hc.ResumeSpec("/shared/run"))
+    env_flag = [word for word in line if word.startswith("--container-env=")][0]
+    assert env_flag.split("=", 1)[1].split(",") == sorted(
+        ENV_NAMES.split(",") + ["HPC_COMPOSE_ATTEMPT", "HPC_COMPOSE_IS_RESUME",
+                                "HPC_COMPOSE_RESUME_DIR"])
+
+
+def test_gpus_and_cpus_per_task_are_step_options():
+    line = argv(service(cpus_per_task=8, gpus=2))
+    assert line[4:6] == ["--cpus-per-task=8", "--gpus=2"]
+
+
+def test_gres_wins_over_gpus():
+    line = argv(service(gpus=2, gres="gpu:a100:1"))
+    assert "--gres=gpu:a100:1" in line and not [w for w in line if w.startswith("--gpus")]
+
+
+def test_extra_srun_args_come_last_before_the_command():
+    execution = hc.Execution("exec", ("hostname",), use_image_entrypoint=True)
+    line = argv(service(execution=execution, extra_srun_args=("--mpi=pmix", "--exclusive")))
+    assert line[-4:] == ["--container-entrypoint", "--mpi=pmix", "--exclusive", "hostname"]
+
+
+def test_task_geometry_comes_from_the_placement():
+    line = argv(service(placement=hc.Placement("single", 1, 4, 2)))
+    assert line[:5] == ["--overlap", "--job-name=hpc-compose:app", "--nodes=1", "--ntasks=4",
+                        "--ntasks-per-node=2"]
+
+
+def test_multi_node_helper_is_pinned_to_the_primary_node():
+    line = argv(service(placement=hc.Placement("primary", 1, 1)), nodes=4)
+    assert line[:5] == BASE + ["--nodelist=${HPC_COMPOSE_PRIMARY_NODE}"]
+
+
+def test_distributed_service_spans_the_allocation_without_a_nodelist():
+    line = argv(service(placement=hc.Placement("distributed", 4, None, 8)), nodes=4)
+    assert line[:4] == ["--overlap", "--job-name=hpc-compose:app", "--nodes=4",
+                        "--ntasks-per-node=8"]
+    assert not [word for word in line if word.startswith(("--nodelist", "--ntasks="))]
+
+
+def test_encoded_token_names_the_step():
+    assert argv(service(name="my.app"))[1] == "--job-name=hpc-compose:my_x2e_app"
+
+
+def test_volume_path_with_a_comma_is_refused():
+    with pytest.raises(hc.HpcComposeError, match="cannot mount"):
+        argv(service(mounts=(hc.Mount("/data/a,b", "/in"),)))
+
+
+# --- host lines ---------------------------------------------------------------------------------
+
+def test_host_exec_form_runs_argv_directly_with_chdir():
+    execution = hc.Execution("exec", ("python3", "-c", "print(1)"))
+    line = argv(service(runtime="host", execution=execution, working_dir="/p/work"))
+    assert line == BASE + ["--chdir=/p/work", "python3", "-c", "print(1)"]
+
+
+def test_host_shell_form_runs_sh_c():
+    execution = hc.Execution("shell", script="echo hi > out.txt")
+    assert argv(service(runtime="host", execution=execution)) == BASE + [
+        "/bin/sh", "-c", "echo hi > out.txt"]
+
+
+def test_host_environment_points_at_the_real_job_directory():
+    plan = runtime_plan(service(runtime="host", environment=(("A", "1"),)))
+    assert hc.service_environment(plan, 0) == [
+        ("A", "1"), ("HPC_COMPOSE_SERVICE", "app"), ("HPC_COMPOSE_JOB_DIR", "${JOB_DIR}"),
+        ("HPC_COMPOSE_NODELIST_FILE", "${JOB_DIR}/allocation/nodes.txt")]
+
+
+def test_pyxis_environment_points_at_the_container_paths():
+    plan = runtime_plan(service(), resume=hc.ResumeSpec("/shared/run"))
+    assert hc.service_environment(plan, 0)[1:] == [
+        ("HPC_COMPOSE_JOB_DIR", "/hpc-compose/job"),
+        ("HPC_COMPOSE_NODELIST_FILE", "/hpc-compose/job/allocation/nodes.txt"),
+        ("HPC_COMPOSE_RESUME_DIR", "/hpc-compose/resume")]
+
+
+# --- the script's words are the argv, after bash has parsed them ---------------------------------
+
+NASTY = ["it's", 'say "hi"', "$HOME `id` $(id)", "back\\slash", "new\nline", "tab\there",
+         "ünïcödé 🙂", "", " ", "*", "a,b:c", "--flag=x y"]
+
+
+def _bash_words(script, index):
+    """What bash makes of run_service_<index>'s env+srun words (env shadowed by printf)."""
+    start = script.index("run_service_%d() {" % index)
+    body = script[start:script.index("\n}\n", start) + 3].replace("exec env", "env", 1)
+    program = ("env() { printf '%s\\0' \"$@\"; }\nJOB_DIR=/jobs/7\nSRUN=/usr/bin/srun\n"
+               "HPC_COMPOSE_PRIMARY_NODE=node0\n" + body + "run_service_%d\n" % index)
+    out = subprocess.run(["bash", "-c", program], stdout=subprocess.PIPE, check=True).stdout
+    return out.decode("utf-8").split("\0")[:-1]
+
+
+def test_rendered_srun_words_reproduce_the_argv_byte_for_byte():
+    execution = hc.Execution("exec", tuple(NASTY))
+    environment = tuple(("V%d" % i, value) for i, value in enumerate(NASTY))
+    plan = runtime_plan(service(execution=execution, environment=environment,
+                                placement=hc.Placement("primary", 1, 1),
+                                mounts=(hc.Mount("/data/my dir", "/in"),)), nodes=2)
+    words = _bash_words(hc.render_script(plan), 0)
+    expected_env = ["%s=%s" % (key, value.replace("${JOB_DIR}", "/jobs/7"))
+                    for key, value in hc.service_environment(plan, 0)]
+    expected_argv = [word.replace("${JOB_DIR}", "/jobs/7")
+                     .replace("${HPC_COMPOSE_PRIMARY_NODE}", "node0")
+                     for word in hc.service_srun_argv(plan, 0)]
+    assert words == expected_env + ["/usr/bin/srun"] + expected_argv
+    assert words[-len(NASTY):] == NASTY
+
+
+# --- #SBATCH header -------------------------------------------------------------------------------
+
+def sbatch_lines(script):
+    return [line for line in script.splitlines() if line.startswith("#SBATCH")]
+
+
+def test_sbatch_lines_cover_every_x_slurm_field_in_order():
+    plan = runtime_plan(service(), job_name="my job", partition="gpu", account="proj", qos="high",
+                        time="01:00:00", nodes=2, ntasks=8, ntasks_per_node=4, cpus_per_task=2,
+                        mem="8G", gpus=4, constraint="a100", output="out-%j.txt",
+                        error="err-%j.txt", chdir="/scratch/run",
+                        submit_args=("--mail-type=END", "--reservation=r1"))
+    assert sbatch_lines(hc.render_script(plan)) == [
+        "#SBATCH --job-name='my job'", "#SBATCH --nodes=2", "#SBATCH --ntasks=8",
+        "#SBATCH --ntasks-per-node=4", "#SBATCH --partition=gpu", "#SBATCH --account=proj",
+        "#SBATCH --qos=high", "#SBATCH --time=01:00:00", "#SBATCH --cpus-per-task=2",
+        "#SBATCH --mem=8G", "#SBATCH --gpus=4", "#SBATCH --constraint=a100",
+        "#SBATCH --output=out-%j.txt", "#SBATCH --error=err-%j.txt",
+        "#SBATCH --chdir=/scratch/run", "#SBATCH --mail-type=END", "#SBATCH --reservation=r1"]
+
+
+def test_sbatch_gres_wins_over_gpus():
+    lines = sbatch_lines(hc.render_script(runtime_plan(service(), gres="gpu:2", gpus=4)))
+    assert "#SBATCH --gres=gpu:2" in lines and "#SBATCH --gpus=4" not in lines
+
+
+def test_sbatch_minimal_header_has_job_name_and_nodes():
+    assert sbatch_lines(hc.render_script(runtime_plan(service()))) == [
+        "#SBATCH --job-name=demo", "#SBATCH --nodes=1"]
+
+
+def test_sbatch_value_with_a_line_break_is_refused():
+    with pytest.raises(hc.HpcComposeError, match="line break"):
+        hc.render_script(runtime_plan(service(), partition="a\n#SBATCH --qos=x"))
+
+
+# --- the script as a whole ------------------------------------------------------------------------
+
+def test_setup_lines_are_emitted_verbatim_before_the_event_loop():
+    script = hc.render_script(runtime_plan(service(), setup=("module load x/1.0", "echo \"$X\"")))
+    setup = script.index("module load x/1.0\necho \"$X\"\n")
+    assert script.index("trap on_exit EXIT") < setup < script.index("while :; do\n    clock")
+
+
+def test_set_euo_pipefail_comes_right_after_the_header():
+    script = hc.render_script(runtime_plan(service()))
+    assert script.split("#SBATCH --nodes=1\n", 1)[1].startswith("\nset -euo pipefail\n")
+
+
+def test_the_job_ends_with_services_nobody_depends_on_leaving_out_ignore_sidecars():
+    ignore = hc.FailurePolicy("ignore")
+    plan = runtime_plan(service("db", dependents=("app",)),
+                        service("app", depends_on=(hc.Dependency("db", "service_started"),)),
+                        service("sidecar", failure_policy=ignore))
+    script = hc.render_script(plan)
+    assert "END_REASON='every service that ends the job has finished: app'" in script
+    assert [line.split()[-1] for line in script.splitlines()
+            if line.startswith("POLICY[")] == ["ENDS_JOB[0]=0", "ENDS_JOB[1]=1", "ENDS_JOB[2]=0"]
+
+
+def test_dependencies_are_rendered_as_index_condition_words():
+    plan = runtime_plan(service("db", dependents=("app",)), service("cache", dependents=("app",)),
+                        service("app", depends_on=(hc.Dependency("db", "service_healthy"),
+                                                   hc.Dependency("cache", "service_started"))))
+    assert "DEPENDS_ON[2]='0:service_healthy 1:service_started'" in hc.render_script(plan)
+
+
+def test_readiness_is_described_for_messages_and_state():
+    readiness = hc.ReadinessSpec("log", pattern="Ready to accept 'connections'", timeout_seconds=9)
+    script = hc.render_script(runtime_plan(service(readiness=readiness)))
+    assert "READINESS[0]=log READY_TIMEOUT[0]=9" in script
+    assert "READY_PATTERN[0]='Ready to accept '\"'\"'connections'\"'\"''" in script
+
+
+def test_resume_uses_attempt_directories_and_mounts_the_resume_path():
+    script = hc.render_script(runtime_plan(service(), resume=hc.ResumeSpec("/shared/run")))
+    assert 'RUN_DIR="$JOB_DIR/attempts/$ATTEMPT"' in script
+    assert "RESUME_DIR=/shared/run" in script
+    assert "ln -sfn \"attempts/$ATTEMPT/$name\" \"$JOB_DIR/$name\"" in script
+
+
+def test_tracking_blocks_define_metrics_and_artifact_functions():
+    script = hc.render_script(runtime_plan(service()))
+    for name in ("metrics_start()", "metrics_stop()", "collect_artifacts()"):
+        assert name in script
+
+
+def _render_example(path):
+    environ = dict(os.environ, USER=os.environ.get("USER") or "user")
+    spec = hc.load_spec(path, environ=environ)
+    return hc.render_script(hc.build_runtime_plan(hc.build_plan(spec, environ=environ)))
+
+
+def test_there_are_shipped_examples_to_check():
+    assert len(EXAMPLES) >= 5
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=os.path.basename)
+def test_example_script_passes_bash_n(path, tmp_path):
+    script = tmp_path / "job.sbatch"
+    script.write_text(_render_example(path))
+    proc = subprocess.run(["bash", "-n", str(script)], stderr=subprocess.PIPE,
+                          universal_newlines=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=os.path.basename)
+def test_example_script_passes_shellcheck(path, tmp_path):
+    if shutil.which("shellcheck") is None:
+        pytest.skip("shellcheck is not installed (apt-get install shellcheck)")
+    script = tmp_path / "job.sbatch"
+    script.write_text(_render_example(path))
+    proc = subprocess.run(["shellcheck", "--format=gcc", str(script)], stdout=subprocess.PIPE,
+                          universal_newlines=True)
+    assert proc.returncode == 0, proc.stdout
+
+
+# --- the render command ---------------------------------------------------------------------------
+
+COMPOSE = """\
+name: rendered
+x-slurm:
+  runtime: host
+  time: "00:05:00"
+services:
+  web:
+    command: ["python3", "-m", "http.server", "8000"]
+"""
+
+
+def test_render_prints_the_script_to_stdout(cli, project):
+    compose = project.write("compose.yaml", COMPOSE)
+    res = cli(["render", "-f", compose])
+    assert res.code == 0, res.err
+    assert res.out.startswith("#!/bin/bash\n")
+    assert "#SBATCH --job-name=rendered" in res.out
+
+
+def test_render_output_writes_the_file_and_prints_its_path(cli, project):
+    compose = project.write("compose.yaml", COMPOSE)
+    target = project.root / "out" / "job.sbatch"
+    res = cli(["render", "-f", compose, "--output", target])
+    assert res.code == 0, res.err
+    assert res.out == "%s\n" % target
+    assert target.read_text().startswith("#!/bin/bash\n")
+
+
+def test_render_json_reports_each_service_srun_argv(cli, project):
+    compose = project.write("compose.yaml", COMPOSE)
+    res = cli(["render", "-f", compose, "--format", "json"])
+    assert res.code == 0, res.err
+    data = json.loads(res.out)
+    assert data["output"] is None and data["script"].startswith("#!/bin/bash\n")
+    assert data["services"][0]["srun_argv"] == [
+        "srun", "--overlap", "--job-name=hpc-compose:web", "--nodes=1", "--ntasks=1",
+        "python3", "-m", "http.server", "8000"]
+    assert data["services"][0]["ends_job"] is True
+
+
+def test_render_of_a_missing_file_is_a_usage_error(cli, project):
+    res = cli(["render", "-f", project.root / "nope.yaml"])
+    assert res.code == 2
+    assert "does not exist" in res.err

@@ -344,6 +344,11 @@ _HEX_ESCAPE_LENGTHS = {"x": 2, "u": 4, "U": 8}
 # Aliases copy what they point at; this caps the number of nodes aliases and merge keys may add,
 # so that a "billion laughs" file fails fast instead of eating the login node's memory.
 _MAX_ALIAS_NODES = 100000
+# Collections nested deeper than this are refused (compose files nest a handful of levels; the
+# reader is recursive, so an absurd nesting must not reach Python's recursion limit).
+_MAX_NESTING = 100
+# Integers with more digits than this are refused (Python refuses to convert much longer ones).
+_MAX_INTEGER_DIGITS = 1000
 _ROOT_INDENT = -1
 _MARKER_INDENT = -2   # "indentation" reported for `---` / `...` lines and the end of the text
 
@@ -357,8 +362,17 @@ def load_yaml(text, filename=None):
     """Parse YAML text, keeping source positions: returns a ``YamlDocument``."""
     text = _decode_yaml_source(text, filename)
     reader = _YamlReader(text, filename)
-    data = reader.read_document()
+    try:
+        data = reader.read_document()
+    except _IntegerTooLong as exc:
+        line, column = _text_position(text, text.find(exc.args[0]), "\n")
+        raise YamlError("an integer with more than %d digits" % _MAX_INTEGER_DIGITS, file=filename,
+                        line=line, column=column, hint="quote it if it is meant as text")
     return YamlDocument(data, reader.marks, reader.key_marks)
+
+
+class _IntegerTooLong(Exception):
+    """Raised by _resolve_plain, which does not know where it is; load_yaml adds the place."""
 
 
 def _decode_yaml_source(text, filename):
@@ -421,8 +435,12 @@ def _resolve_plain(text):
     if not body:
         return text
     if _DIGITS.issuperset(body):
+        if len(body) > _MAX_INTEGER_DIGITS:
+            raise _IntegerTooLong(text)
         return int(text)
     if body is text and len(text) > 2 and text[0] == "0":
+        if len(text) > _MAX_INTEGER_DIGITS and (text[1] == "x" or text[1] == "o"):
+            raise _IntegerTooLong(text)
         if text[1] == "x" and _HEX_DIGITS.issuperset(text[2:]):
             return int(text[2:], 16)
         if text[1] == "o" and _OCTAL_DIGITS.issuperset(text[2:]):
@@ -492,11 +510,20 @@ class _YamlReader(object):
         self.anchors = {}    # name -> (value, path, first log index, end log index)
         self.alias_row = self.alias_col = 0   # where the alias being expanded is (for errors)
         self.expanded = 0    # nodes added by aliases and merge keys so far
+        self.depth = 0       # collections currently open
 
     # -- errors and marks ---------------------------------------------------------------------
 
     def error(self, message, row, col, hint=None):
         return YamlError(message, file=self.filename, line=row + 1, column=col + 1, hint=hint)
+
+    def enter_collection(self, row, col):
+        """Count one more open collection; refuse absurd nesting before Python's stack does."""
+        self.depth += 1
+        if self.depth > _MAX_NESTING:
+            raise self.error("collections are nested more than %d levels deep" % _MAX_NESTING,
+                             row, col, hint="a compose file never needs that; check the brackets "
+                                            "and the indentation")
 
     def mark(self, path, row, col, text=None):
         self.marks[path] = _new_mark(Mark, (row + 1, col + 1, text))
@@ -861,6 +888,7 @@ class _YamlReader(object):
         key_marks = self.key_marks
         result = {}
         merges = None
+        self.enter_collection(row, indent)
         self.mark(path, row, indent)
         while True:
             line = lines[row]
@@ -922,6 +950,7 @@ class _YamlReader(object):
             break
         if merges is not None:
             result = self.apply_merges(result, merges, path)
+        self.depth -= 1
         return row, result
 
     def parse_mapping_key(self, row, col):
@@ -999,6 +1028,7 @@ class _YamlReader(object):
         """Entries `- value` at column ``indent`` from ``row`` on."""
         lines = self.lines
         items = []
+        self.enter_collection(row, indent)
         self.mark(path, row, indent)
         while True:
             line = lines[row]
@@ -1040,6 +1070,7 @@ class _YamlReader(object):
                                  "entries above) or less" % (indent + 1), row, next_indent,
                                  hint="align this line with its sibling entries")
             break
+        self.depth -= 1
         return row, items
 
     def parse_block_scalar(self, row, col, parent_indent, path):
@@ -1251,12 +1282,14 @@ class _YamlReader(object):
         closer = "}" if is_mapping else "]"
         result = {} if is_mapping else []
         key_rows = {}
+        self.enter_collection(row, col)
         self.mark(path, row, col)
         row, col = self.skip_flow_space(row, col + 1, open_row, open_col)
         while True:
             line = lines[row]
             char = line[col]
             if char == closer:
+                self.depth -= 1
                 return row, col + 1, result
             following = line[col + 1:col + 2]
             if char == "?" and (following == "" or following in _FLOW_BREAKS):

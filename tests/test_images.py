@@ -791,3 +791,38 @@ def test_submit_dry_run_runs_preflight_prepare_and_render(example, shared, enroo
     rebuilds = [i for i in runtime_plan.images if i.rebuild_every_time]
     if not rebuilds:
         assert len(enroot.calls()) == calls
+
+
+def test_create_failure_names_service_and_cleans_up(tmp_path, enroot, monkeypatch):
+    monkeypatch.setenv("ENROOT_STANDIN_FAIL", "create")
+    rp = hc.build_runtime_plan(make_plan(tmp_path, [make_service("app", "python:3.11", prepare=prepare_plan())]))
+    with pytest.raises(hc.ToolError) as info:
+        hc.prepare_images(rp, options())
+    assert "enroot create for service 'app' failed (exit 1)" in info.value.render()
+    assert "start" not in [a[0] for a in enroot.argvs()]
+    assert not os.path.exists(rp.images[0].prepared.path)
+
+
+def test_hit_survives_a_manifest_that_cannot_be_updated(tmp_path, enroot, monkeypatch):
+    plan = make_plan(tmp_path, [make_service("r", "redis:7")])
+    hc.prepare_images(hc.build_runtime_plan(plan), options())
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(hc, "write_json_atomic", read_only)
+    lines = []
+    results = hc.prepare_images(hc.build_runtime_plan(plan), options(), progress=lines.append)
+    assert results[0].runtime_action == "reused"
+    assert any("could not update the manifest" in line for line in lines)
+
+
+def test_unwritable_cache_is_a_tool_error_not_a_traceback(tmp_path, enroot, monkeypatch):
+    plan = make_plan(tmp_path, [make_service("r", "redis:7")])
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", "/shared/cache/base/x.lock")
+    monkeypatch.setattr(hc.FileLock, "__enter__", refuse)
+    with pytest.raises(hc.ToolError) as info:
+        hc.prepare_images(hc.build_runtime_plan(plan), options())
+    assert "Permission denied: /shared/cache/base/x.lock" in info.value.render()
+    assert "writable" in info.value.render()

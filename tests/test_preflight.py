@@ -378,3 +378,16 @@ def test_cli_preflight_strict_fails_on_warnings_and_json(tmp_path, shared, cli):
     assert data["ok"] is False and data["strict"] is True
     assert data["summary"]["warnings"] == 1 and data["summary"]["errors"] == 0
     assert {"level", "check", "message", "remediation"} <= set(data["findings"][0])
+
+
+def test_dry_run_skip_prepare_missing_artifact_is_only_warning(tmp_path, shared):
+    plan = make_plan(tmp_path, [make_service("app", "python:3.11", prepare=prepare_plan())], cache_dir=shared)
+    finding, = by_check(preflight(plan, skip_prepare=True, dry_run=True), "skip_prepare.artifact")
+    assert finding.level == "warn"
+
+
+def test_skip_prepare_does_not_probe_cache_writability_or_credentials(tmp_path, shared):
+    plan = make_plan(tmp_path, [make_service("r", "redis:7")], cache_dir="/sys")
+    report = preflight(plan, skip_prepare=True)
+    assert by_check(report, "cache_dir.writable") == []
+    assert by_check(report, "registry.credentials") == []

@@ -506,6 +506,23 @@ def test_alias_bomb_is_refused_with_a_clear_error():
     assert error.line is not None and error.line <= 9
 
 
+def test_absurdly_deep_nesting_is_refused_before_the_stack_overflows():
+    error = yaml_error("a: " + "[" * 150 + "]" * 150)
+    assert position(error) == (1, 103)
+    assert "nested more than 100 levels" in error.message
+    assert position(yaml_error("- " * 200 + "x")) == (1, 201)
+
+
+def test_nesting_of_ninety_levels_is_read():
+    assert parse_yaml("[" * 90 + "x" + "]" * 90) is not None
+
+
+def test_integer_with_thousands_of_digits_is_refused_at_its_position():
+    error = yaml_error("a: 1\nb: " + "7" * 5000)
+    assert position(error) == (2, 4)
+    assert "more than 1000 digits" in error.message
+
+
 def test_anchor_in_front_of_a_key_is_refused():
     error = yaml_error("- &a key: value")
     assert position(error) == (1, 6)

@@ -5522,8 +5522,9 @@ def render_script(runtime_plan):
 # ---------------------------------------------------------------------------------------------
 # OWNER: tracking helper. render_script() pastes these blocks into the batch script. Contract with
 # the rest of the script:
-#   * ``JOB_DIR`` is set (the per-job directory; with resume its ``metrics``/``artifacts`` names are
-#     already symlinks to the current attempt) before ``metrics_start`` / ``collect_artifacts`` run;
+#   * ``JOB_DIR`` is set (the per-job directory, mounted at /hpc-compose/job: artifact patterns are
+#     resolved against it) and ``RUN_DIR`` may be (the current attempt's directory with resume;
+#     ``metrics/`` and ``artifacts/`` are written under ``${RUN_DIR:-$JOB_DIR}``);
 #     ``HPC_COMPOSE_ATTEMPT``, ``HPC_COMPOSE_IS_RESUME`` and ``HPC_COMPOSE_RESUME_DIR`` are read if set.
 #   * ``metrics_start`` (after setup, before the first launch) and ``metrics_stop`` (in teardown) are
 #     always defined; they do nothing when x-slurm.metrics is absent or disabled.
@@ -5710,7 +5711,7 @@ metrics_loop() {
 }
 
 metrics_start() {
-    METRICS_DIR="$$JOB_DIR/metrics"
+    METRICS_DIR="$${RUN_DIR:-$$JOB_DIR}/metrics"
     if ! mkdir -p "$$METRICS_DIR" 2>/dev/null; then
         echo "metrics warning: cannot create $$METRICS_DIR; sampling is off" >&2
         return 0
@@ -5787,7 +5788,7 @@ artifacts_copy() {
 
 collect_artifacts() {
     local outcome=$${1:-failure}
-    local dir="$$JOB_DIR/artifacts" root_glob pattern bundle host_pattern match rel parent i
+    local dir="$${RUN_DIR:-$$JOB_DIR}/artifacts" root_glob pattern bundle host_pattern match rel parent i
     local payload="$$dir/payload" collected_at tmp skip="" already
     local declared="" matched="" copied="" warnings="" bundles_json="" name
     local -a matches
@@ -6973,6 +6974,14 @@ def _describe_files(root, relative_paths):
 
 def export_artifacts(record, bundles=None, tarball=False, export_template=None):
     """Copy collected artifacts into the export dir, with provenance JSON per bundle."""
+    try:
+        return _export_artifacts(record, bundles, tarball, export_template)
+    except OSError as exc:
+        raise ToolError("artifact export failed: %s" % exc,
+                        hint="check that the export dir is writable and has space")
+
+
+def _export_artifacts(record, bundles, tarball, export_template):
     import time
     import tarfile
     job_id = record["job_id"]

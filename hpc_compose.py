@@ -3979,25 +3979,38 @@ def inspect_cache(runtime_plan, service=None):
     return reports
 
 
-def _jobs_in_progress(project_dir):
-    """``[(job_id, record)]`` for tracked jobs of a project that have not finished (a job without
-    a final state counts as unfinished: pending jobs have no state yet)."""
+def _jobs_in_progress(project_dir, squeue_bin="squeue"):
+    """``[(job_id, record)]`` for tracked jobs of a project that may still run.
+
+    A final ``state.json`` (or record status) means finished. Otherwise one ``squeue`` call
+    decides: a job no longer in the queue has ended (it may have died before writing a final
+    state). When squeue cannot answer, the job counts as running: pruning must never guess.
+    """
     import glob
-    finished = ("completed", "failed", "cancelled", "timeout")
-    active = []
+    unsure = []
     for path in sorted(glob.glob(os.path.join(project_dir, METADATA_DIR_NAME, "jobs", "*.json"))):
         record = read_json(path)
         if not isinstance(record, dict):
             continue
         job_id = str(record.get("job_id") or os.path.basename(path)[:-len(".json")])
         state = read_json(os.path.join(project_dir, METADATA_DIR_NAME, job_id, "state.json"))
-        status = (state or {}).get("status") if isinstance(state, dict) else None
-        if status is None:
-            status = record.get("status") if isinstance(record.get("status"), str) else None
-        if status is not None and status.lower() in finished:
+        status = state.get("status") if isinstance(state, dict) else None
+        if status is None and isinstance(record.get("status"), str):
+            status = record["status"]
+        if status is not None and status.lower() in _FINISHED_JOB_STATUSES:
             continue
-        active.append((job_id, record))
-    return active
+        unsure.append((job_id, record))
+    if not unsure:
+        return []
+    try:
+        queued = squeue_states([job_id for job_id, _ in unsure if job_id.isdigit()], squeue_bin)
+    except ToolError:
+        return unsure
+    return [(job_id, record) for job_id, record in unsure
+            if not job_id.isdigit() or job_id in queued]
+
+
+_FINISHED_JOB_STATUSES = ("completed", "failed", "cancelled", "timeout")
 
 
 def _paths_named_in(value, found):
@@ -4016,7 +4029,24 @@ def _script_artifacts(text):
     return set(re.findall(r"(/[^\s'\"=,]+\.(?:sqsh|squashfs))", text))
 
 
-def artifacts_in_use(cache_dir, extra_projects=()):
+def _submitted_script_artifacts(record, project_dir):
+    """Artifact paths in the job's rendered script, if the script is still the one submitted (the
+    next render overwrites it: a newer file says nothing about this job)."""
+    script = record.get("script_path")
+    submitted = record.get("submitted_at")
+    if not isinstance(script, str) or not isinstance(submitted, (int, float)):
+        return set()
+    script = script if os.path.isabs(script) else os.path.join(project_dir, script)
+    try:
+        if os.path.getmtime(script) > submitted + 1:
+            return set()
+        with open(script, encoding="utf-8", errors="replace") as handle:
+            return _script_artifacts(handle.read())
+    except OSError:
+        return set()
+
+
+def artifacts_in_use(cache_dir, extra_projects=(), squeue_bin="squeue"):
     """``{artifact_path: reason}`` for artifacts a tracked, unfinished job may be using.
 
     Jobs are found through the projects named in the cache's manifests (and ``extra_projects``):
@@ -4030,17 +4060,10 @@ def artifacts_in_use(cache_dir, extra_projects=()):
     in_use = {}
     for compose_file in sorted(projects):
         project_dir = os.path.dirname(compose_file)
-        for job_id, record in _jobs_in_progress(project_dir):
+        for job_id, record in _jobs_in_progress(project_dir, squeue_bin):
             found = set()
             _paths_named_in(record, found)
-            scripts = [v for k, v in record.items() if "script" in k and isinstance(v, str)]
-            for script in scripts:
-                script = script if os.path.isabs(script) else os.path.join(project_dir, script)
-                try:
-                    with open(script, encoding="utf-8", errors="replace") as handle:
-                        found |= _script_artifacts(handle.read())
-                except OSError:
-                    pass
+            found |= _submitted_script_artifacts(record, project_dir)
             reason = "used by job %s of %s" % (job_id, compose_file)
             if found:
                 for path in found:
@@ -4078,7 +4101,7 @@ def _remove_artifact(path):
     return True
 
 
-def prune_cache(cache_dir, age_days=None, runtime_plan=None, now=None):
+def prune_cache(cache_dir, age_days=None, runtime_plan=None, now=None, squeue_bin="squeue"):
     """Remove old (``age_days``) or unused (``runtime_plan``: this project's artifacts its plan no
     longer references) cache entries, never what a tracked unfinished job uses. Returns a report."""
     import time
@@ -4086,7 +4109,7 @@ def prune_cache(cache_dir, age_days=None, runtime_plan=None, now=None):
         raise UsageError("choose one prune strategy: --age DAYS or --all-unused -f FILE")
     now = time.time() if now is None else now
     extra = [runtime_plan.plan.compose_file] if runtime_plan is not None else []
-    in_use = artifacts_in_use(cache_dir, extra)
+    in_use = artifacts_in_use(cache_dir, extra, squeue_bin)
     referenced = runtime_artifacts(runtime_plan) if runtime_plan is not None else set()
     removed, kept = [], []
     for entry in list_cache(cache_dir):
@@ -4632,6 +4655,8 @@ def format_preflight_report(report, verbose=False):
 
 STOP_GRACE_SECONDS = 10      # SIGTERM -> SIGKILL; below Slurm's default KillWait (30 s)
 SUPERVISOR_TICK = "0.2"      # seconds between two turns of the event loop
+FAST_TICK = "0.05"           # the turn after a readiness probe was started
+PROBE_INTERVAL_MS = 200      # at most five readiness attempts per second and service
 PROBE_LIMIT_SECONDS = 3      # one readiness attempt (tcp connect, grep, curl) may take this long
 READINESS_TIMEOUT_DEFAULT = 60
 TCP_HOST_DEFAULT = "127.0.0.1"
@@ -4777,7 +4802,10 @@ SUPERVISOR_TEMPLATE = r"""
 # ---------------------------------------------------------------------------
 TICK=@{tick}
 STOP_GRACE_SECONDS=@{grace}
+FAST_TICK=@{fast_tick}
+PROBE_INTERVAL_MS=@{probe_interval_ms}
 PROBE_LIMIT_MS=@{probe_limit_ms}
+PROBING=0
 JOB_STATUS=running JOB_EXIT=null JOB_REASON='' FINISHING=0 STATE_CHANGED=1
 for ((i = 0; i < SERVICE_COUNT; i++)); do
     STATUS[i]=waiting PID[i]='' LAUNCHES[i]=0 RESTARTS[i]=0 LAST_EXIT[i]=null
@@ -4940,8 +4968,9 @@ probe() {
         readiness_timed_out "$i"
         return
     fi
+    (( NOW_MS - PROBE_MS[i] >= PROBE_INTERVAL_MS )) || return
     run_probe "$i" </dev/null >/dev/null 2>&1 &
-    PROBE_PID[i]=$! PROBE_MS[i]=$NOW_MS
+    PROBE_PID[i]=$! PROBE_MS[i]=$NOW_MS PROBING=1
 }
 
 run_probe() {  # one readiness attempt for service $1; exit status 0 means ready
@@ -5198,7 +5227,13 @@ while :; do
     done
     check_job_end
     (( STATE_CHANGED )) && write_state
-    read -r -t "$TICK" -u "$SLEEP_FD" _
+    # A probe just started usually answers within milliseconds: look again soon.
+    if (( PROBING )); then
+        PROBING=0
+        read -r -t "$FAST_TICK" -u "$SLEEP_FD" _
+    else
+        read -r -t "$TICK" -u "$SLEEP_FD" _
+    fi
 done
 """
 
@@ -5494,6 +5529,7 @@ def render_script(runtime_plan):
     pieces.extend(_run_service_function(runtime_plan, index) for index in range(len(services)))
     pieces.append(_fill(SUPERVISOR_TEMPLATE, tick=SUPERVISOR_TICK, grace=str(STOP_GRACE_SECONDS),
                         probe_limit_ms=str(PROBE_LIMIT_SECONDS * 1000), marker=RESTART_MARKER,
+                        fast_tick=FAST_TICK, probe_interval_ms=str(PROBE_INTERVAL_MS),
                         readiness_exit=str(EXIT_READINESS_TIMEOUT)))
     metrics = _extra_block("render_metrics_block", runtime_plan,
                            "metrics_start() { :; }\nmetrics_stop() { :; }\n")
@@ -8283,8 +8319,12 @@ def _watch(record, args, fmt):
         out.write(outcome.reason + "\n")
         return EXIT_OK
     sys.stderr.write("error: %s\n" % outcome.reason)
-    if record.get("batch_log"):
-        sys.stderr.write("  hint: the batch log is %s\n" % record["batch_log"])
+    batch_log = record.get("batch_log")
+    if batch_log:
+        # The batch log explains failures that happen before (or outside) any service log.
+        for line in tail_lines(batch_log, 10):
+            sys.stderr.write(format_log_line("batch", line) + "\n")
+        sys.stderr.write("  hint: the batch log is %s\n" % batch_log)
     return EXIT_FAILURE
 
 

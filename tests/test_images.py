@@ -605,32 +605,63 @@ def test_prune_all_unused_removes_only_this_projects_unreferenced_artifacts(tmp_
     assert os.path.exists(current.images[0].base.path)
 
 
-def test_prune_all_unused_keeps_artifact_of_running_tracked_job(tmp_path, enroot):
+def track_job(project, job_id, script_text=None, state=None, submitted_at=None):
+    """Write what TRACKING writes for a submitted job: jobs/<id>.json (+ script, + state.json)."""
+    import time
+    jobs = project / ".hpc-compose" / "jobs"
+    jobs.mkdir(parents=True, exist_ok=True)
+    record = {"job_id": str(job_id), "compose_file": str(project / "compose.yaml")}
+    if script_text is not None:
+        script = project / "hpc-compose.sbatch"
+        script.write_text(script_text)
+        record["script_path"] = str(script)
+    record["submitted_at"] = time.time() if submitted_at is None else submitted_at
+    hc.write_json_atomic(str(jobs / ("%s.json" % job_id)), record)
+    if state is not None:
+        hc.write_json_atomic(str(project / ".hpc-compose" / str(job_id) / "state.json"), {"status": state})
+
+
+def test_prune_keeps_artifact_of_job_still_in_slurm_queue(tmp_path, enroot, slurm, slurm_jobs):
+    from slurm_support import submit_wrap, wait_for_state
     cache = tmp_path / "cache"
     old = built_plan(tmp_path, enroot, [make_service("r", "redis:6")], cache_dir=cache)
     current = hc.build_runtime_plan(make_plan(tmp_path, [make_service("r", "redis:7")], cache_dir=cache))
-    jobs = tmp_path / ".hpc-compose" / "jobs"
-    jobs.mkdir(parents=True)
-    script = tmp_path / "hpc-compose.sbatch"
-    script.write_text("srun --container-image=%s true\n" % old.images[0].base.path)
-    hc.write_json_atomic(str(jobs / "4242.json"), {"job_id": "4242", "script_path": str(script)})
-    hc.write_json_atomic(str(tmp_path / ".hpc-compose" / "4242" / "state.json"), {"status": "running"})
+    job_id = submit_wrap("sleep 120", cwd=tmp_path)
+    slurm_jobs.add(job_id)
+    wait_for_state(job_id, ("PENDING", "RUNNING"), timeout=60)
+    track_job(tmp_path, job_id, "srun --container-image=%s true\n" % old.images[0].base.path, state="running")
     report = hc.prune_cache(str(cache), runtime_plan=current)
     assert report["removed_count"] == 0
     assert report["kept_in_use"][0]["path"] == old.images[0].base.path
-    assert "4242" in report["kept_in_use"][0]["reason"]
-    hc.write_json_atomic(str(tmp_path / ".hpc-compose" / "4242" / "state.json"), {"status": "completed"})
+    assert job_id in report["kept_in_use"][0]["reason"]
+    hc.write_json_atomic(str(tmp_path / ".hpc-compose" / job_id / "state.json"), {"status": "completed"})
     assert hc.prune_cache(str(cache), runtime_plan=current)["removed_paths"] == [old.images[0].base.path]
 
 
-def test_prune_age_protects_all_project_artifacts_when_running_job_names_none(tmp_path, enroot):
+def test_prune_treats_job_gone_from_queue_as_finished(tmp_path, enroot, slurm):
     rp = built_plan(tmp_path, enroot, [make_service("r", "redis:7")])
-    jobs = tmp_path / ".hpc-compose" / "jobs"
-    jobs.mkdir(parents=True)
-    hc.write_json_atomic(str(jobs / "77.json"), {"job_id": "77"})
+    track_job(tmp_path, "999999", state="running")
     report = hc.prune_cache(rp.cache_dir, age_days=0, now=__import__("time").time() + 1)
+    assert report["removed_count"] == 1
+
+
+def test_prune_protects_project_artifacts_when_squeue_cannot_answer(tmp_path, enroot):
+    rp = built_plan(tmp_path, enroot, [make_service("r", "redis:7")])
+    track_job(tmp_path, "77")
+    report = hc.prune_cache(rp.cache_dir, age_days=0, now=__import__("time").time() + 1,
+                            squeue_bin=str(tmp_path / "no-squeue"))
     assert report["removed_count"] == 0
     assert "job 77" in report["kept_in_use"][0]["reason"]
+    assert "artifacts are unknown" in report["kept_in_use"][0]["reason"]
+
+
+def test_prune_ignores_script_rendered_after_submission(tmp_path, enroot):
+    rp = built_plan(tmp_path, enroot, [make_service("r", "redis:7"), make_service("p", "postgres:16")])
+    track_job(tmp_path, "78", "srun --container-image=%s true\n" % rp.images[0].base.path,
+              submitted_at=1000)
+    report = hc.prune_cache(rp.cache_dir, age_days=0, now=__import__("time").time() + 1,
+                            squeue_bin=str(tmp_path / "no-squeue"))
+    assert sorted(k["path"] for k in report["kept_in_use"]) == sorted(hc.runtime_artifacts(rp))
 
 
 def test_prune_skips_artifact_locked_by_a_prepare(tmp_path, enroot):

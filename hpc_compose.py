@@ -317,15 +317,15 @@ _FLOW_INDICATORS = frozenset(",[]{}")
 # A ':' or '-' or '?' followed by one of these is an indicator, not the start of a plain scalar.
 _FLOW_BREAKS = frozenset(" \t,[]{}")
 _ANCHOR_END = frozenset(" \t,[]{}")
-_DIGITS = frozenset("0123456789")
-_OCTAL_DIGITS = frozenset("01234567")
-_HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
+_YAML_DIGITS = frozenset("0123456789")
+_YAML_OCTAL_DIGITS = frozenset("01234567")
+_YAML_HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
 # Only plain scalars starting with one of these can resolve to something other than a string.
 _RESOLVABLE_START = frozenset("0123456789+-.~nNtTfF")
 _RESERVED_START = frozenset("@`")
 # First characters after which a key or value needs the general (slower) path.
 _SPECIAL_START = frozenset("-?:,[]{}#&*!|>'\"%@` \t")
-_MISSING = object()
+_YAML_MISSING = object()
 _CORE_SCHEMA_WORDS = {
     "~": None, "null": None, "Null": None, "NULL": None,
     "true": True, "True": True, "TRUE": True,
@@ -365,7 +365,7 @@ def load_yaml(text, filename=None):
     try:
         data = reader.read_document()
     except _IntegerTooLong as exc:
-        line, column = _text_position(text, text.find(exc.args[0]), "\n")
+        line, column = _yaml_text_position(text, text.find(exc.args[0]), "\n")
         raise YamlError("an integer with more than %d digits" % _MAX_INTEGER_DIGITS, file=filename,
                         line=line, column=column, hint="quote it if it is meant as text")
     return YamlDocument(data, reader.marks, reader.key_marks)
@@ -380,14 +380,14 @@ def _decode_yaml_source(text, filename):
     if isinstance(text, (bytes, bytearray)):
         raw = bytes(text)
         if b"\0" in raw:
-            line, column = _text_position(raw, raw.index(b"\0"), b"\n")
+            line, column = _yaml_text_position(raw, raw.index(b"\0"), b"\n")
             raise YamlError("this is a binary file (it contains NUL bytes), not YAML text",
                             file=filename, line=line, column=column,
                             hint="give the path of the compose YAML file")
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
-            line, column = _text_position(raw, exc.start, b"\n")
+            line, column = _yaml_text_position(raw, exc.start, b"\n")
             raise YamlError("the file is not valid UTF-8 text (byte 0x%02x)" % raw[exc.start],
                             file=filename, line=line, column=column, hint="save it as UTF-8")
     if text.startswith("\ufeff"):
@@ -400,7 +400,7 @@ def _decode_yaml_source(text, filename):
     return text
 
 
-def _text_position(text, index, newline):
+def _yaml_text_position(text, index, newline):
     """1-based (line, column) of ``index`` in ``text`` (str or bytes)."""
     line = text.count(newline, 0, index) + 1
     return line, index - (text.rfind(newline, 0, index) + 1) + 1
@@ -412,7 +412,7 @@ def _check_printable(text, filename):
         code = ord(char)
         if code < 0x20 and char not in "\n\t" or 0x7F <= code <= 0x9F and code != 0x85 or \
                 0xD800 <= code <= 0xDFFF or code in (0xFFFE, 0xFFFF):
-            line, column = _text_position(text, index, "\n")
+            line, column = _yaml_text_position(text, index, "\n")
             if char == "\0":
                 message = "this is a binary file (it contains NUL bytes), not YAML text"
             else:
@@ -428,22 +428,22 @@ def _resolve_plain(text):
         return None
     if text[0] not in _RESOLVABLE_START:
         return text
-    value = _CORE_SCHEMA_WORDS.get(text, _MISSING)
-    if value is not _MISSING:
+    value = _CORE_SCHEMA_WORDS.get(text, _YAML_MISSING)
+    if value is not _YAML_MISSING:
         return value
     body = text[1:] if text[0] in "+-" else text
     if not body:
         return text
-    if _DIGITS.issuperset(body):
+    if _YAML_DIGITS.issuperset(body):
         if len(body) > _MAX_INTEGER_DIGITS:
             raise _IntegerTooLong(text)
         return int(text)
     if body is text and len(text) > 2 and text[0] == "0":
         if len(text) > _MAX_INTEGER_DIGITS and (text[1] == "x" or text[1] == "o"):
             raise _IntegerTooLong(text)
-        if text[1] == "x" and _HEX_DIGITS.issuperset(text[2:]):
+        if text[1] == "x" and _YAML_HEX_DIGITS.issuperset(text[2:]):
             return int(text[2:], 16)
-        if text[1] == "o" and _OCTAL_DIGITS.issuperset(text[2:]):
+        if text[1] == "o" and _YAML_OCTAL_DIGITS.issuperset(text[2:]):
             return int(text[2:], 8)
     if _is_core_float(body):
         return float(text)
@@ -460,32 +460,32 @@ def _is_core_float(body):
     if exponent is not None:
         if exponent[:1] in ("+", "-"):
             exponent = exponent[1:]
-        if not exponent or not _DIGITS.issuperset(exponent):
+        if not exponent or not _YAML_DIGITS.issuperset(exponent):
             return False
     whole, dot, fraction = mantissa.partition(".")
-    if whole and not _DIGITS.issuperset(whole):
+    if whole and not _YAML_DIGITS.issuperset(whole):
         return False
-    if fraction and not _DIGITS.issuperset(fraction):
+    if fraction and not _YAML_DIGITS.issuperset(fraction):
         return False
     if not whole:
         return bool(dot and fraction)
     return True
 
 
-def _copy_node(value):
+def _copy_yaml_node(value):
     """A deep copy of a parsed collection (alias targets are copied, never shared)."""
     if type(value) is dict:
-        return {key: _copy_node(item) for key, item in value.items()}
+        return {key: _copy_yaml_node(item) for key, item in value.items()}
     if type(value) is list:
-        return [_copy_node(item) for item in value]
+        return [_copy_yaml_node(item) for item in value]
     return value
 
 
-def _path_key(key):
+def _yaml_path_key(key):
     return key if type(key) is str else str(key)
 
 
-def _describe(char):
+def _describe_character(char):
     """How to name a character in an error message."""
     if char == "":
         return "the end of the line"
@@ -606,7 +606,7 @@ class _YamlReader(object):
                                  hint="a mapping key must be a plain or quoted scalar on the line "
                                       "where its block mapping starts")
             raise self.error("expected a comment or the end of the line after %s, found %s"
-                             % (what, _describe(line[col])), row, col)
+                             % (what, _describe_character(line[col])), row, col)
         return row + 1
 
     # -- document -----------------------------------------------------------------------------
@@ -788,7 +788,7 @@ class _YamlReader(object):
         self.alias_row, self.alias_col = row, col
         self.copy_marks(first, last, source, path, False)
         if type(value) is dict or type(value) is list:
-            value = _copy_node(value)
+            value = _copy_yaml_node(value)
         return end, value
 
     def skip_spaces(self, line, col):
@@ -837,6 +837,7 @@ class _YamlReader(object):
                                       "mapping on its own lines under its key")
             colon = line.find(":", colon + 1, limit)
         text = line[col:limit].rstrip(_SPACE_TAB)
+        first_row, first_text = row, text
         next_row = row + 1
         if limit == len(line) and next_row < self.count:
             lines = self.lines
@@ -859,11 +860,8 @@ class _YamlReader(object):
                 limit = self.find_comment(line, start)
                 colon = self.find_key_colon(line, start)
                 if colon >= 0:
-                    raise self.error(
-                        "mapping values are not allowed here (this line continues the plain "
-                        "value of the line above, so its ': ' is invalid)", next_row, colon,
-                        hint="if this is meant to be a new key, indent it exactly like the key "
-                             "above; if it is text, quote the whole value")
+                    self.refuse_key_under_plain(first_row, col, first_text, block_allowed,
+                                                next_row, colon)
                 if pieces is None:
                     pieces = [text]
                 pieces.append("\n" * blank_lines if blank_lines else " ")
@@ -880,6 +878,24 @@ class _YamlReader(object):
         value = _resolve_plain(text)
         self.mark(path, row, col, text)
         return row + 1, value
+
+    def refuse_key_under_plain(self, first_row, col, first_text, block_allowed, row, colon):
+        """A `key: value` line indented under a plain value: say which line is really wrong."""
+        if block_allowed and ":" in first_text:
+            raise self.error("expected 'key: value' with a space after the ':', found %r"
+                             % first_text, first_row, col + first_text.index(":"),
+                             hint="YAML needs a space after the colon of a key (%s)"
+                                  % first_text.replace(":", ": ", 1))
+        if block_allowed:
+            raise self.error("%r has no ':', so it is a plain value, and the more indented "
+                             "mapping entry on line %d cannot belong to it"
+                             % (first_text, row + 1), first_row, col,
+                             hint="if %r is meant as a key, write '%s:'" % (first_text,
+                                                                            first_text))
+        raise self.error("mapping values are not allowed here (this line continues the plain "
+                         "value of the line above, so its ': ' is invalid)", row, colon,
+                         hint="if this is meant to be a new key, indent it exactly like the key "
+                              "above; if it is text, quote the whole value")
 
     def parse_block_mapping(self, row, indent, path):
         """Entries `key: value` at column ``indent`` from ``row`` on."""
@@ -908,7 +924,7 @@ class _YamlReader(object):
             if key in result or (text == "<<" and merges is not None):
                 first_mark = key_marks[key_path]
                 raise self.error("duplicate key %r (first defined at line %d, column %d)"
-                                 % (_path_key(key), first_mark[0], first_mark[1]), row, indent,
+                                 % (_yaml_path_key(key), first_mark[0], first_mark[1]), row, indent,
                                  hint="remove one of them; YAML mapping keys must be unique")
             key_marks[key_path] = _new_mark(Mark, (row + 1, indent + 1, text))
             key_row = row
@@ -916,7 +932,7 @@ class _YamlReader(object):
             while value_col < length and line[value_col] in _SPACE_TAB:
                 value_col += 1
             first = len(self.log)
-            value = _MISSING
+            value = _YAML_MISSING
             if value_col >= length or line[value_col] == "#":
                 row, value = self.parse_node_below(row + 1, indent, key_path, True, row,
                                                    min(col + 1, length))
@@ -934,7 +950,7 @@ class _YamlReader(object):
                     self.log.append(key_path)
                 else:
                     row = key_row
-            if value is _MISSING:
+            if value is _YAML_MISSING:
                 row, value = self.parse_node(row, value_col, indent, key_path, False, True)
                 row, next_indent = self.next_content_row(row)
             if text == "<<":
@@ -967,7 +983,7 @@ class _YamlReader(object):
                     end_col + 1 == len(line) or line[end_col + 1] in _SPACE_TAB):
                 return key, None, end_col + 1
             raise self.error("expected ':' after the mapping key %s, found %s"
-                             % (line[col:end_col].rstrip(), _describe(line[end_col:end_col + 1])),
+                             % (line[col:end_col].rstrip(), _describe_character(line[end_col:end_col + 1])),
                              row, end_col)
         following = line[col + 1:col + 2]
         if char == "-" and (following == "" or following in _SPACE_TAB):
@@ -990,9 +1006,15 @@ class _YamlReader(object):
         self.check_node_start(row, col, char, following)
         colon = self.find_key_colon(line, col)
         if colon < 0:
+            found = line[col:self.find_comment(line, col)].rstrip(_SPACE_TAB)
+            if ":" in found:
+                raise self.error("expected a mapping entry 'key: value' with a space after the "
+                                 "':', found %r" % found, row, col + found.index(":"),
+                                 hint="YAML needs a space after the colon of a key (%s)"
+                                      % found.replace(":", ": ", 1))
             raise self.error("expected a mapping entry 'key: value' at this indentation, found "
-                             "%r without a ':'" % line[col:self.find_comment(line, col)].rstrip(),
-                             row, col, hint="add ': ' after the key, or fix the indentation")
+                             "%r without a ':'" % found, row, col,
+                             hint="add ': ' after the key, or fix the indentation")
         text = line[col:colon].rstrip(_SPACE_TAB)
         return _resolve_plain(text), text, colon + 1
 
@@ -1016,7 +1038,7 @@ class _YamlReader(object):
             for key, value in mapping.items():
                 if key not in explicit and key not in result:
                     result[key] = value
-                    taken_from[_path_key(key)] = source
+                    taken_from[_yaml_path_key(key)] = source
         for mapping, source, first, end in merges:
             self.alias_row, self.alias_col = self.marks[path][0] - 1, self.marks[path][1] - 1
             self.copy_marks(first, end, source, path, True, taken_from)
@@ -1097,7 +1119,7 @@ class _YamlReader(object):
         if end < len(line) and (line[end] != "#" or end == cursor):
             raise self.error("expected a chomping indicator (+ or -), an indentation indicator "
                              "(1-9), a comment or the end of the line after %r, found %s"
-                             % (line[col], _describe(line[end])), row, end)
+                             % (line[col], _describe_character(line[end])), row, end)
         self.mark(path, row, col)
         base = parent_indent if parent_indent > 0 else 0
         count = self.count
@@ -1236,7 +1258,7 @@ class _YamlReader(object):
         size = _HEX_ESCAPE_LENGTHS.get(char)
         if size is not None:
             digits = line[col + 2:col + 2 + size]
-            if len(digits) != size or not _HEX_DIGITS.issuperset(digits):
+            if len(digits) != size or not _YAML_HEX_DIGITS.issuperset(digits):
                 raise self.error("expected %d hexadecimal digits after '\\%s'" % (size, char),
                                  row, col)
             code = int(digits, 16)
@@ -1302,7 +1324,7 @@ class _YamlReader(object):
                 if key in result:
                     first_row, first_col = key_rows[key]
                     raise self.error("duplicate key %r (first defined at line %d, column %d)"
-                                     % (_path_key(key), first_row + 1, first_col + 1),
+                                     % (_yaml_path_key(key), first_row + 1, first_col + 1),
                                      entry_row, entry_col,
                                      hint="remove one of them; YAML mapping keys must be unique")
                 key_rows[key] = (entry_row, entry_col)
@@ -1341,7 +1363,7 @@ class _YamlReader(object):
             elif char != closer:
                 raise self.error("expected ',' or %r in a flow %s, found %s"
                                  % (closer, "mapping" if is_mapping else "sequence",
-                                    _describe(char)), row, col,
+                                    _describe_character(char)), row, col,
                                  hint="separate entries with ', ' and quote values containing "
                                       "',', '[', ']', '{' or '}'")
 
@@ -1362,7 +1384,7 @@ class _YamlReader(object):
         old_mark = self.marks.get(item_path)
         text = old_mark.text if old_mark is not None and old_mark.text is not None else key
         self.mark(item_path, key_row, key_col)
-        key_path = item_path + (_path_key(key),)
+        key_path = item_path + (_yaml_path_key(key),)
         self.key_marks[key_path] = Mark(key_row + 1, key_col + 1, text)
         row, col = self.skip_flow_space(row, col + 1, open_row, open_col)
         char = self.lines[row][col]
@@ -6365,8 +6387,11 @@ def runtime_failure_summary(state):
     """One phrase naming the failed services from state.json (or ``None``)."""
     if not state:
         return None
-    failed = [s for s in state["services"] if s.get("status") == "failed"]
-    parts = []
+    reason = str(state["reason"]) if state.get("reason") else None
+    # The batch script's own reason usually names the culprit already; add only who it leaves out.
+    failed = [s for s in state["services"] if s.get("status") == "failed"
+              and not (reason and "'%s'" % s["name"] in reason)]
+    parts = [reason] if reason else []
     for service in failed:
         text = "service '%s' failed" % service["name"]
         if service.get("last_exit_code") not in (None, 0):
@@ -6375,8 +6400,6 @@ def runtime_failure_summary(state):
         if isinstance(readiness, dict) and readiness.get("status") == "timeout":
             text += " (readiness %s timed out)" % readiness.get("type", "probe")
         parts.append(text)
-    if state.get("reason"):
-        parts.append(str(state["reason"]))
     return "; ".join(parts) or None
 
 

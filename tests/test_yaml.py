@@ -702,6 +702,25 @@ def test_line_without_colon_inside_a_mapping_is_refused():
     assert "without a ':'" in error.message
 
 
+def test_key_without_space_after_colon_among_keys_is_refused_at_the_colon():
+    error = yaml_error("app:\n  command: x\n  image:nginx\n")
+    assert position(error) == (3, 8)
+    assert "space after the ':'" in error.message
+    assert "image: nginx" in error.hint
+
+
+def test_first_key_without_space_after_colon_is_refused_on_its_own_line():
+    error = yaml_error("services:\n  app:\n    image:nginx\n    command: x\n")
+    assert position(error) == (3, 10)
+    assert "space after the ':'" in error.message
+
+
+def test_missing_colon_after_a_parent_key_is_refused_at_that_key():
+    error = yaml_error("services:\n  app\n    image: x\n")
+    assert position(error) == (2, 3)
+    assert "write 'app:'" in error.hint
+
+
 def test_sequence_entry_between_mapping_keys_is_refused():
     error = yaml_error("a: 1\n- b\n")
     assert position(error) == (2, 1)

@@ -298,6 +298,7 @@ def warn(message):
 
 
 class Mark(NamedTuple):
+    """Where a node starts (1-based) and, for a plain scalar, its exact source text."""
     line: int
     column: int
     text: object = None
@@ -307,6 +308,7 @@ _new_mark = tuple.__new__   # Mark(...) without the Python-level __new__ (marks 
 
 
 class YamlDocument(NamedTuple):
+    """What ``load_yaml`` returns: the values, and the marks of values and of mapping keys."""
     data: object
     marks: dict
     key_marks: dict
@@ -482,6 +484,7 @@ def _copy_yaml_node(value):
 
 
 def _yaml_path_key(key):
+    """The path element of a mapping key (non-string keys are str()'d)."""
     return key if type(key) is str else str(key)
 
 
@@ -526,6 +529,7 @@ class _YamlReader(object):
                                             "and the indentation")
 
     def mark(self, path, row, col, text=None):
+        """Record the mark of the node at ``path``, logged so that aliases can copy it."""
         self.marks[path] = _new_mark(Mark, (row + 1, col + 1, text))
         self.log.append(path)
 

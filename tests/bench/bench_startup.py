@@ -49,9 +49,13 @@ def main():
     parser.add_argument("--examples", default="", help="comma-separated names (default: all)")
     parser.add_argument("--python", default=sys.executable,
                         help="interpreter to measure (default: this one, not a pyenv shim)")
+    parser.add_argument("--no-site", action="store_true",
+                        help="run every command (the baseline too) with python -S, so that .pth "
+                             "files installed in site-packages do not weigh on the baseline")
     args = parser.parse_args()
 
     python = os.path.realpath(args.python)
+    flags = ["-S"] if args.no_site else []
     examples = sorted(name[:-5] for name in os.listdir(os.path.join(REPO, "examples"))
                       if name.endswith(".yaml"))
     if args.examples:
@@ -70,10 +74,10 @@ def main():
         pyz = build_pyz(os.path.join(scratch, "with-bytecode"), [python])
         pyz_source = build_pyz(os.path.join(scratch, "source-only"), [])
         variants = [
-            ("script", [python, os.path.join(REPO, "hpc_compose.py")]),
-            ("import", [python, launcher]),
-            ("pyz", [python, pyz]),
-            ("pyz-source", [python, pyz_source]),
+            ("script", [python] + flags + [os.path.join(REPO, "hpc_compose.py")]),
+            ("import", [python] + flags + [launcher]),
+            ("pyz", [python] + flags + [pyz]),
+            ("pyz-source", [python] + flags + [pyz_source]),
         ]
         # Warm the file cache and __pycache__ before measuring anything.
         for _, prefix in variants:
@@ -82,21 +86,21 @@ def main():
         baseline = []
         samples = {}
         for _ in range(args.repeat):
-            baseline.append(time_once([python, "-c", "pass"], env))
+            baseline.append(time_once([python] + flags + ["-c", "pass"], env))
             for command in ("validate", "inspect"):
                 for name in examples:
                     path = os.path.join("examples", name + ".yaml")
                     for label, prefix in variants:
                         seconds = time_once(prefix + [command, "-f", path], env)
                         samples.setdefault((command, label), []).append(seconds)
-            baseline.append(time_once([python, "-c", "pass"], env))
+            baseline.append(time_once([python] + flags + ["-c", "pass"], env))
 
         base = statistics.median(baseline)
         version = subprocess.run([python, "-c", "import sys; print(sys.version.split()[0])"],
                                  stdout=subprocess.PIPE, universal_newlines=True).stdout.strip()
-        print("start-up benchmark: Python %s (%s), %d examples x %d runs"
-              % (version, python, len(examples), args.repeat))
-        print("bare `python -c pass`: %.1f ms (median)" % (base * 1000))
+        print("start-up benchmark: Python %s (%s%s), %d examples x %d runs"
+              % (version, python, " -S" if flags else "", len(examples), args.repeat))
+        print("bare `python%s -c pass`: %.1f ms (median)" % (" -S" if flags else "", base * 1000))
         print("%-9s %-11s %10s %10s %8s" % ("command", "how", "median ms", "p90 ms", "ratio"))
         for (command, label), values in sorted(samples.items(),
                                                key=lambda item: (item[0][0], [v[0] for v in variants].index(item[0][1]))):

@@ -4735,6 +4735,8 @@ STATE_FILE="$RUN_DIR/state.json"
 EXPECTED_NODES=@{nodes}
 mkdir -p "$LOG_DIR" "$RUN_DIR/metrics" "$RUN_DIR/artifacts" "$RUN_DIR/allocation"
 exec {SLEEP_FD}<> <(:)  # a pipe nobody writes: read -t on it sleeps without forking
+# Pyxis takes PYXIS_* variables as defaults for every srun; the srun lines below say everything.
+for name in "${!PYXIS_@}"; do unset -v "$name"; done
 """
 
 RESUME_TEMPLATE = """
@@ -7390,6 +7392,37 @@ def template_assets(text):
     return found
 
 
+def _example_file_names():
+    """Every file shipped under examples/, as ``a/b.txt`` paths relative to that folder."""
+    loader, folder = _examples_location()
+    archive = getattr(loader, "archive", None)
+    if archive:
+        import zipfile
+        with zipfile.ZipFile(archive) as bundle:
+            return sorted(name[len("examples/"):] for name in bundle.namelist()
+                          if name.startswith("examples/") and not name.endswith("/"))
+    names = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if d not in ("__pycache__", METADATA_DIR_NAME))
+        for file_name in files:
+            if not file_name.endswith(".pyc"):
+                relative = os.path.relpath(os.path.join(root, file_name), folder)
+                names.append(relative.replace(os.sep, "/"))
+    return sorted(names)
+
+
+def template_files(template):
+    """``{relative path: bytes}`` of the shipped files in the folders a template mounts."""
+    folders = [asset[2:].rstrip("/") for asset in template_assets(template.text)]
+    files = {}
+    for name in _example_file_names():
+        if any(name.startswith(folder + "/") for folder in folders):
+            data = _read_example(name)
+            if data is not None:
+                files[name] = data
+    return files
+
+
 ##############################################################################
 # CLI
 ##############################################################################
@@ -8748,7 +8781,11 @@ def _add_init_parser(subparsers):
     parser.add_argument("--output", "-o", metavar="FILE", default=DEFAULT_INIT_OUTPUT,
                         help="file to write, '-' for standard output (default: %s)"
                              % DEFAULT_INIT_OUTPUT)
-    parser.add_argument("--force", action="store_true", help="overwrite FILE if it exists")
+    parser.add_argument("--force", action="store_true",
+                        help="overwrite FILE (and the template's companion files) if they exist")
+    parser.add_argument("--no-files", dest="with_files", action="store_false",
+                        help="write only the compose file, not the files the template mounts "
+                             "(worker sources, notes)")
     parser.add_argument("--list", "--list-templates", dest="list_templates", action="store_true",
                         help="list the available templates and exit")
     parser.add_argument("--describe-template", dest="describe_template", metavar="NAME",
@@ -8784,17 +8821,28 @@ def cmd_init(args):
         raise UsageError("'%s' is a directory" % args.output,
                          hint="pass a file name, e.g. --output %s"
                               % os.path.join(args.output, DEFAULT_INIT_OUTPUT))
-    if os.path.lexists(output) and not args.force:
-        raise UsageError("'%s' already exists; not overwriting it" % args.output,
-                         hint="pass --force to replace it, or choose another --output")
+    companions = template_files(template) if args.with_files else {}
+    folder = os.path.dirname(output)
+    targets = [output] + [os.path.join(folder, *relative.split("/"))
+                          for relative in sorted(companions)]
+    existing = [path for path in targets if os.path.lexists(path)]
+    if existing and not args.force:
+        shown = args.output if existing[0] == output else existing[0]
+        raise UsageError("'%s' already exists; not overwriting it" % shown,
+                         hint="pass --force to replace it, or choose another --output"
+                              + (" (or --no-files)" if existing[0] != output else ""))
     write_file_atomic(output, text)
     display = shell_quote(args.output)
     lines = ["wrote %s (from template %s)" % (output, template.name)]
+    for relative in sorted(companions):
+        path = os.path.join(folder, *relative.split("/"))
+        write_file_atomic(path, companions[relative])
+        lines.append("wrote %s" % path)
     assets = template_assets(template.text)
-    if assets:
-        lines.append("this template mounts %s relative to the compose file: copy %s from the "
-                     "examples/ folder next to it, or change the volumes"
-                     % (", ".join(assets), "it" if len(assets) == 1 else "them"))
+    if assets and not args.with_files:
+        lines.append("this template mounts %s relative to the compose file: create %s, or "
+                     "change the volumes" % (", ".join(assets),
+                                             "it" if len(assets) == 1 else "them"))
     lines += ["next steps:",
               "  hpc-compose validate -f %s" % display,
               "  hpc-compose inspect --verbose -f %s" % display,
@@ -8817,7 +8865,9 @@ def _describe_template(template):
         lines += ["", "notes:"] + notes
     assets = template_assets(template.text)
     if assets:
-        lines += ["", "mounts from beside the compose file: %s" % ", ".join(assets)]
+        lines += ["", "mounts from beside the compose file: %s" % ", ".join(assets),
+                  "init also writes their shipped files (unless --no-files):"]
+        lines += ["  " + relative for relative in sorted(template_files(template))]
     lines += ["", "start from it with:",
               "  hpc-compose init --template %s --name my-app "
               "--cache-dir /shared/$USER/hpc-compose-cache --output compose.yaml" % template.name]

@@ -336,3 +336,48 @@ def test_time_limit_runs_teardown_and_leaves_a_final_state(slurm, slurm_jobs, tm
     assert state["status"] == "timeout"
     assert job.service("server")["status"] == "stopped"
     assert "time limit" in state["reason"]
+
+
+def test_resume_writes_the_attempt_directory_and_gives_services_the_resume_variables(
+        slurm, slurm_jobs, tmp_path):
+    shared = tmp_path / "shared"
+    job = submit(tmp_path, slurm_jobs, """\
+name: resumable
+x-slurm:
+  runtime: host
+  time: "00:05:00"
+  resume: {path: %s}
+services:
+  app:
+    command: env | grep -E '^HPC_COMPOSE_(RESUME_DIR|ATTEMPT|IS_RESUME)=' | sort
+""" % shared)
+
+    assert wait_for_job(job.id, timeout=60) == "COMPLETED"
+    assert os.readlink(os.path.join(job.job_dir, "logs")) == "attempts/0/logs"
+    assert os.readlink(os.path.join(job.job_dir, "state.json")) == "attempts/0/state.json"
+    assert job.log("app") == ("HPC_COMPOSE_ATTEMPT=0\nHPC_COMPOSE_IS_RESUME=0\n"
+                              "HPC_COMPOSE_RESUME_DIR=%s\n" % shared)
+    with open(str(shared / "_hpc-compose" / "latest.json")) as handle:
+        latest = json.load(handle)
+    assert (latest["job_id"], latest["attempt"], latest["compose_name"]) == (job.id, 0, "resumable")
+
+
+def test_a_failing_setup_line_fails_the_job_with_a_final_state(slurm, slurm_jobs, tmp_path):
+    job = submit(tmp_path, slurm_jobs, """\
+name: setup-fails
+x-slurm:
+  runtime: host
+  time: "00:05:00"
+  setup:
+    - echo "setup runs on $HPC_COMPOSE_PRIMARY_NODE"
+    - "false"
+services:
+  app:
+    command: echo never
+""")
+
+    assert wait_for_job(job.id, timeout=60) == "FAILED"
+    state = job.state()
+    assert (state["status"], state["exit_code"]) == ("failed", 1)
+    assert job.service("app")["launches"] == 0
+    assert "setup runs on %s" % slurm.node in job.batch_log()

@@ -4803,15 +4803,22 @@ END_REASON=@{end_reason}
 
 SERVICE_ENTRY_TEMPLATE = """
 # @{index}: @{name}
-NAME[@{index}]=@{name_word} TOKEN[@{index}]=@{token} DISTRIBUTED[@{index}]=@{distributed}
-POLICY[@{index}]=@{policy} MAX_RESTARTS[@{index}]=@{max_restarts} BACKOFF[@{index}]=@{backoff} ENDS_JOB[@{index}]=@{ends_job}
+NAME[@{index}]=@{name_word} TOKEN[@{index}]=@{token} POLICY[@{index}]=@{policy} ENDS_JOB[@{index}]=@{ends_job}
 DEPENDS_ON[@{index}]=@{depends_on}
-READINESS[@{index}]=@{readiness} READY_TIMEOUT[@{index}]=@{timeout} READY_SECONDS[@{index}]=@{seconds}
-READY_HOST[@{index}]=@{host} READY_PORT[@{index}]=@{port} READY_CODE[@{index}]=@{code}
-READY_PATTERN[@{index}]=@{pattern}
-READY_URL[@{index}]=@{url}
-READY_DESCRIPTION[@{index}]=@{description}
-PLACEMENT[@{index}]=@{placement}
+PLACEMENT[@{index}]=@{placement} DISTRIBUTED[@{index}]=@{distributed}
+@{restart}@{readiness}"""
+
+RESTART_ENTRY_TEMPLATE = """\
+MAX_RESTARTS[@{index}]=@{max_restarts} BACKOFF[@{index}]=@{backoff}
+"""
+
+NO_READINESS_ENTRY_TEMPLATE = """\
+READINESS[@{index}]=none
+"""
+
+READINESS_ENTRY_TEMPLATE = """\
+READINESS[@{index}]=@{type} READY_DESCRIPTION[@{index}]=@{description}
+@{probe}
 """
 
 RUN_SERVICE_TEMPLATE = """
@@ -5485,48 +5492,54 @@ def _readiness_description(readiness):
     if readiness.type == "tcp":
         return "tcp %s:%s" % (readiness.host or TCP_HOST_DEFAULT, readiness.port)
     if readiness.type == "log":
-        return "log pattern %r" % readiness.pattern
+        return 'log pattern "%s"' % readiness.pattern
     return "http %s status %s" % (readiness.url, readiness.status_code or HTTP_STATUS_DEFAULT)
+
+
+def _readiness_entry(index, readiness):
+    """The READINESS / READY_* lines: only the facts this readiness type uses."""
+    if readiness is None:
+        return _fill(NO_READINESS_ENTRY_TEMPLATE, index=index)
+    fields = []
+    if readiness.type == "sleep":
+        fields.append(("READY_SECONDS", int(readiness.seconds or 0)))
+    else:
+        fields.append(("READY_TIMEOUT", int(readiness.timeout_seconds or READINESS_TIMEOUT_DEFAULT)))
+    if readiness.type == "tcp":
+        fields += [("READY_HOST", readiness.host or TCP_HOST_DEFAULT),
+                   ("READY_PORT", int(readiness.port))]
+    elif readiness.type == "log":
+        fields.append(("READY_PATTERN", readiness.pattern))
+    elif readiness.type == "http":
+        fields += [("READY_CODE", int(readiness.status_code or HTTP_STATUS_DEFAULT)),
+                   ("READY_URL", readiness.url)]
+    probe = " ".join("%s[%s]=%s" % (name, index, shell_quote(value)) for name, value in fields)
+    return _fill(READINESS_ENTRY_TEMPLATE, index=index, type=shell_quote(readiness.type),
+                 description=shell_quote(_readiness_description(readiness)), probe=probe)
 
 
 def _service_entry(plan, index, ending):
     service = plan.services[index]
     index_of = dict((s.name, i) for i, s in enumerate(plan.services))
     policy = service.failure_policy
-    restart = policy.mode == "restart_on_failure"
-    readiness = service.readiness
     placement = service.placement
     placement_json = '"mode": %s, "nodes": %s, "ntasks": %s, "ntasks_per_node": %s' % (
         to_json(placement.mode), to_json(placement.nodes or 1),
         to_json(placement.ntasks), to_json(placement.ntasks_per_node))
-    values = dict(
-        index=str(index), name=_comment(service.name), name_word=shell_quote(service.name),
-        token=shell_quote(service.token),
-        distributed="1" if placement.mode == "distributed" else "0",
-        policy=shell_quote(policy.mode),
-        max_restarts=shell_quote(int(policy.max_restarts or 3) if restart else 0),
-        backoff=shell_quote(int(policy.backoff_seconds or 5) if restart else 0),
-        ends_job="1" if service.name in ending else "0",
+    restart = ""
+    if policy.mode == "restart_on_failure":
+        restart = _fill(RESTART_ENTRY_TEMPLATE, index=str(index),
+                        max_restarts=shell_quote(int(policy.max_restarts or 3)),
+                        backoff=shell_quote(int(policy.backoff_seconds or 5)))
+    return _fill(
+        SERVICE_ENTRY_TEMPLATE, index=str(index), name=_comment(service.name),
+        name_word=shell_quote(service.name), token=shell_quote(service.token),
+        policy=shell_quote(policy.mode), ends_job="1" if service.name in ending else "0",
         depends_on=shell_quote(" ".join("%d:%s" % (index_of[d.name], d.condition)
                                         for d in service.depends_on)),
-        readiness="none", timeout="0", seconds="0", host="''", port="''", code="''",
-        pattern="''", url="''", description="''", placement=shell_quote(placement_json))
-    if readiness is not None:
-        values.update(
-            readiness=shell_quote(readiness.type),
-            timeout=shell_quote(int(readiness.timeout_seconds or READINESS_TIMEOUT_DEFAULT)),
-            description=shell_quote(_readiness_description(readiness)))
-        if readiness.type == "sleep":
-            values["seconds"] = shell_quote(int(readiness.seconds or 0))
-        elif readiness.type == "tcp":
-            values["host"] = shell_quote(readiness.host or TCP_HOST_DEFAULT)
-            values["port"] = shell_quote(int(readiness.port))
-        elif readiness.type == "log":
-            values["pattern"] = shell_quote(readiness.pattern)
-        elif readiness.type == "http":
-            values["url"] = shell_quote(readiness.url)
-            values["code"] = shell_quote(int(readiness.status_code or HTTP_STATUS_DEFAULT))
-    return _fill(SERVICE_ENTRY_TEMPLATE, **values)
+        placement=shell_quote(placement_json),
+        distributed="1" if placement.mode == "distributed" else "0",
+        restart=restart, readiness=_readiness_entry(str(index), service.readiness))
 
 
 def _extra_block(name, runtime_plan, fallback):

@@ -79,10 +79,6 @@ def test_template_name_may_carry_the_yaml_suffix(cli, tmp_path):
 
 @pytest.mark.parametrize("template", hpc_compose.TEMPLATE_NAMES)
 def test_each_template_writes_a_customized_file_that_validates(cli, tmp_path, template):
-    # Companion folders (./app, ./models, ...) are copied beside the output like a user would.
-    for entry in os.listdir(EXAMPLES):
-        if os.path.isdir(os.path.join(EXAMPLES, entry)):
-            shutil.copytree(os.path.join(EXAMPLES, entry), str(tmp_path / entry))
     output = tmp_path / "compose.yaml"
     result = cli(["init", "--template", template, "--name", "my-app",
                   "--cache-dir", "/shared/tester/hpc-compose-cache", "--output", output], env=ENV)
@@ -179,6 +175,43 @@ def test_customize_adds_name_and_x_slurm_block_when_missing():
     assert document == {"name": "n", "x-slurm": {"job_name": "n", "cache_dir": "/c"},
                         "services": {"app": {"image": "alpine"}}}
     assert result.startswith("# header\n")
+
+
+def test_init_writes_the_files_the_template_mounts(cli, tmp_path):
+    result = cli(["init", "--template", "llama-uv-worker", "--output", tmp_path / "compose.yaml"])
+    assert result.code == 0, result.err
+    for relative in ("llama-uv-worker/worker.py", "llama-uv-worker/prompts.txt",
+                     "llama-uv-worker/README.md", "models/README.md"):
+        with open(os.path.join(EXAMPLES, relative), "rb") as handle:
+            assert (tmp_path / relative).read_bytes() == handle.read()
+        assert "wrote %s" % (tmp_path / relative) in result.out
+
+
+def test_no_files_writes_only_the_compose_file(cli, tmp_path):
+    result = cli(["init", "--template", "dev-python-app", "--no-files", "--output",
+                  tmp_path / "compose.yaml"])
+    assert result.code == 0
+    assert sorted(os.listdir(str(tmp_path))) == ["compose.yaml"]
+    assert "mounts ./app" in result.out
+
+
+def test_existing_companion_file_is_not_overwritten_without_force(cli, tmp_path):
+    (tmp_path / "app").mkdir()
+    (tmp_path / "app" / "main.py").write_text("print('mine')\n")
+    result = cli(["init", "--template", "dev-python-app", "--output", tmp_path / "compose.yaml"])
+    assert result.code == 2
+    assert "main.py' already exists" in result.err
+    assert (tmp_path / "app" / "main.py").read_text() == "print('mine')\n"
+    assert not (tmp_path / "compose.yaml").exists()
+    forced = cli(["init", "--template", "dev-python-app", "--force", "--output",
+                  tmp_path / "compose.yaml"])
+    assert forced.code == 0
+    assert "rich" in (tmp_path / "app" / "main.py").read_text()
+
+
+def test_template_without_mounts_writes_no_companion_files(cli, tmp_path):
+    assert cli(["init", "--template", "postgres-etl", "--output", tmp_path / "c.yaml"]).code == 0
+    assert os.listdir(str(tmp_path)) == ["c.yaml"]
 
 
 def test_empty_name_is_refused(cli, tmp_path):

@@ -2,6 +2,7 @@
 import ast
 import glob
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -19,12 +20,23 @@ SUPPORTED = [path for path in PYENV_PYTHONS
              <= (3, 13)] or [sys.executable]
 
 
-def build(dist, pythons=None):
+def build(dist, pythons=None, tree=REPO):
     argv = ["make", "-s", "-f", "zipapp.mk", "DIST=%s" % dist, "PYTHON=%s" % sys.executable]
     if pythons is not None:
         argv.append("PYTHONS=%s" % " ".join(pythons))
-    subprocess.run(argv, cwd=REPO, check=True, stdout=subprocess.PIPE)
+    subprocess.run(argv, cwd=str(tree), check=True, stdout=subprocess.PIPE)
     return os.path.join(str(dist), "hpc-compose.pyz")
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    """A snapshot of what the build reads, so that both builds see the same sources."""
+    root = tmp_path_factory.mktemp("tree")
+    for name in ("hpc_compose.py", "zipapp.mk"):
+        shutil.copy2(os.path.join(REPO, name), str(root / name))
+    shutil.copytree(os.path.join(REPO, "examples"), str(root / "examples"),
+                    ignore=shutil.ignore_patterns("__pycache__", ".hpc-compose", "*.pyc"))
+    return root
 
 
 def run(argv, **kwargs):
@@ -35,12 +47,12 @@ def run(argv, **kwargs):
 
 
 @pytest.fixture(scope="module")
-def pyz(tmp_path_factory):
-    return build(tmp_path_factory.mktemp("dist"), SUPPORTED)
+def pyz(tmp_path_factory, tree):
+    return build(tmp_path_factory.mktemp("dist"), SUPPORTED, tree)
 
 
-def test_building_twice_gives_identical_bytes(tmp_path, pyz):
-    again = build(tmp_path, SUPPORTED)
+def test_building_twice_gives_identical_bytes(tmp_path, pyz, tree):
+    again = build(tmp_path, SUPPORTED, tree)
     with open(pyz, "rb") as first, open(again, "rb") as second:
         assert first.read() == second.read()
 
@@ -111,11 +123,21 @@ def test_pyz_without_bytecode_runs_from_source(tmp_path):
 
 def test_pyz_init_writes_the_same_file_as_a_checkout(tmp_path, pyz):
     from_pyz = run([sys.executable, pyz, "init", "--template", "training-resume", "--name", "n",
-                    "--cache-dir", "/c", "--output", str(tmp_path / "a.yaml")])
+                    "--cache-dir", "/c", "--output", str(tmp_path / "a" / "c.yaml")])
     from_checkout = run([sys.executable, MODULE, "init", "--template", "training-resume",
-                         "--name", "n", "--cache-dir", "/c", "--output", str(tmp_path / "b.yaml")])
+                         "--name", "n", "--cache-dir", "/c", "--output", str(tmp_path / "b" / "c.yaml")])
     assert from_pyz.returncode == 0 and from_checkout.returncode == 0, from_pyz.stderr
-    assert (tmp_path / "a.yaml").read_bytes() == (tmp_path / "b.yaml").read_bytes()
+    for relative in ("c.yaml", "training/train.py"):
+        assert (tmp_path / "a" / relative).read_bytes() == (tmp_path / "b" / relative).read_bytes()
+
+
+def test_pyz_init_writes_the_template_companion_files(tmp_path, pyz):
+    result = run([sys.executable, pyz, "init", "--template", "vllm-uv-worker", "--output",
+                  str(tmp_path / "compose.yaml")])
+    assert result.returncode == 0, result.stderr
+    with open(os.path.join(REPO, "examples", "vllm-uv-worker", "worker.py"), "rb") as handle:
+        assert (tmp_path / "vllm-uv-worker" / "worker.py").read_bytes() == handle.read()
+    assert (tmp_path / "models" / "README.md").is_file()
 
 
 def test_pyz_on_a_too_old_python_says_which_python_it_needs(pyz):

@@ -3481,8 +3481,11 @@ def run_enroot(argv, env, output=None):
     import subprocess
     from collections import deque
     try:
+        # Its own process group, so that an interrupt stops Enroot's helpers (curl, parallel,
+        # mksquashfs) too, not only the enroot shell script.
         process = subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                   env=env, universal_newlines=True, errors="replace")
+                                   env=env, universal_newlines=True, errors="replace",
+                                   start_new_session=True)
     except FileNotFoundError:
         raise ToolError("required binary '%s' was not found" % argv[0],
                         hint="install Enroot, load its module, or pass its path with --enroot-bin")
@@ -3498,7 +3501,11 @@ def run_enroot(argv, env, output=None):
                 output("    " + line)
         code = process.wait()
     except BaseException:
-        process.kill()
+        import signal
+        try:
+            os.killpg(process.pid, signal.SIGTERM)
+        except OSError:
+            pass
         process.wait()
         raise
     finally:
@@ -5361,7 +5368,9 @@ def _container_argv(service):
     if service.runtime == "host":
         raise HpcComposeError("service '%s' uses the host runtime but has neither command nor "
                               "entrypoint" % service.name)
-    return []
+    # srun needs a command, so the image default is run the way enroot start does: /etc/rc (made
+    # by enroot import) changes to the image's WORKDIR and execs its ENTRYPOINT + CMD.
+    return ["/bin/sh", "/etc/rc"]
 
 
 def _env_names(runtime_plan, service):
@@ -5443,7 +5452,7 @@ def _srun_parts(runtime_plan, index):
         if service.working_dir:
             words.append(("--container-workdir=%s" % service.working_dir,))
         words.append(("--container-env=" + ",".join(_env_names(runtime_plan, service)),))
-        if service.execution.form == "default" or service.execution.use_image_entrypoint:
+        if service.execution.form != "default" and service.execution.use_image_entrypoint:
             words.append(("--container-entrypoint",))
         else:
             words.append(("--no-container-entrypoint",))

@@ -857,3 +857,21 @@ def test_unwritable_cache_is_a_tool_error_not_a_traceback(tmp_path, enroot, monk
         hc.prepare_images(hc.build_runtime_plan(plan), options())
     assert "Permission denied: /shared/cache/base/x.lock" in info.value.render()
     assert "writable" in info.value.render()
+
+
+def test_interrupted_import_stops_enroot_and_leaves_no_partial(tmp_path, enroot, monkeypatch):
+    import signal
+    import threading
+    import time
+    monkeypatch.setenv("ENROOT_STANDIN_DELAY", "30")
+    rp = hc.build_runtime_plan(make_plan(tmp_path, [make_service("r", "redis:7")]))
+    timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))
+    started = time.time()
+    timer.start()
+    with pytest.raises(KeyboardInterrupt):
+        hc.prepare_images(rp, options())
+    timer.cancel()
+    assert time.time() - started < 20, "the 30 s import was waited for instead of stopped"
+    base = rp.images[0].base.path
+    assert not os.path.exists(base)
+    assert [n for n in os.listdir(os.path.dirname(base)) if n.startswith(".partial-")] == []

@@ -730,6 +730,8 @@ CASES = [
      "must be an absolute host path", 3, "x-slurm.resume.path"),
     ("x-slurm:\n  resume:\n    path: /hpc-compose/resume\nservices:\n  app:\n    image: x\n",
      "is a container path", 3, "x-slurm.resume.path"),
+    ("x-slurm:\n  resume:\n    path: /shared/a,b\nservices:\n  app:\n    image: x\n",
+     "contains ','", 3, "x-slurm.resume.path"),
     # service x-slurm and failure_policy
     ("services:\n  app:\n    image: x\n    x-slurm:\n      cpus: 2\n",
      "unknown key 'cpus' in services.<name>.x-slurm", 5, "services.app.x-slurm.cpus"),

@@ -875,3 +875,9 @@ def test_interrupted_import_stops_enroot_and_leaves_no_partial(tmp_path, enroot,
     base = rp.images[0].base.path
     assert not os.path.exists(base)
     assert [n for n in os.listdir(os.path.dirname(base)) if n.startswith(".partial-")] == []
+
+
+def test_cli_prepare_accepts_srun_and_sbatch_overrides(compose, enroot, cli):
+    result = cli(["prepare", "-f", compose, "--enroot-bin", STANDIN, "--srun-bin", "/x/srun",
+                  "--sbatch-bin", "/x/sbatch"])
+    assert result.code == 0, result

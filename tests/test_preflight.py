@@ -391,3 +391,10 @@ def test_skip_prepare_does_not_probe_cache_writability_or_credentials(tmp_path, 
     report = preflight(plan, skip_prepare=True)
     assert by_check(report, "cache_dir.writable") == []
     assert by_check(report, "registry.credentials") == []
+
+
+def test_unreadable_enroot_version_with_digest_is_warning(tmp_path, shared, monkeypatch):
+    monkeypatch.setenv("ENROOT_STANDIN_VERSION", "")
+    plan = make_plan(tmp_path, [make_service("a", "ghcr.io/org/app@sha256:0123")], cache_dir=shared)
+    finding, = by_check(preflight(plan), "enroot.version")
+    assert finding.level == "warn" and "tag instead" in finding.remediation

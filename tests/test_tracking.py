@@ -167,6 +167,15 @@ def test_failure_summary_names_failed_service_and_exit_code(hc, tmp_path):
     assert "web" not in summary
 
 
+def test_failure_summary_does_not_repeat_the_scripts_reason(hc, tmp_path):
+    (tmp_path / "state.json").write_text(json.dumps({
+        "status": "failed", "reason": "service 'db' exited with code 3",
+        "services": [{"name": "db", "status": "failed", "last_exit_code": 3},
+                     {"name": "cache", "status": "failed", "last_exit_code": 1}]}))
+    summary = hc.runtime_failure_summary(hc.read_runtime_state(str(tmp_path)))
+    assert summary == "service 'db' exited with code 3; service 'cache' failed (exit 1)"
+
+
 # --- tracked metadata --------------------------------------------------------------------------
 
 def _submit_many(project_dir, first_id, count):

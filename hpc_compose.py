@@ -6715,8 +6715,7 @@ def job_status(record, squeue_bin="squeue", sacct_bin="sacct"):
     if runtime:
         by_name = dict((s["name"], s) for s in runtime["services"])
     services = []
-    names = [n for n, _ in record_log_sources(record)] if (record.get("services") or runtime) else []
-    for name, path in (record_log_sources(record) if names else []):
+    for name, path in record_log_sources(record):
         entry = {"name": name, "log": _file_facts(path)}
         state = by_name.get(name, {})
         for key in ("status", "pid", "launches", "restarts", "failure_policy", "max_restarts",

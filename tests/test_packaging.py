@@ -208,3 +208,13 @@ def test_importing_the_module_leaves_heavy_modules_unimported():
     result = subprocess.run([sys.executable, "-c", probe], stdout=subprocess.PIPE,
                             universal_newlines=True)
     assert result.stdout == "[]\n"
+
+
+def test_readme_starts_with_the_two_setup_commands():
+    with open(os.path.join(REPO, "README.md")) as handle:
+        lines = handle.read().splitlines()
+    assert lines[:5] == [
+        "# hpc-compose", "", "```sh",
+        "sudo bash tests/cluster/slurm-cluster.sh up && "
+        "python3 hpc_compose.py up -f examples/host-pipeline.yaml",
+        "python3 -m pip install pytest && python3 -m pytest -q tests"]

@@ -7,6 +7,7 @@ does when it runs is proven on the real cluster in test_slurm_e2e.py.
 import glob
 import json
 import os
+import re
 import shutil
 import subprocess
 
@@ -83,10 +84,10 @@ def test_shell_entrypoint_and_command_run_the_joined_string_without_the_image_en
         "--no-container-entrypoint", "/bin/sh", "-c", "/entry.sh --flag serve"]
 
 
-def test_neither_command_nor_entrypoint_runs_the_image_default():
+def test_neither_command_nor_entrypoint_runs_the_image_default_through_enroot_rc():
     line = argv(service(execution=hc.Execution("default", use_image_entrypoint=True)))
     assert line == BASE + ["--container-image=" + IMAGE, JOB_MOUNT, "--container-env=" + ENV_NAMES,
-                           "--container-entrypoint"]
+                           "--no-container-entrypoint", "/bin/sh", "/etc/rc"]
 
 
 def test_working_dir_becomes_container_workdir():
@@ -275,8 +276,8 @@ def test_the_job_ends_with_services_nobody_depends_on_leaving_out_ignore_sidecar
                         service("sidecar", failure_policy=ignore))
     script = hc.render_script(plan)
     assert "END_REASON='every service that ends the job has finished: app'" in script
-    assert [line.split()[-1] for line in script.splitlines()
-            if line.startswith("POLICY[")] == ["ENDS_JOB[0]=0", "ENDS_JOB[1]=1", "ENDS_JOB[2]=0"]
+    assert re.findall(r"ENDS_JOB\[\d\]=\d", script) == [
+        "ENDS_JOB[0]=0", "ENDS_JOB[1]=1", "ENDS_JOB[2]=0"]
 
 
 def test_dependencies_are_rendered_as_index_condition_words():
@@ -289,8 +290,19 @@ def test_dependencies_are_rendered_as_index_condition_words():
 def test_readiness_is_described_for_messages_and_state():
     readiness = hc.ReadinessSpec("log", pattern="Ready to accept 'connections'", timeout_seconds=9)
     script = hc.render_script(runtime_plan(service(readiness=readiness)))
-    assert "READINESS[0]=log READY_TIMEOUT[0]=9" in script
-    assert "READY_PATTERN[0]='Ready to accept '\"'\"'connections'\"'\"''" in script
+    description = hc.shell_quote('log pattern "Ready to accept \'connections\'"')
+    assert "READINESS[0]=log READY_DESCRIPTION[0]=%s\n" % description in script
+    assert ("READY_TIMEOUT[0]=9 READY_PATTERN[0]='Ready to accept '\"'\"'connections'\"'\"''\n"
+            in script)
+
+
+def test_readiness_lines_carry_only_the_facts_of_their_type():
+    readiness = hc.ReadinessSpec("http", url="http://127.0.0.1:8000/health", timeout_seconds=30)
+    script = hc.render_script(runtime_plan(service(readiness=readiness),
+                                           service("other", readiness=None)))
+    assert ("READY_TIMEOUT[0]=30 READY_CODE[0]=200 READY_URL[0]=http://127.0.0.1:8000/health\n"
+            in script)
+    assert "READINESS[1]=none\n" in script and "READY_TIMEOUT[1]" not in script
 
 
 def test_resume_uses_attempt_directories_and_mounts_the_resume_path():
@@ -382,3 +394,18 @@ def test_render_of_a_missing_file_is_a_usage_error(cli, project):
     res = cli(["render", "-f", project.root / "nope.yaml"])
     assert res.code == 2
     assert "does not exist" in res.err
+
+
+def _bash_function(script, name):
+    start = script.index("\n%s() {" % name) + 1
+    return script[start:script.index("\n}\n", start) + 3]
+
+
+def test_state_json_strings_are_escaped_by_the_script_itself():
+    script = hc.render_script(runtime_plan(service()))
+    values = ['plain', 'quote " and \\ backslash', "new\nline\ttab\rcr", "bell\x07 esc\x1b",
+              "ünïcödé 🙂", "'single'", ""]
+    program = _bash_function(script, "json_string") + "".join(
+        'json_string %s; printf "%%s\\n" "$JSON"\n' % hc.shell_quote(value) for value in values)
+    out = subprocess.run(["bash", "-c", program], stdout=subprocess.PIPE, check=True).stdout
+    assert [json.loads(line) for line in out.decode("utf-8").splitlines()] == values

@@ -1307,7 +1307,7 @@ class _YamlReader(object):
         is_mapping = lines[row][col] == "{"
         closer = "}" if is_mapping else "]"
         result = {} if is_mapping else []
-        key_rows = {}
+        merges = None
         self.enter_collection(row, col)
         self.mark(path, row, col)
         row, col = self.skip_flow_space(row, col + 1, open_row, open_col)
@@ -1315,6 +1315,8 @@ class _YamlReader(object):
             line = lines[row]
             char = line[col]
             if char == closer:
+                if merges is not None:
+                    result = self.apply_merges(result, merges, path)
                 self.depth -= 1
                 return row, col + 1, result
             following = line[col + 1:col + 2]
@@ -1323,32 +1325,11 @@ class _YamlReader(object):
                                  hint="write the key as a plain or quoted string")
             entry_row, entry_col = row, col
             if is_mapping:
-                key, text, row, col = self.parse_flow_key(row, col)
-                key_path = path + (key if type(key) is str else str(key),)
-                if key in result:
-                    first_row, first_col = key_rows[key]
-                    raise self.error("duplicate key %r (first defined at line %d, column %d)"
-                                     % (_yaml_path_key(key), first_row + 1, first_col + 1),
-                                     entry_row, entry_col,
-                                     hint="remove one of them; YAML mapping keys must be unique")
-                key_rows[key] = (entry_row, entry_col)
-                self.key_marks[key_path] = Mark(entry_row + 1, entry_col + 1, text)
-                row, col = self.check_flow_key_line(entry_row, entry_col, row, col,
-                                                    open_row, open_col)
-                line = lines[row]
-                if line[col] == ":":
-                    row, col = self.skip_flow_space(row, col + 1, open_row, open_col)
-                    line = lines[row]
-                    if line[col] == "," or line[col] == closer:
-                        self.mark(key_path, row, col)
-                        value = None
-                    else:
-                        row, col, value = self.parse_flow_node(row, col, key_path, open_row,
-                                                               open_col)
-                else:
-                    self.mark(key_path, row, col)
-                    value = None
-                result[key] = value
+                row, col, merge = self.parse_flow_mapping_entry(result, path, row, col,
+                                                                merges is not None, open_row,
+                                                                open_col, closer)
+                if merge is not None:
+                    merges = merge
             else:
                 item_path = path + (len(result),)
                 row, col, value = self.parse_flow_node(row, col, item_path, open_row, open_col)
@@ -1370,6 +1351,38 @@ class _YamlReader(object):
                                     _describe_character(char)), row, col,
                                  hint="separate entries with ', ' and quote values containing "
                                       "',', '[', ']', '{' or '}'")
+
+    def parse_flow_mapping_entry(self, result, path, row, col, merged, open_row, open_col,
+                                 closer):
+        """One `key: value` (or lone `key`) of a flow mapping, stored into ``result``; returns
+        (row, column after it, merge sources when the key is `<<`, else None)."""
+        lines = self.lines
+        entry_row, entry_col = row, col
+        key, text, row, col = self.parse_flow_key(row, col)
+        key_path = path + (key if type(key) is str else str(key),)
+        if key in result or (text == "<<" and merged):
+            first_mark = self.key_marks[key_path]
+            raise self.error("duplicate key %r (first defined at line %d, column %d)"
+                             % (_yaml_path_key(key), first_mark[0], first_mark[1]),
+                             entry_row, entry_col,
+                             hint="remove one of them; YAML mapping keys must be unique")
+        self.key_marks[key_path] = _new_mark(Mark, (entry_row + 1, entry_col + 1, text))
+        row, col = self.check_flow_key_line(entry_row, entry_col, row, col, open_row, open_col)
+        first = len(self.log)
+        value = None
+        if lines[row][col] == ":":
+            row, col = self.skip_flow_space(row, col + 1, open_row, open_col)
+            char = lines[row][col]
+            if char == "," or char == closer:
+                self.mark(key_path, row, col)
+            else:
+                row, col, value = self.parse_flow_node(row, col, key_path, open_row, open_col)
+        else:
+            self.mark(key_path, row, col)
+        if text == "<<":
+            return row, col, self.merge_sources(value, key_path, first, (entry_row, entry_col))
+        result[key] = value
+        return row, col, None
 
     def check_flow_key_line(self, key_row, key_col, row, col, open_row, open_col):
         """Skip to what follows a flow entry; a ':' there must be on the line where the key

@@ -450,6 +450,13 @@ def test_merge_key_with_an_inline_mapping():
     assert parse_yaml("a:\n  <<: {x: 1}\n  y: 2") == {"a": {"x": 1, "y": 2}}
 
 
+def test_merge_key_inside_a_flow_mapping():
+    text = "a: &a {x: 1, y: 2}\nb: {<<: *a, x: 3}\nc: {<<: [*a, {z: 1}], y: 0}\n"
+    data = parse_yaml(text)
+    assert data["b"] == {"x": 3, "y": 2}
+    assert data["c"] == {"x": 1, "y": 0, "z": 1}
+
+
 def test_quoted_merge_key_is_an_ordinary_key():
     assert parse_yaml("a:\n  '<<': 1") == {"a": {"<<": 1}}
 

@@ -755,7 +755,12 @@ class _YamlReader(object):
                                                sequence_at_same_indent, row, col)
         else:
             char = line[col]
-            if block_allowed and char not in "[{|>*&!" and self.find_key_colon(line, col) >= 0:
+            if char == '"' or char == "'":
+                end_row, end_col, _ = self.parse_quoted(row, col)
+                anchors_a_key = end_row == row and self.is_key_colon(line, end_col)
+            else:
+                anchors_a_key = char not in "[{|>*&!" and self.find_key_colon(line, col) >= 0
+            if block_allowed and anchors_a_key:
                 raise self.error("an anchor before a key on the same line is not supported (it "
                                  "would anchor the key, not the mapping)", row, col,
                                  hint="put '&%s' on the line of the parent key "

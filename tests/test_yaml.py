@@ -425,6 +425,10 @@ def test_anchor_before_a_sequence_at_the_key_indentation():
     assert parse_yaml("a: &s\n- 1\nb: *s") == {"a": [1], "b": [1]}
 
 
+def test_anchored_quoted_value_containing_colon_space_in_a_sequence():
+    assert parse_yaml('- &a "x: y"\n- *a') == ["x: y", "x: y"]
+
+
 def test_later_anchor_with_the_same_name_replaces_the_earlier_one():
     assert parse_yaml("a: &x 1\nb: *x\nc: &x 2\nd: *x") == {"a": 1, "b": 1, "c": 2, "d": 2}
 

@@ -848,3 +848,65 @@ def test_error_render_has_file_line_column_and_path(hc, project):
     text = error.render()
     assert text.startswith("%s:2:10: x-slurm.nodes: must be an integer"
                            % (project.root / "compose.yaml"))
+
+
+# --- robustness: any wrong value anywhere is a SpecError, never a crash --------------------------
+
+ROBUST_BASE = FULL.replace("x-slurm:\n  job_name", """x-slurm:
+  metrics:
+    collectors: [gpu]
+  artifacts:
+    export_dir: ./o
+    paths: [/hpc-compose/job/a]
+    bundles:
+      b:
+        paths: [/hpc-compose/job/b]
+  resume:
+    path: /shared/r
+  job_name""", 1) + """\
+  extra:
+    image: ./img.sqsh
+    healthcheck:
+      test: ["CMD", "nc", "-z", "h", "1"]
+      timeout: 5s
+"""
+WRONG_VALUES = [None, [], {}, 0, -1, "", "x", True, 1.5, "$NOPE", ["a"], {"a": 1}, "a,b:/c"]
+
+
+def all_paths(node, prefix=()):
+    if prefix:
+        yield prefix
+    if isinstance(node, dict):
+        for key, value in node.items():
+            for path in all_paths(value, prefix + (key,)):
+                yield path
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            for path in all_paths(value, prefix + (index,)):
+                yield path
+
+
+def test_any_wrong_value_at_any_key_is_a_spec_error_not_a_crash(hc, project):
+    import copy
+    base = hc.parse_yaml(ROBUST_BASE)
+    path = project.root / "compose.yaml"
+    path.write_text(hc.render_yaml(base) + "\n")
+    assert len(hc.build_plan(hc.load_spec(str(path), environ=ENV), environ=ENV).services) == 3
+    outcomes = {"ok": 0, "error": 0}
+    for key_path in list(all_paths(base)):
+        for value in WRONG_VALUES:
+            mutated = copy.deepcopy(base)
+            node = mutated
+            for part in key_path[:-1]:
+                node = node[part]
+            node[key_path[-1]] = value
+            path.write_text(hc.render_yaml(mutated) + "\n")
+            try:
+                spec = hc.load_spec(str(path), environ=ENV)
+                hc.render_inspect_text(hc.build_plan(spec, environ=ENV), verbose=True)
+                outcomes["ok"] += 1
+            except hc.HpcComposeError as exc:
+                assert exc.exit_code == 2
+                assert exc.render()
+                outcomes["error"] += 1
+    assert outcomes["error"] > 500

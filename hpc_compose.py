@@ -1372,7 +1372,8 @@ class _YamlReader(object):
                              entry_row, entry_col,
                              hint="remove one of them; YAML mapping keys must be unique")
         self.key_marks[key_path] = _new_mark(Mark, (entry_row + 1, entry_col + 1, text))
-        row, col = self.check_flow_key_line(entry_row, entry_col, row, col, open_row, open_col)
+        # Unlike a pair inside `[...]`, a key in `{...}` may be followed by its ':' on a later line.
+        row, col = self.skip_flow_space(row, col, open_row, open_col)
         first = len(self.log)
         value = None
         if lines[row][col] == ":":
@@ -1390,8 +1391,8 @@ class _YamlReader(object):
         return row, col, None
 
     def check_flow_key_line(self, key_row, key_col, row, col, open_row, open_col):
-        """Skip to what follows a flow entry; a ':' there must be on the line where the key
-        starts and ends (YAML implicit keys are single-line)."""
+        """Skip to what follows an entry of `[...]`; a ':' there (a single-pair mapping) must be
+        on the line where the key starts and ends (YAML implicit keys are single-line)."""
         next_row, next_col = self.skip_flow_space(row, col, open_row, open_col)
         if self.lines[next_row][next_col] == ":" and (next_row != key_row or row != key_row):
             raise self.error("a mapping key must fit on one line, with its ':' on the same line",

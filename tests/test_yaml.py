@@ -378,6 +378,10 @@ def test_multi_line_implicit_flow_key_is_refused():
     assert "fit on one line" in error.message
 
 
+def test_flow_mapping_key_may_have_its_colon_on_the_next_line():
+    assert parse_yaml('{ "foo"\n  :bar }') == {"foo": "bar"}
+
+
 def test_block_sequence_entry_inside_flow_is_refused():
     error = yaml_error("a: [- x]")
     assert position(error) == (1, 5)

@@ -609,8 +609,9 @@ class _YamlReader(object):
                                  "allowed in this context)" % what, row, col,
                                  hint="a mapping key must be a plain or quoted scalar on the line "
                                       "where its block mapping starts")
+            hint = "a comment needs a space before the '#'" if line[col] == "#" else None
             raise self.error("expected a comment or the end of the line after %s, found %s"
-                             % (what, _describe_character(line[col])), row, col)
+                             % (what, _describe_character(line[col])), row, col, hint=hint)
         return row + 1
 
     # -- document -----------------------------------------------------------------------------

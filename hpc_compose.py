@@ -7959,8 +7959,40 @@ def _image_text(image):
     return image.reference + registry
 
 
-def render_inspect_text(plan, verbose=False):
+def _plan_cache_reports(plan):
+    """``{service: report}`` from the images section (where each container starts from, and
+    whether the next prepare reuses or builds it); empty when that cannot be worked out."""
+    try:
+        reports = inspect_cache(build_runtime_plan(plan))
+    except HpcComposeError:
+        return {}
+    return dict((report["service"], report) for report in reports)
+
+
+_EXPECTATION_TEXT = {"hit": "cache hit", "miss": "cache miss",
+                     "rebuild": "rebuilds on every prepare/submit",
+                     "present": "local image present", "missing": "local image MISSING",
+                     "not needed": "not needed"}
+
+
+def _runtime_image_lines(report):
+    lines = []
+    if not report or report.get("container_image") is None:
+        return lines
+    for artifact in report.get("artifacts", ()):
+        state = _EXPECTATION_TEXT.get(artifact.get("expectation"), artifact.get("expectation"))
+        lines.append("  %s image: %s (%s)" % (
+            "runtime" if artifact.get("kind") == "prepared" else "base", artifact.get("path"),
+            state))
+    if not report.get("artifacts"):
+        state = _EXPECTATION_TEXT.get(report.get("expectation"), report.get("expectation"))
+        lines.append("  runtime image: %s (%s)" % (report["container_image"], state))
+    return lines
+
+
+def render_inspect_text(plan, verbose=False, cache_reports=None):
     """The human summary ``inspect`` prints."""
+    cache_reports = cache_reports or {}
     slurm = plan.slurm
     lines = []
     if verbose:
@@ -7979,6 +8011,7 @@ def render_inspect_text(plan, verbose=False):
         lines.append("")
         lines.append("service: %s" % service.name)
         lines.append("  image: %s" % _image_text(service.image))
+        lines.extend(_runtime_image_lines(cache_reports.get(service.name)))
         lines.append("  runtime: %s" % service.runtime)
         lines.append("  execution: %s" % _execution_text(service, verbose))
         if service.working_dir is not None:
@@ -8042,10 +8075,13 @@ def cmd_inspect(args):
     """Print the normalized plan (text summary, or the whole plan as JSON)."""
     fmt = output_format(args)
     spec, plan = load_plan_from_args(args)
+    reports = _plan_cache_reports(plan)
     if fmt == "json":
-        print_json(plan_to_dict(plan))
+        data = plan_to_dict(plan)
+        data["images"] = [reports[s.name] for s in plan.services if s.name in reports]
+        print_json(data)
     else:
-        sys.stdout.write(render_inspect_text(plan, verbose=args.verbose))
+        sys.stdout.write(render_inspect_text(plan, verbose=args.verbose, cache_reports=reports))
     return EXIT_OK
 
 

@@ -268,3 +268,26 @@ def test_config_escapes_dollars_of_interpolated_fields_so_it_loads_back(cli, pro
     assert [s._replace(line=None) for s in again.services] == \
         [s._replace(line=None) for s in original.services]
     assert again.slurm == original.slurm
+
+
+def test_inspect_shows_cache_artifacts_and_expectation(cli, stack):
+    out = cli(["inspect"], cwd=str(stack.root)).out
+    lines = out.splitlines()
+    base = [line for line in lines if line.startswith("  base image: /shared/cache/base/")]
+    assert len(base) == 2
+    assert all(line.endswith("(cache miss)") for line in base)
+
+
+def test_inspect_shows_local_image_state(cli, project):
+    project.write("compose.yaml", "services:\n  app:\n    image: ./app.sqsh\n")
+    assert "  runtime image: %s (local image MISSING)" % (project.root / "app.sqsh") in \
+        cli(["inspect"], cwd=str(project.root)).out.splitlines()
+    project.write("app.sqsh", "squashfs stand-in")
+    assert "  runtime image: %s (local image present)" % (project.root / "app.sqsh") in \
+        cli(["inspect"], cwd=str(project.root)).out.splitlines()
+
+
+def test_inspect_json_carries_image_reports(cli, stack):
+    data = json.loads(cli(["inspect", "--json"], cwd=str(stack.root)).out)
+    assert [entry["service"] for entry in data["images"]] == ["redis", "app"]
+    assert data["images"][0]["expectation"] == "miss"

@@ -1725,6 +1725,12 @@ class _Interpolation(object):
             return self.variables[name]
         if self.unset_is_empty:
             return ""
+        if name.startswith("SLURM_"):
+            self.fail("variable '%s' is not set and has no default" % name,
+                      hint="Slurm's job variables do not exist when the file is loaded on the "
+                           "login node: in x-slurm.output/error use Slurm's %%j, in a string-form "
+                           "command the container's shell expands $%s, or write $$%s" % (name,
+                                                                                       name))
         self.fail("variable '%s' is not set and has no default" % name,
                   hint="set it in the environment or in .env next to the compose file, give a "
                        "default with ${%s:-value}, or write $$ for a literal $" % name)

@@ -197,3 +197,10 @@ def test_process_environment_wins_over_dotenv(hc, tmp_path):
 def test_dotenv_fills_variable_set_to_empty_only_if_missing(hc, tmp_path):
     (tmp_path / ".env").write_text("A=from-dotenv\n")
     assert hc.build_variables(str(tmp_path), {"A": ""})["A"] == ""
+
+
+def test_missing_slurm_variable_hint_explains_load_time(hc):
+    with pytest.raises(hc.SpecError) as info:
+        expand(hc, "slurm-${SLURM_JOB_ID}.out")
+    assert "%j" in info.value.hint
+    assert "$$SLURM_JOB_ID" in info.value.hint

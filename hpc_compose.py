@@ -883,7 +883,7 @@ class _YamlReader(object):
                     break
             if pieces is not None:
                 text = "".join(pieces)
-                self.mark(path, row, col, text)
+                self.mark(path, first_row, col, text)
                 return row + 1, text
         value = _resolve_plain(text)
         self.mark(path, row, col, text)

@@ -794,9 +794,9 @@ def test_quoted_and_block_scalars_have_no_mark_text():
     assert document.marks[("b",)] == Mark(2, 4, None)
 
 
-def test_multi_line_plain_mark_text_is_the_folded_text():
+def test_multi_line_plain_mark_is_its_first_line_with_the_folded_text():
     document = load_yaml("a: one\n  two\n")
-    assert document.marks[("a",)].text == "one two"
+    assert document.marks[("a",)] == Mark(1, 4, "one two")
 
 
 def test_load_yaml_returns_a_yaml_document():

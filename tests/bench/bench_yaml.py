@@ -166,8 +166,8 @@ def main(argv=None):
         def pyyaml_c(text):
             return yaml.load(text, Loader=yaml.CSafeLoader)
         compiled = best_time(pyyaml_c, texts, args.repeat, args.rounds)
-        print("  (for information: yaml.CSafeLoader, libyaml in C: %.2f ms, ratio %.1fx)"
-              % (compiled * 1000, compiled / ours))
+        print("  (for information: yaml.CSafeLoader, libyaml in C: %.2f ms per corpus pass, "
+              "ratio CSafeLoader / parse_yaml %.1fx)" % (compiled * 1000, compiled / ours))
     return 0
 
 

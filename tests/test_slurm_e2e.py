@@ -381,3 +381,36 @@ services:
     assert (state["status"], state["exit_code"]) == ("failed", 1)
     assert job.service("app")["launches"] == 0
     assert "setup runs on %s" % slurm.node in job.batch_log()
+
+
+def test_readiness_timeout_under_restart_on_failure_relaunches_then_fails(slurm, slurm_jobs,
+                                                                        tmp_path):
+    job = submit(tmp_path, slurm_jobs, HEAD + """\
+  slowready:
+    command: echo started; exec sleep 300
+    readiness: {type: log, pattern: never printed, timeout_seconds: 2}
+    x-slurm:
+      failure_policy: {mode: restart_on_failure, max_restarts: 1, backoff_seconds: 1}
+""")
+
+    assert wait_for_job(job.id, timeout=60) == "FAILED"
+    service = job.service("slowready")
+    assert (service["launches"], service["restarts"]) == (2, 1)
+    assert service["readiness"] == {"type": "log", "status": "timeout"}
+    assert job.log("slowready").count(MARKER) == 1
+    assert job.state()["exit_code"] == 124
+
+
+def test_a_service_ignoring_sigterm_is_killed_after_the_grace_period(slurm, slurm_jobs, tmp_path):
+    job = submit(tmp_path, slurm_jobs, HEAD + """\
+  stubborn:
+    command: trap 'echo ignoring TERM' TERM; while :; do sleep 0.1; done
+  bad:
+    command: sleep 1; exit 2
+""")
+
+    assert wait_for_job(job.id, timeout=60) == "FAILED"
+    assert "service 'stubborn' did not stop within 10 s: SIGKILL" in job.batch_log()
+    assert "ignoring TERM" in job.log("stubborn")
+    assert job.service("stubborn")["status"] == "stopped"
+    assert job.state()["exit_code"] == 2

@@ -54,7 +54,8 @@ __all__ = [
     "build_plan", "Plan", "ServicePlan", "ImageRef", "Execution", "Mount", "Dependency", "Placement",
     # images and preflight
     "build_runtime_plan", "prepare_images", "RuntimePlan", "ServiceImage", "Artifact",
-    "run_preflight", "PreflightReport", "Finding",
+    "PrepareOptions", "PrepareResult", "enroot_uri", "list_cache", "inspect_cache", "prune_cache",
+    "run_preflight", "PreflightOptions", "PreflightReport", "Finding",
     # render
     "render_script", "shell_quote",
     # CLI
@@ -223,7 +224,11 @@ class FileLock(object):
     def __enter__(self):
         import fcntl
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        self.handle = open(self.path, "a")
+        try:
+            self.handle = open(self.path, "a")
+        except PermissionError:
+            # flock needs no write access: another user's lock file in a group-shared cache still works.
+            self.handle = open(self.path, "r")
         fcntl.flock(self.handle.fileno(), fcntl.LOCK_EX)
         return self
 

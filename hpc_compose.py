@@ -479,6 +479,31 @@ def _is_core_float(body):
     return True
 
 
+def _join_block_scalar(groups, folded, chomping, trailing_blank_lines, final_break):
+    """The value of a block scalar from its content lines ``groups`` ((blank lines before,
+    text) pairs), with YAML's folding (`>`) and chomping (`-` strip, `+` keep, None clip)."""
+    if not groups:
+        return "\n" * trailing_blank_lines if chomping == "+" else ""
+    chunks = []
+    previous = None
+    for blank_lines, text in groups:
+        if previous is None:
+            if blank_lines:
+                chunks.append("\n" * blank_lines)
+        elif folded and previous[:1] not in (" ", "\t") and text[:1] not in (" ", "\t"):
+            # Folding: a single line break between two normal lines becomes a space.
+            chunks.append("\n" * blank_lines if blank_lines else " ")
+        else:
+            chunks.append("\n" * (blank_lines + 1))
+        chunks.append(text)
+        previous = text
+    if chomping != "-" and final_break:
+        chunks.append("\n")
+        if chomping == "+":
+            chunks.append("\n" * trailing_blank_lines)
+    return "".join(chunks)
+
+
 def _copy_yaml_node(value):
     """A deep copy of a parsed collection (alias targets are copied, never shared)."""
     if type(value) is dict:
@@ -1112,9 +1137,22 @@ class _YamlReader(object):
 
     def parse_block_scalar(self, row, col, parent_indent, path):
         """`|` (literal) or `>` (folded) with optional chomping and indentation indicators."""
-        lines = self.lines
-        line = lines[row]
-        folded = line[col] == ">"
+        folded = self.lines[row][col] == ">"
+        chomping, increment = self.read_block_scalar_header(row, col)
+        self.mark(path, row, col)
+        if increment is not None:
+            indent = max(parent_indent, 0) + increment
+        else:
+            indent = self.detect_block_indent(row + 1, parent_indent)
+        next_row, groups, trailing_blank_lines, final_break = self.collect_block_lines(row + 1,
+                                                                                      indent)
+        return next_row, _join_block_scalar(groups, folded, chomping, trailing_blank_lines,
+                                            final_break)
+
+    def read_block_scalar_header(self, row, col):
+        """The chomping ('-', '+' or None) and indentation indicator (1-9 or None) after the
+        `|` or `>` at (row, col); only a comment may follow them."""
+        line = self.lines[row]
         chomping = None
         increment = None
         cursor = col + 1
@@ -1135,67 +1173,49 @@ class _YamlReader(object):
             raise self.error("expected a chomping indicator (+ or -), an indentation indicator "
                              "(1-9), a comment or the end of the line after %r, found %s"
                              % (line[col], _describe_character(line[end])), row, end)
-        self.mark(path, row, col)
-        base = parent_indent if parent_indent > 0 else 0
+        return chomping, increment
+
+    def detect_block_indent(self, row, parent_indent):
+        """The content indentation of a block scalar without an indentation indicator: that of
+        its first non-blank line (and at least one more than the parent)."""
+        lines = self.lines
+        indent = 0
+        while row < self.count:
+            text = lines[row]
+            stripped = text.lstrip(" ")
+            if stripped:
+                indent = max(indent, len(text) - len(stripped))
+                break
+            indent = max(indent, len(text))
+            row += 1
+        return max(indent, parent_indent + 1, 1 if parent_indent >= 0 else 0)
+
+    def collect_block_lines(self, row, indent):
+        """The lines of a block scalar from ``row``: (next row, [(blank lines before, text)],
+        trailing blank lines, whether its last content line ends with a line break)."""
+        lines = self.lines
         count = self.count
-        next_row = row + 1
-        leading = []
-        if increment is not None:
-            indent = base + increment
-        else:
-            # The first non-blank line sets the indentation (at least one more than the parent).
-            indent = 0
-            scan = next_row
-            while scan < count:
-                text = lines[scan]
-                stripped = text.lstrip(" ")
-                if stripped:
-                    indent = max(indent, len(text) - len(stripped))
-                    break
-                indent = max(indent, len(text))
-                scan += 1
-            indent = max(indent, parent_indent + 1, 1 if parent_indent >= 0 else 0)
-        # Collect (blank lines before, content) for each content line.
         groups = []
         blank_lines = 0
         last_content_row = -1
-        while next_row < count:
-            text = lines[next_row]
+        while row < count:
+            text = lines[row]
             if len(text) > indent and text[:indent].strip(" ") == "":
                 if indent == 0 and (text[:3] == "---" or text[:3] == "...") and (
                         len(text) == 3 or text[3] in _SPACE_TAB):
                     break
                 groups.append((blank_lines, text[indent:]))
                 blank_lines = 0
-                last_content_row = next_row
+                last_content_row = row
             elif text.strip(" ") == "":
                 # A whitespace-only last line without a line break is not an empty line.
-                if next_row < count - 1 or self.final_break:
+                if row < count - 1 or self.final_break:
                     blank_lines += 1
             else:
                 break
-            next_row += 1
-        if not groups:
-            value = "\n" * blank_lines if chomping == "+" else ""
-            return next_row, value
-        chunks = []
-        previous = None
-        for blanks, text in groups:
-            if previous is None:
-                if blanks:
-                    chunks.append("\n" * blanks)
-            elif folded and previous[:1] not in (" ", "\t") and text[:1] not in (" ", "\t"):
-                chunks.append("\n" * blanks if blanks else " ")
-            else:
-                chunks.append("\n" * (blanks + 1))
-            chunks.append(text)
-            previous = text
-        has_break = last_content_row < count - 1 or self.final_break
-        if chomping != "-" and has_break:
-            chunks.append("\n")
-            if chomping == "+":
-                chunks.append("\n" * blank_lines)
-        return next_row, "".join(chunks)
+            row += 1
+        final_break = last_content_row < count - 1 or self.final_break
+        return row, groups, blank_lines, final_break
 
     # -- quoted scalars -----------------------------------------------------------------------
 

@@ -303,6 +303,22 @@ def test_block_scalar_with_leading_blank_lines():
     assert parse_yaml("a: |\n\n  x\n") == {"a": "\nx\n"}
 
 
+def test_folded_block_scalar_with_bullets_and_final_empty_lines():
+    text = (">\n\n folded\n line\n\n next\n line\n   * bullet\n\n   * list\n   * lines\n\n"
+            " last\n line\n\n# Comment\n")
+    assert parse_yaml(text) == ("\nfolded line\nnext line\n  * bullet\n\n  * list\n  * lines\n"
+                                "\nlast line\n")
+
+
+def test_keep_chomping_keeps_whitespace_only_lines_beyond_the_indentation():
+    assert parse_yaml("--- |+\n ab\n \n  \n...\n") == "ab\n\n \n"
+
+
+def test_block_scalar_indentation_detected_past_blank_lines():
+    text = "- |\n detected\n- >\n \n  \n  # detected\n- |1\n  explicit\n"
+    assert parse_yaml(text) == ["detected\n", "\n\n# detected\n", " explicit\n"]
+
+
 def test_bad_block_scalar_header_is_refused():
     error = yaml_error("a: |x\n  y\n")
     assert position(error) == (1, 5)

@@ -2900,7 +2900,8 @@ def _probe_readiness(argv):
         raise _Invalid("healthcheck test has no command", hint=_PROBE_HINT)
     program = argv[0].rsplit("/", 1)[-1]
     args = argv[1:]
-    if program in ("nc", "ncat", "netcat") and "-z" in args:
+    zero_io = any(a.startswith("-") and not a.startswith("--") and "z" in a[1:] for a in args)
+    if program in ("nc", "ncat", "netcat") and zero_io:
         positional = []
         skip = False
         for arg in args:

@@ -222,6 +222,20 @@ def test_healthcheck_cmd_shell_nc_becomes_tcp(hc, project):
                                                        timeout_seconds=60)
 
 
+def test_healthcheck_nc_with_combined_flags(hc, project):
+    spec = load(hc, project, "services:\n  app:\n    image: x\n    healthcheck:\n"
+                             "      test: [\"CMD-SHELL\", \"nc -zv 127.0.0.1 6379\"]\n")
+    assert service(spec).readiness.port == 6379
+
+
+def test_values_reached_through_aliases_keep_source_text(hc, project):
+    spec = load(hc, project, "x-env: &env\n  VERSION: 1.10\n  FLAG: true\nx-svc: &svc\n"
+                             "  image: x\n  command: [sleep, 1.50]\nservices:\n  app:\n"
+                             "    <<: *svc\n    environment: *env\n")
+    assert service(spec).environment == (("VERSION", "1.10"), ("FLAG", "true"))
+    assert service(spec).command == ("sleep", "1.50")
+
+
 def test_healthcheck_curl_becomes_http(hc, project):
     spec = load(hc, project, "services:\n  app:\n    image: x\n    healthcheck:\n"
                              "      test: [\"CMD-SHELL\", \"curl -fsS http://127.0.0.1:8000/health"

@@ -286,7 +286,7 @@ def warn(message):
 #   load_yaml(text, filename=None) -> YamlDocument(data, marks, key_marks)
 #   marks: dict mapping a path tuple (mapping keys as str, sequence indexes as int; () is the root)
 #          to Mark(line, column, text): 1-based position of that node's value, and for plain
-#          scalars the exact source text (so `1.10` and `true` can be kept as written); None otherwise.
+#          scalars the exact source text (so `1.10` and `true` can be kept as written), else None.
 #   key_marks: marks for the KEY token of each mapping entry, keyed by the entry's path tuple
 #          (so an "unknown key" error can point at the key itself).
 #   Errors raise YamlError(message, file, line, column).
@@ -844,7 +844,8 @@ class _YamlReader(object):
             col + 1 == len(line) or line[col + 1] in _SPACE_TAB)
 
     def find_key_colon(self, line, col):
-        """Index of the `: ` that ends a plain key starting at ``col``, or -1 (none before a comment)."""
+        """Index of the `: ` ending a plain key that starts at ``col``, or -1 (none before a
+        comment)."""
         limit = self.find_comment(line, col)
         index = line.find(":", col, limit)
         while index >= 0:
@@ -1023,7 +1024,8 @@ class _YamlReader(object):
                     end_col + 1 == len(line) or line[end_col + 1] in _SPACE_TAB):
                 return key, None, end_col + 1
             raise self.error("expected ':' after the mapping key %s, found %s"
-                             % (line[col:end_col].rstrip(), _describe_character(line[end_col:end_col + 1])),
+                             % (line[col:end_col].rstrip(),
+                                _describe_character(line[end_col:end_col + 1])),
                              row, end_col)
         following = line[col + 1:col + 2]
         if char == "-" and (following == "" or following in _SPACE_TAB):
@@ -1950,9 +1952,14 @@ _UNSUPPORTED_TOP_LEVEL_KEYS = {
 }
 
 
+_ALNUM = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
+_SERVICE_NAME_CHARS = _ALNUM | frozenset("_.-")
+_BUNDLE_NAME_CHARS = _ALNUM | frozenset("_-")
+
+
 def _is_service_name(name):
-    import re
-    return bool(re.match(r"\A[A-Za-z0-9][A-Za-z0-9_.-]*\Z", name))
+    """Compose's charset: ``^[A-Za-z0-9][A-Za-z0-9_.-]*$``."""
+    return bool(name) and name[0] in _ALNUM and _SERVICE_NAME_CHARS.issuperset(name)
 
 
 def _is_env_name(name):
@@ -2486,8 +2493,8 @@ class _SpecLoader(object):
         raw_bundles = self.mapping(path + ("bundles",), raw.get("bundles"))
         for bundle, body in raw_bundles.items():
             bundle_path = path + ("bundles", bundle)
-            import re
-            if not isinstance(bundle, str) or not re.match(r"\A[A-Za-z0-9_-]+\Z", bundle):
+            if not isinstance(bundle, str) or not bundle or \
+                    not _BUNDLE_NAME_CHARS.issuperset(bundle):
                 raise self.error(bundle_path, "bundle name %r must match [A-Za-z0-9_-]+"
                                  % (bundle,), at_key=True)
             if bundle == "default":

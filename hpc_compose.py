@@ -1432,11 +1432,11 @@ class _YamlReader(object):
         if type(key) is dict or type(key) is list:
             raise self.error("a flow collection as a mapping key (a complex key) is not "
                              "supported", key_row, key_col, hint="use a plain or quoted key")
-        old_mark = self.marks.get(item_path)
-        text = old_mark.text if old_mark is not None and old_mark.text is not None else key
+        key_mark = self.marks.get(item_path)   # the key was parsed as the item itself
+        text = key_mark.text if key_mark is not None else None
         self.mark(item_path, key_row, key_col)
         key_path = item_path + (_yaml_path_key(key),)
-        self.key_marks[key_path] = Mark(key_row + 1, key_col + 1, text)
+        self.key_marks[key_path] = _new_mark(Mark, (key_row + 1, key_col + 1, text))
         row, col = self.skip_flow_space(row, col + 1, open_row, open_col)
         char = self.lines[row][col]
         if char == "," or char == "]":
@@ -6364,7 +6364,12 @@ def squeue_state(job_id, squeue_bin="squeue"):
     """The job's state while Slurm still lists it in the queue, else ``None`` (one squeue call)."""
     result = run_command([squeue_bin, "-h", "-j", str(job_id), "-o", "%T|%r|%S"], timeout=60)
     if result.returncode != 0:
-        return None
+        # A job purged from slurmctld's memory is "Invalid job id"; anything else (controller
+        # down, timeouts) says nothing about the job and must not be read as "it left".
+        if "invalid job id" in (result.stderr or "").lower():
+            return None
+        raise ToolError("squeue failed: %s" % ((result.stderr or result.stdout).strip()
+                                               or "exit %d" % result.returncode))
     for line in result.stdout.splitlines():
         if line.strip():
             parts = (line.split("|") + ["", "", ""])[:3]
@@ -6616,7 +6621,12 @@ class SchedulerPoller(object):
         state = None
         if not self.left_queue:
             self.calls += 1
-            state = squeue_state(self.job_id, self.squeue_bin)
+            try:
+                state = squeue_state(self.job_id, self.squeue_bin)
+            except ToolError:
+                if find_executable(self.squeue_bin) is None:
+                    raise
+                return self._skip()  # a transient controller problem: keep the last state
             if state is not None:
                 self.seen_in_queue = True
             elif self.seen_in_queue:
@@ -6641,6 +6651,11 @@ class SchedulerPoller(object):
         self.interval = self.first if changed else min(self.interval * 2, self.cap)
         self.next_at = now + self.interval
         return state, changed
+
+    def _skip(self):
+        self.interval = min(self.interval * 2, self.cap)
+        self.next_at = self.clock() + self.interval
+        return self.state, False
 
     def hurry(self):
         """Query soon and keep the interval short (the job is known to be ending)."""
@@ -6734,6 +6749,9 @@ def follow_logs(record, sources, squeue_bin="squeue", sacct_bin="sacct", out=Non
     poller = SchedulerPoller(record["job_id"], squeue_bin, sacct_bin, clock=clock,
                              first=5.0, cap=WATCH_POLL_MAX)
     poller.next_at += poller.first
+    runtime = read_runtime_state(record["job_dir"])
+    if runtime and runtime.get("status") in FINAL_RUNTIME_STATUSES:
+        poller.hurry()  # the job looks finished already: confirm it at once
     scheduler_ok = True
     while True:
         for name, line in follower.poll():

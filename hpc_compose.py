@@ -2956,8 +2956,8 @@ def _scalar_text(value):
 ##############################################################################
 # Planner: spec -> deterministic normalized plan
 ##############################################################################
-# OWNER: spec helper. build_plan(spec, environ=None) -> Plan. Pure apart from reading the
-# environment for $HOME; no file system checks (those are preflight's).
+# OWNER: spec helper. build_plan(spec, environ=None) -> Plan. Pure apart from reading $HOME from
+# the environment and resolving symlinks of cache_dir; existence checks are preflight's.
 
 
 class ImageRef(NamedTuple):
@@ -3053,7 +3053,7 @@ def service_token(name):
 
 
 _TOKEN_SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
-_HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
+_HEX_DIGITS = frozenset("0123456789abcdef")   # groups are written in lower-case hex
 
 
 def _starts_group(data, index):

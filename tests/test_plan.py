@@ -334,6 +334,7 @@ def test_plan_to_dict_is_json_ready(hc, project):
     ("a_x2e", "a_x2e"),
     ("a_x2e.", "a_x5f_x2e_x2e_"),
     ("a_xzz_b", "a_xzz_b"),
+    ("a_xAB_b", "a_xAB_b"),
     ("v1.2.3", "v1_x2e_2_x2e_3"),
     ("caf\u00e9", "caf_xc3__xa9_"),
 ])
@@ -358,7 +359,7 @@ def decode_token(token):
 
 def test_service_tokens_decode_back_to_the_name(hc):
     names = ["my.app", "my_x2e_app", "my_x2e.app", "_x2e_", "_x2e", "x_x5f_", "a.b_c.d", "__",
-             "_x41__x42_", "a_x2e_.b", "1.0", "a-b.c_d"]
+             "_x41__x42_", "a_x2e_.b", "1.0", "a-b.c_d", "_xAB_.", "_xab_"]
     for name in names:
         token = hc.service_token(name)
         assert decode_token(token) == name, (name, token)

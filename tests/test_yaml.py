@@ -515,6 +515,27 @@ def test_explicit_key_keeps_its_own_mark_over_a_merged_one():
     assert document.marks[("m", "x")] == Mark(4, 6, "2")
 
 
+def test_aliased_mapping_keeps_what_it_merged():
+    text = ("base: &base {image: x, env: {A: 1}}\n"
+            "svc: &svc\n  <<: *base\n  command: run\n"
+            "copy: *svc\n")
+    document = load_yaml(text)
+    assert document.data["copy"] == {"image": "x", "env": {"A": 1}, "command": "run"}
+    assert document.marks[("copy", "image")] == Mark(1, 21, "x")
+    assert document.marks[("copy", "command")] == Mark(4, 12, "run")
+
+
+def test_merge_list_with_a_scalar_is_refused():
+    error = yaml_error("a: &a {x: 1}\nb:\n  <<: [*a, 2]\n")
+    assert position(error) == (3, 3)
+
+
+def test_alias_inside_flow_collections():
+    document = load_yaml("v: &v 1.10\nl: [*v, {k: *v}]\n")
+    assert document.data["l"] == [1.1, {"k": 1.1}]
+    assert document.marks[("l", 1, "k")].text == "1.10"
+
+
 def test_undefined_alias_is_refused_at_the_alias():
     error = yaml_error("a: 1\nb: *nope\n")
     assert position(error) == (2, 4)
@@ -603,6 +624,15 @@ def test_dashes_not_followed_by_space_are_plain_text():
 
 def test_crlf_line_endings():
     assert parse_yaml("a: 1\r\nb: |\r\n  x\r\n  y\r\n") == {"a": 1, "b": "x\ny\n"}
+
+
+def test_old_mac_line_endings():
+    assert parse_yaml("a: 1\rb: [x,\r  y]\r") == {"a": 1, "b": ["x", "y"]}
+
+
+def test_line_numbers_count_crlf_lines_once():
+    error = yaml_error("a: 1\r\nb: 2\r\nb: 3\r\n")
+    assert position(error) == (3, 1)
 
 
 def test_utf8_bom_is_ignored():

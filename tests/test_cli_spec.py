@@ -291,3 +291,26 @@ def test_inspect_json_carries_image_reports(cli, stack):
     data = json.loads(cli(["inspect", "--json"], cwd=str(stack.root)).out)
     assert [entry["service"] for entry in data["images"]] == ["redis", "app"]
     assert data["images"][0]["expectation"] == "miss"
+
+
+def shipped_examples():
+    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+    return sorted(os.path.join(folder, name) for name in os.listdir(folder)
+                  if name.endswith(".yaml"))
+
+
+def test_config_of_every_shipped_example_loads_back_to_the_same_spec(cli, hc, tmp_path):
+    environ = {"USER": "tester", "HOME": "/home/tester"}
+    examples = shipped_examples()
+    assert examples
+    for example in examples:
+        result = cli(["config", "-f", example], env=environ)
+        assert result.code == 0, (example, result)
+        copy = tmp_path / os.path.basename(example)
+        copy.write_text(result.out)
+        original = hc.load_spec(example, environ=environ)
+        again = hc.load_spec(str(copy), environ=environ)
+        assert [s._replace(line=None) for s in again.services] == \
+            [s._replace(line=None) for s in original.services], example
+        assert again.slurm == original.slurm, example
+        assert (again.name, again.version) == (original.name, original.version)

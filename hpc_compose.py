@@ -2454,7 +2454,13 @@ class _SpecLoader(object):
         values["submit_args"] = self.string_list(path + ("submit_args",), raw.get("submit_args"))
         if raw.get("runtime") is not None:
             values["runtime"] = self.choice(path + ("runtime",), raw["runtime"], RUNTIMES)
+        self.check_gpus(path, values)
         return SlurmSpec(**values)
+
+    def check_gpus(self, path, values):
+        if values.get("gres") is not None and values.get("gpus") is not None:
+            self.warnings.append("%s: gpus is ignored because gres is set at the same level"
+                                 % self.where(path + ("gpus",)))
 
     def metrics(self, path, raw):
         raw = self.mapping(path, raw)
@@ -2674,6 +2680,7 @@ class _SpecLoader(object):
                                                        raw.get("failure_policy"))
         if raw.get("runtime") is not None:
             values["runtime"] = self.choice(path + ("runtime",), raw["runtime"], RUNTIMES)
+        self.check_gpus(path, values)
         return ServiceSlurmSpec(**values)
 
     def failure_policy(self, path, raw):

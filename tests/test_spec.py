@@ -400,6 +400,15 @@ def test_top_level_x_enroot_warns_it_belongs_under_a_service(hc, project):
     assert "belongs under a service" in spec.warnings[0]
 
 
+def test_gpus_next_to_gres_warns_that_it_is_ignored(hc, project):
+    spec = load(hc, project, "x-slurm:\n  gres: gpu:2\n  gpus: 2\nservices:\n  app:\n"
+                             "    image: x\n    x-slurm:\n      gres: gpu:1\n      gpus: 1\n")
+    assert len(spec.warnings) == 2
+    assert "x-slurm.gpus" in spec.warnings[0] and ":3:" in spec.warnings[0]
+    assert "services.app.x-slurm.gpus" in spec.warnings[1]
+    assert all("ignored because gres is set" in w for w in spec.warnings)
+
+
 def test_service_line_is_recorded(hc, project):
     spec = load(hc, project, "services:\n  a:\n    image: x\n  b:\n    image: x\n")
     assert [s.line for s in spec.services] == [2, 4]

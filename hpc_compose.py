@@ -1299,7 +1299,8 @@ class _YamlReader(object):
                 raise self.error("expected %d hexadecimal digits after '\\%s'" % (size, char),
                                  row, col)
             code = int(digits, 16)
-            if code > 0x10FFFF:
+            # Lone surrogates would fail later, when a script or a JSON file is written.
+            if code > 0x10FFFF or 0xD800 <= code <= 0xDFFF:
                 raise self.error("'\\%s%s' is not a valid Unicode code point" % (char, digits),
                                  row, col)
             return chr(code), col + 2 + size
@@ -4918,7 +4919,7 @@ JOB_STATUS=running JOB_EXIT=null JOB_REASON='' FINISHING=0 STATE_CHANGED=1
 for ((i = 0; i < SERVICE_COUNT; i++)); do
     STATUS[i]=waiting PID[i]='' LAUNCHES[i]=0 RESTARTS[i]=0 LAST_EXIT[i]=null
     READY_STATE[i]='' LAUNCH_MS[i]=0 DUE_MS[i]=0 KILL_MS[i]=0 PROBE_PID[i]='' PROBE_MS[i]=0
-    LOG_OFFSET[i]=0 STARTED_AT[i]='' FINISHED_AT[i]=''
+    LOG_OFFSET[i]=0 STARTED_AT[i]='' FINISHED_AT[i]='' HARD_KILLED[i]=0
     [[ ${READINESS[i]} == none ]] || READY_STATE[i]=pending
 done
 
@@ -5020,7 +5021,7 @@ launch() {
     : >>"$log"
     LOG_OFFSET[i]=$(stat -c %s -- "$log" 2>/dev/null || echo 0)
     "run_service_$i" >>"$log" 2>&1 </dev/null &
-    PID[i]=$!
+    PID[i]=$! HARD_KILLED[i]=0
     LAUNCHES[i]=$((LAUNCHES[i] + 1))
     LAUNCH_MS[i]=$NOW_MS STARTED_AT[i]=$NOW_ISO FINISHED_AT[i]='' LAST_EXIT[i]=null
     if [[ ${READINESS[i]} == none ]]; then
@@ -5171,7 +5172,10 @@ watch_restart() {  # a service between two launches: being stopped, or in its ba
     local i=$1 code=0
     if [[ -n ${PID[i]} ]]; then
         if kill -0 "${PID[i]}" 2>/dev/null; then
-            if (( NOW_MS >= KILL_MS[i] )); then kill_service_hard "$i"; fi
+            if (( NOW_MS >= KILL_MS[i] )); then
+                kill_service_hard "$i"
+                KILL_MS[i]=$((NOW_MS + 3000))
+            fi
             return
         fi
         wait "${PID[i]}" 2>/dev/null || code=$?
@@ -5202,11 +5206,13 @@ signal_steps() {
     scancel --quiet --signal="$signal" "${steps[@]}" 2>/dev/null
 }
 
-# SIGKILL for srun and, since a killed srun can leave its step behind, for the step itself.
+# SIGKILL for the service's step, which makes its srun exit; for srun itself when that was not
+# possible or did not help (a killed srun can leave its step running until the job ends).
 kill_service_hard() {
-    kill -KILL "${PID[$1]}" 2>/dev/null
-    signal_steps KILL "$1"
-    return 0
+    if (( HARD_KILLED[$1] )) || ! signal_steps KILL "$1"; then
+        kill -KILL "${PID[$1]}" 2>/dev/null
+    fi
+    HARD_KILLED[$1]=1
 }
 
 check_job_end() {  # the job ends when every service marked ENDS_JOB has exited for good
@@ -5228,7 +5234,7 @@ fail_job() {  # fail_job CODE REASON
 
 # Teardown: SIGTERM to every live service, a grace period, SIGKILL; then artifacts, final state, exit.
 finish() {
-    local status=$1 code=$2 reason=$3 i alive deadline outcome=failure live=()
+    local status=$1 code=$2 reason=$3 i alive deadline killed=0 outcome=failure live=()
     (( FINISHING )) && return 0
     FINISHING=1
     trap '' TERM INT HUP
@@ -5257,19 +5263,22 @@ finish() {
         (( alive )) || break
         clock
         if (( NOW_MS >= deadline )); then
+            (( killed )) && break
+            killed=1 deadline=$((NOW_MS + 3000))
             for ((i = 0; i < SERVICE_COUNT; i++)); do
                 if [[ -n ${PID[i]} ]] && kill -0 "${PID[i]}" 2>/dev/null; then
                     say "service '${NAME[i]}' did not stop within ${STOP_GRACE_SECONDS} s: SIGKILL"
                     kill_service_hard "$i"
                 fi
             done
-            break
         fi
         read -r -t "$TICK" -u "$SLEEP_FD" _ 2>/dev/null
     done
     clock
     for ((i = 0; i < SERVICE_COUNT; i++)); do
         if [[ -n ${PID[i]} ]]; then
+            # Whatever still lives now would block the wait below: srun goes, its step ends with the job.
+            kill -0 "${PID[i]}" 2>/dev/null && kill -KILL "${PID[i]}" 2>/dev/null
             code=0
             wait "${PID[i]}" 2>/dev/null || code=$?
             PID[i]='' LAST_EXIT[i]=$code FINISHED_AT[i]=$NOW_ISO

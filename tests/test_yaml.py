@@ -199,6 +199,12 @@ def test_double_quoted_hex_and_unicode_escapes():
     assert parse_yaml(r'a: "\x41\u00e9\U0001F600"') == {"a": "A\u00e9\U0001F600"}
 
 
+def test_surrogate_escape_is_refused():
+    error = yaml_error('a: "\\ud800"')
+    assert position(error) == (1, 5)
+    assert "not a valid Unicode code point" in error.message
+
+
 def test_double_quoted_string_folds_line_breaks_and_trims_lines():
     assert parse_yaml('a: "one   \n     two\n\n  three"') == {"a": "one two\nthree"}
 

@@ -289,7 +289,7 @@ def warn(message):
 #          scalars the exact source text (so `1.10` and `true` can be kept as written), else None.
 #   key_marks: marks for the KEY token of each mapping entry, keyed by the entry's path tuple
 #          (so an "unknown key" error can point at the key itself).
-#   Errors raise YamlError(message, file, line, column).
+#   Errors raise YamlError(message, file, line, column, hint). ``text`` may be str or UTF-8 bytes.
 #
 # The subset (docs/yaml-subset.md): one document of block and flow collections, plain / quoted /
 # block scalars, comments, anchors, aliases and merge keys, resolved with the YAML 1.2 core schema

@@ -341,6 +341,31 @@ def test_poller_asks_sacct_only_after_the_job_left_the_queue(hc, monkeypatch):
     assert asked == ["squeue", "squeue", "sacct"]
 
 
+def test_poller_keeps_its_state_through_a_transient_squeue_failure(hc, monkeypatch):
+    answers = [hc.SchedulerState("RUNNING", "squeue"), hc.ToolError("squeue failed: timeout"),
+               hc.SchedulerState("RUNNING", "squeue")]
+
+    def flaky_squeue(job_id, squeue_bin):
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    monkeypatch.setattr(hc, "squeue_state", flaky_squeue)
+    monkeypatch.setattr(hc, "sacct_state", lambda job_id, sacct_bin: pytest.fail("sacct asked"))
+    poller = hc.SchedulerPoller("1", squeue_bin=shutil.which("true"), clock=lambda: 0.0)
+    assert poller.poll() == (hc.SchedulerState("RUNNING", "squeue"), True)
+    assert poller.poll() == (hc.SchedulerState("RUNNING", "squeue"), False)
+    assert not poller.left_queue
+    assert poller.poll()[0].state == "RUNNING"
+
+
+def test_poller_without_squeue_binary_raises(hc):
+    poller = hc.SchedulerPoller("1", squeue_bin="/nonexistent/squeue", clock=lambda: 0.0)
+    with pytest.raises(hc.ToolError):
+        poller.poll()
+
+
 # --- clean --------------------------------------------------------------------------------------
 
 def _tracked(tmp_path, job_id, age_days, status=None):

@@ -1644,7 +1644,7 @@ def interpolate(value, variables, path=None, file=None, line=None, column=None,
     manual's rule for ``image``). ``keep``: names left exactly as written (``SLURM_JOB_ID`` in
     ``artifacts.export_dir`` is expanded later, from tracked metadata).
     """
-    if "$" not in value:
+    if not isinstance(value, str) or "$" not in value:
         return value
     where = {"path": path, "file": file, "line": line, "column": column}
     return _Interpolation(value, variables, where, unset_is_empty, keep).expand()

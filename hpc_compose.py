@@ -6266,6 +6266,8 @@ def build_job_record(runtime_plan, job_id, cluster=None, script_path=None, submi
         "job_name": plan.job_name,
         "job_dir": directory,
         "batch_log": batch_log_path(project_dir, job_id, plan.job_name, slurm.output, slurm.chdir),
+        "batch_error_log": (batch_log_path(project_dir, job_id, plan.job_name, slurm.error,
+                                           slurm.chdir) if slurm.error else None),
         "services": services,
         "metrics_enabled": bool(slurm.metrics is not None and slurm.metrics.enabled),
         "artifact_export_dir": artifacts.export_dir if artifacts is not None else None,
@@ -6830,6 +6832,8 @@ def job_status(record, squeue_bin="squeue", sacct_bin="sacct"):
         "batch_log": _file_facts(record.get("batch_log")
                                  or batch_log_path(record["project_dir"], record["job_id"],
                                                    "hpc-compose")),
+        "batch_error_log": (_file_facts(record["batch_error_log"])
+                            if record.get("batch_error_log") else None),
         "services": services,
         "resume_dir": record.get("resume_dir"),
     }
@@ -6871,6 +6875,10 @@ def format_status_text(status):
     batch = status["batch_log"]
     lines.append("  batch log:  %s (%s)" % (batch["path"], "updated " + _age(batch["updated_age_seconds"])
                                            if batch["present"] else "not written yet"))
+    errors = status.get("batch_error_log")
+    if errors:
+        lines.append("  batch err:  %s (%s)" % (errors["path"], "updated " + _age(
+            errors["updated_age_seconds"]) if errors["present"] else "not written yet"))
     for service in status["services"]:
         parts = ["  service %s: %s" % (service["name"], service["status"])]
         if service.get("failure_policy"):

@@ -52,6 +52,8 @@ __all__ = [
     "FailurePolicy", "PrepareSpec", "MetricsSpec", "ArtifactsSpec", "ResumeSpec",
     # planner
     "build_plan", "Plan", "ServicePlan", "ImageRef", "Execution", "Mount", "Dependency", "Placement",
+    "PreparePlan", "service_token", "plan_to_dict", "spec_to_dict", "resolve_host_path",
+    "normalize_image",
     # images and preflight
     "build_runtime_plan", "prepare_images", "RuntimePlan", "ServiceImage", "Artifact",
     "PrepareOptions", "PrepareResult", "enroot_uri", "list_cache", "inspect_cache", "prune_cache",

@@ -17,7 +17,12 @@ PYTHON ?= python3
 PYTHONS ?= $(wildcard $(HOME)/.pyenv/versions/*/bin/python) $(PYTHON)
 DIST ?= dist
 PYZ := $(DIST)/hpc-compose.pyz
-SOURCES := hpc_compose.py $(shell find examples -type f ! -path '*/__pycache__/*' ! -path '*/.hpc-compose/*' ! -name '*.pyc' 2>/dev/null | LC_ALL=C sort)
+# The tracked files of examples/ in a git checkout (so run output such as examples/slurm-*.out or
+# examples/hpc-compose.sbatch never ends up in a release); outside git, every file minus run output.
+EXAMPLE_FILES := $(shell git ls-files examples 2>/dev/null | grep . || find examples -type f \
+    ! -path '*/__pycache__/*' ! -path '*/.hpc-compose/*' ! -name '*.pyc' ! -name '*.sbatch' \
+    ! -name 'slurm-*.out' ! -path '*/results/*' 2>/dev/null)
+SOURCES := hpc_compose.py $(shell printf '%s\n' $(EXAMPLE_FILES) | LC_ALL=C sort)
 
 .PHONY: all clean
 all: $(PYZ)

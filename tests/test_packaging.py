@@ -67,10 +67,14 @@ def test_archive_holds_module_main_examples_and_bytecode(pyz):
     for root, _, files in os.walk(os.path.join(REPO, "examples")):
         for file_name in files:
             relative = os.path.relpath(os.path.join(root, file_name), REPO).replace(os.sep, "/")
-            if "__pycache__" not in relative and ".hpc-compose" not in relative:
+            run_output = (file_name.endswith((".sbatch", ".pyc")) or file_name.startswith("slurm-")
+                          or "/results/" in relative or "__pycache__" in relative
+                          or ".hpc-compose" in relative)
+            if not run_output:
                 assert relative in names
     assert any(name.startswith("hpc_compose.cpython-") and name.endswith(".pyc") for name in names)
     assert {info.date_time for info in infos} == {(1980, 1, 1, 0, 0, 0)}
+    assert not [name for name in names if name.endswith(".sbatch") or "/slurm-" in name]
 
 
 def test_archive_starts_with_a_python3_shebang_and_a_checksum_file(pyz):

@@ -6303,7 +6303,25 @@ def minimal_job_record(project_dir, job_id):
     }
 
 
-def load_job_record(project_dir, job_id=None):
+def _same_file(a, b):
+    return bool(a and b) and os.path.realpath(a) == os.path.realpath(b)
+
+
+def latest_job_record(project_dir, compose_file=None):
+    """The newest record of this directory, or of ``compose_file`` when several share it."""
+    latest = read_json(latest_record_path(project_dir))
+    if not isinstance(latest, dict) or not str(latest.get("job_id", "")).isdigit():
+        latest = None
+    if compose_file is None or latest is None or _same_file(latest.get("compose_file"),
+                                                            compose_file):
+        return latest
+    # Two compose files in one directory share .hpc-compose/: find this file's newest job.
+    mine = [r for r in list_job_records(project_dir) if _same_file(r.get("compose_file"),
+                                                                   compose_file)]
+    return mine[-1] if mine else None
+
+
+def load_job_record(project_dir, job_id=None, compose_file=None):
     """The tracked record of ``job_id`` (or of the latest submission); raises UsageError if none."""
     if job_id is not None:
         job_id = str(job_id).strip()
@@ -6313,9 +6331,12 @@ def load_job_record(project_dir, job_id=None):
         if not isinstance(record, dict):
             return minimal_job_record(project_dir, job_id)
     else:
-        record = read_json(latest_record_path(project_dir))
-        if not isinstance(record, dict) or not str(record.get("job_id", "")).isdigit():
-            raise UsageError("no tracked job in %s" % tracking_root(project_dir),
+        record = latest_job_record(project_dir, compose_file)
+        if record is None:
+            where = tracking_root(project_dir)
+            if compose_file:
+                where += " for %s" % os.path.basename(compose_file)
+            raise UsageError("no tracked job in %s" % where,
                              hint="submit one with 'hpc-compose submit', or pass --job-id ID")
     record.setdefault("project_dir", project_dir)
     record.setdefault("job_dir", job_directory(project_dir, record["job_id"]))
@@ -7258,26 +7279,32 @@ def _job_is_finished(job_dir, queue_states, queue_known):
     return queued is None or queued in TERMINAL_STATES
 
 
-def clean_jobs(project_dir, age_days=None, remove_all=False, squeue_bin="squeue", now=None):
+def clean_jobs(project_dir, age_days=None, remove_all=False, squeue_bin="squeue", now=None,
+               compose_file=None):
     """Remove old tracked jobs (record + job dir); never a running job, never the latest one.
 
+    With ``compose_file``, only that file's jobs (and job dirs no record claims) are candidates.
     Returns ``(removed ids, {kept id: why})``.
     """
     import shutil
     import time
     now = time.time() if now is None else now
     root = tracking_root(project_dir)
-    latest = read_json(latest_record_path(project_dir))
+    latest = latest_job_record(project_dir, compose_file)
     latest_id = str(latest.get("job_id")) if isinstance(latest, dict) else None
-    candidates = {}
+    candidates, claimed = {}, set()
     for record in list_job_records(project_dir):
+        claimed.add(str(record["job_id"]))
+        if compose_file and record.get("compose_file") and \
+                not _same_file(record["compose_file"], compose_file):
+            continue
         candidates[str(record["job_id"])] = record.get("submitted_at")
     try:
         names = os.listdir(root)
     except OSError:
         names = []
     for name in names:
-        if name.isdigit() and os.path.isdir(os.path.join(root, name)) and name not in candidates:
+        if name.isdigit() and os.path.isdir(os.path.join(root, name)) and name not in claimed:
             candidates[name] = os.path.getmtime(os.path.join(root, name))
     chosen, kept = [], {}
     for job_id, submitted_at in sorted(candidates.items(), key=lambda item: int(item[0])):
@@ -8438,8 +8465,9 @@ def _add_clean_parser(subparsers):
     add_format_argument(parser)
 
 
-def _project_dir(args):
-    return os.path.dirname(resolve_compose_file(args))
+def _job_record(args):
+    compose_file = resolve_compose_file(args)
+    return load_job_record(os.path.dirname(compose_file), args.job_id, compose_file)
 
 
 def _needs_images(plan):
@@ -8556,7 +8584,7 @@ def cmd_up(args):
 
 def cmd_status(args):
     """Scheduler state (squeue, then sacct), per-service state from state.json, log paths."""
-    record = load_job_record(_project_dir(args), args.job_id)
+    record = _job_record(args)
     status = job_status(record, args.squeue_bin, args.sacct_bin)
     if output_format(args) == "json":
         print_json(status)
@@ -8569,7 +8597,7 @@ def cmd_logs(args):
     """Print the last lines of every service log, prefixed; ``--follow`` keeps reading the files."""
     if args.tail < 0:
         raise UsageError("--tail must be 0 or more")
-    record = load_job_record(_project_dir(args), args.job_id)
+    record = _job_record(args)
     sources = record_log_sources(record, args.service)
     for name, path in sources:
         for line in tail_lines(path, args.tail):
@@ -8586,7 +8614,7 @@ def cmd_logs(args):
 
 def cmd_stats(args):
     """Metrics from the sampler files, else live sstat, as text, json, csv or jsonl."""
-    record = load_job_record(_project_dir(args), args.job_id)
+    record = _job_record(args)
     stats = collect_stats(record, args.sstat_bin, args.squeue_bin, args.sacct_bin)
     fmt = output_format(args)
     if fmt == "json":
@@ -8602,8 +8630,7 @@ def cmd_stats(args):
 
 def cmd_artifacts(args):
     """Export the collected payload into x-slurm.artifacts.export_dir (with provenance)."""
-    project_dir = _project_dir(args)
-    record = load_job_record(project_dir, args.job_id)
+    record = _job_record(args)
     template = None
     if not record.get("artifact_export_dir"):
         # An untracked job id: the compose file still says where exports go.
@@ -8636,7 +8663,7 @@ def cmd_artifacts(args):
 
 def cmd_cancel(args):
     """``scancel`` the tracked job; the batch script's teardown writes the final state."""
-    record = load_job_record(_project_dir(args), args.job_id)
+    record = _job_record(args)
     output = cancel_job(record["job_id"], args.scancel_bin)
     if output.strip():
         print(output.strip())
@@ -8648,7 +8675,9 @@ def cmd_clean(args):
     """Remove tracked jobs by age or all but the latest; running jobs are always kept."""
     if args.age is not None and args.age < 0:
         raise UsageError("--age must be 0 or more days")
-    removed, kept = clean_jobs(_project_dir(args), args.age, args.remove_all, args.squeue_bin)
+    compose_file = resolve_compose_file(args)
+    removed, kept = clean_jobs(os.path.dirname(compose_file), args.age, args.remove_all,
+                               args.squeue_bin, compose_file=compose_file)
     if output_format(args) == "json":
         print_json({"removed": removed, "kept": kept})
         return EXIT_OK

@@ -224,6 +224,16 @@ def test_no_tracked_job_is_a_usage_error(hc, cli, tmp_path):
     assert "no tracked job" in result.err and "--job-id" in result.err
 
 
+def test_latest_job_is_per_compose_file_when_two_share_a_directory(hc, tmp_path):
+    hc.record_job(str(tmp_path), make_record(tmp_path, 10, compose_file=str(tmp_path / "a.yaml")))
+    hc.record_job(str(tmp_path), make_record(tmp_path, 11, compose_file=str(tmp_path / "b.yaml")))
+    assert hc.load_job_record(str(tmp_path), compose_file=str(tmp_path / "a.yaml"))["job_id"] == "10"
+    assert hc.load_job_record(str(tmp_path), compose_file=str(tmp_path / "b.yaml"))["job_id"] == "11"
+    with pytest.raises(hc.UsageError) as info:
+        hc.load_job_record(str(tmp_path), compose_file=str(tmp_path / "c.yaml"))
+    assert "for c.yaml" in info.value.message
+
+
 def test_non_numeric_job_id_is_a_usage_error(hc, tmp_path):
     with pytest.raises(hc.UsageError):
         hc.load_job_record(str(tmp_path), "12; rm -rf /")
@@ -405,6 +415,21 @@ def test_clean_never_removes_a_job_it_cannot_prove_finished(hc, tmp_path):
     assert removed == []
     assert set(kept) == {"1", "2", "3"}
     assert os.path.isdir(running["job_dir"]) and os.path.isdir(unstarted["job_dir"])
+
+
+def test_clean_leaves_another_compose_files_jobs_alone(hc, cli, tmp_path):
+    for job_id, name in ((1, "a.yaml"), (2, "b.yaml"), (3, "a.yaml"), (4, "b.yaml")):
+        record = make_record(tmp_path, job_id, submitted_at=time.time() - 9 * 86400,
+                             compose_file=str(tmp_path / name))
+        hc.record_job(str(tmp_path), record)
+        write_state(record["job_dir"], "completed")
+    (tmp_path / "a.yaml").write_text("services: {}\n")
+    result = cli(["clean", "-f", str(tmp_path / "a.yaml"), "--all",
+                  "--squeue-bin", "/nonexistent/squeue"])
+    assert result.code == 0, result
+    assert "removed 1 tracked job(s): 1" in result.out
+    assert "kept job 3: latest tracked job" in result.out
+    assert os.path.isdir(os.path.join(str(tmp_path), ".hpc-compose", "2"))
 
 
 def test_clean_command_reports_what_it_removed(hc, cli, tmp_path):

@@ -6594,7 +6594,9 @@ class LogFollower(object):
         try:
             with open(path, "rb") as handle:
                 handle.seek(self.offsets[path])
-                data = handle.read(size - self.offsets[path])
+                # Bounded per poll so a log that explodes never balloons our memory; the rest
+                # is read on the next polls.
+                data = handle.read(min(size - self.offsets[path], 4 << 20))
         except OSError:
             return b""
         self.offsets[path] += len(data)

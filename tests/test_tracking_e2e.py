@@ -351,3 +351,24 @@ def test_ctrl_c_stops_watching_but_not_the_job(slurm, slurm_jobs, tmp_path):
     assert "[ticker] tick-1" in out.splitlines()
     # squeue, not sacct: slurmdbd may not have recorded the start yet.
     assert hpc_compose.squeue_state(record["job_id"]).state == "RUNNING"
+
+
+def test_status_of_a_pending_job_shows_the_reason_and_cancel_ends_it(slurm, slurm_jobs, tmp_path):
+    compose = tmp_path / "later.yaml"
+    compose.write_text(HOST_COMPOSE.format(name="later", services=FAILING_SERVICES).replace(
+        "  mem: 256M\n", "  mem: 256M\n  submit_args:\n    - --begin=now+3600\n"))
+    result = run_tool_cli(["submit", "-f", compose], cwd=tmp_path)
+    assert result.code == 0, result
+    job_id = slurm_jobs.add(submitted_job_id(result.out))
+    pending = run_tool_cli(["status", "-f", compose], cwd=tmp_path)
+    assert pending.code == 0, pending
+    assert "scheduler:  PENDING (squeue), reason BeginTime" in pending.out
+    assert "runtime:    no state.json yet" in pending.out
+    cancelled = run_tool_cli(["cancel", "-f", compose], cwd=tmp_path)
+    assert cancelled.code == 0, cancelled
+    assert "cancelled job: %s" % job_id in cancelled.out
+    assert wait_for_job(job_id, timeout=60) == "CANCELLED"
+    after = json.loads(run_tool_cli(["status", "-f", compose, "--format", "json"],
+                                    cwd=tmp_path).out)
+    assert after["scheduler"]["state"] == "CANCELLED" and after["scheduler"]["failed"]
+    assert after["runtime"] is None

@@ -5362,6 +5362,14 @@ EXTRAS_BANNER = """
 # ---------------------------------------------------------------------------
 """
 
+PYXIS_PATH_CHECK_TEMPLATE = """
+# --container-mounts separates mounts with ',' and fields with ':', so the job directory cannot hold them.
+if [[ $JOB_DIR == *[,:]* ]]; then
+    echo "hpc-compose: the job directory $JOB_DIR contains ',' or ':', which Pyxis cannot mount; submit from another directory" >&2
+    exit 1
+fi
+"""
+
 CURL_CHECK_TEMPLATE = """\
 command -v curl >/dev/null 2>&1 ||
     echo "hpc-compose: warning: curl is not on PATH on $(hostname); http readiness cannot succeed" >&2
@@ -5667,6 +5675,8 @@ def render_script(runtime_plan):
     pieces.append(SIGNALS_TEMPLATE)
     if resume is not None:
         pieces.append(_fill(RESUME_TEMPLATE, resume_path=shell_quote(resume.path)))
+    if any(s.runtime != "host" for s in services):
+        pieces.append(PYXIS_PATH_CHECK_TEMPLATE)
     pieces.append(ALLOCATION_TEMPLATE)
     if resume is not None:
         pieces.append(_fill(RESUME_LATEST_TEMPLATE,

@@ -409,3 +409,10 @@ def test_state_json_strings_are_escaped_by_the_script_itself():
         'json_string %s; printf "%%s\\n" "$JSON"\n' % hc.shell_quote(value) for value in values)
     out = subprocess.run(["bash", "-c", program], stdout=subprocess.PIPE, check=True).stdout
     assert [json.loads(line) for line in out.decode("utf-8").splitlines()] == values
+
+
+def test_pyxis_jobs_refuse_a_job_directory_pyxis_cannot_mount():
+    check = "if [[ $JOB_DIR == *[,:]* ]]; then"
+    assert check in hc.render_script(runtime_plan(service()))
+    host = service(runtime="host", execution=hc.Execution("exec", ("true",)))
+    assert check not in hc.render_script(runtime_plan(host))

@@ -4322,6 +4322,7 @@ def run_preflight(runtime_plan, options=PreflightOptions()):
     if uses_containers and not options.skip_prepare:
         findings.extend(_preflight_credentials(runtime_plan))
     findings.extend(_preflight_curl(plan))
+    findings.extend(_preflight_batch_log_folders(plan))
     if options.skip_prepare:
         findings.extend(_preflight_skip_prepare(runtime_plan, options.dry_run))
     return PreflightReport(findings=tuple(findings))
@@ -4666,6 +4667,33 @@ def _preflight_curl(plan):
                     "HTTP readiness (%s) polls with curl, which is not on this node's PATH"
                     % ", ".join(users),
                     "make sure curl exists on the compute nodes, or use tcp or log readiness")]
+
+
+def _preflight_batch_log_folders(plan):
+    """Slurm fails a job without writing any log when the folder of --output/--error is missing."""
+    # Relative paths count from the batch job's working directory: x-slurm.chdir, else the folder
+    # sbatch runs in, which is the compose file's folder.
+    workdir = plan.project_dir
+    if plan.slurm.chdir:
+        workdir = os.path.join(plan.project_dir, os.path.expanduser(plan.slurm.chdir))
+    findings = []
+    for field in ("output", "error"):
+        value = getattr(plan.slurm, field)
+        folder = os.path.dirname(value or "")
+        if not folder or "%" in folder:
+            # No folder part, or a Slurm pattern (%x, %u...) only the scheduler can expand.
+            continue
+        folder = os.path.normpath(os.path.join(workdir, os.path.expanduser(folder)))
+        if os.path.isdir(folder):
+            findings.append(Finding("ok", "batch_log." + field,
+                                    "x-slurm.%s folder %s exists" % (field, folder)))
+        else:
+            findings.append(Finding(
+                "error", "batch_log." + field,
+                "the folder of x-slurm.%s (%s) does not exist: Slurm would fail the job without "
+                "writing any log" % (field, folder),
+                "create it (mkdir -p %s) or change x-slurm.%s" % (shell_quote(folder), field)))
+    return findings
 
 
 def _preflight_skip_prepare(runtime_plan, dry_run=False):
@@ -5121,7 +5149,7 @@ readiness_timed_out() {
             if (( RESTARTS[i] < MAX_RESTARTS[i] )); then
                 say "service '${NAME[i]}': $what; stopping it for a restart"
                 STATUS[i]=restarting KILL_MS[i]=$((NOW_MS + STOP_GRACE_SECONDS * 1000))
-                signal_steps TERM "$i" || kill -TERM "${PID[i]}" 2>/dev/null
+                signal_steps TERM "$i"
             else
                 STATUS[i]=failed
                 fail_job @{readiness_exit} "service '${NAME[i]}': $what, after ${RESTARTS[i]} restarts (max_restarts ${MAX_RESTARTS[i]})"
@@ -5194,16 +5222,21 @@ watch_restart() {  # a service between two launches: being stopped, or in its ba
 
 # signal_steps SIGNAL INDEX...: signal the Slurm steps of these services through scancel. srun
 # itself turns a SIGTERM into a SIGKILL of its step ("forcing job termination"), so a graceful stop
-# must reach the step directly. Fails when no step was found or the Slurm tools are missing.
+# must reach the step directly. A service whose step is not found (not registered yet, or no Slurm
+# tools) gets the signal on its srun instead. Fails only when no step at all was signalled.
 signal_steps() {
-    local signal=$1 step name i steps=()
+    local signal=$1 step name i steps=() found=()
     shift
-    command -v squeue >/dev/null 2>&1 || return 1
-    while read -r step name; do
-        for i in "$@"; do
-            if [[ $name == "hpc-compose:${TOKEN[i]}" ]]; then steps+=("$step"); fi
-        done
-    done < <(squeue --steps --noheader --jobs "$SLURM_JOB_ID" --format='%i %j' 2>/dev/null)
+    if command -v squeue >/dev/null 2>&1; then
+        while read -r step name; do
+            for i in "$@"; do
+                if [[ $name == "hpc-compose:${TOKEN[i]}" ]]; then steps+=("$step") found[i]=1; fi
+            done
+        done < <(squeue --steps --noheader --jobs "$SLURM_JOB_ID" --format='%i %j' 2>/dev/null)
+    fi
+    for i in "$@"; do
+        if [[ -z ${found[i]:-} && -n ${PID[i]} ]]; then kill -"$signal" "${PID[i]}" 2>/dev/null; fi
+    done
     (( ${#steps[@]} > 0 )) || return 1
     scancel --quiet --signal="$signal" "${steps[@]}" 2>/dev/null
 }
@@ -5211,8 +5244,10 @@ signal_steps() {
 # SIGKILL for the service's step, which makes its srun exit; for srun itself when that was not
 # possible or did not help (a killed srun can leave its step running until the job ends).
 kill_service_hard() {
-    if (( HARD_KILLED[$1] )) || ! signal_steps KILL "$1"; then
+    if (( HARD_KILLED[$1] )); then
         kill -KILL "${PID[$1]}" 2>/dev/null
+    else
+        signal_steps KILL "$1"
     fi
     HARD_KILLED[$1]=1
 }
@@ -5251,9 +5286,7 @@ finish() {
         esac
         if [[ -n ${PID[i]} ]]; then live+=("$i"); fi
     done
-    if (( ${#live[@]} > 0 )) && ! signal_steps TERM "${live[@]}"; then
-        for i in "${live[@]}"; do kill -TERM "${PID[i]}" 2>/dev/null; done
-    fi
+    if (( ${#live[@]} > 0 )); then signal_steps TERM "${live[@]}"; fi
     write_state
     clock
     deadline=$((NOW_MS + STOP_GRACE_SECONDS * 1000))
@@ -8505,7 +8538,7 @@ def cmd_submit(args):
     if not args.no_preflight:
         report = run_preflight(runtime_plan, PreflightOptions(
             enroot_bin=args.enroot_bin, srun_bin=args.srun_bin, sbatch_bin=args.sbatch_bin,
-            skip_prepare=args.skip_prepare))
+            skip_prepare=args.skip_prepare, dry_run=bool(getattr(args, "dry_run", False))))
         _print_findings(report)
         if report.errors:
             raise ToolError("preflight found %d error(s); nothing was submitted" % len(report.errors),

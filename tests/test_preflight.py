@@ -398,3 +398,27 @@ def test_unreadable_enroot_version_with_digest_is_warning(tmp_path, shared, monk
     plan = make_plan(tmp_path, [make_service("a", "ghcr.io/org/app@sha256:0123")], cache_dir=shared)
     finding, = by_check(preflight(plan), "enroot.version")
     assert finding.level == "warn" and "tag instead" in finding.remediation
+
+
+# -- batch log folders -----------------------------------------------------------------------------
+
+def test_missing_batch_output_folder_is_error_naming_field(tmp_path, shared):
+    plan = make_plan(tmp_path, [make_service("r", "redis:7")], cache_dir=shared)
+    plan = plan._replace(slurm=plan.slurm._replace(output="logs/slurm-%j.out"))
+    finding, = by_check(preflight(plan), "batch_log.output")
+    assert finding.level == "error"
+    assert "x-slurm.output" in finding.message and str(tmp_path / "logs") in finding.message
+    assert "mkdir -p" in finding.remediation
+
+
+def test_existing_batch_error_folder_under_chdir_passes(tmp_path, shared):
+    (tmp_path / "run" / "logs").mkdir(parents=True)
+    plan = make_plan(tmp_path, [make_service("r", "redis:7")], cache_dir=shared)
+    plan = plan._replace(slurm=plan.slurm._replace(chdir="run", error="logs/%x-%j.err"))
+    assert levels(preflight(plan), "batch_log.error") == ["ok"]
+
+
+def test_batch_log_folder_with_slurm_pattern_is_not_judged(tmp_path, shared):
+    plan = make_plan(tmp_path, [make_service("r", "redis:7")], cache_dir=shared)
+    plan = plan._replace(slurm=plan.slurm._replace(output="/nonexistent/%u/out.log"))
+    assert by_check(preflight(plan), "batch_log.output") == []

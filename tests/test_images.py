@@ -881,3 +881,23 @@ def test_cli_prepare_accepts_srun_and_sbatch_overrides(compose, enroot, cli):
     result = cli(["prepare", "-f", compose, "--enroot-bin", STANDIN, "--srun-bin", "/x/srun",
                   "--sbatch-bin", "/x/sbatch"])
     assert result.code == 0, result
+
+
+@pytest.mark.skipif(shutil.which("sbatch") is None, reason="Slurm client tools not installed")
+def test_submit_dry_run_skip_prepare_with_empty_cache_renders_with_warning(shared, cli):
+    """`submit --dry-run --skip-prepare` is the pure validate-and-render run: a missing artifact is
+    reported as a warning (a real submit would refuse), the script is still written."""
+    project = os.path.join(shared, "dry")
+    os.makedirs(project)
+    path = os.path.join(project, "compose.yaml")
+    with open(path, "w") as handle:
+        handle.write("x-slurm:\n  cache_dir: %s\nservices:\n  app:\n    image: redis:7\n"
+                     % os.path.join(shared, "empty-cache"))
+    result = cli(["submit", "--dry-run", "--skip-prepare", "-f", path, "--enroot-bin", STANDIN,
+                  "--srun-bin", PYXIS_SRUN])
+    assert result.code == 0, result
+    assert "skip_prepare" in result.err or "--skip-prepare" in result.err
+    assert os.path.isfile(os.path.join(project, "hpc-compose.sbatch"))
+    refused = cli(["submit", "--skip-prepare", "-f", path, "--enroot-bin", STANDIN,
+                   "--srun-bin", PYXIS_SRUN])
+    assert refused.code == 1 and "preflight found" in refused.err

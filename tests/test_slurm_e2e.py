@@ -414,3 +414,19 @@ def test_a_service_ignoring_sigterm_is_killed_after_the_grace_period(slurm, slur
     assert "ignoring TERM" in job.log("stubborn")
     assert job.service("stubborn")["status"] == "stopped"
     assert job.state()["exit_code"] == 2
+
+
+def test_quoted_sbatch_values_reach_slurm_as_written(slurm, slurm_jobs, tmp_path):
+    job = submit(tmp_path, slurm_jobs, """\
+name: quoted
+x-slurm:
+  runtime: host
+  job_name: "it's a #1 job"
+  time: "00:05:00"
+services:
+  hello:
+    command: ["true"]
+""")
+
+    assert wait_for_job(job.id, timeout=60) == "COMPLETED"
+    assert sacct_job(job.id)["JobName"] == "it's a #1 job"

@@ -4777,13 +4777,16 @@ def format_preflight_report(report, verbose=False):
 # inside reads naturally); every value from the spec reaches the script through shell_quote.
 #
 # What the script does, in order (docs/execution-model.md tells the same story for users):
-#   1. #SBATCH lines (x-slurm fields, then submit_args verbatim), ``set -euo pipefail``;
-#   2. the per-job directory, allocation metadata, HPC_COMPOSE_* variables, resume attempt layout;
-#   3. one static table per service (policy, dependencies, readiness) and one ``run_service_<i>``
-#      function holding the exact srun command line;
-#   4. the supervisor's functions, the traps, the x-slurm.setup lines, then ONE event loop in the
-#      batch shell that launches, probes, restarts and ends the job, and a teardown that always
-#      leaves a final state.json.
+#   1. #SBATCH lines (x-slurm fields, then submit_args verbatim), ``set -euo pipefail``, the
+#      per-job directory;
+#   2. one static table per service (policy, dependencies, readiness) and one ``run_service_<i>``
+#      function holding the exact env + srun command line;
+#   3. the supervisor's functions, the metrics/artifacts functions (TRACKING's blocks), the traps
+#      and a first state.json: from there on every way out goes through teardown;
+#   4. the resume attempt layout, allocation metadata and HPC_COMPOSE_* variables, the
+#      x-slurm.setup lines, then ONE event loop in the batch shell that launches, probes, restarts
+#      and ends the job; teardown always leaves a final state.json.
+# Public helpers for tests and ``render --format json``: service_srun_argv, service_environment.
 
 STOP_GRACE_SECONDS = 10      # SIGTERM -> SIGKILL; below Slurm's default KillWait (30 s)
 SUPERVISOR_TICK = "0.2"      # seconds between two turns of the event loop
@@ -4797,25 +4800,26 @@ EXIT_READINESS_TIMEOUT = 124  # like timeout(1)
 RESTART_MARKER = "### hpc-compose:"
 
 
-def _shell_template_class():
-    from string import Template
-
-    class ShellTemplate(Template):
-        """``string.Template`` with ``@{name}`` placeholders, so bash's own ``$`` stays as is."""
-        delimiter = "@"
-        pattern = r"""
-        @(?:
-          (?P<escaped>(?!))|
-          (?P<named>(?!))|
-          \{(?P<braced>[_a-z][_a-z0-9]*)\}|
-          (?P<invalid>(?!))
-        )"""
-
-    return ShellTemplate
+_SHELL_TEMPLATE = []  # the Template subclass, made on first use (string imports re: not at start-up)
 
 
 def _fill(template, **values):
-    return _shell_template_class()(template).substitute(**values)
+    """Substitute ``@{name}`` placeholders of a *_TEMPLATE constant (bash's ``$`` stays as it is)."""
+    if not _SHELL_TEMPLATE:
+        from string import Template
+
+        class ShellTemplate(Template):
+            delimiter = "@"
+            pattern = r"""
+            @(?:
+              (?P<escaped>(?!))|
+              (?P<named>(?!))|
+              \{(?P<braced>[_a-z][_a-z0-9]*)\}|
+              (?P<invalid>(?!))
+            )"""
+
+        _SHELL_TEMPLATE.append(ShellTemplate)
+    return _SHELL_TEMPLATE[0](template).substitute(**values)
 
 
 SCRIPT_HEAD_TEMPLATE = """\

@@ -430,3 +430,19 @@ services:
 
     assert wait_for_job(job.id, timeout=60) == "COMPLETED"
     assert sacct_job(job.id)["JobName"] == "it's a #1 job"
+
+
+def test_encoded_service_names_get_their_own_log_and_step_name(slurm, slurm_jobs, tmp_path):
+    job = submit(tmp_path, slurm_jobs, HEAD + """\
+  my.app:
+    command: echo "$HPC_COMPOSE_SERVICE"
+  my_x2e_app:
+    command: echo "$HPC_COMPOSE_SERVICE"
+""")
+
+    assert wait_for_job(job.id, timeout=60) == "COMPLETED"
+    assert job.log("my_x2e_app") == "my.app\n"
+    assert job.log("my_x5f_x2e_app") == "my_x2e_app\n"
+    proc = subprocess.run(["sacct", "-n", "-P", "-j", job.id, "--format=JobName"],
+                          stdout=subprocess.PIPE, universal_newlines=True, timeout=30)
+    assert {"hpc-compose:my_x2e_app", "hpc-compose:my_x5f_x2e_app"} <= set(proc.stdout.split())

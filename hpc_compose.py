@@ -5280,7 +5280,7 @@ finish() {
     local status=$1 code=$2 reason=$3 i alive deadline killed=0 outcome=failure live=()
     (( FINISHING )) && return 0
     FINISHING=1
-    trap '' TERM INT HUP
+    trap '' TERM INT HUP USR1 USR2
     set +e
     JOB_STATUS=$status JOB_EXIT=$code JOB_REASON=$reason
     say "job $status (exit code $code): $reason"
@@ -5341,6 +5341,19 @@ on_signal() {
     finish cancelled $((128 + number)) "the job was cancelled (SIG$name)"
 }
 
+# USR1/USR2 sent to the batch shell (scancel --batch --signal=USR1, or #SBATCH --signal=B:USR1@120
+# as a checkpoint warning) are passed on to every running service instead of killing the script.
+forward_signal() {
+    local i live=()
+    (( FINISHING )) && return 0
+    for ((i = 0; i < SERVICE_COUNT; i++)); do
+        if [[ -n ${PID[i]} ]]; then live+=("$i"); fi
+    done
+    say "forwarding SIG$1 to ${#live[@]} running service(s)"
+    if (( ${#live[@]} > 0 )); then signal_steps "$1" "${live[@]}"; fi
+    return 0
+}
+
 on_exit() {  # the script ended without finish(): a setup line or the script itself failed
     local code=$?
     (( FINISHING )) && exit "$code"
@@ -5356,6 +5369,8 @@ SIGNALS_TEMPLATE = """
 trap 'on_signal TERM 15' TERM
 trap 'on_signal INT 2' INT
 trap 'on_signal HUP 1' HUP
+trap 'forward_signal USR1' USR1
+trap 'forward_signal USR2' USR2
 trap on_exit EXIT
 write_state
 """
@@ -7657,8 +7672,12 @@ class _ArgumentParser(object):
         return Parser(**kwargs)
 
 
-def build_parser():
-    """The full argparse parser for the ``hpc-compose`` command."""
+def build_parser(command=None):
+    """The argparse parser for ``hpc-compose``; with ``command``, only that subcommand is built.
+
+    Building every subcommand's parser costs several milliseconds on each run, so ``main`` builds
+    just the one asked for; ``--help``, a typo or no command get the full parser.
+    """
     import argparse
     parser = _ArgumentParser.create(
         prog="hpc-compose",
@@ -7668,8 +7687,17 @@ def build_parser():
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND",
                                        parser_class=type(parser))
     for add in _command_adders():
-        add(subparsers)
+        if command is None or add.__name__ == "_add_%s_parser" % command:
+            add(subparsers)
     return parser
+
+
+def requested_command(argv):
+    """The subcommand named by ``argv`` when it is a known one, else ``None``."""
+    if not argv or argv[0].startswith("-"):
+        return None
+    names = set(add.__name__[len("_add_"):-len("_parser")] for add in _command_adders())
+    return argv[0] if argv[0] in names else None
 
 
 def _command_adders():
@@ -9127,7 +9155,9 @@ def _not_written_yet(args):
 def main(argv=None):
     """Run the hpc-compose command line; returns the process exit code."""
     try:
-        parser = build_parser()
+        if argv is None:
+            argv = sys.argv[1:]
+        parser = build_parser(requested_command(argv))
         args = parser.parse_args(argv)
         if not getattr(args, "handler", None):
             parser.print_help()

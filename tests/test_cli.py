@@ -1,0 +1,139 @@
+"""CLI core: parser assembly, file discovery, output-format flags, completions, main's error path."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+import hpc_compose as hc
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MINIMAL = "services:\n  app:\n    image: python:3.11-slim\n    command: python -c pass\n"
+
+
+def test_version_prints_the_module_version(cli):
+    with pytest.raises(SystemExit) as info:
+        hc.main(["--version"])
+    assert info.value.code == 0
+
+
+def test_no_command_prints_help_and_exits_2(cli):
+    result = cli([])
+    assert result.code == 2 and "usage: hpc-compose" in result.out
+
+
+def test_unknown_command_lists_every_command(cli):
+    result = cli(["valdate"])
+    assert result.code == 2
+    assert "invalid choice: 'valdate'" in result.err and "'validate'" in result.err
+    assert "Traceback" not in result.err
+
+
+def test_requested_command_builds_only_that_subparser():
+    import argparse
+    parser = hc.build_parser(hc.requested_command(["validate", "-f", "x.yaml"]))
+    subparsers = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)][0]
+    assert list(subparsers.choices) == ["validate"]
+    assert hc.requested_command(["--help"]) is None
+    assert hc.requested_command(["nonsense"]) is None
+
+
+def test_full_parser_has_every_command():
+    import argparse
+    parser = hc.build_parser()
+    subparsers = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)][0]
+    for name in ("validate", "inspect", "config", "render", "preflight", "prepare", "submit", "up",
+                 "status", "ps", "logs", "stats", "artifacts", "cancel", "down", "clean", "cache",
+                 "init", "completions"):
+        assert name in subparsers.choices
+
+
+def test_unknown_option_is_usage_error_with_hint(cli):
+    result = cli(["validate", "--bogus"])
+    assert result.code == 2
+    assert "unrecognized arguments: --bogus" in result.err and "hint:" in result.err
+
+
+def test_json_alias_conflicts_with_text_format(cli, project):
+    path = project.write("compose.yaml", MINIMAL)
+    result = cli(["validate", "-f", path, "--json", "--format", "text"])
+    assert result.code == 2 and "--json conflicts with --format text" in result.err
+
+
+def test_json_alias_selects_json(cli, project):
+    path = project.write("compose.yaml", MINIMAL)
+    result = cli(["validate", "-f", path, "--json"])
+    assert result.code == 0 and '"valid": true' in result.out
+
+
+def test_directory_as_file_is_usage_error(cli, project):
+    result = cli(["validate", "-f", str(project.root)])
+    assert result.code == 2 and "is a directory" in result.err
+
+
+def test_missing_file_is_usage_error(cli, project):
+    result = cli(["validate", "-f", str(project.root / "nope.yaml")])
+    assert result.code == 2 and "does not exist" in result.err
+
+
+def test_default_file_prefers_compose_yaml_over_docker_compose(cli, project):
+    project.write("docker-compose.yml", MINIMAL.replace("app:", "legacy:"))
+    project.write("compose.yaml", MINIMAL)
+    result = cli(["validate", "--format", "json"], cwd=str(project.root))
+    assert result.code == 0 and '"app"' in result.out and "legacy" not in result.out
+
+
+def test_default_file_falls_back_to_docker_compose_names(cli, project):
+    project.write("docker-compose.yaml", MINIMAL.replace("app:", "legacy:"))
+    result = cli(["validate", "--format", "json"], cwd=str(project.root))
+    assert result.code == 0 and '"legacy"' in result.out
+
+
+def test_no_compose_file_here_names_the_searched_names(cli, project):
+    result = cli(["validate"], cwd=str(project.root))
+    assert result.code == 2
+    for name in hc.DEFAULT_COMPOSE_FILES:
+        assert name in result.err
+
+
+@pytest.mark.parametrize("shell", ["bash", "zsh", "fish"])
+def test_completions_name_every_command(cli, shell):
+    result = cli(["completions", shell])
+    assert result.code == 0
+    for name in ("submit", "validate", "cache", "logs"):
+        assert name in result.out
+    assert ("-l watch" if shell == "fish" else "--watch") in result.out
+
+
+def test_bash_completion_script_parses():
+    result = subprocess.run([sys.executable, os.path.join(REPO, "hpc_compose.py"), "completions", "bash"],
+                            stdout=subprocess.PIPE, universal_newlines=True)
+    check = subprocess.run(["bash", "-n"], input=result.stdout, universal_newlines=True)
+    assert check.returncode == 0
+
+
+def test_broken_pipe_is_not_an_error():
+    command = "%s %s completions bash | head -1" % (sys.executable, os.path.join(REPO, "hpc_compose.py"))
+    result = subprocess.run(["bash", "-o", "pipefail", "-c", command], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, universal_newlines=True)
+    assert "Traceback" not in result.stderr
+    assert result.stdout.startswith("# bash completion")
+
+
+def test_shell_quote_round_trips_through_bash():
+    values = ["plain", "", "with space", "it's", "$HOME", "a\nb", "back\\slash", "ünï", "--flag=x"]
+    script = "printf '%s\\0' " + " ".join(hc.shell_quote(v) for v in values)
+    out = subprocess.run(["bash", "-c", script], stdout=subprocess.PIPE).stdout.decode("utf-8")
+    assert out.split("\0")[:-1] == values
+
+
+def test_shell_quote_refuses_nul():
+    with pytest.raises(hc.HpcComposeError):
+        hc.shell_quote("a\0b")
+
+
+def test_write_json_atomic_leaves_no_temporary_files(tmp_path):
+    target = tmp_path / "state.json"
+    hc.write_json_atomic(str(target), {"b": 1, "a": [1, 2]})
+    assert hc.read_json(str(target)) == {"a": [1, 2], "b": 1}
+    assert os.listdir(str(tmp_path)) == ["state.json"]

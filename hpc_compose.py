@@ -62,8 +62,10 @@ __all__ = [
     "render_script", "shell_quote", "render_metrics_block", "render_artifacts_block",
     # job tracking
     "watch_job", "SchedulerState",
+    # init templates
+    "TEMPLATE_NAMES", "list_templates", "load_template", "customize_template",
     # CLI
-    "main",
+    "build_parser", "main",
 ]
 
 

@@ -4953,7 +4953,7 @@ FAST_TICK=@{fast_tick}
 PROBE_INTERVAL_MS=@{probe_interval_ms}
 PROBE_LIMIT_MS=@{probe_limit_ms}
 PROBING=0
-JOB_STATUS=running JOB_EXIT=null JOB_REASON='' FINISHING=0 STATE_CHANGED=1
+JOB_STATUS=running JOB_EXIT=null JOB_REASON='' FINISHING=0 STATE_CHANGED=1 PENDING_SIGNALS=()
 for ((i = 0; i < SERVICE_COUNT; i++)); do
     STATUS[i]=waiting PID[i]='' LAUNCHES[i]=0 RESTARTS[i]=0 LAST_EXIT[i]=null
     READY_STATE[i]='' LAUNCH_MS[i]=0 DUE_MS[i]=0 KILL_MS[i]=0 PROBE_PID[i]='' PROBE_MS[i]=0
@@ -4973,6 +4973,17 @@ clock() {
     fi
     printf -v t '%(%Y-%m-%dT%H:%M:%S%z)T' $((NOW_MS / 1000))
     NOW_ISO="${t:0:22}:${t:22}"
+}
+
+# Is process $1 still running? kill -0 alone is not enough: an exited child that bash has not
+# reaped yet (a zombie) still answers it, and bash may defer reaping while a trap runs.
+alive() {
+    local stat
+    kill -0 "$1" 2>/dev/null || return 1
+    if read -r stat <"/proc/$1/stat" 2>/dev/null; then
+        stat=${stat##*) }
+        [[ ${stat:0:1} != Z ]]
+    fi
 }
 
 say() {  # a line for the Slurm batch log
@@ -5102,7 +5113,7 @@ probe() {
         return
     fi
     if [[ -n ${PROBE_PID[i]} ]]; then
-        if kill -0 "${PROBE_PID[i]}" 2>/dev/null; then
+        if alive "${PROBE_PID[i]}"; then
             (( NOW_MS - PROBE_MS[i] < PROBE_LIMIT_MS )) && return
             kill -KILL "${PROBE_PID[i]}" 2>/dev/null
         fi
@@ -5198,7 +5209,7 @@ service_exited() {
 
 watch_service() {  # a launched service: did it exit, is it ready yet?
     local i=$1 code=0
-    if ! kill -0 "${PID[i]}" 2>/dev/null; then
+    if ! alive "${PID[i]}"; then
         wait "${PID[i]}" 2>/dev/null || code=$?
         service_exited "$i" "$code"
         return
@@ -5209,7 +5220,7 @@ watch_service() {  # a launched service: did it exit, is it ready yet?
 watch_restart() {  # a service between two launches: being stopped, or in its backoff
     local i=$1 code=0
     if [[ -n ${PID[i]} ]]; then
-        if kill -0 "${PID[i]}" 2>/dev/null; then
+        if alive "${PID[i]}"; then
             if (( NOW_MS >= KILL_MS[i] )); then
                 kill_service_hard "$i"
                 KILL_MS[i]=$((NOW_MS + 3000))
@@ -5279,7 +5290,7 @@ fail_job() {  # fail_job CODE REASON
 
 # Teardown: SIGTERM to every live service, a grace period, SIGKILL; then artifacts, final state, exit.
 finish() {
-    local status=$1 code=$2 reason=$3 i alive deadline killed=0 outcome=failure live=()
+    local status=$1 code=$2 reason=$3 i running deadline killed=0 outcome=failure live=()
     (( FINISHING )) && return 0
     FINISHING=1
     trap '' TERM INT HUP USR1 USR2
@@ -5299,17 +5310,17 @@ finish() {
     clock
     deadline=$((NOW_MS + STOP_GRACE_SECONDS * 1000))
     while :; do
-        alive=0
+        running=0
         for ((i = 0; i < SERVICE_COUNT; i++)); do
-            if [[ -n ${PID[i]} ]] && kill -0 "${PID[i]}" 2>/dev/null; then alive=1; fi
+            if [[ -n ${PID[i]} ]] && alive "${PID[i]}"; then running=1; fi
         done
-        (( alive )) || break
+        (( running )) || break
         clock
         if (( NOW_MS >= deadline )); then
             (( killed )) && break
             killed=1 deadline=$((NOW_MS + 3000))
             for ((i = 0; i < SERVICE_COUNT; i++)); do
-                if [[ -n ${PID[i]} ]] && kill -0 "${PID[i]}" 2>/dev/null; then
+                if [[ -n ${PID[i]} ]] && alive "${PID[i]}"; then
                     say "service '${NAME[i]}' did not stop within ${STOP_GRACE_SECONDS} s: SIGKILL"
                     kill_service_hard "$i"
                 fi
@@ -5321,7 +5332,7 @@ finish() {
     for ((i = 0; i < SERVICE_COUNT; i++)); do
         if [[ -n ${PID[i]} ]]; then
             # Whatever still lives now would block the wait below: srun goes, its step ends with the job.
-            kill -0 "${PID[i]}" 2>/dev/null && kill -KILL "${PID[i]}" 2>/dev/null
+            alive "${PID[i]}" && kill -KILL "${PID[i]}" 2>/dev/null
             code=0
             wait "${PID[i]}" 2>/dev/null || code=$?
             PID[i]='' LAST_EXIT[i]=$code FINISHED_AT[i]=$NOW_ISO
@@ -5345,15 +5356,18 @@ on_signal() {
 
 # USR1/USR2 sent to the batch shell (scancel --batch --signal=USR1, or #SBATCH --signal=B:USR1@120
 # as a checkpoint warning) are passed on to every running service instead of killing the script.
-forward_signal() {
-    local i live=()
-    (( FINISHING )) && return 0
+# The trap only queues the signal: a `read` inside a trap handler would cancel the timeout of the
+# event loop's own `read -t`, and the loop would sleep forever.
+forward_signals() {
+    local signal i live=()
     for ((i = 0; i < SERVICE_COUNT; i++)); do
         if [[ -n ${PID[i]} ]]; then live+=("$i"); fi
     done
-    say "forwarding SIG$1 to ${#live[@]} running service(s)"
-    if (( ${#live[@]} > 0 )); then signal_steps "$1" "${live[@]}"; fi
-    return 0
+    for signal in "${PENDING_SIGNALS[@]}"; do
+        say "forwarding SIG$signal to ${#live[@]} running service(s)"
+        if (( ${#live[@]} > 0 )); then signal_steps "$signal" "${live[@]}"; fi
+    done
+    PENDING_SIGNALS=()
 }
 
 on_exit() {  # the script ended without finish(): a setup line or the script itself failed
@@ -5371,8 +5385,8 @@ SIGNALS_TEMPLATE = """
 trap 'on_signal TERM 15' TERM
 trap 'on_signal INT 2' INT
 trap 'on_signal HUP 1' HUP
-trap 'forward_signal USR1' USR1
-trap 'forward_signal USR2' USR2
+trap 'PENDING_SIGNALS+=(USR1)' USR1
+trap 'PENDING_SIGNALS+=(USR2)' USR2
 trap on_exit EXIT
 write_state
 """
@@ -5400,6 +5414,7 @@ while :; do
             restarting) watch_restart "$i" ;;
         esac
     done
+    (( ${#PENDING_SIGNALS[@]} == 0 )) || forward_signals
     check_job_end
     (( STATE_CHANGED )) && write_state
     # A probe just started usually answers within milliseconds: look again soon.

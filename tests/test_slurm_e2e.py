@@ -446,3 +446,23 @@ def test_encoded_service_names_get_their_own_log_and_step_name(slurm, slurm_jobs
     proc = subprocess.run(["sacct", "-n", "-P", "-j", job.id, "--format=JobName"],
                           stdout=subprocess.PIPE, universal_newlines=True, timeout=30)
     assert {"hpc-compose:my_x2e_app", "hpc-compose:my_x5f_x2e_app"} <= set(proc.stdout.split())
+
+
+def test_usr1_to_the_batch_shell_is_forwarded_to_the_services(slurm, slurm_jobs, tmp_path):
+    job = submit(tmp_path, slurm_jobs, HEAD + """\
+  trainer:
+    command: >-
+      trap 'echo checkpoint requested; exit 0' USR1;
+      echo training; while :; do sleep 0.1; done
+""")
+    assert wait_for_state(job.id, ("RUNNING",), timeout=60) == "RUNNING"
+    _wait_for_running_service(job, "trainer")
+    time.sleep(1)
+
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job.id], check=True, timeout=30)
+
+    assert wait_for_job(job.id, timeout=60) == "COMPLETED"
+    log = job.log("trainer")
+    assert log.startswith("training\n") and log.endswith("checkpoint requested\n")
+    assert job.service("trainer")["last_exit_code"] == 0
+    assert "forwarding SIGUSR1 to 1 running service(s)" in job.batch_log()

@@ -20,8 +20,16 @@
 # - MariaDB's datadir is initialised by the package; mariadbd is started with --user=mysql directly.
 # - cgroup v1 hierarchies are mounted (hybrid with cgroup2 at /sys/fs/cgroup/unified) but nothing
 #   delegates them, so the config uses ProctrackType=proctrack/linuxproc and TaskPlugin=task/affinity,
-#   which need no cgroup at all and also work in containers. A step's processes are found through
-#   their parent chain; this is what teardown (scancel, time limit) relies on.
+#   which need no cgroup: a step's processes are found through their parent chain; this is what
+#   teardown (scancel, time limit) relies on. Even so, slurmd 22.05 initialises its cgroup plugin at
+#   start-up and exits ("No filesystem mounted on /sys/fs/cgroup", "slurmd initialization failed")
+#   when /sys/fs/cgroup is not mounted; a cgroup2 mount beside v1 controllers fails too ("Hybrid mode
+#   is not supported"). The machine's own v1 layout works. (CgroupPlugin=disabled only exists from
+#   23.02 on.)
+# - A fresh Debian 12 (debootstrap minbase + policy-rc.d) was brought up with this script from
+#   nothing in a network namespace: install, daemons, a job COMPLETED in sacct, a second `up`, `down`.
+#   Inside a namespace with only `lo`, slurmdbd cannot bind (getaddrinfo with AI_ADDRCONFIG needs a
+#   non-loopback address); real machines and containers have one.
 # - `hostname -s` resolves through /etc/hosts to 127.0.0.1, so the node and the controller are
 #   addressed as 127.0.0.1 and nothing depends on DNS.
 # - Background steps inside one job need `srun --overlap` on 22.05 (see the issue); that is the
@@ -61,14 +69,19 @@ pid_alive() {  # pid_alive PIDFILE -> 0 if the pid in the file is a live process
     [ "$comm" = "$want" ]
 }
 
-wait_until() {  # wait_until SECONDS DESCRIPTION COMMAND... -> polls the command every 0.5 s
-    local limit=$1 i=0  # $2 names what is awaited, for the reader
+wait_until() {  # wait_until SECONDS PIDFILE COMMAND... -> polls the (external) command every 0.5 s
+    # Gives up early (status 2) when the daemon of PIDFILE has died: a dead daemon never answers,
+    # and each client command asking it can hang for many seconds. The first 5 s are left for the
+    # daemon to write its pid file.
+    local limit=$1 pidfile=$2 start now
     shift 2
-    while ! "$@" >/dev/null 2>&1; do
-        i=$((i + 1))
-        if [ "$i" -gt $((limit * 2)) ]; then
-            return 1
+    start=$(date +%s)
+    while ! timeout 15 "$@" >/dev/null 2>&1; do
+        now=$(date +%s)
+        if [ -n "$pidfile" ] && [ $((now - start)) -ge 5 ] && ! pid_alive "$pidfile"; then
+            return 2
         fi
+        [ $((now - start)) -ge "$limit" ] && return 1
         sleep 0.5
     done
     return 0
@@ -225,7 +238,7 @@ start_munge() {
     say "starting munged"
     rm -f /run/munge/munged.pid
     runuser -u munge -- /usr/sbin/munged
-    wait_until 15 "munge" sh -c 'munge -n </dev/null | unmunge' \
+    wait_until 15 /run/munge/munged.pid sh -c 'munge -n </dev/null | unmunge' \
         || { show_log_tail /var/log/munge/munged.log; die "munged does not answer"; }
 }
 
@@ -248,8 +261,15 @@ start_mariadb() {
             --socket=/run/mysqld/mysqld.sock --pid-file=/run/mysqld/mysqld.pid \
             --bind-address=127.0.0.1 --log-error=/var/log/mysql/error.log \
             </dev/null >/dev/null 2>&1 &
-        wait_until 60 "mariadb" mariadb_alive \
-            || { show_log_tail /var/log/mysql/error.log; die "mariadbd did not come up within 60 s"; }
+        local server=$! i
+        for i in $(seq 1 120); do
+            mariadb_alive && break
+            # A server that died (port taken, bad datadir) will not answer: say so now.
+            kill -0 "$server" 2>/dev/null \
+                || { show_log_tail /var/log/mysql/error.log; die "mariadbd exited during start-up"; }
+            sleep 0.5
+        done
+        mariadb_alive || { show_log_tail /var/log/mysql/error.log; die "mariadbd did not come up within 60 s"; }
     fi
     mariadb --protocol=socket -uroot <<EOF
 CREATE DATABASE IF NOT EXISTS slurm_acct_db;
@@ -276,25 +296,21 @@ stop_pidfile() {  # stop_pidfile NAME PIDFILE -> SIGTERM, wait up to 20 s, then 
     rm -f "$pidfile"
 }
 
-dbd_alive() {
-    sacctmgr -n -P list cluster format=cluster >/dev/null 2>&1
-}
-
 start_slurmdbd() {
     if ! pid_alive /run/slurm/slurmdbd.pid; then
         say "starting slurmdbd"
-        /usr/sbin/slurmdbd
+        /usr/sbin/slurmdbd || { show_log_tail "$LOGDIR/slurmdbd.log"; die "slurmdbd failed to start"; }
     fi
-    wait_until 60 "slurmdbd" dbd_alive \
-        || { show_log_tail "$LOGDIR/slurmdbd.log"; die "slurmdbd does not answer sacctmgr within 60 s"; }
+    wait_until 60 /run/slurm/slurmdbd.pid sacctmgr -n -P list cluster format=cluster \
+        || { show_log_tail "$LOGDIR/slurmdbd.log"; die "slurmdbd died or does not answer sacctmgr within 60 s"; }
     if ! sacctmgr -n -P list cluster format=cluster 2>/dev/null | grep -qx "$CLUSTER_NAME"; then
         say "registering cluster $CLUSTER_NAME in accounting"
         sacctmgr -i add cluster "$CLUSTER_NAME" >/dev/null
     fi
 }
 
-node_state() {
-    sinfo -h -N -n "$NODE" -o '%T' 2>/dev/null | head -n 1
+node_state() {  # never fails: under `set -e` a failing sinfo would end the script silently
+    { timeout 15 sinfo -h -N -n "$NODE" -o '%T' 2>/dev/null || true; } | head -n 1
 }
 
 node_usable() {
@@ -307,13 +323,15 @@ node_usable() {
 start_slurm() {
     if ! pid_alive /run/slurm/slurmctld.pid; then
         say "starting slurmctld"
-        /usr/sbin/slurmctld
+        /usr/sbin/slurmctld || { show_log_tail "$LOGDIR/slurmctld.log"; die "slurmctld failed to start"; }
     fi
-    wait_until 30 "slurmctld" scontrol ping \
-        || { show_log_tail "$LOGDIR/slurmctld.log"; die "slurmctld does not answer scontrol ping within 30 s"; }
+    wait_until 30 /run/slurm/slurmctld.pid scontrol ping \
+        || { show_log_tail "$LOGDIR/slurmctld.log"; die "slurmctld died or does not answer scontrol ping within 30 s"; }
     if ! pid_alive /run/slurm/slurmd.pid; then
+        mountpoint -q /sys/fs/cgroup \
+            || die "/sys/fs/cgroup is not mounted: slurmd 22.05 refuses to start without it (mount the cgroup hierarchy, or in a container run it with /sys/fs/cgroup available)"
         say "starting slurmd"
-        /usr/sbin/slurmd
+        /usr/sbin/slurmd || { show_log_tail "$LOGDIR/slurmd.log"; die "slurmd failed to start"; }
     fi
 }
 

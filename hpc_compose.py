@@ -4874,6 +4874,10 @@ ALLOCATION_TEMPLATE = """
 # Allocation metadata (every job, single-node included)
 # ---------------------------------------------------------------------------
 SRUN=$(command -v srun) || { echo "hpc-compose: srun is not on PATH on $(hostname)" >&2; exit 1; }
+# Slurm's KillWait: how long teardown has after scancel or the time limit before SIGKILL.
+KILL_WAIT=$(scontrol show config 2>/dev/null | sed -n 's/^KillWait *= *//p') || true
+KILL_WAIT=${KILL_WAIT%% *}
+[[ $KILL_WAIT =~ ^[0-9]+$ ]] || KILL_WAIT=30
 allocation_nodes=()
 if [[ -n ${SLURM_JOB_NODELIST:-} ]] && command -v scontrol >/dev/null 2>&1; then
     mapfile -t allocation_nodes < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
@@ -4954,6 +4958,9 @@ PROBE_INTERVAL_MS=@{probe_interval_ms}
 PROBE_LIMIT_MS=@{probe_limit_ms}
 PROBING=0
 JOB_STATUS=running JOB_EXIT=null JOB_REASON='' FINISHING=0 STATE_CHANGED=1 PENDING_SIGNALS=()
+KILL_WAIT=30  # Slurm's KillWait, read from scontrol once the allocation is known
+PROC_ROOTS=0
+[[ -e /proc/$$/root ]] && PROC_ROOTS=1
 for ((i = 0; i < SERVICE_COUNT; i++)); do
     STATUS[i]=waiting PID[i]='' LAUNCHES[i]=0 RESTARTS[i]=0 LAST_EXIT[i]=null
     READY_STATE[i]='' LAUNCH_MS[i]=0 DUE_MS[i]=0 KILL_MS[i]=0 PROBE_PID[i]='' PROBE_MS[i]=0
@@ -4976,14 +4983,10 @@ clock() {
 }
 
 # Is process $1 still running? kill -0 alone is not enough: an exited child that bash has not
-# reaped yet (a zombie) still answers it, and bash may defer reaping while a trap runs.
+# reaped yet (a zombie) still answers it, but its /proc/<pid>/root link no longer resolves.
 alive() {
-    local stat
     kill -0 "$1" 2>/dev/null || return 1
-    if read -r stat <"/proc/$1/stat" 2>/dev/null; then
-        stat=${stat##*) }
-        [[ ${stat:0:1} != Z ]]
-    fi
+    (( ! PROC_ROOTS )) || [[ -e /proc/$1/root ]]
 }
 
 say() {  # a line for the Slurm batch log
@@ -5244,14 +5247,20 @@ watch_restart() {  # a service between two launches: being stopped, or in its ba
 # must reach the step directly. A service whose step is not found (not registered yet, or no Slurm
 # tools) gets the signal on its srun instead. Fails only when no step at all was signalled.
 signal_steps() {
-    local signal=$1 step name i steps=() found=()
+    local signal=$1 listing line i steps=() found=()
     shift
     if command -v squeue >/dev/null 2>&1; then
-        while read -r step name; do
+        # "<job>.<step> hpc-compose:<token>" lines
+        listing=$(squeue --steps --noheader --jobs "$SLURM_JOB_ID" --format='%i %j' 2>/dev/null)
+        while [[ -n $listing ]]; do
+            line=${listing%%$'\n'*}
+            if [[ $listing == *$'\n'* ]]; then listing=${listing#*$'\n'}; else listing=''; fi
             for i in "$@"; do
-                if [[ $name == "hpc-compose:${TOKEN[i]}" ]]; then steps+=("$step") found[i]=1; fi
+                if [[ ${line#* } == "hpc-compose:${TOKEN[i]}" ]]; then
+                    steps+=("${line%% *}") found[i]=1
+                fi
             done
-        done < <(squeue --steps --noheader --jobs "$SLURM_JOB_ID" --format='%i %j' 2>/dev/null)
+        done
     fi
     for i in "$@"; do
         if [[ -z ${found[i]:-} && -n ${PID[i]} ]]; then kill -"$signal" "${PID[i]}" 2>/dev/null; fi
@@ -5291,12 +5300,20 @@ fail_job() {  # fail_job CODE REASON
 # Teardown: SIGTERM to every live service, a grace period, SIGKILL; then artifacts, final state, exit.
 finish() {
     local status=$1 code=$2 reason=$3 i running deadline killed=0 outcome=failure live=()
+    local grace=$STOP_GRACE_SECONDS last_wait=3000  # ms between SIGKILL of the steps and of srun
     (( FINISHING )) && return 0
     FINISHING=1
     trap '' TERM INT HUP USR1 USR2
     set +e
     JOB_STATUS=$status JOB_EXIT=$code JOB_REASON=$reason
     say "job $status (exit code $code): $reason"
+    if [[ $status == cancelled || $status == timeout ]]; then
+        # Slurm has signalled the steps too and sends SIGKILL to everything after KillWait:
+        # keep the grace period short enough to write the final state before that.
+        grace=$(( (KILL_WAIT - 2) / 2 < STOP_GRACE_SECONDS ? (KILL_WAIT - 2) / 2 : STOP_GRACE_SECONDS ))
+        (( grace >= 1 )) || grace=1
+        last_wait=1000
+    fi
     metrics_stop
     for ((i = 0; i < SERVICE_COUNT; i++)); do
         stop_probe "$i"
@@ -5308,7 +5325,7 @@ finish() {
     if (( ${#live[@]} > 0 )); then signal_steps TERM "${live[@]}"; fi
     write_state
     clock
-    deadline=$((NOW_MS + STOP_GRACE_SECONDS * 1000))
+    deadline=$((NOW_MS + grace * 1000))
     while :; do
         running=0
         for ((i = 0; i < SERVICE_COUNT; i++)); do
@@ -5318,10 +5335,10 @@ finish() {
         clock
         if (( NOW_MS >= deadline )); then
             (( killed )) && break
-            killed=1 deadline=$((NOW_MS + 3000))
+            killed=1 deadline=$((NOW_MS + last_wait))
             for ((i = 0; i < SERVICE_COUNT; i++)); do
                 if [[ -n ${PID[i]} ]] && alive "${PID[i]}"; then
-                    say "service '${NAME[i]}' did not stop within ${STOP_GRACE_SECONDS} s: SIGKILL"
+                    say "service '${NAME[i]}' did not stop within $grace s: SIGKILL"
                     kill_service_hard "$i"
                 fi
             done
@@ -5356,8 +5373,7 @@ on_signal() {
 
 # USR1/USR2 sent to the batch shell (scancel --batch --signal=USR1, or #SBATCH --signal=B:USR1@120
 # as a checkpoint warning) are passed on to every running service instead of killing the script.
-# The trap only queues the signal: a `read` inside a trap handler would cancel the timeout of the
-# event loop's own `read -t`, and the loop would sleep forever.
+# The trap only queues the signal (see the event loop for why).
 forward_signals() {
     local signal i live=()
     for ((i = 0; i < SERVICE_COUNT; i++)); do
@@ -5404,8 +5420,16 @@ MAIN_LOOP_TEMPLATE = """
 # ---------------------------------------------------------------------------
 @{curl_check}metrics_start
 set +e  # from here on every failure is handled explicitly; an unexpected exit still tears down
+# Inside the loop a trap only takes note of the signal: bash runs trap handlers from within
+# `read -t`, and when the read's timeout expires meanwhile it abandons the handler half-way. The loop
+# acts on the note at the start of its next turn, a fraction of a second later.
+STOP_SIGNAL=''
+trap 'STOP_SIGNAL="TERM 15"' TERM
+trap 'STOP_SIGNAL="INT 2"' INT
+trap 'STOP_SIGNAL="HUP 1"' HUP
 say "supervising @{count} service(s) in job $SLURM_JOB_ID (state: $STATE_FILE)"
 while :; do
+    [[ -z $STOP_SIGNAL ]] || on_signal "${STOP_SIGNAL% *}" "${STOP_SIGNAL#* }"
     clock
     for ((i = 0; i < SERVICE_COUNT; i++)); do
         case ${STATUS[i]} in

@@ -463,6 +463,29 @@ def test_usr1_to_the_batch_shell_is_forwarded_to_the_services(slurm, slurm_jobs,
 
     assert wait_for_job(job.id, timeout=60) == "COMPLETED"
     log = job.log("trainer")
-    assert log.startswith("training\n") and log.endswith("checkpoint requested\n")
+    assert log.startswith("training\n") and "checkpoint requested\n" in log
     assert job.service("trainer")["last_exit_code"] == 0
     assert "forwarding SIGUSR1 to 1 running service(s)" in job.batch_log()
+
+
+def test_scancel_of_a_service_ignoring_sigterm_still_ends_with_a_final_state(slurm, slurm_jobs,
+                                                                             tmp_path):
+    job = submit(tmp_path, slurm_jobs, HEAD + """\
+  stubborn:
+    command: trap 'echo ignoring TERM' TERM; while :; do sleep 0.1; done
+""")
+    assert wait_for_state(job.id, ("RUNNING",), timeout=60) == "RUNNING"
+    _wait_for_running_service(job, "stubborn")
+
+    subprocess.run(["scancel", job.id], check=True, timeout=30)
+
+    assert wait_for_job(job.id, timeout=90) == "CANCELLED"
+    deadline = time.monotonic() + 20
+    while job.state()["status"] == "running" and time.monotonic() < deadline:
+        time.sleep(0.5)
+    state = job.state()
+    assert state["status"] == "cancelled"
+    stubborn = job.service("stubborn")
+    assert (stubborn["status"], stubborn["pid"]) == ("stopped", None)
+    assert stubborn["finished_at"] is not None
+    assert "did not stop within" in job.batch_log()

@@ -261,7 +261,7 @@ def test_sbatch_value_with_a_line_break_is_refused():
 def test_setup_lines_are_emitted_verbatim_before_the_event_loop():
     script = hc.render_script(runtime_plan(service(), setup=("module load x/1.0", "echo \"$X\"")))
     setup = script.index("module load x/1.0\necho \"$X\"\n")
-    assert script.index("trap on_exit EXIT") < setup < script.index("while :; do\n    clock")
+    assert script.index("trap on_exit EXIT") < setup < script.index("\n# The event loop")
 
 
 def test_set_euo_pipefail_comes_right_after_the_header():

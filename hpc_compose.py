@@ -5299,13 +5299,12 @@ fail_job() {  # fail_job CODE REASON
 
 # Teardown: SIGTERM to every live service, a grace period, SIGKILL; then artifacts, final state, exit.
 finish() {
-    local status=$1 code=$2 reason=$3 i running deadline killed=0 outcome=failure live=()
+    local status=$1 code=$2 reason=$3 i rc running deadline killed=0 outcome=failure live=()
     local grace=$STOP_GRACE_SECONDS last_wait=3000  # ms between SIGKILL of the steps and of srun
     (( FINISHING )) && return 0
     FINISHING=1
     trap '' TERM INT HUP USR1 USR2
     set +e
-    JOB_STATUS=$status JOB_EXIT=$code JOB_REASON=$reason
     say "job $status (exit code $code): $reason"
     if [[ $status == cancelled || $status == timeout ]]; then
         # Slurm has signalled the steps too and sends SIGKILL to everything after KillWait:
@@ -5350,13 +5349,15 @@ finish() {
         if [[ -n ${PID[i]} ]]; then
             # Whatever still lives now would block the wait below: srun goes, its step ends with the job.
             alive "${PID[i]}" && kill -KILL "${PID[i]}" 2>/dev/null
-            code=0
-            wait "${PID[i]}" 2>/dev/null || code=$?
-            PID[i]='' LAST_EXIT[i]=$code FINISHED_AT[i]=$NOW_ISO
+            rc=0
+            wait "${PID[i]}" 2>/dev/null || rc=$?
+            PID[i]='' LAST_EXIT[i]=$rc FINISHED_AT[i]=$NOW_ISO
         fi
     done
     [[ $status == completed ]] && outcome=success
     collect_artifacts "$outcome"
+    # Only now does state.json leave "running": readers may take its status as final.
+    JOB_STATUS=$status JOB_EXIT=$code JOB_REASON=$reason
     write_state
     exit "$JOB_EXIT"
 }

@@ -59,7 +59,7 @@ __all__ = [
     "PrepareOptions", "PrepareResult", "enroot_uri", "list_cache", "inspect_cache", "prune_cache",
     "run_preflight", "PreflightOptions", "PreflightReport", "Finding",
     # render
-    "render_script", "shell_quote", "render_metrics_block", "render_artifacts_block",
+    "render_script", "service_srun_argv", "service_environment", "shell_quote", "render_metrics_block", "render_artifacts_block",
     # job tracking
     "watch_job", "SchedulerState",
     # init templates

@@ -5824,6 +5824,18 @@ METRICS_SLURM_AVAILABLE=null
 METRICS_SLURM_NOTE=""
 METRICS_SLURM_LAST=""
 
+# One JSON row in REPLY: {"sampled_at": $$1, <name>: <value>...}, $$2 and $$3 naming the arrays of
+# names and values.
+metrics_row() {
+    local -n row_names=$$2 row_values=$$3
+    local record="{\"sampled_at\":\"$$1\"" i
+    for i in "$${!row_names[@]}"; do
+        metrics_json_value "$${row_values[$$i]:-}"
+        record+=",\"$${row_names[$$i]}\":$$REPLY"
+    done
+    REPLY="$$record}"
+}
+
 # JSON text for one value in REPLY: a quoted string, or null for empty and nvidia-smi's N/A forms.
 metrics_json_value() {
     local value=$$1
@@ -5880,7 +5892,7 @@ metrics_write_meta() {
 }
 
 metrics_sample_gpu() {
-    local now=$$1 output line chunk="" record value i
+    local now=$$1 output line chunk=""
     local -a fields
     local -a names=(index uuid name utilization_gpu utilization_memory memory_used_mib
                     memory_total_mib temperature_c power_draw_w power_limit_w)
@@ -5895,13 +5907,8 @@ metrics_sample_gpu() {
     while IFS= read -r line; do
         [ -n "$$line" ] || continue
         IFS=',' read -r -a fields <<< "$$line"
-        record="{\"sampled_at\":\"$$now\""
-        for i in "$${!names[@]}"; do
-            metrics_json_value "$${fields[$$i]:-}"
-            value=$$REPLY
-            record+=",\"$${names[$$i]}\":$$value"
-        done
-        chunk+="$$record}"$$'\n'
+        metrics_row "$$now" names fields
+        chunk+="$$REPLY"$$'\n'
     done <<< "$$output"
     [ -z "$$chunk" ] || printf '%s' "$$chunk" >> "$$METRICS_DIR/gpu.jsonl" 2>/dev/null || true
     chunk=""
@@ -5911,12 +5918,8 @@ metrics_sample_gpu() {
             [ -n "$$line" ] || continue
             case $$line in *'No running'*) continue ;; esac
             IFS=',' read -r -a fields <<< "$$line"
-            record="{\"sampled_at\":\"$$now\""
-            for i in "$${!names[@]}"; do
-                metrics_json_value "$${fields[$$i]:-}"
-                record+=",\"$${names[$$i]}\":$$REPLY"
-            done
-            chunk+="$$record}"$$'\n'
+            metrics_row "$$now" names fields
+            chunk+="$$REPLY"$$'\n'
         done <<< "$$output"
         [ -z "$$chunk" ] || printf '%s' "$$chunk" >> "$$METRICS_DIR/gpu_processes.jsonl" 2>/dev/null || true
     fi
@@ -5924,7 +5927,7 @@ metrics_sample_gpu() {
 }
 
 metrics_sample_slurm() {
-    local now=$$1 output line chunk="" record i
+    local now=$$1 output line chunk=""
     local -a fields
     local -a names=(step_id ntasks ave_cpu ave_rss max_rss tres_usage_in_ave)
     if ! command -v sstat >/dev/null 2>&1; then
@@ -5947,12 +5950,8 @@ metrics_sample_slurm() {
             metrics_mark slurm false "sstat printed $${#fields[@]} fields instead of $${#names[@]}" ""
             return 0
         fi
-        record="{\"sampled_at\":\"$$now\""
-        for i in "$${!names[@]}"; do
-            metrics_json_value "$${fields[$$i]}"
-            record+=",\"$${names[$$i]}\":$$REPLY"
-        done
-        chunk+="$$record}"$$'\n'
+        metrics_row "$$now" names fields
+        chunk+="$$REPLY"$$'\n'
     done <<< "$$output"
     [ -z "$$chunk" ] || printf '%s' "$$chunk" >> "$$METRICS_DIR/slurm.jsonl" 2>/dev/null || true
     metrics_mark slurm true "" "$$now"

@@ -313,6 +313,11 @@ def test_clean_keeps_the_directory_of_a_running_job(slurm, slurm_jobs, tmp_path)
     old = hand_job(tmp_path, "srun --overlap -n1 sleep 60\n")
     slurm_jobs.add(old)
     assert wait_for_state(old, ["RUNNING"], timeout=120) == "RUNNING"
+    # RUNNING in the scheduler comes a moment before the batch script has made its directory.
+    job_dir = tmp_path / ".hpc-compose" / old
+    deadline = time.time() + 30
+    while not job_dir.is_dir() and time.time() < deadline:
+        time.sleep(0.2)
     newer = "999999"                                   # the latest record names another job
     hpc_compose.record_job(str(tmp_path), {"job_id": newer, "submitted_at": time.time(),
                                            "services": []})

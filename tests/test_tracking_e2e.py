@@ -365,8 +365,14 @@ def test_status_of_a_pending_job_shows_the_reason_and_cancel_ends_it(slurm, slur
     result = run_tool_cli(["submit", "-f", compose], cwd=tmp_path)
     assert result.code == 0, result
     job_id = slurm_jobs.add(submitted_job_id(result.out))
-    pending = run_tool_cli(["status", "-f", compose], cwd=tmp_path)
-    assert pending.code == 0, pending
+    # Until the scheduler's next pass evaluates --begin, the reason may still read None/Resources.
+    deadline = time.time() + 60
+    while True:
+        pending = run_tool_cli(["status", "-f", compose], cwd=tmp_path)
+        assert pending.code == 0, pending
+        if "reason BeginTime" in pending.out or time.time() > deadline:
+            break
+        time.sleep(1)
     assert "scheduler:  PENDING (squeue), reason BeginTime" in pending.out
     assert "runtime:    no state.json yet" in pending.out
     cancelled = run_tool_cli(["cancel", "-f", compose], cwd=tmp_path)

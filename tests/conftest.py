@@ -85,3 +85,12 @@ def pytest_runtest_makereport(item, call):
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         report.outcome = "failed"
         report.longrepr = "skipped under CI=true, which counts as a failure: %s" % reason
+
+
+def pytest_configure(config):
+    # A shell run in the background starts its children with SIGINT ignored, and that is inherited
+    # through exec: the tests of Ctrl-C handling would then fail for a reason that is not the
+    # product's. A handled signal is reset to its default in children, so handling it here fixes it.
+    import signal
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)

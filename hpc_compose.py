@@ -287,7 +287,7 @@ def warn(message):
 ##############################################################################
 # YAML reader
 ##############################################################################
-# OWNER: YAML helper. Contract (others rely on it):
+# Contract:
 #   parse_yaml(text) -> plain dict/list/str/int/float/bool/None
 #   load_yaml(text, filename=None) -> YamlDocument(data, marks, key_marks)
 #   marks: dict mapping a path tuple (mapping keys as str, sequence indexes as int; () is the root)
@@ -1575,7 +1575,7 @@ class _YamlReader(object):
 ##############################################################################
 # Interpolation and .env
 ##############################################################################
-# OWNER: spec helper. Contract:
+# Contract:
 #   load_dotenv(path) -> dict (missing file -> {}; unreadable/malformed -> SpecError with file+line)
 #   interpolate(value, variables, path=None, ...) -> str   ($VAR ${VAR} ${VAR:-d} ${VAR-d} $$;
 #          missing variable without default -> SpecError naming the variable, file, line, key path)
@@ -1773,7 +1773,7 @@ class _Interpolation(object):
 ##############################################################################
 # Spec: the validated compose model
 ##############################################################################
-# OWNER: spec helper. load_spec(path, environ=None) -> ComposeSpec. Everything here is validated,
+# load_spec(path, environ=None) -> ComposeSpec. Everything here is validated,
 # interpolated and normalized in shape (environment as ordered pairs, depends_on as pairs, healthcheck
 # folded into readiness, failure-policy and readiness defaults applied), but paths are not resolved
 # yet (planner). Records are immutable; tuples, never lists; mappings kept as tuples of pairs in
@@ -2970,7 +2970,7 @@ def _scalar_text(value):
 ##############################################################################
 # Planner: spec -> deterministic normalized plan
 ##############################################################################
-# OWNER: spec helper. build_plan(spec, environ=None) -> Plan. Pure apart from reading $HOME from
+# build_plan(spec, environ=None) -> Plan. Pure apart from reading $HOME from
 # the environment and resolving symlinks of cache_dir; existence checks are preflight's.
 
 
@@ -3266,7 +3266,7 @@ def build_plan(spec, environ=None):
 ##############################################################################
 # Images: enroot import, x-enroot.prepare, the shared cache
 ##############################################################################
-# OWNER: images helper. Contract:
+# Contract:
 #   build_runtime_plan(plan) -> RuntimePlan: decides, for every service, which artifact the
 #       container starts from (pure apart from cheap stats of local images and reading manifests).
 #   prepare_images(runtime_plan, options: PrepareOptions, progress=print-like callable or None)
@@ -4255,7 +4255,7 @@ def prune_cache(cache_dir, age_days=None, runtime_plan=None, now=None, squeue_bi
 ##############################################################################
 # Preflight: login-node checks before a submission
 ##############################################################################
-# OWNER: images helper. Contract:
+# Contract:
 #   run_preflight(runtime_plan, options: PreflightOptions) -> PreflightReport
 # Levels: error (the run cannot work: submit stops), warn (it may work; `preflight --strict` fails),
 # ok (passed; listed with --verbose). Every error and warning carries a remediation.
@@ -5789,7 +5789,7 @@ def render_script(runtime_plan):
 # ---------------------------------------------------------------------------------------------
 # Render extras: the metrics sampler and teardown artifact collection (bash pieces)
 # ---------------------------------------------------------------------------------------------
-# OWNER: tracking helper. render_script() pastes these blocks into the batch script. Contract with
+# render_script() pastes these blocks into the batch script. Contract with
 # the rest of the script:
 #   * ``JOB_DIR`` is set (the per-job directory, mounted at /hpc-compose/job: artifact patterns are
 #     resolved against it) and ``RUN_DIR`` may be (the current attempt's directory with resume;
@@ -6216,7 +6216,7 @@ def render_artifacts_block(runtime_plan):
 ##############################################################################
 # Job tracking: scheduler, logs, stats, artifacts
 ##############################################################################
-# OWNER: tracking helper. Thin wrappers for sbatch, squeue, sacct, sstat, scancel (all through
+# Thin wrappers for sbatch, squeue, sacct, sstat, scancel (all through
 # run_command); the tracked metadata under <compose dir>/.hpc-compose/ (jobs/<id>.json, latest.json);
 # scheduler state, runtime state (state.json), log following, watch, stats, artifact export, clean.
 #
@@ -7909,7 +7909,7 @@ def cmd_completions(args):
     return EXIT_OK
 
 
-# CLI: validate, inspect, config commands (OWNER: spec helper)
+# CLI: validate, inspect, config commands
 
 
 def _readiness_to_dict(readiness, escape=None):
@@ -8384,7 +8384,7 @@ def cmd_config(args):
     return EXIT_OK
 
 
-# CLI: render command (OWNER: render helper)
+# CLI: render command
 
 
 def _add_render_parser(subparsers):
@@ -8441,7 +8441,7 @@ def cmd_render(args):
     return EXIT_OK
 
 
-# CLI: submit, up, status, ps, logs, stats, artifacts, cancel, down, clean commands (OWNER: tracking helper)
+# CLI: submit, up, status, ps, logs, stats, artifacts, cancel, down, clean commands
 
 def _add_tool_arguments(parser, names):
     for name in names:
@@ -8810,7 +8810,7 @@ def cmd_clean(args):
     return EXIT_OK
 
 
-# CLI: preflight, prepare, cache commands (OWNER: images helper)
+# CLI: preflight, prepare, cache commands
 
 def add_tool_arguments(parser, enroot=True, srun=True, sbatch=True):
     """``--enroot-bin`` / ``--srun-bin`` / ``--sbatch-bin`` (preflight, prepare, submit)."""
@@ -9183,10 +9183,6 @@ def _describe_template(template):
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
-
-
-def _not_written_yet(args):
-    raise HpcComposeError("'%s' is not implemented yet" % args.command)
 
 
 ##############################################################################

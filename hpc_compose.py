@@ -9213,6 +9213,11 @@ def main(argv=None):
         except OSError:
             pass
         return EXIT_OK
+    except OSError as exc:
+        # A file system problem no handler foresaw (a full disk, an unwritable --output...): one line.
+        where = " (%s)" % exc.filename if getattr(exc, "filename", None) else ""
+        sys.stderr.write("error: %s%s\n" % (exc.strerror or exc, where))
+        return EXIT_FAILURE
 
 
 if __name__ == "__main__":

@@ -137,3 +137,11 @@ def test_write_json_atomic_leaves_no_temporary_files(tmp_path):
     hc.write_json_atomic(str(target), {"b": 1, "a": [1, 2]})
     assert hc.read_json(str(target)) == {"a": [1, 2], "b": 1}
     assert os.listdir(str(tmp_path)) == ["state.json"]
+
+
+def test_unwritable_output_is_one_line_error_not_traceback(cli, project):
+    path = project.write("compose.yaml", MINIMAL)
+    result = cli(["render", "-f", path, "--output", "/proc/nope/job.sbatch"])
+    assert result.code == 1
+    assert "Traceback" not in result.err
+    assert result.err.startswith("error: ") and "/proc/nope" in result.err

@@ -102,7 +102,7 @@ def slurm():
     reason = cluster_problem()
     if reason is not None:
         message = ("Slurm test cluster not reachable: %s. Bring it up with "
-                   "`sudo bash tests/cluster/slurm-cluster.sh up`." % reason)
+                   "`bash tests/cluster/slurm-cluster.sh up`." % reason)
         if os.environ.get("CI") == "true":
             pytest.fail(message, pytrace=False)
         pytest.skip(message)

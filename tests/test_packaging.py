@@ -219,6 +219,6 @@ def test_readme_starts_with_the_two_setup_commands():
         lines = handle.read().splitlines()
     assert lines[:5] == [
         "# hpc-compose", "", "```sh",
-        "sudo bash tests/cluster/slurm-cluster.sh up && "
+        "bash tests/cluster/slurm-cluster.sh up && "
         "python3 hpc_compose.py up -f examples/host-pipeline.yaml",
         "python3 -m pip install pytest && python3 -m pytest -q tests"]

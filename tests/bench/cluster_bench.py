@@ -34,7 +34,7 @@ def require_cluster():
     """Exit with a message when the test cluster is not usable."""
     reason = cluster_problem()
     if reason:
-        sys.exit("benchmark needs the test cluster (sudo bash tests/cluster/slurm-cluster.sh up): %s"
+        sys.exit("benchmark needs the test cluster (bash tests/cluster/slurm-cluster.sh up): %s"
                  % reason)
 
 

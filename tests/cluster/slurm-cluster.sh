@@ -53,6 +53,10 @@ say() { printf '[slurm-cluster] %s\n' "$*"; }
 die() { printf '[slurm-cluster] ERROR: %s\n' "$*" >&2; exit 1; }
 
 need_root() {
+    # It installs packages and starts daemons: as a normal user, ask sudo once (when there is one).
+    if [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1; then
+        exec sudo bash "$0" "$ACTION"
+    fi
     [ "$(id -u)" -eq 0 ] || die "run as root (sudo bash $0 $ACTION): it installs packages and starts daemons"
 }
 

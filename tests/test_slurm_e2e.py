@@ -301,6 +301,14 @@ def _wait_for_running_service(job, name, timeout=60):
     raise AssertionError("service %s never ran" % name)
 
 
+def _final_state(job, timeout=20):
+    """state.json once teardown has written its final status (Slurm may report the end first)."""
+    deadline = time.monotonic() + timeout
+    while job.state()["status"] == "running" and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return job.state()
+
+
 def test_scancel_runs_teardown_and_leaves_a_final_state(slurm, slurm_jobs, tmp_path):
     job = submit(tmp_path, slurm_jobs, HEAD + """\
   server:
@@ -312,10 +320,7 @@ def test_scancel_runs_teardown_and_leaves_a_final_state(slurm, slurm_jobs, tmp_p
     subprocess.run(["scancel", job.id], check=True, timeout=30)
 
     assert wait_for_job(job.id, timeout=90) == "CANCELLED"
-    deadline = time.monotonic() + 20
-    while job.state()["status"] == "running" and time.monotonic() < deadline:
-        time.sleep(0.5)
-    state = job.state()
+    state = _final_state(job)
     assert state["status"] == "cancelled"
     assert state["exit_code"] == 143
     assert job.service("server")["status"] == "stopped"
@@ -329,10 +334,7 @@ def test_time_limit_runs_teardown_and_leaves_a_final_state(slurm, slurm_jobs, tm
 """)
 
     assert wait_for_job(job.id, timeout=240) == "TIMEOUT"
-    deadline = time.monotonic() + 20
-    while job.state()["status"] == "running" and time.monotonic() < deadline:
-        time.sleep(0.5)
-    state = job.state()
+    state = _final_state(job)
     assert state["status"] == "timeout"
     assert job.service("server")["status"] == "stopped"
     assert "time limit" in state["reason"]
@@ -480,10 +482,7 @@ def test_scancel_of_a_service_ignoring_sigterm_still_ends_with_a_final_state(slu
     subprocess.run(["scancel", job.id], check=True, timeout=30)
 
     assert wait_for_job(job.id, timeout=90) == "CANCELLED"
-    deadline = time.monotonic() + 20
-    while job.state()["status"] == "running" and time.monotonic() < deadline:
-        time.sleep(0.5)
-    state = job.state()
+    state = _final_state(job)
     assert state["status"] == "cancelled"
     stubborn = job.service("stubborn")
     assert (stubborn["status"], stubborn["pid"]) == ("stopped", None)

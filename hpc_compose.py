@@ -49,6 +49,7 @@ __all__ = [
     "interpolate", "load_dotenv",
     # spec
     "load_spec", "ComposeSpec", "SlurmSpec", "ServiceSpec", "ServiceSlurmSpec", "ReadinessSpec",
+    "SecretSpec", "ServiceSecret",
     "FailurePolicy", "PrepareSpec", "MetricsSpec", "ArtifactsSpec", "ResumeSpec",
     # planner
     "build_plan", "Plan", "ServicePlan", "ImageRef", "Execution", "Mount", "Dependency", "Placement",
@@ -82,6 +83,15 @@ DEFAULT_COMPOSE_FILES = ("compose.yaml", "compose.yml", "docker-compose.yml", "d
 METADATA_DIR_NAME = ".hpc-compose"
 JOB_MOUNT = "/hpc-compose/job"
 RESUME_MOUNT = "/hpc-compose/resume"
+SECRETS_MOUNT = "/run/secrets"      # Compose's convention: each secret is a file here
+SECRETS_DIR_NAME = "secrets"        # <job dir>/secrets/<service token>/<target>: the owner-only copies
+SECRETS_DIR_VARIABLE = "HPC_COMPOSE_SECRETS_DIR"
+# Modes of what hpc-compose writes. Owner-only by default: the script, the tracking records and the
+# job directory can hold environment values (where people do put tokens). share_with_group opens the
+# job directory and the service logs to the group, never the script, the records or the secrets.
+PRIVATE_FILE_MODE = 0o600
+PRIVATE_DIR_MODE = 0o700
+SHARED_DIR_MODE = 0o750
 RUNTIMES = ("pyxis", "host")
 DEFAULT_RUNTIME = "pyxis"
 # Cache keys carry this instead of the tool's release version: bump it only when the artifact layout
@@ -1830,6 +1840,7 @@ class ServiceSpec(NamedTuple):
     prepare: object = None         # PrepareSpec or None (x-enroot.prepare)
     runtime: str = DEFAULT_RUNTIME # resolved: service x-slurm.runtime, else top-level, else pyxis
     line: object = None            # line of the service's key in the compose file
+    secrets: tuple = ()            # (ServiceSecret, ...) in declared order
 
 
 class MetricsSpec(NamedTuple):
@@ -1873,6 +1884,7 @@ class SlurmSpec(NamedTuple):
     setup: tuple = ()
     submit_args: tuple = ()
     runtime: str = DEFAULT_RUNTIME # hpc-compose extension: pyxis | host
+    share_with_group: bool = False # job directory and service logs readable by the group
 
 
 class ComposeSpec(NamedTuple):
@@ -1883,18 +1895,33 @@ class ComposeSpec(NamedTuple):
     slurm: SlurmSpec
     services: tuple                # (ServiceSpec, ...) in file order
     warnings: tuple = ()           # human-readable warnings (e.g. misspelt x- keys)
+    secrets: tuple = ()            # (SecretSpec, ...) top-level secrets: in file order
+
+
+class SecretSpec(NamedTuple):
+    """A top-level secret: where its value comes from, never the value itself."""
+    name: str
+    source: str                    # file | environment
+    reference: str                 # file: the path (planner: absolute); environment: the variable
+    line: object = None
+
+
+class ServiceSecret(NamedTuple):
+    source: str                    # the top-level secret's name
+    target: str                    # file name under /run/secrets (default: the secret's name)
+    mode: object = None            # owner permission bits of the copy (None = 0600)
 
 
 # --- accepted keys -------------------------------------------------------------------------------
 
-_TOP_LEVEL_KEYS = ("name", "version", "services", "x-slurm")
+_TOP_LEVEL_KEYS = ("name", "version", "services", "x-slurm", "secrets")
 _SERVICE_KEYS = ("image", "command", "entrypoint", "environment", "volumes", "working_dir",
-                 "depends_on", "readiness", "healthcheck", "x-slurm", "x-enroot")
+                 "depends_on", "readiness", "healthcheck", "x-slurm", "x-enroot", "secrets")
 _SLURM_STRING_KEYS = ("job_name", "partition", "account", "qos", "time", "mem", "gres",
                       "constraint", "output", "error", "chdir", "cache_dir")
 _SLURM_COUNT_KEYS = ("nodes", "ntasks", "ntasks_per_node", "cpus_per_task", "gpus")
 _SLURM_KEYS = _SLURM_STRING_KEYS + _SLURM_COUNT_KEYS + (
-    "metrics", "artifacts", "resume", "setup", "submit_args", "runtime")
+    "metrics", "artifacts", "resume", "setup", "submit_args", "runtime", "share_with_group")
 _SERVICE_SLURM_KEYS = ("nodes", "ntasks", "ntasks_per_node", "cpus_per_task", "gpus", "gres",
                        "extra_srun_args", "failure_policy", "runtime")
 _FAILURE_POLICY_KEYS = ("mode", "max_restarts", "backoff_seconds")
@@ -1918,6 +1945,22 @@ _METRICS_COLLECTORS = ("gpu", "slurm")
 _ARTIFACTS_KEYS = ("collect", "export_dir", "paths", "bundles")
 _ARTIFACT_COLLECT = ("always", "on_success", "on_failure")
 _RESUME_KEYS = ("path",)
+_SECRET_SOURCES = ("file", "environment")
+_SECRET_UNSUPPORTED = {
+    "external": ("external secrets (a Swarm secret store) are not supported",
+                 "use file: (a file on the login node) or environment: (a variable)"),
+    "name": ("'name' (an external secret's name) is not supported",
+             "use file: or environment:"),
+    "content": ("inline 'content' is not supported: it would put the value in the compose file",
+                "use file: (an owner-only file) or environment: (a variable)"),
+}
+_SERVICE_SECRET_KEYS = ("source", "target", "mode")
+_SERVICE_SECRET_UNSUPPORTED = dict(
+    (key, ("'%s' is not supported: the copy belongs to you, and the service runs as you" % key,
+           "remove it")) for key in ("uid", "gid"))
+_DEFAULT_SECRET_MODE = 0o600
+_SECRET_CHECK_LIMIT = 1 << 16      # bytes: larger secret files are not searched for in spec values
+_SECRET_MATCH_MIN = 8              # a value contained in a spec string must be at least this long
 
 _NETWORK_HINT = ("there is no Docker network or service-name DNS: services on one node share the "
                  "host network (use 127.0.0.1); multi-node runs use HPC_COMPOSE_PRIMARY_NODE")
@@ -1951,9 +1994,6 @@ _UNSUPPORTED_TOP_LEVEL_KEYS = {
     "volumes": ("top-level 'volumes' (named volumes) is not supported",
                 "use host-path bind mounts in services.<name>.volumes, e.g. ./data:/data"),
     "networks": ("top-level 'networks' is not supported", _NETWORK_HINT),
-    "secrets": ("top-level 'secrets' is not supported",
-                "pass secrets as environment values from .env or the shell, or mount a host file "
-                "with volumes"),
     "configs": ("top-level 'configs' is not supported",
                 "mount the file from the host with services.<name>.volumes"),
 }
@@ -2184,7 +2224,11 @@ def load_spec(path, environ=None):
                         hint="it needs at least a services: mapping with one service; "
                              "'hpc-compose init --list' shows starting points")
     variables = build_variables(project_dir, environ)
-    return _SpecLoader(path, document, variables).load()
+    loader = _SpecLoader(path, document, variables)
+    try:
+        return loader.load()
+    except SpecError as exc:
+        raise loader.redacted(exc)
 
 
 def _dotted(path):
@@ -2214,6 +2258,7 @@ class _SpecLoader(object):
         self.key_marks = getattr(document, "key_marks", None) or {}
         self.variables = variables
         self.warnings = []
+        self.secret_values = []        # (name, text) read to keep values out of the spec; never stored
 
     # --- locations and errors ---
 
@@ -2251,9 +2296,11 @@ class _SpecLoader(object):
 
     def interpolate(self, path, value, **options):
         mark = self.mark(path)
-        return interpolate(value, self.variables, path=_dotted(path), file=self.file,
+        text = interpolate(value, self.variables, path=_dotted(path), file=self.file,
                            line=mark.line if mark else None,
                            column=mark.column if mark else None, **options)
+        self.check_secret_value(path, text)
+        return text
 
     # --- typed readers ---
 
@@ -2401,6 +2448,8 @@ class _SpecLoader(object):
                                                and k != "x-slurm"))
         self.check_keys((), dict.fromkeys(known), _TOP_LEVEL_KEYS, "the top level",
                         _UNSUPPORTED_TOP_LEVEL_KEYS)
+        # Secrets first: every value interpolated after this is checked against theirs.
+        self.secrets = self.top_level_secrets(("secrets",), root.get("secrets"))
         name = self.optional_string(("name",), root.get("name"))
         version = root.get("version")
         if version is not None:
@@ -2415,7 +2464,7 @@ class _SpecLoader(object):
         services = tuple(self.service(name_, raw, slurm) for name_, raw in raw_services.items())
         self.check_relations(services, slurm)
         return ComposeSpec(self.file, self.project_dir, name, version, slurm, services,
-                           tuple(self.warnings))
+                           tuple(self.warnings), self.secrets)
 
     def check_extension_key(self, path, key, top_level):
         """Extension keys are ignored (anchor holders); a near-miss of ours earns a warning."""
@@ -2461,6 +2510,9 @@ class _SpecLoader(object):
         values["submit_args"] = self.string_list(path + ("submit_args",), raw.get("submit_args"))
         if raw.get("runtime") is not None:
             values["runtime"] = self.choice(path + ("runtime",), raw["runtime"], RUNTIMES)
+        if raw.get("share_with_group") is not None:
+            values["share_with_group"] = self.boolean(path + ("share_with_group",),
+                                                      raw["share_with_group"])
         self.check_gpus(path, values)
         return SlurmSpec(**values)
 
@@ -2659,8 +2711,9 @@ class _SpecLoader(object):
                                       "modules), or use x-slurm.runtime: pyxis")
             prepare = self.x_enroot(path + ("x-enroot",), raw["x-enroot"])
 
+        secrets = self.service_secrets(path + ("secrets",), raw.get("secrets"))
         return ServiceSpec(name, image, command, entrypoint, environment, volumes, working_dir,
-                           depends_on, readiness, slurm, prepare, runtime, line)
+                           depends_on, readiness, slurm, prepare, runtime, line, secrets)
 
     def command_form(self, path, value):
         if value is None:
@@ -2840,6 +2893,172 @@ class _SpecLoader(object):
         env = self.environment(path + ("env",), raw.get("env"))
         root = True if raw.get("root") is None else self.boolean(path + ("root",), raw["root"])
         return PrepareSpec(commands, tuple(mounts), env, root)
+
+    # --- secrets ---
+
+    def top_level_secrets(self, path, raw):
+        """``secrets:`` -> (SecretSpec, ...); each source is checked and its value read, not kept."""
+        raw = self.mapping(path, raw, "a mapping of secrets")
+        secrets = []
+        for name, body in raw.items():
+            item_path = path + (name,)
+            if not isinstance(name, str) or not _is_service_name(name):
+                raise self.error(item_path, "secret name %r is not valid" % (name,), at_key=True,
+                                 hint="use letters, digits, '_', '.' and '-', starting with a "
+                                      "letter or digit")
+            body = self.mapping(item_path, body, "a mapping with file: or environment:")
+            self.check_keys(item_path, body, _SECRET_SOURCES, "secret '%s'" % name,
+                            _SECRET_UNSUPPORTED)
+            given = [key for key in _SECRET_SOURCES if body.get(key) is not None]
+            if len(given) != 1:
+                raise self.error(item_path, "secret '%s' needs exactly one of file: or "
+                                 "environment:" % name,
+                                 hint="file: ./token.txt (a file on this node) or environment: "
+                                      "HF_TOKEN (a variable of the shell or .env)")
+            mark = self.mark(item_path, at_key=True)
+            source_path = item_path + (given[0],)
+            if given[0] == "file":
+                reference = self.string(source_path, body["file"])
+                value = self.read_secret_file(source_path, reference)
+            else:
+                reference = self.string(source_path, body["environment"], interpolated=False)
+                if not _is_env_name(reference):
+                    raise self.error(source_path, "%r is not a valid environment variable name"
+                                     % reference, hint="name the variable, e.g. environment: "
+                                                       "HF_TOKEN (without $)")
+                if reference not in self.variables:
+                    raise self.error(source_path, "variable '%s' (the source of secret '%s') is "
+                                     "not set" % (reference, name),
+                                     hint="export it in the shell that runs hpc-compose, or set it "
+                                          "in .env next to the compose file")
+                value = self.variables[reference].encode("utf-8", "surrogateescape")
+            self.remember_secret_value(name, value)
+            secrets.append(SecretSpec(name, given[0], reference, mark.line if mark else None))
+        return tuple(secrets)
+
+    def read_secret_file(self, path, reference):
+        """The first bytes of a secret file (enough for the leak check); located errors."""
+        resolved = resolve_host_path(reference, self.project_dir, self.variables)
+        if not os.path.exists(resolved):
+            raise self.error(path, "secret file %s does not exist" % resolved,
+                             hint="relative paths are relative to the compose file's directory")
+        if not os.path.isfile(resolved):
+            raise self.error(path, "secret file %s is not a regular file" % resolved)
+        try:
+            with open(resolved, "rb") as handle:
+                return handle.read(_SECRET_CHECK_LIMIT + 1)
+        except OSError as exc:
+            raise self.error(path, "cannot read secret file %s: %s"
+                             % (resolved, exc.strerror or exc))
+
+    def remember_secret_value(self, name, value):
+        if len(value) > _SECRET_CHECK_LIMIT:
+            return
+        try:
+            text = value.decode("utf-8").rstrip("\r\n")
+        except UnicodeDecodeError:
+            return
+        if text:
+            self.secret_values.append((name, text))
+
+    def check_secret_value(self, path, text):
+        """A secret's value must not reach the spec: it would be written into the batch script."""
+        if not isinstance(text, str):
+            return
+        for name, value in self.secret_values:
+            if text == value or (len(value) >= _SECRET_MATCH_MIN and value in text):
+                raise self.error(path, "this value holds the value of secret '%s', which would "
+                                 "then be written into the batch script" % name,
+                                 hint="list the secret under services.<name>.secrets and read "
+                                      "the file %s/<target> in the service (e.g. in a shell "
+                                      "command: export TOKEN=\"$(cat %s/%s)\")"
+                                      % (SECRETS_MOUNT, SECRETS_MOUNT, name))
+
+    def redacted(self, error):
+        """``error`` with every secret value it quotes replaced by ``<secret NAME>``."""
+        def scrub(text):
+            if not text:
+                return text
+            for name, value in self.secret_values:
+                shown = "<secret %s>" % name
+                text = text.replace(repr(value), shown)
+                if len(value) >= _SECRET_MATCH_MIN:
+                    text = text.replace(value, shown)
+            return text
+        error.message = scrub(error.message)
+        error.hint = scrub(error.hint)
+        error.args = (error.message,)
+        return error
+
+    def service_secrets(self, path, raw):
+        """Short (``- name``) and long (``source``/``target``/``mode``) forms -> (ServiceSecret, ...)."""
+        declared = dict((secret.name, secret) for secret in self.secrets)
+        result = []
+        for index, item in enumerate(self.sequence(path, raw)):
+            item_path = path + (index,)
+            if isinstance(item, dict):
+                self.check_keys(item_path, item, _SERVICE_SECRET_KEYS, "a service secret",
+                                _SERVICE_SECRET_UNSUPPORTED)
+                if item.get("source") is None:
+                    raise self.error(item_path, "a service secret in the long form needs source",
+                                     hint="source: names a top-level secret")
+                source_path = item_path + ("source",)
+                source = self.string(source_path, item["source"], interpolated=False)
+            else:
+                source_path = item_path
+                source = self.string(item_path, item, interpolated=False)
+                item = {}
+            if source not in declared:
+                suggestion = _closest(source, declared)
+                raise self.error(source_path, "unknown secret '%s'" % source,
+                                 hint="did you mean '%s'?" % suggestion if suggestion else
+                                 ("declared secrets: " + ", ".join(declared) if declared else
+                                  "declare it under the top-level secrets: with file: or "
+                                  "environment:"))
+            target = source
+            if item.get("target") is not None:
+                target = self.secret_target(item_path + ("target",), item["target"])
+            if any(other.target == target for other in result):
+                raise self.error(item_path, "two secrets of this service have the target '%s'"
+                                 % target, hint="give one of them another target:")
+            mode = None
+            if item.get("mode") is not None:
+                mode = self.secret_mode(item_path + ("mode",), item["mode"])
+            result.append(ServiceSecret(source, target, mode))
+        return tuple(result)
+
+    def secret_target(self, path, value):
+        text = self.string(path, value, interpolated=False)
+        name = text[len(SECRETS_MOUNT) + 1:] if text.startswith(SECRETS_MOUNT + "/") else text
+        if name in (".", "..") or not _is_service_name(name):
+            raise self.error(path, "target %r must be a file name (the secret is mounted at "
+                             "%s/<target>)" % (text, SECRETS_MOUNT),
+                             hint="letters, digits, '_', '.' and '-'; other container paths "
+                                  "are not supported")
+        return name
+
+    def secret_mode(self, path, value):
+        """Octal permission bits, written as Compose does (0400, 0o440, "0600")."""
+        text = value
+        if isinstance(value, int) and not isinstance(value, bool):
+            mark = self.marks.get(tuple(path))
+            text = mark.text if mark is not None and mark.text else "%o" % value
+        if not isinstance(text, str):
+            raise self.error(path, "mode must be octal permission bits such as 0400, got %s"
+                             % _describe(value))
+        digits = text.strip()
+        digits = digits[2:] if digits[:2].lower() == "0o" else digits
+        if not digits or not frozenset("01234567").issuperset(digits) or int(digits, 8) > 0o777:
+            raise self.error(path, "mode %r is not octal permission bits (0000-0777)" % text,
+                             hint="e.g. mode: 0400")
+        mode = int(digits, 8)
+        if not mode & 0o400:
+            raise self.error(path, "mode %s leaves the secret unreadable by its owner (the "
+                             "service runs as you)" % text, hint="e.g. mode: 0400")
+        if mode & 0o077:
+            self.warnings.append("%s: mode %s: group and other bits are dropped, the copy stays "
+                                 "owner-only (0%o)" % (self.where(path), text, mode & 0o700))
+        return mode & 0o700
 
     # --- rules across services ---
 
@@ -3032,6 +3251,7 @@ class ServicePlan(NamedTuple):
     gres: object = None            # when set, gpus is ignored
     extra_srun_args: tuple = ()
     prepare: object = None         # PreparePlan or None
+    secrets: tuple = ()            # (ServiceSecret, ...): files under /run/secrets
 
 
 class Plan(NamedTuple):
@@ -3044,6 +3264,7 @@ class Plan(NamedTuple):
     slurm: SlurmSpec
     services: tuple                # (ServicePlan, ...) in launch (dependency) order
     runtime: str                   # top-level default runtime
+    secrets: tuple = ()            # (SecretSpec, ...) file references made absolute
 
 
 def service_token(name):
@@ -3256,11 +3477,14 @@ def build_plan(spec, environ=None):
             failure_policy=policy, placement=placement,
             cpus_per_task=service.slurm.cpus_per_task, gpus=service.slurm.gpus,
             gres=service.slurm.gres, extra_srun_args=service.slurm.extra_srun_args,
-            prepare=prepare))
+            prepare=prepare, secrets=service.secrets))
     job_name = spec.slurm.job_name or spec.name or "hpc-compose"
+    secrets = tuple(secret._replace(reference=resolve_host_path(secret.reference,
+                                                                spec.project_dir, environ))
+                    if secret.source == "file" else secret for secret in spec.secrets)
     return Plan(spec=spec, compose_file=spec.path, project_dir=spec.project_dir,
                 job_name=job_name, cache_dir=cache_dir, nodes=alloc_nodes, slurm=spec.slurm,
-                services=tuple(services), runtime=spec.slurm.runtime)
+                services=tuple(services), runtime=spec.slurm.runtime, secrets=secrets)
 
 
 ##############################################################################
@@ -4315,6 +4539,10 @@ def run_preflight(runtime_plan, options=PreflightOptions()):
         _preflight_binary(findings, "scontrol", "scontrol", None,
                       why="x-slurm.nodes is %d: the batch script expands the node list with it"
                           % plan.nodes)
+    elif _secret_services(plan):
+        _preflight_binary(findings, "scontrol", "scontrol", None,
+                          why="the job uses secrets: submit releases it with scontrol once the "
+                              "owner-only copies are written")
     if uses_containers and srun_path:
         findings.append(_preflight_pyxis(srun_path))
     if uses_containers and enroot_path:
@@ -4327,6 +4555,7 @@ def run_preflight(runtime_plan, options=PreflightOptions()):
         findings.extend(_preflight_credentials(runtime_plan))
     findings.extend(_preflight_curl(plan))
     findings.extend(_preflight_batch_log_folders(plan))
+    findings.extend(_preflight_secret_files(plan))
     if options.skip_prepare:
         findings.extend(_preflight_skip_prepare(runtime_plan, options.dry_run))
     return PreflightReport(findings=tuple(findings))
@@ -4700,6 +4929,29 @@ def _preflight_batch_log_folders(plan):
     return findings
 
 
+def _preflight_secret_files(plan):
+    """Like ssh with keys: files that hold values should be readable by their owner only."""
+    paths = [("dotenv", os.path.join(plan.project_dir, ".env"))]
+    paths += [("secret." + s.name, s.reference) for s in plan.secrets if s.source == "file"]
+    findings = []
+    for check, path in paths:
+        try:
+            mode = os.stat(path).st_mode & 0o777
+        except OSError:
+            continue
+        if mode & 0o044:
+            findings.append(Finding(
+                "warn", "permissions." + check,
+                "%s is readable by %s (mode %04o): it holds values such as tokens"
+                % (path, "group and others" if mode & 0o004 and mode & 0o040 else
+                   "others" if mode & 0o004 else "the group", mode),
+                "chmod 600 %s" % shell_quote(path)))
+        else:
+            findings.append(Finding("ok", "permissions." + check,
+                                    "%s is owner-only (mode %04o)" % (path, mode)))
+    return findings
+
+
 def _preflight_skip_prepare(runtime_plan, dry_run=False):
     findings = []
     for service, image in zip(runtime_plan.plan.services, runtime_plan.images):
@@ -4845,7 +5097,12 @@ RUN_DIR="@{run_dir}"
 LOG_DIR="$RUN_DIR/logs"
 STATE_FILE="$RUN_DIR/state.json"
 EXPECTED_NODES=@{nodes}
+# What this script writes can hold values of the spec: @{who}, whatever the
+# submitter's umask. The services get that umask back (run_service_<i>).
+USER_UMASK=$(umask)
+umask @{umask}
 mkdir -p "$LOG_DIR" "$RUN_DIR/metrics" "$RUN_DIR/artifacts" "$RUN_DIR/allocation"
+chmod @{job_dir_mode} "$JOB_DIR"
 exec {SLEEP_FD}<> <(:)  # a pipe nobody writes: read -t on it sleeps without forking
 # Pyxis takes PYXIS_* variables as defaults for every srun; the srun lines below say everything.
 for name in "${!PYXIS_@}"; do unset -v "$name"; done
@@ -4941,6 +5198,7 @@ RUN_SERVICE_TEMPLATE = """
 # @{name}: the srun step (runs in a background subshell; its output is appended to the log).
 # shellcheck disable=SC2016  # single-quoted arguments are expanded by the service, not here
 run_service_@{index}() {
+    umask "$USER_UMASK"
 @{mkdirs}    exec env \\
 @{env}        "$SRUN" \\
 @{argv}
@@ -5355,7 +5613,7 @@ finish() {
         fi
     done
     [[ $status == completed ]] && outcome=success
-    collect_artifacts "$outcome"
+@{remove_secrets}    collect_artifacts "$outcome"
     # Only now does state.json leave "running": readers may take its status as final.
     JOB_STATUS=$status JOB_EXIT=$code JOB_REASON=$reason
     write_state
@@ -5466,6 +5724,23 @@ if [[ $JOB_DIR == *[,:]* ]]; then
 fi
 """
 
+SECRETS_TEMPLATE = """
+# ---------------------------------------------------------------------------
+# Secrets: 'hpc-compose submit' wrote owner-only copies (0600 files, 0700 directories) to
+# $JOB_DIR/@{secrets_dir}/<service token>/ before releasing the job; teardown removes them.
+# ---------------------------------------------------------------------------
+for token in @{tokens}; do
+    if [[ ! -d $JOB_DIR/@{secrets_dir}/$token ]]; then
+        echo "hpc-compose: the secret copies of this job are missing ($JOB_DIR/@{secrets_dir}/$token): 'hpc-compose submit' writes them, plain sbatch does not (a requeued job finds them removed)" >&2
+        exit 1
+    fi
+done
+"""
+
+REMOVE_SECRETS_TEMPLATE = """\
+    rm -rf -- "$JOB_DIR/@{secrets_dir}"  # the services are gone: so go the secret copies
+"""
+
 CURL_CHECK_TEMPLATE = """\
 command -v curl >/dev/null 2>&1 ||
     echo "hpc-compose: warning: curl is not on PATH on $(hostname); http readiness cannot succeed" >&2
@@ -5559,6 +5834,8 @@ def _env_names(runtime_plan, service):
              "HPC_COMPOSE_NODE_COUNT", "HPC_COMPOSE_PRIMARY_NODE", "HPC_COMPOSE_SERVICE"]
     if runtime_plan.plan.slurm.resume is not None:
         names += ["HPC_COMPOSE_ATTEMPT", "HPC_COMPOSE_IS_RESUME", "HPC_COMPOSE_RESUME_DIR"]
+    if service.secrets:
+        names.append(SECRETS_DIR_VARIABLE)
     return sorted(set(names) | set(key for key, _ in service.environment))
 
 
@@ -5575,8 +5852,17 @@ def _environment_parts(runtime_plan, index):
                  ("HPC_COMPOSE_NODELIST_FILE", (JOB_MOUNT + "/allocation/nodes.txt",))]
         if runtime_plan.plan.slurm.resume is not None:
             tool.append(("HPC_COMPOSE_RESUME_DIR", (RESUME_MOUNT,)))
+    if service.secrets:
+        tool.append((SECRETS_DIR_VARIABLE, _secrets_location(service)))
     # The tool's own names come last so that they win over a spec value of the same name.
     return items + tool
+
+
+def _secrets_location(service):
+    """Where service's secrets are, as word parts: /run/secrets in a container, the copy on the host."""
+    if service.runtime == "host":
+        return (_Var("JOB_DIR"), "/%s/%s" % (SECRETS_DIR_NAME, service.token))
+    return (SECRETS_MOUNT,)
 
 
 def service_environment(runtime_plan, index):
@@ -5595,6 +5881,9 @@ def _mount_parts(runtime_plan, service):
     resume = runtime_plan.plan.slurm.resume
     if resume is not None:
         parts.append("," + resume.path + ":" + RESUME_MOUNT)
+    if service.secrets:
+        parts += [",", _Var("JOB_DIR"), "/%s/%s:%s:ro" % (SECRETS_DIR_NAME, service.token,
+                                                         SECRETS_MOUNT)]
     for mount in service.mounts:
         parts.append("," + mount.host + ":" + mount.container
                      + (":" + mount.options if mount.options else ""))
@@ -5739,6 +6028,22 @@ def _extra_block(name, runtime_plan, fallback):
     return text if text and text.strip() else fallback
 
 
+def _secret_services(plan):
+    return [service for service in plan.services if service.secrets]
+
+
+def job_dir_mode(plan):
+    """The job directory's mode for ``plan`` (0700, or 0750 with x-slurm.share_with_group)."""
+    return SHARED_DIR_MODE if plan.slurm.share_with_group else PRIVATE_DIR_MODE
+
+
+def _permission_values(plan):
+    mode = job_dir_mode(plan)
+    who = ("readable by owner and group (x-slurm.share_with_group)" if plan.slurm.share_with_group
+           else "owner-only")
+    return {"umask": "%03o" % (0o777 & ~mode), "job_dir_mode": "%04o" % mode, "who": who}
+
+
 def render_script(runtime_plan):
     """Render the complete, self-contained batch script for ``runtime_plan``."""
     plan = runtime_plan.plan
@@ -5752,7 +6057,8 @@ def render_script(runtime_plan):
                     service_names=_comment(", ".join(s.name for s in services))),
               "\n".join(_sbatch_lines(plan)) + "\n",
               _fill(PRELUDE_TEMPLATE, nodes=shell_quote(int(plan.nodes or 1)),
-                    run_dir="$JOB_DIR/attempts/$ATTEMPT" if resume else "$JOB_DIR"),
+                    run_dir="$JOB_DIR/attempts/$ATTEMPT" if resume else "$JOB_DIR",
+                    **_permission_values(plan)),
               _fill(SERVICE_TABLE_HEAD_TEMPLATE, count=str(len(services)),
                     end_reason=shell_quote("every service that ends the job has finished: "
                                            + ", ".join(ending)))]
@@ -5761,7 +6067,9 @@ def render_script(runtime_plan):
     pieces.append(_fill(SUPERVISOR_TEMPLATE, tick=SUPERVISOR_TICK, grace=str(STOP_GRACE_SECONDS),
                         probe_limit_ms=str(PROBE_LIMIT_SECONDS * 1000), marker=RESTART_MARKER,
                         fast_tick=FAST_TICK, probe_interval_ms=str(PROBE_INTERVAL_MS),
-                        readiness_exit=str(EXIT_READINESS_TIMEOUT)))
+                        readiness_exit=str(EXIT_READINESS_TIMEOUT),
+                        remove_secrets=_fill(REMOVE_SECRETS_TEMPLATE, secrets_dir=SECRETS_DIR_NAME)
+                        if _secret_services(plan) else ""))
     metrics = _extra_block("render_metrics_block", runtime_plan,
                            "metrics_start() { :; }\nmetrics_stop() { :; }\n")
     artifacts = _extra_block("render_artifacts_block", runtime_plan,
@@ -5771,6 +6079,9 @@ def render_script(runtime_plan):
     pieces.append(SIGNALS_TEMPLATE)
     if resume is not None:
         pieces.append(_fill(RESUME_TEMPLATE, resume_path=shell_quote(resume.path)))
+    if _secret_services(plan):
+        pieces.append(_fill(SECRETS_TEMPLATE, secrets_dir=SECRETS_DIR_NAME,
+                            tokens=" ".join(shell_quote(s.token) for s in _secret_services(plan))))
     if any(s.runtime != "host" for s in services):
         pieces.append(PYXIS_PATH_CHECK_TEMPLATE)
     pieces.append(ALLOCATION_TEMPLATE)
@@ -6389,10 +6700,108 @@ def record_job(project_dir, record):
     naming whichever took the lock last, never a mix of two.
     """
     root = tracking_root(project_dir)
+    make_private_dir(os.path.join(root, "jobs"))
     with FileLock(os.path.join(root, "jobs", ".lock")):
-        write_json_atomic(job_record_path(project_dir, record["job_id"]), record)
-        write_json_atomic(latest_record_path(project_dir), record)
+        write_json_atomic(job_record_path(project_dir, record["job_id"]), record,
+                          PRIVATE_FILE_MODE)
+        write_json_atomic(latest_record_path(project_dir), record, PRIVATE_FILE_MODE)
     return job_record_path(project_dir, record["job_id"])
+
+
+def make_private_dir(path, mode=PRIVATE_DIR_MODE):
+    """Create ``path`` (with its parents) and give it exactly ``mode``, whatever the umask."""
+    os.makedirs(path, exist_ok=True)
+    os.chmod(path, mode)
+
+
+# --- secrets: the owner-only copies a job reads ------------------------------------------------
+
+def secrets_directory(job_dir):
+    """``<job dir>/secrets``: one 0700 directory per service token, one copy per secret."""
+    return os.path.join(job_dir, SECRETS_DIR_NAME)
+
+
+def _secret_value(secret, variables):
+    """The bytes of one secret, read at the last moment (a file, or a variable)."""
+    if secret.source == "environment":
+        if secret.reference not in variables:
+            raise ToolError("variable '%s' (the source of secret '%s') is no longer set"
+                            % (secret.reference, secret.name))
+        return variables[secret.reference].encode("utf-8", "surrogateescape")
+    try:
+        with open(secret.reference, "rb") as handle:
+            return handle.read()
+    except OSError as exc:
+        raise ToolError("cannot read secret file %s (secret '%s'): %s"
+                        % (secret.reference, secret.name, exc.strerror or exc))
+
+
+def write_secret_copies(plan, job_dir, environ=None):
+    """Write every service's secrets as owner-only files below ``<job_dir>/secrets/<token>/``.
+
+    The directories are 0700 and each copy has its ``mode`` (default 0600), set explicitly so that
+    the umask cannot widen them. Returns the secrets directory.
+    """
+    variables = build_variables(plan.project_dir, environ)
+    declared = dict((secret.name, secret) for secret in plan.secrets)
+    root = secrets_directory(job_dir)
+    make_private_dir(job_dir, job_dir_mode(plan))
+    make_private_dir(root)
+    for service in plan.services:
+        if not service.secrets:
+            continue
+        directory = os.path.join(root, service.token)
+        make_private_dir(directory)
+        for item in service.secrets:
+            value = _secret_value(declared[item.source], variables)
+            path = os.path.join(directory, item.target)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+            handle = os.open(path, flags, PRIVATE_FILE_MODE)
+            try:
+                os.fchmod(handle, item.mode if item.mode is not None else _DEFAULT_SECRET_MODE)
+                view = memoryview(value)
+                while view:
+                    view = view[os.write(handle, view):]
+            finally:
+                os.close(handle)
+    return root
+
+
+def remove_secret_copies(job_dir):
+    """Remove a job's secret copies; True when there were some."""
+    import shutil
+    root = secrets_directory(job_dir)
+    if not os.path.isdir(root) or os.path.islink(root):
+        return False
+    shutil.rmtree(root, ignore_errors=True)
+    return not os.path.exists(root)
+
+
+def remove_leftover_secrets(project_dir, squeue_bin="squeue"):
+    """Remove the secret copies of every job that has ended (a crash skips teardown's removal).
+
+    Returns the job ids whose copies were removed; a job that may still run keeps them.
+    """
+    root = tracking_root(project_dir)
+    try:
+        names = sorted((n for n in os.listdir(root) if n.isdigit()), key=int)
+    except OSError:
+        return []
+    holders = [n for n in names if os.path.isdir(secrets_directory(os.path.join(root, n)))]
+    unsure = [n for n in holders if not _final_state_file(job_directory(project_dir, n))]
+    queue_states, queue_known = {}, True
+    if unsure:
+        try:
+            queue_states = squeue_states(unsure, squeue_bin)
+        except ToolError:
+            queue_known = False
+    removed = []
+    for job_id in holders:
+        directory = job_directory(project_dir, job_id)
+        if _job_is_finished(directory, queue_states, queue_known) and \
+                remove_secret_copies(directory):
+            removed.append(job_id)
+    return removed
 
 
 def minimal_job_record(project_dir, job_id):
@@ -6573,14 +6982,26 @@ def squeue_states(job_ids, squeue_bin="squeue"):
     return states
 
 
-def submit_batch_script(script_path, project_dir, sbatch_bin="sbatch"):
-    """``sbatch --parsable <script>`` run from the compose dir; returns ``(job_id, cluster)``."""
-    result = run_command([sbatch_bin, "--parsable", script_path], cwd=project_dir, timeout=300)
+def submit_batch_script(script_path, project_dir, sbatch_bin="sbatch", hold=False):
+    """``sbatch --parsable [--hold] <script>`` run from the compose dir; returns ``(job_id, cluster)``."""
+    argv = [sbatch_bin, "--parsable"] + (["--hold"] if hold else []) + [script_path]
+    result = run_command(argv, cwd=project_dir, timeout=300)
     if result.returncode != 0:
         raise ToolError("sbatch failed (exit %d): %s"
                         % (result.returncode, (result.stderr or result.stdout).strip()),
                         hint="the rendered script is at %s" % script_path)
     return parse_sbatch_job_id(result.stdout)
+
+
+def release_job(job_id, cluster=None, scontrol_bin="scontrol"):
+    """``scontrol release <id>``: let a job submitted with ``--hold`` start."""
+    argv = [scontrol_bin] + (["--clusters=" + cluster] if cluster else []) + ["release",
+                                                                              str(job_id)]
+    result = run_command(argv, timeout=60)
+    if result.returncode != 0:
+        raise ToolError("scontrol release %s failed: %s"
+                        % (job_id, (result.stderr or result.stdout).strip()
+                           or "exit %d" % result.returncode))
 
 
 def cancel_job(job_id, scancel_bin="scancel"):
@@ -7969,7 +8390,27 @@ def _slurm_to_dict(slurm, escape=None):
     if slurm.submit_args:
         data["submit_args"] = [escape(a) for a in slurm.submit_args]
     data["runtime"] = slurm.runtime
+    if slurm.share_with_group:
+        data["share_with_group"] = True
     return data
+
+
+def _secrets_to_dict(secrets, escape=None):
+    """Top-level secrets as references (``file:`` path or ``environment:`` name), never values."""
+    escape = escape or _same
+    return dict((secret.name, {secret.source: escape(secret.reference)
+                               if secret.source == "file" else secret.reference})
+                for secret in secrets)
+
+
+def _service_secrets_to_list(secrets):
+    result = []
+    for item in secrets:
+        data = {"source": item.source, "target": item.target}
+        if item.mode is not None:
+            data["mode"] = "0%o" % item.mode
+        result.append(data)
+    return result
 
 
 def spec_to_dict(spec, escape_dollars=False):
@@ -8022,6 +8463,8 @@ def spec_to_dict(spec, escape_dollars=False):
             if service.prepare.env:
                 prepare["env"] = dict((k, escape(v)) for k, v in service.prepare.env)
             data["x-enroot"] = {"prepare": prepare}
+        if service.secrets:
+            data["secrets"] = _service_secrets_to_list(service.secrets)
         services[service.name] = data
     result = {}
     if spec.name is not None:
@@ -8029,6 +8472,8 @@ def spec_to_dict(spec, escape_dollars=False):
     if spec.version is not None:
         result["version"] = spec.version
     result["x-slurm"] = _slurm_to_dict(spec.slurm, escape)
+    if spec.secrets:
+        result["secrets"] = _secrets_to_dict(spec.secrets, escape)
     result["services"] = services
     return result
 
@@ -8073,6 +8518,7 @@ def plan_to_dict(plan):
             "gres": service.gres,
             "extra_srun_args": list(service.extra_srun_args),
             "prepare": prepare,
+            "secrets": _service_secrets_to_list(service.secrets),
         })
     return {
         "compose_file": plan.compose_file,
@@ -8085,6 +8531,7 @@ def plan_to_dict(plan):
         "slurm": _slurm_to_dict(plan.slurm),
         "service_order": [s.name for s in plan.services],
         "services": services,
+        "secrets": _secrets_to_dict(plan.secrets),
         "warnings": list(plan.spec.warnings),
     }
 
@@ -8227,7 +8674,7 @@ def render_inspect_text(plan, verbose=False, cache_reports=None):
     lines = []
     if verbose:
         lines.append("note: --verbose prints resolved environment values, which may include "
-                     "secrets")
+                     "secrets (values of secrets: are never shown)")
         lines.append("compose file: %s" % plan.compose_file)
         lines.append("project dir: %s" % plan.project_dir)
     lines.append("name: %s" % (plan.spec.name or "-"))
@@ -8265,6 +8712,9 @@ def render_inspect_text(plan, verbose=False, cache_reports=None):
                                                       for d in service.depends_on) or "-"))
         lines.append("  readiness: %s" % _readiness_text(service.readiness))
         lines.append("  failure policy: %s" % _failure_policy_text(service.failure_policy))
+        if service.secrets:
+            lines.append("  secrets: %s" % ", ".join(_secret_text(plan, service, item, verbose)
+                                                      for item in service.secrets))
         if service.prepare is not None:
             rebuild = (" (rebuilds on every prepare/submit: prepare.mounts are set)"
                        if service.prepare.mounts else "")
@@ -8279,6 +8729,10 @@ def render_inspect_text(plan, verbose=False, cache_reports=None):
                                 JOB_MOUNT))
                 if slurm.resume is not None:
                     lines.append("    %s -> %s (resume)" % (slurm.resume.path, RESUME_MOUNT))
+                if service.secrets:
+                    lines.append("    %s/%s/%s -> %s (ro, secret copies)" % (
+                        "${SLURM_SUBMIT_DIR:-$PWD}/.hpc-compose/${SLURM_JOB_ID}",
+                        SECRETS_DIR_NAME, service.token, SECRETS_MOUNT))
                 for mount in service.mounts:
                     lines.append("    %s -> %s%s" % (mount.host, mount.container,
                                                      " (%s)" % mount.options if mount.options
@@ -8301,6 +8755,19 @@ def render_inspect_text(plan, verbose=False, cache_reports=None):
     return "\n".join(lines) + "\n"
 
 
+def _secret_text(plan, service, item, verbose=False):
+    """``<secret NAME> -> /run/secrets/target (0600)``; with verbose, where the value comes from."""
+    where = SECRETS_MOUNT if service.runtime != "host" else "$" + SECRETS_DIR_VARIABLE
+    text = "<secret %s> -> %s/%s (%04o)" % (item.source, where, item.target,
+                                           item.mode if item.mode is not None
+                                           else _DEFAULT_SECRET_MODE)
+    if verbose:
+        secret = next(s for s in plan.secrets if s.name == item.source)
+        text += " from %s %s" % ("file" if secret.source == "file" else "variable",
+                                 secret.reference)
+    return text
+
+
 def cmd_inspect(args):
     """Print the normalized plan (text summary, or the whole plan as JSON)."""
     fmt = output_format(args)
@@ -8321,9 +8788,12 @@ def _add_config_parser(subparsers):
     parser = add_command(subparsers, "config", cmd_config,
                          "print the normalized, interpolated spec (like docker compose config)",
                          ["hpc-compose config -f compose.yaml",
-                          "hpc-compose config -f compose.yaml --format json"])
+                          "hpc-compose config -f compose.yaml --format json",
+                          "hpc-compose config --no-interpolate -f compose.yaml"])
     add_file_argument(parser)
     add_format_argument(parser)
+    parser.add_argument("--no-interpolate", action="store_true",
+                        help="print the file as written: variables are not expanded (nor checked)")
 
 
 def render_yaml(data, indent=0):
@@ -8375,8 +8845,12 @@ def _yaml_scalar(value):
 def cmd_config(args):
     """Print the spec after interpolation and normalization."""
     fmt = output_format(args)
-    spec, plan = load_plan_from_args(args)
-    data = spec_to_dict(spec, escape_dollars=True)
+    if args.no_interpolate:
+        path = resolve_compose_file(args)
+        data = load_yaml(_read_compose_text(path), filename=path).data
+    else:
+        spec, plan = load_plan_from_args(args)
+        data = spec_to_dict(spec, escape_dollars=True)
     if fmt == "json":
         print_json(data)
     else:
@@ -8431,7 +8905,7 @@ def cmd_render(args):
             raise UsageError("--output '%s' is a directory" % args.output,
                              hint="name the script file, e.g. --output %s"
                                   % os.path.join(args.output, "job.sbatch"))
-        write_file_atomic(output, script, mode=0o755)
+        write_file_atomic(output, script, mode=PRIVATE_FILE_MODE)
     if fmt == "json":
         print_json(render_summary(runtime_plan, script, output))
     elif output:
@@ -8467,7 +8941,8 @@ def _add_submit_arguments(parser):
                         help="re-import and re-prepare every image")
     parser.add_argument("--keep-failed-prep", action="store_true",
                         help="keep the Enroot rootfs when a prepare step fails")
-    _add_tool_arguments(parser, ("enroot", "srun", "sbatch", "squeue", "sacct"))
+    _add_tool_arguments(parser, ("enroot", "srun", "sbatch", "squeue", "sacct", "scontrol",
+                                 "scancel"))
     add_format_argument(parser)
 
 
@@ -8572,7 +9047,7 @@ def _add_down_parser(subparsers):
 
 def _add_clean_parser(subparsers):
     parser = add_command(subparsers, "clean", cmd_clean,
-                         "remove old tracked jobs (never a running one, never the latest)",
+                         "remove old tracked jobs (never a running one, never the latest) and the secret copies of ended jobs",
                          ["hpc-compose clean -f compose.yaml --age 7",
                           "hpc-compose clean -f compose.yaml --all"])
     add_file_argument(parser)
@@ -8629,7 +9104,7 @@ def cmd_submit(args):
     script = render_script(runtime_plan)
     script_path = os.path.abspath(args.script_out) if args.script_out else \
         os.path.join(plan.project_dir, "hpc-compose.sbatch")
-    write_file_atomic(script_path, script, 0o755)
+    write_file_atomic(script_path, script, PRIVATE_FILE_MODE)
     result = {"dry_run": bool(args.dry_run), "script_path": script_path,
               "cache_dir": plan.cache_dir, "job_id": None}
     if args.dry_run:
@@ -8640,7 +9115,12 @@ def cmd_submit(args):
             print("cache dir: %s" % plan.cache_dir)
             print("dry run: skipping sbatch")
         return EXIT_OK
-    job_id, cluster = submit_batch_script(script_path, plan.project_dir, args.sbatch_bin)
+    make_private_dir(tracking_root(plan.project_dir), job_dir_mode(plan))
+    holds = bool(_secret_services(plan))
+    job_id, cluster = submit_batch_script(script_path, plan.project_dir, args.sbatch_bin,
+                                          hold=holds)
+    if holds:
+        _deliver_secrets(plan, job_id, cluster, args, say)
     record = build_job_record(runtime_plan, job_id, cluster, script_path)
     metadata_path = None
     try:
@@ -8665,6 +9145,32 @@ def cmd_submit(args):
     if getattr(args, "watch", False):
         return _watch(record, args, fmt)
     return EXIT_OK
+
+
+def _deliver_secrets(plan, job_id, cluster, args, say):
+    """The job was submitted held: write its secret copies, then release it (cancel on failure).
+
+    So the values travel from this node to the job through owner-only files in its own directory,
+    never through the script, the environment of sbatch or the scheduler.
+    """
+    job_dir = job_directory(plan.project_dir, job_id)
+    try:
+        write_secret_copies(plan, job_dir)
+        if any(arg in ("-H", "--hold") for arg in plan.slurm.submit_args):
+            say("job %s stays held (x-slurm.submit_args has --hold): release it with "
+                "'scontrol release %s'" % (job_id, job_id))
+        else:
+            release_job(job_id, cluster, args.scontrol_bin)
+    except (HpcComposeError, OSError) as exc:
+        try:
+            cancel_job(job_id, args.scancel_bin)
+        except HpcComposeError as cancel_error:
+            warn("could not cancel the held job %s: %s" % (job_id, cancel_error.message))
+        remove_secret_copies(job_dir)
+        message = exc.message if isinstance(exc, HpcComposeError) else \
+            "cannot write the secret copies in %s: %s" % (secrets_directory(job_dir),
+                                                          exc.strerror or exc)
+        raise ToolError("job %s was cancelled before it started: %s" % (job_id, message))
 
 
 def _watch(record, args, fmt):
@@ -8787,6 +9293,9 @@ def cmd_cancel(args):
     output = cancel_job(record["job_id"], args.scancel_bin)
     if output.strip():
         print(output.strip())
+    if read_runtime_state(record["job_dir"]) is None:
+        # It never started (state.json comes before any service): no teardown will remove them.
+        remove_secret_copies(record["job_dir"])
     print("cancelled job: %s" % record["job_id"])
     return EXIT_OK
 
@@ -8798,9 +9307,12 @@ def cmd_clean(args):
     compose_file = resolve_compose_file(args)
     removed, kept = clean_jobs(os.path.dirname(compose_file), args.age, args.remove_all,
                                args.squeue_bin, compose_file=compose_file)
+    secrets_removed = remove_leftover_secrets(os.path.dirname(compose_file), args.squeue_bin)
     if output_format(args) == "json":
-        print_json({"removed": removed, "kept": kept})
+        print_json({"removed": removed, "kept": kept, "secrets_removed": secrets_removed})
         return EXIT_OK
+    for job_id in secrets_removed:
+        print("removed the secret copies left by job %s" % job_id)
     if removed:
         print("removed %d tracked job(s): %s" % (len(removed), ", ".join(removed)))
     else:

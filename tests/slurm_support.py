@@ -27,7 +27,7 @@ import pytest
 __all__ = [
     "slurm", "slurm_jobs", "SlurmCluster", "ToolResult", "REPO_ROOT", "TOOL_PATH", "TERMINAL_STATES",
     "cluster_problem", "job_state", "sacct_job", "wait_for_job", "wait_for_state", "cancel_job",
-    "submit_wrap", "run_tool_cli",
+    "submit_wrap", "run_tool_cli", "pyxis_test_image", "TEST_IMAGE",
 ]
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,6 +40,11 @@ TERMINAL_STATES = frozenset([
     "BOOT_FAIL", "DEADLINE", "REVOKED", "SPECIAL_EXIT",
 ])
 USABLE_NODE_STATES = ("idle", "mixed", "allocated", "completing")
+
+# The real container image the cluster script builds (`up --containers`): Debian minbase with
+# python3, curl, netcat-openbsd and procps, as a squashfs file Pyxis imports without a registry.
+TEST_IMAGE = os.path.join(os.environ.get("HPC_COMPOSE_TEST_CACHE", "/opt/hpc-compose-tests"),
+                          "test-image.sqsh")
 
 
 def _run(argv, timeout=30, cwd=None, env=None):
@@ -107,6 +112,36 @@ def slurm():
             pytest.fail(message, pytrace=False)
         pytest.skip(message)
     return _cluster_info()
+
+
+_PYXIS_PROBLEM = []
+
+
+def _pyxis_problem():
+    # `srun --help` lists the SPANK options of the plugins srun loaded from plugstack.conf.
+    if not _PYXIS_PROBLEM:
+        code, out, err = _run(["srun", "--help"], timeout=20)
+        if code != 0:
+            _PYXIS_PROBLEM.append("srun --help failed: %s" % (err.strip() or out.strip()))
+        elif "--container-image" not in out:
+            _PYXIS_PROBLEM.append("the cluster has no Pyxis (srun --help lists no --container-image)")
+        else:
+            _PYXIS_PROBLEM.append(None)
+    return _PYXIS_PROBLEM[0]
+
+
+def pyxis_test_image():
+    """Return the path of the real test image; skip the test when Pyxis or the image is missing.
+
+    Under CI=true the skip becomes a failure (tests/conftest.py).
+    """
+    reason = cluster_problem() or _pyxis_problem()
+    if reason is None and not os.path.isfile(TEST_IMAGE):
+        reason = "the test image %s is missing" % TEST_IMAGE
+    if reason is not None:
+        pytest.skip("real Pyxis test not possible: %s. Bring the cluster up with "
+                    "`bash tests/cluster/slurm-cluster.sh up --containers`." % reason)
+    return TEST_IMAGE
 
 
 class _JobSet(object):

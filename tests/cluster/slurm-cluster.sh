@@ -40,6 +40,19 @@
 set -euo pipefail
 
 ACTION="${1:-status}"
+shift || true
+CONTAINERS=0
+NODES=1
+ARGS=("$@")
+while [ "$#" -gt 0 ]; do
+    case "$1" in
+        --containers) CONTAINERS=1 ;;
+        --nodes) NODES="${2:-}"; shift ;;
+        --nodes=*) NODES="${1#--nodes=}" ;;
+        *) printf '[slurm-cluster] ERROR: unknown option %s (usage: %s up|down|status|restart [--containers] [--nodes N])\n' "$1" "$0" >&2; exit 2 ;;
+    esac
+    shift
+done
 CLUSTER_NAME="${HPC_COMPOSE_TEST_CLUSTER:-hpccompose}"
 NODE="$(hostname -s)"
 ETC=/etc/slurm
@@ -55,7 +68,7 @@ die() { printf '[slurm-cluster] ERROR: %s\n' "$*" >&2; exit 1; }
 need_root() {
     # It installs packages and starts daemons: as a normal user, ask sudo once (when there is one).
     if [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1; then
-        exec sudo bash "$0" "$ACTION"
+        exec sudo bash "$0" "$ACTION" "${ARGS[@]}"
     fi
     [ "$(id -u)" -eq 0 ] || die "run as root (sudo bash $0 $ACTION): it installs packages and starts daemons"
 }
@@ -361,9 +374,16 @@ wait_for_idle_node() {
 
 # ---------------------------------------------------------------- actions
 
+install_containers() {
+    # Real Enroot + Pyxis (registered in plugstack.conf before the daemons start) and the test image.
+    bash "$(dirname "$0")/container-tools.sh" install || die "building the container tools failed (see above)"
+    bash "$(dirname "$0")/container-tools.sh" image || die "building the test image failed (see above)"
+}
+
 cmd_up() {
     need_root
     install_packages
+    if [ "$CONTAINERS" -eq 1 ]; then install_containers; fi
     write_configs
     start_munge
     start_mariadb

@@ -2987,6 +2987,7 @@ class _SpecLoader(object):
             return text
         error.message = scrub(error.message)
         error.hint = scrub(error.hint)
+        error.path = scrub(error.path)
         error.args = (error.message,)
         return error
 
@@ -6701,7 +6702,10 @@ def record_job(project_dir, record):
     """
     root = tracking_root(project_dir)
     make_private_dir(os.path.join(root, "jobs"))
-    with FileLock(os.path.join(root, "jobs", ".lock")):
+    lock = os.path.join(root, "jobs", ".lock")
+    if not os.path.exists(lock):
+        os.close(os.open(lock, os.O_WRONLY | os.O_CREAT, PRIVATE_FILE_MODE))
+    with FileLock(lock):
         write_json_atomic(job_record_path(project_dir, record["job_id"]), record,
                           PRIVATE_FILE_MODE)
         write_json_atomic(latest_record_path(project_dir), record, PRIVATE_FILE_MODE)

@@ -6792,13 +6792,7 @@ def remove_leftover_secrets(project_dir, squeue_bin="squeue"):
     except OSError:
         return []
     holders = [n for n in names if os.path.isdir(secrets_directory(os.path.join(root, n)))]
-    unsure = [n for n in holders if not _final_state_file(job_directory(project_dir, n))]
-    queue_states, queue_known = {}, True
-    if unsure:
-        try:
-            queue_states = squeue_states(unsure, squeue_bin)
-        except ToolError:
-            queue_known = False
+    queue_states, queue_known = _queue_facts(project_dir, holders, squeue_bin)
     removed = []
     for job_id in holders:
         directory = job_directory(project_dir, job_id)
@@ -7846,13 +7840,7 @@ def clean_jobs(project_dir, age_days=None, remove_all=False, squeue_bin="squeue"
         if not remove_all and submitted_at is not None and now - submitted_at < age_days * 86400.0:
             continue
         chosen.append(job_id)
-    unsure = [j for j in chosen if not _final_state_file(job_directory(project_dir, j))]
-    queue_states, queue_known = {}, True
-    if unsure:
-        try:
-            queue_states = squeue_states(unsure, squeue_bin)
-        except ToolError:
-            queue_known = False
+    queue_states, queue_known = _queue_facts(project_dir, chosen, squeue_bin)
     removed = []
     for job_id in chosen:
         directory = job_directory(project_dir, job_id)
@@ -7868,6 +7856,17 @@ def clean_jobs(project_dir, age_days=None, remove_all=False, squeue_bin="squeue"
             pass
         removed.append(job_id)
     return removed, kept
+
+
+def _queue_facts(project_dir, job_ids, squeue_bin):
+    """``(queue states, known)`` for the jobs without a final state.json: one squeue call at most."""
+    unsure = [j for j in job_ids if not _final_state_file(job_directory(project_dir, j))]
+    if not unsure:
+        return {}, True
+    try:
+        return squeue_states(unsure, squeue_bin), True
+    except ToolError:
+        return {}, False
 
 
 def _final_state_file(job_dir):

@@ -160,6 +160,16 @@ def assert_outputs_hold_no_value(run):
         assert code == 0, (args, err)
 
 
+def assert_nothing_keeps_a_value(run, script_path, status, mounted_read_only=False):
+    """After the job: the service read both, the copies are gone, modes and outputs are right."""
+    assert final_state(run.job_dir)["status"] == status
+    assert_service_read_both_secrets(run, mounted_read_only)
+    assert not (run.job_dir / "secrets").exists()
+    assert run.files_holding_a_value() == []
+    assert_owner_only_tracking(run, script_path)
+    assert_outputs_hold_no_value(run)
+
+
 def assert_service_read_both_secrets(run, mounted_read_only=False):
     log = run.log()
     file_digest, env_digest = run.digests()
@@ -175,12 +185,7 @@ def test_host_service_reads_both_secrets_and_nothing_keeps_a_value_afterwards(
     run = Run(tmp_path, slurm_jobs)
     result = run.submit()
     assert wait_for_job(run.job_id, timeout=120) == "COMPLETED"
-    assert final_state(run.job_dir)["status"] == "completed"
-    assert_service_read_both_secrets(run)
-    assert not (run.job_dir / "secrets").exists()
-    assert run.files_holding_a_value() == []
-    assert_owner_only_tracking(run, result["script_path"])
-    assert_outputs_hold_no_value(run)
+    assert_nothing_keeps_a_value(run, result["script_path"], "completed")
 
 
 def test_pyxis_service_reads_both_secrets_at_run_secrets(slurm, slurm_jobs, tmp_path):
@@ -190,13 +195,8 @@ def test_pyxis_service_reads_both_secrets_at_run_secrets(slurm, slurm_jobs, tmp_
               slurm="  cache_dir: %s\n" % cache)
     result = run.submit("--skip-prepare")
     assert wait_for_job(run.job_id, timeout=180) == "COMPLETED"
-    assert final_state(run.job_dir)["status"] == "completed"
-    assert_service_read_both_secrets(run, mounted_read_only=True)
+    assert_nothing_keeps_a_value(run, result["script_path"], "completed", mounted_read_only=True)
     assert "/run/secrets/api_token" in run.log()
-    assert not (run.job_dir / "secrets").exists()
-    assert run.files_holding_a_value() == []
-    assert_owner_only_tracking(run, result["script_path"])
-    assert_outputs_hold_no_value(run)
 
 
 def test_cancelled_running_job_removes_its_copies(slurm, slurm_jobs, tmp_path):
@@ -209,12 +209,7 @@ def test_cancelled_running_job_removes_its_copies(slurm, slurm_jobs, tmp_path):
     code, out, err = run.tool("cancel", "-f", run.compose)
     assert code == 0, err
     assert wait_for_job(run.job_id, timeout=90) == "CANCELLED"
-    assert final_state(run.job_dir)["status"] == "cancelled"
-    assert_service_read_both_secrets(run)
-    assert not (run.job_dir / "secrets").exists()
-    assert run.files_holding_a_value() == []
-    assert_owner_only_tracking(run, result["script_path"])
-    assert_outputs_hold_no_value(run)
+    assert_nothing_keeps_a_value(run, result["script_path"], "cancelled")
 
 
 def test_cancelling_a_pending_job_removes_the_copies_it_never_read(slurm, slurm_jobs, tmp_path):

@@ -6749,6 +6749,8 @@ def write_secret_copies(plan, job_dir, environ=None):
     variables = build_variables(plan.project_dir, environ)
     declared = dict((secret.name, secret) for secret in plan.secrets)
     root = secrets_directory(job_dir)
+    # The job is new and held: anything here is stale (a cluster that reused the job id).
+    remove_secret_copies(job_dir)
     make_private_dir(job_dir, job_dir_mode(plan))
     make_private_dir(root)
     for service in plan.services:
@@ -9164,15 +9166,20 @@ def _deliver_secrets(plan, job_id, cluster, args, say):
                 "'scontrol release %s'" % (job_id, job_id))
         else:
             release_job(job_id, cluster, args.scontrol_bin)
-    except (HpcComposeError, OSError) as exc:
+    except BaseException as exc:
+        # Whatever stopped us (Ctrl-C included), no held job and no copies are left behind.
         try:
             cancel_job(job_id, args.scancel_bin)
         except HpcComposeError as cancel_error:
             warn("could not cancel the held job %s: %s" % (job_id, cancel_error.message))
         remove_secret_copies(job_dir)
-        message = exc.message if isinstance(exc, HpcComposeError) else \
-            "cannot write the secret copies in %s: %s" % (secrets_directory(job_dir),
-                                                          exc.strerror or exc)
+        if isinstance(exc, HpcComposeError):
+            message = exc.message
+        elif isinstance(exc, OSError):
+            message = "cannot write the secret copies in %s: %s" % (secrets_directory(job_dir),
+                                                                    exc.strerror or exc)
+        else:
+            raise
         raise ToolError("job %s was cancelled before it started: %s" % (job_id, message))
 
 

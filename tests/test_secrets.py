@@ -336,11 +336,7 @@ def mode(path):
 def test_copies_are_owner_only_with_exact_bytes_whatever_the_umask(secret_project, umask_000):
     plan = plan_of(secret_project)
     job_dir = secret_project.root / ".hpc-compose" / "42"
-    os.environ["HF_TOKEN"] = ENV_VALUE
-    try:
-        root = hc.write_secret_copies(plan, str(job_dir))
-    finally:
-        del os.environ["HF_TOKEN"]
+    root = hc.write_secret_copies(plan, str(job_dir), environ=ENV)
     assert (mode(job_dir), mode(root)) == (0o700, 0o700)
     assert mode(job_dir / "secrets" / "app") == 0o700
     assert (job_dir / "secrets" / "app" / "api_token").read_text() == FILE_VALUE + "\n"
@@ -353,12 +349,8 @@ def test_copies_are_owner_only_with_exact_bytes_whatever_the_umask(secret_projec
 def test_environment_secrets_are_read_from_dotenv_too(secret_project):
     secret_project.write(".env", "HF_TOKEN=%s\n" % ENV_VALUE)
     plan = plan_of(secret_project)
-    saved = os.environ.pop("HF_TOKEN", None)
-    try:
-        hc.write_secret_copies(plan, str(secret_project.root / "job"))
-    finally:
-        if saved is not None:
-            os.environ["HF_TOKEN"] = saved
+    hc.write_secret_copies(plan, str(secret_project.root / "job"),
+                           environ={"HOME": "/home/tester"})
     assert (secret_project.root / "job" / "secrets" / "helper" / "hf").read_text() == ENV_VALUE
 
 
@@ -483,3 +475,13 @@ def test_preflight_accepts_owner_only_value_files(secret_project):
     report = hc.run_preflight(runtime_plan_of(secret_project))
     finding = [f for f in report.findings if f.check == "permissions.secret.api_token"][0]
     assert finding.level == "ok"
+
+
+def test_stale_copies_under_a_reused_job_id_are_replaced(secret_project):
+    plan = plan_of(secret_project)
+    job_dir = secret_project.root / ".hpc-compose" / "5"
+    stale = job_dir / "secrets" / "app" / "api_token"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("stale")
+    hc.write_secret_copies(plan, str(job_dir), environ=ENV)
+    assert stale.read_text() == FILE_VALUE + "\n"

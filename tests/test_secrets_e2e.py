@@ -124,8 +124,11 @@ class Run(object):
 
 
 def batch_shell_pid(job_id):
-    """The pid of the job's batch shell, from ``scontrol listpids`` on this (the job's) node."""
-    listing = subprocess.run(["scontrol", "listpids", job_id], stdout=subprocess.PIPE,
+    """The pid of the job's batch shell, from ``scontrol listpids`` (the test cluster's nodes all
+    run on this machine; the node name picks the right slurmd)."""
+    node = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%N"], stdout=subprocess.PIPE,
+                          universal_newlines=True, timeout=30).stdout.split(",")[0].strip()
+    listing = subprocess.run(["scontrol", "listpids", job_id, node], stdout=subprocess.PIPE,
                              universal_newlines=True, timeout=30).stdout
     for line in listing.splitlines()[1:]:
         fields = line.split()

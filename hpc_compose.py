@@ -2259,6 +2259,7 @@ class _SpecLoader(object):
         self.variables = variables
         self.warnings = []
         self.secret_values = []        # (name, text) read to keep values out of the spec; never stored
+        self.secrets = ()              # the top-level SecretSpecs, once read
 
     # --- locations and errors ---
 
@@ -2299,7 +2300,7 @@ class _SpecLoader(object):
         text = interpolate(value, self.variables, path=_dotted(path), file=self.file,
                            line=mark.line if mark else None,
                            column=mark.column if mark else None, **options)
-        self.check_secret_value(path, text)
+        self.check_secret_value(path, text, expanded=text != value)
         return text
 
     # --- typed readers ---
@@ -2961,12 +2962,16 @@ class _SpecLoader(object):
         if text:
             self.secret_values.append((name, text))
 
-    def check_secret_value(self, path, text):
-        """A secret's value must not reach the spec: it would be written into the batch script."""
+    def check_secret_value(self, path, text, expanded=True):
+        """A secret's value must not reach the spec: it would be written into the batch script.
+
+        A long value counts anywhere in the text; a short one only as the whole result of expanding
+        a variable (``time: "1"`` is not a leak of a secret that happens to be ``1``).
+        """
         if not isinstance(text, str):
             return
         for name, value in self.secret_values:
-            if text == value or (len(value) >= _SECRET_MATCH_MIN and value in text):
+            if (len(value) >= _SECRET_MATCH_MIN and value in text) or (expanded and text == value):
                 raise self.error(path, "this value holds the value of secret '%s', which would "
                                  "then be written into the batch script" % name,
                                  hint="list the secret under services.<name>.secrets and read "

@@ -485,3 +485,10 @@ def test_stale_copies_under_a_reused_job_id_are_replaced(secret_project):
     stale.write_text("stale")
     hc.write_secret_copies(plan, str(job_dir), environ=ENV)
     assert stale.read_text() == FILE_VALUE + "\n"
+
+
+def test_a_short_secret_written_literally_elsewhere_is_not_a_leak(secret_project):
+    text = "secrets:\n  pin:\n    environment: PIN\nservices:\n  app:\n    image: /i.sqsh\n" \
+           "    environment:\n      A: '1234'\n"
+    spec = load(secret_project, text, env={"PIN": "1234"})
+    assert spec.services[0].environment == (("A", "1234"),)

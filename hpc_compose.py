@@ -6038,13 +6038,13 @@ def _secret_services(plan):
     return [service for service in plan.services if service.secrets]
 
 
-def job_dir_mode(plan):
+def _job_dir_mode(plan):
     """The job directory's mode for ``plan`` (0700, or 0750 with x-slurm.share_with_group)."""
     return SHARED_DIR_MODE if plan.slurm.share_with_group else PRIVATE_DIR_MODE
 
 
 def _permission_values(plan):
-    mode = job_dir_mode(plan)
+    mode = _job_dir_mode(plan)
     who = ("readable by owner and group (x-slurm.share_with_group)" if plan.slurm.share_with_group
            else "owner-only")
     return {"umask": "%03o" % (0o777 & ~mode), "job_dir_mode": "%04o" % mode, "who": who}
@@ -6706,7 +6706,7 @@ def record_job(project_dir, record):
     naming whichever took the lock last, never a mix of two.
     """
     root = tracking_root(project_dir)
-    make_private_dir(os.path.join(root, "jobs"))
+    _make_private_dir(os.path.join(root, "jobs"))
     lock = os.path.join(root, "jobs", ".lock")
     if not os.path.exists(lock):
         os.close(os.open(lock, os.O_WRONLY | os.O_CREAT, PRIVATE_FILE_MODE))
@@ -6717,7 +6717,7 @@ def record_job(project_dir, record):
     return job_record_path(project_dir, record["job_id"])
 
 
-def make_private_dir(path, mode=PRIVATE_DIR_MODE):
+def _make_private_dir(path, mode=PRIVATE_DIR_MODE):
     """Create ``path`` (with its parents) and give it exactly ``mode``, whatever the umask."""
     os.makedirs(path, exist_ok=True)
     os.chmod(path, mode)
@@ -6725,7 +6725,7 @@ def make_private_dir(path, mode=PRIVATE_DIR_MODE):
 
 # --- secrets: the owner-only copies a job reads ------------------------------------------------
 
-def secrets_directory(job_dir):
+def _secrets_directory(job_dir):
     """``<job dir>/secrets``: one 0700 directory per service token, one copy per secret."""
     return os.path.join(job_dir, SECRETS_DIR_NAME)
 
@@ -6745,7 +6745,7 @@ def _secret_value(secret, variables):
                         % (secret.reference, secret.name, exc.strerror or exc))
 
 
-def write_secret_copies(plan, job_dir, environ=None):
+def _write_secret_copies(plan, job_dir, environ=None):
     """Write every service's secrets as owner-only files below ``<job_dir>/secrets/<token>/``.
 
     The directories are 0700 and each copy has its ``mode`` (default 0600), set explicitly so that
@@ -6753,16 +6753,16 @@ def write_secret_copies(plan, job_dir, environ=None):
     """
     variables = build_variables(plan.project_dir, environ)
     declared = dict((secret.name, secret) for secret in plan.secrets)
-    root = secrets_directory(job_dir)
+    root = _secrets_directory(job_dir)
     # The job is new and held: anything here is stale (a cluster that reused the job id).
-    remove_secret_copies(job_dir)
-    make_private_dir(job_dir, job_dir_mode(plan))
-    make_private_dir(root)
+    _remove_secret_copies(job_dir)
+    _make_private_dir(job_dir, _job_dir_mode(plan))
+    _make_private_dir(root)
     for service in plan.services:
         if not service.secrets:
             continue
         directory = os.path.join(root, service.token)
-        make_private_dir(directory)
+        _make_private_dir(directory)
         for item in service.secrets:
             value = _secret_value(declared[item.source], variables)
             path = os.path.join(directory, item.target)
@@ -6778,17 +6778,17 @@ def write_secret_copies(plan, job_dir, environ=None):
     return root
 
 
-def remove_secret_copies(job_dir):
+def _remove_secret_copies(job_dir):
     """Remove a job's secret copies; True when there were some."""
     import shutil
-    root = secrets_directory(job_dir)
+    root = _secrets_directory(job_dir)
     if not os.path.isdir(root) or os.path.islink(root):
         return False
     shutil.rmtree(root, ignore_errors=True)
     return not os.path.exists(root)
 
 
-def remove_leftover_secrets(project_dir, squeue_bin="squeue"):
+def _remove_leftover_secrets(project_dir, squeue_bin="squeue"):
     """Remove the secret copies of every job that has ended (a crash skips teardown's removal).
 
     Returns the job ids whose copies were removed; a job that may still run keeps them.
@@ -6798,13 +6798,13 @@ def remove_leftover_secrets(project_dir, squeue_bin="squeue"):
         names = sorted((n for n in os.listdir(root) if n.isdigit()), key=int)
     except OSError:
         return []
-    holders = [n for n in names if os.path.isdir(secrets_directory(os.path.join(root, n)))]
+    holders = [n for n in names if os.path.isdir(_secrets_directory(os.path.join(root, n)))]
     queue_states, queue_known = _queue_facts(project_dir, holders, squeue_bin)
     removed = []
     for job_id in holders:
         directory = job_directory(project_dir, job_id)
         if _job_is_finished(directory, queue_states, queue_known) and \
-                remove_secret_copies(directory):
+                _remove_secret_copies(directory):
             removed.append(job_id)
     return removed
 
@@ -6998,7 +6998,7 @@ def submit_batch_script(script_path, project_dir, sbatch_bin="sbatch", hold=Fals
     return parse_sbatch_job_id(result.stdout)
 
 
-def release_job(job_id, cluster=None, scontrol_bin="scontrol"):
+def _release_job(job_id, cluster=None, scontrol_bin="scontrol"):
     """``scontrol release <id>``: let a job submitted with ``--hold`` start."""
     argv = [scontrol_bin] + (["--clusters=" + cluster] if cluster else []) + ["release",
                                                                               str(job_id)]
@@ -9125,7 +9125,7 @@ def cmd_submit(args):
             print("cache dir: %s" % plan.cache_dir)
             print("dry run: skipping sbatch")
         return EXIT_OK
-    make_private_dir(tracking_root(plan.project_dir), job_dir_mode(plan))
+    _make_private_dir(tracking_root(plan.project_dir), _job_dir_mode(plan))
     holds = bool(_secret_services(plan))
     job_id, cluster = submit_batch_script(script_path, plan.project_dir, args.sbatch_bin,
                                           hold=holds)
@@ -9165,23 +9165,23 @@ def _deliver_secrets(plan, job_id, cluster, args, say):
     """
     job_dir = job_directory(plan.project_dir, job_id)
     try:
-        write_secret_copies(plan, job_dir)
+        _write_secret_copies(plan, job_dir)
         if any(arg in ("-H", "--hold") for arg in plan.slurm.submit_args):
             say("job %s stays held (x-slurm.submit_args has --hold): release it with "
                 "'scontrol release %s'" % (job_id, job_id))
         else:
-            release_job(job_id, cluster, args.scontrol_bin)
+            _release_job(job_id, cluster, args.scontrol_bin)
     except BaseException as exc:
         # Whatever stopped us (Ctrl-C included), no held job and no copies are left behind.
         try:
             cancel_job(job_id, args.scancel_bin)
         except HpcComposeError as cancel_error:
             warn("could not cancel the held job %s: %s" % (job_id, cancel_error.message))
-        remove_secret_copies(job_dir)
+        _remove_secret_copies(job_dir)
         if isinstance(exc, HpcComposeError):
             message = exc.message
         elif isinstance(exc, OSError):
-            message = "cannot write the secret copies in %s: %s" % (secrets_directory(job_dir),
+            message = "cannot write the secret copies in %s: %s" % (_secrets_directory(job_dir),
                                                                     exc.strerror or exc)
         else:
             raise
@@ -9310,7 +9310,7 @@ def cmd_cancel(args):
         print(output.strip())
     if read_runtime_state(record["job_dir"]) is None:
         # It never started (state.json comes before any service): no teardown will remove them.
-        remove_secret_copies(record["job_dir"])
+        _remove_secret_copies(record["job_dir"])
     print("cancelled job: %s" % record["job_id"])
     return EXIT_OK
 
@@ -9322,7 +9322,7 @@ def cmd_clean(args):
     compose_file = resolve_compose_file(args)
     removed, kept = clean_jobs(os.path.dirname(compose_file), args.age, args.remove_all,
                                args.squeue_bin, compose_file=compose_file)
-    secrets_removed = remove_leftover_secrets(os.path.dirname(compose_file), args.squeue_bin)
+    secrets_removed = _remove_leftover_secrets(os.path.dirname(compose_file), args.squeue_bin)
     if output_format(args) == "json":
         print_json({"removed": removed, "kept": kept, "secrets_removed": secrets_removed})
         return EXIT_OK

@@ -336,7 +336,7 @@ def mode(path):
 def test_copies_are_owner_only_with_exact_bytes_whatever_the_umask(secret_project, umask_000):
     plan = plan_of(secret_project)
     job_dir = secret_project.root / ".hpc-compose" / "42"
-    root = hc.write_secret_copies(plan, str(job_dir), environ=ENV)
+    root = hc._write_secret_copies(plan, str(job_dir), environ=ENV)
     assert (mode(job_dir), mode(root)) == (0o700, 0o700)
     assert mode(job_dir / "secrets" / "app") == 0o700
     assert (job_dir / "secrets" / "app" / "api_token").read_text() == FILE_VALUE + "\n"
@@ -349,7 +349,7 @@ def test_copies_are_owner_only_with_exact_bytes_whatever_the_umask(secret_projec
 def test_environment_secrets_are_read_from_dotenv_too(secret_project):
     secret_project.write(".env", "HF_TOKEN=%s\n" % ENV_VALUE)
     plan = plan_of(secret_project)
-    hc.write_secret_copies(plan, str(secret_project.root / "job"),
+    hc._write_secret_copies(plan, str(secret_project.root / "job"),
                            environ={"HOME": "/home/tester"})
     assert (secret_project.root / "job" / "secrets" / "helper" / "hf").read_text() == ENV_VALUE
 
@@ -358,7 +358,7 @@ def test_a_secret_file_gone_since_loading_is_a_tool_error_naming_it(secret_proje
     plan = plan_of(secret_project)
     os.unlink(str(secret_project.root / "token.txt"))
     with pytest.raises(hc.ToolError) as info:
-        hc.write_secret_copies(plan, str(secret_project.root / "job"), environ=ENV)
+        hc._write_secret_copies(plan, str(secret_project.root / "job"), environ=ENV)
     assert "token.txt" in info.value.message and "api_token" in info.value.message
 
 
@@ -390,13 +390,13 @@ def _job_with_copies(project, job_id, status):
 def test_clean_removes_copies_of_ended_jobs_and_keeps_those_it_cannot_rule_out(project):
     ended = _job_with_copies(project, "1", "completed")
     crashed = _job_with_copies(project, "2", "running")     # teardown never ran
-    removed = hc.remove_leftover_secrets(str(project.root), squeue_bin="/nonexistent/squeue")
+    removed = hc._remove_leftover_secrets(str(project.root), squeue_bin="/nonexistent/squeue")
     assert removed == ["1"]
     assert not (ended / "secrets").exists() and (crashed / "secrets").exists()
     standin = project.root / "squeue"
     standin.write_text(SQUEUE_STANDIN)
     standin.chmod(0o755)
-    assert hc.remove_leftover_secrets(str(project.root), squeue_bin=str(standin)) == ["2"]
+    assert hc._remove_leftover_secrets(str(project.root), squeue_bin=str(standin)) == ["2"]
     assert not (crashed / "secrets").exists() and (crashed / "state.json").exists()
 
 
@@ -483,7 +483,7 @@ def test_stale_copies_under_a_reused_job_id_are_replaced(secret_project):
     stale = job_dir / "secrets" / "app" / "api_token"
     stale.parent.mkdir(parents=True)
     stale.write_text("stale")
-    hc.write_secret_copies(plan, str(job_dir), environ=ENV)
+    hc._write_secret_copies(plan, str(job_dir), environ=ENV)
     assert stale.read_text() == FILE_VALUE + "\n"
 
 

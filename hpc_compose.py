@@ -23,8 +23,9 @@ Contents, in pipeline order (each section starts with a banner of ``#`` lines):
 8. Render -- the batch script (``string.Template`` constants named ``*_TEMPLATE``).
 9. Job tracking -- sbatch, squeue, sacct, sstat, scancel; status, logs, stats, artifacts.
 10. Init templates -- the shipped examples offered by ``init``.
-11. CLI -- argparse commands, one handler per command.
-12. main -- ``main(argv=None)``, the entry point.
+11. Migrate -- ``migrate_compose``: a docker-compose.yml (and its Dockerfiles) rewritten as a spec.
+12. CLI -- argparse commands, one handler per command.
+13. main -- ``main(argv=None)``, the entry point.
 
 Exit codes (stable): 0 success; 1 something failed while running (a tool, the job, preflight);
 2 invalid spec or usage; 130 interrupted.
@@ -65,6 +66,8 @@ __all__ = [
     "watch_job", "SchedulerState",
     # init templates
     "TEMPLATE_NAMES", "list_templates", "load_template", "customize_template",
+    # migrate
+    "migrate_compose", "MigrateOptions", "MigrateResult",
     # CLI
     "build_parser", "main",
 ]
@@ -97,6 +100,9 @@ DEFAULT_RUNTIME = "pyxis"
 # Cache keys carry this instead of the tool's release version: bump it only when the artifact layout
 # or the key recipe changes, so that upgrading hpc-compose does not re-import every image.
 CACHE_FORMAT_VERSION = 1
+# Comment lines `hpc-compose migrate` writes; load_spec refuses a file that still has a TODO one.
+_MIGRATE_NOTE = "# migrate: "
+_MIGRATE_TODO = _MIGRATE_NOTE + "TODO "
 
 
 class HpcComposeError(Exception):
@@ -2223,12 +2229,27 @@ def load_spec(path, environ=None):
         raise SpecError("the compose file is empty", file=path, line=1,
                         hint="it needs at least a services: mapping with one service; "
                              "'hpc-compose init --list' shows starting points")
+    _check_migrate_todos(text, path)
     variables = build_variables(project_dir, environ)
     loader = _SpecLoader(path, document, variables)
     try:
         return loader.load()
     except SpecError as exc:
         raise loader.redacted(exc)
+
+
+def _check_migrate_todos(text, path):
+    """A ``# migrate: TODO`` line left by ``migrate`` is the first problem to report."""
+    todos = [(number, line) for number, line in enumerate(text.split("\n"), 1)
+             if line.lstrip().startswith(_MIGRATE_TODO.strip())]
+    if not todos:
+        return
+    number, line = todos[0]
+    others = [str(n) for n, _ in todos[1:]]
+    raise SpecError("migrate left a TODO: " + line.strip()[len(_MIGRATE_TODO):], file=path,
+                    line=number, column=len(line) - len(line.lstrip()) + 1,
+                    hint="resolve it, then delete the '# migrate: TODO' line"
+                         + (" (more TODO lines: %s)" % ", ".join(others) if others else ""))
 
 
 def _dotted(path):
@@ -2673,10 +2694,7 @@ class _SpecLoader(object):
             volumes = []
             for index, item in enumerate(self.sequence(path + ("volumes",), raw["volumes"])):
                 item_path = path + ("volumes", index)
-                if isinstance(item, dict):
-                    raise self.error(item_path, "long-syntax volumes are not supported",
-                                     hint="write host_path:container_path[:ro]")
-                text = self.string(item_path, item)
+                text = self.volume_text(item_path, item)
                 self.checked(item_path, _split_volume, text,
                              resume_enabled=top_slurm.resume is not None)
                 volumes.append(text)
@@ -2727,6 +2745,47 @@ class _SpecLoader(object):
                          for index, item in enumerate(value))
         # Shell form reaches /bin/sh -c exactly as written: $VARS are the container shell's.
         return self.string(path, value, interpolated=False)
+
+    def volume_text(self, path, item):
+        """A volume as ``source:target[:ro]``: the short form as written, or the long syntax."""
+        if not isinstance(item, dict):
+            return self.string(path, item)
+        if item.get("type") is None:
+            raise self.error(path, "a long-syntax volume needs type: bind",
+                             hint="write type: bind, source: HOST_PATH, target: CONTAINER_PATH")
+        kind = self.string(path + ("type",), item["type"])
+        name = item.get("source") if isinstance(item.get("source"), str) else "NAME"
+        target = item.get("target") if isinstance(item.get("target"), str) else "/data"
+        if kind == "volume":
+            raise self.error(path + ("type",), "type: volume (a named volume) is not supported",
+                             hint="write type: bind with source: a folder on storage the compute "
+                                  "nodes see, e.g. source: ./data/%s (hpc-compose migrate writes "
+                                  "this)" % name)
+        if kind == "tmpfs":
+            raise self.error(path + ("type",), "type: tmpfs is not supported",
+                             hint="every step gets a fresh /tmp; for %s write type: bind with "
+                                  "source: a folder such as ./data/scratch" % target)
+        if kind != "bind":
+            raise self.error(path + ("type",), "volume type '%s' is not supported" % kind,
+                             hint="write type: bind with source and target")
+        self.check_keys(path, item, ("type", "source", "target", "read_only", "bind"),
+                        "a long-syntax volume")
+        for key in ("source", "target"):
+            if item.get(key) is None:
+                raise self.error(path, "a type: bind volume needs %s" % key)
+        source = self.string(path + ("source",), item["source"])
+        target = self.string(path + ("target",), item["target"])
+        read_only = item.get("read_only") is not None and \
+            self.boolean(path + ("read_only",), item["read_only"])
+        bind = self.mapping(path + ("bind",), item.get("bind"))
+        self.check_keys(path + ("bind",), bind, ("create_host_path",), "bind")
+        if bind.get("create_host_path") is not None and \
+                not self.boolean(path + ("bind", "create_host_path"), bind["create_host_path"]):
+            raise self.error(path + ("bind", "create_host_path"), "create_host_path: false is not "
+                             "supported: the batch script creates a missing source folder, as "
+                             "Docker does for the short form",
+                             hint="remove it; preflight reports a missing source before you submit")
+        return "%s:%s%s" % (source, target, ":ro" if read_only else "")
 
     def service_slurm(self, path, raw):
         raw = self.mapping(path, raw)
@@ -2888,7 +2947,7 @@ class _SpecLoader(object):
         mounts = []
         for index, item in enumerate(self.sequence(path + ("mounts",), raw.get("mounts"))):
             item_path = path + ("mounts", index)
-            text = self.string(item_path, item)
+            text = self.volume_text(item_path, item)
             self.checked(item_path, _split_volume, text, reserved=False)
             mounts.append(text)
         env = self.environment(path + ("env",), raw.get("env"))
@@ -8113,6 +8172,1611 @@ def template_files(template):
 
 
 ##############################################################################
+# Migrate: a docker-compose.yml becomes an hpc-compose spec
+##############################################################################
+# migrate_compose(text, filename, options) -> MigrateResult. A line-oriented rewrite of the user's
+# file guided by the YAML reader's marks: every key the spec accepts keeps its lines (comments,
+# order, anchors); a key that must change is replaced, dropped or added as whole lines, each change
+# led by one ``# migrate: ...`` comment line saying what was done and why. What cannot be expressed
+# gets a ``# migrate: TODO ...`` line, which load_spec then reports as the first problem.
+# Dockerfiles named by ``build:`` are translated to image + x-enroot.prepare (_translate_dockerfile).
+# The only I/O is reading Dockerfiles and env/secret files through ``options.read_text``; the CLI
+# handler writes the result and creates the data folders.
+
+_MIGRATE_BUILD_MOUNT = "/tmp/hpc-compose-build"
+_MIGRATE_DEFAULT_DATA_DIR = "./data"
+_NETWORK_REASON = "services share the node's network (reach them at 127.0.0.1)"
+# Service keys with no meaning on a Slurm allocation: dropped, each with the reason shown.
+_MIGRATE_DROPPED_KEYS = {
+    "ports": _NETWORK_REASON + "; pick ports that are free on the compute node",
+    "expose": _NETWORK_REASON,
+    "networks": "there is no Docker network: " + _NETWORK_REASON,
+    "network_mode": "there is no Docker network: " + _NETWORK_REASON,
+    "links": "there is no service-name DNS: " + _NETWORK_REASON,
+    "external_links": "there is no service-name DNS: " + _NETWORK_REASON,
+    "container_name": "each service runs as a Slurm step named after the service",
+    "hostname": "services run under the real host name of their node",
+    "domainname": "services run under the real host name of their node",
+    "extra_hosts": "/etc/hosts comes from the node",
+    "dns": "name resolution comes from the node",
+    "dns_search": "name resolution comes from the node",
+    "dns_opt": "name resolution comes from the node",
+    "mac_address": "services share the node's network",
+    "logging": "each service's output is captured in the job's log folder (hpc-compose logs)",
+    "labels": "containers are not labelled; Slurm tracks the job",
+    "annotations": "containers are not annotated; Slurm tracks the job",
+    "stop_signal": "the batch script stops services with SIGTERM, then SIGKILL",
+    "stop_grace_period": "the batch script stops services with SIGTERM, then SIGKILL",
+    "ulimits": "limits come from Slurm and the node",
+    "security_opt": "Pyxis runs containers unprivileged as your own user",
+    "privileged": "Pyxis runs containers unprivileged as your own user",
+    "cap_add": "Pyxis runs containers unprivileged as your own user",
+    "cap_drop": "Pyxis runs containers unprivileged as your own user",
+    "user": "Pyxis runs containers as your own user",
+    "userns_mode": "Pyxis runs containers as your own user",
+    "group_add": "Pyxis runs containers as your own user",
+    "pid": "each service is its own Slurm step",
+    "ipc": "each service is its own Slurm step",
+    "cgroup_parent": "Slurm owns the cgroups",
+    "cgroup": "Slurm owns the cgroups",
+    "tty": "services run without a terminal; output goes to the job's logs",
+    "stdin_open": "services run without a terminal; output goes to the job's logs",
+    "init": "services run as Slurm steps; Slurm reaps their processes",
+    "restart_policy": "see x-slurm.failure_policy",
+    "pull_policy": "images are imported once into the cache (hpc-compose prepare)",
+    "platform": "images are imported for the node's architecture",
+    "read_only": "Pyxis containers are read-only unless written through volumes",
+    "shm_size": "/dev/shm comes from the node",
+    "sysctls": "kernel settings come from the node",
+    "tmpfs": "every step gets a fresh /tmp; bind a folder with volumes for other paths",
+    "devices": "devices come from the node; ask Slurm for GPUs with x-slurm.gpus",
+    "device_cgroup_rules": "Slurm owns the cgroups",
+    "oom_kill_disable": "memory is enforced by Slurm (x-slurm.mem)",
+    "oom_score_adj": "memory is enforced by Slurm (x-slurm.mem)",
+    "mem_reservation": "memory is enforced by Slurm (x-slurm.mem)",
+    "memswap_limit": "memory is enforced by Slurm (x-slurm.mem)",
+    "mem_swappiness": "memory is enforced by Slurm (x-slurm.mem)",
+    "cpu_shares": "CPUs are allocated by Slurm (x-slurm.cpus_per_task)",
+    "cpu_quota": "CPUs are allocated by Slurm (x-slurm.cpus_per_task)",
+    "cpu_period": "CPUs are allocated by Slurm (x-slurm.cpus_per_task)",
+    "cpuset": "CPUs are allocated by Slurm (x-slurm.cpus_per_task)",
+    "cpu_count": "CPUs are allocated by Slurm (x-slurm.cpus_per_task)",
+    "cpu_percent": "CPUs are allocated by Slurm (x-slurm.cpus_per_task)",
+    "cpu_rt_runtime": "CPUs are allocated by Slurm (x-slurm.cpus_per_task)",
+    "cpu_rt_period": "CPUs are allocated by Slurm (x-slurm.cpus_per_task)",
+    "pids_limit": "limits come from Slurm and the node",
+    "blkio_config": "I/O limits come from the node",
+    "storage_opt": "the container file system is the image",
+    "isolation": "Pyxis is the container runtime",
+    "runtime": "Pyxis is the container runtime",
+    "scale": "one instance per service; x-slurm.ntasks runs several tasks of one step",
+    "profiles": "every service of the file runs; delete the services you do not want",
+    "attach": "every service's output is captured in the job's logs",
+    "develop": "there is no watch mode on a batch allocation",
+    "post_start": "lifecycle hooks do not exist; put the step in the command",
+    "pre_stop": "lifecycle hooks do not exist; put the step in the command",
+    "use_api_socket": "there is no Docker daemon on the nodes",
+    "credential_spec": "there is no Docker daemon on the nodes",
+    "version": None,
+}
+_MIGRATE_TOP_DROPPED = {
+    "networks": "there is no Docker network: " + _NETWORK_REASON,
+    "volumes": "named volumes became bind mounts of folders (see each service's volumes)",
+    "secrets": "secrets became read-only bind mounts of their files",
+    "configs": "configs became read-only bind mounts of their files",
+}
+_MIGRATE_KEPT_SERVICE_KEYS = ("image", "command", "entrypoint", "environment", "volumes",
+                              "working_dir", "depends_on", "readiness", "x-slurm", "x-enroot")
+_DOCKER_MEMORY_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "m": 1024 ** 2, "mb": 1024 ** 2,
+                        "g": 1024 ** 3, "gb": 1024 ** 3, "t": 1024 ** 4, "tb": 1024 ** 4,
+                        "ki": 1024, "kib": 1024, "mi": 1024 ** 2, "mib": 1024 ** 2,
+                        "gi": 1024 ** 3, "gib": 1024 ** 3}
+# Server ping commands a healthcheck often uses, and the port the server listens on by default.
+# An environment value that is just a service name is a host name in variables named like these.
+_HOST_VARIABLE_WORDS = frozenset(("HOST", "HOSTNAME", "ADDR", "ADDRESS", "SERVER", "SERVERS",
+                                  "BROKER", "BROKERS", "ENDPOINT", "NODE"))
+_PING_PROBES = {"redis-cli": ("-p", 6379), "pg_isready": ("-p", 5432),
+                "mysqladmin": ("-P", 3306), "mongosh": ("--port", 27017),
+                "mongo": ("--port", 27017)}
+
+
+class MigrateOptions(NamedTuple):
+    """What ``migrate`` was asked for (paths as the user wrote them)."""
+    data_dir: str = _MIGRATE_DEFAULT_DATA_DIR
+    cache_dir: object = None
+    runtime: str = DEFAULT_RUNTIME
+    read_text: object = None       # callable(path) -> str, or raises OSError (None: open the file)
+
+
+class MigrateResult(NamedTuple):
+    """The migrated text and what was done to it."""
+    text: str
+    notes: tuple                   # ((line in the output, note), ...) in file order
+    todos: tuple                   # ((line in the output, note), ...)
+    counts: dict                   # {"kept": n, "changed": n, "dropped": n, "added": n}
+    data_dirs: tuple               # folders for named volumes, as written (relative to the file)
+
+
+class _Edit(NamedTuple):
+    start: int                     # first replaced row (0-based)
+    end: int                       # row after the last replaced one (== start for an insertion)
+    lines: tuple                   # the new rows
+
+
+class _BuildResult(NamedTuple):
+    image: object
+    commands: tuple
+    prepare_env: tuple             # ((key, value), ...)
+    runtime_env: tuple             # ((key, value), ...) from ENV
+    mounts: tuple
+    volumes: tuple                 # ((volume text, note), ...)
+    working_dir: object
+    command: object
+    entrypoint: object
+    healthcheck: object            # a Compose healthcheck mapping from HEALTHCHECK, or None
+    notes: tuple
+    todos: tuple
+
+
+def _read_text_file(path):
+    with open(path, "rb") as handle:
+        return handle.read().decode("utf-8", "replace")
+
+
+# --- writing YAML ------------------------------------------------------------------------------
+
+_PLAIN_UNSAFE = frozenset("-?:,[]{}#&*!|>'\"%@`")
+
+
+def _format_yaml_scalar(value):
+    """A scalar as YAML text that reads back as the same value."""
+    import json
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return str(value)
+    text = str(value)
+    plain = (text and text == text.strip() and text[0] not in _PLAIN_UNSAFE
+             and ": " not in text and " #" not in text and not text.endswith(":")
+             and "\n" not in text and "\t" not in text and text.isprintable()
+             and _resolve_plain(text) == text)
+    return text if plain else json.dumps(text, ensure_ascii=False)
+
+
+def _format_yaml_lines(value, indent):
+    """Block-style YAML lines of a dict or list, indented by ``indent`` spaces."""
+    pad = " " * indent
+    lines = []
+    if isinstance(value, dict):
+        for key, item in value.items():
+            head = pad + _format_yaml_scalar(key) + ":"
+            if isinstance(item, (dict, list)) and item:
+                lines.append(head)
+                lines.extend(_format_yaml_lines(item, indent + 2))
+            else:
+                lines.append(head + " " + ("[]" if item == [] else "{}" if item == {}
+                                           else _format_yaml_scalar(item)))
+        return lines
+    for item in value:
+        if isinstance(item, (dict, list)) and item:
+            nested = _format_yaml_lines(item, indent + 2)
+            lines.append(pad + "- " + nested[0][indent + 2:])
+            lines.extend(nested[1:])
+        else:
+            lines.append(pad + "- " + _format_yaml_scalar(item))
+    return lines
+
+
+def _brief(value, limit=60):
+    """A short one-line rendering of a dropped value for its note."""
+    import json
+    text = json.dumps(value, ensure_ascii=False) if not isinstance(value, str) else value
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _escape_interpolation(text):
+    return text.replace("$", "$$")
+
+
+# --- Dockerfile -> image + x-enroot.prepare ------------------------------------------------------
+
+def _parse_dockerfile(text):
+    """``[(INSTRUCTION, arguments, line)]``: continuation lines joined, comments skipped."""
+    instructions = []
+    pending, start = None, 0
+    for number, raw in enumerate(text.splitlines(), 1):
+        stripped = raw.strip()
+        if stripped.startswith("#") or (not stripped and pending is None):
+            continue
+        if pending is None:
+            pending, start = [], number
+        if stripped.endswith("\\"):
+            pending.append(stripped[:-1].strip())
+            continue
+        pending.append(stripped)
+        joined = " ".join(part for part in pending if part)
+        pending = None
+        word, _, rest = joined.partition(" ")
+        instructions.append((word.upper(), rest.strip(), start))
+    if pending:
+        joined = " ".join(part for part in pending if part)
+        word, _, rest = joined.partition(" ")
+        instructions.append((word.upper(), rest.strip(), start))
+    return instructions
+
+
+def _split_flags(arguments):
+    """``({flag: value}, rest)`` for leading ``--flag[=value]`` words."""
+    flags = {}
+    rest = arguments
+    while rest.startswith("--"):
+        word, _, rest = rest.partition(" ")
+        name, _, value = word[2:].partition("=")
+        flags.setdefault(name, []).append(value)
+        rest = rest.strip()
+    return flags, rest
+
+
+def _exec_form(arguments):
+    """The list of a JSON exec-form argument, or None for the shell form."""
+    import json
+    if not arguments.startswith("["):
+        return None
+    try:
+        value = json.loads(arguments)
+    except ValueError:
+        return None
+    if isinstance(value, list) and all(isinstance(item, str) for item in value):
+        return value
+    return None
+
+
+def _dockerfile_substitute(text, variables):
+    """``(text, unknown names)`` with ``$VAR``, ``${VAR}``, ``${VAR:-x}`` replaced from ``variables``."""
+    import re
+    unknown = []
+
+    def replace(match):
+        name = match.group(1) or match.group(2)
+        default = match.group(4)
+        if name in variables:
+            return variables[name] if variables[name] or default is None else default
+        if default is not None:
+            return default
+        unknown.append(name)
+        return match.group(0)
+
+    result = re.sub(r"\$(?:([A-Za-z_][A-Za-z0-9_]*)|\{([A-Za-z_][A-Za-z0-9_]*)(:?-([^}]*))?\})",
+                    replace, text)
+    return result, unknown
+
+
+def _dockerfile_pairs(arguments, legacy_allowed):
+    """``[(key, value)]`` of ENV/ARG/LABEL arguments (``K=V ...``, or ``K V`` when allowed)."""
+    import shlex
+    try:
+        words = shlex.split(arguments, posix=True)
+    except ValueError:
+        words = arguments.split()
+    if legacy_allowed and words and "=" not in words[0]:
+        return [(words[0], " ".join(words[1:]))]
+    pairs = []
+    for word in words:
+        key, eq, value = word.partition("=")
+        pairs.append((key, value if eq else None))
+    return pairs
+
+
+def _translate_dockerfile(text, context, build_args, target, context_dir=None):
+    """The image, prepare commands and runtime settings a Dockerfile stands for (``_BuildResult``).
+
+    ``context`` is the build context as written relative to the compose file (``./app``);
+    ``context_dir`` its absolute path, used only to tell folders from files for COPY.
+    """
+    import posixpath
+    instructions = _parse_dockerfile(text)
+    notes, todos = [], []
+    global_args = {}
+    stages = []
+    for instruction, arguments, line in instructions:
+        if instruction == "FROM":
+            flags, rest = _split_flags(arguments)
+            if "platform" in flags:
+                notes.append("FROM --platform dropped: images are imported for the node's "
+                             "architecture")
+            words = rest.split()
+            image, unknown = _dockerfile_substitute(words[0] if words else "", global_args)
+            if unknown:
+                todos.append("FROM %s uses build argument(s) %s without a default: write the "
+                             "base image" % (rest, ", ".join(unknown)))
+            name = words[2] if len(words) >= 3 and words[1].upper() == "AS" else None
+            stages.append({"image": image, "name": name, "body": [], "line": line})
+        elif not stages:
+            if instruction == "ARG":
+                for key, value in _dockerfile_pairs(arguments, False):
+                    global_args[key] = build_args.get(key, value if value is not None else "")
+        else:
+            stages[-1]["body"].append((instruction, arguments, line))
+    if not stages:
+        return _BuildResult(None, (), (), (), (), (), None, None, None, None, tuple(notes),
+                            ("the Dockerfile has no FROM line: write the base image",))
+    by_name = dict((stage["name"], stage) for stage in stages if stage["name"])
+    chosen = stages[-1]
+    if target:
+        if target not in by_name:
+            todos.append("build target '%s' is not a stage of the Dockerfile" % target)
+        else:
+            chosen = by_name[target]
+    if len(stages) > 1:
+        notes.append("multi-stage Dockerfile: used stage %s (FROM %s), the one that makes the "
+                     "image" % (chosen["name"] or "#%d" % len(stages), chosen["image"]))
+    # A stage built FROM an earlier stage inherits that stage's instructions.
+    chain = [chosen]
+    while chain[0]["image"] in by_name and by_name[chain[0]["image"]] not in chain:
+        chain.insert(0, by_name[chain[0]["image"]])
+    body = [item for stage in chain for item in stage["body"]]
+    image = chain[0]["image"]
+    last_run = max([index for index, item in enumerate(body) if item[0] == "RUN"] or [-1])
+
+    variables = dict(global_args)
+    prepare_env, runtime_env, commands, volumes, mounts = [], [], [], [], []
+    workdir, made_workdir, shell = None, None, None
+    command = entrypoint = healthcheck = None
+
+    def in_workdir(line):
+        if workdir is None:
+            return line
+        prefix = "" if made_workdir == workdir else "mkdir -p %s && " % shell_quote(workdir)
+        return prefix + "cd %s && %s" % (shell_quote(workdir), line)
+
+    def build_source(source):
+        return posixpath.normpath(posixpath.join(_MIGRATE_BUILD_MOUNT, source))
+
+    def host_source(source):
+        joined = posixpath.normpath(posixpath.join(context, source))
+        return joined if joined.startswith(("/", ".", "~")) else "./" + joined
+
+    def is_folder(source):
+        if source in (".", "./") or source.endswith("/"):
+            return True
+        return bool(context_dir) and os.path.isdir(os.path.join(context_dir, source))
+
+    for index, (instruction, arguments, line) in enumerate(body):
+        where = "Dockerfile line %d" % line
+        if instruction == "RUN":
+            flags, rest = _split_flags(arguments)
+            for mount in flags.get("mount", []):
+                if "type=secret" in mount or "type=ssh" in mount:
+                    todos.append("%s: RUN --mount=%s uses a build secret: run that step with the "
+                                 "secret available (a prepare mount of the file) and keep the "
+                                 "secret out of the image" % (where, mount))
+                else:
+                    notes.append("%s: RUN --mount=%s dropped (prepare runs each command once)"
+                                 % (where, mount))
+            if "<<" in rest:
+                todos.append("%s: a RUN here-document cannot be written as one prepare command: "
+                             "split it into commands" % where)
+                continue
+            words = _exec_form(rest)
+            line_text = " ".join(shell_quote(word) for word in words) if words else rest
+            if shell and not words:
+                line_text = " ".join(shell_quote(word) for word in shell) + " " + \
+                    shell_quote(line_text)
+            commands.append(in_workdir(line_text))
+            made_workdir = workdir
+        elif instruction in ("ENV", "ARG"):
+            for key, value in _dockerfile_pairs(arguments, instruction == "ENV"):
+                if instruction == "ARG":
+                    value = build_args.get(key, value)
+                    if value is None:
+                        if key not in variables:
+                            todos.append("%s: ARG %s has no default and build.args does not set "
+                                         "it: give it a value in x-enroot.prepare.env"
+                                         % (where, key))
+                        continue
+                value, unknown = _dockerfile_substitute(value or "", variables)
+                if unknown:
+                    todos.append("%s: %s %s refers to $%s from the base image: write its value"
+                                 % (where, instruction, key, ", $".join(unknown)))
+                variables[key] = value
+                prepare_env.append((key, value))
+                if instruction == "ENV":
+                    runtime_env.append((key, value))
+        elif instruction == "WORKDIR":
+            path, _ = _dockerfile_substitute(arguments, variables)
+            workdir = posixpath.normpath(posixpath.join(workdir or "/", path))
+        elif instruction in ("COPY", "ADD"):
+            flags, rest = _split_flags(arguments)
+            if "from" in flags:
+                todos.append("%s: %s --from=%s copies out of another stage or image, which "
+                             "prepare cannot do: install those files with a prepare command"
+                             % (where, instruction, flags["from"][0]))
+                continue
+            for flag in sorted(flags):
+                notes.append("%s: %s --%s dropped (prepare runs as root; files keep the "
+                             "mounted files' modes)" % (where, instruction, flag))
+            words = _exec_form(rest) or rest.split()
+            words = [_dockerfile_substitute(word, variables)[0] for word in words]
+            if len(words) < 2:
+                todos.append("%s: %s needs a source and a destination" % (where, instruction))
+                continue
+            sources, destination = words[:-1], words[-1]
+            folder_destination = destination.endswith("/") or destination in (".", "..") \
+                or destination.endswith(("/.", "/.."))
+            destination = posixpath.normpath(posixpath.join(workdir or "/", destination))
+            if folder_destination and not destination.endswith("/"):
+                destination += "/"
+            remote = [s for s in sources if "://" in s or s.startswith("git@")]
+            if remote:
+                todos.append("%s: ADD %s fetches from the network: download it in a prepare "
+                             "command (curl -fsSL URL -o DEST) instead" % (where, remote[0]))
+                continue
+            globbed = any(c in s for s in sources for c in "*?[")
+            archive = instruction == "ADD" and len(sources) == 1 and sources[0].endswith(
+                (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz"))
+            if index > last_run and len(sources) == 1 and not globbed and not archive:
+                target = destination
+                if target.endswith("/") and not is_folder(sources[0]):
+                    target += posixpath.basename(sources[0].rstrip("/"))
+                target = posixpath.normpath(target)
+                volumes.append(("%s:%s" % (host_source(sources[0]), target),
+                                "%s: %s %s %s is a runtime volume: nothing in the build needs "
+                                "it after the last RUN, and edits show up without a rebuild"
+                                % (where, instruction, sources[0], words[-1])))
+                continue
+            if not mounts:
+                mounts.append("%s:%s" % (host_source("."), _MIGRATE_BUILD_MOUNT))
+            folder_target = destination.endswith("/") or len(sources) > 1 or globbed
+            parts = []
+            for source in sources:
+                inside = build_source(source)
+                quoted = inside if globbed else shell_quote(inside)
+                target = destination.rstrip("/") or "/"
+                if archive:
+                    parts.append("mkdir -p %s && tar -xf %s -C %s" % (
+                        shell_quote(target), quoted, shell_quote(target)))
+                elif is_folder(source) and not globbed:
+                    parts.append("mkdir -p %s && cp -a %s/. %s/" % (
+                        shell_quote(target), quoted, shell_quote(target)))
+                elif folder_target:
+                    parts.append("mkdir -p %s && cp -a %s %s/" % (
+                        shell_quote(target), quoted, shell_quote(target)))
+                else:
+                    parts.append("mkdir -p %s && cp -a %s %s" % (
+                        shell_quote(posixpath.dirname(target) or "/"), quoted,
+                        shell_quote(target)))
+            commands.append(" && ".join(parts))
+            notes.append("%s: %s %s baked into the image by a prepare command (a later RUN "
+                         "needs it); the build context is a prepare mount, so the image is "
+                         "rebuilt on every submit" % (where, instruction, " ".join(sources)))
+        elif instruction in ("CMD", "ENTRYPOINT"):
+            words = _exec_form(arguments)
+            value = words if words is not None else arguments
+            if instruction == "CMD":
+                command = value
+            else:
+                entrypoint = value
+                command = None     # Docker: a new ENTRYPOINT resets an inherited CMD
+        elif instruction == "HEALTHCHECK":
+            flags, rest = _split_flags(arguments)
+            if rest.upper().startswith("NONE"):
+                healthcheck = {"disable": True}
+                continue
+            word, _, probe = rest.partition(" ")
+            words = _exec_form(probe.strip())
+            healthcheck = {"test": ["CMD"] + words if words else ["CMD-SHELL", probe.strip()]}
+            for flag in ("timeout", "interval", "retries", "start-period"):
+                if flag in flags:
+                    healthcheck[flag.replace("-", "_")] = flags[flag][0]
+        elif instruction == "SHELL":
+            shell = _exec_form(arguments)
+            notes.append("%s: SHELL %s wraps the later RUN commands" % (where, arguments))
+        elif instruction in ("USER", "EXPOSE", "LABEL", "MAINTAINER", "STOPSIGNAL", "VOLUME"):
+            reason = {"USER": "Pyxis runs the container as your own user",
+                      "EXPOSE": _NETWORK_REASON,
+                      "LABEL": "image labels are not kept", "MAINTAINER": "metadata only",
+                      "STOPSIGNAL": "the batch script stops services with SIGTERM",
+                      "VOLUME": "bind a folder with volumes: if the data must outlive the job"}
+            notes.append("%s: %s %s dropped: %s" % (where, instruction, arguments,
+                                                    reason[instruction]))
+        else:
+            todos.append("%s: %s %s has no prepare equivalent: do it with a prepare command or "
+                         "leave it out" % (where, instruction, arguments))
+    if shell is not None and commands:
+        notes.append("SHELL applies to the RUN commands only")
+    return _BuildResult(image, tuple(commands), tuple(prepare_env), tuple(runtime_env),
+                        tuple(mounts), tuple(volumes), workdir, command, entrypoint, healthcheck,
+                        tuple(notes), tuple(todos))
+
+
+# --- value rules ---------------------------------------------------------------------------------
+
+def _docker_memory_megabytes(value):
+    """Megabytes (rounded up) of a Compose memory value (``512m``, ``2g``, ``1.5GiB``, bytes)."""
+    import math
+    text = str(value).strip().lower().replace(" ", "")
+    number = text.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = text[len(number):]
+    if unit not in _DOCKER_MEMORY_UNITS:
+        raise _Invalid("memory %r has an unknown unit" % value)
+    try:
+        amount = float(number) * _DOCKER_MEMORY_UNITS[unit]
+    except ValueError:
+        raise _Invalid("memory %r is not a number" % value)
+    return int(math.ceil(amount / 1024 ** 2))
+
+
+def _format_megabytes(megabytes):
+    return "%dG" % (megabytes // 1024) if megabytes % 1024 == 0 else "%dM" % megabytes
+
+
+def _restart_policy(value):
+    """``(failure_policy mapping or None, note)`` for a Compose ``restart`` value."""
+    text = str(value).strip().lower()
+    if text in ("no", "false", ""):
+        return None, "restart: no is the default (fail_job: a non-zero exit ends the job)"
+    if text.startswith("on-failure"):
+        _, _, count = text.partition(":")
+        limit = int(count) if count.isdigit() and int(count) > 0 else _DEFAULT_MAX_RESTARTS
+        return ({"mode": "restart_on_failure", "max_restarts": limit,
+                 "backoff_seconds": _DEFAULT_BACKOFF_SECONDS},
+                "restart: %s -> failure_policy restart_on_failure, %d restarts" % (value, limit))
+    if text in ("always", "unless-stopped", "any"):
+        return ({"mode": "restart_on_failure", "max_restarts": _DEFAULT_MAX_RESTARTS,
+                 "backoff_seconds": _DEFAULT_BACKOFF_SECONDS},
+                "restart: %s -> failure_policy restart_on_failure with limits (a job ends; "
+                "only non-zero exits restart)" % value)
+    raise _Invalid("restart %r is not a Compose restart policy" % value)
+
+
+def _healthcheck_readiness(healthcheck):
+    """``(readiness mapping or None, note)``; raises ``_Invalid`` when it cannot be expressed."""
+    if not isinstance(healthcheck, dict):
+        raise _Invalid("healthcheck is not a mapping")
+    if healthcheck.get("disable") is True:
+        return None, "healthcheck disabled: no readiness"
+    test = healthcheck.get("test")
+    if isinstance(test, list):
+        words = [str(word) for word in test]
+        if not words or words[0] == "NONE":
+            return None, "healthcheck test NONE: no readiness"
+        if words[0] == "CMD":
+            argv = words[1:]
+        elif words[0] == "CMD-SHELL" and len(words) == 2:
+            argv = _split_shell_probe(words[1])
+        else:
+            raise _Invalid("healthcheck test %r is not CMD or CMD-SHELL" % (test,))
+    elif isinstance(test, str):
+        argv = _split_shell_probe(test)
+    else:
+        raise _Invalid("healthcheck has no test")
+    try:
+        readiness = _probe_readiness(argv)._asdict()
+        how = "the same probe"
+    except _Invalid:
+        program = argv[0].rsplit("/", 1)[-1] if argv else ""
+        if program not in _PING_PROBES:
+            raise
+        flag, port = _PING_PROBES[program]
+        for index, word in enumerate(argv[:-1]):
+            if word == flag and argv[index + 1].isdigit():
+                port = int(argv[index + 1])
+        readiness = {"type": "tcp", "host": "127.0.0.1", "port": port}
+        how = "%s becomes a TCP check of port %d (the server accepts connections)" % (program,
+                                                                                     port)
+    seconds = _DEFAULT_READINESS_TIMEOUT
+    durations = [healthcheck.get(k) for k in ("interval", "start_period")]
+    if any(d is not None for d in durations):
+        # Docker gives up after start_period + retries * interval; readiness has one timeout.
+        interval = _parse_duration(healthcheck.get("interval") or "30s")
+        start = _parse_duration(healthcheck["start_period"]) if healthcheck.get(
+            "start_period") else 0
+        retries = int(healthcheck.get("retries") or 3)
+        seconds = max(_DEFAULT_READINESS_TIMEOUT, start + interval * retries)
+    data = {"type": readiness["type"]}
+    for key in _READINESS_FIELDS[readiness["type"]]:
+        if readiness.get(key) is not None:
+            data[key] = readiness[key]
+    data["timeout_seconds"] = seconds
+    return data, "healthcheck -> readiness %s (%s; polled every second for %ds)" % (
+        data["type"], how, seconds)
+
+
+def _host_patterns(names):
+    """A compiled pattern that finds service host names in URLs, ``host:port`` and ``-h host``."""
+    import re
+    alternatives = "|".join(re.escape(name) for name in sorted(names, key=len, reverse=True))
+    return re.compile(r"(?:(?<=//)|(?<=@)|(?<=-h )|(?<=--host )|(?<=--host=)|(?<=-H ))(%s)"
+                      r"(?![\w.-])|(?<![\w./@-])(%s)(?=:\d)" % (alternatives, alternatives))
+
+
+def _rewrite_hosts(text, pattern, replacement):
+    """``(new text, [names replaced])``."""
+    found = []
+
+    def replace(match):
+        found.append(match.group(1) or match.group(2))
+        return replacement
+
+    return pattern.sub(replace, text), found
+
+
+# --- the rewrite ---------------------------------------------------------------------------------
+
+def migrate_compose(text, filename=None, options=None):
+    """Rewrite Docker Compose YAML text as an hpc-compose spec; returns a ``MigrateResult``."""
+    options = options or MigrateOptions()
+    document = load_yaml(text, filename)
+    if not isinstance(document.data, dict) or not isinstance(document.data.get("services"), dict):
+        raise SpecError("this is not a Compose file: it has no services: mapping", file=filename,
+                        line=1)
+    prefix = ()
+    if _migrate_needs_block_style(text, document):
+        # Flow-style (or JSON) files cannot be edited line by line: write them in block style once.
+        text = "\n".join(_format_yaml_lines(document.data, 0)) + "\n"
+        document = load_yaml(text, filename)
+        prefix = (_MIGRATE_NOTE + "rewrote the file in block style (it used flow style or JSON);"
+                  " comments and anchors of the original are not kept",)
+    migration = _Migration(text, document, filename, options)
+    return migration.run(prefix)
+
+
+def _migrate_needs_block_style(text, document):
+    marks = document.marks
+    lines = text.split("\n")
+
+    def is_flow(path):
+        mark = marks.get(path)
+        return mark is not None and lines[mark.line - 1][mark.column - 1:mark.column] in ("{", "[")
+
+    if is_flow(()) or is_flow(("services",)):
+        return True
+    return any(is_flow(("services", name)) for name in document.data["services"])
+
+
+class _Migration(object):
+    """One rewrite: collects line edits and notes, then applies them bottom-up."""
+
+    def __init__(self, text, document, filename, options):
+        self.text = text
+        self.lines = text.split("\n")
+        self.final_break = self.lines[-1] == ""
+        if self.final_break:
+            self.lines.pop()
+        self.data = document.data
+        self.marks = document.marks
+        self.key_marks = document.key_marks
+        self.filename = filename
+        self.project_dir = os.path.dirname(os.path.abspath(filename)) if filename else os.getcwd()
+        self.options = options
+        self.read_text = options.read_text or _read_text_file
+        self.edits = []
+        self.counts = {"kept": 0, "changed": 0, "dropped": 0, "added": 0}
+        self.data_dirs = []
+        self.top_slurm = {}        # additions to the top-level x-slurm: key -> (value, [notes])
+        self.services = [n for n in self.data["services"] if isinstance(n, str)]
+        self.host_pattern = _host_patterns(self.services) if self.services else None
+        self.top_volumes = self.data.get("volumes") if isinstance(self.data.get("volumes"),
+                                                                   dict) else {}
+        self.host_runtime = options.runtime == "host"
+        self.sums = {"mem": 0, "cpus_per_task": 0, "gpus": 0}
+
+    # --- rows ---
+
+    def indent_of(self, row):
+        line = self.lines[row]
+        return len(line) - len(line.lstrip(" "))
+
+    def block_end(self, row, column, sequence_at_column):
+        """The row after the block that starts on ``row`` with its key or dash at ``column``."""
+        last = row
+        for index in range(row + 1, len(self.lines)):
+            stripped = self.lines[index].strip()
+            if not stripped:
+                continue
+            indent = self.indent_of(index)
+            if indent > column or (indent == column and sequence_at_column
+                                   and (stripped == "-" or stripped.startswith("- "))):
+                last = index
+                continue
+            break
+        return last + 1
+
+    def entry_rows(self, path):
+        """``(start, end, column)`` of a block mapping entry, or None when it is not on own lines."""
+        mark = self.key_marks.get(tuple(path))
+        if mark is None:
+            return None
+        row, column = mark.line - 1, mark.column - 1
+        before = self.lines[row][:column]
+        if before.strip() not in ("", "-") and not before.rstrip().endswith("- "):
+            return None
+        if before.strip() == "-" or before.rstrip().endswith("-"):
+            return None    # first key of a sequence item: edited with its item
+        value = self._value(path)
+        return row, self.block_end(row, column, isinstance(value, list)), column
+
+    def item_rows(self, path):
+        """``(start, end, dash column)`` of a block sequence item, or None."""
+        mark = self.marks.get(tuple(path))
+        if mark is None:
+            return None
+        row = mark.line - 1
+        before = self.lines[row][:mark.column - 1].rstrip()
+        if not before.endswith("-") or before[:-1].strip().strip("-").strip():
+            return None
+        dash = len(before) - 1
+        return row, self.block_end(row, dash, False), dash
+
+    def is_flow(self, path):
+        mark = self.marks.get(tuple(path))
+        return mark is not None and \
+            self.lines[mark.line - 1][mark.column - 1:mark.column] in ("{", "[")
+
+    def child_indent(self, start, end, default):
+        for row in range(start + 1, end):
+            stripped = self.lines[row].strip()
+            if stripped and not stripped.startswith("#"):
+                return self.indent_of(row)
+        return default
+
+    def _value(self, path):
+        node = self.data
+        for part in path:
+            node = node[part]
+        return node
+
+    def owns(self, service, path):
+        """Is ``path``'s key written inside the service's own block (not reached by a merge key)?"""
+        rows = self.entry_rows(("services", service))
+        mark = self.key_marks.get(tuple(path))
+        return rows is not None and mark is not None and rows[0] < mark.line - 1 < rows[1]
+
+    # --- edits ---
+
+    def note_lines(self, column, notes):
+        return [" " * column + (note if note.startswith("#") else _MIGRATE_NOTE + note)
+                for note in notes]
+
+    def replace(self, start, end, column, notes, new_lines=()):
+        self.edits.append(_Edit(start, end, tuple(self.note_lines(column, notes))
+                                + tuple(new_lines)))
+
+    def replace_entry(self, path, notes, value=None, drop=False):
+        """Replace (or drop) a mapping entry; with no own lines, the whole parent entry is redone."""
+        rows = self.entry_rows(path)
+        if rows is None:
+            return False
+        start, end, column = rows
+        lines = () if drop else _format_yaml_lines({path[-1]: value}, column)
+        self.replace(start, end, column, notes, lines)
+        return True
+
+    def insert_into(self, path, notes, value):
+        """Add the entries of mapping ``value`` (or items of list ``value``) at the end of ``path``."""
+        start, end, column = self.entry_rows(path)
+        indent = self.child_indent(start, end, column + 2)
+        if isinstance(value, list) and self.lines[start + 1:start + 2] and \
+                self.indent_of(start + 1) == column:
+            indent = column
+        self.edits.append(_Edit(end, end, tuple(self.note_lines(indent, notes))
+                                + tuple(_format_yaml_lines(value, indent))))
+
+    # --- the run ---
+
+    def run(self, prefix):
+        for name in self.services:
+            if isinstance(self.data["services"][name], dict):
+                self.migrate_service(name)
+        self.migrate_top_level()
+        return self.result(prefix)
+
+    def result(self, prefix):
+        edits = []
+        for edit in sorted(set(self.edits), key=lambda e: (e.start, e.end)):
+            if edits and edit.start < edits[-1].end:
+                raise HpcComposeError("migrate: two changes overlap at line %d of %s"
+                                      % (edit.start + 1, self.filename or "the file"),
+                                      hint="please report this with the file that caused it")
+            edits.append(edit)
+        lines = list(self.lines)
+        for edit in reversed(edits):
+            lines[edit.start:edit.end] = list(edit.lines)
+        lines = list(prefix) + lines
+        notes, todos = [], []
+        for number, line in enumerate(lines, 1):
+            stripped = line.strip()
+            if stripped.startswith(_MIGRATE_TODO.strip()):
+                todos.append((number, stripped[len(_MIGRATE_NOTE):]))
+            elif stripped.startswith(_MIGRATE_NOTE):
+                notes.append((number, stripped[len(_MIGRATE_NOTE):]))
+        text = "\n".join(lines) + ("\n" if self.final_break or lines else "")
+        return MigrateResult(text, tuple(notes), tuple(todos), dict(self.counts),
+                             tuple(self.data_dirs))
+
+    # --- services ---
+
+    def migrate_service(self, name):
+        raw = self.data["services"][name]
+        path = ("services", name)
+        self.additions = {}        # service key -> (value, [notes]) added at the end of the block
+        self.slurm_additions = {}  # service x-slurm key -> (value, [notes])
+        self.volume_additions = []  # (volume, note)
+        self.env_additions = []    # (key, value, note)
+        handled = set()
+        if "build" in raw:
+            self.migrate_build(name, raw)
+            handled.update(("build", "image"))
+        for key in list(raw):
+            if key in handled or not isinstance(key, str):
+                continue
+            key_path = path + (key,)
+            self.migrate_service_key(name, raw, key, key_path)
+        if "healthcheck" not in raw and "readiness" not in raw and self.needs_readiness(name):
+            self.additions.setdefault("readiness", (None, []))
+        if self.host_runtime and not any(k in raw or k in self.additions
+                                         for k in ("command", "entrypoint")):
+            self.additions["command"] = (None, ["TODO with the host runtime there is no image "
+                                                "default command: write the command to run"])
+        self.flush_service(name, raw)
+
+    def needs_readiness(self, name):
+        for other in self.services:
+            depends = self.data["services"][other]
+            depends = depends.get("depends_on") if isinstance(depends, dict) else None
+            if isinstance(depends, dict) and isinstance(depends.get(name), dict) and \
+                    depends[name].get("condition") == "service_healthy":
+                return True
+        return False
+
+    def migrate_service_key(self, name, raw, key, key_path):
+        value = raw[key]
+        if key.startswith("x-") or key in ("readiness", "working_dir"):
+            if key == "working_dir" and not any(k in raw for k in ("command", "entrypoint")) \
+                    and "build" not in raw:
+                self.todo_entry(key_path, "working_dir %s needs an explicit command: write the "
+                                "command the image runs by default" % value)
+                return
+            self.counts["kept"] += 1
+            return
+        if key == "image":
+            if self.host_runtime:
+                return self.drop(key_path, "image %s dropped: with the host runtime the service "
+                                 "runs on the node itself" % value)
+            self.counts["kept"] += 1
+            return
+        if key in ("command", "entrypoint"):
+            return self.migrate_command(name, key_path, value)
+        if key == "environment":
+            return self.migrate_environment(name, key_path, value)
+        if key == "env_file":
+            return self.migrate_env_file(name, key_path, value)
+        if key == "volumes":
+            return self.migrate_volumes(name, key_path, value)
+        if key == "depends_on":
+            return self.migrate_depends_on(name, key_path, value)
+        if key == "healthcheck":
+            return self.migrate_healthcheck(name, key_path, value)
+        if key == "restart":
+            return self.migrate_restart(name, key_path, value)
+        if key == "deploy":
+            return self.migrate_deploy(name, key_path, value)
+        if key in ("cpus", "mem_limit", "gpus"):
+            return self.migrate_resource_key(name, key_path, key, value)
+        if key in ("secrets", "configs"):
+            return self.migrate_secrets(name, key_path, key, value)
+        if key in ("extends", "volumes_from"):
+            return self.todo_entry(key_path, "%s %s is not supported: copy the settings it "
+                                   "brings into this service" % (key, _brief(value)))
+        reason = _MIGRATE_DROPPED_KEYS.get(key) or "it has no meaning on a Slurm allocation"
+        self.drop(key_path, "dropped %s %s: %s" % (key, _brief(value), reason))
+
+    def drop(self, path, note):
+        if self.replace_entry(path, [note], drop=True):
+            self.counts["dropped"] += 1
+
+    def todo_entry(self, path, note, value=None, keep=True):
+        """A TODO line before the entry (kept as written, or replaced by ``value``)."""
+        rows = self.entry_rows(path)
+        if rows is None:
+            return
+        start, end, column = rows
+        new = self.lines[start:end] if keep else _format_yaml_lines({path[-1]: value}, column)
+        self.replace(start, end, column, ["TODO " + note], new)
+        self.counts["changed"] += 1
+
+    def flush_service(self, name, raw):
+        path = ("services", name)
+        if self.volume_additions:
+            volumes = raw.get("volumes")
+            notes = [note for _, note in self.volume_additions]
+            items = [text for text, _ in self.volume_additions]
+            if isinstance(volumes, list) and self.owns(name, path + ("volumes",)) and \
+                    not self.is_flow(path + ("volumes",)) and volumes:
+                self.insert_into(path + ("volumes",), notes, items)
+            else:
+                self.additions["volumes"] = (items, notes)
+        if self.env_additions:
+            environment = raw.get("environment")
+            notes = [note for _, _, note in self.env_additions]
+            if environment and self.owns(name, path + ("environment",)) and \
+                    not self.is_flow(path + ("environment",)):
+                if isinstance(environment, dict):
+                    items = dict((k, v) for k, v, _ in self.env_additions)
+                else:
+                    items = ["%s=%s" % (k, v) for k, v, _ in self.env_additions]
+                self.insert_into(path + ("environment",), notes, items)
+            elif not environment:
+                self.additions["environment"] = (
+                    dict((k, v) for k, v, _ in self.env_additions), notes)
+        if self.slurm_additions:
+            current = raw.get("x-slurm")
+            values = dict((k, v) for k, (v, _) in self.slurm_additions.items())
+            notes = [note for _, ns in self.slurm_additions.values() for note in ns]
+            if isinstance(current, dict) and self.owns(name, path + ("x-slurm",)):
+                values = dict((k, v) for k, v in values.items() if k not in current)
+                if values:
+                    self.insert_into(path + ("x-slurm",), notes, values)
+            elif current is not None:
+                self.additions["x-slurm"] = (values, ["TODO this service's x-slurm comes from a "
+                                                      "merge key; merge these keys into it"]
+                                             + notes)
+            else:
+                self.additions["x-slurm"] = (values, notes)
+        if "readiness" in self.additions and self.additions["readiness"][0] is None:
+            del self.additions["readiness"]
+            self.additions["readiness"] = ({"type": "tcp", "port": 1}, [
+                "TODO another service waits for '%s' to be healthy: set the port it listens "
+                "on (or another readiness type)" % name])
+        if not self.additions:
+            return
+        start, end, column = self.entry_rows(path)
+        indent = self.child_indent(start, end, column + 2)
+        lines = []
+        for key, (value, notes) in self.additions.items():
+            lines += self.note_lines(indent, notes)
+            if value is not None:
+                lines += _format_yaml_lines({key: value}, indent)
+                self.counts["added"] += 1
+        self.edits.append(_Edit(end, end, tuple(lines)))
+
+    def add_slurm(self, key, value, note):
+        if key in self.slurm_additions:
+            self.slurm_additions[key][1].append(note)
+        else:
+            self.slurm_additions[key] = (value, [note])
+
+    # --- service hosts ---
+
+    def host_replacement(self, name):
+        """127.0.0.1, or $HPC_COMPOSE_PRIMARY_NODE for a service that spans several nodes."""
+        top = self.data.get("x-slurm") if isinstance(self.data.get("x-slurm"), dict) else {}
+        own = self.data["services"][name].get("x-slurm")
+        own = own if isinstance(own, dict) else {}
+        try:
+            nodes = int(top.get("nodes") or 1)
+            requested = own.get("nodes")
+            requested = int(requested) if requested is not None else None
+        except (TypeError, ValueError):
+            return "127.0.0.1"
+        distributed = nodes > 1 and (requested == nodes or
+                                     (requested is None and len(self.services) == 1))
+        return "$HPC_COMPOSE_PRIMARY_NODE" if distributed else "127.0.0.1"
+
+    def rewrite_region(self, path, rows, new_text_of, note):
+        """Apply a text rewrite to the rows of one value (from its mark on) with a note above."""
+        start, end, column = rows
+        mark = self.marks[tuple(path)]
+        lines = list(self.lines[start:end])
+        first = mark.line - 1 - start
+        for offset in range(first, len(lines)):
+            begin = mark.column - 1 if offset == first else 0
+            lines[offset] = lines[offset][:begin] + new_text_of(lines[offset][begin:])
+        self.replace(start, end, column, [note], lines)
+
+    def migrate_command(self, name, path, value):
+        if self.host_pattern is None:
+            self.counts["kept"] += 1
+            return
+        replacement = self.host_replacement(name)
+        words = value if isinstance(value, list) else [value]
+        found = []
+        for word in words:
+            if isinstance(word, str):
+                found += _rewrite_hosts(word, self.host_pattern, replacement)[1]
+        if not found:
+            self.counts["kept"] += 1
+            return
+        if replacement != "127.0.0.1" and isinstance(value, list):
+            self.todo_entry(path, "service host name(s) %s: this service spans several nodes; "
+                            "write the command in shell form with $HPC_COMPOSE_PRIMARY_NODE"
+                            % ", ".join(sorted(set(found))))
+            return
+        note = "host name %s -> %s (there is no service-name DNS; %s)" % (
+            ", ".join(sorted(set(found))), replacement,
+            "helpers run on the primary node" if replacement != "127.0.0.1"
+            else "services share the node's network")
+        rows = self.entry_rows(path)
+        if rows is None:
+            return
+        self.rewrite_region(path, rows,
+                            lambda text: _rewrite_hosts(text, self.host_pattern, replacement)[0],
+                            note)
+        self.counts["changed"] += 1
+
+    def env_rewrite(self, variable, value, replacement):
+        """``(new value, names)`` for one environment value (a bare name only in *_HOST & co)."""
+        if not isinstance(value, str):
+            return value, []
+        if value in self.services and _HOST_VARIABLE_WORDS.intersection(
+                variable.upper().replace("-", "_").split("_")):
+            return replacement, [value]
+        return _rewrite_hosts(value, self.host_pattern, replacement)
+
+    def migrate_environment(self, name, path, value):
+        if self.host_pattern is None or not isinstance(value, (dict, list)):
+            self.counts["kept"] += 1
+            return
+        replacement = self.host_replacement(name)
+        items = list(value.items()) if isinstance(value, dict) else list(enumerate(value))
+        changes = []
+        for key, item in items:
+            if isinstance(value, list):
+                if not isinstance(item, str) or "=" not in item:
+                    continue
+                variable, _, text = item.partition("=")
+                new, found = self.env_rewrite(variable, text, replacement)
+                new = variable + "=" + new
+            else:
+                new, found = self.env_rewrite(str(key), item, replacement)
+            if found:
+                changes.append((key, new, found))
+        if not changes:
+            self.counts["kept"] += 1
+            return
+        self.counts["changed"] += 1
+        if replacement != "127.0.0.1":
+            self.todo_entry(path, "environment refers to service host name(s) %s and this "
+                            "service spans several nodes: read $HPC_COMPOSE_PRIMARY_NODE in a "
+                            "shell-form command instead"
+                            % ", ".join(sorted(set(f for _, _, fs in changes for f in fs))))
+            return
+        if self.is_flow(path):
+            new_value = dict(value) if isinstance(value, dict) else list(value)
+            for key, new, _ in changes:
+                new_value[key] = new
+            names = sorted(set(f for _, _, fs in changes for f in fs))
+            self.replace_entry(path, ["host name %s -> 127.0.0.1 (there is no service-name DNS;"
+                                      " services share the node's network)" % ", ".join(names)],
+                               new_value)
+            return
+        for key, new, found in changes:
+            item_path = path + (key,)
+            rows = self.entry_rows(item_path) if isinstance(value, dict) else \
+                self.item_rows(item_path)
+            if rows is None:
+                continue
+            whole = value[key] if isinstance(value, dict) else value[key].partition("=")[2]
+
+            def rewrite(text, whole=whole, found=found):
+                if found == [whole]:
+                    import re
+                    return re.sub(r"(?<![\w./@-])%s(?![\w.-])" % re.escape(whole), "127.0.0.1",
+                                  text, count=1)
+                return _rewrite_hosts(text, self.host_pattern, "127.0.0.1")[0]
+
+            self.rewrite_region(item_path, rows, rewrite,
+                                "host name %s -> 127.0.0.1 (there is no service-name DNS; "
+                                "services share the node's network)" % ", ".join(sorted(set(found))))
+
+    def migrate_env_file(self, name, path, value):
+        files = value if isinstance(value, list) else [value]
+        existing = self.data["services"][name].get("environment")
+        names = set(existing) if isinstance(existing, dict) else set(
+            str(item).partition("=")[0] for item in existing or [])
+        for entry in files:
+            required = True
+            if isinstance(entry, dict):
+                required = entry.get("required", True) is not False
+                entry = entry.get("path")
+            file_path = os.path.join(self.project_dir, str(entry))
+            try:
+                variables = parse_dotenv(self.read_text(file_path), file_path)
+            except (OSError, SpecError):
+                if required:
+                    return self.todo_entry(path, "env_file %s could not be read: list its "
+                                           "variables under environment" % entry)
+                continue
+            for key, item in variables.items():
+                if key not in names:
+                    names.add(key)
+                    self.env_additions.append((key, _escape_interpolation(item),
+                                               "env_file %s -> environment" % entry))
+        self.drop(path, "env_file %s: its variables were copied into environment" % _brief(value))
+
+    # --- volumes ---
+
+    def data_dir(self, volume):
+        import posixpath
+        base = self.options.data_dir.rstrip("/") or "."
+        folder = posixpath.join(base, volume)
+        if folder not in self.data_dirs:
+            self.data_dirs.append(folder)
+        return folder
+
+    def named_volume_source(self, volume):
+        """``(host path, note)`` for a named volume."""
+        definition = self.top_volumes.get(volume)
+        definition = definition if isinstance(definition, dict) else {}
+        options = definition.get("driver_opts")
+        if isinstance(options, dict) and str(options.get("o", "")).split(",")[0] == "bind" and \
+                options.get("device"):
+            return (str(options["device"]), "named volume '%s' is a bind of %s: mounted directly"
+                    % (volume, options["device"]))
+        folder = self.data_dir(volume)
+        note = ("named volume '%s' -> bind mount of %s (created by migrate; it must be on storage "
+                "the compute nodes see)" % (volume, folder))
+        if definition.get("external"):
+            note += "; the volume was external: copy its contents there"
+        return folder, note
+
+    def convert_volume(self, service, index, item):
+        """``(new item or None to drop, note)``; ``(item, None)`` when it stays as written."""
+        import posixpath
+        if isinstance(item, str):
+            if ":" not in item:
+                slug = "%s-%s" % (service, posixpath.basename(item.rstrip("/")) or "root")
+                return ("%s:%s" % (self.data_dir(slug), item),
+                        "anonymous volume %s -> bind mount of %s (created by migrate)"
+                        % (item, self.data_dir(slug)))
+            source, _, rest = item.partition(":")
+            if source.startswith(("/", ".", "~", "$")):
+                return item, None
+            host, note = self.named_volume_source(source)
+            return "%s:%s" % (host, rest), note
+        if not isinstance(item, dict):
+            return item, None
+        kind = item.get("type", "volume")
+        target = item.get("target")
+        read_only = item.get("read_only") is True
+        suffix = ":ro" if read_only else ""
+        if kind == "bind":
+            extra = [k for k in item if k not in ("type", "source", "target", "read_only",
+                                                  "bind")]
+            bind = item.get("bind") if isinstance(item.get("bind"), dict) else {}
+            extra += ["bind." + k for k in bind if k != "create_host_path"]
+            if not extra:
+                return item, None
+            return ("%s:%s%s" % (item.get("source"), target, suffix),
+                    "long-syntax bind -> short form (%s not used by Pyxis)" % ", ".join(extra))
+        if kind == "volume":
+            source = item.get("source")
+            if not source:
+                slug = "%s-%s" % (service, posixpath.basename(str(target).rstrip("/")))
+                return ("%s:%s%s" % (self.data_dir(slug), target, suffix),
+                        "anonymous volume %s -> bind mount of %s (created by migrate)"
+                        % (target, self.data_dir(slug)))
+            host, note = self.named_volume_source(str(source))
+            return "%s:%s%s" % (host, target, suffix), note
+        if kind == "tmpfs":
+            if str(target).rstrip("/") == "/tmp":
+                return None, "tmpfs at /tmp dropped: every step gets a fresh /tmp"
+            slug = "%s-tmpfs-%s" % (service, posixpath.basename(str(target).rstrip("/")))
+            return ("%s:%s" % (self.data_dir(slug), target),
+                    "tmpfs %s -> bind mount of %s (a folder, not memory: empty it if the program "
+                    "expects a fresh one)" % (target, self.data_dir(slug)))
+        return None, "volume of type %s dropped: only bind mounts exist on the nodes" % kind
+
+    def migrate_volumes(self, name, path, value):
+        if not isinstance(value, list):
+            self.counts["kept"] += 1
+            return
+        if self.host_runtime:
+            return self.drop(path, "volumes dropped: with the host runtime the service sees the "
+                             "node's file system (use the host paths directly)")
+        converted = [self.convert_volume(name, index, item) for index, item in enumerate(value)]
+        if all(note is None for _, note in converted):
+            self.counts["kept"] += 1
+            return
+        self.counts["changed"] += 1
+        if self.is_flow(path) or not self.owns(name, path):
+            notes = [note for _, note in converted if note]
+            new = [item for item, _ in converted if item is not None]
+            if not self.owns(name, path):
+                self.additions["volumes"] = (new, notes + ["TODO volumes came from a merge key:"
+                                                           " remove them there"])
+            else:
+                self.replace_entry(path, notes, new)
+            return
+        for index, (item, note) in enumerate(converted):
+            if note is None:
+                continue
+            rows = self.item_rows(path + (index,))
+            if rows is None:
+                continue
+            start, end, dash = rows
+            new_lines = () if item is None else _format_yaml_lines([item], dash)
+            self.replace(start, end, dash, [note], new_lines)
+
+    def migrate_secrets(self, name, path, key, value):
+        top = self.data.get(key) if isinstance(self.data.get(key), dict) else {}
+        todo = []
+        for entry in value if isinstance(value, list) else []:
+            source = entry.get("source") if isinstance(entry, dict) else entry
+            target = entry.get("target") if isinstance(entry, dict) else None
+            definition = top.get(source) if isinstance(top.get(source), dict) else {}
+            if not definition.get("file"):
+                todo.append(str(source))
+                continue
+            if key == "secrets" and (not target or not str(target).startswith("/")):
+                target = "/run/secrets/%s" % (target or source)
+            elif not target:
+                target = "/%s" % source
+            host = str(definition["file"])
+            if not host.startswith(("/", ".", "~", "$")):
+                host = "./" + host
+            self.volume_additions.append(("%s:%s:ro" % (host, target),
+                                          "%s %s -> read-only bind mount of %s at %s"
+                                          % (key[:-1], source, host, target)))
+        if todo:
+            return self.todo_entry(path, "%s %s are not files: pass them as environment values "
+                                   "from .env, or mount a file" % (key, ", ".join(todo)))
+        self.drop(path, "%s %s became read-only bind mounts (see volumes)" % (key, _brief(value)))
+
+    # --- dependencies, health, restarts, resources ---
+
+    def migrate_depends_on(self, name, path, value):
+        if not isinstance(value, dict):
+            self.counts["kept"] += 1
+            return
+        changed = False
+        for target, body in value.items():
+            if not isinstance(body, dict):
+                continue
+            extra = [k for k in body if k != "condition"]
+            condition = body.get("condition")
+            if not extra and condition != "service_completed_successfully":
+                continue
+            item_path = path + (target,)
+            new = {"condition": "service_started" if condition in (
+                None, "service_completed_successfully") else condition}
+            notes = []
+            if extra:
+                notes.append("dropped %s of depends_on.%s: hpc-compose starts each service once"
+                             % (", ".join(extra), target))
+            if condition == "service_completed_successfully":
+                notes.append("TODO service_completed_successfully is not supported: '%s' now "
+                             "only has to start; make %s wait for its result (e.g. a file in "
+                             "/hpc-compose/job)" % (target, name))
+            if not self.replace_entry(item_path, notes, new):
+                continue
+            changed = True
+        self.counts["changed" if changed else "kept"] += 1
+
+    def migrate_healthcheck(self, name, path, value):
+        try:
+            readiness, note = _healthcheck_readiness(value)
+        except _Invalid as exc:
+            if self.needs_readiness(name):
+                return self.todo_entry(path, "%s: another service waits for '%s' to be healthy; "
+                                       "write a readiness (tcp port, log line, http url) instead"
+                                       % (exc.message, name))
+            return self.drop(path, "healthcheck dropped (%s); nothing waits for it to be healthy"
+                             % exc.message)
+        if readiness is None:
+            return self.drop(path, note)
+        if readiness.get("type") == "http":
+            readiness["url"] = _rewrite_hosts(readiness["url"], self.host_pattern, "127.0.0.1")[0]
+        if readiness.get("type") == "tcp" and readiness.get("host") in self.services:
+            readiness["host"] = "127.0.0.1"
+        rows = self.entry_rows(path)
+        if rows is None or not self.owns(name, path):
+            self.additions["readiness"] = (readiness, [note])
+            self.counts["changed"] += 1
+            return
+        start, end, column = rows
+        self.replace(start, end, column, [note], _format_yaml_lines({"readiness": readiness},
+                                                                     column))
+        self.counts["changed"] += 1
+
+    def migrate_restart(self, name, path, value):
+        try:
+            policy, note = _restart_policy(value)
+        except _Invalid as exc:
+            return self.todo_entry(path, exc.message + ": write x-slurm.failure_policy")
+        if policy is not None:
+            self.add_slurm("failure_policy", policy, note)
+            note = "restart moved to x-slurm.failure_policy"
+        self.drop(path, note)
+
+    def add_cpus(self, value, source):
+        import math
+        try:
+            cpus = int(math.ceil(float(value)))
+        except (TypeError, ValueError):
+            return
+        if cpus >= 1:
+            self.add_slurm("cpus_per_task", cpus, "%s %s -> x-slurm.cpus_per_task %d"
+                           % (source, value, cpus))
+            self.sums["cpus_per_task"] += cpus
+
+    def add_memory(self, value, source):
+        try:
+            megabytes = _docker_memory_megabytes(value)
+        except _Invalid:
+            return
+        self.sums["mem"] += megabytes
+        self.top_slurm_note("mem", "%s %s counted into the top-level x-slurm.mem" % (source, value))
+
+    def add_gpus(self, count, source):
+        self.add_slurm("gpus", count, "%s -> x-slurm.gpus %d" % (source, count))
+        self.sums["gpus"] += count
+
+    def top_slurm_note(self, key, note):
+        self.top_slurm.setdefault(key, [])
+        self.top_slurm[key].append(note)
+
+    def migrate_resource_key(self, name, path, key, value):
+        if key == "cpus":
+            self.add_cpus(value, "cpus")
+        elif key == "mem_limit":
+            self.add_memory(value, "mem_limit")
+        else:
+            if str(value) == "all":
+                return self.todo_entry(path, "gpus: all: set x-slurm.gpus to the number of GPUs "
+                                       "the service needs")
+            try:
+                self.add_gpus(int(value), "gpus %s" % value)
+            except (TypeError, ValueError):
+                return self.todo_entry(path, "gpus %s: set x-slurm.gpus" % _brief(value))
+        self.drop(path, "%s moved to x-slurm" % key)
+
+    def migrate_deploy(self, name, path, value):
+        value = value if isinstance(value, dict) else {}
+        dropped = []
+        todos = []
+        for key, item in value.items():
+            if key == "resources" and isinstance(item, dict):
+                limits = item.get("limits") if isinstance(item.get("limits"), dict) else {}
+                reservations = item.get("reservations") if isinstance(
+                    item.get("reservations"), dict) else {}
+                cpus = limits.get("cpus", reservations.get("cpus"))
+                if cpus is not None:
+                    self.add_cpus(cpus, "deploy.resources cpus")
+                memory = limits.get("memory", reservations.get("memory"))
+                if memory is not None:
+                    self.add_memory(memory, "deploy.resources memory")
+                for device in reservations.get("devices") or []:
+                    if not isinstance(device, dict):
+                        continue
+                    capabilities = device.get("capabilities") or []
+                    if "gpu" not in capabilities and device.get("driver") != "nvidia":
+                        dropped.append("device %s" % _brief(device))
+                        continue
+                    count = device.get("count")
+                    if device.get("device_ids"):
+                        count = len(device["device_ids"])
+                    if count in (None, "all"):
+                        todos.append("GPU reservation count %s: set x-slurm.gpus to the number "
+                                     "of GPUs the service needs" % (count or "unset"))
+                        continue
+                    self.add_gpus(int(count), "deploy GPU reservation count %s" % count)
+            elif key == "restart_policy" and isinstance(item, dict):
+                condition = item.get("condition", "any")
+                if condition == "none":
+                    continue
+                attempts = item.get("max_attempts")
+                policy = {"mode": "restart_on_failure",
+                          "max_restarts": int(attempts) if attempts else _DEFAULT_MAX_RESTARTS,
+                          "backoff_seconds": max(1, _parse_duration(item["delay"]))
+                          if item.get("delay") else _DEFAULT_BACKOFF_SECONDS}
+                self.add_slurm("failure_policy", policy, "deploy.restart_policy %s -> "
+                               "failure_policy restart_on_failure" % _brief(item))
+            elif key == "replicas" and item in (1, "1"):
+                continue
+            else:
+                dropped.append("%s %s" % (key, _brief(item, 30)))
+        note = "deploy moved to x-slurm"
+        if dropped:
+            note += "; dropped %s (no meaning in one batch job)" % "; ".join(dropped)
+        if self.replace_entry(path, ["TODO " + t for t in todos] + [note], drop=True):
+            self.counts["dropped"] += 1
+
+    # --- build ---
+
+    def migrate_build(self, name, raw):
+        path = ("services", name)
+        build = raw["build"]
+        notes, todos = [], []
+        if isinstance(build, str):
+            build = {"context": build}
+        if not isinstance(build, dict):
+            build = {}
+        context = str(build.get("context") or ".")
+        dockerfile = build.get("dockerfile") or "Dockerfile"
+        arguments = build.get("args") or {}
+        if isinstance(arguments, list):
+            arguments = dict(str(item).partition("=")[::2] for item in arguments)
+        arguments = dict((str(k), "" if v is None else str(v)) for k, v in arguments.items())
+        for key in build:
+            if key in ("secrets", "ssh", "additional_contexts"):
+                todos.append("build.%s is not available to prepare: give the commands that use "
+                             "it what they need through a prepare mount" % key)
+            elif key not in ("context", "dockerfile", "dockerfile_inline", "args", "target"):
+                notes.append("build.%s dropped (prepare builds on the login node)" % key)
+        result = None
+        if "://" in context or context.startswith("git@"):
+            todos.append("build context %s is remote: clone it and point build at the folder, "
+                         "or write image + x-enroot.prepare by hand" % context)
+        else:
+            if not context.startswith(("/", ".", "~")):
+                context = "./" + context
+            context_dir = os.path.join(self.project_dir, context)
+            text = build.get("dockerfile_inline")
+            where = "dockerfile_inline"
+            if text is None:
+                where = os.path.normpath(os.path.join(context, str(dockerfile)))
+                try:
+                    text = self.read_text(os.path.join(context_dir, str(dockerfile)))
+                except OSError:
+                    todos.append("Dockerfile %s not found: write image (the base image) and "
+                                 "x-enroot.prepare.commands (its RUN lines)" % where)
+            if text is not None:
+                result = _translate_dockerfile(str(text), context, arguments,
+                                               build.get("target"), context_dir)
+                notes.insert(0, "build (context %s) -> image + x-enroot.prepare from %s" % (
+                    context, where))
+        self.counts["changed"] += 1
+        lines_value = {}
+        if result is not None:
+            notes += list(result.notes)
+            todos += list(result.todos)
+        image = result.image if result is not None else None
+        if image and not self.host_runtime:
+            lines_value["image"] = image
+        elif "image" in raw and not self.host_runtime:
+            lines_value["image"] = raw["image"]
+        if self.host_runtime:
+            if result is not None and result.commands:
+                todos.append("with the host runtime nothing is built: install on the node what "
+                             "these did: %s" % " ; ".join(result.commands))
+        elif result is not None and result.commands:
+            prepare = {"commands": list(result.commands)}
+            if result.mounts:
+                prepare["mounts"] = list(result.mounts)
+            if result.prepare_env:
+                prepare["env"] = dict((k, _escape_interpolation(v)) for k, v in result.prepare_env)
+            if "x-enroot" in raw:
+                todos.append("the service already has x-enroot: merge these prepare settings "
+                             "into it")
+                lines_value["x-enroot-from-build"] = {"prepare": prepare}
+            else:
+                lines_value["x-enroot"] = {"prepare": prepare}
+        if result is not None:
+            notes += self.apply_build_runtime(name, raw, result)
+        if "image" in raw and "image" in lines_value and lines_value["image"] != raw["image"]:
+            self.drop(path + ("image",), "image %s named the built image; the base image is the "
+                      "Dockerfile's FROM" % raw["image"])
+        elif "image" in raw and self.host_runtime:
+            self.drop(path + ("image",), "image %s dropped: with the host runtime the service "
+                      "runs on the node itself" % raw["image"])
+        elif "image" in raw:
+            self.drop(path + ("image",), "image moved to where build was")
+        rows = self.entry_rows(path + ("build",))
+        if rows is not None:
+            start, end, column = rows
+            self.replace(start, end, column, notes + ["TODO " + t for t in todos],
+                         _format_yaml_lines(lines_value, column) if lines_value else ())
+
+    def apply_build_runtime(self, name, raw, result):
+        """CMD/ENTRYPOINT/WORKDIR/ENV/HEALTHCHECK and runtime volumes of a translated build;
+        returns notes for the build's comment."""
+        notes = []
+        command = raw.get("command")
+        entrypoint = raw.get("entrypoint")
+        new_command = result.command if command is None else None
+        new_entrypoint = result.entrypoint if entrypoint is None else None
+        final_command = command if command is not None else new_command
+        final_entrypoint = entrypoint if entrypoint is not None else new_entrypoint
+        if final_command is not None and final_entrypoint is not None and \
+                isinstance(final_command, str) != isinstance(final_entrypoint, str):
+            if new_entrypoint is not None and isinstance(new_entrypoint, list):
+                new_entrypoint = " ".join(shell_quote(w) for w in new_entrypoint)
+            elif new_entrypoint is not None:
+                new_entrypoint = ["/bin/sh", "-c", new_entrypoint]
+            elif new_command is not None and isinstance(new_command, str):
+                new_command = ["/bin/sh", "-c", new_command]
+            elif new_command is not None:
+                new_command = " ".join(shell_quote(w) for w in new_command)
+        for key, value, source in (("entrypoint", new_entrypoint, "ENTRYPOINT"),
+                                   ("command", new_command, "CMD")):
+            if value is None:
+                continue
+            if isinstance(value, list):
+                value = [_escape_interpolation(word) for word in value]
+            self.additions[key] = (value, ["%s -> %s (Dockerfile %s)" % (source, key, source)])
+        has_command = final_command is not None or final_entrypoint is not None
+        if result.working_dir and "working_dir" not in raw:
+            if has_command:
+                self.additions["working_dir"] = (result.working_dir, [
+                    "WORKDIR %s -> working_dir" % result.working_dir])
+            else:
+                notes.append("WORKDIR %s not kept: working_dir needs a command, and the base "
+                             "image's command runs in the base image's folder" % result.working_dir)
+        environment = raw.get("environment")
+        names = set(environment) if isinstance(environment, dict) else set(
+            str(item).partition("=")[0] for item in environment or [])
+        for key, value in result.runtime_env:
+            if key not in names:
+                self.env_additions.append((key, _escape_interpolation(value),
+                                           "ENV %s -> environment (the prepared image does not "
+                                           "keep ENV)" % key))
+        if not self.host_runtime:
+            for volume, note in result.volumes:
+                self.volume_additions.append((volume, note))
+        if result.healthcheck and "healthcheck" not in raw and "readiness" not in raw:
+            try:
+                readiness, note = _healthcheck_readiness(result.healthcheck)
+            except _Invalid as exc:
+                if self.needs_readiness(name):
+                    self.additions["readiness"] = (None, [])
+                else:
+                    notes.append("Dockerfile HEALTHCHECK dropped: %s" % exc.message)
+                return notes
+            if readiness is not None:
+                self.additions["readiness"] = (readiness, ["Dockerfile HEALTHCHECK: " + note])
+        return notes
+
+    # --- top level ---
+
+    def migrate_top_level(self):
+        for key in list(self.data):
+            if not isinstance(key, str):
+                continue
+            if key in ("services", "name", "version", "x-slurm") or key.startswith("x-"):
+                continue
+            value = self.data[key]
+            if key in _MIGRATE_TOP_DROPPED:
+                self.drop((key,), "dropped top-level %s: %s" % (key, _MIGRATE_TOP_DROPPED[key]))
+            elif key == "include":
+                self.todo_entry((key,), "include is not supported: copy the included services "
+                                "into this file")
+            else:
+                self.drop((key,), "dropped top-level %s %s: it has no meaning here"
+                          % (key, _brief(value)))
+        values, notes = {}, []
+        current = self.data.get("x-slurm") if isinstance(self.data.get("x-slurm"), dict) else {}
+        if self.sums["mem"] and "mem" not in current:
+            values["mem"] = _format_megabytes(self.sums["mem"])
+            notes.append("x-slurm.mem %s: the memory limits of the services added up (%s)"
+                         % (values["mem"], "; ".join(self.top_slurm.get("mem", []))))
+        for key, what in (("cpus_per_task", "CPUs"), ("gpus", "GPUs")):
+            if self.sums[key] and key not in current and len(self.services) > 1:
+                values[key] = self.sums[key]
+                notes.append("x-slurm.%s %d: the allocation holds the %s every service asks for"
+                             % (key, self.sums[key], what))
+        if self.options.cache_dir and "cache_dir" not in current:
+            values["cache_dir"] = self.options.cache_dir
+            notes.append("x-slurm.cache_dir from --cache-dir (shared by login and compute nodes)")
+        if self.host_runtime and current.get("runtime") != "host":
+            values["runtime"] = "host"
+            notes.append("x-slurm.runtime host from --runtime: services run on the node, not in "
+                         "containers")
+        if not values:
+            return
+        self.counts["added"] += 1
+        if current and self.entry_rows(("x-slurm",)):
+            self.insert_into(("x-slurm",), notes, values)
+            return
+        start, _, column = self.entry_rows(("services",))
+        lines = tuple(self.note_lines(column, notes)) + tuple(
+            _format_yaml_lines({"x-slurm": values}, column))
+        self.edits.append(_Edit(start, start, lines))
+
+
+##############################################################################
 # CLI
 ##############################################################################
 # The parser is assembled from one ``_add_<command>_parser(subparsers)`` function per command; each
@@ -8179,7 +9843,7 @@ def _command_adders():
         _add_preflight_parser, _add_prepare_parser, _add_submit_parser, _add_up_parser,
         _add_status_parser, _add_ps_parser, _add_logs_parser, _add_stats_parser,
         _add_artifacts_parser, _add_cancel_parser, _add_down_parser, _add_clean_parser,
-        _add_cache_parser, _add_init_parser, _add_completions_parser,
+        _add_cache_parser, _add_init_parser, _add_migrate_parser, _add_completions_parser,
     )
 
 
@@ -9684,6 +11348,117 @@ def cmd_init(args):
               "  hpc-compose inspect --verbose -f %s" % display,
               "  hpc-compose submit --watch -f %s" % display]
     sys.stdout.write("\n".join(lines) + "\n")
+    return EXIT_OK
+
+
+# --- migrate -------------------------------------------------------------------------------------
+
+_MIGRATE_INPUTS = ("docker-compose.yml", "docker-compose.yaml", "compose.yml", "compose.yaml")
+
+
+def _add_migrate_parser(subparsers):
+    parser = add_command(
+        subparsers, "migrate", cmd_migrate,
+        "rewrite a docker-compose.yml (and its Dockerfiles) as an hpc-compose spec",
+        ["hpc-compose migrate                    docker-compose.yml -> compose.yaml",
+         "hpc-compose migrate -f app/docker-compose.yml --data-dir /shared/$USER/app-data",
+         "hpc-compose migrate -o - | less"])
+    parser.add_argument("-f", "--file", dest="file", metavar="FILE",
+                        help="the Docker Compose file (default: %s in the current directory)"
+                             % " / ".join(_MIGRATE_INPUTS))
+    parser.add_argument("-o", "--output", metavar="FILE", default=None,
+                        help="file to write next to the input, '-' for standard output "
+                             "(default: compose.yaml beside the input)")
+    parser.add_argument("--data-dir", dest="data_dir", metavar="DIR",
+                        default=_MIGRATE_DEFAULT_DATA_DIR,
+                        help="where named volumes become folders, relative to the file or "
+                             "absolute; on storage the compute nodes see (default: %s)"
+                             % _MIGRATE_DEFAULT_DATA_DIR)
+    parser.add_argument("--cache-dir", dest="cache_dir", metavar="DIR",
+                        help="sets x-slurm.cache_dir (shared by login and compute nodes)")
+    parser.add_argument("--runtime", choices=RUNTIMES, default=DEFAULT_RUNTIME,
+                        help="pyxis (containers, the default) or host (services run on the node)")
+    parser.add_argument("--force", action="store_true", help="overwrite the output file")
+
+
+def _migrate_input(args):
+    if args.file:
+        return resolve_compose_file(args)
+    for name in _MIGRATE_INPUTS:
+        if os.path.isfile(name):
+            return os.path.abspath(name)
+    raise UsageError("no Docker Compose file found in %s (looked for %s)"
+                     % (os.getcwd(), ", ".join(_MIGRATE_INPUTS)), hint="pass one with -f FILE")
+
+
+def _migrate_validation(text, folder):
+    """``None`` when ``text`` validates as a spec in ``folder``, else the error's text."""
+    import tempfile
+    fd, path = tempfile.mkstemp(dir=folder, prefix=".migrate-check.", suffix=".yaml")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        build_plan(load_spec(path))
+        return None
+    except HpcComposeError as exc:
+        return exc.render().replace(path, "<output>")
+    finally:
+        os.unlink(path)
+
+
+def cmd_migrate(args):
+    """Write the hpc-compose version of a Docker Compose file, then say what changed."""
+    source = _migrate_input(args)
+    folder = os.path.dirname(source)
+    output = args.output or os.path.join(folder, "compose.yaml")
+    if output != "-":
+        output = os.path.abspath(os.path.expanduser(output))
+        if os.path.dirname(output) != folder:
+            raise UsageError("write the migrated file next to %s" % os.path.basename(source),
+                             hint="relative paths in it are relative to its folder; use -o %s"
+                                  % os.path.join(folder, os.path.basename(output)))
+        if os.path.lexists(output) and not args.force:
+            raise UsageError("'%s' already exists; not overwriting it" % output,
+                             hint="pass --force to replace it, or choose another -o")
+    if not args.data_dir.strip():
+        raise UsageError("--data-dir must not be empty")
+    options = MigrateOptions(data_dir=args.data_dir, cache_dir=args.cache_dir,
+                             runtime=args.runtime)
+    result = migrate_compose(_read_compose_text(source), source, options)
+    variables = build_variables(folder)
+    created = []
+    for data_dir in result.data_dirs:
+        host = resolve_host_path(interpolate(data_dir, variables, path="--data-dir"), folder,
+                                 variables)
+        if not os.path.isdir(host):
+            os.makedirs(host, exist_ok=True)
+            created.append(host)
+    problem = _migrate_validation(result.text, folder)
+    shown = "<stdout>" if output == "-" else output
+    if output == "-":
+        sys.stdout.write(result.text)
+    else:
+        write_file_atomic(output, result.text)
+    counts = result.counts
+    lines = ["migrated %s -> %s" % (source, shown),
+             "keys: %d kept, %d changed, %d dropped, %d added; %d note line%s"
+             % (counts["kept"], counts["changed"], counts["dropped"], counts["added"],
+                len(result.notes), "" if len(result.notes) == 1 else "s")]
+    for host in created:
+        lines.append("created %s (a named volume's folder: it must be on storage the compute "
+                     "nodes see)" % host)
+    if result.todos:
+        lines.append("%d TODO line%s to resolve:" % (len(result.todos),
+                                                     "" if len(result.todos) == 1 else "s"))
+        lines += ["  %s:%d: %s" % (shown, number, note) for number, note in result.todos]
+    elif problem:
+        lines.append("the result does not validate yet:")
+        lines += ["  " + line for line in problem.splitlines()]
+    else:
+        lines.append("the result validates; next: hpc-compose preflight -f %s"
+                     % shell_quote(shown))
+    stream = sys.stderr if output == "-" else sys.stdout
+    stream.write("\n".join(lines) + "\n")
     return EXIT_OK
 
 

@@ -575,8 +575,30 @@ CASES = [
      "reserved for the per-job directory", 5, "services.app.volumes[0]"),
     ("services:\n  app:\n    image: x\n    volumes:\n      - ./a:data\n",
      "the container path must be absolute", 5, "services.app.volumes[0]"),
-    ("services:\n  app:\n    image: x\n    volumes:\n      - {type: bind, source: ., target: /a}\n",
-     "long-syntax volumes are not supported", 5, "services.app.volumes[0]"),
+    ("services:\n  app:\n    image: x\n    volumes:\n      - type: volume\n        source: db\n"
+     "        target: /a\n", "type: volume (a named volume) is not supported", 5,
+     "services.app.volumes[0].type"),
+    ("services:\n  app:\n    image: x\n    volumes:\n      - type: tmpfs\n        target: /a\n",
+     "type: tmpfs is not supported", 5, "services.app.volumes[0].type"),
+    ("services:\n  app:\n    image: x\n    volumes:\n      - {type: npipe, source: a, target: /a}\n",
+     "volume type 'npipe' is not supported", 5, "services.app.volumes[0].type"),
+    ("services:\n  app:\n    image: x\n    volumes:\n      - {source: ., target: /a}\n",
+     "a long-syntax volume needs type: bind", 5, "services.app.volumes[0]"),
+    ("services:\n  app:\n    image: x\n    volumes:\n      - type: bind\n        target: /a\n",
+     "a type: bind volume needs source", 5, "services.app.volumes[0]"),
+    ("services:\n  app:\n    image: x\n    volumes:\n      - type: bind\n        source: data\n"
+     "        target: /a\n", "named volumes are not supported", 5, "services.app.volumes[0]"),
+    ("services:\n  app:\n    image: x\n    volumes:\n      - type: bind\n        source: .\n"
+     "        target: /a\n        consistency: cached\n", "unknown key 'consistency'", 8,
+     "services.app.volumes[0].consistency"),
+    ("services:\n  app:\n    image: x\n    volumes:\n      - type: bind\n        source: .\n"
+     "        target: /a\n        bind:\n          create_host_path: false\n",
+     "create_host_path: false is not supported", 9,
+     "services.app.volumes[0].bind.create_host_path"),
+    ("services:\n  app:\n    image: x\n    x-enroot:\n      prepare:\n        commands: [a]\n"
+     "        mounts:\n          - {type: volume, source: v, target: /v}\n",
+     "type: volume (a named volume) is not supported", 8,
+     "services.app.x-enroot.prepare.mounts[0].type"),
     ("x-slurm:\n  resume:\n    path: /shared/r\nservices:\n  app:\n    image: x\n    volumes:\n"
      "      - ./a:/hpc-compose/resume\n", "reserved for x-slurm.resume.path", 8,
      "services.app.volumes[0]"),
@@ -933,3 +955,34 @@ def test_any_wrong_value_at_any_key_is_a_spec_error_not_a_crash(hc, project):
                 assert exc.render()
                 outcomes["error"] += 1
     assert outcomes["error"] > 500
+
+
+# --- long-syntax volumes ------------------------------------------------------------------------
+
+def test_long_syntax_bind_volume_loads_as_the_short_form(hc, project):
+    spec = load(hc, project, "services:\n  app:\n    image: x\n    volumes:\n"
+                "      - type: bind\n        source: ./data\n        target: /data\n"
+                "        read_only: true\n        bind:\n          create_host_path: true\n"
+                "      - {type: bind, source: /scratch/$USER, target: /scratch}\n")
+    assert service(spec).volumes == ("./data:/data:ro", "/scratch/tester:/scratch")
+
+
+def test_long_syntax_prepare_mount_loads_as_the_short_form(hc, project):
+    spec = load(hc, project, "services:\n  app:\n    image: x\n    x-enroot:\n      prepare:\n"
+                "        commands: [pip install -r /r.txt]\n        mounts:\n"
+                "          - {type: bind, source: ./r.txt, target: /r.txt, read_only: true}\n")
+    assert service(spec).prepare.mounts == ("./r.txt:/r.txt:ro",)
+
+
+def test_long_syntax_volume_error_says_what_to_write(hc, project):
+    error = failure(hc, project, "services:\n  app:\n    image: x\n    volumes:\n"
+                    "      - type: volume\n        source: pgdata\n        target: /var/lib/pg\n")
+    assert "type: bind" in error.hint and "./data/pgdata" in error.hint and "migrate" in error.hint
+
+
+def test_migrate_todo_line_is_the_first_problem_validate_reports(hc, project):
+    error = failure(hc, project, "services:\n  app:\n    # migrate: TODO write the base image\n"
+                    "    bogus: 1\n  # migrate: TODO another\n")
+    assert error.line == 3 and error.column == 5
+    assert error.message == "migrate left a TODO: write the base image"
+    assert "more TODO lines: 5" in error.hint

@@ -8275,6 +8275,7 @@ _DOCKER_MEMORY_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "m": 1024 ** 2, "m
 # An environment value that is just a service name is a host name in variables named like these.
 _HOST_VARIABLE_WORDS = frozenset(("HOST", "HOSTNAME", "ADDR", "ADDRESS", "SERVER", "SERVERS",
                                   "BROKER", "BROKERS", "ENDPOINT", "NODE"))
+_HOST_FLAGS = ("-h", "-H", "--host")
 _PING_PROBES = {"redis-cli": ("-p", 6379), "pg_isready": ("-p", 5432),
                 "mysqladmin": ("-P", 3306), "mongosh": ("--port", 27017),
                 "mongo": ("--port", 27017)}
@@ -8789,7 +8790,7 @@ def _host_patterns(names):
     import re
     alternatives = "|".join(re.escape(name) for name in sorted(names, key=len, reverse=True))
     return re.compile(r"(?:(?<=//)|(?<=@)|(?<=-h )|(?<=--host )|(?<=--host=)|(?<=-H ))(%s)"
-                      r"(?![\w.-])|(?<![\w./@-])(%s)(?=:\d)" % (alternatives, alternatives))
+                      r"(?![\w.@-])|(?<![\w./@-])(%s)(?=:\d)" % (alternatives, alternatives))
 
 
 def _rewrite_hosts(text, pattern, replacement):
@@ -8862,6 +8863,11 @@ class _Migration(object):
                                                                    dict) else {}
         self.host_runtime = options.runtime == "host"
         self.sums = {"mem": 0, "cpus_per_task": 0, "gpus": 0}
+        # Where each key is written: a key reached through a merge key is edited at its anchor.
+        self.origin = {}
+        for key_path, mark in self.key_marks.items():
+            self.origin.setdefault(mark, key_path)
+        self.dropped = set()
 
     # --- rows ---
 
@@ -8971,7 +8977,17 @@ class _Migration(object):
             if isinstance(self.data["services"][name], dict):
                 self.migrate_service(name)
         self.migrate_top_level()
+        self.keep_emptied_mappings()
         return self.result(prefix)
+
+    def keep_emptied_mappings(self):
+        """A mapping whose every key was dropped (an anchor of Compose-only keys) becomes {}."""
+        for parent in set(path[:-1] for path in self.dropped if len(path) > 1):
+            value = self._value(parent)
+            if isinstance(value, dict) and all(parent + (k,) in self.dropped for k in value):
+                start, end, column = self.entry_rows(parent)
+                indent = self.child_indent(start, end, column + 2)
+                self.edits.append(_Edit(end, end, (" " * indent + "{}",)))
 
     def result(self, prefix):
         edits = []
@@ -8989,7 +9005,7 @@ class _Migration(object):
         for number, line in enumerate(lines, 1):
             stripped = line.strip()
             if stripped.startswith(_MIGRATE_TODO.strip()):
-                todos.append((number, stripped[len(_MIGRATE_NOTE):]))
+                todos.append((number, stripped[len(_MIGRATE_TODO):]))
             elif stripped.startswith(_MIGRATE_NOTE):
                 notes.append((number, stripped[len(_MIGRATE_NOTE):]))
         text = "\n".join(lines) + ("\n" if self.final_break or lines else "")
@@ -9076,6 +9092,7 @@ class _Migration(object):
     def drop(self, path, note):
         if self.replace_entry(path, [note], drop=True):
             self.counts["dropped"] += 1
+            self.dropped.add(self.origin.get(self.key_marks[tuple(path)], tuple(path)))
 
     def todo_entry(self, path, note, value=None, keep=True):
         """A TODO line before the entry (kept as written, or replaced by ``value``)."""
@@ -9182,10 +9199,17 @@ class _Migration(object):
             return
         replacement = self.host_replacement(name)
         words = value if isinstance(value, list) else [value]
-        found = []
-        for word in words:
-            if isinstance(word, str):
-                found += _rewrite_hosts(word, self.host_pattern, replacement)[1]
+        found, new_words = [], []
+        for index, word in enumerate(words):
+            if not isinstance(word, str):
+                new_words.append(word)
+            elif word in self.services and index and words[index - 1] in _HOST_FLAGS:
+                found.append(word)
+                new_words.append(replacement)
+            else:
+                new_word, names = _rewrite_hosts(word, self.host_pattern, replacement)
+                found += names
+                new_words.append(new_word)
         if not found:
             self.counts["kept"] += 1
             return
@@ -9198,12 +9222,14 @@ class _Migration(object):
             ", ".join(sorted(set(found))), replacement,
             "helpers run on the primary node" if replacement != "127.0.0.1"
             else "services share the node's network")
-        rows = self.entry_rows(path)
-        if rows is None:
-            return
-        self.rewrite_region(path, rows,
-                            lambda text: _rewrite_hosts(text, self.host_pattern, replacement)[0],
-                            note)
+        if isinstance(value, list):
+            self.replace_entry(path, [note], new_words)
+        else:
+            rows = self.entry_rows(path)
+            if rows is None:
+                return
+            self.rewrite_region(path, rows, lambda text: _rewrite_hosts(
+                text, self.host_pattern, replacement)[0], note)
         self.counts["changed"] += 1
 
     def env_rewrite(self, variable, value, replacement):
@@ -9292,8 +9318,8 @@ class _Migration(object):
             for key, item in variables.items():
                 if key not in names:
                     names.add(key)
-                    self.env_additions.append((key, _escape_interpolation(item),
-                                               "env_file %s -> environment" % entry))
+                    # Compose interpolates env_file values too, so they are copied as written.
+                    self.env_additions.append((key, item, "env_file %s -> environment" % entry))
         self.drop(path, "env_file %s: its variables were copied into environment" % _brief(value))
 
     # --- volumes ---

@@ -8785,6 +8785,15 @@ def _healthcheck_readiness(healthcheck):
         data["type"], how, seconds)
 
 
+def _unique(items):
+    """The items in order, each once."""
+    seen = []
+    for item in items:
+        if item not in seen:
+            seen.append(item)
+    return seen
+
+
 def _host_patterns(names):
     """A compiled pattern that finds service host names in URLs, ``host:port`` and ``-h host``."""
     import re
@@ -9117,7 +9126,9 @@ class _Migration(object):
                 self.additions["volumes"] = (items, notes)
         if self.env_additions:
             environment = raw.get("environment")
-            notes = [note for _, _, note in self.env_additions]
+            notes = _unique(note for _, _, note in self.env_additions)
+            self.env_additions = [a for a in self.env_additions if a[0] is not None]
+        if self.env_additions:
             if environment and self.owns(name, path + ("environment",)) and \
                     not self.is_flow(path + ("environment",)):
                 if isinstance(environment, dict):
@@ -9194,14 +9205,11 @@ class _Migration(object):
         self.replace(start, end, column, [note], lines)
 
     def migrate_command(self, name, path, value):
-        if self.host_pattern is None:
-            self.counts["kept"] += 1
-            return
         replacement = self.host_replacement(name)
         words = value if isinstance(value, list) else [value]
         found, new_words = [], []
         for index, word in enumerate(words):
-            if not isinstance(word, str):
+            if not isinstance(word, str) or self.host_pattern is None:
                 new_words.append(word)
             elif word in self.services and index and words[index - 1] in _HOST_FLAGS:
                 found.append(word)
@@ -9210,27 +9218,40 @@ class _Migration(object):
                 new_word, names = _rewrite_hosts(word, self.host_pattern, replacement)
                 found += names
                 new_words.append(new_word)
-        if not found:
+        # Compose interpolates a string command ($$ is a literal $); hpc-compose hands it to the
+        # container's shell untouched, so $$ would be the shell's process id.
+        dollars = isinstance(value, str) and "$$" in value
+        if not found and not dollars:
             self.counts["kept"] += 1
             return
-        if replacement != "127.0.0.1" and isinstance(value, list):
+        if found and replacement != "127.0.0.1" and isinstance(value, list):
             self.todo_entry(path, "service host name(s) %s: this service spans several nodes; "
                             "write the command in shell form with $HPC_COMPOSE_PRIMARY_NODE"
                             % ", ".join(sorted(set(found))))
             return
-        note = "host name %s -> %s (there is no service-name DNS; %s)" % (
-            ", ".join(sorted(set(found))), replacement,
-            "helpers run on the primary node" if replacement != "127.0.0.1"
-            else "services share the node's network")
-        if isinstance(value, list):
-            self.replace_entry(path, [note], new_words)
-        else:
-            rows = self.entry_rows(path)
-            if rows is None:
-                return
-            self.rewrite_region(path, rows, lambda text: _rewrite_hosts(
-                text, self.host_pattern, replacement)[0], note)
+        notes = []
+        if found:
+            notes.append("host name %s -> %s (there is no service-name DNS; %s)" % (
+                ", ".join(sorted(set(found))), replacement,
+                "helpers run on the primary node" if replacement != "127.0.0.1"
+                else "services share the node's network"))
+        if dollars:
+            notes.append("$$ -> $ (a string %s is not interpolated here: the container's shell "
+                         "expands its variables)" % path[-1])
         self.counts["changed"] += 1
+        if isinstance(value, list):
+            self.replace_entry(path, notes, new_words)
+            return
+        rows = self.entry_rows(path)
+        if rows is None:
+            return
+
+        def rewrite(text):
+            if dollars:
+                text = text.replace("$$", "$")
+            return _rewrite_hosts(text, self.host_pattern, replacement)[0] if found else text
+
+        self.rewrite_region(path, rows, rewrite, "; ".join(notes))
 
     def env_rewrite(self, variable, value, replacement):
         """``(new value, names)`` for one environment value (a bare name only in *_HOST & co)."""
@@ -9242,6 +9263,13 @@ class _Migration(object):
         return _rewrite_hosts(value, self.host_pattern, replacement)
 
     def migrate_environment(self, name, path, value):
+        names = value if isinstance(value, dict) else [
+            str(item).partition("=")[0] for item in value or []]
+        invalid = [str(key) for key in names if not _is_env_name(str(key))]
+        if invalid:
+            return self.todo_entry(path, "%s: not shell variable names, which the container "
+                                   "environment needs; pass these settings another way (a "
+                                   "command-line option or a config file)" % ", ".join(invalid))
         if self.host_pattern is None or not isinstance(value, (dict, list)):
             self.counts["kept"] += 1
             return
@@ -9315,7 +9343,14 @@ class _Migration(object):
                     return self.todo_entry(path, "env_file %s could not be read: list its "
                                            "variables under environment" % entry)
                 continue
+            replacement = self.host_replacement(name)
             for key, item in variables.items():
+                if self.host_pattern is not None:
+                    item, found = self.env_rewrite(key, item, replacement)
+                    if found:
+                        self.env_additions.append((None, None, "host name %s -> %s in %s from "
+                                                   "env_file %s" % (", ".join(found), replacement,
+                                                                    key, entry)))
                 if key not in names:
                     names.add(key)
                     # Compose interpolates env_file values too, so they are copied as written.

@@ -668,3 +668,24 @@ def test_completions_offer_migrate_and_its_options(cli):
     line = [l for l in result.out.splitlines() if l.strip().startswith("migrate)")][0]
     for option in ("--file", "--output", "--data-dir", "--cache-dir", "--runtime", "--force"):
         assert option in line
+
+
+def test_double_dollars_in_a_string_command_become_single(hc, project):
+    result = migrate(hc, project, "services:\n  app:\n    image: x\n    entrypoint: >\n"
+                     "      /bin/sh -c \"echo $${USER} $$HOME\"\n")
+    assert service(load(hc, project, result), "app").entrypoint == '/bin/sh -c "echo ${USER} $HOME"\n'
+    assert any(n.startswith("$$ -> $") for n in notes(result))
+
+
+def test_env_file_values_get_their_host_names_rewritten(hc, project):
+    result = migrate(hc, project, "services:\n  broker:\n    image: x\n  app:\n    image: y\n"
+                     "    env_file: app.env\n", files={"app.env": "URL=amqp://broker:5672//\n"})
+    assert dict(service(load(hc, project, result), "app").environment) == \
+        {"URL": "amqp://127.0.0.1:5672//"}
+    assert any("host name broker -> 127.0.0.1 in URL" in n for n in notes(result))
+
+
+def test_environment_names_that_are_not_shell_names_are_a_todo(hc, project):
+    result = migrate(hc, project, "services:\n  es:\n    image: x\n    environment:\n"
+                     "      - discovery.type=single-node\n")
+    assert any("discovery.type: not shell variable names" in n for _, n in result.todos)

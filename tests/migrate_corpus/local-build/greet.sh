@@ -1,0 +1,2 @@
+cat /opt/tool/greeting.txt > /out/greeting.txt
+echo "at run time: $GREETING" >> /out/greeting.txt

@@ -8278,7 +8278,7 @@ _HOST_VARIABLE_WORDS = frozenset(("HOST", "HOSTNAME", "ADDR", "ADDRESS", "SERVER
 _HOST_FLAGS = ("-h", "-H", "--host")
 _PING_PROBES = {"redis-cli": ("-p", 6379), "pg_isready": ("-p", 5432),
                 "mysqladmin": ("-P", 3306), "mongosh": ("--port", 27017),
-                "mongo": ("--port", 27017)}
+                "mongo": ("--port", 27017), "rabbitmq-diagnostics": (None, 5672)}
 
 
 class MigrateOptions(NamedTuple):

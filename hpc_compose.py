@@ -8649,6 +8649,8 @@ def _translate_dockerfile(text, context, build_args, target, context_dir=None):
                         shell_quote(posixpath.dirname(target) or "/"), quoted,
                         shell_quote(target)))
             commands.append(" && ".join(parts))
+            if workdir and (destination + "/").startswith(workdir.rstrip("/") + "/"):
+                made_workdir = workdir
             notes.append("%s: %s %s baked into the image by a prepare command (a later RUN "
                          "needs it); the build context is a prepare mount, so the image is "
                          "rebuilt on every submit" % (where, instruction, " ".join(sources)))
@@ -8765,8 +8767,7 @@ def _healthcheck_readiness(healthcheck):
             if word == flag and argv[index + 1].isdigit():
                 port = int(argv[index + 1])
         readiness = {"type": "tcp", "host": "127.0.0.1", "port": port}
-        how = "%s becomes a TCP check of port %d (the server accepts connections)" % (program,
-                                                                                     port)
+        how = "%s becomes a check that port %d accepts connections" % (program, port)
     seconds = _DEFAULT_READINESS_TIMEOUT
     durations = [healthcheck.get(k) for k in ("interval", "start_period")]
     if any(d is not None for d in durations):
@@ -8781,7 +8782,7 @@ def _healthcheck_readiness(healthcheck):
         if readiness.get(key) is not None:
             data[key] = readiness[key]
     data["timeout_seconds"] = seconds
-    return data, "healthcheck -> readiness %s (%s; polled every second for %ds)" % (
+    return data, "healthcheck -> readiness %s: %s, polled every second for up to %ds" % (
         data["type"], how, seconds)
 
 
@@ -10023,7 +10024,7 @@ _hpc_compose() {
 $cases
     esac
     case "$${COMP_WORDS[COMP_CWORD-1]}" in
-        -f|--file|--output|--script-out) mapfile -t COMPREPLY < <(compgen -f -- "$$cur") ;;
+        -f|--file|-o|--output|--script-out|--data-dir|--cache-dir) mapfile -t COMPREPLY < <(compgen -f -- "$$cur") ;;
     esac
 }
 complete -F _hpc_compose hpc-compose

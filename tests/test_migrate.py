@@ -352,9 +352,10 @@ services:
     healthcheck:
       test: ["CMD", "redis-cli", "-p", "6380", "ping"]
   queue:
-    image: rabbitmq:3
+    image: python:3.12-slim
+    command: celery -A proj worker
     healthcheck:
-      test: rabbitmq-diagnostics -q ping
+      test: celery -A proj inspect ping
   client:
     image: python:3.12-slim
     command: python client.py
@@ -668,6 +669,8 @@ def test_completions_offer_migrate_and_its_options(cli):
     line = [l for l in result.out.splitlines() if l.strip().startswith("migrate)")][0]
     for option in ("--file", "--output", "--data-dir", "--cache-dir", "--runtime", "--force"):
         assert option in line
+    files = [l for l in result.out.splitlines() if "compgen -f" in l][0]
+    assert "-o|--output" in files and "--data-dir|--cache-dir" in files
 
 
 def test_double_dollars_in_a_string_command_become_single(hc, project):
@@ -689,3 +692,17 @@ def test_environment_names_that_are_not_shell_names_are_a_todo(hc, project):
     result = migrate(hc, project, "services:\n  es:\n    image: x\n    environment:\n"
                      "      - discovery.type=single-node\n")
     assert any("discovery.type: not shell variable names" in n for _, n in result.todos)
+
+
+def test_the_migration_guide_shows_what_migrate_writes(hc, project):
+    import re
+    guide = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs",
+                         "migration.md")
+    with open(guide, encoding="utf-8") as handle:
+        text = handle.read()
+    section = text[text.index("## A three-service app, before and after"):]
+    before, dockerfile, after = re.findall(r"```(?:yaml|dockerfile)\n(.*?)```", section,
+                                           re.S)[:3]
+    result = migrate(hc, project, before, files={"app/Dockerfile": dockerfile})
+    assert result.text == after
+    load(hc, project, result)

@@ -9145,9 +9145,15 @@ class _Migration(object):
             values = dict((k, v) for k, (v, _) in self.slurm_additions.items())
             notes = [note for _, ns in self.slurm_additions.values() for note in ns]
             if isinstance(current, dict) and self.owns(name, path + ("x-slurm",)):
+                notes += ["x-slurm.%s kept as written (the Compose value was %s)"
+                          % (k, _brief(v)) for k, v in values.items() if k in current]
                 values = dict((k, v) for k, v in values.items() if k not in current)
                 if values:
                     self.insert_into(path + ("x-slurm",), notes, values)
+                else:
+                    start, end, column = self.entry_rows(path + ("x-slurm",))
+                    self.edits.append(_Edit(end, end, tuple(self.note_lines(
+                        self.child_indent(start, end, column + 2), notes))))
             elif current is not None:
                 self.additions["x-slurm"] = (values, ["TODO this service's x-slurm comes from a "
                                                       "merge key; merge these keys into it"]
@@ -9593,7 +9599,8 @@ class _Migration(object):
                 self.add_gpus(int(value), "gpus %s" % value)
             except (TypeError, ValueError):
                 return self.todo_entry(path, "gpus %s: set x-slurm.gpus" % _brief(value))
-        self.drop(path, "%s moved to x-slurm" % key)
+        self.drop(path, "%s moved to %s" % (key, "the top-level x-slurm.mem" if key == "mem_limit"
+                                             else "x-slurm"))
 
     def migrate_deploy(self, name, path, value):
         value = value if isinstance(value, dict) else {}

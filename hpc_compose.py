@@ -8222,7 +8222,6 @@ _MIGRATE_DROPPED_KEYS = {
     "tty": "services run without a terminal; output goes to the job's logs",
     "stdin_open": "services run without a terminal; output goes to the job's logs",
     "init": "services run as Slurm steps; Slurm reaps their processes",
-    "restart_policy": "see x-slurm.failure_policy",
     "pull_policy": "images are imported once into the cache (hpc-compose prepare)",
     "platform": "images are imported for the node's architecture",
     "read_only": "Pyxis containers are read-only unless written through volumes",
@@ -8257,7 +8256,6 @@ _MIGRATE_DROPPED_KEYS = {
     "pre_stop": "lifecycle hooks do not exist; put the step in the command",
     "use_api_socket": "there is no Docker daemon on the nodes",
     "credential_spec": "there is no Docker daemon on the nodes",
-    "version": None,
 }
 _MIGRATE_TOP_DROPPED = {
     "networks": "there is no Docker network: " + _NETWORK_REASON,
@@ -8265,8 +8263,6 @@ _MIGRATE_TOP_DROPPED = {
     "secrets": "secrets became read-only bind mounts of their files",
     "configs": "configs became read-only bind mounts of their files",
 }
-_MIGRATE_KEPT_SERVICE_KEYS = ("image", "command", "entrypoint", "environment", "volumes",
-                              "working_dir", "depends_on", "readiness", "x-slurm", "x-enroot")
 _DOCKER_MEMORY_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "m": 1024 ** 2, "mb": 1024 ** 2,
                         "g": 1024 ** 3, "gb": 1024 ** 3, "t": 1024 ** 4, "tb": 1024 ** 4,
                         "ki": 1024, "kib": 1024, "mi": 1024 ** 2, "mib": 1024 ** 2,
@@ -8296,6 +8292,7 @@ class MigrateResult(NamedTuple):
     todos: tuple                   # ((line in the output, note), ...)
     counts: dict                   # {"kept": n, "changed": n, "dropped": n, "added": n}
     data_dirs: tuple               # folders for named volumes, as written (relative to the file)
+    env_files_copied: bool = False  # values of env_file files are in the text (may be secrets)
 
 
 class _Edit(NamedTuple):
@@ -8330,43 +8327,36 @@ _PLAIN_UNSAFE = frozenset("-?:,[]{}#&*!|>'\"%@`")
 
 
 def _format_yaml_scalar(value):
-    """A scalar as YAML text that reads back as the same value."""
-    import json
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return str(value)
-    text = str(value)
-    plain = (text and text == text.strip() and text[0] not in _PLAIN_UNSAFE
-             and ": " not in text and " #" not in text and not text.endswith(":")
-             and "\n" not in text and "\t" not in text and text.isprintable()
-             and _resolve_plain(text) == text)
-    return text if plain else json.dumps(text, ensure_ascii=False)
+    """A scalar as YAML text that reads back as the same value: a string plain when it can be."""
+    if not isinstance(value, str):
+        return _yaml_scalar(value)
+    plain = (value and value == value.strip() and value[0] not in _PLAIN_UNSAFE
+             and ": " not in value and " #" not in value and not value.endswith(":")
+             and "\n" not in value and "\t" not in value and value.isprintable()
+             and _resolve_plain(value) == value)
+    return value if plain else _yaml_scalar(value)
 
 
-def _format_yaml_lines(value, indent):
+def _format_yaml_lines(value, indent, scalar=_format_yaml_scalar, key_text=_format_yaml_scalar):
     """Block-style YAML lines of a dict or list, indented by ``indent`` spaces."""
     pad = " " * indent
     lines = []
     if isinstance(value, dict):
         for key, item in value.items():
-            head = pad + _format_yaml_scalar(key) + ":"
+            head = pad + key_text(key) + ":"
             if isinstance(item, (dict, list)) and item:
                 lines.append(head)
-                lines.extend(_format_yaml_lines(item, indent + 2))
+                lines.extend(_format_yaml_lines(item, indent + 2, scalar, key_text))
             else:
-                lines.append(head + " " + ("[]" if item == [] else "{}" if item == {}
-                                           else _format_yaml_scalar(item)))
+                lines.append(head + " " + scalar(item))
         return lines
     for item in value:
         if isinstance(item, (dict, list)) and item:
-            nested = _format_yaml_lines(item, indent + 2)
+            nested = _format_yaml_lines(item, indent + 2, scalar, key_text)
             lines.append(pad + "- " + nested[0][indent + 2:])
             lines.extend(nested[1:])
         else:
-            lines.append(pad + "- " + _format_yaml_scalar(item))
+            lines.append(pad + "- " + scalar(item))
     return lines
 
 
@@ -8775,7 +8765,10 @@ def _healthcheck_readiness(healthcheck):
         interval = _parse_duration(healthcheck.get("interval") or "30s")
         start = _parse_duration(healthcheck["start_period"]) if healthcheck.get(
             "start_period") else 0
-        retries = int(healthcheck.get("retries") or 3)
+        retries = healthcheck.get("retries") or 3
+        if not str(retries).isdigit():
+            raise _Invalid("healthcheck retries %r is not a number" % (retries,))
+        retries = int(retries)
         seconds = max(_DEFAULT_READINESS_TIMEOUT, start + interval * retries)
     data = {"type": readiness["type"]}
     for key in _READINESS_FIELDS[readiness["type"]]:
@@ -8851,7 +8844,6 @@ class _Migration(object):
     """One rewrite: collects line edits and notes, then applies them bottom-up."""
 
     def __init__(self, text, document, filename, options):
-        self.text = text
         self.lines = text.split("\n")
         self.final_break = self.lines[-1] == ""
         if self.final_break:
@@ -8878,6 +8870,7 @@ class _Migration(object):
         for key_path, mark in self.key_marks.items():
             self.origin.setdefault(mark, key_path)
         self.dropped = set()
+        self.env_files_copied = False
 
     # --- rows ---
 
@@ -9020,7 +9013,7 @@ class _Migration(object):
                 notes.append((number, stripped[len(_MIGRATE_NOTE):]))
         text = "\n".join(lines) + ("\n" if self.final_break or lines else "")
         return MigrateResult(text, tuple(notes), tuple(todos), dict(self.counts),
-                             tuple(self.data_dirs))
+                             tuple(self.data_dirs), self.env_files_copied)
 
     # --- services ---
 
@@ -9104,14 +9097,13 @@ class _Migration(object):
             self.counts["dropped"] += 1
             self.dropped.add(self.origin.get(self.key_marks[tuple(path)], tuple(path)))
 
-    def todo_entry(self, path, note, value=None, keep=True):
-        """A TODO line before the entry (kept as written, or replaced by ``value``)."""
+    def todo_entry(self, path, note):
+        """A TODO line before the entry, which stays as written."""
         rows = self.entry_rows(path)
         if rows is None:
             return
         start, end, column = rows
-        new = self.lines[start:end] if keep else _format_yaml_lines({path[-1]: value}, column)
-        self.replace(start, end, column, ["TODO " + note], new)
+        self.replace(start, end, column, ["TODO " + note], self.lines[start:end])
         self.counts["changed"] += 1
 
     def flush_service(self, name, raw):
@@ -9361,6 +9353,7 @@ class _Migration(object):
                 if key not in names:
                     names.add(key)
                     # Compose interpolates env_file values too, so they are copied as written.
+                    self.env_files_copied = True
                     self.env_additions.append((key, item, "env_file %s -> environment" % entry))
         self.drop(path, "env_file %s: its variables were copied into environment" % _brief(value))
 
@@ -9627,7 +9620,7 @@ class _Migration(object):
                     count = device.get("count")
                     if device.get("device_ids"):
                         count = len(device["device_ids"])
-                    if count in (None, "all"):
+                    if count in (None, "all") or not str(count).isdigit():
                         todos.append("GPU reservation count %s: set x-slurm.gpus to the number "
                                      "of GPUs the service needs" % (count or "unset"))
                         continue
@@ -9636,11 +9629,16 @@ class _Migration(object):
                 condition = item.get("condition", "any")
                 if condition == "none":
                     continue
-                attempts = item.get("max_attempts")
-                policy = {"mode": "restart_on_failure",
-                          "max_restarts": int(attempts) if attempts else _DEFAULT_MAX_RESTARTS,
-                          "backoff_seconds": max(1, _parse_duration(item["delay"]))
-                          if item.get("delay") else _DEFAULT_BACKOFF_SECONDS}
+                try:
+                    attempts = int(item.get("max_attempts") or _DEFAULT_MAX_RESTARTS)
+                    delay = _parse_duration(item["delay"]) if item.get("delay") else \
+                        _DEFAULT_BACKOFF_SECONDS
+                except (ValueError, _Invalid):
+                    todos.append("deploy.restart_policy %s: write x-slurm.failure_policy"
+                                 % _brief(item))
+                    continue
+                policy = {"mode": "restart_on_failure", "max_restarts": max(1, attempts),
+                          "backoff_seconds": max(1, delay)}
                 self.add_slurm("failure_policy", policy, "deploy.restart_policy %s -> "
                                "failure_policy restart_on_failure" % _brief(item))
             elif key == "replicas" and item in (1, "1"):
@@ -10541,24 +10539,7 @@ def _add_config_parser(subparsers):
 
 def render_yaml(data, indent=0):
     """Block-style YAML for plain data; every string is double-quoted so it reads back exactly."""
-    pad = "  " * indent
-    lines = []
-    if isinstance(data, dict):
-        for key, value in data.items():
-            if isinstance(value, (dict, list)) and value:
-                lines.append("%s%s:" % (pad, _yaml_key(key)))
-                lines.append(render_yaml(value, indent + 1))
-            else:
-                lines.append("%s%s: %s" % (pad, _yaml_key(key), _yaml_scalar(value)))
-    else:
-        for value in data:
-            if isinstance(value, (dict, list)) and value:
-                nested = render_yaml(value, indent + 1).split("\n")
-                lines.append("%s- %s" % (pad, nested[0].lstrip()))
-                lines.extend(nested[1:])
-            else:
-                lines.append("%s- %s" % (pad, _yaml_scalar(value)))
-    return "\n".join(lines)
+    return "\n".join(_format_yaml_lines(data, 2 * indent, _yaml_scalar, _yaml_key))
 
 
 def _yaml_key(key):
@@ -11507,7 +11488,9 @@ def cmd_migrate(args):
     if output == "-":
         sys.stdout.write(result.text)
     else:
-        write_file_atomic(output, result.text)
+        # The file may now hold what was kept apart in env files (passwords): owner-only then.
+        mode = os.stat(source).st_mode & 0o666
+        write_file_atomic(output, result.text, mode & 0o600 if result.env_files_copied else mode)
     counts = result.counts
     lines = ["migrated %s -> %s" % (source, shown),
              "keys: %d kept, %d changed, %d dropped, %d added; %d note line%s"

@@ -706,3 +706,41 @@ def test_the_migration_guide_shows_what_migrate_writes(hc, project):
     result = migrate(hc, project, before, files={"app/Dockerfile": dockerfile})
     assert result.text == after
     load(hc, project, result)
+
+
+def test_shell_wraps_the_later_run_commands(hc, project):
+    dockerfile = ('FROM debian:12\nSHELL ["/bin/bash", "-o", "pipefail", "-c"]\n'
+                  "RUN curl -fsSL https://example.org/x | tar -x\n")
+    app = service(load(hc, project, build_result(
+        hc, project, dockerfile, "services:\n  app:\n    build: ./app\n")), "app")
+    assert app.prepare.commands == (
+        "/bin/bash -o pipefail -c 'curl -fsSL https://example.org/x | tar -x'",)
+
+
+def test_build_dockerfile_option_names_the_file_in_the_context(hc, project):
+    compose = "services:\n  app:\n    build:\n      context: ./app\n      dockerfile: docker/Dockerfile.cpu\n"
+    result = migrate(hc, project, compose, files={
+        "app/docker/Dockerfile.cpu": "FROM python:3.12-slim\nRUN pip install numpy\n"})
+    app = service(load(hc, project, result), "app")
+    assert (app.image, app.prepare.commands) == ("python:3.12-slim", ("pip install numpy",))
+    assert any("from app/docker/Dockerfile.cpu" in n for n in notes(result))
+
+
+def test_deploy_restart_policy_becomes_a_failure_policy(hc, project):
+    result = migrate(hc, project, "services:\n  app:\n    image: x\n    deploy:\n"
+                     "      restart_policy:\n        condition: on-failure\n        delay: 10s\n"
+                     "        max_attempts: 2\n")
+    policy = service(load(hc, project, result), "app").slurm.failure_policy
+    assert (policy.mode, policy.max_restarts, policy.backoff_seconds) == \
+        ("restart_on_failure", 2, 10)
+
+
+def test_a_file_with_copied_env_file_values_is_written_owner_only(cli, project):
+    path = project.write("docker-compose.yml", SECRETS)
+    os.chmod(str(path), 0o644)
+    project.write("app.env", "TOKEN=secret\n")
+    assert cli(["migrate", "-f", str(path)]).code == 0
+    assert os.stat(str(project.root / "compose.yaml")).st_mode & 0o777 == 0o600
+    path.write_text(NETWORKED)
+    assert cli(["migrate", "-f", str(path), "--force"]).code == 0
+    assert os.stat(str(project.root / "compose.yaml")).st_mode & 0o777 == 0o644

@@ -11467,6 +11467,9 @@ def cmd_migrate(args):
             raise UsageError("write the migrated file next to %s" % os.path.basename(source),
                              hint="relative paths in it are relative to its folder; use -o %s"
                                   % os.path.join(folder, os.path.basename(output)))
+        if output == source:
+            raise UsageError("the output would replace the Docker Compose file it is made from",
+                             hint="choose another name, e.g. -o hpc-compose.yaml")
         if os.path.lexists(output) and not args.force:
             raise UsageError("'%s' already exists; not overwriting it" % output,
                              hint="pass --force to replace it, or choose another -o")

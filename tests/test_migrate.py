@@ -744,3 +744,10 @@ def test_a_file_with_copied_env_file_values_is_written_owner_only(cli, project):
     path.write_text(NETWORKED)
     assert cli(["migrate", "-f", str(path), "--force"]).code == 0
     assert os.stat(str(project.root / "compose.yaml")).st_mode & 0o777 == 0o644
+
+
+def test_migrate_never_replaces_its_input(cli, project):
+    project.write("compose.yaml", NETWORKED)
+    result = cli(["migrate", "--force"], cwd=str(project.root))
+    assert result.code == 2 and "would replace the Docker Compose file" in result.err
+    assert (project.root / "compose.yaml").read_text() == NETWORKED

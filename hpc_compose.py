@@ -9023,7 +9023,10 @@ class _Migration(object):
         self.additions = {}        # service key -> (value, [notes]) added at the end of the block
         self.slurm_additions = {}  # service x-slurm key -> (value, [notes])
         self.volume_additions = []  # (volume, note)
-        self.env_additions = []    # (key, value, note)
+        self.env_additions = []    # (key, value, note); key None: a note only
+        self.env_replacement = None  # (new value, notes) of a flow-style environment
+        self.env_rewritten = None  # the environment with host names rewritten
+        self.volumes_converted = None  # (new list, notes) when volumes are written whole
         handled = set()
         if "build" in raw:
             self.migrate_build(name, raw)
@@ -9108,30 +9111,8 @@ class _Migration(object):
 
     def flush_service(self, name, raw):
         path = ("services", name)
-        if self.volume_additions:
-            volumes = raw.get("volumes")
-            notes = [note for _, note in self.volume_additions]
-            items = [text for text, _ in self.volume_additions]
-            if isinstance(volumes, list) and self.owns(name, path + ("volumes",)) and \
-                    not self.is_flow(path + ("volumes",)) and volumes:
-                self.insert_into(path + ("volumes",), notes, items)
-            else:
-                self.additions["volumes"] = (items, notes)
-        if self.env_additions:
-            environment = raw.get("environment")
-            notes = _unique(note for _, _, note in self.env_additions)
-            self.env_additions = [a for a in self.env_additions if a[0] is not None]
-        if self.env_additions:
-            if environment and self.owns(name, path + ("environment",)) and \
-                    not self.is_flow(path + ("environment",)):
-                if isinstance(environment, dict):
-                    items = dict((k, v) for k, v, _ in self.env_additions)
-                else:
-                    items = ["%s=%s" % (k, v) for k, v, _ in self.env_additions]
-                self.insert_into(path + ("environment",), notes, items)
-            elif not environment:
-                self.additions["environment"] = (
-                    dict((k, v) for k, v, _ in self.env_additions), notes)
+        self.flush_volumes(name, raw)
+        self.flush_environment(name, raw)
         if self.slurm_additions:
             current = raw.get("x-slurm")
             values = dict((k, v) for k, (v, _) in self.slurm_additions.items())
@@ -9168,6 +9149,52 @@ class _Migration(object):
                 lines += _format_yaml_lines({key: value}, indent)
                 self.counts["added"] += 1
         self.edits.append(_Edit(end, end, tuple(lines)))
+
+    def flush_volumes(self, name, raw):
+        """Add the collected volumes: into a block list of the service's own, else as a whole."""
+        if not self.volume_additions and self.volumes_converted is None:
+            return
+        path = ("services", name, "volumes")
+        notes = [note for _, note in self.volume_additions]
+        items = [text for text, _ in self.volume_additions]
+        volumes = raw.get("volumes")
+        owned = isinstance(volumes, list) and self.owns(name, path)
+        if owned and volumes and self.volumes_converted is None and not self.is_flow(path):
+            self.insert_into(path, notes, items)
+            return
+        value, converted = self.volumes_converted or (list(volumes or []), [])
+        if owned:
+            self.replace_entry(path, converted + notes, value + items)
+        else:
+            # A merge key's volumes are replaced, not merged, by the service's own: copy them.
+            self.additions["volumes"] = (value + items, converted + notes + (
+                ["volumes from the merge key copied here"] if volumes else []))
+
+    def flush_environment(self, name, raw):
+        """Add the collected variables: into a block of the service's own, else as a whole."""
+        notes = _unique(note for _, _, note in self.env_additions)
+        additions = [(k, v) for k, v, _ in self.env_additions if k is not None]
+        if not additions and self.env_replacement is None:
+            return
+        path = ("services", name, "environment")
+        environment = raw.get("environment")
+        owned = environment is not None and self.owns(name, path)
+        if owned and not self.is_flow(path) and self.env_replacement is None:
+            items = dict(additions) if isinstance(environment, dict) else \
+                ["%s=%s" % pair for pair in additions]
+            self.insert_into(path, notes, items)
+            return
+        value, replaced = self.env_replacement or (self.env_rewritten or environment, [])
+        if isinstance(value, list):
+            value = list(value) + ["%s=%s" % pair for pair in additions]
+        else:
+            value = dict(value or {}, **dict(additions))
+        if owned:
+            self.replace_entry(path, replaced + notes, value)
+        else:
+            # A merge key's environment is replaced, not merged, by the service's own: copy it.
+            self.additions["environment"] = (value, replaced + notes + (
+                ["environment from the merge key copied here"] if environment else []))
 
     def add_slurm(self, key, value, note):
         if key in self.slurm_additions:
@@ -9296,14 +9323,15 @@ class _Migration(object):
                             "shell-form command instead"
                             % ", ".join(sorted(set(f for _, _, fs in changes for f in fs))))
             return
+        new_value = dict(value) if isinstance(value, dict) else list(value)
+        for key, new, _ in changes:
+            new_value[key] = new
+        self.env_rewritten = new_value
         if self.is_flow(path):
-            new_value = dict(value) if isinstance(value, dict) else list(value)
-            for key, new, _ in changes:
-                new_value[key] = new
             names = sorted(set(f for _, _, fs in changes for f in fs))
-            self.replace_entry(path, ["host name %s -> 127.0.0.1 (there is no service-name DNS;"
-                                      " services share the node's network)" % ", ".join(names)],
-                               new_value)
+            self.env_replacement = (new_value, [
+                "host name %s -> 127.0.0.1 (there is no service-name DNS; services share the "
+                "node's network)" % ", ".join(names)])
             return
         for key, new, found in changes:
             item_path = path + (key,)
@@ -9443,13 +9471,9 @@ class _Migration(object):
             return
         self.counts["changed"] += 1
         if self.is_flow(path) or not self.owns(name, path):
-            notes = [note for _, note in converted if note]
-            new = [item for item, _ in converted if item is not None]
-            if not self.owns(name, path):
-                self.additions["volumes"] = (new, notes + ["TODO volumes came from a merge key:"
-                                                           " remove them there"])
-            else:
-                self.replace_entry(path, notes, new)
+            # Written whole by flush_volumes, with what the build adds.
+            self.volumes_converted = ([item for item, _ in converted if item is not None],
+                                      [note for _, note in converted if note])
             return
         for index, (item, note) in enumerate(converted):
             if note is None:

@@ -751,3 +751,31 @@ def test_migrate_never_replaces_its_input(cli, project):
     result = cli(["migrate", "--force"], cwd=str(project.root))
     assert result.code == 2 and "would replace the Docker Compose file" in result.err
     assert (project.root / "compose.yaml").read_text() == NETWORKED
+
+
+@pytest.mark.parametrize("environment", [
+    "    environment: {URL: 'http://web:80'}\n",
+    "    environment: [URL=http://web:80]\n",
+    "    <<: *env\n",
+])
+def test_variables_from_the_build_join_any_form_of_environment(hc, project, environment):
+    compose = ("x-env: &env\n  environment:\n    URL: http://web:80\nservices:\n  web:\n"
+               "    image: nginx\n  app:\n    build: ./app\n" + environment)
+    result = build_result(hc, project, "FROM python:3.12\nENV MODE=prod\nRUN true\n", compose)
+    assert dict(service(load(hc, project, result), "app").environment) == \
+        {"URL": "http://127.0.0.1:80", "MODE": "prod"}
+    assert_changes_are_noted(compose, result.text)
+
+
+@pytest.mark.parametrize("volumes", [
+    "    volumes: [cache:/cache]\n",
+    "    volumes:\n      - cache:/cache\n",
+    "    <<: *vols\n",
+])
+def test_named_volumes_and_build_volumes_join_any_form_of_volumes(hc, project, volumes):
+    compose = ("x-vols: &vols\n  volumes:\n    - cache:/cache\nservices:\n  app:\n"
+               "    build: ./app\n" + volumes + "volumes:\n  cache:\n")
+    result = build_result(hc, project, "FROM python:3.12\nRUN true\nCOPY run.py /srv/\n", compose)
+    assert service(load(hc, project, result), "app").volumes == \
+        ("./data/cache:/cache", "./app/run.py:/srv/run.py")
+    assert_changes_are_noted(compose, result.text)

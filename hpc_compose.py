@@ -8789,11 +8789,12 @@ def _unique(items):
 
 
 def _host_patterns(names):
-    """A compiled pattern that finds service host names in URLs, ``host:port`` and ``-h host``."""
+    """A compiled pattern that finds service host names in URLs, ``host:port``, ``-h host`` and
+    ``${HOST:-host}``."""
     import re
     alternatives = "|".join(re.escape(name) for name in sorted(names, key=len, reverse=True))
-    return re.compile(r"(?:(?<=//)|(?<=@)|(?<=-h )|(?<=--host )|(?<=--host=)|(?<=-H ))(%s)"
-                      r"(?![\w.@-])|(?<![\w./@-])(%s)(?=:\d)" % (alternatives, alternatives))
+    return re.compile(r"(?:(?<=//)|(?<=@)|(?<=-h )|(?<=--host )|(?<=--host=)|(?<=-H )|(?<=:-))"
+                      r"(%s)(?![\w.@-])|(?<![\w./@-])(%s)(?=:\d)" % (alternatives, alternatives))
 
 
 def _rewrite_hosts(text, pattern, replacement):

@@ -779,3 +779,11 @@ def test_named_volumes_and_build_volumes_join_any_form_of_volumes(hc, project, v
     assert service(load(hc, project, result), "app").volumes == \
         ("./data/cache:/cache", "./app/run.py:/srv/run.py")
     assert_changes_are_noted(compose, result.text)
+
+
+def test_a_host_name_as_a_variable_default_is_rewritten(hc, project):
+    result = migrate(hc, project, "services:\n  db:\n    image: x\n  app:\n    image: y\n"
+                     "    environment:\n      URL: http://${DB_HOST:-db}:5432\n")
+    assert dict(service(load(hc, project, result), "app").environment) == \
+        {"URL": "http://127.0.0.1:5432"}
+    assert "URL: http://${DB_HOST:-127.0.0.1}:5432" in result.text

@@ -8179,7 +8179,7 @@ def template_files(template):
 # order, anchors); a key that must change is replaced, dropped or added as whole lines, each change
 # led by one ``# migrate: ...`` comment line saying what was done and why. What cannot be expressed
 # gets a ``# migrate: TODO ...`` line, which load_spec then reports as the first problem.
-# Dockerfiles named by ``build:`` are translated to image + x-enroot.prepare (_translate_dockerfile).
+# Dockerfiles named by ``build:`` become image + x-enroot.prepare (_translate_dockerfile).
 # The only I/O is reading Dockerfiles and env/secret files through ``options.read_text``; the CLI
 # handler writes the result and creates the data folders.
 
@@ -8224,7 +8224,8 @@ _MIGRATE_DROPPED_KEYS = {
     "init": "services run as Slurm steps; Slurm reaps their processes",
     "pull_policy": "images are imported once into the cache (hpc-compose prepare)",
     "platform": "images are imported for the node's architecture",
-    "read_only": "Pyxis containers are read-only unless written through volumes",
+    "read_only": "whether the image is writable is a site setting (read-only by default in "
+                 "Enroot); write to volumes",
     "shm_size": "/dev/shm comes from the node",
     "sysctls": "kernel settings come from the node",
     "tmpfs": "every step gets a fresh /tmp; bind a folder with volumes for other paths",
@@ -8425,7 +8426,7 @@ def _exec_form(arguments):
 
 
 def _dockerfile_substitute(text, variables):
-    """``(text, unknown names)`` with ``$VAR``, ``${VAR}``, ``${VAR:-x}`` replaced from ``variables``."""
+    """``(text, unknown names)``: ``$VAR``, ``${VAR}``, ``${VAR:-x}`` taken from ``variables``."""
     import re
     unknown = []
 
@@ -8895,7 +8896,7 @@ class _Migration(object):
         return last + 1
 
     def entry_rows(self, path):
-        """``(start, end, column)`` of a block mapping entry, or None when it is not on own lines."""
+        """``(start, end, column)`` of a block mapping entry; None without lines of its own."""
         mark = self.key_marks.get(tuple(path))
         if mark is None:
             return None
@@ -8955,7 +8956,7 @@ class _Migration(object):
                                 + tuple(new_lines)))
 
     def replace_entry(self, path, notes, value=None, drop=False):
-        """Replace (or drop) a mapping entry; with no own lines, the whole parent entry is redone."""
+        """Replace (or drop) a mapping entry; False when it has no lines of its own to replace."""
         rows = self.entry_rows(path)
         if rows is None:
             return False
@@ -8965,7 +8966,7 @@ class _Migration(object):
         return True
 
     def insert_into(self, path, notes, value):
-        """Add the entries of mapping ``value`` (or items of list ``value``) at the end of ``path``."""
+        """Add the entries of mapping ``value`` (or the items of list ``value``) to ``path``."""
         start, end, column = self.entry_rows(path)
         indent = self.child_indent(start, end, column + 2)
         if isinstance(value, list) and self.lines[start + 1:start + 2] and \
@@ -9351,7 +9352,8 @@ class _Migration(object):
 
             self.rewrite_region(item_path, rows, rewrite,
                                 "host name %s -> 127.0.0.1 (there is no service-name DNS; "
-                                "services share the node's network)" % ", ".join(sorted(set(found))))
+                                "services share the node's network)"
+                                % ", ".join(sorted(set(found))))
 
     def migrate_env_file(self, name, path, value):
         files = value if isinstance(value, list) else [value]

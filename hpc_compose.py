@@ -8261,7 +8261,6 @@ _MIGRATE_DROPPED_KEYS = {
 _MIGRATE_TOP_DROPPED = {
     "networks": "there is no Docker network: " + _NETWORK_REASON,
     "volumes": "named volumes became bind mounts of folders (see each service's volumes)",
-    "secrets": "secrets became read-only bind mounts of their files",
     "configs": "configs became read-only bind mounts of their files",
 }
 _DOCKER_MEMORY_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "m": 1024 ** 2, "mb": 1024 ** 2,
@@ -8276,6 +8275,12 @@ _HOST_FLAGS = ("-h", "-H", "--host")
 _PING_PROBES = {"redis-cli": ("-p", 6379), "pg_isready": ("-p", 5432),
                 "mysqladmin": ("-P", 3306), "mongosh": ("--port", 27017),
                 "mongo": ("--port", 27017), "rabbitmq-diagnostics": (None, 5672)}
+
+
+def _local_secret_source(definition):
+    """True for a top-level secret hpc-compose can deliver (a ``file:`` or ``environment:`` one)."""
+    return isinstance(definition, dict) and bool(definition.get("file")
+                                                 or definition.get("environment"))
 
 
 class MigrateOptions(NamedTuple):
@@ -9490,6 +9495,8 @@ class _Migration(object):
 
     def migrate_secrets(self, name, path, key, value):
         top = self.data.get(key) if isinstance(self.data.get(key), dict) else {}
+        if key == "secrets":
+            return self.migrate_service_secrets(path, top, value)
         todo = []
         for entry in value if isinstance(value, list) else []:
             source = entry.get("source") if isinstance(entry, dict) else entry
@@ -9512,6 +9519,28 @@ class _Migration(object):
             return self.todo_entry(path, "%s %s are not files: pass them as environment values "
                                    "from .env, or mount a file" % (key, ", ".join(todo)))
         self.drop(path, "%s %s became read-only bind mounts (see volumes)" % (key, _brief(value)))
+
+    def migrate_service_secrets(self, path, top, value):
+        """Secrets with a ``file:`` or ``environment:`` source stay: the spec supports them."""
+        entries = value if isinstance(value, list) else []
+        unsupported = sorted(set(
+            str(entry.get("source") if isinstance(entry, dict) else entry) for entry in entries
+            if not _local_secret_source(top.get(entry.get("source") if isinstance(entry, dict)
+                                                 else entry))))
+        if unsupported:
+            return self.todo_entry(path, "secrets %s have neither file: nor environment: "
+                                   "(external and content secrets are not supported): put the "
+                                   "value in an owner-only file and name it with file:"
+                                   % ", ".join(unsupported))
+        changed = False
+        for index, entry in enumerate(entries):
+            for owner in ("uid", "gid"):
+                if isinstance(entry, dict) and owner in entry:
+                    self.drop(path + (index, owner), "dropped %s of secret %s: the copy belongs "
+                              "to the job's user" % (owner, entry.get("source")))
+                    changed = True
+        if not changed:
+            self.counts["kept"] += 1
 
     # --- dependencies, health, restarts, resources ---
 
@@ -9825,6 +9854,25 @@ class _Migration(object):
 
     # --- top level ---
 
+    def migrate_top_secrets(self, secrets):
+        for name, definition in secrets.items():
+            if _local_secret_source(definition):
+                self.counts["kept"] += 1
+            elif self.used_secret(name):
+                self.todo_entry(("secrets", name), "secret %s has neither file: nor environment: "
+                                "(external and content secrets are not supported)" % name)
+            else:
+                self.drop(("secrets", name), "dropped secret %s: no service uses it and it has "
+                          "neither file: nor environment:" % name)
+
+    def used_secret(self, name):
+        for body in self.data["services"].values():
+            entries = body.get("secrets") if isinstance(body, dict) else None
+            for entry in entries if isinstance(entries, list) else ():
+                if (entry.get("source") if isinstance(entry, dict) else entry) == name:
+                    return True
+        return False
+
     def migrate_top_level(self):
         for key in list(self.data):
             if not isinstance(key, str):
@@ -9832,7 +9880,9 @@ class _Migration(object):
             if key in ("services", "name", "version", "x-slurm") or key.startswith("x-"):
                 continue
             value = self.data[key]
-            if key in _MIGRATE_TOP_DROPPED:
+            if key == "secrets" and isinstance(value, dict):
+                self.migrate_top_secrets(value)
+            elif key in _MIGRATE_TOP_DROPPED:
                 self.drop((key,), "dropped top-level %s: %s" % (key, _MIGRATE_TOP_DROPPED[key]))
             elif key == "include":
                 self.todo_entry((key,), "include is not supported: copy the included services "

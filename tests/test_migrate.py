@@ -248,15 +248,19 @@ configs:
 """
 
 
-def test_file_secrets_and_configs_become_read_only_bind_mounts(hc, project):
-    result = migrate(hc, project, SECRETS, files={"app.env": "MODE=prod\n"})
+def test_file_secrets_stay_secrets_and_configs_become_read_only_bind_mounts(hc, project):
+    result = migrate(hc, project, SECRETS, files={"app.env": "MODE=prod\n",
+                                                  "secrets/db_password.txt": "hunter2\n"})
     app = service(load(hc, project, result), "app")
-    assert app.volumes == ("./secrets/db_password.txt:/run/secrets/db_password:ro",
-                           "./config.toml:/etc/app/config.toml:ro")
+    assert app.volumes == ("./config.toml:/etc/app/config.toml:ro",)
+    assert [(s.source, s.target) for s in app.secrets] == [("db_password", "db_password")]
+    assert "secrets:\n  db_password:\n    file: ./secrets/db_password.txt" in result.text
+    assert_changes_are_noted(SECRETS, result.text)
 
 
 def test_env_file_variables_are_copied_into_environment(hc, project):
-    result = migrate(hc, project, SECRETS, files={"app.env": "MODE=prod\nPRICE=$$5\n"})
+    result = migrate(hc, project, SECRETS, files={"app.env": "MODE=prod\nPRICE=$$5\n",
+                                                  "secrets/db_password.txt": "hunter2\n"})
     assert dict(service(load(hc, project, result), "app").environment) == \
         {"MODE": "prod", "PRICE": "$5"}
 
@@ -266,10 +270,29 @@ def test_an_unreadable_env_file_is_a_todo(hc, project):
     assert any("env_file app.env could not be read" in note for _, note in result.todos)
 
 
-def test_environment_secrets_are_a_todo(hc, project):
+def test_environment_secrets_stay_secrets(hc, project):
+    compose = ("services:\n  app:\n    image: x\n    command: run\n    secrets: [token]\n"
+               "secrets:\n  token:\n    environment: TOKEN\n")
+    result = migrate(hc, project, compose)
+    assert result.text == compose and not result.todos
+
+
+def test_external_secrets_are_a_todo(hc, project):
     result = migrate(hc, project, "services:\n  app:\n    image: x\n    secrets: [token]\n"
-                     "secrets:\n  token:\n    environment: TOKEN\n")
-    assert any("secrets token are not files" in note for _, note in result.todos)
+                     "secrets:\n  token:\n    external: true\n")
+    todos = [note for _, note in result.todos]
+    assert any("secrets token have neither file: nor environment:" in note for note in todos)
+    assert any("secret token has neither file: nor environment:" in note for note in todos)
+
+
+def test_secret_owner_ids_are_dropped_with_a_note(hc, project):
+    compose = ("services:\n  app:\n    image: x\n    command: run\n    secrets:\n"
+               "      - source: token\n        uid: \"1000\"\n"
+               "secrets:\n  token:\n    environment: TOKEN\n")
+    result = migrate(hc, project, compose)
+    assert any(note.startswith("dropped uid of secret token") for note in notes(result))
+    assert "uid" not in result.text.replace("dropped uid", "")
+    assert_changes_are_noted(compose, result.text)
 
 
 # --- restart, resources, health ------------------------------------------------------------------

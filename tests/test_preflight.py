@@ -1,6 +1,7 @@
-"""Preflight: every finding, with real files, the real srun (no Pyxis here: the negative case) and
-stand-ins only for enroot and for a Pyxis-enabled srun."""
+"""Preflight: every finding, with real files, the real srun (with or without Pyxis) and stand-ins
+only for enroot, for a Pyxis-enabled srun and for an srun without Pyxis."""
 import json
+import subprocess
 import os
 import shutil
 
@@ -90,14 +91,32 @@ def test_scontrol_required_only_for_multi_node(tmp_path, shared, monkeypatch):
                   "binary.scontrol") == ["ok"]
 
 
-@needs_slurm
-def test_real_srun_without_pyxis_is_error(tmp_path, shared):
+def _advertises_container_image(srun):
+    result = subprocess.run([srun, "--help"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            universal_newlines=True)
+    return "--container-image" in result.stdout + result.stderr
+
+
+def test_srun_without_pyxis_is_error(tmp_path, shared):
+    srun = tmp_path / "srun"
+    srun.write_text("#!/bin/sh\n# STAND-IN for srun on a node without Pyxis: a help text with no plugin options.\n"
+                    "echo 'Usage: srun [OPTIONS(0)...] executable [args...]'\n")
+    srun.chmod(0o755)
     report = preflight(make_plan(tmp_path, [make_service("r", "redis:7")], cache_dir=shared),
-                       srun_bin=REAL_SRUN)
+                       srun_bin=str(srun))
     finding, = by_check(report, "pyxis")
     assert finding.level == "error"
     assert "srun does not advertise --container-image" in finding.message
     assert "x-slurm.runtime: host" in finding.remediation
+
+
+@needs_slurm
+def test_real_srun_pyxis_finding_follows_its_help_text(tmp_path, shared):
+    """Holds on a cluster with Pyxis (ok) and without it (error)."""
+    report = preflight(make_plan(tmp_path, [make_service("r", "redis:7")], cache_dir=shared),
+                       srun_bin=REAL_SRUN)
+    finding, = by_check(report, "pyxis")
+    assert finding.level == ("ok" if _advertises_container_image(REAL_SRUN) else "error")
 
 
 @needs_slurm

@@ -7777,13 +7777,13 @@ def _describe_files(root, relative_paths):
 def export_artifacts(record, bundles=None, tarball=False, export_template=None):
     """Copy collected artifacts into the export dir, with provenance JSON per bundle."""
     try:
-        return _export_artifacts(record, bundles, tarball, export_template)
+        return _export_artifact_bundles(record, bundles, tarball, export_template)
     except OSError as exc:
         raise ToolError("artifact export failed: %s" % exc,
                         hint="check that the export dir is writable and has space")
 
 
-def _export_artifacts(record, bundles, tarball, export_template):
+def _export_artifact_bundles(record, bundles, tarball, export_template):
     import time
     import tarfile
     job_id = record["job_id"]
@@ -10719,6 +10719,7 @@ def cmd_render(args):
 # CLI: submit, up, status, ps, logs, stats, artifacts, cancel, down, clean commands
 
 def _add_tool_arguments(parser, names):
+    """``--NAME-bin PATH`` for each external tool the command calls."""
     for name in names:
         parser.add_argument("--%s-bin" % name, dest="%s_bin" % name, default=name, metavar="PATH",
                             help="%s executable (default: %s from PATH)" % (name, name))
@@ -11130,19 +11131,6 @@ def cmd_clean(args):
 
 # CLI: preflight, prepare, cache commands
 
-def add_tool_arguments(parser, enroot=True, srun=True, sbatch=True):
-    """``--enroot-bin`` / ``--srun-bin`` / ``--sbatch-bin`` (preflight, prepare, submit)."""
-    if enroot:
-        parser.add_argument("--enroot-bin", default="enroot", metavar="PATH",
-                            help="enroot executable (default: enroot on PATH)")
-    if srun:
-        parser.add_argument("--srun-bin", default="srun", metavar="PATH",
-                            help="srun executable (default: srun on PATH)")
-    if sbatch:
-        parser.add_argument("--sbatch-bin", default="sbatch", metavar="PATH",
-                            help="sbatch executable (default: sbatch on PATH)")
-
-
 def progress_to_stderr(line):
     """Progress sink for prepare: stderr, so that stdout stays clean for --format json."""
     sys.stderr.write(line + "\n")
@@ -11162,7 +11150,7 @@ def _add_preflight_parser(subparsers):
     parser.add_argument("--verbose", action="store_true", help="also list the checks that passed")
     parser.add_argument("--skip-prepare", action="store_true",
                         help="check as 'submit --skip-prepare' would: cached images must exist")
-    add_tool_arguments(parser)
+    _add_tool_arguments(parser, ("enroot", "srun", "sbatch"))
     add_format_argument(parser)
 
 
@@ -11196,7 +11184,7 @@ def _add_prepare_parser(subparsers):
                         help="keep the Enroot container of a failed prepare step for debugging")
     # --srun-bin/--sbatch-bin are accepted (the manual gives prepare the same override flags as
     # preflight and submit) but prepare itself runs only enroot.
-    add_tool_arguments(parser)
+    _add_tool_arguments(parser, ("enroot", "srun", "sbatch"))
     add_format_argument(parser)
 
 

@@ -43,11 +43,11 @@ __version__ = "0.1.0"
 __all__ = [
     "__version__",
     # errors
-    "HpcComposeError", "UsageError", "YamlError", "SpecError", "ToolError", "JobFailed",
+    "HpcComposeError", "UsageError", "LocatedError", "YamlError", "SpecError", "ToolError", "JobFailed",
     # YAML
     "parse_yaml", "load_yaml", "YamlDocument", "Mark",
     # interpolation
-    "interpolate", "load_dotenv",
+    "interpolate", "parse_dotenv", "load_dotenv",
     # spec
     "load_spec", "ComposeSpec", "SlurmSpec", "ServiceSpec", "ServiceSlurmSpec", "ReadinessSpec",
     "SecretSpec", "ServiceSecret",
@@ -77,29 +77,29 @@ __all__ = [
 # Errors, constants and shared helpers
 ##############################################################################
 
-EXIT_OK = 0
-EXIT_FAILURE = 1      # something failed while running: a tool, the job, preflight
-EXIT_USAGE = 2        # invalid spec or command-line usage
-EXIT_INTERRUPTED = 130
+_EXIT_OK = 0
+_EXIT_FAILURE = 1      # something failed while running: a tool, the job, preflight
+_EXIT_USAGE = 2        # invalid spec or command-line usage
+_EXIT_INTERRUPTED = 130
 
-DEFAULT_COMPOSE_FILES = ("compose.yaml", "compose.yml", "docker-compose.yml", "docker-compose.yaml")
-METADATA_DIR_NAME = ".hpc-compose"
-JOB_MOUNT = "/hpc-compose/job"
-RESUME_MOUNT = "/hpc-compose/resume"
-SECRETS_MOUNT = "/run/secrets"      # Compose's convention: each secret is a file here
-SECRETS_DIR_NAME = "secrets"        # <job dir>/secrets/<service token>/<target>: the owner-only copies
-SECRETS_DIR_VARIABLE = "HPC_COMPOSE_SECRETS_DIR"
+_DEFAULT_COMPOSE_FILES = ("compose.yaml", "compose.yml", "docker-compose.yml", "docker-compose.yaml")
+_METADATA_DIR_NAME = ".hpc-compose"
+_JOB_MOUNT = "/hpc-compose/job"
+_RESUME_MOUNT = "/hpc-compose/resume"
+_SECRETS_MOUNT = "/run/secrets"      # Compose's convention: each secret is a file here
+_SECRETS_DIR_NAME = "secrets"        # <job dir>/secrets/<service token>/<target>: the owner-only copies
+_SECRETS_DIR_VARIABLE = "HPC_COMPOSE_SECRETS_DIR"
 # Modes of what hpc-compose writes. Owner-only by default: the script, the tracking records and the
 # job directory can hold environment values (where people do put tokens). share_with_group opens the
 # job directory and the service logs to the group, never the script, the records or the secrets.
-PRIVATE_FILE_MODE = 0o600
-PRIVATE_DIR_MODE = 0o700
-SHARED_DIR_MODE = 0o750
-RUNTIMES = ("pyxis", "host")
-DEFAULT_RUNTIME = "pyxis"
+_PRIVATE_FILE_MODE = 0o600
+_PRIVATE_DIR_MODE = 0o700
+_SHARED_DIR_MODE = 0o750
+_RUNTIMES = ("pyxis", "host")
+_DEFAULT_RUNTIME = "pyxis"
 # Cache keys carry this instead of the tool's release version: bump it only when the artifact layout
 # or the key recipe changes, so that upgrading hpc-compose does not re-import every image.
-CACHE_FORMAT_VERSION = 1
+_CACHE_FORMAT_VERSION = 1
 # Comment lines `hpc-compose migrate` writes; load_spec refuses a file that still has a TODO one.
 _MIGRATE_NOTE = "# migrate: "
 _MIGRATE_TODO = _MIGRATE_NOTE + "TODO "
@@ -108,7 +108,7 @@ _MIGRATE_TODO = _MIGRATE_NOTE + "TODO "
 class HpcComposeError(Exception):
     """Base of every error the tool reports to the user (never shown as a traceback)."""
 
-    exit_code = EXIT_FAILURE
+    exit_code = _EXIT_FAILURE
 
     def __init__(self, message, hint=None):
         Exception.__init__(self, message)
@@ -129,13 +129,13 @@ class HpcComposeError(Exception):
 class UsageError(HpcComposeError):
     """A command-line mistake (bad flag combination, missing file...)."""
 
-    exit_code = EXIT_USAGE
+    exit_code = _EXIT_USAGE
 
 
 class LocatedError(HpcComposeError):
     """An error that points into a file: ``file:line:column: key.path: message``."""
 
-    exit_code = EXIT_USAGE
+    exit_code = _EXIT_USAGE
 
     def __init__(self, message, file=None, line=None, column=None, path=None, hint=None):
         HpcComposeError.__init__(self, message, hint)
@@ -193,7 +193,7 @@ _SAFE_SHELL_CHARS = frozenset(
     "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789@%+=:,./-_")
 
 
-def write_file_atomic(path, data, mode=0o644):
+def _write_file_atomic(path, data, mode=0o644):
     """Write ``data`` (str or bytes) to ``path`` via a temporary file and a rename."""
     import tempfile
     directory = os.path.dirname(os.path.abspath(path))
@@ -215,18 +215,18 @@ def write_file_atomic(path, data, mode=0o644):
         raise
 
 
-def write_json_atomic(path, obj, mode=0o644):
+def _write_json_atomic(path, obj, mode=0o644):
     """Write ``obj`` as pretty, key-sorted JSON to ``path`` atomically."""
-    write_file_atomic(path, to_json(obj) + "\n", mode)
+    _write_file_atomic(path, _to_json(obj) + "\n", mode)
 
 
-def to_json(obj):
+def _to_json(obj):
     """The one JSON rendering the tool prints and stores (indented, sorted keys, UTF-8)."""
     import json
     return json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False)
 
 
-def read_json(path):
+def _read_json(path):
     """Parse a JSON file; ``None`` when it is missing or unreadable (tracked files are optional)."""
     import json
     try:
@@ -236,7 +236,7 @@ def read_json(path):
         return None
 
 
-class FileLock(object):
+class _FileLock(object):
     """An exclusive ``flock`` on ``path`` (created if needed), used as a context manager."""
 
     def __init__(self, path):
@@ -262,7 +262,7 @@ class FileLock(object):
         return False
 
 
-def run_command(argv, env=None, cwd=None, timeout=None, capture=True, input_text=None):
+def _run_command(argv, env=None, cwd=None, timeout=None, capture=True, input_text=None):
     """Run one external command; every tool wrapper goes through here.
 
     Returns ``subprocess.CompletedProcess`` (text mode). A missing executable raises ``ToolError``
@@ -287,7 +287,7 @@ def run_command(argv, env=None, cwd=None, timeout=None, capture=True, input_text
         raise ToolError("'%s' did not answer within %s seconds" % (" ".join(argv), timeout))
 
 
-def find_executable(name):
+def _find_executable(name):
     """Absolute path of ``name`` (a bare name looked up on PATH, or a path); ``None`` if absent."""
     import shutil
     if os.sep in name:
@@ -295,7 +295,7 @@ def find_executable(name):
     return shutil.which(name)
 
 
-def warn(message):
+def _warn(message):
     """Print a warning line to stderr (never to stdout, which may carry JSON)."""
     sys.stderr.write("warning: %s\n" % message)
 
@@ -1651,7 +1651,7 @@ def parse_dotenv(text, filename=None):
     return values
 
 
-def build_variables(project_dir, environ=None):
+def _build_variables(project_dir, environ=None):
     """The interpolation variables: ``.env`` from ``project_dir`` under the process environment."""
     variables = load_dotenv(os.path.join(project_dir, ".env"))
     variables.update(os.environ if environ is None else environ)
@@ -1844,7 +1844,7 @@ class ServiceSpec(NamedTuple):
     readiness: object = None       # ReadinessSpec or None (healthcheck already folded in)
     slurm: ServiceSlurmSpec = ServiceSlurmSpec()
     prepare: object = None         # PrepareSpec or None (x-enroot.prepare)
-    runtime: str = DEFAULT_RUNTIME # resolved: service x-slurm.runtime, else top-level, else pyxis
+    runtime: str = _DEFAULT_RUNTIME # resolved: service x-slurm.runtime, else top-level, else pyxis
     line: object = None            # line of the service's key in the compose file
     secrets: tuple = ()            # (ServiceSecret, ...) in declared order
 
@@ -1889,7 +1889,7 @@ class SlurmSpec(NamedTuple):
     resume: object = None          # ResumeSpec or None
     setup: tuple = ()
     submit_args: tuple = ()
-    runtime: str = DEFAULT_RUNTIME # hpc-compose extension: pyxis | host
+    runtime: str = _DEFAULT_RUNTIME # hpc-compose extension: pyxis | host
     share_with_group: bool = False # job directory and service logs readable by the group
 
 
@@ -2082,14 +2082,14 @@ def _split_volume(entry, reserved=True, resume_enabled=False):
     if not container.startswith("/"):
         raise _Invalid("mount %r: the container path must be absolute" % entry)
     target = posixpath.normpath(container)
-    if reserved and (target == JOB_MOUNT or target.startswith(JOB_MOUNT + "/")):
+    if reserved and (target == _JOB_MOUNT or target.startswith(_JOB_MOUNT + "/")):
         raise _Invalid("mount %r targets %s, which is reserved for the per-job directory"
-                       % (entry, JOB_MOUNT), hint="mount it somewhere else; the job directory is "
+                       % (entry, _JOB_MOUNT), hint="mount it somewhere else; the job directory is "
                                                    "mounted there automatically")
-    if reserved and resume_enabled and (target == RESUME_MOUNT
-                                        or target.startswith(RESUME_MOUNT + "/")):
+    if reserved and resume_enabled and (target == _RESUME_MOUNT
+                                        or target.startswith(_RESUME_MOUNT + "/")):
         raise _Invalid("mount %r targets %s, which is reserved for x-slurm.resume.path"
-                       % (entry, RESUME_MOUNT))
+                       % (entry, _RESUME_MOUNT))
     if options and not all(part for part in options.split(":")):
         raise _Invalid("mount %r has empty mount options" % entry)
     return host, container, options or None
@@ -2100,12 +2100,12 @@ def _normalize_artifact_path(value):
     import posixpath
     if not value.startswith("/"):
         raise _Invalid("artifact path %r must be an absolute container path under %s"
-                       % (value, JOB_MOUNT), hint="e.g. %s/checkpoints/*.pt" % JOB_MOUNT)
+                       % (value, _JOB_MOUNT), hint="e.g. %s/checkpoints/*.pt" % _JOB_MOUNT)
     path = "/" + posixpath.normpath(value).lstrip("/")
-    if not path.startswith(JOB_MOUNT + "/"):
-        raise _Invalid("artifact path %r is not under %s" % (value, JOB_MOUNT),
-                       hint="collect files the services wrote below %s" % JOB_MOUNT)
-    artifacts_dir = JOB_MOUNT + "/artifacts"
+    if not path.startswith(_JOB_MOUNT + "/"):
+        raise _Invalid("artifact path %r is not under %s" % (value, _JOB_MOUNT),
+                       hint="collect files the services wrote below %s" % _JOB_MOUNT)
+    artifacts_dir = _JOB_MOUNT + "/artifacts"
     if path == artifacts_dir or path.startswith(artifacts_dir + "/"):
         raise _Invalid("artifact path %r is inside %s, where collection writes its output"
                        % (value, artifacts_dir))
@@ -2230,7 +2230,7 @@ def load_spec(path, environ=None):
                         hint="it needs at least a services: mapping with one service; "
                              "'hpc-compose init --list' shows starting points")
     _check_migrate_todos(text, path)
-    variables = build_variables(project_dir, environ)
+    variables = _build_variables(project_dir, environ)
     loader = _SpecLoader(path, document, variables)
     try:
         return loader.load()
@@ -2531,7 +2531,7 @@ class _SpecLoader(object):
                                            allow_empty=True)
         values["submit_args"] = self.string_list(path + ("submit_args",), raw.get("submit_args"))
         if raw.get("runtime") is not None:
-            values["runtime"] = self.choice(path + ("runtime",), raw["runtime"], RUNTIMES)
+            values["runtime"] = self.choice(path + ("runtime",), raw["runtime"], _RUNTIMES)
         if raw.get("share_with_group") is not None:
             values["share_with_group"] = self.boolean(path + ("share_with_group",),
                                                       raw["share_with_group"])
@@ -2596,7 +2596,7 @@ class _SpecLoader(object):
             bundles.append((bundle, bundle_paths))
         if not paths and not bundles:
             raise self.error(path, "x-slurm.artifacts needs at least one source path in paths or "
-                             "bundles", hint="e.g. paths: [%s/metrics/**]" % JOB_MOUNT)
+                             "bundles", hint="e.g. paths: [%s/metrics/**]" % _JOB_MOUNT)
         return ArtifactsSpec(export_dir, collect, paths, tuple(bundles))
 
     def artifact_paths(self, path, raw):
@@ -2626,7 +2626,7 @@ class _SpecLoader(object):
         if normalized == "/hpc-compose" or normalized.startswith("/hpc-compose/"):
             raise self.error(path + ("path",), "resume path %r is a container path; it must point "
                              "at shared host storage" % text,
-                             hint="it is mounted into every service at %s" % RESUME_MOUNT)
+                             hint="it is mounted into every service at %s" % _RESUME_MOUNT)
         return ResumeSpec(normalized)
 
     # --- services ---
@@ -2799,7 +2799,7 @@ class _SpecLoader(object):
         values["failure_policy"] = self.failure_policy(path + ("failure_policy",),
                                                        raw.get("failure_policy"))
         if raw.get("runtime") is not None:
-            values["runtime"] = self.choice(path + ("runtime",), raw["runtime"], RUNTIMES)
+            values["runtime"] = self.choice(path + ("runtime",), raw["runtime"], _RUNTIMES)
         self.check_gpus(path, values)
         return ServiceSlurmSpec(**values)
 
@@ -3036,7 +3036,7 @@ class _SpecLoader(object):
                                  hint="list the secret under services.<name>.secrets and read "
                                       "the file %s/<target> in the service (e.g. in a shell "
                                       "command: export TOKEN=\"$(cat %s/%s)\")"
-                                      % (SECRETS_MOUNT, SECRETS_MOUNT, name))
+                                      % (_SECRETS_MOUNT, _SECRETS_MOUNT, name))
 
     def redacted(self, error):
         """``error`` with every secret value it quotes replaced by ``<secret NAME>``."""
@@ -3094,10 +3094,10 @@ class _SpecLoader(object):
 
     def secret_target(self, path, value):
         text = self.string(path, value, interpolated=False)
-        name = text[len(SECRETS_MOUNT) + 1:] if text.startswith(SECRETS_MOUNT + "/") else text
+        name = text[len(_SECRETS_MOUNT) + 1:] if text.startswith(_SECRETS_MOUNT + "/") else text
         if name in (".", "..") or not _is_service_name(name):
             raise self.error(path, "target %r must be a file name (the secret is mounted at "
-                             "%s/<target>)" % (text, SECRETS_MOUNT),
+                             "%s/<target>)" % (text, _SECRETS_MOUNT),
                              hint="letters, digits, '_', '.' and '-'; other container paths "
                                   "are not supported")
         return name
@@ -3389,7 +3389,7 @@ def resolve_host_path(path, project_dir, environ=None):
     return os.path.normpath(path)
 
 
-def resolve_cache_dir(spec, environ=None):
+def _resolve_cache_dir(spec, environ=None):
     """The absolute cache directory of ``spec``; refuses node-local temporary file systems."""
     environ = os.environ if environ is None else environ
     configured = spec.slurm.cache_dir
@@ -3499,7 +3499,7 @@ def build_plan(spec, environ=None):
     """Turn a validated spec into the deterministic ``Plan``."""
     environ = os.environ if environ is None else environ
     alloc_nodes = spec.slurm.nodes or 1
-    cache_dir = resolve_cache_dir(spec, environ)
+    cache_dir = _resolve_cache_dir(spec, environ)
     ordered = _launch_order(spec)
     dependents = dict((s.name, []) for s in ordered)
     for service in ordered:
@@ -3608,15 +3608,15 @@ class PrepareResult(NamedTuple):
     artifact: object = None        # path the container starts from (None for host runtime)
 
 
-MANIFEST_SUFFIX = ".json"
-PARTIAL_PREFIX = ".partial-"       # in-progress imports/exports; renamed into place when complete
-DOCKER_HUB_REGISTRY = "registry-1.docker.io"
+_MANIFEST_SUFFIX = ".json"
+_PARTIAL_PREFIX = ".partial-"       # in-progress imports/exports; renamed into place when complete
+_DOCKER_HUB_REGISTRY = "registry-1.docker.io"
 _DOCKER_HUB_HOSTS = ("docker.io", "index.docker.io", "registry-1.docker.io", "registry.hub.docker.com")
 
 
 # -- references ------------------------------------------------------------------------------------
 
-class DockerReference(NamedTuple):
+class _DockerReference(NamedTuple):
     registry: object               # None for Docker Hub
     repository: str                # e.g. library/redis, nvidia/pytorch
     tag: object = None
@@ -3624,8 +3624,8 @@ class DockerReference(NamedTuple):
     user: object = None            # docker://user@registry#image (Enroot syntax)
 
 
-def parse_docker_reference(reference):
-    """Split a ``docker://`` reference (Docker or Enroot syntax) into a ``DockerReference``."""
+def _parse_docker_reference(reference):
+    """Split a ``docker://`` reference (Docker or Enroot syntax) into a ``_DockerReference``."""
     rest = reference[len("docker://"):] if reference.startswith("docker://") else reference
     user = None
     if "#" in rest:
@@ -3650,7 +3650,7 @@ def parse_docker_reference(reference):
         image, tag = image[:colon], image[colon + 1:]
     if registry in _DOCKER_HUB_HOSTS:
         registry = None
-    return DockerReference(registry, image, tag, digest, user)
+    return _DockerReference(registry, image, tag, digest, user)
 
 
 def enroot_uri(reference):
@@ -3664,25 +3664,25 @@ def enroot_uri(reference):
     """
     if not reference.startswith("docker://"):
         return reference
-    ref = parse_docker_reference(reference)
+    ref = _parse_docker_reference(reference)
     repository = ref.repository
     if ref.registry is None and "/" not in repository:
         repository = "library/" + repository
     # Docker Hub is named explicitly: Enroot 3.x looks up the login for a pull in its credentials
     # file by the registry part of the URI, so without it a Hub pull is always anonymous.
-    registry = ref.registry or DOCKER_HUB_REGISTRY
+    registry = ref.registry or _DOCKER_HUB_REGISTRY
     user = (ref.user + "@") if ref.user else ""
     if ref.digest:
         return "docker://%s%s/%s@%s" % (user, registry, repository, ref.digest)
     return "docker://%s%s#%s%s" % (user, registry, repository, (":" + ref.tag) if ref.tag else "")
 
 
-def registry_host(reference):
+def _registry_host(reference):
     """The registry host a remote reference pulls from (``docker.io`` for Docker Hub, None for
     ``dockerd://`` / ``podman://`` / local images)."""
     if not reference.startswith("docker://"):
         return None
-    return parse_docker_reference(reference).registry or "docker.io"
+    return _parse_docker_reference(reference).registry or "docker.io"
 
 
 def _artifact_label(text):
@@ -3735,11 +3735,11 @@ def _mount_text(mount):
 
 
 def _make_artifact(cache_dir, kind, label, source, inputs, uri=None):
-    key = _digest(["hpc-compose-cache", "format=%d" % CACHE_FORMAT_VERSION, kind]
+    key = _digest(["hpc-compose-cache", "format=%d" % _CACHE_FORMAT_VERSION, kind]
                   + ["%s=%s" % pair for pair in inputs])
     path = os.path.join(cache_dir, kind if kind == "base" else "prepared",
                         "%s-%s.sqsh" % (key[:16], label))
-    return Artifact(kind=kind, path=path, manifest_path=path + MANIFEST_SUFFIX, cache_key=key,
+    return Artifact(kind=kind, path=path, manifest_path=path + _MANIFEST_SUFFIX, cache_key=key,
                     source=source, inputs=tuple(inputs), enroot_uri=uri)
 
 
@@ -3799,14 +3799,14 @@ def _service_image(cache_dir, service):
                         prepared=prepared, local_path=local_path, rebuild_every_time=rebuild)
 
 
-def default_cache_dir(environ=None):
+def _default_cache_dir(environ=None):
     """``$HOME/.cache/hpc-compose``: the cache directory when x-slurm.cache_dir is not set."""
     environ = os.environ if environ is None else environ
     home = environ.get("HOME") or os.path.expanduser("~")
     return os.path.join(home, ".cache", "hpc-compose")
 
 
-def runtime_artifacts(runtime_plan):
+def _runtime_artifacts(runtime_plan):
     """Every cache artifact path ``runtime_plan`` references (runtime images and their bases)."""
     paths = set()
     for image in runtime_plan.images:
@@ -3818,7 +3818,7 @@ def runtime_artifacts(runtime_plan):
 
 # -- enroot wrapper ------------------------------------------------------------------------------------
 
-def enroot_environment(cache_dir, environ=None):
+def _enroot_environment(cache_dir, environ=None):
     """The environment every enroot call of ours gets: layer cache and prepare rootfs under the
     shared cache dir, but a node-local temporary directory (squashfs creation on NFS/Lustre fails
     with stale file handles)."""
@@ -3834,10 +3834,10 @@ def enroot_environment(cache_dir, environ=None):
     return env
 
 
-def run_enroot(argv, env, output=None):
+def _run_enroot(argv, env, output=None):
     """Run one enroot command, streaming its output lines to ``output`` (a callable) as they come.
 
-    This does not use ``run_command`` because an import can run for many minutes and the user must
+    This does not use ``_run_command`` because an import can run for many minutes and the user must
     see Enroot's own progress while it happens. Returns ``(exit_code, last_lines)``.
     """
     import subprocess
@@ -3885,22 +3885,22 @@ def _enroot_failure(step, argv, code, tail, hint=None):
 
 # -- manifests -----------------------------------------------------------------------------------------
 
-def read_manifest(artifact_path):
+def _read_manifest(artifact_path):
     """The manifest dict stored beside ``artifact_path``; None when absent or unreadable."""
-    data = read_json(artifact_path + MANIFEST_SUFFIX)
+    data = _read_json(artifact_path + _MANIFEST_SUFFIX)
     return data if isinstance(data, dict) else None
 
 
 def _manifest_for(artifact, plan, services, service_plan=None, base_path=None, local_base=None):
     prepare = service_plan.prepare if service_plan is not None else None
     manifest = {
-        "cache_format_version": CACHE_FORMAT_VERSION,
+        "cache_format_version": _CACHE_FORMAT_VERSION,
         "kind": artifact.kind,
         "artifact_path": artifact.path,
         "cache_key": artifact.cache_key,
         "source_image": artifact.source,
         "enroot_uri": artifact.enroot_uri,
-        "registry": registry_host(artifact.source) if "://" in artifact.source else None,
+        "registry": _registry_host(artifact.source) if "://" in artifact.source else None,
         "inputs": dict(artifact.inputs),
         "services": sorted(services),
         "projects": [plan.compose_file],
@@ -3924,14 +3924,14 @@ def _record_build(artifact, manifest, seconds):
     import time
     now = int(time.time())
     manifest = dict(manifest, created_at=now, last_used_at=now, build_seconds=round(seconds, 1))
-    write_json_atomic(artifact.manifest_path, manifest)
+    _write_json_atomic(artifact.manifest_path, manifest)
 
 
 def _record_use(artifact, plan, services, fresh_manifest):
     """Touch ``last_used_at`` and add this project and these services to the manifest (the caller
     holds the artifact's lock)."""
     import time
-    manifest = read_manifest(artifact.path)
+    manifest = _read_manifest(artifact.path)
     if manifest is None:
         # An artifact without a manifest (copied in, or a crash between rename and manifest):
         # describe it from the current plan, dated by the file itself.
@@ -3946,7 +3946,7 @@ def _record_use(artifact, plan, services, fresh_manifest):
         projects.append(plan.compose_file)
     manifest["projects"] = projects
     manifest["last_used_at"] = int(time.time())
-    write_json_atomic(artifact.manifest_path, manifest)
+    _write_json_atomic(artifact.manifest_path, manifest)
 
 
 # -- prepare -------------------------------------------------------------------------------------------
@@ -3955,7 +3955,7 @@ def _partial_path(artifact_path):
     """Where an import/export writes before the rename: same directory (same file system, so the
     rename is atomic), a name that is never mistaken for an artifact."""
     directory, name = os.path.split(artifact_path)
-    return os.path.join(directory, "%s%d-%s" % (PARTIAL_PREFIX, os.getpid(), name))
+    return os.path.join(directory, "%s%d-%s" % (_PARTIAL_PREFIX, os.getpid(), name))
 
 
 def _remove_quietly(path):
@@ -3982,7 +3982,7 @@ class _PrepareRun(object):
 
     def enroot_env(self):
         if self.env is None:
-            self.env = enroot_environment(self.runtime_plan.cache_dir)
+            self.env = _enroot_environment(self.runtime_plan.cache_dir)
         return self.env
 
     def enroot(self, args):
@@ -4035,7 +4035,7 @@ def _prepare_service(run, service, image, users):
         return PrepareResult(service=service.name, base_action=None, runtime_action="reused",
                              artifact=prepared.path,
                              note="base not needed: the prepared image is cached")
-    with FileLock(prepared.path + ".lock"):
+    with _FileLock(prepared.path + ".lock"):
         # Someone else may have built it while we waited for the lock: then reuse theirs.
         if not run.needs_build(prepared, always=image.rebuild_every_time):
             _reuse(run, prepared, users, service, locked=True)
@@ -4072,7 +4072,7 @@ def _note_use(run, artifact, users, service_plan=None, locked=False):
         if locked:
             _record_use(artifact, run.plan, services, fresh)
         else:
-            with FileLock(artifact.path + ".lock"):
+            with _FileLock(artifact.path + ".lock"):
                 _record_use(artifact, run.plan, services, fresh)
     except OSError as exc:
         run.say("note: could not update the manifest of %s (%s); the image is reused anyway"
@@ -4088,7 +4088,7 @@ def _ensure_base(run, artifact, users):
         _note_use(run, artifact, users)
         run.say("reusing %s for %s (cache hit)" % (artifact.path, artifact.source))
         return "reused"
-    with FileLock(artifact.path + ".lock"):
+    with _FileLock(artifact.path + ".lock"):
         if not run.needs_build(artifact):
             _note_use(run, artifact, users, locked=True)
             run.say("reusing %s for %s (imported meanwhile by another prepare)"
@@ -4101,7 +4101,7 @@ def _ensure_base(run, artifact, users):
         run.say("importing %s -> %s" % (artifact.enroot_uri, artifact.path))
         started = time.time()
         try:
-            code, tail = run_enroot(argv, env, run.progress)
+            code, tail = _run_enroot(argv, env, run.progress)
             if code != 0:
                 raise _enroot_failure("enroot import of %s" % artifact.enroot_uri, argv, code, tail,
                                       hint=_import_hint(artifact, tail))
@@ -4124,7 +4124,7 @@ def _import_hint(artifact, tail):
     if "401" in text or "403" in text or "nauthorized" in text:
         return ("the registry refused the pull: add credentials for %s to Enroot's credentials file "
                 "($ENROOT_CONFIG_PATH/.credentials); 'hpc-compose preflight' shows which machine "
-                "lines are needed" % (registry_host(artifact.source) or "the registry"))
+                "lines are needed" % (_registry_host(artifact.source) or "the registry"))
     if "429" in text or "Too Many Requests" in text:
         return "the registry rate-limited an anonymous pull: add credentials (see 'hpc-compose preflight')"
     return "check the image name and tag, and that this node can reach the registry"
@@ -4135,7 +4135,7 @@ def _prepare_container_name(prepared):
     return "hpc-compose-prep-%s-%d-%d" % (prepared.cache_key[:12], os.getpid(), int(time.time()))
 
 
-def enroot_start_args(name, prepare, command):
+def _enroot_start_args(name, prepare, command):
     """Arguments after ``enroot`` for one prepare command: ``start [--root] --rw [--mount M]...
     [--env K=V]... NAME /bin/sh -lc COMMAND``."""
     args = ["start"]
@@ -4163,14 +4163,14 @@ def _build_prepared(run, service, image, base_path, services):
     created = False
     try:
         argv = run.enroot(["create", "--force", "--name", name, base_path])
-        code, tail = run_enroot(argv, env, run.progress)
+        code, tail = _run_enroot(argv, env, run.progress)
         if code != 0:
             raise _enroot_failure("enroot create for service '%s'" % service.name, argv, code, tail)
         created = True
         for index, command in enumerate(prepare.commands, 1):
             run.say("preparing %s: command %d/%d: %s" % (service.name, index, len(prepare.commands), command))
-            argv = run.enroot(enroot_start_args(name, prepare, command))
-            code, tail = run_enroot(argv, env, run.progress)
+            argv = run.enroot(_enroot_start_args(name, prepare, command))
+            code, tail = _run_enroot(argv, env, run.progress)
             if code != 0:
                 raise _enroot_failure(
                     "prepare command %d of service '%s' (%s)" % (index, service.name, command),
@@ -4180,7 +4180,7 @@ def _build_prepared(run, service, image, base_path, services):
                                                             else "; --keep-failed-prep keeps the container for debugging"))
         run.say("exporting %s -> %s" % (service.name, prepared.path))
         argv = run.enroot(["export", "--force", "--output", partial, name])
-        code, tail = run_enroot(argv, env, run.progress)
+        code, tail = _run_enroot(argv, env, run.progress)
         if code != 0:
             raise _enroot_failure("enroot export for service '%s'" % service.name, argv, code, tail,
                                   hint="check free space in %s" % os.path.dirname(prepared.path))
@@ -4201,10 +4201,10 @@ def _build_prepared(run, service, image, base_path, services):
             if isinstance(exc, HpcComposeError):
                 exc.message += "\n  " + message
         elif created:
-            run_enroot(run.enroot(["remove", "--force", name]), env, None)
+            _run_enroot(run.enroot(["remove", "--force", name]), env, None)
         raise
     remove_argv = run.enroot(["remove", "--force", name])
-    code, tail = run_enroot(remove_argv, env, None)
+    code, tail = _run_enroot(remove_argv, env, None)
     if code != 0:
         run.say("warning: could not remove the prepare container %s: %s" % (name, " ".join(tail[-2:])))
     elapsed = time.time() - started
@@ -4232,13 +4232,13 @@ def _cache_artifact_paths(cache_dir):
         except OSError:
             continue
         for name in names:
-            if name.startswith(PARTIAL_PREFIX):
+            if name.startswith(_PARTIAL_PREFIX):
                 continue
             if name.endswith(_ARTIFACT_SUFFIXES) or \
-                    (name.endswith(MANIFEST_SUFFIX) and name[:-len(MANIFEST_SUFFIX)].endswith(_ARTIFACT_SUFFIXES)):
+                    (name.endswith(_MANIFEST_SUFFIX) and name[:-len(_MANIFEST_SUFFIX)].endswith(_ARTIFACT_SUFFIXES)):
                 path = os.path.join(directory, name)
-                if name.endswith(MANIFEST_SUFFIX):
-                    path = path[:-len(MANIFEST_SUFFIX)]
+                if name.endswith(_MANIFEST_SUFFIX):
+                    path = path[:-len(_MANIFEST_SUFFIX)]
                 if path not in paths:
                     paths.append(path)
     return sorted(paths)
@@ -4248,7 +4248,7 @@ def list_cache(cache_dir):
     """One dict per cached artifact: its manifest (when present) plus ``present`` and ``size_bytes``."""
     entries = []
     for path in _cache_artifact_paths(cache_dir):
-        manifest = read_manifest(path)
+        manifest = _read_manifest(path)
         entry = dict(manifest or {})
         entry.setdefault("kind", os.path.basename(os.path.dirname(path)))
         entry["artifact_path"] = path
@@ -4293,9 +4293,9 @@ def _miss_reasons(artifact, plan, service_name, cache_dir):
         return ["not built yet (no earlier %s artifact of this project for service '%s')"
                 % (artifact.kind, service_name)]
     reasons = []
-    if previous.get("cache_format_version") != CACHE_FORMAT_VERSION:
+    if previous.get("cache_format_version") != _CACHE_FORMAT_VERSION:
         reasons.append("the cache format changed (version %s -> %s)"
-                       % (previous.get("cache_format_version"), CACHE_FORMAT_VERSION))
+                       % (previous.get("cache_format_version"), _CACHE_FORMAT_VERSION))
     old_inputs = previous.get("inputs") or {}
     for category, digest in artifact.inputs:
         if old_inputs.get(category) != digest:
@@ -4307,7 +4307,7 @@ def _miss_reasons(artifact, plan, service_name, cache_dir):
 
 def _artifact_report(artifact, plan, service_name, cache_dir, always=False):
     present = os.path.isfile(artifact.path)
-    manifest = read_manifest(artifact.path) if present else None
+    manifest = _read_manifest(artifact.path) if present else None
     report = {
         "kind": artifact.kind,
         "path": artifact.path,
@@ -4383,12 +4383,12 @@ def _jobs_in_progress(project_dir, squeue_bin="squeue"):
     """
     import glob
     unsure = []
-    for path in sorted(glob.glob(os.path.join(project_dir, METADATA_DIR_NAME, "jobs", "*.json"))):
-        record = read_json(path)
+    for path in sorted(glob.glob(os.path.join(project_dir, _METADATA_DIR_NAME, "jobs", "*.json"))):
+        record = _read_json(path)
         if not isinstance(record, dict):
             continue
         job_id = str(record.get("job_id") or os.path.basename(path)[:-len(".json")])
-        state = read_json(os.path.join(project_dir, METADATA_DIR_NAME, job_id, "state.json"))
+        state = _read_json(os.path.join(project_dir, _METADATA_DIR_NAME, job_id, "state.json"))
         status = state.get("status") if isinstance(state, dict) else None
         if status is None and isinstance(record.get("status"), str):
             status = record["status"]
@@ -4398,7 +4398,7 @@ def _jobs_in_progress(project_dir, squeue_bin="squeue"):
     if not unsure:
         return []
     try:
-        queued = squeue_states([job_id for job_id, _ in unsure if job_id.isdigit()], squeue_bin)
+        queued = _squeue_states([job_id for job_id, _ in unsure if job_id.isdigit()], squeue_bin)
     except ToolError:
         return unsure
     return [(job_id, record) for job_id, record in unsure
@@ -4441,7 +4441,7 @@ def _submitted_script_artifacts(record, project_dir):
         return set()
 
 
-def artifacts_in_use(cache_dir, extra_projects=(), squeue_bin="squeue"):
+def _artifacts_in_use(cache_dir, extra_projects=(), squeue_bin="squeue"):
     """``{artifact_path: reason}`` for artifacts a tracked, unfinished job may be using.
 
     Jobs are found through the projects named in the cache's manifests (and ``extra_projects``):
@@ -4489,7 +4489,7 @@ def _remove_artifact(path):
         return False
     try:
         _remove_quietly(path)
-        _remove_quietly(path + MANIFEST_SUFFIX)
+        _remove_quietly(path + _MANIFEST_SUFFIX)
     finally:
         handle.close()
     _remove_quietly(path + ".lock")
@@ -4504,8 +4504,8 @@ def prune_cache(cache_dir, age_days=None, runtime_plan=None, now=None, squeue_bi
         raise UsageError("choose one prune strategy: --age DAYS or --all-unused -f FILE")
     now = time.time() if now is None else now
     extra = [runtime_plan.plan.compose_file] if runtime_plan is not None else []
-    in_use = artifacts_in_use(cache_dir, extra, squeue_bin)
-    referenced = runtime_artifacts(runtime_plan) if runtime_plan is not None else set()
+    in_use = _artifacts_in_use(cache_dir, extra, squeue_bin)
+    referenced = _runtime_artifacts(runtime_plan) if runtime_plan is not None else set()
     removed, kept = [], []
     for entry in list_cache(cache_dir):
         path = entry["artifact_path"]
@@ -4533,7 +4533,7 @@ def prune_cache(cache_dir, age_days=None, runtime_plan=None, now=None, squeue_bi
                 continue
             for name in names:
                 path = os.path.join(directory, name)
-                if name.startswith(PARTIAL_PREFIX) and os.path.getmtime(path) <= now - max(age_days, 1) * 86400:
+                if name.startswith(_PARTIAL_PREFIX) and os.path.getmtime(path) <= now - max(age_days, 1) * 86400:
                     _remove_quietly(path)
                     removed.append(path)
     return {"cache_dir": cache_dir, "mode": "age" if age_days is not None else "all_unused",
@@ -4585,7 +4585,7 @@ class PreflightReport(NamedTuple):
         return bool(self.errors) or (strict and bool(self.warnings))
 
 
-FORBIDDEN_CACHE_ROOTS = ("/tmp", "/var/tmp", "/private/tmp", "/dev/shm")
+_FORBIDDEN_CACHE_ROOTS = ("/tmp", "/var/tmp", "/private/tmp", "/dev/shm")
 _UNRELIABLE_RESUME_ROOTS = ("/tmp", "/var/tmp")
 _SYMLINK_SCAN_LIMIT = 5000         # entries per mounted directory: big model trees are not walked whole
 
@@ -4627,7 +4627,7 @@ def run_preflight(runtime_plan, options=PreflightOptions()):
 
 
 def _preflight_binary(findings, name, given, flag, why=None):
-    path = find_executable(given)
+    path = _find_executable(given)
     if path:
         findings.append(Finding("ok", "binary." + name, "%s found at %s" % (name, path)))
         return path
@@ -4646,7 +4646,7 @@ def _preflight_binary(findings, name, given, flag, why=None):
 def _preflight_pyxis(srun_path):
     """Pyxis adds ``--container-image`` to ``srun``: its help text is the standard detection."""
     try:
-        result = run_command([srun_path, "--help"], timeout=30)
+        result = _run_command([srun_path, "--help"], timeout=30)
     except ToolError as exc:
         return Finding("error", "pyxis", "could not run '%s --help': %s" % (srun_path, exc.message),
                        "check that srun works on this node, or pass another one with --srun-bin")
@@ -4665,7 +4665,7 @@ def _preflight_enroot_version(runtime_plan, enroot_path):
     if not digests:
         return []
     try:
-        result = run_command([enroot_path, "version"], timeout=30)
+        result = _run_command([enroot_path, "version"], timeout=30)
         version = (result.stdout or "").strip().split()[-1] if result.returncode == 0 else ""
     except (ToolError, IndexError):
         version = ""
@@ -4695,7 +4695,7 @@ def _preflight_cache_dir(runtime_plan, writable=True):
     explicit = plan.slurm.cache_dir is not None
     findings = []
     resolved = os.path.realpath(cache_dir)
-    for root in FORBIDDEN_CACHE_ROOTS:
+    for root in _FORBIDDEN_CACHE_ROOTS:
         if _under(cache_dir, root) or _under(resolved, root):
             findings.append(Finding(
                 "error", "cache_dir.policy",
@@ -4844,7 +4844,7 @@ def _preflight_resume_path(plan):
 
 # -- registry credentials --------------------------------------------------------------------------------
 
-def enroot_credentials_path(environ=None):
+def _enroot_credentials_path(environ=None):
     """Enroot's credentials file: ``$ENROOT_CONFIG_PATH/.credentials``, else under
     ``$XDG_CONFIG_HOME/enroot`` or ``$HOME/.config/enroot``."""
     environ = os.environ if environ is None else environ
@@ -4857,7 +4857,7 @@ def enroot_credentials_path(environ=None):
     return os.path.join(base, ".credentials")
 
 
-def credential_machines(path):
+def _credential_machines(path):
     """``{machine: login}`` from a netrc-style file (comment lines skipped); {} when unreadable."""
     try:
         with open(path, encoding="utf-8", errors="replace") as handle:
@@ -4896,20 +4896,20 @@ def _pulls(runtime_plan):
         if image.prepared is not None and not image.rebuild_every_time \
                 and os.path.isfile(image.prepared.path):
             continue
-        host = registry_host(image.base.source)
+        host = _registry_host(image.base.source)
         if host is not None:
             pulls.setdefault(host, []).append(service.name)
     return pulls
 
 
 def _preflight_credentials(runtime_plan):
-    path = enroot_credentials_path()
-    machines = credential_machines(path)
+    path = _enroot_credentials_path()
+    machines = _credential_machines(path)
     findings = []
     for host, services in sorted(_pulls(runtime_plan).items()):
         who = "service%s %s" % ("s" if len(services) > 1 else "", ", ".join("'%s'" % s for s in services))
         if host == "docker.io":
-            missing = [m for m in ("auth.docker.io", DOCKER_HUB_REGISTRY) if m not in machines]
+            missing = [m for m in ("auth.docker.io", _DOCKER_HUB_REGISTRY) if m not in machines]
             if "auth.docker.io" in missing:
                 findings.append(Finding(
                     "warn", "registry.credentials",
@@ -4917,14 +4917,14 @@ def _preflight_credentials(runtime_plan):
                     "(HTTP 429); no 'machine auth.docker.io' entry in %s" % (who, path),
                     "add 'machine auth.docker.io login <user> password <access-token>' and "
                     "'machine %s login <user> password <access-token>' to %s"
-                    % (DOCKER_HUB_REGISTRY, path)))
+                    % (_DOCKER_HUB_REGISTRY, path)))
             elif missing:
                 findings.append(Finding(
                     "warn", "registry.credentials",
                     "%s: %s has 'machine auth.docker.io' but no 'machine %s' entry, so Enroot 3.x "
-                    "does not know which login to use and pulls anonymously" % (who, path, DOCKER_HUB_REGISTRY),
+                    "does not know which login to use and pulls anonymously" % (who, path, _DOCKER_HUB_REGISTRY),
                     "add 'machine %s login <user> password <access-token>' (same login) to %s"
-                    % (DOCKER_HUB_REGISTRY, path)))
+                    % (_DOCKER_HUB_REGISTRY, path)))
             else:
                 findings.append(Finding("ok", "registry.credentials",
                                         "Docker Hub credentials found in %s" % path))
@@ -4958,7 +4958,7 @@ def _preflight_curl(plan):
     users = [s.name for s in plan.services if s.readiness is not None and s.readiness.type == "http"]
     if not users:
         return []
-    path = find_executable("curl")
+    path = _find_executable("curl")
     if path:
         return [Finding("ok", "readiness.curl", "curl found at %s (HTTP readiness)" % path)]
     return [Finding("warn", "readiness.curl",
@@ -5033,7 +5033,7 @@ def _preflight_skip_prepare(runtime_plan, dry_run=False):
                 "run 'hpc-compose prepare -f %s' first, or submit without --skip-prepare"
                 % runtime_plan.plan.compose_file))
             continue
-        manifest = read_manifest(artifact.path)
+        manifest = _read_manifest(artifact.path)
         if image.rebuild_every_time:
             built = (manifest or {}).get("created_at")
             when = ""
@@ -5059,7 +5059,7 @@ def _preflight_skip_prepare(runtime_plan, dry_run=False):
     return findings
 
 
-def preflight_report_json(report, compose_file=None, strict=False):
+def _preflight_report_json(report, compose_file=None, strict=False):
     """The ``--format json`` form of a report."""
     return {
         "compose_file": compose_file,
@@ -5071,7 +5071,7 @@ def preflight_report_json(report, compose_file=None, strict=False):
     }
 
 
-def format_preflight_report(report, verbose=False):
+def _format_preflight_report(report, verbose=False):
     """The text form of a report: a summary line, then errors, warnings (and passes with verbose)."""
     lines = ["preflight: %d error%s, %d warning%s, %d check%s passed" % (
         len(report.errors), "" if len(report.errors) == 1 else "s",
@@ -5107,16 +5107,16 @@ def format_preflight_report(report, verbose=False):
 #      and ends the job; teardown always leaves a final state.json.
 # Public helpers for tests and ``render --format json``: service_srun_argv, service_environment.
 
-STOP_GRACE_SECONDS = 10      # SIGTERM -> SIGKILL; below Slurm's default KillWait (30 s)
-SUPERVISOR_TICK = "0.2"      # seconds between two turns of the event loop
-FAST_TICK = "0.05"           # the turn after a readiness probe was started
-PROBE_INTERVAL_MS = 200      # at most five readiness attempts per second and service
-PROBE_LIMIT_SECONDS = 3      # one readiness attempt (tcp connect, grep, curl) may take this long
-READINESS_TIMEOUT_DEFAULT = 60
-TCP_HOST_DEFAULT = "127.0.0.1"
-HTTP_STATUS_DEFAULT = 200
-EXIT_READINESS_TIMEOUT = 124  # like timeout(1)
-RESTART_MARKER = "### hpc-compose:"
+_STOP_GRACE_SECONDS = 10      # SIGTERM -> SIGKILL; below Slurm's default KillWait (30 s)
+_SUPERVISOR_TICK = "0.2"      # seconds between two turns of the event loop
+_FAST_TICK = "0.05"           # the turn after a readiness probe was started
+_PROBE_INTERVAL_MS = 200      # at most five readiness attempts per second and service
+_PROBE_LIMIT_SECONDS = 3      # one readiness attempt (tcp connect, grep, curl) may take this long
+_READINESS_TIMEOUT_DEFAULT = 60
+_TCP_HOST_DEFAULT = "127.0.0.1"
+_HTTP_STATUS_DEFAULT = 200
+_EXIT_READINESS_TIMEOUT = 124  # like timeout(1)
+_RESTART_MARKER = "### hpc-compose:"
 
 
 _SHELL_TEMPLATE = []  # the Template subclass, made on first use (string imports re: not at start-up)
@@ -5141,7 +5141,7 @@ def _fill(template, **values):
     return _SHELL_TEMPLATE[0](template).substitute(**values)
 
 
-SCRIPT_HEAD_TEMPLATE = """\
+_SCRIPT_HEAD_TEMPLATE = """\
 #!/bin/bash
 # hpc-compose batch script for job @{job_name}, generated by hpc-compose @{version}
 # from @{compose_file}
@@ -5149,7 +5149,7 @@ SCRIPT_HEAD_TEMPLATE = """\
 # Re-render rather than edit: hpc-compose render -f <compose file> --output <path>
 """
 
-PRELUDE_TEMPLATE = """
+_PRELUDE_TEMPLATE = """
 set -euo pipefail
 
 # ---------------------------------------------------------------------------
@@ -5173,7 +5173,7 @@ exec {SLEEP_FD}<> <(:)  # a pipe nobody writes: read -t on it sleeps without for
 for name in "${!PYXIS_@}"; do unset -v "$name"; done
 """
 
-RESUME_TEMPLATE = """
+_RESUME_TEMPLATE = """
 # Resume (x-slurm.resume): this attempt writes under attempts/<n>/; the top-level names point at it.
 RESUME_DIR=@{resume_path}
 IS_RESUME=0
@@ -5191,7 +5191,7 @@ done
 export HPC_COMPOSE_RESUME_DIR="$RESUME_DIR" HPC_COMPOSE_ATTEMPT="$ATTEMPT" HPC_COMPOSE_IS_RESUME="$IS_RESUME"
 """
 
-ALLOCATION_TEMPLATE = """
+_ALLOCATION_TEMPLATE = """
 # ---------------------------------------------------------------------------
 # Allocation metadata (every job, single-node included)
 # ---------------------------------------------------------------------------
@@ -5220,7 +5220,7 @@ export HPC_COMPOSE_NODELIST="${allocation_nodes[*]}"
 export HPC_COMPOSE_NODELIST_FILE="$JOB_DIR/allocation/nodes.txt"
 """
 
-RESUME_LATEST_TEMPLATE = """
+_RESUME_LATEST_TEMPLATE = """
 # The resume directory remembers which job and attempt wrote it last.
 json_string @{compose_name}
 printf '{"schema_version": 1, "compose_name": %s, "job_id": "%s", "attempt": %s, "updated_at": "%s"}\\n' \\
@@ -5229,7 +5229,7 @@ printf '{"schema_version": 1, "compose_name": %s, "job_id": "%s", "attempt": %s,
 mv -f "$RESUME_DIR/_hpc-compose/latest.json.tmp" "$RESUME_DIR/_hpc-compose/latest.json"
 """
 
-SERVICE_TABLE_HEAD_TEMPLATE = """
+_SERVICE_TABLE_HEAD_TEMPLATE = """
 # ---------------------------------------------------------------------------
 # Services: static facts, one bash array per fact, indexed in launch order
 # ---------------------------------------------------------------------------
@@ -5239,27 +5239,27 @@ SERVICE_COUNT=@{count}
 END_REASON=@{end_reason}
 """
 
-SERVICE_ENTRY_TEMPLATE = """
+_SERVICE_ENTRY_TEMPLATE = """
 # @{index}: @{name}
 NAME[@{index}]=@{name_word} TOKEN[@{index}]=@{token} POLICY[@{index}]=@{policy} ENDS_JOB[@{index}]=@{ends_job}
 DEPENDS_ON[@{index}]=@{depends_on}
 PLACEMENT[@{index}]=@{placement} DISTRIBUTED[@{index}]=@{distributed}
 @{restart}@{readiness}"""
 
-RESTART_ENTRY_TEMPLATE = """\
+_RESTART_ENTRY_TEMPLATE = """\
 MAX_RESTARTS[@{index}]=@{max_restarts} BACKOFF[@{index}]=@{backoff}
 """
 
-NO_READINESS_ENTRY_TEMPLATE = """\
+_NO_READINESS_ENTRY_TEMPLATE = """\
 READINESS[@{index}]=none
 """
 
-READINESS_ENTRY_TEMPLATE = """\
+_READINESS_ENTRY_TEMPLATE = """\
 READINESS[@{index}]=@{type} READY_DESCRIPTION[@{index}]=@{description}
 @{probe}
 """
 
-RUN_SERVICE_TEMPLATE = """
+_RUN_SERVICE_TEMPLATE = """
 # @{name}: the srun step (runs in a background subshell; its output is appended to the log).
 # shellcheck disable=SC2016  # single-quoted arguments are expanded by the service, not here
 run_service_@{index}() {
@@ -5270,7 +5270,7 @@ run_service_@{index}() {
 }
 """
 
-SUPERVISOR_TEMPLATE = r"""
+_SUPERVISOR_TEMPLATE = r"""
 # ---------------------------------------------------------------------------
 # Supervisor state (one entry per service) and helpers
 # ---------------------------------------------------------------------------
@@ -5718,7 +5718,7 @@ on_exit() {  # the script ended without finish(): a setup line or the script its
 }
 """
 
-SIGNALS_TEMPLATE = """
+_SIGNALS_TEMPLATE = """
 # ---------------------------------------------------------------------------
 # Traps: scancel, the time limit and any unexpected exit all end in teardown
 # ---------------------------------------------------------------------------
@@ -5731,14 +5731,14 @@ trap on_exit EXIT
 write_state
 """
 
-SETUP_TEMPLATE = """
+_SETUP_TEMPLATE = """
 # ---------------------------------------------------------------------------
 # x-slurm.setup (verbatim, under set -euo pipefail)
 # ---------------------------------------------------------------------------
 @{lines}
 """
 
-MAIN_LOOP_TEMPLATE = """
+_MAIN_LOOP_TEMPLATE = """
 # ---------------------------------------------------------------------------
 # The event loop: launch what is ready to start, watch what runs, probe readiness, restart, end
 # ---------------------------------------------------------------------------
@@ -5775,13 +5775,13 @@ while :; do
 done
 """
 
-EXTRAS_BANNER = """
+_EXTRAS_BANNER = """
 # ---------------------------------------------------------------------------
 # Metrics sampler and artifact collection
 # ---------------------------------------------------------------------------
 """
 
-PYXIS_PATH_CHECK_TEMPLATE = """
+_PYXIS_PATH_CHECK_TEMPLATE = """
 # --container-mounts separates mounts with ',' and fields with ':', so the job directory cannot hold them.
 if [[ $JOB_DIR == *[,:]* ]]; then
     echo "hpc-compose: the job directory $JOB_DIR contains ',' or ':', which Pyxis cannot mount; submit from another directory" >&2
@@ -5789,7 +5789,7 @@ if [[ $JOB_DIR == *[,:]* ]]; then
 fi
 """
 
-SECRETS_TEMPLATE = """
+_SECRETS_TEMPLATE = """
 # ---------------------------------------------------------------------------
 # Secrets: 'hpc-compose submit' wrote owner-only copies (0600 files, 0700 directories) to
 # $JOB_DIR/@{secrets_dir}/<service token>/ before releasing the job; teardown removes them.
@@ -5802,11 +5802,11 @@ for token in @{tokens}; do
 done
 """
 
-REMOVE_SECRETS_TEMPLATE = """\
+_REMOVE_SECRETS_TEMPLATE = """\
     rm -rf -- "$JOB_DIR/@{secrets_dir}"  # the services are gone: so go the secret copies
 """
 
-CURL_CHECK_TEMPLATE = """\
+_CURL_CHECK_TEMPLATE = """\
 command -v curl >/dev/null 2>&1 ||
     echo "hpc-compose: warning: curl is not on PATH on $(hostname); http readiness cannot succeed" >&2
 """
@@ -5900,7 +5900,7 @@ def _env_names(runtime_plan, service):
     if runtime_plan.plan.slurm.resume is not None:
         names += ["HPC_COMPOSE_ATTEMPT", "HPC_COMPOSE_IS_RESUME", "HPC_COMPOSE_RESUME_DIR"]
     if service.secrets:
-        names.append(SECRETS_DIR_VARIABLE)
+        names.append(_SECRETS_DIR_VARIABLE)
     return sorted(set(names) | set(key for key, _ in service.environment))
 
 
@@ -5913,12 +5913,12 @@ def _environment_parts(runtime_plan, index):
         tool += [("HPC_COMPOSE_JOB_DIR", (_Var("JOB_DIR"),)),
                  ("HPC_COMPOSE_NODELIST_FILE", (_Var("JOB_DIR"), "/allocation/nodes.txt"))]
     else:
-        tool += [("HPC_COMPOSE_JOB_DIR", (JOB_MOUNT,)),
-                 ("HPC_COMPOSE_NODELIST_FILE", (JOB_MOUNT + "/allocation/nodes.txt",))]
+        tool += [("HPC_COMPOSE_JOB_DIR", (_JOB_MOUNT,)),
+                 ("HPC_COMPOSE_NODELIST_FILE", (_JOB_MOUNT + "/allocation/nodes.txt",))]
         if runtime_plan.plan.slurm.resume is not None:
-            tool.append(("HPC_COMPOSE_RESUME_DIR", (RESUME_MOUNT,)))
+            tool.append(("HPC_COMPOSE_RESUME_DIR", (_RESUME_MOUNT,)))
     if service.secrets:
-        tool.append((SECRETS_DIR_VARIABLE, _secrets_location(service)))
+        tool.append((_SECRETS_DIR_VARIABLE, _secrets_location(service)))
     # The tool's own names come last so that they win over a spec value of the same name.
     return items + tool
 
@@ -5926,8 +5926,8 @@ def _environment_parts(runtime_plan, index):
 def _secrets_location(service):
     """Where service's secrets are, as word parts: /run/secrets in a container, the copy on the host."""
     if service.runtime == "host":
-        return (_Var("JOB_DIR"), "/%s/%s" % (SECRETS_DIR_NAME, service.token))
-    return (SECRETS_MOUNT,)
+        return (_Var("JOB_DIR"), "/%s/%s" % (_SECRETS_DIR_NAME, service.token))
+    return (_SECRETS_MOUNT,)
 
 
 def service_environment(runtime_plan, index):
@@ -5942,13 +5942,13 @@ def _mount_parts(runtime_plan, service):
             if "," in path or ":" in path:
                 raise HpcComposeError("volume path %r of service '%s' contains ',' or ':', which "
                                       "Pyxis cannot mount" % (path, service.name))
-    parts = [_Var("JOB_DIR"), ":" + JOB_MOUNT]
+    parts = [_Var("JOB_DIR"), ":" + _JOB_MOUNT]
     resume = runtime_plan.plan.slurm.resume
     if resume is not None:
-        parts.append("," + resume.path + ":" + RESUME_MOUNT)
+        parts.append("," + resume.path + ":" + _RESUME_MOUNT)
     if service.secrets:
-        parts += [",", _Var("JOB_DIR"), "/%s/%s:%s:ro" % (SECRETS_DIR_NAME, service.token,
-                                                         SECRETS_MOUNT)]
+        parts += [",", _Var("JOB_DIR"), "/%s/%s:%s:ro" % (_SECRETS_DIR_NAME, service.token,
+                                                         _SECRETS_MOUNT)]
     for mount in service.mounts:
         parts.append("," + mount.host + ":" + mount.container
                      + (":" + mount.options if mount.options else ""))
@@ -6021,7 +6021,7 @@ def _run_service_function(runtime_plan, index):
     if command:
         lines.append("        " + " ".join(_word(arg) for arg in command))
     argv = " \\\n".join(lines)
-    return _fill(RUN_SERVICE_TEMPLATE, name=_comment(service.name), index=str(index),
+    return _fill(_RUN_SERVICE_TEMPLATE, name=_comment(service.name), index=str(index),
                  mkdirs=mkdirs, env=env, argv=argv)
 
 
@@ -6034,31 +6034,31 @@ def _readiness_description(readiness):
     if readiness.type == "sleep":
         return "sleep %ss" % readiness.seconds
     if readiness.type == "tcp":
-        return "tcp %s:%s" % (readiness.host or TCP_HOST_DEFAULT, readiness.port)
+        return "tcp %s:%s" % (readiness.host or _TCP_HOST_DEFAULT, readiness.port)
     if readiness.type == "log":
         return 'log pattern "%s"' % readiness.pattern
-    return "http %s status %s" % (readiness.url, readiness.status_code or HTTP_STATUS_DEFAULT)
+    return "http %s status %s" % (readiness.url, readiness.status_code or _HTTP_STATUS_DEFAULT)
 
 
 def _readiness_entry(index, readiness):
     """The READINESS / READY_* lines: only the facts this readiness type uses."""
     if readiness is None:
-        return _fill(NO_READINESS_ENTRY_TEMPLATE, index=index)
+        return _fill(_NO_READINESS_ENTRY_TEMPLATE, index=index)
     fields = []
     if readiness.type == "sleep":
         fields.append(("READY_SECONDS", int(readiness.seconds or 0)))
     else:
-        fields.append(("READY_TIMEOUT", int(readiness.timeout_seconds or READINESS_TIMEOUT_DEFAULT)))
+        fields.append(("READY_TIMEOUT", int(readiness.timeout_seconds or _READINESS_TIMEOUT_DEFAULT)))
     if readiness.type == "tcp":
-        fields += [("READY_HOST", readiness.host or TCP_HOST_DEFAULT),
+        fields += [("READY_HOST", readiness.host or _TCP_HOST_DEFAULT),
                    ("READY_PORT", int(readiness.port))]
     elif readiness.type == "log":
         fields.append(("READY_PATTERN", readiness.pattern))
     elif readiness.type == "http":
-        fields += [("READY_CODE", int(readiness.status_code or HTTP_STATUS_DEFAULT)),
+        fields += [("READY_CODE", int(readiness.status_code or _HTTP_STATUS_DEFAULT)),
                    ("READY_URL", readiness.url)]
     probe = " ".join("%s[%s]=%s" % (name, index, shell_quote(value)) for name, value in fields)
-    return _fill(READINESS_ENTRY_TEMPLATE, index=index, type=shell_quote(readiness.type),
+    return _fill(_READINESS_ENTRY_TEMPLATE, index=index, type=shell_quote(readiness.type),
                  description=shell_quote(_readiness_description(readiness)), probe=probe)
 
 
@@ -6068,15 +6068,15 @@ def _service_entry(plan, index, ending):
     policy = service.failure_policy
     placement = service.placement
     placement_json = '"mode": %s, "nodes": %s, "ntasks": %s, "ntasks_per_node": %s' % (
-        to_json(placement.mode), to_json(placement.nodes or 1),
-        to_json(placement.ntasks), to_json(placement.ntasks_per_node))
+        _to_json(placement.mode), _to_json(placement.nodes or 1),
+        _to_json(placement.ntasks), _to_json(placement.ntasks_per_node))
     restart = ""
     if policy.mode == "restart_on_failure":
-        restart = _fill(RESTART_ENTRY_TEMPLATE, index=str(index),
+        restart = _fill(_RESTART_ENTRY_TEMPLATE, index=str(index),
                         max_restarts=shell_quote(int(policy.max_restarts or 3)),
                         backoff=shell_quote(int(policy.backoff_seconds or 5)))
     return _fill(
-        SERVICE_ENTRY_TEMPLATE, index=str(index), name=_comment(service.name),
+        _SERVICE_ENTRY_TEMPLATE, index=str(index), name=_comment(service.name),
         name_word=shell_quote(service.name), token=shell_quote(service.token),
         policy=shell_quote(policy.mode), ends_job="1" if service.name in ending else "0",
         depends_on=shell_quote(" ".join("%d:%s" % (index_of[d.name], d.condition)
@@ -6099,7 +6099,7 @@ def _secret_services(plan):
 
 def _job_dir_mode(plan):
     """The job directory's mode for ``plan`` (0700, or 0750 with x-slurm.share_with_group)."""
-    return SHARED_DIR_MODE if plan.slurm.share_with_group else PRIVATE_DIR_MODE
+    return _SHARED_DIR_MODE if plan.slurm.share_with_group else _PRIVATE_DIR_MODE
 
 
 def _permission_values(plan):
@@ -6117,48 +6117,48 @@ def render_script(runtime_plan):
         raise HpcComposeError("the plan has no services to run")
     ending = _job_ending_services(plan)
     resume = plan.slurm.resume
-    pieces = [_fill(SCRIPT_HEAD_TEMPLATE, job_name=_comment(plan.job_name), version=__version__,
+    pieces = [_fill(_SCRIPT_HEAD_TEMPLATE, job_name=_comment(plan.job_name), version=__version__,
                     compose_file=_comment(plan.compose_file),
                     service_names=_comment(", ".join(s.name for s in services))),
               "\n".join(_sbatch_lines(plan)) + "\n",
-              _fill(PRELUDE_TEMPLATE, nodes=shell_quote(int(plan.nodes or 1)),
+              _fill(_PRELUDE_TEMPLATE, nodes=shell_quote(int(plan.nodes or 1)),
                     run_dir="$JOB_DIR/attempts/$ATTEMPT" if resume else "$JOB_DIR",
                     **_permission_values(plan)),
-              _fill(SERVICE_TABLE_HEAD_TEMPLATE, count=str(len(services)),
+              _fill(_SERVICE_TABLE_HEAD_TEMPLATE, count=str(len(services)),
                     end_reason=shell_quote("every service that ends the job has finished: "
                                            + ", ".join(ending)))]
     pieces.extend(_service_entry(plan, index, ending) for index in range(len(services)))
     pieces.extend(_run_service_function(runtime_plan, index) for index in range(len(services)))
-    pieces.append(_fill(SUPERVISOR_TEMPLATE, tick=SUPERVISOR_TICK, grace=str(STOP_GRACE_SECONDS),
-                        probe_limit_ms=str(PROBE_LIMIT_SECONDS * 1000), marker=RESTART_MARKER,
-                        fast_tick=FAST_TICK, probe_interval_ms=str(PROBE_INTERVAL_MS),
-                        readiness_exit=str(EXIT_READINESS_TIMEOUT),
-                        remove_secrets=_fill(REMOVE_SECRETS_TEMPLATE, secrets_dir=SECRETS_DIR_NAME)
+    pieces.append(_fill(_SUPERVISOR_TEMPLATE, tick=_SUPERVISOR_TICK, grace=str(_STOP_GRACE_SECONDS),
+                        probe_limit_ms=str(_PROBE_LIMIT_SECONDS * 1000), marker=_RESTART_MARKER,
+                        fast_tick=_FAST_TICK, probe_interval_ms=str(_PROBE_INTERVAL_MS),
+                        readiness_exit=str(_EXIT_READINESS_TIMEOUT),
+                        remove_secrets=_fill(_REMOVE_SECRETS_TEMPLATE, secrets_dir=_SECRETS_DIR_NAME)
                         if _secret_services(plan) else ""))
     metrics = _extra_block("render_metrics_block", runtime_plan,
                            "metrics_start() { :; }\nmetrics_stop() { :; }\n")
     artifacts = _extra_block("render_artifacts_block", runtime_plan,
                              "collect_artifacts() { :; }\n")
-    pieces.append(EXTRAS_BANNER + metrics.rstrip("\n") + "\n\n" + artifacts.rstrip("\n") + "\n")
+    pieces.append(_EXTRAS_BANNER + metrics.rstrip("\n") + "\n\n" + artifacts.rstrip("\n") + "\n")
     # From here on any exit (a failed setup line, scancel, the time limit) goes through teardown.
-    pieces.append(SIGNALS_TEMPLATE)
+    pieces.append(_SIGNALS_TEMPLATE)
     if resume is not None:
-        pieces.append(_fill(RESUME_TEMPLATE, resume_path=shell_quote(resume.path)))
+        pieces.append(_fill(_RESUME_TEMPLATE, resume_path=shell_quote(resume.path)))
     if _secret_services(plan):
-        pieces.append(_fill(SECRETS_TEMPLATE, secrets_dir=SECRETS_DIR_NAME,
+        pieces.append(_fill(_SECRETS_TEMPLATE, secrets_dir=_SECRETS_DIR_NAME,
                             tokens=" ".join(shell_quote(s.token) for s in _secret_services(plan))))
     if any(s.runtime != "host" for s in services):
-        pieces.append(PYXIS_PATH_CHECK_TEMPLATE)
-    pieces.append(ALLOCATION_TEMPLATE)
+        pieces.append(_PYXIS_PATH_CHECK_TEMPLATE)
+    pieces.append(_ALLOCATION_TEMPLATE)
     if resume is not None:
-        pieces.append(_fill(RESUME_LATEST_TEMPLATE,
+        pieces.append(_fill(_RESUME_LATEST_TEMPLATE,
                             compose_name=shell_quote(plan.spec.name or plan.job_name)))
     if plan.slurm.setup:
-        pieces.append(_fill(SETUP_TEMPLATE, lines="\n".join(plan.slurm.setup)))
+        pieces.append(_fill(_SETUP_TEMPLATE, lines="\n".join(plan.slurm.setup)))
     curl_check = ""
     if any(s.readiness is not None and s.readiness.type == "http" for s in services):
-        curl_check = CURL_CHECK_TEMPLATE
-    pieces.append(_fill(MAIN_LOOP_TEMPLATE, count=str(len(services)), curl_check=curl_check))
+        curl_check = _CURL_CHECK_TEMPLATE
+    pieces.append(_fill(_MAIN_LOOP_TEMPLATE, count=str(len(services)), curl_check=curl_check))
     return "".join(pieces)
 
 
@@ -6179,13 +6179,13 @@ def render_script(runtime_plan):
 #     are safe under ``set -e``. Helper names start with ``metrics_`` / ``artifacts_``.
 # The files written are read back by ``stats`` and ``artifacts`` in the job tracking section.
 
-METRICS_DISABLED_TEMPLATE = """\
+_METRICS_DISABLED_TEMPLATE = """\
 # Metrics sampling is off (no enabled x-slurm.metrics block).
 metrics_start() { :; }
 metrics_stop() { :; }
 """
 
-METRICS_TEMPLATE = r"""# Metrics sampler (x-slurm.metrics): best-effort, batch host only; never fails the job.
+_METRICS_TEMPLATE = r"""# Metrics sampler (x-slurm.metrics): best-effort, batch host only; never fails the job.
 METRICS_INTERVAL=$interval
 METRICS_COLLECT_GPU=$collect_gpu
 METRICS_COLLECT_SLURM=$collect_slurm
@@ -6379,12 +6379,12 @@ metrics_stop() {
 }
 """
 
-ARTIFACTS_DISABLED_TEMPLATE = """\
+_ARTIFACTS_DISABLED_TEMPLATE = """\
 # Artifact collection is off (no x-slurm.artifacts block).
 collect_artifacts() { :; }
 """
 
-ARTIFACTS_TEMPLATE = r"""# Artifact collection at teardown (x-slurm.artifacts): best-effort; never fails the job.
+_ARTIFACTS_TEMPLATE = r"""# Artifact collection at teardown (x-slurm.artifacts): best-effort; never fails the job.
 # Parallel arrays: the bundle each declared pattern belongs to, and the pattern (a container path).
 ARTIFACTS_COLLECT_POLICY=$policy
 ARTIFACTS_BUNDLE_NAMES=($bundle_names)
@@ -6552,15 +6552,15 @@ def render_metrics_block(runtime_plan):
     from string import Template
     metrics = runtime_plan.plan.slurm.metrics
     if metrics is None or not metrics.enabled:
-        return METRICS_DISABLED_TEMPLATE
+        return _METRICS_DISABLED_TEMPLATE
     collectors = tuple(metrics.collectors or ())
-    return Template(METRICS_TEMPLATE).substitute(
+    return Template(_METRICS_TEMPLATE).substitute(
         interval=shell_quote(int(metrics.interval_seconds or 5)),
         collect_gpu=shell_quote("true" if "gpu" in collectors else "false"),
         collect_slurm=shell_quote("true" if "slurm" in collectors else "false"))
 
 
-def artifact_bundles(artifacts):
+def _artifact_bundles(artifacts):
     """``((bundle, (pattern, ...)), ...)`` of an ``ArtifactsSpec``: ``default`` first when present."""
     bundles = []
     if artifacts.paths:
@@ -6575,14 +6575,14 @@ def render_artifacts_block(runtime_plan):
     from string import Template
     artifacts = runtime_plan.plan.slurm.artifacts
     if artifacts is None:
-        return ARTIFACTS_DISABLED_TEMPLATE
-    bundles = artifact_bundles(artifacts)
+        return _ARTIFACTS_DISABLED_TEMPLATE
+    bundles = _artifact_bundles(artifacts)
     pattern_bundles, patterns = [], []
     for name, paths in bundles:
         for path in paths:
             pattern_bundles.append(shell_quote(name))
             patterns.append(shell_quote(path))
-    return Template(ARTIFACTS_TEMPLATE).substitute(
+    return Template(_ARTIFACTS_TEMPLATE).substitute(
         policy=shell_quote(artifacts.collect or "always"),
         bundle_names=" ".join(shell_quote(name) for name, _ in bundles),
         pattern_bundles=" ".join(pattern_bundles),
@@ -6593,22 +6593,22 @@ def render_artifacts_block(runtime_plan):
 # Job tracking: scheduler, logs, stats, artifacts
 ##############################################################################
 # Thin wrappers for sbatch, squeue, sacct, sstat, scancel (all through
-# run_command); the tracked metadata under <compose dir>/.hpc-compose/ (jobs/<id>.json, latest.json);
+# _run_command); the tracked metadata under <compose dir>/.hpc-compose/ (jobs/<id>.json, latest.json);
 # scheduler state, runtime state (state.json), log following, watch, stats, artifact export, clean.
 #
 # Politeness: the scheduler is asked about our own job id only, at an adaptive interval
-# (WATCH_POLL_FIRST doubling to WATCH_POLL_MAX, back to the first after a state change); `squeue`
+# (_WATCH_POLL_FIRST doubling to _WATCH_POLL_MAX, back to the first after a state change); `squeue`
 # while the job is queued or running, `sacct` only after it left the queue. Logs are read from files.
 
-TRACKING_SCHEMA_VERSION = 1
-WATCH_POLL_FIRST = 2.0       # seconds between scheduler queries right after a change
-WATCH_POLL_MAX = 30.0        # the back-off cap
-LOG_POLL_SECONDS = 0.5       # log files are cheap to read: no scheduler cost
-ACCOUNTING_GRACE_SECONDS = 60.0  # how long a job may be unknown to both squeue and sacct
-TERMINAL_STATES = frozenset((
+_TRACKING_SCHEMA_VERSION = 1
+_WATCH_POLL_FIRST = 2.0       # seconds between scheduler queries right after a change
+_WATCH_POLL_MAX = 30.0        # the back-off cap
+_LOG_POLL_SECONDS = 0.5       # log files are cheap to read: no scheduler cost
+_ACCOUNTING_GRACE_SECONDS = 60.0  # how long a job may be unknown to both squeue and sacct
+_TERMINAL_STATES = frozenset((
     "BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "LAUNCH_FAILED", "NODE_FAIL",
     "OUT_OF_MEMORY", "PREEMPTED", "RECONFIG_FAIL", "REVOKED", "SPECIAL_EXIT", "TIMEOUT"))
-FINAL_RUNTIME_STATUSES = frozenset(("completed", "failed", "cancelled", "timeout"))
+_FINAL_RUNTIME_STATUSES = frozenset(("completed", "failed", "cancelled", "timeout"))
 _ABSENT_VALUES = frozenset(("", "n/a", "none", "unknown", "invalid", "not set", "(null)"))
 
 
@@ -6622,7 +6622,7 @@ class SchedulerState(NamedTuple):
 
     @property
     def terminal(self):
-        return self.state in TERMINAL_STATES
+        return self.state in _TERMINAL_STATES
 
     @property
     def failed(self):
@@ -6638,29 +6638,29 @@ class SchedulerState(NamedTuple):
 
 # --- where things live ----------------------------------------------------------------------
 
-def tracking_root(project_dir):
+def _tracking_root(project_dir):
     """``<compose dir>/.hpc-compose``: tracked metadata and (sbatch runs there) job directories."""
-    return os.path.join(project_dir, METADATA_DIR_NAME)
+    return os.path.join(project_dir, _METADATA_DIR_NAME)
 
 
-def job_directory(project_dir, job_id):
+def _job_directory(project_dir, job_id):
     """The per-job runtime directory the batch script writes (``.hpc-compose/<id>``)."""
-    return os.path.join(tracking_root(project_dir), str(job_id))
+    return os.path.join(_tracking_root(project_dir), str(job_id))
 
 
-def job_record_path(project_dir, job_id):
+def _job_record_path(project_dir, job_id):
     """``.hpc-compose/jobs/<id>.json``."""
-    return os.path.join(tracking_root(project_dir), "jobs", "%s.json" % job_id)
+    return os.path.join(_tracking_root(project_dir), "jobs", "%s.json" % job_id)
 
 
-def latest_record_path(project_dir):
+def _latest_record_path(project_dir):
     """``.hpc-compose/latest.json`` (a copy of the newest job record)."""
-    return os.path.join(tracking_root(project_dir), "latest.json")
+    return os.path.join(_tracking_root(project_dir), "latest.json")
 
 
 # --- sbatch and the tracked record ------------------------------------------------------------
 
-def parse_sbatch_job_id(stdout):
+def _parse_sbatch_job_id(stdout):
     """``(job_id, cluster)`` from ``sbatch --parsable`` output (``123`` or ``123;cluster``)."""
     import re
     for line in reversed([l.strip() for l in (stdout or "").splitlines() if l.strip()]):
@@ -6674,7 +6674,7 @@ def parse_sbatch_job_id(stdout):
                     hint="check that --sbatch-bin points at Slurm's sbatch")
 
 
-def current_user():
+def _current_user():
     """The login name Slurm's ``%u`` expands to."""
     name = os.environ.get("USER") or os.environ.get("LOGNAME")
     if name:
@@ -6686,13 +6686,13 @@ def current_user():
         return "unknown"
 
 
-def expand_slurm_filename(pattern, job_id, job_name, user=None):
+def _expand_slurm_filename(pattern, job_id, job_name, user=None):
     """Expand sbatch's ``%j %A %x %u %%`` (with optional zero-pad width) in an output file name.
 
     Specifiers that need the node or task (``%N``, ``%t``...) are kept as written.
     """
     import re
-    user = user or current_user()
+    user = user or _current_user()
 
     def replace(match):
         width, letter = match.group(1), match.group(2)
@@ -6710,26 +6710,26 @@ def expand_slurm_filename(pattern, job_id, job_name, user=None):
     return re.sub(r"%(\d*)([%A-Za-z])", replace, pattern)
 
 
-def batch_log_path(project_dir, job_id, job_name, output=None, chdir=None, user=None):
+def _batch_log_path(project_dir, job_id, job_name, output=None, chdir=None, user=None):
     """Absolute path of Slurm's batch log: x-slurm.output or ``slurm-%j.out``.
 
     Relative names are relative to the job's working directory: x-slurm.chdir when set (itself
     relative to the compose dir), else the compose dir, where ``submit`` runs sbatch.
     """
-    name = expand_slurm_filename(output or "slurm-%j.out", job_id, job_name, user)
+    name = _expand_slurm_filename(output or "slurm-%j.out", job_id, job_name, user)
     base = project_dir
     if chdir:
         base = os.path.join(project_dir, os.path.expanduser(str(chdir)))
     return os.path.normpath(os.path.join(base, os.path.expanduser(name)))
 
 
-def build_job_record(runtime_plan, job_id, cluster=None, script_path=None, submitted_at=None):
+def _build_job_record(runtime_plan, job_id, cluster=None, script_path=None, submitted_at=None):
     """The tracked metadata of one submission (a JSON-ready dict)."""
     import time
     plan = runtime_plan.plan
     project_dir = plan.project_dir
     slurm = plan.slurm
-    directory = job_directory(project_dir, job_id)
+    directory = _job_directory(project_dir, job_id)
     services = []
     for service in plan.services:
         services.append({
@@ -6737,7 +6737,7 @@ def build_job_record(runtime_plan, job_id, cluster=None, script_path=None, submi
             "log_path": os.path.join(directory, "logs", service.token + ".log")})
     artifacts = slurm.artifacts
     return {
-        "schema_version": TRACKING_SCHEMA_VERSION,
+        "schema_version": _TRACKING_SCHEMA_VERSION,
         "job_id": str(job_id),
         "cluster": cluster,
         "submitted_at": submitted_at if submitted_at is not None else time.time(),
@@ -6748,8 +6748,8 @@ def build_job_record(runtime_plan, job_id, cluster=None, script_path=None, submi
         "cache_dir": plan.cache_dir,
         "job_name": plan.job_name,
         "job_dir": directory,
-        "batch_log": batch_log_path(project_dir, job_id, plan.job_name, slurm.output, slurm.chdir),
-        "batch_error_log": (batch_log_path(project_dir, job_id, plan.job_name, slurm.error,
+        "batch_log": _batch_log_path(project_dir, job_id, plan.job_name, slurm.output, slurm.chdir),
+        "batch_error_log": (_batch_log_path(project_dir, job_id, plan.job_name, slurm.error,
                                            slurm.chdir) if slurm.error else None),
         "services": services,
         "metrics_enabled": bool(slurm.metrics is not None and slurm.metrics.enabled),
@@ -6758,25 +6758,25 @@ def build_job_record(runtime_plan, job_id, cluster=None, script_path=None, submi
     }
 
 
-def record_job(project_dir, record):
+def _record_job(project_dir, record):
     """Store ``jobs/<id>.json`` and ``latest.json`` atomically, serialized by a lock.
 
     Parallel submits from one compose dir each write their own record; ``latest.json`` ends up
     naming whichever took the lock last, never a mix of two.
     """
-    root = tracking_root(project_dir)
+    root = _tracking_root(project_dir)
     _make_private_dir(os.path.join(root, "jobs"))
     lock = os.path.join(root, "jobs", ".lock")
     if not os.path.exists(lock):
-        os.close(os.open(lock, os.O_WRONLY | os.O_CREAT, PRIVATE_FILE_MODE))
-    with FileLock(lock):
-        write_json_atomic(job_record_path(project_dir, record["job_id"]), record,
-                          PRIVATE_FILE_MODE)
-        write_json_atomic(latest_record_path(project_dir), record, PRIVATE_FILE_MODE)
-    return job_record_path(project_dir, record["job_id"])
+        os.close(os.open(lock, os.O_WRONLY | os.O_CREAT, _PRIVATE_FILE_MODE))
+    with _FileLock(lock):
+        _write_json_atomic(_job_record_path(project_dir, record["job_id"]), record,
+                          _PRIVATE_FILE_MODE)
+        _write_json_atomic(_latest_record_path(project_dir), record, _PRIVATE_FILE_MODE)
+    return _job_record_path(project_dir, record["job_id"])
 
 
-def _make_private_dir(path, mode=PRIVATE_DIR_MODE):
+def _make_private_dir(path, mode=_PRIVATE_DIR_MODE):
     """Create ``path`` (with its parents) and give it exactly ``mode``, whatever the umask."""
     os.makedirs(path, exist_ok=True)
     os.chmod(path, mode)
@@ -6786,7 +6786,7 @@ def _make_private_dir(path, mode=PRIVATE_DIR_MODE):
 
 def _secrets_directory(job_dir):
     """``<job dir>/secrets``: one 0700 directory per service token, one copy per secret."""
-    return os.path.join(job_dir, SECRETS_DIR_NAME)
+    return os.path.join(job_dir, _SECRETS_DIR_NAME)
 
 
 def _secret_value(secret, variables):
@@ -6810,7 +6810,7 @@ def _write_secret_copies(plan, job_dir, environ=None):
     The directories are 0700 and each copy has its ``mode`` (default 0600), set explicitly so that
     the umask cannot widen them. Returns the secrets directory.
     """
-    variables = build_variables(plan.project_dir, environ)
+    variables = _build_variables(plan.project_dir, environ)
     declared = dict((secret.name, secret) for secret in plan.secrets)
     root = _secrets_directory(job_dir)
     # The job is new and held: anything here is stale (a cluster that reused the job id).
@@ -6826,7 +6826,7 @@ def _write_secret_copies(plan, job_dir, environ=None):
             value = _secret_value(declared[item.source], variables)
             path = os.path.join(directory, item.target)
             flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
-            handle = os.open(path, flags, PRIVATE_FILE_MODE)
+            handle = os.open(path, flags, _PRIVATE_FILE_MODE)
             try:
                 os.fchmod(handle, item.mode if item.mode is not None else _DEFAULT_SECRET_MODE)
                 view = memoryview(value)
@@ -6852,7 +6852,7 @@ def _remove_leftover_secrets(project_dir, squeue_bin="squeue"):
 
     Returns the job ids whose copies were removed; a job that may still run keeps them.
     """
-    root = tracking_root(project_dir)
+    root = _tracking_root(project_dir)
     try:
         names = sorted((n for n in os.listdir(root) if n.isdigit()), key=int)
     except OSError:
@@ -6861,21 +6861,21 @@ def _remove_leftover_secrets(project_dir, squeue_bin="squeue"):
     queue_states, queue_known = _queue_facts(project_dir, holders, squeue_bin)
     removed = []
     for job_id in holders:
-        directory = job_directory(project_dir, job_id)
+        directory = _job_directory(project_dir, job_id)
         if _job_is_finished(directory, queue_states, queue_known) and \
                 _remove_secret_copies(directory):
             removed.append(job_id)
     return removed
 
 
-def minimal_job_record(project_dir, job_id):
+def _minimal_job_record(project_dir, job_id):
     """A record for a job id that was not submitted through this compose dir's tracking."""
     return {
-        "schema_version": TRACKING_SCHEMA_VERSION, "job_id": str(job_id), "cluster": None,
+        "schema_version": _TRACKING_SCHEMA_VERSION, "job_id": str(job_id), "cluster": None,
         "submitted_at": None, "compose_file": None, "project_dir": project_dir,
         "submit_dir": project_dir, "script_path": None, "cache_dir": None,
-        "job_name": None, "job_dir": job_directory(project_dir, job_id),
-        "batch_log": batch_log_path(project_dir, job_id, "hpc-compose"), "services": [],
+        "job_name": None, "job_dir": _job_directory(project_dir, job_id),
+        "batch_log": _batch_log_path(project_dir, job_id, "hpc-compose"), "services": [],
         "metrics_enabled": False, "artifact_export_dir": None, "resume_dir": None,
         "untracked": True,
     }
@@ -6885,46 +6885,46 @@ def _same_file(a, b):
     return bool(a and b) and os.path.realpath(a) == os.path.realpath(b)
 
 
-def latest_job_record(project_dir, compose_file=None):
+def _latest_job_record(project_dir, compose_file=None):
     """The newest record of this directory, or of ``compose_file`` when several share it."""
-    latest = read_json(latest_record_path(project_dir))
+    latest = _read_json(_latest_record_path(project_dir))
     if not isinstance(latest, dict) or not str(latest.get("job_id", "")).isdigit():
         latest = None
     if compose_file is None or latest is None or _same_file(latest.get("compose_file"),
                                                             compose_file):
         return latest
     # Two compose files in one directory share .hpc-compose/: find this file's newest job.
-    mine = [r for r in list_job_records(project_dir) if _same_file(r.get("compose_file"),
+    mine = [r for r in _list_job_records(project_dir) if _same_file(r.get("compose_file"),
                                                                    compose_file)]
     return mine[-1] if mine else None
 
 
-def load_job_record(project_dir, job_id=None, compose_file=None):
+def _load_job_record(project_dir, job_id=None, compose_file=None):
     """The tracked record of ``job_id`` (or of the latest submission); raises UsageError if none."""
     if job_id is not None:
         job_id = str(job_id).strip()
         if not job_id.isdigit():
             raise UsageError("--job-id must be a numeric Slurm job id, got %r" % job_id)
-        record = read_json(job_record_path(project_dir, job_id))
+        record = _read_json(_job_record_path(project_dir, job_id))
         if not isinstance(record, dict):
-            return minimal_job_record(project_dir, job_id)
+            return _minimal_job_record(project_dir, job_id)
     else:
-        record = latest_job_record(project_dir, compose_file)
+        record = _latest_job_record(project_dir, compose_file)
         if record is None:
-            where = tracking_root(project_dir)
+            where = _tracking_root(project_dir)
             if compose_file:
                 where += " for %s" % os.path.basename(compose_file)
             raise UsageError("no tracked job in %s" % where,
                              hint="submit one with 'hpc-compose submit', or pass --job-id ID")
     record.setdefault("project_dir", project_dir)
-    record.setdefault("job_dir", job_directory(project_dir, record["job_id"]))
+    record.setdefault("job_dir", _job_directory(project_dir, record["job_id"]))
     record.setdefault("services", [])
     return record
 
 
-def list_job_records(project_dir):
+def _list_job_records(project_dir):
     """Every tracked record under ``jobs/``, oldest first (unreadable files skipped)."""
-    directory = os.path.join(tracking_root(project_dir), "jobs")
+    directory = os.path.join(_tracking_root(project_dir), "jobs")
     records = []
     try:
         names = os.listdir(directory)
@@ -6932,20 +6932,20 @@ def list_job_records(project_dir):
         return records
     for name in names:
         if name.endswith(".json") and name[:-5].isdigit():
-            record = read_json(os.path.join(directory, name))
+            record = _read_json(os.path.join(directory, name))
             if isinstance(record, dict) and str(record.get("job_id")) == name[:-5]:
                 records.append(record)
     records.sort(key=lambda r: (r.get("submitted_at") or 0, int(r["job_id"])))
     return records
 
 
-def record_log_sources(record, service=None):
+def _record_log_sources(record, service=None):
     """``[(service name, log path), ...]`` of a record, optionally one service (UsageError if unknown)."""
     sources = [(s.get("name"), s.get("log_path")) for s in record.get("services", [])
                if isinstance(s, dict) and s.get("name") and s.get("log_path")]
     if not sources:
         # An untracked job id: take whatever the batch script wrote.
-        state = read_runtime_state(record["job_dir"]) or {}
+        state = _read_runtime_state(record["job_dir"]) or {}
         sources = [(s["name"], s["log_path"]) for s in state.get("services", [])
                    if s.get("name") and s.get("log_path")]
         if not sources:
@@ -6966,7 +6966,7 @@ def record_log_sources(record, service=None):
 
 # --- scheduler (squeue, sacct, scancel, sbatch) -----------------------------------------------
 
-def normalize_slurm_state(text):
+def _normalize_slurm_state(text):
     """``CANCELLED by 123`` -> ``CANCELLED``; ``COMPLETED+`` -> ``COMPLETED``; empty -> ``UNKNOWN``."""
     text = (text or "").strip()
     if not text:
@@ -6979,9 +6979,9 @@ def _present(value):
     return None if value.lower() in _ABSENT_VALUES else value
 
 
-def squeue_state(job_id, squeue_bin="squeue"):
+def _squeue_state(job_id, squeue_bin="squeue"):
     """The job's state while Slurm still lists it in the queue, else ``None`` (one squeue call)."""
-    result = run_command([squeue_bin, "-h", "-j", str(job_id), "-o", "%T|%r|%S"], timeout=60)
+    result = _run_command([squeue_bin, "-h", "-j", str(job_id), "-o", "%T|%r|%S"], timeout=60)
     if result.returncode != 0:
         # A job purged from slurmctld's memory is "Invalid job id"; anything else (controller
         # down, timeouts) says nothing about the job and must not be read as "it left".
@@ -6992,35 +6992,35 @@ def squeue_state(job_id, squeue_bin="squeue"):
     for line in result.stdout.splitlines():
         if line.strip():
             parts = (line.split("|") + ["", "", ""])[:3]
-            state = normalize_slurm_state(parts[0])
+            state = _normalize_slurm_state(parts[0])
             reason = _present(parts[1]) if state == "PENDING" else None
             return SchedulerState(state, "squeue", reason=reason, start=_present(parts[2]))
     return None
 
 
-def sacct_state(job_id, sacct_bin="sacct"):
+def _sacct_state(job_id, sacct_bin="sacct"):
     """The job's accounting record (state, exit code, reason, start, end), or ``None``."""
-    result = run_command([sacct_bin, "-n", "-X", "-P", "-j", str(job_id),
+    result = _run_command([sacct_bin, "-n", "-X", "-P", "-j", str(job_id),
                           "--format=State,ExitCode,Reason,Start,End"], timeout=60)
     if result.returncode != 0:
         return None
     for line in result.stdout.splitlines():
         if line.strip():
             parts = (line.split("|") + [""] * 5)[:5]
-            return SchedulerState(normalize_slurm_state(parts[0]), "sacct",
+            return SchedulerState(_normalize_slurm_state(parts[0]), "sacct",
                                   reason=_present(parts[2]), start=_present(parts[3]),
                                   end=_present(parts[4]), exit_code=_present(parts[1]))
     return None
 
 
-def query_scheduler(job_id, squeue_bin="squeue", sacct_bin="sacct", use_sacct=True):
+def _query_scheduler(job_id, squeue_bin="squeue", sacct_bin="sacct", use_sacct=True):
     """Scheduler state: ``squeue`` first; ``sacct`` only once the job is not queued or running."""
-    state = squeue_state(job_id, squeue_bin)
+    state = _squeue_state(job_id, squeue_bin)
     if state is not None and not state.terminal:
         return state
     if use_sacct:
         try:
-            accounted = sacct_state(job_id, sacct_bin)
+            accounted = _sacct_state(job_id, sacct_bin)
         except ToolError:
             accounted = None
         if accounted is not None and (state is None or accounted.terminal):
@@ -7028,12 +7028,12 @@ def query_scheduler(job_id, squeue_bin="squeue", sacct_bin="sacct", use_sacct=Tr
     return state or SchedulerState("UNKNOWN", "none")
 
 
-def squeue_states(job_ids, squeue_bin="squeue"):
+def _squeue_states(job_ids, squeue_bin="squeue"):
     """``{job_id: STATE}`` for those of ``job_ids`` still in the queue, in one squeue call."""
     job_ids = [str(j) for j in job_ids]
     if not job_ids:
         return {}
-    result = run_command([squeue_bin, "-h", "-j", ",".join(job_ids), "-o", "%i|%T"], timeout=60)
+    result = _run_command([squeue_bin, "-h", "-j", ",".join(job_ids), "-o", "%i|%T"], timeout=60)
     if result.returncode != 0:
         if "invalid job id" in (result.stderr or "").lower():
             return {}
@@ -7042,35 +7042,35 @@ def squeue_states(job_ids, squeue_bin="squeue"):
     for line in result.stdout.splitlines():
         if "|" in line:
             job, state = line.split("|", 1)
-            states[job.strip().split("_")[0]] = normalize_slurm_state(state)
+            states[job.strip().split("_")[0]] = _normalize_slurm_state(state)
     return states
 
 
-def submit_batch_script(script_path, project_dir, sbatch_bin="sbatch", hold=False):
+def _submit_batch_script(script_path, project_dir, sbatch_bin="sbatch", hold=False):
     """``sbatch --parsable [--hold] <script>`` run from the compose dir; returns ``(job_id, cluster)``."""
     argv = [sbatch_bin, "--parsable"] + (["--hold"] if hold else []) + [script_path]
-    result = run_command(argv, cwd=project_dir, timeout=300)
+    result = _run_command(argv, cwd=project_dir, timeout=300)
     if result.returncode != 0:
         raise ToolError("sbatch failed (exit %d): %s"
                         % (result.returncode, (result.stderr or result.stdout).strip()),
                         hint="the rendered script is at %s" % script_path)
-    return parse_sbatch_job_id(result.stdout)
+    return _parse_sbatch_job_id(result.stdout)
 
 
 def _release_job(job_id, cluster=None, scontrol_bin="scontrol"):
     """``scontrol release <id>``: let a job submitted with ``--hold`` start."""
     argv = [scontrol_bin] + (["--clusters=" + cluster] if cluster else []) + ["release",
                                                                               str(job_id)]
-    result = run_command(argv, timeout=60)
+    result = _run_command(argv, timeout=60)
     if result.returncode != 0:
         raise ToolError("scontrol release %s failed: %s"
                         % (job_id, (result.stderr or result.stdout).strip()
                            or "exit %d" % result.returncode))
 
 
-def cancel_job(job_id, scancel_bin="scancel"):
+def _cancel_job(job_id, scancel_bin="scancel"):
     """``scancel <id>``; raises ToolError with scancel's message when it fails."""
-    result = run_command([scancel_bin, str(job_id)], timeout=60)
+    result = _run_command([scancel_bin, str(job_id)], timeout=60)
     if result.returncode != 0:
         raise ToolError("scancel %s failed: %s"
                         % (job_id, (result.stderr or result.stdout).strip() or "exit %d" % result.returncode))
@@ -7079,13 +7079,13 @@ def cancel_job(job_id, scancel_bin="scancel"):
 
 # --- runtime state (state.json written by the batch script) ----------------------------------
 
-def read_runtime_state(job_dir):
+def _read_runtime_state(job_dir):
     """``state.json`` of a job, normalized; ``None`` while it does not exist or is unreadable.
 
     Read tolerantly: unknown keys are kept, missing ones default, a service entry that is not an
     object is skipped, so an older or newer batch script never breaks ``status``.
     """
-    data = read_json(os.path.join(job_dir, "state.json"))
+    data = _read_json(os.path.join(job_dir, "state.json"))
     if not isinstance(data, dict):
         return None
     services = []
@@ -7106,7 +7106,7 @@ def read_runtime_state(job_dir):
     return state
 
 
-def runtime_failure_summary(state):
+def _runtime_failure_summary(state):
     """One phrase naming the failed services from state.json (or ``None``)."""
     if not state:
         return None
@@ -7128,7 +7128,7 @@ def runtime_failure_summary(state):
 
 # --- logs -------------------------------------------------------------------------------------
 
-def tail_lines(path, count):
+def _tail_lines(path, count):
     """The last ``count`` lines of a file (fewer if it is shorter; ``[]`` if it is missing)."""
     if count <= 0:
         return []
@@ -7149,7 +7149,7 @@ def tail_lines(path, count):
     return lines[-count:]
 
 
-class LogFollower(object):
+class _LogFollower(object):
     """Follows several log files by offset: complete lines only, files that appear later, truncation.
 
     ``poll()`` returns ``[(name, line), ...]`` of new complete lines; ``flush()`` also returns the
@@ -7214,14 +7214,14 @@ class LogFollower(object):
         return lines
 
 
-def format_log_line(name, line):
+def _format_log_line(name, line):
     """``[service] line``: the prefix every streamed log line gets."""
     return "[%s] %s" % (name, line.rstrip("\r"))
 
 
 # --- watch ------------------------------------------------------------------------------------
 
-class SchedulerPoller(object):
+class _SchedulerPoller(object):
     """Asks the scheduler about one job at an adaptive interval and counts its calls.
 
     ``squeue`` while the job is listed in the queue; ``sacct`` after it left (or squeue shows it
@@ -7230,7 +7230,7 @@ class SchedulerPoller(object):
     """
 
     def __init__(self, job_id, squeue_bin="squeue", sacct_bin="sacct", clock=None,
-                 first=WATCH_POLL_FIRST, cap=WATCH_POLL_MAX):
+                 first=_WATCH_POLL_FIRST, cap=_WATCH_POLL_MAX):
         import time
         self.job_id = job_id
         self.squeue_bin = squeue_bin
@@ -7255,9 +7255,9 @@ class SchedulerPoller(object):
         if not self.left_queue:
             self.calls += 1
             try:
-                state = squeue_state(self.job_id, self.squeue_bin)
+                state = _squeue_state(self.job_id, self.squeue_bin)
             except ToolError:
-                if find_executable(self.squeue_bin) is None:
+                if _find_executable(self.squeue_bin) is None:
                     raise
                 return self._skip()  # a transient controller problem: keep the last state
             if state is not None:
@@ -7267,7 +7267,7 @@ class SchedulerPoller(object):
         if state is None or state.terminal:
             self.calls += 1
             try:
-                accounted = sacct_state(self.job_id, self.sacct_bin)
+                accounted = _sacct_state(self.job_id, self.sacct_bin)
             except ToolError:
                 accounted = None
             if accounted is not None and (state is None or accounted.terminal):
@@ -7299,10 +7299,10 @@ class SchedulerPoller(object):
     def lost(self):
         """True when neither squeue nor sacct has known the job for ACCOUNTING_GRACE_SECONDS."""
         return (self.unknown_since is not None
-                and self.clock() - self.unknown_since > ACCOUNTING_GRACE_SECONDS)
+                and self.clock() - self.unknown_since > _ACCOUNTING_GRACE_SECONDS)
 
 
-class WatchOutcome(NamedTuple):
+class _WatchOutcome(NamedTuple):
     scheduler: SchedulerState
     runtime: object                # state.json dict or None
     ok: bool
@@ -7319,15 +7319,15 @@ def watch_job(record, squeue_bin="squeue", sacct_bin="sacct", out=None, sleep=No
     clock = clock or time.monotonic
     started = clock()
     job_id = record["job_id"]
-    follower = LogFollower(record_log_sources(record))
-    poller = SchedulerPoller(job_id, squeue_bin, sacct_bin, clock=clock)
+    follower = _LogFollower(_record_log_sources(record))
+    poller = _SchedulerPoller(job_id, squeue_bin, sacct_bin, clock=clock)
     out.write("watching job %s (Ctrl-C stops watching, not the job)\n" % job_id)
     out.flush()
     state_path = os.path.join(record["job_dir"], "state.json")
     state_seen = None
     while True:
         for name, line in follower.poll():
-            out.write(format_log_line(name, line) + "\n")
+            out.write(_format_log_line(name, line) + "\n")
         # state.json is free to read: once the batch script says it is done, ask the scheduler
         # promptly instead of waiting out a backed-off interval.
         try:
@@ -7336,8 +7336,8 @@ def watch_job(record, squeue_bin="squeue", sacct_bin="sacct", out=None, sleep=No
             stamp = None
         if stamp != state_seen:
             state_seen = stamp
-            runtime = read_runtime_state(record["job_dir"])
-            if runtime and runtime.get("status") in FINAL_RUNTIME_STATUSES:
+            runtime = _read_runtime_state(record["job_dir"])
+            if runtime and runtime.get("status") in _FINAL_RUNTIME_STATUSES:
                 poller.hurry()
         if poller.due():
             state, changed = poller.poll()
@@ -7349,11 +7349,11 @@ def watch_job(record, squeue_bin="squeue", sacct_bin="sacct", out=None, sleep=No
             if state.terminal or poller.lost():
                 break
         out.flush()
-        sleep(LOG_POLL_SECONDS)
+        sleep(_LOG_POLL_SECONDS)
     # The batch script may still be finishing its last writes when the scheduler says done.
     for name, line in follower.flush():
-        out.write(format_log_line(name, line) + "\n")
-    runtime = read_runtime_state(record["job_dir"])
+        out.write(_format_log_line(name, line) + "\n")
+    runtime = _read_runtime_state(record["job_dir"])
     state = poller.state
     ok = state.state == "COMPLETED"
     if ok:
@@ -7365,30 +7365,30 @@ def watch_job(record, squeue_bin="squeue", sacct_bin="sacct", out=None, sleep=No
         reason = "job %s ended %s" % (job_id, state.state)
         if state.exit_code and state.exit_code != "0:0":
             reason += " (exit %s)" % state.exit_code
-        summary = runtime_failure_summary(runtime)
+        summary = _runtime_failure_summary(runtime)
         if summary:
             reason += ": " + summary
     out.flush()
-    return WatchOutcome(state, runtime, ok, reason, poller.calls, clock() - started)
+    return _WatchOutcome(state, runtime, ok, reason, poller.calls, clock() - started)
 
 
-def follow_logs(record, sources, squeue_bin="squeue", sacct_bin="sacct", out=None, sleep=None,
+def _follow_logs(record, sources, squeue_bin="squeue", sacct_bin="sacct", out=None, sleep=None,
                 clock=None):
     """``logs --follow``: print new lines as they appear until the job ends (sparse job checks)."""
     import time
     out = out or sys.stdout
     sleep = sleep or time.sleep
-    follower = LogFollower(sources, from_end=True)
-    poller = SchedulerPoller(record["job_id"], squeue_bin, sacct_bin, clock=clock,
-                             first=5.0, cap=WATCH_POLL_MAX)
+    follower = _LogFollower(sources, from_end=True)
+    poller = _SchedulerPoller(record["job_id"], squeue_bin, sacct_bin, clock=clock,
+                             first=5.0, cap=_WATCH_POLL_MAX)
     poller.next_at += poller.first
-    runtime = read_runtime_state(record["job_dir"])
-    if runtime and runtime.get("status") in FINAL_RUNTIME_STATUSES:
+    runtime = _read_runtime_state(record["job_dir"])
+    if runtime and runtime.get("status") in _FINAL_RUNTIME_STATUSES:
         poller.hurry()  # the job looks finished already: confirm it at once
     scheduler_ok = True
     while True:
         for name, line in follower.poll():
-            out.write(format_log_line(name, line) + "\n")
+            out.write(_format_log_line(name, line) + "\n")
         out.flush()
         if scheduler_ok and poller.due():
             try:
@@ -7398,9 +7398,9 @@ def follow_logs(record, sources, squeue_bin="squeue", sacct_bin="sacct", out=Non
                 state = None
             if state is not None and (state.terminal or poller.lost()):
                 break
-        sleep(LOG_POLL_SECONDS)
+        sleep(_LOG_POLL_SECONDS)
     for name, line in follower.flush():
-        out.write(format_log_line(name, line) + "\n")
+        out.write(_format_log_line(name, line) + "\n")
     out.flush()
     return poller.state
 
@@ -7417,15 +7417,15 @@ def _file_facts(path):
             "updated_age_seconds": max(0, int(time.time() - info.st_mtime))}
 
 
-def job_status(record, squeue_bin="squeue", sacct_bin="sacct"):
+def _job_status(record, squeue_bin="squeue", sacct_bin="sacct"):
     """Scheduler state, runtime state and log facts of a tracked job (a JSON-ready dict)."""
-    scheduler = query_scheduler(record["job_id"], squeue_bin, sacct_bin)
-    runtime = read_runtime_state(record["job_dir"])
+    scheduler = _query_scheduler(record["job_id"], squeue_bin, sacct_bin)
+    runtime = _read_runtime_state(record["job_dir"])
     by_name = {}
     if runtime:
         by_name = dict((s["name"], s) for s in runtime["services"])
     services = []
-    for name, path in record_log_sources(record):
+    for name, path in _record_log_sources(record):
         entry = {"name": name, "log": _file_facts(path)}
         state = by_name.get(name, {})
         for key in ("status", "pid", "launches", "restarts", "failure_policy", "max_restarts",
@@ -7445,7 +7445,7 @@ def job_status(record, squeue_bin="squeue", sacct_bin="sacct"):
             key: runtime.get(key) for key in ("status", "exit_code", "reason", "attempt",
                                               "updated_at")},
         "batch_log": _file_facts(record.get("batch_log")
-                                 or batch_log_path(record["project_dir"], record["job_id"],
+                                 or _batch_log_path(record["project_dir"], record["job_id"],
                                                    "hpc-compose")),
         "batch_error_log": (_file_facts(record["batch_error_log"])
                             if record.get("batch_error_log") else None),
@@ -7463,8 +7463,8 @@ def _age(seconds):
     return "%ds ago" % seconds
 
 
-def format_status_text(status):
-    """The human rendering of ``job_status``."""
+def _format_status_text(status):
+    """The human rendering of ``_job_status``."""
     scheduler = status["scheduler"]
     lines = ["job %s" % status["job_id"]]
     text = "%s (%s)" % (scheduler["state"], scheduler["source"])
@@ -7519,13 +7519,13 @@ def format_status_text(status):
 
 # --- stats ------------------------------------------------------------------------------------
 
-STATS_CSV_COLUMNS = ("job_id", "scheduler_state", "scheduler_source", "stats_source", "step_id",
+_STATS_CSV_COLUMNS = ("job_id", "scheduler_state", "scheduler_source", "stats_source", "step_id",
                      "ntasks", "ave_cpu", "ave_rss", "max_rss", "tres_usage_in_ave", "gpu_util",
                      "gpu_mem", "usage_tres_in_ave_map")
-SSTAT_FIELDS = ("step_id", "ntasks", "ave_cpu", "ave_rss", "max_rss", "tres_usage_in_ave")
+_SSTAT_FIELDS = ("step_id", "ntasks", "ave_cpu", "ave_rss", "max_rss", "tres_usage_in_ave")
 
 
-def parse_tres(text):
+def _parse_tres(text):
     """``cpu=1,gres/gpu=2`` -> ``{"cpu": "1", "gres/gpu": "2"}`` (empty for null or junk)."""
     result = {}
     for item in (text or "").split(","):
@@ -7567,10 +7567,10 @@ def _latest_group(records):
     return latest, [r for r in records if str(r.get("sampled_at") or "") == latest]
 
 
-def read_sampler_metrics(job_dir):
+def _read_sampler_metrics(job_dir):
     """The metrics sampler's files: meta plus the latest sample of each jsonl file."""
     directory = os.path.join(job_dir, "metrics")
-    meta = read_json(os.path.join(directory, "meta.json"))
+    meta = _read_json(os.path.join(directory, "meta.json"))
     gpu_at, gpus = _latest_group(_read_jsonl_tail(os.path.join(directory, "gpu.jsonl")))
     _, processes = _latest_group(_read_jsonl_tail(os.path.join(directory, "gpu_processes.jsonl")))
     slurm_at, steps = _latest_group(_read_jsonl_tail(os.path.join(directory, "slurm.jsonl")))
@@ -7580,44 +7580,44 @@ def read_sampler_metrics(job_dir):
             "slurm_sampled_at": slurm_at, "steps": steps}
 
 
-def parse_sstat_output(text):
+def _parse_sstat_output(text):
     """Rows of ``sstat --parsable2 --noheader`` for numbered steps only (``<job>.<n>``)."""
     import re
     rows = []
     for line in (text or "").splitlines():
         fields = line.split("|")
-        if len(fields) != len(SSTAT_FIELDS) or not re.match(r"^\d+(\+\d+)?\.\d+$", fields[0]):
+        if len(fields) != len(_SSTAT_FIELDS) or not re.match(r"^\d+(\+\d+)?\.\d+$", fields[0]):
             continue
-        rows.append(dict(zip(SSTAT_FIELDS, [f.strip() or None for f in fields])))
+        rows.append(dict(zip(_SSTAT_FIELDS, [f.strip() or None for f in fields])))
     return rows
 
 
-def live_sstat(job_id, sstat_bin="sstat"):
+def _live_sstat(job_id, sstat_bin="sstat"):
     """Step CPU/memory rows from a live ``sstat`` call (the job must be running)."""
-    result = run_command([sstat_bin, "--allsteps", "--jobs", str(job_id), "--parsable2",
+    result = _run_command([sstat_bin, "--allsteps", "--jobs", str(job_id), "--parsable2",
                           "--noconvert", "--noheader",
                           "--format=JobID,NTasks,AveCPU,AveRSS,MaxRSS,TRESUsageInAve"], timeout=60)
     if result.returncode != 0:
         raise ToolError("sstat failed: %s" % (result.stderr or result.stdout).strip())
-    return parse_sstat_output(result.stdout)
+    return _parse_sstat_output(result.stdout)
 
 
-def collect_stats(record, sstat_bin="sstat", squeue_bin="squeue", sacct_bin="sacct"):
+def _collect_stats(record, sstat_bin="sstat", squeue_bin="squeue", sacct_bin="sacct"):
     """Metrics of a job: the sampler's files first, live ``sstat`` when they have no step rows."""
     notes, sources = [], []
     try:
-        scheduler = query_scheduler(record["job_id"], squeue_bin, sacct_bin)
+        scheduler = _query_scheduler(record["job_id"], squeue_bin, sacct_bin)
     except ToolError as exc:
         scheduler = SchedulerState("UNKNOWN", "none")
         notes.append("scheduler state unavailable: %s" % exc.message)
-    sampler = read_sampler_metrics(record["job_dir"])
+    sampler = _read_sampler_metrics(record["job_dir"])
     steps = [dict(row) for row in sampler["steps"]]
     if sampler["present"]:
         sources.append("sampler")
     if not steps:
         if scheduler.state == "RUNNING":
             try:
-                steps = live_sstat(record["job_id"], sstat_bin)
+                steps = _live_sstat(record["job_id"], sstat_bin)
                 sources.append("sstat")
             except ToolError as exc:
                 if not sampler["present"]:
@@ -7627,7 +7627,7 @@ def collect_stats(record, sstat_bin="sstat", squeue_bin="squeue", sacct_bin="sac
             notes.append("no sampler data and the job is %s, so live sstat has nothing to show"
                          % scheduler.state)
     for step in steps:
-        usage = parse_tres(step.get("tres_usage_in_ave"))
+        usage = _parse_tres(step.get("tres_usage_in_ave"))
         step["usage_tres_in_ave_map"] = usage
         step["gpu_util"] = usage.get("gres/gpuutil")
         step["gpu_mem"] = usage.get("gres/gpumem")
@@ -7651,23 +7651,23 @@ def _map_text(mapping):
     return ";".join("%s=%s" % (k, v) for k, v in sorted((mapping or {}).items()))
 
 
-def format_stats_csv(stats):
+def _format_stats_csv(stats):
     """One CSV row per step (header first; every field quoted)."""
     import csv
     import io
     buffer = io.StringIO()
     writer = csv.writer(buffer, quoting=csv.QUOTE_ALL, lineterminator="\n")
-    writer.writerow(STATS_CSV_COLUMNS)
+    writer.writerow(_STATS_CSV_COLUMNS)
     for step in stats["steps"]:
         row = {"job_id": stats["job_id"], "scheduler_state": stats["scheduler"]["state"],
                "scheduler_source": stats["scheduler"]["source"], "stats_source": stats["source"]}
         row.update(step)
         row["usage_tres_in_ave_map"] = _map_text(step.get("usage_tres_in_ave_map"))
-        writer.writerow(["" if row.get(c) is None else row.get(c) for c in STATS_CSV_COLUMNS])
+        writer.writerow(["" if row.get(c) is None else row.get(c) for c in _STATS_CSV_COLUMNS])
     return buffer.getvalue()
 
 
-def format_stats_jsonl(stats):
+def _format_stats_jsonl(stats):
     """One JSON object per line: summary, note, collector, gpu_device, gpu_process, step."""
     import json
     job_id = stats["job_id"]
@@ -7685,8 +7685,8 @@ def format_stats_jsonl(stats):
     return "".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in records)
 
 
-def format_stats_text(stats):
-    """The human rendering of ``collect_stats``."""
+def _format_stats_text(stats):
+    """The human rendering of ``_collect_stats``."""
     lines = ["job %s: %s (%s); stats from %s" % (stats["job_id"], stats["scheduler"]["state"],
                                                  stats["scheduler"]["source"], stats["source"])]
     for collector in stats["collectors"]:
@@ -7722,7 +7722,7 @@ def format_stats_text(stats):
 
 # --- artifacts export -------------------------------------------------------------------------
 
-def expand_export_dir(template, job_id, project_dir):
+def _expand_export_dir(template, job_id, project_dir):
     """x-slurm.artifacts.export_dir with ``${SLURM_JOB_ID}`` expanded, relative to the compose dir."""
     path = str(template).replace("${SLURM_JOB_ID}", str(job_id)).replace("$SLURM_JOB_ID", str(job_id))
     return os.path.normpath(os.path.join(project_dir, os.path.expanduser(path)))
@@ -7774,7 +7774,7 @@ def _describe_files(root, relative_paths):
     return entries
 
 
-def export_artifacts(record, bundles=None, tarball=False, export_template=None):
+def _export_artifacts(record, bundles=None, tarball=False, export_template=None):
     """Copy collected artifacts into the export dir, with provenance JSON per bundle."""
     try:
         return _export_artifact_bundles(record, bundles, tarball, export_template)
@@ -7792,7 +7792,7 @@ def _export_artifact_bundles(record, bundles, tarball, export_template):
         raise UsageError("job %s has no x-slurm.artifacts.export_dir" % job_id,
                          hint="add an x-slurm.artifacts block to the compose file and resubmit")
     artifacts_dir = os.path.join(record["job_dir"], "artifacts")
-    manifest = read_json(os.path.join(artifacts_dir, "manifest.json"))
+    manifest = _read_json(os.path.join(artifacts_dir, "manifest.json"))
     if not isinstance(manifest, dict):
         raise ToolError("job %s has no collected artifacts yet (%s is missing)"
                         % (job_id, os.path.join(artifacts_dir, "manifest.json")),
@@ -7806,7 +7806,7 @@ def _export_artifact_bundles(record, bundles, tarball, export_template):
     if unknown:
         raise UsageError("unknown artifact bundle(s): %s" % ", ".join(unknown),
                          hint="bundles of job %s: %s" % (job_id, ", ".join(available) or "(none)"))
-    export_dir = expand_export_dir(template, job_id, record["project_dir"])
+    export_dir = _expand_export_dir(template, job_id, record["project_dir"])
     payload = os.path.join(artifacts_dir, "payload")
     results = []
     for name in selected:
@@ -7847,7 +7847,7 @@ def _export_artifact_bundles(record, bundles, tarball, export_template):
             "files": _describe_files(target, exported),
         }
         provenance_path = os.path.join(export_dir, "_hpc-compose", "bundles", "%s.json" % name)
-        write_json_atomic(provenance_path, provenance)
+        _write_json_atomic(provenance_path, provenance)
         results.append({"bundle": name, "bundle_dir": target, "exported": exported,
                         "warnings": warnings, "tarball_path": tarball_path,
                         "provenance_path": provenance_path})
@@ -7861,17 +7861,17 @@ def _export_artifact_bundles(record, bundles, tarball, export_template):
 
 def _job_is_finished(job_dir, queue_states, queue_known):
     """True only when we are sure the job no longer runs (state.json final, or not in the queue)."""
-    state = read_runtime_state(job_dir)
-    if state and state.get("status") in FINAL_RUNTIME_STATUSES:
+    state = _read_runtime_state(job_dir)
+    if state and state.get("status") in _FINAL_RUNTIME_STATUSES:
         return True
     if not queue_known:
         return False
     job_id = os.path.basename(job_dir)
     queued = queue_states.get(job_id)
-    return queued is None or queued in TERMINAL_STATES
+    return queued is None or queued in _TERMINAL_STATES
 
 
-def clean_jobs(project_dir, age_days=None, remove_all=False, squeue_bin="squeue", now=None,
+def _clean_jobs(project_dir, age_days=None, remove_all=False, squeue_bin="squeue", now=None,
                compose_file=None):
     """Remove old tracked jobs (record + job dir); never a running job, never the latest one.
 
@@ -7881,11 +7881,11 @@ def clean_jobs(project_dir, age_days=None, remove_all=False, squeue_bin="squeue"
     import shutil
     import time
     now = time.time() if now is None else now
-    root = tracking_root(project_dir)
-    latest = latest_job_record(project_dir, compose_file)
+    root = _tracking_root(project_dir)
+    latest = _latest_job_record(project_dir, compose_file)
     latest_id = str(latest.get("job_id")) if isinstance(latest, dict) else None
     candidates, claimed = {}, set()
-    for record in list_job_records(project_dir):
+    for record in _list_job_records(project_dir):
         claimed.add(str(record["job_id"]))
         if compose_file and record.get("compose_file") and \
                 not _same_file(record["compose_file"], compose_file):
@@ -7909,7 +7909,7 @@ def clean_jobs(project_dir, age_days=None, remove_all=False, squeue_bin="squeue"
     queue_states, queue_known = _queue_facts(project_dir, chosen, squeue_bin)
     removed = []
     for job_id in chosen:
-        directory = job_directory(project_dir, job_id)
+        directory = _job_directory(project_dir, job_id)
         if not _job_is_finished(directory, queue_states, queue_known):
             kept[job_id] = ("still in the queue (%s)" % queue_states[job_id]
                             if job_id in queue_states else "could not confirm that it ended")
@@ -7917,7 +7917,7 @@ def clean_jobs(project_dir, age_days=None, remove_all=False, squeue_bin="squeue"
         if os.path.isdir(directory) and not os.path.islink(directory):
             shutil.rmtree(directory, ignore_errors=True)
         try:
-            os.unlink(job_record_path(project_dir, job_id))
+            os.unlink(_job_record_path(project_dir, job_id))
         except OSError:
             pass
         removed.append(job_id)
@@ -7926,18 +7926,18 @@ def clean_jobs(project_dir, age_days=None, remove_all=False, squeue_bin="squeue"
 
 def _queue_facts(project_dir, job_ids, squeue_bin):
     """``(queue states, known)`` for the jobs without a final state.json: one squeue call at most."""
-    unsure = [j for j in job_ids if not _final_state_file(job_directory(project_dir, j))]
+    unsure = [j for j in job_ids if not _final_state_file(_job_directory(project_dir, j))]
     if not unsure:
         return {}, True
     try:
-        return squeue_states(unsure, squeue_bin), True
+        return _squeue_states(unsure, squeue_bin), True
     except ToolError:
         return {}, False
 
 
 def _final_state_file(job_dir):
-    state = read_runtime_state(job_dir)
-    return bool(state and state.get("status") in FINAL_RUNTIME_STATUSES)
+    state = _read_runtime_state(job_dir)
+    return bool(state and state.get("status") in _FINAL_RUNTIME_STATUSES)
 
 
 ##############################################################################
@@ -7955,10 +7955,10 @@ TEMPLATE_NAMES = (
     "training-checkpoints", "training-resume", "mpi-hello", "multi-node-mpi", "multi-node-torchrun",
 )
 
-DEFAULT_INIT_OUTPUT = "compose.yaml"
+_DEFAULT_INIT_OUTPUT = "compose.yaml"
 
 
-class InitTemplate(NamedTuple):
+class _InitTemplate(NamedTuple):
     name: str
     description: str               # the text after "# <name>: " on the example's first line
     text: str                      # the example file, unchanged
@@ -7997,7 +7997,7 @@ def _no_examples_error():
              "examples/ folder; a vendored single hpc_compose.py carries no templates")
 
 
-def template_description(text):
+def _template_description(text):
     """The one-line description from an example's first line ``# <name>: <description>``."""
     first = text.split("\n", 1)[0]
     if first.startswith("#") and ":" in first:
@@ -8006,7 +8006,7 @@ def template_description(text):
 
 
 def load_template(name):
-    """The shipped example ``name`` (a trailing ``.yaml`` is tolerated) as an ``InitTemplate``."""
+    """The shipped example ``name`` (a trailing ``.yaml`` is tolerated) as an ``_InitTemplate``."""
     wanted = name[:-5] if name.endswith(".yaml") else name
     if wanted not in TEMPLATE_NAMES:
         raise UsageError("unknown template '%s'" % name,
@@ -8016,7 +8016,7 @@ def load_template(name):
     if data is None:
         raise _no_examples_error()
     text = data.decode("utf-8")
-    return InitTemplate(wanted, template_description(text), text)
+    return _InitTemplate(wanted, _template_description(text), text)
 
 
 def list_templates():
@@ -8130,7 +8130,7 @@ def _init_set_slurm_keys(lines, settings):
     lines[header + 1:header + 1] = missing
 
 
-def template_assets(text):
+def _template_assets(text):
     """Relative host paths (``./...``) a template mounts, which must be copied along with it."""
     import re
     found = []
@@ -8151,7 +8151,7 @@ def _example_file_names():
                           if name.startswith("examples/") and not name.endswith("/"))
     names = []
     for root, dirs, files in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if d not in ("__pycache__", METADATA_DIR_NAME))
+        dirs[:] = sorted(d for d in dirs if d not in ("__pycache__", _METADATA_DIR_NAME))
         for file_name in files:
             if not file_name.endswith(".pyc"):
                 relative = os.path.relpath(os.path.join(root, file_name), folder)
@@ -8159,9 +8159,9 @@ def _example_file_names():
     return sorted(names)
 
 
-def template_files(template):
+def _template_files(template):
     """``{relative path: bytes}`` of the shipped files in the folders a template mounts."""
-    folders = [asset[2:].rstrip("/") for asset in template_assets(template.text)]
+    folders = [asset[2:].rstrip("/") for asset in _template_assets(template.text)]
     files = {}
     for name in _example_file_names():
         if any(name.startswith(folder + "/") for folder in folders):
@@ -8287,7 +8287,7 @@ class MigrateOptions(NamedTuple):
     """What ``migrate`` was asked for (paths as the user wrote them)."""
     data_dir: str = _MIGRATE_DEFAULT_DATA_DIR
     cache_dir: object = None
-    runtime: str = DEFAULT_RUNTIME
+    runtime: str = _DEFAULT_RUNTIME
     read_text: object = None       # callable(path) -> str, or raises OSError (None: open the file)
 
 
@@ -9972,7 +9972,7 @@ def build_parser(command=None):
     return parser
 
 
-def requested_command(argv):
+def _requested_command(argv):
     """The subcommand named by ``argv`` when it is a known one, else ``None``."""
     if not argv or argv[0].startswith("-"):
         return None
@@ -9991,7 +9991,7 @@ def _command_adders():
     )
 
 
-def add_command(subparsers, name, handler, help_text, examples=(), aliases_note=None):
+def _add_command(subparsers, name, handler, help_text, examples=(), aliases_note=None):
     """Add one subcommand with a help line and an examples epilog; returns its parser."""
     import argparse
     epilog = None
@@ -10006,14 +10006,14 @@ def add_command(subparsers, name, handler, help_text, examples=(), aliases_note=
     return parser
 
 
-def add_file_argument(parser, required=False):
+def _add_file_argument(parser, required=False):
     """``-f/--file``: the compose file (default: compose.yaml, then Docker Compose's other names)."""
     parser.add_argument("-f", "--file", dest="file", metavar="FILE", required=required,
                         help="compose file (default: %s in the current directory)"
-                             % " / ".join(DEFAULT_COMPOSE_FILES))
+                             % " / ".join(_DEFAULT_COMPOSE_FILES))
 
 
-def add_format_argument(parser, choices=("text", "json")):
+def _add_format_argument(parser, choices=("text", "json")):
     """``--format`` plus the ``--json`` compatibility alias."""
     parser.add_argument("--format", dest="format", choices=choices, default=None,
                         help="output format (default: text)")
@@ -10021,8 +10021,8 @@ def add_format_argument(parser, choices=("text", "json")):
                         help="alias for --format json")
 
 
-def output_format(args):
-    """The effective output format of a command that takes ``add_format_argument``."""
+def _output_format(args):
+    """The effective output format of a command that takes ``_add_format_argument``."""
     chosen = getattr(args, "format", None)
     if getattr(args, "json_alias", False):
         if chosen not in (None, "json"):
@@ -10031,7 +10031,7 @@ def output_format(args):
     return chosen or "text"
 
 
-def resolve_compose_file(args):
+def _resolve_compose_file(args):
     """The absolute compose file path from ``-f``, or the first default name present here."""
     given = getattr(args, "file", None)
     if given:
@@ -10044,29 +10044,29 @@ def resolve_compose_file(args):
             raise UsageError("compose file '%s' does not exist" % given,
                              hint="check the path, or create one with 'hpc-compose init'")
         return path
-    for name in DEFAULT_COMPOSE_FILES:
+    for name in _DEFAULT_COMPOSE_FILES:
         if os.path.isfile(name):
             return os.path.abspath(name)
     raise UsageError("no compose file found in %s (looked for %s)"
-                     % (os.getcwd(), ", ".join(DEFAULT_COMPOSE_FILES)),
+                     % (os.getcwd(), ", ".join(_DEFAULT_COMPOSE_FILES)),
                      hint="pass one with -f FILE, or create one with 'hpc-compose init'")
 
 
-def load_plan_from_args(args):
+def _load_plan_from_args(args):
     """Load the spec named by ``args`` and build its plan: ``(spec, plan)``."""
-    spec = load_spec(resolve_compose_file(args))
+    spec = load_spec(_resolve_compose_file(args))
     for message in spec.warnings:
-        warn(message)
+        _warn(message)
     return spec, build_plan(spec)
 
 
-def print_json(obj):
+def _print_json(obj):
     """Print ``obj`` as the tool's JSON to stdout."""
-    sys.stdout.write(to_json(obj) + "\n")
+    sys.stdout.write(_to_json(obj) + "\n")
 
 
 def _add_completions_parser(subparsers):
-    parser = add_command(subparsers, "completions", cmd_completions,
+    parser = _add_command(subparsers, "completions", _cmd_completions,
                          "print a shell completion script",
                          ["hpc-compose completions bash > ~/.local/share/bash-completion/completions/hpc-compose",
                           "hpc-compose completions zsh > ~/.zfunc/_hpc-compose",
@@ -10113,7 +10113,7 @@ complete -F _hpc_compose hpc-compose
 """
 
 
-def cmd_completions(args):
+def _cmd_completions(args):
     """Print a completion script for bash, zsh or fish."""
     from string import Template
     table = _completion_table()
@@ -10145,7 +10145,7 @@ def cmd_completions(args):
                     lines.append("complete -c hpc-compose -f -n '__fish_seen_subcommand_from %s' -a %s"
                                  % (name, option))
         sys.stdout.write("\n".join(lines) + "\n")
-    return EXIT_OK
+    return _EXIT_OK
 
 
 # CLI: validate, inspect, config commands
@@ -10357,20 +10357,20 @@ def plan_to_dict(plan):
 # --- validate ------------------------------------------------------------------------------------
 
 def _add_validate_parser(subparsers):
-    parser = add_command(subparsers, "validate", cmd_validate,
+    parser = _add_command(subparsers, "validate", _cmd_validate,
                          "check the compose file (keys, types, dependencies, placement)",
                          ["hpc-compose validate -f compose.yaml",
                           "hpc-compose validate -f compose.yaml --format json"])
-    add_file_argument(parser)
-    add_format_argument(parser)
+    _add_file_argument(parser)
+    _add_format_argument(parser)
 
 
-def cmd_validate(args):
+def _cmd_validate(args):
     """Load, interpolate and validate the spec and build its plan; report the result."""
-    fmt = output_format(args)
-    spec, plan = load_plan_from_args(args)
+    fmt = _output_format(args)
+    spec, plan = _load_plan_from_args(args)
     if fmt == "json":
-        print_json({"valid": True, "compose_file": plan.compose_file, "name": spec.name,
+        _print_json({"valid": True, "compose_file": plan.compose_file, "name": spec.name,
                     "service_count": len(plan.services),
                     "services": [s.name for s in plan.services]})
     else:
@@ -10378,19 +10378,19 @@ def cmd_validate(args):
         sys.stdout.write("spec is valid (%d service%s: %s)\n"
                          % (count, "" if count == 1 else "s",
                             " -> ".join(s.name for s in plan.services)))
-    return EXIT_OK
+    return _EXIT_OK
 
 
 # --- inspect -------------------------------------------------------------------------------------
 
 def _add_inspect_parser(subparsers):
-    parser = add_command(subparsers, "inspect", cmd_inspect,
+    parser = _add_command(subparsers, "inspect", _cmd_inspect,
                          "show the normalized plan: order, images, placement, readiness",
                          ["hpc-compose inspect -f compose.yaml",
                           "hpc-compose inspect --verbose -f compose.yaml   (may print secrets)",
                           "hpc-compose inspect -f compose.yaml --format json"])
-    add_file_argument(parser)
-    add_format_argument(parser)
+    _add_file_argument(parser)
+    _add_format_argument(parser)
     parser.add_argument("--verbose", action="store_true",
                         help="also print resolved environment values and mounts (may show "
                              "secrets)")
@@ -10485,7 +10485,7 @@ def _runtime_image_lines(report):
     return lines
 
 
-def render_inspect_text(plan, verbose=False, cache_reports=None):
+def _render_inspect_text(plan, verbose=False, cache_reports=None):
     """The human summary ``inspect`` prints."""
     cache_reports = cache_reports or {}
     slurm = plan.slurm
@@ -10544,13 +10544,13 @@ def render_inspect_text(plan, verbose=False, cache_reports=None):
                 lines.append("  mounts:")
                 lines.append("    %s -> %s (per-job directory)"
                              % ("${SLURM_SUBMIT_DIR:-$PWD}/.hpc-compose/${SLURM_JOB_ID}",
-                                JOB_MOUNT))
+                                _JOB_MOUNT))
                 if slurm.resume is not None:
-                    lines.append("    %s -> %s (resume)" % (slurm.resume.path, RESUME_MOUNT))
+                    lines.append("    %s -> %s (resume)" % (slurm.resume.path, _RESUME_MOUNT))
                 if service.secrets:
                     lines.append("    %s/%s/%s -> %s (ro, secret copies)" % (
                         "${SLURM_SUBMIT_DIR:-$PWD}/.hpc-compose/${SLURM_JOB_ID}",
-                        SECRETS_DIR_NAME, service.token, SECRETS_MOUNT))
+                        _SECRETS_DIR_NAME, service.token, _SECRETS_MOUNT))
                 for mount in service.mounts:
                     lines.append("    %s -> %s%s" % (mount.host, mount.container,
                                                      " (%s)" % mount.options if mount.options
@@ -10575,7 +10575,7 @@ def render_inspect_text(plan, verbose=False, cache_reports=None):
 
 def _secret_text(plan, service, item, verbose=False):
     """``<secret NAME> -> /run/secrets/target (0600)``; with verbose, where the value comes from."""
-    where = SECRETS_MOUNT if service.runtime != "host" else "$" + SECRETS_DIR_VARIABLE
+    where = _SECRETS_MOUNT if service.runtime != "host" else "$" + _SECRETS_DIR_VARIABLE
     text = "<secret %s> -> %s/%s (%04o)" % (item.source, where, item.target,
                                            item.mode if item.mode is not None
                                            else _DEFAULT_SECRET_MODE)
@@ -10586,35 +10586,35 @@ def _secret_text(plan, service, item, verbose=False):
     return text
 
 
-def cmd_inspect(args):
+def _cmd_inspect(args):
     """Print the normalized plan (text summary, or the whole plan as JSON)."""
-    fmt = output_format(args)
-    spec, plan = load_plan_from_args(args)
+    fmt = _output_format(args)
+    spec, plan = _load_plan_from_args(args)
     reports = _plan_cache_reports(plan)
     if fmt == "json":
         data = plan_to_dict(plan)
         data["images"] = [reports[s.name] for s in plan.services if s.name in reports]
-        print_json(data)
+        _print_json(data)
     else:
-        sys.stdout.write(render_inspect_text(plan, verbose=args.verbose, cache_reports=reports))
-    return EXIT_OK
+        sys.stdout.write(_render_inspect_text(plan, verbose=args.verbose, cache_reports=reports))
+    return _EXIT_OK
 
 
 # --- config --------------------------------------------------------------------------------------
 
 def _add_config_parser(subparsers):
-    parser = add_command(subparsers, "config", cmd_config,
+    parser = _add_command(subparsers, "config", _cmd_config,
                          "print the normalized, interpolated spec (like docker compose config)",
                          ["hpc-compose config -f compose.yaml",
                           "hpc-compose config -f compose.yaml --format json",
                           "hpc-compose config --no-interpolate -f compose.yaml"])
-    add_file_argument(parser)
-    add_format_argument(parser)
+    _add_file_argument(parser)
+    _add_format_argument(parser)
     parser.add_argument("--no-interpolate", action="store_true",
                         help="print the file as written: variables are not expanded (nor checked)")
 
 
-def render_yaml(data, indent=0):
+def _render_yaml(data, indent=0):
     """Block-style YAML for plain data; every string is double-quoted so it reads back exactly."""
     return "\n".join(_format_yaml_lines(data, 2 * indent, _yaml_scalar, _yaml_key))
 
@@ -10643,39 +10643,39 @@ def _yaml_scalar(value):
     return json.dumps(value, ensure_ascii=False)
 
 
-def cmd_config(args):
+def _cmd_config(args):
     """Print the spec after interpolation and normalization."""
-    fmt = output_format(args)
+    fmt = _output_format(args)
     if args.no_interpolate:
-        path = resolve_compose_file(args)
+        path = _resolve_compose_file(args)
         data = load_yaml(_read_compose_text(path), filename=path).data
     else:
-        spec, plan = load_plan_from_args(args)
+        spec, plan = _load_plan_from_args(args)
         data = spec_to_dict(spec, escape_dollars=True)
     if fmt == "json":
-        print_json(data)
+        _print_json(data)
     else:
-        sys.stdout.write(render_yaml(data) + "\n")
-    return EXIT_OK
+        sys.stdout.write(_render_yaml(data) + "\n")
+    return _EXIT_OK
 
 
 # CLI: render command
 
 
 def _add_render_parser(subparsers):
-    parser = add_command(
-        subparsers, "render", cmd_render,
+    parser = _add_command(
+        subparsers, "render", _cmd_render,
         "print the batch script (or write it with --output)",
         ["hpc-compose render -f compose.yaml > job.sbatch",
          "hpc-compose render -f compose.yaml --output /tmp/job.sbatch",
          "hpc-compose render -f compose.yaml --format json"])
-    add_file_argument(parser)
+    _add_file_argument(parser)
     parser.add_argument("-o", "--output", dest="output", metavar="PATH",
                         help="write the script to PATH and print the path (default: stdout)")
-    add_format_argument(parser)
+    _add_format_argument(parser)
 
 
-def render_summary(runtime_plan, script, output=None):
+def _render_summary(runtime_plan, script, output=None):
     """The ``render --format json`` document: the script, where it went, each service's srun argv."""
     plan = runtime_plan.plan
     services = []
@@ -10693,10 +10693,10 @@ def render_summary(runtime_plan, script, output=None):
             "script": script, "services": services}
 
 
-def cmd_render(args):
+def _cmd_render(args):
     """Render the batch script to stdout, or to ``--output`` (then print its path)."""
-    fmt = output_format(args)
-    _, plan = load_plan_from_args(args)
+    fmt = _output_format(args)
+    _, plan = _load_plan_from_args(args)
     runtime_plan = build_runtime_plan(plan)
     script = render_script(runtime_plan)
     output = None
@@ -10706,14 +10706,14 @@ def cmd_render(args):
             raise UsageError("--output '%s' is a directory" % args.output,
                              hint="name the script file, e.g. --output %s"
                                   % os.path.join(args.output, "job.sbatch"))
-        write_file_atomic(output, script, mode=PRIVATE_FILE_MODE)
+        _write_file_atomic(output, script, mode=_PRIVATE_FILE_MODE)
     if fmt == "json":
-        print_json(render_summary(runtime_plan, script, output))
+        _print_json(_render_summary(runtime_plan, script, output))
     elif output:
         sys.stdout.write(output + "\n")
     else:
         sys.stdout.write(script)
-    return EXIT_OK
+    return _EXIT_OK
 
 
 # CLI: submit, up, status, ps, logs, stats, artifacts, cancel, down, clean commands
@@ -10731,7 +10731,7 @@ def _add_job_id_argument(parser):
 
 
 def _add_submit_arguments(parser):
-    add_file_argument(parser)
+    _add_file_argument(parser)
     parser.add_argument("--script-out", dest="script_out", metavar="PATH",
                         help="where to write the batch script (default: <compose dir>/hpc-compose.sbatch)")
     parser.add_argument("--dry-run", action="store_true",
@@ -10745,12 +10745,12 @@ def _add_submit_arguments(parser):
                         help="keep the Enroot rootfs when a prepare step fails")
     _add_tool_arguments(parser, ("enroot", "srun", "sbatch", "squeue", "sacct", "scontrol",
                                  "scancel"))
-    add_format_argument(parser)
+    _add_format_argument(parser)
 
 
 def _add_submit_parser(subparsers):
-    parser = add_command(
-        subparsers, "submit", cmd_submit,
+    parser = _add_command(
+        subparsers, "submit", _cmd_submit,
         "check, prepare, render and submit the job with sbatch (--watch to follow it)",
         ["hpc-compose submit --watch -f compose.yaml",
          "hpc-compose submit --dry-run --skip-prepare -f compose.yaml",
@@ -10761,21 +10761,21 @@ def _add_submit_parser(subparsers):
 
 
 def _add_up_parser(subparsers):
-    parser = add_command(subparsers, "up", cmd_up,
+    parser = _add_command(subparsers, "up", _cmd_up,
                          "submit and watch (= submit --watch); exits 0 only if the job completed",
                          ["hpc-compose up -f examples/host-pipeline.yaml"])
     _add_submit_arguments(parser)
 
 
 def _add_status_arguments(parser):
-    add_file_argument(parser)
+    _add_file_argument(parser)
     _add_job_id_argument(parser)
     _add_tool_arguments(parser, ("squeue", "sacct"))
-    add_format_argument(parser)
+    _add_format_argument(parser)
 
 
 def _add_status_parser(subparsers):
-    parser = add_command(subparsers, "status", cmd_status,
+    parser = _add_command(subparsers, "status", _cmd_status,
                          "scheduler state, per-service state and log paths of a tracked job",
                          ["hpc-compose status -f compose.yaml",
                           "hpc-compose status --job-id 12345 --format json"])
@@ -10783,18 +10783,18 @@ def _add_status_parser(subparsers):
 
 
 def _add_ps_parser(subparsers):
-    parser = add_command(subparsers, "ps", cmd_status, "alias of status",
+    parser = _add_command(subparsers, "ps", _cmd_status, "alias of status",
                          ["hpc-compose ps -f compose.yaml"])
     _add_status_arguments(parser)
 
 
 def _add_logs_parser(subparsers):
-    parser = add_command(subparsers, "logs", cmd_logs,
+    parser = _add_command(subparsers, "logs", _cmd_logs,
                          "print (or follow) the service logs of a tracked job, prefixed [service]",
                          ["hpc-compose logs -f compose.yaml",
                           "hpc-compose logs -f compose.yaml --service app --follow",
                           "hpc-compose logs -f compose.yaml --tail 20"])
-    add_file_argument(parser)
+    _add_file_argument(parser)
     _add_job_id_argument(parser)
     parser.add_argument("--service", metavar="NAME", help="only this service")
     parser.add_argument("--follow", action="store_true",
@@ -10805,66 +10805,66 @@ def _add_logs_parser(subparsers):
 
 
 def _add_stats_parser(subparsers):
-    parser = add_command(subparsers, "stats", cmd_stats,
+    parser = _add_command(subparsers, "stats", _cmd_stats,
                          "GPU and step metrics of a job (sampler files first, then live sstat)",
                          ["hpc-compose stats -f compose.yaml",
                           "hpc-compose stats -f compose.yaml --format csv"])
-    add_file_argument(parser)
+    _add_file_argument(parser)
     _add_job_id_argument(parser)
     _add_tool_arguments(parser, ("sstat", "squeue", "sacct"))
-    add_format_argument(parser, choices=("text", "json", "csv", "jsonl"))
+    _add_format_argument(parser, choices=("text", "json", "csv", "jsonl"))
 
 
 def _add_artifacts_parser(subparsers):
-    parser = add_command(subparsers, "artifacts", cmd_artifacts,
+    parser = _add_command(subparsers, "artifacts", _cmd_artifacts,
                          "export collected artifacts to x-slurm.artifacts.export_dir",
                          ["hpc-compose artifacts -f compose.yaml",
                           "hpc-compose artifacts -f compose.yaml --bundle checkpoints --tarball"])
-    add_file_argument(parser)
+    _add_file_argument(parser)
     _add_job_id_argument(parser)
     parser.add_argument("--bundle", action="append", metavar="NAME",
                         help="export only this bundle (repeatable; 'default' is x-slurm.artifacts.paths)")
     parser.add_argument("--tarball", action="store_true",
                         help="also write <export_dir>/<bundle>.tar.gz per exported bundle")
-    add_format_argument(parser)
+    _add_format_argument(parser)
 
 
 def _add_cancel_arguments(parser):
-    add_file_argument(parser)
+    _add_file_argument(parser)
     _add_job_id_argument(parser)
     _add_tool_arguments(parser, ("scancel",))
 
 
 def _add_cancel_parser(subparsers):
-    parser = add_command(subparsers, "cancel", cmd_cancel, "cancel a tracked job (scancel)",
+    parser = _add_command(subparsers, "cancel", _cmd_cancel, "cancel a tracked job (scancel)",
                          ["hpc-compose cancel -f compose.yaml"])
     _add_cancel_arguments(parser)
 
 
 def _add_down_parser(subparsers):
-    parser = add_command(subparsers, "down", cmd_cancel, "alias of cancel",
+    parser = _add_command(subparsers, "down", _cmd_cancel, "alias of cancel",
                          ["hpc-compose down -f compose.yaml"])
     _add_cancel_arguments(parser)
 
 
 def _add_clean_parser(subparsers):
-    parser = add_command(subparsers, "clean", cmd_clean,
+    parser = _add_command(subparsers, "clean", _cmd_clean,
                          "remove old tracked jobs (never a running one, never the latest) and the secret copies of ended jobs",
                          ["hpc-compose clean -f compose.yaml --age 7",
                           "hpc-compose clean -f compose.yaml --all"])
-    add_file_argument(parser)
+    _add_file_argument(parser)
     group = parser.add_mutually_exclusive_group(required=True)
     group.add_argument("--age", type=float, metavar="DAYS",
                        help="remove jobs submitted more than DAYS days ago")
     group.add_argument("--all", dest="remove_all", action="store_true",
                        help="remove every tracked job except the latest")
     _add_tool_arguments(parser, ("squeue",))
-    add_format_argument(parser)
+    _add_format_argument(parser)
 
 
 def _job_record(args):
-    compose_file = resolve_compose_file(args)
-    return load_job_record(os.path.dirname(compose_file), args.job_id, compose_file)
+    compose_file = _resolve_compose_file(args)
+    return _load_job_record(os.path.dirname(compose_file), args.job_id, compose_file)
 
 
 def _needs_images(plan):
@@ -10881,11 +10881,11 @@ def _print_findings(report):
             sys.stderr.write(text + "\n")
 
 
-def cmd_submit(args):
+def _cmd_submit(args):
     """Preflight, prepare, render, write the script, sbatch, record; optionally watch."""
-    fmt = output_format(args)
+    fmt = _output_format(args)
     say = (lambda text: sys.stderr.write(text + "\n")) if fmt == "json" else print
-    spec, plan = load_plan_from_args(args)
+    spec, plan = _load_plan_from_args(args)
     runtime_plan = build_runtime_plan(plan)
     if not args.no_preflight:
         report = run_preflight(runtime_plan, PreflightOptions(
@@ -10906,35 +10906,35 @@ def cmd_submit(args):
     script = render_script(runtime_plan)
     script_path = os.path.abspath(args.script_out) if args.script_out else \
         os.path.join(plan.project_dir, "hpc-compose.sbatch")
-    write_file_atomic(script_path, script, PRIVATE_FILE_MODE)
+    _write_file_atomic(script_path, script, _PRIVATE_FILE_MODE)
     result = {"dry_run": bool(args.dry_run), "script_path": script_path,
               "cache_dir": plan.cache_dir, "job_id": None}
     if args.dry_run:
         if fmt == "json":
-            print_json(result)
+            _print_json(result)
         else:
             print("rendered script: %s" % script_path)
             print("cache dir: %s" % plan.cache_dir)
             print("dry run: skipping sbatch")
-        return EXIT_OK
-    _make_private_dir(tracking_root(plan.project_dir), _job_dir_mode(plan))
+        return _EXIT_OK
+    _make_private_dir(_tracking_root(plan.project_dir), _job_dir_mode(plan))
     holds = bool(_secret_services(plan))
-    job_id, cluster = submit_batch_script(script_path, plan.project_dir, args.sbatch_bin,
+    job_id, cluster = _submit_batch_script(script_path, plan.project_dir, args.sbatch_bin,
                                           hold=holds)
     if holds:
         _deliver_secrets(plan, job_id, cluster, args, say)
-    record = build_job_record(runtime_plan, job_id, cluster, script_path)
+    record = _build_job_record(runtime_plan, job_id, cluster, script_path)
     metadata_path = None
     try:
-        metadata_path = record_job(plan.project_dir, record)
+        metadata_path = _record_job(plan.project_dir, record)
     except OSError as exc:
-        warn("job %s was submitted but its tracking record could not be written: %s" % (job_id, exc))
+        _warn("job %s was submitted but its tracking record could not be written: %s" % (job_id, exc))
     result.update({"job_id": job_id, "cluster": cluster, "batch_log": record["batch_log"],
                    "job_dir": record["job_dir"], "metadata_path": metadata_path,
                    "service_logs": [{"service": s["name"], "path": s["log_path"]}
                                     for s in record["services"]]})
     if fmt == "json" and not getattr(args, "watch", False):
-        print_json(result)
+        _print_json(result)
     else:
         say("submitted batch job %s%s" % (job_id, " on cluster %s" % cluster if cluster else ""))
         say("rendered script: %s" % script_path)
@@ -10946,7 +10946,7 @@ def cmd_submit(args):
             say("tracked job metadata: %s" % metadata_path)
     if getattr(args, "watch", False):
         return _watch(record, args, fmt)
-    return EXIT_OK
+    return _EXIT_OK
 
 
 def _deliver_secrets(plan, job_id, cluster, args, say):
@@ -10955,7 +10955,7 @@ def _deliver_secrets(plan, job_id, cluster, args, say):
     So the values travel from this node to the job through owner-only files in its own directory,
     never through the script, the environment of sbatch or the scheduler.
     """
-    job_dir = job_directory(plan.project_dir, job_id)
+    job_dir = _job_directory(plan.project_dir, job_id)
     try:
         _write_secret_copies(plan, job_dir)
         if any(arg in ("-H", "--hold") for arg in plan.slurm.submit_args):
@@ -10966,9 +10966,9 @@ def _deliver_secrets(plan, job_id, cluster, args, say):
     except BaseException as exc:
         # Whatever stopped us (Ctrl-C included), no held job and no copies are left behind.
         try:
-            cancel_job(job_id, args.scancel_bin)
+            _cancel_job(job_id, args.scancel_bin)
         except HpcComposeError as cancel_error:
-            warn("could not cancel the held job %s: %s" % (job_id, cancel_error.message))
+            _warn("could not cancel the held job %s: %s" % (job_id, cancel_error.message))
         _remove_secret_copies(job_dir)
         if isinstance(exc, HpcComposeError):
             message = exc.message
@@ -10991,92 +10991,92 @@ def _watch(record, args, fmt):
                          "  cancel it:       hpc-compose cancel -f %s\n"
                          % (record["job_id"], record.get("compose_file") or "compose.yaml",
                             record.get("compose_file") or "compose.yaml"))
-        return EXIT_INTERRUPTED
+        return _EXIT_INTERRUPTED
     if fmt == "json":
-        print_json({"job_id": record["job_id"], "ok": outcome.ok, "reason": outcome.reason,
+        _print_json({"job_id": record["job_id"], "ok": outcome.ok, "reason": outcome.reason,
                     "scheduler": outcome.scheduler.to_dict(), "runtime": outcome.runtime,
                     "scheduler_calls": outcome.scheduler_calls})
     if outcome.ok:
         out.write(outcome.reason + "\n")
-        return EXIT_OK
+        return _EXIT_OK
     sys.stderr.write("error: %s\n" % outcome.reason)
     batch_log = record.get("batch_log")
     if batch_log:
         # The batch log explains failures that happen before (or outside) any service log.
-        for line in tail_lines(batch_log, 10):
-            sys.stderr.write(format_log_line("batch", line) + "\n")
+        for line in _tail_lines(batch_log, 10):
+            sys.stderr.write(_format_log_line("batch", line) + "\n")
         sys.stderr.write("  hint: the batch log is %s\n" % batch_log)
-    return EXIT_FAILURE
+    return _EXIT_FAILURE
 
 
-def cmd_up(args):
+def _cmd_up(args):
     """``submit --watch``."""
     args.watch = True
-    return cmd_submit(args)
+    return _cmd_submit(args)
 
 
-def cmd_status(args):
+def _cmd_status(args):
     """Scheduler state (squeue, then sacct), per-service state from state.json, log paths."""
     record = _job_record(args)
-    status = job_status(record, args.squeue_bin, args.sacct_bin)
-    if output_format(args) == "json":
-        print_json(status)
+    status = _job_status(record, args.squeue_bin, args.sacct_bin)
+    if _output_format(args) == "json":
+        _print_json(status)
     else:
-        sys.stdout.write(format_status_text(status))
-    return EXIT_OK
+        sys.stdout.write(_format_status_text(status))
+    return _EXIT_OK
 
 
-def cmd_logs(args):
+def _cmd_logs(args):
     """Print the last lines of every service log, prefixed; ``--follow`` keeps reading the files."""
     if args.tail < 0:
         raise UsageError("--tail must be 0 or more")
     record = _job_record(args)
-    sources = record_log_sources(record, args.service)
+    sources = _record_log_sources(record, args.service)
     for name, path in sources:
-        for line in tail_lines(path, args.tail):
-            sys.stdout.write(format_log_line(name, line) + "\n")
+        for line in _tail_lines(path, args.tail):
+            sys.stdout.write(_format_log_line(name, line) + "\n")
     sys.stdout.flush()
     if args.follow:
         try:
-            follow_logs(record, sources, args.squeue_bin, args.sacct_bin)
+            _follow_logs(record, sources, args.squeue_bin, args.sacct_bin)
         except KeyboardInterrupt:
             sys.stdout.flush()
-            return EXIT_INTERRUPTED
-    return EXIT_OK
+            return _EXIT_INTERRUPTED
+    return _EXIT_OK
 
 
-def cmd_stats(args):
+def _cmd_stats(args):
     """Metrics from the sampler files, else live sstat, as text, json, csv or jsonl."""
     record = _job_record(args)
-    stats = collect_stats(record, args.sstat_bin, args.squeue_bin, args.sacct_bin)
-    fmt = output_format(args)
+    stats = _collect_stats(record, args.sstat_bin, args.squeue_bin, args.sacct_bin)
+    fmt = _output_format(args)
     if fmt == "json":
-        print_json(stats)
+        _print_json(stats)
     elif fmt == "csv":
-        sys.stdout.write(format_stats_csv(stats))
+        sys.stdout.write(_format_stats_csv(stats))
     elif fmt == "jsonl":
-        sys.stdout.write(format_stats_jsonl(stats))
+        sys.stdout.write(_format_stats_jsonl(stats))
     else:
-        sys.stdout.write(format_stats_text(stats))
-    return EXIT_OK
+        sys.stdout.write(_format_stats_text(stats))
+    return _EXIT_OK
 
 
-def cmd_artifacts(args):
+def _cmd_artifacts(args):
     """Export the collected payload into x-slurm.artifacts.export_dir (with provenance)."""
     record = _job_record(args)
     template = None
     if not record.get("artifact_export_dir"):
         # An untracked job id: the compose file still says where exports go.
         try:
-            spec = load_spec(resolve_compose_file(args))
+            spec = load_spec(_resolve_compose_file(args))
             if spec.slurm.artifacts is not None:
                 template = spec.slurm.artifacts.export_dir
         except (HpcComposeError, NotImplementedError):
             template = None
-    report = export_artifacts(record, args.bundle, args.tarball, template)
-    if output_format(args) == "json":
-        print_json(report)
-        return EXIT_OK
+    report = _export_artifacts(record, args.bundle, args.tarball, template)
+    if _output_format(args) == "json":
+        _print_json(report)
+        return _EXIT_OK
     print("job %s: collect policy %s, job outcome %s" % (report["job_id"], report["collect_policy"],
                                                          report["job_outcome"]))
     print("manifest: %s" % report["manifest_path"])
@@ -11091,33 +11091,33 @@ def cmd_artifacts(args):
         if bundle["tarball_path"]:
             print("  tarball: %s" % bundle["tarball_path"])
         print("  provenance: %s" % bundle["provenance_path"])
-    return EXIT_OK
+    return _EXIT_OK
 
 
-def cmd_cancel(args):
+def _cmd_cancel(args):
     """``scancel`` the tracked job; the batch script's teardown writes the final state."""
     record = _job_record(args)
-    output = cancel_job(record["job_id"], args.scancel_bin)
+    output = _cancel_job(record["job_id"], args.scancel_bin)
     if output.strip():
         print(output.strip())
-    if read_runtime_state(record["job_dir"]) is None:
+    if _read_runtime_state(record["job_dir"]) is None:
         # It never started (state.json comes before any service): no teardown will remove them.
         _remove_secret_copies(record["job_dir"])
     print("cancelled job: %s" % record["job_id"])
-    return EXIT_OK
+    return _EXIT_OK
 
 
-def cmd_clean(args):
+def _cmd_clean(args):
     """Remove tracked jobs by age or all but the latest; running jobs are always kept."""
     if args.age is not None and args.age < 0:
         raise UsageError("--age must be 0 or more days")
-    compose_file = resolve_compose_file(args)
-    removed, kept = clean_jobs(os.path.dirname(compose_file), args.age, args.remove_all,
+    compose_file = _resolve_compose_file(args)
+    removed, kept = _clean_jobs(os.path.dirname(compose_file), args.age, args.remove_all,
                                args.squeue_bin, compose_file=compose_file)
     secrets_removed = _remove_leftover_secrets(os.path.dirname(compose_file), args.squeue_bin)
-    if output_format(args) == "json":
-        print_json({"removed": removed, "kept": kept, "secrets_removed": secrets_removed})
-        return EXIT_OK
+    if _output_format(args) == "json":
+        _print_json({"removed": removed, "kept": kept, "secrets_removed": secrets_removed})
+        return _EXIT_OK
     for job_id in secrets_removed:
         print("removed the secret copies left by job %s" % job_id)
     if removed:
@@ -11126,58 +11126,58 @@ def cmd_clean(args):
         print("no tracked jobs to clean")
     for job_id, why in sorted(kept.items(), key=lambda item: int(item[0])):
         print("kept job %s: %s" % (job_id, why))
-    return EXIT_OK
+    return _EXIT_OK
 
 
 # CLI: preflight, prepare, cache commands
 
-def progress_to_stderr(line):
+def _progress_to_stderr(line):
     """Progress sink for prepare: stderr, so that stdout stays clean for --format json."""
     sys.stderr.write(line + "\n")
     sys.stderr.flush()
 
 
 def _add_preflight_parser(subparsers):
-    parser = add_command(subparsers, "preflight", cmd_preflight,
+    parser = _add_command(subparsers, "preflight", _cmd_preflight,
                          "check that this node can prepare and submit the spec",
                          ["hpc-compose preflight -f compose.yaml",
                           "hpc-compose preflight --verbose -f compose.yaml",
                           "hpc-compose preflight --strict -f compose.yaml",
                           "hpc-compose preflight -f compose.yaml --enroot-bin /opt/enroot/bin/enroot "
                           "--srun-bin /usr/local/bin/srun --sbatch-bin /usr/local/bin/sbatch"])
-    add_file_argument(parser)
+    _add_file_argument(parser)
     parser.add_argument("--strict", action="store_true", help="fail on warnings too")
     parser.add_argument("--verbose", action="store_true", help="also list the checks that passed")
     parser.add_argument("--skip-prepare", action="store_true",
                         help="check as 'submit --skip-prepare' would: cached images must exist")
     _add_tool_arguments(parser, ("enroot", "srun", "sbatch"))
-    add_format_argument(parser)
+    _add_format_argument(parser)
 
 
-def cmd_preflight(args):
+def _cmd_preflight(args):
     """Run the login-node checks and print the report; exit 1 on errors (or warnings with --strict)."""
-    fmt = output_format(args)
-    _spec, plan = load_plan_from_args(args)
+    fmt = _output_format(args)
+    _spec, plan = _load_plan_from_args(args)
     runtime_plan = build_runtime_plan(plan)
     report = run_preflight(runtime_plan, PreflightOptions(
         enroot_bin=args.enroot_bin, srun_bin=args.srun_bin, sbatch_bin=args.sbatch_bin,
         skip_prepare=args.skip_prepare))
     if fmt == "json":
-        print_json(preflight_report_json(report, plan.compose_file, args.strict))
+        _print_json(_preflight_report_json(report, plan.compose_file, args.strict))
     else:
-        sys.stdout.write(format_preflight_report(report, verbose=args.verbose))
+        sys.stdout.write(_format_preflight_report(report, verbose=args.verbose))
         if args.strict and report.warnings and not report.errors:
             sys.stdout.write("--strict: warnings count as failures\n")
-    return EXIT_FAILURE if report.failed(args.strict) else EXIT_OK
+    return _EXIT_FAILURE if report.failed(args.strict) else _EXIT_OK
 
 
 def _add_prepare_parser(subparsers):
-    parser = add_command(subparsers, "prepare", cmd_prepare,
+    parser = _add_command(subparsers, "prepare", _cmd_prepare,
                          "import and prepare images into the shared cache (login node)",
                          ["hpc-compose prepare -f compose.yaml",
                           "hpc-compose prepare --force -f compose.yaml",
                           "hpc-compose prepare --keep-failed-prep -f compose.yaml"])
-    add_file_argument(parser)
+    _add_file_argument(parser)
     parser.add_argument("--force", action="store_true",
                         help="re-import and rebuild every image even when cached")
     parser.add_argument("--keep-failed-prep", action="store_true",
@@ -11185,16 +11185,16 @@ def _add_prepare_parser(subparsers):
     # --srun-bin/--sbatch-bin are accepted (the manual gives prepare the same override flags as
     # preflight and submit) but prepare itself runs only enroot.
     _add_tool_arguments(parser, ("enroot", "srun", "sbatch"))
-    add_format_argument(parser)
+    _add_format_argument(parser)
 
 
-def prepare_results_json(runtime_plan, results):
+def _prepare_results_json(runtime_plan, results):
     """The ``--format json`` form of a prepare run."""
     return {"compose_file": runtime_plan.plan.compose_file, "cache_dir": runtime_plan.cache_dir,
             "services": [r._asdict() for r in results]}
 
 
-def format_prepare_results(runtime_plan, results):
+def _format_prepare_results(runtime_plan, results):
     """One line per service: what the container starts from and what prepare did."""
     lines = ["cache dir: %s" % runtime_plan.cache_dir]
     for result in results:
@@ -11213,43 +11213,43 @@ def format_prepare_results(runtime_plan, results):
     return "\n".join(lines) + "\n"
 
 
-def cmd_prepare(args):
+def _cmd_prepare(args):
     """Import and prepare the spec's images; a cached image costs nothing."""
-    fmt = output_format(args)
-    _spec, plan = load_plan_from_args(args)
+    fmt = _output_format(args)
+    _spec, plan = _load_plan_from_args(args)
     runtime_plan = build_runtime_plan(plan)
     results = prepare_images(runtime_plan, PrepareOptions(
         enroot_bin=args.enroot_bin, force=args.force, keep_failed=args.keep_failed_prep),
-        progress=progress_to_stderr)
+        progress=_progress_to_stderr)
     if fmt == "json":
-        print_json(prepare_results_json(runtime_plan, results))
+        _print_json(_prepare_results_json(runtime_plan, results))
     else:
-        sys.stdout.write(format_prepare_results(runtime_plan, results))
-    return EXIT_OK
+        sys.stdout.write(_format_prepare_results(runtime_plan, results))
+    return _EXIT_OK
 
 
 def _add_cache_parser(subparsers):
-    parser = add_command(subparsers, "cache", cmd_cache, "list, inspect and prune cached images",
+    parser = _add_command(subparsers, "cache", _cmd_cache, "list, inspect and prune cached images",
                          ["hpc-compose cache list",
                           "hpc-compose cache inspect -f compose.yaml --service app",
                           "hpc-compose cache prune --age 14",
                           "hpc-compose cache prune --all-unused -f compose.yaml"])
     sub = parser.add_subparsers(dest="cache_command", metavar="SUBCOMMAND", parser_class=type(parser))
-    listing = add_command(sub, "list", cmd_cache_list, "list imported and prepared images",
+    listing = _add_command(sub, "list", _cmd_cache_list, "list imported and prepared images",
                           ["hpc-compose cache list", "hpc-compose cache list --cache-dir /shared/me/cache"])
-    add_file_argument(listing)
+    _add_file_argument(listing)
     listing.add_argument("--cache-dir", metavar="DIR",
                          help="cache to list (default: -f's x-slurm.cache_dir, else "
                               "$HOME/.cache/hpc-compose)")
-    add_format_argument(listing)
-    inspect = add_command(sub, "inspect", cmd_cache_inspect,
+    _add_format_argument(listing)
+    inspect = _add_command(sub, "inspect", _cmd_cache_inspect,
                           "show per service which image is used and whether it will be rebuilt",
                           ["hpc-compose cache inspect -f compose.yaml",
                            "hpc-compose cache inspect -f compose.yaml --service app"])
-    add_file_argument(inspect)
+    _add_file_argument(inspect)
     inspect.add_argument("--service", metavar="NAME", help="only this service")
-    add_format_argument(inspect)
-    prune = add_command(sub, "prune", cmd_cache_prune,
+    _add_format_argument(inspect)
+    prune = _add_command(sub, "prune", _cmd_cache_prune,
                         "remove old or unused cached images (never those of running jobs)",
                         ["hpc-compose cache prune --age 14",
                          "hpc-compose cache prune --all-unused -f compose.yaml"])
@@ -11259,12 +11259,12 @@ def _add_cache_parser(subparsers):
     strategy.add_argument("--all-unused", action="store_true",
                           help="remove this project's entries that its current plan no longer "
                                "references (needs -f)")
-    add_file_argument(prune)
+    _add_file_argument(prune)
     prune.add_argument("--cache-dir", metavar="DIR", help="cache to prune with --age")
-    add_format_argument(prune)
+    _add_format_argument(prune)
 
 
-def cmd_cache(args):
+def _cmd_cache(args):
     """``cache`` without a subcommand is a usage error."""
     raise UsageError("cache needs a subcommand: list, inspect or prune",
                      hint="run 'hpc-compose cache --help'")
@@ -11274,8 +11274,8 @@ def _cache_dir_from_args(args):
     if getattr(args, "cache_dir", None):
         return os.path.abspath(os.path.expanduser(args.cache_dir))
     if getattr(args, "file", None):
-        return load_plan_from_args(args)[1].cache_dir
-    return default_cache_dir()
+        return _load_plan_from_args(args)[1].cache_dir
+    return _default_cache_dir()
 
 
 def _when(stamp):
@@ -11294,17 +11294,17 @@ def _size(value):
         value /= 1024.0
 
 
-def cmd_cache_list(args):
+def _cmd_cache_list(args):
     """List the cache's artifacts with their manifests."""
-    fmt = output_format(args)
+    fmt = _output_format(args)
     cache_dir = _cache_dir_from_args(args)
     entries = list_cache(cache_dir)
     if fmt == "json":
-        print_json({"cache_dir": cache_dir, "entries": entries})
-        return EXIT_OK
+        _print_json({"cache_dir": cache_dir, "entries": entries})
+        return _EXIT_OK
     if not entries:
         sys.stdout.write("no cache entries found in %s\n" % cache_dir)
-        return EXIT_OK
+        return _EXIT_OK
     lines = ["cache dir: %s" % cache_dir]
     for entry in entries:
         lines.append("\t".join([
@@ -11314,19 +11314,19 @@ def cmd_cache_list(args):
             "source=%s" % (entry.get("source_image") or "?"),
             "last_used=%s" % _when(entry.get("last_used_at") or entry.get("created_at"))]))
     sys.stdout.write("\n".join(lines) + "\n")
-    return EXIT_OK
+    return _EXIT_OK
 
 
-def cmd_cache_inspect(args):
+def _cmd_cache_inspect(args):
     """Per service: which artifact, hit or miss, and why it rebuilds."""
-    fmt = output_format(args)
-    _spec, plan = load_plan_from_args(args)
+    fmt = _output_format(args)
+    _spec, plan = _load_plan_from_args(args)
     runtime_plan = build_runtime_plan(plan)
     reports = inspect_cache(runtime_plan, service=args.service)
     if fmt == "json":
-        print_json({"compose_file": plan.compose_file, "cache_dir": runtime_plan.cache_dir,
+        _print_json({"compose_file": plan.compose_file, "cache_dir": runtime_plan.cache_dir,
                     "services": reports})
-        return EXIT_OK
+        return _EXIT_OK
     lines = ["cache dir: %s" % runtime_plan.cache_dir]
     for entry in reports:
         lines.append("service %s (%s): %s" % (entry["service"], entry["runtime"], entry["expectation"]))
@@ -11346,12 +11346,12 @@ def cmd_cache_inspect(args):
             for reason in artifact["reasons"]:
                 lines.append("           why: %s" % reason)
     sys.stdout.write("\n".join(lines) + "\n")
-    return EXIT_OK
+    return _EXIT_OK
 
 
-def cmd_cache_prune(args):
+def _cmd_cache_prune(args):
     """Remove old (--age) or this project's unused (--all-unused) cache entries."""
-    fmt = output_format(args)
+    fmt = _output_format(args)
     if args.age is not None and args.age < 0:
         raise UsageError("--age must be 0 or more days")
     if args.all_unused:
@@ -11360,26 +11360,26 @@ def cmd_cache_prune(args):
                              hint="hpc-compose cache prune --all-unused -f compose.yaml")
         if args.cache_dir:
             raise UsageError("--cache-dir goes with --age; --all-unused prunes the -f file's cache")
-        _spec, plan = load_plan_from_args(args)
+        _spec, plan = _load_plan_from_args(args)
         runtime_plan = build_runtime_plan(plan)
         report = prune_cache(runtime_plan.cache_dir, runtime_plan=runtime_plan)
     else:
         report = prune_cache(_cache_dir_from_args(args), age_days=args.age)
     if fmt == "json":
-        print_json(report)
-        return EXIT_OK
+        _print_json(report)
+        return _EXIT_OK
     lines = ["cache dir: %s" % report["cache_dir"], "removed: %d" % report["removed_count"]]
     lines += ["pruned: %s" % path for path in report["removed_paths"]]
     lines += ["kept: %s (%s)" % (k["path"], k["reason"]) for k in report["kept_in_use"]]
     sys.stdout.write("\n".join(lines) + "\n")
-    return EXIT_OK
+    return _EXIT_OK
 
 
 # CLI: init
 
 def _add_init_parser(subparsers):
-    parser = add_command(
-        subparsers, "init", cmd_init, "write a starter compose file from a shipped example",
+    parser = _add_command(
+        subparsers, "init", _cmd_init, "write a starter compose file from a shipped example",
         ["hpc-compose init --list",
          "hpc-compose init --describe-template app-redis-worker",
          "hpc-compose init --template minimal-batch --name my-app "
@@ -11393,9 +11393,9 @@ def _add_init_parser(subparsers):
     parser.add_argument("--cache-dir", dest="cache_dir", metavar="DIR",
                         help="sets x-slurm.cache_dir; must be shared between login and compute "
                              "nodes (default: keep the template's value)")
-    parser.add_argument("--output", "-o", metavar="FILE", default=DEFAULT_INIT_OUTPUT,
+    parser.add_argument("--output", "-o", metavar="FILE", default=_DEFAULT_INIT_OUTPUT,
                         help="file to write, '-' for standard output (default: %s)"
-                             % DEFAULT_INIT_OUTPUT)
+                             % _DEFAULT_INIT_OUTPUT)
     parser.add_argument("--force", action="store_true",
                         help="overwrite FILE (and the template's companion files) if they exist")
     parser.add_argument("--no-files", dest="with_files", action="store_false",
@@ -11407,17 +11407,17 @@ def _add_init_parser(subparsers):
                         help="show what a template contains and exit")
 
 
-def cmd_init(args):
+def _cmd_init(args):
     """Write a shipped example, customized, as a new compose file (or list/describe templates)."""
     if args.list_templates:
         templates = list_templates()
         width = max(len(t.name) for t in templates)
         for template in templates:
             sys.stdout.write("%-*s  %s\n" % (width, template.name, template.description))
-        return EXIT_OK
+        return _EXIT_OK
     if args.describe_template:
         sys.stdout.write(_describe_template(load_template(args.describe_template)))
-        return EXIT_OK
+        return _EXIT_OK
     if not args.template:
         raise UsageError("init needs --template NAME",
                          hint="see the templates with 'hpc-compose init --list'")
@@ -11430,13 +11430,13 @@ def cmd_init(args):
     text = customize_template(template.text, name=name, job_name=name, cache_dir=args.cache_dir)
     if args.output == "-":
         sys.stdout.write(text)
-        return EXIT_OK
+        return _EXIT_OK
     output = os.path.abspath(os.path.expanduser(args.output))
     if os.path.isdir(output):
         raise UsageError("'%s' is a directory" % args.output,
                          hint="pass a file name, e.g. --output %s"
-                              % os.path.join(args.output, DEFAULT_INIT_OUTPUT))
-    companions = template_files(template) if args.with_files else {}
+                              % os.path.join(args.output, _DEFAULT_INIT_OUTPUT))
+    companions = _template_files(template) if args.with_files else {}
     folder = os.path.dirname(output)
     targets = [output] + [os.path.join(folder, *relative.split("/"))
                           for relative in sorted(companions)]
@@ -11446,14 +11446,14 @@ def cmd_init(args):
         raise UsageError("'%s' already exists; not overwriting it" % shown,
                          hint="pass --force to replace it, or choose another --output"
                               + (" (or --no-files)" if existing[0] != output else ""))
-    write_file_atomic(output, text)
+    _write_file_atomic(output, text)
     display = shell_quote(args.output)
     lines = ["wrote %s (from template %s)" % (output, template.name)]
     for relative in sorted(companions):
         path = os.path.join(folder, *relative.split("/"))
-        write_file_atomic(path, companions[relative])
+        _write_file_atomic(path, companions[relative])
         lines.append("wrote %s" % path)
-    assets = template_assets(template.text)
+    assets = _template_assets(template.text)
     if assets and not args.with_files:
         lines.append("this template mounts %s relative to the compose file: create %s, or "
                      "change the volumes" % (", ".join(assets),
@@ -11463,7 +11463,7 @@ def cmd_init(args):
               "  hpc-compose inspect --verbose -f %s" % display,
               "  hpc-compose submit --watch -f %s" % display]
     sys.stdout.write("\n".join(lines) + "\n")
-    return EXIT_OK
+    return _EXIT_OK
 
 
 # --- migrate -------------------------------------------------------------------------------------
@@ -11472,8 +11472,8 @@ _MIGRATE_INPUTS = ("docker-compose.yml", "docker-compose.yaml", "compose.yml", "
 
 
 def _add_migrate_parser(subparsers):
-    parser = add_command(
-        subparsers, "migrate", cmd_migrate,
+    parser = _add_command(
+        subparsers, "migrate", _cmd_migrate,
         "rewrite a docker-compose.yml (and its Dockerfiles) as an hpc-compose spec",
         ["hpc-compose migrate                    docker-compose.yml -> compose.yaml",
          "hpc-compose migrate -f app/docker-compose.yml --data-dir /shared/$USER/app-data",
@@ -11491,14 +11491,14 @@ def _add_migrate_parser(subparsers):
                              % _MIGRATE_DEFAULT_DATA_DIR)
     parser.add_argument("--cache-dir", dest="cache_dir", metavar="DIR",
                         help="sets x-slurm.cache_dir (shared by login and compute nodes)")
-    parser.add_argument("--runtime", choices=RUNTIMES, default=DEFAULT_RUNTIME,
+    parser.add_argument("--runtime", choices=_RUNTIMES, default=_DEFAULT_RUNTIME,
                         help="pyxis (containers, the default) or host (services run on the node)")
     parser.add_argument("--force", action="store_true", help="overwrite the output file")
 
 
 def _migrate_input(args):
     if args.file:
-        return resolve_compose_file(args)
+        return _resolve_compose_file(args)
     for name in _MIGRATE_INPUTS:
         if os.path.isfile(name):
             return os.path.abspath(name)
@@ -11521,7 +11521,7 @@ def _migrate_validation(text, folder):
         os.unlink(path)
 
 
-def cmd_migrate(args):
+def _cmd_migrate(args):
     """Write the hpc-compose version of a Docker Compose file, then say what changed."""
     source = _migrate_input(args)
     folder = os.path.dirname(source)
@@ -11543,7 +11543,7 @@ def cmd_migrate(args):
     options = MigrateOptions(data_dir=args.data_dir, cache_dir=args.cache_dir,
                              runtime=args.runtime)
     result = migrate_compose(_read_compose_text(source), source, options)
-    variables = build_variables(folder)
+    variables = _build_variables(folder)
     created = []
     for data_dir in result.data_dirs:
         host = resolve_host_path(interpolate(data_dir, variables, path="--data-dir"), folder,
@@ -11558,7 +11558,7 @@ def cmd_migrate(args):
     else:
         # The file may now hold what was kept apart in env files (passwords): owner-only then.
         mode = os.stat(source).st_mode & 0o666
-        write_file_atomic(output, result.text, mode & 0o600 if result.env_files_copied else mode)
+        _write_file_atomic(output, result.text, mode & 0o600 if result.env_files_copied else mode)
     counts = result.counts
     lines = ["migrated %s -> %s" % (source, shown),
              "keys: %d kept, %d changed, %d dropped, %d added; %d note line%s"
@@ -11579,7 +11579,7 @@ def cmd_migrate(args):
                      % shell_quote(shown))
     stream = sys.stderr if output == "-" else sys.stdout
     stream.write("\n".join(lines) + "\n")
-    return EXIT_OK
+    return _EXIT_OK
 
 
 def _describe_template(template):
@@ -11594,11 +11594,11 @@ def _describe_template(template):
         notes.pop(0)
     if notes:
         lines += ["", "notes:"] + notes
-    assets = template_assets(template.text)
+    assets = _template_assets(template.text)
     if assets:
         lines += ["", "mounts from beside the compose file: %s" % ", ".join(assets),
                   "init also writes their shipped files (unless --no-files):"]
-        lines += ["  " + relative for relative in sorted(template_files(template))]
+        lines += ["  " + relative for relative in sorted(_template_files(template))]
     lines += ["", "start from it with:",
               "  hpc-compose init --template %s --name my-app "
               "--cache-dir /shared/$USER/hpc-compose-cache --output compose.yaml" % template.name]
@@ -11616,30 +11616,30 @@ def main(argv=None):
     try:
         if argv is None:
             argv = sys.argv[1:]
-        parser = build_parser(requested_command(argv))
+        parser = build_parser(_requested_command(argv))
         args = parser.parse_args(argv)
         if not getattr(args, "handler", None):
             parser.print_help()
-            return EXIT_USAGE
+            return _EXIT_USAGE
         return args.handler(args)
     except HpcComposeError as exc:
         sys.stderr.write("error: %s\n" % exc.render())
         return exc.exit_code
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
-        return EXIT_INTERRUPTED
+        return _EXIT_INTERRUPTED
     except BrokenPipeError:
         # `hpc-compose logs | head`: the reader left; that is not an error.
         try:
             sys.stdout = open(os.devnull, "w")
         except OSError:
             pass
-        return EXIT_OK
+        return _EXIT_OK
     except OSError as exc:
         # A file system problem no handler foresaw (a full disk, an unwritable --output...): one line.
         where = " (%s)" % exc.filename if getattr(exc, "filename", None) else ""
         sys.stderr.write("error: %s%s\n" % (exc.strerror or exc, where))
-        return EXIT_FAILURE
+        return _EXIT_FAILURE
 
 
 if __name__ == "__main__":

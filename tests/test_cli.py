@@ -31,11 +31,11 @@ def test_unknown_command_lists_every_command(cli):
 
 def test_requested_command_builds_only_that_subparser():
     import argparse
-    parser = hc.build_parser(hc.requested_command(["validate", "-f", "x.yaml"]))
+    parser = hc.build_parser(hc._requested_command(["validate", "-f", "x.yaml"]))
     subparsers = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)][0]
     assert list(subparsers.choices) == ["validate"]
-    assert hc.requested_command(["--help"]) is None
-    assert hc.requested_command(["nonsense"]) is None
+    assert hc._requested_command(["--help"]) is None
+    assert hc._requested_command(["nonsense"]) is None
 
 
 def test_full_parser_has_every_command():
@@ -92,7 +92,7 @@ def test_default_file_falls_back_to_docker_compose_names(cli, project):
 def test_no_compose_file_here_names_the_searched_names(cli, project):
     result = cli(["validate"], cwd=str(project.root))
     assert result.code == 2
-    for name in hc.DEFAULT_COMPOSE_FILES:
+    for name in hc._DEFAULT_COMPOSE_FILES:
         assert name in result.err
 
 
@@ -134,8 +134,8 @@ def test_shell_quote_refuses_nul():
 
 def test_write_json_atomic_leaves_no_temporary_files(tmp_path):
     target = tmp_path / "state.json"
-    hc.write_json_atomic(str(target), {"b": 1, "a": [1, 2]})
-    assert hc.read_json(str(target)) == {"a": [1, 2], "b": 1}
+    hc._write_json_atomic(str(target), {"b": 1, "a": [1, 2]})
+    assert hc._read_json(str(target)) == {"a": [1, 2], "b": 1}
     assert os.listdir(str(tmp_path)) == ["state.json"]
 
 

@@ -24,7 +24,7 @@ def shared(tmp_path, monkeypatch):
             break
         except OSError:
             continue
-    assert base and not any(hc._under(base, r) for r in hc.FORBIDDEN_CACHE_ROOTS), base
+    assert base and not any(hc._under(base, r) for r in hc._FORBIDDEN_CACHE_ROOTS), base
     os.makedirs(os.path.join(base, "home"))
     monkeypatch.setenv("HOME", os.path.join(base, "home"))
     monkeypatch.setenv("ENROOT_CONFIG_PATH", str(tmp_path / "enroot-config"))
@@ -90,7 +90,7 @@ def test_enroot_uri_uses_hash_syntax_that_enroot_3_and_4_accept(reference, uri):
     ("dockerd://x:1", None),
 ])
 def test_registry_host_of_reference(reference, host):
-    assert hc.registry_host(reference) == host
+    assert hc._registry_host(reference) == host
 
 
 # -- runtime plan ------------------------------------------------------------------------------------
@@ -159,7 +159,7 @@ def test_keys_carry_cache_format_version_not_release_version(tmp_path, monkeypat
     before = hc.build_runtime_plan(plan).images[0].base.cache_key
     monkeypatch.setattr(hc, "__version__", "99.0.0")
     assert hc.build_runtime_plan(plan).images[0].base.cache_key == before
-    monkeypatch.setattr(hc, "CACHE_FORMAT_VERSION", hc.CACHE_FORMAT_VERSION + 1)
+    monkeypatch.setattr(hc, "_CACHE_FORMAT_VERSION", hc._CACHE_FORMAT_VERSION + 1)
     assert hc.build_runtime_plan(plan).images[0].base.cache_key != before
 
 
@@ -365,16 +365,16 @@ def test_manifest_records_key_inputs_services_and_project(tmp_path, enroot):
     plan = make_plan(tmp_path, [make_service("app", "python:3.11", prepare=prep)])
     rp = hc.build_runtime_plan(plan)
     hc.prepare_images(rp, options())
-    manifest = hc.read_manifest(rp.images[0].prepared.path)
+    manifest = hc._read_manifest(rp.images[0].prepared.path)
     assert manifest["kind"] == "prepared"
     assert manifest["cache_key"] == rp.images[0].prepared.cache_key
-    assert manifest["cache_format_version"] == hc.CACHE_FORMAT_VERSION
+    assert manifest["cache_format_version"] == hc._CACHE_FORMAT_VERSION
     assert manifest["services"] == ["app"]
     assert manifest["projects"] == [plan.compose_file]
     assert manifest["prepare_commands"] == ["pip install numpy"]
     assert manifest["prepare_env_keys"] == ["TOKEN"]
     assert "secret-value" not in open(rp.images[0].prepared.manifest_path).read()
-    base = hc.read_manifest(rp.images[0].base.path)
+    base = hc._read_manifest(rp.images[0].base.path)
     assert base["kind"] == "base" and base["enroot_uri"] == "docker://registry-1.docker.io#library/python:3.11"
     assert base["registry"] == "docker.io"
 
@@ -388,11 +388,11 @@ def test_reuse_adds_project_and_touches_last_used(tmp_path, enroot):
     rp = hc.build_runtime_plan(plan1)
     hc.prepare_images(rp, options())
     path = rp.images[0].base.manifest_path
-    manifest = hc.read_json(path)
+    manifest = hc._read_json(path)
     manifest["last_used_at"] = 1000
-    hc.write_json_atomic(path, manifest)
+    hc._write_json_atomic(path, manifest)
     hc.prepare_images(hc.build_runtime_plan(plan2), options())
-    manifest = hc.read_json(path)
+    manifest = hc._read_json(path)
     assert manifest["projects"] == [plan1.compose_file, plan2.compose_file]
     assert manifest["services"] == ["cache", "r"]
     assert manifest["created_by"] == plan1.compose_file
@@ -523,7 +523,7 @@ def test_list_cache_shows_every_artifact_with_manifest(tmp_path, enroot):
                                        make_service("r", "redis:7")])
     entries = hc.list_cache(rp.cache_dir)
     paths = sorted(e["artifact_path"] for e in entries)
-    assert paths == sorted(hc.runtime_artifacts(rp))
+    assert paths == sorted(hc._runtime_artifacts(rp))
     assert all(e["present"] and e["manifest_present"] for e in entries)
     assert {e["kind"] for e in entries} == {"base", "prepared"}
 
@@ -576,9 +576,9 @@ def test_inspect_unknown_service_is_usage_error(tmp_path):
 def test_prune_age_removes_old_entries_only(tmp_path, enroot):
     rp = built_plan(tmp_path, enroot, [make_service("r", "redis:7"), make_service("p", "postgres:16")])
     old = rp.images[0].base
-    manifest = hc.read_json(old.manifest_path)
+    manifest = hc._read_json(old.manifest_path)
     manifest["created_at"] = manifest["last_used_at"] = 1000
-    hc.write_json_atomic(old.manifest_path, manifest)
+    hc._write_json_atomic(old.manifest_path, manifest)
     report = hc.prune_cache(rp.cache_dir, age_days=14)
     assert report["removed_paths"] == [old.path]
     assert not os.path.exists(old.path) and not os.path.exists(old.manifest_path)
@@ -616,9 +616,9 @@ def track_job(project, job_id, script_text=None, state=None, submitted_at=None):
         script.write_text(script_text)
         record["script_path"] = str(script)
     record["submitted_at"] = time.time() if submitted_at is None else submitted_at
-    hc.write_json_atomic(str(jobs / ("%s.json" % job_id)), record)
+    hc._write_json_atomic(str(jobs / ("%s.json" % job_id)), record)
     if state is not None:
-        hc.write_json_atomic(str(project / ".hpc-compose" / str(job_id) / "state.json"), {"status": state})
+        hc._write_json_atomic(str(project / ".hpc-compose" / str(job_id) / "state.json"), {"status": state})
 
 
 def test_prune_keeps_artifact_of_job_still_in_slurm_queue(tmp_path, enroot, slurm, slurm_jobs):
@@ -634,7 +634,7 @@ def test_prune_keeps_artifact_of_job_still_in_slurm_queue(tmp_path, enroot, slur
     assert report["removed_count"] == 0
     assert report["kept_in_use"][0]["path"] == old.images[0].base.path
     assert job_id in report["kept_in_use"][0]["reason"]
-    hc.write_json_atomic(str(tmp_path / ".hpc-compose" / job_id / "state.json"), {"status": "completed"})
+    hc._write_json_atomic(str(tmp_path / ".hpc-compose" / job_id / "state.json"), {"status": "completed"})
     assert hc.prune_cache(str(cache), runtime_plan=current)["removed_paths"] == [old.images[0].base.path]
 
 
@@ -661,13 +661,13 @@ def test_prune_ignores_script_rendered_after_submission(tmp_path, enroot):
               submitted_at=1000)
     report = hc.prune_cache(rp.cache_dir, age_days=0, now=__import__("time").time() + 1,
                             squeue_bin=str(tmp_path / "no-squeue"))
-    assert sorted(k["path"] for k in report["kept_in_use"]) == sorted(hc.runtime_artifacts(rp))
+    assert sorted(k["path"] for k in report["kept_in_use"]) == sorted(hc._runtime_artifacts(rp))
 
 
 def test_prune_skips_artifact_locked_by_a_prepare(tmp_path, enroot):
     rp = built_plan(tmp_path, enroot, [make_service("r", "redis:7")])
     path = rp.images[0].base.path
-    with hc.FileLock(path + ".lock"):
+    with hc._FileLock(path + ".lock"):
         report = hc.prune_cache(rp.cache_dir, age_days=0, now=__import__("time").time() + 1)
     assert report["removed_count"] == 0 and os.path.exists(path)
 
@@ -840,7 +840,7 @@ def test_hit_survives_a_manifest_that_cannot_be_updated(tmp_path, enroot, monkey
 
     def read_only(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
-    monkeypatch.setattr(hc, "write_json_atomic", read_only)
+    monkeypatch.setattr(hc, "_write_json_atomic", read_only)
     lines = []
     results = hc.prepare_images(hc.build_runtime_plan(plan), options(), progress=lines.append)
     assert results[0].runtime_action == "reused"
@@ -852,7 +852,7 @@ def test_unwritable_cache_is_a_tool_error_not_a_traceback(tmp_path, enroot, monk
 
     def refuse(*args, **kwargs):
         raise PermissionError(13, "Permission denied", "/shared/cache/base/x.lock")
-    monkeypatch.setattr(hc.FileLock, "__enter__", refuse)
+    monkeypatch.setattr(hc._FileLock, "__enter__", refuse)
     with pytest.raises(hc.ToolError) as info:
         hc.prepare_images(hc.build_runtime_plan(plan), options())
     assert "Permission denied: /shared/cache/base/x.lock" in info.value.render()

@@ -189,14 +189,14 @@ def test_dotenv_not_utf8_is_an_error_with_line(hc, tmp_path):
 
 def test_process_environment_wins_over_dotenv(hc, tmp_path):
     (tmp_path / ".env").write_text("A=from-dotenv\nB=only-dotenv\n")
-    variables = hc.build_variables(str(tmp_path), {"A": "from-shell"})
+    variables = hc._build_variables(str(tmp_path), {"A": "from-shell"})
     assert variables["A"] == "from-shell"
     assert variables["B"] == "only-dotenv"
 
 
 def test_dotenv_fills_variable_set_to_empty_only_if_missing(hc, tmp_path):
     (tmp_path / ".env").write_text("A=from-dotenv\n")
-    assert hc.build_variables(str(tmp_path), {"A": ""})["A"] == ""
+    assert hc._build_variables(str(tmp_path), {"A": ""})["A"] == ""
 
 
 def test_missing_slurm_variable_hint_explains_load_time(hc):

@@ -286,11 +286,11 @@ def test_credentials_file_location_follows_enroot(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", "/home/u")
     monkeypatch.delenv("ENROOT_CONFIG_PATH", raising=False)
     monkeypatch.delenv("XDG_CONFIG_HOME", raising=False)
-    assert hc.enroot_credentials_path() == "/home/u/.config/enroot/.credentials"
+    assert hc._enroot_credentials_path() == "/home/u/.config/enroot/.credentials"
     monkeypatch.setenv("XDG_CONFIG_HOME", "/xdg")
-    assert hc.enroot_credentials_path() == "/xdg/enroot/.credentials"
+    assert hc._enroot_credentials_path() == "/xdg/enroot/.credentials"
     monkeypatch.setenv("ENROOT_CONFIG_PATH", "/etc/enroot-user")
-    assert hc.enroot_credentials_path() == "/etc/enroot-user/.credentials"
+    assert hc._enroot_credentials_path() == "/etc/enroot-user/.credentials"
 
 
 def test_no_credential_check_when_image_is_cached(tmp_path, shared, monkeypatch):

@@ -66,7 +66,7 @@ def plan_of(project, text=None, env=None):
 def failure(project, text, env=None):
     with pytest.raises(hc.SpecError) as info:
         plan_of(project, text, env)
-    assert info.value.exit_code == hc.EXIT_USAGE
+    assert info.value.exit_code == hc._EXIT_USAGE
     return info.value
 
 
@@ -364,7 +364,7 @@ def test_a_secret_file_gone_since_loading_is_a_tool_error_naming_it(secret_proje
 
 def test_records_and_their_folder_are_owner_only_whatever_the_umask(project, umask_000):
     record = {"job_id": "7", "services": []}
-    hc.record_job(str(project.root), record)
+    hc._record_job(str(project.root), record)
     root = project.root / ".hpc-compose"
     assert mode(root / "jobs") == 0o700
     assert mode(root / "jobs" / "7.json") == 0o600 and mode(root / "latest.json") == 0o600

@@ -935,7 +935,7 @@ def test_any_wrong_value_at_any_key_is_a_spec_error_not_a_crash(hc, project):
     import copy
     base = hc.parse_yaml(ROBUST_BASE)
     path = project.root / "compose.yaml"
-    path.write_text(hc.render_yaml(base) + "\n")
+    path.write_text(hc._render_yaml(base) + "\n")
     assert len(hc.build_plan(hc.load_spec(str(path), environ=ENV), environ=ENV).services) == 3
     outcomes = {"ok": 0, "error": 0}
     for key_path in list(all_paths(base)):
@@ -945,10 +945,10 @@ def test_any_wrong_value_at_any_key_is_a_spec_error_not_a_crash(hc, project):
             for part in key_path[:-1]:
                 node = node[part]
             node[key_path[-1]] = value
-            path.write_text(hc.render_yaml(mutated) + "\n")
+            path.write_text(hc._render_yaml(mutated) + "\n")
             try:
                 spec = hc.load_spec(str(path), environ=ENV)
-                hc.render_inspect_text(hc.build_plan(spec, environ=ENV), verbose=True)
+                hc._render_inspect_text(hc.build_plan(spec, environ=ENV), verbose=True)
                 outcomes["ok"] += 1
             except hc.HpcComposeError as exc:
                 assert exc.exit_code == 2

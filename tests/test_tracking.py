@@ -38,7 +38,7 @@ def run_block(tmp_path, body, job_dir, env=None, path_dirs=()):
 
 
 def make_record(project_dir, job_id, services=(("app", "app"),), submitted_at=None, **extra):
-    job_dir = hpc_compose.job_directory(str(project_dir), job_id)
+    job_dir = hpc_compose._job_directory(str(project_dir), job_id)
     record = {
         "schema_version": 1, "job_id": str(job_id), "project_dir": str(project_dir),
         "compose_file": os.path.join(str(project_dir), "compose.yaml"),
@@ -85,49 +85,49 @@ def nvidia_smi_standin(tmp_path):
 # --- job ids and batch log paths ---------------------------------------------------------------
 
 def test_parsable_job_id_is_parsed(hc):
-    assert hc.parse_sbatch_job_id("4242\n") == ("4242", None)
+    assert hc._parse_sbatch_job_id("4242\n") == ("4242", None)
 
 
 def test_parsable_job_id_with_cluster_is_parsed(hc):
-    assert hc.parse_sbatch_job_id("4243;cluster-a\n") == ("4243", "cluster-a")
+    assert hc._parse_sbatch_job_id("4243;cluster-a\n") == ("4243", "cluster-a")
 
 
 def test_classic_sbatch_line_is_parsed(hc):
-    assert hc.parse_sbatch_job_id("Submitted batch job 99\n") == ("99", None)
+    assert hc._parse_sbatch_job_id("Submitted batch job 99\n") == ("99", None)
 
 
 def test_sbatch_output_without_job_id_is_a_tool_error(hc):
     with pytest.raises(hc.ToolError) as info:
-        hc.parse_sbatch_job_id("sbatch: error: Batch job submission failed\n")
+        hc._parse_sbatch_job_id("sbatch: error: Batch job submission failed\n")
     assert "job id" in info.value.message
 
 
 def test_batch_log_defaults_to_slurm_jobid_out_in_compose_dir(hc, tmp_path):
-    assert hc.batch_log_path(str(tmp_path), "123", "app") == str(tmp_path / "slurm-123.out")
+    assert hc._batch_log_path(str(tmp_path), "123", "app") == str(tmp_path / "slurm-123.out")
 
 
 def test_batch_log_expands_job_name_user_and_padding(hc, tmp_path):
-    path = hc.batch_log_path(str(tmp_path), "123", "train", "logs/%x-%u-%8j-%A.%%.out", user="ada")
+    path = hc._batch_log_path(str(tmp_path), "123", "train", "logs/%x-%u-%8j-%A.%%.out", user="ada")
     assert path == str(tmp_path / "logs" / "train-ada-00000123-123.%.out")
 
 
 def test_batch_log_keeps_node_specifier_and_absolute_paths(hc, tmp_path):
-    assert hc.batch_log_path(str(tmp_path), "7", "x", "/scratch/%N-%j.log") == "/scratch/%N-7.log"
+    assert hc._batch_log_path(str(tmp_path), "7", "x", "/scratch/%N-%j.log") == "/scratch/%N-7.log"
 
 
 def test_batch_log_is_relative_to_chdir_when_set(hc, tmp_path):
-    path = hc.batch_log_path(str(tmp_path), "7", "x", "out-%j.txt", chdir="run")
+    path = hc._batch_log_path(str(tmp_path), "7", "x", "out-%j.txt", chdir="run")
     assert path == str(tmp_path / "run" / "out-7.txt")
 
 
 def test_slurm_state_is_normalized(hc):
-    assert hc.normalize_slurm_state("CANCELLED by 0") == "CANCELLED"
-    assert hc.normalize_slurm_state("completed+") == "COMPLETED"
-    assert hc.normalize_slurm_state("") == "UNKNOWN"
+    assert hc._normalize_slurm_state("CANCELLED by 0") == "CANCELLED"
+    assert hc._normalize_slurm_state("completed+") == "COMPLETED"
+    assert hc._normalize_slurm_state("") == "UNKNOWN"
 
 
 def test_sstat_output_keeps_numbered_steps_only(hc):
-    rows = hc.parse_sstat_output("12.batch|1|0|1K|1K|cpu=0\n12.extern|1|0|0|0|\n"
+    rows = hc._parse_sstat_output("12.batch|1|0|1K|1K|cpu=0\n12.extern|1|0|0|0|\n"
                                  "12.0|2|00:00:03|100K|200K|cpu=00:00:03,mem=100K\n")
     assert [r["step_id"] for r in rows] == ["12.0"]
     assert rows[0]["ntasks"] == "2" and rows[0]["max_rss"] == "200K"
@@ -136,12 +136,12 @@ def test_sstat_output_keeps_numbered_steps_only(hc):
 # --- state.json --------------------------------------------------------------------------------
 
 def test_missing_state_json_reads_as_none(hc, tmp_path):
-    assert hc.read_runtime_state(str(tmp_path)) is None
+    assert hc._read_runtime_state(str(tmp_path)) is None
 
 
 def test_half_written_state_json_reads_as_none(hc, tmp_path):
     (tmp_path / "state.json").write_text('{"status": "runn')
-    assert hc.read_runtime_state(str(tmp_path)) is None
+    assert hc._read_runtime_state(str(tmp_path)) is None
 
 
 def test_state_json_is_read_tolerantly(hc, tmp_path):
@@ -149,7 +149,7 @@ def test_state_json_is_read_tolerantly(hc, tmp_path):
         "status": "failed", "future_key": 1,
         "services": [{"name": "db", "status": "failed", "last_exit_code": 3}, "junk",
                      {"status": "running"}, {"name": "web"}]}))
-    state = hc.read_runtime_state(str(tmp_path))
+    state = hc._read_runtime_state(str(tmp_path))
     assert [s["name"] for s in state["services"]] == ["db", "web"]
     assert state["services"][1]["status"] == "unknown"
     assert state["services"][0]["restarts"] is None
@@ -161,7 +161,7 @@ def test_failure_summary_names_failed_service_and_exit_code(hc, tmp_path):
         {"name": "db", "status": "failed", "last_exit_code": 3},
         {"name": "web", "status": "stopped"},
         {"name": "probe", "status": "failed", "readiness": {"type": "tcp", "status": "timeout"}}])
-    summary = hc.runtime_failure_summary(hc.read_runtime_state(str(tmp_path)))
+    summary = hc._runtime_failure_summary(hc._read_runtime_state(str(tmp_path)))
     assert "service 'db' failed (exit 3)" in summary
     assert "service 'probe' failed (readiness tcp timed out)" in summary
     assert "web" not in summary
@@ -172,7 +172,7 @@ def test_failure_summary_does_not_repeat_the_scripts_reason(hc, tmp_path):
         "status": "failed", "reason": "service 'db' exited with code 3",
         "services": [{"name": "db", "status": "failed", "last_exit_code": 3},
                      {"name": "cache", "status": "failed", "last_exit_code": 1}]}))
-    summary = hc.runtime_failure_summary(hc.read_runtime_state(str(tmp_path)))
+    summary = hc._runtime_failure_summary(hc._read_runtime_state(str(tmp_path)))
     assert summary == "service 'db' exited with code 3; service 'cache' failed (exit 1)"
 
 
@@ -182,7 +182,7 @@ def _submit_many(project_dir, first_id, count):
     for job_id in range(first_id, first_id + count):
         record = make_record(project_dir, job_id, services=[("svc%d" % i, "svc%d" % i)
                                                             for i in range(30)])
-        hpc_compose.record_job(project_dir, record)
+        hpc_compose._record_job(project_dir, record)
 
 
 def test_parallel_writers_never_corrupt_tracked_metadata(hc, tmp_path):
@@ -200,20 +200,20 @@ def test_parallel_writers_never_corrupt_tracked_metadata(hc, tmp_path):
     for name in records:
         with open(os.path.join(project_dir, ".hpc-compose", "jobs", name)) as handle:
             assert json.load(handle)["job_id"] == name[:-5]
-    latest = hc.read_json(hc.latest_record_path(project_dir))
+    latest = hc._read_json(hc._latest_record_path(project_dir))
     assert latest["job_id"] + ".json" in records
     assert not [n for n in written if n.endswith(".tmp")]
 
 
 def test_latest_record_is_loaded_without_job_id(hc, tmp_path):
-    hc.record_job(str(tmp_path), make_record(tmp_path, 5))
-    hc.record_job(str(tmp_path), make_record(tmp_path, 6))
-    assert hc.load_job_record(str(tmp_path))["job_id"] == "6"
-    assert hc.load_job_record(str(tmp_path), "5")["job_id"] == "5"
+    hc._record_job(str(tmp_path), make_record(tmp_path, 5))
+    hc._record_job(str(tmp_path), make_record(tmp_path, 6))
+    assert hc._load_job_record(str(tmp_path))["job_id"] == "6"
+    assert hc._load_job_record(str(tmp_path), "5")["job_id"] == "5"
 
 
 def test_unknown_job_id_gets_a_minimal_record(hc, tmp_path):
-    record = hc.load_job_record(str(tmp_path), "77")
+    record = hc._load_job_record(str(tmp_path), "77")
     assert record["untracked"] and record["job_dir"] == str(tmp_path / ".hpc-compose" / "77")
 
 
@@ -225,25 +225,25 @@ def test_no_tracked_job_is_a_usage_error(hc, cli, tmp_path):
 
 
 def test_latest_job_is_per_compose_file_when_two_share_a_directory(hc, tmp_path):
-    hc.record_job(str(tmp_path), make_record(tmp_path, 10, compose_file=str(tmp_path / "a.yaml")))
-    hc.record_job(str(tmp_path), make_record(tmp_path, 11, compose_file=str(tmp_path / "b.yaml")))
-    assert hc.load_job_record(str(tmp_path), compose_file=str(tmp_path / "a.yaml"))["job_id"] == "10"
-    assert hc.load_job_record(str(tmp_path), compose_file=str(tmp_path / "b.yaml"))["job_id"] == "11"
+    hc._record_job(str(tmp_path), make_record(tmp_path, 10, compose_file=str(tmp_path / "a.yaml")))
+    hc._record_job(str(tmp_path), make_record(tmp_path, 11, compose_file=str(tmp_path / "b.yaml")))
+    assert hc._load_job_record(str(tmp_path), compose_file=str(tmp_path / "a.yaml"))["job_id"] == "10"
+    assert hc._load_job_record(str(tmp_path), compose_file=str(tmp_path / "b.yaml"))["job_id"] == "11"
     with pytest.raises(hc.UsageError) as info:
-        hc.load_job_record(str(tmp_path), compose_file=str(tmp_path / "c.yaml"))
+        hc._load_job_record(str(tmp_path), compose_file=str(tmp_path / "c.yaml"))
     assert "for c.yaml" in info.value.message
 
 
 def test_non_numeric_job_id_is_a_usage_error(hc, tmp_path):
     with pytest.raises(hc.UsageError):
-        hc.load_job_record(str(tmp_path), "12; rm -rf /")
+        hc._load_job_record(str(tmp_path), "12; rm -rf /")
 
 
 # --- logs ---------------------------------------------------------------------------------------
 
 def test_follower_holds_partial_lines_until_complete(hc, tmp_path):
     log = tmp_path / "a.log"
-    follower = hc.LogFollower([("a", str(log))])
+    follower = hc._LogFollower([("a", str(log))])
     assert follower.poll() == []                      # the file does not exist yet
     with open(str(log), "ab") as handle:
         handle.write(b"hel")
@@ -259,7 +259,7 @@ def test_follower_holds_partial_lines_until_complete(hc, tmp_path):
 def test_follower_flush_returns_the_last_partial_line(hc, tmp_path):
     log = tmp_path / "a.log"
     log.write_bytes(b"one\ntwo")
-    follower = hc.LogFollower([("a", str(log))])
+    follower = hc._LogFollower([("a", str(log))])
     assert follower.poll() == [("a", "one")]
     assert follower.flush() == [("a", "two")]
     assert follower.flush() == []
@@ -268,7 +268,7 @@ def test_follower_flush_returns_the_last_partial_line(hc, tmp_path):
 def test_follower_restarts_a_truncated_file(hc, tmp_path):
     log = tmp_path / "a.log"
     log.write_bytes(b"first run line\n")
-    follower = hc.LogFollower([("a", str(log))])
+    follower = hc._LogFollower([("a", str(log))])
     assert follower.poll() == [("a", "first run line")]
     log.write_bytes(b"new\n")
     assert follower.poll() == [("a", "new")]
@@ -277,7 +277,7 @@ def test_follower_restarts_a_truncated_file(hc, tmp_path):
 def test_follower_from_end_skips_existing_lines(hc, tmp_path):
     log = tmp_path / "a.log"
     log.write_bytes(b"old\n")
-    follower = hc.LogFollower([("a", str(log))], from_end=True)
+    follower = hc._LogFollower([("a", str(log))], from_end=True)
     with open(str(log), "ab") as handle:
         handle.write(b"new\n")
     assert follower.poll() == [("a", "new")]
@@ -286,14 +286,14 @@ def test_follower_from_end_skips_existing_lines(hc, tmp_path):
 def test_tail_returns_last_lines(hc, tmp_path):
     log = tmp_path / "a.log"
     log.write_text("".join("line %d\n" % i for i in range(5000)))
-    assert hc.tail_lines(str(log), 3) == ["line 4997", "line 4998", "line 4999"]
-    assert hc.tail_lines(str(tmp_path / "missing.log"), 3) == []
+    assert hc._tail_lines(str(log), 3) == ["line 4997", "line 4998", "line 4999"]
+    assert hc._tail_lines(str(tmp_path / "missing.log"), 3) == []
 
 
 def test_logs_command_prefixes_lines_and_honours_tail(hc, cli, tmp_path):
     (tmp_path / "compose.yaml").write_text("services: {}\n")
     record = make_record(tmp_path, 31, services=[("web", "web"), ("my.app", "my_x2e_app")])
-    hc.record_job(str(tmp_path), record)
+    hc._record_job(str(tmp_path), record)
     os.makedirs(os.path.join(record["job_dir"], "logs"))
     with open(record["services"][0]["log_path"], "w") as handle:
         handle.write("a\nb\nc\n")
@@ -308,7 +308,7 @@ def test_logs_command_prefixes_lines_and_honours_tail(hc, cli, tmp_path):
 
 def test_logs_of_unknown_service_is_a_usage_error(hc, cli, tmp_path):
     (tmp_path / "compose.yaml").write_text("services: {}\n")
-    hc.record_job(str(tmp_path), make_record(tmp_path, 32))
+    hc._record_job(str(tmp_path), make_record(tmp_path, 32))
     result = cli(["logs", "-f", str(tmp_path / "compose.yaml"), "--service", "nope"])
     assert result.code == 2 and "no service 'nope'" in result.err and "app" in result.err
 
@@ -318,9 +318,9 @@ def test_logs_of_unknown_service_is_a_usage_error(hc, cli, tmp_path):
 def test_poller_backs_off_and_resets_after_a_change(hc, monkeypatch):
     now = [0.0]
     states = iter(["PENDING", "PENDING", "PENDING", "RUNNING", "RUNNING"])
-    monkeypatch.setattr(hc, "squeue_state",
+    monkeypatch.setattr(hc, "_squeue_state",
                         lambda job_id, squeue_bin: hc.SchedulerState(next(states), "squeue"))
-    poller = hc.SchedulerPoller("1", clock=lambda: now[0], first=2.0, cap=8.0)
+    poller = hc._SchedulerPoller("1", clock=lambda: now[0], first=2.0, cap=8.0)
     intervals = []
     for _ in range(5):
         poller.poll()
@@ -341,9 +341,9 @@ def test_poller_asks_sacct_only_after_the_job_left_the_queue(hc, monkeypatch):
         asked.append("sacct")
         return hc.SchedulerState("COMPLETED", "sacct", exit_code="0:0")
 
-    monkeypatch.setattr(hc, "squeue_state", fake_squeue)
-    monkeypatch.setattr(hc, "sacct_state", fake_sacct)
-    poller = hc.SchedulerPoller("1", clock=lambda: 0.0)
+    monkeypatch.setattr(hc, "_squeue_state", fake_squeue)
+    monkeypatch.setattr(hc, "_sacct_state", fake_sacct)
+    poller = hc._SchedulerPoller("1", clock=lambda: 0.0)
     assert poller.poll()[0].state == "RUNNING"
     assert asked == ["squeue"]
     state, changed = poller.poll()
@@ -361,9 +361,9 @@ def test_poller_keeps_its_state_through_a_transient_squeue_failure(hc, monkeypat
             raise answer
         return answer
 
-    monkeypatch.setattr(hc, "squeue_state", flaky_squeue)
-    monkeypatch.setattr(hc, "sacct_state", lambda job_id, sacct_bin: pytest.fail("sacct asked"))
-    poller = hc.SchedulerPoller("1", squeue_bin=shutil.which("true"), clock=lambda: 0.0)
+    monkeypatch.setattr(hc, "_squeue_state", flaky_squeue)
+    monkeypatch.setattr(hc, "_sacct_state", lambda job_id, sacct_bin: pytest.fail("sacct asked"))
+    poller = hc._SchedulerPoller("1", squeue_bin=shutil.which("true"), clock=lambda: 0.0)
     assert poller.poll() == (hc.SchedulerState("RUNNING", "squeue"), True)
     assert poller.poll() == (hc.SchedulerState("RUNNING", "squeue"), False)
     assert not poller.left_queue
@@ -371,7 +371,7 @@ def test_poller_keeps_its_state_through_a_transient_squeue_failure(hc, monkeypat
 
 
 def test_poller_without_squeue_binary_raises(hc):
-    poller = hc.SchedulerPoller("1", squeue_bin="/nonexistent/squeue", clock=lambda: 0.0)
+    poller = hc._SchedulerPoller("1", squeue_bin="/nonexistent/squeue", clock=lambda: 0.0)
     with pytest.raises(hc.ToolError):
         poller.poll()
 
@@ -380,7 +380,7 @@ def test_poller_without_squeue_binary_raises(hc):
 
 def _tracked(tmp_path, job_id, age_days, status=None):
     record = make_record(tmp_path, job_id, submitted_at=time.time() - age_days * 86400)
-    hpc_compose.record_job(str(tmp_path), record)
+    hpc_compose._record_job(str(tmp_path), record)
     os.makedirs(os.path.join(record["job_dir"], "logs"), exist_ok=True)
     if status:
         write_state(record["job_dir"], status)
@@ -391,17 +391,17 @@ def test_clean_age_removes_old_finished_jobs_only(hc, tmp_path):
     old = _tracked(tmp_path, 1, 10, "completed")
     young = _tracked(tmp_path, 2, 1, "completed")
     _tracked(tmp_path, 3, 0, "completed")             # latest
-    removed, kept = hc.clean_jobs(str(tmp_path), age_days=7, squeue_bin="/nonexistent/squeue")
+    removed, kept = hc._clean_jobs(str(tmp_path), age_days=7, squeue_bin="/nonexistent/squeue")
     assert removed == ["1"]
     assert not os.path.exists(old["job_dir"])
-    assert not os.path.exists(hc.job_record_path(str(tmp_path), "1"))
+    assert not os.path.exists(hc._job_record_path(str(tmp_path), "1"))
     assert os.path.isdir(young["job_dir"])
 
 
 def test_clean_all_keeps_the_latest_job(hc, tmp_path):
     for job_id in (1, 2, 3):
         _tracked(tmp_path, job_id, 5, "failed")
-    removed, kept = hc.clean_jobs(str(tmp_path), remove_all=True, squeue_bin="/nonexistent/squeue")
+    removed, kept = hc._clean_jobs(str(tmp_path), remove_all=True, squeue_bin="/nonexistent/squeue")
     assert removed == ["1", "2"]
     assert kept == {"3": "latest tracked job"}
     assert os.path.isdir(os.path.join(str(tmp_path), ".hpc-compose", "3"))
@@ -411,7 +411,7 @@ def test_clean_never_removes_a_job_it_cannot_prove_finished(hc, tmp_path):
     running = _tracked(tmp_path, 1, 30, "running")
     unstarted = _tracked(tmp_path, 2, 30)
     _tracked(tmp_path, 3, 0, "completed")
-    removed, kept = hc.clean_jobs(str(tmp_path), remove_all=True, squeue_bin="/nonexistent/squeue")
+    removed, kept = hc._clean_jobs(str(tmp_path), remove_all=True, squeue_bin="/nonexistent/squeue")
     assert removed == []
     assert set(kept) == {"1", "2", "3"}
     assert os.path.isdir(running["job_dir"]) and os.path.isdir(unstarted["job_dir"])
@@ -421,7 +421,7 @@ def test_clean_leaves_another_compose_files_jobs_alone(hc, cli, tmp_path):
     for job_id, name in ((1, "a.yaml"), (2, "b.yaml"), (3, "a.yaml"), (4, "b.yaml")):
         record = make_record(tmp_path, job_id, submitted_at=time.time() - 9 * 86400,
                              compose_file=str(tmp_path / name))
-        hc.record_job(str(tmp_path), record)
+        hc._record_job(str(tmp_path), record)
         write_state(record["job_dir"], "completed")
     (tmp_path / "a.yaml").write_text("services: {}\n")
     result = cli(["clean", "-f", str(tmp_path / "a.yaml"), "--all",
@@ -528,17 +528,17 @@ def test_stats_reads_latest_sampler_group_as_csv_and_jsonl(hc, tmp_path, nvidia_
                                      "ave_cpu": cpu, "ave_rss": "10K", "max_rss": "20K",
                                      "tres_usage_in_ave": "cpu=%s,gres/gpuutil=50" % cpu}) + "\n")
         handle.write('{"sampled_at": "2026-01-01T00:00:1')     # a half-written last line
-    stats = hc.collect_stats(_stats_record(tmp_path, job_dir), sstat_bin="/nonexistent/sstat",
+    stats = hc._collect_stats(_stats_record(tmp_path, job_dir), sstat_bin="/nonexistent/sstat",
                              squeue_bin="/nonexistent/squeue", sacct_bin="/nonexistent/sacct")
     assert stats["source"] == "sampler" and stats["available"]
     assert [s["ave_cpu"] for s in stats["steps"]] == ["00:00:06"]
     assert stats["steps"][0]["gpu_util"] == "50"
     assert len(stats["gpus"]) == 2
-    csv_lines = hc.format_stats_csv(stats).splitlines()
-    assert csv_lines[0] == ",".join('"%s"' % c for c in hc.STATS_CSV_COLUMNS)
+    csv_lines = hc._format_stats_csv(stats).splitlines()
+    assert csv_lines[0] == ",".join('"%s"' % c for c in hc._STATS_CSV_COLUMNS)
     assert csv_lines[1].startswith('"5","UNKNOWN","none","sampler","5.0","1","00:00:06"')
     assert '"cpu=00:00:06;gres/gpuutil=50"' in csv_lines[1]
-    records = [json.loads(l) for l in hc.format_stats_jsonl(stats).splitlines()]
+    records = [json.loads(l) for l in hc._format_stats_jsonl(stats).splitlines()]
     assert [r["type"] for r in records] == ["summary", "note", "collector", "collector", "gpu_device", "gpu_device", "gpu_process",
                                                             "step"]
     assert all(r["job_id"] == "5" for r in records)
@@ -617,7 +617,7 @@ def test_artifacts_are_exported_with_provenance_and_tarball(hc, cli, tmp_path):
     (project / "compose.yaml").write_text("services: {}\n")
     run_block(tmp_path, hc.render_artifacts_block(runtime_plan_with(artifacts=ARTIFACTS))
               + "collect_artifacts success\n", job_dir, env={"SLURM_JOB_ID": "41"})
-    hc.record_job(str(project), make_record(project, 41, artifact_export_dir=ARTIFACTS.export_dir))
+    hc._record_job(str(project), make_record(project, 41, artifact_export_dir=ARTIFACTS.export_dir))
     result = cli(["artifacts", "-f", str(project / "compose.yaml"), "--bundle", "checkpoints",
                   "--tarball"])
     assert result.code == 0, result.err
@@ -639,7 +639,7 @@ def test_default_bundle_exports_to_the_export_root(hc, tmp_path):
     run_block(tmp_path, hc.render_artifacts_block(runtime_plan_with(artifacts=ARTIFACTS))
               + "collect_artifacts success\n", job_dir, env={"SLURM_JOB_ID": "41"})
     record = make_record(project, 41, artifact_export_dir="out-$SLURM_JOB_ID")
-    report = hc.export_artifacts(record)
+    report = hc._export_artifacts(record)
     assert report["export_dir"] == str(project / "out-41")
     assert (project / "out-41" / "metrics" / "gpu.jsonl").exists()
     assert (project / "out-41" / "_hpc-compose" / "bundles" / "default.json").exists()
@@ -651,12 +651,12 @@ def test_unknown_bundle_is_a_usage_error(hc, tmp_path):
               + "collect_artifacts success\n", job_dir, env={"SLURM_JOB_ID": "41"})
     record = make_record(tmp_path / "proj", 41, artifact_export_dir="out")
     with pytest.raises(hc.UsageError) as info:
-        hc.export_artifacts(record, bundles=["nope"])
+        hc._export_artifacts(record, bundles=["nope"])
     assert "checkpoints" in info.value.render()
 
 
 def test_export_without_manifest_explains_why(hc, tmp_path):
     record = make_record(tmp_path, 8, artifact_export_dir="out")
     with pytest.raises(hc.ToolError) as info:
-        hc.export_artifacts(record)
+        hc._export_artifacts(record)
     assert "no collected artifacts" in info.value.message

@@ -77,8 +77,8 @@ def final_state(job_dir, timeout=30.0):
     deadline = time.monotonic() + timeout
     state = None
     while time.monotonic() < deadline:
-        state = hpc_compose.read_runtime_state(str(job_dir))
-        if state and state.get("status") in hpc_compose.FINAL_RUNTIME_STATUSES:
+        state = hpc_compose._read_runtime_state(str(job_dir))
+        if state and state.get("status") in hpc_compose._FINAL_RUNTIME_STATUSES:
             return state
         time.sleep(0.5)
     raise AssertionError("state.json in %s never became final: %r" % (job_dir, state))
@@ -95,7 +95,7 @@ def hand_job(tmp_path, body, time_limit="2"):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             universal_newlines=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    return hpc_compose.parse_sbatch_job_id(result.stdout)[0]
+    return hpc_compose._parse_sbatch_job_id(result.stdout)[0]
 
 
 # --- the whole product --------------------------------------------------------------------------
@@ -319,11 +319,11 @@ def test_clean_keeps_the_directory_of_a_running_job(slurm, slurm_jobs, tmp_path)
     while not job_dir.is_dir() and time.time() < deadline:
         time.sleep(0.2)
     newer = "999999"                                   # the latest record names another job
-    hpc_compose.record_job(str(tmp_path), {"job_id": newer, "submitted_at": time.time(),
+    hpc_compose._record_job(str(tmp_path), {"job_id": newer, "submitted_at": time.time(),
                                            "services": []})
-    hpc_compose.record_job(str(tmp_path), {"job_id": newer, "submitted_at": time.time(),
+    hpc_compose._record_job(str(tmp_path), {"job_id": newer, "submitted_at": time.time(),
                                            "services": []})
-    removed, kept = hpc_compose.clean_jobs(str(tmp_path), remove_all=True)
+    removed, kept = hpc_compose._clean_jobs(str(tmp_path), remove_all=True)
     assert old not in removed
     assert kept[old].startswith("still in the queue")
     assert os.path.isdir(str(tmp_path / ".hpc-compose" / old))
@@ -355,7 +355,7 @@ def test_ctrl_c_stops_watching_but_not_the_job(slurm, slurm_jobs, tmp_path):
     assert "stopped watching job %s; it keeps running." % record["job_id"] in err
     assert "[ticker] tick-1" in out.splitlines()
     # squeue, not sacct: slurmdbd may not have recorded the start yet.
-    assert hpc_compose.squeue_state(record["job_id"]).state == "RUNNING"
+    assert hpc_compose._squeue_state(record["job_id"]).state == "RUNNING"
 
 
 def test_status_of_a_pending_job_shows_the_reason_and_cancel_ends_it(slurm, slurm_jobs, tmp_path):

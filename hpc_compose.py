@@ -14,7 +14,7 @@ Contents, in pipeline order (each section starts with a banner of ``#`` lines):
 
 1. Errors, constants and shared helpers -- exit codes, the error family, atomic writes, locks,
    the one shell-quoting helper, the subprocess runner every tool wrapper goes through.
-2. YAML reader -- ``parse_yaml`` / ``load_yaml``: the YAML 1.2 subset compose files use.
+2. YAML reader -- ``parse_yaml`` / ``parse_yaml_document``: the YAML 1.2 subset compose files use.
 3. Interpolation and .env -- ``$VAR`` / ``${VAR:-default}`` / ``$$`` and the ``.env`` file.
 4. Spec -- the validated compose model (``ComposeSpec``) and ``load_spec``.
 5. Planner -- ``build_plan``: dependency order, images, mounts, environment, placement.
@@ -45,7 +45,7 @@ __all__ = [
     # errors
     "HpcComposeError", "UsageError", "LocatedError", "YamlError", "SpecError", "ToolError", "JobFailed",
     # YAML
-    "parse_yaml", "load_yaml", "YamlDocument", "Mark",
+    "parse_yaml", "parse_yaml_document", "YamlDocument", "Mark",
     # interpolation
     "interpolate", "parse_dotenv", "load_dotenv",
     # spec
@@ -115,7 +115,7 @@ class HpcComposeError(Exception):
         self.message = message
         self.hint = hint
 
-    def render(self):
+    def format(self):
         """The user-facing text: the message, then the hint on its own line."""
         text = self.message
         if self.hint:
@@ -123,7 +123,7 @@ class HpcComposeError(Exception):
         return text
 
     def __str__(self):
-        return self.render()
+        return self.format()
 
 
 class UsageError(HpcComposeError):
@@ -153,7 +153,7 @@ class LocatedError(HpcComposeError):
                 parts.append(str(self.column))
         return ":".join(parts)
 
-    def render(self):
+    def format(self):
         text = self.location() + ": "
         if self.path:
             text += self.path + ": "
@@ -217,16 +217,16 @@ def _write_file_atomic(path, data, mode=0o644):
 
 def _write_json_atomic(path, obj, mode=0o644):
     """Write ``obj`` as pretty, key-sorted JSON to ``path`` atomically."""
-    _write_file_atomic(path, _to_json(obj) + "\n", mode)
+    _write_file_atomic(path, _format_json(obj) + "\n", mode)
 
 
-def _to_json(obj):
+def _format_json(obj):
     """The one JSON rendering the tool prints and stores (indented, sorted keys, UTF-8)."""
     import json
     return json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False)
 
 
-def _read_json(path):
+def _load_json(path):
     """Parse a JSON file; ``None`` when it is missing or unreadable (tracked files are optional)."""
     import json
     try:
@@ -305,7 +305,7 @@ def _warn(message):
 ##############################################################################
 # Contract:
 #   parse_yaml(text) -> plain dict/list/str/int/float/bool/None
-#   load_yaml(text, filename=None) -> YamlDocument(data, marks, key_marks)
+#   parse_yaml_document(text, filename=None) -> YamlDocument(data, marks, key_marks)
 #   marks: dict mapping a path tuple (mapping keys as str, sequence indexes as int; () is the root)
 #          to Mark(line, column, text): 1-based position of that node's value, and for plain
 #          scalars the exact source text (so `1.10` and `true` can be kept as written), else None.
@@ -335,7 +335,7 @@ _new_mark = tuple.__new__   # Mark(...) without the Python-level __new__ (marks 
 
 
 class YamlDocument(NamedTuple):
-    """What ``load_yaml`` returns: the values, and the marks of values and of mapping keys."""
+    """What ``parse_yaml_document`` returns: the values, and the marks of values and of mapping keys."""
     data: object
     marks: dict
     key_marks: dict
@@ -384,10 +384,10 @@ _MARKER_INDENT = -2   # "indentation" reported for `---` / `...` lines and the e
 
 def parse_yaml(text):
     """Parse YAML text into plain Python values (dict, list, str, int, float, bool, None)."""
-    return load_yaml(text).data
+    return parse_yaml_document(text).data
 
 
-def load_yaml(text, filename=None):
+def parse_yaml_document(text, filename=None):
     """Parse YAML text, keeping source positions: returns a ``YamlDocument``."""
     text = _decode_yaml_source(text, filename)
     reader = _YamlReader(text, filename)
@@ -401,7 +401,7 @@ def load_yaml(text, filename=None):
 
 
 class _IntegerTooLong(Exception):
-    """Raised by _resolve_plain, which does not know where it is; load_yaml adds the place."""
+    """Raised by _resolve_plain, which does not know where it is; parse_yaml_document adds the place."""
 
 
 def _decode_yaml_source(text, filename):
@@ -2194,7 +2194,7 @@ def _helper_geometry(mode, service_slurm):
 
 # --- reading the file ----------------------------------------------------------------------------
 
-def _read_compose_text(path):
+def _load_compose_text(path):
     if os.path.isdir(path):
         raise SpecError("'%s' is a directory, not a compose file" % path, file=path,
                         hint="pass the YAML file itself, e.g. -f %s"
@@ -2222,8 +2222,8 @@ def _read_compose_text(path):
 def load_spec(path, environ=None):
     """Read, interpolate and validate a compose file; returns a ``ComposeSpec``."""
     path = os.path.abspath(path)
-    text = _read_compose_text(path)
-    document = load_yaml(text, filename=path)
+    text = _load_compose_text(path)
+    document = parse_yaml_document(text, filename=path)
     project_dir = os.path.dirname(path)
     if document.data is None:
         raise SpecError("the compose file is empty", file=path, line=1,
@@ -3885,9 +3885,9 @@ def _enroot_failure(step, argv, code, tail, hint=None):
 
 # -- manifests -----------------------------------------------------------------------------------------
 
-def _read_manifest(artifact_path):
+def _load_manifest(artifact_path):
     """The manifest dict stored beside ``artifact_path``; None when absent or unreadable."""
-    data = _read_json(artifact_path + _MANIFEST_SUFFIX)
+    data = _load_json(artifact_path + _MANIFEST_SUFFIX)
     return data if isinstance(data, dict) else None
 
 
@@ -3931,7 +3931,7 @@ def _record_use(artifact, plan, services, fresh_manifest):
     """Touch ``last_used_at`` and add this project and these services to the manifest (the caller
     holds the artifact's lock)."""
     import time
-    manifest = _read_manifest(artifact.path)
+    manifest = _load_manifest(artifact.path)
     if manifest is None:
         # An artifact without a manifest (copied in, or a crash between rename and manifest):
         # describe it from the current plan, dated by the file itself.
@@ -4248,7 +4248,7 @@ def list_cache(cache_dir):
     """One dict per cached artifact: its manifest (when present) plus ``present`` and ``size_bytes``."""
     entries = []
     for path in _cache_artifact_paths(cache_dir):
-        manifest = _read_manifest(path)
+        manifest = _load_manifest(path)
         entry = dict(manifest or {})
         entry.setdefault("kind", os.path.basename(os.path.dirname(path)))
         entry["artifact_path"] = path
@@ -4307,7 +4307,7 @@ def _miss_reasons(artifact, plan, service_name, cache_dir):
 
 def _artifact_report(artifact, plan, service_name, cache_dir, always=False):
     present = os.path.isfile(artifact.path)
-    manifest = _read_manifest(artifact.path) if present else None
+    manifest = _load_manifest(artifact.path) if present else None
     report = {
         "kind": artifact.kind,
         "path": artifact.path,
@@ -4384,11 +4384,11 @@ def _jobs_in_progress(project_dir, squeue_bin="squeue"):
     import glob
     unsure = []
     for path in sorted(glob.glob(os.path.join(project_dir, _METADATA_DIR_NAME, "jobs", "*.json"))):
-        record = _read_json(path)
+        record = _load_json(path)
         if not isinstance(record, dict):
             continue
         job_id = str(record.get("job_id") or os.path.basename(path)[:-len(".json")])
-        state = _read_json(os.path.join(project_dir, _METADATA_DIR_NAME, job_id, "state.json"))
+        state = _load_json(os.path.join(project_dir, _METADATA_DIR_NAME, job_id, "state.json"))
         status = state.get("status") if isinstance(state, dict) else None
         if status is None and isinstance(record.get("status"), str):
             status = record["status"]
@@ -5033,7 +5033,7 @@ def _preflight_skip_prepare(runtime_plan, dry_run=False):
                 "run 'hpc-compose prepare -f %s' first, or submit without --skip-prepare"
                 % runtime_plan.plan.compose_file))
             continue
-        manifest = _read_manifest(artifact.path)
+        manifest = _load_manifest(artifact.path)
         if image.rebuild_every_time:
             built = (manifest or {}).get("created_at")
             when = ""
@@ -5059,7 +5059,7 @@ def _preflight_skip_prepare(runtime_plan, dry_run=False):
     return findings
 
 
-def _preflight_report_json(report, compose_file=None, strict=False):
+def _preflight_report_to_dict(report, compose_file=None, strict=False):
     """The ``--format json`` form of a report."""
     return {
         "compose_file": compose_file,
@@ -6068,8 +6068,8 @@ def _service_entry(plan, index, ending):
     policy = service.failure_policy
     placement = service.placement
     placement_json = '"mode": %s, "nodes": %s, "ntasks": %s, "ntasks_per_node": %s' % (
-        _to_json(placement.mode), _to_json(placement.nodes or 1),
-        _to_json(placement.ntasks), _to_json(placement.ntasks_per_node))
+        _format_json(placement.mode), _format_json(placement.nodes or 1),
+        _format_json(placement.ntasks), _format_json(placement.ntasks_per_node))
     restart = ""
     if policy.mode == "restart_on_failure":
         restart = _fill(_RESTART_ENTRY_TEMPLATE, index=str(index),
@@ -6887,7 +6887,7 @@ def _same_file(a, b):
 
 def _latest_job_record(project_dir, compose_file=None):
     """The newest record of this directory, or of ``compose_file`` when several share it."""
-    latest = _read_json(_latest_record_path(project_dir))
+    latest = _load_json(_latest_record_path(project_dir))
     if not isinstance(latest, dict) or not str(latest.get("job_id", "")).isdigit():
         latest = None
     if compose_file is None or latest is None or _same_file(latest.get("compose_file"),
@@ -6905,7 +6905,7 @@ def _load_job_record(project_dir, job_id=None, compose_file=None):
         job_id = str(job_id).strip()
         if not job_id.isdigit():
             raise UsageError("--job-id must be a numeric Slurm job id, got %r" % job_id)
-        record = _read_json(_job_record_path(project_dir, job_id))
+        record = _load_json(_job_record_path(project_dir, job_id))
         if not isinstance(record, dict):
             return _minimal_job_record(project_dir, job_id)
     else:
@@ -6932,7 +6932,7 @@ def _list_job_records(project_dir):
         return records
     for name in names:
         if name.endswith(".json") and name[:-5].isdigit():
-            record = _read_json(os.path.join(directory, name))
+            record = _load_json(os.path.join(directory, name))
             if isinstance(record, dict) and str(record.get("job_id")) == name[:-5]:
                 records.append(record)
     records.sort(key=lambda r: (r.get("submitted_at") or 0, int(r["job_id"])))
@@ -6945,7 +6945,7 @@ def _record_log_sources(record, service=None):
                if isinstance(s, dict) and s.get("name") and s.get("log_path")]
     if not sources:
         # An untracked job id: take whatever the batch script wrote.
-        state = _read_runtime_state(record["job_dir"]) or {}
+        state = _load_runtime_state(record["job_dir"]) or {}
         sources = [(s["name"], s["log_path"]) for s in state.get("services", [])
                    if s.get("name") and s.get("log_path")]
         if not sources:
@@ -7079,13 +7079,13 @@ def _cancel_job(job_id, scancel_bin="scancel"):
 
 # --- runtime state (state.json written by the batch script) ----------------------------------
 
-def _read_runtime_state(job_dir):
+def _load_runtime_state(job_dir):
     """``state.json`` of a job, normalized; ``None`` while it does not exist or is unreadable.
 
     Read tolerantly: unknown keys are kept, missing ones default, a service entry that is not an
     object is skipped, so an older or newer batch script never breaks ``status``.
     """
-    data = _read_json(os.path.join(job_dir, "state.json"))
+    data = _load_json(os.path.join(job_dir, "state.json"))
     if not isinstance(data, dict):
         return None
     services = []
@@ -7336,7 +7336,7 @@ def watch_job(record, squeue_bin="squeue", sacct_bin="sacct", out=None, sleep=No
             stamp = None
         if stamp != state_seen:
             state_seen = stamp
-            runtime = _read_runtime_state(record["job_dir"])
+            runtime = _load_runtime_state(record["job_dir"])
             if runtime and runtime.get("status") in _FINAL_RUNTIME_STATUSES:
                 poller.hurry()
         if poller.due():
@@ -7353,7 +7353,7 @@ def watch_job(record, squeue_bin="squeue", sacct_bin="sacct", out=None, sleep=No
     # The batch script may still be finishing its last writes when the scheduler says done.
     for name, line in follower.flush():
         out.write(_format_log_line(name, line) + "\n")
-    runtime = _read_runtime_state(record["job_dir"])
+    runtime = _load_runtime_state(record["job_dir"])
     state = poller.state
     ok = state.state == "COMPLETED"
     if ok:
@@ -7382,7 +7382,7 @@ def _follow_logs(record, sources, squeue_bin="squeue", sacct_bin="sacct", out=No
     poller = _SchedulerPoller(record["job_id"], squeue_bin, sacct_bin, clock=clock,
                              first=5.0, cap=_WATCH_POLL_MAX)
     poller.next_at += poller.first
-    runtime = _read_runtime_state(record["job_dir"])
+    runtime = _load_runtime_state(record["job_dir"])
     if runtime and runtime.get("status") in _FINAL_RUNTIME_STATUSES:
         poller.hurry()  # the job looks finished already: confirm it at once
     scheduler_ok = True
@@ -7420,7 +7420,7 @@ def _file_facts(path):
 def _job_status(record, squeue_bin="squeue", sacct_bin="sacct"):
     """Scheduler state, runtime state and log facts of a tracked job (a JSON-ready dict)."""
     scheduler = _query_scheduler(record["job_id"], squeue_bin, sacct_bin)
-    runtime = _read_runtime_state(record["job_dir"])
+    runtime = _load_runtime_state(record["job_dir"])
     by_name = {}
     if runtime:
         by_name = dict((s["name"], s) for s in runtime["services"])
@@ -7535,7 +7535,7 @@ def _parse_tres(text):
     return result
 
 
-def _read_jsonl_tail(path, limit=1 << 20):
+def _load_jsonl_tail(path, limit=1 << 20):
     """Parsed records of the last ``limit`` bytes of a jsonl file (a half-written line skipped)."""
     import json
     try:
@@ -7567,13 +7567,13 @@ def _latest_group(records):
     return latest, [r for r in records if str(r.get("sampled_at") or "") == latest]
 
 
-def _read_sampler_metrics(job_dir):
+def _load_sampler_metrics(job_dir):
     """The metrics sampler's files: meta plus the latest sample of each jsonl file."""
     directory = os.path.join(job_dir, "metrics")
-    meta = _read_json(os.path.join(directory, "meta.json"))
-    gpu_at, gpus = _latest_group(_read_jsonl_tail(os.path.join(directory, "gpu.jsonl")))
-    _, processes = _latest_group(_read_jsonl_tail(os.path.join(directory, "gpu_processes.jsonl")))
-    slurm_at, steps = _latest_group(_read_jsonl_tail(os.path.join(directory, "slurm.jsonl")))
+    meta = _load_json(os.path.join(directory, "meta.json"))
+    gpu_at, gpus = _latest_group(_load_jsonl_tail(os.path.join(directory, "gpu.jsonl")))
+    _, processes = _latest_group(_load_jsonl_tail(os.path.join(directory, "gpu_processes.jsonl")))
+    slurm_at, steps = _latest_group(_load_jsonl_tail(os.path.join(directory, "slurm.jsonl")))
     return {"present": isinstance(meta, dict) or bool(gpus or steps),
             "meta": meta if isinstance(meta, dict) else None,
             "gpu_sampled_at": gpu_at, "gpus": gpus, "gpu_processes": processes,
@@ -7610,7 +7610,7 @@ def _collect_stats(record, sstat_bin="sstat", squeue_bin="squeue", sacct_bin="sa
     except ToolError as exc:
         scheduler = SchedulerState("UNKNOWN", "none")
         notes.append("scheduler state unavailable: %s" % exc.message)
-    sampler = _read_sampler_metrics(record["job_dir"])
+    sampler = _load_sampler_metrics(record["job_dir"])
     steps = [dict(row) for row in sampler["steps"]]
     if sampler["present"]:
         sources.append("sampler")
@@ -7792,7 +7792,7 @@ def _export_artifact_bundles(record, bundles, tarball, export_template):
         raise UsageError("job %s has no x-slurm.artifacts.export_dir" % job_id,
                          hint="add an x-slurm.artifacts block to the compose file and resubmit")
     artifacts_dir = os.path.join(record["job_dir"], "artifacts")
-    manifest = _read_json(os.path.join(artifacts_dir, "manifest.json"))
+    manifest = _load_json(os.path.join(artifacts_dir, "manifest.json"))
     if not isinstance(manifest, dict):
         raise ToolError("job %s has no collected artifacts yet (%s is missing)"
                         % (job_id, os.path.join(artifacts_dir, "manifest.json")),
@@ -7861,7 +7861,7 @@ def _export_artifact_bundles(record, bundles, tarball, export_template):
 
 def _job_is_finished(job_dir, queue_states, queue_known):
     """True only when we are sure the job no longer runs (state.json final, or not in the queue)."""
-    state = _read_runtime_state(job_dir)
+    state = _load_runtime_state(job_dir)
     if state and state.get("status") in _FINAL_RUNTIME_STATUSES:
         return True
     if not queue_known:
@@ -7936,7 +7936,7 @@ def _queue_facts(project_dir, job_ids, squeue_bin):
 
 
 def _final_state_file(job_dir):
-    state = _read_runtime_state(job_dir)
+    state = _load_runtime_state(job_dir)
     return bool(state and state.get("status") in _FINAL_RUNTIME_STATUSES)
 
 
@@ -7971,7 +7971,7 @@ def _examples_location():
     return globals().get("__loader__"), folder
 
 
-def _read_example(relative_path):
+def _load_example(relative_path):
     """Bytes of ``examples/<relative_path>``; ``None`` when this copy ships no such file."""
     loader, folder = _examples_location()
     path = os.path.join(folder, *relative_path.split("/"))
@@ -8012,7 +8012,7 @@ def load_template(name):
         raise UsageError("unknown template '%s'" % name,
                          hint="available templates: %s (see 'hpc-compose init --list')"
                               % ", ".join(TEMPLATE_NAMES))
-    data = _read_example(wanted + ".yaml")
+    data = _load_example(wanted + ".yaml")
     if data is None:
         raise _no_examples_error()
     text = data.decode("utf-8")
@@ -8165,7 +8165,7 @@ def _template_files(template):
     files = {}
     for name in _example_file_names():
         if any(name.startswith(folder + "/") for folder in folders):
-            data = _read_example(name)
+            data = _load_example(name)
             if data is not None:
                 files[name] = data
     return files
@@ -8322,7 +8322,7 @@ class _BuildResult(NamedTuple):
     todos: tuple
 
 
-def _read_text_file(path):
+def _load_text_file(path):
     with open(path, "rb") as handle:
         return handle.read().decode("utf-8", "replace")
 
@@ -8819,7 +8819,7 @@ def _rewrite_hosts(text, pattern, replacement):
 def migrate_compose(text, filename=None, options=None):
     """Rewrite Docker Compose YAML text as an hpc-compose spec; returns a ``MigrateResult``."""
     options = options or MigrateOptions()
-    document = load_yaml(text, filename)
+    document = parse_yaml_document(text, filename)
     if not isinstance(document.data, dict) or not isinstance(document.data.get("services"), dict):
         raise SpecError("this is not a Compose file: it has no services: mapping", file=filename,
                         line=1)
@@ -8827,7 +8827,7 @@ def migrate_compose(text, filename=None, options=None):
     if _migrate_needs_block_style(text, document):
         # Flow-style (or JSON) files cannot be edited line by line: write them in block style once.
         text = "\n".join(_format_yaml_lines(document.data, 0)) + "\n"
-        document = load_yaml(text, filename)
+        document = parse_yaml_document(text, filename)
         prefix = (_MIGRATE_NOTE + "rewrote the file in block style (it used flow style or JSON);"
                   " comments and anchors of the original are not kept",)
     migration = _Migration(text, document, filename, options)
@@ -8861,7 +8861,7 @@ class _Migration(object):
         self.filename = filename
         self.project_dir = os.path.dirname(os.path.abspath(filename)) if filename else os.getcwd()
         self.options = options
-        self.read_text = options.read_text or _read_text_file
+        self.read_text = options.read_text or _load_text_file
         self.edits = []
         self.counts = {"kept": 0, "changed": 0, "dropped": 0, "added": 0}
         self.data_dirs = []
@@ -10062,7 +10062,7 @@ def _load_plan_from_args(args):
 
 def _print_json(obj):
     """Print ``obj`` as the tool's JSON to stdout."""
-    sys.stdout.write(_to_json(obj) + "\n")
+    sys.stdout.write(_format_json(obj) + "\n")
 
 
 def _add_completions_parser(subparsers):
@@ -10396,13 +10396,13 @@ def _add_inspect_parser(subparsers):
                              "secrets)")
 
 
-def _geometry_text(ntasks, ntasks_per_node, nodes):
+def _format_geometry(ntasks, ntasks_per_node, nodes):
     return "nodes=%s ntasks=%s ntasks_per_node=%s" % (
         nodes, "auto" if ntasks is None else ntasks,
         "auto" if ntasks_per_node is None else ntasks_per_node)
 
 
-def _readiness_text(readiness):
+def _format_readiness(readiness):
     if readiness is None:
         return "none"
     if readiness.type == "sleep":
@@ -10416,14 +10416,14 @@ def _readiness_text(readiness):
                                             readiness.timeout_seconds)
 
 
-def _failure_policy_text(policy):
+def _format_failure_policy(policy):
     if policy.mode == "restart_on_failure":
         return "restart_on_failure (max_restarts=%s, backoff_seconds=%s)" % (
             policy.max_restarts, policy.backoff_seconds)
     return policy.mode
 
 
-def _execution_text(service, verbose=False):
+def _format_execution(service, verbose=False):
     execution = service.execution
     if execution.form == "default":
         return "image default (ENTRYPOINT + CMD)"
@@ -10445,7 +10445,7 @@ def _preview(word):
     return word
 
 
-def _image_text(image):
+def _format_image(image):
     if image.kind == "none":
         return "none (host runtime)"
     if image.kind == "local":
@@ -10485,7 +10485,7 @@ def _runtime_image_lines(report):
     return lines
 
 
-def _render_inspect_text(plan, verbose=False, cache_reports=None):
+def _format_inspect_text(plan, verbose=False, cache_reports=None):
     """The human summary ``inspect`` prints."""
     cache_reports = cache_reports or {}
     slurm = plan.slurm
@@ -10499,20 +10499,20 @@ def _render_inspect_text(plan, verbose=False, cache_reports=None):
     lines.append("job name: %s" % plan.job_name)
     lines.append("runtime: %s" % plan.runtime)
     lines.append("cache dir: %s" % plan.cache_dir)
-    lines.append("allocation geometry: %s" % _geometry_text(slurm.ntasks, slurm.ntasks_per_node,
+    lines.append("allocation geometry: %s" % _format_geometry(slurm.ntasks, slurm.ntasks_per_node,
                                                            plan.nodes))
     lines.append("service order: %s" % " -> ".join(s.name for s in plan.services))
     for service in plan.services:
         lines.append("")
         lines.append("service: %s" % service.name)
-        lines.append("  image: %s" % _image_text(service.image))
+        lines.append("  image: %s" % _format_image(service.image))
         lines.extend(_runtime_image_lines(cache_reports.get(service.name)))
         lines.append("  runtime: %s" % service.runtime)
-        lines.append("  execution: %s" % _execution_text(service, verbose))
+        lines.append("  execution: %s" % _format_execution(service, verbose))
         if service.working_dir is not None:
             lines.append("  working dir: %s" % service.working_dir)
         placement = service.placement
-        geometry = _geometry_text(placement.ntasks, placement.ntasks_per_node, placement.nodes)
+        geometry = _format_geometry(placement.ntasks, placement.ntasks_per_node, placement.nodes)
         pinned = " nodelist=$HPC_COMPOSE_PRIMARY_NODE" if placement.mode == "primary" else ""
         lines.append("  placement: %s %s%s" % (placement.mode, geometry, pinned))
         resources = []
@@ -10528,10 +10528,10 @@ def _render_inspect_text(plan, verbose=False, cache_reports=None):
             lines.append("  extra srun args: %s" % " ".join(service.extra_srun_args))
         lines.append("  depends on: %s" % (", ".join("%s (%s)" % (d.name, d.condition)
                                                       for d in service.depends_on) or "-"))
-        lines.append("  readiness: %s" % _readiness_text(service.readiness))
-        lines.append("  failure policy: %s" % _failure_policy_text(service.failure_policy))
+        lines.append("  readiness: %s" % _format_readiness(service.readiness))
+        lines.append("  failure policy: %s" % _format_failure_policy(service.failure_policy))
         if service.secrets:
-            lines.append("  secrets: %s" % ", ".join(_secret_text(plan, service, item, verbose)
+            lines.append("  secrets: %s" % ", ".join(_format_secret(plan, service, item, verbose)
                                                       for item in service.secrets))
         if service.prepare is not None:
             rebuild = (" (rebuilds on every prepare/submit: prepare.mounts are set)"
@@ -10573,7 +10573,7 @@ def _render_inspect_text(plan, verbose=False, cache_reports=None):
     return "\n".join(lines) + "\n"
 
 
-def _secret_text(plan, service, item, verbose=False):
+def _format_secret(plan, service, item, verbose=False):
     """``<secret NAME> -> /run/secrets/target (0600)``; with verbose, where the value comes from."""
     where = _SECRETS_MOUNT if service.runtime != "host" else "$" + _SECRETS_DIR_VARIABLE
     text = "<secret %s> -> %s/%s (%04o)" % (item.source, where, item.target,
@@ -10596,7 +10596,7 @@ def _cmd_inspect(args):
         data["images"] = [reports[s.name] for s in plan.services if s.name in reports]
         _print_json(data)
     else:
-        sys.stdout.write(_render_inspect_text(plan, verbose=args.verbose, cache_reports=reports))
+        sys.stdout.write(_format_inspect_text(plan, verbose=args.verbose, cache_reports=reports))
     return _EXIT_OK
 
 
@@ -10614,7 +10614,7 @@ def _add_config_parser(subparsers):
                         help="print the file as written: variables are not expanded (nor checked)")
 
 
-def _render_yaml(data, indent=0):
+def _format_yaml(data, indent=0):
     """Block-style YAML for plain data; every string is double-quoted so it reads back exactly."""
     return "\n".join(_format_yaml_lines(data, 2 * indent, _yaml_scalar, _yaml_key))
 
@@ -10648,14 +10648,14 @@ def _cmd_config(args):
     fmt = _output_format(args)
     if args.no_interpolate:
         path = _resolve_compose_file(args)
-        data = load_yaml(_read_compose_text(path), filename=path).data
+        data = parse_yaml_document(_load_compose_text(path), filename=path).data
     else:
         spec, plan = _load_plan_from_args(args)
         data = spec_to_dict(spec, escape_dollars=True)
     if fmt == "json":
         _print_json(data)
     else:
-        sys.stdout.write(_render_yaml(data) + "\n")
+        sys.stdout.write(_format_yaml(data) + "\n")
     return _EXIT_OK
 
 
@@ -10675,7 +10675,7 @@ def _add_render_parser(subparsers):
     _add_format_argument(parser)
 
 
-def _render_summary(runtime_plan, script, output=None):
+def _format_render_summary(runtime_plan, script, output=None):
     """The ``render --format json`` document: the script, where it went, each service's srun argv."""
     plan = runtime_plan.plan
     services = []
@@ -10708,7 +10708,7 @@ def _cmd_render(args):
                                   % os.path.join(args.output, "job.sbatch"))
         _write_file_atomic(output, script, mode=_PRIVATE_FILE_MODE)
     if fmt == "json":
-        _print_json(_render_summary(runtime_plan, script, output))
+        _print_json(_format_render_summary(runtime_plan, script, output))
     elif output:
         sys.stdout.write(output + "\n")
     else:
@@ -11100,7 +11100,7 @@ def _cmd_cancel(args):
     output = _cancel_job(record["job_id"], args.scancel_bin)
     if output.strip():
         print(output.strip())
-    if _read_runtime_state(record["job_dir"]) is None:
+    if _load_runtime_state(record["job_dir"]) is None:
         # It never started (state.json comes before any service): no teardown will remove them.
         _remove_secret_copies(record["job_dir"])
     print("cancelled job: %s" % record["job_id"])
@@ -11163,7 +11163,7 @@ def _cmd_preflight(args):
         enroot_bin=args.enroot_bin, srun_bin=args.srun_bin, sbatch_bin=args.sbatch_bin,
         skip_prepare=args.skip_prepare))
     if fmt == "json":
-        _print_json(_preflight_report_json(report, plan.compose_file, args.strict))
+        _print_json(_preflight_report_to_dict(report, plan.compose_file, args.strict))
     else:
         sys.stdout.write(_format_preflight_report(report, verbose=args.verbose))
         if args.strict and report.warnings and not report.errors:
@@ -11188,7 +11188,7 @@ def _add_prepare_parser(subparsers):
     _add_format_argument(parser)
 
 
-def _prepare_results_json(runtime_plan, results):
+def _prepare_results_to_dict(runtime_plan, results):
     """The ``--format json`` form of a prepare run."""
     return {"compose_file": runtime_plan.plan.compose_file, "cache_dir": runtime_plan.cache_dir,
             "services": [r._asdict() for r in results]}
@@ -11222,7 +11222,7 @@ def _cmd_prepare(args):
         enroot_bin=args.enroot_bin, force=args.force, keep_failed=args.keep_failed_prep),
         progress=_progress_to_stderr)
     if fmt == "json":
-        _print_json(_prepare_results_json(runtime_plan, results))
+        _print_json(_prepare_results_to_dict(runtime_plan, results))
     else:
         sys.stdout.write(_format_prepare_results(runtime_plan, results))
     return _EXIT_OK
@@ -11516,7 +11516,7 @@ def _migrate_validation(text, folder):
         build_plan(load_spec(path))
         return None
     except HpcComposeError as exc:
-        return exc.render().replace(path, "<output>")
+        return exc.format().replace(path, "<output>")
     finally:
         os.unlink(path)
 
@@ -11542,7 +11542,7 @@ def _cmd_migrate(args):
         raise UsageError("--data-dir must not be empty")
     options = MigrateOptions(data_dir=args.data_dir, cache_dir=args.cache_dir,
                              runtime=args.runtime)
-    result = migrate_compose(_read_compose_text(source), source, options)
+    result = migrate_compose(_load_compose_text(source), source, options)
     variables = _build_variables(folder)
     created = []
     for data_dir in result.data_dirs:
@@ -11623,7 +11623,7 @@ def main(argv=None):
             return _EXIT_USAGE
         return args.handler(args)
     except HpcComposeError as exc:
-        sys.stderr.write("error: %s\n" % exc.render())
+        sys.stderr.write("error: %s\n" % exc.format())
         return exc.exit_code
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")

@@ -135,7 +135,7 @@ def test_shell_quote_refuses_nul():
 def test_write_json_atomic_leaves_no_temporary_files(tmp_path):
     target = tmp_path / "state.json"
     hc._write_json_atomic(str(target), {"b": 1, "a": [1, 2]})
-    assert hc._read_json(str(target)) == {"a": [1, 2], "b": 1}
+    assert hc._load_json(str(target)) == {"a": [1, 2], "b": 1}
     assert os.listdir(str(tmp_path)) == ["state.json"]
 
 

@@ -365,7 +365,7 @@ def test_manifest_records_key_inputs_services_and_project(tmp_path, enroot):
     plan = make_plan(tmp_path, [make_service("app", "python:3.11", prepare=prep)])
     rp = hc.build_runtime_plan(plan)
     hc.prepare_images(rp, options())
-    manifest = hc._read_manifest(rp.images[0].prepared.path)
+    manifest = hc._load_manifest(rp.images[0].prepared.path)
     assert manifest["kind"] == "prepared"
     assert manifest["cache_key"] == rp.images[0].prepared.cache_key
     assert manifest["cache_format_version"] == hc._CACHE_FORMAT_VERSION
@@ -374,7 +374,7 @@ def test_manifest_records_key_inputs_services_and_project(tmp_path, enroot):
     assert manifest["prepare_commands"] == ["pip install numpy"]
     assert manifest["prepare_env_keys"] == ["TOKEN"]
     assert "secret-value" not in open(rp.images[0].prepared.manifest_path).read()
-    base = hc._read_manifest(rp.images[0].base.path)
+    base = hc._load_manifest(rp.images[0].base.path)
     assert base["kind"] == "base" and base["enroot_uri"] == "docker://registry-1.docker.io#library/python:3.11"
     assert base["registry"] == "docker.io"
 
@@ -388,11 +388,11 @@ def test_reuse_adds_project_and_touches_last_used(tmp_path, enroot):
     rp = hc.build_runtime_plan(plan1)
     hc.prepare_images(rp, options())
     path = rp.images[0].base.manifest_path
-    manifest = hc._read_json(path)
+    manifest = hc._load_json(path)
     manifest["last_used_at"] = 1000
     hc._write_json_atomic(path, manifest)
     hc.prepare_images(hc.build_runtime_plan(plan2), options())
-    manifest = hc._read_json(path)
+    manifest = hc._load_json(path)
     assert manifest["projects"] == [plan1.compose_file, plan2.compose_file]
     assert manifest["services"] == ["cache", "r"]
     assert manifest["created_by"] == plan1.compose_file
@@ -406,7 +406,7 @@ def test_import_failure_reports_enroot_output_and_leaves_nothing(tmp_path, enroo
     rp = hc.build_runtime_plan(make_plan(tmp_path, [make_service("r", "redis:7")]))
     with pytest.raises(hc.ToolError) as info:
         hc.prepare_images(rp, options())
-    text = info.value.render()
+    text = info.value.format()
     assert "enroot import of docker://registry-1.docker.io#library/redis:7 failed (exit 1)" in text
     assert "injected import failure" in text
     base = rp.images[0].base.path
@@ -421,7 +421,7 @@ def test_prepare_command_failure_names_command_and_removes_container(tmp_path, e
         "app", "python:3.11", prepare=prepare_plan(commands=["true", "make install"]))]))
     with pytest.raises(hc.ToolError) as info:
         hc.prepare_images(rp, options())
-    text = info.value.render()
+    text = info.value.format()
     assert "prepare command 2 of service 'app' (make install) failed (exit 1)" in text
     assert "--keep-failed-prep" in text
     argvs = enroot.argvs()
@@ -441,7 +441,7 @@ def test_keep_failed_prep_keeps_container_and_says_where(tmp_path, enroot, monke
     data = str(tmp_path / "cache" / "enroot" / "data")
     kept = os.listdir(data)
     assert len(kept) == 1
-    assert os.path.join(data, kept[0]) in info.value.render()
+    assert os.path.join(data, kept[0]) in info.value.format()
     assert any("kept the failed prepare container" in line for line in lines)
 
 
@@ -455,7 +455,7 @@ def test_export_failure_keeps_old_artifact_untouched(tmp_path, enroot, monkeypat
     monkeypatch.setenv("ENROOT_STANDIN_FAIL", "export")
     with pytest.raises(hc.ToolError) as info:
         hc.prepare_images(rp, options())
-    assert "enroot export for service 'app' failed" in info.value.render()
+    assert "enroot export for service 'app' failed" in info.value.format()
     assert open(path).read() == old
     assert [n for n in os.listdir(os.path.dirname(path)) if n.startswith(".partial-")] == []
 
@@ -464,7 +464,7 @@ def test_missing_enroot_binary_is_a_clear_error(tmp_path, enroot):
     rp = hc.build_runtime_plan(make_plan(tmp_path, [make_service("r", "redis:7")]))
     with pytest.raises(hc.ToolError) as info:
         hc.prepare_images(rp, hc.PrepareOptions(enroot_bin=str(tmp_path / "no-enroot")))
-    assert "required binary" in info.value.render() and "--enroot-bin" in info.value.render()
+    assert "required binary" in info.value.format() and "--enroot-bin" in info.value.format()
 
 
 def test_progress_lines_and_enroot_output_pass_through(tmp_path, enroot):
@@ -576,7 +576,7 @@ def test_inspect_unknown_service_is_usage_error(tmp_path):
 def test_prune_age_removes_old_entries_only(tmp_path, enroot):
     rp = built_plan(tmp_path, enroot, [make_service("r", "redis:7"), make_service("p", "postgres:16")])
     old = rp.images[0].base
-    manifest = hc._read_json(old.manifest_path)
+    manifest = hc._load_json(old.manifest_path)
     manifest["created_at"] = manifest["last_used_at"] = 1000
     hc._write_json_atomic(old.manifest_path, manifest)
     report = hc.prune_cache(rp.cache_dir, age_days=14)
@@ -829,7 +829,7 @@ def test_create_failure_names_service_and_cleans_up(tmp_path, enroot, monkeypatc
     rp = hc.build_runtime_plan(make_plan(tmp_path, [make_service("app", "python:3.11", prepare=prepare_plan())]))
     with pytest.raises(hc.ToolError) as info:
         hc.prepare_images(rp, options())
-    assert "enroot create for service 'app' failed (exit 1)" in info.value.render()
+    assert "enroot create for service 'app' failed (exit 1)" in info.value.format()
     assert "start" not in [a[0] for a in enroot.argvs()]
     assert not os.path.exists(rp.images[0].prepared.path)
 
@@ -855,8 +855,8 @@ def test_unwritable_cache_is_a_tool_error_not_a_traceback(tmp_path, enroot, monk
     monkeypatch.setattr(hc._FileLock, "__enter__", refuse)
     with pytest.raises(hc.ToolError) as info:
         hc.prepare_images(hc.build_runtime_plan(plan), options())
-    assert "Permission denied: /shared/cache/base/x.lock" in info.value.render()
-    assert "writable" in info.value.render()
+    assert "Permission denied: /shared/cache/base/x.lock" in info.value.format()
+    assert "writable" in info.value.format()
 
 
 def test_interrupted_import_stops_enroot_and_leaves_no_partial(tmp_path, enroot, monkeypatch):

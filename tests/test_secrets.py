@@ -190,7 +190,7 @@ def test_a_secret_value_in_an_environment_value_is_refused_without_showing_it(se
     error = failure(secret_project, with_secrets(body))
     assert error.path == "services.app.environment.TOKEN" and error.line == 10
     assert "holds the value of secret 'hf'" in error.message
-    assert ENV_VALUE not in error.render()
+    assert ENV_VALUE not in error.format()
 
 
 def test_passing_the_source_variable_through_is_refused(secret_project):
@@ -204,7 +204,7 @@ def test_a_file_secret_value_in_an_exec_command_is_refused(secret_project):
     body = '  app:\n    image: /i.sqsh\n    command: ["run", "--token=${T}"]\n'
     error = failure(secret_project, with_secrets(body), env={"T": FILE_VALUE})
     assert error.path == "services.app.command[1]" and "secret 'api_token'" in error.message
-    assert FILE_VALUE not in error.render()
+    assert FILE_VALUE not in error.format()
 
 
 def test_a_short_secret_counts_only_as_a_whole_value(secret_project):
@@ -217,7 +217,7 @@ def test_a_short_secret_counts_only_as_a_whole_value(secret_project):
 def test_an_error_that_quotes_a_secret_value_shows_the_secret_name_instead(secret_project):
     body = "  app:\n    image: /i.sqsh\n    depends_on: [%s]\n" % ENV_VALUE
     error = failure(secret_project, with_secrets(body))
-    assert "<secret hf>" in error.message and ENV_VALUE not in error.render()
+    assert "<secret hf>" in error.message and ENV_VALUE not in error.format()
 
 
 # --- the plan -------------------------------------------------------------------------------------

@@ -276,4 +276,4 @@ def test_share_with_group_makes_logs_group_readable_but_not_the_script_or_record
     assert mode(result["script_path"]) == 0o600
     assert mode(root / "jobs") == 0o700 and mode(root / "latest.json") == 0o600
     assert run.files_holding_a_value() == []
-    assert hpc_compose._read_runtime_state(str(run.job_dir))["status"] == "completed"
+    assert hpc_compose._load_runtime_state(str(run.job_dir))["status"] == "completed"

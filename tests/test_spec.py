@@ -852,9 +852,9 @@ CASES = [
                          ids=["%03d-%s" % (i, c[1][:40]) for i, c in enumerate(CASES)])
 def test_spec_error(hc, project, text, message, line, path):
     error = failure(hc, project, text)
-    assert message in error.message, error.render()
-    assert error.line == line, error.render()
-    assert error.path == path, error.render()
+    assert message in error.message, error.format()
+    assert error.line == line, error.format()
+    assert error.path == path, error.format()
     assert error.file == str(project.root / "compose.yaml")
     assert error.exit_code == 2
 
@@ -890,7 +890,7 @@ def test_unknown_service_dependency_suggests_a_name(hc, project):
 
 def test_error_render_has_file_line_column_and_path(hc, project):
     error = failure(hc, project, "x-slurm:\n  nodes: two\nservices:\n  app:\n    image: x\n")
-    text = error.render()
+    text = error.format()
     assert text.startswith("%s:2:10: x-slurm.nodes: must be an integer"
                            % (project.root / "compose.yaml"))
 
@@ -935,7 +935,7 @@ def test_any_wrong_value_at_any_key_is_a_spec_error_not_a_crash(hc, project):
     import copy
     base = hc.parse_yaml(ROBUST_BASE)
     path = project.root / "compose.yaml"
-    path.write_text(hc._render_yaml(base) + "\n")
+    path.write_text(hc._format_yaml(base) + "\n")
     assert len(hc.build_plan(hc.load_spec(str(path), environ=ENV), environ=ENV).services) == 3
     outcomes = {"ok": 0, "error": 0}
     for key_path in list(all_paths(base)):
@@ -945,14 +945,14 @@ def test_any_wrong_value_at_any_key_is_a_spec_error_not_a_crash(hc, project):
             for part in key_path[:-1]:
                 node = node[part]
             node[key_path[-1]] = value
-            path.write_text(hc._render_yaml(mutated) + "\n")
+            path.write_text(hc._format_yaml(mutated) + "\n")
             try:
                 spec = hc.load_spec(str(path), environ=ENV)
-                hc._render_inspect_text(hc.build_plan(spec, environ=ENV), verbose=True)
+                hc._format_inspect_text(hc.build_plan(spec, environ=ENV), verbose=True)
                 outcomes["ok"] += 1
             except hc.HpcComposeError as exc:
                 assert exc.exit_code == 2
-                assert exc.render()
+                assert exc.format()
                 outcomes["error"] += 1
     assert outcomes["error"] > 500
 

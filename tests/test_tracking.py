@@ -136,12 +136,12 @@ def test_sstat_output_keeps_numbered_steps_only(hc):
 # --- state.json --------------------------------------------------------------------------------
 
 def test_missing_state_json_reads_as_none(hc, tmp_path):
-    assert hc._read_runtime_state(str(tmp_path)) is None
+    assert hc._load_runtime_state(str(tmp_path)) is None
 
 
 def test_half_written_state_json_reads_as_none(hc, tmp_path):
     (tmp_path / "state.json").write_text('{"status": "runn')
-    assert hc._read_runtime_state(str(tmp_path)) is None
+    assert hc._load_runtime_state(str(tmp_path)) is None
 
 
 def test_state_json_is_read_tolerantly(hc, tmp_path):
@@ -149,7 +149,7 @@ def test_state_json_is_read_tolerantly(hc, tmp_path):
         "status": "failed", "future_key": 1,
         "services": [{"name": "db", "status": "failed", "last_exit_code": 3}, "junk",
                      {"status": "running"}, {"name": "web"}]}))
-    state = hc._read_runtime_state(str(tmp_path))
+    state = hc._load_runtime_state(str(tmp_path))
     assert [s["name"] for s in state["services"]] == ["db", "web"]
     assert state["services"][1]["status"] == "unknown"
     assert state["services"][0]["restarts"] is None
@@ -161,7 +161,7 @@ def test_failure_summary_names_failed_service_and_exit_code(hc, tmp_path):
         {"name": "db", "status": "failed", "last_exit_code": 3},
         {"name": "web", "status": "stopped"},
         {"name": "probe", "status": "failed", "readiness": {"type": "tcp", "status": "timeout"}}])
-    summary = hc._runtime_failure_summary(hc._read_runtime_state(str(tmp_path)))
+    summary = hc._runtime_failure_summary(hc._load_runtime_state(str(tmp_path)))
     assert "service 'db' failed (exit 3)" in summary
     assert "service 'probe' failed (readiness tcp timed out)" in summary
     assert "web" not in summary
@@ -172,7 +172,7 @@ def test_failure_summary_does_not_repeat_the_scripts_reason(hc, tmp_path):
         "status": "failed", "reason": "service 'db' exited with code 3",
         "services": [{"name": "db", "status": "failed", "last_exit_code": 3},
                      {"name": "cache", "status": "failed", "last_exit_code": 1}]}))
-    summary = hc._runtime_failure_summary(hc._read_runtime_state(str(tmp_path)))
+    summary = hc._runtime_failure_summary(hc._load_runtime_state(str(tmp_path)))
     assert summary == "service 'db' exited with code 3; service 'cache' failed (exit 1)"
 
 
@@ -200,7 +200,7 @@ def test_parallel_writers_never_corrupt_tracked_metadata(hc, tmp_path):
     for name in records:
         with open(os.path.join(project_dir, ".hpc-compose", "jobs", name)) as handle:
             assert json.load(handle)["job_id"] == name[:-5]
-    latest = hc._read_json(hc._latest_record_path(project_dir))
+    latest = hc._load_json(hc._latest_record_path(project_dir))
     assert latest["job_id"] + ".json" in records
     assert not [n for n in written if n.endswith(".tmp")]
 
@@ -652,7 +652,7 @@ def test_unknown_bundle_is_a_usage_error(hc, tmp_path):
     record = make_record(tmp_path / "proj", 41, artifact_export_dir="out")
     with pytest.raises(hc.UsageError) as info:
         hc._export_artifacts(record, bundles=["nope"])
-    assert "checkpoints" in info.value.render()
+    assert "checkpoints" in info.value.format()
 
 
 def test_export_without_manifest_explains_why(hc, tmp_path):

@@ -77,7 +77,7 @@ def final_state(job_dir, timeout=30.0):
     deadline = time.monotonic() + timeout
     state = None
     while time.monotonic() < deadline:
-        state = hpc_compose._read_runtime_state(str(job_dir))
+        state = hpc_compose._load_runtime_state(str(job_dir))
         if state and state.get("status") in hpc_compose._FINAL_RUNTIME_STATUSES:
             return state
         time.sleep(0.5)

@@ -8,7 +8,7 @@ import os
 import pytest
 
 import hpc_compose
-from hpc_compose import Mark, YamlError, load_yaml, parse_yaml
+from hpc_compose import Mark, YamlError, parse_yaml_document, parse_yaml
 
 CORPUS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "yaml_corpus")
 
@@ -16,7 +16,7 @@ CORPUS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "yaml_corp
 def yaml_error(text, filename=None):
     """The YamlError that reading ``text`` raises."""
     with pytest.raises(YamlError) as info:
-        load_yaml(text, filename=filename)
+        parse_yaml_document(text, filename=filename)
     return info.value
 
 
@@ -86,7 +86,7 @@ def test_quoted_values_are_always_strings():
 
 
 def test_plain_scalar_text_is_kept_in_its_mark():
-    document = load_yaml("version: 1.10\nflag: true\nmask: 0x1F\nwhen: 00:10:00\nnone: ~")
+    document = parse_yaml_document("version: 1.10\nflag: true\nmask: 0x1F\nwhen: 00:10:00\nnone: ~")
     assert document.data["version"] == 1.1
     assert document.marks[("version",)].text == "1.10"
     assert document.marks[("flag",)].text == "true"
@@ -96,7 +96,7 @@ def test_plain_scalar_text_is_kept_in_its_mark():
 
 
 def test_mapping_keys_resolve_with_the_core_schema():
-    document = load_yaml("1: one\nfalse: no\n'2': two\n~: none")
+    document = parse_yaml_document("1: one\nfalse: no\n'2': two\n~: none")
     assert document.data == {1: "one", False: "no", "2": "two", None: "none"}
     assert document.marks[("1",)].text == "one"
     assert document.marks[("False",)].text == "no"
@@ -503,21 +503,21 @@ def test_two_merge_keys_in_one_mapping_are_duplicates():
 
 
 def test_alias_marks_point_at_the_anchored_definition():
-    document = load_yaml("base: &b\n  version: 1.10\nuse: *b\n")
+    document = parse_yaml_document("base: &b\n  version: 1.10\nuse: *b\n")
     assert document.marks[("use", "version")] == Mark(2, 12, "1.10")
     assert document.key_marks[("use", "version")] == Mark(2, 3, "version")
 
 
 def test_merged_value_marks_point_at_their_definition():
     text = "x-common: &c\n  image: nginx\nservices:\n  app:\n    <<: *c\n    command: run\n"
-    document = load_yaml(text)
+    document = parse_yaml_document(text)
     assert document.marks[("services", "app", "image")] == Mark(2, 10, "nginx")
     assert document.key_marks[("services", "app", "image")] == Mark(2, 3, "image")
     assert document.marks[("services", "app", "command")] == Mark(6, 14, "run")
 
 
 def test_explicit_key_keeps_its_own_mark_over_a_merged_one():
-    document = load_yaml("b: &b {x: 1}\nm:\n  <<: *b\n  x: 2\n")
+    document = parse_yaml_document("b: &b {x: 1}\nm:\n  <<: *b\n  x: 2\n")
     assert document.marks[("m", "x")] == Mark(4, 6, "2")
 
 
@@ -525,7 +525,7 @@ def test_aliased_mapping_keeps_what_it_merged():
     text = ("base: &base {image: x, env: {A: 1}}\n"
             "svc: &svc\n  <<: *base\n  command: run\n"
             "copy: *svc\n")
-    document = load_yaml(text)
+    document = parse_yaml_document(text)
     assert document.data["copy"] == {"image": "x", "env": {"A": 1}, "command": "run"}
     assert document.marks[("copy", "image")] == Mark(1, 21, "x")
     assert document.marks[("copy", "command")] == Mark(4, 12, "run")
@@ -537,7 +537,7 @@ def test_merge_list_with_a_scalar_is_refused():
 
 
 def test_alias_inside_flow_collections():
-    document = load_yaml("v: &v 1.10\nl: [*v, {k: *v}]\n")
+    document = parse_yaml_document("v: &v 1.10\nl: [*v, {k: *v}]\n")
     assert document.data["l"] == [1.1, {"k": 1.1}]
     assert document.marks[("l", 1, "k")].text == "1.10"
 
@@ -820,7 +820,7 @@ def test_yaml_error_is_a_usage_level_error():
 
 
 def test_marks_of_collections_and_items():
-    document = load_yaml("a:\n  - x\n  - {b: 'y'}\n")
+    document = parse_yaml_document("a:\n  - x\n  - {b: 'y'}\n")
     assert document.marks[()] == Mark(1, 1, None)
     assert document.marks[("a",)] == Mark(2, 3, None)
     assert document.marks[("a", 0)] == Mark(2, 5, "x")
@@ -829,30 +829,30 @@ def test_marks_of_collections_and_items():
 
 
 def test_key_marks_point_at_the_keys():
-    document = load_yaml("top:\n  inner: 1\n  'quoted': 2\n")
+    document = parse_yaml_document("top:\n  inner: 1\n  'quoted': 2\n")
     assert document.key_marks[("top",)] == Mark(1, 1, "top")
     assert document.key_marks[("top", "inner")] == Mark(2, 3, "inner")
     assert document.key_marks[("top", "quoted")][:2] == (3, 3)
 
 
 def test_empty_value_has_a_mark_on_its_key_line():
-    document = load_yaml("a:\nb: 1\n")
+    document = parse_yaml_document("a:\nb: 1\n")
     assert document.marks[("a",)].line == 1
 
 
 def test_quoted_and_block_scalars_have_no_mark_text():
-    document = load_yaml("a: '1.10'\nb: |\n  x\n")
+    document = parse_yaml_document("a: '1.10'\nb: |\n  x\n")
     assert document.marks[("a",)] == Mark(1, 4, None)
     assert document.marks[("b",)] == Mark(2, 4, None)
 
 
 def test_multi_line_plain_mark_is_its_first_line_with_the_folded_text():
-    document = load_yaml("a: one\n  two\n")
+    document = parse_yaml_document("a: one\n  two\n")
     assert document.marks[("a",)] == Mark(1, 4, "one two")
 
 
-def test_load_yaml_returns_a_yaml_document():
-    document = load_yaml("a: 1")
+def test_parse_yaml_document_returns_a_yaml_document():
+    document = parse_yaml_document("a: 1")
     assert isinstance(document, hpc_compose.YamlDocument)
     assert document.data == {"a": 1}
 

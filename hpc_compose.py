@@ -6086,13 +6086,6 @@ def _service_entry(plan, index, ending):
         restart=restart, readiness=_readiness_entry(str(index), service.readiness))
 
 
-def _extra_block(name, runtime_plan, fallback):
-    """The TRACKING section's bash block ``name(runtime_plan)``, or ``fallback`` while absent."""
-    render = globals().get(name)
-    text = render(runtime_plan) if render is not None else ""
-    return text if text and text.strip() else fallback
-
-
 def _secret_services(plan):
     return [service for service in plan.services if service.secrets]
 
@@ -6135,10 +6128,8 @@ def render_script(runtime_plan):
                         readiness_exit=str(_EXIT_READINESS_TIMEOUT),
                         remove_secrets=_fill(_REMOVE_SECRETS_TEMPLATE, secrets_dir=_SECRETS_DIR_NAME)
                         if _secret_services(plan) else ""))
-    metrics = _extra_block("render_metrics_block", runtime_plan,
-                           "metrics_start() { :; }\nmetrics_stop() { :; }\n")
-    artifacts = _extra_block("render_artifacts_block", runtime_plan,
-                             "collect_artifacts() { :; }\n")
+    metrics = render_metrics_block(runtime_plan)
+    artifacts = render_artifacts_block(runtime_plan)
     pieces.append(_EXTRAS_BANNER + metrics.rstrip("\n") + "\n\n" + artifacts.rstrip("\n") + "\n")
     # From here on any exit (a failed setup line, scancel, the time limit) goes through teardown.
     pieces.append(_SIGNALS_TEMPLATE)
@@ -7966,6 +7957,7 @@ class _InitTemplate(NamedTuple):
 
 def _examples_location():
     """``(loader, folder)`` where the shipped examples live for this copy of the module."""
+    # A module built by hand (zipapp loader, exec) may lack __file__ or __loader__: read them as data.
     module_file = globals().get("__file__") or ""
     folder = os.path.join(os.path.dirname(os.path.abspath(module_file)), "examples")
     return globals().get("__loader__"), folder
@@ -9966,8 +9958,8 @@ def build_parser(command=None):
     parser.add_argument("--version", action="version", version="hpc-compose " + __version__)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND",
                                        parser_class=type(parser))
-    for add in _command_adders():
-        if command is None or add.__name__ == "_add_%s_parser" % command:
+    for name, add in _command_parsers():
+        if command is None or name == command:
             add(subparsers)
     return parser
 
@@ -9976,18 +9968,23 @@ def _requested_command(argv):
     """The subcommand named by ``argv`` when it is a known one, else ``None``."""
     if not argv or argv[0].startswith("-"):
         return None
-    names = set(add.__name__[len("_add_"):-len("_parser")] for add in _command_adders())
+    names = set(name for name, _ in _command_parsers())
     return argv[0] if argv[0] in names else None
 
 
-def _command_adders():
-    # Order here is the order of `hpc-compose --help`: authoring, the run, tracking, maintenance.
+def _command_parsers():
+    """``(command name, function adding its parser)`` for every command, in ``--help`` order:
+    authoring, the run, tracking, maintenance."""
     return (
-        _add_validate_parser, _add_inspect_parser, _add_config_parser, _add_render_parser,
-        _add_preflight_parser, _add_prepare_parser, _add_submit_parser, _add_up_parser,
-        _add_status_parser, _add_ps_parser, _add_logs_parser, _add_stats_parser,
-        _add_artifacts_parser, _add_cancel_parser, _add_down_parser, _add_clean_parser,
-        _add_cache_parser, _add_init_parser, _add_migrate_parser, _add_completions_parser,
+        ("validate", _add_validate_parser), ("inspect", _add_inspect_parser),
+        ("config", _add_config_parser), ("render", _add_render_parser),
+        ("preflight", _add_preflight_parser), ("prepare", _add_prepare_parser),
+        ("submit", _add_submit_parser), ("up", _add_up_parser),
+        ("status", _add_status_parser), ("ps", _add_ps_parser), ("logs", _add_logs_parser),
+        ("stats", _add_stats_parser), ("artifacts", _add_artifacts_parser),
+        ("cancel", _add_cancel_parser), ("down", _add_down_parser), ("clean", _add_clean_parser),
+        ("cache", _add_cache_parser), ("init", _add_init_parser), ("migrate", _add_migrate_parser),
+        ("completions", _add_completions_parser),
     )
 
 

@@ -104,6 +104,16 @@ _CACHE_FORMAT_VERSION = 1
 _MIGRATE_NOTE = "# migrate: "
 _MIGRATE_TODO = _MIGRATE_NOTE + "TODO "
 
+# Contracts between this module and the batch script it writes (docs/execution-model.md): the files
+# the script leaves in the job directory and the schema version of each JSON file either side writes.
+_STATE_FILE_NAME = "state.json"          # <job dir>/state.json, written by the batch script
+_STATE_SCHEMA_VERSION = 1                # state.json
+_TRACKING_SCHEMA_VERSION = 1             # .hpc-compose/jobs/<id>.json and latest.json (tracking)
+_RESUME_LATEST_SCHEMA_VERSION = 1        # <resume dir>/_hpc-compose/latest.json
+_METRICS_META_SCHEMA_VERSION = 1         # <job dir>/metrics/meta.json
+_ARTIFACTS_MANIFEST_SCHEMA_VERSION = 3   # <job dir>/artifacts/manifest.json
+_EXPORT_PROVENANCE_SCHEMA_VERSION = 2    # <export dir>/_hpc-compose/bundles/<bundle>.json
+
 
 class HpcComposeError(Exception):
     """Base of every error the tool reports to the user (never shown as a traceback)."""
@@ -4388,7 +4398,7 @@ def _jobs_in_progress(project_dir, squeue_bin="squeue"):
         if not isinstance(record, dict):
             continue
         job_id = str(record.get("job_id") or os.path.basename(path)[:-len(".json")])
-        state = _load_json(os.path.join(project_dir, _METADATA_DIR_NAME, job_id, "state.json"))
+        state = _load_json(os.path.join(project_dir, _METADATA_DIR_NAME, job_id, _STATE_FILE_NAME))
         status = state.get("status") if isinstance(state, dict) else None
         if status is None and isinstance(record.get("status"), str):
             status = record["status"]
@@ -5150,6 +5160,11 @@ _SCRIPT_HEAD_TEMPLATE = """\
 """
 
 _PRELUDE_TEMPLATE = """
+# Empty arrays under `set -u`, `wait -n` and `exec {fd}<>` need bash 4.4 (RHEL 7 ships 4.2).
+if (( BASH_VERSINFO[0] * 100 + BASH_VERSINFO[1] < 404 )); then
+    echo "hpc-compose: this batch script needs bash >= 4.4, but it runs under bash $BASH_VERSION" >&2
+    exit 1
+fi
 set -euo pipefail
 
 # ---------------------------------------------------------------------------
@@ -5223,7 +5238,7 @@ export HPC_COMPOSE_NODELIST_FILE="$JOB_DIR/allocation/nodes.txt"
 _RESUME_LATEST_TEMPLATE = """
 # The resume directory remembers which job and attempt wrote it last.
 json_string @{compose_name}
-printf '{"schema_version": 1, "compose_name": %s, "job_id": "%s", "attempt": %s, "updated_at": "%s"}\\n' \\
+printf '{"schema_version": @{schema_version}, "compose_name": %s, "job_id": "%s", "attempt": %s, "updated_at": "%s"}\\n' \\
     "$JSON" "$SLURM_JOB_ID" "$ATTEMPT" "$(date -u +%Y-%m-%dT%H:%M:%SZ)" \\
     >"$RESUME_DIR/_hpc-compose/latest.json.tmp"
 mv -f "$RESUME_DIR/_hpc-compose/latest.json.tmp" "$RESUME_DIR/_hpc-compose/latest.json"
@@ -5375,7 +5390,7 @@ write_state() {
     done
     json_or_null "$JOB_REASON"
     reason=$JSON
-    printf '{\n  "schema_version": 1,\n  "job_id": "%s",\n  "attempt": %s,\n  "status": "%s",\n  "exit_code": %s,\n  "reason": %s,\n  "updated_at": "%s",\n  "services": [\n%s\n  ]\n}\n' \
+    printf '{\n  "schema_version": @{state_schema_version},\n  "job_id": "%s",\n  "attempt": %s,\n  "status": "%s",\n  "exit_code": %s,\n  "reason": %s,\n  "updated_at": "%s",\n  "services": [\n%s\n  ]\n}\n' \
         "$SLURM_JOB_ID" "$ATTEMPT" "$JOB_STATUS" "$JOB_EXIT" "$reason" "$NOW_ISO" "$services" \
         >"$STATE_FILE.tmp" && mv -f "$STATE_FILE.tmp" "$STATE_FILE"
     STATE_CHANGED=0
@@ -6126,6 +6141,7 @@ def render_script(runtime_plan):
                         probe_limit_ms=str(_PROBE_LIMIT_SECONDS * 1000), marker=_RESTART_MARKER,
                         fast_tick=_FAST_TICK, probe_interval_ms=str(_PROBE_INTERVAL_MS),
                         readiness_exit=str(_EXIT_READINESS_TIMEOUT),
+                        state_schema_version=str(_STATE_SCHEMA_VERSION),
                         remove_secrets=_fill(_REMOVE_SECRETS_TEMPLATE, secrets_dir=_SECRETS_DIR_NAME)
                         if _secret_services(plan) else ""))
     metrics = render_metrics_block(runtime_plan)
@@ -6143,7 +6159,8 @@ def render_script(runtime_plan):
     pieces.append(_ALLOCATION_TEMPLATE)
     if resume is not None:
         pieces.append(_fill(_RESUME_LATEST_TEMPLATE,
-                            compose_name=shell_quote(plan.spec.name or plan.job_name)))
+                            compose_name=shell_quote(plan.spec.name or plan.job_name),
+                            schema_version=str(_RESUME_LATEST_SCHEMA_VERSION)))
     if plan.slurm.setup:
         pieces.append(_fill(_SETUP_TEMPLATE, lines="\n".join(plan.slurm.setup)))
     curl_check = ""
@@ -6248,7 +6265,7 @@ metrics_write_meta() {
     metrics_json_value "$$METRICS_SLURM_LAST"; slurm_last=$$REPLY
     tmp="$$METRICS_DIR/.meta.json.$$BASHPID"
     {
-        printf '{"schema_version":1,"sampler_pid":%s,"interval_seconds":%s,"collectors":[' \
+        printf '{"schema_version":${schema_version},"sampler_pid":%s,"interval_seconds":%s,"collectors":[' \
             "$${METRICS_PID:-null}" "$$METRICS_INTERVAL"
         printf '{"name":"gpu","enabled":%s,"available":%s,"note":%s,"last_sampled_at":%s},' \
             "$$METRICS_COLLECT_GPU" "$$METRICS_GPU_AVAILABLE" "$$gpu_note" "$$gpu_last"
@@ -6518,7 +6535,7 @@ collect_artifacts() {
     tmp="$$dir/.manifest.json.$$BASHPID"
     {
         artifacts_json_string "$${SLURM_JOB_ID:-}"
-        printf '{"schema_version":3,"job_id":%s,' "$$REPLY"
+        printf '{"schema_version":${schema_version},"job_id":%s,' "$$REPLY"
         artifacts_json_string "$$ARTIFACTS_COLLECT_POLICY"
         printf '"collect_policy":%s,"collected_at":"%s",' "$$REPLY" "$$collected_at"
         artifacts_json_string "$$outcome"
@@ -6548,7 +6565,8 @@ def render_metrics_block(runtime_plan):
     return Template(_METRICS_TEMPLATE).substitute(
         interval=shell_quote(int(metrics.interval_seconds or 5)),
         collect_gpu=shell_quote("true" if "gpu" in collectors else "false"),
-        collect_slurm=shell_quote("true" if "slurm" in collectors else "false"))
+        collect_slurm=shell_quote("true" if "slurm" in collectors else "false"),
+        schema_version=str(_METRICS_META_SCHEMA_VERSION))
 
 
 def _artifact_bundles(artifacts):
@@ -6577,7 +6595,8 @@ def render_artifacts_block(runtime_plan):
         policy=shell_quote(artifacts.collect or "always"),
         bundle_names=" ".join(shell_quote(name) for name, _ in bundles),
         pattern_bundles=" ".join(pattern_bundles),
-        patterns=" ".join(patterns))
+        patterns=" ".join(patterns),
+        schema_version=str(_ARTIFACTS_MANIFEST_SCHEMA_VERSION))
 
 
 ##############################################################################
@@ -6591,7 +6610,6 @@ def render_artifacts_block(runtime_plan):
 # (_WATCH_POLL_FIRST doubling to _WATCH_POLL_MAX, back to the first after a state change); `squeue`
 # while the job is queued or running, `sacct` only after it left the queue. Logs are read from files.
 
-_TRACKING_SCHEMA_VERSION = 1
 _WATCH_POLL_FIRST = 2.0       # seconds between scheduler queries right after a change
 _WATCH_POLL_MAX = 30.0        # the back-off cap
 _LOG_POLL_SECONDS = 0.5       # log files are cheap to read: no scheduler cost
@@ -7076,7 +7094,7 @@ def _load_runtime_state(job_dir):
     Read tolerantly: unknown keys are kept, missing ones default, a service entry that is not an
     object is skipped, so an older or newer batch script never breaks ``status``.
     """
-    data = _load_json(os.path.join(job_dir, "state.json"))
+    data = _load_json(os.path.join(job_dir, _STATE_FILE_NAME))
     if not isinstance(data, dict):
         return None
     services = []
@@ -7314,7 +7332,7 @@ def watch_job(record, squeue_bin="squeue", sacct_bin="sacct", out=None, sleep=No
     poller = _SchedulerPoller(job_id, squeue_bin, sacct_bin, clock=clock)
     out.write("watching job %s (Ctrl-C stops watching, not the job)\n" % job_id)
     out.flush()
-    state_path = os.path.join(record["job_dir"], "state.json")
+    state_path = os.path.join(record["job_dir"], _STATE_FILE_NAME)
     state_seen = None
     while True:
         for name, line in follower.poll():
@@ -7825,7 +7843,7 @@ def _export_artifact_bundles(record, bundles, tarball, export_template):
                     archive.add(os.path.join(target, relative), arcname=relative)
             os.replace(tarball_path + ".tmp", tarball_path)
         provenance = {
-            "schema_version": 2, "job_id": job_id, "bundle": name,
+            "schema_version": _EXPORT_PROVENANCE_SCHEMA_VERSION, "job_id": job_id, "bundle": name,
             "attempt": manifest.get("attempt"), "is_resume": manifest.get("is_resume"),
             "resume_dir": manifest.get("resume_dir"), "compose_file": record.get("compose_file"),
             "script_path": record.get("script_path"), "collect_policy": manifest.get("collect_policy"),

@@ -264,9 +264,31 @@ def test_setup_lines_are_emitted_verbatim_before_the_event_loop():
     assert script.index("trap on_exit EXIT") < setup < script.index("\n# The event loop")
 
 
-def test_set_euo_pipefail_comes_right_after_the_header():
+def _bash_version_check(script):
+    body = script.split("#SBATCH --nodes=1\n", 1)[1]
+    return body[:body.index("\nfi\n") + len("\nfi\n")]
+
+
+def test_bash_version_check_then_set_euo_pipefail_come_right_after_the_header():
     script = hc.render_script(runtime_plan(service()))
-    assert script.split("#SBATCH --nodes=1\n", 1)[1].startswith("\nset -euo pipefail\n")
+    check = _bash_version_check(script)
+    assert "if (( BASH_VERSINFO[0] * 100 + BASH_VERSINFO[1] < 404 )); then" in check
+    assert script.split("#SBATCH --nodes=1\n", 1)[1][len(check):].startswith("set -euo pipefail\n")
+
+
+@pytest.mark.parametrize("version, code", [("4 2 46", 1), ("4 4 20", 0), ("5 2 15", 0), ("3 2 57", 1)])
+def test_bash_older_than_4_4_stops_the_script_with_one_line(version, code):
+    # BASH_VERSINFO is read-only, so the check runs with its name pointing at a chosen version.
+    check = _bash_version_check(hc.render_script(runtime_plan(service())))
+    check = "VERSION=(%s)\n" % version + check.replace("BASH_VERSINFO", "VERSION") + "echo went on\n"
+    result = subprocess.run(["bash", "-c", check], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            universal_newlines=True)
+    assert result.returncode == code
+    if code:
+        assert result.stderr.startswith("hpc-compose: this batch script needs bash >= 4.4")
+        assert result.stderr.count("\n") == 1 and result.stdout == ""
+    else:
+        assert result.stdout == "went on\n" and result.stderr == ""
 
 
 def test_the_job_ends_with_services_nobody_depends_on_leaving_out_ignore_sidecars():

@@ -1598,6 +1598,74 @@ class _YamlReader(object):
         return index
 
 
+# --- writing YAML (config's text output and migrate's rewritten lines) ---------------------------
+
+_PLAIN_UNSAFE = frozenset("-?:,[]{}#&*!|>'\"%@`")
+
+
+def _format_yaml_scalar(value):
+    """A scalar as YAML text that reads back as the same value: a string plain when it can be."""
+    if not isinstance(value, str):
+        return _yaml_scalar(value)
+    plain = (value and value == value.strip() and value[0] not in _PLAIN_UNSAFE
+             and ": " not in value and " #" not in value and not value.endswith(":")
+             and "\n" not in value and "\t" not in value and value.isprintable()
+             and _resolve_plain(value) == value)
+    return value if plain else _yaml_scalar(value)
+
+
+def _format_yaml_lines(value, indent, scalar=_format_yaml_scalar, key_text=_format_yaml_scalar):
+    """Block-style YAML lines of a dict or list, indented by ``indent`` spaces."""
+    pad = " " * indent
+    lines = []
+    if isinstance(value, dict):
+        for key, item in value.items():
+            head = pad + key_text(key) + ":"
+            if isinstance(item, (dict, list)) and item:
+                lines.append(head)
+                lines.extend(_format_yaml_lines(item, indent + 2, scalar, key_text))
+            else:
+                lines.append(head + " " + scalar(item))
+        return lines
+    for item in value:
+        if isinstance(item, (dict, list)) and item:
+            nested = _format_yaml_lines(item, indent + 2, scalar, key_text)
+            lines.append(pad + "- " + nested[0][indent + 2:])
+            lines.extend(nested[1:])
+        else:
+            lines.append(pad + "- " + scalar(item))
+    return lines
+
+
+def _format_yaml(data, indent=0):
+    """Block-style YAML for plain data; every string is double-quoted so it reads back exactly."""
+    return "\n".join(_format_yaml_lines(data, 2 * indent, _yaml_scalar, _yaml_key))
+
+
+def _yaml_key(key):
+    import re
+    if re.match(r"\A[A-Za-z0-9_][A-Za-z0-9_.-]*\Z", key) and key not in (
+            "true", "false", "null", "yes", "no", "on", "off", "y", "n", "~"):
+        return key
+    return _yaml_scalar(key)
+
+
+def _yaml_scalar(value):
+    import json
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, dict):
+        return "{}"
+    if isinstance(value, list):
+        return "[]"
+    # JSON string escapes are valid YAML double-quoted escapes.
+    return json.dumps(value, ensure_ascii=False)
+
+
 ##############################################################################
 # Interpolation and .env
 ##############################################################################
@@ -1803,7 +1871,9 @@ class _Interpolation(object):
 # interpolated and normalized in shape (environment as ordered pairs, depends_on as pairs, healthcheck
 # folded into readiness, failure-policy and readiness defaults applied), but paths are not resolved
 # yet (planner). Records are immutable; tuples, never lists; mappings kept as tuples of pairs in
-# declared order.
+# declared order. The rules both the spec checks and the planner apply (image forms, placement,
+# host paths, the cache dir policy) come first, so that neither stage reaches forward for them;
+# spec_to_dict (the JSON form `config` prints) closes the section.
 
 
 class ReadinessSpec(NamedTuple):
@@ -2158,6 +2228,13 @@ def _url_host(url):
         return None
 
 
+class Placement(NamedTuple):
+    mode: str                      # single (1-node job) | primary (helper pinned to primary node) | distributed
+    nodes: int = 1
+    ntasks: object = None
+    ntasks_per_node: object = None
+
+
 def _resolve_placement(alloc_nodes, service_slurm, top_slurm, service_count):
     """The ``Placement`` of one service in an allocation of ``alloc_nodes``; raises ``_Invalid``."""
     requested = service_slurm.nodes
@@ -2200,6 +2277,43 @@ def _helper_geometry(mode, service_slurm):
     if ntasks is None and service_slurm.ntasks_per_node is None:
         ntasks = 1
     return Placement(mode, 1, ntasks, service_slurm.ntasks_per_node)
+
+
+_TMP_CACHE_ROOTS = ("/tmp", "/var/tmp", "/private/tmp", "/dev/shm")
+
+
+def _under(path, root):
+    path = os.path.normpath(path)
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def _expand_home(path, environ):
+    if path == "~" or path.startswith("~/"):
+        home = environ.get("HOME") or os.path.expanduser("~")
+        return home + path[1:]
+    if path.startswith("~"):
+        return os.path.expanduser(path)
+    return path
+
+
+def resolve_host_path(path, project_dir, environ=None):
+    """An absolute, normalized host path: ``~`` expanded, relative to the compose file's folder."""
+    environ = os.environ if environ is None else environ
+    path = _expand_home(path, environ)
+    if not os.path.isabs(path):
+        path = os.path.join(project_dir, path)
+    return os.path.normpath(path)
+
+
+def _check_cache_dir(path):
+    """Refuse node-local temporary file systems: prepare runs on the login node, jobs elsewhere."""
+    for candidate in (path, os.path.realpath(path)):
+        for root in _TMP_CACHE_ROOTS:
+            if _under(candidate, root):
+                raise _Invalid("cache_dir %s is under %s, which is not shared between the login "
+                               "node and the compute nodes" % (path, root),
+                               hint="use shared storage such as /shared/$USER/hpc-compose-cache, "
+                                    "or omit it for $HOME/.cache/hpc-compose")
 
 
 # --- reading the file ----------------------------------------------------------------------------
@@ -3261,11 +3375,139 @@ def _scalar_text(value):
     return str(value)
 
 
+def _readiness_to_dict(readiness, escape=None):
+    if readiness is None:
+        return None
+    escape = escape or _same
+    fields = ("type",) + _READINESS_FIELDS.get(readiness.type, ())
+    data = dict((key, getattr(readiness, key)) for key in fields)
+    for key in ("host", "url"):
+        if data.get(key) is not None:
+            data[key] = escape(data[key])
+    return data
+
+
+def _failure_policy_to_dict(policy):
+    data = {"mode": policy.mode}
+    if policy.mode == "restart_on_failure":
+        data["max_restarts"] = policy.max_restarts
+        data["backoff_seconds"] = policy.backoff_seconds
+    return data
+
+
+def _same(text):
+    return text
+
+
+def _escape_dollars(text):
+    return text.replace("$", "$$")
+
+
+def _slurm_to_dict(slurm, escape=None):
+    escape = escape or _same
+    data = {}
+    for key in _SLURM_STRING_KEYS:
+        value = getattr(slurm, key)
+        if value is not None:
+            data[key] = escape(value)
+    for key in _SLURM_COUNT_KEYS:
+        value = getattr(slurm, key)
+        if value is not None:
+            data[key] = value
+    if slurm.metrics is not None:
+        data["metrics"] = {"enabled": slurm.metrics.enabled,
+                           "interval_seconds": slurm.metrics.interval_seconds,
+                           "collectors": list(slurm.metrics.collectors)}
+    if slurm.artifacts is not None:
+        artifacts = slurm.artifacts
+        data["artifacts"] = {"collect": artifacts.collect,
+                             "export_dir": escape(artifacts.export_dir),
+                             "paths": [escape(p) for p in artifacts.paths],
+                             "bundles": dict((name, {"paths": [escape(p) for p in paths]})
+                                             for name, paths in artifacts.bundles)}
+    if slurm.resume is not None:
+        data["resume"] = {"path": escape(slurm.resume.path)}
+    if slurm.setup:
+        data["setup"] = list(slurm.setup)
+    if slurm.submit_args:
+        data["submit_args"] = [escape(a) for a in slurm.submit_args]
+    data["runtime"] = slurm.runtime
+    if slurm.share_with_group:
+        data["share_with_group"] = True
+    return data
+
+
+def spec_to_dict(spec, escape_dollars=False):
+    """The normalized, interpolated spec as plain data (what ``config`` prints).
+
+    With ``escape_dollars`` every ``$`` in a field that is interpolated on load is written ``$$``,
+    so the output loads back into the same spec (as ``docker compose config`` does).
+    """
+    escape = _escape_dollars if escape_dollars else _same
+    services = {}
+    for service in spec.services:
+        data = {}
+        if service.image is not None:
+            data["image"] = escape(service.image)
+        for key in ("entrypoint", "command"):
+            value = getattr(service, key)
+            if value is not None:
+                # Shell form is never interpolated, so it is printed exactly as written.
+                data[key] = value if isinstance(value, str) else [escape(v) for v in value]
+        if service.environment:
+            data["environment"] = dict((k, escape(v)) for k, v in service.environment)
+        if service.volumes:
+            data["volumes"] = [escape(v) for v in service.volumes]
+        if service.working_dir is not None:
+            data["working_dir"] = escape(service.working_dir)
+        if service.depends_on:
+            data["depends_on"] = dict((name, {"condition": condition})
+                                      for name, condition in service.depends_on)
+        if service.readiness is not None:
+            data["readiness"] = _readiness_to_dict(service.readiness, escape)
+        slurm = {}
+        for key in ("nodes", "ntasks", "ntasks_per_node", "cpus_per_task", "gpus"):
+            value = getattr(service.slurm, key)
+            if value is not None:
+                slurm[key] = value
+        if service.slurm.gres is not None:
+            slurm["gres"] = escape(service.slurm.gres)
+        if service.slurm.extra_srun_args:
+            slurm["extra_srun_args"] = [escape(a) for a in service.slurm.extra_srun_args]
+        if service.slurm.failure_policy != FailurePolicy():
+            slurm["failure_policy"] = _failure_policy_to_dict(service.slurm.failure_policy)
+        if service.slurm.runtime is not None:
+            slurm["runtime"] = service.slurm.runtime
+        if slurm:
+            data["x-slurm"] = slurm
+        if service.prepare is not None:
+            prepare = {"commands": list(service.prepare.commands), "root": service.prepare.root}
+            if service.prepare.mounts:
+                prepare["mounts"] = [escape(m) for m in service.prepare.mounts]
+            if service.prepare.env:
+                prepare["env"] = dict((k, escape(v)) for k, v in service.prepare.env)
+            data["x-enroot"] = {"prepare": prepare}
+        if service.secrets:
+            data["secrets"] = _service_secrets_to_list(service.secrets)
+        services[service.name] = data
+    result = {}
+    if spec.name is not None:
+        result["name"] = escape(spec.name)
+    if spec.version is not None:
+        result["version"] = spec.version
+    result["x-slurm"] = _slurm_to_dict(spec.slurm, escape)
+    if spec.secrets:
+        result["secrets"] = _secrets_to_dict(spec.secrets, escape)
+    result["services"] = services
+    return result
+
+
 ##############################################################################
 # Planner: spec -> deterministic normalized plan
 ##############################################################################
 # build_plan(spec, environ=None) -> Plan. Pure apart from reading $HOME from
 # the environment and resolving symlinks of cache_dir; existence checks are preflight's.
+# plan_to_dict (the JSON form `inspect` prints) closes the section.
 
 
 class ImageRef(NamedTuple):
@@ -3291,13 +3533,6 @@ class Mount(NamedTuple):
 class Dependency(NamedTuple):
     name: str
     condition: str                 # service_started | service_healthy
-
-
-class Placement(NamedTuple):
-    mode: str                      # single (1-node job) | primary (helper pinned to primary node) | distributed
-    nodes: int = 1
-    ntasks: object = None
-    ntasks_per_node: object = None
 
 
 class PreparePlan(NamedTuple):
@@ -3378,27 +3613,6 @@ def _starts_group(data, index):
     return following == "_" or following not in _TOKEN_SAFE
 
 
-_TMP_CACHE_ROOTS = ("/tmp", "/var/tmp", "/private/tmp", "/dev/shm")
-
-
-def _expand_home(path, environ):
-    if path == "~" or path.startswith("~/"):
-        home = environ.get("HOME") or os.path.expanduser("~")
-        return home + path[1:]
-    if path.startswith("~"):
-        return os.path.expanduser(path)
-    return path
-
-
-def resolve_host_path(path, project_dir, environ=None):
-    """An absolute, normalized host path: ``~`` expanded, relative to the compose file's folder."""
-    environ = os.environ if environ is None else environ
-    path = _expand_home(path, environ)
-    if not os.path.isabs(path):
-        path = os.path.join(project_dir, path)
-    return os.path.normpath(path)
-
-
 def _resolve_cache_dir(spec, environ=None):
     """The absolute cache directory of ``spec``; refuses node-local temporary file systems."""
     environ = os.environ if environ is None else environ
@@ -3414,17 +3628,6 @@ def _resolve_cache_dir(spec, environ=None):
     except _Invalid as exc:
         raise SpecError(exc.message, file=spec.path, path="x-slurm.cache_dir", hint=exc.hint)
     return path
-
-
-def _check_cache_dir(path):
-    """Refuse node-local temporary file systems: prepare runs on the login node, jobs elsewhere."""
-    for candidate in (path, os.path.realpath(path)):
-        for root in _TMP_CACHE_ROOTS:
-            if candidate == root or candidate.startswith(root + "/"):
-                raise _Invalid("cache_dir %s is under %s, which is not shared between the login "
-                               "node and the compute nodes" % (path, root),
-                               hint="use shared storage such as /shared/$USER/hpc-compose-cache, "
-                                    "or omit it for $HOME/.cache/hpc-compose")
 
 
 def normalize_image(image, project_dir, environ=None):
@@ -3560,6 +3763,64 @@ def build_plan(spec, environ=None):
     return Plan(spec=spec, compose_file=spec.path, project_dir=spec.project_dir,
                 job_name=job_name, cache_dir=cache_dir, nodes=alloc_nodes, slurm=spec.slurm,
                 services=tuple(services), runtime=spec.slurm.runtime, secrets=secrets)
+
+
+def _mount_to_dict(mount):
+    return {"host": mount.host, "container": mount.container, "options": mount.options}
+
+
+def plan_to_dict(plan):
+    """The plan as plain JSON-ready data (``inspect --format json``); reusable by other commands."""
+    services = []
+    for service in plan.services:
+        execution = service.execution
+        prepare = None
+        if service.prepare is not None:
+            prepare = {"commands": list(service.prepare.commands),
+                       "mounts": [_mount_to_dict(m) for m in service.prepare.mounts],
+                       "env": [list(pair) for pair in service.prepare.env],
+                       "root": service.prepare.root}
+        services.append({
+            "name": service.name,
+            "token": service.token,
+            "runtime": service.runtime,
+            "image": {"kind": service.image.kind, "reference": service.image.reference,
+                      "registry": service.image.registry, "original": service.image.original},
+            "execution": {"form": execution.form, "argv": list(execution.argv),
+                          "script": execution.script,
+                          "use_image_entrypoint": execution.use_image_entrypoint},
+            "working_dir": service.working_dir,
+            "environment": [list(pair) for pair in service.environment],
+            "mounts": [_mount_to_dict(m) for m in service.mounts],
+            "depends_on": [{"name": d.name, "condition": d.condition}
+                           for d in service.depends_on],
+            "dependents": list(service.dependents),
+            "readiness": _readiness_to_dict(service.readiness),
+            "failure_policy": _failure_policy_to_dict(service.failure_policy),
+            "placement": {"mode": service.placement.mode, "nodes": service.placement.nodes,
+                          "ntasks": service.placement.ntasks,
+                          "ntasks_per_node": service.placement.ntasks_per_node},
+            "cpus_per_task": service.cpus_per_task,
+            "gpus": service.gpus,
+            "gres": service.gres,
+            "extra_srun_args": list(service.extra_srun_args),
+            "prepare": prepare,
+            "secrets": _service_secrets_to_list(service.secrets),
+        })
+    return {
+        "compose_file": plan.compose_file,
+        "project_dir": plan.project_dir,
+        "name": plan.spec.name,
+        "job_name": plan.job_name,
+        "runtime": plan.runtime,
+        "cache_dir": plan.cache_dir,
+        "nodes": plan.nodes,
+        "slurm": _slurm_to_dict(plan.slurm),
+        "service_order": [s.name for s in plan.services],
+        "services": services,
+        "secrets": _secrets_to_dict(plan.secrets),
+        "warnings": list(plan.spec.warnings),
+    }
 
 
 ##############################################################################
@@ -4384,40 +4645,6 @@ def inspect_cache(runtime_plan, service=None):
     return reports
 
 
-def _jobs_in_progress(project_dir, squeue_bin="squeue"):
-    """``[(job_id, record)]`` for tracked jobs of a project that may still run.
-
-    A final ``state.json`` (or record status) means finished. Otherwise one ``squeue`` call
-    decides: a job no longer in the queue has ended (it may have died before writing a final
-    state). When squeue cannot answer, the job counts as running: pruning must never guess.
-    """
-    import glob
-    unsure = []
-    for path in sorted(glob.glob(os.path.join(project_dir, _METADATA_DIR_NAME, "jobs", "*.json"))):
-        record = _load_json(path)
-        if not isinstance(record, dict):
-            continue
-        job_id = str(record.get("job_id") or os.path.basename(path)[:-len(".json")])
-        state = _load_json(os.path.join(project_dir, _METADATA_DIR_NAME, job_id, _STATE_FILE_NAME))
-        status = state.get("status") if isinstance(state, dict) else None
-        if status is None and isinstance(record.get("status"), str):
-            status = record["status"]
-        if status is not None and status.lower() in _FINISHED_JOB_STATUSES:
-            continue
-        unsure.append((job_id, record))
-    if not unsure:
-        return []
-    try:
-        queued = _squeue_states([job_id for job_id, _ in unsure if job_id.isdigit()], squeue_bin)
-    except ToolError:
-        return unsure
-    return [(job_id, record) for job_id, record in unsure
-            if not job_id.isdigit() or job_id in queued]
-
-
-_FINISHED_JOB_STATUSES = ("completed", "failed", "cancelled", "timeout")
-
-
 def _paths_named_in(value, found):
     if isinstance(value, dict):
         for item in value.values():
@@ -4465,6 +4692,7 @@ def _artifacts_in_use(cache_dir, extra_projects=(), squeue_bin="squeue"):
     in_use = {}
     for compose_file in sorted(projects):
         project_dir = os.path.dirname(compose_file)
+        # Tracking's rule (below, in the job tracking section): which jobs may still run.
         for job_id, record in _jobs_in_progress(project_dir, squeue_bin):
             found = set()
             _paths_named_in(record, found)
@@ -4595,7 +4823,6 @@ class PreflightReport(NamedTuple):
         return bool(self.errors) or (strict and bool(self.warnings))
 
 
-_FORBIDDEN_CACHE_ROOTS = ("/tmp", "/var/tmp", "/private/tmp", "/dev/shm")
 _UNRELIABLE_RESUME_ROOTS = ("/tmp", "/var/tmp")
 _SYMLINK_SCAN_LIMIT = 5000         # entries per mounted directory: big model trees are not walked whole
 
@@ -4694,18 +4921,13 @@ def _preflight_enroot_version(runtime_plan, enroot_path):
                     "check 'enroot version', or use a tag instead of @sha256:...")]
 
 
-def _under(path, root):
-    path = os.path.normpath(path)
-    return path == root or path.startswith(root.rstrip("/") + "/")
-
-
 def _preflight_cache_dir(runtime_plan, writable=True):
     plan = runtime_plan.plan
     cache_dir = runtime_plan.cache_dir
     explicit = plan.slurm.cache_dir is not None
     findings = []
     resolved = os.path.realpath(cache_dir)
-    for root in _FORBIDDEN_CACHE_ROOTS:
+    for root in _TMP_CACHE_ROOTS:
         if _under(cache_dir, root) or _under(resolved, root):
             findings.append(Finding(
                 "error", "cache_dir.policy",
@@ -7135,6 +7357,37 @@ def _runtime_failure_summary(state):
     return "; ".join(parts) or None
 
 
+def _jobs_in_progress(project_dir, squeue_bin="squeue"):
+    """``[(job_id, record)]`` for tracked jobs of a project that may still run.
+
+    A final ``state.json`` (or record status) means finished. Otherwise one ``squeue`` call
+    decides: a job no longer in the queue has ended (it may have died before writing a final
+    state). When squeue cannot answer, the job counts as running: pruning must never guess.
+    """
+    import glob
+    unsure = []
+    for path in sorted(glob.glob(os.path.join(project_dir, _METADATA_DIR_NAME, "jobs", "*.json"))):
+        record = _load_json(path)
+        if not isinstance(record, dict):
+            continue
+        job_id = str(record.get("job_id") or os.path.basename(path)[:-len(".json")])
+        state = _load_json(os.path.join(project_dir, _METADATA_DIR_NAME, job_id, _STATE_FILE_NAME))
+        status = state.get("status") if isinstance(state, dict) else None
+        if status is None and isinstance(record.get("status"), str):
+            status = record["status"]
+        if status is not None and status.lower() in _FINAL_RUNTIME_STATUSES:
+            continue
+        unsure.append((job_id, record))
+    if not unsure:
+        return []
+    try:
+        queued = _squeue_states([job_id for job_id, _ in unsure if job_id.isdigit()], squeue_bin)
+    except ToolError:
+        return unsure
+    return [(job_id, record) for job_id, record in unsure
+            if not job_id.isdigit() or job_id in queued]
+
+
 # --- logs -------------------------------------------------------------------------------------
 
 def _tail_lines(path, count):
@@ -8335,45 +8588,6 @@ class _BuildResult(NamedTuple):
 def _load_text_file(path):
     with open(path, "rb") as handle:
         return handle.read().decode("utf-8", "replace")
-
-
-# --- writing YAML ------------------------------------------------------------------------------
-
-_PLAIN_UNSAFE = frozenset("-?:,[]{}#&*!|>'\"%@`")
-
-
-def _format_yaml_scalar(value):
-    """A scalar as YAML text that reads back as the same value: a string plain when it can be."""
-    if not isinstance(value, str):
-        return _yaml_scalar(value)
-    plain = (value and value == value.strip() and value[0] not in _PLAIN_UNSAFE
-             and ": " not in value and " #" not in value and not value.endswith(":")
-             and "\n" not in value and "\t" not in value and value.isprintable()
-             and _resolve_plain(value) == value)
-    return value if plain else _yaml_scalar(value)
-
-
-def _format_yaml_lines(value, indent, scalar=_format_yaml_scalar, key_text=_format_yaml_scalar):
-    """Block-style YAML lines of a dict or list, indented by ``indent`` spaces."""
-    pad = " " * indent
-    lines = []
-    if isinstance(value, dict):
-        for key, item in value.items():
-            head = pad + key_text(key) + ":"
-            if isinstance(item, (dict, list)) and item:
-                lines.append(head)
-                lines.extend(_format_yaml_lines(item, indent + 2, scalar, key_text))
-            else:
-                lines.append(head + " " + scalar(item))
-        return lines
-    for item in value:
-        if isinstance(item, (dict, list)) and item:
-            nested = _format_yaml_lines(item, indent + 2, scalar, key_text)
-            lines.append(pad + "- " + nested[0][indent + 2:])
-            lines.extend(nested[1:])
-        else:
-            lines.append(pad + "- " + scalar(item))
-    return lines
 
 
 def _brief(value, limit=60):
@@ -10166,68 +10380,6 @@ def _cmd_completions(args):
 # CLI: validate, inspect, config commands
 
 
-def _readiness_to_dict(readiness, escape=None):
-    if readiness is None:
-        return None
-    escape = escape or _same
-    fields = ("type",) + _READINESS_FIELDS.get(readiness.type, ())
-    data = dict((key, getattr(readiness, key)) for key in fields)
-    for key in ("host", "url"):
-        if data.get(key) is not None:
-            data[key] = escape(data[key])
-    return data
-
-
-def _failure_policy_to_dict(policy):
-    data = {"mode": policy.mode}
-    if policy.mode == "restart_on_failure":
-        data["max_restarts"] = policy.max_restarts
-        data["backoff_seconds"] = policy.backoff_seconds
-    return data
-
-
-def _same(text):
-    return text
-
-
-def _escape_dollars(text):
-    return text.replace("$", "$$")
-
-
-def _slurm_to_dict(slurm, escape=None):
-    escape = escape or _same
-    data = {}
-    for key in _SLURM_STRING_KEYS:
-        value = getattr(slurm, key)
-        if value is not None:
-            data[key] = escape(value)
-    for key in _SLURM_COUNT_KEYS:
-        value = getattr(slurm, key)
-        if value is not None:
-            data[key] = value
-    if slurm.metrics is not None:
-        data["metrics"] = {"enabled": slurm.metrics.enabled,
-                           "interval_seconds": slurm.metrics.interval_seconds,
-                           "collectors": list(slurm.metrics.collectors)}
-    if slurm.artifacts is not None:
-        artifacts = slurm.artifacts
-        data["artifacts"] = {"collect": artifacts.collect,
-                             "export_dir": escape(artifacts.export_dir),
-                             "paths": [escape(p) for p in artifacts.paths],
-                             "bundles": dict((name, {"paths": [escape(p) for p in paths]})
-                                             for name, paths in artifacts.bundles)}
-    if slurm.resume is not None:
-        data["resume"] = {"path": escape(slurm.resume.path)}
-    if slurm.setup:
-        data["setup"] = list(slurm.setup)
-    if slurm.submit_args:
-        data["submit_args"] = [escape(a) for a in slurm.submit_args]
-    data["runtime"] = slurm.runtime
-    if slurm.share_with_group:
-        data["share_with_group"] = True
-    return data
-
-
 def _secrets_to_dict(secrets, escape=None):
     """Top-level secrets as references (``file:`` path or ``environment:`` name), never values."""
     escape = escape or _same
@@ -10244,129 +10396,6 @@ def _service_secrets_to_list(secrets):
             data["mode"] = "0%o" % item.mode
         result.append(data)
     return result
-
-
-def spec_to_dict(spec, escape_dollars=False):
-    """The normalized, interpolated spec as plain data (what ``config`` prints).
-
-    With ``escape_dollars`` every ``$`` in a field that is interpolated on load is written ``$$``,
-    so the output loads back into the same spec (as ``docker compose config`` does).
-    """
-    escape = _escape_dollars if escape_dollars else _same
-    services = {}
-    for service in spec.services:
-        data = {}
-        if service.image is not None:
-            data["image"] = escape(service.image)
-        for key in ("entrypoint", "command"):
-            value = getattr(service, key)
-            if value is not None:
-                # Shell form is never interpolated, so it is printed exactly as written.
-                data[key] = value if isinstance(value, str) else [escape(v) for v in value]
-        if service.environment:
-            data["environment"] = dict((k, escape(v)) for k, v in service.environment)
-        if service.volumes:
-            data["volumes"] = [escape(v) for v in service.volumes]
-        if service.working_dir is not None:
-            data["working_dir"] = escape(service.working_dir)
-        if service.depends_on:
-            data["depends_on"] = dict((name, {"condition": condition})
-                                      for name, condition in service.depends_on)
-        if service.readiness is not None:
-            data["readiness"] = _readiness_to_dict(service.readiness, escape)
-        slurm = {}
-        for key in ("nodes", "ntasks", "ntasks_per_node", "cpus_per_task", "gpus"):
-            value = getattr(service.slurm, key)
-            if value is not None:
-                slurm[key] = value
-        if service.slurm.gres is not None:
-            slurm["gres"] = escape(service.slurm.gres)
-        if service.slurm.extra_srun_args:
-            slurm["extra_srun_args"] = [escape(a) for a in service.slurm.extra_srun_args]
-        if service.slurm.failure_policy != FailurePolicy():
-            slurm["failure_policy"] = _failure_policy_to_dict(service.slurm.failure_policy)
-        if service.slurm.runtime is not None:
-            slurm["runtime"] = service.slurm.runtime
-        if slurm:
-            data["x-slurm"] = slurm
-        if service.prepare is not None:
-            prepare = {"commands": list(service.prepare.commands), "root": service.prepare.root}
-            if service.prepare.mounts:
-                prepare["mounts"] = [escape(m) for m in service.prepare.mounts]
-            if service.prepare.env:
-                prepare["env"] = dict((k, escape(v)) for k, v in service.prepare.env)
-            data["x-enroot"] = {"prepare": prepare}
-        if service.secrets:
-            data["secrets"] = _service_secrets_to_list(service.secrets)
-        services[service.name] = data
-    result = {}
-    if spec.name is not None:
-        result["name"] = escape(spec.name)
-    if spec.version is not None:
-        result["version"] = spec.version
-    result["x-slurm"] = _slurm_to_dict(spec.slurm, escape)
-    if spec.secrets:
-        result["secrets"] = _secrets_to_dict(spec.secrets, escape)
-    result["services"] = services
-    return result
-
-
-def _mount_to_dict(mount):
-    return {"host": mount.host, "container": mount.container, "options": mount.options}
-
-
-def plan_to_dict(plan):
-    """The plan as plain JSON-ready data (``inspect --format json``); reusable by other commands."""
-    services = []
-    for service in plan.services:
-        execution = service.execution
-        prepare = None
-        if service.prepare is not None:
-            prepare = {"commands": list(service.prepare.commands),
-                       "mounts": [_mount_to_dict(m) for m in service.prepare.mounts],
-                       "env": [list(pair) for pair in service.prepare.env],
-                       "root": service.prepare.root}
-        services.append({
-            "name": service.name,
-            "token": service.token,
-            "runtime": service.runtime,
-            "image": {"kind": service.image.kind, "reference": service.image.reference,
-                      "registry": service.image.registry, "original": service.image.original},
-            "execution": {"form": execution.form, "argv": list(execution.argv),
-                          "script": execution.script,
-                          "use_image_entrypoint": execution.use_image_entrypoint},
-            "working_dir": service.working_dir,
-            "environment": [list(pair) for pair in service.environment],
-            "mounts": [_mount_to_dict(m) for m in service.mounts],
-            "depends_on": [{"name": d.name, "condition": d.condition}
-                           for d in service.depends_on],
-            "dependents": list(service.dependents),
-            "readiness": _readiness_to_dict(service.readiness),
-            "failure_policy": _failure_policy_to_dict(service.failure_policy),
-            "placement": {"mode": service.placement.mode, "nodes": service.placement.nodes,
-                          "ntasks": service.placement.ntasks,
-                          "ntasks_per_node": service.placement.ntasks_per_node},
-            "cpus_per_task": service.cpus_per_task,
-            "gpus": service.gpus,
-            "gres": service.gres,
-            "extra_srun_args": list(service.extra_srun_args),
-            "prepare": prepare,
-            "secrets": _service_secrets_to_list(service.secrets),
-        })
-    return {
-        "compose_file": plan.compose_file,
-        "project_dir": plan.project_dir,
-        "name": plan.spec.name,
-        "job_name": plan.job_name,
-        "runtime": plan.runtime,
-        "cache_dir": plan.cache_dir,
-        "nodes": plan.nodes,
-        "slurm": _slurm_to_dict(plan.slurm),
-        "service_order": [s.name for s in plan.services],
-        "services": services,
-        "secrets": _secrets_to_dict(plan.secrets),
-        "warnings": list(plan.spec.warnings),
-    }
 
 
 # --- validate ------------------------------------------------------------------------------------
@@ -10627,35 +10656,6 @@ def _add_config_parser(subparsers):
     _add_format_argument(parser)
     parser.add_argument("--no-interpolate", action="store_true",
                         help="print the file as written: variables are not expanded (nor checked)")
-
-
-def _format_yaml(data, indent=0):
-    """Block-style YAML for plain data; every string is double-quoted so it reads back exactly."""
-    return "\n".join(_format_yaml_lines(data, 2 * indent, _yaml_scalar, _yaml_key))
-
-
-def _yaml_key(key):
-    import re
-    if re.match(r"\A[A-Za-z0-9_][A-Za-z0-9_.-]*\Z", key) and key not in (
-            "true", "false", "null", "yes", "no", "on", "off", "y", "n", "~"):
-        return key
-    return _yaml_scalar(key)
-
-
-def _yaml_scalar(value):
-    import json
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return str(value)
-    if isinstance(value, dict):
-        return "{}"
-    if isinstance(value, list):
-        return "[]"
-    # JSON string escapes are valid YAML double-quoted escapes.
-    return json.dumps(value, ensure_ascii=False)
 
 
 def _cmd_config(args):
@@ -11618,8 +11618,6 @@ def _describe_template(template):
               "  hpc-compose init --template %s --name my-app "
               "--cache-dir /shared/$USER/hpc-compose-cache --output compose.yaml" % template.name]
     return "\n".join(lines).rstrip("\n") + "\n"
-
-
 
 
 ##############################################################################

@@ -24,7 +24,7 @@ def shared(tmp_path, monkeypatch):
             break
         except OSError:
             continue
-    assert base and not any(hc._under(base, r) for r in hc._FORBIDDEN_CACHE_ROOTS), base
+    assert base and not any(hc._under(base, r) for r in hc._TMP_CACHE_ROOTS), base
     os.makedirs(os.path.join(base, "home"))
     monkeypatch.setenv("HOME", os.path.join(base, "home"))
     monkeypatch.setenv("ENROOT_CONFIG_PATH", str(tmp_path / "enroot-config"))

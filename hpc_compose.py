@@ -341,7 +341,7 @@ class Mark(NamedTuple):
     text: object = None
 
 
-_new_mark = tuple.__new__   # Mark(...) without the Python-level __new__ (marks are made per node)
+_make_mark = tuple.__new__   # Mark(...) without the Python-level __new__ (marks are made per node)
 
 
 class YamlDocument(NamedTuple):
@@ -592,7 +592,7 @@ class _YamlReader(object):
 
     def mark(self, path, row, col, text=None):
         """Record the mark of the node at ``path``, logged so that aliases can copy it."""
-        self.marks[path] = _new_mark(Mark, (row + 1, col + 1, text))
+        self.marks[path] = _make_mark(Mark, (row + 1, col + 1, text))
         self.log.append(path)
 
     def copy_marks(self, first, end, source, target, skip_root, only_keys=None):
@@ -999,7 +999,7 @@ class _YamlReader(object):
                 raise self.error("duplicate key %r (first defined at line %d, column %d)"
                                  % (_yaml_path_key(key), first_mark[0], first_mark[1]), row, indent,
                                  hint="remove one of them; YAML mapping keys must be unique")
-            key_marks[key_path] = _new_mark(Mark, (row + 1, indent + 1, text))
+            key_marks[key_path] = _make_mark(Mark, (row + 1, indent + 1, text))
             key_row = row
             value_col = col
             while value_col < length and line[value_col] in _SPACE_TAB:
@@ -1019,7 +1019,7 @@ class _YamlReader(object):
                     value_text = line[value_col:].rstrip(" ")
                     value = value_text if value_text[0] not in _RESOLVABLE_START else \
                         _resolve_plain(value_text)
-                    marks[key_path] = _new_mark(Mark, (key_row + 1, value_col + 1, value_text))
+                    marks[key_path] = _make_mark(Mark, (key_row + 1, value_col + 1, value_text))
                     self.log.append(key_path)
                 else:
                     row = key_row
@@ -1141,7 +1141,7 @@ class _YamlReader(object):
                 if next_indent <= indent:
                     text = line[col:].rstrip(" ")
                     value = text if text[0] not in _RESOLVABLE_START else _resolve_plain(text)
-                    self.marks[item_path] = _new_mark(Mark, (row + 1, col + 1, text))
+                    self.marks[item_path] = _make_mark(Mark, (row + 1, col + 1, text))
                     self.log.append(item_path)
                     row = next_row
                 else:
@@ -1432,7 +1432,7 @@ class _YamlReader(object):
                              % (_yaml_path_key(key), first_mark[0], first_mark[1]),
                              entry_row, entry_col,
                              hint="remove one of them; YAML mapping keys must be unique")
-        self.key_marks[key_path] = _new_mark(Mark, (entry_row + 1, entry_col + 1, text))
+        self.key_marks[key_path] = _make_mark(Mark, (entry_row + 1, entry_col + 1, text))
         # Unlike a pair inside `[...]`, a key in `{...}` may be followed by its ':' on a later line.
         row, col = self.skip_flow_space(row, col, open_row, open_col)
         first = len(self.log)
@@ -1469,7 +1469,7 @@ class _YamlReader(object):
         text = key_mark.text if key_mark is not None else None
         self.mark(item_path, key_row, key_col)
         key_path = item_path + (_yaml_path_key(key),)
-        self.key_marks[key_path] = _new_mark(Mark, (key_row + 1, key_col + 1, text))
+        self.key_marks[key_path] = _make_mark(Mark, (key_row + 1, key_col + 1, text))
         row, col = self.skip_flow_space(row, col + 1, open_row, open_col)
         char = self.lines[row][col]
         if char == "," or char == "]":
@@ -2318,29 +2318,27 @@ def _check_cache_dir(path):
 
 # --- reading the file ----------------------------------------------------------------------------
 
-def _load_compose_text(path):
+def _load_compose_bytes(path):
+    """The compose file's bytes; decoding (and refusing binary or non-UTF-8 input) is the YAML
+    reader's job, which locates the offending byte."""
     if os.path.isdir(path):
         raise SpecError("'%s' is a directory, not a compose file" % path, file=path,
                         hint="pass the YAML file itself, e.g. -f %s"
                              % os.path.join(path, "compose.yaml"))
     try:
         with open(path, "rb") as handle:
-            raw = handle.read()
+            return handle.read()
     except FileNotFoundError:
         raise SpecError("compose file does not exist", file=path,
                         hint="check the path, or create one with 'hpc-compose init'")
     except OSError as exc:
         raise SpecError("cannot read the compose file: %s" % (exc.strerror or exc), file=path)
-    if b"\0" in raw[:8192]:
-        raise SpecError("this is a binary file, not a YAML compose file", file=path,
-                        hint="pass the compose.yaml text file with -f")
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = raw[:exc.start].count(b"\n") + 1
-        column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
-        raise SpecError("the compose file is not valid UTF-8 text", file=path, line=line,
-                        column=column, hint="save it as UTF-8")
+
+
+def _load_compose_text(path):
+    """The compose file as text, decoded by the YAML reader's rules (binary or non-UTF-8 input is
+    refused with its position)."""
+    return _decode_yaml_source(_load_compose_bytes(path), path)
 
 
 def load_spec(path, environ=None):
@@ -2538,7 +2536,8 @@ class _SpecLoader(object):
                              hint="did you mean '%s'?" % suggestion if suggestion else None)
         return text
 
-    def checked(self, path, function, *args, **kwargs):
+    def apply_rule(self, path, function, *args, **kwargs):
+        """``function(*args, **kwargs)``, a pure value rule; its ``_Invalid`` becomes a located error."""
         try:
             return function(*args, **kwargs)
         except _Invalid as exc:
@@ -2642,7 +2641,7 @@ class _SpecLoader(object):
         for key in _SLURM_COUNT_KEYS:
             values[key] = self.integer(path + (key,), raw.get(key))
         if values["cache_dir"] is not None:
-            self.checked(path + ("cache_dir",), _check_cache_dir,
+            self.apply_rule(path + ("cache_dir",), _check_cache_dir,
                          resolve_host_path(values["cache_dir"], self.project_dir, self.variables))
         if "metrics" in raw:
             values["metrics"] = self.metrics(path + ("metrics",), raw["metrics"])
@@ -2728,7 +2727,7 @@ class _SpecLoader(object):
         for index, item in enumerate(self.sequence(path, raw)):
             item_path = path + (index,)
             text = self.string(item_path, item, keep=("SLURM_JOB_ID",))
-            result.append(self.checked(item_path, _normalize_artifact_path, text))
+            result.append(self.apply_rule(item_path, _normalize_artifact_path, text))
         return tuple(result)
 
     def resume(self, path, raw):
@@ -2784,7 +2783,7 @@ class _SpecLoader(object):
             image = self.string(path + ("image",), raw["image"], unset_is_empty=True,
                                 allow_empty=True)
             if not host:
-                self.checked(path + ("image",), _classify_image, image)
+                self.apply_rule(path + ("image",), _classify_image, image)
             else:
                 self.warnings.append("%s: image '%s' is not used: the service runs with the host "
                                      "runtime" % (self.where(path + ("image",)), image))
@@ -2819,7 +2818,7 @@ class _SpecLoader(object):
             for index, item in enumerate(self.sequence(path + ("volumes",), raw["volumes"])):
                 item_path = path + ("volumes", index)
                 text = self.volume_text(item_path, item)
-                self.checked(item_path, _split_volume, text,
+                self.apply_rule(item_path, _split_volume, text,
                              resume_enabled=top_slurm.resume is not None)
                 volumes.append(text)
             volumes = tuple(volumes)
@@ -3032,7 +3031,7 @@ class _SpecLoader(object):
             raise self.error(path, "healthcheck needs test (or disable: true)")
         timeout = _DEFAULT_READINESS_TIMEOUT
         if raw.get("timeout") is not None:
-            timeout = self.checked(path + ("timeout",), _parse_duration, raw["timeout"])
+            timeout = self.apply_rule(path + ("timeout",), _parse_duration, raw["timeout"])
         test_path = path + ("test",)
         test = raw["test"]
         if isinstance(test, list):
@@ -3046,13 +3045,13 @@ class _SpecLoader(object):
             elif words[0] == "CMD-SHELL":
                 if len(words) != 2:
                     raise self.error(test_path, "CMD-SHELL takes exactly one command string")
-                argv = self.checked(test_path, _split_shell_probe, words[1])
+                argv = self.apply_rule(test_path, _split_shell_probe, words[1])
             else:
                 raise self.error(test_path, "healthcheck test lists must start with CMD or "
                                  "CMD-SHELL, got %r" % words[0])
         else:
-            argv = self.checked(test_path, _split_shell_probe, self.string(test_path, test))
-        readiness = self.checked(test_path, _probe_readiness, argv)
+            argv = self.apply_rule(test_path, _split_shell_probe, self.string(test_path, test))
+        readiness = self.apply_rule(test_path, _probe_readiness, argv)
         return readiness._replace(timeout_seconds=timeout)
 
     def x_enroot(self, path, raw):
@@ -3072,7 +3071,7 @@ class _SpecLoader(object):
         for index, item in enumerate(self.sequence(path + ("mounts",), raw.get("mounts"))):
             item_path = path + ("mounts", index)
             text = self.volume_text(item_path, item)
-            self.checked(item_path, _split_volume, text, reserved=False)
+            self.apply_rule(item_path, _split_volume, text, reserved=False)
             mounts.append(text)
         env = self.environment(path + ("env",), raw.get("env"))
         root = True if raw.get("root") is None else self.boolean(path + ("root",), raw["root"])
@@ -3280,7 +3279,7 @@ class _SpecLoader(object):
         distributed = None
         for service in services:
             path = ("services", service.name, "x-slurm", "nodes")
-            placement = self.checked(path, _resolve_placement, alloc_nodes, service.slurm, slurm,
+            placement = self.apply_rule(path, _resolve_placement, alloc_nodes, service.slurm, slurm,
                                      len(services))
             if placement.mode != "distributed":
                 continue
@@ -3378,7 +3377,7 @@ def _scalar_text(value):
 def _readiness_to_dict(readiness, escape=None):
     if readiness is None:
         return None
-    escape = escape or _same
+    escape = escape or _unchanged
     fields = ("type",) + _READINESS_FIELDS.get(readiness.type, ())
     data = dict((key, getattr(readiness, key)) for key in fields)
     for key in ("host", "url"):
@@ -3395,7 +3394,7 @@ def _failure_policy_to_dict(policy):
     return data
 
 
-def _same(text):
+def _unchanged(text):
     return text
 
 
@@ -3404,7 +3403,7 @@ def _escape_dollars(text):
 
 
 def _slurm_to_dict(slurm, escape=None):
-    escape = escape or _same
+    escape = escape or _unchanged
     data = {}
     for key in _SLURM_STRING_KEYS:
         value = getattr(slurm, key)
@@ -3443,7 +3442,7 @@ def spec_to_dict(spec, escape_dollars=False):
     With ``escape_dollars`` every ``$`` in a field that is interpolated on load is written ``$$``,
     so the output loads back into the same spec (as ``docker compose config`` does).
     """
-    escape = _escape_dollars if escape_dollars else _same
+    escape = _escape_dollars if escape_dollars else _unchanged
     services = {}
     for service in spec.services:
         data = {}
@@ -5325,14 +5324,16 @@ def _format_preflight_report(report, verbose=False):
 ##############################################################################
 # render_script(runtime_plan) -> str: the complete, self-contained sbatch script. It is built from
 # small string.Template constants (named *_TEMPLATE, placeholders written ``@{name}`` so the bash
-# inside reads naturally); every value from the spec reaches the script through shell_quote.
+# inside reads naturally, ``$`` left to bash; tests use ``[[ ]]``); every value from the spec
+# reaches the script through shell_quote. The constants below stand in the order they are emitted.
 #
 # What the script does, in order (docs/execution-model.md tells the same story for users):
-#   1. #SBATCH lines (x-slurm fields, then submit_args verbatim), ``set -euo pipefail``, the
-#      per-job directory;
+#   1. #SBATCH lines (x-slurm fields, then submit_args verbatim), the bash >= 4.4 check,
+#      ``set -euo pipefail``, the per-job directory;
 #   2. one static table per service (policy, dependencies, readiness) and one ``run_service_<i>``
 #      function holding the exact env + srun command line;
-#   3. the supervisor's functions, the metrics/artifacts functions (TRACKING's blocks), the traps
+#   3. json_string (the one JSON escaper), the supervisor's functions, the metrics/artifacts
+#      functions (render_metrics_block / render_artifacts_block, after render_script), the traps
 #      and a first state.json: from there on every way out goes through teardown;
 #   4. the resume attempt layout, allocation metadata and HPC_COMPOSE_* variables, the
 #      x-slurm.setup lines, then ONE event loop in the batch shell that launches, probes, restarts
@@ -5351,12 +5352,12 @@ _EXIT_READINESS_TIMEOUT = 124  # like timeout(1)
 _RESTART_MARKER = "### hpc-compose:"
 
 
-_SHELL_TEMPLATE = []  # the Template subclass, made on first use (string imports re: not at start-up)
+_SHELL_TEMPLATE_CLASS = []  # one slot: the @{} Template subclass, made on first use (string imports re)
 
 
 def _fill(template, **values):
     """Substitute ``@{name}`` placeholders of a *_TEMPLATE constant (bash's ``$`` stays as it is)."""
-    if not _SHELL_TEMPLATE:
+    if not _SHELL_TEMPLATE_CLASS:
         from string import Template
 
         class ShellTemplate(Template):
@@ -5369,8 +5370,8 @@ def _fill(template, **values):
               (?P<invalid>(?!))
             )"""
 
-        _SHELL_TEMPLATE.append(ShellTemplate)
-    return _SHELL_TEMPLATE[0](template).substitute(**values)
+        _SHELL_TEMPLATE_CLASS.append(ShellTemplate)
+    return _SHELL_TEMPLATE_CLASS[0](template).substitute(**values)
 
 
 _SCRIPT_HEAD_TEMPLATE = """\
@@ -5408,62 +5409,6 @@ chmod @{job_dir_mode} "$JOB_DIR"
 exec {SLEEP_FD}<> <(:)  # a pipe nobody writes: read -t on it sleeps without forking
 # Pyxis takes PYXIS_* variables as defaults for every srun; the srun lines below say everything.
 for name in "${!PYXIS_@}"; do unset -v "$name"; done
-"""
-
-_RESUME_TEMPLATE = """
-# Resume (x-slurm.resume): this attempt writes under attempts/<n>/; the top-level names point at it.
-RESUME_DIR=@{resume_path}
-IS_RESUME=0
-mkdir -p "$RESUME_DIR/_hpc-compose"
-if (( ATTEMPT > 0 )) || [[ -e $RESUME_DIR/_hpc-compose/latest.json ]]; then
-    IS_RESUME=1
-fi
-for name in logs metrics artifacts allocation state.json; do
-    if [[ -L $JOB_DIR/$name || ! -e $JOB_DIR/$name ]]; then
-        ln -sfn "attempts/$ATTEMPT/$name" "$JOB_DIR/$name"
-    else
-        echo "hpc-compose: warning: $JOB_DIR/$name is not a symlink; left as it is" >&2
-    fi
-done
-export HPC_COMPOSE_RESUME_DIR="$RESUME_DIR" HPC_COMPOSE_ATTEMPT="$ATTEMPT" HPC_COMPOSE_IS_RESUME="$IS_RESUME"
-"""
-
-_ALLOCATION_TEMPLATE = """
-# ---------------------------------------------------------------------------
-# Allocation metadata (every job, single-node included)
-# ---------------------------------------------------------------------------
-SRUN=$(command -v srun) || { echo "hpc-compose: srun is not on PATH on $(hostname)" >&2; exit 1; }
-# Slurm's KillWait: how long teardown has after scancel or the time limit before SIGKILL.
-KILL_WAIT=$(scontrol show config 2>/dev/null | sed -n 's/^KillWait *= *//p') || true
-KILL_WAIT=${KILL_WAIT%% *}
-[[ $KILL_WAIT =~ ^[0-9]+$ ]] || KILL_WAIT=30
-allocation_nodes=()
-if [[ -n ${SLURM_JOB_NODELIST:-} ]] && command -v scontrol >/dev/null 2>&1; then
-    mapfile -t allocation_nodes < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
-fi
-if (( ${#allocation_nodes[@]} == 0 )); then
-    if (( EXPECTED_NODES > 1 )); then
-        echo "hpc-compose: cannot expand SLURM_JOB_NODELIST (needs scontrol) in a multi-node job" >&2
-        exit 1
-    fi
-    allocation_nodes=("${SLURMD_NODENAME:-${HOSTNAME:-$(hostname)}}")
-fi
-printf '%s\\n' "${allocation_nodes[@]}" >"$RUN_DIR/allocation/nodes.txt"
-printf '%s\\n' "${allocation_nodes[0]}" >"$RUN_DIR/allocation/primary_node"
-export HPC_COMPOSE_JOB_DIR="$JOB_DIR"
-export HPC_COMPOSE_PRIMARY_NODE="${allocation_nodes[0]}"
-export HPC_COMPOSE_NODE_COUNT="${#allocation_nodes[@]}"
-export HPC_COMPOSE_NODELIST="${allocation_nodes[*]}"
-export HPC_COMPOSE_NODELIST_FILE="$JOB_DIR/allocation/nodes.txt"
-"""
-
-_RESUME_LATEST_TEMPLATE = """
-# The resume directory remembers which job and attempt wrote it last.
-json_string @{compose_name}
-printf '{"schema_version": @{schema_version}, "compose_name": %s, "job_id": "%s", "attempt": %s, "updated_at": "%s"}\\n' \\
-    "$JSON" "$SLURM_JOB_ID" "$ATTEMPT" "$(date -u +%Y-%m-%dT%H:%M:%SZ)" \\
-    >"$RESUME_DIR/_hpc-compose/latest.json.tmp"
-mv -f "$RESUME_DIR/_hpc-compose/latest.json.tmp" "$RESUME_DIR/_hpc-compose/latest.json"
 """
 
 _SERVICE_TABLE_HEAD_TEMPLATE = """
@@ -5506,6 +5451,39 @@ run_service_@{index}() {
 @{argv}
 }
 """
+
+# The one JSON string escaper of the script: the supervisor's state.json, the resume marker, the
+# metrics sampler and the artifact manifest all write their strings through it.
+_JSON_STRING_TEMPLATE = r"""
+# JSON: the JSON string literal for $1. The script's one escaper (state.json, the resume marker,
+# metrics, the artifact manifest): control characters become \u00XX, nothing is dropped.
+json_string() {
+    local s=$1 n hex ch
+    s=${s//\\/\\\\}
+    s=${s//\"/\\\"}
+    s=${s//$'\n'/\\n}
+    s=${s//$'\r'/\\r}
+    s=${s//$'\t'/\\t}
+    if [[ $s == *[$'\001'-$'\037']* ]]; then
+        for ((n = 1; n < 32; n++)); do
+            printf -v hex '%02x' "$n"
+            # shellcheck disable=SC2059  # the format is the escape \xHH itself
+            printf -v ch "\\x$hex"
+            s=${s//"$ch"/\\u00$hex}
+        done
+    fi
+    JSON="\"$s\""
+}
+
+json_or_null() {  # JSON for $1, or null when it is empty
+    if [[ -z $1 ]]; then JSON=null; else json_string "$1"; fi
+}
+"""
+
+_REMOVE_SECRETS_TEMPLATE = """\
+    rm -rf -- "$JOB_DIR/@{secrets_dir}"  # the services are gone: so go the secret copies
+"""
+
 
 _SUPERVISOR_TEMPLATE = r"""
 # ---------------------------------------------------------------------------
@@ -5552,29 +5530,6 @@ alive() {
 say() {  # a line for the Slurm batch log
     clock
     printf '%s hpc-compose: %s\n' "$NOW_ISO" "$*"
-}
-
-# JSON: the JSON string literal for $1.
-json_string() {
-    local s=$1 n hex ch
-    s=${s//\\/\\\\}
-    s=${s//\"/\\\"}
-    s=${s//$'\n'/\\n}
-    s=${s//$'\r'/\\r}
-    s=${s//$'\t'/\\t}
-    if [[ $s == *[$'\001'-$'\037']* ]]; then
-        for ((n = 1; n < 32; n++)); do
-            printf -v hex '%02x' "$n"
-            # shellcheck disable=SC2059  # the format is the escape \xHH itself
-            printf -v ch "\\x$hex"
-            s=${s//"$ch"/\\u00$hex}
-        done
-    fi
-    JSON="\"$s\""
-}
-
-json_or_null() {  # JSON for $1, or null when it is empty
-    if [[ -z $1 ]]; then JSON=null; else json_string "$1"; fi
 }
 
 # state.json, rewritten atomically (temporary file + rename) whenever something changed.
@@ -5955,6 +5910,13 @@ on_exit() {  # the script ended without finish(): a setup line or the script its
 }
 """
 
+_EXTRAS_BANNER = """
+# ---------------------------------------------------------------------------
+# Metrics sampler and artifact collection
+# ---------------------------------------------------------------------------
+"""
+
+
 _SIGNALS_TEMPLATE = """
 # ---------------------------------------------------------------------------
 # Traps: scancel, the time limit and any unexpected exit all end in teardown
@@ -5968,12 +5930,100 @@ trap on_exit EXIT
 write_state
 """
 
+_RESUME_TEMPLATE = """
+# Resume (x-slurm.resume): this attempt writes under attempts/<n>/; the top-level names point at it.
+RESUME_DIR=@{resume_path}
+IS_RESUME=0
+mkdir -p "$RESUME_DIR/_hpc-compose"
+if (( ATTEMPT > 0 )) || [[ -e $RESUME_DIR/_hpc-compose/latest.json ]]; then
+    IS_RESUME=1
+fi
+for name in logs metrics artifacts allocation state.json; do
+    if [[ -L $JOB_DIR/$name || ! -e $JOB_DIR/$name ]]; then
+        ln -sfn "attempts/$ATTEMPT/$name" "$JOB_DIR/$name"
+    else
+        echo "hpc-compose: warning: $JOB_DIR/$name is not a symlink; left as it is" >&2
+    fi
+done
+export HPC_COMPOSE_RESUME_DIR="$RESUME_DIR" HPC_COMPOSE_ATTEMPT="$ATTEMPT" HPC_COMPOSE_IS_RESUME="$IS_RESUME"
+"""
+
+
+_SECRETS_TEMPLATE = """
+# ---------------------------------------------------------------------------
+# Secrets: 'hpc-compose submit' wrote owner-only copies (0600 files, 0700 directories) to
+# $JOB_DIR/@{secrets_dir}/<service token>/ before releasing the job; teardown removes them.
+# ---------------------------------------------------------------------------
+for token in @{tokens}; do
+    if [[ ! -d $JOB_DIR/@{secrets_dir}/$token ]]; then
+        echo "hpc-compose: the secret copies of this job are missing ($JOB_DIR/@{secrets_dir}/$token): 'hpc-compose submit' writes them, plain sbatch does not (a requeued job finds them removed)" >&2
+        exit 1
+    fi
+done
+"""
+
+
+_PYXIS_PATH_CHECK_TEMPLATE = """
+# --container-mounts separates mounts with ',' and fields with ':', so the job directory cannot hold them.
+if [[ $JOB_DIR == *[,:]* ]]; then
+    echo "hpc-compose: the job directory $JOB_DIR contains ',' or ':', which Pyxis cannot mount; submit from another directory" >&2
+    exit 1
+fi
+"""
+
+
+_ALLOCATION_TEMPLATE = """
+# ---------------------------------------------------------------------------
+# Allocation metadata (every job, single-node included)
+# ---------------------------------------------------------------------------
+SRUN=$(command -v srun) || { echo "hpc-compose: srun is not on PATH on $(hostname)" >&2; exit 1; }
+# Slurm's KillWait: how long teardown has after scancel or the time limit before SIGKILL.
+KILL_WAIT=$(scontrol show config 2>/dev/null | sed -n 's/^KillWait *= *//p') || true
+KILL_WAIT=${KILL_WAIT%% *}
+[[ $KILL_WAIT =~ ^[0-9]+$ ]] || KILL_WAIT=30
+allocation_nodes=()
+if [[ -n ${SLURM_JOB_NODELIST:-} ]] && command -v scontrol >/dev/null 2>&1; then
+    mapfile -t allocation_nodes < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
+fi
+if (( ${#allocation_nodes[@]} == 0 )); then
+    if (( EXPECTED_NODES > 1 )); then
+        echo "hpc-compose: cannot expand SLURM_JOB_NODELIST (needs scontrol) in a multi-node job" >&2
+        exit 1
+    fi
+    allocation_nodes=("${SLURMD_NODENAME:-${HOSTNAME:-$(hostname)}}")
+fi
+printf '%s\\n' "${allocation_nodes[@]}" >"$RUN_DIR/allocation/nodes.txt"
+printf '%s\\n' "${allocation_nodes[0]}" >"$RUN_DIR/allocation/primary_node"
+export HPC_COMPOSE_JOB_DIR="$JOB_DIR"
+export HPC_COMPOSE_PRIMARY_NODE="${allocation_nodes[0]}"
+export HPC_COMPOSE_NODE_COUNT="${#allocation_nodes[@]}"
+export HPC_COMPOSE_NODELIST="${allocation_nodes[*]}"
+export HPC_COMPOSE_NODELIST_FILE="$JOB_DIR/allocation/nodes.txt"
+"""
+
+
+_RESUME_LATEST_TEMPLATE = """
+# The resume directory remembers which job and attempt wrote it last.
+json_string @{compose_name}
+printf '{"schema_version": @{schema_version}, "compose_name": %s, "job_id": "%s", "attempt": %s, "updated_at": "%s"}\\n' \\
+    "$JSON" "$SLURM_JOB_ID" "$ATTEMPT" "$(date -u +%Y-%m-%dT%H:%M:%SZ)" \\
+    >"$RESUME_DIR/_hpc-compose/latest.json.tmp"
+mv -f "$RESUME_DIR/_hpc-compose/latest.json.tmp" "$RESUME_DIR/_hpc-compose/latest.json"
+"""
+
+
 _SETUP_TEMPLATE = """
 # ---------------------------------------------------------------------------
 # x-slurm.setup (verbatim, under set -euo pipefail)
 # ---------------------------------------------------------------------------
 @{lines}
 """
+
+_CURL_CHECK_TEMPLATE = """\
+command -v curl >/dev/null 2>&1 ||
+    echo "hpc-compose: warning: curl is not on PATH on $(hostname); http readiness cannot succeed" >&2
+"""
+
 
 _MAIN_LOOP_TEMPLATE = """
 # ---------------------------------------------------------------------------
@@ -6012,64 +6062,27 @@ while :; do
 done
 """
 
-_EXTRAS_BANNER = """
-# ---------------------------------------------------------------------------
-# Metrics sampler and artifact collection
-# ---------------------------------------------------------------------------
-"""
-
-_PYXIS_PATH_CHECK_TEMPLATE = """
-# --container-mounts separates mounts with ',' and fields with ':', so the job directory cannot hold them.
-if [[ $JOB_DIR == *[,:]* ]]; then
-    echo "hpc-compose: the job directory $JOB_DIR contains ',' or ':', which Pyxis cannot mount; submit from another directory" >&2
-    exit 1
-fi
-"""
-
-_SECRETS_TEMPLATE = """
-# ---------------------------------------------------------------------------
-# Secrets: 'hpc-compose submit' wrote owner-only copies (0600 files, 0700 directories) to
-# $JOB_DIR/@{secrets_dir}/<service token>/ before releasing the job; teardown removes them.
-# ---------------------------------------------------------------------------
-for token in @{tokens}; do
-    if [[ ! -d $JOB_DIR/@{secrets_dir}/$token ]]; then
-        echo "hpc-compose: the secret copies of this job are missing ($JOB_DIR/@{secrets_dir}/$token): 'hpc-compose submit' writes them, plain sbatch does not (a requeued job finds them removed)" >&2
-        exit 1
-    fi
-done
-"""
-
-_REMOVE_SECRETS_TEMPLATE = """\
-    rm -rf -- "$JOB_DIR/@{secrets_dir}"  # the services are gone: so go the secret copies
-"""
-
-_CURL_CHECK_TEMPLATE = """\
-command -v curl >/dev/null 2>&1 ||
-    echo "hpc-compose: warning: curl is not on PATH on $(hostname); http readiness cannot succeed" >&2
-"""
-
-
-class _Var(NamedTuple):
+class _ShellVariable(NamedTuple):
     """A bash variable expanded at run time inside one word of the script."""
     name: str
 
 
-def _word(*parts):
-    """One shell word from literal strings and ``_Var`` parts, literals quoted by shell_quote."""
-    if not any(isinstance(part, _Var) or part for part in parts):
+def _shell_word(*parts):
+    """One shell word from literal strings and ``_ShellVariable`` parts, literals quoted by shell_quote."""
+    if not any(isinstance(part, _ShellVariable) or part for part in parts):
         return "''"
     text = ""
     for part in parts:
-        if isinstance(part, _Var):
+        if isinstance(part, _ShellVariable):
             text += '"${%s}"' % part.name
         elif part:
             text += shell_quote(part)
     return text
 
 
-def _plain(*parts):
+def _shown_word(*parts):
     """The same word as ``_word`` shows it in an argv: variables left as ``${NAME}``."""
-    return "".join("${%s}" % part.name if isinstance(part, _Var) else part for part in parts)
+    return "".join("${%s}" % part.name if isinstance(part, _ShellVariable) else part for part in parts)
 
 
 def _single_line(value, what):
@@ -6147,8 +6160,8 @@ def _environment_parts(runtime_plan, index):
     items = [(key, (str(value),)) for key, value in service.environment]
     tool = [("HPC_COMPOSE_SERVICE", (service.name,))]
     if service.runtime == "host":
-        tool += [("HPC_COMPOSE_JOB_DIR", (_Var("JOB_DIR"),)),
-                 ("HPC_COMPOSE_NODELIST_FILE", (_Var("JOB_DIR"), "/allocation/nodes.txt"))]
+        tool += [("HPC_COMPOSE_JOB_DIR", (_ShellVariable("JOB_DIR"),)),
+                 ("HPC_COMPOSE_NODELIST_FILE", (_ShellVariable("JOB_DIR"), "/allocation/nodes.txt"))]
     else:
         tool += [("HPC_COMPOSE_JOB_DIR", (_JOB_MOUNT,)),
                  ("HPC_COMPOSE_NODELIST_FILE", (_JOB_MOUNT + "/allocation/nodes.txt",))]
@@ -6163,13 +6176,13 @@ def _environment_parts(runtime_plan, index):
 def _secrets_location(service):
     """Where service's secrets are, as word parts: /run/secrets in a container, the copy on the host."""
     if service.runtime == "host":
-        return (_Var("JOB_DIR"), "/%s/%s" % (_SECRETS_DIR_NAME, service.token))
+        return (_ShellVariable("JOB_DIR"), "/%s/%s" % (_SECRETS_DIR_NAME, service.token))
     return (_SECRETS_MOUNT,)
 
 
 def service_environment(runtime_plan, index):
     """``[(name, value)]`` set by ``env`` for service ``index``'s step (``${VAR}`` = run time)."""
-    return [(key, _plain(*parts)) for key, parts in _environment_parts(runtime_plan, index)]
+    return [(key, _shown_word(*parts)) for key, parts in _environment_parts(runtime_plan, index)]
 
 
 def _mount_parts(runtime_plan, service):
@@ -6179,12 +6192,12 @@ def _mount_parts(runtime_plan, service):
             if "," in path or ":" in path:
                 raise HpcComposeError("volume path %r of service '%s' contains ',' or ':', which "
                                       "Pyxis cannot mount" % (path, service.name))
-    parts = [_Var("JOB_DIR"), ":" + _JOB_MOUNT]
+    parts = [_ShellVariable("JOB_DIR"), ":" + _JOB_MOUNT]
     resume = runtime_plan.plan.slurm.resume
     if resume is not None:
         parts.append("," + resume.path + ":" + _RESUME_MOUNT)
     if service.secrets:
-        parts += [",", _Var("JOB_DIR"), "/%s/%s:%s:ro" % (_SECRETS_DIR_NAME, service.token,
+        parts += [",", _ShellVariable("JOB_DIR"), "/%s/%s:%s:ro" % (_SECRETS_DIR_NAME, service.token,
                                                          _SECRETS_MOUNT)]
     for mount in service.mounts:
         parts.append("," + mount.host + ":" + mount.container
@@ -6193,7 +6206,7 @@ def _mount_parts(runtime_plan, service):
 
 
 def _srun_parts(runtime_plan, index):
-    """The srun argv of service ``index`` as words made of parts (literals and ``_Var``s)."""
+    """The srun argv of service ``index`` as words made of parts (literals and ``_ShellVariable``s)."""
     service = runtime_plan.plan.services[index]
     placement = service.placement
     words = [("--overlap",), ("--job-name=hpc-compose:" + service.token,),
@@ -6207,7 +6220,7 @@ def _srun_parts(runtime_plan, index):
         # Otherwise the step inherits the job's --ntasks and would start the service N times.
         words.append(("--ntasks=1",))
     if placement.mode == "primary":
-        words.append(("--nodelist=", _Var("HPC_COMPOSE_PRIMARY_NODE")))
+        words.append(("--nodelist=", _ShellVariable("HPC_COMPOSE_PRIMARY_NODE")))
     if service.cpus_per_task is not None:
         words.append(("--cpus-per-task=%s" % service.cpus_per_task,))
     if service.gres is not None:
@@ -6235,7 +6248,7 @@ def _srun_parts(runtime_plan, index):
 
 def service_srun_argv(runtime_plan, index):
     """The exact srun argv (after ``srun``) for service ``index``; ``${VAR}`` marks run-time values."""
-    return [_plain(*parts) for parts in _srun_parts(runtime_plan, index)]
+    return [_shown_word(*parts) for parts in _srun_parts(runtime_plan, index)]
 
 
 def _run_service_function(runtime_plan, index):
@@ -6249,14 +6262,14 @@ def _run_service_function(runtime_plan, index):
         for source in sources:
             quoted = shell_quote(source)
             mkdirs += "    [[ -e %s ]] || mkdir -p -- %s\n" % (quoted, quoted)
-    env = "".join("        %s \\\n" % _word(key + "=", *parts)
+    env = "".join("        %s \\\n" % _shell_word(key + "=", *parts)
                   for key, parts in _environment_parts(runtime_plan, index))
     words = _srun_parts(runtime_plan, index)
     command = _container_argv(service)
     options = words[:len(words) - len(command)]
-    lines = ["        " + _word(*parts) for parts in options]
+    lines = ["        " + _shell_word(*parts) for parts in options]
     if command:
-        lines.append("        " + " ".join(_word(arg) for arg in command))
+        lines.append("        " + " ".join(_shell_word(arg) for arg in command))
     argv = " \\\n".join(lines)
     return _fill(_RUN_SERVICE_TEMPLATE, name=_comment(service.name), index=str(index),
                  mkdirs=mkdirs, env=env, argv=argv)
@@ -6268,6 +6281,7 @@ def _comment(text):
 
 
 def _readiness_description(readiness):
+    """One phrase for the probe, as messages, state.json and ``inspect`` name it."""
     if readiness.type == "sleep":
         return "sleep %ss" % readiness.seconds
     if readiness.type == "tcp":
@@ -6359,6 +6373,7 @@ def render_script(runtime_plan):
                                            + ", ".join(ending)))]
     pieces.extend(_service_entry(plan, index, ending) for index in range(len(services)))
     pieces.extend(_run_service_function(runtime_plan, index) for index in range(len(services)))
+    pieces.append(_JSON_STRING_TEMPLATE)
     pieces.append(_fill(_SUPERVISOR_TEMPLATE, tick=_SUPERVISOR_TICK, grace=str(_STOP_GRACE_SECONDS),
                         probe_limit_ms=str(_PROBE_LIMIT_SECONDS * 1000), marker=_RESTART_MARKER,
                         fast_tick=_FAST_TICK, probe_interval_ms=str(_PROBE_INTERVAL_MS),
@@ -6416,9 +6431,9 @@ metrics_stop() { :; }
 """
 
 _METRICS_TEMPLATE = r"""# Metrics sampler (x-slurm.metrics): best-effort, batch host only; never fails the job.
-METRICS_INTERVAL=$interval
-METRICS_COLLECT_GPU=$collect_gpu
-METRICS_COLLECT_SLURM=$collect_slurm
+METRICS_INTERVAL=@{interval}
+METRICS_COLLECT_GPU=@{collect_gpu}
+METRICS_COLLECT_SLURM=@{collect_slurm}
 # AllocTRES is not an sstat field before Slurm 23.x, so the sampler asks only for what 22.05 has.
 METRICS_SSTAT_FIELDS=JobID,NTasks,AveCPU,AveRSS,MaxRSS,TRESUsageInAve
 METRICS_PID=""
@@ -6430,179 +6445,174 @@ METRICS_SLURM_AVAILABLE=null
 METRICS_SLURM_NOTE=""
 METRICS_SLURM_LAST=""
 
-# One JSON row in REPLY: {"sampled_at": $$1, <name>: <value>...}, $$2 and $$3 naming the arrays of
+# One JSON row in REPLY: {"sampled_at": $1, <name>: <value>...}, $2 and $3 naming the arrays of
 # names and values.
 metrics_row() {
-    local -n row_names=$$2 row_values=$$3
-    local record="{\"sampled_at\":\"$$1\"" i
-    for i in "$${!row_names[@]}"; do
-        metrics_json_value "$${row_values[$$i]:-}"
-        record+=",\"$${row_names[$$i]}\":$$REPLY"
+    local -n row_names=$2 row_values=$3
+    local record="{\"sampled_at\":\"$1\"" i
+    for i in "${!row_names[@]}"; do
+        metrics_json_value "${row_values[$i]:-}"
+        record+=",\"${row_names[$i]}\":$JSON"
     done
-    REPLY="$$record}"
+    REPLY="$record}"
 }
 
-# JSON text for one value in REPLY: a quoted string, or null for empty and nvidia-smi's N/A forms.
+# JSON text for one value in JSON: a string (trimmed), or null for empty and nvidia-smi's N/A forms.
 metrics_json_value() {
-    local value=$$1
-    value=$${value#"$${value%%[![:space:]]*}"}
-    value=$${value%"$${value##*[![:space:]]}"}
-    case $$value in
+    local value=$1
+    value=${value#"${value%%[![:space:]]*}"}
+    value=${value%"${value##*[![:space:]]}"}
+    case $value in
         ''|'N/A'|'[N/A]'|'[Not Supported]'|'[Unknown Error]'|'[Insufficient Permissions]')
-            REPLY=null
+            JSON=null
             return 0 ;;
     esac
-    value=$${value//\\/\\\\}
-    value=$${value//\"/\\\"}
-    value=$${value//$$'\t'/\\t}
-    value=$${value//[[:cntrl:]]/}
-    REPLY="\"$$value\""
+    json_string "$value"
 }
 
 # Record a collector's availability; the first time it turns unavailable, say why in the batch log.
 metrics_mark() {
-    local collector=$$1 available=$$2 note=$$3 sampled_at=$$4
-    if [ "$$collector" = gpu ]; then
-        if [ "$$available" = false ] && [ "$$METRICS_GPU_AVAILABLE" != false ]; then
-            echo "metrics warning [gpu]: $$note" >&2
+    local collector=$1 available=$2 note=$3 sampled_at=$4
+    if [[ "$collector" = gpu ]]; then
+        if [[ "$available" = false ]] && [[ "$METRICS_GPU_AVAILABLE" != false ]]; then
+            echo "metrics warning [gpu]: $note" >&2
         fi
-        METRICS_GPU_AVAILABLE=$$available
-        METRICS_GPU_NOTE=$$note
-        [ -z "$$sampled_at" ] || METRICS_GPU_LAST=$$sampled_at
+        METRICS_GPU_AVAILABLE=$available
+        METRICS_GPU_NOTE=$note
+        [[ -z "$sampled_at" ]] || METRICS_GPU_LAST=$sampled_at
     else
-        if [ "$$available" = false ] && [ "$$METRICS_SLURM_AVAILABLE" != false ]; then
-            echo "metrics warning [slurm]: $$note" >&2
+        if [[ "$available" = false ]] && [[ "$METRICS_SLURM_AVAILABLE" != false ]]; then
+            echo "metrics warning [slurm]: $note" >&2
         fi
-        METRICS_SLURM_AVAILABLE=$$available
-        METRICS_SLURM_NOTE=$$note
-        [ -z "$$sampled_at" ] || METRICS_SLURM_LAST=$$sampled_at
+        METRICS_SLURM_AVAILABLE=$available
+        METRICS_SLURM_NOTE=$note
+        [[ -z "$sampled_at" ]] || METRICS_SLURM_LAST=$sampled_at
     fi
 }
 
 metrics_write_meta() {
     local gpu_note gpu_last slurm_note slurm_last tmp
-    metrics_json_value "$$METRICS_GPU_NOTE"; gpu_note=$$REPLY
-    metrics_json_value "$$METRICS_GPU_LAST"; gpu_last=$$REPLY
-    metrics_json_value "$$METRICS_SLURM_NOTE"; slurm_note=$$REPLY
-    metrics_json_value "$$METRICS_SLURM_LAST"; slurm_last=$$REPLY
-    tmp="$$METRICS_DIR/.meta.json.$$BASHPID"
+    metrics_json_value "$METRICS_GPU_NOTE"; gpu_note=$JSON
+    metrics_json_value "$METRICS_GPU_LAST"; gpu_last=$JSON
+    metrics_json_value "$METRICS_SLURM_NOTE"; slurm_note=$JSON
+    metrics_json_value "$METRICS_SLURM_LAST"; slurm_last=$JSON
+    tmp="$METRICS_DIR/.meta.json.$BASHPID"
     {
-        printf '{"schema_version":${schema_version},"sampler_pid":%s,"interval_seconds":%s,"collectors":[' \
-            "$${METRICS_PID:-null}" "$$METRICS_INTERVAL"
+        printf '{"schema_version":@{schema_version},"sampler_pid":%s,"interval_seconds":%s,"collectors":[' \
+            "${METRICS_PID:-null}" "$METRICS_INTERVAL"
         printf '{"name":"gpu","enabled":%s,"available":%s,"note":%s,"last_sampled_at":%s},' \
-            "$$METRICS_COLLECT_GPU" "$$METRICS_GPU_AVAILABLE" "$$gpu_note" "$$gpu_last"
+            "$METRICS_COLLECT_GPU" "$METRICS_GPU_AVAILABLE" "$gpu_note" "$gpu_last"
         printf '{"name":"slurm","enabled":%s,"available":%s,"note":%s,"last_sampled_at":%s}]}\n' \
-            "$$METRICS_COLLECT_SLURM" "$$METRICS_SLURM_AVAILABLE" "$$slurm_note" "$$slurm_last"
-    } > "$$tmp" 2>/dev/null || return 0
-    mv -f "$$tmp" "$$METRICS_DIR/meta.json" 2>/dev/null || true
+            "$METRICS_COLLECT_SLURM" "$METRICS_SLURM_AVAILABLE" "$slurm_note" "$slurm_last"
+    } > "$tmp" 2>/dev/null || return 0
+    mv -f "$tmp" "$METRICS_DIR/meta.json" 2>/dev/null || true
+}
+
+# Append to $METRICS_DIR/$4 one row per line of nvidia-smi CSV output $3, its columns named by the
+# array $2 (the "No running processes found" line is not a row).
+metrics_append_csv() {
+    local line chunk=""
+    local -a fields
+    while IFS= read -r line; do
+        [[ -n $line && $line != *'No running'* ]] || continue
+        IFS=',' read -r -a fields <<< "$line"
+        metrics_row "$1" "$2" fields
+        chunk+="$REPLY"$'\n'
+    done <<< "$3"
+    [[ -z $chunk ]] || printf '%s' "$chunk" >> "$METRICS_DIR/$4" 2>/dev/null || true
 }
 
 metrics_sample_gpu() {
-    local now=$$1 output line chunk=""
-    local -a fields
+    local now=$1 output
     local -a names=(index uuid name utilization_gpu utilization_memory memory_used_mib
                     memory_total_mib temperature_c power_draw_w power_limit_w)
     if ! command -v nvidia-smi >/dev/null 2>&1; then
         metrics_mark gpu false "nvidia-smi not found on the batch host" ""
         return 0
     fi
-    if ! output=$$(nvidia-smi --query-gpu=index,uuid,name,utilization.gpu,utilization.memory,memory.used,memory.total,temperature.gpu,power.draw,power.limit --format=csv,noheader,nounits 2>&1); then
-        metrics_mark gpu false "nvidia-smi --query-gpu failed: $${output%%$$'\n'*}" ""
+    if ! output=$(nvidia-smi --query-gpu=index,uuid,name,utilization.gpu,utilization.memory,memory.used,memory.total,temperature.gpu,power.draw,power.limit --format=csv,noheader,nounits 2>&1); then
+        metrics_mark gpu false "nvidia-smi --query-gpu failed: ${output%%$'\n'*}" ""
         return 0
     fi
-    while IFS= read -r line; do
-        [ -n "$$line" ] || continue
-        IFS=',' read -r -a fields <<< "$$line"
-        metrics_row "$$now" names fields
-        chunk+="$$REPLY"$$'\n'
-    done <<< "$$output"
-    [ -z "$$chunk" ] || printf '%s' "$$chunk" >> "$$METRICS_DIR/gpu.jsonl" 2>/dev/null || true
-    chunk=""
-    if output=$$(nvidia-smi --query-compute-apps=gpu_uuid,pid,process_name,used_gpu_memory --format=csv,noheader,nounits 2>/dev/null); then
+    metrics_append_csv "$now" names "$output" gpu.jsonl
+    if output=$(nvidia-smi --query-compute-apps=gpu_uuid,pid,process_name,used_gpu_memory --format=csv,noheader,nounits 2>/dev/null); then
         names=(gpu_uuid pid process_name used_memory_mib)
-        while IFS= read -r line; do
-            [ -n "$$line" ] || continue
-            case $$line in *'No running'*) continue ;; esac
-            IFS=',' read -r -a fields <<< "$$line"
-            metrics_row "$$now" names fields
-            chunk+="$$REPLY"$$'\n'
-        done <<< "$$output"
-        [ -z "$$chunk" ] || printf '%s' "$$chunk" >> "$$METRICS_DIR/gpu_processes.jsonl" 2>/dev/null || true
+        metrics_append_csv "$now" names "$output" gpu_processes.jsonl
     fi
-    metrics_mark gpu true "" "$$now"
+    metrics_mark gpu true "" "$now"
 }
 
 metrics_sample_slurm() {
-    local now=$$1 output line chunk=""
+    local now=$1 output line chunk=""
     local -a fields
     local -a names=(step_id ntasks ave_cpu ave_rss max_rss tres_usage_in_ave)
     if ! command -v sstat >/dev/null 2>&1; then
         metrics_mark slurm false "sstat not found on the batch host" ""
         return 0
     fi
-    if ! output=$$(sstat --allsteps --jobs "$${SLURM_JOB_ID:-0}" --parsable2 --noconvert --noheader --format="$$METRICS_SSTAT_FIELDS" 2>&1); then
-        metrics_mark slurm false "sstat failed: $${output%%$$'\n'*}" ""
+    if ! output=$(sstat --allsteps --jobs "${SLURM_JOB_ID:-0}" --parsable2 --noconvert --noheader --format="$METRICS_SSTAT_FIELDS" 2>&1); then
+        metrics_mark slurm false "sstat failed: ${output%%$'\n'*}" ""
         return 0
     fi
     while IFS= read -r line; do
         # Only numbered service steps (<jobid>.<n>); batch/extern steps are the scaffolding.
-        case $${line%%|*} in
+        case ${line%%|*} in
             *.*[!0-9]*|*.) continue ;;
             *.*) ;;
             *) continue ;;
         esac
-        IFS='|' read -r -a fields <<< "$$line|"
-        if [ "$${#fields[@]}" -ne "$${#names[@]}" ]; then
-            metrics_mark slurm false "sstat printed $${#fields[@]} fields instead of $${#names[@]}" ""
+        IFS='|' read -r -a fields <<< "$line|"
+        if [[ "${#fields[@]}" -ne "${#names[@]}" ]]; then
+            metrics_mark slurm false "sstat printed ${#fields[@]} fields instead of ${#names[@]}" ""
             return 0
         fi
-        metrics_row "$$now" names fields
-        chunk+="$$REPLY"$$'\n'
-    done <<< "$$output"
-    [ -z "$$chunk" ] || printf '%s' "$$chunk" >> "$$METRICS_DIR/slurm.jsonl" 2>/dev/null || true
-    metrics_mark slurm true "" "$$now"
+        metrics_row "$now" names fields
+        chunk+="$REPLY"$'\n'
+    done <<< "$output"
+    [[ -z "$chunk" ]] || printf '%s' "$chunk" >> "$METRICS_DIR/slurm.jsonl" 2>/dev/null || true
+    metrics_mark slurm true "" "$now"
 }
 
 metrics_sample() {
     local now
-    now=$$(date -u +%Y-%m-%dT%H:%M:%SZ)
-    [ "$$METRICS_COLLECT_GPU" != true ] || metrics_sample_gpu "$$now"
-    [ "$$METRICS_COLLECT_SLURM" != true ] || metrics_sample_slurm "$$now"
+    now=$(date -u +%Y-%m-%dT%H:%M:%SZ)
+    [[ "$METRICS_COLLECT_GPU" != true ]] || metrics_sample_gpu "$now"
+    [[ "$METRICS_COLLECT_SLURM" != true ]] || metrics_sample_slurm "$now"
     metrics_write_meta
     return 0
 }
 
 metrics_loop() {
     local sleeper=""
-    trap 'kill "$$sleeper" 2>/dev/null; exit 0' TERM INT
-    METRICS_PID=$$BASHPID
+    trap 'kill "$sleeper" 2>/dev/null; exit 0' TERM INT
+    METRICS_PID=$BASHPID
     while :; do
-        sleep "$$METRICS_INTERVAL" &
-        sleeper=$$!
-        wait "$$sleeper"
+        sleep "$METRICS_INTERVAL" &
+        sleeper=$!
+        wait "$sleeper"
         metrics_sample
     done
 }
 
 metrics_start() {
-    METRICS_DIR="$${RUN_DIR:-$$JOB_DIR}/metrics"
-    if ! mkdir -p "$$METRICS_DIR" 2>/dev/null; then
-        echo "metrics warning: cannot create $$METRICS_DIR; sampling is off" >&2
+    METRICS_DIR="${RUN_DIR:-$JOB_DIR}/metrics"
+    if ! mkdir -p "$METRICS_DIR" 2>/dev/null; then
+        echo "metrics warning: cannot create $METRICS_DIR; sampling is off" >&2
         return 0
     fi
-    { : > "$$METRICS_DIR/gpu.jsonl"; : > "$$METRICS_DIR/gpu_processes.jsonl"
-      : > "$$METRICS_DIR/slurm.jsonl"; } 2>/dev/null || true
+    { : > "$METRICS_DIR/gpu.jsonl"; : > "$METRICS_DIR/gpu_processes.jsonl"
+      : > "$METRICS_DIR/slurm.jsonl"; } 2>/dev/null || true
     metrics_sample
     metrics_loop </dev/null &
-    METRICS_PID=$$!
+    METRICS_PID=$!
     metrics_write_meta
     return 0
 }
 
 metrics_stop() {
-    if [ -n "$$METRICS_PID" ]; then
-        kill "$$METRICS_PID" 2>/dev/null || true
-        wait "$$METRICS_PID" 2>/dev/null || true
+    if [[ -n "$METRICS_PID" ]]; then
+        kill "$METRICS_PID" 2>/dev/null || true
+        wait "$METRICS_PID" 2>/dev/null || true
         METRICS_PID=""
     fi
     return 0
@@ -6616,175 +6626,164 @@ collect_artifacts() { :; }
 
 _ARTIFACTS_TEMPLATE = r"""# Artifact collection at teardown (x-slurm.artifacts): best-effort; never fails the job.
 # Parallel arrays: the bundle each declared pattern belongs to, and the pattern (a container path).
-ARTIFACTS_COLLECT_POLICY=$policy
-ARTIFACTS_BUNDLE_NAMES=($bundle_names)
-ARTIFACTS_PATTERN_BUNDLES=($pattern_bundles)
-ARTIFACTS_PATTERNS=($patterns)
-
-artifacts_json_string() {
-    local value=$$1
-    value=$${value//\\/\\\\}
-    value=$${value//\"/\\\"}
-    value=$${value//$$'\t'/\\t}
-    value=$${value//$$'\n'/\\n}
-    value=$${value//[[:cntrl:]]/}
-    REPLY="\"$$value\""
-}
+ARTIFACTS_COLLECT_POLICY=@{policy}
+ARTIFACTS_BUNDLE_NAMES=(@{bundle_names})
+ARTIFACTS_PATTERN_BUNDLES=(@{pattern_bundles})
+ARTIFACTS_PATTERNS=(@{patterns})
 
 # Escape glob characters in a literal path so that only the user's pattern part globs.
 artifacts_glob_escape() {
-    local text=$$1 out="" char i
-    for ((i = 0; i < $${#text}; i++)); do
-        char=$${text:i:1}
-        case $$char in
-            '*'|'?'|'['|']'|\\) out+="\\$$char" ;;
-            *) out+=$$char ;;
+    local text=$1 out="" char i
+    for ((i = 0; i < ${#text}; i++)); do
+        char=${text:i:1}
+        case $char in
+            '*'|'?'|'['|']'|\\) out+="\\$char" ;;
+            *) out+=$char ;;
         esac
     done
-    REPLY=$$out
+    REPLY=$out
 }
 
 # Append a JSON string to the comma-separated list held in the named variable.
 artifacts_append() {
-    local -n artifacts_list=$$1
-    artifacts_json_string "$$2"
-    artifacts_list+="$${artifacts_list:+,}$$REPLY"
+    local -n artifacts_list=$1
+    json_string "$2"
+    artifacts_list+="${artifacts_list:+,}$JSON"
 }
 
 # Copy one match into the payload: a directory by its content, anything else as itself.
 artifacts_copy() {
-    if [ -d "$$1" ] && [ ! -L "$$1" ]; then
-        mkdir -p "$$2" 2>/dev/null && cp -a "$$1/." "$$2/" 2>/dev/null
+    if [[ -d "$1" ]] && [[ ! -L "$1" ]]; then
+        mkdir -p "$2" 2>/dev/null && cp -a "$1/." "$2/" 2>/dev/null
     else
-        mkdir -p "$${2%/*}" 2>/dev/null && cp -a "$$1" "$$2" 2>/dev/null
+        mkdir -p "${2%/*}" 2>/dev/null && cp -a "$1" "$2" 2>/dev/null
     fi
 }
 
 collect_artifacts() {
-    local outcome=$${1:-failure}
-    local dir="$${RUN_DIR:-$$JOB_DIR}/artifacts" root_glob pattern bundle host_pattern match rel parent i
-    local payload="$$dir/payload" collected_at tmp skip="" already
+    local outcome=${1:-failure}
+    local dir="${RUN_DIR:-$JOB_DIR}/artifacts" root_glob pattern bundle host_pattern match rel parent i
+    local payload="$dir/payload" collected_at tmp skip="" already
     local declared="" matched="" copied="" warnings="" bundles_json="" name
     local -a matches
     local -A seen_match=() seen_copy=() b_declared=() b_matched=() b_copied=() b_warnings=()
     local -A b_seen_match=() b_seen_copy=()
     local restore_shopt IFS=
-    restore_shopt=$$(shopt -p nullglob globstar dotglob || true)
-    collected_at=$$(date -u +%Y-%m-%dT%H:%M:%SZ)
-    if ! { rm -rf "$$payload" && mkdir -p "$$payload"; } 2>/dev/null; then
-        echo "artifacts warning: cannot prepare $$payload; nothing collected" >&2
+    restore_shopt=$(shopt -p nullglob globstar dotglob || true)
+    collected_at=$(date -u +%Y-%m-%dT%H:%M:%SZ)
+    if ! { rm -rf "$payload" && mkdir -p "$payload"; } 2>/dev/null; then
+        echo "artifacts warning: cannot prepare $payload; nothing collected" >&2
         return 0
     fi
-    case $$ARTIFACTS_COLLECT_POLICY:$$outcome in
+    case $ARTIFACTS_COLLECT_POLICY:$outcome in
         on_success:success|on_failure:failure|always:*) ;;
-        *) skip="collection skipped: policy $$ARTIFACTS_COLLECT_POLICY, job outcome $$outcome" ;;
+        *) skip="collection skipped: policy $ARTIFACTS_COLLECT_POLICY, job outcome $outcome" ;;
     esac
-    [ -z "$$skip" ] || artifacts_append warnings "$$skip"
-    artifacts_glob_escape "$$JOB_DIR"
-    root_glob=$$REPLY
+    [[ -z "$skip" ]] || artifacts_append warnings "$skip"
+    artifacts_glob_escape "$JOB_DIR"
+    root_glob=$REPLY
     shopt -s nullglob globstar dotglob
-    for i in "$${!ARTIFACTS_PATTERNS[@]}"; do
-        pattern=$${ARTIFACTS_PATTERNS[$$i]}
-        bundle=$${ARTIFACTS_PATTERN_BUNDLES[$$i]}
-        artifacts_append declared "$$pattern"
-        artifacts_append "b_declared[$$bundle]" "$$pattern"
-        [ -z "$$skip" ] || continue
-        case $$pattern in
+    for i in "${!ARTIFACTS_PATTERNS[@]}"; do
+        pattern=${ARTIFACTS_PATTERNS[$i]}
+        bundle=${ARTIFACTS_PATTERN_BUNDLES[$i]}
+        artifacts_append declared "$pattern"
+        artifacts_append "b_declared[$bundle]" "$pattern"
+        [[ -z "$skip" ]] || continue
+        case $pattern in
             *[*?[]*)
-                host_pattern="$$root_glob$${pattern#/hpc-compose/job}"
+                host_pattern="$root_glob${pattern#/hpc-compose/job}"
                 # IFS is empty (local) so the expansion only globs: paths with spaces stay whole.
                 # shellcheck disable=SC2206
-                matches=($$host_pattern) ;;
-            *) matches=("$$JOB_DIR$${pattern#/hpc-compose/job}") ;;
+                matches=($host_pattern) ;;
+            *) matches=("$JOB_DIR${pattern#/hpc-compose/job}") ;;
         esac
-        if [ "$${#matches[@]}" -eq 0 ] || { [ "$${#matches[@]}" -eq 1 ] && [ ! -e "$${matches[0]}" ] && [ ! -L "$${matches[0]}" ]; }; then
-            artifacts_append warnings "no match for $$pattern"
-            artifacts_append "b_warnings[$$bundle]" "no match for $$pattern"
+        if [[ "${#matches[@]}" -eq 0 ]] || { [[ "${#matches[@]}" -eq 1 ]] && [[ ! -e "${matches[0]}" ]] && [[ ! -L "${matches[0]}" ]]; }; then
+            artifacts_append warnings "no match for $pattern"
+            artifacts_append "b_warnings[$bundle]" "no match for $pattern"
             continue
         fi
-        for match in "$${matches[@]}"; do
-            match=$${match%/}
-            [ -e "$$match" ] || [ -L "$$match" ] || continue
-            if [ "$$match" = "$$JOB_DIR" ]; then
-                artifacts_append warnings "skipped the job directory itself (matched by $$pattern)"
+        for match in "${matches[@]}"; do
+            match=${match%/}
+            [[ -e "$match" ]] || [[ -L "$match" ]] || continue
+            if [[ "$match" = "$JOB_DIR" ]]; then
+                artifacts_append warnings "skipped the job directory itself (matched by $pattern)"
                 continue
             fi
-            rel=$${match#"$$JOB_DIR"/}
-            case $$rel in
+            rel=${match#"$JOB_DIR"/}
+            case $rel in
                 artifacts|artifacts/*) continue ;;
             esac
-            if [ -z "$${seen_match[$$rel]:-}" ]; then
-                seen_match[$$rel]=1
-                artifacts_append matched "/hpc-compose/job/$$rel"
+            if [[ -z "${seen_match[$rel]:-}" ]]; then
+                seen_match[$rel]=1
+                artifacts_append matched "/hpc-compose/job/$rel"
             fi
-            if [ -z "$${b_seen_match[$$bundle/$$rel]:-}" ]; then
-                b_seen_match[$$bundle/$$rel]=1
-                artifacts_append "b_matched[$$bundle]" "/hpc-compose/job/$$rel"
+            if [[ -z "${b_seen_match[$bundle/$rel]:-}" ]]; then
+                b_seen_match[$bundle/$rel]=1
+                artifacts_append "b_matched[$bundle]" "/hpc-compose/job/$rel"
             fi
             # Copied once, even when an overlapping pattern or a parent directory matched too.
             already=""
-            parent=$$rel
+            parent=$rel
             while :; do
-                if [ -n "$${seen_copy[$$parent]:-}" ]; then already=1; break; fi
-                case $$parent in */*) parent=$${parent%/*} ;; *) break ;; esac
+                if [[ -n "${seen_copy[$parent]:-}" ]]; then already=1; break; fi
+                case $parent in */*) parent=${parent%/*} ;; *) break ;; esac
             done
-            if [ -z "$$already" ]; then
-                if ! artifacts_copy "$$match" "$$payload/$$rel"; then
-                    artifacts_append warnings "could not copy /hpc-compose/job/$$rel"
-                    artifacts_append "b_warnings[$$bundle]" "could not copy /hpc-compose/job/$$rel"
+            if [[ -z "$already" ]]; then
+                if ! artifacts_copy "$match" "$payload/$rel"; then
+                    artifacts_append warnings "could not copy /hpc-compose/job/$rel"
+                    artifacts_append "b_warnings[$bundle]" "could not copy /hpc-compose/job/$rel"
                     continue
                 fi
-                seen_copy[$$rel]=1
-                artifacts_append copied "$$rel"
+                seen_copy[$rel]=1
+                artifacts_append copied "$rel"
             fi
             already=""
-            parent=$$rel
+            parent=$rel
             while :; do
-                if [ -n "$${b_seen_copy[$$bundle/$$parent]:-}" ]; then already=1; break; fi
-                case $$parent in */*) parent=$${parent%/*} ;; *) break ;; esac
+                if [[ -n "${b_seen_copy[$bundle/$parent]:-}" ]]; then already=1; break; fi
+                case $parent in */*) parent=${parent%/*} ;; *) break ;; esac
             done
-            if [ -z "$$already" ]; then
-                b_seen_copy[$$bundle/$$rel]=1
-                artifacts_append "b_copied[$$bundle]" "$$rel"
+            if [[ -z "$already" ]]; then
+                b_seen_copy[$bundle/$rel]=1
+                artifacts_append "b_copied[$bundle]" "$rel"
             fi
         done
     done
-    eval "$$restore_shopt"
-    for name in "$${ARTIFACTS_BUNDLE_NAMES[@]}"; do
-        artifacts_json_string "$$name"
-        bundles_json+="$${bundles_json:+,}$$REPLY:{\"declared_source_patterns\":[$${b_declared[$$name]:-}],\"matched_source_paths\":[$${b_matched[$$name]:-}],\"copied_relative_paths\":[$${b_copied[$$name]:-}],\"warnings\":[$${b_warnings[$$name]:-}]}"
+    eval "$restore_shopt"
+    for name in "${ARTIFACTS_BUNDLE_NAMES[@]}"; do
+        json_string "$name"
+        bundles_json+="${bundles_json:+,}$JSON:{\"declared_source_patterns\":[${b_declared[$name]:-}],\"matched_source_paths\":[${b_matched[$name]:-}],\"copied_relative_paths\":[${b_copied[$name]:-}],\"warnings\":[${b_warnings[$name]:-}]}"
     done
-    tmp="$$dir/.manifest.json.$$BASHPID"
+    tmp="$dir/.manifest.json.$BASHPID"
     {
-        artifacts_json_string "$${SLURM_JOB_ID:-}"
-        printf '{"schema_version":${schema_version},"job_id":%s,' "$$REPLY"
-        artifacts_json_string "$$ARTIFACTS_COLLECT_POLICY"
-        printf '"collect_policy":%s,"collected_at":"%s",' "$$REPLY" "$$collected_at"
-        artifacts_json_string "$$outcome"
-        printf '"job_outcome":%s,"attempt":%s,' "$$REPLY" "$${HPC_COMPOSE_ATTEMPT:-0}"
-        if [ "$${HPC_COMPOSE_IS_RESUME:-0}" = 1 ]; then printf '"is_resume":true,'; else printf '"is_resume":false,'; fi
-        if [ -n "$${HPC_COMPOSE_RESUME_DIR:-}" ]; then
-            artifacts_json_string "$$HPC_COMPOSE_RESUME_DIR"
-            printf '"resume_dir":%s,' "$$REPLY"
+        json_string "${SLURM_JOB_ID:-}"
+        printf '{"schema_version":@{schema_version},"job_id":%s,' "$JSON"
+        json_string "$ARTIFACTS_COLLECT_POLICY"
+        printf '"collect_policy":%s,"collected_at":"%s",' "$JSON" "$collected_at"
+        json_string "$outcome"
+        printf '"job_outcome":%s,"attempt":%s,' "$JSON" "${HPC_COMPOSE_ATTEMPT:-0}"
+        if [[ "${HPC_COMPOSE_IS_RESUME:-0}" = 1 ]]; then printf '"is_resume":true,'; else printf '"is_resume":false,'; fi
+        if [[ -n "${HPC_COMPOSE_RESUME_DIR:-}" ]]; then
+            json_string "$HPC_COMPOSE_RESUME_DIR"
+            printf '"resume_dir":%s,' "$JSON"
         else
             printf '"resume_dir":null,'
         fi
-        printf '"declared_source_patterns":[%s],"matched_source_paths":[%s],' "$$declared" "$$matched"
-        printf '"copied_relative_paths":[%s],"warnings":[%s],"bundles":{%s}}\n' "$$copied" "$$warnings" "$$bundles_json"
-    } > "$$tmp" 2>/dev/null || return 0
-    mv -f "$$tmp" "$$dir/manifest.json" 2>/dev/null || true
+        printf '"declared_source_patterns":[%s],"matched_source_paths":[%s],' "$declared" "$matched"
+        printf '"copied_relative_paths":[%s],"warnings":[%s],"bundles":{%s}}\n' "$copied" "$warnings" "$bundles_json"
+    } > "$tmp" 2>/dev/null || return 0
+    mv -f "$tmp" "$dir/manifest.json" 2>/dev/null || true
 }
 """
 
 
 def render_metrics_block(runtime_plan):
     """Bash defining ``metrics_start`` / ``metrics_stop`` for the plan's x-slurm.metrics block."""
-    from string import Template
     metrics = runtime_plan.plan.slurm.metrics
     if metrics is None or not metrics.enabled:
         return _METRICS_DISABLED_TEMPLATE
     collectors = tuple(metrics.collectors or ())
-    return Template(_METRICS_TEMPLATE).substitute(
+    return _fill(_METRICS_TEMPLATE,
         interval=shell_quote(int(metrics.interval_seconds or 5)),
         collect_gpu=shell_quote("true" if "gpu" in collectors else "false"),
         collect_slurm=shell_quote("true" if "slurm" in collectors else "false"),
@@ -6803,7 +6802,6 @@ def _artifact_bundles(artifacts):
 
 def render_artifacts_block(runtime_plan):
     """Bash defining ``collect_artifacts success|failure`` for the plan's x-slurm.artifacts block."""
-    from string import Template
     artifacts = runtime_plan.plan.slurm.artifacts
     if artifacts is None:
         return _ARTIFACTS_DISABLED_TEMPLATE
@@ -6813,7 +6811,7 @@ def render_artifacts_block(runtime_plan):
         for path in paths:
             pattern_bundles.append(shell_quote(name))
             patterns.append(shell_quote(path))
-    return Template(_ARTIFACTS_TEMPLATE).substitute(
+    return _fill(_ARTIFACTS_TEMPLATE,
         policy=shell_quote(artifacts.collect or "always"),
         bundle_names=" ".join(shell_quote(name) for name, _ in bundles),
         pattern_bundles=" ".join(pattern_bundles),
@@ -7205,7 +7203,7 @@ def _normalize_slurm_state(text):
     return text.split()[0].rstrip("+").upper()
 
 
-def _present(value):
+def _known_value(value):
     value = (value or "").strip()
     return None if value.lower() in _ABSENT_VALUES else value
 
@@ -7224,8 +7222,8 @@ def _squeue_state(job_id, squeue_bin="squeue"):
         if line.strip():
             parts = (line.split("|") + ["", "", ""])[:3]
             state = _normalize_slurm_state(parts[0])
-            reason = _present(parts[1]) if state == "PENDING" else None
-            return SchedulerState(state, "squeue", reason=reason, start=_present(parts[2]))
+            reason = _known_value(parts[1]) if state == "PENDING" else None
+            return SchedulerState(state, "squeue", reason=reason, start=_known_value(parts[2]))
     return None
 
 
@@ -7239,8 +7237,8 @@ def _sacct_state(job_id, sacct_bin="sacct"):
         if line.strip():
             parts = (line.split("|") + [""] * 5)[:5]
             return SchedulerState(_normalize_slurm_state(parts[0]), "sacct",
-                                  reason=_present(parts[2]), start=_present(parts[3]),
-                                  end=_present(parts[4]), exit_code=_present(parts[1]))
+                                  reason=_known_value(parts[2]), start=_known_value(parts[3]),
+                                  end=_known_value(parts[4]), exit_code=_known_value(parts[1]))
     return None
 
 
@@ -10382,7 +10380,7 @@ def _cmd_completions(args):
 
 def _secrets_to_dict(secrets, escape=None):
     """Top-level secrets as references (``file:`` path or ``environment:`` name), never values."""
-    escape = escape or _same
+    escape = escape or _unchanged
     return dict((secret.name, {secret.source: escape(secret.reference)
                                if secret.source == "file" else secret.reference})
                 for secret in secrets)
@@ -10449,15 +10447,10 @@ def _format_geometry(ntasks, ntasks_per_node, nodes):
 def _format_readiness(readiness):
     if readiness is None:
         return "none"
-    if readiness.type == "sleep":
-        return "sleep %ss" % readiness.seconds
-    if readiness.type == "tcp":
-        return "tcp %s:%s (timeout %ss)" % (readiness.host, readiness.port,
-                                            readiness.timeout_seconds)
-    if readiness.type == "log":
-        return "log pattern %r (timeout %ss)" % (readiness.pattern, readiness.timeout_seconds)
-    return "http %s -> %s (timeout %ss)" % (readiness.url, readiness.status_code,
-                                            readiness.timeout_seconds)
+    text = _readiness_description(readiness)
+    if readiness.type != "sleep":
+        text += " (timeout %ss)" % readiness.timeout_seconds
+    return text
 
 
 def _format_failure_policy(policy):
@@ -11293,14 +11286,14 @@ def _cache_dir_from_args(args):
     return _default_cache_dir()
 
 
-def _when(stamp):
+def _format_timestamp(stamp):
     import time
     if not stamp:
         return "-"
     return time.strftime("%Y-%m-%d %H:%M", time.localtime(stamp))
 
 
-def _size(value):
+def _format_size(value):
     if value is None:
         return "-"
     for unit in ("B", "KiB", "MiB", "GiB"):
@@ -11323,11 +11316,11 @@ def _cmd_cache_list(args):
     lines = ["cache dir: %s" % cache_dir]
     for entry in entries:
         lines.append("\t".join([
-            entry.get("kind", "?"), entry["artifact_path"], _size(entry.get("size_bytes")),
+            entry.get("kind", "?"), entry["artifact_path"], _format_size(entry.get("size_bytes")),
             "services=%s" % ",".join(entry.get("services") or []) if entry["manifest_present"]
             else "manifest=missing",
             "source=%s" % (entry.get("source_image") or "?"),
-            "last_used=%s" % _when(entry.get("last_used_at") or entry.get("created_at"))]))
+            "last_used=%s" % _format_timestamp(entry.get("last_used_at") or entry.get("created_at"))]))
     sys.stdout.write("\n".join(lines) + "\n")
     return _EXIT_OK
 
@@ -11357,7 +11350,7 @@ def _cmd_cache_inspect(args):
             if artifact["present"]:
                 lines.append("           manifest: %s, built %s, last used %s" % (
                     "yes" if artifact["manifest_present"] else "missing",
-                    _when(artifact["created_at"]), _when(artifact["last_used_at"])))
+                    _format_timestamp(artifact["created_at"]), _format_timestamp(artifact["last_used_at"])))
             for reason in artifact["reasons"]:
                 lines.append("           why: %s" % reason)
     sys.stdout.write("\n".join(lines) + "\n")

@@ -429,15 +429,16 @@ def test_comment_only_file_is_empty(hc, project):
 def test_binary_file_is_an_error(hc, project):
     path = project.root / "compose.yaml"
     path.write_bytes(b"\x7fELF\x02\x01\x00\x00binary")
-    with pytest.raises(hc.SpecError) as info:
+    with pytest.raises(hc.YamlError) as info:   # the YAML reader decodes and locates the NUL
         hc.load_spec(str(path), environ=ENV)
     assert "binary" in info.value.message
+    assert (info.value.line, info.value.column) == (1, 7)
 
 
 def test_non_utf8_file_is_an_error_with_line(hc, project):
     path = project.root / "compose.yaml"
     path.write_bytes(b"services:\n  app:\n    image: caf\xe9\n")
-    with pytest.raises(hc.SpecError) as info:
+    with pytest.raises(hc.YamlError) as info:
         hc.load_spec(str(path), environ=ENV)
     assert "UTF-8" in info.value.message
     assert info.value.line == 3

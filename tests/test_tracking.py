@@ -27,9 +27,11 @@ def runtime_plan_with(metrics=None, artifacts=None):
 
 
 def run_block(tmp_path, body, job_dir, env=None, path_dirs=()):
-    """Run ``set -euo pipefail; JOB_DIR=...; <body>`` under bash; returns the CompletedProcess."""
+    """Run ``set -euo pipefail; JOB_DIR=...; <the script's json_string>; <body>`` under bash;
+    returns the CompletedProcess."""
     script = tmp_path / "block.sh"
-    script.write_text("#!/bin/bash\nset -euo pipefail\nJOB_DIR=\"$1\"\n" + body)
+    script.write_text("#!/bin/bash\nset -euo pipefail\nJOB_DIR=\"$1\"\n" + hpc_compose._JSON_STRING_TEMPLATE
+                      + body)
     environ = dict(os.environ)
     environ["PATH"] = os.pathsep.join(list(path_dirs) + ["/usr/bin", "/bin"])
     environ.update(env or {})
@@ -462,10 +464,19 @@ def test_metrics_block_passes_shellcheck(hc, tmp_path):
         pytest.skip("shellcheck is not installed (apt-get install shellcheck)")
     block = hc.render_metrics_block(runtime_plan_with(hc.MetricsSpec(interval_seconds=3)))
     script = tmp_path / "m.sh"
-    script.write_text("#!/bin/bash\nJOB_DIR=/x\n" + block + "metrics_start\nmetrics_stop\n")
+    script.write_text("#!/bin/bash\nJOB_DIR=/x\n" + hc._JSON_STRING_TEMPLATE + block
+                      + "metrics_start\nmetrics_stop\n")
     result = subprocess.run(["shellcheck", str(script)], stdout=subprocess.PIPE,
                             universal_newlines=True)
     assert result.returncode == 0, result.stdout
+
+
+def test_metrics_and_artifacts_blocks_escape_control_characters_like_state_json(hc, tmp_path):
+    block = hc.render_metrics_block(runtime_plan_with(hc.MetricsSpec(interval_seconds=1)))
+    result = run_block(tmp_path, block + "metrics_json_value $' a\\x01b\\tc\\n '; echo \"$JSON\"\n"
+                       "metrics_json_value ' [N/A] '; echo \"$JSON\"\n", tmp_path / "job")
+    assert result.returncode == 0, result.stderr
+    assert [json.loads(line) for line in result.stdout.splitlines()] == ["a\x01b\tc", None]
 
 
 def test_metrics_block_without_tools_marks_collectors_unavailable(hc, tmp_path):
@@ -569,7 +580,7 @@ def test_artifacts_block_passes_shellcheck(hc, tmp_path):
     if shutil.which("shellcheck") is None:
         pytest.skip("shellcheck is not installed (apt-get install shellcheck)")
     script = tmp_path / "a.sh"
-    script.write_text("#!/bin/bash\nJOB_DIR=/x\n" + hc.render_artifacts_block(
+    script.write_text("#!/bin/bash\nJOB_DIR=/x\n" + hc._JSON_STRING_TEMPLATE + hc.render_artifacts_block(
         runtime_plan_with(artifacts=ARTIFACTS)) + "collect_artifacts success\n")
     result = subprocess.run(["shellcheck", str(script)], stdout=subprocess.PIPE,
                             universal_newlines=True)

@@ -250,7 +250,7 @@ def test_sampler_block_records_real_sstat_steps_for_stats(slurm, slurm_jobs, tmp
     block = hpc_compose.render_metrics_block(__import__("types").SimpleNamespace(
         plan=__import__("types").SimpleNamespace(slurm=hpc_compose.SlurmSpec(
             metrics=hpc_compose.MetricsSpec(interval_seconds=1, collectors=("slurm",))))))
-    job_id = slurm_jobs.add(hand_job(tmp_path, block + (
+    job_id = slurm_jobs.add(hand_job(tmp_path, hpc_compose._JSON_STRING_TEMPLATE + block + (
         "metrics_start\n"
         "srun --overlap -n1 python3 -c 'import time\nt=time.time()\nwhile time.time()-t<6: pass'\n"
         "metrics_stop\n")))

@@ -10233,6 +10233,14 @@ def _add_command(subparsers, name, handler, help_text, examples=(), aliases_note
     return parser
 
 
+def _add_spec_command(subparsers, name, handler, help_text, examples):
+    """A command that reads the compose file and prints text or JSON: ``-f`` and ``--format``."""
+    parser = _add_command(subparsers, name, handler, help_text, examples)
+    _add_file_argument(parser)
+    _add_format_argument(parser)
+    return parser
+
+
 def _add_file_argument(parser, required=False):
     """``-f/--file``: the compose file (default: compose.yaml, then Docker Compose's other names)."""
     parser.add_argument("-f", "--file", dest="file", metavar="FILE", required=required,
@@ -10399,12 +10407,10 @@ def _service_secrets_to_list(secrets):
 # --- validate ------------------------------------------------------------------------------------
 
 def _add_validate_parser(subparsers):
-    parser = _add_command(subparsers, "validate", _cmd_validate,
-                         "check the compose file (keys, types, dependencies, placement)",
-                         ["hpc-compose validate -f compose.yaml",
-                          "hpc-compose validate -f compose.yaml --format json"])
-    _add_file_argument(parser)
-    _add_format_argument(parser)
+    _add_spec_command(subparsers, "validate", _cmd_validate,
+                      "check the compose file (keys, types, dependencies, placement)",
+                      ["hpc-compose validate -f compose.yaml",
+                       "hpc-compose validate -f compose.yaml --format json"])
 
 
 def _cmd_validate(args):
@@ -10426,13 +10432,11 @@ def _cmd_validate(args):
 # --- inspect -------------------------------------------------------------------------------------
 
 def _add_inspect_parser(subparsers):
-    parser = _add_command(subparsers, "inspect", _cmd_inspect,
-                         "show the normalized plan: order, images, placement, readiness",
-                         ["hpc-compose inspect -f compose.yaml",
-                          "hpc-compose inspect --verbose -f compose.yaml   (may print secrets)",
-                          "hpc-compose inspect -f compose.yaml --format json"])
-    _add_file_argument(parser)
-    _add_format_argument(parser)
+    parser = _add_spec_command(subparsers, "inspect", _cmd_inspect,
+                              "show the normalized plan: order, images, placement, readiness",
+                              ["hpc-compose inspect -f compose.yaml",
+                               "hpc-compose inspect --verbose -f compose.yaml   (may print secrets)",
+                               "hpc-compose inspect -f compose.yaml --format json"])
     parser.add_argument("--verbose", action="store_true",
                         help="also print resolved environment values and mounts (may show "
                              "secrets)")
@@ -10640,13 +10644,11 @@ def _cmd_inspect(args):
 # --- config --------------------------------------------------------------------------------------
 
 def _add_config_parser(subparsers):
-    parser = _add_command(subparsers, "config", _cmd_config,
-                         "print the normalized, interpolated spec (like docker compose config)",
-                         ["hpc-compose config -f compose.yaml",
-                          "hpc-compose config -f compose.yaml --format json",
-                          "hpc-compose config --no-interpolate -f compose.yaml"])
-    _add_file_argument(parser)
-    _add_format_argument(parser)
+    parser = _add_spec_command(subparsers, "config", _cmd_config,
+                              "print the normalized, interpolated spec (like docker compose config)",
+                              ["hpc-compose config -f compose.yaml",
+                               "hpc-compose config -f compose.yaml --format json",
+                               "hpc-compose config --no-interpolate -f compose.yaml"])
     parser.add_argument("--no-interpolate", action="store_true",
                         help="print the file as written: variables are not expanded (nor checked)")
 

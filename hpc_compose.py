@@ -14,7 +14,8 @@ Contents, in pipeline order (each section starts with a banner of ``#`` lines):
 
 1. Errors, constants and shared helpers -- exit codes, the error family, atomic writes, locks,
    the one shell-quoting helper, the subprocess runner every tool wrapper goes through.
-2. YAML reader -- ``parse_yaml`` / ``parse_yaml_document``: the YAML 1.2 subset compose files use.
+2. YAML reader -- ``parse_yaml`` / ``parse_yaml_document``: the YAML 1.2 subset compose files
+   use; and the YAML writer ``config`` prints with.
 3. Interpolation and .env -- ``$VAR`` / ``${VAR:-default}`` / ``$$`` and the ``.env`` file.
 4. Spec -- the validated compose model (``ComposeSpec``) and ``load_spec``.
 5. Planner -- ``build_plan``: dependency order, images, mounts, environment, placement.
@@ -26,6 +27,34 @@ Contents, in pipeline order (each section starts with a banner of ``#`` lines):
 11. Migrate -- ``migrate_compose``: a docker-compose.yml (and its Dockerfiles) rewritten as a spec.
 12. CLI -- argparse commands, one handler per command.
 13. main -- ``main(argv=None)``, the entry point.
+
+Public API (for people who vendor this file): exactly the names in ``__all__``; every other
+top-level name starts with an underscore and may change without notice. In pipeline order:
+
+- errors: ``HpcComposeError`` (``.format()`` is the user-facing text) and its subclasses
+  ``UsageError``, ``LocatedError`` (``YamlError``, ``SpecError``), ``ToolError``, ``JobFailed``;
+- YAML: ``parse_yaml(text)`` -> plain values, ``parse_yaml_document(text, filename)`` ->
+  ``YamlDocument`` with a ``Mark`` per value;
+- interpolation: ``interpolate``, ``parse_dotenv(text)``, ``load_dotenv(path)``;
+- spec: ``load_spec(path)`` -> ``ComposeSpec`` (records ``SlurmSpec``, ``ServiceSpec``,
+  ``ServiceSlurmSpec``, ``ReadinessSpec``, ``FailurePolicy``, ``PrepareSpec``, ``MetricsSpec``,
+  ``ArtifactsSpec``, ``ResumeSpec``, ``SecretSpec``, ``ServiceSecret``), ``spec_to_dict``;
+- planner: ``build_plan(spec)`` -> ``Plan`` (records ``ServicePlan``, ``ImageRef``, ``Execution``,
+  ``Mount``, ``Dependency``, ``Placement``, ``PreparePlan``), ``plan_to_dict``, ``service_token``,
+  ``resolve_host_path``, ``normalize_image``;
+- images and preflight: ``build_runtime_plan`` -> ``RuntimePlan`` (``ServiceImage``,
+  ``Artifact``), ``prepare_images`` (``PrepareOptions`` -> ``PrepareResult``), ``list_cache``,
+  ``inspect_cache``, ``prune_cache``, ``enroot_uri``, ``run_preflight`` (``PreflightOptions`` ->
+  ``PreflightReport`` of ``Finding``);
+- render: ``render_script(runtime_plan)`` and its pieces ``render_metrics_block``,
+  ``render_artifacts_block``, ``service_srun_argv``, ``service_environment``, ``shell_quote``;
+- tracking: ``watch_job``, ``SchedulerState``; init: ``TEMPLATE_NAMES``, ``list_templates``,
+  ``load_template``, ``customize_template``; migrate: ``migrate_compose(text)`` (``MigrateOptions``
+  -> ``MigrateResult``); CLI: ``build_parser``, ``main(argv=None)``; ``__version__``.
+
+One verb, one meaning: ``load_*`` reads a path, ``parse_*`` reads text, ``render_*`` makes the
+batch script, ``format_*`` makes human text, ``*to_dict`` makes JSON-ready data. How the file is
+organised and where to add things: docs/contributing.md.
 
 Exit codes (stable): 0 success; 1 something failed while running (a tool, the job, preflight);
 2 invalid spec or usage; 130 interrupted.

@@ -222,3 +222,25 @@ def test_readme_starts_with_the_two_setup_commands():
         "bash tests/cluster/slurm-cluster.sh up && "
         "python3 hpc_compose.py up -f examples/host-pipeline.yaml",
         "python3 -m pip install pytest && python3 -m pytest -q tests"]
+
+
+def _top_level_names():
+    with open(MODULE) as handle:
+        tree = ast.parse(handle.read())
+    names = []
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            names.append(node.name)
+        elif isinstance(node, ast.Assign):
+            names.extend(target.id for target in node.targets if isinstance(target, ast.Name))
+        elif isinstance(node, ast.AnnAssign):
+            names.append(node.target.id)
+    return names
+
+
+def test_public_surface_is_exactly_all_and_the_docstring_names_it():
+    import hpc_compose
+    public = sorted(n for n in _top_level_names() if not n.startswith("_"))
+    assert public == sorted(n for n in hpc_compose.__all__ if n != "__version__")
+    undocumented = [n for n in hpc_compose.__all__ if "``%s" % n not in hpc_compose.__doc__]
+    assert undocumented == []

@@ -728,11 +728,15 @@ class _YamlReader(object):
             while col < len(line) and line[col] in _SPACE_TAB:
                 col += 1
             if col < len(line) and line[col] != "#":
-                row, value = self.parse_node(row, col, _ROOT_INDENT, (), False, False)
+                row, value = self.parse_node(row, col, _ROOT_INDENT, (), block_allowed=False,
+                                             sequence_at_same_indent=False)
             else:
-                row, value = self.parse_node_below(row + 1, _ROOT_INDENT, (), False, row, 3)
+                row, value = self.parse_node_below(row + 1, _ROOT_INDENT, (),
+                                                   sequence_at_same_indent=False, empty_row=row,
+                                                   empty_col=3)
         else:
-            row, value = self.parse_node(row, indent, _ROOT_INDENT, (), True, False)
+            row, value = self.parse_node(row, indent, _ROOT_INDENT, (), block_allowed=True,
+                                         sequence_at_same_indent=False)
         self.finish_document(row)
         return value
 
@@ -761,7 +765,8 @@ class _YamlReader(object):
         """The node that starts on a later line (after `key:` or `-` with nothing after it)."""
         next_row, indent = self.next_content_row(row)
         if indent > parent_indent:
-            return self.parse_node(next_row, indent, parent_indent, path, True, False)
+            return self.parse_node(next_row, indent, parent_indent, path, block_allowed=True,
+                                   sequence_at_same_indent=False)
         if sequence_at_same_indent and indent == parent_indent:
             line = self.lines[next_row]
             if line[indent] == "-" and (len(line) == indent + 1 or line[indent + 1] in _SPACE_TAB):
@@ -843,8 +848,8 @@ class _YamlReader(object):
         col = self.skip_spaces(line, col)
         first = len(self.log)
         if col >= len(line) or line[col] == "#":
-            row, value = self.parse_node_below(row + 1, parent_indent, path,
-                                               sequence_at_same_indent, row, col)
+            row, value = self.parse_node_below(row + 1, parent_indent, path, sequence_at_same_indent,
+                                               empty_row=row, empty_col=col)
         else:
             char = line[col]
             if char == '"' or char == "'":
@@ -1036,8 +1041,9 @@ class _YamlReader(object):
             first = len(self.log)
             value = _YAML_MISSING
             if value_col >= length or line[value_col] == "#":
-                row, value = self.parse_node_below(row + 1, indent, key_path, True, row,
-                                                   min(col + 1, length))
+                row, value = self.parse_node_below(row + 1, indent, key_path,
+                                                   sequence_at_same_indent=True, empty_row=row,
+                                                   empty_col=min(col + 1, length))
                 row, next_indent = self.next_content_row(row)
             elif line[value_col] not in _SPECIAL_START and line.find(": ", value_col) < 0 and \
                     line.find(" #", value_col) < 0 and line.find("\t", value_col) < 0 and \
@@ -1053,7 +1059,8 @@ class _YamlReader(object):
                 else:
                     row = key_row
             if value is _YAML_MISSING:
-                row, value = self.parse_node(row, value_col, indent, key_path, False, True)
+                row, value = self.parse_node(row, value_col, indent, key_path, block_allowed=False,
+                                             sequence_at_same_indent=True)
                 row, next_indent = self.next_content_row(row)
             if text == "<<":
                 merges = self.merge_sources(value, key_path, first, (key_row, indent))
@@ -1160,8 +1167,9 @@ class _YamlReader(object):
             item_path = path + (len(items),)
             col = self.skip_spaces(line, indent + 1)
             if col >= len(line) or line[col] == "#":
-                row, value = self.parse_node_below(row + 1, indent, item_path, False, row,
-                                                   min(indent + 2, len(line)))
+                row, value = self.parse_node_below(row + 1, indent, item_path,
+                                                   sequence_at_same_indent=False, empty_row=row,
+                                                   empty_col=min(indent + 2, len(line)))
                 row, next_indent = self.next_content_row(row)
             elif line[col] not in _SPECIAL_START and line.find(": ", col) < 0 and \
                     line.find(" #", col) < 0 and line.find("\t", col) < 0 and line[-1] != ":":
@@ -1174,10 +1182,12 @@ class _YamlReader(object):
                     self.log.append(item_path)
                     row = next_row
                 else:
-                    row, value = self.parse_node(row, col, indent, item_path, True, False)
+                    row, value = self.parse_node(row, col, indent, item_path, block_allowed=True,
+                                                 sequence_at_same_indent=False)
                     row, next_indent = self.next_content_row(row)
             else:
-                row, value = self.parse_node(row, col, indent, item_path, True, False)
+                row, value = self.parse_node(row, col, indent, item_path, block_allowed=True,
+                                             sequence_at_same_indent=False)
                 row, next_indent = self.next_content_row(row)
             items.append(value)
             if next_indent == indent:

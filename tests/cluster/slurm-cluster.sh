@@ -1,6 +1,11 @@
 #!/usr/bin/env bash
 # Single-node Slurm test cluster for hpc-compose: up | down | status | restart.
 #
+# Other Slurm generations, each in a cached Debian root on ports of its own (tests/cluster/slurm-generation.sh):
+#   sudo bash tests/cluster/slurm-cluster.sh up --slurm 24.11|26.05 [--containers]   # also down/status
+#   sudo bash tests/cluster/slurm-cluster.sh exec --slurm 24.11 -- COMMAND...  # with that Slurm's clients
+# (`--slurm 22.05` is this host's cluster, the default.)
+#
 # Run as root on Debian/Ubuntu (the CI machine is Debian 12 with Slurm 22.05):
 #   sudo bash tests/cluster/slurm-cluster.sh up       # install, configure, start; waits for an idle node
 #   sudo bash tests/cluster/slurm-cluster.sh status   # sinfo, daemons, log paths; exit 0 only if usable
@@ -40,6 +45,29 @@
 set -euo pipefail
 
 ACTION="${1:-status}"
+# --slurm GEN (anywhere before `--`): 22.05 is this host's own cluster, handled below; the newer
+# generations (24.11, 26.05) run in roots of their own: tests/cluster/slurm-generation.sh.
+SLURM_GENERATION=22.05
+REST=()
+shift || true
+while [ "$#" -gt 0 ]; do
+    case "$1" in
+        --slurm) SLURM_GENERATION="${2:-}"; shift ;;
+        --slurm=*) SLURM_GENERATION="${1#--slurm=}" ;;
+        --) REST+=("$@"); break ;;
+        *) REST+=("$1") ;;
+    esac
+    shift || true
+done
+if [ "$SLURM_GENERATION" != 22.05 ]; then
+    exec bash "$(dirname "$0")/slurm-generation.sh" "$ACTION" "$SLURM_GENERATION" ${REST[@]+"${REST[@]}"}
+fi
+if [ "$ACTION" = exec ]; then  # on the host's cluster the clients are the machine's own
+    [ "${REST[0]:-}" = -- ] && REST=("${REST[@]:1}")
+    [ "${#REST[@]}" -gt 0 ] || { echo "usage: $0 exec [--slurm 22.05|24.11|26.05] -- COMMAND..." >&2; exit 2; }
+    HPC_COMPOSE_TEST_SLURM=22.05 exec "${REST[@]}"
+fi
+set -- "$ACTION" ${REST[@]+"${REST[@]}"}
 shift || true
 CONTAINERS=0
 NODES=1
@@ -49,7 +77,7 @@ while [ "$#" -gt 0 ]; do
         --containers) CONTAINERS=1 ;;
         --nodes) NODES="${2:-}"; shift ;;
         --nodes=*) NODES="${1#--nodes=}" ;;
-        *) printf '[slurm-cluster] ERROR: unknown option %s (usage: %s up|down|status|restart [--containers] [--nodes N])\n' "$1" "$0" >&2; exit 2 ;;
+        *) printf '[slurm-cluster] ERROR: unknown option %s (usage: %s up|down|status|restart [--containers] [--nodes N] [--slurm 22.05|24.11|26.05])\n' "$1" "$0" >&2; exit 2 ;;
     esac
     shift
 done
@@ -442,5 +470,5 @@ case "$ACTION" in
     down) cmd_down ;;
     status) cmd_status ;;
     restart) cmd_down; cmd_up ;;
-    *) die "usage: $0 up|down|status|restart" ;;
+    *) die "usage: $0 up|down|status|restart|exec [--slurm 22.05|24.11|26.05]" ;;
 esac

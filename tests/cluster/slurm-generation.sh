@@ -1,0 +1,627 @@
+#!/usr/bin/env bash
+# Newer Slurm generations for hpc-compose's tests, each in a cached Debian root with its own daemons.
+#
+#   bash tests/cluster/slurm-generation.sh up GEN [--containers] [--nodes 1]
+#   bash tests/cluster/slurm-generation.sh status GEN
+#   bash tests/cluster/slurm-generation.sh exec GEN -- COMMAND...
+#   bash tests/cluster/slurm-generation.sh down GEN
+# GEN is 24.11 (Debian trixie) or 26.05 (Debian forky). 22.05 is the host's own cluster
+# (tests/cluster/slurm-cluster.sh without --slurm), which this script does not handle.
+# `slurm-cluster.sh ACTION --slurm GEN ...` hands these actions to this script.
+#
+# What it does (as root, on a Debian 12 host):
+# - `up` creates the generation's root once (debootstrap minbase of the suite, then Slurm, munge,
+#   MariaDB, python3, pytest and the container-tools build packages from the distribution) under
+#   $HPC_COMPOSE_TEST_CACHE/roots/slurm-GEN-KEY, KEY being a hash of the recipe: a changed recipe
+#   makes a new root, an unchanged one is reused. Then it writes that root's Slurm configuration
+#   and starts munged, mariadbd, slurmdbd, slurmctld and slurmd inside it, on ports of their own
+#   (several generations and the host's cluster can be up at once). With --containers it runs
+#   tests/cluster/container-tools.sh install inside the root (real Enroot and Pyxis, built against
+#   that generation's libslurm) and registers Pyxis in the root's plugstack.
+# - `exec` runs COMMAND as a user of that cluster would: the generation's client commands and
+#   python3 first on PATH, the checkout, $HOME, /tmp and /opt at the same paths as on the host, the
+#   current directory kept. HPC_COMPOSE_TEST_SLURM=GEN is set, so that the tests can check that the
+#   `sinfo` they talk to is that generation's.
+# - `down` stops that generation's daemons; the cached root stays.
+#
+# Facts found on the machine this was written on (Debian 12 host, root, only the package mirror
+# reachable):
+# - Inside a plain chroot the kernel refuses new user namespaces (`unshare -U`: Operation not
+#   permitted), and Enroot needs them. Every daemon and command therefore starts in a new mount
+#   namespace (`unshare -m --propagation private`) that pivot_roots into the root (bound onto itself
+#   first), with /proc, /sys, /dev (and so /dev/pts, /dev/shm) and the shared paths mounted inside.
+#   The daemons keep their namespace alive; the root's /run, /etc and /var are its own directories.
+# - Bookworm's debootstrap has no forky script: the sid script is passed explicitly. Forky's
+#   Release file can be past its Valid-Until date: the root's apt ignores that.
+# - slurmdbd 24.11 and 26.05 die at start with the suites' MariaDB 11.8 client library (`5027 Number
+#   of columns in result (=1) set execeeds maxmimum allowed number of columns (=0)` on `select @var
+#   := concat('');`). With bookworm's libmariadb.so.3 (package libmariadb3 10.11, downloaded on the
+#   host) on slurmdbd's LD_LIBRARY_PATH it works; the server stays the suite's.
+# - CgroupPlugin=disabled (23.02 and later) avoids every cgroup problem; processes are tracked by
+#   their parent chain (proctrack/linuxproc), as on the host's cluster.
+set -euo pipefail
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+CHECKOUT="$(cd "$HERE/../.." && pwd)"
+CACHE="${HPC_COMPOSE_TEST_CACHE:-/opt/hpc-compose-tests}"
+ROOTS="$CACHE/roots"
+MIRROR="${HPC_COMPOSE_DEBIAN_MIRROR:-}"
+UP_TIMEOUT="${SLURM_CLUSTER_UP_TIMEOUT:-120}"
+CLUSTER_NAME=hpccompose
+DB_USER=slurm
+DB_PASS=slurm-test-cluster
+# Raised when the recipe below changes in a way the package list does not show.
+RECIPE_VERSION=1
+# Packages of every root: the daemons and clients, what the end-to-end tests run (python3, pytest,
+# curl, nc, ps), and what tests/cluster/container-tools.sh needs to build Enroot and Pyxis.
+ROOT_PACKAGES=(
+    slurmctld slurmd slurm-client slurmdbd munge mariadb-server
+    python3 python3-pytest procps curl netcat-openbsd ca-certificates mount util-linux iproute2
+    shellcheck
+    build-essential libtool automake autoconf squashfs-tools parallel zstd jq fuse-overlayfs
+    squashfuse libbsd-dev makeself pigz libcap2-bin bsdmainutils libslurm-dev
+)
+
+say() { printf '[slurm-generation %s] %s\n' "${GEN:-?}" "$*"; }
+die() { printf '[slurm-generation %s] ERROR: %s\n' "${GEN:-?}" "$*" >&2; exit 1; }
+
+usage() {
+    cat >&2 <<EOF
+usage: $0 up GEN [--containers] [--nodes 1]
+       $0 status GEN | down GEN
+       $0 exec GEN -- COMMAND...
+GEN: 24.11 (Debian trixie) or 26.05 (Debian forky); 22.05 is the host's cluster (slurm-cluster.sh)
+EOF
+    exit 2
+}
+
+# generation GEN: sets SUITE, SCRIPT and the ports of that generation (host's cluster: 6817-6819, 3306).
+generation() {
+    case "$1" in
+        24.11) SUITE=trixie; SCRIPT=trixie; PORT_BASE=6900; DB_PORT=3317 ;;
+        26.05) SUITE=forky; SCRIPT=sid; PORT_BASE=7000; DB_PORT=3327 ;;
+        22.05) die "22.05 is the host's cluster: use tests/cluster/slurm-cluster.sh up (without --slurm)" ;;
+        *) die "unknown Slurm generation '$1' (known: 22.05, 24.11, 26.05)" ;;
+    esac
+    GEN=$1
+    CTLD_PORT=$((PORT_BASE + 17))
+    SLURMD_PORT=$((PORT_BASE + 18))
+    DBD_PORT=$((PORT_BASE + 19))
+}
+
+need_root() {
+    [ "$(id -u)" -eq 0 ] || die "run as root (sudo bash $0 ...): it creates roots, mounts and starts daemons"
+}
+
+debian_mirror() {  # the host's Debian mirror, from its apt sources (deb822 or one-line format)
+    [ -n "$MIRROR" ] && { echo "$MIRROR"; return 0; }
+    local url
+    url="$(cat /etc/apt/sources.list.d/*.sources /etc/apt/sources.list 2>/dev/null \
+        | grep -E '^[[:space:]]*(URIs:|deb[[:space:]])' | grep -oE 'https?://[^ ]+/debian/?' \
+        | grep -v security | head -n 1 || true)"
+    [ -n "$url" ] || die "no Debian mirror found in /etc/apt/sources.list*: set HPC_COMPOSE_DEBIAN_MIRROR"
+    echo "${url%/}"
+}
+
+recipe() {  # the text whose hash names the root: change anything here and a new root is made
+    printf 'recipe %s\nsuite %s script %s\nmirror %s\npackages %s\nbookworm libmariadb3 %s\n' \
+        "$RECIPE_VERSION" "$SUITE" "$SCRIPT" "$(debian_mirror)" "${ROOT_PACKAGES[*]}" \
+        "$(bookworm_libmariadb_version)"
+}
+
+bookworm_libmariadb_version() {
+    apt-cache policy libmariadb3 2>/dev/null | awk '/Candidate:/ {print $2; exit}'
+}
+
+root_dir() {
+    echo "$ROOTS/slurm-$GEN-$(recipe | sha256sum | cut -c1-12)"
+}
+
+# ---------------------------------------------------------------- entering a root
+
+# enter ROOT COMMAND...: run COMMAND pivot_rooted into ROOT in a new private mount namespace, with
+# /proc, /sys, /dev and the shared paths (checkout, $HOME, /tmp, /opt, extra SHARED_PATHS) mounted.
+# PRIVATE_TMP=1 keeps the root's own /tmp (for builds whose fixed log paths would collide).
+enter() {
+    local root=$1
+    shift
+    local shared=("$CHECKOUT" "$HOME" /opt ${SHARED_PATHS[@]+"${SHARED_PATHS[@]}"})
+    [ "${PRIVATE_TMP:-0}" = 1 ] || shared+=(/tmp)
+    unshare -m --propagation private -- /bin/bash -c '
+set -e
+root=$1; n=$2; shift 2
+mount --bind "$root" "$root"
+mount -t proc proc "$root/proc"
+mount --rbind /sys "$root/sys"
+mount --rbind /dev "$root/dev"
+i=0
+while [ "$i" -lt "$n" ]; do
+    p=$1; shift; i=$((i + 1))
+    [ -d "$p" ] || continue
+    mkdir -p "$root$p"
+    mount --rbind "$p" "$root$p"
+done
+cd "$root"
+mkdir -p .hpc-compose-oldroot
+pivot_root . .hpc-compose-oldroot
+cd /
+umount -l /.hpc-compose-oldroot
+exec "$@"
+' enter "$root" "${#shared[@]}" "${shared[@]}" "$@"
+}
+
+# ---------------------------------------------------------------- the root
+
+in_chroot() {  # in_chroot ROOT COMMAND...: for package installation only (no user namespaces needed)
+    local root=$1
+    shift
+    unshare -m --propagation private -- /bin/bash -c '
+root=$1; shift
+mount -t proc proc "$root/proc"
+mount --rbind /dev "$root/dev"
+exec chroot "$root" env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin DEBIAN_FRONTEND=noninteractive \
+    LANG=C.UTF-8 "$@"
+' in_chroot "$root" "$@"
+}
+
+create_root() {  # create_root ROOT: build the root in a temporary directory, then rename it
+    local root=$1 tmp log start
+    command -v debootstrap >/dev/null 2>&1 \
+        || die "debootstrap is missing: apt-get install debootstrap"
+    [ -e "/usr/share/debootstrap/scripts/$SCRIPT" ] \
+        || die "debootstrap has no '$SCRIPT' script: install a newer debootstrap"
+    start=$(date +%s)
+    mkdir -p "$ROOTS"
+    tmp="$root.tmp"
+    log="$ROOTS/slurm-$GEN.create.log"
+    rm -rf --one-file-system "$tmp"
+    mkdir -p "$tmp"
+    say "creating the $SUITE root (debootstrap, then ${#ROOT_PACKAGES[@]} packages; log: $log)"
+    if ! debootstrap --variant=minbase "$SUITE" "$tmp" "$(debian_mirror)" \
+            "/usr/share/debootstrap/scripts/$SCRIPT" >"$log" 2>&1; then
+        tail -n 20 "$log" >&2
+        rm -rf --one-file-system "$tmp"
+        die "debootstrap of $SUITE failed (log: $log)"
+    fi
+    # Forky's Release may be past its Valid-Until; package scripts must start no service.
+    printf 'Acquire::Check-Valid-Until "false";\n' >"$tmp/etc/apt/apt.conf.d/99hpc-compose-tests"
+    printf '#!/bin/sh\nexit 101\n' >"$tmp/usr/sbin/policy-rc.d"
+    chmod 755 "$tmp/usr/sbin/policy-rc.d"
+    cp /etc/resolv.conf "$tmp/etc/resolv.conf" 2>/dev/null || true
+    if ! { in_chroot "$tmp" apt-get update -q \
+            && in_chroot "$tmp" apt-get install -y -q --no-install-recommends "${ROOT_PACKAGES[@]}" \
+            && in_chroot "$tmp" apt-get clean; } >>"$log" 2>&1; then
+        tail -n 20 "$log" >&2
+        rm -rf --one-file-system "$tmp"
+        die "installing the packages into the $SUITE root failed (log: $log)"
+    fi
+    # Bookworm's MariaDB client library for slurmdbd (see the facts at the top).
+    local dl
+    dl="$(mktemp -d)"
+    if ! (cd "$dl" && apt-get download -q libmariadb3) >>"$log" 2>&1; then
+        rm -rf "$dl"
+        rm -rf --one-file-system "$tmp"
+        tail -n 5 "$log" >&2
+        die "apt-get download libmariadb3 (bookworm) failed (log: $log); run apt-get update on the host"
+    fi
+    mkdir -p "$dl/x" "$tmp/usr/local/lib/bookworm-mariadb"
+    dpkg-deb -x "$dl"/libmariadb3_*.deb "$dl/x"
+    cp -a "$dl"/x/usr/lib/x86_64-linux-gnu/libmariadb.so.3 "$tmp/usr/local/lib/bookworm-mariadb/"
+    rm -rf "$dl"
+    recipe >"$tmp/etc/hpc-compose-root-recipe"
+    mv "$tmp" "$root"
+    say "root ready in $(( $(date +%s) - start )) s: $root"
+}
+
+remove_old_roots() {  # stop the daemons of this generation's roots of older recipes, then remove them
+    local keep=$ROOT old
+    for old in "$ROOTS/slurm-$GEN"-*; do
+        [ -d "$old" ] && [ "$old" != "$keep" ] || continue
+        ROOT=$old
+        stop_all
+        say "removing the root of an older recipe: $old"
+        rm -rf --one-file-system "$old"
+    done
+    ROOT=$keep
+}
+
+ensure_root() {  # sets ROOT; creates it when its recipe has no root yet
+    ROOT="$(root_dir)"
+    mkdir -p "$ROOTS"
+    exec 9>"$ROOTS/.lock-$GEN"
+    flock 9
+    [ -f "$ROOT/etc/hpc-compose-root-recipe" ] || create_root "$ROOT"
+    remove_old_roots
+    flock -u 9
+    # The host's name and resolver, refreshed on every `up` (the root may be older than them).
+    cp /etc/hosts "$ROOT/etc/hosts"
+    cp /etc/resolv.conf "$ROOT/etc/resolv.conf" 2>/dev/null || true
+}
+
+current_root() {  # sets ROOT to the newest existing root of GEN (for status/exec/down), or fails
+    ROOT=""
+    local r
+    for r in "$ROOTS/slurm-$GEN"-*; do
+        [ -f "$r/etc/hpc-compose-root-recipe" ] && ROOT=$r
+    done
+    [ -n "$ROOT" ] || die "no root for Slurm $GEN yet: run 'bash tests/cluster/slurm-cluster.sh up --slurm $GEN'"
+}
+
+# ---------------------------------------------------------------- configuration
+
+node_resources() {
+    CPUS="$(nproc)"
+    local total_mb reserve
+    total_mb="$(awk '/^MemTotal:/ {print int($2 / 1024)}' /proc/meminfo)"
+    reserve=$((total_mb / 8))
+    [ "$reserve" -lt 512 ] && reserve=512
+    REAL_MEM=$((total_mb - reserve))
+    [ "$REAL_MEM" -lt 256 ] && REAL_MEM=256
+    return 0
+}
+
+write_if_changed() {  # write_if_changed PATH MODE < content -> 0 if the file changed
+    local path=$1 mode=$2 tmp
+    tmp="$(mktemp "${path}.XXXXXX")"
+    cat >"$tmp"
+    chmod "$mode" "$tmp"
+    if [ -f "$path" ] && cmp -s "$tmp" "$path"; then
+        rm -f "$tmp"
+        return 1
+    fi
+    mv -f "$tmp" "$path"
+    return 0
+}
+
+write_configs() {  # sets CONFIG_CHANGED=1 when a Slurm configuration file changed
+    CONFIG_CHANGED=0
+    node_resources
+    NODE="$(hostname -s)"
+    local etc="$ROOT/etc/slurm"
+    mkdir -p "$etc" "$etc/plugstack.conf.d"
+    if write_if_changed "$etc/slurm.conf" 0644 <<EOF
+# Written by tests/cluster/slurm-generation.sh: Slurm $GEN test cluster in $ROOT. Do not edit.
+ClusterName=$CLUSTER_NAME
+SlurmctldHost=$NODE(127.0.0.1)
+SlurmctldPort=$CTLD_PORT
+SlurmdPort=$SLURMD_PORT
+SlurmUser=slurm
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+MpiDefault=none
+StateSaveLocation=/var/lib/slurm/slurmctld
+SlurmdSpoolDir=/var/lib/slurm/slurmd
+SlurmctldPidFile=/run/slurm/slurmctld.pid
+SlurmdPidFile=/run/slurm/slurmd.pid
+SlurmctldLogFile=/var/log/slurm/slurmctld.log
+SlurmdLogFile=/var/log/slurm/slurmd.log
+SlurmctldDebug=info
+SlurmdDebug=info
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/affinity
+ReturnToService=2
+SchedulerType=sched/backfill
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+AccountingStorageType=accounting_storage/slurmdbd
+AccountingStorageHost=127.0.0.1
+AccountingStoragePort=$DBD_PORT
+JobAcctGatherType=jobacct_gather/linux
+JobAcctGatherFrequency=task=2
+JobCompType=jobcomp/none
+MinJobAge=60
+KillWait=10
+OverTimeLimit=0
+InactiveLimit=0
+Waittime=0
+SlurmctldTimeout=30
+SlurmdTimeout=60
+MessageTimeout=20
+NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$CPUS RealMemory=$REAL_MEM State=UNKNOWN
+PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
+EOF
+    then CONFIG_CHANGED=1; fi
+    if write_if_changed "$etc/cgroup.conf" 0644 <<EOF
+# Written by tests/cluster/slurm-generation.sh. No cgroup is delegated to this root.
+CgroupPlugin=disabled
+EOF
+    then CONFIG_CHANGED=1; fi
+    if write_if_changed "$etc/slurmdbd.conf" 0600 <<EOF
+# Written by tests/cluster/slurm-generation.sh. Do not edit.
+AuthType=auth/munge
+DbdHost=localhost
+DbdAddr=127.0.0.1
+DbdPort=$DBD_PORT
+SlurmUser=slurm
+PidFile=/run/slurm/slurmdbd.pid
+LogFile=/var/log/slurm/slurmdbd.log
+DebugLevel=info
+StorageType=accounting_storage/mysql
+StorageHost=localhost
+StoragePort=$DB_PORT
+StorageUser=$DB_USER
+StoragePass=$DB_PASS
+StorageLoc=slurm_acct_db
+EOF
+    then CONFIG_CHANGED=1; fi
+    if write_if_changed "$etc/plugstack.conf" 0644 <<EOF
+include /etc/slurm/plugstack.conf.d/*.conf
+EOF
+    then CONFIG_CHANGED=1; fi
+    return 0
+}
+
+# ---------------------------------------------------------------- daemons
+
+DAEMONS=(munged:/run/munge/munged.pid mariadbd:/run/mysqld/mysqld.pid
+         slurmdbd:/run/slurm/slurmdbd.pid slurmctld:/run/slurm/slurmctld.pid
+         slurmd:/run/slurm/slurmd.pid)
+
+pid_alive() {  # pid_alive NAME PIDFILE (path inside ROOT) -> 0 if that daemon of this root runs
+    local name=$1 file="$ROOT$2" pid
+    [ -s "$file" ] || return 1
+    pid="$(cat "$file" 2>/dev/null)" || return 1
+    [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null || return 1
+    [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$name" ] || return 1
+    # The process must live in this root (the host's daemons have the same names).
+    [ -f "/proc/$pid/root/etc/hpc-compose-root-recipe" ]
+}
+
+stop_daemon() {  # stop_daemon NAME PIDFILE: SIGTERM, up to 20 s, then SIGKILL
+    local name=$1 pidfile=$2 pid i
+    pid_alive "$name" "$pidfile" || { rm -f "$ROOT$pidfile"; return 0; }
+    pid="$(cat "$ROOT$pidfile")"
+    say "stopping $name (pid $pid)"
+    kill -TERM "$pid" 2>/dev/null || true
+    for i in $(seq 1 40); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.5
+    done
+    kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null || true
+    rm -f "$ROOT$pidfile"
+}
+
+# The script that starts the daemons, run inside the root. Each daemon is started only when it is
+# not running; each wait gives up as soon as its daemon died.
+write_start_script() {
+    cat >"$ROOT/usr/local/sbin/hpc-compose-start-daemons" <<EOF
+#!/bin/bash
+# Written by tests/cluster/slurm-generation.sh: starts this root's daemons (run inside the root).
+set -euo pipefail
+export PATH=/usr/sbin:/usr/bin:/sbin:/bin
+say() { printf '[slurm-generation $GEN] %s\n' "\$*"; }
+fail() { local log=\$1; shift; say "ERROR: \$*" >&2; [ -f "\$log" ] && tail -n 25 "\$log" >&2; exit 1; }
+alive() { [ -s "\$1" ] && kill -0 "\$(cat "\$1")" 2>/dev/null; }
+wait_for() {  # wait_for SECONDS PIDFILE COMMAND...
+    local limit=\$1 pidfile=\$2 start=\$(date +%s)
+    shift 2
+    until timeout 15 "\$@" >/dev/null 2>&1; do
+        if [ \$((\$(date +%s) - start)) -ge 5 ] && ! alive "\$pidfile"; then return 2; fi
+        [ \$((\$(date +%s) - start)) -ge "\$limit" ] && return 1
+        sleep 0.5
+    done
+}
+mkdir -p /run/munge /var/log/munge /var/lib/munge /run/mysqld /var/log/mysql /run/slurm \
+    /var/log/slurm /var/lib/slurm/slurmctld /var/lib/slurm/slurmd
+chown munge:munge /run/munge /var/log/munge /var/lib/munge
+chown mysql:mysql /run/mysqld /var/log/mysql
+chown slurm:slurm /run/slurm /var/log/slurm /var/lib/slurm /var/lib/slurm/slurmctld /var/lib/slurm/slurmd
+chown slurm:slurm /etc/slurm/slurmdbd.conf
+if [ ! -s /etc/munge/munge.key ]; then mungekey --create --force; fi
+chown munge:munge /etc/munge /etc/munge/munge.key
+chmod 0700 /etc/munge
+chmod 0400 /etc/munge/munge.key
+if ! alive /run/munge/munged.pid; then
+    say "starting munged"
+    rm -f /run/munge/munged.pid
+    runuser -u munge -- /usr/sbin/munged
+fi
+wait_for 15 /run/munge/munged.pid sh -c 'munge -n </dev/null | unmunge' \
+    || fail /var/log/munge/munged.log "munged does not answer"
+if [ ! -d /var/lib/mysql/mysql ]; then
+    say "initialising the MariaDB datadir"
+    mariadb-install-db --user=mysql --datadir=/var/lib/mysql >/var/log/mysql/install.log 2>&1 \
+        || fail /var/log/mysql/install.log "mariadb-install-db failed"
+fi
+if ! mariadb-admin --protocol=socket -uroot ping >/dev/null 2>&1; then
+    say "starting mariadbd on port $DB_PORT"
+    setsid nohup /usr/sbin/mariadbd --user=mysql --datadir=/var/lib/mysql --port=$DB_PORT \
+        --socket=/run/mysqld/mysqld.sock --pid-file=/run/mysqld/mysqld.pid \
+        --bind-address=127.0.0.1 --log-error=/var/log/mysql/error.log </dev/null >/dev/null 2>&1 &
+    wait_for 60 /run/mysqld/mysqld.pid mariadb-admin --protocol=socket -uroot ping \
+        || fail /var/log/mysql/error.log "mariadbd did not come up"
+fi
+mariadb --protocol=socket -uroot <<SQL
+CREATE DATABASE IF NOT EXISTS slurm_acct_db;
+CREATE USER IF NOT EXISTS '$DB_USER'@'localhost' IDENTIFIED BY '$DB_PASS';
+ALTER USER '$DB_USER'@'localhost' IDENTIFIED BY '$DB_PASS';
+GRANT ALL PRIVILEGES ON slurm_acct_db.* TO '$DB_USER'@'localhost';
+FLUSH PRIVILEGES;
+SQL
+if ! alive /run/slurm/slurmdbd.pid; then
+    say "starting slurmdbd (with bookworm's libmariadb)"
+    LD_LIBRARY_PATH=/usr/local/lib/bookworm-mariadb /usr/sbin/slurmdbd \
+        || fail /var/log/slurm/slurmdbd.log "slurmdbd failed to start"
+fi
+wait_for 60 /run/slurm/slurmdbd.pid sacctmgr -n -P list cluster format=cluster \
+    || fail /var/log/slurm/slurmdbd.log "slurmdbd died or does not answer sacctmgr"
+if ! sacctmgr -n -P list cluster format=cluster 2>/dev/null | grep -qx "$CLUSTER_NAME"; then
+    sacctmgr -i add cluster "$CLUSTER_NAME" >/dev/null
+fi
+if ! alive /run/slurm/slurmctld.pid; then
+    say "starting slurmctld on port $CTLD_PORT"
+    /usr/sbin/slurmctld || fail /var/log/slurm/slurmctld.log "slurmctld failed to start"
+fi
+wait_for 30 /run/slurm/slurmctld.pid scontrol ping \
+    || fail /var/log/slurm/slurmctld.log "slurmctld died or does not answer scontrol ping"
+if ! alive /run/slurm/slurmd.pid; then
+    say "starting slurmd on port $SLURMD_PORT"
+    /usr/sbin/slurmd || fail /var/log/slurm/slurmd.log "slurmd failed to start"
+fi
+EOF
+    chmod 755 "$ROOT/usr/local/sbin/hpc-compose-start-daemons"
+}
+
+in_root() {  # in_root COMMAND...: a command inside the root with a clean environment
+    enter "$ROOT" env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8 "$@"
+}
+
+node_state() {
+    { in_root timeout 15 sinfo -h -N -o '%T' 2>/dev/null || true; } | head -n 1
+}
+
+wait_for_idle_node() {
+    local i state=""
+    for i in $(seq 1 $((UP_TIMEOUT))); do
+        state="$(node_state)"
+        case "$state" in
+            idle|mixed|allocated|completing) say "node is $state"; return 0 ;;
+            down*|drain*|fail*)
+                [ $((i % 5)) -eq 0 ] && in_root scontrol update nodename="$NODE" state=resume >/dev/null 2>&1 || true ;;
+        esac
+        sleep 1
+    done
+    in_root sinfo -N -l >&2 || true
+    tail -n 25 "$ROOT/var/log/slurm/slurmctld.log" "$ROOT/var/log/slurm/slurmd.log" >&2 || true
+    die "node is not idle after ${UP_TIMEOUT} s (state: ${state:-none})"
+}
+
+# ---------------------------------------------------------------- containers
+
+install_containers() {  # real Enroot and Pyxis inside the root, through the issue-7 install script
+    local tools="${HPC_COMPOSE_CONTAINER_TOOLS:-$CHECKOUT/tests/cluster/container-tools.sh}"
+    [ -f "$tools" ] || die "$tools is missing: it builds Enroot and Pyxis (set HPC_COMPOSE_CONTAINER_TOOLS to another copy)"
+    tools="$(readlink -f "$tools")"
+    local enroot="${ENROOT_SOURCE:-$CHECKOUT/../shared/vendor/enroot-4.1.2.tar.gz}"
+    local pyxis="${PYXIS_SOURCE:-$CHECKOUT/../shared/vendor/pyxis-0.24.0.tar.gz}"
+    # The script and local archives are seen inside the root at their real paths.
+    SHARED_PATHS=("$(dirname "$tools")")
+    case "$enroot" in *://*) ;; *) enroot="$(readlink -f "$enroot")"; SHARED_PATHS+=("$(dirname "$enroot")") ;; esac
+    case "$pyxis" in *://*) ;; *) pyxis="$(readlink -f "$pyxis")"; SHARED_PATHS+=("$(dirname "$pyxis")") ;; esac
+    local conf="$ROOT/etc/slurm/plugstack.conf.d/pyxis.conf" before after
+    before="$(cat "$conf" 2>/dev/null || true)"
+    say "installing Enroot and Pyxis inside the root ($tools install)"
+    # The root's own /tmp: the install script's log has a fixed path there.
+    if ! PRIVATE_TMP=1 in_root ENROOT_SOURCE="$enroot" PYXIS_SOURCE="$pyxis" SLURM_CONF_DIR=/etc/slurm \
+            bash "$tools" install; then
+        tail -n 30 "$ROOT/tmp/container-tools-build.log" >&2 2>/dev/null || true
+        die "container-tools.sh install failed inside the $SUITE root (log: $ROOT/tmp/container-tools-build.log)"
+    fi
+    SHARED_PATHS=()
+    after="$(cat "$conf" 2>/dev/null || true)"
+    [ -n "$after" ] || die "container-tools.sh install did not register Pyxis in $conf"
+    [ "$before" = "$after" ] || CONFIG_CHANGED=1
+    # The test image lives under /opt, which the root shares with the host: one image for all.
+    bash "$tools" image || die "container-tools.sh image failed: the container tests have no image"
+}
+
+# ---------------------------------------------------------------- actions
+
+cmd_up() {
+    local containers=0 nodes=1
+    while [ $# -gt 0 ]; do
+        case "$1" in
+            --containers) containers=1 ;;
+            --nodes) [ $# -ge 2 ] || usage; nodes=$2; shift ;;
+            --nodes=*) nodes=${1#--nodes=} ;;
+            *) usage ;;
+        esac
+        shift
+    done
+    [ "$nodes" = 1 ] || die "--nodes $nodes: a Slurm $GEN root runs 1 node (several nodes run on the host's 22.05 cluster)"
+    need_root
+    local start
+    start=$(date +%s)
+    ensure_root
+    write_configs
+    if [ "$containers" -eq 1 ]; then
+        install_containers
+    else
+        rm -f "$ROOT/etc/slurm/plugstack.conf.d/pyxis.conf"
+    fi
+    if [ "$CONFIG_CHANGED" -eq 1 ]; then
+        stop_daemon slurmd /run/slurm/slurmd.pid
+        stop_daemon slurmctld /run/slurm/slurmctld.pid
+        stop_daemon slurmdbd /run/slurm/slurmdbd.pid
+    fi
+    write_start_script
+    enter "$ROOT" env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8 \
+        setsid /usr/local/sbin/hpc-compose-start-daemons </dev/null
+    wait_for_idle_node
+    local version
+    version="$(in_root sinfo --version)"
+    case "$version" in
+        "slurm $GEN".*|"slurm-wlm $GEN".*) ;;
+        *) die "the root's Slurm is '$version', not $GEN: the recipe of this generation needs updating" ;;
+    esac
+    say "$version up in $(( $(date +%s) - start )) s (root $ROOT, slurmctld port $CTLD_PORT)"
+}
+
+stop_all() {  # the daemons of ROOT, in the reverse order of their start
+    local i
+    for ((i = ${#DAEMONS[@]} - 1; i >= 0; i--)); do
+        stop_daemon "${DAEMONS[$i]%%:*}" "${DAEMONS[$i]#*:}"
+    done
+}
+
+cmd_down() {
+    need_root
+    current_root
+    stop_all
+    say "down (the root stays cached: $ROOT)"
+}
+
+cmd_status() {
+    need_root
+    current_root
+    local ok=0 d
+    echo "root: $ROOT"
+    for d in "${DAEMONS[@]}"; do
+        if pid_alive "${d%%:*}" "${d#*:}"; then
+            printf '%-10s running (pid %s)\n' "${d%%:*}" "$(cat "$ROOT${d#*:}")"
+        else
+            printf '%-10s NOT running\n' "${d%%:*}"
+            ok=1
+        fi
+    done
+    if in_root timeout 15 sinfo --version 2>/dev/null && in_root timeout 15 sinfo -N -o '%N %P %T %c %m' 2>/dev/null; then
+        case "$(node_state)" in idle|mixed|allocated|completing) ;; *) ok=1 ;; esac
+    else
+        echo "sinfo: controller not reachable"
+        ok=1
+    fi
+    if [ -f "$ROOT/etc/slurm/plugstack.conf.d/pyxis.conf" ]; then
+        echo "pyxis: $(cat "$ROOT/etc/slurm/plugstack.conf.d/pyxis.conf")"
+    fi
+    echo "logs: $ROOT/var/log/slurm/{slurmctld,slurmd,slurmdbd}.log"
+    if [ "$ok" -eq 0 ]; then echo "status: up"; else echo "status: DOWN or degraded"; fi
+    return "$ok"
+}
+
+cmd_exec() {
+    [ "${1:-}" = "--" ] && shift
+    [ $# -ge 1 ] || usage
+    need_root
+    current_root
+    # The caller's environment, minus what would pick the host's tools or Python.
+    local -a env_args=(-u SLURM_CONF -u PYTHONHOME -u PYTHONPATH -u VIRTUAL_ENV -u PYENV_VERSION
+        PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin HPC_COMPOSE_TEST_SLURM="$GEN")
+    local dir
+    dir="$(pwd -P)"
+    enter "$ROOT" env "${env_args[@]}" /bin/sh -c 'cd "$1" 2>/dev/null || cd /; shift; exec "$@"' \
+        exec "$dir" "$@"
+}
+
+ACTION="${1:-}"
+[ $# -ge 2 ] || usage
+generation "$2"
+shift 2
+SHARED_PATHS=()
+case "$ACTION" in
+    up) cmd_up "$@" ;;
+    down) cmd_down ;;
+    status) cmd_status ;;
+    exec) cmd_exec "$@" ;;
+    *) usage ;;
+esac

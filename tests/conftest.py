@@ -94,3 +94,16 @@ def pytest_configure(config):
     import signal
     if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def pytest_terminal_summary(terminalreporter):
+    # Shown under -q too: which Slurm and Python the end-to-end tests ran on, so that a run meant for
+    # one Slurm generation cannot pass on another one unnoticed.
+    version = slurm_under_test()  # noqa: F405  (from slurm_support)
+    if version is not None:
+        import shutil
+        terminalreporter.write_line("end-to-end tests ran on %s (%s, cluster generation asked: %s), "
+                                    "python %s (%s)" % (
+                                        version, shutil.which("sinfo"),
+                                        expected_slurm_generation() or "any",  # noqa: F405
+                                        ".".join(map(str, sys.version_info[:3])), sys.executable))

@@ -19,6 +19,7 @@ instead (CI must run every end-to-end test). Polling is sparse: it starts at 0.2
 OWNER: cluster engineer.
 """
 import os
+import shutil
 import sys
 import time
 
@@ -27,7 +28,8 @@ import pytest
 __all__ = [
     "slurm", "slurm_jobs", "SlurmCluster", "ToolResult", "REPO_ROOT", "TOOL_PATH", "TERMINAL_STATES",
     "cluster_problem", "job_state", "sacct_job", "wait_for_job", "wait_for_state", "cancel_job",
-    "submit_wrap", "run_tool_cli", "pyxis_test_image", "TEST_IMAGE",
+    "submit_wrap", "run_tool_cli", "pyxis_test_image", "TEST_IMAGE", "expected_slurm_generation",
+    "slurm_under_test",
 ]
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -111,7 +113,36 @@ def slurm():
         if os.environ.get("CI") == "true":
             pytest.fail(message, pytrace=False)
         pytest.skip(message)
-    return _cluster_info()
+    info = _cluster_info()
+    _SLURM_UNDER_TEST.append(info.version)
+    expected = expected_slurm_generation()
+    if expected is not None and _slurm_release(info.version)[:2] != expected.split("."):
+        # Not a skip: the suite was told which Slurm to test and talks to another one.
+        pytest.fail("the Slurm on PATH is '%s' (%s), but HPC_COMPOSE_TEST_SLURM asks for %s"
+                    % (info.version, shutil.which("sinfo"), expected), pytrace=False)
+    return info
+
+
+_SLURM_UNDER_TEST = []
+
+
+def expected_slurm_generation():
+    """The Slurm generation (e.g. '24.11') the suite must run against, or None for any.
+
+    ``tests/cluster/slurm-cluster.sh exec --slurm X`` sets ``HPC_COMPOSE_TEST_SLURM=X``.
+    """
+    return os.environ.get("HPC_COMPOSE_TEST_SLURM") or None
+
+
+def _slurm_release(version):
+    # 'slurm 22.05.8' or 'slurm-wlm 24.11.5' -> ['22', '05', '8'] ([] when unreadable).
+    words = version.split()
+    return words[-1].split(".") if len(words) == 2 else []
+
+
+def slurm_under_test():
+    """The ``sinfo --version`` of the cluster the ``slurm`` fixture used, or None if none was used."""
+    return _SLURM_UNDER_TEST[0] if _SLURM_UNDER_TEST else None
 
 
 _PYXIS_PROBLEM = []

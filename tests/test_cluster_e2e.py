@@ -4,8 +4,9 @@ If this fails, every other end-to-end test will too: look at the cluster first
 (`bash tests/cluster/slurm-cluster.sh status`).
 """
 import os
+import subprocess
 
-from slurm_support import sacct_job, submit_wrap, wait_for_job, run_tool_cli
+from slurm_support import expected_slurm_generation, sacct_job, submit_wrap, wait_for_job, run_tool_cli
 
 
 def test_sbatch_wrap_job_completes_with_its_output(slurm, slurm_jobs, tmp_path):
@@ -33,3 +34,23 @@ def test_tool_runs_as_a_subprocess_under_this_python(tmp_path):
 
     assert res.code == 0, res
     assert res.out.strip().startswith("hpc-compose")
+
+
+def test_controller_and_job_steps_are_the_slurm_of_the_client_commands(slurm, slurm_jobs, tmp_path):
+    # slurm-cluster.sh exec --slurm X runs the suite against generation X: its clients, its
+    # slurmctld and its slurmd must all be X, not the host's Slurm answering in their place.
+    config = subprocess.check_output(["scontrol", "show", "config"], universal_newlines=True, timeout=20)
+    controller = [line.split("=", 1)[1].strip() for line in config.splitlines()
+                  if line.split("=", 1)[0].strip() == "SLURM_VERSION"]
+    job_id = slurm_jobs.add(submit_wrap("srun --overlap srun --version", cwd=tmp_path,
+                                        output="out-%j.txt", args=["--time=2"]))
+    assert wait_for_job(job_id, timeout=120) == "COMPLETED"
+    with open(os.path.join(str(tmp_path), "out-%s.txt" % job_id)) as handle:
+        in_step = handle.read().strip()
+
+    release = slurm.version.split()[-1]
+    assert controller == [release]
+    assert in_step.split()[-1] == release
+    expected = expected_slurm_generation()
+    if expected is not None:
+        assert release.startswith(expected + "."), (release, expected)

@@ -301,6 +301,18 @@ def _wait_for_running_service(job, name, timeout=60):
     raise AssertionError("service %s never ran" % name)
 
 
+def _wait_for_log(job, name, text, timeout=60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if text in job.log(name):
+                return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError("service %s never wrote %r" % (name, text))
+
+
 def _final_state(job, timeout=20):
     """state.json once teardown has written its final status (Slurm may report the end first)."""
     deadline = time.monotonic() + timeout
@@ -312,10 +324,13 @@ def _final_state(job, timeout=20):
 def test_scancel_runs_teardown_and_leaves_a_final_state(slurm, slurm_jobs, tmp_path):
     job = submit(tmp_path, slurm_jobs, HEAD + """\
   server:
-    command: trap 'echo got SIGTERM; exit 0' TERM; while :; do sleep 0.2; done
+    command: trap 'echo got SIGTERM; exit 0' TERM; echo trap set; while :; do sleep 0.2; done
 """)
     assert wait_for_state(job.id, ("RUNNING",), timeout=60) == "RUNNING"
     _wait_for_running_service(job, "server")
+    # "running" means its srun was started; on a busy machine (seen on Slurm 24.11) a scancel before
+    # the step has launched aborts it before the trap exists.
+    _wait_for_log(job, "server", "trap set")
 
     subprocess.run(["scancel", job.id], check=True, timeout=30)
 

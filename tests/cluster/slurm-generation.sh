@@ -62,8 +62,8 @@ ROOT_PACKAGES=(
     squashfuse libbsd-dev makeself pigz libcap2-bin bsdmainutils libslurm-dev
 )
 
-say() { printf '[slurm-generation %s] %s\n' "${GEN:-?}" "$*"; }
-die() { printf '[slurm-generation %s] ERROR: %s\n' "${GEN:-?}" "$*" >&2; exit 1; }
+say() { printf '[slurm-generation%s] %s\n' "${GEN:+ $GEN}" "$*"; }
+die() { printf '[slurm-generation%s] ERROR: %s\n' "${GEN:+ $GEN}" "$*" >&2; exit 1; }
 
 usage() {
     cat >&2 <<EOF
@@ -298,7 +298,12 @@ SlurmctldLogFile=/var/log/slurm/slurmctld.log
 SlurmdLogFile=/var/log/slurm/slurmd.log
 SlurmctldDebug=info
 SlurmdDebug=info
-ProctrackType=proctrack/linuxproc
+# Not proctrack/linuxproc as on the host: on 26.05 it let the time limit's SIGTERM reach Pyxis's own
+# \`enroot remove\` of the step's container (a child of slurmstepd), and the container stayed behind
+# after every time limit ("pyxis: child N terminated with signal 15", "failed to remove container
+# filesystem"). Real clusters track by cgroup, where slurmstepd's helpers are outside the tasks'
+# cgroup; tracking each task's process group is the nearest without cgroups.
+ProctrackType=proctrack/pgid
 TaskPlugin=task/affinity
 ReturnToService=2
 SchedulerType=sched/backfill
@@ -509,6 +514,14 @@ install_containers() {  # real Enroot and Pyxis inside the root, through the iss
         die "container-tools.sh install failed inside the $SUITE root (log: $ROOT/tmp/container-tools-build.log)"
     fi
     SHARED_PATHS=()
+    # Enroot's default data and cache paths are under $HOME, which the root shares with the host:
+    # the root's containers go to the root's own /var instead (no clash with the host's Pyxis).
+    mkdir -p "$ROOT/etc/enroot/enroot.conf.d"
+    write_if_changed "$ROOT/etc/enroot/enroot.conf.d/hpc-compose-root.conf" 0644 <<'EOF' || true
+# Written by tests/cluster/slurm-generation.sh: this root's own Enroot storage (not the shared $HOME).
+ENROOT_DATA_PATH /var/lib/enroot/data/user-$(id -u)
+ENROOT_CACHE_PATH /var/lib/enroot/cache/user-$(id -u)
+EOF
     after="$(cat "$conf" 2>/dev/null || true)"
     [ -n "$after" ] || die "container-tools.sh install did not register Pyxis in $conf"
     [ "$before" = "$after" ] || CONFIG_CHANGED=1

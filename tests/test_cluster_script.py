@@ -1,0 +1,54 @@
+"""The test cluster scripts' own behaviour that needs no cluster: `--slurm` dispatch and bad input.
+
+Bringing generations up and running the end-to-end suite in them is CI's section 7 (.ci/run).
+"""
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from slurm_support import REPO_ROOT
+
+CLUSTER_SH = os.path.join(REPO_ROOT, "tests", "cluster", "slurm-cluster.sh")
+GENERATION_SH = os.path.join(REPO_ROOT, "tests", "cluster", "slurm-generation.sh")
+
+
+def run(argv):
+    proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
+                          timeout=60, stdin=subprocess.DEVNULL)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def test_exec_on_the_host_generation_runs_the_command_with_that_generation_named():
+    code, out, err = run(["bash", CLUSTER_SH, "exec", "--slurm", "22.05", "--",
+                          "sh", "-c", 'printf "%s|%s" "$HPC_COMPOSE_TEST_SLURM" "$1"', "sh", "a b"])
+
+    assert (code, out, err) == (0, "22.05|a b", "")
+
+
+@pytest.mark.parametrize("action", ["up", "status", "down", "exec"])
+def test_an_unknown_generation_is_one_line_naming_the_known_ones(action):
+    code, out, err = run(["bash", CLUSTER_SH, action, "--slurm", "23.02", "--", "true"])
+
+    assert code == 1
+    assert out == ""
+    assert err == ("[slurm-generation] ERROR: unknown Slurm generation '23.02' "
+                   "(known: 22.05, 24.11, 26.05)\n")
+
+
+def test_a_newer_generation_runs_one_node_only():
+    code, out, err = run(["bash", GENERATION_SH, "up", "24.11", "--nodes", "3"])
+
+    assert code == 1
+    assert "--nodes 3: a Slurm 24.11 root runs 1 node" in err
+    assert err.count("\n") == 1
+
+
+def test_cluster_scripts_pass_shellcheck():
+    shellcheck = shutil.which("shellcheck")
+    if shellcheck is None:
+        pytest.skip("shellcheck is not installed (apt-get install shellcheck)")
+    code, out, err = run([shellcheck, "--severity=warning", CLUSTER_SH, GENERATION_SH])
+
+    assert code == 0, out + err

@@ -298,12 +298,9 @@ SlurmctldLogFile=/var/log/slurm/slurmctld.log
 SlurmdLogFile=/var/log/slurm/slurmd.log
 SlurmctldDebug=info
 SlurmdDebug=info
-# Not proctrack/linuxproc as on the host: on 26.05 it let the time limit's SIGTERM reach Pyxis's own
-# \`enroot remove\` of the step's container (a child of slurmstepd), and the container stayed behind
-# after every time limit ("pyxis: child N terminated with signal 15", "failed to remove container
-# filesystem"). Real clusters track by cgroup, where slurmstepd's helpers are outside the tasks'
-# cgroup; tracking each task's process group is the nearest without cgroups.
-ProctrackType=proctrack/pgid
+# As on the host. (proctrack/pgid was tried: on 26.05 sstat then reported 0 tasks and garbage
+# CPU times for a running step; see docs/contributing.md for what linuxproc costs on 26.05.)
+ProctrackType=proctrack/linuxproc
 TaskPlugin=task/affinity
 ReturnToService=2
 SchedulerType=sched/backfill

@@ -299,7 +299,7 @@ SlurmdLogFile=/var/log/slurm/slurmd.log
 SlurmctldDebug=info
 SlurmdDebug=info
 # As on the host. (proctrack/pgid was tried: on 26.05 sstat then reported 0 tasks and garbage
-# CPU times for a running step; see docs/contributing.md for what linuxproc costs on 26.05.)
+# CPU times for a running step; what linuxproc costs with Pyxis: see install_containers.)
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/affinity
 ReturnToService=2
@@ -521,6 +521,16 @@ ENROOT_CACHE_PATH /var/lib/enroot/cache/user-$(id -u)
 EOF
     after="$(cat "$conf" 2>/dev/null || true)"
     [ -n "$after" ] || die "container-tools.sh install did not register Pyxis in $conf"
+    # container_scope=job: Pyxis's job epilog (run by slurmd, outside the step) removes what the
+    # job's steps left. From 24.11 on, with proctrack/linuxproc, the time limit's SIGTERM also kills
+    # Pyxis's own `enroot remove` of a step's container ("pyxis: child N terminated with signal 15",
+    # "failed to remove container filesystem"), which left pyxis_JOB.STEP behind after every time
+    # limit. Real clusters track by cgroup, where slurmstepd's helpers are outside the tasks'
+    # cgroup. Named containers are therefore per job here; the host's 22.05 keeps Pyxis's default.
+    case "$after" in
+        *container_scope=*) ;;
+        *) after="$after container_scope=job"; printf '%s\n' "$after" >"$conf" ;;
+    esac
     [ "$before" = "$after" ] || CONFIG_CHANGED=1
     # The test image lives under /opt, which the root shares with the host: one image for all.
     bash "$tools" image || die "container-tools.sh image failed: the container tests have no image"

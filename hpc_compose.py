@@ -68,6 +68,8 @@ from typing import NamedTuple
 # inside the functions that use them, so that start-up stays close to a bare interpreter.
 
 __version__ = "0.1.0"
+# `git describe` of the tree a release was built from; zipapp.mk fills it in the archived copy.
+_BUILD_DESCRIPTION = ""
 
 __all__ = [
     "__version__",
@@ -10224,13 +10226,47 @@ def build_parser(command=None):
         prog="hpc-compose",
         description="Run a Compose-like application as one Slurm batch job (Pyxis/Enroot or host).",
         epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--version", action="version", version="hpc-compose " + __version__)
+    parser.add_argument("--version", action=_version_action(), nargs=0,
+                        help="show the version (and the git description of its tree) and exit")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND",
                                        parser_class=type(parser))
     for name, add in _command_parsers():
         if command is None or name == command:
             add(subparsers)
     return parser
+
+
+def _version_action():
+    """The argparse action of ``--version``, made on first use (argparse is imported lazily)."""
+    import argparse
+
+    class VersionAction(argparse.Action):
+        def __call__(self, parser, namespace, values, option_string=None):
+            sys.stdout.write(_format_version() + "\n")
+            parser.exit()
+
+    return VersionAction
+
+
+def _format_version():
+    """``hpc-compose 0.2.0``, followed by the git description of its tree when there is one."""
+    description = _BUILD_DESCRIPTION or _checkout_description()
+    text = "hpc-compose " + __version__
+    return "%s (%s)" % (text, description) if description else text
+
+
+def _checkout_description():
+    # Run from a checkout of this project (zipapp.mk beside the module): ask git; else nothing.
+    folder = os.path.dirname(os.path.abspath(__file__))
+    if not (os.path.exists(os.path.join(folder, ".git"))
+            and os.path.isfile(os.path.join(folder, "zipapp.mk"))):
+        return ""
+    try:
+        result = _run_command(["git", "-C", folder, "describe", "--tags", "--always", "--dirty"],
+                             timeout=5)
+    except ToolError:
+        return ""
+    return result.stdout.strip() if result.returncode == 0 else ""
 
 
 def _requested_command(argv):

@@ -1,22 +1,25 @@
 #!/bin/sh
 # Install hpc-compose (the single-file hpc-compose.pyz) as an executable named `hpc-compose`.
 #
-#   sh install.sh                          # latest release, into ~/.local/bin
-#   sh install.sh dist/hpc-compose.pyz     # a local build (checked against dist/hpc-compose.pyz.sha256
-#                                          # when that file exists)
-#   curl -fsSL <raw url of this file> | sh
+# It installs only what it is given; no download location is built in:
+#   sh install.sh dist/hpc-compose.pyz              # a local file (checked against FILE.sha256
+#                                                   # when that file exists)
+#   sh install.sh https://host/path/hpc-compose.pyz # a URL (https:// or file://), verified against
+#                                                   # URL.sha256, which must exist
+#   HPC_COMPOSE_BASE_URL=https://host/hpc-compose sh install.sh
+#                                                   # a release mirror: <base>/<version>/hpc-compose.pyz
 #
 # Environment:
 #   HPC_COMPOSE_INSTALL_DIR  where to install (default: ~/.local/bin)
-#   HPC_COMPOSE_VERSION      release tag to download, e.g. v0.1.0 (default: latest)
-#   HPC_COMPOSE_REPO         GitHub owner/name to download from (default: NicolasSchuler/hpc-compose)
-#   HPC_COMPOSE_BASE_URL     mirror of the releases folder, laid out like GitHub's:
-#                              <base>/latest/download/hpc-compose.pyz
-#                              <base>/download/<version>/hpc-compose.pyz
-#                            each with a hpc-compose.pyz.sha256 beside it (file:// works with curl)
+#   HPC_COMPOSE_BASE_URL     a folder of releases, one sub-folder per version plus `latest`:
+#                              <base>/<version>/hpc-compose.pyz and hpc-compose.pyz.sha256
+#                            (https:// or file://)
+#   HPC_COMPOSE_VERSION      the release folder to take from HPC_COMPOSE_BASE_URL (default: latest;
+#                            0.2.0 and v0.2.0 both name folder 0.2.0)
 #
-# A download is verified against its published SHA-256 before anything is placed; on any failure
-# the install directory is left as it was. Needs curl or wget, and python3 (3.6+) to run the tool.
+# A download is verified against its SHA-256 before anything is placed; on any failure the install
+# directory is left as it was. Exit codes: 0 installed, 1 failed, 2 usage (nothing to install).
+# Needs curl or wget for downloads, and python3 (3.6+) to run the tool.
 set -eu
 
 ASSET=hpc-compose.pyz
@@ -31,29 +34,51 @@ fail() {
     exit 1
 }
 
+usage_error() {
+    printf 'install.sh: error: %s\n' "$*" >&2
+    exit 2
+}
+
 usage() {
     cat <<'USAGE'
-usage: sh install.sh [PATH/TO/hpc-compose.pyz]
+usage: sh install.sh [FILE.pyz | https://.../hpc-compose.pyz | file:///.../hpc-compose.pyz]
+       HPC_COMPOSE_BASE_URL=URL [HPC_COMPOSE_VERSION=0.2.0] sh install.sh
 
-Installs hpc-compose into $HPC_COMPOSE_INSTALL_DIR (default ~/.local/bin): the given local .pyz
-(checked against PATH.sha256 when present), or else a release download verified against its
-published SHA-256. Environment: HPC_COMPOSE_INSTALL_DIR, HPC_COMPOSE_VERSION (default latest),
-HPC_COMPOSE_REPO, HPC_COMPOSE_BASE_URL (a mirror laid out like GitHub's releases folder).
+Installs hpc-compose into $HPC_COMPOSE_INSTALL_DIR (default ~/.local/bin) from what you give it:
+  - a local hpc-compose.pyz (checked against FILE.sha256 when it exists);
+  - the URL of an hpc-compose.pyz, verified against URL.sha256 (which must exist);
+  - a release mirror: HPC_COMPOSE_BASE_URL/<version>/hpc-compose.pyz (version: latest by default).
 USAGE
+}
+
+no_source() {
+    usage >&2
+    cat >&2 <<'HOWTO'
+
+install.sh: error: nothing to install: give a .pyz, its URL, or HPC_COMPOSE_BASE_URL.
+To get hpc-compose.pyz:
+  - download hpc-compose.pyz and hpc-compose.pyz.sha256 from this project's release page (or your
+    site's mirror of it), then: sh install.sh ./hpc-compose.pyz
+  - or build it from a checkout of this project: make -f zipapp.mk && sh install.sh dist/hpc-compose.pyz
+HOWTO
+    exit 2
 }
 
 download() {
     # download URL FILE: one clear line on failure, never a partial FILE.
     if command -v curl >/dev/null 2>&1; then
-        if ! curl -fsSL --retry 2 --connect-timeout 20 -o "$2" "$1" 2>/dev/null; then
+        if ! curl -fsSL --proto '=https,file' --retry 2 --connect-timeout 20 -o "$2" "$1" 2>/dev/null; then
             rm -f "$2"
-            fail "could not download $1 (curl failed); check the network, the version, or set HPC_COMPOSE_BASE_URL to a mirror"
+            fail "could not download $1 (curl failed); check the network, the URL and the version"
         fi
     elif command -v wget >/dev/null 2>&1; then
-        if ! wget -q -T 20 -O "$2" "$1" 2>/dev/null; then
-            rm -f "$2"
-            fail "could not download $1 (wget failed); check the network, the version, or set HPC_COMPOSE_BASE_URL to a mirror"
-        fi
+        case "$1" in
+            file://*) cp "${1#file://}" "$2" 2>/dev/null || fail "could not read $1" ;;
+            *) if ! wget -q -T 20 -O "$2" "$1" 2>/dev/null; then
+                   rm -f "$2"
+                   fail "could not download $1 (wget failed); check the network, the URL and the version"
+               fi ;;
+        esac
     else
         fail "neither curl nor wget is available to download $1"
     fi
@@ -74,7 +99,7 @@ sha256_of() {
 }
 
 verify() {
-    # verify FILE CHECKSUM_FILE: the first field of the checksum file is the expected hash.
+    # verify FILE CHECKSUM_FILE CHECKSUM_NAME FILE_NAME: the checksum file's first field is the hash.
     expected=$(sed -n '1s/^[[:space:]]*\([0-9A-Fa-f]\{64\}\).*$/\1/p' "$2" | tr 'A-F' 'a-f')
     [ -n "$expected" ] || fail "$3 does not contain a SHA-256 checksum"
     actual=$(sha256_of "$1" | tr 'A-F' 'a-f')
@@ -83,52 +108,61 @@ verify() {
     fi
 }
 
+fetch_verified() {
+    # fetch_verified URL FILE: download URL and URL.sha256, refuse unless they agree.
+    case "$1" in
+        https://*|file://*) ;;
+        *) usage_error "only https:// and file:// URLs are accepted, not $1" ;;
+    esac
+    say "downloading $1"
+    download "$1" "$2"
+    download "$1.sha256" "$2.sha256"
+    verify "$2" "$2.sha256" "$1.sha256" "$1"
+    say "checksum ok"
+}
+
 main() {
-    local_file=""
+    source_arg=""
     case "${1:-}" in
         -h|--help) usage; exit 0 ;;
-        -*) fail "unknown option $1 (see --help)" ;;
+        -*) usage_error "unknown option $1 (see --help)" ;;
         "") ;;
-        *) local_file=$1 ;;
+        *) source_arg=$1 ;;
     esac
-    [ "$#" -le 1 ] || fail "too many arguments (see --help)"
+    [ "$#" -le 1 ] || usage_error "too many arguments (see --help)"
 
-    install_dir=${HPC_COMPOSE_INSTALL_DIR:-${HOME:?HOME is not set}/.local/bin}
-    version=${HPC_COMPOSE_VERSION:-latest}
-    case "$version" in
-        [0-9]*) version="v$version" ;;
-    esac
-    repo=${HPC_COMPOSE_REPO:-NicolasSchuler/hpc-compose}
-    base=${HPC_COMPOSE_BASE_URL:-https://github.com/$repo/releases}
+    base=${HPC_COMPOSE_BASE_URL:-}
     base=${base%/}
+    version=${HPC_COMPOSE_VERSION:-latest}
+    version=${version#v}
+    [ -n "$source_arg" ] || [ -n "$base" ] || no_source
+    install_dir=${HPC_COMPOSE_INSTALL_DIR:-${HOME:?HOME is not set}/.local/bin}
 
     workdir=$(mktemp -d "${TMPDIR:-/tmp}/hpc-compose-install.XXXXXX") || fail "cannot create a temporary folder"
     trap 'rm -rf "$workdir"' EXIT
     trap 'rm -rf "$workdir"; exit 130' INT TERM
 
-    if [ -n "$local_file" ]; then
-        [ -f "$local_file" ] || fail "$local_file does not exist"
-        cp "$local_file" "$workdir/$ASSET"
-        if [ -f "$local_file.sha256" ]; then
-            verify "$workdir/$ASSET" "$local_file.sha256" "$local_file.sha256" "$local_file"
-            say "checksum ok: $local_file"
-        else
-            say "note: no $local_file.sha256 beside it; installing the local file without a checksum check"
-        fi
-        source_name=$local_file
-    else
-        if [ "$version" = latest ]; then
-            url="$base/latest/download/$ASSET"
-        else
-            url="$base/download/$version/$ASSET"
-        fi
-        say "downloading $url"
-        download "$url" "$workdir/$ASSET"
-        download "$url.sha256" "$workdir/$ASSET.sha256"
-        verify "$workdir/$ASSET" "$workdir/$ASSET.sha256" "$url.sha256" "$url"
-        say "checksum ok"
-        source_name=$url
-    fi
+    case "$source_arg" in
+        "")
+            source_name="$base/$version/$ASSET"
+            fetch_verified "$source_name" "$workdir/$ASSET"
+            ;;
+        *://*)
+            source_name=$source_arg
+            fetch_verified "$source_name" "$workdir/$ASSET"
+            ;;
+        *)
+            source_name=$source_arg
+            [ -f "$source_arg" ] || fail "$source_arg does not exist"
+            cp "$source_arg" "$workdir/$ASSET"
+            if [ -f "$source_arg.sha256" ]; then
+                verify "$workdir/$ASSET" "$source_arg.sha256" "$source_arg.sha256" "$source_arg"
+                say "checksum ok: $source_arg"
+            else
+                say "note: no $source_arg.sha256 beside it; installing the local file without a checksum check"
+            fi
+            ;;
+    esac
 
     # A zipapp is a zip file, optionally after a shebang line: check before installing it.
     first=$(head -c 2 "$workdir/$ASSET")
@@ -139,12 +173,12 @@ main() {
         mv "$workdir/$ASSET.new" "$workdir/$ASSET"
     fi
 
-    mkdir -p "$install_dir" || fail "cannot create $install_dir"
+    mkdir -p "$install_dir" 2>/dev/null || fail "cannot create $install_dir"
     target="$install_dir/hpc-compose"
     # Copy next to the target, then rename: a running hpc-compose is never replaced half-written.
-    cp "$workdir/$ASSET" "$target.tmp.$$" || fail "cannot write into $install_dir"
+    cp "$workdir/$ASSET" "$target.tmp.$$" 2>/dev/null || fail "cannot write into $install_dir"
     chmod 755 "$target.tmp.$$"
-    mv -f "$target.tmp.$$" "$target"
+    mv -f "$target.tmp.$$" "$target" 2>/dev/null || { rm -f "$target.tmp.$$"; fail "cannot write $target"; }
     say "installed $target"
 
     if command -v python3 >/dev/null 2>&1; then

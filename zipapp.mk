@@ -1,22 +1,31 @@
 # Build dist/hpc-compose.pyz, the single-file release of hpc-compose.
 #
 #   make -f zipapp.mk            # dist/hpc-compose.pyz and dist/hpc-compose.pyz.sha256
+#   make -f zipapp.mk release    # + dist/hpc-compose-<version>.pyz (+ .sha256), dist/install.sh and
+#                                # dist/SHA256SUMS: the folder to publish as one release
 #   make -f zipapp.mk clean
 #   make -f zipapp.mk PYTHONS="python3.8 python3.12"   # choose the precompiled bytecode versions
 #
 # The archive holds hpc_compose.py, a small __main__.py, the examples/ folder (the templates of
 # `hpc-compose init`) and, for start-up speed, hpc_compose's bytecode precompiled by every Python
 # in PYTHONS (one hpc_compose.<cache tag>.pyc each). A Python without a matching .pyc runs the source.
+# The version is hpc_compose.__version__ (its only home); in a git checkout the archived module also
+# records `git describe --tags --always --dirty`, which `hpc-compose --version` prints after it.
 #
 # The build is reproducible: entries are sorted, every timestamp is 1980-01-01, permissions are
 # fixed, and the bytecode headers carry a source hash instead of a modification time, so building
-# twice from the same tree with the same interpreters gives the same bytes.
+# twice from the same tree (same commit) with the same interpreters gives the same bytes.
 
 PYTHON ?= python3
 # Every pyenv interpreter present, plus $(PYTHON); duplicates (same cache tag) are compiled once.
 PYTHONS ?= $(wildcard $(HOME)/.pyenv/versions/*/bin/python) $(PYTHON)
 DIST ?= dist
 PYZ := $(DIST)/hpc-compose.pyz
+# Intermediate files (the stamped module, bytecode) stay out of the folder that gets published.
+BUILD := $(DIST)/.build
+VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"$$/\1/p' hpc_compose.py)
+# Only a checkout's own .git counts: a tree copied elsewhere (or into another project) has none.
+DESCRIPTION := $(shell [ -e .git ] && git describe --tags --always --dirty 2>/dev/null)
 # The tracked files of examples/ in a git checkout (so run output such as examples/slurm-*.out or
 # examples/hpc-compose.sbatch never ends up in a release); outside git, every file minus run output.
 EXAMPLE_FILES := $(shell git ls-files examples 2>/dev/null | grep . || find examples -type f \
@@ -24,21 +33,52 @@ EXAMPLE_FILES := $(shell git ls-files examples 2>/dev/null | grep . || find exam
     ! -name 'slurm-*.out' ! -path '*/results/*' 2>/dev/null)
 SOURCES := hpc_compose.py $(shell printf '%s\n' $(EXAMPLE_FILES) | LC_ALL=C sort)
 
-.PHONY: all clean
+.PHONY: all clean release FORCE
 all: $(PYZ)
 
-$(PYZ): $(SOURCES) zipapp.mk
-	@mkdir -p $(DIST)/pyc
-	@rm -f $(DIST)/pyc/*.pyc
+# Rewritten only when the description changes, so that a new commit rebuilds the archive.
+$(BUILD)/description: FORCE
+	@mkdir -p $(BUILD)
+	@printf '%s\n' '$(DESCRIPTION)' | cmp -s - $@ || printf '%s\n' '$(DESCRIPTION)' > $@
+
+$(PYZ): $(SOURCES) zipapp.mk $(BUILD)/description
+	@mkdir -p $(BUILD)/pyc
+	@rm -f $(BUILD)/pyc/*.pyc
+	@$(PYTHON) -c "$$STAMP_PY" hpc_compose.py $(BUILD)/hpc_compose.py '$(DESCRIPTION)'
 	@for py in $(PYTHONS); do \
-	    "$$py" -c "$$COMPILE_PY" hpc_compose.py $(DIST)/pyc || echo "zipapp.mk: skipped $$py (could not compile)" >&2; \
+	    "$$py" -c "$$COMPILE_PY" $(BUILD)/hpc_compose.py $(BUILD)/pyc || echo "zipapp.mk: skipped $$py (could not compile)" >&2; \
 	done
-	@$(PYTHON) -c "$$PACK_PY" $@ $(DIST)/pyc $(SOURCES)
+	@$(PYTHON) -c "$$PACK_PY" $@ $(BUILD)/pyc $(BUILD)/hpc_compose.py $(filter-out hpc_compose.py,$(SOURCES))
 	@cd $(DIST) && $(PYTHON) -c "$$CHECKSUM_PY" hpc-compose.pyz > hpc-compose.pyz.sha256
-	@echo "built $@ ($$(wc -c < $@) bytes; bytecode for: $$(ls $(DIST)/pyc | sed 's/hpc_compose\.//; s/\.pyc//' | sort -t- -k2n | tr '\n' ' '))"
+	@echo "built $@ $(VERSION)$(if $(DESCRIPTION), ($(DESCRIPTION))) ($$(wc -c < $@) bytes; bytecode for: $$(ls $(BUILD)/pyc | sed 's/hpc_compose\.//; s/\.pyc//' | sort -t- -k2n | tr '\n' ' '))"
+
+release: $(PYZ) install.sh
+	@case '$(DESCRIPTION)' in *-dirty) echo "zipapp.mk: warning: the tree has uncommitted changes ($(DESCRIPTION))" >&2 ;; esac
+	@cp $(PYZ) $(DIST)/hpc-compose-$(VERSION).pyz
+	@cp install.sh $(DIST)/install.sh
+	@chmod 755 $(DIST)/install.sh
+	@cd $(DIST) && $(PYTHON) -c "$$CHECKSUM_PY" hpc-compose-$(VERSION).pyz > hpc-compose-$(VERSION).pyz.sha256
+	@cd $(DIST) && $(PYTHON) -c "$$CHECKSUM_PY" hpc-compose-$(VERSION).pyz hpc-compose.pyz install.sh > SHA256SUMS
+	@echo "release $(VERSION) in $(DIST): hpc-compose-$(VERSION).pyz hpc-compose.pyz install.sh SHA256SUMS (+ .sha256 files)"
 
 clean:
-	rm -rf $(DIST)/pyc $(PYZ) $(PYZ).sha256
+	rm -rf $(BUILD) $(PYZ) $(PYZ).sha256 $(DIST)/hpc-compose-*.pyz $(DIST)/hpc-compose-*.pyz.sha256 \
+	    $(DIST)/install.sh $(DIST)/SHA256SUMS
+
+# Copy the module with its build description filled in (the one line `_BUILD_DESCRIPTION = ""`).
+define STAMP_PY
+import sys
+source, target, description = sys.argv[1], sys.argv[2], sys.argv[3]
+with open(source, "rb") as handle:
+    text = handle.read()
+marker = b'\n_BUILD_DESCRIPTION = ""\n'
+if text.count(marker) != 1:
+    sys.exit("zipapp.mk: %s must hold the line _BUILD_DESCRIPTION = \"\" exactly once" % source)
+stamped = b'\n_BUILD_DESCRIPTION = %s\n' % repr(str(description)).encode("ascii")
+with open(target, "wb") as handle:
+    handle.write(text.replace(marker, stamped))
+endef
+export STAMP_PY
 
 # Compile hpc_compose.py with the running interpreter into <outdir>/hpc_compose.<cache tag>.pyc.
 # The header is written here rather than by py_compile so that it never depends on the source's
@@ -110,7 +150,9 @@ target, pyc_dir, sources = sys.argv[1], sys.argv[2], sys.argv[3:]
 entries = {"__main__.py": os.environ["MAIN_PY"].encode("utf-8") + b"\n"}
 for path in sources:
     with open(path, "rb") as handle:
-        entries[path.replace(os.sep, "/")] = handle.read()
+        # The first source is the stamped module, stored under its own name.
+        name = "hpc_compose.py" if path == sources[0] else path.replace(os.sep, "/")
+        entries[name] = handle.read()
 for name in os.listdir(pyc_dir):
     with open(os.path.join(pyc_dir, name), "rb") as handle:
         entries[name] = handle.read()
@@ -133,7 +175,8 @@ export PACK_PY
 
 define CHECKSUM_PY
 import hashlib, sys
-with open(sys.argv[1], "rb") as handle:
-    print("%s  %s" % (hashlib.sha256(handle.read()).hexdigest(), sys.argv[1]))
+for name in sys.argv[1:]:
+    with open(name, "rb") as handle:
+        print("%s  %s" % (hashlib.sha256(handle.read()).hexdigest(), name))
 endef
 export CHECKSUM_PY

@@ -11,10 +11,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MINIMAL = "services:\n  app:\n    image: python:3.11-slim\n    command: python -c pass\n"
 
 
-def test_version_prints_the_module_version(cli):
+def test_version_prints_the_module_version(capsys):
     with pytest.raises(SystemExit) as info:
         hc.main(["--version"])
     assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("hpc-compose %s" % hc.__version__) and out.endswith("\n")
 
 
 def test_no_command_prints_help_and_exits_2(cli):

@@ -20,8 +20,9 @@ SUPPORTED = [path for path in PYENV_PYTHONS
              <= (3, 13)] or [sys.executable]
 
 
-def build(dist, pythons=None, tree=REPO):
-    argv = ["make", "-s", "-f", "zipapp.mk", "DIST=%s" % dist, "PYTHON=%s" % sys.executable]
+def build(dist, pythons=None, tree=REPO, target="all"):
+    argv = ["make", "-s", "-f", "zipapp.mk", target, "DIST=%s" % dist,
+            "PYTHON=%s" % sys.executable]
     if pythons is not None:
         argv.append("PYTHONS=%s" % " ".join(pythons))
     subprocess.run(argv, cwd=str(tree), check=True, stdout=subprocess.PIPE)
@@ -32,7 +33,7 @@ def build(dist, pythons=None, tree=REPO):
 def tree(tmp_path_factory):
     """A snapshot of what the build reads, so that both builds see the same sources."""
     root = tmp_path_factory.mktemp("tree")
-    for name in ("hpc_compose.py", "zipapp.mk"):
+    for name in ("hpc_compose.py", "zipapp.mk", "install.sh"):
         shutil.copy2(os.path.join(REPO, name), str(root / name))
     shutil.copytree(os.path.join(REPO, "examples"), str(root / "examples"),
                     ignore=shutil.ignore_patterns("__pycache__", ".hpc-compose", "*.pyc"))
@@ -60,6 +61,134 @@ def test_building_twice_gives_identical_bytes(tmp_path, pyz, tree):
     again = build(tmp_path, BUILT_FOR, tree)
     with open(pyz, "rb") as first, open(again, "rb") as second:
         assert first.read() == second.read()
+
+
+def test_release_is_reproducible_with_right_sha256sums(tmp_path, tree):
+    import hashlib
+    import hpc_compose
+    folders = []
+    for name in ("one", "two"):
+        build(tmp_path / name, [sys.executable], tree, target="release")
+        folders.append(tmp_path / name)
+    published = sorted(path.name for path in folders[0].iterdir() if path.name != ".build")
+    versioned = "hpc-compose-%s.pyz" % hpc_compose.__version__
+    assert published == sorted(["SHA256SUMS", "hpc-compose.pyz", "hpc-compose.pyz.sha256",
+                                versioned, versioned + ".sha256", "install.sh"])
+    for name in published:
+        assert (folders[0] / name).read_bytes() == (folders[1] / name).read_bytes(), name
+    assert (folders[0] / versioned).read_bytes() == (folders[0] / "hpc-compose.pyz").read_bytes()
+    assert (folders[0] / "install.sh").read_bytes() == (tree / "install.sh").read_bytes()
+    sums = (folders[0] / "SHA256SUMS").read_text().splitlines()
+    assert sums == ["%s  %s" % (hashlib.sha256((folders[0] / name).read_bytes()).hexdigest(), name)
+                    for name in (versioned, "hpc-compose.pyz", "install.sh")]
+    if shutil.which("sha256sum"):
+        check = subprocess.run(["sha256sum", "-c", "SHA256SUMS"], cwd=str(folders[0]),
+                               stdout=subprocess.PIPE, universal_newlines=True)
+        assert check.returncode == 0, check.stdout
+
+
+def _git(tree, *args):
+    env = dict(os.environ, GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@example.org",
+               GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@example.org",
+               GIT_CONFIG_NOSYSTEM="1", HOME=str(tree))
+    return subprocess.run(["git", "-C", str(tree)] + list(args), env=env, check=True,
+                          stdout=subprocess.PIPE, universal_newlines=True).stdout.strip()
+
+
+@pytest.fixture
+def git_tree(tmp_path, tree):
+    """A copy of the build tree as a git checkout: tag v<version>, then one more commit."""
+    import hpc_compose
+    copy = tmp_path / "checkout"
+    shutil.copytree(str(tree), str(copy))
+    _git(copy, "init", "-q")
+    _git(copy, "add", "-A")
+    _git(copy, "commit", "-q", "-m", "first")
+    _git(copy, "tag", "v" + hpc_compose.__version__)
+    (copy / "NOTES").write_text("x\n")
+    _git(copy, "add", "NOTES")
+    _git(copy, "commit", "-q", "-m", "second")
+    return copy
+
+
+def test_version_of_a_built_pyz_names_the_git_description_of_its_tree(tmp_path, git_tree):
+    import hpc_compose
+    description = "v%s-1-g%s" % (hpc_compose.__version__, _git(git_tree, "rev-parse", "--short",
+                                                               "HEAD"))
+    pyz = build(tmp_path / "dist", [sys.executable], git_tree)
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    for python in (sys.executable, SUPPORTED[0]):
+        result = run([python, pyz, "--version"], cwd=str(outside))
+        assert result.stdout == "hpc-compose %s (%s)\n" % (hpc_compose.__version__, description)
+
+
+def test_version_from_a_checkout_names_its_git_description(git_tree):
+    import hpc_compose
+    (git_tree / "NOTES").write_text("changed\n")
+    result = run([sys.executable, str(git_tree / "hpc_compose.py"), "--version"], cwd="/")
+    assert result.stdout == "hpc-compose %s (v%s-1-g%s-dirty)\n" % (
+        hpc_compose.__version__, hpc_compose.__version__,
+        _git(git_tree, "rev-parse", "--short", "HEAD"))
+
+
+def test_version_without_git_is_the_bare_version(tmp_path, tree):
+    import hpc_compose
+    pyz = build(tmp_path, [], tree)
+    for argv in ([sys.executable, pyz, "--version"],
+                 [sys.executable, str(tree / "hpc_compose.py"), "--version"]):
+        assert run(argv, cwd=str(tmp_path)).stdout == "hpc-compose %s\n" % hpc_compose.__version__
+
+
+# Code-hosting sites whose <owner>/<repository> paths (or raw file hosts) would make a file of ours
+# a pointer to someone else's downloads. Written as patterns so that this file does not match.
+_HOSTED_REPOSITORY = (r"(?:github\.com|gitlab\.com|bitbucket\.org|codeberg\.org|sr\.ht)/[\w.-]+/[\w.-]+"
+                      r"|raw\.githubusercontent\.com|objects\.githubusercontent\.com")
+
+
+def _repository_files():
+    listed = subprocess.run(["git", "-C", REPO, "ls-files", "-z"], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL)
+    if listed.returncode == 0 and listed.stdout:
+        return [name for name in listed.stdout.decode("utf-8").split("\0") if name]
+    found = []
+    for root, folders, files in os.walk(REPO):
+        folders[:] = [name for name in folders if name not in (".git", "dist", "__pycache__")]
+        found.extend(os.path.relpath(os.path.join(root, name), REPO) for name in files)
+    return found
+
+
+def test_no_file_names_another_projects_repository_as_a_download_source():
+    import re
+    pattern = re.compile(_HOSTED_REPOSITORY)
+    hits = []
+    for name in _repository_files():
+        path = os.path.join(REPO, name)
+        if not os.path.isfile(path):
+            continue
+        with open(path, "rb") as handle:
+            text = handle.read().decode("utf-8", "replace")
+        for number, line in enumerate(text.splitlines(), 1):
+            if pattern.search(line):
+                hits.append("%s:%d: %s" % (name, number, line.strip()))
+    assert hits == []
+
+
+def test_changelog_has_a_section_for_the_current_version():
+    import hpc_compose
+    with open(os.path.join(REPO, "CHANGELOG.md")) as handle:
+        headings = [line[3:].strip() for line in handle.read().splitlines()
+                    if line.startswith("## ")]
+    assert headings[0] in ("Unreleased", hpc_compose.__version__)
+    assert [heading for heading in headings if heading.split()[0] == hpc_compose.__version__]
+
+
+def test_installer_builds_in_no_download_location():
+    import re
+    with open(os.path.join(REPO, "install.sh")) as handle:
+        code = [line for line in handle.read().splitlines() if not line.lstrip().startswith("#")]
+    hosts = [line for line in code if re.search(r"://[\w-]+\.[\w.-]+", line)]
+    assert hosts == []
 
 
 def test_archive_holds_module_main_examples_and_bytecode(pyz):

@@ -310,7 +310,9 @@ def _run_command(argv, env=None, cwd=None, timeout=None, capture=True, input_tex
     naming it; a non-zero exit is the caller's to judge.
     """
     import subprocess
-    kwargs = {"universal_newlines": True, "cwd": cwd, "env": env, "timeout": timeout}
+    # Slurm prints job names and reasons as their owner wrote them: UTF-8 whatever our locale.
+    kwargs = {"universal_newlines": True, "encoding": "utf-8", "errors": "replace", "cwd": cwd,
+              "env": env, "timeout": timeout}
     if capture:
         kwargs["stdout"] = subprocess.PIPE
         kwargs["stderr"] = subprocess.PIPE
@@ -325,7 +327,7 @@ def _run_command(argv, env=None, cwd=None, timeout=None, capture=True, input_tex
     except PermissionError:
         raise ToolError("'%s' is not executable" % argv[0])
     except subprocess.TimeoutExpired:
-        raise ToolError("'%s' did not answer within %s seconds" % (" ".join(argv), timeout))
+        raise ToolError("'%s' did not answer within %g seconds" % (" ".join(argv), timeout))
 
 
 def _find_executable(name):
@@ -339,6 +341,35 @@ def _find_executable(name):
 def _warn(message):
     """Print a warning line to stderr (never to stdout, which may carry JSON)."""
     sys.stderr.write("warning: %s\n" % message)
+
+
+def _make_standard_streams_utf8():
+    """Make stdout and stderr UTF-8 under the C/POSIX locale, as Python 3.7+ does by itself.
+
+    Python 3.6 writes ASCII there (RHEL 8's system Python in cron, batch jobs, ``ssh host cmd``),
+    and a log line or spec value with one accented letter would end in a traceback. Another
+    non-UTF-8 locale keeps its encoding, with replacement characters instead of a traceback.
+    """
+    import codecs
+    import io
+    for name, errors in (("stdout", "surrogateescape"), ("stderr", "backslashreplace")):
+        stream = getattr(sys, name)
+        try:
+            encoding = codecs.lookup(stream.encoding).name
+        except (AttributeError, LookupError, TypeError):
+            continue  # not a real console stream (tests, an embedding program)
+        if encoding == "utf-8" or not hasattr(stream, "buffer"):
+            continue
+        if encoding == "ascii":
+            encoding = "utf-8"
+        else:
+            encoding, errors = stream.encoding, (errors if name == "stderr" else "replace")
+        stream.flush()
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(encoding=encoding, errors=errors)
+        else:
+            setattr(sys, name, io.TextIOWrapper(stream.detach(), encoding=encoding, errors=errors,
+                                                line_buffering=stream.line_buffering))
 
 
 ##############################################################################
@@ -420,6 +451,8 @@ _MAX_NESTING = 100
 # Integers with more digits than this are refused (Python refuses to convert much longer ones).
 _MAX_INTEGER_DIGITS = 1000
 _ROOT_INDENT = -1
+_ANCHORED_ALIAS_MESSAGE = "an alias cannot have an anchor: it names a node that already has one"
+_ANCHORED_ALIAS_HINT = "write the alias alone ('key: *name'), or anchor the original node"
 _MARKER_INDENT = -2   # "indentation" reported for `---` / `...` lines and the end of the text
 
 
@@ -607,6 +640,7 @@ class _YamlReader(object):
         self.alias_row = self.alias_col = 0   # where the alias being expanded is (for errors)
         self.expanded = 0    # nodes added by aliases and merge keys so far
         self.depth = 0       # collections currently open
+        self.continuation_indent = 0   # spaces that later lines of a flow/quoted node need
 
     # -- errors and marks ---------------------------------------------------------------------
 
@@ -790,6 +824,8 @@ class _YamlReader(object):
         if char == "*":
             col, value = self.parse_alias(row, col, path)
             return self.expect_line_end(row, col, "an alias"), value
+        # Later lines of a flow collection or quoted string are indented under the parent block.
+        self.continuation_indent = max(parent_indent + 1, 0)
         if char == '"' or char == "'":
             end_row, end_col, value = self.parse_quoted(row, col)
             if end_row == row and self.is_key_colon(line, end_col):
@@ -866,6 +902,8 @@ class _YamlReader(object):
                                       "(parent: &%s) or alone before the mapping" % (name, name))
             if char == "&":
                 raise self.error("a node may have only one anchor", row, col)
+            if char == "*":
+                raise self.error(_ANCHORED_ALIAS_MESSAGE, row, col, hint=_ANCHORED_ALIAS_HINT)
             row, value = self.parse_node(row, col, parent_indent, path, block_allowed and
                                          char == "-", sequence_at_same_indent)
         self.anchors[name] = (value, path, first, len(self.log))
@@ -1283,13 +1321,19 @@ class _YamlReader(object):
                 blank_lines = 0
                 last_content_row = row
             elif text.strip(" ") == "":
-                # A whitespace-only last line without a line break is not an empty line.
-                if row < count - 1 or self.final_break:
-                    blank_lines += 1
+                blank_lines += 1
+            elif text.strip(_SPACE_TAB) == "":
+                # Only spaces indent: a tab here is neither an empty line nor content (YAML 1.2).
+                raise self.error("a tab in the indentation of a block scalar line", row,
+                                 text.index("\t"), hint="indent block scalar lines with spaces "
+                                                        "only, or remove the tab")
             else:
                 break
             row += 1
-        final_break = last_content_row < count - 1 or self.final_break
+        # The end of the text ends a last line of spaces as a line break would (yaml-test-suite
+        # L24T, JEF9); a last content line without a break keeps having none.
+        final_break = (last_content_row < count - 1 or self.final_break
+                       or lines[last_content_row].strip(" ") == "")
         return row, groups, blank_lines, final_break
 
     # -- quoted scalars -----------------------------------------------------------------------
@@ -1352,6 +1396,14 @@ class _YamlReader(object):
                 raise self.error("unterminated %s string before a document marker"
                                  % ("double-quoted" if double else "single-quoted"),
                                  start_row, start_col, hint="add the closing %s" % quote)
+            if self.leading_spaces(row) < self.continuation_indent:
+                # Most often the closing quote is missing and this is the next key.
+                raise self.error("unterminated %s string (expected a closing %s before line %d, "
+                                 "which is not indented under its key)"
+                                 % ("double-quoted" if double else "single-quoted", quote,
+                                    row + 1), start_row, start_col,
+                                 hint="add the closing quote, or indent the continuation lines "
+                                      "of a multi-line string under their key")
             if escaped_break:
                 chunks.append("\n" * blank_lines)
             else:
@@ -1394,6 +1446,8 @@ class _YamlReader(object):
             if col < length and line[col] == "#" and (col == 0 or line[col - 1] in _SPACE_TAB):
                 col = length
             if col < length:
+                if row != open_row:
+                    self.check_flow_line_indent(row, col)
                 return row, col
             row += 1
             col = 0
@@ -1406,6 +1460,26 @@ class _YamlReader(object):
                                                              _SPACE_TAB):
                 raise self.error("unterminated flow collection before a document marker",
                                  open_row, open_col, hint="add the closing bracket")
+
+    def leading_spaces(self, row):
+        line = self.lines[row]
+        return len(line) - len(line.lstrip(" "))
+
+    def check_flow_line_indent(self, row, col):
+        """A later line of a flow collection must be indented (with spaces) more than the block
+        collection it is in (YAML 1.2; yaml-test-suite 9C9N). A line that only closes it may
+        stand at the column of its key, as JSON-style files write it."""
+        indent = self.leading_spaces(row)
+        line = self.lines[row]
+        if indent >= self.continuation_indent or (
+                line[col] in "]}" and col == indent and indent >= self.continuation_indent - 1):
+            return
+        raise self.error("this line of a flow collection must be indented more than the block "
+                         "it is in (by at least %d space%s)"
+                         % (self.continuation_indent, "" if self.continuation_indent == 1
+                            else "s"), row, indent,
+                         hint="indent the entries of a multi-line [...] or {...} under their key "
+                              "or '-'")
 
     def parse_flow_collection(self, row, col, path):
         """`[...]` or `{...}`, maybe over several lines; returns (row, column after it, value)."""
@@ -1578,6 +1652,9 @@ class _YamlReader(object):
                 value = None
                 row, col = next_row, next_col
             else:
+                if following == "*":
+                    raise self.error(_ANCHORED_ALIAS_MESSAGE, next_row, next_col,
+                                     hint=_ANCHORED_ALIAS_HINT)
                 row, col, value = self.parse_flow_node(next_row, next_col, path, open_row,
                                                        open_col)
             self.anchors[name] = (value, path, first, len(self.log))
@@ -1842,17 +1919,16 @@ class _Interpolation(object):
         return "".join(out)
 
     def matching_brace(self, open_pos, end):
+        # Every brace counts, as compose-go counts them: ${JSON:-{"json":1}} ends at the last '}'.
         depth = 0
         pos = open_pos
         text = self.text
         while pos < end:
             char = text[pos]
-            if char == "$" and pos + 1 < end and text[pos + 1] in "{$":
-                if text[pos + 1] == "{":
-                    depth += 1
+            if char == "$" and pos + 1 < end and text[pos + 1] == "$":
                 pos += 2
                 continue
-            if char == "{" and pos == open_pos:
+            if char == "{":
                 depth += 1
             elif char == "}":
                 depth -= 1
@@ -4157,7 +4233,8 @@ def _run_enroot(argv, env, output=None):
         # Its own process group, so that an interrupt stops Enroot's helpers (curl, parallel,
         # mksquashfs) too, not only the enroot shell script.
         process = subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                   env=env, universal_newlines=True, errors="replace",
+                                   env=env, universal_newlines=True, encoding="utf-8",
+                                   errors="replace",
                                    start_new_session=True)
     except FileNotFoundError:
         raise ToolError("required binary '%s' was not found" % argv[0],
@@ -6875,6 +6952,12 @@ _WATCH_POLL_FIRST = 2.0       # seconds between scheduler queries right after a 
 _WATCH_POLL_MAX = 30.0        # the back-off cap
 _LOG_POLL_SECONDS = 0.5       # log files are cheap to read: no scheduler cost
 _ACCOUNTING_GRACE_SECONDS = 60.0  # how long a job may be unknown to both squeue and sacct
+# A squeue or sacct that has not answered by then counts as no answer: against an unreachable
+# controller squeue retries for about 20 s by itself. Sites may set their own in the environment.
+_SCHEDULER_TIMEOUT_SECONDS = 10.0
+_SCHEDULER_TIMEOUT_VARIABLE = "HPC_COMPOSE_SCHEDULER_TIMEOUT"
+# In a job directory: when the scheduler last answered about the job, and since when it does not.
+_SCHEDULER_NOTE_NAME = "scheduler.json"
 _TERMINAL_STATES = frozenset((
     "BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "LAUNCH_FAILED", "NODE_FAIL",
     "OUT_OF_MEMORY", "PREEMPTED", "RECONFIG_FAIL", "REVOKED", "SPECIAL_EXIT", "TIMEOUT"))
@@ -7251,7 +7334,8 @@ def _known_value(value):
 
 def _squeue_state(job_id, squeue_bin="squeue"):
     """The job's state while Slurm still lists it in the queue, else ``None`` (one squeue call)."""
-    result = _run_command([squeue_bin, "-h", "-j", str(job_id), "-o", "%T|%r|%S"], timeout=60)
+    result = _run_command([squeue_bin, "-h", "-j", str(job_id), "-o", "%T|%r|%S"],
+                          timeout=_scheduler_timeout())
     if result.returncode != 0:
         # A job purged from slurmctld's memory is "Invalid job id"; anything else (controller
         # down, timeouts) says nothing about the job and must not be read as "it left".
@@ -7271,7 +7355,8 @@ def _squeue_state(job_id, squeue_bin="squeue"):
 def _sacct_state(job_id, sacct_bin="sacct"):
     """The job's accounting record (state, exit code, reason, start, end), or ``None``."""
     result = _run_command([sacct_bin, "-n", "-X", "-P", "-j", str(job_id),
-                          "--format=State,ExitCode,Reason,Start,End"], timeout=60)
+                          "--format=State,ExitCode,Reason,Start,End"],
+                          timeout=_scheduler_timeout())
     if result.returncode != 0:
         return None
     for line in result.stdout.splitlines():
@@ -7284,8 +7369,18 @@ def _sacct_state(job_id, sacct_bin="sacct"):
 
 
 def _query_scheduler(job_id, squeue_bin="squeue", sacct_bin="sacct", use_sacct=True):
-    """Scheduler state: ``squeue`` first; ``sacct`` only once the job is not queued or running."""
-    state = _squeue_state(job_id, squeue_bin)
+    """Scheduler state: ``squeue`` first; ``sacct`` only once the job is not queued or running.
+
+    When squeue gives no answer, sacct (slurmdbd, not the controller) may still know that the job
+    ended; otherwise squeue's ToolError stands.
+    """
+    try:
+        state = _squeue_state(job_id, squeue_bin)
+    except ToolError:
+        accounted = _sacct_state_or_none(job_id, sacct_bin) if use_sacct else None
+        if accounted is not None and accounted.terminal:
+            return accounted
+        raise
     if state is not None and not state.terminal:
         return state
     if use_sacct:
@@ -7298,12 +7393,77 @@ def _query_scheduler(job_id, squeue_bin="squeue", sacct_bin="sacct", use_sacct=T
     return state or SchedulerState("UNKNOWN", "none")
 
 
+def _sacct_state_or_none(job_id, sacct_bin):
+    try:
+        return _sacct_state(job_id, sacct_bin)
+    except ToolError:
+        return None
+
+
+def _scheduler_timeout():
+    """Seconds a squeue/sacct call may take: $HPC_COMPOSE_SCHEDULER_TIMEOUT, else the default."""
+    try:
+        seconds = float(os.environ.get(_SCHEDULER_TIMEOUT_VARIABLE, ""))
+    except ValueError:
+        return _SCHEDULER_TIMEOUT_SECONDS
+    return seconds if seconds > 0 else _SCHEDULER_TIMEOUT_SECONDS
+
+
+def _format_moment(stamp):
+    import time
+    return time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(stamp)).strip()
+
+
+def _query_scheduler_or_files(record, squeue_bin="squeue", sacct_bin="sacct"):
+    """``(state, warning)``: the scheduler's answer about a job, or UNKNOWN and a one-line warning.
+
+    status, ps and stats answer from the job's own files when the scheduler does not answer (a
+    controller that is down or overloaded, no squeue on this node). The job directory keeps
+    ``scheduler.json`` (the last answer, and since when none came) so the warning can say since
+    when.
+    """
+    import time
+    path = os.path.join(record["job_dir"], _SCHEDULER_NOTE_NAME)
+    note = _load_json(path)
+    note = note if isinstance(note, dict) else {}
+    now = time.time()
+    try:
+        state = _query_scheduler(record["job_id"], squeue_bin, sacct_bin)
+    except ToolError as exc:
+        since = note.get("silent_since")
+        if not isinstance(since, (int, float)):
+            since = now
+            _write_scheduler_note(path, dict(note, silent_since=since))
+        text = "the scheduler did not answer (%s); no answer since %s" % (
+            exc.message, _format_moment(since))
+        if isinstance(note.get("answered_at"), (int, float)) and note.get("state"):
+            text += ", last answer %s: %s" % (_format_moment(note["answered_at"]), note["state"])
+        return SchedulerState("UNKNOWN", "none"), text + "; showing what the job's own files say"
+    answered = {"answered_at": now, "state": state.state, "source": state.source,
+                "silent_since": None}
+    if state.source != "none" and (
+            note.get("silent_since") or note.get("state") != state.state
+            or now - (note.get("answered_at") or 0) > 60):
+        _write_scheduler_note(path, answered)
+    return state, None
+
+
+def _write_scheduler_note(path, note):
+    # Only into a job directory the batch script already made; a note is never worth an error.
+    if os.path.isdir(os.path.dirname(path)):
+        try:
+            _write_json_atomic(path, note)
+        except OSError:
+            pass
+
+
 def _squeue_states(job_ids, squeue_bin="squeue"):
     """``{job_id: STATE}`` for those of ``job_ids`` still in the queue, in one squeue call."""
     job_ids = [str(j) for j in job_ids]
     if not job_ids:
         return {}
-    result = _run_command([squeue_bin, "-h", "-j", ",".join(job_ids), "-o", "%i|%T"], timeout=60)
+    result = _run_command([squeue_bin, "-h", "-j", ",".join(job_ids), "-o", "%i|%T"],
+                          timeout=_scheduler_timeout())
     if result.returncode != 0:
         if "invalid job id" in (result.stderr or "").lower():
             return {}
@@ -7546,6 +7706,7 @@ class _SchedulerPoller(object):
         self.seen_in_queue = False
         self.left_queue = False
         self.unknown_since = None
+        self.silence = None        # why the scheduler does not answer, while it does not
 
     def due(self):
         return self.clock() >= self.next_at
@@ -7557,10 +7718,11 @@ class _SchedulerPoller(object):
             self.calls += 1
             try:
                 state = _squeue_state(self.job_id, self.squeue_bin)
-            except ToolError:
+            except ToolError as exc:
                 if _find_executable(self.squeue_bin) is None:
                     raise
-                return self._skip()  # a transient controller problem: keep the last state
+                return self._skip(exc)  # a transient controller problem: keep the last state
+            self.silence = None
             if state is not None:
                 self.seen_in_queue = True
             elif self.seen_in_queue:
@@ -7586,7 +7748,8 @@ class _SchedulerPoller(object):
         self.next_at = now + self.interval
         return state, changed
 
-    def _skip(self):
+    def _skip(self, error):
+        self.silence = error.message
         self.interval = min(self.interval * 2, self.cap)
         self.next_at = self.clock() + self.interval
         return self.state, False
@@ -7626,6 +7789,7 @@ def watch_job(record, squeue_bin="squeue", sacct_bin="sacct", out=None, sleep=No
     out.flush()
     state_path = os.path.join(record["job_dir"], _STATE_FILE_NAME)
     state_seen = None
+    told_silence = False
     while True:
         for name, line in follower.poll():
             out.write(_format_log_line(name, line) + "\n")
@@ -7642,6 +7806,11 @@ def watch_job(record, squeue_bin="squeue", sacct_bin="sacct", out=None, sleep=No
                 poller.hurry()
         if poller.due():
             state, changed = poller.poll()
+            if bool(poller.silence) != told_silence:
+                # An outage is said once when it starts and once when it ends, not at every poll.
+                told_silence = bool(poller.silence)
+                out.write("scheduler: no answer (%s); still watching the logs\n" % poller.silence
+                          if told_silence else "scheduler: answering again\n")
             if changed:
                 text = "scheduler: job %s %s" % (job_id, state.state)
                 if state.reason:
@@ -7686,24 +7855,40 @@ def _follow_logs(record, sources, squeue_bin="squeue", sacct_bin="sacct", out=No
     runtime = _load_runtime_state(record["job_dir"])
     if runtime and runtime.get("status") in _FINAL_RUNTIME_STATUSES:
         poller.hurry()  # the job looks finished already: confirm it at once
-    scheduler_ok = True
+    silence = None  # why the scheduler does not answer (no Slurm client here, or no controller)
     while True:
         for name, line in follower.poll():
             out.write(_format_log_line(name, line) + "\n")
         out.flush()
-        if scheduler_ok and poller.due():
+        if silence != "no client" and poller.due():
             try:
                 state, _ = poller.poll()
-            except ToolError:
-                scheduler_ok = False  # no Slurm client here: follow until interrupted
-                state = None
+            except ToolError as exc:
+                _warn_follow_silence(exc.message)
+                silence, state = "no client", None
             if state is not None and (state.terminal or poller.lost()):
+                break
+            if poller.silence and silence is None:
+                _warn_follow_silence(poller.silence)
+                silence = "outage"
+            elif silence == "outage" and not poller.silence:
+                silence = None
+        if silence:
+            # Without the scheduler, the job's own state.json says when it has ended.
+            runtime = _load_runtime_state(record["job_dir"])
+            if runtime and runtime.get("status") in _FINAL_RUNTIME_STATUSES:
                 break
         sleep(_LOG_POLL_SECONDS)
     for name, line in follower.flush():
         out.write(_format_log_line(name, line) + "\n")
     out.flush()
     return poller.state
+
+
+def _warn_follow_silence(reason):
+    import time
+    _warn("the scheduler did not answer (%s) at %s; following the log files until the job's "
+          "state.json says it ended" % (reason, _format_moment(time.time())))
 
 
 # --- status -----------------------------------------------------------------------------------
@@ -7720,7 +7905,7 @@ def _file_facts(path):
 
 def _job_status(record, squeue_bin="squeue", sacct_bin="sacct"):
     """Scheduler state, runtime state and log facts of a tracked job (a JSON-ready dict)."""
-    scheduler = _query_scheduler(record["job_id"], squeue_bin, sacct_bin)
+    scheduler, scheduler_warning = _query_scheduler_or_files(record, squeue_bin, sacct_bin)
     runtime = _load_runtime_state(record["job_dir"])
     by_name = {}
     if runtime:
@@ -7742,6 +7927,7 @@ def _job_status(record, squeue_bin="squeue", sacct_bin="sacct"):
         "script_path": record.get("script_path"),
         "tracked": not record.get("untracked", False),
         "scheduler": scheduler.to_dict(),
+        "scheduler_warning": scheduler_warning,
         "runtime": None if runtime is None else {
             key: runtime.get(key) for key in ("status", "exit_code", "reason", "attempt",
                                               "updated_at")},
@@ -7906,11 +8092,7 @@ def _live_sstat(job_id, sstat_bin="sstat"):
 def _collect_stats(record, sstat_bin="sstat", squeue_bin="squeue", sacct_bin="sacct"):
     """Metrics of a job: the sampler's files first, live ``sstat`` when they have no step rows."""
     notes, sources = [], []
-    try:
-        scheduler = _query_scheduler(record["job_id"], squeue_bin, sacct_bin)
-    except ToolError as exc:
-        scheduler = SchedulerState("UNKNOWN", "none")
-        notes.append("scheduler state unavailable: %s" % exc.message)
+    scheduler, scheduler_warning = _query_scheduler_or_files(record, squeue_bin, sacct_bin)
     sampler = _load_sampler_metrics(record["job_dir"])
     steps = [dict(row) for row in sampler["steps"]]
     if sampler["present"]:
@@ -7941,7 +8123,8 @@ def _collect_stats(record, sstat_bin="sstat", squeue_bin="squeue", sacct_bin="sa
                      else "no step metrics were recorded")
     return {
         "job_id": record["job_id"], "scheduler": scheduler.to_dict(),
-        "source": "+".join(sources) or "none", "available": available, "notes": notes,
+        "scheduler_warning": scheduler_warning, "source": "+".join(sources) or "none",
+        "available": available, "notes": notes,
         "collectors": collectors, "gpu_sampled_at": sampler["gpu_sampled_at"],
         "slurm_sampled_at": sampler["slurm_sampled_at"], "gpus": sampler["gpus"],
         "gpu_processes": sampler["gpu_processes"], "steps": steps,
@@ -7975,7 +8158,8 @@ def _format_stats_jsonl(stats):
     records = [{"type": "summary", "job_id": job_id, "scheduler_state": stats["scheduler"]["state"],
                 "scheduler_source": stats["scheduler"]["source"], "stats_source": stats["source"],
                 "available": stats["available"], "gpu_sampled_at": stats["gpu_sampled_at"],
-                "slurm_sampled_at": stats["slurm_sampled_at"]}]
+                "slurm_sampled_at": stats["slurm_sampled_at"],
+                "scheduler_warning": stats["scheduler_warning"]}]
     records += [{"type": "note", "job_id": job_id, "message": n} for n in stats["notes"]]
     for kind, key in (("collector", "collectors"), ("gpu_device", "gpus"),
                       ("gpu_process", "gpu_processes"), ("step", "steps")):
@@ -8001,9 +8185,11 @@ def _format_stats_text(stats):
         lines.append(text)
     if stats["steps"]:
         header = ("STEP", "NTASKS", "AVE_CPU", "AVE_RSS", "MAX_RSS", "GPU_UTIL", "GPU_MEM")
-        rows = [header] + [tuple(str(s.get(k) if s.get(k) is not None else "-") for k in
-                                 ("step_id", "ntasks", "ave_cpu", "ave_rss", "max_rss",
-                                  "gpu_util", "gpu_mem")) for s in stats["steps"]]
+        rows = [header] + [(_format_or_dash(s.get("step_id")), _format_or_dash(s.get("ntasks")),
+                            _format_cpu_time(s.get("ave_cpu")), _format_size(s.get("ave_rss")),
+                            _format_size(s.get("max_rss")), _format_or_dash(s.get("gpu_util")),
+                            _format_or_dash(s.get("gpu_mem")))
+                           for s in stats["steps"]]
         widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
         for row in rows:
             lines.append("  " + "  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
@@ -8019,6 +8205,50 @@ def _format_stats_text(stats):
     for note in stats["notes"]:
         lines.append("  note: %s" % note)
     return "\n".join(lines) + "\n"
+
+
+def _format_or_dash(value):
+    return "-" if value is None else str(value)
+
+
+_SLURM_SIZE_SUFFIXES = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
+
+
+def _format_size(value):
+    """Bytes (cache sizes, sstat's ``9121792`` with --noconvert) or ``200K`` -> ``8.7 MiB``."""
+    text = _format_or_dash(value).strip()
+    number, scale = text, 1
+    if text[-1:].upper() in _SLURM_SIZE_SUFFIXES:
+        number, scale = text[:-1], _SLURM_SIZE_SUFFIXES[text[-1:].upper()]
+    try:
+        amount = float(number) * scale
+    except ValueError:
+        return text
+    for name in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if amount < 1024 or name == "TiB":
+            return "%d B" % amount if name == "B" else "%.1f %s" % (amount, name)
+        amount /= 1024.0
+
+
+def _format_cpu_time(value):
+    """Slurm's ``[D-]HH:MM:SS``, ``MM:SS.mmm`` or seconds -> ``6s``, ``4m 05s``, ``1d 02h 03m``."""
+    text = _format_or_dash(value).strip()
+    days, _, clock = text.rpartition("-")
+    try:
+        seconds = 0.0
+        for part in clock.split(":"):
+            seconds = seconds * 60 + float(part)
+        seconds += int(days or 0) * 86400
+    except ValueError:
+        return text
+    if seconds < 60:
+        return "%.1fs" % seconds if seconds % 1 else "%ds" % seconds
+    whole = int(round(seconds))
+    if whole < 3600:
+        return "%dm %02ds" % (whole // 60, whole % 60)
+    if whole < 86400:
+        return "%dh %02dm %02ds" % (whole // 3600, whole % 3600 // 60, whole % 60)
+    return "%dd %02dh %02dm" % (whole // 86400, whole % 86400 // 3600, whole % 3600 // 60)
 
 
 # --- artifacts export -------------------------------------------------------------------------
@@ -11104,6 +11334,8 @@ def _cmd_status(args):
     """Scheduler state (squeue, then sacct), per-service state from state.json, log paths."""
     record = _job_record(args)
     status = _job_status(record, args.squeue_bin, args.sacct_bin)
+    if status["scheduler_warning"]:
+        _warn(status["scheduler_warning"])
     if _output_format(args) == "json":
         _print_json(status)
     else:
@@ -11134,6 +11366,8 @@ def _cmd_stats(args):
     """Metrics from the sampler files, else live sstat, as text, json, csv or jsonl."""
     record = _job_record(args)
     stats = _collect_stats(record, args.sstat_bin, args.squeue_bin, args.sacct_bin)
+    if stats["scheduler_warning"]:
+        _warn(stats["scheduler_warning"])
     fmt = _output_format(args)
     if fmt == "json":
         _print_json(stats)
@@ -11324,8 +11558,8 @@ def _add_cache_parser(subparsers):
                           ["hpc-compose cache list", "hpc-compose cache list --cache-dir /shared/me/cache"])
     _add_file_argument(listing)
     listing.add_argument("--cache-dir", metavar="DIR",
-                         help="cache to list (default: -f's x-slurm.cache_dir, else "
-                              "$HOME/.cache/hpc-compose)")
+                         help="cache to list (default: x-slurm.cache_dir of -f or of the compose "
+                              "file in this directory, else $HOME/.cache/hpc-compose)")
     _add_format_argument(listing)
     inspect = _add_command(sub, "inspect", _cmd_cache_inspect,
                           "show per service which image is used and whether it will be rebuilt",
@@ -11345,7 +11579,8 @@ def _add_cache_parser(subparsers):
                           help="remove this project's entries that its current plan no longer "
                                "references (needs -f)")
     _add_file_argument(prune)
-    prune.add_argument("--cache-dir", metavar="DIR", help="cache to prune with --age")
+    prune.add_argument("--cache-dir", metavar="DIR",
+                       help="cache to prune with --age (default: as for cache list)")
     _add_format_argument(prune)
 
 
@@ -11358,7 +11593,8 @@ def _cmd_cache(args):
 def _cache_dir_from_args(args):
     if getattr(args, "cache_dir", None):
         return os.path.abspath(os.path.expanduser(args.cache_dir))
-    if getattr(args, "file", None):
+    # -f, or the compose file found here as every other command finds it, names the cache.
+    if getattr(args, "file", None) or any(os.path.isfile(name) for name in _DEFAULT_COMPOSE_FILES):
         return _load_plan_from_args(args)[1].cache_dir
     return _default_cache_dir()
 
@@ -11368,15 +11604,6 @@ def _format_timestamp(stamp):
     if not stamp:
         return "-"
     return time.strftime("%Y-%m-%d %H:%M", time.localtime(stamp))
-
-
-def _format_size(value):
-    if value is None:
-        return "-"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return ("%d %s" % (value, unit)) if unit == "B" else ("%.1f %s" % (value, unit))
-        value /= 1024.0
 
 
 def _cmd_cache_list(args):
@@ -11696,6 +11923,7 @@ def _describe_template(template):
 
 def main(argv=None):
     """Run the hpc-compose command line; returns the process exit code."""
+    _make_standard_streams_utf8()
     try:
         if argv is None:
             argv = sys.argv[1:]

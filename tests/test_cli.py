@@ -1,4 +1,5 @@
 """CLI core: parser assembly, file discovery, output-format flags, completions, main's error path."""
+import json
 import os
 import subprocess
 import sys
@@ -147,3 +148,61 @@ def test_unwritable_output_is_one_line_error_not_traceback(cli, project):
     assert result.code == 1
     assert "Traceback" not in result.err
     assert result.err.startswith("error: ") and "/proc/nope" in result.err
+
+
+# --- output encoding under the C locale -----------------------------------------------------------
+
+LOCALE_PYTHONS = [path for path in (os.path.expanduser("~/.pyenv/versions/3.6.15/bin/python"),
+                                    os.path.expanduser("~/.pyenv/versions/3.13.0/bin/python"))
+                  if os.path.isfile(path)] or [sys.executable]
+UNICODE_SPEC = ("name: d\u00e9mo\nservices:\n  app:\n    image: python:3.11-slim\n"
+                "    command: echo \"h\u00e9llo \u2713\"\n    environment:\n"
+                "      GREETING: \"gr\u00fc\u00df \u2713\"\n")
+UNICODE_LOG = "h\u00e9llo \u2713\n\u2587\u2587\u2587 50%\n"
+
+
+def run_in_c_locale(python, args, cwd, path="/nonexistent"):
+    """The module run by ``python`` in a bare C-locale environment, as cron or ``ssh host cmd``."""
+    env = {"PATH": path, "LANG": "C", "LC_ALL": "C", "HOME": str(cwd)}
+    return subprocess.run([python, os.path.join(REPO, "hpc_compose.py")] + list(args), env=env,
+                          cwd=str(cwd), stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120)
+
+
+@pytest.fixture
+def unicode_job(tmp_path):
+    """A project with non-ASCII values and an ended job (id 4242) whose log is non-ASCII."""
+    (tmp_path / "compose.yaml").write_bytes(UNICODE_SPEC.encode("utf-8"))
+    job_dir = tmp_path / ".hpc-compose" / "4242"
+    (job_dir / "logs").mkdir(parents=True)
+    (job_dir / "logs" / "app.log").write_bytes(UNICODE_LOG.encode("utf-8"))
+    (job_dir / "state.json").write_text(json.dumps({
+        "status": "completed", "exit_code": 0, "services": [
+            {"name": "app", "status": "completed", "log_path": str(job_dir / "logs" / "app.log")}]}))
+    return tmp_path
+
+
+@pytest.mark.parametrize("python", LOCALE_PYTHONS, ids=lambda p: p.split("/versions/")[-1].split("/")[0])
+@pytest.mark.parametrize("args, expected", [
+    (["config"], "name: \"d\u00e9mo\""),
+    (["config", "--format", "json"], "\"name\": \"d\u00e9mo\""),
+    (["inspect", "--verbose"], "GREETING=gr\u00fc\u00df \u2713"),
+    (["render"], "#SBATCH --job-name='d\u00e9mo'"),
+    (["logs", "--job-id", "4242"], "[app] h\u00e9llo \u2713\n[app] \u2587\u2587\u2587 50%\n"),
+    (["logs", "--follow", "--job-id", "4242"], "[app] h\u00e9llo \u2713\n"),
+])
+def test_output_is_utf8_under_the_c_locale(python, args, expected, unicode_job):
+    result = run_in_c_locale(python, args, unicode_job)
+    assert b"Traceback" not in result.stderr, result.stderr.decode("utf-8", "replace")
+    assert result.returncode == 0, result.stderr
+    assert expected in result.stdout.decode("utf-8")
+
+
+@pytest.mark.parametrize("python", LOCALE_PYTHONS, ids=lambda p: p.split("/versions/")[-1].split("/")[0])
+def test_error_messages_are_readable_under_the_c_locale(python, tmp_path):
+    (tmp_path / "compose.yaml").write_bytes(
+        "services:\n  \u00e4pp:\n    image: x\n".encode("utf-8"))
+    result = run_in_c_locale(python, ["validate"], tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.decode("utf-8").startswith(
+        "error: %s:2:3: services.\u00e4pp: service name '\u00e4pp' is not valid\n"
+        % (tmp_path / "compose.yaml"))

@@ -1,5 +1,6 @@
 """Images: Enroot reference translation, cache keys, the runtime plan, import/prepare through a
 stand-in enroot, locking, and the cache commands."""
+import json
 import os
 import shutil
 import tempfile
@@ -901,3 +902,15 @@ def test_submit_dry_run_skip_prepare_with_empty_cache_renders_with_warning(share
     refused = cli(["submit", "--skip-prepare", "-f", path, "--enroot-bin", STANDIN,
                    "--srun-bin", PYXIS_SRUN])
     assert refused.code == 1 and "preflight found" in refused.err
+
+
+def test_cli_cache_list_uses_the_compose_file_found_in_this_directory(compose, cli):
+    result = cli(["cache", "list", "--format", "json"], cwd=str(compose.parent))
+    assert result.code == 0, result
+    assert json.loads(result.out)["cache_dir"] == str(compose.parent / "cache")
+
+
+def test_cli_cache_list_without_a_compose_file_lists_the_home_cache(tmp_path, cli):
+    home = tmp_path / "home"
+    result = cli(["cache", "list"], cwd=str(tmp_path), env={"HOME": str(home)})
+    assert result.out == "no cache entries found in %s\n" % (home / ".cache" / "hpc-compose")

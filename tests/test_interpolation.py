@@ -204,3 +204,17 @@ def test_missing_slurm_variable_hint_explains_load_time(hc):
         expand(hc, "slurm-${SLURM_JOB_ID}.out")
     assert "%j" in info.value.hint
     assert "$$SLURM_JOB_ID" in info.value.hint
+
+
+# compose-go's own cases (template_test.go: TestValueWithCurlyBracesDefault and its no-value twin):
+# braces inside a default are counted, so the expression ends at the brace that balances them.
+@pytest.mark.parametrize("text, variables, expected", [
+    ('ok ${JSON:-{"json":1}}', {"JSON": '{"json":2}'}, 'ok {"json":2}'),
+    ('ok ${JSON-{"json":1}}', {"JSON": '{"json":2}'}, 'ok {"json":2}'),
+    ('ok ${missing:-{"json":1}}', {}, 'ok {"json":1}'),
+    ('ok ${missing-{"json":1}}', {}, 'ok {"json":1}'),
+    ("ok ${UNSET_VAR-${FOO} ${FOO}}", {"FOO": "first"}, "ok first first"),
+])
+def test_braces_inside_a_default_are_counted_as_compose_go_counts_them(hc, text, variables,
+                                                                      expected):
+    assert hc.interpolate(text, variables) == expected

@@ -9,6 +9,7 @@ import os
 import shutil
 import stat
 import subprocess
+import sys
 import tarfile
 import time
 import types
@@ -16,6 +17,8 @@ import types
 import pytest
 
 import hpc_compose
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # --- helpers ------------------------------------------------------------------------------------
@@ -550,8 +553,10 @@ def test_stats_reads_latest_sampler_group_as_csv_and_jsonl(hc, tmp_path, nvidia_
     assert csv_lines[1].startswith('"5","UNKNOWN","none","sampler","5.0","1","00:00:06"')
     assert '"cpu=00:00:06;gres/gpuutil=50"' in csv_lines[1]
     records = [json.loads(l) for l in hc._format_stats_jsonl(stats).splitlines()]
-    assert [r["type"] for r in records] == ["summary", "note", "collector", "collector", "gpu_device", "gpu_device", "gpu_process",
-                                                            "step"]
+    assert [r["type"] for r in records] == ["summary", "collector", "collector", "gpu_device",
+                                            "gpu_device", "gpu_process", "step"]
+    assert records[0]["scheduler_warning"].startswith("the scheduler did not answer (required "
+                                                      "binary '/nonexistent/squeue' was not found)")
     assert all(r["job_id"] == "5" for r in records)
 
 
@@ -671,3 +676,212 @@ def test_export_without_manifest_explains_why(hc, tmp_path):
     with pytest.raises(hc.ToolError) as info:
         hc._export_artifacts(record)
     assert "no collected artifacts" in info.value.message
+
+
+# --- a scheduler that does not answer (the real Slurm client, a controller nobody runs) -----------
+
+def _free_port():
+    import socket
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def dead_controller(tmp_path):
+    """Environment for the REAL squeue/sacct against a controller that does not answer.
+
+    SLURM_CONF names a copy of the cluster's slurm.conf (or a minimal one) whose SlurmctldPort
+    nothing listens on; the shared controller is never touched.
+    """
+    squeue = shutil.which("squeue")
+    if not squeue:
+        pytest.skip("the Slurm client (squeue) is not installed: apt-get install slurm-client")
+    source = os.environ.get("SLURM_CONF") or "/etc/slurm/slurm.conf"
+    lines = ["ClusterName=nobody", "SlurmctldHost=localhost(127.0.0.1)", "AuthType=auth/munge",
+             "NodeName=localhost CPUs=1 State=UNKNOWN", "PartitionName=debug Nodes=localhost"]
+    if os.path.isfile(source):
+        with open(source) as handle:
+            lines = [line.rstrip("\n") for line in handle]
+    lines = [line for line in lines if not line.split("=")[0].strip().lower().startswith(
+        ("slurmctldport", "include"))]
+    lines.append("SlurmctldPort=%d" % _free_port())
+    conf = tmp_path / "dead-slurm.conf"
+    conf.write_text("\n".join(lines) + "\n")
+    return {"SLURM_CONF": str(conf), "PATH": os.path.dirname(squeue) + ":/usr/bin:/bin",
+            "HPC_COMPOSE_SCHEDULER_TIMEOUT": "2"}
+
+
+# Job ids far above anything the test cluster hands out, so that its accounting never knows them.
+UNANSWERED_JOB = "987654321"
+
+
+def _ended_job(tmp_path, job_id=UNANSWERED_JOB):
+    (tmp_path / "compose.yaml").write_text("services:\n  app:\n    image: x\n")
+    record = make_record(tmp_path, job_id)
+    hpc_compose._record_job(str(tmp_path), record)
+    os.makedirs(os.path.join(record["job_dir"], "logs"))
+    with open(record["services"][0]["log_path"], "w") as handle:
+        handle.write("step 1\nstep 2\n")
+    write_state(record["job_dir"], "completed", [{"name": "app", "status": "completed"}])
+    return record
+
+
+def _run_tool(args, cwd, env):
+    environ = dict(os.environ)
+    environ.update(env)
+    return subprocess.run([sys.executable, os.path.join(REPO, "hpc_compose.py")] + list(args),
+                          cwd=str(cwd), env=environ, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, universal_newlines=True, timeout=300)
+
+
+@pytest.mark.parametrize("command", ["status", "ps"])
+def test_status_answers_from_the_job_files_when_the_controller_does_not(command, tmp_path,
+                                                                         dead_controller):
+    _ended_job(tmp_path)
+    result = _run_tool([command], tmp_path, dead_controller)
+    assert result.returncode == 0, result.stderr
+    warning = result.stderr.splitlines()
+    assert len(warning) == 1
+    assert warning[0].startswith("warning: the scheduler did not answer ('squeue -h -j %s -o "
+                                 "%%T|%%r|%%S' did not answer within 2 seconds); no answer since "
+                                 % UNANSWERED_JOB)
+    assert warning[0].endswith("; showing what the job's own files say")
+    assert "  runtime:    completed" in result.stdout
+    assert "  service app: completed" in result.stdout
+
+
+def test_status_says_since_when_the_scheduler_is_silent_and_its_last_answer(tmp_path,
+                                                                           dead_controller):
+    record = _ended_job(tmp_path)
+    note = os.path.join(record["job_dir"], hpc_compose._SCHEDULER_NOTE_NAME)
+    with open(note, "w") as handle:
+        json.dump({"answered_at": 1767225600.0, "state": "RUNNING", "source": "squeue"}, handle)
+    first = _run_tool(["status", "--format", "json"], tmp_path, dict(dead_controller, TZ="UTC"))
+    second = _run_tool(["status"], tmp_path, dict(dead_controller, TZ="UTC"))
+    assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
+    status = json.loads(first.stdout)
+    assert status["scheduler"]["state"] == "UNKNOWN"
+    assert status["scheduler_warning"] in first.stderr
+    since = first.stderr.split("no answer since ")[1].split(",")[0]
+    assert second.stderr.split("no answer since ")[1].split(",")[0] == since
+    assert ", last answer 2026-01-01 00:00:00 UTC: RUNNING;" in second.stderr
+
+
+def test_status_uses_the_default_scheduler_timeout(tmp_path, dead_controller):
+    _ended_job(tmp_path)
+    env = dict(dead_controller)
+    del env["HPC_COMPOSE_SCHEDULER_TIMEOUT"]
+    result = _run_tool(["status"], tmp_path, env)
+    assert result.returncode == 0
+    timeout = hpc_compose._SCHEDULER_TIMEOUT_SECONDS
+    assert "did not answer within %g seconds" % timeout in result.stderr
+
+
+def test_stats_answers_when_the_controller_does_not(tmp_path, dead_controller):
+    _ended_job(tmp_path)
+    result = _run_tool(["stats", "--format", "json"], tmp_path, dead_controller)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.startswith("warning: the scheduler did not answer (")
+    assert json.loads(result.stdout)["scheduler"]["state"] == "UNKNOWN"
+
+
+def test_logs_follow_ends_with_the_job_files_when_the_controller_does_not_answer(tmp_path,
+                                                                                dead_controller):
+    _ended_job(tmp_path)
+    result = _run_tool(["logs", "--follow"], tmp_path, dead_controller)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "[app] step 1\n[app] step 2\n"
+    assert len(result.stderr.splitlines()) == 1
+    assert result.stderr.startswith("warning: the scheduler did not answer (")
+    assert "following the log files until the job's state.json says it ended" in result.stderr
+
+
+@pytest.mark.parametrize("args", [["status"], ["ps", "--format", "json"], ["stats"],
+                                  ["logs", "--follow"]])
+def test_tracking_commands_answer_without_squeue_and_sacct_on_path(args, tmp_path):
+    _ended_job(tmp_path)
+    empty = tmp_path / "empty-bin"
+    empty.mkdir()
+    result = _run_tool(args, tmp_path, {"PATH": str(empty)})
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.startswith("warning: the scheduler did not answer (required binary "
+                                    "'squeue' was not found)")
+    assert len(result.stderr.splitlines()) == 1
+
+
+def test_watch_keeps_watching_through_an_outage_and_says_so_once(hc, tmp_path, monkeypatch):
+    record = _ended_job(tmp_path, "5")
+    write_state(record["job_dir"], "running", [{"name": "app", "status": "running"}])
+    answers = [hc.SchedulerState("RUNNING", "squeue")] + [
+        hc.ToolError("'squeue' did not answer within 10 seconds")] * 4 + [
+        hc.SchedulerState("RUNNING", "squeue"), hc.SchedulerState("COMPLETED", "squeue")]
+
+    def squeue(job_id, squeue_bin):
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    monkeypatch.setattr(hc, "_squeue_state", squeue)
+    monkeypatch.setattr(hc, "_sacct_state", lambda job_id, sacct_bin: hc.SchedulerState(
+        "COMPLETED", "sacct", exit_code="0:0"))
+    now = [0.0]
+
+    def sleep(seconds):
+        now[0] += seconds
+
+    import io
+    out = io.StringIO()
+    outcome = hc.watch_job(record, squeue_bin=shutil.which("true"), out=out, sleep=sleep,
+                           clock=lambda: now[0])
+    assert outcome.ok and answers == []
+    lines = [line for line in out.getvalue().splitlines() if line.startswith("scheduler:")]
+    assert lines == ["scheduler: job 5 RUNNING",
+                     "scheduler: no answer ('squeue' did not answer within 10 seconds); still "
+                     "watching the logs",
+                     "scheduler: answering again",
+                     "scheduler: job 5 COMPLETED"]
+
+
+def test_stats_text_shows_memory_in_binary_units_and_cpu_time_as_durations(hc):
+    stats = {"job_id": "5", "scheduler": {"state": "RUNNING", "source": "squeue"},
+             "source": "sstat", "collectors": [], "gpus": [], "gpu_processes": [], "notes": [],
+             "steps": [{"step_id": "5.0", "ntasks": "2", "ave_cpu": "01:02:03",
+                        "ave_rss": "9121792", "max_rss": "200K", "gpu_util": None,
+                        "gpu_mem": None},
+                       {"step_id": "5.1", "ntasks": "1", "ave_cpu": "00:06.500",
+                        "ave_rss": "0", "max_rss": "1-junk", "gpu_util": "50", "gpu_mem": "10"}]}
+    lines = hc._format_stats_text(stats).splitlines()
+    assert lines[1].split() == ["STEP", "NTASKS", "AVE_CPU", "AVE_RSS", "MAX_RSS", "GPU_UTIL",
+                                "GPU_MEM"]
+    assert lines[2].split("  ")[1:] and "1h 02m 03s" in lines[2]
+    assert "8.7 MiB" in lines[2] and "200.0 KiB" in lines[2]
+    assert "6.5s" in lines[3] and "0 B" in lines[3] and "1-junk" in lines[3]
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("00:00:06", "6s"), ("00:01.234", "1.2s"), ("01:02:03", "1h 02m 03s"),
+    ("1-02:03:04", "1d 02h 03m"), ("65", "1m 05s"), (None, "-"), ("n/a", "n/a")])
+def test_cpu_time_reads_as_a_duration(hc, text, expected):
+    assert hc._format_cpu_time(text) == expected
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("9121792", "8.7 MiB"), ("200K", "200.0 KiB"), ("1.5G", "1.5 GiB"), ("512", "512 B"),
+    (None, "-"), ("n/a", "n/a")])
+def test_memory_reads_in_binary_units(hc, text, expected):
+    assert hc._format_size(text) == expected
+
+
+def test_stats_json_keeps_the_exact_numbers(hc, tmp_path):
+    record = _ended_job(tmp_path, "6")
+    os.makedirs(os.path.join(record["job_dir"], "metrics"))
+    with open(os.path.join(record["job_dir"], "metrics", "slurm.jsonl"), "w") as handle:
+        handle.write(json.dumps({"sampled_at": "2026-01-01T00:00:00Z", "step_id": "6.0",
+                                 "ntasks": "1", "ave_cpu": "00:00:06", "ave_rss": "9121792",
+                                 "max_rss": "9121792", "tres_usage_in_ave": ""}) + "\n")
+    stats = hc._collect_stats(record, "/nonexistent/sstat", "/nonexistent/squeue",
+                             "/nonexistent/sacct")
+    assert json.loads(hc._format_json(stats))["steps"][0]["ave_rss"] == "9121792"
+    assert "8.7 MiB" in hc._format_stats_text(stats)

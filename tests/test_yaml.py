@@ -873,3 +873,51 @@ def test_corpus_file_reads_as_its_expected_json(path):
     with open(path[:-len(".yaml")] + ".json", encoding="utf-8") as handle:
         expected = json.load(handle)
     assert parse_yaml(raw) == expected
+
+
+# --- yaml-test-suite cases the reader used to get wrong --------------------------------------------
+
+def test_last_line_of_spaces_without_a_line_break_ends_like_one():
+    # yaml-test-suite L24T (second variant) and JEF9 (third variant).
+    assert parse_yaml("foo: |\n  x\n   ") == {"foo": "x\n \n"}
+    assert parse_yaml("foo: |\n  x\n   \n") == {"foo": "x\n \n"}
+    assert parse_yaml("- |+\n   ") == ["\n"]
+    assert parse_yaml("- |+\n   \n") == ["\n"]
+
+
+def test_last_content_line_without_a_line_break_keeps_having_none():
+    assert parse_yaml("foo: |\n  x") == {"foo": "x"}
+    assert parse_yaml("foo: |+\n  x") == {"foo": "x"}
+
+
+@pytest.mark.parametrize("text, row, col, words", [
+    # 9C9N: a flow sequence whose entries are not indented under their key.
+    ("---\nflow: [a,\nb,\nc]\n", 3, 1, "must be indented more than the block it is in"),
+    ("k:\n  - [a,\n  b]\n", 3, 3, "must be indented more than the block it is in"),
+    # Y79Y (fourth variant): a tab is not indentation.
+    ("- [\n\tfoo,\n foo\n ]\n", 2, 1, "must be indented more than the block it is in"),
+    # QB6E: a multi-line quoted scalar whose continuation lines are not indented.
+    ('---\nquoted: "a\nb\nc"\n', 2, 9, "which is not indented under its key"),
+    # SR86: an anchor on an alias; and its flow twin.
+    ("key1: &a value\nkey2: &b *a\n", 2, 10, "an alias cannot have an anchor"),
+    ("[&a x, &b *a]", 1, 11, "an alias cannot have an anchor"),
+    # Y79Y (first variant): a tab-only line inside a block scalar.
+    ("foo: |\n\t\nbar: 1\n", 2, 1, "a tab in the indentation of a block scalar line"),
+    ("foo: |\n  x\n \t\n  y\n", 3, 2, "a tab in the indentation of a block scalar line"),
+])
+def test_invalid_documents_are_refused_with_a_located_error(text, row, col, words):
+    error = yaml_error(text)
+    assert position(error) == (row, col)
+    assert words in error.message
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("foo: |\n \t\nbar: 1\n", {"foo": "\t\n", "bar": 1}),          # Y79Y second variant
+    ("- [\n\t\n foo\n ]\n", [["foo"]]),                             # Y79Y third variant
+    ("flow: [a,\n b,\n c]\n", {"flow": ["a", "b", "c"]}),
+    ('quoted: "a\n b\n c"\n', {"quoted": "a b c"}),
+    ("[a,\nb]", ["a", "b"]),                                        # no block parent: any column
+    ("k: {\n  a: 1\n}\n", {"k": {"a": 1}}),                         # a lone closer at the key
+])
+def test_valid_neighbours_of_the_refused_documents_still_read(text, expected):
+    assert parse_yaml(text) == expected

@@ -356,17 +356,20 @@ def test_poller_asks_sacct_only_after_the_job_left_the_queue(hc, monkeypatch):
     assert asked == ["squeue", "squeue", "sacct"]
 
 
-def test_poller_keeps_its_state_through_a_transient_squeue_failure(hc, monkeypatch):
-    answers = [hc.SchedulerState("RUNNING", "squeue"), hc.ToolError("squeue failed: timeout"),
-               hc.SchedulerState("RUNNING", "squeue")]
-
-    def flaky_squeue(job_id, squeue_bin):
+def scripted_squeue(answers):
+    """A _squeue_state replacement that gives ``answers`` in order (an exception is raised)."""
+    def squeue(job_id, squeue_bin):
         answer = answers.pop(0)
         if isinstance(answer, Exception):
             raise answer
         return answer
+    return squeue
 
-    monkeypatch.setattr(hc, "_squeue_state", flaky_squeue)
+
+def test_poller_keeps_its_state_through_a_transient_squeue_failure(hc, monkeypatch):
+    answers = [hc.SchedulerState("RUNNING", "squeue"), hc.ToolError("squeue failed: timeout"),
+               hc.SchedulerState("RUNNING", "squeue")]
+    monkeypatch.setattr(hc, "_squeue_state", scripted_squeue(answers))
     monkeypatch.setattr(hc, "_sacct_state", lambda job_id, sacct_bin: pytest.fail("sacct asked"))
     poller = hc._SchedulerPoller("1", squeue_bin=shutil.which("true"), clock=lambda: 0.0)
     assert poller.poll() == (hc.SchedulerState("RUNNING", "squeue"), True)
@@ -816,14 +819,7 @@ def test_watch_keeps_watching_through_an_outage_and_says_so_once(hc, tmp_path, m
     answers = [hc.SchedulerState("RUNNING", "squeue")] + [
         hc.ToolError("'squeue' did not answer within 10 seconds")] * 4 + [
         hc.SchedulerState("RUNNING", "squeue"), hc.SchedulerState("COMPLETED", "squeue")]
-
-    def squeue(job_id, squeue_bin):
-        answer = answers.pop(0)
-        if isinstance(answer, Exception):
-            raise answer
-        return answer
-
-    monkeypatch.setattr(hc, "_squeue_state", squeue)
+    monkeypatch.setattr(hc, "_squeue_state", scripted_squeue(answers))
     monkeypatch.setattr(hc, "_sacct_state", lambda job_id, sacct_bin: hc.SchedulerState(
         "COMPLETED", "sacct", exit_code="0:0"))
     now = [0.0]

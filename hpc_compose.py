@@ -4523,6 +4523,15 @@ def _prepare_container_name(prepared):
     return "hpc-compose-prep-%s-%d-%d" % (prepared.cache_key[:12], os.getpid(), int(time.time()))
 
 
+def _enroot_mount_arg(mount):
+    """``enroot start --mount`` value. Enroot reads SRC:DST[:TYPE:OPTIONS] as an fstab line, and
+    options given alone (SRC:DST:ro) replace its default ``rbind,x-create=auto``: no bind, no
+    mount point (seen with Enroot 4.1.2: "failed to mount ... No such file or directory")."""
+    if not mount.options:
+        return "%s:%s" % (mount.host, mount.container)
+    return "%s:%s:none:rbind,x-create=auto,%s" % (mount.host, mount.container, mount.options)
+
+
 def _enroot_start_args(name, prepare, command):
     """Arguments after ``enroot`` for one prepare command: ``start [--root] --rw [--mount M]...
     [--env K=V]... NAME /bin/sh -lc COMMAND``."""
@@ -4531,7 +4540,7 @@ def _enroot_start_args(name, prepare, command):
         args.append("--root")
     args.append("--rw")
     for mount in prepare.mounts:
-        args += ["--mount", _mount_text(mount)]
+        args += ["--mount", _enroot_mount_arg(mount)]
     for key, value in prepare.env:
         args += ["--env", "%s=%s" % (key, value)]
     return args + [name, "/bin/sh", "-lc", command]
@@ -6323,6 +6332,12 @@ def _mount_parts(runtime_plan, service):
     return parts
 
 
+def _step_has_several_tasks(placement):
+    tasks_per_node = placement.ntasks_per_node or 1
+    return (placement.mode == "distributed" or (placement.ntasks or 1) > 1
+            or tasks_per_node * (placement.nodes or 1) > 1)
+
+
 def _srun_parts(runtime_plan, index):
     """The srun argv of service ``index`` as words made of parts (literals and ``_ShellVariable``s)."""
     service = runtime_plan.plan.services[index]
@@ -6337,6 +6352,10 @@ def _srun_parts(runtime_plan, index):
             and placement.mode != "distributed":
         # Otherwise the step inherits the job's --ntasks and would start the service N times.
         words.append(("--ntasks=1",))
+    if _step_has_several_tasks(placement):
+        # srun waits for every task unless told otherwise: a task failing on any node must end
+        # the whole step at once, so that the service's failure policy applies then.
+        words.append(("--kill-on-bad-exit=1",))
     if placement.mode == "primary":
         words.append(("--nodelist=", _ShellVariable("HPC_COMPOSE_PRIMARY_NODE")))
     if service.cpus_per_task is not None:

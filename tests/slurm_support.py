@@ -29,7 +29,8 @@ __all__ = [
     "slurm", "slurm_jobs", "SlurmCluster", "ToolResult", "REPO_ROOT", "TOOL_PATH", "TERMINAL_STATES",
     "cluster_problem", "job_state", "sacct_job", "wait_for_job", "wait_for_state", "cancel_job",
     "submit_wrap", "run_tool_cli", "pyxis_test_image", "TEST_IMAGE", "expected_slurm_generation",
-    "slurm_under_test",
+    "slurm_under_test", "cluster_nodes", "on_node", "enroot_containers", "processes_with",
+    "submitted_job_id",
 ]
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -310,3 +311,77 @@ def run_tool_cli(args, cwd=None, env=None, timeout=600, python=None):
     argv = [python or sys.executable, TOOL_PATH] + [str(a) for a in args]
     code, out, err = _run(argv, cwd=str(cwd) if cwd else None, env=full_env, timeout=timeout)
     return ToolResult(code, out, err)
+
+
+# --- nodes of the cluster (one host, or N slurmd "hosts" in namespaces: `up --nodes N`) ---------
+
+NODE_PID_DIR = "/run/slurm"
+
+
+def cluster_nodes():
+    """Node names of the test cluster, in sinfo order."""
+    _, out, _ = _run(["sinfo", "-h", "-N", "-o", "%N"], timeout=20)
+    names = []
+    for line in out.split():
+        if line not in names:
+            names.append(line)
+    return names
+
+
+def _node_pid(node):
+    # `up --nodes N` runs each slurmd in its own namespaces with pid file slurmd-<node>.pid (%n).
+    try:
+        with open(os.path.join(NODE_PID_DIR, "slurmd-%s.pid" % node)) as handle:
+            pid = handle.read().strip()
+    except OSError:
+        return None
+    return pid if pid and os.path.isdir("/proc/" + pid) else None
+
+
+def on_node(node, argv, timeout=30):
+    """Run argv where ``node``'s slurmd runs (inside its namespaces when it has its own); (code, out, err)."""
+    pid = _node_pid(node)
+    if pid is not None:
+        argv = ["nsenter", "--target", pid, "--mount", "--uts", "--net"] + list(argv)
+    return _run(argv, timeout=timeout)
+
+
+def enroot_containers(node, data_path=None):
+    """Names ``enroot list`` shows on ``node`` (Pyxis's containers: the root user's data path)."""
+    argv = ["enroot", "list"]
+    if data_path:
+        argv = ["env", "ENROOT_DATA_PATH=" + data_path] + argv
+    code, out, err = on_node(node, argv)
+    if code != 0:
+        raise AssertionError("enroot list on %s failed: %s" % (node, err.strip()))
+    return out.split()
+
+
+def processes_with(marker):
+    """``[(pid, command line)]`` of live processes whose command line contains ``marker``.
+
+    Every node of the test cluster shares the machine's process table (only network, UTS and
+    mount namespaces are per node), so this sees container processes of all nodes.
+    """
+    found = []
+    own = str(os.getpid())
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or pid == own:
+            continue
+        try:
+            with open("/proc/%s/cmdline" % pid, "rb") as handle:
+                cmdline = handle.read().replace(b"\0", b" ").decode("utf-8", "replace").strip()
+        except OSError:
+            continue
+        if marker in cmdline:
+            found.append((int(pid), cmdline))
+    return found
+
+
+def submitted_job_id(output):
+    """The job id in ``submit``/``up`` output (``submitted batch job N``)."""
+    import re
+    match = re.search(r"submitted batch job (\d+)", output)
+    if match is None:
+        raise AssertionError("no 'submitted batch job N' in: %s" % output[-2000:])
+    return match.group(1)

@@ -261,10 +261,10 @@ def test_prepare_command_lines_root_mounts_env(tmp_path, enroot):
     assert name.startswith("hpc-compose-prep-" + image.prepared.cache_key[:12])
     assert argvs[1:] == [
         ["create", "--force", "--name", name, image.base.path],
-        ["start", "--root", "--rw", "--mount", str(req) + ":/tmp/req.txt:ro",
+        ["start", "--root", "--rw", "--mount", str(req) + ":/tmp/req.txt:none:rbind,x-create=auto,ro",
          "--env", "PIP_CACHE_DIR=/tmp/pip cache", "--env", "A=1",
          name, "/bin/sh", "-lc", "pip install -r /tmp/req.txt"],
-        ["start", "--root", "--rw", "--mount", str(req) + ":/tmp/req.txt:ro",
+        ["start", "--root", "--rw", "--mount", str(req) + ":/tmp/req.txt:none:rbind,x-create=auto,ro",
          "--env", "PIP_CACHE_DIR=/tmp/pip cache", "--env", "A=1",
          name, "/bin/sh", "-lc", "echo 'done' > /marker"],
         ["export", "--force", "--output", partial_of(image.prepared.path), name],

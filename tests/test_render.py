@@ -150,6 +150,15 @@ def test_distributed_service_spans_the_allocation_without_a_nodelist():
     assert not [word for word in line if word.startswith(("--nodelist", "--ntasks="))]
 
 
+def test_a_step_of_several_tasks_ends_when_one_task_fails():
+    assert "--kill-on-bad-exit=1" in argv(service(placement=hc.Placement("distributed", 4, None, 8)),
+                                          nodes=4)
+    assert "--kill-on-bad-exit=1" in argv(service(placement=hc.Placement("single", 1, 4, None)))
+    assert "--kill-on-bad-exit=1" not in argv(service(placement=hc.Placement("primary", 1, 1)),
+                                              nodes=4)
+    assert "--kill-on-bad-exit=1" not in argv(service())
+
+
 def test_encoded_token_names_the_step():
     assert argv(service(name="my.app"))[1] == "--job-name=hpc-compose:my_x2e_app"
 

@@ -70,6 +70,7 @@ fi
 set -- "$ACTION" ${REST[@]+"${REST[@]}"}
 shift || true
 CONTAINERS=0
+PLUGSTACK_NEW=0
 NODES=1
 ARGS=("$@")
 while [ "$#" -gt 0 ]; do
@@ -81,6 +82,9 @@ while [ "$#" -gt 0 ]; do
     esac
     shift
 done
+case "$NODES" in
+    ''|*[!0-9]*|0) printf '[slurm-cluster] ERROR: --nodes wants a number >= 1, not %s\n' "$NODES" >&2; exit 2 ;;
+esac
 CLUSTER_NAME="${HPC_COMPOSE_TEST_CLUSTER:-hpccompose}"
 NODE="$(hostname -s)"
 ETC=/etc/slurm
@@ -89,6 +93,14 @@ STATEDIR=/var/lib/slurm
 DB_USER=slurm
 DB_PASS=slurm-test-cluster
 UP_TIMEOUT="${SLURM_CLUSTER_UP_TIMEOUT:-120}"
+# Several nodes (`--nodes N`, N >= 2): each node nI is a real slurmd in its own network, UTS and
+# mount namespace (netns hc-nI, veth hcv-nI on bridge hcbr0), on a subnet that exists only inside
+# this machine: the controller is 10.213.77.1 on the bridge, node nI is 10.213.77.(10+I).
+BRIDGE=hcbr0
+SUBNET_PREFIX=10.213.77
+CONTROLLER_ADDR="$SUBNET_PREFIX.1"
+NODE_STATE=/var/lib/slurm/nodes          # per-node hosts file and Enroot directories
+NODES_FILE=/run/slurm/cluster-nodes       # the node names `up` created (for status and down)
 
 say() { printf '[slurm-cluster] %s\n' "$*"; }
 die() { printf '[slurm-cluster] ERROR: %s\n' "$*" >&2; exit 1; }
@@ -110,6 +122,7 @@ pid_alive() {  # pid_alive PIDFILE -> 0 if the pid in the file is a live process
     [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null || return 1
     comm="$(cat "/proc/$pid/comm" 2>/dev/null)" || return 1
     want="$(basename "$1" .pid)"
+    want="${want%%-*}"  # slurmd-n1.pid (one slurmd per node) is a slurmd
     [ "$want" = mysqld ] && want=mariadbd
     [ "$comm" = "$want" ]
 }
@@ -189,27 +202,57 @@ node_resources() {
     return 0
 }
 
+cluster_shape() {  # the node-dependent parts of slurm.conf, for one host or --nodes N namespaces
+    local i mem
+    NODE_NAMES=()
+    if [ "$NODES" -eq 1 ]; then
+        CLUSTER_SHAPE=single-node
+        CONTROLLER_HOST="$NODE(127.0.0.1)"
+        SLURMD_NAME=slurmd
+        SLURMD_TIMEOUT=60
+        NODE_NAMES=("$NODE")
+        NODE_LINES="NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$CPUS RealMemory=$REAL_MEM State=UNKNOWN"
+        PARTITION_NODES="$NODE"
+        return 0
+    fi
+    CLUSTER_SHAPE="$NODES-node"
+    CONTROLLER_HOST="$NODE($CONTROLLER_ADDR)"
+    # One slurmd per node on one machine: per-node pid, spool and log paths through %n.
+    SLURMD_NAME='slurmd-%n'
+    # A lost node (test of NODE_FAIL) is noticed within about 20 s instead of a minute.
+    SLURMD_TIMEOUT=20
+    mem=$((REAL_MEM / NODES))
+    NODE_LINES=""
+    for i in $(seq 1 "$NODES"); do
+        NODE_NAMES+=("n$i")
+        NODE_LINES+="NodeName=n$i NodeAddr=$SUBNET_PREFIX.$((10 + i)) CPUs=$CPUS RealMemory=$mem State=UNKNOWN"$'\n'
+    done
+    NODE_LINES="${NODE_LINES%$'\n'}"
+    PARTITION_NODES="n[1-$NODES]"
+}
+
 write_configs() {  # sets CONFIG_CHANGED=1 when slurm.conf or slurmdbd.conf changed
     CONFIG_CHANGED=0
     node_resources
     mkdir -p "$ETC" "$LOGDIR" "$STATEDIR/slurmctld" "$STATEDIR/slurmd" /run/slurm
     chown slurm:slurm "$LOGDIR" "$STATEDIR" "$STATEDIR/slurmctld" "$STATEDIR/slurmd" /run/slurm
 
+    cluster_shape
     if write_if_changed "$ETC/slurm.conf" 0644 root:root <<EOF
-# Written by tests/cluster/slurm-cluster.sh: single-node test cluster. Do not edit by hand.
+# Written by tests/cluster/slurm-cluster.sh: $CLUSTER_SHAPE test cluster. Do not edit by hand.
 ClusterName=$CLUSTER_NAME
-SlurmctldHost=$NODE(127.0.0.1)
+SlurmctldHost=$CONTROLLER_HOST
 SlurmUser=slurm
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
 MpiDefault=none
 StateSaveLocation=$STATEDIR/slurmctld
-SlurmdSpoolDir=$STATEDIR/slurmd
+SlurmdSpoolDir=$STATEDIR/$SLURMD_NAME
 SlurmctldPidFile=/run/slurm/slurmctld.pid
-SlurmdPidFile=/run/slurm/slurmd.pid
+SlurmdPidFile=/run/slurm/$SLURMD_NAME.pid
 SlurmctldLogFile=$LOGDIR/slurmctld.log
-SlurmdLogFile=$LOGDIR/slurmd.log
+SlurmdLogFile=$LOGDIR/$SLURMD_NAME.log
 SlurmctldDebug=info
 SlurmdDebug=info
 # No cgroup delegation here: track processes by parent chain.
@@ -234,10 +277,10 @@ OverTimeLimit=0
 InactiveLimit=0
 Waittime=0
 SlurmctldTimeout=30
-SlurmdTimeout=60
+SlurmdTimeout=$SLURMD_TIMEOUT
 MessageTimeout=20
-NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$CPUS RealMemory=$REAL_MEM State=UNKNOWN
-PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
+$NODE_LINES
+PartitionName=debug Nodes=$PARTITION_NODES Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
 EOF
     then CONFIG_CHANGED=1; fi
 
@@ -354,12 +397,12 @@ start_slurmdbd() {
     fi
 }
 
-node_state() {  # never fails: under `set -e` a failing sinfo would end the script silently
-    { timeout 15 sinfo -h -N -n "$NODE" -o '%T' 2>/dev/null || true; } | head -n 1
+node_state() {  # node_state NAME; never fails: under `set -e` a failing sinfo would end the script
+    { timeout 15 sinfo -h -N -n "$1" -o '%T' 2>/dev/null || true; } | head -n 1
 }
 
 node_usable() {
-    case "$(node_state)" in
+    case "$(node_state "$1")" in
         idle|mixed|allocated|completing) return 0 ;;
         *) return 1 ;;
     esac
@@ -372,7 +415,11 @@ start_slurm() {
     fi
     wait_until 30 /run/slurm/slurmctld.pid scontrol ping \
         || { show_log_tail "$LOGDIR/slurmctld.log"; die "slurmctld died or does not answer scontrol ping within 30 s"; }
-    if ! pid_alive /run/slurm/slurmd.pid; then
+    mountpoint -q /sys/fs/cgroup \
+        || die "/sys/fs/cgroup is not mounted: slurmd 22.05 refuses to start without it (mount the cgroup hierarchy, or in a container run it with /sys/fs/cgroup available)"
+    if [ "$NODES" -gt 1 ]; then
+        start_nodes
+    elif ! pid_alive /run/slurm/slurmd.pid; then
         mountpoint -q /sys/fs/cgroup \
             || die "/sys/fs/cgroup is not mounted: slurmd 22.05 refuses to start without it (mount the cgroup hierarchy, or in a container run it with /sys/fs/cgroup available)"
         say "starting slurmd"
@@ -380,56 +427,182 @@ start_slurm() {
     fi
 }
 
-wait_for_idle_node() {
-    local i state
+# ---------------------------------------------------------------- several nodes (namespaces)
+
+check_namespace_support() {  # one line naming what is missing, before anything is changed
+    local tool
+    for tool in ip nsenter unshare; do
+        command -v "$tool" >/dev/null 2>&1 || die "$tool is missing: apt-get install iproute2 util-linux"
+    done
+    unshare --uts --mount --propagation private true 2>/dev/null \
+        || die "this kernel or container refuses new UTS/mount namespaces (unshare --uts --mount): run on a VM or a privileged container"
+    if ! ip link show "$BRIDGE" >/dev/null 2>&1; then
+        ip link add hcprobe0 type bridge 2>/dev/null \
+            || die "cannot create a Linux bridge (ip link add type bridge): load the bridge module (modprobe bridge) or run on a VM"
+        ip link del hcprobe0
+    fi
+}
+
+setup_network() {  # the bridge with the controller's address; no route out, no forwarding
+    if ! ip link show "$BRIDGE" >/dev/null 2>&1; then
+        say "creating bridge $BRIDGE ($CONTROLLER_ADDR/24)"
+        ip link add "$BRIDGE" type bridge
+    fi
+    ip addr show dev "$BRIDGE" | grep -q "inet $CONTROLLER_ADDR/24" \
+        || ip addr add "$CONTROLLER_ADDR/24" dev "$BRIDGE"
+    ip link set "$BRIDGE" up
+}
+
+write_node_hosts() {  # every node's name resolves inside each node's mount namespace
+    local i
+    mkdir -p "$NODE_STATE"
+    {
+        echo "127.0.0.1 localhost"
+        echo "$CONTROLLER_ADDR $NODE"
+        for i in $(seq 1 "$NODES"); do echo "$SUBNET_PREFIX.$((10 + i)) n$i"; done
+    } >"$NODE_STATE/hosts"
+}
+
+start_node() {  # start_node NAME INDEX: namespaces, veth, then slurmd -N NAME inside them
+    local name=$1 index=$2 ns="hc-$1" veth="hcv-$1" dir="$NODE_STATE/$1"
+    pid_alive "/run/slurm/slurmd-$name.pid" && return 0
+    if [ ! -e "/run/netns/$ns" ]; then
+        ip netns add "$ns"
+        ip link add "$veth" type veth peer name eth0 netns "$ns"
+        ip link set "$veth" master "$BRIDGE" up
+        ip -n "$ns" addr add "$SUBNET_PREFIX.$((10 + index))/24" dev eth0
+        ip -n "$ns" link set lo up
+        ip -n "$ns" link set eth0 up
+    fi
+    # Each node has its own Enroot data and runtime directories (bound over root's defaults, which
+    # Pyxis uses): two nodes unpacking one image into a shared one collide ("File exists").
+    mkdir -p "$dir/enroot-data" "$dir/enroot-run" "$STATEDIR/slurmd-$name"
+    chown slurm:slurm "$STATEDIR/slurmd-$name"
+    say "starting slurmd for node $name ($SUBNET_PREFIX.$((10 + index)), netns $ns)"
+    # `ip netns exec` is avoided: it remounts /sys, hiding the cgroup v1 mounts slurmd 22.05 needs.
+    # shellcheck disable=SC2016  # $1 and $2 are the inner shell's arguments
+    nsenter --net="/run/netns/$ns" unshare --uts --mount --propagation private \
+        /bin/sh -c 'hostname "$1" &&
+            mount --bind "$2/hosts" /etc/hosts &&
+            mkdir -p /root/.local/share/enroot /run/enroot &&
+            mount --bind "$2/$1/enroot-data" /root/.local/share/enroot &&
+            mount --bind "$2/$1/enroot-run" /run/enroot &&
+            exec /usr/sbin/slurmd -N "$1"' node "$name" "$NODE_STATE" \
+        || { show_log_tail "$LOGDIR/slurmd-$name.log"; return 1; }
+}
+
+node_processes() {  # node_processes NAME -> pids of every process in that node's network namespace
+    ip netns pids "hc-$1" 2>/dev/null || true
+}
+
+remove_node() {  # remove_node NAME: its slurmd, every process left in it, its namespace and veth
+    local name=$1 pid
+    stop_pidfile "slurmd $name" "/run/slurm/slurmd-$name.pid"
+    for pid in $(node_processes "$name"); do kill -KILL "$pid" 2>/dev/null || true; done
+    if [ -e "/run/netns/hc-$name" ]; then
+        ip netns del "hc-$name" 2>/dev/null || true
+    fi
+    ip link del "hcv-$name" 2>/dev/null || true
+}
+
+remove_nodes() {  # every node namespace this script made, and the bridge
+    local ns name
+    for ns in /run/netns/hc-*; do
+        [ -e "$ns" ] || continue
+        name="${ns#/run/netns/hc-}"
+        say "removing node $name"
+        remove_node "$name"
+    done
+    if ip link show "$BRIDGE" >/dev/null 2>&1; then
+        say "removing bridge $BRIDGE"
+        ip link del "$BRIDGE" 2>/dev/null || true
+    fi
+    rm -f "$NODES_FILE"
+}
+
+start_nodes() {
+    local i
+    setup_network
+    write_node_hosts
+    for i in $(seq 1 "$NODES"); do
+        start_node "n$i" "$i" || { remove_nodes; die "slurmd for node n$i failed to start (log above); the nodes were removed, fix the cause and run up again"; }
+    done
+    printf '%s\n' "${NODE_NAMES[@]}" >"$NODES_FILE"
+}
+
+stop_all_slurmds() {
+    local pidfile
+    stop_pidfile slurmd /run/slurm/slurmd.pid
+    for pidfile in /run/slurm/slurmd-*.pid; do
+        [ -e "$pidfile" ] && stop_pidfile "$(basename "$pidfile" .pid)" "$pidfile"
+    done
+    return 0
+}
+
+wait_for_idle_nodes() {
+    local i state name pending
     for i in $(seq 1 $((UP_TIMEOUT * 2))); do
-        state="$(node_state)"
-        case "$state" in
-            idle|mixed|allocated|completing) say "node $NODE is $state"; return 0 ;;
-            down*|drain*|fail*)
-                # A node that was down before a restart: ReturnToService=2 normally clears it; nudge it.
-                if [ $((i % 10)) -eq 0 ]; then
-                    scontrol update nodename="$NODE" state=resume >/dev/null 2>&1 || true
-                fi ;;
-        esac
+        pending=()
+        for name in "${NODE_NAMES[@]}"; do
+            state="$(node_state "$name")"
+            case "$state" in
+                idle|mixed|allocated|completing) ;;
+                down*|drain*|fail*)
+                    pending+=("$name:$state")
+                    # A node that was down before a restart: ReturnToService=2 normally clears it; nudge it.
+                    if [ $((i % 10)) -eq 0 ]; then
+                        scontrol update nodename="$name" state=resume >/dev/null 2>&1 || true
+                    fi ;;
+                *) pending+=("$name:${state:-none}") ;;
+            esac
+        done
+        if [ "${#pending[@]}" -eq 0 ]; then
+            say "nodes ${NODE_NAMES[*]} are usable"
+            return 0
+        fi
         sleep 0.5
     done
     sinfo -N -l >&2 || true
-    scontrol show node "$NODE" >&2 || true
-    show_log_tail "$LOGDIR/slurmctld.log" "$LOGDIR/slurmd.log"
-    die "node $NODE is not idle after ${UP_TIMEOUT} s (state: ${state:-none}); see the logs above"
+    show_log_tail "$LOGDIR/slurmctld.log" "$LOGDIR"/slurmd*.log
+    die "not usable after ${UP_TIMEOUT} s: ${pending[*]}; see the logs above"
 }
 
 # ---------------------------------------------------------------- actions
 
 install_containers() {
     # Real Enroot + Pyxis (registered in plugstack.conf before the daemons start) and the test image.
+    # Daemons already running without Pyxis are restarted (PLUGSTACK_NEW) so that they load it.
+    [ -f "$ETC/plugstack.conf.d/pyxis.conf" ] || PLUGSTACK_NEW=1
     bash "$(dirname "$0")/container-tools.sh" install || die "building the container tools failed (see above)"
     bash "$(dirname "$0")/container-tools.sh" image || die "building the test image failed (see above)"
 }
 
 cmd_up() {
     need_root
+    if [ "$NODES" -gt 1 ]; then check_namespace_support; fi
     install_packages
     if [ "$CONTAINERS" -eq 1 ]; then install_containers; fi
     write_configs
     start_munge
     start_mariadb
-    if [ "$CONFIG_CHANGED" -eq 1 ]; then
+    if [ "$CONFIG_CHANGED" -eq 1 ] || [ "$PLUGSTACK_NEW" -eq 1 ]; then
         # A changed config needs fresh daemons; an unchanged one keeps running jobs alive.
-        stop_pidfile slurmd /run/slurm/slurmd.pid
+        stop_all_slurmds
         stop_pidfile slurmctld /run/slurm/slurmctld.pid
         stop_pidfile slurmdbd /run/slurm/slurmdbd.pid
     fi
+    # Going back to one node: the namespaces of an earlier `--nodes N` go.
+    if [ "$NODES" -eq 1 ]; then remove_nodes; fi
     start_slurmdbd
     start_slurm
-    wait_for_idle_node
-    say "cluster $CLUSTER_NAME is up: partition debug on node $NODE ($CPUS CPUs, ${REAL_MEM} MB)"
+    wait_for_idle_nodes
+    say "cluster $CLUSTER_NAME is up: partition debug on $CLUSTER_SHAPE ${NODE_NAMES[*]} ($CPUS CPUs each)$([ "$CONTAINERS" -eq 1 ] && echo ', Pyxis + Enroot')"
 }
 
 cmd_down() {
     need_root
-    stop_pidfile slurmd /run/slurm/slurmd.pid
+    stop_all_slurmds
+    remove_nodes
     stop_pidfile slurmctld /run/slurm/slurmctld.pid
     stop_pidfile slurmdbd /run/slurm/slurmdbd.pid
     if mariadb_alive; then
@@ -441,10 +614,9 @@ cmd_down() {
 }
 
 cmd_status() {
-    local ok=0 name pidfile
+    local ok=0 name pidfile nodes=()
     for name in munged:/run/munge/munged.pid mariadbd:/run/mysqld/mysqld.pid \
-                slurmdbd:/run/slurm/slurmdbd.pid slurmctld:/run/slurm/slurmctld.pid \
-                slurmd:/run/slurm/slurmd.pid; do
+                slurmdbd:/run/slurm/slurmdbd.pid slurmctld:/run/slurm/slurmctld.pid; do
         pidfile="${name#*:}"
         if pid_alive "$pidfile"; then
             printf '%-10s running (pid %s)\n' "${name%%:*}" "$(cat "$pidfile")"
@@ -453,14 +625,37 @@ cmd_status() {
             ok=1
         fi
     done
+    if [ -s "$NODES_FILE" ]; then
+        mapfile -t nodes <"$NODES_FILE"
+        for name in "${nodes[@]}"; do
+            if pid_alive "/run/slurm/slurmd-$name.pid"; then
+                printf 'node %-5s slurmd running (pid %s), netns hc-%s, %s, %s processes in it\n' "$name" \
+                    "$(cat "/run/slurm/slurmd-$name.pid")" "$name" \
+                    "$(ip -n "hc-$name" -4 -o addr show dev eth0 2>/dev/null | awk '{print $4}')" \
+                    "$(node_processes "$name" | wc -l)"
+            else
+                printf 'node %-5s slurmd NOT running\n' "$name"
+                ok=1
+            fi
+        done
+    elif pid_alive /run/slurm/slurmd.pid; then
+        printf '%-10s running (pid %s)\n' slurmd "$(cat /run/slurm/slurmd.pid)"
+        nodes=("$NODE")
+    else
+        printf '%-10s NOT running\n' slurmd
+        ok=1
+    fi
     if command -v sinfo >/dev/null 2>&1 && sinfo >/dev/null 2>&1; then
         sinfo -N -o '%N %P %T %c %m'
-        node_usable || ok=1
+        for name in "${nodes[@]}"; do node_usable "$name" || ok=1; done
     else
         echo "sinfo: controller not reachable"
         ok=1
     fi
-    echo "logs: $LOGDIR/{slurmctld,slurmd,slurmdbd}.log /var/log/mysql/error.log"
+    if [ -f /usr/lib/slurm/spank_pyxis.so ]; then
+        bash "$(dirname "$0")/container-tools.sh" status | sed 's/^/containers: /' || true
+    fi
+    echo "logs: $LOGDIR/{slurmctld,slurmd*,slurmdbd}.log /var/log/mysql/error.log"
     if [ "$ok" -eq 0 ]; then echo "status: up"; else echo "status: DOWN or degraded"; fi
     return "$ok"
 }
@@ -470,5 +665,5 @@ case "$ACTION" in
     down) cmd_down ;;
     status) cmd_status ;;
     restart) cmd_down; cmd_up ;;
-    *) die "usage: $0 up|down|status|restart|exec [--slurm 22.05|24.11|26.05]" ;;
+    *) die "usage: $0 up|down|status|restart|exec [--slurm 22.05|24.11|26.05] [--containers] [--nodes N]" ;;
 esac

@@ -522,7 +522,6 @@ remove_nodes() {  # every node namespace this script made, and the bridge
 
 start_nodes() {
     local i
-    setup_network
     write_node_hosts
     for i in $(seq 1 "$NODES"); do
         start_node "n$i" "$i" || { remove_nodes; die "slurmd for node n$i failed to start (log above); the nodes were removed, fix the cause and run up again"; }
@@ -591,8 +590,10 @@ cmd_up() {
         stop_pidfile slurmctld /run/slurm/slurmctld.pid
         stop_pidfile slurmdbd /run/slurm/slurmdbd.pid
     fi
-    # Going back to one node: the namespaces of an earlier `--nodes N` go.
-    if [ "$NODES" -eq 1 ]; then remove_nodes; fi
+    # Going back to one node: the namespaces of an earlier `--nodes N` go. With several, the
+    # bridge (and so the route to the nodes' subnet) exists before any daemon addresses a node:
+    # without it, those addresses would go out through the default route.
+    if [ "$NODES" -eq 1 ]; then remove_nodes; else setup_network; fi
     start_slurmdbd
     start_slurm
     wait_for_idle_nodes
@@ -602,9 +603,10 @@ cmd_up() {
 cmd_down() {
     need_root
     stop_all_slurmds
-    remove_nodes
     stop_pidfile slurmctld /run/slurm/slurmctld.pid
     stop_pidfile slurmdbd /run/slurm/slurmdbd.pid
+    # Only now, with no daemon left to address a node, do the bridge and the namespaces go.
+    remove_nodes
     if mariadb_alive; then
         say "stopping mariadbd"
         mariadb-admin --protocol=socket -uroot shutdown >/dev/null 2>&1 || stop_pidfile mariadbd /run/mysqld/mysqld.pid

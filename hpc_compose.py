@@ -6970,6 +6970,7 @@ def render_artifacts_block(runtime_plan):
 _WATCH_POLL_FIRST = 2.0       # seconds between scheduler queries right after a change
 _WATCH_POLL_MAX = 30.0        # the back-off cap
 _LOG_POLL_SECONDS = 0.5       # log files are cheap to read: no scheduler cost
+_STATE_SETTLE_SECONDS = 15.0  # after Slurm says the job ended, how long to wait for the final state.json
 _ACCOUNTING_GRACE_SECONDS = 60.0  # how long a job may be unknown to both squeue and sacct
 # A squeue or sacct that has not answered by then counts as no answer: against an unreachable
 # controller squeue retries for about 20 s by itself. Sites may set their own in the environment.
@@ -7705,7 +7706,7 @@ class _SchedulerPoller(object):
     """Asks the scheduler about one job at an adaptive interval and counts its calls.
 
     ``squeue`` while the job is listed in the queue; ``sacct`` after it left (or squeue shows it
-    ended, for the exit code). Interval: WATCH_POLL_FIRST, doubling to WATCH_POLL_MAX, reset to the
+    ended, for the exit code). Interval: _WATCH_POLL_FIRST, doubling to _WATCH_POLL_MAX, reset to the
     first after a state change.
     """
 
@@ -7780,7 +7781,7 @@ class _SchedulerPoller(object):
         self.next_at = min(self.next_at, self.clock() + 0.5)
 
     def lost(self):
-        """True when neither squeue nor sacct has known the job for ACCOUNTING_GRACE_SECONDS."""
+        """True when neither squeue nor sacct has known the job for _ACCOUNTING_GRACE_SECONDS."""
         return (self.unknown_since is not None
                 and self.clock() - self.unknown_since > _ACCOUNTING_GRACE_SECONDS)
 
@@ -7835,18 +7836,21 @@ def watch_job(record, squeue_bin="squeue", sacct_bin="sacct", out=None, sleep=No
                 if state.reason:
                     text += " (%s)" % state.reason
                 out.write(text + "\n")
-            if state.terminal or poller.lost():
+            if state.terminal or poller.lost() or _ended_unaccounted(state, record):
                 break
         out.flush()
         sleep(_LOG_POLL_SECONDS)
-    # The batch script may still be finishing its last writes when the scheduler says done.
-    for name, line in follower.flush():
-        out.write(_format_log_line(name, line) + "\n")
+    # The batch script may still be finishing its last writes when the scheduler says done (on
+    # several nodes, srun relays the last lines of remote tasks after Slurm already reports the
+    # end): every log line is printed before the verdict, so wait for the final state.json.
+    _settle_logs(record, follower, out, sleep, clock)
     runtime = _load_runtime_state(record["job_dir"])
     state = poller.state
     ok = state.state == "COMPLETED"
     if ok:
         reason = "job %s COMPLETED" % job_id
+    elif not state.terminal and _runtime_final(runtime):
+        ok, reason = _conclusion_from_state(job_id, runtime)
     elif not state.terminal:
         reason = ("job %s could not be tracked: neither squeue nor sacct knows it"
                   % job_id)
@@ -7854,11 +7858,83 @@ def watch_job(record, squeue_bin="squeue", sacct_bin="sacct", out=None, sleep=No
         reason = "job %s ended %s" % (job_id, state.state)
         if state.exit_code and state.exit_code != "0:0":
             reason += " (exit %s)" % state.exit_code
+        if state.state == "NODE_FAIL":
+            reason += ": " + _describe_node_failure(record)
         summary = _runtime_failure_summary(runtime)
         if summary:
             reason += ": " + summary
     out.flush()
     return _WatchOutcome(state, runtime, ok, reason, poller.calls, clock() - started)
+
+
+def _runtime_final(runtime):
+    return bool(runtime) and runtime.get("status") in _FINAL_RUNTIME_STATUSES
+
+
+def _ended_unaccounted(state, record):
+    """True when neither squeue nor sacct knows the job but its state.json says it has ended."""
+    return state.state == "UNKNOWN" and _runtime_final(_load_runtime_state(record["job_dir"]))
+
+
+def _conclusion_from_state(job_id, runtime):
+    """``(ok, reason)`` from the job's own state.json, for clusters without job accounting."""
+    text = "job %s %s according to its state.json (exit code %s)" % (
+        job_id, runtime["status"], runtime.get("exit_code"))
+    ok = runtime["status"] == "completed"
+    if not ok:
+        summary = _runtime_failure_summary(runtime)
+        if summary:
+            text += ": " + summary
+    return ok, text + ("; neither squeue nor sacct knows the job any more (is job accounting "
+                       "disabled on this cluster?), so this comes from the batch script itself")
+
+
+def _settle_logs(record, follower, out, sleep, clock):
+    """Print log lines until state.json is final (at most _STATE_SETTLE_SECONDS), then the rest."""
+    deadline = clock() + _STATE_SETTLE_SECONDS
+    while not _runtime_final(_load_runtime_state(record["job_dir"])) and clock() < deadline:
+        for name, line in follower.poll():
+            out.write(_format_log_line(name, line) + "\n")
+        sleep(_LOG_POLL_SECONDS)
+    for name, line in follower.flush():
+        out.write(_format_log_line(name, line) + "\n")
+
+
+def _job_nodes(record):
+    path = os.path.join(record["job_dir"], "allocation", "nodes.txt")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return [line.strip() for line in handle if line.strip()]
+    except (OSError, ValueError):
+        return []
+
+
+def _describe_node_failure(record, sinfo_bin="sinfo"):
+    """Which of the job's nodes Slurm holds as failed, in words (for a NODE_FAIL end)."""
+    nodes = _job_nodes(record)
+    failed = []
+    if nodes:
+        try:
+            result = _run_command([sinfo_bin, "-h", "-N", "-n", ",".join(nodes), "-o", "%N|%T|%E"],
+                                 timeout=60)
+        except ToolError:
+            result = None
+        lines = (result.stdout or "").splitlines() if result and result.returncode == 0 else ()
+        for line in lines:
+            name, state, why = (line.split("|") + ["", ""])[:3]
+            word = state.rstrip("*~#!%$@^-").lower()
+            # A trailing * is sinfo's "not responding".
+            if word in ("down", "drained", "draining", "fail", "failing") or state.endswith("*"):
+                text = "node %s is %s" % (name, word)
+                if _known_value(why):
+                    text += " (%s)" % why
+                elif state.endswith("*"):
+                    text += " (not responding)"
+                if text not in failed:
+                    failed.append(text)
+    if failed:
+        return "a node of the job failed (%s); Slurm ended the job on every node" % "; ".join(failed)
+    return "a node of the job failed; Slurm ended the job on every node"
 
 
 def _follow_logs(record, sources, squeue_bin="squeue", sacct_bin="sacct", out=None, sleep=None,
@@ -7941,6 +8017,7 @@ def _job_status(record, squeue_bin="squeue", sacct_bin="sacct"):
         services.append(entry)
     return {
         "job_id": record["job_id"],
+        "progress": _job_progress(scheduler, runtime, record),
         "compose_file": record.get("compose_file"),
         "job_dir": record["job_dir"],
         "script_path": record.get("script_path"),
@@ -7958,6 +8035,25 @@ def _job_status(record, squeue_bin="squeue", sacct_bin="sacct"):
         "services": services,
         "resume_dir": record.get("resume_dir"),
     }
+
+
+def _job_progress(scheduler, runtime, record):
+    """What the scheduler and state.json say together, in words, where they alone would mislead.
+
+    A requeued job is PENDING again while state.json still holds the ended attempt; a cluster
+    without accounting forgets a finished job, so its state.json is all there is; a NODE_FAIL end
+    says which node failed.
+    """
+    if scheduler.state in ("PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED") and runtime:
+        attempt = runtime.get("attempt") or 0
+        return ("requeued: attempt %s ended %s; Slurm has the job %s again and attempt %s starts "
+                "when it runs" % (attempt, runtime.get("status"), scheduler.state,
+                                  int(attempt) + 1))
+    if scheduler.state == "UNKNOWN" and _runtime_final(runtime):
+        return _conclusion_from_state(record["job_id"], runtime)[1]
+    if scheduler.state == "NODE_FAIL":
+        return "ended NODE_FAIL: " + _describe_node_failure(record)
+    return None
 
 
 def _age(seconds):
@@ -7978,6 +8074,8 @@ def _format_status_text(status):
         if scheduler.get(key) and scheduler[key] != "0:0":
             text += ", %s %s" % (key.replace("_", " "), scheduler[key])
     lines.append("  scheduler:  " + text)
+    if status.get("progress"):
+        lines.append("  progress:   " + status["progress"])
     runtime = status["runtime"]
     if runtime:
         text = str(runtime.get("status"))

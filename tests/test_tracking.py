@@ -3,6 +3,7 @@ clean; and the metrics / artifact bash blocks of the batch script, run under rea
 
 End-to-end behaviour against the real Slurm lives in test_tracking_e2e.py.
 """
+import io
 import json
 import multiprocessing
 import os
@@ -822,6 +823,29 @@ def test_watch_keeps_watching_through_an_outage_and_says_so_once(hc, tmp_path, m
     monkeypatch.setattr(hc, "_squeue_state", scripted_squeue(answers))
     monkeypatch.setattr(hc, "_sacct_state", lambda job_id, sacct_bin: hc.SchedulerState(
         "COMPLETED", "sacct", exit_code="0:0"))
+
+
+# --- clusters without accounting, requeue, NODE_FAIL ------------------------------------------
+
+def _write_final_state(job_dir, status, exit_code, attempt=0, reason=None):
+    os.makedirs(job_dir, exist_ok=True)
+    with open(os.path.join(job_dir, "state.json"), "w") as handle:
+        json.dump({"schema_version": 1, "status": status, "exit_code": exit_code,
+                   "attempt": attempt, "reason": reason, "services": []}, handle)
+
+
+def _unaccounted(hc, monkeypatch, queue):
+    # squeue knows the job while it runs, then forgets it; sacct answers nothing (accounting off).
+    answers = iter(queue)
+    monkeypatch.setattr(hc, "_squeue_state", lambda job_id, squeue_bin: next(answers, None))
+    monkeypatch.setattr(hc, "_sacct_state", lambda job_id, sacct_bin: None)
+
+
+def test_watch_concludes_from_state_json_when_no_scheduler_knows_the_job(hc, monkeypatch, tmp_path):
+    record = make_record(tmp_path, 7)
+    _write_final_state(record["job_dir"], "completed", 0)
+    _unaccounted(hc, monkeypatch, [hc.SchedulerState("RUNNING", "squeue")])
+    out = io.StringIO()
     now = [0.0]
 
     def sleep(seconds):
@@ -881,3 +905,69 @@ def test_stats_json_keeps_the_exact_numbers(hc, tmp_path):
                              "/nonexistent/sacct")
     assert json.loads(hc._format_json(stats))["steps"][0]["ave_rss"] == "9121792"
     assert "8.7 MiB" in hc._format_stats_text(stats)
+
+
+    outcome = hc.watch_job(record, out=out, sleep=sleep, clock=lambda: now[0])
+
+    assert outcome.ok
+    assert "completed according to its state.json (exit code 0)" in outcome.reason
+    assert "accounting" in outcome.reason
+    assert now[0] < hc._ACCOUNTING_GRACE_SECONDS  # no waiting out the grace period
+
+
+def test_watch_without_accounting_reports_a_failed_job_as_failed(hc, monkeypatch, tmp_path):
+    record = make_record(tmp_path, 8)
+    _write_final_state(record["job_dir"], "failed", 3, reason="service 'app' exited with code 3")
+    _unaccounted(hc, monkeypatch, [hc.SchedulerState("RUNNING", "squeue")])
+    now = [0.0]
+
+    def sleep(seconds):
+        now[0] += seconds
+
+    outcome = hc.watch_job(record, out=io.StringIO(), sleep=sleep, clock=lambda: now[0])
+
+    assert not outcome.ok
+    assert "failed according to its state.json (exit code 3)" in outcome.reason
+    assert "service 'app' exited with code 3" in outcome.reason
+
+
+def test_status_of_a_requeued_job_waits_for_the_next_attempt(hc, monkeypatch, tmp_path):
+    record = make_record(tmp_path, 9)
+    _write_final_state(record["job_dir"], "cancelled", 143, attempt=0)
+    monkeypatch.setattr(hc, "_query_scheduler", lambda *args, **kwargs: hc.SchedulerState(
+        "PENDING", "squeue", reason="BeginTime"))
+
+    status = hc._job_status(record)
+
+    assert status["progress"] == ("requeued: attempt 0 ended cancelled; Slurm has the job PENDING "
+                                  "again and attempt 1 starts when it runs")
+    assert "progress:   requeued" in hc._format_status_text(status)
+
+
+def test_status_without_accounting_says_it_concluded_from_state_json(hc, monkeypatch, tmp_path):
+    record = make_record(tmp_path, 10)
+    _write_final_state(record["job_dir"], "completed", 0)
+    monkeypatch.setattr(hc, "_query_scheduler",
+                        lambda *args, **kwargs: hc.SchedulerState("UNKNOWN", "none"))
+
+    status = hc._job_status(record)
+
+    assert status["progress"].startswith("job 10 completed according to its state.json")
+
+
+def test_node_failure_names_the_failed_node(hc, tmp_path):
+    record = make_record(tmp_path, 11)
+    os.makedirs(os.path.join(record["job_dir"], "allocation"))
+    with open(os.path.join(record["job_dir"], "allocation", "nodes.txt"), "w") as handle:
+        handle.write("n1\nn2\nn3\n")
+    sinfo = tmp_path / "sinfo"
+    # STAND-IN for sinfo: prints what `sinfo -h -N -n n1,n2,n3 -o '%N|%T|%E'` printed on the
+    # 3-node test cluster after n3's slurmd was killed.
+    sinfo.write_text("#!/bin/sh\n[ \"$4\" = n1,n2,n3 ] || exit 1\n"
+                     "printf 'n1|idle|none\\nn2|idle|none\\nn3|down*|Not responding\\n'\n")
+    sinfo.chmod(0o755)
+
+    text = hc._describe_node_failure(record, sinfo_bin=str(sinfo))
+
+    assert text == ("a node of the job failed (node n3 is down (Not responding)); "
+                    "Slurm ended the job on every node")

@@ -47,10 +47,10 @@ def cache_dir():
 class ComposeRun(object):
     """One `up` (or `submit`) of a compose file written into a fresh project folder."""
 
-    def __init__(self, folder, result):
+    def __init__(self, folder, result, job_id=None):
         self.folder = folder
         self.result = result
-        self.job_id = submitted_job_id(result.out + result.err)
+        self.job_id = job_id or submitted_job_id(result.out + result.err)
         self.job_dir = os.path.join(folder, ".hpc-compose", self.job_id)
 
     def state(self):
@@ -84,16 +84,27 @@ def head(image, cache_dir, time_limit="00:05:00"):
             % (time_limit, cache_dir))
 
 
-def assert_nothing_left(marker, data_paths=()):
-    """No process with ``marker`` and no Enroot container on any node (Pyxis's or the prepare's)."""
-    deadline = time.monotonic() + 30
-    while processes_with(marker) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert processes_with(marker) == []
+def job_containers(job_id, data_paths=()):
+    """``[(node, name)]`` of the Enroot containers a job left on any node: Pyxis names a step's
+    container ``pyxis_<job>.<step>``; ``data_paths`` (a test's own prepare data path) count whole."""
+    left = []
     for node in cluster_nodes():
-        assert enroot_containers(node) == [], node
+        left += [(node, name) for name in enroot_containers(node)
+                 if job_id is not None and name.startswith("pyxis_%s." % job_id)]
         for path in data_paths:
-            assert enroot_containers(node, path) == [], (node, path)
+            left += [(node, name) for name in enroot_containers(node, path)]
+    return left
+
+
+def assert_nothing_left(marker, job_id=None, data_paths=()):
+    """No process with ``marker`` and no container of the job on any node, once Pyxis (which
+    removes a step's container filesystem as the step ends, taking a few seconds) is done."""
+    deadline = time.monotonic() + 60
+    while (processes_with(marker) or job_containers(job_id, data_paths)) \
+            and time.monotonic() < deadline:
+        time.sleep(1)
+    assert processes_with(marker) == []
+    assert job_containers(job_id, data_paths) == []
 
 
 # --- image, volumes, working directory, job mount ------------------------------------------------
@@ -126,7 +137,7 @@ def test_local_sqsh_image_runs_with_volumes_working_dir_and_job_mount(slurm, slu
     assert cluster_nodes()[0] in lines
     assert run.file("data", "out.txt") == "written\n"
     assert run.file("config.txt") == "read-only config\n"
-    assert_nothing_left(run.job_dir)
+    assert_nothing_left(run.job_dir, run.job_id)
 
 
 def test_default_working_dir_is_the_images(slurm, slurm_jobs, image, cache_dir, tmp_path):
@@ -256,7 +267,7 @@ def test_prepare_commands_env_and_mounts_run_through_real_enroot(slurm, slurm_jo
         "create", "start", "start", "start", "export", "remove"]
     assert run.log("app") == "hello-from-prepare\nmount-ro\ntool-ran at-run-time\n"
     assert not (tmp_path / "setup" / "written").exists()
-    assert_nothing_left("hpc-compose-prep-", [os.path.join(cache_dir, "enroot", "data")])
+    assert_nothing_left("hpc-compose-prep-", run.job_id, [os.path.join(cache_dir, "enroot", "data")])
 
 
 def test_a_prepared_image_cache_hit_calls_enroot_zero_times(slurm, slurm_jobs, image, cache_dir,
@@ -318,7 +329,7 @@ def test_readiness_of_all_four_kinds_gates_dependents(slurm, slurm_jobs, image, 
     assert run.log("client") == "200\ntcp-open\n"
     for name in ("web", "port", "logger", "waiter"):
         assert run.service(name)["readiness"]["status"] == "ready", name
-    assert_nothing_left("18431")
+    assert_nothing_left("18431", run.job_id)
 
 
 # --- restart policy in a container ---------------------------------------------------------------
@@ -393,7 +404,7 @@ def test_scancel_leaves_no_container_process_and_no_container(slurm, slurm_jobs,
     subprocess.run(["scancel", run.job_id], check=True, timeout=30)
 
     assert wait_for_job(run.job_id, timeout=90) == "CANCELLED"
-    assert_nothing_left(marker)
+    assert_nothing_left(marker, run.job_id)
 
 
 def test_time_limit_leaves_no_container_process_and_no_container(slurm, slurm_jobs, image,
@@ -404,4 +415,4 @@ def test_time_limit_leaves_no_container_process_and_no_container(slurm, slurm_jo
     assert run.result.code == 0, run.result
 
     assert wait_for_job(run.job_id, timeout=240) == "TIMEOUT"
-    assert_nothing_left(marker)
+    assert_nothing_left(marker, run.job_id)

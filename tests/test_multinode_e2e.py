@@ -1,0 +1,384 @@
+"""Multi-node jobs on the 3-node test cluster with REAL Pyxis (`slurm-cluster.sh up --containers
+--nodes 3`): three slurmd "hosts" n1..n3, each in its own network, UTS and mount namespace.
+
+The placement model (helpers on the primary node, one distributed service over the allocation),
+the allocation facts on every node and in every container, a rendezvous by the primary node's name,
+a task failing on one node, scancel and the time limit on every node, a node lost mid-job
+(NODE_FAIL), every log line before the verdict, requeue with resume, and the offline copies of the
+multi-node examples under tests/multinode/.
+"""
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+from slurm_support import (CLUSTER_SCRIPT, REPO_ROOT, TOOL_PATH, cluster_nodes, enroot_containers,
+                           on_node, processes_with, pyxis_test_image, run_tool_cli, wait_for_job)
+from test_pyxis_e2e import CACHE_ROOT, ComposeRun, assert_nothing_left, compose_run
+
+NODES = 3
+COPIES = os.path.join(REPO_ROOT, "tests", "multinode")
+
+
+@pytest.fixture(scope="module")
+def image():
+    path = pyxis_test_image()
+    nodes = cluster_nodes()
+    if len(nodes) < NODES:
+        message = ("these tests need the %d-node cluster (`slurm-cluster.sh up --containers --nodes "
+                   "%d`); it has %s" % (NODES, NODES, " ".join(nodes) or "no node"))
+        if os.environ.get("CI") == "true":
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
+    return path
+
+
+@pytest.fixture
+def cache_dir():
+    import shutil
+    path = os.path.join(CACHE_ROOT, uuid.uuid4().hex[:12])
+    os.makedirs(path)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def head(cache_dir, time_limit="00:05:00", extra=""):
+    return ("name: multinode-e2e\nx-slurm:\n  time: \"%s\"\n  nodes: %d\n  cache_dir: %s\n%s"
+            "services:\n" % (time_limit, NODES, cache_dir, extra))
+
+
+def lines_of(text):
+    return [line for line in text.splitlines() if line.strip()]
+
+
+# --- placement and allocation facts -------------------------------------------------------------
+
+def test_allocation_facts_are_right_on_every_node_and_in_every_container(slurm, slurm_jobs, image,
+                                                                         cache_dir, tmp_path):
+    facts = ("echo \"$(hostname)|$HPC_COMPOSE_PRIMARY_NODE|$HPC_COMPOSE_NODE_COUNT|"
+             "$HPC_COMPOSE_NODELIST|$HPC_COMPOSE_NODELIST_FILE|$(cat /hpc-compose/job/allocation/"
+             "nodes.txt | tr '\\n' ' ')|$(cat /hpc-compose/job/allocation/primary_node)\"")
+    run = compose_run(tmp_path, head(cache_dir) + """\
+  helper:
+    image: %s
+    command: %s
+    readiness: {type: sleep, seconds: 1}
+  everywhere:
+    image: %s
+    depends_on: {helper: {condition: service_healthy}}
+    x-slurm: {nodes: %d, ntasks_per_node: 1}
+    command: %s
+""" % (image, json.dumps(facts + "; exec sleep 300"), image, NODES, json.dumps(facts)), slurm_jobs)
+
+    assert run.result.code == 0, run.result
+    nodes = cluster_nodes()
+    expected_tail = "|%s|%d|%s|/hpc-compose/job/allocation/nodes.txt|%s |%s" % (
+        nodes[0], NODES, " ".join(nodes), " ".join(nodes), nodes[0])
+    # (the helper's log then goes on with Slurm's note that its step was cancelled at the end)
+    assert lines_of(run.log("helper"))[0] == nodes[0] + expected_tail
+    assert sorted(lines_of(run.log("everywhere"))) == [n + expected_tail for n in nodes]
+
+
+def test_a_helper_on_the_primary_node_is_reached_from_every_node(slurm, slurm_jobs, image,
+                                                                 cache_dir, tmp_path):
+    run = compose_run(tmp_path, head(cache_dir) + """\
+  server:
+    image: %s
+    command: exec python3 -m http.server 18500
+    readiness: {type: tcp, port: 18500, timeout_seconds: 60}
+  workers:
+    image: %s
+    depends_on: {server: {condition: service_healthy}}
+    x-slurm: {nodes: %d, ntasks_per_node: 1}
+    command: echo "$(hostname) $(curl -s -o /dev/null -w '%%{http_code}' "http://$HPC_COMPOSE_PRIMARY_NODE:18500/")"
+""" % (image, image, NODES), slurm_jobs)
+
+    assert run.result.code == 0, run.result
+    assert sorted(lines_of(run.log("workers"))) == ["%s 200" % n for n in cluster_nodes()]
+
+
+def test_readiness_of_a_distributed_service_gates_its_dependent(slurm, slurm_jobs, image,
+                                                                cache_dir, tmp_path):
+    # Rank 0 (on the primary node) listens and says so once every rank is up; tcp readiness
+    # against localhost is refused for a distributed service (which localhost?), log readiness
+    # reads the merged log of all ranks.
+    run = compose_run(tmp_path, head(cache_dir) + """\
+  cluster:
+    image: %s
+    x-slurm: {nodes: %d, ntasks_per_node: 1}
+    command: if [ "$SLURM_PROCID" = 0 ]; then (sleep 2; echo "rank 0 listening") & exec nc -lk 0.0.0.0 18510; else exec sleep 300; fi
+    readiness: {type: log, pattern: "rank 0 listening", timeout_seconds: 60}
+  client:
+    image: %s
+    depends_on: {cluster: {condition: service_healthy}}
+    command: nc -z "$HPC_COMPOSE_PRIMARY_NODE" 18510 && echo reached
+""" % (image, NODES, image), slurm_jobs)
+
+    assert run.result.code == 0, run.result
+    assert run.log("client") == "reached\n"
+    assert run.service("cluster")["readiness"]["status"] == "ready"
+
+
+# --- the offline copies of the multi-node examples -------------------------------------------
+
+def _run_copy(name, slurm_jobs, image, cache_dir, tmp_path):
+    import shutil
+    folder = os.path.join(str(tmp_path), "copy")  # the job writes .hpc-compose/ beside the file
+    shutil.copytree(COPIES, folder)
+    env = {"HPC_COMPOSE_TEST_IMAGE": image, "HPC_COMPOSE_TEST_CACHE_DIR": cache_dir}
+    result = run_tool_cli(["up", "-f", name], cwd=folder, env=env, timeout=300)
+    run = ComposeRun(folder, result)
+    slurm_jobs.add(run.job_id)
+    return run
+
+
+def test_torchrun_copy_meets_at_the_rendezvous_on_the_primary_node(slurm, slurm_jobs, image,
+                                                                   cache_dir, tmp_path):
+    run = _run_copy("multi-node-torchrun.yaml", slurm_jobs, image, cache_dir, tmp_path)
+
+    assert run.result.code == 0, run.result
+    nodes = cluster_nodes()
+    lines = lines_of(run.log("trainer"))
+    assert "rendezvous complete: 3 ranks on 3 nodes (%s), total 3" % " ".join(nodes) in lines
+    joined = sorted(line for line in lines if " joined " in line)
+    assert joined == ["rank %d on %s joined %s:29500, total 3" % (i, nodes[i], nodes[0])
+                      for i in (1, 2)]
+
+
+def test_mpi_copy_reduces_across_every_node(slurm, slurm_jobs, image, cache_dir, tmp_path):
+    import random
+    rng = random.Random(7)
+    expected = sum(rng.randrange(1000) for _ in range(6000))
+
+    run = _run_copy("multi-node-mpi.yaml", slurm_jobs, image, cache_dir, tmp_path)
+
+    assert run.result.code == 0, run.result
+    assert ("rendezvous complete: 6 ranks on 3 nodes (%s), total %d"
+            % (" ".join(cluster_nodes()), expected)) in lines_of(run.log("solver"))
+
+
+def test_mpi_hello_copy_prints_every_rank(slurm, slurm_jobs, image, cache_dir, tmp_path):
+    run = _run_copy("mpi-hello.yaml", slurm_jobs, image, cache_dir, tmp_path)
+
+    assert run.result.code == 0, run.result
+    primary = cluster_nodes()[0]
+    assert sorted(lines_of(run.log("hello"))) == [
+        "hello from rank %d of 2 on %s" % (rank, primary) for rank in range(2)]
+
+
+# --- failures, teardown, lost nodes -------------------------------------------------------------
+
+def test_a_task_failing_on_one_node_fails_the_service_at_once(slurm, slurm_jobs, image, cache_dir,
+                                                              tmp_path):
+    last = cluster_nodes()[-1]
+    marker = "hc-e2e-%s" % uuid.uuid4().hex[:8]
+    run = compose_run(tmp_path, head(cache_dir) + """\
+  workers:
+    image: %s
+    x-slurm: {nodes: %d, ntasks_per_node: 1}
+    command: if [ "$(hostname)" = %s ]; then sleep 3; exit 3; fi; exec python3 -c 'import time; time.sleep(600)' %s
+""" % (image, NODES, last, marker), slurm_jobs)
+
+    # Without srun --kill-on-bad-exit the other tasks would sleep out their 600 s (and the 5-minute
+    # limit end the job as TIMEOUT); the failure policy (fail_job) applies at once instead.
+    assert run.result.code == 1, run.result
+    assert wait_for_job(run.job_id, timeout=60) == "FAILED"
+    log = run.log("workers")
+    assert "%s: task %d: Exited with exit code 3" % (last, NODES - 1) in log
+    assert run.state()["status"] == "failed"
+    assert_nothing_left(marker, run.job_id)
+
+
+def _long_running(image, cache_dir, marker, time_limit="00:05:00"):
+    return head(cache_dir, time_limit) + """\
+  helper:
+    image: %s
+    command: exec python3 -c 'import time; time.sleep(900)' %s
+    readiness: {type: sleep, seconds: 1}
+  workers:
+    image: %s
+    depends_on: {helper: {condition: service_healthy}}
+    x-slurm: {nodes: %d, ntasks_per_node: 1}
+    command: exec python3 -c 'import time; time.sleep(901)' %s
+""" % (image, marker, image, NODES, marker)
+
+
+def _wait_running(run, names, timeout=120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if all(run.service(n)["status"] in ("running", "ready") for n in names):
+                return
+        except (OSError, ValueError, IndexError, KeyError):
+            pass
+        time.sleep(0.5)
+    raise AssertionError("services %s never ran" % (names,))
+
+
+def _container_nodes(marker):
+    """The nodes (UTS names) where a container process (python3 ... MARKER) runs."""
+    from slurm_support import _run
+    nodes = set()
+    for pid, cmdline in processes_with(marker):
+        if cmdline.startswith("python3 "):
+            code, out, _ = _run(["nsenter", "--target", str(pid), "--uts", "hostname"])
+            if code == 0:
+                nodes.add(out.strip())
+    return nodes
+
+
+def _wait_containers_everywhere(marker, timeout=120):
+    deadline = time.monotonic() + timeout
+    while _container_nodes(marker) != set(cluster_nodes()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return _container_nodes(marker)
+
+
+def test_scancel_leaves_nothing_on_any_node(slurm, slurm_jobs, image, cache_dir, tmp_path):
+    marker = "hc-e2e-%s" % uuid.uuid4().hex[:8]
+    run = compose_run(tmp_path, _long_running(image, cache_dir, marker), slurm_jobs, verb="submit")
+    assert run.result.code == 0, run.result
+    assert _wait_containers_everywhere(marker) == set(cluster_nodes())
+
+    subprocess.run(["scancel", run.job_id], check=True, timeout=30)
+
+    assert wait_for_job(run.job_id, timeout=120) == "CANCELLED"
+    assert_nothing_left(marker, run.job_id)
+
+
+def test_time_limit_leaves_nothing_on_any_node(slurm, slurm_jobs, image, cache_dir, tmp_path):
+    marker = "hc-e2e-%s" % uuid.uuid4().hex[:8]
+    run = compose_run(tmp_path, _long_running(image, cache_dir, marker, "00:01:00"), slurm_jobs,
+                      verb="submit")
+    assert run.result.code == 0, run.result
+
+    assert wait_for_job(run.job_id, timeout=240) == "TIMEOUT"
+    assert_nothing_left(marker, run.job_id)
+
+
+def _kill_node(node):
+    """Kill a node as a crash would: its slurmd and every process in its namespaces, at once."""
+    pids = subprocess.run(["ip", "netns", "pids", "hc-" + node], stdout=subprocess.PIPE,
+                          universal_newlines=True, timeout=30).stdout.split()
+    assert pids, "node %s has no process to kill" % node
+    for pid in pids:
+        try:
+            os.kill(int(pid), 9)
+        except OSError:
+            pass
+
+
+def _wait_job_id(folder, timeout=60):
+    jobs = os.path.join(str(folder), ".hpc-compose")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = [d for d in os.listdir(jobs) if d.isdigit()] if os.path.isdir(jobs) else []
+        if found:
+            return found[0]
+        time.sleep(0.5)
+    raise AssertionError("no job directory under %s" % jobs)
+
+
+def _revive_nodes(job_id):
+    """Bring the killed node back (its slurmd; Slurm returns it to service) and clear what the
+    crash left of the job in its Enroot data directory, as a real node's reboot would."""
+    proc = subprocess.run(["bash", CLUSTER_SCRIPT, "up", "--containers", "--nodes", str(NODES)],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          universal_newlines=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    for node in cluster_nodes():
+        for name in enroot_containers(node):
+            if name.startswith("pyxis_%s." % job_id):
+                on_node(node, ["enroot", "remove", "--force", name], timeout=120)
+
+
+def test_a_lost_node_ends_the_job_node_fail_and_says_which_node(slurm, slurm_jobs, image, cache_dir,
+                                                                tmp_path):
+    lost = cluster_nodes()[-1]
+    marker = "hc-e2e-%s" % uuid.uuid4().hex[:8]
+    with open(os.path.join(str(tmp_path), "compose.yaml"), "w") as handle:
+        # Slurm requeues a batch job after a node failure unless told not to: this one must end.
+        handle.write(_long_running(image, cache_dir, marker).replace(
+            "services:\n", "  submit_args: [\"--no-requeue\"]\nservices:\n", 1))
+    up = subprocess.Popen([sys.executable, TOOL_PATH, "up", "-f", "compose.yaml"], cwd=str(tmp_path),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
+    run = None
+    try:
+        run = ComposeRun(str(tmp_path), None, job_id=slurm_jobs.add(_wait_job_id(tmp_path)))
+        assert _wait_containers_everywhere(marker) == set(cluster_nodes())
+
+        _kill_node(lost)
+
+        out, err = up.communicate(timeout=240)
+    finally:
+        if up.poll() is None:
+            up.kill()
+        _revive_nodes(run.job_id if run else "none")
+
+    assert up.returncode == 1, (out, err)
+    assert "ended NODE_FAIL" in err
+    assert "node %s is down" % lost in err
+    status = run_tool_cli(["status", "-f", "compose.yaml"], cwd=tmp_path)
+    assert "node %s is down" % lost in status.out
+    # On the nodes that stayed up, Slurm ended the job's steps and Pyxis removed their containers
+    # (the lost node's own leftovers were cleared when it came back, as a reboot would).
+    assert_nothing_left(marker, run.job_id)
+
+
+# --- every log line before the verdict ----------------------------------------------------------
+
+def test_up_prints_every_log_line_of_every_node_before_its_verdict(slurm, slurm_jobs, image,
+                                                                   cache_dir, tmp_path):
+    run = compose_run(tmp_path, head(cache_dir) + """\
+  chatty:
+    image: %s
+    x-slurm: {nodes: %d, ntasks_per_node: 1}
+    command: for i in $(seq 1 300); do echo "$(hostname) line $i"; done
+""" % (image, NODES), slurm_jobs)
+
+    assert run.result.code == 0, run.result
+    out = run.result.out
+    verdict = out.index("job %s COMPLETED\n" % run.job_id)
+    printed = [line for line in out[:verdict].splitlines() if line.startswith("[chatty] ")]
+    assert sorted(printed) == sorted("[chatty] %s line %d" % (node, i)
+                                     for node in cluster_nodes() for i in range(1, 301))
+
+
+# --- requeue with resume --------------------------------------------------------------------------
+
+def test_a_requeued_job_resumes_as_attempt_one_and_status_says_so(slurm, slurm_jobs, image,
+                                                                  cache_dir, tmp_path):
+    shared = tmp_path / "resume"
+    run = compose_run(tmp_path, head(cache_dir, extra="  resume: {path: %s}\n  submit_args: [\"--requeue\"]\n"
+                                     % shared) + """\
+  app:
+    image: %s
+    command: echo "attempt $HPC_COMPOSE_ATTEMPT resume=$HPC_COMPOSE_IS_RESUME"; if [ "$HPC_COMPOSE_ATTEMPT" = 0 ]; then exec sleep 600; fi
+""" % image, slurm_jobs, verb="submit")
+    assert run.result.code == 0, run.result
+    _wait_running(run, ["app"])
+
+    subprocess.run(["scontrol", "requeue", run.job_id], check=True, timeout=30)
+    deadline = time.monotonic() + 60
+    status = ""
+    while time.monotonic() < deadline:
+        status = run_tool_cli(["status", "-f", "compose.yaml"], cwd=tmp_path).out
+        if "requeued: attempt 0 ended" in status:
+            break
+        time.sleep(1)
+    assert "attempt 1 starts when it runs" in status
+    # Slurm 22.05 holds a requeued job for about two minutes (BeginTime); the test need not wait.
+    subprocess.run(["scontrol", "update", "JobId=" + run.job_id, "StartTime=now"], check=True,
+                   timeout=30)
+
+    assert wait_for_job(run.job_id, timeout=300) == "COMPLETED"
+    state = run.state()
+    assert (state["attempt"], state["status"]) == (1, "completed")
+    # The only service spans the three nodes: one line per node.
+    assert lines_of(run.log("app")) == ["attempt 1 resume=1"] * NODES
+    with open(os.path.join(str(shared), "_hpc-compose", "latest.json")) as handle:
+        assert json.load(handle)["attempt"] == 1

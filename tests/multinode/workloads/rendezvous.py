@@ -46,6 +46,9 @@ def join(primary, port, rank, value, timeout=60):
             if time.time() > deadline:
                 raise
             time.sleep(0.2)
+    # Rank 0 answers once every rank has joined; the last ones may still be unpacking their
+    # container image, so the reply can take a while.
+    conn.settimeout(timeout * 5)
     conn.sendall(("%d %s %d\n" % (rank, socket.gethostname(), value)).encode())
     total = int(conn.makefile().readline())
     print("rank %d on %s joined %s:%d, total %d" % (rank, socket.gethostname(), primary, port, total),

@@ -126,7 +126,7 @@ def test_local_sqsh_image_runs_with_volumes_working_dir_and_job_mount(slurm, slu
       (echo x >> /etc/app.txt) 2>/dev/null && echo ro-broken || echo ro-holds;
       grep -q PRETTY_NAME /etc/os-release && echo image-is-debian;
       ls /hpc-compose/job/allocation; echo "dir=$HPC_COMPOSE_JOB_DIR";
-      cat "$HPC_COMPOSE_NODELIST_FILE"
+      echo "node=$(hostname) listed=$(cat "$HPC_COMPOSE_NODELIST_FILE")"
 """ % image, slurm_jobs)
 
     assert run.result.code == 0, run.result
@@ -134,7 +134,9 @@ def test_local_sqsh_image_runs_with_volumes_working_dir_and_job_mount(slurm, slu
     assert lines[:3] == ["/data", "from the host", "read-only config"]
     assert "ro-holds" in lines and "image-is-debian" in lines
     assert "dir=/hpc-compose/job" in lines
-    assert cluster_nodes()[0] in lines
+    node = [line for line in lines if line.startswith("node=")][0]
+    assert node.split()[0][len("node="):] in cluster_nodes()
+    assert node.split()[1] == "listed=" + node.split()[0][len("node="):]
     assert run.file("data", "out.txt") == "written\n"
     assert run.file("config.txt") == "read-only config\n"
     assert_nothing_left(run.job_dir, run.job_id)

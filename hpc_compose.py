@@ -7932,9 +7932,37 @@ def _describe_node_failure(record, sinfo_bin="sinfo"):
                     text += " (not responding)"
                 if text not in failed:
                     failed.append(text)
+    if nodes and not failed:
+        failed = _node_events(nodes, record.get("submitted_at"))
     if failed:
         return "a node of the job failed (%s); Slurm ended the job on every node" % "; ".join(failed)
     return "a node of the job failed; Slurm ended the job on every node"
+
+
+def _node_events(nodes, since, sacctmgr_bin="sacctmgr"):
+    """Down events of ``nodes`` since the job was submitted, from accounting (the node may be back
+    up by now, so sinfo no longer shows it): ``["node n3 was down* 14:59:12..14:59:28 (...)"]``."""
+    import time
+    if not since:
+        return []
+    start = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(float(since) - 60))
+    try:
+        result = _run_command([sacctmgr_bin, "-n", "-P", "show", "event", "nodes=" + ",".join(nodes),
+                              "start=" + start, "format=NodeName,TimeStart,TimeEnd,State,Reason"],
+                             timeout=60)
+    except ToolError:
+        return []
+    events = []
+    for line in (result.stdout or "").splitlines() if result.returncode == 0 else ():
+        name, begin, end, state, why = (line.split("|") + [""] * 5)[:5]
+        if name and (state.rstrip("*~#!%$@^-").upper() in ("DOWN", "DRAIN", "FAIL")
+                     or state.endswith("*")):
+            text = "node %s was %s from %s to %s" % (name, state.rstrip("*").lower() or "down",
+                                                     begin, _known_value(end) or "now")
+            if _known_value(why):
+                text += " (%s)" % why
+            events.append(text)
+    return events
 
 
 def _follow_logs(record, sources, squeue_bin="squeue", sacct_bin="sacct", out=None, sleep=None,

@@ -322,8 +322,10 @@ def test_a_lost_node_ends_the_job_node_fail_and_says_which_node(slurm, slurm_job
     assert up.returncode == 1, (out, err)
     assert "ended NODE_FAIL" in err
     assert "node %s is down" % lost in err
+    # The node is back by now: status finds the failure in the accounting's node events.
     status = run_tool_cli(["status", "-f", "compose.yaml"], cwd=tmp_path)
-    assert "node %s is down" % lost in status.out
+    assert "progress:   ended NODE_FAIL: a node of the job failed (node %s was down from " % lost \
+        in status.out
     # On the nodes that stayed up, Slurm ended the job's steps and Pyxis removed their containers
     # (the lost node's own leftovers were cleared when it came back, as a reboot would).
     assert_nothing_left(marker, run.job_id)

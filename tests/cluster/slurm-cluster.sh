@@ -269,10 +269,12 @@ AccountingStorageHost=127.0.0.1
 JobAcctGatherType=jobacct_gather/linux
 JobAcctGatherFrequency=task=2
 JobCompType=jobcomp/none
-# Tests want quick turnaround: finished jobs leave squeue after a minute (then sacct answers),
-# scancel/time-limit escalate SIGTERM to SIGKILL after KillWait seconds.
+# Tests want quick turnaround: finished jobs leave squeue after a minute (then sacct answers).
+# scancel/time-limit escalate SIGTERM to SIGKILL after KillWait seconds: Slurm's default 30, as on
+# users' clusters. Pyxis removes a step's container after its tasks ended, inside the step: with
+# KillWait=10 that removal was SIGKILLed on a loaded 3-node machine and the unpacked container stayed.
 MinJobAge=60
-KillWait=10
+KillWait=30
 OverTimeLimit=0
 InactiveLimit=0
 Waittime=0

@@ -971,3 +971,17 @@ def test_node_failure_names_the_failed_node(hc, tmp_path):
 
     assert text == ("a node of the job failed (node n3 is down (Not responding)); "
                     "Slurm ended the job on every node")
+
+
+def test_node_failure_after_the_node_came_back_is_read_from_node_events(hc, tmp_path):
+    # STAND-IN for sacctmgr: prints what `sacctmgr -n -P show event nodes=n1,n2,n3 start=...
+    # format=NodeName,TimeStart,TimeEnd,State,Reason` printed on the 3-node test cluster.
+    sacctmgr = tmp_path / "sacctmgr"
+    sacctmgr.write_text("#!/bin/sh\n[ \"$5\" = nodes=n1,n2,n3 ] || exit 1\n"
+                        "echo 'n3|2026-11-29T14:59:12|2026-11-29T14:59:28|DOWN*|Not responding'\n")
+    sacctmgr.chmod(0o755)
+
+    events = hc._node_events(["n1", "n2", "n3"], time.time(), sacctmgr_bin=str(sacctmgr))
+
+    assert events == ["node n3 was down from 2026-11-29T14:59:12 to 2026-11-29T14:59:28 "
+                      "(Not responding)"]

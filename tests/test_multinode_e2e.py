@@ -18,7 +18,8 @@ import pytest
 
 from slurm_support import (CLUSTER_SCRIPT, REPO_ROOT, TOOL_PATH, cluster_nodes, enroot_containers,
                            on_node, processes_with, pyxis_test_image, run_tool_cli, wait_for_job)
-from test_pyxis_e2e import CACHE_ROOT, ComposeRun, assert_nothing_left, compose_run
+from test_pyxis_e2e import (  # noqa: F401  (cache_dir is a fixture used by name)
+    ComposeRun, assert_nothing_left, cache_dir, compose_run, long_running, wait_running)
 
 NODES = 3
 COPIES = os.path.join(REPO_ROOT, "tests", "multinode")
@@ -35,15 +36,6 @@ def image():
             pytest.fail(message, pytrace=False)
         pytest.skip(message)
     return path
-
-
-@pytest.fixture
-def cache_dir():
-    import shutil
-    path = os.path.join(CACHE_ROOT, uuid.uuid4().hex[:12])
-    os.makedirs(path)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def head(cache_dir, time_limit="00:05:00", extra=""):
@@ -194,29 +186,8 @@ def test_a_task_failing_on_one_node_fails_the_service_at_once(slurm, slurm_jobs,
 
 
 def _long_running(image, cache_dir, marker, time_limit="00:05:00"):
-    return head(cache_dir, time_limit) + """\
-  helper:
-    image: %s
-    command: exec python3 -c 'import time; time.sleep(900)' %s
-    readiness: {type: sleep, seconds: 1}
-  workers:
-    image: %s
-    depends_on: {helper: {condition: service_healthy}}
-    x-slurm: {nodes: %d, ntasks_per_node: 1}
-    command: exec python3 -c 'import time; time.sleep(901)' %s
-""" % (image, marker, image, NODES, marker)
-
-
-def _wait_running(run, names, timeout=120):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if all(run.service(n)["status"] in ("running", "ready") for n in names):
-                return
-        except (OSError, ValueError, IndexError, KeyError):
-            pass
-        time.sleep(0.5)
-    raise AssertionError("services %s never ran" % (names,))
+    return long_running(head(cache_dir, time_limit), image, marker,
+                        "    x-slurm: {nodes: %d, ntasks_per_node: 1}\n" % NODES)
 
 
 def _container_nodes(marker):
@@ -362,7 +333,7 @@ def test_a_requeued_job_resumes_as_attempt_one_and_status_says_so(slurm, slurm_j
     command: echo "attempt $HPC_COMPOSE_ATTEMPT resume=$HPC_COMPOSE_IS_RESUME"; if [ "$HPC_COMPOSE_ATTEMPT" = 0 ]; then exec sleep 600; fi
 """ % image, slurm_jobs, verb="submit")
     assert run.result.code == 0, run.result
-    _wait_running(run, ["app"])
+    wait_running(run, ["app"])
 
     subprocess.run(["scontrol", "requeue", run.job_id], check=True, timeout=30)
     deadline = time.monotonic() + 60

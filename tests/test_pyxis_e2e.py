@@ -369,8 +369,9 @@ def test_a_failing_container_fails_the_job_with_its_exit_code(slurm, slurm_jobs,
 
 # --- teardown: scancel and time limit leave nothing on any node -----------------------------------
 
-def _long_running(image, cache_dir, marker, time_limit="00:05:00"):
-    return head(image, cache_dir, time_limit) + """\
+def long_running(head_text, image, marker, worker_placement=""):
+    """A server and a worker (``worker_placement``: its x-slurm line) that run until stopped."""
+    return head_text + """\
   server:
     image: %s
     command: exec python3 -c 'import time; time.sleep(900)' %s
@@ -378,11 +379,11 @@ def _long_running(image, cache_dir, marker, time_limit="00:05:00"):
   worker:
     image: %s
     depends_on: {server: {condition: service_healthy}}
-    command: exec python3 -c 'import time; time.sleep(901)' %s
-""" % (image, marker, image, marker)
+%s    command: exec python3 -c 'import time; time.sleep(901)' %s
+""" % (image, marker, image, worker_placement, marker)
 
 
-def _wait_running(run, names, timeout=90):
+def wait_running(run, names, timeout=120):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -397,10 +398,11 @@ def _wait_running(run, names, timeout=90):
 def test_scancel_leaves_no_container_process_and_no_container(slurm, slurm_jobs, image, cache_dir,
                                                               tmp_path):
     marker = "hc-e2e-%s" % uuid.uuid4().hex[:8]
-    run = compose_run(tmp_path, _long_running(image, cache_dir, marker), slurm_jobs, verb="submit")
+    run = compose_run(tmp_path, long_running(head(image, cache_dir), image, marker), slurm_jobs,
+                      verb="submit")
     assert run.result.code == 0, run.result
     assert wait_for_state(run.job_id, ("RUNNING",), timeout=60) == "RUNNING"
-    _wait_running(run, ["server", "worker"])
+    wait_running(run, ["server", "worker"])
     assert len(processes_with(marker)) >= 2
 
     subprocess.run(["scancel", run.job_id], check=True, timeout=30)
@@ -412,7 +414,8 @@ def test_scancel_leaves_no_container_process_and_no_container(slurm, slurm_jobs,
 def test_time_limit_leaves_no_container_process_and_no_container(slurm, slurm_jobs, image,
                                                                  cache_dir, tmp_path):
     marker = "hc-e2e-%s" % uuid.uuid4().hex[:8]
-    run = compose_run(tmp_path, _long_running(image, cache_dir, marker, "00:01:00"), slurm_jobs,
+    run = compose_run(tmp_path, long_running(head(image, cache_dir, "00:01:00"), image, marker),
+                      slurm_jobs,
                       verb="submit")
     assert run.result.code == 0, run.result
 

@@ -178,7 +178,12 @@ register_pyxis() {
             "$SLURM_CONF_DIR/plugstack.conf"; then
         printf 'include %s/plugstack.conf.d/*.conf\n' "$SLURM_CONF_DIR" >>"$SLURM_CONF_DIR/plugstack.conf"
     fi
-    printf 'required %s\n' "$PYXIS_PLUGIN" >"$SLURM_CONF_DIR/plugstack.conf.d/pyxis.conf"
+    # Rewritten only when different: its modification time tells the cluster script whether
+    # running daemons predate Pyxis.
+    local conf="$SLURM_CONF_DIR/plugstack.conf.d/pyxis.conf" line="required $PYXIS_PLUGIN"
+    if [ "$(cat "$conf" 2>/dev/null)" != "$line" ]; then
+        printf '%s\n' "$line" >"$conf"
+    fi
 }
 
 debian_mirror() {  # the machine's own Debian mirror (apt sources), else deb.debian.org

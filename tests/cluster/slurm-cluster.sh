@@ -572,10 +572,17 @@ wait_for_idle_nodes() {
 
 install_containers() {
     # Real Enroot + Pyxis (registered in plugstack.conf before the daemons start) and the test image.
-    # Daemons already running without Pyxis are restarted (PLUGSTACK_NEW) so that they load it.
-    [ -f "$ETC/plugstack.conf.d/pyxis.conf" ] || PLUGSTACK_NEW=1
     bash "$(dirname "$0")/container-tools.sh" install || die "building the container tools failed (see above)"
     bash "$(dirname "$0")/container-tools.sh" image || die "building the test image failed (see above)"
+    # Daemons started before Pyxis was registered are restarted (PLUGSTACK_NEW) so that they load it.
+    local conf="$ETC/plugstack.conf.d/pyxis.conf" pidfile pid started
+    for pidfile in /run/slurm/slurmctld.pid /run/slurm/slurmd.pid /run/slurm/slurmd-*.pid; do
+        pid_alive "$pidfile" || continue
+        pid="$(cat "$pidfile")"
+        started=$(( $(date +%s) - $(ps -o etimes= -p "$pid") ))
+        if [ "$(stat -c %Y "$conf")" -ge "$started" ]; then PLUGSTACK_NEW=1; fi
+    done
+    return 0
 }
 
 cmd_up() {

@@ -257,7 +257,9 @@ def _wait_job_id(folder, timeout=60):
 def _revive_nodes(job_id):
     """Bring the killed node back (its slurmd; Slurm returns it to service) and clear what the
     crash left of the job in its Enroot data directory, as a real node's reboot would."""
-    proc = subprocess.run(["bash", CLUSTER_SCRIPT, "up", "--containers", "--nodes", str(NODES)],
+    # Without --containers: the tools are installed already, and their source archives need not
+    # be at hand where the tests run.
+    proc = subprocess.run(["bash", CLUSTER_SCRIPT, "up", "--nodes", str(NODES)],
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           universal_newlines=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:]

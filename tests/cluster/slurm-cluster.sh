@@ -450,8 +450,11 @@ setup_network() {  # the bridge with the controller's address; no route out, no 
         say "creating bridge $BRIDGE ($CONTROLLER_ADDR/24)"
         ip link add "$BRIDGE" type bridge
     fi
-    ip addr show dev "$BRIDGE" | grep -q "inet $CONTROLLER_ADDR/24" \
-        || ip addr add "$CONTROLLER_ADDR/24" dev "$BRIDGE"
+    # (no `ip ... | grep -q` here: with pipefail, grep's early exit fails the pipeline)
+    case "$(ip -4 -o addr show dev "$BRIDGE")" in
+        *"inet $CONTROLLER_ADDR/24"*) ;;
+        *) ip addr add "$CONTROLLER_ADDR/24" dev "$BRIDGE" ;;
+    esac
     ip link set "$BRIDGE" up
 }
 
@@ -580,7 +583,7 @@ install_containers() {
         pid_alive "$pidfile" || continue
         pid="$(cat "$pidfile")"
         started=$(( $(date +%s) - $(ps -o etimes= -p "$pid") ))
-        if [ "$(stat -c %Y "$conf")" -ge "$started" ]; then PLUGSTACK_NEW=1; fi
+        if [ "$(stat -c %Y "$conf")" -gt "$started" ]; then PLUGSTACK_NEW=1; fi
     done
     return 0
 }

@@ -823,29 +823,6 @@ def test_watch_keeps_watching_through_an_outage_and_says_so_once(hc, tmp_path, m
     monkeypatch.setattr(hc, "_squeue_state", scripted_squeue(answers))
     monkeypatch.setattr(hc, "_sacct_state", lambda job_id, sacct_bin: hc.SchedulerState(
         "COMPLETED", "sacct", exit_code="0:0"))
-
-
-# --- clusters without accounting, requeue, NODE_FAIL ------------------------------------------
-
-def _write_final_state(job_dir, status, exit_code, attempt=0, reason=None):
-    os.makedirs(job_dir, exist_ok=True)
-    with open(os.path.join(job_dir, "state.json"), "w") as handle:
-        json.dump({"schema_version": 1, "status": status, "exit_code": exit_code,
-                   "attempt": attempt, "reason": reason, "services": []}, handle)
-
-
-def _unaccounted(hc, monkeypatch, queue):
-    # squeue knows the job while it runs, then forgets it; sacct answers nothing (accounting off).
-    answers = iter(queue)
-    monkeypatch.setattr(hc, "_squeue_state", lambda job_id, squeue_bin: next(answers, None))
-    monkeypatch.setattr(hc, "_sacct_state", lambda job_id, sacct_bin: None)
-
-
-def test_watch_concludes_from_state_json_when_no_scheduler_knows_the_job(hc, monkeypatch, tmp_path):
-    record = make_record(tmp_path, 7)
-    _write_final_state(record["job_dir"], "completed", 0)
-    _unaccounted(hc, monkeypatch, [hc.SchedulerState("RUNNING", "squeue")])
-    out = io.StringIO()
     now = [0.0]
 
     def sleep(seconds):
@@ -906,6 +883,32 @@ def test_stats_json_keeps_the_exact_numbers(hc, tmp_path):
     assert json.loads(hc._format_json(stats))["steps"][0]["ave_rss"] == "9121792"
     assert "8.7 MiB" in hc._format_stats_text(stats)
 
+
+# --- clusters without accounting, requeue, NODE_FAIL ------------------------------------------
+
+def _write_final_state(job_dir, status, exit_code, attempt=0, reason=None):
+    os.makedirs(job_dir, exist_ok=True)
+    with open(os.path.join(job_dir, "state.json"), "w") as handle:
+        json.dump({"schema_version": 1, "status": status, "exit_code": exit_code,
+                   "attempt": attempt, "reason": reason, "services": []}, handle)
+
+
+def _unaccounted(hc, monkeypatch, queue):
+    # squeue knows the job while it runs, then forgets it; sacct answers nothing (accounting off).
+    answers = iter(queue)
+    monkeypatch.setattr(hc, "_squeue_state", lambda job_id, squeue_bin: next(answers, None))
+    monkeypatch.setattr(hc, "_sacct_state", lambda job_id, sacct_bin: None)
+
+
+def test_watch_concludes_from_state_json_when_no_scheduler_knows_the_job(hc, monkeypatch, tmp_path):
+    record = make_record(tmp_path, 7)
+    _write_final_state(record["job_dir"], "completed", 0)
+    _unaccounted(hc, monkeypatch, [hc.SchedulerState("RUNNING", "squeue")])
+    out = io.StringIO()
+    now = [0.0]
+
+    def sleep(seconds):
+        now[0] += seconds
 
     outcome = hc.watch_job(record, out=out, sleep=sleep, clock=lambda: now[0])
 

@@ -38,7 +38,8 @@ top-level name starts with an underscore and may change without notice. In pipel
 - interpolation: ``interpolate``, ``parse_dotenv(text)``, ``load_dotenv(path)``;
 - spec: ``load_spec(path)`` -> ``ComposeSpec`` (records ``SlurmSpec``, ``ServiceSpec``,
   ``ServiceSlurmSpec``, ``ReadinessSpec``, ``FailurePolicy``, ``PrepareSpec``, ``MetricsSpec``,
-  ``ArtifactsSpec``, ``ResumeSpec``, ``SecretSpec``, ``ServiceSecret``), ``spec_to_dict``;
+  ``ArtifactsSpec``, ``ResumeSpec``, ``SecretSpec``, ``ServiceSecret``, ``SignalSpec``,
+  ``ServiceSignalSpec``), ``spec_to_dict``;
 - planner: ``build_plan(spec)`` -> ``Plan`` (records ``ServicePlan``, ``ImageRef``, ``Execution``,
   ``Mount``, ``Dependency``, ``Placement``, ``PreparePlan``), ``plan_to_dict``, ``service_token``,
   ``resolve_host_path``, ``normalize_image``;
@@ -83,6 +84,7 @@ __all__ = [
     "load_spec", "ComposeSpec", "SlurmSpec", "ServiceSpec", "ServiceSlurmSpec", "ReadinessSpec",
     "SecretSpec", "ServiceSecret",
     "FailurePolicy", "PrepareSpec", "MetricsSpec", "ArtifactsSpec", "ResumeSpec",
+    "SignalSpec", "ServiceSignalSpec",
     # planner
     "build_plan", "Plan", "ServicePlan", "ImageRef", "Execution", "Mount", "Dependency", "Placement",
     "PreparePlan", "service_token", "plan_to_dict", "spec_to_dict", "resolve_host_path",
@@ -138,8 +140,8 @@ _MIGRATE_TODO = _MIGRATE_NOTE + "TODO "
 # Contracts between this module and the batch script it writes (docs/execution-model.md): the files
 # the script leaves in the job directory and the schema version of each JSON file either side writes.
 _STATE_FILE_NAME = "state.json"          # <job dir>/state.json, written by the batch script
-_STATE_SCHEMA_VERSION = 1                # state.json
-_TRACKING_SCHEMA_VERSION = 1             # .hpc-compose/jobs/<id>.json and latest.json (tracking)
+_STATE_SCHEMA_VERSION = 2                # state.json (2: "signals", status "requeued")
+_TRACKING_SCHEMA_VERSION = 2             # .hpc-compose/jobs/<id>.json and latest.json (2: chains, arrays)
 _RESUME_LATEST_SCHEMA_VERSION = 1        # <resume dir>/_hpc-compose/latest.json
 _METRICS_META_SCHEMA_VERSION = 1         # <job dir>/metrics/meta.json
 _ARTIFACTS_MANIFEST_SCHEMA_VERSION = 3   # <job dir>/artifacts/manifest.json
@@ -2027,6 +2029,7 @@ class ServiceSlurmSpec(NamedTuple):
     extra_srun_args: tuple = ()
     failure_policy: FailurePolicy = FailurePolicy()
     runtime: object = None         # per-service override of x-slurm.runtime (None = inherit)
+    signal: object = None          # ServiceSignalSpec or None (forward the job's signal as it is)
 
 
 class ServiceSpec(NamedTuple):
@@ -2063,6 +2066,21 @@ class ResumeSpec(NamedTuple):
     path: str
 
 
+class SignalSpec(NamedTuple):
+    """x-slurm.signal: Slurm warns the batch shell ``before`` seconds ahead of the time limit."""
+    name: str                      # USR1 | USR2 (the batch shell traps both)
+    before: int                    # seconds
+    on_signal: str = "forward"     # forward | requeue
+    grace: object = None           # requeue: seconds the services get to exit before the requeue
+    max_attempts: object = None    # requeue: the attempt that may not requeue itself any more
+
+
+class ServiceSignalSpec(NamedTuple):
+    """services.<name>.x-slurm.signal: what the service receives when the job is signalled."""
+    name: object = None            # None: the signal the batch shell received
+    forward: bool = True
+
+
 class SlurmSpec(NamedTuple):
     job_name: object = None
     partition: object = None
@@ -2088,6 +2106,10 @@ class SlurmSpec(NamedTuple):
     submit_args: tuple = ()
     runtime: str = _DEFAULT_RUNTIME # hpc-compose extension: pyxis | host
     share_with_group: bool = False # job directory and service logs readable by the group
+    signal: object = None          # SignalSpec or None
+    requeue: object = None         # None | True | False (--requeue / --no-requeue)
+    dependency: object = None      # a Slurm dependency expression, or None
+    array: object = None           # a Slurm array expression such as "0-15%4", or None
 
 
 class ComposeSpec(NamedTuple):
@@ -2124,9 +2146,10 @@ _SLURM_STRING_KEYS = ("job_name", "partition", "account", "qos", "time", "mem", 
                       "constraint", "output", "error", "chdir", "cache_dir")
 _SLURM_COUNT_KEYS = ("nodes", "ntasks", "ntasks_per_node", "cpus_per_task", "gpus")
 _SLURM_KEYS = _SLURM_STRING_KEYS + _SLURM_COUNT_KEYS + (
-    "metrics", "artifacts", "resume", "setup", "submit_args", "runtime", "share_with_group")
+    "metrics", "artifacts", "resume", "setup", "submit_args", "runtime", "share_with_group",
+    "signal", "requeue", "dependency", "array")
 _SERVICE_SLURM_KEYS = ("nodes", "ntasks", "ntasks_per_node", "cpus_per_task", "gpus", "gres",
-                       "extra_srun_args", "failure_policy", "runtime")
+                       "extra_srun_args", "failure_policy", "runtime", "signal")
 _FAILURE_POLICY_KEYS = ("mode", "max_restarts", "backoff_seconds")
 _FAILURE_MODES = ("fail_job", "ignore", "restart_on_failure")
 _DEFAULT_MAX_RESTARTS = 3
@@ -2164,6 +2187,16 @@ _SERVICE_SECRET_UNSUPPORTED = dict(
 _DEFAULT_SECRET_MODE = 0o600
 _SECRET_CHECK_LIMIT = 1 << 16      # bytes: larger secret files are not searched for in spec values
 _SECRET_MATCH_MIN = 8              # a value contained in a spec string must be at least this long
+_SIGNAL_KEYS = ("name", "before", "on_signal", "grace", "max_attempts")
+_JOB_SIGNALS = ("USR1", "USR2")     # the batch shell passes these on; TERM/INT/HUP end the job
+_SERVICE_SIGNALS = ("HUP", "INT", "QUIT", "USR1", "USR2", "TERM", "CONT", "WINCH", "URG")
+_SERVICE_SIGNAL_KEYS = ("name", "forward")
+_ON_SIGNAL_ACTIONS = ("forward", "requeue")
+_MAX_SIGNAL_BEFORE = 65535          # Slurm's --signal time field is 16 bits
+_DEFAULT_MAX_ATTEMPTS = 5
+_REQUEUE_TEARDOWN_SECONDS = 15      # the stop grace (10 s) and a margin, after the requeue grace
+_DEPENDENCY_TYPES = ("after", "afterany", "afterburstbuffer", "aftercorr", "afternotok", "afterok",
+                     "singleton")
 
 _NETWORK_HINT = ("there is no Docker network or service-name DNS: services on one node share the "
                  "host network (use 127.0.0.1); multi-node runs use HPC_COMPOSE_PRIMARY_NODE")
@@ -2330,6 +2363,74 @@ def _parse_duration(value):
     if seconds < 1:
         raise _Invalid("duration must be at least 1 second")
     return seconds
+
+
+def _signal_name(value):
+    """``SIGUSR1``/``usr1`` -> ``USR1``; anything else unchanged for the choice check to refuse."""
+    if isinstance(value, str):
+        value = value.strip().upper()
+        return value[3:] if value.startswith("SIG") else value
+    return value
+
+
+def _slurm_time_seconds(text):
+    """Seconds of a Slurm time limit (``30``, ``MM:SS``, ``HH:MM:SS``, ``D-HH[:MM[:SS]]``), or None."""
+    import re
+    if text is None:
+        return None
+    text = str(text).strip()
+    match = re.match(r"\A(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?\Z", text)
+    if not match:
+        return None           # UNLIMITED, INFINITE, or something sbatch will judge itself
+    days, first, second, third = match.groups()
+    if days is not None:      # D-HH, D-HH:MM, D-HH:MM:SS
+        parts = [int(first), int(second or 0), int(third or 0)]
+        return int(days) * 86400 + parts[0] * 3600 + parts[1] * 60 + parts[2]
+    if third is not None:     # HH:MM:SS
+        return int(first) * 3600 + int(second) * 60 + int(third)
+    if second is not None:    # MM:SS
+        return int(first) * 60 + int(second)
+    return int(first) * 60    # minutes
+
+
+def _check_dependency(text):
+    """A Slurm dependency expression, checked for shape: ``afterok:12:13,singleton`` or ``?``-joined."""
+    import re
+    separators = set(re.findall(r"[,?]", text))
+    if len(separators) > 1:
+        raise _Invalid("dependency %r mixes ',' (all of) and '?' (any of); Slurm accepts only one "
+                       "of them" % text)
+    for item in re.split(r"[,?]", text):
+        kind, _, rest = item.partition(":")
+        if kind not in _DEPENDENCY_TYPES:
+            raise _Invalid("dependency %r: %r is not a Slurm dependency type" % (text, kind),
+                           hint="one of " + ", ".join(_DEPENDENCY_TYPES))
+        if kind == "singleton":
+            if rest:
+                raise _Invalid("dependency %r: singleton takes no job id" % text)
+            continue
+        ids = rest.split(":") if rest else []
+        pattern = r"\A\d+(?:_\d+)?(?:\+\d+)?\Z" if kind == "after" else r"\A\d+(?:_\d+)?\Z"
+        if not ids or not all(re.match(pattern, job) for job in ids):
+            raise _Invalid("dependency %r: %s needs one or more job ids after ':' (like %s:12345)"
+                           % (text, kind, kind))
+    return text
+
+
+def _check_array(text):
+    """A Slurm array expression (``0-15``, ``1,3,5``, ``0-30:2``, ``0-15%4``), checked."""
+    import re
+    body, percent, limit = text.partition("%")
+    if percent and not re.match(r"\A[1-9]\d*\Z", limit):
+        raise _Invalid("array %r: the limit after '%%' must be a positive integer" % text)
+    for item in body.split(","):
+        match = re.match(r"\A(\d+)(?:-(\d+)(?::([1-9]\d*))?)?\Z", item)
+        if not match:
+            raise _Invalid("array %r: %r is not an index, a range A-B or a stepped range A-B:S"
+                           % (text, item), hint="Slurm's syntax, e.g. 0-15%4 or 1,3,5")
+        if match.group(2) is not None and int(match.group(2)) < int(match.group(1)):
+            raise _Invalid("array %r: the range %s runs backwards" % (text, item))
+    return text
 
 
 def _is_local_host(host):
@@ -2775,8 +2876,81 @@ class _SpecLoader(object):
         if raw.get("share_with_group") is not None:
             values["share_with_group"] = self.boolean(path + ("share_with_group",),
                                                       raw["share_with_group"])
+        if raw.get("requeue") is not None:
+            values["requeue"] = self.boolean(path + ("requeue",), raw["requeue"])
+        if raw.get("signal") is not None:
+            values["signal"] = self.job_signal(path + ("signal",), raw["signal"], values)
+        if raw.get("dependency") is not None:
+            text = self.string(path + ("dependency",), raw["dependency"])
+            values["dependency"] = self.apply_rule(path + ("dependency",), _check_dependency, text)
+        if raw.get("array") is not None:
+            text = self.string(path + ("array",), _scalar_text(raw["array"]))
+            values["array"] = self.apply_rule(path + ("array",), _check_array, text)
         self.check_gpus(path, values)
         return SlurmSpec(**values)
+
+    def job_signal(self, path, raw, values):
+        raw = self.mapping(path, raw)
+        self.check_keys(path, raw, _SIGNAL_KEYS, "x-slurm.signal")
+        name = "USR1"
+        if raw.get("name") is not None:
+            name = self.choice(path + ("name",), _signal_name(raw["name"]), _JOB_SIGNALS)
+        if raw.get("before") is None:
+            raise self.error(path, "x-slurm.signal needs before",
+                             hint="how long before the time limit Slurm sends it, e.g. before: 5m")
+        before = self.apply_rule(path + ("before",), _parse_duration, raw["before"])
+        if before > _MAX_SIGNAL_BEFORE:
+            raise self.error(path + ("before",), "before is %d s; Slurm accepts at most %d s"
+                             % (before, _MAX_SIGNAL_BEFORE))
+        limit = _slurm_time_seconds(values.get("time"))
+        if limit is not None and before >= limit:
+            raise self.error(path + ("before",), "before (%d s) is not shorter than the job's "
+                             "time limit (x-slurm.time %s = %d s): the signal would never come"
+                             % (before, values["time"], limit),
+                             hint="give the job more time or the signal a smaller before")
+        action = "forward"
+        if raw.get("on_signal") is not None:
+            action = self.choice(path + ("on_signal",), raw["on_signal"], _ON_SIGNAL_ACTIONS)
+        if action != "requeue":
+            for key in ("grace", "max_attempts"):
+                if key in raw:
+                    raise self.error(path + (key,), "%s is valid only with on_signal: requeue"
+                                     % key, at_key=True)
+            return SignalSpec(name, before, action)
+        if values.get("resume") is None:
+            raise self.error(path + ("on_signal",), "on_signal: requeue needs x-slurm.resume: "
+                             "the next attempt must find the checkpoint somewhere",
+                             hint="add x-slurm.resume.path (shared storage) and load the "
+                                  "checkpoint from $HPC_COMPOSE_RESUME_DIR")
+        if values.get("requeue") is False:
+            raise self.error(path + ("on_signal",), "on_signal: requeue contradicts "
+                             "x-slurm.requeue: false", hint="set requeue: true or drop it")
+        grace = before // 2
+        if raw.get("grace") is not None:
+            grace = self.apply_rule(path + ("grace",), _parse_duration, raw["grace"])
+        if grace + _REQUEUE_TEARDOWN_SECONDS > before:
+            raise self.error(path + ("grace" if "grace" in raw else "before",),
+                             "grace (%d s) and the teardown after it (%d s) do not fit in before "
+                             "(%d s)" % (grace, _REQUEUE_TEARDOWN_SECONDS, before),
+                             hint="make before at least grace + %d s" % _REQUEUE_TEARDOWN_SECONDS)
+        max_attempts = self.integer(path + ("max_attempts",), raw.get("max_attempts"))
+        return SignalSpec(name, before, action, grace,
+                          _DEFAULT_MAX_ATTEMPTS if max_attempts is None else max_attempts)
+
+    def service_signal(self, path, raw):
+        if raw is False:
+            return ServiceSignalSpec(forward=False)
+        if not isinstance(raw, dict):
+            raise self.error(path, "expected a mapping (name, forward) or false, got %s"
+                             % _describe(raw))
+        self.check_keys(path, raw, _SERVICE_SIGNAL_KEYS, "services.<name>.x-slurm.signal")
+        name = None
+        if raw.get("name") is not None:
+            name = self.choice(path + ("name",), _signal_name(raw["name"]), _SERVICE_SIGNALS)
+        forward = True
+        if raw.get("forward") is not None:
+            forward = self.boolean(path + ("forward",), raw["forward"])
+        return ServiceSignalSpec(name, forward)
 
     def check_gpus(self, path, values):
         if values.get("gres") is not None and values.get("gpus") is not None:
@@ -3040,6 +3214,8 @@ class _SpecLoader(object):
                                                        raw.get("failure_policy"))
         if raw.get("runtime") is not None:
             values["runtime"] = self.choice(path + ("runtime",), raw["runtime"], _RUNTIMES)
+        if raw.get("signal") is not None:
+            values["signal"] = self.service_signal(path + ("signal",), raw["signal"])
         self.check_gpus(path, values)
         return ServiceSlurmSpec(**values)
 
@@ -3550,6 +3726,14 @@ def _slurm_to_dict(slurm, escape=None):
     data["runtime"] = slurm.runtime
     if slurm.share_with_group:
         data["share_with_group"] = True
+    if slurm.signal is not None:
+        data["signal"] = dict((key, value) for key, value in slurm.signal._asdict().items()
+                              if value is not None)
+    if slurm.requeue is not None:
+        data["requeue"] = slurm.requeue
+    for key in ("dependency", "array"):
+        if getattr(slurm, key) is not None:
+            data[key] = escape(getattr(slurm, key))
     return data
 
 
@@ -3594,6 +3778,9 @@ def spec_to_dict(spec, escape_dollars=False):
             slurm["failure_policy"] = _failure_policy_to_dict(service.slurm.failure_policy)
         if service.slurm.runtime is not None:
             slurm["runtime"] = service.slurm.runtime
+        if service.slurm.signal is not None:
+            slurm["signal"] = dict((key, value) for key, value
+                                   in service.slurm.signal._asdict().items() if value is not None)
         if slurm:
             data["x-slurm"] = slurm
         if service.prepare is not None:
@@ -5555,6 +5742,13 @@ DEPENDS_ON[@{index}]=@{depends_on}
 PLACEMENT[@{index}]=@{placement} DISTRIBUTED[@{index}]=@{distributed}
 @{restart}@{readiness}"""
 
+_SIGNAL_TABLE_TEMPLATE = """
+# Signals (x-slurm.signal): ON_SIGNAL is forward or requeue; SIGNAL_TO is what each service receives
+# when the batch shell gets USR1/USR2 ('' the same signal, - nothing).
+ON_SIGNAL=@{on_signal} JOB_SIGNAL=@{job_signal} REQUEUE_GRACE=@{grace} MAX_ATTEMPTS=@{max_attempts}
+@{signal_to}
+"""
+
 _RESTART_ENTRY_TEMPLATE = """\
 MAX_RESTARTS[@{index}]=@{max_restarts} BACKOFF[@{index}]=@{backoff}
 """
@@ -5623,6 +5817,7 @@ PROBE_INTERVAL_MS=@{probe_interval_ms}
 PROBE_LIMIT_MS=@{probe_limit_ms}
 PROBING=0
 JOB_STATUS=running JOB_EXIT=null JOB_REASON='' FINISHING=0 STATE_CHANGED=1 PENDING_SIGNALS=()
+SIGNALS_JSON='' REQUEUE_SELF=0 LAST_ATTEMPT_NOTE=''
 KILL_WAIT=30  # Slurm's KillWait, read from scontrol once the allocation is known
 PROC_ROOTS=0
 [[ -e /proc/$$/root ]] && PROC_ROOTS=1
@@ -5694,9 +5889,9 @@ write_state() {
     done
     json_or_null "$JOB_REASON"
     reason=$JSON
-    printf '{\n  "schema_version": @{state_schema_version},\n  "job_id": "%s",\n  "attempt": %s,\n  "status": "%s",\n  "exit_code": %s,\n  "reason": %s,\n  "updated_at": "%s",\n  "services": [\n%s\n  ]\n}\n' \
-        "$SLURM_JOB_ID" "$ATTEMPT" "$JOB_STATUS" "$JOB_EXIT" "$reason" "$NOW_ISO" "$services" \
-        >"$STATE_FILE.tmp" && mv -f "$STATE_FILE.tmp" "$STATE_FILE"
+    printf '{\n  "schema_version": @{state_schema_version},\n  "job_id": "%s",\n  "attempt": %s,\n  "status": "%s",\n  "exit_code": %s,\n  "reason": %s,\n  "updated_at": "%s",\n  "signals": [%s],\n  "services": [\n%s\n  ]\n}\n' \
+        "$SLURM_JOB_ID" "$ATTEMPT" "$JOB_STATUS" "$JOB_EXIT" "$reason" "$NOW_ISO" "$SIGNALS_JSON" \
+        "$services" >"$STATE_FILE.tmp" && mv -f "$STATE_FILE.tmp" "$STATE_FILE"
     STATE_CHANGED=0
 }
 
@@ -5948,7 +6143,7 @@ finish() {
     trap '' TERM INT HUP USR1 USR2
     set +e
     say "job $status (exit code $code): $reason"
-    if [[ $status == cancelled || $status == timeout ]]; then
+    if [[ $status == cancelled || $status == timeout || ( $status == requeued && $REQUEUE_SELF == 0 ) ]]; then
         # Slurm has signalled the steps too and sends SIGKILL to everything after KillWait:
         # keep the grace period short enough to write the final state before that.
         grace=$(( (KILL_WAIT - 2) / 2 < STOP_GRACE_SECONDS ? (KILL_WAIT - 2) / 2 : STOP_GRACE_SECONDS ))
@@ -5998,6 +6193,10 @@ finish() {
     done
     [[ $status == completed ]] && outcome=success
 @{remove_secrets}    collect_artifacts "$outcome"
+    if [[ $status == requeued ]] && (( REQUEUE_SELF )) && ! requeue_job; then
+        status=failed code=1 reason="$reason; but scontrol requeue failed: $REQUEUE_ERROR"
+        say "job failed (exit code 1): scontrol requeue failed: $REQUEUE_ERROR"
+    fi
     # Only now does state.json leave "running": readers may take its status as final.
     JOB_STATUS=$status JOB_EXIT=$code JOB_REASON=$reason
     write_state
@@ -6007,26 +6206,95 @@ finish() {
 # scancel and the time limit both arrive as SIGTERM; Slurm's record of the job tells them apart.
 on_signal() {
     local name=$1 number=$2
+    local job
     (( FINISHING )) && return 0
-    if scontrol show job "$SLURM_JOB_ID" 2>/dev/null | grep -Eq 'JobState=TIMEOUT|Reason=TimeLimit'; then
-        finish timeout $((128 + number)) "the job reached its time limit (SIG$name)"
+    job=$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null)
+    if [[ $job =~ JobState=TIMEOUT|Reason=TimeLimit ]]; then
+        finish timeout $((128 + number)) "the job reached its time limit (SIG$name)$LAST_ATTEMPT_NOTE"
+    fi
+    # A requeue from outside (scontrol requeue, preemption) also arrives as SIGTERM; Slurm has
+    # already counted the next attempt.
+    if [[ $job =~ JobState=(PREEMPTED|REQUEUE) ]] ||
+        { [[ $job =~ Restarts=([0-9]+) ]] && (( BASH_REMATCH[1] > ATTEMPT )); }; then
+        finish requeued $((128 + number)) "the job was requeued by Slurm (preemption or scontrol requeue) during attempt $((ATTEMPT + 1)) (SIG$name): attempt $((ATTEMPT + 2)) resumes"
     fi
     finish cancelled $((128 + number)) "the job was cancelled (SIG$name)"
 }
 
-# USR1/USR2 sent to the batch shell (scancel --batch --signal=USR1, or #SBATCH --signal=B:USR1@120
-# as a checkpoint warning) are passed on to every running service instead of killing the script.
-# The trap only queues the signal (see the event loop for why).
+# requeue_job: the job asks Slurm to requeue it (x-slurm.signal.on_signal: requeue). Slurm then
+# ends this attempt (SIGTERM, then SIGKILL after KillWait) and starts attempt N+1 later.
+requeue_job() {
+    local out
+    out=$(scontrol requeue "$SLURM_JOB_ID" 2>&1) && return 0
+    REQUEUE_ERROR=${out//$'\n'/ }
+    return 1
+}
+
+# USR1/USR2 sent to the batch shell (x-slurm.signal, scancel --batch --signal=USR1) are passed on
+# to every running service that takes them (SIGNAL_TO), instead of killing the script; each one is
+# recorded in state.json. The trap only queues the signal (see the event loop for why).
 forward_signals() {
-    local signal i live=()
-    for ((i = 0; i < SERVICE_COUNT; i++)); do
-        if [[ -n ${PID[i]} ]]; then live+=("$i"); fi
-    done
+    local signal i to action targets sent count
+    local -A by_signal
     for signal in "${PENDING_SIGNALS[@]}"; do
-        say "forwarding SIG$signal to ${#live[@]} running service(s)"
-        if (( ${#live[@]} > 0 )); then signal_steps "$signal" "${live[@]}"; fi
+        by_signal=() sent='' count=0 action=forward
+        for ((i = 0; i < SERVICE_COUNT; i++)); do
+            [[ -n ${PID[i]} && ${SIGNAL_TO[i]} != - ]] || continue
+            to=${SIGNAL_TO[i]:-$signal}
+            by_signal[$to]+=" $i"
+            json_string "${NAME[i]}"
+            sent+="${sent:+, }{\"service\": $JSON, \"signal\": \"$to\"}"
+            count=$((count + 1))
+        done
+        say "forwarding SIG$signal to $count running service(s)"
+        for to in "${!by_signal[@]}"; do
+            read -r -a targets <<<"${by_signal[$to]}"
+            signal_steps "$to" "${targets[@]}"
+        done
+        if [[ $ON_SIGNAL == requeue && $signal == "$JOB_SIGNAL" && -z $LAST_ATTEMPT_NOTE ]]; then
+            action=requeue
+            if (( ATTEMPT + 1 >= MAX_ATTEMPTS )); then
+                action=last_attempt
+                LAST_ATTEMPT_NOTE=" on attempt $((ATTEMPT + 1)), the last one x-slurm.signal.max_attempts ($MAX_ATTEMPTS) allows: not requeued"
+                say "not requeueing: attempt $((ATTEMPT + 1)) is the last of $MAX_ATTEMPTS (x-slurm.signal.max_attempts)"
+            fi
+        fi
+        clock
+        SIGNALS_JSON+="${SIGNALS_JSON:+, }{\"signal\": \"$signal\", \"received_at\": \"$NOW_ISO\", \"action\": \"$action\", \"forwarded_to\": [$sent]}"
+        STATE_CHANGED=1
+        if [[ $action == requeue ]]; then requeue_after_signal "$signal"; fi
     done
     PENDING_SIGNALS=()
+}
+
+# on_signal: requeue. The services had the signal; give them REQUEUE_GRACE seconds to save and exit,
+# then tear down and requeue. A SIGTERM meanwhile (scancel, the time limit) wins.
+requeue_after_signal() {
+    local signal=$1 i rc running deadline
+    write_state
+    say "requeue: the services have $REQUEUE_GRACE s to exit after SIG$signal, then the job requeues itself"
+    clock
+    deadline=$((NOW_MS + REQUEUE_GRACE * 1000))
+    while [[ -z $STOP_SIGNAL ]] && (( NOW_MS < deadline )); do
+        running=0
+        for ((i = 0; i < SERVICE_COUNT; i++)); do
+            [[ -n ${PID[i]} ]] || continue
+            if alive "${PID[i]}"; then running=1; continue; fi
+            rc=0
+            wait "${PID[i]}" 2>/dev/null || rc=$?
+            stop_probe "$i"
+            PID[i]='' LAST_EXIT[i]=$rc FINISHED_AT[i]=$NOW_ISO STATUS[i]=exited
+            (( rc == 0 )) || STATUS[i]=failed
+            say "service '${NAME[i]}' exited with code $rc after SIG$signal"
+            write_state
+        done
+        (( running )) || break
+        read -r -t "$TICK" -u "$SLEEP_FD" _
+        clock
+    done
+    [[ -z $STOP_SIGNAL ]] || return 0
+    REQUEUE_SELF=1
+    finish requeued 0 "the job requeued itself after SIG$signal (x-slurm.signal.on_signal: requeue): attempt $((ATTEMPT + 1)) ended, attempt $((ATTEMPT + 2)) resumes from x-slurm.resume"
 }
 
 on_exit() {  # the script ended without finish(): a setup line or the script itself failed
@@ -6240,9 +6508,49 @@ def _sbatch_lines(plan):
         value = getattr(slurm, field)
         if value is not None:
             lines.append(flag + "=" + shell_quote(_single_line(value, "x-slurm." + field)))
+    lines.extend(_job_pattern_sbatch_lines(slurm))
     for arg in slurm.submit_args:
         lines.append(_single_line(arg, "x-slurm.submit_args entry"))
     return ["#SBATCH " + line for line in lines]
+
+
+def _job_pattern_sbatch_lines(slurm):
+    """``--array``, ``--dependency``, ``--signal``, ``--requeue`` from their x-slurm fields."""
+    lines = []
+    if slurm.array is not None:
+        lines.append("--array=" + shell_quote(_single_line(slurm.array, "x-slurm.array")))
+    if slurm.dependency is not None:
+        lines.append("--dependency=" + shell_quote(_single_line(slurm.dependency,
+                                                                "x-slurm.dependency")))
+    signal = slurm.signal
+    if signal is not None:
+        lines.append("--signal=" + shell_quote("B:%s@%d" % (signal.name, signal.before)))
+    requeue = slurm.requeue
+    if requeue is None and signal is not None and signal.on_signal == "requeue":
+        requeue = True
+    if requeue is not None:
+        lines.append("--requeue" if requeue else "--no-requeue")
+    if requeue:
+        # Every attempt appends to the batch log, so the log tells the whole story of the job.
+        lines.append("--open-mode=append")
+    return lines
+
+
+def _signal_table(plan):
+    """The bash lines of _SIGNAL_TABLE_TEMPLATE: the job's signal policy and SIGNAL_TO per service."""
+    signal = plan.slurm.signal or SignalSpec("USR1", 0)
+    by_name = dict((s.name, s) for s in plan.spec.services)
+    targets = []
+    for index, service in enumerate(plan.services):
+        wanted = by_name[service.name].slurm.signal if service.name in by_name else None
+        target = ""
+        if wanted is not None:
+            target = wanted.name or "" if wanted.forward else "-"
+        targets.append("SIGNAL_TO[%d]=%s" % (index, shell_quote(target)))
+    return _fill(_SIGNAL_TABLE_TEMPLATE, on_signal=shell_quote(signal.on_signal),
+                 job_signal=shell_quote(signal.name), grace=shell_quote(int(signal.grace or 0)),
+                 max_attempts=shell_quote(int(signal.max_attempts or 0)),
+                 signal_to=" ".join(targets))
 
 
 def _job_ending_services(plan):
@@ -6509,6 +6817,7 @@ def render_script(runtime_plan):
                     end_reason=shell_quote("every service that ends the job has finished: "
                                            + ", ".join(ending)))]
     pieces.extend(_service_entry(plan, index, ending) for index in range(len(services)))
+    pieces.append(_signal_table(plan))
     pieces.extend(_run_service_function(runtime_plan, index) for index in range(len(services)))
     pieces.append(_JSON_STRING_TEMPLATE)
     pieces.append(_fill(_SUPERVISOR_TEMPLATE, tick=_SUPERVISOR_TICK, grace=str(_STOP_GRACE_SECONDS),
@@ -7556,6 +7865,33 @@ def _load_runtime_state(job_dir):
     return state
 
 
+def _load_attempt_states(job_dir):
+    """``[(attempt, state or None), ...]`` of a job with x-slurm.resume (``attempts/<n>/``), oldest first."""
+    root = os.path.join(job_dir, "attempts")
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return []
+    attempts = sorted(int(name) for name in names if name.isdigit())
+    return [(n, _load_runtime_state(os.path.join(root, str(n)))) for n in attempts]
+
+
+def _attempt_summary(attempt, state):
+    """One attempt of a requeued job as JSON-ready data (for ``status``)."""
+    state = state or {}
+    return {"attempt": attempt, "status": state.get("status") or "not started",
+            "exit_code": state.get("exit_code"), "reason": state.get("reason"),
+            "signals": state.get("signals") or []}
+
+
+def _format_signal(entry):
+    """``SIGUSR1 at T -> requeue (train: SIGINT)``: one recorded signal of state.json."""
+    targets = ", ".join("%s: SIG%s" % (t.get("service"), t.get("signal"))
+                        for t in entry.get("forwarded_to") or () if isinstance(t, dict))
+    return "SIG%s at %s -> %s (%s)" % (entry.get("signal"), entry.get("received_at"),
+                                      entry.get("action"), targets or "no running service")
+
+
 def _runtime_failure_summary(state):
     """One phrase naming the failed services from state.json (or ``None``)."""
     if not state:
@@ -8062,6 +8398,9 @@ def _job_status(record, squeue_bin="squeue", sacct_bin="sacct"):
                             if record.get("batch_error_log") else None),
         "services": services,
         "resume_dir": record.get("resume_dir"),
+        "signals": (runtime or {}).get("signals") or [],
+        "attempts": [_attempt_summary(n, state)
+                     for n, state in _load_attempt_states(record["job_dir"])],
     }
 
 
@@ -8116,6 +8455,16 @@ def _format_status_text(status):
         lines.append("  runtime:    " + text)
     else:
         lines.append("  runtime:    no state.json yet")
+    for entry in status.get("signals") or ():
+        lines.append("  signal:     " + _format_signal(entry))
+    if len(status.get("attempts") or ()) > 1:
+        for attempt in status["attempts"]:
+            text = attempt["status"]
+            if attempt.get("exit_code") is not None:
+                text += ", exit code %s" % attempt["exit_code"]
+            if attempt.get("reason"):
+                text += ", %s" % attempt["reason"]
+            lines.append("  attempt %s:  %s" % (attempt["attempt"], text))
     if status.get("compose_file"):
         lines.append("  compose:    %s" % status["compose_file"])
     lines.append("  job dir:    %s" % status["job_dir"])
@@ -8629,6 +8978,7 @@ TEMPLATE_NAMES = (
     "restart-policy", "multi-stage-pipeline", "fairseq-preprocess", "llm-curl-workflow",
     "llm-curl-workflow-workdir", "llama-app", "llama-uv-worker", "vllm-openai", "vllm-uv-worker",
     "training-checkpoints", "training-resume", "mpi-hello", "multi-node-mpi", "multi-node-torchrun",
+    "long-training",
 )
 
 _DEFAULT_INIT_OUTPUT = "compose.yaml"
@@ -11494,7 +11844,18 @@ def _cmd_logs(args):
         raise UsageError("--tail must be 0 or more")
     record = _job_record(args)
     sources = _record_log_sources(record, args.service)
+    attempts = [n for n, _ in _load_attempt_states(record["job_dir"])]
     for name, path in sources:
+        if len(attempts) > 1:
+            # A requeued job: every attempt's lines, each attempt after a marker line.
+            for attempt in attempts:
+                older = os.path.join(record["job_dir"], "attempts", str(attempt), "logs",
+                                     os.path.basename(path))
+                sys.stdout.write(_format_log_line(name, "%s attempt %d (job %s)" % (
+                    _RESTART_MARKER, attempt, record["job_id"])) + "\n")
+                for line in _tail_lines(older, args.tail):
+                    sys.stdout.write(_format_log_line(name, line) + "\n")
+            continue
         for line in _tail_lines(path, args.tail):
             sys.stdout.write(_format_log_line(name, line) + "\n")
     sys.stdout.flush()

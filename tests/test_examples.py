@@ -44,8 +44,12 @@ def commands_of(document):
     return found
 
 
+# The HPC patterns around one job (signal + requeue + resume, arrays), runnable on the test cluster.
+PATTERN_EXAMPLES = ["long-training"]
+
+
 def test_every_manual_example_and_host_pipeline_is_shipped():
-    assert sorted(MANUAL_EXAMPLES + ["host-pipeline"]) == NAMES
+    assert sorted(MANUAL_EXAMPLES + ["host-pipeline"] + PATTERN_EXAMPLES) == NAMES
 
 
 @pytest.mark.parametrize("note", COMPANION_NOTES)
@@ -169,3 +173,36 @@ def test_host_pipeline_commands_produce_the_result_file(tmp_path):
     text = (tmp_path / "result.txt").read_text()
     assert text.startswith("fetched http://127.0.0.1:%s/message.txt: hello from " % port)
     assert result.stdout == text
+
+
+def _standin(tmp_path, *args, **env):
+    environ = dict(os.environ, HPC_COMPOSE_ATTEMPT=env.get("attempt", "0"),
+                   HPC_COMPOSE_IS_RESUME=env.get("is_resume", "0"))
+    return subprocess.Popen([sys.executable, os.path.join(EXAMPLES, "standin", "train_standin.py"),
+                             "--checkpoint-dir", str(tmp_path)] + list(args),
+                            stdout=subprocess.PIPE, universal_newlines=True, env=environ)
+
+
+def test_long_training_signals_and_requeues_into_its_resume_path():
+    slurm = load("long-training")["x-slurm"]
+    assert slurm["signal"]["on_signal"] == "requeue" and "resume" in slurm
+    command = load("long-training")["services"]["trainer"]["command"]
+    assert command[command.index("--checkpoint-dir") + 1] == slurm["resume"]["path"]
+
+
+def test_standin_trainer_checkpoints_on_sigusr1_and_the_next_run_resumes(tmp_path):
+    import signal
+    first = _standin(tmp_path, "--steps", "400", "--step-seconds", "0.05")
+    assert first.stdout.readline().startswith("starting at step 0")
+    assert first.stdout.readline().startswith("step 1 ")
+    first.send_signal(signal.SIGUSR1)
+    out, _ = first.communicate(timeout=30)
+    assert first.returncode == 0
+    saved = int(out.splitlines()[-1].split("at step ")[1].split(",")[0])
+    assert 1 <= saved < 400
+    second = _standin(tmp_path, "--steps", str(saved + 2), "--step-seconds", "0.01",
+                      attempt="1", is_resume="1")
+    out, _ = second.communicate(timeout=30)
+    lines = out.splitlines()
+    assert lines[0] == "resumed from step %d (attempt 1, HPC_COMPOSE_IS_RESUME=1)" % saved
+    assert lines[-1].startswith("done: %d steps" % (saved + 2))

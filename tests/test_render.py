@@ -447,3 +447,41 @@ def test_pyxis_jobs_refuse_a_job_directory_pyxis_cannot_mount():
     assert check in hc.render_script(runtime_plan(service()))
     host = service(runtime="host", execution=hc.Execution("exec", ("true",)))
     assert check not in hc.render_script(runtime_plan(host))
+
+
+# --- x-slurm.signal, requeue, dependency, array ------------------------------------------------
+
+def test_signal_requeue_dependency_and_array_become_sbatch_lines_before_submit_args():
+    signal = hc.SignalSpec("USR1", 300, "requeue", 150, 5)
+    script = hc.render_script(runtime_plan(service(), signal=signal, dependency="afterok:12",
+                                           array="0-3%2", submit_args=("--mail-type=END",)))
+    assert [line[len("#SBATCH "):] for line in sbatch_lines(script)[-6:]] == [
+        "--array=0-3%2", "--dependency=afterok:12", "--signal=B:USR1@300", "--requeue",
+        "--open-mode=append", "--mail-type=END"]
+
+
+def test_requeue_false_renders_no_requeue_and_keeps_slurm_open_mode():
+    lines = sbatch_lines(hc.render_script(runtime_plan(service(), requeue=False)))
+    assert "#SBATCH --no-requeue" in lines and not any("--open-mode" in l for l in lines)
+
+
+def test_signal_table_names_what_each_service_receives():
+    spec = hc.ComposeSpec(path="/p/compose.yaml", project_dir="/p", name="demo", version=None,
+                          slurm=hc.SlurmSpec(), services=(
+                              hc.ServiceSpec("a", None, slurm=hc.ServiceSlurmSpec(
+                                  signal=hc.ServiceSignalSpec("INT"))),
+                              hc.ServiceSpec("b", None, slurm=hc.ServiceSlurmSpec(
+                                  signal=hc.ServiceSignalSpec(forward=False))),
+                              hc.ServiceSpec("c", None)))
+    plan = runtime_plan(service("a"), service("b"), service("c"),
+                        signal=hc.SignalSpec("USR2", 120, "requeue", 60, 3))
+    plan = plan._replace(plan=plan.plan._replace(spec=spec))
+    script = hc.render_script(plan)
+    assert "\nON_SIGNAL=requeue JOB_SIGNAL=USR2 REQUEUE_GRACE=60 MAX_ATTEMPTS=3\n" in script
+    assert "\nSIGNAL_TO[0]=INT SIGNAL_TO[1]=- SIGNAL_TO[2]=''\n" in script
+
+
+def test_without_x_slurm_signal_every_service_gets_the_signal_as_it_came():
+    script = hc.render_script(runtime_plan(service("a")))
+    assert "\nON_SIGNAL=forward JOB_SIGNAL=USR1 REQUEUE_GRACE=0 MAX_ATTEMPTS=0\n" in script
+    assert "\nSIGNAL_TO[0]=''\n" in script

@@ -987,3 +987,127 @@ def test_migrate_todo_line_is_the_first_problem_validate_reports(hc, project):
     assert error.line == 3 and error.column == 5
     assert error.message == "migrate left a TODO: write the base image"
     assert "more TODO lines: 5" in error.hint
+
+
+# --- x-slurm.signal, requeue, dependency, array ---------------------------------------------------
+
+PATTERNS = """\
+x-slurm:
+  time: "00:30:00"
+  runtime: host
+{slurm}
+services:
+  app:
+    command: ["true"]
+{service}
+"""
+
+
+def patterns(hc, project, slurm="", service=""):
+    return load(hc, project, PATTERNS.format(slurm=slurm, service=service))
+
+
+def patterns_failure(hc, project, slurm="", service=""):
+    return failure(hc, project, PATTERNS.format(slurm=slurm, service=service))
+
+
+REQUEUE = """\
+  resume: {path: /shared/run}
+  signal: {before: 5m, on_signal: requeue}"""
+
+
+def test_signal_defaults_to_usr1_forwarded(hc, project):
+    spec = patterns(hc, project, "  signal: {before: 5m}")
+    assert spec.slurm.signal == hc.SignalSpec("USR1", 300, "forward", None, None)
+
+
+def test_signal_requeue_takes_grace_half_of_before_and_five_attempts(hc, project):
+    spec = patterns(hc, project, REQUEUE)
+    assert spec.slurm.signal == hc.SignalSpec("USR1", 300, "requeue", 150, 5)
+
+
+def test_signal_name_accepts_the_sig_prefix_in_any_case(hc, project):
+    assert patterns(hc, project, "  signal: {name: sigusr2, before: 60}").slurm.signal.name == "USR2"
+
+
+def test_signal_name_other_than_usr1_usr2_is_located(hc, project):
+    error = patterns_failure(hc, project, "  signal: {name: TERM, before: 60}")
+    assert error.path == "x-slurm.signal.name" and error.line == 4 and error.exit_code == 2
+
+
+def test_signal_before_as_long_as_the_time_limit_is_an_error(hc, project):
+    error = patterns_failure(hc, project, "  signal: {before: 30m}")
+    assert error.path == "x-slurm.signal.before"
+    assert "not shorter than the job's time limit (x-slurm.time 00:30:00 = 1800 s)" in error.message
+
+
+def test_signal_without_before_is_an_error(hc, project):
+    error = patterns_failure(hc, project, "  signal: {name: USR1}")
+    assert error.path == "x-slurm.signal" and "needs before" in error.message
+
+
+def test_on_signal_requeue_without_resume_is_an_error(hc, project):
+    error = patterns_failure(hc, project, "  signal: {before: 5m, on_signal: requeue}")
+    assert error.path == "x-slurm.signal.on_signal" and "needs x-slurm.resume" in error.message
+
+
+def test_on_signal_requeue_with_requeue_false_is_an_error(hc, project):
+    error = patterns_failure(hc, project, REQUEUE + "\n  requeue: false")
+    assert "contradicts x-slurm.requeue: false" in error.message
+
+
+def test_grace_that_leaves_no_time_for_teardown_is_an_error(hc, project):
+    error = patterns_failure(hc, project, REQUEUE.replace("requeue}", "requeue, grace: 4m50s}"))
+    assert error.path == "x-slurm.signal.grace"
+    assert "grace (290 s) and the teardown after it (15 s) do not fit in before (300 s)" \
+        in error.message
+
+
+def test_grace_and_max_attempts_need_on_signal_requeue(hc, project):
+    error = patterns_failure(hc, project, "  signal: {before: 5m, max_attempts: 3}")
+    assert error.path == "x-slurm.signal.max_attempts" and "only with on_signal: requeue" \
+        in error.message
+
+
+def test_service_signal_false_stops_forwarding_and_a_name_renames(hc, project):
+    spec = patterns(hc, project, service="    x-slurm:\n      signal: false")
+    assert service(spec).slurm.signal == hc.ServiceSignalSpec(None, False)
+    spec = patterns(hc, project, service="    x-slurm:\n      signal: {name: INT}")
+    assert service(spec).slurm.signal == hc.ServiceSignalSpec("INT", True)
+
+
+def test_service_signal_kill_is_refused(hc, project):
+    error = patterns_failure(hc, project, service="    x-slurm:\n      signal: {name: KILL}")
+    assert error.path == "services.app.x-slurm.signal.name"
+
+
+@pytest.mark.parametrize("expression", ["afterok:12345", "afterany:1:2,singleton",
+                                        "afternotok:7?afterok:8", "after:5+10", "afterok:9_3"])
+def test_dependency_expressions_slurm_accepts_are_kept(hc, project, expression):
+    assert patterns(hc, project, "  dependency: %s" % expression).slurm.dependency == expression
+
+
+@pytest.mark.parametrize("expression, words", [
+    ("afterbad:1", "'afterbad' is not a Slurm dependency type"),
+    ("afterok", "afterok needs one or more job ids"),
+    ("afterok:12x", "afterok needs one or more job ids"),
+    ("afterok:1,afterany:2?afterok:3", "mixes ','"),
+    ("singleton:4", "singleton takes no job id"),
+])
+def test_bad_dependency_is_located(hc, project, expression, words):
+    error = patterns_failure(hc, project, "  dependency: %s" % expression)
+    assert error.path == "x-slurm.dependency" and words in error.message and error.line == 4
+
+
+@pytest.mark.parametrize("expression", ["0-15%4", "1,3,5", "0-30:2", "7", "0-3,10-12%2"])
+def test_array_expressions_slurm_accepts_are_kept(hc, project, expression):
+    assert patterns(hc, project, "  array: %s" % expression).slurm.array == expression
+
+
+@pytest.mark.parametrize("expression, words", [
+    ("5-1", "runs backwards"), ("0-15%0", "positive integer"), ("a-b", "is not an index"),
+    ("0-4:0", "is not an index"), ("1,,2", "is not an index"),
+])
+def test_bad_array_is_located(hc, project, expression, words):
+    error = patterns_failure(hc, project, "  array: \"%s\"" % expression)
+    assert error.path == "x-slurm.array" and words in error.message and error.line == 4

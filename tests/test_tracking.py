@@ -988,3 +988,57 @@ def test_node_failure_after_the_node_came_back_is_read_from_node_events(hc, tmp_
 
     assert events == ["node n3 was down from 2026-11-29T14:59:12 to 2026-11-29T14:59:28 "
                       "(Not responding)"]
+
+
+# --- attempts of a requeued job -------------------------------------------------------------------
+
+def _attempt(job_dir, attempt, status, reason, log_lines, signals=()):
+    directory = os.path.join(job_dir, "attempts", str(attempt))
+    os.makedirs(os.path.join(directory, "logs"))
+    with open(os.path.join(directory, "state.json"), "w") as handle:
+        json.dump({"schema_version": 1, "attempt": attempt, "status": status, "exit_code": 0,
+                   "reason": reason, "signals": list(signals),
+                   "services": [{"name": "app", "status": "exited"}]}, handle)
+    with open(os.path.join(directory, "logs", "app.log"), "w") as handle:
+        handle.write("".join(line + "\n" for line in log_lines))
+
+
+def _requeued_job(hc, tmp_path):
+    (tmp_path / "compose.yaml").write_text("services: {}\n")
+    record = make_record(tmp_path, 41)
+    hc._record_job(str(tmp_path), record)
+    signal = {"signal": "USR1", "received_at": "2026-11-29T10:00:00+00:00", "action": "requeue",
+              "forwarded_to": [{"service": "app", "signal": "USR1"}]}
+    _attempt(record["job_dir"], 0, "requeued", "the job requeued itself", ["a1", "a2"], [signal])
+    _attempt(record["job_dir"], 1, "completed", "done", ["b1"])
+    for name in ("logs", "state.json"):
+        os.symlink("attempts/1/" + name, os.path.join(record["job_dir"], name))
+    return record
+
+
+def test_status_lists_every_attempt_and_the_signals_of_the_latest(hc, tmp_path, monkeypatch):
+    record = _requeued_job(hc, tmp_path)
+    monkeypatch.setattr(hc, "_query_scheduler",
+                        lambda *args, **kwargs: hc.SchedulerState("COMPLETED", "sacct"))
+    status = hc._job_status(record)
+    assert [(a["attempt"], a["status"]) for a in status["attempts"]] == \
+        [(0, "requeued"), (1, "completed")]
+    assert status["attempts"][0]["signals"][0]["action"] == "requeue"
+    text = hc._format_status_text(status)
+    assert "  attempt 0:  requeued, exit code 0, the job requeued itself\n" in text
+    assert "  attempt 1:  completed, exit code 0, done\n" in text
+
+
+def test_signal_line_names_the_action_and_every_service_reached(hc):
+    entry = {"signal": "USR1", "received_at": "T", "action": "requeue",
+             "forwarded_to": [{"service": "train", "signal": "INT"}]}
+    assert hc._format_signal(entry) == "SIGUSR1 at T -> requeue (train: SIGINT)"
+
+
+def test_logs_of_a_requeued_job_mark_each_attempt(hc, cli, tmp_path):
+    _requeued_job(hc, tmp_path)
+    result = cli(["logs", "-f", str(tmp_path / "compose.yaml"), "--tail", "5"])
+    assert result.code == 0
+    assert result.out.splitlines() == [
+        "[app] ### hpc-compose: attempt 0 (job 41)", "[app] a1", "[app] a2",
+        "[app] ### hpc-compose: attempt 1 (job 41)", "[app] b1"]

@@ -1,0 +1,168 @@
+"""Signals, requeue and resume on the real Slurm test cluster (tests/cluster/slurm-cluster.sh).
+
+The workload is the shipped stand-in trainer (examples/standin/train_standin.py) on the host
+runtime. The warning signal is sent with `scancel --batch --signal=USR1`, which reaches the batch
+shell exactly as Slurm's `--signal=B:USR1@N` does, at a moment the test chooses. A requeued job
+waits for its begin time (about two minutes on Slurm); the tests move it to now with
+`scontrol update StartTime=now` so they take seconds, not minutes.
+"""
+import json
+import os
+import shutil
+import subprocess
+import time
+
+import hpc_compose
+from slurm_support import TOOL_PATH, run_tool_cli, wait_for_job, job_state
+
+EXAMPLES = os.path.join(os.path.dirname(TOOL_PATH), "examples")
+
+TRAINING = """\
+name: {name}
+x-slurm:
+  runtime: host
+  time: "00:05:00"
+  cpus_per_task: 1
+  mem: 256M
+  resume:
+    path: {resume}
+  signal:
+    before: 2m
+    on_signal: {on_signal}
+    grace: 30s
+    max_attempts: {max_attempts}
+services:
+  trainer:
+    command: ["python3", "standin/train_standin.py", "--steps", "{steps}", "--step-seconds", "0.5",
+              "--checkpoint-dir", "{resume}"]
+"""
+
+
+def _run(argv):
+    return subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          universal_newlines=True, timeout=60)
+
+
+def _training(tmp_path, steps=40, on_signal="requeue", max_attempts=3):
+    shutil.copytree(os.path.join(EXAMPLES, "standin"), str(tmp_path / "standin"))
+    resume = tmp_path / "resume"
+    compose = tmp_path / "compose.yaml"
+    compose.write_text(TRAINING.format(name=tmp_path.name[-20:].replace("_", "-"), resume=resume,
+                                       on_signal=on_signal, max_attempts=max_attempts,
+                                       steps=steps))
+    return compose, resume
+
+
+def _submit(compose, tmp_path, slurm_jobs):
+    result = run_tool_cli(["submit", "-f", compose], cwd=tmp_path)
+    assert result.code == 0, result
+    job_id = [l.split()[3] for l in result.out.splitlines()
+              if l.startswith("submitted batch job ")][0]
+    return slurm_jobs.add(job_id)
+
+
+def _wait_for(predicate, timeout=90.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError("timed out waiting for " + what)
+
+
+def _trained_steps(job_dir, attempt):
+    log = os.path.join(job_dir, "attempts", str(attempt), "logs", "trainer.log")
+    try:
+        with open(log) as handle:
+            return sum(1 for line in handle if line.startswith("step "))
+    except OSError:
+        return 0
+
+
+def _attempt_state(job_dir, attempt, statuses):
+    state = hpc_compose._load_runtime_state(os.path.join(job_dir, "attempts", str(attempt)))
+    return state if state and state["status"] in statuses else None
+
+
+def _start_requeued_now(job_id):
+    """Skip Slurm's begin-time delay of a requeued job (about two minutes)."""
+    def pending():
+        return job_state(job_id)[0] in ("PENDING", "REQUEUED")
+    _wait_for(pending, 60, "job %s to be pending again" % job_id)
+    result = _run(["scontrol", "update", "JobId=%s" % job_id, "StartTime=now"])
+    assert result.returncode == 0, result.stderr
+
+
+def test_signal_checkpoints_requeues_and_the_next_attempt_resumes(slurm, slurm_jobs, tmp_path):
+    compose, resume = _training(tmp_path)
+    job_id = _submit(compose, tmp_path, slurm_jobs)
+    job_dir = str(tmp_path / ".hpc-compose" / job_id)
+    _wait_for(lambda: _trained_steps(job_dir, 0) >= 3, what="the first training steps")
+    assert _run(["scancel", "--batch", "--signal=USR1", job_id]).returncode == 0
+
+    first = _wait_for(lambda: _attempt_state(job_dir, 0, ("requeued", "failed", "completed")),
+                      what="attempt 0 to end")
+    assert first["status"] == "requeued", first
+    assert first["signals"][0]["signal"] == "USR1" and first["signals"][0]["action"] == "requeue"
+    assert first["signals"][0]["forwarded_to"] == [{"service": "trainer", "signal": "USR1"}]
+    assert first["services"][0]["status"] == "exited" and first["services"][0]["last_exit_code"] == 0
+    saved = json.loads((resume / "checkpoint.json").read_text())["step"]
+    assert 3 <= saved < 40
+
+    _start_requeued_now(job_id)
+    assert wait_for_job(job_id, timeout=180) == "COMPLETED"
+    second = _wait_for(lambda: _attempt_state(job_dir, 1, hpc_compose._FINAL_RUNTIME_STATUSES),
+                       what="attempt 1 to end")
+    assert second["status"] == "completed" and second["attempt"] == 1
+    with open(os.path.join(job_dir, "attempts", "1", "logs", "trainer.log")) as handle:
+        log = handle.read()
+    assert "resumed from step %d (attempt 1, HPC_COMPOSE_IS_RESUME=1)" % saved in log
+    assert json.loads((resume / "result.json").read_text())["steps"] == 40
+    assert _trained_steps(job_dir, 0) + _trained_steps(job_dir, 1) == 40
+
+    status = run_tool_cli(["status", "-f", compose], cwd=tmp_path)
+    assert "  attempt 0:  requeued, exit code 0, the job requeued itself after SIGUSR1" in status.out
+    assert "  attempt 1:  completed, exit code 0" in status.out
+    logs = run_tool_cli(["logs", "-f", compose, "--tail", "1000"], cwd=tmp_path)
+    lines = logs.out.splitlines()
+    first_marker = lines.index("[trainer] ### hpc-compose: attempt 0 (job %s)" % job_id)
+    second_marker = lines.index("[trainer] ### hpc-compose: attempt 1 (job %s)" % job_id)
+    assert first_marker < lines.index("[trainer] signal received: checkpoint saved at step %d, "
+                                      "exiting" % saved) < second_marker
+    assert lines[-1] == "[trainer] done: 40 steps, loss %s" % lines[-1].split()[-1]
+
+
+def test_a_requeue_from_outside_ends_the_attempt_as_requeued_and_resumes(slurm, slurm_jobs,
+                                                                        tmp_path):
+    compose, resume = _training(tmp_path, steps=30)
+    job_id = _submit(compose, tmp_path, slurm_jobs)
+    job_dir = str(tmp_path / ".hpc-compose" / job_id)
+    _wait_for(lambda: _trained_steps(job_dir, 0) >= 12, what="the first checkpoint (step 10)")
+    assert _run(["scontrol", "requeue", job_id]).returncode == 0   # what preemption does
+    first = _wait_for(lambda: _attempt_state(job_dir, 0, ("requeued", "cancelled", "failed")),
+                      what="attempt 0 to end")
+    assert first["status"] == "requeued", first
+    assert "requeued by Slurm" in first["reason"] and "attempt 2 resumes" in first["reason"]
+    _start_requeued_now(job_id)
+    assert wait_for_job(job_id, timeout=180) == "COMPLETED"
+    with open(os.path.join(job_dir, "attempts", "1", "logs", "trainer.log")) as handle:
+        assert "resumed from step 10 (attempt 1" in handle.read()
+    assert json.loads((resume / "result.json").read_text())["steps"] == 30
+
+
+def test_the_last_attempt_is_not_requeued_and_says_why(slurm, slurm_jobs, tmp_path):
+    compose, resume = _training(tmp_path, steps=30, max_attempts=1)
+    job_id = _submit(compose, tmp_path, slurm_jobs)
+    job_dir = str(tmp_path / ".hpc-compose" / job_id)
+    _wait_for(lambda: _trained_steps(job_dir, 0) >= 3, what="the first training steps")
+    assert _run(["scancel", "--batch", "--signal=USR1", job_id]).returncode == 0
+    # The trainer checkpoints and exits 0; nothing is requeued, so the job completes.
+    assert wait_for_job(job_id, timeout=120) == "COMPLETED"
+    state = _wait_for(lambda: _attempt_state(job_dir, 0, hpc_compose._FINAL_RUNTIME_STATUSES),
+                      what="the final state")
+    assert [s["action"] for s in state["signals"]] == ["last_attempt"]
+    assert not os.path.exists(os.path.join(job_dir, "attempts", "1"))
+    with open(os.path.join(job_dir, "..", "..", "slurm-%s.out" % job_id)) as handle:
+        assert "not requeueing: attempt 1 is the last of 1 (x-slurm.signal.max_attempts)" \
+            in handle.read()

@@ -7805,14 +7805,22 @@ def _squeue_states(job_ids, squeue_bin="squeue"):
     return states
 
 
-def _submit_batch_script(script_path, project_dir, sbatch_bin="sbatch", hold=False):
-    """``sbatch --parsable [--hold] <script>`` run from the compose dir; returns ``(job_id, cluster)``."""
-    argv = [sbatch_bin, "--parsable"] + (["--hold"] if hold else []) + [script_path]
-    result = _run_command(argv, cwd=project_dir, timeout=300)
+def _submit_batch_script(script_path, project_dir, sbatch_bin="sbatch", hold=False,
+                         dependency=None):
+    """``sbatch --parsable [--hold] [--dependency=...] <script>`` run from the compose dir; returns
+    ``(job_id, cluster)``."""
+    argv = [sbatch_bin, "--parsable"] + (["--hold"] if hold else [])
+    if dependency:
+        # The command line wins over the script's #SBATCH --dependency: it carries both.
+        argv.append("--dependency=" + dependency)
+    result = _run_command(argv + [script_path], cwd=project_dir, timeout=300)
     if result.returncode != 0:
-        raise ToolError("sbatch failed (exit %d): %s"
-                        % (result.returncode, (result.stderr or result.stdout).strip()),
-                        hint="the rendered script is at %s" % script_path)
+        message = " ".join((result.stderr or result.stdout).split())
+        hint = "the rendered script is at %s" % script_path
+        if dependency and "dependency" in message.lower():
+            hint = ("the dependency %s names a job Slurm does not know (or no longer knows); "
+                    "check the job id, or submit without it" % dependency)
+        raise ToolError("sbatch failed (exit %d): %s" % (result.returncode, message), hint=hint)
     return _parse_sbatch_job_id(result.stdout)
 
 
@@ -7825,6 +7833,80 @@ def _release_job(job_id, cluster=None, scontrol_bin="scontrol"):
         raise ToolError("scontrol release %s failed: %s"
                         % (job_id, (result.stderr or result.stdout).strip()
                            or "exit %d" % result.returncode))
+
+
+_AFTER_TYPES = ("afterok", "afterany", "afternotok")
+
+
+def _resolve_after(after, after_file):
+    """``--after JOB_ID|latest[:TYPE]`` and ``--after-file`` -> the chain kept in the job record."""
+    if after is None and after_file is None:
+        return None
+    target, _, kind = (after or "latest").partition(":")
+    kind = kind or "afterok"
+    if kind not in _AFTER_TYPES:
+        raise UsageError("--after %s: %r is not one of %s" % (after, kind, ", ".join(_AFTER_TYPES)))
+    compose_file = None
+    if target == "latest":
+        if after_file is None:
+            raise UsageError("--after latest needs --after-file FILE: the compose file whose "
+                             "latest tracked job to wait for")
+        compose_file = os.path.abspath(after_file)
+        if not os.path.isfile(compose_file):
+            raise UsageError("--after-file %s: no such file" % after_file)
+        parent = _latest_job_record(os.path.dirname(compose_file), compose_file)
+        if parent is None:
+            raise UsageError("--after-file %s has no tracked job yet" % after_file,
+                             hint="submit it first: hpc-compose submit -f %s" % after_file)
+        target = parent["job_id"]
+    elif not target.isdigit():
+        raise UsageError("--after %s: expected a job id or latest" % after)
+    elif after_file is not None:
+        compose_file = os.path.abspath(after_file)
+    return {"job_id": target, "type": kind, "compose_file": compose_file,
+            "dependency": "%s:%s" % (kind, target)}
+
+
+def _dependency_job_ids(expression):
+    """The job ids a Slurm dependency expression names, in order."""
+    import re
+    return re.findall(r"(?<=[:])(\d+(?:_\d+)?)", expression or "")
+
+
+def _check_dependency_jobs(dependency, squeue_bin="squeue", sacct_bin="sacct"):
+    """Refuse a dependency on a job the scheduler does not know: Slurm would take it as satisfied."""
+    for job_id in _dependency_job_ids(dependency):
+        if _query_scheduler(job_id, squeue_bin, sacct_bin).state == "UNKNOWN":
+            raise UsageError("the dependency %s names job %s, which neither squeue nor sacct knows; "
+                             "Slurm would consider it satisfied and start this job at once"
+                             % (dependency, job_id), hint="check the job id (hpc-compose status "
+                             "-f <its compose file> shows it)")
+
+
+def _explain_dependency(record, scheduler, squeue_bin="squeue", sacct_bin="sacct"):
+    """Words for a job held by its dependency: whom it waits for, or why it can never run."""
+    if scheduler.state != "PENDING" or scheduler.reason not in ("Dependency",
+                                                                "DependencyNeverSatisfied"):
+        return None
+    chain = record.get("after") or {}
+    parents = []
+    for job_id in _dependency_job_ids(record.get("dependency")):
+        where = (" of %s" % chain["compose_file"]
+                 if chain.get("job_id") == job_id and chain.get("compose_file") else "")
+        state = _query_scheduler(job_id, squeue_bin, sacct_bin)
+        parents.append({"job_id": job_id, "where": where, "state": state.state,
+                        "exit_code": state.exit_code})
+    if scheduler.reason == "Dependency":
+        text = "waiting for " + ", ".join("job %s%s (%s)" % (p["job_id"], p["where"], p["state"])
+                                          for p in parents) if parents else "waiting for its dependency"
+        return {"never_satisfied": False, "text": text, "parents": parents}
+    ended = [p for p in parents if p["state"] in _TERMINAL_STATES] or parents
+    text = "never able to run (DependencyNeverSatisfied): " + "; ".join(
+        "job %s%s ended %s%s" % (p["job_id"], p["where"], p["state"],
+                                 " (exit code %s)" % p["exit_code"] if p["exit_code"] else "")
+        for p in ended) + " so %s cannot hold; cancel this job" % (record.get("dependency") or
+                                                                    "the dependency")
+    return {"never_satisfied": True, "text": text, "parents": parents}
 
 
 def _cancel_job(job_id, scancel_bin="scancel"):
@@ -8399,6 +8481,7 @@ def _job_status(record, squeue_bin="squeue", sacct_bin="sacct"):
         "services": services,
         "resume_dir": record.get("resume_dir"),
         "signals": (runtime or {}).get("signals") or [],
+        "dependency": _explain_dependency(record, scheduler, squeue_bin, sacct_bin),
         "attempts": [_attempt_summary(n, state)
                      for n, state in _load_attempt_states(record["job_dir"])],
     }
@@ -8443,6 +8526,8 @@ def _format_status_text(status):
     lines.append("  scheduler:  " + text)
     if status.get("progress"):
         lines.append("  progress:   " + status["progress"])
+    if status.get("dependency"):
+        lines.append("  dependency: " + status["dependency"]["text"])
     runtime = status["runtime"]
     if runtime:
         text = str(runtime.get("status"))
@@ -11553,6 +11638,12 @@ def _add_submit_arguments(parser):
                         help="re-import and re-prepare every image")
     parser.add_argument("--keep-failed-prep", action="store_true",
                         help="keep the Enroot rootfs when a prepare step fails")
+    parser.add_argument("--after", metavar="JOB_ID|latest[:TYPE]",
+                        help="start only after that job: TYPE is afterok (default), afterany or "
+                             "afternotok; latest is the latest job of --after-file")
+    parser.add_argument("--after-file", dest="after_file", metavar="FILE",
+                        help="the compose file whose latest tracked job --after latest means "
+                             "(alone: --after latest:afterok)")
     _add_tool_arguments(parser, ("enroot", "srun", "sbatch", "squeue", "sacct", "scontrol",
                                  "scancel"))
     _add_format_argument(parser)
@@ -11727,13 +11818,19 @@ def _cmd_submit(args):
             print("cache dir: %s" % plan.cache_dir)
             print("dry run: skipping sbatch")
         return _EXIT_OK
+    chain = _resolve_after(getattr(args, "after", None), getattr(args, "after_file", None))
+    dependency = ",".join(part for part in (plan.slurm.dependency, chain and chain["dependency"])
+                          if part)
+    _check_dependency_jobs(dependency, args.squeue_bin, args.sacct_bin)
     _make_private_dir(_tracking_root(plan.project_dir), _job_dir_mode(plan))
     holds = bool(_secret_services(plan))
     job_id, cluster = _submit_batch_script(script_path, plan.project_dir, args.sbatch_bin,
-                                          hold=holds)
+                                          hold=holds, dependency=dependency)
     if holds:
         _deliver_secrets(plan, job_id, cluster, args, say)
     record = _build_job_record(runtime_plan, job_id, cluster, script_path)
+    record["dependency"] = dependency or None
+    record["after"] = chain
     metadata_path = None
     try:
         metadata_path = _record_job(plan.project_dir, record)

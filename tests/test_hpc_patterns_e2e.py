@@ -54,7 +54,11 @@ def _training(tmp_path, steps=40, on_signal="requeue", max_attempts=3):
 
 
 def _submit(compose, tmp_path, slurm_jobs):
-    result = run_tool_cli(["submit", "-f", compose], cwd=tmp_path)
+    return _submit_args(["submit", "-f", compose], tmp_path, slurm_jobs)
+
+
+def _submit_args(args, tmp_path, slurm_jobs):
+    result = run_tool_cli(args, cwd=tmp_path)
     assert result.code == 0, result
     job_id = [l.split()[3] for l in result.out.splitlines()
               if l.startswith("submitted batch job ")][0]
@@ -166,3 +170,72 @@ def test_the_last_attempt_is_not_requeued_and_says_why(slurm, slurm_jobs, tmp_pa
     with open(os.path.join(job_dir, "..", "..", "slurm-%s.out" % job_id)) as handle:
         assert "not requeueing: attempt 1 is the last of 1 (x-slurm.signal.max_attempts)" \
             in handle.read()
+
+
+# --- chains ------------------------------------------------------------------------------------------
+
+CHAIN = """\
+name: {name}
+x-slurm: {{runtime: host, time: "00:02:00"}}
+services:
+  {name}:
+    command: "{command}"
+"""
+
+
+def _chain_file(tmp_path, folder, name, command):
+    (tmp_path / folder).mkdir()
+    path = tmp_path / folder / "compose.yaml"
+    path.write_text(CHAIN.format(name=name, command=command))
+    return path
+
+
+def test_a_chain_runs_after_its_parent_and_the_record_keeps_it(slurm, slurm_jobs, tmp_path):
+    prep = _chain_file(tmp_path, "prep", "prep", "sleep 2; date +%s.%N > ../prep-ended")
+    train = _chain_file(tmp_path, "train", "train", "date +%s.%N > ../train-started")
+    parent = _submit(prep, tmp_path / "prep", slurm_jobs)
+    waiting = run_tool_cli(["status", "-f", train], cwd=tmp_path)   # nothing tracked yet
+    assert waiting.code == 2
+    result = run_tool_cli(["up", "-f", train, "--after-file", prep], cwd=tmp_path / "train",
+                          timeout=240)
+    assert result.code == 0, result
+    child = [l.split()[3] for l in result.out.splitlines()
+             if l.startswith("submitted batch job ")][0]
+    slurm_jobs.add(child)
+    record = json.loads((tmp_path / "train" / ".hpc-compose" / "jobs" / (child + ".json"))
+                        .read_text())
+    assert record["dependency"] == "afterok:%s" % parent
+    assert record["after"]["compose_file"] == str(prep) and record["after"]["job_id"] == parent
+    assert float((tmp_path / "train-started").read_text()) > \
+        float((tmp_path / "prep-ended").read_text())
+
+
+def test_a_chain_whose_parent_failed_is_reported_as_never_able_to_run(slurm, slurm_jobs,
+                                                                      tmp_path):
+    prep = _chain_file(tmp_path, "prep", "prep", "exit 3")
+    train = _chain_file(tmp_path, "train", "train", "echo never")
+    parent = _submit(prep, tmp_path / "prep", slurm_jobs)
+    child = _submit_args(["submit", "-f", train, "--after", "latest", "--after-file", prep],
+                         tmp_path, slurm_jobs)
+    assert wait_for_job(parent, timeout=60) == "FAILED"
+
+    def explained():
+        status = run_tool_cli(["status", "-f", train, "--format", "json"], cwd=tmp_path)
+        dependency = json.loads(status.out).get("dependency")
+        return dependency if dependency and dependency["never_satisfied"] else None
+    dependency = _wait_for(explained, 60, "DependencyNeverSatisfied")
+    assert dependency["parents"] == [{"job_id": parent, "where": " of %s" % prep,
+                                      "state": "FAILED", "exit_code": "3:0"}]
+    text = run_tool_cli(["status", "-f", train], cwd=tmp_path).out
+    assert ("  dependency: never able to run (DependencyNeverSatisfied): job %s of %s ended "
+            "FAILED (exit code 3:0)" % (parent, prep)) in text
+    assert run_tool_cli(["cancel", "-f", train], cwd=tmp_path).code == 0
+    assert child
+
+
+def test_after_an_unknown_job_is_refused_before_sbatch(slurm, tmp_path):
+    train = _chain_file(tmp_path, "train", "train", "echo never")
+    result = run_tool_cli(["submit", "-f", train, "--after", "99999999"], cwd=tmp_path)
+    assert result.code == 2
+    assert "names job 99999999, which neither squeue nor sacct knows" in result.err
+    assert not (tmp_path / "train" / ".hpc-compose" / "jobs").exists()

@@ -1042,3 +1042,49 @@ def test_logs_of_a_requeued_job_mark_each_attempt(hc, cli, tmp_path):
     assert result.out.splitlines() == [
         "[app] ### hpc-compose: attempt 0 (job 41)", "[app] a1", "[app] a2",
         "[app] ### hpc-compose: attempt 1 (job 41)", "[app] b1"]
+
+
+# --- chains: --after and the dependency explanation ----------------------------------------------
+
+def test_after_latest_takes_the_latest_tracked_job_of_the_other_compose_file(hc, tmp_path):
+    (tmp_path / "compose.yaml").write_text("services: {}\n")
+    hc._record_job(str(tmp_path), make_record(tmp_path, 51))
+    chain = hc._resolve_after("latest:afterany", str(tmp_path / "compose.yaml"))
+    assert chain == {"job_id": "51", "type": "afterany", "dependency": "afterany:51",
+                     "compose_file": str(tmp_path / "compose.yaml")}
+    assert hc._resolve_after(None, str(tmp_path / "compose.yaml"))["dependency"] == "afterok:51"
+    assert hc._resolve_after("77", None)["dependency"] == "afterok:77"
+
+
+@pytest.mark.parametrize("after, words", [
+    ("latest", "--after latest needs --after-file"), ("77:afterbad", "'afterbad' is not one of"),
+    ("seventy", "expected a job id or latest"),
+])
+def test_bad_after_is_a_usage_error(hc, after, words):
+    with pytest.raises(hc.UsageError) as info:
+        hc._resolve_after(after, None)
+    assert words in info.value.message and info.value.exit_code == 2
+
+
+def test_after_file_without_a_tracked_job_is_a_usage_error(hc, tmp_path):
+    (tmp_path / "compose.yaml").write_text("services: {}\n")
+    with pytest.raises(hc.UsageError) as info:
+        hc._resolve_after(None, str(tmp_path / "compose.yaml"))
+    assert "has no tracked job yet" in info.value.message
+
+
+def test_dependency_job_ids_are_read_from_any_expression(hc):
+    assert hc._dependency_job_ids("afterok:1:2,after:3+5,singleton,afterany:4_7") == \
+        ["1", "2", "3", "4_7"]
+
+
+def test_a_never_satisfied_dependency_names_the_parent_and_its_outcome(hc, monkeypatch):
+    monkeypatch.setattr(hc, "_query_scheduler", lambda job_id, *args: hc.SchedulerState(
+        "FAILED", "sacct", exit_code="3:0"))
+    record = {"dependency": "afterok:60", "after": {"job_id": "60", "compose_file": "/p/a.yaml"}}
+    explained = hc._explain_dependency(record, hc.SchedulerState(
+        "PENDING", "squeue", reason="DependencyNeverSatisfied"))
+    assert explained["text"] == ("never able to run (DependencyNeverSatisfied): job 60 of "
+                                 "/p/a.yaml ended FAILED (exit code 3:0) so afterok:60 cannot "
+                                 "hold; cancel this job")
+    assert hc._explain_dependency(record, hc.SchedulerState("RUNNING", "squeue")) is None

@@ -5708,7 +5708,7 @@ set -euo pipefail
 # Per-job directory (mounted at /hpc-compose/job in every container)
 # ---------------------------------------------------------------------------
 : "${SLURM_JOB_ID:?this script runs as a Slurm batch job: submit it with sbatch}"
-JOB_DIR="${SLURM_SUBMIT_DIR:-$PWD}/.hpc-compose/${SLURM_JOB_ID}"
+JOB_DIR="${SLURM_SUBMIT_DIR:-$PWD}/.hpc-compose/@{job_key}"
 ATTEMPT="${SLURM_RESTART_COUNT:-0}"
 RUN_DIR="@{run_dir}"
 LOG_DIR="$RUN_DIR/logs"
@@ -5724,6 +5724,9 @@ exec {SLEEP_FD}<> <(:)  # a pipe nobody writes: read -t on it sleeps without for
 # Pyxis takes PYXIS_* variables as defaults for every srun; the srun lines below say everything.
 for name in "${!PYXIS_@}"; do unset -v "$name"; done
 """
+
+# Every task of a job array (x-slurm.array) has its own job directory: <array job id>_<task id>.
+_ARRAY_JOB_KEY = "${SLURM_ARRAY_JOB_ID:?x-slurm.array: submit this script with sbatch --array}_${SLURM_ARRAY_TASK_ID}"
 
 _SERVICE_TABLE_HEAD_TEMPLATE = """
 # ---------------------------------------------------------------------------
@@ -6343,6 +6346,11 @@ done
 export HPC_COMPOSE_RESUME_DIR="$RESUME_DIR" HPC_COMPOSE_ATTEMPT="$ATTEMPT" HPC_COMPOSE_IS_RESUME="$IS_RESUME"
 """
 
+_ARRAY_TEMPLATE = """
+# Job array (x-slurm.array): every task runs the whole stack; services see which task they are.
+export HPC_COMPOSE_ARRAY_JOB_ID="$SLURM_ARRAY_JOB_ID" HPC_COMPOSE_ARRAY_TASK_ID="$SLURM_ARRAY_TASK_ID"
+"""
+
 
 _SECRETS_TEMPLATE = """
 # ---------------------------------------------------------------------------
@@ -6811,6 +6819,8 @@ def render_script(runtime_plan):
                     service_names=_comment(", ".join(s.name for s in services))),
               "\n".join(_sbatch_lines(plan)) + "\n",
               _fill(_PRELUDE_TEMPLATE, nodes=shell_quote(int(plan.nodes or 1)),
+                    job_key=(_ARRAY_JOB_KEY if plan.slurm.array is not None
+                             else "${SLURM_JOB_ID}"),
                     run_dir="$JOB_DIR/attempts/$ATTEMPT" if resume else "$JOB_DIR",
                     **_permission_values(plan)),
               _fill(_SERVICE_TABLE_HEAD_TEMPLATE, count=str(len(services)),
@@ -6837,6 +6847,8 @@ def render_script(runtime_plan):
     if _secret_services(plan):
         pieces.append(_fill(_SECRETS_TEMPLATE, secrets_dir=_SECRETS_DIR_NAME,
                             tokens=" ".join(shell_quote(s.token) for s in _secret_services(plan))))
+    if plan.slurm.array is not None:
+        pieces.append(_ARRAY_TEMPLATE)
     if any(s.runtime != "host" for s in services):
         pieces.append(_PYXIS_PATH_CHECK_TEMPLATE)
     pieces.append(_ALLOCATION_TEMPLATE)
@@ -7437,6 +7449,8 @@ def _build_job_record(runtime_plan, job_id, cluster=None, script_path=None, subm
         "metrics_enabled": bool(slurm.metrics is not None and slurm.metrics.enabled),
         "artifact_export_dir": artifacts.export_dir if artifacts is not None else None,
         "resume_dir": slurm.resume.path if slurm.resume is not None else None,
+        "array": slurm.array,
+        "array_tasks": _array_task_ids(slurm.array) if slurm.array is not None else None,
     }
 
 
@@ -8506,6 +8520,174 @@ def _job_progress(scheduler, runtime, record):
     return None
 
 
+# --- job arrays -------------------------------------------------------------------------------
+
+_ARRAY_POLL_FIRST = 2.0
+_ARRAY_POLL_MAX = 15.0
+
+
+def _array_task_ids(expression):
+    """The task ids of a Slurm array expression (``0-15%4`` -> 0..15), in order."""
+    body = str(expression).partition("%")[0]
+    tasks = []
+    for item in body.split(","):
+        bounds, _, step = item.partition(":")
+        first, _, last = bounds.partition("-")
+        tasks.extend(range(int(first), int(last or first) + 1, int(step or 1)))
+    return sorted(set(tasks))
+
+
+def _task_record(record, task):
+    """The record of one task of an array job: its own job id ``A_T``, directory and logs."""
+    tasks = record.get("array_tasks")
+    if not tasks:
+        raise UsageError("job %s is not a job array; --task applies to x-slurm.array jobs"
+                         % record["job_id"])
+    if task not in tasks:
+        raise UsageError("job %s has no task %d" % (record["job_id"], task),
+                         hint="its tasks: %s" % record.get("array"))
+    import re
+    project_dir = record["project_dir"]
+    task_id = "%s_%d" % (record["job_id"], task)
+    directory = _job_directory(project_dir, task_id)
+    result = dict(record, job_id=task_id, job_dir=directory, array_task=task,
+                  array_job_id=record["job_id"])
+    result["services"] = [dict(s, log_path=os.path.join(directory, "logs", s["token"] + ".log"))
+                          for s in record.get("services", ())]
+    for key in ("batch_log", "batch_error_log"):
+        if record.get(key):
+            # The record holds %A expanded; Slurm's default array name is slurm-%A_%a.out.
+            result[key] = re.sub(r"slurm-%s\.out\Z" % re.escape(record["job_id"]),
+                                 "slurm-%s.out" % task_id, record[key]).replace("%a", str(task))
+    return result
+
+
+def _require_task(record):
+    """A command that reads one job directory needs ``--task`` for an array job."""
+    if record.get("array_tasks") and record.get("array_task") is None:
+        raise UsageError("job %s is a job array (%s): pick one task with --task N"
+                         % (record["job_id"], record.get("array")),
+                         hint="hpc-compose status shows every task's state")
+
+
+def _array_task_states(array_job_id, squeue_bin="squeue", sacct_bin="sacct", tasks=None):
+    """``{task: SchedulerState}``: one ``squeue -r`` call, plus one ``sacct`` call for the tasks
+    squeue no longer lists (all of ``tasks``; with ``tasks=()`` squeue alone)."""
+    states = {}
+    prefix = "%s_" % array_job_id
+    result = _run_command([squeue_bin, "-h", "-r", "-j", str(array_job_id), "-o", "%i|%T|%r"],
+                          timeout=60)
+    if result.returncode != 0 and "invalid job id" not in (result.stderr or "").lower():
+        raise ToolError("squeue failed: %s" % (result.stderr or result.stdout).strip())
+    for line in result.stdout.splitlines() if result.returncode == 0 else ():
+        job, _, rest = line.partition("|")
+        state, _, reason = rest.partition("|")
+        if job.startswith(prefix) and job[len(prefix):].isdigit():
+            states[int(job[len(prefix):])] = SchedulerState(
+                _normalize_slurm_state(state), "squeue",
+                reason=reason if _known_value(reason) and reason != "None" else None)
+    if tasks is not None and all(task in states for task in tasks):
+        return states
+    try:
+        result = _run_command([sacct_bin, "-n", "-X", "-P", "-j", str(array_job_id),
+                               "--format=JobID,State,ExitCode"], timeout=60)
+    except ToolError:
+        return states
+    if result.returncode != 0:
+        return states
+    for line in result.stdout.splitlines():
+        fields = line.split("|")
+        if len(fields) != 3 or not fields[0].startswith(prefix):
+            continue
+        task = fields[0][len(prefix):]
+        if task.isdigit() and int(task) not in states:
+            states[int(task)] = SchedulerState(_normalize_slurm_state(fields[1]), "sacct",
+                                               exit_code=fields[2])
+    return states
+
+
+def _array_status(record, squeue_bin="squeue", sacct_bin="sacct"):
+    """Every task of an array job: scheduler state (two queries in all) and state.json."""
+    tasks = record["array_tasks"]
+    states = _array_task_states(record["job_id"], squeue_bin, sacct_bin, tasks)
+    rows = []
+    counts = {}
+    for task in tasks:
+        scheduler = states.get(task) or SchedulerState("UNKNOWN", "none")
+        runtime = _load_runtime_state(_job_directory(record["project_dir"],
+                                                     "%s_%d" % (record["job_id"], task)))
+        counts[scheduler.state] = counts.get(scheduler.state, 0) + 1
+        rows.append({"task": task, "scheduler": scheduler.to_dict(),
+                     "runtime": None if runtime is None else {
+                         key: runtime.get(key) for key in ("status", "exit_code", "reason")}})
+    return {"job_id": record["job_id"], "compose_file": record.get("compose_file"),
+            "array": record.get("array"), "task_count": len(tasks),
+            "states": dict(sorted(counts.items())), "tasks": rows,
+            "failed": [row["task"] for row in rows
+                       if row["scheduler"]["state"] in _TERMINAL_STATES
+                       and row["scheduler"]["state"] != "COMPLETED"]}
+
+
+def _format_array_status_text(status):
+    """The human rendering of ``_array_status``: counts by state, then the failed tasks."""
+    lines = ["job %s (array %s, %d tasks)" % (status["job_id"], status["array"],
+                                              status["task_count"])]
+    lines.append("  tasks:      " + ", ".join("%d %s" % (count, state)
+                                              for state, count in status["states"].items()))
+    if status.get("compose_file"):
+        lines.append("  compose:    %s" % status["compose_file"])
+    by_task = dict((row["task"], row) for row in status["tasks"])
+    for task in status["failed"]:
+        row = by_task[task]
+        text = "  task %d:     %s" % (task, row["scheduler"]["state"])
+        if row["scheduler"].get("exit_code"):
+            text += ", exit code %s" % row["scheduler"]["exit_code"]
+        if row["runtime"] and row["runtime"].get("reason"):
+            text += ", %s" % row["runtime"]["reason"]
+        lines.append(text)
+    if status["failed"]:
+        lines.append("  details:    hpc-compose status --task N (logs --task N) -f %s"
+                     % (status.get("compose_file") or "compose.yaml"))
+    return "\n".join(lines) + "\n"
+
+
+def _watch_array(record, args, fmt, sleep=None):
+    """``up`` of an array job: wait for every task; exit 0 only if all of them completed."""
+    import time
+    sleep = sleep or time.sleep
+    out = sys.stderr if fmt == "json" else sys.stdout
+    reported = set()
+    delay = _ARRAY_POLL_FIRST
+    try:
+        while True:
+            status = _array_status(record, args.squeue_bin, args.sacct_bin)
+            changed = False
+            for row in status["tasks"]:
+                state = row["scheduler"]["state"]
+                if state in _TERMINAL_STATES and row["task"] not in reported:
+                    reported.add(row["task"])
+                    changed = True
+                    out.write("task %d %s\n" % (row["task"], state))
+            out.flush()
+            if len(reported) == status["task_count"]:
+                break
+            delay = _ARRAY_POLL_FIRST if changed else min(delay * 1.5, _ARRAY_POLL_MAX)
+            sleep(delay)
+    except KeyboardInterrupt:
+        sys.stderr.write("\nstopped watching job %s; its tasks keep running.\n" % record["job_id"])
+        return _EXIT_INTERRUPTED
+    if fmt == "json":
+        _print_json(status)
+    else:
+        out.write(_format_array_status_text(status))
+    if status["failed"]:
+        sys.stderr.write("error: %d of %d tasks of job %s did not complete: %s\n" % (
+            len(status["failed"]), status["task_count"], record["job_id"],
+            ", ".join(str(task) for task in status["failed"])))
+        return _EXIT_FAILURE
+    return _EXIT_OK
+
+
 def _age(seconds):
     if seconds is None:
         return "-"
@@ -8907,7 +9089,11 @@ def _export_artifact_bundles(record, bundles, tarball, export_template):
         raise ToolError("job %s has no collected artifacts yet (%s is missing)"
                         % (job_id, os.path.join(artifacts_dir, "manifest.json")),
                         hint="artifacts are collected when the job ends; check 'hpc-compose status'")
-    if str(manifest.get("job_id")) != str(job_id):
+    owners = [str(job_id)]
+    if record.get("array_task") is not None:
+        # A task's batch script knows itself by its own Slurm job id, as state.json records it.
+        owners.append(str((_load_runtime_state(record["job_dir"]) or {}).get("job_id")))
+    if str(manifest.get("job_id")) not in owners:
         raise ToolError("%s belongs to job %s, not %s" % (os.path.join(artifacts_dir, "manifest.json"),
                                                           manifest.get("job_id"), job_id))
     available = manifest.get("bundles") or {}
@@ -9063,7 +9249,7 @@ TEMPLATE_NAMES = (
     "restart-policy", "multi-stage-pipeline", "fairseq-preprocess", "llm-curl-workflow",
     "llm-curl-workflow-workdir", "llama-app", "llama-uv-worker", "vllm-openai", "vllm-uv-worker",
     "training-checkpoints", "training-resume", "mpi-hello", "multi-node-mpi", "multi-node-torchrun",
-    "long-training",
+    "long-training", "parameter-sweep",
 )
 
 _DEFAULT_INIT_OUTPUT = "compose.yaml"
@@ -11623,6 +11809,8 @@ def _add_tool_arguments(parser, names):
 def _add_job_id_argument(parser):
     parser.add_argument("--job-id", dest="job_id", metavar="ID",
                         help="a Slurm job id (default: the latest job submitted from this compose dir)")
+    parser.add_argument("--task", type=int, metavar="N",
+                        help="one task of a job array (x-slurm.array): its own directory and logs")
 
 
 def _add_submit_arguments(parser):
@@ -11765,7 +11953,10 @@ def _add_clean_parser(subparsers):
 
 def _job_record(args):
     compose_file = _resolve_compose_file(args)
-    return _load_job_record(os.path.dirname(compose_file), args.job_id, compose_file)
+    record = _load_job_record(os.path.dirname(compose_file), args.job_id, compose_file)
+    if getattr(args, "task", None) is not None:
+        record = _task_record(record, args.task)
+    return record
 
 
 def _needs_images(plan):
@@ -11846,12 +12037,20 @@ def _cmd_submit(args):
         say("submitted batch job %s%s" % (job_id, " on cluster %s" % cluster if cluster else ""))
         say("rendered script: %s" % script_path)
         say("cache dir: %s" % plan.cache_dir)
-        say("batch log: %s" % record["batch_log"])
-        for service in record["services"]:
-            say("log  service '%s': %s" % (service["name"], service["log_path"]))
+        if record.get("array_tasks"):
+            first = _task_record(record, record["array_tasks"][0])
+            say("job array: %d tasks (%s), each in its own job directory, e.g. %s"
+                % (len(record["array_tasks"]), record["array"], first["job_dir"]))
+            say("batch log of task %d: %s" % (first["array_task"], first["batch_log"]))
+        else:
+            say("batch log: %s" % record["batch_log"])
+            for service in record["services"]:
+                say("log  service '%s': %s" % (service["name"], service["log_path"]))
         if metadata_path:
             say("tracked job metadata: %s" % metadata_path)
     if getattr(args, "watch", False):
+        if record.get("array_tasks"):
+            return _watch_array(record, args, fmt)
         return _watch(record, args, fmt)
     return _EXIT_OK
 
@@ -11925,6 +12124,13 @@ def _cmd_up(args):
 def _cmd_status(args):
     """Scheduler state (squeue, then sacct), per-service state from state.json, log paths."""
     record = _job_record(args)
+    if record.get("array_tasks") and record.get("array_task") is None:
+        status = _array_status(record, args.squeue_bin, args.sacct_bin)
+        if _output_format(args) == "json":
+            _print_json(status)
+        else:
+            sys.stdout.write(_format_array_status_text(status))
+        return _EXIT_OK
     status = _job_status(record, args.squeue_bin, args.sacct_bin)
     if status["scheduler_warning"]:
         _warn(status["scheduler_warning"])
@@ -11940,6 +12146,7 @@ def _cmd_logs(args):
     if args.tail < 0:
         raise UsageError("--tail must be 0 or more")
     record = _job_record(args)
+    _require_task(record)
     sources = _record_log_sources(record, args.service)
     attempts = [n for n, _ in _load_attempt_states(record["job_dir"])]
     for name, path in sources:
@@ -11968,6 +12175,7 @@ def _cmd_logs(args):
 def _cmd_stats(args):
     """Metrics from the sampler files, else live sstat, as text, json, csv or jsonl."""
     record = _job_record(args)
+    _require_task(record)
     stats = _collect_stats(record, args.sstat_bin, args.squeue_bin, args.sacct_bin)
     if stats["scheduler_warning"]:
         _warn(stats["scheduler_warning"])
@@ -11986,6 +12194,7 @@ def _cmd_stats(args):
 def _cmd_artifacts(args):
     """Export the collected payload into x-slurm.artifacts.export_dir (with provenance)."""
     record = _job_record(args)
+    _require_task(record)
     template = None
     if not record.get("artifact_export_dir"):
         # An untracked job id: the compose file still says where exports go.

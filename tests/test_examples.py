@@ -45,7 +45,7 @@ def commands_of(document):
 
 
 # The HPC patterns around one job (signal + requeue + resume, arrays), runnable on the test cluster.
-PATTERN_EXAMPLES = ["long-training"]
+PATTERN_EXAMPLES = ["long-training", "parameter-sweep"]
 
 
 def test_every_manual_example_and_host_pipeline_is_shipped():
@@ -206,3 +206,16 @@ def test_standin_trainer_checkpoints_on_sigusr1_and_the_next_run_resumes(tmp_pat
     lines = out.splitlines()
     assert lines[0] == "resumed from step %d (attempt 1, HPC_COMPOSE_IS_RESUME=1)" % saved
     assert lines[-1].startswith("done: %d steps" % (saved + 2))
+
+
+def test_parameter_sweep_is_an_array_whose_tasks_pick_their_learning_rate():
+    document = load("parameter-sweep")
+    assert document["x-slurm"]["array"] == "0-3%2"
+    command = document["services"]["train"]["command"]
+    rates = command.split(";")[0].split()[2:]
+    for task in range(4):
+        picked = subprocess.run(["sh", "-c", command.replace("exec python3", "echo") + "",
+                                 ], env=dict(os.environ, HPC_COMPOSE_ARRAY_TASK_ID=str(task),
+                                             HPC_COMPOSE_JOB_DIR="/job"),
+                                stdout=subprocess.PIPE, universal_newlines=True).stdout.split()
+        assert picked[picked.index("--learning-rate") + 1] == rates[task]

@@ -239,3 +239,76 @@ def test_after_an_unknown_job_is_refused_before_sbatch(slurm, tmp_path):
     assert result.code == 2
     assert "names job 99999999, which neither squeue nor sacct knows" in result.err
     assert not (tmp_path / "train" / ".hpc-compose" / "jobs").exists()
+
+
+# --- job arrays --------------------------------------------------------------------------------------
+
+ARRAY = """\
+name: {name}
+x-slurm: {{runtime: host, time: "00:02:00", array: "{array}"}}
+services:
+  work:
+    command: "{command}"
+"""
+
+
+def _array_file(tmp_path, array, command):
+    path = tmp_path / "compose.yaml"
+    path.write_text(ARRAY.format(name="arr", array=array, command=command))
+    return path
+
+
+def test_the_parameter_sweep_example_runs_every_task_in_its_own_directory(slurm, slurm_jobs,
+                                                                         tmp_path):
+    shutil.copytree(os.path.join(EXAMPLES, "standin"), str(tmp_path / "standin"))
+    shutil.copy(os.path.join(EXAMPLES, "parameter-sweep.yaml"), str(tmp_path / "compose.yaml"))
+    result = run_tool_cli(["up", "-f", tmp_path / "compose.yaml"], cwd=tmp_path, timeout=300)
+    job_id = slurm_jobs.add([l.split()[3] for l in result.out.splitlines()
+                             if l.startswith("submitted batch job ")][0])
+    assert result.code == 0, result
+    assert sorted(l for l in result.out.splitlines() if l.startswith("task ")) == \
+        ["task %d COMPLETED" % task for task in range(4)]
+    rates = []
+    for task in range(4):
+        job_dir = tmp_path / ".hpc-compose" / ("%s_%d" % (job_id, task))
+        assert json.loads((job_dir / "state.json").read_text())["status"] == "completed"
+        rates.append(json.loads((job_dir / "run" / "result.json").read_text())["learning_rate"])
+        assert (tmp_path / ("slurm-%s_%d.out" % (job_id, task))).exists()
+    assert rates == [0.4, 0.2, 0.1, 0.05]
+    logs = run_tool_cli(["logs", "-f", tmp_path / "compose.yaml", "--task", "3", "--tail", "1"],
+                        cwd=tmp_path)
+    assert logs.out.startswith("[train] done: 10 steps")
+    exported = run_tool_cli(["artifacts", "-f", tmp_path / "compose.yaml", "--task", "1"],
+                            cwd=tmp_path)
+    assert exported.code == 0, exported
+    result_file = tmp_path / "results" / ("%s_1" % job_id) / "run" / "result.json"
+    assert json.loads(result_file.read_text())["learning_rate"] == 0.2
+
+
+def test_up_of_an_array_with_a_failing_task_exits_one_and_status_lists_it(slurm, slurm_jobs,
+                                                                         tmp_path):
+    compose = _array_file(tmp_path, "0-2", "test $HPC_COMPOSE_ARRAY_TASK_ID != 1 || exit 3")
+    result = run_tool_cli(["up", "-f", compose], cwd=tmp_path, timeout=240)
+    job_id = slurm_jobs.add([l.split()[3] for l in result.out.splitlines()
+                             if l.startswith("submitted batch job ")][0])
+    assert result.code == 1, result
+    assert "error: 1 of 3 tasks of job %s did not complete: 1" % job_id in result.err
+    status = run_tool_cli(["status", "-f", compose, "--format", "json"], cwd=tmp_path)
+    data = json.loads(status.out)
+    assert data["states"] == {"COMPLETED": 2, "FAILED": 1} and data["failed"] == [1]
+    text = run_tool_cli(["status", "-f", compose], cwd=tmp_path).out
+    assert "  task 1:     FAILED, exit code 3:0, service 'work' exited with code 3" in text
+
+
+def test_cancel_task_ends_one_task_and_leaves_the_others(slurm, slurm_jobs, tmp_path):
+    compose = _array_file(tmp_path, "0-1", "sleep 60")
+    job_id = _submit(compose, tmp_path, slurm_jobs)
+
+    def both_running():
+        states = hpc_compose._array_task_states(job_id)
+        return all(states.get(t) and states[t].state == "RUNNING" for t in (0, 1))
+    _wait_for(both_running, 60, "both tasks to run")
+    assert run_tool_cli(["cancel", "-f", compose, "--task", "0"], cwd=tmp_path).code == 0
+    assert wait_for_job("%s_0" % job_id, timeout=60) == "CANCELLED"
+    assert hpc_compose._array_task_states(job_id, tasks=())[1].state == "RUNNING"
+    assert run_tool_cli(["cancel", "-f", compose], cwd=tmp_path).code == 0

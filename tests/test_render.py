@@ -485,3 +485,14 @@ def test_without_x_slurm_signal_every_service_gets_the_signal_as_it_came():
     script = hc.render_script(runtime_plan(service("a")))
     assert "\nON_SIGNAL=forward JOB_SIGNAL=USR1 REQUEUE_GRACE=0 MAX_ATTEMPTS=0\n" in script
     assert "\nSIGNAL_TO[0]=''\n" in script
+
+
+def test_an_array_task_writes_under_its_own_job_directory_and_exports_its_task_id():
+    script = hc.render_script(runtime_plan(service(), array="0-3"))
+    assert ('JOB_DIR="${SLURM_SUBMIT_DIR:-$PWD}/.hpc-compose/${SLURM_ARRAY_JOB_ID:?x-slurm.array: '
+            'submit this script with sbatch --array}_${SLURM_ARRAY_TASK_ID}"') in script
+    assert ('export HPC_COMPOSE_ARRAY_JOB_ID="$SLURM_ARRAY_JOB_ID" '
+            'HPC_COMPOSE_ARRAY_TASK_ID="$SLURM_ARRAY_TASK_ID"') in script
+    plain = hc.render_script(runtime_plan(service()))
+    assert 'JOB_DIR="${SLURM_SUBMIT_DIR:-$PWD}/.hpc-compose/${SLURM_JOB_ID}"' in plain
+    assert "HPC_COMPOSE_ARRAY_TASK_ID" not in plain

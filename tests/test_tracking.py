@@ -1088,3 +1088,93 @@ def test_a_never_satisfied_dependency_names_the_parent_and_its_outcome(hc, monke
                                  "/p/a.yaml ended FAILED (exit code 3:0) so afterok:60 cannot "
                                  "hold; cancel this job")
     assert hc._explain_dependency(record, hc.SchedulerState("RUNNING", "squeue")) is None
+
+
+# --- job arrays ------------------------------------------------------------------------------------
+
+def test_array_task_ids_expand_ranges_steps_and_lists(hc):
+    assert hc._array_task_ids("0-3%2") == [0, 1, 2, 3]
+    assert hc._array_task_ids("1,5-9:2,20") == [1, 5, 7, 9, 20]
+
+
+def _array_record(hc, tmp_path, array="0-2"):
+    (tmp_path / "compose.yaml").write_text("services: {}\n")
+    record = make_record(tmp_path, 70, array=array, array_tasks=hc._array_task_ids(array))
+    hc._record_job(str(tmp_path), record)
+    return record
+
+
+def test_a_task_record_has_its_own_directory_logs_and_batch_log(hc, tmp_path):
+    task = hc._task_record(_array_record(hc, tmp_path), 2)
+    assert task["job_id"] == "70_2" and task["array_task"] == 2
+    assert task["job_dir"] == str(tmp_path / ".hpc-compose" / "70_2")
+    assert task["services"][0]["log_path"] == str(tmp_path / ".hpc-compose" / "70_2" / "logs" /
+                                                  "app.log")
+    assert task["batch_log"] == str(tmp_path / "slurm-70_2.out")
+
+
+def test_task_of_a_plain_job_or_outside_the_array_is_a_usage_error(hc, cli, tmp_path):
+    with pytest.raises(hc.UsageError) as info:
+        hc._task_record(_array_record(hc, tmp_path), 3)
+    assert info.value.message == "job 70 has no task 3"
+    with pytest.raises(hc.UsageError):
+        hc._task_record(make_record(tmp_path, 71), 0)
+    result = cli(["logs", "-f", str(tmp_path / "compose.yaml")])
+    assert result.code == 2 and "job 70 is a job array (0-2): pick one task with --task N" \
+        in result.err
+
+
+SQUEUE_ARRAY_STANDIN = """#!/bin/sh
+# STAND-IN for squeue -r (records its argv; prints the array tasks still queued).
+echo "squeue $*" >> "$STANDIN_LOG"
+printf '70_2|RUNNING|None\\n'
+"""
+
+SACCT_ARRAY_STANDIN = """#!/bin/sh
+# STAND-IN for sacct -X -P (records its argv; prints the rows of the tasks that ended).
+echo "sacct $*" >> "$STANDIN_LOG"
+printf '70_0|COMPLETED|0:0\\n70_1|FAILED|3:0\\n70_2|RUNNING|0:0\\n'
+"""
+
+
+def _standins(tmp_path, monkeypatch):
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    for name, text in (("squeue", SQUEUE_ARRAY_STANDIN), ("sacct", SACCT_ARRAY_STANDIN)):
+        (folder / name).write_text(text)
+        (folder / name).chmod(0o755)
+    monkeypatch.setenv("STANDIN_LOG", str(tmp_path / "calls.log"))
+    return str(folder / "squeue"), str(folder / "sacct")
+
+
+def test_array_status_asks_squeue_once_and_sacct_once_for_every_task(hc, tmp_path, monkeypatch):
+    squeue, sacct = _standins(tmp_path, monkeypatch)
+    record = _array_record(hc, tmp_path)
+    os.makedirs(os.path.join(str(tmp_path), ".hpc-compose", "70_1"))
+    with open(os.path.join(str(tmp_path), ".hpc-compose", "70_1", "state.json"), "w") as handle:
+        json.dump({"status": "failed", "exit_code": 3, "reason": "service 'app' exited with code 3",
+                   "services": []}, handle)
+    status = hc._array_status(record, squeue, sacct)
+    assert (tmp_path / "calls.log").read_text().splitlines() == [
+        "squeue -h -r -j 70 -o %i|%T|%r", "sacct -n -X -P -j 70 --format=JobID,State,ExitCode"]
+    assert status["states"] == {"COMPLETED": 1, "FAILED": 1, "RUNNING": 1}
+    assert status["failed"] == [1]
+    text = hc._format_array_status_text(status)
+    assert "  tasks:      1 COMPLETED, 1 FAILED, 1 RUNNING\n" in text
+    assert "  task 1:     FAILED, exit code 3:0, service 'app' exited with code 3\n" in text
+
+
+def test_up_of_an_array_waits_for_every_task_and_fails_if_one_did_not_complete(hc, tmp_path,
+                                                                             monkeypatch, capsys):
+    record = _array_record(hc, tmp_path, "0-1")
+    answers = [{0: hc.SchedulerState("RUNNING", "squeue"), 1: hc.SchedulerState("PENDING", "squeue")},
+               {0: hc.SchedulerState("COMPLETED", "sacct"), 1: hc.SchedulerState("RUNNING", "squeue")},
+               {0: hc.SchedulerState("COMPLETED", "sacct"), 1: hc.SchedulerState("TIMEOUT", "sacct")}]
+    monkeypatch.setattr(hc, "_array_task_states", lambda *args: answers.pop(0))
+    args = types.SimpleNamespace(squeue_bin="squeue", sacct_bin="sacct")
+    code = hc._watch_array(record, args, "text", sleep=lambda seconds: None)
+    out, err = capsys.readouterr()
+    assert code == 1 and not answers
+    assert [l for l in out.splitlines() if l.startswith("task ")] == ["task 0 COMPLETED",
+                                                                      "task 1 TIMEOUT"]
+    assert "error: 1 of 2 tasks of job 70 did not complete: 1" in err

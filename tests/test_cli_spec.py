@@ -314,3 +314,19 @@ def test_config_of_every_shipped_example_loads_back_to_the_same_spec(cli, hc, tm
             [s._replace(line=None) for s in original.services], example
         assert again.slurm == original.slurm, example
         assert (again.name, again.version) == (original.name, original.version)
+
+
+def test_config_keeps_signal_requeue_dependency_array_and_service_signal(cli, tmp_path):
+    compose = tmp_path / "compose.yaml"
+    compose.write_text('x-slurm:\n  runtime: host\n  time: "01:00:00"\n  resume: {path: /shared/r}\n'
+                       '  signal: {before: 5m, on_signal: requeue}\n  requeue: true\n'
+                       '  dependency: afterok:5\n  array: "0-3"\n'
+                       'services:\n  app:\n    command: ["true"]\n'
+                       '    x-slurm:\n      signal: {name: INT}\n')
+    result = cli(["config", "-f", compose, "--format", "json"])
+    data = json.loads(result.out)
+    assert data["x-slurm"]["signal"] == {"name": "USR1", "before": 300, "on_signal": "requeue",
+                                         "grace": 150, "max_attempts": 5}
+    assert (data["x-slurm"]["requeue"], data["x-slurm"]["dependency"], data["x-slurm"]["array"]) \
+        == (True, "afterok:5", "0-3")
+    assert data["services"]["app"]["x-slurm"]["signal"] == {"name": "INT", "forward": True}

@@ -2912,10 +2912,7 @@ class _SpecLoader(object):
         if raw.get("on_signal") is not None:
             action = self.choice(path + ("on_signal",), raw["on_signal"], _ON_SIGNAL_ACTIONS)
         if action != "requeue":
-            for key in ("grace", "max_attempts"):
-                if key in raw:
-                    raise self.error(path + (key,), "%s is valid only with on_signal: requeue"
-                                     % key, at_key=True)
+            self.refuse_keys_unless(path, raw, ("grace", "max_attempts"), "on_signal: requeue")
             return SignalSpec(name, before, action)
         if values.get("resume") is None:
             raise self.error(path + ("on_signal",), "on_signal: requeue needs x-slurm.resume: "
@@ -3219,6 +3216,13 @@ class _SpecLoader(object):
         self.check_gpus(path, values)
         return ServiceSlurmSpec(**values)
 
+    def refuse_keys_unless(self, path, raw, keys, needed):
+        """One located error for the first of ``keys`` set in ``raw``: they need ``needed``."""
+        for key in keys:
+            if key in raw:
+                raise self.error(path + (key,), "%s is valid only with %s" % (key, needed),
+                                 at_key=True)
+
     def failure_policy(self, path, raw):
         raw = self.mapping(path, raw)
         self.check_keys(path, raw, _FAILURE_POLICY_KEYS, "failure_policy")
@@ -3226,10 +3230,8 @@ class _SpecLoader(object):
         if raw.get("mode") is not None:
             mode = self.choice(path + ("mode",), raw["mode"], _FAILURE_MODES)
         if mode != "restart_on_failure":
-            for key in ("max_restarts", "backoff_seconds"):
-                if key in raw:
-                    raise self.error(path + (key,), "%s is valid only with mode: "
-                                     "restart_on_failure (mode is %s)" % (key, mode), at_key=True)
+            self.refuse_keys_unless(path, raw, ("max_restarts", "backoff_seconds"),
+                                    "mode: restart_on_failure (mode is %s)" % mode)
             return FailurePolicy(mode)
         max_restarts = self.integer(path + ("max_restarts",), raw.get("max_restarts"))
         backoff = self.integer(path + ("backoff_seconds",), raw.get("backoff_seconds"))

@@ -94,20 +94,25 @@ def _squeue_state(job_id):
     return result.stdout.strip()
 
 
-def _start_requeued_now(job_id):
+def _start_requeued_now(job_id, job_dir):
     """Skip Slurm's begin-time delay of a requeued job (about two minutes).
 
-    Slurm sets the begin time when the requeue completes, so the update is repeated until the job
-    has left PENDING.
+    Slurm sets the begin time when the requeue completes, so the update is repeated while the job
+    is PENDING. Not at once, though: slurmd refuses a launch whose credential is from the same
+    second as the revocation of the previous one ("Killing non-startable batch job: Job credential
+    revoked"), which is what the begin-time delay protects against; a few seconds suffice. The
+    next attempt has started once its directory exists.
     """
-    seen_pending = []
+    pending_since = []
 
     def started():
+        if os.path.isdir(os.path.join(job_dir, "attempts", "1")):
+            return True
         if _squeue_state(job_id) == "PENDING":
-            seen_pending.append(True)
-            _run(["scontrol", "update", "JobId=%s" % job_id, "StartTime=now"])
-            return False
-        return bool(seen_pending) and _squeue_state(job_id) not in ("", "COMPLETING")
+            pending_since.append(time.monotonic())
+            if time.monotonic() - pending_since[0] >= 3:
+                _run(["scontrol", "update", "JobId=%s" % job_id, "StartTime=now"])
+        return False
     _wait_for(started, 300, "requeued job %s to start again" % job_id)
 
 
@@ -127,7 +132,7 @@ def test_signal_checkpoints_requeues_and_the_next_attempt_resumes(slurm, slurm_j
     saved = json.loads((resume / "checkpoint.json").read_text())["step"]
     assert 3 <= saved < 40
 
-    _start_requeued_now(job_id)
+    _start_requeued_now(job_id, job_dir)
     assert wait_for_job(job_id, timeout=400) == "COMPLETED"
     second = _wait_for(lambda: _attempt_state(job_dir, 1, hpc_compose._FINAL_RUNTIME_STATUSES),
                        what="attempt 1 to end")
@@ -161,7 +166,7 @@ def test_a_requeue_from_outside_ends_the_attempt_as_requeued_and_resumes(slurm, 
                       what="attempt 0 to end")
     assert first["status"] == "requeued", first
     assert "requeued by Slurm" in first["reason"] and "attempt 2 resumes" in first["reason"]
-    _start_requeued_now(job_id)
+    _start_requeued_now(job_id, job_dir)
     assert wait_for_job(job_id, timeout=400) == "COMPLETED"
     with open(os.path.join(job_dir, "attempts", "1", "logs", "trainer.log")) as handle:
         assert "resumed from step 10 (attempt 1" in handle.read()

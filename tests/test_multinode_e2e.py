@@ -347,7 +347,10 @@ def test_a_requeued_job_resumes_as_attempt_one_and_status_says_so(slurm, slurm_j
             break
         time.sleep(1)
     assert "attempt 1 starts when it runs" in status
-    # Slurm 22.05 holds a requeued job for about two minutes (BeginTime); the test need not wait.
+    # Slurm 22.05 holds a requeued job for about two minutes (BeginTime); the test need not wait,
+    # but a launch in the same second as the old credential's revocation is refused by slurmd
+    # ("Job credential revoked"), so it lets a few seconds pass first.
+    time.sleep(3)
     subprocess.run(["scontrol", "update", "JobId=" + run.job_id, "StartTime=now"], check=True,
                    timeout=30)
 

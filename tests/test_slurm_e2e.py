@@ -473,8 +473,7 @@ def test_usr1_to_the_batch_shell_is_forwarded_to_the_services(slurm, slurm_jobs,
       echo training; while :; do sleep 0.1; done
 """)
     assert wait_for_state(job.id, ("RUNNING",), timeout=60) == "RUNNING"
-    _wait_for_running_service(job, "trainer")
-    time.sleep(1)
+    _wait_for_log(job, "trainer", "training")  # printed once the USR1 trap is set
 
     subprocess.run(["scancel", "--batch", "--signal=USR1", job.id], check=True, timeout=30)
 
@@ -489,10 +488,12 @@ def test_scancel_of_a_service_ignoring_sigterm_still_ends_with_a_final_state(slu
                                                                              tmp_path):
     job = submit(tmp_path, slurm_jobs, HEAD + """\
   stubborn:
-    command: trap 'echo ignoring TERM' TERM; while :; do sleep 0.1; done
+    command: trap 'echo ignoring TERM' TERM; echo trap set; while :; do sleep 0.1; done
 """)
     assert wait_for_state(job.id, ("RUNNING",), timeout=60) == "RUNNING"
-    _wait_for_running_service(job, "stubborn")
+    # "running" is set when srun starts; scancelled before the step has set its trap, the service
+    # would simply die of SIGTERM (seen on a loaded machine): wait for the trap itself.
+    _wait_for_log(job, "stubborn", "trap set")
 
     subprocess.run(["scancel", job.id], check=True, timeout=30)
 

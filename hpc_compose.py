@@ -32,14 +32,16 @@ Public API (for people who vendor this file): exactly the names in ``__all__``; 
 top-level name starts with an underscore and may change without notice. In pipeline order:
 
 - errors: ``HpcComposeError`` (``.format()`` is the user-facing text) and its subclasses
-  ``UsageError``, ``LocatedError`` (``YamlError``, ``SpecError``), ``ToolError``, ``JobFailed``;
+  ``UsageError``, ``LocatedError`` (``YamlError``, ``SpecError``, and ``SpecErrors`` holding
+  every independent ``SpecError`` of a file), ``ToolError``, ``JobFailed``;
 - YAML: ``parse_yaml(text)`` -> plain values, ``parse_yaml_document(text, filename)`` ->
   ``YamlDocument`` with a ``Mark`` per value;
 - interpolation: ``interpolate``, ``parse_dotenv(text)``, ``load_dotenv(path)``;
-- spec: ``load_spec(path)`` -> ``ComposeSpec`` (records ``SlurmSpec``, ``ServiceSpec``,
-  ``ServiceSlurmSpec``, ``ReadinessSpec``, ``FailurePolicy``, ``PrepareSpec``, ``MetricsSpec``,
-  ``ArtifactsSpec``, ``ResumeSpec``, ``SecretSpec``, ``ServiceSecret``, ``SignalSpec``,
-  ``ServiceSignalSpec``), ``spec_to_dict``;
+- spec: ``load_spec(path or [paths merged in order], environ, env_files, profiles,
+  services)`` -> ``ComposeSpec`` (records ``SlurmSpec``, ``ServiceSpec``, ``ServiceSlurmSpec``,
+  ``ReadinessSpec``, ``FailurePolicy``, ``PrepareSpec``, ``MetricsSpec``, ``ArtifactsSpec``,
+  ``ResumeSpec``, ``SecretSpec``, ``ServiceSecret``, ``SignalSpec``, ``ServiceSignalSpec``),
+  ``spec_to_dict``;
 - planner: ``build_plan(spec)`` -> ``Plan`` (records ``ServicePlan``, ``ImageRef``, ``Execution``,
   ``Mount``, ``Dependency``, ``Placement``, ``PreparePlan``), ``plan_to_dict``, ``service_token``,
   ``resolve_host_path``, ``normalize_image``;
@@ -75,7 +77,8 @@ _BUILD_DESCRIPTION = ""
 __all__ = [
     "__version__",
     # errors
-    "HpcComposeError", "UsageError", "LocatedError", "YamlError", "SpecError", "ToolError", "JobFailed",
+    "HpcComposeError", "UsageError", "LocatedError", "YamlError", "SpecError", "SpecErrors",
+    "ToolError", "JobFailed",
     # YAML
     "parse_yaml", "parse_yaml_document", "YamlDocument", "Mark",
     # interpolation
@@ -116,6 +119,8 @@ _EXIT_USAGE = 2        # invalid spec or command-line usage
 _EXIT_INTERRUPTED = 130
 
 _DEFAULT_COMPOSE_FILES = ("compose.yaml", "compose.yml", "docker-compose.yml", "docker-compose.yaml")
+_DEFAULT_OVERRIDE_FILES = ("compose.override.yml", "compose.override.yaml",
+                           "docker-compose.override.yml", "docker-compose.override.yaml")
 _METADATA_DIR_NAME = ".hpc-compose"
 _JOB_MOUNT = "/hpc-compose/job"
 _RESUME_MOUNT = "/hpc-compose/resume"
@@ -212,6 +217,22 @@ class YamlError(LocatedError):
 
 class SpecError(LocatedError):
     """The compose file is valid YAML but not a valid hpc-compose spec."""
+
+
+class SpecErrors(SpecError):
+    """Several independent mistakes in the compose file(s), each a located ``SpecError``, sorted
+    by position; the attributes of the first one are this error's."""
+
+    def __init__(self, errors):
+        first = errors[0]
+        SpecError.__init__(self, first.message, file=first.file, line=first.line,
+                           column=first.column, path=first.path, hint=first.hint)
+        self.errors = tuple(errors)
+
+    def format(self):
+        files = sorted(set(error.file for error in self.errors if error.file))
+        return "\n".join([error.format() for error in self.errors] +
+                         ["%d errors in %s" % (len(self.errors), ", ".join(files) or "the input")])
 
 
 class ToolError(HpcComposeError):
@@ -413,6 +434,7 @@ class YamlDocument(NamedTuple):
     data: object
     marks: dict
     key_marks: dict
+    tags: dict = {}      # path -> "!reset" | "!override" (Compose's merge tags, the only ones read)
 
 
 _SPACE_TAB = " \t"
@@ -455,6 +477,8 @@ _MAX_INTEGER_DIGITS = 1000
 _ROOT_INDENT = -1
 _ANCHORED_ALIAS_MESSAGE = "an alias cannot have an anchor: it names a node that already has one"
 _ANCHORED_ALIAS_HINT = "write the alias alone ('key: *name'), or anchor the original node"
+# Compose's merge tags (used in override files); every other tag is refused.
+_MERGE_TAGS = ("!reset", "!override")
 _MARKER_INDENT = -2   # "indentation" reported for `---` / `...` lines and the end of the text
 
 
@@ -473,7 +497,7 @@ def parse_yaml_document(text, filename=None):
         line, column = _yaml_text_position(text, text.find(exc.args[0]), "\n")
         raise YamlError("an integer with more than %d digits" % _MAX_INTEGER_DIGITS, file=filename,
                         line=line, column=column, hint="quote it if it is meant as text")
-    return YamlDocument(data, reader.marks, reader.key_marks)
+    return YamlDocument(data, reader.marks, reader.key_marks, reader.tags)
 
 
 class _IntegerTooLong(Exception):
@@ -637,6 +661,7 @@ class _YamlReader(object):
         self.filename = filename
         self.marks = {}
         self.key_marks = {}
+        self.tags = {}
         self.log = []        # paths in the order their marks were recorded (to re-root aliases)
         self.anchors = {}    # name -> (value, path, first log index, end log index)
         self.alias_row = self.alias_col = 0   # where the alias being expanded is (for errors)
@@ -828,6 +853,8 @@ class _YamlReader(object):
             return self.expect_line_end(row, col, "an alias"), value
         # Later lines of a flow collection or quoted string are indented under the parent block.
         self.continuation_indent = max(parent_indent + 1, 0)
+        if char == "!":
+            return self.parse_tagged_node(row, col, parent_indent, path, sequence_at_same_indent)
         if char == '"' or char == "'":
             end_row, end_col, value = self.parse_quoted(row, col)
             if end_row == row and self.is_key_colon(line, end_col):
@@ -856,6 +883,32 @@ class _YamlReader(object):
                                   "key")
         self.check_node_start(row, col, char, following)
         return self.parse_plain_block(row, col, parent_indent, path, block_allowed)
+
+    def read_merge_tag(self, row, col, path):
+        """The `!reset` / `!override` tag at (row, col), recorded for ``path``; returns the column
+        after it. Any other tag is refused."""
+        line = self.lines[row]
+        end = col + 1
+        while end < len(line) and line[end] not in _ANCHOR_END:
+            end += 1
+        tag = line[col:end]
+        if tag not in _MERGE_TAGS:
+            raise self.error("YAML tags (%s) are not supported" % tag, row, col,
+                             hint="only Compose's !reset and !override are read; to write a "
+                                  "string that starts with '!', quote it")
+        self.tags[path] = tag
+        return end
+
+    def parse_tagged_node(self, row, col, parent_indent, path, sequence_at_same_indent):
+        """`!reset node` / `!override node` in block context (the node may start below)."""
+        line = self.lines[row]
+        col = self.skip_spaces(line, self.read_merge_tag(row, col, path))
+        if col >= len(line) or line[col] == "#":
+            return self.parse_node_below(row + 1, parent_indent, path,
+                                         sequence_at_same_indent=sequence_at_same_indent,
+                                         empty_row=row, empty_col=col)
+        return self.parse_node(row, col, parent_indent, path, block_allowed=False,
+                               sequence_at_same_indent=sequence_at_same_indent)
 
     def check_node_start(self, row, col, char, following):
         """Refuse what cannot start a node in this subset (tags, complex keys, indicators)."""
@@ -1642,6 +1695,13 @@ class _YamlReader(object):
         if char == "*":
             end, value = self.parse_alias(row, col, path)
             return row, end, value
+        if char == "!":
+            end = self.read_merge_tag(row, col, path)
+            row, col = self.skip_flow_space(row, end, open_row, open_col)
+            if lines[row][col] in ",]}":
+                self.mark(path, row, col)
+                return row, col, None
+            return self.parse_flow_node(row, col, path, open_row, open_col)
         if char == "&":
             name, end = self.read_anchor_name(row, col)
             first = len(self.log)
@@ -1791,10 +1851,10 @@ def _yaml_scalar(value):
 ##############################################################################
 # Contract:
 #   load_dotenv(path) -> dict (missing file -> {}; unreadable/malformed -> SpecError with file+line)
-#   interpolate(value, variables, path=None, ...) -> str   ($VAR ${VAR} ${VAR:-d} ${VAR-d} $$;
-#          missing variable without default -> SpecError naming the variable, file, line, key path)
-# The grammar is Compose's, restricted to what the manual documents: other operators (`:?`, `:+`...)
-# are refused rather than half-supported.
+#   interpolate(value, variables, path=None, ...) -> str   ($VAR ${VAR} ${VAR:-d} ${VAR-d}
+#          ${VAR:?msg} ${VAR?msg} ${VAR:+alt} ${VAR+alt} $$, nested in defaults; missing variable
+#          without default -> SpecError naming the variable, file, line, key path)
+# The grammar is Compose's; other operators (bash's `:=`, `#`, `%`...) are refused.
 
 _NAME_START = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ_")
 _NAME_CHARS = _NAME_START | frozenset("0123456789")
@@ -1804,26 +1864,35 @@ def load_dotenv(path):
     """Read a ``.env`` file into a dict (empty when the file does not exist)."""
     if not os.path.lexists(path):
         return {}
+    return parse_dotenv(_read_env_file(path), path)
+
+
+def _read_env_file(path):
+    """The text of a ``.env``-format file; what stops reading it is a located error."""
     if os.path.isdir(path):
-        raise SpecError("'.env' is a directory, not a file", file=path,
-                        hint="remove or rename it; hpc-compose reads KEY=VALUE lines from .env")
+        raise SpecError("'%s' is a directory, not a file" % os.path.basename(path), file=path,
+                        hint="remove or rename it; hpc-compose reads KEY=VALUE lines from it")
     try:
         with open(path, "rb") as handle:
             raw = handle.read()
     except OSError as exc:
-        raise SpecError("cannot read .env file: %s" % (exc.strerror or exc), file=path,
-                        hint="fix its permissions, or remove it if it is not meant for this project")
+        raise SpecError("cannot read %s: %s" % (os.path.basename(path), exc.strerror or exc),
+                        file=path, hint="fix its permissions, or remove it if it is not meant "
+                                        "for this project")
     try:
-        text = raw.decode("utf-8-sig")
+        return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = raw[:exc.start].count(b"\n") + 1
-        raise SpecError(".env file is not UTF-8 text", file=path, line=line)
-    return parse_dotenv(text, path)
+        raise SpecError("%s is not UTF-8 text" % os.path.basename(path), file=path, line=line)
 
 
 def parse_dotenv(text, filename=None):
     """Parse ``.env`` text: comments, blank lines, optional ``export``, ``KEY=VALUE``, quotes stripped."""
-    values = {}
+    return dict((key, value) for _, key, value, _ in _dotenv_entries(text, filename))
+
+
+def _dotenv_entries(text, filename):
+    """``(line number, key, value, quote character or "")`` for each ``KEY=VALUE`` line."""
     for number, line in enumerate(text.splitlines(), 1):
         stripped = line.strip()
         if not stripped or stripped.startswith("#"):
@@ -1843,22 +1912,33 @@ def parse_dotenv(text, filename=None):
                             line=number, hint="names use letters, digits and _, and do not start "
                                               "with a digit")
         value = value.strip()
+        quote = ""
         if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
-            value = value[1:-1]
-        values[key] = value
-    return values
+            quote, value = value[0], value[1:-1]
+        yield number, key, value, quote
 
 
-def _build_variables(project_dir, environ=None):
-    """The interpolation variables: ``.env`` from ``project_dir`` under the process environment."""
-    variables = load_dotenv(os.path.join(project_dir, ".env"))
+def _build_variables(project_dir, environ=None, env_files=None):
+    """The interpolation variables: ``.env`` from ``project_dir`` (or, instead, ``env_files`` in
+    order, later ones winning: ``--env-file``) under the process environment."""
+    if env_files is None:
+        variables = load_dotenv(os.path.join(project_dir, ".env"))
+    else:
+        variables = {}
+        for path in env_files:
+            if not os.path.isfile(path):
+                raise UsageError("env file %s does not exist" % path,
+                                 hint="check the --env-file path (relative to the current "
+                                      "directory)")
+            variables.update(load_dotenv(path))
     variables.update(os.environ if environ is None else environ)
     return variables
 
 
 def interpolate(value, variables, path=None, file=None, line=None, column=None,
                 unset_is_empty=False, keep=()):
-    """Expand ``$VAR``, ``${VAR}``, ``${VAR:-default}``, ``${VAR-default}`` and ``$$`` in ``value``.
+    """Expand ``$VAR``, ``${VAR}``, Compose's ``${VAR<op>word}`` forms (``:-`` ``-`` ``:?`` ``?``
+    ``:+`` ``+``) and ``$$`` in ``value``.
 
     ``unset_is_empty``: an unset variable without a default expands to "" instead of failing (the
     manual's rule for ``image``). ``keep``: names left exactly as written (``SLURM_JOB_ID`` in
@@ -1963,9 +2043,23 @@ class _Interpolation(object):
             if name in self.variables:
                 return self.variables[name]
             return self.expand_range(stop + 1, close)
+        colon = text[stop] == ":"
+        operator = text[stop + 1] if colon and stop + 1 < close else text[stop]
+        # `:?` / `:+` test "set and not empty", `?` / `+` only "set".
+        present = bool(self.variables.get(name)) if colon else name in self.variables
+        if operator == "?":
+            if present:
+                return self.variables[name]
+            message = self.expand_range(stop + 1 + colon, close)
+            self.fail("variable '%s' is %s%s" % (name, "empty or not set" if colon else "not set",
+                                                 ": " + message if message else ""),
+                      hint="set it in the environment or in .env next to the compose file")
+        if operator == "+":
+            return self.expand_range(stop + 1 + colon, close) if present else ""
         self.fail("unsupported variable expression %r" % expression,
                   hint="supported forms: $NAME, ${NAME}, ${NAME:-default}, ${NAME-default}, "
-                       "and $$ for a literal $")
+                       "${NAME:?message}, ${NAME?message}, ${NAME:+alternative}, "
+                       "${NAME+alternative}, and $$ for a literal $")
 
     def lookup(self, name):
         if name in self.variables:
@@ -2046,6 +2140,7 @@ class ServiceSpec(NamedTuple):
     prepare: object = None         # PrepareSpec or None (x-enroot.prepare)
     runtime: str = _DEFAULT_RUNTIME # resolved: service x-slurm.runtime, else top-level, else pyxis
     line: object = None            # line of the service's key in the compose file
+    profiles: tuple = ()           # Compose profiles; () = always active
     secrets: tuple = ()            # (ServiceSecret, ...) in declared order
 
 
@@ -2120,6 +2215,8 @@ class ComposeSpec(NamedTuple):
     slurm: SlurmSpec
     services: tuple                # (ServiceSpec, ...) in file order
     warnings: tuple = ()           # human-readable warnings (e.g. misspelt x- keys)
+    files: tuple = ()              # every compose file merged, in order (path is the first)
+    profiles: tuple = ()           # every profile named by a service, sorted
     secrets: tuple = ()            # (SecretSpec, ...) top-level secrets: in file order
 
 
@@ -2140,8 +2237,9 @@ class ServiceSecret(NamedTuple):
 # --- accepted keys -------------------------------------------------------------------------------
 
 _TOP_LEVEL_KEYS = ("name", "version", "services", "x-slurm", "secrets")
-_SERVICE_KEYS = ("image", "command", "entrypoint", "environment", "volumes", "working_dir",
-                 "depends_on", "readiness", "healthcheck", "x-slurm", "x-enroot", "secrets")
+_SERVICE_KEYS = ("image", "command", "entrypoint", "environment", "env_file", "volumes",
+                 "working_dir", "depends_on", "profiles", "readiness", "healthcheck", "x-slurm",
+                 "x-enroot", "secrets")
 _SLURM_STRING_KEYS = ("job_name", "partition", "account", "qos", "time", "mem", "gres",
                       "constraint", "output", "error", "chdir", "cache_dir")
 _SLURM_COUNT_KEYS = ("nodes", "ntasks", "ntasks_per_node", "cpus_per_task", "gpus")
@@ -2164,6 +2262,7 @@ _DEFAULT_READINESS_TIMEOUT = 60
 _HEALTHCHECK_KEYS = ("test", "timeout", "disable", "interval", "retries", "start_period",
                      "start_interval")
 _DEPENDENCY_CONDITIONS = ("service_started", "service_healthy")
+_ENV_FILE_KEYS = ("path", "required", "format")
 _X_ENROOT_KEYS = ("prepare",)
 _PREPARE_KEYS = ("commands", "mounts", "env", "root")
 _METRICS_KEYS = ("enabled", "interval_seconds", "collectors")
@@ -2218,8 +2317,6 @@ _UNSUPPORTED_SERVICE_KEYS = {
 }
 # Other Compose keys people bring along; rejected like any unknown key, but with a useful hint.
 _COMPOSE_KEY_HINTS = {
-    "env_file": "put variables in .env next to the compose file (loaded automatically) and list "
-                "them under environment",
     "cpus": "use x-slurm.cpus_per_task",
     "mem_limit": "use x-slurm.mem at the top level",
     "container_name": "remove it: each service runs as a Slurm step named after the service",
@@ -2247,6 +2344,11 @@ def _is_service_name(name):
 
 def _is_env_name(name):
     return bool(name) and name[0] in _NAME_START and _NAME_CHARS.issuperset(name)
+
+
+_NUL_HINT = ("no path, command line or environment variable can carry a NUL character; remove "
+             "the \\0 escape")
+_UNREAD = object()   # what the spec loader keeps for a field it could not read (already reported)
 
 
 class _Invalid(Exception):
@@ -2553,29 +2655,215 @@ def _load_compose_bytes(path):
         raise SpecError("cannot read the compose file: %s" % (exc.strerror or exc), file=path)
 
 
+class _FileMark(NamedTuple):
+    """A ``Mark`` in another file than the first compose file (after merging override files)."""
+    line: int
+    column: int
+    text: object
+    file: str
+
+
+# How Compose merges a service key given in several files (compose-spec 13-merge.md); keys not
+# listed merge by shape: mappings key by key, sequences appended, scalars replaced.
+_SERVICE_MERGE_RULES = {
+    "command": "replace", "entrypoint": "replace", "environment": "by_name",
+    "volumes": "by_target", "depends_on": "by_service", "env_file": "append",
+    "profiles": "unique",
+}
+_MERGE_MISSING = object()
+_MERGE_RESET = object()
+
+
+def _subtree(marks, path):
+    """The entries of ``marks`` at ``path`` and below."""
+    size = len(path)
+    return [(key, mark) for key, mark in marks.items() if key[:size] == path]
+
+
+class _DocumentMerge(object):
+    """Compose files merged in order; ``marks``/``key_marks`` keep where each value came from."""
+
+    def __init__(self, filename, document):
+        self.data = document.data
+        self.marks = dict(document.marks)
+        self.key_marks = dict(document.key_marks)
+        if document.tags:
+            # !reset in the first file removes the key; !override has nothing to override.
+            self.add(filename, document, rebase=False)
+
+    def add(self, filename, document, rebase=True):
+        """Merge ``document`` (read from ``filename``) over what has been merged so far."""
+        def relocate(marks):
+            if not rebase:
+                return marks
+            return dict((path, _FileMark(mark[0], mark[1], mark[2], filename))
+                        for path, mark in marks.items())
+        self.source_marks = relocate(document.marks)
+        self.source_key_marks = relocate(document.key_marks)
+        self.tags = document.tags or {}
+        base = self.data if rebase else {}
+        if not rebase:
+            self.marks, self.key_marks = {(): self.source_marks.get(())}, {}
+        merged = self.merge((), base, document.data)
+        self.data = None if merged is _MERGE_RESET else merged
+
+    def take(self, path):
+        """Marks at and under ``path`` now come from the file being merged."""
+        for marks in (self.marks, self.key_marks):
+            for key, _ in _subtree(marks, path):
+                if key != path or marks is self.marks:
+                    del marks[key]
+        for key, mark in _subtree(self.source_marks, path):
+            self.marks[key] = mark
+        for key, mark in _subtree(self.source_key_marks, path):
+            if key != path:
+                self.key_marks[key] = mark
+
+    def merge(self, path, base, value):
+        tag = self.tags.get(path)
+        if tag == "!reset":
+            return _MERGE_RESET
+        if tag == "!override" or base is _MERGE_MISSING and type(value) is not dict:
+            self.take(path)
+            return value
+        if base is _MERGE_MISSING:
+            base = {}
+            self.marks[path] = self.source_marks.get(path)
+        rule = _SERVICE_MERGE_RULES.get(path[2]) if len(path) == 3 and \
+            path[0] == "services" else None
+        if path[-2:] == ("healthcheck", "test") or rule == "replace":
+            self.take(path)
+            return value
+        if rule in ("by_name", "by_service") and type(base) is not type(value) or \
+                rule in ("by_name", "by_service") and type(base) is list:
+            base = self.to_mapping(path, base, rule, self.marks, self.key_marks)
+            value = self.to_mapping(path, value, rule, self.source_marks, self.source_key_marks)
+        if rule == "append" and type(base) is str:
+            base = self.to_list(path, base, self.marks)
+        if rule == "append" and type(value) is str:
+            value = self.to_list(path, value, self.source_marks)
+        if type(base) is dict and type(value) is dict:
+            result = dict(base)
+            for key, item in value.items():
+                key_path = path + (_yaml_path_key(key),)
+                merged = self.merge(key_path, result.get(key, _MERGE_MISSING), item)
+                if merged is _MERGE_RESET:
+                    result.pop(key, None)
+                    for marks in (self.marks, self.key_marks):
+                        for gone, _ in _subtree(marks, key_path):
+                            del marks[gone]
+                    continue
+                if key not in result or self.tags.get(key_path) == "!override":
+                    self.key_marks[key_path] = self.source_key_marks.get(key_path)
+                result[key] = merged
+            return result
+        if type(base) is list and type(value) is list:
+            if rule == "by_target":
+                return self.merge_by_target(path, base, value)
+            if rule == "unique":
+                value_items = [(index, item) for index, item in enumerate(value)
+                               if item not in base]
+            else:
+                value_items = list(enumerate(value))
+            result = list(base)
+            for index, item in value_items:
+                self.move(self.source_marks, path + (index,), path + (len(result),))
+                result.append(item)
+            return result
+        if type(value) is not dict and type(value) is not list and \
+                type(base) is not dict and type(base) is not list:
+            self.marks[path] = self.source_marks.get(path)
+            return value
+        self.take(path)
+        return value
+
+    def move(self, source, old, new, target=None):
+        """Copy the marks of ``source`` under ``old`` to ``new`` in ``target`` (default: ours)."""
+        target = self.marks if target is None else target
+        size = len(old)
+        for key, mark in _subtree(source, old):
+            target[new + key[size:]] = mark
+
+    def to_list(self, path, text, marks):
+        """``env_file: x`` as ``[x]`` (marks moved to the item)."""
+        if path in marks:
+            marks[path + (0,)] = marks[path]
+        return [text]
+
+    def to_mapping(self, path, value, rule, marks, key_marks):
+        """A list form (``KEY=VALUE`` items, or service names) as the mapping form, when it has
+        one; anything else is left for the validator to report where it was written."""
+        if type(value) is not list:
+            return value
+        result = {}
+        for index, item in enumerate(value):
+            if type(item) is not str:
+                return value
+            key, equals, text = item.partition("=")
+            if key in result:
+                return value
+            if rule == "by_name":
+                result[key] = text if equals else None
+            else:
+                result[item] = None
+            mark = marks.get(path + (index,))
+            if mark is not None:
+                marks[path + (key,)] = key_marks[path + (key,)] = mark
+        return result
+
+    def merge_by_target(self, path, base, value):
+        """``volumes``: an entry with the container path of an earlier one replaces it."""
+        result = list(base)
+        origins = [(self.marks, index) for index in range(len(base))]
+        targets = [_volume_target(item) for item in base]
+        for index, item in enumerate(value):
+            target = _volume_target(item)
+            if target is not None and target in targets:
+                position = targets.index(target)
+                result[position] = item
+                origins[position] = (self.source_marks, index)
+            else:
+                result.append(item)
+                origins.append((self.source_marks, index))
+                targets.append(target)
+        moved = {}
+        for position, (marks, index) in enumerate(origins):
+            self.move(marks, path + (index,), path + (position,), moved)
+        for key, _ in _subtree(self.marks, path):
+            if key != path:
+                del self.marks[key]
+        self.marks.update(moved)
+        return result
+
+
+def _volume_target(entry):
+    """The container path of a volume entry (short ``SRC:DST[:MODE]`` or long ``target:``)."""
+    if type(entry) is dict:
+        return entry.get("target")
+    if type(entry) is not str:
+        return None
+    parts = entry.split(":")
+    return parts[1] if len(parts) > 1 else parts[0]
+
+
 def _load_compose_text(path):
     """The compose file as text, decoded by the YAML reader's rules (binary or non-UTF-8 input is
     refused with its position)."""
     return _decode_yaml_source(_load_compose_bytes(path), path)
 
 
-def load_spec(path, environ=None):
-    """Read, interpolate and validate a compose file; returns a ``ComposeSpec``."""
-    path = os.path.abspath(path)
+def _load_compose_document(path, check_todos=True):
+    """Read and parse one compose file (an empty one, or one with a line migrate left to do, is
+    an error naming it)."""
     text = _load_compose_text(path)
     document = parse_yaml_document(text, filename=path)
-    project_dir = os.path.dirname(path)
     if document.data is None:
         raise SpecError("the compose file is empty", file=path, line=1,
                         hint="it needs at least a services: mapping with one service; "
                              "'hpc-compose init --list' shows starting points")
-    _check_migrate_todos(text, path)
-    variables = _build_variables(project_dir, environ)
-    loader = _SpecLoader(path, document, variables)
-    try:
-        return loader.load()
-    except SpecError as exc:
-        raise loader.redacted(exc)
+    if check_todos:
+        _check_migrate_todos(text, path)
+    return document
 
 
 def _check_migrate_todos(text, path):
@@ -2590,6 +2878,82 @@ def _check_migrate_todos(text, path):
                     line=number, column=len(line) - len(line.lstrip()) + 1,
                     hint="resolve it, then delete the '# migrate: TODO' line"
                          + (" (more TODO lines: %s)" % ", ".join(others) if others else ""))
+
+
+def _merge_compose_files(paths, check_todos=True):
+    """Parse ``paths`` and merge them in order with Compose's rules; returns a ``YamlDocument``
+    whose marks from the second file on are ``_FileMark``s (they carry their file)."""
+    first = _load_compose_document(paths[0], check_todos)
+    if len(paths) == 1 and not first.tags:
+        return first
+    merged = _DocumentMerge(paths[0], first)
+    for path in paths[1:]:
+        merged.add(path, _load_compose_document(path, check_todos))
+    return YamlDocument(merged.data, merged.marks, merged.key_marks)
+
+
+def load_spec(path, environ=None, env_files=None, profiles=None, services=None):
+    """Read, merge, interpolate and validate compose file(s); returns a ``ComposeSpec``.
+
+    ``path`` is one file or a list merged in order (Compose's repeated ``-f``); relative paths
+    and ``.env`` belong to the first file's directory. ``env_files`` replace that ``.env``
+    (``--env-file``). ``profiles``: the active profiles (default: ``COMPOSE_PROFILES``).
+    ``services``: keep only these and what they depend on (``up SERVICE...``).
+    """
+    paths = [os.path.abspath(path)] if isinstance(path, str) else \
+        [os.path.abspath(item) for item in path]
+    document = _merge_compose_files(paths)
+    variables = _build_variables(os.path.dirname(paths[0]), environ, env_files)
+    loader = _SpecLoader(paths[0], document, variables, paths)
+    try:
+        spec = loader.load()
+    except SpecError as exc:
+        raise loader.redacted(exc)
+    if profiles is None:
+        profiles = [name.strip() for name in variables.get("COMPOSE_PROFILES", "").split(",")
+                    if name.strip()]
+    return _select_services(spec, profiles, services or ())
+
+
+def _select_services(spec, profiles, names):
+    """The services that run, as Compose picks them: those without ``profiles`` and those with an
+    active one; or, when ``names`` are given, those services and everything they depend on,
+    whatever their profiles."""
+    by_name = dict((service.name, service) for service in spec.services)
+    declared = tuple(sorted(set(name for service in spec.services for name in service.profiles)))
+    if names:
+        unknown = [name for name in names if name not in by_name]
+        if unknown:
+            raise UsageError("no such service: %s" % ", ".join(unknown),
+                             hint="services in the file: " + ", ".join(by_name))
+        wanted = set()
+        pending = list(names)
+        while pending:
+            name = pending.pop()
+            if name not in wanted:
+                wanted.add(name)
+                pending.extend(target for target, _ in by_name[name].depends_on)
+    else:
+        active = set(profiles)
+        wanted = set(service.name for service in spec.services
+                     if not service.profiles or active.intersection(service.profiles))
+        for service in spec.services:
+            disabled = [target for target, _ in service.depends_on if target not in wanted]
+            if service.name in wanted and disabled:
+                target = by_name[disabled[0]]
+                raise SpecError("service '%s' depends on '%s', which is not enabled (its profiles: "
+                                "%s)" % (service.name, target.name, ", ".join(target.profiles)),
+                                file=spec.path, line=service.line,
+                                path="services.%s.depends_on" % service.name,
+                                hint="activate one with --profile %s (or COMPOSE_PROFILES), or "
+                                     "name the services to run: up %s"
+                                     % (target.profiles[0], service.name))
+        if not wanted:
+            raise UsageError("no service is enabled: every service has profiles and none of them "
+                             "is active (%s)" % ", ".join(declared),
+                             hint="activate one with --profile NAME or COMPOSE_PROFILES")
+    return spec._replace(services=tuple(service for service in spec.services
+                                        if service.name in wanted), profiles=declared)
 
 
 def _dotted(path):
@@ -2611,8 +2975,9 @@ def _closest(word, choices):
 class _SpecLoader(object):
     """Walks the parsed YAML once, checking and normalizing every field it knows."""
 
-    def __init__(self, path, document, variables):
+    def __init__(self, path, document, variables, files=None):
         self.file = path
+        self.files = tuple(files or (path,))
         self.project_dir = os.path.dirname(path)
         self.data = document.data
         self.marks = document.marks or {}
@@ -2621,6 +2986,9 @@ class _SpecLoader(object):
         self.warnings = []
         self.secret_values = []        # (name, text) read to keep values out of the spec; never stored
         self.secrets = ()              # the top-level SecretSpecs, once read
+        self.secret_names = set()      # every name under secrets:, read or in error
+        self.errors = []     # every independent SpecError found, reported together by load()
+        self.misspelt = []   # (dotted mapping path, the key a misspelt key was meant to be)
 
     # --- locations and errors ---
 
@@ -2650,19 +3018,61 @@ class _SpecLoader(object):
                 return None
         return node
 
+    def file_of(self, mark):
+        """The file a mark points into (values merged from an override file carry theirs)."""
+        return getattr(mark, "file", None) or self.file
+
     def error(self, path, message, hint=None, at_key=False):
         mark = self.mark(path, at_key)
-        return SpecError(message, file=self.file, line=mark.line if mark else None,
+        return SpecError(message, file=self.file_of(mark), line=mark.line if mark else None,
                          column=mark.column if mark else None, path=_dotted(path) or None,
                          hint=hint)
 
     def interpolate(self, path, value, **options):
         mark = self.mark(path)
-        text = interpolate(value, self.variables, path=_dotted(path), file=self.file,
+        text = interpolate(value, self.variables, path=_dotted(path), file=self.file_of(mark),
                            line=mark.line if mark else None,
                            column=mark.column if mark else None, **options)
         self.check_secret_value(path, text, expanded=text != value)
         return text
+
+    # --- every error at once ---
+
+    def record(self, error):
+        """Keep ``error`` for the report, unless its key (or one above it) is already in error:
+        one mistake gives one message, not a cascade."""
+        path = error.path or ""
+        for parent, key in self.misspelt:
+            # `imgae:` was reported; "needs an image" (about the mapping that holds it) or an
+            # error at the key it was meant to be would be the same mistake again.
+            meant = parent + "." + key if parent else key
+            if path == meant or path.startswith(meant + ".") or path == parent:
+                return
+        for earlier in self.errors:
+            done = earlier.path or ""
+            if path == done or path.startswith(done + ".") or path.startswith(done + "["):
+                return
+        self.errors.append(error)
+
+    def attempt(self, read, *args, **options):
+        """``read(*args)``, or ``options['default']`` after recording the SpecError it raised."""
+        default = options.pop("default", None)
+        try:
+            return read(*args, **options)
+        except SpecError as error:
+            self.record(error)
+            return default
+
+    def report_errors(self):
+        """Raise the errors recorded so far, sorted by file and position, as one error."""
+        if not self.errors:
+            return
+        order = dict((name, index) for index, name in enumerate(self.files))
+        errors = sorted(self.errors, key=lambda e: (order.get(e.file, len(order)), e.file or "",
+                                                    e.line or 0, e.column or 0))
+        if len(errors) == 1:
+            raise errors[0]
+        raise SpecErrors(errors)
 
     # --- typed readers ---
 
@@ -2674,23 +3084,29 @@ class _SpecLoader(object):
         return value
 
     def check_keys(self, path, mapping, allowed, scope, hints=None):
+        """Record every key not in ``allowed``, with a hint."""
         for key in mapping:
             if key in allowed:
                 continue
             key_path = tuple(path) + (key,)
             if not isinstance(key, str):
-                raise self.error(key_path, "keys must be strings, got %r" % (key,), at_key=True)
+                self.record(self.error(key_path, "keys must be strings, got %r" % (key,),
+                                       at_key=True))
+                continue
             if hints and key in hints:
                 message, hint = hints[key]
-                raise self.error(key_path, message, hint=hint, at_key=True)
+                self.record(self.error(key_path, message, hint=hint, at_key=True))
+                continue
             suggestion = _closest(key, allowed)
             hint = "did you mean '%s'?" % suggestion if suggestion else None
             if _COMPOSE_KEY_HINTS.get(key) and scope.startswith("service"):
                 hint = _COMPOSE_KEY_HINTS[key]
             if not hint:
                 hint = "valid keys: " + ", ".join(allowed)
-            raise self.error(key_path, "unknown key '%s' in %s" % (key, scope), hint=hint,
-                             at_key=True)
+            self.record(self.error(key_path, "unknown key '%s' in %s" % (key, scope), hint=hint,
+                                   at_key=True))
+            if suggestion and suggestion not in mapping:
+                self.misspelt.append((_dotted(path), suggestion))
 
     def string(self, path, value, interpolated=True, allow_empty=False, **options):
         if isinstance(value, str):
@@ -2707,6 +3123,8 @@ class _SpecLoader(object):
             text = self.interpolate(path, text, **options)
         if not allow_empty and not text.strip():
             raise self.error(path, "must not be empty")
+        if "\0" in text:
+            raise self.error(path, "the value contains a NUL byte", hint=_NUL_HINT)
         return text
 
     def optional_string(self, path, value, **options):
@@ -2787,6 +3205,8 @@ class _SpecLoader(object):
                                  % _describe(item),
                                  hint="write KEY=VALUE, or use the mapping form KEY: VALUE")
             key, text = item.split("=", 1)
+            if "\0" in text:
+                raise self.error(item_path, "the value contains a NUL byte", hint=_NUL_HINT)
             if not _is_env_name(key):
                 raise self.error(item_path, "%r is not a valid environment variable name" % key,
                                  hint="names use letters, digits and _, and do not start with "
@@ -2809,25 +3229,36 @@ class _SpecLoader(object):
                 self.check_extension_key((key,), key, top_level=True)
         known = tuple(k for k in root if not (isinstance(k, str) and k.startswith("x-")
                                                and k != "x-slurm"))
-        self.check_keys((), dict.fromkeys(known), _TOP_LEVEL_KEYS, "the top level",
-                        _UNSUPPORTED_TOP_LEVEL_KEYS)
+        self.attempt(self.check_keys, (), dict.fromkeys(known), _TOP_LEVEL_KEYS, "the top level",
+                     _UNSUPPORTED_TOP_LEVEL_KEYS)
         # Secrets first: every value interpolated after this is checked against theirs.
-        self.secrets = self.top_level_secrets(("secrets",), root.get("secrets"))
-        name = self.optional_string(("name",), root.get("name"))
+        self.secrets = self.attempt(self.top_level_secrets, ("secrets",), root.get("secrets"),
+                                    default=())
+        name = self.attempt(self.optional_string, ("name",), root.get("name"))
         version = root.get("version")
         if version is not None:
-            version = self.string(("version",), version, interpolated=False, allow_empty=True)
-        slurm = self.slurm(("x-slurm",), root.get("x-slurm"))
+            version = self.attempt(self.string, ("version",), version, interpolated=False,
+                                   allow_empty=True)
+        slurm = self.attempt(self.slurm, ("x-slurm",), root.get("x-slurm"), default=SlurmSpec())
         if "services" not in root:
-            raise self.error((), "the compose file has no services: mapping",
-                             hint="add services: with at least one service")
-        raw_services = self.mapping(("services",), root["services"], "a mapping of services")
-        if not raw_services:
-            raise self.error(("services",), "services must contain at least one service")
-        services = tuple(self.service(name_, raw, slurm) for name_, raw in raw_services.items())
-        self.check_relations(services, slurm)
-        return ComposeSpec(self.file, self.project_dir, name, version, slurm, services,
-                           tuple(self.warnings), self.secrets)
+            self.record(self.error((), "the compose file has no services: mapping",
+                                   hint="add services: with at least one service"))
+            self.report_errors()
+        raw_services = self.attempt(self.mapping, ("services",), root["services"],
+                                    "a mapping of services")
+        if raw_services == {}:
+            self.record(self.error(("services",), "services must contain at least one service"))
+        raw_services = raw_services or {}
+        services = []
+        for name_, raw in raw_services.items():
+            errors_before = len(self.errors)
+            service = self.attempt(self.service, name_, raw, slurm)
+            if service is not None and len(self.errors) == errors_before:
+                services.append(service)
+        self.check_relations(tuple(services), slurm, raw_services)
+        self.report_errors()
+        return ComposeSpec(self.file, self.project_dir, name, version, slurm, tuple(services),
+                           tuple(self.warnings), self.files, secrets=self.secrets)
 
     def check_extension_key(self, path, key, top_level):
         """Extension keys are ignored (anchor holders); a near-miss of ours earns a warning."""
@@ -3060,11 +3491,40 @@ class _SpecLoader(object):
                              and k not in ("x-slurm", "x-enroot")))
         self.check_keys(path, known, _SERVICE_KEYS, "service '%s'" % name,
                         _UNSUPPORTED_SERVICE_KEYS)
-        slurm = self.service_slurm(path + ("x-slurm",), raw.get("x-slurm"))
+        # Each field is read on its own, so that one bad field does not hide the others; a check
+        # across fields runs only when the fields it reads were read without error.
+        slurm = self.attempt(self.service_slurm, path + ("x-slurm",), raw.get("x-slurm"),
+                             default=ServiceSlurmSpec())
         runtime = slurm.runtime or top_slurm.runtime
         host = runtime == "host"
         line = self.mark(path, at_key=True).line if self.mark(path, at_key=True) else None
+        image = self.attempt(self.service_image, path, raw, host)
+        command = self.attempt(self.command_form, path + ("command",), raw.get("command"),
+                               default=_UNREAD)
+        entrypoint = self.attempt(self.command_form, path + ("entrypoint",),
+                                  raw.get("entrypoint"), default=_UNREAD)
+        commands_read = command is not _UNREAD and entrypoint is not _UNREAD
+        if commands_read:
+            self.attempt(self.check_command_forms, path, host, command, entrypoint)
+        environment = self.attempt(self.service_environment, path, raw, default=())
+        volumes = self.attempt(self.service_volumes, path, raw, host, top_slurm, default=())
+        working_dir = None
+        if commands_read:
+            working_dir = self.attempt(self.service_working_dir, path, raw, host,
+                                       command is not None or entrypoint is not None)
+        depends_on = self.attempt(self.depends_on, path + ("depends_on",), raw.get("depends_on"),
+                                  default=())
+        readiness = self.attempt(self.service_readiness, path, raw)
+        prepare = self.attempt(self.service_prepare, path, raw, host)
+        profiles = self.attempt(self.service_profiles, path + ("profiles",), raw.get("profiles"),
+                                default=())
+        secrets = self.attempt(self.service_secrets, path + ("secrets",), raw.get("secrets"),
+                               default=())
+        return ServiceSpec(name, image, command, entrypoint, environment, volumes, working_dir,
+                           depends_on, readiness, slurm, prepare, runtime, line, profiles,
+                           secrets=secrets)
 
+    def service_image(self, path, raw, host):
         image = None
         if raw.get("image") is not None:
             # The manual: unset variables in image expand to empty strings (then caught as empty).
@@ -3076,12 +3536,12 @@ class _SpecLoader(object):
                 self.warnings.append("%s: image '%s' is not used: the service runs with the host "
                                      "runtime" % (self.where(path + ("image",)), image))
         elif not host:
-            raise self.error(path, "service '%s' needs an image" % name,
+            raise self.error(path, "service '%s' needs an image" % path[-1],
                              hint="e.g. image: python:3.11-slim, or run it on the node with "
                                   "x-slurm.runtime: host")
+        return image
 
-        command = self.command_form(path + ("command",), raw.get("command"))
-        entrypoint = self.command_form(path + ("entrypoint",), raw.get("entrypoint"))
+    def check_command_forms(self, path, host, command, entrypoint):
         if command is not None and entrypoint is not None and \
                 isinstance(command, str) != isinstance(entrypoint, str):
             raise self.error(path + ("entrypoint",), "command and entrypoint must use the same "
@@ -3090,60 +3550,133 @@ class _SpecLoader(object):
                                   "form)")
         if host and command is None and entrypoint is None:
             raise self.error(path, "service '%s' uses the host runtime but has no command or "
-                             "entrypoint" % name,
+                             "entrypoint" % path[-1],
                              hint="there is no image default to run; give it a command")
 
-        environment = self.environment(path + ("environment",), raw.get("environment"))
-
-        volumes = ()
-        if raw.get("volumes") is not None:
-            if host:
-                raise self.error(path + ("volumes",), "volumes are not available with the host "
-                                 "runtime: the service already sees the node's file system",
-                                 hint="use the host paths directly, or switch the service to "
-                                      "x-slurm.runtime: pyxis")
-            volumes = []
-            for index, item in enumerate(self.sequence(path + ("volumes",), raw["volumes"])):
-                item_path = path + ("volumes", index)
-                text = self.volume_text(item_path, item)
-                self.apply_rule(item_path, _split_volume, text,
-                             resume_enabled=top_slurm.resume is not None)
+    def service_volumes(self, path, raw, host, top_slurm):
+        if raw.get("volumes") is None:
+            return ()
+        if host:
+            raise self.error(path + ("volumes",), "volumes are not available with the host "
+                             "runtime: the service already sees the node's file system",
+                             hint="use the host paths directly, or switch the service to "
+                                  "x-slurm.runtime: pyxis")
+        volumes = []
+        for index, item in enumerate(self.sequence(path + ("volumes",), raw["volumes"])):
+            item_path = path + ("volumes", index)
+            # Each entry on its own: short form as written, or the long syntax (type: bind).
+            text = self.attempt(self.volume_text, item_path, item)
+            if text is not None and self.attempt(self.apply_rule, item_path, _split_volume, text,
+                                                 resume_enabled=top_slurm.resume is not None):
                 volumes.append(text)
-            volumes = tuple(volumes)
+        return tuple(volumes)
 
-        working_dir = None
-        if raw.get("working_dir") is not None:
-            working_dir = self.string(path + ("working_dir",), raw["working_dir"])
-            if command is None and entrypoint is None:
-                raise self.error(path + ("working_dir",), "working_dir needs an explicit command "
-                                 "or entrypoint",
-                                 hint="add the command to run in that directory")
-            if not host and not working_dir.startswith("/"):
-                raise self.error(path + ("working_dir",), "working_dir %r must be an absolute "
-                                 "container path" % working_dir)
+    def service_working_dir(self, path, raw, host, has_command):
+        if raw.get("working_dir") is None:
+            return None
+        working_dir = self.string(path + ("working_dir",), raw["working_dir"])
+        if not has_command:
+            raise self.error(path + ("working_dir",), "working_dir needs an explicit command "
+                             "or entrypoint",
+                             hint="add the command to run in that directory")
+        if not host and not working_dir.startswith("/"):
+            raise self.error(path + ("working_dir",), "working_dir %r must be an absolute "
+                             "container path" % working_dir)
+        return working_dir
 
-        depends_on = self.depends_on(path + ("depends_on",), raw.get("depends_on"))
+    def service_readiness(self, path, raw):
         if raw.get("readiness") is not None and raw.get("healthcheck") is not None:
             raise self.error(path + ("healthcheck",), "healthcheck and readiness are mutually "
                              "exclusive", hint="keep one of them (readiness is the native form)")
-        readiness = None
         if raw.get("readiness") is not None:
-            readiness = self.readiness(path + ("readiness",), raw["readiness"])
-        elif raw.get("healthcheck") is not None:
-            readiness = self.healthcheck(path + ("healthcheck",), raw["healthcheck"])
+            return self.readiness(path + ("readiness",), raw["readiness"])
+        if raw.get("healthcheck") is not None:
+            return self.healthcheck(path + ("healthcheck",), raw["healthcheck"])
+        return None
 
-        prepare = None
-        if raw.get("x-enroot") is not None:
-            if host:
-                raise self.error(path + ("x-enroot",), "x-enroot is not available with the host "
-                                 "runtime: there is no container image to prepare",
-                                 hint="install the tools on the node (x-slurm.setup can load "
-                                      "modules), or use x-slurm.runtime: pyxis")
-            prepare = self.x_enroot(path + ("x-enroot",), raw["x-enroot"])
+    def service_prepare(self, path, raw, host):
+        if raw.get("x-enroot") is None:
+            return None
+        if host:
+            raise self.error(path + ("x-enroot",), "x-enroot is not available with the host "
+                             "runtime: there is no container image to prepare",
+                             hint="install the tools on the node (x-slurm.setup can load "
+                                  "modules), or use x-slurm.runtime: pyxis")
+        return self.x_enroot(path + ("x-enroot",), raw["x-enroot"])
 
-        secrets = self.service_secrets(path + ("secrets",), raw.get("secrets"))
-        return ServiceSpec(name, image, command, entrypoint, environment, volumes, working_dir,
-                           depends_on, readiness, slurm, prepare, runtime, line, secrets)
+    def service_environment(self, path, raw):
+        """``env_file`` entries in order, then ``environment`` over them (Compose's precedence)."""
+        values = {}
+        order = []
+        for key, value in self.attempt(self.env_files, path + ("env_file",), raw.get("env_file"),
+                                       default=()):
+            if key not in values:
+                order.append(key)
+            values[key] = value
+        for key, value in self.environment(path + ("environment",), raw.get("environment")):
+            if key not in values:
+                order.append(key)
+            values[key] = value
+        return tuple((key, values[key]) for key in order)
+
+    def env_files(self, path, raw):
+        """The variables of a service's ``env_file`` (string, list, or ``{path, required,
+        format}`` items), read from files relative to the project directory."""
+        if raw is None:
+            return []
+        items = [raw] if isinstance(raw, str) else self.sequence(path, raw)
+        pairs = []
+        for index, item in enumerate(items):
+            item_path = path if isinstance(raw, str) else path + (index,)
+            required, raw_format = True, None
+            if isinstance(item, dict):
+                self.check_keys(item_path, item, _ENV_FILE_KEYS, "an env_file entry")
+                if item.get("path") is None:
+                    raise self.error(item_path, "an env_file entry needs path")
+                if item.get("required") is not None:
+                    required = self.boolean(item_path + ("required",), item["required"])
+                if item.get("format") is not None:
+                    raw_format = self.choice(item_path + ("format",), item["format"], ("raw",))
+                item_path, item = item_path + ("path",), item["path"]
+            name = self.string(item_path, item)
+            file_path = resolve_host_path(name, self.project_dir, self.variables)
+            if not os.path.isfile(file_path):
+                if required:
+                    raise self.error(item_path, "env_file %s does not exist" % file_path,
+                                     hint="create it, fix the path, or use the long form with "
+                                          "required: false")
+                continue
+            for key, value in self.env_file_values(file_path, raw_format == "raw"):
+                # The service's environment is written into the batch script.
+                self.check_secret_value(item_path, value, expanded=False)
+                pairs.append((key, value))
+        return pairs
+
+    def env_file_values(self, file_path, raw_format):
+        """Compose's env_file grammar: unquoted and double-quoted values are interpolated,
+        single-quoted ones and ``format: raw`` files are literal."""
+        pairs = []
+        text = _read_env_file(file_path)
+        if raw_format:
+            for line in text.splitlines():
+                key, equals, value = line.partition("=")
+                if equals and _is_env_name(key.strip()):
+                    pairs.append((key.strip(), value))
+            return pairs
+        for number, key, value, quote in _dotenv_entries(text, file_path):
+            if quote != "'":
+                value = interpolate(value, self.variables, path=key, file=file_path, line=number)
+            pairs.append((key, value))
+        return pairs
+
+    def service_profiles(self, path, raw):
+        names = self.string_list(path, raw, interpolated=False)
+        for index, name in enumerate(names):
+            if not _is_service_name(name):
+                raise self.error(path + (index,), "profile name %r is not valid" % name,
+                                 hint="use letters, digits, '_', '.' and '-', starting with a "
+                                      "letter or digit")
+        return names
 
     def command_form(self, path, value):
         if value is None:
@@ -3375,44 +3908,53 @@ class _SpecLoader(object):
     # --- secrets ---
 
     def top_level_secrets(self, path, raw):
-        """``secrets:`` -> (SecretSpec, ...); each source is checked and its value read, not kept."""
+        """``secrets:`` -> (SecretSpec, ...); each source is checked and its value read, not kept.
+        A secret that cannot be read is reported and left out (services naming it are not)."""
         raw = self.mapping(path, raw, "a mapping of secrets")
+        self.secret_names = set(raw)
         secrets = []
         for name, body in raw.items():
-            item_path = path + (name,)
-            if not isinstance(name, str) or not _is_service_name(name):
-                raise self.error(item_path, "secret name %r is not valid" % (name,), at_key=True,
-                                 hint="use letters, digits, '_', '.' and '-', starting with a "
-                                      "letter or digit")
-            body = self.mapping(item_path, body, "a mapping with file: or environment:")
-            self.check_keys(item_path, body, _SECRET_SOURCES, "secret '%s'" % name,
-                            _SECRET_UNSUPPORTED)
-            given = [key for key in _SECRET_SOURCES if body.get(key) is not None]
-            if len(given) != 1:
-                raise self.error(item_path, "secret '%s' needs exactly one of file: or "
-                                 "environment:" % name,
-                                 hint="file: ./token.txt (a file on this node) or environment: "
-                                      "HF_TOKEN (a variable of the shell or .env)")
-            mark = self.mark(item_path, at_key=True)
-            source_path = item_path + (given[0],)
-            if given[0] == "file":
-                reference = self.string(source_path, body["file"])
-                value = self.read_secret_file(source_path, reference)
-            else:
-                reference = self.string(source_path, body["environment"], interpolated=False)
-                if not _is_env_name(reference):
-                    raise self.error(source_path, "%r is not a valid environment variable name"
-                                     % reference, hint="name the variable, e.g. environment: "
-                                                       "HF_TOKEN (without $)")
-                if reference not in self.variables:
-                    raise self.error(source_path, "variable '%s' (the source of secret '%s') is "
-                                     "not set" % (reference, name),
-                                     hint="export it in the shell that runs hpc-compose, or set it "
-                                          "in .env next to the compose file")
-                value = self.variables[reference].encode("utf-8", "surrogateescape")
-            self.remember_secret_value(name, value)
-            secrets.append(SecretSpec(name, given[0], reference, mark.line if mark else None))
+            secret = self.attempt(self.top_level_secret, path + (name,), name, body)
+            if secret is not None:
+                secrets.append(secret)
         return tuple(secrets)
+
+    def top_level_secret(self, item_path, name, body):
+        if not isinstance(name, str) or not _is_service_name(name):
+            raise self.error(item_path, "secret name %r is not valid" % (name,), at_key=True,
+                             hint="use letters, digits, '_', '.' and '-', starting with a "
+                                  "letter or digit")
+        body = self.mapping(item_path, body, "a mapping with file: or environment:")
+        errors_before = len(self.errors)
+        self.check_keys(item_path, body, _SECRET_SOURCES, "secret '%s'" % name,
+                        _SECRET_UNSUPPORTED)
+        if len(self.errors) != errors_before:
+            return None
+        given = [key for key in _SECRET_SOURCES if body.get(key) is not None]
+        if len(given) != 1:
+            raise self.error(item_path, "secret '%s' needs exactly one of file: or "
+                             "environment:" % name,
+                             hint="file: ./token.txt (a file on this node) or environment: "
+                                  "HF_TOKEN (a variable of the shell or .env)")
+        mark = self.mark(item_path, at_key=True)
+        source_path = item_path + (given[0],)
+        if given[0] == "file":
+            reference = self.string(source_path, body["file"])
+            value = self.read_secret_file(source_path, reference)
+        else:
+            reference = self.string(source_path, body["environment"], interpolated=False)
+            if not _is_env_name(reference):
+                raise self.error(source_path, "%r is not a valid environment variable name"
+                                 % reference, hint="name the variable, e.g. environment: "
+                                                   "HF_TOKEN (without $)")
+            if reference not in self.variables:
+                raise self.error(source_path, "variable '%s' (the source of secret '%s') is "
+                                 "not set" % (reference, name),
+                                 hint="export it in the shell that runs hpc-compose, or set it "
+                                      "in .env next to the compose file")
+            value = self.variables[reference].encode("utf-8", "surrogateescape")
+        self.remember_secret_value(name, value)
+        return SecretSpec(name, given[0], reference, mark.line if mark else None)
 
     def read_secret_file(self, path, reference):
         """The first bytes of a secret file (enough for the leak check); located errors."""
@@ -3467,48 +4009,59 @@ class _SpecLoader(object):
                 if len(value) >= _SECRET_MATCH_MIN:
                     text = text.replace(value, shown)
             return text
-        error.message = scrub(error.message)
-        error.hint = scrub(error.hint)
-        error.path = scrub(error.path)
-        error.args = (error.message,)
+        for each in (error,) + tuple(getattr(error, "errors", ())):
+            each.message = scrub(each.message)
+            each.hint = scrub(each.hint)
+            each.path = scrub(each.path)
+            each.args = (each.message,)
         return error
 
     def service_secrets(self, path, raw):
-        """Short (``- name``) and long (``source``/``target``/``mode``) forms -> (ServiceSecret, ...)."""
-        declared = dict((secret.name, secret) for secret in self.secrets)
+        """Short (``- name``) and long (``source``/``target``/``mode``) forms -> (ServiceSecret, ...);
+        each entry is read on its own (every error at once)."""
         result = []
         for index, item in enumerate(self.sequence(path, raw)):
-            item_path = path + (index,)
-            if isinstance(item, dict):
-                self.check_keys(item_path, item, _SERVICE_SECRET_KEYS, "a service secret",
-                                _SERVICE_SECRET_UNSUPPORTED)
-                if item.get("source") is None:
-                    raise self.error(item_path, "a service secret in the long form needs source",
-                                     hint="source: names a top-level secret")
-                source_path = item_path + ("source",)
-                source = self.string(source_path, item["source"], interpolated=False)
-            else:
-                source_path = item_path
-                source = self.string(item_path, item, interpolated=False)
-                item = {}
-            if source not in declared:
-                suggestion = _closest(source, declared)
-                raise self.error(source_path, "unknown secret '%s'" % source,
-                                 hint="did you mean '%s'?" % suggestion if suggestion else
-                                 ("declared secrets: " + ", ".join(declared) if declared else
-                                  "declare it under the top-level secrets: with file: or "
-                                  "environment:"))
-            target = source
-            if item.get("target") is not None:
-                target = self.secret_target(item_path + ("target",), item["target"])
-            if any(other.target == target for other in result):
-                raise self.error(item_path, "two secrets of this service have the target '%s'"
-                                 % target, hint="give one of them another target:")
-            mode = None
-            if item.get("mode") is not None:
-                mode = self.secret_mode(item_path + ("mode",), item["mode"])
-            result.append(ServiceSecret(source, target, mode))
+            secret = self.attempt(self.service_secret, path + (index,), item, result)
+            if secret is not None:
+                result.append(secret)
         return tuple(result)
+
+    def service_secret(self, item_path, item, earlier):
+        declared = dict((secret.name, secret) for secret in self.secrets)
+        if isinstance(item, dict):
+            errors_before = len(self.errors)
+            self.check_keys(item_path, item, _SERVICE_SECRET_KEYS, "a service secret",
+                            _SERVICE_SECRET_UNSUPPORTED)
+            if len(self.errors) != errors_before:
+                return None
+            if item.get("source") is None:
+                raise self.error(item_path, "a service secret in the long form needs source",
+                                 hint="source: names a top-level secret")
+            source_path = item_path + ("source",)
+            source = self.string(source_path, item["source"], interpolated=False)
+        else:
+            source_path = item_path
+            source = self.string(item_path, item, interpolated=False)
+            item = {}
+        if source not in declared:
+            if source in self.secret_names:
+                return None    # declared, but in error: reported where it is declared
+            suggestion = _closest(source, declared)
+            raise self.error(source_path, "unknown secret '%s'" % source,
+                             hint="did you mean '%s'?" % suggestion if suggestion else
+                             ("declared secrets: " + ", ".join(declared) if declared else
+                              "declare it under the top-level secrets: with file: or "
+                              "environment:"))
+        target = source
+        if item.get("target") is not None:
+            target = self.secret_target(item_path + ("target",), item["target"])
+        if any(other.target == target for other in earlier):
+            raise self.error(item_path, "two secrets of this service have the target '%s'"
+                             % target, hint="give one of them another target:")
+        mode = None
+        if item.get("mode") is not None:
+            mode = self.secret_mode(item_path + ("mode",), item["mode"])
+        return ServiceSecret(source, target, mode)
 
     def secret_target(self, path, value):
         text = self.string(path, value, interpolated=False)
@@ -3545,54 +4098,66 @@ class _SpecLoader(object):
 
     # --- rules across services ---
 
-    def check_relations(self, services, slurm):
+    def check_relations(self, services, slurm, raw_services):
+        """Rules between services; a service that failed to load is known by name only."""
         by_name = dict((s.name, s) for s in services)
         for service in services:
             base = ("services", service.name, "depends_on")
             for target, condition in service.depends_on:
-                where = base + (target,)
-                if target not in by_name:
-                    suggestion = _closest(target, by_name)
-                    raise self.error(where, "service '%s' depends on unknown service '%s'"
-                                     % (service.name, target),
-                                     hint="did you mean '%s'?" % suggestion if suggestion else
-                                     "defined services: " + ", ".join(by_name))
-                if target == service.name:
-                    raise self.error(where, "service '%s' depends on itself" % target)
-                dependency = by_name[target]
-                if condition == "service_healthy" and dependency.readiness is None:
-                    raise self.error(where, "condition service_healthy needs service '%s' to "
-                                     "define readiness (or a supported healthcheck)" % target,
-                                     hint="add readiness to '%s', or use service_started"
-                                          % target)
-                if dependency.slurm.failure_policy.mode == "ignore":
-                    raise self.error(where, "service '%s' cannot be a dependency: its "
-                                     "failure_policy mode is ignore" % target,
-                                     hint="use fail_job or restart_on_failure for services "
-                                          "others depend on")
+                error = self.dependency_error(base + (target,), service, target, condition,
+                                              by_name, raw_services)
+                if error is not None:
+                    self.record(error)
         alloc_nodes = slurm.nodes or 1
         distributed = None
         for service in services:
             path = ("services", service.name, "x-slurm", "nodes")
-            placement = self.apply_rule(path, _resolve_placement, alloc_nodes, service.slurm, slurm,
-                                     len(services))
-            if placement.mode != "distributed":
+            placement = self.attempt(self.apply_rule, path, _resolve_placement, alloc_nodes,
+                                     service.slurm, slurm, len(raw_services))
+            if placement is None or placement.mode != "distributed":
                 continue
             if distributed is not None:
-                raise self.error(path, "services '%s' and '%s' both span the whole allocation; "
-                                 "at most one distributed service is supported"
-                                 % (distributed, service.name),
-                                 hint="set x-slurm.nodes: 1 on helper services")
+                self.record(self.error(path, "services '%s' and '%s' both span the whole "
+                                       "allocation; at most one distributed service is supported"
+                                       % (distributed, service.name),
+                                       hint="set x-slurm.nodes: 1 on helper services"))
+                continue
             distributed = service.name
             readiness = service.readiness
             local = readiness is not None and (
                 (readiness.type == "tcp" and _is_local_host(readiness.host))
                 or (readiness.type == "http" and _is_local_host(_url_host(readiness.url))))
             if local:
-                raise self.error(("services", service.name, "readiness"),
-                                 "the distributed service '%s' cannot use %s readiness against "
-                                 "localhost" % (service.name, readiness.type),
-                                 hint="use sleep or log readiness, or an explicit non-local host")
+                self.record(self.error(("services", service.name, "readiness"),
+                                       "the distributed service '%s' cannot use %s readiness "
+                                       "against localhost" % (service.name, readiness.type),
+                                       hint="use sleep or log readiness, or an explicit non-local "
+                                            "host"))
+
+    def dependency_error(self, where, service, target, condition, by_name, raw_services):
+        """What is wrong with one depends_on entry, or None."""
+        if target not in raw_services:
+            suggestion = _closest(target, [name for name in raw_services if
+                                           isinstance(name, str)])
+            return self.error(where, "service '%s' depends on unknown service '%s'"
+                              % (service.name, target),
+                              hint="did you mean '%s'?" % suggestion if suggestion else
+                              "defined services: " + ", ".join(map(str, raw_services)))
+        if target == service.name:
+            return self.error(where, "service '%s' depends on itself" % target)
+        dependency = by_name.get(target)
+        if dependency is None:
+            return None    # its own errors are reported
+        if condition == "service_healthy" and dependency.readiness is None:
+            return self.error(where, "condition service_healthy needs service '%s' to define "
+                              "readiness (or a supported healthcheck)" % target,
+                              hint="add readiness to '%s', or use service_started" % target)
+        if dependency.slurm.failure_policy.mode == "ignore":
+            return self.error(where, "service '%s' cannot be a dependency: its failure_policy "
+                              "mode is ignore" % target,
+                              hint="use fail_job or restart_on_failure for services others "
+                                   "depend on")
+        return None
 
 
 def _split_shell_probe(command):
@@ -3767,6 +4332,8 @@ def spec_to_dict(spec, escape_dollars=False):
                                       for name, condition in service.depends_on)
         if service.readiness is not None:
             data["readiness"] = _readiness_to_dict(service.readiness, escape)
+        if service.profiles:
+            data["profiles"] = list(service.profiles)
         slurm = {}
         for key in ("nodes", "ntasks", "ntasks_per_node", "cpus_per_task", "gpus"):
             value = getattr(service.slurm, key)
@@ -11315,10 +11882,18 @@ def _add_spec_command(subparsers, name, handler, help_text, examples):
 
 
 def _add_file_argument(parser, required=False):
-    """``-f/--file``: the compose file (default: compose.yaml, then Docker Compose's other names)."""
+    """``-f/--file`` (repeatable: files merge in order), ``--env-file`` and ``--profile``."""
     parser.add_argument("-f", "--file", dest="file", metavar="FILE", required=required,
-                        help="compose file (default: %s in the current directory)"
+                        action="append",
+                        help="compose file; repeat to merge override files in order (default: "
+                             "COMPOSE_FILE, else %s in the current directory plus "
+                             "compose.override.yaml when present)"
                              % " / ".join(_DEFAULT_COMPOSE_FILES))
+    parser.add_argument("--env-file", dest="env_file", metavar="PATH", action="append",
+                        help="read interpolation variables from PATH instead of the project's "
+                             ".env (repeatable; later files win)")
+    parser.add_argument("--profile", dest="profile", metavar="NAME", action="append",
+                        help="activate a Compose profile (repeatable; default: COMPOSE_PROFILES)")
 
 
 def _add_format_argument(parser, choices=("text", "json")):
@@ -11339,30 +11914,65 @@ def _output_format(args):
     return chosen or "text"
 
 
-def _resolve_compose_file(args):
-    """The absolute compose file path from ``-f``, or the first default name present here."""
-    given = getattr(args, "file", None)
-    if given:
-        path = os.path.abspath(os.path.expanduser(given))
+def _resolve_compose_files(args, environ=None):
+    """The compose files, absolute, in merge order: every ``-f``; else ``COMPOSE_FILE`` (split on
+    ``COMPOSE_PATH_SEPARATOR``, default ``:``); else the first default name present here plus
+    the first override file present beside it, as Compose does."""
+    environ = os.environ if environ is None else environ
+    given = getattr(args, "file", None) or []
+    if isinstance(given, str):
+        given = [given]     # a command whose -f takes one file (migrate)
+    if not given and environ.get("COMPOSE_FILE"):
+        separator = environ.get("COMPOSE_PATH_SEPARATOR") or os.pathsep
+        given = [item for item in environ["COMPOSE_FILE"].split(separator) if item]
+    paths = []
+    for item in given:
+        path = os.path.abspath(os.path.expanduser(item))
         if os.path.isdir(path):
-            raise UsageError("'%s' is a directory, not a compose file" % given,
+            raise UsageError("'%s' is a directory, not a compose file" % item,
                              hint="pass the YAML file itself, e.g. -f %s"
-                                  % os.path.join(given, "compose.yaml"))
+                                  % os.path.join(item, "compose.yaml"))
         if not os.path.exists(path):
-            raise UsageError("compose file '%s' does not exist" % given,
+            raise UsageError("compose file '%s' does not exist" % item,
                              hint="check the path, or create one with 'hpc-compose init'")
-        return path
+        paths.append(path)
+    if paths:
+        return paths
     for name in _DEFAULT_COMPOSE_FILES:
         if os.path.isfile(name):
-            return os.path.abspath(name)
-    raise UsageError("no compose file found in %s (looked for %s)"
-                     % (os.getcwd(), ", ".join(_DEFAULT_COMPOSE_FILES)),
-                     hint="pass one with -f FILE, or create one with 'hpc-compose init'")
+            paths.append(os.path.abspath(name))
+            break
+    else:
+        raise UsageError("no compose file found in %s (looked for %s)"
+                         % (os.getcwd(), ", ".join(_DEFAULT_COMPOSE_FILES)),
+                         hint="pass one with -f FILE, or create one with 'hpc-compose init'")
+    for name in _DEFAULT_OVERRIDE_FILES:
+        if os.path.isfile(name):
+            paths.append(os.path.abspath(name))
+            break
+    return paths
+
+
+def _resolve_compose_file(args):
+    """The first compose file: its directory is the project's (``.env``, tracked jobs)."""
+    return _resolve_compose_files(args)[0]
+
+
+def _spec_options(args, environ=None):
+    """``load_spec`` keyword arguments from ``--env-file``, ``--profile`` and ``SERVICE...``."""
+    environ = os.environ if environ is None else environ
+    env_files = getattr(args, "env_file", None)
+    if not env_files and environ.get("COMPOSE_ENV_FILES"):
+        env_files = [item for item in environ["COMPOSE_ENV_FILES"].split(",") if item]
+    return {"env_files": [os.path.abspath(os.path.expanduser(item)) for item in env_files]
+                         if env_files else None,
+            "profiles": getattr(args, "profile", None),
+            "services": getattr(args, "services", None)}
 
 
 def _load_plan_from_args(args):
     """Load the spec named by ``args`` and build its plan: ``(spec, plan)``."""
-    spec = load_spec(_resolve_compose_file(args))
+    spec = load_spec(_resolve_compose_files(args), **_spec_options(args))
     for message in spec.warnings:
         _warn(message)
     return spec, build_plan(spec)
@@ -11414,7 +12024,7 @@ _hpc_compose() {
 $cases
     esac
     case "$${COMP_WORDS[COMP_CWORD-1]}" in
-        -f|--file|-o|--output|--script-out|--data-dir|--cache-dir) mapfile -t COMPREPLY < <(compgen -f -- "$$cur") ;;
+        -f|--file|--env-file|-o|--output|--script-out|--data-dir|--cache-dir) mapfile -t COMPREPLY < <(compgen -f -- "$$cur") ;;
     esac
 }
 complete -F _hpc_compose hpc-compose
@@ -11489,7 +12099,15 @@ def _add_validate_parser(subparsers):
 def _cmd_validate(args):
     """Load, interpolate and validate the spec and build its plan; report the result."""
     fmt = _output_format(args)
-    spec, plan = _load_plan_from_args(args)
+    try:
+        spec, plan = _load_plan_from_args(args)
+    except LocatedError as error:
+        if fmt != "json":
+            raise
+        errors = getattr(error, "errors", (error,))
+        _print_json({"valid": False, "error_count": len(errors),
+                     "errors": [_located_error_to_dict(item) for item in errors]})
+        return error.exit_code
     if fmt == "json":
         _print_json({"valid": True, "compose_file": plan.compose_file, "name": spec.name,
                     "service_count": len(plan.services),
@@ -11500,6 +12118,11 @@ def _cmd_validate(args):
                          % (count, "" if count == 1 else "s",
                             " -> ".join(s.name for s in plan.services)))
     return _EXIT_OK
+
+
+def _located_error_to_dict(error):
+    return {"file": error.file, "line": error.line, "column": error.column, "path": error.path,
+            "message": error.message, "hint": error.hint}
 
 
 # --- inspect -------------------------------------------------------------------------------------
@@ -11717,23 +12340,36 @@ def _cmd_inspect(args):
 # --- config --------------------------------------------------------------------------------------
 
 def _add_config_parser(subparsers):
-    parser = _add_spec_command(subparsers, "config", _cmd_config,
-                              "print the normalized, interpolated spec (like docker compose config)",
-                              ["hpc-compose config -f compose.yaml",
-                               "hpc-compose config -f compose.yaml --format json",
-                               "hpc-compose config --no-interpolate -f compose.yaml"])
+    parser = _add_spec_command(
+        subparsers, "config", _cmd_config,
+        "print the normalized, interpolated spec (like docker compose config)",
+        ["hpc-compose config -f compose.yaml",
+         "hpc-compose config -f compose.yaml -f compose.prod.yaml",
+         "hpc-compose config --services --profile debug",
+         "hpc-compose config -f compose.yaml --format json",
+         "hpc-compose config --no-interpolate -f compose.yaml"])
     parser.add_argument("--no-interpolate", action="store_true",
                         help="print the file as written: variables are not expanded (nor checked)")
+    parser.add_argument("--services", dest="list_services", action="store_true",
+                        help="print the names of the services that would run, one per line")
+    parser.add_argument("--profiles", dest="list_profiles", action="store_true",
+                        help="print every profile the services name, one per line")
 
 
 def _cmd_config(args):
     """Print the spec after interpolation and normalization."""
     fmt = _output_format(args)
     if args.no_interpolate:
-        path = _resolve_compose_file(args)
-        data = parse_yaml_document(_load_compose_text(path), filename=path).data
+        # The files as written, merged: variables are neither expanded nor checked.
+        paths = _resolve_compose_files(args)
+        data = _merge_compose_files(paths, check_todos=False).data
     else:
         spec, plan = _load_plan_from_args(args)
+        if args.list_services or args.list_profiles:
+            names = [service.name for service in spec.services] if args.list_services else \
+                list(spec.profiles)
+            sys.stdout.write("".join(name + "\n" for name in names))
+            return _EXIT_OK
         data = spec_to_dict(spec, escape_dollars=True)
     if fmt == "json":
         _print_json(data)
@@ -11817,6 +12453,9 @@ def _add_job_id_argument(parser):
 
 def _add_submit_arguments(parser):
     _add_file_argument(parser)
+    parser.add_argument("services", metavar="SERVICE", nargs="*",
+                        help="run only these services and what they depend on (default: every "
+                             "service whose profiles are active)")
     parser.add_argument("--script-out", dest="script_out", metavar="PATH",
                         help="where to write the batch script (default: <compose dir>/hpc-compose.sbatch)")
     parser.add_argument("--dry-run", action="store_true",
@@ -12201,7 +12840,7 @@ def _cmd_artifacts(args):
     if not record.get("artifact_export_dir"):
         # An untracked job id: the compose file still says where exports go.
         try:
-            spec = load_spec(_resolve_compose_file(args))
+            spec = load_spec(_resolve_compose_files(args), **_spec_options(args))
             if spec.slurm.artifacts is not None:
                 template = spec.slurm.artifacts.export_dir
         except (HpcComposeError, NotImplementedError):

@@ -330,3 +330,105 @@ def test_config_keeps_signal_requeue_dependency_array_and_service_signal(cli, tm
     assert (data["x-slurm"]["requeue"], data["x-slurm"]["dependency"], data["x-slurm"]["array"]) \
         == (True, "afterok:5", "0-3")
     assert data["services"]["app"]["x-slurm"]["signal"] == {"name": "INT", "forward": True}
+
+
+# --- several compose files, profiles, every error at once ----------------------------------------
+
+HOST_BASE = """\
+x-slurm:
+  runtime: host
+services:
+  db:
+    command: [sleep, "1"]
+  app:
+    command: [echo, base]
+    depends_on: [db]
+  debug:
+    command: [echo, debug]
+    profiles: [debug]
+"""
+
+
+def test_repeated_f_merges_the_files_and_config_prints_the_result(cli, project):
+    base = project.write("compose.yaml", HOST_BASE)
+    override = project.write("prod.yaml", "services:\n  app:\n    command: [echo, prod]\n")
+    result = cli(["config", "-f", base, "-f", override, "--format", "json"])
+    assert result.code == 0, result
+    assert json.loads(result.out)["services"]["app"]["command"] == ["echo", "prod"]
+
+
+def test_compose_file_lists_the_files_with_the_path_separator(cli, project):
+    project.write("compose.yaml", HOST_BASE)
+    project.write("prod.yaml", "services:\n  app:\n    command: [echo, prod]\n")
+    for separator, env in ((":", {}), (";", {"COMPOSE_PATH_SEPARATOR": ";"})):
+        env = dict(env, COMPOSE_FILE="compose.yaml%sprod.yaml" % separator)
+        result = cli(["config", "--format", "json"], cwd=project.root, env=env)
+        assert result.code == 0, result
+        assert json.loads(result.out)["services"]["app"]["command"] == ["echo", "prod"]
+
+
+def test_without_f_the_default_override_file_is_merged(cli, project):
+    project.write("compose.yaml", HOST_BASE)
+    project.write("compose.override.yaml", "services:\n  app:\n    command: [echo, local]\n")
+    result = cli(["config", "--format", "json"], cwd=project.root)
+    assert result.code == 0, result
+    assert json.loads(result.out)["services"]["app"]["command"] == ["echo", "local"]
+
+
+def test_f_replaces_the_default_files(cli, project):
+    base = project.write("compose.yaml", HOST_BASE)
+    project.write("compose.override.yaml", "services:\n  app:\n    command: [echo, local]\n")
+    result = cli(["config", "-f", base, "--format", "json"], cwd=project.root)
+    assert json.loads(result.out)["services"]["app"]["command"] == ["echo", "base"]
+
+
+def test_config_services_and_profiles(cli, project):
+    path = project.write("compose.yaml", HOST_BASE)
+    assert cli(["config", "-f", path, "--services"]).out == "db\napp\n"
+    assert cli(["config", "-f", path, "--services", "--profile", "debug"]).out == \
+        "db\napp\ndebug\n"
+    assert cli(["config", "-f", path, "--services"],
+               env={"COMPOSE_PROFILES": "debug"}).out == "db\napp\ndebug\n"
+    assert cli(["config", "-f", path, "--profiles"]).out == "debug\n"
+
+
+def test_env_file_flag_replaces_dotenv(cli, project):
+    path = project.write("compose.yaml", "services:\n  app:\n    image: redis:${TAG}\n")
+    project.write(".env", "TAG=dotenv\n")
+    flag_file = project.write("ci.env", "TAG=ci\n")
+    result = cli(["config", "-f", path, "--env-file", flag_file, "--format", "json"])
+    assert json.loads(result.out)["services"]["app"]["image"] == "redis:ci"
+    missing = cli(["config", "-f", path, "--env-file", project.root / "nope.env"])
+    assert missing.code == 2 and "env file" in missing.err
+
+
+def test_submit_with_service_names_runs_them_and_their_dependencies(cli, project):
+    path = project.write("compose.yaml", HOST_BASE)
+    result = cli(["submit", "--dry-run", "--no-preflight", "-f", path, "debug", "app"])
+    assert result.code == 0, result
+    script = (project.root / "hpc-compose.sbatch").read_text()
+    assert "echo debug" in script and "sleep 1" in script.replace("'", "")
+
+
+def test_validate_reports_every_error_then_a_count(cli, project):
+    path = project.write("compose.yaml", "services:\n  a:\n    image: 'x y'\n  b:\n"
+                                         "    image: redis\n    working_dir: rel\n"
+                                         "    command: [run]\n")
+    result = cli(["validate", "-f", path])
+    assert result.code == 2
+    lines = result.err.splitlines()
+    assert lines[0].startswith("error: %s:3:12: services.a.image:" % path)
+    assert any(line.startswith("%s:6:18: services.b.working_dir:" % path) for line in lines)
+    assert lines[-1] == "2 errors in %s" % path
+
+
+def test_validate_json_lists_the_errors(cli, project):
+    path = project.write("compose.yaml", "services:\n  a:\n    image: 'x y'\n  b:\n"
+                                         "    imgae: redis\n")
+    result = cli(["validate", "-f", path, "--format", "json"])
+    assert result.code == 2
+    report = json.loads(result.out)
+    assert report["valid"] is False and report["error_count"] == 2
+    assert [(e["line"], e["column"], e["path"]) for e in report["errors"]] == [
+        (3, 12, "services.a.image"), (5, 5, "services.b.imgae")]
+    assert report["errors"][1]["hint"] == "did you mean 'image'?"

@@ -1,4 +1,4 @@
-"""Interpolation ($VAR, ${VAR}, ${VAR:-d}, ${VAR-d}, $$) and the .env file."""
+"""Interpolation ($VAR, ${VAR}, ${VAR:-d}, ${VAR-d}, :? ? :+ +, $$) and the .env file."""
 import os
 
 import pytest
@@ -115,11 +115,52 @@ def test_name_starting_with_digit_in_braces_is_an_error(hc):
     assert "invalid variable expression" in info.value.message
 
 
-@pytest.mark.parametrize("text", ["${NAME:?required}", "${NAME?x}", "${NAME:+alt}", "${NAME+alt}"])
-def test_operators_outside_the_manual_are_refused(hc, text):
+@pytest.mark.parametrize("text", ["${NAME:=x}", "${NAME#x}", "${NAME%x}", "${NAME:0:2}"])
+def test_bash_only_operators_are_refused(hc, text):
     with pytest.raises(hc.SpecError) as info:
         expand(hc, text)
     assert "unsupported variable expression" in info.value.message
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("${NAME:?must be set}", "value"), ("${NAME?must be set}", "value"),
+    ("${EMPTY?must be set}", ""),
+])
+def test_required_forms_expand_a_set_variable(hc, text, expected):
+    assert expand(hc, text) == expected
+
+
+@pytest.mark.parametrize("text, message", [
+    ("${MISSING:?give the model path}", "variable 'MISSING' is empty or not set: give the model "
+                                        "path"),
+    ("${EMPTY:?no empty}", "variable 'EMPTY' is empty or not set: no empty"),
+    ("${MISSING?unset}", "variable 'MISSING' is not set: unset"),
+    ("${MISSING?}", "variable 'MISSING' is not set"),
+    ("${MISSING:?needs ${NAME}}", "variable 'MISSING' is empty or not set: needs value"),
+])
+def test_required_forms_fail_with_the_message_and_the_location(hc, text, message):
+    with pytest.raises(hc.SpecError) as info:
+        expand(hc, text, path="services.app.image", file="/p/compose.yaml", line=3, column=12)
+    error = info.value
+    assert (error.message, error.file, error.line, error.column, error.path) == (
+        message, "/p/compose.yaml", 3, 12, "services.app.image")
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("${NAME:+alt}", "alt"), ("${EMPTY:+alt}", ""), ("${MISSING:+alt}", ""),
+    ("${NAME+alt}", "alt"), ("${EMPTY+alt}", "alt"), ("${MISSING+alt}", ""),
+    ("${NAME:+--flag=$NAME}", "--flag=value"),
+])
+def test_alternative_forms(hc, text, expected):
+    assert expand(hc, text) == expected
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("${MISSING:-${OTHER:-c}}", "c"), ("${MISSING:-${NAME:-c}}", "value"),
+    ("${MISSING-${EMPTY:-${HOME}}}", "/home/me"), ("${NAME:+${MISSING:-d}}", "d"),
+])
+def test_nested_defaults(hc, text, expected):
+    assert expand(hc, text) == expected
 
 
 def test_dotenv_grammar(hc, tmp_path):

@@ -518,7 +518,7 @@ CASES = [
      "the Compose 'restart' key is not supported", 4, "services.app.restart"),
     ("services:\n  app:\n    image: x\n    deploy: {}\n", "'deploy' is not supported", 4,
      "services.app.deploy"),
-    ("services:\n  app:\n    image: x\n    env_file: .env\n", "unknown key 'env_file'", 4,
+    ("services:\n  app:\n    image: x\n    env_file: missing.env\n", "does not exist", 4,
      "services.app.env_file"),
     # image
     ("services:\n  app:\n    command: [a]\n", "service 'app' needs an image", 2, "services.app"),

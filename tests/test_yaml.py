@@ -681,9 +681,9 @@ def test_non_ascii_text_is_accepted():
 # -- refusals ---------------------------------------------------------------------------------
 
 def test_tags_are_refused_with_their_position():
-    error = yaml_error("services:\n  app:\n    ports: !reset []\n")
+    error = yaml_error("services:\n  app:\n    ports: !custom []\n")
     assert position(error) == (3, 12)
-    assert "tags (!reset)" in error.message
+    assert "tags (!custom)" in error.message
     assert position(yaml_error("a: !!str 1")) == (1, 4)
 
 

@@ -2696,7 +2696,8 @@ class _DocumentMerge(object):
         def relocate(marks):
             if not rebase:
                 return marks
-            return dict((path, _FileMark(mark[0], mark[1], mark[2], filename))
+            return dict((path, _FileMark(mark[0], mark[1], mark[2],
+                                         getattr(mark, "file", None) or filename))
                         for path, mark in marks.items())
         self.source_marks = relocate(document.marks)
         self.source_key_marks = relocate(document.key_marks)
@@ -2880,6 +2881,132 @@ def _check_migrate_todos(text, path):
                          + (" (more TODO lines: %s)" % ", ".join(others) if others else ""))
 
 
+def _service_marks(marks, name):
+    """The marks of ``services.<name>`` and below, keyed by path relative to the service."""
+    prefix = ("services", name)
+    return dict((path[2:], mark) for path, mark in _subtree(marks, prefix))
+
+
+def _under_service(marks, name):
+    return dict((("services", name) + path, mark) for path, mark in marks.items())
+
+
+class _Extends(object):
+    """Compose's ``extends``: a service starts from another one (in this file or another),
+    merged with the usual rules; ``depends_on`` is not inherited. Resolved before validation, so
+    every value keeps the mark of the file it is written in."""
+
+    def __init__(self, document, first_file):
+        self.document = document
+        self.first_file = first_file
+        self.documents = {first_file: document}
+
+    def apply(self):
+        services = self.document.data.get("services")
+        if type(services) is not dict or not any(
+                type(raw) is dict and "extends" in raw for raw in services.values()):
+            return self.document
+        data = dict(self.document.data)
+        data["services"] = dict(services)
+        marks = dict(self.document.marks)
+        key_marks = dict(self.document.key_marks)
+        for name in services:
+            raw, service_marks, service_key_marks = self.resolve(self.first_file, name, [])
+            if raw is services[name]:
+                continue
+            data["services"][name] = raw
+            for table in (marks, key_marks):
+                for path, _ in _subtree(table, ("services", name)):
+                    if len(path) > 2:
+                        del table[path]
+            marks.update(_under_service(service_marks, name))
+            key_marks.update((path, mark) for path, mark in
+                             _under_service(service_key_marks, name).items() if len(path) > 2)
+        return YamlDocument(data, marks, key_marks)
+
+    def error(self, document, path, message, hint=None):
+        mark = document.marks.get(path) or document.key_marks.get(path)
+        return SpecError(message, file=getattr(mark, "file", None) or self.first_file,
+                         line=mark.line if mark else None, column=mark.column if mark else None,
+                         path=_dotted(path), hint=hint)
+
+    def load(self, path):
+        if path not in self.documents:
+            if not os.path.isfile(path):
+                return None
+            document = _load_compose_document(path)
+            self.documents[path] = YamlDocument(
+                document.data,
+                dict((p, _FileMark(m[0], m[1], m[2], path)) for p, m in document.marks.items()),
+                dict((p, _FileMark(m[0], m[1], m[2], path))
+                     for p, m in document.key_marks.items()))
+        return self.documents[path]
+
+    def target(self, file, document, name):
+        """(file, service name) that ``services.<name>.extends`` names."""
+        path = ("services", name, "extends")
+        extends = document.data["services"][name]["extends"]
+        if type(extends) is str:
+            return file, extends
+        if type(extends) is not dict or type(extends.get("service")) is not str:
+            raise self.error(document, path, "extends needs the name of a service: "
+                             "extends: NAME, or extends: {service: NAME, file: PATH}")
+        unknown = [key for key in extends if key not in ("service", "file")]
+        if unknown:
+            raise self.error(document, path + (unknown[0],), "unknown key '%s' in extends"
+                             % unknown[0], hint="valid keys: service, file")
+        if extends.get("file") is None:
+            return file, extends["service"]
+        if type(extends["file"]) is not str:
+            raise self.error(document, path + ("file",), "extends.file must be a path")
+        mark = document.marks.get(path + ("file",))
+        holder = getattr(mark, "file", None) or file
+        base_file = os.path.normpath(os.path.join(os.path.dirname(holder),
+                                                  os.path.expanduser(extends["file"])))
+        if self.load(base_file) is None:
+            raise self.error(document, path + ("file",), "extends.file %s does not exist"
+                             % base_file)
+        return base_file, extends["service"]
+
+    def resolve(self, file, name, chain):
+        """The service ``name`` of ``file`` with its extends applied: (raw, marks, key_marks),
+        marks relative to the service."""
+        document = self.documents[file]
+        raw = document.data["services"][name]
+        marks = _service_marks(document.marks, name)
+        key_marks = _service_marks(document.key_marks, name)
+        if type(raw) is not dict or "extends" not in raw:
+            return raw, marks, key_marks
+        base_file, base_name = self.target(file, document, name)
+        base_document = self.documents[base_file]
+        services = base_document.data.get("services") if type(base_document.data) is dict \
+            else None
+        where = ("services", name, "extends")
+        if type(services) is not dict or base_name not in services:
+            raise self.error(document, where, "extends names service '%s', which %s does not "
+                             "define" % (base_name, base_file),
+                             hint="services there: " + ", ".join(map(str, services or ())))
+        chain = chain + [(file, name)]
+        if (base_file, base_name) in chain:
+            names = [entry[1] for entry in chain[chain.index((base_file, base_name)):]]
+            raise self.error(document, where, "extends cycle: %s"
+                             % " -> ".join(names + [base_name]),
+                             hint="remove one of these extends")
+        base, base_marks, base_key_marks = self.resolve(base_file, base_name, chain)
+        if type(base) is not dict:
+            raise self.error(document, where, "extends names service '%s', which is not a "
+                             "mapping" % base_name)
+        base = dict((key, value) for key, value in base.items() if key != "depends_on")
+        local = dict((key, value) for key, value in raw.items() if key != "extends")
+        merge = _DocumentMerge(file, YamlDocument(
+            {"services": {name: base}}, _under_service(base_marks, name),
+            _under_service(base_key_marks, name)))
+        merge.add(file, YamlDocument({"services": {name: local}}, _under_service(marks, name),
+                                     _under_service(key_marks, name)))
+        merged = merge.data["services"][name]
+        return merged, _service_marks(merge.marks, name), _service_marks(merge.key_marks, name)
+
+
 def _merge_compose_files(paths, check_todos=True):
     """Parse ``paths`` and merge them in order with Compose's rules; returns a ``YamlDocument``
     whose marks from the second file on are ``_FileMark``s (they carry their file)."""
@@ -2892,6 +3019,14 @@ def _merge_compose_files(paths, check_todos=True):
     return YamlDocument(merged.data, merged.marks, merged.key_marks)
 
 
+def _load_compose_files(paths):
+    """The merged document of ``paths`` with every service's ``extends`` resolved."""
+    document = _merge_compose_files(paths)
+    if type(document.data) is not dict:
+        return document
+    return _Extends(document, paths[0]).apply()
+
+
 def load_spec(path, environ=None, env_files=None, profiles=None, services=None):
     """Read, merge, interpolate and validate compose file(s); returns a ``ComposeSpec``.
 
@@ -2902,7 +3037,7 @@ def load_spec(path, environ=None, env_files=None, profiles=None, services=None):
     """
     paths = [os.path.abspath(path)] if isinstance(path, str) else \
         [os.path.abspath(item) for item in path]
-    document = _merge_compose_files(paths)
+    document = _load_compose_files(paths)
     variables = _build_variables(os.path.dirname(paths[0]), environ, env_files)
     loader = _SpecLoader(paths[0], document, variables, paths)
     try:

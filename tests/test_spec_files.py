@@ -338,3 +338,76 @@ def test_an_invalid_profile_name_is_a_located_error(hc, project):
     text = "services:\n  app:\n    image: redis\n    profiles: ['-bad']\n"
     found = errors(hc, project, [("compose.yaml", text)])
     assert [(e.line, e.path) for e in found] == [(4, "services.app.profiles[0]")]
+
+
+# --- extends -------------------------------------------------------------------------------------
+
+EXTENDING = """\
+services:
+  base:
+    image: python:3.11-slim
+    command: [python, base.py]
+    environment: {A: "1", B: "2"}
+    volumes: ["./a:/a", "./b:/b"]
+    depends_on: [db]
+  db:
+    image: redis
+  app:
+    extends: base
+    environment: {B: two}
+    volumes: ["./other:/b"]
+"""
+
+
+def test_extends_merges_the_base_service_under_the_local_one(hc, project):
+    app = service(load(hc, project, [("compose.yaml", EXTENDING)]))
+    assert (app.image, app.command) == ("python:3.11-slim", ("python", "base.py"))
+    assert app.environment == (("A", "1"), ("B", "two"))
+    assert app.volumes == ("./a:/a", "./other:/b")
+
+
+def test_extends_does_not_inherit_depends_on(hc, project):
+    spec = load(hc, project, [("compose.yaml", EXTENDING)])
+    assert (service(spec, "base").depends_on, service(spec).depends_on) == (
+        (("db", "service_started"),), ())
+
+
+def test_extends_from_another_file_is_recursive_and_relative_to_the_declaring_file(hc, project):
+    project.write("lib/common.yaml", "services:\n  root:\n    image: alpine\n"
+                                     "    command: [sh, -c, root]\n  common:\n"
+                                     "    extends: {service: root}\n    environment: [Z=z]\n")
+    text = ("services:\n  app:\n    extends:\n      service: common\n      file: "
+            "lib/common.yaml\n    environment: {C: '3'}\n")
+    app = service(load(hc, project, [("compose.yaml", text)]))
+    assert (app.image, app.command, app.environment) == (
+        "alpine", ("sh", "-c", "root"), (("Z", "z"), ("C", "3")))
+
+
+def test_an_error_in_an_extended_file_names_that_file(hc, project):
+    project.write("lib/common.yaml", "services:\n  common:\n    image: alpine\n"
+                                     "    working_dir: relative\n    command: [x]\n")
+    text = "services:\n  app:\n    extends: {service: common, file: lib/common.yaml}\n"
+    found = errors(hc, project, [("compose.yaml", text)])
+    assert [(e.file, e.line, e.path) for e in found] == [
+        (str(project.root / "lib" / "common.yaml"), 4, "services.app.working_dir")]
+
+
+def test_an_extends_cycle_is_an_error_naming_the_chain(hc, project):
+    text = ("services:\n  a:\n    image: x\n    extends: b\n  b:\n    extends: c\n"
+            "  c:\n    extends: a\n")
+    found = errors(hc, project, [("compose.yaml", text)])
+    assert found[0].message == "extends cycle: a -> b -> c -> a"
+    assert (found[0].line, found[0].path) == (8, "services.c.extends")
+
+
+@pytest.mark.parametrize("extends, message", [
+    ("nope", "extends names service 'nope', which"),
+    ("{service: base, file: missing.yaml}", "extends.file"),
+    ("{service: base, files: x}", "unknown key 'files' in extends"),
+    ("[base]", "extends needs the name of a service"),
+])
+def test_extends_mistakes_are_located_errors(hc, project, extends, message):
+    text = "services:\n  base:\n    image: x\n  app:\n    extends: %s\n" % extends
+    found = errors(hc, project, [("compose.yaml", text)])
+    assert message in found[0].message
+    assert found[0].line == 5

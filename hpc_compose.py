@@ -2134,7 +2134,7 @@ class ServiceSpec(NamedTuple):
     environment: tuple = ()        # ((key, value), ...) in declared order (map form: file order)
     volumes: tuple = ()            # raw "host:container[:opts]" strings, interpolated, unresolved
     working_dir: object = None
-    depends_on: tuple = ()         # ((service, condition), ...) condition: service_started|service_healthy
+    depends_on: tuple = ()         # ((service, condition), ...) condition: _DEPENDENCY_CONDITIONS
     readiness: object = None       # ReadinessSpec or None (healthcheck already folded in)
     slurm: ServiceSlurmSpec = ServiceSlurmSpec()
     prepare: object = None         # PrepareSpec or None (x-enroot.prepare)
@@ -2261,7 +2261,7 @@ _READINESS_FIELDS = {
 _DEFAULT_READINESS_TIMEOUT = 60
 _HEALTHCHECK_KEYS = ("test", "timeout", "disable", "interval", "retries", "start_period",
                      "start_interval")
-_DEPENDENCY_CONDITIONS = ("service_started", "service_healthy")
+_DEPENDENCY_CONDITIONS = ("service_started", "service_healthy", "service_completed_successfully")
 _ENV_FILE_KEYS = ("path", "required", "format")
 _X_ENROOT_KEYS = ("prepare",)
 _PREPARE_KEYS = ("commands", "mounts", "env", "root")
@@ -3919,12 +3919,8 @@ class _SpecLoader(object):
                 self.check_keys(item_path, body, ("condition",), "a depends_on entry")
                 if body.get("condition") is not None:
                     condition_path = item_path + ("condition",)
-                    text = self.string(condition_path, body["condition"])
-                    if text == "service_completed_successfully":
-                        raise self.error(condition_path, "condition "
-                                         "service_completed_successfully is not supported in v1",
-                                         hint="use service_started or service_healthy")
-                    condition = self.choice(condition_path, text, _DEPENDENCY_CONDITIONS)
+                    condition = self.choice(condition_path, body["condition"],
+                                            _DEPENDENCY_CONDITIONS)
                 pairs.append((target, condition))
             return tuple(pairs)
         for index, item in enumerate(self.sequence(path, raw)):
@@ -4539,7 +4535,7 @@ class Mount(NamedTuple):
 
 class Dependency(NamedTuple):
     name: str
-    condition: str                 # service_started | service_healthy
+    condition: str                 # service_started | service_healthy | service_completed_successfully
 
 
 class PreparePlan(NamedTuple):
@@ -6523,7 +6519,7 @@ FAST_TICK=@{fast_tick}
 PROBE_INTERVAL_MS=@{probe_interval_ms}
 PROBE_LIMIT_MS=@{probe_limit_ms}
 PROBING=0
-JOB_STATUS=running JOB_EXIT=null JOB_REASON='' FINISHING=0 STATE_CHANGED=1 PENDING_SIGNALS=()
+JOB_STATUS=running JOB_EXIT=null JOB_REASON='' FINISHING=0 STATE_CHANGED=1 PENDING_SIGNALS=() BLOCKED=''
 SIGNALS_JSON='' REQUEUE_SELF=0 LAST_ATTEMPT_NOTE=''
 KILL_WAIT=30  # Slurm's KillWait, read from scontrol once the allocation is known
 PROC_ROOTS=0
@@ -6643,6 +6639,12 @@ try_start() {
             fi
             return
         fi
+        if [[ $condition == service_completed_successfully ]]; then
+            # A one-shot stage: only its exit code 0 lets the dependent start. A non-zero exit
+            # went through its failure policy, which ended the job or is restarting it.
+            [[ ${STATUS[j]} == exited ]] && continue
+            return
+        fi
         # service_started: launched and alive, or already finished successfully (a one-shot).
         case ${STATUS[j]} in
             starting|running|ready|exited) ;;
@@ -6726,6 +6728,19 @@ readiness_timed_out() {
     esac
 }
 
+# BLOCKED: ", so 'x' and 'y' never started" for the services still waiting for service $1 to
+# complete successfully (for the reason of a job that ends because $1 failed).
+blocked_dependents() {
+    local i=$1 k names=''
+    for ((k = 0; k < SERVICE_COUNT; k++)); do
+        if [[ ${STATUS[k]} == waiting && " ${DEPENDS_ON[k]} " == *" $i:service_completed_successfully "* ]]; then
+            say "service '${NAME[k]}' will not start: it waits for '${NAME[i]}' to complete successfully"
+            names+="${names:+, }'${NAME[k]}'"
+        fi
+    done
+    BLOCKED=${names:+, so $names never started}
+}
+
 # Service $1 exited with code $2: apply its failure policy.
 service_exited() {
     local i=$1 code=$2
@@ -6746,11 +6761,13 @@ service_exited() {
                 say "service '${NAME[i]}' exited with code $code; restart $((RESTARTS[i] + 1)) of ${MAX_RESTARTS[i]} in ${BACKOFF[i]} s"
             else
                 STATUS[i]=failed
-                fail_job "$code" "service '${NAME[i]}' exited with code $code after ${RESTARTS[i]} restarts (max_restarts ${MAX_RESTARTS[i]})"
+                blocked_dependents "$i"
+                fail_job "$code" "service '${NAME[i]}' exited with code $code after ${RESTARTS[i]} restarts (max_restarts ${MAX_RESTARTS[i]})$BLOCKED"
             fi ;;
         *)
             STATUS[i]=failed
-            fail_job "$code" "service '${NAME[i]}' exited with code $code" ;;
+            blocked_dependents "$i"
+            fail_job "$code" "service '${NAME[i]}' exited with code $code$BLOCKED" ;;
     esac
 }
 

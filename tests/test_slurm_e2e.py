@@ -232,6 +232,51 @@ def test_a_finished_one_shot_satisfies_service_started(slurm, slurm_jobs, tmp_pa
     assert job.log("app") == "initialized\n"
 
 
+PIPELINE = HEAD + """\
+  extract:
+    command: sleep 2; echo extracted > "$HPC_COMPOSE_JOB_DIR/stage1"; exit ${EXTRACT_EXIT:-0}
+  transform:
+    command: cat "$HPC_COMPOSE_JOB_DIR/stage1"; echo transformed > "$HPC_COMPOSE_JOB_DIR/stage2"
+    depends_on:
+      extract: {condition: service_completed_successfully}
+  load:
+    command: cat "$HPC_COMPOSE_JOB_DIR/stage1" "$HPC_COMPOSE_JOB_DIR/stage2"
+    depends_on:
+      transform: {condition: service_completed_successfully}
+"""
+
+
+def test_a_three_stage_pipeline_runs_each_stage_after_the_previous_one_exits_0(slurm, slurm_jobs,
+                                                                              tmp_path):
+    job = submit(tmp_path, slurm_jobs, PIPELINE)
+
+    assert wait_for_job(job.id, timeout=90) == "COMPLETED"
+    state = job.state()
+    assert (state["status"], state["exit_code"]) == ("completed", 0)
+    assert job.log("transform") == "extracted\n"
+    assert job.log("load") == "extracted\ntransformed\n"
+    stages = [job.service(name) for name in ("extract", "transform", "load")]
+    # A completed stage is "exited" with code 0, never "failed", and did not end the job early.
+    assert [(s["status"], s["last_exit_code"]) for s in stages] == [("exited", 0)] * 3
+    assert stages[0]["finished_at"] <= stages[1]["started_at"]
+    assert stages[1]["finished_at"] <= stages[2]["started_at"]
+
+
+def test_a_failed_stage_applies_its_policy_and_its_dependents_never_start(slurm, slurm_jobs,
+                                                                          tmp_path):
+    job = submit(tmp_path, slurm_jobs, PIPELINE.replace("${EXTRACT_EXIT:-0}", "3"))
+
+    assert wait_for_job(job.id, timeout=90) == "FAILED"
+    state = job.state()
+    assert (state["status"], state["exit_code"]) == ("failed", 3)
+    assert state["reason"] == "service 'extract' exited with code 3, so 'transform' never started"
+    assert job.service("extract")["status"] == "failed"
+    for name in ("transform", "load"):
+        assert (job.service(name)["status"], job.service(name)["launches"]) == ("stopped", 0)
+    assert "service 'transform' will not start: it waits for 'extract' to complete " \
+           "successfully" in job.batch_log()
+
+
 def test_a_slow_readiness_never_delays_unrelated_services(slurm, slurm_jobs, tmp_path):
     job = submit(tmp_path, slurm_jobs, HEAD + """\
   slow:

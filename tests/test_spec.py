@@ -623,7 +623,7 @@ CASES = [
      "        condition: service_ready\n", "'service_ready' is not one of", 8,
      "services.b.depends_on.a.condition"),
     ("services:\n  a:\n    image: x\n  b:\n    image: x\n    depends_on:\n      a:\n"
-     "        condition: service_completed_successfully\n", "not supported in v1", 8,
+     "        condition: service_completed\n", "'service_completed' is not one of", 8,
      "services.b.depends_on.a.condition"),
     ("services:\n  a:\n    image: x\n  b:\n    image: x\n    depends_on: [a, a]\n",
      "'a' is listed twice", 6, "services.b.depends_on[1]"),

@@ -2236,19 +2236,6 @@ class ServiceSecret(NamedTuple):
 
 # --- accepted keys -------------------------------------------------------------------------------
 
-_TOP_LEVEL_KEYS = ("name", "version", "services", "x-slurm", "secrets")
-_SERVICE_KEYS = ("image", "command", "entrypoint", "environment", "env_file", "volumes",
-                 "working_dir", "depends_on", "profiles", "readiness", "healthcheck", "x-slurm",
-                 "x-enroot", "secrets")
-_SLURM_STRING_KEYS = ("job_name", "partition", "account", "qos", "time", "mem", "gres",
-                      "constraint", "output", "error", "chdir", "cache_dir")
-_SLURM_COUNT_KEYS = ("nodes", "ntasks", "ntasks_per_node", "cpus_per_task", "gpus")
-_SLURM_KEYS = _SLURM_STRING_KEYS + _SLURM_COUNT_KEYS + (
-    "metrics", "artifacts", "resume", "setup", "submit_args", "runtime", "share_with_group",
-    "signal", "requeue", "dependency", "array")
-_SERVICE_SLURM_KEYS = ("nodes", "ntasks", "ntasks_per_node", "cpus_per_task", "gpus", "gres",
-                       "extra_srun_args", "failure_policy", "runtime", "signal")
-_FAILURE_POLICY_KEYS = ("mode", "max_restarts", "backoff_seconds")
 _FAILURE_MODES = ("fail_job", "ignore", "restart_on_failure")
 _DEFAULT_MAX_RESTARTS = 3
 _DEFAULT_BACKOFF_SECONDS = 5
@@ -2259,18 +2246,370 @@ _READINESS_FIELDS = {
     "http": ("url", "status_code", "timeout_seconds"),
 }
 _DEFAULT_READINESS_TIMEOUT = 60
-_HEALTHCHECK_KEYS = ("test", "timeout", "disable", "interval", "retries", "start_period",
-                     "start_interval")
 _DEPENDENCY_CONDITIONS = ("service_started", "service_healthy", "service_completed_successfully")
 _ENV_FILE_KEYS = ("path", "required", "format")
-_X_ENROOT_KEYS = ("prepare",)
-_PREPARE_KEYS = ("commands", "mounts", "env", "root")
-_METRICS_KEYS = ("enabled", "interval_seconds", "collectors")
 _METRICS_COLLECTORS = ("gpu", "slurm")
-_ARTIFACTS_KEYS = ("collect", "export_dir", "paths", "bundles")
 _ARTIFACT_COLLECT = ("always", "on_success", "on_failure")
+_JOB_SIGNALS = ("USR1", "USR2")     # the batch shell passes these on; TERM/INT/HUP end the job
+_SERVICE_SIGNALS = ("HUP", "INT", "QUIT", "USR1", "USR2", "TERM", "CONT", "WINCH", "URG")
+_ON_SIGNAL_ACTIONS = ("forward", "requeue")
+_DEFAULT_MAX_ATTEMPTS = 5
+
+# --- the file format: one table for the validator's key lists and for `hpc-compose schema` ------
+
+class _Field(NamedTuple):
+    """One key of the compose file format. The validator's accepted keys and the JSON Schema
+    printed by ``hpc-compose schema`` are both read from these records, so they cannot drift."""
+    name: str
+    kind: str                      # a key of _SCHEMA_KINDS, or "mapping" (then ``fields``)
+    description: str
+    choices: tuple = ()            # kind "choice", or the items of kind "choices"
+    default: object = None
+    fields: tuple = ()             # kind "mapping": its keys
+    minimum: int = 1               # kind "count"
+    extensions: bool = False       # kind "mapping": x-* keys are accepted (and ignored)
+
+
+def _field_names(fields):
+    return tuple(field.name for field in fields)
+
+
+_RUNTIMES_FIELD_TEXT = "pyxis (a container through Pyxis/Enroot) or host (plain srun on the node)"
+_SLURM_STRING_FIELDS = (
+    _Field("job_name", "text", "#SBATCH --job-name (default: name, else hpc-compose)"),
+    _Field("partition", "text", "#SBATCH --partition"),
+    _Field("account", "text", "#SBATCH --account"),
+    _Field("qos", "text", "#SBATCH --qos"),
+    _Field("time", "text", "#SBATCH --time, e.g. \"01:00:00\""),
+    _Field("mem", "text", "#SBATCH --mem, e.g. 8G"),
+    _Field("gres", "text", "#SBATCH --gres (wins over gpus)"),
+    _Field("constraint", "text", "#SBATCH --constraint"),
+    _Field("output", "text", "#SBATCH --output (the batch log)"),
+    _Field("error", "text", "#SBATCH --error"),
+    _Field("chdir", "text", "#SBATCH --chdir"),
+    _Field("cache_dir", "text", "shared image cache directory, visible from every node",
+           default="$HOME/.cache/hpc-compose"),
+)
+_SLURM_COUNT_FIELDS = (
+    _Field("nodes", "count", "allocation node count", default=1),
+    _Field("ntasks", "count", "#SBATCH --ntasks"),
+    _Field("ntasks_per_node", "count", "#SBATCH --ntasks-per-node"),
+    _Field("cpus_per_task", "count", "#SBATCH --cpus-per-task"),
+    _Field("gpus", "count", "#SBATCH --gpus, used only when gres is not set"),
+)
+_METRICS_FIELDS = (
+    _Field("enabled", "boolean", "sample metrics while the job runs", default=True),
+    _Field("interval_seconds", "count", "seconds between samples", default=5),
+    _Field("collectors", "choices", "what to sample", choices=_METRICS_COLLECTORS,
+           default=list(_METRICS_COLLECTORS)),
+)
+_ARTIFACTS_FIELDS = (
+    _Field("collect", "choice", "when teardown collects the artifacts",
+           choices=_ARTIFACT_COLLECT, default="always"),
+    _Field("export_dir", "text", "where 'hpc-compose artifacts' exports them (${SLURM_JOB_ID} "
+                                 "is expanded at export time)"),
+    _Field("paths", "texts", "paths collected into the default bundle"),
+    _Field("bundles", "bundles", "named bundles: name -> {paths: [...]}"),
+)
+_SIGNAL_FIELDS = (
+    _Field("name", "signal_name", "the signal: USR1 or USR2 (SIG prefix and case optional)",
+           choices=_JOB_SIGNALS, default="USR1"),
+    _Field("before", "duration", "how long before the time limit Slurm sends it (30s, 5m, 1m30s; "
+                                 "at most 65535 s)"),
+    _Field("on_signal", "choice", "forward: pass it to the services; requeue: also requeue the "
+                                  "job after grace", choices=_ON_SIGNAL_ACTIONS, default="forward"),
+    _Field("grace", "duration", "requeue: time the services get to exit before the requeue "
+                                "(default: half of before)"),
+    _Field("max_attempts", "count", "requeue: the attempt that runs on to the time limit instead",
+           default=_DEFAULT_MAX_ATTEMPTS),
+)
+_SERVICE_SIGNAL_FIELDS = (
+    _Field("name", "signal_name", "the signal the service receives (default: the one the batch "
+                                  "shell received)", choices=_SERVICE_SIGNALS),
+    _Field("forward", "boolean", "false: the service is not signalled", default=True),
+)
+_SLURM_FIELDS = _SLURM_STRING_FIELDS + _SLURM_COUNT_FIELDS + (
+    _Field("metrics", "mapping", "runtime metrics sampling", fields=_METRICS_FIELDS),
+    _Field("artifacts", "mapping", "artifact collection and export", fields=_ARTIFACTS_FIELDS),
+    _Field("resume", "mapping", "a shared resume directory mounted into every service",
+           fields=(_Field("path", "text", "absolute host path on shared storage"),)),
+    _Field("setup", "texts", "shell lines run in the batch script before any service (not "
+                             "interpolated)"),
+    _Field("submit_args", "texts", "extra raw #SBATCH arguments"),
+    _Field("runtime", "choice", _RUNTIMES_FIELD_TEXT, choices=_RUNTIMES, default=_DEFAULT_RUNTIME),
+    _Field("share_with_group", "boolean", "job directory and service logs readable by the group "
+                                          "(0750/0640 instead of owner-only)", default=False),
+    _Field("signal", "mapping", "a warning signal before the time limit (#SBATCH --signal=B:...)",
+           fields=_SIGNAL_FIELDS),
+    _Field("requeue", "boolean", "#SBATCH --requeue (true) or --no-requeue (false)"),
+    _Field("dependency", "text", "#SBATCH --dependency, e.g. afterok:12345 (submit --after adds "
+                                 "to it)"),
+    _Field("array", "text", "#SBATCH --array, e.g. \"0-15%4\": one task per index"),
+)
+_FAILURE_POLICY_FIELDS = (
+    _Field("mode", "choice", "what a non-zero exit does", choices=_FAILURE_MODES,
+           default="fail_job"),
+    _Field("max_restarts", "count", "relaunches after the first launch (restart_on_failure)",
+           default=3),
+    _Field("backoff_seconds", "count", "delay between relaunches (restart_on_failure)",
+           default=5),
+)
+_SERVICE_SLURM_FIELDS = (
+    _Field("nodes", "count", "1 (a helper) or the allocation's node count (distributed)"),
+    _Field("ntasks", "count", "srun --ntasks"),
+    _Field("ntasks_per_node", "count", "srun --ntasks-per-node"),
+    _Field("cpus_per_task", "count", "srun --cpus-per-task"),
+    _Field("gpus", "count", "srun --gpus, used only when gres is not set"),
+    _Field("gres", "text", "srun --gres (wins over gpus)"),
+    _Field("extra_srun_args", "texts", "arguments appended to the service's srun"),
+    _Field("failure_policy", "mapping", "what happens when the service exits non-zero",
+           fields=_FAILURE_POLICY_FIELDS),
+    _Field("runtime", "choice", _RUNTIMES_FIELD_TEXT + " for this service", choices=_RUNTIMES),
+    _Field("signal", "service_signal", "what the service receives when the job is signalled: "
+                                       "{name, forward}, or false", fields=_SERVICE_SIGNAL_FIELDS),
+)
+_READINESS_SCHEMA_FIELDS = (
+    _Field("type", "choice", "how readiness is checked", choices=("sleep", "tcp", "log", "http")),
+    _Field("seconds", "count", "sleep: seconds after the launch", minimum=0),
+    _Field("host", "text", "tcp: host to connect to", default="127.0.0.1"),
+    _Field("port", "count", "tcp: port to connect to"),
+    _Field("pattern", "text", "log: literal text to wait for in the service log"),
+    _Field("url", "text", "http: the http:// or https:// URL to poll"),
+    _Field("status_code", "count", "http: the expected status code", default=200, minimum=100),
+    _Field("timeout_seconds", "count", "tcp/log/http: give up after this many seconds",
+           default=60),
+)
+_HEALTHCHECK_FIELDS = (
+    _Field("test", "command", "CMD/CMD-SHELL list or a shell string: nc -z, curl or wget "
+                              "--spider probes become readiness"),
+    _Field("timeout", "text", "overall readiness timeout, e.g. 60s", default="60s"),
+    _Field("disable", "boolean", "no readiness", default=False),
+    _Field("interval", "unsupported", "not supported: readiness is polled every second"),
+    _Field("retries", "unsupported", "not supported: readiness is polled every second"),
+    _Field("start_period", "unsupported", "not supported: readiness is polled every second"),
+    _Field("start_interval", "unsupported", "not supported: readiness is polled every second"),
+)
+_PREPARE_FIELDS = (
+    _Field("commands", "texts", "shell commands run in the image by enroot (not interpolated)"),
+    _Field("mounts", "volumes", "host:container[:options] mounts (or type: bind) visible only "
+                                "during prepare"),
+    _Field("env", "environment", "environment only during prepare"),
+    _Field("root", "boolean", "run the commands with enroot --root", default=True),
+)
+_VOLUME_FIELDS = (
+    _Field("type", "choice", "only bind is supported (named volumes and tmpfs are not)",
+           choices=("bind",)),
+    _Field("source", "text", "the host path"),
+    _Field("target", "text", "the absolute container path"),
+    _Field("read_only", "boolean", "mount read-only", default=False),
+    _Field("bind", "mapping", "bind options", fields=(
+        _Field("create_host_path", "boolean", "only true: a missing source folder is created",
+               default=True),)),
+)
+_SECRET_FIELDS = (
+    _Field("file", "text", "a file on the login node holding the value (relative to the "
+                           "compose file)"),
+    _Field("environment", "text", "a variable of the shell or .env holding the value (its "
+                                  "name, without $)"),
+)
+_SERVICE_SECRET_FIELDS = (
+    _Field("source", "text", "the top-level secret's name"),
+    _Field("target", "text", "file name under /run/secrets (default: the secret's name)"),
+    _Field("mode", "mode", "owner permission bits of the copy, e.g. 0400 (default: 0600)"),
+)
+_SERVICE_FIELDS = (
+    _Field("image", "text", "registry reference (redis:7) or a local .sqsh/.squashfs file"),
+    _Field("command", "command", "a string (shell form, /bin/sh -c) or a list (exec form)"),
+    _Field("entrypoint", "command", "same forms as command"),
+    _Field("environment", "environment", "variables for the service: a mapping or KEY=VALUE "
+                                         "list (wins over env_file)"),
+    _Field("env_file", "env_file", "files of KEY=VALUE lines for the service's environment"),
+    _Field("volumes", "volumes", "bind mounts: host:container[:ro|rw], or the long syntax "
+                                 "with type: bind"),
+    _Field("working_dir", "text", "working directory (needs command or entrypoint)"),
+    _Field("depends_on", "depends_on", "services to start first: a list, or name -> {condition}"),
+    _Field("profiles", "texts", "Compose profiles: the service runs only when one is active"),
+    _Field("extends", "extends", "start from another service: NAME or {service, file}"),
+    _Field("readiness", "readiness", "when the service counts as ready (for service_healthy)",
+           fields=_READINESS_SCHEMA_FIELDS),
+    _Field("healthcheck", "mapping", "Compose healthcheck, for the probes readiness can express",
+           fields=_HEALTHCHECK_FIELDS),
+    _Field("x-slurm", "mapping", "per-service Slurm settings", fields=_SERVICE_SLURM_FIELDS),
+    _Field("x-enroot", "mapping", "image preparation", fields=(
+        _Field("prepare", "mapping", "customize the image once, on the login node",
+               fields=_PREPARE_FIELDS),)),
+    _Field("secrets", "service_secrets", "top-level secrets this service reads as owner-only "
+                                         "files under /run/secrets", fields=_SERVICE_SECRET_FIELDS),
+)
+_TOP_LEVEL_FIELDS = (
+    _Field("name", "text", "project name; the Slurm job name when x-slurm.job_name is not set"),
+    _Field("version", "text", "accepted for Compose compatibility and ignored"),
+    _Field("services", "services", "the services, each run as one srun step"),
+    _Field("x-slurm", "mapping", "Slurm settings and shared runtime defaults",
+           fields=_SLURM_FIELDS),
+    _Field("secrets", "secrets", "secrets: name -> {file: PATH} or {environment: VARIABLE}; "
+                                 "values never enter the batch script", fields=_SECRET_FIELDS),
+)
+
+
+_TEXT_TYPES = ["string", "number", "boolean"]     # a scalar is read as the text written
+_INTERPOLATED = {"type": "string", "pattern": "\\$"}   # ${VAR} checked once interpolated
+_ENV_NAME_PATTERN = "^[A-Za-z_][A-Za-z0-9_]*$"
+
+
+def _choice_schema(choices):
+    return {"anyOf": [{"enum": list(choices)}, _INTERPOLATED]}
+
+
+def _signal_name_pattern(names):
+    """A regex for ``names`` as the loader reads them: any case, optional SIG prefix."""
+    def any_case(text):
+        return "".join("[%s%s]" % (c.upper(), c.lower()) if c.isalpha() else c for c in text)
+    return "^\\s*(%s)?(%s)\\s*$" % (any_case("SIG"), "|".join(any_case(n) for n in names))
+
+
+def _field_schema(field):
+    """The JSON Schema (draft-07) of one field, with its description and default."""
+    kind = field.kind
+    text = {"type": _TEXT_TYPES}
+    texts = {"type": ["array", "null"], "items": text}
+    if kind == "mapping":
+        schema = _mapping_schema(field.fields, field.extensions)
+        schema["type"] = ["object", "null"]
+    elif kind == "readiness":
+        schema = _mapping_schema(field.fields, False)
+        schema.update(type="object", required=["type"], allOf=[
+            {"if": {"properties": {"type": {"const": kind_name}}},
+             "then": {"propertyNames": {"enum": ["type"] + list(names)}}}
+            for kind_name, names in sorted(_READINESS_FIELDS.items())])
+    elif kind == "text":
+        schema = dict(text)
+    elif kind == "count":
+        schema = {"anyOf": [{"type": "integer", "minimum": field.minimum},
+                            {"type": "string", "pattern": "^\\s*[0-9]+\\s*$|\\$"}]}
+    elif kind == "boolean":
+        schema = {"type": "boolean"}
+    elif kind == "choice":
+        schema = _choice_schema(field.choices)
+    elif kind == "choices":
+        schema = {"type": ["array", "null"], "items": _choice_schema(field.choices),
+                  "uniqueItems": True}
+    elif kind == "texts":
+        schema = texts
+    elif kind == "command":
+        schema = {"type": ["string", "array", "null"], "items": text}
+    elif kind == "environment":
+        schema = {"anyOf": [
+            {"type": "object", "additionalProperties": False,
+             "patternProperties": {_ENV_NAME_PATTERN: {"type": _TEXT_TYPES + ["null"]}}},
+            {"type": "array", "items": {"type": "string", "pattern": "^[A-Za-z_][A-Za-z0-9_]*="}},
+            {"type": "null"}]}
+    elif kind == "env_file":
+        entry = {"anyOf": [{"type": "string"}, {
+            "type": "object", "required": ["path"], "additionalProperties": False,
+            "properties": {"path": {"type": "string", "description": "the file"},
+                           "required": {"type": "boolean", "default": True,
+                                        "description": "false: a missing file is skipped"},
+                           "format": {"enum": ["raw"], "description": "raw: values are literal"}}}]}
+        schema = {"anyOf": [{"type": "string"}, {"type": "array", "items": entry},
+                            {"type": "null"}]}
+    elif kind == "depends_on":
+        condition = {"type": ["object", "null"], "additionalProperties": False, "properties": {
+            "condition": dict(_choice_schema(_DEPENDENCY_CONDITIONS),
+                              description="what the dependency must reach first",
+                              default="service_started")}}
+        schema = {"anyOf": [{"type": "array", "items": {"type": "string"}, "uniqueItems": True},
+                            {"type": "object", "additionalProperties": condition},
+                            {"type": "null"}]}
+    elif kind == "extends":
+        schema = {"anyOf": [{"type": "string"}, {
+            "type": "object", "required": ["service"], "additionalProperties": False,
+            "properties": {"service": {"type": "string", "description": "the service to extend"},
+                           "file": {"type": "string",
+                                    "description": "the compose file that defines it"}}}]}
+    elif kind == "volumes":
+        long_syntax = _mapping_schema(field.fields, False)
+        long_syntax.update(type="object", required=["type", "source", "target"])
+        schema = {"type": ["array", "null"], "items": {"anyOf": [{"type": "string"},
+                                                                  long_syntax]}}
+    elif kind == "duration":
+        # Read as written (not interpolated): seconds, or h/m/s parts such as 1m30s.
+        schema = {"anyOf": [{"type": "integer", "minimum": 1}, {"type": "string", "pattern":
+                            "^\\s*([0-9]+|(?=[0-9])([0-9]+h)?([0-9]+m)?([0-9]+s)?)\\s*$"}]}
+    elif kind == "signal_name":
+        schema = {"anyOf": [{"type": "string", "pattern": _signal_name_pattern(field.choices)},
+                            _INTERPOLATED]}
+    elif kind == "service_signal":
+        signal = _mapping_schema(field.fields, False)
+        signal["type"] = ["object", "null"]
+        schema = {"anyOf": [{"const": False}, signal]}
+    elif kind == "mode":
+        schema = {"anyOf": [{"type": "integer", "minimum": 0},
+                            {"type": "string", "pattern": "^\\s*(0[oO])?[0-7]{1,4}\\s*$"}]}
+    elif kind == "secrets":
+        secret = _mapping_schema(field.fields, False)
+        secret.update(type="object", oneOf=[{"required": [name]} for name in
+                                            _field_names(field.fields)])
+        schema = {"type": ["object", "null"], "additionalProperties": False,
+                  "patternProperties": {"^[A-Za-z0-9][A-Za-z0-9_.-]*$": secret}}
+    elif kind == "service_secrets":
+        long_syntax = _mapping_schema(field.fields, False)
+        long_syntax.update(type="object", required=["source"])
+        schema = {"type": ["array", "null"], "items": {"anyOf": [{"type": "string"},
+                                                                  long_syntax]}}
+    elif kind == "services":
+        service = _mapping_schema(_SERVICE_FIELDS, True)
+        service["type"] = "object"
+        schema = {"type": "object", "minProperties": 1, "additionalProperties": False,
+                  "patternProperties": {"^[A-Za-z0-9][A-Za-z0-9_.-]*$": service}}
+    elif kind == "bundles":
+        bundle = {"type": "object", "required": ["paths"], "additionalProperties": False,
+                  "properties": {"paths": dict(texts, description="paths in this bundle")}}
+        schema = {"type": ["object", "null"], "additionalProperties": False,
+                  "propertyNames": {"not": {"const": "default"}},
+                  "patternProperties": {"^[A-Za-z0-9_-]+$": bundle}}
+    else:   # "unsupported": the validator names the key and says why
+        schema = {"not": {}}
+    schema["description"] = field.description
+    if field.default is not None:
+        schema["default"] = field.default
+    return schema
+
+
+def _mapping_schema(fields, extensions):
+    schema = {"properties": dict((field.name, _field_schema(field)) for field in fields),
+              "additionalProperties": False}
+    if extensions:
+        # x-* keys are accepted and ignored (the place for YAML anchors).
+        schema["patternProperties"] = {"^x-": {}}
+    return schema
+
+
+def _compose_json_schema():
+    """The JSON Schema (draft-07) of the compose file format, from the validator's table."""
+    schema = _mapping_schema(_TOP_LEVEL_FIELDS, True)
+    schema.update({"$schema": "http://json-schema.org/draft-07/schema#",
+                   "title": "hpc-compose file (hpc-compose %s)" % __version__,
+                   "type": "object", "required": ["services"]})
+    return schema
+
+
+_TOP_LEVEL_KEYS = _field_names(_TOP_LEVEL_FIELDS)
+_SERVICE_KEYS = _field_names(_SERVICE_FIELDS)
+_SLURM_STRING_KEYS = _field_names(_SLURM_STRING_FIELDS)
+_SLURM_COUNT_KEYS = _field_names(_SLURM_COUNT_FIELDS)
+_SLURM_KEYS = _field_names(_SLURM_FIELDS)
+_SERVICE_SLURM_KEYS = _field_names(_SERVICE_SLURM_FIELDS)
+_FAILURE_POLICY_KEYS = _field_names(_FAILURE_POLICY_FIELDS)
+_SIGNAL_KEYS = _field_names(_SIGNAL_FIELDS)
+_SERVICE_SIGNAL_KEYS = _field_names(_SERVICE_SIGNAL_FIELDS)
+_HEALTHCHECK_KEYS = _field_names(_HEALTHCHECK_FIELDS)
+_X_ENROOT_KEYS = ("prepare",)
+_PREPARE_KEYS = _field_names(_PREPARE_FIELDS)
+_METRICS_KEYS = _field_names(_METRICS_FIELDS)
+_ARTIFACTS_KEYS = _field_names(_ARTIFACTS_FIELDS)
 _RESUME_KEYS = ("path",)
-_SECRET_SOURCES = ("file", "environment")
+_SECRET_SOURCES = _field_names(_SECRET_FIELDS)
 _SECRET_UNSUPPORTED = {
     "external": ("external secrets (a Swarm secret store) are not supported",
                  "use file: (a file on the login node) or environment: (a variable)"),
@@ -2279,20 +2618,14 @@ _SECRET_UNSUPPORTED = {
     "content": ("inline 'content' is not supported: it would put the value in the compose file",
                 "use file: (an owner-only file) or environment: (a variable)"),
 }
-_SERVICE_SECRET_KEYS = ("source", "target", "mode")
+_SERVICE_SECRET_KEYS = _field_names(_SERVICE_SECRET_FIELDS)
 _SERVICE_SECRET_UNSUPPORTED = dict(
     (key, ("'%s' is not supported: the copy belongs to you, and the service runs as you" % key,
            "remove it")) for key in ("uid", "gid"))
 _DEFAULT_SECRET_MODE = 0o600
 _SECRET_CHECK_LIMIT = 1 << 16      # bytes: larger secret files are not searched for in spec values
 _SECRET_MATCH_MIN = 8              # a value contained in a spec string must be at least this long
-_SIGNAL_KEYS = ("name", "before", "on_signal", "grace", "max_attempts")
-_JOB_SIGNALS = ("USR1", "USR2")     # the batch shell passes these on; TERM/INT/HUP end the job
-_SERVICE_SIGNALS = ("HUP", "INT", "QUIT", "USR1", "USR2", "TERM", "CONT", "WINCH", "URG")
-_SERVICE_SIGNAL_KEYS = ("name", "forward")
-_ON_SIGNAL_ACTIONS = ("forward", "requeue")
 _MAX_SIGNAL_BEFORE = 65535          # Slurm's --signal time field is 16 bits
-_DEFAULT_MAX_ATTEMPTS = 5
 _REQUEUE_TEARDOWN_SECONDS = 15      # the stop grace (10 s) and a margin, after the requeue grace
 _DEPENDENCY_TYPES = ("after", "afterany", "afterburstbuffer", "aftercorr", "afternotok", "afterok",
                      "singleton")
@@ -12006,7 +12339,7 @@ def _command_parsers():
         ("stats", _add_stats_parser), ("artifacts", _add_artifacts_parser),
         ("cancel", _add_cancel_parser), ("down", _add_down_parser), ("clean", _add_clean_parser),
         ("cache", _add_cache_parser), ("init", _add_init_parser), ("migrate", _add_migrate_parser),
-        ("completions", _add_completions_parser),
+        ("schema", _add_schema_parser), ("completions", _add_completions_parser),
     )
 
 
@@ -12275,6 +12608,22 @@ def _cmd_validate(args):
 def _located_error_to_dict(error):
     return {"file": error.file, "line": error.line, "column": error.column, "path": error.path,
             "message": error.message, "hint": error.hint}
+
+
+# --- schema --------------------------------------------------------------------------------------
+
+def _add_schema_parser(subparsers):
+    _add_command(subparsers, "schema", _cmd_schema,
+                 "print the JSON Schema (draft-07) of the compose file, for editors",
+                 ["hpc-compose schema > hpc-compose.schema.json",
+                  "# then, first line of compose.yaml:",
+                  "# yaml-language-server: $schema=./hpc-compose.schema.json"])
+
+
+def _cmd_schema(args):
+    """Print the JSON Schema generated from the validator's field table."""
+    _print_json(_compose_json_schema())
+    return _EXIT_OK
 
 
 # --- inspect -------------------------------------------------------------------------------------

@@ -2141,6 +2141,7 @@ class ServiceSpec(NamedTuple):
     runtime: str = _DEFAULT_RUNTIME # resolved: service x-slurm.runtime, else top-level, else pyxis
     line: object = None            # line of the service's key in the compose file
     profiles: tuple = ()           # Compose profiles; () = always active
+    file: object = None            # the file of the service's key, when not the first file
     secrets: tuple = ()            # (ServiceSecret, ...) in declared order
 
 
@@ -3411,7 +3412,7 @@ def _select_services(spec, profiles, names):
                 target = by_name[disabled[0]]
                 raise SpecError("service '%s' depends on '%s', which is not enabled (its profiles: "
                                 "%s)" % (service.name, target.name, ", ".join(target.profiles)),
-                                file=spec.path, line=service.line,
+                                file=service.file or spec.path, line=service.line,
                                 path="services.%s.depends_on" % service.name,
                                 hint="activate one with --profile %s (or COMPOSE_PROFILES), or "
                                      "name the services to run: up %s"
@@ -3965,7 +3966,8 @@ class _SpecLoader(object):
                              default=ServiceSlurmSpec())
         runtime = slurm.runtime or top_slurm.runtime
         host = runtime == "host"
-        line = self.mark(path, at_key=True).line if self.mark(path, at_key=True) else None
+        mark = self.mark(path, at_key=True)
+        line = mark.line if mark else None
         image = self.attempt(self.service_image, path, raw, host)
         command = self.attempt(self.command_form, path + ("command",), raw.get("command"),
                                default=_UNREAD)
@@ -3990,7 +3992,7 @@ class _SpecLoader(object):
                                default=())
         return ServiceSpec(name, image, command, entrypoint, environment, volumes, working_dir,
                            depends_on, readiness, slurm, prepare, runtime, line, profiles,
-                           secrets=secrets)
+                           getattr(mark, "file", None), secrets)
 
     def service_image(self, path, raw, host):
         image = None
@@ -5023,8 +5025,8 @@ def _launch_order(spec):
         else:
             cycle = _find_cycle(remaining)
             first = next(s for s in spec.services if s.name == cycle[0])
-            raise SpecError("dependency cycle: %s" % " -> ".join(cycle), file=spec.path,
-                            line=first.line, path="services.%s.depends_on" % cycle[0],
+            raise SpecError("dependency cycle: %s" % " -> ".join(cycle),
+                            file=first.file or spec.path, line=first.line, path="services.%s.depends_on" % cycle[0],
                             hint="remove one of these depends_on entries")
     return placed
 
@@ -5070,7 +5072,7 @@ def build_plan(spec, environ=None):
                                       _mounts(service.prepare.mounts, spec.project_dir, environ),
                                       service.prepare.env, service.prepare.root)
         except _Invalid as exc:
-            raise SpecError(exc.message, file=spec.path, line=service.line,
+            raise SpecError(exc.message, file=service.file or spec.path, line=service.line,
                             path="services." + service.name, hint=exc.hint)
         working_dir = service.working_dir
         if working_dir is not None and service.runtime == "host":

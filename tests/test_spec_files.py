@@ -411,3 +411,13 @@ def test_extends_mistakes_are_located_errors(hc, project, extends, message):
     found = errors(hc, project, [("compose.yaml", text)])
     assert message in found[0].message
     assert found[0].line == 5
+
+
+def test_a_planner_error_about_a_service_of_the_override_names_the_override(hc, project):
+    files = [("compose.yaml", BASE), ("o.yaml", "services:\n  extra:\n    image: ./missing.sqsh\n"
+                                                "    depends_on: [extra2]\n  extra2:\n"
+                                                "    image: redis\n    depends_on: [extra]\n")]
+    with pytest.raises(hc.SpecError) as info:
+        hc.build_plan(load(hc, project, files), environ=ENV)
+    assert (info.value.file, info.value.line) == (str(project.root / "o.yaml"), 2)
+    assert info.value.message == "dependency cycle: extra -> extra2 -> extra"

@@ -3135,12 +3135,11 @@ class _DocumentMerge(object):
             if type(item) is not str:
                 return value
             key, equals, text = item.partition("=")
+            if rule != "by_name":
+                key, equals, text = item, "", None
             if key in result:
                 return value
-            if rule == "by_name":
-                result[key] = text if equals else None
-            else:
-                result[item] = None
+            result[key] = text if equals else None
             mark = marks.get(path + (index,))
             if mark is not None:
                 marks[path + (key,)] = key_marks[path + (key,)] = mark

@@ -3753,38 +3753,48 @@ class _SpecLoader(object):
         raw = self.mapping(path, raw)
         self.check_keys(path, raw, _SLURM_KEYS, "x-slurm")
         values = {}
+        # Key by key (attempt), so that one bad value is one error and the rest is still read.
         for key in _SLURM_STRING_KEYS:
-            values[key] = self.optional_string(path + (key,), raw.get(key))
+            values[key] = self.attempt(self.optional_string, path + (key,), raw.get(key))
         for key in _SLURM_COUNT_KEYS:
-            values[key] = self.integer(path + (key,), raw.get(key))
+            values[key] = self.attempt(self.integer, path + (key,), raw.get(key))
         if values["cache_dir"] is not None:
-            self.apply_rule(path + ("cache_dir",), _check_cache_dir,
+            self.attempt(self.apply_rule, path + ("cache_dir",), _check_cache_dir,
                          resolve_host_path(values["cache_dir"], self.project_dir, self.variables))
         if "metrics" in raw:
-            values["metrics"] = self.metrics(path + ("metrics",), raw["metrics"])
+            values["metrics"] = self.attempt(self.metrics, path + ("metrics",), raw["metrics"])
         if raw.get("artifacts") is not None:
-            values["artifacts"] = self.artifacts(path + ("artifacts",), raw["artifacts"])
+            values["artifacts"] = self.attempt(self.artifacts, path + ("artifacts",),
+                                               raw["artifacts"])
         if raw.get("resume") is not None:
-            values["resume"] = self.resume(path + ("resume",), raw["resume"])
+            values["resume"] = self.attempt(self.resume, path + ("resume",), raw["resume"],
+                                            default=_UNREAD)
         # setup lines are shell, emitted verbatim: interpolating them would eat the user's $VARS.
-        values["setup"] = self.string_list(path + ("setup",), raw.get("setup"), interpolated=False,
-                                           allow_empty=True)
-        values["submit_args"] = self.string_list(path + ("submit_args",), raw.get("submit_args"))
+        values["setup"] = self.attempt(self.string_list, path + ("setup",), raw.get("setup"),
+                                       interpolated=False, allow_empty=True, default=())
+        values["submit_args"] = self.attempt(self.string_list, path + ("submit_args",),
+                                             raw.get("submit_args"), default=())
         if raw.get("runtime") is not None:
-            values["runtime"] = self.choice(path + ("runtime",), raw["runtime"], _RUNTIMES)
+            values["runtime"] = self.attempt(self.choice, path + ("runtime",), raw["runtime"],
+                                             _RUNTIMES, default=_UNREAD)
         if raw.get("share_with_group") is not None:
-            values["share_with_group"] = self.boolean(path + ("share_with_group",),
-                                                      raw["share_with_group"])
+            values["share_with_group"] = self.attempt(self.boolean, path + ("share_with_group",),
+                                                      raw["share_with_group"], default=False)
         if raw.get("requeue") is not None:
-            values["requeue"] = self.boolean(path + ("requeue",), raw["requeue"])
+            values["requeue"] = self.attempt(self.boolean, path + ("requeue",), raw["requeue"],
+                                             default=_UNREAD)
         if raw.get("signal") is not None:
-            values["signal"] = self.job_signal(path + ("signal",), raw["signal"], values)
+            values["signal"] = self.attempt(self.job_signal, path + ("signal",), raw["signal"],
+                                            values)
         if raw.get("dependency") is not None:
-            text = self.string(path + ("dependency",), raw["dependency"])
-            values["dependency"] = self.apply_rule(path + ("dependency",), _check_dependency, text)
+            values["dependency"] = self.attempt(self.dependency, path + ("dependency",),
+                                                raw["dependency"])
         if raw.get("array") is not None:
-            text = self.string(path + ("array",), _scalar_text(raw["array"]))
-            values["array"] = self.apply_rule(path + ("array",), _check_array, text)
+            values["array"] = self.attempt(self.job_array, path + ("array",), raw["array"])
+        # A resume or requeue that could not be read was reported; signal did not repeat it.
+        for key in ("resume", "requeue"):
+            if values.get(key) is _UNREAD:
+                values[key] = None
         self.check_gpus(path, values)
         return SlurmSpec(**values)
 
@@ -3832,6 +3842,12 @@ class _SpecLoader(object):
         max_attempts = self.integer(path + ("max_attempts",), raw.get("max_attempts"))
         return SignalSpec(name, before, action, grace,
                           _DEFAULT_MAX_ATTEMPTS if max_attempts is None else max_attempts)
+
+    def dependency(self, path, raw):
+        return self.apply_rule(path, _check_dependency, self.string(path, raw))
+
+    def job_array(self, path, raw):
+        return self.apply_rule(path, _check_array, self.string(path, _scalar_text(raw)))
 
     def service_signal(self, path, raw):
         if raw is False:
@@ -3967,7 +3983,8 @@ class _SpecLoader(object):
         host = runtime == "host"
         mark = self.mark(path, at_key=True)
         line = mark.line if mark else None
-        image = self.attempt(self.service_image, path, raw, host)
+        # A runtime that could not be read (already reported) decides nothing: no "needs an image".
+        image = self.attempt(self.service_image, path, raw, host or runtime is _UNREAD)
         command = self.attempt(self.command_form, path + ("command",), raw.get("command"),
                                default=_UNREAD)
         entrypoint = self.attempt(self.command_form, path + ("entrypoint",),
@@ -4205,16 +4222,18 @@ class _SpecLoader(object):
         self.check_keys(path, raw, _SERVICE_SLURM_KEYS, "services.<name>.x-slurm")
         values = {}
         for key in ("nodes", "ntasks", "ntasks_per_node", "cpus_per_task", "gpus"):
-            values[key] = self.integer(path + (key,), raw.get(key))
-        values["gres"] = self.optional_string(path + ("gres",), raw.get("gres"))
-        values["extra_srun_args"] = self.string_list(path + ("extra_srun_args",),
-                                                     raw.get("extra_srun_args"))
-        values["failure_policy"] = self.failure_policy(path + ("failure_policy",),
-                                                       raw.get("failure_policy"))
+            values[key] = self.attempt(self.integer, path + (key,), raw.get(key))
+        values["gres"] = self.attempt(self.optional_string, path + ("gres",), raw.get("gres"))
+        values["extra_srun_args"] = self.attempt(self.string_list, path + ("extra_srun_args",),
+                                                 raw.get("extra_srun_args"), default=())
+        values["failure_policy"] = self.attempt(self.failure_policy, path + ("failure_policy",),
+                                                raw.get("failure_policy"),
+                                                default=FailurePolicy())
         if raw.get("runtime") is not None:
-            values["runtime"] = self.choice(path + ("runtime",), raw["runtime"], _RUNTIMES)
+            values["runtime"] = self.attempt(self.choice, path + ("runtime",), raw["runtime"],
+                                             _RUNTIMES, default=_UNREAD)
         if raw.get("signal") is not None:
-            values["signal"] = self.service_signal(path + ("signal",), raw["signal"])
+            values["signal"] = self.attempt(self.service_signal, path + ("signal",), raw["signal"])
         self.check_gpus(path, values)
         return ServiceSlurmSpec(**values)
 

@@ -421,3 +421,19 @@ def test_a_planner_error_about_a_service_of_the_override_names_the_override(hc, 
         hc.build_plan(load(hc, project, files), environ=ENV)
     assert (info.value.file, info.value.line) == (str(project.root / "o.yaml"), 2)
     assert info.value.message == "dependency cycle: extra -> extra2 -> extra"
+
+
+def test_each_x_slurm_value_is_its_own_error(hc, project):
+    text = ("x-slurm:\n  nodes: zero\n  time: [1]\n  setup: not-a-list\nservices:\n  app:\n"
+            "    image: redis\n    x-slurm:\n      gpus: none\n      failure_policy: {mode: x}\n")
+    found = errors(hc, project, [("compose.yaml", text)])
+    assert [e.path for e in found] == [
+        "x-slurm.nodes", "x-slurm.time", "x-slurm.setup", "services.app.x-slurm.gpus",
+        "services.app.x-slurm.failure_policy.mode"]
+
+
+def test_a_bad_runtime_does_not_also_ask_for_an_image(hc, project):
+    for text in ("x-slurm:\n  runtime: hots\nservices:\n  app:\n    command: [run]\n",
+                 "services:\n  app:\n    command: [run]\n    x-slurm:\n      runtime: hots\n"):
+        found = errors(hc, project, [("compose.yaml", text)])
+        assert [e.message for e in found] == ["'hots' is not one of pyxis, host"]

@@ -2390,13 +2390,6 @@ _HEALTHCHECK_FIELDS = (
     _Field("start_period", "unsupported", "not supported: readiness is polled every second"),
     _Field("start_interval", "unsupported", "not supported: readiness is polled every second"),
 )
-_PREPARE_FIELDS = (
-    _Field("commands", "texts", "shell commands run in the image by enroot (not interpolated)"),
-    _Field("mounts", "volumes", "host:container[:options] mounts (or type: bind) visible only "
-                                "during prepare"),
-    _Field("env", "environment", "environment only during prepare"),
-    _Field("root", "boolean", "run the commands with enroot --root", default=True),
-)
 _VOLUME_FIELDS = (
     _Field("type", "choice", "only bind is supported (named volumes and tmpfs are not)",
            choices=("bind",)),
@@ -2404,8 +2397,15 @@ _VOLUME_FIELDS = (
     _Field("target", "text", "the absolute container path"),
     _Field("read_only", "boolean", "mount read-only", default=False),
     _Field("bind", "mapping", "bind options", fields=(
-        _Field("create_host_path", "boolean", "only true: a missing source folder is created",
-               default=True),)),
+        _Field("create_host_path", "choice", "only true: a missing source folder is created",
+               choices=(True,), default=True),)),
+)
+_PREPARE_FIELDS = (
+    _Field("commands", "texts", "shell commands run in the image by enroot (not interpolated)"),
+    _Field("mounts", "volumes", "host:container[:options] mounts (or type: bind) visible only "
+                                "during prepare", fields=_VOLUME_FIELDS),
+    _Field("env", "environment", "environment only during prepare"),
+    _Field("root", "boolean", "run the commands with enroot --root", default=True),
 )
 _SECRET_FIELDS = (
     _Field("file", "text", "a file on the login node holding the value (relative to the "
@@ -2426,7 +2426,7 @@ _SERVICE_FIELDS = (
                                          "list (wins over env_file)"),
     _Field("env_file", "env_file", "files of KEY=VALUE lines for the service's environment"),
     _Field("volumes", "volumes", "bind mounts: host:container[:ro|rw], or the long syntax "
-                                 "with type: bind"),
+                                 "with type: bind", fields=_VOLUME_FIELDS),
     _Field("working_dir", "text", "working directory (needs command or entrypoint)"),
     _Field("depends_on", "depends_on", "services to start first: a list, or name -> {condition}"),
     _Field("profiles", "texts", "Compose profiles: the service runs only when one is active"),

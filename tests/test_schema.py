@@ -103,3 +103,43 @@ def test_there_is_a_sample_of_invalid_specs():
                          ids=["%02d-%s" % (i, c[1][:40]) for i, c in enumerate(INVALID)])
 def test_invalid_specs_are_rejected_by_the_schema(hc, validator, text, message, line, path):
     assert problems(validator, hc.parse_yaml(text)) != [], message
+
+
+SECRETS_SPEC = """\
+secrets:
+  token:
+    file: ./token.txt
+  hf:
+    environment: HF_TOKEN
+x-slurm:
+  share_with_group: true
+services:
+  app:
+    image: redis:7
+    volumes:
+      - ./data:/data
+      - {type: bind, source: ./ro, target: /ro, read_only: true, bind: {create_host_path: true}}
+    secrets:
+      - token
+      - {source: hf, target: hf_token, mode: 0400}
+    x-enroot:
+      prepare:
+        commands: [true]
+        mounts:
+          - {type: bind, source: ./build, target: /build}
+"""
+
+
+def test_secrets_share_with_group_and_long_syntax_volumes_are_in_the_schema(hc, validator):
+    assert problems(validator, hc.parse_yaml(SECRETS_SPEC)) == []
+
+
+@pytest.mark.parametrize("text", [
+    "secrets:\n  t:\n    content: x\nservices:\n  a:\n    image: x\n",
+    "secrets:\n  t:\n    file: a\n    environment: B\nservices:\n  a:\n    image: x\n",
+    "services:\n  a:\n    image: x\n    secrets:\n      - {source: t, uid: '0'}\n",
+    "services:\n  a:\n    image: x\n    volumes:\n      - {type: volume, source: d, target: /d}\n",
+    "services:\n  a:\n    image: x\n    volumes:\n      - {type: bind, target: /d}\n",
+])
+def test_secret_and_volume_mistakes_are_rejected_by_the_schema(hc, validator, text):
+    assert problems(validator, hc.parse_yaml(text)) != []

@@ -437,3 +437,60 @@ def test_a_bad_runtime_does_not_also_ask_for_an_image(hc, project):
                  "services:\n  app:\n    command: [run]\n    x-slurm:\n      runtime: hots\n"):
         found = errors(hc, project, [("compose.yaml", text)])
         assert [e.message for e in found] == ["'hots' is not one of pyxis, host"]
+
+
+# --- secrets and long-syntax volumes in the same report --------------------------------------------
+
+SECRETS_AND_VOLUMES = """\
+secrets:
+  good:
+    environment: GOOD
+  unset:
+    environment: NOT_SET
+  inline:
+    content: abc
+services:
+  app:
+    image: redis:7
+    secrets:
+      - good
+      - unset
+      - missing
+      - source: good
+        uid: "0"
+    volumes:
+      - type: volume
+        source: data
+        target: /data
+      - {type: bind, source: ./ok, target: /ok}
+      - relative:/x
+"""
+
+
+def test_secret_and_volume_errors_are_all_reported_at_once(hc, project):
+    found = errors(hc, project, [("compose.yaml", SECRETS_AND_VOLUMES)], env={"GOOD": "x"})
+    assert [(e.line, e.path) for e in found] == [
+        (5, "secrets.unset.environment"), (7, "secrets.inline.content"),
+        (14, "services.app.secrets[2]"), (16, "services.app.secrets[3].uid"),
+        (18, "services.app.volumes[0].type"), (22, "services.app.volumes[2]")]
+
+
+def test_a_service_naming_a_secret_in_error_is_not_reported_again(hc, project):
+    found = errors(hc, project, [("compose.yaml", SECRETS_AND_VOLUMES)], env={"GOOD": "x"})
+    assert not any(e.path == "services.app.secrets[1]" for e in found)
+
+
+def test_a_long_syntax_bind_volume_merges_by_target_with_a_short_one(hc, project):
+    override = ("services:\n  app:\n    volumes:\n"
+                "      - {type: bind, source: ./other, target: /data, read_only: true}\n")
+    spec = load(hc, project, [("compose.yaml", BASE), ("override.yaml", override)])
+    assert service(spec).volumes == ("./other:/data:ro", "./src:/src:ro")
+
+
+def test_an_env_file_value_holding_a_secret_is_refused_at_its_entry(hc, project):
+    project.write("app.env", "TOKEN=a-long-secret-value\n")
+    text = ("secrets:\n  token:\n    environment: TOKEN\nservices:\n  app:\n    image: redis:7\n"
+            "    env_file: app.env\n    secrets: [token]\n")
+    found = errors(hc, project, [("compose.yaml", text)], env={"TOKEN": "a-long-secret-value"})
+    assert [(e.path, "secret 'token'" in e.message) for e in found] == \
+        [("services.app.env_file", True)]

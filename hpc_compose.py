@@ -3002,7 +3002,7 @@ class _FileMark(NamedTuple):
 _SERVICE_MERGE_RULES = {
     "command": "replace", "entrypoint": "replace", "environment": "by_name",
     "volumes": "by_target", "depends_on": "by_service", "env_file": "append",
-    "profiles": "unique",
+    "profiles": "unique", "secrets": "by_target",
 }
 _MERGE_MISSING = object()
 _MERGE_RESET = object()
@@ -3146,12 +3146,14 @@ class _DocumentMerge(object):
         return result
 
     def merge_by_target(self, path, base, value):
-        """``volumes``: an entry with the container path of an earlier one replaces it."""
+        """``volumes`` (and ``secrets``): an entry with the container path of an earlier one
+        replaces it."""
         result = list(base)
         origins = [(self.marks, index) for index in range(len(base))]
-        targets = [_volume_target(item) for item in base]
+        target_of = _secret_target if path[-1] == "secrets" else _volume_target
+        targets = [target_of(item) for item in base]
         for index, item in enumerate(value):
-            target = _volume_target(item)
+            target = target_of(item)
             if target is not None and target in targets:
                 position = targets.index(target)
                 result[position] = item
@@ -3168,6 +3170,15 @@ class _DocumentMerge(object):
                 del self.marks[key]
         self.marks.update(moved)
         return result
+
+
+def _secret_target(entry):
+    """The file a service secret entry becomes under /run/secrets (short form: its name)."""
+    if type(entry) is dict:
+        entry = entry.get("target") or entry.get("source")
+    if type(entry) is not str:
+        return None
+    return entry[len(_SECRETS_MOUNT) + 1:] if entry.startswith(_SECRETS_MOUNT + "/") else entry
 
 
 def _volume_target(entry):

@@ -494,3 +494,14 @@ def test_an_env_file_value_holding_a_secret_is_refused_at_its_entry(hc, project)
     found = errors(hc, project, [("compose.yaml", text)], env={"TOKEN": "a-long-secret-value"})
     assert [(e.path, "secret 'token'" in e.message) for e in found] == \
         [("services.app.env_file", True)]
+
+
+def test_service_secrets_merge_by_target(hc, project):
+    project.write("a.txt", "first-value-1234\n")
+    project.write("b.txt", "second-value-5678\n")
+    base = ("secrets:\n  a:\n    file: a.txt\n  b:\n    file: b.txt\nservices:\n  app:\n"
+            "    image: redis:7\n    secrets: [a, {source: b, target: token}]\n")
+    override = "services:\n  app:\n    secrets:\n      - {source: a, target: token}\n      - b\n"
+    spec = load(hc, project, [("compose.yaml", base), ("override.yaml", override)])
+    assert [(s.source, s.target) for s in service(spec).secrets] == \
+        [("a", "a"), ("a", "token"), ("b", "b")]

@@ -11705,37 +11705,36 @@ class _Migration(object):
                                 % ", ".join(sorted(set(found))))
 
     def migrate_env_file(self, name, path, value):
+        """``env_file`` stays as written: hpc-compose reads it as Compose does. A value that names
+        another service's host is set again, rewritten, in ``environment`` (which wins)."""
+        if self.host_pattern is None:
+            self.counts["kept"] += 1
+            return
         files = value if isinstance(value, list) else [value]
         existing = self.data["services"][name].get("environment")
         names = set(existing) if isinstance(existing, dict) else set(
             str(item).partition("=")[0] for item in existing or [])
+        replacement = self.host_replacement(name)
+        changed = False
         for entry in files:
-            required = True
             if isinstance(entry, dict):
-                required = entry.get("required", True) is not False
                 entry = entry.get("path")
             file_path = os.path.join(self.project_dir, str(entry))
             try:
                 variables = parse_dotenv(self.read_text(file_path), file_path)
             except (OSError, SpecError):
-                if required:
-                    return self.todo_entry(path, "env_file %s could not be read: list its "
-                                           "variables under environment" % entry)
-                continue
-            replacement = self.host_replacement(name)
+                continue    # validate reports a missing or unreadable file at its entry
             for key, item in variables.items():
-                if self.host_pattern is not None:
-                    item, found = self.env_rewrite(key, item, replacement)
-                    if found:
-                        self.env_additions.append((None, None, "host name %s -> %s in %s from "
-                                                   "env_file %s" % (", ".join(found), replacement,
-                                                                    key, entry)))
-                if key not in names:
+                item, found = self.env_rewrite(key, item, replacement)
+                if found and key not in names:
                     names.add(key)
-                    # Compose interpolates env_file values too, so they are copied as written.
+                    # Compose interpolates env_file values too, so the value is copied as written.
                     self.env_files_copied = True
-                    self.env_additions.append((key, item, "env_file %s -> environment" % entry))
-        self.drop(path, "env_file %s: its variables were copied into environment" % _brief(value))
+                    self.env_additions.append((key, item, "host name %s -> %s in %s from "
+                                               "env_file %s (environment wins over env_file)"
+                                               % (", ".join(found), replacement, key, entry)))
+                    changed = True
+        self.counts["changed" if changed else "kept"] += 1
 
     # --- volumes ---
 
@@ -11896,21 +11895,15 @@ class _Migration(object):
         for target, body in value.items():
             if not isinstance(body, dict):
                 continue
+            # Every condition (service_completed_successfully too) means the same here.
             extra = [k for k in body if k != "condition"]
-            condition = body.get("condition")
-            if not extra and condition != "service_completed_successfully":
+            if not extra:
                 continue
             item_path = path + (target,)
-            new = {"condition": "service_started" if condition in (
-                None, "service_completed_successfully") else condition}
-            notes = []
-            if extra:
-                notes.append("dropped %s of depends_on.%s: hpc-compose starts each service once"
-                             % (", ".join(extra), target))
-            if condition == "service_completed_successfully":
-                notes.append("TODO service_completed_successfully is not supported: '%s' now "
-                             "only has to start; make %s wait for its result (e.g. a file in "
-                             "/hpc-compose/job)" % (target, name))
+            condition = body.get("condition")
+            new = {"condition": "service_started" if condition is None else condition}
+            notes = ["dropped %s of depends_on.%s: hpc-compose starts each service once"
+                     % (", ".join(extra), target)]
             if not self.replace_entry(item_path, notes, new):
                 continue
             changed = True

@@ -258,16 +258,20 @@ def test_file_secrets_stay_secrets_and_configs_become_read_only_bind_mounts(hc, 
     assert_changes_are_noted(SECRETS, result.text)
 
 
-def test_env_file_variables_are_copied_into_environment(hc, project):
+def test_env_file_is_kept_as_written(hc, project):
     result = migrate(hc, project, SECRETS, files={"app.env": "MODE=prod\nPRICE=$$5\n",
                                                   "secrets/db_password.txt": "hunter2\n"})
+    assert "    env_file: app.env\n" in result.text and "environment" not in result.text
     assert dict(service(load(hc, project, result), "app").environment) == \
         {"MODE": "prod", "PRICE": "$5"}
 
 
-def test_an_unreadable_env_file_is_a_todo(hc, project):
-    result = migrate(hc, project, SECRETS)
-    assert any("env_file app.env could not be read" in note for _, note in result.todos)
+def test_a_missing_env_file_is_kept_for_validate_to_report(hc, project):
+    result = migrate(hc, project, SECRETS, files={"secrets/db_password.txt": "hunter2\n"})
+    assert result.todos == () and "    env_file: app.env\n" in result.text
+    with pytest.raises(hc.SpecError) as info:
+        load(hc, project, result)
+    assert info.value.path == "services.app.env_file" and "does not exist" in info.value.message
 
 
 def test_environment_secrets_stay_secrets(hc, project):
@@ -416,12 +420,21 @@ def test_an_inexpressible_healthcheck_a_service_waits_for_is_a_todo(hc, project)
     assert info.value.line == result.todos[0][0]
 
 
-def test_depends_on_completed_successfully_is_a_todo_and_extra_keys_are_dropped(hc, project):
+def test_depends_on_completed_successfully_is_kept_and_extra_keys_are_dropped(hc, project):
     result = migrate(hc, project, "services:\n  init:\n    image: x\n  app:\n    image: x\n"
                      "    depends_on:\n      init:\n        condition: "
                      "service_completed_successfully\n        required: true\n")
-    assert any("service_completed_successfully" in n for _, n in result.todos)
+    assert result.todos == ()
     assert any("dropped required of depends_on.init" in n for n in notes(result))
+    app = service(load(hc, project, result), "app")
+    assert app.depends_on == (("init", "service_completed_successfully"),)
+
+
+def test_depends_on_completed_successfully_alone_is_left_untouched(hc, project):
+    compose = ("services:\n  init:\n    image: x\n  app:\n    image: x\n    depends_on:\n"
+               "      init:\n        condition: service_completed_successfully\n")
+    result = migrate(hc, project, compose)
+    assert result.todos == () and result.text == compose
 
 
 @pytest.mark.parametrize("key, value", [
@@ -703,11 +716,13 @@ def test_double_dollars_in_a_string_command_become_single(hc, project):
     assert any(n.startswith("$$ -> $") for n in notes(result))
 
 
-def test_env_file_values_get_their_host_names_rewritten(hc, project):
+def test_env_file_values_naming_a_service_host_are_set_again_in_environment(hc, project):
     result = migrate(hc, project, "services:\n  broker:\n    image: x\n  app:\n    image: y\n"
-                     "    env_file: app.env\n", files={"app.env": "URL=amqp://broker:5672//\n"})
+                     "    env_file: app.env\n",
+                     files={"app.env": "URL=amqp://broker:5672//\nMODE=prod\n"})
+    assert "    env_file: app.env\n" in result.text
     assert dict(service(load(hc, project, result), "app").environment) == \
-        {"URL": "amqp://127.0.0.1:5672//"}
+        {"URL": "amqp://127.0.0.1:5672//", "MODE": "prod"}
     assert any("host name broker -> 127.0.0.1 in URL" in n for n in notes(result))
 
 
@@ -759,11 +774,15 @@ def test_deploy_restart_policy_becomes_a_failure_policy(hc, project):
 
 
 def test_a_file_with_copied_env_file_values_is_written_owner_only(cli, project):
-    path = project.write("docker-compose.yml", SECRETS)
+    path = project.write("docker-compose.yml", "services:\n  broker:\n    image: x\n  app:\n"
+                                               "    image: y\n    env_file: app.env\n")
     os.chmod(str(path), 0o644)
-    project.write("app.env", "TOKEN=secret\n")
+    project.write("app.env", "URL=amqp://user:secret@broker:5672//\n")
     assert cli(["migrate", "-f", str(path)]).code == 0
     assert os.stat(str(project.root / "compose.yaml")).st_mode & 0o777 == 0o600
+    path.write_text(SECRETS)
+    assert cli(["migrate", "-f", str(path), "--force"]).code == 0
+    assert os.stat(str(project.root / "compose.yaml")).st_mode & 0o777 == 0o644
     path.write_text(NETWORKED)
     assert cli(["migrate", "-f", str(path), "--force"]).code == 0
     assert os.stat(str(project.root / "compose.yaml")).st_mode & 0o777 == 0o644

@@ -13572,7 +13572,8 @@ def _cache_dir_from_args(args):
     if getattr(args, "cache_dir", None):
         return os.path.abspath(os.path.expanduser(args.cache_dir))
     # -f, or the compose file found here as every other command finds it, names the cache.
-    if getattr(args, "file", None) or any(os.path.isfile(name) for name in _DEFAULT_COMPOSE_FILES):
+    if getattr(args, "file", None) or os.environ.get("COMPOSE_FILE") or \
+            any(os.path.isfile(name) for name in _DEFAULT_COMPOSE_FILES):
         return _load_plan_from_args(args)[1].cache_dir
     return _default_cache_dir()
 

@@ -3812,9 +3812,15 @@ class _SpecLoader(object):
     def job_signal(self, path, raw, values):
         raw = self.mapping(path, raw)
         self.check_keys(path, raw, _SIGNAL_KEYS, "x-slurm.signal")
+        # name and on_signal are read on their own: a bad one is reported with the before errors.
         name = "USR1"
         if raw.get("name") is not None:
-            name = self.choice(path + ("name",), _signal_name(raw["name"]), _JOB_SIGNALS)
+            name = self.attempt(self.choice, path + ("name",), _signal_name(raw["name"]),
+                                _JOB_SIGNALS, default=name)
+        action = "forward"
+        if raw.get("on_signal") is not None:
+            action = self.attempt(self.choice, path + ("on_signal",), raw["on_signal"],
+                                  _ON_SIGNAL_ACTIONS, default=_UNREAD)
         if raw.get("before") is None:
             raise self.error(path, "x-slurm.signal needs before",
                              hint="how long before the time limit Slurm sends it, e.g. before: 5m")
@@ -3828,9 +3834,8 @@ class _SpecLoader(object):
                              "time limit (x-slurm.time %s = %d s): the signal would never come"
                              % (before, values["time"], limit),
                              hint="give the job more time or the signal a smaller before")
-        action = "forward"
-        if raw.get("on_signal") is not None:
-            action = self.choice(path + ("on_signal",), raw["on_signal"], _ON_SIGNAL_ACTIONS)
+        if action is _UNREAD:
+            return SignalSpec(name, before)
         if action != "requeue":
             self.refuse_keys_unless(path, raw, ("grace", "max_attempts"), "on_signal: requeue")
             return SignalSpec(name, before, action)

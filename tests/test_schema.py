@@ -143,3 +143,45 @@ def test_secrets_share_with_group_and_long_syntax_volumes_are_in_the_schema(hc, 
 ])
 def test_secret_and_volume_mistakes_are_rejected_by_the_schema(hc, validator, text):
     assert problems(validator, hc.parse_yaml(text)) != []
+
+
+SIGNAL_SPEC = """\
+x-slurm:
+  time: "01:00:00"
+  resume: {path: /shared/r}
+  signal: {name: SIGusr2, before: 1m30s, on_signal: requeue, grace: 30, max_attempts: 3}
+  requeue: true
+  dependency: afterok:12:13
+  array: 0-15%4
+services:
+  a:
+    image: x
+    x-slurm:
+      signal: {name: int, forward: true}
+  b:
+    image: x
+    x-slurm:
+      signal: false
+"""
+
+
+def test_signal_requeue_dependency_and_array_are_in_the_schema(hc, validator):
+    assert problems(validator, hc.parse_yaml(SIGNAL_SPEC)) == []
+    signal = validator.schema["properties"]["x-slurm"]["properties"]["signal"]
+    assert tuple(signal["properties"]) == hc._SIGNAL_KEYS
+    assert signal["properties"]["on_signal"]["anyOf"][0]["enum"] == list(hc._ON_SIGNAL_ACTIONS)
+
+
+@pytest.mark.parametrize("text", [
+    "x-slurm:\n  signal: {before: 5m, when: now}\nservices:\n  a:\n    image: x\n",
+    "x-slurm:\n  signal: {name: TERM, before: 5m}\nservices:\n  a:\n    image: x\n",
+    "x-slurm:\n  signal: {before: soon}\nservices:\n  a:\n    image: x\n",
+    "x-slurm:\n  signal: {before: ''}\nservices:\n  a:\n    image: x\n",
+    "x-slurm:\n  signal: {before: 5m, on_signal: stop}\nservices:\n  a:\n    image: x\n",
+    "x-slurm:\n  requeue: sometimes\nservices:\n  a:\n    image: x\n",
+    "services:\n  a:\n    image: x\n    x-slurm:\n      signal: true\n",
+    "services:\n  a:\n    image: x\n    x-slurm:\n      signal: {name: KILL}\n",
+    "services:\n  a:\n    image: x\n    x-slurm:\n      signal: {forward: maybe}\n",
+])
+def test_signal_mistakes_are_rejected_by_the_schema(hc, validator, text):
+    assert problems(validator, hc.parse_yaml(text)) != []

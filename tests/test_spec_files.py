@@ -505,3 +505,29 @@ def test_service_secrets_merge_by_target(hc, project):
     spec = load(hc, project, [("compose.yaml", base), ("override.yaml", override)])
     assert [(s.source, s.target) for s in service(spec).secrets] == \
         [("a", "a"), ("a", "token"), ("b", "b")]
+
+
+SIGNAL_MISTAKES = """\
+x-slurm:
+  time: "01:00:00"
+  resume: {path: relative}
+  requeue: sometimes
+  signal: {name: TERM, before: soon, on_signal: requeue}
+  dependency: afterbad:1
+  array: 5-1
+services:
+  app:
+    image: redis:7
+    x-slurm:
+      signal: {name: KILL}
+"""
+
+
+def test_signal_requeue_dependency_and_array_errors_are_all_reported_at_once(hc, project):
+    found = errors(hc, project, [("compose.yaml", SIGNAL_MISTAKES)])
+    assert [(e.line, e.path) for e in found] == [
+        (3, "x-slurm.resume.path"), (4, "x-slurm.requeue"), (5, "x-slurm.signal.name"),
+        (5, "x-slurm.signal.before"), (6, "x-slurm.dependency"), (7, "x-slurm.array"),
+        (12, "services.app.x-slurm.signal.name")]
+    # The resume and requeue in error are not asked for again by on_signal: requeue.
+    assert not any(e.path == "x-slurm.signal.on_signal" for e in found)

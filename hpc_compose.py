@@ -6878,6 +6878,31 @@ _REMOVE_SECRETS_TEMPLATE = """\
 """
 
 
+# One-shot stages (depends_on condition service_completed_successfully), rendered only when a
+# service waits for one, so that other scripts stay as they were.
+_COMPLETED_CONDITION_TEMPLATE = """\
+        if [[ $condition == service_completed_successfully ]]; then
+            # A one-shot stage: only its exit code 0 lets the dependent start. A non-zero exit
+            # went through its failure policy, which ended the job or is restarting it.
+            [[ ${STATUS[j]} == exited ]] && continue
+            return
+        fi
+"""
+_BLOCKED_DEPENDENTS_TEMPLATE = """\
+# BLOCKED: ", so 'x' and 'y' never started" for the services still waiting for service $1 to
+# complete successfully (for the reason of a job that ends because $1 failed).
+blocked_dependents() {
+    local i=$1 k names=''
+    for ((k = 0; k < SERVICE_COUNT; k++)); do
+        if [[ ${STATUS[k]} == waiting && " ${DEPENDS_ON[k]} " == *" $i:service_completed_successfully "* ]]; then
+            say "service '${NAME[k]}' will not start: it waits for '${NAME[i]}' to complete successfully"
+            names+="${names:+, }'${NAME[k]}'"
+        fi
+    done
+    BLOCKED=${names:+, so $names never started}
+}
+
+"""
 _SUPERVISOR_TEMPLATE = r"""
 # ---------------------------------------------------------------------------
 # Supervisor state (one entry per service) and helpers
@@ -6888,7 +6913,7 @@ FAST_TICK=@{fast_tick}
 PROBE_INTERVAL_MS=@{probe_interval_ms}
 PROBE_LIMIT_MS=@{probe_limit_ms}
 PROBING=0
-JOB_STATUS=running JOB_EXIT=null JOB_REASON='' FINISHING=0 STATE_CHANGED=1 PENDING_SIGNALS=() BLOCKED=''
+JOB_STATUS=running JOB_EXIT=null JOB_REASON='' FINISHING=0 STATE_CHANGED=1 PENDING_SIGNALS=()
 SIGNALS_JSON='' REQUEUE_SELF=0 LAST_ATTEMPT_NOTE=''
 KILL_WAIT=30  # Slurm's KillWait, read from scontrol once the allocation is known
 PROC_ROOTS=0
@@ -7008,13 +7033,7 @@ try_start() {
             fi
             return
         fi
-        if [[ $condition == service_completed_successfully ]]; then
-            # A one-shot stage: only its exit code 0 lets the dependent start. A non-zero exit
-            # went through its failure policy, which ended the job or is restarting it.
-            [[ ${STATUS[j]} == exited ]] && continue
-            return
-        fi
-        # service_started: launched and alive, or already finished successfully (a one-shot).
+@{completed_condition}        # service_started: launched and alive, or already finished successfully (a one-shot).
         case ${STATUS[j]} in
             starting|running|ready|exited) ;;
             *) return ;;
@@ -7097,20 +7116,7 @@ readiness_timed_out() {
     esac
 }
 
-# BLOCKED: ", so 'x' and 'y' never started" for the services still waiting for service $1 to
-# complete successfully (for the reason of a job that ends because $1 failed).
-blocked_dependents() {
-    local i=$1 k names=''
-    for ((k = 0; k < SERVICE_COUNT; k++)); do
-        if [[ ${STATUS[k]} == waiting && " ${DEPENDS_ON[k]} " == *" $i:service_completed_successfully "* ]]; then
-            say "service '${NAME[k]}' will not start: it waits for '${NAME[i]}' to complete successfully"
-            names+="${names:+, }'${NAME[k]}'"
-        fi
-    done
-    BLOCKED=${names:+, so $names never started}
-}
-
-# Service $1 exited with code $2: apply its failure policy.
+@{blocked_dependents}# Service $1 exited with code $2: apply its failure policy.
 service_exited() {
     local i=$1 code=$2
     stop_probe "$i"
@@ -7130,13 +7136,11 @@ service_exited() {
                 say "service '${NAME[i]}' exited with code $code; restart $((RESTARTS[i] + 1)) of ${MAX_RESTARTS[i]} in ${BACKOFF[i]} s"
             else
                 STATUS[i]=failed
-                blocked_dependents "$i"
-                fail_job "$code" "service '${NAME[i]}' exited with code $code after ${RESTARTS[i]} restarts (max_restarts ${MAX_RESTARTS[i]})$BLOCKED"
+                @{blocked_call}fail_job "$code" "service '${NAME[i]}' exited with code $code after ${RESTARTS[i]} restarts (max_restarts ${MAX_RESTARTS[i]})@{blocked}"
             fi ;;
         *)
             STATUS[i]=failed
-            blocked_dependents "$i"
-            fail_job "$code" "service '${NAME[i]}' exited with code $code$BLOCKED" ;;
+            @{blocked_call}fail_job "$code" "service '${NAME[i]}' exited with code $code@{blocked}" ;;
     esac
 }
 
@@ -7896,6 +7900,16 @@ def _permission_values(plan):
     return {"umask": "%03o" % (0o777 & ~mode), "job_dir_mode": "%04o" % mode, "who": who}
 
 
+def _one_shot_values(plan):
+    """The supervisor's one-shot stage pieces: empty unless a service waits for one."""
+    if not any(dependency.condition == "service_completed_successfully"
+               for service in plan.services for dependency in service.depends_on):
+        return dict(completed_condition="", blocked_dependents="", blocked_call="", blocked="")
+    return dict(completed_condition=_COMPLETED_CONDITION_TEMPLATE,
+                blocked_dependents=_BLOCKED_DEPENDENTS_TEMPLATE,
+                blocked_call='blocked_dependents "$i"; ', blocked="$BLOCKED")
+
+
 def render_script(runtime_plan):
     """Render the complete, self-contained batch script for ``runtime_plan``."""
     plan = runtime_plan.plan
@@ -7926,7 +7940,8 @@ def render_script(runtime_plan):
                         readiness_exit=str(_EXIT_READINESS_TIMEOUT),
                         state_schema_version=str(_STATE_SCHEMA_VERSION),
                         remove_secrets=_fill(_REMOVE_SECRETS_TEMPLATE, secrets_dir=_SECRETS_DIR_NAME)
-                        if _secret_services(plan) else ""))
+                        if _secret_services(plan) else "",
+                        **_one_shot_values(plan)))
     metrics = render_metrics_block(runtime_plan)
     artifacts = render_artifacts_block(runtime_plan)
     pieces.append(_EXTRAS_BANNER + metrics.rstrip("\n") + "\n\n" + artifacts.rstrip("\n") + "\n")

@@ -349,6 +349,30 @@ def test_tracking_blocks_define_metrics_and_artifact_functions():
         assert name in script
 
 
+def test_one_shot_stage_code_is_rendered_only_when_a_service_waits_for_one(tmp_path):
+    fetch = service("fetch", runtime="host")
+    plain = hc.render_script(runtime_plan(fetch, service(
+        "train", runtime="host", depends_on=(hc.Dependency("fetch", "service_started"),))))
+    one_shot = hc.render_script(runtime_plan(fetch, service(
+        "train", runtime="host",
+        depends_on=(hc.Dependency("fetch", "service_completed_successfully"),))))
+    assert "blocked_dependents" not in plain and "service_completed_successfully" not in plain
+    assert "blocked_dependents() {" in one_shot
+    assert "[[ $condition == service_completed_successfully ]]" in one_shot
+    # Both failing branches of the failure policy name the dependents that never start.
+    assert one_shot.count('blocked_dependents "$i"; fail_job "$code"') == 2
+    assert one_shot.count('exited with code $code$BLOCKED"') == 1
+    script = tmp_path / "job.sbatch"
+    script.write_text(one_shot)
+    proc = subprocess.run(["bash", "-n", str(script)], stderr=subprocess.PIPE,
+                          universal_newlines=True)
+    assert proc.returncode == 0, proc.stderr
+    if shutil.which("shellcheck") is not None:
+        proc = subprocess.run(["shellcheck", "--format=gcc", str(script)],
+                              stdout=subprocess.PIPE, universal_newlines=True)
+        assert proc.returncode == 0, proc.stdout
+
+
 def _render_example(path):
     environ = dict(os.environ, USER=os.environ.get("USER") or "user")
     spec = hc.load_spec(path, environ=environ)

@@ -52,11 +52,12 @@ DB_USER=slurm
 DB_PASS=slurm-test-cluster
 # Raised when the recipe below changes in a way the package list does not show.
 RECIPE_VERSION=1
-# Packages of every root: the daemons and clients, what the end-to-end tests run (python3, pytest,
-# curl, nc, ps), and what tests/cluster/container-tools.sh needs to build Enroot and Pyxis.
+# Packages of every root: the daemons and clients, what the tests run (python3, pytest, curl, nc,
+# ps; git for the packaging tests of the 3.14 run), and what tests/cluster/container-tools.sh needs
+# to build Enroot and Pyxis.
 ROOT_PACKAGES=(
     slurmctld slurmd slurm-client slurmdbd munge mariadb-server
-    python3 python3-pytest procps curl netcat-openbsd ca-certificates mount util-linux iproute2
+    python3 python3-pytest procps curl netcat-openbsd ca-certificates mount util-linux iproute2 git
     shellcheck
     build-essential libtool automake autoconf squashfs-tools parallel zstd jq fuse-overlayfs
     squashfuse libbsd-dev makeself pigz libcap2-bin bsdmainutils libslurm-dev

@@ -20,6 +20,7 @@ OWNER: cluster engineer.
 """
 import os
 import shutil
+import socket
 import sys
 import time
 
@@ -285,6 +286,17 @@ def submit_wrap(command, cwd, output="slurm-%j.out", args=()):
     if code != 0:
         raise AssertionError("sbatch failed (%d): %s" % (code, err.strip()))
     return out.strip().split(";")[0]
+
+
+def free_port():
+    """A TCP port free on this machine's loopback now.
+
+    End-to-end suites of several Slurm generations run at the same time on one machine, so a test's
+    service must never listen on a fixed port: the other suite's copy of the test may hold it.
+    """
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 class ToolResult(object):

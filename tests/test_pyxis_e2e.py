@@ -19,7 +19,7 @@ import uuid
 
 import pytest
 
-from slurm_support import (TEST_IMAGE, cluster_nodes, enroot_containers, processes_with,
+from slurm_support import (TEST_IMAGE, cluster_nodes, enroot_containers, free_port, processes_with,
                            pyxis_test_image, run_tool_cli, submitted_job_id, wait_for_job,
                            wait_for_state)
 
@@ -269,7 +269,10 @@ def test_prepare_commands_env_and_mounts_run_through_real_enroot(slurm, slurm_jo
         "create", "start", "start", "start", "export", "remove"]
     assert run.log("app") == "hello-from-prepare\nmount-ro\ntool-ran at-run-time\n"
     assert not (tmp_path / "setup" / "written").exists()
-    assert_nothing_left("hpc-compose-prep-", run.job_id, [os.path.join(cache_dir, "enroot", "data")])
+    # The container's own name, not the bare prefix: the suite of another Slurm generation may be
+    # preparing the same image on this machine at the same time.
+    prep_name = [word for word in _calls(log)[0].split() if word.startswith("hpc-compose-prep-")][0]
+    assert_nothing_left(prep_name, run.job_id, [os.path.join(cache_dir, "enroot", "data")])
 
 
 def test_a_prepared_image_cache_hit_calls_enroot_zero_times(slurm, slurm_jobs, image, cache_dir,
@@ -300,15 +303,16 @@ def test_a_prepared_image_cache_hit_calls_enroot_zero_times(slurm, slurm_jobs, i
 # --- readiness of all four kinds, from services in containers --------------------------------
 
 def test_readiness_of_all_four_kinds_gates_dependents(slurm, slurm_jobs, image, cache_dir, tmp_path):
+    ports = {"image": image, "http": free_port(), "tcp": free_port()}
     run = compose_run(tmp_path, head(image, cache_dir) + """\
   web:
     image: %(image)s
-    command: sleep 1; exec python3 -m http.server 18431 --bind 127.0.0.1
-    readiness: {type: http, url: "http://127.0.0.1:18431/", timeout_seconds: 60}
+    command: sleep 1; exec python3 -m http.server %(http)s --bind 127.0.0.1
+    readiness: {type: http, url: "http://127.0.0.1:%(http)s/", timeout_seconds: 60}
   port:
     image: %(image)s
-    command: sleep 1; exec nc -lk 127.0.0.1 18432
-    readiness: {type: tcp, port: 18432, timeout_seconds: 60}
+    command: sleep 1; exec nc -lk 127.0.0.1 %(tcp)s
+    readiness: {type: tcp, port: %(tcp)s, timeout_seconds: 60}
   logger:
     image: %(image)s
     command: sleep 1; echo "warming up"; echo "READY now"; exec sleep 600
@@ -324,14 +328,14 @@ def test_readiness_of_all_four_kinds_gates_dependents(slurm, slurm_jobs, image, 
       port: {condition: service_healthy}
       logger: {condition: service_healthy}
       waiter: {condition: service_healthy}
-    command: curl -s -o /dev/null -w '%%{http_code}\\n' http://127.0.0.1:18431/ && nc -z 127.0.0.1 18432 && echo tcp-open
-""" % {"image": image}, slurm_jobs)
+    command: curl -s -o /dev/null -w '%%{http_code}\\n' http://127.0.0.1:%(http)s/ && nc -z 127.0.0.1 %(tcp)s && echo tcp-open
+""" % ports, slurm_jobs)
 
     assert run.result.code == 0, run.result
     assert run.log("client") == "200\ntcp-open\n"
     for name in ("web", "port", "logger", "waiter"):
         assert run.service(name)["readiness"]["status"] == "ready", name
-    assert_nothing_left("18431", run.job_id)
+    assert_nothing_left("http.server %d" % ports["http"], run.job_id)
 
 
 # --- restart policy in a container ---------------------------------------------------------------

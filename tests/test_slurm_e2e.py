@@ -8,21 +8,14 @@ as ``submit`` does.
 import json
 import os
 import random
-import socket
 import subprocess
 import time
 
 import pytest
 
-from slurm_support import run_tool_cli, sacct_job, wait_for_job, wait_for_state
+from slurm_support import free_port, run_tool_cli, sacct_job, wait_for_job, wait_for_state
 
 MARKER = "### hpc-compose: restarting service"
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Job(object):

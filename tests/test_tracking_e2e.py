@@ -16,7 +16,7 @@ import time
 import pytest
 
 import hpc_compose
-from slurm_support import (TOOL_PATH, run_tool_cli, wait_for_job, wait_for_state, sacct_job,
+from slurm_support import (TOOL_PATH, free_port, run_tool_cli, wait_for_job, wait_for_state, sacct_job,
                            job_state)
 
 
@@ -101,7 +101,7 @@ def hand_job(tmp_path, body, time_limit="2"):
 # --- the whole product --------------------------------------------------------------------------
 
 def test_up_streams_prefixed_logs_and_exits_zero(slurm, slurm_jobs, tmp_path):
-    compose = write_compose(tmp_path, OK_SERVICES.format(port=18311))
+    compose = write_compose(tmp_path, OK_SERVICES.format(port=free_port()))
     result = run_tool_cli(["up", "-f", compose], cwd=tmp_path, timeout=300)
     job_id = slurm_jobs.add(submitted_job_id(result.out))
     assert result.code == 0, result

@@ -151,6 +151,8 @@ _RESUME_LATEST_SCHEMA_VERSION = 1        # <resume dir>/_hpc-compose/latest.json
 _METRICS_META_SCHEMA_VERSION = 1         # <job dir>/metrics/meta.json
 _ARTIFACTS_MANIFEST_SCHEMA_VERSION = 3   # <job dir>/artifacts/manifest.json
 _EXPORT_PROVENANCE_SCHEMA_VERSION = 2    # <export dir>/_hpc-compose/bundles/<bundle>.json
+_CONTAINER_NAME_PREFIX = "hpc-compose_"   # + job id + "_" + token: a Pyxis service's container (exec)
+_LOG_TIMES_SUFFIX = ".times"             # <job dir>/logs/<token>.times: "<epoch ms> <log size>" lines
 
 
 class HpcComposeError(Exception):
@@ -7289,7 +7291,9 @@ finish() {
         fi
     done
     [[ $status == completed ]] && outcome=success
-@{remove_secrets}    collect_artifacts "$outcome"
+    LOG_INDEX_MS=0
+    index_logs
+@{remove_containers}@{remove_secrets}    collect_artifacts "$outcome"
     if [[ $status == requeued ]] && (( REQUEUE_SELF )) && ! requeue_job; then
         status=failed code=1 reason="$reason; but scontrol requeue failed: $REQUEUE_ERROR"
         say "job failed (exit code 1): scontrol requeue failed: $REQUEUE_ERROR"
@@ -7408,6 +7412,86 @@ _EXTRAS_BANNER = """
 # ---------------------------------------------------------------------------
 """
 
+
+_LOG_INDEX_TEMPLATE = """
+# Log timing index, read by `hpc-compose logs` to interleave services in write order and for
+# --timestamps and --since: at most once a second, every log whose size changed gets one
+# "<epoch ms> <size>" line appended to logs/<token>@{suffix}. One stat call covers all logs.
+LOG_INDEX_MS=0 INDEXED_SIZE=()
+index_logs() {
+    local i n paths=() which=() sizes=()
+    (( NOW_MS - LOG_INDEX_MS >= 1000 )) || return 0
+    LOG_INDEX_MS=$NOW_MS
+    for ((i = 0; i < SERVICE_COUNT; i++)); do
+        if [[ -e $LOG_DIR/${TOKEN[i]}.log ]]; then
+            paths+=("$LOG_DIR/${TOKEN[i]}.log") which+=("$i")
+        fi
+    done
+    (( ${#paths[@]} > 0 )) || return 0
+    mapfile -t sizes < <(stat -c %s -- "${paths[@]}" 2>/dev/null)
+    (( ${#sizes[@]} == ${#paths[@]} )) || return 0
+    for ((n = 0; n < ${#paths[@]}; n++)); do
+        i=${which[n]}
+        if [[ ${sizes[n]} != "${INDEXED_SIZE[i]:-0}" ]]; then
+            INDEXED_SIZE[i]=${sizes[n]}
+            printf '%s %s\n' "$NOW_MS" "${sizes[n]}" >>"$LOG_DIR/${TOKEN[i]}@{suffix}"
+        fi
+    done
+}
+"""
+
+_CONTAINER_KEEPER_TEMPLATE = r"""
+# The services' named containers (--container-name, joined by `hpc-compose exec`) outlive the job
+# under Pyxis's default container_scope=global. One keeper task per node, started before the first
+# service (a cancelled job can start no step any more), removes this job's containers on its node
+# when teardown asks (the stop file) or when Slurm signals the step (scancel, the time limit).
+KEEPER_STOP="$RUN_DIR/containers.stop" KEEPER_PID=''
+start_container_keeper() {
+    rm -f -- "$KEEPER_STOP"
+    # shellcheck disable=SC2016  # the script is expanded by the keeper's shell, on its node
+    srun --overlap --nodes="$HPC_COMPOSE_NODE_COUNT" --ntasks="$HPC_COMPOSE_NODE_COUNT" \
+        --ntasks-per-node=1 --kill-on-bad-exit=0 --job-name=hpc-compose-keeper /bin/sh -c '
+        prefix=$1 job=$2 stop=$3
+        remove() {
+            trap "" TERM INT HUP
+            n=0  # give the services, signalled at the same time, up to 10 s to stop
+            while [ $n -lt 20 ] && enroot list -f 2>/dev/null | awk -v a="pyxis_$prefix" -v b="pyxis_${job}_$prefix" \
+                    "NR > 1 && (index(\$1, a) == 1 || index(\$1, b) == 1) && \$2 ~ /^[0-9]+\$/ {found = 1}
+                     END {exit !found}"; do
+                sleep 0.5
+                n=$((n + 1))
+            done
+            enroot list 2>/dev/null | while read -r name; do
+                case $name in
+                    pyxis_"$prefix"*|pyxis_"$job"_"$prefix"*) enroot remove -f "$name" >/dev/null 2>&1 ;;
+                esac
+            done
+            exit 0
+        }
+        trap remove TERM INT HUP
+        while [ ! -e "$stop" ]; do sleep 1; done
+        remove' sh @{prefix}"${SLURM_JOB_ID}_" "$SLURM_JOB_ID" "$KEEPER_STOP" \
+        >/dev/null 2>&1 </dev/null &
+    KEEPER_PID=$!
+}
+
+stop_container_keeper() {  # ask the keepers to remove the containers, and wait up to 60 s
+    local waited=0
+    [[ -n $KEEPER_PID ]] || return 0
+    : >"$KEEPER_STOP"
+    while alive "$KEEPER_PID" && (( waited < 600 )); do
+        read -r -t 0.1 -u "$SLEEP_FD" _ 2>/dev/null
+        waited=$((waited + 1))
+    done
+    if alive "$KEEPER_PID"; then
+        say "the named containers of job $SLURM_JOB_ID may be left on some node (enroot list shows them)"
+        kill -KILL "$KEEPER_PID" 2>/dev/null
+    fi
+    wait "$KEEPER_PID" 2>/dev/null
+    rm -f -- "$KEEPER_STOP"
+    KEEPER_PID=''
+}
+"""
 
 _SIGNALS_TEMPLATE = """
 # ---------------------------------------------------------------------------
@@ -7548,6 +7632,7 @@ while :; do
     done
     (( ${#PENDING_SIGNALS[@]} == 0 )) || forward_signals
     check_job_end
+    index_logs
     (( STATE_CHANGED )) && write_state
     # A probe just started usually answers within milliseconds: look again soon.
     if (( PROBING )); then
@@ -7784,6 +7869,9 @@ def _srun_parts(runtime_plan, index):
         if service.working_dir:
             words.append(("--container-workdir=%s" % service.working_dir,))
         words.append(("--container-env=" + ",".join(_env_names(runtime_plan, service)),))
+        # Named per job so that `hpc-compose exec` can join it (NAME:exec); teardown removes it.
+        words.append(("--container-name=" + _CONTAINER_NAME_PREFIX, _ShellVariable("SLURM_JOB_ID"),
+                      "_" + service.token))
         if service.execution.form != "default" and service.execution.use_image_entrypoint:
             words.append(("--container-entrypoint",))
         else:
@@ -7941,7 +8029,12 @@ def render_script(runtime_plan):
                         state_schema_version=str(_STATE_SCHEMA_VERSION),
                         remove_secrets=_fill(_REMOVE_SECRETS_TEMPLATE, secrets_dir=_SECRETS_DIR_NAME)
                         if _secret_services(plan) else "",
+                        remove_containers="    stop_container_keeper\n"
+                        if any(s.runtime != "host" for s in services) else "",
                         **_one_shot_values(plan)))
+    pieces.append(_fill(_LOG_INDEX_TEMPLATE, suffix=shell_quote(_LOG_TIMES_SUFFIX)))
+    if any(s.runtime != "host" for s in services):
+        pieces.append(_fill(_CONTAINER_KEEPER_TEMPLATE, prefix=shell_quote(_CONTAINER_NAME_PREFIX)))
     metrics = render_metrics_block(runtime_plan)
     artifacts = render_artifacts_block(runtime_plan)
     pieces.append(_EXTRAS_BANNER + metrics.rstrip("\n") + "\n\n" + artifacts.rstrip("\n") + "\n")
@@ -7966,6 +8059,8 @@ def render_script(runtime_plan):
     curl_check = ""
     if any(s.readiness is not None and s.readiness.type == "http" for s in services):
         curl_check = _CURL_CHECK_TEMPLATE
+    if any(s.runtime != "host" for s in services):
+        curl_check += "start_container_keeper\n"
     pieces.append(_fill(_MAIN_LOOP_TEMPLATE, count=str(len(services)), curl_check=curl_check))
     return "".join(pieces)
 
@@ -8534,6 +8629,8 @@ def _build_job_record(runtime_plan, job_id, cluster=None, script_path=None, subm
         services.append({
             "name": service.name, "token": service.token, "runtime": service.runtime,
             "log_path": os.path.join(directory, "logs", service.token + ".log")})
+        if service.runtime != "host":
+            services[-1]["container_name"] = _container_name(job_id, service.token)
     artifacts = slurm.artifacts
     return {
         "schema_version": _TRACKING_SCHEMA_VERSION,
@@ -9237,6 +9334,176 @@ def _format_log_line(name, line):
     return "[%s] %s" % (name, line.rstrip("\r"))
 
 
+# --- logs: interleaved reading, --since, --timestamps, colours ---------------------------------
+
+class _LogLine(NamedTuple):
+    written_ms: int                # when it was written, as close as the timing index tells
+    name: str                      # the service
+    text: str
+
+
+_LOG_COLOURS = ("36", "33", "32", "35", "34", "31", "96", "93", "92", "95", "94", "91")
+
+
+def _load_log_times(log_path):
+    """``[(size, epoch ms), ...]`` from the supervisor's timing index beside ``log_path``."""
+    entries = []
+    try:
+        with open(log_path[:-len(".log")] + _LOG_TIMES_SUFFIX) as handle:
+            for line in handle:
+                fields = line.split()
+                if len(fields) == 2 and fields[0].isdigit() and fields[1].isdigit():
+                    entries.append((int(fields[1]), int(fields[0])))
+    except OSError:
+        return []
+    entries.sort()
+    return entries
+
+
+def _tail_block(path, count):
+    """``(offset, bytes)``: enough of the end of ``path`` to hold its last ``count`` lines."""
+    with open(path, "rb") as handle:
+        handle.seek(0, os.SEEK_END)
+        position = handle.tell()
+        data = b""
+        while position > 0 and data.count(b"\n") <= count:
+            step = min(65536, position)
+            position -= step
+            handle.seek(position)
+            data = handle.read(step) + data
+    return position, data
+
+
+def _load_service_lines(name, path, count):
+    """The last ``count`` lines of one service log as ``_LogLine``s, timed by its index."""
+    import bisect
+    if count <= 0:
+        return []
+    try:
+        offset, data = _tail_block(path, count)
+        modified_ms = int(os.stat(path).st_mtime * 1000)
+    except OSError:
+        return []
+    times = _load_log_times(path)
+    sizes = [size for size, _ in times]
+    pieces = data.split(b"\n")
+    if pieces and pieces[-1] == b"":
+        pieces.pop()
+    ends, end = [], offset
+    for piece in pieces:
+        end += len(piece) + 1
+        ends.append(end)
+    if offset > 0:                 # the first piece is the tail of a line we do not show
+        pieces, ends = pieces[1:], ends[1:]
+    lines = []
+    for piece, end in list(zip(pieces, ends))[-count:]:
+        # The first index entry whose size covers the line's end is the tick that saw it written;
+        # a line after the last tick (or without an index) is as old as the file's last change.
+        at = bisect.bisect_left(sizes, min(end, offset + len(data)))
+        written = times[at][1] if at < len(times) else modified_ms
+        lines.append(_LogLine(written, name, piece.decode("utf-8", "replace").rstrip("\r")))
+    return lines
+
+
+def _load_interleaved_lines(sources, count, since_ms=None):
+    """The last ``count`` lines of each source, merged in the order they were written."""
+    lines = []
+    for name, path in sources:
+        lines.extend(line for line in _load_service_lines(name, path, count)
+                     if since_ms is None or line.written_ms >= since_ms)
+    # Stable: lines written in the same tick keep service order, and file order within a service.
+    lines.sort(key=lambda line: line.written_ms)
+    return lines
+
+
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _parse_since(text, now=None):
+    """``--since``: a duration (``90s``, ``10m``, ``1h30m``, ``2d``), an ISO 8601 time (local time
+    without a zone) or Unix seconds, as epoch milliseconds; UsageError otherwise."""
+    import re
+    import time
+    now = time.time() if now is None else now
+    value = text.strip()
+    if re.match(r"^(\d+(\.\d+)?[smhd])+$", value):
+        seconds = sum(float(number) * _DURATION_UNITS[unit]
+                      for number, _, unit in re.findall(r"(\d+(\.\d+)?)([smhd])", value))
+        return int((now - seconds) * 1000)
+    if re.match(r"^\d+(\.\d+)?$", value):
+        return int(float(value) * 1000)
+    match = re.match(r"^(\d{4})-(\d\d)-(\d\d)(?:[T ](\d\d):(\d\d)(?::(\d\d)(\.\d+)?)?)?"
+                     r"(Z|[+-]\d\d:?\d\d)?$", value)
+    if match:
+        import calendar
+        year, month, day, hour, minute, second, fraction, zone = match.groups()
+        fields = (int(year), int(month), int(day), int(hour or 0), int(minute or 0),
+                  int(second or 0), 0, 0, -1)
+        try:
+            if zone is None:
+                seconds = time.mktime(fields)
+            else:
+                seconds = calendar.timegm(fields)
+                if zone != "Z":
+                    sign = -1 if zone[0] == "+" else 1
+                    digits = zone[1:].replace(":", "")
+                    seconds += sign * (int(digits[:2]) * 3600 + int(digits[2:]) * 60)
+        except (OverflowError, ValueError):
+            match = None
+        else:
+            return int((seconds + float(fraction or 0)) * 1000)
+    raise UsageError("--since takes a duration (90s, 10m, 1h30m, 2d), a time "
+                     "(2026-11-29T15:04:05, with Z or +01:00 for a zone) or Unix seconds; got %r"
+                     % text)
+
+
+def _format_log_time(written_ms):
+    import time
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(written_ms // 1000)) \
+        + ".%03dZ" % (written_ms % 1000)
+
+
+class _LogPrinter(object):
+    """Writes ``_LogLine``s as ``logs`` shows them: prefix, timestamp, per-service colour."""
+
+    def __init__(self, names, out, prefix=True, timestamps=False, colour=False):
+        self.out = out
+        self.prefix = prefix
+        self.timestamps = timestamps
+        self.colours = {}
+        if colour:
+            self.colours = dict((name, _LOG_COLOURS[i % len(_LOG_COLOURS)])
+                                for i, name in enumerate(names))
+
+    def write(self, line):
+        text = line.text.rstrip("\r")
+        if self.timestamps:
+            text = _format_log_time(line.written_ms) + " " + text
+        self._emit(line.name, text)
+
+    def note(self, name, text):
+        """A line of hpc-compose's own (an attempt marker): prefixed, never timestamped."""
+        self._emit(name, text)
+
+    def _emit(self, name, text):
+        if self.prefix:
+            label = "[%s]" % name
+            if name in self.colours:
+                label = "\033[%sm%s\033[0m" % (self.colours[name], label)
+            text = label + " " + text
+        self.out.write(text + "\n")
+
+
+def _use_colour(stream):
+    """Colours only on a terminal, and never with NO_COLOR set (no-color.org)."""
+    if os.environ.get("NO_COLOR"):
+        return False
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
 # --- watch ------------------------------------------------------------------------------------
 
 class _SchedulerPoller(object):
@@ -9503,11 +9770,16 @@ def _node_events(nodes, since, sacctmgr_bin="sacctmgr"):
 
 
 def _follow_logs(record, sources, squeue_bin="squeue", sacct_bin="sacct", out=None, sleep=None,
-                clock=None):
-    """``logs --follow``: print new lines as they appear until the job ends (sparse job checks)."""
+                clock=None, printer=None):
+    """``logs --follow``: print new lines as they appear until the job ends (sparse job checks).
+
+    Lines are printed in the order they are read, so services interleave as they write (to within
+    _LOG_POLL_SECONDS); ``printer`` (a ``_LogPrinter``) formats them, by default ``[service] line``.
+    """
     import time
     out = out or sys.stdout
     sleep = sleep or time.sleep
+    printer = printer or _LogPrinter([name for name, _ in sources], out)
     follower = _LogFollower(sources, from_end=True)
     poller = _SchedulerPoller(record["job_id"], squeue_bin, sacct_bin, clock=clock,
                              first=5.0, cap=_WATCH_POLL_MAX)
@@ -9518,7 +9790,7 @@ def _follow_logs(record, sources, squeue_bin="squeue", sacct_bin="sacct", out=No
     silence = None  # why the scheduler does not answer (no Slurm client here, or no controller)
     while True:
         for name, line in follower.poll():
-            out.write(_format_log_line(name, line) + "\n")
+            printer.write(_LogLine(int(time.time() * 1000), name, line))
         out.flush()
         if silence != "no client" and poller.due():
             try:
@@ -9540,7 +9812,7 @@ def _follow_logs(record, sources, squeue_bin="squeue", sacct_bin="sacct", out=No
                 break
         sleep(_LOG_POLL_SECONDS)
     for name, line in follower.flush():
-        out.write(_format_log_line(name, line) + "\n")
+        printer.write(_LogLine(int(time.time() * 1000), name, line))
     out.flush()
     return poller.state
 
@@ -9549,6 +9821,197 @@ def _warn_follow_silence(reason):
     import time
     _warn("the scheduler did not answer (%s) at %s; following the log files until the job's "
           "state.json says it ended" % (reason, _format_moment(time.time())))
+
+
+# --- exec: a command inside a running service ---------------------------------------------------
+
+_RUNNING_SERVICE_STATUSES = frozenset(("starting", "running", "ready"))
+
+# The default command of `exec`: an interactive shell, bash when the image (or node) has it.
+_EXEC_SHELL = ["/bin/sh", "-c", "if command -v bash >/dev/null 2>&1; then exec bash; fi; exec sh"]
+
+# Run inside the step `exec` starts (in the container with Pyxis, which joins the service's
+# namespaces but starts from the image's environment): the command gets the environment and working
+# directory of the service's first process, read from /proc, then --workdir and -e apply. That
+# process is the step's first task (scontrol listpids STEP) on the host runtime, and in a container
+# the oldest process sharing this mount namespace (`-ef` on /proc/PID/ns/mnt: no fork per process).
+# The entries of /proc/PID/environ are NUL-separated: bash reads them exactly, plain sh by lines.
+_EXEC_SCRIPT = r"""step=$1 workdir=$2
+shift 2
+pid=''
+if [ -n "$step" ]; then
+    pid=$(scontrol listpids "$step" 2>/dev/null | awk '$4 ~ /^[0-9]+$/ {print $1; exit}')
+else
+    for entry in /proc/[0-9]*; do
+        candidate=${entry#/proc/}
+        [ "$candidate" = "$$" ] && continue
+        if [ "$entry/ns/mnt" -ef /proc/self/ns/mnt ] && { [ -z "$pid" ] || [ "$candidate" -lt "$pid" ]; }; then
+            pid=$candidate
+        fi
+    done
+fi
+if [ -n "$pid" ] && [ -r "/proc/$pid/environ" ]; then
+    cd -P "/proc/$pid/cwd" 2>/dev/null || true
+    [ -z "$workdir" ] || cd "$workdir" || exit 1
+    if command -v bash >/dev/null 2>&1; then
+        exec bash -c 'vars=()
+            while IFS= read -r -d "" entry; do vars+=("$entry"); done <"/proc/$1/environ"
+            shift
+            exec env -i "${vars[@]}" "$@"' bash "$pid" "$@"
+    fi
+    # Without bash the entries are read as lines: a value with a line break is cut there.
+    count=$#
+    while IFS= read -r line; do
+        case $line in [A-Za-z_]*=*) set -- "$@" "$line" ;; esac
+    done <<EOF
+$(tr '\0' '\n' <"/proc/$pid/environ")
+EOF
+    while [ "$count" -gt 0 ]; do set -- "$@" "$1"; shift; count=$((count - 1)); done
+    exec env -i "$@"
+fi
+[ -z "$workdir" ] || cd "$workdir" || exit 1
+exec "$@"
+"""
+
+
+class _ExecTarget(NamedTuple):
+    job_id: str
+    name: str                      # the service
+    runtime: str                   # pyxis | host
+    node: str
+    container_name: object         # Pyxis: the name given by the batch script; host: None
+
+
+def _container_name(job_id, token):
+    """The name the batch script gives a Pyxis service's container (``enroot list``: ``pyxis_`` + it)."""
+    return "%s%s_%s" % (_CONTAINER_NAME_PREFIX, job_id, token)
+
+
+def _record_service(record, name):
+    """The record's entry for service ``name``; unknown names suggest the closest one (exit 1)."""
+    services = [s for s in record.get("services", []) if isinstance(s, dict) and s.get("name")]
+    for service in services:
+        if service["name"] == name:
+            return service
+    names = [s["name"] for s in services]
+    close = _closest(name, names)
+    text = "job %s has no service '%s'" % (record["job_id"], name)
+    if close:
+        text += " (did you mean '%s'?)" % close
+    elif names:
+        text += " (its services: %s)" % ", ".join(names)
+    raise HpcComposeError(text)
+
+
+def _running_service_state(record, name, scheduler):
+    """The service's entry in state.json, checking that the job and the service run now (exit 1)."""
+    job_id = record["job_id"]
+    if scheduler.state != "RUNNING":
+        text = "job %s is not running (%s)" % (job_id, scheduler.state)
+        if scheduler.state == "UNKNOWN":
+            text = "job %s is not running (Slurm does not know it)" % job_id
+        raise HpcComposeError(text)
+    runtime = _load_runtime_state(record["job_dir"]) or {}
+    for service in runtime.get("services", []):
+        if service.get("name") == name:
+            if service.get("status") in _RUNNING_SERVICE_STATUSES:
+                return service
+            raise HpcComposeError(
+                "service '%s' is not running in job %s (status %s, last exit code %s); its log: %s"
+                % (name, job_id, service.get("status"),
+                   "none" if service.get("last_exit_code") is None else service["last_exit_code"],
+                   service.get("log_path")))
+    raise HpcComposeError("service '%s' is not running in job %s: the batch script has not "
+                          "started it yet (no entry in %s)"
+                          % (name, job_id, os.path.join(record["job_dir"], "state.json")))
+
+
+def _pick_node(name, nodes, node=None, index=None):
+    """The node ``exec`` runs on: ``node`` if the service runs there, the ``index``-th (1-based), or
+    the first."""
+    if not nodes:
+        raise HpcComposeError("service '%s' has no node in state.json yet" % name)
+    if node is not None:
+        if node not in nodes:
+            raise HpcComposeError("service '%s' does not run on node %s (its nodes: %s)"
+                                  % (name, node, ",".join(nodes)))
+        return node
+    if index is not None:
+        if not 1 <= index <= len(nodes):
+            raise HpcComposeError("service '%s' has %d node(s): --index must be 1 to %d, got %d"
+                                  % (name, len(nodes), len(nodes), index))
+        return nodes[index - 1]
+    return nodes[0]
+
+
+def _exec_target(record, name, scheduler, expand_nodes, node=None, index=None):
+    """Where ``exec`` goes: the service, its runtime, node and container; HpcComposeError (exit 1)
+    for a job or service that is not running or a runtime that cannot be joined."""
+    service = _record_service(record, name)
+    state = _running_service_state(record, name, scheduler)
+    runtime = service.get("runtime") or "pyxis"
+    name_of_container = None
+    if runtime != "host":
+        name_of_container = service.get("container_name")
+        if not name_of_container:
+            raise HpcComposeError(
+                "service '%s' of job %s runs in a container without a name (the job was submitted "
+                "by an older hpc-compose), so exec cannot join it; resubmit the job" % (name,
+                                                                                       record["job_id"]))
+    # One node, "n1 n2 n3" (the batch script's HPC_COMPOSE_NODELIST) or a Slurm hostlist n[1-3].
+    nodelist = (state.get("placement") or {}).get("nodelist") or ""
+    nodes = expand_nodes(nodelist) if "[" in nodelist else nodelist.replace(",", " ").split()
+    return _ExecTarget(record["job_id"], name, runtime, _pick_node(name, nodes, node, index),
+                      name_of_container)
+
+
+def _exec_srun_argv(target, command, environment=(), workdir=None, tty=False, step=None,
+                   srun_bin="srun"):
+    """The ``srun`` argv that runs ``command`` in ``target`` (``step``: the host service's step id);
+    ``environment`` is ``(KEY, VALUE)`` pairs set on top of the service's environment."""
+    argv = [srun_bin, "--jobid=%s" % target.job_id, "--overlap", "--nodes=1", "--ntasks=1",
+            "--nodelist=%s" % target.node, "--job-name=hpc-compose-exec", "--quiet"]
+    if tty:
+        argv.append("--pty")
+    command = list(command) or list(_EXEC_SHELL)
+    if environment:
+        command = ["env"] + ["%s=%s" % pair for pair in environment] + command
+    if target.runtime != "host":
+        argv.append("--container-name=%s:exec" % target.container_name)
+    return argv + ["/bin/sh", "-c", _EXEC_SCRIPT, "hpc-compose-exec", step or "",
+                   workdir or ""] + command
+
+
+def _parse_assignments(values):
+    """``-e KEY=VAL`` options as pairs (UsageError for one without ``=`` or with a bad name)."""
+    import re
+    pairs = []
+    for value in values:
+        key, separator, text = value.partition("=")
+        if not separator or not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", key):
+            raise UsageError("-e takes KEY=VALUE with KEY a variable name, got %r" % value)
+        pairs.append((key, text))
+    return pairs
+
+
+def _expand_nodelist(nodelist, scontrol_bin="scontrol"):
+    """``n[1-3]`` -> ``['n1', 'n2', 'n3']`` through ``scontrol show hostnames``."""
+    result = _run_command([scontrol_bin, "show", "hostnames", nodelist], timeout=60)
+    if result.returncode != 0:
+        raise ToolError("scontrol show hostnames %s failed: %s"
+                        % (nodelist, (result.stderr or result.stdout).strip()))
+    return result.stdout.split()
+
+
+def _service_step(job_id, token, squeue_bin="squeue"):
+    """The ``<job>.<step>`` id of the service's current step, or ``None``."""
+    result = _run_command([squeue_bin, "--steps", "--noheader", "--jobs", str(job_id),
+                          "--format=%i %j"], timeout=60)
+    for line in result.stdout.splitlines() if result.returncode == 0 else ():
+        step, _, name = line.strip().partition(" ")
+        if name == "hpc-compose:" + token:
+            return step
+    return None
 
 
 # --- status -----------------------------------------------------------------------------------
@@ -12379,7 +12842,7 @@ def _command_parsers():
         ("config", _add_config_parser), ("render", _add_render_parser),
         ("preflight", _add_preflight_parser), ("prepare", _add_prepare_parser),
         ("submit", _add_submit_parser), ("up", _add_up_parser),
-        ("status", _add_status_parser), ("ps", _add_ps_parser), ("logs", _add_logs_parser),
+        ("status", _add_status_parser), ("ps", _add_ps_parser), ("logs", _add_logs_parser), ("exec", _add_exec_parser),
         ("stats", _add_stats_parser), ("artifacts", _add_artifacts_parser),
         ("cancel", _add_cancel_parser), ("down", _add_down_parser), ("clean", _add_clean_parser),
         ("cache", _add_cache_parser), ("init", _add_init_parser), ("migrate", _add_migrate_parser),
@@ -13076,7 +13539,42 @@ def _add_logs_parser(subparsers):
                         help="keep printing new lines until the job ends (Ctrl-C to stop)")
     parser.add_argument("--tail", "--lines", dest="tail", type=int, default=100, metavar="N",
                         help="how many existing lines per service to print first (default: 100)")
+    parser.add_argument("--since", metavar="WHEN",
+                        help="only lines written since WHEN: a duration (10m, 1h30m) or a time "
+                             "(2026-11-29T15:04:05, Z or +01:00 for a zone)")
+    parser.add_argument("-t", "--timestamps", action="store_true",
+                        help="show when each line was written (UTC, to the supervisor's second)")
+    parser.add_argument("--no-prefix", dest="prefix", action="store_false",
+                        help="leave out the [service] prefix")
     _add_tool_arguments(parser, ("squeue", "sacct"))
+
+
+def _add_exec_parser(subparsers):
+    import argparse
+    parser = _add_command(subparsers, "exec", _cmd_exec,
+                         "run a command inside a running service of a tracked job",
+                         ["hpc-compose exec app",
+                          "hpc-compose exec -T app -- python3 -c 'import sys; print(sys.version)'",
+                          "hpc-compose exec --index 2 -e DEBUG=1 --workdir /tmp trainer -- ls"],
+                         "Options go before SERVICE; everything after it is the command.")
+    _add_file_argument(parser)
+    _add_job_id_argument(parser)
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--node", metavar="NAME", help="the node of a distributed service to use")
+    where.add_argument("--index", type=int, metavar="N",
+                       help="the Nth node of a distributed service (1 = the first, the default)")
+    tty = parser.add_mutually_exclusive_group()
+    tty.add_argument("--pty", dest="tty", action="store_true", default=None,
+                     help="give the command a terminal (the default when stdin is one)")
+    tty.add_argument("-T", "--no-tty", dest="tty", action="store_false",
+                     help="no terminal, even when stdin is one")
+    parser.add_argument("-e", "--env", dest="env", action="append", default=[], metavar="KEY=VAL",
+                        help="set an environment variable for the command (repeatable)")
+    parser.add_argument("-w", "--workdir", metavar="DIR", help="run the command in DIR")
+    parser.add_argument("service", metavar="SERVICE")
+    parser.add_argument("command", nargs=argparse.REMAINDER, metavar="COMMAND",
+                        help="the command and its arguments (default: bash, else sh)")
+    _add_tool_arguments(parser, ("srun", "squeue", "sacct", "scontrol"))
 
 
 def _add_stats_parser(subparsers):
@@ -13328,34 +13826,65 @@ def _cmd_status(args):
 
 
 def _cmd_logs(args):
-    """Print the last lines of every service log, prefixed; ``--follow`` keeps reading the files."""
+    """Print the last lines of the service logs interleaved in write order; ``--follow`` keeps reading."""
     if args.tail < 0:
         raise UsageError("--tail must be 0 or more")
+    since_ms = None if args.since is None else _parse_since(args.since)
     record = _job_record(args)
     _require_task(record)
     sources = _record_log_sources(record, args.service)
+    printer = _LogPrinter([name for name, _ in _record_log_sources(record)], sys.stdout,
+                          prefix=args.prefix, timestamps=args.timestamps,
+                          colour=_use_colour(sys.stdout))
     attempts = [n for n, _ in _load_attempt_states(record["job_dir"])]
-    for name, path in sources:
-        if len(attempts) > 1:
-            # A requeued job: every attempt's lines, each attempt after a marker line.
-            for attempt in attempts:
-                older = os.path.join(record["job_dir"], "attempts", str(attempt), "logs",
-                                     os.path.basename(path))
-                sys.stdout.write(_format_log_line(name, "%s attempt %d (job %s)" % (
-                    _RESTART_MARKER, attempt, record["job_id"])) + "\n")
-                for line in _tail_lines(older, args.tail):
-                    sys.stdout.write(_format_log_line(name, line) + "\n")
-            continue
-        for line in _tail_lines(path, args.tail):
-            sys.stdout.write(_format_log_line(name, line) + "\n")
+    if len(attempts) > 1:
+        # A requeued job: every attempt's lines, each attempt after a marker line per service.
+        for attempt in attempts:
+            logs_dir = os.path.join(record["job_dir"], "attempts", str(attempt), "logs")
+            for name, _ in sources:
+                printer.note(name, "%s attempt %d (job %s)" % (_RESTART_MARKER, attempt,
+                                                                record["job_id"]))
+            attempt_sources = [(name, os.path.join(logs_dir, os.path.basename(path)))
+                               for name, path in sources]
+            for line in _load_interleaved_lines(attempt_sources, args.tail, since_ms):
+                printer.write(line)
+    else:
+        for line in _load_interleaved_lines(sources, args.tail, since_ms):
+            printer.write(line)
     sys.stdout.flush()
     if args.follow:
         try:
-            _follow_logs(record, sources, args.squeue_bin, args.sacct_bin)
+            _follow_logs(record, sources, args.squeue_bin, args.sacct_bin, out=sys.stdout,
+                        printer=printer)
         except KeyboardInterrupt:
             sys.stdout.flush()
             return _EXIT_INTERRUPTED
     return _EXIT_OK
+
+
+def _cmd_exec(args):
+    """Run a command inside a running service (Pyxis: its named container) through srun --overlap."""
+    environment = _parse_assignments(args.env)
+    command = list(args.command)
+    if command[:1] == ["--"]:
+        command = command[1:]
+    record = _job_record(args)
+    _record_service(record, args.service)
+    scheduler = _query_scheduler(record["job_id"], args.squeue_bin, args.sacct_bin)
+    target = _exec_target(record, args.service, scheduler,
+                          lambda nodelist: _expand_nodelist(nodelist, args.scontrol_bin),
+                          args.node, args.index)
+    step = None
+    if target.runtime == "host":
+        token = _record_service(record, args.service).get("token")
+        step = _service_step(record["job_id"], token, args.squeue_bin)
+    tty = sys.stdin.isatty() if args.tty is None else args.tty
+    if tty and os.environ.get("TERM") and "TERM" not in dict(environment):
+        environment.append(("TERM", os.environ["TERM"]))  # the service has none: a shell needs it
+    argv = _exec_srun_argv(target, command, environment, args.workdir, tty, step, args.srun_bin)
+    result = _run_command(argv, capture=False)
+    code = result.returncode
+    return 128 - code if code < 0 else code
 
 
 def _cmd_stats(args):

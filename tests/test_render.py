@@ -52,6 +52,7 @@ def argv(*services, **slurm_fields):
 
 
 BASE = ["--overlap", "--job-name=hpc-compose:app", "--nodes=1", "--ntasks=1"]
+NAME = "--container-name=hpc-compose_${SLURM_JOB_ID}_app"  # joined by `exec`, removed at teardown
 
 
 # --- Pyxis lines -------------------------------------------------------------------------------
@@ -59,7 +60,7 @@ BASE = ["--overlap", "--job-name=hpc-compose:app", "--nodes=1", "--ntasks=1"]
 def test_exec_entrypoint_runs_through_sh_without_the_image_entrypoint():
     execution = hc.Execution("exec", ("python3", "-m", "app", "it's $HOME"))
     assert argv(service(execution=execution)) == BASE + [
-        "--container-image=" + IMAGE, JOB_MOUNT, "--container-env=" + ENV_NAMES,
+        "--container-image=" + IMAGE, JOB_MOUNT, "--container-env=" + ENV_NAMES, NAME,
         "--no-container-entrypoint",
         "/bin/sh", "-c", 'exec "$@"', "hpc-compose", "python3", "-m", "app", "it's $HOME"]
 
@@ -67,14 +68,14 @@ def test_exec_entrypoint_runs_through_sh_without_the_image_entrypoint():
 def test_exec_command_only_passes_argv_straight_to_the_image_entrypoint():
     execution = hc.Execution("exec", ("redis-server", "--port", "6380"), use_image_entrypoint=True)
     assert argv(service(execution=execution)) == BASE + [
-        "--container-image=" + IMAGE, JOB_MOUNT, "--container-env=" + ENV_NAMES,
+        "--container-image=" + IMAGE, JOB_MOUNT, "--container-env=" + ENV_NAMES, NAME,
         "--container-entrypoint", "redis-server", "--port", "6380"]
 
 
 def test_shell_command_only_runs_sh_c_under_the_image_entrypoint():
     execution = hc.Execution("shell", script="echo $HOME && sleep 1", use_image_entrypoint=True)
-    assert argv(service(execution=execution))[-5:] == [
-        "--container-env=" + ENV_NAMES, "--container-entrypoint",
+    assert argv(service(execution=execution))[-6:] == [
+        "--container-env=" + ENV_NAMES, NAME, "--container-entrypoint",
         "/bin/sh", "-c", "echo $HOME && sleep 1"]
 
 
@@ -87,7 +88,7 @@ def test_shell_entrypoint_and_command_run_the_joined_string_without_the_image_en
 def test_neither_command_nor_entrypoint_runs_the_image_default_through_enroot_rc():
     line = argv(service(execution=hc.Execution("default", use_image_entrypoint=True)))
     assert line == BASE + ["--container-image=" + IMAGE, JOB_MOUNT, "--container-env=" + ENV_NAMES,
-                           "--no-container-entrypoint", "/bin/sh", "/etc/rc"]
+                           NAME, "--no-container-entrypoint", "/bin/sh", "/etc/rc"]
 
 
 def test_working_dir_becomes_container_workdir():
@@ -208,7 +209,7 @@ def _bash_words(script, index):
     start = script.index("run_service_%d() {" % index)
     body = script[start:script.index("\n}\n", start) + 3].replace("exec env", "env", 1)
     program = ("env() { printf '%s\\0' \"$@\"; }\nJOB_DIR=/jobs/7\nSRUN=/usr/bin/srun\n"
-               "HPC_COMPOSE_PRIMARY_NODE=node0\n" + body + "run_service_%d\n" % index)
+               "HPC_COMPOSE_PRIMARY_NODE=node0\nSLURM_JOB_ID=7\n" + body + "run_service_%d\n" % index)
     out = subprocess.run(["bash", "-c", program], stdout=subprocess.PIPE, check=True).stdout
     return out.decode("utf-8").split("\0")[:-1]
 
@@ -224,6 +225,7 @@ def test_rendered_srun_words_reproduce_the_argv_byte_for_byte():
                     for key, value in hc.service_environment(plan, 0)]
     expected_argv = [word.replace("${JOB_DIR}", "/jobs/7")
                      .replace("${HPC_COMPOSE_PRIMARY_NODE}", "node0")
+                     .replace("${SLURM_JOB_ID}", "7")
                      for word in hc.service_srun_argv(plan, 0)]
     assert words == expected_env + ["/usr/bin/srun"] + expected_argv
     assert words[-len(NASTY):] == NASTY

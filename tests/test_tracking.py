@@ -1178,3 +1178,272 @@ def test_up_of_an_array_waits_for_every_task_and_fails_if_one_did_not_complete(h
     assert [l for l in out.splitlines() if l.startswith("task ")] == ["task 0 COMPLETED",
                                                                       "task 1 TIMEOUT"]
     assert "error: 1 of 2 tasks of job 70 did not complete: 1" in err
+
+
+# --- logs: interleaving, --since, --timestamps, --no-prefix, colours ----------------------------
+
+def _logged_job(hc, tmp_path, job_id, logs):
+    """A tracked job whose services wrote ``logs``: {token: [(epoch ms, text), ...]} with an index."""
+    (tmp_path / "compose.yaml").write_text("services: {}\n")
+    record = make_record(tmp_path, job_id, services=[(token, token) for token in logs])
+    hc._record_job(str(tmp_path), record)
+    os.makedirs(os.path.join(record["job_dir"], "logs"), exist_ok=True)
+    for token, lines in logs.items():
+        path = os.path.join(record["job_dir"], "logs", token + ".log")
+        size = 0
+        with open(path, "w") as log, open(path[:-4] + hc._LOG_TIMES_SUFFIX, "w") as index:
+            for written_ms, text in lines:
+                log.write(text + "\n")
+                size += len(text) + 1
+                index.write("%d %d\n" % (written_ms, size))
+    return str(tmp_path / "compose.yaml")
+
+
+def test_logs_interleave_services_in_the_order_lines_were_written(hc, cli, tmp_path):
+    compose = _logged_job(hc, tmp_path, 41, {
+        "web": [(1000, "w1"), (3000, "w2")], "db": [(2000, "d1"), (4000, "d2")]})
+    result = cli(["logs", "-f", compose])
+    assert result.code == 0
+    assert result.out.splitlines() == ["[web] w1", "[db] d1", "[web] w2", "[db] d2"]
+
+
+def test_logs_timestamps_and_no_prefix(hc, cli, tmp_path):
+    compose = _logged_job(hc, tmp_path, 42, {"web": [(1764428645123, "hello")]})
+    result = cli(["logs", "-f", compose, "--timestamps", "--no-prefix"])
+    assert result.out.splitlines() == ["2025-11-29T15:04:05.123Z hello"]
+
+
+def test_logs_since_keeps_only_newer_lines(hc, cli, tmp_path):
+    now_ms = int(time.time() * 1000)
+    compose = _logged_job(hc, tmp_path, 43, {
+        "web": [(now_ms - 3600 * 1000, "old"), (now_ms - 5 * 1000, "new")]})
+    assert cli(["logs", "-f", compose, "--since", "10m"]).out.splitlines() == ["[web] new"]
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now_ms / 1000 - 7200))
+    assert cli(["logs", "-f", compose, "--since", stamp]).out.splitlines() == [
+        "[web] old", "[web] new"]
+
+
+def test_logs_since_that_is_neither_duration_nor_time_is_a_usage_error(hc, cli, tmp_path):
+    compose = _logged_job(hc, tmp_path, 44, {"web": [(1000, "x")]})
+    result = cli(["logs", "-f", compose, "--since", "yesterday"])
+    assert result.code == 2
+    assert result.err.startswith("error: --since takes a duration (90s, 10m, 1h30m, 2d)")
+
+
+def test_since_parses_durations_zones_and_unix_seconds(hc):
+    now = 1000000.0
+    assert hc._parse_since("1h30m", now) == int((now - 5400) * 1000)
+    assert hc._parse_since("2025-11-29T15:04:05Z") == 1764428645000
+    assert hc._parse_since("2025-11-29T16:04:05+01:00") == 1764428645000
+    assert hc._parse_since("1764428645.5") == 1764428645500
+
+
+def test_log_lines_without_an_index_keep_service_order(hc, cli, tmp_path):
+    compose = _logged_job(hc, tmp_path, 45, {"web": [(1, "w")], "db": [(1, "d")]})
+    for name in ("web", "db"):
+        os.remove(os.path.join(hc._job_directory(str(tmp_path), 45), "logs", name + ".times"))
+    assert cli(["logs", "-f", compose]).out.splitlines() in (["[web] w", "[db] d"],
+                                                              ["[db] d", "[web] w"])
+
+
+def test_log_colours_only_on_a_terminal_without_no_color(hc, monkeypatch):
+    class Terminal(object):
+        def isatty(self):
+            return True
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    assert hc._use_colour(Terminal())
+    monkeypatch.setenv("NO_COLOR", "1")
+    assert not hc._use_colour(Terminal())
+    monkeypatch.delenv("NO_COLOR")
+    assert not hc._use_colour(types.SimpleNamespace(isatty=lambda: False))
+    out = []
+    printer = hc._LogPrinter(["web", "db"], types.SimpleNamespace(write=out.append), colour=True)
+    printer.write(hc._LogLine(0, "db", "x"))
+    assert out == ["\033[33m[db]\033[0m x\n"]
+
+
+def test_follow_prints_lines_of_several_services_as_they_arrive(hc, tmp_path, monkeypatch):
+    record = make_record(tmp_path, 46, services=[("web", "web"), ("db", "db")])
+    logs = os.path.join(record["job_dir"], "logs")
+    os.makedirs(logs)
+    writes = [("db", "d1\n"), ("web", "w1\n"), ("db", "d2\n")]
+    # The job runs while lines remain to be written, then ends.
+    monkeypatch.setattr(hc, "_squeue_state", lambda job_id, squeue_bin: hc.SchedulerState(
+        "RUNNING" if writes else "COMPLETED", "squeue"))
+    out = []
+    sink = types.SimpleNamespace(write=out.append, flush=lambda: None)
+    now = [0.0]
+
+    def sleep(_):
+        now[0] += 100.0            # every turn the poller is due
+        if writes:
+            token, text = writes.pop(0)
+            with open(os.path.join(logs, token + ".log"), "a") as handle:
+                handle.write(text)
+    hc._follow_logs(record, hc._record_log_sources(record), out=sink, sleep=sleep,
+                   clock=lambda: now[0])
+    assert "".join(out).splitlines() == ["[db] d1", "[web] w1", "[db] d2"]
+
+
+def test_supervisor_indexes_each_log_size_once_it_changed(hc, tmp_path):
+    job_dir = tmp_path / "job"
+    (job_dir / "logs").mkdir(parents=True)
+    (job_dir / "logs" / "a.log").write_text("one\n")
+    body = ("LOG_DIR=$JOB_DIR/logs SERVICE_COUNT=2 TOKEN=(a b)\n"
+            + hc._fill(hc._LOG_INDEX_TEMPLATE, suffix=hc.shell_quote(hc._LOG_TIMES_SUFFIX))
+            + "NOW_MS=5000; index_logs\nNOW_MS=5500; echo more >>\"$LOG_DIR/a.log\"; index_logs\n"
+            + "NOW_MS=6000; index_logs\nNOW_MS=7000; index_logs\n")
+    result = run_block(tmp_path, body, job_dir)
+    assert result.returncode == 0, result.stderr
+    assert (job_dir / "logs" / "a.times").read_text() == "5000 4\n6000 9\n"
+    assert not (job_dir / "logs" / "b.times").exists()
+
+
+# --- exec: error paths, the srun line, the in-step script ---------------------------------------
+
+def _exec_job(hc, tmp_path, job_id=51, status="running", runtime="pyxis", nodelist="n1",
+              container=True, last_exit=None):
+    (tmp_path / "compose.yaml").write_text("services: {}\n")
+    record = make_record(tmp_path, job_id, services=[("web", "web"), ("db", "db")])
+    for service in record["services"]:
+        service["runtime"] = runtime
+        if container and runtime == "pyxis":
+            service["container_name"] = hc._container_name(job_id, service["token"])
+    hc._record_job(str(tmp_path), record)
+    write_state(record["job_dir"], "running", [
+        {"name": "web", "status": status, "last_exit_code": last_exit,
+         "log_path": record["services"][0]["log_path"],
+         "placement": {"mode": "distributed", "nodelist": nodelist}}])
+    return str(tmp_path / "compose.yaml")
+
+
+@pytest.fixture
+def srun_calls(hc, monkeypatch):
+    """Scheduler RUNNING; the exec srun is recorded instead of run and 'exits' with code 7."""
+    calls = []
+    monkeypatch.setattr(hc, "_query_scheduler", lambda job_id, *a, **k: hc.SchedulerState(
+        "RUNNING", "squeue"))
+    monkeypatch.setattr(hc, "_expand_nodelist", lambda nodelist, scontrol_bin: ["n1", "n2", "n3"])
+
+    def run(argv, **kwargs):
+        calls.append(argv)
+        return subprocess.CompletedProcess(argv, 7)
+    monkeypatch.setattr(hc, "_run_command", run)
+    return calls
+
+
+def test_exec_runs_srun_overlap_into_the_named_container_and_returns_its_exit_code(
+        hc, cli, tmp_path, srun_calls):
+    compose = _exec_job(hc, tmp_path, nodelist="n[1-3]")
+    result = cli(["exec", "-f", compose, "-T", "--index", "2", "-e", "A=b c", "-w", "/srv",
+                  "web", "--", "ls", "-l"])
+    assert result.code == 7, result
+    argv = srun_calls[0]
+    assert argv[:9] == ["srun", "--jobid=51", "--overlap", "--nodes=1", "--ntasks=1",
+                        "--nodelist=n2", "--job-name=hpc-compose-exec", "--quiet",
+                        "--container-name=hpc-compose_51_web:exec"]
+    assert argv[9:11] == ["/bin/sh", "-c"]
+    assert argv[12:] == ["hpc-compose-exec", "", "/srv", "env", "A=b c", "ls", "-l"]
+
+
+def test_exec_without_a_command_starts_a_shell_with_a_terminal_when_asked(hc, cli, tmp_path,
+                                                                           srun_calls):
+    compose = _exec_job(hc, tmp_path)
+    assert cli(["exec", "-f", compose, "--pty", "web"], env={"TERM": "vt100"}).code == 7
+    argv = srun_calls[0]
+    assert "--pty" in argv
+    # no host step, no workdir; the caller's TERM (a service has none), then bash or sh
+    assert argv[-7:] == ["", "", "env", "TERM=vt100"] + hc._EXEC_SHELL
+
+
+def test_exec_on_the_host_runtime_names_the_services_step(hc, cli, tmp_path, srun_calls,
+                                                         monkeypatch):
+    compose = _exec_job(hc, tmp_path, runtime="host")
+    monkeypatch.setattr(hc, "_service_step", lambda job_id, token, squeue_bin: "51.3")
+    assert cli(["exec", "-f", compose, "-T", "web", "true"]).code == 7
+    argv = srun_calls[0]
+    assert not any(word.startswith("--container") for word in argv)
+    assert argv[-4:] == ["hpc-compose-exec", "51.3", "", "true"]
+
+
+@pytest.mark.parametrize("args, state, message", [
+    (["web"], "COMPLETED", "error: job 51 is not running (COMPLETED)\n"),
+    (["web"], "UNKNOWN", "error: job 51 is not running (Slurm does not know it)\n"),
+    (["wbe"], "RUNNING", "error: job 51 has no service 'wbe' (did you mean 'web'?)\n"),
+    (["zzz"], "RUNNING", "error: job 51 has no service 'zzz' (its services: web, db)\n"),
+    (["db"], "RUNNING", "error: service 'db' is not running in job 51: the batch script has not "
+                        "started it yet (no entry in "),
+    (["--node", "n9", "web"], "RUNNING", "error: service 'web' does not run on node n9 "
+                                         "(its nodes: n1)\n"),
+    (["--index", "2", "web"], "RUNNING", "error: service 'web' has 1 node(s): --index must be 1 "
+                                         "to 1, got 2\n"),
+])
+def test_exec_errors_are_one_line_and_exit_1(hc, cli, tmp_path, monkeypatch, args, state,
+                                            message):
+    compose = _exec_job(hc, tmp_path)
+    monkeypatch.setattr(hc, "_query_scheduler", lambda job_id, *a, **k: hc.SchedulerState(
+        state, "sacct"))
+    result = cli(["exec", "-f", compose] + args)
+    assert result.code == 1
+    assert result.err.startswith(message) and result.err.count("\n") == 1
+
+
+def test_exec_into_a_service_that_exited_names_its_exit_code_and_log(hc, cli, tmp_path,
+                                                                     srun_calls):
+    compose = _exec_job(hc, tmp_path, status="exited", last_exit=3)
+    result = cli(["exec", "-f", compose, "web"])
+    assert result.code == 1 and srun_calls == []
+    assert result.err == ("error: service 'web' is not running in job 51 (status exited, last "
+                          "exit code 3); its log: %s\n"
+                          % os.path.join(hc._job_directory(str(tmp_path), 51), "logs", "web.log"))
+
+
+def test_exec_into_a_container_without_a_name_cannot_attach(hc, cli, tmp_path, srun_calls):
+    compose = _exec_job(hc, tmp_path, container=False)
+    result = cli(["exec", "-f", compose, "web"])
+    assert result.code == 1 and srun_calls == []
+    assert result.err.startswith("error: service 'web' of job 51 runs in a container without a "
+                                 "name (the job was submitted by an older hpc-compose)")
+
+
+def test_exec_env_option_without_equals_is_a_usage_error(hc, cli, tmp_path, srun_calls):
+    compose = _exec_job(hc, tmp_path)
+    result = cli(["exec", "-f", compose, "-e", "NOPE", "web"])
+    assert result.code == 2 and srun_calls == []
+    assert result.err == "error: -e takes KEY=VALUE with KEY a variable name, got 'NOPE'\n"
+
+
+SCONTROL_STANDIN = """#!/bin/sh
+# STAND-IN for `scontrol listpids STEP` (no slurmd here): prints the table the real tool prints,
+# with the pid the test put in $STANDIN_PID as task 0 of the step.
+echo "$*" >> "$STANDIN_LOG"
+echo "PID      JOBID    STEPID   LOCALID GLOBALID"
+echo "$STANDIN_PID 51 3 0 0"
+"""
+
+
+def test_exec_script_takes_the_environment_and_directory_of_the_services_process(hc, tmp_path):
+    standins = tmp_path / "bin"
+    standins.mkdir()
+    (standins / "scontrol").write_text(SCONTROL_STANDIN)
+    (standins / "scontrol").chmod(0o755)
+    workdir = tmp_path / "svc dir"
+    workdir.mkdir()
+    tricky = "a 'b' $c\nsecond line"
+    service = subprocess.Popen(["sleep", "60"], cwd=str(workdir), env={
+        "PATH": "/usr/bin:/bin", "GREETING": tricky, "OTHER": "1"})
+    try:
+        environ = {"PATH": "%s:/usr/bin:/bin" % standins, "STANDIN_PID": str(service.pid),
+                   "STANDIN_LOG": str(tmp_path / "log"), "CALLER_ONLY": "x"}
+        argv = hc._exec_srun_argv(hc._ExecTarget("51", "web", "host", "n1", None),
+                                  ["sh", "-c", 'printf "%s|%s|%s|%s" "$GREETING" "$OTHER" '
+                                   '"${CALLER_ONLY-unset}" "$PWD"; exit 4'], [("OTHER", "2")],
+                                  step="51.3")
+        result = subprocess.run(argv[argv.index("/bin/sh"):], stdout=subprocess.PIPE,
+                                env=environ, universal_newlines=True, timeout=30)
+    finally:
+        service.kill()
+        service.wait()
+    assert result.returncode == 4
+    assert result.stdout == "%s|2|unset|%s" % (tricky, workdir)
+    assert (tmp_path / "log").read_text() == "listpids 51.3\n"

@@ -1,0 +1,254 @@
+"""`exec` and `logs` against the real test cluster (real Pyxis 0.24 + Enroot 4.1.2 for containers).
+
+Test-cluster note: with `slurm-cluster.sh up --nodes N` every node keeps its Enroot data in a
+directory bind-mounted over root's default data path. Enroot's `list -f` then cannot name a
+running container (it matches the mount's root inside the file system against the data path), so
+Pyxis's `--container-name=NAME:exec` answers "the container is not running" there. The container
+tests therefore give the job a data path of their own through XDG_DATA_HOME (Pyxis passes it to
+Enroot; ENROOT_DATA_PATH it does not) and pin the job to one node, so that two nodes never unpack
+into one directory. A site's real data path needs neither.
+"""
+import json
+import os
+import shutil
+import subprocess
+import time
+import uuid
+
+import pytest
+
+import slurm_support
+from slurm_support import run_tool_cli, wait_for_job, wait_for_state
+
+TOOL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "hpc_compose.py")
+CACHE_ROOT = os.path.join(os.environ.get("HPC_COMPOSE_TEST_CACHE", "/opt/hpc-compose-tests"),
+                          "e2e-cache")
+
+
+def _support(name):
+    helper = getattr(slurm_support, name, None)
+    if helper is None:
+        pytest.skip("needs slurm_support.%s from the real-cluster work (issue 7)" % name)
+    return helper
+
+
+@pytest.fixture
+def image(slurm):
+    return _support("pyxis_test_image")()
+
+
+@pytest.fixture
+def data_home():
+    """A private Enroot data path (XDG_DATA_HOME/enroot) on the shared file system."""
+    path = os.path.join(CACHE_ROOT, "exec-" + uuid.uuid4().hex[:12])
+    os.makedirs(os.path.join(path, "enroot"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+class Job(object):
+    def __init__(self, folder, job_id, env):
+        self.folder = folder
+        self.job_id = job_id
+        self.env = env
+        self.job_dir = os.path.join(folder, ".hpc-compose", job_id)
+
+    def cli(self, *args, **kwargs):
+        return run_tool_cli(list(args), cwd=self.folder, env=self.env, **kwargs)
+
+    def service(self, name):
+        try:
+            with open(os.path.join(self.job_dir, "state.json")) as handle:
+                state = json.load(handle)
+        except (OSError, ValueError):
+            return {}
+        return ([s for s in state["services"] if s["name"] == name] or [{}])[0]
+
+    def log(self, name):
+        try:
+            with open(os.path.join(self.job_dir, "logs", name + ".log")) as handle:
+                return handle.read()
+        except OSError:
+            return ""
+
+
+def submit(tmp_path, text, slurm_jobs, env=None):
+    (tmp_path / "compose.yaml").write_text(text)
+    result = run_tool_cli(["submit", "-f", "compose.yaml"], cwd=str(tmp_path), env=env)
+    assert result.code == 0, result
+    job_id = _support("submitted_job_id")(result.out + result.err)
+    slurm_jobs.add(job_id)
+    assert wait_for_state(job_id, ("RUNNING",), timeout=120) == "RUNNING"
+    return Job(str(tmp_path), job_id, env)
+
+
+def wait_for_line(job, name, text, timeout=180):
+    deadline = time.monotonic() + timeout
+    while text not in job.log(name):
+        assert time.monotonic() < deadline, "no %r in %s's log: %r" % (text, name, job.log(name))
+        time.sleep(0.5)
+
+
+def job_containers(job_id, data_home):
+    """``[(node, name)]`` of this job's named containers left on any node (both data paths)."""
+    containers = _support("enroot_containers")
+    left = []
+    for node in _support("cluster_nodes")():
+        for path in (None, os.path.join(data_home, "enroot")):
+            left += [(node, name) for name in containers(node, path)
+                     if "hpc-compose_%s_" % job_id in name]
+    return left
+
+
+def pyxis_compose(image, node, marker):
+    return """\
+name: exec-e2e
+x-slurm:
+  time: "00:05:00"
+  cache_dir: %s
+  submit_args: ["--nodelist=%s"]
+services:
+  app:
+    image: %s
+    working_dir: /tmp
+    environment:
+      GREETING: "hello 'there' $$HOME"
+    command: touch /var/tmp/%s && exec python3 -c 'import time; print("up", flush=True); time.sleep(600)'
+""" % (CACHE_ROOT, node, image, marker)
+
+
+@pytest.fixture
+def pyxis_job(slurm, slurm_jobs, image, data_home, tmp_path):
+    node = _support("cluster_nodes")()[0]
+    marker = "exec-e2e-" + uuid.uuid4().hex[:8]
+    job = submit(tmp_path, pyxis_compose(image, node, marker), slurm_jobs,
+                 env={"XDG_DATA_HOME": data_home})
+    wait_for_line(job, "app", "up")
+    job.node = node
+    job.marker = marker
+    job.data_home = data_home
+    return job
+
+
+def test_exec_runs_in_the_running_container_with_its_environment_and_exit_code(pyxis_job):
+    result = pyxis_job.cli("exec", "-T", "app", "--", "sh", "-c",
+                           'echo "$GREETING|$PWD|$HPC_COMPOSE_SERVICE"; exit 3')
+    assert result.code == 3, result
+    assert result.out == "hello 'there' $HOME|/tmp|app\n"
+    # It is inside the same container: it sees the file the service made in the container's rootfs.
+    result = pyxis_job.cli("exec", "-T", "-e", "EXTRA=a b", "-e", "MARKER=" + pyxis_job.marker,
+                           "--workdir", "/", "app", "--",
+                           "sh", "-c", 'echo "$EXTRA|$PWD"; ls "/var/tmp/$MARKER"')
+    assert (result.code, result.out) == (0, "a b|/\n/var/tmp/%s\n" % pyxis_job.marker), result
+
+
+def test_exec_without_a_command_reads_a_shell_script_from_a_pipe(pyxis_job):
+    proc = subprocess.run(["python3", TOOL, "exec", "app"], cwd=pyxis_job.folder,
+                          input="echo from $0 in $PWD; exit 5\n", stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, universal_newlines=True, timeout=120,
+                          env=dict(os.environ, **pyxis_job.env))
+    assert proc.returncode == 5, proc.stderr
+    assert proc.stdout == "from bash in /tmp\n"
+
+
+def test_exec_gives_a_terminal_with_pty(pyxis_job):
+    if shutil.which("script") is None:
+        pytest.skip("script(1) is needed to run exec on a terminal")
+    command = "python3 %s exec --pty app -- sh -c 'test -t 0 && echo tty:yes'" % TOOL
+    proc = subprocess.run(["script", "-qec", command, "/dev/null"], cwd=pyxis_job.folder,
+                          stdout=subprocess.PIPE, universal_newlines=True, timeout=120,
+                          env=dict(os.environ, **pyxis_job.env))
+    assert proc.returncode == 0 and "tty:yes" in proc.stdout, proc.stdout
+
+
+def test_named_containers_are_removed_when_the_job_is_cancelled(pyxis_job):
+    assert job_containers(pyxis_job.job_id, pyxis_job.data_home) != []
+    subprocess.run(["scancel", pyxis_job.job_id], check=True, timeout=30)
+    assert wait_for_job(pyxis_job.job_id, timeout=120) == "CANCELLED"
+    deadline = time.monotonic() + 60
+    while job_containers(pyxis_job.job_id, pyxis_job.data_home) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert job_containers(pyxis_job.job_id, pyxis_job.data_home) == []
+    result = pyxis_job.cli("exec", "-T", "app", "true")
+    assert result.code == 1
+    assert result.err == "error: job %s is not running (CANCELLED)\n" % pyxis_job.job_id
+
+
+def test_named_containers_are_removed_when_the_job_completes(slurm, slurm_jobs, image, data_home,
+                                                            tmp_path):
+    node = _support("cluster_nodes")()[0]
+    job = submit(tmp_path, """\
+name: exec-e2e-done
+x-slurm: {time: "00:05:00", cache_dir: %s, submit_args: ["--nodelist=%s"]}
+services:
+  app:
+    image: %s
+    command: echo done
+""" % (CACHE_ROOT, node, image), slurm_jobs, env={"XDG_DATA_HOME": data_home})
+    assert wait_for_job(job.job_id, timeout=240) == "COMPLETED"
+    assert "done" in job.log("app")
+    assert job_containers(job.job_id, data_home) == []
+
+
+def test_exec_into_a_service_that_exited_names_its_exit_and_log(slurm, slurm_jobs, tmp_path):
+    job = submit(tmp_path, """\
+name: exec-e2e-host
+x-slurm: {time: "00:05:00", runtime: host}
+services:
+  quick:
+    command: sh -c 'exit 4'
+    x-slurm: {failure_policy: {mode: ignore}}
+  main:
+    command: sleep 300
+""", slurm_jobs)
+    deadline = time.monotonic() + 60
+    while job.service("quick").get("status") != "failed":
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    result = job.cli("exec", "-T", "quick", "true")
+    assert result.code == 1
+    assert result.err == ("error: service 'quick' is not running in job %s (status failed, last "
+                          "exit code 4); its log: %s\n"
+                          % (job.job_id, os.path.join(job.job_dir, "logs", "quick.log")))
+
+
+def test_exec_on_the_host_runtime_uses_the_services_node_environment_and_directory(
+        slurm, slurm_jobs, tmp_path):
+    nodes = _support("cluster_nodes")()
+    (tmp_path / "work").mkdir()
+    job = submit(tmp_path, """\
+name: exec-e2e-host
+x-slurm: {time: "00:05:00", runtime: host, nodes: %d}
+services:
+  app:
+    working_dir: %s
+    environment: {GREETING: "hi there"}
+    command: sh -c 'echo up; exec sleep 300'
+    x-slurm: {nodes: %d}
+""" % (len(nodes), tmp_path / "work", len(nodes)), slurm_jobs)
+    wait_for_line(job, "app", "up")
+    index = len(nodes)
+    result = job.cli("exec", "-T", "--index", str(index), "app", "--", "sh", "-c",
+                     'echo "$GREETING|$PWD|$(hostname)"; exit 6')
+    assert result.code == 6, result
+    assert result.out == "hi there|%s|%s\n" % (tmp_path / "work", nodes[index - 1])
+
+
+def test_logs_interleave_two_services_in_write_order(slurm, slurm_jobs, tmp_path):
+    job = submit(tmp_path, """\
+name: logs-e2e
+x-slurm: {time: "00:05:00", runtime: host}
+services:
+  ping:
+    command: sh -c 'echo ping 1; sleep 2.4; echo ping 2; sleep 2.4; echo ping 3'
+  pong:
+    command: sh -c 'sleep 1.2; echo pong 1; sleep 2.4; echo pong 2; sleep 2.4; echo pong 3'
+""", slurm_jobs)
+    assert wait_for_job(job.job_id, timeout=120) == "COMPLETED"
+    result = job.cli("logs")
+    assert result.code == 0, result
+    assert result.out.splitlines() == ["[ping] ping 1", "[pong] pong 1", "[ping] ping 2",
+                                       "[pong] pong 2", "[ping] ping 3", "[pong] pong 3"]
+    stamped = job.cli("logs", "--timestamps", "--no-prefix", "--service", "pong").out.splitlines()
+    assert [line.split(" ", 1)[1] for line in stamped] == ["pong 1", "pong 2", "pong 3"]
+    assert all(line.endswith("Z") for line in (s.split(" ", 1)[0] for s in stamped))

@@ -74,9 +74,10 @@ class Job(object):
 
 def submit(tmp_path, text, slurm_jobs, env=None):
     (tmp_path / "compose.yaml").write_text(text)
-    result = run_tool_cli(["submit", "-f", "compose.yaml"], cwd=str(tmp_path), env=env)
+    result = run_tool_cli(["submit", "-f", "compose.yaml", "--format", "json"], cwd=str(tmp_path),
+                          env=env)
     assert result.code == 0, result
-    job_id = _support("submitted_job_id")(result.out + result.err)
+    job_id = str(json.loads(result.out)["job_id"])
     slurm_jobs.add(job_id)
     assert wait_for_state(job_id, ("RUNNING",), timeout=120) == "RUNNING"
     return Job(str(tmp_path), job_id, env)
@@ -89,11 +90,18 @@ def wait_for_line(job, name, text, timeout=180):
         time.sleep(0.5)
 
 
+def _nodes():
+    """The test cluster's node names, in sinfo order."""
+    out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N"], stdout=subprocess.PIPE,
+                         universal_newlines=True, timeout=30).stdout.split()
+    return sorted(set(out), key=out.index)
+
+
 def job_containers(job_id, data_home):
     """``[(node, name)]`` of this job's named containers left on any node (both data paths)."""
     containers = _support("enroot_containers")
     left = []
-    for node in _support("cluster_nodes")():
+    for node in _nodes():
         for path in (None, os.path.join(data_home, "enroot")):
             left += [(node, name) for name in containers(node, path)
                      if "hpc-compose_%s_" % job_id in name]
@@ -113,13 +121,13 @@ services:
     working_dir: /tmp
     environment:
       GREETING: "hello 'there' $$HOME"
-    command: touch /var/tmp/%s && exec python3 -c 'import time; print("up", flush=True); time.sleep(600)'
+    command: touch /tmp/%s && exec python3 -c 'import time; print("up", flush=True); time.sleep(600)'
 """ % (CACHE_ROOT, node, image, marker)
 
 
 @pytest.fixture
 def pyxis_job(slurm, slurm_jobs, image, data_home, tmp_path):
-    node = _support("cluster_nodes")()[0]
+    node = _nodes()[0]
     marker = "exec-e2e-" + uuid.uuid4().hex[:8]
     job = submit(tmp_path, pyxis_compose(image, node, marker), slurm_jobs,
                  env={"XDG_DATA_HOME": data_home})
@@ -135,11 +143,11 @@ def test_exec_runs_in_the_running_container_with_its_environment_and_exit_code(p
                            'echo "$GREETING|$PWD|$HPC_COMPOSE_SERVICE"; exit 3')
     assert result.code == 3, result
     assert result.out == "hello 'there' $HOME|/tmp|app\n"
-    # It is inside the same container: it sees the file the service made in the container's rootfs.
+    # It is inside the same container: it sees the file the service made in its private /tmp.
     result = pyxis_job.cli("exec", "-T", "-e", "EXTRA=a b", "-e", "MARKER=" + pyxis_job.marker,
                            "--workdir", "/", "app", "--",
-                           "sh", "-c", 'echo "$EXTRA|$PWD"; ls "/var/tmp/$MARKER"')
-    assert (result.code, result.out) == (0, "a b|/\n/var/tmp/%s\n" % pyxis_job.marker), result
+                           "sh", "-c", 'echo "$EXTRA|$PWD"; ls "/tmp/$MARKER"')
+    assert (result.code, result.out) == (0, "a b|/\n/tmp/%s\n" % pyxis_job.marker), result
 
 
 def test_exec_without_a_command_reads_a_shell_script_from_a_pipe(pyxis_job):
@@ -176,7 +184,7 @@ def test_named_containers_are_removed_when_the_job_is_cancelled(pyxis_job):
 
 def test_named_containers_are_removed_when_the_job_completes(slurm, slurm_jobs, image, data_home,
                                                             tmp_path):
-    node = _support("cluster_nodes")()[0]
+    node = _nodes()[0]
     job = submit(tmp_path, """\
 name: exec-e2e-done
 x-slurm: {time: "00:05:00", cache_dir: %s, submit_args: ["--nodelist=%s"]}
@@ -214,7 +222,7 @@ services:
 
 def test_exec_on_the_host_runtime_uses_the_services_node_environment_and_directory(
         slurm, slurm_jobs, tmp_path):
-    nodes = _support("cluster_nodes")()
+    nodes = _nodes()
     (tmp_path / "work").mkdir()
     job = submit(tmp_path, """\
 name: exec-e2e-host

@@ -97,6 +97,12 @@ def _nodes():
     return sorted(set(out), key=out.index)
 
 
+def in_squeue(job_id):
+    out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], stdout=subprocess.PIPE,
+                         stderr=subprocess.DEVNULL, universal_newlines=True, timeout=30).stdout
+    return bool(out.strip())
+
+
 def job_containers(job_id, data_home):
     """``[(node, name)]`` of this job's named containers left on any node (both data paths)."""
     containers = _support("enroot_containers")
@@ -177,6 +183,9 @@ def test_named_containers_are_removed_when_the_job_is_cancelled(pyxis_job):
     while job_containers(pyxis_job.job_id, pyxis_job.data_home) and time.monotonic() < deadline:
         time.sleep(1)
     assert job_containers(pyxis_job.job_id, pyxis_job.data_home) == []
+    # Until its steps are gone squeue shows the job COMPLETING, and exec names that state.
+    while in_squeue(pyxis_job.job_id) and time.monotonic() < deadline + 60:
+        time.sleep(0.5)
     result = pyxis_job.cli("exec", "-T", "app", "true")
     assert result.code == 1
     assert result.err == "error: job %s is not running (CANCELLED)\n" % pyxis_job.job_id

@@ -100,6 +100,7 @@ BRIDGE=hcbr0
 SUBNET_PREFIX=10.213.77
 CONTROLLER_ADDR="$SUBNET_PREFIX.1"
 NODE_STATE=/var/lib/slurm/nodes          # per-node hosts file and Enroot directories
+ENROOT_CONF=/etc/enroot/enroot.conf       # its .d drop-ins are per node (the Enroot paths)
 NODES_FILE=/run/slurm/cluster-nodes       # the node names `up` created (for status and down)
 
 say() { printf '[slurm-cluster] %s\n' "$*"; }
@@ -479,9 +480,18 @@ start_node() {  # start_node NAME INDEX: namespaces, veth, then slurmd -N NAME i
         ip -n "$ns" link set lo up
         ip -n "$ns" link set eth0 up
     fi
-    # Each node has its own Enroot data and runtime directories (bound over root's defaults, which
-    # Pyxis uses): two nodes unpacking one image into a shared one collide ("File exists").
-    mkdir -p "$dir/enroot-data" "$dir/enroot-run" "$STATEDIR/slurmd-$name"
+    # Each node has its own Enroot data and runtime directories: two nodes unpacking one image into
+    # a shared one collide ("File exists"). They are set by a drop-in of the node's own enroot.conf.d
+    # (Pyxis passes no ENROOT_*_PATH from the environment to enroot), not bound over root's default
+    # paths: `enroot list -f`, through which Pyxis finds the container that --container-name=NAME:exec
+    # joins, matches a container's mount root against the data path, and a bind mount hides it.
+    mkdir -p "$dir/enroot-data" "$dir/enroot-run" "$dir/enroot.conf.d" "$STATEDIR/slurmd-$name"
+    rm -f "$dir/enroot.conf.d/"*.conf
+    if [ -d "$ENROOT_CONF.d" ]; then
+        find "$ENROOT_CONF.d" -maxdepth 1 -name '*.conf' -exec cp -p {} "$dir/enroot.conf.d/" \;
+    fi
+    printf 'ENROOT_DATA_PATH %s\nENROOT_RUNTIME_PATH %s\n' "$dir/enroot-data" "$dir/enroot-run" \
+        >"$dir/enroot.conf.d/99-hpc-compose-node.conf"
     chown slurm:slurm "$STATEDIR/slurmd-$name"
     say "starting slurmd for node $name ($SUBNET_PREFIX.$((10 + index)), netns $ns)"
     # `ip netns exec` is avoided: it remounts /sys, hiding the cgroup v1 mounts slurmd 22.05 needs.
@@ -489,10 +499,9 @@ start_node() {  # start_node NAME INDEX: namespaces, veth, then slurmd -N NAME i
     nsenter --net="/run/netns/$ns" unshare --uts --mount --propagation private \
         /bin/sh -c 'hostname "$1" &&
             mount --bind "$2/hosts" /etc/hosts &&
-            mkdir -p /root/.local/share/enroot /run/enroot &&
-            mount --bind "$2/$1/enroot-data" /root/.local/share/enroot &&
-            mount --bind "$2/$1/enroot-run" /run/enroot &&
-            exec /usr/sbin/slurmd -N "$1"' node "$name" "$NODE_STATE" \
+            mkdir -p "$3.d" &&
+            mount --bind "$2/$1/enroot.conf.d" "$3.d" &&
+            exec /usr/sbin/slurmd -N "$1"' node "$name" "$NODE_STATE" "$ENROOT_CONF" \
         || { show_log_tail "$LOGDIR/slurmd-$name.log"; return 1; }
 }
 

@@ -1,12 +1,7 @@
 """`exec` and `logs` against the real test cluster (real Pyxis 0.24 + Enroot 4.1.2 for containers).
 
-Test-cluster note: with `slurm-cluster.sh up --nodes N` every node keeps its Enroot data in a
-directory bind-mounted over root's default data path. Enroot's `list -f` then cannot name a
-running container (it matches the mount's root inside the file system against the data path), so
-Pyxis's `--container-name=NAME:exec` answers "the container is not running" there. The container
-tests therefore give the job a data path of their own through XDG_DATA_HOME (Pyxis passes it to
-Enroot; ENROOT_DATA_PATH it does not) and pin the job to one node, so that two nodes never unpack
-into one directory. A site's real data path needs neither.
+CI runs this file on one node; exec on several nodes (`--index`, `--node`, a service on a node that
+is not the first) is in test_multinode_e2e.py.
 """
 import json
 import os
@@ -35,15 +30,6 @@ def _support(name):
 @pytest.fixture
 def image(slurm):
     return _support("pyxis_test_image")()
-
-
-@pytest.fixture
-def data_home():
-    """A private Enroot data path (XDG_DATA_HOME/enroot) on the shared file system."""
-    path = os.path.join(CACHE_ROOT, "exec-" + uuid.uuid4().hex[:12])
-    os.makedirs(os.path.join(path, "enroot"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 class Job(object):
@@ -103,24 +89,19 @@ def in_squeue(job_id):
     return bool(out.strip())
 
 
-def job_containers(job_id, data_home):
-    """``[(node, name)]`` of this job's named containers left on any node (both data paths)."""
+def job_containers(job_id):
+    """``[(node, name)]`` of this job's named containers left on any node."""
     containers = _support("enroot_containers")
-    left = []
-    for node in _nodes():
-        for path in (None, os.path.join(data_home, "enroot")):
-            left += [(node, name) for name in containers(node, path)
-                     if "hpc-compose_%s_" % job_id in name]
-    return left
+    return [(node, name) for node in _nodes() for name in containers(node)
+            if "hpc-compose_%s_" % job_id in name]
 
 
-def pyxis_compose(image, node, marker):
+def pyxis_compose(image, marker):
     return """\
 name: exec-e2e
 x-slurm:
   time: "00:05:00"
   cache_dir: %s
-  submit_args: ["--nodelist=%s"]
 services:
   app:
     image: %s
@@ -128,19 +109,15 @@ services:
     environment:
       GREETING: "hello 'there' $$HOME"
     command: touch /tmp/%s && exec python3 -c 'import time; print("up", flush=True); time.sleep(600)'
-""" % (CACHE_ROOT, node, image, marker)
+""" % (CACHE_ROOT, image, marker)
 
 
 @pytest.fixture
-def pyxis_job(slurm, slurm_jobs, image, data_home, tmp_path):
-    node = _nodes()[0]
+def pyxis_job(slurm, slurm_jobs, image, tmp_path):
     marker = "exec-e2e-" + uuid.uuid4().hex[:8]
-    job = submit(tmp_path, pyxis_compose(image, node, marker), slurm_jobs,
-                 env={"XDG_DATA_HOME": data_home})
+    job = submit(tmp_path, pyxis_compose(image, marker), slurm_jobs)
     wait_for_line(job, "app", "up")
-    job.node = node
     job.marker = marker
-    job.data_home = data_home
     return job
 
 
@@ -159,8 +136,7 @@ def test_exec_runs_in_the_running_container_with_its_environment_and_exit_code(p
 def test_exec_without_a_command_reads_a_shell_script_from_a_pipe(pyxis_job):
     proc = subprocess.run(["python3", TOOL, "exec", "app"], cwd=pyxis_job.folder,
                           input="echo from $0 in $PWD; exit 5\n", stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, universal_newlines=True, timeout=120,
-                          env=dict(os.environ, **pyxis_job.env))
+                          stderr=subprocess.PIPE, universal_newlines=True, timeout=120)
     assert proc.returncode == 5, proc.stderr
     assert proc.stdout == "from bash in /tmp\n"
 
@@ -170,19 +146,18 @@ def test_exec_gives_a_terminal_with_pty(pyxis_job):
         pytest.skip("script(1) is needed to run exec on a terminal")
     command = "python3 %s exec --pty app -- sh -c 'test -t 0 && echo tty:yes'" % TOOL
     proc = subprocess.run(["script", "-qec", command, "/dev/null"], cwd=pyxis_job.folder,
-                          stdout=subprocess.PIPE, universal_newlines=True, timeout=120,
-                          env=dict(os.environ, **pyxis_job.env))
+                          stdout=subprocess.PIPE, universal_newlines=True, timeout=120)
     assert proc.returncode == 0 and "tty:yes" in proc.stdout, proc.stdout
 
 
 def test_named_containers_are_removed_when_the_job_is_cancelled(pyxis_job):
-    assert job_containers(pyxis_job.job_id, pyxis_job.data_home) != []
+    assert job_containers(pyxis_job.job_id) != []
     subprocess.run(["scancel", pyxis_job.job_id], check=True, timeout=30)
     assert wait_for_job(pyxis_job.job_id, timeout=120) == "CANCELLED"
     deadline = time.monotonic() + 60
-    while job_containers(pyxis_job.job_id, pyxis_job.data_home) and time.monotonic() < deadline:
+    while job_containers(pyxis_job.job_id) and time.monotonic() < deadline:
         time.sleep(1)
-    assert job_containers(pyxis_job.job_id, pyxis_job.data_home) == []
+    assert job_containers(pyxis_job.job_id) == []
     # Until its steps are gone squeue shows the job COMPLETING, and exec names that state.
     while in_squeue(pyxis_job.job_id) and time.monotonic() < deadline + 60:
         time.sleep(0.5)
@@ -191,20 +166,18 @@ def test_named_containers_are_removed_when_the_job_is_cancelled(pyxis_job):
     assert result.err == "error: job %s is not running (CANCELLED)\n" % pyxis_job.job_id
 
 
-def test_named_containers_are_removed_when_the_job_completes(slurm, slurm_jobs, image, data_home,
-                                                            tmp_path):
-    node = _nodes()[0]
+def test_named_containers_are_removed_when_the_job_completes(slurm, slurm_jobs, image, tmp_path):
     job = submit(tmp_path, """\
 name: exec-e2e-done
-x-slurm: {time: "00:05:00", cache_dir: %s, submit_args: ["--nodelist=%s"]}
+x-slurm: {time: "00:05:00", cache_dir: %s}
 services:
   app:
     image: %s
     command: echo done
-""" % (CACHE_ROOT, node, image), slurm_jobs, env={"XDG_DATA_HOME": data_home})
+""" % (CACHE_ROOT, image), slurm_jobs)
     assert wait_for_job(job.job_id, timeout=240) == "COMPLETED"
     assert "done" in job.log("app")
-    assert job_containers(job.job_id, data_home) == []
+    assert job_containers(job.job_id) == []
 
 
 def test_exec_into_a_service_that_exited_names_its_exit_and_log(slurm, slurm_jobs, tmp_path):

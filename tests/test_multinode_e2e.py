@@ -305,6 +305,78 @@ def test_a_lost_node_ends_the_job_node_fail_and_says_which_node(slurm, slurm_job
     assert_nothing_left(marker, run.job_id)
 
 
+# --- exec on the node of a service ---------------------------------------------------------------
+
+def _wait_for_lines(run, name, count, timeout=180):
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            lines = lines_of(run.log(name))
+        except OSError:
+            lines = []
+        if len(lines) >= count:
+            return lines
+        assert time.monotonic() < deadline, "%s logged %r" % (name, lines)
+        time.sleep(0.5)
+
+
+def _exec(run, *args):
+    return run_tool_cli(["exec", "-f", "compose.yaml", "-T"] + list(args), cwd=run.folder,
+                        timeout=120)
+
+
+def test_exec_index_and_node_pick_that_task_of_a_distributed_service(slurm, slurm_jobs, image,
+                                                                     cache_dir, tmp_path):
+    marker = "hc-e2e-%s" % uuid.uuid4().hex[:8]
+    # Each task leaves a file in its own container's /tmp: exec must see only its node's.
+    run = compose_run(tmp_path, head(cache_dir) + """\
+  ranks:
+    image: %s
+    x-slurm: {nodes: %d, ntasks_per_node: 1}
+    command: touch "/tmp/%s-$(hostname)" && echo "up $(hostname)" && exec sleep 300
+""" % (image, NODES, marker), slurm_jobs, verb="submit")
+    assert run.result.code == 0, run.result
+    _wait_for_lines(run, "ranks", NODES)
+    nodes = cluster_nodes()
+    probe = 'echo "$(hostname) rank=$SLURM_PROCID $(ls /tmp | grep %s)"; exit 7' % marker
+
+    for args, node in ((["--index", "2"], nodes[1]), (["--node", nodes[2]], nodes[2]),
+                       ([], nodes[0])):
+        result = _exec(run, *(args + ["ranks", "--", "sh", "-c", probe]))
+        assert result.code == 7, result
+        assert result.out == "%s rank=%d %s-%s\n" % (node, nodes.index(node), marker, node)
+
+    result = _exec(run, "--index", str(NODES + 1), "ranks", "true")
+    assert (result.code, result.err) == (1, "error: service 'ranks' has %d node(s): --index must "
+                                            "be 1 to %d, got %d\n" % (NODES, NODES, NODES + 1))
+    subprocess.run(["scancel", run.job_id], check=True, timeout=30)
+    assert wait_for_job(run.job_id, timeout=120) == "CANCELLED"
+    assert_nothing_left(marker, run.job_id)  # the named container is gone from every node
+
+
+def test_exec_reaches_a_service_pinned_to_a_node_that_is_not_the_first(slurm, slurm_jobs, image,
+                                                                       cache_dir, tmp_path):
+    last = cluster_nodes()[-1]
+    run = compose_run(tmp_path, """\
+name: multinode-e2e
+x-slurm: {time: "00:05:00", cache_dir: %s, submit_args: ["--nodelist=%s"]}
+services:
+  app:
+    image: %s
+    working_dir: /tmp
+    environment: {GREETING: hello}
+    command: echo up && exec sleep 300
+""" % (cache_dir, last, image), slurm_jobs, verb="submit")
+    assert run.result.code == 0, run.result
+    _wait_for_lines(run, "app", 1)
+
+    result = _exec(run, "app", "--", "sh", "-c", 'echo "$(hostname) $GREETING $PWD"')
+    assert (result.code, result.out) == (0, "%s hello /tmp\n" % last), result
+    result = _exec(run, "--node", cluster_nodes()[0], "app", "true")
+    assert (result.code, result.err) == (1, "error: service 'app' does not run on node %s (its "
+                                            "nodes: %s)\n" % (cluster_nodes()[0], last))
+
+
 # --- every log line before the verdict ----------------------------------------------------------
 
 def test_up_prints_every_log_line_of_every_node_before_its_verdict(slurm, slurm_jobs, image,

@@ -86,11 +86,13 @@ def head(image, cache_dir, time_limit="00:05:00"):
 
 def job_containers(job_id, data_paths=()):
     """``[(node, name)]`` of the Enroot containers a job left on any node: Pyxis names a step's
-    container ``pyxis_<job>.<step>``; ``data_paths`` (a test's own prepare data path) count whole."""
+    container ``pyxis_<job>.<step>``, a service's named one (see `exec`) is
+    ``pyxis_hpc-compose_<job>_<token>``; ``data_paths`` (a test's own prepare data path) count whole."""
+    prefixes = ("pyxis_%s." % job_id, "pyxis_hpc-compose_%s_" % job_id)
     left = []
     for node in cluster_nodes():
         left += [(node, name) for name in enroot_containers(node)
-                 if job_id is not None and name.startswith("pyxis_%s." % job_id)]
+                 if job_id is not None and name.startswith(prefixes)]
         for path in data_paths:
             left += [(node, name) for name in enroot_containers(node, path)]
     return left

@@ -1,36 +1,39 @@
 #!/usr/bin/env python3
 """Latency of `hpc-compose exec` into a running Pyxis service against a bare Pyxis exec step.
 
-  bare  srun --jobid=J --overlap --nodes=1 --ntasks=1 --nodelist=NODE
-             --container-name=NAME:exec true          (what Pyxis alone costs)
-  tool  python3 hpc_compose.py exec -T app -- true    (record and state.json reads, one
-                                                      squeue call, the same srun, and the in-step
-                                                      script that copies the service's environment)
+  bare    srun --jobid=J --overlap --nodes=1 --ntasks=1 --nodelist=NODE
+               --container-name=NAME:exec true     (what Pyxis alone costs: the issue's baseline)
+  step    the srun argv `exec` builds, run directly   (bare + the in-step script that copies the
+                                                     service's environment and working directory)
+  pyz     python3 hpc-compose.pyz exec -T app -- true (the installed form: install.sh installs the
+                                                     zipapp, whose bytecode is precompiled)
+  script  python3 hpc_compose.py exec -T app -- true  (a checkout run as a script: Python compiles
+                                                     the whole source at every run)
 
-Both join the same running container of one job; runs alternate bare/tool, one at a time, and the
-figures are the medians and their ratio (the issue asks for at most 1.5x). Nothing is asserted.
-
-The job gets its own Enroot data path through XDG_DATA_HOME and one node (see the note at the top
-of tests/test_exec_e2e.py: the multi-node test cluster's bind-mounted data paths hide container
-names from `enroot list -f`).
+All four join the same running container of one job; runs go round-robin, one at a time, and the
+figures are medians and their ratios to bare (the issue asks for exec within 1.5x). `python -c
+pass` and `--version` of both forms are timed too, to show where the difference goes. Nothing is
+asserted.
 
 Usage: python3 tests/bench/bench_exec.py [--repeat 15]
 """
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from cluster_bench import (  # noqa: E402
-    fmt_seconds, make_project, median, remove_project, require_cluster, submit_tool)
+    REPO, fmt_seconds, make_project, median, remove_project, require_cluster, submit_tool)
 
-TOOL = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                    "hpc_compose.py")
+sys.path.insert(0, REPO)
+import hpc_compose  # noqa: E402  (the srun argv exec builds)
+
+TOOL = os.path.join(REPO, "hpc_compose.py")
 CACHE = os.path.join(os.environ.get("HPC_COMPOSE_TEST_CACHE", "/opt/hpc-compose-tests"))
 IMAGE = os.path.join(CACHE, "test-image.sqsh")
 
@@ -55,6 +58,13 @@ def timed(argv, env, cwd):
     return elapsed
 
 
+def build_pyz(folder):
+    """dist/hpc-compose.pyz as `make -f zipapp.mk` builds it, with bytecode for this Python."""
+    subprocess.run(["make", "-s", "-f", "zipapp.mk", "DIST=" + folder, "PYTHONS=" + sys.executable],
+                   cwd=REPO, check=True, stdout=subprocess.DEVNULL)
+    return os.path.join(folder, "hpc-compose.pyz")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=15)
@@ -64,13 +74,13 @@ def main():
         sys.exit("benchmark needs the test image %s (slurm-cluster.sh up --containers)" % IMAGE)
     node = subprocess.run(["sinfo", "-h", "-N", "-o", "%N"], stdout=subprocess.PIPE,
                           universal_newlines=True).stdout.split()[0]
-    data_home = os.path.join(CACHE, "e2e-cache", "bench-exec-%d" % os.getpid())
-    os.makedirs(os.path.join(data_home, "enroot"))
-    env = dict(os.environ, XDG_DATA_HOME=data_home)
+    env = dict(os.environ)
+    python = os.path.realpath(sys.executable)  # not a pyenv shim, whose start-up is a bash script
     project = make_project("exec", {"compose.yaml": COMPOSE % (
         os.path.join(CACHE, "e2e-cache"), node, IMAGE)})
     job_id = None
     try:
+        pyz = build_pyz(tempfile.mkdtemp(prefix="dist-", dir=project))
         job_id = submit_tool(project, env=env)
         log = os.path.join(project, ".hpc-compose", job_id, "logs", "app.log")
         deadline = time.monotonic() + 300
@@ -80,26 +90,41 @@ def main():
             time.sleep(0.5)
         with open(os.path.join(project, ".hpc-compose", "jobs", job_id + ".json")) as handle:
             name = json.load(handle)["services"][0]["container_name"]
-        bare = ["srun", "--jobid=" + job_id, "--overlap", "--nodes=1", "--ntasks=1",
-                "--nodelist=" + node, "--container-name=%s:exec" % name, "true"]
-        tool = [sys.executable, TOOL, "exec", "-T", "app", "--", "true"]
-        timed(bare, env, project)   # warm both paths once
-        timed(tool, env, project)
-        bare_times, tool_times = [], []
+        target = hpc_compose._ExecTarget(job_id, "app", "pyxis", node, name)
+        runs = [
+            ("bare", "bare srun --container-name=NAME:exec true",
+             ["srun", "--jobid=" + job_id, "--overlap", "--nodes=1", "--ntasks=1",
+              "--nodelist=" + node, "--container-name=%s:exec" % name, "true"]),
+            ("step", "the srun argv exec builds (+ in-step script)",
+             hpc_compose._exec_srun_argv(target, ["true"])),
+            ("pyz", "python3 hpc-compose.pyz exec -T app -- true",
+             [python, pyz, "exec", "-T", "app", "--", "true"]),
+            ("script", "python3 hpc_compose.py exec -T app -- true",
+             [python, TOOL, "exec", "-T", "app", "--", "true"]),
+            ("python", "python3 -c pass", [python, "-c", "pass"]),
+            ("pyz-version", "python3 hpc-compose.pyz --version", [python, pyz, "--version"]),
+            ("script-version", "python3 hpc_compose.py --version", [python, TOOL, "--version"]),
+        ]
+        for _, _, argv in runs:   # warm every path once
+            timed(argv, env, project)
+        times = {key: [] for key, _, _ in runs}
         for _ in range(args.repeat):
-            bare_times.append(timed(bare, env, project))
-            tool_times.append(timed(tool, env, project))
-        b, t = median(bare_times), median(tool_times)
-        print("exec latency, %d runs each, job %s on %s (median)" % (args.repeat, job_id, node))
-        print("  bare srun --container-name=NAME:exec true  %s" % fmt_seconds(b))
-        print("  hpc-compose exec -T app -- true            %s" % fmt_seconds(t))
-        print("  ratio tool/bare                            %.2fx" % (t / b))
+            for key, _, argv in runs:
+                times[key].append(timed(argv, env, project))
+        medians = {key: median(values) for key, values in times.items()}
+        bare = medians["bare"]
+        print("exec latency, %d runs each, job %s on %s, %s (median)"
+              % (args.repeat, job_id, node, python))
+        for key, label, _ in runs:
+            ratio = "  %.2fx bare" % (medians[key] / bare) if key in ("step", "pyz", "script") else ""
+            print("  %-46s %s%s" % (label, fmt_seconds(medians[key]), ratio))
+        print("ratio exec/bare: installed (pyz) %.2fx, script %.2fx (the issue asks for <= 1.5x)"
+              % (medians["pyz"] / bare, medians["script"] / bare))
     finally:
         if job_id:
             subprocess.run(["scancel", job_id], timeout=30)
             time.sleep(5)
         remove_project(project)
-        shutil.rmtree(data_home, ignore_errors=True)
 
 
 if __name__ == "__main__":

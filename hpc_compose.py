@@ -9894,6 +9894,11 @@ def _record_service(record, name):
         if service["name"] == name:
             return service
     names = [s["name"] for s in services]
+    if not names:
+        # An untracked --job-id: hpc-compose did not submit it from here, so its services are unknown.
+        raise HpcComposeError("job %s is not tracked here (no %s), so exec does not know its "
+                              "services" % (record["job_id"],
+                                            _job_record_path(record["project_dir"], record["job_id"])))
     close = _closest(name, names)
     text = "job %s has no service '%s'" % (record["job_id"], name)
     if close:
@@ -13572,8 +13577,10 @@ def _add_exec_parser(subparsers):
                         help="set an environment variable for the command (repeatable)")
     parser.add_argument("-w", "--workdir", metavar="DIR", help="run the command in DIR")
     parser.add_argument("service", metavar="SERVICE")
-    parser.add_argument("command", nargs=argparse.REMAINDER, metavar="COMMAND",
-                        help="the command and its arguments (default: bash, else sh)")
+    command = parser.add_argument("command", nargs=argparse.REMAINDER, metavar="COMMAND",
+                                  help="the command and its arguments (default: bash, else sh)")
+    # argparse counts a REMAINDER as required and would name COMMAND too when SERVICE is missing.
+    command.required = False
     _add_tool_arguments(parser, ("srun", "squeue", "sacct", "scontrol"))
 
 
@@ -13878,6 +13885,11 @@ def _cmd_exec(args):
     if target.runtime == "host":
         token = _record_service(record, args.service).get("token")
         step = _service_step(record["job_id"], token, args.squeue_bin)
+        if step is None:
+            # Without its step there is no process to take the environment and directory from.
+            raise HpcComposeError("service '%s' is not running in job %s: Slurm lists no step "
+                                  "named hpc-compose:%s (squeue --steps)"
+                                  % (args.service, record["job_id"], token))
     tty = sys.stdin.isatty() if args.tty is None else args.tty
     if tty and os.environ.get("TERM") and "TERM" not in dict(environment):
         environment.append(("TERM", os.environ["TERM"]))  # the service has none: a shell needs it

@@ -1366,6 +1366,16 @@ def test_exec_on_the_host_runtime_names_the_services_step(hc, cli, tmp_path, sru
     assert argv[-4:] == ["hpc-compose-exec", "51.3", "", "true"]
 
 
+def test_exec_on_the_host_runtime_without_the_services_step_is_an_error(hc, cli, tmp_path,
+                                                                       srun_calls, monkeypatch):
+    compose = _exec_job(hc, tmp_path, runtime="host")
+    monkeypatch.setattr(hc, "_service_step", lambda job_id, token, squeue_bin: None)
+    result = cli(["exec", "-f", compose, "-T", "web", "true"])
+    assert (result.code, srun_calls) == (1, [])
+    assert result.err == ("error: service 'web' is not running in job 51: Slurm lists no step "
+                          "named hpc-compose:web (squeue --steps)\n")
+
+
 @pytest.mark.parametrize("args, state, message", [
     (["web"], "COMPLETED", "error: job 51 is not running (COMPLETED)\n"),
     (["web"], "UNKNOWN", "error: job 51 is not running (Slurm does not know it)\n"),
@@ -1404,6 +1414,23 @@ def test_exec_into_a_container_without_a_name_cannot_attach(hc, cli, tmp_path, s
     assert result.code == 1 and srun_calls == []
     assert result.err.startswith("error: service 'web' of job 51 runs in a container without a "
                                  "name (the job was submitted by an older hpc-compose)")
+
+
+def test_exec_of_an_untracked_job_id_says_its_services_are_unknown(hc, cli, tmp_path,
+                                                                   srun_calls):
+    compose = _exec_job(hc, tmp_path)
+    result = cli(["exec", "-f", compose, "--job-id", "77", "web"])
+    assert (result.code, srun_calls) == (1, [])
+    assert result.err == ("error: job 77 is not tracked here (no %s), so exec does not know its "
+                          "services\n" % hc._job_record_path(str(tmp_path), "77"))
+
+
+def test_exec_without_a_service_is_a_usage_error_naming_only_service(hc, cli, tmp_path,
+                                                                     srun_calls):
+    result = cli(["exec", "-f", _exec_job(hc, tmp_path)])
+    assert (result.code, srun_calls) == (2, [])
+    assert result.err.splitlines()[0] == ("error: hpc-compose exec: the following arguments are "
+                                          "required: SERVICE")
 
 
 def test_exec_env_option_without_equals_is_a_usage_error(hc, cli, tmp_path, srun_calls):

@@ -22,13 +22,13 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from cluster_bench import (  # noqa: E402
-    REPO, fmt_seconds, make_project, median, remove_project, require_cluster, submit_tool)
+    REPO, build_pyz, end_benchmark, fmt_seconds, make_project, median, require_cluster,
+    submit_tool)
 
 sys.path.insert(0, REPO)
 import hpc_compose  # noqa: E402  (the srun argv exec builds)
@@ -58,13 +58,6 @@ def timed(argv, env, cwd):
     return elapsed
 
 
-def build_pyz(folder):
-    """dist/hpc-compose.pyz as `make -f zipapp.mk` builds it, with bytecode for this Python."""
-    subprocess.run(["make", "-s", "-f", "zipapp.mk", "DIST=" + folder, "PYTHONS=" + sys.executable],
-                   cwd=REPO, check=True, stdout=subprocess.DEVNULL)
-    return os.path.join(folder, "hpc-compose.pyz")
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=15)
@@ -80,7 +73,7 @@ def main():
         os.path.join(CACHE, "e2e-cache"), node, IMAGE)})
     job_id = None
     try:
-        pyz = build_pyz(tempfile.mkdtemp(prefix="dist-", dir=project))
+        pyz = build_pyz(project)
         job_id = submit_tool(project, env=env)
         log = os.path.join(project, ".hpc-compose", job_id, "logs", "app.log")
         deadline = time.monotonic() + 300
@@ -121,10 +114,7 @@ def main():
         print("ratio exec/bare: installed (pyz) %.2fx, script %.2fx (the issue asks for <= 1.5x)"
               % (medians["pyz"] / bare, medians["script"] / bare))
     finally:
-        if job_id:
-            subprocess.run(["scancel", job_id], timeout=30)
-            time.sleep(5)
-        remove_project(project)
+        end_benchmark(job_id, project)
 
 
 if __name__ == "__main__":

@@ -17,12 +17,12 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from cluster_bench import REPO, make_project, remove_project, require_cluster, submit_tool  # noqa: E402
+from cluster_bench import (  # noqa: E402
+    build_pyz, end_benchmark, make_project, require_cluster, submit_tool)
 
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -73,10 +73,7 @@ def main():
     project = make_project("follow", {"compose.yaml": compose(args.services)})
     job_id = None
     try:
-        dist = tempfile.mkdtemp(prefix="dist-", dir=project)
-        subprocess.run(["make", "-s", "-f", "zipapp.mk", "DIST=" + dist, "PYTHONS=" + python],
-                       cwd=REPO, check=True, stdout=subprocess.DEVNULL)
-        pyz = os.path.join(dist, "hpc-compose.pyz")
+        pyz = build_pyz(project)
         job_id = submit_tool(project)
         logs = [os.path.join(project, ".hpc-compose", job_id, "logs", "s%02d.log" % i)
                 for i in range(1, args.services + 1)]
@@ -100,10 +97,7 @@ def main():
                   % (label, cpu, wall, 100.0 * cpu / wall))
         print("(the issue asks for under 1% of a core for logs --follow)")
     finally:
-        if job_id:
-            subprocess.run(["scancel", job_id], timeout=30)
-            time.sleep(5)
-        remove_project(project)
+        end_benchmark(job_id, project)
 
 
 if __name__ == "__main__":

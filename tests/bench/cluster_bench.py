@@ -27,7 +27,8 @@ from slurm_support import (  # noqa: E402
     cluster_problem, run_tool_cli, sacct_job, wait_for_job, TOOL_PATH)
 
 __all__ = ["REPO", "TOOL_PATH", "require_cluster", "free_port", "make_project", "submit_tool",
-           "sbatch", "wait_for_job", "job_times", "median", "run_tool_cli", "fmt_seconds"]
+           "sbatch", "wait_for_job", "job_times", "median", "run_tool_cli", "fmt_seconds",
+           "build_pyz", "end_benchmark"]
 
 
 def require_cluster():
@@ -123,3 +124,21 @@ def fmt_seconds(value):
 def remove_project(path):
     """Remove a benchmark project folder (best effort)."""
     shutil.rmtree(path, ignore_errors=True)
+
+
+def build_pyz(project):
+    """``hpc-compose.pyz`` as `make -f zipapp.mk` builds it (bytecode for this Python), in a fresh
+    folder of ``project``: the installed form of the tool."""
+    folder = tempfile.mkdtemp(prefix="dist-", dir=project)
+    subprocess.run(["make", "-s", "-f", "zipapp.mk", "DIST=" + folder,
+                    "PYTHONS=" + os.path.realpath(sys.executable)],
+                   cwd=REPO, check=True, stdout=subprocess.DEVNULL)
+    return os.path.join(folder, "hpc-compose.pyz")
+
+
+def end_benchmark(job_id, project):
+    """scancel the benchmark's job (if it got one), give its teardown a moment, remove its folder."""
+    if job_id:
+        subprocess.run(["scancel", job_id], timeout=30)
+        time.sleep(5)
+    remove_project(project)

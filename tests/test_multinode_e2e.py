@@ -377,6 +377,31 @@ services:
                                             "nodes: %s)\n" % (cluster_nodes()[0], last))
 
 
+def test_exec_on_the_host_runtime_runs_on_the_chosen_node_in_the_services_environment(
+        slurm, slurm_jobs, tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    run = compose_run(tmp_path, """\
+name: multinode-e2e
+x-slurm: {time: "00:05:00", runtime: host, nodes: %d}
+services:
+  app:
+    working_dir: %s
+    environment: {GREETING: "hi there"}
+    x-slurm: {nodes: %d, ntasks_per_node: 1}
+    command: sh -c 'echo "up $(hostname)"; exec sleep 300'
+""" % (NODES, work, NODES), slurm_jobs, verb="submit")
+    assert run.result.code == 0, run.result
+    _wait_for_lines(run, "app", NODES)
+    nodes = cluster_nodes()
+
+    result = _exec(run, "--index", "3", "app", "--", "sh", "-c",
+                   'echo "$(hostname)|$GREETING|$PWD|$SLURM_PROCID"; exit 6')
+    assert (result.code, result.out) == (6, "%s|hi there|%s|2\n" % (nodes[2], work)), result
+    logs = run_tool_cli(["logs", "-f", "compose.yaml", "--no-prefix"], cwd=run.folder)
+    assert sorted(lines_of(logs.out)) == ["up %s" % node for node in nodes]
+
+
 # --- every log line before the verdict ----------------------------------------------------------
 
 def test_up_prints_every_log_line_of_every_node_before_its_verdict(slurm, slurm_jobs, image,

@@ -257,7 +257,8 @@ def _wait_job_id(folder, timeout=60):
 
 def _revive_nodes(job_id):
     """Bring the killed node back (its slurmd; Slurm returns it to service) and clear what the
-    crash left of the job in its Enroot data directory, as a real node's reboot would."""
+    crash left of the job in its Enroot data directory (the step containers, and the named ones
+    that the node's keeper, killed with it, could not remove), as a real node's reboot would."""
     # Without --containers: the tools are installed already, and their source archives need not
     # be at hand where the tests run.
     proc = subprocess.run(["bash", CLUSTER_SCRIPT, "up", "--nodes", str(NODES)],
@@ -266,7 +267,7 @@ def _revive_nodes(job_id):
     assert proc.returncode == 0, proc.stdout[-3000:]
     for node in cluster_nodes():
         for name in enroot_containers(node):
-            if name.startswith("pyxis_%s." % job_id):
+            if name.startswith(("pyxis_%s." % job_id, "pyxis_hpc-compose_%s_" % job_id)):
                 on_node(node, ["enroot", "remove", "--force", name], timeout=120)
 
 

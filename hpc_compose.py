@@ -3405,8 +3405,10 @@ def _select_services(spec, profiles, names):
     if names:
         unknown = [name for name in names if name not in by_name]
         if unknown:
+            close = _closest(unknown[0], by_name)
             raise UsageError("no such service: %s" % ", ".join(unknown),
-                             hint="services in the file: " + ", ".join(by_name))
+                             hint=("did you mean '%s'? " % close if close else "")
+                             + "services in the file: " + ", ".join(by_name))
         wanted = set()
         pending = list(names)
         while pending:
@@ -3451,6 +3453,80 @@ def _closest(word, choices):
     import difflib
     matches = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
     return matches[0] if matches else None
+
+
+# --- run: the spec of a one-off job (hpc-compose run SERVICE -- COMMAND) -----------------------
+
+class _RunRequest(NamedTuple):
+    """What ``run`` changes in the file's stack, as given on its command line."""
+    service: str
+    command: tuple = ()            # () keeps the service's own command
+    environment: tuple = ()        # ((key, value), ...) set on top of the service's environment
+    volumes: tuple = ()            # "host:container[:options]" as in the spec's volumes
+    working_dir: object = None
+    job_name: object = None        # None: "<job name>-run-<service>"
+    no_deps: bool = False
+
+
+def _run_spec(spec, request, cwd):
+    """The spec of a ``run`` job from ``spec`` (already narrowed to the service and what it depends
+    on): the service with its command, environment, volumes and working directory replaced, no
+    readiness and no restarts of its own (so the job ends when it ends), and one job, not an array.
+
+    Relative host paths of ``request`` (volumes, a host working directory) are relative to ``cwd``,
+    like every path given on the command line. A mistake in ``request`` raises ``UsageError``.
+    """
+    service = next(s for s in spec.services if s.name == request.service)
+    host = service.runtime == "host"
+    command = service.command
+    if request.command:
+        command = tuple(request.command)
+        if isinstance(service.entrypoint, str):
+            # A shell-form entrypoint takes the command as words of the same script.
+            command = " ".join(shell_quote(word) for word in request.command)
+    working_dir = service.working_dir
+    if request.working_dir is not None:
+        working_dir = request.working_dir
+        if command is None and service.entrypoint is None:
+            raise UsageError("--workdir needs a command: service '%s' runs its image's default"
+                             % service.name, hint="give the command after the service: run "
+                             "--workdir %s %s -- COMMAND" % (working_dir, service.name))
+        if host:
+            working_dir = os.path.normpath(os.path.join(cwd, os.path.expanduser(working_dir)))
+        elif not working_dir.startswith("/"):
+            raise UsageError("--workdir %r must be an absolute container path" % working_dir)
+    volumes = list(service.volumes)
+    for text in request.volumes:
+        if host:
+            raise UsageError("--volume is not available for service '%s': it uses the host "
+                             "runtime and already sees the node's file system" % service.name,
+                             hint="use the host paths directly")
+        try:
+            source, target, options = _split_volume(text,
+                                                    resume_enabled=spec.slurm.resume is not None)
+        except _Invalid as exc:
+            raise UsageError("--volume: %s" % exc.message, hint=exc.hint)
+        source = os.path.normpath(os.path.join(cwd, os.path.expanduser(source)))
+        volumes.append(":".join(part for part in (source, target, options) if part))
+    values = dict(request.environment)   # a key given twice: the last value wins
+    environment = [(key, values.pop(key, value)) for key, value in service.environment]
+    for key, _ in request.environment:
+        if key in values:
+            environment.append((key, values.pop(key)))
+    job_name = request.job_name
+    if job_name is None:
+        job_name = "%s-run-%s" % (spec.slurm.job_name or spec.name or "hpc-compose", service.name)
+    elif not job_name.strip() or "\n" in job_name or "\r" in job_name:
+        raise UsageError("--name must be a non-empty single line, got %r" % job_name)
+    service = service._replace(
+        command=command, working_dir=working_dir, volumes=tuple(volumes),
+        environment=tuple(environment), readiness=None,
+        depends_on=() if request.no_deps else service.depends_on,
+        slurm=service.slurm._replace(failure_policy=FailurePolicy()))
+    services = tuple(service if s.name == service.name else s for s in spec.services
+                     if not request.no_deps or s.name == service.name)
+    return spec._replace(services=services,
+                         slurm=spec.slurm._replace(job_name=job_name, array=None))
 
 
 class _SpecLoader(object):
@@ -9599,15 +9675,21 @@ class _WatchOutcome(NamedTuple):
     seconds: float
 
 
-def watch_job(record, squeue_bin="squeue", sacct_bin="sacct", out=None, sleep=None, clock=None):
-    """Stream every service log (prefixed) and follow the scheduler until the job ends."""
+def watch_job(record, squeue_bin="squeue", sacct_bin="sacct", out=None, sleep=None, clock=None,
+              sources=None, show=None):
+    """Stream every service log (prefixed) and follow the scheduler until the job ends.
+
+    ``sources``: the ``(service, log path)`` pairs to stream (default: every service);
+    ``show(service, line)`` prints one line (default: ``[service] line`` on ``out``).
+    """
     import time
     out = out or sys.stdout
+    show = show or (lambda name, line: out.write(_format_log_line(name, line) + "\n"))
     sleep = sleep or time.sleep
     clock = clock or time.monotonic
     started = clock()
     job_id = record["job_id"]
-    follower = _LogFollower(_record_log_sources(record))
+    follower = _LogFollower(_record_log_sources(record) if sources is None else sources)
     poller = _SchedulerPoller(job_id, squeue_bin, sacct_bin, clock=clock)
     out.write("watching job %s (Ctrl-C stops watching, not the job)\n" % job_id)
     out.flush()
@@ -9616,7 +9698,7 @@ def watch_job(record, squeue_bin="squeue", sacct_bin="sacct", out=None, sleep=No
     told_silence = False
     while True:
         for name, line in follower.poll():
-            out.write(_format_log_line(name, line) + "\n")
+            show(name, line)
         # state.json is free to read: once the batch script says it is done, ask the scheduler
         # promptly instead of waiting out a backed-off interval.
         try:
@@ -9647,7 +9729,7 @@ def watch_job(record, squeue_bin="squeue", sacct_bin="sacct", out=None, sleep=No
     # The batch script may still be finishing its last writes when the scheduler says done (on
     # several nodes, srun relays the last lines of remote tasks after Slurm already reports the
     # end): every log line is printed before the verdict, so wait for the final state.json.
-    _settle_logs(record, follower, out, sleep, clock)
+    _settle_logs(record, follower, show, sleep, clock)
     runtime = _load_runtime_state(record["job_dir"])
     state = poller.state
     ok = state.state == "COMPLETED"
@@ -9693,15 +9775,15 @@ def _conclusion_from_state(job_id, runtime):
                        "disabled on this cluster?), so this comes from the batch script itself")
 
 
-def _settle_logs(record, follower, out, sleep, clock):
+def _settle_logs(record, follower, show, sleep, clock):
     """Print log lines until state.json is final (at most _STATE_SETTLE_SECONDS), then the rest."""
     deadline = clock() + _STATE_SETTLE_SECONDS
     while not _runtime_final(_load_runtime_state(record["job_dir"])) and clock() < deadline:
         for name, line in follower.poll():
-            out.write(_format_log_line(name, line) + "\n")
+            show(name, line)
         sleep(_LOG_POLL_SECONDS)
     for name, line in follower.flush():
-        out.write(_format_log_line(name, line) + "\n")
+        show(name, line)
 
 
 def _job_nodes(record):
@@ -10071,6 +10153,7 @@ def _job_status(record, squeue_bin="squeue", sacct_bin="sacct"):
         "dependency": _explain_dependency(record, scheduler, squeue_bin, sacct_bin),
         "attempts": [_attempt_summary(n, state)
                      for n, state in _load_attempt_states(record["job_dir"])],
+        "run": record.get("run"),
     }
 
 
@@ -10283,6 +10366,11 @@ def _format_status_text(status):
         lines.append("  progress:   " + status["progress"])
     if status.get("dependency"):
         lines.append("  dependency: " + status["dependency"]["text"])
+    if status.get("run"):
+        run = status["run"]
+        lines.append("  run:        service %s, command %s" % (
+            run.get("service"), " ".join(shell_quote(_preview(w)) for w in run["command"]) if run.get("command")
+            else "its own"))
     runtime = status["runtime"]
     if runtime:
         text = str(runtime.get("status"))
@@ -12846,7 +12934,7 @@ def _command_parsers():
         ("validate", _add_validate_parser), ("inspect", _add_inspect_parser),
         ("config", _add_config_parser), ("render", _add_render_parser),
         ("preflight", _add_preflight_parser), ("prepare", _add_prepare_parser),
-        ("submit", _add_submit_parser), ("up", _add_up_parser),
+        ("submit", _add_submit_parser), ("up", _add_up_parser), ("run", _add_run_parser),
         ("status", _add_status_parser), ("ps", _add_ps_parser), ("logs", _add_logs_parser), ("exec", _add_exec_parser),
         ("stats", _add_stats_parser), ("artifacts", _add_artifacts_parser),
         ("cancel", _add_cancel_parser), ("down", _add_down_parser), ("clean", _add_clean_parser),
@@ -13464,11 +13552,12 @@ def _add_job_id_argument(parser):
                         help="one task of a job array (x-slurm.array): its own directory and logs")
 
 
-def _add_submit_arguments(parser):
+def _add_submit_arguments(parser, services=True):
     _add_file_argument(parser)
-    parser.add_argument("services", metavar="SERVICE", nargs="*",
-                        help="run only these services and what they depend on (default: every "
-                             "service whose profiles are active)")
+    if services:
+        parser.add_argument("services", metavar="SERVICE", nargs="*",
+                            help="run only these services and what they depend on (default: "
+                                 "every service whose profiles are active)")
     parser.add_argument("--script-out", dest="script_out", metavar="PATH",
                         help="where to write the batch script (default: <compose dir>/hpc-compose.sbatch)")
     parser.add_argument("--dry-run", action="store_true",
@@ -13508,6 +13597,35 @@ def _add_up_parser(subparsers):
                          "submit and watch (= submit --watch); exits 0 only if the job completed",
                          ["hpc-compose up -f examples/host-pipeline.yaml"])
     _add_submit_arguments(parser)
+
+
+def _add_run_parser(subparsers):
+    import argparse
+    parser = _add_command(
+        subparsers, "run", _cmd_run,
+        "submit a one-off job: SERVICE (with its dependencies) running COMMAND, watched like up; "
+        "exits with the service's exit code",
+        ["hpc-compose run app -- python3 -c 'print(42)'",
+         "hpc-compose run -e DEBUG=1 -v ./data:/data --workdir /data app -- ls",
+         "hpc-compose run --no-deps --detach --name nightly-check app -- ./check.sh"],
+        "Options go before SERVICE; everything after it is the command.")
+    _add_submit_arguments(parser, services=False)
+    parser.add_argument("-d", "--detach", action="store_true",
+                        help="submit and print the job, do not watch it")
+    parser.add_argument("--no-deps", dest="no_deps", action="store_true",
+                        help="do not start the services SERVICE depends on")
+    parser.add_argument("-e", "--env", dest="env", action="append", default=[], metavar="KEY=VAL",
+                        help="set an environment variable for the service (repeatable)")
+    parser.add_argument("-v", "--volume", dest="volumes", action="append", default=[],
+                        metavar="HOST:CONTAINER[:ro]",
+                        help="bind-mount a host path (repeatable; relative to this directory)")
+    parser.add_argument("-w", "--workdir", metavar="DIR",
+                        help="the service's working directory")
+    parser.add_argument("--name", metavar="NAME",
+                        help="the job name (default: <job name>-run-<service>)")
+    parser.add_argument("service", metavar="SERVICE")
+    parser.add_argument("command", nargs=argparse.REMAINDER, metavar="COMMAND",
+                        help="replaces the service's command (default: its own)")
 
 
 def _add_status_arguments(parser):
@@ -13666,9 +13784,15 @@ def _print_findings(report):
 
 def _cmd_submit(args):
     """Preflight, prepare, render, write the script, sbatch, record; optionally watch."""
-    fmt = _output_format(args)
-    say = (lambda text: sys.stderr.write(text + "\n")) if fmt == "json" else print
     spec, plan = _load_plan_from_args(args)
+    return _submit_plan(args, plan)
+
+
+def _submit_plan(args, plan, run=None):
+    """``submit`` from the plan on: ``run`` (``{"service", "command"}``) marks a ``run`` job, whose
+    own messages go to stderr so that stdout carries the service's output alone."""
+    fmt = _output_format(args)
+    say = (lambda text: sys.stderr.write(text + "\n")) if fmt == "json" or run else print
     runtime_plan = build_runtime_plan(plan)
     if not args.no_preflight:
         report = run_preflight(runtime_plan, PreflightOptions(
@@ -13713,6 +13837,8 @@ def _cmd_submit(args):
     record = _build_job_record(runtime_plan, job_id, cluster, script_path)
     record["dependency"] = dependency or None
     record["after"] = chain
+    if run:
+        record["run"] = run     # a `run` job: which service, which command
     metadata_path = None
     try:
         metadata_path = _record_job(plan.project_dir, record)
@@ -13778,9 +13904,16 @@ def _deliver_secrets(plan, job_id, cluster, args, say):
 
 
 def _watch(record, args, fmt):
-    out = sys.stderr if fmt == "json" else sys.stdout
+    run = record.get("run")
+    out = sys.stderr if fmt == "json" or run else sys.stdout
+    sources = show = None
+    if run:
+        # `run` shows its service's output as it is, alone on stdout (stderr with --format json).
+        sources = _record_log_sources(record, run["service"])
+        show = _unprefixed_lines(sys.stderr if fmt == "json" else sys.stdout)
     try:
-        outcome = watch_job(record, args.squeue_bin, args.sacct_bin, out=out)
+        outcome = watch_job(record, args.squeue_bin, args.sacct_bin, out=out, sources=sources,
+                            show=show)
     except KeyboardInterrupt:
         sys.stdout.flush()
         sys.stderr.write("\nstopped watching job %s; it keeps running.\n"
@@ -13789,10 +13922,16 @@ def _watch(record, args, fmt):
                          % (record["job_id"], record.get("compose_file") or "compose.yaml",
                             record.get("compose_file") or "compose.yaml"))
         return _EXIT_INTERRUPTED
+    exit_code = _run_exit_code(outcome.runtime, run["service"]) if run else None
     if fmt == "json":
-        _print_json({"job_id": record["job_id"], "ok": outcome.ok, "reason": outcome.reason,
-                    "scheduler": outcome.scheduler.to_dict(), "runtime": outcome.runtime,
-                    "scheduler_calls": outcome.scheduler_calls})
+        result = {"job_id": record["job_id"], "ok": outcome.ok, "reason": outcome.reason,
+                  "scheduler": outcome.scheduler.to_dict(), "runtime": outcome.runtime,
+                  "scheduler_calls": outcome.scheduler_calls}
+        if run:
+            result["exit_code"] = exit_code
+        _print_json(result)
+    if exit_code is not None:
+        return _conclude_run(record, outcome, exit_code, out)
     if outcome.ok:
         out.write(outcome.reason + "\n")
         return _EXIT_OK
@@ -13810,6 +13949,55 @@ def _cmd_up(args):
     """``submit --watch``."""
     args.watch = True
     return _cmd_submit(args)
+
+
+def _cmd_run(args):
+    """A one-off job of SERVICE (and its dependencies) with COMMAND, submitted like ``up``."""
+    command = list(args.command)
+    if command[:1] == ["--"]:
+        command = command[1:]
+    request = _RunRequest(args.service, tuple(command), tuple(_parse_assignments(args.env)),
+                          tuple(args.volumes), args.workdir, args.name, args.no_deps)
+    args.services = [args.service]
+    spec = load_spec(_resolve_compose_files(args), **_spec_options(args))
+    for message in spec.warnings:
+        _warn(message)
+    plan = build_plan(_run_spec(spec, request, os.getcwd()))
+    if not args.script_out:
+        # Beside up's script, not over it: the tracked record of an up job names its script.
+        args.script_out = os.path.join(plan.project_dir,
+                                       "hpc-compose-run-%s.sbatch" % service_token(args.service))
+    args.watch = not args.detach
+    return _submit_plan(args, plan, run={"service": args.service, "command": command or None})
+
+
+def _unprefixed_lines(stream):
+    """``show`` for ``watch_job``: each line as the service wrote it, at once."""
+    def show(name, line):
+        stream.write(line.rstrip("\r") + "\n")
+        stream.flush()
+    return show
+
+
+def _run_exit_code(runtime, name):
+    """The exit code of a ``run`` job's service once it exited by itself; ``None`` when it never
+    ran to its end (not started, a dependency failed, the job was cancelled or timed out)."""
+    for service in (runtime or {}).get("services", ()):
+        if service.get("name") == name and service.get("status") in ("exited", "failed"):
+            code = service.get("last_exit_code")
+            return code if isinstance(code, int) else None
+    return None
+
+
+def _conclude_run(record, outcome, exit_code, out):
+    """The exit code of a watched ``run``: its service's, said on stderr when it is not 0."""
+    if exit_code:
+        sys.stderr.write("service '%s' exited with code %d (job %s %s)\n"
+                         % (record["run"]["service"], exit_code, record["job_id"],
+                            outcome.scheduler.state))
+    else:
+        out.write(outcome.reason + "\n")
+    return exit_code
 
 
 def _cmd_status(args):

@@ -374,3 +374,14 @@ def test_run_with_json_prints_the_exit_code_and_keeps_stdout_for_json(tmp_path, 
 def test_the_services_exit_code_counts_only_when_it_exited_by_itself(services, expected):
     assert hpc_compose._run_exit_code({"services": services}, "web") == expected
     assert hpc_compose._run_exit_code(None, "web") is None
+
+
+def test_status_of_a_run_job_names_its_service_and_command(hc):
+    status = {"job_id": "77", "scheduler": {"state": "RUNNING", "source": "squeue"},
+              "runtime": None, "job_dir": "/p/.hpc-compose/77",
+              "batch_log": {"path": "/p/slurm-77.out", "present": False}, "services": [],
+              "run": {"service": "web", "command": ["sh", "-c", "echo it's"]}}
+    assert "  run:        service web, command sh -c 'echo it'\"'\"'s'\n" in \
+        hc._format_status_text(status)
+    status["run"]["command"] = None
+    assert "  run:        service web, command its own\n" in hc._format_status_text(status)

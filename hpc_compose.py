@@ -10367,10 +10367,10 @@ def _format_status_text(status):
     if status.get("dependency"):
         lines.append("  dependency: " + status["dependency"]["text"])
     if status.get("run"):
-        run = status["run"]
+        command = status["run"].get("command")
         lines.append("  run:        service %s, command %s" % (
-            run.get("service"), " ".join(shell_quote(_preview(w)) for w in run["command"]) if run.get("command")
-            else "its own"))
+            status["run"].get("service"),
+            " ".join(shell_quote(_preview(word)) for word in command) if command else "its own"))
     runtime = status["runtime"]
     if runtime:
         text = str(runtime.get("status"))
@@ -13552,14 +13552,14 @@ def _add_job_id_argument(parser):
                         help="one task of a job array (x-slurm.array): its own directory and logs")
 
 
-def _add_submit_arguments(parser, services=True):
+def _add_submit_arguments(parser, services=True, script="hpc-compose.sbatch"):
     _add_file_argument(parser)
     if services:
         parser.add_argument("services", metavar="SERVICE", nargs="*",
                             help="run only these services and what they depend on (default: "
                                  "every service whose profiles are active)")
     parser.add_argument("--script-out", dest="script_out", metavar="PATH",
-                        help="where to write the batch script (default: <compose dir>/hpc-compose.sbatch)")
+                        help="where to write the batch script (default: <compose dir>/%s)" % script)
     parser.add_argument("--dry-run", action="store_true",
                         help="run preflight, prepare and render, write the script, but do not call sbatch")
     parser.add_argument("--no-preflight", action="store_true", help="skip the preflight checks")
@@ -13609,7 +13609,7 @@ def _add_run_parser(subparsers):
          "hpc-compose run -e DEBUG=1 -v ./data:/data --workdir /data app -- ls",
          "hpc-compose run --no-deps --detach --name nightly-check app -- ./check.sh"],
         "Options go before SERVICE; everything after it is the command.")
-    _add_submit_arguments(parser, services=False)
+    _add_submit_arguments(parser, services=False, script="hpc-compose-run-<service>.sbatch")
     parser.add_argument("-d", "--detach", action="store_true",
                         help="submit and print the job, do not watch it")
     parser.add_argument("--no-deps", dest="no_deps", action="store_true",

@@ -13624,8 +13624,9 @@ def _add_run_parser(subparsers):
     parser.add_argument("--name", metavar="NAME",
                         help="the job name (default: <job name>-run-<service>)")
     parser.add_argument("service", metavar="SERVICE")
-    parser.add_argument("command", nargs=argparse.REMAINDER, metavar="COMMAND",
-                        help="replaces the service's command (default: its own)")
+    command = parser.add_argument("command", nargs=argparse.REMAINDER, metavar="COMMAND",
+                                  help="replaces the service's command (default: its own)")
+    command.required = False  # as for exec: a missing SERVICE names SERVICE alone
 
 
 def _add_status_arguments(parser):

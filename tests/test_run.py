@@ -268,7 +268,8 @@ def test_malformed_env_is_a_usage_error(cli, tmp_path):
 def test_missing_service_is_a_usage_error(cli, tmp_path):
     result = dry_run(cli, tmp_path)
     assert result.code == 2
-    assert "hpc-compose run: the following arguments are required: SERVICE" in result.err
+    assert result.err.startswith("error: hpc-compose run: the following arguments are required: "
+                                 "SERVICE\n")
 
 
 # --- submission and tracking (a stand-in sbatch) -------------------------------------------------

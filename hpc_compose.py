@@ -152,6 +152,8 @@ _METRICS_META_SCHEMA_VERSION = 1         # <job dir>/metrics/meta.json
 _ARTIFACTS_MANIFEST_SCHEMA_VERSION = 3   # <job dir>/artifacts/manifest.json
 _EXPORT_PROVENANCE_SCHEMA_VERSION = 2    # <export dir>/_hpc-compose/bundles/<bundle>.json
 _CONTAINER_NAME_PREFIX = "hpc-compose_"   # + job id + "_" + token: a Pyxis service's container (exec)
+_LAUNCHER_VARIABLE = "HPC_COMPOSE_LAUNCHER"  # "local": `up --local` outside Slurm runs the script
+_LOCAL_JOB_PREFIX = "local-"                  # + UTC time + "-" + pid: the id of such a run
 _LOG_TIMES_SUFFIX = ".times"             # <job dir>/logs/<token>.times: "<epoch ms> <log size>" lines
 
 
@@ -6261,6 +6263,7 @@ class PreflightOptions(NamedTuple):
     sbatch_bin: str = "sbatch"
     skip_prepare: bool = False
     dry_run: bool = False          # submit --dry-run: a missing reused image is a warning, not an error
+    local: object = None           # up --local: "allocation" or "machine" (no sbatch; no srun outside Slurm)
 
 
 class PreflightReport(NamedTuple):
@@ -6295,13 +6298,18 @@ def run_preflight(runtime_plan, options=PreflightOptions()):
     enroot_path = None
     if uses_containers:
         enroot_path = _preflight_binary(findings, "enroot", options.enroot_bin, "--enroot-bin")
-    srun_path = _preflight_binary(findings, "srun", options.srun_bin, "--srun-bin")
-    _preflight_binary(findings, "sbatch", options.sbatch_bin, "--sbatch-bin")
+    srun_path = None
+    if options.local != "machine":
+        srun_path = _preflight_binary(findings, "srun", options.srun_bin, "--srun-bin")
+    if options.local is None:
+        _preflight_binary(findings, "sbatch", options.sbatch_bin, "--sbatch-bin")
+    else:
+        findings.extend(_preflight_local(runtime_plan, options.local, enroot_path))
     if plan.nodes > 1:
         _preflight_binary(findings, "scontrol", "scontrol", None,
                       why="x-slurm.nodes is %d: the batch script expands the node list with it"
                           % plan.nodes)
-    elif _secret_services(plan):
+    elif _secret_services(plan) and options.local is None:
         _preflight_binary(findings, "scontrol", "scontrol", None,
                           why="the job uses secrets: submit releases it with scontrol once the "
                               "owner-only copies are written")
@@ -6646,6 +6654,33 @@ def _preflight_credentials(runtime_plan):
     return findings
 
 
+def _preflight_local(runtime_plan, mode, enroot_path):
+    """What ``up --local`` needs here: bash, and outside Slurm an enroot that can list containers;
+    no sbatch. The plan's problems for the mode (an array, several nodes or tasks) are errors."""
+    findings = [Finding("ok", "local.mode",
+                        "up --local runs the batch script with bash here, never sbatch: %s" % (
+                            "its services become steps of allocation %s" % os.environ.get(
+                                "SLURM_JOB_ID") if mode == "allocation"
+                            else "outside Slurm, its services run on this machine"))]
+    _preflight_binary(findings, "bash", "bash", None, why="up --local runs the batch script with it")
+    for problem in _local_plan_problems(runtime_plan.plan, mode):
+        findings.append(Finding("error", "local.plan", problem))
+    if mode == "machine" and enroot_path:
+        try:
+            result = _run_command([enroot_path, "list"], timeout=60)
+            error = None if result.returncode == 0 else (result.stderr or result.stdout).strip()
+        except ToolError as exc:
+            error = exc.message
+        if error:
+            findings.append(Finding("error", "local.enroot", "'%s list' failed: %s" % (
+                enroot_path, error), "outside Slurm the Pyxis services run through enroot "
+                "create/start: check ENROOT_DATA_PATH and ENROOT_RUNTIME_PATH are writable"))
+        else:
+            findings.append(Finding("ok", "local.enroot", "enroot can create and start the Pyxis "
+                                    "services' containers here (%s list works)" % enroot_path))
+    return findings
+
+
 def _preflight_curl(plan):
     users = [s.name for s in plan.services if s.readiness is not None and s.readiness.type == "http"]
     if not users:
@@ -6918,7 +6953,7 @@ _RUN_SERVICE_TEMPLATE = """
 run_service_@{index}() {
     umask "$USER_UMASK"
 @{mkdirs}    exec env \\
-@{env}        "$SRUN" \\
+@{env}        "${LAUNCH[@]}" \\
 @{argv}
 }
 """
@@ -7523,6 +7558,7 @@ _CONTAINER_KEEPER_TEMPLATE = r"""
 # when teardown asks (the stop file) or when Slurm signals the step (scancel, the time limit).
 KEEPER_STOP="$RUN_DIR/containers.stop" KEEPER_PID=''
 start_container_keeper() {
+    [[ $LAUNCHER == srun ]] || return 0  # up --local outside Slurm: teardown removes them itself
     rm -f -- "$KEEPER_STOP"
     # shellcheck disable=SC2016  # the script is expanded by the keeper's shell, on its node
     srun --overlap --nodes="$HPC_COMPOSE_NODE_COUNT" --ntasks="$HPC_COMPOSE_NODE_COUNT" \
@@ -7553,6 +7589,7 @@ start_container_keeper() {
 
 stop_container_keeper() {  # ask the keepers to remove the containers, and wait up to 60 s
     local waited=0
+    [[ $LAUNCHER == srun ]] || { remove_local_containers; return 0; }
     [[ -n $KEEPER_PID ]] || return 0
     : >"$KEEPER_STOP"
     while alive "$KEEPER_PID" && (( waited < 600 )); do
@@ -7629,11 +7666,112 @@ fi
 """
 
 
+_LAUNCHER_TEMPLATE = r"""
+# ---------------------------------------------------------------------------
+# Launcher: every service is an srun step of this job (sbatch, or `hpc-compose up --local` inside
+# an allocation), except in `hpc-compose up --local` outside Slurm (@{launcher_variable}=local),
+# where local_step does on this machine what srun and Pyxis would do.
+# ---------------------------------------------------------------------------
+LAUNCHER=${@{launcher_variable}:-srun}
+unset -v @{launcher_variable}
+
+# local_step DIR SRUN-OPTION... COMMAND...: one service on this machine. Scheduling options
+# (--nodes, --ntasks, --gres, x-slurm srun_args...) mean nothing on one machine and are skipped;
+# the Pyxis options become `enroot create` (once) and `enroot start` of the same image, named
+# pyxis_<--container-name> as Pyxis names it, with the same mounts (x-create=auto,rbind + flags),
+# the --container-env variables (--env), --container-workdir, and Pyxis's entrypoint rule (without
+# the entrypoint, /etc/rc.local becomes `exec "$@"`). DIR holds the enroot configuration files.
+local_step() {
+    local dir=$1 image='' mounts='' workdir='' variables='' name='' entrypoint=0 chdir=''
+    local item source target flags conf quoted list=() args=() lines=()
+    shift
+    while (( $# > 0 )); do
+        case $1 in
+            --container-image=*) image=${1#*=} ;;
+            --container-mounts=*) mounts=${1#*=} ;;
+            --container-workdir=*) workdir=${1#*=} ;;
+            --container-env=*) variables=${1#*=} ;;
+            --container-name=*) name=${1#*=} ;;
+            --container-entrypoint) entrypoint=1 ;;
+            --no-container-entrypoint) entrypoint=0 ;;
+            --chdir=*) chdir=${1#*=} ;;
+            -*) ;;
+            *) break ;;
+        esac
+        shift
+    done
+    # The services see no Slurm job: there is none.
+    unset -v SLURM_JOB_ID SLURM_SUBMIT_DIR
+    unset -f local_step
+    if [[ -z $image ]]; then
+        if [[ -n $chdir ]]; then cd -- "$chdir" || exit 1; fi
+        exec "$@"
+    fi
+    IFS=, read -r -a list <<<"$mounts"
+    for item in "${list[@]}"; do
+        IFS=: read -r source target flags <<<"$item"
+        args+=(--mount "$source:$target:none:x-create=auto,rbind${flags:+,${flags//+/,}}")
+    done
+    IFS=, read -r -a list <<<"$variables"
+    for item in "${list[@]}"; do args+=(--env "$item"); done
+    # Pyxis runs the command in --container-workdir, else where the image's /etc/rc went (its
+    # WORKDIR); without the entrypoint, its /etc/rc.local is `exec "$@"`. Here /etc/rc.local does
+    # both, and an image without /etc/rc (not made by enroot import) gets one that sources it.
+    if [[ -n $workdir ]]; then
+        quoted=${workdir//\'/\'\\\'\'}
+        lines+=("cd -- '$quoted' || exit 1")
+    fi
+    # shellcheck disable=SC2016  # "$@" is expanded by /etc/rc in the container
+    (( entrypoint )) || lines+=('exec "$@"')
+    if (( ${#lines[@]} > 0 )); then
+        conf="$dir/$name.conf"
+        {
+            cat <<'CONF'
+hooks() {
+    [ -e "${ENROOT_ROOTFS}/etc/rc" ] || printf '%s\n' '. /etc/rc.local' 'exec "$@"' >"${ENROOT_ROOTFS}/etc/rc"
+CONF
+            # shellcheck disable=SC2016  # ENROOT_ROOTFS is expanded by enroot, which sources this
+            printf '    printf "%%s\\n" %s>"${ENROOT_ROOTFS}/etc/rc.local"\n}\n' "$(printf '%q ' "${lines[@]}")"
+        } >"$conf" || exit 1
+        args=(--conf "$conf" "${args[@]}")
+    fi
+    if ! enroot list 2>/dev/null | grep -qxF -- "pyxis_$name"; then
+        # Its unsquashfs progress would fill the service log; its errors go there.
+        if ! item=$(enroot create --name "pyxis_$name" "$image" 2>&1); then
+            printf 'hpc-compose: enroot create of %s failed:\n%s\n' "$image" "$item" >&2
+            exit 1
+        fi
+    fi
+    exec enroot start "${args[@]}" "pyxis_$name" "$@"
+}
+
+# Teardown outside Slurm: this job's enroot containers go (its services have stopped by now).
+remove_local_containers() {
+    local name
+    while read -r name; do
+        case $name in
+            pyxis_@{prefix}"$SLURM_JOB_ID"_*)
+                enroot remove -f "$name" >/dev/null 2>&1 ||
+                    say "could not remove the container $name (enroot list shows it)" ;;
+        esac
+    done < <(enroot list 2>/dev/null)
+}
+
+if [[ $LAUNCHER == local ]]; then
+    mkdir -p "$RUN_DIR/local"
+    export -f local_step
+    LAUNCH=("$BASH" -c 'local_step "$@"' hpc-compose-local "$RUN_DIR/local")
+else
+    SRUN=$(command -v srun) || { echo "hpc-compose: srun is not on PATH on $(hostname)" >&2; exit 1; }
+    LAUNCH=("$SRUN")
+fi
+"""
+
+
 _ALLOCATION_TEMPLATE = """
 # ---------------------------------------------------------------------------
 # Allocation metadata (every job, single-node included)
 # ---------------------------------------------------------------------------
-SRUN=$(command -v srun) || { echo "hpc-compose: srun is not on PATH on $(hostname)" >&2; exit 1; }
 # Slurm's KillWait: how long teardown has after scancel or the time limit before SIGKILL.
 KILL_WAIT=$(scontrol show config 2>/dev/null | sed -n 's/^KillWait *= *//p') || true
 KILL_WAIT=${KILL_WAIT%% *}
@@ -8125,6 +8263,8 @@ def render_script(runtime_plan):
         pieces.append(_ARRAY_TEMPLATE)
     if any(s.runtime != "host" for s in services):
         pieces.append(_PYXIS_PATH_CHECK_TEMPLATE)
+    pieces.append(_fill(_LAUNCHER_TEMPLATE, launcher_variable=_LAUNCHER_VARIABLE,
+                        prefix=shell_quote(_CONTAINER_NAME_PREFIX)))
     pieces.append(_ALLOCATION_TEMPLATE)
     if resume is not None:
         pieces.append(_fill(_RESUME_LATEST_TEMPLATE,
@@ -8628,6 +8768,18 @@ def _latest_record_path(project_dir):
     return os.path.join(_tracking_root(project_dir), "latest.json")
 
 
+def _is_job_id(text):
+    """A tracked job id: Slurm's (digits), or ``local-<UTC time>-<pid>`` of ``up --local``."""
+    import re
+    return bool(re.match(r"^(\d+|%s\d{8}T\d{6}Z-\d+)$" % _LOCAL_JOB_PREFIX, str(text)))
+
+
+def _job_id_order(job_id):
+    """Sort key of job ids: Slurm's by number, then local runs (their ids sort by time)."""
+    text = str(job_id)
+    return (0, int(text), "") if text.isdigit() else (1, 0, text)
+
+
 # --- sbatch and the tracked record ------------------------------------------------------------
 
 def _parse_sbatch_job_id(stdout):
@@ -8862,7 +9014,7 @@ def _same_file(a, b):
 def _latest_job_record(project_dir, compose_file=None):
     """The newest record of this directory, or of ``compose_file`` when several share it."""
     latest = _load_json(_latest_record_path(project_dir))
-    if not isinstance(latest, dict) or not str(latest.get("job_id", "")).isdigit():
+    if not isinstance(latest, dict) or not _is_job_id(latest.get("job_id", "")):
         latest = None
     if compose_file is None or latest is None or _same_file(latest.get("compose_file"),
                                                             compose_file):
@@ -8877,8 +9029,9 @@ def _load_job_record(project_dir, job_id=None, compose_file=None):
     """The tracked record of ``job_id`` (or of the latest submission); raises UsageError if none."""
     if job_id is not None:
         job_id = str(job_id).strip()
-        if not job_id.isdigit():
-            raise UsageError("--job-id must be a numeric Slurm job id, got %r" % job_id)
+        if not _is_job_id(job_id):
+            raise UsageError("--job-id must be a numeric Slurm job id (or the local-... id of "
+                             "an up --local run), got %r" % job_id)
         record = _load_json(_job_record_path(project_dir, job_id))
         if not isinstance(record, dict):
             return _minimal_job_record(project_dir, job_id)
@@ -8905,11 +9058,11 @@ def _list_job_records(project_dir):
     except OSError:
         return records
     for name in names:
-        if name.endswith(".json") and name[:-5].isdigit():
+        if name.endswith(".json") and _is_job_id(name[:-5]):
             record = _load_json(os.path.join(directory, name))
             if isinstance(record, dict) and str(record.get("job_id")) == name[:-5]:
                 records.append(record)
-    records.sort(key=lambda r: (r.get("submitted_at") or 0, int(r["job_id"])))
+    records.sort(key=lambda r: (r.get("submitted_at") or 0, _job_id_order(r["job_id"])))
     return records
 
 
@@ -9044,6 +9197,8 @@ def _query_scheduler_or_files(record, squeue_bin="squeue", sacct_bin="sacct"):
     when.
     """
     import time
+    if record.get("local"):
+        return _local_run_state(record), None  # up --local: its state.json is the truth
     path = os.path.join(record["job_dir"], _SCHEDULER_NOTE_NAME)
     note = _load_json(path)
     note = note if isinstance(note, dict) else {}
@@ -9869,7 +10024,9 @@ def _follow_logs(record, sources, squeue_bin="squeue", sacct_bin="sacct", out=No
     runtime = _load_runtime_state(record["job_dir"])
     if runtime and runtime.get("status") in _FINAL_RUNTIME_STATUSES:
         poller.hurry()  # the job looks finished already: confirm it at once
-    silence = None  # why the scheduler does not answer (no Slurm client here, or no controller)
+    # Why the scheduler is not asked: no Slurm client here, no controller; a local run (up --local),
+    # whose state.json says when it ends.
+    silence = "no client" if record.get("local") else None
     while True:
         for name, line in follower.poll():
             printer.write(_LogLine(int(time.time() * 1000), name, line))
@@ -10099,6 +10256,110 @@ def _service_step(job_id, token, squeue_bin="squeue"):
         if name == "hpc-compose:" + token:
             return step
     return None
+
+
+# --- up --local: the job where you are ---------------------------------------------------------
+# `up --local` runs the rendered script with bash right here: inside an allocation (SLURM_JOB_ID set
+# by salloc or an interactive srun) its services are srun steps of that allocation; outside Slurm,
+# local_step (render) runs them on this machine. Either way the job directory, state.json and logs
+# are those of a batch job, and state.json, not the scheduler, says how the run is doing.
+
+_LOCAL_STATES = {"running": "RUNNING", "completed": "COMPLETED", "failed": "FAILED",
+                 "cancelled": "CANCELLED", "timeout": "TIMEOUT", "requeued": "FAILED"}
+
+
+def _local_mode(environ=None):
+    """``allocation`` inside a Slurm allocation (SLURM_JOB_ID is set), else ``machine``."""
+    environ = os.environ if environ is None else environ
+    return "allocation" if environ.get("SLURM_JOB_ID") else "machine"
+
+
+def _local_job_id(mode, environ=None, now=None, pid=None):
+    """The tracked id of a local run: the allocation's job id, or ``local-<UTC time>-<pid>``."""
+    import time
+    environ = os.environ if environ is None else environ
+    if mode == "allocation":
+        return environ["SLURM_JOB_ID"]
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(time.time() if now is None else now))
+    return "%s%s-%d" % (_LOCAL_JOB_PREFIX, stamp, os.getpid() if pid is None else pid)
+
+
+def _local_plan_problems(plan, mode):
+    """Why ``plan`` cannot run with ``up --local`` in ``mode`` (one sentence each; empty: it can)."""
+    problems = []
+    if plan.slurm.array is not None:
+        problems.append("x-slurm.array makes a job array, which only sbatch can start; submit it "
+                        "with 'hpc-compose up' instead")
+    if mode != "machine":
+        return problems
+    if (plan.nodes or 1) > 1:
+        problems.append("x-slurm.nodes is %d, but outside Slurm there is one machine: run it "
+                        "inside an allocation (salloc -N %d) instead" % (plan.nodes, plan.nodes))
+    for service in plan.services:
+        if _step_has_several_tasks(service.placement):
+            problems.append("service '%s' runs several tasks (x-slurm placement), which outside "
+                            "Slurm would all be one process: run it inside an allocation instead"
+                            % service.name)
+        words = [str(arg) for arg in service.extra_srun_args if not str(arg).startswith("-")]
+        if words:
+            problems.append("service '%s' has x-slurm srun_args with a separate value (%s); outside "
+                            "Slurm srun_args are skipped and only --option=value words can be: "
+                            "write --option=value" % (service.name, " ".join(words)))
+    return problems
+
+
+def _local_run_state(record):
+    """The scheduler state of a local run, as its state.json says (source ``state.json``)."""
+    runtime = _load_runtime_state(record["job_dir"]) or {}
+    status = runtime.get("status")
+    if status is None or status == "running":
+        if _local_supervisor_gone(record):
+            return SchedulerState("FAILED", "state.json",
+                                  reason="its batch script (pid %s) ended without a final "
+                                         "state.json" % record.get("local_pid"))
+        return SchedulerState("RUNNING", "state.json")
+    code = runtime.get("exit_code")
+    return SchedulerState(_LOCAL_STATES.get(status, "UNKNOWN"), "state.json",
+                          reason=runtime.get("reason"),
+                          exit_code=None if code is None else "%s:0" % code)
+
+
+def _local_supervisor_gone(record):
+    """True when the local run's batch script ran on this host and its process has ended."""
+    import socket
+    pid = record.get("local_pid")
+    if not isinstance(pid, int) or record.get("local_host") != socket.gethostname():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
+def _local_exec_argv(pid, command, environment=(), workdir=None, enroot_bin="enroot"):
+    """``exec`` into a container of a local run outside Slurm: ``enroot exec PID`` and the exec
+    script (the environment and directory of the container's first process, then -e, --workdir)."""
+    command = list(command) or list(_EXEC_SHELL)
+    if environment:
+        command = ["env"] + ["%s=%s" % pair for pair in environment] + command
+    return [enroot_bin, "exec", str(pid), "/bin/sh", "-c", _EXEC_SCRIPT, "hpc-compose-exec", "",
+            workdir or ""] + command
+
+
+def _local_exec_pid(record, name):
+    """The pid of service ``name`` of a local run outside Slurm (state.json), checked to be alive."""
+    state = _running_service_state(record, name, _local_run_state(record))
+    pid = state.get("pid")
+    try:
+        os.kill(int(pid), 0)
+    except (TypeError, ValueError, OSError):
+        raise HpcComposeError("service '%s' of job %s has no live process here (pid %s): exec "
+                              "joins a local run on the machine it runs on (%s)"
+                              % (name, record["job_id"], pid, record.get("local_host")))
+    return int(pid)
 
 
 # --- status -----------------------------------------------------------------------------------
@@ -10520,7 +10781,7 @@ def _collect_stats(record, sstat_bin="sstat", squeue_bin="squeue", sacct_bin="sa
     if sampler["present"]:
         sources.append("sampler")
     if not steps:
-        if scheduler.state == "RUNNING":
+        if scheduler.state == "RUNNING" and record.get("local") != "machine":
             try:
                 steps = _live_sstat(record["job_id"], sstat_bin)
                 sources.append("sstat")
@@ -10856,7 +11117,7 @@ def _clean_jobs(project_dir, age_days=None, remove_all=False, squeue_bin="squeue
         if name.isdigit() and os.path.isdir(os.path.join(root, name)) and name not in claimed:
             candidates[name] = os.path.getmtime(os.path.join(root, name))
     chosen, kept = [], {}
-    for job_id, submitted_at in sorted(candidates.items(), key=lambda item: int(item[0])):
+    for job_id, submitted_at in sorted(candidates.items(), key=lambda item: _job_id_order(item[0])):
         if job_id == latest_id:
             kept[job_id] = "latest tracked job"
             continue
@@ -13595,8 +13856,12 @@ def _add_submit_parser(subparsers):
 def _add_up_parser(subparsers):
     parser = _add_command(subparsers, "up", _cmd_up,
                          "submit and watch (= submit --watch); exits 0 only if the job completed",
-                         ["hpc-compose up -f examples/host-pipeline.yaml"])
+                         ["hpc-compose up -f examples/host-pipeline.yaml",
+                          "hpc-compose up --local -f examples/host-pipeline.yaml"])
     _add_submit_arguments(parser)
+    parser.add_argument("--local", action="store_true",
+                        help="run the job here, never sbatch: as steps of this allocation inside "
+                             "salloc/srun, else on this machine (exit code: the job's)")
 
 
 def _add_run_parser(subparsers):
@@ -13803,14 +14068,7 @@ def _submit_plan(args, plan, run=None):
         if report.errors:
             raise ToolError("preflight found %d error(s); nothing was submitted" % len(report.errors),
                             hint="fix them, or pass --no-preflight to submit anyway")
-    if not args.skip_prepare and _needs_images(plan):
-        try:
-            prepare_images(runtime_plan, PrepareOptions(
-                enroot_bin=args.enroot_bin, force=args.force_rebuild,
-                keep_failed=args.keep_failed_prep), progress=say)
-        except NotImplementedError:
-            raise ToolError("image preparation is not available in this build",
-                            hint="prepare images separately and pass --skip-prepare")
+    _prepare_for_run(args, plan, runtime_plan, say)
     script = render_script(runtime_plan)
     script_path = os.path.abspath(args.script_out) if args.script_out else \
         os.path.join(plan.project_dir, "hpc-compose.sbatch")
@@ -13947,7 +14205,9 @@ def _watch(record, args, fmt):
 
 
 def _cmd_up(args):
-    """``submit --watch``."""
+    """``submit --watch``; with ``--local``, run the job right here (``_cmd_up_local``)."""
+    if args.local:
+        return _cmd_up_local(args)
     args.watch = True
     return _cmd_submit(args)
 
@@ -13999,6 +14259,159 @@ def _conclude_run(record, outcome, exit_code, out):
     else:
         out.write(outcome.reason + "\n")
     return exit_code
+
+
+def _cmd_up_local(args):
+    """``up --local``: preflight, prepare, render; run the script with bash here, never sbatch;
+    print the service logs as they grow; exit with the job's own exit code."""
+    import socket
+    import subprocess
+    fmt = _output_format(args)
+    say = (lambda text: sys.stderr.write(text + "\n")) if fmt == "json" else print
+    for flag, value in (("--after", args.after), ("--after-file", args.after_file)):
+        if value:
+            raise UsageError("%s waits for another job in the queue; up --local starts at once "
+                             "and never uses sbatch" % flag)
+    mode = _local_mode()
+    spec, plan = _load_plan_from_args(args)
+    problems = _local_plan_problems(plan, mode)
+    if problems:
+        raise UsageError("up --local cannot run %s %s: %s" % (
+            plan.compose_file, "in this allocation" if mode == "allocation" else "outside Slurm",
+            "; ".join(problems)))
+    runtime_plan = build_runtime_plan(plan)
+    if not args.no_preflight:
+        report = run_preflight(runtime_plan, PreflightOptions(
+            enroot_bin=args.enroot_bin, srun_bin=args.srun_bin, sbatch_bin=args.sbatch_bin,
+            skip_prepare=args.skip_prepare, dry_run=args.dry_run, local=mode))
+        _print_findings(report)
+        if report.errors:
+            raise ToolError("preflight found %d error(s); nothing was started" % len(report.errors),
+                            hint="fix them, or pass --no-preflight to start anyway")
+    _prepare_for_run(args, plan, runtime_plan, say)
+    script_path = os.path.abspath(args.script_out) if args.script_out else \
+        os.path.join(plan.project_dir, "hpc-compose.sbatch")
+    _write_file_atomic(script_path, render_script(runtime_plan), _PRIVATE_FILE_MODE)
+    if args.dry_run:
+        say("rendered script: %s" % script_path)
+        say("dry run: not starting it (up --local would run it with bash here)")
+        return _EXIT_OK
+    job_id = _local_job_id(mode)
+    _make_private_dir(_tracking_root(plan.project_dir), _job_dir_mode(plan))
+    record = _build_job_record(runtime_plan, job_id, None, script_path)
+    record.update(local=mode, local_host=socket.gethostname(), local_pid=None)
+    if _secret_services(plan):
+        _write_secret_copies(plan, record["job_dir"])
+    environment = dict(os.environ, SLURM_SUBMIT_DIR=plan.project_dir)
+    if mode == "machine":
+        environment.update({"SLURM_JOB_ID": job_id, _LAUNCHER_VARIABLE: "local"})
+    workdir = plan.project_dir  # where sbatch would start the job: x-slurm.chdir, else the compose dir
+    if plan.slurm.chdir:
+        workdir = os.path.normpath(os.path.join(plan.project_dir,
+                                                os.path.expanduser(str(plan.slurm.chdir))))
+    follower = _LogFollower(_record_log_sources(record), from_end=True)
+    with open(record["batch_log"], "ab") as batch_log:
+        os.chmod(record["batch_log"], _PRIVATE_FILE_MODE)
+        # Its own session: a Ctrl-C reaches the batch script through us, once, and its services
+        # through its teardown, as scancel would reach them. SIGINT is reset for it, since bash
+        # cannot trap a signal that was ignored when it started (as in a background job).
+        process = subprocess.Popen(["bash", script_path], cwd=workdir, env=environment,
+                                   stdin=subprocess.DEVNULL, stdout=batch_log,
+                                   stderr=subprocess.STDOUT, start_new_session=True,
+                                   preexec_fn=_default_sigint)
+    record["local_pid"] = process.pid
+    _record_job(plan.project_dir, record)
+    out = sys.stderr if fmt == "json" else sys.stdout
+    say("started job %s %s (pid %d): %s" % (
+        job_id, "as steps of this allocation" if mode == "allocation" else "on this machine",
+        process.pid, script_path))
+    say("batch log: %s" % record["batch_log"])
+    code = _follow_local_run(process, follower, out)
+    runtime = _load_runtime_state(record["job_dir"]) or {}
+    status = runtime.get("status") or "ended"
+    reason = "job %s %s (exit code %d)" % (job_id, status, code)
+    if runtime.get("reason"):
+        reason += ": %s" % runtime["reason"]
+    if fmt == "json":
+        _print_json({"job_id": job_id, "local": mode, "status": status, "exit_code": code,
+                     "reason": runtime.get("reason"), "job_dir": record["job_dir"],
+                     "batch_log": record["batch_log"]})
+    elif code == 0:
+        out.write(reason + "\n")
+    else:
+        sys.stderr.write("error: %s\n" % reason)
+        for line in _tail_lines(record["batch_log"], 10):
+            sys.stderr.write(_format_log_line("batch", line) + "\n")
+        sys.stderr.write("  hint: the batch log is %s\n" % record["batch_log"])
+    return code
+
+
+def _default_sigint():
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def _follow_local_run(process, follower, out):
+    """Print the service logs until the batch script exits; Ctrl-C asks it (once) to tear down.
+    Returns its exit code (128 + N when a signal N ended it)."""
+    import signal
+    import time
+    interrupted = False
+    while True:
+        try:
+            for name, line in follower.poll():
+                out.write(_format_log_line(name, line) + "\n")
+            out.flush()
+            if process.poll() is not None:
+                break
+            time.sleep(_LOG_POLL_SECONDS)
+        except KeyboardInterrupt:
+            if not interrupted:
+                interrupted = True
+                process.send_signal(signal.SIGINT)
+                sys.stderr.write("\nstopping job: every service stops and its containers are "
+                                 "removed (Ctrl-C again does not hurry it)\n")
+    for name, line in follower.flush():
+        out.write(_format_log_line(name, line) + "\n")
+    out.flush()
+    code = process.returncode
+    return 128 - code if code < 0 else code
+
+
+def _prepare_for_run(args, plan, runtime_plan, say):
+    """Import and prepare the images ``plan`` needs (submit, up --local), unless --skip-prepare."""
+    if not args.skip_prepare and _needs_images(plan):
+        try:
+            prepare_images(runtime_plan, PrepareOptions(
+                enroot_bin=args.enroot_bin, force=args.force_rebuild,
+                keep_failed=args.keep_failed_prep), progress=say)
+        except NotImplementedError:
+            raise ToolError("image preparation is not available in this build",
+                            hint="prepare images separately and pass --skip-prepare")
+
+
+def _exec_local(record, args, command, environment):
+    """``exec`` into a local run outside Slurm: ``enroot exec`` into the container, or the host
+    command with the service's environment and directory (from /proc), on this machine."""
+    service = _record_service(record, args.service)
+    pid = _local_exec_pid(record, args.service)
+    if service.get("runtime") != "host":
+        argv = _local_exec_argv(pid, command, environment, args.workdir,
+                                getattr(args, "enroot_bin", "enroot"))
+        code = _run_command(argv, capture=False).returncode
+        return 128 - code if code < 0 else code
+    try:
+        with open("/proc/%d/environ" % pid, "rb") as handle:
+            entries = handle.read().split(b"\0")
+        workdir = args.workdir or os.readlink("/proc/%d/cwd" % pid)
+    except OSError as exc:
+        raise HpcComposeError("cannot read the environment of service '%s' (pid %d): %s"
+                              % (args.service, pid, exc.strerror or exc))
+    variables = dict(os.fsdecode(entry).split("=", 1) for entry in entries if b"=" in entry)
+    variables.update(environment)
+    argv = ["/bin/sh", "-c", 'exec "$@"', "hpc-compose-exec"] + (list(command) or list(_EXEC_SHELL))
+    code = _run_command(argv, env=variables, cwd=workdir, capture=False).returncode
+    return 128 - code if code < 0 else code
 
 
 def _cmd_status(args):
@@ -14066,7 +14479,10 @@ def _cmd_exec(args):
         command = command[1:]
     record = _job_record(args)
     _record_service(record, args.service)
-    scheduler = _query_scheduler(record["job_id"], args.squeue_bin, args.sacct_bin)
+    if record.get("local") == "machine":
+        return _exec_local(record, args, command, environment)
+    scheduler = (_local_run_state(record) if record.get("local")
+                 else _query_scheduler(record["job_id"], args.squeue_bin, args.sacct_bin))
     target = _exec_target(record, args.service, scheduler,
                           lambda nodelist: _expand_nodelist(nodelist, args.scontrol_bin),
                           args.node, args.index)
@@ -14171,7 +14587,7 @@ def _cmd_clean(args):
         print("removed %d tracked job(s): %s" % (len(removed), ", ".join(removed)))
     else:
         print("no tracked jobs to clean")
-    for job_id, why in sorted(kept.items(), key=lambda item: int(item[0])):
+    for job_id, why in sorted(kept.items(), key=lambda item: _job_id_order(item[0])):
         print("kept job %s: %s" % (job_id, why))
     return _EXIT_OK
 
@@ -14197,6 +14613,9 @@ def _add_preflight_parser(subparsers):
     parser.add_argument("--verbose", action="store_true", help="also list the checks that passed")
     parser.add_argument("--skip-prepare", action="store_true",
                         help="check as 'submit --skip-prepare' would: cached images must exist")
+    parser.add_argument("--local", action="store_true",
+                        help="check what 'up --local' needs here (no sbatch; enroot, not Pyxis, "
+                             "outside Slurm)")
     _add_tool_arguments(parser, ("enroot", "srun", "sbatch"))
     _add_format_argument(parser)
 
@@ -14208,7 +14627,7 @@ def _cmd_preflight(args):
     runtime_plan = build_runtime_plan(plan)
     report = run_preflight(runtime_plan, PreflightOptions(
         enroot_bin=args.enroot_bin, srun_bin=args.srun_bin, sbatch_bin=args.sbatch_bin,
-        skip_prepare=args.skip_prepare))
+        skip_prepare=args.skip_prepare, local=_local_mode() if args.local else None))
     if fmt == "json":
         _print_json(_preflight_report_to_dict(report, plan.compose_file, args.strict))
     else:

@@ -208,7 +208,7 @@ def _bash_words(script, index):
     """What bash makes of run_service_<index>'s env+srun words (env shadowed by printf)."""
     start = script.index("run_service_%d() {" % index)
     body = script[start:script.index("\n}\n", start) + 3].replace("exec env", "env", 1)
-    program = ("env() { printf '%s\\0' \"$@\"; }\nJOB_DIR=/jobs/7\nSRUN=/usr/bin/srun\n"
+    program = ("env() { printf '%s\\0' \"$@\"; }\nJOB_DIR=/jobs/7\nLAUNCH=(/usr/bin/srun)\n"
                "HPC_COMPOSE_PRIMARY_NODE=node0\nSLURM_JOB_ID=7\n" + body + "run_service_%d\n" % index)
     out = subprocess.run(["bash", "-c", program], stdout=subprocess.PIPE, check=True).stdout
     return out.decode("utf-8").split("\0")[:-1]

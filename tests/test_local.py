@@ -1,0 +1,322 @@
+"""up --local: the launcher in the rendered script (srun, or local_step on this machine), the enroot
+argv local_step makes of a Pyxis step, the ids and records of local runs, what status/ps/exec make of
+them without a scheduler, preflight --local, and the errors of up --local.
+
+Where enroot is needed, tests/standins/enroot (a STAND-IN that records its argv) is first on PATH;
+the real enroot and the real runs are in tests/test_local_e2e.py.
+"""
+import json
+import os
+import socket
+import subprocess
+
+import pytest
+
+import hpc_compose as hc
+from test_render import runtime_plan, service
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+STANDINS = os.path.join(TESTS, "standins")
+
+
+# --- render: one script, two launchers -------------------------------------------------------------
+
+def test_every_service_starts_through_the_launch_array():
+    script = hc.render_script(runtime_plan(service(), service("db", runtime="host",
+                                                              execution=hc.Execution("exec", ("true",)))))
+    for index in (0, 1):
+        body = script[script.index("run_service_%d() {" % index):]
+        body = body[:body.index("\n}\n")]
+        assert '"${LAUNCH[@]}" \\\n' in body
+        assert "$SRUN" not in body
+
+
+def test_the_launcher_is_srun_unless_up_local_asks_for_this_machine():
+    script = hc.render_script(runtime_plan(service()))
+    assert "LAUNCHER=${HPC_COMPOSE_LAUNCHER:-srun}\n" in script
+    assert "unset -v HPC_COMPOSE_LAUNCHER\n" in script
+    assert "LAUNCH=(\"$SRUN\")" in script
+    assert "LAUNCH=(\"$BASH\" -c 'local_step \"$@\"' hpc-compose-local \"$RUN_DIR/local\")" in script
+    # The launcher is chosen before the allocation facts and the first launch.
+    assert script.index("LAUNCHER=${HPC_COMPOSE_LAUNCHER") < script.index("allocation_nodes=()")
+
+
+def _local_step(script, tmp_path, *words, **env):
+    """Run the script's local_step function with bash, the enroot STAND-IN first on PATH."""
+    start = script.index("local_step() {")
+    body = script[start:script.index("\n}\n", start) + 3]
+    log = tmp_path / "enroot.jsonl"
+    environment = dict(os.environ, PATH=STANDINS + os.pathsep + os.environ["PATH"],
+                       ENROOT_STANDIN_LOG=str(log), ENROOT_DATA_PATH=str(tmp_path / "data"),
+                       SLURM_JOB_ID="local-x", **env)
+    (tmp_path / "conf").mkdir(exist_ok=True)
+    (tmp_path / "image.sqsh").write_text("an image file for the stand-in\n")
+    words = [word.replace("/cache/base/redis.sqsh", str(tmp_path / "image.sqsh")) for word in words]
+    proc = subprocess.run(["bash", "-c", body + 'local_step "$@"', "test", str(tmp_path / "conf")]
+                          + list(words), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          universal_newlines=True, env=environment, cwd=str(tmp_path))
+    calls = [json.loads(line)["argv"] for line in log.read_text().splitlines()] \
+        if log.exists() else []
+    return proc, [call for call in calls if call != ["list"]]
+
+
+def test_local_step_makes_enroot_create_and_start_of_the_pyxis_step(tmp_path):
+    plan = runtime_plan(service(working_dir="/work", mounts=(hc.Mount("/data", "/in", "ro"),),
+                                environment=(("GREETING", "hi"),)))
+    words = [word.replace("${JOB_DIR}", "/jobs/7").replace("${SLURM_JOB_ID}", "local-x")
+             for word in hc.service_srun_argv(plan, 0)]
+    proc, calls = _local_step(hc.render_script(plan), tmp_path, *words)
+    assert proc.returncode == 0, proc.stderr
+    name = "pyxis_hpc-compose_local-x_app"
+    conf = str(tmp_path / "conf" / "hpc-compose_local-x_app.conf")
+    assert calls[0] == ["create", "--name", name, str(tmp_path / "image.sqsh")]
+    assert calls[1] == (["start", "--conf", conf,
+                         "--mount", "/jobs/7:/hpc-compose/job:none:x-create=auto,rbind",
+                         "--mount", "/data:/in:none:x-create=auto,rbind,ro"]
+                        + sum((["--env", n] for n in hc._env_names(plan, plan.plan.services[0])), [])
+                        + [name, "/bin/sh", "-c", 'exec "$@"', "hpc-compose",
+                           "redis-server", "--port", "6380"])
+
+
+def test_local_step_conf_changes_to_the_workdir_and_skips_the_entrypoint_as_pyxis(tmp_path):
+    plan = runtime_plan(service(working_dir="/it's here"))
+    words = [w.replace("${JOB_DIR}", "/j").replace("${SLURM_JOB_ID}", "local-x")
+             for w in hc.service_srun_argv(plan, 0)]
+    proc, _ = _local_step(hc.render_script(plan), tmp_path, *words)
+    assert proc.returncode == 0, proc.stderr
+    conf = (tmp_path / "conf" / "hpc-compose_local-x_app.conf").read_text()
+    # What enroot's hooks() writes, run here with ENROOT_ROOTFS pointing at an empty root.
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    subprocess.run(["bash", "-c", conf + "\nhooks"], check=True, env=dict(os.environ,
+                                                                         ENROOT_ROOTFS=str(root)))
+    assert (root / "etc" / "rc.local").read_text() == "cd -- '/it'\\''s here' || exit 1\nexec \"$@\"\n"
+    assert (root / "etc" / "rc").read_text() == '. /etc/rc.local\nexec "$@"\n'
+    # The rc.local runs under the image's /bin/sh: it reaches the directory and runs the command.
+    os.makedirs(str(tmp_path / "it's here"))
+    rc_local = (root / "etc" / "rc.local").read_text().replace("/it", str(tmp_path) + "/it", 1)
+    out = subprocess.run(["sh", "-c", rc_local, "sh", "pwd"], stdout=subprocess.PIPE,
+                         universal_newlines=True, check=True).stdout
+    assert out == str(tmp_path / "it's here") + "\n"
+
+
+def test_local_step_keeps_the_image_entrypoint_when_asked(tmp_path):
+    plan = runtime_plan(service(execution=hc.Execution("exec", ("serve",), use_image_entrypoint=True)))
+    words = [w.replace("${JOB_DIR}", "/j").replace("${SLURM_JOB_ID}", "local-x")
+             for w in hc.service_srun_argv(plan, 0)]
+    proc, calls = _local_step(hc.render_script(plan), tmp_path, *words)
+    assert proc.returncode == 0, proc.stderr
+    assert "--conf" not in calls[-1]  # no workdir, entrypoint kept: /etc/rc as the image made it
+    assert calls[-1][-2:] == ["pyxis_hpc-compose_local-x_app", "serve"]
+
+
+def test_local_step_reuses_an_existing_container_as_a_named_pyxis_container(tmp_path):
+    plan = runtime_plan(service())
+    words = [w.replace("${JOB_DIR}", "/j").replace("${SLURM_JOB_ID}", "local-x")
+             for w in hc.service_srun_argv(plan, 0)]
+    _local_step(hc.render_script(plan), tmp_path, *words)
+    (tmp_path / "enroot.jsonl").unlink()
+    _, calls = _local_step(hc.render_script(plan), tmp_path, *words)
+    assert [call[0] for call in calls] == ["start"]
+
+
+def test_local_step_runs_a_host_service_directly_without_the_slurm_job_id(tmp_path):
+    plan = runtime_plan(service(runtime="host", working_dir=str(tmp_path),
+                                execution=hc.Execution("shell", script='echo "$PWD|${SLURM_JOB_ID-unset}"')))
+    words = hc.service_srun_argv(plan, 0)
+    proc, calls = _local_step(hc.render_script(plan), tmp_path, *words)
+    assert (proc.returncode, proc.stdout) == (0, "%s|unset\n" % tmp_path)
+    assert calls == []
+
+
+def test_local_step_skips_the_scheduling_options(tmp_path):
+    plan = runtime_plan(service(runtime="host", execution=hc.Execution("exec", ("echo", "ran")),
+                                cpus_per_task=4, gres="gpu:1", extra_srun_args=("--mpi=pmix",)))
+    proc, _ = _local_step(hc.render_script(plan), tmp_path, *hc.service_srun_argv(plan, 0))
+    assert (proc.returncode, proc.stdout) == (0, "ran\n")
+
+
+# --- ids, plan checks, state ---------------------------------------------------------------------
+
+def test_a_local_run_outside_slurm_is_named_by_utc_time_and_pid():
+    job_id = hc._local_job_id("machine", {}, now=0, pid=42)
+    assert job_id == "local-19700101T000000Z-42"
+    assert hc._is_job_id(job_id) and hc._is_job_id("123")
+    assert not hc._is_job_id("local-x") and not hc._is_job_id("12a")
+
+
+def test_inside_an_allocation_the_run_takes_its_job_id():
+    assert hc._local_mode({"SLURM_JOB_ID": "77"}) == "allocation"
+    assert hc._local_mode({}) == "machine"
+    assert hc._local_job_id("allocation", {"SLURM_JOB_ID": "77"}) == "77"
+
+
+def test_slurm_jobs_sort_by_number_before_local_runs_by_time():
+    ids = ["local-20260101T000000Z-9", "10", "9", "local-20250101T000000Z-1"]
+    assert sorted(ids, key=hc._job_id_order) == ["9", "10", "local-20250101T000000Z-1",
+                                                 "local-20260101T000000Z-9"]
+
+
+def test_what_cannot_run_outside_slurm_is_named():
+    plan = runtime_plan(service(placement=hc.Placement("distributed", 2, None)),
+                        service("b", runtime="host", execution=hc.Execution("exec", ("true",)),
+                                extra_srun_args=("--export", "ALL")), nodes=2).plan
+    problems = hc._local_plan_problems(plan, "machine")
+    assert problems[0].startswith("x-slurm.nodes is 2, but outside Slurm there is one machine")
+    assert problems[1].startswith("service 'app' runs several tasks")
+    assert problems[2].startswith("service 'b' has x-slurm srun_args with a separate value (ALL)")
+    assert hc._local_plan_problems(plan, "allocation") == []
+
+
+def _record(tmp_path, job_id="local-20260101T000000Z-1", state=None, pid=None, runtime="host"):
+    job_dir = tmp_path / ".hpc-compose" / job_id
+    (job_dir / "logs").mkdir(parents=True)
+    record = {"job_id": job_id, "job_dir": str(job_dir), "project_dir": str(tmp_path),
+              "compose_file": str(tmp_path / "compose.yaml"), "local": "machine",
+              "local_host": socket.gethostname(), "local_pid": pid, "submitted_at": 1,
+              "services": [{"name": "app", "token": "app", "runtime": runtime,
+                            "log_path": str(job_dir / "logs" / "app.log")}]}
+    (tmp_path / ".hpc-compose" / "jobs").mkdir()
+    for path in (tmp_path / ".hpc-compose" / "jobs" / (job_id + ".json"),
+                 tmp_path / ".hpc-compose" / "latest.json"):
+        path.write_text(json.dumps(record))
+    if state is not None:
+        (job_dir / "state.json").write_text(json.dumps(state))
+    return record
+
+
+def _state(status, service_status="running", pid=None, exit_code=None):
+    return {"schema_version": 2, "job_id": "x", "status": status, "exit_code": exit_code,
+            "reason": "because" if exit_code else None, "attempt": 0,
+            "services": [{"name": "app", "token": "app", "status": service_status, "pid": pid,
+                          "last_exit_code": None, "placement": {"nodelist": "here"}}]}
+
+
+def test_a_local_run_state_comes_from_its_state_json(tmp_path):
+    record = _record(tmp_path, state=_state("failed", "failed", exit_code=3))
+    assert hc._local_run_state(record) == hc.SchedulerState(
+        "FAILED", "state.json", reason="because", exit_code="3:0")
+
+
+def test_a_running_local_run_whose_script_is_gone_has_failed(tmp_path):
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    record = _record(tmp_path, state=_state("running"), pid=proc.pid)
+    state = hc._local_run_state(record)
+    assert (state.state, state.reason) == (
+        "FAILED", "its batch script (pid %d) ended without a final state.json" % proc.pid)
+    record["local_pid"] = os.getpid()
+    assert hc._local_run_state(record).state == "RUNNING"
+
+
+def test_status_of_a_local_run_never_asks_the_scheduler(tmp_path, cli):
+    _record(tmp_path, state=_state("completed", "exited", exit_code=0))
+    (tmp_path / "compose.yaml").write_text("services: {}\n")
+    result = cli(["status", "-f", str(tmp_path / "compose.yaml"), "--squeue-bin", "/nonexistent",
+                  "--sacct-bin", "/nonexistent", "--format", "json"])
+    assert result.code == 0, result
+    status = json.loads(result.out)
+    assert status["scheduler"]["state"] == "COMPLETED"
+    assert status["scheduler"]["source"] == "state.json"
+    assert status["scheduler_warning"] is None
+    result = cli(["logs", "--follow", "-f", str(tmp_path / "compose.yaml"),
+                  "--squeue-bin", "/nonexistent"])
+    assert (result.code, result.err) == (0, "")
+
+
+def test_job_id_option_takes_a_local_run_id(tmp_path, cli):
+    _record(tmp_path, state=_state("completed", "exited", exit_code=0))
+    (tmp_path / "compose.yaml").write_text("services: {}\n")
+    result = cli(["ps", "-f", str(tmp_path / "compose.yaml"), "--job-id", "local-20260101T000000Z-1"])
+    assert result.code == 0 and "COMPLETED (state.json)" in result.out, result
+    result = cli(["ps", "-f", str(tmp_path / "compose.yaml"), "--job-id", "local-nope"])
+    assert result.code == 2
+    assert "--job-id must be a numeric Slurm job id (or the local-... id" in result.err
+
+
+# --- exec into a local run outside Slurm ------------------------------------------------------------
+
+def test_exec_into_a_local_host_service_takes_its_environment_and_directory(tmp_path, cli):
+    service_process = subprocess.Popen(["sleep", "60"], cwd=str(tmp_path),
+                                       env={"PATH": os.environ["PATH"], "COLOR": "blue"})
+    try:
+        _record(tmp_path, state=_state("running", pid=service_process.pid), pid=os.getpid())
+        (tmp_path / "compose.yaml").write_text("services: {}\n")
+        out = tmp_path / "out.txt"
+        result = cli(["exec", "-T", "-e", "EXTRA=a b", "-f", str(tmp_path / "compose.yaml"), "app",
+                      "--", "sh", "-c", 'echo "$COLOR|$EXTRA|$PWD" >%s; exit 4' % out])
+        assert result.code == 4, result
+        assert out.read_text() == "blue|a b|%s\n" % tmp_path
+    finally:
+        service_process.kill()
+        service_process.wait()
+
+
+def test_exec_into_a_local_run_that_ended_says_so(tmp_path, cli):
+    _record(tmp_path, state=_state("cancelled", "stopped", exit_code=130))
+    (tmp_path / "compose.yaml").write_text("services: {}\n")
+    result = cli(["exec", "-T", "-f", str(tmp_path / "compose.yaml"), "app", "true"])
+    assert (result.code, result.err) == (
+        1, "error: job local-20260101T000000Z-1 is not running (CANCELLED)\n")
+
+
+def test_exec_into_a_local_container_is_enroot_exec_of_its_pid():
+    argv = hc._local_exec_argv(123, ["ls"], [("A", "1")], "/w", "enroot")
+    assert argv[:3] == ["enroot", "exec", "123"]
+    assert argv[3:5] == ["/bin/sh", "-c"]
+    assert argv[6:] == ["hpc-compose-exec", "", "/w", "env", "A=1", "ls"]
+
+
+# --- up --local and preflight --local: refusals and checks --------------------------------------------
+
+HOST_COMPOSE = """\
+name: local-unit
+services:
+  app:
+    x-slurm: {runtime: host}
+    command: ["true"]
+"""
+
+
+def test_up_local_refuses_after(project, cli):
+    path = project.write("compose.yaml", HOST_COMPOSE)
+    result = cli(["up", "--local", "-f", path, "--after", "12"])
+    assert (result.code, result.err) == (2, "error: --after waits for another job in the queue; up "
+                                            "--local starts at once and never uses sbatch\n")
+
+
+def test_up_local_refuses_a_job_array(project, cli):
+    path = project.write("compose.yaml", HOST_COMPOSE.replace("services:", "x-slurm: {array: 1-3}\nservices:"))
+    result = cli(["up", "--local", "-f", path], env={"SLURM_JOB_ID": ""})
+    assert result.code == 2, result
+    assert result.err.startswith("error: up --local cannot run %s outside Slurm: x-slurm.array "
+                                 "makes a job array, which only sbatch can start" % path)
+
+
+def test_preflight_local_outside_slurm_needs_no_sbatch_nor_srun(project, cli):
+    path = project.write("compose.yaml", HOST_COMPOSE)
+    result = cli(["preflight", "--local", "--verbose", "-f", path, "--sbatch-bin", "/no/sbatch",
+                  "--srun-bin", "/no/srun", "--format", "json"], env={"SLURM_JOB_ID": ""})
+    assert result.code == 0, result
+    checks = dict((f["check"], f["level"]) for f in json.loads(result.out)["findings"])
+    assert "binary.sbatch" not in checks and "binary.srun" not in checks
+    assert checks["local.mode"] == "ok" and checks["binary.bash"] == "ok"
+
+
+def test_preflight_local_reports_an_enroot_that_cannot_list(project, cli, tmp_path):
+    broken = tmp_path / "enroot"
+    broken.write_text("#!/bin/sh\necho 'enroot: cannot create /runtime: Permission denied' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    (tmp_path / "app.sqsh").write_text("an image file\n")
+    path = project.write("compose.yaml", "services:\n  app:\n    image: %s\n" % (tmp_path / "app.sqsh"))
+    result = cli(["preflight", "--local", "-f", path, "--enroot-bin", str(broken), "--format",
+                  "json"], env={"SLURM_JOB_ID": ""})
+    assert result.code == 1
+    finding = [f for f in json.loads(result.out)["findings"] if f["check"] == "local.enroot"][0]
+    assert finding["level"] == "error"
+    assert finding["message"] == "'%s list' failed: enroot: cannot create /runtime: Permission denied" % broken
+
+
+def test_up_local_flag_is_in_the_completions():
+    table = hc._completion_table()
+    assert "--local" in table["up"] and "--local" in table["preflight"]

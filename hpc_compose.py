@@ -10349,8 +10349,17 @@ def _local_exec_argv(pid, command, environment=(), workdir=None, enroot_bin="enr
             workdir or ""] + command
 
 
-def _local_exec_pid(record, name):
-    """The pid of service ``name`` of a local run outside Slurm (state.json), checked to be alive."""
+def _mount_namespace(pid):
+    """``mnt:[inode]`` of process ``pid`` (or ``self``); None when it cannot be read."""
+    try:
+        return os.readlink("/proc/%s/ns/mnt" % pid)
+    except OSError:
+        return None
+
+
+def _local_exec_pid(record, name, container=False):
+    """The pid of service ``name`` of a local run outside Slurm (state.json), checked to be alive
+    and, for a ``container``, to be inside it already (enroot start has finished)."""
     state = _running_service_state(record, name, _local_run_state(record))
     pid = state.get("pid")
     try:
@@ -10359,6 +10368,9 @@ def _local_exec_pid(record, name):
         raise HpcComposeError("service '%s' of job %s has no live process here (pid %s): exec "
                               "joins a local run on the machine it runs on (%s)"
                               % (name, record["job_id"], pid, record.get("local_host")))
+    if container and _mount_namespace(pid) == _mount_namespace("self"):
+        raise HpcComposeError("service '%s' of job %s is still starting its container (enroot "
+                              "create/start); try again in a moment" % (name, record["job_id"]))
     return int(pid)
 
 
@@ -14394,7 +14406,7 @@ def _exec_local(record, args, command, environment):
     """``exec`` into a local run outside Slurm: ``enroot exec`` into the container, or the host
     command with the service's environment and directory (from /proc), on this machine."""
     service = _record_service(record, args.service)
-    pid = _local_exec_pid(record, args.service)
+    pid = _local_exec_pid(record, args.service, container=service.get("runtime") != "host")
     if service.get("runtime") != "host":
         argv = _local_exec_argv(pid, command, environment, args.workdir,
                                 getattr(args, "enroot_bin", "enroot"))

@@ -320,3 +320,18 @@ def test_preflight_local_reports_an_enroot_that_cannot_list(project, cli, tmp_pa
 def test_up_local_flag_is_in_the_completions():
     table = hc._completion_table()
     assert "--local" in table["up"] and "--local" in table["preflight"]
+
+
+def test_exec_into_a_container_still_starting_says_so(tmp_path, cli):
+    # A process in our own mount namespace is not inside a container yet (enroot start runs).
+    starting = subprocess.Popen(["sleep", "60"])
+    try:
+        _record(tmp_path, state=_state("running", pid=starting.pid), pid=os.getpid(), runtime="pyxis")
+        (tmp_path / "compose.yaml").write_text("services: {}\n")
+        result = cli(["exec", "-T", "-f", str(tmp_path / "compose.yaml"), "app", "true"])
+        assert (result.code, result.err) == (
+            1, "error: service 'app' of job local-20260101T000000Z-1 is still starting its "
+               "container (enroot create/start); try again in a moment\n")
+    finally:
+        starting.kill()
+        starting.wait()

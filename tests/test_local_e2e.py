@@ -1,0 +1,264 @@
+"""`up --local` for real: inside a Slurm allocation (the services become steps of it, real Pyxis 0.24
++ Enroot 4.1.2), and without any Slurm at all (a host service and a Pyxis-image service through the
+real `enroot create/start`, readiness, the job's exit code, Ctrl-C).
+
+How "without Slurm" is made honest here: the run gets a PATH of its own holding every program of
+the machine except the Slurm client commands (the test checks that no srun, sbatch, squeue, sacct,
+scontrol or scancel can be found on it), and an environment without any SLURM_* variable
+(SLURM_CONF points nowhere). So no Slurm daemon can be reached, whatever runs on this machine.
+"""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+from slurm_support import TEST_IMAGE, TOOL_PATH, free_port, processes_with, pyxis_test_image
+
+CACHE_ROOT = os.path.join(os.environ.get("HPC_COMPOSE_TEST_CACHE", "/opt/hpc-compose-tests"),
+                          "e2e-cache")
+SLURM_COMMANDS = frozenset((
+    "srun", "sbatch", "salloc", "squeue", "sacct", "sacctmgr", "scontrol", "scancel", "sinfo",
+    "sstat", "sattach", "sbcast", "scrontab", "sdiag", "sprio", "sreport", "sshare", "strigger",
+    "sview", "sgather", "sh5util", "sjobexitmod", "sjstat", "smail", "seff", "sluid"))
+
+
+def _state(folder, job_id):
+    try:
+        with open(os.path.join(folder, ".hpc-compose", job_id, "state.json")) as handle:
+            return json.load(handle)
+    except (OSError, ValueError):
+        return {}
+
+
+def _job_id_from(output):
+    import re
+    match = re.search(r"started job (\S+) ", output)
+    assert match, output[-3000:]
+    return match.group(1)
+
+
+def _wait(predicate, what, timeout=120):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out waiting for %s" % what
+        time.sleep(0.3)
+
+
+# --- (a) inside an allocation: the services are steps of it ----------------------------------------
+
+@pytest.fixture
+def data_home():
+    """A private Enroot data path (XDG_DATA_HOME/enroot, which Pyxis passes to Enroot)."""
+    path = os.path.join(CACHE_ROOT, "local-" + uuid.uuid4().hex[:12])
+    os.makedirs(os.path.join(path, "enroot"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_inside_an_allocation_services_are_steps_and_tracking_works(slurm, data_home, tmp_path):
+    image = pyxis_test_image()
+    port = free_port()
+    marker = "local-alloc-" + uuid.uuid4().hex[:8]
+    (tmp_path / "compose.yaml").write_text("""\
+name: local-alloc
+x-slurm: {cache_dir: %s}
+services:
+  web:
+    image: %s
+    working_dir: /tmp
+    command: ["python3", "-m", "http.server", "%d", "--bind", "127.0.0.1"]
+    readiness: {type: tcp, port: %d, timeout_seconds: 60}
+  client:
+    x-slurm: {runtime: host}
+    command: ["python3", "-c", "import sys, urllib.request; print('%s', urllib.request.urlopen('http://127.0.0.1:%d/').status, flush=True); sys.exit(7)"]
+    depends_on:
+      web: {condition: service_healthy}
+""" % (CACHE_ROOT, image, port, port, marker, port))
+    command = "%s %s up --local -f compose.yaml" % (sys.executable, TOOL_PATH)
+    proc = subprocess.run(["salloc", "--nodes=1", "--time=5", "bash", "-c", command],
+                          cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          universal_newlines=True, timeout=300,
+                          env=dict(os.environ, XDG_DATA_HOME=data_home))
+    # salloc passes on the exit code of its command: up --local's, which is the job's (client: 7).
+    assert proc.returncode == 7, proc.stdout + proc.stderr
+    job_id = _job_id_from(proc.stdout)
+    assert job_id.isdigit()
+    assert "started job %s as steps of this allocation" % job_id in proc.stdout
+    assert "[client] %s 200" % marker in proc.stdout
+    # Every service was a step of the allocation, under the batch script's step names.
+    steps = subprocess.run(["sacct", "-n", "-P", "-j", job_id, "--format=JobName"],
+                           stdout=subprocess.PIPE, universal_newlines=True, timeout=60).stdout
+    names = steps.split()
+    deadline = time.monotonic() + 60
+    while not {"hpc-compose:web", "hpc-compose:client"} <= set(names) and time.monotonic() < deadline:
+        time.sleep(1)
+        names = subprocess.run(["sacct", "-n", "-P", "-j", job_id, "--format=JobName"],
+                               stdout=subprocess.PIPE, universal_newlines=True, timeout=60).stdout.split()
+    assert {"hpc-compose:web", "hpc-compose:client"} <= set(names), names
+    # status, ps and logs read the run's own files: state.json says it failed with the client's 7.
+    status = subprocess.run([sys.executable, TOOL_PATH, "status", "-f", "compose.yaml", "--format",
+                             "json"], cwd=str(tmp_path), stdout=subprocess.PIPE,
+                            universal_newlines=True, timeout=60)
+    status = json.loads(status.stdout)
+    assert (status["job_id"], status["scheduler"]["state"], status["scheduler"]["source"]) == (
+        job_id, "FAILED", "state.json")
+    assert status["runtime"]["exit_code"] == 7
+    logs = subprocess.run([sys.executable, TOOL_PATH, "logs", "-f", "compose.yaml", "--service",
+                           "client"], cwd=str(tmp_path), stdout=subprocess.PIPE,
+                          universal_newlines=True, timeout=60)
+    # The client's line, then srun's own word on the step's exit: it was an srun step.
+    assert logs.stdout.startswith("[client] %s 200\n[client] srun: error: " % marker), logs.stdout
+    assert logs.stdout.endswith(": task 0: Exited with exit code 7\n"), logs.stdout
+    state = _state(str(tmp_path), job_id)
+    assert state["job_id"] == job_id
+    assert [s["status"] for s in state["services"]] == ["stopped", "failed"]
+
+
+# --- (b) without Slurm: this machine, host runtime and enroot ----------------------------------------
+
+@pytest.fixture
+def no_slurm(tmp_path):
+    """An environment in which no Slurm can be reached (see the module docstring)."""
+    if not os.path.isfile(TEST_IMAGE):
+        pytest.skip("the test image %s is missing (tests/cluster/slurm-cluster.sh up --containers "
+                    "builds it)" % TEST_IMAGE)
+    if shutil.which("enroot") is None:
+        pytest.skip("enroot is not installed here")
+    bin_dir = tmp_path / "bin-without-slurm"
+    bin_dir.mkdir()
+    for directory in os.environ["PATH"].split(os.pathsep):
+        try:
+            names = os.listdir(directory)
+        except OSError:
+            continue
+        for name in names:
+            path = os.path.join(directory, name)
+            if name in SLURM_COMMANDS or (bin_dir / name).exists() or not os.access(path, os.X_OK):
+                continue
+            os.symlink(path, str(bin_dir / name))
+    environment = dict((key, value) for key, value in os.environ.items()
+                       if not key.startswith("SLURM_"))
+    environment.update(PATH=str(bin_dir), SLURM_CONF="/nonexistent/slurm.conf",
+                       ENROOT_DATA_PATH=str(tmp_path / "enroot-data"),
+                       ENROOT_RUNTIME_PATH=str(tmp_path / "enroot-run"),
+                       ENROOT_CACHE_PATH=str(tmp_path / "enroot-cache"))
+    for command in sorted(SLURM_COMMANDS):
+        assert shutil.which(command, path=environment["PATH"]) is None, command
+    return environment
+
+
+def _enroot_list(environment):
+    return subprocess.run(["enroot", "list"], stdout=subprocess.PIPE, universal_newlines=True,
+                          env=environment, check=True, timeout=60).stdout.split()
+
+
+def _up(tmp_path, environment):
+    return subprocess.Popen([sys.executable, TOOL_PATH, "up", "--local", "-f", "compose.yaml"],
+                            cwd=str(tmp_path), env=environment, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, universal_newlines=True,
+                            start_new_session=True)
+
+
+def test_outside_slurm_readiness_gates_the_host_client_and_its_exit_code_is_up_s(no_slurm, tmp_path):
+    port = free_port()
+    marker = "local-machine-" + uuid.uuid4().hex[:8]
+    (tmp_path / "compose.yaml").write_text("""\
+name: local-machine
+x-slurm: {cache_dir: %s}
+services:
+  web:
+    image: %s
+    working_dir: /tmp
+    environment: {GREETING: "hello 'there'"}
+    command: ["python3", "-c", "import http.server, os; print(os.environ['GREETING'], os.getcwd(), os.environ.get('SLURM_JOB_ID', 'no job id'), flush=True); http.server.HTTPServer(('127.0.0.1', %d), http.server.SimpleHTTPRequestHandler).serve_forever()"]
+    readiness: {type: tcp, port: %d, timeout_seconds: 60}
+  client:
+    x-slurm: {runtime: host}
+    working_dir: %s
+    command: ["python3", "-c", "import os, sys, urllib.request; print('%s', urllib.request.urlopen('http://127.0.0.1:%d/').status, os.getcwd(), flush=True); sys.exit(5)"]
+    depends_on:
+      web: {condition: service_healthy}
+""" % (CACHE_ROOT, TEST_IMAGE, port, port, tmp_path, marker, port))
+    up = _up(tmp_path, no_slurm)
+    out, err = up.communicate(timeout=300)
+    assert up.returncode == 5, out + err
+    job_id = _job_id_from(out)
+    assert job_id.startswith("local-")
+    assert "[web] hello 'there' /tmp no job id\n" in out
+    assert "[client] %s 200 %s\n" % (marker, tmp_path) in out
+    assert "error: job %s failed (exit code 5): service 'client' exited with code 5" % job_id in err
+    state = _state(str(tmp_path), job_id)
+    assert (state["status"], state["exit_code"]) == ("failed", 5)
+    # The container of 'web' is gone with the job, and so is every process.
+    assert [name for name in _enroot_list(no_slurm) if job_id in name] == []
+    assert processes_with(marker) == []
+    status = subprocess.run([sys.executable, TOOL_PATH, "ps", "-f", "compose.yaml"],
+                            cwd=str(tmp_path), env=no_slurm, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, universal_newlines=True, timeout=60)
+    assert status.returncode == 0 and status.stderr == "", status.stderr
+    assert "scheduler:  FAILED (state.json)" in status.stdout
+
+
+def test_outside_slurm_exec_joins_both_services_and_ctrl_c_removes_everything(no_slurm, tmp_path):
+    marker = "local-ctrl-c-" + uuid.uuid4().hex[:8]
+    (tmp_path / "compose.yaml").write_text("""\
+name: local-ctrl-c
+x-slurm: {cache_dir: %s}
+services:
+  box:
+    image: %s
+    working_dir: /tmp
+    environment: {COLOR: green}
+    command: ["python3", "-c", "import time; print('up', flush=True); time.sleep(600)", "%s"]
+  tool:
+    x-slurm: {runtime: host}
+    environment: {COLOR: blue}
+    command: ["python3", "-c", "import time; print('up', flush=True); time.sleep(600)", "%s"]
+""" % (CACHE_ROOT, TEST_IMAGE, marker, marker))
+    up = _up(tmp_path, no_slurm)
+    try:
+        def running():
+            state = _state(str(tmp_path), _latest_job_id(tmp_path))
+            return [s.get("status") for s in state.get("services", [])] == ["running", "running"]
+        _wait(lambda: (tmp_path / ".hpc-compose" / "latest.json").exists(), "the job record")
+        _wait(running, "both services running")
+        job_id = _latest_job_id(tmp_path)
+        # "up" is printed by the service's own process, inside its container.
+        for name in ("box", "tool"):
+            log = tmp_path / ".hpc-compose" / job_id / "logs" / (name + ".log")
+            _wait(lambda: log.exists() and "up\n" in log.read_text(), name + "'s first line")
+        assert [n for n in _enroot_list(no_slurm) if job_id in n] == [
+            "pyxis_hpc-compose_%s_box" % job_id]
+        for name, expected in (("box", "green|/tmp"), ("tool", "blue|%s" % tmp_path)):
+            result = subprocess.run(
+                [sys.executable, TOOL_PATH, "exec", "-T", "-f", "compose.yaml", name, "--", "sh",
+                 "-c", 'echo "$COLOR|$PWD"; exit 6'], cwd=str(tmp_path), env=no_slurm,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True, timeout=120)
+            assert (result.returncode, result.stdout) == (6, expected + "\n"), result.stderr
+        # Ctrl-C: the terminal sends SIGINT to the whole foreground process group.
+        os.killpg(up.pid, signal.SIGINT)
+        out, err = up.communicate(timeout=120)
+    finally:
+        if up.poll() is None:
+            os.killpg(up.pid, signal.SIGKILL)
+    assert up.returncode == 130, out + err
+    assert "job %s cancelled (exit code 130): the job was cancelled (SIGINT)" % job_id in err
+    assert processes_with(marker) == []
+    assert [n for n in _enroot_list(no_slurm) if job_id in n] == []
+    state = _state(str(tmp_path), job_id)
+    assert state["status"] == "cancelled"
+    assert [s["status"] for s in state["services"]] == ["stopped", "stopped"]
+
+
+def _latest_job_id(folder):
+    try:
+        with open(os.path.join(str(folder), ".hpc-compose", "latest.json")) as handle:
+            return json.load(handle)["job_id"]
+    except (OSError, ValueError, KeyError):
+        return "none"

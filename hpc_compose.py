@@ -14285,7 +14285,7 @@ def _cmd_up_local(args):
             raise UsageError("%s waits for another job in the queue; up --local starts at once "
                              "and never uses sbatch" % flag)
     mode = _local_mode()
-    spec, plan = _load_plan_from_args(args)
+    _spec, plan = _load_plan_from_args(args)
     problems = _local_plan_problems(plan, mode)
     if problems:
         raise UsageError("up --local cannot run %s %s: %s" % (
@@ -14364,25 +14364,36 @@ def _default_sigint():
 
 
 def _follow_local_run(process, follower, out):
-    """Print the service logs until the batch script exits; Ctrl-C asks it (once) to tear down.
-    Returns its exit code (128 + N when a signal N ended it)."""
+    """Print the service logs until the batch script exits. Ctrl-C, SIGTERM and SIGHUP (the
+    terminal closed, the allocation ended) are passed on to it once, as scancel would pass them,
+    and it tears down; a signal ignored when we started stays ignored. Returns its exit code
+    (128 + N when a signal N ended it)."""
     import signal
     import time
-    interrupted = False
-    while True:
-        try:
+    received = []
+
+    def forward(number, frame):
+        if not received:
+            process.send_signal(number)
+            sys.stderr.write("\nstopping job (%s): every service stops and its containers are "
+                             "removed\n" % signal.Signals(number).name)
+        received.append(number)
+
+    previous = {}
+    for number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(number) != signal.SIG_IGN:
+            previous[number] = signal.signal(number, forward)
+    try:
+        while True:
             for name, line in follower.poll():
                 out.write(_format_log_line(name, line) + "\n")
             out.flush()
             if process.poll() is not None:
                 break
             time.sleep(_LOG_POLL_SECONDS)
-        except KeyboardInterrupt:
-            if not interrupted:
-                interrupted = True
-                process.send_signal(signal.SIGINT)
-                sys.stderr.write("\nstopping job: every service stops and its containers are "
-                                 "removed (Ctrl-C again does not hurry it)\n")
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
     for name, line in follower.flush():
         out.write(_format_log_line(name, line) + "\n")
     out.flush()

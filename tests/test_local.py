@@ -335,3 +335,18 @@ def test_exec_into_a_container_still_starting_says_so(tmp_path, cli):
     finally:
         starting.kill()
         starting.wait()
+
+
+def test_a_sigterm_to_up_local_is_passed_on_to_the_batch_script_once(tmp_path):
+    import io
+    import signal
+    import threading
+    script = subprocess.Popen(["bash", "-c", 'trap "echo got TERM; exit 42" TERM; '
+                               'while :; do sleep 0.1; done'], stdout=subprocess.PIPE,
+                              universal_newlines=True)
+    follower = hc._LogFollower([])
+    before = signal.getsignal(signal.SIGTERM)
+    threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    assert hc._follow_local_run(script, follower, io.StringIO()) == 42
+    assert script.stdout.read() == "got TERM\n"
+    assert signal.getsignal(signal.SIGTERM) == before  # our own handling ends with the run

@@ -18,7 +18,8 @@ import uuid
 
 import pytest
 
-from slurm_support import TEST_IMAGE, TOOL_PATH, free_port, processes_with, pyxis_test_image
+from slurm_support import (TEST_IMAGE, TOOL_PATH, cluster_nodes, enroot_containers, free_port,
+                           processes_with, pyxis_test_image)
 
 CACHE_ROOT = os.path.join(os.environ.get("HPC_COMPOSE_TEST_CACHE", "/opt/hpc-compose-tests"),
                           "e2e-cache")
@@ -52,16 +53,7 @@ def _wait(predicate, what, timeout=120):
 
 # --- (a) inside an allocation: the services are steps of it ----------------------------------------
 
-@pytest.fixture
-def data_home():
-    """A private Enroot data path (XDG_DATA_HOME/enroot, which Pyxis passes to Enroot)."""
-    path = os.path.join(CACHE_ROOT, "local-" + uuid.uuid4().hex[:12])
-    os.makedirs(os.path.join(path, "enroot"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def test_inside_an_allocation_services_are_steps_and_tracking_works(slurm, data_home, tmp_path):
+def test_inside_an_allocation_services_are_steps_and_tracking_works(slurm, tmp_path):
     image = pyxis_test_image()
     port = free_port()
     marker = "local-alloc-" + uuid.uuid4().hex[:8]
@@ -83,8 +75,7 @@ services:
     command = "%s %s up --local -f compose.yaml" % (sys.executable, TOOL_PATH)
     proc = subprocess.run(["salloc", "--nodes=1", "--time=5", "bash", "-c", command],
                           cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          universal_newlines=True, timeout=300,
-                          env=dict(os.environ, XDG_DATA_HOME=data_home))
+                          universal_newlines=True, timeout=300)
     # salloc passes on the exit code of its command: up --local's, which is the job's (client: 7).
     assert proc.returncode == 7, proc.stdout + proc.stderr
     job_id = _job_id_from(proc.stdout)
@@ -118,6 +109,60 @@ services:
     state = _state(str(tmp_path), job_id)
     assert state["job_id"] == job_id
     assert [s["status"] for s in state["services"]] == ["stopped", "failed"]
+
+
+# In the allocation: up --local in the background, exec into the host service once both services
+# run, then SIGTERM to up --local (what it gets when the allocation or the terminal goes away).
+# (exec into the Pyxis service is the same `srun --jobid --overlap --container-name=NAME:exec` as
+# for a submitted job, which tests/test_exec_e2e.py covers.)
+EXEC_IN_ALLOCATION = r"""
+tool="$1"
+"$PYTHON" "$tool" up --local -f compose.yaml >up.out 2>&1 &
+up=$!
+logs=".hpc-compose/$SLURM_JOB_ID/logs"
+for _ in $(seq 600); do
+    grep -qx up "$logs/app.log" 2>/dev/null && grep -qx up "$logs/tool.log" 2>/dev/null && break
+    sleep 0.2
+done
+"$PYTHON" "$tool" exec -T tool -- sh -c 'echo "$COLOR|$PWD"; exit 6' >exec.out 2>exec.err
+echo "exec=$?" >>exec.out
+kill -TERM "$up"
+wait "$up"
+echo "up=$?" >>exec.out
+"""
+
+
+def test_inside_an_allocation_exec_joins_a_service_and_sigterm_tears_down(slurm, tmp_path):
+    image = pyxis_test_image()
+    marker = "local-alloc-exec-" + uuid.uuid4().hex[:8]
+    (tmp_path / "compose.yaml").write_text("""\
+name: local-alloc-exec
+x-slurm: {cache_dir: %s}
+services:
+  app:
+    image: %s
+    command: ["python3", "-c", "import time; print('up', flush=True); time.sleep(600)", "%s"]
+  tool:
+    x-slurm: {runtime: host}
+    working_dir: /tmp
+    environment: {COLOR: blue}
+    command: ["python3", "-c", "import time; print('up', flush=True); time.sleep(600)", "%s"]
+""" % (CACHE_ROOT, image, marker, marker))
+    proc = subprocess.run(["salloc", "--nodes=1", "--time=5", "bash", "-c", EXEC_IN_ALLOCATION,
+                           "test", TOOL_PATH], cwd=str(tmp_path), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, universal_newlines=True, timeout=300,
+                          env=dict(os.environ, PYTHON=sys.executable))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    up_out = (tmp_path / "up.out").read_text()
+    assert (tmp_path / "exec.out").read_text() == "blue|/tmp\nexec=6\nup=143\n", up_out
+    job_id = _job_id_from(up_out)
+    assert "job %s cancelled (exit code 143): the job was cancelled (SIGTERM)" % job_id in up_out
+    assert _state(str(tmp_path), job_id)["status"] == "cancelled"
+    assert processes_with(marker) == []
+    # The allocation's keeper step removed the named container of 'app'.
+    containers = [name for node in cluster_nodes() for name in enroot_containers(node)
+                  if "hpc-compose_%s_" % job_id in name]
+    assert containers == []
 
 
 # --- (b) without Slurm: this machine, host runtime and enroot ----------------------------------------

@@ -131,7 +131,7 @@ enter() {
     unshare -m --propagation private -- /bin/bash -c '
 set -e
 root=$1; n=$2; shift 2
-mount --bind "$root" "$root"
+mount --rbind "$root" "$root"
 mount -t proc proc "$root/proc"
 mount --rbind /sys "$root/sys"
 mount --rbind /dev "$root/dev"
@@ -220,6 +220,7 @@ remove_old_roots() {  # stop the daemons of this generation's roots of older rec
         [ -d "$old" ] && [ "$old" != "$keep" ] || continue
         ROOT=$old
         stop_all
+        unmount_enroot_data
         say "removing the root of an older recipe: $old"
         rm -rf --one-file-system "$old"
     done
@@ -537,6 +538,33 @@ EOF
     bash "$tools" image || die "container-tools.sh image failed: the container tests have no image"
 }
 
+# Inside the root, Enroot's data path is a tmpfs of its own. `enroot list -f`, through which Pyxis
+# finds the container that --container-name=NAME:exec joins (`hpc-compose exec`), names a running
+# container by the root of the mount its processes see as "/" (the path within that filesystem) and
+# compares it with the data path taken relative to its nearest mount point. Inside the root, "/" is
+# a bind mount of a host directory, so the two never match unless the data path is the root of a
+# filesystem: with it on the root's own disk, every running container showed as "<unknown>" and
+# exec answered "the container is not running". It is mounted on the host, below the root, and
+# `enter` binds the root recursively, so the daemons, their steps and `exec` all see the same one.
+ENROOT_DATA_MOUNT=/var/lib/enroot/data
+
+mount_enroot_data() {  # mount_enroot_data -> CONFIG_CHANGED=1 when it was not mounted yet
+    local target="$ROOT$ENROOT_DATA_MOUNT"
+    mkdir -p "$target"
+    mountpoint -q "$target" && return 0
+    mount -t tmpfs -o mode=0755 "hpc-compose-enroot-$GEN" "$target" \
+        || die "cannot mount a tmpfs on $target for the root's Enroot data"
+    # Daemons started before it see the disk below it: restart them.
+    CONFIG_CHANGED=1
+}
+
+unmount_enroot_data() {
+    local target="$ROOT$ENROOT_DATA_MOUNT"
+    if mountpoint -q "$target" 2>/dev/null; then
+        umount -l "$target" || say "warning: could not unmount $target"
+    fi
+}
+
 # ---------------------------------------------------------------- actions
 
 cmd_up() {
@@ -558,6 +586,7 @@ cmd_up() {
     write_configs
     if [ "$containers" -eq 1 ]; then
         install_containers
+        mount_enroot_data
     else
         rm -f "$ROOT/etc/slurm/plugstack.conf.d/pyxis.conf"
     fi
@@ -590,6 +619,7 @@ cmd_down() {
     need_root
     current_root
     stop_all
+    unmount_enroot_data
     say "down (the root stays cached: $ROOT)"
 }
 

@@ -23,6 +23,7 @@ import shutil
 import socket
 import sys
 import time
+import uuid
 
 import pytest
 
@@ -31,7 +32,7 @@ __all__ = [
     "cluster_problem", "job_state", "sacct_job", "wait_for_job", "wait_for_state", "cancel_job",
     "submit_wrap", "run_tool_cli", "pyxis_test_image", "TEST_IMAGE", "expected_slurm_generation",
     "slurm_under_test", "cluster_nodes", "on_node", "enroot_containers", "processes_with",
-    "submitted_job_id",
+    "submitted_job_id", "image", "cache_dir", "E2E_CACHE_ROOT",
 ]
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -49,6 +50,9 @@ USABLE_NODE_STATES = ("idle", "mixed", "allocated", "completing")
 # python3, curl, netcat-openbsd and procps, as a squashfs file Pyxis imports without a registry.
 TEST_IMAGE = os.path.join(os.environ.get("HPC_COMPOSE_TEST_CACHE", "/opt/hpc-compose-tests"),
                           "test-image.sqsh")
+# Prepared images of the end-to-end tests go to a cache on the machine's shared file system (not
+# /tmp, which the tool refuses as node-local), one folder per test so that prepare really builds.
+E2E_CACHE_ROOT = os.path.join(os.path.dirname(TEST_IMAGE), "e2e-cache")
 
 
 def _run(argv, timeout=30, cwd=None, env=None):
@@ -286,6 +290,22 @@ def submit_wrap(command, cwd, output="slurm-%j.out", args=()):
     if code != 0:
         raise AssertionError("sbatch failed (%d): %s" % (code, err.strip()))
     return out.strip().split(";")[0]
+
+
+@pytest.fixture(scope="module")
+def image():
+    """The Pyxis test image of the cluster (see ``pyxis_test_image``)."""
+    return pyxis_test_image()
+
+
+@pytest.fixture
+def cache_dir(request):
+    """A cache folder of the test's own under E2E_CACHE_ROOT, named after its file; removed after."""
+    prefix = request.module.__name__.rpartition(".")[2].replace("test_", "").replace("_e2e", "")
+    path = os.path.join(E2E_CACHE_ROOT, "%s-%s" % (prefix, uuid.uuid4().hex[:12]))
+    os.makedirs(path)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def free_port():

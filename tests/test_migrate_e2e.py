@@ -8,29 +8,10 @@ wrote into the folders migrate made of the named volumes.
 import os
 import re
 import shutil
-import uuid
 
-import pytest
-
-from slurm_support import TEST_IMAGE, pyxis_test_image, run_tool_cli, wait_for_job
+from slurm_support import run_tool_cli, wait_for_job
 
 CORPUS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "migrate_corpus")
-# Prepared images go to a cache on the machine's shared file system (not /tmp, which the tool
-# refuses as node-local), one folder per test so that prepare really builds.
-CACHE_ROOT = os.path.join(os.path.dirname(TEST_IMAGE), "e2e-cache")
-
-
-@pytest.fixture(scope="module")
-def image():
-    return pyxis_test_image()
-
-
-@pytest.fixture
-def cache_dir():
-    path = os.path.join(CACHE_ROOT, "migrate-" + uuid.uuid4().hex[:12])
-    os.makedirs(path)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def migrate_and_submit(app, tmp_path, image, cache_dir, slurm_jobs):

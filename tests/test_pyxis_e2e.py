@@ -12,36 +12,16 @@ real `/usr/bin/enroot` (`--enroot-bin`), which runs the real tool.
 """
 import json
 import os
-import shutil
 import subprocess
 import time
 import uuid
 
-import pytest
+from slurm_support import (cluster_nodes, enroot_containers, free_port, processes_with,
+                           run_tool_cli, submitted_job_id, wait_for_job, wait_for_state)
 
-from slurm_support import (TEST_IMAGE, cluster_nodes, enroot_containers, free_port, processes_with,
-                           pyxis_test_image, run_tool_cli, submitted_job_id, wait_for_job,
-                           wait_for_state)
-
-# Prepared images go to a cache on the machine's shared file system (not /tmp, which the tool
-# rejects as node-local), one folder per test run so the first prepare really builds.
-CACHE_ROOT = os.path.join(os.path.dirname(TEST_IMAGE), "e2e-cache")
 
 # Byte-exact environment: quotes, $, backslashes, a newline, unicode, a comma and '=' in values.
 TRICKY = 'a "double" \'single\' $HOME ${X} `tick` \\back\\slash, x=y\nsecond line ünï€ode'
-
-
-@pytest.fixture(scope="module")
-def image():
-    return pyxis_test_image()
-
-
-@pytest.fixture
-def cache_dir():
-    path = os.path.join(CACHE_ROOT, uuid.uuid4().hex[:12])
-    os.makedirs(path)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 class ComposeRun(object):

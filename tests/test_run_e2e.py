@@ -6,30 +6,11 @@ readiness and stopped when the service ends, and the job tracked for status and 
 """
 import json
 import os
-import shutil
 import uuid
 
 import pytest
 
-from slurm_support import (TEST_IMAGE, free_port, pyxis_test_image, run_tool_cli, sacct_job,
-                           submitted_job_id, wait_for_job)
-
-# Prepared images go to a cache on the machine's shared file system (not /tmp, which the tool
-# rejects as node-local), one folder per test.
-CACHE_ROOT = os.path.join(os.path.dirname(TEST_IMAGE), "e2e-cache")
-
-
-@pytest.fixture(scope="module")
-def image():
-    return pyxis_test_image()
-
-
-@pytest.fixture
-def cache_dir():
-    path = os.path.join(CACHE_ROOT, "run-" + uuid.uuid4().hex[:12])
-    os.makedirs(path)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+from slurm_support import free_port, run_tool_cli, sacct_job, submitted_job_id, wait_for_job
 
 
 @pytest.fixture

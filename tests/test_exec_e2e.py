@@ -12,24 +12,9 @@ import uuid
 
 import pytest
 
-import slurm_support
-from slurm_support import run_tool_cli, wait_for_job, wait_for_state
+from slurm_support import enroot_containers, run_tool_cli, wait_for_job, wait_for_state
 
 TOOL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "hpc_compose.py")
-CACHE_ROOT = os.path.join(os.environ.get("HPC_COMPOSE_TEST_CACHE", "/opt/hpc-compose-tests"),
-                          "e2e-cache")
-
-
-def _support(name):
-    helper = getattr(slurm_support, name, None)
-    if helper is None:
-        pytest.skip("needs slurm_support.%s from the real-cluster work (issue 7)" % name)
-    return helper
-
-
-@pytest.fixture
-def image(slurm):
-    return _support("pyxis_test_image")()
 
 
 class Job(object):
@@ -91,12 +76,11 @@ def in_squeue(job_id):
 
 def job_containers(job_id):
     """``[(node, name)]`` of this job's named containers left on any node."""
-    containers = _support("enroot_containers")
-    return [(node, name) for node in _nodes() for name in containers(node)
+    return [(node, name) for node in _nodes() for name in enroot_containers(node)
             if "hpc-compose_%s_" % job_id in name]
 
 
-def pyxis_compose(image, marker):
+def pyxis_compose(image, cache_dir, marker):
     return """\
 name: exec-e2e
 x-slurm:
@@ -109,13 +93,13 @@ services:
     environment:
       GREETING: "hello 'there' $$HOME"
     command: touch /tmp/%s && exec python3 -c 'import time; print("up", flush=True); time.sleep(600)'
-""" % (CACHE_ROOT, image, marker)
+""" % (cache_dir, image, marker)
 
 
 @pytest.fixture
-def pyxis_job(slurm, slurm_jobs, image, tmp_path):
+def pyxis_job(slurm, slurm_jobs, image, cache_dir, tmp_path):
     marker = "exec-e2e-" + uuid.uuid4().hex[:8]
-    job = submit(tmp_path, pyxis_compose(image, marker), slurm_jobs)
+    job = submit(tmp_path, pyxis_compose(image, cache_dir, marker), slurm_jobs)
     wait_for_line(job, "app", "up")
     job.marker = marker
     return job
@@ -166,7 +150,8 @@ def test_named_containers_are_removed_when_the_job_is_cancelled(pyxis_job):
     assert result.err == "error: job %s is not running (CANCELLED)\n" % pyxis_job.job_id
 
 
-def test_named_containers_are_removed_when_the_job_completes(slurm, slurm_jobs, image, tmp_path):
+def test_named_containers_are_removed_when_the_job_completes(slurm, slurm_jobs, image, cache_dir,
+                                                             tmp_path):
     job = submit(tmp_path, """\
 name: exec-e2e-done
 x-slurm: {time: "00:05:00", cache_dir: %s}
@@ -174,7 +159,7 @@ services:
   app:
     image: %s
     command: echo done
-""" % (CACHE_ROOT, image), slurm_jobs)
+""" % (cache_dir, image), slurm_jobs)
     assert wait_for_job(job.job_id, timeout=240) == "COMPLETED"
     assert "done" in job.log("app")
     assert job_containers(job.job_id) == []

@@ -18,8 +18,8 @@ import pytest
 
 from slurm_support import (CLUSTER_SCRIPT, REPO_ROOT, TOOL_PATH, cluster_nodes, enroot_containers,
                            on_node, processes_with, pyxis_test_image, run_tool_cli, wait_for_job)
-from test_pyxis_e2e import (  # noqa: F401  (cache_dir is a fixture used by name)
-    ComposeRun, assert_nothing_left, cache_dir, compose_run, long_running, wait_running)
+from test_pyxis_e2e import (ComposeRun, assert_nothing_left, compose_run, long_running,
+                            wait_running)
 
 NODES = 3
 COPIES = os.path.join(REPO_ROOT, "tests", "multinode")

@@ -14321,13 +14321,14 @@ def _cmd_up_local(args):
     if plan.slurm.chdir:
         workdir = os.path.normpath(os.path.join(plan.project_dir,
                                                 os.path.expanduser(str(plan.slurm.chdir))))
+    argv, forward_as = _local_batch_argv(mode, script_path, args.srun_bin)
     follower = _LogFollower(_record_log_sources(record), from_end=True)
     with open(record["batch_log"], "ab") as batch_log:
         os.chmod(record["batch_log"], _PRIVATE_FILE_MODE)
         # Its own session: a Ctrl-C reaches the batch script through us, once, and its services
         # through its teardown, as scancel would reach them. SIGINT is reset for it, since bash
         # cannot trap a signal that was ignored when it started (as in a background job).
-        process = subprocess.Popen(["bash", script_path], cwd=workdir, env=environment,
+        process = subprocess.Popen(argv, cwd=workdir, env=environment,
                                    stdin=subprocess.DEVNULL, stdout=batch_log,
                                    stderr=subprocess.STDOUT, start_new_session=True,
                                    preexec_fn=_default_sigint)
@@ -14338,7 +14339,7 @@ def _cmd_up_local(args):
         job_id, "as steps of this allocation" if mode == "allocation" else "on this machine",
         process.pid, script_path))
     say("batch log: %s" % record["batch_log"])
-    code = _follow_local_run(process, follower, out)
+    code = _follow_local_run(process, follower, out, forward_as)
     runtime = _load_runtime_state(record["job_dir"]) or {}
     status = runtime.get("status") or "ended"
     reason = "job %s %s (exit code %d)" % (job_id, status, code)
@@ -14358,15 +14359,50 @@ def _cmd_up_local(args):
     return code
 
 
+# Run by `up --local` inside an allocation, before the batch script: the script starts its steps as
+# in a batch job, so the variables of a step this runs in (an interactive `srun --pty bash`, or the
+# step on the first node below) give way to the allocation's: srun takes SLURM_NTASKS, SLURM_NNODES
+# and the like as the defaults of every step it starts.
+_ALLOCATION_PRELUDE = r"""for name in "${!SLURM_STEP@}" "${!SLURM_PTY_@}" "${!SLURM_CPU_BIND@}" \
+        SLURM_NTASKS SLURM_NPROCS SLURM_NTASKS_PER_NODE SLURM_TASKS_PER_NODE SLURM_PROCID \
+        SLURM_LOCALID SLURM_NODEID SLURM_GTIDS SLURM_TASK_PID SLURM_DISTRIBUTION \
+        SLURM_SRUN_COMM_HOST SLURM_SRUN_COMM_PORT SLURM_LAUNCH_NODE_IPADDR SLURM_OVERLAP; do
+    unset -v "$name"
+done
+export SLURM_NNODES="${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}"
+export SLURM_NODELIST="${SLURM_JOB_NODELIST:-${SLURM_NODELIST:-}}"
+exec bash "$1"
+"""
+
+
+def _local_batch_argv(mode, script_path, srun_bin="srun", environ=None):
+    """How ``up --local`` starts the batch script, and the signal Ctrl-C is passed on as (None: the
+    one received). Outside Slurm: bash here. Inside an allocation: on a node of it, as sbatch would
+    start it; ``salloc``'s shell runs on the machine it was typed on (on most clusters a login node,
+    outside the allocation, where readiness probes of 127.0.0.1 would miss the services), so there
+    the script runs as a step on the allocation's first node. srun passes SIGTERM on to that step
+    (a single SIGINT only makes it print the step's state), hence SIGTERM."""
+    import signal
+    environ = os.environ if environ is None else environ
+    if mode != "allocation":
+        return ["bash", script_path], None
+    argv = ["bash", "-c", _ALLOCATION_PRELUDE, "hpc-compose-batch", script_path]
+    if environ.get("SLURMD_NODENAME"):  # a shell that is itself a step runs on a node already
+        return argv, None
+    return [srun_bin, "--overlap", "--nodes=1", "--ntasks=1", "--relative=0",
+            "--job-name=hpc-compose-batch", "--kill-on-bad-exit=1", "--quiet"] + argv, \
+        signal.SIGTERM
+
+
 def _default_sigint():
     import signal
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def _follow_local_run(process, follower, out):
+def _follow_local_run(process, follower, out, forward_as=None):
     """Print the service logs until the batch script exits. Ctrl-C, SIGTERM and SIGHUP (the
-    terminal closed, the allocation ended) are passed on to it once, as scancel would pass them,
-    and it tears down; a signal ignored when we started stays ignored. Returns its exit code
+    terminal closed, the allocation ended) are passed on to it once (as ``forward_as`` when given),
+    as scancel would pass them, and it tears down; a signal ignored when we started stays ignored. Returns its exit code
     (128 + N when a signal N ended it)."""
     import signal
     import time
@@ -14374,7 +14410,7 @@ def _follow_local_run(process, follower, out):
 
     def forward(number, frame):
         if not received:
-            process.send_signal(number)
+            process.send_signal(forward_as or number)
             sys.stderr.write("\nstopping job (%s): every service stops and its containers are "
                              "removed\n" % signal.Signals(number).name)
         received.append(number)

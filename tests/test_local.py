@@ -350,3 +350,55 @@ def test_a_sigterm_to_up_local_is_passed_on_to_the_batch_script_once(tmp_path):
     assert hc._follow_local_run(script, follower, io.StringIO()) == 42
     assert script.stdout.read() == "got TERM\n"
     assert signal.getsignal(signal.SIGTERM) == before  # our own handling ends with the run
+
+
+# --- where the batch script of a run inside an allocation runs --------------------------------------
+
+def test_outside_slurm_the_batch_script_runs_here_with_bash():
+    assert hc._local_batch_argv("machine", "/p/job.sbatch") == (["bash", "/p/job.sbatch"], None)
+
+
+def test_in_a_shell_that_is_a_step_the_batch_script_runs_here_after_the_prelude():
+    argv, forward_as = hc._local_batch_argv("allocation", "/p/job.sbatch", "srun",
+                                            {"SLURM_JOB_ID": "7", "SLURMD_NODENAME": "n2"})
+    assert argv == ["bash", "-c", hc._ALLOCATION_PRELUDE, "hpc-compose-batch", "/p/job.sbatch"]
+    assert forward_as is None
+
+
+def test_in_salloc_s_shell_the_batch_script_is_a_step_on_the_first_node_stopped_by_sigterm():
+    import signal
+    argv, forward_as = hc._local_batch_argv("allocation", "/p/job.sbatch", "/opt/srun",
+                                            {"SLURM_JOB_ID": "7"})
+    assert argv == ["/opt/srun", "--overlap", "--nodes=1", "--ntasks=1", "--relative=0",
+                    "--job-name=hpc-compose-batch", "--kill-on-bad-exit=1", "--quiet",
+                    "bash", "-c", hc._ALLOCATION_PRELUDE, "hpc-compose-batch", "/p/job.sbatch"]
+    assert forward_as == signal.SIGTERM
+
+
+def test_the_prelude_gives_the_script_the_allocation_s_variables_not_the_step_s(tmp_path):
+    script = tmp_path / "job.sbatch"
+    script.write_text('for v in SLURM_NTASKS SLURM_STEP_ID SLURM_STEPID SLURM_NNODES SLURM_NODELIST '
+                      'SLURM_PROCID SLURM_PTY_PORT SLURM_CPU_BIND_TYPE SLURM_JOB_ID; do '
+                      'echo "$v=${!v-unset}"; done\n')
+    step = {"SLURM_JOB_ID": "7", "SLURM_JOB_NUM_NODES": "3", "SLURM_JOB_NODELIST": "n[1-3]",
+            "SLURM_NNODES": "1", "SLURM_NODELIST": "n1", "SLURM_NTASKS": "1", "SLURM_STEP_ID": "0",
+            "SLURM_STEPID": "0", "SLURM_PROCID": "0", "SLURM_PTY_PORT": "4242",
+            "SLURM_CPU_BIND_TYPE": "mask_cpu:", "PATH": os.environ["PATH"]}
+    result = subprocess.run(["bash", "-c", hc._ALLOCATION_PRELUDE, "hpc-compose-batch", str(script)],
+                            env=step, stdout=subprocess.PIPE, universal_newlines=True, timeout=30)
+    assert result.stdout.splitlines() == [
+        "SLURM_NTASKS=unset", "SLURM_STEP_ID=unset", "SLURM_STEPID=unset", "SLURM_NNODES=3",
+        "SLURM_NODELIST=n[1-3]", "SLURM_PROCID=unset", "SLURM_PTY_PORT=unset",
+        "SLURM_CPU_BIND_TYPE=unset", "SLURM_JOB_ID=7"]
+
+
+def test_a_sigint_is_passed_on_as_the_signal_asked_for(tmp_path):
+    import io
+    import signal
+    import threading
+    script = subprocess.Popen(["bash", "-c", 'trap "echo got TERM; exit 43" TERM; '
+                               'while :; do sleep 0.1; done'], stdout=subprocess.PIPE,
+                              universal_newlines=True)
+    threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()
+    assert hc._follow_local_run(script, hc._LogFollower([]), io.StringIO(), signal.SIGTERM) == 43
+    assert script.stdout.read() == "got TERM\n"

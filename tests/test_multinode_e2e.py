@@ -9,6 +9,7 @@ multi-node examples under tests/multinode/.
 """
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -17,7 +18,8 @@ import uuid
 import pytest
 
 from slurm_support import (CLUSTER_SCRIPT, REPO_ROOT, TOOL_PATH, cluster_nodes, enroot_containers,
-                           on_node, processes_with, pyxis_test_image, run_tool_cli, wait_for_job)
+                           free_port, on_node, processes_with, pyxis_test_image, run_tool_cli,
+                           submitted_job_id, wait_for_job)
 from test_pyxis_e2e import (ComposeRun, assert_nothing_left, compose_run, long_running,
                             wait_running)
 
@@ -459,3 +461,89 @@ def test_a_requeued_job_resumes_as_attempt_one_and_status_says_so(slurm, slurm_j
     assert lines_of(run.log("app")) == ["attempt 1 resume=1"] * NODES
     with open(os.path.join(str(shared), "_hpc-compose", "latest.json")) as handle:
         assert json.load(handle)["attempt"] == 1
+
+
+# --- run and up --local on several nodes ---------------------------------------------------------
+
+def _stack(image, cache_dir, port, workers_command):
+    """A server on the primary node, ready when 127.0.0.1:PORT answers there, and a worker on every
+    node that reaches it by the primary node's name."""
+    return head(cache_dir) + """\
+  server:
+    image: %s
+    command: exec python3 -m http.server %d
+    readiness: {type: tcp, port: %d, timeout_seconds: 60}
+  workers:
+    image: %s
+    depends_on: {server: {condition: service_healthy}}
+    x-slurm: {nodes: %d, ntasks_per_node: 1}
+    command: %s
+""" % (image, port, port, image, NODES, json.dumps(workers_command))
+
+
+REACH = ('echo "$(hostname) $(curl -s -o /dev/null -w %%{http_code} '
+         'http://$HPC_COMPOSE_PRIMARY_NODE:%d/)"')
+
+
+def test_run_of_a_distributed_service_streams_every_node_and_passes_its_exit_code(
+        slurm, slurm_jobs, image, cache_dir, tmp_path):
+    port = free_port()
+    (tmp_path / "compose.yaml").write_text(_stack(image, cache_dir, port, "echo not this"))
+    command = REACH % port + '; if [ "$SLURM_PROCID" = 2 ]; then sleep 1; exit 4; fi'
+    result = run_tool_cli(["run", "-f", "compose.yaml", "workers", "--", "sh", "-c", command],
+                          cwd=tmp_path, timeout=600)
+    slurm_jobs.add(submitted_job_id(result.out + result.err))
+    assert result.code == 4, result
+    # stdout is the service's own output: a line from every node (then srun's report of task 2).
+    lines = [line for line in result.out.splitlines() if not line.startswith("srun: ")]
+    assert sorted(lines) == ["%s 200" % node for node in cluster_nodes()], result
+
+
+def _up_local_in_allocation(tmp_path, image, cache_dir, step=()):
+    """``salloc`` of every node, running ``up --local`` in its shell (``step``: in a step of it)."""
+    port = free_port()
+    (tmp_path / "compose.yaml").write_text(_stack(image, cache_dir, port, REACH % port))
+    command = "%s %s up --local -f compose.yaml" % (sys.executable, TOOL_PATH)
+    proc = subprocess.run(["salloc", "--nodes=%d" % NODES, "--time=5"] + list(step)
+                          + ["bash", "-c", command], cwd=str(tmp_path), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, universal_newlines=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    job_id = re.search(r"started job (\d+) as steps of this allocation", proc.stdout).group(1)
+    workers = sorted(line for line in proc.stdout.splitlines() if line.startswith("[workers] "))
+    assert workers == ["[workers] %s 200" % node for node in cluster_nodes()], proc.stdout
+    return job_id
+
+
+def _steps(job_id):
+    """``{step name: node list}`` of a job, from sacct (which may lag the job's end a little)."""
+    steps = {}
+    deadline = time.monotonic() + 60
+    while "hpc-compose:workers" not in steps and time.monotonic() < deadline:
+        out = subprocess.run(["sacct", "-n", "-P", "-j", job_id, "--format=JobName,NodeList"],
+                             stdout=subprocess.PIPE, universal_newlines=True, timeout=60).stdout
+        steps = dict(line.split("|", 1) for line in out.splitlines() if "|" in line)
+        time.sleep(1)
+    return steps
+
+
+def test_up_local_in_salloc_s_shell_runs_the_batch_script_on_the_first_node(slurm, image,
+                                                                            cache_dir, tmp_path):
+    # salloc's shell is this machine, outside every node's network: the server's readiness (its
+    # 127.0.0.1, probed by the batch script) is only met because the script runs on the first node.
+    job_id = _up_local_in_allocation(tmp_path, image, cache_dir)
+    steps = _steps(job_id)
+    nodes = cluster_nodes()
+    assert steps["hpc-compose-batch"] == nodes[0], steps
+    assert steps["hpc-compose:server"] == nodes[0], steps
+    assert steps["hpc-compose:workers"] == "%s[1-%d]" % (nodes[0][:-1], NODES), steps
+
+
+def test_up_local_in_a_one_node_step_of_the_allocation_runs_services_on_every_node(
+        slurm, image, cache_dir, tmp_path):
+    # As in an interactive `srun --pty bash`: the step's SLURM_NNODES=1 and SLURM_NTASKS=1 must not
+    # become the defaults of the services' steps (the workers span every node).
+    job_id = _up_local_in_allocation(tmp_path, image, cache_dir,
+                                     step=["srun", "--nodes=1", "--ntasks=1"])
+    steps = _steps(job_id)
+    assert "hpc-compose-batch" not in steps, steps
+    assert steps["hpc-compose:workers"] == "%s[1-%d]" % (cluster_nodes()[0][:-1], NODES), steps

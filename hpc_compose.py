@@ -14321,7 +14321,8 @@ def _cmd_up_local(args):
     if plan.slurm.chdir:
         workdir = os.path.normpath(os.path.join(plan.project_dir,
                                                 os.path.expanduser(str(plan.slurm.chdir))))
-    argv, forward_as = _local_batch_argv(mode, script_path, args.srun_bin)
+    pid_file = os.path.join(_tracking_root(plan.project_dir), ".%s.batch-pid" % job_id)
+    argv, in_step = _local_batch_argv(mode, script_path, args.srun_bin, pid_file=pid_file)
     follower = _LogFollower(_record_log_sources(record), from_end=True)
     with open(record["batch_log"], "ab") as batch_log:
         os.chmod(record["batch_log"], _PRIVATE_FILE_MODE)
@@ -14339,7 +14340,11 @@ def _cmd_up_local(args):
         job_id, "as steps of this allocation" if mode == "allocation" else "on this machine",
         process.pid, script_path))
     say("batch log: %s" % record["batch_log"])
-    code = _follow_local_run(process, follower, out, forward_as)
+    pass_on = _batch_step_pass_on(job_id, pid_file, process, args.srun_bin) if in_step else None
+    try:
+        code = _follow_local_run(process, follower, out, pass_on)
+    finally:
+        _remove_quietly(pid_file)
     runtime = _load_runtime_state(record["job_dir"]) or {}
     status = runtime.get("status") or "ended"
     reason = "job %s %s (exit code %d)" % (job_id, status, code)
@@ -14363,7 +14368,8 @@ def _cmd_up_local(args):
 # in a batch job, so the variables of a step this runs in (an interactive `srun --pty bash`, or the
 # step on the first node below) give way to the allocation's: srun takes SLURM_NTASKS, SLURM_NNODES
 # and the like as the defaults of every step it starts.
-_ALLOCATION_PRELUDE = r"""for name in "${!SLURM_STEP@}" "${!SLURM_PTY_@}" "${!SLURM_CPU_BIND@}" \
+_ALLOCATION_PRELUDE = r"""[ -z "$2" ] || echo "$$" >"$2"  # the script's pid on its node (exec keeps it)
+for name in "${!SLURM_STEP@}" "${!SLURM_PTY_@}" "${!SLURM_CPU_BIND@}" \
         SLURM_NTASKS SLURM_NPROCS SLURM_NTASKS_PER_NODE SLURM_TASKS_PER_NODE SLURM_PROCID \
         SLURM_LOCALID SLURM_NODEID SLURM_GTIDS SLURM_TASK_PID SLURM_DISTRIBUTION \
         SLURM_SRUN_COMM_HOST SLURM_SRUN_COMM_PORT SLURM_LAUNCH_NODE_IPADDR SLURM_OVERLAP; do
@@ -14375,23 +14381,43 @@ exec bash "$1"
 """
 
 
-def _local_batch_argv(mode, script_path, srun_bin="srun", environ=None):
-    """How ``up --local`` starts the batch script, and the signal Ctrl-C is passed on as (None: the
-    one received). Outside Slurm: bash here. Inside an allocation: on a node of it, as sbatch would
-    start it; ``salloc``'s shell runs on the machine it was typed on (on most clusters a login node,
-    outside the allocation, where readiness probes of 127.0.0.1 would miss the services), so there
-    the script runs as a step on the allocation's first node. srun passes SIGTERM on to that step
-    (a single SIGINT only makes it print the step's state), hence SIGTERM."""
-    import signal
+_BATCH_STEP_NAME = "hpc-compose-batch"  # the step of `up --local` run from salloc's shell
+
+
+def _local_batch_argv(mode, script_path, srun_bin="srun", environ=None, pid_file=""):
+    """How ``up --local`` starts the batch script, and whether that is a step of its own. Outside
+    Slurm: bash here. Inside an allocation: on a node of it, as sbatch would start it (writing its
+    pid to ``pid_file``); ``salloc``'s shell runs on the machine it was typed on (on most clusters
+    a login node, outside the allocation, where readiness probes of 127.0.0.1 would miss the
+    services), so there the script runs as a step on the allocation's first node."""
     environ = os.environ if environ is None else environ
     if mode != "allocation":
-        return ["bash", script_path], None
-    argv = ["bash", "-c", _ALLOCATION_PRELUDE, "hpc-compose-batch", script_path]
+        return ["bash", script_path], False
+    argv = ["bash", "-c", _ALLOCATION_PRELUDE, _BATCH_STEP_NAME, script_path, pid_file]
     if environ.get("SLURMD_NODENAME"):  # a shell that is itself a step runs on a node already
-        return argv, None
+        return argv, False
     return [srun_bin, "--overlap", "--nodes=1", "--ntasks=1", "--relative=0",
-            "--job-name=hpc-compose-batch", "--kill-on-bad-exit=1", "--quiet"] + argv, \
-        signal.SIGTERM
+            "--job-name=" + _BATCH_STEP_NAME, "--kill-on-bad-exit=1", "--quiet"] + argv, True
+
+
+def _batch_step_pass_on(job_id, pid_file, process, srun_bin="srun"):
+    """How a signal reaches the batch script when it runs in a step of its own: SIGTERM to its pid,
+    through a step on its node, as scancel of a batch job gives it. Signalled itself, srun would
+    end the step at once with SIGKILL (before the teardown is done), and a signal to the whole step
+    would reach the services' srun clients and the container keeper too. srun is terminated only
+    when the script's pid is not known (it has not started)."""
+    def pass_on(number):
+        try:
+            with open(pid_file) as handle:
+                pid = handle.read().strip()
+        except OSError:
+            pid = ""
+        if not pid.isdigit() or _run_command(
+                [srun_bin, "--jobid=%s" % job_id, "--overlap", "--nodes=1", "--ntasks=1",
+                 "--relative=0", "--job-name=" + _BATCH_STEP_NAME + "-signal", "--quiet",
+                 "kill", "-TERM", pid], timeout=_scheduler_timeout()).returncode != 0:
+            process.terminate()
+    return pass_on
 
 
 def _default_sigint():
@@ -14399,10 +14425,10 @@ def _default_sigint():
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def _follow_local_run(process, follower, out, forward_as=None):
+def _follow_local_run(process, follower, out, pass_on=None):
     """Print the service logs until the batch script exits. Ctrl-C, SIGTERM and SIGHUP (the
-    terminal closed, the allocation ended) are passed on to it once (as ``forward_as`` when given),
-    as scancel would pass them, and it tears down; a signal ignored when we started stays ignored. Returns its exit code
+    terminal closed, the allocation ended) are passed on to it once (by ``pass_on(number)`` when
+    given), as scancel would pass them, and it tears down; a signal ignored when we started stays ignored. Returns its exit code
     (128 + N when a signal N ended it)."""
     import signal
     import time
@@ -14410,7 +14436,7 @@ def _follow_local_run(process, follower, out, forward_as=None):
 
     def forward(number, frame):
         if not received:
-            process.send_signal(forward_as or number)
+            (pass_on or process.send_signal)(number)
             sys.stderr.write("\nstopping job (%s): every service stops and its containers are "
                              "removed\n" % signal.Signals(number).name)
         received.append(number)

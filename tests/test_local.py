@@ -10,8 +10,6 @@ import os
 import socket
 import subprocess
 
-import pytest
-
 import hpc_compose as hc
 from test_render import runtime_plan, service
 
@@ -355,24 +353,50 @@ def test_a_sigterm_to_up_local_is_passed_on_to_the_batch_script_once(tmp_path):
 # --- where the batch script of a run inside an allocation runs --------------------------------------
 
 def test_outside_slurm_the_batch_script_runs_here_with_bash():
-    assert hc._local_batch_argv("machine", "/p/job.sbatch") == (["bash", "/p/job.sbatch"], None)
+    assert hc._local_batch_argv("machine", "/p/job.sbatch") == (["bash", "/p/job.sbatch"], False)
 
 
 def test_in_a_shell_that_is_a_step_the_batch_script_runs_here_after_the_prelude():
-    argv, forward_as = hc._local_batch_argv("allocation", "/p/job.sbatch", "srun",
-                                            {"SLURM_JOB_ID": "7", "SLURMD_NODENAME": "n2"})
-    assert argv == ["bash", "-c", hc._ALLOCATION_PRELUDE, "hpc-compose-batch", "/p/job.sbatch"]
-    assert forward_as is None
+    argv, in_step = hc._local_batch_argv("allocation", "/p/job.sbatch", "srun",
+                                         {"SLURM_JOB_ID": "7", "SLURMD_NODENAME": "n2"})
+    assert argv == ["bash", "-c", hc._ALLOCATION_PRELUDE, "hpc-compose-batch", "/p/job.sbatch", ""]
+    assert in_step is False
 
 
-def test_in_salloc_s_shell_the_batch_script_is_a_step_on_the_first_node_stopped_by_sigterm():
-    import signal
-    argv, forward_as = hc._local_batch_argv("allocation", "/p/job.sbatch", "/opt/srun",
-                                            {"SLURM_JOB_ID": "7"})
+def test_in_salloc_s_shell_the_batch_script_is_a_step_on_the_first_node():
+    argv, in_step = hc._local_batch_argv("allocation", "/p/job.sbatch", "/opt/srun",
+                                         {"SLURM_JOB_ID": "7"}, pid_file="/p/.7.batch-pid")
     assert argv == ["/opt/srun", "--overlap", "--nodes=1", "--ntasks=1", "--relative=0",
                     "--job-name=hpc-compose-batch", "--kill-on-bad-exit=1", "--quiet",
-                    "bash", "-c", hc._ALLOCATION_PRELUDE, "hpc-compose-batch", "/p/job.sbatch"]
-    assert forward_as == signal.SIGTERM
+                    "bash", "-c", hc._ALLOCATION_PRELUDE, "hpc-compose-batch", "/p/job.sbatch",
+                    "/p/.7.batch-pid"]
+    assert in_step is True
+
+
+class _Process(object):
+    terminated = False
+
+    def terminate(self):
+        self.terminated = True
+
+
+def test_the_batch_step_gets_sigterm_at_its_pid_through_a_step_on_its_node(tmp_path):
+    # A stand-in srun that records its arguments: the real one is in tests/test_multinode_e2e.py.
+    log = tmp_path / "calls"
+    srun = tmp_path / "srun"
+    srun.write_text('#!/bin/sh\necho "srun $*" >> %s\n' % log)
+    os.chmod(str(srun), 0o755)
+    pid_file = tmp_path / "pid"
+    process = _Process()
+    pass_on = hc._batch_step_pass_on("7", str(pid_file), process, str(srun))
+    pass_on(2)  # before the script wrote its pid: srun itself is stopped
+    assert process.terminated and not log.exists()
+    pid_file.write_text("4242\n")
+    process = _Process()
+    hc._batch_step_pass_on("7", str(pid_file), process, str(srun))(2)
+    assert not process.terminated
+    assert log.read_text() == ("srun --jobid=7 --overlap --nodes=1 --ntasks=1 --relative=0 "
+                               "--job-name=hpc-compose-batch-signal --quiet kill -TERM 4242\n")
 
 
 def test_the_prelude_gives_the_script_the_allocation_s_variables_not_the_step_s(tmp_path):
@@ -384,21 +408,29 @@ def test_the_prelude_gives_the_script_the_allocation_s_variables_not_the_step_s(
             "SLURM_NNODES": "1", "SLURM_NODELIST": "n1", "SLURM_NTASKS": "1", "SLURM_STEP_ID": "0",
             "SLURM_STEPID": "0", "SLURM_PROCID": "0", "SLURM_PTY_PORT": "4242",
             "SLURM_CPU_BIND_TYPE": "mask_cpu:", "PATH": os.environ["PATH"]}
-    result = subprocess.run(["bash", "-c", hc._ALLOCATION_PRELUDE, "hpc-compose-batch", str(script)],
+    result = subprocess.run(["bash", "-c", hc._ALLOCATION_PRELUDE, "hpc-compose-batch", str(script),
+                             str(tmp_path / "pid")],
                             env=step, stdout=subprocess.PIPE, universal_newlines=True, timeout=30)
+    assert (tmp_path / "pid").read_text().strip().isdigit()
     assert result.stdout.splitlines() == [
         "SLURM_NTASKS=unset", "SLURM_STEP_ID=unset", "SLURM_STEPID=unset", "SLURM_NNODES=3",
         "SLURM_NODELIST=n[1-3]", "SLURM_PROCID=unset", "SLURM_PTY_PORT=unset",
         "SLURM_CPU_BIND_TYPE=unset", "SLURM_JOB_ID=7"]
 
 
-def test_a_sigint_is_passed_on_as_the_signal_asked_for(tmp_path):
+def test_a_signal_is_passed_on_by_the_forwarder_given(tmp_path):
     import io
     import signal
     import threading
     script = subprocess.Popen(["bash", "-c", 'trap "echo got TERM; exit 43" TERM; '
                                'while :; do sleep 0.1; done'], stdout=subprocess.PIPE,
                               universal_newlines=True)
+    received = []
+
+    def forward(number):
+        received.append(number)
+        script.terminate()
     threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()
-    assert hc._follow_local_run(script, hc._LogFollower([]), io.StringIO(), signal.SIGTERM) == 43
+    assert hc._follow_local_run(script, hc._LogFollower([]), io.StringIO(), forward) == 43
     assert script.stdout.read() == "got TERM\n"
+    assert received == [signal.SIGINT]

@@ -103,9 +103,13 @@ services:
     logs = subprocess.run([sys.executable, TOOL_PATH, "logs", "-f", "compose.yaml", "--service",
                            "client"], cwd=str(tmp_path), stdout=subprocess.PIPE,
                           universal_newlines=True, timeout=60)
-    # The client's line, then srun's own word on the step's exit: it was an srun step.
-    assert logs.stdout.startswith("[client] %s 200\n[client] srun: error: " % marker), logs.stdout
-    assert logs.stdout.endswith(": task 0: Exited with exit code 7\n"), logs.stdout
+    # The client's line, and srun's own word on the step's exit: it was an srun step. (srun writes
+    # that line itself, beside the output it forwards, so it may come first.)
+    lines = logs.stdout.splitlines()
+    assert [l for l in lines if not l.startswith("[client] srun: ")] == [
+        "[client] %s 200" % marker], logs.stdout
+    assert [l for l in lines if l.startswith("[client] srun: error: ")
+            and l.endswith(": task 0: Exited with exit code 7")], logs.stdout
     state = _state(str(tmp_path), job_id)
     assert state["job_id"] == job_id
     assert [s["status"] for s in state["services"]] == ["stopped", "failed"]

@@ -489,7 +489,12 @@ def test_run_of_a_distributed_service_streams_every_node_and_passes_its_exit_cod
         slurm, slurm_jobs, image, cache_dir, tmp_path):
     port = free_port()
     (tmp_path / "compose.yaml").write_text(_stack(image, cache_dir, port, "echo not this"))
-    command = REACH % port + '; if [ "$SLURM_PROCID" = 2 ]; then sleep 1; exit 4; fi'
+    # Task 2 fails once every task has reached the server (each leaves a file in the job folder):
+    # sooner, --kill-on-bad-exit would stop a task whose container is still being set up.
+    command = REACH % port + (
+        '; touch /hpc-compose/job/reached.$SLURM_PROCID; [ "$SLURM_PROCID" = 2 ] || exit 0; n=0; '
+        'while [ "$(ls /hpc-compose/job/reached.* | wc -l)" -lt %d ] && [ $n -lt 240 ]; do '
+        'sleep 0.5; n=$((n + 1)); done; exit 4' % NODES)
     result = run_tool_cli(["run", "-f", "compose.yaml", "workers", "--", "sh", "-c", command],
                           cwd=tmp_path, timeout=600)
     slurm_jobs.add(submitted_job_id(result.out + result.err))

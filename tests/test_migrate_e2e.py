@@ -9,7 +9,7 @@ import os
 import re
 import shutil
 
-from slurm_support import run_tool_cli, wait_for_job
+from slurm_support import free_port, run_tool_cli, wait_for_job
 
 CORPUS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "migrate_corpus")
 
@@ -18,14 +18,22 @@ def migrate_and_submit(app, tmp_path, image, cache_dir, slurm_jobs):
     """Copy corpus ``app``, migrate it, submit the result; returns (folder, final job state)."""
     folder = str(tmp_path / app)
     shutil.copytree(os.path.join(CORPUS, app), folder)
-    env = {"TEST_IMAGE": image}
+    # WEB_PORT: a port free now, never a fixed one (the suites of two Slurm generations run side
+    # by side on one machine, and a server of the other suite would answer this one's readiness).
+    env = {"TEST_IMAGE": image, "WEB_PORT": str(free_port())}
     migrated = run_tool_cli(["migrate", "--cache-dir", cache_dir], cwd=folder, env=env)
     assert migrated.code == 0 and "the result validates" in migrated.out, migrated
     submitted = run_tool_cli(["submit", "-f", "compose.yaml"], cwd=folder, env=env, timeout=900)
     assert submitted.code == 0, submitted
     job_id = re.search(r"submitted batch job (\d+)", submitted.out + submitted.err).group(1)
     slurm_jobs.add(job_id)
-    return folder, wait_for_job(job_id, timeout=600)
+    state = wait_for_job(job_id, timeout=600)
+    if state != "COMPLETED":
+        # What the services printed, so a failure explains itself in CI's output.
+        logs = run_tool_cli(["logs", "-f", "compose.yaml", "--job-id", job_id], cwd=folder,
+                            env=env)
+        print("job %s ended %s; hpc-compose logs:\n%s%s" % (job_id, state, logs.out, logs.err))
+    return folder, state
 
 
 def read(folder, *parts):
@@ -38,7 +46,7 @@ def test_migrated_web_and_client_app_runs_with_readiness_and_a_named_volume(
     folder, state = migrate_and_submit("local-http-client", tmp_path, image, cache_dir,
                                        slurm_jobs)
     assert state == "COMPLETED"
-    # The client reached http://web:8000 as 127.0.0.1 after the healthcheck turned readiness
+    # The client reached http://web:$WEB_PORT as 127.0.0.1 after the healthcheck turned readiness
     # passed, and wrote into the bind mount migrate made of the `results` volume.
     assert read(folder, "data", "results", "page.html") == read(folder, "site", "index.html")
 

@@ -10308,6 +10308,16 @@ def _local_plan_problems(plan, mode):
     return problems
 
 
+def _local_ignored_settings(plan):
+    """The x-slurm keys set in ``plan`` that only sbatch acts on, so ``up --local`` passes them
+    over: a dependency, raw #SBATCH arguments, the warning signal, requeueing."""
+    slurm = plan.slurm
+    return [key for key, value in (("dependency", slurm.dependency),
+                                   ("submit_args", slurm.submit_args),
+                                   ("signal", slurm.signal), ("requeue", slurm.requeue))
+            if value not in (None, ())]
+
+
 def _local_run_state(record):
     """The scheduler state of a local run, as its state.json says (source ``state.json``)."""
     runtime = _load_runtime_state(record["job_dir"]) or {}
@@ -14291,6 +14301,11 @@ def _cmd_up_local(args):
         raise UsageError("up --local cannot run %s %s: %s" % (
             plan.compose_file, "in this allocation" if mode == "allocation" else "outside Slurm",
             "; ".join(problems)))
+    ignored = _local_ignored_settings(plan)
+    if ignored:
+        _warn("up --local does not use x-slurm %s: only sbatch acts on %s (the job starts at once, "
+              "%s)" % (", ".join(ignored), "it" if len(ignored) == 1 else "them",
+                       "in this allocation" if mode == "allocation" else "on this machine"))
     runtime_plan = build_runtime_plan(plan)
     if not args.no_preflight:
         report = run_preflight(runtime_plan, PreflightOptions(

@@ -291,6 +291,20 @@ def test_up_local_refuses_a_job_array(project, cli):
                                  "makes a job array, which only sbatch can start" % path)
 
 
+def test_up_local_warns_of_the_settings_only_sbatch_acts_on(project, cli):
+    path = project.write("compose.yaml", HOST_COMPOSE.replace(
+        "services:", "x-slurm:\n  dependency: afterok:12\n  submit_args: [--hold]\n  requeue: true\n"
+                     "services:"))
+    result = cli(["up", "--local", "--dry-run", "--no-preflight", "-f", path],
+                 env={"SLURM_JOB_ID": ""})
+    assert result.code == 0, result
+    assert "warning: up --local does not use x-slurm dependency, submit_args, requeue: only sbatch " \
+           "acts on them (the job starts at once, on this machine)\n" in result.err
+    plain = cli(["up", "--local", "--dry-run", "--no-preflight", "-f",
+                 project.write("plain.yaml", HOST_COMPOSE)], env={"SLURM_JOB_ID": ""})
+    assert plain.code == 0 and "warning" not in plain.err, plain
+
+
 def test_preflight_local_outside_slurm_needs_no_sbatch_nor_srun(project, cli):
     path = project.write("compose.yaml", HOST_COMPOSE)
     result = cli(["preflight", "--local", "--verbose", "-f", path, "--sbatch-bin", "/no/sbatch",

@@ -14286,8 +14286,6 @@ def _conclude_run(record, outcome, exit_code, out):
 def _cmd_up_local(args):
     """``up --local``: preflight, prepare, render; run the script with bash here, never sbatch;
     print the service logs as they grow; exit with the job's own exit code."""
-    import socket
-    import subprocess
     fmt = _output_format(args)
     say = (lambda text: sys.stderr.write(text + "\n")) if fmt == "json" else print
     for flag, value in (("--after", args.after), ("--after-file", args.after_file)):
@@ -14325,6 +14323,27 @@ def _cmd_up_local(args):
         return _EXIT_OK
     job_id = _local_job_id(mode)
     _make_private_dir(_tracking_root(plan.project_dir), _job_dir_mode(plan))
+    if mode != "allocation":  # a run outside Slurm has a job id (and directory) of its own
+        return _run_local(args, plan, runtime_plan, mode, job_id, script_path, fmt, say)
+    # Inside an allocation the job directory is the allocation's: a second run of this project in
+    # it would share its state.json and logs, so it is refused while the first one runs. The lock
+    # file stays (removing it would let two runs lock two different files).
+    lock = _try_lock(os.path.join(_tracking_root(plan.project_dir), ".%s.local-lock" % job_id))
+    if lock is None:
+        raise UsageError("a local run of %s is already running in allocation %s; a second one "
+                         "would share its job directory" % (plan.compose_file, job_id),
+                         hint="wait for it to end, stop it (Ctrl-C where it runs), or run the "
+                              "second stack from another folder")
+    try:
+        return _run_local(args, plan, runtime_plan, mode, job_id, script_path, fmt, say)
+    finally:
+        lock.close()
+
+
+def _run_local(args, plan, runtime_plan, mode, job_id, script_path, fmt, say):
+    """The run part of ``up --local``: track it, start the script, follow its logs, report."""
+    import socket
+    import subprocess
     record = _build_job_record(runtime_plan, job_id, None, script_path)
     record.update(local=mode, local_host=socket.gethostname(), local_pid=None)
     if _secret_services(plan):

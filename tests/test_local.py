@@ -305,6 +305,21 @@ def test_up_local_warns_of_the_settings_only_sbatch_acts_on(project, cli):
     assert plain.code == 0 and "warning" not in plain.err, plain
 
 
+def test_a_second_up_local_of_a_project_in_the_same_allocation_is_refused(project, cli):
+    import fcntl
+    path = project.write("compose.yaml", HOST_COMPOSE)
+    root = project.root / ".hpc-compose"
+    root.mkdir()
+    with open(str(root / ".4242.local-lock"), "a") as held:  # the first run's lock
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        result = cli(["up", "--local", "--no-preflight", "-f", path], env={"SLURM_JOB_ID": "4242"})
+    assert result.code == 2, result
+    assert result.err.startswith("error: a local run of %s is already running in allocation 4242; "
+                                 "a second one would share its job directory\n  hint: wait for it "
+                                 "to end" % path), result
+    assert not (root / "jobs").exists() and not (project.root / "slurm-4242.out").exists()
+
+
 def test_preflight_local_outside_slurm_needs_no_sbatch_nor_srun(project, cli):
     path = project.write("compose.yaml", HOST_COMPOSE)
     result = cli(["preflight", "--local", "--verbose", "-f", path, "--sbatch-bin", "/no/sbatch",

@@ -116,7 +116,8 @@ services:
 
 
 # In the allocation: up --local in the background, exec into the host service once both services
-# run, then SIGTERM to up --local (what it gets when the allocation or the terminal goes away).
+# run, a second up --local of the same project (refused: it would share the job directory), then
+# SIGTERM to up --local (what it gets when the allocation or the terminal goes away).
 # (exec into the Pyxis service is the same `srun --jobid --overlap --container-name=NAME:exec` as
 # for a submitted job, which tests/test_exec_e2e.py covers.)
 EXEC_IN_ALLOCATION = r"""
@@ -130,6 +131,8 @@ for _ in $(seq 600); do
 done
 "$PYTHON" "$tool" exec -T tool -- sh -c 'echo "$COLOR|$PWD"; exit 6' >exec.out 2>exec.err
 echo "exec=$?" >>exec.out
+"$PYTHON" "$tool" up --local --no-preflight -f compose.yaml >second.out 2>&1
+echo "second=$?" >>exec.out
 kill -TERM "$up"
 wait "$up"
 echo "up=$?" >>exec.out
@@ -158,8 +161,10 @@ services:
                           env=dict(os.environ, PYTHON=sys.executable))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     up_out = (tmp_path / "up.out").read_text()
-    assert (tmp_path / "exec.out").read_text() == "blue|/tmp\nexec=6\nup=143\n", up_out
+    assert (tmp_path / "exec.out").read_text() == "blue|/tmp\nexec=6\nsecond=2\nup=143\n", up_out
     job_id = _job_id_from(up_out)
+    assert "error: a local run of %s is already running in allocation %s" % (
+        tmp_path / "compose.yaml", job_id) in (tmp_path / "second.out").read_text()
     assert "job %s cancelled (exit code 143): the job was cancelled (SIGTERM)" % job_id in up_out
     assert _state(str(tmp_path), job_id)["status"] == "cancelled"
     assert processes_with(marker) == []

@@ -3468,6 +3468,7 @@ class _RunRequest(NamedTuple):
     working_dir: object = None
     job_name: object = None        # None: "<job name>-run-<service>"
     no_deps: bool = False
+    entrypoint: object = None      # None keeps the service's; else --entrypoint's text
 
 
 def _run_spec(spec, request, cwd):
@@ -3481,15 +3482,21 @@ def _run_spec(spec, request, cwd):
     service = next(s for s in spec.services if s.name == request.service)
     host = service.runtime == "host"
     command = service.command
+    entrypoint = service.entrypoint
+    if request.entrypoint is not None:
+        entrypoint = _run_entrypoint(service, request)
     if request.command:
         command = tuple(request.command)
-        if isinstance(service.entrypoint, str):
+        if isinstance(entrypoint, str):
             # A shell-form entrypoint takes the command as words of the same script.
             command = " ".join(shell_quote(word) for word in request.command)
+    elif isinstance(command, str) and not isinstance(entrypoint, (str, type(None))):
+        # The service's shell-form command stays one script, after the new entrypoint's words.
+        entrypoint = " ".join(shell_quote(word) for word in entrypoint)
     working_dir = service.working_dir
     if request.working_dir is not None:
         working_dir = request.working_dir
-        if command is None and service.entrypoint is None:
+        if command is None and entrypoint is None:
             raise UsageError("--workdir needs a command: service '%s' runs its image's default"
                              % service.name, hint="give the command after the service: run "
                              "--workdir %s %s -- COMMAND" % (working_dir, service.name))
@@ -3521,7 +3528,7 @@ def _run_spec(spec, request, cwd):
     elif not job_name.strip() or "\n" in job_name or "\r" in job_name:
         raise UsageError("--name must be a non-empty single line, got %r" % job_name)
     service = service._replace(
-        command=command, working_dir=working_dir, volumes=tuple(volumes),
+        command=command, entrypoint=entrypoint, working_dir=working_dir, volumes=tuple(volumes),
         environment=tuple(environment), readiness=None,
         depends_on=() if request.no_deps else service.depends_on,
         slurm=service.slurm._replace(failure_policy=FailurePolicy()))
@@ -3529,6 +3536,23 @@ def _run_spec(spec, request, cwd):
                      if not request.no_deps or s.name == service.name)
     return spec._replace(services=services,
                          slurm=spec.slurm._replace(job_name=job_name, array=None))
+
+
+def _run_entrypoint(service, request):
+    """``run --entrypoint TEXT``: TEXT split into words as a shell would (Compose's rule), in place
+    of the service's entrypoint and the image's; '' clears it, so the command runs alone."""
+    import shlex
+    try:
+        words = tuple(shlex.split(request.entrypoint))
+    except ValueError as exc:
+        raise UsageError("--entrypoint %r: %s" % (request.entrypoint, exc),
+                         hint="quote it as you would in a shell, e.g. --entrypoint 'python3 -u'")
+    if not words and not request.command and service.command is None:
+        raise UsageError("--entrypoint '' clears the entrypoint, and service '%s' has no command "
+                         "to run instead" % service.name,
+                         hint="give the command after the service: run --entrypoint '' %s -- "
+                              "COMMAND" % service.name)
+    return words
 
 
 class _SpecLoader(object):
@@ -5110,7 +5134,7 @@ def _execution(service):
         return Execution("default", use_image_entrypoint=True)
     use_image_entrypoint = entrypoint is None
     if isinstance(command, str) or isinstance(entrypoint, str):
-        script = " ".join(part for part in (entrypoint, command) if part is not None)
+        script = " ".join(part for part in (entrypoint, command) if part)
         return Execution("shell", script=script, use_image_entrypoint=use_image_entrypoint)
     argv = tuple(entrypoint or ()) + tuple(command or ())
     return Execution("exec", argv=argv, use_image_entrypoint=use_image_entrypoint)
@@ -13910,6 +13934,13 @@ def _add_run_parser(subparsers):
                         help="the service's working directory")
     parser.add_argument("--name", metavar="NAME",
                         help="the job name (default: <job name>-run-<service>)")
+    parser.add_argument("--entrypoint", metavar="CMD",
+                        help="replaces the entrypoint (words split as a shell would; '' clears "
+                             "it)")
+    parser.add_argument("--rm", action="store_true",
+                        help="accepted for Compose habit: a run's containers are always removed")
+    parser.add_argument("-T", "--no-TTY", dest="no_tty", action="store_true",
+                        help="accepted for Compose habit: a run job never has a terminal")
     parser.add_argument("service", metavar="SERVICE")
     command = parser.add_argument("command", nargs=argparse.REMAINDER, metavar="COMMAND",
                                   help="replaces the service's command (default: its own)")
@@ -14240,7 +14271,8 @@ def _cmd_run(args):
     if command[:1] == ["--"]:
         command = command[1:]
     request = _RunRequest(args.service, tuple(command), tuple(_parse_assignments(args.env)),
-                          tuple(args.volumes), args.workdir, args.name, args.no_deps)
+                          tuple(args.volumes), args.workdir, args.name, args.no_deps,
+                          args.entrypoint)
     args.services = [args.service]
     spec = load_spec(_resolve_compose_files(args), **_spec_options(args))
     for message in spec.warnings:

@@ -148,6 +148,53 @@ def test_command_after_a_shell_form_entrypoint_is_quoted_into_its_script(tmp_pat
     assert plan.services[0].execution.script == "/bin/sh -c echo 'it'\"'\"'s $HOME'"
 
 
+def test_entrypoint_replaces_the_images_and_takes_the_command_as_its_arguments(tmp_path):
+    spec = run_spec(tmp_path, entrypoint="python3 -u", command=("serve.py", "--port", "1"))
+    execution = hpc_compose.build_plan(spec).services[-1].execution
+    assert (execution.form, execution.argv) == ("exec", ("python3", "-u", "serve.py", "--port", "1"))
+    assert not execution.use_image_entrypoint
+
+
+def test_entrypoint_keeps_the_services_own_command(tmp_path):
+    execution = hpc_compose.build_plan(run_spec(tmp_path, entrypoint="nice -n 5")).services[-1] \
+        .execution
+    assert execution.argv == ("nice", "-n", "5", "python3", "-m", "http.server")
+
+
+def test_entrypoint_before_a_shell_form_command_joins_its_script(tmp_path):
+    spec = run_spec(tmp_path, "tool", entrypoint="bash -c")
+    assert hpc_compose.build_plan(spec).services[0].execution.script == "bash -c echo default"
+
+
+def test_an_empty_entrypoint_clears_it_and_the_command_runs_alone(tmp_path):
+    execution = hpc_compose.build_plan(run_spec(tmp_path, "tool", entrypoint="",
+                                                command=("ls", "/"))).services[0].execution
+    assert (execution.form, execution.argv, execution.use_image_entrypoint) == (
+        "exec", ("ls", "/"), False)
+    shell = hpc_compose.build_plan(run_spec(tmp_path, "tool", entrypoint="")).services[0].execution
+    assert (shell.script, shell.use_image_entrypoint) == ("echo default", False)
+
+
+@pytest.mark.parametrize("service, entrypoint, message, hint", [
+    ("cache", "", "--entrypoint '' clears the entrypoint, and service 'cache' has no command to "
+                  "run instead", "give the command after the service: run --entrypoint '' cache "
+                                 "-- COMMAND"),
+    ("web", "sh -c 'unclosed", "--entrypoint \"sh -c 'unclosed\": No closing quotation",
+     "quote it as you would in a shell, e.g. --entrypoint 'python3 -u'"),
+])
+def test_bad_entrypoints_are_usage_errors(tmp_path, service, entrypoint, message, hint):
+    with pytest.raises(hpc_compose.UsageError) as caught:
+        run_spec(tmp_path, service, entrypoint=entrypoint)
+    assert (caught.value.message, caught.value.hint) == (message, hint)
+
+
+def test_compose_habits_rm_and_no_tty_are_accepted():
+    args = run_args("--rm", "-T", "--entrypoint", "python3 -u", "web", "x.py")
+    assert (args.rm, args.no_tty, args.entrypoint, args.service, args.command) == (
+        True, True, "python3 -u", "web", ["x.py"])
+    assert run_args("--no-TTY", "web").no_tty
+
+
 def test_environment_is_set_on_top_of_the_services_own(tmp_path):
     spec = run_spec(tmp_path, environment=(("MODE", "debug"), ("NEW", "a b"), ("NEW", "c")))
     assert by_name(spec, "web").environment == (("MODE", "debug"), ("KEEP", "yes"),
@@ -240,6 +287,14 @@ def test_rendered_run_script_has_the_command_environment_mount_workdir_and_name(
     assert "sh -c 'echo \"$EXTRA\"; exit 3'" in script
     assert "cache" not in script.split("# Services in launch order:")[1].split("\n")[0]
     assert subprocess.run(["bash", "-n", str(tmp_path / "hpc-compose-run-web.sbatch")]).returncode == 0
+
+
+def test_rendered_run_script_with_entrypoint_skips_the_images_entrypoint(cli, tmp_path):
+    result = dry_run(cli, tmp_path, "--rm", "-T", "--entrypoint", "python3 -u", "web", "x.py")
+    assert result.code == 0, result
+    script = (tmp_path / "hpc-compose-run-web.sbatch").read_text()
+    web = script.split("hpc-compose:web")[1]
+    assert "--no-container-entrypoint" in web and "python3 -u x.py" in web, web[:2000]
 
 
 def test_rendered_run_script_passes_shellcheck(cli, tmp_path):

@@ -125,6 +125,18 @@ def test_detached_run_is_tracked_for_status_and_logs(slurm, slurm_jobs, image, c
     assert project.latest()["job_id"] == project.job_id
 
 
+def test_run_with_an_entrypoint_and_compose_habits(slurm, slurm_jobs, image, cache_dir, marker,
+                                                   tmp_path):
+    project = pyxis_project(tmp_path, image, cache_dir, marker)
+    # --entrypoint 'sh -c' takes the command as its one argument; --rm and -T change nothing.
+    result = project.run(slurm_jobs, "--rm", "-T", "--no-deps", "--entrypoint", "sh -c", "client",
+                         "--", "echo entry-%s; exit 4" % marker)
+    assert result.code == 4, result
+    assert [l for l in result.out.splitlines() if not l.startswith("srun: ")] == [
+        "entry-" + marker], result
+    assert wait_for_job(project.job_id) == "FAILED"
+
+
 HOST_STACK = """name: run-host
 x-slurm:
   runtime: host

@@ -45,10 +45,15 @@ def test_a_newer_generation_runs_one_node_only():
     assert err.count("\n") == 1
 
 
-def test_generation_script_passes_shellcheck():
+@pytest.mark.parametrize("script", ["slurm-cluster.sh", "slurm-generation.sh", "slurm-conf.sh",
+                                    "container-tools.sh"])
+def test_cluster_scripts_pass_shellcheck(script):
     shellcheck = shutil.which("shellcheck")
     if shellcheck is None:
         pytest.skip("shellcheck is not installed (apt-get install shellcheck)")
-    code, out, err = run([shellcheck, "--severity=warning", GENERATION_SH])
+    # -x reads the `. slurm-conf.sh` of the two cluster scripts (so the functions they take from it
+    # are known); slurm-conf.sh itself is checked as one of the scripts.
+    code, out, err = run([shellcheck, "-x", "--severity=warning",
+                          os.path.join(REPO_ROOT, "tests", "cluster", script)])
 
     assert code == 0, out + err

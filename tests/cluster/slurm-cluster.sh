@@ -103,6 +103,9 @@ NODE_STATE=/var/lib/slurm/nodes          # per-node hosts file and Enroot direct
 ENROOT_CONF=/etc/enroot/enroot.conf       # its .d drop-ins are per node (the Enroot paths)
 NODES_FILE=/run/slurm/cluster-nodes       # the node names `up` created (for status and down)
 
+# shellcheck source-path=SCRIPTDIR source=slurm-conf.sh
+. "$(dirname "$0")/slurm-conf.sh"  # node_resources, write_if_changed, the shared slurm.conf lines
+
 say() { printf '[slurm-cluster] %s\n' "$*"; }
 die() { printf '[slurm-cluster] ERROR: %s\n' "$*" >&2; exit 1; }
 
@@ -177,32 +180,6 @@ install_packages() {
 
 # ---------------------------------------------------------------- config
 
-write_if_changed() {  # write_if_changed PATH MODE OWNER < content -> 0 if the file changed
-    local path=$1 mode=$2 owner=$3 tmp
-    tmp="$(mktemp "${path}.XXXXXX")"
-    cat >"$tmp"
-    chmod "$mode" "$tmp"
-    chown "$owner" "$tmp"
-    if [ -f "$path" ] && cmp -s "$tmp" "$path"; then
-        rm -f "$tmp"
-        return 1
-    fi
-    mv -f "$tmp" "$path"
-    return 0
-}
-
-node_resources() {
-    CPUS="$(nproc)"
-    local total_mb reserve
-    total_mb="$(awk '/^MemTotal:/ {print int($2 / 1024)}' /proc/meminfo)"
-    # Leave room for the OS and the daemons: 1/8 of the memory, at least 512 MiB.
-    reserve=$((total_mb / 8))
-    [ "$reserve" -lt 512 ] && reserve=512
-    REAL_MEM=$((total_mb - reserve))
-    [ "$REAL_MEM" -lt 256 ] && REAL_MEM=256
-    return 0
-}
-
 cluster_shape() {  # the node-dependent parts of slurm.conf, for one host or --nodes N namespaces
     local i mem
     NODE_NAMES=()
@@ -243,45 +220,15 @@ write_configs() {  # sets CONFIG_CHANGED=1 when slurm.conf or slurmdbd.conf chan
 # Written by tests/cluster/slurm-cluster.sh: $CLUSTER_SHAPE test cluster. Do not edit by hand.
 ClusterName=$CLUSTER_NAME
 SlurmctldHost=$CONTROLLER_HOST
-SlurmUser=slurm
-SlurmdUser=root
-AuthType=auth/munge
-CredType=cred/munge
-MpiDefault=none
 StateSaveLocation=$STATEDIR/slurmctld
 SlurmdSpoolDir=$STATEDIR/$SLURMD_NAME
 SlurmctldPidFile=/run/slurm/slurmctld.pid
 SlurmdPidFile=/run/slurm/$SLURMD_NAME.pid
 SlurmctldLogFile=$LOGDIR/slurmctld.log
 SlurmdLogFile=$LOGDIR/$SLURMD_NAME.log
-SlurmctldDebug=info
-SlurmdDebug=info
-# No cgroup delegation here: track processes by parent chain.
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/affinity
 SwitchType=switch/none
-ReturnToService=2
-SchedulerType=sched/backfill
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
-# Accounting through slurmdbd (sacct), per-step usage sampling (sstat).
-AccountingStorageType=accounting_storage/slurmdbd
-AccountingStorageHost=127.0.0.1
-JobAcctGatherType=jobacct_gather/linux
-JobAcctGatherFrequency=task=2
-JobCompType=jobcomp/none
-# Tests want quick turnaround: finished jobs leave squeue after a minute (then sacct answers).
-# scancel/time-limit escalate SIGTERM to SIGKILL after KillWait seconds: Slurm's default 30, as on
-# users' clusters. Pyxis removes a step's container after its tasks ended, inside the step: with
-# KillWait=10 that removal was SIGKILLed on a loaded 3-node machine and the unpacked container stayed.
-MinJobAge=60
-KillWait=30
-OverTimeLimit=0
-InactiveLimit=0
-Waittime=0
-SlurmctldTimeout=30
 SlurmdTimeout=$SLURMD_TIMEOUT
-MessageTimeout=20
+$(slurm_conf_shared)
 $NODE_LINES
 PartitionName=debug Nodes=$PARTITION_NODES Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
 EOF
@@ -289,18 +236,8 @@ EOF
 
     if write_if_changed "$ETC/slurmdbd.conf" 0600 slurm:slurm <<EOF
 # Written by tests/cluster/slurm-cluster.sh. Do not edit by hand.
-AuthType=auth/munge
-DbdHost=localhost
-DbdAddr=127.0.0.1
-SlurmUser=slurm
-PidFile=/run/slurm/slurmdbd.pid
 LogFile=$LOGDIR/slurmdbd.log
-DebugLevel=info
-StorageType=accounting_storage/mysql
-StorageHost=localhost
-StorageUser=$DB_USER
-StoragePass=$DB_PASS
-StorageLoc=slurm_acct_db
+$(slurmdbd_conf_shared)
 EOF
     then CONFIG_CHANGED=1; fi
     return 0

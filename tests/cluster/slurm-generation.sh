@@ -65,6 +65,8 @@ ROOT_PACKAGES=(
 
 say() { printf '[slurm-generation%s] %s\n' "${GEN:+ $GEN}" "$*"; }
 die() { printf '[slurm-generation%s] ERROR: %s\n' "${GEN:+ $GEN}" "$*" >&2; exit 1; }
+# shellcheck source-path=SCRIPTDIR source=slurm-conf.sh
+. "$HERE/slurm-conf.sh"  # node_resources, write_if_changed, the shared slurm.conf lines
 
 usage() {
     cat >&2 <<EOF
@@ -251,30 +253,6 @@ current_root() {  # sets ROOT to the newest existing root of GEN (for status/exe
 
 # ---------------------------------------------------------------- configuration
 
-node_resources() {
-    CPUS="$(nproc)"
-    local total_mb reserve
-    total_mb="$(awk '/^MemTotal:/ {print int($2 / 1024)}' /proc/meminfo)"
-    reserve=$((total_mb / 8))
-    [ "$reserve" -lt 512 ] && reserve=512
-    REAL_MEM=$((total_mb - reserve))
-    [ "$REAL_MEM" -lt 256 ] && REAL_MEM=256
-    return 0
-}
-
-write_if_changed() {  # write_if_changed PATH MODE < content -> 0 if the file changed
-    local path=$1 mode=$2 tmp
-    tmp="$(mktemp "${path}.XXXXXX")"
-    cat >"$tmp"
-    chmod "$mode" "$tmp"
-    if [ -f "$path" ] && cmp -s "$tmp" "$path"; then
-        rm -f "$tmp"
-        return 1
-    fi
-    mv -f "$tmp" "$path"
-    return 0
-}
-
 write_configs() {  # sets CONFIG_CHANGED=1 when a Slurm configuration file changed
     CONFIG_CHANGED=0
     node_resources
@@ -287,41 +265,15 @@ ClusterName=$CLUSTER_NAME
 SlurmctldHost=$NODE(127.0.0.1)
 SlurmctldPort=$CTLD_PORT
 SlurmdPort=$SLURMD_PORT
-SlurmUser=slurm
-SlurmdUser=root
-AuthType=auth/munge
-CredType=cred/munge
-MpiDefault=none
 StateSaveLocation=/var/lib/slurm/slurmctld
 SlurmdSpoolDir=/var/lib/slurm/slurmd
 SlurmctldPidFile=/run/slurm/slurmctld.pid
 SlurmdPidFile=/run/slurm/slurmd.pid
 SlurmctldLogFile=/var/log/slurm/slurmctld.log
 SlurmdLogFile=/var/log/slurm/slurmd.log
-SlurmctldDebug=info
-SlurmdDebug=info
-# As on the host. (proctrack/pgid was tried: on 26.05 sstat then reported 0 tasks and garbage
-# CPU times for a running step; what linuxproc costs with Pyxis: see install_containers.)
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/affinity
-ReturnToService=2
-SchedulerType=sched/backfill
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
-AccountingStorageType=accounting_storage/slurmdbd
-AccountingStorageHost=127.0.0.1
 AccountingStoragePort=$DBD_PORT
-JobAcctGatherType=jobacct_gather/linux
-JobAcctGatherFrequency=task=2
-JobCompType=jobcomp/none
-MinJobAge=60
-KillWait=10
-OverTimeLimit=0
-InactiveLimit=0
-Waittime=0
-SlurmctldTimeout=30
 SlurmdTimeout=60
-MessageTimeout=20
+$(slurm_conf_shared)
 NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$CPUS RealMemory=$REAL_MEM State=UNKNOWN
 PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
 EOF
@@ -333,20 +285,10 @@ EOF
     then CONFIG_CHANGED=1; fi
     if write_if_changed "$etc/slurmdbd.conf" 0600 <<EOF
 # Written by tests/cluster/slurm-generation.sh. Do not edit.
-AuthType=auth/munge
-DbdHost=localhost
-DbdAddr=127.0.0.1
 DbdPort=$DBD_PORT
-SlurmUser=slurm
-PidFile=/run/slurm/slurmdbd.pid
 LogFile=/var/log/slurm/slurmdbd.log
-DebugLevel=info
-StorageType=accounting_storage/mysql
-StorageHost=localhost
 StoragePort=$DB_PORT
-StorageUser=$DB_USER
-StoragePass=$DB_PASS
-StorageLoc=slurm_acct_db
+$(slurmdbd_conf_shared)
 EOF
     then CONFIG_CHANGED=1; fi
     if write_if_changed "$etc/plugstack.conf" 0644 <<EOF

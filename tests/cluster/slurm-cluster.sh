@@ -299,13 +299,7 @@ start_mariadb() {
         done
         mariadb_alive || { show_log_tail /var/log/mysql/error.log; die "mariadbd did not come up within 60 s"; }
     fi
-    mariadb --protocol=socket -uroot <<EOF
-CREATE DATABASE IF NOT EXISTS slurm_acct_db;
-CREATE USER IF NOT EXISTS '$DB_USER'@'localhost' IDENTIFIED BY '$DB_PASS';
-ALTER USER '$DB_USER'@'localhost' IDENTIFIED BY '$DB_PASS';
-GRANT ALL PRIVILEGES ON slurm_acct_db.* TO '$DB_USER'@'localhost';
-FLUSH PRIVILEGES;
-EOF
+    accounting_db_sql | mariadb --protocol=socket -uroot
 }
 
 stop_pidfile() {  # stop_pidfile NAME PIDFILE -> SIGTERM, wait up to 20 s, then SIGKILL

@@ -83,3 +83,13 @@ StoragePass=$DB_PASS
 StorageLoc=slurm_acct_db
 EOF
 }
+
+accounting_db_sql() {  # the SQL that makes the accounting database and its user (DB_USER, DB_PASS)
+    cat <<EOF
+CREATE DATABASE IF NOT EXISTS slurm_acct_db;
+CREATE USER IF NOT EXISTS '$DB_USER'@'localhost' IDENTIFIED BY '$DB_PASS';
+ALTER USER '$DB_USER'@'localhost' IDENTIFIED BY '$DB_PASS';
+GRANT ALL PRIVILEGES ON slurm_acct_db.* TO '$DB_USER'@'localhost';
+FLUSH PRIVILEGES;
+EOF
+}

@@ -379,11 +379,7 @@ if ! mariadb-admin --protocol=socket -uroot ping >/dev/null 2>&1; then
         || fail /var/log/mysql/error.log "mariadbd did not come up"
 fi
 mariadb --protocol=socket -uroot <<SQL
-CREATE DATABASE IF NOT EXISTS slurm_acct_db;
-CREATE USER IF NOT EXISTS '$DB_USER'@'localhost' IDENTIFIED BY '$DB_PASS';
-ALTER USER '$DB_USER'@'localhost' IDENTIFIED BY '$DB_PASS';
-GRANT ALL PRIVILEGES ON slurm_acct_db.* TO '$DB_USER'@'localhost';
-FLUSH PRIVILEGES;
+$(accounting_db_sql)
 SQL
 if ! alive /run/slurm/slurmdbd.pid; then
     say "starting slurmdbd (with bookworm's libmariadb)"

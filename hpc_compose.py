@@ -11184,8 +11184,19 @@ def _clean_jobs(project_dir, age_days=None, remove_all=False, squeue_bin="squeue
             os.unlink(_job_record_path(project_dir, job_id))
         except OSError:
             pass
+        _remove_unheld_lock(os.path.join(root, ".%s.local-lock" % job_id))  # of up --local
         removed.append(job_id)
     return removed, kept
+
+
+def _remove_unheld_lock(path):
+    """Delete the lock file ``path`` unless someone holds its lock (or it is not there)."""
+    if not os.path.exists(path):
+        return
+    handle = _try_lock(path)
+    if handle is not None:
+        _remove_quietly(path)
+        handle.close()
 
 
 def _queue_facts(project_dir, job_ids, squeue_bin):

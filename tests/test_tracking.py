@@ -416,6 +416,20 @@ def test_clean_all_keeps_the_latest_job(hc, tmp_path):
     assert os.path.isdir(os.path.join(str(tmp_path), ".hpc-compose", "3"))
 
 
+def test_clean_removes_the_up_local_lock_of_a_removed_job_unless_held(hc, tmp_path):
+    import fcntl
+    for job_id in (1, 2, 3):
+        _tracked(tmp_path, job_id, 5, "completed")
+    root = tmp_path / ".hpc-compose"
+    for job_id in (1, 2, 3):
+        (root / (".%d.local-lock" % job_id)).write_text("")
+    with open(str(root / ".2.local-lock"), "a") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        removed, _ = hc._clean_jobs(str(tmp_path), remove_all=True, squeue_bin="/nonexistent/squeue")
+    assert removed == ["1", "2"]
+    assert sorted(p.name for p in root.glob(".*.local-lock")) == [".2.local-lock", ".3.local-lock"]
+
+
 def test_clean_never_removes_a_job_it_cannot_prove_finished(hc, tmp_path):
     running = _tracked(tmp_path, 1, 30, "running")
     unstarted = _tracked(tmp_path, 2, 30)

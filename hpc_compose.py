@@ -3490,7 +3490,7 @@ def _run_spec(spec, request, cwd):
         if isinstance(entrypoint, str):
             # A shell-form entrypoint takes the command as words of the same script.
             command = " ".join(shell_quote(word) for word in request.command)
-    elif isinstance(command, str) and not isinstance(entrypoint, (str, type(None))):
+    elif request.entrypoint is not None and isinstance(command, str):
         # The service's shell-form command stays one script, after the new entrypoint's words.
         entrypoint = " ".join(shell_quote(word) for word in entrypoint)
     working_dir = service.working_dir
@@ -14366,21 +14366,23 @@ def _cmd_up_local(args):
         return _EXIT_OK
     job_id = _local_job_id(mode)
     _make_private_dir(_tracking_root(plan.project_dir), _job_dir_mode(plan))
-    if mode != "allocation":  # a run outside Slurm has a job id (and directory) of its own
-        return _run_local(args, plan, runtime_plan, mode, job_id, script_path, fmt, say)
-    # Inside an allocation the job directory is the allocation's: a second run of this project in
-    # it would share its state.json and logs, so it is refused while the first one runs. The lock
-    # file stays (removing it would let two runs lock two different files).
-    lock = _try_lock(os.path.join(_tracking_root(plan.project_dir), ".%s.local-lock" % job_id))
-    if lock is None:
-        raise UsageError("a local run of %s is already running in allocation %s; a second one "
-                         "would share its job directory" % (plan.compose_file, job_id),
-                         hint="wait for it to end, stop it (Ctrl-C where it runs), or run the "
-                              "second stack from another folder")
+    lock = None
+    if mode == "allocation":
+        # The job directory is the allocation's: a second run of this project in it would share
+        # its state.json and logs, so it is refused while the first one runs. (A run outside Slurm
+        # has a job id of its own.) The lock file stays: removing it would let two runs lock two
+        # different files; `clean` removes it with the job.
+        lock = _try_lock(os.path.join(_tracking_root(plan.project_dir), ".%s.local-lock" % job_id))
+        if lock is None:
+            raise UsageError("a local run of %s is already running in allocation %s; a second "
+                             "one would share its job directory" % (plan.compose_file, job_id),
+                             hint="wait for it to end, stop it (Ctrl-C where it runs), or run "
+                                  "the second stack from another folder")
     try:
         return _run_local(args, plan, runtime_plan, mode, job_id, script_path, fmt, say)
     finally:
-        lock.close()
+        if lock is not None:
+            lock.close()
 
 
 def _run_local(args, plan, runtime_plan, mode, job_id, script_path, fmt, say):
@@ -14505,8 +14507,8 @@ def _default_sigint():
 def _follow_local_run(process, follower, out, pass_on=None):
     """Print the service logs until the batch script exits. Ctrl-C, SIGTERM and SIGHUP (the
     terminal closed, the allocation ended) are passed on to it once (by ``pass_on(number)`` when
-    given), as scancel would pass them, and it tears down; a signal ignored when we started stays ignored. Returns its exit code
-    (128 + N when a signal N ended it)."""
+    given), as scancel would pass them, and it tears down; a signal ignored when we started stays
+    ignored. Returns its exit code (128 + N when a signal N ended it)."""
     import signal
     import time
     received = []

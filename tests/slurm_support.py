@@ -308,15 +308,44 @@ def cache_dir(request):
     shutil.rmtree(path, ignore_errors=True)
 
 
+def _ephemeral_low():
+    """The first port of the kernel's ephemeral range (where connect() takes its source ports)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as handle:
+            return int(handle.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port():
-    """A TCP port free on this machine's loopback now.
+    """A TCP port free on every address of this machine now, below the ephemeral range.
 
     End-to-end suites of several Slurm generations run at the same time on one machine, so a test's
-    service must never listen on a fixed port: the other suite's copy of the test may hold it.
+    service must never listen on a fixed port: the other suite's copy of the test may hold it. Nor
+    may it take a port of the ephemeral range, as ``bind(0)`` gives: any outgoing connection made
+    before the service starts (srun, slurmdbd's database link...) can hold that port as its source
+    port, and a server bound to all addresses (``python3 -m http.server``) then fails with "Address
+    already in use" (CI saw it once). So: a random port between 10000 and the ephemeral range
+    that binds on all IPv4 and IPv6 addresses now.
     """
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    import random
+    low = max(_ephemeral_low(), 10001)
+    families = [(socket.AF_INET, "0.0.0.0")]
+    try:
+        socket.socket(socket.AF_INET6).close()
+        families.append((socket.AF_INET6, "::"))
+    except OSError:  # no IPv6 here
+        pass
+    for _ in range(1000):
+        port = random.randint(10000, low - 1)
+        try:
+            for family, address in families:
+                with socket.socket(family) as sock:
+                    sock.bind((address, port))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free TCP port between 10000 and %d" % low)
 
 
 class ToolResult(object):

@@ -65,7 +65,7 @@ Exit codes (stable): 0 success; 1 something failed while running (a tool, the jo
 
 import os
 import sys
-from typing import NamedTuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple, Union
 
 # Heavy or rarely used modules (json, subprocess, hashlib, tempfile, shutil, argparse...) are imported
 # inside the functions that use them, so that start-up stays close to a bare interpreter.
@@ -404,7 +404,7 @@ def _make_standard_streams_utf8():
 ##############################################################################
 # Contract:
 #   parse_yaml(text) -> plain dict/list/str/int/float/bool/None
-#   parse_yaml_document(text, filename=None) -> YamlDocument(data, marks, key_marks)
+#   parse_yaml_document(text, filename=None) -> YamlDocument(data, marks, key_marks, tags)
 #   marks: dict mapping a path tuple (mapping keys as str, sequence indexes as int; () is the root)
 #          to Mark(line, column, text): 1-based position of that node's value, and for plain
 #          scalars the exact source text (so `1.10` and `true` can be kept as written), else None.
@@ -423,11 +423,15 @@ def _make_standard_streams_utf8():
 # and errors. Hot paths use str.find/lstrip rather than per-character loops or regular expressions.
 
 
+# A node's place in a document: mapping keys as str, sequence indexes as int; () is the root.
+_Path = Tuple[Union[str, int], ...]
+
+
 class Mark(NamedTuple):
     """Where a node starts (1-based) and, for a plain scalar, its exact source text."""
     line: int
     column: int
-    text: object = None
+    text: Optional[str] = None
 
 
 _make_mark = tuple.__new__   # Mark(...) without the Python-level __new__ (marks are made per node)
@@ -435,9 +439,9 @@ _make_mark = tuple.__new__   # Mark(...) without the Python-level __new__ (marks
 
 class YamlDocument(NamedTuple):
     """What ``parse_yaml_document`` returns: the values, and the marks of values and of mapping keys."""
-    data: object
-    marks: dict
-    key_marks: dict
+    data: object         # any YAML value: dict, list, str, int, float, bool or None
+    marks: Dict[_Path, Mark]       # after merging files: ``_FileMark``s from the second file on
+    key_marks: Dict[_Path, Mark]
     tags: dict = {}      # path -> "!reset" | "!override" (Compose's merge tags, the only ones read)
 
 
@@ -2095,71 +2099,75 @@ class _Interpolation(object):
 
 class ReadinessSpec(NamedTuple):
     type: str                      # sleep | tcp | log | http
-    seconds: object = None         # sleep
-    host: object = None            # tcp (default 127.0.0.1)
-    port: object = None            # tcp
-    pattern: object = None         # log (a literal substring of the service log)
-    url: object = None             # http
-    status_code: object = None     # http (default 200)
-    timeout_seconds: object = None # tcp/log/http (default 60)
+    seconds: Optional[int] = None  # sleep
+    host: Optional[str] = None     # tcp (default 127.0.0.1)
+    port: Optional[int] = None     # tcp
+    pattern: Optional[str] = None  # log (a literal substring of the service log)
+    url: Optional[str] = None      # http
+    status_code: Optional[int] = None      # http (default 200)
+    timeout_seconds: Optional[int] = None  # tcp/log/http (default 60)
 
 
 class FailurePolicy(NamedTuple):
     mode: str = "fail_job"         # fail_job | ignore | restart_on_failure
-    max_restarts: object = None    # restart_on_failure only (default 3)
-    backoff_seconds: object = None # restart_on_failure only (default 5)
+    max_restarts: Optional[int] = None     # restart_on_failure only (default 3)
+    backoff_seconds: Optional[int] = None  # restart_on_failure only (default 5)
 
 
 class PrepareSpec(NamedTuple):
-    commands: tuple
-    mounts: tuple = ()             # raw "host:container[:opts]" strings, interpolated, unresolved
-    env: tuple = ()                # ((key, value), ...)
+    commands: Tuple[str, ...]
+    mounts: Tuple[str, ...] = ()   # raw "host:container[:opts]" strings, interpolated, unresolved
+    env: Tuple[Tuple[str, str], ...] = ()  # ((key, value), ...)
     root: bool = True
 
 
 class ServiceSlurmSpec(NamedTuple):
-    nodes: object = None
-    ntasks: object = None
-    ntasks_per_node: object = None
-    cpus_per_task: object = None
-    gpus: object = None
-    gres: object = None
-    extra_srun_args: tuple = ()
+    nodes: Optional[int] = None
+    ntasks: Optional[int] = None
+    ntasks_per_node: Optional[int] = None
+    cpus_per_task: Optional[int] = None
+    gpus: Optional[int] = None
+    gres: Optional[str] = None
+    extra_srun_args: Tuple[str, ...] = ()
     failure_policy: FailurePolicy = FailurePolicy()
-    runtime: object = None         # per-service override of x-slurm.runtime (None = inherit)
-    signal: object = None          # ServiceSignalSpec or None (forward the job's signal as it is)
+    runtime: Optional[str] = None  # per-service override of x-slurm.runtime (None = inherit)
+    # None: forward the job's signal as it is
+    signal: Optional["ServiceSignalSpec"] = None
 
 
 class ServiceSpec(NamedTuple):
     name: str
-    image: object                  # str, or None (allowed only with the host runtime)
-    command: object = None         # None | str (shell form) | tuple of str (exec form)
-    entrypoint: object = None      # same forms as command
-    environment: tuple = ()        # ((key, value), ...) in declared order (map form: file order)
-    volumes: tuple = ()            # raw "host:container[:opts]" strings, interpolated, unresolved
-    working_dir: object = None
-    depends_on: tuple = ()         # ((service, condition), ...) condition: _DEPENDENCY_CONDITIONS
-    readiness: object = None       # ReadinessSpec or None (healthcheck already folded in)
+    image: Optional[str]           # None is allowed only with the host runtime
+    # None | str (shell form) | tuple of str (exec form)
+    command: Union[str, Tuple[str, ...], None] = None
+    entrypoint: Union[str, Tuple[str, ...], None] = None   # same forms as command
+    # ((key, value), ...) in declared order (map form: file order)
+    environment: Tuple[Tuple[str, str], ...] = ()
+    volumes: Tuple[str, ...] = ()  # raw "host:container[:opts]" strings, interpolated, unresolved
+    working_dir: Optional[str] = None
+    # ((service, condition), ...) condition: _DEPENDENCY_CONDITIONS
+    depends_on: Tuple[Tuple[str, str], ...] = ()
+    readiness: Optional[ReadinessSpec] = None  # healthcheck already folded in
     slurm: ServiceSlurmSpec = ServiceSlurmSpec()
-    prepare: object = None         # PrepareSpec or None (x-enroot.prepare)
+    prepare: Optional[PrepareSpec] = None      # x-enroot.prepare
     runtime: str = _DEFAULT_RUNTIME # resolved: service x-slurm.runtime, else top-level, else pyxis
-    line: object = None            # line of the service's key in the compose file
-    profiles: tuple = ()           # Compose profiles; () = always active
-    file: object = None            # the file of the service's key, when not the first file
-    secrets: tuple = ()            # (ServiceSecret, ...) in declared order
+    line: Optional[int] = None     # line of the service's key in the compose file
+    profiles: Tuple[str, ...] = ()  # Compose profiles; () = always active
+    file: Optional[str] = None     # the file of the service's key, when not the first file
+    secrets: Tuple["ServiceSecret", ...] = ()  # in declared order
 
 
 class MetricsSpec(NamedTuple):
     enabled: bool = True
     interval_seconds: int = 5
-    collectors: tuple = ("gpu", "slurm")
+    collectors: Tuple[str, ...] = ("gpu", "slurm")
 
 
 class ArtifactsSpec(NamedTuple):
     export_dir: str
     collect: str = "always"        # always | on_success | on_failure
-    paths: tuple = ()              # the implicit "default" bundle
-    bundles: tuple = ()            # ((name, (path, ...)), ...)
+    paths: Tuple[str, ...] = ()    # the implicit "default" bundle
+    bundles: Tuple[Tuple[str, Tuple[str, ...]], ...] = ()  # ((name, (path, ...)), ...)
 
 
 class ResumeSpec(NamedTuple):
@@ -2171,58 +2179,58 @@ class SignalSpec(NamedTuple):
     name: str                      # USR1 | USR2 (the batch shell traps both)
     before: int                    # seconds
     on_signal: str = "forward"     # forward | requeue
-    grace: object = None           # requeue: seconds the services get to exit before the requeue
-    max_attempts: object = None    # requeue: the attempt that may not requeue itself any more
+    grace: Optional[int] = None    # requeue: seconds the services get to exit before the requeue
+    max_attempts: Optional[int] = None  # requeue: the attempt that may not requeue itself any more
 
 
 class ServiceSignalSpec(NamedTuple):
     """services.<name>.x-slurm.signal: what the service receives when the job is signalled."""
-    name: object = None            # None: the signal the batch shell received
+    name: Optional[str] = None     # None: the signal the batch shell received
     forward: bool = True
 
 
 class SlurmSpec(NamedTuple):
-    job_name: object = None
-    partition: object = None
-    account: object = None
-    qos: object = None
-    time: object = None
-    nodes: object = None
-    ntasks: object = None
-    ntasks_per_node: object = None
-    cpus_per_task: object = None
-    mem: object = None
-    gres: object = None
-    gpus: object = None
-    constraint: object = None
-    output: object = None
-    error: object = None
-    chdir: object = None
-    cache_dir: object = None       # interpolated string, unresolved (planner resolves)
-    metrics: object = None         # MetricsSpec or None
-    artifacts: object = None       # ArtifactsSpec or None
-    resume: object = None          # ResumeSpec or None
-    setup: tuple = ()
-    submit_args: tuple = ()
+    job_name: Optional[str] = None
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    time: Optional[str] = None
+    nodes: Optional[int] = None
+    ntasks: Optional[int] = None
+    ntasks_per_node: Optional[int] = None
+    cpus_per_task: Optional[int] = None
+    mem: Optional[str] = None
+    gres: Optional[str] = None
+    gpus: Optional[int] = None
+    constraint: Optional[str] = None
+    output: Optional[str] = None
+    error: Optional[str] = None
+    chdir: Optional[str] = None
+    cache_dir: Optional[str] = None  # interpolated string, unresolved (planner resolves)
+    metrics: Optional[MetricsSpec] = None
+    artifacts: Optional[ArtifactsSpec] = None
+    resume: Optional[ResumeSpec] = None
+    setup: Tuple[str, ...] = ()
+    submit_args: Tuple[str, ...] = ()
     runtime: str = _DEFAULT_RUNTIME # hpc-compose extension: pyxis | host
     share_with_group: bool = False # job directory and service logs readable by the group
-    signal: object = None          # SignalSpec or None
-    requeue: object = None         # None | True | False (--requeue / --no-requeue)
-    dependency: object = None      # a Slurm dependency expression, or None
-    array: object = None           # a Slurm array expression such as "0-15%4", or None
+    signal: Optional[SignalSpec] = None
+    requeue: Optional[bool] = None  # None | True | False (--requeue / --no-requeue)
+    dependency: Optional[str] = None  # a Slurm dependency expression
+    array: Optional[str] = None    # a Slurm array expression such as "0-15%4"
 
 
 class ComposeSpec(NamedTuple):
     path: str                      # absolute path of the compose file
     project_dir: str               # its directory: relative paths, .env, .hpc-compose/ live here
-    name: object                   # top-level name or None
-    version: object
+    name: Optional[str]            # top-level name
+    version: Optional[str]         # top-level version, as written (not interpreted)
     slurm: SlurmSpec
-    services: tuple                # (ServiceSpec, ...) in file order
-    warnings: tuple = ()           # human-readable warnings (e.g. misspelt x- keys)
-    files: tuple = ()              # every compose file merged, in order (path is the first)
-    profiles: tuple = ()           # every profile named by a service, sorted
-    secrets: tuple = ()            # (SecretSpec, ...) top-level secrets: in file order
+    services: Tuple[ServiceSpec, ...]  # in file order
+    warnings: Tuple[str, ...] = ()  # human-readable warnings (e.g. misspelt x- keys)
+    files: Tuple[str, ...] = ()    # every compose file merged, in order (path is the first)
+    profiles: Tuple[str, ...] = ()  # every profile named by a service, sorted
+    secrets: Tuple["SecretSpec", ...] = ()  # top-level secrets, in file order
 
 
 class SecretSpec(NamedTuple):
@@ -2230,13 +2238,13 @@ class SecretSpec(NamedTuple):
     name: str
     source: str                    # file | environment
     reference: str                 # file: the path (planner: absolute); environment: the variable
-    line: object = None
+    line: Optional[int] = None
 
 
 class ServiceSecret(NamedTuple):
     source: str                    # the top-level secret's name
     target: str                    # file name under /run/secrets (default: the secret's name)
-    mode: object = None            # owner permission bits of the copy (None = 0600)
+    mode: Optional[int] = None     # owner permission bits of the copy (None = 0600)
 
 
 # --- accepted keys -------------------------------------------------------------------------------
@@ -2268,9 +2276,10 @@ class _Field(NamedTuple):
     name: str
     kind: str                      # a key of _SCHEMA_KINDS, or "mapping" (then ``fields``)
     description: str
-    choices: tuple = ()            # kind "choice", or the items of kind "choices"
-    default: object = None
-    fields: tuple = ()             # kind "mapping": its keys
+    # kind "choice" (create_host_path's only choice is true), or the items of kind "choices"
+    choices: Tuple[Union[str, bool], ...] = ()
+    default: object = None         # any JSON value the schema shows (str, int, bool, list)
+    fields: Tuple["_Field", ...] = ()  # kind "mapping": its keys
     minimum: int = 1               # kind "count"
     extensions: bool = False       # kind "mapping": x-* keys are accepted (and ignored)
 
@@ -2687,6 +2696,7 @@ def _is_env_name(name):
 _NUL_HINT = ("no path, command line or environment variable can carry a NUL character; remove "
              "the \\0 escape")
 _UNREAD = object()   # what the spec loader keeps for a field it could not read (already reported)
+# A record holding it never leaves the loader (it reports the error), so no field's type names it.
 
 
 class _Invalid(Exception):
@@ -2889,8 +2899,8 @@ def _url_host(url):
 class Placement(NamedTuple):
     mode: str                      # single (1-node job) | primary (helper pinned to primary node) | distributed
     nodes: int = 1
-    ntasks: object = None
-    ntasks_per_node: object = None
+    ntasks: Optional[int] = None
+    ntasks_per_node: Optional[int] = None
 
 
 def _resolve_placement(alloc_nodes, service_slurm, top_slurm, service_count):
@@ -2997,7 +3007,7 @@ class _FileMark(NamedTuple):
     """A ``Mark`` in another file than the first compose file (after merging override files)."""
     line: int
     column: int
-    text: object
+    text: Optional[str]
     file: str
 
 
@@ -3462,13 +3472,14 @@ def _closest(word, choices):
 class _RunRequest(NamedTuple):
     """What ``run`` changes in the file's stack, as given on its command line."""
     service: str
-    command: tuple = ()            # () keeps the service's own command
-    environment: tuple = ()        # ((key, value), ...) set on top of the service's environment
-    volumes: tuple = ()            # "host:container[:options]" as in the spec's volumes
-    working_dir: object = None
-    job_name: object = None        # None: "<job name>-run-<service>"
+    command: Tuple[str, ...] = ()  # () keeps the service's own command
+    # ((key, value), ...) set on top of the service's environment
+    environment: Tuple[Tuple[str, str], ...] = ()
+    volumes: Tuple[str, ...] = ()  # "host:container[:options]" as in the spec's volumes
+    working_dir: Optional[str] = None
+    job_name: Optional[str] = None  # None: "<job name>-run-<service>"
     no_deps: bool = False
-    entrypoint: object = None      # None keeps the service's; else --entrypoint's text
+    entrypoint: Optional[str] = None  # None keeps the service's; else --entrypoint's text
 
 
 def _run_spec(spec, request, cwd):
@@ -4989,21 +5000,21 @@ def spec_to_dict(spec, escape_dollars=False):
 class ImageRef(NamedTuple):
     kind: str                      # remote | local | none (host runtime without an image)
     reference: str                 # normalized: docker://redis:7, podman://x, or absolute .sqsh path
-    registry: object = None        # registry host for remote docker:// refs (docker.io for Hub)
-    original: object = None        # what the user wrote
+    registry: Optional[str] = None  # registry host for remote docker:// refs (docker.io for Hub)
+    original: Optional[str] = None  # what the user wrote
 
 
 class Execution(NamedTuple):
     form: str                      # default (image entrypoint+cmd) | shell | exec
-    argv: tuple = ()               # exec form: the full argv (entrypoint items + command items)
-    script: object = None          # shell form: the string run by /bin/sh -c (entrypoint + " " + command)
+    argv: Tuple[str, ...] = ()     # exec form: the full argv (entrypoint items + command items)
+    script: Optional[str] = None   # shell form: the string run by /bin/sh -c (entrypoint + " " + command)
     use_image_entrypoint: bool = False  # True when the image ENTRYPOINT must run (no entrypoint key)
 
 
 class Mount(NamedTuple):
     host: str                      # absolute host path
     container: str
-    options: object = None         # e.g. "ro", kept verbatim
+    options: Optional[str] = None  # e.g. "ro", kept verbatim
 
 
 class Dependency(NamedTuple):
@@ -5012,9 +5023,9 @@ class Dependency(NamedTuple):
 
 
 class PreparePlan(NamedTuple):
-    commands: tuple
-    mounts: tuple = ()             # (Mount, ...) resolved
-    env: tuple = ()                # ((key, value), ...)
+    commands: Tuple[str, ...]
+    mounts: Tuple[Mount, ...] = ()  # resolved
+    env: Tuple[Tuple[str, str], ...] = ()  # ((key, value), ...)
     root: bool = True
 
 
@@ -5024,20 +5035,20 @@ class ServicePlan(NamedTuple):
     runtime: str                   # pyxis | host
     image: ImageRef
     execution: Execution
-    working_dir: object
-    environment: tuple             # ((key, value), ...) final values the service sees
-    mounts: tuple                  # (Mount, ...) user volumes, resolved (implicit job mount NOT included)
-    depends_on: tuple              # (Dependency, ...)
-    dependents: tuple              # names of services that depend on this one
-    readiness: object              # ReadinessSpec or None
+    working_dir: Optional[str]
+    environment: Tuple[Tuple[str, str], ...]  # ((key, value), ...) final values the service sees
+    mounts: Tuple[Mount, ...]      # user volumes, resolved (implicit job mount NOT included)
+    depends_on: Tuple[Dependency, ...]
+    dependents: Tuple[str, ...]    # names of services that depend on this one
+    readiness: Optional[ReadinessSpec]
     failure_policy: FailurePolicy  # defaults applied (max_restarts/backoff set for restart mode)
     placement: Placement
-    cpus_per_task: object = None
-    gpus: object = None
-    gres: object = None            # when set, gpus is ignored
-    extra_srun_args: tuple = ()
-    prepare: object = None         # PreparePlan or None
-    secrets: tuple = ()            # (ServiceSecret, ...): files under /run/secrets
+    cpus_per_task: Optional[int] = None
+    gpus: Optional[int] = None
+    gres: Optional[str] = None     # when set, gpus is ignored
+    extra_srun_args: Tuple[str, ...] = ()
+    prepare: Optional[PreparePlan] = None
+    secrets: Tuple[ServiceSecret, ...] = ()  # files under /run/secrets
 
 
 class Plan(NamedTuple):
@@ -5048,9 +5059,9 @@ class Plan(NamedTuple):
     cache_dir: str                 # absolute
     nodes: int                     # allocation node count (default 1)
     slurm: SlurmSpec
-    services: tuple                # (ServicePlan, ...) in launch (dependency) order
+    services: Tuple[ServicePlan, ...]  # in launch (dependency) order
     runtime: str                   # top-level default runtime
-    secrets: tuple = ()            # (SecretSpec, ...) file references made absolute
+    secrets: Tuple[SecretSpec, ...] = ()  # file references made absolute
 
 
 def service_token(name):
@@ -5322,22 +5333,23 @@ class Artifact(NamedTuple):
     manifest_path: str             # path + ".json"
     cache_key: str                 # full sha256 hex
     source: str                    # the image reference (or local path) it is built from
-    inputs: tuple = ()             # ((category, digest), ...): what the key covers, for "why it rebuilds"
-    enroot_uri: object = None      # base: the URI handed to `enroot import`
+    # ((category, digest), ...): what the key covers, for "why it rebuilds"
+    inputs: Tuple[Tuple[str, str], ...] = ()
+    enroot_uri: Optional[str] = None  # base: the URI handed to `enroot import`
 
 
 class ServiceImage(NamedTuple):
     service: str
-    container_image: object        # the value for --container-image (None for host runtime)
-    base: object = None            # Artifact for an imported remote image, else None
-    prepared: object = None        # Artifact for an x-enroot.prepare image, else None
-    local_path: object = None      # a user-provided local .sqsh/.squashfs, used in place
+    container_image: Optional[str]  # the value for --container-image (None for host runtime)
+    base: Optional[Artifact] = None      # for an imported remote image
+    prepared: Optional[Artifact] = None  # for an x-enroot.prepare image
+    local_path: Optional[str] = None  # a user-provided local .sqsh/.squashfs, used in place
     rebuild_every_time: bool = False  # prepare.mounts present
 
 
 class RuntimePlan(NamedTuple):
     plan: Plan
-    images: tuple                  # (ServiceImage, ...) aligned with plan.services
+    images: Tuple[ServiceImage, ...]  # aligned with plan.services
     cache_dir: str
 
 
@@ -5349,10 +5361,10 @@ class PrepareOptions(NamedTuple):
 
 class PrepareResult(NamedTuple):
     service: str
-    base_action: object = None     # None | present | reused | built
-    runtime_action: object = None  # present | reused | built  (None for host runtime)
-    note: object = None
-    artifact: object = None        # path the container starts from (None for host runtime)
+    base_action: Optional[str] = None     # None | present | reused | built
+    runtime_action: Optional[str] = None  # present | reused | built  (None for host runtime)
+    note: Optional[str] = None
+    artifact: Optional[str] = None  # path the container starts from (None for host runtime)
 
 
 _MANIFEST_SUFFIX = ".json"
@@ -5364,11 +5376,11 @@ _DOCKER_HUB_HOSTS = ("docker.io", "index.docker.io", "registry-1.docker.io", "re
 # -- references ------------------------------------------------------------------------------------
 
 class _DockerReference(NamedTuple):
-    registry: object               # None for Docker Hub
+    registry: Optional[str]        # None for Docker Hub
     repository: str                # e.g. library/redis, nvidia/pytorch
-    tag: object = None
-    digest: object = None          # sha256:... (Enroot >= 4.0 only)
-    user: object = None            # docker://user@registry#image (Enroot syntax)
+    tag: Optional[str] = None
+    digest: Optional[str] = None   # sha256:... (Enroot >= 4.0 only)
+    user: Optional[str] = None     # docker://user@registry#image (Enroot syntax)
 
 
 def _parse_docker_reference(reference):
@@ -6278,7 +6290,7 @@ class Finding(NamedTuple):
     level: str                     # ok | warn | error
     check: str                     # short id, e.g. "binary.srun", "cache_dir.policy"
     message: str
-    remediation: object = None
+    remediation: Optional[str] = None
 
 
 class PreflightOptions(NamedTuple):
@@ -6287,11 +6299,11 @@ class PreflightOptions(NamedTuple):
     sbatch_bin: str = "sbatch"
     skip_prepare: bool = False
     dry_run: bool = False          # submit --dry-run: a missing reused image is a warning, not an error
-    local: object = None           # up --local: "allocation" or "machine" (no sbatch; no srun outside Slurm)
+    local: Optional[str] = None    # up --local: "allocation" or "machine" (no sbatch; no srun outside Slurm)
 
 
 class PreflightReport(NamedTuple):
-    findings: tuple
+    findings: Tuple[Finding, ...]
 
     @property
     def errors(self):
@@ -8749,10 +8761,10 @@ _ABSENT_VALUES = frozenset(("", "n/a", "none", "unknown", "invalid", "not set", 
 class SchedulerState(NamedTuple):
     state: str                     # upper-case Slurm state (RUNNING, COMPLETED...) or UNKNOWN
     source: str                    # squeue | sacct | none
-    reason: object = None          # pending or failure reason, when Slurm gives one
-    start: object = None
-    end: object = None
-    exit_code: object = None       # sacct's "code:signal"
+    reason: Optional[str] = None   # pending or failure reason, when Slurm gives one
+    start: Optional[str] = None    # as Slurm prints it
+    end: Optional[str] = None
+    exit_code: Optional[str] = None  # sacct's "code:signal"
 
     @property
     def terminal(self):
@@ -9847,7 +9859,7 @@ class _SchedulerPoller(object):
 
 class _WatchOutcome(NamedTuple):
     scheduler: SchedulerState
-    runtime: object                # state.json dict or None
+    runtime: Optional[Dict[str, object]]  # state.json's JSON object, or None
     ok: bool
     reason: str
     scheduler_calls: int
@@ -10142,7 +10154,7 @@ class _ExecTarget(NamedTuple):
     name: str                      # the service
     runtime: str                   # pyxis | host
     node: str
-    container_name: object         # Pyxis: the name given by the batch script; host: None
+    container_name: Optional[str]  # Pyxis: the name given by the batch script; host: None
 
 
 def _container_name(job_id, token):
@@ -11563,40 +11575,41 @@ def _local_secret_source(definition):
 class MigrateOptions(NamedTuple):
     """What ``migrate`` was asked for (paths as the user wrote them)."""
     data_dir: str = _MIGRATE_DEFAULT_DATA_DIR
-    cache_dir: object = None
+    cache_dir: Optional[str] = None
     runtime: str = _DEFAULT_RUNTIME
-    read_text: object = None       # callable(path) -> str, or raises OSError (None: open the file)
+    # read_text(path) -> str, or raises OSError (None: open the file)
+    read_text: Optional[Callable[[str], str]] = None
 
 
 class MigrateResult(NamedTuple):
     """The migrated text and what was done to it."""
     text: str
-    notes: tuple                   # ((line in the output, note), ...) in file order
-    todos: tuple                   # ((line in the output, note), ...)
-    counts: dict                   # {"kept": n, "changed": n, "dropped": n, "added": n}
-    data_dirs: tuple               # folders for named volumes, as written (relative to the file)
+    notes: Tuple[Tuple[int, str], ...]  # ((line in the output, note), ...) in file order
+    todos: Tuple[Tuple[int, str], ...]  # ((line in the output, note), ...)
+    counts: Dict[str, int]         # {"kept": n, "changed": n, "dropped": n, "added": n}
+    data_dirs: Tuple[str, ...]     # folders for named volumes, as written (relative to the file)
     env_files_copied: bool = False  # values of env_file files are in the text (may be secrets)
 
 
 class _Edit(NamedTuple):
     start: int                     # first replaced row (0-based)
     end: int                       # row after the last replaced one (== start for an insertion)
-    lines: tuple                   # the new rows
+    lines: Tuple[str, ...]         # the new rows
 
 
 class _BuildResult(NamedTuple):
-    image: object
-    commands: tuple
-    prepare_env: tuple             # ((key, value), ...)
-    runtime_env: tuple             # ((key, value), ...) from ENV
-    mounts: tuple
-    volumes: tuple                 # ((volume text, note), ...)
-    working_dir: object
-    command: object
-    entrypoint: object
-    healthcheck: object            # a Compose healthcheck mapping from HEALTHCHECK, or None
-    notes: tuple
-    todos: tuple
+    image: Optional[str]           # the FROM image; None without a FROM line
+    commands: Tuple[str, ...]
+    prepare_env: Tuple[Tuple[str, str], ...]  # ((key, value), ...)
+    runtime_env: Tuple[Tuple[str, str], ...]  # ((key, value), ...) from ENV
+    mounts: Tuple[str, ...]        # "host:container" prepare mounts
+    volumes: Tuple[Tuple[str, str], ...]  # ((volume text, note), ...)
+    working_dir: Optional[str]
+    command: Union[str, List[str], None]  # CMD: exec form as a list, shell form as a string
+    entrypoint: Union[str, List[str], None]  # ENTRYPOINT, in the same forms
+    healthcheck: Optional[Dict[str, object]]  # a Compose healthcheck mapping from HEALTHCHECK
+    notes: Tuple[str, ...]
+    todos: Tuple[str, ...]
 
 
 def _load_text_file(path):

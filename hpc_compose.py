@@ -442,7 +442,8 @@ class YamlDocument(NamedTuple):
     data: object         # any YAML value: dict, list, str, int, float, bool or None
     marks: Dict[_Path, Mark]       # after merging files: ``_FileMark``s from the second file on
     key_marks: Dict[_Path, Mark]
-    tags: dict = {}      # path -> "!reset" | "!override" (Compose's merge tags, the only ones read)
+    # path -> "!reset" | "!override" (Compose's merge tags, the only ones read); None: no tags
+    tags: Optional[Dict[_Path, str]] = None
 
 
 _SPACE_TAB = " \t"

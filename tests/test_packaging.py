@@ -402,3 +402,18 @@ def test_at_most_a_tenth_of_record_fields_are_typed_object_each_with_a_comment()
                    if "#" not in lines[field.lineno - 1]]
     assert unexplained == []
 
+
+def test_no_record_has_a_mutable_default():
+    import hpc_compose
+    records = [value for value in vars(hpc_compose).values()
+               if isinstance(value, type) and issubclass(value, tuple) and hasattr(value, "_fields")
+               and value.__module__ == "hpc_compose"]
+    assert len(records) > 40
+    mutable = []
+    for record in records:
+        for field, default in record._field_defaults.items():
+            try:
+                hash(default)     # a list, dict or set, or a tuple holding one, is unhashable
+            except TypeError:
+                mutable.append("%s.%s" % (record.__name__, field))
+    assert mutable == []

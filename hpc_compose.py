@@ -51,9 +51,10 @@ top-level name starts with an underscore and may change without notice. In pipel
   ``PreflightReport`` of ``Finding``);
 - render: ``render_script(runtime_plan)`` and its pieces ``render_metrics_block``,
   ``render_artifacts_block``, ``service_srun_argv``, ``service_environment``, ``shell_quote``;
-- tracking: ``watch_job``, ``SchedulerState``; init: ``TEMPLATE_NAMES``, ``list_templates``,
-  ``load_template``, ``customize_template``; migrate: ``migrate_compose(text)`` (``MigrateOptions``
-  -> ``MigrateResult``); CLI: ``build_parser``, ``main(argv=None)``; ``__version__``.
+- tracking: ``watch_job`` -> ``WatchOutcome``, ``SchedulerState``; init: ``TEMPLATE_NAMES``,
+  ``list_templates``, ``load_template`` -> ``InitTemplate``, ``customize_template``; migrate:
+  ``migrate_compose(text)`` (``MigrateOptions`` -> ``MigrateResult``); CLI: ``build_parser``,
+  ``main(argv=None)``; ``__version__``.
 
 One verb, one meaning: ``load_*`` reads a path, ``parse_*`` reads text, ``render_*`` makes the
 batch script, ``format_*`` makes human text, ``*to_dict`` makes JSON-ready data. How the file is
@@ -99,9 +100,9 @@ __all__ = [
     # render
     "render_script", "service_srun_argv", "service_environment", "shell_quote", "render_metrics_block", "render_artifacts_block",
     # job tracking
-    "watch_job", "SchedulerState",
+    "watch_job", "WatchOutcome", "SchedulerState",
     # init templates
-    "TEMPLATE_NAMES", "list_templates", "load_template", "customize_template",
+    "TEMPLATE_NAMES", "list_templates", "load_template", "InitTemplate", "customize_template",
     # migrate
     "migrate_compose", "MigrateOptions", "MigrateResult",
     # CLI
@@ -496,7 +497,7 @@ def parse_yaml(text):
     return parse_yaml_document(text).data
 
 
-def parse_yaml_document(text, filename=None):
+def parse_yaml_document(text, filename=None) -> YamlDocument:
     """Parse YAML text, keeping source positions: returns a ``YamlDocument``."""
     text = _decode_yaml_source(text, filename)
     reader = _YamlReader(text, filename)
@@ -3386,7 +3387,7 @@ def _load_compose_files(paths):
     return _Extends(document, paths[0]).apply()
 
 
-def load_spec(path, environ=None, env_files=None, profiles=None, services=None):
+def load_spec(path, environ=None, env_files=None, profiles=None, services=None) -> ComposeSpec:
     """Read, merge, interpolate and validate compose file(s); returns a ``ComposeSpec``.
 
     ``path`` is one file or a list merged in order (Compose's repeated ``-f``); relative paths
@@ -5118,7 +5119,7 @@ def _resolve_cache_dir(spec, environ=None):
     return path
 
 
-def normalize_image(image, project_dir, environ=None):
+def normalize_image(image, project_dir, environ=None) -> ImageRef:
     """The ``ImageRef`` for an image string (remote reference or local squashfs path)."""
     kind, value = _classify_image(image)
     if kind == "local":
@@ -5196,7 +5197,7 @@ def _find_cycle(services):
             current = by_name[target]
 
 
-def build_plan(spec, environ=None):
+def build_plan(spec, environ=None) -> Plan:
     """Turn a validated spec into the deterministic ``Plan``."""
     environ = os.environ if environ is None else environ
     alloc_nodes = spec.slurm.nodes or 1
@@ -5523,7 +5524,7 @@ def _prepared_artifact(cache_dir, base_source, base_identity, prepare):
 
 # -- runtime plan ------------------------------------------------------------------------------------
 
-def build_runtime_plan(plan):
+def build_runtime_plan(plan) -> RuntimePlan:
     """Attach image artifacts (cache paths and keys) to every service of ``plan``."""
     cache_dir = plan.cache_dir
     images = []
@@ -5757,7 +5758,8 @@ class _PrepareRun(object):
         return not os.path.isfile(artifact.path)
 
 
-def prepare_images(runtime_plan, options=PrepareOptions(), progress=None):
+def prepare_images(runtime_plan, options=PrepareOptions(),
+                   progress=None) -> Tuple[PrepareResult, ...]:
     """Import and prepare every image the plan needs into the shared cache."""
     run = _PrepareRun(runtime_plan, options, progress)
     users = {}
@@ -6327,7 +6329,7 @@ _UNRELIABLE_RESUME_ROOTS = ("/tmp", "/var/tmp")
 _SYMLINK_SCAN_LIMIT = 5000         # entries per mounted directory: big model trees are not walked whole
 
 
-def run_preflight(runtime_plan, options=PreflightOptions()):
+def run_preflight(runtime_plan, options=PreflightOptions()) -> PreflightReport:
     """Check that this login node can prepare and submit ``runtime_plan``."""
     plan = runtime_plan.plan
     uses_containers = any(image.container_image is not None for image in runtime_plan.images)
@@ -9858,7 +9860,8 @@ class _SchedulerPoller(object):
                 and self.clock() - self.unknown_since > _ACCOUNTING_GRACE_SECONDS)
 
 
-class _WatchOutcome(NamedTuple):
+class WatchOutcome(NamedTuple):
+    """What ``watch_job`` returns: how the job ended, and what following it cost."""
     scheduler: SchedulerState
     runtime: Optional[Dict[str, object]]  # state.json's JSON object, or None
     ok: bool
@@ -9868,7 +9871,7 @@ class _WatchOutcome(NamedTuple):
 
 
 def watch_job(record, squeue_bin="squeue", sacct_bin="sacct", out=None, sleep=None, clock=None,
-              sources=None, show=None):
+              sources=None, show=None) -> WatchOutcome:
     """Stream every service log (prefixed) and follow the scheduler until the job ends.
 
     ``sources``: the ``(service, log path)`` pairs to stream (default: every service);
@@ -9942,7 +9945,7 @@ def watch_job(record, squeue_bin="squeue", sacct_bin="sacct", out=None, sleep=No
         if summary:
             reason += ": " + summary
     out.flush()
-    return _WatchOutcome(state, runtime, ok, reason, poller.calls, clock() - started)
+    return WatchOutcome(state, runtime, ok, reason, poller.calls, clock() - started)
 
 
 def _runtime_final(runtime):
@@ -11247,7 +11250,8 @@ TEMPLATE_NAMES = (
 _DEFAULT_INIT_OUTPUT = "compose.yaml"
 
 
-class _InitTemplate(NamedTuple):
+class InitTemplate(NamedTuple):
+    """A shipped example, as ``load_template`` and ``list_templates`` return it."""
     name: str
     description: str               # the text after "# <name>: " on the example's first line
     text: str                      # the example file, unchanged
@@ -11295,8 +11299,8 @@ def _template_description(text):
     return ""
 
 
-def load_template(name):
-    """The shipped example ``name`` (a trailing ``.yaml`` is tolerated) as an ``_InitTemplate``."""
+def load_template(name) -> InitTemplate:
+    """The shipped example ``name`` (a trailing ``.yaml`` is tolerated) as an ``InitTemplate``."""
     wanted = name[:-5] if name.endswith(".yaml") else name
     if wanted not in TEMPLATE_NAMES:
         raise UsageError("unknown template '%s'" % name,
@@ -11306,10 +11310,10 @@ def load_template(name):
     if data is None:
         raise _no_examples_error()
     text = data.decode("utf-8")
-    return _InitTemplate(wanted, _template_description(text), text)
+    return InitTemplate(wanted, _template_description(text), text)
 
 
-def list_templates():
+def list_templates() -> List[InitTemplate]:
     """Every shipped template, in ``init --list`` order."""
     return [load_template(name) for name in TEMPLATE_NAMES]
 
@@ -12068,7 +12072,7 @@ def _rewrite_hosts(text, pattern, replacement):
 
 # --- the rewrite ---------------------------------------------------------------------------------
 
-def migrate_compose(text, filename=None, options=None):
+def migrate_compose(text, filename=None, options=None) -> MigrateResult:
     """Rewrite Docker Compose YAML text as an hpc-compose spec; returns a ``MigrateResult``."""
     options = options or MigrateOptions()
     document = parse_yaml_document(text, filename)

@@ -417,3 +417,30 @@ def test_no_record_has_a_mutable_default():
             except TypeError:
                 mutable.append("%s.%s" % (record.__name__, field))
     assert mutable == []
+
+
+def _annotation_names(annotation):
+    """Every name an annotation refers to, forward references (strings) included."""
+    names = set()
+    for node in ast.walk(annotation):
+        if isinstance(node, ast.Name):
+            names.add(node.id)
+        text = getattr(node, "value" if type(node).__name__ == "Constant" else "s", None)
+        if type(node).__name__ in ("Constant", "Str") and isinstance(text, str):
+            names |= _annotation_names(ast.parse(text, mode="eval"))
+    return names
+
+
+def test_every_public_function_return_annotation_names_a_public_type():
+    import builtins
+    import typing
+    import hpc_compose
+    with open(MODULE) as handle:
+        tree = ast.parse(handle.read())
+    allowed = set(hpc_compose.__all__) | set(dir(builtins)) | set(typing.__all__)
+    annotated = {}
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef) and node.name in hpc_compose.__all__ and node.returns:
+            annotated[node.name] = sorted(_annotation_names(node.returns) - allowed)
+    assert {"watch_job", "load_template", "load_spec", "build_plan"} <= set(annotated)
+    assert dict((name, bad) for name, bad in annotated.items() if bad) == {}

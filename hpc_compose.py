@@ -2133,16 +2133,14 @@ class ServiceSlurmSpec(NamedTuple):
     extra_srun_args: Tuple[str, ...] = ()
     failure_policy: FailurePolicy = FailurePolicy()
     runtime: Optional[str] = None  # per-service override of x-slurm.runtime (None = inherit)
-    # None: forward the job's signal as it is
-    signal: Optional["ServiceSignalSpec"] = None
+    signal: Optional["ServiceSignalSpec"] = None  # None: forward the job's signal as it is
 
 
 class ServiceSpec(NamedTuple):
     name: str
     image: Optional[str]           # None is allowed only with the host runtime
-    # None | str (shell form) | tuple of str (exec form)
-    command: Union[str, Tuple[str, ...], None] = None
-    entrypoint: Union[str, Tuple[str, ...], None] = None   # same forms as command
+    command: Union[str, Tuple[str, ...], None] = None  # str: shell form; tuple: exec form
+    entrypoint: Union[str, Tuple[str, ...], None] = None  # same forms as command
     # ((key, value), ...) in declared order (map form: file order)
     environment: Tuple[Tuple[str, str], ...] = ()
     volumes: Tuple[str, ...] = ()  # raw "host:container[:opts]" strings, interpolated, unresolved

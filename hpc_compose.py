@@ -12114,7 +12114,7 @@ class _Migration(object):
         self.origin = {}
         for key_path, mark in self.key_marks.items():
             self.origin.setdefault(mark, key_path)
-        self.dropped = set()
+        self.dropped = {}          # key paths dropped, in order (a dict used as an ordered set)
         self.env_files_copied = False
 
     # --- rows ---
@@ -12230,7 +12230,7 @@ class _Migration(object):
 
     def keep_emptied_mappings(self):
         """A mapping whose every key was dropped (an anchor of Compose-only keys) becomes {}."""
-        for parent in set(path[:-1] for path in self.dropped if len(path) > 1):
+        for parent in _unique(path[:-1] for path in self.dropped if len(path) > 1):
             value = self._value(parent)
             if isinstance(value, dict) and all(parent + (k,) in self.dropped for k in value):
                 start, end, column = self.entry_rows(parent)
@@ -12239,7 +12239,10 @@ class _Migration(object):
 
     def result(self, prefix):
         edits = []
-        for edit in sorted(set(self.edits), key=lambda e: (e.start, e.end)):
+        # Insertions at one row stay in the order they were made (a service's variables before
+        # the keys added at the end of the service); iterating a set here made that order, and
+        # so whether the file parses, depend on the hash seed.
+        for edit in sorted(_unique(self.edits), key=lambda e: (e.start, e.end)):
             if edits and edit.start < edits[-1].end:
                 raise HpcComposeError("migrate: two changes overlap at line %d of %s"
                                       % (edit.start + 1, self.filename or "the file"),
@@ -12343,7 +12346,7 @@ class _Migration(object):
     def drop(self, path, note):
         if self.replace_entry(path, [note], drop=True):
             self.counts["dropped"] += 1
-            self.dropped.add(self.origin.get(self.key_marks[tuple(path)], tuple(path)))
+            self.dropped[self.origin.get(self.key_marks[tuple(path)], tuple(path))] = True
 
     def todo_entry(self, path, note):
         """A TODO line before the entry, which stays as written."""

@@ -65,7 +65,7 @@ Exit codes (stable): 0 success; 1 something failed while running (a tool, the jo
 
 import os
 import sys
-from typing import NamedTuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple, Union
 
 # Heavy or rarely used modules (json, subprocess, hashlib, tempfile, shutil, argparse...) are imported
 # inside the functions that use them, so that start-up stays close to a bare interpreter.
@@ -11615,320 +11615,7 @@ def _escape_interpolation(text):
     return text.replace("$", "$$")
 
 
-# --- Dockerfile -> image + x-enroot.prepare ------------------------------------------------------
-
-def _parse_dockerfile(text):
-    """``[(INSTRUCTION, arguments, line)]``: continuation lines joined, comments skipped."""
-    instructions = []
-    pending, start = None, 0
-    for number, raw in enumerate(text.splitlines(), 1):
-        stripped = raw.strip()
-        if stripped.startswith("#") or (not stripped and pending is None):
-            continue
-        if pending is None:
-            pending, start = [], number
-        if stripped.endswith("\\"):
-            pending.append(stripped[:-1].strip())
-            continue
-        pending.append(stripped)
-        joined = " ".join(part for part in pending if part)
-        pending = None
-        word, _, rest = joined.partition(" ")
-        instructions.append((word.upper(), rest.strip(), start))
-    if pending:
-        joined = " ".join(part for part in pending if part)
-        word, _, rest = joined.partition(" ")
-        instructions.append((word.upper(), rest.strip(), start))
-    return instructions
-
-
-def _split_flags(arguments):
-    """``({flag: value}, rest)`` for leading ``--flag[=value]`` words."""
-    flags = {}
-    rest = arguments
-    while rest.startswith("--"):
-        word, _, rest = rest.partition(" ")
-        name, _, value = word[2:].partition("=")
-        flags.setdefault(name, []).append(value)
-        rest = rest.strip()
-    return flags, rest
-
-
-def _exec_form(arguments):
-    """The list of a JSON exec-form argument, or None for the shell form."""
-    import json
-    if not arguments.startswith("["):
-        return None
-    try:
-        value = json.loads(arguments)
-    except ValueError:
-        return None
-    if isinstance(value, list) and all(isinstance(item, str) for item in value):
-        return value
-    return None
-
-
-def _dockerfile_substitute(text, variables):
-    """``(text, unknown names)``: ``$VAR``, ``${VAR}``, ``${VAR:-x}`` taken from ``variables``."""
-    import re
-    unknown = []
-
-    def replace(match):
-        name = match.group(1) or match.group(2)
-        default = match.group(4)
-        if name in variables:
-            return variables[name] if variables[name] or default is None else default
-        if default is not None:
-            return default
-        unknown.append(name)
-        return match.group(0)
-
-    result = re.sub(r"\$(?:([A-Za-z_][A-Za-z0-9_]*)|\{([A-Za-z_][A-Za-z0-9_]*)(:?-([^}]*))?\})",
-                    replace, text)
-    return result, unknown
-
-
-def _dockerfile_pairs(arguments, legacy_allowed):
-    """``[(key, value)]`` of ENV/ARG/LABEL arguments (``K=V ...``, or ``K V`` when allowed)."""
-    import shlex
-    try:
-        words = shlex.split(arguments, posix=True)
-    except ValueError:
-        words = arguments.split()
-    if legacy_allowed and words and "=" not in words[0]:
-        return [(words[0], " ".join(words[1:]))]
-    pairs = []
-    for word in words:
-        key, eq, value = word.partition("=")
-        pairs.append((key, value if eq else None))
-    return pairs
-
-
-def _translate_dockerfile(text, context, build_args, target, context_dir=None):
-    """The image, prepare commands and runtime settings a Dockerfile stands for (``_BuildResult``).
-
-    ``context`` is the build context as written relative to the compose file (``./app``);
-    ``context_dir`` its absolute path, used only to tell folders from files for COPY.
-    """
-    import posixpath
-    instructions = _parse_dockerfile(text)
-    notes, todos = [], []
-    global_args = {}
-    stages = []
-    for instruction, arguments, line in instructions:
-        if instruction == "FROM":
-            flags, rest = _split_flags(arguments)
-            if "platform" in flags:
-                notes.append("FROM --platform dropped: images are imported for the node's "
-                             "architecture")
-            words = rest.split()
-            image, unknown = _dockerfile_substitute(words[0] if words else "", global_args)
-            if unknown:
-                todos.append("FROM %s uses build argument(s) %s without a default: write the "
-                             "base image" % (rest, ", ".join(unknown)))
-            name = words[2] if len(words) >= 3 and words[1].upper() == "AS" else None
-            stages.append({"image": image, "name": name, "body": [], "line": line})
-        elif not stages:
-            if instruction == "ARG":
-                for key, value in _dockerfile_pairs(arguments, False):
-                    global_args[key] = build_args.get(key, value if value is not None else "")
-        else:
-            stages[-1]["body"].append((instruction, arguments, line))
-    if not stages:
-        return _BuildResult(None, (), (), (), (), (), None, None, None, None, tuple(notes),
-                            ("the Dockerfile has no FROM line: write the base image",))
-    by_name = dict((stage["name"], stage) for stage in stages if stage["name"])
-    chosen = stages[-1]
-    if target:
-        if target not in by_name:
-            todos.append("build target '%s' is not a stage of the Dockerfile" % target)
-        else:
-            chosen = by_name[target]
-    if len(stages) > 1:
-        notes.append("multi-stage Dockerfile: used stage %s (FROM %s), the one that makes the "
-                     "image" % (chosen["name"] or "#%d" % len(stages), chosen["image"]))
-    # A stage built FROM an earlier stage inherits that stage's instructions.
-    chain = [chosen]
-    while chain[0]["image"] in by_name and by_name[chain[0]["image"]] not in chain:
-        chain.insert(0, by_name[chain[0]["image"]])
-    body = [item for stage in chain for item in stage["body"]]
-    image = chain[0]["image"]
-    last_run = max([index for index, item in enumerate(body) if item[0] == "RUN"] or [-1])
-
-    variables = dict(global_args)
-    prepare_env, runtime_env, commands, volumes, mounts = [], [], [], [], []
-    workdir, made_workdir, shell = None, None, None
-    command = entrypoint = healthcheck = None
-
-    def in_workdir(line):
-        if workdir is None:
-            return line
-        prefix = "" if made_workdir == workdir else "mkdir -p %s && " % shell_quote(workdir)
-        return prefix + "cd %s && %s" % (shell_quote(workdir), line)
-
-    def build_source(source):
-        return posixpath.normpath(posixpath.join(_MIGRATE_BUILD_MOUNT, source))
-
-    def host_source(source):
-        joined = posixpath.normpath(posixpath.join(context, source))
-        return joined if joined.startswith(("/", ".", "~")) else "./" + joined
-
-    def is_folder(source):
-        if source in (".", "./") or source.endswith("/"):
-            return True
-        return bool(context_dir) and os.path.isdir(os.path.join(context_dir, source))
-
-    for index, (instruction, arguments, line) in enumerate(body):
-        where = "Dockerfile line %d" % line
-        if instruction == "RUN":
-            flags, rest = _split_flags(arguments)
-            for mount in flags.get("mount", []):
-                if "type=secret" in mount or "type=ssh" in mount:
-                    todos.append("%s: RUN --mount=%s uses a build secret: run that step with the "
-                                 "secret available (a prepare mount of the file) and keep the "
-                                 "secret out of the image" % (where, mount))
-                else:
-                    notes.append("%s: RUN --mount=%s dropped (prepare runs each command once)"
-                                 % (where, mount))
-            if "<<" in rest:
-                todos.append("%s: a RUN here-document cannot be written as one prepare command: "
-                             "split it into commands" % where)
-                continue
-            words = _exec_form(rest)
-            line_text = " ".join(shell_quote(word) for word in words) if words else rest
-            if shell and not words:
-                line_text = " ".join(shell_quote(word) for word in shell) + " " + \
-                    shell_quote(line_text)
-            commands.append(in_workdir(line_text))
-            made_workdir = workdir
-        elif instruction in ("ENV", "ARG"):
-            for key, value in _dockerfile_pairs(arguments, instruction == "ENV"):
-                if instruction == "ARG":
-                    value = build_args.get(key, value)
-                    if value is None:
-                        if key not in variables:
-                            todos.append("%s: ARG %s has no default and build.args does not set "
-                                         "it: give it a value in x-enroot.prepare.env"
-                                         % (where, key))
-                        continue
-                value, unknown = _dockerfile_substitute(value or "", variables)
-                if unknown:
-                    todos.append("%s: %s %s refers to $%s from the base image: write its value"
-                                 % (where, instruction, key, ", $".join(unknown)))
-                variables[key] = value
-                prepare_env.append((key, value))
-                if instruction == "ENV":
-                    runtime_env.append((key, value))
-        elif instruction == "WORKDIR":
-            path, _ = _dockerfile_substitute(arguments, variables)
-            workdir = posixpath.normpath(posixpath.join(workdir or "/", path))
-        elif instruction in ("COPY", "ADD"):
-            flags, rest = _split_flags(arguments)
-            if "from" in flags:
-                todos.append("%s: %s --from=%s copies out of another stage or image, which "
-                             "prepare cannot do: install those files with a prepare command"
-                             % (where, instruction, flags["from"][0]))
-                continue
-            for flag in sorted(flags):
-                notes.append("%s: %s --%s dropped (prepare runs as root; files keep the "
-                             "mounted files' modes)" % (where, instruction, flag))
-            words = _exec_form(rest) or rest.split()
-            words = [_dockerfile_substitute(word, variables)[0] for word in words]
-            if len(words) < 2:
-                todos.append("%s: %s needs a source and a destination" % (where, instruction))
-                continue
-            sources, destination = words[:-1], words[-1]
-            folder_destination = destination.endswith("/") or destination in (".", "..") \
-                or destination.endswith(("/.", "/.."))
-            destination = posixpath.normpath(posixpath.join(workdir or "/", destination))
-            if folder_destination and not destination.endswith("/"):
-                destination += "/"
-            remote = [s for s in sources if "://" in s or s.startswith("git@")]
-            if remote:
-                todos.append("%s: ADD %s fetches from the network: download it in a prepare "
-                             "command (curl -fsSL URL -o DEST) instead" % (where, remote[0]))
-                continue
-            globbed = any(c in s for s in sources for c in "*?[")
-            archive = instruction == "ADD" and len(sources) == 1 and sources[0].endswith(
-                (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz"))
-            if index > last_run and len(sources) == 1 and not globbed and not archive:
-                target = destination
-                if target.endswith("/") and not is_folder(sources[0]):
-                    target += posixpath.basename(sources[0].rstrip("/"))
-                target = posixpath.normpath(target)
-                volumes.append(("%s:%s" % (host_source(sources[0]), target),
-                                "%s: %s %s %s is a runtime volume: nothing in the build needs "
-                                "it after the last RUN, and edits show up without a rebuild"
-                                % (where, instruction, sources[0], words[-1])))
-                continue
-            if not mounts:
-                mounts.append("%s:%s" % (host_source("."), _MIGRATE_BUILD_MOUNT))
-            folder_target = destination.endswith("/") or len(sources) > 1 or globbed
-            parts = []
-            for source in sources:
-                inside = build_source(source)
-                quoted = inside if globbed else shell_quote(inside)
-                target = destination.rstrip("/") or "/"
-                if archive:
-                    parts.append("mkdir -p %s && tar -xf %s -C %s" % (
-                        shell_quote(target), quoted, shell_quote(target)))
-                elif is_folder(source) and not globbed:
-                    parts.append("mkdir -p %s && cp -a %s/. %s/" % (
-                        shell_quote(target), quoted, shell_quote(target)))
-                elif folder_target:
-                    parts.append("mkdir -p %s && cp -a %s %s/" % (
-                        shell_quote(target), quoted, shell_quote(target)))
-                else:
-                    parts.append("mkdir -p %s && cp -a %s %s" % (
-                        shell_quote(posixpath.dirname(target) or "/"), quoted,
-                        shell_quote(target)))
-            commands.append(" && ".join(parts))
-            if workdir and (destination + "/").startswith(workdir.rstrip("/") + "/"):
-                made_workdir = workdir
-            notes.append("%s: %s %s baked into the image by a prepare command (a later RUN "
-                         "needs it); the build context is a prepare mount, so the image is "
-                         "rebuilt on every submit" % (where, instruction, " ".join(sources)))
-        elif instruction in ("CMD", "ENTRYPOINT"):
-            words = _exec_form(arguments)
-            value = words if words is not None else arguments
-            if instruction == "CMD":
-                command = value
-            else:
-                entrypoint = value
-                command = None     # Docker: a new ENTRYPOINT resets an inherited CMD
-        elif instruction == "HEALTHCHECK":
-            flags, rest = _split_flags(arguments)
-            if rest.upper().startswith("NONE"):
-                healthcheck = {"disable": True}
-                continue
-            word, _, probe = rest.partition(" ")
-            words = _exec_form(probe.strip())
-            healthcheck = {"test": ["CMD"] + words if words else ["CMD-SHELL", probe.strip()]}
-            for flag in ("timeout", "interval", "retries", "start-period"):
-                if flag in flags:
-                    healthcheck[flag.replace("-", "_")] = flags[flag][0]
-        elif instruction == "SHELL":
-            shell = _exec_form(arguments)
-            notes.append("%s: SHELL %s wraps the later RUN commands" % (where, arguments))
-        elif instruction in ("USER", "EXPOSE", "LABEL", "MAINTAINER", "STOPSIGNAL", "VOLUME"):
-            reason = {"USER": "Pyxis runs the container as your own user",
-                      "EXPOSE": _NETWORK_REASON,
-                      "LABEL": "image labels are not kept", "MAINTAINER": "metadata only",
-                      "STOPSIGNAL": "the batch script stops services with SIGTERM",
-                      "VOLUME": "bind a folder with volumes: if the data must outlive the job"}
-            notes.append("%s: %s %s dropped: %s" % (where, instruction, arguments,
-                                                    reason[instruction]))
-        else:
-            todos.append("%s: %s %s has no prepare equivalent: do it with a prepare command or "
-                         "leave it out" % (where, instruction, arguments))
-    if shell is not None and commands:
-        notes.append("SHELL applies to the RUN commands only")
-    return _BuildResult(image, tuple(commands), tuple(prepare_env), tuple(runtime_env),
-                        tuple(mounts), tuple(volumes), workdir, command, entrypoint, healthcheck,
-                        tuple(notes), tuple(todos))
-
-
-# --- value rules ---------------------------------------------------------------------------------
+# --- value rules ----------------------------------------------------------------------------------
 
 def _docker_memory_megabytes(value):
     """Megabytes (rounded up) of a Compose memory value (``512m``, ``2g``, ``1.5GiB``, bytes)."""
@@ -12050,6 +11737,440 @@ def _rewrite_hosts(text, pattern, replacement):
         return replacement
 
     return pattern.sub(replace, text), found
+
+
+# --- Dockerfile -> image + x-enroot.prepare -------------------------------------------------------
+
+def _parse_dockerfile(text):
+    """``[(INSTRUCTION, arguments, line)]``: continuation lines joined, comments skipped."""
+    instructions = []
+    pending, start = None, 0
+    for number, raw in enumerate(text.splitlines(), 1):
+        stripped = raw.strip()
+        if stripped.startswith("#") or (not stripped and pending is None):
+            continue
+        if pending is None:
+            pending, start = [], number
+        if stripped.endswith("\\"):
+            pending.append(stripped[:-1].strip())
+            continue
+        pending.append(stripped)
+        joined = " ".join(part for part in pending if part)
+        pending = None
+        word, _, rest = joined.partition(" ")
+        instructions.append((word.upper(), rest.strip(), start))
+    if pending:
+        joined = " ".join(part for part in pending if part)
+        word, _, rest = joined.partition(" ")
+        instructions.append((word.upper(), rest.strip(), start))
+    return instructions
+
+
+def _split_flags(arguments):
+    """``({flag: value}, rest)`` for leading ``--flag[=value]`` words."""
+    flags = {}
+    rest = arguments
+    while rest.startswith("--"):
+        word, _, rest = rest.partition(" ")
+        name, _, value = word[2:].partition("=")
+        flags.setdefault(name, []).append(value)
+        rest = rest.strip()
+    return flags, rest
+
+
+def _exec_form(arguments):
+    """The list of a JSON exec-form argument, or None for the shell form."""
+    import json
+    if not arguments.startswith("["):
+        return None
+    try:
+        value = json.loads(arguments)
+    except ValueError:
+        return None
+    if isinstance(value, list) and all(isinstance(item, str) for item in value):
+        return value
+    return None
+
+
+def _dockerfile_substitute(text, variables):
+    """``(text, unknown names)``: ``$VAR``, ``${VAR}``, ``${VAR:-x}`` taken from ``variables``."""
+    import re
+    unknown = []
+
+    def replace(match):
+        name = match.group(1) or match.group(2)
+        default = match.group(4)
+        if name in variables:
+            return variables[name] if variables[name] or default is None else default
+        if default is not None:
+            return default
+        unknown.append(name)
+        return match.group(0)
+
+    result = re.sub(r"\$(?:([A-Za-z_][A-Za-z0-9_]*)|\{([A-Za-z_][A-Za-z0-9_]*)(:?-([^}]*))?\})",
+                    replace, text)
+    return result, unknown
+
+
+def _dockerfile_pairs(arguments, legacy_allowed):
+    """``[(key, value)]`` of ENV/ARG/LABEL arguments (``K=V ...``, or ``K V`` when allowed)."""
+    import shlex
+    try:
+        words = shlex.split(arguments, posix=True)
+    except ValueError:
+        words = arguments.split()
+    if legacy_allowed and words and "=" not in words[0]:
+        return [(words[0], " ".join(words[1:]))]
+    pairs = []
+    for word in words:
+        key, eq, value = word.partition("=")
+        pairs.append((key, value if eq else None))
+    return pairs
+
+
+class _DockerfileStage(NamedTuple):
+    """One ``FROM`` stage of a Dockerfile."""
+    image: str                     # the FROM image, build arguments substituted
+    name: Optional[str]            # the name after AS
+    body: Tuple[Tuple[str, str, int], ...]  # (INSTRUCTION, arguments, line) after its FROM
+
+
+class _StageChoice(NamedTuple):
+    """The stage a build makes, and the instructions that make it."""
+    image: str                     # the base image: the FROM of the first stage of the chain
+    body: Tuple[Tuple[str, str, int], ...]  # the instructions of every stage of the chain, in order
+    variables: Tuple[Tuple[str, str], ...]  # the ARGs before the first FROM, with build.args
+    notes: Tuple[str, ...]
+    todos: Tuple[str, ...]
+
+
+def _select_stage(instructions, build_args, target):
+    """The ``_StageChoice`` for ``target`` (else the last stage); None without a FROM line."""
+    notes, todos = [], []
+    global_args = {}
+    stages = []
+    for instruction, arguments, line in instructions:
+        if instruction == "FROM":
+            flags, rest = _split_flags(arguments)
+            if "platform" in flags:
+                notes.append("FROM --platform dropped: images are imported for the node's "
+                             "architecture")
+            words = rest.split()
+            image, unknown = _dockerfile_substitute(words[0] if words else "", global_args)
+            if unknown:
+                todos.append("FROM %s uses build argument(s) %s without a default: write the "
+                             "base image" % (rest, ", ".join(unknown)))
+            name = words[2] if len(words) >= 3 and words[1].upper() == "AS" else None
+            stages.append(_DockerfileStage(image, name, ()))
+        elif not stages:
+            if instruction == "ARG":
+                for key, value in _dockerfile_pairs(arguments, False):
+                    global_args[key] = build_args.get(key, value if value is not None else "")
+        else:
+            stages[-1] = stages[-1]._replace(body=stages[-1].body
+                                             + ((instruction, arguments, line),))
+    if not stages:
+        return None
+    by_name = dict((stage.name, stage) for stage in stages if stage.name)
+    chosen = stages[-1]
+    if target:
+        if target not in by_name:
+            todos.append("build target '%s' is not a stage of the Dockerfile" % target)
+        else:
+            chosen = by_name[target]
+    if len(stages) > 1:
+        notes.append("multi-stage Dockerfile: used stage %s (FROM %s), the one that makes the "
+                     "image" % (chosen.name or "#%d" % len(stages), chosen.image))
+    # A stage built FROM an earlier stage inherits that stage's instructions.
+    chain = [chosen]
+    while chain[0].image in by_name and by_name[chain[0].image] not in chain:
+        chain.insert(0, by_name[chain[0].image])
+    body = tuple(item for stage in chain for item in stage.body)
+    return _StageChoice(chain[0].image, body, tuple(global_args.items()), tuple(notes),
+                        tuple(todos))
+
+
+class _BuildContext(NamedTuple):
+    """What every instruction of one Dockerfile translation reads."""
+    context: str                   # the build context as written relative to the compose file
+    context_dir: Optional[str]     # its absolute path, used only to tell folders from files
+    build_args: Dict[str, str]     # build.args of the service
+
+
+class _DockerfileStep(NamedTuple):
+    """One instruction of the chosen stage."""
+    instruction: str               # RUN, COPY, ...
+    arguments: str
+    where: str                     # "Dockerfile line N", for notes
+    after_last_run: bool           # no RUN follows: a COPY here can be a runtime volume
+
+
+class _DockerfileState(NamedTuple):
+    """What the instructions so far made; each instruction's function returns the next state."""
+    variables: Tuple[Tuple[str, str], ...]  # ARG and ENV values in order (a later one wins)
+    notes: Tuple[str, ...]
+    todos: Tuple[str, ...]
+    commands: Tuple[str, ...] = ()  # x-enroot.prepare.commands
+    prepare_env: Tuple[Tuple[str, str], ...] = ()  # ARG and ENV values for the prepare commands
+    runtime_env: Tuple[Tuple[str, str], ...] = ()  # ENV values for the service
+    mounts: Tuple[str, ...] = ()   # the build context's prepare mount, once a COPY needs it
+    volumes: Tuple[Tuple[str, str], ...] = ()  # (volume text, note) of COPYs after the last RUN
+    workdir: Optional[str] = None
+    made_workdir: Optional[str] = None  # the WORKDIR that a prepare command has created
+    shell: Optional[List[str]] = None  # SHELL's exec form, which wraps the later RUNs
+    command: Union[str, List[str], None] = None  # CMD: exec form as a list, shell form a string
+    entrypoint: Union[str, List[str], None] = None
+    healthcheck: Optional[Dict[str, object]] = None  # a Compose healthcheck mapping
+
+    def note(self, text):
+        return self._replace(notes=self.notes + (text,))
+
+    def todo(self, text):
+        return self._replace(todos=self.todos + (text,))
+
+
+def _in_workdir(state, line):
+    """``line`` run in the WORKDIR, which is created first unless a command already did."""
+    if state.workdir is None:
+        return line
+    prefix = "" if state.made_workdir == state.workdir else \
+        "mkdir -p %s && " % shell_quote(state.workdir)
+    return prefix + "cd %s && %s" % (shell_quote(state.workdir), line)
+
+
+def _build_source(source):
+    """Where a build context path is inside the prepare container."""
+    import posixpath
+    return posixpath.normpath(posixpath.join(_MIGRATE_BUILD_MOUNT, source))
+
+
+def _host_source(build, source):
+    """A build context path as a host path relative to the compose file."""
+    import posixpath
+    joined = posixpath.normpath(posixpath.join(build.context, source))
+    return joined if joined.startswith(("/", ".", "~")) else "./" + joined
+
+
+def _is_build_folder(build, source):
+    if source in (".", "./") or source.endswith("/"):
+        return True
+    return bool(build.context_dir) and os.path.isdir(os.path.join(build.context_dir, source))
+
+
+# --- one function per instruction: (state, step, build) -> state ----------------------------------
+
+def _dockerfile_run(state, step, build):
+    flags, rest = _split_flags(step.arguments)
+    for mount in flags.get("mount", []):
+        if "type=secret" in mount or "type=ssh" in mount:
+            state = state.todo("%s: RUN --mount=%s uses a build secret: run that step with the "
+                               "secret available (a prepare mount of the file) and keep the "
+                               "secret out of the image" % (step.where, mount))
+        else:
+            state = state.note("%s: RUN --mount=%s dropped (prepare runs each command once)"
+                               % (step.where, mount))
+    if "<<" in rest:
+        return state.todo("%s: a RUN here-document cannot be written as one prepare command: "
+                          "split it into commands" % step.where)
+    words = _exec_form(rest)
+    line_text = " ".join(shell_quote(word) for word in words) if words else rest
+    if state.shell and not words:
+        line_text = " ".join(shell_quote(word) for word in state.shell) + " " + \
+            shell_quote(line_text)
+    return state._replace(commands=state.commands + (_in_workdir(state, line_text),),
+                          made_workdir=state.workdir)
+
+
+def _dockerfile_variables(state, step, build):
+    """ENV and ARG: values for the later instructions and the prepare; ENV also for the service."""
+    instruction = step.instruction
+    for key, value in _dockerfile_pairs(step.arguments, instruction == "ENV"):
+        variables = dict(state.variables)
+        if instruction == "ARG":
+            value = build.build_args.get(key, value)
+            if value is None:
+                if key not in variables:
+                    state = state.todo("%s: ARG %s has no default and build.args does not set "
+                                       "it: give it a value in x-enroot.prepare.env"
+                                       % (step.where, key))
+                continue
+        value, unknown = _dockerfile_substitute(value or "", variables)
+        if unknown:
+            state = state.todo("%s: %s %s refers to $%s from the base image: write its value"
+                               % (step.where, instruction, key, ", $".join(unknown)))
+        pair = ((key, value),)
+        state = state._replace(
+            variables=state.variables + pair, prepare_env=state.prepare_env + pair,
+            runtime_env=state.runtime_env + (pair if instruction == "ENV" else ()))
+    return state
+
+
+def _dockerfile_workdir(state, step, build):
+    import posixpath
+    path, _ = _dockerfile_substitute(step.arguments, dict(state.variables))
+    return state._replace(workdir=posixpath.normpath(posixpath.join(state.workdir or "/", path)))
+
+
+def _dockerfile_copy(state, step, build):
+    """COPY and ADD: a runtime volume after the last RUN, else a prepare command."""
+    import posixpath
+    where, instruction = step.where, step.instruction
+    flags, rest = _split_flags(step.arguments)
+    if "from" in flags:
+        return state.todo("%s: %s --from=%s copies out of another stage or image, which "
+                          "prepare cannot do: install those files with a prepare command"
+                          % (where, instruction, flags["from"][0]))
+    for flag in sorted(flags):
+        state = state.note("%s: %s --%s dropped (prepare runs as root; files keep the "
+                           "mounted files' modes)" % (where, instruction, flag))
+    variables = dict(state.variables)
+    words = _exec_form(rest) or rest.split()
+    words = [_dockerfile_substitute(word, variables)[0] for word in words]
+    if len(words) < 2:
+        return state.todo("%s: %s needs a source and a destination" % (where, instruction))
+    sources, destination = words[:-1], words[-1]
+    folder_destination = destination.endswith("/") or destination in (".", "..") \
+        or destination.endswith(("/.", "/.."))
+    destination = posixpath.normpath(posixpath.join(state.workdir or "/", destination))
+    if folder_destination and not destination.endswith("/"):
+        destination += "/"
+    remote = [s for s in sources if "://" in s or s.startswith("git@")]
+    if remote:
+        return state.todo("%s: ADD %s fetches from the network: download it in a prepare "
+                          "command (curl -fsSL URL -o DEST) instead" % (where, remote[0]))
+    globbed = any(c in s for s in sources for c in "*?[")
+    archive = instruction == "ADD" and len(sources) == 1 and sources[0].endswith(
+        (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz"))
+    if step.after_last_run and len(sources) == 1 and not globbed and not archive:
+        target = destination
+        if target.endswith("/") and not _is_build_folder(build, sources[0]):
+            target += posixpath.basename(sources[0].rstrip("/"))
+        target = posixpath.normpath(target)
+        volume = ("%s:%s" % (_host_source(build, sources[0]), target),
+                  "%s: %s %s %s is a runtime volume: nothing in the build needs it after the "
+                  "last RUN, and edits show up without a rebuild"
+                  % (where, instruction, sources[0], words[-1]))
+        return state._replace(volumes=state.volumes + (volume,))
+    made_workdir = state.made_workdir
+    if state.workdir and (destination + "/").startswith(state.workdir.rstrip("/") + "/"):
+        made_workdir = state.workdir
+    state = state._replace(
+        commands=state.commands + (_copy_command(build, sources, destination, globbed,
+                                                 archive),),
+        mounts=state.mounts or ("%s:%s" % (_host_source(build, "."), _MIGRATE_BUILD_MOUNT),),
+        made_workdir=made_workdir)
+    return state.note("%s: %s %s baked into the image by a prepare command (a later RUN needs "
+                      "it); the build context is a prepare mount, so the image is rebuilt on "
+                      "every submit" % (where, instruction, " ".join(sources)))
+
+
+def _copy_command(build, sources, destination, globbed, archive):
+    """The prepare command that copies (or extracts) ``sources`` from the mounted context."""
+    import posixpath
+    folder_target = destination.endswith("/") or len(sources) > 1 or globbed
+    target = destination.rstrip("/") or "/"
+    parts = []
+    for source in sources:
+        inside = _build_source(source)
+        quoted = inside if globbed else shell_quote(inside)
+        if archive:
+            parts.append("mkdir -p %s && tar -xf %s -C %s" % (
+                shell_quote(target), quoted, shell_quote(target)))
+        elif _is_build_folder(build, source) and not globbed:
+            parts.append("mkdir -p %s && cp -a %s/. %s/" % (
+                shell_quote(target), quoted, shell_quote(target)))
+        elif folder_target:
+            parts.append("mkdir -p %s && cp -a %s %s/" % (
+                shell_quote(target), quoted, shell_quote(target)))
+        else:
+            parts.append("mkdir -p %s && cp -a %s %s" % (
+                shell_quote(posixpath.dirname(target) or "/"), quoted, shell_quote(target)))
+    return " && ".join(parts)
+
+
+def _dockerfile_cmd(state, step, build):
+    words = _exec_form(step.arguments)
+    return state._replace(command=words if words is not None else step.arguments)
+
+
+def _dockerfile_entrypoint(state, step, build):
+    words = _exec_form(step.arguments)
+    # Docker: a new ENTRYPOINT resets an inherited CMD.
+    return state._replace(entrypoint=words if words is not None else step.arguments,
+                          command=None)
+
+
+def _dockerfile_healthcheck(state, step, build):
+    flags, rest = _split_flags(step.arguments)
+    if rest.upper().startswith("NONE"):
+        return state._replace(healthcheck={"disable": True})
+    word, _, probe = rest.partition(" ")
+    words = _exec_form(probe.strip())
+    healthcheck = {"test": ["CMD"] + words if words else ["CMD-SHELL", probe.strip()]}
+    for flag in ("timeout", "interval", "retries", "start-period"):
+        if flag in flags:
+            healthcheck[flag.replace("-", "_")] = flags[flag][0]
+    return state._replace(healthcheck=healthcheck)
+
+
+def _dockerfile_shell(state, step, build):
+    return state._replace(shell=_exec_form(step.arguments)).note(
+        "%s: SHELL %s wraps the later RUN commands" % (step.where, step.arguments))
+
+
+# Instructions that mean nothing for a prepared image, and why.
+_DOCKERFILE_DROPPED = {
+    "USER": "Pyxis runs the container as your own user",
+    "EXPOSE": _NETWORK_REASON,
+    "LABEL": "image labels are not kept",
+    "MAINTAINER": "metadata only",
+    "STOPSIGNAL": "the batch script stops services with SIGTERM",
+    "VOLUME": "bind a folder with volumes: if the data must outlive the job",
+}
+
+
+def _dockerfile_dropped(state, step, build):
+    return state.note("%s: %s %s dropped: %s" % (step.where, step.instruction, step.arguments,
+                                                _DOCKERFILE_DROPPED[step.instruction]))
+
+
+def _dockerfile_unsupported(state, step, build):
+    return state.todo("%s: %s %s has no prepare equivalent: do it with a prepare command or "
+                      "leave it out" % (step.where, step.instruction, step.arguments))
+
+
+# Instruction -> its function; an instruction not here is a TODO (_dockerfile_unsupported).
+_DOCKERFILE_INSTRUCTIONS = dict(
+    [("RUN", _dockerfile_run), ("ENV", _dockerfile_variables), ("ARG", _dockerfile_variables),
+     ("WORKDIR", _dockerfile_workdir), ("COPY", _dockerfile_copy), ("ADD", _dockerfile_copy),
+     ("CMD", _dockerfile_cmd), ("ENTRYPOINT", _dockerfile_entrypoint),
+     ("HEALTHCHECK", _dockerfile_healthcheck), ("SHELL", _dockerfile_shell)]
+    + [(instruction, _dockerfile_dropped) for instruction in _DOCKERFILE_DROPPED])
+
+
+def _translate_dockerfile(text, context, build_args, target, context_dir=None):
+    """The image, prepare commands and runtime settings a Dockerfile stands for (``_BuildResult``).
+
+    ``context`` is the build context as written relative to the compose file (``./app``);
+    ``context_dir`` its absolute path, used only to tell folders from files for COPY.
+    """
+    stage = _select_stage(_parse_dockerfile(text), build_args, target)
+    if stage is None:
+        return _BuildResult(None, (), (), (), (), (), None, None, None, None, (),
+                            ("the Dockerfile has no FROM line: write the base image",))
+    build = _BuildContext(context, context_dir, build_args)
+    runs = [index for index, item in enumerate(stage.body) if item[0] == "RUN"]
+    state = _DockerfileState(stage.variables, stage.notes, stage.todos)
+    for index, (instruction, arguments, line) in enumerate(stage.body):
+        step = _DockerfileStep(instruction, arguments, "Dockerfile line %d" % line,
+                               index > (runs[-1] if runs else -1))
+        translate = _DOCKERFILE_INSTRUCTIONS.get(instruction, _dockerfile_unsupported)
+        state = translate(state, step, build)
+    if state.shell is not None and state.commands:
+        state = state.note("SHELL applies to the RUN commands only")
+    return _BuildResult(stage.image, state.commands, state.prepare_env, state.runtime_env,
+                        state.mounts, state.volumes, state.workdir, state.command,
+                        state.entrypoint, state.healthcheck, state.notes, state.todos)
 
 
 # --- the rewrite ---------------------------------------------------------------------------------

@@ -11471,7 +11471,9 @@ def _template_files(template):
 # order, anchors); a key that must change is replaced, dropped or added as whole lines, each change
 # led by one ``# migrate: ...`` comment line saying what was done and why. What cannot be expressed
 # gets a ``# migrate: TODO ...`` line, which load_spec then reports as the first problem.
-# Dockerfiles named by ``build:`` become image + x-enroot.prepare (_translate_dockerfile).
+# Dockerfiles named by ``build:`` become image + x-enroot.prepare (_migrate_build, which
+# reads them through _translate_dockerfile). _Migration holds the file's rows, edits and
+# what services share; _ServiceMigration rewrites one service, key by key (KEY_RULES).
 # The only I/O is reading Dockerfiles and env/secret files through ``options.read_text``; the CLI
 # handler writes the result and creates the data folders.
 
@@ -11631,320 +11633,7 @@ def _escape_interpolation(text):
     return text.replace("$", "$$")
 
 
-# --- Dockerfile -> image + x-enroot.prepare ------------------------------------------------------
-
-def _parse_dockerfile(text):
-    """``[(INSTRUCTION, arguments, line)]``: continuation lines joined, comments skipped."""
-    instructions = []
-    pending, start = None, 0
-    for number, raw in enumerate(text.splitlines(), 1):
-        stripped = raw.strip()
-        if stripped.startswith("#") or (not stripped and pending is None):
-            continue
-        if pending is None:
-            pending, start = [], number
-        if stripped.endswith("\\"):
-            pending.append(stripped[:-1].strip())
-            continue
-        pending.append(stripped)
-        joined = " ".join(part for part in pending if part)
-        pending = None
-        word, _, rest = joined.partition(" ")
-        instructions.append((word.upper(), rest.strip(), start))
-    if pending:
-        joined = " ".join(part for part in pending if part)
-        word, _, rest = joined.partition(" ")
-        instructions.append((word.upper(), rest.strip(), start))
-    return instructions
-
-
-def _split_flags(arguments):
-    """``({flag: value}, rest)`` for leading ``--flag[=value]`` words."""
-    flags = {}
-    rest = arguments
-    while rest.startswith("--"):
-        word, _, rest = rest.partition(" ")
-        name, _, value = word[2:].partition("=")
-        flags.setdefault(name, []).append(value)
-        rest = rest.strip()
-    return flags, rest
-
-
-def _exec_form(arguments):
-    """The list of a JSON exec-form argument, or None for the shell form."""
-    import json
-    if not arguments.startswith("["):
-        return None
-    try:
-        value = json.loads(arguments)
-    except ValueError:
-        return None
-    if isinstance(value, list) and all(isinstance(item, str) for item in value):
-        return value
-    return None
-
-
-def _dockerfile_substitute(text, variables):
-    """``(text, unknown names)``: ``$VAR``, ``${VAR}``, ``${VAR:-x}`` taken from ``variables``."""
-    import re
-    unknown = []
-
-    def replace(match):
-        name = match.group(1) or match.group(2)
-        default = match.group(4)
-        if name in variables:
-            return variables[name] if variables[name] or default is None else default
-        if default is not None:
-            return default
-        unknown.append(name)
-        return match.group(0)
-
-    result = re.sub(r"\$(?:([A-Za-z_][A-Za-z0-9_]*)|\{([A-Za-z_][A-Za-z0-9_]*)(:?-([^}]*))?\})",
-                    replace, text)
-    return result, unknown
-
-
-def _dockerfile_pairs(arguments, legacy_allowed):
-    """``[(key, value)]`` of ENV/ARG/LABEL arguments (``K=V ...``, or ``K V`` when allowed)."""
-    import shlex
-    try:
-        words = shlex.split(arguments, posix=True)
-    except ValueError:
-        words = arguments.split()
-    if legacy_allowed and words and "=" not in words[0]:
-        return [(words[0], " ".join(words[1:]))]
-    pairs = []
-    for word in words:
-        key, eq, value = word.partition("=")
-        pairs.append((key, value if eq else None))
-    return pairs
-
-
-def _translate_dockerfile(text, context, build_args, target, context_dir=None):
-    """The image, prepare commands and runtime settings a Dockerfile stands for (``_BuildResult``).
-
-    ``context`` is the build context as written relative to the compose file (``./app``);
-    ``context_dir`` its absolute path, used only to tell folders from files for COPY.
-    """
-    import posixpath
-    instructions = _parse_dockerfile(text)
-    notes, todos = [], []
-    global_args = {}
-    stages = []
-    for instruction, arguments, line in instructions:
-        if instruction == "FROM":
-            flags, rest = _split_flags(arguments)
-            if "platform" in flags:
-                notes.append("FROM --platform dropped: images are imported for the node's "
-                             "architecture")
-            words = rest.split()
-            image, unknown = _dockerfile_substitute(words[0] if words else "", global_args)
-            if unknown:
-                todos.append("FROM %s uses build argument(s) %s without a default: write the "
-                             "base image" % (rest, ", ".join(unknown)))
-            name = words[2] if len(words) >= 3 and words[1].upper() == "AS" else None
-            stages.append({"image": image, "name": name, "body": [], "line": line})
-        elif not stages:
-            if instruction == "ARG":
-                for key, value in _dockerfile_pairs(arguments, False):
-                    global_args[key] = build_args.get(key, value if value is not None else "")
-        else:
-            stages[-1]["body"].append((instruction, arguments, line))
-    if not stages:
-        return _BuildResult(None, (), (), (), (), (), None, None, None, None, tuple(notes),
-                            ("the Dockerfile has no FROM line: write the base image",))
-    by_name = dict((stage["name"], stage) for stage in stages if stage["name"])
-    chosen = stages[-1]
-    if target:
-        if target not in by_name:
-            todos.append("build target '%s' is not a stage of the Dockerfile" % target)
-        else:
-            chosen = by_name[target]
-    if len(stages) > 1:
-        notes.append("multi-stage Dockerfile: used stage %s (FROM %s), the one that makes the "
-                     "image" % (chosen["name"] or "#%d" % len(stages), chosen["image"]))
-    # A stage built FROM an earlier stage inherits that stage's instructions.
-    chain = [chosen]
-    while chain[0]["image"] in by_name and by_name[chain[0]["image"]] not in chain:
-        chain.insert(0, by_name[chain[0]["image"]])
-    body = [item for stage in chain for item in stage["body"]]
-    image = chain[0]["image"]
-    last_run = max([index for index, item in enumerate(body) if item[0] == "RUN"] or [-1])
-
-    variables = dict(global_args)
-    prepare_env, runtime_env, commands, volumes, mounts = [], [], [], [], []
-    workdir, made_workdir, shell = None, None, None
-    command = entrypoint = healthcheck = None
-
-    def in_workdir(line):
-        if workdir is None:
-            return line
-        prefix = "" if made_workdir == workdir else "mkdir -p %s && " % shell_quote(workdir)
-        return prefix + "cd %s && %s" % (shell_quote(workdir), line)
-
-    def build_source(source):
-        return posixpath.normpath(posixpath.join(_MIGRATE_BUILD_MOUNT, source))
-
-    def host_source(source):
-        joined = posixpath.normpath(posixpath.join(context, source))
-        return joined if joined.startswith(("/", ".", "~")) else "./" + joined
-
-    def is_folder(source):
-        if source in (".", "./") or source.endswith("/"):
-            return True
-        return bool(context_dir) and os.path.isdir(os.path.join(context_dir, source))
-
-    for index, (instruction, arguments, line) in enumerate(body):
-        where = "Dockerfile line %d" % line
-        if instruction == "RUN":
-            flags, rest = _split_flags(arguments)
-            for mount in flags.get("mount", []):
-                if "type=secret" in mount or "type=ssh" in mount:
-                    todos.append("%s: RUN --mount=%s uses a build secret: run that step with the "
-                                 "secret available (a prepare mount of the file) and keep the "
-                                 "secret out of the image" % (where, mount))
-                else:
-                    notes.append("%s: RUN --mount=%s dropped (prepare runs each command once)"
-                                 % (where, mount))
-            if "<<" in rest:
-                todos.append("%s: a RUN here-document cannot be written as one prepare command: "
-                             "split it into commands" % where)
-                continue
-            words = _exec_form(rest)
-            line_text = " ".join(shell_quote(word) for word in words) if words else rest
-            if shell and not words:
-                line_text = " ".join(shell_quote(word) for word in shell) + " " + \
-                    shell_quote(line_text)
-            commands.append(in_workdir(line_text))
-            made_workdir = workdir
-        elif instruction in ("ENV", "ARG"):
-            for key, value in _dockerfile_pairs(arguments, instruction == "ENV"):
-                if instruction == "ARG":
-                    value = build_args.get(key, value)
-                    if value is None:
-                        if key not in variables:
-                            todos.append("%s: ARG %s has no default and build.args does not set "
-                                         "it: give it a value in x-enroot.prepare.env"
-                                         % (where, key))
-                        continue
-                value, unknown = _dockerfile_substitute(value or "", variables)
-                if unknown:
-                    todos.append("%s: %s %s refers to $%s from the base image: write its value"
-                                 % (where, instruction, key, ", $".join(unknown)))
-                variables[key] = value
-                prepare_env.append((key, value))
-                if instruction == "ENV":
-                    runtime_env.append((key, value))
-        elif instruction == "WORKDIR":
-            path, _ = _dockerfile_substitute(arguments, variables)
-            workdir = posixpath.normpath(posixpath.join(workdir or "/", path))
-        elif instruction in ("COPY", "ADD"):
-            flags, rest = _split_flags(arguments)
-            if "from" in flags:
-                todos.append("%s: %s --from=%s copies out of another stage or image, which "
-                             "prepare cannot do: install those files with a prepare command"
-                             % (where, instruction, flags["from"][0]))
-                continue
-            for flag in sorted(flags):
-                notes.append("%s: %s --%s dropped (prepare runs as root; files keep the "
-                             "mounted files' modes)" % (where, instruction, flag))
-            words = _exec_form(rest) or rest.split()
-            words = [_dockerfile_substitute(word, variables)[0] for word in words]
-            if len(words) < 2:
-                todos.append("%s: %s needs a source and a destination" % (where, instruction))
-                continue
-            sources, destination = words[:-1], words[-1]
-            folder_destination = destination.endswith("/") or destination in (".", "..") \
-                or destination.endswith(("/.", "/.."))
-            destination = posixpath.normpath(posixpath.join(workdir or "/", destination))
-            if folder_destination and not destination.endswith("/"):
-                destination += "/"
-            remote = [s for s in sources if "://" in s or s.startswith("git@")]
-            if remote:
-                todos.append("%s: ADD %s fetches from the network: download it in a prepare "
-                             "command (curl -fsSL URL -o DEST) instead" % (where, remote[0]))
-                continue
-            globbed = any(c in s for s in sources for c in "*?[")
-            archive = instruction == "ADD" and len(sources) == 1 and sources[0].endswith(
-                (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz"))
-            if index > last_run and len(sources) == 1 and not globbed and not archive:
-                target = destination
-                if target.endswith("/") and not is_folder(sources[0]):
-                    target += posixpath.basename(sources[0].rstrip("/"))
-                target = posixpath.normpath(target)
-                volumes.append(("%s:%s" % (host_source(sources[0]), target),
-                                "%s: %s %s %s is a runtime volume: nothing in the build needs "
-                                "it after the last RUN, and edits show up without a rebuild"
-                                % (where, instruction, sources[0], words[-1])))
-                continue
-            if not mounts:
-                mounts.append("%s:%s" % (host_source("."), _MIGRATE_BUILD_MOUNT))
-            folder_target = destination.endswith("/") or len(sources) > 1 or globbed
-            parts = []
-            for source in sources:
-                inside = build_source(source)
-                quoted = inside if globbed else shell_quote(inside)
-                target = destination.rstrip("/") or "/"
-                if archive:
-                    parts.append("mkdir -p %s && tar -xf %s -C %s" % (
-                        shell_quote(target), quoted, shell_quote(target)))
-                elif is_folder(source) and not globbed:
-                    parts.append("mkdir -p %s && cp -a %s/. %s/" % (
-                        shell_quote(target), quoted, shell_quote(target)))
-                elif folder_target:
-                    parts.append("mkdir -p %s && cp -a %s %s/" % (
-                        shell_quote(target), quoted, shell_quote(target)))
-                else:
-                    parts.append("mkdir -p %s && cp -a %s %s" % (
-                        shell_quote(posixpath.dirname(target) or "/"), quoted,
-                        shell_quote(target)))
-            commands.append(" && ".join(parts))
-            if workdir and (destination + "/").startswith(workdir.rstrip("/") + "/"):
-                made_workdir = workdir
-            notes.append("%s: %s %s baked into the image by a prepare command (a later RUN "
-                         "needs it); the build context is a prepare mount, so the image is "
-                         "rebuilt on every submit" % (where, instruction, " ".join(sources)))
-        elif instruction in ("CMD", "ENTRYPOINT"):
-            words = _exec_form(arguments)
-            value = words if words is not None else arguments
-            if instruction == "CMD":
-                command = value
-            else:
-                entrypoint = value
-                command = None     # Docker: a new ENTRYPOINT resets an inherited CMD
-        elif instruction == "HEALTHCHECK":
-            flags, rest = _split_flags(arguments)
-            if rest.upper().startswith("NONE"):
-                healthcheck = {"disable": True}
-                continue
-            word, _, probe = rest.partition(" ")
-            words = _exec_form(probe.strip())
-            healthcheck = {"test": ["CMD"] + words if words else ["CMD-SHELL", probe.strip()]}
-            for flag in ("timeout", "interval", "retries", "start-period"):
-                if flag in flags:
-                    healthcheck[flag.replace("-", "_")] = flags[flag][0]
-        elif instruction == "SHELL":
-            shell = _exec_form(arguments)
-            notes.append("%s: SHELL %s wraps the later RUN commands" % (where, arguments))
-        elif instruction in ("USER", "EXPOSE", "LABEL", "MAINTAINER", "STOPSIGNAL", "VOLUME"):
-            reason = {"USER": "Pyxis runs the container as your own user",
-                      "EXPOSE": _NETWORK_REASON,
-                      "LABEL": "image labels are not kept", "MAINTAINER": "metadata only",
-                      "STOPSIGNAL": "the batch script stops services with SIGTERM",
-                      "VOLUME": "bind a folder with volumes: if the data must outlive the job"}
-            notes.append("%s: %s %s dropped: %s" % (where, instruction, arguments,
-                                                    reason[instruction]))
-        else:
-            todos.append("%s: %s %s has no prepare equivalent: do it with a prepare command or "
-                         "leave it out" % (where, instruction, arguments))
-    if shell is not None and commands:
-        notes.append("SHELL applies to the RUN commands only")
-    return _BuildResult(image, tuple(commands), tuple(prepare_env), tuple(runtime_env),
-                        tuple(mounts), tuple(volumes), workdir, command, entrypoint, healthcheck,
-                        tuple(notes), tuple(todos))
-
-
-# --- value rules ---------------------------------------------------------------------------------
+# --- value rules ----------------------------------------------------------------------------------
 
 def _docker_memory_megabytes(value):
     """Megabytes (rounded up) of a Compose memory value (``512m``, ``2g``, ``1.5GiB``, bytes)."""
@@ -12068,7 +11757,601 @@ def _rewrite_hosts(text, pattern, replacement):
     return pattern.sub(replace, text), found
 
 
-# --- the rewrite ---------------------------------------------------------------------------------
+# --- Dockerfile -> image + x-enroot.prepare -------------------------------------------------------
+
+def _parse_dockerfile(text):
+    """``[(INSTRUCTION, arguments, line)]``: continuation lines joined, comments skipped."""
+    instructions = []
+    pending, start = None, 0
+    for number, raw in enumerate(text.splitlines(), 1):
+        stripped = raw.strip()
+        if stripped.startswith("#") or (not stripped and pending is None):
+            continue
+        if pending is None:
+            pending, start = [], number
+        if stripped.endswith("\\"):
+            pending.append(stripped[:-1].strip())
+            continue
+        pending.append(stripped)
+        joined = " ".join(part for part in pending if part)
+        pending = None
+        word, _, rest = joined.partition(" ")
+        instructions.append((word.upper(), rest.strip(), start))
+    if pending:
+        joined = " ".join(part for part in pending if part)
+        word, _, rest = joined.partition(" ")
+        instructions.append((word.upper(), rest.strip(), start))
+    return instructions
+
+
+def _split_flags(arguments):
+    """``({flag: value}, rest)`` for leading ``--flag[=value]`` words."""
+    flags = {}
+    rest = arguments
+    while rest.startswith("--"):
+        word, _, rest = rest.partition(" ")
+        name, _, value = word[2:].partition("=")
+        flags.setdefault(name, []).append(value)
+        rest = rest.strip()
+    return flags, rest
+
+
+def _exec_form(arguments):
+    """The list of a JSON exec-form argument, or None for the shell form."""
+    import json
+    if not arguments.startswith("["):
+        return None
+    try:
+        value = json.loads(arguments)
+    except ValueError:
+        return None
+    if isinstance(value, list) and all(isinstance(item, str) for item in value):
+        return value
+    return None
+
+
+def _dockerfile_substitute(text, variables):
+    """``(text, unknown names)``: ``$VAR``, ``${VAR}``, ``${VAR:-x}`` taken from ``variables``."""
+    import re
+    unknown = []
+
+    def replace(match):
+        name = match.group(1) or match.group(2)
+        default = match.group(4)
+        if name in variables:
+            return variables[name] if variables[name] or default is None else default
+        if default is not None:
+            return default
+        unknown.append(name)
+        return match.group(0)
+
+    result = re.sub(r"\$(?:([A-Za-z_][A-Za-z0-9_]*)|\{([A-Za-z_][A-Za-z0-9_]*)(:?-([^}]*))?\})",
+                    replace, text)
+    return result, unknown
+
+
+def _dockerfile_pairs(arguments, legacy_allowed):
+    """``[(key, value)]`` of ENV/ARG/LABEL arguments (``K=V ...``, or ``K V`` when allowed)."""
+    import shlex
+    try:
+        words = shlex.split(arguments, posix=True)
+    except ValueError:
+        words = arguments.split()
+    if legacy_allowed and words and "=" not in words[0]:
+        return [(words[0], " ".join(words[1:]))]
+    pairs = []
+    for word in words:
+        key, eq, value = word.partition("=")
+        pairs.append((key, value if eq else None))
+    return pairs
+
+
+class _DockerfileStage(NamedTuple):
+    """One ``FROM`` stage of a Dockerfile."""
+    image: str                     # the FROM image, build arguments substituted
+    name: Optional[str]            # the name after AS
+    body: Tuple[Tuple[str, str, int], ...]  # (INSTRUCTION, arguments, line) after its FROM
+
+
+class _StageChoice(NamedTuple):
+    """The stage a build makes, and the instructions that make it."""
+    image: str                     # the base image: the FROM of the first stage of the chain
+    body: Tuple[Tuple[str, str, int], ...]  # the instructions of every stage of the chain, in order
+    variables: Tuple[Tuple[str, str], ...]  # the ARGs before the first FROM, with build.args
+    notes: Tuple[str, ...]
+    todos: Tuple[str, ...]
+
+
+def _select_stage(instructions, build_args, target):
+    """The ``_StageChoice`` for ``target`` (else the last stage); None without a FROM line."""
+    notes, todos = [], []
+    global_args = {}
+    stages = []
+    for instruction, arguments, line in instructions:
+        if instruction == "FROM":
+            flags, rest = _split_flags(arguments)
+            if "platform" in flags:
+                notes.append("FROM --platform dropped: images are imported for the node's "
+                             "architecture")
+            words = rest.split()
+            image, unknown = _dockerfile_substitute(words[0] if words else "", global_args)
+            if unknown:
+                todos.append("FROM %s uses build argument(s) %s without a default: write the "
+                             "base image" % (rest, ", ".join(unknown)))
+            name = words[2] if len(words) >= 3 and words[1].upper() == "AS" else None
+            stages.append(_DockerfileStage(image, name, ()))
+        elif not stages:
+            if instruction == "ARG":
+                for key, value in _dockerfile_pairs(arguments, False):
+                    global_args[key] = build_args.get(key, value if value is not None else "")
+        else:
+            stages[-1] = stages[-1]._replace(body=stages[-1].body
+                                             + ((instruction, arguments, line),))
+    if not stages:
+        return None
+    by_name = dict((stage.name, stage) for stage in stages if stage.name)
+    chosen = stages[-1]
+    if target:
+        if target not in by_name:
+            todos.append("build target '%s' is not a stage of the Dockerfile" % target)
+        else:
+            chosen = by_name[target]
+    if len(stages) > 1:
+        notes.append("multi-stage Dockerfile: used stage %s (FROM %s), the one that makes the "
+                     "image" % (chosen.name or "#%d" % len(stages), chosen.image))
+    # A stage built FROM an earlier stage inherits that stage's instructions.
+    chain = [chosen]
+    while chain[0].image in by_name and by_name[chain[0].image] not in chain:
+        chain.insert(0, by_name[chain[0].image])
+    body = tuple(item for stage in chain for item in stage.body)
+    return _StageChoice(chain[0].image, body, tuple(global_args.items()), tuple(notes),
+                        tuple(todos))
+
+
+class _BuildContext(NamedTuple):
+    """What every instruction of one Dockerfile translation reads."""
+    context: str                   # the build context as written relative to the compose file
+    context_dir: Optional[str]     # its absolute path, used only to tell folders from files
+    build_args: Dict[str, str]     # build.args of the service
+
+
+class _DockerfileStep(NamedTuple):
+    """One instruction of the chosen stage."""
+    instruction: str               # RUN, COPY, ...
+    arguments: str
+    where: str                     # "Dockerfile line N", for notes
+    after_last_run: bool           # no RUN follows: a COPY here can be a runtime volume
+
+
+class _DockerfileState(NamedTuple):
+    """What the instructions so far made; each instruction's function returns the next state."""
+    variables: Tuple[Tuple[str, str], ...]  # ARG and ENV values in order (a later one wins)
+    notes: Tuple[str, ...]
+    todos: Tuple[str, ...]
+    commands: Tuple[str, ...] = ()  # x-enroot.prepare.commands
+    prepare_env: Tuple[Tuple[str, str], ...] = ()  # ARG and ENV values for the prepare commands
+    runtime_env: Tuple[Tuple[str, str], ...] = ()  # ENV values for the service
+    mounts: Tuple[str, ...] = ()   # the build context's prepare mount, once a COPY needs it
+    volumes: Tuple[Tuple[str, str], ...] = ()  # (volume text, note) of COPYs after the last RUN
+    workdir: Optional[str] = None
+    made_workdir: Optional[str] = None  # the WORKDIR that a prepare command has created
+    shell: Optional[List[str]] = None  # SHELL's exec form, which wraps the later RUNs
+    command: Union[str, List[str], None] = None  # CMD: exec form as a list, shell form a string
+    entrypoint: Union[str, List[str], None] = None
+    healthcheck: Optional[Dict[str, object]] = None  # a Compose healthcheck mapping
+
+    def note(self, text):
+        return self._replace(notes=self.notes + (text,))
+
+    def todo(self, text):
+        return self._replace(todos=self.todos + (text,))
+
+
+def _in_workdir(state, line):
+    """``line`` run in the WORKDIR, which is created first unless a command already did."""
+    if state.workdir is None:
+        return line
+    prefix = "" if state.made_workdir == state.workdir else \
+        "mkdir -p %s && " % shell_quote(state.workdir)
+    return prefix + "cd %s && %s" % (shell_quote(state.workdir), line)
+
+
+def _build_source(source):
+    """Where a build context path is inside the prepare container."""
+    import posixpath
+    return posixpath.normpath(posixpath.join(_MIGRATE_BUILD_MOUNT, source))
+
+
+def _host_source(build, source):
+    """A build context path as a host path relative to the compose file."""
+    import posixpath
+    joined = posixpath.normpath(posixpath.join(build.context, source))
+    return joined if joined.startswith(("/", ".", "~")) else "./" + joined
+
+
+def _is_build_folder(build, source):
+    if source in (".", "./") or source.endswith("/"):
+        return True
+    return bool(build.context_dir) and os.path.isdir(os.path.join(build.context_dir, source))
+
+
+# --- one function per instruction: (state, step, build) -> state ----------------------------------
+
+def _dockerfile_run(state, step, build):
+    flags, rest = _split_flags(step.arguments)
+    for mount in flags.get("mount", []):
+        if "type=secret" in mount or "type=ssh" in mount:
+            state = state.todo("%s: RUN --mount=%s uses a build secret: run that step with the "
+                               "secret available (a prepare mount of the file) and keep the "
+                               "secret out of the image" % (step.where, mount))
+        else:
+            state = state.note("%s: RUN --mount=%s dropped (prepare runs each command once)"
+                               % (step.where, mount))
+    if "<<" in rest:
+        return state.todo("%s: a RUN here-document cannot be written as one prepare command: "
+                          "split it into commands" % step.where)
+    words = _exec_form(rest)
+    line_text = " ".join(shell_quote(word) for word in words) if words else rest
+    if state.shell and not words:
+        line_text = " ".join(shell_quote(word) for word in state.shell) + " " + \
+            shell_quote(line_text)
+    return state._replace(commands=state.commands + (_in_workdir(state, line_text),),
+                          made_workdir=state.workdir)
+
+
+def _dockerfile_variables(state, step, build):
+    """ENV and ARG: values for the later instructions and the prepare; ENV also for the service."""
+    instruction = step.instruction
+    for key, value in _dockerfile_pairs(step.arguments, instruction == "ENV"):
+        variables = dict(state.variables)
+        if instruction == "ARG":
+            value = build.build_args.get(key, value)
+            if value is None:
+                if key not in variables:
+                    state = state.todo("%s: ARG %s has no default and build.args does not set "
+                                       "it: give it a value in x-enroot.prepare.env"
+                                       % (step.where, key))
+                continue
+        value, unknown = _dockerfile_substitute(value or "", variables)
+        if unknown:
+            state = state.todo("%s: %s %s refers to $%s from the base image: write its value"
+                               % (step.where, instruction, key, ", $".join(unknown)))
+        pair = ((key, value),)
+        state = state._replace(
+            variables=state.variables + pair, prepare_env=state.prepare_env + pair,
+            runtime_env=state.runtime_env + (pair if instruction == "ENV" else ()))
+    return state
+
+
+def _dockerfile_workdir(state, step, build):
+    import posixpath
+    path, _ = _dockerfile_substitute(step.arguments, dict(state.variables))
+    return state._replace(workdir=posixpath.normpath(posixpath.join(state.workdir or "/", path)))
+
+
+def _dockerfile_copy(state, step, build):
+    """COPY and ADD: a runtime volume after the last RUN, else a prepare command."""
+    import posixpath
+    where, instruction = step.where, step.instruction
+    flags, rest = _split_flags(step.arguments)
+    if "from" in flags:
+        return state.todo("%s: %s --from=%s copies out of another stage or image, which "
+                          "prepare cannot do: install those files with a prepare command"
+                          % (where, instruction, flags["from"][0]))
+    for flag in sorted(flags):
+        state = state.note("%s: %s --%s dropped (prepare runs as root; files keep the "
+                           "mounted files' modes)" % (where, instruction, flag))
+    variables = dict(state.variables)
+    words = _exec_form(rest) or rest.split()
+    words = [_dockerfile_substitute(word, variables)[0] for word in words]
+    if len(words) < 2:
+        return state.todo("%s: %s needs a source and a destination" % (where, instruction))
+    sources, destination = words[:-1], words[-1]
+    folder_destination = destination.endswith("/") or destination in (".", "..") \
+        or destination.endswith(("/.", "/.."))
+    destination = posixpath.normpath(posixpath.join(state.workdir or "/", destination))
+    if folder_destination and not destination.endswith("/"):
+        destination += "/"
+    remote = [s for s in sources if "://" in s or s.startswith("git@")]
+    if remote:
+        return state.todo("%s: ADD %s fetches from the network: download it in a prepare "
+                          "command (curl -fsSL URL -o DEST) instead" % (where, remote[0]))
+    globbed = any(c in s for s in sources for c in "*?[")
+    archive = instruction == "ADD" and len(sources) == 1 and sources[0].endswith(
+        (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz"))
+    if step.after_last_run and len(sources) == 1 and not globbed and not archive:
+        target = destination
+        if target.endswith("/") and not _is_build_folder(build, sources[0]):
+            target += posixpath.basename(sources[0].rstrip("/"))
+        target = posixpath.normpath(target)
+        volume = ("%s:%s" % (_host_source(build, sources[0]), target),
+                  "%s: %s %s %s is a runtime volume: nothing in the build needs it after the "
+                  "last RUN, and edits show up without a rebuild"
+                  % (where, instruction, sources[0], words[-1]))
+        return state._replace(volumes=state.volumes + (volume,))
+    made_workdir = state.made_workdir
+    if state.workdir and (destination + "/").startswith(state.workdir.rstrip("/") + "/"):
+        made_workdir = state.workdir
+    state = state._replace(
+        commands=state.commands + (_copy_command(build, sources, destination, globbed,
+                                                 archive),),
+        mounts=state.mounts or ("%s:%s" % (_host_source(build, "."), _MIGRATE_BUILD_MOUNT),),
+        made_workdir=made_workdir)
+    return state.note("%s: %s %s baked into the image by a prepare command (a later RUN needs "
+                      "it); the build context is a prepare mount, so the image is rebuilt on "
+                      "every submit" % (where, instruction, " ".join(sources)))
+
+
+def _copy_command(build, sources, destination, globbed, archive):
+    """The prepare command that copies (or extracts) ``sources`` from the mounted context."""
+    import posixpath
+    folder_target = destination.endswith("/") or len(sources) > 1 or globbed
+    target = destination.rstrip("/") or "/"
+    parts = []
+    for source in sources:
+        inside = _build_source(source)
+        quoted = inside if globbed else shell_quote(inside)
+        if archive:
+            parts.append("mkdir -p %s && tar -xf %s -C %s" % (
+                shell_quote(target), quoted, shell_quote(target)))
+        elif _is_build_folder(build, source) and not globbed:
+            parts.append("mkdir -p %s && cp -a %s/. %s/" % (
+                shell_quote(target), quoted, shell_quote(target)))
+        elif folder_target:
+            parts.append("mkdir -p %s && cp -a %s %s/" % (
+                shell_quote(target), quoted, shell_quote(target)))
+        else:
+            parts.append("mkdir -p %s && cp -a %s %s" % (
+                shell_quote(posixpath.dirname(target) or "/"), quoted, shell_quote(target)))
+    return " && ".join(parts)
+
+
+def _dockerfile_cmd(state, step, build):
+    words = _exec_form(step.arguments)
+    return state._replace(command=words if words is not None else step.arguments)
+
+
+def _dockerfile_entrypoint(state, step, build):
+    words = _exec_form(step.arguments)
+    # Docker: a new ENTRYPOINT resets an inherited CMD.
+    return state._replace(entrypoint=words if words is not None else step.arguments,
+                          command=None)
+
+
+def _dockerfile_healthcheck(state, step, build):
+    flags, rest = _split_flags(step.arguments)
+    if rest.upper().startswith("NONE"):
+        return state._replace(healthcheck={"disable": True})
+    word, _, probe = rest.partition(" ")
+    words = _exec_form(probe.strip())
+    healthcheck = {"test": ["CMD"] + words if words else ["CMD-SHELL", probe.strip()]}
+    for flag in ("timeout", "interval", "retries", "start-period"):
+        if flag in flags:
+            healthcheck[flag.replace("-", "_")] = flags[flag][0]
+    return state._replace(healthcheck=healthcheck)
+
+
+def _dockerfile_shell(state, step, build):
+    return state._replace(shell=_exec_form(step.arguments)).note(
+        "%s: SHELL %s wraps the later RUN commands" % (step.where, step.arguments))
+
+
+# Instructions that mean nothing for a prepared image, and why.
+_DOCKERFILE_DROPPED = {
+    "USER": "Pyxis runs the container as your own user",
+    "EXPOSE": _NETWORK_REASON,
+    "LABEL": "image labels are not kept",
+    "MAINTAINER": "metadata only",
+    "STOPSIGNAL": "the batch script stops services with SIGTERM",
+    "VOLUME": "bind a folder with volumes: if the data must outlive the job",
+}
+
+
+def _dockerfile_dropped(state, step, build):
+    return state.note("%s: %s %s dropped: %s" % (step.where, step.instruction, step.arguments,
+                                                _DOCKERFILE_DROPPED[step.instruction]))
+
+
+def _dockerfile_unsupported(state, step, build):
+    return state.todo("%s: %s %s has no prepare equivalent: do it with a prepare command or "
+                      "leave it out" % (step.where, step.instruction, step.arguments))
+
+
+# Instruction -> its function; an instruction not here is a TODO (_dockerfile_unsupported).
+_DOCKERFILE_INSTRUCTIONS = dict(
+    [("RUN", _dockerfile_run), ("ENV", _dockerfile_variables), ("ARG", _dockerfile_variables),
+     ("WORKDIR", _dockerfile_workdir), ("COPY", _dockerfile_copy), ("ADD", _dockerfile_copy),
+     ("CMD", _dockerfile_cmd), ("ENTRYPOINT", _dockerfile_entrypoint),
+     ("HEALTHCHECK", _dockerfile_healthcheck), ("SHELL", _dockerfile_shell)]
+    + [(instruction, _dockerfile_dropped) for instruction in _DOCKERFILE_DROPPED])
+
+
+def _translate_dockerfile(text, context, build_args, target, context_dir=None):
+    """The image, prepare commands and runtime settings a Dockerfile stands for (``_BuildResult``).
+
+    ``context`` is the build context as written relative to the compose file (``./app``);
+    ``context_dir`` its absolute path, used only to tell folders from files for COPY.
+    """
+    stage = _select_stage(_parse_dockerfile(text), build_args, target)
+    if stage is None:
+        return _BuildResult(None, (), (), (), (), (), None, None, None, None, (),
+                            ("the Dockerfile has no FROM line: write the base image",))
+    build = _BuildContext(context, context_dir, build_args)
+    runs = [index for index, item in enumerate(stage.body) if item[0] == "RUN"]
+    state = _DockerfileState(stage.variables, stage.notes, stage.todos)
+    for index, (instruction, arguments, line) in enumerate(stage.body):
+        step = _DockerfileStep(instruction, arguments, "Dockerfile line %d" % line,
+                               index > (runs[-1] if runs else -1))
+        translate = _DOCKERFILE_INSTRUCTIONS.get(instruction, _dockerfile_unsupported)
+        state = translate(state, step, build)
+    if state.shell is not None and state.commands:
+        state = state.note("SHELL applies to the RUN commands only")
+    return _BuildResult(stage.image, state.commands, state.prepare_env, state.runtime_env,
+                        state.mounts, state.volumes, state.workdir, state.command,
+                        state.entrypoint, state.healthcheck, state.notes, state.todos)
+
+
+# --- build: -> image + x-enroot.prepare + the service's runtime settings --------------------------
+
+class _BuildMigration(NamedTuple):
+    """What a service's ``build:`` becomes."""
+    lines_value: Dict[str, object]  # written where build: was (image, x-enroot)
+    notes: Tuple[str, ...]         # the comment lines above it, TODOs last
+    image_note: Optional[str]      # why the service's own image: goes; None when it has none
+    # (key, value, notes) the service gains from CMD, ENTRYPOINT, WORKDIR and HEALTHCHECK
+    additions: Tuple[Tuple[str, object, Tuple[str, ...]], ...]
+    environment: Tuple[Tuple[str, str, str], ...]  # (key, value, note) from ENV
+    volumes: Tuple[Tuple[str, str], ...]  # (volume text, note): COPYs after the last RUN
+
+
+def _migrate_build(raw, project_dir, read_text, host_runtime, readiness_needed):
+    """The ``_BuildMigration`` of service ``raw``'s ``build:`` (its Dockerfile read through
+    ``read_text``); ``readiness_needed``: another service waits for this one to be healthy."""
+    build = raw["build"]
+    notes, todos = [], []
+    if isinstance(build, str):
+        build = {"context": build}
+    if not isinstance(build, dict):
+        build = {}
+    context = str(build.get("context") or ".")
+    dockerfile = build.get("dockerfile") or "Dockerfile"
+    arguments = build.get("args") or {}
+    if isinstance(arguments, list):
+        arguments = dict(str(item).partition("=")[::2] for item in arguments)
+    arguments = dict((str(k), "" if v is None else str(v)) for k, v in arguments.items())
+    for key in build:
+        if key in ("secrets", "ssh", "additional_contexts"):
+            todos.append("build.%s is not available to prepare: give the commands that use "
+                         "it what they need through a prepare mount" % key)
+        elif key not in ("context", "dockerfile", "dockerfile_inline", "args", "target"):
+            notes.append("build.%s dropped (prepare builds on the login node)" % key)
+    result = None
+    if "://" in context or context.startswith("git@"):
+        todos.append("build context %s is remote: clone it and point build at the folder, "
+                     "or write image + x-enroot.prepare by hand" % context)
+    else:
+        if not context.startswith(("/", ".", "~")):
+            context = "./" + context
+        context_dir = os.path.join(project_dir, context)
+        text = build.get("dockerfile_inline")
+        where = "dockerfile_inline"
+        if text is None:
+            where = os.path.normpath(os.path.join(context, str(dockerfile)))
+            try:
+                text = read_text(os.path.join(context_dir, str(dockerfile)))
+            except OSError:
+                todos.append("Dockerfile %s not found: write image (the base image) and "
+                             "x-enroot.prepare.commands (its RUN lines)" % where)
+        if text is not None:
+            result = _translate_dockerfile(str(text), context, arguments,
+                                           build.get("target"), context_dir)
+            notes.insert(0, "build (context %s) -> image + x-enroot.prepare from %s" % (
+                context, where))
+    lines_value = {}
+    if result is not None:
+        notes += list(result.notes)
+        todos += list(result.todos)
+    image = result.image if result is not None else None
+    if image and not host_runtime:
+        lines_value["image"] = image
+    elif "image" in raw and not host_runtime:
+        lines_value["image"] = raw["image"]
+    if host_runtime:
+        if result is not None and result.commands:
+            todos.append("with the host runtime nothing is built: install on the node what "
+                         "these did: %s" % " ; ".join(result.commands))
+    elif result is not None and result.commands:
+        prepare = {"commands": list(result.commands)}
+        if result.mounts:
+            prepare["mounts"] = list(result.mounts)
+        if result.prepare_env:
+            prepare["env"] = dict((k, _escape_interpolation(v)) for k, v in result.prepare_env)
+        if "x-enroot" in raw:
+            todos.append("the service already has x-enroot: merge these prepare settings "
+                         "into it")
+            lines_value["x-enroot-from-build"] = {"prepare": prepare}
+        else:
+            lines_value["x-enroot"] = {"prepare": prepare}
+    additions, environment, volumes = (), (), ()
+    if result is not None:
+        additions, runtime_notes = _build_runtime(raw, result, readiness_needed)
+        notes += runtime_notes
+        environment = _build_environment(raw, result)
+        volumes = () if host_runtime else result.volumes
+    image_note = None
+    if "image" in raw and "image" in lines_value and lines_value["image"] != raw["image"]:
+        image_note = "image %s named the built image; the base image is the Dockerfile's FROM" \
+            % raw["image"]
+    elif "image" in raw and host_runtime:
+        image_note = "image %s dropped: with the host runtime the service runs on the node " \
+            "itself" % raw["image"]
+    elif "image" in raw:
+        image_note = "image moved to where build was"
+    return _BuildMigration(lines_value, tuple(notes + ["TODO " + t for t in todos]), image_note,
+                           additions, environment, volumes)
+
+
+def _build_runtime(raw, result, readiness_needed):
+    """``(additions, notes)``: the service keys that CMD, ENTRYPOINT, WORKDIR and HEALTHCHECK of
+    a translated build give service ``raw``, and notes for the build's comment."""
+    notes = []
+    additions = []
+    command = raw.get("command")
+    entrypoint = raw.get("entrypoint")
+    new_command = result.command if command is None else None
+    new_entrypoint = result.entrypoint if entrypoint is None else None
+    final_command = command if command is not None else new_command
+    final_entrypoint = entrypoint if entrypoint is not None else new_entrypoint
+    if final_command is not None and final_entrypoint is not None and \
+            isinstance(final_command, str) != isinstance(final_entrypoint, str):
+        if new_entrypoint is not None and isinstance(new_entrypoint, list):
+            new_entrypoint = " ".join(shell_quote(w) for w in new_entrypoint)
+        elif new_entrypoint is not None:
+            new_entrypoint = ["/bin/sh", "-c", new_entrypoint]
+        elif new_command is not None and isinstance(new_command, str):
+            new_command = ["/bin/sh", "-c", new_command]
+        elif new_command is not None:
+            new_command = " ".join(shell_quote(w) for w in new_command)
+    for key, value, source in (("entrypoint", new_entrypoint, "ENTRYPOINT"),
+                               ("command", new_command, "CMD")):
+        if value is None:
+            continue
+        if isinstance(value, list):
+            value = [_escape_interpolation(word) for word in value]
+        additions.append((key, value, ("%s -> %s (Dockerfile %s)" % (source, key, source),)))
+    has_command = final_command is not None or final_entrypoint is not None
+    if result.working_dir and "working_dir" not in raw:
+        if has_command:
+            additions.append(("working_dir", result.working_dir,
+                              ("WORKDIR %s -> working_dir" % result.working_dir,)))
+        else:
+            notes.append("WORKDIR %s not kept: working_dir needs a command, and the base "
+                         "image's command runs in the base image's folder" % result.working_dir)
+    if result.healthcheck and "healthcheck" not in raw and "readiness" not in raw:
+        try:
+            readiness, note = _healthcheck_readiness(result.healthcheck)
+        except _Invalid as exc:
+            if readiness_needed:
+                additions.append(("readiness", None, ()))
+            else:
+                notes.append("Dockerfile HEALTHCHECK dropped: %s" % exc.message)
+            return tuple(additions), notes
+        if readiness is not None:
+            additions.append(("readiness", readiness, ("Dockerfile HEALTHCHECK: " + note,)))
+    return tuple(additions), notes
+
+
+def _build_environment(raw, result):
+    """``((key, value, note), ...)``: the ENV values that service ``raw`` does not set itself."""
+    environment = raw.get("environment")
+    names = set(environment) if isinstance(environment, dict) else set(
+        str(item).partition("=")[0] for item in environment or [])
+    return tuple((key, _escape_interpolation(value),
+                  "ENV %s -> environment (the prepared image does not keep ENV)" % key)
+                 for key, value in result.runtime_env if key not in names)
+
+
+# --- the rewrite ----------------------------------------------------------------------------------
 
 def migrate_compose(text, filename=None, options=None) -> MigrateResult:
     """Rewrite Docker Compose YAML text as an hpc-compose spec; returns a ``MigrateResult``."""
@@ -12102,7 +12385,9 @@ def _migrate_needs_block_style(text, document):
 
 
 class _Migration(object):
-    """One rewrite: collects line edits and notes, then applies them bottom-up."""
+    """One rewrite of a file: its rows, the edits collected for them, and what the services
+    share (named volumes, data folders, the sums for the top-level x-slurm). Each service is
+    rewritten by a ``_ServiceMigration``; the edits are applied bottom-up at the end."""
 
     def __init__(self, text, document, filename, options):
         self.lines = text.split("\n")
@@ -12119,7 +12404,7 @@ class _Migration(object):
         self.edits = []
         self.counts = {"kept": 0, "changed": 0, "dropped": 0, "added": 0}
         self.data_dirs = []
-        self.top_slurm = {}        # additions to the top-level x-slurm: key -> (value, [notes])
+        self.top_slurm = {}        # top-level x-slurm key -> [notes] of what was added into it
         self.services = [n for n in self.data["services"] if isinstance(n, str)]
         self.host_pattern = _host_patterns(self.services) if self.services else None
         self.top_volumes = self.data.get("volumes") if isinstance(self.data.get("volumes"),
@@ -12130,10 +12415,10 @@ class _Migration(object):
         self.origin = {}
         for key_path, mark in self.key_marks.items():
             self.origin.setdefault(mark, key_path)
-        self.dropped = set()
+        self.dropped = {}          # key paths dropped, in order (a dict used as an ordered set)
         self.env_files_copied = False
 
-    # --- rows ---
+    # --- rows -------------------------------------------------------------------------------------
 
     def indent_of(self, row):
         line = self.lines[row]
@@ -12204,7 +12489,7 @@ class _Migration(object):
         mark = self.key_marks.get(tuple(path))
         return rows is not None and mark is not None and rows[0] < mark.line - 1 < rows[1]
 
-    # --- edits ---
+    # --- edits ------------------------------------------------------------------------------------
 
     def note_lines(self, column, notes):
         return [" " * column + (note if note.startswith("#") else _MIGRATE_NOTE + note)
@@ -12234,19 +12519,44 @@ class _Migration(object):
         self.edits.append(_Edit(end, end, tuple(self.note_lines(indent, notes))
                                 + tuple(_format_yaml_lines(value, indent))))
 
-    # --- the run ---
+    def drop(self, path, note):
+        if self.replace_entry(path, [note], drop=True):
+            self.counts["dropped"] += 1
+            self.dropped[self.origin.get(self.key_marks[tuple(path)], tuple(path))] = True
+
+    def todo_entry(self, path, note):
+        """A TODO line before the entry, which stays as written."""
+        rows = self.entry_rows(path)
+        if rows is None:
+            return
+        start, end, column = rows
+        self.replace(start, end, column, ["TODO " + note], self.lines[start:end])
+        self.counts["changed"] += 1
+
+    def rewrite_region(self, path, rows, new_text_of, note):
+        """Apply a text rewrite to the rows of one value (from its mark on) with a note above."""
+        start, end, column = rows
+        mark = self.marks[tuple(path)]
+        lines = list(self.lines[start:end])
+        first = mark.line - 1 - start
+        for offset in range(first, len(lines)):
+            begin = mark.column - 1 if offset == first else 0
+            lines[offset] = lines[offset][:begin] + new_text_of(lines[offset][begin:])
+        self.replace(start, end, column, [note], lines)
+
+    # --- the run ----------------------------------------------------------------------------------
 
     def run(self, prefix):
         for name in self.services:
             if isinstance(self.data["services"][name], dict):
-                self.migrate_service(name)
+                _ServiceMigration(self, name).run()
         self.migrate_top_level()
         self.keep_emptied_mappings()
         return self.result(prefix)
 
     def keep_emptied_mappings(self):
         """A mapping whose every key was dropped (an anchor of Compose-only keys) becomes {}."""
-        for parent in set(path[:-1] for path in self.dropped if len(path) > 1):
+        for parent in _unique(path[:-1] for path in self.dropped if len(path) > 1):
             value = self._value(parent)
             if isinstance(value, dict) and all(parent + (k,) in self.dropped for k in value):
                 start, end, column = self.entry_rows(parent)
@@ -12255,7 +12565,10 @@ class _Migration(object):
 
     def result(self, prefix):
         edits = []
-        for edit in sorted(set(self.edits), key=lambda e: (e.start, e.end)):
+        # Insertions at one row stay in the order they were made (a service's variables before
+        # the keys added at the end of the service); iterating a set here made that order, and
+        # so whether the file parses, depend on the hash seed.
+        for edit in sorted(_unique(self.edits), key=lambda e: (e.start, e.end)):
             if edits and edit.start < edits[-1].end:
                 raise HpcComposeError("migrate: two changes overlap at line %d of %s"
                                       % (edit.start + 1, self.filename or "the file"),
@@ -12276,34 +12589,8 @@ class _Migration(object):
         return MigrateResult(text, tuple(notes), tuple(todos), dict(self.counts),
                              tuple(self.data_dirs), self.env_files_copied)
 
-    # --- services ---
 
-    def migrate_service(self, name):
-        raw = self.data["services"][name]
-        path = ("services", name)
-        self.additions = {}        # service key -> (value, [notes]) added at the end of the block
-        self.slurm_additions = {}  # service x-slurm key -> (value, [notes])
-        self.volume_additions = []  # (volume, note)
-        self.env_additions = []    # (key, value, note); key None: a note only
-        self.env_replacement = None  # (new value, notes) of a flow-style environment
-        self.env_rewritten = None  # the environment with host names rewritten
-        self.volumes_converted = None  # (new list, notes) when volumes are written whole
-        handled = set()
-        if "build" in raw:
-            self.migrate_build(name, raw)
-            handled.update(("build", "image"))
-        for key in list(raw):
-            if key in handled or not isinstance(key, str):
-                continue
-            key_path = path + (key,)
-            self.migrate_service_key(name, raw, key, key_path)
-        if "healthcheck" not in raw and "readiness" not in raw and self.needs_readiness(name):
-            self.additions.setdefault("readiness", (None, []))
-        if self.host_runtime and not any(k in raw or k in self.additions
-                                         for k in ("command", "entrypoint")):
-            self.additions["command"] = (None, ["TODO with the host runtime there is no image "
-                                                "default command: write the command to run"])
-        self.flush_service(name, raw)
+    # --- what the services share ------------------------------------------------------------------
 
     def needs_readiness(self, name):
         for other in self.services:
@@ -12313,157 +12600,6 @@ class _Migration(object):
                     depends[name].get("condition") == "service_healthy":
                 return True
         return False
-
-    def migrate_service_key(self, name, raw, key, key_path):
-        value = raw[key]
-        if key.startswith("x-") or key in ("readiness", "working_dir"):
-            if key == "working_dir" and not any(k in raw for k in ("command", "entrypoint")) \
-                    and "build" not in raw:
-                self.todo_entry(key_path, "working_dir %s needs an explicit command: write the "
-                                "command the image runs by default" % value)
-                return
-            self.counts["kept"] += 1
-            return
-        if key == "image":
-            if self.host_runtime:
-                return self.drop(key_path, "image %s dropped: with the host runtime the service "
-                                 "runs on the node itself" % value)
-            self.counts["kept"] += 1
-            return
-        if key in ("command", "entrypoint"):
-            return self.migrate_command(name, key_path, value)
-        if key == "environment":
-            return self.migrate_environment(name, key_path, value)
-        if key == "env_file":
-            return self.migrate_env_file(name, key_path, value)
-        if key == "volumes":
-            return self.migrate_volumes(name, key_path, value)
-        if key == "depends_on":
-            return self.migrate_depends_on(name, key_path, value)
-        if key == "healthcheck":
-            return self.migrate_healthcheck(name, key_path, value)
-        if key == "restart":
-            return self.migrate_restart(name, key_path, value)
-        if key == "deploy":
-            return self.migrate_deploy(name, key_path, value)
-        if key in ("cpus", "mem_limit", "gpus"):
-            return self.migrate_resource_key(name, key_path, key, value)
-        if key in ("secrets", "configs"):
-            return self.migrate_secrets(name, key_path, key, value)
-        if key in ("extends", "volumes_from"):
-            return self.todo_entry(key_path, "%s %s is not supported: copy the settings it "
-                                   "brings into this service" % (key, _brief(value)))
-        reason = _MIGRATE_DROPPED_KEYS.get(key) or "it has no meaning on a Slurm allocation"
-        self.drop(key_path, "dropped %s %s: %s" % (key, _brief(value), reason))
-
-    def drop(self, path, note):
-        if self.replace_entry(path, [note], drop=True):
-            self.counts["dropped"] += 1
-            self.dropped.add(self.origin.get(self.key_marks[tuple(path)], tuple(path)))
-
-    def todo_entry(self, path, note):
-        """A TODO line before the entry, which stays as written."""
-        rows = self.entry_rows(path)
-        if rows is None:
-            return
-        start, end, column = rows
-        self.replace(start, end, column, ["TODO " + note], self.lines[start:end])
-        self.counts["changed"] += 1
-
-    def flush_service(self, name, raw):
-        path = ("services", name)
-        self.flush_volumes(name, raw)
-        self.flush_environment(name, raw)
-        if self.slurm_additions:
-            current = raw.get("x-slurm")
-            values = dict((k, v) for k, (v, _) in self.slurm_additions.items())
-            notes = [note for _, ns in self.slurm_additions.values() for note in ns]
-            if isinstance(current, dict) and self.owns(name, path + ("x-slurm",)):
-                notes += ["x-slurm.%s kept as written (the Compose value was %s)"
-                          % (k, _brief(v)) for k, v in values.items() if k in current]
-                values = dict((k, v) for k, v in values.items() if k not in current)
-                if values:
-                    self.insert_into(path + ("x-slurm",), notes, values)
-                else:
-                    start, end, column = self.entry_rows(path + ("x-slurm",))
-                    self.edits.append(_Edit(end, end, tuple(self.note_lines(
-                        self.child_indent(start, end, column + 2), notes))))
-            elif current is not None:
-                self.additions["x-slurm"] = (values, ["TODO this service's x-slurm comes from a "
-                                                      "merge key; merge these keys into it"]
-                                             + notes)
-            else:
-                self.additions["x-slurm"] = (values, notes)
-        if "readiness" in self.additions and self.additions["readiness"][0] is None:
-            del self.additions["readiness"]
-            self.additions["readiness"] = ({"type": "tcp", "port": 1}, [
-                "TODO another service waits for '%s' to be healthy: set the port it listens "
-                "on (or another readiness type)" % name])
-        if not self.additions:
-            return
-        start, end, column = self.entry_rows(path)
-        indent = self.child_indent(start, end, column + 2)
-        lines = []
-        for key, (value, notes) in self.additions.items():
-            lines += self.note_lines(indent, notes)
-            if value is not None:
-                lines += _format_yaml_lines({key: value}, indent)
-                self.counts["added"] += 1
-        self.edits.append(_Edit(end, end, tuple(lines)))
-
-    def flush_volumes(self, name, raw):
-        """Add the collected volumes: into a block list of the service's own, else as a whole."""
-        if not self.volume_additions and self.volumes_converted is None:
-            return
-        path = ("services", name, "volumes")
-        notes = [note for _, note in self.volume_additions]
-        items = [text for text, _ in self.volume_additions]
-        volumes = raw.get("volumes")
-        owned = isinstance(volumes, list) and self.owns(name, path)
-        if owned and volumes and self.volumes_converted is None and not self.is_flow(path):
-            self.insert_into(path, notes, items)
-            return
-        value, converted = self.volumes_converted or (list(volumes or []), [])
-        if owned:
-            self.replace_entry(path, converted + notes, value + items)
-        else:
-            # A merge key's volumes are replaced, not merged, by the service's own: copy them.
-            self.additions["volumes"] = (value + items, converted + notes + (
-                ["volumes from the merge key copied here"] if volumes else []))
-
-    def flush_environment(self, name, raw):
-        """Add the collected variables: into a block of the service's own, else as a whole."""
-        notes = _unique(note for _, _, note in self.env_additions)
-        additions = [(k, v) for k, v, _ in self.env_additions if k is not None]
-        if not additions and self.env_replacement is None:
-            return
-        path = ("services", name, "environment")
-        environment = raw.get("environment")
-        owned = environment is not None and self.owns(name, path)
-        if owned and not self.is_flow(path) and self.env_replacement is None:
-            items = dict(additions) if isinstance(environment, dict) else \
-                ["%s=%s" % pair for pair in additions]
-            self.insert_into(path, notes, items)
-            return
-        value, replaced = self.env_replacement or (self.env_rewritten or environment, [])
-        if isinstance(value, list):
-            value = list(value) + ["%s=%s" % pair for pair in additions]
-        else:
-            value = dict(value or {}, **dict(additions))
-        if owned:
-            self.replace_entry(path, replaced + notes, value)
-        else:
-            # A merge key's environment is replaced, not merged, by the service's own: copy it.
-            self.additions["environment"] = (value, replaced + notes + (
-                ["environment from the merge key copied here"] if environment else []))
-
-    def add_slurm(self, key, value, note):
-        if key in self.slurm_additions:
-            self.slurm_additions[key][1].append(note)
-        else:
-            self.slurm_additions[key] = (value, [note])
-
-    # --- service hosts ---
 
     def host_replacement(self, name):
         """127.0.0.1, or $HPC_COMPOSE_PRIMARY_NODE for a service that spans several nodes."""
@@ -12480,66 +12616,6 @@ class _Migration(object):
                                      (requested is None and len(self.services) == 1))
         return "$HPC_COMPOSE_PRIMARY_NODE" if distributed else "127.0.0.1"
 
-    def rewrite_region(self, path, rows, new_text_of, note):
-        """Apply a text rewrite to the rows of one value (from its mark on) with a note above."""
-        start, end, column = rows
-        mark = self.marks[tuple(path)]
-        lines = list(self.lines[start:end])
-        first = mark.line - 1 - start
-        for offset in range(first, len(lines)):
-            begin = mark.column - 1 if offset == first else 0
-            lines[offset] = lines[offset][:begin] + new_text_of(lines[offset][begin:])
-        self.replace(start, end, column, [note], lines)
-
-    def migrate_command(self, name, path, value):
-        replacement = self.host_replacement(name)
-        words = value if isinstance(value, list) else [value]
-        found, new_words = [], []
-        for index, word in enumerate(words):
-            if not isinstance(word, str) or self.host_pattern is None:
-                new_words.append(word)
-            elif word in self.services and index and words[index - 1] in _HOST_FLAGS:
-                found.append(word)
-                new_words.append(replacement)
-            else:
-                new_word, names = _rewrite_hosts(word, self.host_pattern, replacement)
-                found += names
-                new_words.append(new_word)
-        # Compose interpolates a string command ($$ is a literal $); hpc-compose hands it to the
-        # container's shell untouched, so $$ would be the shell's process id.
-        dollars = isinstance(value, str) and "$$" in value
-        if not found and not dollars:
-            self.counts["kept"] += 1
-            return
-        if found and replacement != "127.0.0.1" and isinstance(value, list):
-            self.todo_entry(path, "service host name(s) %s: this service spans several nodes; "
-                            "write the command in shell form with $HPC_COMPOSE_PRIMARY_NODE"
-                            % ", ".join(sorted(set(found))))
-            return
-        notes = []
-        if found:
-            notes.append("host name %s -> %s (there is no service-name DNS; %s)" % (
-                ", ".join(sorted(set(found))), replacement,
-                "helpers run on the primary node" if replacement != "127.0.0.1"
-                else "services share the node's network"))
-        if dollars:
-            notes.append("$$ -> $ (a string %s is not interpolated here: the container's shell "
-                         "expands its variables)" % path[-1])
-        self.counts["changed"] += 1
-        if isinstance(value, list):
-            self.replace_entry(path, notes, new_words)
-            return
-        rows = self.entry_rows(path)
-        if rows is None:
-            return
-
-        def rewrite(text):
-            if dollars:
-                text = text.replace("$$", "$")
-            return _rewrite_hosts(text, self.host_pattern, replacement)[0] if found else text
-
-        self.rewrite_region(path, rows, rewrite, "; ".join(notes))
-
     def env_rewrite(self, variable, value, replacement):
         """``(new value, names)`` for one environment value (a bare name only in *_HOST & co)."""
         if not isinstance(value, str):
@@ -12548,105 +12624,6 @@ class _Migration(object):
                 variable.upper().replace("-", "_").split("_")):
             return replacement, [value]
         return _rewrite_hosts(value, self.host_pattern, replacement)
-
-    def migrate_environment(self, name, path, value):
-        names = value if isinstance(value, dict) else [
-            str(item).partition("=")[0] for item in value or []]
-        invalid = [str(key) for key in names if not _is_env_name(str(key))]
-        if invalid:
-            return self.todo_entry(path, "%s: not shell variable names, which the container "
-                                   "environment needs; pass these settings another way (a "
-                                   "command-line option or a config file)" % ", ".join(invalid))
-        if self.host_pattern is None or not isinstance(value, (dict, list)):
-            self.counts["kept"] += 1
-            return
-        replacement = self.host_replacement(name)
-        items = list(value.items()) if isinstance(value, dict) else list(enumerate(value))
-        changes = []
-        for key, item in items:
-            if isinstance(value, list):
-                if not isinstance(item, str) or "=" not in item:
-                    continue
-                variable, _, text = item.partition("=")
-                new, found = self.env_rewrite(variable, text, replacement)
-                new = variable + "=" + new
-            else:
-                new, found = self.env_rewrite(str(key), item, replacement)
-            if found:
-                changes.append((key, new, found))
-        if not changes:
-            self.counts["kept"] += 1
-            return
-        self.counts["changed"] += 1
-        if replacement != "127.0.0.1":
-            self.todo_entry(path, "environment refers to service host name(s) %s and this "
-                            "service spans several nodes: read $HPC_COMPOSE_PRIMARY_NODE in a "
-                            "shell-form command instead"
-                            % ", ".join(sorted(set(f for _, _, fs in changes for f in fs))))
-            return
-        new_value = dict(value) if isinstance(value, dict) else list(value)
-        for key, new, _ in changes:
-            new_value[key] = new
-        self.env_rewritten = new_value
-        if self.is_flow(path):
-            names = sorted(set(f for _, _, fs in changes for f in fs))
-            self.env_replacement = (new_value, [
-                "host name %s -> 127.0.0.1 (there is no service-name DNS; services share the "
-                "node's network)" % ", ".join(names)])
-            return
-        for key, new, found in changes:
-            item_path = path + (key,)
-            rows = self.entry_rows(item_path) if isinstance(value, dict) else \
-                self.item_rows(item_path)
-            if rows is None:
-                continue
-            whole = value[key] if isinstance(value, dict) else value[key].partition("=")[2]
-
-            def rewrite(text, whole=whole, found=found):
-                if found == [whole]:
-                    import re
-                    return re.sub(r"(?<![\w./@-])%s(?![\w.-])" % re.escape(whole), "127.0.0.1",
-                                  text, count=1)
-                return _rewrite_hosts(text, self.host_pattern, "127.0.0.1")[0]
-
-            self.rewrite_region(item_path, rows, rewrite,
-                                "host name %s -> 127.0.0.1 (there is no service-name DNS; "
-                                "services share the node's network)"
-                                % ", ".join(sorted(set(found))))
-
-    def migrate_env_file(self, name, path, value):
-        """``env_file`` stays as written: hpc-compose reads it as Compose does. A value that names
-        another service's host is set again, rewritten, in ``environment`` (which wins)."""
-        if self.host_pattern is None:
-            self.counts["kept"] += 1
-            return
-        files = value if isinstance(value, list) else [value]
-        existing = self.data["services"][name].get("environment")
-        names = set(existing) if isinstance(existing, dict) else set(
-            str(item).partition("=")[0] for item in existing or [])
-        replacement = self.host_replacement(name)
-        changed = False
-        for entry in files:
-            if isinstance(entry, dict):
-                entry = entry.get("path")
-            file_path = os.path.join(self.project_dir, str(entry))
-            try:
-                variables = parse_dotenv(self.read_text(file_path), file_path)
-            except (OSError, SpecError):
-                continue    # validate reports a missing or unreadable file at its entry
-            for key, item in variables.items():
-                item, found = self.env_rewrite(key, item, replacement)
-                if found and key not in names:
-                    names.add(key)
-                    # Compose interpolates env_file values too, so the value is copied as written.
-                    self.env_files_copied = True
-                    self.env_additions.append((key, item, "host name %s -> %s in %s from "
-                                               "env_file %s (environment wins over env_file)"
-                                               % (", ".join(found), replacement, key, entry)))
-                    changed = True
-        self.counts["changed" if changed else "kept"] += 1
-
-    # --- volumes ---
 
     def data_dir(self, volume):
         import posixpath
@@ -12672,434 +12649,11 @@ class _Migration(object):
             note += "; the volume was external: copy its contents there"
         return folder, note
 
-    def convert_volume(self, service, index, item):
-        """``(new item or None to drop, note)``; ``(item, None)`` when it stays as written."""
-        import posixpath
-        if isinstance(item, str):
-            if ":" not in item:
-                slug = "%s-%s" % (service, posixpath.basename(item.rstrip("/")) or "root")
-                return ("%s:%s" % (self.data_dir(slug), item),
-                        "anonymous volume %s -> bind mount of %s (created by migrate)"
-                        % (item, self.data_dir(slug)))
-            source, _, rest = item.partition(":")
-            if source.startswith(("/", ".", "~", "$")):
-                return item, None
-            host, note = self.named_volume_source(source)
-            return "%s:%s" % (host, rest), note
-        if not isinstance(item, dict):
-            return item, None
-        kind = item.get("type", "volume")
-        target = item.get("target")
-        read_only = item.get("read_only") is True
-        suffix = ":ro" if read_only else ""
-        if kind == "bind":
-            extra = [k for k in item if k not in ("type", "source", "target", "read_only",
-                                                  "bind")]
-            bind = item.get("bind") if isinstance(item.get("bind"), dict) else {}
-            extra += ["bind." + k for k in bind if k != "create_host_path"]
-            if not extra:
-                return item, None
-            return ("%s:%s%s" % (item.get("source"), target, suffix),
-                    "long-syntax bind -> short form (%s not used by Pyxis)" % ", ".join(extra))
-        if kind == "volume":
-            source = item.get("source")
-            if not source:
-                slug = "%s-%s" % (service, posixpath.basename(str(target).rstrip("/")))
-                return ("%s:%s%s" % (self.data_dir(slug), target, suffix),
-                        "anonymous volume %s -> bind mount of %s (created by migrate)"
-                        % (target, self.data_dir(slug)))
-            host, note = self.named_volume_source(str(source))
-            return "%s:%s%s" % (host, target, suffix), note
-        if kind == "tmpfs":
-            if str(target).rstrip("/") == "/tmp":
-                return None, "tmpfs at /tmp dropped: every step gets a fresh /tmp"
-            slug = "%s-tmpfs-%s" % (service, posixpath.basename(str(target).rstrip("/")))
-            return ("%s:%s" % (self.data_dir(slug), target),
-                    "tmpfs %s -> bind mount of %s (a folder, not memory: empty it if the program "
-                    "expects a fresh one)" % (target, self.data_dir(slug)))
-        return None, "volume of type %s dropped: only bind mounts exist on the nodes" % kind
-
-    def migrate_volumes(self, name, path, value):
-        if not isinstance(value, list):
-            self.counts["kept"] += 1
-            return
-        if self.host_runtime:
-            return self.drop(path, "volumes dropped: with the host runtime the service sees the "
-                             "node's file system (use the host paths directly)")
-        converted = [self.convert_volume(name, index, item) for index, item in enumerate(value)]
-        if all(note is None for _, note in converted):
-            self.counts["kept"] += 1
-            return
-        self.counts["changed"] += 1
-        if self.is_flow(path) or not self.owns(name, path):
-            # Written whole by flush_volumes, with what the build adds.
-            self.volumes_converted = ([item for item, _ in converted if item is not None],
-                                      [note for _, note in converted if note])
-            return
-        for index, (item, note) in enumerate(converted):
-            if note is None:
-                continue
-            rows = self.item_rows(path + (index,))
-            if rows is None:
-                continue
-            start, end, dash = rows
-            new_lines = () if item is None else _format_yaml_lines([item], dash)
-            self.replace(start, end, dash, [note], new_lines)
-
-    def migrate_secrets(self, name, path, key, value):
-        top = self.data.get(key) if isinstance(self.data.get(key), dict) else {}
-        if key == "secrets":
-            return self.migrate_service_secrets(path, top, value)
-        todo = []
-        for entry in value if isinstance(value, list) else []:
-            source = entry.get("source") if isinstance(entry, dict) else entry
-            target = entry.get("target") if isinstance(entry, dict) else None
-            definition = top.get(source) if isinstance(top.get(source), dict) else {}
-            if not definition.get("file"):
-                todo.append(str(source))
-                continue
-            if key == "secrets" and (not target or not str(target).startswith("/")):
-                target = "/run/secrets/%s" % (target or source)
-            elif not target:
-                target = "/%s" % source
-            host = str(definition["file"])
-            if not host.startswith(("/", ".", "~", "$")):
-                host = "./" + host
-            self.volume_additions.append(("%s:%s:ro" % (host, target),
-                                          "%s %s -> read-only bind mount of %s at %s"
-                                          % (key[:-1], source, host, target)))
-        if todo:
-            return self.todo_entry(path, "%s %s are not files: pass them as environment values "
-                                   "from .env, or mount a file" % (key, ", ".join(todo)))
-        self.drop(path, "%s %s became read-only bind mounts (see volumes)" % (key, _brief(value)))
-
-    def migrate_service_secrets(self, path, top, value):
-        """Secrets with a ``file:`` or ``environment:`` source stay: the spec supports them."""
-        entries = value if isinstance(value, list) else []
-        unsupported = sorted(set(
-            str(entry.get("source") if isinstance(entry, dict) else entry) for entry in entries
-            if not _local_secret_source(top.get(entry.get("source") if isinstance(entry, dict)
-                                                 else entry))))
-        if unsupported:
-            return self.todo_entry(path, "secrets %s have neither file: nor environment: "
-                                   "(external and content secrets are not supported): put the "
-                                   "value in an owner-only file and name it with file:"
-                                   % ", ".join(unsupported))
-        changed = False
-        for index, entry in enumerate(entries):
-            for owner in ("uid", "gid"):
-                if isinstance(entry, dict) and owner in entry:
-                    self.drop(path + (index, owner), "dropped %s of secret %s: the copy belongs "
-                              "to the job's user" % (owner, entry.get("source")))
-                    changed = True
-        if not changed:
-            self.counts["kept"] += 1
-
-    # --- dependencies, health, restarts, resources ---
-
-    def migrate_depends_on(self, name, path, value):
-        if not isinstance(value, dict):
-            self.counts["kept"] += 1
-            return
-        changed = False
-        for target, body in value.items():
-            if not isinstance(body, dict):
-                continue
-            # Every condition (service_completed_successfully too) means the same here.
-            extra = [k for k in body if k != "condition"]
-            if not extra:
-                continue
-            item_path = path + (target,)
-            condition = body.get("condition")
-            new = {"condition": "service_started" if condition is None else condition}
-            notes = ["dropped %s of depends_on.%s: hpc-compose starts each service once"
-                     % (", ".join(extra), target)]
-            if not self.replace_entry(item_path, notes, new):
-                continue
-            changed = True
-        self.counts["changed" if changed else "kept"] += 1
-
-    def migrate_healthcheck(self, name, path, value):
-        try:
-            readiness, note = _healthcheck_readiness(value)
-        except _Invalid as exc:
-            if self.needs_readiness(name):
-                return self.todo_entry(path, "%s: another service waits for '%s' to be healthy; "
-                                       "write a readiness (tcp port, log line, http url) instead"
-                                       % (exc.message, name))
-            return self.drop(path, "healthcheck dropped (%s); nothing waits for it to be healthy"
-                             % exc.message)
-        if readiness is None:
-            return self.drop(path, note)
-        if readiness.get("type") == "http":
-            readiness["url"] = _rewrite_hosts(readiness["url"], self.host_pattern, "127.0.0.1")[0]
-        if readiness.get("type") == "tcp" and readiness.get("host") in self.services:
-            readiness["host"] = "127.0.0.1"
-        rows = self.entry_rows(path)
-        if rows is None or not self.owns(name, path):
-            self.additions["readiness"] = (readiness, [note])
-            self.counts["changed"] += 1
-            return
-        start, end, column = rows
-        self.replace(start, end, column, [note], _format_yaml_lines({"readiness": readiness},
-                                                                     column))
-        self.counts["changed"] += 1
-
-    def migrate_restart(self, name, path, value):
-        try:
-            policy, note = _restart_policy(value)
-        except _Invalid as exc:
-            return self.todo_entry(path, exc.message + ": write x-slurm.failure_policy")
-        if policy is not None:
-            self.add_slurm("failure_policy", policy, note)
-            note = "restart moved to x-slurm.failure_policy"
-        self.drop(path, note)
-
-    def add_cpus(self, value, source):
-        import math
-        try:
-            cpus = int(math.ceil(float(value)))
-        except (TypeError, ValueError):
-            return
-        if cpus >= 1:
-            self.add_slurm("cpus_per_task", cpus, "%s %s -> x-slurm.cpus_per_task %d"
-                           % (source, value, cpus))
-            self.sums["cpus_per_task"] += cpus
-
-    def add_memory(self, value, source):
-        try:
-            megabytes = _docker_memory_megabytes(value)
-        except _Invalid:
-            return
-        self.sums["mem"] += megabytes
-        self.top_slurm_note("mem", "%s %s counted into the top-level x-slurm.mem" % (source, value))
-
-    def add_gpus(self, count, source):
-        self.add_slurm("gpus", count, "%s -> x-slurm.gpus %d" % (source, count))
-        self.sums["gpus"] += count
-
     def top_slurm_note(self, key, note):
         self.top_slurm.setdefault(key, [])
         self.top_slurm[key].append(note)
 
-    def migrate_resource_key(self, name, path, key, value):
-        if key == "cpus":
-            self.add_cpus(value, "cpus")
-        elif key == "mem_limit":
-            self.add_memory(value, "mem_limit")
-        else:
-            if str(value) == "all":
-                return self.todo_entry(path, "gpus: all: set x-slurm.gpus to the number of GPUs "
-                                       "the service needs")
-            try:
-                self.add_gpus(int(value), "gpus %s" % value)
-            except (TypeError, ValueError):
-                return self.todo_entry(path, "gpus %s: set x-slurm.gpus" % _brief(value))
-        self.drop(path, "%s moved to %s" % (key, "the top-level x-slurm.mem" if key == "mem_limit"
-                                             else "x-slurm"))
-
-    def migrate_deploy(self, name, path, value):
-        value = value if isinstance(value, dict) else {}
-        dropped = []
-        todos = []
-        for key, item in value.items():
-            if key == "resources" and isinstance(item, dict):
-                limits = item.get("limits") if isinstance(item.get("limits"), dict) else {}
-                reservations = item.get("reservations") if isinstance(
-                    item.get("reservations"), dict) else {}
-                cpus = limits.get("cpus", reservations.get("cpus"))
-                if cpus is not None:
-                    self.add_cpus(cpus, "deploy.resources cpus")
-                memory = limits.get("memory", reservations.get("memory"))
-                if memory is not None:
-                    self.add_memory(memory, "deploy.resources memory")
-                for device in reservations.get("devices") or []:
-                    if not isinstance(device, dict):
-                        continue
-                    capabilities = device.get("capabilities") or []
-                    if "gpu" not in capabilities and device.get("driver") != "nvidia":
-                        dropped.append("device %s" % _brief(device))
-                        continue
-                    count = device.get("count")
-                    if device.get("device_ids"):
-                        count = len(device["device_ids"])
-                    if count in (None, "all") or not str(count).isdigit():
-                        todos.append("GPU reservation count %s: set x-slurm.gpus to the number "
-                                     "of GPUs the service needs" % (count or "unset"))
-                        continue
-                    self.add_gpus(int(count), "deploy GPU reservation count %s" % count)
-            elif key == "restart_policy" and isinstance(item, dict):
-                condition = item.get("condition", "any")
-                if condition == "none":
-                    continue
-                try:
-                    attempts = int(item.get("max_attempts") or _DEFAULT_MAX_RESTARTS)
-                    delay = _parse_duration(item["delay"]) if item.get("delay") else \
-                        _DEFAULT_BACKOFF_SECONDS
-                except (ValueError, _Invalid):
-                    todos.append("deploy.restart_policy %s: write x-slurm.failure_policy"
-                                 % _brief(item))
-                    continue
-                policy = {"mode": "restart_on_failure", "max_restarts": max(1, attempts),
-                          "backoff_seconds": max(1, delay)}
-                self.add_slurm("failure_policy", policy, "deploy.restart_policy %s -> "
-                               "failure_policy restart_on_failure" % _brief(item))
-            elif key == "replicas" and item in (1, "1"):
-                continue
-            else:
-                dropped.append("%s %s" % (key, _brief(item, 30)))
-        note = "deploy moved to x-slurm"
-        if dropped:
-            note += "; dropped %s (no meaning in one batch job)" % "; ".join(dropped)
-        if self.replace_entry(path, ["TODO " + t for t in todos] + [note], drop=True):
-            self.counts["dropped"] += 1
-
-    # --- build ---
-
-    def migrate_build(self, name, raw):
-        path = ("services", name)
-        build = raw["build"]
-        notes, todos = [], []
-        if isinstance(build, str):
-            build = {"context": build}
-        if not isinstance(build, dict):
-            build = {}
-        context = str(build.get("context") or ".")
-        dockerfile = build.get("dockerfile") or "Dockerfile"
-        arguments = build.get("args") or {}
-        if isinstance(arguments, list):
-            arguments = dict(str(item).partition("=")[::2] for item in arguments)
-        arguments = dict((str(k), "" if v is None else str(v)) for k, v in arguments.items())
-        for key in build:
-            if key in ("secrets", "ssh", "additional_contexts"):
-                todos.append("build.%s is not available to prepare: give the commands that use "
-                             "it what they need through a prepare mount" % key)
-            elif key not in ("context", "dockerfile", "dockerfile_inline", "args", "target"):
-                notes.append("build.%s dropped (prepare builds on the login node)" % key)
-        result = None
-        if "://" in context or context.startswith("git@"):
-            todos.append("build context %s is remote: clone it and point build at the folder, "
-                         "or write image + x-enroot.prepare by hand" % context)
-        else:
-            if not context.startswith(("/", ".", "~")):
-                context = "./" + context
-            context_dir = os.path.join(self.project_dir, context)
-            text = build.get("dockerfile_inline")
-            where = "dockerfile_inline"
-            if text is None:
-                where = os.path.normpath(os.path.join(context, str(dockerfile)))
-                try:
-                    text = self.read_text(os.path.join(context_dir, str(dockerfile)))
-                except OSError:
-                    todos.append("Dockerfile %s not found: write image (the base image) and "
-                                 "x-enroot.prepare.commands (its RUN lines)" % where)
-            if text is not None:
-                result = _translate_dockerfile(str(text), context, arguments,
-                                               build.get("target"), context_dir)
-                notes.insert(0, "build (context %s) -> image + x-enroot.prepare from %s" % (
-                    context, where))
-        self.counts["changed"] += 1
-        lines_value = {}
-        if result is not None:
-            notes += list(result.notes)
-            todos += list(result.todos)
-        image = result.image if result is not None else None
-        if image and not self.host_runtime:
-            lines_value["image"] = image
-        elif "image" in raw and not self.host_runtime:
-            lines_value["image"] = raw["image"]
-        if self.host_runtime:
-            if result is not None and result.commands:
-                todos.append("with the host runtime nothing is built: install on the node what "
-                             "these did: %s" % " ; ".join(result.commands))
-        elif result is not None and result.commands:
-            prepare = {"commands": list(result.commands)}
-            if result.mounts:
-                prepare["mounts"] = list(result.mounts)
-            if result.prepare_env:
-                prepare["env"] = dict((k, _escape_interpolation(v)) for k, v in result.prepare_env)
-            if "x-enroot" in raw:
-                todos.append("the service already has x-enroot: merge these prepare settings "
-                             "into it")
-                lines_value["x-enroot-from-build"] = {"prepare": prepare}
-            else:
-                lines_value["x-enroot"] = {"prepare": prepare}
-        if result is not None:
-            notes += self.apply_build_runtime(name, raw, result)
-        if "image" in raw and "image" in lines_value and lines_value["image"] != raw["image"]:
-            self.drop(path + ("image",), "image %s named the built image; the base image is the "
-                      "Dockerfile's FROM" % raw["image"])
-        elif "image" in raw and self.host_runtime:
-            self.drop(path + ("image",), "image %s dropped: with the host runtime the service "
-                      "runs on the node itself" % raw["image"])
-        elif "image" in raw:
-            self.drop(path + ("image",), "image moved to where build was")
-        rows = self.entry_rows(path + ("build",))
-        if rows is not None:
-            start, end, column = rows
-            self.replace(start, end, column, notes + ["TODO " + t for t in todos],
-                         _format_yaml_lines(lines_value, column) if lines_value else ())
-
-    def apply_build_runtime(self, name, raw, result):
-        """CMD/ENTRYPOINT/WORKDIR/ENV/HEALTHCHECK and runtime volumes of a translated build;
-        returns notes for the build's comment."""
-        notes = []
-        command = raw.get("command")
-        entrypoint = raw.get("entrypoint")
-        new_command = result.command if command is None else None
-        new_entrypoint = result.entrypoint if entrypoint is None else None
-        final_command = command if command is not None else new_command
-        final_entrypoint = entrypoint if entrypoint is not None else new_entrypoint
-        if final_command is not None and final_entrypoint is not None and \
-                isinstance(final_command, str) != isinstance(final_entrypoint, str):
-            if new_entrypoint is not None and isinstance(new_entrypoint, list):
-                new_entrypoint = " ".join(shell_quote(w) for w in new_entrypoint)
-            elif new_entrypoint is not None:
-                new_entrypoint = ["/bin/sh", "-c", new_entrypoint]
-            elif new_command is not None and isinstance(new_command, str):
-                new_command = ["/bin/sh", "-c", new_command]
-            elif new_command is not None:
-                new_command = " ".join(shell_quote(w) for w in new_command)
-        for key, value, source in (("entrypoint", new_entrypoint, "ENTRYPOINT"),
-                                   ("command", new_command, "CMD")):
-            if value is None:
-                continue
-            if isinstance(value, list):
-                value = [_escape_interpolation(word) for word in value]
-            self.additions[key] = (value, ["%s -> %s (Dockerfile %s)" % (source, key, source)])
-        has_command = final_command is not None or final_entrypoint is not None
-        if result.working_dir and "working_dir" not in raw:
-            if has_command:
-                self.additions["working_dir"] = (result.working_dir, [
-                    "WORKDIR %s -> working_dir" % result.working_dir])
-            else:
-                notes.append("WORKDIR %s not kept: working_dir needs a command, and the base "
-                             "image's command runs in the base image's folder" % result.working_dir)
-        environment = raw.get("environment")
-        names = set(environment) if isinstance(environment, dict) else set(
-            str(item).partition("=")[0] for item in environment or [])
-        for key, value in result.runtime_env:
-            if key not in names:
-                self.env_additions.append((key, _escape_interpolation(value),
-                                           "ENV %s -> environment (the prepared image does not "
-                                           "keep ENV)" % key))
-        if not self.host_runtime:
-            for volume, note in result.volumes:
-                self.volume_additions.append((volume, note))
-        if result.healthcheck and "healthcheck" not in raw and "readiness" not in raw:
-            try:
-                readiness, note = _healthcheck_readiness(result.healthcheck)
-            except _Invalid as exc:
-                if self.needs_readiness(name):
-                    self.additions["readiness"] = (None, [])
-                else:
-                    notes.append("Dockerfile HEALTHCHECK dropped: %s" % exc.message)
-                return notes
-            if readiness is not None:
-                self.additions["readiness"] = (readiness, ["Dockerfile HEALTHCHECK: " + note])
-        return notes
-
-    # --- top level ---
+    # --- top level --------------------------------------------------------------------------------
 
     def migrate_top_secrets(self, secrets):
         for name, definition in secrets.items():
@@ -13165,6 +12719,654 @@ class _Migration(object):
         lines = tuple(self.note_lines(column, notes)) + tuple(
             _format_yaml_lines({"x-slurm": values}, column))
         self.edits.append(_Edit(start, start, lines))
+
+
+class _ServiceMigration(object):
+    """The rewrite of one service of a ``_Migration``: each key by its rule (``KEY_RULES``), then
+    what the service gained (variables, volumes, x-slurm keys, its build's settings) in one go."""
+
+    def __init__(self, migration, name):
+        self.migration = migration
+        self.name = name
+        self.path = ("services", name)
+        self.raw = migration.data["services"][name]
+        self.additions = {}        # service key -> (value, [notes]) added at the end of the block
+        self.slurm_additions = {}  # service x-slurm key -> (value, [notes])
+        self.volume_additions = []  # (volume, note)
+        self.env_additions = []    # (key, value, note); key None: a note only
+        self.env_replacement = None  # (new value, notes) of a flow-style environment
+        self.env_rewritten = None  # the environment with host names rewritten
+        self.volumes_converted = None  # (new list, notes) when volumes are written whole
+
+    def run(self):
+        raw, migration = self.raw, self.migration
+        handled = set()
+        if "build" in raw:
+            self.migrate_build()
+            handled.update(("build", "image"))
+        for key in list(raw):
+            if key in handled or not isinstance(key, str):
+                continue
+            self.migrate_key(key)
+        if "healthcheck" not in raw and "readiness" not in raw and \
+                migration.needs_readiness(self.name):
+            self.additions.setdefault("readiness", (None, []))
+        if migration.host_runtime and not any(k in raw or k in self.additions
+                                              for k in ("command", "entrypoint")):
+            self.additions["command"] = (None, ["TODO with the host runtime there is no image "
+                                                "default command: write the command to run"])
+        self.flush()
+
+    def migrate_key(self, key):
+        """One key by its rule in ``KEY_RULES``; an x- key without one stays, any other key goes."""
+        path = self.path + (key,)
+        rule = self.KEY_RULES.get(key)
+        if rule is not None:
+            rule(self, path, self.raw[key])
+        elif key.startswith("x-"):
+            self.migration.counts["kept"] += 1
+        else:
+            reason = _MIGRATE_DROPPED_KEYS.get(key) or "it has no meaning on a Slurm allocation"
+            self.migration.drop(path, "dropped %s %s: %s" % (key, _brief(self.raw[key]), reason))
+
+    # --- what the service gained ------------------------------------------------------------------
+
+    def flush(self):
+        migration, path = self.migration, self.path
+        self.flush_volumes()
+        self.flush_environment()
+        if self.slurm_additions:
+            current = self.raw.get("x-slurm")
+            values = dict((k, v) for k, (v, _) in self.slurm_additions.items())
+            notes = [note for _, ns in self.slurm_additions.values() for note in ns]
+            if isinstance(current, dict) and migration.owns(self.name, path + ("x-slurm",)):
+                notes += ["x-slurm.%s kept as written (the Compose value was %s)"
+                          % (k, _brief(v)) for k, v in values.items() if k in current]
+                values = dict((k, v) for k, v in values.items() if k not in current)
+                if values:
+                    migration.insert_into(path + ("x-slurm",), notes, values)
+                else:
+                    start, end, column = migration.entry_rows(path + ("x-slurm",))
+                    migration.edits.append(_Edit(end, end, tuple(migration.note_lines(
+                        migration.child_indent(start, end, column + 2), notes))))
+            elif current is not None:
+                self.additions["x-slurm"] = (values, ["TODO this service's x-slurm comes from a "
+                                                      "merge key; merge these keys into it"]
+                                             + notes)
+            else:
+                self.additions["x-slurm"] = (values, notes)
+        if "readiness" in self.additions and self.additions["readiness"][0] is None:
+            del self.additions["readiness"]
+            self.additions["readiness"] = ({"type": "tcp", "port": 1}, [
+                "TODO another service waits for '%s' to be healthy: set the port it listens "
+                "on (or another readiness type)" % self.name])
+        if not self.additions:
+            return
+        start, end, column = migration.entry_rows(path)
+        indent = migration.child_indent(start, end, column + 2)
+        lines = []
+        for key, (value, notes) in self.additions.items():
+            lines += migration.note_lines(indent, notes)
+            if value is not None:
+                lines += _format_yaml_lines({key: value}, indent)
+                migration.counts["added"] += 1
+        migration.edits.append(_Edit(end, end, tuple(lines)))
+
+    def flush_volumes(self):
+        """Add the collected volumes: into a block list of the service's own, else as a whole."""
+        if not self.volume_additions and self.volumes_converted is None:
+            return
+        migration = self.migration
+        path = self.path + ("volumes",)
+        notes = [note for _, note in self.volume_additions]
+        items = [text for text, _ in self.volume_additions]
+        volumes = self.raw.get("volumes")
+        owned = isinstance(volumes, list) and migration.owns(self.name, path)
+        if owned and volumes and self.volumes_converted is None and not migration.is_flow(path):
+            migration.insert_into(path, notes, items)
+            return
+        value, converted = self.volumes_converted or (list(volumes or []), [])
+        if owned:
+            migration.replace_entry(path, converted + notes, value + items)
+        else:
+            # A merge key's volumes are replaced, not merged, by the service's own: copy them.
+            self.additions["volumes"] = (value + items, converted + notes + (
+                ["volumes from the merge key copied here"] if volumes else []))
+
+    def flush_environment(self):
+        """Add the collected variables: into a block of the service's own, else as a whole."""
+        notes = _unique(note for _, _, note in self.env_additions)
+        additions = [(k, v) for k, v, _ in self.env_additions if k is not None]
+        if not additions and self.env_replacement is None:
+            return
+        migration = self.migration
+        path = self.path + ("environment",)
+        environment = self.raw.get("environment")
+        owned = environment is not None and migration.owns(self.name, path)
+        if owned and not migration.is_flow(path) and self.env_replacement is None:
+            items = dict(additions) if isinstance(environment, dict) else \
+                ["%s=%s" % pair for pair in additions]
+            migration.insert_into(path, notes, items)
+            return
+        value, replaced = self.env_replacement or (self.env_rewritten or environment, [])
+        if isinstance(value, list):
+            value = list(value) + ["%s=%s" % pair for pair in additions]
+        else:
+            value = dict(value or {}, **dict(additions))
+        if owned:
+            migration.replace_entry(path, replaced + notes, value)
+        else:
+            # A merge key's environment is replaced, not merged, by the service's own: copy it.
+            self.additions["environment"] = (value, replaced + notes + (
+                ["environment from the merge key copied here"] if environment else []))
+
+    def add_slurm(self, key, value, note):
+        if key in self.slurm_additions:
+            self.slurm_additions[key][1].append(note)
+        else:
+            self.slurm_additions[key] = (value, [note])
+
+    # --- keys kept or refused ---------------------------------------------------------------------
+
+    def keep(self, path, value):
+        self.migration.counts["kept"] += 1
+
+    def migrate_working_dir(self, path, value):
+        if not any(k in self.raw for k in ("command", "entrypoint")) and "build" not in self.raw:
+            self.migration.todo_entry(path, "working_dir %s needs an explicit command: write the "
+                                      "command the image runs by default" % value)
+            return
+        self.migration.counts["kept"] += 1
+
+    def migrate_image(self, path, value):
+        if self.migration.host_runtime:
+            return self.migration.drop(path, "image %s dropped: with the host runtime the "
+                                       "service runs on the node itself" % value)
+        self.migration.counts["kept"] += 1
+
+    def migrate_unsupported(self, path, value):
+        self.migration.todo_entry(path, "%s %s is not supported: copy the settings it brings "
+                                  "into this service" % (path[-1], _brief(value)))
+
+    # --- service hosts ----------------------------------------------------------------------------
+
+    def migrate_command(self, path, value):
+        migration = self.migration
+        replacement = migration.host_replacement(self.name)
+        words = value if isinstance(value, list) else [value]
+        found, new_words = [], []
+        for index, word in enumerate(words):
+            if not isinstance(word, str) or migration.host_pattern is None:
+                new_words.append(word)
+            elif word in migration.services and index and words[index - 1] in _HOST_FLAGS:
+                found.append(word)
+                new_words.append(replacement)
+            else:
+                new_word, names = _rewrite_hosts(word, migration.host_pattern, replacement)
+                found += names
+                new_words.append(new_word)
+        # Compose interpolates a string command ($$ is a literal $); hpc-compose hands it to the
+        # container's shell untouched, so $$ would be the shell's process id.
+        dollars = isinstance(value, str) and "$$" in value
+        if not found and not dollars:
+            migration.counts["kept"] += 1
+            return
+        if found and replacement != "127.0.0.1" and isinstance(value, list):
+            migration.todo_entry(path, "service host name(s) %s: this service spans several "
+                                 "nodes; write the command in shell form with "
+                                 "$HPC_COMPOSE_PRIMARY_NODE" % ", ".join(sorted(set(found))))
+            return
+        notes = []
+        if found:
+            notes.append("host name %s -> %s (there is no service-name DNS; %s)" % (
+                ", ".join(sorted(set(found))), replacement,
+                "helpers run on the primary node" if replacement != "127.0.0.1"
+                else "services share the node's network"))
+        if dollars:
+            notes.append("$$ -> $ (a string %s is not interpolated here: the container's shell "
+                         "expands its variables)" % path[-1])
+        migration.counts["changed"] += 1
+        if isinstance(value, list):
+            migration.replace_entry(path, notes, new_words)
+            return
+        rows = migration.entry_rows(path)
+        if rows is None:
+            return
+
+        def rewrite(text):
+            if dollars:
+                text = text.replace("$$", "$")
+            return _rewrite_hosts(text, migration.host_pattern, replacement)[0] if found else text
+
+        migration.rewrite_region(path, rows, rewrite, "; ".join(notes))
+
+    def migrate_environment(self, path, value):
+        migration = self.migration
+        names = value if isinstance(value, dict) else [
+            str(item).partition("=")[0] for item in value or []]
+        invalid = [str(key) for key in names if not _is_env_name(str(key))]
+        if invalid:
+            return migration.todo_entry(path, "%s: not shell variable names, which the container "
+                                        "environment needs; pass these settings another way (a "
+                                        "command-line option or a config file)"
+                                        % ", ".join(invalid))
+        if migration.host_pattern is None or not isinstance(value, (dict, list)):
+            migration.counts["kept"] += 1
+            return
+        replacement = migration.host_replacement(self.name)
+        items = list(value.items()) if isinstance(value, dict) else list(enumerate(value))
+        changes = []
+        for key, item in items:
+            if isinstance(value, list):
+                if not isinstance(item, str) or "=" not in item:
+                    continue
+                variable, _, text = item.partition("=")
+                new, found = migration.env_rewrite(variable, text, replacement)
+                new = variable + "=" + new
+            else:
+                new, found = migration.env_rewrite(str(key), item, replacement)
+            if found:
+                changes.append((key, new, found))
+        if not changes:
+            migration.counts["kept"] += 1
+            return
+        migration.counts["changed"] += 1
+        if replacement != "127.0.0.1":
+            migration.todo_entry(path, "environment refers to service host name(s) %s and this "
+                                 "service spans several nodes: read $HPC_COMPOSE_PRIMARY_NODE in "
+                                 "a shell-form command instead"
+                                 % ", ".join(sorted(set(f for _, _, fs in changes for f in fs))))
+            return
+        new_value = dict(value) if isinstance(value, dict) else list(value)
+        for key, new, _ in changes:
+            new_value[key] = new
+        self.env_rewritten = new_value
+        if migration.is_flow(path):
+            names = sorted(set(f for _, _, fs in changes for f in fs))
+            self.env_replacement = (new_value, [
+                "host name %s -> 127.0.0.1 (there is no service-name DNS; services share the "
+                "node's network)" % ", ".join(names)])
+            return
+        for key, new, found in changes:
+            item_path = path + (key,)
+            rows = migration.entry_rows(item_path) if isinstance(value, dict) else \
+                migration.item_rows(item_path)
+            if rows is None:
+                continue
+            whole = value[key] if isinstance(value, dict) else value[key].partition("=")[2]
+
+            def rewrite(text, whole=whole, found=found):
+                if found == [whole]:
+                    import re
+                    return re.sub(r"(?<![\w./@-])%s(?![\w.-])" % re.escape(whole), "127.0.0.1",
+                                  text, count=1)
+                return _rewrite_hosts(text, migration.host_pattern, "127.0.0.1")[0]
+
+            migration.rewrite_region(item_path, rows, rewrite,
+                                     "host name %s -> 127.0.0.1 (there is no service-name DNS; "
+                                     "services share the node's network)"
+                                     % ", ".join(sorted(set(found))))
+
+    def migrate_env_file(self, path, value):
+        """``env_file`` stays as written: hpc-compose reads it as Compose does. A value that names
+        another service's host is set again, rewritten, in ``environment`` (which wins)."""
+        migration = self.migration
+        if migration.host_pattern is None:
+            migration.counts["kept"] += 1
+            return
+        files = value if isinstance(value, list) else [value]
+        existing = self.raw.get("environment")
+        names = set(existing) if isinstance(existing, dict) else set(
+            str(item).partition("=")[0] for item in existing or [])
+        replacement = migration.host_replacement(self.name)
+        changed = False
+        for entry in files:
+            if isinstance(entry, dict):
+                entry = entry.get("path")
+            file_path = os.path.join(migration.project_dir, str(entry))
+            try:
+                variables = parse_dotenv(migration.read_text(file_path), file_path)
+            except (OSError, SpecError):
+                continue    # validate reports a missing or unreadable file at its entry
+            for key, item in variables.items():
+                item, found = migration.env_rewrite(key, item, replacement)
+                if found and key not in names:
+                    names.add(key)
+                    # Compose interpolates env_file values too, so the value is copied as written.
+                    migration.env_files_copied = True
+                    self.env_additions.append((key, item, "host name %s -> %s in %s from "
+                                               "env_file %s (environment wins over env_file)"
+                                               % (", ".join(found), replacement, key, entry)))
+                    changed = True
+        migration.counts["changed" if changed else "kept"] += 1
+
+    # --- volumes, secrets, configs ----------------------------------------------------------------
+
+    def convert_volume(self, item):
+        """``(new item or None to drop, note)``; ``(item, None)`` when it stays as written."""
+        import posixpath
+        data_dir = self.migration.data_dir
+        if isinstance(item, str):
+            if ":" not in item:
+                slug = "%s-%s" % (self.name, posixpath.basename(item.rstrip("/")) or "root")
+                return ("%s:%s" % (data_dir(slug), item),
+                        "anonymous volume %s -> bind mount of %s (created by migrate)"
+                        % (item, data_dir(slug)))
+            source, _, rest = item.partition(":")
+            if source.startswith(("/", ".", "~", "$")):
+                return item, None
+            host, note = self.migration.named_volume_source(source)
+            return "%s:%s" % (host, rest), note
+        if not isinstance(item, dict):
+            return item, None
+        kind = item.get("type", "volume")
+        target = item.get("target")
+        read_only = item.get("read_only") is True
+        suffix = ":ro" if read_only else ""
+        if kind == "bind":
+            extra = [k for k in item if k not in ("type", "source", "target", "read_only",
+                                                  "bind")]
+            bind = item.get("bind") if isinstance(item.get("bind"), dict) else {}
+            extra += ["bind." + k for k in bind if k != "create_host_path"]
+            if not extra:
+                return item, None
+            return ("%s:%s%s" % (item.get("source"), target, suffix),
+                    "long-syntax bind -> short form (%s not used by Pyxis)" % ", ".join(extra))
+        if kind == "volume":
+            source = item.get("source")
+            if not source:
+                slug = "%s-%s" % (self.name, posixpath.basename(str(target).rstrip("/")))
+                return ("%s:%s%s" % (data_dir(slug), target, suffix),
+                        "anonymous volume %s -> bind mount of %s (created by migrate)"
+                        % (target, data_dir(slug)))
+            host, note = self.migration.named_volume_source(str(source))
+            return "%s:%s%s" % (host, target, suffix), note
+        if kind == "tmpfs":
+            if str(target).rstrip("/") == "/tmp":
+                return None, "tmpfs at /tmp dropped: every step gets a fresh /tmp"
+            slug = "%s-tmpfs-%s" % (self.name, posixpath.basename(str(target).rstrip("/")))
+            return ("%s:%s" % (data_dir(slug), target),
+                    "tmpfs %s -> bind mount of %s (a folder, not memory: empty it if the program "
+                    "expects a fresh one)" % (target, data_dir(slug)))
+        return None, "volume of type %s dropped: only bind mounts exist on the nodes" % kind
+
+    def migrate_volumes(self, path, value):
+        migration = self.migration
+        if not isinstance(value, list):
+            migration.counts["kept"] += 1
+            return
+        if migration.host_runtime:
+            return migration.drop(path, "volumes dropped: with the host runtime the service sees "
+                                  "the node's file system (use the host paths directly)")
+        converted = [self.convert_volume(item) for item in value]
+        if all(note is None for _, note in converted):
+            migration.counts["kept"] += 1
+            return
+        migration.counts["changed"] += 1
+        if migration.is_flow(path) or not migration.owns(self.name, path):
+            # Written whole by flush_volumes, with what the build adds.
+            self.volumes_converted = ([item for item, _ in converted if item is not None],
+                                      [note for _, note in converted if note])
+            return
+        for index, (item, note) in enumerate(converted):
+            if note is None:
+                continue
+            rows = migration.item_rows(path + (index,))
+            if rows is None:
+                continue
+            start, end, dash = rows
+            new_lines = () if item is None else _format_yaml_lines([item], dash)
+            migration.replace(start, end, dash, [note], new_lines)
+
+    def migrate_configs(self, path, value):
+        """Configs with a ``file:`` become read-only bind mounts of it."""
+        data = self.migration.data
+        top = data.get("configs") if isinstance(data.get("configs"), dict) else {}
+        todo = []
+        for entry in value if isinstance(value, list) else []:
+            source = entry.get("source") if isinstance(entry, dict) else entry
+            target = entry.get("target") if isinstance(entry, dict) else None
+            definition = top.get(source) if isinstance(top.get(source), dict) else {}
+            if not definition.get("file"):
+                todo.append(str(source))
+                continue
+            if not target:
+                target = "/%s" % source
+            host = str(definition["file"])
+            if not host.startswith(("/", ".", "~", "$")):
+                host = "./" + host
+            self.volume_additions.append(("%s:%s:ro" % (host, target),
+                                          "config %s -> read-only bind mount of %s at %s"
+                                          % (source, host, target)))
+        if todo:
+            return self.migration.todo_entry(path, "configs %s are not files: pass them as "
+                                             "environment values from .env, or mount a file"
+                                             % ", ".join(todo))
+        self.migration.drop(path, "configs %s became read-only bind mounts (see volumes)"
+                            % _brief(value))
+
+    def migrate_secrets(self, path, value):
+        """Secrets with a ``file:`` or ``environment:`` source stay: the spec supports them."""
+        data = self.migration.data
+        top = data.get("secrets") if isinstance(data.get("secrets"), dict) else {}
+        entries = value if isinstance(value, list) else []
+        unsupported = sorted(set(
+            str(entry.get("source") if isinstance(entry, dict) else entry) for entry in entries
+            if not _local_secret_source(top.get(entry.get("source") if isinstance(entry, dict)
+                                                 else entry))))
+        if unsupported:
+            return self.migration.todo_entry(path, "secrets %s have neither file: nor "
+                                             "environment: (external and content secrets are "
+                                             "not supported): put the value in an owner-only "
+                                             "file and name it with file:"
+                                             % ", ".join(unsupported))
+        changed = False
+        for index, entry in enumerate(entries):
+            for owner in ("uid", "gid"):
+                if isinstance(entry, dict) and owner in entry:
+                    self.migration.drop(path + (index, owner), "dropped %s of secret %s: the copy "
+                                        "belongs to the job's user" % (owner, entry.get("source")))
+                    changed = True
+        if not changed:
+            self.migration.counts["kept"] += 1
+
+    # --- dependencies, health, restarts, resources ------------------------------------------------
+
+    def migrate_depends_on(self, path, value):
+        if not isinstance(value, dict):
+            self.migration.counts["kept"] += 1
+            return
+        changed = False
+        for target, body in value.items():
+            if not isinstance(body, dict):
+                continue
+            # Every condition (service_completed_successfully too) means the same here.
+            extra = [k for k in body if k != "condition"]
+            if not extra:
+                continue
+            item_path = path + (target,)
+            condition = body.get("condition")
+            new = {"condition": "service_started" if condition is None else condition}
+            notes = ["dropped %s of depends_on.%s: hpc-compose starts each service once"
+                     % (", ".join(extra), target)]
+            if not self.migration.replace_entry(item_path, notes, new):
+                continue
+            changed = True
+        self.migration.counts["changed" if changed else "kept"] += 1
+
+    def migrate_healthcheck(self, path, value):
+        migration = self.migration
+        try:
+            readiness, note = _healthcheck_readiness(value)
+        except _Invalid as exc:
+            if migration.needs_readiness(self.name):
+                return migration.todo_entry(path, "%s: another service waits for '%s' to be "
+                                            "healthy; write a readiness (tcp port, log line, "
+                                            "http url) instead" % (exc.message, self.name))
+            return migration.drop(path, "healthcheck dropped (%s); nothing waits for it to be "
+                                  "healthy" % exc.message)
+        if readiness is None:
+            return migration.drop(path, note)
+        if readiness.get("type") == "http":
+            readiness["url"] = _rewrite_hosts(readiness["url"], migration.host_pattern,
+                                              "127.0.0.1")[0]
+        if readiness.get("type") == "tcp" and readiness.get("host") in migration.services:
+            readiness["host"] = "127.0.0.1"
+        rows = migration.entry_rows(path)
+        if rows is None or not migration.owns(self.name, path):
+            self.additions["readiness"] = (readiness, [note])
+            migration.counts["changed"] += 1
+            return
+        start, end, column = rows
+        migration.replace(start, end, column, [note],
+                          _format_yaml_lines({"readiness": readiness}, column))
+        migration.counts["changed"] += 1
+
+    def migrate_restart(self, path, value):
+        try:
+            policy, note = _restart_policy(value)
+        except _Invalid as exc:
+            return self.migration.todo_entry(path, exc.message + ": write x-slurm.failure_policy")
+        if policy is not None:
+            self.add_slurm("failure_policy", policy, note)
+            note = "restart moved to x-slurm.failure_policy"
+        self.migration.drop(path, note)
+
+    def add_cpus(self, value, source):
+        import math
+        try:
+            cpus = int(math.ceil(float(value)))
+        except (TypeError, ValueError):
+            return
+        if cpus >= 1:
+            self.add_slurm("cpus_per_task", cpus, "%s %s -> x-slurm.cpus_per_task %d"
+                           % (source, value, cpus))
+            self.migration.sums["cpus_per_task"] += cpus
+
+    def add_memory(self, value, source):
+        try:
+            megabytes = _docker_memory_megabytes(value)
+        except _Invalid:
+            return
+        self.migration.sums["mem"] += megabytes
+        self.migration.top_slurm_note("mem", "%s %s counted into the top-level x-slurm.mem"
+                                      % (source, value))
+
+    def add_gpus(self, count, source):
+        self.add_slurm("gpus", count, "%s -> x-slurm.gpus %d" % (source, count))
+        self.migration.sums["gpus"] += count
+
+    def migrate_resource_key(self, path, value):
+        """cpus, mem_limit and gpus."""
+        key = path[-1]
+        if key == "cpus":
+            self.add_cpus(value, "cpus")
+        elif key == "mem_limit":
+            self.add_memory(value, "mem_limit")
+        else:
+            if str(value) == "all":
+                return self.migration.todo_entry(path, "gpus: all: set x-slurm.gpus to the "
+                                                 "number of GPUs the service needs")
+            try:
+                self.add_gpus(int(value), "gpus %s" % value)
+            except (TypeError, ValueError):
+                return self.migration.todo_entry(path, "gpus %s: set x-slurm.gpus"
+                                                 % _brief(value))
+        self.migration.drop(path, "%s moved to %s" % (
+            key, "the top-level x-slurm.mem" if key == "mem_limit" else "x-slurm"))
+
+    def migrate_deploy(self, path, value):
+        value = value if isinstance(value, dict) else {}
+        dropped = []
+        todos = []
+        for key, item in value.items():
+            if key == "resources" and isinstance(item, dict):
+                limits = item.get("limits") if isinstance(item.get("limits"), dict) else {}
+                reservations = item.get("reservations") if isinstance(
+                    item.get("reservations"), dict) else {}
+                cpus = limits.get("cpus", reservations.get("cpus"))
+                if cpus is not None:
+                    self.add_cpus(cpus, "deploy.resources cpus")
+                memory = limits.get("memory", reservations.get("memory"))
+                if memory is not None:
+                    self.add_memory(memory, "deploy.resources memory")
+                for device in reservations.get("devices") or []:
+                    if not isinstance(device, dict):
+                        continue
+                    capabilities = device.get("capabilities") or []
+                    if "gpu" not in capabilities and device.get("driver") != "nvidia":
+                        dropped.append("device %s" % _brief(device))
+                        continue
+                    count = device.get("count")
+                    if device.get("device_ids"):
+                        count = len(device["device_ids"])
+                    if count in (None, "all") or not str(count).isdigit():
+                        todos.append("GPU reservation count %s: set x-slurm.gpus to the number "
+                                     "of GPUs the service needs" % (count or "unset"))
+                        continue
+                    self.add_gpus(int(count), "deploy GPU reservation count %s" % count)
+            elif key == "restart_policy" and isinstance(item, dict):
+                condition = item.get("condition", "any")
+                if condition == "none":
+                    continue
+                try:
+                    attempts = int(item.get("max_attempts") or _DEFAULT_MAX_RESTARTS)
+                    delay = _parse_duration(item["delay"]) if item.get("delay") else \
+                        _DEFAULT_BACKOFF_SECONDS
+                except (ValueError, _Invalid):
+                    todos.append("deploy.restart_policy %s: write x-slurm.failure_policy"
+                                 % _brief(item))
+                    continue
+                policy = {"mode": "restart_on_failure", "max_restarts": max(1, attempts),
+                          "backoff_seconds": max(1, delay)}
+                self.add_slurm("failure_policy", policy, "deploy.restart_policy %s -> "
+                               "failure_policy restart_on_failure" % _brief(item))
+            elif key == "replicas" and item in (1, "1"):
+                continue
+            else:
+                dropped.append("%s %s" % (key, _brief(item, 30)))
+        note = "deploy moved to x-slurm"
+        if dropped:
+            note += "; dropped %s (no meaning in one batch job)" % "; ".join(dropped)
+        if self.migration.replace_entry(path, ["TODO " + t for t in todos] + [note],
+                                        drop=True):
+            self.migration.counts["dropped"] += 1
+
+
+    # --- build ------------------------------------------------------------------------------------
+
+    def migrate_build(self):
+        """``build:`` becomes image + x-enroot.prepare (``_migrate_build``) where it was written;
+        the service gains the Dockerfile's runtime settings."""
+        migration = self.migration
+        build = _migrate_build(self.raw, migration.project_dir, migration.read_text,
+                               migration.host_runtime, migration.needs_readiness(self.name))
+        migration.counts["changed"] += 1
+        for key, value, notes in build.additions:
+            self.additions[key] = (value, list(notes))
+        self.env_additions += build.environment
+        self.volume_additions += build.volumes
+        if build.image_note is not None:
+            migration.drop(self.path + ("image",), build.image_note)
+        rows = migration.entry_rows(self.path + ("build",))
+        if rows is not None:
+            start, end, column = rows
+            migration.replace(start, end, column, build.notes,
+                              _format_yaml_lines(build.lines_value, column)
+                              if build.lines_value else ())
+
+    # The rule of each service key; an x- key without one stays, any other key is dropped.
+    KEY_RULES = {
+        "readiness": keep, "working_dir": migrate_working_dir, "image": migrate_image,
+        "command": migrate_command, "entrypoint": migrate_command,
+        "environment": migrate_environment, "env_file": migrate_env_file,
+        "volumes": migrate_volumes, "secrets": migrate_secrets, "configs": migrate_configs,
+        "depends_on": migrate_depends_on, "healthcheck": migrate_healthcheck,
+        "restart": migrate_restart, "deploy": migrate_deploy,
+        "cpus": migrate_resource_key, "mem_limit": migrate_resource_key,
+        "gpus": migrate_resource_key,
+        "extends": migrate_unsupported, "volumes_from": migrate_unsupported,
+    }
 
 
 ##############################################################################

@@ -829,3 +829,51 @@ def test_a_host_name_as_a_variable_default_is_rewritten(hc, project):
     assert dict(service(load(hc, project, result), "app").environment) == \
         {"URL": "http://127.0.0.1:5432"}
     assert "URL: http://${DB_HOST:-127.0.0.1}:5432" in result.text
+
+
+# --- the same output for every hash seed ----------------------------------------------------------
+
+CORPUS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "migrate_corpus")
+MIGRATE_CORPUS = """\
+import json, os, sys
+sys.path.insert(0, sys.argv[1])
+import hpc_compose
+texts = {}
+for folder, _, names in sorted(os.walk(sys.argv[2])):
+    for name in sorted(names):
+        if name in ("docker-compose.yml", "docker-compose.yaml", "compose.yml", "compose.yaml"):
+            path = os.path.join(folder, name)
+            with open(path, encoding="utf-8") as handle:
+                texts[path] = hpc_compose.migrate_compose(handle.read(), path).text
+print(json.dumps(texts))
+"""
+
+
+def test_migrate_writes_the_same_file_for_every_hash_seed_and_it_parses(hc):
+    import json
+    import subprocess
+    import sys
+    repo = os.path.dirname(os.path.abspath(hc.__file__))
+    outputs = {}
+    for seed in range(6):
+        done = subprocess.run([sys.executable, "-c", MIGRATE_CORPUS, repo, CORPUS],
+                              env=dict(os.environ, PYTHONHASHSEED=str(seed)),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              universal_newlines=True)
+        assert done.returncode == 0, done.stderr
+        outputs[seed] = json.loads(done.stdout)
+    assert len(outputs[0]) == len(os.listdir(CORPUS))
+    for seed, texts in outputs.items():
+        for path, text in texts.items():
+            assert text == outputs[0][path], "PYTHONHASHSEED=%d changed %s" % (seed, path)
+    for path, text in outputs[0].items():
+        hc.parse_yaml(text)
+
+
+def test_variables_from_the_dockerfile_join_an_environment_list_ahead_of_added_keys(hc):
+    path = os.path.join(CORPUS, "workdir-env-list", "docker-compose.yml")
+    with open(path, encoding="utf-8") as handle:
+        result = hc.migrate_compose(handle.read(), path)
+    lines = result.text.splitlines()
+    assert lines.index("      - GREETING=hello") == lines.index("      - MODE=dev") + 2
+    assert lines.index("      - GREETING=hello") < lines.index("    working_dir: /code")

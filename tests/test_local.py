@@ -29,8 +29,15 @@ def test_every_service_starts_through_the_launch_array():
         assert "$SRUN" not in body
 
 
-def test_the_launcher_is_srun_unless_up_local_asks_for_this_machine():
+def test_the_launcher_of_a_batch_script_is_srun_alone():
     script = hc.render_script(runtime_plan(service()))
+    assert "LAUNCH=(\"$SRUN\")\n" in script
+    assert "LAUNCHER" not in script and "local_step" not in script
+    assert script.index("LAUNCH=(") < script.index("allocation_nodes=()")
+
+
+def test_the_launcher_is_srun_unless_up_local_asks_for_this_machine():
+    script = hc.render_script(runtime_plan(service()), local=True)
     assert "LAUNCHER=${HPC_COMPOSE_LAUNCHER:-srun}\n" in script
     assert "unset -v HPC_COMPOSE_LAUNCHER\n" in script
     assert "LAUNCH=(\"$SRUN\")" in script
@@ -63,7 +70,7 @@ def test_local_step_makes_enroot_create_and_start_of_the_pyxis_step(tmp_path):
                                 environment=(("GREETING", "hi"),)))
     words = [word.replace("${JOB_DIR}", "/jobs/7").replace("${SLURM_JOB_ID}", "local-x")
              for word in hc.service_srun_argv(plan, 0)]
-    proc, calls = _local_step(hc.render_script(plan), tmp_path, *words)
+    proc, calls = _local_step(hc.render_script(plan, local=True), tmp_path, *words)
     assert proc.returncode == 0, proc.stderr
     name = "pyxis_hpc-compose_local-x_app"
     conf = str(tmp_path / "conf" / "hpc-compose_local-x_app.conf")
@@ -80,7 +87,7 @@ def test_local_step_conf_changes_to_the_workdir_and_skips_the_entrypoint_as_pyxi
     plan = runtime_plan(service(working_dir="/it's here"))
     words = [w.replace("${JOB_DIR}", "/j").replace("${SLURM_JOB_ID}", "local-x")
              for w in hc.service_srun_argv(plan, 0)]
-    proc, _ = _local_step(hc.render_script(plan), tmp_path, *words)
+    proc, _ = _local_step(hc.render_script(plan, local=True), tmp_path, *words)
     assert proc.returncode == 0, proc.stderr
     conf = (tmp_path / "conf" / "hpc-compose_local-x_app.conf").read_text()
     # What enroot's hooks() writes, run here with ENROOT_ROOTFS pointing at an empty root.
@@ -102,7 +109,7 @@ def test_local_step_keeps_the_image_entrypoint_when_asked(tmp_path):
     plan = runtime_plan(service(execution=hc.Execution("exec", ("serve",), use_image_entrypoint=True)))
     words = [w.replace("${JOB_DIR}", "/j").replace("${SLURM_JOB_ID}", "local-x")
              for w in hc.service_srun_argv(plan, 0)]
-    proc, calls = _local_step(hc.render_script(plan), tmp_path, *words)
+    proc, calls = _local_step(hc.render_script(plan, local=True), tmp_path, *words)
     assert proc.returncode == 0, proc.stderr
     assert "--conf" not in calls[-1]  # no workdir, entrypoint kept: /etc/rc as the image made it
     assert calls[-1][-2:] == ["pyxis_hpc-compose_local-x_app", "serve"]
@@ -112,9 +119,9 @@ def test_local_step_reuses_an_existing_container_as_a_named_pyxis_container(tmp_
     plan = runtime_plan(service())
     words = [w.replace("${JOB_DIR}", "/j").replace("${SLURM_JOB_ID}", "local-x")
              for w in hc.service_srun_argv(plan, 0)]
-    _local_step(hc.render_script(plan), tmp_path, *words)
+    _local_step(hc.render_script(plan, local=True), tmp_path, *words)
     (tmp_path / "enroot.jsonl").unlink()
-    _, calls = _local_step(hc.render_script(plan), tmp_path, *words)
+    _, calls = _local_step(hc.render_script(plan, local=True), tmp_path, *words)
     assert [call[0] for call in calls] == ["start"]
 
 
@@ -122,7 +129,7 @@ def test_local_step_runs_a_host_service_directly_without_the_slurm_job_id(tmp_pa
     plan = runtime_plan(service(runtime="host", working_dir=str(tmp_path),
                                 execution=hc.Execution("shell", script='echo "$PWD|${SLURM_JOB_ID-unset}"')))
     words = hc.service_srun_argv(plan, 0)
-    proc, calls = _local_step(hc.render_script(plan), tmp_path, *words)
+    proc, calls = _local_step(hc.render_script(plan, local=True), tmp_path, *words)
     assert (proc.returncode, proc.stdout) == (0, "%s|unset\n" % tmp_path)
     assert calls == []
 
@@ -130,7 +137,8 @@ def test_local_step_runs_a_host_service_directly_without_the_slurm_job_id(tmp_pa
 def test_local_step_skips_the_scheduling_options(tmp_path):
     plan = runtime_plan(service(runtime="host", execution=hc.Execution("exec", ("echo", "ran")),
                                 cpus_per_task=4, gres="gpu:1", extra_srun_args=("--mpi=pmix",)))
-    proc, _ = _local_step(hc.render_script(plan), tmp_path, *hc.service_srun_argv(plan, 0))
+    proc, _ = _local_step(hc.render_script(plan, local=True), tmp_path,
+                          *hc.service_srun_argv(plan, 0))
     assert (proc.returncode, proc.stdout) == (0, "ran\n")
 
 

@@ -7480,7 +7480,7 @@ on_signal() {
 }
 """
 
-# Teardown's line for a job with secrets (x-slurm secrets); the others are one word each.
+# Teardown's line for a job with secrets; _teardown_values holds finish's other per-feature lines.
 _REMOVE_SECRETS_TEMPLATE = """\
     rm -rf -- "$JOB_DIR/@{secrets_dir}"  # the services are gone: so go the secret copies
 """
@@ -8323,17 +8323,13 @@ def _render_supervisor(plan, containers, metrics, artifacts):
 
 def _render_extras(metrics, artifacts):
     """The metrics and artifacts blocks under one banner; "" when the job uses neither."""
-    titles = []
-    if metrics:
-        titles.append("metrics sampler")
-    if artifacts:
-        titles.append("artifact collection")
-    if not titles:
+    if not metrics and not artifacts:
         return ""
+    title = {(True, True): "Metrics sampler and artifact collection",
+             (True, False): "Metrics sampler",
+             (False, True): "Artifact collection"}[bool(metrics), bool(artifacts)]
     blocks = [block.rstrip("\n") for block in (metrics, artifacts) if block]
-    title = " and ".join(titles)
-    return (_fill(_EXTRAS_BANNER_TEMPLATE, title=title[0].upper() + title[1:])
-            + "\n\n".join(blocks) + "\n")
+    return _fill(_EXTRAS_BANNER_TEMPLATE, title=title) + "\n\n".join(blocks) + "\n"
 
 
 def render_script(runtime_plan, local=False):

@@ -10,6 +10,8 @@ import os
 import socket
 import subprocess
 
+import pytest
+
 import hpc_compose as hc
 from test_render import runtime_plan, service
 
@@ -312,6 +314,19 @@ def test_up_local_warns_of_the_settings_only_sbatch_acts_on(project, cli):
                  project.write("plain.yaml", HOST_COMPOSE)], env={"SLURM_JOB_ID": ""})
     assert plain.code == 0 and "warning" not in plain.err, plain
 
+
+
+@pytest.mark.parametrize("job_id, has_local_step", [("", True), ("4242", False)],
+                         ids=["outside-slurm", "in-an-allocation"])
+def test_up_local_writes_local_step_only_into_a_script_that_runs_outside_slurm(
+        project, cli, job_id, has_local_step):
+    path = project.write("compose.yaml", HOST_COMPOSE)
+    result = cli(["up", "--local", "--dry-run", "--no-preflight", "-f", path],
+                 env={"SLURM_JOB_ID": job_id})
+    assert result.code == 0, result
+    script = (project.root / "hpc-compose.sbatch").read_text()
+    assert ("\nlocal_step() {\n" in script) is has_local_step
+    assert ("LAUNCHER=${HPC_COMPOSE_LAUNCHER:-srun}\n" in script) is has_local_step
 
 def test_a_second_up_local_of_a_project_in_the_same_allocation_is_refused(project, cli):
     import fcntl

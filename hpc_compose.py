@@ -6855,22 +6855,29 @@ def _format_preflight_report(report, verbose=False):
 ##############################################################################
 # Render: the batch script
 ##############################################################################
-# render_script(runtime_plan) -> str: the complete, self-contained sbatch script. It is built from
-# small string.Template constants (named *_TEMPLATE, placeholders written ``@{name}`` so the bash
-# inside reads naturally, ``$`` left to bash; tests use ``[[ ]]``); every value from the spec
-# reaches the script through shell_quote. The constants below stand in the order they are emitted.
+# render_script(runtime_plan, local=False) -> str: the complete, self-contained sbatch script. It
+# is built from small string.Template constants (named *_TEMPLATE, placeholders written ``@{name}``
+# so the bash inside reads naturally, ``$`` left to bash; tests use ``[[ ]]``), each filled by one
+# ``_render_*`` function or by render_script itself; every value from the spec reaches the script
+# through shell_quote. The constants below stand in the order they are emitted.
 #
 # What the script does, in order (docs/execution-model.md tells the same story for users):
 #   1. #SBATCH lines (x-slurm fields, then submit_args verbatim), the bash >= 4.4 check,
 #      ``set -euo pipefail``, the per-job directory;
 #   2. one static table per service (policy, dependencies, readiness) and one ``run_service_<i>``
 #      function holding the exact env + srun command line;
-#   3. json_string (the one JSON escaper), the supervisor's functions, the metrics/artifacts
-#      functions (render_metrics_block / render_artifacts_block, after render_script), the traps
-#      and a first state.json: from there on every way out goes through teardown;
-#   4. the resume attempt layout, allocation metadata and HPC_COMPOSE_* variables, the
-#      x-slurm.setup lines, then ONE event loop in the batch shell that launches, probes, restarts
-#      and ends the job; teardown always leaves a final state.json.
+#   3. json_string (the one JSON escaper), the supervisor's functions by concern (state and
+#      logging, launch and dependencies, readiness, exits and failure policies, teardown, signal
+#      forwarding and requeue, the EXIT trap), the log index, the container keeper (jobs with
+#      containers), the metrics/artifacts functions (only when used: render_metrics_block /
+#      render_artifacts_block, after render_script), the traps and a first state.json: from there
+#      on every way out goes through teardown;
+#   4. the resume attempt layout, the secret and array checks when used, the launcher (srun;
+#      local_step too in the script of `up --local` outside Slurm), allocation metadata and
+#      HPC_COMPOSE_* variables, the x-slurm.setup lines, then ONE event loop in the batch shell
+#      that launches, probes, restarts and ends the job; teardown always leaves a final state.json.
+# A job's script carries the bash of a feature (metrics, artifacts, secrets, arrays, resume,
+# containers, one-shot stages, local runs) only when the job uses it, callers included.
 # Public helpers for tests and ``render --format json``: service_srun_argv, service_environment.
 
 _STOP_GRACE_SECONDS = 10      # SIGTERM -> SIGKILL; below Slurm's default KillWait (30 s)
@@ -6906,6 +6913,8 @@ def _fill(template, **values):
         _SHELL_TEMPLATE_CLASS.append(ShellTemplate)
     return _SHELL_TEMPLATE_CLASS[0](template).substitute(**values)
 
+
+# --- templates: header, prelude, the service tables -----------------------------------------------
 
 _SCRIPT_HEAD_TEMPLATE = """\
 #!/bin/bash
@@ -6995,6 +7004,8 @@ run_service_@{index}() {
 }
 """
 
+# --- templates: the JSON escaper and the supervisor, by concern -----------------------------------
+
 # The one JSON string escaper of the script: the supervisor's state.json, the resume marker, the
 # metrics sampler and the artifact manifest all write their strings through it.
 _JSON_STRING_TEMPLATE = r"""
@@ -7023,37 +7034,9 @@ json_or_null() {  # JSON for $1, or null when it is empty
 }
 """
 
-_REMOVE_SECRETS_TEMPLATE = """\
-    rm -rf -- "$JOB_DIR/@{secrets_dir}"  # the services are gone: so go the secret copies
-"""
-
-
-# One-shot stages (depends_on condition service_completed_successfully), rendered only when a
-# service waits for one, so that other scripts stay as they were.
-_COMPLETED_CONDITION_TEMPLATE = """\
-        if [[ $condition == service_completed_successfully ]]; then
-            # A one-shot stage: only its exit code 0 lets the dependent start. A non-zero exit
-            # went through its failure policy, which ended the job or is restarting it.
-            [[ ${STATUS[j]} == exited ]] && continue
-            return
-        fi
-"""
-_BLOCKED_DEPENDENTS_TEMPLATE = """\
-# BLOCKED: ", so 'x' and 'y' never started" for the services still waiting for service $1 to
-# complete successfully (for the reason of a job that ends because $1 failed).
-blocked_dependents() {
-    local i=$1 k names=''
-    for ((k = 0; k < SERVICE_COUNT; k++)); do
-        if [[ ${STATUS[k]} == waiting && " ${DEPENDS_ON[k]} " == *" $i:service_completed_successfully "* ]]; then
-            say "service '${NAME[k]}' will not start: it waits for '${NAME[i]}' to complete successfully"
-            names+="${names:+, }'${NAME[k]}'"
-        fi
-    done
-    BLOCKED=${names:+, so $names never started}
-}
-
-"""
-_SUPERVISOR_TEMPLATE = r"""
+# The supervisor, in the order the script defines it. State and logging: the tunables, one
+# entry per service, the clock, the batch log and state.json.
+_SUPERVISOR_STATE_TEMPLATE = r"""
 # ---------------------------------------------------------------------------
 # Supervisor state (one entry per service) and helpers
 # ---------------------------------------------------------------------------
@@ -7141,7 +7124,10 @@ write_state() {
         "$services" >"$STATE_FILE.tmp" && mv -f "$STATE_FILE.tmp" "$STATE_FILE"
     STATE_CHANGED=0
 }
+"""
 
+# Launch and dependencies: a service starts as a background srun step once its dependencies allow.
+_LAUNCH_TEMPLATE = r"""
 # Launch service $1 as a background srun step; its log is appended to, never truncated.
 launch() {
     local i=$1 log="$LOG_DIR/${TOKEN[$1]}.log"
@@ -7191,7 +7177,21 @@ try_start() {
     done
     launch "$i"
 }
+"""
 
+# One-shot stages (depends_on condition service_completed_successfully), rendered only when a
+# service waits for one: try_start's condition here, blocked_dependents after the exits.
+_COMPLETED_CONDITION_TEMPLATE = """\
+        if [[ $condition == service_completed_successfully ]]; then
+            # A one-shot stage: only its exit code 0 lets the dependent start. A non-zero exit
+            # went through its failure policy, which ended the job or is restarting it.
+            [[ ${STATUS[j]} == exited ]] && continue
+            return
+        fi
+"""
+
+# Readiness: probes in background subshells, and what a readiness timeout does.
+_READINESS_TEMPLATE = r"""
 # Readiness of service $1: one attempt at a time, in a background subshell, so the loop never blocks.
 probe() {
     local i=$1 code
@@ -7265,7 +7265,11 @@ readiness_timed_out() {
             fail_job @{readiness_exit} "service '${NAME[i]}': $what" ;;
     esac
 }
+"""
 
+# Exits and failure policies: what a service's exit means for it and for the job, and how a
+# service's step is stopped (signal_steps, kill_service_hard).
+_EXITS_TEMPLATE = r"""
 @{blocked_dependents}# Service $1 exited with code $2: apply its failure policy.
 service_exited() {
     local i=$1 code=$2
@@ -7380,10 +7384,31 @@ check_job_end() {  # the job ends when every service marked ENDS_JOB has exited 
 fail_job() {  # fail_job CODE REASON
     finish failed "$1" "$2"
 }
+"""
 
+# A one-shot stage that failed names the dependents it leaves waiting.
+_BLOCKED_DEPENDENTS_TEMPLATE = """\
+# BLOCKED: ", so 'x' and 'y' never started" for the services still waiting for service $1 to
+# complete successfully (for the reason of a job that ends because $1 failed).
+blocked_dependents() {
+    local i=$1 k names=''
+    for ((k = 0; k < SERVICE_COUNT; k++)); do
+        if [[ ${STATUS[k]} == waiting && " ${DEPENDS_ON[k]} " == *" $i:service_completed_successfully "* ]]; then
+            say "service '${NAME[k]}' will not start: it waits for '${NAME[i]}' to complete successfully"
+            names+="${names:+, }'${NAME[k]}'"
+        fi
+    done
+    BLOCKED=${names:+, so $names never started}
+}
+
+"""
+
+# Teardown (finish) and the signals that end the job (on_signal). Per-feature lines are
+# placeholders: metrics_stop, container and secret removal, artifact collection.
+_TEARDOWN_TEMPLATE = """
 # Teardown: SIGTERM to every live service, a grace period, SIGKILL; then artifacts, final state, exit.
 finish() {
-    local status=$1 code=$2 reason=$3 i rc running deadline killed=0 outcome=failure live=()
+    local status=$1 code=$2 reason=$3 i rc running deadline killed=0@{outcome_variable} live=()
     local grace=$STOP_GRACE_SECONDS last_wait=3000  # ms between SIGKILL of the steps and of srun
     (( FINISHING )) && return 0
     FINISHING=1
@@ -7397,8 +7422,7 @@ finish() {
         (( grace >= 1 )) || grace=1
         last_wait=1000
     fi
-    metrics_stop
-    for ((i = 0; i < SERVICE_COUNT; i++)); do
+@{metrics_stop}    for ((i = 0; i < SERVICE_COUNT; i++)); do
         stop_probe "$i"
         case ${STATUS[i]} in
             waiting|starting|running|ready|restarting) STATUS[i]=stopped ;;
@@ -7438,11 +7462,9 @@ finish() {
             PID[i]='' LAST_EXIT[i]=$rc FINISHED_AT[i]=$NOW_ISO
         fi
     done
-    [[ $status == completed ]] && outcome=success
-    LOG_INDEX_MS=0
+@{artifacts_outcome}    LOG_INDEX_MS=0
     index_logs
-@{remove_containers}@{remove_secrets}    collect_artifacts "$outcome"
-    if [[ $status == requeued ]] && (( REQUEUE_SELF )) && ! requeue_job; then
+@{remove_containers}@{remove_secrets}@{collect_artifacts}    if [[ $status == requeued ]] && (( REQUEUE_SELF )) && ! requeue_job; then
         status=failed code=1 reason="$reason; but scontrol requeue failed: $REQUEUE_ERROR"
         say "job failed (exit code 1): scontrol requeue failed: $REQUEUE_ERROR"
     fi
@@ -7469,7 +7491,15 @@ on_signal() {
     fi
     finish cancelled $((128 + number)) "the job was cancelled (SIG$name)"
 }
+"""
 
+# Teardown's line for a job with secrets; _teardown_values holds finish's other per-feature lines.
+_REMOVE_SECRETS_TEMPLATE = """\
+    rm -rf -- "$JOB_DIR/@{secrets_dir}"  # the services are gone: so go the secret copies
+"""
+
+# Signals the job passes on (USR1/USR2) and the requeue it may ask for (x-slurm.signal).
+_FORWARD_SIGNALS_TEMPLATE = r"""
 # requeue_job: the job asks Slurm to requeue it (x-slurm.signal.on_signal: requeue). Slurm then
 # ends this attempt (SIGTERM, then SIGKILL after KillWait) and starts attempt N+1 later.
 requeue_job() {
@@ -7545,7 +7575,10 @@ requeue_after_signal() {
     REQUEUE_SELF=1
     finish requeued 0 "the job requeued itself after SIG$signal (x-slurm.signal.on_signal: requeue): attempt $((ATTEMPT + 1)) ended, attempt $((ATTEMPT + 2)) resumes from x-slurm.resume"
 }
+"""
 
+# The EXIT trap: an end without finish() still tears down.
+_ON_EXIT_TEMPLATE = """
 on_exit() {  # the script ended without finish(): a setup line or the script itself failed
     local code=$?
     (( FINISHING )) && exit "$code"
@@ -7554,12 +7587,7 @@ on_exit() {  # the script ended without finish(): a setup line or the script its
 }
 """
 
-_EXTRAS_BANNER = """
-# ---------------------------------------------------------------------------
-# Metrics sampler and artifact collection
-# ---------------------------------------------------------------------------
-"""
-
+# --- templates: log index, container keeper, extras banner ----------------------------------------
 
 _LOG_INDEX_TEMPLATE = """
 # Log timing index, read by `hpc-compose logs` to interleave services in write order and for
@@ -7595,8 +7623,7 @@ _CONTAINER_KEEPER_TEMPLATE = r"""
 # when teardown asks (the stop file) or when Slurm signals the step (scancel, the time limit).
 KEEPER_STOP="$RUN_DIR/containers.stop" KEEPER_PID=''
 start_container_keeper() {
-    [[ $LAUNCHER == srun ]] || return 0  # up --local outside Slurm: teardown removes them itself
-    rm -f -- "$KEEPER_STOP"
+@{local_start}    rm -f -- "$KEEPER_STOP"
     # shellcheck disable=SC2016  # the script is expanded by the keeper's shell, on its node
     srun --overlap --nodes="$HPC_COMPOSE_NODE_COUNT" --ntasks="$HPC_COMPOSE_NODE_COUNT" \
         --ntasks-per-node=1 --kill-on-bad-exit=0 --job-name=hpc-compose-keeper /bin/sh -c '
@@ -7626,8 +7653,7 @@ start_container_keeper() {
 
 stop_container_keeper() {  # ask the keepers to remove the containers, and wait up to 60 s
     local waited=0
-    [[ $LAUNCHER == srun ]] || { remove_local_containers; return 0; }
-    [[ -n $KEEPER_PID ]] || return 0
+@{local_stop}    [[ -n $KEEPER_PID ]] || return 0
     : >"$KEEPER_STOP"
     while alive "$KEEPER_PID" && (( waited < 600 )); do
         read -r -t 0.1 -u "$SLEEP_FD" _ 2>/dev/null
@@ -7642,6 +7668,23 @@ stop_container_keeper() {  # ask the keepers to remove the containers, and wait 
     KEEPER_PID=''
 }
 """
+
+# The keeper's lines for `up --local` outside Slurm (render_script(..., local=True)).
+_KEEPER_LOCAL_START_TEMPLATE = """\
+    [[ $LAUNCHER == srun ]] || return 0  # up --local outside Slurm: teardown removes them itself
+"""
+_KEEPER_LOCAL_STOP_TEMPLATE = """\
+    [[ $LAUNCHER == srun ]] || { remove_local_containers; return 0; }
+"""
+
+# Above the metrics and artifacts blocks when the job uses one (_render_extras).
+_EXTRAS_BANNER_TEMPLATE = """
+# ---------------------------------------------------------------------------
+# @{title}
+# ---------------------------------------------------------------------------
+"""
+
+# --- templates: traps, per-job setup, launcher, allocation, event loop ----------------------------
 
 _SIGNALS_TEMPLATE = """
 # ---------------------------------------------------------------------------
@@ -7703,7 +7746,17 @@ fi
 """
 
 
-_LAUNCHER_TEMPLATE = r"""
+_SRUN_LAUNCHER_TEMPLATE = """
+# ---------------------------------------------------------------------------
+# Launcher: every service is an srun step of this job (sbatch, or `hpc-compose up --local` inside
+# an allocation).
+# ---------------------------------------------------------------------------
+SRUN=$(command -v srun) || { echo "hpc-compose: srun is not on PATH on $(hostname)" >&2; exit 1; }
+LAUNCH=("$SRUN")
+"""
+
+# Only in the script of `up --local` outside Slurm (render_script(..., local=True)).
+_LOCAL_LAUNCHER_TEMPLATE = r"""
 # ---------------------------------------------------------------------------
 # Launcher: every service is an srun step of this job (sbatch, or `hpc-compose up --local` inside
 # an allocation), except in `hpc-compose up --local` outside Slurm (@{launcher_variable}=local),
@@ -7861,8 +7914,7 @@ _MAIN_LOOP_TEMPLATE = """
 # ---------------------------------------------------------------------------
 # The event loop: launch what is ready to start, watch what runs, probe readiness, restart, end
 # ---------------------------------------------------------------------------
-@{curl_check}metrics_start
-set +e  # from here on every failure is handled explicitly; an unexpected exit still tears down
+@{before_loop}set +e  # from here on every failure is handled explicitly; an unexpected exit still tears down
 # Inside the loop a trap only takes note of the signal: bash runs trap handlers from within
 # `read -t`, and when the read's timeout expires meanwhile it abandons the handler half-way. The loop
 # acts on the note at the start of its next turn, a fraction of a second later.
@@ -7895,6 +7947,8 @@ while :; do
 done
 """
 
+# --- pieces: words, #SBATCH lines, service tables, run_service_<i> --------------------------------
+
 class _ShellVariable(NamedTuple):
     """A bash variable expanded at run time inside one word of the script."""
     name: str
@@ -7926,7 +7980,7 @@ def _single_line(value, what):
     return value
 
 
-def _sbatch_lines(plan):
+def _render_sbatch_lines(plan):
     slurm = plan.slurm
     lines = ["--job-name=" + shell_quote(_single_line(plan.job_name, "the job name")),
              "--nodes=" + shell_quote(plan.nodes or 1)]
@@ -7946,13 +8000,13 @@ def _sbatch_lines(plan):
         value = getattr(slurm, field)
         if value is not None:
             lines.append(flag + "=" + shell_quote(_single_line(value, "x-slurm." + field)))
-    lines.extend(_job_pattern_sbatch_lines(slurm))
+    lines.extend(_render_job_pattern_sbatch_lines(slurm))
     for arg in slurm.submit_args:
         lines.append(_single_line(arg, "x-slurm.submit_args entry"))
     return ["#SBATCH " + line for line in lines]
 
 
-def _job_pattern_sbatch_lines(slurm):
+def _render_job_pattern_sbatch_lines(slurm):
     """``--array``, ``--dependency``, ``--signal``, ``--requeue`` from their x-slurm fields."""
     lines = []
     if slurm.array is not None:
@@ -7974,7 +8028,7 @@ def _job_pattern_sbatch_lines(slurm):
     return lines
 
 
-def _signal_table(plan):
+def _render_signal_table(plan):
     """The bash lines of _SIGNAL_TABLE_TEMPLATE: the job's signal policy and SIGNAL_TO per service."""
     signal = plan.slurm.signal or SignalSpec("USR1", 0)
     by_name = dict((s.name, s) for s in plan.spec.services)
@@ -8137,7 +8191,7 @@ def service_srun_argv(runtime_plan, index):
     return [_shown_word(*parts) for parts in _srun_parts(runtime_plan, index)]
 
 
-def _run_service_function(runtime_plan, index):
+def _render_run_service(runtime_plan, index):
     service = runtime_plan.plan.services[index]
     mkdirs = ""
     if service.runtime != "host":
@@ -8177,7 +8231,7 @@ def _readiness_description(readiness):
     return "http %s status %s" % (readiness.url, readiness.status_code or _HTTP_STATUS_DEFAULT)
 
 
-def _readiness_entry(index, readiness):
+def _render_readiness_entry(index, readiness):
     """The READINESS / READY_* lines: only the facts this readiness type uses."""
     if readiness is None:
         return _fill(_NO_READINESS_ENTRY_TEMPLATE, index=index)
@@ -8199,7 +8253,7 @@ def _readiness_entry(index, readiness):
                  description=shell_quote(_readiness_description(readiness)), probe=probe)
 
 
-def _service_entry(plan, index, ending):
+def _render_service_entry(plan, index, ending):
     service = plan.services[index]
     index_of = dict((s.name, i) for i, s in enumerate(plan.services))
     policy = service.failure_policy
@@ -8220,7 +8274,7 @@ def _service_entry(plan, index, ending):
                                         for d in service.depends_on)),
         placement=shell_quote(placement_json),
         distributed="1" if placement.mode == "distributed" else "0",
-        restart=restart, readiness=_readiness_entry(str(index), service.readiness))
+        restart=restart, readiness=_render_readiness_entry(str(index), service.readiness))
 
 
 def _secret_services(plan):
@@ -8239,28 +8293,78 @@ def _permission_values(plan):
     return {"umask": "%03o" % (0o777 & ~mode), "job_dir_mode": "%04o" % mode, "who": who}
 
 
-def _one_shot_values(plan):
-    """The supervisor's one-shot stage pieces: empty unless a service waits for one."""
-    if not any(dependency.condition == "service_completed_successfully"
-               for service in plan.services for dependency in service.depends_on):
-        return dict(completed_condition="", blocked_dependents="", blocked_call="", blocked="")
-    return dict(completed_condition=_COMPLETED_CONDITION_TEMPLATE,
-                blocked_dependents=_BLOCKED_DEPENDENTS_TEMPLATE,
-                blocked_call='blocked_dependents "$i"; ', blocked="$BLOCKED")
+# --- render_script --------------------------------------------------------------------------------
+
+def _teardown_values(plan, containers, metrics, artifacts):
+    """The lines of finish() that belong to a feature: each "" when the job does not use it."""
+    values = dict(metrics_stop="", remove_containers="", remove_secrets="", outcome_variable="",
+                  artifacts_outcome="", collect_artifacts="")
+    if metrics:
+        values["metrics_stop"] = "    metrics_stop\n"
+    if containers:
+        values["remove_containers"] = "    stop_container_keeper\n"
+    if _secret_services(plan):
+        values["remove_secrets"] = _fill(_REMOVE_SECRETS_TEMPLATE, secrets_dir=_SECRETS_DIR_NAME)
+    if artifacts:
+        values.update(outcome_variable=" outcome=failure",
+                      artifacts_outcome="    [[ $status == completed ]] && outcome=success\n",
+                      collect_artifacts='    collect_artifacts "$outcome"\n')
+    return values
 
 
-def render_script(runtime_plan):
-    """Render the complete, self-contained batch script for ``runtime_plan``."""
+def _render_supervisor(plan, containers, metrics, artifacts):
+    """The supervisor's functions, piece by piece, with only the lines of the features in use."""
+    one_shot = any(dependency.condition == "service_completed_successfully"
+                   for service in plan.services for dependency in service.depends_on)
+    blocked = dict(blocked_dependents="", blocked_call="", blocked="")
+    if one_shot:
+        blocked = dict(blocked_dependents=_BLOCKED_DEPENDENTS_TEMPLATE,
+                       blocked_call='blocked_dependents "$i"; ', blocked="$BLOCKED")
+    return "".join([
+        _fill(_SUPERVISOR_STATE_TEMPLATE, tick=_SUPERVISOR_TICK, grace=str(_STOP_GRACE_SECONDS),
+              fast_tick=_FAST_TICK, probe_interval_ms=str(_PROBE_INTERVAL_MS),
+              probe_limit_ms=str(_PROBE_LIMIT_SECONDS * 1000),
+              state_schema_version=str(_STATE_SCHEMA_VERSION)),
+        _fill(_LAUNCH_TEMPLATE, marker=_RESTART_MARKER,
+              completed_condition=_COMPLETED_CONDITION_TEMPLATE if one_shot else ""),
+        _fill(_READINESS_TEMPLATE, readiness_exit=str(_EXIT_READINESS_TIMEOUT)),
+        _fill(_EXITS_TEMPLATE, **blocked),
+        _fill(_TEARDOWN_TEMPLATE, **_teardown_values(plan, containers, metrics, artifacts)),
+        _FORWARD_SIGNALS_TEMPLATE,
+        _ON_EXIT_TEMPLATE])
+
+
+def _render_extras(metrics, artifacts):
+    """The metrics and artifacts blocks under one banner; "" when the job uses neither."""
+    if not metrics and not artifacts:
+        return ""
+    title = {(True, True): "Metrics sampler and artifact collection",
+             (True, False): "Metrics sampler",
+             (False, True): "Artifact collection"}[bool(metrics), bool(artifacts)]
+    blocks = [block.rstrip("\n") for block in (metrics, artifacts) if block]
+    return _fill(_EXTRAS_BANNER_TEMPLATE, title=title) + "\n\n".join(blocks) + "\n"
+
+
+def render_script(runtime_plan, local=False):
+    """Render the complete, self-contained batch script for ``runtime_plan``.
+
+    ``local=True`` renders it for ``up --local`` outside Slurm: its services start through
+    local_step on this machine when the script runs with HPC_COMPOSE_LAUNCHER=local.
+    """
     plan = runtime_plan.plan
     services = plan.services
     if not services:
         raise HpcComposeError("the plan has no services to run")
     ending = _job_ending_services(plan)
     resume = plan.slurm.resume
+    containers = any(s.runtime != "host" for s in services)
+    secret_services = _secret_services(plan)
+    metrics = render_metrics_block(runtime_plan)
+    artifacts = render_artifacts_block(runtime_plan)
     pieces = [_fill(_SCRIPT_HEAD_TEMPLATE, job_name=_comment(plan.job_name), version=__version__,
                     compose_file=_comment(plan.compose_file),
                     service_names=_comment(", ".join(s.name for s in services))),
-              "\n".join(_sbatch_lines(plan)) + "\n",
+              "\n".join(_render_sbatch_lines(plan)) + "\n",
               _fill(_PRELUDE_TEMPLATE, nodes=shell_quote(int(plan.nodes or 1)),
                     job_key=(_ARRAY_JOB_KEY if plan.slurm.array is not None
                              else "${SLURM_JOB_ID}"),
@@ -8269,39 +8373,33 @@ def render_script(runtime_plan):
               _fill(_SERVICE_TABLE_HEAD_TEMPLATE, count=str(len(services)),
                     end_reason=shell_quote("every service that ends the job has finished: "
                                            + ", ".join(ending)))]
-    pieces.extend(_service_entry(plan, index, ending) for index in range(len(services)))
-    pieces.append(_signal_table(plan))
-    pieces.extend(_run_service_function(runtime_plan, index) for index in range(len(services)))
+    pieces.extend(_render_service_entry(plan, index, ending) for index in range(len(services)))
+    pieces.append(_render_signal_table(plan))
+    pieces.extend(_render_run_service(runtime_plan, index) for index in range(len(services)))
     pieces.append(_JSON_STRING_TEMPLATE)
-    pieces.append(_fill(_SUPERVISOR_TEMPLATE, tick=_SUPERVISOR_TICK, grace=str(_STOP_GRACE_SECONDS),
-                        probe_limit_ms=str(_PROBE_LIMIT_SECONDS * 1000), marker=_RESTART_MARKER,
-                        fast_tick=_FAST_TICK, probe_interval_ms=str(_PROBE_INTERVAL_MS),
-                        readiness_exit=str(_EXIT_READINESS_TIMEOUT),
-                        state_schema_version=str(_STATE_SCHEMA_VERSION),
-                        remove_secrets=_fill(_REMOVE_SECRETS_TEMPLATE, secrets_dir=_SECRETS_DIR_NAME)
-                        if _secret_services(plan) else "",
-                        remove_containers="    stop_container_keeper\n"
-                        if any(s.runtime != "host" for s in services) else "",
-                        **_one_shot_values(plan)))
+    pieces.append(_render_supervisor(plan, containers, bool(metrics), bool(artifacts)))
     pieces.append(_fill(_LOG_INDEX_TEMPLATE, suffix=shell_quote(_LOG_TIMES_SUFFIX)))
-    if any(s.runtime != "host" for s in services):
-        pieces.append(_fill(_CONTAINER_KEEPER_TEMPLATE, prefix=shell_quote(_CONTAINER_NAME_PREFIX)))
-    metrics = render_metrics_block(runtime_plan)
-    artifacts = render_artifacts_block(runtime_plan)
-    pieces.append(_EXTRAS_BANNER + metrics.rstrip("\n") + "\n\n" + artifacts.rstrip("\n") + "\n")
+    if containers:
+        pieces.append(_fill(_CONTAINER_KEEPER_TEMPLATE, prefix=shell_quote(_CONTAINER_NAME_PREFIX),
+                            local_start=_KEEPER_LOCAL_START_TEMPLATE if local else "",
+                            local_stop=_KEEPER_LOCAL_STOP_TEMPLATE if local else ""))
+    pieces.append(_render_extras(metrics, artifacts))
     # From here on any exit (a failed setup line, scancel, the time limit) goes through teardown.
     pieces.append(_SIGNALS_TEMPLATE)
     if resume is not None:
         pieces.append(_fill(_RESUME_TEMPLATE, resume_path=shell_quote(resume.path)))
-    if _secret_services(plan):
+    if secret_services:
         pieces.append(_fill(_SECRETS_TEMPLATE, secrets_dir=_SECRETS_DIR_NAME,
-                            tokens=" ".join(shell_quote(s.token) for s in _secret_services(plan))))
+                            tokens=" ".join(shell_quote(s.token) for s in secret_services)))
     if plan.slurm.array is not None:
         pieces.append(_ARRAY_TEMPLATE)
-    if any(s.runtime != "host" for s in services):
+    if containers:
         pieces.append(_PYXIS_PATH_CHECK_TEMPLATE)
-    pieces.append(_fill(_LAUNCHER_TEMPLATE, launcher_variable=_LAUNCHER_VARIABLE,
-                        prefix=shell_quote(_CONTAINER_NAME_PREFIX)))
+    if local:
+        pieces.append(_fill(_LOCAL_LAUNCHER_TEMPLATE, launcher_variable=_LAUNCHER_VARIABLE,
+                            prefix=shell_quote(_CONTAINER_NAME_PREFIX)))
+    else:
+        pieces.append(_SRUN_LAUNCHER_TEMPLATE)
     pieces.append(_ALLOCATION_TEMPLATE)
     if resume is not None:
         pieces.append(_fill(_RESUME_LATEST_TEMPLATE,
@@ -8309,18 +8407,18 @@ def render_script(runtime_plan):
                             schema_version=str(_RESUME_LATEST_SCHEMA_VERSION)))
     if plan.slurm.setup:
         pieces.append(_fill(_SETUP_TEMPLATE, lines="\n".join(plan.slurm.setup)))
-    curl_check = ""
+    before_loop = ""
     if any(s.readiness is not None and s.readiness.type == "http" for s in services):
-        curl_check = _CURL_CHECK_TEMPLATE
-    if any(s.runtime != "host" for s in services):
-        curl_check += "start_container_keeper\n"
-    pieces.append(_fill(_MAIN_LOOP_TEMPLATE, count=str(len(services)), curl_check=curl_check))
+        before_loop = _CURL_CHECK_TEMPLATE
+    if containers:
+        before_loop += "start_container_keeper\n"
+    if metrics:
+        before_loop += "metrics_start\n"
+    pieces.append(_fill(_MAIN_LOOP_TEMPLATE, count=str(len(services)), before_loop=before_loop))
     return "".join(pieces)
 
 
-# ---------------------------------------------------------------------------------------------
-# Render extras: the metrics sampler and teardown artifact collection (bash pieces)
-# ---------------------------------------------------------------------------------------------
+# --- render extras: the metrics sampler and teardown artifact collection --------------------------
 # render_script() pastes these blocks into the batch script. Contract with
 # the rest of the script:
 #   * ``JOB_DIR`` is set (the per-job directory, mounted at /hpc-compose/job: artifact patterns are
@@ -8328,18 +8426,12 @@ def render_script(runtime_plan):
 #     ``metrics/`` and ``artifacts/`` are written under ``${RUN_DIR:-$JOB_DIR}``);
 #     ``HPC_COMPOSE_ATTEMPT``, ``HPC_COMPOSE_IS_RESUME`` and ``HPC_COMPOSE_RESUME_DIR`` are read if set.
 #   * ``metrics_start`` (after setup, before the first launch) and ``metrics_stop`` (in teardown) are
-#     always defined; they do nothing when x-slurm.metrics is absent or disabled.
-#   * ``collect_artifacts success|failure`` (in teardown, after services are reaped) is always
-#     defined; it does nothing when x-slurm.artifacts is absent.
+#     defined and called only when x-slurm.metrics is enabled: render_metrics_block is "" otherwise.
+#   * ``collect_artifacts success|failure`` (in teardown, after services are reaped) is defined and
+#     called only with x-slurm.artifacts: render_artifacts_block is "" otherwise.
 #   * Everything is best-effort: no function here ever returns non-zero or exits the script, so they
 #     are safe under ``set -e``. Helper names start with ``metrics_`` / ``artifacts_``.
 # The files written are read back by ``stats`` and ``artifacts`` in the job tracking section.
-
-_METRICS_DISABLED_TEMPLATE = """\
-# Metrics sampling is off (no enabled x-slurm.metrics block).
-metrics_start() { :; }
-metrics_stop() { :; }
-"""
 
 _METRICS_TEMPLATE = r"""# Metrics sampler (x-slurm.metrics): best-effort, batch host only; never fails the job.
 METRICS_INTERVAL=@{interval}
@@ -8530,11 +8622,6 @@ metrics_stop() {
 }
 """
 
-_ARTIFACTS_DISABLED_TEMPLATE = """\
-# Artifact collection is off (no x-slurm.artifacts block).
-collect_artifacts() { :; }
-"""
-
 _ARTIFACTS_TEMPLATE = r"""# Artifact collection at teardown (x-slurm.artifacts): best-effort; never fails the job.
 # Parallel arrays: the bundle each declared pattern belongs to, and the pattern (a container path).
 ARTIFACTS_COLLECT_POLICY=@{policy}
@@ -8562,6 +8649,16 @@ artifacts_append() {
     artifacts_list+="${artifacts_list:+,}$JSON"
 }
 
+# Is relative path $3, or a directory above it, a key (after prefix $2) of associative array $1?
+artifacts_copied_through() {
+    local -n artifacts_copied=$1
+    local parent=$3
+    while :; do
+        [[ -z "${artifacts_copied[$2$parent]:-}" ]] || return 0
+        case $parent in */*) parent=${parent%/*} ;; *) return 1 ;; esac
+    done
+}
+
 # Copy one match into the payload: a directory by its content, anything else as itself.
 artifacts_copy() {
     if [[ -d "$1" ]] && [[ ! -L "$1" ]]; then
@@ -8573,8 +8670,8 @@ artifacts_copy() {
 
 collect_artifacts() {
     local outcome=${1:-failure}
-    local dir="${RUN_DIR:-$JOB_DIR}/artifacts" root_glob pattern bundle host_pattern match rel parent i
-    local payload="$dir/payload" collected_at tmp skip="" already
+    local dir="${RUN_DIR:-$JOB_DIR}/artifacts" root_glob pattern bundle host_pattern match rel i
+    local payload="$dir/payload" collected_at tmp skip=""
     local declared="" matched="" copied="" warnings="" bundles_json="" name
     local -a matches
     local -A seen_match=() seen_copy=() b_declared=() b_matched=() b_copied=() b_warnings=()
@@ -8633,28 +8730,18 @@ collect_artifacts() {
                 artifacts_append "b_matched[$bundle]" "/hpc-compose/job/$rel"
             fi
             # Copied once, even when an overlapping pattern or a parent directory matched too.
-            already=""
-            parent=$rel
-            while :; do
-                if [[ -n "${seen_copy[$parent]:-}" ]]; then already=1; break; fi
-                case $parent in */*) parent=${parent%/*} ;; *) break ;; esac
-            done
-            if [[ -z "$already" ]]; then
+            if ! artifacts_copied_through seen_copy "" "$rel"; then
                 if ! artifacts_copy "$match" "$payload/$rel"; then
                     artifacts_append warnings "could not copy /hpc-compose/job/$rel"
                     artifacts_append "b_warnings[$bundle]" "could not copy /hpc-compose/job/$rel"
                     continue
                 fi
+                # shellcheck disable=SC2034  # read by artifacts_copied_through
                 seen_copy[$rel]=1
                 artifacts_append copied "$rel"
             fi
-            already=""
-            parent=$rel
-            while :; do
-                if [[ -n "${b_seen_copy[$bundle/$parent]:-}" ]]; then already=1; break; fi
-                case $parent in */*) parent=${parent%/*} ;; *) break ;; esac
-            done
-            if [[ -z "$already" ]]; then
+            if ! artifacts_copied_through b_seen_copy "$bundle/" "$rel"; then
+                # shellcheck disable=SC2034  # read by artifacts_copied_through
                 b_seen_copy[$bundle/$rel]=1
                 artifacts_append "b_copied[$bundle]" "$rel"
             fi
@@ -8689,10 +8776,10 @@ collect_artifacts() {
 
 
 def render_metrics_block(runtime_plan):
-    """Bash defining ``metrics_start`` / ``metrics_stop`` for the plan's x-slurm.metrics block."""
+    """Bash defining ``metrics_start`` / ``metrics_stop`` for x-slurm.metrics; "" when it is off."""
     metrics = runtime_plan.plan.slurm.metrics
     if metrics is None or not metrics.enabled:
-        return _METRICS_DISABLED_TEMPLATE
+        return ""
     collectors = tuple(metrics.collectors or ())
     return _fill(_METRICS_TEMPLATE,
         interval=shell_quote(int(metrics.interval_seconds or 5)),
@@ -8712,10 +8799,10 @@ def _artifact_bundles(artifacts):
 
 
 def render_artifacts_block(runtime_plan):
-    """Bash defining ``collect_artifacts success|failure`` for the plan's x-slurm.artifacts block."""
+    """Bash defining ``collect_artifacts success|failure`` for x-slurm.artifacts; "" without it."""
     artifacts = runtime_plan.plan.slurm.artifacts
     if artifacts is None:
-        return _ARTIFACTS_DISABLED_TEMPLATE
+        return ""
     bundles = _artifact_bundles(artifacts)
     pattern_bundles, patterns = [], []
     for name, paths in bundles:
@@ -14577,7 +14664,8 @@ def _cmd_up_local(args):
     _prepare_for_run(args, plan, runtime_plan, say)
     script_path = os.path.abspath(args.script_out) if args.script_out else \
         os.path.join(plan.project_dir, "hpc-compose.sbatch")
-    _write_file_atomic(script_path, render_script(runtime_plan), _PRIVATE_FILE_MODE)
+    _write_file_atomic(script_path, render_script(runtime_plan, local=mode == "machine"),
+                       _PRIVATE_FILE_MODE)
     if args.dry_run:
         say("rendered script: %s" % script_path)
         say("dry run: not starting it (up --local would run it with bash here)")

@@ -10,6 +10,8 @@ import os
 import socket
 import subprocess
 
+import pytest
+
 import hpc_compose as hc
 from test_render import runtime_plan, service
 
@@ -29,8 +31,15 @@ def test_every_service_starts_through_the_launch_array():
         assert "$SRUN" not in body
 
 
-def test_the_launcher_is_srun_unless_up_local_asks_for_this_machine():
+def test_the_launcher_of_a_batch_script_is_srun_alone():
     script = hc.render_script(runtime_plan(service()))
+    assert "LAUNCH=(\"$SRUN\")\n" in script
+    assert "LAUNCHER" not in script and "local_step" not in script
+    assert script.index("LAUNCH=(") < script.index("allocation_nodes=()")
+
+
+def test_the_launcher_is_srun_unless_up_local_asks_for_this_machine():
+    script = hc.render_script(runtime_plan(service()), local=True)
     assert "LAUNCHER=${HPC_COMPOSE_LAUNCHER:-srun}\n" in script
     assert "unset -v HPC_COMPOSE_LAUNCHER\n" in script
     assert "LAUNCH=(\"$SRUN\")" in script
@@ -63,7 +72,7 @@ def test_local_step_makes_enroot_create_and_start_of_the_pyxis_step(tmp_path):
                                 environment=(("GREETING", "hi"),)))
     words = [word.replace("${JOB_DIR}", "/jobs/7").replace("${SLURM_JOB_ID}", "local-x")
              for word in hc.service_srun_argv(plan, 0)]
-    proc, calls = _local_step(hc.render_script(plan), tmp_path, *words)
+    proc, calls = _local_step(hc.render_script(plan, local=True), tmp_path, *words)
     assert proc.returncode == 0, proc.stderr
     name = "pyxis_hpc-compose_local-x_app"
     conf = str(tmp_path / "conf" / "hpc-compose_local-x_app.conf")
@@ -80,7 +89,7 @@ def test_local_step_conf_changes_to_the_workdir_and_skips_the_entrypoint_as_pyxi
     plan = runtime_plan(service(working_dir="/it's here"))
     words = [w.replace("${JOB_DIR}", "/j").replace("${SLURM_JOB_ID}", "local-x")
              for w in hc.service_srun_argv(plan, 0)]
-    proc, _ = _local_step(hc.render_script(plan), tmp_path, *words)
+    proc, _ = _local_step(hc.render_script(plan, local=True), tmp_path, *words)
     assert proc.returncode == 0, proc.stderr
     conf = (tmp_path / "conf" / "hpc-compose_local-x_app.conf").read_text()
     # What enroot's hooks() writes, run here with ENROOT_ROOTFS pointing at an empty root.
@@ -102,7 +111,7 @@ def test_local_step_keeps_the_image_entrypoint_when_asked(tmp_path):
     plan = runtime_plan(service(execution=hc.Execution("exec", ("serve",), use_image_entrypoint=True)))
     words = [w.replace("${JOB_DIR}", "/j").replace("${SLURM_JOB_ID}", "local-x")
              for w in hc.service_srun_argv(plan, 0)]
-    proc, calls = _local_step(hc.render_script(plan), tmp_path, *words)
+    proc, calls = _local_step(hc.render_script(plan, local=True), tmp_path, *words)
     assert proc.returncode == 0, proc.stderr
     assert "--conf" not in calls[-1]  # no workdir, entrypoint kept: /etc/rc as the image made it
     assert calls[-1][-2:] == ["pyxis_hpc-compose_local-x_app", "serve"]
@@ -112,9 +121,9 @@ def test_local_step_reuses_an_existing_container_as_a_named_pyxis_container(tmp_
     plan = runtime_plan(service())
     words = [w.replace("${JOB_DIR}", "/j").replace("${SLURM_JOB_ID}", "local-x")
              for w in hc.service_srun_argv(plan, 0)]
-    _local_step(hc.render_script(plan), tmp_path, *words)
+    _local_step(hc.render_script(plan, local=True), tmp_path, *words)
     (tmp_path / "enroot.jsonl").unlink()
-    _, calls = _local_step(hc.render_script(plan), tmp_path, *words)
+    _, calls = _local_step(hc.render_script(plan, local=True), tmp_path, *words)
     assert [call[0] for call in calls] == ["start"]
 
 
@@ -122,7 +131,7 @@ def test_local_step_runs_a_host_service_directly_without_the_slurm_job_id(tmp_pa
     plan = runtime_plan(service(runtime="host", working_dir=str(tmp_path),
                                 execution=hc.Execution("shell", script='echo "$PWD|${SLURM_JOB_ID-unset}"')))
     words = hc.service_srun_argv(plan, 0)
-    proc, calls = _local_step(hc.render_script(plan), tmp_path, *words)
+    proc, calls = _local_step(hc.render_script(plan, local=True), tmp_path, *words)
     assert (proc.returncode, proc.stdout) == (0, "%s|unset\n" % tmp_path)
     assert calls == []
 
@@ -130,7 +139,8 @@ def test_local_step_runs_a_host_service_directly_without_the_slurm_job_id(tmp_pa
 def test_local_step_skips_the_scheduling_options(tmp_path):
     plan = runtime_plan(service(runtime="host", execution=hc.Execution("exec", ("echo", "ran")),
                                 cpus_per_task=4, gres="gpu:1", extra_srun_args=("--mpi=pmix",)))
-    proc, _ = _local_step(hc.render_script(plan), tmp_path, *hc.service_srun_argv(plan, 0))
+    proc, _ = _local_step(hc.render_script(plan, local=True), tmp_path,
+                          *hc.service_srun_argv(plan, 0))
     assert (proc.returncode, proc.stdout) == (0, "ran\n")
 
 
@@ -304,6 +314,19 @@ def test_up_local_warns_of_the_settings_only_sbatch_acts_on(project, cli):
                  project.write("plain.yaml", HOST_COMPOSE)], env={"SLURM_JOB_ID": ""})
     assert plain.code == 0 and "warning" not in plain.err, plain
 
+
+
+@pytest.mark.parametrize("job_id, has_local_step", [("", True), ("4242", False)],
+                         ids=["outside-slurm", "in-an-allocation"])
+def test_up_local_writes_local_step_only_into_a_script_that_runs_outside_slurm(
+        project, cli, job_id, has_local_step):
+    path = project.write("compose.yaml", HOST_COMPOSE)
+    result = cli(["up", "--local", "--dry-run", "--no-preflight", "-f", path],
+                 env={"SLURM_JOB_ID": job_id})
+    assert result.code == 0, result
+    script = (project.root / "hpc-compose.sbatch").read_text()
+    assert ("\nlocal_step() {\n" in script) is has_local_step
+    assert ("LAUNCHER=${HPC_COMPOSE_LAUNCHER:-srun}\n" in script) is has_local_step
 
 def test_a_second_up_local_of_a_project_in_the_same_allocation_is_refused(project, cli):
     import fcntl

@@ -345,10 +345,144 @@ def test_resume_uses_attempt_directories_and_mounts_the_resume_path():
     assert "ln -sfn \"attempts/$ATTEMPT/$name\" \"$JOB_DIR/$name\"" in script
 
 
-def test_tracking_blocks_define_metrics_and_artifact_functions():
+# --- the script's pieces: each feature's bash only in the scripts that use it -------------------
+
+def _placeholders(template):
+    return set(re.findall(r"@\{(\w+)\}", template))
+
+
+def test_metrics_start_and_stop_are_defined_and_called_when_metrics_are_on():
+    script = hc.render_script(runtime_plan(service(), metrics=hc.MetricsSpec(interval_seconds=5)))
+    assert "\nmetrics_start() {\n" in script and "\nmetrics_stop() {\n" in script
+    assert "\nmetrics_start\nset +e" in script  # once, right before the event loop
+    assert _bash_function(script, "finish").count("\n    metrics_stop\n") == 1
+
+
+@pytest.mark.parametrize("metrics", [None, hc.MetricsSpec(enabled=False)], ids=["absent", "off"])
+def test_a_job_without_metrics_has_no_metrics_bash(metrics):
+    script = hc.render_script(runtime_plan(service(), metrics=metrics))
+    assert "metrics_" not in script and "METRICS_" not in script
+    assert "\n# Metrics sampler" not in script
+
+
+def test_collect_artifacts_is_defined_and_called_at_teardown_when_artifacts_are_declared():
+    script = hc.render_script(runtime_plan(service(), artifacts=hc.ArtifactsSpec(
+        "/p/out", paths=("/hpc-compose/job/out",))))
+    finish = _bash_function(script, "finish")
+    assert "\ncollect_artifacts() {\n" in script
+    assert " outcome=failure live=()\n" in finish
+    assert finish.index("outcome=success\n") < finish.index('    collect_artifacts "$outcome"\n')
+
+
+def test_a_job_without_artifacts_has_no_artifacts_bash():
     script = hc.render_script(runtime_plan(service()))
-    for name in ("metrics_start()", "metrics_stop()", "collect_artifacts()"):
-        assert name in script
+    assert "collect_artifacts" not in script and "artifacts_" not in script
+    assert "ARTIFACTS_" not in script
+    assert "\n# Artifact collection" not in script
+    assert "outcome" not in _bash_function(script, "finish")
+
+
+def test_the_extras_banner_names_only_the_blocks_the_job_uses():
+    metrics = hc.MetricsSpec(interval_seconds=5)
+    artifacts = hc.ArtifactsSpec("/p/out", paths=("/hpc-compose/job/out",))
+    assert "\n# Metrics sampler\n" in hc.render_script(runtime_plan(service(), metrics=metrics))
+    assert "\n# Artifact collection\n" in hc.render_script(
+        runtime_plan(service(), artifacts=artifacts))
+    assert "\n# Metrics sampler and artifact collection\n" in hc.render_script(
+        runtime_plan(service(), metrics=metrics, artifacts=artifacts))
+
+
+def test_local_step_is_only_in_the_script_of_a_local_run():
+    plan = runtime_plan(service())
+    script = hc.render_script(plan)
+    for word in ("local_step", "remove_local_containers", "LAUNCHER", '"$BASH"'):
+        assert word not in script
+    assert '\nSRUN=$(command -v srun) || {' in script and '\nLAUNCH=("$SRUN")\n' in script
+    local = hc.render_script(plan, local=True)
+    assert "\nlocal_step() {\n" in local and "\nremove_local_containers() {\n" in local
+    assert "[[ $LAUNCHER == srun ]] || { remove_local_containers; return 0; }" in local
+
+
+def test_a_host_only_job_has_no_container_keeper():
+    script = hc.render_script(runtime_plan(service(runtime="host")))
+    assert "container_keeper" not in script and "KEEPER" not in script
+
+
+def test_the_secret_copies_are_checked_and_removed_only_in_a_job_with_secrets():
+    plain = hc.render_script(runtime_plan(service()))
+    assert "secret" not in plain.lower()
+    secret = hc.ServiceSecret("token", "token")
+    script = hc.render_script(runtime_plan(service(secrets=(secret,))))
+    assert "for token in app; do" in script
+    assert '    rm -rf -- "$JOB_DIR/secrets"' in _bash_function(script, "finish")
+
+
+def test_supervisor_pieces_are_emitted_in_order():
+    script = hc.render_script(runtime_plan(service()))
+    firsts = ["\nclock() {", "\nlaunch() {", "\nprobe() {", "\nservice_exited() {",
+              "\nfinish() {", "\nforward_signals() {", "\non_exit() {"]
+    assert [script.index(first) for first in firsts] == sorted(script.index(f) for f in firsts)
+
+
+def test_no_template_is_longer_than_200_lines():
+    long = [name for name, value in vars(hc).items()
+            if name.endswith("_TEMPLATE") and value.count("\n") > 200]
+    assert long == []
+
+
+@pytest.mark.parametrize("name, placeholders", [
+    ("_SUPERVISOR_STATE_TEMPLATE", {"tick", "grace", "fast_tick", "probe_interval_ms",
+                                    "probe_limit_ms", "state_schema_version"}),
+    ("_LAUNCH_TEMPLATE", {"marker", "completed_condition"}),
+    ("_READINESS_TEMPLATE", {"readiness_exit"}),
+    ("_EXITS_TEMPLATE", {"blocked_dependents", "blocked_call", "blocked"}),
+    ("_TEARDOWN_TEMPLATE", {"metrics_stop", "remove_containers", "remove_secrets",
+                            "outcome_variable", "artifacts_outcome", "collect_artifacts"}),
+    ("_FORWARD_SIGNALS_TEMPLATE", set()),
+    ("_ON_EXIT_TEMPLATE", set()),
+])
+def test_a_supervisor_piece_has_only_its_own_placeholders(name, placeholders):
+    assert _placeholders(getattr(hc, name)) == placeholders
+
+
+def test_readiness_piece_holds_the_probes_and_the_timeout_policy_only():
+    piece = hc._fill(hc._READINESS_TEMPLATE, readiness_exit="124")
+    assert re.findall(r"^(\w+)\(\) \{", piece, re.M) == [
+        "probe", "run_probe", "stop_probe", "mark_ready", "readiness_timed_out"]
+    assert "fail_job 124 " in piece
+
+
+def _check_syntax(script):
+    """``bash -n``, and shellcheck where it is installed, of the script file at ``script``."""
+    proc = subprocess.run(["bash", "-n", str(script)], stderr=subprocess.PIPE,
+                          universal_newlines=True)
+    assert proc.returncode == 0, proc.stderr
+    if shutil.which("shellcheck") is not None:
+        proc = subprocess.run(["shellcheck", "--format=gcc", str(script)],
+                              stdout=subprocess.PIPE, universal_newlines=True)
+        assert proc.returncode == 0, proc.stdout
+
+
+@pytest.mark.parametrize("local, slurm_fields", [
+    (True, {}), (False, {"metrics": hc.MetricsSpec(interval_seconds=5)}),
+    (True, {"artifacts": hc.ArtifactsSpec("/p/out", paths=("/hpc-compose/job/out",))})],
+    ids=["local", "metrics-only", "local-artifacts"])
+def test_scripts_no_example_renders_pass_bash_n_and_shellcheck(tmp_path, local, slurm_fields):
+    script = tmp_path / "job.sbatch"
+    script.write_text(hc.render_script(runtime_plan(service(), **slurm_fields), local=local))
+    _check_syntax(script)
+
+
+def test_a_local_run_script_adds_only_the_launcher_and_the_keeper_lines_of_local_runs():
+    plan = runtime_plan(service(), metrics=hc.MetricsSpec(interval_seconds=5),
+                        artifacts=hc.ArtifactsSpec("/p/out", paths=("/hpc-compose/job/out",)))
+    script, local = hc.render_script(plan), hc.render_script(plan, local=True)
+    for line in (hc._KEEPER_LOCAL_START_TEMPLATE, hc._KEEPER_LOCAL_STOP_TEMPLATE):
+        assert local.count(line) == 1
+        local = local.replace(line, "")
+    launcher, allocation = "\n# Launcher: ", "\n# Allocation metadata"
+    assert local[:local.index(launcher)] == script[:script.index(launcher)]
+    assert local[local.index(allocation):] == script[script.index(allocation):]
 
 
 def test_one_shot_stage_code_is_rendered_only_when_a_service_waits_for_one(tmp_path):
@@ -366,13 +500,7 @@ def test_one_shot_stage_code_is_rendered_only_when_a_service_waits_for_one(tmp_p
     assert one_shot.count('exited with code $code$BLOCKED"') == 1
     script = tmp_path / "job.sbatch"
     script.write_text(one_shot)
-    proc = subprocess.run(["bash", "-n", str(script)], stderr=subprocess.PIPE,
-                          universal_newlines=True)
-    assert proc.returncode == 0, proc.stderr
-    if shutil.which("shellcheck") is not None:
-        proc = subprocess.run(["shellcheck", "--format=gcc", str(script)],
-                              stdout=subprocess.PIPE, universal_newlines=True)
-        assert proc.returncode == 0, proc.stdout
+    _check_syntax(script)
 
 
 def _render_example(path):

@@ -282,7 +282,7 @@ def test_the_script_checks_for_the_copies_and_teardown_removes_them(secret_proje
     assert "plain sbatch does not" in script
     finish = _function(script, "finish")
     removal = finish.index('rm -rf -- "$JOB_DIR/secrets"')
-    assert finish.index("wait \"${PID[i]}\"") < removal < finish.index("collect_artifacts")
+    assert finish.index("wait \"${PID[i]}\"") < removal < finish.index("JOB_STATUS=$status")
     # The check runs after the traps, so a missing copy still ends in teardown and a final state.
     assert script.index("trap on_exit EXIT") < script.index("for token in app helper")
 

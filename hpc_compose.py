@@ -4908,6 +4908,24 @@ def _slurm_to_dict(slurm, escape=None):
     return data
 
 
+def _secrets_to_dict(secrets, escape=None):
+    """Top-level secrets as references (``file:`` path or ``environment:`` name), never values."""
+    escape = escape or _unchanged
+    return dict((secret.name, {secret.source: escape(secret.reference)
+                               if secret.source == "file" else secret.reference})
+                for secret in secrets)
+
+
+def _service_secrets_to_list(secrets):
+    result = []
+    for item in secrets:
+        data = {"source": item.source, "target": item.target}
+        if item.mode is not None:
+            data["mode"] = "0%o" % item.mode
+        result.append(data)
+    return result
+
+
 def spec_to_dict(spec, escape_dollars=False):
     """The normalized, interpolated spec as plain data (what ``config`` prints).
 
@@ -6178,7 +6196,8 @@ def _artifacts_in_use(cache_dir, extra_projects=(), squeue_bin="squeue"):
     in_use = {}
     for compose_file in sorted(projects):
         project_dir = os.path.dirname(compose_file)
-        # Tracking's rule (below, in the job tracking section): which jobs may still run.
+        # The one call to a later section (tests/test_layout.py lists it): which jobs may still
+        # run is tracking's rule (records, state.json, one squeue call).
         for job_id, record in _jobs_in_progress(project_dir, squeue_bin):
             found = set()
             _paths_named_in(record, found)
@@ -6678,6 +6697,36 @@ def _preflight_credentials(runtime_plan):
     return findings
 
 
+def _step_has_several_tasks(placement):
+    tasks_per_node = placement.ntasks_per_node or 1
+    return (placement.mode == "distributed" or (placement.ntasks or 1) > 1
+            or tasks_per_node * (placement.nodes or 1) > 1)
+
+
+def _local_plan_problems(plan, mode):
+    """Why ``plan`` cannot run with ``up --local`` in ``mode`` (one sentence each; empty: it can)."""
+    problems = []
+    if plan.slurm.array is not None:
+        problems.append("x-slurm.array makes a job array, which only sbatch can start; submit it "
+                        "with 'hpc-compose up' instead")
+    if mode != "machine":
+        return problems
+    if (plan.nodes or 1) > 1:
+        problems.append("x-slurm.nodes is %d, but outside Slurm there is one machine: run it "
+                        "inside an allocation (salloc -N %d) instead" % (plan.nodes, plan.nodes))
+    for service in plan.services:
+        if _step_has_several_tasks(service.placement):
+            problems.append("service '%s' runs several tasks (x-slurm placement), which outside "
+                            "Slurm would all be one process: run it inside an allocation instead"
+                            % service.name)
+        words = [str(arg) for arg in service.extra_srun_args if not str(arg).startswith("-")]
+        if words:
+            problems.append("service '%s' has x-slurm srun_args with a separate value (%s); outside "
+                            "Slurm srun_args are skipped and only --option=value words can be: "
+                            "write --option=value" % (service.name, " ".join(words)))
+    return problems
+
+
 def _preflight_local(runtime_plan, mode, enroot_path):
     """What ``up --local`` needs here: bash, and outside Slurm an enroot that can list containers;
     no sbatch. The plan's problems for the mode (an array, several nodes or tasks) are errors."""
@@ -6743,6 +6792,10 @@ def _preflight_batch_log_folders(plan):
                 "writing any log" % (field, folder),
                 "create it (mkdir -p %s) or change x-slurm.%s" % (shell_quote(folder), field)))
     return findings
+
+
+def _secret_services(plan):
+    return [service for service in plan.services if service.secrets]
 
 
 def _preflight_secret_files(plan):
@@ -8065,12 +8118,6 @@ def _mount_parts(runtime_plan, service):
     return parts
 
 
-def _step_has_several_tasks(placement):
-    tasks_per_node = placement.ntasks_per_node or 1
-    return (placement.mode == "distributed" or (placement.ntasks or 1) > 1
-            or tasks_per_node * (placement.nodes or 1) > 1)
-
-
 def _srun_parts(runtime_plan, index):
     """The srun argv of service ``index`` as words made of parts (literals and ``_ShellVariable``s)."""
     service = runtime_plan.plan.services[index]
@@ -8208,10 +8255,6 @@ def _service_entry(plan, index, ending):
         placement=shell_quote(placement_json),
         distributed="1" if placement.mode == "distributed" else "0",
         restart=restart, readiness=_readiness_entry(str(index), service.readiness))
-
-
-def _secret_services(plan):
-    return [service for service in plan.services if service.secrets]
 
 
 def _job_dir_mode(plan):
@@ -9016,6 +9059,37 @@ def _remove_leftover_secrets(project_dir, squeue_bin="squeue"):
                 _remove_secret_copies(directory):
             removed.append(job_id)
     return removed
+
+
+def _deliver_secrets(plan, job_id, cluster, say, scontrol_bin="scontrol", scancel_bin="scancel"):
+    """The job was submitted held: write its secret copies, then release it (cancel on failure).
+
+    So the values travel from this node to the job through owner-only files in its own directory,
+    never through the script, the environment of sbatch or the scheduler.
+    """
+    job_dir = _job_directory(plan.project_dir, job_id)
+    try:
+        _write_secret_copies(plan, job_dir)
+        if any(arg in ("-H", "--hold") for arg in plan.slurm.submit_args):
+            say("job %s stays held (x-slurm.submit_args has --hold): release it with "
+                "'scontrol release %s'" % (job_id, job_id))
+        else:
+            _release_job(job_id, cluster, scontrol_bin)
+    except BaseException as exc:
+        # Whatever stopped us (Ctrl-C included), no held job and no copies are left behind.
+        try:
+            _cancel_job(job_id, scancel_bin)
+        except HpcComposeError as cancel_error:
+            _warn("could not cancel the held job %s: %s" % (job_id, cancel_error.message))
+        _remove_secret_copies(job_dir)
+        if isinstance(exc, HpcComposeError):
+            message = exc.message
+        elif isinstance(exc, OSError):
+            message = "cannot write the secret copies in %s: %s" % (_secrets_directory(job_dir),
+                                                                    exc.strerror or exc)
+        else:
+            raise
+        raise ToolError("job %s was cancelled before it started: %s" % (job_id, message))
 
 
 def _minimal_job_record(project_dir, job_id):
@@ -10308,30 +10382,6 @@ def _local_job_id(mode, environ=None, now=None, pid=None):
     return "%s%s-%d" % (_LOCAL_JOB_PREFIX, stamp, os.getpid() if pid is None else pid)
 
 
-def _local_plan_problems(plan, mode):
-    """Why ``plan`` cannot run with ``up --local`` in ``mode`` (one sentence each; empty: it can)."""
-    problems = []
-    if plan.slurm.array is not None:
-        problems.append("x-slurm.array makes a job array, which only sbatch can start; submit it "
-                        "with 'hpc-compose up' instead")
-    if mode != "machine":
-        return problems
-    if (plan.nodes or 1) > 1:
-        problems.append("x-slurm.nodes is %d, but outside Slurm there is one machine: run it "
-                        "inside an allocation (salloc -N %d) instead" % (plan.nodes, plan.nodes))
-    for service in plan.services:
-        if _step_has_several_tasks(service.placement):
-            problems.append("service '%s' runs several tasks (x-slurm placement), which outside "
-                            "Slurm would all be one process: run it inside an allocation instead"
-                            % service.name)
-        words = [str(arg) for arg in service.extra_srun_args if not str(arg).startswith("-")]
-        if words:
-            problems.append("service '%s' has x-slurm srun_args with a separate value (%s); outside "
-                            "Slurm srun_args are skipped and only --option=value words can be: "
-                            "write --option=value" % (service.name, " ".join(words)))
-    return problems
-
-
 def _local_ignored_settings(plan):
     """The x-slurm keys set in ``plan`` that only sbatch acts on, so ``up --local`` passes them
     over: a dependency, raw #SBATCH arguments, the warning signal, requeueing."""
@@ -10406,6 +10456,170 @@ def _local_exec_pid(record, name, container=False):
         raise HpcComposeError("service '%s' of job %s is still starting its container (enroot "
                               "create/start); try again in a moment" % (name, record["job_id"]))
     return int(pid)
+
+
+# Run by `up --local` inside an allocation, before the batch script: the script starts its steps as
+# in a batch job, so the variables of a step this runs in (an interactive `srun --pty bash`, or the
+# step on the first node below) give way to the allocation's: srun takes SLURM_NTASKS, SLURM_NNODES
+# and the like as the defaults of every step it starts.
+_ALLOCATION_PRELUDE = r"""[ -z "$2" ] || echo "$$" >"$2"  # the script's pid on its node (exec keeps it)
+for name in "${!SLURM_STEP@}" "${!SLURM_PTY_@}" "${!SLURM_CPU_BIND@}" \
+        SLURM_NTASKS SLURM_NPROCS SLURM_NTASKS_PER_NODE SLURM_TASKS_PER_NODE SLURM_PROCID \
+        SLURM_LOCALID SLURM_NODEID SLURM_GTIDS SLURM_TASK_PID SLURM_DISTRIBUTION \
+        SLURM_SRUN_COMM_HOST SLURM_SRUN_COMM_PORT SLURM_LAUNCH_NODE_IPADDR SLURM_OVERLAP; do
+    unset -v "$name"
+done
+export SLURM_NNODES="${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}"
+export SLURM_NODELIST="${SLURM_JOB_NODELIST:-${SLURM_NODELIST:-}}"
+exec bash "$1"
+"""
+
+
+_BATCH_STEP_NAME = "hpc-compose-batch"  # the step of `up --local` run from salloc's shell
+
+
+def _local_batch_argv(mode, script_path, srun_bin="srun", environ=None, pid_file=""):
+    """How ``up --local`` starts the batch script, and whether that is a step of its own. Outside
+    Slurm: bash here. Inside an allocation: on a node of it, as sbatch would start it (writing its
+    pid to ``pid_file``); ``salloc``'s shell runs on the machine it was typed on (on most clusters
+    a login node, outside the allocation, where readiness probes of 127.0.0.1 would miss the
+    services), so there the script runs as a step on the allocation's first node."""
+    environ = os.environ if environ is None else environ
+    if mode != "allocation":
+        return ["bash", script_path], False
+    argv = ["bash", "-c", _ALLOCATION_PRELUDE, _BATCH_STEP_NAME, script_path, pid_file]
+    if environ.get("SLURMD_NODENAME"):  # a shell that is itself a step runs on a node already
+        return argv, False
+    return [srun_bin, "--overlap", "--nodes=1", "--ntasks=1", "--relative=0",
+            "--job-name=" + _BATCH_STEP_NAME, "--kill-on-bad-exit=1", "--quiet"] + argv, True
+
+
+def _batch_step_pass_on(job_id, pid_file, process, srun_bin="srun"):
+    """How a signal reaches the batch script when it runs in a step of its own: SIGTERM to its pid,
+    through a step on its node, as scancel of a batch job gives it. Signalled itself, srun would
+    end the step at once with SIGKILL (before the teardown is done), and a signal to the whole step
+    would reach the services' srun clients and the container keeper too. srun is terminated only
+    when the script's pid is not known (it has not started)."""
+    def pass_on(number):
+        try:
+            with open(pid_file) as handle:
+                pid = handle.read().strip()
+        except OSError:
+            pid = ""
+        if not pid.isdigit() or _run_command(
+                [srun_bin, "--jobid=%s" % job_id, "--overlap", "--nodes=1", "--ntasks=1",
+                 "--relative=0", "--job-name=" + _BATCH_STEP_NAME + "-signal", "--quiet",
+                 "kill", "-TERM", pid], timeout=_scheduler_timeout()).returncode != 0:
+            process.terminate()
+    return pass_on
+
+
+def _default_sigint():
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def _follow_local_run(process, follower, out, pass_on=None):
+    """Print the service logs until the batch script exits. Ctrl-C, SIGTERM and SIGHUP (the
+    terminal closed, the allocation ended) are passed on to it once (by ``pass_on(number)`` when
+    given), as scancel would pass them, and it tears down; a signal ignored when we started stays
+    ignored. Returns its exit code (128 + N when a signal N ended it)."""
+    import signal
+    import time
+    received = []
+
+    def forward(number, frame):
+        if not received:
+            (pass_on or process.send_signal)(number)
+            sys.stderr.write("\nstopping job (%s): every service stops and its containers are "
+                             "removed\n" % signal.Signals(number).name)
+        received.append(number)
+
+    previous = {}
+    for number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(number) != signal.SIG_IGN:
+            previous[number] = signal.signal(number, forward)
+    try:
+        while True:
+            for name, line in follower.poll():
+                out.write(_format_log_line(name, line) + "\n")
+            out.flush()
+            if process.poll() is not None:
+                break
+            time.sleep(_LOG_POLL_SECONDS)
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+    for name, line in follower.flush():
+        out.write(_format_log_line(name, line) + "\n")
+    out.flush()
+    code = process.returncode
+    return 128 - code if code < 0 else code
+
+
+def _run_local(plan, runtime_plan, mode, job_id, script_path, out, say, srun_bin="srun"):
+    """The run part of ``up --local``: track it, start the script, follow its logs (to ``out``).
+    Returns its exit code and its tracked record."""
+    import socket
+    import subprocess
+    record = _build_job_record(runtime_plan, job_id, None, script_path)
+    record.update(local=mode, local_host=socket.gethostname(), local_pid=None)
+    if _secret_services(plan):
+        _write_secret_copies(plan, record["job_dir"])
+    environment = dict(os.environ, SLURM_SUBMIT_DIR=plan.project_dir)
+    if mode == "machine":
+        environment.update({"SLURM_JOB_ID": job_id, _LAUNCHER_VARIABLE: "local"})
+    workdir = plan.project_dir  # where sbatch would start the job: x-slurm.chdir, else the compose dir
+    if plan.slurm.chdir:
+        workdir = os.path.normpath(os.path.join(plan.project_dir,
+                                                os.path.expanduser(str(plan.slurm.chdir))))
+    pid_file = os.path.join(_tracking_root(plan.project_dir), ".%s.batch-pid" % job_id)
+    argv, in_step = _local_batch_argv(mode, script_path, srun_bin, pid_file=pid_file)
+    follower = _LogFollower(_record_log_sources(record), from_end=True)
+    with open(record["batch_log"], "ab") as batch_log:
+        os.chmod(record["batch_log"], _PRIVATE_FILE_MODE)
+        # Its own session: a Ctrl-C reaches the batch script through us, once, and its services
+        # through its teardown, as scancel would reach them. SIGINT is reset for it, since bash
+        # cannot trap a signal that was ignored when it started (as in a background job).
+        process = subprocess.Popen(argv, cwd=workdir, env=environment,
+                                   stdin=subprocess.DEVNULL, stdout=batch_log,
+                                   stderr=subprocess.STDOUT, start_new_session=True,
+                                   preexec_fn=_default_sigint)
+    record["local_pid"] = process.pid
+    _record_job(plan.project_dir, record)
+    say("started job %s %s (pid %d): %s" % (
+        job_id, "as steps of this allocation" if mode == "allocation" else "on this machine",
+        process.pid, script_path))
+    say("batch log: %s" % record["batch_log"])
+    pass_on = _batch_step_pass_on(job_id, pid_file, process, srun_bin) if in_step else None
+    try:
+        code = _follow_local_run(process, follower, out, pass_on)
+    finally:
+        _remove_quietly(pid_file)
+    return code, record
+
+
+def _exec_local(record, name, command, environment, workdir=None, enroot_bin="enroot"):
+    """``exec`` into a local run outside Slurm: ``enroot exec`` into the container, or the host
+    command with the service's environment and directory (from /proc), on this machine."""
+    service = _record_service(record, name)
+    pid = _local_exec_pid(record, name, container=service.get("runtime") != "host")
+    if service.get("runtime") != "host":
+        argv = _local_exec_argv(pid, command, environment, workdir, enroot_bin)
+        code = _run_command(argv, capture=False).returncode
+        return 128 - code if code < 0 else code
+    try:
+        with open("/proc/%d/environ" % pid, "rb") as handle:
+            entries = handle.read().split(b"\0")
+        workdir = workdir or os.readlink("/proc/%d/cwd" % pid)
+    except OSError as exc:
+        raise HpcComposeError("cannot read the environment of service '%s' (pid %d): %s"
+                              % (name, pid, exc.strerror or exc))
+    variables = dict(os.fsdecode(entry).split("=", 1) for entry in entries if b"=" in entry)
+    variables.update(environment)
+    argv = ["/bin/sh", "-c", 'exec "$@"', "hpc-compose-exec"] + (list(command) or list(_EXEC_SHELL))
+    code = _run_command(argv, env=variables, cwd=workdir, capture=False).returncode
+    return 128 - code if code < 0 else code
 
 
 # --- status -----------------------------------------------------------------------------------
@@ -10484,10 +10698,6 @@ def _job_progress(scheduler, runtime, record):
 
 
 # --- job arrays -------------------------------------------------------------------------------
-
-_ARRAY_POLL_FIRST = 2.0
-_ARRAY_POLL_MAX = 15.0
-
 
 def _array_task_ids(expression):
     """The task ids of a Slurm array expression (``0-15%4`` -> 0..15), in order."""
@@ -10614,41 +10824,12 @@ def _format_array_status_text(status):
     return "\n".join(lines) + "\n"
 
 
-def _watch_array(record, args, fmt, sleep=None):
-    """``up`` of an array job: wait for every task; exit 0 only if all of them completed."""
-    import time
-    sleep = sleep or time.sleep
-    out = sys.stderr if fmt == "json" else sys.stdout
-    reported = set()
-    delay = _ARRAY_POLL_FIRST
-    try:
-        while True:
-            status = _array_status(record, args.squeue_bin, args.sacct_bin)
-            changed = False
-            for row in status["tasks"]:
-                state = row["scheduler"]["state"]
-                if state in _TERMINAL_STATES and row["task"] not in reported:
-                    reported.add(row["task"])
-                    changed = True
-                    out.write("task %d %s\n" % (row["task"], state))
-            out.flush()
-            if len(reported) == status["task_count"]:
-                break
-            delay = _ARRAY_POLL_FIRST if changed else min(delay * 1.5, _ARRAY_POLL_MAX)
-            sleep(delay)
-    except KeyboardInterrupt:
-        sys.stderr.write("\nstopped watching job %s; its tasks keep running.\n" % record["job_id"])
-        return _EXIT_INTERRUPTED
-    if fmt == "json":
-        _print_json(status)
-    else:
-        out.write(_format_array_status_text(status))
-    if status["failed"]:
-        sys.stderr.write("error: %d of %d tasks of job %s did not complete: %s\n" % (
-            len(status["failed"]), status["task_count"], record["job_id"],
-            ", ".join(str(task) for task in status["failed"])))
-        return _EXIT_FAILURE
-    return _EXIT_OK
+def _preview(word):
+    # The summary stays one line per field: long inline scripts are cut (--verbose shows them).
+    first = word.split("\n", 1)[0]
+    if first != word or len(first) > 100:
+        return first[:100] + "..."
+    return word
 
 
 def _age(seconds):
@@ -13472,24 +13653,6 @@ def _cmd_completions(args):
 # CLI: validate, inspect, config commands
 
 
-def _secrets_to_dict(secrets, escape=None):
-    """Top-level secrets as references (``file:`` path or ``environment:`` name), never values."""
-    escape = escape or _unchanged
-    return dict((secret.name, {secret.source: escape(secret.reference)
-                               if secret.source == "file" else secret.reference})
-                for secret in secrets)
-
-
-def _service_secrets_to_list(secrets):
-    result = []
-    for item in secrets:
-        data = {"source": item.source, "target": item.target}
-        if item.mode is not None:
-            data["mode"] = "0%o" % item.mode
-        result.append(data)
-    return result
-
-
 # --- validate ------------------------------------------------------------------------------------
 
 def _add_validate_parser(subparsers):
@@ -13591,14 +13754,6 @@ def _format_execution(service, verbose=False):
         words = list(execution.argv)
     text = " ".join(shell_quote(w if verbose else _preview(w)) for w in words)
     return "%s: %s%s" % (execution.form, text, entry)
-
-
-def _preview(word):
-    # The summary stays one line per field: long inline scripts are cut (--verbose shows them).
-    first = word.split("\n", 1)[0]
-    if first != word or len(first) > 100:
-        return first[:100] + "..."
-    return word
 
 
 def _format_image(image):
@@ -14156,7 +14311,7 @@ def _submit_plan(args, plan, run=None):
     job_id, cluster = _submit_batch_script(script_path, plan.project_dir, args.sbatch_bin,
                                           hold=holds, dependency=dependency)
     if holds:
-        _deliver_secrets(plan, job_id, cluster, args, say)
+        _deliver_secrets(plan, job_id, cluster, say, args.scontrol_bin, args.scancel_bin)
     record = _build_job_record(runtime_plan, job_id, cluster, script_path)
     record["dependency"] = dependency or None
     record["after"] = chain
@@ -14193,37 +14348,6 @@ def _submit_plan(args, plan, run=None):
             return _watch_array(record, args, fmt)
         return _watch(record, args, fmt)
     return _EXIT_OK
-
-
-def _deliver_secrets(plan, job_id, cluster, args, say):
-    """The job was submitted held: write its secret copies, then release it (cancel on failure).
-
-    So the values travel from this node to the job through owner-only files in its own directory,
-    never through the script, the environment of sbatch or the scheduler.
-    """
-    job_dir = _job_directory(plan.project_dir, job_id)
-    try:
-        _write_secret_copies(plan, job_dir)
-        if any(arg in ("-H", "--hold") for arg in plan.slurm.submit_args):
-            say("job %s stays held (x-slurm.submit_args has --hold): release it with "
-                "'scontrol release %s'" % (job_id, job_id))
-        else:
-            _release_job(job_id, cluster, args.scontrol_bin)
-    except BaseException as exc:
-        # Whatever stopped us (Ctrl-C included), no held job and no copies are left behind.
-        try:
-            _cancel_job(job_id, args.scancel_bin)
-        except HpcComposeError as cancel_error:
-            _warn("could not cancel the held job %s: %s" % (job_id, cancel_error.message))
-        _remove_secret_copies(job_dir)
-        if isinstance(exc, HpcComposeError):
-            message = exc.message
-        elif isinstance(exc, OSError):
-            message = "cannot write the secret copies in %s: %s" % (_secrets_directory(job_dir),
-                                                                    exc.strerror or exc)
-        else:
-            raise
-        raise ToolError("job %s was cancelled before it started: %s" % (job_id, message))
 
 
 def _watch(record, args, fmt):
@@ -14266,6 +14390,47 @@ def _watch(record, args, fmt):
             sys.stderr.write(_format_log_line("batch", line) + "\n")
         sys.stderr.write("  hint: the batch log is %s\n" % batch_log)
     return _EXIT_FAILURE
+
+
+_ARRAY_POLL_FIRST = 2.0
+_ARRAY_POLL_MAX = 15.0
+
+
+def _watch_array(record, args, fmt, sleep=None):
+    """``up`` of an array job: wait for every task; exit 0 only if all of them completed."""
+    import time
+    sleep = sleep or time.sleep
+    out = sys.stderr if fmt == "json" else sys.stdout
+    reported = set()
+    delay = _ARRAY_POLL_FIRST
+    try:
+        while True:
+            status = _array_status(record, args.squeue_bin, args.sacct_bin)
+            changed = False
+            for row in status["tasks"]:
+                state = row["scheduler"]["state"]
+                if state in _TERMINAL_STATES and row["task"] not in reported:
+                    reported.add(row["task"])
+                    changed = True
+                    out.write("task %d %s\n" % (row["task"], state))
+            out.flush()
+            if len(reported) == status["task_count"]:
+                break
+            delay = _ARRAY_POLL_FIRST if changed else min(delay * 1.5, _ARRAY_POLL_MAX)
+            sleep(delay)
+    except KeyboardInterrupt:
+        sys.stderr.write("\nstopped watching job %s; its tasks keep running.\n" % record["job_id"])
+        return _EXIT_INTERRUPTED
+    if fmt == "json":
+        _print_json(status)
+    else:
+        out.write(_format_array_status_text(status))
+    if status["failed"]:
+        sys.stderr.write("error: %d of %d tasks of job %s did not complete: %s\n" % (
+            len(status["failed"]), status["task_count"], record["job_id"],
+            ", ".join(str(task) for task in status["failed"])))
+        return _EXIT_FAILURE
+    return _EXIT_OK
 
 
 def _cmd_up(args):
@@ -14378,52 +14543,19 @@ def _cmd_up_local(args):
                              "one would share its job directory" % (plan.compose_file, job_id),
                              hint="wait for it to end, stop it (Ctrl-C where it runs), or run "
                                   "the second stack from another folder")
+    out = sys.stderr if fmt == "json" else sys.stdout
     try:
-        return _run_local(args, plan, runtime_plan, mode, job_id, script_path, fmt, say)
+        code, record = _run_local(plan, runtime_plan, mode, job_id, script_path, out, say,
+                                  args.srun_bin)
     finally:
         if lock is not None:
             lock.close()
+    return _report_local_run(job_id, record, mode, code, fmt, out)
 
 
-def _run_local(args, plan, runtime_plan, mode, job_id, script_path, fmt, say):
-    """The run part of ``up --local``: track it, start the script, follow its logs, report."""
-    import socket
-    import subprocess
-    record = _build_job_record(runtime_plan, job_id, None, script_path)
-    record.update(local=mode, local_host=socket.gethostname(), local_pid=None)
-    if _secret_services(plan):
-        _write_secret_copies(plan, record["job_dir"])
-    environment = dict(os.environ, SLURM_SUBMIT_DIR=plan.project_dir)
-    if mode == "machine":
-        environment.update({"SLURM_JOB_ID": job_id, _LAUNCHER_VARIABLE: "local"})
-    workdir = plan.project_dir  # where sbatch would start the job: x-slurm.chdir, else the compose dir
-    if plan.slurm.chdir:
-        workdir = os.path.normpath(os.path.join(plan.project_dir,
-                                                os.path.expanduser(str(plan.slurm.chdir))))
-    pid_file = os.path.join(_tracking_root(plan.project_dir), ".%s.batch-pid" % job_id)
-    argv, in_step = _local_batch_argv(mode, script_path, args.srun_bin, pid_file=pid_file)
-    follower = _LogFollower(_record_log_sources(record), from_end=True)
-    with open(record["batch_log"], "ab") as batch_log:
-        os.chmod(record["batch_log"], _PRIVATE_FILE_MODE)
-        # Its own session: a Ctrl-C reaches the batch script through us, once, and its services
-        # through its teardown, as scancel would reach them. SIGINT is reset for it, since bash
-        # cannot trap a signal that was ignored when it started (as in a background job).
-        process = subprocess.Popen(argv, cwd=workdir, env=environment,
-                                   stdin=subprocess.DEVNULL, stdout=batch_log,
-                                   stderr=subprocess.STDOUT, start_new_session=True,
-                                   preexec_fn=_default_sigint)
-    record["local_pid"] = process.pid
-    _record_job(plan.project_dir, record)
-    out = sys.stderr if fmt == "json" else sys.stdout
-    say("started job %s %s (pid %d): %s" % (
-        job_id, "as steps of this allocation" if mode == "allocation" else "on this machine",
-        process.pid, script_path))
-    say("batch log: %s" % record["batch_log"])
-    pass_on = _batch_step_pass_on(job_id, pid_file, process, args.srun_bin) if in_step else None
-    try:
-        code = _follow_local_run(process, follower, out, pass_on)
-    finally:
-        _remove_quietly(pid_file)
+def _report_local_run(job_id, record, mode, code, fmt, out):
+    """How an ``up --local`` run ended (JSON, or a line; the batch log's tail when it failed);
+    returns its exit code."""
     runtime = _load_runtime_state(record["job_dir"]) or {}
     status = runtime.get("status") or "ended"
     reason = "job %s %s (exit code %d)" % (job_id, status, code)
@@ -14443,105 +14575,6 @@ def _run_local(args, plan, runtime_plan, mode, job_id, script_path, fmt, say):
     return code
 
 
-# Run by `up --local` inside an allocation, before the batch script: the script starts its steps as
-# in a batch job, so the variables of a step this runs in (an interactive `srun --pty bash`, or the
-# step on the first node below) give way to the allocation's: srun takes SLURM_NTASKS, SLURM_NNODES
-# and the like as the defaults of every step it starts.
-_ALLOCATION_PRELUDE = r"""[ -z "$2" ] || echo "$$" >"$2"  # the script's pid on its node (exec keeps it)
-for name in "${!SLURM_STEP@}" "${!SLURM_PTY_@}" "${!SLURM_CPU_BIND@}" \
-        SLURM_NTASKS SLURM_NPROCS SLURM_NTASKS_PER_NODE SLURM_TASKS_PER_NODE SLURM_PROCID \
-        SLURM_LOCALID SLURM_NODEID SLURM_GTIDS SLURM_TASK_PID SLURM_DISTRIBUTION \
-        SLURM_SRUN_COMM_HOST SLURM_SRUN_COMM_PORT SLURM_LAUNCH_NODE_IPADDR SLURM_OVERLAP; do
-    unset -v "$name"
-done
-export SLURM_NNODES="${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}"
-export SLURM_NODELIST="${SLURM_JOB_NODELIST:-${SLURM_NODELIST:-}}"
-exec bash "$1"
-"""
-
-
-_BATCH_STEP_NAME = "hpc-compose-batch"  # the step of `up --local` run from salloc's shell
-
-
-def _local_batch_argv(mode, script_path, srun_bin="srun", environ=None, pid_file=""):
-    """How ``up --local`` starts the batch script, and whether that is a step of its own. Outside
-    Slurm: bash here. Inside an allocation: on a node of it, as sbatch would start it (writing its
-    pid to ``pid_file``); ``salloc``'s shell runs on the machine it was typed on (on most clusters
-    a login node, outside the allocation, where readiness probes of 127.0.0.1 would miss the
-    services), so there the script runs as a step on the allocation's first node."""
-    environ = os.environ if environ is None else environ
-    if mode != "allocation":
-        return ["bash", script_path], False
-    argv = ["bash", "-c", _ALLOCATION_PRELUDE, _BATCH_STEP_NAME, script_path, pid_file]
-    if environ.get("SLURMD_NODENAME"):  # a shell that is itself a step runs on a node already
-        return argv, False
-    return [srun_bin, "--overlap", "--nodes=1", "--ntasks=1", "--relative=0",
-            "--job-name=" + _BATCH_STEP_NAME, "--kill-on-bad-exit=1", "--quiet"] + argv, True
-
-
-def _batch_step_pass_on(job_id, pid_file, process, srun_bin="srun"):
-    """How a signal reaches the batch script when it runs in a step of its own: SIGTERM to its pid,
-    through a step on its node, as scancel of a batch job gives it. Signalled itself, srun would
-    end the step at once with SIGKILL (before the teardown is done), and a signal to the whole step
-    would reach the services' srun clients and the container keeper too. srun is terminated only
-    when the script's pid is not known (it has not started)."""
-    def pass_on(number):
-        try:
-            with open(pid_file) as handle:
-                pid = handle.read().strip()
-        except OSError:
-            pid = ""
-        if not pid.isdigit() or _run_command(
-                [srun_bin, "--jobid=%s" % job_id, "--overlap", "--nodes=1", "--ntasks=1",
-                 "--relative=0", "--job-name=" + _BATCH_STEP_NAME + "-signal", "--quiet",
-                 "kill", "-TERM", pid], timeout=_scheduler_timeout()).returncode != 0:
-            process.terminate()
-    return pass_on
-
-
-def _default_sigint():
-    import signal
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
-def _follow_local_run(process, follower, out, pass_on=None):
-    """Print the service logs until the batch script exits. Ctrl-C, SIGTERM and SIGHUP (the
-    terminal closed, the allocation ended) are passed on to it once (by ``pass_on(number)`` when
-    given), as scancel would pass them, and it tears down; a signal ignored when we started stays
-    ignored. Returns its exit code (128 + N when a signal N ended it)."""
-    import signal
-    import time
-    received = []
-
-    def forward(number, frame):
-        if not received:
-            (pass_on or process.send_signal)(number)
-            sys.stderr.write("\nstopping job (%s): every service stops and its containers are "
-                             "removed\n" % signal.Signals(number).name)
-        received.append(number)
-
-    previous = {}
-    for number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        if signal.getsignal(number) != signal.SIG_IGN:
-            previous[number] = signal.signal(number, forward)
-    try:
-        while True:
-            for name, line in follower.poll():
-                out.write(_format_log_line(name, line) + "\n")
-            out.flush()
-            if process.poll() is not None:
-                break
-            time.sleep(_LOG_POLL_SECONDS)
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
-    for name, line in follower.flush():
-        out.write(_format_log_line(name, line) + "\n")
-    out.flush()
-    code = process.returncode
-    return 128 - code if code < 0 else code
-
-
 def _prepare_for_run(args, plan, runtime_plan, say):
     """Import and prepare the images ``plan`` needs (submit, up --local), unless --skip-prepare."""
     if not args.skip_prepare and _needs_images(plan):
@@ -14552,30 +14585,6 @@ def _prepare_for_run(args, plan, runtime_plan, say):
         except NotImplementedError:
             raise ToolError("image preparation is not available in this build",
                             hint="prepare images separately and pass --skip-prepare")
-
-
-def _exec_local(record, args, command, environment):
-    """``exec`` into a local run outside Slurm: ``enroot exec`` into the container, or the host
-    command with the service's environment and directory (from /proc), on this machine."""
-    service = _record_service(record, args.service)
-    pid = _local_exec_pid(record, args.service, container=service.get("runtime") != "host")
-    if service.get("runtime") != "host":
-        argv = _local_exec_argv(pid, command, environment, args.workdir,
-                                getattr(args, "enroot_bin", "enroot"))
-        code = _run_command(argv, capture=False).returncode
-        return 128 - code if code < 0 else code
-    try:
-        with open("/proc/%d/environ" % pid, "rb") as handle:
-            entries = handle.read().split(b"\0")
-        workdir = args.workdir or os.readlink("/proc/%d/cwd" % pid)
-    except OSError as exc:
-        raise HpcComposeError("cannot read the environment of service '%s' (pid %d): %s"
-                              % (args.service, pid, exc.strerror or exc))
-    variables = dict(os.fsdecode(entry).split("=", 1) for entry in entries if b"=" in entry)
-    variables.update(environment)
-    argv = ["/bin/sh", "-c", 'exec "$@"', "hpc-compose-exec"] + (list(command) or list(_EXEC_SHELL))
-    code = _run_command(argv, env=variables, cwd=workdir, capture=False).returncode
-    return 128 - code if code < 0 else code
 
 
 def _cmd_status(args):
@@ -14644,7 +14653,8 @@ def _cmd_exec(args):
     record = _job_record(args)
     _record_service(record, args.service)
     if record.get("local") == "machine":
-        return _exec_local(record, args, command, environment)
+        return _exec_local(record, args.service, command, environment, args.workdir,
+                           getattr(args, "enroot_bin", "enroot"))
     scheduler = (_local_run_state(record) if record.get("local")
                  else _query_scheduler(record["job_id"], args.squeue_bin, args.sacct_bin))
     target = _exec_target(record, args.service, scheduler,

@@ -56,8 +56,12 @@ top-level name starts with an underscore and may change without notice. In pipel
   -> ``MigrateResult``); CLI: ``build_parser``, ``main(argv=None)``; ``__version__``.
 
 One verb, one meaning: ``load_*`` reads a path, ``parse_*`` reads text, ``render_*`` makes the
-batch script, ``format_*`` makes human text, ``*to_dict`` makes JSON-ready data. How the file is
-organised and where to add things: docs/contributing.md.
+batch script (or a piece of it), ``format_*`` makes text to print or store: human text, or the
+machine format its name says (``_format_json``, ``_format_yaml``, ``_format_stats_csv``,
+``_format_stats_jsonl``); ``*_to_dict`` (``*_to_list``) makes JSON-ready data. Other functions
+are verbs for what they do (``build_plan``, ``prepare_images``); a pure query may be named for what
+it returns (``_job_directory``, ``_mount_text``); records are nouns. How the file is organised and
+where to add things: docs/contributing.md.
 
 Exit codes (stable): 0 success; 1 something failed while running (a tool, the job, preflight);
 2 invalid spec or usage; 130 interrupted.
@@ -644,7 +648,7 @@ def _yaml_path_key(key):
     return key if type(key) is str else str(key)
 
 
-def _describe_character(char):
+def _format_character(char):
     """How to name a character in an error message."""
     if char == "":
         return "the end of the line"
@@ -769,7 +773,7 @@ class _YamlReader(object):
                                       "where its block mapping starts")
             hint = "a comment needs a space before the '#'" if line[col] == "#" else None
             raise self.error("expected a comment or the end of the line after %s, found %s"
-                             % (what, _describe_character(line[col])), row, col, hint=hint)
+                             % (what, _format_character(line[col])), row, col, hint=hint)
         return row + 1
 
     # -- document -----------------------------------------------------------------------------
@@ -1192,7 +1196,7 @@ class _YamlReader(object):
                 return key, None, end_col + 1
             raise self.error("expected ':' after the mapping key %s, found %s"
                              % (line[col:end_col].rstrip(),
-                                _describe_character(line[end_col:end_col + 1])),
+                                _format_character(line[end_col:end_col + 1])),
                              row, end_col)
         following = line[col + 1:col + 2]
         if char == "-" and (following == "" or following in _SPACE_TAB):
@@ -1344,7 +1348,7 @@ class _YamlReader(object):
         if end < len(line) and (line[end] != "#" or end == cursor):
             raise self.error("expected a chomping indicator (+ or -), an indentation indicator "
                              "(1-9), a comment or the end of the line after %r, found %s"
-                             % (line[col], _describe_character(line[end])), row, end)
+                             % (line[col], _format_character(line[end])), row, end)
         return chomping, increment
 
     def detect_block_indent(self, row, parent_indent):
@@ -1588,7 +1592,7 @@ class _YamlReader(object):
             elif char != closer:
                 raise self.error("expected ',' or %r in a flow %s, found %s"
                                  % (closer, "mapping" if is_mapping else "sequence",
-                                    _describe_character(char)), row, col,
+                                    _format_character(char)), row, col,
                                  hint="separate entries with ', ' and quote values containing "
                                       "',', '[', ']', '{' or '}'")
 
@@ -3663,7 +3667,7 @@ class _SpecLoader(object):
         if value is None:
             return {}
         if not isinstance(value, dict):
-            raise self.error(path, "expected %s, got %s" % (what, _describe(value)))
+            raise self.error(path, "expected %s, got %s" % (what, _format_value(value)))
         return value
 
     def check_keys(self, path, mapping, allowed, scope, hints=None):
@@ -3701,7 +3705,7 @@ class _SpecLoader(object):
         elif value is None:
             raise self.error(path, "expected a string, got an empty value")
         else:
-            raise self.error(path, "expected a string, got %s" % _describe(value))
+            raise self.error(path, "expected a string, got %s" % _format_value(value))
         if interpolated:
             text = self.interpolate(path, text, **options)
         if not allow_empty and not text.strip():
@@ -3725,21 +3729,21 @@ class _SpecLoader(object):
             if text.isdigit():
                 number = int(text)
         if number is None:
-            raise self.error(path, "must be an integer, got %s" % _describe(value))
+            raise self.error(path, "must be an integer, got %s" % _format_value(value))
         if number < minimum:
             raise self.error(path, "must be at least %d, got %d" % (minimum, number))
         return number
 
     def boolean(self, path, value):
         if not isinstance(value, bool):
-            raise self.error(path, "must be true or false, got %s" % _describe(value))
+            raise self.error(path, "must be true or false, got %s" % _format_value(value))
         return value
 
     def sequence(self, path, value):
         if value is None:
             return []
         if not isinstance(value, list):
-            raise self.error(path, "expected a list, got %s" % _describe(value))
+            raise self.error(path, "expected a list, got %s" % _format_value(value))
         return value
 
     def string_list(self, path, value, interpolated=True, **options):
@@ -3785,7 +3789,7 @@ class _SpecLoader(object):
             item_path = tuple(path) + (index,)
             if not isinstance(item, str) or "=" not in item:
                 raise self.error(item_path, "environment list items must be KEY=VALUE, got %s"
-                                 % _describe(item),
+                                 % _format_value(item),
                                  hint="write KEY=VALUE, or use the mapping form KEY: VALUE")
             key, text = item.split("=", 1)
             if "\0" in text:
@@ -3806,7 +3810,7 @@ class _SpecLoader(object):
         root = self.data
         if not isinstance(root, dict):
             raise self.error((), "the compose file must be a mapping with a services: key, got %s"
-                             % _describe(root))
+                             % _format_value(root))
         for key in root:
             if isinstance(key, str) and key.startswith("x-") and key != "x-slurm":
                 self.check_extension_key((key,), key, top_level=True)
@@ -3974,7 +3978,7 @@ class _SpecLoader(object):
             return ServiceSignalSpec(forward=False)
         if not isinstance(raw, dict):
             raise self.error(path, "expected a mapping (name, forward) or false, got %s"
-                             % _describe(raw))
+                             % _format_value(raw))
         self.check_keys(path, raw, _SERVICE_SIGNAL_KEYS, "services.<name>.x-slurm.signal")
         name = None
         if raw.get("name") is not None:
@@ -4685,7 +4689,7 @@ class _SpecLoader(object):
             text = mark.text if mark is not None and mark.text else "%o" % value
         if not isinstance(text, str):
             raise self.error(path, "mode must be octal permission bits such as 0400, got %s"
-                             % _describe(value))
+                             % _format_value(value))
         digits = text.strip()
         digits = digits[2:] if digits[:2].lower() == "0o" else digits
         if not digits or not frozenset("01234567").issuperset(digits) or int(digits, 8) > 0o777:
@@ -4816,7 +4820,7 @@ def _probe_readiness(argv):
     raise _Invalid("healthcheck probe %r is not supported" % " ".join(argv), hint=_PROBE_HINT)
 
 
-def _describe(value):
+def _format_value(value):
     if value is None:
         return "an empty value"
     if isinstance(value, bool):
@@ -8200,7 +8204,7 @@ def _comment(text):
     return "".join(c if c.isprintable() else "?" for c in str(text))
 
 
-def _readiness_description(readiness):
+def _format_probe(readiness):
     """One phrase for the probe, as messages, state.json and ``inspect`` name it."""
     if readiness.type == "sleep":
         return "sleep %ss" % readiness.seconds
@@ -8230,7 +8234,7 @@ def _readiness_entry(index, readiness):
                    ("READY_URL", readiness.url)]
     probe = " ".join("%s[%s]=%s" % (name, index, shell_quote(value)) for name, value in fields)
     return _fill(_READINESS_ENTRY_TEMPLATE, index=index, type=shell_quote(readiness.type),
-                 description=shell_quote(_readiness_description(readiness)), probe=probe)
+                 description=shell_quote(_format_probe(readiness)), probe=probe)
 
 
 def _service_entry(plan, index, ending):
@@ -9428,7 +9432,7 @@ def _check_dependency_jobs(dependency, squeue_bin="squeue", sacct_bin="sacct"):
                              "-f <its compose file> shows it)")
 
 
-def _explain_dependency(record, scheduler, squeue_bin="squeue", sacct_bin="sacct"):
+def _format_dependency_wait(record, scheduler, squeue_bin="squeue", sacct_bin="sacct"):
     """Words for a job held by its dependency: whom it waits for, or why it can never run."""
     if scheduler.state != "PENDING" or scheduler.reason not in ("Dependency",
                                                                 "DependencyNeverSatisfied"):
@@ -9503,7 +9507,7 @@ def _load_attempt_states(job_dir):
     return [(n, _load_runtime_state(os.path.join(root, str(n)))) for n in attempts]
 
 
-def _attempt_summary(attempt, state):
+def _attempt_to_dict(attempt, state):
     """One attempt of a requeued job as JSON-ready data (for ``status``)."""
     state = state or {}
     return {"attempt": attempt, "status": state.get("status") or "not started",
@@ -9519,7 +9523,7 @@ def _format_signal(entry):
                                       entry.get("action"), targets or "no running service")
 
 
-def _runtime_failure_summary(state):
+def _format_runtime_failure(state):
     """One phrase naming the failed services from state.json (or ``None``)."""
     if not state:
         return None
@@ -9998,8 +10002,8 @@ def watch_job(record, squeue_bin="squeue", sacct_bin="sacct", out=None, sleep=No
         if state.exit_code and state.exit_code != "0:0":
             reason += " (exit %s)" % state.exit_code
         if state.state == "NODE_FAIL":
-            reason += ": " + _describe_node_failure(record)
-        summary = _runtime_failure_summary(runtime)
+            reason += ": " + _format_node_failure(record)
+        summary = _format_runtime_failure(runtime)
         if summary:
             reason += ": " + summary
     out.flush()
@@ -10021,7 +10025,7 @@ def _conclusion_from_state(job_id, runtime):
         job_id, runtime["status"], runtime.get("exit_code"))
     ok = runtime["status"] == "completed"
     if not ok:
-        summary = _runtime_failure_summary(runtime)
+        summary = _format_runtime_failure(runtime)
         if summary:
             text += ": " + summary
     return ok, text + ("; neither squeue nor sacct knows the job any more (is job accounting "
@@ -10048,7 +10052,7 @@ def _job_nodes(record):
         return []
 
 
-def _describe_node_failure(record, sinfo_bin="sinfo"):
+def _format_node_failure(record, sinfo_bin="sinfo"):
     """Which of the job's nodes Slurm holds as failed, in words (for a NODE_FAIL end)."""
     nodes = _job_nodes(record)
     failed = []
@@ -10671,8 +10675,8 @@ def _job_status(record, squeue_bin="squeue", sacct_bin="sacct"):
         "services": services,
         "resume_dir": record.get("resume_dir"),
         "signals": (runtime or {}).get("signals") or [],
-        "dependency": _explain_dependency(record, scheduler, squeue_bin, sacct_bin),
-        "attempts": [_attempt_summary(n, state)
+        "dependency": _format_dependency_wait(record, scheduler, squeue_bin, sacct_bin),
+        "attempts": [_attempt_to_dict(n, state)
                      for n, state in _load_attempt_states(record["job_dir"])],
         "run": record.get("run"),
     }
@@ -10693,7 +10697,7 @@ def _job_progress(scheduler, runtime, record):
     if scheduler.state == "UNKNOWN" and _runtime_final(runtime):
         return _conclusion_from_state(record["job_id"], runtime)[1]
     if scheduler.state == "NODE_FAIL":
-        return "ended NODE_FAIL: " + _describe_node_failure(record)
+        return "ended NODE_FAIL: " + _format_node_failure(record)
     return None
 
 
@@ -10824,7 +10828,7 @@ def _format_array_status_text(status):
     return "\n".join(lines) + "\n"
 
 
-def _preview(word):
+def _format_preview(word):
     # The summary stays one line per field: long inline scripts are cut (--verbose shows them).
     first = word.split("\n", 1)[0]
     if first != word or len(first) > 100:
@@ -10858,7 +10862,8 @@ def _format_status_text(status):
         command = status["run"].get("command")
         lines.append("  run:        service %s, command %s" % (
             status["run"].get("service"),
-            " ".join(shell_quote(_preview(word)) for word in command) if command else "its own"))
+            " ".join(shell_quote(_format_preview(word)) for word in command) if command
+            else "its own"))
     runtime = status["runtime"]
     if runtime:
         text = str(runtime.get("status"))
@@ -11186,7 +11191,7 @@ def _copy_entry(source, target):
         shutil.copy2(source, target)
 
 
-def _describe_files(root, relative_paths):
+def _files_to_list(root, relative_paths):
     """Provenance entries (type, size, sha256) for every file under the exported relative paths."""
     import hashlib
     entries = []
@@ -11289,7 +11294,7 @@ def _export_artifact_bundles(record, bundles, tarball, export_template):
             "declared_source_patterns": bundle.get("declared_source_patterns") or [],
             "matched_source_paths": bundle.get("matched_source_paths") or [],
             "copied_relative_paths": exported, "warnings": warnings,
-            "files": _describe_files(target, exported),
+            "files": _files_to_list(target, exported),
         }
         provenance_path = os.path.join(export_dir, "_hpc-compose", "bundles", "%s.json" % name)
         _write_json_atomic(provenance_path, provenance)
@@ -13729,7 +13734,7 @@ def _format_geometry(ntasks, ntasks_per_node, nodes):
 def _format_readiness(readiness):
     if readiness is None:
         return "none"
-    text = _readiness_description(readiness)
+    text = _format_probe(readiness)
     if readiness.type != "sleep":
         text += " (timeout %ss)" % readiness.timeout_seconds
     return text
@@ -13752,7 +13757,7 @@ def _format_execution(service, verbose=False):
         words = ["/bin/sh", "-c", execution.script]
     else:
         words = list(execution.argv)
-    text = " ".join(shell_quote(w if verbose else _preview(w)) for w in words)
+    text = " ".join(shell_quote(w if verbose else _format_preview(w)) for w in words)
     return "%s: %s%s" % (execution.form, text, entry)
 
 
@@ -15050,7 +15055,7 @@ def _cmd_init(args):
             sys.stdout.write("%-*s  %s\n" % (width, template.name, template.description))
         return _EXIT_OK
     if args.describe_template:
-        sys.stdout.write(_describe_template(load_template(args.describe_template)))
+        sys.stdout.write(_format_template(load_template(args.describe_template)))
         return _EXIT_OK
     if not args.template:
         raise UsageError("init needs --template NAME",
@@ -15216,7 +15221,7 @@ def _cmd_migrate(args):
     return _EXIT_OK
 
 
-def _describe_template(template):
+def _format_template(template):
     """The text of ``init --describe-template``: description, header notes, an init command."""
     notes = []
     for line in template.text.split("\n")[1:]:

@@ -161,15 +161,19 @@ _LOCAL_JOB_PREFIX = "local-"                  # + UTC time + "-" + pid: the id o
 _LOG_TIMES_SUFFIX = ".times"             # <job dir>/logs/<token>.times: "<epoch ms> <log size>" lines
 
 
-class HpcComposeError(Exception):
-    """Base of every error the tool reports to the user (never shown as a traceback)."""
-
-    exit_code = _EXIT_FAILURE
+class _HintedError(Exception):
+    """A message and, where it helps, a hint: how to fix it."""
 
     def __init__(self, message, hint=None):
         Exception.__init__(self, message)
         self.message = message
         self.hint = hint
+
+
+class HpcComposeError(_HintedError):
+    """Base of every error the tool reports to the user (never shown as a traceback)."""
+
+    exit_code = _EXIT_FAILURE
 
     def format(self):
         """The user-facing text: the message, then the hint on its own line."""
@@ -1203,12 +1207,7 @@ class _YamlReader(object):
             raise self.error("expected a mapping key at this indentation, found a sequence entry "
                              "'- '", row, col, hint="a list goes under a key (key:, then the '- ' "
                                                      "items), not between the keys of a mapping")
-        if char == "[" or char == "{":
-            raise self.error("a flow collection as a mapping key (a complex key) is not "
-                             "supported", row, col, hint="use a plain or quoted string key")
-        if char == "*":
-            raise self.error("an alias as a mapping key is not supported", row, col,
-                             hint="write the key itself")
+        self.refuse_key_start(row, col, char)
         if char == "&":
             raise self.error("an anchor before a key on the same line is not supported (it "
                              "would anchor the key, not the mapping)", row, col,
@@ -1656,6 +1655,15 @@ class _YamlReader(object):
         row, col, value = self.parse_flow_node(row, col, key_path, open_row, open_col)
         return row, col, {key: value}
 
+    def refuse_key_start(self, row, col, char):
+        """A key (block or flow) is a string: not a flow collection, not an alias."""
+        if char == "[" or char == "{":
+            raise self.error("a flow collection as a mapping key (a complex key) is not "
+                             "supported", row, col, hint="use a plain or quoted string key")
+        if char == "*":
+            raise self.error("an alias as a mapping key is not supported", row, col,
+                             hint="write the key itself")
+
     def parse_flow_key(self, row, col):
         """A key inside `{...}`: a quoted or plain scalar; returns (key, text, row, col)."""
         line = self.lines[row]
@@ -1663,12 +1671,7 @@ class _YamlReader(object):
         if char == '"' or char == "'":
             end_row, end_col, key = self.parse_quoted(row, col)
             return key, None, end_row, end_col
-        if char == "[" or char == "{":
-            raise self.error("a flow collection as a mapping key (a complex key) is not "
-                             "supported", row, col, hint="use a plain or quoted string key")
-        if char == "*":
-            raise self.error("an alias as a mapping key is not supported", row, col,
-                             hint="write the key itself")
+        self.refuse_key_start(row, col, char)
         if char == "&":
             raise self.error("an anchor on a mapping key is not supported", row, col,
                              hint="anchor the whole mapping instead")
@@ -2693,13 +2696,8 @@ _NUL_HINT = ("no path, command line or environment variable can carry a NUL char
 _UNREAD = object()   # what the spec loader keeps for a field it could not read (already reported)
 
 
-class _Invalid(Exception):
+class _Invalid(_HintedError):
     """A value-level problem found by a pure helper; the caller adds the location."""
-
-    def __init__(self, message, hint=None):
-        Exception.__init__(self, message)
-        self.message = message
-        self.hint = hint
 
 
 # --- pure value rules shared by the spec checks and the planner --------------------------------
@@ -14272,6 +14270,41 @@ def _print_findings(report):
             sys.stderr.write(text + "\n")
 
 
+def _write_job_script(args, plan, say, local=None):
+    """Preflight (unless --no-preflight), prepare the images, render and write the batch script:
+    what ``submit``, ``run`` and ``up --local`` (``local``: its mode) do first. Returns the runtime
+    plan and the script's path."""
+    action = "start" if local else "submit"
+    runtime_plan = build_runtime_plan(plan)
+    if not args.no_preflight:
+        report = run_preflight(runtime_plan, PreflightOptions(
+            enroot_bin=args.enroot_bin, srun_bin=args.srun_bin, sbatch_bin=args.sbatch_bin,
+            skip_prepare=args.skip_prepare, dry_run=bool(getattr(args, "dry_run", False)),
+            local=local))
+        _print_findings(report)
+        if report.errors:
+            raise ToolError("preflight found %d error(s); nothing was %s"
+                            % (len(report.errors), "started" if local else "submitted"),
+                            hint="fix them, or pass --no-preflight to %s anyway" % action)
+    _prepare_for_run(args, plan, runtime_plan, say)
+    script_path = os.path.abspath(args.script_out) if args.script_out else \
+        os.path.join(plan.project_dir, "hpc-compose.sbatch")
+    _write_file_atomic(script_path, render_script(runtime_plan), _PRIVATE_FILE_MODE)
+    return runtime_plan, script_path
+
+
+def _prepare_for_run(args, plan, runtime_plan, say):
+    """Import and prepare the images ``plan`` needs (submit, up --local), unless --skip-prepare."""
+    if not args.skip_prepare and _needs_images(plan):
+        try:
+            prepare_images(runtime_plan, PrepareOptions(
+                enroot_bin=args.enroot_bin, force=args.force_rebuild,
+                keep_failed=args.keep_failed_prep), progress=say)
+        except NotImplementedError:
+            raise ToolError("image preparation is not available in this build",
+                            hint="prepare images separately and pass --skip-prepare")
+
+
 def _cmd_submit(args):
     """Preflight, prepare, render, write the script, sbatch, record; optionally watch."""
     spec, plan = _load_plan_from_args(args)
@@ -14283,20 +14316,7 @@ def _submit_plan(args, plan, run=None):
     own messages go to stderr so that stdout carries the service's output alone."""
     fmt = _output_format(args)
     say = (lambda text: sys.stderr.write(text + "\n")) if fmt == "json" or run else print
-    runtime_plan = build_runtime_plan(plan)
-    if not args.no_preflight:
-        report = run_preflight(runtime_plan, PreflightOptions(
-            enroot_bin=args.enroot_bin, srun_bin=args.srun_bin, sbatch_bin=args.sbatch_bin,
-            skip_prepare=args.skip_prepare, dry_run=bool(getattr(args, "dry_run", False))))
-        _print_findings(report)
-        if report.errors:
-            raise ToolError("preflight found %d error(s); nothing was submitted" % len(report.errors),
-                            hint="fix them, or pass --no-preflight to submit anyway")
-    _prepare_for_run(args, plan, runtime_plan, say)
-    script = render_script(runtime_plan)
-    script_path = os.path.abspath(args.script_out) if args.script_out else \
-        os.path.join(plan.project_dir, "hpc-compose.sbatch")
-    _write_file_atomic(script_path, script, _PRIVATE_FILE_MODE)
+    runtime_plan, script_path = _write_job_script(args, plan, say)
     result = {"dry_run": bool(args.dry_run), "script_path": script_path,
               "cache_dir": plan.cache_dir, "job_id": None}
     if args.dry_run:
@@ -14517,19 +14537,7 @@ def _cmd_up_local(args):
         _warn("up --local does not use x-slurm %s: only sbatch acts on %s (the job starts at once, "
               "%s)" % (", ".join(ignored), "it" if len(ignored) == 1 else "them",
                        "in this allocation" if mode == "allocation" else "on this machine"))
-    runtime_plan = build_runtime_plan(plan)
-    if not args.no_preflight:
-        report = run_preflight(runtime_plan, PreflightOptions(
-            enroot_bin=args.enroot_bin, srun_bin=args.srun_bin, sbatch_bin=args.sbatch_bin,
-            skip_prepare=args.skip_prepare, dry_run=args.dry_run, local=mode))
-        _print_findings(report)
-        if report.errors:
-            raise ToolError("preflight found %d error(s); nothing was started" % len(report.errors),
-                            hint="fix them, or pass --no-preflight to start anyway")
-    _prepare_for_run(args, plan, runtime_plan, say)
-    script_path = os.path.abspath(args.script_out) if args.script_out else \
-        os.path.join(plan.project_dir, "hpc-compose.sbatch")
-    _write_file_atomic(script_path, render_script(runtime_plan), _PRIVATE_FILE_MODE)
+    runtime_plan, script_path = _write_job_script(args, plan, say, local=mode)
     if args.dry_run:
         say("rendered script: %s" % script_path)
         say("dry run: not starting it (up --local would run it with bash here)")
@@ -14578,18 +14586,6 @@ def _report_local_run(job_id, record, mode, code, fmt, out):
             sys.stderr.write(_format_log_line("batch", line) + "\n")
         sys.stderr.write("  hint: the batch log is %s\n" % record["batch_log"])
     return code
-
-
-def _prepare_for_run(args, plan, runtime_plan, say):
-    """Import and prepare the images ``plan`` needs (submit, up --local), unless --skip-prepare."""
-    if not args.skip_prepare and _needs_images(plan):
-        try:
-            prepare_images(runtime_plan, PrepareOptions(
-                enroot_bin=args.enroot_bin, force=args.force_rebuild,
-                keep_failed=args.keep_failed_prep), progress=say)
-        except NotImplementedError:
-            raise ToolError("image preparation is not available in this build",
-                            hint="prepare images separately and pass --skip-prepare")
 
 
 def _cmd_status(args):

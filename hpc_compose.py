@@ -10,7 +10,8 @@ The whole tool is this one module, Python standard library only, for CPython 3.6
 ``python3 hpc_compose.py COMMAND ...``, as the zipapp ``python3 hpc-compose.pyz COMMAND ...``, or
 import it (importing has no side effects).
 
-Contents, in pipeline order (each section starts with a banner of ``#`` lines):
+Contents, in pipeline order (each section starts with a banner of ``#`` lines, and uses only what
+stands above it: tests/test_layout.py checks that, with one documented exception):
 
 1. Errors, constants and shared helpers -- exit codes, the error family, atomic writes, locks,
    the one shell-quoting helper, the subprocess runner every tool wrapper goes through.

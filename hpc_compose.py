@@ -11,7 +11,7 @@ The whole tool is this one module, Python standard library only, for CPython 3.6
 import it (importing has no side effects).
 
 Contents, in pipeline order (each section starts with a banner of ``#`` lines, and uses only what
-stands above it: tests/test_layout.py checks that, with one documented exception):
+stands above it, as tests/test_layout.py checks):
 
 1. Errors, constants and shared helpers -- exit codes, the error family, atomic writes, locks,
    the one shell-quoting helper, the subprocess runner every tool wrapper goes through.
@@ -48,11 +48,11 @@ top-level name starts with an underscore and may change without notice. In pipel
   ``resolve_host_path``, ``normalize_image``;
 - images and preflight: ``build_runtime_plan`` -> ``RuntimePlan`` (``ServiceImage``,
   ``Artifact``), ``prepare_images`` (``PrepareOptions`` -> ``PrepareResult``), ``list_cache``,
-  ``inspect_cache``, ``prune_cache``, ``enroot_uri``, ``run_preflight`` (``PreflightOptions`` ->
+  ``inspect_cache``, ``enroot_uri``, ``run_preflight`` (``PreflightOptions`` ->
   ``PreflightReport`` of ``Finding``);
 - render: ``render_script(runtime_plan)`` and its pieces ``render_metrics_block``,
   ``render_artifacts_block``, ``service_srun_argv``, ``service_environment``, ``shell_quote``;
-- tracking: ``watch_job``, ``SchedulerState``; init: ``TEMPLATE_NAMES``, ``list_templates``,
+- tracking: ``watch_job``, ``SchedulerState``, ``prune_cache``; init: ``TEMPLATE_NAMES``, ``list_templates``,
   ``load_template``, ``customize_template``; migrate: ``migrate_compose(text)`` (``MigrateOptions``
   -> ``MigrateResult``); CLI: ``build_parser``, ``main(argv=None)``; ``__version__``.
 
@@ -99,12 +99,12 @@ __all__ = [
     "normalize_image",
     # images and preflight
     "build_runtime_plan", "prepare_images", "RuntimePlan", "ServiceImage", "Artifact",
-    "PrepareOptions", "PrepareResult", "enroot_uri", "list_cache", "inspect_cache", "prune_cache",
+    "PrepareOptions", "PrepareResult", "enroot_uri", "list_cache", "inspect_cache",
     "run_preflight", "PreflightOptions", "PreflightReport", "Finding",
     # render
     "render_script", "service_srun_argv", "service_environment", "shell_quote", "render_metrics_block", "render_artifacts_block",
     # job tracking
-    "watch_job", "SchedulerState",
+    "watch_job", "SchedulerState", "prune_cache",
     # init templates
     "TEMPLATE_NAMES", "list_templates", "load_template", "customize_template",
     # migrate
@@ -5995,7 +5995,7 @@ def _build_prepared(run, service, image, base_path, services):
     run.say("prepared %s in %.1fs" % (service.name, elapsed))
 
 
-# -- cache list / inspect / prune -----------------------------------------------------------------------
+# -- cache list / inspect (prune_cache, which asks which jobs still run, ends job tracking) --------------
 
 _ARTIFACT_SUFFIXES = (".sqsh", ".squashfs")
 
@@ -6152,70 +6152,6 @@ def inspect_cache(runtime_plan, service=None):
     return reports
 
 
-def _paths_named_in(value, found):
-    if isinstance(value, dict):
-        for item in value.values():
-            _paths_named_in(item, found)
-    elif isinstance(value, (list, tuple)):
-        for item in value:
-            _paths_named_in(item, found)
-    elif isinstance(value, str) and value.endswith(_ARTIFACT_SUFFIXES):
-        found.add(value)
-
-
-def _script_artifacts(text):
-    import re
-    return set(re.findall(r"(/[^\s'\"=,]+\.(?:sqsh|squashfs))", text))
-
-
-def _submitted_script_artifacts(record, project_dir):
-    """Artifact paths in the job's rendered script, if the script is still the one submitted (the
-    next render overwrites it: a newer file says nothing about this job)."""
-    script = record.get("script_path")
-    submitted = record.get("submitted_at")
-    if not isinstance(script, str) or not isinstance(submitted, (int, float)):
-        return set()
-    script = script if os.path.isabs(script) else os.path.join(project_dir, script)
-    try:
-        if os.path.getmtime(script) > submitted + 1:
-            return set()
-        with open(script, encoding="utf-8", errors="replace") as handle:
-            return _script_artifacts(handle.read())
-    except OSError:
-        return set()
-
-
-def _artifacts_in_use(cache_dir, extra_projects=(), squeue_bin="squeue"):
-    """``{artifact_path: reason}`` for artifacts a tracked, unfinished job may be using.
-
-    Jobs are found through the projects named in the cache's manifests (and ``extra_projects``):
-    ``<compose dir>/.hpc-compose/jobs/*.json``. The paths come from the job record and its rendered
-    script; when a running job names none, every artifact of that project is protected.
-    """
-    entries = list_cache(cache_dir)
-    projects = set(extra_projects)
-    for entry in entries:
-        projects.update(p for p in (entry.get("projects") or []) if isinstance(p, str))
-    in_use = {}
-    for compose_file in sorted(projects):
-        project_dir = os.path.dirname(compose_file)
-        # The one call to a later section (tests/test_layout.py lists it): which jobs may still
-        # run is tracking's rule (records, state.json, one squeue call).
-        for job_id, record in _jobs_in_progress(project_dir, squeue_bin):
-            found = set()
-            _paths_named_in(record, found)
-            found |= _submitted_script_artifacts(record, project_dir)
-            reason = "used by job %s of %s" % (job_id, compose_file)
-            if found:
-                for path in found:
-                    in_use.setdefault(os.path.abspath(path), reason)
-            else:
-                for entry in entries:
-                    if compose_file in (entry.get("projects") or []):
-                        in_use.setdefault(entry["artifact_path"], reason + " (its artifacts are unknown)")
-    return in_use
-
-
 def _try_lock(path):
     """A non-blocking exclusive lock on ``path``; the open handle, or None when someone holds it."""
     import fcntl
@@ -6240,51 +6176,6 @@ def _remove_artifact(path):
         handle.close()
     _remove_quietly(path + ".lock")
     return True
-
-
-def prune_cache(cache_dir, age_days=None, runtime_plan=None, now=None, squeue_bin="squeue"):
-    """Remove old (``age_days``) or unused (``runtime_plan``: this project's artifacts its plan no
-    longer references) cache entries, never what a tracked unfinished job uses. Returns a report."""
-    import time
-    if (age_days is None) == (runtime_plan is None):
-        raise UsageError("choose one prune strategy: --age DAYS or --all-unused -f FILE")
-    now = time.time() if now is None else now
-    extra = [runtime_plan.plan.compose_file] if runtime_plan is not None else []
-    in_use = _artifacts_in_use(cache_dir, extra, squeue_bin)
-    referenced = _runtime_artifacts(runtime_plan) if runtime_plan is not None else set()
-    removed, kept = [], []
-    for entry in list_cache(cache_dir):
-        path = entry["artifact_path"]
-        if runtime_plan is not None:
-            if path in referenced or runtime_plan.plan.compose_file not in (entry.get("projects") or []):
-                continue
-        else:
-            stamp = max(entry.get("created_at") or 0, entry.get("last_used_at") or 0)
-            if stamp > now - age_days * 86400:
-                continue
-        if path in in_use:
-            kept.append({"path": path, "reason": in_use[path]})
-            continue
-        if _remove_artifact(path):
-            removed.append(path)
-        else:
-            kept.append({"path": path, "reason": "a prepare is writing it right now"})
-    if age_days is not None:
-        # Leftovers of interrupted imports/exports (never reused: only renamed files are artifacts).
-        for kind in ("base", "prepared"):
-            directory = os.path.join(cache_dir, kind)
-            try:
-                names = os.listdir(directory)
-            except OSError:
-                continue
-            for name in names:
-                path = os.path.join(directory, name)
-                if name.startswith(_PARTIAL_PREFIX) and os.path.getmtime(path) <= now - max(age_days, 1) * 86400:
-                    _remove_quietly(path)
-                    removed.append(path)
-    return {"cache_dir": cache_dir, "mode": "age" if age_days is not None else "all_unused",
-            "age_days": age_days, "removed_count": len(removed), "removed_paths": removed,
-            "kept_in_use": kept}
 
 
 ##############################################################################
@@ -8768,7 +8659,8 @@ def render_artifacts_block(runtime_plan):
 ##############################################################################
 # Thin wrappers for sbatch, squeue, sacct, sstat, scancel (all through
 # _run_command); the tracked metadata under <compose dir>/.hpc-compose/ (jobs/<id>.json, latest.json);
-# scheduler state, runtime state (state.json), log following, watch, stats, artifact export, clean.
+# scheduler state, runtime state (state.json), log following, watch, stats, artifact export, clean,
+# and the cache's prune (prune_cache), which must know which jobs still run.
 #
 # Politeness: the scheduler is asked about our own job id only, at an adaptive interval
 # (_WATCH_POLL_FIRST doubling to _WATCH_POLL_MAX, back to the first after a state change); `squeue`
@@ -11398,6 +11290,117 @@ def _queue_facts(project_dir, job_ids, squeue_bin):
 def _final_state_file(job_dir):
     state = _load_runtime_state(job_dir)
     return bool(state and state.get("status") in _FINAL_RUNTIME_STATUSES)
+
+
+# --- cache prune: never what a tracked, unfinished job uses ---------------------------------------
+# Here, after tracking, because which jobs may still run is tracking's rule (records, state.json,
+# one squeue call); what the cache holds and how an artifact is removed are the images section's.
+
+def _paths_named_in(value, found):
+    if isinstance(value, dict):
+        for item in value.values():
+            _paths_named_in(item, found)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            _paths_named_in(item, found)
+    elif isinstance(value, str) and value.endswith(_ARTIFACT_SUFFIXES):
+        found.add(value)
+
+
+def _script_artifacts(text):
+    import re
+    return set(re.findall(r"(/[^\s'\"=,]+\.(?:sqsh|squashfs))", text))
+
+
+def _submitted_script_artifacts(record, project_dir):
+    """Artifact paths in the job's rendered script, if the script is still the one submitted (the
+    next render overwrites it: a newer file says nothing about this job)."""
+    script = record.get("script_path")
+    submitted = record.get("submitted_at")
+    if not isinstance(script, str) or not isinstance(submitted, (int, float)):
+        return set()
+    script = script if os.path.isabs(script) else os.path.join(project_dir, script)
+    try:
+        if os.path.getmtime(script) > submitted + 1:
+            return set()
+        with open(script, encoding="utf-8", errors="replace") as handle:
+            return _script_artifacts(handle.read())
+    except OSError:
+        return set()
+
+
+def _artifacts_in_use(cache_dir, extra_projects=(), squeue_bin="squeue"):
+    """``{artifact_path: reason}`` for artifacts a tracked, unfinished job may be using.
+
+    Jobs are found through the projects named in the cache's manifests (and ``extra_projects``):
+    ``<compose dir>/.hpc-compose/jobs/*.json``. The paths come from the job record and its rendered
+    script; when a running job names none, every artifact of that project is protected.
+    """
+    entries = list_cache(cache_dir)
+    projects = set(extra_projects)
+    for entry in entries:
+        projects.update(p for p in (entry.get("projects") or []) if isinstance(p, str))
+    in_use = {}
+    for compose_file in sorted(projects):
+        project_dir = os.path.dirname(compose_file)
+        for job_id, record in _jobs_in_progress(project_dir, squeue_bin):
+            found = set()
+            _paths_named_in(record, found)
+            found |= _submitted_script_artifacts(record, project_dir)
+            reason = "used by job %s of %s" % (job_id, compose_file)
+            if found:
+                for path in found:
+                    in_use.setdefault(os.path.abspath(path), reason)
+            else:
+                for entry in entries:
+                    if compose_file in (entry.get("projects") or []):
+                        in_use.setdefault(entry["artifact_path"], reason + " (its artifacts are unknown)")
+    return in_use
+
+
+def prune_cache(cache_dir, age_days=None, runtime_plan=None, now=None, squeue_bin="squeue"):
+    """Remove old (``age_days``) or unused (``runtime_plan``: this project's artifacts its plan no
+    longer references) cache entries, never what a tracked unfinished job uses. Returns a report."""
+    import time
+    if (age_days is None) == (runtime_plan is None):
+        raise UsageError("choose one prune strategy: --age DAYS or --all-unused -f FILE")
+    now = time.time() if now is None else now
+    extra = [runtime_plan.plan.compose_file] if runtime_plan is not None else []
+    in_use = _artifacts_in_use(cache_dir, extra, squeue_bin)
+    referenced = _runtime_artifacts(runtime_plan) if runtime_plan is not None else set()
+    removed, kept = [], []
+    for entry in list_cache(cache_dir):
+        path = entry["artifact_path"]
+        if runtime_plan is not None:
+            if path in referenced or runtime_plan.plan.compose_file not in (entry.get("projects") or []):
+                continue
+        else:
+            stamp = max(entry.get("created_at") or 0, entry.get("last_used_at") or 0)
+            if stamp > now - age_days * 86400:
+                continue
+        if path in in_use:
+            kept.append({"path": path, "reason": in_use[path]})
+            continue
+        if _remove_artifact(path):
+            removed.append(path)
+        else:
+            kept.append({"path": path, "reason": "a prepare is writing it right now"})
+    if age_days is not None:
+        # Leftovers of interrupted imports/exports (never reused: only renamed files are artifacts).
+        for kind in ("base", "prepared"):
+            directory = os.path.join(cache_dir, kind)
+            try:
+                names = os.listdir(directory)
+            except OSError:
+                continue
+            for name in names:
+                path = os.path.join(directory, name)
+                if name.startswith(_PARTIAL_PREFIX) and os.path.getmtime(path) <= now - max(age_days, 1) * 86400:
+                    _remove_quietly(path)
+                    removed.append(path)
+    return {"cache_dir": cache_dir, "mode": "age" if age_days is not None else "all_unused",
+            "age_days": age_days, "removed_count": len(removed), "removed_paths": removed,
+            "kept_in_use": kept}
 
 
 ##############################################################################

@@ -6,12 +6,9 @@ import re
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODULE = os.path.join(REPO, "hpc_compose.py")
 
-# {(function, the later name it uses): why it may stay}: at most one, also said where it happens.
-EXCEPTIONS = {
-    ("_artifacts_in_use", "_jobs_in_progress"):
-        "prune_cache (images) must never remove what a running job uses, and which jobs still run "
-        "is tracking's rule (records, state.json and one squeue call)",
-}
+# {(function, the later name it uses): why it may stay}: at most one, also said in a comment where
+# it happens. None today: prune_cache, which asks tracking which jobs still run, ends job tracking.
+EXCEPTIONS = {}
 
 _BANNER = "#" * 78
 

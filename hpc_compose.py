@@ -1790,7 +1790,7 @@ class _YamlReader(object):
         return index
 
 
-# --- writing YAML (config's text output and migrate's rewritten lines) ---------------------------
+# --- writing YAML (config's text output and migrate's rewritten lines) ----------------------------
 
 _PLAIN_UNSAFE = frozenset("-?:,[]{}#&*!|>'\"%@`")
 
@@ -2247,7 +2247,7 @@ class ServiceSecret(NamedTuple):
     mode: object = None            # owner permission bits of the copy (None = 0600)
 
 
-# --- accepted keys -------------------------------------------------------------------------------
+# --- accepted keys --------------------------------------------------------------------------------
 
 _FAILURE_MODES = ("fail_job", "ignore", "restart_on_failure")
 _DEFAULT_MAX_RESTARTS = 3
@@ -2268,7 +2268,7 @@ _SERVICE_SIGNALS = ("HUP", "INT", "QUIT", "USR1", "USR2", "TERM", "CONT", "WINCH
 _ON_SIGNAL_ACTIONS = ("forward", "requeue")
 _DEFAULT_MAX_ATTEMPTS = 5
 
-# --- the file format: one table for the validator's key lists and for `hpc-compose schema` ------
+# --- the file format: one table for the validator's key lists and for `hpc-compose schema` --------
 
 class _Field(NamedTuple):
     """One key of the compose file format. The validator's accepted keys and the JSON Schema
@@ -2701,7 +2701,7 @@ class _Invalid(_HintedError):
     """A value-level problem found by a pure helper; the caller adds the location."""
 
 
-# --- pure value rules shared by the spec checks and the planner --------------------------------
+# --- pure value rules shared by the spec checks and the planner -----------------------------------
 
 _IMAGE_SCHEMES = ("docker://", "dockerd://", "podman://")
 _LOCAL_IMAGE_SUFFIXES = (".sqsh", ".squashfs")
@@ -2977,7 +2977,7 @@ def _check_cache_dir(path):
                                     "or omit it for $HOME/.cache/hpc-compose")
 
 
-# --- reading the file ----------------------------------------------------------------------------
+# --- reading the file -----------------------------------------------------------------------------
 
 def _load_compose_bytes(path):
     """The compose file's bytes; decoding (and refusing binary or non-UTF-8 input) is the YAML
@@ -3460,7 +3460,7 @@ def _closest(word, choices):
     return matches[0] if matches else None
 
 
-# --- run: the spec of a one-off job (hpc-compose run SERVICE -- COMMAND) -----------------------
+# --- run: the spec of a one-off job (hpc-compose run SERVICE -- COMMAND) --------------------------
 
 class _RunRequest(NamedTuple):
     """What ``run`` changes in the file's stack, as given on its command line."""
@@ -5382,7 +5382,7 @@ _DOCKER_HUB_REGISTRY = "registry-1.docker.io"
 _DOCKER_HUB_HOSTS = ("docker.io", "index.docker.io", "registry-1.docker.io", "registry.hub.docker.com")
 
 
-# -- references ------------------------------------------------------------------------------------
+# --- references -----------------------------------------------------------------------------------
 
 class _DockerReference(NamedTuple):
     registry: object               # None for Docker Hub
@@ -5472,7 +5472,7 @@ def _artifact_label(text):
 _LABEL_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 
 
-# -- cache keys --------------------------------------------------------------------------------------
+# --- cache keys -----------------------------------------------------------------------------------
 
 def _digest(parts):
     """SHA-256 hex over ``parts``, each followed by a NUL byte (so no two part lists collide)."""
@@ -5529,7 +5529,7 @@ def _prepared_artifact(cache_dir, base_source, base_identity, prepare):
                           base_source, inputs)
 
 
-# -- runtime plan ------------------------------------------------------------------------------------
+# --- runtime plan ---------------------------------------------------------------------------------
 
 def build_runtime_plan(plan):
     """Attach image artifacts (cache paths and keys) to every service of ``plan``."""
@@ -5584,7 +5584,7 @@ def _runtime_artifacts(runtime_plan):
     return paths
 
 
-# -- enroot wrapper ------------------------------------------------------------------------------------
+# --- enroot wrapper -------------------------------------------------------------------------------
 
 def _enroot_environment(cache_dir, environ=None):
     """The environment every enroot call of ours gets: layer cache and prepare rootfs under the
@@ -5652,7 +5652,7 @@ def _enroot_failure(step, argv, code, tail, hint=None):
     return ToolError(text, hint=hint)
 
 
-# -- manifests -----------------------------------------------------------------------------------------
+# --- manifests ------------------------------------------------------------------------------------
 
 def _load_manifest(artifact_path):
     """The manifest dict stored beside ``artifact_path``; None when absent or unreadable."""
@@ -5718,7 +5718,7 @@ def _record_use(artifact, plan, services, fresh_manifest):
     _write_json_atomic(artifact.manifest_path, manifest)
 
 
-# -- prepare -------------------------------------------------------------------------------------------
+# --- prepare --------------------------------------------------------------------------------------
 
 def _partial_path(artifact_path):
     """Where an import/export writes before the rename: same directory (same file system, so the
@@ -5995,7 +5995,7 @@ def _build_prepared(run, service, image, base_path, services):
     run.say("prepared %s in %.1fs" % (service.name, elapsed))
 
 
-# -- cache list / inspect (prune_cache, which asks which jobs still run, ends job tracking) --------------
+# --- cache list / inspect (prune_cache ends job tracking: it asks which jobs still run) -----------
 
 _ARTIFACT_SUFFIXES = (".sqsh", ".squashfs")
 
@@ -6479,7 +6479,7 @@ def _preflight_resume_path(plan):
     return [Finding("ok", "resume.path", "resume path %s is outside temporary locations" % resume.path)]
 
 
-# -- registry credentials --------------------------------------------------------------------------------
+# --- registry credentials -------------------------------------------------------------------------
 
 def _enroot_credentials_path(environ=None):
     """Enroot's credentials file: ``$ENROOT_CONFIG_PATH/.credentials``, else under
@@ -8708,7 +8708,7 @@ class SchedulerState(NamedTuple):
         return data
 
 
-# --- where things live ----------------------------------------------------------------------
+# --- where things live ----------------------------------------------------------------------------
 
 def _tracking_root(project_dir):
     """``<compose dir>/.hpc-compose``: tracked metadata and (sbatch runs there) job directories."""
@@ -8742,7 +8742,7 @@ def _job_id_order(job_id):
     return (0, int(text), "") if text.isdigit() else (1, 0, text)
 
 
-# --- sbatch and the tracked record ------------------------------------------------------------
+# --- sbatch and the tracked record ----------------------------------------------------------------
 
 def _parse_sbatch_job_id(stdout):
     """``(job_id, cluster)`` from ``sbatch --parsable`` output (``123`` or ``123;cluster``)."""
@@ -8870,7 +8870,7 @@ def _make_private_dir(path, mode=_PRIVATE_DIR_MODE):
     os.chmod(path, mode)
 
 
-# --- secrets: the owner-only copies a job reads ------------------------------------------------
+# --- secrets: the owner-only copies a job reads ---------------------------------------------------
 
 def _secrets_directory(job_dir):
     """``<job dir>/secrets``: one 0700 directory per service token, one copy per secret."""
@@ -9084,7 +9084,7 @@ def _record_log_sources(record, service=None):
     return sources
 
 
-# --- scheduler (squeue, sacct, scancel, sbatch) -----------------------------------------------
+# --- scheduler (squeue, sacct, scancel, sbatch) ---------------------------------------------------
 
 def _normalize_slurm_state(text):
     """``CANCELLED by 123`` -> ``CANCELLED``; ``COMPLETED+`` -> ``COMPLETED``; empty -> ``UNKNOWN``."""
@@ -9358,7 +9358,7 @@ def _cancel_job(job_id, scancel_bin="scancel"):
     return result.stdout
 
 
-# --- runtime state (state.json written by the batch script) ----------------------------------
+# --- runtime state (state.json written by the batch script) ---------------------------------------
 
 def _load_runtime_state(job_dir):
     """``state.json`` of a job, normalized; ``None`` while it does not exist or is unreadable.
@@ -9465,7 +9465,7 @@ def _jobs_in_progress(project_dir, squeue_bin="squeue"):
             if not job_id.isdigit() or job_id in queued]
 
 
-# --- logs -------------------------------------------------------------------------------------
+# --- logs -----------------------------------------------------------------------------------------
 
 def _tail_lines(path, count):
     """The last ``count`` lines of a file (fewer if it is shorter; ``[]`` if it is missing)."""
@@ -9558,7 +9558,7 @@ def _format_log_line(name, line):
     return "[%s] %s" % (name, line.rstrip("\r"))
 
 
-# --- logs: interleaved reading, --since, --timestamps, colours ---------------------------------
+# --- logs: interleaved reading, --since, --timestamps, colours ------------------------------------
 
 class _LogLine(NamedTuple):
     written_ms: int                # when it was written, as close as the timing index tells
@@ -9728,7 +9728,7 @@ def _use_colour(stream):
         return False
 
 
-# --- watch ------------------------------------------------------------------------------------
+# --- watch ----------------------------------------------------------------------------------------
 
 class _SchedulerPoller(object):
     """Asks the scheduler about one job at an adaptive interval and counts its calls.
@@ -10055,7 +10055,7 @@ def _warn_follow_silence(reason):
           "state.json says it ended" % (reason, _format_moment(time.time())))
 
 
-# --- exec: a command inside a running service ---------------------------------------------------
+# --- exec: a command inside a running service -----------------------------------------------------
 
 _RUNNING_SERVICE_STATUSES = frozenset(("starting", "running", "ready"))
 
@@ -10251,7 +10251,7 @@ def _service_step(job_id, token, squeue_bin="squeue"):
     return None
 
 
-# --- up --local: the job where you are ---------------------------------------------------------
+# --- up --local: the job where you are ------------------------------------------------------------
 # `up --local` runs the rendered script with bash right here: inside an allocation (SLURM_JOB_ID set
 # by salloc or an interactive srun) its services are srun steps of that allocation; outside Slurm,
 # local_step (render) runs them on this machine. Either way the job directory, state.json and logs
@@ -10517,7 +10517,7 @@ def _exec_local(record, name, command, environment, workdir=None, enroot_bin="en
     return 128 - code if code < 0 else code
 
 
-# --- status -----------------------------------------------------------------------------------
+# --- status ---------------------------------------------------------------------------------------
 
 def _file_facts(path):
     import time
@@ -10592,7 +10592,7 @@ def _job_progress(scheduler, runtime, record):
     return None
 
 
-# --- job arrays -------------------------------------------------------------------------------
+# --- job arrays -----------------------------------------------------------------------------------
 
 def _array_task_ids(expression):
     """The task ids of a Slurm array expression (``0-15%4`` -> 0..15), in order."""
@@ -10810,7 +10810,7 @@ def _format_status_text(status):
     return "\n".join(lines) + "\n"
 
 
-# --- stats ------------------------------------------------------------------------------------
+# --- stats ----------------------------------------------------------------------------------------
 
 _STATS_CSV_COLUMNS = ("job_id", "scheduler_state", "scheduler_source", "stats_source", "step_id",
                      "ntasks", "ave_cpu", "ave_rss", "max_rss", "tres_usage_in_ave", "gpu_util",
@@ -11057,7 +11057,7 @@ def _format_cpu_time(value):
     return "%dd %02dh %02dm" % (whole // 86400, whole % 86400 // 3600, whole % 3600 // 60)
 
 
-# --- artifacts export -------------------------------------------------------------------------
+# --- artifacts export -----------------------------------------------------------------------------
 
 def _expand_export_dir(template, job_id, project_dir):
     """x-slurm.artifacts.export_dir with ``${SLURM_JOB_ID}`` expanded, relative to the compose dir."""
@@ -11198,7 +11198,7 @@ def _export_artifact_bundles(record, bundles, tarball, export_template):
             "bundles": results}
 
 
-# --- clean ------------------------------------------------------------------------------------
+# --- clean ----------------------------------------------------------------------------------------
 
 def _job_is_finished(job_dir, queue_states, queue_known):
     """True only when we are sure the job no longer runs (state.json final, or not in the queue)."""
@@ -13657,10 +13657,7 @@ def _cmd_completions(args):
     return _EXIT_OK
 
 
-# CLI: validate, inspect, config commands
-
-
-# --- validate ------------------------------------------------------------------------------------
+# --- validate -------------------------------------------------------------------------------------
 
 def _add_validate_parser(subparsers):
     _add_spec_command(subparsers, "validate", _cmd_validate,
@@ -13698,7 +13695,7 @@ def _located_error_to_dict(error):
             "message": error.message, "hint": error.hint}
 
 
-# --- schema --------------------------------------------------------------------------------------
+# --- schema ---------------------------------------------------------------------------------------
 
 def _add_schema_parser(subparsers):
     _add_command(subparsers, "schema", _cmd_schema,
@@ -13714,7 +13711,7 @@ def _cmd_schema(args):
     return _EXIT_OK
 
 
-# --- inspect -------------------------------------------------------------------------------------
+# --- inspect --------------------------------------------------------------------------------------
 
 def _add_inspect_parser(subparsers):
     parser = _add_spec_command(subparsers, "inspect", _cmd_inspect,
@@ -13918,7 +13915,7 @@ def _cmd_inspect(args):
     return _EXIT_OK
 
 
-# --- config --------------------------------------------------------------------------------------
+# --- config ---------------------------------------------------------------------------------------
 
 def _add_config_parser(subparsers):
     parser = _add_spec_command(
@@ -13959,8 +13956,7 @@ def _cmd_config(args):
     return _EXIT_OK
 
 
-# CLI: render command
-
+# --- render ---------------------------------------------------------------------------------------
 
 def _add_render_parser(subparsers):
     parser = _add_command(
@@ -14016,7 +14012,7 @@ def _cmd_render(args):
     return _EXIT_OK
 
 
-# CLI: submit, up, status, ps, logs, stats, artifacts, cancel, down, clean commands
+# --- submit, up, run, status, ps, logs, exec, stats, artifacts, cancel, down, clean ---------------
 
 def _add_tool_arguments(parser, names):
     """``--NAME-bin PATH`` for each external tool the command calls."""
@@ -14771,7 +14767,7 @@ def _cmd_clean(args):
     return _EXIT_OK
 
 
-# CLI: preflight, prepare, cache commands
+# --- preflight, prepare, cache --------------------------------------------------------------------
 
 def _progress_to_stderr(line):
     """Progress sink for prepare: stderr, so that stdout stays clean for --format json."""
@@ -15014,7 +15010,7 @@ def _cmd_cache_prune(args):
     return _EXIT_OK
 
 
-# CLI: init
+# --- init -----------------------------------------------------------------------------------------
 
 def _add_init_parser(subparsers):
     parser = _add_command(
@@ -15105,7 +15101,7 @@ def _cmd_init(args):
     return _EXIT_OK
 
 
-# --- migrate -------------------------------------------------------------------------------------
+# --- migrate --------------------------------------------------------------------------------------
 
 _MIGRATE_INPUTS = ("docker-compose.yml", "docker-compose.yaml", "compose.yml", "compose.yaml")
 

@@ -10,7 +10,8 @@ The whole tool is this one module, Python standard library only, for CPython 3.6
 ``python3 hpc_compose.py COMMAND ...``, as the zipapp ``python3 hpc-compose.pyz COMMAND ...``, or
 import it (importing has no side effects).
 
-Contents, in pipeline order (each section starts with a banner of ``#`` lines):
+Contents, in pipeline order (each section starts with a banner of ``#`` lines, and uses only what
+stands above it, as tests/test_layout.py checks):
 
 1. Errors, constants and shared helpers -- exit codes, the error family, atomic writes, locks,
    the one shell-quoting helper, the subprocess runner every tool wrapper goes through.
@@ -47,18 +48,22 @@ top-level name starts with an underscore and may change without notice. In pipel
   ``resolve_host_path``, ``normalize_image``;
 - images and preflight: ``build_runtime_plan`` -> ``RuntimePlan`` (``ServiceImage``,
   ``Artifact``), ``prepare_images`` (``PrepareOptions`` -> ``PrepareResult``), ``list_cache``,
-  ``inspect_cache``, ``prune_cache``, ``enroot_uri``, ``run_preflight`` (``PreflightOptions`` ->
+  ``inspect_cache``, ``enroot_uri``, ``run_preflight`` (``PreflightOptions`` ->
   ``PreflightReport`` of ``Finding``);
 - render: ``render_script(runtime_plan)`` and its pieces ``render_metrics_block``,
   ``render_artifacts_block``, ``service_srun_argv``, ``service_environment``, ``shell_quote``;
-- tracking: ``watch_job`` -> ``WatchOutcome``, ``SchedulerState``; init: ``TEMPLATE_NAMES``,
-  ``list_templates``, ``load_template`` -> ``InitTemplate``, ``customize_template``; migrate:
-  ``migrate_compose(text)`` (``MigrateOptions`` -> ``MigrateResult``); CLI: ``build_parser``,
-  ``main(argv=None)``; ``__version__``.
+- tracking: ``watch_job`` -> ``WatchOutcome``, ``SchedulerState``, ``prune_cache``; init:
+  ``TEMPLATE_NAMES``, ``list_templates``, ``load_template`` -> ``InitTemplate``,
+  ``customize_template``; migrate: ``migrate_compose(text)`` (``MigrateOptions`` ->
+  ``MigrateResult``); CLI: ``build_parser``, ``main(argv=None)``; ``__version__``.
 
 One verb, one meaning: ``load_*`` reads a path, ``parse_*`` reads text, ``render_*`` makes the
-batch script, ``format_*`` makes human text, ``*to_dict`` makes JSON-ready data. How the file is
-organised and where to add things: docs/contributing.md.
+batch script (or a piece of it), ``format_*`` makes text to print or store: human text, or the
+machine format its name says (``_format_json``, ``_format_yaml``, ``_format_stats_csv``,
+``_format_stats_jsonl``); ``*_to_dict`` (``*_to_list``) makes JSON-ready data. Other functions
+are verbs for what they do (``build_plan``, ``prepare_images``); a pure query may be named for what
+it returns (``_job_directory``, ``_mount_text``); records are nouns. How the file is organised and
+where to add things: docs/contributing.md.
 
 Exit codes (stable): 0 success; 1 something failed while running (a tool, the job, preflight);
 2 invalid spec or usage; 130 interrupted.
@@ -95,12 +100,12 @@ __all__ = [
     "normalize_image",
     # images and preflight
     "build_runtime_plan", "prepare_images", "RuntimePlan", "ServiceImage", "Artifact",
-    "PrepareOptions", "PrepareResult", "enroot_uri", "list_cache", "inspect_cache", "prune_cache",
+    "PrepareOptions", "PrepareResult", "enroot_uri", "list_cache", "inspect_cache",
     "run_preflight", "PreflightOptions", "PreflightReport", "Finding",
     # render
     "render_script", "service_srun_argv", "service_environment", "shell_quote", "render_metrics_block", "render_artifacts_block",
     # job tracking
-    "watch_job", "WatchOutcome", "SchedulerState",
+    "watch_job", "WatchOutcome", "SchedulerState", "prune_cache",
     # init templates
     "TEMPLATE_NAMES", "list_templates", "load_template", "InitTemplate", "customize_template",
     # migrate
@@ -158,15 +163,19 @@ _LOCAL_JOB_PREFIX = "local-"                  # + UTC time + "-" + pid: the id o
 _LOG_TIMES_SUFFIX = ".times"             # <job dir>/logs/<token>.times: "<epoch ms> <log size>" lines
 
 
-class HpcComposeError(Exception):
-    """Base of every error the tool reports to the user (never shown as a traceback)."""
-
-    exit_code = _EXIT_FAILURE
+class _HintedError(Exception):
+    """A message and, where it helps, a hint: how to fix it."""
 
     def __init__(self, message, hint=None):
         Exception.__init__(self, message)
         self.message = message
         self.hint = hint
+
+
+class HpcComposeError(_HintedError):
+    """Base of every error the tool reports to the user (never shown as a traceback)."""
+
+    exit_code = _EXIT_FAILURE
 
     def format(self):
         """The user-facing text: the message, then the hint on its own line."""
@@ -650,7 +659,7 @@ def _yaml_path_key(key):
     return key if type(key) is str else str(key)
 
 
-def _describe_character(char):
+def _format_character(char):
     """How to name a character in an error message."""
     if char == "":
         return "the end of the line"
@@ -775,7 +784,7 @@ class _YamlReader(object):
                                       "where its block mapping starts")
             hint = "a comment needs a space before the '#'" if line[col] == "#" else None
             raise self.error("expected a comment or the end of the line after %s, found %s"
-                             % (what, _describe_character(line[col])), row, col, hint=hint)
+                             % (what, _format_character(line[col])), row, col, hint=hint)
         return row + 1
 
     # -- document -----------------------------------------------------------------------------
@@ -1198,19 +1207,14 @@ class _YamlReader(object):
                 return key, None, end_col + 1
             raise self.error("expected ':' after the mapping key %s, found %s"
                              % (line[col:end_col].rstrip(),
-                                _describe_character(line[end_col:end_col + 1])),
+                                _format_character(line[end_col:end_col + 1])),
                              row, end_col)
         following = line[col + 1:col + 2]
         if char == "-" and (following == "" or following in _SPACE_TAB):
             raise self.error("expected a mapping key at this indentation, found a sequence entry "
                              "'- '", row, col, hint="a list goes under a key (key:, then the '- ' "
                                                      "items), not between the keys of a mapping")
-        if char == "[" or char == "{":
-            raise self.error("a flow collection as a mapping key (a complex key) is not "
-                             "supported", row, col, hint="use a plain or quoted string key")
-        if char == "*":
-            raise self.error("an alias as a mapping key is not supported", row, col,
-                             hint="write the key itself")
+        self.refuse_key_start(row, col, char)
         if char == "&":
             raise self.error("an anchor before a key on the same line is not supported (it "
                              "would anchor the key, not the mapping)", row, col,
@@ -1350,7 +1354,7 @@ class _YamlReader(object):
         if end < len(line) and (line[end] != "#" or end == cursor):
             raise self.error("expected a chomping indicator (+ or -), an indentation indicator "
                              "(1-9), a comment or the end of the line after %r, found %s"
-                             % (line[col], _describe_character(line[end])), row, end)
+                             % (line[col], _format_character(line[end])), row, end)
         return chomping, increment
 
     def detect_block_indent(self, row, parent_indent):
@@ -1594,7 +1598,7 @@ class _YamlReader(object):
             elif char != closer:
                 raise self.error("expected ',' or %r in a flow %s, found %s"
                                  % (closer, "mapping" if is_mapping else "sequence",
-                                    _describe_character(char)), row, col,
+                                    _format_character(char)), row, col,
                                  hint="separate entries with ', ' and quote values containing "
                                       "',', '[', ']', '{' or '}'")
 
@@ -1658,6 +1662,15 @@ class _YamlReader(object):
         row, col, value = self.parse_flow_node(row, col, key_path, open_row, open_col)
         return row, col, {key: value}
 
+    def refuse_key_start(self, row, col, char):
+        """A key (block or flow) is a string: not a flow collection, not an alias."""
+        if char == "[" or char == "{":
+            raise self.error("a flow collection as a mapping key (a complex key) is not "
+                             "supported", row, col, hint="use a plain or quoted string key")
+        if char == "*":
+            raise self.error("an alias as a mapping key is not supported", row, col,
+                             hint="write the key itself")
+
     def parse_flow_key(self, row, col):
         """A key inside `{...}`: a quoted or plain scalar; returns (key, text, row, col)."""
         line = self.lines[row]
@@ -1665,12 +1678,7 @@ class _YamlReader(object):
         if char == '"' or char == "'":
             end_row, end_col, key = self.parse_quoted(row, col)
             return key, None, end_row, end_col
-        if char == "[" or char == "{":
-            raise self.error("a flow collection as a mapping key (a complex key) is not "
-                             "supported", row, col, hint="use a plain or quoted string key")
-        if char == "*":
-            raise self.error("an alias as a mapping key is not supported", row, col,
-                             hint="write the key itself")
+        self.refuse_key_start(row, col, char)
         if char == "&":
             raise self.error("an anchor on a mapping key is not supported", row, col,
                              hint="anchor the whole mapping instead")
@@ -1788,7 +1796,7 @@ class _YamlReader(object):
         return index
 
 
-# --- writing YAML (config's text output and migrate's rewritten lines) ---------------------------
+# --- writing YAML (config's text output and migrate's rewritten lines) ----------------------------
 
 _PLAIN_UNSAFE = frozenset("-?:,[]{}#&*!|>'\"%@`")
 
@@ -2247,7 +2255,7 @@ class ServiceSecret(NamedTuple):
     mode: Optional[int] = None     # owner permission bits of the copy (None = 0600)
 
 
-# --- accepted keys -------------------------------------------------------------------------------
+# --- accepted keys --------------------------------------------------------------------------------
 
 _FAILURE_MODES = ("fail_job", "ignore", "restart_on_failure")
 _DEFAULT_MAX_RESTARTS = 3
@@ -2268,7 +2276,7 @@ _SERVICE_SIGNALS = ("HUP", "INT", "QUIT", "USR1", "USR2", "TERM", "CONT", "WINCH
 _ON_SIGNAL_ACTIONS = ("forward", "requeue")
 _DEFAULT_MAX_ATTEMPTS = 5
 
-# --- the file format: one table for the validator's key lists and for `hpc-compose schema` ------
+# --- the file format: one table for the validator's key lists and for `hpc-compose schema` --------
 
 class _Field(NamedTuple):
     """One key of the compose file format. The validator's accepted keys and the JSON Schema
@@ -2699,16 +2707,11 @@ _UNREAD = object()   # what the spec loader keeps for a field it could not read 
 # A record holding it never leaves the loader (it reports the error), so no field's type names it.
 
 
-class _Invalid(Exception):
+class _Invalid(_HintedError):
     """A value-level problem found by a pure helper; the caller adds the location."""
 
-    def __init__(self, message, hint=None):
-        Exception.__init__(self, message)
-        self.message = message
-        self.hint = hint
 
-
-# --- pure value rules shared by the spec checks and the planner --------------------------------
+# --- pure value rules shared by the spec checks and the planner -----------------------------------
 
 _IMAGE_SCHEMES = ("docker://", "dockerd://", "podman://")
 _LOCAL_IMAGE_SUFFIXES = (".sqsh", ".squashfs")
@@ -2984,7 +2987,7 @@ def _check_cache_dir(path):
                                     "or omit it for $HOME/.cache/hpc-compose")
 
 
-# --- reading the file ----------------------------------------------------------------------------
+# --- reading the file -----------------------------------------------------------------------------
 
 def _load_compose_bytes(path):
     """The compose file's bytes; decoding (and refusing binary or non-UTF-8 input) is the YAML
@@ -3467,7 +3470,7 @@ def _closest(word, choices):
     return matches[0] if matches else None
 
 
-# --- run: the spec of a one-off job (hpc-compose run SERVICE -- COMMAND) -----------------------
+# --- run: the spec of a one-off job (hpc-compose run SERVICE -- COMMAND) --------------------------
 
 class _RunRequest(NamedTuple):
     """What ``run`` changes in the file's stack, as given on its command line."""
@@ -3674,7 +3677,7 @@ class _SpecLoader(object):
         if value is None:
             return {}
         if not isinstance(value, dict):
-            raise self.error(path, "expected %s, got %s" % (what, _describe(value)))
+            raise self.error(path, "expected %s, got %s" % (what, _format_value(value)))
         return value
 
     def check_keys(self, path, mapping, allowed, scope, hints=None):
@@ -3712,7 +3715,7 @@ class _SpecLoader(object):
         elif value is None:
             raise self.error(path, "expected a string, got an empty value")
         else:
-            raise self.error(path, "expected a string, got %s" % _describe(value))
+            raise self.error(path, "expected a string, got %s" % _format_value(value))
         if interpolated:
             text = self.interpolate(path, text, **options)
         if not allow_empty and not text.strip():
@@ -3736,21 +3739,21 @@ class _SpecLoader(object):
             if text.isdigit():
                 number = int(text)
         if number is None:
-            raise self.error(path, "must be an integer, got %s" % _describe(value))
+            raise self.error(path, "must be an integer, got %s" % _format_value(value))
         if number < minimum:
             raise self.error(path, "must be at least %d, got %d" % (minimum, number))
         return number
 
     def boolean(self, path, value):
         if not isinstance(value, bool):
-            raise self.error(path, "must be true or false, got %s" % _describe(value))
+            raise self.error(path, "must be true or false, got %s" % _format_value(value))
         return value
 
     def sequence(self, path, value):
         if value is None:
             return []
         if not isinstance(value, list):
-            raise self.error(path, "expected a list, got %s" % _describe(value))
+            raise self.error(path, "expected a list, got %s" % _format_value(value))
         return value
 
     def string_list(self, path, value, interpolated=True, **options):
@@ -3796,7 +3799,7 @@ class _SpecLoader(object):
             item_path = tuple(path) + (index,)
             if not isinstance(item, str) or "=" not in item:
                 raise self.error(item_path, "environment list items must be KEY=VALUE, got %s"
-                                 % _describe(item),
+                                 % _format_value(item),
                                  hint="write KEY=VALUE, or use the mapping form KEY: VALUE")
             key, text = item.split("=", 1)
             if "\0" in text:
@@ -3817,7 +3820,7 @@ class _SpecLoader(object):
         root = self.data
         if not isinstance(root, dict):
             raise self.error((), "the compose file must be a mapping with a services: key, got %s"
-                             % _describe(root))
+                             % _format_value(root))
         for key in root:
             if isinstance(key, str) and key.startswith("x-") and key != "x-slurm":
                 self.check_extension_key((key,), key, top_level=True)
@@ -3985,7 +3988,7 @@ class _SpecLoader(object):
             return ServiceSignalSpec(forward=False)
         if not isinstance(raw, dict):
             raise self.error(path, "expected a mapping (name, forward) or false, got %s"
-                             % _describe(raw))
+                             % _format_value(raw))
         self.check_keys(path, raw, _SERVICE_SIGNAL_KEYS, "services.<name>.x-slurm.signal")
         name = None
         if raw.get("name") is not None:
@@ -4696,7 +4699,7 @@ class _SpecLoader(object):
             text = mark.text if mark is not None and mark.text else "%o" % value
         if not isinstance(text, str):
             raise self.error(path, "mode must be octal permission bits such as 0400, got %s"
-                             % _describe(value))
+                             % _format_value(value))
         digits = text.strip()
         digits = digits[2:] if digits[:2].lower() == "0o" else digits
         if not digits or not frozenset("01234567").issuperset(digits) or int(digits, 8) > 0o777:
@@ -4827,7 +4830,7 @@ def _probe_readiness(argv):
     raise _Invalid("healthcheck probe %r is not supported" % " ".join(argv), hint=_PROBE_HINT)
 
 
-def _describe(value):
+def _format_value(value):
     if value is None:
         return "an empty value"
     if isinstance(value, bool):
@@ -4917,6 +4920,24 @@ def _slurm_to_dict(slurm, escape=None):
         if getattr(slurm, key) is not None:
             data[key] = escape(getattr(slurm, key))
     return data
+
+
+def _secrets_to_dict(secrets, escape=None):
+    """Top-level secrets as references (``file:`` path or ``environment:`` name), never values."""
+    escape = escape or _unchanged
+    return dict((secret.name, {secret.source: escape(secret.reference)
+                               if secret.source == "file" else secret.reference})
+                for secret in secrets)
+
+
+def _service_secrets_to_list(secrets):
+    result = []
+    for item in secrets:
+        data = {"source": item.source, "target": item.target}
+        if item.mode is not None:
+            data["mode"] = "0%o" % item.mode
+        result.append(data)
+    return result
 
 
 def spec_to_dict(spec, escape_dollars=False):
@@ -5373,7 +5394,7 @@ _DOCKER_HUB_REGISTRY = "registry-1.docker.io"
 _DOCKER_HUB_HOSTS = ("docker.io", "index.docker.io", "registry-1.docker.io", "registry.hub.docker.com")
 
 
-# -- references ------------------------------------------------------------------------------------
+# --- references -----------------------------------------------------------------------------------
 
 class _DockerReference(NamedTuple):
     registry: Optional[str]        # None for Docker Hub
@@ -5463,7 +5484,7 @@ def _artifact_label(text):
 _LABEL_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 
 
-# -- cache keys --------------------------------------------------------------------------------------
+# --- cache keys -----------------------------------------------------------------------------------
 
 def _digest(parts):
     """SHA-256 hex over ``parts``, each followed by a NUL byte (so no two part lists collide)."""
@@ -5520,7 +5541,7 @@ def _prepared_artifact(cache_dir, base_source, base_identity, prepare):
                           base_source, inputs)
 
 
-# -- runtime plan ------------------------------------------------------------------------------------
+# --- runtime plan ---------------------------------------------------------------------------------
 
 def build_runtime_plan(plan) -> RuntimePlan:
     """Attach image artifacts (cache paths and keys) to every service of ``plan``."""
@@ -5575,7 +5596,7 @@ def _runtime_artifacts(runtime_plan):
     return paths
 
 
-# -- enroot wrapper ------------------------------------------------------------------------------------
+# --- enroot wrapper -------------------------------------------------------------------------------
 
 def _enroot_environment(cache_dir, environ=None):
     """The environment every enroot call of ours gets: layer cache and prepare rootfs under the
@@ -5643,7 +5664,7 @@ def _enroot_failure(step, argv, code, tail, hint=None):
     return ToolError(text, hint=hint)
 
 
-# -- manifests -----------------------------------------------------------------------------------------
+# --- manifests ------------------------------------------------------------------------------------
 
 def _load_manifest(artifact_path):
     """The manifest dict stored beside ``artifact_path``; None when absent or unreadable."""
@@ -5709,7 +5730,7 @@ def _record_use(artifact, plan, services, fresh_manifest):
     _write_json_atomic(artifact.manifest_path, manifest)
 
 
-# -- prepare -------------------------------------------------------------------------------------------
+# --- prepare --------------------------------------------------------------------------------------
 
 def _partial_path(artifact_path):
     """Where an import/export writes before the rename: same directory (same file system, so the
@@ -5987,7 +6008,7 @@ def _build_prepared(run, service, image, base_path, services):
     run.say("prepared %s in %.1fs" % (service.name, elapsed))
 
 
-# -- cache list / inspect / prune -----------------------------------------------------------------------
+# --- cache list / inspect (prune_cache ends job tracking: it asks which jobs still run) -----------
 
 _ARTIFACT_SUFFIXES = (".sqsh", ".squashfs")
 
@@ -6144,69 +6165,6 @@ def inspect_cache(runtime_plan, service=None):
     return reports
 
 
-def _paths_named_in(value, found):
-    if isinstance(value, dict):
-        for item in value.values():
-            _paths_named_in(item, found)
-    elif isinstance(value, (list, tuple)):
-        for item in value:
-            _paths_named_in(item, found)
-    elif isinstance(value, str) and value.endswith(_ARTIFACT_SUFFIXES):
-        found.add(value)
-
-
-def _script_artifacts(text):
-    import re
-    return set(re.findall(r"(/[^\s'\"=,]+\.(?:sqsh|squashfs))", text))
-
-
-def _submitted_script_artifacts(record, project_dir):
-    """Artifact paths in the job's rendered script, if the script is still the one submitted (the
-    next render overwrites it: a newer file says nothing about this job)."""
-    script = record.get("script_path")
-    submitted = record.get("submitted_at")
-    if not isinstance(script, str) or not isinstance(submitted, (int, float)):
-        return set()
-    script = script if os.path.isabs(script) else os.path.join(project_dir, script)
-    try:
-        if os.path.getmtime(script) > submitted + 1:
-            return set()
-        with open(script, encoding="utf-8", errors="replace") as handle:
-            return _script_artifacts(handle.read())
-    except OSError:
-        return set()
-
-
-def _artifacts_in_use(cache_dir, extra_projects=(), squeue_bin="squeue"):
-    """``{artifact_path: reason}`` for artifacts a tracked, unfinished job may be using.
-
-    Jobs are found through the projects named in the cache's manifests (and ``extra_projects``):
-    ``<compose dir>/.hpc-compose/jobs/*.json``. The paths come from the job record and its rendered
-    script; when a running job names none, every artifact of that project is protected.
-    """
-    entries = list_cache(cache_dir)
-    projects = set(extra_projects)
-    for entry in entries:
-        projects.update(p for p in (entry.get("projects") or []) if isinstance(p, str))
-    in_use = {}
-    for compose_file in sorted(projects):
-        project_dir = os.path.dirname(compose_file)
-        # Tracking's rule (below, in the job tracking section): which jobs may still run.
-        for job_id, record in _jobs_in_progress(project_dir, squeue_bin):
-            found = set()
-            _paths_named_in(record, found)
-            found |= _submitted_script_artifacts(record, project_dir)
-            reason = "used by job %s of %s" % (job_id, compose_file)
-            if found:
-                for path in found:
-                    in_use.setdefault(os.path.abspath(path), reason)
-            else:
-                for entry in entries:
-                    if compose_file in (entry.get("projects") or []):
-                        in_use.setdefault(entry["artifact_path"], reason + " (its artifacts are unknown)")
-    return in_use
-
-
 def _try_lock(path):
     """A non-blocking exclusive lock on ``path``; the open handle, or None when someone holds it."""
     import fcntl
@@ -6231,51 +6189,6 @@ def _remove_artifact(path):
         handle.close()
     _remove_quietly(path + ".lock")
     return True
-
-
-def prune_cache(cache_dir, age_days=None, runtime_plan=None, now=None, squeue_bin="squeue"):
-    """Remove old (``age_days``) or unused (``runtime_plan``: this project's artifacts its plan no
-    longer references) cache entries, never what a tracked unfinished job uses. Returns a report."""
-    import time
-    if (age_days is None) == (runtime_plan is None):
-        raise UsageError("choose one prune strategy: --age DAYS or --all-unused -f FILE")
-    now = time.time() if now is None else now
-    extra = [runtime_plan.plan.compose_file] if runtime_plan is not None else []
-    in_use = _artifacts_in_use(cache_dir, extra, squeue_bin)
-    referenced = _runtime_artifacts(runtime_plan) if runtime_plan is not None else set()
-    removed, kept = [], []
-    for entry in list_cache(cache_dir):
-        path = entry["artifact_path"]
-        if runtime_plan is not None:
-            if path in referenced or runtime_plan.plan.compose_file not in (entry.get("projects") or []):
-                continue
-        else:
-            stamp = max(entry.get("created_at") or 0, entry.get("last_used_at") or 0)
-            if stamp > now - age_days * 86400:
-                continue
-        if path in in_use:
-            kept.append({"path": path, "reason": in_use[path]})
-            continue
-        if _remove_artifact(path):
-            removed.append(path)
-        else:
-            kept.append({"path": path, "reason": "a prepare is writing it right now"})
-    if age_days is not None:
-        # Leftovers of interrupted imports/exports (never reused: only renamed files are artifacts).
-        for kind in ("base", "prepared"):
-            directory = os.path.join(cache_dir, kind)
-            try:
-                names = os.listdir(directory)
-            except OSError:
-                continue
-            for name in names:
-                path = os.path.join(directory, name)
-                if name.startswith(_PARTIAL_PREFIX) and os.path.getmtime(path) <= now - max(age_days, 1) * 86400:
-                    _remove_quietly(path)
-                    removed.append(path)
-    return {"cache_dir": cache_dir, "mode": "age" if age_days is not None else "all_unused",
-            "age_days": age_days, "removed_count": len(removed), "removed_paths": removed,
-            "kept_in_use": kept}
 
 
 ##############################################################################
@@ -6579,7 +6492,7 @@ def _preflight_resume_path(plan):
     return [Finding("ok", "resume.path", "resume path %s is outside temporary locations" % resume.path)]
 
 
-# -- registry credentials --------------------------------------------------------------------------------
+# --- registry credentials -------------------------------------------------------------------------
 
 def _enroot_credentials_path(environ=None):
     """Enroot's credentials file: ``$ENROOT_CONFIG_PATH/.credentials``, else under
@@ -6691,6 +6604,36 @@ def _preflight_credentials(runtime_plan):
     return findings
 
 
+def _step_has_several_tasks(placement):
+    tasks_per_node = placement.ntasks_per_node or 1
+    return (placement.mode == "distributed" or (placement.ntasks or 1) > 1
+            or tasks_per_node * (placement.nodes or 1) > 1)
+
+
+def _local_plan_problems(plan, mode):
+    """Why ``plan`` cannot run with ``up --local`` in ``mode`` (one sentence each; empty: it can)."""
+    problems = []
+    if plan.slurm.array is not None:
+        problems.append("x-slurm.array makes a job array, which only sbatch can start; submit it "
+                        "with 'hpc-compose up' instead")
+    if mode != "machine":
+        return problems
+    if (plan.nodes or 1) > 1:
+        problems.append("x-slurm.nodes is %d, but outside Slurm there is one machine: run it "
+                        "inside an allocation (salloc -N %d) instead" % (plan.nodes, plan.nodes))
+    for service in plan.services:
+        if _step_has_several_tasks(service.placement):
+            problems.append("service '%s' runs several tasks (x-slurm placement), which outside "
+                            "Slurm would all be one process: run it inside an allocation instead"
+                            % service.name)
+        words = [str(arg) for arg in service.extra_srun_args if not str(arg).startswith("-")]
+        if words:
+            problems.append("service '%s' has x-slurm srun_args with a separate value (%s); outside "
+                            "Slurm srun_args are skipped and only --option=value words can be: "
+                            "write --option=value" % (service.name, " ".join(words)))
+    return problems
+
+
 def _preflight_local(runtime_plan, mode, enroot_path):
     """What ``up --local`` needs here: bash, and outside Slurm an enroot that can list containers;
     no sbatch. The plan's problems for the mode (an array, several nodes or tasks) are errors."""
@@ -6756,6 +6699,10 @@ def _preflight_batch_log_folders(plan):
                 "writing any log" % (field, folder),
                 "create it (mkdir -p %s) or change x-slurm.%s" % (shell_quote(folder), field)))
     return findings
+
+
+def _secret_services(plan):
+    return [service for service in plan.services if service.secrets]
 
 
 def _preflight_secret_files(plan):
@@ -8132,12 +8079,6 @@ def _mount_parts(runtime_plan, service):
     return parts
 
 
-def _step_has_several_tasks(placement):
-    tasks_per_node = placement.ntasks_per_node or 1
-    return (placement.mode == "distributed" or (placement.ntasks or 1) > 1
-            or tasks_per_node * (placement.nodes or 1) > 1)
-
-
 def _srun_parts(runtime_plan, index):
     """The srun argv of service ``index`` as words made of parts (literals and ``_ShellVariable``s)."""
     service = runtime_plan.plan.services[index]
@@ -8220,7 +8161,7 @@ def _comment(text):
     return "".join(c if c.isprintable() else "?" for c in str(text))
 
 
-def _readiness_description(readiness):
+def _format_probe(readiness):
     """One phrase for the probe, as messages, state.json and ``inspect`` name it."""
     if readiness.type == "sleep":
         return "sleep %ss" % readiness.seconds
@@ -8250,7 +8191,7 @@ def _render_readiness_entry(index, readiness):
                    ("READY_URL", readiness.url)]
     probe = " ".join("%s[%s]=%s" % (name, index, shell_quote(value)) for name, value in fields)
     return _fill(_READINESS_ENTRY_TEMPLATE, index=index, type=shell_quote(readiness.type),
-                 description=shell_quote(_readiness_description(readiness)), probe=probe)
+                 description=shell_quote(_format_probe(readiness)), probe=probe)
 
 
 def _render_service_entry(plan, index, ending):
@@ -8275,10 +8216,6 @@ def _render_service_entry(plan, index, ending):
         placement=shell_quote(placement_json),
         distributed="1" if placement.mode == "distributed" else "0",
         restart=restart, readiness=_render_readiness_entry(str(index), service.readiness))
-
-
-def _secret_services(plan):
-    return [service for service in plan.services if service.secrets]
 
 
 def _job_dir_mode(plan):
@@ -8822,7 +8759,8 @@ def render_artifacts_block(runtime_plan):
 ##############################################################################
 # Thin wrappers for sbatch, squeue, sacct, sstat, scancel (all through
 # _run_command); the tracked metadata under <compose dir>/.hpc-compose/ (jobs/<id>.json, latest.json);
-# scheduler state, runtime state (state.json), log following, watch, stats, artifact export, clean.
+# scheduler state, runtime state (state.json), log following, watch, stats, artifact export, clean,
+# and the cache's prune (prune_cache), which must know which jobs still run.
 #
 # Politeness: the scheduler is asked about our own job id only, at an adaptive interval
 # (_WATCH_POLL_FIRST doubling to _WATCH_POLL_MAX, back to the first after a state change); `squeue`
@@ -8870,7 +8808,7 @@ class SchedulerState(NamedTuple):
         return data
 
 
-# --- where things live ----------------------------------------------------------------------
+# --- where things live ----------------------------------------------------------------------------
 
 def _tracking_root(project_dir):
     """``<compose dir>/.hpc-compose``: tracked metadata and (sbatch runs there) job directories."""
@@ -8904,7 +8842,7 @@ def _job_id_order(job_id):
     return (0, int(text), "") if text.isdigit() else (1, 0, text)
 
 
-# --- sbatch and the tracked record ------------------------------------------------------------
+# --- sbatch and the tracked record ----------------------------------------------------------------
 
 def _parse_sbatch_job_id(stdout):
     """``(job_id, cluster)`` from ``sbatch --parsable`` output (``123`` or ``123;cluster``)."""
@@ -9032,7 +8970,7 @@ def _make_private_dir(path, mode=_PRIVATE_DIR_MODE):
     os.chmod(path, mode)
 
 
-# --- secrets: the owner-only copies a job reads ------------------------------------------------
+# --- secrets: the owner-only copies a job reads ---------------------------------------------------
 
 def _secrets_directory(job_dir):
     """``<job dir>/secrets``: one 0700 directory per service token, one copy per secret."""
@@ -9116,6 +9054,37 @@ def _remove_leftover_secrets(project_dir, squeue_bin="squeue"):
                 _remove_secret_copies(directory):
             removed.append(job_id)
     return removed
+
+
+def _deliver_secrets(plan, job_id, cluster, say, scontrol_bin="scontrol", scancel_bin="scancel"):
+    """The job was submitted held: write its secret copies, then release it (cancel on failure).
+
+    So the values travel from this node to the job through owner-only files in its own directory,
+    never through the script, the environment of sbatch or the scheduler.
+    """
+    job_dir = _job_directory(plan.project_dir, job_id)
+    try:
+        _write_secret_copies(plan, job_dir)
+        if any(arg in ("-H", "--hold") for arg in plan.slurm.submit_args):
+            say("job %s stays held (x-slurm.submit_args has --hold): release it with "
+                "'scontrol release %s'" % (job_id, job_id))
+        else:
+            _release_job(job_id, cluster, scontrol_bin)
+    except BaseException as exc:
+        # Whatever stopped us (Ctrl-C included), no held job and no copies are left behind.
+        try:
+            _cancel_job(job_id, scancel_bin)
+        except HpcComposeError as cancel_error:
+            _warn("could not cancel the held job %s: %s" % (job_id, cancel_error.message))
+        _remove_secret_copies(job_dir)
+        if isinstance(exc, HpcComposeError):
+            message = exc.message
+        elif isinstance(exc, OSError):
+            message = "cannot write the secret copies in %s: %s" % (_secrets_directory(job_dir),
+                                                                    exc.strerror or exc)
+        else:
+            raise
+        raise ToolError("job %s was cancelled before it started: %s" % (job_id, message))
 
 
 def _minimal_job_record(project_dir, job_id):
@@ -9215,7 +9184,7 @@ def _record_log_sources(record, service=None):
     return sources
 
 
-# --- scheduler (squeue, sacct, scancel, sbatch) -----------------------------------------------
+# --- scheduler (squeue, sacct, scancel, sbatch) ---------------------------------------------------
 
 def _normalize_slurm_state(text):
     """``CANCELLED by 123`` -> ``CANCELLED``; ``COMPLETED+`` -> ``COMPLETED``; empty -> ``UNKNOWN``."""
@@ -9454,7 +9423,7 @@ def _check_dependency_jobs(dependency, squeue_bin="squeue", sacct_bin="sacct"):
                              "-f <its compose file> shows it)")
 
 
-def _explain_dependency(record, scheduler, squeue_bin="squeue", sacct_bin="sacct"):
+def _format_dependency_wait(record, scheduler, squeue_bin="squeue", sacct_bin="sacct"):
     """Words for a job held by its dependency: whom it waits for, or why it can never run."""
     if scheduler.state != "PENDING" or scheduler.reason not in ("Dependency",
                                                                 "DependencyNeverSatisfied"):
@@ -9489,7 +9458,7 @@ def _cancel_job(job_id, scancel_bin="scancel"):
     return result.stdout
 
 
-# --- runtime state (state.json written by the batch script) ----------------------------------
+# --- runtime state (state.json written by the batch script) ---------------------------------------
 
 def _load_runtime_state(job_dir):
     """``state.json`` of a job, normalized; ``None`` while it does not exist or is unreadable.
@@ -9529,7 +9498,7 @@ def _load_attempt_states(job_dir):
     return [(n, _load_runtime_state(os.path.join(root, str(n)))) for n in attempts]
 
 
-def _attempt_summary(attempt, state):
+def _attempt_to_dict(attempt, state):
     """One attempt of a requeued job as JSON-ready data (for ``status``)."""
     state = state or {}
     return {"attempt": attempt, "status": state.get("status") or "not started",
@@ -9545,7 +9514,7 @@ def _format_signal(entry):
                                       entry.get("action"), targets or "no running service")
 
 
-def _runtime_failure_summary(state):
+def _format_runtime_failure(state):
     """One phrase naming the failed services from state.json (or ``None``)."""
     if not state:
         return None
@@ -9596,7 +9565,7 @@ def _jobs_in_progress(project_dir, squeue_bin="squeue"):
             if not job_id.isdigit() or job_id in queued]
 
 
-# --- logs -------------------------------------------------------------------------------------
+# --- logs -----------------------------------------------------------------------------------------
 
 def _tail_lines(path, count):
     """The last ``count`` lines of a file (fewer if it is shorter; ``[]`` if it is missing)."""
@@ -9689,7 +9658,7 @@ def _format_log_line(name, line):
     return "[%s] %s" % (name, line.rstrip("\r"))
 
 
-# --- logs: interleaved reading, --since, --timestamps, colours ---------------------------------
+# --- logs: interleaved reading, --since, --timestamps, colours ------------------------------------
 
 class _LogLine(NamedTuple):
     written_ms: int                # when it was written, as close as the timing index tells
@@ -9859,7 +9828,7 @@ def _use_colour(stream):
         return False
 
 
-# --- watch ------------------------------------------------------------------------------------
+# --- watch ----------------------------------------------------------------------------------------
 
 class _SchedulerPoller(object):
     """Asks the scheduler about one job at an adaptive interval and counts its calls.
@@ -10025,8 +9994,8 @@ def watch_job(record, squeue_bin="squeue", sacct_bin="sacct", out=None, sleep=No
         if state.exit_code and state.exit_code != "0:0":
             reason += " (exit %s)" % state.exit_code
         if state.state == "NODE_FAIL":
-            reason += ": " + _describe_node_failure(record)
-        summary = _runtime_failure_summary(runtime)
+            reason += ": " + _format_node_failure(record)
+        summary = _format_runtime_failure(runtime)
         if summary:
             reason += ": " + summary
     out.flush()
@@ -10048,7 +10017,7 @@ def _conclusion_from_state(job_id, runtime):
         job_id, runtime["status"], runtime.get("exit_code"))
     ok = runtime["status"] == "completed"
     if not ok:
-        summary = _runtime_failure_summary(runtime)
+        summary = _format_runtime_failure(runtime)
         if summary:
             text += ": " + summary
     return ok, text + ("; neither squeue nor sacct knows the job any more (is job accounting "
@@ -10075,7 +10044,7 @@ def _job_nodes(record):
         return []
 
 
-def _describe_node_failure(record, sinfo_bin="sinfo"):
+def _format_node_failure(record, sinfo_bin="sinfo"):
     """Which of the job's nodes Slurm holds as failed, in words (for a NODE_FAIL end)."""
     nodes = _job_nodes(record)
     failed = []
@@ -10187,7 +10156,7 @@ def _warn_follow_silence(reason):
           "state.json says it ended" % (reason, _format_moment(time.time())))
 
 
-# --- exec: a command inside a running service ---------------------------------------------------
+# --- exec: a command inside a running service -----------------------------------------------------
 
 _RUNNING_SERVICE_STATUSES = frozenset(("starting", "running", "ready"))
 
@@ -10383,7 +10352,7 @@ def _service_step(job_id, token, squeue_bin="squeue"):
     return None
 
 
-# --- up --local: the job where you are ---------------------------------------------------------
+# --- up --local: the job where you are ------------------------------------------------------------
 # `up --local` runs the rendered script with bash right here: inside an allocation (SLURM_JOB_ID set
 # by salloc or an interactive srun) its services are srun steps of that allocation; outside Slurm,
 # local_step (render) runs them on this machine. Either way the job directory, state.json and logs
@@ -10407,30 +10376,6 @@ def _local_job_id(mode, environ=None, now=None, pid=None):
         return environ["SLURM_JOB_ID"]
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(time.time() if now is None else now))
     return "%s%s-%d" % (_LOCAL_JOB_PREFIX, stamp, os.getpid() if pid is None else pid)
-
-
-def _local_plan_problems(plan, mode):
-    """Why ``plan`` cannot run with ``up --local`` in ``mode`` (one sentence each; empty: it can)."""
-    problems = []
-    if plan.slurm.array is not None:
-        problems.append("x-slurm.array makes a job array, which only sbatch can start; submit it "
-                        "with 'hpc-compose up' instead")
-    if mode != "machine":
-        return problems
-    if (plan.nodes or 1) > 1:
-        problems.append("x-slurm.nodes is %d, but outside Slurm there is one machine: run it "
-                        "inside an allocation (salloc -N %d) instead" % (plan.nodes, plan.nodes))
-    for service in plan.services:
-        if _step_has_several_tasks(service.placement):
-            problems.append("service '%s' runs several tasks (x-slurm placement), which outside "
-                            "Slurm would all be one process: run it inside an allocation instead"
-                            % service.name)
-        words = [str(arg) for arg in service.extra_srun_args if not str(arg).startswith("-")]
-        if words:
-            problems.append("service '%s' has x-slurm srun_args with a separate value (%s); outside "
-                            "Slurm srun_args are skipped and only --option=value words can be: "
-                            "write --option=value" % (service.name, " ".join(words)))
-    return problems
 
 
 def _local_ignored_settings(plan):
@@ -10509,7 +10454,171 @@ def _local_exec_pid(record, name, container=False):
     return int(pid)
 
 
-# --- status -----------------------------------------------------------------------------------
+# Run by `up --local` inside an allocation, before the batch script: the script starts its steps as
+# in a batch job, so the variables of a step this runs in (an interactive `srun --pty bash`, or the
+# step on the first node below) give way to the allocation's: srun takes SLURM_NTASKS, SLURM_NNODES
+# and the like as the defaults of every step it starts.
+_ALLOCATION_PRELUDE = r"""[ -z "$2" ] || echo "$$" >"$2"  # the script's pid on its node (exec keeps it)
+for name in "${!SLURM_STEP@}" "${!SLURM_PTY_@}" "${!SLURM_CPU_BIND@}" \
+        SLURM_NTASKS SLURM_NPROCS SLURM_NTASKS_PER_NODE SLURM_TASKS_PER_NODE SLURM_PROCID \
+        SLURM_LOCALID SLURM_NODEID SLURM_GTIDS SLURM_TASK_PID SLURM_DISTRIBUTION \
+        SLURM_SRUN_COMM_HOST SLURM_SRUN_COMM_PORT SLURM_LAUNCH_NODE_IPADDR SLURM_OVERLAP; do
+    unset -v "$name"
+done
+export SLURM_NNODES="${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}"
+export SLURM_NODELIST="${SLURM_JOB_NODELIST:-${SLURM_NODELIST:-}}"
+exec bash "$1"
+"""
+
+
+_BATCH_STEP_NAME = "hpc-compose-batch"  # the step of `up --local` run from salloc's shell
+
+
+def _local_batch_argv(mode, script_path, srun_bin="srun", environ=None, pid_file=""):
+    """How ``up --local`` starts the batch script, and whether that is a step of its own. Outside
+    Slurm: bash here. Inside an allocation: on a node of it, as sbatch would start it (writing its
+    pid to ``pid_file``); ``salloc``'s shell runs on the machine it was typed on (on most clusters
+    a login node, outside the allocation, where readiness probes of 127.0.0.1 would miss the
+    services), so there the script runs as a step on the allocation's first node."""
+    environ = os.environ if environ is None else environ
+    if mode != "allocation":
+        return ["bash", script_path], False
+    argv = ["bash", "-c", _ALLOCATION_PRELUDE, _BATCH_STEP_NAME, script_path, pid_file]
+    if environ.get("SLURMD_NODENAME"):  # a shell that is itself a step runs on a node already
+        return argv, False
+    return [srun_bin, "--overlap", "--nodes=1", "--ntasks=1", "--relative=0",
+            "--job-name=" + _BATCH_STEP_NAME, "--kill-on-bad-exit=1", "--quiet"] + argv, True
+
+
+def _batch_step_pass_on(job_id, pid_file, process, srun_bin="srun"):
+    """How a signal reaches the batch script when it runs in a step of its own: SIGTERM to its pid,
+    through a step on its node, as scancel of a batch job gives it. Signalled itself, srun would
+    end the step at once with SIGKILL (before the teardown is done), and a signal to the whole step
+    would reach the services' srun clients and the container keeper too. srun is terminated only
+    when the script's pid is not known (it has not started)."""
+    def pass_on(number):
+        try:
+            with open(pid_file) as handle:
+                pid = handle.read().strip()
+        except OSError:
+            pid = ""
+        if not pid.isdigit() or _run_command(
+                [srun_bin, "--jobid=%s" % job_id, "--overlap", "--nodes=1", "--ntasks=1",
+                 "--relative=0", "--job-name=" + _BATCH_STEP_NAME + "-signal", "--quiet",
+                 "kill", "-TERM", pid], timeout=_scheduler_timeout()).returncode != 0:
+            process.terminate()
+    return pass_on
+
+
+def _default_sigint():
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def _follow_local_run(process, follower, out, pass_on=None):
+    """Print the service logs until the batch script exits. Ctrl-C, SIGTERM and SIGHUP (the
+    terminal closed, the allocation ended) are passed on to it once (by ``pass_on(number)`` when
+    given), as scancel would pass them, and it tears down; a signal ignored when we started stays
+    ignored. Returns its exit code (128 + N when a signal N ended it)."""
+    import signal
+    import time
+    received = []
+
+    def forward(number, frame):
+        if not received:
+            (pass_on or process.send_signal)(number)
+            sys.stderr.write("\nstopping job (%s): every service stops and its containers are "
+                             "removed\n" % signal.Signals(number).name)
+        received.append(number)
+
+    previous = {}
+    for number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(number) != signal.SIG_IGN:
+            previous[number] = signal.signal(number, forward)
+    try:
+        while True:
+            for name, line in follower.poll():
+                out.write(_format_log_line(name, line) + "\n")
+            out.flush()
+            if process.poll() is not None:
+                break
+            time.sleep(_LOG_POLL_SECONDS)
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+    for name, line in follower.flush():
+        out.write(_format_log_line(name, line) + "\n")
+    out.flush()
+    code = process.returncode
+    return 128 - code if code < 0 else code
+
+
+def _run_local(plan, runtime_plan, mode, job_id, script_path, out, say, srun_bin="srun"):
+    """The run part of ``up --local``: track it, start the script, follow its logs (to ``out``).
+    Returns its exit code and its tracked record."""
+    import socket
+    import subprocess
+    record = _build_job_record(runtime_plan, job_id, None, script_path)
+    record.update(local=mode, local_host=socket.gethostname(), local_pid=None)
+    if _secret_services(plan):
+        _write_secret_copies(plan, record["job_dir"])
+    environment = dict(os.environ, SLURM_SUBMIT_DIR=plan.project_dir)
+    if mode == "machine":
+        environment.update({"SLURM_JOB_ID": job_id, _LAUNCHER_VARIABLE: "local"})
+    workdir = plan.project_dir  # where sbatch would start the job: x-slurm.chdir, else the compose dir
+    if plan.slurm.chdir:
+        workdir = os.path.normpath(os.path.join(plan.project_dir,
+                                                os.path.expanduser(str(plan.slurm.chdir))))
+    pid_file = os.path.join(_tracking_root(plan.project_dir), ".%s.batch-pid" % job_id)
+    argv, in_step = _local_batch_argv(mode, script_path, srun_bin, pid_file=pid_file)
+    follower = _LogFollower(_record_log_sources(record), from_end=True)
+    with open(record["batch_log"], "ab") as batch_log:
+        os.chmod(record["batch_log"], _PRIVATE_FILE_MODE)
+        # Its own session: a Ctrl-C reaches the batch script through us, once, and its services
+        # through its teardown, as scancel would reach them. SIGINT is reset for it, since bash
+        # cannot trap a signal that was ignored when it started (as in a background job).
+        process = subprocess.Popen(argv, cwd=workdir, env=environment,
+                                   stdin=subprocess.DEVNULL, stdout=batch_log,
+                                   stderr=subprocess.STDOUT, start_new_session=True,
+                                   preexec_fn=_default_sigint)
+    record["local_pid"] = process.pid
+    _record_job(plan.project_dir, record)
+    say("started job %s %s (pid %d): %s" % (
+        job_id, "as steps of this allocation" if mode == "allocation" else "on this machine",
+        process.pid, script_path))
+    say("batch log: %s" % record["batch_log"])
+    pass_on = _batch_step_pass_on(job_id, pid_file, process, srun_bin) if in_step else None
+    try:
+        code = _follow_local_run(process, follower, out, pass_on)
+    finally:
+        _remove_quietly(pid_file)
+    return code, record
+
+
+def _exec_local(record, name, command, environment, workdir=None, enroot_bin="enroot"):
+    """``exec`` into a local run outside Slurm: ``enroot exec`` into the container, or the host
+    command with the service's environment and directory (from /proc), on this machine."""
+    service = _record_service(record, name)
+    pid = _local_exec_pid(record, name, container=service.get("runtime") != "host")
+    if service.get("runtime") != "host":
+        argv = _local_exec_argv(pid, command, environment, workdir, enroot_bin)
+        code = _run_command(argv, capture=False).returncode
+        return 128 - code if code < 0 else code
+    try:
+        with open("/proc/%d/environ" % pid, "rb") as handle:
+            entries = handle.read().split(b"\0")
+        workdir = workdir or os.readlink("/proc/%d/cwd" % pid)
+    except OSError as exc:
+        raise HpcComposeError("cannot read the environment of service '%s' (pid %d): %s"
+                              % (name, pid, exc.strerror or exc))
+    variables = dict(os.fsdecode(entry).split("=", 1) for entry in entries if b"=" in entry)
+    variables.update(environment)
+    argv = ["/bin/sh", "-c", 'exec "$@"', "hpc-compose-exec"] + (list(command) or list(_EXEC_SHELL))
+    code = _run_command(argv, env=variables, cwd=workdir, capture=False).returncode
+    return 128 - code if code < 0 else code
+
+
+# --- status ---------------------------------------------------------------------------------------
 
 def _file_facts(path):
     import time
@@ -10558,8 +10667,8 @@ def _job_status(record, squeue_bin="squeue", sacct_bin="sacct"):
         "services": services,
         "resume_dir": record.get("resume_dir"),
         "signals": (runtime or {}).get("signals") or [],
-        "dependency": _explain_dependency(record, scheduler, squeue_bin, sacct_bin),
-        "attempts": [_attempt_summary(n, state)
+        "dependency": _format_dependency_wait(record, scheduler, squeue_bin, sacct_bin),
+        "attempts": [_attempt_to_dict(n, state)
                      for n, state in _load_attempt_states(record["job_dir"])],
         "run": record.get("run"),
     }
@@ -10580,15 +10689,11 @@ def _job_progress(scheduler, runtime, record):
     if scheduler.state == "UNKNOWN" and _runtime_final(runtime):
         return _conclusion_from_state(record["job_id"], runtime)[1]
     if scheduler.state == "NODE_FAIL":
-        return "ended NODE_FAIL: " + _describe_node_failure(record)
+        return "ended NODE_FAIL: " + _format_node_failure(record)
     return None
 
 
-# --- job arrays -------------------------------------------------------------------------------
-
-_ARRAY_POLL_FIRST = 2.0
-_ARRAY_POLL_MAX = 15.0
-
+# --- job arrays -----------------------------------------------------------------------------------
 
 def _array_task_ids(expression):
     """The task ids of a Slurm array expression (``0-15%4`` -> 0..15), in order."""
@@ -10715,41 +10820,12 @@ def _format_array_status_text(status):
     return "\n".join(lines) + "\n"
 
 
-def _watch_array(record, args, fmt, sleep=None):
-    """``up`` of an array job: wait for every task; exit 0 only if all of them completed."""
-    import time
-    sleep = sleep or time.sleep
-    out = sys.stderr if fmt == "json" else sys.stdout
-    reported = set()
-    delay = _ARRAY_POLL_FIRST
-    try:
-        while True:
-            status = _array_status(record, args.squeue_bin, args.sacct_bin)
-            changed = False
-            for row in status["tasks"]:
-                state = row["scheduler"]["state"]
-                if state in _TERMINAL_STATES and row["task"] not in reported:
-                    reported.add(row["task"])
-                    changed = True
-                    out.write("task %d %s\n" % (row["task"], state))
-            out.flush()
-            if len(reported) == status["task_count"]:
-                break
-            delay = _ARRAY_POLL_FIRST if changed else min(delay * 1.5, _ARRAY_POLL_MAX)
-            sleep(delay)
-    except KeyboardInterrupt:
-        sys.stderr.write("\nstopped watching job %s; its tasks keep running.\n" % record["job_id"])
-        return _EXIT_INTERRUPTED
-    if fmt == "json":
-        _print_json(status)
-    else:
-        out.write(_format_array_status_text(status))
-    if status["failed"]:
-        sys.stderr.write("error: %d of %d tasks of job %s did not complete: %s\n" % (
-            len(status["failed"]), status["task_count"], record["job_id"],
-            ", ".join(str(task) for task in status["failed"])))
-        return _EXIT_FAILURE
-    return _EXIT_OK
+def _format_preview(word):
+    # The summary stays one line per field: long inline scripts are cut (--verbose shows them).
+    first = word.split("\n", 1)[0]
+    if first != word or len(first) > 100:
+        return first[:100] + "..."
+    return word
 
 
 def _age(seconds):
@@ -10778,7 +10854,8 @@ def _format_status_text(status):
         command = status["run"].get("command")
         lines.append("  run:        service %s, command %s" % (
             status["run"].get("service"),
-            " ".join(shell_quote(_preview(word)) for word in command) if command else "its own"))
+            " ".join(shell_quote(_format_preview(word)) for word in command) if command
+            else "its own"))
     runtime = status["runtime"]
     if runtime:
         text = str(runtime.get("status"))
@@ -10834,7 +10911,7 @@ def _format_status_text(status):
     return "\n".join(lines) + "\n"
 
 
-# --- stats ------------------------------------------------------------------------------------
+# --- stats ----------------------------------------------------------------------------------------
 
 _STATS_CSV_COLUMNS = ("job_id", "scheduler_state", "scheduler_source", "stats_source", "step_id",
                      "ntasks", "ave_cpu", "ave_rss", "max_rss", "tres_usage_in_ave", "gpu_util",
@@ -11081,7 +11158,7 @@ def _format_cpu_time(value):
     return "%dd %02dh %02dm" % (whole // 86400, whole % 86400 // 3600, whole % 3600 // 60)
 
 
-# --- artifacts export -------------------------------------------------------------------------
+# --- artifacts export -----------------------------------------------------------------------------
 
 def _expand_export_dir(template, job_id, project_dir):
     """x-slurm.artifacts.export_dir with ``${SLURM_JOB_ID}`` expanded, relative to the compose dir."""
@@ -11106,7 +11183,7 @@ def _copy_entry(source, target):
         shutil.copy2(source, target)
 
 
-def _describe_files(root, relative_paths):
+def _files_to_list(root, relative_paths):
     """Provenance entries (type, size, sha256) for every file under the exported relative paths."""
     import hashlib
     entries = []
@@ -11209,7 +11286,7 @@ def _export_artifact_bundles(record, bundles, tarball, export_template):
             "declared_source_patterns": bundle.get("declared_source_patterns") or [],
             "matched_source_paths": bundle.get("matched_source_paths") or [],
             "copied_relative_paths": exported, "warnings": warnings,
-            "files": _describe_files(target, exported),
+            "files": _files_to_list(target, exported),
         }
         provenance_path = os.path.join(export_dir, "_hpc-compose", "bundles", "%s.json" % name)
         _write_json_atomic(provenance_path, provenance)
@@ -11222,7 +11299,7 @@ def _export_artifact_bundles(record, bundles, tarball, export_template):
             "bundles": results}
 
 
-# --- clean ------------------------------------------------------------------------------------
+# --- clean ----------------------------------------------------------------------------------------
 
 def _job_is_finished(job_dir, queue_states, queue_known):
     """True only when we are sure the job no longer runs (state.json final, or not in the queue)."""
@@ -11314,6 +11391,117 @@ def _queue_facts(project_dir, job_ids, squeue_bin):
 def _final_state_file(job_dir):
     state = _load_runtime_state(job_dir)
     return bool(state and state.get("status") in _FINAL_RUNTIME_STATUSES)
+
+
+# --- cache prune: never what a tracked, unfinished job uses ---------------------------------------
+# Here, after tracking, because which jobs may still run is tracking's rule (records, state.json,
+# one squeue call); what the cache holds and how an artifact is removed are the images section's.
+
+def _paths_named_in(value, found):
+    if isinstance(value, dict):
+        for item in value.values():
+            _paths_named_in(item, found)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            _paths_named_in(item, found)
+    elif isinstance(value, str) and value.endswith(_ARTIFACT_SUFFIXES):
+        found.add(value)
+
+
+def _script_artifacts(text):
+    import re
+    return set(re.findall(r"(/[^\s'\"=,]+\.(?:sqsh|squashfs))", text))
+
+
+def _submitted_script_artifacts(record, project_dir):
+    """Artifact paths in the job's rendered script, if the script is still the one submitted (the
+    next render overwrites it: a newer file says nothing about this job)."""
+    script = record.get("script_path")
+    submitted = record.get("submitted_at")
+    if not isinstance(script, str) or not isinstance(submitted, (int, float)):
+        return set()
+    script = script if os.path.isabs(script) else os.path.join(project_dir, script)
+    try:
+        if os.path.getmtime(script) > submitted + 1:
+            return set()
+        with open(script, encoding="utf-8", errors="replace") as handle:
+            return _script_artifacts(handle.read())
+    except OSError:
+        return set()
+
+
+def _artifacts_in_use(cache_dir, extra_projects=(), squeue_bin="squeue"):
+    """``{artifact_path: reason}`` for artifacts a tracked, unfinished job may be using.
+
+    Jobs are found through the projects named in the cache's manifests (and ``extra_projects``):
+    ``<compose dir>/.hpc-compose/jobs/*.json``. The paths come from the job record and its rendered
+    script; when a running job names none, every artifact of that project is protected.
+    """
+    entries = list_cache(cache_dir)
+    projects = set(extra_projects)
+    for entry in entries:
+        projects.update(p for p in (entry.get("projects") or []) if isinstance(p, str))
+    in_use = {}
+    for compose_file in sorted(projects):
+        project_dir = os.path.dirname(compose_file)
+        for job_id, record in _jobs_in_progress(project_dir, squeue_bin):
+            found = set()
+            _paths_named_in(record, found)
+            found |= _submitted_script_artifacts(record, project_dir)
+            reason = "used by job %s of %s" % (job_id, compose_file)
+            if found:
+                for path in found:
+                    in_use.setdefault(os.path.abspath(path), reason)
+            else:
+                for entry in entries:
+                    if compose_file in (entry.get("projects") or []):
+                        in_use.setdefault(entry["artifact_path"], reason + " (its artifacts are unknown)")
+    return in_use
+
+
+def prune_cache(cache_dir, age_days=None, runtime_plan=None, now=None, squeue_bin="squeue"):
+    """Remove old (``age_days``) or unused (``runtime_plan``: this project's artifacts its plan no
+    longer references) cache entries, never what a tracked unfinished job uses. Returns a report."""
+    import time
+    if (age_days is None) == (runtime_plan is None):
+        raise UsageError("choose one prune strategy: --age DAYS or --all-unused -f FILE")
+    now = time.time() if now is None else now
+    extra = [runtime_plan.plan.compose_file] if runtime_plan is not None else []
+    in_use = _artifacts_in_use(cache_dir, extra, squeue_bin)
+    referenced = _runtime_artifacts(runtime_plan) if runtime_plan is not None else set()
+    removed, kept = [], []
+    for entry in list_cache(cache_dir):
+        path = entry["artifact_path"]
+        if runtime_plan is not None:
+            if path in referenced or runtime_plan.plan.compose_file not in (entry.get("projects") or []):
+                continue
+        else:
+            stamp = max(entry.get("created_at") or 0, entry.get("last_used_at") or 0)
+            if stamp > now - age_days * 86400:
+                continue
+        if path in in_use:
+            kept.append({"path": path, "reason": in_use[path]})
+            continue
+        if _remove_artifact(path):
+            removed.append(path)
+        else:
+            kept.append({"path": path, "reason": "a prepare is writing it right now"})
+    if age_days is not None:
+        # Leftovers of interrupted imports/exports (never reused: only renamed files are artifacts).
+        for kind in ("base", "prepared"):
+            directory = os.path.join(cache_dir, kind)
+            try:
+                names = os.listdir(directory)
+            except OSError:
+                continue
+            for name in names:
+                path = os.path.join(directory, name)
+                if name.startswith(_PARTIAL_PREFIX) and os.path.getmtime(path) <= now - max(age_days, 1) * 86400:
+                    _remove_quietly(path)
+                    removed.append(path)
+    return {"cache_dir": cache_dir, "mode": "age" if age_days is not None else "all_unused",
+            "age_days": age_days, "removed_count": len(removed), "removed_paths": removed,
+            "kept_in_use": kept}
 
 
 ##############################################################################
@@ -13774,28 +13962,7 @@ def _cmd_completions(args):
     return _EXIT_OK
 
 
-# CLI: validate, inspect, config commands
-
-
-def _secrets_to_dict(secrets, escape=None):
-    """Top-level secrets as references (``file:`` path or ``environment:`` name), never values."""
-    escape = escape or _unchanged
-    return dict((secret.name, {secret.source: escape(secret.reference)
-                               if secret.source == "file" else secret.reference})
-                for secret in secrets)
-
-
-def _service_secrets_to_list(secrets):
-    result = []
-    for item in secrets:
-        data = {"source": item.source, "target": item.target}
-        if item.mode is not None:
-            data["mode"] = "0%o" % item.mode
-        result.append(data)
-    return result
-
-
-# --- validate ------------------------------------------------------------------------------------
+# --- validate -------------------------------------------------------------------------------------
 
 def _add_validate_parser(subparsers):
     _add_spec_command(subparsers, "validate", _cmd_validate,
@@ -13833,7 +14000,7 @@ def _located_error_to_dict(error):
             "message": error.message, "hint": error.hint}
 
 
-# --- schema --------------------------------------------------------------------------------------
+# --- schema ---------------------------------------------------------------------------------------
 
 def _add_schema_parser(subparsers):
     _add_command(subparsers, "schema", _cmd_schema,
@@ -13849,7 +14016,7 @@ def _cmd_schema(args):
     return _EXIT_OK
 
 
-# --- inspect -------------------------------------------------------------------------------------
+# --- inspect --------------------------------------------------------------------------------------
 
 def _add_inspect_parser(subparsers):
     parser = _add_spec_command(subparsers, "inspect", _cmd_inspect,
@@ -13871,7 +14038,7 @@ def _format_geometry(ntasks, ntasks_per_node, nodes):
 def _format_readiness(readiness):
     if readiness is None:
         return "none"
-    text = _readiness_description(readiness)
+    text = _format_probe(readiness)
     if readiness.type != "sleep":
         text += " (timeout %ss)" % readiness.timeout_seconds
     return text
@@ -13894,16 +14061,8 @@ def _format_execution(service, verbose=False):
         words = ["/bin/sh", "-c", execution.script]
     else:
         words = list(execution.argv)
-    text = " ".join(shell_quote(w if verbose else _preview(w)) for w in words)
+    text = " ".join(shell_quote(w if verbose else _format_preview(w)) for w in words)
     return "%s: %s%s" % (execution.form, text, entry)
-
-
-def _preview(word):
-    # The summary stays one line per field: long inline scripts are cut (--verbose shows them).
-    first = word.split("\n", 1)[0]
-    if first != word or len(first) > 100:
-        return first[:100] + "..."
-    return word
 
 
 def _format_image(image):
@@ -14061,7 +14220,7 @@ def _cmd_inspect(args):
     return _EXIT_OK
 
 
-# --- config --------------------------------------------------------------------------------------
+# --- config ---------------------------------------------------------------------------------------
 
 def _add_config_parser(subparsers):
     parser = _add_spec_command(
@@ -14102,8 +14261,7 @@ def _cmd_config(args):
     return _EXIT_OK
 
 
-# CLI: render command
-
+# --- render ---------------------------------------------------------------------------------------
 
 def _add_render_parser(subparsers):
     parser = _add_command(
@@ -14159,7 +14317,7 @@ def _cmd_render(args):
     return _EXIT_OK
 
 
-# CLI: submit, up, status, ps, logs, stats, artifacts, cancel, down, clean commands
+# --- submit, up, run, status, ps, logs, exec, stats, artifacts, cancel, down, clean ---------------
 
 def _add_tool_arguments(parser, names):
     """``--NAME-bin PATH`` for each external tool the command calls."""
@@ -14417,6 +14575,42 @@ def _print_findings(report):
             sys.stderr.write(text + "\n")
 
 
+def _write_job_script(args, plan, say, local=None):
+    """Preflight (unless --no-preflight), prepare the images, render and write the batch script:
+    what ``submit``, ``run`` and ``up --local`` (``local``: its mode) do first. Returns the runtime
+    plan and the script's path."""
+    action = "start" if local else "submit"
+    runtime_plan = build_runtime_plan(plan)
+    if not args.no_preflight:
+        report = run_preflight(runtime_plan, PreflightOptions(
+            enroot_bin=args.enroot_bin, srun_bin=args.srun_bin, sbatch_bin=args.sbatch_bin,
+            skip_prepare=args.skip_prepare, dry_run=bool(getattr(args, "dry_run", False)),
+            local=local))
+        _print_findings(report)
+        if report.errors:
+            raise ToolError("preflight found %d error(s); nothing was %s"
+                            % (len(report.errors), "started" if local else "submitted"),
+                            hint="fix them, or pass --no-preflight to %s anyway" % action)
+    _prepare_for_run(args, plan, runtime_plan, say)
+    script_path = os.path.abspath(args.script_out) if args.script_out else \
+        os.path.join(plan.project_dir, "hpc-compose.sbatch")
+    _write_file_atomic(script_path, render_script(runtime_plan, local=local == "machine"),
+                       _PRIVATE_FILE_MODE)
+    return runtime_plan, script_path
+
+
+def _prepare_for_run(args, plan, runtime_plan, say):
+    """Import and prepare the images ``plan`` needs (submit, up --local), unless --skip-prepare."""
+    if not args.skip_prepare and _needs_images(plan):
+        try:
+            prepare_images(runtime_plan, PrepareOptions(
+                enroot_bin=args.enroot_bin, force=args.force_rebuild,
+                keep_failed=args.keep_failed_prep), progress=say)
+        except NotImplementedError:
+            raise ToolError("image preparation is not available in this build",
+                            hint="prepare images separately and pass --skip-prepare")
+
+
 def _cmd_submit(args):
     """Preflight, prepare, render, write the script, sbatch, record; optionally watch."""
     spec, plan = _load_plan_from_args(args)
@@ -14428,20 +14622,7 @@ def _submit_plan(args, plan, run=None):
     own messages go to stderr so that stdout carries the service's output alone."""
     fmt = _output_format(args)
     say = (lambda text: sys.stderr.write(text + "\n")) if fmt == "json" or run else print
-    runtime_plan = build_runtime_plan(plan)
-    if not args.no_preflight:
-        report = run_preflight(runtime_plan, PreflightOptions(
-            enroot_bin=args.enroot_bin, srun_bin=args.srun_bin, sbatch_bin=args.sbatch_bin,
-            skip_prepare=args.skip_prepare, dry_run=bool(getattr(args, "dry_run", False))))
-        _print_findings(report)
-        if report.errors:
-            raise ToolError("preflight found %d error(s); nothing was submitted" % len(report.errors),
-                            hint="fix them, or pass --no-preflight to submit anyway")
-    _prepare_for_run(args, plan, runtime_plan, say)
-    script = render_script(runtime_plan)
-    script_path = os.path.abspath(args.script_out) if args.script_out else \
-        os.path.join(plan.project_dir, "hpc-compose.sbatch")
-    _write_file_atomic(script_path, script, _PRIVATE_FILE_MODE)
+    runtime_plan, script_path = _write_job_script(args, plan, say)
     result = {"dry_run": bool(args.dry_run), "script_path": script_path,
               "cache_dir": plan.cache_dir, "job_id": None}
     if args.dry_run:
@@ -14461,7 +14642,7 @@ def _submit_plan(args, plan, run=None):
     job_id, cluster = _submit_batch_script(script_path, plan.project_dir, args.sbatch_bin,
                                           hold=holds, dependency=dependency)
     if holds:
-        _deliver_secrets(plan, job_id, cluster, args, say)
+        _deliver_secrets(plan, job_id, cluster, say, args.scontrol_bin, args.scancel_bin)
     record = _build_job_record(runtime_plan, job_id, cluster, script_path)
     record["dependency"] = dependency or None
     record["after"] = chain
@@ -14498,37 +14679,6 @@ def _submit_plan(args, plan, run=None):
             return _watch_array(record, args, fmt)
         return _watch(record, args, fmt)
     return _EXIT_OK
-
-
-def _deliver_secrets(plan, job_id, cluster, args, say):
-    """The job was submitted held: write its secret copies, then release it (cancel on failure).
-
-    So the values travel from this node to the job through owner-only files in its own directory,
-    never through the script, the environment of sbatch or the scheduler.
-    """
-    job_dir = _job_directory(plan.project_dir, job_id)
-    try:
-        _write_secret_copies(plan, job_dir)
-        if any(arg in ("-H", "--hold") for arg in plan.slurm.submit_args):
-            say("job %s stays held (x-slurm.submit_args has --hold): release it with "
-                "'scontrol release %s'" % (job_id, job_id))
-        else:
-            _release_job(job_id, cluster, args.scontrol_bin)
-    except BaseException as exc:
-        # Whatever stopped us (Ctrl-C included), no held job and no copies are left behind.
-        try:
-            _cancel_job(job_id, args.scancel_bin)
-        except HpcComposeError as cancel_error:
-            _warn("could not cancel the held job %s: %s" % (job_id, cancel_error.message))
-        _remove_secret_copies(job_dir)
-        if isinstance(exc, HpcComposeError):
-            message = exc.message
-        elif isinstance(exc, OSError):
-            message = "cannot write the secret copies in %s: %s" % (_secrets_directory(job_dir),
-                                                                    exc.strerror or exc)
-        else:
-            raise
-        raise ToolError("job %s was cancelled before it started: %s" % (job_id, message))
 
 
 def _watch(record, args, fmt):
@@ -14571,6 +14721,47 @@ def _watch(record, args, fmt):
             sys.stderr.write(_format_log_line("batch", line) + "\n")
         sys.stderr.write("  hint: the batch log is %s\n" % batch_log)
     return _EXIT_FAILURE
+
+
+_ARRAY_POLL_FIRST = 2.0
+_ARRAY_POLL_MAX = 15.0
+
+
+def _watch_array(record, args, fmt, sleep=None):
+    """``up`` of an array job: wait for every task; exit 0 only if all of them completed."""
+    import time
+    sleep = sleep or time.sleep
+    out = sys.stderr if fmt == "json" else sys.stdout
+    reported = set()
+    delay = _ARRAY_POLL_FIRST
+    try:
+        while True:
+            status = _array_status(record, args.squeue_bin, args.sacct_bin)
+            changed = False
+            for row in status["tasks"]:
+                state = row["scheduler"]["state"]
+                if state in _TERMINAL_STATES and row["task"] not in reported:
+                    reported.add(row["task"])
+                    changed = True
+                    out.write("task %d %s\n" % (row["task"], state))
+            out.flush()
+            if len(reported) == status["task_count"]:
+                break
+            delay = _ARRAY_POLL_FIRST if changed else min(delay * 1.5, _ARRAY_POLL_MAX)
+            sleep(delay)
+    except KeyboardInterrupt:
+        sys.stderr.write("\nstopped watching job %s; its tasks keep running.\n" % record["job_id"])
+        return _EXIT_INTERRUPTED
+    if fmt == "json":
+        _print_json(status)
+    else:
+        out.write(_format_array_status_text(status))
+    if status["failed"]:
+        sys.stderr.write("error: %d of %d tasks of job %s did not complete: %s\n" % (
+            len(status["failed"]), status["task_count"], record["job_id"],
+            ", ".join(str(task) for task in status["failed"])))
+        return _EXIT_FAILURE
+    return _EXIT_OK
 
 
 def _cmd_up(args):
@@ -14652,20 +14843,7 @@ def _cmd_up_local(args):
         _warn("up --local does not use x-slurm %s: only sbatch acts on %s (the job starts at once, "
               "%s)" % (", ".join(ignored), "it" if len(ignored) == 1 else "them",
                        "in this allocation" if mode == "allocation" else "on this machine"))
-    runtime_plan = build_runtime_plan(plan)
-    if not args.no_preflight:
-        report = run_preflight(runtime_plan, PreflightOptions(
-            enroot_bin=args.enroot_bin, srun_bin=args.srun_bin, sbatch_bin=args.sbatch_bin,
-            skip_prepare=args.skip_prepare, dry_run=args.dry_run, local=mode))
-        _print_findings(report)
-        if report.errors:
-            raise ToolError("preflight found %d error(s); nothing was started" % len(report.errors),
-                            hint="fix them, or pass --no-preflight to start anyway")
-    _prepare_for_run(args, plan, runtime_plan, say)
-    script_path = os.path.abspath(args.script_out) if args.script_out else \
-        os.path.join(plan.project_dir, "hpc-compose.sbatch")
-    _write_file_atomic(script_path, render_script(runtime_plan, local=mode == "machine"),
-                       _PRIVATE_FILE_MODE)
+    runtime_plan, script_path = _write_job_script(args, plan, say, local=mode)
     if args.dry_run:
         say("rendered script: %s" % script_path)
         say("dry run: not starting it (up --local would run it with bash here)")
@@ -14684,52 +14862,19 @@ def _cmd_up_local(args):
                              "one would share its job directory" % (plan.compose_file, job_id),
                              hint="wait for it to end, stop it (Ctrl-C where it runs), or run "
                                   "the second stack from another folder")
+    out = sys.stderr if fmt == "json" else sys.stdout
     try:
-        return _run_local(args, plan, runtime_plan, mode, job_id, script_path, fmt, say)
+        code, record = _run_local(plan, runtime_plan, mode, job_id, script_path, out, say,
+                                  args.srun_bin)
     finally:
         if lock is not None:
             lock.close()
+    return _report_local_run(job_id, record, mode, code, fmt, out)
 
 
-def _run_local(args, plan, runtime_plan, mode, job_id, script_path, fmt, say):
-    """The run part of ``up --local``: track it, start the script, follow its logs, report."""
-    import socket
-    import subprocess
-    record = _build_job_record(runtime_plan, job_id, None, script_path)
-    record.update(local=mode, local_host=socket.gethostname(), local_pid=None)
-    if _secret_services(plan):
-        _write_secret_copies(plan, record["job_dir"])
-    environment = dict(os.environ, SLURM_SUBMIT_DIR=plan.project_dir)
-    if mode == "machine":
-        environment.update({"SLURM_JOB_ID": job_id, _LAUNCHER_VARIABLE: "local"})
-    workdir = plan.project_dir  # where sbatch would start the job: x-slurm.chdir, else the compose dir
-    if plan.slurm.chdir:
-        workdir = os.path.normpath(os.path.join(plan.project_dir,
-                                                os.path.expanduser(str(plan.slurm.chdir))))
-    pid_file = os.path.join(_tracking_root(plan.project_dir), ".%s.batch-pid" % job_id)
-    argv, in_step = _local_batch_argv(mode, script_path, args.srun_bin, pid_file=pid_file)
-    follower = _LogFollower(_record_log_sources(record), from_end=True)
-    with open(record["batch_log"], "ab") as batch_log:
-        os.chmod(record["batch_log"], _PRIVATE_FILE_MODE)
-        # Its own session: a Ctrl-C reaches the batch script through us, once, and its services
-        # through its teardown, as scancel would reach them. SIGINT is reset for it, since bash
-        # cannot trap a signal that was ignored when it started (as in a background job).
-        process = subprocess.Popen(argv, cwd=workdir, env=environment,
-                                   stdin=subprocess.DEVNULL, stdout=batch_log,
-                                   stderr=subprocess.STDOUT, start_new_session=True,
-                                   preexec_fn=_default_sigint)
-    record["local_pid"] = process.pid
-    _record_job(plan.project_dir, record)
-    out = sys.stderr if fmt == "json" else sys.stdout
-    say("started job %s %s (pid %d): %s" % (
-        job_id, "as steps of this allocation" if mode == "allocation" else "on this machine",
-        process.pid, script_path))
-    say("batch log: %s" % record["batch_log"])
-    pass_on = _batch_step_pass_on(job_id, pid_file, process, args.srun_bin) if in_step else None
-    try:
-        code = _follow_local_run(process, follower, out, pass_on)
-    finally:
-        _remove_quietly(pid_file)
+def _report_local_run(job_id, record, mode, code, fmt, out):
+    """How an ``up --local`` run ended (JSON, or a line; the batch log's tail when it failed);
+    returns its exit code."""
     runtime = _load_runtime_state(record["job_dir"]) or {}
     status = runtime.get("status") or "ended"
     reason = "job %s %s (exit code %d)" % (job_id, status, code)
@@ -14747,141 +14892,6 @@ def _run_local(args, plan, runtime_plan, mode, job_id, script_path, fmt, say):
             sys.stderr.write(_format_log_line("batch", line) + "\n")
         sys.stderr.write("  hint: the batch log is %s\n" % record["batch_log"])
     return code
-
-
-# Run by `up --local` inside an allocation, before the batch script: the script starts its steps as
-# in a batch job, so the variables of a step this runs in (an interactive `srun --pty bash`, or the
-# step on the first node below) give way to the allocation's: srun takes SLURM_NTASKS, SLURM_NNODES
-# and the like as the defaults of every step it starts.
-_ALLOCATION_PRELUDE = r"""[ -z "$2" ] || echo "$$" >"$2"  # the script's pid on its node (exec keeps it)
-for name in "${!SLURM_STEP@}" "${!SLURM_PTY_@}" "${!SLURM_CPU_BIND@}" \
-        SLURM_NTASKS SLURM_NPROCS SLURM_NTASKS_PER_NODE SLURM_TASKS_PER_NODE SLURM_PROCID \
-        SLURM_LOCALID SLURM_NODEID SLURM_GTIDS SLURM_TASK_PID SLURM_DISTRIBUTION \
-        SLURM_SRUN_COMM_HOST SLURM_SRUN_COMM_PORT SLURM_LAUNCH_NODE_IPADDR SLURM_OVERLAP; do
-    unset -v "$name"
-done
-export SLURM_NNODES="${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}"
-export SLURM_NODELIST="${SLURM_JOB_NODELIST:-${SLURM_NODELIST:-}}"
-exec bash "$1"
-"""
-
-
-_BATCH_STEP_NAME = "hpc-compose-batch"  # the step of `up --local` run from salloc's shell
-
-
-def _local_batch_argv(mode, script_path, srun_bin="srun", environ=None, pid_file=""):
-    """How ``up --local`` starts the batch script, and whether that is a step of its own. Outside
-    Slurm: bash here. Inside an allocation: on a node of it, as sbatch would start it (writing its
-    pid to ``pid_file``); ``salloc``'s shell runs on the machine it was typed on (on most clusters
-    a login node, outside the allocation, where readiness probes of 127.0.0.1 would miss the
-    services), so there the script runs as a step on the allocation's first node."""
-    environ = os.environ if environ is None else environ
-    if mode != "allocation":
-        return ["bash", script_path], False
-    argv = ["bash", "-c", _ALLOCATION_PRELUDE, _BATCH_STEP_NAME, script_path, pid_file]
-    if environ.get("SLURMD_NODENAME"):  # a shell that is itself a step runs on a node already
-        return argv, False
-    return [srun_bin, "--overlap", "--nodes=1", "--ntasks=1", "--relative=0",
-            "--job-name=" + _BATCH_STEP_NAME, "--kill-on-bad-exit=1", "--quiet"] + argv, True
-
-
-def _batch_step_pass_on(job_id, pid_file, process, srun_bin="srun"):
-    """How a signal reaches the batch script when it runs in a step of its own: SIGTERM to its pid,
-    through a step on its node, as scancel of a batch job gives it. Signalled itself, srun would
-    end the step at once with SIGKILL (before the teardown is done), and a signal to the whole step
-    would reach the services' srun clients and the container keeper too. srun is terminated only
-    when the script's pid is not known (it has not started)."""
-    def pass_on(number):
-        try:
-            with open(pid_file) as handle:
-                pid = handle.read().strip()
-        except OSError:
-            pid = ""
-        if not pid.isdigit() or _run_command(
-                [srun_bin, "--jobid=%s" % job_id, "--overlap", "--nodes=1", "--ntasks=1",
-                 "--relative=0", "--job-name=" + _BATCH_STEP_NAME + "-signal", "--quiet",
-                 "kill", "-TERM", pid], timeout=_scheduler_timeout()).returncode != 0:
-            process.terminate()
-    return pass_on
-
-
-def _default_sigint():
-    import signal
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
-def _follow_local_run(process, follower, out, pass_on=None):
-    """Print the service logs until the batch script exits. Ctrl-C, SIGTERM and SIGHUP (the
-    terminal closed, the allocation ended) are passed on to it once (by ``pass_on(number)`` when
-    given), as scancel would pass them, and it tears down; a signal ignored when we started stays
-    ignored. Returns its exit code (128 + N when a signal N ended it)."""
-    import signal
-    import time
-    received = []
-
-    def forward(number, frame):
-        if not received:
-            (pass_on or process.send_signal)(number)
-            sys.stderr.write("\nstopping job (%s): every service stops and its containers are "
-                             "removed\n" % signal.Signals(number).name)
-        received.append(number)
-
-    previous = {}
-    for number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        if signal.getsignal(number) != signal.SIG_IGN:
-            previous[number] = signal.signal(number, forward)
-    try:
-        while True:
-            for name, line in follower.poll():
-                out.write(_format_log_line(name, line) + "\n")
-            out.flush()
-            if process.poll() is not None:
-                break
-            time.sleep(_LOG_POLL_SECONDS)
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
-    for name, line in follower.flush():
-        out.write(_format_log_line(name, line) + "\n")
-    out.flush()
-    code = process.returncode
-    return 128 - code if code < 0 else code
-
-
-def _prepare_for_run(args, plan, runtime_plan, say):
-    """Import and prepare the images ``plan`` needs (submit, up --local), unless --skip-prepare."""
-    if not args.skip_prepare and _needs_images(plan):
-        try:
-            prepare_images(runtime_plan, PrepareOptions(
-                enroot_bin=args.enroot_bin, force=args.force_rebuild,
-                keep_failed=args.keep_failed_prep), progress=say)
-        except NotImplementedError:
-            raise ToolError("image preparation is not available in this build",
-                            hint="prepare images separately and pass --skip-prepare")
-
-
-def _exec_local(record, args, command, environment):
-    """``exec`` into a local run outside Slurm: ``enroot exec`` into the container, or the host
-    command with the service's environment and directory (from /proc), on this machine."""
-    service = _record_service(record, args.service)
-    pid = _local_exec_pid(record, args.service, container=service.get("runtime") != "host")
-    if service.get("runtime") != "host":
-        argv = _local_exec_argv(pid, command, environment, args.workdir,
-                                getattr(args, "enroot_bin", "enroot"))
-        code = _run_command(argv, capture=False).returncode
-        return 128 - code if code < 0 else code
-    try:
-        with open("/proc/%d/environ" % pid, "rb") as handle:
-            entries = handle.read().split(b"\0")
-        workdir = args.workdir or os.readlink("/proc/%d/cwd" % pid)
-    except OSError as exc:
-        raise HpcComposeError("cannot read the environment of service '%s' (pid %d): %s"
-                              % (args.service, pid, exc.strerror or exc))
-    variables = dict(os.fsdecode(entry).split("=", 1) for entry in entries if b"=" in entry)
-    variables.update(environment)
-    argv = ["/bin/sh", "-c", 'exec "$@"', "hpc-compose-exec"] + (list(command) or list(_EXEC_SHELL))
-    code = _run_command(argv, env=variables, cwd=workdir, capture=False).returncode
-    return 128 - code if code < 0 else code
 
 
 def _cmd_status(args):
@@ -14950,7 +14960,8 @@ def _cmd_exec(args):
     record = _job_record(args)
     _record_service(record, args.service)
     if record.get("local") == "machine":
-        return _exec_local(record, args, command, environment)
+        return _exec_local(record, args.service, command, environment, args.workdir,
+                           getattr(args, "enroot_bin", "enroot"))
     scheduler = (_local_run_state(record) if record.get("local")
                  else _query_scheduler(record["job_id"], args.squeue_bin, args.sacct_bin))
     target = _exec_target(record, args.service, scheduler,
@@ -15062,7 +15073,7 @@ def _cmd_clean(args):
     return _EXIT_OK
 
 
-# CLI: preflight, prepare, cache commands
+# --- preflight, prepare, cache --------------------------------------------------------------------
 
 def _progress_to_stderr(line):
     """Progress sink for prepare: stderr, so that stdout stays clean for --format json."""
@@ -15305,7 +15316,7 @@ def _cmd_cache_prune(args):
     return _EXIT_OK
 
 
-# CLI: init
+# --- init -----------------------------------------------------------------------------------------
 
 def _add_init_parser(subparsers):
     parser = _add_command(
@@ -15346,7 +15357,7 @@ def _cmd_init(args):
             sys.stdout.write("%-*s  %s\n" % (width, template.name, template.description))
         return _EXIT_OK
     if args.describe_template:
-        sys.stdout.write(_describe_template(load_template(args.describe_template)))
+        sys.stdout.write(_format_template(load_template(args.describe_template)))
         return _EXIT_OK
     if not args.template:
         raise UsageError("init needs --template NAME",
@@ -15396,7 +15407,7 @@ def _cmd_init(args):
     return _EXIT_OK
 
 
-# --- migrate -------------------------------------------------------------------------------------
+# --- migrate --------------------------------------------------------------------------------------
 
 _MIGRATE_INPUTS = ("docker-compose.yml", "docker-compose.yaml", "compose.yml", "compose.yaml")
 
@@ -15512,7 +15523,7 @@ def _cmd_migrate(args):
     return _EXIT_OK
 
 
-def _describe_template(template):
+def _format_template(template):
     """The text of ``init --describe-template``: description, header notes, an init command."""
     notes = []
     for line in template.text.split("\n")[1:]:

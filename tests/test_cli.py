@@ -12,6 +12,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MINIMAL = "services:\n  app:\n    image: python:3.11-slim\n    command: python -c pass\n"
 
 
+def subcommands(parser):
+    """The subcommands action of an argparse parser (``.choices``: name -> parser)."""
+    import argparse
+    return [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)][0]
+
+
 def test_version_prints_the_module_version(capsys):
     with pytest.raises(SystemExit) as info:
         hc.main(["--version"])
@@ -33,22 +39,25 @@ def test_unknown_command_lists_every_command(cli):
 
 
 def test_requested_command_builds_only_that_subparser():
-    import argparse
     parser = hc.build_parser(hc._requested_command(["validate", "-f", "x.yaml"]))
-    subparsers = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)][0]
-    assert list(subparsers.choices) == ["validate"]
+    assert list(subcommands(parser).choices) == ["validate"]
     assert hc._requested_command(["--help"]) is None
     assert hc._requested_command(["nonsense"]) is None
 
 
-def test_full_parser_has_every_command():
-    import argparse
-    parser = hc.build_parser()
-    subparsers = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)][0]
-    for name in ("validate", "inspect", "config", "render", "preflight", "prepare", "submit", "up",
-                 "status", "ps", "logs", "stats", "artifacts", "cancel", "down", "clean", "cache",
-                 "init", "completions"):
-        assert name in subparsers.choices
+def test_every_command_of_the_parser_has_a_handler_a_help_line_and_a_manual_section():
+    subparsers = subcommands(hc.build_parser())
+    assert list(subparsers.choices) == [name for name, _ in hc._command_parsers()]
+    with open(os.path.join(REPO, "docs", "commands.md")) as handle:
+        headings = [line for line in handle.read().splitlines() if line.startswith("## ")]
+    helped = dict((action.dest, action.help) for action in subparsers._choices_actions)
+    for name, command in subparsers.choices.items():
+        handler = command.get_default("handler")
+        assert handler is not None and handler.__name__.startswith("_cmd_"), name
+        assert helped[name], name
+        assert any(heading == "## " + name or heading.startswith("## %s " % name)
+                   or "alias: %s)" % name in heading for heading in headings), name
+        assert list(subcommands(hc.build_parser(name)).choices) == [name]
 
 
 def test_unknown_option_is_usage_error_with_hint(cli):
@@ -103,8 +112,7 @@ def test_no_compose_file_here_names_the_searched_names(cli, project):
 def test_completions_name_every_command(cli, shell):
     result = cli(["completions", shell])
     assert result.code == 0
-    for name in ("submit", "validate", "cache", "logs"):
-        assert name in result.out
+    assert " ".join(sorted(subcommands(hc.build_parser()).choices)) in result.out
     assert ("-l watch" if shell == "fish" else "--watch") in result.out
 
 

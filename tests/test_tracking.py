@@ -167,7 +167,7 @@ def test_failure_summary_names_failed_service_and_exit_code(hc, tmp_path):
         {"name": "db", "status": "failed", "last_exit_code": 3},
         {"name": "web", "status": "stopped"},
         {"name": "probe", "status": "failed", "readiness": {"type": "tcp", "status": "timeout"}}])
-    summary = hc._runtime_failure_summary(hc._load_runtime_state(str(tmp_path)))
+    summary = hc._format_runtime_failure(hc._load_runtime_state(str(tmp_path)))
     assert "service 'db' failed (exit 3)" in summary
     assert "service 'probe' failed (readiness tcp timed out)" in summary
     assert "web" not in summary
@@ -178,7 +178,7 @@ def test_failure_summary_does_not_repeat_the_scripts_reason(hc, tmp_path):
         "status": "failed", "reason": "service 'db' exited with code 3",
         "services": [{"name": "db", "status": "failed", "last_exit_code": 3},
                      {"name": "cache", "status": "failed", "last_exit_code": 1}]}))
-    summary = hc._runtime_failure_summary(hc._load_runtime_state(str(tmp_path)))
+    summary = hc._format_runtime_failure(hc._load_runtime_state(str(tmp_path)))
     assert summary == "service 'db' exited with code 3; service 'cache' failed (exit 1)"
 
 
@@ -981,7 +981,7 @@ def test_node_failure_names_the_failed_node(hc, tmp_path):
                      "printf 'n1|idle|none\\nn2|idle|none\\nn3|down*|Not responding\\n'\n")
     sinfo.chmod(0o755)
 
-    text = hc._describe_node_failure(record, sinfo_bin=str(sinfo))
+    text = hc._format_node_failure(record, sinfo_bin=str(sinfo))
 
     assert text == ("a node of the job failed (node n3 is down (Not responding)); "
                     "Slurm ended the job on every node")
@@ -1093,12 +1093,12 @@ def test_a_never_satisfied_dependency_names_the_parent_and_its_outcome(hc, monke
     monkeypatch.setattr(hc, "_query_scheduler", lambda job_id, *args: hc.SchedulerState(
         "FAILED", "sacct", exit_code="3:0"))
     record = {"dependency": "afterok:60", "after": {"job_id": "60", "compose_file": "/p/a.yaml"}}
-    explained = hc._explain_dependency(record, hc.SchedulerState(
+    explained = hc._format_dependency_wait(record, hc.SchedulerState(
         "PENDING", "squeue", reason="DependencyNeverSatisfied"))
     assert explained["text"] == ("never able to run (DependencyNeverSatisfied): job 60 of "
                                  "/p/a.yaml ended FAILED (exit code 3:0) so afterok:60 cannot "
                                  "hold; cancel this job")
-    assert hc._explain_dependency(record, hc.SchedulerState("RUNNING", "squeue")) is None
+    assert hc._format_dependency_wait(record, hc.SchedulerState("RUNNING", "squeue")) is None
 
 
 # --- job arrays ------------------------------------------------------------------------------------

@@ -244,10 +244,24 @@ def test_job_id_option_takes_a_local_run_id(tmp_path, cli):
 
 # --- exec into a local run outside Slurm ------------------------------------------------------------
 
+def _wait_for_exec(pid, variable, timeout=10.0):
+    """Wait until ``pid`` runs its new program: between fork and exec, /proc/PID/environ is still
+    the parent's (a loaded machine showed the test reading it there)."""
+    import time
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open("/proc/%d/environ" % pid, "rb") as handle:
+            if variable in handle.read().split(b"\0"):
+                return
+        time.sleep(0.01)
+    raise AssertionError("process %d did not exec within %g s" % (pid, timeout))
+
+
 def test_exec_into_a_local_host_service_takes_its_environment_and_directory(tmp_path, cli):
     service_process = subprocess.Popen(["sleep", "60"], cwd=str(tmp_path),
                                        env={"PATH": os.environ["PATH"], "COLOR": "blue"})
     try:
+        _wait_for_exec(service_process.pid, b"COLOR=blue")
         _record(tmp_path, state=_state("running", pid=service_process.pid), pid=os.getpid())
         (tmp_path / "compose.yaml").write_text("services: {}\n")
         out = tmp_path / "out.txt"

@@ -7227,6 +7227,9 @@ service_exited() {
         say "service '${NAME[i]}' exited with code 0"
         return
     fi
+    # A service killed by a signal can be the first sign that Slurm ends the job (the time limit and
+    # scancel signal the steps and this shell at the same moment): Slurm's record then decides.
+    (( code > 128 )) && end_as_slurm_says $((code - 128))
     case ${POLICY[i]} in
         ignore)
             STATUS[i]=failed
@@ -7421,12 +7424,12 @@ finish() {
     exit "$JOB_EXIT"
 }
 
-# scancel and the time limit both arrive as SIGTERM; Slurm's record of the job tells them apart.
-on_signal() {
-    local name=$1 number=$2
-    local job
-    (( FINISHING )) && return 0
-    job=$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null)
+# end_as_slurm_says NUMBER: when Slurm's record of the job says that Slurm is ending it (the time
+# limit, a requeue from outside, scancel), finish with that status; otherwise return.
+end_as_slurm_says() {
+    local number=$1 name job
+    name=$(kill -l "$number" 2>/dev/null) || name=$number
+    job=$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null) || return 0
     if [[ $job =~ JobState=TIMEOUT|Reason=TimeLimit ]]; then
         finish timeout $((128 + number)) "the job reached its time limit (SIG$name)$LAST_ATTEMPT_NOTE"
     fi
@@ -7436,6 +7439,17 @@ on_signal() {
         { [[ $job =~ Restarts=([0-9]+) ]] && (( BASH_REMATCH[1] > ATTEMPT )); }; then
         finish requeued $((128 + number)) "the job was requeued by Slurm (preemption or scontrol requeue) during attempt $((ATTEMPT + 1)) (SIG$name): attempt $((ATTEMPT + 2)) resumes"
     fi
+    if [[ $job =~ JobState=CANCELLED ]]; then
+        finish cancelled $((128 + number)) "the job was cancelled (SIG$name)"
+    fi
+    return 0
+}
+
+# scancel and the time limit both arrive as SIGTERM; Slurm's record of the job tells them apart.
+on_signal() {
+    local name=$1 number=$2
+    (( FINISHING )) && return 0
+    end_as_slurm_says "$number"
     finish cancelled $((128 + number)) "the job was cancelled (SIG$name)"
 }
 """

@@ -2778,6 +2778,39 @@ def _split_volume(entry, reserved=True, resume_enabled=False):
     return host, container, options or None
 
 
+# sbatch reads #SBATCH lines with a splitter of its own (src/sbatch/opt.c, _get_argument), not
+# bash's: a backslash escapes the next character even inside quotes, so a value quoted for bash can
+# close its quotes for sbatch and add options of its choosing (--output, --export=BASH_ENV=...); a
+# line that holds "hetjob" or "packjob" anywhere starts another component of a heterogeneous job.
+# Quoted values must avoid those; a raw submit_args entry is one argument, so it must also avoid
+# what splits or quotes (blanks, ' and ") and '#', which starts a comment outside quotes.
+_SBATCH_ESCAPE_CHARS = frozenset("\\\0\n\r")
+_SBATCH_RAW_CHARS = frozenset(" \t\v\f'\"#")
+_SBATCH_COMPONENT_WORDS = ("hetjob", "packjob")
+
+
+def _check_sbatch_value(text, raw=False):
+    """``text`` is safe on an #SBATCH line (``raw``: written there unquoted); raises ``_Invalid``."""
+    special = _SBATCH_ESCAPE_CHARS | _SBATCH_RAW_CHARS if raw else _SBATCH_ESCAPE_CHARS
+    found = sorted(set(text) & special)
+    if found:
+        names = ", ".join({"\\": "a backslash", "\0": "a NUL byte", "\n": "a line break",
+                           "\r": "a carriage return", " ": "a space", "\t": "a tab",
+                           "#": "'#'", "'": "a single quote", '"': "a double quote"}
+                          .get(char, repr(char)) for char in found)
+        raise _Invalid("the value contains %s, which sbatch reads specially on an #SBATCH line "
+                       "(it would split the value or take what follows as options of its own)"
+                       % names,
+                       hint="one sbatch argument per entry, without blanks, quotes, '#' or '\\'"
+                       if raw else "remove it: sbatch treats '\\' as an escape even inside quotes")
+    lowered = text.lower()
+    for word in _SBATCH_COMPONENT_WORDS:
+        if word in lowered:
+            raise _Invalid("the value contains '%s', which makes sbatch start another component "
+                           "of a heterogeneous job on that #SBATCH line" % word,
+                           hint="choose a value without '%s'" % word)
+
+
 def _normalize_artifact_path(value):
     """An artifact source path, normalized; must live under /hpc-compose/job (not its artifacts/)."""
     import posixpath
@@ -3541,6 +3574,11 @@ def _run_spec(spec, request, cwd):
         job_name = "%s-run-%s" % (spec.slurm.job_name or spec.name or "hpc-compose", service.name)
     elif not job_name.strip() or "\n" in job_name or "\r" in job_name:
         raise UsageError("--name must be a non-empty single line, got %r" % job_name)
+    else:
+        try:
+            _check_sbatch_value(job_name)
+        except _Invalid as exc:
+            raise UsageError("--name: " + exc.message, hint=exc.hint)
     service = service._replace(
         command=command, entrypoint=entrypoint, working_dir=working_dir, volumes=tuple(volumes),
         environment=tuple(environment), readiness=None,
@@ -3832,6 +3870,9 @@ class _SpecLoader(object):
         self.secrets = self.attempt(self.top_level_secrets, ("secrets",), root.get("secrets"),
                                     default=())
         name = self.attempt(self.optional_string, ("name",), root.get("name"))
+        if name is not None:
+            # The job name when x-slurm.job_name is not set: it reaches an #SBATCH line.
+            self.attempt(self.apply_rule, ("name",), _check_sbatch_value, name)
         version = root.get("version")
         if version is not None:
             version = self.attempt(self.string, ("version",), version, interpolated=False,
@@ -3885,6 +3926,8 @@ class _SpecLoader(object):
         # Key by key (attempt), so that one bad value is one error and the rest is still read.
         for key in _SLURM_STRING_KEYS:
             values[key] = self.attempt(self.optional_string, path + (key,), raw.get(key))
+            if values[key] is not None and key != "cache_dir":
+                self.attempt(self.apply_rule, path + (key,), _check_sbatch_value, values[key])
         for key in _SLURM_COUNT_KEYS:
             values[key] = self.attempt(self.integer, path + (key,), raw.get(key))
         if values["cache_dir"] is not None:
@@ -3903,6 +3946,9 @@ class _SpecLoader(object):
                                        interpolated=False, allow_empty=True, default=())
         values["submit_args"] = self.attempt(self.string_list, path + ("submit_args",),
                                              raw.get("submit_args"), default=())
+        for index, arg in enumerate(values["submit_args"]):
+            self.attempt(self.apply_rule, path + ("submit_args", index), _check_sbatch_value, arg,
+                         raw=True)
         if raw.get("runtime") is not None:
             values["runtime"] = self.attempt(self.choice, path + ("runtime",), raw["runtime"],
                                              _RUNTIMES, default=_UNREAD)

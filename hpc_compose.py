@@ -233,20 +233,29 @@ class SpecError(LocatedError):
     """The compose file is valid YAML but not a valid hpc-compose spec."""
 
 
+_MAX_REPORTED_ERRORS = 100   # a file with thousands of mistakes: the first ones, then a count
+_MAX_LISTED_SERVICES = 50    # a hint that lists the services names at most this many of them
+
+
 class SpecErrors(SpecError):
     """Several independent mistakes in the compose file(s), each a located ``SpecError``, sorted
-    by position; the attributes of the first one are this error's."""
+    by position; the attributes of the first one are this error's. ``more`` counts those after
+    the first ``_MAX_REPORTED_ERRORS``, which are not kept."""
 
-    def __init__(self, errors):
+    def __init__(self, errors, more=0):
         first = errors[0]
         SpecError.__init__(self, first.message, file=first.file, line=first.line,
                            column=first.column, path=first.path, hint=first.hint)
         self.errors = tuple(errors)
+        self.more = more
 
     def format(self):
         files = sorted(set(error.file for error in self.errors if error.file))
-        return "\n".join([error.format() for error in self.errors] +
-                         ["%d errors in %s" % (len(self.errors), ", ".join(files) or "the input")])
+        lines = [error.format() for error in self.errors]
+        if self.more:
+            lines.append("and %d more" % self.more)
+        return "\n".join(lines + ["%d errors in %s" % (len(self.errors) + self.more,
+                                                       ", ".join(files) or "the input")])
 
 
 class ToolError(HpcComposeError):
@@ -1876,6 +1885,11 @@ def _yaml_scalar(value):
 
 _NAME_START = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ_")
 _NAME_CHARS = _NAME_START | frozenset("0123456789")
+# Bounds: ${A:-${B:-...}} nested deeper than this is refused (not a RecursionError), and so is
+# one value, or all of a file's values together, grown by expansion past Slurm's default limit of
+# a batch script (4 MB), which no such value could reach anyway.
+_MAX_INTERPOLATION_DEPTH = 32
+_MAX_EXPANDED_SIZE = 4 * 1024 * 1024
 
 
 def load_dotenv(path):
@@ -1977,6 +1991,8 @@ class _Interpolation(object):
         self.where = where
         self.unset_is_empty = unset_is_empty
         self.keep = keep
+        self.depth = 0
+        self.size = 0
 
     def fail(self, message, hint=None):
         raise SpecError(message, hint=hint, **self.where)
@@ -1984,7 +2000,20 @@ class _Interpolation(object):
     def expand(self):
         return self.expand_range(0, len(self.text))
 
+    def grown(self, piece):
+        """``piece`` (an expansion), counted against ``_MAX_EXPANDED_SIZE``."""
+        self.size += len(piece)
+        if self.size > _MAX_EXPANDED_SIZE:
+            self.fail("the value grows past %d bytes when its variables are expanded"
+                      % _MAX_EXPANDED_SIZE, hint="Slurm refuses batch scripts larger than 4 MB; "
+                                                 "pass large data as a file (a volume)")
+        return piece
+
     def expand_range(self, start, end):
+        if self.depth >= _MAX_INTERPOLATION_DEPTH:
+            self.fail("variable expressions are nested more than %d deep"
+                      % _MAX_INTERPOLATION_DEPTH, hint="nest fewer ${NAME:-...} defaults")
+        self.depth += 1
         text = self.text
         out = []
         pos = start
@@ -2003,19 +2032,21 @@ class _Interpolation(object):
                 pos = nxt + 1
             elif text[nxt] == "{":
                 close = self.matching_brace(nxt, end)
-                out.append(self.expand_braced(dollar, nxt + 1, close))
+                out.append(self.grown(self.expand_braced(dollar, nxt + 1, close)))
                 pos = close + 1
             elif text[nxt] in _NAME_START:
                 stop = nxt
                 while stop < end and text[stop] in _NAME_CHARS:
                     stop += 1
                 name = text[nxt:stop]
-                out.append(text[dollar:stop] if name in self.keep else self.lookup(name))
+                out.append(text[dollar:stop] if name in self.keep else
+                           self.grown(self.lookup(name)))
                 pos = stop
             else:
                 # `$(`, `$1`, `$ `...: not a variable reference; kept for the shell that reads it.
                 out.append("$")
                 pos = nxt
+        self.depth -= 1
         return "".join(out)
 
     def matching_brace(self, open_pos, end):
@@ -3623,7 +3654,13 @@ class _SpecLoader(object):
         self.secrets = ()              # the top-level SecretSpecs, once read
         self.secret_names = set()      # every name under secrets:, read or in error
         self.errors = []     # every independent SpecError found, reported together by load()
-        self.misspelt = []   # (dotted mapping path, the key a misspelt key was meant to be)
+        # Sets, so that recording an error stays linear in the number of errors: the paths in
+        # error, and for each misspelt key its mapping and the key it was meant to be.
+        self.error_paths = set()
+        self.misspelt_parents = set()
+        self.misspelt_meant = set()
+        self.expanded_size = 0   # characters added by interpolation so far (bounded)
+        self.unknown_targets = 0   # depends_on entries naming no service, so far
 
     # --- locations and errors ---
 
@@ -3669,6 +3706,12 @@ class _SpecLoader(object):
                            line=mark.line if mark else None,
                            column=mark.column if mark else None, **options)
         self.check_secret_value(path, text, expanded=text != value)
+        self.expanded_size += max(0, len(text) - len(value))
+        if self.expanded_size > _MAX_EXPANDED_SIZE:
+            raise self.error(path, "the file's values grow past %d bytes when their variables "
+                             "are expanded" % _MAX_EXPANDED_SIZE,
+                             hint="Slurm refuses batch scripts larger than 4 MB; pass large "
+                                  "data as a file (a volume)")
         return text
 
     # --- every error at once ---
@@ -3677,17 +3720,18 @@ class _SpecLoader(object):
         """Keep ``error`` for the report, unless its key (or one above it) is already in error:
         one mistake gives one message, not a cascade."""
         path = error.path or ""
-        for parent, key in self.misspelt:
-            # `imgae:` was reported; "needs an image" (about the mapping that holds it) or an
-            # error at the key it was meant to be would be the same mistake again.
-            meant = parent + "." + key if parent else key
-            if path == meant or path.startswith(meant + ".") or path == parent:
-                return
-        for earlier in self.errors:
-            done = earlier.path or ""
-            if path == done or path.startswith(done + ".") or path.startswith(done + "["):
-                return
+        # `imgae:` was reported; "needs an image" (about the mapping that holds it) or an error
+        # at the key it was meant to be would be the same mistake again.
+        if path in self.misspelt_parents:
+            return
+        for end in range(len(path) + 1):
+            if end == len(path) or path[end] in ".[":
+                if path[:end] in self.error_paths:
+                    return
+                if (end == len(path) or path[end] == ".") and path[:end] in self.misspelt_meant:
+                    return
         self.errors.append(error)
+        self.error_paths.add(path)
 
     def attempt(self, read, *args, **options):
         """``read(*args)``, or ``options['default']`` after recording the SpecError it raised."""
@@ -3707,7 +3751,8 @@ class _SpecLoader(object):
                                                     e.line or 0, e.column or 0))
         if len(errors) == 1:
             raise errors[0]
-        raise SpecErrors(errors)
+        raise SpecErrors(errors[:_MAX_REPORTED_ERRORS],
+                         more=max(0, len(errors) - _MAX_REPORTED_ERRORS))
 
     # --- typed readers ---
 
@@ -3741,7 +3786,9 @@ class _SpecLoader(object):
             self.record(self.error(key_path, "unknown key '%s' in %s" % (key, scope), hint=hint,
                                    at_key=True))
             if suggestion and suggestion not in mapping:
-                self.misspelt.append((_dotted(path), suggestion))
+                parent = _dotted(path)
+                self.misspelt_parents.add(parent)
+                self.misspelt_meant.add(parent + "." + suggestion if parent else suggestion)
 
     def string(self, path, value, interpolated=True, allow_empty=False, **options):
         if isinstance(value, str):
@@ -4801,12 +4848,20 @@ class _SpecLoader(object):
     def dependency_error(self, where, service, target, condition, by_name, raw_services):
         """What is wrong with one depends_on entry, or None."""
         if target not in raw_services:
-            suggestion = _closest(target, [name for name in raw_services if
-                                           isinstance(name, str)])
+            # A suggestion compares with every service: only for the errors shown, and the list of
+            # services shortened, so that thousands of unknown names stay linear.
+            self.unknown_targets += 1
+            suggestion = None
+            if self.unknown_targets <= _MAX_REPORTED_ERRORS:
+                suggestion = _closest(target, [name for name in raw_services if
+                                               isinstance(name, str)])
+            names = [str(name) for _, name in zip(range(_MAX_LISTED_SERVICES), raw_services)]
+            if len(raw_services) > _MAX_LISTED_SERVICES:
+                names.append("... (%d in all)" % len(raw_services))
             return self.error(where, "service '%s' depends on unknown service '%s'"
                               % (service.name, target),
                               hint="did you mean '%s'?" % suggestion if suggestion else
-                              "defined services: " + ", ".join(map(str, raw_services)))
+                              "defined services: " + ", ".join(names))
         if target == service.name:
             return self.error(where, "service '%s' depends on itself" % target)
         dependency = by_name.get(target)
@@ -8342,6 +8397,53 @@ def _render_extras(metrics, artifacts):
     return _fill(_EXTRAS_BANNER_TEMPLATE, title=title) + "\n\n".join(blocks) + "\n"
 
 
+_MAX_SCRIPT_SIZE = 4 * 1024 * 1024   # bytes: Slurm's default max_script_size
+
+
+def _plan_strings(record, path):
+    """``(size, dotted path)`` of every string in a plan record and the records it holds."""
+    if isinstance(record, str):
+        yield len(record), path
+    elif isinstance(record, tuple) and hasattr(record, "_fields"):
+        for field in record._fields:
+            for item in _plan_strings(getattr(record, field), path + "." + field):
+                yield item
+    elif isinstance(record, (tuple, list)):
+        if len(record) == 2 and isinstance(record[0], str):
+            # (key, value): the environment, labels...
+            for item in _plan_strings(record[1], path + "." + record[0]):
+                yield item
+            return
+        for index, value in enumerate(record):
+            keyed = isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], str)
+            for item in _plan_strings(value, path if keyed else "%s[%d]" % (path, index)):
+                yield item
+
+
+def _check_script_size(plan, script=None):
+    """``script``, unless it (or before rendering, the plan's values together) is larger than Slurm
+    takes: then an error naming the biggest values."""
+    import heapq
+
+    def strings():
+        for service in plan.services:
+            for item in _plan_strings(service, "services." + service.name):
+                yield item
+        for item in _plan_strings(plan.slurm, "x-slurm"):
+            yield item
+    size = len(script.encode("utf-8")) if script is not None else \
+        sum(length for length, _ in strings())
+    if size <= _MAX_SCRIPT_SIZE:
+        return script
+    biggest = heapq.nlargest(3, strings())
+    raise SpecError("the batch script would be larger than %d bytes, which Slurm refuses by "
+                    "default (max_script_size); the biggest values: %s" % (
+                        _MAX_SCRIPT_SIZE, ", ".join("%s (%d characters)" % (path, length)
+                                                    for length, path in biggest)),
+                    file=plan.compose_file,
+                    hint="pass large data as a file (a volume) instead of a value")
+
+
 def render_script(runtime_plan, local=False):
     """Render the complete, self-contained batch script for ``runtime_plan``.
 
@@ -8352,6 +8454,7 @@ def render_script(runtime_plan, local=False):
     services = plan.services
     if not services:
         raise HpcComposeError("the plan has no services to run")
+    _check_script_size(plan)
     ending = _job_ending_services(plan)
     resume = plan.slurm.resume
     containers = any(s.runtime != "host" for s in services)
@@ -8412,7 +8515,7 @@ def render_script(runtime_plan, local=False):
     if metrics:
         before_loop += "metrics_start\n"
     pieces.append(_fill(_MAIN_LOOP_TEMPLATE, count=str(len(services)), before_loop=before_loop))
-    return "".join(pieces)
+    return _check_script_size(plan, "".join(pieces))
 
 
 # --- render extras: the metrics sampler and teardown artifact collection --------------------------
@@ -14040,7 +14143,7 @@ def _cmd_validate(args):
         if fmt != "json":
             raise
         errors = getattr(error, "errors", (error,))
-        _print_json({"valid": False, "error_count": len(errors),
+        _print_json({"valid": False, "error_count": len(errors) + getattr(error, "more", 0),
                      "errors": [_located_error_to_dict(item) for item in errors]})
         return error.exit_code
     if fmt == "json":

@@ -8410,8 +8410,9 @@ def _plan_strings(record, path):
                 yield item
     elif isinstance(record, (tuple, list)):
         if len(record) == 2 and isinstance(record[0], str):
-            # (key, value): the environment, labels...
-            for item in _plan_strings(record[1], path + "." + record[0]):
+            # (key, value): the environment, labels... (or two words of a command)
+            yield len(record[0]), path
+            for item in _plan_strings(record[1], path + "." + record[0][:40]):
                 yield item
             return
         for index, value in enumerate(record):

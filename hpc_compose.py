@@ -1934,15 +1934,17 @@ def _dotenv_entries(text, filename):
                             file=filename, line=number)
         if stripped.startswith("export ") or stripped.startswith("export\t"):
             stripped = stripped[len("export"):].lstrip()
+        # Neither message quotes the line: it may be part of a secret (a multi-line PEM key).
         if "=" not in stripped:
-            raise SpecError(".env line is not KEY=VALUE: %r" % stripped, file=filename, line=number,
+            raise SpecError(".env line %d is not KEY=VALUE (a value cannot span lines)" % number,
+                            file=filename, line=number,
                             hint="write KEY=VALUE, or start the line with # to make it a comment")
         key, value = stripped.split("=", 1)
         key = key.strip()
         if not key or key[0] not in _NAME_START or not _NAME_CHARS.issuperset(key):
-            raise SpecError(".env variable name %r is not a valid name" % key, file=filename,
-                            line=number, hint="names use letters, digits and _, and do not start "
-                                              "with a digit")
+            raise SpecError(".env line %d does not start with a valid variable name" % number,
+                            file=filename, line=number,
+                            hint="names use letters, digits and _, and do not start with a digit")
         value = value.strip()
         quote = ""
         if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
@@ -1968,18 +1970,23 @@ def _build_variables(project_dir, environ=None, env_files=None):
 
 
 def interpolate(value, variables, path=None, file=None, line=None, column=None,
-                unset_is_empty=False, keep=()):
+                unset_is_empty=False, keep=(), used=None):
     """Expand ``$VAR``, ``${VAR}``, Compose's ``${VAR<op>word}`` forms (``:-`` ``-`` ``:?`` ``?``
     ``:+`` ``+``) and ``$$`` in ``value``.
 
     ``unset_is_empty``: an unset variable without a default expands to "" instead of failing (the
     manual's rule for ``image``). ``keep``: names left exactly as written (``SLURM_JOB_ID`` in
-    ``artifacts.export_dir`` is expanded later, from tracked metadata).
+    ``artifacts.export_dir`` is expanded later, from tracked metadata). ``used``: a set that
+    receives the name of every variable the value refers to.
     """
     if not isinstance(value, str) or "$" not in value:
         return value
     where = {"path": path, "file": file, "line": line, "column": column}
-    return _Interpolation(value, variables, where, unset_is_empty, keep).expand()
+    expansion = _Interpolation(value, variables, where, unset_is_empty, keep)
+    text = expansion.expand()
+    if used is not None:
+        used.update(expansion.used)
+    return text
 
 
 class _Interpolation(object):
@@ -1993,6 +2000,7 @@ class _Interpolation(object):
         self.keep = keep
         self.depth = 0
         self.size = 0
+        self.used = set()
 
     def fail(self, message, hint=None):
         raise SpecError(message, hint=hint, **self.where)
@@ -2081,6 +2089,7 @@ class _Interpolation(object):
                       hint="use ${NAME}, ${NAME:-default} or ${NAME-default}; $$ is a literal $")
         if name in self.keep:
             return expression
+        self.used.add(name)
         if stop == close:
             return self.lookup(name)
         if text.startswith(":-", stop):
@@ -2111,6 +2120,7 @@ class _Interpolation(object):
                        "${NAME+alternative}, and $$ for a literal $")
 
     def lookup(self, name):
+        self.used.add(name)
         if name in self.variables:
             return self.variables[name]
         if self.unset_is_empty:
@@ -3702,10 +3712,11 @@ class _SpecLoader(object):
 
     def interpolate(self, path, value, **options):
         mark = self.mark(path)
+        used = set()
         text = interpolate(value, self.variables, path=_dotted(path), file=self.file_of(mark),
                            line=mark.line if mark else None,
-                           column=mark.column if mark else None, **options)
-        self.check_secret_value(path, text, expanded=text != value)
+                           column=mark.column if mark else None, used=used, **options)
+        self.check_secret_value(path, text, expanded=text != value, used=used)
         self.expanded_size += max(0, len(text) - len(value))
         if self.expanded_size > _MAX_EXPANDED_SIZE:
             raise self.error(path, "the file's values grow past %d bytes when their variables "
@@ -4359,27 +4370,30 @@ class _SpecLoader(object):
                                      hint="create it, fix the path, or use the long form with "
                                           "required: false")
                 continue
-            for key, value in self.env_file_values(file_path, raw_format == "raw"):
+            for key, value, used in self.env_file_values(file_path, raw_format == "raw"):
                 # The service's environment is written into the batch script.
-                self.check_secret_value(item_path, value, expanded=False)
+                self.check_secret_value(item_path, value, expanded=False, used=used)
                 pairs.append((key, value))
         return pairs
 
     def env_file_values(self, file_path, raw_format):
         """Compose's env_file grammar: unquoted and double-quoted values are interpolated,
-        single-quoted ones and ``format: raw`` files are literal."""
+        single-quoted ones and ``format: raw`` files are literal. ``(key, value, the names of the
+        variables it refers to)`` per line."""
         pairs = []
         text = _read_env_file(file_path)
         if raw_format:
             for line in text.splitlines():
                 key, equals, value = line.partition("=")
                 if equals and _is_env_name(key.strip()):
-                    pairs.append((key.strip(), value))
+                    pairs.append((key.strip(), value, ()))
             return pairs
         for number, key, value, quote in _dotenv_entries(text, file_path):
+            used = set()
             if quote != "'":
-                value = interpolate(value, self.variables, path=key, file=file_path, line=number)
-            pairs.append((key, value))
+                value = interpolate(value, self.variables, path=key, file=file_path, line=number,
+                                    used=used)
+            pairs.append((key, value, used))
         return pairs
 
     def service_profiles(self, path, raw):
@@ -4692,22 +4706,35 @@ class _SpecLoader(object):
         if text:
             self.secret_values.append((name, text))
 
-    def check_secret_value(self, path, text, expanded=True):
+    def check_secret_value(self, path, text, expanded=True, used=()):
         """A secret's value must not reach the spec: it would be written into the batch script.
 
-        A long value counts anywhere in the text; a short one only as the whole result of expanding
-        a variable (``time: "1"`` is not a leak of a secret that happens to be ``1``).
+        A long value counts anywhere in the text; a short one as the whole result of expanding
+        a variable (``time: "1"`` is not a leak of a secret that happens to be ``1``), and any
+        value when ``text`` refers to a variable (``used``) that holds a secret, however short.
         """
         if not isinstance(text, str):
             return
+        held = set()
+        for name in used:
+            held.update(self.secrets_in_variable(name))
         for name, value in self.secret_values:
-            if (len(value) >= _SECRET_MATCH_MIN and value in text) or (expanded and text == value):
+            if (len(value) >= _SECRET_MATCH_MIN and value in text) or name in held or \
+                    (expanded and text == value):
                 raise self.error(path, "this value holds the value of secret '%s', which would "
                                  "then be written into the batch script" % name,
                                  hint="list the secret under services.<name>.secrets and read "
                                       "the file %s/<target> in the service (e.g. in a shell "
                                       "command: export TOKEN=\"$(cat %s/%s)\")"
                                       % (_SECRETS_MOUNT, _SECRETS_MOUNT, name))
+
+    def secrets_in_variable(self, variable):
+        """The names of the secrets whose value ``variable`` holds (or that it is the source of)."""
+        value = self.variables.get(variable)
+        return [secret.name for secret in self.secrets
+                if secret.source == "environment" and secret.reference == variable] + \
+            [name for name, text in self.secret_values
+             if value is not None and value.rstrip("\r\n") == text]
 
     def redacted(self, error):
         """``error`` with every secret value it quotes replaced by ``<secret NAME>``."""

@@ -302,6 +302,14 @@ def _write_file_atomic(path, data, mode=0o644):
         raise
 
 
+def _umask_mode(mode=0o666):
+    """``mode`` as the user's umask leaves it: what ``open()`` would create (files a user asked
+    for, such as ``init``'s, follow the umask; the tool's own records have fixed private modes)."""
+    umask = os.umask(0o077)
+    os.umask(umask)
+    return mode & ~umask
+
+
 def _write_json_atomic(path, obj, mode=0o644):
     """Write ``obj`` as pretty, key-sorted JSON to ``path`` atomically."""
     _write_file_atomic(path, _format_json(obj) + "\n", mode)
@@ -323,6 +331,49 @@ def _load_json(path):
         return None
 
 
+def _open_no_follow(path, flags, mode_text, mode=0o666):
+    """``open(path)`` that never goes through a symbolic link someone planted at ``path`` (in a
+    shared folder, a link would make us create or truncate a file of their choosing)."""
+    import errno
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), mode)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise HpcComposeError("refusing %s: it is a symbolic link (hpc-compose does not follow "
+                                  "links where it writes)" % path,
+                                  hint="remove the link; whoever made it may be trying to make "
+                                       "you write elsewhere")
+        raise
+    return os.fdopen(fd, mode_text)
+
+
+def _check_own_directory(path, why):
+    """Refuse ``path`` unless it is a real folder (not a symbolic link) owned by this user; ``why``
+    ends the one-line message."""
+    import stat
+    info = os.lstat(path)
+    if stat.S_ISLNK(info.st_mode):
+        problem = "is a symbolic link"
+    elif not stat.S_ISDIR(info.st_mode):
+        problem = "is not a folder"
+    elif info.st_uid != os.getuid():
+        problem = "belongs to another user (uid %d)" % info.st_uid
+    else:
+        return
+    raise HpcComposeError("refusing %s: it %s; %s" % (path, problem, why),
+                          hint="remove or rename it (in a shared folder someone else may have "
+                               "made it), then run the command again")
+
+
+def _set_directory_mode(path, mode):
+    """chmod a folder through the folder itself: a link put in its place is not followed."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
+
+
 class _FileLock(object):
     """An exclusive ``flock`` on ``path`` (created if needed), used as a context manager."""
 
@@ -334,10 +385,10 @@ class _FileLock(object):
         import fcntl
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         try:
-            self.handle = open(self.path, "a")
+            self.handle = _open_no_follow(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, "a")
         except PermissionError:
             # flock needs no write access: another user's lock file in a group-shared cache still works.
-            self.handle = open(self.path, "r")
+            self.handle = _open_no_follow(self.path, os.O_RDONLY, "r")
         fcntl.flock(self.handle.fileno(), fcntl.LOCK_EX)
         return self
 
@@ -2854,10 +2905,21 @@ def _check_sbatch_value(text, raw=False):
 
 def _normalize_artifact_path(value):
     """An artifact source path, normalized; must live under /hpc-compose/job (not its artifacts/)."""
+    import fnmatch
     import posixpath
     if not value.startswith("/"):
         raise _Invalid("artifact path %r must be an absolute container path under %s"
                        % (value, _JOB_MOUNT), hint="e.g. %s/checkpoints/*.pt" % _JOB_MOUNT)
+    for part in value.split("/"):
+        # bash <= 5.1 (RHEL 8 and 9) lets a pattern such as `.[.]` or `.*` match `..`: a path
+        # that climbs out of the job's folder however it is spelt.
+        plain = part.replace("\\", "")
+        if plain in (".", "..") or plain[:1] in (".", "[") and (
+                fnmatch.fnmatchcase(".", plain) or fnmatch.fnmatchcase("..", plain)):
+            raise _Invalid("artifact path %r has a component %r, which is or may match '.' or "
+                           "'..'" % (value, part),
+                           hint="write the path from %s down without '.' or '..' (a dot file: "
+                                "name it, e.g. .cache/*)" % _JOB_MOUNT)
     path = "/" + posixpath.normpath(value).lstrip("/")
     if not path.startswith(_JOB_MOUNT + "/"):
         raise _Invalid("artifact path %r is not under %s" % (value, _JOB_MOUNT),
@@ -5737,9 +5799,23 @@ def _enroot_environment(cache_dir, environ=None):
     if not env.get("ENROOT_TEMP_PATH"):
         env["ENROOT_TEMP_PATH"] = os.path.join(tempfile.gettempdir(),
                                                "hpc-compose-enroot-%d" % os.getuid())
+        _check_private_temp_dir(env["ENROOT_TEMP_PATH"])
     for key in ("ENROOT_CACHE_PATH", "ENROOT_DATA_PATH", "ENROOT_TEMP_PATH"):
         os.makedirs(env[key], exist_ok=True)
     return env
+
+
+def _check_private_temp_dir(path):
+    """Our fixed-name folder in the shared temporary directory: owner-only, or refused when
+    someone else made it first (or made it a link), since image imports unpack there."""
+    try:
+        os.mkdir(path, _PRIVATE_DIR_MODE)
+    except FileExistsError:
+        pass
+    _check_own_directory(path, "image imports unpack there; set ENROOT_TEMP_PATH to a folder of "
+                               "your own instead")
+    # Ours; an older release made it with the umask's mode.
+    _set_directory_mode(path, _PRIVATE_DIR_MODE)
 
 
 def _run_enroot(argv, env, output=None):
@@ -6296,7 +6372,7 @@ def inspect_cache(runtime_plan, service=None):
 def _try_lock(path):
     """A non-blocking exclusive lock on ``path``; the open handle, or None when someone holds it."""
     import fcntl
-    handle = open(path, "a")
+    handle = _open_no_follow(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, "a")
     try:
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -6527,10 +6603,11 @@ def _preflight_writable(cache_dir):
                        "cache directory %s does not exist and cannot be created: %s is not writable"
                        % (cache_dir, ancestor),
                        "create it yourself, or point x-slurm.cache_dir at a writable shared path")
-    probe = os.path.join(cache_dir, ".hpc-compose-write-probe-%d" % os.getpid())
+    import tempfile
     try:
-        with open(probe, "w") as handle:
-            handle.write("probe\n")
+        # A new file of our own (O_EXCL: never through a link planted at a name we could guess).
+        fd, probe = tempfile.mkstemp(dir=cache_dir, prefix=".hpc-compose-write-probe-")
+        os.close(fd)
         os.unlink(probe)
     except OSError as exc:
         return Finding("error", "cache_dir.writable",
@@ -9146,8 +9223,8 @@ def _record_job(project_dir, record):
     root = _tracking_root(project_dir)
     _make_private_dir(os.path.join(root, "jobs"))
     lock = os.path.join(root, "jobs", ".lock")
-    if not os.path.exists(lock):
-        os.close(os.open(lock, os.O_WRONLY | os.O_CREAT, _PRIVATE_FILE_MODE))
+    if not os.path.lexists(lock):
+        _open_no_follow(lock, os.O_WRONLY | os.O_CREAT, "a", _PRIVATE_FILE_MODE).close()
     with _FileLock(lock):
         _write_json_atomic(_job_record_path(project_dir, record["job_id"]), record,
                           _PRIVATE_FILE_MODE)
@@ -9156,9 +9233,24 @@ def _record_job(project_dir, record):
 
 
 def _make_private_dir(path, mode=_PRIVATE_DIR_MODE):
-    """Create ``path`` (with its parents) and give it exactly ``mode``, whatever the umask."""
-    os.makedirs(path, exist_ok=True)
-    os.chmod(path, mode)
+    """Create ``path`` (with its parents) and give it exactly ``mode``, whatever the umask.
+
+    In a shared project folder someone else may have made ``.hpc-compose`` (or a folder under it)
+    first, or a symbolic link to a folder of yours: from ``.hpc-compose`` down, every folder must
+    be a real folder owned by you, and the mode is set through the folder itself, never a link.
+    Folders missing there are created owner-only, with their mode from the start."""
+    path = os.path.abspath(path)
+    parts = path.split(os.sep)
+    start = parts.index(_METADATA_DIR_NAME) if _METADATA_DIR_NAME in parts else len(parts) - 1
+    os.makedirs(os.sep.join(parts[:start]) or os.sep, exist_ok=True)
+    for end in range(start + 1, len(parts) + 1):
+        folder = os.sep.join(parts[:end])
+        try:
+            os.mkdir(folder, mode if end == len(parts) else _PRIVATE_DIR_MODE)
+        except FileExistsError:
+            pass
+        _check_own_directory(folder, "hpc-compose keeps job files only in folders of your own")
+    _set_directory_mode(path, mode)
 
 
 # --- secrets: the owner-only copies a job reads ---------------------------------------------------
@@ -13108,9 +13200,15 @@ class _Migration(object):
                 options.get("device"):
             return (str(options["device"]), "named volume '%s' is a bind of %s: mounted directly"
                     % (volume, options["device"]))
-        folder = self.data_dir(volume)
+        import re
+        # Docker refuses other names; `a/../../escaped` would make a folder outside the project.
+        safe = volume if re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", volume) else \
+            "volume-" + re.sub(r"[^A-Za-z0-9_.-]", "-", volume)
+        folder = self.data_dir(safe)
         note = ("named volume '%s' -> bind mount of %s (created by migrate; it must be on storage "
                 "the compute nodes see)" % (volume, folder))
+        if safe != volume:
+            note += "; renamed: Docker accepts only letters, digits, '_', '.' and '-' in a name"
         if definition.get("external"):
             note += "; the volume was external: copy its contents there"
         return folder, note
@@ -14485,6 +14583,18 @@ def _format_render_summary(runtime_plan, script, output=None):
             "script": script, "services": services}
 
 
+def _make_script_folders(folder):
+    """The missing folders above ``render -o``'s script: by the umask, but never writable by
+    others, who could otherwise put a script of theirs in its place before it is submitted."""
+    if os.path.isdir(folder):
+        return
+    _make_script_folders(os.path.dirname(folder))
+    try:
+        os.mkdir(folder, 0o755)
+    except FileExistsError:
+        pass
+
+
 def _cmd_render(args):
     """Render the batch script to stdout, or to ``--output`` (then print its path)."""
     fmt = _output_format(args)
@@ -14498,6 +14608,7 @@ def _cmd_render(args):
             raise UsageError("--output '%s' is a directory" % args.output,
                              hint="name the script file, e.g. --output %s"
                                   % os.path.join(args.output, "job.sbatch"))
+        _make_script_folders(os.path.dirname(output))
         _write_file_atomic(output, script, mode=_PRIVATE_FILE_MODE)
     if fmt == "json":
         _print_json(_format_render_summary(runtime_plan, script, output))
@@ -15578,12 +15689,12 @@ def _cmd_init(args):
         raise UsageError("'%s' already exists; not overwriting it" % shown,
                          hint="pass --force to replace it, or choose another --output"
                               + (" (or --no-files)" if existing[0] != output else ""))
-    _write_file_atomic(output, text)
+    _write_file_atomic(output, text, _umask_mode())
     display = shell_quote(args.output)
     lines = ["wrote %s (from template %s)" % (output, template.name)]
     for relative in sorted(companions):
         path = os.path.join(folder, *relative.split("/"))
-        _write_file_atomic(path, companions[relative])
+        _write_file_atomic(path, companions[relative], _umask_mode())
         lines.append("wrote %s" % path)
     assets = _template_assets(template.text)
     if assets and not args.with_files:
@@ -15689,7 +15800,7 @@ def _cmd_migrate(args):
         sys.stdout.write(result.text)
     else:
         # The file may now hold what was kept apart in env files (passwords): owner-only then.
-        mode = os.stat(source).st_mode & 0o666
+        mode = _umask_mode()
         _write_file_atomic(output, result.text, mode & 0o600 if result.env_files_copied else mode)
     counts = result.counts
     lines = ["migrated %s -> %s" % (source, shown),

@@ -234,7 +234,7 @@ class SpecError(LocatedError):
 
 
 _MAX_REPORTED_ERRORS = 100   # a file with thousands of mistakes: the first ones, then a count
-_MAX_LISTED_SERVICES = 50    # a hint that lists the services names at most this many of them
+_MAX_LISTED_SERVICES = 50    # a hint that lists the services shows at most this many names
 
 
 class SpecErrors(SpecError):

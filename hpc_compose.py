@@ -160,6 +160,7 @@ _EXPORT_PROVENANCE_SCHEMA_VERSION = 2    # <export dir>/_hpc-compose/bundles/<bu
 _CONTAINER_NAME_PREFIX = "hpc-compose_"   # + job id + "_" + token: a Pyxis service's container (exec)
 _LAUNCHER_VARIABLE = "HPC_COMPOSE_LAUNCHER"  # "local": `up --local` outside Slurm runs the script
 _LOCAL_JOB_PREFIX = "local-"                  # + UTC time + "-" + pid: the id of such a run
+_LOCAL_RUN_VARIABLE = "HPC_COMPOSE_LOCAL_RUN"  # up --local: its job dir, in each process of the run
 _LOG_TIMES_SUFFIX = ".times"             # <job dir>/logs/<token>.times: "<epoch ms> <log size>" lines
 
 
@@ -7456,7 +7457,7 @@ service_exited() {
 watch_service() {  # a launched service: did it exit, is it ready yet?
     local i=$1 code=0
     if ! alive "${PID[i]}"; then
-        wait "${PID[i]}" 2>/dev/null || code=$?
+        @{end_service}wait "${PID[i]}" 2>/dev/null || code=$?
         service_exited "$i" "$code"
         return
     fi
@@ -7473,7 +7474,7 @@ watch_restart() {  # a service between two launches: being stopped, or in its ba
             fi
             return
         fi
-        wait "${PID[i]}" 2>/dev/null || code=$?
+        @{end_service}wait "${PID[i]}" 2>/dev/null || code=$?
         stop_probe "$i"
         PID[i]='' LAST_EXIT[i]=$code FINISHED_AT[i]=$NOW_ISO STATE_CHANGED=1
         DUE_MS[i]=$((NOW_MS + BACKOFF[i] * 1000))
@@ -7506,7 +7507,7 @@ signal_steps() {
         done
     fi
     for i in "$@"; do
-        if [[ -z ${found[i]:-} && -n ${PID[i]} ]]; then kill -"$signal" "${PID[i]}" 2>/dev/null; fi
+        if [[ -z ${found[i]:-} && -n ${PID[i]} ]]; then @{signal_fallback}; fi
     done
     (( ${#steps[@]} > 0 )) || return 1
     scancel --quiet --signal="$signal" "${steps[@]}" 2>/dev/null
@@ -7516,7 +7517,7 @@ signal_steps() {
 # possible or did not help (a killed srun can leave its step running until the job ends).
 kill_service_hard() {
     if (( HARD_KILLED[$1] )); then
-        kill -KILL "${PID[$1]}" 2>/dev/null
+        @{kill_srun}
     else
         signal_steps KILL "$1"
     fi
@@ -7611,13 +7612,13 @@ finish() {
     for ((i = 0; i < SERVICE_COUNT; i++)); do
         if [[ -n ${PID[i]} ]]; then
             # Whatever still lives now would block the wait below: srun goes, its step ends with the job.
-            alive "${PID[i]}" && kill -KILL "${PID[i]}" 2>/dev/null
-            rc=0
+            alive "${PID[i]}" && @{kill_last}
+            @{end_service}rc=0
             wait "${PID[i]}" 2>/dev/null || rc=$?
             PID[i]='' LAST_EXIT[i]=$rc FINISHED_AT[i]=$NOW_ISO
         fi
     done
-@{artifacts_outcome}    LOG_INDEX_MS=0
+@{stop_leftovers}@{artifacts_outcome}    LOG_INDEX_MS=0
     index_logs
 @{remove_containers}@{remove_secrets}@{collect_artifacts}    if [[ $status == requeued ]] && (( REQUEUE_SELF )) && ! requeue_job; then
         status=failed code=1 reason="$reason; but scontrol requeue failed: $REQUEUE_ERROR"
@@ -7935,8 +7936,9 @@ unset -v @{launcher_variable}
 # (--nodes, --ntasks, --gres, x-slurm srun_args...) mean nothing on one machine and are skipped;
 # the Pyxis options become `enroot create` (once) and `enroot start` of the same image, named
 # pyxis_<--container-name> as Pyxis names it, with the same mounts (x-create=auto,rbind + flags),
-# the --container-env variables (--env), --container-workdir, and Pyxis's entrypoint rule (without
-# the entrypoint, /etc/rc.local becomes `exec "$@"`). DIR holds the enroot configuration files.
+# the --container-env variables (--env) and the run's marker, --container-workdir, and Pyxis's
+# entrypoint rule (without the entrypoint, /etc/rc.local becomes `exec "$@"`). DIR holds the
+# enroot configuration files.
 local_step() {
     local dir=$1 image='' mounts='' workdir='' variables='' name='' entrypoint=0 chdir=''
     local item source target flags conf quoted list=() args=() lines=()
@@ -7970,6 +7972,7 @@ local_step() {
     done
     IFS=, read -r -a list <<<"$variables"
     for item in "${list[@]}"; do args+=(--env "$item"); done
+    args+=(--env @{run_variable})
     # Pyxis runs the command in --container-workdir, else where the image's /etc/rc went (its
     # WORKDIR); without the entrypoint, its /etc/rc.local is `exec "$@"`. Here /etc/rc.local does
     # both, and an image without /etc/rc (not made by enroot import) gets one that sources it.
@@ -8013,10 +8016,55 @@ remove_local_containers() {
     done < <(enroot list 2>/dev/null)
 }
 
+# signal_service SIGNAL INDEX (the local script's signal_steps and teardown stop a service with it):
+# the service's srun; outside Slurm, every process of the session the service started in
+# (local_step), as a signal to a step reaches every process of it.
+signal_service() {
+    if [[ $LAUNCHER == srun ]]; then
+        kill -"$1" "${PID[$2]}" 2>/dev/null
+    else
+        kill -"$1" -- "-${PID[$2]}" 2>/dev/null
+    fi
+}
+
+# end_service INDEX: its first process has ended (not reaped yet, so its pid cannot be reused).
+# Outside Slurm, what it leaves goes too, as slurmstepd ends what is left of a step: its session's
+# processes, and any process of the run that is the service's (a daemon with a session of its own).
+end_service() {
+    [[ $LAUNCHER == srun ]] && return 0
+    kill -KILL -- "-${PID[$1]}" 2>/dev/null
+    stop_leftovers "${NAME[$1]}"
+}
+
+# stop_leftovers [SERVICE]: outside Slurm no slurmstepd ends what a service leaves behind (a child
+# of a stopped shell, a daemon with a session of its own). Every process of the run carries the
+# marker @{run_variable} (up --local sets it, local_step passes it into the containers):
+# each one whose environment has it, and HPC_COMPOSE_SERVICE=SERVICE when given, gets SIGKILL;
+# this script aside.
+stop_leftovers() {
+    local file pid marker="@{run_variable}=$@{run_variable}" files=()
+    mapfile -t files < <(grep -lsxzF -e "$marker" /proc/[0-9]*/environ)
+    if [[ -n ${1:-} ]] && (( ${#files[@]} > 0 )); then
+        mapfile -t files < <(grep -lsxzF -e "HPC_COMPOSE_SERVICE=$1" -- "${files[@]}")
+    fi
+    for file in "${files[@]}"; do
+        pid=${file#/proc/}
+        pid=${pid%/environ}
+        (( pid == $$ )) || kill -KILL "$pid" 2>/dev/null
+    done
+}
+
 if [[ $LAUNCHER == local ]]; then
+    if ! command -v setsid >/dev/null 2>&1; then
+        echo "hpc-compose: setsid (util-linux) is not on PATH on $(hostname)" >&2
+        exit 1
+    fi
+    export @{run_variable}="${@{run_variable}:-$JOB_DIR}"
     mkdir -p "$RUN_DIR/local"
     export -f local_step
-    LAUNCH=("$BASH" -c 'local_step "$@"' hpc-compose-local "$RUN_DIR/local")
+    # Every service starts in a session of its own, so that stopping it reaches every process it
+    # started. (setsid keeps the pid: a background job of this script leads no process group.)
+    LAUNCH=(setsid "$BASH" -c 'local_step "$@"' hpc-compose-local "$RUN_DIR/local")
 else
     SRUN=$(command -v srun) || { echo "hpc-compose: srun is not on PATH on $(hostname)" >&2; exit 1; }
     LAUNCH=("$SRUN")
@@ -8468,11 +8516,28 @@ def _teardown_values(plan, containers, metrics, artifacts):
     return values
 
 
-def _render_supervisor(plan, containers, metrics, artifacts):
+def _stop_values(local):
+    """How the supervisor stops a service's process: its srun (kill), or in the script of up
+    --local outside Slurm the whole session local_step started it in (signal_service), and what
+    is left of the service when its first process ends (end_service) and of the run at teardown
+    (stop_leftovers): the functions of _LOCAL_LAUNCHER_TEMPLATE."""
+    if not local:
+        return dict(signal_fallback='kill -"$signal" "${PID[i]}" 2>/dev/null',
+                    kill_srun='kill -KILL "${PID[$1]}" 2>/dev/null',
+                    kill_last='kill -KILL "${PID[i]}" 2>/dev/null', end_service="",
+                    stop_leftovers="")
+    return dict(signal_fallback='signal_service "$signal" "$i"', kill_srun='signal_service KILL "$1"',
+                kill_last='signal_service KILL "$i"', end_service='end_service "$i"; ',
+                stop_leftovers="    [[ $LAUNCHER == srun ]] || stop_leftovers  # the probes and the "
+                               "sampler have gone\n")
+
+
+def _render_supervisor(plan, containers, metrics, artifacts, local=False):
     """The supervisor's functions, piece by piece, with only the lines of the features in use."""
     one_shot = any(dependency.condition == "service_completed_successfully"
                    for service in plan.services for dependency in service.depends_on)
     blocked = dict(blocked_dependents="", blocked_call="", blocked="")
+    stop = _stop_values(local)
     if one_shot:
         blocked = dict(blocked_dependents=_BLOCKED_DEPENDENTS_TEMPLATE,
                        blocked_call='blocked_dependents "$i"; ', blocked="$BLOCKED")
@@ -8484,8 +8549,9 @@ def _render_supervisor(plan, containers, metrics, artifacts):
         _fill(_LAUNCH_TEMPLATE, marker=_RESTART_MARKER,
               completed_condition=_COMPLETED_CONDITION_TEMPLATE if one_shot else ""),
         _fill(_READINESS_TEMPLATE, readiness_exit=str(_EXIT_READINESS_TIMEOUT)),
-        _fill(_EXITS_TEMPLATE, **blocked),
-        _fill(_TEARDOWN_TEMPLATE, **_teardown_values(plan, containers, metrics, artifacts)),
+        _fill(_EXITS_TEMPLATE, **dict(blocked, **stop)),
+        _fill(_TEARDOWN_TEMPLATE, **dict(_teardown_values(plan, containers, metrics, artifacts),
+                                         **stop)),
         _FORWARD_SIGNALS_TEMPLATE,
         _ON_EXIT_TEMPLATE])
 
@@ -8582,7 +8648,7 @@ def render_script(runtime_plan, local=False):
     pieces.append(_render_signal_table(plan))
     pieces.extend(_render_run_service(runtime_plan, index) for index in range(len(services)))
     pieces.append(_JSON_STRING_TEMPLATE)
-    pieces.append(_render_supervisor(plan, containers, bool(metrics), bool(artifacts)))
+    pieces.append(_render_supervisor(plan, containers, bool(metrics), bool(artifacts), local))
     pieces.append(_fill(_LOG_INDEX_TEMPLATE, suffix=shell_quote(_LOG_TIMES_SUFFIX)))
     if containers:
         pieces.append(_fill(_CONTAINER_KEEPER_TEMPLATE, prefix=shell_quote(_CONTAINER_NAME_PREFIX),
@@ -8602,6 +8668,7 @@ def render_script(runtime_plan, local=False):
         pieces.append(_PYXIS_PATH_CHECK_TEMPLATE)
     if local:
         pieces.append(_fill(_LOCAL_LAUNCHER_TEMPLATE, launcher_variable=_LAUNCHER_VARIABLE,
+                            run_variable=_LOCAL_RUN_VARIABLE,
                             prefix=shell_quote(_CONTAINER_NAME_PREFIX)))
     else:
         pieces.append(_SRUN_LAUNCHER_TEMPLATE)
@@ -10780,22 +10847,75 @@ def _batch_step_pass_on(job_id, pid_file, process, srun_bin="srun"):
     would reach the services' srun clients and the container keeper too. srun is terminated only
     when the script's pid is not known (it has not started)."""
     def pass_on(number):
-        try:
-            with open(pid_file) as handle:
-                pid = handle.read().strip()
-        except OSError:
-            pid = ""
-        if not pid.isdigit() or _run_command(
-                [srun_bin, "--jobid=%s" % job_id, "--overlap", "--nodes=1", "--ntasks=1",
-                 "--relative=0", "--job-name=" + _BATCH_STEP_NAME + "-signal", "--quiet",
-                 "kill", "-TERM", pid], timeout=_scheduler_timeout()).returncode != 0:
+        if not _signal_batch_step(job_id, _read_batch_pid(pid_file), srun_bin):
             process.terminate()
     return pass_on
 
 
-def _default_sigint():
+def _batch_pid_path(project_dir, job_id):
+    """``.hpc-compose/.<job>.batch-pid``: the batch script's pid, while up --local follows it in
+    an allocation (left behind only when up --local died)."""
+    return os.path.join(_tracking_root(project_dir), ".%s.batch-pid" % job_id)
+
+
+def _read_batch_pid(pid_file):
+    try:
+        with open(pid_file) as handle:
+            pid = handle.read().strip()
+    except OSError:
+        return None
+    return pid if pid.isdigit() else None
+
+
+def _signal_batch_step(job_id, pid, srun_bin="srun"):
+    """SIGTERM to the batch script (``pid`` on the allocation's first node) through a small step
+    there; False when that was not possible."""
+    return pid is not None and _run_command(
+        [srun_bin, "--jobid=%s" % job_id, "--overlap", "--nodes=1", "--ntasks=1", "--relative=0",
+         "--job-name=" + _BATCH_STEP_NAME + "-signal", "--quiet", "kill", "-TERM", pid],
+        timeout=_scheduler_timeout()).returncode == 0
+
+
+def _stop_orphaned_batch_script(job_id, pid_file, job_dir, srun_bin, say, timeout):
+    """In an allocation: an earlier up --local there died without removing its pid file, so its
+    batch script may still run. Unless its state.json is final, it gets SIGTERM, as scancel would
+    give it, and up to ``timeout`` seconds to tear down."""
+    import time
+    pid = _read_batch_pid(pid_file)
+    state = _load_runtime_state(job_dir) or {}
+    if pid is not None and state.get("status") not in _FINAL_RUNTIME_STATUSES:
+        say("stopping the earlier run in allocation %s, whose up --local has gone (its batch "
+            "script, pid %s, tears down)" % (job_id, pid))
+        if _signal_batch_step(job_id, pid, srun_bin):
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline and (_load_runtime_state(job_dir) or {}).get(
+                    "status") not in _FINAL_RUNTIME_STATUSES:
+                time.sleep(0.5)
+    _remove_quietly(pid_file)
+
+
+def _local_batch_preexec(tied):
+    """What the batch script's process does before bash starts: SIGINT back at its default and,
+    when ``tied``, SIGTERM from the kernel when we end (PR_SET_PDEATHSIG), even by SIGKILL, so
+    that it tears down as for scancel instead of running on with nobody following it. (Not for
+    srun: a SIGTERM ends its step at once, teardown and all.)"""
     import signal
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    prctl = None
+    if tied:
+        try:
+            import ctypes
+            prctl = ctypes.CDLL(None, use_errno=True).prctl
+        except (ImportError, OSError, AttributeError):  # no ctypes, or no prctl (not Linux)
+            prctl = None
+    parent = os.getpid()
+
+    def preexec():
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        if prctl is not None:
+            prctl(1, int(signal.SIGTERM), 0, 0, 0)  # 1: PR_SET_PDEATHSIG
+            if os.getppid() != parent:  # we ended before it took effect
+                os.kill(os.getpid(), signal.SIGTERM)
+    return preexec
 
 
 def _follow_local_run(process, follower, out, pass_on=None):
@@ -10846,13 +10966,14 @@ def _run_local(plan, runtime_plan, mode, job_id, script_path, out, say, srun_bin
     if _secret_services(plan):
         _write_secret_copies(plan, record["job_dir"])
     environment = dict(os.environ, SLURM_SUBMIT_DIR=plan.project_dir)
+    environment[_LOCAL_RUN_VARIABLE] = record["job_dir"]
     if mode == "machine":
         environment.update({"SLURM_JOB_ID": job_id, _LAUNCHER_VARIABLE: "local"})
     workdir = plan.project_dir  # where sbatch would start the job: x-slurm.chdir, else the compose dir
     if plan.slurm.chdir:
         workdir = os.path.normpath(os.path.join(plan.project_dir,
                                                 os.path.expanduser(str(plan.slurm.chdir))))
-    pid_file = os.path.join(_tracking_root(plan.project_dir), ".%s.batch-pid" % job_id)
+    pid_file = _batch_pid_path(plan.project_dir, job_id)
     argv, in_step = _local_batch_argv(mode, script_path, srun_bin, pid_file=pid_file)
     follower = _LogFollower(_record_log_sources(record), from_end=True)
     with open(record["batch_log"], "ab") as batch_log:
@@ -10863,7 +10984,7 @@ def _run_local(plan, runtime_plan, mode, job_id, script_path, out, say, srun_bin
         process = subprocess.Popen(argv, cwd=workdir, env=environment,
                                    stdin=subprocess.DEVNULL, stdout=batch_log,
                                    stderr=subprocess.STDOUT, start_new_session=True,
-                                   preexec_fn=_default_sigint)
+                                   preexec_fn=_local_batch_preexec(tied=not in_step))
     record["local_pid"] = process.pid
     _record_job(plan.project_dir, record)
     say("started job %s %s (pid %d): %s" % (
@@ -10899,6 +11020,231 @@ def _exec_local(record, name, command, environment, workdir=None, enroot_bin="en
     argv = ["/bin/sh", "-c", 'exec "$@"', "hpc-compose-exec"] + (list(command) or list(_EXEC_SHELL))
     code = _run_command(argv, env=variables, cwd=workdir, capture=False).returncode
     return 128 - code if code < 0 else code
+
+
+# --- up --local: what an earlier run left ---------------------------------------------------------
+# Every process of a local run carries _LOCAL_RUN_VARIABLE (its job directory) in its environment:
+# the batch script, its helpers, the services, and inside containers too. The run's lock tells
+# whether an up --local still follows it. A run nobody follows whose processes live on is a
+# leftover: its batch script is tearing down (its up --local was killed: the kernel sent it
+# SIGTERM), or it was killed itself and its services were orphaned.
+
+class _RunProcess(NamedTuple):
+    """A live process of a local run, found by the run's variable in its environment."""
+    pid: int
+    job_id: str
+    service: object                # its HPC_COMPOSE_SERVICE (str); None for the batch script's own
+    command: str                   # its command line, shortened
+
+
+def _shorten(text, limit):
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _process_command(pid, proc="/proc"):
+    try:
+        with open(os.path.join(proc, str(pid), "cmdline"), "rb") as handle:
+            command = handle.read().replace(b"\0", b" ").strip()
+    except OSError:
+        return "?"
+    return _shorten(command.decode("utf-8", "replace"), 100)
+
+
+def _local_run_processes(project_dir, proc="/proc"):
+    """The live processes here of this project's local runs (``_RunProcess``, by pid)."""
+    prefix = ("%s=%s%s" % (_LOCAL_RUN_VARIABLE, _tracking_root(project_dir), os.sep)).encode()
+    service_prefix = b"HPC_COMPOSE_SERVICE="
+    found = []
+    for name in sorted(os.listdir(proc), key=lambda text: int(text) if text.isdigit() else 0):
+        if not name.isdigit() or int(name) == os.getpid():
+            continue
+        try:
+            with open(os.path.join(proc, name, "environ"), "rb") as handle:
+                entries = handle.read().split(b"\0")
+        except OSError:  # gone meanwhile, or not ours
+            continue
+        job_dir = next((e[len(prefix):] for e in entries if e.startswith(prefix)), None)
+        command = _process_command(name, proc) if job_dir is not None else ""
+        if not command or command == "?":  # not a run's, a zombie, or gone meanwhile
+            continue
+        service = next((e[len(service_prefix):] for e in entries if e.startswith(service_prefix)),
+                       None)
+        found.append(_RunProcess(int(name), job_dir.decode("utf-8", "replace").split(os.sep)[0],
+                                 None if service is None else service.decode("utf-8", "replace"),
+                                 command))
+    return found
+
+
+def _format_run_process(process):
+    """``pid 123 (service 'web': python3 -m http.server 8000)``."""
+    return "pid %d (%s%s)" % (process.pid, "service '%s': " % process.service
+                              if process.service else "", process.command)
+
+
+def _followed_local_run(project_dir, job_id):
+    """True while an up --local holds the lock of run ``job_id``."""
+    path = os.path.join(_tracking_root(project_dir), ".%s.local-lock" % job_id)
+    if not os.path.exists(path):
+        return False
+    handle = _try_lock(path)
+    if handle is None:
+        return True
+    handle.close()
+    return False
+
+
+def _local_leftovers(project_dir, wait_seconds=0.0, say=None, ours=None):
+    """``{job id: [_RunProcess]}`` of this project's local runs that no up --local follows but
+    whose processes live here (``ours``: the job id whose lock the caller holds, for a new run in
+    the same allocation). A leftover whose batch script still runs is tearing down: it gets up to
+    ``wait_seconds`` to end (``say`` tells once that we wait)."""
+    import time
+    deadline = time.monotonic() + wait_seconds
+    told = set()
+    while True:
+        runs = {}
+        for process in _local_run_processes(project_dir):
+            runs.setdefault(process.job_id, []).append(process)
+        leftovers = dict((job_id, processes) for job_id, processes in runs.items()
+                         if job_id == ours or not _followed_local_run(project_dir, job_id))
+        tearing_down = [job_id for job_id, processes in leftovers.items()
+                        if _local_batch_pid(project_dir, job_id) in [p.pid for p in processes]]
+        if not tearing_down or time.monotonic() >= deadline:
+            return leftovers
+        for job_id in tearing_down:
+            if say is not None and job_id not in told:
+                say("waiting for job %s to finish its teardown (its up --local has gone)" % job_id)
+                told.add(job_id)
+        time.sleep(0.2)
+
+
+def _local_batch_pid(project_dir, job_id):
+    """The pid of the batch script of local run ``job_id`` on this host (its record), or None."""
+    import socket
+    record = _load_json(_job_record_path(project_dir, job_id))
+    if not isinstance(record, dict) or record.get("local_host") != socket.gethostname():
+        return None
+    pid = record.get("local_pid")
+    return pid if isinstance(pid, int) else None
+
+
+def _stop_local_leftovers(project_dir, leftovers):
+    """SIGKILL the leftover processes (as Slurm's step teardown would have) and remove the runs'
+    Enroot containers; returns the containers removed."""
+    import signal
+    for processes in leftovers.values():
+        for process in processes:
+            try:
+                os.kill(process.pid, signal.SIGKILL)
+            except OSError:
+                pass
+    removed = []
+    if not leftovers or _find_executable("enroot") is None:
+        return removed
+    listing = _run_command(["enroot", "list"], timeout=60)
+    for name in listing.stdout.split() if listing.returncode == 0 else ():
+        if any(name.startswith("pyxis_%s%s_" % (_CONTAINER_NAME_PREFIX, job_id))
+               for job_id in leftovers):
+            if _run_command(["enroot", "remove", "-f", name], timeout=120).returncode == 0:
+                removed.append(name)
+    return removed
+
+
+def _listening_sockets(proc="/proc"):
+    """``{port: [socket inode]}`` of the TCP sockets listening here (IPv4 and IPv6)."""
+    ports = {}
+    for table in ("tcp", "tcp6"):
+        try:
+            with open(os.path.join(proc, "net", table)) as handle:
+                lines = handle.read().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) > 9 and fields[3] == "0A":  # TCP_LISTEN
+                ports.setdefault(int(fields[1].rsplit(":", 1)[1], 16), []).append(fields[9])
+    return ports
+
+
+def _socket_holders(inodes, proc="/proc"):
+    """``{inode: pid}`` of the processes that hold these sockets open (the ones we may look at)."""
+    wanted = set("socket:[%s]" % inode for inode in inodes)
+    holders = {}
+    for name in os.listdir(proc):
+        if not name.isdigit():
+            continue
+        try:
+            descriptors = os.listdir(os.path.join(proc, name, "fd"))
+        except OSError:
+            continue
+        for descriptor in descriptors:
+            try:
+                target = os.readlink(os.path.join(proc, name, "fd", descriptor))
+            except OSError:
+                continue
+            if target in wanted:
+                holders.setdefault(target[8:-1], int(name))
+    return holders
+
+
+def _readiness_ports(plan):
+    """``[(service, port)]``: the local ports the services' tcp and http readiness checks."""
+    from urllib.parse import urlsplit
+    ports = []
+    for service in plan.services:
+        readiness = service.readiness
+        if readiness is None:
+            continue
+        port = None
+        if readiness.type == "tcp" and _is_local_host(readiness.host) and readiness.port:
+            port = int(readiness.port)
+        elif readiness.type == "http" and _is_local_host(_url_host(readiness.url)):
+            try:
+                parts = urlsplit(readiness.url)
+                port = parts.port or (443 if parts.scheme == "https" else 80)
+            except ValueError:
+                port = None
+        if port:
+            ports.append((service.name, port))
+    return ports
+
+
+def _taken_ports(plan, proc="/proc"):
+    """``[(service, port, pid or None)]``: readiness ports of ``plan`` that something here
+    listens on already (a service's readiness would then succeed against it)."""
+    listening = _listening_sockets(proc)
+    wanted = [(name, port) for name, port in _readiness_ports(plan) if port in listening]
+    holders = _socket_holders([i for _, port in wanted for i in listening[port]], proc) \
+        if wanted else {}
+    return [(name, port, next((holders[i] for i in listening[port] if i in holders), None))
+            for name, port in wanted]
+
+
+def _check_local_leftovers(plan, say, job_id):
+    """Before a local run starts here: an earlier run of the project that is tearing down gets the
+    time to end; what one left running, and a process on a port the stack's readiness checks, is
+    an error naming the process (instead of a service failing with "Address already in use")."""
+    leftovers = _local_leftovers(plan.project_dir, _STOP_GRACE_SECONDS + 5.0, say, ours=job_id)
+    problems = ["job %s, which no up --local follows any more, left %s running" % (
+        job_id, ", ".join(_format_run_process(p) for p in processes))
+        for job_id, processes in sorted(leftovers.items())]
+    taken = _taken_ports(plan)
+    if taken:
+        owners = dict((p.pid, p) for p in _local_run_processes(plan.project_dir))
+        for name, port, pid in taken:
+            holder = "a process we may not look at"
+            if pid in owners:
+                holder = "%s of job %s" % (_format_run_process(owners[pid]), owners[pid].job_id)
+            elif pid is not None:
+                holder = "pid %d (%s)" % (pid, _process_command(pid))
+            problems.append("port %d, which the readiness of service '%s' checks, is taken by %s"
+                            % (port, name, holder))
+    if problems:
+        raise ToolError("cannot start %s here: %s" % (plan.compose_file, "; ".join(problems)),
+                        hint="'hpc-compose clean -f %s --age DAYS' (or --all) stops what earlier "
+                             "local runs of it left, whatever DAYS is; anything else, stop it "
+                             "yourself" % plan.compose_file
+                        if leftovers else "stop it, or let the service use another port")
 
 
 # --- status ---------------------------------------------------------------------------------------
@@ -15152,20 +15498,25 @@ def _cmd_up_local(args):
         return _EXIT_OK
     job_id = _local_job_id(mode)
     _make_private_dir(_tracking_root(plan.project_dir), _job_dir_mode(plan))
-    lock = None
-    if mode == "allocation":
-        # The job directory is the allocation's: a second run of this project in it would share
-        # its state.json and logs, so it is refused while the first one runs. (A run outside Slurm
-        # has a job id of its own.) The lock file stays: removing it would let two runs lock two
-        # different files; `clean` removes it with the job.
-        lock = _try_lock(os.path.join(_tracking_root(plan.project_dir), ".%s.local-lock" % job_id))
-        if lock is None:
-            raise UsageError("a local run of %s is already running in allocation %s; a second "
-                             "one would share its job directory" % (plan.compose_file, job_id),
-                             hint="wait for it to end, stop it (Ctrl-C where it runs), or run "
-                                  "the second stack from another folder")
+    # The lock says that an up --local follows the run: held until it exits, however it exits. In
+    # an allocation the job directory is the allocation's, so a second run of this project in it
+    # (which would share its state.json and logs) is refused while the first one runs; a run
+    # outside Slurm has a job id of its own. The lock file stays: removing it would let two runs
+    # lock two different files; `clean` removes it with the job.
+    lock = _try_lock(os.path.join(_tracking_root(plan.project_dir), ".%s.local-lock" % job_id))
+    if lock is None:
+        raise UsageError("a local run of %s is already running in allocation %s; a second "
+                         "one would share its job directory" % (plan.compose_file, job_id),
+                         hint="wait for it to end, stop it (Ctrl-C where it runs), or run "
+                              "the second stack from another folder")
     out = sys.stderr if fmt == "json" else sys.stdout
     try:
+        if mode == "allocation":
+            _stop_orphaned_batch_script(job_id, _batch_pid_path(plan.project_dir, job_id),
+                                        _job_directory(plan.project_dir, job_id), args.srun_bin,
+                                        say, _STOP_GRACE_SECONDS + 5.0)
+        if mode == "machine" or os.environ.get("SLURMD_NODENAME"):  # the script runs here
+            _check_local_leftovers(plan, say, job_id)
         code, record = _run_local(plan, runtime_plan, mode, job_id, script_path, out, say,
                                   args.srun_bin)
     finally:
@@ -15358,12 +15709,24 @@ def _cmd_clean(args):
     if args.age is not None and args.age < 0:
         raise UsageError("--age must be 0 or more days")
     compose_file = _resolve_compose_file(args)
-    removed, kept = _clean_jobs(os.path.dirname(compose_file), args.age, args.remove_all,
+    project_dir = os.path.dirname(compose_file)
+    # What local runs nobody follows left running here goes first (a run tearing down may end).
+    leftovers = _local_leftovers(project_dir, _STOP_GRACE_SECONDS + 5.0)
+    containers = _stop_local_leftovers(project_dir, leftovers)
+    removed, kept = _clean_jobs(project_dir, args.age, args.remove_all,
                                args.squeue_bin, compose_file=compose_file)
-    secrets_removed = _remove_leftover_secrets(os.path.dirname(compose_file), args.squeue_bin)
+    secrets_removed = _remove_leftover_secrets(project_dir, args.squeue_bin)
     if _output_format(args) == "json":
-        _print_json({"removed": removed, "kept": kept, "secrets_removed": secrets_removed})
+        _print_json({"removed": removed, "kept": kept, "secrets_removed": secrets_removed,
+                     "stopped": dict((job_id, [p.pid for p in processes])
+                                     for job_id, processes in leftovers.items()),
+                     "containers_removed": containers})
         return _EXIT_OK
+    for job_id, processes in sorted(leftovers.items()):
+        print("stopped what job %s left running: %s" % (
+            job_id, ", ".join(_format_run_process(p) for p in processes)))
+    for name in containers:
+        print("removed the container %s" % name)
     for job_id in secrets_removed:
         print("removed the secret copies left by job %s" % job_id)
     if removed:

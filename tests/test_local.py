@@ -9,6 +9,8 @@ import json
 import os
 import socket
 import subprocess
+import sys
+import time
 
 import pytest
 
@@ -43,7 +45,9 @@ def test_the_launcher_is_srun_unless_up_local_asks_for_this_machine():
     assert "LAUNCHER=${HPC_COMPOSE_LAUNCHER:-srun}\n" in script
     assert "unset -v HPC_COMPOSE_LAUNCHER\n" in script
     assert "LAUNCH=(\"$SRUN\")" in script
-    assert "LAUNCH=(\"$BASH\" -c 'local_step \"$@\"' hpc-compose-local \"$RUN_DIR/local\")" in script
+    # Outside Slurm every service starts in a session of its own (setsid keeps its pid).
+    assert "LAUNCH=(setsid \"$BASH\" -c 'local_step \"$@\"' hpc-compose-local \"$RUN_DIR/local\")" \
+        in script
     # The launcher is chosen before the allocation facts and the first launch.
     assert script.index("LAUNCHER=${HPC_COMPOSE_LAUNCHER") < script.index("allocation_nodes=()")
 
@@ -81,7 +85,7 @@ def test_local_step_makes_enroot_create_and_start_of_the_pyxis_step(tmp_path):
                          "--mount", "/jobs/7:/hpc-compose/job:none:x-create=auto,rbind",
                          "--mount", "/data:/in:none:x-create=auto,rbind,ro"]
                         + sum((["--env", n] for n in hc._env_names(plan, plan.plan.services[0])), [])
-                        + [name, "/bin/sh", "-c", 'exec "$@"', "hpc-compose",
+                        + ["--env", "HPC_COMPOSE_LOCAL_RUN", name, "/bin/sh", "-c", 'exec "$@"', "hpc-compose",
                            "redis-server", "--port", "6380"])
 
 
@@ -446,12 +450,18 @@ class _Process(object):
         self.terminated = True
 
 
-def test_the_batch_step_gets_sigterm_at_its_pid_through_a_step_on_its_node(tmp_path):
-    # A stand-in srun that records its arguments: the real one is in tests/test_multinode_e2e.py.
+def _recording_srun(tmp_path):
+    """A STAND-IN srun that records its arguments (the real one: tests/test_multinode_e2e.py and
+    tests/test_local_e2e.py); returns its path and the file of its calls."""
     log = tmp_path / "calls"
     srun = tmp_path / "srun"
     srun.write_text('#!/bin/sh\necho "srun $*" >> %s\n' % log)
     os.chmod(str(srun), 0o755)
+    return srun, log
+
+
+def test_the_batch_step_gets_sigterm_at_its_pid_through_a_step_on_its_node(tmp_path):
+    srun, log = _recording_srun(tmp_path)
     pid_file = tmp_path / "pid"
     process = _Process()
     pass_on = hc._batch_step_pass_on("7", str(pid_file), process, str(srun))
@@ -500,3 +510,168 @@ def test_a_signal_is_passed_on_by_the_forwarder_given(tmp_path):
     assert hc._follow_local_run(script, hc._LogFollower([]), io.StringIO(), forward) == 43
     assert script.stdout.read() == "got TERM\n"
     assert received == [signal.SIGINT]
+
+
+# --- outside Slurm nothing of a run stays (issue 29) -----------------------------------------------
+
+def _function(script, name):
+    start = script.index("%s() {" % name)
+    return script[start:script.index("\n}\n", start) + 3]
+
+
+def _sleeper(environment, seconds="300"):
+    """A process of our own with ``environment`` added to ours (killed by the test if still alive)."""
+    return subprocess.Popen(["sleep", seconds], env=dict(os.environ, **environment))
+
+
+def test_outside_slurm_a_service_is_signalled_as_its_whole_session():
+    script = hc.render_script(runtime_plan(service()), local=True)
+    body = _function(script, "signal_service")
+    assert 'kill -"$1" "${PID[$2]}" 2>/dev/null' in body            # srun
+    assert 'kill -"$1" -- "-${PID[$2]}" 2>/dev/null' in body        # local_step's session
+    # What a service leaves ends with it, before its first process is reaped.
+    watch = _function(script, "watch_service")
+    assert watch.index('end_service "$i"') < watch.index('wait "${PID[i]}"')
+
+
+def test_stop_leftovers_kills_the_run_s_processes_and_spares_the_script_and_other_runs(tmp_path):
+    script = hc.render_script(runtime_plan(service()), local=True)
+    run = {"HPC_COMPOSE_LOCAL_RUN": str(tmp_path / "run-1")}
+    service_one = _sleeper(dict(run, HPC_COMPOSE_SERVICE="one"))
+    service_two = _sleeper(dict(run, HPC_COMPOSE_SERVICE="two"))
+    other_run = _sleeper({"HPC_COMPOSE_LOCAL_RUN": str(tmp_path / "run-2")})
+    try:
+        def stop(*words):
+            proc = subprocess.run(["bash", "-c", _function(script, "stop_leftovers")
+                                   + 'stop_leftovers "$@"; echo script alive', "test"] + list(words),
+                                  env=dict(os.environ, **run), stdout=subprocess.PIPE,
+                                  universal_newlines=True, timeout=60)
+            assert proc.stdout == "script alive\n"
+        stop("one")
+        assert service_one.wait(timeout=10) == -9 and service_two.poll() is None
+        stop()
+        assert service_two.wait(timeout=10) == -9 and other_run.poll() is None
+    finally:
+        for process in (service_one, service_two, other_run):
+            process.kill()
+            process.wait()
+
+
+def test_a_run_s_processes_are_found_by_its_variable_with_their_service(tmp_path):
+    job_dir = str(tmp_path / ".hpc-compose" / "local-20260101T000000Z-1")
+    server = _sleeper({"HPC_COMPOSE_LOCAL_RUN": job_dir, "HPC_COMPOSE_SERVICE": "web"}, "301")
+    script = _sleeper({"HPC_COMPOSE_LOCAL_RUN": job_dir}, "302")
+    elsewhere = _sleeper({"HPC_COMPOSE_LOCAL_RUN": "/elsewhere/.hpc-compose/local-x"})
+    try:
+        found = hc._local_run_processes(str(tmp_path))
+        assert sorted(found) == sorted([
+            hc._RunProcess(server.pid, "local-20260101T000000Z-1", "web", "sleep 301"),
+            hc._RunProcess(script.pid, "local-20260101T000000Z-1", None, "sleep 302")])
+        assert sorted(hc._format_run_process(process) for process in found) == sorted([
+            "pid %d (service 'web': sleep 301)" % server.pid, "pid %d (sleep 302)" % script.pid])
+    finally:
+        for process in (server, script, elsewhere):
+            process.kill()
+            process.wait()
+
+
+def test_a_run_its_up_local_still_follows_is_no_leftover(tmp_path):
+    import fcntl
+    root = tmp_path / ".hpc-compose"
+    root.mkdir()
+    sleeper = _sleeper({"HPC_COMPOSE_LOCAL_RUN": str(root / "local-20260101T000000Z-1")})
+    try:
+        with open(str(root / ".local-20260101T000000Z-1.local-lock"), "a") as held:
+            fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+            assert hc._local_leftovers(str(tmp_path)) == {}
+            # ... unless it is the run whose lock the caller holds (a new run in the same allocation)
+            assert list(hc._local_leftovers(str(tmp_path), ours="local-20260101T000000Z-1")) == [
+                "local-20260101T000000Z-1"]
+        assert [p.pid for p in hc._local_leftovers(str(tmp_path))["local-20260101T000000Z-1"]] == [
+            sleeper.pid]
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_up_local_names_what_an_earlier_run_left_instead_of_starting(project, cli):
+    path = project.write("compose.yaml", HOST_COMPOSE)
+    left = _sleeper({"HPC_COMPOSE_LOCAL_RUN": str(project.root / ".hpc-compose" / "local-1"),
+                     "HPC_COMPOSE_SERVICE": "app"})
+    try:
+        result = cli(["up", "--local", "--no-preflight", "-f", path], env={"SLURM_JOB_ID": ""})
+    finally:
+        left.kill()
+        left.wait()
+    assert result.code == 1, result
+    assert result.err.startswith(
+        "error: cannot start %s here: job local-1, which no up --local follows any more, left pid "
+        "%d (service 'app': sleep 300) running\n  hint: 'hpc-compose clean -f %s --age DAYS' (or "
+        "--all) stops what earlier local runs of it left" % (path, left.pid, path)), result
+    assert not (project.root / ".hpc-compose" / "jobs").exists()
+
+
+def test_up_local_names_the_process_on_a_port_a_readiness_checks(project, cli):
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        port = listener.getsockname()[1]
+        path = project.write("compose.yaml", HOST_COMPOSE.replace(
+            'command: ["true"]', 'command: ["true"]\n    readiness: {type: tcp, port: %d}' % port))
+        result = cli(["up", "--local", "--no-preflight", "-f", path], env={"SLURM_JOB_ID": ""})
+    assert result.code == 1, result
+    assert result.err.startswith(
+        "error: cannot start %s here: port %d, which the readiness of service 'app' checks, is "
+        "taken by pid %d (" % (path, port, os.getpid())), result
+
+
+def test_clean_stops_what_a_local_run_left(project, cli):
+    path = project.write("compose.yaml", HOST_COMPOSE)
+    left = _sleeper({"HPC_COMPOSE_LOCAL_RUN": str(project.root / ".hpc-compose" / "local-1")})
+    try:
+        result = cli(["clean", "-f", path, "--age", "30", "--format", "json"])
+        assert left.wait(timeout=10) == -9
+    finally:
+        left.kill()
+        left.wait()
+    assert result.code == 0, result
+    report = json.loads(result.out)
+    assert (report["stopped"], report["containers_removed"]) == ({"local-1": [left.pid]}, [])
+
+
+def test_the_batch_script_gets_sigterm_when_up_local_dies(tmp_path):
+    # A stand-in for up --local: it starts the "batch script" as _run_local does, then is SIGKILLed.
+    code = ("import subprocess, sys, os, signal, time; sys.path.insert(0, %r); import hpc_compose as hc\n"
+            "subprocess.Popen(['bash', '-c', 'trap \"echo got TERM >%s; exit\" TERM; echo started >%s; "
+            "while :; do sleep 0.1; done'], start_new_session=True, "
+            "preexec_fn=hc._local_batch_preexec(tied=True))\n"
+            "while not os.path.exists(%r): time.sleep(0.05)\n"
+            "os.kill(os.getpid(), signal.SIGKILL)\n") % (
+        os.path.dirname(TESTS), tmp_path / "got", tmp_path / "started", str(tmp_path / "started"))
+    assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == -9
+    deadline = time.monotonic() + 10
+    while not (tmp_path / "got").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert (tmp_path / "got").read_text() == "got TERM\n"
+
+
+def test_in_an_allocation_the_batch_script_an_up_local_left_gets_sigterm_first(tmp_path):
+    srun, log = _recording_srun(tmp_path)
+    pid_file = tmp_path / ".7.batch-pid"
+    pid_file.write_text("4242\n")
+    said = []
+    hc._stop_orphaned_batch_script("7", str(pid_file), str(tmp_path / "7"), str(srun), said.append,
+                                   timeout=0.2)
+    assert log.read_text() == ("srun --jobid=7 --overlap --nodes=1 --ntasks=1 --relative=0 "
+                               "--job-name=hpc-compose-batch-signal --quiet kill -TERM 4242\n")
+    assert said == ["stopping the earlier run in allocation 7, whose up --local has gone (its "
+                    "batch script, pid 4242, tears down)"]
+    assert not pid_file.exists()
+    # One whose state.json is final has ended: nothing to stop.
+    log.unlink()
+    pid_file.write_text("4242\n")
+    (tmp_path / "7").mkdir()
+    (tmp_path / "7" / "state.json").write_text('{"status": "completed"}')
+    hc._stop_orphaned_batch_script("7", str(pid_file), str(tmp_path / "7"), str(srun), said.append,
+                                   timeout=0.2)
+    assert not log.exists() and not pid_file.exists()

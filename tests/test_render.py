@@ -435,9 +435,11 @@ def test_no_template_is_longer_than_200_lines():
                                     "probe_limit_ms", "state_schema_version"}),
     ("_LAUNCH_TEMPLATE", {"marker", "completed_condition"}),
     ("_READINESS_TEMPLATE", {"readiness_exit"}),
-    ("_EXITS_TEMPLATE", {"blocked_dependents", "blocked_call", "blocked"}),
+    ("_EXITS_TEMPLATE", {"blocked_dependents", "blocked_call", "blocked", "end_service",
+                         "signal_fallback", "kill_srun"}),
     ("_TEARDOWN_TEMPLATE", {"metrics_stop", "remove_containers", "remove_secrets",
-                            "outcome_variable", "artifacts_outcome", "collect_artifacts"}),
+                            "outcome_variable", "artifacts_outcome", "collect_artifacts",
+                            "kill_last", "end_service", "stop_leftovers"}),
     ("_FORWARD_SIGNALS_TEMPLATE", set()),
     ("_ON_EXIT_TEMPLATE", set()),
 ])
@@ -473,13 +475,18 @@ def test_scripts_no_example_renders_pass_bash_n_and_shellcheck(tmp_path, local, 
     _check_syntax(script)
 
 
-def test_a_local_run_script_adds_only_the_launcher_and_the_keeper_lines_of_local_runs():
+def test_a_local_run_script_adds_only_the_launcher_the_keeper_and_the_stop_lines_of_local_runs():
     plan = runtime_plan(service(), metrics=hc.MetricsSpec(interval_seconds=5),
                         artifacts=hc.ArtifactsSpec("/p/out", paths=("/hpc-compose/job/out",)))
     script, local = hc.render_script(plan), hc.render_script(plan, local=True)
     for line in (hc._KEEPER_LOCAL_START_TEMPLATE, hc._KEEPER_LOCAL_STOP_TEMPLATE):
         assert local.count(line) == 1
         local = local.replace(line, "")
+    # How a service is stopped (its session, what it leaves: tests/test_local.py), in place of srun.
+    for key, srun in sorted(hc._stop_values(False).items()):
+        if key != "end_service":
+            local = local.replace(hc._stop_values(True)[key], srun)
+    local = local.replace(hc._stop_values(True)["end_service"], "")
     launcher, allocation = "\n# Launcher: ", "\n# Allocation metadata"
     assert local[:local.index(launcher)] == script[:script.index(launcher)]
     assert local[local.index(allocation):] == script[script.index(allocation):]

@@ -120,15 +120,21 @@ services:
 # SIGTERM to up --local (what it gets when the allocation or the terminal goes away).
 # (exec into the Pyxis service is the same `srun --jobid --overlap --container-name=NAME:exec` as
 # for a submitted job, which tests/test_exec_e2e.py covers.)
-EXEC_IN_ALLOCATION = r"""
+# _UP_IN_BACKGROUND % (OUTPUT, CONDITION): up --local in the background (its pid: $up), until
+# CONDITION on the service logs ($logs) holds (2 minutes at most).
+_UP_IN_BACKGROUND = r"""
 tool="$1"
-"$PYTHON" "$tool" up --local -f compose.yaml >up.out 2>&1 &
+"$PYTHON" "$tool" up --local -f compose.yaml >%s 2>&1 &
 up=$!
 logs=".hpc-compose/$SLURM_JOB_ID/logs"
 for _ in $(seq 600); do
-    grep -qx up "$logs/app.log" 2>/dev/null && grep -qx up "$logs/tool.log" 2>/dev/null && break
+    %s && break
     sleep 0.2
 done
+"""
+EXEC_IN_ALLOCATION = _UP_IN_BACKGROUND % (
+    "up.out", 'grep -qx up "$logs/app.log" 2>/dev/null && grep -qx up "$logs/tool.log" 2>/dev/null'
+) + r"""
 "$PYTHON" "$tool" exec -T tool -- sh -c 'echo "$COLOR|$PWD"; exit 6' >exec.out 2>exec.err
 echo "exec=$?" >>exec.out
 "$PYTHON" "$tool" up --local --no-preflight -f compose.yaml >second.out 2>&1
@@ -137,6 +143,15 @@ kill -TERM "$up"
 wait "$up"
 echo "up=$?" >>exec.out
 """
+
+
+def _in_allocation(tmp_path, script, timeout=300):
+    """Run bash ``script`` (its $1: the tool) in a new 1-node allocation, from salloc's shell."""
+    proc = subprocess.run(["salloc", "--nodes=1", "--time=5", "bash", "-c", script, "test",
+                           TOOL_PATH], cwd=str(tmp_path), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, universal_newlines=True, timeout=timeout,
+                          env=dict(os.environ, PYTHON=sys.executable))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 def test_inside_an_allocation_exec_joins_a_service_and_sigterm_tears_down(slurm, tmp_path):
@@ -155,11 +170,7 @@ services:
     environment: {COLOR: blue}
     command: ["python3", "-c", "import time; print('up', flush=True); time.sleep(600)", "%s"]
 """ % (CACHE_ROOT, image, marker, marker))
-    proc = subprocess.run(["salloc", "--nodes=1", "--time=5", "bash", "-c", EXEC_IN_ALLOCATION,
-                           "test", TOOL_PATH], cwd=str(tmp_path), stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, universal_newlines=True, timeout=300,
-                          env=dict(os.environ, PYTHON=sys.executable))
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    _in_allocation(tmp_path, EXEC_IN_ALLOCATION)
     up_out = (tmp_path / "up.out").read_text()
     assert (tmp_path / "exec.out").read_text() == "blue|/tmp\nexec=6\nsecond=2\nup=143\n", up_out
     job_id = _job_id_from(up_out)
@@ -172,6 +183,34 @@ services:
     containers = [name for node in cluster_nodes() for name in enroot_containers(node)
                   if "hpc-compose_%s_" % job_id in name]
     assert containers == []
+
+
+# In the allocation, from salloc's shell (the batch script is a step of its own): up --local is
+# SIGKILLed while the stack runs, and the next up --local of the project stops what it left before
+# starting (issue 29).
+KILLED_IN_ALLOCATION = _UP_IN_BACKGROUND % (
+    "first.out", 'grep -qx waiting "$logs/client.log" 2>/dev/null') + r"""
+kill -KILL "$up"
+echo ok >mode
+"$PYTHON" "$tool" up --local -f compose.yaml >second.out 2>&1
+echo "second=$?" >result
+"""
+
+
+def test_inside_an_allocation_the_next_run_stops_what_a_killed_up_local_left(slurm, tmp_path):
+    image = pyxis_test_image()
+    port = free_port()
+    marker = "local-alloc-killed-" + uuid.uuid4().hex[:8]
+    _leftover_stack(tmp_path, "image", port, marker, image=image)
+    (tmp_path / "mode").write_text("wait\n")
+    _in_allocation(tmp_path, KILLED_IN_ALLOCATION, timeout=400)
+    second = (tmp_path / "second.out").read_text()
+    assert (tmp_path / "result").read_text() == "second=0\n", second
+    job_id = _job_id_from(second)
+    assert "stopping the earlier run in allocation %s, whose up --local has gone" % job_id in second
+    assert "[client] fetched 200\n" in second
+    assert processes_with(marker) == []
+    assert _processes_of(str(tmp_path / ".hpc-compose" / job_id)) == []
 
 
 # --- (b) without Slurm: this machine, host runtime and enroot ----------------------------------------
@@ -316,3 +355,164 @@ def _latest_job_id(folder):
             return json.load(handle)["job_id"]
     except (OSError, ValueError, KeyError):
         return "none"
+
+
+# --- (c) without Slurm, however a run ends, nothing of it stays (issue 29) ---------------------------
+# The server is started the way that leaked before: a shell that does not exec its last command, so
+# the process given the signal (sh) is not the one holding the port (python3), and a child of it in
+# a session of its own (setsid sleep). The client, on this machine, ends the run as the test asks
+# (the mode file): completed, failed, or it waits for Ctrl-C, SIGTERM or SIGKILL of up --local.
+
+ENDINGS = ("completed", "failed", "ctrl-c", "sigterm", "sigkill-then-next-run", "sigkill-then-clean")
+
+
+def _leftover_stack(tmp_path, runtime, port, marker, image=TEST_IMAGE):
+    server = {"image": "image: %s\n    working_dir: /tmp" % image,
+              "host": "x-slurm: {runtime: host}\n    working_dir: %s" % tmp_path}[runtime]
+    (tmp_path / "compose.yaml").write_text("""\
+name: local-leftovers
+x-slurm: {cache_dir: %(cache)s}
+services:
+  server:
+    %(server)s
+    command: "setsid sleep 600 %(marker)s & python3 -m http.server %(port)d --bind 127.0.0.1; echo %(marker)s"
+    readiness: {type: tcp, port: %(port)d, timeout_seconds: 60}
+  client:
+    x-slurm: {runtime: host}
+    working_dir: %(folder)s
+    command: ["sh", "-c", "python3 -c 'import urllib.request; print(\\"fetched\\", urllib.request.urlopen(\\"http://127.0.0.1:%(port)d/\\").status, flush=True)' || exit 9; case $(cat mode) in fail) exit 3 ;; wait) echo waiting; exec sleep 600 ;; esac", "%(marker)s"]
+    depends_on:
+      server: {condition: service_healthy}
+""" % {"cache": CACHE_ROOT, "server": server, "marker": marker, "port": port,
+       "folder": tmp_path})
+
+
+def _processes_of(job_dir):
+    """``[(pid, command line)]`` of the live processes whose environment names ``job_dir``."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open("/proc/%s/environ" % pid, "rb") as handle:
+                environment = handle.read()
+            with open("/proc/%s/cmdline" % pid, "rb") as handle:
+                command = handle.read().replace(b"\0", b" ").decode("utf-8", "replace")
+        except OSError:
+            continue
+        if job_dir.encode() in environment and command:
+            found.append((int(pid), command))
+    return found
+
+
+def _listening(port):
+    import socket
+    with socket.socket() as sock:
+        sock.settimeout(2)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _nothing_left(tmp_path, environment, job_id, port, marker):
+    job_dir = str(tmp_path / ".hpc-compose" / job_id)
+    assert _processes_of(job_dir) == []
+    assert processes_with(marker) == []
+    assert not _listening(port)
+    assert [name for name in _enroot_list(environment) if job_id in name] == []
+
+
+@pytest.mark.parametrize("runtime", ["image", "host"])
+@pytest.mark.parametrize("ending", ENDINGS)
+def test_outside_slurm_nothing_of_a_run_stays_however_it_ends(no_slurm, tmp_path, runtime, ending):
+    port = free_port()
+    marker = "local-leftover-" + uuid.uuid4().hex[:8]
+    _leftover_stack(tmp_path, runtime, port, marker)
+    mode = {"completed": "ok", "failed": "fail"}.get(ending, "wait")
+    (tmp_path / "mode").write_text(mode + "\n")
+    up = _up(tmp_path, no_slurm)
+    try:
+        if mode == "wait":
+            client_log = lambda: tmp_path / ".hpc-compose" / _latest_job_id(tmp_path) / "logs" / "client.log"
+            _wait(lambda: client_log().exists() and "waiting\n" in client_log().read_text(),
+                  "the client waiting")
+            assert _listening(port)
+            if ending == "ctrl-c":
+                os.killpg(up.pid, signal.SIGINT)
+            elif ending == "sigterm":
+                up.send_signal(signal.SIGTERM)
+            else:
+                up.kill()
+        out, err = up.communicate(timeout=180)
+    finally:
+        if up.poll() is None:
+            os.killpg(up.pid, signal.SIGKILL)
+    job_id = _job_id_from(out)
+    expected = {"completed": 0, "failed": 3, "ctrl-c": 130, "sigterm": 143}.get(ending, -9)
+    assert up.returncode == expected, out + err
+    (tmp_path / "mode").write_text("ok\n")
+    if ending == "sigkill-then-clean":
+        clean = subprocess.run([sys.executable, TOOL_PATH, "clean", "-f", "compose.yaml", "--age",
+                                "30"], cwd=str(tmp_path), env=no_slurm, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, universal_newlines=True, timeout=120)
+        assert clean.returncode == 0, clean.stdout + clean.stderr
+    if ending != "sigkill-then-next-run":
+        _nothing_left(tmp_path, no_slurm, job_id, port, marker)
+    # The same stack runs again at once, and leaves nothing either.
+    again = _up(tmp_path, no_slurm)
+    try:
+        out, err = again.communicate(timeout=180)
+    finally:
+        if again.poll() is None:
+            os.killpg(again.pid, signal.SIGKILL)
+    assert again.returncode == 0, out + err
+    assert "[client] fetched 200\n" in out
+    _nothing_left(tmp_path, no_slurm, job_id, port, marker)
+    _nothing_left(tmp_path, no_slurm, _job_id_from(out), port, marker)
+
+
+@pytest.mark.parametrize("runtime", ["image", "host"])
+def test_outside_slurm_what_a_killed_batch_script_left_is_named_then_clean_stops_it(
+        no_slurm, tmp_path, runtime):
+    # The batch script itself SIGKILLed (no teardown at all): its services live on, orphaned.
+    port = free_port()
+    marker = "local-orphans-" + uuid.uuid4().hex[:8]
+    _leftover_stack(tmp_path, runtime, port, marker)
+    (tmp_path / "mode").write_text("wait\n")
+    up = _up(tmp_path, no_slurm)
+    try:
+        client_log = lambda: tmp_path / ".hpc-compose" / _latest_job_id(tmp_path) / "logs" / "client.log"
+        _wait(lambda: client_log().exists() and "waiting\n" in client_log().read_text(),
+              "the client waiting")
+        job_id = _latest_job_id(tmp_path)
+        with open(str(tmp_path / ".hpc-compose" / "jobs" / (job_id + ".json"))) as handle:
+            os.kill(json.load(handle)["local_pid"], signal.SIGKILL)
+        up.communicate(timeout=120)
+    finally:
+        if up.poll() is None:
+            os.killpg(up.pid, signal.SIGKILL)
+    assert _listening(port)
+    (tmp_path / "mode").write_text("ok\n")
+    refused = subprocess.run([sys.executable, TOOL_PATH, "up", "--local", "-f", "compose.yaml"],
+                             cwd=str(tmp_path), env=no_slurm, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, universal_newlines=True, timeout=120)
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    # (python3 may be a wrapper's full path: the command line is matched by its arguments)
+    server = [pid for pid, command in _processes_of(str(tmp_path / ".hpc-compose" / job_id))
+              if "-m http.server %d " % port in command and not command.startswith("/bin/sh ")]
+    assert len(server) == 1
+    assert ("job %s, which no up --local follows any more, left " % job_id) in refused.stderr
+    assert "pid %d (service 'server': " % server[0] in refused.stderr
+    assert ("port %d, which the readiness of service 'server' checks, is taken by pid %d (service "
+            "'server': " % (port, server[0])) in refused.stderr
+    assert ") of job %s" % job_id in refused.stderr
+    clean = subprocess.run([sys.executable, TOOL_PATH, "clean", "-f", "compose.yaml", "--age", "30"],
+                           cwd=str(tmp_path), env=no_slurm, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, universal_newlines=True, timeout=120)
+    assert clean.returncode == 0, clean.stdout + clean.stderr
+    assert "stopped what job %s left running: " % job_id in clean.stdout
+    if runtime == "image":
+        assert "removed the container pyxis_hpc-compose_%s_server\n" % job_id in clean.stdout
+    _nothing_left(tmp_path, no_slurm, job_id, port, marker)
+    again = _up(tmp_path, no_slurm)
+    out, err = again.communicate(timeout=180)
+    assert again.returncode == 0, out + err
+    _nothing_left(tmp_path, no_slurm, _job_id_from(out), port, marker)

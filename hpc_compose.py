@@ -7308,6 +7308,11 @@ launch() {
     say "launched service '${NAME[i]}' (pid ${PID[i]}, launch ${LAUNCHES[i]}, log $log)"
 }
 
+note_stop() {  # note_stop INDEX WHY: in its log, before Slurm's report; up/logs show this instead
+    printf '%s stopping service %s (SIGTERM) at %s after %s\n' "@{marker}" "'${NAME[$1]}'" \
+        "$NOW_ISO" "$2" >>"$LOG_DIR/${TOKEN[$1]}.log"
+}
+
 # Start service $1 once every dependency is satisfied (called each tick while it waits).
 try_start() {
     local i=$1 dependency j condition
@@ -7407,6 +7412,7 @@ readiness_timed_out() {
         restart_on_failure)
             if (( RESTARTS[i] < MAX_RESTARTS[i] )); then
                 say "service '${NAME[i]}': $what; stopping it for a restart"
+                note_stop "$i" "$what, for a restart"
                 STATUS[i]=restarting KILL_MS[i]=$((NOW_MS + STOP_GRACE_SECONDS * 1000))
                 signal_steps TERM "$i"
             else
@@ -7585,6 +7591,11 @@ finish() {
         esac
         if [[ -n ${PID[i]} ]]; then live+=("$i"); fi
     done
+    local why=''  # stops of hpc-compose's own are noted; scancel's, the time limit's, Slurm's not
+    [[ $status == completed ]] && why="the job's final services ended"
+    [[ $status == failed ]] && why="the job failed: $reason"
+    (( REQUEUE_SELF )) && why="the job asked Slurm to requeue it"
+    for i in "${live[@]}"; do [[ -z $why ]] || note_stop "$i" "$why"; done
     if (( ${#live[@]} > 0 )); then signal_steps TERM "${live[@]}"; fi
     write_state
     clock
@@ -10008,6 +10019,62 @@ def _format_log_line(name, line):
     return "[%s] %s" % (name, line.rstrip("\r"))
 
 
+# Slurm's report of a step that was signalled or ended (srun's and slurmstepd's words, 22.05 to
+# 26.05), as it reaches the step's output. A cancellation for a reason of Slurm's own (``... DUE TO
+# TIME LIMIT ***``) is not among them.
+_SLURM_STOP_REPORTS = (
+    r"(slurmstepd(-\S+)?: )?error: \*\*\* STEP \S+ ON \S+ CANCELLED AT \S+ \*\*\*",
+    r"srun: error: \S+: tasks? \S+: (Terminated|Killed)",
+    r"srun: Force Terminated (StepId=)?\S+",
+    r"srun: forcing job termination",
+    r"srun: Job step aborted: Waiting up to \d+ seconds for job step to finish\.",
+    r"srun: launch/slurm: _step_signal: Terminating StepId=\S+",
+    r"srun: Received task exit notification for \d+ tasks? of StepId=\S+ \(status=0x[0-9a-f]+\)\.",
+)
+
+
+class _StopNotes(object):
+    """Prefixed output (``up``, ``logs``) of the services that hpc-compose stopped on purpose.
+
+    Before it signals such a service (the job's final services ended, the job failed, a restart),
+    the batch script notes the stop in the service's log (``note_stop``); Slurm then reports the
+    stop in words that read like a failure (``error: *** STEP 1.0 ON vm CANCELLED AT ...``,
+    ``srun: error: vm: task 0: Terminated``). ``line`` shows the note as one line of hpc-compose's
+    own and leaves those reports out. The log file keeps them, and a stop for another reason
+    (scancel, the time limit, a node failure) has no note: Slurm's words are shown.
+    """
+
+    def __init__(self):
+        import re
+        self.note = re.compile(re.escape(_RESTART_MARKER)
+                               + r" stopping service '.*' \((SIG[A-Z0-9]+)\) at \S+ after (.+)$")
+        self.report = re.compile("(%s)$" % "|".join(_SLURM_STOP_REPORTS))
+        self.stopped = set()
+
+    def line(self, name, text):
+        """What prefixed output shows for ``text`` of service ``name``; ``None``: nothing."""
+        match = self.note.match(text)
+        if match:
+            self.stopped.add(name)
+            return "stopped by hpc-compose after %s (%s)" % (match.group(2), match.group(1))
+        if text.startswith(_RESTART_MARKER):
+            self.stopped.discard(name)  # launched again: Slurm's next report is news
+        elif name in self.stopped and self.report.match(text):
+            return None
+        return text
+
+
+def _prefixed_lines(stream):
+    """``show`` for ``watch_job`` and local runs: ``[service] line``, stop notes as ``_StopNotes``."""
+    notes = _StopNotes()
+
+    def show(name, line):
+        text = notes.line(name, line.rstrip("\r"))
+        if text is not None:
+            stream.write(_format_log_line(name, text) + "\n")
+    return show
+
+
 # --- logs: interleaved reading, --since, --timestamps, colours ------------------------------------
 
 class _LogLine(NamedTuple):
@@ -10143,6 +10210,7 @@ class _LogPrinter(object):
     def __init__(self, names, out, prefix=True, timestamps=False, colour=False):
         self.out = out
         self.prefix = prefix
+        self.notes = _StopNotes()
         self.timestamps = timestamps
         self.colours = {}
         if colour:
@@ -10151,12 +10219,17 @@ class _LogPrinter(object):
 
     def write(self, line):
         text = line.text.rstrip("\r")
+        if self.prefix:
+            text = self.notes.line(line.name, text)
+            if text is None:
+                return
         if self.timestamps:
             text = _format_log_time(line.written_ms) + " " + text
         self._emit(line.name, text)
 
     def note(self, name, text):
         """A line of hpc-compose's own (an attempt marker): prefixed, never timestamped."""
+        self.notes.stopped.discard(name)
         self._emit(name, text)
 
     def _emit(self, name, text):
@@ -10283,7 +10356,7 @@ def watch_job(record, squeue_bin="squeue", sacct_bin="sacct", out=None, sleep=No
     """
     import time
     out = out or sys.stdout
-    show = show or (lambda name, line: out.write(_format_log_line(name, line) + "\n"))
+    show = show or _prefixed_lines(out)
     sleep = sleep or time.sleep
     clock = clock or time.monotonic
     started = clock()
@@ -10938,10 +11011,11 @@ def _follow_local_run(process, follower, out, pass_on=None):
     for number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         if signal.getsignal(number) != signal.SIG_IGN:
             previous[number] = signal.signal(number, forward)
+    show = _prefixed_lines(out)
     try:
         while True:
             for name, line in follower.poll():
-                out.write(_format_log_line(name, line) + "\n")
+                show(name, line)
             out.flush()
             if process.poll() is not None:
                 break
@@ -10950,7 +11024,7 @@ def _follow_local_run(process, follower, out, pass_on=None):
         for number, handler in previous.items():
             signal.signal(number, handler)
     for name, line in follower.flush():
-        out.write(_format_log_line(name, line) + "\n")
+        show(name, line)
     out.flush()
     code = process.returncode
     return 128 - code if code < 0 else code

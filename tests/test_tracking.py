@@ -312,6 +312,159 @@ def test_logs_command_prefixes_lines_and_honours_tail(hc, cli, tmp_path):
     assert result.out.splitlines() == ["[my.app] x"]
 
 
+# A service the batch script stopped because the job's final services ended, as its log holds it
+# on Slurm 22.05: hpc-compose's note, then Slurm's report of the stop.
+STOPPED_WEB_LOG = """\
+Serving HTTP on 127.0.0.1 port 18080 (http://127.0.0.1:18080/) ...
+### hpc-compose: stopping service 'web' (SIGTERM) at 2026-12-06T06:11:21+00:00 after the job's final services ended
+slurmstepd-vm: error: *** STEP 1.0 ON vm CANCELLED AT 2026-12-06T06:11:21 ***
+srun: Job step aborted: Waiting up to 32 seconds for job step to finish.
+srun: error: vm: task 0: Terminated
+srun: forcing job termination
+srun: Force Terminated StepId=1.0
+"""
+
+
+def _shown(hc, lines, name="web"):
+    out = io.StringIO()
+    show = hc._prefixed_lines(out)
+    for line in lines:
+        show(name, line)
+    return out.getvalue().splitlines()
+
+
+def test_prefixed_output_shows_a_stop_of_hpc_compose_s_own_as_one_line_instead_of_slurms(hc):
+    assert _shown(hc, STOPPED_WEB_LOG.splitlines()) == [
+        "[web] Serving HTTP on 127.0.0.1 port 18080 (http://127.0.0.1:18080/) ...",
+        "[web] stopped by hpc-compose after the job's final services ended (SIGTERM)"]
+
+
+def test_later_slurm_versions_words_for_the_stop_are_left_out_too(hc):
+    assert _shown(hc, [
+        "### hpc-compose: stopping service 'web' (SIGTERM) at T after the job failed: service "
+        "'client' exited with code 3",
+        "slurmstepd: error: *** STEP 12.3 ON n1 CANCELLED AT 2026-12-06T06:11:21 ***",
+        "srun: launch/slurm: _step_signal: Terminating StepId=12.3",
+        "srun: Received task exit notification for 3 tasks of StepId=12.3 (status=0x000f).",
+        "srun: error: n[1-3]: tasks 0-2: Killed",
+        "shutting down"]) == [
+        "[web] stopped by hpc-compose after the job failed: service 'client' exited with code 3 "
+        "(SIGTERM)", "[web] shutting down"]
+
+
+def test_a_stop_without_hpc_compose_s_note_keeps_slurms_words(hc):
+    # scancel, the time limit, a node failure: the batch script notes nothing, Slurm says why.
+    lines = ["slurmstepd-vm: error: *** STEP 1.0 ON vm CANCELLED AT 2026-12-06T06:11:21 ***",
+             "srun: error: vm: task 0: Terminated", "srun: Force Terminated StepId=1.0"]
+    assert _shown(hc, lines) == ["[web] " + line for line in lines]
+
+
+def test_slurms_report_of_a_cancellation_for_its_own_reason_stays_after_a_note(hc):
+    assert _shown(hc, [
+        "### hpc-compose: stopping service 'web' (SIGTERM) at T after the job's final services "
+        "ended",
+        "slurmstepd-vm: error: *** STEP 1.0 ON vm CANCELLED AT 2026-12-06T06:11:21 DUE TO TIME "
+        "LIMIT ***"])[1:] == [
+        "[web] slurmstepd-vm: error: *** STEP 1.0 ON vm CANCELLED AT 2026-12-06T06:11:21 DUE TO "
+        "TIME LIMIT ***"]
+
+
+def test_a_relaunch_after_a_stop_shows_slurms_next_report_and_other_services_are_untouched(hc):
+    out = io.StringIO()
+    show = hc._prefixed_lines(out)
+    show("web", "### hpc-compose: stopping service 'web' (SIGTERM) at T after tcp 127.0.0.1:80 "
+                "readiness did not succeed within 5 s, for a restart")
+    show("web", "srun: error: vm: task 0: Terminated")
+    show("db", "srun: error: vm: task 0: Terminated")
+    show("web", "### hpc-compose: restarting service 'web' (restart 1 of 2, previous exit code "
+                "143) at T")
+    show("web", "srun: error: vm: task 0: Terminated")
+    assert out.getvalue().splitlines() == [
+        "[web] stopped by hpc-compose after tcp 127.0.0.1:80 readiness did not succeed within 5 s, "
+        "for a restart (SIGTERM)",
+        "[db] srun: error: vm: task 0: Terminated",
+        "[web] ### hpc-compose: restarting service 'web' (restart 1 of 2, previous exit code 143) "
+        "at T",
+        "[web] srun: error: vm: task 0: Terminated"]
+
+
+def test_logs_shows_the_stop_note_the_log_file_and_no_prefix_keep_slurms_lines(hc, cli, tmp_path):
+    (tmp_path / "compose.yaml").write_text("services: {}\n")
+    record = make_record(tmp_path, 33, services=[("web", "web")])
+    hc._record_job(str(tmp_path), record)
+    os.makedirs(os.path.join(record["job_dir"], "logs"))
+    with open(record["services"][0]["log_path"], "w") as handle:
+        handle.write(STOPPED_WEB_LOG)
+    result = cli(["logs", "-f", str(tmp_path / "compose.yaml")])
+    assert result.code == 0
+    assert result.out.splitlines() == _shown(hc, STOPPED_WEB_LOG.splitlines())
+    assert "error" not in result.out
+    raw = cli(["logs", "-f", str(tmp_path / "compose.yaml"), "--no-prefix"])
+    assert raw.out == STOPPED_WEB_LOG
+
+
+def _up_local_outside_slurm(tmp_path, services):
+    """``up --local`` of a host-runtime stack on this machine (bash, no Slurm): (code, out, web log)."""
+    (tmp_path / "compose.yaml").write_text(
+        "name: stops\nx-slurm: {runtime: host, time: '00:05:00'}\nservices:\n" + services)
+    env = dict((k, v) for k, v in os.environ.items() if not k.startswith("SLURM_"))
+    proc = subprocess.run([sys.executable, hpc_compose.__file__, "up", "--local", "--no-preflight",
+                           "-f", "compose.yaml"], cwd=str(tmp_path), env=env, timeout=120,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True)
+    logs = list((tmp_path / ".hpc-compose").glob("local-*/logs/web.log"))
+    return proc.returncode, proc.stdout, logs[0].read_text() if logs else None
+
+
+WEB = """\
+  web:
+    command: echo serving; exec sleep 300
+    readiness: {type: log, pattern: serving}
+"""
+
+
+def test_the_batch_script_notes_a_stop_after_the_final_services_ended_and_up_shows_it(tmp_path):
+    code, out, log = _up_local_outside_slurm(tmp_path, WEB + """\
+  client:
+    depends_on: {web: {condition: service_healthy}}
+    command: echo done
+""")
+    assert code == 0, out
+    assert "[web] stopped by hpc-compose after the job's final services ended (SIGTERM)\n" in out
+    assert log.startswith("serving\n### hpc-compose: stopping service 'web' (SIGTERM) at ")
+    assert log.endswith(" after the job's final services ended\n")
+
+
+def test_the_batch_script_notes_a_stop_after_another_service_failed(tmp_path):
+    code, out, log = _up_local_outside_slurm(tmp_path, WEB + """\
+  client:
+    depends_on: {web: {condition: service_healthy}}
+    command: exit 3
+""")
+    assert code == 3, out
+    assert ("[web] stopped by hpc-compose after the job failed: service 'client' exited with code 3 "
+            "(SIGTERM)\n") in out
+    assert log.count("### hpc-compose: stopping service 'web'") == 1
+
+
+def test_the_batch_script_notes_a_stop_for_a_restart_and_each_stop_shows_once(tmp_path):
+    code, out, log = _up_local_outside_slurm(tmp_path, """\
+  web:
+    command: echo launched; exec sleep 300
+    readiness: {type: log, pattern: never-said, timeout_seconds: 1}
+    x-slurm:
+      failure_policy: {mode: restart_on_failure, max_restarts: 1, backoff_seconds: 1}
+""")
+    assert code == 124, out
+    notes = [line for line in log.splitlines() if line.startswith("### hpc-compose: stopping")]
+    assert [note.split(" after ", 1)[1] for note in notes] == [
+        'log pattern "never-said" readiness did not succeed within 1 s, for a restart',
+        "the job failed: service 'web': log pattern \"never-said\" readiness did not succeed "
+        "within 1 s, after 1 restarts (max_restarts 1)"]
+    assert [line for line in out.splitlines() if line.startswith("[web] stopped by")] == [
+        "[web] stopped by hpc-compose after " + note.split(" after ", 1)[1] + " (SIGTERM)"
+        for note in notes]
+
+
 def test_logs_of_unknown_service_is_a_usage_error(hc, cli, tmp_path):
     (tmp_path / "compose.yaml").write_text("services: {}\n")
     hc._record_job(str(tmp_path), make_record(tmp_path, 32))

@@ -115,7 +115,9 @@ def test_up_streams_prefixed_logs_and_exits_zero(slurm, slurm_jobs, tmp_path):
     assert json.loads((tmp_path / ".hpc-compose" / "latest.json").read_text())["job_id"] == job_id
 
 
-def test_up_of_the_shipped_host_example_exits_zero(slurm, slurm_jobs, tmp_path):
+def test_up_of_the_shipped_host_example_exits_zero_without_an_error_line(slurm, slurm_jobs,
+                                                                         tmp_path):
+    # The README's first command runs this example: a completed job shows no `error` line.
     example = os.path.join(os.path.dirname(TOOL_PATH), "examples", "host-pipeline.yaml")
     if not os.path.exists(example):
         pytest.fail("examples/host-pipeline.yaml is missing")
@@ -126,9 +128,21 @@ def test_up_of_the_shipped_host_example_exits_zero(slurm, slurm_jobs, tmp_path):
     assert text.count("18080") == 4, "the example's port moved; update this test"
     compose.write_text(text.replace("18080", str(free_port())))
     result = run_tool_cli(["up", "-f", compose], cwd=tmp_path, timeout=300)
-    slurm_jobs.add(submitted_job_id(result.out))
+    job_id = slurm_jobs.add(submitted_job_id(result.out))
     assert result.code == 0, result
-    assert any(l.startswith("[worker] fetched ") for l in result.out.splitlines()), result
+    lines = result.out.splitlines()
+    assert any(l.startswith("[worker] fetched ") for l in lines), result
+    # The tool stopped `web` once the worker was done: its own line, not Slurm's error lines...
+    stopped = "[web] stopped by hpc-compose after the job's final services ended (SIGTERM)"
+    assert stopped in lines, result
+    assert lines[-1] == "job %s COMPLETED" % job_id, result
+    assert [l for l in (result.out + result.err).splitlines() if "error" in l.lower()] == [], result
+    # ... and so does `logs`, while the service's log file keeps Slurm's report of the stop.
+    logs = run_tool_cli(["logs", "-f", compose], cwd=tmp_path)
+    assert stopped in logs.out.splitlines(), logs
+    assert "error" not in logs.out.lower(), logs
+    log = _read(tmp_path / ".hpc-compose" / job_id / "logs" / "web.log")
+    assert any(l.startswith(("srun: ", "slurmstepd")) for l in log.splitlines()), log
 
 
 def test_up_of_a_failing_job_exits_one_naming_the_service(slurm, slurm_jobs, tmp_path):
@@ -181,6 +195,11 @@ def test_cancel_of_a_running_job_leaves_a_final_state(slurm, slurm_jobs, tmp_pat
     state = final_state(job_dir)
     assert state["status"] in ("cancelled", "failed")
     assert state["services"][0]["status"] not in ("running", "starting", "waiting")
+    # scancel stopped it, not the tool: no note of the tool's, `logs` shows Slurm's own words.
+    log = _read(job_dir / "logs" / "ticker.log")
+    assert "### hpc-compose: stopping" not in log
+    logs = run_tool_cli(["logs", "-f", compose, "--tail", "1000"], cwd=tmp_path)
+    assert logs.out.splitlines() == ["[ticker] " + line for line in log.splitlines()], logs
 
 
 def _read(path):

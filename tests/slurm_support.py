@@ -1,7 +1,7 @@
 """Fixtures and helpers for end-to-end tests against the real single-node Slurm cluster.
 
-The cluster comes from ``tests/cluster/slurm-cluster.sh up`` (run by ``.ci/run``; contributors run it
-once with sudo). ``tests/conftest.py`` star-imports this module, so the fixtures below are available
+The cluster comes from the README's first line, ``bash tests/cluster/slurm-cluster.sh up --containers
+--nodes 3`` (CLUSTER_COMMAND: three nodes with real Pyxis and Enroot; ``.ci/run`` runs that line too). ``tests/conftest.py`` star-imports this module, so the fixtures below are available
 in every test file without an import; import helpers explicitly::
 
     from slurm_support import wait_for_job, run_tool_cli, sacct_job
@@ -32,12 +32,14 @@ __all__ = [
     "cluster_problem", "job_state", "sacct_job", "wait_for_job", "wait_for_state", "cancel_job",
     "submit_wrap", "run_tool_cli", "pyxis_test_image", "TEST_IMAGE", "expected_slurm_generation",
     "slurm_under_test", "cluster_nodes", "on_node", "enroot_containers", "processes_with",
-    "submitted_job_id", "image", "cache_dir", "E2E_CACHE_ROOT",
+    "submitted_job_id", "image", "cache_dir", "E2E_CACHE_ROOT", "CLUSTER_COMMAND",
 ]
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL_PATH = os.path.join(REPO_ROOT, "hpc_compose.py")
 CLUSTER_SCRIPT = os.path.join(REPO_ROOT, "tests", "cluster", "slurm-cluster.sh")
+# The README's first line brings up the cluster the whole suite needs: what a skip tells to run.
+CLUSTER_COMMAND = "bash tests/cluster/slurm-cluster.sh up --containers --nodes 3"
 
 # Slurm job states after which nothing will change any more (sacct/squeue spelling).
 TERMINAL_STATES = frozenset([
@@ -114,8 +116,8 @@ def slurm():
     """The real test cluster; skips (fails under CI=true) when it is not reachable."""
     reason = cluster_problem()
     if reason is not None:
-        message = ("Slurm test cluster not reachable: %s. Bring it up with "
-                   "`bash tests/cluster/slurm-cluster.sh up`." % reason)
+        message = ("Slurm test cluster not reachable: %s. Bring it up with `%s`."
+                   % (reason, CLUSTER_COMMAND))
         if os.environ.get("CI") == "true":
             pytest.fail(message, pytrace=False)
         pytest.skip(message)
@@ -176,8 +178,8 @@ def pyxis_test_image():
     if reason is None and not os.path.isfile(TEST_IMAGE):
         reason = "the test image %s is missing" % TEST_IMAGE
     if reason is not None:
-        pytest.skip("real Pyxis test not possible: %s. Bring the cluster up with "
-                    "`bash tests/cluster/slurm-cluster.sh up --containers`." % reason)
+        pytest.skip("real Pyxis test not possible: %s. Bring the cluster up with `%s`."
+                    % (reason, CLUSTER_COMMAND))
     return TEST_IMAGE
 
 

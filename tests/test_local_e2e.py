@@ -18,8 +18,8 @@ import uuid
 
 import pytest
 
-from slurm_support import (TEST_IMAGE, TOOL_PATH, cluster_nodes, enroot_containers, free_port,
-                           processes_with, pyxis_test_image)
+from slurm_support import (CLUSTER_COMMAND, TEST_IMAGE, TOOL_PATH, cluster_nodes, enroot_containers,
+                           free_port, processes_with, pyxis_test_image)
 
 CACHE_ROOT = os.path.join(os.environ.get("HPC_COMPOSE_TEST_CACHE", "/opt/hpc-compose-tests"),
                           "e2e-cache")
@@ -219,10 +219,9 @@ def test_inside_an_allocation_the_next_run_stops_what_a_killed_up_local_left(slu
 def no_slurm(tmp_path):
     """An environment in which no Slurm can be reached (see the module docstring)."""
     if not os.path.isfile(TEST_IMAGE):
-        pytest.skip("the test image %s is missing (tests/cluster/slurm-cluster.sh up --containers "
-                    "builds it)" % TEST_IMAGE)
+        pytest.skip("the test image %s is missing (`%s` builds it)" % (TEST_IMAGE, CLUSTER_COMMAND))
     if shutil.which("enroot") is None:
-        pytest.skip("enroot is not installed here")
+        pytest.skip("enroot is not installed here (`%s` installs it)" % CLUSTER_COMMAND)
     bin_dir = tmp_path / "bin-without-slurm"
     bin_dir.mkdir()
     for directory in os.environ["PATH"].split(os.pathsep):

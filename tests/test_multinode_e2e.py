@@ -17,9 +17,9 @@ import uuid
 
 import pytest
 
-from slurm_support import (CLUSTER_SCRIPT, REPO_ROOT, TOOL_PATH, cluster_nodes, enroot_containers,
-                           free_port, on_node, processes_with, pyxis_test_image, run_tool_cli,
-                           submitted_job_id, wait_for_job)
+from slurm_support import (CLUSTER_COMMAND, CLUSTER_SCRIPT, REPO_ROOT, TOOL_PATH, cluster_nodes,
+                           enroot_containers, free_port, on_node, processes_with, pyxis_test_image,
+                           run_tool_cli, submitted_job_id, wait_for_job)
 from test_pyxis_e2e import (ComposeRun, assert_nothing_left, compose_run, long_running,
                             wait_running)
 
@@ -28,16 +28,21 @@ COPIES = os.path.join(REPO_ROOT, "tests", "multinode")
 
 
 @pytest.fixture(scope="module")
-def image():
-    path = pyxis_test_image()
+def three_nodes(slurm):
+    """The cluster's nodes; every test here needs three (a skip, a failure under CI, without)."""
     nodes = cluster_nodes()
     if len(nodes) < NODES:
-        message = ("these tests need the %d-node cluster (`slurm-cluster.sh up --containers --nodes "
-                   "%d`); it has %s" % (NODES, NODES, " ".join(nodes) or "no node"))
+        message = ("these tests need the %d-node cluster (`%s`); it has %s"
+                   % (NODES, CLUSTER_COMMAND, " ".join(nodes) or "no node"))
         if os.environ.get("CI") == "true":
             pytest.fail(message, pytrace=False)
         pytest.skip(message)
-    return path
+    return nodes
+
+
+@pytest.fixture(scope="module")
+def image(three_nodes):
+    return pyxis_test_image()
 
 
 def head(cache_dir, time_limit="00:05:00", extra=""):
@@ -381,7 +386,7 @@ services:
 
 
 def test_exec_on_the_host_runtime_runs_on_the_chosen_node_in_the_services_environment(
-        slurm, slurm_jobs, tmp_path):
+        slurm, slurm_jobs, three_nodes, tmp_path):
     work = tmp_path / "work"
     work.mkdir()
     run = compose_run(tmp_path, """\

@@ -348,14 +348,35 @@ def test_importing_the_module_leaves_heavy_modules_unimported():
     assert result.stdout == "[]\n"
 
 
+README_LINES = [
+    # The cluster the whole suite needs (slurm_support.CLUSTER_COMMAND, what a skip tells to run)...
+    "bash tests/cluster/slurm-cluster.sh up --containers --nodes 3 && "
+    "python3 hpc_compose.py up -f examples/host-pipeline.yaml",
+    # ... and every test on it.
+    "python3 -m pip install pytest && python3 -m pytest -q tests"]
+
+
 def test_readme_starts_with_the_two_setup_commands():
+    from slurm_support import CLUSTER_COMMAND
     with open(os.path.join(REPO, "README.md")) as handle:
         lines = handle.read().splitlines()
-    assert lines[:5] == [
-        "# hpc-compose", "", "```sh",
-        "bash tests/cluster/slurm-cluster.sh up && "
-        "python3 hpc_compose.py up -f examples/host-pipeline.yaml",
-        "python3 -m pip install pytest && python3 -m pytest -q tests"]
+    assert lines[:6] == ["# hpc-compose", "", "```sh"] + README_LINES + ["```"]
+    assert README_LINES[0].startswith(CLUSTER_COMMAND + " && ")
+
+
+def test_ci_runs_the_readme_s_two_lines_verbatim_in_order_before_its_other_sections():
+    with open(os.path.join(REPO, ".ci", "run")) as handle:
+        lines = [line.strip() for line in handle.read().splitlines()]
+    first, second = (lines.index(line) for line in README_LINES)
+    other = lines.index('section "3. pytest for every other CPython"')
+    assert first < second < other
+    # ... each one the body of the function that the first step of its section calls.
+    assert lines[first - 1:first + 2] == ["readme_cluster_and_example() {", README_LINES[0], "}"]
+    assert lines[second - 1:second + 2] == ["readme_tests() {", README_LINES[1], "}"]
+    sections = [n for n, line in enumerate(lines) if line.startswith('section "')]
+    calls = [lines[n + 2] for n in sections[1:3]]
+    assert calls == ["readme_cluster_and_example",
+                     'with_default_signals bash -c "$(declare -f readme_tests); readme_tests"']
 
 
 def _top_level_names():

@@ -435,7 +435,9 @@ services:
     state = job.state()
     assert (state["status"], state["exit_code"]) == ("failed", 1)
     assert job.service("app")["launches"] == 0
-    assert "setup runs on %s" % slurm.node in job.batch_log()
+    # (on the node the job ran on: the first of the cluster's, or another one of several)
+    node = sacct_job(job.id, fields=("JobID", "NodeList"))["NodeList"]
+    assert "setup runs on %s" % node in job.batch_log()
 
 
 def test_readiness_timeout_under_restart_on_failure_relaunches_then_fails(slurm, slurm_jobs,

@@ -162,7 +162,8 @@ show_log_tail() {
 # ---------------------------------------------------------------- install
 
 install_packages() {
-    local pkgs=(slurmctld slurmd slurm-client slurmdbd munge mariadb-server shellcheck curl)
+    # iproute2 (ip) makes the nodes' namespaces and bridge of `--nodes N`; a minimal Debian lacks it.
+    local pkgs=(slurmctld slurmd slurm-client slurmdbd munge mariadb-server shellcheck curl iproute2)
     local missing=() p
     for p in "${pkgs[@]}"; do
         dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -363,7 +364,7 @@ start_slurm() {
 
 # ---------------------------------------------------------------- several nodes (namespaces)
 
-check_namespace_support() {  # one line naming what is missing, before anything is changed
+check_namespace_support() {  # one line naming what is missing, before the cluster is changed
     local tool
     for tool in ip nsenter unshare; do
         command -v "$tool" >/dev/null 2>&1 || die "$tool is missing: apt-get install iproute2 util-linux"
@@ -530,8 +531,8 @@ install_containers() {
 
 cmd_up() {
     need_root
-    if [ "$NODES" -gt 1 ]; then check_namespace_support; fi
     install_packages
+    if [ "$NODES" -gt 1 ]; then check_namespace_support; fi
     if [ "$CONTAINERS" -eq 1 ]; then install_containers; fi
     write_configs
     start_munge

@@ -12,7 +12,8 @@ import pytest
 
 import test_spec
 
-jsonschema = pytest.importorskip("jsonschema")
+jsonschema = pytest.importorskip(
+    "jsonschema", reason="the test-only jsonschema is missing: python3 -m pip install jsonschema")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 EXAMPLES = sorted(glob.glob(os.path.join(HERE, "..", "examples", "*.yaml")))

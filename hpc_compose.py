@@ -9960,6 +9960,7 @@ class _LogFollower(object):
         self.sources = list(sources)
         self.offsets = {}
         self.partial = {}
+        self.modified = {}
         for name, path in self.sources:
             size = 0
             if from_end:
@@ -9972,9 +9973,10 @@ class _LogFollower(object):
 
     def _read(self, path):
         try:
-            size = os.path.getsize(path)
+            status = os.stat(path)
         except OSError:
             return b""
+        size, self.modified[path] = status.st_size, status.st_mtime_ns
         if size < self.offsets[path]:
             # Truncated or replaced: start over rather than miss what is there now.
             self.offsets[path] = 0
@@ -9993,16 +9995,20 @@ class _LogFollower(object):
         return data
 
     def poll(self):
-        """New complete lines since the last call."""
-        lines = []
-        for name, path in self.sources:
+        """New complete lines since the last call, file by file, the file written last at the end
+        (the teardown that a final service's last line caused comes after that line)."""
+        chunks = []
+        for order, (name, path) in enumerate(self.sources):
             data = self.partial[path] + self._read(path)
             if not data:
                 continue
             pieces = data.split(b"\n")
             self.partial[path] = pieces.pop()
-            lines.extend((name, piece.decode("utf-8", "replace")) for piece in pieces)
-        return lines
+            if pieces:
+                chunks.append((self.modified.get(path, 0), order,
+                               [(name, piece.decode("utf-8", "replace")) for piece in pieces]))
+        chunks.sort(key=lambda chunk: chunk[:2])
+        return [line for _, _, lines in chunks for line in lines]
 
     def flush(self):
         """New complete lines plus every held partial line."""

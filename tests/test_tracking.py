@@ -289,6 +289,25 @@ def test_follower_from_end_skips_existing_lines(hc, tmp_path):
     assert follower.poll() == [("a", "new")]
 
 
+def test_follower_gives_the_file_written_last_last(hc, tmp_path):
+    # The worker's last line, then the server's stop that it caused, read in one poll: in that order.
+    web, worker = tmp_path / "web.log", tmp_path / "worker.log"
+    follower = hc._LogFollower([("web", str(web)), ("worker", str(worker))])
+    worker.write_bytes(b"fetched\n")
+    web.write_bytes(b"### hpc-compose: stopping service 'web'\n")
+    os.utime(str(worker), ns=(10 ** 18, 10 ** 18))
+    os.utime(str(web), ns=(10 ** 18 + 1, 10 ** 18 + 1))
+    assert follower.poll() == [("worker", "fetched"),
+                               ("web", "### hpc-compose: stopping service 'web'")]
+    with open(str(web), "ab") as handle:
+        handle.write(b"a\n")
+    with open(str(worker), "ab") as handle:
+        handle.write(b"b\n")
+    os.utime(str(worker), ns=(10 ** 18 + 2, 10 ** 18 + 2))
+    os.utime(str(web), ns=(10 ** 18 + 2, 10 ** 18 + 2))
+    assert follower.poll() == [("web", "a"), ("worker", "b")]  # at the same time: in source order
+
+
 def test_tail_returns_last_lines(hc, tmp_path):
     log = tmp_path / "a.log"
     log.write_text("".join("line %d\n" % i for i in range(5000)))

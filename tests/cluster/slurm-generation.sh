@@ -452,12 +452,13 @@ install_containers() {  # real Enroot and Pyxis inside the root, through the iss
     fi
     SHARED_PATHS=()
     # Enroot's default data and cache paths are under $HOME, which the root shares with the host:
-    # the root's containers go to the root's own /var instead (no clash with the host's Pyxis).
+    # the root's containers go to the root's own /var instead (no clash with the host's Pyxis), in a
+    # folder named after the generation (see ENROOT_DATA_MOUNT below).
     mkdir -p "$ROOT/etc/enroot/enroot.conf.d"
-    write_if_changed "$ROOT/etc/enroot/enroot.conf.d/hpc-compose-root.conf" 0644 <<'EOF' || true
-# Written by tests/cluster/slurm-generation.sh: this root's own Enroot storage (not the shared $HOME).
-ENROOT_DATA_PATH /var/lib/enroot/data/user-$(id -u)
-ENROOT_CACHE_PATH /var/lib/enroot/cache/user-$(id -u)
+    write_if_changed "$ROOT/etc/enroot/enroot.conf.d/hpc-compose-root.conf" 0644 <<EOF || true
+# Written by tests/cluster/slurm-generation.sh: this root's own Enroot storage (not the shared \$HOME).
+ENROOT_DATA_PATH $ENROOT_DATA_MOUNT/slurm-$GEN/user-\$(id -u)
+ENROOT_CACHE_PATH /var/lib/enroot/cache/user-\$(id -u)
 EOF
     after="$(cat "$conf" 2>/dev/null || true)"
     [ -n "$after" ] || die "container-tools.sh install did not register Pyxis in $conf"
@@ -484,6 +485,13 @@ EOF
 # filesystem: with it on the root's own disk, every running container showed as "<unknown>" and
 # exec answered "the container is not running". It is mounted on the host, below the root, and
 # `enter` binds the root recursively, so the daemons, their steps and `exec` all see the same one.
+# The process table is the machine's, so `enroot list -f` also sees the containers running in
+# another root, and it names them by that same relative path. With the data path <tmpfs>/user-0 in
+# both roots, jobs of 24.11 and 26.05 with the same id (both count from 1, and CI runs the same
+# tests in both at once) had containers of the same name, `enroot list -f` listed both under it,
+# and Pyxis joined the first listed (the lowest pid): `hpc-compose exec` ran in the other root's
+# container (and a service started then could have been put in it). The data path is therefore
+# <tmpfs>/slurm-GEN/user-UID: here another root's containers are "<unknown>".
 ENROOT_DATA_MOUNT=/var/lib/enroot/data
 
 mount_enroot_data() {  # mount_enroot_data -> CONFIG_CHANGED=1 when it was not mounted yet

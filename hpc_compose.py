@@ -139,8 +139,10 @@ _SECRETS_DIR_VARIABLE = "HPC_COMPOSE_SECRETS_DIR"
 _PRIVATE_FILE_MODE = 0o600
 _PRIVATE_DIR_MODE = 0o700
 _SHARED_DIR_MODE = 0o750
-_RUNTIMES = ("pyxis", "host")
+_RUNTIMES = ("pyxis", "apptainer", "singularity", "host")
 _DEFAULT_RUNTIME = "pyxis"
+# The runtimes whose services run `apptainer exec` (or `singularity exec`, its older name) under srun.
+_APPTAINER_RUNTIMES = ("apptainer", "singularity")
 # Cache keys carry this instead of the tool's release version: bump it only when the artifact layout
 # or the key recipe changes, so that upgrading hpc-compose does not re-import every image.
 _CACHE_FORMAT_VERSION = 1
@@ -2389,7 +2391,8 @@ def _field_names(fields):
     return tuple(field.name for field in fields)
 
 
-_RUNTIMES_FIELD_TEXT = "pyxis (a container through Pyxis/Enroot) or host (plain srun on the node)"
+_RUNTIMES_FIELD_TEXT = ("pyxis (a container through Pyxis/Enroot), apptainer or singularity (srun "
+                        "apptainer exec), or host (plain srun on the node)")
 _SLURM_STRING_FIELDS = (
     _Field("job_name", "text", "#SBATCH --job-name (default: name, else hpc-compose)"),
     _Field("partition", "text", "#SBATCH --partition"),
@@ -2810,8 +2813,13 @@ _IMAGE_SCHEMES = ("docker://", "dockerd://", "podman://")
 _LOCAL_IMAGE_SUFFIXES = (".sqsh", ".squashfs")
 
 
-def _classify_image(image):
-    """``("local", path)`` or ``("remote", normalized reference)``; raises ``_Invalid``."""
+_SIF_SUFFIX = ".sif"                # a local Apptainer image: only the apptainer runtimes run it
+
+
+def _classify_image(image, runtime=_DEFAULT_RUNTIME):
+    """``("local", path)`` or ``("remote", normalized reference)`` for ``runtime``; raises
+    ``_Invalid``."""
+    apptainer = runtime in _APPTAINER_RUNTIMES
     if not image.strip():
         raise _Invalid("image is empty", hint="name a registry image (redis:7) or a local "
                                               ".sqsh/.squashfs file")
@@ -2820,6 +2828,11 @@ def _classify_image(image):
     lowered = image.lower()
     looks_like_path = image.startswith(("/", "./", "../", "~/")) or image in (".", "..", "~")
     if lowered.endswith(_LOCAL_IMAGE_SUFFIXES):
+        return "local", image
+    if lowered.endswith(_SIF_SUFFIX) and (apptainer or looks_like_path):
+        if not apptainer:
+            raise _Invalid("image %r is an Apptainer .sif file, which Pyxis cannot run" % image,
+                           hint="set x-slurm.runtime: apptainer, or use a .sqsh image")
         return "local", image
     if looks_like_path:
         raise _Invalid("image %r is a path but not a .sqsh or .squashfs file; build contexts are "
@@ -2833,6 +2846,10 @@ def _classify_image(image):
                                 "is assumed)")
         if not image.split("://", 1)[1]:
             raise _Invalid("image %r names no image after the scheme" % image)
+        if apptainer and not image.startswith("docker://"):
+            raise _Invalid("image scheme %r is not supported with the %s runtime"
+                           % (image.split("://", 1)[0], runtime),
+                           hint="use docker:// (or no scheme), or a local .sif or .sqsh file")
         return "remote", image
     return "remote", "docker://" + image
 
@@ -4285,7 +4302,7 @@ class _SpecLoader(object):
         mark = self.mark(path, at_key=True)
         line = mark.line if mark else None
         # A runtime that could not be read (already reported) decides nothing: no "needs an image".
-        image = self.attempt(self.service_image, path, raw, host or runtime is _UNREAD)
+        image = self.attempt(self.service_image, path, raw, host or runtime is _UNREAD, runtime)
         command = self.attempt(self.command_form, path + ("command",), raw.get("command"),
                                default=_UNREAD)
         entrypoint = self.attempt(self.command_form, path + ("entrypoint",),
@@ -4311,14 +4328,14 @@ class _SpecLoader(object):
                            depends_on, readiness, slurm, prepare, runtime, line, profiles,
                            getattr(mark, "file", None), secrets)
 
-    def service_image(self, path, raw, host):
+    def service_image(self, path, raw, host, runtime):
         image = None
         if raw.get("image") is not None:
             # The manual: unset variables in image expand to empty strings (then caught as empty).
             image = self.string(path + ("image",), raw["image"], unset_is_empty=True,
                                 allow_empty=True)
             if not host:
-                self.apply_rule(path + ("image",), _classify_image, image)
+                self.apply_rule(path + ("image",), _classify_image, image, runtime)
             else:
                 self.warnings.append("%s: image '%s' is not used: the service runs with the host "
                                      "runtime" % (self.where(path + ("image",)), image))
@@ -5329,9 +5346,9 @@ def _resolve_cache_dir(spec, environ=None):
     return path
 
 
-def normalize_image(image, project_dir, environ=None) -> ImageRef:
-    """The ``ImageRef`` for an image string (remote reference or local squashfs path)."""
-    kind, value = _classify_image(image)
+def normalize_image(image, project_dir, environ=None, runtime=_DEFAULT_RUNTIME) -> ImageRef:
+    """The ``ImageRef`` for an image string (remote reference, local squashfs or .sif path)."""
+    kind, value = _classify_image(image, runtime)
     if kind == "local":
         return ImageRef("local", resolve_host_path(value, project_dir, environ), None, image)
     return ImageRef("remote", value, _image_registry(value), image)
@@ -5425,7 +5442,8 @@ def build_plan(spec, environ=None) -> Plan:
             if service.runtime == "host" or service.image is None:
                 image = ImageRef("none", "", None, service.image)
             else:
-                image = normalize_image(service.image, spec.project_dir, environ)
+                image = normalize_image(service.image, spec.project_dir, environ,
+                                        service.runtime)
             mounts = _mounts(service.volumes, spec.project_dir, environ)
             prepare = None
             if service.prepare is not None:
@@ -5534,7 +5552,9 @@ def plan_to_dict(plan):
 # Cache layout under x-slurm.cache_dir (shared between the login node and the compute nodes):
 #   base/<key16>-<label>.sqsh       imported remote images, + <artifact>.json manifest
 #   prepared/<key16>-<label>.sqsh   x-enroot.prepare results, + <artifact>.json manifest
+#   base/ and prepared/ .sif        the same for apptainer services (`apptainer build`)
 #   enroot/{cache,data}/            ENROOT_CACHE_PATH (layer cache) and ENROOT_DATA_PATH (prepare rootfs)
+#   apptainer/cache/                APPTAINER_CACHEDIR (layer cache of `apptainer build`)
 # The file name carries the first 16 hex digits of the cache key, so a changed input is a different
 # file: nothing is ever overwritten in place, and a hit is "the file exists" (one stat, no hashing).
 
@@ -5548,6 +5568,7 @@ class Artifact(NamedTuple):
     # ((category, digest), ...): what the key covers, for "why it rebuilds"
     inputs: Tuple[Tuple[str, str], ...] = ()
     enroot_uri: Optional[str] = None  # base: the URI handed to `enroot import`
+    builder: str = "enroot"        # enroot (.sqsh) | apptainer | singularity (.sif, `build`)
 
 
 class ServiceImage(NamedTuple):
@@ -5567,6 +5588,7 @@ class RuntimePlan(NamedTuple):
 
 class PrepareOptions(NamedTuple):
     enroot_bin: str = "enroot"
+    apptainer_bin: Optional[str] = None  # None: the runtime's own command (apptainer, singularity)
     force: bool = False            # prepare --force / submit --force-rebuild
     keep_failed: bool = False      # --keep-failed-prep
 
@@ -5664,7 +5686,7 @@ def _artifact_label(text):
             name = name[len(prefix):]
     name = name.split("#")[-1].split("@")[0]
     name = name.rstrip("/").rsplit("/", 1)[-1]
-    for suffix in (".sqsh", ".squashfs"):
+    for suffix in (".sqsh", ".squashfs", _SIF_SUFFIX):
         if name.endswith(suffix):
             name = name[:-len(suffix)]
     name = name.replace(":", "-")
@@ -5705,22 +5727,35 @@ def _mount_text(mount):
     return text
 
 
-def _make_artifact(cache_dir, kind, label, source, inputs, uri=None):
+def _make_artifact(cache_dir, kind, label, source, inputs, uri=None, builder="enroot"):
+    # An Enroot key stays as it always was; a .sif names its format, so the two never share a key.
+    if builder != "enroot":
+        inputs = tuple(inputs) + (("format", "sif"),)
     key = _digest(["hpc-compose-cache", "format=%d" % _CACHE_FORMAT_VERSION, kind]
                   + ["%s=%s" % pair for pair in inputs])
     path = os.path.join(cache_dir, kind if kind == "base" else "prepared",
-                        "%s-%s.sqsh" % (key[:16], label))
+                        "%s-%s%s" % (key[:16], label, ".sqsh" if builder == "enroot"
+                                     else _SIF_SUFFIX))
     return Artifact(kind=kind, path=path, manifest_path=path + _MANIFEST_SUFFIX, cache_key=key,
-                    source=source, inputs=tuple(inputs), enroot_uri=uri)
+                    source=source, inputs=tuple(inputs), enroot_uri=uri, builder=builder)
 
 
-def _base_artifact(cache_dir, reference):
+def _image_builder(runtime):
+    """The tool that builds a service's images: enroot, or the apptainer command of the runtime."""
+    return runtime if runtime in _APPTAINER_RUNTIMES else "enroot"
+
+
+def _base_artifact(cache_dir, reference, builder="enroot"):
+    if builder != "enroot":
+        # `apptainer build` takes Docker's own reference syntax (docker://redis:7).
+        return _make_artifact(cache_dir, "base", _artifact_label(reference), reference,
+                              (("image", _digest([reference])),), builder=builder)
     uri = enroot_uri(reference)
     return _make_artifact(cache_dir, "base", _artifact_label(uri), reference,
                           (("image", _digest([uri])),), uri=uri)
 
 
-def _prepared_artifact(cache_dir, base_source, base_identity, prepare):
+def _prepared_artifact(cache_dir, base_source, base_identity, prepare, builder="enroot"):
     inputs = (
         ("base", _digest([base_identity])),
         ("commands", _digest(prepare.commands)),
@@ -5729,7 +5764,7 @@ def _prepared_artifact(cache_dir, base_source, base_identity, prepare):
         ("root", "true" if prepare.root else "false"),
     )
     return _make_artifact(cache_dir, "prepared", _artifact_label(base_source) + "-prepared",
-                          base_source, inputs)
+                          base_source, inputs, builder=builder)
 
 
 # --- runtime plan ---------------------------------------------------------------------------------
@@ -5747,18 +5782,20 @@ def _service_image(cache_dir, service):
     if service.runtime == "host" or service.image is None or service.image.kind == "none":
         return ServiceImage(service=service.name, container_image=None)
     image = service.image
+    builder = _image_builder(service.runtime)
     base = None
     local_path = None
     if image.kind == "local":
         local_path = image.reference
         base_identity = "local " + _local_image_identity(local_path)
     else:
-        base = _base_artifact(cache_dir, image.reference)
+        base = _base_artifact(cache_dir, image.reference, builder)
         base_identity = "base " + base.cache_key
     prepared = None
     rebuild = False
     if service.prepare is not None:
-        prepared = _prepared_artifact(cache_dir, image.reference, base_identity, service.prepare)
+        prepared = _prepared_artifact(cache_dir, image.reference, base_identity, service.prepare,
+                                      builder)
         rebuild = bool(service.prepare.mounts)
     if prepared is not None:
         container_image = prepared.path
@@ -5806,20 +5843,37 @@ def _enroot_environment(cache_dir, environ=None):
     return env
 
 
-def _check_private_temp_dir(path):
+def _check_private_temp_dir(path, variable="ENROOT_TEMP_PATH"):
     """Our fixed-name folder in the shared temporary directory: owner-only, or refused when
     someone else made it first (or made it a link), since image imports unpack there."""
     try:
         os.mkdir(path, _PRIVATE_DIR_MODE)
     except FileExistsError:
         pass
-    _check_own_directory(path, "image imports unpack there; set ENROOT_TEMP_PATH to a folder of "
-                               "your own instead")
+    _check_own_directory(path, "image imports unpack there; set %s to a folder of your own "
+                               "instead" % variable)
     # Ours; an older release made it with the umask's mode.
     _set_directory_mode(path, _PRIVATE_DIR_MODE)
 
 
-def _run_enroot(argv, env, output=None):
+def _apptainer_environment(cache_dir, environ=None):
+    """The environment of our apptainer builds: the layer cache under the shared cache dir, the
+    build's scratch space node-local (as for Enroot); Apptainer needs both to exist already."""
+    import tempfile
+    env = dict(os.environ if environ is None else environ)
+    env["APPTAINER_CACHEDIR"] = os.path.join(cache_dir, "apptainer", "cache")
+    if not env.get("APPTAINER_TMPDIR"):
+        env["APPTAINER_TMPDIR"] = os.path.join(tempfile.gettempdir(),
+                                               "hpc-compose-apptainer-%d" % os.getuid())
+        _check_private_temp_dir(env["APPTAINER_TMPDIR"], "APPTAINER_TMPDIR")
+    for key in ("APPTAINER_CACHEDIR", "APPTAINER_TMPDIR"):
+        os.makedirs(env[key], exist_ok=True)
+        # SingularityCE reads only its own names.
+        env["SINGULARITY_" + key[len("APPTAINER_"):]] = env[key]
+    return env
+
+
+def _run_enroot(argv, env, output=None, tool_hint=None):
     """Run one enroot command, streaming its output lines to ``output`` (a callable) as they come.
 
     This does not use ``_run_command`` because an import can run for many minutes and the user must
@@ -5836,7 +5890,8 @@ def _run_enroot(argv, env, output=None):
                                    start_new_session=True)
     except FileNotFoundError:
         raise ToolError("required binary '%s' was not found" % argv[0],
-                        hint="install Enroot, load its module, or pass its path with --enroot-bin")
+                        hint=tool_hint or "install Enroot, load its module, or pass its path "
+                                          "with --enroot-bin")
     except PermissionError:
         raise ToolError("'%s' is not executable" % argv[0],
                         hint="pass the path of a working enroot with --enroot-bin")
@@ -5861,11 +5916,11 @@ def _run_enroot(argv, env, output=None):
     return code, list(tail)
 
 
-def _enroot_failure(step, argv, code, tail, hint=None):
+def _enroot_failure(step, argv, code, tail, hint=None, tool="enroot"):
     text = "%s failed (exit %d): %s" % (step, code, " ".join(shell_quote(a) for a in argv))
     detail = [line for line in tail if line.strip()][-8:]
     if detail:
-        text += "\n  enroot said:\n" + "\n".join("    " + line for line in detail)
+        text += "\n  %s said:\n" % tool + "\n".join("    " + line for line in detail)
     return ToolError(text, hint=hint)
 
 
@@ -5893,6 +5948,8 @@ def _manifest_for(artifact, plan, services, service_plan=None, base_path=None, l
         "created_by": plan.compose_file,
         "built_with": __version__,
     }
+    if artifact.builder != "enroot":
+        manifest["builder"] = artifact.builder
     if artifact.kind == "prepared":
         manifest.update({
             "base_artifact": base_path,
@@ -5960,6 +6017,7 @@ class _PrepareRun(object):
         self.options = options
         self.progress = progress
         self.env = None
+        self.apptainer_env = None
         self.built = set()         # artifact paths built in this run (force rebuilds each once)
 
     def say(self, text):
@@ -5973,6 +6031,12 @@ class _PrepareRun(object):
 
     def enroot(self, args):
         return [self.options.enroot_bin] + list(args)
+
+    def apptainer(self, builder, args):
+        """The argv and environment of one ``apptainer`` (or ``singularity``) call."""
+        if self.apptainer_env is None:
+            self.apptainer_env = _apptainer_environment(self.runtime_plan.cache_dir)
+        return [self.options.apptainer_bin or builder] + list(args), self.apptainer_env
 
     def needs_build(self, artifact, always=False):
         if artifact.path in self.built:
@@ -6081,20 +6145,24 @@ def _ensure_base(run, artifact, users):
             run.say("reusing %s for %s (imported meanwhile by another prepare)"
                     % (artifact.path, artifact.source))
             return "reused"
-        env = run.enroot_env()
         partial = _partial_path(artifact.path)
         _remove_quietly(partial)
-        argv = run.enroot(["import", "--output", partial, artifact.enroot_uri])
-        run.say("importing %s -> %s" % (artifact.enroot_uri, artifact.path))
+        if artifact.builder == "enroot":
+            env = run.enroot_env()
+            argv = run.enroot(["import", "--output", partial, artifact.enroot_uri])
+            step = "enroot import of %s" % artifact.enroot_uri
+        else:
+            argv, env = run.apptainer(artifact.builder, ["build", partial, artifact.source])
+            step = "%s build of %s" % (artifact.builder, artifact.source)
+        run.say("importing %s -> %s" % (artifact.enroot_uri or artifact.source, artifact.path))
         started = time.time()
         try:
-            code, tail = _run_enroot(argv, env, run.progress)
+            code, tail = _run_enroot(argv, env, run.progress, _builder_hint(artifact.builder))
             if code != 0:
-                raise _enroot_failure("enroot import of %s" % artifact.enroot_uri, argv, code, tail,
-                                      hint=_import_hint(artifact, tail))
+                raise _enroot_failure(step, argv, code, tail, hint=_import_hint(artifact, tail),
+                                      tool=artifact.builder)
             if not os.path.isfile(partial):
-                raise ToolError("enroot import of %s reported success but wrote no file at %s"
-                                % (artifact.enroot_uri, partial))
+                raise ToolError("%s reported success but wrote no file at %s" % (step, partial))
             os.replace(partial, artifact.path)
         finally:
             _remove_quietly(partial)
@@ -6102,12 +6170,24 @@ def _ensure_base(run, artifact, users):
         _record_build(artifact, _manifest_for(artifact, run.plan, users.get(artifact.path, ())),
                       elapsed)
         run.built.add(artifact.path)
-        run.say("imported %s in %.1fs" % (artifact.enroot_uri, elapsed))
+        run.say("imported %s in %.1fs" % (artifact.enroot_uri or artifact.source, elapsed))
         return "built"
+
+
+def _builder_hint(builder):
+    """The hint when the build tool itself is missing (None: Enroot's own)."""
+    if builder == "enroot":
+        return None
+    return ("install Apptainer (or SingularityCE), load its module, or pass its path with "
+            "--apptainer-bin")
 
 
 def _import_hint(artifact, tail):
     text = "\n".join(tail)
+    if ("401" in text or "403" in text or "nauthorized" in text) and artifact.builder != "enroot":
+        return ("the registry refused the pull: log in with '%s registry login --username USER "
+                "docker://%s' (or set APPTAINER_DOCKER_USERNAME and APPTAINER_DOCKER_PASSWORD)"
+                % (artifact.builder, _registry_host(artifact.source) or "REGISTRY"))
     if "401" in text or "403" in text or "nauthorized" in text:
         return ("the registry refused the pull: add credentials for %s to Enroot's credentials file "
                 "($ENROOT_CONFIG_PATH/.credentials); 'hpc-compose preflight' shows which machine "
@@ -6145,17 +6225,73 @@ def _enroot_start_args(name, prepare, command):
     return args + [name, "/bin/sh", "-lc", command]
 
 
+def _apptainer_definition(base_path, prepare):
+    """The definition file of an apptainer prepare: the base image, the commands in ``%post``."""
+    lines = ["Bootstrap: localimage", "From: " + base_path, "", "%post", "    set -e"]
+    for key, value in prepare.env:
+        lines.append("    export %s=%s" % (key, shell_quote(value)))
+    for command in prepare.commands:
+        # Each command in its own login shell, as `enroot start ... /bin/sh -lc` runs it.
+        text = shell_quote(command)
+        if any(line.startswith("%") for line in text.split("\n")[1:]):
+            raise ToolError("a prepare command has a line that starts with '%%', which a "
+                            "definition file reads as a new section: %r" % command,
+                            hint="indent that line, or put the commands in a script")
+        lines.append("    /bin/sh -lc " + text)
+    return "\n".join(lines) + "\n"
+
+
+def _apptainer_prepare_argv(run, prepared, prepare, partial, definition):
+    """``apptainer build --fakeroot [--bind M]... PARTIAL DEFINITION``: %post needs root in the
+    image, which a user gets through fakeroot (and root too, on nodes without CAP_SYS_RESOURCE)."""
+    args = ["build", "--fakeroot"]
+    for mount in prepare.mounts:
+        args += ["--bind", _mount_text(mount)]
+    return run.apptainer(prepared.builder, args + [partial, definition])
+
+
+def _build_prepared_sif(run, service, image, base_path):
+    """Build the prepared .sif of an apptainer service from a definition file."""
+    import tempfile
+    prepared = image.prepared
+    partial = _partial_path(prepared.path)
+    _remove_quietly(partial)
+    handle, definition = tempfile.mkstemp(prefix="hpc-compose-prepare-", suffix=".def")
+    try:
+        with os.fdopen(handle, "w") as stream:
+            stream.write(_apptainer_definition(base_path, service.prepare))
+        argv, env = _apptainer_prepare_argv(run, prepared, service.prepare, partial, definition)
+        code, tail = _run_enroot(argv, env, run.progress, _builder_hint(prepared.builder))
+        if code != 0:
+            raise _enroot_failure("%s build of the prepared image of service '%s'"
+                                  % (prepared.builder, service.name), argv, code, tail,
+                                  tool=prepared.builder,
+                                  hint="fix the command in services.%s.x-enroot.prepare.commands "
+                                       "and run 'hpc-compose prepare' again" % service.name)
+        if not os.path.isfile(partial):
+            raise ToolError("%s build for service '%s' reported success but wrote no file at %s"
+                            % (prepared.builder, service.name, partial))
+        os.replace(partial, prepared.path)
+    finally:
+        _remove_quietly(partial)
+        _remove_quietly(definition)
+
+
 def _build_prepared(run, service, image, base_path, services):
     import time
     prepared = image.prepared
     prepare = service.prepare
+    run.say("preparing %s from %s (%d command%s)"
+            % (service.name, base_path, len(prepare.commands), "" if len(prepare.commands) == 1 else "s"))
+    started = time.time()
+    if prepared.builder != "enroot":
+        _build_prepared_sif(run, service, image, base_path)
+        _finish_prepared(run, service, image, base_path, services, started)
+        return
     env = run.enroot_env()
     name = _prepare_container_name(prepared)
     partial = _partial_path(prepared.path)
     _remove_quietly(partial)
-    run.say("preparing %s from %s (%d command%s)"
-            % (service.name, base_path, len(prepare.commands), "" if len(prepare.commands) == 1 else "s"))
-    started = time.time()
     created = False
     try:
         argv = run.enroot(["create", "--force", "--name", name, base_path])
@@ -6203,6 +6339,13 @@ def _build_prepared(run, service, image, base_path, services):
     code, tail = _run_enroot(remove_argv, env, None)
     if code != 0:
         run.say("warning: could not remove the prepare container %s: %s" % (name, " ".join(tail[-2:])))
+    _finish_prepared(run, service, image, base_path, services, started)
+
+
+def _finish_prepared(run, service, image, base_path, services, started):
+    """Record a prepared image just built: its manifest, and this run's set of built artifacts."""
+    import time
+    prepared = image.prepared
     elapsed = time.time() - started
     local_base = None
     if image.local_path:
@@ -6215,7 +6358,7 @@ def _build_prepared(run, service, image, base_path, services):
 
 # --- cache list / inspect (prune_cache ends job tracking: it asks which jobs still run) -----------
 
-_ARTIFACT_SUFFIXES = (".sqsh", ".squashfs")
+_ARTIFACT_SUFFIXES = (".sqsh", ".squashfs", _SIF_SUFFIX)
 
 
 def _cache_artifact_paths(cache_dir):
@@ -15054,6 +15197,12 @@ def _add_tool_arguments(parser, names):
                             help="%s executable (default: %s from PATH)" % (name, name))
 
 
+def _add_apptainer_argument(parser):
+    parser.add_argument("--apptainer-bin", dest="apptainer_bin", metavar="PATH",
+                        help="apptainer executable that builds .sif images (default: apptainer, "
+                             "or singularity for x-slurm.runtime: singularity, from PATH)")
+
+
 def _add_job_id_argument(parser):
     parser.add_argument("--job-id", dest="job_id", metavar="ID",
                         help="a Slurm job id (default: the latest job submitted from this compose dir)")
@@ -15086,6 +15235,7 @@ def _add_submit_arguments(parser, services=True, script="hpc-compose.sbatch"):
                              "(alone: --after latest:afterok)")
     _add_tool_arguments(parser, ("enroot", "srun", "sbatch", "squeue", "sacct", "scontrol",
                                  "scancel"))
+    _add_apptainer_argument(parser)
     _add_format_argument(parser)
 
 
@@ -15332,7 +15482,8 @@ def _prepare_for_run(args, plan, runtime_plan, say):
     if not args.skip_prepare and _needs_images(plan):
         try:
             prepare_images(runtime_plan, PrepareOptions(
-                enroot_bin=args.enroot_bin, force=args.force_rebuild,
+                enroot_bin=args.enroot_bin, apptainer_bin=args.apptainer_bin,
+                force=args.force_rebuild,
                 keep_failed=args.keep_failed_prep), progress=say)
         except NotImplementedError:
             raise ToolError("image preparation is not available in this build",
@@ -15843,6 +15994,7 @@ def _add_preflight_parser(subparsers):
                         help="check what 'up --local' needs here (no sbatch; enroot, not Pyxis, "
                              "outside Slurm)")
     _add_tool_arguments(parser, ("enroot", "srun", "sbatch"))
+    _add_apptainer_argument(parser)
     _add_format_argument(parser)
 
 
@@ -15877,6 +16029,7 @@ def _add_prepare_parser(subparsers):
     # --srun-bin/--sbatch-bin are accepted (the manual gives prepare the same override flags as
     # preflight and submit) but prepare itself runs only enroot.
     _add_tool_arguments(parser, ("enroot", "srun", "sbatch"))
+    _add_apptainer_argument(parser)
     _add_format_argument(parser)
 
 
@@ -15911,7 +16064,8 @@ def _cmd_prepare(args):
     _spec, plan = _load_plan_from_args(args)
     runtime_plan = build_runtime_plan(plan)
     results = prepare_images(runtime_plan, PrepareOptions(
-        enroot_bin=args.enroot_bin, force=args.force, keep_failed=args.keep_failed_prep),
+        enroot_bin=args.enroot_bin, apptainer_bin=args.apptainer_bin, force=args.force,
+        keep_failed=args.keep_failed_prep),
         progress=_progress_to_stderr)
     if fmt == "json":
         _print_json(_prepare_results_to_dict(runtime_plan, results))

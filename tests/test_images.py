@@ -914,3 +914,93 @@ def test_cli_cache_list_without_a_compose_file_lists_the_home_cache(tmp_path, cl
     home = tmp_path / "home"
     result = cli(["cache", "list"], cwd=str(tmp_path), env={"HOME": str(home)})
     assert result.out == "no cache entries found in %s\n" % (home / ".cache" / "hpc-compose")
+
+
+# -- apptainer services: .sif images through the stand-in apptainer ---------------------------------
+
+APPTAINER_STANDIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "standins", "apptainer")
+
+
+@pytest.fixture
+def apptainer(tmp_path, monkeypatch):
+    """The stand-in apptainer, logging to a temporary file; returns the log reader."""
+    log = EnrootLog(str(tmp_path / "apptainer-calls.jsonl"))
+    monkeypatch.setenv("APPTAINER_STANDIN_LOG", log.path)
+    monkeypatch.setenv("APPTAINER_TMPDIR", str(tmp_path / "apptainer-tmp"))
+    monkeypatch.delenv("APPTAINER_STANDIN_FAIL", raising=False)
+    return log
+
+
+def apptainer_options(**kw):
+    return hc.PrepareOptions(enroot_bin=STANDIN, apptainer_bin=APPTAINER_STANDIN, **kw)
+
+
+def test_apptainer_service_image_is_a_sif_with_its_own_cache_key(tmp_path):
+    plan = make_plan(tmp_path, [make_service("a", "redis:7", runtime="apptainer"),
+                                make_service("p", "redis:7")])
+    sif, sqsh = [image.base for image in hc.build_runtime_plan(plan).images]
+    assert sif.path.startswith(str(tmp_path / "cache" / "base") + os.sep)
+    assert sif.path.endswith("-redis-7.sif") and sqsh.path.endswith("-redis-7.sqsh")
+    assert sif.builder == "apptainer" and sif.enroot_uri is None and sif.source == "docker://redis:7"
+    assert sif.cache_key != sqsh.cache_key
+    assert dict(sif.inputs)["format"] == "sif" and "format" not in dict(sqsh.inputs)
+
+
+def test_singularity_and_apptainer_services_share_one_sif(tmp_path):
+    plan = make_plan(tmp_path, [make_service("a", "redis:7", runtime="apptainer"),
+                                make_service("s", "redis:7", runtime="singularity")])
+    first, second = [image.base for image in hc.build_runtime_plan(plan).images]
+    assert first.path == second.path
+
+
+def test_apptainer_build_then_cache_hit_builds_nothing(tmp_path, apptainer, enroot):
+    plan = make_plan(tmp_path, [make_service("a", "redis:7", runtime="apptainer")])
+    rp = hc.build_runtime_plan(plan)
+    base = rp.images[0].base
+    results = hc.prepare_images(rp, apptainer_options())
+    calls = apptainer.calls()
+    assert [c["argv"] for c in calls] == [["build", partial_of(base.path), "docker://redis:7"]]
+    assert calls[0]["env"]["APPTAINER_CACHEDIR"] == str(tmp_path / "cache" / "apptainer" / "cache")
+    assert calls[0]["env"]["APPTAINER_TMPDIR"] == str(tmp_path / "apptainer-tmp")
+    assert results[0].runtime_action == "built" and results[0].artifact == base.path
+    manifest = hc._load_manifest(base.path)
+    assert manifest["builder"] == "apptainer" and manifest["source_image"] == "docker://redis:7"
+    again = hc.prepare_images(hc.build_runtime_plan(plan), apptainer_options())
+    assert again[0].runtime_action == "reused" and len(apptainer.calls()) == 1
+    assert enroot.calls() == []
+    assert [e["artifact_path"] for e in hc.list_cache(str(tmp_path / "cache"))] == [base.path]
+
+
+def test_apptainer_prepare_is_a_definition_file_built_with_fakeroot(tmp_path, apptainer):
+    prepare = hc.PreparePlan(commands=("apt-get update", "echo 'done'"),
+                             mounts=(hc.Mount(str(tmp_path), "/src", "ro"),),
+                             env=(("MODE", "a b"),))
+    plan = make_plan(tmp_path, [make_service("a", "redis:7", runtime="apptainer",
+                                             prepare=prepare)])
+    rp = hc.build_runtime_plan(plan)
+    image = rp.images[0]
+    assert image.container_image == image.prepared.path and image.prepared.path.endswith(".sif")
+    hc.prepare_images(rp, apptainer_options())
+    build_base, build_prepared = apptainer.calls()
+    argv = build_prepared["argv"]
+    assert argv[:4] == ["build", "--fakeroot", "--bind", "%s:/src:ro" % tmp_path]
+    assert argv[4] == partial_of(image.prepared.path) and argv[5].endswith(".def")
+    assert not os.path.exists(argv[5])
+    assert build_prepared["definition"] == (
+        "Bootstrap: localimage\nFrom: %s\n\n%%post\n    set -e\n    export MODE='a b'\n"
+        "    /bin/sh -lc 'apt-get update'\n    /bin/sh -lc 'echo '\"'\"'done'\"'\"''\n"
+        % image.base.path)
+    assert os.path.isfile(image.prepared.path)
+
+
+def test_apptainer_build_failure_names_the_tool_and_leaves_no_file(tmp_path, apptainer,
+                                                                   monkeypatch):
+    monkeypatch.setenv("APPTAINER_STANDIN_FAIL", "build")
+    rp = hc.build_runtime_plan(make_plan(tmp_path, [make_service("a", "redis:7",
+                                                                 runtime="apptainer")]))
+    with pytest.raises(hc.ToolError) as info:
+        hc.prepare_images(rp, apptainer_options())
+    assert "apptainer build of docker://redis:7 failed (exit 255)" in info.value.message
+    assert "apptainer said:" in info.value.message
+    assert not os.listdir(os.path.dirname(rp.images[0].base.path)) or \
+        not any(n.endswith(".sif") for n in os.listdir(os.path.dirname(rp.images[0].base.path)))

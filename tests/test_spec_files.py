@@ -436,7 +436,7 @@ def test_a_bad_runtime_does_not_also_ask_for_an_image(hc, project):
     for text in ("x-slurm:\n  runtime: hots\nservices:\n  app:\n    command: [run]\n",
                  "services:\n  app:\n    command: [run]\n    x-slurm:\n      runtime: hots\n"):
         found = errors(hc, project, [("compose.yaml", text)])
-        assert [e.message for e in found] == ["'hots' is not one of pyxis, host"]
+        assert [e.message for e in found] == ["'hots' is not one of pyxis, apptainer, singularity, host"]
 
 
 # --- secrets and long-syntax volumes in the same report --------------------------------------------

@@ -7640,7 +7640,7 @@ watch_restart() {  # a service between two launches: being stopped, or in its ba
 # must reach the step directly. A service whose step is not found (not registered yet, or no Slurm
 # tools) gets the signal on its srun instead. Fails only when no step at all was signalled.
 signal_steps() {
-    local signal=$1 listing line i steps=() found=()
+    local signal=$1 listing line i steps=() found=()@{tasks}
     shift
     if command -v squeue >/dev/null 2>&1; then
         # "<job>.<step> hpc-compose:<token>" lines
@@ -7650,15 +7650,14 @@ signal_steps() {
             if [[ $listing == *$'\n'* ]]; then listing=${listing#*$'\n'}; else listing=''; fi
             for i in "$@"; do
                 if [[ ${line#* } == "hpc-compose:${TOKEN[i]}" ]]; then
-                    steps+=("${line%% *}") found[i]=1
-                fi
+@{collect_step}                fi
             done
         done
     fi
     for i in "$@"; do
         if [[ -z ${found[i]:-} && -n ${PID[i]} ]]; then @{signal_fallback}; fi
     done
-    (( ${#steps[@]} > 0 )) || return 1
+@{signal_tasks}    (( ${#steps[@]} > 0 )) || return 1
     scancel --quiet --signal="$signal" "${steps[@]}" 2>/dev/null
 }
 
@@ -7812,6 +7811,36 @@ on_signal() {
     end_as_slurm_says "$number"
     finish cancelled $((128 + number)) "the job was cancelled (SIG$name)"
 }
+"""
+
+# signal_steps' collection of the steps to signal: every step through scancel, or (a job with
+# apptainer services, whose indices @{patterns} matches) theirs through the task signal below.
+_COLLECT_STEP_TEMPLATE = """\
+                    steps+=("${line%% *}") found[i]=1
+"""
+_COLLECT_TASK_STEP_TEMPLATE = """\
+                    case $signal:$i in
+                        KILL:*) steps+=("${line%% *}") ;;
+                        @{patterns}) tasks+=("${line%% *}") ;;
+                        *) steps+=("${line%% *}") ;;
+                    esac
+                    found[i]=1
+"""
+# Apptainer: scancel --signal reaches every process of the step, squashfuse_ll included, and the
+# service then often dies of a bus error in its own handler. The step's task process (apptainer
+# itself) passes the signal on once: so it goes there, on this node (scontrol listpids); a step
+# with no task here (another node) still gets scancel.
+_SIGNAL_TASKS_CALL_TEMPLATE = r"""    local tasks_left=() step pid rest sent
+    for step in "${tasks[@]}"; do
+        sent=0
+        while read -r pid _ _ rest; do
+            [[ ${rest%% *} =~ ^[0-9]+$ ]] || continue
+            kill -"$signal" "$pid" 2>/dev/null && sent=1
+        done < <(scontrol listpids "$step" 2>/dev/null)
+        (( sent )) || tasks_left+=("$step")
+    done
+    steps+=("${tasks_left[@]}")
+    (( ${#tasks[@]} > ${#tasks_left[@]} )) && (( ${#steps[@]} == 0 )) && return 0
 """
 
 # Teardown's line for a job with secrets; _teardown_values holds finish's other per-feature lines.
@@ -8420,9 +8449,12 @@ def _job_ending_services(plan):
     return ending or [s.name for s in plan.services]
 
 
-def _container_argv(service):
-    """The argv after the srun options: shell form, exec form, or nothing (image default)."""
+def _container_argv(service, image=None):
+    """The argv after the srun options (after the apptainer options for an apptainer service):
+    shell form, exec form, or nothing (image default). ``image`` is the service's ServiceImage."""
     execution = service.execution
+    if service.runtime in _APPTAINER_RUNTIMES:
+        return _apptainer_argv(service, image)
     if execution.form == "shell":
         return ["/bin/sh", "-c", execution.script]
     if execution.form == "exec":
@@ -8437,6 +8469,79 @@ def _container_argv(service):
     # srun needs a command, so the image default is run the way enroot start does: /etc/rc (made
     # by enroot import) changes to the image's WORKDIR and execs its ENTRYPOINT + CMD.
     return ["/bin/sh", "/etc/rc"]
+
+
+def _runs_image_default(service, image):
+    """True when an apptainer service starts with ``apptainer run``: a .sif's runscript applies the
+    image's ENTRYPOINT and CMD by Compose's rules (`apptainer exec` would bypass both)."""
+    execution = service.execution
+    return (image.container_image.endswith(_SIF_SUFFIX)
+            and (execution.form == "default" or execution.use_image_entrypoint))
+
+
+def _apptainer_argv(service, image):
+    """The words after the image for an apptainer service."""
+    execution = service.execution
+    words = []
+    if not image.container_image.endswith(_SIF_SUFFIX) and \
+            (execution.form == "default" or execution.use_image_entrypoint):
+        # A SquashFS image made by enroot has no runscript; its /etc/rc changes to the image's
+        # WORKDIR and execs ENTRYPOINT with the arguments (CMD without), as under Pyxis.
+        words = ["/bin/sh", "/etc/rc"]
+    if execution.form == "shell":
+        return words + ["/bin/sh", "-c", execution.script]
+    # `apptainer exec` resolves a bare program name in the container: no /bin/sh in between.
+    return words + list(execution.argv)
+
+
+# The step's first command for an apptainer service: --cleanenv keeps the submitting shell out of
+# the container, so Slurm's task variables (SLURM_PROCID... set per task on the node), the job's
+# HPC_COMPOSE_* and the GPU visibility Slurm chose pass in explicitly, unless the service's step
+# environment already sets them. $1 is the APPTAINERENV_ (or SINGULARITYENV_) prefix.
+_APPTAINER_STEP_WRAPPER = ('prefix=$1; shift; for name in "${!SLURM@}" "${!HPC_COMPOSE_@}" '
+                           'CUDA_VISIBLE_DEVICES ROCR_VISIBLE_DEVICES; do variable=$prefix$name; '
+                           '[[ -v $name && ! -v $variable ]] && export "$variable=${!name}"; done; '
+                           'exec "$@"')
+
+
+def _apptainer_env_prefix(runtime):
+    """APPTAINERENV_ (apptainer) or SINGULARITYENV_ (singularity): the names it passes in."""
+    return "SINGULARITYENV_" if runtime == "singularity" else "APPTAINERENV_"
+
+
+def _apptainer_lines(runtime_plan, index):
+    """The words of an apptainer service after the srun options, up to and with the image, in the
+    groups the script writes one per line.
+
+    The defaults, each for a reason: --cleanenv (the service sees its image's environment, its own
+    and the job's, not the submitting shell's), --no-eval (values reach it byte for byte: Apptainer
+    would otherwise run `...` and $(...) in them), --contain (no home, /tmp or current directory
+    from the node: only what volumes bind, as under Pyxis), --writable-tmpfs (the image's file
+    system is writable in memory, as a Pyxis container's is), --nv when the service asks for
+    GPUs. No --pid or --ipc: signals reach the payload directly, and Slurm tracks its processes.
+    """
+    service = runtime_plan.plan.services[index]
+    image = runtime_plan.images[index]
+    action = "run" if _runs_image_default(service, image) else "exec"
+    command = [(service.runtime,), ("--quiet",), (action,), ("--cleanenv",), ("--no-eval",),
+               ("--contain",), ("--writable-tmpfs",)]
+    if service.gpus or (service.gres is not None and "gpu" in service.gres):
+        command.append(("--nv",))
+    lines = [[("bash",), ("-c",), (_APPTAINER_STEP_WRAPPER,), ("hpc-compose-apptainer",),
+              (_apptainer_env_prefix(service.runtime),)], command,
+             [("--bind",), (_ShellVariable("JOB_DIR"), ":" + _JOB_MOUNT)]]
+    resume = runtime_plan.plan.slurm.resume
+    if resume is not None:
+        lines.append([("--bind",), (resume.path + ":" + _RESUME_MOUNT,)])
+    if service.secrets:
+        lines.append([("--bind",), (_ShellVariable("JOB_DIR"), "/%s/%s:%s:ro" % (
+            _SECRETS_DIR_NAME, service.token, _SECRETS_MOUNT))])
+    for mount in service.mounts:
+        lines.append([("--bind",), (_mount_text(mount),)])
+    if service.working_dir:
+        lines.append([("--pwd",), (service.working_dir,)])
+    lines.append([(image.container_image,)])
+    return lines
 
 
 def _env_names(runtime_plan, service):
@@ -8465,6 +8570,10 @@ def _environment_parts(runtime_plan, index):
     if service.secrets:
         tool.append((_SECRETS_DIR_VARIABLE, _secrets_location(service)))
     # The tool's own names come last so that they win over a spec value of the same name.
+    if service.runtime in _APPTAINER_RUNTIMES:
+        # Apptainer passes these into the container, unevaluated (--no-eval), without the prefix.
+        prefix = _apptainer_env_prefix(service.runtime)
+        return [(prefix + key, parts) for key, parts in items + tool]
     return items + tool
 
 
@@ -8480,13 +8589,20 @@ def service_environment(runtime_plan, index):
     return [(key, _shown_word(*parts)) for key, parts in _environment_parts(runtime_plan, index)]
 
 
-def _mount_parts(runtime_plan, service):
-    """Parts of the --container-mounts value: the job dir first, then resume, then volumes."""
+def _check_mount_paths(service):
+    """Pyxis and Apptainer both split mounts at ',' and fields at ':'."""
     for mount in service.mounts:
         for path in (mount.host, mount.container):
             if "," in path or ":" in path:
                 raise HpcComposeError("volume path %r of service '%s' contains ',' or ':', which "
-                                      "Pyxis cannot mount" % (path, service.name))
+                                      "%s cannot mount" % (path, service.name,
+                                                           "Apptainer" if service.runtime
+                                                           in _APPTAINER_RUNTIMES else "Pyxis"))
+
+
+def _mount_parts(runtime_plan, service):
+    """Parts of the --container-mounts value: the job dir first, then resume, then volumes."""
+    _check_mount_paths(service)
     parts = [_ShellVariable("JOB_DIR"), ":" + _JOB_MOUNT]
     resume = runtime_plan.plan.slurm.resume
     if resume is not None:
@@ -8529,6 +8645,8 @@ def _srun_parts(runtime_plan, index):
     if service.runtime == "host":
         if service.working_dir:
             words.append(("--chdir=%s" % service.working_dir,))
+    elif service.runtime in _APPTAINER_RUNTIMES:
+        _check_mount_paths(service)
     else:
         image = runtime_plan.images[index].container_image
         words.append(("--container-image=%s" % image,))
@@ -8544,7 +8662,10 @@ def _srun_parts(runtime_plan, index):
         else:
             words.append(("--no-container-entrypoint",))
     words.extend((str(arg),) for arg in service.extra_srun_args)
-    words.extend((arg,) for arg in _container_argv(service))
+    if service.runtime in _APPTAINER_RUNTIMES:
+        for line in _apptainer_lines(runtime_plan, index):
+            words.extend(line)
+    words.extend((arg,) for arg in _container_argv(service, runtime_plan.images[index]))
     return words
 
 
@@ -8567,9 +8688,13 @@ def _render_run_service(runtime_plan, index):
     env = "".join("        %s \\\n" % _shell_word(key + "=", *parts)
                   for key, parts in _environment_parts(runtime_plan, index))
     words = _srun_parts(runtime_plan, index)
-    command = _container_argv(service)
-    options = words[:len(words) - len(command)]
+    command = _container_argv(service, runtime_plan.images[index])
+    groups = []
+    if service.runtime in _APPTAINER_RUNTIMES:
+        groups = _apptainer_lines(runtime_plan, index)
+    options = words[:len(words) - len(command) - sum(len(group) for group in groups)]
     lines = ["        " + _shell_word(*parts) for parts in options]
+    lines += ["        " + " ".join(_shell_word(*parts) for parts in group) for group in groups]
     if command:
         lines.append("        " + " ".join(_shell_word(arg) for arg in command))
     argv = " \\\n".join(lines)
@@ -8670,6 +8795,17 @@ def _teardown_values(plan, containers, metrics, artifacts):
     return values
 
 
+def _task_signal_values(plan):
+    """signal_steps' lines that send an apptainer service's TERM to its task processes only."""
+    indices = [str(i) for i, service in enumerate(plan.services)
+               if service.runtime in _APPTAINER_RUNTIMES]
+    if not indices:
+        return dict(collect_step=_COLLECT_STEP_TEMPLATE, signal_tasks="", tasks="")
+    patterns = "|".join("*:" + index for index in indices)
+    return dict(collect_step=_fill(_COLLECT_TASK_STEP_TEMPLATE, patterns=patterns),
+                signal_tasks=_SIGNAL_TASKS_CALL_TEMPLATE, tasks=" tasks=()")
+
+
 def _stop_values(local):
     """How the supervisor stops a service's process: its srun (kill), or in the script of up
     --local outside Slurm the whole session local_step started it in (signal_service), and what
@@ -8703,7 +8839,7 @@ def _render_supervisor(plan, containers, metrics, artifacts, local=False):
         _fill(_LAUNCH_TEMPLATE, marker=_RESTART_MARKER,
               completed_condition=_COMPLETED_CONDITION_TEMPLATE if one_shot else ""),
         _fill(_READINESS_TEMPLATE, readiness_exit=str(_EXIT_READINESS_TIMEOUT)),
-        _fill(_EXITS_TEMPLATE, **dict(blocked, **stop)),
+        _fill(_EXITS_TEMPLATE, **dict(blocked, **dict(stop, **_task_signal_values(plan)))),
         _fill(_TEARDOWN_TEMPLATE, **dict(_teardown_values(plan, containers, metrics, artifacts),
                                          **stop)),
         _FORWARD_SIGNALS_TEMPLATE,
@@ -8782,7 +8918,10 @@ def render_script(runtime_plan, local=False):
     _check_script_size(plan)
     ending = _job_ending_services(plan)
     resume = plan.slurm.resume
-    containers = any(s.runtime != "host" for s in services)
+    # Named containers to remove are Pyxis's; the mount path rule holds for every container runtime.
+    containers = any(s.runtime == "pyxis" for s in services)
+    binds = any(s.runtime != "host" for s in services)
+    apptainer = any(s.runtime in _APPTAINER_RUNTIMES for s in services)
     secret_services = _secret_services(plan)
     metrics = render_metrics_block(runtime_plan)
     artifacts = render_artifacts_block(runtime_plan)
@@ -8818,7 +8957,7 @@ def render_script(runtime_plan, local=False):
                             tokens=" ".join(shell_quote(s.token) for s in secret_services)))
     if plan.slurm.array is not None:
         pieces.append(_ARRAY_TEMPLATE)
-    if containers:
+    if binds:
         pieces.append(_PYXIS_PATH_CHECK_TEMPLATE)
     if local:
         pieces.append(_fill(_LOCAL_LAUNCHER_TEMPLATE, launcher_variable=_LAUNCHER_VARIABLE,

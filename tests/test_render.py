@@ -231,6 +231,135 @@ def test_rendered_srun_words_reproduce_the_argv_byte_for_byte():
     assert words[-len(NASTY):] == NASTY
 
 
+# --- Apptainer lines ------------------------------------------------------------------------------
+
+SIF = "/cache/base/redis.sif"
+WRAPPER = ["bash", "-c", hc._APPTAINER_STEP_WRAPPER, "hpc-compose-apptainer", "APPTAINERENV_"]
+ISOLATION = ["--cleanenv", "--no-eval", "--contain", "--writable-tmpfs"]
+BIND_JOB = ["--bind", "${JOB_DIR}:/hpc-compose/job"]
+
+
+def apptainer_plan(*services, **slurm_fields):
+    """runtime_plan() whose apptainer services start from SIF (or the image given to them)."""
+    plan = runtime_plan(*services, **slurm_fields)
+    images = tuple(hc.ServiceImage(s.name, s.image.reference or SIF)
+                   if s.runtime in ("apptainer", "singularity") else image
+                   for s, image in zip(services, plan.images))
+    return plan._replace(images=images)
+
+
+def apptainer_service(runtime="apptainer", image=SIF, **fields):
+    return service(runtime=runtime, image=hc.ImageRef("local", image), **fields)
+
+
+def test_apptainer_explicit_entrypoint_is_exec_with_the_isolation_defaults():
+    execution = hc.Execution("exec", ("redis-server", "--port", "6380"))
+    assert hc.service_srun_argv(apptainer_plan(apptainer_service(execution=execution)), 0) == \
+        BASE + WRAPPER + ["apptainer", "--quiet", "exec"] + ISOLATION + BIND_JOB + \
+        [SIF, "redis-server", "--port", "6380"]
+
+
+def test_apptainer_command_only_runs_the_sif_runscript_with_the_command_as_arguments():
+    execution = hc.Execution("exec", ("--port", "6380"), use_image_entrypoint=True)
+    assert hc.service_srun_argv(apptainer_plan(apptainer_service(execution=execution)), 0)[
+        len(BASE) + len(WRAPPER):] == ["apptainer", "--quiet", "run"] + ISOLATION + BIND_JOB + \
+        [SIF, "--port", "6380"]
+
+
+def test_apptainer_image_default_is_run_without_arguments():
+    plan = apptainer_plan(apptainer_service(execution=hc.Execution("default",
+                                                                   use_image_entrypoint=True)))
+    assert hc.service_srun_argv(plan, 0)[-len(ISOLATION) - 4:] == \
+        ["run"] + ISOLATION + BIND_JOB + [SIF]
+
+
+def test_apptainer_squashfs_image_default_goes_through_enroot_rc():
+    plan = apptainer_plan(apptainer_service(image="/img/app.sqsh", execution=hc.Execution(
+        "shell", script="echo hi", use_image_entrypoint=True)))
+    words = hc.service_srun_argv(plan, 0)
+    assert words[words.index("/img/app.sqsh"):] == ["/img/app.sqsh", "/bin/sh", "/etc/rc",
+                                                    "/bin/sh", "-c", "echo hi"]
+    assert "exec" in words and "run" not in words
+
+
+def test_apptainer_binds_secrets_resume_volumes_then_pwd_and_nv_for_gpus():
+    secret = hc.ServiceSecret("token", "token", "/run/secrets/token")
+    plan = apptainer_plan(apptainer_service(
+        mounts=(hc.Mount("/data", "/in", "ro"),), working_dir="/work", gpus=1,
+        secrets=(secret,)), resume=hc.ResumeSpec("/shared/run"))
+    words = hc.service_srun_argv(plan, 0)
+    assert "--gpus=1" in words[:words.index("bash")]
+    assert words[words.index("--writable-tmpfs") + 1:] == [
+        "--nv"] + BIND_JOB + ["--bind", "/shared/run:/hpc-compose/resume",
+                              "--bind", "${JOB_DIR}/secrets/app:/run/secrets:ro",
+                              "--bind", "/data:/in:ro", "--pwd", "/work", SIF,
+                              "redis-server", "--port", "6380"]
+
+
+def test_singularity_runs_singularity_with_its_own_environment_prefix():
+    plan = apptainer_plan(apptainer_service(runtime="singularity", environment=(("A", "1"),)))
+    words = hc.service_srun_argv(plan, 0)
+    assert words[len(BASE) + 4:len(BASE) + 7] == ["SINGULARITYENV_", "singularity", "--quiet"]
+    assert hc.service_environment(plan, 0)[0] == ("SINGULARITYENV_A", "1")
+
+
+def test_apptainer_environment_is_passed_with_the_prefix_and_container_paths():
+    plan = apptainer_plan(apptainer_service(environment=(("A", "1"),)))
+    assert hc.service_environment(plan, 0) == [
+        ("APPTAINERENV_A", "1"), ("APPTAINERENV_HPC_COMPOSE_SERVICE", "app"),
+        ("APPTAINERENV_HPC_COMPOSE_JOB_DIR", "/hpc-compose/job"),
+        ("APPTAINERENV_HPC_COMPOSE_NODELIST_FILE", "/hpc-compose/job/allocation/nodes.txt")]
+
+
+def test_apptainer_volume_path_with_a_colon_is_refused():
+    plan = apptainer_plan(apptainer_service(mounts=(hc.Mount("/a:b", "/in"),)))
+    with pytest.raises(hc.HpcComposeError, match="Apptainer cannot mount"):
+        hc.service_srun_argv(plan, 0)
+
+
+def test_apptainer_step_wrapper_passes_slurm_task_variables_unless_the_service_sets_them():
+    out = subprocess.run(
+        ["bash", "-c", hc._APPTAINER_STEP_WRAPPER, "x", "APPTAINERENV_", "env"],
+        env={"SLURM_PROCID": "3", "HPC_COMPOSE_NODE_COUNT": "2", "CUDA_VISIBLE_DEVICES": "0,1",
+             "APPTAINERENV_SLURM_NODEID": "mine", "SLURM_NODEID": "5", "OTHER": "x",
+             "PATH": os.environ["PATH"]},
+        stdout=subprocess.PIPE, universal_newlines=True, check=True).stdout.splitlines()
+    assert {"APPTAINERENV_SLURM_PROCID=3", "APPTAINERENV_HPC_COMPOSE_NODE_COUNT=2",
+            "APPTAINERENV_CUDA_VISIBLE_DEVICES=0,1", "APPTAINERENV_SLURM_NODEID=mine"} <= set(out)
+    assert not any(line.startswith("APPTAINERENV_OTHER") for line in out)
+
+
+def test_apptainer_rendered_words_reproduce_the_argv_and_environment_byte_for_byte():
+    execution = hc.Execution("exec", tuple(NASTY))
+    environment = tuple(("V%d" % i, value) for i, value in enumerate(NASTY))
+    plan = apptainer_plan(apptainer_service(execution=execution, environment=environment,
+                                            mounts=(hc.Mount("/data/my dir", "/in"),)))
+    script = hc.render_script(plan)
+    words = _bash_words(script, 0)
+    expected_env = ["%s=%s" % (key, value.replace("${JOB_DIR}", "/jobs/7"))
+                    for key, value in hc.service_environment(plan, 0)]
+    expected_argv = [word.replace("${JOB_DIR}", "/jobs/7") for word in
+                     hc.service_srun_argv(plan, 0)]
+    assert words == expected_env + ["/usr/bin/srun"] + expected_argv
+    assert words[-len(NASTY):] == NASTY
+
+
+def test_apptainer_script_signals_task_processes_and_has_no_pyxis_keeper(tmp_path):
+    plan = apptainer_plan(service(name="p"), apptainer_service())
+    script = hc.render_script(plan)
+    assert "*:1) tasks+=" in script and "scontrol listpids" in script
+    assert "start_container_keeper" in script  # the Pyxis service's
+    alone = hc.render_script(apptainer_plan(apptainer_service()))
+    assert "start_container_keeper" not in alone and "enroot" not in alone
+    assert "cannot mount" in alone  # the job directory is bound too: no ',' or ':' in it
+    for text in (script, alone):
+        path = tmp_path / "job.sh"
+        path.write_text(text)
+        subprocess.run(["bash", "-n", str(path)], check=True)
+        if shutil.which("shellcheck"):
+            subprocess.run(["shellcheck", str(path)], check=True)
+
+
 # --- #SBATCH header -------------------------------------------------------------------------------
 
 def sbatch_lines(script):
@@ -436,7 +565,7 @@ def test_no_template_is_longer_than_200_lines():
     ("_LAUNCH_TEMPLATE", {"marker", "completed_condition"}),
     ("_READINESS_TEMPLATE", {"readiness_exit"}),
     ("_EXITS_TEMPLATE", {"blocked_dependents", "blocked_call", "blocked", "end_service",
-                         "signal_fallback", "kill_srun"}),
+                         "signal_fallback", "kill_srun", "tasks", "collect_step", "signal_tasks"}),
     ("_TEARDOWN_TEMPLATE", {"metrics_stop", "remove_containers", "remove_secrets",
                             "outcome_variable", "artifacts_outcome", "collect_artifacts",
                             "kill_last", "end_service", "stop_leftovers"}),

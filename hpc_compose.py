@@ -6562,6 +6562,7 @@ class PreflightOptions(NamedTuple):
     skip_prepare: bool = False
     dry_run: bool = False          # submit --dry-run: a missing reused image is a warning, not an error
     local: Optional[str] = None    # up --local: "allocation" or "machine" (no sbatch; no srun outside Slurm)
+    apptainer_bin: Optional[str] = None  # None: the runtime's own command
 
 
 class PreflightReport(NamedTuple):
@@ -6591,7 +6592,10 @@ _SYMLINK_SCAN_LIMIT = 5000         # entries per mounted directory: big model tr
 def run_preflight(runtime_plan, options=PreflightOptions()) -> PreflightReport:
     """Check that this login node can prepare and submit ``runtime_plan``."""
     plan = runtime_plan.plan
-    uses_containers = any(image.container_image is not None for image in runtime_plan.images)
+    uses_images = any(image.container_image is not None for image in runtime_plan.images)
+    # Enroot and Pyxis matter only to Pyxis services; apptainer services have checks of their own.
+    uses_containers = any(image.container_image is not None and service.runtime == "pyxis"
+                          for service, image in zip(plan.services, runtime_plan.images))
     findings = []
     enroot_path = None
     if uses_containers:
@@ -6615,7 +6619,8 @@ def run_preflight(runtime_plan, options=PreflightOptions()) -> PreflightReport:
         findings.append(_preflight_pyxis(srun_path))
     if uses_containers and enroot_path:
         findings.extend(_preflight_enroot_version(runtime_plan, enroot_path))
-    if uses_containers:
+    findings.extend(_preflight_apptainer(runtime_plan, options))
+    if uses_images:
         findings.extend(_preflight_cache_dir(runtime_plan, writable=not options.skip_prepare))
     findings.extend(_preflight_paths(runtime_plan))
     findings.extend(_preflight_resume_path(plan))
@@ -6660,6 +6665,56 @@ def _preflight_pyxis(srun_path):
                    "on this node (%s)" % srun_path,
                    "move to a login node or cluster with Pyxis, or run the services without "
                    "containers with x-slurm.runtime: host")
+
+
+def _preflight_apptainer(runtime_plan, options):
+    """The apptainer services' checks: the command and its version (an error when images must be
+    built here), user namespaces (Debian's and most sites' Apptainer has no setuid starter), and
+    APPTAINER_TMPDIR, which Apptainer needs to exist."""
+    findings = []
+    builds = {}
+    for service, image in zip(runtime_plan.plan.services, runtime_plan.images):
+        if service.runtime in _APPTAINER_RUNTIMES:
+            needs_build = (image.base is not None or image.prepared is not None) \
+                and not options.skip_prepare
+            builds[service.runtime] = builds.get(service.runtime, False) or needs_build
+    for runtime, needs_build in sorted(builds.items()):
+        command = options.apptainer_bin or runtime
+        path = _find_executable(command)
+        if not path:
+            where = ("it builds the .sif images here" if needs_build
+                     else "the compute nodes need it; this node only checks")
+            findings.append(Finding("error" if needs_build else "warn", "binary." + runtime,
+                                    "'%s' was not found (%s)" % (command, where),
+                                    "load the site's apptainer module, or pass its path with "
+                                    "--apptainer-bin"))
+            continue
+        try:
+            result = _run_command([path, "--version"], timeout=30)
+            version = (result.stdout or "").strip() if result.returncode == 0 else ""
+        except ToolError:
+            version = ""
+        findings.append(Finding("ok" if version else "warn", "binary." + runtime,
+                                "%s found at %s (%s)" % (runtime, path, version or
+                                                         "'--version' failed")))
+    if not builds:
+        return findings
+    try:
+        with open("/proc/sys/user/max_user_namespaces") as handle:
+            namespaces = int(handle.read().strip() or 0)
+    except (OSError, ValueError):
+        namespaces = None
+    if namespaces == 0:
+        findings.append(Finding("warn", "apptainer.userns", "user namespaces are disabled on this "
+                                "node (max_user_namespaces is 0): Apptainer then needs its setuid "
+                                "starter", "ask the site whether the compute nodes allow user "
+                                "namespaces or install Apptainer setuid"))
+    tmpdir = os.environ.get("APPTAINER_TMPDIR")
+    if tmpdir and not os.path.isdir(tmpdir):
+        findings.append(Finding("error", "apptainer.tmpdir", "APPTAINER_TMPDIR %s does not exist "
+                                "(Apptainer does not create it)" % tmpdir,
+                                "mkdir -p it, or unset APPTAINER_TMPDIR"))
+    return findings
 
 
 def _preflight_enroot_version(runtime_plan, enroot_path):
@@ -15600,7 +15655,8 @@ def _write_job_script(args, plan, say, local=None):
     runtime_plan = build_runtime_plan(plan)
     if not args.no_preflight:
         report = run_preflight(runtime_plan, PreflightOptions(
-            enroot_bin=args.enroot_bin, srun_bin=args.srun_bin, sbatch_bin=args.sbatch_bin,
+            enroot_bin=args.enroot_bin, apptainer_bin=getattr(args, "apptainer_bin", None), srun_bin=args.srun_bin,
+            sbatch_bin=args.sbatch_bin,
             skip_prepare=args.skip_prepare, dry_run=bool(getattr(args, "dry_run", False)),
             local=local))
         _print_findings(report)
@@ -16143,7 +16199,8 @@ def _cmd_preflight(args):
     _spec, plan = _load_plan_from_args(args)
     runtime_plan = build_runtime_plan(plan)
     report = run_preflight(runtime_plan, PreflightOptions(
-        enroot_bin=args.enroot_bin, srun_bin=args.srun_bin, sbatch_bin=args.sbatch_bin,
+        enroot_bin=args.enroot_bin, apptainer_bin=getattr(args, "apptainer_bin", None), srun_bin=args.srun_bin,
+        sbatch_bin=args.sbatch_bin,
         skip_prepare=args.skip_prepare, local=_local_mode() if args.local else None))
     if fmt == "json":
         _print_json(_preflight_report_to_dict(report, plan.compose_file, args.strict))

@@ -128,6 +128,38 @@ def test_host_only_plan_needs_only_srun_and_sbatch(tmp_path, shared):
     assert report.errors == ()
 
 
+APPTAINER_STANDIN = os.path.join(TESTS, "standins", "apptainer")
+
+
+def test_apptainer_plan_needs_apptainer_not_enroot_or_pyxis(tmp_path, shared):
+    plan = make_plan(tmp_path, [make_service("a", "redis:7", runtime="apptainer")],
+                     cache_dir=shared)
+    report = preflight(plan, enroot_bin="no-such-enroot", srun_bin=REAL_SRUN or "srun",
+                       apptainer_bin="no-such-apptainer")
+    checks = {f.check for f in report.findings}
+    assert "binary.enroot" not in checks and "pyxis" not in checks
+    assert levels(report, "binary.apptainer") == ["error"]
+    assert "builds the .sif images here" in by_check(report, "binary.apptainer")[0].message
+
+
+def test_apptainer_missing_is_only_a_warning_when_nothing_is_built_here(tmp_path, shared):
+    sif = tmp_path / "app.sif"
+    sif.write_text("x")
+    service = make_service("a", None, runtime="apptainer")._replace(
+        image=hc.ImageRef("local", str(sif), original=str(sif)))
+    report = preflight(make_plan(tmp_path, [service], cache_dir=shared),
+                       apptainer_bin="no-such-apptainer")
+    assert levels(report, "binary.apptainer") == ["warn"]
+
+
+def test_apptainer_found_reports_its_version(tmp_path, shared):
+    plan = make_plan(tmp_path, [make_service("a", "redis:7", runtime="apptainer")],
+                     cache_dir=shared)
+    report = preflight(plan, apptainer_bin=APPTAINER_STANDIN)
+    # The stand-in knows only `build`: its --version fails, which is a warning, not an error.
+    assert levels(report, "binary.apptainer") == ["warn"]
+
+
 # -- cache directory -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("cache_dir", ["/tmp/hc-cache", "/var/tmp/hc", "/dev/shm/hc", "/private/tmp/x"])

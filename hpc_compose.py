@@ -9602,7 +9602,7 @@ def _build_job_record(runtime_plan, job_id, cluster=None, script_path=None, subm
         services.append({
             "name": service.name, "token": service.token, "runtime": service.runtime,
             "log_path": os.path.join(directory, "logs", service.token + ".log")})
-        if service.runtime != "host":
+        if service.runtime == "pyxis":
             services[-1]["container_name"] = _container_name(job_id, service.token)
     artifacts = slurm.artifacts
     return {
@@ -11048,12 +11048,22 @@ def _pick_node(name, nodes, node=None, index=None):
     return nodes[0]
 
 
+def _refuse_apptainer_exec(name, runtime):
+    """exec cannot join an apptainer service yet: it says so instead of trying Pyxis's way."""
+    if runtime in _APPTAINER_RUNTIMES:
+        raise HpcComposeError("service '%s' runs with the %s runtime, which exec cannot join yet"
+                              % (name, runtime),
+                              hint="run the command in the service itself, or use hpc-compose "
+                                   "run for a one-off container")
+
+
 def _exec_target(record, name, scheduler, expand_nodes, node=None, index=None):
     """Where ``exec`` goes: the service, its runtime, node and container; HpcComposeError (exit 1)
     for a job or service that is not running or a runtime that cannot be joined."""
     service = _record_service(record, name)
     state = _running_service_state(record, name, scheduler)
     runtime = service.get("runtime") or "pyxis"
+    _refuse_apptainer_exec(name, runtime)
     name_of_container = None
     if runtime != "host":
         name_of_container = service.get("container_name")
@@ -11420,6 +11430,7 @@ def _exec_local(record, name, command, environment, workdir=None, enroot_bin="en
     """``exec`` into a local run outside Slurm: ``enroot exec`` into the container, or the host
     command with the service's environment and directory (from /proc), on this machine."""
     service = _record_service(record, name)
+    _refuse_apptainer_exec(name, service.get("runtime"))
     pid = _local_exec_pid(record, name, container=service.get("runtime") != "host")
     if service.get("runtime") != "host":
         argv = _local_exec_argv(pid, command, environment, workdir, enroot_bin)

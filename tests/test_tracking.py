@@ -1657,3 +1657,11 @@ def test_exec_script_takes_the_environment_and_directory_of_the_services_process
     assert result.returncode == 4
     assert result.stdout == "%s|2|unset|%s" % (tricky, workdir)
     assert (tmp_path / "log").read_text() == "listpids 51.3\n"
+
+
+def test_exec_into_an_apptainer_service_says_it_cannot_join_it_yet():
+    with pytest.raises(hpc_compose.HpcComposeError, match="runs with the apptainer runtime, which exec "
+                                                 "cannot join yet"):
+        hpc_compose._refuse_apptainer_exec("web", "apptainer")
+    hpc_compose._refuse_apptainer_exec("web", "pyxis")
+    hpc_compose._refuse_apptainer_exec("web", "host")

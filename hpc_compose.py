@@ -10973,12 +10973,42 @@ exec "$@"
 """
 
 
+# exec into an apptainer service, run by srun on its node: the step's task process is Apptainer;
+# its child that is not squashfuse is the service (the payload). nsenter joins the payload's user
+# namespace (not as root), mount namespace, root and working directory, with the payload's
+# environment (--cleanenv made it the container's), then --workdir and the command.
+_APPTAINER_EXEC_SCRIPT = r"""step=$1 workdir=$2
+shift 2
+task=$(scontrol listpids "$step" 2>/dev/null | awk '$4 ~ /^[0-9]+$/ {print $1; exit}')
+payload=''
+for child in $(cat "/proc/$task/task/$task/children" 2>/dev/null); do
+    case $(cat "/proc/$child/comm" 2>/dev/null) in
+        squashfuse*|'') ;;
+        *) payload=$child; break ;;
+    esac
+done
+if [ -z "$payload" ]; then
+    echo "hpc-compose: no running container process of step $step on $(hostname)" >&2
+    exit 1
+fi
+exec bash -c 'payload=$1 workdir=$2
+    shift 2
+    vars=()
+    while IFS= read -r -d "" entry; do vars+=("$entry"); done <"/proc/$payload/environ"
+    namespaces=(-m -r -w)
+    (( EUID == 0 )) || namespaces=(-U --preserve-credentials -m -r -w)
+    exec nsenter -t "$payload" "${namespaces[@]}" env -i "${vars[@]}" /bin/sh -c \
+        "[ -z \"\$1\" ] || cd \"\$1\" || exit 1; shift; exec \"\$@\"" hpc-compose-exec "$workdir" "$@"' \
+    bash "$payload" "$workdir" "$@"
+"""
+
+
 class _ExecTarget(NamedTuple):
     job_id: str
     name: str                      # the service
-    runtime: str                   # pyxis | host
+    runtime: str                   # pyxis | apptainer | singularity | host
     node: str
-    container_name: Optional[str]  # Pyxis: the name given by the batch script; host: None
+    container_name: Optional[str]  # Pyxis: the name given by the batch script; otherwise None
 
 
 def _container_name(job_id, token):
@@ -11049,12 +11079,12 @@ def _pick_node(name, nodes, node=None, index=None):
 
 
 def _refuse_apptainer_exec(name, runtime):
-    """exec cannot join an apptainer service yet: it says so instead of trying Pyxis's way."""
+    """exec outside Slurm cannot join an apptainer service yet: it says so."""
     if runtime in _APPTAINER_RUNTIMES:
-        raise HpcComposeError("service '%s' runs with the %s runtime, which exec cannot join yet"
-                              % (name, runtime),
-                              hint="run the command in the service itself, or use hpc-compose "
-                                   "run for a one-off container")
+        raise HpcComposeError("service '%s' runs with the %s runtime, which exec cannot join in "
+                              "up --local outside Slurm yet" % (name, runtime),
+                              hint="run the stack inside an allocation (salloc), where exec "
+                                   "joins it")
 
 
 def _exec_target(record, name, scheduler, expand_nodes, node=None, index=None):
@@ -11063,9 +11093,8 @@ def _exec_target(record, name, scheduler, expand_nodes, node=None, index=None):
     service = _record_service(record, name)
     state = _running_service_state(record, name, scheduler)
     runtime = service.get("runtime") or "pyxis"
-    _refuse_apptainer_exec(name, runtime)
     name_of_container = None
-    if runtime != "host":
+    if runtime == "pyxis":
         name_of_container = service.get("container_name")
         if not name_of_container:
             raise HpcComposeError(
@@ -11090,9 +11119,12 @@ def _exec_srun_argv(target, command, environment=(), workdir=None, tty=False, st
     command = list(command) or list(_EXEC_SHELL)
     if environment:
         command = ["env"] + ["%s=%s" % pair for pair in environment] + command
-    if target.runtime != "host":
+    script = _EXEC_SCRIPT
+    if target.runtime == "pyxis":
         argv.append("--container-name=%s:exec" % target.container_name)
-    return argv + ["/bin/sh", "-c", _EXEC_SCRIPT, "hpc-compose-exec", step or "",
+    elif target.runtime in _APPTAINER_RUNTIMES:
+        script = _APPTAINER_EXEC_SCRIPT
+    return argv + ["/bin/sh", "-c", script, "hpc-compose-exec", step or "",
                    workdir or ""] + command
 
 
@@ -16058,7 +16090,8 @@ def _cmd_exec(args):
                           lambda nodelist: _expand_nodelist(nodelist, args.scontrol_bin),
                           args.node, args.index)
     step = None
-    if target.runtime == "host":
+    if target.runtime != "pyxis":
+        # The host and apptainer services are found through their step's task process.
         token = _record_service(record, args.service).get("token")
         step = _service_step(record["job_id"], token, args.squeue_bin)
         if step is None:

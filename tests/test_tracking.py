@@ -1659,9 +1659,62 @@ def test_exec_script_takes_the_environment_and_directory_of_the_services_process
     assert (tmp_path / "log").read_text() == "listpids 51.3\n"
 
 
-def test_exec_into_an_apptainer_service_says_it_cannot_join_it_yet():
-    with pytest.raises(hpc_compose.HpcComposeError, match="runs with the apptainer runtime, which exec "
-                                                 "cannot join yet"):
+NSENTER_STANDIN = """#!/bin/sh
+# STAND-IN for nsenter (joining namespaces needs a real container): records its options, then
+# runs the command after them here.
+while [ $# -gt 0 ]; do
+    case $1 in
+        -t) echo "-t $2" >> "$STANDIN_LOG"; shift 2 ;;
+        -*) echo "$1" >> "$STANDIN_LOG"; shift ;;
+        *) break ;;
+    esac
+done
+exec "$@"
+"""
+
+
+def test_apptainer_exec_script_enters_the_payload_with_its_environment(hc, tmp_path):
+    standins = tmp_path / "bin"
+    standins.mkdir()
+    for name, text in (("scontrol", SCONTROL_STANDIN), ("nsenter", NSENTER_STANDIN)):
+        (standins / name).write_text(text)
+        (standins / name).chmod(0o755)
+    workdir = tmp_path / "svc"
+    workdir.mkdir()
+    tricky = "a 'b' $c\nsecond line"
+    # The step's task process (Apptainer) with the service as its child.
+    task = subprocess.Popen(["sh", "-c", "sleep 60 & wait"], env={
+        "PATH": "/usr/bin:/bin", "GREETING": tricky, "OTHER": "1"})
+    try:
+        for _ in range(100):
+            children = open("/proc/%d/task/%d/children" % (task.pid, task.pid)).read().split()
+            if children:
+                break
+            time.sleep(0.05)
+        environ = {"PATH": "%s:/usr/bin:/bin" % standins, "STANDIN_PID": str(task.pid),
+                   "STANDIN_LOG": str(tmp_path / "log"), "CALLER_ONLY": "x"}
+        argv = hc._exec_srun_argv(hc._ExecTarget("51", "web", "apptainer", "n1", None),
+                                  ["sh", "-c", 'printf "%s|%s|%s|%s" "$GREETING" "$OTHER" '
+                                   '"${CALLER_ONLY-unset}" "$PWD"; exit 4'], [("OTHER", "2")],
+                                  workdir=str(workdir), step="51.3")
+        assert not any(word.startswith("--container-name") for word in argv)
+        result = subprocess.run(argv[argv.index("/bin/sh"):], stdout=subprocess.PIPE,
+                                env=environ, universal_newlines=True, timeout=30)
+    finally:
+        task.kill()
+        task.wait()
+    assert result.returncode == 4
+    assert result.stdout == "%s|2|unset|%s" % (tricky, workdir)
+    log = (tmp_path / "log").read_text().splitlines()
+    assert log[0] == "listpids 51.3"
+    namespaces = ["-m", "-r", "-w"] if os.geteuid() == 0 else [
+        "-U", "--preserve-credentials", "-m", "-r", "-w"]
+    assert log[1:] == ["-t %s" % children[0]] + namespaces
+
+
+def test_exec_outside_slurm_refuses_an_apptainer_service():
+    with pytest.raises(hpc_compose.HpcComposeError, match="runs with the apptainer runtime, which "
+                                                          "exec cannot join in up --local"):
         hpc_compose._refuse_apptainer_exec("web", "apptainer")
     hpc_compose._refuse_apptainer_exec("web", "pyxis")
     hpc_compose._refuse_apptainer_exec("web", "host")

@@ -8540,9 +8540,11 @@ def _apptainer_argv(service, image):
     words = []
     if not image.container_image.endswith(_SIF_SUFFIX) and \
             (execution.form == "default" or execution.use_image_entrypoint):
-        # A SquashFS image made by enroot has no runscript; its /etc/rc changes to the image's
-        # WORKDIR and execs ENTRYPOINT with the arguments (CMD without), as under Pyxis.
-        words = ["/bin/sh", "/etc/rc"]
+        # A SquashFS image has no runscript. One made by enroot import has /etc/rc, which changes
+        # to the image's WORKDIR and execs ENTRYPOINT with the arguments (CMD without), as under
+        # Pyxis; any other has no entrypoint to apply: the arguments run as they are.
+        words = ["/bin/sh", "-c", '[ -e /etc/rc ] && exec /bin/sh /etc/rc "$@"; exec "$@"',
+                 "hpc-compose"]
     if execution.form == "shell":
         return words + ["/bin/sh", "-c", execution.script]
     # `apptainer exec` resolves a bare program name in the container: no /bin/sh in between.

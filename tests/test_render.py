@@ -277,8 +277,9 @@ def test_apptainer_squashfs_image_default_goes_through_enroot_rc():
     plan = apptainer_plan(apptainer_service(image="/img/app.sqsh", execution=hc.Execution(
         "shell", script="echo hi", use_image_entrypoint=True)))
     words = hc.service_srun_argv(plan, 0)
-    assert words[words.index("/img/app.sqsh"):] == ["/img/app.sqsh", "/bin/sh", "/etc/rc",
-                                                    "/bin/sh", "-c", "echo hi"]
+    assert words[words.index("/img/app.sqsh"):] == [
+        "/img/app.sqsh", "/bin/sh", "-c", '[ -e /etc/rc ] && exec /bin/sh /etc/rc "$@"; exec "$@"',
+        "hpc-compose", "/bin/sh", "-c", "echo hi"]
     assert "exec" in words and "run" not in words
 
 

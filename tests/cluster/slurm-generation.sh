@@ -431,6 +431,34 @@ wait_for_idle_node() {
 
 # ---------------------------------------------------------------- containers
 
+# Apptainer from sid, pinned to that one package (sid priority 100, apptainer 990), with what it
+# needs to run SquashFS and SIF images and to build them. An install step at up time, not part of
+# the root's recipe, so a cached root keeps its key; a second up finds it installed and does nothing.
+APPTAINER_VERSION="${HPC_COMPOSE_APPTAINER_VERSION:-1.4.5}"
+install_apptainer() {
+    local have
+    # shellcheck disable=SC2016  # dpkg-query's own ${Version} field
+    have="$(in_root dpkg-query -W -f '${Version}' apptainer 2>/dev/null || true)"
+    case "$have" in "$APPTAINER_VERSION"*) return 0 ;; esac
+    say "installing Apptainer $APPTAINER_VERSION from sid inside the root"
+    printf 'deb %s sid main\n' "$(debian_mirror)" >"$ROOT/etc/apt/sources.list.d/hpc-compose-sid.list"
+    printf '%s\n' 'Package: *' 'Pin: release n=sid' 'Pin-Priority: 100' '' \
+        'Package: apptainer' 'Pin: release n=sid' 'Pin-Priority: 990' \
+        >"$ROOT/etc/apt/preferences.d/hpc-compose-apptainer"
+    # sid's Release file may be past its Valid-Until on a cached mirror.
+    printf '%s\n' 'Acquire::Check-Valid-Until "false";' >"$ROOT/etc/apt/apt.conf.d/99hpc-compose-sid"
+    in_root apt-get update -q >/dev/null || die "apt-get update (with sid) failed inside the $SUITE root"
+    in_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+        "apptainer=$APPTAINER_VERSION*" squashfuse fuse-overlayfs fuse2fs >/dev/null ||
+        die "apt-get install apptainer failed inside the $SUITE root"
+    # Root here lacks CAP_SYS_RESOURCE ("Requesting capability set ... while permitted ..."): root
+    # keeps its file capabilities instead of asking for all of them; root builds use fakeroot.
+    sed -i 's/^root default capabilities = .*/root default capabilities = file/' \
+        "$ROOT/etc/apptainer/apptainer.conf"
+    in_root apptainer config fakeroot --add root >/dev/null 2>&1 || true
+    in_root apptainer --version >&2 || die "apptainer does not run inside the $SUITE root"
+}
+
 install_containers() {  # real Enroot and Pyxis inside the root, through the issue-7 install script
     local tools="${HPC_COMPOSE_CONTAINER_TOOLS:-$CHECKOUT/tests/cluster/container-tools.sh}"
     [ -f "$tools" ] || die "$tools is missing: it builds Enroot and Pyxis (set HPC_COMPOSE_CONTAINER_TOOLS to another copy)"
@@ -532,6 +560,7 @@ cmd_up() {
     write_configs
     if [ "$containers" -eq 1 ]; then
         install_containers
+        install_apptainer
         mount_enroot_data
     else
         rm -f "$ROOT/etc/slurm/plugstack.conf.d/pyxis.conf"

@@ -1320,12 +1320,19 @@ printf '70_0|COMPLETED|0:0\\n70_1|FAILED|3:0\\n70_2|RUNNING|0:0\\n'
 """
 
 
-def _standins(tmp_path, monkeypatch):
+def _standin_folder(tmp_path, scripts):
+    """tmp_path/bin with the ``(name, text)`` stand-in scripts, executable."""
     folder = tmp_path / "bin"
     folder.mkdir()
-    for name, text in (("squeue", SQUEUE_ARRAY_STANDIN), ("sacct", SACCT_ARRAY_STANDIN)):
+    for name, text in scripts:
         (folder / name).write_text(text)
         (folder / name).chmod(0o755)
+    return folder
+
+
+def _standins(tmp_path, monkeypatch):
+    folder = _standin_folder(tmp_path, (("squeue", SQUEUE_ARRAY_STANDIN),
+                                        ("sacct", SACCT_ARRAY_STANDIN)))
     monkeypatch.setenv("STANDIN_LOG", str(tmp_path / "calls.log"))
     return str(folder / "squeue"), str(folder / "sacct")
 
@@ -1632,6 +1639,18 @@ echo "$STANDIN_PID 51 3 0 0"
 """
 
 
+def _run_exec_script(hc, runtime, environ, workdir=None):
+    """Run exec's on-node script (what srun would run) for a probe command that prints
+    GREETING|OTHER|CALLER_ONLY|PWD and exits 4, with -e OTHER=2."""
+    argv = hc._exec_srun_argv(hc._ExecTarget("51", "web", runtime, "n1", None),
+                              ["sh", "-c", 'printf "%s|%s|%s|%s" "$GREETING" "$OTHER" '
+                               '"${CALLER_ONLY-unset}" "$PWD"; exit 4'], [("OTHER", "2")],
+                              workdir=workdir, step="51.3")
+    assert not any(word.startswith("--container-name") for word in argv)
+    return subprocess.run(argv[argv.index("/bin/sh"):], stdout=subprocess.PIPE, env=environ,
+                          universal_newlines=True, timeout=30)
+
+
 def test_exec_script_takes_the_environment_and_directory_of_the_services_process(hc, tmp_path):
     standins = tmp_path / "bin"
     standins.mkdir()
@@ -1645,12 +1664,7 @@ def test_exec_script_takes_the_environment_and_directory_of_the_services_process
     try:
         environ = {"PATH": "%s:/usr/bin:/bin" % standins, "STANDIN_PID": str(service.pid),
                    "STANDIN_LOG": str(tmp_path / "log"), "CALLER_ONLY": "x"}
-        argv = hc._exec_srun_argv(hc._ExecTarget("51", "web", "host", "n1", None),
-                                  ["sh", "-c", 'printf "%s|%s|%s|%s" "$GREETING" "$OTHER" '
-                                   '"${CALLER_ONLY-unset}" "$PWD"; exit 4'], [("OTHER", "2")],
-                                  step="51.3")
-        result = subprocess.run(argv[argv.index("/bin/sh"):], stdout=subprocess.PIPE,
-                                env=environ, universal_newlines=True, timeout=30)
+        result = _run_exec_script(hc, "host", environ)
     finally:
         service.kill()
         service.wait()
@@ -1674,11 +1688,8 @@ exec "$@"
 
 
 def test_apptainer_exec_script_enters_the_payload_with_its_environment(hc, tmp_path):
-    standins = tmp_path / "bin"
-    standins.mkdir()
-    for name, text in (("scontrol", SCONTROL_STANDIN), ("nsenter", NSENTER_STANDIN)):
-        (standins / name).write_text(text)
-        (standins / name).chmod(0o755)
+    standins = _standin_folder(tmp_path, (("scontrol", SCONTROL_STANDIN),
+                                          ("nsenter", NSENTER_STANDIN)))
     workdir = tmp_path / "svc"
     workdir.mkdir()
     tricky = "a 'b' $c\nsecond line"
@@ -1693,13 +1704,7 @@ def test_apptainer_exec_script_enters_the_payload_with_its_environment(hc, tmp_p
             time.sleep(0.05)
         environ = {"PATH": "%s:/usr/bin:/bin" % standins, "STANDIN_PID": str(task.pid),
                    "STANDIN_LOG": str(tmp_path / "log"), "CALLER_ONLY": "x"}
-        argv = hc._exec_srun_argv(hc._ExecTarget("51", "web", "apptainer", "n1", None),
-                                  ["sh", "-c", 'printf "%s|%s|%s|%s" "$GREETING" "$OTHER" '
-                                   '"${CALLER_ONLY-unset}" "$PWD"; exit 4'], [("OTHER", "2")],
-                                  workdir=str(workdir), step="51.3")
-        assert not any(word.startswith("--container-name") for word in argv)
-        result = subprocess.run(argv[argv.index("/bin/sh"):], stdout=subprocess.PIPE,
-                                env=environ, universal_newlines=True, timeout=30)
+        result = _run_exec_script(hc, "apptainer", environ, str(workdir))
     finally:
         task.kill()
         task.wait()

@@ -2237,6 +2237,8 @@ class ServiceSlurmSpec(NamedTuple):
     failure_policy: FailurePolicy = FailurePolicy()
     runtime: Optional[str] = None  # per-service override of x-slurm.runtime (None = inherit)
     signal: Optional["ServiceSignalSpec"] = None  # None: forward the job's signal as it is
+    mem: Optional[str] = None      # srun --mem of the service's step
+    time: Optional[str] = None     # srun --time of the service's step
 
 
 class ServiceSpec(NamedTuple):
@@ -2321,6 +2323,20 @@ class SlurmSpec(NamedTuple):
     requeue: Optional[bool] = None  # None | True | False (--requeue / --no-requeue)
     dependency: Optional[str] = None  # a Slurm dependency expression
     array: Optional[str] = None    # a Slurm array expression such as "0-15%4"
+    # sbatch options checked against _SLURM_GRAMMARS, rendered as --mem-per-cpu=... and so on
+    mem_per_cpu: Optional[str] = None
+    mem_per_gpu: Optional[str] = None
+    gpus_per_node: Optional[str] = None
+    gpus_per_task: Optional[str] = None
+    reservation: Optional[str] = None
+    licenses: Optional[str] = None
+    nodelist: Optional[str] = None
+    exclude: Optional[str] = None
+    begin: Optional[str] = None
+    mail_type: Optional[str] = None
+    mail_user: Optional[str] = None
+    cpus_per_gpu: Optional[int] = None
+    exclusive: Union[bool, str, None] = None  # True: --exclusive; "user"/"mcs": --exclusive=MODE
 
 
 class ComposeSpec(NamedTuple):
@@ -2369,7 +2385,109 @@ _ARTIFACT_COLLECT = ("always", "on_success", "on_failure")
 _JOB_SIGNALS = ("USR1", "USR2")     # the batch shell passes these on; TERM/INT/HUP end the job
 _SERVICE_SIGNALS = ("HUP", "INT", "QUIT", "USR1", "USR2", "TERM", "CONT", "WINCH", "URG")
 _ON_SIGNAL_ACTIONS = ("forward", "requeue")
+_EXCLUSIVE_MODES = ("user", "mcs")  # --exclusive=MODE; true is plain --exclusive
 _DEFAULT_MAX_ATTEMPTS = 5
+
+# --- Slurm's value grammar ------------------------------------------------------------------------
+# What sbatch and srun parse themselves (Slurm's parse_time.c time_str2mins, proc_args.c
+# str_to_mbytes, gres.c, slurm_opt.c): a value they refuse is refused at validate, with the forms
+# they accept in the hint. Patterns are written once, in the dialect both Python's re and JSON
+# Schema (ECMA 262) read: no \A, \Z, (?i) or lookbehind; `hpc-compose schema` prints them as they are.
+
+class _SlurmGrammar(NamedTuple):
+    """The accepted forms of one Slurm option's value, as a regex and as words for the hint."""
+    pattern: str                   # anchored with ^...$, matched with re.fullmatch
+    forms: str                     # the accepted forms, for the error's hint
+
+
+def _any_case(word):
+    """``abc`` -> ``[Aa][Bb][Cc]``: a case-insensitive word in a pattern JSON Schema can read."""
+    return "".join("[%s%s]" % (c.upper(), c.lower()) if c.isalpha() else c for c in word)
+
+
+_SLURM_NAME = "[A-Za-z0-9_][A-Za-z0-9_.-]*"
+_GRES_ITEM = ("(%s/)?[A-Za-z][A-Za-z0-9_.-]*(:[A-Za-z0-9_.-]*[A-Za-z_.-][A-Za-z0-9_.-]*)?"
+              "(:[0-9]+[KkMmGg]?)?" % _any_case("gres"))
+_MEMORY_GRAMMAR = _SlurmGrammar(
+    "^[0-9]+([KkMmGgTt][Bb]?)?$",
+    "a whole number with an optional unit K, M (the default), G or T: 8G, 512M, 2048, 4GB")
+_GPU_COUNT_GRAMMAR = _SlurmGrammar(
+    "^([A-Za-z][A-Za-z0-9_.-]*:)?[0-9]+$", "a count, or type:count: 2, a100:2")
+_MAIL_TYPES = ("NONE", "BEGIN", "END", "FAIL", "REQUEUE", "ALL", "INVALID_DEPEND", "STAGE_OUT",
+               "TIME_LIMIT", "TIME_LIMIT_90", "TIME_LIMIT_80", "TIME_LIMIT_50", "ARRAY_TASKS")
+_MAIL_TYPE_WORD = "(%s)" % "|".join(_any_case(name) for name in sorted(_MAIL_TYPES, key=len,
+                                                                       reverse=True))
+_BEGIN_WORDS = ("now", "today", "tomorrow", "midnight", "noon", "elevenses", "fika", "teatime")
+_SLURM_GRAMMARS = {
+    "time": _SlurmGrammar(
+        "^([0-9]+(:[0-9]+){0,2}|[0-9]+-[0-9]+(:[0-9]+){0,2}|-1|%s|%s)$"
+        % (_any_case("unlimited"), _any_case("infinite")),
+        "minutes (90), MM:SS (61:00), HH:MM:SS (01:00:00), D-HH (1-12), D-HH:MM:SS "
+        "(2-12:00:00) or UNLIMITED"),
+    "mem": _MEMORY_GRAMMAR,
+    "mem_per_cpu": _MEMORY_GRAMMAR,
+    "mem_per_gpu": _MEMORY_GRAMMAR,
+    "gres": _SlurmGrammar(
+        "^%s(,%s)*$" % (_GRES_ITEM, _GRES_ITEM),
+        "name[:type][:count], comma-separated: gpu:2, gpu:a100:2, gpu:1,shard:2"),
+    "gpus_per_node": _GPU_COUNT_GRAMMAR,
+    "gpus_per_task": _GPU_COUNT_GRAMMAR,
+    "licenses": _SlurmGrammar(
+        "^[A-Za-z0-9_.@-]+(:[0-9]+)?([,|][A-Za-z0-9_.@-]+(:[0-9]+)?)*$",
+        "name[:count], comma-separated: matlab:2,ansys"),
+    "nodelist": _SlurmGrammar(
+        "^[A-Za-z0-9_.,\\[\\]/-]+$", "a host list without spaces: node[01-04],node07"),
+    "exclude": _SlurmGrammar(
+        "^[A-Za-z0-9_.,\\[\\]/-]+$", "a host list without spaces: node[01-04],node07"),
+    "partition": _SlurmGrammar(
+        "^%s(,%s)*$" % (_SLURM_NAME, _SLURM_NAME), "a partition name, or several with commas"),
+    "reservation": _SlurmGrammar(
+        "^%s(,%s)*$" % (_SLURM_NAME, _SLURM_NAME), "a reservation name, or several with commas"),
+    "begin": _SlurmGrammar(
+        "^(%s(\\+[0-9]+(%s)?)?|%s|[0-9]{4}-[0-9]{2}-[0-9]{2}(T[0-9]{1,2}:[0-9]{2}(:[0-9]{2})?)?"
+        "|[0-9]{1,2}:[0-9]{2}(:[0-9]{2})?(%s|%s)?|[0-9]{1,2}[/.][0-9]{1,2}([/.][0-9]{2,4})?"
+        "|[0-9]{4}([0-9]{2})?)$"
+        % (_any_case("now"), "|".join(_any_case(unit) for unit in (
+            "seconds", "minutes", "hours", "days", "weeks")),
+           "|".join(_any_case(word) for word in _BEGIN_WORDS[1:]), _any_case("am"),
+           _any_case("pm")),
+        "now+1hours, 2030-01-31T16:00:00, 16:00, 12/31, tomorrow, midnight"),
+    "mail_type": _SlurmGrammar(
+        "^%s(,%s)*$" % (_MAIL_TYPE_WORD, _MAIL_TYPE_WORD),
+        "comma-separated: " + ", ".join(_MAIL_TYPES)),
+    "mail_user": _SlurmGrammar("^[^\\s,]+(,[^\\s,]+)*$", "an address: someone@example.org"),
+}
+
+
+def _check_slurm_value(key, text):
+    """``text`` if Slurm's own parser accepts it for option ``key``; raises ``_Invalid``."""
+    import re
+    grammar = _SLURM_GRAMMARS[key]
+    if re.fullmatch(grammar.pattern, text):
+        return text
+    raise _Invalid("%s is not a value Slurm accepts for --%s" % (_excerpt(text),
+                                                                   key.replace("_", "-")),
+                   hint="write " + grammar.forms)
+
+
+def _excerpt(text, limit=60):
+    """``text`` quoted, cut to ``limit`` characters: an error shows the start of a huge value."""
+    if len(text) <= limit:
+        return repr(text)
+    return "%r... (%d characters)" % (text[:limit], len(text))
+
+
+def _memory_megabytes(text):
+    """Megabytes of a Slurm memory value (``8G``, ``512``, ``4GB``), or None if it is not one."""
+    import re
+    match = re.fullmatch("([0-9]+)([KkMmGgTt]?)[Bb]?", str(text).strip())
+    if not match:
+        return None
+    number, unit = int(match.group(1)), match.group(2).upper()
+    if unit == "K":
+        return (number + 1023) // 1024
+    return number * {"": 1, "M": 1, "G": 1024, "T": 1024 * 1024}[unit]
+
 
 # --- the file format: one table for the validator's key lists and for `hpc-compose schema` --------
 
@@ -2395,18 +2513,29 @@ _RUNTIMES_FIELD_TEXT = ("pyxis (a container through Pyxis/Enroot), apptainer or 
                         "apptainer exec), or host (plain srun on the node)")
 _SLURM_STRING_FIELDS = (
     _Field("job_name", "text", "#SBATCH --job-name (default: name, else hpc-compose)"),
-    _Field("partition", "text", "#SBATCH --partition"),
+    _Field("partition", "slurm_value", "#SBATCH --partition"),
     _Field("account", "text", "#SBATCH --account"),
     _Field("qos", "text", "#SBATCH --qos"),
-    _Field("time", "text", "#SBATCH --time, e.g. \"01:00:00\""),
-    _Field("mem", "text", "#SBATCH --mem, e.g. 8G"),
-    _Field("gres", "text", "#SBATCH --gres (wins over gpus)"),
+    _Field("time", "slurm_value", "#SBATCH --time: 90 (minutes), \"01:00:00\", \"2-12:00:00\""),
+    _Field("mem", "slurm_value", "#SBATCH --mem (per node), e.g. 8G"),
+    _Field("gres", "slurm_value", "#SBATCH --gres (wins over gpus)"),
     _Field("constraint", "text", "#SBATCH --constraint"),
     _Field("output", "text", "#SBATCH --output (the batch log)"),
     _Field("error", "text", "#SBATCH --error"),
     _Field("chdir", "text", "#SBATCH --chdir"),
     _Field("cache_dir", "text", "shared image cache directory, visible from every node",
            default="$HOME/.cache/hpc-compose"),
+    _Field("mem_per_cpu", "slurm_value", "#SBATCH --mem-per-cpu, e.g. 2G (not with mem)"),
+    _Field("mem_per_gpu", "slurm_value", "#SBATCH --mem-per-gpu, e.g. 16G (not with mem)"),
+    _Field("gpus_per_node", "slurm_value", "#SBATCH --gpus-per-node, e.g. 4 or a100:4"),
+    _Field("gpus_per_task", "slurm_value", "#SBATCH --gpus-per-task, e.g. 1"),
+    _Field("reservation", "slurm_value", "#SBATCH --reservation"),
+    _Field("licenses", "slurm_value", "#SBATCH --licenses, e.g. matlab:2"),
+    _Field("nodelist", "slurm_value", "#SBATCH --nodelist, e.g. node[01-04]"),
+    _Field("exclude", "slurm_value", "#SBATCH --exclude, e.g. node07"),
+    _Field("begin", "slurm_value", "#SBATCH --begin, e.g. now+1hours or 2030-01-31T16:00:00"),
+    _Field("mail_type", "slurm_value", "#SBATCH --mail-type, e.g. END,FAIL"),
+    _Field("mail_user", "slurm_value", "#SBATCH --mail-user"),
 )
 _SLURM_COUNT_FIELDS = (
     _Field("nodes", "count", "allocation node count", default=1),
@@ -2414,6 +2543,7 @@ _SLURM_COUNT_FIELDS = (
     _Field("ntasks_per_node", "count", "#SBATCH --ntasks-per-node"),
     _Field("cpus_per_task", "count", "#SBATCH --cpus-per-task"),
     _Field("gpus", "count", "#SBATCH --gpus, used only when gres is not set"),
+    _Field("cpus_per_gpu", "count", "#SBATCH --cpus-per-gpu"),
 )
 _METRICS_FIELDS = (
     _Field("enabled", "boolean", "sample metrics while the job runs", default=True),
@@ -2463,6 +2593,8 @@ _SLURM_FIELDS = _SLURM_STRING_FIELDS + _SLURM_COUNT_FIELDS + (
     _Field("dependency", "text", "#SBATCH --dependency, e.g. afterok:12345 (submit --after adds "
                                  "to it)"),
     _Field("array", "text", "#SBATCH --array, e.g. \"0-15%4\": one task per index"),
+    _Field("exclusive", "exclusive", "#SBATCH --exclusive: true, or user or mcs "
+                                     "(--exclusive=user)"),
 )
 _FAILURE_POLICY_FIELDS = (
     _Field("mode", "choice", "what a non-zero exit does", choices=_FAILURE_MODES,
@@ -2478,7 +2610,9 @@ _SERVICE_SLURM_FIELDS = (
     _Field("ntasks_per_node", "count", "srun --ntasks-per-node"),
     _Field("cpus_per_task", "count", "srun --cpus-per-task"),
     _Field("gpus", "count", "srun --gpus, used only when gres is not set"),
-    _Field("gres", "text", "srun --gres (wins over gpus)"),
+    _Field("gres", "slurm_value", "srun --gres (wins over gpus)"),
+    _Field("mem", "slurm_value", "srun --mem: the step's memory per node, e.g. 4G"),
+    _Field("time", "slurm_value", "srun --time: the step's time limit, e.g. 30 or \"00:30:00\""),
     _Field("extra_srun_args", "texts", "arguments appended to the service's srun"),
     _Field("failure_policy", "mapping", "what happens when the service exits non-zero",
            fields=_FAILURE_POLICY_FIELDS),
@@ -2588,6 +2722,7 @@ def _signal_name_pattern(names):
 
 def _field_schema(field):
     """The JSON Schema (draft-07) of one field, with its description and default."""
+    import re
     kind = field.kind
     text = {"type": _TEXT_TYPES}
     texts = {"type": ["array", "null"], "items": text}
@@ -2602,6 +2737,13 @@ def _field_schema(field):
             for kind_name, names in sorted(_READINESS_FIELDS.items())])
     elif kind == "text":
         schema = dict(text)
+    elif kind == "slurm_value":
+        pattern = _SLURM_GRAMMARS[field.name].pattern
+        schema = {"anyOf": [{"type": "string", "pattern": pattern}, _INTERPOLATED]}
+        if re.fullmatch(pattern, "0"):     # time in minutes, memory in megabytes
+            schema["anyOf"].insert(1, {"type": "integer", "minimum": 0})
+    elif kind == "exclusive":
+        schema = {"anyOf": [{"type": "boolean"}, _choice_schema(_EXCLUSIVE_MODES)]}
     elif kind == "count":
         schema = {"anyOf": [{"type": "integer", "minimum": field.minimum},
                             {"type": "string", "pattern": "^\\s*[0-9]+\\s*$|\\$"}]}
@@ -4063,11 +4205,13 @@ class _SpecLoader(object):
         values = {}
         # Key by key (attempt), so that one bad value is one error and the rest is still read.
         for key in _SLURM_STRING_KEYS:
-            values[key] = self.attempt(self.optional_string, path + (key,), raw.get(key))
-            if values[key] is not None and key != "cache_dir":
-                self.attempt(self.apply_rule, path + (key,), _check_sbatch_value, values[key])
+            values[key] = self.attempt(self.slurm_value, path + (key,), raw.get(key))
         for key in _SLURM_COUNT_KEYS:
             values[key] = self.attempt(self.integer, path + (key,), raw.get(key))
+        if raw.get("exclusive") is not None:
+            values["exclusive"] = self.attempt(self.exclusive, path + ("exclusive",),
+                                               raw["exclusive"])
+        self.check_memory_options(path, values)
         if values["cache_dir"] is not None:
             self.attempt(self.apply_rule, path + ("cache_dir",), _check_cache_dir,
                          resolve_host_path(values["cache_dir"], self.project_dir, self.variables))
@@ -4110,6 +4254,27 @@ class _SpecLoader(object):
                 values[key] = None
         self.check_gpus(path, values)
         return SlurmSpec(**values)
+
+    def slurm_value(self, path, raw):
+        """A string option; one that sbatch or srun parses is checked against its grammar."""
+        text = self.optional_string(path, raw)
+        if text is not None and path[-1] != "cache_dir":
+            self.apply_rule(path, _check_sbatch_value, text)
+        if text is not None and path[-1] in _SLURM_GRAMMARS:
+            self.apply_rule(path, _check_slurm_value, path[-1], text)
+        return text
+
+    def exclusive(self, path, raw):
+        if isinstance(raw, bool):
+            return raw
+        return self.choice(path, raw, _EXCLUSIVE_MODES)
+
+    def check_memory_options(self, path, values):
+        given = [key for key in ("mem", "mem_per_cpu", "mem_per_gpu") if values.get(key)]
+        if len(given) > 1:
+            self.record(self.error(path + (given[1],), "%s and %s are both set; sbatch accepts "
+                                   "only one of mem, mem_per_cpu and mem_per_gpu" % tuple(given[:2]),
+                                   hint="keep the one that says what the job needs"))
 
     def job_signal(self, path, raw, values):
         raw = self.mapping(path, raw)
@@ -4544,7 +4709,8 @@ class _SpecLoader(object):
         values = {}
         for key in ("nodes", "ntasks", "ntasks_per_node", "cpus_per_task", "gpus"):
             values[key] = self.attempt(self.integer, path + (key,), raw.get(key))
-        values["gres"] = self.attempt(self.optional_string, path + ("gres",), raw.get("gres"))
+        for key in ("gres", "mem", "time"):
+            values[key] = self.attempt(self.slurm_value, path + (key,), raw.get(key))
         values["extra_srun_args"] = self.attempt(self.string_list, path + ("extra_srun_args",),
                                                  raw.get("extra_srun_args"), default=())
         values["failure_policy"] = self.attempt(self.failure_policy, path + ("failure_policy",),
@@ -5124,6 +5290,8 @@ def _slurm_to_dict(slurm, escape=None):
                               if value is not None)
     if slurm.requeue is not None:
         data["requeue"] = slurm.requeue
+    if slurm.exclusive is not None:
+        data["exclusive"] = slurm.exclusive
     for key in ("dependency", "array"):
         if getattr(slurm, key) is not None:
             data[key] = escape(getattr(slurm, key))
@@ -5183,8 +5351,9 @@ def spec_to_dict(spec, escape_dollars=False):
             value = getattr(service.slurm, key)
             if value is not None:
                 slurm[key] = value
-        if service.slurm.gres is not None:
-            slurm["gres"] = escape(service.slurm.gres)
+        for key in ("gres", "mem", "time"):
+            if getattr(service.slurm, key) is not None:
+                slurm[key] = escape(getattr(service.slurm, key))
         if service.slurm.extra_srun_args:
             slurm["extra_srun_args"] = [escape(a) for a in service.slurm.extra_srun_args]
         if service.slurm.failure_policy != FailurePolicy():
@@ -5278,6 +5447,8 @@ class ServicePlan(NamedTuple):
     extra_srun_args: Tuple[str, ...] = ()
     prepare: Optional[PreparePlan] = None
     secrets: Tuple[ServiceSecret, ...] = ()  # files under /run/secrets
+    mem: Optional[str] = None      # srun --mem
+    time: Optional[str] = None     # srun --time
 
 
 class Plan(NamedTuple):
@@ -5472,7 +5643,8 @@ def build_plan(spec, environ=None) -> Plan:
             failure_policy=policy, placement=placement,
             cpus_per_task=service.slurm.cpus_per_task, gpus=service.slurm.gpus,
             gres=service.slurm.gres, extra_srun_args=service.slurm.extra_srun_args,
-            prepare=prepare, secrets=service.secrets))
+            prepare=prepare, secrets=service.secrets, mem=service.slurm.mem,
+            time=service.slurm.time))
     job_name = spec.slurm.job_name or spec.name or "hpc-compose"
     secrets = tuple(secret._replace(reference=resolve_host_path(secret.reference,
                                                                 spec.project_dir, environ))
@@ -5524,6 +5696,9 @@ def plan_to_dict(plan):
             "prepare": prepare,
             "secrets": _service_secrets_to_list(service.secrets),
         })
+        for key in ("mem", "time"):
+            if getattr(service, key) is not None:
+                services[-1][key] = getattr(service, key)
     return {
         "compose_file": plan.compose_file,
         "project_dir": plan.project_dir,
@@ -8432,6 +8607,12 @@ def _single_line(value, what):
     return value
 
 
+# x-slurm fields rendered as --field-name=VALUE after the resources, in this order
+_SBATCH_TEXT_OPTIONS = ("constraint", "output", "error", "chdir", "mem_per_cpu", "mem_per_gpu",
+                        "gpus_per_node", "gpus_per_task", "cpus_per_gpu", "reservation",
+                        "licenses", "nodelist", "exclude", "begin", "mail_type", "mail_user")
+
+
 def _render_sbatch_lines(plan):
     slurm = plan.slurm
     lines = ["--job-name=" + shell_quote(_single_line(plan.job_name, "the job name")),
@@ -8447,11 +8628,15 @@ def _render_sbatch_lines(plan):
         lines.append("--gres=" + shell_quote(_single_line(slurm.gres, "x-slurm.gres")))
     elif slurm.gpus is not None:
         lines.append("--gpus=" + shell_quote(_single_line(slurm.gpus, "x-slurm.gpus")))
-    for field, flag in (("constraint", "--constraint"), ("output", "--output"),
-                        ("error", "--error"), ("chdir", "--chdir")):
+    for field in _SBATCH_TEXT_OPTIONS:
         value = getattr(slurm, field)
         if value is not None:
-            lines.append(flag + "=" + shell_quote(_single_line(value, "x-slurm." + field)))
+            lines.append("--%s=%s" % (field.replace("_", "-"),
+                                      shell_quote(_single_line(value, "x-slurm." + field))))
+    if slurm.exclusive is True:
+        lines.append("--exclusive")
+    elif slurm.exclusive:
+        lines.append("--exclusive=" + shell_quote(slurm.exclusive))
     lines.extend(_render_job_pattern_sbatch_lines(slurm))
     for arg in slurm.submit_args:
         lines.append(_single_line(arg, "x-slurm.submit_args entry"))
@@ -8699,6 +8884,9 @@ def _srun_parts(runtime_plan, index):
         words.append(("--gres=%s" % service.gres,))
     elif service.gpus is not None:
         words.append(("--gpus=%s" % service.gpus,))
+    for key in ("mem", "time"):
+        if getattr(service, key) is not None:
+            words.append(("--%s=%s" % (key, getattr(service, key)),))
     if service.runtime == "host":
         if service.working_dir:
             words.append(("--chdir=%s" % service.working_dir,))

@@ -6738,6 +6738,9 @@ class PreflightOptions(NamedTuple):
     dry_run: bool = False          # submit --dry-run: a missing reused image is a warning, not an error
     local: Optional[str] = None    # up --local: "allocation" or "machine" (no sbatch; no srun outside Slurm)
     apptainer_bin: Optional[str] = None  # None: the runtime's own command
+    script: Optional[str] = None   # the rendered batch script: sbatch --test-only judges it
+    sinfo_bin: str = "sinfo"
+    scontrol_bin: str = "scontrol"
 
 
 class PreflightReport(NamedTuple):
@@ -6778,8 +6781,9 @@ def run_preflight(runtime_plan, options=PreflightOptions()) -> PreflightReport:
     srun_path = None
     if options.local != "machine":
         srun_path = _preflight_binary(findings, "srun", options.srun_bin, "--srun-bin")
+    sbatch_path = None
     if options.local is None:
-        _preflight_binary(findings, "sbatch", options.sbatch_bin, "--sbatch-bin")
+        sbatch_path = _preflight_binary(findings, "sbatch", options.sbatch_bin, "--sbatch-bin")
     else:
         findings.extend(_preflight_local(runtime_plan, options.local, enroot_path))
     if plan.nodes > 1:
@@ -6806,6 +6810,11 @@ def run_preflight(runtime_plan, options=PreflightOptions()) -> PreflightReport:
     findings.extend(_preflight_secret_files(plan))
     if options.skip_prepare:
         findings.extend(_preflight_skip_prepare(runtime_plan, options.dry_run))
+    if options.local is not None:
+        findings.append(Finding("ok", "scheduler", "up --local: the scheduler is not asked"))
+    elif options.script is not None and sbatch_path:
+        findings.extend(_preflight_scheduler(plan, options.script, sbatch_path, options.sinfo_bin,
+                                             options.scontrol_bin))
     return PreflightReport(findings=tuple(findings))
 
 
@@ -7376,6 +7385,190 @@ def _format_preflight_report(report, verbose=False):
         for finding in report.passed:
             lines.append("ok: %s" % finding.message)
     return "\n".join(lines) + "\n"
+
+
+# --- the scheduler's answer: sbatch --test-only, explained by sinfo and scontrol -------------------
+
+_SCHEDULER_TIMEOUT = 30            # seconds sbatch --test-only, sinfo and scontrol may take each
+_SCHEDULER_UNREACHABLE = ("unable to contact slurm controller", "connection refused",
+                          "zero bytes were transmitted", "socket timed out",
+                          "could not establish a configuration source", "slurm_load_partitions")
+
+
+class _PartitionOffer(NamedTuple):
+    """What one partition offers, from ``sinfo -N`` (its nodes) and ``scontrol show partition``."""
+    name: str
+    state: str                     # UP, DOWN, DRAIN, INACTIVE (scontrol), else sinfo's up/down
+    default: bool
+    nodes: Tuple[str, ...]
+    memory_mb: int                 # the largest node's memory
+    cpus: int                      # the largest node's CPU count
+    gres: Tuple[str, ...]          # gres names any node has (gpu, shard...)
+    max_time: Optional[int]        # seconds; None: no limit
+    max_nodes: Optional[int]       # None: no limit
+
+
+def _read_partitions(sinfo_bin, scontrol_bin):
+    """``{name: _PartitionOffer}`` of this cluster; ``{}`` when sinfo cannot be asked."""
+    import re
+    try:
+        rows = _run_command([sinfo_bin, "-h", "-N", "-o", "%P|%a|%m|%c|%G|%N"],
+                            timeout=_SCHEDULER_TIMEOUT)
+        limits = _run_command([scontrol_bin, "show", "partition", "-o"],
+                              timeout=_SCHEDULER_TIMEOUT)
+    except ToolError:
+        return {}
+    found = {}
+    for line in (rows.stdout or "").splitlines():
+        parts = line.split("|")
+        if len(parts) != 6:
+            continue
+        name, state, memory, cpus, gres, node = parts
+        entry = found.setdefault(name.rstrip("*"), {
+            "state": state.upper(), "default": name.endswith("*"), "nodes": [], "memory": 0,
+            "cpus": 0, "gres": set()})
+        if node not in entry["nodes"]:
+            entry["nodes"].append(node)
+        entry["memory"] = max(entry["memory"], int(memory.rstrip("+")) if
+                              memory.rstrip("+").isdigit() else 0)
+        entry["cpus"] = max(entry["cpus"], int(cpus) if cpus.isdigit() else 0)
+        for item in re.sub(r"\([^)]*\)", "", gres).split(","):
+            if item and item != "null":
+                entry["gres"].add(item.split(":")[0])
+    settings = {}
+    for line in (limits.stdout or "").splitlines() if limits.returncode == 0 else ():
+        fields = dict(item.split("=", 1) for item in line.split() if "=" in item)
+        if "PartitionName" in fields:
+            settings[fields["PartitionName"]] = fields
+    offers = {}
+    for name, entry in found.items():
+        fields = settings.get(name, {})
+        max_nodes = fields.get("MaxNodes", "")
+        offers[name] = _PartitionOffer(
+            name, fields.get("State", entry["state"]), entry["default"], tuple(entry["nodes"]),
+            entry["memory"], entry["cpus"], tuple(sorted(entry["gres"])),
+            _slurm_time_seconds(fields.get("MaxTime")),
+            int(max_nodes) if max_nodes.isdigit() else None)
+    return offers
+
+
+def _format_offer(offer):
+    """``partition debug: 3 nodes, 7030 MB and 2 CPUs each, no gres, no time limit``."""
+    return "partition %s: %d node%s, %d MB and %d CPUs each, %s, %s" % (
+        offer.name, len(offer.nodes), "" if len(offer.nodes) == 1 else "s", offer.memory_mb,
+        offer.cpus, "gres " + ",".join(offer.gres) if offer.gres else "no gres",
+        "no time limit" if offer.max_time is None else "MaxTime %d min" % (offer.max_time // 60))
+
+
+def _requested_gres(slurm):
+    names = []
+    for item in (slurm.gres or "").split(","):
+        name = item.split(":")[0]
+        if name.lower().startswith("gres/"):
+            name = name[5:]
+        if name:
+            names.append(name)
+    if not names and (slurm.gpus or slurm.gpus_per_node or slurm.gpus_per_task):
+        names.append("gpu")
+    return names
+
+
+def _scheduler_refusals(plan, offers):
+    """``[(field, what the cluster offers, fix)]``: why a job of ``plan`` cannot run on ``offers``."""
+    slurm = plan.slurm
+    defaults = [name for name, offer in sorted(offers.items()) if offer.default]
+    wanted = slurm.partition.split(",") if slurm.partition else defaults[:1]
+    problems = []
+    for name in wanted:
+        offer = offers.get(name)
+        if offer is None:
+            problems.append(("partition", "partition '%s' does not exist; the cluster has %s"
+                             % (name, ", ".join(sorted(offers)) or "none"),
+                             "set x-slurm.partition to one of them, or drop it for the default "
+                             "(%s)" % (", ".join(defaults) or "none")))
+            continue
+        if offer.state.upper() != "UP":
+            problems.append(("partition", "partition %s is %s" % (name, offer.state.lower()),
+                             "choose another partition, or wait until it is up"))
+        limit = min(len(offer.nodes), offer.max_nodes or len(offer.nodes))
+        if plan.nodes > limit:
+            problems.append(("nodes", "%d nodes do not fit %s" % (plan.nodes, _format_offer(offer)),
+                             "ask for at most %d node%s" % (limit, "" if limit == 1 else "s")))
+        memory = _memory_megabytes(slurm.mem) if slurm.mem else None
+        if memory and offer.memory_mb and memory > offer.memory_mb:
+            problems.append(("mem", "%s (%d MB per node) does not fit %s"
+                             % (slurm.mem, memory, _format_offer(offer)),
+                             "ask for at most %dM, or choose a partition with bigger nodes"
+                             % offer.memory_mb))
+        seconds = _slurm_time_seconds(slurm.time)
+        if seconds and offer.max_time is not None and seconds > offer.max_time:
+            problems.append(("time", "%s is longer than the MaxTime of %s"
+                             % (slurm.time, _format_offer(offer)),
+                             "ask for at most %d minutes, or choose another partition"
+                             % (offer.max_time // 60)))
+        if slurm.cpus_per_task and offer.cpus and slurm.cpus_per_task > offer.cpus:
+            problems.append(("cpus_per_task", "%d CPUs per task do not fit %s"
+                             % (slurm.cpus_per_task, _format_offer(offer)),
+                             "ask for at most %d CPUs per task" % offer.cpus))
+        for gres in _requested_gres(slurm):
+            if gres not in offer.gres:
+                field = next(key for key in ("gres", "gpus", "gpus_per_node", "gpus_per_task")
+                             if getattr(slurm, key))
+                problems.append((field, "no node has gres '%s' in %s" % (gres, _format_offer(offer)),
+                                 "drop x-slurm.%s, or choose a partition whose nodes have it"
+                                 % field))
+    return problems
+
+
+def _slurm_key_lines(plan):
+    """``{key: line}`` of the x-slurm keys in the compose file (for the scheduler's findings)."""
+    try:
+        with open(plan.compose_file, "rb") as handle:
+            document = parse_yaml_document(handle.read(), plan.compose_file)
+    except (OSError, HpcComposeError):
+        return {}
+    lines = dict((path[1], mark.line) for path, mark in document.key_marks.items()
+                 if len(path) == 2 and path[0] == "x-slurm")
+    lines[None] = getattr(document.key_marks.get(("x-slurm",)), "line", None)
+    return lines
+
+
+def _preflight_scheduler(plan, script, sbatch_path, sinfo_bin="sinfo", scontrol_bin="scontrol"):
+    """Ask the real scheduler: ``sbatch --test-only`` of the rendered script, imports nothing."""
+    try:
+        result = _run_command([sbatch_path, "--test-only"], input_text=script,
+                              cwd=plan.project_dir, timeout=_SCHEDULER_TIMEOUT)
+        answer = " ".join(((result.stderr or "") + " " + (result.stdout or "")).split())
+    except ToolError as exc:
+        result, answer = None, exc.message
+    if result is not None and result.returncode == 0:
+        return [Finding("ok", "scheduler", "sbatch --test-only accepts the job (%s)"
+                        % answer.replace("sbatch: ", ""))]
+    if result is None or any(word in answer.lower() for word in _SCHEDULER_UNREACHABLE):
+        return [Finding("warn", "scheduler", "the scheduler could not be asked (%s): the job was "
+                        "not checked against the cluster" % answer,
+                        "run preflight on a login node of the cluster to check partition, "
+                        "memory, time and gres before submitting")]
+    reason = answer.split("error: ")[-1] or "no reason given"
+    problems = _scheduler_refusals(plan, _read_partitions(sinfo_bin, scontrol_bin))
+    lowered = reason.lower()
+    for field in ("account", "qos", "reservation", "licenses", "dependency"):
+        if field.rstrip("s") in lowered and getattr(plan.slurm, field):
+            problems.append((field, "%s is refused" % getattr(plan.slurm, field),
+                             "check it with `sacctmgr show assoc user=$USER` or your site's "
+                             "documentation"))
+    if not problems:
+        problems = [(None, None, "`sinfo` and `scontrol show partition` show what the cluster "
+                                 "offers")]
+    lines = _slurm_key_lines(plan)
+    findings = []
+    for field, offer, fix in problems:
+        line = lines.get(field) or lines.get(None)
+        where = os.path.basename(plan.compose_file) + (":%d" % line if line else "")
+        message = "%s: %s (sbatch --test-only refuses the job: %s)" % (
+            where + (": x-slurm." + field if field else ""), offer or "the scheduler", reason)
+        findings.append(Finding("error", "scheduler", message, fix))
+    return findings
 
 
 ##############################################################################
@@ -15886,12 +16079,14 @@ def _write_job_script(args, plan, say, local=None):
     plan and the script's path."""
     action = "start" if local else "submit"
     runtime_plan = build_runtime_plan(plan)
+    # Rendered before anything is imported: the scheduler judges this very script first.
+    script = render_script(runtime_plan, local=local == "machine")
     if not args.no_preflight:
         report = run_preflight(runtime_plan, PreflightOptions(
             enroot_bin=args.enroot_bin, apptainer_bin=getattr(args, "apptainer_bin", None), srun_bin=args.srun_bin,
             sbatch_bin=args.sbatch_bin,
             skip_prepare=args.skip_prepare, dry_run=bool(getattr(args, "dry_run", False)),
-            local=local))
+            local=local, script=None if local else script))
         _print_findings(report)
         if report.errors:
             raise ToolError("preflight found %d error(s); nothing was %s"
@@ -15900,8 +16095,7 @@ def _write_job_script(args, plan, say, local=None):
     _prepare_for_run(args, plan, runtime_plan, say)
     script_path = os.path.abspath(args.script_out) if args.script_out else \
         os.path.join(plan.project_dir, "hpc-compose.sbatch")
-    _write_file_atomic(script_path, render_script(runtime_plan, local=local == "machine"),
-                       _PRIVATE_FILE_MODE)
+    _write_file_atomic(script_path, script, _PRIVATE_FILE_MODE)
     return runtime_plan, script_path
 
 
@@ -16435,7 +16629,8 @@ def _cmd_preflight(args):
     report = run_preflight(runtime_plan, PreflightOptions(
         enroot_bin=args.enroot_bin, apptainer_bin=getattr(args, "apptainer_bin", None), srun_bin=args.srun_bin,
         sbatch_bin=args.sbatch_bin,
-        skip_prepare=args.skip_prepare, local=_local_mode() if args.local else None))
+        skip_prepare=args.skip_prepare, local=_local_mode() if args.local else None,
+        script=None if args.local else render_script(runtime_plan)))
     if fmt == "json":
         _print_json(_preflight_report_to_dict(report, plan.compose_file, args.strict))
     else:

@@ -24,6 +24,18 @@ def validates(tmp_path, key, value):
         return False
 
 
+# Where validate refuses on purpose what this sbatch lets through: its time parser reads "-5" as a
+# limit of 2982611 days (an overflow) and "-0" as no days at all; both are typing mistakes.
+DELIBERATE = [("time", "-5"), ("time", "-0")]
+
+
+@pytest.mark.parametrize("key,value", DELIBERATE)
+def test_validate_refuses_on_purpose_what_sbatch_misreads(slurm, tmp_path, key, value):
+    script = "#!/bin/bash\n#SBATCH --%s=%s\ntrue\n" % (key, hc.shell_quote(value))
+    _code, _out, err = _test_only(script, tmp_path)
+    assert PARSE_ERRORS[key] not in err.lower() and not validates(tmp_path, key, value)
+
+
 @pytest.mark.parametrize("key,value", ACCEPTED + REFUSED)
 def test_validate_and_the_real_sbatch_agree_on_time_and_memory(slurm, tmp_path, key, value):
     script = "#!/bin/bash\n#SBATCH --%s=%s\ntrue\n" % (key, hc.shell_quote(value))
@@ -73,10 +85,10 @@ def test_preflight_passes_a_spec_that_fits(slurm, tmp_path):
     assert "0 errors" in result.out
 
 
-def test_submit_of_a_refused_spec_imports_nothing(slurm, tmp_path):
+def test_submit_of_a_refused_spec_imports_nothing(slurm, tmp_path, cache_dir):
     (tmp_path / "compose.yaml").write_text(
         "x-slurm:\n  time: \"00:05:00\"\n  mem: 4T\n  cache_dir: %s\nservices:\n  app:\n"
-        "    image: redis:7\n    command: [\"true\"]\n" % (tmp_path / "cache"))
+        "    image: redis:7\n    command: [\"true\"]\n" % cache_dir)
     enroot_log = tmp_path / "enroot.log"
     standin = os.path.join(os.path.dirname(os.path.abspath(__file__)), "standins", "enroot")
     result = run_tool_cli(["submit", "-f", str(tmp_path / "compose.yaml"), "--enroot-bin",
@@ -85,4 +97,5 @@ def test_submit_of_a_refused_spec_imports_nothing(slurm, tmp_path):
     assert result.code != 0, result
     assert "x-slurm.mem" in result.err and "nothing was submitted" in result.err
     assert not enroot_log.exists() or "import" not in enroot_log.read_text()
+    assert os.listdir(cache_dir) == []
     assert not os.path.exists(str(tmp_path / ".hpc-compose"))

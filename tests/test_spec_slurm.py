@@ -8,11 +8,12 @@ from test_spec import failure, load, plan, service
 
 # What the real sbatch accepts and refuses (tests/test_spec_slurm_e2e.py asks it for each value).
 TIMES_ACCEPTED = ("90", "0", "1-12", "61:00", "01:00:00", "2-12:00:00", "1-0", "1-00:30",
-                  "100:00:00", "UNLIMITED", "unlimited", "INFINITE", "-1", "5:30")
-TIMES_REFUSED = ("10 minutes", "1h", "1:00:00:00", "-5", "1.5", "lots", "30m", "1-2-3",
-                 "1:2:3:4", "01:00:00 ", ":30", "1d", "never")
-MEMORY_ACCEPTED = ("4G", "4GB", "2048mb", "2048", "512M", "1T", "8g", "0", "100K", "1tb")
-MEMORY_REFUSED = ("4 GB", "lots", "-5", "1.5G", "4Gi", "4GiB", "G", "4X", "4GBB", "four")
+                  "100:00:00", "UNLIMITED", "unlimited", "INFINITE", "-1", "5:30", "5-", "00")
+TIMES_REFUSED = ("10 minutes", "1h", "1:00:00:00", "1.5", "lots", "30m", "1-2-3", "1:-2",
+                 "1:2:3:4", "01:00:00 ", " 90", "+90", ":30", "1-:30", "1d", "never")
+MEMORY_ACCEPTED = ("4G", "4GB", "2048mb", "2048", "512M", "1T", "8g", "0", "100K", "1tb",
+                   "4gB", "4kb", "00")
+MEMORY_REFUSED = ("4 GB", "lots", "-5", "1.5G", "4Gi", "4GiB", "G", "4X", "4GBB", "four", "4Bb")
 
 
 def slurm_spec(key, value, service_level=False):

@@ -21,7 +21,7 @@ stands above it, as tests/test_layout.py checks):
 4. Spec -- the validated compose model (``ComposeSpec``) and ``load_spec``.
 5. Planner -- ``build_plan``: dependency order, images, mounts, environment, placement.
 6. Images -- enroot import / prepare / export, the shared cache and its manifests.
-7. Preflight -- login-node checks before a submission.
+7. Preflight -- login-node checks before a submission, the scheduler's answer, and lint.
 8. Render -- the batch script (``string.Template`` constants named ``*_TEMPLATE``).
 9. Job tracking -- sbatch, squeue, sacct, sstat, scancel; status, logs, stats, artifacts.
 10. Init templates -- the shipped examples offered by ``init``.
@@ -2420,7 +2420,7 @@ _MAIL_TYPE_WORD = "(%s)" % "|".join(_any_case(name) for name in sorted(_MAIL_TYP
 _BEGIN_WORDS = ("now", "today", "tomorrow", "midnight", "noon", "elevenses", "fika", "teatime")
 _SLURM_GRAMMARS = {
     "time": _SlurmGrammar(
-        "^([0-9]+(:[0-9]+){0,2}|[0-9]+-[0-9]+(:[0-9]+){0,2}|-1|%s|%s)$"
+        "^([0-9]+(:[0-9]+){0,2}|[0-9]+-([0-9]+(:[0-9]+){0,2})?|-1|%s|%s)$"
         % (_any_case("unlimited"), _any_case("infinite")),
         "minutes (90), MM:SS (61:00), HH:MM:SS (01:00:00), D-HH (1-12), D-HH:MM:SS "
         "(2-12:00:00) or UNLIMITED"),
@@ -6719,8 +6719,10 @@ def _remove_artifact(path):
 ##############################################################################
 # Contract:
 #   run_preflight(runtime_plan, options: PreflightOptions) -> PreflightReport
+#   _lint_plan(plan) -> tuple of _LintWarning (valid, but likely wrong; codes in docs/lint.md)
 # Levels: error (the run cannot work: submit stops), warn (it may work; `preflight --strict` fails),
-# ok (passed; listed with --verbose). Every error and warning carries a remediation.
+# ok (passed; listed with --verbose). Every error and warning carries a remediation. With the
+# rendered script in its options, preflight asks the scheduler itself (sbatch --test-only).
 
 
 class Finding(NamedTuple):
@@ -7387,6 +7389,152 @@ def _format_preflight_report(report, verbose=False):
     return "\n".join(lines) + "\n"
 
 
+# --- lint: what is valid but likely wrong (docs/lint.md) -------------------------------------------
+
+# Stable codes: a code is never reused for another smell (docs/lint.md lists every one).
+_LINT_CODES = (
+    ("HC001", "image-not-pinned", "an image with no tag, or :latest"),
+    ("HC002", "no-time-limit", "the job has no x-slurm.time"),
+    ("HC003", "readiness-outlasts-job", "a readiness timeout longer than the job's time limit"),
+    ("HC004", "dependency-without-readiness", "a service others depend on has no readiness"),
+    ("HC005", "cache-dir-not-shared", "a cache dir the compute nodes may not see"),
+    ("HC006", "service-exceeds-job", "a service asks for more than the job has"),
+    ("HC007", "mounts-hide-each-other", "a mount inside another mount of the same service"),
+)
+_LINT_NAMES = dict((code, name) for code, name, _what in _LINT_CODES)
+# Node-local roots that a cache dir should not live under (the /tmp family is already an error).
+_NODE_LOCAL_ROOTS = ("/local", "/localscratch", "/scratch/local", "/var", "/run", "/mnt/local")
+
+
+class _LintWarning(NamedTuple):
+    code: str                      # HC001...: a key of _LINT_NAMES
+    path: Tuple[Union[str, int], ...]  # where in the compose file: ("services", "app", "image")
+    message: str
+    hint: str
+    line: Optional[int] = None
+
+
+def _read_compose_document(compose_file):
+    """The compose file as a ``YamlDocument`` (for lines and x- keys), or None if unreadable."""
+    try:
+        return _load_compose_document(compose_file, check_todos=False)
+    except (OSError, HpcComposeError):
+        return None
+
+
+def _compose_key_lines(document):
+    """``{path: line}`` of every key (and value) of ``document``; ``{}`` for None."""
+    if document is None:
+        return {}
+    lines = dict((path, mark.line) for path, mark in document.marks.items())
+    lines.update((path, mark.line) for path, mark in document.key_marks.items())
+    return lines
+
+
+def _lint_ignored(document, path):
+    """The codes ``x-lint.ignore`` silences for ``path`` (top level, or the path's service)."""
+    data = document.data if document is not None and isinstance(document.data, dict) else {}
+    holders = [data]
+    if len(path) > 1 and path[0] == "services" and isinstance(data.get("services"), dict):
+        holders.append(data["services"].get(path[1]))
+    codes = set()
+    for holder in holders:
+        lint = holder.get("x-lint") if isinstance(holder, dict) else None
+        if isinstance(lint, dict) and isinstance(lint.get("ignore"), list):
+            codes.update(str(code) for code in lint["ignore"])
+    return codes
+
+
+def _located_line(lines, path):
+    """The line of ``path``, else of the nearest enclosing key that is written."""
+    path = tuple(path)
+    while path and path not in lines:
+        path = path[:-1]
+    return lines.get(path)
+
+
+def _image_unpinned(image):
+    if image.kind != "remote":
+        return False
+    reference = image.reference.split("://", 1)[-1]
+    if "@" in reference:
+        return False
+    name = reference.rsplit("/", 1)[-1]
+    return ":" not in name or name.rsplit(":", 1)[1] == "latest"
+
+
+def _service_excess(service, slurm):
+    """``[(key, text)]``: what ``service`` asks for beyond the job's own x-slurm values."""
+    excess = []
+    for key in ("cpus_per_task", "gpus"):
+        mine, job = getattr(service, key), getattr(slurm, key)
+        if mine and job and mine > job:
+            excess.append((key, "%s %d is more than the job's %d" % (key, mine, job)))
+    for key, measure in (("mem", _memory_megabytes), ("time", _slurm_time_seconds)):
+        mine, job = getattr(service, key), getattr(slurm, key)
+        if mine and job and measure(mine) and measure(job) and measure(mine) > measure(job):
+            excess.append((key, "%s %s is more than the job's %s" % (key, mine, job)))
+    return excess
+
+
+def _lint_plan(plan):
+    """The lint warnings of ``plan``, in file order: valid, but probably not what was meant."""
+    import posixpath
+    found = []
+    slurm = plan.slurm
+    limit = _slurm_time_seconds(slurm.time)
+    if slurm.time is None:
+        found.append(("HC002", ("x-slurm",), "the job has no time limit (x-slurm.time): it gets "
+                      "the partition's default, often the maximum, and waits longer in the queue",
+                      "set x-slurm.time, e.g. \"01:00:00\""))
+    depended = set(dependency.name for service in plan.services
+                   for dependency in service.depends_on)
+    containers = False
+    for service in plan.services:
+        where = ("services", service.name)
+        if service.runtime != "host":
+            containers = True
+        if service.runtime != "host" and _image_unpinned(service.image):
+            found.append(("HC001", where + ("image",), "image %s has no tag or uses :latest: the "
+                          "next prepare may pull another image" % service.image.original,
+                          "pin a tag such as %s:1.2.3, or a digest"
+                          % service.image.original.split(":")[0]))
+        timeout = service.readiness.timeout_seconds if service.readiness else None
+        if timeout and limit and timeout > limit:
+            found.append(("HC003", where + ("readiness",), "readiness waits up to %d s, longer "
+                          "than the job's time limit (%s = %d s)" % (timeout, slurm.time, limit),
+                          "lower timeout_seconds, or give the job more time"))
+        if service.name in depended and service.readiness is None:
+            found.append(("HC004", where, "service '%s' has dependents but no readiness: they "
+                          "start as soon as it is launched, before it listens" % service.name,
+                          "add readiness (tcp, http or log) or a healthcheck"))
+        for key, text in _service_excess(service, slurm):
+            found.append(("HC006", where + ("x-slurm", key), "service '%s': %s"
+                          % (service.name, text), "raise the job's x-slurm.%s or lower the "
+                          "service's" % key))
+        targets = [posixpath.normpath(mount.container) for mount in service.mounts]
+        for index, target in enumerate(targets):
+            for other in targets[:index]:
+                if target != other and (_under(target, other) or _under(other, target)):
+                    found.append(("HC007", where + ("volumes", index), "mount %s and mount %s "
+                                  "overlap: the inner one hides part of the outer one" % (
+                                      other, target), "mount one folder, or separate them"))
+    cache_local = [root for root in _NODE_LOCAL_ROOTS if _under(plan.cache_dir, root)]
+    if containers and (slurm.cache_dir is None or cache_local):
+        found.append(("HC005", ("x-slurm", "cache_dir") if slurm.cache_dir else ("x-slurm",),
+                      "cache dir %s %s" % (plan.cache_dir, "is under %s, which is often "
+                                           "node-local" % cache_local[0] if cache_local else
+                                           "is the default under $HOME: compute nodes see it "
+                                           "only if $HOME is shared"),
+                      "set x-slurm.cache_dir to shared project or scratch storage"))
+    document = _read_compose_document(plan.compose_file)
+    lines = _compose_key_lines(document)
+    warnings = [_LintWarning(code, path, message, hint, _located_line(lines, path))
+                for code, path, message, hint in found
+                if code not in _lint_ignored(document, path)]
+    return tuple(sorted(warnings, key=lambda w: (w.line or 0, w.code)))
+
+
 # --- the scheduler's answer: sbatch --test-only, explained by sinfo and scontrol -------------------
 
 _SCHEDULER_TIMEOUT = 30            # seconds sbatch --test-only, sinfo and scontrol may take each
@@ -7520,19 +7668,6 @@ def _scheduler_refusals(plan, offers):
     return problems
 
 
-def _slurm_key_lines(plan):
-    """``{key: line}`` of the x-slurm keys in the compose file (for the scheduler's findings)."""
-    try:
-        with open(plan.compose_file, "rb") as handle:
-            document = parse_yaml_document(handle.read(), plan.compose_file)
-    except (OSError, HpcComposeError):
-        return {}
-    lines = dict((path[1], mark.line) for path, mark in document.key_marks.items()
-                 if len(path) == 2 and path[0] == "x-slurm")
-    lines[None] = getattr(document.key_marks.get(("x-slurm",)), "line", None)
-    return lines
-
-
 def _preflight_scheduler(plan, script, sbatch_path, sinfo_bin="sinfo", scontrol_bin="scontrol"):
     """Ask the real scheduler: ``sbatch --test-only`` of the rendered script, imports nothing."""
     try:
@@ -7560,10 +7695,10 @@ def _preflight_scheduler(plan, script, sbatch_path, sinfo_bin="sinfo", scontrol_
     if not problems:
         problems = [(None, None, "`sinfo` and `scontrol show partition` show what the cluster "
                                  "offers")]
-    lines = _slurm_key_lines(plan)
+    lines = _compose_key_lines(_read_compose_document(plan.compose_file))
     findings = []
     for field, offer, fix in problems:
-        line = lines.get(field) or lines.get(None)
+        line = _located_line(lines, ("x-slurm", field) if field else ("x-slurm",))
         where = os.path.basename(plan.compose_file) + (":%d" % line if line else "")
         message = "%s: %s (sbatch --test-only refuses the job: %s)" % (
             where + (": x-slurm." + field if field else ""), offer or "the scheduler", reason)
@@ -15220,7 +15355,8 @@ def _command_parsers():
     """``(command name, function adding its parser)`` for every command, in ``--help`` order:
     authoring, the run, tracking, maintenance."""
     return (
-        ("validate", _add_validate_parser), ("inspect", _add_inspect_parser),
+        ("validate", _add_validate_parser), ("lint", _add_lint_parser),
+        ("inspect", _add_inspect_parser),
         ("config", _add_config_parser), ("render", _add_render_parser),
         ("preflight", _add_preflight_parser), ("prepare", _add_prepare_parser),
         ("submit", _add_submit_parser), ("up", _add_up_parser), ("run", _add_run_parser),
@@ -15476,6 +15612,43 @@ def _cmd_validate(args):
 def _located_error_to_dict(error):
     return {"file": error.file, "line": error.line, "column": error.column, "path": error.path,
             "message": error.message, "hint": error.hint}
+
+
+# --- lint -----------------------------------------------------------------------------------------
+
+def _add_lint_parser(subparsers):
+    parser = _add_spec_command(subparsers, "lint", _cmd_lint,
+                               "warn about what is valid but likely wrong (codes: docs/lint.md)",
+                               ["hpc-compose lint -f compose.yaml",
+                                "hpc-compose lint --strict -f compose.yaml   (exit 1 on warnings)",
+                                "hpc-compose lint -f compose.yaml --format json"])
+    parser.add_argument("--strict", action="store_true", help="exit 1 when there is a warning")
+
+
+def _lint_warning_to_dict(warning, compose_file):
+    return {"code": warning.code, "name": _LINT_NAMES[warning.code], "file": compose_file,
+            "line": warning.line, "path": _dotted(warning.path), "message": warning.message,
+            "hint": warning.hint}
+
+
+def _cmd_lint(args):
+    """Validate, then list the lint warnings; exit 0 on warnings (1 with --strict)."""
+    fmt = _output_format(args)
+    _spec, plan = _load_plan_from_args(args)
+    warnings = _lint_plan(plan)
+    if fmt == "json":
+        _print_json({"compose_file": plan.compose_file, "ok": not warnings,
+                     "warnings": [_lint_warning_to_dict(w, plan.compose_file) for w in warnings]})
+    else:
+        name = os.path.relpath(plan.compose_file)
+        name = plan.compose_file if name.startswith("..") else name
+        for warning in warnings:
+            sys.stdout.write("%s:%s: %s %s: %s\n  hint: %s\n" % (
+                name, warning.line or "", warning.code, _dotted(warning.path) or "(file)",
+                warning.message, warning.hint))
+        sys.stdout.write("lint: %d warning%s\n" % (len(warnings), "" if len(warnings) == 1
+                                                   else "s"))
+    return _EXIT_FAILURE if warnings and args.strict else _EXIT_OK
 
 
 # --- schema ---------------------------------------------------------------------------------------

@@ -245,20 +245,22 @@ class SpecErrors(SpecError):
     by position; the attributes of the first one are this error's. ``more`` counts those after
     the first ``_MAX_REPORTED_ERRORS``, which are not kept."""
 
-    def __init__(self, errors, more=0):
+    def __init__(self, errors, more=0, lead=None):
         first = errors[0]
         SpecError.__init__(self, first.message, file=first.file, line=first.line,
                            column=first.column, path=first.path, hint=first.hint)
         self.errors = tuple(errors)
         self.more = more
+        self.lead = lead           # a first line that says what the errors together mean
 
     def format(self):
         files = sorted(set(error.file for error in self.errors if error.file))
-        lines = [error.format() for error in self.errors]
+        lines = ([self.lead] if self.lead else []) + [error.format() for error in self.errors]
         if self.more:
             lines.append("and %d more" % self.more)
-        return "\n".join(lines + ["%d errors in %s" % (len(self.errors) + self.more,
-                                                       ", ".join(files) or "the input")])
+        count = len(self.errors) + self.more
+        return "\n".join(lines + ["%d error%s in %s" % (count, "" if count == 1 else "s",
+                                                        ", ".join(files) or "the input")])
 
 
 class ToolError(HpcComposeError):
@@ -2981,6 +2983,13 @@ def _classify_image(image, runtime=_DEFAULT_RUNTIME):
                        "not supported" % image,
                        hint="use a registry image plus x-enroot.prepare.commands, or point at a "
                             "squashfs image exported with enroot")
+    reference = image.split("://", 1)[-1]
+    name = reference.rsplit("/", 1)[-1]
+    if reference.endswith((":", "@")) or name.startswith((":", "@")) or "/:" in reference:
+        raise _Invalid("image %r has an empty %s (a variable that is not set?)" % (
+            image, "tag" if reference.endswith((":", "@")) else "name"),
+            hint="set the variable, give it a default (${TAG:-3.12}), or write the tag: "
+                 "python:3.12")
     if "://" in image:
         if not image.startswith(_IMAGE_SCHEMES):
             raise _Invalid("image scheme %r is not supported" % image.split("://", 1)[0],
@@ -3700,11 +3709,29 @@ def load_spec(path, environ=None, env_files=None, profiles=None, services=None) 
     try:
         spec = loader.load()
     except SpecError as exc:
-        raise loader.redacted(exc)
+        raise _with_migrate_lead(loader.redacted(exc), path if isinstance(path, str) else path[0])
     if profiles is None:
         profiles = [name.strip() for name in variables.get("COMPOSE_PROFILES", "").split(",")
                     if name.strip()]
     return _select_services(spec, profiles, services or ())
+
+
+# Keys only a Docker Compose file has: errors on them mean the wrong kind of file was given.
+_DOCKER_COMPOSE_KEYS = ("build", "ports", "networks", "network_mode", "expose", "container_name")
+
+
+def _with_migrate_lead(error, path):
+    """``error``, led by one line pointing to ``migrate`` when it reads like a Docker Compose file."""
+    errors = getattr(error, "errors", (error,))
+    keys = set((item.path or "").rsplit(".", 1)[-1] for item in errors) & set(_DOCKER_COMPOSE_KEYS)
+    if len(keys) < 2 and "build" not in keys:   # one stray key is a slip, not a Docker file
+        return error
+    shown = os.path.relpath(path)
+    shown = path if shown.startswith("..") else shown
+    lead = ("%s looks like a Docker Compose file (%s): convert it with `hpc-compose migrate -f %s "
+            "-o hpc-compose.yaml`, then use hpc-compose.yaml"
+            % (shown, ", ".join(sorted(keys)), shell_quote(shown)))
+    return SpecErrors(errors, getattr(error, "more", 0), lead=lead)
 
 
 def _select_services(spec, profiles, names):
@@ -4530,14 +4557,26 @@ class _SpecLoader(object):
                              "runtime: the service already sees the node's file system",
                              hint="use the host paths directly, or switch the service to "
                                   "x-slurm.runtime: pyxis")
+        import posixpath
         volumes = []
+        targets = {}
         for index, item in enumerate(self.sequence(path + ("volumes",), raw["volumes"])):
             item_path = path + ("volumes", index)
             # Each entry on its own: short form as written, or the long syntax (type: bind).
             text = self.attempt(self.volume_text, item_path, item)
-            if text is not None and self.attempt(self.apply_rule, item_path, _split_volume, text,
-                                                 resume_enabled=top_slurm.resume is not None):
-                volumes.append(text)
+            parts = text is not None and self.attempt(
+                self.apply_rule, item_path, _split_volume, text,
+                resume_enabled=top_slurm.resume is not None)
+            if not parts:
+                continue
+            target = posixpath.normpath(parts[1])
+            if target in targets:
+                self.record(self.error(item_path, "two mounts at %s: %r and %r; the second would "
+                                       "hide the first" % (target, targets[target], text),
+                                       hint="keep one, or mount the second somewhere else"))
+                continue
+            targets[target] = text
+            volumes.append(text)
         return tuple(volumes)
 
     def service_working_dir(self, path, raw, host, has_command):
@@ -17065,6 +17104,11 @@ def _cmd_init(args):
         raise UsageError("--name must not be empty")
     if args.cache_dir is not None and not args.cache_dir.strip():
         raise UsageError("--cache-dir must not be empty")
+    if args.cache_dir is not None and "$" not in args.cache_dir:
+        try:
+            _check_cache_dir(resolve_host_path(args.cache_dir, os.getcwd()))
+        except _Invalid as exc:
+            raise UsageError("--cache-dir: " + exc.message, hint=exc.hint)
     text = customize_template(template.text, name=name, job_name=name, cache_dir=args.cache_dir)
     if args.output == "-":
         sys.stdout.write(text)
@@ -17091,6 +17135,12 @@ def _cmd_init(args):
         path = os.path.join(folder, *relative.split("/"))
         _write_file_atomic(path, companions[relative], _umask_mode())
         lines.append("wrote %s" % path)
+    try:
+        load_spec(output)
+    except HpcComposeError as exc:
+        # Written as asked, but the next step would fail: say so now, not at validate.
+        _warn("hpc-compose validate will refuse %s as it is: %s"
+              % (args.output, exc.format().splitlines()[0]))
     assets = _template_assets(template.text)
     if assets and not args.with_files:
         lines.append("this template mounts %s relative to the compose file: create %s, or "

@@ -16009,8 +16009,12 @@ def _cmd_render(args):
             raise UsageError("--output '%s' is a directory" % args.output,
                              hint="name the script file, e.g. --output %s"
                                   % os.path.join(args.output, "job.sbatch"))
+        missing = not os.path.isdir(os.path.dirname(output))
         _make_script_folders(os.path.dirname(output))
         _write_file_atomic(output, script, mode=_PRIVATE_FILE_MODE)
+        if missing:     # said, not silent: a mistyped folder shows up here
+            sys.stderr.write("note: the folder %s did not exist; it was created for the script\n"
+                             % os.path.dirname(output))
     if fmt == "json":
         _print_json(_format_render_summary(runtime_plan, script, output))
     elif output:

@@ -58,3 +58,4 @@ def test_init_warns_when_validate_would_refuse_what_it_wrote(cli, tmp_path, monk
     result = cli(["init", "--template", "minimal-batch", "-o", str(tmp_path / "c.yaml")])
     assert result.code == 0
     assert "validate will refuse" in result.err and "'USER' is not set" in result.err
+

@@ -698,6 +698,8 @@ def test_render_output_writes_the_file_and_prints_its_path(cli, project):
     assert res.code == 0, res.err
     assert res.out == "%s\n" % target
     assert target.read_text().startswith("#!/bin/bash\n")
+    assert res.err == "note: the folder %s did not exist; it was created for the script\n" % (
+        project.root / "out")
 
 
 def test_render_json_reports_each_service_srun_argv(cli, project):

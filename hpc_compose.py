@@ -15313,6 +15313,20 @@ exit codes: 0 success, 1 failed while running, 2 invalid spec or usage, 130 inte
 """
 
 
+def _usage_hint(prog, message):
+    """The hint of an argparse error: a did-you-mean for a mistyped choice, else --help."""
+    import re
+    typed = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+    if typed:
+        close = _closest(typed.group(1), [choice.strip().strip("'")
+                                          for choice in typed.group(2).split(",")])
+        if close:
+            return "did you mean '%s'? (run '%s --help' for usage)" % (close, prog)
+    if prog.endswith(" logs") and "-f/--file: expected one argument" in message:
+        return "-f names the compose file (-f compose.yaml); to follow the logs, use --follow"
+    return "run '%s --help' for usage" % prog
+
+
 class _ArgumentParser(object):
     """Factory for argparse parsers that report usage errors as ``UsageError`` (exit code 2)."""
 
@@ -15323,7 +15337,7 @@ class _ArgumentParser(object):
         class Parser(argparse.ArgumentParser):
             def error(self, message):
                 raise UsageError("%s: %s" % (self.prog, message),
-                                 hint="run '%s --help' for usage" % self.prog)
+                                 hint=_usage_hint(self.prog, message))
 
         return Parser(**kwargs)
 
@@ -15476,6 +15490,9 @@ def _resolve_compose_files(args, environ=None):
         given = [item for item in environ["COMPOSE_FILE"].split(separator) if item]
     paths = []
     for item in given:
+        if item == "-":
+            paths.append(_compose_file_from_stdin())
+            continue
         path = os.path.abspath(os.path.expanduser(item))
         if os.path.isdir(path):
             raise UsageError("'%s' is a directory, not a compose file" % item,
@@ -15500,6 +15517,17 @@ def _resolve_compose_files(args, environ=None):
             paths.append(os.path.abspath(name))
             break
     return paths
+
+
+_STDIN_COMPOSE_FILE = ".hpc-compose-stdin.yaml"
+
+
+def _compose_file_from_stdin():
+    """``-f -``: the compose file read from standard input, kept as .hpc-compose-stdin.yaml in the
+    current folder (so relative paths, .env and tracked jobs belong to it, as for a file there)."""
+    path = os.path.join(os.getcwd(), _STDIN_COMPOSE_FILE)
+    _write_file_atomic(path, sys.stdin.read(), _PRIVATE_FILE_MODE)
+    return path
 
 
 def _resolve_compose_file(args):
@@ -15795,6 +15823,13 @@ def _runtime_image_lines(report):
     return lines
 
 
+# The x-slurm values inspect's text shows as the job's resources, in this order.
+_INSPECT_JOB_RESOURCES = ("partition", "account", "qos", "time", "cpus_per_task", "mem",
+                          "mem_per_cpu", "mem_per_gpu", "gres", "gpus", "gpus_per_node",
+                          "gpus_per_task", "cpus_per_gpu", "constraint", "exclusive",
+                          "reservation")
+
+
 def _format_inspect_text(plan, verbose=False, cache_reports=None):
     """The human summary ``inspect`` prints."""
     cache_reports = cache_reports or {}
@@ -15811,6 +15846,9 @@ def _format_inspect_text(plan, verbose=False, cache_reports=None):
     lines.append("cache dir: %s" % plan.cache_dir)
     lines.append("allocation geometry: %s" % _format_geometry(slurm.ntasks, slurm.ntasks_per_node,
                                                            plan.nodes))
+    asked = ["%s=%s" % (key, getattr(slurm, key)) for key in _INSPECT_JOB_RESOURCES
+             if getattr(slurm, key) not in (None, False)]
+    lines.append("job resources: %s" % (" ".join(asked) or "the partition's defaults"))
     lines.append("service order: %s" % " -> ".join(s.name for s in plan.services))
     for service in plan.services:
         lines.append("")
@@ -15832,6 +15870,8 @@ def _format_inspect_text(plan, verbose=False, cache_reports=None):
             resources.append("gres=%s" % service.gres)
         elif service.gpus is not None:
             resources.append("gpus=%s" % service.gpus)
+        resources.extend("%s=%s" % (key, getattr(service, key)) for key in ("mem", "time")
+                         if getattr(service, key) is not None)
         if resources:
             lines.append("  resources: %s" % " ".join(resources))
         if service.extra_srun_args:
@@ -16161,9 +16201,12 @@ def _add_logs_parser(subparsers):
                          "print (or follow) the service logs of a tracked job, prefixed [service]",
                          ["hpc-compose logs -f compose.yaml",
                           "hpc-compose logs -f compose.yaml --service app --follow",
+                          "hpc-compose logs --follow app worker",
                           "hpc-compose logs -f compose.yaml --tail 20"])
     _add_file_argument(parser)
     _add_job_id_argument(parser)
+    parser.add_argument("names", nargs="*", metavar="SERVICE",
+                        help="only these services (as docker compose logs SERVICE...)")
     parser.add_argument("--service", metavar="NAME", help="only this service")
     parser.add_argument("--follow", action="store_true",
                         help="keep printing new lines until the job ends (Ctrl-C to stop)")
@@ -16643,7 +16686,9 @@ def _cmd_logs(args):
     since_ms = None if args.since is None else _parse_since(args.since)
     record = _job_record(args)
     _require_task(record)
-    sources = _record_log_sources(record, args.service)
+    names = list(args.names) + ([args.service] if args.service else [])
+    sources = [pair for name in names for pair in _record_log_sources(record, name)] \
+        if names else _record_log_sources(record)
     printer = _LogPrinter([name for name, _ in _record_log_sources(record)], sys.stdout,
                           prefix=args.prefix, timestamps=args.timestamps,
                           colour=_use_colour(sys.stdout))

@@ -5213,23 +5213,38 @@ _PROBE_HINT = ("supported probes: nc -z HOST PORT, curl URL, wget --spider URL; 
                "use readiness: (type tcp, http, log or sleep)")
 
 
+# Options of curl and wget that take a value (the next word is not the URL).
+_PROBE_VALUE_OPTIONS = frozenset(("-o", "--output", "-O", "--output-document", "-u", "--user",
+                                  "-H", "--header", "-X", "--request", "-d", "--data", "-m",
+                                  "--max-time", "-w", "--write-out", "-A", "--user-agent",
+                                  "-T", "--timeout", "--retry", "--connect-timeout", "-t",
+                                  "--tries", "-e", "--execute"))
+
+
+def _probe_operands(args, value_options=_PROBE_VALUE_OPTIONS):
+    """The words of a probe's argv that are not options nor option values."""
+    operands = []
+    skip = False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg in value_options:
+            skip = True
+        elif not arg.startswith("-"):
+            operands.append(arg)
+    return operands
+
+
 def _probe_readiness(argv):
     """The readiness a healthcheck argv stands for; raises ``_Invalid`` for other probes."""
+    import re
     if not argv:
         raise _Invalid("healthcheck test has no command", hint=_PROBE_HINT)
     program = argv[0].rsplit("/", 1)[-1]
     args = argv[1:]
     zero_io = any(a.startswith("-") and not a.startswith("--") and "z" in a[1:] for a in args)
     if program in ("nc", "ncat", "netcat") and zero_io:
-        positional = []
-        skip = False
-        for arg in args:
-            if skip:
-                skip = False
-            elif arg in ("-w", "-i", "-q"):
-                skip = True
-            elif not arg.startswith("-"):
-                positional.append(arg)
+        positional = _probe_operands(args, ("-w", "-i", "-q"))
         if len(positional) != 2 or not positional[1].isdigit() or \
                 not 1 <= int(positional[1]) <= 65535:
             raise _Invalid("nc probe %r needs exactly HOST PORT" % " ".join(argv),
@@ -5237,6 +5252,11 @@ def _probe_readiness(argv):
         return ReadinessSpec("tcp", host=positional[0], port=int(positional[1]))
     if program == "curl" or (program == "wget" and "--spider" in args):
         urls = [a for a in args if a.startswith(("http://", "https://"))]
+        if not urls:
+            # curl and wget read `localhost:9200/_health` as http://: so does readiness.
+            urls = ["http://" + a for a in _probe_operands(args) if re.match(
+                r"\A(localhost|[0-9.]+|\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+)(:[0-9]+)?(/\S*)?\Z", a)
+                and (":" in a or "/" in a or a == "localhost")]
         if not urls:
             raise _Invalid("%s probe has no http:// or https:// URL" % program, hint=_PROBE_HINT)
         return ReadinessSpec("http", url=urls[-1], status_code=200)
@@ -14741,13 +14761,16 @@ class _ServiceMigration(object):
 
     def flush_volumes(self):
         """Add the collected volumes: into a block list of the service's own, else as a whole."""
-        if not self.volume_additions and self.volumes_converted is None:
+        volumes = self.raw.get("volumes")
+        present = (self.volumes_converted or (list(volumes or []), []))[0]
+        # A mount the service already lists (Docker merges the two) is not added a second time.
+        additions = [(text, note) for text, note in self.volume_additions if text not in present]
+        if not additions and self.volumes_converted is None:
             return
         migration = self.migration
         path = self.path + ("volumes",)
-        notes = [note for _, note in self.volume_additions]
-        items = [text for text, _ in self.volume_additions]
-        volumes = self.raw.get("volumes")
+        notes = [note for _, note in additions]
+        items = [text for text, _ in additions]
         owned = isinstance(volumes, list) and migration.owns(self.name, path)
         if owned and volumes and self.volumes_converted is None and not migration.is_flow(path):
             migration.insert_into(path, notes, items)

@@ -877,3 +877,23 @@ def test_variables_from_the_dockerfile_join_an_environment_list_ahead_of_added_k
     lines = result.text.splitlines()
     assert lines.index("      - GREETING=hello") == lines.index("      - MODE=dev") + 2
     assert lines.index("      - GREETING=hello") < lines.index("    working_dir: /code")
+
+
+def test_a_copy_the_service_already_mounts_is_not_mounted_twice(hc, project):
+    result = migrate(hc, project, "services:\n  web:\n    build: .\n    volumes:\n      - .:/code\n",
+                     files={"Dockerfile": "FROM python:3.11-slim\nWORKDIR /code\nCOPY . /code\n"
+                                          "CMD [\"python\", \"app.py\"]\n"})
+    assert service(load(hc, project, result), "web").volumes == (".:/code",)
+
+
+@pytest.mark.parametrize("test,url", [
+    ('["CMD", "curl", "--fail", "localhost:9200/_cluster/health"]',
+     "http://localhost:9200/_cluster/health"),
+    ('["CMD-SHELL", "curl -f -o /dev/null 127.0.0.1:8080 || exit 1"]', "http://127.0.0.1:8080"),
+    ('["CMD", "wget", "--spider", "-q", "localhost/ready"]', "http://localhost/ready"),
+])
+def test_a_curl_or_wget_healthcheck_without_a_scheme_becomes_http_readiness(hc, project, test,
+                                                                           url):
+    result = migrate(hc, project, "services:\n  es:\n    image: elasticsearch:8.13.0\n"
+                                  "    healthcheck:\n      test: %s\n" % test)
+    assert service(load(hc, project, result), "es").readiness.url == url

@@ -166,13 +166,31 @@ _LOCAL_RUN_VARIABLE = "HPC_COMPOSE_LOCAL_RUN"  # up --local: its job dir, in eac
 _LOG_TIMES_SUFFIX = ".times"             # <job dir>/logs/<token>.times: "<epoch ms> <log size>" lines
 
 
+_ERROR_WORD_LIMIT = 200      # characters of one word (a value, a key, a path) an error shows
+_ERROR_TEXT_LIMIT = 2000     # characters of one message or hint
+
+
+def _shorten_error_text(text):
+    """``text`` with any huge word, and the whole, cut to an excerpt: a 6 MB value in a file must
+    not come back as a 6 MB error."""
+    import re
+    if text is None or len(text) <= _ERROR_WORD_LIMIT:
+        return text
+    text = re.sub(r"\S{%d,}" % (_ERROR_WORD_LIMIT + 1), lambda match: "%s... (%d characters)" % (
+        match.group(0)[:60], len(match.group(0))), text)
+    if len(text) > _ERROR_TEXT_LIMIT:
+        text = "%s... (%d characters)" % (text[:_ERROR_TEXT_LIMIT // 2], len(text))
+    return text
+
+
 class _HintedError(Exception):
     """A message and, where it helps, a hint: how to fix it."""
 
     def __init__(self, message, hint=None):
+        message = _shorten_error_text(message)
         Exception.__init__(self, message)
         self.message = message
-        self.hint = hint
+        self.hint = _shorten_error_text(hint)
 
 
 class HpcComposeError(_HintedError):
@@ -207,7 +225,7 @@ class LocatedError(HpcComposeError):
         self.file = file
         self.line = line
         self.column = column
-        self.path = path
+        self.path = _shorten_error_text(path)
 
     def location(self):
         """``file:line:column`` with whatever parts are known."""

@@ -59,3 +59,15 @@ def test_init_warns_when_validate_would_refuse_what_it_wrote(cli, tmp_path, monk
     assert result.code == 0
     assert "validate will refuse" in result.err and "'USER' is not set" in result.err
 
+
+@pytest.mark.parametrize("text", [
+    "x-slurm:\n  cpus_per_task: \"%s\"\nservices:\n  a:\n    image: redis:7\n",
+    "services:\n  a:\n    image: redis:7\n    %s: 1\n",
+    "services:\n  a:\n    image: \"redis:7 %s\"\n",
+    "services:\n  a:\n    image: redis:7\n    depends_on: [%s]\n",
+])
+def test_an_error_about_a_huge_value_shows_a_short_excerpt(cli, project, text):
+    project.write("compose.yaml", text % ("x" * 3000000))
+    result = cli(["validate", "-f", "compose.yaml"], cwd=str(project.root))
+    assert result.code == 2 and len(result.err) < 1000
+    assert "(30000" in result.err and "characters)" in result.err

@@ -14861,6 +14861,8 @@ class _ServiceMigration(object):
     def migrate_command(self, path, value):
         migration = self.migration
         replacement = migration.host_replacement(self.name)
+        if isinstance(value, str) and path[-1] == "command" and value.lstrip().startswith("-"):
+            return self.migrate_argument_command(path, value)
         words = value if isinstance(value, list) else [value]
         found, new_words = [], []
         for index, word in enumerate(words):
@@ -14907,6 +14909,22 @@ class _ServiceMigration(object):
             return _rewrite_hosts(text, migration.host_pattern, replacement)[0] if found else text
 
         migration.rewrite_region(path, rows, rewrite, "; ".join(notes))
+
+    def migrate_argument_command(self, path, value):
+        """A string ``command`` of options (``--default-authentication-plugin=...``): Docker splits
+        it into arguments for the image's entrypoint; a shell would run ``-...`` as a program. The
+        list form passes them to the entrypoint here too."""
+        import shlex
+        migration = self.migration
+        try:
+            words = shlex.split(value)
+        except ValueError as exc:
+            migration.todo_entry(path, "the command %s cannot be split into arguments as Docker "
+                                 "does (%s): write it as a list" % (_excerpt(value), exc))
+            return
+        migration.counts["changed"] += 1
+        migration.replace_entry(path, ["string command of options -> list: Docker passes its "
+                                       "words to the image's entrypoint as arguments"], words)
 
     def migrate_environment(self, path, value):
         migration = self.migration

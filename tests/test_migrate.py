@@ -897,3 +897,11 @@ def test_a_curl_or_wget_healthcheck_without_a_scheme_becomes_http_readiness(hc, 
     result = migrate(hc, project, "services:\n  es:\n    image: elasticsearch:8.13.0\n"
                                   "    healthcheck:\n      test: %s\n" % test)
     assert service(load(hc, project, result), "es").readiness.url == url
+
+
+def test_a_string_command_of_options_becomes_arguments_for_the_entrypoint(hc, project):
+    result = migrate(hc, project, "services:\n  db:\n    image: mysql:8\n"
+                                  "    command: '--default-authentication-plugin=mysql_native_password'\n")
+    execution = hc.build_plan(load(hc, project, result), environ=ENV).services[0].execution
+    assert execution.argv == ("--default-authentication-plugin=mysql_native_password",)
+    assert execution.use_image_entrypoint

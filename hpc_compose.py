@@ -14009,6 +14009,9 @@ def _dockerfile_copy(state, step, build):
     folder_destination = destination.endswith("/") or destination in (".", "..") \
         or destination.endswith(("/.", "/.."))
     destination = posixpath.normpath(posixpath.join(state.workdir or "/", destination))
+    # Docker copies into a destination that is an existing folder, and WORKDIR made this one
+    # (and the folders above it): `WORKDIR /code` then `COPY requirements.txt /code`.
+    folder_destination = folder_destination or _under(state.workdir or "/", destination)
     if folder_destination and not destination.endswith("/"):
         destination += "/"
     remote = [s for s in sources if "://" in s or s.startswith("git@")]

@@ -905,3 +905,13 @@ def test_a_string_command_of_options_becomes_arguments_for_the_entrypoint(hc, pr
     execution = hc.build_plan(load(hc, project, result), environ=ENV).services[0].execution
     assert execution.argv == ("--default-authentication-plugin=mysql_native_password",)
     assert execution.use_image_entrypoint
+
+
+def test_copy_to_the_workdir_copies_into_it_as_docker_does(hc, project):
+    result = migrate(hc, project, "services:\n  web:\n    build: .\n",
+                     files={"requirements.txt": "", "Dockerfile": (
+                         "FROM python:3.11-slim\nWORKDIR /code\nCOPY requirements.txt /code\n"
+                         "RUN pip install -r requirements.txt\nCMD [\"python\", \"app.py\"]\n")})
+    commands = service(load(hc, project, result), "web").prepare.commands
+    assert commands[0] == ("mkdir -p /code && cp -a /tmp/hpc-compose-build/requirements.txt "
+                           "/code/")

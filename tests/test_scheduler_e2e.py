@@ -66,7 +66,7 @@ def node_memory_mb():
 
 @pytest.mark.parametrize("x_slurm,field,line,offer", [
     ("  mem: 4T\n", "mem", 4, "MB and"),
-    ("  nodes: 9\n", "nodes", 4, "nodes, "),
+    ("  nodes: 9\n", "nodes", 4, "9 nodes do not fit partition "),
     ("  partition: no-such-partition\n", "partition", 4, "the cluster has "),
     ("  gres: gpu:1\n", "gres", 4, "no gres"),
 ])

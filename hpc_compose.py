@@ -2485,9 +2485,9 @@ def _check_slurm_value(key, text):
     grammar = _SLURM_GRAMMARS[key]
     if re.fullmatch(grammar.pattern, text):
         return text
-    raise _Invalid("%s is not a value Slurm accepts for --%s" % (_excerpt(text),
-                                                                   key.replace("_", "-")),
-                   hint="write " + grammar.forms)
+    # The value itself is not repeated: it may come from the environment (a secret, a 6 MB line).
+    raise _Invalid("the value (%d characters) is not a value Slurm accepts for --%s"
+                   % (len(text), key.replace("_", "-")), hint="write " + grammar.forms)
 
 
 def _excerpt(text, limit=60):

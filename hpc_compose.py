@@ -10958,10 +10958,13 @@ def _format_log_line(name, line):
 
 
 # Slurm's report of a step that was signalled or ended (srun's and slurmstepd's words, 22.05 to
-# 26.05), as it reaches the step's output. A cancellation for a reason of Slurm's own (``... DUE TO
-# TIME LIMIT ***``) is not among them.
+# 26.05), as it reaches the step's output. 26.05 puts a time stamp before slurmstepd's line and
+# names the signal (``[2026-12-06T11:03:36.835] error: *** STEP 263.0 ON vm CANCELLED AT ... DUE to
+# SIGNAL Terminated ***``). A cancellation for a reason of Slurm's own (``... DUE TO TIME LIMIT
+# ***``, upper case) is not among them.
 _SLURM_STOP_REPORTS = (
-    r"(slurmstepd(-\S+)?: )?error: \*\*\* STEP \S+ ON \S+ CANCELLED AT \S+ \*\*\*",
+    r"(slurmstepd(-\S+)?: )?(\[\S+\] )?error: \*\*\* STEP \S+ ON \S+ CANCELLED AT \S+"
+    r"( DUE to SIGNAL \S+)? \*\*\*",
     r"srun: error: \S+: tasks? \S+: (Terminated|Killed)",
     r"srun: Force Terminated (StepId=)?\S+",
     r"srun: forcing job termination",

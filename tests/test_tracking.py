@@ -371,6 +371,16 @@ def test_later_slurm_versions_words_for_the_stop_are_left_out_too(hc):
         "(SIGTERM)", "[web] shutting down"]
 
 
+def test_slurm_26_05_s_time_stamped_report_naming_the_signal_is_left_out_too(hc):
+    assert _shown(hc, [
+        "### hpc-compose: stopping service 'web' (SIGTERM) at T after the job's final services "
+        "ended",
+        "[2026-12-06T11:03:36.835] error: *** STEP 263.0 ON vm CANCELLED AT 2026-12-06T11:03:36 "
+        "DUE to SIGNAL Terminated ***",
+        "srun: error: vm: task 0: Terminated"]) == [
+        "[web] stopped by hpc-compose after the job's final services ended (SIGTERM)"]
+
+
 def test_a_stop_without_hpc_compose_s_note_keeps_slurms_words(hc):
     # scancel, the time limit, a node failure: the batch script notes nothing, Slurm says why.
     lines = ["slurmstepd-vm: error: *** STEP 1.0 ON vm CANCELLED AT 2026-12-06T06:11:21 ***",

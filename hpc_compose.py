@@ -164,6 +164,7 @@ _LAUNCHER_VARIABLE = "HPC_COMPOSE_LAUNCHER"  # "local": `up --local` outside Slu
 _LOCAL_JOB_PREFIX = "local-"                  # + UTC time + "-" + pid: the id of such a run
 _LOCAL_RUN_VARIABLE = "HPC_COMPOSE_LOCAL_RUN"  # up --local: its job dir, in each process of the run
 _LOG_TIMES_SUFFIX = ".times"             # <job dir>/logs/<token>.times: "<epoch ms> <log size>" lines
+_TIMELINE_FILE_NAME = "timeline.jsonl"   # <job dir>/timeline.jsonl: one line per state.json write
 
 
 _ERROR_WORD_LIMIT = 200      # characters of one word (a value, a key, a path) an error shows
@@ -7872,6 +7873,7 @@ ATTEMPT="${SLURM_RESTART_COUNT:-0}"
 RUN_DIR="@{run_dir}"
 LOG_DIR="$RUN_DIR/logs"
 STATE_FILE="$RUN_DIR/state.json"
+TIMELINE_FILE="$RUN_DIR/timeline.jsonl"
 EXPECTED_NODES=@{nodes}
 # What this script writes can hold values of the spec: @{who}, whatever the
 # submitter's umask. The services get that umask back (run_service_<i>).
@@ -8015,9 +8017,11 @@ say() {  # a line for the Slurm batch log
     printf '%s hpc-compose: %s\n' "$NOW_ISO" "$*"
 }
 
-# state.json, rewritten atomically (temporary file + rename) whenever something changed.
+# state.json, rewritten atomically (temporary file + rename) whenever something changed; and one
+# line appended to timeline.jsonl (every service's status, launches, last exit), from which
+# `status --timeline` and `report` draw the job's phases.
 write_state() {
-    local i services='' separator='' readiness pid reason nodelist
+    local i services='' separator='' readiness pid reason nodelist timeline=''
     clock
     for ((i = 0; i < SERVICE_COUNT; i++)); do
         readiness=null
@@ -8046,6 +8050,7 @@ write_state() {
         services+=", \"started_at\": $JSON"
         json_or_null "${FINISHED_AT[i]}"
         services+=", \"finished_at\": $JSON}"
+        timeline+="${separator:+, }[\"${STATUS[i]}\", ${LAUNCHES[i]}, ${LAST_EXIT[i]}]"
         separator=$',\n'
     done
     json_or_null "$JOB_REASON"
@@ -8053,6 +8058,8 @@ write_state() {
     printf '{\n  "schema_version": @{state_schema_version},\n  "job_id": "%s",\n  "attempt": %s,\n  "status": "%s",\n  "exit_code": %s,\n  "reason": %s,\n  "updated_at": "%s",\n  "signals": [%s],\n  "services": [\n%s\n  ]\n}\n' \
         "$SLURM_JOB_ID" "$ATTEMPT" "$JOB_STATUS" "$JOB_EXIT" "$reason" "$NOW_ISO" "$SIGNALS_JSON" \
         "$services" >"$STATE_FILE.tmp" && mv -f "$STATE_FILE.tmp" "$STATE_FILE"
+    printf '{"at_ms": %s, "status": "%s", "exit_code": %s, "services": [%s]}\n' \
+        "$NOW_MS" "$JOB_STATUS" "$JOB_EXIT" "$timeline" >>"$TIMELINE_FILE"
     STATE_CHANGED=0
 }
 """
@@ -8692,7 +8699,7 @@ mkdir -p "$RESUME_DIR/_hpc-compose"
 if (( ATTEMPT > 0 )) || [[ -e $RESUME_DIR/_hpc-compose/latest.json ]]; then
     IS_RESUME=1
 fi
-for name in logs metrics artifacts allocation state.json; do
+for name in logs metrics artifacts allocation state.json timeline.jsonl; do
     if [[ -L $JOB_DIR/$name || ! -e $JOB_DIR/$name ]]; then
         ln -sfn "attempts/$ATTEMPT/$name" "$JOB_DIR/$name"
     else
@@ -12845,6 +12852,785 @@ def _format_cpu_time(value):
     return "%dd %02dh %02dm" % (whole // 86400, whole % 86400 // 3600, whole % 3600 // 60)
 
 
+# --- report: the job as a picture (status --timeline, stats sparklines, the HTML report) ----------
+# Everything here is pure but the three loaders at the top: the timeline comes from timeline.jsonl
+# (one line per state.json write of the batch script), the charts from the metrics sampler's jsonl
+# files, and the rest from state.json and the logs. The plotting core (scales, ticks, the time axis)
+# is shared by the text and the SVG drawings.
+
+class TimelineSpan(NamedTuple):
+    """A stretch of one service's life in one phase (waiting, starting, running, ready, ...)."""
+    phase: str
+    start_ms: int
+    end_ms: int
+
+
+class TimelineEvent(NamedTuple):
+    """A moment on the timeline: a service's launch, restart, ready, exit; the job's signal or end."""
+    at_ms: int
+    kind: str
+    text: str
+
+
+class ServiceTimeline(NamedTuple):
+    """One row of the timeline: a service, its spans and events, and whether it failed."""
+    name: str
+    spans: Tuple[TimelineSpan, ...]
+    events: Tuple[TimelineEvent, ...]
+    failed: bool
+    last_exit_code: Optional[int]
+
+
+class Timeline(NamedTuple):
+    """The job from its first state record to its last (or now, while it runs)."""
+    start_ms: Optional[int]
+    end_ms: Optional[int]
+    status: str
+    exit_code: Optional[int]
+    services: Tuple[ServiceTimeline, ...]
+    events: Tuple[TimelineEvent, ...]
+    source: str   # "timeline" (timeline.jsonl), "state" (state.json's times only) or "none"
+
+
+class ChartSeries(NamedTuple):
+    """One line of a chart: a label and ``(epoch ms, value)`` points."""
+    label: str
+    points: Tuple[Tuple[int, float], ...]
+
+
+class Chart(NamedTuple):
+    """A resource chart: a title, the unit of its y axis and its series."""
+    title: str
+    unit: str
+    series: Tuple[ChartSeries, ...]
+
+
+# Phases drawn as bars (the others, exited and stopped, end a bar). Colours from Okabe and Ito's
+# palette for colour blindness, with lightness far apart so that greyscale keeps them apart too;
+# waiting is hatched rather than coloured.
+_TIMELINE_PHASES = ("waiting", "starting", "running", "ready", "restarting", "failed")
+_PHASE_COLOURS = {"waiting": "#e8e8e8", "starting": "#e69f00", "running": "#56b4e9",
+                  "ready": "#0072b2", "restarting": "#cc79a7", "failed": "#d55e00"}
+_PHASE_TEXT_UNICODE = {"waiting": "\u2591", "starting": "\u2592", "running": "\u2593",
+                       "ready": "\u2588", "restarting": "\u2573", "failed": "\u2717"}
+_PHASE_TEXT_ASCII = {"waiting": ".", "starting": "-", "running": "=", "ready": "#",
+                     "restarting": "r", "failed": "X"}
+_SERVICE_OK_COLOUR = "#009e73"
+_SERVICE_FAILED_COLOUR = "#d55e00"
+# Line colours for chart series, each also with its own dash pattern (greyscale, print).
+_SERIES_STYLES = (("#0072b2", ""), ("#d55e00", "6 3"), ("#009e73", "2 2"), ("#cc79a7", "8 3 2 3"),
+                  ("#e69f00", "4 4"), ("#56b4e9", "1 3"), ("#000000", "10 2"))
+_SPARK_UNICODE = "\u2581\u2582\u2583\u2584\u2585\u2586\u2587\u2588"
+_SPARK_ASCII = "_.-:=+*#"
+_TEXT_WIDTH = 80
+_REPORT_LOG_LINES = 20
+
+
+def _finite(value):
+    """``value`` as a float, or ``None`` for None, NaN, infinities and what is not a number."""
+    import math
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _nice_step(span, count):
+    """A 1, 2 or 5 times a power of ten step that cuts ``span`` into about ``count`` pieces."""
+    import math
+    raw = span / max(1, count)
+    power = 10 ** math.floor(math.log10(raw))
+    for factor in (1, 2, 5, 10):
+        if raw <= factor * power:
+            return factor * power
+    return 10 * power
+
+
+def _nice_ticks(low, high, count=5):
+    """``(low, high, ticks)``: a domain widened to round numbers around the values and its ticks.
+
+    NaN or infinite bounds, and a domain of one value, still give a drawable axis."""
+    low, high = _finite(low), _finite(high)
+    if low is None and high is None:
+        low, high = 0.0, 1.0
+    elif low is None or high is None:
+        low = high = low if high is None else high
+    if low > high:
+        low, high = high, low
+    if low == high:
+        pad = abs(low) * 0.1 or 1.0
+        low, high = (0.0, high + pad) if low >= 0 and low - pad < 0 else (low - pad, high + pad)
+    step = _nice_step(high - low, count)
+    import math
+    start, stop = math.floor(low / step) * step, math.ceil(high / step) * step
+    ticks = []
+    value = start
+    while value <= stop + step / 2 and len(ticks) < 4 * count + 2:
+        ticks.append(0.0 if abs(value) < step / 1e9 else value)
+        value = start + step * len(ticks)
+    return start, stop, ticks
+
+
+def _scale(value, domain, pixels):
+    """``value`` in ``domain`` (low, high) mapped linearly onto ``pixels`` (from, to)."""
+    low, high = domain
+    if high == low:
+        return (pixels[0] + pixels[1]) / 2.0
+    return pixels[0] + (value - low) * (pixels[1] - pixels[0]) / float(high - low)
+
+
+def _format_number(value):
+    """A tick label: ``0``, ``2.5``, ``1,500``, ``2.5M``, ``3e+15``."""
+    if value == 0:
+        return "0"
+    magnitude = abs(value)
+    if magnitude >= 1e15 or magnitude < 1e-3:
+        return "%.3g" % value
+    for limit, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M")):
+        if magnitude >= limit:
+            return ("%.3g" % (value / limit)) + suffix
+    if magnitude >= 1000:
+        return "{:,.0f}".format(value)
+    return ("%.3f" % value).rstrip("0").rstrip(".")
+
+
+def _format_elapsed(seconds):
+    """``0s``, ``45s``, ``2m``, ``2m30s``, ``1h05m``: time since the job's start, for axes."""
+    seconds = int(round(seconds))
+    sign = "-" if seconds < 0 else ""
+    seconds = abs(seconds)
+    if seconds < 60:
+        return "%s%ds" % (sign, seconds)
+    if seconds < 3600:
+        minutes, rest = divmod(seconds, 60)
+        return "%s%dm%s" % (sign, minutes, "%02ds" % rest if rest else "")
+    hours, rest = divmod(seconds, 3600)
+    return "%s%dh%02dm" % (sign, hours, rest // 60)
+
+
+_TIME_STEPS = (1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600, 43200,
+               86400)
+
+
+def _time_ticks(start_ms, end_ms, count=6):
+    """``[(epoch ms, label)]``: ticks at round times since ``start_ms`` (``0s``, ``30s``, ``1m``...)."""
+    span = max(1.0, (end_ms - start_ms) / 1000.0)
+    step = _TIME_STEPS[-1]
+    for candidate in _TIME_STEPS:
+        if span / candidate <= count:
+            step = candidate
+            break
+    ticks, seconds = [], 0
+    while seconds <= span + 1e-9:
+        ticks.append((start_ms + seconds * 1000, _format_elapsed(seconds)))
+        seconds += step
+    return ticks
+
+
+def _resample(values, width):
+    """``values`` (floats or None) averaged into ``width`` buckets; a bucket of no value is None."""
+    if not values or width <= 0:
+        return []
+    buckets = []
+    for index in range(min(width, len(values))):
+        chunk = values[index * len(values) // min(width, len(values)):
+                       (index + 1) * len(values) // min(width, len(values))]
+        finite = [v for v in (_finite(x) for x in chunk) if v is not None]
+        buckets.append(sum(finite) / len(finite) if finite else None)
+    return buckets
+
+
+def _format_sparkline(values, width=24, ascii_only=False):
+    """A sparkline of ``values`` in at most ``width`` characters (NaN and None are blanks)."""
+    levels = _SPARK_ASCII if ascii_only else _SPARK_UNICODE
+    buckets = _resample(values, width)
+    finite = [v for v in buckets if v is not None]
+    if not finite:
+        return ""
+    low, high = min(finite), max(finite)
+    text = ""
+    for value in buckets:
+        if value is None:
+            text += " "
+        elif high == low:
+            text += levels[len(levels) // 2]
+        else:
+            text += levels[min(len(levels) - 1, int((value - low) / (high - low) * len(levels)))]
+    return text
+
+
+def _text_wants_ascii(stream, environ=None):
+    """True when the terminal may not show Unicode blocks: an ASCII locale (``LANG=C``) or stream.
+
+    Python 3.7 and later turn a C locale into ``LC_CTYPE=C.UTF-8`` in its own environment (PEP
+    538), so that value beside a C or unset ``LANG`` still means the user's locale is C."""
+    environ = os.environ if environ is None else environ
+    lang = environ.get("LANG") or ""
+    ctype = environ.get("LC_CTYPE") or ""
+    if not environ.get("LC_ALL") and ctype in ("C.UTF-8", "C.utf8") and lang in ("", "C", "POSIX"):
+        return True
+    locale = environ.get("LC_ALL") or ctype or lang
+    if "utf8" not in locale.lower().replace("-", ""):
+        return True
+    encoding = (getattr(stream, "encoding", None) or "").lower().replace("-", "")
+    return bool(encoding) and encoding != "utf8"
+
+
+# --- report: the timeline, from timeline.jsonl (or state.json's times) ----------------------------
+
+def _iso_to_ms(text):
+    """``2026-12-06T12:00:00+00:00`` (as the batch script writes) -> epoch ms; None otherwise."""
+    if not isinstance(text, str) or not text:
+        return None
+    try:
+        return _parse_since(text)
+    except UsageError:
+        return None
+
+
+def _load_timeline_records(job_dir):
+    """The batch script's timeline.jsonl lines that parse, in file order."""
+    records = []
+    for record in _load_jsonl_tail(os.path.join(job_dir, _TIMELINE_FILE_NAME), limit=8 << 20):
+        if isinstance(record.get("at_ms"), int) and isinstance(record.get("services"), list):
+            records.append(record)
+    return records
+
+
+def _service_row(name, entries, end_ms):
+    """One service's row from its ``(at ms, [status, launches, last exit])`` entries."""
+    spans, events = [], []
+    previous = None
+    for index, (at_ms, entry) in enumerate(entries):
+        status, launches, last_exit = (list(entry) + [None, 0, None])[:3]
+        status = str(status)
+        launches = launches if isinstance(launches, int) else 0
+        if previous is not None:
+            old_status, old_launches, old_exit = previous
+            if launches > old_launches:
+                events.append(TimelineEvent(at_ms, "restart" if old_launches else "launch",
+                                            "restart %d" % (launches - 1) if old_launches
+                                            else "launched"))
+            if last_exit is not None and (old_exit is None or launches != old_launches) \
+                    and status != "stopped":
+                events.append(TimelineEvent(at_ms, "exit", "exit %s" % last_exit))
+            if status == "ready" and old_status != "ready":
+                events.append(TimelineEvent(at_ms, "ready", "ready"))
+        elif launches:
+            events.append(TimelineEvent(at_ms, "launch", "launched"))
+            if status == "ready":
+                events.append(TimelineEvent(at_ms, "ready", "ready"))
+        previous = (status, launches, last_exit)
+        until = entries[index + 1][0] if index + 1 < len(entries) else end_ms
+        if status in _TIMELINE_PHASES and status != "failed" and until > at_ms:
+            if spans and spans[-1].phase == status and spans[-1].end_ms == at_ms:
+                spans[-1] = spans[-1]._replace(end_ms=until)
+            else:
+                spans.append(TimelineSpan(status, at_ms, until))
+    failed = previous is not None and previous[0] == "failed"
+    last_exit = previous[2] if previous is not None else None
+    if failed:
+        at = entries[-1][0]
+        for at_ms, entry in reversed(entries):
+            if str(entry[0]) != "failed":
+                break
+            at = at_ms
+        spans.append(TimelineSpan("failed", at, max(at, end_ms)))
+    return ServiceTimeline(name, tuple(spans), tuple(events), failed,
+                           last_exit if isinstance(last_exit, int) else None)
+
+
+def _build_timeline(records, state, now_ms):
+    """The job's :class:`Timeline` from its timeline records and state.json (either may be missing)."""
+    state = state or {}
+    names = [str(s.get("name")) for s in state.get("services") or ()]
+    job_events = []
+    for signal in state.get("signals") or ():
+        at = _iso_to_ms(signal.get("received_at")) if isinstance(signal, dict) else None
+        if at is not None:
+            job_events.append(TimelineEvent(at, "signal", "SIG%s (%s)" % (
+                signal.get("signal"), signal.get("action"))))
+    status = str(state.get("status") or "unknown")
+    exit_code = state.get("exit_code") if isinstance(state.get("exit_code"), int) else None
+    if records:
+        width = max(len(r["services"]) for r in records)
+        names += ["service %d" % (i + 1) for i in range(len(names), width)]
+        last = records[-1]
+        status = str(last.get("status") or status)
+        final = status in _FINAL_RUNTIME_STATUSES or status == "requeued"
+        start_ms = records[0]["at_ms"]
+        end_ms = last["at_ms"] if final else max(now_ms, last["at_ms"])
+        if final and isinstance(last.get("exit_code"), int):
+            exit_code = last["exit_code"]
+        services = []
+        for index, name in enumerate(names):
+            entries = [(r["at_ms"], r["services"][index]) for r in records
+                       if index < len(r["services"]) and isinstance(r["services"][index], list)]
+            services.append(_service_row(name, entries, end_ms))
+        job_events.insert(0, TimelineEvent(start_ms, "start", "job start"))
+        if final:
+            job_events.append(TimelineEvent(end_ms, "end", "job %s" % status))
+        return Timeline(start_ms, end_ms, status, exit_code, tuple(services),
+                        tuple(sorted(job_events)), "timeline")
+    # A job of an older script: state.json's launch and end times of each service's last run.
+    services, moments = [], []
+    for entry in state.get("services") or ():
+        started = _iso_to_ms(entry.get("started_at"))
+        finished = _iso_to_ms(entry.get("finished_at"))
+        moments += [m for m in (started, finished) if m is not None]
+        failed = entry.get("status") == "failed"
+        spans = ()
+        if started is not None:
+            spans = (TimelineSpan("running", started, finished if finished is not None else now_ms),)
+        exit_value = entry.get("last_exit_code")
+        events = ()
+        if finished is not None and exit_value is not None:
+            events = (TimelineEvent(finished, "exit", "exit %s" % exit_value),)
+        services.append(ServiceTimeline(str(entry.get("name")), spans, events, failed,
+                                        exit_value if isinstance(exit_value, int) else None))
+    if not moments:
+        return Timeline(None, None, status, exit_code, tuple(services), tuple(job_events), "none")
+    return Timeline(min(moments), max(moments + [now_ms] if status not in _FINAL_RUNTIME_STATUSES
+                                      else moments), status, exit_code, tuple(services),
+                    tuple(sorted(job_events)), "state")
+
+
+def _timeline_to_dict(timeline):
+    """JSON-ready form of a :class:`Timeline` (``status --timeline --format json``)."""
+    return {"start_ms": timeline.start_ms, "end_ms": timeline.end_ms, "status": timeline.status,
+            "exit_code": timeline.exit_code, "source": timeline.source,
+            "events": [dict(e._asdict()) for e in timeline.events],
+            "services": [{"name": s.name, "failed": s.failed, "last_exit_code": s.last_exit_code,
+                          "spans": [dict(p._asdict()) for p in s.spans],
+                          "events": [dict(e._asdict()) for e in s.events]}
+                         for s in timeline.services]}
+
+
+def _format_timeline_text(timeline, width=_TEXT_WIDTH, ascii_only=False):
+    """The timeline in ``width`` columns: one row per service, an elapsed-time axis, a legend."""
+    glyphs = _PHASE_TEXT_ASCII if ascii_only else _PHASE_TEXT_UNICODE
+    if timeline.start_ms is None or not timeline.services:
+        return "timeline: no state records yet (the job has not started)\n"
+    label_width = min(16, max(len(s.name) for s in timeline.services))
+    note_width = 9
+    bar_width = max(10, width - label_width - note_width - 4)
+    span_ms = max(1, timeline.end_ms - timeline.start_ms)
+
+    def column(at_ms):
+        return min(bar_width - 1, max(0, int((at_ms - timeline.start_ms) * bar_width // span_ms)))
+
+    lines = []
+    for service in timeline.services:
+        cells = [" "] * bar_width
+        for span in service.spans:
+            for index in range(column(span.start_ms), max(column(span.start_ms) + 1,
+                                                          column(span.end_ms))):
+                cells[index] = glyphs[span.phase]
+        for event in service.events:
+            if event.kind == "restart":
+                cells[column(event.at_ms)] = "R" if ascii_only else "\u21bb"
+        if service.failed:
+            note = "FAILED" + (" %s" % service.last_exit_code
+                               if service.last_exit_code is not None else "")
+        elif service.last_exit_code is not None:
+            note = "exit %s" % service.last_exit_code
+        else:
+            note = ""
+        name = service.name if len(service.name) <= label_width else \
+            service.name[:label_width - 1] + ("~" if ascii_only else "\u2026")
+        lines.append(("%s |%s| %s" % (name.ljust(label_width), "".join(cells),
+                                       note[:note_width])).rstrip())
+    left = _format_elapsed(0)
+    right = _format_elapsed(span_ms / 1000.0)
+    lines.append("%s  %s%s" % (" " * label_width, left, right.rjust(bar_width - len(left))))
+    legend = "  ".join("%s %s" % (glyphs[p], p) for p in _TIMELINE_PHASES)
+    legend += "  %s restart" % ("R" if ascii_only else "\u21bb")
+    lines.append(legend)
+    head = "timeline of the job: %s" % timeline.status
+    if timeline.exit_code is not None:
+        head += " (exit code %s)" % timeline.exit_code
+    if timeline.source == "state":
+        head += "; from state.json only (a script without timeline.jsonl)"
+    return "\n".join([head] + lines) + "\n"
+
+
+# --- report: the charts, from the metrics sampler's files -----------------------------------------
+
+def _cpu_seconds(text):
+    """sstat's AveCPU (``[D-]HH:MM:SS``, ``MM:SS.mmm``) in seconds; None when it does not parse."""
+    days, _, clock = str(text or "").strip().rpartition("-")
+    if not clock:
+        return None
+    try:
+        seconds = 0.0
+        for part in clock.split(":"):
+            seconds = seconds * 60 + float(part)
+        return seconds + int(days or 0) * 86400
+    except ValueError:
+        return None
+
+
+def _size_bytes(text):
+    """sstat's ``9121792`` or ``200K`` in bytes; None when it does not parse."""
+    value = str(text or "").strip()
+    scale = 1
+    if value[-1:].upper() in _SLURM_SIZE_SUFFIXES:
+        value, scale = value[:-1], _SLURM_SIZE_SUFFIXES[value[-1:].upper()]
+    number = _finite(value)
+    return None if number is None else number * scale
+
+
+def _step_services(record, sacct_bin="sacct"):
+    """``{step id: service name}`` from accounting (a service's steps are named
+    ``hpc-compose:<token>``); ``{}`` when sacct cannot say."""
+    names = dict((s.get("token"), s.get("name")) for s in record.get("services") or ())
+    try:
+        result = _run_command([sacct_bin, "--jobs", str(record["job_id"]), "--noheader",
+                               "--parsable2", "--format=JobID,JobName"], timeout=_scheduler_timeout())
+    except (ToolError, OSError):
+        return {}
+    steps = {}
+    for line in (result.stdout or "").splitlines() if result.returncode == 0 else ():
+        step_id, _, name = line.partition("|")
+        if name.startswith("hpc-compose:") and names.get(name[len("hpc-compose:"):]):
+            steps[step_id] = names[name[len("hpc-compose:"):]]
+    return steps
+
+
+def _load_charts(job_dir, step_services=None):
+    """Charts of what the sampler recorded: CPU (cores) and RSS (MiB) per step, GPU per device;
+    a step is named for its service where ``step_services`` knows it."""
+    step_services = step_services or {}
+    directory = os.path.join(job_dir, "metrics")
+    steps = {}
+    for row in _load_jsonl_tail(os.path.join(directory, "slurm.jsonl"), limit=16 << 20):
+        at = _iso_to_ms(row.get("sampled_at"))
+        if at is not None and row.get("step_id"):
+            steps.setdefault(str(row["step_id"]), []).append((at, row))
+    cpu, rss = [], []
+    for step_id in sorted(steps, key=lambda s: [int(p) if p.isdigit() else p
+                                                for p in s.replace("+", ".").split(".")]):
+        rows = sorted(steps[step_id], key=lambda pair: pair[0])
+        used, previous = [], None
+        for at, row in rows:
+            tasks = _finite(row.get("ntasks")) or 1.0
+            seconds = _cpu_seconds(row.get("ave_cpu"))
+            total = None if seconds is None else seconds * tasks
+            if previous is not None and total is not None and at > previous[0]:
+                used.append((at, max(0.0, (total - previous[1]) / ((at - previous[0]) / 1000.0))))
+            if total is not None:
+                previous = (at, total)
+        label = "%s (%s)" % (step_services[step_id], step_id.rpartition(".")[2]) \
+            if step_id in step_services else "step " + step_id
+        cpu.append(ChartSeries(label, tuple(used)))
+        rss.append(ChartSeries(label, tuple(
+            (at, _size_bytes(row.get("ave_rss")) / 1048576.0) for at, row in rows
+            if _size_bytes(row.get("ave_rss")) is not None)))
+    gpus = {}
+    for row in _load_jsonl_tail(os.path.join(directory, "gpu.jsonl"), limit=16 << 20):
+        at = _iso_to_ms(row.get("sampled_at"))
+        if at is not None:
+            gpus.setdefault(str(row.get("index")), []).append((at, row))
+    utilisation, memory = [], []
+    for index in sorted(gpus, key=lambda s: (len(s), s)):
+        rows = sorted(gpus[index], key=lambda pair: pair[0])
+        utilisation.append(ChartSeries("GPU " + index, tuple(
+            (at, _finite(row.get("utilization_gpu"))) for at, row in rows
+            if _finite(row.get("utilization_gpu")) is not None)))
+        memory.append(ChartSeries("GPU " + index, tuple(
+            (at, _finite(row.get("memory_used_mib"))) for at, row in rows
+            if _finite(row.get("memory_used_mib")) is not None)))
+    charts = [Chart("CPU", "cores", tuple(cpu)), Chart("Memory (RSS)", "MiB", tuple(rss)),
+              Chart("GPU utilisation", "%", tuple(utilisation)),
+              Chart("GPU memory", "MiB", tuple(memory))]
+    return [chart for chart in charts if any(series.points for series in chart.series)]
+
+
+def _format_chart_sparklines(charts, width=_TEXT_WIDTH, ascii_only=False):
+    """``stats``' sparklines: one line per series with its min, max and last value."""
+    lines = []
+    for chart in charts:
+        lines.append("  %s (%s):" % (chart.title, chart.unit))
+        label_width = max(len(s.label) for s in chart.series)
+        for series in chart.series:
+            values = [value for _, value in series.points]
+            finite = [v for v in (_finite(x) for x in values) if v is not None]
+            if not finite:
+                lines.append("    %s  (no samples)" % series.label.ljust(label_width))
+                continue
+            numbers = "min %s max %s last %s" % tuple(
+                _format_number(round(v, 2)) for v in (min(finite), max(finite), finite[-1]))
+            room = max(8, width - 4 - label_width - 2 - 2 - len(numbers))
+            lines.append("    %s  %s  %s" % (series.label.ljust(label_width),
+                                             _format_sparkline(values, room, ascii_only).ljust(
+                                                 min(room, len(values))), numbers))
+    return "\n".join(lines) + ("\n" if lines else "")
+
+
+# --- report: one self-contained HTML page (inline SVG and CSS, no script) -------------------------
+
+def _escape_html(value):
+    """Every value that reaches the page, escaped (service names and log lines are user data)."""
+    import html
+    return html.escape("" if value is None else str(value), quote=True)
+
+
+# The report's layout is fixed (tests/test_report_screenshot_e2e.py samples pixels at it): the
+# timeline's label column, row height and bar area.
+_GANTT_LABEL_WIDTH = 200
+_GANTT_ROW_HEIGHT = 30
+_GANTT_BAR_WIDTH = 660
+_GANTT_TOP = 36
+_CHART_WIDTH = 440
+_CHART_HEIGHT = 250
+
+_REPORT_STYLE = """
+body { font: 14px/1.4 system-ui, sans-serif; color: #111; background: #fff; margin: 24px; }
+h1 { font-size: 22px; margin: 0 0 12px; } h2 { font-size: 17px; margin: 24px 0 8px; }
+table.facts td { padding: 1px 14px 1px 0; vertical-align: top; } table.facts td:first-child { color: #555; }
+svg { display: block; } svg text { font: 12px system-ui, sans-serif; fill: #111; }
+.charts { display: flex; flex-wrap: wrap; gap: 16px; }
+.note { color: #555; font-style: italic; }
+.log { border-left: 4px solid #999; padding-left: 10px; margin: 10px 0; }
+.log.failed { border-left: 8px solid #d55e00; background: #fff3ec; }
+.log h3 { font-size: 14px; margin: 4px 0; } .log.failed h3::after { content: " (failed)"; color: #a03c00; }
+pre { font: 12px/1.35 ui-monospace, monospace; white-space: pre-wrap; word-break: break-all; margin: 0; }
+@media print { body { margin: 0; } .log.failed { background: none; } }
+"""
+
+
+def _format_timeline_svg(timeline):
+    """The Gantt chart: a row per service (its badge, name, phase bars, events), a time axis, legend."""
+    rows = len(timeline.services)
+    height = _GANTT_TOP + rows * _GANTT_ROW_HEIGHT + 70
+    width = _GANTT_LABEL_WIDTH + _GANTT_BAR_WIDTH + 70
+    x0, x1 = _GANTT_LABEL_WIDTH, _GANTT_LABEL_WIDTH + _GANTT_BAR_WIDTH
+    start = timeline.start_ms or 0
+    end = max(start + 1000, timeline.end_ms or start)
+    parts = ['<svg xmlns="http://www.w3.org/2000/svg" width="%d" height="%d" viewBox="0 0 %d %d" '
+             'role="img" aria-label="timeline">' % (width, height, width, height),
+             '<defs><pattern id="hatch" width="6" height="6" patternUnits="userSpaceOnUse" '
+             'patternTransform="rotate(45)"><rect width="6" height="6" fill="#f2f2f2"/>'
+             '<line x1="0" y1="0" x2="0" y2="6" stroke="#9a9a9a" stroke-width="2"/></pattern></defs>']
+    bottom = _GANTT_TOP + rows * _GANTT_ROW_HEIGHT
+    for at_ms, label in _time_ticks(start, end, 8):
+        x = _scale(at_ms, (start, end), (x0, x1))
+        parts.append('<line x1="%.1f" y1="%d" x2="%.1f" y2="%d" stroke="#ddd"/>'
+                     '<text x="%.1f" y="%d" text-anchor="middle">%s</text>'
+                     % (x, _GANTT_TOP - 4, x, bottom, x, _GANTT_TOP - 10, _escape_html(label)))
+    for row, service in enumerate(timeline.services):
+        y = _GANTT_TOP + row * _GANTT_ROW_HEIGHT
+        badge = _SERVICE_FAILED_COLOUR if service.failed else _SERVICE_OK_COLOUR
+        parts.append('<rect class="badge" x="4" y="%d" width="14" height="14" fill="%s"/>'
+                     % (y + 8, badge))
+        name = service.name if len(service.name) <= 24 else service.name[:23] + "\u2026"
+        parts.append('<text x="24" y="%d"%s>%s%s</text>' % (
+            y + 20, ' font-weight="bold"' if service.failed else "", _escape_html(name),
+            " \u2717" if service.failed else ""))
+        for span in service.spans:
+            left = _scale(span.start_ms, (start, end), (x0, x1))
+            right = max(left + 2, _scale(span.end_ms, (start, end), (x0, x1)))
+            fill = "url(#hatch)" if span.phase == "waiting" else _PHASE_COLOURS[span.phase]
+            parts.append('<rect x="%.1f" y="%d" width="%.1f" height="%d" fill="%s">'
+                         '<title>%s %s to %s</title></rect>' % (
+                             left, y + 5, right - left, _GANTT_ROW_HEIGHT - 10, fill,
+                             _escape_html(span.phase),
+                             _format_elapsed((span.start_ms - start) / 1000.0),
+                             _format_elapsed((span.end_ms - start) / 1000.0)))
+        for event in service.events:
+            x = _scale(event.at_ms, (start, end), (x0, x1))
+            if event.kind == "restart":
+                parts.append('<path d="M%.1f %d l5 -6 h-10 z" fill="#000"><title>%s</title></path>'
+                             % (x, y + 5, _escape_html(event.text)))
+            elif event.kind == "ready":
+                parts.append('<line x1="%.1f" y1="%d" x2="%.1f" y2="%d" stroke="#000" '
+                             'stroke-width="2"><title>ready</title></line>'
+                             % (x, y + 3, x, y + _GANTT_ROW_HEIGHT - 3))
+            elif event.kind == "exit" and event.text != "exit 0":
+                parts.append('<text x="%.1f" y="%d" font-size="10">%s</text>'
+                             % (x + 3, y + _GANTT_ROW_HEIGHT - 1, _escape_html(event.text)))
+    for event in timeline.events:
+        x = _scale(event.at_ms, (start, end), (x0, x1))
+        parts.append('<line x1="%.1f" y1="%d" x2="%.1f" y2="%d" stroke="#000" '
+                     'stroke-dasharray="3 3"><title>%s</title></line>'
+                     % (x, _GANTT_TOP - 4, x, bottom + 4, _escape_html(event.text)))
+    y = bottom + 24
+    x = x0
+    for phase in _TIMELINE_PHASES:
+        fill = "url(#hatch)" if phase == "waiting" else _PHASE_COLOURS[phase]
+        parts.append('<rect x="%d" y="%d" width="14" height="12" fill="%s" stroke="#555" '
+                     'stroke-width="0.5"/><text x="%d" y="%d">%s</text>'
+                     % (x, y, fill, x + 18, y + 11, phase))
+        x += 28 + 8 * len(phase)
+    parts.append('<path d="M%d %d l5 -6 h-10 z" fill="#000"/><text x="%d" y="%d">restart</text>'
+                 % (x + 5, y + 11, x + 14, y + 11))
+    parts.append('<text x="%d" y="%d">|  ready: the readiness moment; dashed: job start, signals, '
+                 'end</text>' % (x0, y + 34))
+    parts.append("</svg>")
+    return "\n".join(parts)
+
+
+def _format_chart_svg(chart, start_ms, end_ms):
+    """One resource chart: axes with ticks and units, a line per series, a legend."""
+    left, top, right, bottom = 60, 28, _CHART_WIDTH - 14, _CHART_HEIGHT - 80
+    points = [p for s in chart.series for p in s.points if _finite(p[1]) is not None]
+    times = [p[0] for p in points]
+    start = start_ms if start_ms is not None else min(times)
+    end = max([end_ms or start] + times + [start + 1000])
+    low, high, ticks = _nice_ticks(0.0, max([p[1] for p in points] or [0.0]), 4)
+    parts = ['<svg xmlns="http://www.w3.org/2000/svg" width="%d" height="%d" role="img" '
+             'aria-label="%s">' % (_CHART_WIDTH, _CHART_HEIGHT, _escape_html(chart.title)),
+             '<text x="%d" y="16" font-weight="bold">%s (%s)</text>'
+             % (left, _escape_html(chart.title), _escape_html(chart.unit))]
+    for tick in ticks:
+        y = _scale(tick, (low, high), (bottom, top))
+        parts.append('<line x1="%d" y1="%.1f" x2="%d" y2="%.1f" stroke="#e4e4e4"/>'
+                     '<text x="%d" y="%.1f" text-anchor="end">%s</text>'
+                     % (left, y, right, y, left - 4, y + 4, _format_number(tick)))
+    for at_ms, label in _time_ticks(start, end, 5):
+        x = _scale(at_ms, (start, end), (left, right))
+        parts.append('<line x1="%.1f" y1="%d" x2="%.1f" y2="%d" stroke="#888"/>'
+                     '<text x="%.1f" y="%d" text-anchor="middle">%s</text>'
+                     % (x, bottom, x, bottom + 4, x, bottom + 16, _escape_html(label)))
+    parts.append('<line x1="%d" y1="%d" x2="%d" y2="%d" stroke="#333"/>'
+                 '<line x1="%d" y1="%d" x2="%d" y2="%d" stroke="#333"/>'
+                 % (left, top, left, bottom, left, bottom, right, bottom))
+    parts.append('<text x="%d" y="%d" text-anchor="end" fill="#555">time since job start</text>'
+                 % (right, bottom + 31))
+    for index, series in enumerate(chart.series):
+        colour, dash = _SERIES_STYLES[index % len(_SERIES_STYLES)]
+        coordinates = ["%.1f,%.1f" % (_scale(at, (start, end), (left, right)),
+                                      _scale(value, (low, high), (bottom, top)))
+                       for at, value in series.points if _finite(value) is not None]
+        if len(coordinates) == 1:
+            x, y = coordinates[0].split(",")
+            parts.append('<circle cx="%s" cy="%s" r="3" fill="%s"/>' % (x, y, colour))
+        elif coordinates:
+            parts.append('<polyline fill="none" stroke="%s" stroke-width="2"%s points="%s"/>'
+                         % (colour, ' stroke-dasharray="%s"' % dash if dash else "",
+                            " ".join(coordinates)))
+        x = left + (index % 3) * 125
+        y = bottom + 50 + (index // 3) * 15
+        parts.append('<line x1="%d" y1="%d" x2="%d" y2="%d" stroke="%s" stroke-width="2"%s/>'
+                     '<text x="%d" y="%d">%s</text>'
+                     % (x, y - 4, x + 20, y - 4, colour,
+                        ' stroke-dasharray="%s"' % dash if dash else "", x + 24, y,
+                        _escape_html(series.label[:18])))
+    parts.append("</svg>")
+    return "\n".join(parts)
+
+
+def _script_resources(script_path):
+    """The ``#SBATCH`` lines of the job's script that say what it asked for (nodes, time, ...)."""
+    wanted = ("--nodes", "--ntasks", "--cpus-per-task", "--mem", "--gres", "--gpus", "--time",
+              "--partition")
+    found = []
+    try:
+        with open(script_path, encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                if not line.startswith("#SBATCH "):
+                    if line.strip() and not line.startswith("#"):
+                        break
+                    continue
+                option = line[len("#SBATCH "):].strip()
+                if option.split("=", 1)[0] in wanted:
+                    found.append(option)
+    except (OSError, TypeError):
+        pass
+    return found
+
+
+def _report_facts(record, scheduler, state, timeline):
+    """``[(label, text)]``: the job's facts at the top of the report."""
+    import time
+    state = state or {}
+    facts = [("job", "%s (%s)" % (record.get("job_name") or "-", record["job_id"])),
+             ("scheduler", scheduler.state + (", exit %s" % scheduler.exit_code
+                                              if scheduler.exit_code else "")),
+             ("runtime", "%s%s" % (timeline.status, ", exit code %s" % timeline.exit_code
+                                   if timeline.exit_code is not None else ""))]
+    if state.get("reason"):
+        facts.append(("reason", state["reason"]))
+    nodes = sorted(set(str((s.get("placement") or {}).get("nodelist")) for s in
+                       state.get("services") or () if isinstance(s.get("placement"), dict)
+                       and (s.get("placement") or {}).get("nodelist")))
+    if nodes:
+        facts.append(("nodes", ", ".join(nodes)))
+    resources = _script_resources(record.get("script_path"))
+    if resources:
+        facts.append(("resources", " ".join(resources)))
+    submitted = _finite(record.get("submitted_at"))
+    if submitted is not None:
+        facts.append(("submitted", _format_moment(submitted)))
+        if timeline.start_ms is not None:
+            facts.append(("queue wait", _format_elapsed(timeline.start_ms / 1000.0 - submitted)))
+    if timeline.start_ms is not None:
+        facts.append(("elapsed", _format_elapsed((timeline.end_ms - timeline.start_ms) / 1000.0)))
+    attempt = state.get("attempt")
+    if isinstance(attempt, int) and attempt > 0:
+        facts.append(("attempts", "%d (requeued %d times)" % (attempt + 1, attempt)))
+    facts.append(("report made", _format_moment(time.time())))
+    return facts
+
+
+def _format_report_html(facts, timeline, charts, logs, metrics_note):
+    """The whole report page: facts, timeline, charts (or why there are none), last log lines.
+
+    ``logs`` is ``[(service name, failed, [lines])]``; every value is escaped here."""
+    title = "hpc-compose report: %s" % facts[0][1]
+    body = ['<!DOCTYPE html>', '<html lang="en">', '<head>', '<meta charset="utf-8">',
+            '<meta name="generator" content="hpc-compose %s">' % _escape_html(__version__),
+            '<title>%s</title>' % _escape_html(title), '<style>%s</style>' % _REPORT_STYLE,
+            '</head>', '<body>', '<h1>%s</h1>' % _escape_html(title), '<table class="facts">']
+    for label, text in facts:
+        body.append('<tr><td>%s</td><td>%s</td></tr>' % (_escape_html(label), _escape_html(text)))
+    body += ['</table>', '<h2>Timeline</h2>']
+    if timeline.start_ms is None:
+        body.append('<p class="note">No state records yet: the job has not started.</p>')
+    else:
+        if timeline.source == "state":
+            body.append('<p class="note">Drawn from state.json alone (each service\'s last launch '
+                        'and exit): the job\'s script wrote no timeline.jsonl.</p>')
+        body.append(_format_timeline_svg(timeline))
+    body.append('<h2>Resources</h2>')
+    if charts:
+        body.append('<div class="charts">')
+        body += [_format_chart_svg(chart, timeline.start_ms, timeline.end_ms) for chart in charts]
+        body.append('</div>')
+    else:
+        body.append('<p class="note">%s</p>' % _escape_html(metrics_note))
+    body.append('<h2>Last log lines</h2>')
+    for name, failed, lines in logs:
+        body.append('<div class="log%s"><h3>%s</h3><pre>%s</pre></div>' % (
+            " failed" if failed else "", _escape_html(name),
+            _escape_html("\n".join(lines)) if lines else "(empty)"))
+    body += ['</body>', '</html>']
+    return "\n".join(body) + "\n"
+
+
+def _collect_report(record, squeue_bin="squeue", sacct_bin="sacct", now_ms=None):
+    """``(facts, timeline, charts, logs, metrics note)`` of a tracked job, from its files."""
+    import time
+    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+    scheduler, _ = _query_scheduler_or_files(record, squeue_bin, sacct_bin)
+    state = _load_runtime_state(record["job_dir"])
+    timeline = _build_timeline(_load_timeline_records(record["job_dir"]), state, now_ms)
+    charts = _load_charts(record["job_dir"], {} if record.get("local") else
+                          _step_services(record, sacct_bin))
+    if charts:
+        note = ""
+    elif record.get("metrics_enabled"):
+        note = "The metrics sampler (x-slurm.metrics) recorded no samples for this job."
+    else:
+        note = ("No resource samples: this job did not enable x-slurm.metrics "
+                "(see docs/reports.md for what the sampler records and what it costs).")
+    failed = set(s.name for s in timeline.services if s.failed)
+    logs = [(name, name in failed, _tail_lines(path, _REPORT_LOG_LINES))
+            for name, path in _record_log_sources(record)]
+    return _report_facts(record, scheduler, state, timeline), timeline, charts, logs, note
+
+
 # --- artifacts export -----------------------------------------------------------------------------
 
 def _expand_export_dir(template, job_id, project_dir):
@@ -15479,7 +16265,8 @@ def _command_parsers():
         ("preflight", _add_preflight_parser), ("prepare", _add_prepare_parser),
         ("submit", _add_submit_parser), ("up", _add_up_parser), ("run", _add_run_parser),
         ("status", _add_status_parser), ("ps", _add_ps_parser), ("logs", _add_logs_parser), ("exec", _add_exec_parser),
-        ("stats", _add_stats_parser), ("artifacts", _add_artifacts_parser),
+        ("stats", _add_stats_parser), ("report", _add_report_parser),
+        ("artifacts", _add_artifacts_parser),
         ("cancel", _add_cancel_parser), ("down", _add_down_parser), ("clean", _add_clean_parser),
         ("cache", _add_cache_parser), ("init", _add_init_parser), ("migrate", _add_migrate_parser),
         ("schema", _add_schema_parser), ("completions", _add_completions_parser),
@@ -16245,6 +17032,15 @@ def _add_status_arguments(parser):
     _add_job_id_argument(parser)
     _add_tool_arguments(parser, ("squeue", "sacct"))
     _add_format_argument(parser)
+    parser.add_argument("--timeline", action="store_true",
+                        help="draw the job's timeline (a row per service, 80 columns)")
+    _add_watch_argument(parser)
+
+
+def _add_watch_argument(parser):
+    parser.add_argument("--watch", nargs="?", type=float, const=2.0, default=None,
+                        metavar="SECONDS",
+                        help="redraw every SECONDS (default 2) until the job ends or Ctrl-C")
 
 
 def _add_status_parser(subparsers):
@@ -16326,6 +17122,21 @@ def _add_stats_parser(subparsers):
     _add_job_id_argument(parser)
     _add_tool_arguments(parser, ("sstat", "squeue", "sacct"))
     _add_format_argument(parser, choices=("text", "json", "csv", "jsonl"))
+    _add_watch_argument(parser)
+
+
+def _add_report_parser(subparsers):
+    parser = _add_command(subparsers, "report", _cmd_report,
+                         "write one self-contained HTML page of a job: facts, timeline, resource "
+                         "charts, last log lines",
+                         ["hpc-compose report", "hpc-compose report 12345 -o job-12345.html"])
+    _add_file_argument(parser)
+    _add_job_id_argument(parser)
+    parser.add_argument("job", nargs="?", metavar="JOB",
+                        help="the job id (the same as --job-id; default: the latest job)")
+    parser.add_argument("-o", "--output", metavar="FILE",
+                        help="where to write the page (default: report-<job id>.html; - for stdout)")
+    _add_tool_arguments(parser, ("squeue", "sacct"))
 
 
 def _add_artifacts_parser(subparsers):
@@ -16724,9 +17535,37 @@ def _report_local_run(job_id, record, mode, code, fmt, out):
     return code
 
 
+def _watch_screens(args, draw):
+    """``--watch``: call ``draw()`` (text, and whether the job has ended) every few seconds, each
+    time over the last screen on a terminal; once without ``--watch``."""
+    import time
+    if args.watch is None:
+        sys.stdout.write(draw()[0])
+        return _EXIT_OK
+    if args.watch <= 0:
+        raise UsageError("--watch takes a number of seconds above 0; got %s" % args.watch)
+    if _output_format(args) != "text":
+        raise UsageError("--watch redraws text: leave out --format/--json")
+    clear = "\033[H\033[2J" if sys.stdout.isatty() else ""
+    try:
+        while True:
+            text, ended = draw()
+            sys.stdout.write(clear + text + ("" if clear else "\n"))
+            sys.stdout.flush()
+            if ended:
+                return _EXIT_OK
+            time.sleep(args.watch)
+    except KeyboardInterrupt:
+        return _EXIT_INTERRUPTED
+
+
 def _cmd_status(args):
     """Scheduler state (squeue, then sacct), per-service state from state.json, log paths."""
     record = _job_record(args)
+    if args.timeline or args.watch is not None:
+        if args.timeline:
+            _require_task(record)
+        return _watch_screens(args, lambda: _status_screen(record, args))
     if record.get("array_tasks") and record.get("array_task") is None:
         status = _array_status(record, args.squeue_bin, args.sacct_bin)
         if _output_format(args) == "json":
@@ -16818,10 +17657,62 @@ def _cmd_exec(args):
     return 128 - code if code < 0 else code
 
 
+def _status_screen(record, args):
+    """``(text, ended)`` for status --timeline / --watch: the status text, the timeline below it."""
+    import time
+    ascii_only = _text_wants_ascii(sys.stdout)
+    if record.get("array_tasks") and record.get("array_task") is None:
+        status = _array_status(record, args.squeue_bin, args.sacct_bin)
+        return _format_array_status_text(status), False
+    status = _job_status(record, args.squeue_bin, args.sacct_bin)
+    if status["scheduler_warning"]:
+        _warn(status["scheduler_warning"])
+    text = _format_status_text(status)
+    ended = bool(status["scheduler"]["terminal"]) or _runtime_final(
+        _load_runtime_state(record["job_dir"]))
+    if args.timeline:
+        timeline = _build_timeline(_load_timeline_records(record["job_dir"]),
+                                   _load_runtime_state(record["job_dir"]),
+                                   int(time.time() * 1000))
+        if _output_format(args) == "json":
+            return _format_json(_timeline_to_dict(timeline)) + "\n", ended
+        text += _format_timeline_text(timeline, _TEXT_WIDTH, ascii_only)
+    return text, ended
+
+
+def _stats_screen(record, args):
+    """``(text, ended)`` for stats --watch: the stats text and its sparklines."""
+    stats = _collect_stats(record, args.sstat_bin, args.squeue_bin, args.sacct_bin)
+    charts = _load_charts(record["job_dir"])
+    return (_format_stats_text(stats) + _format_chart_sparklines(
+        charts, _TEXT_WIDTH, _text_wants_ascii(sys.stdout)), bool(stats["scheduler"]["terminal"]))
+
+
+def _cmd_report(args):
+    """Write the job's report page (one HTML file, inline SVG and CSS, no script)."""
+    if args.job is not None:
+        if args.job_id is not None and args.job_id != args.job:
+            raise UsageError("report takes one job: JOB %s and --job-id %s differ"
+                             % (args.job, args.job_id))
+        args.job_id = args.job
+    record = _job_record(args)
+    _require_task(record)
+    page = _format_report_html(*_collect_report(record, args.squeue_bin, args.sacct_bin))
+    if args.output == "-":
+        sys.stdout.write(page)
+        return _EXIT_OK
+    path = args.output or "report-%s.html" % record["job_id"]
+    _write_file_atomic(path, page)
+    sys.stdout.write("wrote %s\n" % path)
+    return _EXIT_OK
+
+
 def _cmd_stats(args):
     """Metrics from the sampler files, else live sstat, as text, json, csv or jsonl."""
     record = _job_record(args)
     _require_task(record)
+    if args.watch is not None:
+        return _watch_screens(args, lambda: _stats_screen(record, args))
     stats = _collect_stats(record, args.sstat_bin, args.squeue_bin, args.sacct_bin)
     if stats["scheduler_warning"]:
         _warn(stats["scheduler_warning"])
@@ -16833,7 +17724,8 @@ def _cmd_stats(args):
     elif fmt == "jsonl":
         sys.stdout.write(_format_stats_jsonl(stats))
     else:
-        sys.stdout.write(_format_stats_text(stats))
+        sys.stdout.write(_format_stats_text(stats) + _format_chart_sparklines(
+            _load_charts(record["job_dir"]), _TEXT_WIDTH, _text_wants_ascii(sys.stdout)))
     return _EXIT_OK
 
 

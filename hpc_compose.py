@@ -13347,12 +13347,19 @@ def _load_charts(job_dir, step_services=None):
     return [chart for chart in charts if any(series.points for series in chart.series)]
 
 
+def _load_job_charts(record, sacct_bin="sacct"):
+    """The charts of a tracked job, its steps named for their services (one sacct call)."""
+    return _load_charts(record["job_dir"], {} if record.get("local") else
+                        _step_services(record, sacct_bin))
+
+
 def _format_chart_sparklines(charts, width=_TEXT_WIDTH, ascii_only=False):
     """``stats``' sparklines: one line per series with its min, max and last value."""
     lines = []
     for chart in charts:
         lines.append("  %s (%s):" % (chart.title, chart.unit))
         label_width = max(len(s.label) for s in chart.series)
+        longest = max(len(s.points) for s in chart.series)
         for series in chart.series:
             values = [value for _, value in series.points]
             finite = [v for v in (_finite(x) for x in values) if v is not None]
@@ -13364,7 +13371,7 @@ def _format_chart_sparklines(charts, width=_TEXT_WIDTH, ascii_only=False):
             room = max(8, width - 4 - label_width - 2 - 2 - len(numbers))
             lines.append("    %s  %s  %s" % (series.label.ljust(label_width),
                                              _format_sparkline(values, room, ascii_only).ljust(
-                                                 min(room, len(values))), numbers))
+                                                 min(room, longest)), numbers))
     return "\n".join(lines) + ("\n" if lines else "")
 
 
@@ -13616,8 +13623,7 @@ def _collect_report(record, squeue_bin="squeue", sacct_bin="sacct", now_ms=None)
     scheduler, _ = _query_scheduler_or_files(record, squeue_bin, sacct_bin)
     state = _load_runtime_state(record["job_dir"])
     timeline = _build_timeline(_load_timeline_records(record["job_dir"]), state, now_ms)
-    charts = _load_charts(record["job_dir"], {} if record.get("local") else
-                          _step_services(record, sacct_bin))
+    charts = _load_job_charts(record, sacct_bin)
     if charts:
         note = ""
     elif record.get("metrics_enabled"):
@@ -17683,7 +17689,7 @@ def _status_screen(record, args):
 def _stats_screen(record, args):
     """``(text, ended)`` for stats --watch: the stats text and its sparklines."""
     stats = _collect_stats(record, args.sstat_bin, args.squeue_bin, args.sacct_bin)
-    charts = _load_charts(record["job_dir"])
+    charts = _load_job_charts(record, args.sacct_bin)
     return (_format_stats_text(stats) + _format_chart_sparklines(
         charts, _TEXT_WIDTH, _text_wants_ascii(sys.stdout)), bool(stats["scheduler"]["terminal"]))
 
@@ -17725,7 +17731,7 @@ def _cmd_stats(args):
         sys.stdout.write(_format_stats_jsonl(stats))
     else:
         sys.stdout.write(_format_stats_text(stats) + _format_chart_sparklines(
-            _load_charts(record["job_dir"]), _TEXT_WIDTH, _text_wants_ascii(sys.stdout)))
+            _load_job_charts(record, args.sacct_bin), _TEXT_WIDTH, _text_wants_ascii(sys.stdout)))
     return _EXIT_OK
 
 

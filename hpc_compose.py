@@ -23,7 +23,8 @@ stands above it, as tests/test_layout.py checks):
 6. Images -- enroot import / prepare / export, the shared cache and its manifests.
 7. Preflight -- login-node checks before a submission, the scheduler's answer, and lint.
 8. Render -- the batch script (``string.Template`` constants named ``*_TEMPLATE``).
-9. Job tracking -- sbatch, squeue, sacct, sstat, scancel; status, logs, stats, artifacts.
+9. Job tracking -- sbatch, squeue, sacct, sstat, scancel; status, logs, stats, the report
+   (timeline and charts: text, SVG, HTML), artifacts.
 10. Init templates -- the shipped examples offered by ``init``.
 11. Migrate -- ``migrate_compose``: a docker-compose.yml (and its Dockerfiles) rewritten as a spec.
 12. CLI -- argparse commands, one handler per command.
@@ -12858,51 +12859,51 @@ def _format_cpu_time(value):
 # files, and the rest from state.json and the logs. The plotting core (scales, ticks, the time axis)
 # is shared by the text and the SVG drawings.
 
-class TimelineSpan(NamedTuple):
+class _TimelineSpan(NamedTuple):
     """A stretch of one service's life in one phase (waiting, starting, running, ready, ...)."""
     phase: str
     start_ms: int
     end_ms: int
 
 
-class TimelineEvent(NamedTuple):
+class _TimelineEvent(NamedTuple):
     """A moment on the timeline: a service's launch, restart, ready, exit; the job's signal or end."""
     at_ms: int
     kind: str
     text: str
 
 
-class ServiceTimeline(NamedTuple):
+class _ServiceTimeline(NamedTuple):
     """One row of the timeline: a service, its spans and events, and whether it failed."""
     name: str
-    spans: Tuple[TimelineSpan, ...]
-    events: Tuple[TimelineEvent, ...]
+    spans: Tuple[_TimelineSpan, ...]
+    events: Tuple[_TimelineEvent, ...]
     failed: bool
     last_exit_code: Optional[int]
 
 
-class Timeline(NamedTuple):
+class _Timeline(NamedTuple):
     """The job from its first state record to its last (or now, while it runs)."""
     start_ms: Optional[int]
     end_ms: Optional[int]
     status: str
     exit_code: Optional[int]
-    services: Tuple[ServiceTimeline, ...]
-    events: Tuple[TimelineEvent, ...]
+    services: Tuple[_ServiceTimeline, ...]
+    events: Tuple[_TimelineEvent, ...]
     source: str   # "timeline" (timeline.jsonl), "state" (state.json's times only) or "none"
 
 
-class ChartSeries(NamedTuple):
+class _ChartSeries(NamedTuple):
     """One line of a chart: a label and ``(epoch ms, value)`` points."""
     label: str
     points: Tuple[Tuple[int, float], ...]
 
 
-class Chart(NamedTuple):
+class _Chart(NamedTuple):
     """A resource chart: a title, the unit of its y axis and its series."""
     title: str
     unit: str
-    series: Tuple[ChartSeries, ...]
+    series: Tuple[_ChartSeries, ...]
 
 
 # Phases drawn as bars (the others, exited and stopped, end a bar). Colours from Okabe and Ito's
@@ -13109,25 +13110,25 @@ def _service_row(name, entries, end_ms):
         if previous is not None:
             old_status, old_launches, old_exit = previous
             if launches > old_launches:
-                events.append(TimelineEvent(at_ms, "restart" if old_launches else "launch",
+                events.append(_TimelineEvent(at_ms, "restart" if old_launches else "launch",
                                             "restart %d" % (launches - 1) if old_launches
                                             else "launched"))
             if last_exit is not None and (old_exit is None or launches != old_launches) \
                     and status != "stopped":
-                events.append(TimelineEvent(at_ms, "exit", "exit %s" % last_exit))
+                events.append(_TimelineEvent(at_ms, "exit", "exit %s" % last_exit))
             if status == "ready" and old_status != "ready":
-                events.append(TimelineEvent(at_ms, "ready", "ready"))
+                events.append(_TimelineEvent(at_ms, "ready", "ready"))
         elif launches:
-            events.append(TimelineEvent(at_ms, "launch", "launched"))
+            events.append(_TimelineEvent(at_ms, "launch", "launched"))
             if status == "ready":
-                events.append(TimelineEvent(at_ms, "ready", "ready"))
+                events.append(_TimelineEvent(at_ms, "ready", "ready"))
         previous = (status, launches, last_exit)
         until = entries[index + 1][0] if index + 1 < len(entries) else end_ms
         if status in _TIMELINE_PHASES and status != "failed" and until > at_ms:
             if spans and spans[-1].phase == status and spans[-1].end_ms == at_ms:
                 spans[-1] = spans[-1]._replace(end_ms=until)
             else:
-                spans.append(TimelineSpan(status, at_ms, until))
+                spans.append(_TimelineSpan(status, at_ms, until))
     failed = previous is not None and previous[0] == "failed"
     last_exit = previous[2] if previous is not None else None
     if failed:
@@ -13136,20 +13137,20 @@ def _service_row(name, entries, end_ms):
             if str(entry[0]) != "failed":
                 break
             at = at_ms
-        spans.append(TimelineSpan("failed", at, max(at, end_ms)))
-    return ServiceTimeline(name, tuple(spans), tuple(events), failed,
+        spans.append(_TimelineSpan("failed", at, max(at, end_ms)))
+    return _ServiceTimeline(name, tuple(spans), tuple(events), failed,
                            last_exit if isinstance(last_exit, int) else None)
 
 
 def _build_timeline(records, state, now_ms):
-    """The job's :class:`Timeline` from its timeline records and state.json (either may be missing)."""
+    """The job's :class:`_Timeline` from its timeline records and state.json (either may be missing)."""
     state = state or {}
     names = [str(s.get("name")) for s in state.get("services") or ()]
     job_events = []
     for signal in state.get("signals") or ():
         at = _iso_to_ms(signal.get("received_at")) if isinstance(signal, dict) else None
         if at is not None:
-            job_events.append(TimelineEvent(at, "signal", "SIG%s (%s)" % (
+            job_events.append(_TimelineEvent(at, "signal", "SIG%s (%s)" % (
                 signal.get("signal"), signal.get("action"))))
     status = str(state.get("status") or "unknown")
     exit_code = state.get("exit_code") if isinstance(state.get("exit_code"), int) else None
@@ -13168,10 +13169,10 @@ def _build_timeline(records, state, now_ms):
             entries = [(r["at_ms"], r["services"][index]) for r in records
                        if index < len(r["services"]) and isinstance(r["services"][index], list)]
             services.append(_service_row(name, entries, end_ms))
-        job_events.insert(0, TimelineEvent(start_ms, "start", "job start"))
+        job_events.insert(0, _TimelineEvent(start_ms, "start", "job start"))
         if final:
-            job_events.append(TimelineEvent(end_ms, "end", "job %s" % status))
-        return Timeline(start_ms, end_ms, status, exit_code, tuple(services),
+            job_events.append(_TimelineEvent(end_ms, "end", "job %s" % status))
+        return _Timeline(start_ms, end_ms, status, exit_code, tuple(services),
                         tuple(sorted(job_events)), "timeline")
     # A job of an older script: state.json's launch and end times of each service's last run.
     services, moments = [], []
@@ -13182,22 +13183,22 @@ def _build_timeline(records, state, now_ms):
         failed = entry.get("status") == "failed"
         spans = ()
         if started is not None:
-            spans = (TimelineSpan("running", started, finished if finished is not None else now_ms),)
+            spans = (_TimelineSpan("running", started, finished if finished is not None else now_ms),)
         exit_value = entry.get("last_exit_code")
         events = ()
         if finished is not None and exit_value is not None:
-            events = (TimelineEvent(finished, "exit", "exit %s" % exit_value),)
-        services.append(ServiceTimeline(str(entry.get("name")), spans, events, failed,
+            events = (_TimelineEvent(finished, "exit", "exit %s" % exit_value),)
+        services.append(_ServiceTimeline(str(entry.get("name")), spans, events, failed,
                                         exit_value if isinstance(exit_value, int) else None))
     if not moments:
-        return Timeline(None, None, status, exit_code, tuple(services), tuple(job_events), "none")
-    return Timeline(min(moments), max(moments + [now_ms] if status not in _FINAL_RUNTIME_STATUSES
+        return _Timeline(None, None, status, exit_code, tuple(services), tuple(job_events), "none")
+    return _Timeline(min(moments), max(moments + [now_ms] if status not in _FINAL_RUNTIME_STATUSES
                                       else moments), status, exit_code, tuple(services),
                     tuple(sorted(job_events)), "state")
 
 
 def _timeline_to_dict(timeline):
-    """JSON-ready form of a :class:`Timeline` (``status --timeline --format json``)."""
+    """JSON-ready form of a :class:`_Timeline` (``status --timeline --format json``)."""
     return {"start_ms": timeline.start_ms, "end_ms": timeline.end_ms, "status": timeline.status,
             "exit_code": timeline.exit_code, "source": timeline.source,
             "events": [dict(e._asdict()) for e in timeline.events],
@@ -13323,8 +13324,8 @@ def _load_charts(job_dir, step_services=None):
                 previous = (at, total)
         label = "%s (%s)" % (step_services[step_id], step_id.rpartition(".")[2]) \
             if step_id in step_services else "step " + step_id
-        cpu.append(ChartSeries(label, tuple(used)))
-        rss.append(ChartSeries(label, tuple(
+        cpu.append(_ChartSeries(label, tuple(used)))
+        rss.append(_ChartSeries(label, tuple(
             (at, _size_bytes(row.get("ave_rss")) / 1048576.0) for at, row in rows
             if _size_bytes(row.get("ave_rss")) is not None)))
     gpus = {}
@@ -13335,15 +13336,15 @@ def _load_charts(job_dir, step_services=None):
     utilisation, memory = [], []
     for index in sorted(gpus, key=lambda s: (len(s), s)):
         rows = sorted(gpus[index], key=lambda pair: pair[0])
-        utilisation.append(ChartSeries("GPU " + index, tuple(
+        utilisation.append(_ChartSeries("GPU " + index, tuple(
             (at, _finite(row.get("utilization_gpu"))) for at, row in rows
             if _finite(row.get("utilization_gpu")) is not None)))
-        memory.append(ChartSeries("GPU " + index, tuple(
+        memory.append(_ChartSeries("GPU " + index, tuple(
             (at, _finite(row.get("memory_used_mib"))) for at, row in rows
             if _finite(row.get("memory_used_mib")) is not None)))
-    charts = [Chart("CPU", "cores", tuple(cpu)), Chart("Memory (RSS)", "MiB", tuple(rss)),
-              Chart("GPU utilisation", "%", tuple(utilisation)),
-              Chart("GPU memory", "MiB", tuple(memory))]
+    charts = [_Chart("CPU", "cores", tuple(cpu)), _Chart("Memory (RSS)", "MiB", tuple(rss)),
+              _Chart("GPU utilisation", "%", tuple(utilisation)),
+              _Chart("GPU memory", "MiB", tuple(memory))]
     return [chart for chart in charts if any(series.points for series in chart.series)]
 
 

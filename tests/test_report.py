@@ -134,7 +134,7 @@ def test_timeline_rows_follow_the_services_phases_restarts_and_exits():
 def test_a_running_job_s_timeline_reaches_now():
     timeline = hpc_compose._build_timeline(records()[:3], state(status="running"), now_ms=START + 9000)
     assert timeline.end_ms == START + 9000
-    assert timeline.services[0].spans[-1] == hpc_compose.TimelineSpan("ready", 1796559270800,
+    assert timeline.services[0].spans[-1] == hpc_compose._TimelineSpan("ready", 1796559270800,
                                                                      START + 9000)
 
 
@@ -202,8 +202,8 @@ def test_sparklines_carry_min_max_last_in_80_columns(tmp_path):
 
 
 def test_chart_svg_of_one_point_draws_a_dot_and_of_no_point_nothing():
-    chart = hpc_compose.Chart("CPU", "cores", (hpc_compose.ChartSeries("a", ((1000, 3.0),)),
-                                               hpc_compose.ChartSeries("b", ())))
+    chart = hpc_compose._Chart("CPU", "cores", (hpc_compose._ChartSeries("a", ((1000, 3.0),)),
+                                               hpc_compose._ChartSeries("b", ())))
     svg = hpc_compose._format_chart_svg(chart, 0, 5000)
     assert svg.count("<circle") == 1 and "<polyline" not in svg
 

@@ -13304,9 +13304,16 @@ def _load_charts(job_dir, step_services=None):
     a step is named for its service where ``step_services`` knows it."""
     step_services = step_services or {}
     directory = os.path.join(job_dir, "metrics")
+    moments = {}   # every row of one sample has the same time: parse each once
+
+    def moment(text):
+        if text not in moments:
+            moments[text] = _iso_to_ms(text)
+        return moments[text]
+
     steps = {}
     for row in _load_jsonl_tail(os.path.join(directory, "slurm.jsonl"), limit=16 << 20):
-        at = _iso_to_ms(row.get("sampled_at"))
+        at = moment(row.get("sampled_at"))
         if at is not None and row.get("step_id"):
             steps.setdefault(str(row["step_id"]), []).append((at, row))
     cpu, rss = [], []
@@ -13325,12 +13332,12 @@ def _load_charts(job_dir, step_services=None):
         label = "%s (%s)" % (step_services[step_id], step_id.rpartition(".")[2]) \
             if step_id in step_services else "step " + step_id
         cpu.append(_ChartSeries(label, tuple(used)))
-        rss.append(_ChartSeries(label, tuple(
-            (at, _size_bytes(row.get("ave_rss")) / 1048576.0) for at, row in rows
-            if _size_bytes(row.get("ave_rss")) is not None)))
+        sizes = [(at, _size_bytes(row.get("ave_rss"))) for at, row in rows]
+        rss.append(_ChartSeries(label, tuple((at, size / 1048576.0) for at, size in sizes
+                                             if size is not None)))
     gpus = {}
     for row in _load_jsonl_tail(os.path.join(directory, "gpu.jsonl"), limit=16 << 20):
-        at = _iso_to_ms(row.get("sampled_at"))
+        at = moment(row.get("sampled_at"))
         if at is not None:
             gpus.setdefault(str(row.get("index")), []).append((at, row))
     utilisation, memory = [], []
@@ -13440,6 +13447,10 @@ def _format_timeline_svg(timeline):
             left = _scale(span.start_ms, (start, end), (x0, x1))
             right = max(left + 2, _scale(span.end_ms, (start, end), (x0, x1)))
             fill = "url(#hatch)" if span.phase == "waiting" else _PHASE_COLOURS[span.phase]
+            if right - left < 4:   # too thin to point at: no tooltip (a restart loop has many)
+                parts.append('<rect x="%.1f" y="%d" width="%.1f" height="%d" fill="%s"/>' % (
+                    left, y + 5, right - left, _GANTT_ROW_HEIGHT - 10, fill))
+                continue
             parts.append('<rect x="%.1f" y="%d" width="%.1f" height="%d" fill="%s">'
                          '<title>%s %s to %s</title></rect>' % (
                              left, y + 5, right - left, _GANTT_ROW_HEIGHT - 10, fill,
@@ -13479,6 +13490,19 @@ def _format_timeline_svg(timeline):
     return "\n".join(parts)
 
 
+def _thin_points(points, limit):
+    """At most ``limit`` points: consecutive runs merged into their last time and highest value
+    (a peak stays visible), so a day of samples does not make a page of megabytes."""
+    if len(points) <= limit:
+        return list(points)
+    thinned = []
+    for index in range(limit):
+        chunk = points[index * len(points) // limit:(index + 1) * len(points) // limit]
+        if chunk:
+            thinned.append((chunk[-1][0], max(value for _, value in chunk)))
+    return thinned
+
+
 def _format_chart_svg(chart, start_ms, end_ms):
     """One resource chart: axes with ticks and units, a line per series, a legend."""
     left, top, right, bottom = 60, 28, _CHART_WIDTH - 14, _CHART_HEIGHT - 80
@@ -13508,9 +13532,10 @@ def _format_chart_svg(chart, start_ms, end_ms):
                  % (right, bottom + 31))
     for index, series in enumerate(chart.series):
         colour, dash = _SERIES_STYLES[index % len(_SERIES_STYLES)]
+        finite = [(at, value) for at, value in series.points if _finite(value) is not None]
         coordinates = ["%.1f,%.1f" % (_scale(at, (start, end), (left, right)),
                                       _scale(value, (low, high), (bottom, top)))
-                       for at, value in series.points if _finite(value) is not None]
+                       for at, value in _thin_points(finite, (right - left) // 2)]
         if len(coordinates) == 1:
             x, y = coordinates[0].split(",")
             parts.append('<circle cx="%s" cy="%s" r="3" fill="%s"/>' % (x, y, colour))

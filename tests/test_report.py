@@ -354,3 +354,19 @@ def test_watch_redraws_until_the_job_has_ended(hc, cli, tmp_path):
     assert result.code == 0 and result.out.count("timeline of the job") == 1
     result = cli(["stats", "--watch", "0", "-f", str(tmp_path / "compose.yaml")] + NO_TOOLS)
     assert result.code == 2
+
+
+def test_thinned_chart_points_keep_each_runs_peak():
+    points = [(t, 1.0) for t in range(1000)]
+    points[500] = (500, 99.0)
+    thinned = hpc_compose._thin_points(points, 100)
+    assert len(thinned) == 100 and max(v for _, v in thinned) == 99.0
+    assert hpc_compose._thin_points(points[:3], 100) == points[:3]
+
+
+def test_signals_the_job_received_are_job_events_on_the_timeline():
+    signalled = state()
+    signalled["signals"] = [{"signal": "USR1", "received_at": "2026-12-06T12:14:33+00:00",
+                             "action": "forward"}]
+    timeline = hpc_compose._build_timeline(records(), signalled, 0)
+    assert [e.text for e in timeline.events] == ["job start", "SIGUSR1 (forward)", "job failed"]

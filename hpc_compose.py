@@ -17734,7 +17734,11 @@ def _cmd_report(args):
         sys.stdout.write(page)
         return _EXIT_OK
     path = args.output or "report-%s.html" % record["job_id"]
-    _write_file_atomic(path, page)
+    try:
+        _write_file_atomic(path, page)
+    except OSError as exc:
+        raise HpcComposeError("cannot write the report to %s: %s" % (path, exc.strerror or exc),
+                              hint="pick a writable place with -o FILE (or -o - for stdout)")
     sys.stdout.write("wrote %s\n" % path)
     return _EXIT_OK
 

@@ -370,3 +370,12 @@ def test_signals_the_job_received_are_job_events_on_the_timeline():
                              "action": "forward"}]
     timeline = hpc_compose._build_timeline(records(), signalled, 0)
     assert [e.text for e in timeline.events] == ["job start", "SIGUSR1 (forward)", "job failed"]
+
+
+def test_a_report_that_cannot_be_written_is_one_error_with_a_hint(hc, cli, tmp_path):
+    tracked_job(hc, tmp_path, samples=False)
+    (tmp_path / "file").write_text("")
+    result = cli(["report", "-f", str(tmp_path / "compose.yaml"), "-o",
+                  str(tmp_path / "file" / "r.html")] + NO_TOOLS)
+    assert result.code == 1 and "cannot write the report" in result.err
+    assert "Traceback" not in result.err and "-o FILE" in result.err

@@ -3,6 +3,7 @@
 #
 #   bash tests/cluster/container-tools.sh install   # build + install both (skips what is installed)
 #   bash tests/cluster/container-tools.sh image     # the test image (skipped when cached)
+#   bash tests/cluster/container-tools.sh image-mpi # its variant with Open MPI and mpi4py (test-image-mpi.sqsh)
 #   bash tests/cluster/container-tools.sh status    # installed versions; exit 0 only if both are there
 #
 # Sources (a local archive path, or a release URL for machines with network):
@@ -41,6 +42,9 @@ LOG=/tmp/container-tools-build.log
 TEST_CACHE="${HPC_COMPOSE_TEST_CACHE:-/opt/hpc-compose-tests}"
 TEST_IMAGE="$TEST_CACHE/test-image.sqsh"
 TEST_IMAGE_PACKAGES=python3,curl,netcat-openbsd,procps,ca-certificates
+# The MPI variant (tests/test_multinode_e2e.py, host cluster only): Debian's Open MPI and mpi4py.
+TEST_MPI_IMAGE="$TEST_CACHE/test-image-mpi.sqsh"
+TEST_MPI_IMAGE_PACKAGES="$TEST_IMAGE_PACKAGES,openmpi-bin,python3-mpi4py"
 
 BUILD_PACKAGES=(build-essential libtool automake autoconf squashfs-tools parallel zstd jq curl
     fuse-overlayfs squashfuse makeself pigz libcap2-bin bsdmainutils libslurm-dev ca-certificates)
@@ -195,16 +199,15 @@ debian_mirror() {  # the machine's own Debian mirror (apt sources), else deb.deb
     printf '%s\n' "${uri:-http://deb.debian.org/debian}"
 }
 
-cmd_image() {
-    need_root
-    local suite mirror recipe rootfs start
+build_image() {  # build_image IMAGE PACKAGES: a Debian minbase with PACKAGES, cached by its recipe
+    local image=$1 packages=$2 suite mirror recipe rootfs start
     # shellcheck disable=SC1091
     suite="${TEST_IMAGE_SUITE:-$(. /etc/os-release && printf '%s' "${VERSION_CODENAME:-}")}"
     [ -n "$suite" ] || die "cannot tell this machine's Debian release: set TEST_IMAGE_SUITE (e.g. bookworm)"
     mirror="$(debian_mirror)"
-    recipe="debootstrap --variant=minbase --include=$TEST_IMAGE_PACKAGES $suite $mirror | mksquashfs -all-root -comp lzo -noD"
-    if [ -f "$TEST_IMAGE" ] && [ "$(cat "$TEST_IMAGE.recipe" 2>/dev/null)" = "$recipe" ]; then
-        say "test image $TEST_IMAGE is cached"
+    recipe="debootstrap --variant=minbase --include=$packages $suite $mirror | mksquashfs -all-root -comp lzo -noD"
+    if [ -f "$image" ] && [ "$(cat "$image.recipe" 2>/dev/null)" = "$recipe" ]; then
+        say "test image $image is cached"
         return 0
     fi
     command -v debootstrap >/dev/null 2>&1 || install_packages debootstrap
@@ -213,19 +216,47 @@ cmd_image() {
     mkdir -p "$TEST_CACHE"
     rootfs="$(mktemp -d "$TEST_CACHE/rootfs.XXXXXX")"
     start=$(date +%s)
-    say "building the test image ($suite from $mirror)"
+    say "building the test image $image ($suite from $mirror)"
     : >>"$LOG"
-    debootstrap --variant=minbase --include="$TEST_IMAGE_PACKAGES" "$suite" "$rootfs" "$mirror" >>"$LOG" 2>&1 \
+    debootstrap --variant=minbase --include="$packages" "$suite" "$rootfs" "$mirror" >>"$LOG" 2>&1 \
         || { rm -rf "$rootfs"; die "debootstrap $suite from $mirror failed (log: $LOG)"; }
     rm -rf "${rootfs:?}"/var/cache/apt/* "${rootfs:?}"/var/lib/apt/lists/* "${rootfs:?}"/dev/*
-    rm -f "$TEST_IMAGE.tmp"
-    mksquashfs "$rootfs" "$TEST_IMAGE.tmp" -all-root -comp lzo -noD -quiet >>"$LOG" 2>&1 \
-        || { rm -rf "$rootfs" "$TEST_IMAGE.tmp"; die "mksquashfs failed (squashfs-tools installed? log: $LOG)"; }
+    rm -f "$image.tmp"
+    mksquashfs "$rootfs" "$image.tmp" -all-root -comp lzo -noD -quiet >>"$LOG" 2>&1 \
+        || { rm -rf "$rootfs" "$image.tmp"; die "mksquashfs failed (squashfs-tools installed? log: $LOG)"; }
     rm -rf "$rootfs"
-    chmod 0644 "$TEST_IMAGE.tmp"
-    mv -f "$TEST_IMAGE.tmp" "$TEST_IMAGE"
-    printf '%s\n' "$recipe" >"$TEST_IMAGE.recipe"
-    say "test image $TEST_IMAGE built in $(( $(date +%s) - start )) s ($(du -m "$TEST_IMAGE" | cut -f1) MiB)"
+    chmod 0644 "$image.tmp"
+    mv -f "$image.tmp" "$image"
+    printf '%s\n' "$recipe" >"$image.recipe"
+    say "test image $image built in $(( $(date +%s) - start )) s ($(du -m "$image" | cut -f1) MiB)"
+}
+
+cmd_image() {
+    need_root
+    build_image "$TEST_IMAGE" "$TEST_IMAGE_PACKAGES"
+}
+
+cmd_image_mpi() {  # the variant with Open MPI (PMIx-capable, as Debian builds it) and mpi4py
+    need_root
+    build_image "$TEST_MPI_IMAGE" "$TEST_MPI_IMAGE_PACKAGES"
+}
+
+install_pmi_hook() {
+    # Enroot's PMIx hook, enabled as sites enable it (copied into hooks.d): it passes the step's
+    # PMIX_* variables into the container and binds the pmix plugin's folders (under TmpFS and
+    # SlurmdSpoolDir). It reads SlurmdSpoolDir from `scontrol show config`, where a cluster of
+    # several slurmds on one machine has a literal %n (the node name): the copy expands it.
+    local src=/usr/share/enroot/hooks.d/50-slurm-pmi.sh dst=/etc/enroot/hooks.d/50-slurm-pmi.sh tmp
+    [ -f "$src" ] || die "$src is missing (enroot installed without its extra hooks?)"
+    mkdir -p "$(dirname "$dst")"
+    tmp="$(mktemp "$dst.XXXXXX")"
+    # shellcheck disable=SC2016  # the added line is the hook's own bash
+    sed '/read -r slurm_spool; read -r slurm_tmpfs; }/a\
+    slurm_spool="${slurm_spool//%n/$(hostname)}"  # added by hpc-compose tests/cluster/container-tools.sh' \
+        "$src" >"$tmp"
+    grep -q 'slurm_spool//%n' "$tmp" || { rm -f "$tmp"; die "$src: its SlurmdSpoolDir line changed; update install_pmi_hook"; }
+    chmod 0755 "$tmp"
+    mv -f "$tmp" "$dst"
 }
 
 cmd_install() {
@@ -235,6 +266,7 @@ cmd_install() {
     build_enroot
     build_pyxis
     register_pyxis
+    install_pmi_hook
     say "done: enroot $(installed_enroot_version), pyxis $(installed_pyxis_version), plugstack in $SLURM_CONF_DIR"
 }
 
@@ -258,6 +290,7 @@ cmd_status() {
 case "$ACTION" in
     install) cmd_install ;;
     image) cmd_image ;;
+    image-mpi) cmd_image_mpi ;;
     status) cmd_status ;;
-    *) die "usage: $0 install|image|status" ;;
+    *) die "usage: $0 install|image|image-mpi|status" ;;
 esac

@@ -71,6 +71,7 @@ set -- "$ACTION" ${REST[@]+"${REST[@]}"}
 shift || true
 CONTAINERS=0
 PLUGSTACK_NEW=0
+PACKAGES_NEW=0
 NODES=1
 ARGS=("$@")
 while [ "$#" -gt 0 ]; do
@@ -102,6 +103,12 @@ CONTROLLER_ADDR="$SUBNET_PREFIX.1"
 NODE_STATE=/var/lib/slurm/nodes          # per-node hosts file and Enroot directories
 ENROOT_CONF=/etc/enroot/enroot.conf       # its .d drop-ins are per node (the Enroot paths)
 NODES_FILE=/run/slurm/cluster-nodes       # the node names `up` created (for status and down)
+# TmpFS: where Slurm's pmix plugin makes each step's spmix_appdir_<uid>_<job>.<step>, and what
+# Enroot's 50-slurm-pmi.sh hook binds into a container. The namespaced nodes share /tmp, so on the
+# second node that folder already exists and the step aborts ("Cannot create directory ... File
+# exists"); each node binds a folder of its own over this path instead (/tmp itself stays shared:
+# tests hand files to jobs through it).
+NODE_TMPFS=/var/tmp/hpc-compose-tmpfs
 
 # shellcheck source-path=SCRIPTDIR source=slurm-conf.sh
 . "$(dirname "$0")/slurm-conf.sh"  # node_resources, write_if_changed, the shared slurm.conf lines
@@ -163,18 +170,25 @@ show_log_tail() {
 
 install_packages() {
     # iproute2 (ip) makes the nodes' namespaces and bridge of `--nodes N`; a minimal Debian lacks it.
-    local pkgs=(slurmctld slurmd slurm-client slurmdbd munge mariadb-server shellcheck curl iproute2)
+    # Open MPI (built with PMIx and Slurm support, not Slurm's PMI-2: `srun --mpi=pmix`), PMIx and
+    # Lmod are for the MPI and modules tests. Slurm's mpi/pmix plugin loads libpmix when slurmd
+    # starts: a slurmd older than libpmix fails every --mpi=pmix step ("can not load PMIx library"),
+    # so a new libpmix restarts the daemons (PACKAGES_NEW).
+    local pkgs=(slurmctld slurmd slurm-client slurmdbd munge mariadb-server shellcheck curl iproute2
+                openmpi-bin libopenmpi-dev libpmix-dev lmod)
     local missing=() p
     for p in "${pkgs[@]}"; do
         dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
     done
     [ "${#missing[@]}" -eq 0 ] && return 0
+    case " ${missing[*]} " in *" libpmix-dev "*) PACKAGES_NEW=1 ;; esac
     say "installing: ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
     # The package lists may be absent on a fresh machine: update once if the first try fails.
-    if ! apt-get install -y -q --no-install-recommends "${missing[@]}" >/tmp/slurm-cluster-apt.log 2>&1; then
+    # Lock::Timeout: on a shared machine someone else's apt-get may hold the lock for a while.
+    if ! apt-get install -y -q -o DPkg::Lock::Timeout=600 --no-install-recommends "${missing[@]}" >/tmp/slurm-cluster-apt.log 2>&1; then
         apt-get update -q >>/tmp/slurm-cluster-apt.log 2>&1 || true
-        apt-get install -y -q --no-install-recommends "${missing[@]}" >>/tmp/slurm-cluster-apt.log 2>&1 \
+        apt-get install -y -q -o DPkg::Lock::Timeout=600 --no-install-recommends "${missing[@]}" >>/tmp/slurm-cluster-apt.log 2>&1 \
             || { tail -n 30 /tmp/slurm-cluster-apt.log >&2; die "apt-get install failed (log: /tmp/slurm-cluster-apt.log)"; }
     fi
 }
@@ -213,7 +227,8 @@ cluster_shape() {  # the node-dependent parts of slurm.conf, for one host or --n
 write_configs() {  # sets CONFIG_CHANGED=1 when slurm.conf or slurmdbd.conf changed
     CONFIG_CHANGED=0
     node_resources
-    mkdir -p "$ETC" "$LOGDIR" "$STATEDIR/slurmctld" "$STATEDIR/slurmd" /run/slurm
+    mkdir -p "$ETC" "$LOGDIR" "$STATEDIR/slurmctld" "$STATEDIR/slurmd" /run/slurm "$NODE_TMPFS"
+    chmod 1777 "$NODE_TMPFS"
     chown slurm:slurm "$LOGDIR" "$STATEDIR" "$STATEDIR/slurmctld" "$STATEDIR/slurmd" /run/slurm
 
     cluster_shape
@@ -229,6 +244,7 @@ SlurmctldLogFile=$LOGDIR/slurmctld.log
 SlurmdLogFile=$LOGDIR/$SLURMD_NAME.log
 SwitchType=switch/none
 SlurmdTimeout=$SLURMD_TIMEOUT
+TmpFS=$NODE_TMPFS
 $(slurm_conf_shared)
 $NODE_LINES
 PartitionName=debug Nodes=$PARTITION_NODES Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
@@ -417,7 +433,8 @@ start_node() {  # start_node NAME INDEX: namespaces, veth, then slurmd -N NAME i
     # (Pyxis passes no ENROOT_*_PATH from the environment to enroot), not bound over root's default
     # paths: `enroot list -f`, through which Pyxis finds the container that --container-name=NAME:exec
     # joins, matches a container's mount root against the data path, and a bind mount hides it.
-    mkdir -p "$dir/enroot-data" "$dir/enroot-run" "$dir/enroot.conf.d" "$STATEDIR/slurmd-$name"
+    mkdir -p "$dir/enroot-data" "$dir/enroot-run" "$dir/enroot.conf.d" "$STATEDIR/slurmd-$name" "$dir/tmpfs"
+    chmod 1777 "$dir/tmpfs"
     rm -f "$dir/enroot.conf.d/"*.conf
     if [ -d "$ENROOT_CONF.d" ]; then
         find "$ENROOT_CONF.d" -maxdepth 1 -name '*.conf' -exec cp -p {} "$dir/enroot.conf.d/" \;
@@ -433,7 +450,8 @@ start_node() {  # start_node NAME INDEX: namespaces, veth, then slurmd -N NAME i
             mount --bind "$2/hosts" /etc/hosts &&
             mkdir -p "$3.d" &&
             mount --bind "$2/$1/enroot.conf.d" "$3.d" &&
-            exec /usr/sbin/slurmd -N "$1"' node "$name" "$NODE_STATE" "$ENROOT_CONF" \
+            mount --bind "$2/$1/tmpfs" "$4" &&
+            exec /usr/sbin/slurmd -N "$1"' node "$name" "$NODE_STATE" "$ENROOT_CONF" "$NODE_TMPFS" \
         || { show_log_tail "$LOGDIR/slurmd-$name.log"; return 1; }
 }
 
@@ -518,6 +536,7 @@ install_containers() {
     # Real Enroot + Pyxis (registered in plugstack.conf before the daemons start) and the test image.
     bash "$(dirname "$0")/container-tools.sh" install || die "building the container tools failed (see above)"
     bash "$(dirname "$0")/container-tools.sh" image || die "building the test image failed (see above)"
+    bash "$(dirname "$0")/container-tools.sh" image-mpi || die "building the Open MPI test image failed (see above)"
     # Daemons started before Pyxis was registered are restarted (PLUGSTACK_NEW) so that they load it.
     local conf="$ETC/plugstack.conf.d/pyxis.conf" pidfile pid started
     for pidfile in /run/slurm/slurmctld.pid /run/slurm/slurmd.pid /run/slurm/slurmd-*.pid; do
@@ -537,7 +556,7 @@ cmd_up() {
     write_configs
     start_munge
     start_mariadb
-    if [ "$CONFIG_CHANGED" -eq 1 ] || [ "$PLUGSTACK_NEW" -eq 1 ]; then
+    if [ "$CONFIG_CHANGED" -eq 1 ] || [ "$PLUGSTACK_NEW" -eq 1 ] || [ "$PACKAGES_NEW" -eq 1 ]; then
         # A changed config needs fresh daemons; an unchanged one keeps running jobs alive.
         stop_all_slurmds
         stop_pidfile slurmctld /run/slurm/slurmctld.pid

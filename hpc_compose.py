@@ -2248,6 +2248,12 @@ class PrepareSpec(NamedTuple):
     root: bool = True
 
 
+class ModuleSpec(NamedTuple):
+    """One environment module of x-slurm.modules, with where it was written (for preflight)."""
+    name: str                      # as `module load` takes it, e.g. gcc/12.2
+    location: str = ""             # "compose.yaml:12", the line that names it
+
+
 class ServiceSlurmSpec(NamedTuple):
     nodes: Optional[int] = None
     ntasks: Optional[int] = None
@@ -2261,6 +2267,8 @@ class ServiceSlurmSpec(NamedTuple):
     signal: Optional["ServiceSignalSpec"] = None  # None: forward the job's signal as it is
     mem: Optional[str] = None      # srun --mem of the service's step
     time: Optional[str] = None     # srun --time of the service's step
+    mpi: Optional[str] = None      # srun --mpi=TYPE (pmix, pmi2, ...)
+    modules: Tuple[ModuleSpec, ...] = ()  # loaded after the job-level x-slurm.modules
 
 
 class ServiceSpec(NamedTuple):
@@ -2359,6 +2367,8 @@ class SlurmSpec(NamedTuple):
     mail_user: Optional[str] = None
     cpus_per_gpu: Optional[int] = None
     exclusive: Union[bool, str, None] = None  # True: --exclusive; "user"/"mcs": --exclusive=MODE
+    modules: Tuple[ModuleSpec, ...] = ()  # environment modules every service loads
+    modules_path: Tuple[str, ...] = ()  # `module use` folders, unresolved (planner resolves)
 
 
 class ComposeSpec(NamedTuple):
@@ -2511,6 +2521,13 @@ def _memory_megabytes(text):
     return number * {"": 1, "M": 1, "G": 1024, "T": 1024 * 1024}[unit]
 
 
+# x-slurm.mpi: srun's --mpi plugin names (pmix, pmix_v4, pmi2, cray_shasta, none); which ones a
+# cluster has, preflight asks `srun --mpi=list`. x-slurm.modules: what `module load` takes (gcc,
+# gcc/12.2, openmpi/4.1.4-cuda): no blanks, no leading '-' (an option to `module`).
+_MPI_TYPE_PATTERN = "^[a-z][a-z0-9_]*$"
+_MODULE_NAME_PATTERN = "^[^-\\s][^\\s]*$"
+
+
 # --- the file format: one table for the validator's key lists and for `hpc-compose schema` --------
 
 class _Field(NamedTuple):
@@ -2617,6 +2634,10 @@ _SLURM_FIELDS = _SLURM_STRING_FIELDS + _SLURM_COUNT_FIELDS + (
     _Field("array", "text", "#SBATCH --array, e.g. \"0-15%4\": one task per index"),
     _Field("exclusive", "exclusive", "#SBATCH --exclusive: true, or user or mcs "
                                      "(--exclusive=user)"),
+    _Field("modules", "modules", "environment modules every service's step loads (module load), "
+                                 "e.g. gcc/12.2"),
+    _Field("modules_path", "texts", "folders of modulefiles to add first (module use); relative "
+                                    "to the compose file"),
 )
 _FAILURE_POLICY_FIELDS = (
     _Field("mode", "choice", "what a non-zero exit does", choices=_FAILURE_MODES,
@@ -2641,6 +2662,10 @@ _SERVICE_SLURM_FIELDS = (
     _Field("runtime", "choice", _RUNTIMES_FIELD_TEXT + " for this service", choices=_RUNTIMES),
     _Field("signal", "service_signal", "what the service receives when the job is signalled: "
                                        "{name, forward}, or false", fields=_SERVICE_SIGNAL_FIELDS),
+    _Field("mpi", "mpi", "srun --mpi=TYPE: the MPI wire-up (pmix, pmi2, ... as srun --mpi=list "
+                         "shows), a string or {type: TYPE}"),
+    _Field("modules", "modules", "environment modules this service's step loads too, after "
+                                 "x-slurm.modules"),
 )
 _READINESS_SCHEMA_FIELDS = (
     _Field("type", "choice", "how readiness is checked", choices=("sleep", "tcp", "log", "http")),
@@ -2825,6 +2850,14 @@ def _field_schema(field):
         signal = _mapping_schema(field.fields, False)
         signal["type"] = ["object", "null"]
         schema = {"anyOf": [{"const": False}, signal]}
+    elif kind == "mpi":
+        mpi_type = {"type": "string", "pattern": _MPI_TYPE_PATTERN}
+        schema = {"anyOf": [mpi_type, {"type": "object", "required": ["type"],
+                                       "additionalProperties": False,
+                                       "properties": {"type": mpi_type}}]}
+    elif kind == "modules":
+        schema = {"type": ["array", "null"],
+                  "items": {"type": "string", "pattern": _MODULE_NAME_PATTERN}}
     elif kind == "mode":
         schema = {"anyOf": [{"type": "integer", "minimum": 0},
                             {"type": "string", "pattern": "^\\s*(0[oO])?[0-7]{1,4}\\s*$"}]}
@@ -3208,6 +3241,25 @@ def _check_array(text):
                            % (text, item), hint="Slurm's syntax, e.g. 0-15%4 or 1,3,5")
         if match.group(2) is not None and int(match.group(2)) < int(match.group(1)):
             raise _Invalid("array %r: the range %s runs backwards" % (text, item))
+    return text
+
+
+def _check_mpi_type(text):
+    """An srun --mpi plugin name (pmix, pmi2, ...), checked in form; preflight checks the cluster."""
+    import re
+    if not re.match(_MPI_TYPE_PATTERN, text):
+        raise _Invalid("%s is not an MPI plugin name" % _excerpt(text),
+                       hint="write one of the names `srun --mpi=list` prints, e.g. pmix or pmi2")
+    return text
+
+
+def _check_module_name(text):
+    """An environment module name (gcc, gcc/12.2), as `module load` takes it."""
+    import re
+    if not re.match(_MODULE_NAME_PATTERN, text):
+        raise _Invalid("%s is not a module name" % _excerpt(text),
+                       hint="one module per list item, as `module load` takes it, e.g. gcc/12.2 "
+                            "(no blanks, no leading '-')")
     return text
 
 
@@ -4295,6 +4347,10 @@ class _SpecLoader(object):
                                                 raw["dependency"])
         if raw.get("array") is not None:
             values["array"] = self.attempt(self.job_array, path + ("array",), raw["array"])
+        values["modules"] = self.attempt(self.modules, path + ("modules",), raw.get("modules"),
+                                         default=())
+        values["modules_path"] = self.attempt(self.string_list, path + ("modules_path",),
+                                              raw.get("modules_path"), default=())
         # A resume or requeue that could not be read was reported; signal did not repeat it.
         for key in ("resume", "requeue"):
             if values.get(key) is _UNREAD:
@@ -4780,8 +4836,34 @@ class _SpecLoader(object):
                                              _RUNTIMES, default=_UNREAD)
         if raw.get("signal") is not None:
             values["signal"] = self.attempt(self.service_signal, path + ("signal",), raw["signal"])
+        if raw.get("mpi") is not None:
+            values["mpi"] = self.attempt(self.mpi, path + ("mpi",), raw["mpi"])
+        values["modules"] = self.attempt(self.modules, path + ("modules",), raw.get("modules"),
+                                         default=())
         self.check_gpus(path, values)
         return ServiceSlurmSpec(**values)
+
+    def mpi(self, path, raw):
+        """x-slurm.mpi: ``pmix`` or ``{type: pmix}`` -> the plugin name."""
+        if isinstance(raw, dict):
+            self.check_keys(path, raw, ("type",), "x-slurm.mpi")
+            if raw.get("type") is None:
+                raise self.error(path, "x-slurm.mpi needs type", hint="e.g. mpi: {type: pmix}")
+            path = path + ("type",)
+            raw = raw["type"]
+        return self.apply_rule(path, _check_mpi_type, self.string(path, raw))
+
+    def modules(self, path, raw):
+        """x-slurm.modules: module names, each with the file and line that names it."""
+        found = []
+        for index, name in enumerate(self.string_list(path, raw)):
+            self.apply_rule(path + (index,), _check_module_name, name)
+            mark = self.mark(path + (index,))
+            location = self.file_of(mark) if mark is not None else self.file
+            if mark is not None:
+                location += ":%d" % mark.line
+            found.append(ModuleSpec(name, location))
+        return tuple(found)
 
     def refuse_keys_unless(self, path, raw, keys, needed):
         """One located error for the first of ``keys`` set in ``raw``: they need ``needed``."""
@@ -5361,6 +5443,10 @@ def _slurm_to_dict(slurm, escape=None):
         data["setup"] = list(slurm.setup)
     if slurm.submit_args:
         data["submit_args"] = [escape(a) for a in slurm.submit_args]
+    if slurm.modules:
+        data["modules"] = [escape(m.name) for m in slurm.modules]
+    if slurm.modules_path:
+        data["modules_path"] = [escape(p) for p in slurm.modules_path]
     data["runtime"] = slurm.runtime
     if slurm.share_with_group:
         data["share_with_group"] = True
@@ -5442,6 +5528,10 @@ def spec_to_dict(spec, escape_dollars=False):
         if service.slurm.signal is not None:
             slurm["signal"] = dict((key, value) for key, value
                                    in service.slurm.signal._asdict().items() if value is not None)
+        if service.slurm.mpi is not None:
+            slurm["mpi"] = service.slurm.mpi
+        if service.slurm.modules:
+            slurm["modules"] = [escape(m.name) for m in service.slurm.modules]
         if slurm:
             data["x-slurm"] = slurm
         if service.prepare is not None:
@@ -5528,6 +5618,9 @@ class ServicePlan(NamedTuple):
     secrets: Tuple[ServiceSecret, ...] = ()  # files under /run/secrets
     mem: Optional[str] = None      # srun --mem
     time: Optional[str] = None     # srun --time
+    mpi: Optional[str] = None      # srun --mpi=TYPE
+    modules: Tuple[ModuleSpec, ...] = ()  # x-slurm.modules, then the service's own
+    module_paths: Tuple[str, ...] = ()  # absolute `module use` folders (only with modules)
 
 
 class Plan(NamedTuple):
@@ -5679,6 +5772,8 @@ def build_plan(spec, environ=None) -> Plan:
     environ = os.environ if environ is None else environ
     alloc_nodes = spec.slurm.nodes or 1
     cache_dir = _resolve_cache_dir(spec, environ)
+    module_paths = tuple(resolve_host_path(path, spec.project_dir, environ)
+                         for path in spec.slurm.modules_path)
     ordered = _launch_order(spec)
     dependents = dict((s.name, []) for s in ordered)
     for service in ordered:
@@ -5706,6 +5801,7 @@ def build_plan(spec, environ=None) -> Plan:
         working_dir = service.working_dir
         if working_dir is not None and service.runtime == "host":
             working_dir = resolve_host_path(working_dir, spec.project_dir, environ)
+        modules = spec.slurm.modules + service.slurm.modules
         policy = service.slurm.failure_policy
         if policy.mode == "restart_on_failure":
             policy = policy._replace(
@@ -5723,7 +5819,8 @@ def build_plan(spec, environ=None) -> Plan:
             cpus_per_task=service.slurm.cpus_per_task, gpus=service.slurm.gpus,
             gres=service.slurm.gres, extra_srun_args=service.slurm.extra_srun_args,
             prepare=prepare, secrets=service.secrets, mem=service.slurm.mem,
-            time=service.slurm.time))
+            time=service.slurm.time, mpi=service.slurm.mpi, modules=modules,
+            module_paths=module_paths if modules else ()))
     job_name = spec.slurm.job_name or spec.name or "hpc-compose"
     secrets = tuple(secret._replace(reference=resolve_host_path(secret.reference,
                                                                 spec.project_dir, environ))
@@ -5775,9 +5872,12 @@ def plan_to_dict(plan):
             "prepare": prepare,
             "secrets": _service_secrets_to_list(service.secrets),
         })
-        for key in ("mem", "time"):
+        for key in ("mem", "time", "mpi"):
             if getattr(service, key) is not None:
                 services[-1][key] = getattr(service, key)
+        if service.modules:
+            services[-1]["modules"] = [module.name for module in service.modules]
+            services[-1]["module_paths"] = list(service.module_paths)
     return {
         "compose_file": plan.compose_file,
         "project_dir": plan.project_dir,
@@ -6845,6 +6945,38 @@ class PreflightReport(NamedTuple):
 
 
 _UNRELIABLE_RESUME_ROOTS = ("/tmp", "/var/tmp")
+
+# module_command: true once `module` (Lmod's or Environment Modules' shell function) is defined,
+# sourcing the site's init script when this shell lacks it (a batch shell is no login shell), looked
+# for where sites put it. Preflight runs it on the login node; the batch script on the node.
+_MODULE_INIT_SHELL = """\
+    module_command() {
+        local init
+        declare -F module >/dev/null && return 0
+        for init in "${LMOD_PKG:+$LMOD_PKG/init/bash}" "${MODULESHOME:+$MODULESHOME/init/bash}" \\
+                /etc/profile.d/lmod.sh /etc/profile.d/z00_lmod.sh /etc/profile.d/modules.sh \\
+                /usr/share/lmod/lmod/init/bash /usr/share/Modules/init/bash \\
+                /usr/share/modules/init/bash; do
+            [[ -n $init && -f $init ]] || continue
+            set +u
+            # shellcheck disable=SC1090  # the site's init script
+            . "$init"
+            set -u
+            declare -F module >/dev/null && return 0
+        done
+        return 1
+    }"""
+
+# Preflight's question (bash -c, arguments FOLDER... -- MODULE...): one "missing NAME" line per
+# module that `module is-avail` does not find after `module use` of the folders.
+_MODULE_CHECK_SHELL = _MODULE_INIT_SHELL + """
+module_command || { echo no-module-command; exit 0; }
+while [[ $# -gt 0 && $1 != -- ]]; do module use "$1"; shift; done
+shift
+for name in "$@"; do
+    module is-avail "$name" >/dev/null 2>&1 || echo "missing $name"
+done
+"""
 _SYMLINK_SCAN_LIMIT = 5000         # entries per mounted directory: big model trees are not walked whole
 
 
@@ -6887,6 +7019,9 @@ def run_preflight(runtime_plan, options=PreflightOptions()) -> PreflightReport:
     if uses_containers and not options.skip_prepare:
         findings.extend(_preflight_credentials(runtime_plan))
     findings.extend(_preflight_curl(plan))
+    if srun_path and any(service.mpi for service in plan.services):
+        findings.extend(_preflight_mpi(plan, srun_path))
+    findings.extend(_preflight_modules(plan))
     findings.extend(_preflight_batch_log_folders(plan))
     findings.extend(_preflight_secret_files(plan))
     if options.skip_prepare:
@@ -7341,6 +7476,85 @@ def _preflight_curl(plan):
                     "HTTP readiness (%s) polls with curl, which is not on this node's PATH"
                     % ", ".join(users),
                     "make sure curl exists on the compute nodes, or use tcp or log readiness")]
+
+
+def _mpi_types(text):
+    """The plugin names in ``srun --mpi=list`` output (tab-indented lines, then "specific pmix
+    plugin versions available: pmix_v4,...")."""
+    names = set()
+    for line in text.splitlines():
+        if line[:1].isspace() and line.strip():
+            names.add(line.strip())
+        elif "versions available:" in line:
+            names.update(word.strip() for word in line.split(":", 1)[1].split(",") if word.strip())
+    return names
+
+
+def _preflight_mpi(plan, srun_path):
+    """Each x-slurm.mpi type against the cluster's ``srun --mpi=list``."""
+    try:
+        result = _run_command([srun_path, "--mpi=list"], timeout=30)
+    except ToolError as exc:
+        return [Finding("warn", "mpi", "could not run '%s --mpi=list': %s"
+                        % (srun_path, exc.message), "check that srun works on this node")]
+    available = _mpi_types((result.stdout or "") + "\n" + (result.stderr or ""))
+    if not available:
+        return [Finding("warn", "mpi", "'%s --mpi=list' named no MPI plugin" % srun_path,
+                        "run srun --mpi=list on this node and check x-slurm.mpi by hand")]
+    findings = []
+    for service in plan.services:
+        if service.mpi is None:
+            continue
+        if service.mpi in available:
+            findings.append(Finding("ok", "mpi", "service '%s': srun --mpi=%s is available"
+                                    % (service.name, service.mpi)))
+        else:
+            findings.append(Finding(
+                "error", "mpi", "service '%s': this cluster's srun has no MPI plugin '%s' "
+                "(services.%s.x-slurm.mpi; srun --mpi=list: %s)"
+                % (service.name, service.mpi, service.name, ", ".join(sorted(available))),
+                "use one of those types (pmix for Open MPI 4 and newer, pmi2 for MPICH and "
+                "Intel MPI), or ask the site which one its MPI was built for"))
+    return findings
+
+
+def _preflight_modules(plan):
+    """Every x-slurm.modules name must exist on this login node (``module is-avail``)."""
+    modules = {}
+    paths = []
+    for service in plan.services:
+        for module in service.modules:
+            modules.setdefault(module.name, module)
+        paths.extend(path for path in service.module_paths if path not in paths)
+    if not modules:
+        return []
+    names = sorted(modules)
+    try:
+        result = _run_command(["bash", "-c", _MODULE_CHECK_SHELL, "hpc-compose"] + paths + ["--"]
+                              + names, timeout=120)
+    except ToolError as exc:
+        return [Finding("error", "modules", "could not ask the module system: %s" % exc.message,
+                        "run preflight on a login node with bash and environment modules")]
+    lines = (result.stdout or "").splitlines()
+    if "no-module-command" in lines:
+        return [Finding("error", "modules", "x-slurm.modules names %s but this node has no "
+                        "environment modules (no module command, no init script in "
+                        "/etc/profile.d, $LMOD_PKG or $MODULESHOME)" % ", ".join(names),
+                        "run on the cluster's login node, or remove x-slurm.modules")]
+    missing = set(line[len("missing "):] for line in lines if line.startswith("missing "))
+    findings = []
+    for name in names:
+        module = modules[name]
+        if name in missing:
+            findings.append(Finding(
+                "error", "modules", "module '%s' (%s) is not available%s" % (
+                    name, module.location, " (module use: %s)" % ", ".join(paths) if paths
+                    else ""),
+                "check its name with `module spider %s` (Lmod) or `module avail %s`; a folder "
+                "of your own modulefiles goes in x-slurm.modules_path" % (name, name)))
+        else:
+            findings.append(Finding("ok", "modules", "module '%s' is available" % name))
+    return findings
 
 
 def _preflight_batch_log_folders(plan):
@@ -7932,9 +8146,42 @@ _RUN_SERVICE_TEMPLATE = """
 # shellcheck disable=SC2016  # single-quoted arguments are expanded by the service, not here
 run_service_@{index}() {
     umask "$USER_UMASK"
-@{mkdirs}    exec env \\
+@{mkdirs}@{modules}    exec env \\
 @{env}        "${LAUNCH[@]}" \\
 @{argv}
+}
+"""
+
+_RUN_MODULES_TEMPLATE = """\
+    # x-slurm.modules, in the service's own shell: srun hands the environment they make to the step.
+    load_modules @{name} @{words} || exit 1
+"""
+
+# The modules: `module` is the site's shell function (Lmod or Environment Modules). Folders before
+# the -- are `module use`d, names after it loaded; the init script is found as preflight found it.
+_LOAD_MODULES_TEMPLATE = """
+# MODULES: load_modules SERVICE FOLDER... -- MODULE...: module use, then module load, or say why not.
+load_modules() {
+    local service=$1
+    shift
+@{module_init}
+    if ! module_command; then
+        printf 'hpc-compose: service %s: no environment modules on %s (no module command, no init script in /etc/profile.d, LMOD_PKG or MODULESHOME)\\n' "$service" "$(hostname)" >&2
+        return 1
+    fi
+    # Module scripts are not written for set -u.
+    set +u
+    while [[ $# -gt 0 && $1 != -- ]]; do
+        module use "$1"
+        shift
+    done
+    shift
+    if ! module load "$@"; then
+        set -u
+        printf 'hpc-compose: service %s: module load %s failed (see above)\\n' "$service" "$*" >&2
+        return 1
+    fi
+    set -u
 }
 """
 
@@ -9297,7 +9544,7 @@ def _srun_parts(runtime_plan, index):
         words.append(("--gres=%s" % service.gres,))
     elif service.gpus is not None:
         words.append(("--gpus=%s" % service.gpus,))
-    for key in ("mem", "time"):
+    for key in ("mem", "time", "mpi"):
         if getattr(service, key) is not None:
             words.append(("--%s=%s" % (key, getattr(service, key)),))
     if service.runtime == "host":
@@ -9356,8 +9603,13 @@ def _render_run_service(runtime_plan, index):
     if command:
         lines.append("        " + " ".join(_shell_word(arg) for arg in command))
     argv = " \\\n".join(lines)
+    modules = ""
+    if service.modules:
+        modules = _fill(_RUN_MODULES_TEMPLATE, name=shell_quote(service.name),
+                        words=" ".join([shell_quote(path) for path in service.module_paths]
+                                       + ["--"] + [shell_quote(m.name) for m in service.modules]))
     return _fill(_RUN_SERVICE_TEMPLATE, name=_comment(service.name), index=str(index),
-                 mkdirs=mkdirs, env=env, argv=argv)
+                 mkdirs=mkdirs, modules=modules, env=env, argv=argv)
 
 
 def _comment(text):
@@ -9598,6 +9850,8 @@ def render_script(runtime_plan, local=False):
     pieces.extend(_render_service_entry(plan, index, ending) for index in range(len(services)))
     pieces.append(_render_signal_table(plan))
     pieces.extend(_render_run_service(runtime_plan, index) for index in range(len(services)))
+    if any(s.modules for s in services):
+        pieces.append(_fill(_LOAD_MODULES_TEMPLATE, module_init=_MODULE_INIT_SHELL))
     pieces.append(_JSON_STRING_TEMPLATE)
     pieces.append(_render_supervisor(plan, containers, bool(metrics), bool(artifacts), local))
     pieces.append(_fill(_LOG_INDEX_TEMPLATE, suffix=shell_quote(_LOG_TIMES_SUFFIX)))

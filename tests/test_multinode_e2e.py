@@ -170,6 +170,167 @@ def test_mpi_hello_copy_prints_every_rank(slurm, slurm_jobs, image, cache_dir, t
         "hello from rank %d of 2 on %s" % (rank, primary) for rank in range(2)]
 
 
+# --- real MPI (Open MPI over PMIx) and environment modules ------------------------------------
+# Only the host's 3-node cluster has Open MPI, PMIx and Lmod (tests/cluster/slurm-cluster.sh), so
+# these live here, not in the files the other Slurm generations run.
+
+ALLREDUCE_C = r"""
+#include <mpi.h>
+#include <stdio.h>
+#include <stdlib.h>
+int main(int argc, char **argv) {
+    int rank, size, mine, total = 0, length;
+    char host[MPI_MAX_PROCESSOR_NAME];
+    MPI_Init(&argc, &argv);
+    MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+    MPI_Comm_size(MPI_COMM_WORLD, &size);
+    MPI_Get_processor_name(host, &length);
+    if (argc > 1 && rank == atoi(argv[1])) {
+        fprintf(stderr, "rank %d gives up\n", rank);
+        return 3;
+    }
+    mine = 10 * (rank + 1);
+    MPI_Allreduce(&mine, &total, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD);
+    printf("rank %d of %d on %s: total %d\n", rank, size, host, total);
+    MPI_Finalize();
+    return 0;
+}
+"""
+MPI_TOTAL = 10 + 20 + 30
+
+
+def _allreduce_program(folder):
+    """The allreduce compiled with the machine's mpicc into ``folder`` (which every node sees)."""
+    import shutil
+    mpicc = shutil.which("mpicc")
+    if mpicc is None:
+        pytest.fail("mpicc is missing: `%s` installs Open MPI" % CLUSTER_COMMAND, pytrace=False)
+    source = os.path.join(folder, "allreduce.c")
+    with open(source, "w") as handle:
+        handle.write(ALLREDUCE_C)
+    program = os.path.join(folder, "allreduce")
+    subprocess.run([mpicc, "-O1", "-o", program, source], check=True, timeout=120)
+    return program
+
+
+def _mpi_image(image):
+    path = os.path.join(os.path.dirname(image), "test-image-mpi.sqsh")
+    if not os.path.isfile(path):
+        pytest.fail("the Open MPI test image %s is missing: `%s` builds it"
+                    % (path, CLUSTER_COMMAND), pytrace=False)
+    return path
+
+
+def _expected_ranks():
+    return ["rank %d of %d on %s: total %d" % (rank, NODES, node, MPI_TOTAL)
+            for rank, node in enumerate(cluster_nodes()[:NODES])]
+
+
+def test_mpi_allreduce_runs_over_pmix_on_every_node_with_the_host_runtime(slurm, slurm_jobs, image,
+                                                                          cache_dir, tmp_path):
+    program = _allreduce_program(str(tmp_path))
+    run = compose_run(tmp_path, head(cache_dir, extra="  runtime: host\n") + """\
+  ranks:
+    command: [%s]
+    x-slurm: {nodes: %d, ntasks_per_node: 1, mpi: pmix}
+""" % (json.dumps(program), NODES), slurm_jobs)
+
+    assert run.result.code == 0, run.result
+    assert sorted(lines_of(run.log("ranks"))) == _expected_ranks()
+
+
+def test_mpi_allreduce_runs_over_pmix_in_pyxis_containers_on_every_node(slurm, slurm_jobs, image,
+                                                                        cache_dir, tmp_path):
+    program = _allreduce_program(str(tmp_path))
+    run = compose_run(tmp_path, head(cache_dir) + """\
+  ranks:
+    image: %s
+    volumes: ["%s:/mpi:ro"]
+    command: [/mpi/allreduce]
+    x-slurm: {nodes: %d, ntasks_per_node: 1, mpi: {type: pmix}}
+""" % (_mpi_image(image), os.path.dirname(program), NODES), slurm_jobs)
+
+    assert run.result.code == 0, run.result
+    assert sorted(lines_of(run.log("ranks"))) == _expected_ranks()
+
+
+def test_an_mpi_rank_failing_ends_the_step_on_every_node(slurm, slurm_jobs, image, cache_dir,
+                                                        tmp_path):
+    program = _allreduce_program(str(tmp_path))
+    run = compose_run(tmp_path, head(cache_dir, extra="  runtime: host\n") + """\
+  ranks:
+    command: [%s, "1"]
+    x-slurm: {nodes: %d, ntasks_per_node: 1, mpi: pmix}
+""" % (json.dumps(program), NODES), slurm_jobs)
+
+    # The other ranks wait in MPI_Allreduce for rank 1 forever: only srun's --kill-on-bad-exit
+    # ends them, and the job fails at once instead of at its time limit.
+    assert run.result.code == 1, run.result
+    assert wait_for_job(run.job_id, timeout=60) == "FAILED"
+    log = run.log("ranks")
+    assert "rank 1 gives up" in log
+    assert "total" not in log
+    assert run.state()["status"] == "failed"
+
+
+LUA_MODULE = """\
+setenv("HC_E2E_MODULE_HOME", "%s")
+prepend_path("PATH", "%s")
+"""
+
+
+def _write_module(folder):
+    """An Lmod modulefile hc-e2e/1.0 under folder/modules that sets a variable and puts a tool
+    (hc-e2e-tool) on PATH."""
+    tools = os.path.join(folder, "module-bin")
+    os.makedirs(tools)
+    tool = os.path.join(tools, "hc-e2e-tool")
+    with open(tool, "w") as handle:
+        handle.write("#!/bin/sh\necho \"tool from the module on $(hostname)\"\n")
+    os.chmod(tool, 0o755)
+    modules = os.path.join(folder, "modules", "hc-e2e")
+    os.makedirs(modules)
+    with open(os.path.join(modules, "1.0.lua"), "w") as handle:
+        handle.write(LUA_MODULE % (folder, tools))
+    return os.path.join(folder, "modules")
+
+
+def test_a_service_loading_a_module_sees_its_variable_and_path(slurm, slurm_jobs, image, cache_dir,
+                                                              tmp_path):
+    modules = _write_module(str(tmp_path))
+    run = compose_run(tmp_path, head(cache_dir, extra="  runtime: host\n  modules_path: [%s]\n"
+                                     % modules) + """\
+  plain:
+    command: echo "plain sees ${HC_E2E_MODULE_HOME:-nothing}"
+  loaded:
+    command: echo "home $HC_E2E_MODULE_HOME"; hc-e2e-tool
+    x-slurm: {nodes: %d, ntasks_per_node: 1, modules: [hc-e2e/1.0]}
+""" % NODES, slurm_jobs)
+
+    assert run.result.code == 0, run.result
+    assert lines_of(run.log("plain")) == ["plain sees nothing"]
+    assert sorted(lines_of(run.log("loaded"))) == sorted(
+        ["home %s" % tmp_path] * NODES
+        + ["tool from the module on %s" % node for node in cluster_nodes()[:NODES]])
+
+
+def test_submit_refuses_a_missing_module_and_submits_nothing(slurm, slurm_jobs, image, cache_dir,
+                                                            tmp_path):
+    modules = _write_module(str(tmp_path))
+    with open(os.path.join(str(tmp_path), "compose.yaml"), "w") as handle:
+        handle.write(head(cache_dir, extra="  runtime: host\n  modules_path: [%s]\n" % modules)
+                     + "  app:\n    command: echo hi\n    x-slurm:\n"
+                       "      modules: [hc-e2e/1.0, hc-e2e-missing/2.0]\n")
+    result = run_tool_cli(["submit", "-f", "compose.yaml"], cwd=str(tmp_path), timeout=120)
+
+    assert result.code != 0, result
+    assert "module 'hc-e2e-missing/2.0' (" in result.err
+    assert "compose.yaml:12) is not available" in result.err
+    assert "hc-e2e/1.0' " not in result.err
+    assert "submitted batch job" not in result.out + result.err
+    assert not os.path.exists(os.path.join(str(tmp_path), ".hpc-compose", "jobs"))
+
+
 # --- failures, teardown, lost nodes -------------------------------------------------------------
 
 def test_a_task_failing_on_one_node_fails_the_service_at_once(slurm, slurm_jobs, image, cache_dir,

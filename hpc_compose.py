@@ -17014,6 +17014,12 @@ def _format_inspect_text(plan, verbose=False, cache_reports=None):
             lines.append("  resources: %s" % " ".join(resources))
         if service.extra_srun_args:
             lines.append("  extra srun args: %s" % " ".join(service.extra_srun_args))
+        if service.mpi is not None:
+            lines.append("  mpi: srun --mpi=%s" % service.mpi)
+        if service.modules:
+            lines.append("  modules: %s%s" % (" ".join(m.name for m in service.modules),
+                                               " (module use %s)" % " ".join(service.module_paths)
+                                               if service.module_paths else ""))
         lines.append("  depends on: %s" % (", ".join("%s (%s)" % (d.name, d.condition)
                                                       for d in service.depends_on) or "-"))
         lines.append("  readiness: %s" % _format_readiness(service.readiness))

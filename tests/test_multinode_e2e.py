@@ -317,10 +317,16 @@ def test_a_service_loading_a_module_sees_its_variable_and_path(slurm, slurm_jobs
   loaded:
     command: echo "home $HC_E2E_MODULE_HOME"; hc-e2e-tool
     x-slurm: {nodes: %d, ntasks_per_node: 1, modules: [hc-e2e/1.0]}
-""" % NODES, slurm_jobs)
+  contained:
+    image: %s
+    command: echo "container sees $HC_E2E_MODULE_HOME"
+    x-slurm: {runtime: pyxis, modules: [hc-e2e/1.0]}
+""" % (NODES, image), slurm_jobs)
 
     assert run.result.code == 0, run.result
     assert lines_of(run.log("plain")) == ["plain sees nothing"]
+    # A Pyxis service inherits the variables the modules set on the node (not PATH: the image's).
+    assert lines_of(run.log("contained")) == ["container sees %s" % tmp_path]
     assert sorted(lines_of(run.log("loaded"))) == sorted(
         ["home %s" % tmp_path] * NODES
         + ["tool from the module on %s" % node for node in cluster_nodes()[:NODES]])

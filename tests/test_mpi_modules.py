@@ -59,15 +59,10 @@ def test_a_script_without_modules_has_no_module_code(hc, project):
     assert "load_modules" not in script
 
 
-def test_srun_mpi_list_output_is_read_with_its_pmix_versions():
+def test_srun_mpi_list_output_is_read_with_its_pmix_versions(hc):
     text = "MPI plugin types are...\n\tpmix\n\tnone\n\tpmi2\nspecific pmix plugin versions " \
            "available: pmix_v4,pmix_v5\n"
-    assert hc_mpi_types(text) == {"pmix", "none", "pmi2", "pmix_v4", "pmix_v5"}
-
-
-def hc_mpi_types(text):
-    import hpc_compose
-    return hpc_compose._mpi_types(text)
+    assert hc._mpi_types(text) == {"pmix", "none", "pmi2", "pmix_v4", "pmix_v5"}
 
 
 def _srun_standin(tmp_path, types):
@@ -98,14 +93,18 @@ def _module_standin(tmp_path, known):
     init = tmp_path / "modules-init.sh"
     init.write_text("module() { echo \"$*\" >>%s/module.args; case \"$2\" in %s) return 0;; esac;"
                     " [ \"$1\" = use ]; }\n" % (tmp_path, "|".join(known)))
-    return {"MODULESHOME": "", "LMOD_PKG": ""}, str(init)
+    return str(init)
 
 
-def test_preflight_names_a_missing_module_and_its_line(hc, project, tmp_path, monkeypatch):
-    environ, init = _module_standin(tmp_path, ["gcc"])
-    os.makedirs(str(tmp_path / "lmod" / "init"))
-    os.rename(init, str(tmp_path / "lmod" / "init" / "bash"))
-    monkeypatch.setenv("LMOD_PKG", str(tmp_path / "lmod"))
+@pytest.mark.parametrize("variable", ["LMOD_PKG", "MODULESHOME"])
+def test_preflight_names_a_missing_module_and_its_line(hc, project, tmp_path, monkeypatch,
+                                                       variable):
+    init = _module_standin(tmp_path, ["gcc"])
+    os.makedirs(str(tmp_path / "site" / "init"))
+    os.rename(init, str(tmp_path / "site" / "init" / "bash"))
+    for name in ("LMOD_PKG", "MODULESHOME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(variable, str(tmp_path / "site"))
     monkeypatch.delenv("BASH_FUNC_module%%", raising=False)
     result = plan(hc, project, HOST % ("  modules: [gcc, nosuch/1.0]\n", ""))
     findings = hc._preflight_modules(result)
@@ -113,6 +112,13 @@ def test_preflight_names_a_missing_module_and_its_line(hc, project, tmp_path, mo
         ("ok", "module 'gcc' is available"), ("error", "module 'nosuch/1.0'")]
     assert "compose.yaml:3) is not available" in findings[1].message
     assert (tmp_path / "module.args").read_text() == "is-avail gcc\nis-avail nosuch/1.0\n"
+
+
+def test_preflight_without_a_module_system_is_an_error(hc, project, monkeypatch):
+    monkeypatch.setattr(hc, "_MODULE_CHECK_SHELL", "echo no-module-command")
+    findings = hc._preflight_modules(plan(hc, project, HOST % ("  modules: [gcc]\n", "")))
+    assert [f.level for f in findings] == ["error"]
+    assert "no environment modules" in findings[0].message
 
 
 def test_schema_knows_mpi_and_modules(hc):

@@ -41,7 +41,7 @@ top-level name starts with an underscore and may change without notice. In pipel
 - interpolation: ``interpolate``, ``parse_dotenv(text)``, ``load_dotenv(path)``;
 - spec: ``load_spec(path or [paths merged in order], environ, env_files, profiles,
   services)`` -> ``ComposeSpec`` (records ``SlurmSpec``, ``ServiceSpec``, ``ServiceSlurmSpec``,
-  ``ReadinessSpec``, ``FailurePolicy``, ``PrepareSpec``, ``MetricsSpec``, ``ArtifactsSpec``,
+  ``ModuleSpec``, ``ReadinessSpec``, ``FailurePolicy``, ``PrepareSpec``, ``MetricsSpec``, ``ArtifactsSpec``,
   ``ResumeSpec``, ``SecretSpec``, ``ServiceSecret``, ``SignalSpec``, ``ServiceSignalSpec``),
   ``spec_to_dict``;
 - planner: ``build_plan(spec)`` -> ``Plan`` (records ``ServicePlan``, ``ImageRef``, ``Execution``,
@@ -91,7 +91,8 @@ __all__ = [
     # interpolation
     "interpolate", "parse_dotenv", "load_dotenv",
     # spec
-    "load_spec", "ComposeSpec", "SlurmSpec", "ServiceSpec", "ServiceSlurmSpec", "ReadinessSpec",
+    "load_spec", "ComposeSpec", "SlurmSpec", "ServiceSpec", "ServiceSlurmSpec", "ModuleSpec",
+    "ReadinessSpec",
     "SecretSpec", "ServiceSecret",
     "FailurePolicy", "PrepareSpec", "MetricsSpec", "ArtifactsSpec", "ResumeSpec",
     "SignalSpec", "ServiceSignalSpec",

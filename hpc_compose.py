@@ -41,8 +41,9 @@ top-level name starts with an underscore and may change without notice. In pipel
 - interpolation: ``interpolate``, ``parse_dotenv(text)``, ``load_dotenv(path)``;
 - spec: ``load_spec(path or [paths merged in order], environ, env_files, profiles,
   services)`` -> ``ComposeSpec`` (records ``SlurmSpec``, ``ServiceSpec``, ``ServiceSlurmSpec``,
-  ``ModuleSpec``, ``ReadinessSpec``, ``FailurePolicy``, ``PrepareSpec``, ``MetricsSpec``, ``ArtifactsSpec``,
-  ``ResumeSpec``, ``SecretSpec``, ``ServiceSecret``, ``SignalSpec``, ``ServiceSignalSpec``),
+  ``ModuleSpec``, ``ReadinessSpec``, ``FailurePolicy``, ``PrepareSpec``, ``MetricsSpec``,
+  ``ArtifactsSpec``, ``ResumeSpec``, ``SecretSpec``, ``ServiceSecret``, ``SignalSpec``,
+  ``ServiceSignalSpec``),
   ``spec_to_dict``;
 - planner: ``build_plan(spec)`` -> ``Plan`` (records ``ServicePlan``, ``ImageRef``, ``Execution``,
   ``Mount``, ``Dependency``, ``Placement``, ``PreparePlan``), ``plan_to_dict``, ``service_token``,
@@ -3246,7 +3247,7 @@ def _check_array(text):
 
 
 def _check_mpi_type(text):
-    """An srun --mpi plugin name (pmix, pmi2, ...), checked in form; preflight checks the cluster."""
+    """An srun --mpi plugin name (pmix, pmi2, ...), checked in form (preflight asks the cluster)."""
     import re
     if not re.match(_MPI_TYPE_PATTERN, text):
         raise _Invalid("%s is not an MPI plugin name" % _excerpt(text),
@@ -8161,13 +8162,14 @@ _RUN_MODULES_TEMPLATE = """\
 # The modules: `module` is the site's shell function (Lmod or Environment Modules). Folders before
 # the -- are `module use`d, names after it loaded; the init script is found as preflight found it.
 _LOAD_MODULES_TEMPLATE = """
-# MODULES: load_modules SERVICE FOLDER... -- MODULE...: module use, then module load, or say why not.
+# MODULES: load_modules SERVICE FOLDER... -- MODULE...: module use, module load, or say why not.
 load_modules() {
     local service=$1
     shift
 @{module_init}
     if ! module_command; then
-        printf 'hpc-compose: service %s: no environment modules on %s (no module command, no init script in /etc/profile.d, LMOD_PKG or MODULESHOME)\\n' "$service" "$(hostname)" >&2
+        printf 'hpc-compose: service %s: no environment modules on %s (no module command, %s)\\n' \\
+            "$service" "$(hostname)" "no init script in /etc/profile.d, LMOD_PKG or MODULESHOME" >&2
         return 1
     fi
     # Module scripts are not written for set -u.

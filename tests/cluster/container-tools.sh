@@ -247,14 +247,19 @@ install_pmi_hook() {
     # SlurmdSpoolDir). It reads SlurmdSpoolDir from `scontrol show config`, where a cluster of
     # several slurmds on one machine has a literal %n (the node name): the copy expands it.
     local src=/usr/share/enroot/hooks.d/50-slurm-pmi.sh dst=/etc/enroot/hooks.d/50-slurm-pmi.sh tmp
-    [ -f "$src" ] || die "$src is missing (enroot installed without its extra hooks?)"
+    # Only the MPI tests (host cluster) need it: a missing hook is said, not fatal.
+    [ -f "$src" ] || { say "no $src: MPI in containers will lack the PMIx hook"; return 0; }
     mkdir -p "$(dirname "$dst")"
     tmp="$(mktemp "$dst.XXXXXX")"
     # shellcheck disable=SC2016  # the added line is the hook's own bash
     sed '/read -r slurm_spool; read -r slurm_tmpfs; }/a\
     slurm_spool="${slurm_spool//%n/$(hostname)}"  # added by hpc-compose tests/cluster/container-tools.sh' \
         "$src" >"$tmp"
-    grep -q 'slurm_spool//%n' "$tmp" || { rm -f "$tmp"; die "$src: its SlurmdSpoolDir line changed; update install_pmi_hook"; }
+    if ! grep -q 'slurm_spool//%n' "$tmp"; then
+        rm -f "$tmp"
+        say "$src: its SlurmdSpoolDir line changed; the PMIx hook is not installed (update install_pmi_hook)"
+        return 0
+    fi
     chmod 0755 "$tmp"
     mv -f "$tmp" "$dst"
 }

@@ -166,6 +166,7 @@ _LOCAL_JOB_PREFIX = "local-"                  # + UTC time + "-" + pid: the id o
 _LOCAL_RUN_VARIABLE = "HPC_COMPOSE_LOCAL_RUN"  # up --local: its job dir, in each process of the run
 _LOG_TIMES_SUFFIX = ".times"             # <job dir>/logs/<token>.times: "<epoch ms> <log size>" lines
 _TIMELINE_FILE_NAME = "timeline.jsonl"   # <job dir>/timeline.jsonl: one line per state.json write
+_PARAMS_FILE_NAME = "params.json"        # <job dir>/params.json: a sweep task's index and parameters
 
 
 _ERROR_WORD_LIMIT = 200      # characters of one word (a value, a key, a path) an error shows
@@ -2372,6 +2373,23 @@ class ComposeSpec(NamedTuple):
     files: Tuple[str, ...] = ()    # every compose file merged, in order (path is the first)
     profiles: Tuple[str, ...] = ()  # every profile named by a service, sorted
     secrets: Tuple["SecretSpec", ...] = ()  # top-level secrets, in file order
+    sweep: Optional["SweepSpec"] = None  # x-sweep: slurm.array then holds its array expression
+
+
+class SweepTask(NamedTuple):
+    """One task of a sweep: its array index, its parameters (in x-sweep.matrix order), its replicate."""
+    index: int
+    params: Tuple[Tuple[str, str], ...]
+    replicate: int = 0
+
+
+class SweepSpec(NamedTuple):
+    """x-sweep: a parameter matrix run as one job array, one task per combination and replicate."""
+    parameters: Tuple[str, ...]    # names, in matrix order
+    tasks: Tuple[SweepTask, ...]   # index order: combinations in order, each one's replicates
+    replicates: int = 1
+    max_parallel: Optional[int] = None
+    results: Tuple[str, ...] = ("result.json",)  # files under the task's job directory
 
 
 class SecretSpec(NamedTuple):
@@ -2409,6 +2427,11 @@ _SERVICE_SIGNALS = ("HUP", "INT", "QUIT", "USR1", "USR2", "TERM", "CONT", "WINCH
 _ON_SIGNAL_ACTIONS = ("forward", "requeue")
 _EXCLUSIVE_MODES = ("user", "mcs")  # --exclusive=MODE; true is plain --exclusive
 _DEFAULT_MAX_ATTEMPTS = 5
+_DEFAULT_SWEEP_RESULTS = ("result.json",)
+# `((param.NAME))` in command, entrypoint, environment values and volumes: the task's value, filled
+# in at run time. Not `${...}`, which is Compose interpolation, read when the file is loaded.
+_SWEEP_PLACEHOLDER_PATTERN = r"\(\(param\.([A-Za-z_][A-Za-z0-9_]*)\)\)"
+_SWEEP_PARAM_PREFIX = "HPC_COMPOSE_PARAM_"
 
 # --- Slurm's value grammar ------------------------------------------------------------------------
 # What sbatch and srun parse themselves (Slurm's parse_time.c time_str2mins, proc_args.c
@@ -2715,6 +2738,17 @@ _SERVICE_FIELDS = (
     _Field("secrets", "service_secrets", "top-level secrets this service reads as owner-only "
                                          "files under /run/secrets", fields=_SERVICE_SECRET_FIELDS),
 )
+_SWEEP_FIELDS = (
+    _Field("matrix", "sweep_matrix", "parameter name -> list of values: every combination runs"),
+    _Field("include", "sweep_combinations", "extra combinations, each naming every parameter"),
+    _Field("exclude", "sweep_combinations", "combinations to skip: each removes every combination "
+                                            "that matches all of its keys"),
+    _Field("replicates", "count", "run each combination N times (HPC_COMPOSE_REPLICATE 0..N-1)",
+           default=1),
+    _Field("max_parallel", "count", "at most N tasks at once: the array's %N"),
+    _Field("results", "texts", "result files a service writes into $HPC_COMPOSE_JOB_DIR, read by "
+                               "sweep status", default=list(_DEFAULT_SWEEP_RESULTS)),
+)
 _TOP_LEVEL_FIELDS = (
     _Field("name", "text", "project name; the Slurm job name when x-slurm.job_name is not set"),
     _Field("version", "text", "accepted for Compose compatibility and ignored"),
@@ -2723,6 +2757,8 @@ _TOP_LEVEL_FIELDS = (
            fields=_SLURM_FIELDS),
     _Field("secrets", "secrets", "secrets: name -> {file: PATH} or {environment: VARIABLE}; "
                                  "values never enter the batch script", fields=_SECRET_FIELDS),
+    _Field("x-sweep", "mapping", "a parameter sweep, run as one job array (docs/sweeps.md)",
+           fields=_SWEEP_FIELDS),
 )
 
 
@@ -2814,6 +2850,14 @@ def _field_schema(field):
         long_syntax.update(type="object", required=["type", "source", "target"])
         schema = {"type": ["array", "null"], "items": {"anyOf": [{"type": "string"},
                                                                   long_syntax]}}
+    elif kind == "sweep_matrix":
+        schema = {"type": ["object", "null"], "additionalProperties": False,
+                  "patternProperties": {_ENV_NAME_PATTERN: {"type": "array", "minItems": 1,
+                                                            "items": text}}}
+    elif kind == "sweep_combinations":
+        schema = {"type": ["array", "null"], "items": {
+            "type": "object", "minProperties": 1, "additionalProperties": False,
+            "patternProperties": {_ENV_NAME_PATTERN: text}}}
     elif kind == "duration":
         # Read as written (not interpolated): seconds, or h/m/s parts such as 1m30s.
         schema = {"anyOf": [{"type": "integer", "minimum": 1}, {"type": "string", "pattern":
@@ -2891,6 +2935,7 @@ _PREPARE_KEYS = _field_names(_PREPARE_FIELDS)
 _METRICS_KEYS = _field_names(_METRICS_FIELDS)
 _ARTIFACTS_KEYS = _field_names(_ARTIFACTS_FIELDS)
 _RESUME_KEYS = ("path",)
+_SWEEP_KEYS = _field_names(_SWEEP_FIELDS)
 _SECRET_SOURCES = _field_names(_SECRET_FIELDS)
 _SECRET_UNSUPPORTED = {
     "external": ("external secrets (a Swarm secret store) are not supported",
@@ -2959,6 +3004,44 @@ def _is_service_name(name):
 
 def _is_env_name(name):
     return bool(name) and name[0] in _NAME_START and _NAME_CHARS.issuperset(name)
+
+
+def _expand_sweep(matrix, include=(), exclude=(), replicates=1):
+    """The tasks of a sweep: the product of ``matrix`` (``((name, (value, ...)), ...)``, the first
+    parameter varying slowest), less every combination that matches all the keys of an ``exclude``
+    entry, plus each ``include`` combination not already there; each combination ``replicates``
+    times in a row. ``include`` and ``exclude`` entries are ``((name, value), ...)``."""
+    import itertools
+    names = tuple(name for name, _ in matrix)
+    combinations = []
+    if names:
+        for values in itertools.product(*(values for _, values in matrix)):
+            combination = tuple(zip(names, values))
+            if not any(all(pair in combination for pair in entry) for entry in exclude):
+                combinations.append(combination)
+    for entry in include:
+        order = names or tuple(name for name, _ in include[0])
+        values = dict(entry)
+        combination = tuple((name, values[name]) for name in order)
+        if combination not in combinations:
+            combinations.append(combination)
+    return tuple(SweepTask(number * replicates + replicate, combination, replicate)
+                 for number, combination in enumerate(combinations)
+                 for replicate in range(replicates))
+
+
+def _sweep_array(sweep):
+    """The x-slurm.array expression of a sweep: every task index, and %max_parallel."""
+    text = "0-%d" % (len(sweep.tasks) - 1)
+    if sweep.max_parallel is not None:
+        text += "%%%d" % sweep.max_parallel
+    return text
+
+
+def _sweep_placeholders(text):
+    """The parameter names ``((param.NAME))`` placeholders in ``text`` use, in order."""
+    import re
+    return re.findall(_SWEEP_PLACEHOLDER_PATTERN, text)
 
 
 _NUL_HINT = ("no path, command line or environment variable can carry a NUL character; remove "
@@ -4186,11 +4269,12 @@ class _SpecLoader(object):
         if not isinstance(root, dict):
             raise self.error((), "the compose file must be a mapping with a services: key, got %s"
                              % _format_value(root))
+        ours = ("x-slurm", "x-sweep")
         for key in root:
-            if isinstance(key, str) and key.startswith("x-") and key != "x-slurm":
+            if isinstance(key, str) and key.startswith("x-") and key not in ours:
                 self.check_extension_key((key,), key, top_level=True)
         known = tuple(k for k in root if not (isinstance(k, str) and k.startswith("x-")
-                                               and k != "x-slurm"))
+                                               and k not in ours))
         self.attempt(self.check_keys, (), dict.fromkeys(known), _TOP_LEVEL_KEYS, "the top level",
                      _UNSUPPORTED_TOP_LEVEL_KEYS)
         # Secrets first: every value interpolated after this is checked against theirs.
@@ -4205,6 +4289,15 @@ class _SpecLoader(object):
             version = self.attempt(self.string, ("version",), version, interpolated=False,
                                    allow_empty=True)
         slurm = self.attempt(self.slurm, ("x-slurm",), root.get("x-slurm"), default=SlurmSpec())
+        sweep = None
+        if root.get("x-sweep") is not None:
+            sweep = self.attempt(self.sweep, ("x-sweep",), root["x-sweep"])
+        if sweep is not None and slurm.array is not None:
+            self.record(self.error(("x-slurm", "array"), "x-slurm.array and x-sweep both make the "
+                                   "job array", hint="drop x-slurm.array: x-sweep sets the array "
+                                                     "from its tasks (max_parallel for %N)"))
+        elif sweep is not None:
+            slurm = slurm._replace(array=_sweep_array(sweep))
         if "services" not in root:
             self.record(self.error((), "the compose file has no services: mapping",
                                    hint="add services: with at least one service"))
@@ -4221,13 +4314,15 @@ class _SpecLoader(object):
             if service is not None and len(self.errors) == errors_before:
                 services.append(service)
         self.check_relations(tuple(services), slurm, raw_services)
+        for service in services:
+            self.check_placeholders(service, sweep)
         self.report_errors()
         return ComposeSpec(self.file, self.project_dir, name, version, slurm, tuple(services),
-                           tuple(self.warnings), self.files, secrets=self.secrets)
+                           tuple(self.warnings), self.files, secrets=self.secrets, sweep=sweep)
 
     def check_extension_key(self, path, key, top_level):
         """Extension keys are ignored (anchor holders); a near-miss of ours earns a warning."""
-        known = ("x-slurm",) if top_level else ("x-slurm", "x-enroot")
+        known = ("x-slurm", "x-sweep") if top_level else ("x-slurm", "x-enroot")
         if top_level and key == "x-enroot":
             self.warnings.append("%s: x-enroot belongs under a service (services.<name>.x-enroot);"
                                  " at the top level it is ignored" % self.where(path))
@@ -4243,6 +4338,106 @@ class _SpecLoader(object):
         mark = self.mark(path, at_key=True)
         location = self.file + (":%d" % mark.line if mark else "")
         return "%s: %s" % (location, _dotted(path))
+
+    # --- x-sweep ---
+
+    def sweep(self, path, raw):
+        raw = self.mapping(path, raw)
+        self.check_keys(path, raw, _SWEEP_KEYS, "x-sweep")
+        matrix = []
+        upper = {}
+        for name, values in self.mapping(path + ("matrix",), raw.get("matrix")).items():
+            item_path = path + ("matrix", name)
+            self.sweep_parameter_name(item_path, name)
+            if name.upper() in upper:
+                raise self.error(item_path, "parameters '%s' and '%s' are the same variable %s%s"
+                                 % (upper[name.upper()], name, _SWEEP_PARAM_PREFIX, name.upper()),
+                                 at_key=True, hint="rename one of them")
+            upper[name.upper()] = name
+            texts = tuple(self.string(item_path + (index,), value, allow_empty=True)
+                          for index, value in enumerate(self.sequence(item_path, values)))
+            if not texts:
+                raise self.error(item_path, "parameter '%s' has no values" % name,
+                                 hint="give it a list of at least one value")
+            if len(set(texts)) != len(texts):
+                raise self.error(item_path, "parameter '%s' lists a value twice" % name,
+                                 hint="use replicates: N to run a combination several times")
+            matrix.append((name, texts))
+        include = tuple(self.sweep_combination(path + ("include", index), entry)
+                        for index, entry in enumerate(self.sequence(path + ("include",),
+                                                                    raw.get("include"))))
+        exclude = tuple(self.sweep_combination(path + ("exclude", index), entry)
+                        for index, entry in enumerate(self.sequence(path + ("exclude",),
+                                                                    raw.get("exclude"))))
+        if not matrix and not include:
+            raise self.error(path, "x-sweep needs matrix (or include)",
+                             hint="matrix: {lr: [0.1, 0.01]} runs one task per value")
+        names = tuple(name for name, _ in matrix) or tuple(name for name, _ in include[0])
+        for index, entry in enumerate(include):
+            given = set(name for name, _ in entry)
+            if given != set(names):
+                missing = [name for name in names if name not in given]
+                extra = sorted(given.difference(names))
+                raise self.error(path + ("include", index), "an include entry is a whole "
+                                 "combination: %s" % ("it has no value for " + ", ".join(missing)
+                                                      if missing else "unknown parameter "
+                                                      + ", ".join(extra)),
+                                 hint="name every parameter: " + ", ".join(names))
+        for index, entry in enumerate(exclude):
+            for name, _ in entry:
+                if name not in names:
+                    raise self.error(path + ("exclude", index, name), "exclude names '%s', which "
+                                     "is not a parameter" % name, at_key=True,
+                                     hint="parameters: " + ", ".join(names))
+        replicates = self.integer(path + ("replicates",), raw.get("replicates")) or 1
+        max_parallel = self.integer(path + ("max_parallel",), raw.get("max_parallel"))
+        results = self.string_list(path + ("results",), raw.get("results"))
+        for index, result in enumerate(results):
+            if os.path.isabs(result) or ".." in result.split("/"):
+                raise self.error(path + ("results", index), "a result file is a path under the "
+                                 "task's job directory, got %r" % result,
+                                 hint="write it to $HPC_COMPOSE_JOB_DIR/result.json and list "
+                                      "result.json")
+        tasks = _expand_sweep(tuple(matrix), include, exclude, replicates)
+        if not tasks:
+            raise self.error(path + ("exclude",), "exclude removes every combination: the sweep "
+                             "has no task")
+        return SweepSpec(names, tasks, replicates, max_parallel, results or _DEFAULT_SWEEP_RESULTS)
+
+    def sweep_parameter_name(self, path, name):
+        if not isinstance(name, str) or not _is_env_name(name):
+            raise self.error(path, "%r is not a valid parameter name" % (name,), at_key=True,
+                             hint="names use letters, digits and _ (they become "
+                                  "%sNAME variables)" % _SWEEP_PARAM_PREFIX)
+
+    def sweep_combination(self, path, raw):
+        """One include/exclude entry: ``((name, value), ...)`` in the order written."""
+        entry = self.mapping(path, raw, "a mapping of parameter -> value")
+        if not entry:
+            raise self.error(path, "an empty combination", hint="name at least one parameter")
+        pairs = []
+        for name, value in entry.items():
+            self.sweep_parameter_name(path + (name,), name)
+            pairs.append((name, self.string(path + (name,), value, allow_empty=True)))
+        return tuple(pairs)
+
+    def check_placeholders(self, service, sweep):
+        """Every ``((param.NAME))`` names a parameter of x-sweep."""
+        names = sweep.parameters if sweep is not None else ()
+        fields = [("command", service.command), ("entrypoint", service.entrypoint),
+                  ("environment", [value for _, value in service.environment]),
+                  ("volumes", service.volumes)]
+        for key, value in fields:
+            texts = [value] if isinstance(value, str) else list(value or ())
+            for text in texts:
+                for name in _sweep_placeholders(text):
+                    if name in names:
+                        continue
+                    self.record(self.error(("services", service.name, key),
+                                           "((param.%s)) names no x-sweep parameter" % name,
+                                           hint="parameters: " + ", ".join(names) if names else
+                                           "placeholders take their values from x-sweep.matrix"))
+                    return
 
     # --- x-slurm (top level) ---
 
@@ -8716,6 +8911,33 @@ export HPC_COMPOSE_ARRAY_JOB_ID="$SLURM_ARRAY_JOB_ID" HPC_COMPOSE_ARRAY_TASK_ID=
 """
 
 
+_SWEEP_TEMPLATE = """
+# ---------------------------------------------------------------------------
+# Sweep (x-sweep): the parameter table, one row per array task, and this task's row exported
+# ---------------------------------------------------------------------------
+@{columns}SWEEP_REPLICATE=(@{replicates})
+# The row as JSON: the task's params.json
+SWEEP_JSON=(
+@{rows})
+SWEEP_TASK="$SLURM_ARRAY_TASK_ID"
+if [[ -z ${SWEEP_JSON[SWEEP_TASK]+set} ]]; then
+    echo "hpc-compose: array task $SWEEP_TASK is not in this sweep's table (@{count} tasks)" >&2
+    exit 1
+fi
+export HPC_COMPOSE_SWEEP_INDEX="$SWEEP_TASK" HPC_COMPOSE_REPLICATE="${SWEEP_REPLICATE[SWEEP_TASK]}"
+@{exports}printf '%s\\n' "${SWEEP_JSON[SWEEP_TASK]}" > "$JOB_DIR/@{params_file}"
+"""
+
+_SWEEP_COLUMN_TEMPLATE = """\
+# @{name}
+SWEEP_PARAM_@{column}=(@{values})
+"""
+
+_SWEEP_EXPORT_TEMPLATE = """\
+export @{variable}="${SWEEP_PARAM_@{column}[SWEEP_TASK]}"
+"""
+
+
 _SECRETS_TEMPLATE = """
 # ---------------------------------------------------------------------------
 # Secrets: 'hpc-compose submit' wrote owner-only copies (0600 files, 0700 directories) to
@@ -9332,8 +9554,62 @@ def service_srun_argv(runtime_plan, index):
     return [_shown_word(*parts) for parts in _srun_parts(runtime_plan, index)]
 
 
+def _unchanged_parts(parts):
+    return parts
+
+
+def _render_sweep_table(sweep):
+    """The x-sweep block: one bash array per parameter (indexed by task), the replicates, each
+    task's params.json row, and the exports of the running task's row."""
+    import json
+    from collections import OrderedDict
+    columns = "".join(_fill(_SWEEP_COLUMN_TEMPLATE, name=_comment(name), column=str(column),
+                            values=" ".join(shell_quote(dict(task.params)[name])
+                                            for task in sweep.tasks))
+                      for column, name in enumerate(sweep.parameters))
+    rows = "".join("    %s\n" % shell_quote(json.dumps(OrderedDict([
+        ("index", task.index), ("replicate", task.replicate),
+        ("params", OrderedDict(task.params))]))) for task in sweep.tasks)
+    exports = "".join(_fill(_SWEEP_EXPORT_TEMPLATE, column=str(column),
+                            variable=_SWEEP_PARAM_PREFIX + name.upper())
+                      for column, name in enumerate(sweep.parameters))
+    return _fill(_SWEEP_TEMPLATE, columns=columns, rows=rows, exports=exports,
+                 replicates=" ".join(str(task.replicate) for task in sweep.tasks),
+                 count=str(len(sweep.tasks)), params_file=_PARAMS_FILE_NAME)
+
+
+def _placeholder_parts(parts):
+    """Word parts with every ``((param.NAME))`` of a literal part turned into the variable
+    HPC_COMPOSE_PARAM_NAME: the value is expanded at run time, as data (inside double quotes)."""
+    import re
+    result = []
+    for part in parts:
+        if isinstance(part, _ShellVariable) or "((param." not in part:
+            result.append(part)
+            continue
+        pieces = re.split(_SWEEP_PLACEHOLDER_PATTERN, part)
+        for position, piece in enumerate(pieces):
+            if position % 2:
+                result.append(_ShellVariable(_SWEEP_PARAM_PREFIX + piece.upper()))
+            elif piece:
+                result.append(piece)
+    return tuple(result)
+
+
+def _placeholder_script(script):
+    """A shell-form command with each ``((param.NAME))`` written ``"$HPC_COMPOSE_PARAM_NAME"``:
+    /bin/sh expands the variable, so the value is never read as shell code."""
+    import re
+    return re.sub(_SWEEP_PLACEHOLDER_PATTERN,
+                  lambda match: '"$%s%s"' % (_SWEEP_PARAM_PREFIX, match.group(1).upper()), script)
+
+
 def _render_run_service(runtime_plan, index):
     service = runtime_plan.plan.services[index]
+    if runtime_plan.plan.spec.sweep is None:
+        fill = _unchanged_parts
+    else:
+        fill = _placeholder_parts
     mkdirs = ""
     if service.runtime != "host":
         # Pyxis refuses a missing bind source; Docker creates missing directories, and so do we.
@@ -9341,9 +9617,9 @@ def _render_run_service(runtime_plan, index):
         if runtime_plan.plan.slurm.resume is not None:
             sources.insert(0, runtime_plan.plan.slurm.resume.path)
         for source in sources:
-            quoted = shell_quote(source)
+            quoted = _shell_word(*fill((source,)))
             mkdirs += "    [[ -e %s ]] || mkdir -p -- %s\n" % (quoted, quoted)
-    env = "".join("        %s \\\n" % _shell_word(key + "=", *parts)
+    env = "".join("        %s \\\n" % _shell_word(*fill((key + "=",) + tuple(parts)))
                   for key, parts in _environment_parts(runtime_plan, index))
     words = _srun_parts(runtime_plan, index)
     command = _container_argv(service, runtime_plan.images[index])
@@ -9351,10 +9627,14 @@ def _render_run_service(runtime_plan, index):
     if service.runtime in _APPTAINER_RUNTIMES:
         groups = _apptainer_lines(runtime_plan, index)
     options = words[:len(words) - len(command) - sum(len(group) for group in groups)]
-    lines = ["        " + _shell_word(*parts) for parts in options]
-    lines += ["        " + " ".join(_shell_word(*parts) for parts in group) for group in groups]
+    lines = ["        " + _shell_word(*fill(parts)) for parts in options]
+    lines += ["        " + " ".join(_shell_word(*fill(parts)) for parts in group)
+              for group in groups]
+    if service.execution.form == "shell" and fill is _placeholder_parts:
+        command = [_placeholder_script(arg) if arg == service.execution.script else arg
+                   for arg in command]
     if command:
-        lines.append("        " + " ".join(_shell_word(arg) for arg in command))
+        lines.append("        " + " ".join(_shell_word(*fill((arg,))) for arg in command))
     argv = " \\\n".join(lines)
     return _fill(_RUN_SERVICE_TEMPLATE, name=_comment(service.name), index=str(index),
                  mkdirs=mkdirs, env=env, argv=argv)
@@ -9615,6 +9895,8 @@ def render_script(runtime_plan, local=False):
                             tokens=" ".join(shell_quote(s.token) for s in secret_services)))
     if plan.slurm.array is not None:
         pieces.append(_ARRAY_TEMPLATE)
+    if plan.spec.sweep is not None:
+        pieces.append(_render_sweep_table(plan.spec.sweep))
     if binds:
         pieces.append(_PYXIS_PATH_CHECK_TEMPLATE)
     if local:

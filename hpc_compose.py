@@ -4431,6 +4431,8 @@ class _SpecLoader(object):
             texts = [value] if isinstance(value, str) else list(value or ())
             for text in texts:
                 for name in _sweep_placeholders(text):
+                    if name in names and key == "volumes":
+                        self.check_mount_values(service, sweep, name)
                     if name in names:
                         continue
                     self.record(self.error(("services", service.name, key),
@@ -4438,6 +4440,17 @@ class _SpecLoader(object):
                                            hint="parameters: " + ", ".join(names) if names else
                                            "placeholders take their values from x-sweep.matrix"))
                     return
+
+    def check_mount_values(self, service, sweep, name):
+        """A value that fills a volume path: Pyxis and Apptainer split mounts at ',' and ':'."""
+        for task in sweep.tasks:
+            value = dict(task.params)[name]
+            if "," in value or ":" in value:
+                self.record(self.error(("x-sweep", "matrix", name), "value %r of parameter '%s' "
+                                       "fills a volume of service '%s', but contains ',' or ':', "
+                                       "which split mounts" % (value, name, service.name),
+                                       hint="use values without ',' and ':' for paths"))
+                return
 
     # --- x-slurm (top level) ---
 

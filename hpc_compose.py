@@ -42,7 +42,8 @@ top-level name starts with an underscore and may change without notice. In pipel
 - spec: ``load_spec(path or [paths merged in order], environ, env_files, profiles,
   services)`` -> ``ComposeSpec`` (records ``SlurmSpec``, ``ServiceSpec``, ``ServiceSlurmSpec``,
   ``ReadinessSpec``, ``FailurePolicy``, ``PrepareSpec``, ``MetricsSpec``, ``ArtifactsSpec``,
-  ``ResumeSpec``, ``SecretSpec``, ``ServiceSecret``, ``SignalSpec``, ``ServiceSignalSpec``),
+  ``ResumeSpec``, ``SecretSpec``, ``ServiceSecret``, ``SignalSpec``, ``ServiceSignalSpec``,
+  ``SweepSpec`` of ``SweepTask``),
   ``spec_to_dict``;
 - planner: ``build_plan(spec)`` -> ``Plan`` (records ``ServicePlan``, ``ImageRef``, ``Execution``,
   ``Mount``, ``Dependency``, ``Placement``, ``PreparePlan``), ``plan_to_dict``, ``service_token``,
@@ -94,7 +95,7 @@ __all__ = [
     "load_spec", "ComposeSpec", "SlurmSpec", "ServiceSpec", "ServiceSlurmSpec", "ReadinessSpec",
     "SecretSpec", "ServiceSecret",
     "FailurePolicy", "PrepareSpec", "MetricsSpec", "ArtifactsSpec", "ResumeSpec",
-    "SignalSpec", "ServiceSignalSpec",
+    "SignalSpec", "ServiceSignalSpec", "SweepSpec", "SweepTask",
     # planner
     "build_plan", "Plan", "ServicePlan", "ImageRef", "Execution", "Mount", "Dependency", "Placement",
     "PreparePlan", "service_token", "plan_to_dict", "spec_to_dict", "resolve_host_path",

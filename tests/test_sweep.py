@@ -441,3 +441,21 @@ services:
       - ./data/((param.shard)):/data
 """)
     assert "fills a volume of service 'train', but contains ',' or ':'" in info.value.format()
+
+
+def test_sweep_status_watch_refreshes_until_every_task_has_ended(swept, monkeypatch, capsys):
+    answers = ["70_[0-3]|PENDING|0:0|00:00:00|None assigned\n",
+               (swept.bin / "sacct.out").read_text()]
+
+    def next_answer(seconds):
+        (swept.bin / "sacct.out").write_text(answers.pop(0))
+    next_answer(0)
+    parser = hc.build_parser("sweep")
+    args = parser.parse_args(["sweep", "status", "--watch", "-f", swept.compose, "--sacct-bin",
+                              str(swept.bin / "sacct"), "--squeue-bin",
+                              str(swept.bin / "squeue")])
+    monkeypatch.chdir(str(swept.root))
+    assert hc._cmd_sweep_status(args, sleep=next_answer) == 0
+    out = capsys.readouterr().out
+    assert out.count("sweep 70 (4 tasks)") == 2 and not answers
+    assert "4 PENDING" in out and "3 COMPLETED, 1 FAILED" in out

@@ -12954,7 +12954,7 @@ def _load_sweep_results(job_dir, files):
     return results
 
 
-def _sweep_failure(job_dir, state):
+def _sweep_failure(job_dir):
     """``{service, log}``: the service that failed a task (state.json) and its log's last lines."""
     runtime = _load_runtime_state(job_dir)
     if runtime is None:
@@ -13004,15 +13004,15 @@ def _sweep_status(record, sacct_bin="sacct", squeue_bin="squeue"):
                "elapsed": scheduler["elapsed"], "exit_code": scheduler["exit_code"],
                "nodes": scheduler["nodes"], "results": results, "failure": None}
         if row["state"] in _TERMINAL_STATES and row["state"] != "COMPLETED":
-            row["failure"] = _sweep_failure(job_dir, row["state"])
+            row["failure"] = _sweep_failure(job_dir)
         counts[row["state"]] = counts.get(row["state"], 0) + 1
         rows.append(row)
     return {"job_id": root["job_id"], "compose_file": root.get("compose_file"),
             "attempts": [attempt["job_id"] for attempt in attempts],
             "parameters": sweep["parameters"], "result_columns": columns,
             "task_count": len(rows), "states": dict(sorted(counts.items())), "tasks": rows,
-            "failed": [row["index"] for row in rows if row["failure"] is not None
-                       or (row["state"] in _TERMINAL_STATES and row["state"] != "COMPLETED")]}
+            "failed": [row["index"] for row in rows
+                       if row["state"] in _TERMINAL_STATES and row["state"] != "COMPLETED"]}
 
 
 def _sort_sweep_rows(status, key=None, top=None):

@@ -342,7 +342,7 @@ def test_sweep_status_as_csv(cli, swept):
     assert rows[2] == '"1","0.1","small","1","70_1","1","COMPLETED","00:00:04","0:0","0.25","1"'
 
 
-def test_tasks_sacct_lists_as_not_started_are_pending(hc_module=hc):
+def test_sacct_task_ids_name_one_task_or_the_tasks_not_started():
     assert hc._parse_sacct_task_id("70_[2-3%2]") == ("70", [2, 3])
     assert hc._parse_sacct_task_id("70_4") == ("70", [4])
 

@@ -10557,6 +10557,8 @@ def _build_job_record(runtime_plan, job_id, cluster=None, script_path=None, subm
         "sweep": _sweep_to_dict(plan.spec.sweep) if plan.spec.sweep is not None else None,
         "sweep_root": str(job_id) if plan.spec.sweep is not None else None,
         "uses_secrets": bool(_secret_services(plan)),
+        # The normalized spec (what `config` prints; secrets as references): diff compares it.
+        "spec": spec_to_dict(plan.spec),
     }
 
 
@@ -13207,6 +13209,7 @@ def _job_facts(project_dir, job, sacct_bin="sacct"):
     script = record.get("sweep_script") or record.get("script_path")
     facts["script_sha256"] = _file_sha256(script) if script else None
     facts["resources"] = _script_sbatch_options(script) if script else {}
+    facts["spec"] = dict(_flatten_spec(record.get("spec") or {}))
     facts["images"] = dict((s["name"], s.get("image") or s.get("runtime"))
                            for s in record.get("services", ()))
     result = _run_command([sacct_bin, "-n", "-X", "-P", "-j", record["job_id"],
@@ -13224,6 +13227,21 @@ def _job_facts(project_dir, job, sacct_bin="sacct"):
     facts["results"] = dict(_load_sweep_results(job_dir, sweep.get("results")
                                                 or _DEFAULT_SWEEP_RESULTS))
     return facts
+
+
+def _flatten_spec(data, prefix=""):
+    """``[(dotted path, value)]`` of a normalized spec: mappings walked, lists kept whole (JSON)."""
+    import json
+    items = []
+    for key, value in data.items():
+        name = prefix + str(key)
+        if isinstance(value, dict) and value:
+            items.extend(_flatten_spec(value, name + "."))
+        elif isinstance(value, list):
+            items.append((name, json.dumps(value, sort_keys=True)))
+        else:
+            items.append((name, value))
+    return items
 
 
 def _file_sha256(path):
@@ -13272,7 +13290,7 @@ def _diff_facts(left, right):
                 items[key] = value
         return items
     a, b = flat(left), flat(right)
-    order = ["compose_file", "script_sha256", "params", "replicate", "resources", "images", "state", "exit_code",
+    order = ["compose_file", "script_sha256", "spec", "params", "replicate", "resources", "images", "state", "exit_code",
              "elapsed", "nodes", "results"]
     names = sorted(set(a) | set(b), key=lambda name: (
         order.index(name.split(".")[0]) if name.split(".")[0] in order else len(order), name))

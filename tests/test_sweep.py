@@ -459,3 +459,24 @@ def test_sweep_status_watch_refreshes_until_every_task_has_ended(swept, monkeypa
     out = capsys.readouterr().out
     assert out.count("sweep 70 (4 tasks)") == 2 and not answers
     assert "4 PENDING" in out and "3 COMPLETED, 1 FAILED" in out
+
+
+def test_diff_of_two_jobs_names_what_differs_in_their_normalized_specs(cli, tmp_path):
+    for job_id, mode in (("80", "fast"), ("81", "slow")):
+        folder = tmp_path / job_id
+        folder.mkdir()
+        spec = load(folder, HEAD + "services:\n  train:\n    environment:\n      MODE: %s\n"
+                    "    command: echo\n" % mode)
+        record = hc._build_job_record(hc.build_runtime_plan(hc.build_plan(spec)), job_id)
+        record["project_dir"] = str(tmp_path)
+        hc._record_job(str(tmp_path), record)
+    (tmp_path / "compose.yaml").write_text(HEAD + "services:\n  train:\n    command: echo\n")
+    sacct = tmp_path / "sacct"
+    sacct.write_text("#!/bin/sh\n# STAND-IN for sacct: knows no job.\n")
+    sacct.chmod(0o755)
+    result = cli(["diff", "80", "81", "-f", tmp_path / "compose.yaml", "--sacct-bin", sacct],
+                 cwd=tmp_path)
+    assert result.code == 0, result
+    lines = [line.split() for line in result.out.splitlines()[1:]]
+    assert lines[0][0] == "compose_file"
+    assert ["spec.services.train.environment.MODE", "fast", "->", "slow"] in lines

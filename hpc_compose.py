@@ -12855,6 +12855,7 @@ def _format_array_status_text(status):
 
 _SWEEP_LOG_LINES = 5          # lines of the failing service's log a failed task shows
 _SWEEP_RESULT_DEPTH = 2       # nested result objects are flattened this deep (a.b)
+_SWEEP_ROW_COLUMNS = ("index", "state", "elapsed", "exit_code", "replicate", "attempt")
 
 
 def _sweep_root_record(project_dir, record):
@@ -13026,19 +13027,23 @@ def _sort_sweep_rows(status, key=None, top=None):
     if key is not None:
         descending = key.startswith("-")
         name = key.lstrip("-")
-        known = (["index", "state", "elapsed", "exit_code", "replicate", "attempt"]
-                 + list(status["parameters"]) + list(status["result_columns"]))
-        if name not in known:
+        result = name[len("results."):] if name.startswith("results.") else None
+        known = (list(_SWEEP_ROW_COLUMNS) + list(status["parameters"])
+                 + list(status["result_columns"]))
+        if name not in known and result not in status["result_columns"]:
             raise UsageError("--sort %s: no such column" % key,
-                             hint="columns: " + ", ".join(known))
+                             hint="columns: " + ", ".join(known)
+                             + " (results.NAME: the result, where a parameter has its name)")
 
         def value(row):
-            if name in row["results"]:
-                item = row["results"][name]
-            elif name in row["params"]:
-                item = row["params"][name]
-            else:
+            if result is not None:
+                item = row["results"].get(result)
+            elif name in status["parameters"]:
+                item = row["params"].get(name)
+            elif name in _SWEEP_ROW_COLUMNS:
                 item = row.get(name)
+            else:
+                item = row["results"].get(name)
             return _sortable(item)
         present = [row for row in rows if value(row) is not None]
         missing = [row for row in rows if value(row) is None]
@@ -13063,10 +13068,18 @@ def _sortable(value):
         return (1, 0.0, str(value))
 
 
+def _result_labels(status, fixed):
+    """The header of each result column: its name, or ``results.NAME`` where that name is already
+    a parameter or one of the ``fixed`` columns."""
+    taken = set(status["parameters"]) | set(fixed)
+    return [("results." + name) if name in taken else name for name in status["result_columns"]]
+
+
 def _sweep_table(status):
     """``(header, rows)`` of the sweep table: index, parameters, state, elapsed, exit, results."""
-    header = (["index"] + list(status["parameters"]) + ["rep", "state", "elapsed", "exit"]
-              + list(status["result_columns"]))
+    fixed = ["index", "rep", "state", "elapsed", "exit"]
+    header = (["index"] + list(status["parameters"]) + fixed[1:]
+              + _result_labels(status, fixed))
     rows = []
     for row in status["tasks"]:
         exit_code = row["exit_code"]
@@ -13125,9 +13138,9 @@ def _format_sweep_status_csv(status):
     import io
     buffer = io.StringIO()
     writer = csv.writer(buffer, quoting=csv.QUOTE_ALL, lineterminator="\n")
-    header = (["index"] + list(status["parameters"]) + ["replicate", "job_id", "attempt",
-                                                          "state", "elapsed", "exit_code"]
-              + list(status["result_columns"]))
+    fixed = ["index", "replicate", "job_id", "attempt", "state", "elapsed", "exit_code"]
+    header = (["index"] + list(status["parameters"]) + fixed[1:]
+              + _result_labels(status, fixed))
     writer.writerow(header)
     for row in status["tasks"]:
         writer.writerow([row["index"]] + [row["params"].get(name, "") for name in

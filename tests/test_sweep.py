@@ -480,3 +480,16 @@ def test_diff_of_two_jobs_names_what_differs_in_their_normalized_specs(cli, tmp_
     lines = [line.split() for line in result.out.splitlines()[1:]]
     assert lines[0][0] == "compose_file"
     assert ["spec.services.train.environment.MODE", "fast", "->", "slow"] in lines
+
+
+def test_a_result_named_like_a_parameter_is_shown_and_sorted_as_results_name(cli, swept):
+    for task, lr in ((0, 3), (1, 1), (2, 2)):
+        path = swept.root / ".hpc-compose" / ("70_%d" % task) / "result.json"
+        path.write_text(json.dumps({"lr": lr}))
+    result = sweep_cli(cli, swept, "status", "--sort", "results.lr")
+    lines = result.out.splitlines()
+    assert lines[1].split() == ["index", "lr", "model", "rep", "state", "elapsed", "exit",
+                                "results.lr"]
+    assert [line.split()[0] for line in lines[2:6]] == ["1", "2", "0", "3"]
+    by_parameter = sweep_cli(cli, swept, "status", "--sort=-lr").out.splitlines()
+    assert [line.split()[1] for line in by_parameter[2:6]] == ["0.1", "0.1", "0.01", "0.01"]

@@ -92,7 +92,7 @@ def test_a_sweep_runs_as_one_array_and_is_read_retried_and_compared(slurm, slurm
     text = run_tool_cli(["sweep", "status", "-f", compose, "--sort", "loss"], cwd=tmp_path).out
     lines = text.splitlines()
     assert lines[1].split()[:3] == ["index", "lr", "model"] and lines[1].split()[-2:] == [
-        "loss", "model"]
+        "loss", "results.model"]
     assert [line.split()[0] for line in lines[2:12]] == [str(i) for i in range(9, -1, -1)]
     assert "retry them: hpc-compose sweep retry --failed" in text
 

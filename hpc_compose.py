@@ -43,7 +43,7 @@ top-level name starts with an underscore and may change without notice. In pipel
   services)`` -> ``ComposeSpec`` (records ``SlurmSpec``, ``ServiceSpec``, ``ServiceSlurmSpec``,
   ``ModuleSpec``, ``ReadinessSpec``, ``FailurePolicy``, ``PrepareSpec``, ``MetricsSpec``,
   ``ArtifactsSpec``, ``ResumeSpec``, ``SecretSpec``, ``ServiceSecret``, ``SignalSpec``,
-  ``ServiceSignalSpec``),
+  ``ServiceSignalSpec``, ``SweepSpec`` of ``SweepTask``),
   ``spec_to_dict``;
 - planner: ``build_plan(spec)`` -> ``Plan`` (records ``ServicePlan``, ``ImageRef``, ``Execution``,
   ``Mount``, ``Dependency``, ``Placement``, ``PreparePlan``), ``plan_to_dict``, ``service_token``,
@@ -96,7 +96,7 @@ __all__ = [
     "ReadinessSpec",
     "SecretSpec", "ServiceSecret",
     "FailurePolicy", "PrepareSpec", "MetricsSpec", "ArtifactsSpec", "ResumeSpec",
-    "SignalSpec", "ServiceSignalSpec",
+    "SignalSpec", "ServiceSignalSpec", "SweepSpec", "SweepTask",
     # planner
     "build_plan", "Plan", "ServicePlan", "ImageRef", "Execution", "Mount", "Dependency", "Placement",
     "PreparePlan", "service_token", "plan_to_dict", "spec_to_dict", "resolve_host_path",
@@ -168,6 +168,7 @@ _LOCAL_JOB_PREFIX = "local-"                  # + UTC time + "-" + pid: the id o
 _LOCAL_RUN_VARIABLE = "HPC_COMPOSE_LOCAL_RUN"  # up --local: its job dir, in each process of the run
 _LOG_TIMES_SUFFIX = ".times"             # <job dir>/logs/<token>.times: "<epoch ms> <log size>" lines
 _TIMELINE_FILE_NAME = "timeline.jsonl"   # <job dir>/timeline.jsonl: one line per state.json write
+_PARAMS_FILE_NAME = "params.json"        # <job dir>/params.json: a sweep task's index and parameters
 
 
 _ERROR_WORD_LIMIT = 200      # characters of one word (a value, a key, a path) an error shows
@@ -2384,6 +2385,23 @@ class ComposeSpec(NamedTuple):
     files: Tuple[str, ...] = ()    # every compose file merged, in order (path is the first)
     profiles: Tuple[str, ...] = ()  # every profile named by a service, sorted
     secrets: Tuple["SecretSpec", ...] = ()  # top-level secrets, in file order
+    sweep: Optional["SweepSpec"] = None  # x-sweep: slurm.array then holds its array expression
+
+
+class SweepTask(NamedTuple):
+    """One task of a sweep: its array index, its parameters (in x-sweep.matrix order), its replicate."""
+    index: int
+    params: Tuple[Tuple[str, str], ...]
+    replicate: int = 0
+
+
+class SweepSpec(NamedTuple):
+    """x-sweep: a parameter matrix run as one job array, one task per combination and replicate."""
+    parameters: Tuple[str, ...]    # names, in matrix order
+    tasks: Tuple[SweepTask, ...]   # index order: combinations in order, each one's replicates
+    replicates: int = 1
+    max_parallel: Optional[int] = None
+    results: Tuple[str, ...] = ("result.json",)  # files under the task's job directory
 
 
 class SecretSpec(NamedTuple):
@@ -2421,6 +2439,11 @@ _SERVICE_SIGNALS = ("HUP", "INT", "QUIT", "USR1", "USR2", "TERM", "CONT", "WINCH
 _ON_SIGNAL_ACTIONS = ("forward", "requeue")
 _EXCLUSIVE_MODES = ("user", "mcs")  # --exclusive=MODE; true is plain --exclusive
 _DEFAULT_MAX_ATTEMPTS = 5
+_DEFAULT_SWEEP_RESULTS = ("result.json",)
+# `((param.NAME))` in command, entrypoint, environment values and volumes: the task's value, filled
+# in at run time. Not `${...}`, which is Compose interpolation, read when the file is loaded.
+_SWEEP_PLACEHOLDER_PATTERN = r"\(\(param\.([A-Za-z_][A-Za-z0-9_]*)\)\)"
+_SWEEP_PARAM_PREFIX = "HPC_COMPOSE_PARAM_"
 
 # --- Slurm's value grammar ------------------------------------------------------------------------
 # What sbatch and srun parse themselves (Slurm's parse_time.c time_str2mins, proc_args.c
@@ -2742,6 +2765,17 @@ _SERVICE_FIELDS = (
     _Field("secrets", "service_secrets", "top-level secrets this service reads as owner-only "
                                          "files under /run/secrets", fields=_SERVICE_SECRET_FIELDS),
 )
+_SWEEP_FIELDS = (
+    _Field("matrix", "sweep_matrix", "parameter name -> list of values: every combination runs"),
+    _Field("include", "sweep_combinations", "extra combinations, each naming every parameter"),
+    _Field("exclude", "sweep_combinations", "combinations to skip: each removes every combination "
+                                            "that matches all of its keys"),
+    _Field("replicates", "count", "run each combination N times (HPC_COMPOSE_REPLICATE 0..N-1)",
+           default=1),
+    _Field("max_parallel", "count", "at most N tasks at once: the array's %N"),
+    _Field("results", "texts", "result files a service writes into $HPC_COMPOSE_JOB_DIR, read by "
+                               "sweep status", default=list(_DEFAULT_SWEEP_RESULTS)),
+)
 _TOP_LEVEL_FIELDS = (
     _Field("name", "text", "project name; the Slurm job name when x-slurm.job_name is not set"),
     _Field("version", "text", "accepted for Compose compatibility and ignored"),
@@ -2750,6 +2784,8 @@ _TOP_LEVEL_FIELDS = (
            fields=_SLURM_FIELDS),
     _Field("secrets", "secrets", "secrets: name -> {file: PATH} or {environment: VARIABLE}; "
                                  "values never enter the batch script", fields=_SECRET_FIELDS),
+    _Field("x-sweep", "mapping", "a parameter sweep, run as one job array (docs/sweeps.md)",
+           fields=_SWEEP_FIELDS),
 )
 
 
@@ -2841,6 +2877,14 @@ def _field_schema(field):
         long_syntax.update(type="object", required=["type", "source", "target"])
         schema = {"type": ["array", "null"], "items": {"anyOf": [{"type": "string"},
                                                                   long_syntax]}}
+    elif kind == "sweep_matrix":
+        schema = {"type": ["object", "null"], "additionalProperties": False,
+                  "patternProperties": {_ENV_NAME_PATTERN: {"type": "array", "minItems": 1,
+                                                            "items": text}}}
+    elif kind == "sweep_combinations":
+        schema = {"type": ["array", "null"], "items": {
+            "type": "object", "minProperties": 1, "additionalProperties": False,
+            "patternProperties": {_ENV_NAME_PATTERN: text}}}
     elif kind == "duration":
         # Read as written (not interpolated): seconds, or h/m/s parts such as 1m30s.
         schema = {"anyOf": [{"type": "integer", "minimum": 1}, {"type": "string", "pattern":
@@ -2926,6 +2970,7 @@ _PREPARE_KEYS = _field_names(_PREPARE_FIELDS)
 _METRICS_KEYS = _field_names(_METRICS_FIELDS)
 _ARTIFACTS_KEYS = _field_names(_ARTIFACTS_FIELDS)
 _RESUME_KEYS = ("path",)
+_SWEEP_KEYS = _field_names(_SWEEP_FIELDS)
 _SECRET_SOURCES = _field_names(_SECRET_FIELDS)
 _SECRET_UNSUPPORTED = {
     "external": ("external secrets (a Swarm secret store) are not supported",
@@ -2994,6 +3039,44 @@ def _is_service_name(name):
 
 def _is_env_name(name):
     return bool(name) and name[0] in _NAME_START and _NAME_CHARS.issuperset(name)
+
+
+def _expand_sweep(matrix, include=(), exclude=(), replicates=1):
+    """The tasks of a sweep: the product of ``matrix`` (``((name, (value, ...)), ...)``, the first
+    parameter varying slowest), less every combination that matches all the keys of an ``exclude``
+    entry, plus each ``include`` combination not already there; each combination ``replicates``
+    times in a row. ``include`` and ``exclude`` entries are ``((name, value), ...)``."""
+    import itertools
+    names = tuple(name for name, _ in matrix)
+    combinations = []
+    if names:
+        for values in itertools.product(*(values for _, values in matrix)):
+            combination = tuple(zip(names, values))
+            if not any(all(pair in combination for pair in entry) for entry in exclude):
+                combinations.append(combination)
+    for entry in include:
+        order = names or tuple(name for name, _ in include[0])
+        values = dict(entry)
+        combination = tuple((name, values[name]) for name in order)
+        if combination not in combinations:
+            combinations.append(combination)
+    return tuple(SweepTask(number * replicates + replicate, combination, replicate)
+                 for number, combination in enumerate(combinations)
+                 for replicate in range(replicates))
+
+
+def _sweep_array(sweep):
+    """The x-slurm.array expression of a sweep: every task index, and %max_parallel."""
+    text = "0-%d" % (len(sweep.tasks) - 1)
+    if sweep.max_parallel is not None:
+        text += "%%%d" % sweep.max_parallel
+    return text
+
+
+def _sweep_placeholders(text):
+    """The parameter names ``((param.NAME))`` placeholders in ``text`` use, in order."""
+    import re
+    return re.findall(_SWEEP_PLACEHOLDER_PATTERN, text)
 
 
 _NUL_HINT = ("no path, command line or environment variable can carry a NUL character; remove "
@@ -4240,11 +4323,12 @@ class _SpecLoader(object):
         if not isinstance(root, dict):
             raise self.error((), "the compose file must be a mapping with a services: key, got %s"
                              % _format_value(root))
+        ours = ("x-slurm", "x-sweep")
         for key in root:
-            if isinstance(key, str) and key.startswith("x-") and key != "x-slurm":
+            if isinstance(key, str) and key.startswith("x-") and key not in ours:
                 self.check_extension_key((key,), key, top_level=True)
         known = tuple(k for k in root if not (isinstance(k, str) and k.startswith("x-")
-                                               and k != "x-slurm"))
+                                               and k not in ours))
         self.attempt(self.check_keys, (), dict.fromkeys(known), _TOP_LEVEL_KEYS, "the top level",
                      _UNSUPPORTED_TOP_LEVEL_KEYS)
         # Secrets first: every value interpolated after this is checked against theirs.
@@ -4259,6 +4343,15 @@ class _SpecLoader(object):
             version = self.attempt(self.string, ("version",), version, interpolated=False,
                                    allow_empty=True)
         slurm = self.attempt(self.slurm, ("x-slurm",), root.get("x-slurm"), default=SlurmSpec())
+        sweep = None
+        if root.get("x-sweep") is not None:
+            sweep = self.attempt(self.sweep, ("x-sweep",), root["x-sweep"])
+        if sweep is not None and slurm.array is not None:
+            self.record(self.error(("x-slurm", "array"), "x-slurm.array and x-sweep both make the "
+                                   "job array", hint="drop x-slurm.array: x-sweep sets the array "
+                                                     "from its tasks (max_parallel for %N)"))
+        elif sweep is not None:
+            slurm = slurm._replace(array=_sweep_array(sweep))
         if "services" not in root:
             self.record(self.error((), "the compose file has no services: mapping",
                                    hint="add services: with at least one service"))
@@ -4275,13 +4368,15 @@ class _SpecLoader(object):
             if service is not None and len(self.errors) == errors_before:
                 services.append(service)
         self.check_relations(tuple(services), slurm, raw_services)
+        for service in services:
+            self.check_placeholders(service, sweep)
         self.report_errors()
         return ComposeSpec(self.file, self.project_dir, name, version, slurm, tuple(services),
-                           tuple(self.warnings), self.files, secrets=self.secrets)
+                           tuple(self.warnings), self.files, secrets=self.secrets, sweep=sweep)
 
     def check_extension_key(self, path, key, top_level):
         """Extension keys are ignored (anchor holders); a near-miss of ours earns a warning."""
-        known = ("x-slurm",) if top_level else ("x-slurm", "x-enroot")
+        known = ("x-slurm", "x-sweep") if top_level else ("x-slurm", "x-enroot")
         if top_level and key == "x-enroot":
             self.warnings.append("%s: x-enroot belongs under a service (services.<name>.x-enroot);"
                                  " at the top level it is ignored" % self.where(path))
@@ -4297,6 +4392,119 @@ class _SpecLoader(object):
         mark = self.mark(path, at_key=True)
         location = self.file + (":%d" % mark.line if mark else "")
         return "%s: %s" % (location, _dotted(path))
+
+    # --- x-sweep ---
+
+    def sweep(self, path, raw):
+        raw = self.mapping(path, raw)
+        self.check_keys(path, raw, _SWEEP_KEYS, "x-sweep")
+        matrix = []
+        upper = {}
+        for name, values in self.mapping(path + ("matrix",), raw.get("matrix")).items():
+            item_path = path + ("matrix", name)
+            self.sweep_parameter_name(item_path, name)
+            if name.upper() in upper:
+                raise self.error(item_path, "parameters '%s' and '%s' are the same variable %s%s"
+                                 % (upper[name.upper()], name, _SWEEP_PARAM_PREFIX, name.upper()),
+                                 at_key=True, hint="rename one of them")
+            upper[name.upper()] = name
+            texts = tuple(self.string(item_path + (index,), value, allow_empty=True)
+                          for index, value in enumerate(self.sequence(item_path, values)))
+            if not texts:
+                raise self.error(item_path, "parameter '%s' has no values" % name,
+                                 hint="give it a list of at least one value")
+            if len(set(texts)) != len(texts):
+                raise self.error(item_path, "parameter '%s' lists a value twice" % name,
+                                 hint="use replicates: N to run a combination several times")
+            matrix.append((name, texts))
+        include = tuple(self.sweep_combination(path + ("include", index), entry)
+                        for index, entry in enumerate(self.sequence(path + ("include",),
+                                                                    raw.get("include"))))
+        exclude = tuple(self.sweep_combination(path + ("exclude", index), entry)
+                        for index, entry in enumerate(self.sequence(path + ("exclude",),
+                                                                    raw.get("exclude"))))
+        if not matrix and not include:
+            raise self.error(path, "x-sweep needs matrix (or include)",
+                             hint="matrix: {lr: [0.1, 0.01]} runs one task per value")
+        names = tuple(name for name, _ in matrix) or tuple(name for name, _ in include[0])
+        for index, entry in enumerate(include):
+            given = set(name for name, _ in entry)
+            if given != set(names):
+                missing = [name for name in names if name not in given]
+                extra = sorted(given.difference(names))
+                raise self.error(path + ("include", index), "an include entry is a whole "
+                                 "combination: %s" % ("it has no value for " + ", ".join(missing)
+                                                      if missing else "unknown parameter "
+                                                      + ", ".join(extra)),
+                                 hint="name every parameter: " + ", ".join(names))
+        for index, entry in enumerate(exclude):
+            for name, _ in entry:
+                if name not in names:
+                    raise self.error(path + ("exclude", index, name), "exclude names '%s', which "
+                                     "is not a parameter" % name, at_key=True,
+                                     hint="parameters: " + ", ".join(names))
+        replicates = self.integer(path + ("replicates",), raw.get("replicates")) or 1
+        max_parallel = self.integer(path + ("max_parallel",), raw.get("max_parallel"))
+        results = self.string_list(path + ("results",), raw.get("results"))
+        for index, result in enumerate(results):
+            if os.path.isabs(result) or ".." in result.split("/"):
+                raise self.error(path + ("results", index), "a result file is a path under the "
+                                 "task's job directory, got %r" % result,
+                                 hint="write it to $HPC_COMPOSE_JOB_DIR/result.json and list "
+                                      "result.json")
+        tasks = _expand_sweep(tuple(matrix), include, exclude, replicates)
+        if not tasks:
+            raise self.error(path + ("exclude",), "exclude removes every combination: the sweep "
+                             "has no task")
+        return SweepSpec(names, tasks, replicates, max_parallel, results or _DEFAULT_SWEEP_RESULTS)
+
+    def sweep_parameter_name(self, path, name):
+        if not isinstance(name, str) or not _is_env_name(name):
+            raise self.error(path, "%r is not a valid parameter name" % (name,), at_key=True,
+                             hint="names use letters, digits and _ (they become "
+                                  "%sNAME variables)" % _SWEEP_PARAM_PREFIX)
+
+    def sweep_combination(self, path, raw):
+        """One include/exclude entry: ``((name, value), ...)`` in the order written."""
+        entry = self.mapping(path, raw, "a mapping of parameter -> value")
+        if not entry:
+            raise self.error(path, "an empty combination", hint="name at least one parameter")
+        pairs = []
+        for name, value in entry.items():
+            self.sweep_parameter_name(path + (name,), name)
+            pairs.append((name, self.string(path + (name,), value, allow_empty=True)))
+        return tuple(pairs)
+
+    def check_placeholders(self, service, sweep):
+        """Every ``((param.NAME))`` names a parameter of x-sweep."""
+        names = sweep.parameters if sweep is not None else ()
+        fields = [("command", service.command), ("entrypoint", service.entrypoint),
+                  ("environment", [value for _, value in service.environment]),
+                  ("volumes", service.volumes)]
+        for key, value in fields:
+            texts = [value] if isinstance(value, str) else list(value or ())
+            for text in texts:
+                for name in _sweep_placeholders(text):
+                    if name in names and key == "volumes":
+                        self.check_mount_values(service, sweep, name)
+                    if name in names:
+                        continue
+                    self.record(self.error(("services", service.name, key),
+                                           "((param.%s)) names no x-sweep parameter" % name,
+                                           hint="parameters: " + ", ".join(names) if names else
+                                           "placeholders take their values from x-sweep.matrix"))
+                    return
+
+    def check_mount_values(self, service, sweep, name):
+        """A value that fills a volume path: Pyxis and Apptainer split mounts at ',' and ':'."""
+        for task in sweep.tasks:
+            value = dict(task.params)[name]
+            if "," in value or ":" in value:
+                self.record(self.error(("x-sweep", "matrix", name), "value %r of parameter '%s' "
+                                       "fills a volume of service '%s', but contains ',' or ':', "
+                                       "which split mounts" % (value, name, service.name),
+                                       hint="use values without ',' and ':' for paths"))
+                return
 
     # --- x-slurm (top level) ---
 
@@ -5483,6 +5691,28 @@ def _service_secrets_to_list(secrets):
     return result
 
 
+def _sweep_config_to_dict(sweep, escape):
+    """x-sweep as ``config`` prints it: the tasks as an include list (what they expand to)."""
+    data = {"include": [dict((name, escape(value)) for name, value in task.params)
+                        for task in sweep.tasks if task.replicate == 0]}
+    if sweep.replicates != 1:
+        data["replicates"] = sweep.replicates
+    if sweep.max_parallel is not None:
+        data["max_parallel"] = sweep.max_parallel
+    if sweep.results != _DEFAULT_SWEEP_RESULTS:
+        data["results"] = list(sweep.results)
+    return data
+
+
+def _sweep_to_dict(sweep):
+    """x-sweep as JSON-ready data: its settings and every task (index, replicate, parameters)."""
+    from collections import OrderedDict
+    return {"parameters": list(sweep.parameters), "replicates": sweep.replicates,
+            "max_parallel": sweep.max_parallel, "results": list(sweep.results),
+            "tasks": [{"index": task.index, "replicate": task.replicate,
+                       "params": OrderedDict(task.params)} for task in sweep.tasks]}
+
+
 def spec_to_dict(spec, escape_dollars=False):
     """The normalized, interpolated spec as plain data (what ``config`` prints).
 
@@ -5552,6 +5782,10 @@ def spec_to_dict(spec, escape_dollars=False):
     if spec.version is not None:
         result["version"] = spec.version
     result["x-slurm"] = _slurm_to_dict(spec.slurm, escape)
+    if spec.sweep is not None:
+        # The array is x-sweep's: printed once, as the sweep, so the output loads back.
+        result["x-slurm"].pop("array", None)
+        result["x-sweep"] = _sweep_config_to_dict(spec.sweep, escape)
     if spec.secrets:
         result["secrets"] = _secrets_to_dict(spec.secrets, escape)
     result["services"] = services
@@ -5890,6 +6124,7 @@ def plan_to_dict(plan):
         "nodes": plan.nodes,
         "slurm": _slurm_to_dict(plan.slurm),
         "service_order": [s.name for s in plan.services],
+        "sweep": _sweep_to_dict(plan.spec.sweep) if plan.spec.sweep is not None else None,
         "services": services,
         "secrets": _secrets_to_dict(plan.secrets),
         "warnings": list(plan.spec.warnings),
@@ -8966,6 +9201,33 @@ export HPC_COMPOSE_ARRAY_JOB_ID="$SLURM_ARRAY_JOB_ID" HPC_COMPOSE_ARRAY_TASK_ID=
 """
 
 
+_SWEEP_TEMPLATE = """
+# ---------------------------------------------------------------------------
+# Sweep (x-sweep): the parameter table, one row per array task, and this task's row exported
+# ---------------------------------------------------------------------------
+@{columns}SWEEP_REPLICATE=(@{replicates})
+# The row as JSON: the task's params.json
+SWEEP_JSON=(
+@{rows})
+SWEEP_TASK="$SLURM_ARRAY_TASK_ID"
+if [[ -z ${SWEEP_JSON[SWEEP_TASK]+set} ]]; then
+    echo "hpc-compose: array task $SWEEP_TASK is not in this sweep's table (@{count} tasks)" >&2
+    exit 1
+fi
+export HPC_COMPOSE_SWEEP_INDEX="$SWEEP_TASK" HPC_COMPOSE_REPLICATE="${SWEEP_REPLICATE[SWEEP_TASK]}"
+@{exports}printf '%s\\n' "${SWEEP_JSON[SWEEP_TASK]}" > "$JOB_DIR/@{params_file}"
+"""
+
+_SWEEP_COLUMN_TEMPLATE = """\
+# @{name}
+SWEEP_PARAM_@{column}=(@{values})
+"""
+
+_SWEEP_EXPORT_TEMPLATE = """\
+export @{variable}="${SWEEP_PARAM_@{column}[SWEEP_TASK]}"
+"""
+
+
 _SECRETS_TEMPLATE = """
 # ---------------------------------------------------------------------------
 # Secrets: 'hpc-compose submit' wrote owner-only copies (0600 files, 0700 directories) to
@@ -9582,8 +9844,62 @@ def service_srun_argv(runtime_plan, index):
     return [_shown_word(*parts) for parts in _srun_parts(runtime_plan, index)]
 
 
+def _unchanged_parts(parts):
+    return parts
+
+
+def _render_sweep_table(sweep):
+    """The x-sweep block: one bash array per parameter (indexed by task), the replicates, each
+    task's params.json row, and the exports of the running task's row."""
+    import json
+    from collections import OrderedDict
+    columns = "".join(_fill(_SWEEP_COLUMN_TEMPLATE, name=_comment(name), column=str(column),
+                            values=" ".join(shell_quote(dict(task.params)[name])
+                                            for task in sweep.tasks))
+                      for column, name in enumerate(sweep.parameters))
+    rows = "".join("    %s\n" % shell_quote(json.dumps(OrderedDict([
+        ("index", task.index), ("replicate", task.replicate),
+        ("params", OrderedDict(task.params))]))) for task in sweep.tasks)
+    exports = "".join(_fill(_SWEEP_EXPORT_TEMPLATE, column=str(column),
+                            variable=_SWEEP_PARAM_PREFIX + name.upper())
+                      for column, name in enumerate(sweep.parameters))
+    return _fill(_SWEEP_TEMPLATE, columns=columns, rows=rows, exports=exports,
+                 replicates=" ".join(str(task.replicate) for task in sweep.tasks),
+                 count=str(len(sweep.tasks)), params_file=_PARAMS_FILE_NAME)
+
+
+def _placeholder_parts(parts):
+    """Word parts with every ``((param.NAME))`` of a literal part turned into the variable
+    HPC_COMPOSE_PARAM_NAME: the value is expanded at run time, as data (inside double quotes)."""
+    import re
+    result = []
+    for part in parts:
+        if isinstance(part, _ShellVariable) or "((param." not in part:
+            result.append(part)
+            continue
+        pieces = re.split(_SWEEP_PLACEHOLDER_PATTERN, part)
+        for position, piece in enumerate(pieces):
+            if position % 2:
+                result.append(_ShellVariable(_SWEEP_PARAM_PREFIX + piece.upper()))
+            elif piece:
+                result.append(piece)
+    return tuple(result)
+
+
+def _placeholder_script(script):
+    """A shell-form command with each ``((param.NAME))`` written ``"$HPC_COMPOSE_PARAM_NAME"``:
+    /bin/sh expands the variable, so the value is never read as shell code."""
+    import re
+    return re.sub(_SWEEP_PLACEHOLDER_PATTERN,
+                  lambda match: '"$%s%s"' % (_SWEEP_PARAM_PREFIX, match.group(1).upper()), script)
+
+
 def _render_run_service(runtime_plan, index):
     service = runtime_plan.plan.services[index]
+    if runtime_plan.plan.spec.sweep is None:
+        fill = _unchanged_parts
+    else:
+        fill = _placeholder_parts
     mkdirs = ""
     if service.runtime != "host":
         # Pyxis refuses a missing bind source; Docker creates missing directories, and so do we.
@@ -9591,9 +9907,9 @@ def _render_run_service(runtime_plan, index):
         if runtime_plan.plan.slurm.resume is not None:
             sources.insert(0, runtime_plan.plan.slurm.resume.path)
         for source in sources:
-            quoted = shell_quote(source)
+            quoted = _shell_word(*fill((source,)))
             mkdirs += "    [[ -e %s ]] || mkdir -p -- %s\n" % (quoted, quoted)
-    env = "".join("        %s \\\n" % _shell_word(key + "=", *parts)
+    env = "".join("        %s \\\n" % _shell_word(*fill((key + "=",) + tuple(parts)))
                   for key, parts in _environment_parts(runtime_plan, index))
     words = _srun_parts(runtime_plan, index)
     command = _container_argv(service, runtime_plan.images[index])
@@ -9601,10 +9917,14 @@ def _render_run_service(runtime_plan, index):
     if service.runtime in _APPTAINER_RUNTIMES:
         groups = _apptainer_lines(runtime_plan, index)
     options = words[:len(words) - len(command) - sum(len(group) for group in groups)]
-    lines = ["        " + _shell_word(*parts) for parts in options]
-    lines += ["        " + " ".join(_shell_word(*parts) for parts in group) for group in groups]
+    lines = ["        " + _shell_word(*fill(parts)) for parts in options]
+    lines += ["        " + " ".join(_shell_word(*fill(parts)) for parts in group)
+              for group in groups]
+    if service.execution.form == "shell" and fill is _placeholder_parts:
+        command = [_placeholder_script(arg) if arg == service.execution.script else arg
+                   for arg in command]
     if command:
-        lines.append("        " + " ".join(_shell_word(arg) for arg in command))
+        lines.append("        " + " ".join(_shell_word(*fill((arg,))) for arg in command))
     argv = " \\\n".join(lines)
     modules = ""
     if service.modules:
@@ -9872,6 +10192,8 @@ def render_script(runtime_plan, local=False):
                             tokens=" ".join(shell_quote(s.token) for s in secret_services)))
     if plan.slurm.array is not None:
         pieces.append(_ARRAY_TEMPLATE)
+    if plan.spec.sweep is not None:
+        pieces.append(_render_sweep_table(plan.spec.sweep))
     if binds:
         pieces.append(_PYXIS_PATH_CHECK_TEMPLATE)
     if local:
@@ -10458,10 +10780,12 @@ def _build_job_record(runtime_plan, job_id, cluster=None, script_path=None, subm
     slurm = plan.slurm
     directory = _job_directory(project_dir, job_id)
     services = []
-    for service in plan.services:
+    for service, image in zip(plan.services, runtime_plan.images):
         services.append({
             "name": service.name, "token": service.token, "runtime": service.runtime,
             "log_path": os.path.join(directory, "logs", service.token + ".log")})
+        if image.container_image:
+            services[-1]["image"] = image.container_image   # the cache artifact (diff shows it)
         if service.runtime == "pyxis":
             services[-1]["container_name"] = _container_name(job_id, service.token)
     artifacts = slurm.artifacts
@@ -10486,6 +10810,11 @@ def _build_job_record(runtime_plan, job_id, cluster=None, script_path=None, subm
         "resume_dir": slurm.resume.path if slurm.resume is not None else None,
         "array": slurm.array,
         "array_tasks": _array_task_ids(slurm.array) if slurm.array is not None else None,
+        "sweep": _sweep_to_dict(plan.spec.sweep) if plan.spec.sweep is not None else None,
+        "sweep_root": str(job_id) if plan.spec.sweep is not None else None,
+        "uses_secrets": bool(_secret_services(plan)),
+        # The normalized spec (what `config` prints; secrets as references): diff compares it.
+        "spec": spec_to_dict(plan.spec),
     }
 
 
@@ -10904,10 +11233,13 @@ def _squeue_states(job_ids, squeue_bin="squeue"):
 
 
 def _submit_batch_script(script_path, project_dir, sbatch_bin="sbatch", hold=False,
-                         dependency=None):
-    """``sbatch --parsable [--hold] [--dependency=...] <script>`` run from the compose dir; returns
-    ``(job_id, cluster)``."""
+                         dependency=None, array=None):
+    """``sbatch --parsable [--hold] [--dependency=...] [--array=...] <script>`` run from the
+    compose dir; returns ``(job_id, cluster)``."""
     argv = [sbatch_bin, "--parsable"] + (["--hold"] if hold else [])
+    if array:
+        # The command line wins over the script's #SBATCH --array (sweep retry: some tasks).
+        argv.append("--array=" + array)
     if dependency:
         # The command line wins over the script's #SBATCH --dependency: it carries both.
         argv.append("--dependency=" + dependency)
@@ -12772,6 +13104,483 @@ def _format_array_status_text(status):
     return "\n".join(lines) + "\n"
 
 
+# --- sweeps: one row per task, retries, results -------------------------------------------------
+# A sweep (x-sweep) is an array job whose record carries the parameter table. `sweep retry`
+# submits the same script again as a smaller array (the same task indices); its record names the
+# first job as sweep_root, and `sweep status` shows each task's latest attempt.
+
+_SWEEP_LOG_LINES = 5          # lines of the failing service's log a failed task shows
+_SWEEP_RESULT_DEPTH = 2       # nested result objects are flattened this deep (a.b)
+_SWEEP_ROW_COLUMNS = ("index", "state", "elapsed", "exit_code", "replicate", "attempt")
+
+
+def _sweep_root_record(project_dir, record):
+    """The first job of the sweep ``record`` belongs to (``record`` itself, or what it retried)."""
+    if not record.get("sweep"):
+        raise UsageError("job %s is not a sweep: its compose file has no x-sweep"
+                         % record["job_id"],
+                         hint="for a plain job array use hpc-compose status (--task N)")
+    root = record.get("sweep_root") or record["job_id"]
+    if root == record["job_id"]:
+        return record
+    return _load_job_record(project_dir, root)
+
+
+def _sweep_attempts(project_dir, root):
+    """The root job and its retries, oldest first."""
+    retries = [record for record in _list_job_records(project_dir)
+               if record.get("sweep_root") == root["job_id"] and record["job_id"] != root["job_id"]]
+    return [root] + retries
+
+
+def _parse_sacct_task_id(text):
+    """``123_4`` -> ``("123", [4])``; ``123_[5-9%2]`` (tasks not started) -> ``("123", [5..9])``."""
+    job, _, task = text.partition("_")
+    if task.isdigit():
+        return job, [int(task)]
+    if task.startswith("[") and task.endswith("]"):
+        try:
+            return job, _array_task_ids(task[1:-1])
+        except ValueError:
+            return job, []
+    return job, []
+
+
+def _sweep_task_states(job_ids, sacct_bin="sacct"):
+    """``{(job id, task): {state, exit_code, elapsed, nodes}}`` of every task of ``job_ids``: one
+    sacct call for them all, pending tasks included (sacct lists them as ``A_[5-9]``)."""
+    if not job_ids:
+        return {}
+    result = _run_command([sacct_bin, "-n", "-X", "-P", "-j", ",".join(job_ids),
+                           "--format=JobID,State,ExitCode,Elapsed,NodeList"],
+                          timeout=_scheduler_timeout())
+    if result.returncode != 0:
+        raise ToolError("sacct failed: %s" % (result.stderr or result.stdout).strip(),
+                        hint="sweep status reads the scheduler's accounting (sacct)")
+    states = {}
+    for line in result.stdout.splitlines():
+        fields = line.split("|")
+        if len(fields) != 5:
+            continue
+        job, tasks = _parse_sacct_task_id(fields[0].strip())
+        for task in tasks:
+            states[(job, task)] = {
+                "state": _normalize_slurm_state(fields[1]),
+                "exit_code": _known_value(fields[2]) if len(tasks) == 1 else None,
+                "elapsed": _known_value(fields[3]) if len(tasks) == 1 else None,
+                "nodes": _known_value(fields[4]) if len(tasks) == 1 else None}
+    return states
+
+
+def _sweep_queue_states(job_ids, squeue_bin="squeue"):
+    """``{(job id, task): {state...}}`` from one ``squeue -r`` call: what sacct did not know yet
+    (accounting lags the controller by a moment after a submission)."""
+    result = _run_command([squeue_bin, "-h", "-r", "-j", ",".join(job_ids), "-o", "%i|%T|%M|%N"],
+                          timeout=_scheduler_timeout())
+    states = {}
+    for line in result.stdout.splitlines() if result.returncode == 0 else ():
+        fields = line.split("|")
+        if len(fields) != 4:
+            continue
+        job, tasks = _parse_sacct_task_id(fields[0].strip())
+        for task in tasks:
+            states[(job, task)] = {"state": _normalize_slurm_state(fields[1]), "exit_code": None,
+                                   "elapsed": _known_value(fields[2]),
+                                   "nodes": _known_value(fields[3])}
+    return states
+
+
+def _flatten_results(data, prefix="", depth=_SWEEP_RESULT_DEPTH):
+    """``[(key, scalar)]`` of a result object: numbers, strings, booleans; nested objects as a.b."""
+    items = []
+    for key, value in data.items():
+        name = prefix + str(key)
+        if isinstance(value, dict) and depth > 1:
+            items.extend(_flatten_results(value, name + ".", depth - 1))
+        elif value is None or isinstance(value, (bool, int, float, str)):
+            items.append((name, value))
+    return items
+
+
+def _load_sweep_results(job_dir, files):
+    """The scalar values of a task's result files (JSON objects), in file order; ``{}`` if none."""
+    from collections import OrderedDict
+    results = OrderedDict()
+    for name in files:
+        data = _load_json(os.path.join(job_dir, name))
+        if isinstance(data, dict):
+            results.update(_flatten_results(data))
+    return results
+
+
+def _sweep_failure(job_dir):
+    """``{service, log}``: the service that failed a task (state.json) and its log's last lines."""
+    runtime = _load_runtime_state(job_dir)
+    if runtime is None:
+        return None
+    services = runtime["services"]
+    failed = [s for s in services if s.get("status") == "failed"] or \
+        [s for s in services if s.get("last_exit_code") not in (None, 0, "0")]
+    if not failed:
+        return {"service": None, "reason": runtime.get("reason"), "log": []}
+    service = failed[0]
+    log = service.get("log_path") or os.path.join(job_dir, "logs", "%s.log" % service.get("token"))
+    if not os.path.isabs(log):
+        log = os.path.join(job_dir, log)
+    return {"service": service["name"], "reason": runtime.get("reason"),
+            "log": _tail_lines(log, _SWEEP_LOG_LINES)}
+
+
+def _sweep_status(record, sacct_bin="sacct", squeue_bin="squeue"):
+    """Every task of a sweep at its latest attempt: parameters, scheduler state, elapsed, exit,
+    result values (columns), and for a failed task the failing service's last log lines."""
+    project_dir = record["project_dir"]
+    root = _sweep_root_record(project_dir, record)
+    attempts = _sweep_attempts(project_dir, root)
+    latest = {}
+    for number, attempt in enumerate(attempts, 1):
+        for task in attempt.get("array_tasks") or ():
+            latest[task] = (number, attempt)
+    job_ids = [attempt["job_id"] for attempt in attempts]
+    states = _sweep_task_states(job_ids, sacct_bin)
+    if any((attempt["job_id"], task) not in states for task, (_, attempt) in latest.items()):
+        states.update(_sweep_queue_states(job_ids, squeue_bin))
+    sweep = root["sweep"]
+    columns = []
+    rows = []
+    counts = {}
+    for entry in sweep["tasks"]:
+        index = entry["index"]
+        number, attempt = latest.get(index, (1, root))
+        task_id = "%s_%d" % (attempt["job_id"], index)
+        job_dir = _job_directory(project_dir, task_id)
+        scheduler = states.get((attempt["job_id"], index)) or {
+            "state": "UNKNOWN", "exit_code": None, "elapsed": None, "nodes": None}
+        results = _load_sweep_results(job_dir, sweep.get("results") or _DEFAULT_SWEEP_RESULTS)
+        columns.extend(key for key in results if key not in columns)
+        row = {"index": index, "replicate": entry.get("replicate", 0), "params": entry["params"],
+               "job_id": task_id, "attempt": number, "state": scheduler["state"],
+               "elapsed": scheduler["elapsed"], "exit_code": scheduler["exit_code"],
+               "nodes": scheduler["nodes"], "results": results, "failure": None}
+        if row["state"] in _TERMINAL_STATES and row["state"] != "COMPLETED":
+            row["failure"] = _sweep_failure(job_dir)
+        counts[row["state"]] = counts.get(row["state"], 0) + 1
+        rows.append(row)
+    return {"job_id": root["job_id"], "compose_file": root.get("compose_file"),
+            "attempts": [attempt["job_id"] for attempt in attempts],
+            "parameters": sweep["parameters"], "result_columns": columns,
+            "task_count": len(rows), "states": dict(sorted(counts.items())), "tasks": rows,
+            "failed": [row["index"] for row in rows
+                       if row["state"] in _TERMINAL_STATES and row["state"] != "COMPLETED"]}
+
+
+def _sort_sweep_rows(status, key=None, top=None):
+    """``status`` with its rows sorted by ``key`` (a result column, a parameter, index, state,
+    elapsed; ``-KEY`` descending; missing values last) and cut to the first ``top``."""
+    if key is None and top is None:
+        return status
+    rows = list(status["tasks"])
+    if key is not None:
+        descending = key.startswith("-")
+        name = key.lstrip("-")
+        result = name[len("results."):] if name.startswith("results.") else None
+        known = (list(_SWEEP_ROW_COLUMNS) + list(status["parameters"])
+                 + list(status["result_columns"]))
+        if name not in known and result not in status["result_columns"]:
+            raise UsageError("--sort %s: no such column" % key,
+                             hint="columns: " + ", ".join(known)
+                             + " (results.NAME: the result, where a parameter has its name)")
+
+        def value(row):
+            if result is not None:
+                item = row["results"].get(result)
+            elif name in status["parameters"]:
+                item = row["params"].get(name)
+            elif name in _SWEEP_ROW_COLUMNS:
+                item = row.get(name)
+            else:
+                item = row["results"].get(name)
+            return _sortable(item)
+        present = [row for row in rows if value(row) is not None]
+        missing = [row for row in rows if value(row) is None]
+        present.sort(key=value, reverse=descending)
+        rows = present + missing
+    if top is not None:
+        rows = rows[:top]
+    return dict(status, tasks=rows)
+
+
+def _sortable(value):
+    """A sort key that orders numbers (also numbers written as text) before other text."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return (0, float(value), "")
+    if isinstance(value, (int, float)):
+        return (0, float(value), "")
+    try:
+        return (0, float(value), "")
+    except ValueError:
+        return (1, 0.0, str(value))
+
+
+def _result_labels(status, fixed):
+    """The header of each result column: its name, or ``results.NAME`` where that name is already
+    a parameter or one of the ``fixed`` columns."""
+    taken = set(status["parameters"]) | set(fixed)
+    return [("results." + name) if name in taken else name for name in status["result_columns"]]
+
+
+def _sweep_table(status):
+    """``(header, rows)`` of the sweep table: index, parameters, state, elapsed, exit, results."""
+    fixed = ["index", "rep", "state", "elapsed", "exit"]
+    header = (["index"] + list(status["parameters"]) + fixed[1:]
+              + _result_labels(status, fixed))
+    rows = []
+    for row in status["tasks"]:
+        exit_code = row["exit_code"]
+        cells = ([str(row["index"])] + [str(row["params"].get(name, "")) for name in
+                                        status["parameters"]]
+                 + [str(row["replicate"]), row["state"]
+                    + ("" if row["attempt"] == 1 else " (retry %d)" % (row["attempt"] - 1)),
+                    row["elapsed"] or "-", exit_code.split(":")[0] if exit_code else "-"]
+                 + [_format_result_value(row["results"].get(name))
+                    for name in status["result_columns"]])
+        rows.append(cells)
+    return header, rows
+
+
+def _format_result_value(value):
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return "%.6g" % value
+    return str(value)
+
+
+def _format_sweep_status_text(status):
+    """The human rendering of ``_sweep_status``: a table, then each failed task's log lines."""
+    header, rows = _sweep_table(status)
+    widths = [max(len(cell) for cell in column) for column in zip(header, *rows)]
+    lines = ["sweep %s (%d tasks%s): %s" % (
+        status["job_id"], status["task_count"],
+        ", retries: " + ", ".join(status["attempts"][1:]) if len(status["attempts"]) > 1 else "",
+        ", ".join("%d %s" % (count, state) for state, count in status["states"].items()))]
+    for cells in [header] + rows:
+        lines.append("  ".join(cell.ljust(width) for cell, width in zip(cells, widths)).rstrip())
+    for row in status["tasks"]:
+        failure = row["failure"]
+        if failure is None and row["index"] not in status["failed"]:
+            continue
+        text = "task %d (%s): %s" % (row["index"], row["job_id"], row["state"])
+        if failure and failure.get("service"):
+            text += ", service %s" % failure["service"]
+        if failure and failure.get("reason"):
+            text += ": %s" % failure["reason"]
+        lines.append(text)
+        for line in (failure or {}).get("log") or ():
+            lines.append("    | " + line)
+    if status["failed"]:
+        lines.append("retry them: hpc-compose sweep retry --failed -f %s"
+                     % (status.get("compose_file") or "compose.yaml"))
+    return "\n".join(lines) + "\n"
+
+
+def _format_sweep_status_csv(status):
+    """The sweep table as CSV (every field quoted): one row per task."""
+    import csv
+    import io
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, quoting=csv.QUOTE_ALL, lineterminator="\n")
+    fixed = ["index", "replicate", "job_id", "attempt", "state", "elapsed", "exit_code"]
+    header = (["index"] + list(status["parameters"]) + fixed[1:]
+              + _result_labels(status, fixed))
+    writer.writerow(header)
+    for row in status["tasks"]:
+        writer.writerow([row["index"]] + [row["params"].get(name, "") for name in
+                                          status["parameters"]]
+                        + [row["replicate"], row["job_id"], row["attempt"], row["state"],
+                           row["elapsed"] or "", row["exit_code"] or ""]
+                        + [_format_result_value(row["results"].get(name))
+                           if name in row["results"] else "" for name in status["result_columns"]])
+    return buffer.getvalue()
+
+
+def _sweep_retry_tasks(status, failed=False, tasks=None):
+    """The task indices ``sweep retry`` submits again: ``tasks`` (checked), else the failed ones."""
+    known = [row["index"] for row in status["tasks"]]
+    if tasks:
+        unknown = [task for task in tasks if task not in known]
+        if unknown:
+            raise UsageError("sweep %s has no task %s" % (status["job_id"],
+                                                          ", ".join(str(t) for t in unknown)),
+                             hint="its tasks: 0-%d" % (len(known) - 1))
+        chosen = sorted(set(tasks))
+        if failed:
+            chosen = [task for task in chosen if task in status["failed"]]
+        return chosen
+    return list(status["failed"])
+
+
+def _retry_record(root, job_id, cluster, tasks, array, submitted_at=None):
+    """The tracked record of a retry: the root's, for job ``job_id`` running ``tasks``."""
+    import re
+    import time
+    project_dir = root["project_dir"]
+    directory = _job_directory(project_dir, job_id)
+    record = dict(root, job_id=str(job_id), cluster=cluster, job_dir=directory, array=array,
+                  array_tasks=list(tasks), sweep_root=root["job_id"], dependency=None,
+                  after=None, submitted_at=submitted_at if submitted_at is not None
+                  else time.time())
+    record["services"] = [dict(service, log_path=os.path.join(directory, "logs",
+                                                              service["token"] + ".log"))
+                          for service in root.get("services", ())]
+    for key in ("batch_log", "batch_error_log"):
+        if root.get(key):
+            record[key] = re.sub(r"(?<![0-9])%s(?![0-9])" % re.escape(root["job_id"]),
+                                 str(job_id), root[key])
+    return record
+
+
+def _parse_task_list(text):
+    """``--tasks 3,7,10-12`` -> ``[3, 7, 10, 11, 12]``."""
+    try:
+        return _array_task_ids(text)
+    except ValueError:
+        raise UsageError("--tasks %s: expected indices such as 3,7 or 10-12" % text)
+
+
+# --- diff: two jobs or sweep tasks side by side ---------------------------------------------------
+
+def _job_facts(project_dir, job, sacct_bin="sacct"):
+    """What ``diff`` compares of one job (``ID``) or sweep/array task (``ID_TASK``): spec,
+    parameters, resources, images, nodes, elapsed, exit and results. One sacct call."""
+    job_id, _, task = str(job).partition("_")
+    record = _load_job_record(project_dir, job_id)
+    if task:
+        if not task.isdigit():
+            raise UsageError("%s: a job is ID or ID_TASK (a task of an array)" % job)
+        if record.get("sweep") and record.get("sweep_root") == record["job_id"]:
+            # A sweep task is its latest attempt, as sweep status shows it.
+            for attempt in _sweep_attempts(project_dir, record):
+                if int(task) in (attempt.get("array_tasks") or ()):
+                    record = attempt
+        record = _task_record(record, int(task))
+    else:
+        _require_task(record)
+    job_dir = record["job_dir"]
+    facts = {"job": record["job_id"], "compose_file": record.get("compose_file")}
+    params = _load_json(os.path.join(job_dir, _PARAMS_FILE_NAME))
+    facts["params"] = params.get("params") if isinstance(params, dict) else None
+    facts["replicate"] = params.get("replicate") if isinstance(params, dict) else None
+    script = record.get("sweep_script") or record.get("script_path")
+    facts["script_sha256"] = _file_sha256(script) if script else None
+    facts["resources"] = _script_sbatch_options(script) if script else {}
+    facts["spec"] = dict(_flatten_spec(record.get("spec") or {}))
+    facts["images"] = dict((s["name"], s.get("image") or s.get("runtime"))
+                           for s in record.get("services", ()))
+    result = _run_command([sacct_bin, "-n", "-X", "-P", "-j", record["job_id"],
+                           "--format=JobID,State,ExitCode,Elapsed,NodeList"],
+                          timeout=_scheduler_timeout())
+    scheduler = {}
+    for line in result.stdout.splitlines() if result.returncode == 0 else ():
+        fields = line.split("|")
+        if len(fields) == 5 and fields[0] == record["job_id"]:
+            scheduler = {"state": _normalize_slurm_state(fields[1]), "exit_code": fields[2],
+                         "elapsed": fields[3], "nodes": fields[4]}
+    facts.update(state=scheduler.get("state"), exit_code=scheduler.get("exit_code"),
+                 elapsed=scheduler.get("elapsed"), nodes=scheduler.get("nodes"))
+    sweep = record.get("sweep") or {}
+    facts["results"] = dict(_load_sweep_results(job_dir, sweep.get("results")
+                                                or _DEFAULT_SWEEP_RESULTS))
+    return facts
+
+
+def _flatten_spec(data, prefix=""):
+    """``[(dotted path, value)]`` of a normalized spec: mappings walked, lists kept whole (JSON)."""
+    import json
+    items = []
+    for key, value in data.items():
+        name = prefix + str(key)
+        if isinstance(value, dict) and value:
+            items.extend(_flatten_spec(value, name + "."))
+        elif isinstance(value, list):
+            items.append((name, json.dumps(value, sort_keys=True)))
+        else:
+            items.append((name, value))
+    return items
+
+
+def _file_sha256(path):
+    import hashlib
+    try:
+        with open(path, "rb") as handle:
+            return hashlib.sha256(handle.read()).hexdigest()
+    except OSError:
+        return None
+
+
+def _script_sbatch_options(path):
+    """``{option: value}`` of a batch script's ``#SBATCH`` lines (the resources asked for)."""
+    import shlex
+    options = {}
+    try:
+        with open(path) as handle:
+            lines = handle.read().splitlines()
+    except OSError:
+        return options
+    for line in lines:
+        if line.startswith("#SBATCH "):
+            try:
+                words = shlex.split(line[len("#SBATCH "):])
+            except ValueError:
+                continue
+            for word in words:
+                name, _, value = word.partition("=")
+                if name not in ("--array",):
+                    options[name.lstrip("-")] = value or "true"
+    return options
+
+
+def _diff_facts(left, right):
+    """``[{field, left, right}]``: every fact that differs between two ``_job_facts``, flattened
+    (``params.lr``, ``results.loss``), in a stable order."""
+    def flat(facts):
+        items = {}
+        for key, value in facts.items():
+            if key == "job":
+                continue
+            if isinstance(value, dict):
+                for name, item in value.items():
+                    items["%s.%s" % (key, name)] = item
+            else:
+                items[key] = value
+        return items
+    a, b = flat(left), flat(right)
+    order = ["compose_file", "script_sha256", "spec", "params", "replicate", "resources", "images", "state", "exit_code",
+             "elapsed", "nodes", "results"]
+    names = sorted(set(a) | set(b), key=lambda name: (
+        order.index(name.split(".")[0]) if name.split(".")[0] in order else len(order), name))
+    return [{"field": name, "left": a.get(name), "right": b.get(name)} for name in names
+            if a.get(name) != b.get(name)]
+
+
+def _format_diff_text(left, right, differences):
+    """``diff``'s human output: one line per differing fact, the two values side by side."""
+    lines = ["%s  vs  %s" % (left["job"], right["job"])]
+    if not differences:
+        lines.append("  no difference in spec, parameters, resources, images, nodes, elapsed, "
+                     "exit or results")
+    width = max([len(item["field"]) for item in differences] or [0])
+    for item in differences:
+        lines.append("  %s  %s  ->  %s" % (item["field"].ljust(width),
+                                            _format_result_value(item["left"]),
+                                            _format_result_value(item["right"])))
+    return "\n".join(lines) + "\n"
+
+
 def _format_preview(word):
     # The summary stays one line per field: long inline scripts are cut (--verbose shows them).
     first = word.split("\n", 1)[0]
@@ -14279,7 +15088,7 @@ TEMPLATE_NAMES = (
     "restart-policy", "multi-stage-pipeline", "fairseq-preprocess", "llm-curl-workflow",
     "llm-curl-workflow-workdir", "llama-app", "llama-uv-worker", "vllm-openai", "vllm-uv-worker",
     "training-checkpoints", "training-resume", "mpi-hello", "multi-node-mpi", "multi-node-torchrun",
-    "long-training", "parameter-sweep",
+    "long-training", "parameter-sweep", "sweep-grid",
 )
 
 _DEFAULT_INIT_OUTPUT = "compose.yaml"
@@ -16556,6 +17365,7 @@ def _command_parsers():
         ("status", _add_status_parser), ("ps", _add_ps_parser), ("logs", _add_logs_parser), ("exec", _add_exec_parser),
         ("stats", _add_stats_parser), ("report", _add_report_parser),
         ("artifacts", _add_artifacts_parser),
+        ("sweep", _add_sweep_parser), ("diff", _add_diff_parser),
         ("cancel", _add_cancel_parser), ("down", _add_down_parser), ("clean", _add_clean_parser),
         ("cache", _add_cache_parser), ("init", _add_init_parser), ("migrate", _add_migrate_parser),
         ("schema", _add_schema_parser), ("completions", _add_completions_parser),
@@ -16806,15 +17616,29 @@ def _cmd_validate(args):
                      "errors": [_located_error_to_dict(item) for item in errors]})
         return error.exit_code
     if fmt == "json":
-        _print_json({"valid": True, "compose_file": plan.compose_file, "name": spec.name,
-                    "service_count": len(plan.services),
-                    "services": [s.name for s in plan.services]})
+        data = {"valid": True, "compose_file": plan.compose_file, "name": spec.name,
+                "service_count": len(plan.services), "services": [s.name for s in plan.services]}
+        if spec.sweep is not None:
+            data["sweep_task_count"] = len(spec.sweep.tasks)
+        _print_json(data)
     else:
         count = len(plan.services)
         sys.stdout.write("spec is valid (%d service%s: %s)\n"
                          % (count, "" if count == 1 else "s",
                             " -> ".join(s.name for s in plan.services)))
+        if spec.sweep is not None:
+            sys.stdout.write("sweep: %s\n" % _format_sweep_summary(spec.sweep))
     return _EXIT_OK
+
+
+def _format_sweep_summary(sweep):
+    """``10 tasks (5 combinations x 2 replicates) of lr, model; array 0-9%4``."""
+    combinations = len(sweep.tasks) // sweep.replicates
+    text = "%d task%s (%d combination%s" % (len(sweep.tasks), "" if len(sweep.tasks) == 1 else "s",
+                                           combinations, "" if combinations == 1 else "s")
+    if sweep.replicates != 1:
+        text += " x %d replicates" % sweep.replicates
+    return text + ") of %s; array %s" % (", ".join(sweep.parameters), _sweep_array(sweep))
 
 
 def _located_error_to_dict(error):
@@ -16991,6 +17815,13 @@ def _format_inspect_text(plan, verbose=False, cache_reports=None):
              if getattr(slurm, key) not in (None, False)]
     lines.append("job resources: %s" % (" ".join(asked) or "the partition's defaults"))
     lines.append("service order: %s" % " -> ".join(s.name for s in plan.services))
+    sweep = plan.spec.sweep
+    if sweep is not None:
+        lines.append("sweep: %s" % _format_sweep_summary(sweep))
+        for task in sweep.tasks:
+            lines.append("  task %d: %s%s" % (
+                task.index, " ".join("%s=%s" % pair for pair in task.params),
+                " (replicate %d)" % task.replicate if sweep.replicates != 1 else ""))
     for service in plan.services:
         lines.append("")
         lines.append("service: %s" % service.name)
@@ -17434,6 +18265,174 @@ def _add_report_parser(subparsers):
     _add_tool_arguments(parser, ("squeue", "sacct"))
 
 
+def _add_sweep_parser(subparsers):
+    parser = _add_command(subparsers, "sweep", _cmd_sweep,
+                         "the tasks of an x-sweep job: parameters, state, results; retry some",
+                         ["hpc-compose sweep status -f sweep.yaml --sort loss --top 5",
+                          "hpc-compose sweep status -f sweep.yaml --format csv > results.csv",
+                          "hpc-compose sweep retry --failed -f sweep.yaml",
+                          "hpc-compose sweep retry --tasks 3,7 -f sweep.yaml"])
+    sub = parser.add_subparsers(dest="sweep_command", metavar="SUBCOMMAND",
+                                parser_class=type(parser))
+    status = _add_command(sub, "status", _cmd_sweep_status,
+                          "one row per task (latest attempt): index, parameters, state, elapsed, "
+                          "exit, result values; failed tasks with their log's last lines",
+                          ["hpc-compose sweep status -f sweep.yaml",
+                           "hpc-compose sweep status --sort -accuracy --top 3",
+                           "hpc-compose sweep status --watch"])
+    _add_file_argument(status)
+    status.add_argument("--job-id", dest="job_id", metavar="ID",
+                        help="the sweep's job id, or a retry's (default: the latest job "
+                             "submitted from this compose dir)")
+    status.add_argument("--sort", metavar="KEY",
+                        help="sort by a result, a parameter, index, state or elapsed (-KEY: "
+                             "descending); tasks without the value come last")
+    status.add_argument("--top", type=int, metavar="N", help="only the first N rows")
+    status.add_argument("--watch", action="store_true",
+                        help="refresh until every task has ended")
+    status.add_argument("--interval", type=float, default=10.0, metavar="SECONDS",
+                        help="seconds between two refreshes of --watch (default: 10)")
+    _add_tool_arguments(status, ("sacct", "squeue"))
+    _add_format_argument(status, choices=("text", "json", "csv"))
+    retry = _add_command(sub, "retry", _cmd_sweep_retry,
+                         "submit the failed (or chosen) tasks again as a new array with the same "
+                         "parameters and indices; sweep status then shows the latest attempt",
+                         ["hpc-compose sweep retry --failed -f sweep.yaml",
+                          "hpc-compose sweep retry --tasks 3,7 -f sweep.yaml"])
+    _add_file_argument(retry)
+    retry.add_argument("--job-id", dest="job_id", metavar="ID",
+                       help="the sweep's job id (default: the latest job of this compose dir)")
+    retry.add_argument("--failed", action="store_true",
+                       help="the tasks that ended other than COMPLETED (the default without "
+                            "--tasks; with --tasks, only those of them that failed)")
+    retry.add_argument("--tasks", metavar="LIST", help="these task indices, e.g. 3,7 or 10-12")
+    _add_tool_arguments(retry, ("sbatch", "sacct", "squeue"))
+    _add_format_argument(retry)
+
+
+def _cmd_sweep(args):
+    """``sweep`` without a subcommand is a usage error."""
+    raise UsageError("sweep needs a subcommand: status or retry",
+                     hint="run 'hpc-compose sweep --help'")
+
+
+def _sweep_record(args):
+    compose_file = _resolve_compose_file(args)
+    record = _load_job_record(os.path.dirname(compose_file), args.job_id, compose_file)
+    return _sweep_root_record(record["project_dir"], record)
+
+
+def _print_sweep_status(status, fmt):
+    if fmt == "json":
+        _print_json(status)
+    elif fmt == "csv":
+        sys.stdout.write(_format_sweep_status_csv(status))
+    else:
+        sys.stdout.write(_format_sweep_status_text(status))
+
+
+def _cmd_sweep_status(args, sleep=None):
+    """The sweep table: one sacct call per refresh, whatever the number of tasks."""
+    import time
+    fmt = _output_format(args)
+    if args.top is not None and args.top < 1:
+        raise UsageError("--top must be at least 1")
+    record = _sweep_record(args)
+    sleep = sleep or time.sleep
+    clear = args.watch and fmt == "text" and sys.stdout.isatty()
+    try:
+        while True:
+            status = _sweep_status(record, args.sacct_bin, args.squeue_bin)
+            if clear:
+                sys.stdout.write("\033[H\033[J")
+            _print_sweep_status(_sort_sweep_rows(status, args.sort, args.top), fmt)
+            sys.stdout.flush()
+            ended = all(row["state"] in _TERMINAL_STATES for row in status["tasks"])
+            if not args.watch or ended:
+                return _EXIT_OK
+            sleep(max(args.interval, 1.0))
+    except KeyboardInterrupt:
+        sys.stderr.write("\nstopped watching sweep %s; its tasks keep running.\n"
+                         % record["job_id"])
+        return _EXIT_INTERRUPTED
+
+
+def _cmd_sweep_retry(args):
+    """Submit the chosen tasks of a sweep again: the first job's script, ``--array`` of them."""
+    fmt = _output_format(args)
+    root = _sweep_record(args)
+    if root.get("uses_secrets"):
+        raise UsageError("sweep %s uses secrets, which only a fresh submission delivers"
+                         % root["job_id"], hint="submit the sweep again: hpc-compose submit")
+    script = root.get("sweep_script") or root.get("script_path")
+    if not script or not os.path.isfile(script):
+        raise UsageError("the batch script of sweep %s is gone (%s)" % (root["job_id"], script),
+                         hint="submit the sweep again: hpc-compose submit")
+    status = _sweep_status(root, args.sacct_bin, args.squeue_bin)
+    tasks = _sweep_retry_tasks(status, args.failed, _parse_task_list(args.tasks)
+                               if args.tasks else None)
+    if not tasks:
+        if fmt == "json":
+            _print_json({"job_id": None, "tasks": []})
+        else:
+            print("nothing to retry: no task of sweep %s failed" % root["job_id"])
+        return _EXIT_OK
+    running = [row["index"] for row in status["tasks"]
+               if row["index"] in tasks and row["state"] not in _TERMINAL_STATES]
+    if running:
+        raise UsageError("task %s of sweep %s has not ended yet" % (
+            ", ".join(str(task) for task in running), root["job_id"]),
+            hint="wait for it (sweep status --watch), or cancel it first")
+    array = ",".join(str(task) for task in tasks)
+    if root["sweep"].get("max_parallel"):
+        array += "%%%d" % root["sweep"]["max_parallel"]
+    job_id, cluster = _submit_batch_script(script, root["project_dir"], args.sbatch_bin,
+                                          array=array)
+    record = _retry_record(root, job_id, cluster, tasks, array)
+    try:
+        _record_job(root["project_dir"], record)
+    except OSError as exc:
+        _warn("job %s was submitted but its tracking record could not be written: %s"
+              % (job_id, exc))
+    if fmt == "json":
+        _print_json({"job_id": job_id, "cluster": cluster, "sweep": root["job_id"],
+                     "tasks": tasks, "array": array})
+    else:
+        print("submitted batch job %s: tasks %s of sweep %s again"
+              % (job_id, ", ".join(str(task) for task in tasks), root["job_id"]))
+        print("follow them: hpc-compose sweep status --watch -f %s"
+              % (root.get("compose_file") or "compose.yaml"))
+    return _EXIT_OK
+
+
+def _add_diff_parser(subparsers):
+    parser = _add_command(subparsers, "diff", _cmd_diff,
+                         "what differs between two tracked jobs or sweep tasks: spec, parameters, "
+                         "resources, images, nodes, elapsed, exit, results",
+                         ["hpc-compose diff 1234_3 1234_7",
+                          "hpc-compose diff 1200 1250 --format json"])
+    parser.add_argument("left", metavar="JOB_A", help="a job id, or ID_TASK for a task of a "
+                                                      "sweep or array")
+    parser.add_argument("right", metavar="JOB_B", help="the job to compare it with")
+    _add_file_argument(parser)
+    _add_tool_arguments(parser, ("sacct",))
+    _add_format_argument(parser)
+
+
+def _cmd_diff(args):
+    """Two jobs' facts side by side, only where they differ (two sacct calls)."""
+    compose_file = _resolve_compose_file(args)
+    project_dir = os.path.dirname(compose_file)
+    left = _job_facts(project_dir, args.left, args.sacct_bin)
+    right = _job_facts(project_dir, args.right, args.sacct_bin)
+    differences = _diff_facts(left, right)
+    if _output_format(args) == "json":
+        _print_json({"left": left, "right": right, "differences": differences})
+    else:
+        sys.stdout.write(_format_diff_text(left, right, differences))
+    return _EXIT_OK
+
+
 def _add_artifacts_parser(subparsers):
     parser = _add_command(subparsers, "artifacts", _cmd_artifacts,
                          "export collected artifacts to x-slurm.artifacts.export_dir",
@@ -17575,6 +18574,9 @@ def _submit_plan(args, plan, run=None):
     if holds:
         _deliver_secrets(plan, job_id, cluster, say, args.scontrol_bin, args.scancel_bin)
     record = _build_job_record(runtime_plan, job_id, cluster, script_path)
+    if plan.spec.sweep is not None:
+        # sweep retry resubmits this very script, whatever renders to script_path later.
+        record["sweep_script"] = _keep_sweep_script(plan.project_dir, job_id, script_path)
     record["dependency"] = dependency or None
     record["after"] = chain
     if run:
@@ -17610,6 +18612,19 @@ def _submit_plan(args, plan, run=None):
             return _watch_array(record, args, fmt)
         return _watch(record, args, fmt)
     return _EXIT_OK
+
+
+def _keep_sweep_script(project_dir, job_id, script_path):
+    """A private copy of a sweep's batch script beside its record (``jobs/<id>.sbatch``)."""
+    path = os.path.join(_tracking_root(project_dir), "jobs", "%s.sbatch" % job_id)
+    try:
+        with open(script_path) as handle:
+            _make_private_dir(os.path.dirname(path))
+            _write_file_atomic(path, handle.read(), _PRIVATE_FILE_MODE)
+    except OSError as exc:
+        _warn("the batch script of sweep %s could not be kept for sweep retry: %s" % (job_id, exc))
+        return None
+    return path
 
 
 def _watch(record, args, fmt):
@@ -17863,10 +18878,16 @@ def _cmd_status(args):
         return _watch_screens(args, lambda: _status_screen(record, args))
     if record.get("array_tasks") and record.get("array_task") is None:
         status = _array_status(record, args.squeue_bin, args.sacct_bin)
+        if record.get("sweep"):
+            status["sweep"] = "hpc-compose sweep status -f %s" % (
+                record.get("compose_file") or "compose.yaml")
         if _output_format(args) == "json":
             _print_json(status)
         else:
             sys.stdout.write(_format_array_status_text(status))
+            if record.get("sweep"):
+                sys.stdout.write("  sweep:      this job is a sweep: parameters, results and "
+                                 "retries: %s\n" % status["sweep"])
         return _EXIT_OK
     status = _job_status(record, args.squeue_bin, args.sacct_bin)
     if status["scheduler_warning"]:

@@ -45,7 +45,7 @@ def commands_of(document):
 
 
 # The HPC patterns around one job (signal + requeue + resume, arrays), runnable on the test cluster.
-PATTERN_EXAMPLES = ["long-training", "parameter-sweep"]
+PATTERN_EXAMPLES = ["long-training", "parameter-sweep", "sweep-grid"]
 
 
 def test_every_manual_example_and_host_pipeline_is_shipped():
@@ -103,6 +103,8 @@ def test_example_relative_mounts_exist_beside_it(name):
 def test_example_shell_commands_parse_in_sh(name):
     for where, value in commands_of(load(name)):
         if isinstance(value, str):
+            # What /bin/sh runs: a sweep's ((param.NAME)) placeholders become "$VARIABLE" words.
+            value = hpc_compose._placeholder_script(value)
             check = subprocess.run(["sh", "-n", "-c", value], stderr=subprocess.PIPE,
                                    universal_newlines=True)
             assert check.returncode == 0, "%s: %s: %s" % (name, where, check.stderr)
@@ -208,14 +210,19 @@ def test_standin_trainer_checkpoints_on_sigusr1_and_the_next_run_resumes(tmp_pat
     assert lines[-1].startswith("done: %d steps" % (saved + 2))
 
 
-def test_parameter_sweep_is_an_array_whose_tasks_pick_their_learning_rate():
-    document = load("parameter-sweep")
-    assert document["x-slurm"]["array"] == "0-3%2"
-    command = document["services"]["train"]["command"]
-    rates = command.split(";")[0].split()[2:]
-    for task in range(4):
-        picked = subprocess.run(["sh", "-c", command.replace("exec python3", "echo") + "",
-                                 ], env=dict(os.environ, HPC_COMPOSE_ARRAY_TASK_ID=str(task),
-                                             HPC_COMPOSE_JOB_DIR="/job"),
-                                stdout=subprocess.PIPE, universal_newlines=True).stdout.split()
-        assert picked[picked.index("--learning-rate") + 1] == rates[task]
+def test_parameter_sweep_is_a_sweep_of_four_learning_rates_two_at_a_time():
+    spec = hpc_compose.load_spec(os.path.join(EXAMPLES, "parameter-sweep.yaml"), environ=ENV)
+    assert spec.slurm.array == "0-3%2"
+    assert [dict(task.params)["learning_rate"] for task in spec.sweep.tasks] == \
+        ["0.4", "0.2", "0.1", "0.05"]
+    assert spec.sweep.results == ("run/result.json",)
+
+
+def test_sweep_grid_sweeps_two_parameters_with_three_replicates():
+    spec = hpc_compose.load_spec(os.path.join(EXAMPLES, "sweep-grid.yaml"), environ=ENV)
+    assert spec.sweep.parameters == ("learning_rate", "steps")
+    assert len(spec.sweep.tasks) == 15 and spec.slurm.array == "0-14%4"
+    assert ("learning_rate", "0.02") not in [p for t in spec.sweep.tasks[:3] for p in t.params]
+    assert [task.replicate for task in spec.sweep.tasks[:4]] == [0, 1, 2, 0]
+
+

@@ -11,6 +11,7 @@ It behaves the way a real trainer should under hpc-compose's signal, requeue and
 import argparse
 import json
 import os
+import random
 import signal
 import sys
 import time
@@ -29,12 +30,15 @@ def main():
     parser.add_argument("--step-seconds", type=float, default=0.5)
     parser.add_argument("--learning-rate", type=float, default=0.1)
     parser.add_argument("--save-every", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=None,
+                        help="a replicate's seed: a little noise on each step's loss")
     parser.add_argument("--checkpoint-dir", default=os.environ.get("HPC_COMPOSE_RESUME_DIR", "."))
     args = parser.parse_args()
     os.makedirs(args.checkpoint_dir, exist_ok=True)
     checkpoint = os.path.join(args.checkpoint_dir, "checkpoint.json")
     attempt = os.environ.get("HPC_COMPOSE_ATTEMPT", "0")
     step, loss = 0, 1.0
+    noise = random.Random(args.seed) if args.seed is not None else None
     if os.path.exists(checkpoint):
         with open(checkpoint) as handle:
             state = json.load(handle)
@@ -53,12 +57,15 @@ def main():
         time.sleep(args.step_seconds)
         step += 1
         loss *= 1.0 - args.learning_rate / 10.0
+        if noise is not None:
+            loss *= 1.0 + noise.uniform(-0.01, 0.01)
         print("step %d loss %.5f" % (step, loss), flush=True)
         if step % args.save_every == 0:
             save(checkpoint, {"step": step, "loss": loss, "attempt": attempt})
     save(checkpoint, {"step": step, "loss": loss, "attempt": attempt})
     save(os.path.join(args.checkpoint_dir, "result.json"),
-         {"steps": step, "loss": loss, "learning_rate": args.learning_rate, "attempt": attempt})
+         {"steps": step, "loss": loss, "learning_rate": args.learning_rate, "attempt": attempt,
+          "seed": args.seed})
     print("done: %d steps, loss %.5f" % (step, loss), flush=True)
     return 0
 

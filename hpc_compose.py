@@ -309,8 +309,21 @@ _SAFE_SHELL_CHARS = frozenset(
 
 
 def _write_file_atomic(path, data, mode=0o644):
-    """Write ``data`` (str or bytes) to ``path`` via a temporary file and a rename."""
+    """Write ``data`` (str or bytes) to ``path`` via a temporary file and a rename.
+
+    A path that names a device or a FIFO (``-o /dev/null``, ``-o /dev/stdout``, a named pipe) is
+    written through instead: a rename would replace the device itself, which root can do.
+    """
+    import stat
     import tempfile
+    try:
+        kind = os.lstat(path).st_mode
+    except OSError:
+        kind = 0
+    if stat.S_ISCHR(kind) or stat.S_ISFIFO(kind):
+        with open(path, "wb") as handle:
+            handle.write(data.encode("utf-8") if isinstance(data, str) else data)
+        return
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".",

@@ -420,3 +420,20 @@ def test_render_output_folders_are_never_writable_by_others(tmp_path, cli):
     assert result.code == 0, result
     assert [stat.S_IMODE(os.stat(str(path)).st_mode) for path in
             (tmp_path / "out", tmp_path / "out" / "a", script)] == [0o755, 0o755, 0o600]
+
+
+def test_an_atomic_write_to_a_device_or_fifo_writes_through_and_never_replaces_it(tmp_path):
+    # `render -o /dev/null` run as root once replaced /dev/null with a private regular file: a
+    # rename onto a device replaces the device. Such paths are written through.
+    import threading
+    hc._write_file_atomic("/dev/null", "discarded\n", 0o600)
+    assert stat.S_ISCHR(os.lstat("/dev/null").st_mode)
+    fifo = str(tmp_path / "pipe")
+    os.mkfifo(fifo)
+    received = []
+    reader = threading.Thread(target=lambda: received.append(open(fifo, "rb").read()))
+    reader.start()
+    hc._write_file_atomic(fifo, b"through the pipe\n")
+    reader.join(10)
+    assert received == [b"through the pipe\n"]
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)

@@ -2271,6 +2271,7 @@ class ServiceSlurmSpec(NamedTuple):
     time: Optional[str] = None     # srun --time of the service's step
     mpi: Optional[str] = None      # srun --mpi=TYPE (pmix, pmi2, ...)
     modules: Tuple[ModuleSpec, ...] = ()  # loaded after the job-level x-slurm.modules
+    group: Optional[str] = None    # x-slurm.groups member (None: the first group)
 
 
 class ServiceSpec(NamedTuple):
@@ -2371,6 +2372,19 @@ class SlurmSpec(NamedTuple):
     exclusive: Union[bool, str, None] = None  # True: --exclusive; "user"/"mcs": --exclusive=MODE
     modules: Tuple[ModuleSpec, ...] = ()  # environment modules every service loads
     modules_path: Tuple[str, ...] = ()  # `module use` folders, unresolved (planner resolves)
+    # x-slurm.groups: the components of a heterogeneous job, in file order (group 0 first)
+    groups: Tuple["SlurmGroupSpec", ...] = ()
+
+
+class SlurmGroupSpec(NamedTuple):
+    """One component of a heterogeneous job: its name and its own resource fields.
+
+    ``slurm`` is a SlurmSpec holding only the keys of _GROUP_KEYS (the rest stay at their
+    defaults), so that placement and the #SBATCH lines read a group as they read a plain job.
+    """
+    name: str
+    slurm: SlurmSpec
+    line: Optional[int] = None     # line of the group's key in the compose file
 
 
 class ComposeSpec(NamedTuple):
@@ -2617,6 +2631,17 @@ _SERVICE_SIGNAL_FIELDS = (
                                   "shell received)", choices=_SERVICE_SIGNALS),
     _Field("forward", "boolean", "false: the service is not signalled", default=True),
 )
+_EXCLUSIVE_FIELD = _Field("exclusive", "exclusive", "#SBATCH --exclusive: true, or user or mcs "
+                                                    "(--exclusive=user)")
+# The resource fields one component of a heterogeneous job sets for itself (x-slurm.groups.<name>);
+# the rest of x-slurm (time, job_name, output, signal...) stays job-wide.
+_GROUP_KEYS = ("partition", "account", "qos", "nodes", "ntasks", "ntasks_per_node",
+               "cpus_per_task", "mem", "mem_per_cpu", "mem_per_gpu", "gres", "gpus",
+               "gpus_per_node", "gpus_per_task", "cpus_per_gpu", "constraint", "exclusive",
+               "reservation", "nodelist", "exclude")
+_GROUP_FIELDS = tuple(field for field in _SLURM_STRING_FIELDS + _SLURM_COUNT_FIELDS
+                      + (_EXCLUSIVE_FIELD,) if field.name in _GROUP_KEYS)
+_GROUP_NAME_PATTERN = "^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 _SLURM_FIELDS = _SLURM_STRING_FIELDS + _SLURM_COUNT_FIELDS + (
     _Field("metrics", "mapping", "runtime metrics sampling", fields=_METRICS_FIELDS),
     _Field("artifacts", "mapping", "artifact collection and export", fields=_ARTIFACTS_FIELDS),
@@ -2634,12 +2659,14 @@ _SLURM_FIELDS = _SLURM_STRING_FIELDS + _SLURM_COUNT_FIELDS + (
     _Field("dependency", "text", "#SBATCH --dependency, e.g. afterok:12345 (submit --after adds "
                                  "to it)"),
     _Field("array", "text", "#SBATCH --array, e.g. \"0-15%4\": one task per index"),
-    _Field("exclusive", "exclusive", "#SBATCH --exclusive: true, or user or mcs "
-                                     "(--exclusive=user)"),
+    _EXCLUSIVE_FIELD,
     _Field("modules", "modules", "environment modules every service's step loads (module load), "
                                  "e.g. gcc/12.2"),
     _Field("modules_path", "texts", "folders of modulefiles to add first (module use); relative "
                                     "to the compose file"),
+    _Field("groups", "groups", "a heterogeneous job: group name -> its own resources (%s); a "
+                               "service picks one with x-slurm.group, the first is the default"
+                               % ", ".join(_GROUP_KEYS), fields=_GROUP_FIELDS),
 )
 _FAILURE_POLICY_FIELDS = (
     _Field("mode", "choice", "what a non-zero exit does", choices=_FAILURE_MODES,
@@ -2668,6 +2695,8 @@ _SERVICE_SLURM_FIELDS = (
                          "shows), a string or {type: TYPE}"),
     _Field("modules", "modules", "environment modules this service's step loads too, after "
                                  "x-slurm.modules"),
+    _Field("group", "text", "the x-slurm.groups component the service runs in (default: the "
+                            "first group)"),
 )
 _READINESS_SCHEMA_FIELDS = (
     _Field("type", "choice", "how readiness is checked", choices=("sleep", "tcp", "log", "http")),
@@ -2879,6 +2908,11 @@ def _field_schema(field):
         service["type"] = "object"
         schema = {"type": "object", "minProperties": 1, "additionalProperties": False,
                   "patternProperties": {"^[A-Za-z0-9][A-Za-z0-9_.-]*$": service}}
+    elif kind == "groups":
+        group = _mapping_schema(field.fields, False)
+        group["type"] = ["object", "null"]
+        schema = {"type": "object", "minProperties": 1, "additionalProperties": False,
+                  "patternProperties": {_GROUP_NAME_PATTERN: group}}
     elif kind == "bundles":
         bundle = {"type": "object", "required": ["paths"], "additionalProperties": False,
                   "properties": {"paths": dict(texts, description="paths in this bundle")}}
@@ -3285,13 +3319,26 @@ class Placement(NamedTuple):
     ntasks_per_node: Optional[int] = None
 
 
-def _resolve_placement(alloc_nodes, service_slurm, top_slurm, service_count):
-    """The ``Placement`` of one service in an allocation of ``alloc_nodes``; raises ``_Invalid``."""
+_ASCII_ALNUM = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
+
+
+def _group_variable(group, suffix):
+    """``HPC_COMPOSE_GROUP_<NAME>_<SUFFIX>``: the name upper-cased, non-alphanumerics as ``_``."""
+    name = "".join(c if c in _ASCII_ALNUM else "_" for c in group)
+    return "HPC_COMPOSE_GROUP_%s_%s" % (name.upper(), suffix)
+
+
+def _resolve_placement(alloc_nodes, service_slurm, top_slurm, service_count, group=None):
+    """The ``Placement`` of one service in an allocation of ``alloc_nodes`` (the job's, or group
+    ``group``'s in a heterogeneous job); raises ``_Invalid``."""
     requested = service_slurm.nodes
+    where = "the allocation" if group is None else "group '%s'" % group
     if alloc_nodes <= 1:
         if requested not in (None, 1):
-            raise _Invalid("x-slurm.nodes is %s but the allocation has 1 node" % requested,
-                           hint="raise the top-level x-slurm.nodes, or drop the service's nodes")
+            raise _Invalid("x-slurm.nodes is %s but %s has 1 node" % (requested, where),
+                           hint="raise the top-level x-slurm.nodes, or drop the service's nodes"
+                           if group is None else "raise x-slurm.groups.%s.nodes, or drop the "
+                           "service's nodes" % group)
         return _helper_geometry("single", service_slurm)
     if requested is None:
         distributed = service_count == 1
@@ -3300,12 +3347,12 @@ def _resolve_placement(alloc_nodes, service_slurm, top_slurm, service_count):
     elif requested == 1:
         distributed = False
     elif requested > alloc_nodes:
-        raise _Invalid("x-slurm.nodes is %s but the allocation has only %s nodes"
-                       % (requested, alloc_nodes))
+        raise _Invalid("x-slurm.nodes is %s but %s has only %s nodes"
+                       % (requested, where, alloc_nodes))
     else:
         raise _Invalid("x-slurm.nodes is %s; a service runs either on 1 node (a helper on the "
-                       "primary node) or on all %s nodes (the distributed step)"
-                       % (requested, alloc_nodes),
+                       "primary node) or on all %s nodes%s (the distributed step)"
+                       % (requested, alloc_nodes, "" if group is None else " of " + where),
                        hint="partial-node placement is not supported in v1")
     if not distributed:
         return _helper_geometry("primary", service_slurm)
@@ -4353,10 +4400,72 @@ class _SpecLoader(object):
                                          default=())
         values["modules_path"] = self.attempt(self.string_list, path + ("modules_path",),
                                               raw.get("modules_path"), default=())
+        if "groups" in raw:
+            values["groups"] = self.attempt(self.slurm_groups, path + ("groups",), raw["groups"],
+                                            raw, values, default=())
         # A resume or requeue that could not be read was reported; signal did not repeat it.
         for key in ("resume", "requeue"):
             if values.get(key) is _UNREAD:
                 values[key] = None
+        self.check_gpus(path, values)
+        return SlurmSpec(**values)
+
+    def slurm_groups(self, path, raw, raw_slurm, values):
+        """x-slurm.groups: the components of a heterogeneous job, each with its own resources."""
+        raw = self.mapping(path, raw, "a mapping of group name -> resources")
+        if not raw:
+            raise self.error(path, "x-slurm.groups is empty",
+                             hint="name at least one group, e.g. groups: {gpu: {nodes: 1}}, or "
+                                  "drop groups")
+        # One place for each resource: the job-level field would silently apply to group 0 only.
+        for key in _GROUP_KEYS:
+            if key in raw_slurm:
+                self.record(self.error(path[:-1] + (key,), "x-slurm.%s is set next to "
+                                       "x-slurm.groups; with groups every group sets its own "
+                                       "resources" % key, at_key=True,
+                                       hint="move %s into the groups that need it "
+                                            "(x-slurm.groups.<name>.%s)" % (key, key)))
+        if values.get("array") is not None:
+            self.record(self.error(path[:-1] + ("array",), "x-slurm.array is set with "
+                                   "x-slurm.groups; Slurm does not run job arrays of "
+                                   "heterogeneous jobs", at_key=True,
+                                   hint="drop array, or submit one heterogeneous job per index"))
+        import re
+        groups = []
+        variables = {}
+        for name, body in raw.items():
+            group_path = path + (name,)
+            if not isinstance(name, str) or not re.match(_GROUP_NAME_PATTERN, name):
+                self.record(self.error(group_path, "group name %r is not a name: letters, digits, "
+                                       "'_', '.' and '-', starting with a letter or digit"
+                                       % (name,), at_key=True))
+                continue
+            variable = _group_variable(name, "NODELIST")
+            if variable in variables:
+                self.record(self.error(group_path, "groups '%s' and '%s' both give the variable "
+                                       "%s" % (variables[variable], name, variable), at_key=True,
+                                       hint="rename one of them"))
+                continue
+            variables[variable] = name
+            group = self.attempt(self.slurm_group, group_path, body)
+            if group is not None:
+                mark = self.mark(group_path, at_key=True)
+                groups.append(SlurmGroupSpec(name, group, mark.line if mark else None))
+        return tuple(groups)
+
+    def slurm_group(self, path, raw):
+        raw = self.mapping(path, raw)
+        self.check_keys(path, raw, _GROUP_KEYS, "x-slurm.groups.<name>")
+        values = {}
+        for key in _GROUP_KEYS:
+            if key in _SLURM_COUNT_KEYS:
+                values[key] = self.attempt(self.integer, path + (key,), raw.get(key))
+            elif key == "exclusive":
+                if raw.get(key) is not None:
+                    values[key] = self.attempt(self.exclusive, path + (key,), raw[key])
+            else:
+                values[key] = self.attempt(self.slurm_value, path + (key,), raw.get(key))
+        self.check_memory_options(path, values)
         self.check_gpus(path, values)
         return SlurmSpec(**values)
 
@@ -4842,6 +4951,7 @@ class _SpecLoader(object):
             values["mpi"] = self.attempt(self.mpi, path + ("mpi",), raw["mpi"])
         values["modules"] = self.attempt(self.modules, path + ("modules",), raw.get("modules"),
                                          default=())
+        values["group"] = self.attempt(self.optional_string, path + ("group",), raw.get("group"))
         self.check_gpus(path, values)
         return ServiceSlurmSpec(**values)
 
@@ -5235,18 +5345,54 @@ class _SpecLoader(object):
                                               by_name, raw_services)
                 if error is not None:
                     self.record(error)
+        if not slurm.groups:
+            for service in services:
+                if service.slurm.group is not None:
+                    self.record(self.error(
+                        ("services", service.name, "x-slurm", "group"), "service '%s' names "
+                        "group '%s', but x-slurm.groups is not set"
+                        % (service.name, service.slurm.group),
+                        hint="declare the group under x-slurm.groups, or drop group"))
+            self.check_placement(services, slurm, len(raw_services))
+            return
+        groups = dict((group.name, group) for group in slurm.groups)
+        members = dict((group.name, []) for group in slurm.groups)
+        for service in services:
+            name = service.slurm.group or slurm.groups[0].name
+            if name in members:
+                members[name].append(service)
+                continue
+            suggestion = _closest(name, sorted(groups))
+            self.record(self.error(("services", service.name, "x-slurm", "group"),
+                                   "service '%s' names the unknown group '%s'; the groups are %s"
+                                   % (service.name, name, ", ".join(sorted(groups))),
+                                   hint="did you mean '%s'?" % suggestion if suggestion
+                                   else "declare it under x-slurm.groups"))
+        for index, group in enumerate(slurm.groups):
+            # Only when every service loaded: one in error may well have named the group.
+            if not members[group.name] and len(services) == len(raw_services):
+                self.record(self.error(("x-slurm", "groups", group.name), "group '%s' runs no "
+                                       "service; Slurm would allocate its nodes for nothing"
+                                       % group.name, at_key=True,
+                                       hint="name it in a service's x-slurm.group, or drop it"))
+            self.check_placement(members[group.name], group.slurm, len(members[group.name]),
+                                 group.name, index)
+
+    def check_placement(self, services, slurm, service_count, group=None, group_index=0):
+        """Placement rules inside one allocation: the plain job's, or one group's."""
         alloc_nodes = slurm.nodes or 1
         distributed = None
         for service in services:
             path = ("services", service.name, "x-slurm", "nodes")
             placement = self.attempt(self.apply_rule, path, _resolve_placement, alloc_nodes,
-                                     service.slurm, slurm, len(raw_services))
+                                     service.slurm, slurm, service_count, group)
             if placement is None or placement.mode != "distributed":
                 continue
             if distributed is not None:
                 self.record(self.error(path, "services '%s' and '%s' both span the whole "
-                                       "allocation; at most one distributed service is supported"
-                                       % (distributed, service.name),
+                                       "%s; at most one distributed service is supported"
+                                       % (distributed, service.name, "allocation" if group is None
+                                          else "group '%s'" % group),
                                        hint="set x-slurm.nodes: 1 on helper services"))
                 continue
             distributed = service.name
@@ -5254,7 +5400,8 @@ class _SpecLoader(object):
             local = readiness is not None and (
                 (readiness.type == "tcp" and _is_local_host(readiness.host))
                 or (readiness.type == "http" and _is_local_host(_url_host(readiness.url))))
-            if local:
+            # In a later group the probe goes to that group's first node (see _readiness_host_parts).
+            if local and group_index == 0:
                 self.record(self.error(("services", service.name, "readiness"),
                                        "the distributed service '%s' cannot use %s readiness "
                                        "against localhost" % (service.name, readiness.type),
@@ -5462,6 +5609,19 @@ def _slurm_to_dict(slurm, escape=None):
     for key in ("dependency", "array"):
         if getattr(slurm, key) is not None:
             data[key] = escape(getattr(slurm, key))
+    if slurm.groups:
+        data["groups"] = dict((group.name, _group_slurm_to_dict(group.slurm, escape))
+                              for group in slurm.groups)
+    return data
+
+
+def _group_slurm_to_dict(slurm, escape):
+    """One group's resources: its keys that are set, in _GROUP_KEYS order."""
+    data = {}
+    for key in _GROUP_KEYS:
+        value = getattr(slurm, key)
+        if value is not None:
+            data[key] = escape(value) if isinstance(value, str) else value
     return data
 
 
@@ -5623,6 +5783,8 @@ class ServicePlan(NamedTuple):
     mpi: Optional[str] = None      # srun --mpi=TYPE
     modules: Tuple[ModuleSpec, ...] = ()  # x-slurm.modules, then the service's own
     module_paths: Tuple[str, ...] = ()  # absolute `module use` folders (only with modules)
+    group: Optional[str] = None    # heterogeneous job: the x-slurm.groups component it runs in
+    het_group: Optional[int] = None  # ... and its index (srun --het-group), None in a plain job
 
 
 class Plan(NamedTuple):
@@ -5772,7 +5934,14 @@ def _find_cycle(services):
 def build_plan(spec, environ=None) -> Plan:
     """Turn a validated spec into the deterministic ``Plan``."""
     environ = os.environ if environ is None else environ
-    alloc_nodes = spec.slurm.nodes or 1
+    groups = spec.slurm.groups
+    # In a heterogeneous job the batch script runs in group 0: its nodes are "the allocation".
+    alloc_nodes = (groups[0].slurm.nodes if groups else spec.slurm.nodes) or 1
+    group_index = dict((group.name, index) for index, group in enumerate(groups))
+    group_size = dict((group.name, 0) for group in groups)
+    for service in spec.services:
+        if groups:
+            group_size[service.slurm.group or groups[0].name] += 1
     cache_dir = _resolve_cache_dir(spec, environ)
     module_paths = tuple(resolve_host_path(path, spec.project_dir, environ)
                          for path in spec.slurm.modules_path)
@@ -5783,9 +5952,17 @@ def build_plan(spec, environ=None) -> Plan:
             dependents[target].append(service.name)
     services = []
     for service in ordered:
+        group = het_group = None
         try:
-            placement = _resolve_placement(alloc_nodes, service.slurm, spec.slurm,
-                                           len(spec.services))
+            if groups:
+                group = service.slurm.group or groups[0].name
+                het_group = group_index[group]
+                group_slurm = groups[het_group].slurm
+                placement = _resolve_placement(group_slurm.nodes or 1, service.slurm, group_slurm,
+                                               group_size[group], group)
+            else:
+                placement = _resolve_placement(alloc_nodes, service.slurm, spec.slurm,
+                                               len(spec.services))
             if service.runtime == "host" or service.image is None:
                 image = ImageRef("none", "", None, service.image)
             else:
@@ -5822,7 +5999,8 @@ def build_plan(spec, environ=None) -> Plan:
             gres=service.slurm.gres, extra_srun_args=service.slurm.extra_srun_args,
             prepare=prepare, secrets=service.secrets, mem=service.slurm.mem,
             time=service.slurm.time, mpi=service.slurm.mpi, modules=modules,
-            module_paths=module_paths if modules else ()))
+            module_paths=module_paths if modules else (), group=group,
+            het_group=het_group))
     job_name = spec.slurm.job_name or spec.name or "hpc-compose"
     secrets = tuple(secret._replace(reference=resolve_host_path(secret.reference,
                                                                 spec.project_dir, environ))
@@ -5874,7 +6052,7 @@ def plan_to_dict(plan):
             "prepare": prepare,
             "secrets": _service_secrets_to_list(service.secrets),
         })
-        for key in ("mem", "time", "mpi"):
+        for key in ("mem", "time", "mpi", "group", "het_group"):
             if getattr(service, key) is not None:
                 services[-1][key] = getattr(service, key)
         if service.modules:
@@ -8121,7 +8299,12 @@ _SERVICE_ENTRY_TEMPLATE = """
 NAME[@{index}]=@{name_word} TOKEN[@{index}]=@{token} POLICY[@{index}]=@{policy} ENDS_JOB[@{index}]=@{ends_job}
 DEPENDS_ON[@{index}]=@{depends_on}
 PLACEMENT[@{index}]=@{placement} DISTRIBUTED[@{index}]=@{distributed}
-@{restart}@{readiness}"""
+@{group}@{restart}@{readiness}"""
+
+# A service of a heterogeneous job: the variables that hold its group's nodes (set at allocation).
+_GROUP_ENTRY_TEMPLATE = """\
+NODELIST_VARIABLE[@{index}]=@{nodelist_variable} PRIMARY_VARIABLE[@{index}]=@{primary_variable}
+"""
 
 _SIGNAL_TABLE_TEMPLATE = """
 # Signals (x-slurm.signal): ON_SIGNAL is forward or requeue; SIGNAL_TO is what each service receives
@@ -8272,7 +8455,7 @@ say() {  # a line for the Slurm batch log
 # line appended to timeline.jsonl (every service's status, launches, last exit), from which
 # `status --timeline` and `report` draw the job's phases.
 write_state() {
-    local i services='' separator='' readiness pid reason nodelist timeline=''
+    local i services='' separator='' readiness pid reason nodelist variable timeline=''
     clock
     for ((i = 0; i < SERVICE_COUNT; i++)); do
         readiness=null
@@ -8290,11 +8473,13 @@ write_state() {
             services+=", \"max_restarts\": null"
         fi
         services+=", \"last_exit_code\": ${LAST_EXIT[i]}, \"readiness\": $readiness"
+        # A service of a heterogeneous job's group runs on that group's nodes.
         if (( DISTRIBUTED[i] )); then
-            json_string "${HPC_COMPOSE_NODELIST:-}"
+            variable=${NODELIST_VARIABLE[i]:-HPC_COMPOSE_NODELIST}
         else
-            json_string "${HPC_COMPOSE_PRIMARY_NODE:-}"
+            variable=${PRIMARY_VARIABLE[i]:-HPC_COMPOSE_PRIMARY_NODE}
         fi
+        json_string "${!variable:-}"
         nodelist=$JSON
         services+=", \"placement\": {${PLACEMENT[i]}, \"nodelist\": $nodelist}"
         json_or_null "${STARTED_AT[i]}"
@@ -9176,6 +9361,29 @@ export HPC_COMPOSE_NODELIST="${allocation_nodes[*]}"
 export HPC_COMPOSE_NODELIST_FILE="$JOB_DIR/allocation/nodes.txt"
 """
 
+# Heterogeneous job (x-slurm.groups): Slurm names each group's nodes; outside Slurm (up --local)
+# every group is this machine.
+_GROUP_ALLOCATION_TEMPLATE = """
+# ---------------------------------------------------------------------------
+# Groups of the heterogeneous job (x-slurm.groups): the nodes of each
+# ---------------------------------------------------------------------------
+@{groups}@{probes}"""
+
+_GROUP_NODES_TEMPLATE = """\
+group_nodes=()
+if [[ -n ${SLURM_JOB_NODELIST_HET_GROUP_@{index}:-} ]] && command -v scontrol >/dev/null 2>&1; then
+    mapfile -t group_nodes < <(scontrol show hostnames "$SLURM_JOB_NODELIST_HET_GROUP_@{index}")
+fi
+(( ${#group_nodes[@]} > 0 )) || group_nodes=("${allocation_nodes[@]}")
+export @{nodelist}="${group_nodes[*]}" @{primary}="${group_nodes[0]}"
+"""
+
+_GROUP_PROBES_TEMPLATE = """\
+# The batch script runs in the first group: a local probe of a later group's service goes to
+# that group's first node.
+@{lines}
+"""
+
 
 _RESUME_LATEST_TEMPLATE = """
 # The resume directory remembers which job and attempt wrote it last.
@@ -9277,33 +9485,55 @@ _SBATCH_TEXT_OPTIONS = ("constraint", "output", "error", "chdir", "mem_per_cpu",
 
 
 def _render_sbatch_lines(plan):
+    """The #SBATCH lines; a heterogeneous job has one block per group, split by ``hetjob``."""
     slurm = plan.slurm
-    lines = ["--job-name=" + shell_quote(_single_line(plan.job_name, "the job name")),
-             "--nodes=" + shell_quote(plan.nodes or 1)]
+    groups = slurm.groups
+    if groups:
+        # Group 0's block carries the job-wide options too; later blocks only their resources.
+        first = slurm._replace(**dict((key, getattr(groups[0].slurm, key))
+                                      for key in _GROUP_KEYS))
+        lines = _sbatch_options(plan.job_name, first, groups[0].slurm.nodes or 1,
+                                "x-slurm.groups.%s." % groups[0].name)
+        for group in groups[1:]:
+            lines.append("hetjob")
+            lines += _sbatch_options(None, group.slurm, group.slurm.nodes or 1,
+                                     "x-slurm.groups.%s." % group.name)
+    else:
+        lines = _sbatch_options(plan.job_name, slurm, plan.nodes or 1, "x-slurm.")
+    return ["#SBATCH " + line for line in lines]
+
+
+def _sbatch_options(job_name, slurm, nodes, where):
+    """The options of one #SBATCH block; without ``job_name``, a later group's resources only."""
+    lines = []
+    if job_name is not None:
+        lines.append("--job-name=" + shell_quote(_single_line(job_name, "the job name")))
+    lines.append("--nodes=" + shell_quote(nodes))
     fields = (("ntasks", "--ntasks"), ("ntasks_per_node", "--ntasks-per-node"),
               ("partition", "--partition"), ("account", "--account"), ("qos", "--qos"),
               ("time", "--time"), ("cpus_per_task", "--cpus-per-task"), ("mem", "--mem"))
     for field, flag in fields:
         value = getattr(slurm, field)
         if value is not None:
-            lines.append(flag + "=" + shell_quote(_single_line(value, "x-slurm." + field)))
+            lines.append(flag + "=" + shell_quote(_single_line(value, where + field)))
     if slurm.gres is not None:
-        lines.append("--gres=" + shell_quote(_single_line(slurm.gres, "x-slurm.gres")))
+        lines.append("--gres=" + shell_quote(_single_line(slurm.gres, where + "gres")))
     elif slurm.gpus is not None:
-        lines.append("--gpus=" + shell_quote(_single_line(slurm.gpus, "x-slurm.gpus")))
+        lines.append("--gpus=" + shell_quote(_single_line(slurm.gpus, where + "gpus")))
     for field in _SBATCH_TEXT_OPTIONS:
         value = getattr(slurm, field)
         if value is not None:
             lines.append("--%s=%s" % (field.replace("_", "-"),
-                                      shell_quote(_single_line(value, "x-slurm." + field))))
+                                      shell_quote(_single_line(value, where + field))))
     if slurm.exclusive is True:
         lines.append("--exclusive")
     elif slurm.exclusive:
         lines.append("--exclusive=" + shell_quote(slurm.exclusive))
-    lines.extend(_render_job_pattern_sbatch_lines(slurm))
-    for arg in slurm.submit_args:
-        lines.append(_single_line(arg, "x-slurm.submit_args entry"))
-    return ["#SBATCH " + line for line in lines]
+    if job_name is not None:
+        lines.extend(_render_job_pattern_sbatch_lines(slurm))
+        for arg in slurm.submit_args:
+            lines.append(_single_line(arg, "x-slurm.submit_args entry"))
+    return lines
 
 
 def _render_job_pattern_sbatch_lines(slurm):
@@ -9456,6 +9686,11 @@ def _env_names(runtime_plan, service):
         names += ["HPC_COMPOSE_ATTEMPT", "HPC_COMPOSE_IS_RESUME", "HPC_COMPOSE_RESUME_DIR"]
     if service.secrets:
         names.append(_SECRETS_DIR_VARIABLE)
+    if service.group is not None:
+        names.append("HPC_COMPOSE_GROUP")
+        for group in runtime_plan.plan.slurm.groups:
+            names += [_group_variable(group.name, "NODELIST"),
+                      _group_variable(group.name, "PRIMARY_NODE")]
     return sorted(set(names) | set(key for key, _ in service.environment))
 
 
@@ -9464,6 +9699,8 @@ def _environment_parts(runtime_plan, index):
     service = runtime_plan.plan.services[index]
     items = [(key, (str(value),)) for key, value in service.environment]
     tool = [("HPC_COMPOSE_SERVICE", (service.name,))]
+    if service.group is not None:
+        tool.append(("HPC_COMPOSE_GROUP", (service.group,)))
     if service.runtime == "host":
         tool += [("HPC_COMPOSE_JOB_DIR", (_ShellVariable("JOB_DIR"),)),
                  ("HPC_COMPOSE_NODELIST_FILE", (_ShellVariable("JOB_DIR"), "/allocation/nodes.txt"))]
@@ -9525,8 +9762,11 @@ def _srun_parts(runtime_plan, index):
     """The srun argv of service ``index`` as words made of parts (literals and ``_ShellVariable``s)."""
     service = runtime_plan.plan.services[index]
     placement = service.placement
-    words = [("--overlap",), ("--job-name=hpc-compose:" + service.token,),
-             ("--nodes=%s" % (placement.nodes or 1),)]
+    words = [("--overlap",)]
+    if service.het_group is not None:
+        words.append(("--het-group=%d" % service.het_group,))
+    words += [("--job-name=hpc-compose:" + service.token,),
+              ("--nodes=%s" % (placement.nodes or 1),)]
     if placement.ntasks is not None:
         words.append(("--ntasks=%s" % placement.ntasks,))
     if placement.ntasks_per_node is not None:
@@ -9540,7 +9780,9 @@ def _srun_parts(runtime_plan, index):
         # the whole step at once, so that the service's failure policy applies then.
         words.append(("--kill-on-bad-exit=1",))
     if placement.mode == "primary":
-        words.append(("--nodelist=", _ShellVariable("HPC_COMPOSE_PRIMARY_NODE")))
+        words.append(("--nodelist=", _ShellVariable(
+            "HPC_COMPOSE_PRIMARY_NODE" if service.group is None
+            else _group_variable(service.group, "PRIMARY_NODE"))))
     if service.cpus_per_task is not None:
         words.append(("--cpus-per-task=%s" % service.cpus_per_task,))
     if service.gres is not None:
@@ -9631,6 +9873,28 @@ def _format_probe(readiness):
     return "http %s status %s" % (readiness.url, readiness.status_code or _HTTP_STATUS_DEFAULT)
 
 
+def _readiness_host_parts(service):
+    """``(name, parts)`` that move a local readiness probe of a service in a later group of a
+    heterogeneous job to that group's first node (the batch script runs in group 0); or None."""
+    readiness = service.readiness
+    if not service.het_group or readiness is None or readiness.type not in ("tcp", "http"):
+        return None
+    node = _ShellVariable(_group_variable(service.group, "PRIMARY_NODE"))
+    if readiness.type == "tcp":
+        if not _is_local_host(readiness.host or _TCP_HOST_DEFAULT):
+            return None
+        return ("READY_HOST", (node,))
+    url = readiness.url
+    if not _is_local_host(_url_host(url)):
+        return None
+    scheme, rest = url.split("://", 1)
+    authority = rest.split("/", 1)[0].split("?", 1)[0].split("#", 1)[0]
+    after = authority.rsplit("@", 1)[-1]
+    port = after[after.rindex("]") + 1:] if after.startswith("[") else (
+        after[after.index(":"):] if ":" in after else "")
+    return ("READY_URL", (scheme + "://", node, port + rest[len(authority):]))
+
+
 def _render_readiness_entry(index, readiness):
     """The READINESS / READY_* lines: only the facts this readiness type uses."""
     if readiness is None:
@@ -9661,6 +9925,13 @@ def _render_service_entry(plan, index, ending):
     placement_json = '"mode": %s, "nodes": %s, "ntasks": %s, "ntasks_per_node": %s' % (
         _format_json(placement.mode), _format_json(placement.nodes or 1),
         _format_json(placement.ntasks), _format_json(placement.ntasks_per_node))
+    group = ""
+    if service.group is not None:
+        placement_json += ', "group": %s, "het_group": %d' % (_format_json(service.group),
+                                                             service.het_group)
+        group = _fill(_GROUP_ENTRY_TEMPLATE, index=str(index),
+                      nodelist_variable=_group_variable(service.group, "NODELIST"),
+                      primary_variable=_group_variable(service.group, "PRIMARY_NODE"))
     restart = ""
     if policy.mode == "restart_on_failure":
         restart = _fill(_RESTART_ENTRY_TEMPLATE, index=str(index),
@@ -9673,7 +9944,7 @@ def _render_service_entry(plan, index, ending):
         depends_on=shell_quote(" ".join("%d:%s" % (index_of[d.name], d.condition)
                                         for d in service.depends_on)),
         placement=shell_quote(placement_json),
-        distributed="1" if placement.mode == "distributed" else "0",
+        distributed="1" if placement.mode == "distributed" else "0", group=group,
         restart=restart, readiness=_render_readiness_entry(str(index), service.readiness))
 
 
@@ -9733,6 +10004,24 @@ def _stop_values(local):
                 kill_last='signal_service KILL "$i"', end_service='end_service "$i"; ',
                 stop_leftovers="    [[ $LAUNCHER == srun ]] || stop_leftovers  # the probes and the "
                                "sampler have gone\n")
+
+
+def _render_group_allocation(plan):
+    """The group variables and the probes moved to a later group's node; '' in a plain job."""
+    groups = plan.slurm.groups
+    if not groups:
+        return ""
+    blocks = "".join(_fill(_GROUP_NODES_TEMPLATE, index=str(index),
+                           nodelist=_group_variable(group.name, "NODELIST"),
+                           primary=_group_variable(group.name, "PRIMARY_NODE"))
+                     for index, group in enumerate(groups))
+    lines = []
+    for index, service in enumerate(plan.services):
+        moved = _readiness_host_parts(service)
+        if moved is not None:
+            lines.append("%s[%d]=%s" % (moved[0], index, _shell_word(*moved[1])))
+    probes = _fill(_GROUP_PROBES_TEMPLATE, lines="\n".join(lines)) if lines else ""
+    return _fill(_GROUP_ALLOCATION_TEMPLATE, groups=blocks, probes=probes)
 
 
 def _render_supervisor(plan, containers, metrics, artifacts, local=False):
@@ -9881,6 +10170,7 @@ def render_script(runtime_plan, local=False):
     else:
         pieces.append(_SRUN_LAUNCHER_TEMPLATE)
     pieces.append(_ALLOCATION_TEMPLATE)
+    pieces.append(_render_group_allocation(plan))
     if resume is not None:
         pieces.append(_fill(_RESUME_LATEST_TEMPLATE,
                             compose_name=shell_quote(plan.spec.name or plan.job_name),

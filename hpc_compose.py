@@ -9053,8 +9053,7 @@ KEEPER_STOP="$RUN_DIR/containers.stop" KEEPER_PID=''
 start_container_keeper() {
 @{local_start}    rm -f -- "$KEEPER_STOP"
     # shellcheck disable=SC2016  # the script is expanded by the keeper's shell, on its node
-    srun --overlap --nodes="$HPC_COMPOSE_NODE_COUNT" --ntasks="$HPC_COMPOSE_NODE_COUNT" \
-        --ntasks-per-node=1 --kill-on-bad-exit=0 --job-name=hpc-compose-keeper /bin/sh -c '
+    srun @{keeper_steps} /bin/sh -c '
         prefix=$1 job=$2 stop=$3
         remove() {
             trap "" TERM INT HUP
@@ -10006,6 +10005,21 @@ def _stop_values(local):
                                "sampler have gone\n")
 
 
+_KEEPER_OPTIONS = "--ntasks-per-node=1 --kill-on-bad-exit=0 --job-name=hpc-compose-keeper"
+
+
+def _render_keeper_steps(plan):
+    """The keeper's srun options: one task per node of the job, or of every group (a
+    heterogeneous step, the components' options separated by ``:``)."""
+    if not plan.slurm.groups:
+        return ('--overlap --nodes="$HPC_COMPOSE_NODE_COUNT" --ntasks="$HPC_COMPOSE_NODE_COUNT" '
+                '\\\n        ' + _KEEPER_OPTIONS)
+    return " : \\\n        ".join(
+        "--overlap --het-group=%d --nodes=%d --ntasks=%d %s"
+        % (index, group.slurm.nodes or 1, group.slurm.nodes or 1, _KEEPER_OPTIONS)
+        for index, group in enumerate(plan.slurm.groups))
+
+
 def _render_group_allocation(plan):
     """The group variables and the probes moved to a later group's node; '' in a plain job."""
     groups = plan.slurm.groups
@@ -10149,6 +10163,7 @@ def render_script(runtime_plan, local=False):
     pieces.append(_fill(_LOG_INDEX_TEMPLATE, suffix=shell_quote(_LOG_TIMES_SUFFIX)))
     if containers:
         pieces.append(_fill(_CONTAINER_KEEPER_TEMPLATE, prefix=shell_quote(_CONTAINER_NAME_PREFIX),
+                            keeper_steps=_render_keeper_steps(plan),
                             local_start=_KEEPER_LOCAL_START_TEMPLATE if local else "",
                             local_stop=_KEEPER_LOCAL_STOP_TEMPLATE if local else ""))
     pieces.append(_render_extras(metrics, artifacts))
@@ -10754,8 +10769,10 @@ def _build_job_record(runtime_plan, job_id, cluster=None, script_path=None, subm
             "log_path": os.path.join(directory, "logs", service.token + ".log")})
         if service.runtime == "pyxis":
             services[-1]["container_name"] = _container_name(job_id, service.token)
+        if service.group is not None:
+            services[-1].update(group=service.group, het_group=service.het_group)
     artifacts = slurm.artifacts
-    return {
+    record = {
         "schema_version": _TRACKING_SCHEMA_VERSION,
         "job_id": str(job_id),
         "cluster": cluster,
@@ -10777,6 +10794,12 @@ def _build_job_record(runtime_plan, job_id, cluster=None, script_path=None, subm
         "array": slurm.array,
         "array_tasks": _array_task_ids(slurm.array) if slurm.array is not None else None,
     }
+    if slurm.groups:
+        record["groups"] = [{"name": group.name, "het_group": index,
+                             "nodes": group.slurm.nodes or 1,
+                             "services": [s.name for s in plan.services if s.group == group.name]}
+                            for index, group in enumerate(slurm.groups)]
+    return record
 
 
 def _record_job(project_dir, record):
@@ -11189,7 +11212,8 @@ def _squeue_states(job_ids, squeue_bin="squeue"):
     for line in result.stdout.splitlines():
         if "|" in line:
             job, state = line.split("|", 1)
-            states[job.strip().split("_")[0]] = _normalize_slurm_state(state)
+            # 123_4 (an array task) and 123+1 (a heterogeneous job's component) are job 123.
+            states[job.strip().split("_")[0].split("+")[0]] = _normalize_slurm_state(state)
     return states
 
 
@@ -11295,6 +11319,38 @@ def _format_dependency_wait(record, scheduler, squeue_bin="squeue", sacct_bin="s
         for p in ended) + " so %s cannot hold; cancel this job" % (record.get("dependency") or
                                                                     "the dependency")
     return {"never_satisfied": True, "text": text, "parents": parents}
+
+
+class _HetComponent(NamedTuple):
+    """One component of a heterogeneous job as squeue or sacct list it (``123+1``)."""
+    component: str                 # 123+1
+    het_group: int                 # 1
+    job_id: str                    # its own job id (sstat and squeue --steps want it): 124
+    state: str
+    nodes: Optional[str]           # a Slurm hostlist, n[2-3]
+
+
+def _het_components(job_id, squeue_bin="squeue", sacct_bin="sacct"):
+    """The components of heterogeneous job ``job_id`` (squeue while queued, else sacct), in group
+    order; ``[]`` for a plain job or when neither knows it."""
+    for argv in ([squeue_bin, "-h", "-j", str(job_id), "-o", "%i|%A|%T|%N"],
+                 [sacct_bin, "-n", "-X", "-P", "-j", str(job_id),
+                  "--format=JobID,JobIDRaw,State,NodeList"]):
+        try:
+            result = _run_command(argv, timeout=_scheduler_timeout())
+        except ToolError:
+            continue
+        components = []
+        for line in result.stdout.splitlines() if result.returncode == 0 else ():
+            parts = (line.strip().split("|") + [""] * 4)[:4]
+            leader, plus, group = parts[0].partition("+")
+            if plus and leader == str(job_id) and group.isdigit():
+                components.append(_HetComponent(parts[0], int(group), parts[1].strip(),
+                                                _normalize_slurm_state(parts[2]),
+                                                _known_value(parts[3])))
+        if components:
+            return sorted(components, key=lambda c: c.het_group)
+    return []
 
 
 def _cancel_job(job_id, scancel_bin="scancel"):
@@ -12162,6 +12218,7 @@ class _ExecTarget(NamedTuple):
     runtime: str                   # pyxis | apptainer | singularity | host
     node: str
     container_name: Optional[str]  # Pyxis: the name given by the batch script; otherwise None
+    het_group: Optional[int] = None  # heterogeneous job: the service's group (srun --het-group)
 
 
 def _container_name(job_id, token):
@@ -12258,7 +12315,7 @@ def _exec_target(record, name, scheduler, expand_nodes, node=None, index=None):
     nodelist = (state.get("placement") or {}).get("nodelist") or ""
     nodes = expand_nodes(nodelist) if "[" in nodelist else nodelist.replace(",", " ").split()
     return _ExecTarget(record["job_id"], name, runtime, _pick_node(name, nodes, node, index),
-                      name_of_container)
+                      name_of_container, service.get("het_group"))
 
 
 def _exec_srun_argv(target, command, environment=(), workdir=None, tty=False, step=None,
@@ -12267,6 +12324,8 @@ def _exec_srun_argv(target, command, environment=(), workdir=None, tty=False, st
     ``environment`` is ``(KEY, VALUE)`` pairs set on top of the service's environment."""
     argv = [srun_bin, "--jobid=%s" % target.job_id, "--overlap", "--nodes=1", "--ntasks=1",
             "--nodelist=%s" % target.node, "--job-name=hpc-compose-exec", "--quiet"]
+    if target.het_group is not None:
+        argv.insert(2, "--het-group=%d" % target.het_group)
     if tty:
         argv.append("--pty")
     command = list(command) or list(_EXEC_SHELL)
@@ -12872,6 +12931,25 @@ def _file_facts(path):
             "updated_age_seconds": max(0, int(time.time() - info.st_mtime))}
 
 
+def _groups_status(record, squeue_bin="squeue", sacct_bin="sacct"):
+    """A heterogeneous job's groups: Slurm's component, state and nodes, and their services."""
+    if not record.get("groups"):
+        return None
+    components = {}
+    if not record.get("local"):
+        components = dict((c.het_group, c) for c in _het_components(record["job_id"], squeue_bin,
+                                                                    sacct_bin))
+    groups = []
+    for group in record["groups"]:
+        component = components.get(group.get("het_group"))
+        groups.append({"name": group.get("name"), "het_group": group.get("het_group"),
+                       "component": component.component if component else None,
+                       "state": component.state if component else None,
+                       "nodes": component.nodes if component else None,
+                       "services": list(group.get("services") or ())})
+    return groups
+
+
 def _job_status(record, squeue_bin="squeue", sacct_bin="sacct"):
     """Scheduler state, runtime state and log facts of a tracked job (a JSON-ready dict)."""
     scheduler, scheduler_warning = _query_scheduler_or_files(record, squeue_bin, sacct_bin)
@@ -12889,7 +12967,7 @@ def _job_status(record, squeue_bin="squeue", sacct_bin="sacct"):
         if not state:
             entry["status"] = "unknown"
         services.append(entry)
-    return {
+    status = {
         "job_id": record["job_id"],
         "progress": _job_progress(scheduler, runtime, record),
         "compose_file": record.get("compose_file"),
@@ -12914,6 +12992,9 @@ def _job_status(record, squeue_bin="squeue", sacct_bin="sacct"):
                      for n, state in _load_attempt_states(record["job_dir"])],
         "run": record.get("run"),
     }
+    if record.get("groups"):
+        status["groups"] = _groups_status(record, squeue_bin, sacct_bin)
+    return status
 
 
 def _job_progress(scheduler, runtime, record):
@@ -13130,6 +13211,11 @@ def _format_status_text(status):
     if errors:
         lines.append("  batch err:  %s (%s)" % (errors["path"], "updated " + _age(
             errors["updated_age_seconds"]) if errors["present"] else "not written yet"))
+    for group in status.get("groups") or ():
+        lines.append("  group %s (%s): %s on %s: %s" % (
+            group["name"], group["component"] or "het group %s" % group["het_group"],
+            group["state"] or "UNKNOWN", group["nodes"] or "?",
+            ", ".join(group["services"]) or "-"))
     for service in status["services"]:
         parts = ["  service %s: %s" % (service["name"], service["status"])]
         if service.get("failure_policy"):
@@ -13143,7 +13229,11 @@ def _format_status_text(status):
         if isinstance(readiness, dict):
             parts.append("readiness=%s:%s" % (readiness.get("type"), readiness.get("status")))
         placement = service.get("placement")
-        if isinstance(placement, dict) and (placement.get("nodes") or 1) not in (1, "1"):
+        if isinstance(placement, dict) and placement.get("group") is not None:
+            # A heterogeneous job: every service says where it runs.
+            parts.append("group=%s nodes=%s nodelist=%s" % (
+                placement.get("group"), placement.get("nodes"), placement.get("nodelist")))
+        elif isinstance(placement, dict) and (placement.get("nodes") or 1) not in (1, "1"):
             parts.append("placement=%s nodes=%s nodelist=%s" % (
                 placement.get("mode"), placement.get("nodes"), placement.get("nodelist")))
         lines.append(" ".join(parts))
@@ -13238,6 +13328,18 @@ def _live_sstat(job_id, sstat_bin="sstat"):
     return _parse_sstat_output(result.stdout)
 
 
+def _live_sstat_components(job_id, sstat_bin="sstat", squeue_bin="squeue", sacct_bin="sacct"):
+    """``_live_sstat`` of a heterogeneous job: one sstat per component (sstat of the leader sees
+    group 0 only), each step named as sacct does, ``123+1.2``."""
+    steps = []
+    for component in _het_components(job_id, squeue_bin, sacct_bin):
+        for row in _live_sstat(component.job_id or job_id, sstat_bin):
+            step = str(row.get("step_id") or "")
+            row["step_id"] = component.component + step[step.index("."):] if "." in step else step
+            steps.append(row)
+    return steps
+
+
 def _collect_stats(record, sstat_bin="sstat", squeue_bin="squeue", sacct_bin="sacct"):
     """Metrics of a job: the sampler's files first, live ``sstat`` when they have no step rows."""
     notes, sources = [], []
@@ -13249,7 +13351,11 @@ def _collect_stats(record, sstat_bin="sstat", squeue_bin="squeue", sacct_bin="sa
     if not steps:
         if scheduler.state == "RUNNING" and record.get("local") != "machine":
             try:
-                steps = _live_sstat(record["job_id"], sstat_bin)
+                if record.get("groups"):
+                    steps = _live_sstat_components(record["job_id"], sstat_bin, squeue_bin,
+                                                   sacct_bin)
+                else:
+                    steps = _live_sstat(record["job_id"], sstat_bin)
                 sources.append("sstat")
             except ToolError as exc:
                 if not sampler["present"]:
@@ -18227,7 +18333,14 @@ def _cmd_exec(args):
     if target.runtime != "pyxis":
         # The host and apptainer services are found through their step's task process.
         token = _record_service(record, args.service).get("token")
-        step = _service_step(record["job_id"], token, args.squeue_bin)
+        job_id = record["job_id"]
+        if target.het_group:
+            # A later group's steps are listed (and found by scontrol listpids) under the
+            # component's own job id.
+            job_id = next((c.job_id for c in _het_components(job_id, args.squeue_bin,
+                                                              args.sacct_bin)
+                           if c.het_group == target.het_group), job_id)
+        step = _service_step(job_id, token, args.squeue_bin)
         if step is None:
             # Without its step there is no process to take the environment and directory from.
             raise HpcComposeError("service '%s' is not running in job %s: Slurm lists no step "

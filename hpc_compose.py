@@ -7179,10 +7179,11 @@ def run_preflight(runtime_plan, options=PreflightOptions()) -> PreflightReport:
         sbatch_path = _preflight_binary(findings, "sbatch", options.sbatch_bin, "--sbatch-bin")
     else:
         findings.extend(_preflight_local(runtime_plan, options.local, enroot_path))
-    if plan.nodes > 1:
+    if plan.nodes > 1 or plan.slurm.groups:
         _preflight_binary(findings, "scontrol", "scontrol", None,
                       why="x-slurm.nodes is %d: the batch script expands the node list with it"
-                          % plan.nodes)
+                          % plan.nodes if not plan.slurm.groups else "x-slurm.groups: the batch "
+                          "script expands each group's node list with it")
     elif _secret_services(plan) and options.local is None:
         _preflight_binary(findings, "scontrol", "scontrol", None,
                           why="the job uses secrets: submit releases it with scontrol once the "
@@ -7600,6 +7601,9 @@ def _local_plan_problems(plan, mode):
     if plan.slurm.array is not None:
         problems.append("x-slurm.array makes a job array, which only sbatch can start; submit it "
                         "with 'hpc-compose up' instead")
+    if plan.slurm.groups:
+        problems.append("x-slurm.groups makes a heterogeneous job, which only sbatch can start; "
+                        "submit it with 'hpc-compose up' instead")
     if mode != "machine":
         return problems
     if (plan.nodes or 1) > 1:
@@ -7981,7 +7985,10 @@ def _lint_plan(plan):
             found.append(("HC004", where, "service '%s' has dependents but no readiness: they "
                           "start as soon as it is launched, before it listens" % service.name,
                           "add readiness (tcp, http or log) or a healthcheck"))
-        for key, text in _service_excess(service, slurm):
+        # A service of a heterogeneous job is measured against its group's resources.
+        group = next((g for g in slurm.groups if g.name == service.group), None)
+        for key, text in _service_excess(service, slurm if group is None else slurm._replace(
+                **dict((key, getattr(group.slurm, key)) for key in _GROUP_KEYS))):
             found.append(("HC006", where + ("x-slurm", key), "service '%s': %s"
                           % (service.name, text), "raise the job's x-slurm.%s or lower the "
                           "service's" % key))
@@ -8095,49 +8102,65 @@ def _requested_gres(slurm):
 
 
 def _scheduler_refusals(plan, offers):
-    """``[(field, what the cluster offers, fix)]``: why a job of ``plan`` cannot run on ``offers``."""
-    slurm = plan.slurm
+    """``[(field, what the cluster offers, fix)]``: why a job of ``plan`` cannot run on ``offers``;
+    a heterogeneous job is checked group by group (field ``groups.<name>.<key>``)."""
+    if not plan.slurm.groups:
+        return _allocation_refusals(plan.slurm, plan.nodes, offers, "")
+    problems = []
+    for group in plan.slurm.groups:
+        slurm = plan.slurm._replace(**dict((key, getattr(group.slurm, key))
+                                           for key in _GROUP_KEYS))
+        problems += _allocation_refusals(slurm, group.slurm.nodes or 1, offers,
+                                         "groups.%s." % group.name)
+    return problems
+
+
+def _allocation_refusals(slurm, nodes, offers, prefix):
+    """The refusals of one allocation: the job's, or one group's (fields under ``prefix``)."""
     defaults = [name for name, offer in sorted(offers.items()) if offer.default]
     wanted = slurm.partition.split(",") if slurm.partition else defaults[:1]
     problems = []
     for name in wanted:
         offer = offers.get(name)
         if offer is None:
-            problems.append(("partition", "partition '%s' does not exist; the cluster has %s"
-                             % (name, ", ".join(sorted(offers)) or "none"),
-                             "set x-slurm.partition to one of them, or drop it for the default "
-                             "(%s)" % (", ".join(defaults) or "none")))
+            problems.append((prefix + "partition", "partition '%s' does not exist; the cluster "
+                             "has %s" % (name, ", ".join(sorted(offers)) or "none"),
+                             "set x-slurm.%spartition to one of them, or drop it for the default "
+                             "(%s)" % (prefix, ", ".join(defaults) or "none")))
             continue
         if offer.state.upper() != "UP":
-            problems.append(("partition", "partition %s is %s" % (name, offer.state.lower()),
+            problems.append((prefix + "partition", "partition %s is %s"
+                             % (name, offer.state.lower()),
                              "choose another partition, or wait until it is up"))
         limit = min(len(offer.nodes), offer.max_nodes or len(offer.nodes))
-        if plan.nodes > limit:
-            problems.append(("nodes", "%d nodes do not fit %s" % (plan.nodes, _format_offer(offer)),
+        if nodes > limit:
+            problems.append((prefix + "nodes", "%d nodes do not fit %s"
+                             % (nodes, _format_offer(offer)),
                              "ask for at most %d node%s" % (limit, "" if limit == 1 else "s")))
         memory = _memory_megabytes(slurm.mem) if slurm.mem else None
         if memory and offer.memory_mb and memory > offer.memory_mb:
-            problems.append(("mem", "%s (%d MB per node) does not fit %s"
+            problems.append((prefix + "mem", "%s (%d MB per node) does not fit %s"
                              % (slurm.mem, memory, _format_offer(offer)),
                              "ask for at most %dM, or choose a partition with bigger nodes"
                              % offer.memory_mb))
         seconds = _slurm_time_seconds(slurm.time)
         if seconds and offer.max_time is not None and seconds > offer.max_time:
-            problems.append(("time", "%s is longer than the MaxTime of %s"
+            problems.append((prefix + "time", "%s is longer than the MaxTime of %s"
                              % (slurm.time, _format_offer(offer)),
                              "ask for at most %d minutes, or choose another partition"
                              % (offer.max_time // 60)))
         if slurm.cpus_per_task and offer.cpus and slurm.cpus_per_task > offer.cpus:
-            problems.append(("cpus_per_task", "%d CPUs per task do not fit %s"
+            problems.append((prefix + "cpus_per_task", "%d CPUs per task do not fit %s"
                              % (slurm.cpus_per_task, _format_offer(offer)),
                              "ask for at most %d CPUs per task" % offer.cpus))
         for gres in _requested_gres(slurm):
             if gres not in offer.gres:
                 field = next(key for key in ("gres", "gpus", "gpus_per_node", "gpus_per_task")
                              if getattr(slurm, key))
-                problems.append((field, "no node has gres '%s' in %s" % (gres, _format_offer(offer)),
-                                 "drop x-slurm.%s, or choose a partition whose nodes have it"
-                                 % field))
+                problems.append((prefix + field, "no node has gres '%s' in %s"
+                                 % (gres, _format_offer(offer)),
+                                 "drop x-slurm.%s%s, or choose a partition whose nodes have it"
+                                 % (prefix, field)))
     return problems
 
 
@@ -8171,7 +8194,12 @@ def _preflight_scheduler(plan, script, sbatch_path, sinfo_bin="sinfo", scontrol_
     lines = _compose_key_lines(_read_compose_document(plan.compose_file))
     findings = []
     for field, offer, fix in problems:
-        line = _located_line(lines, ("x-slurm", field) if field else ("x-slurm",))
+        path = ("x-slurm",)
+        if field and field.startswith("groups."):
+            path += ("groups",) + tuple(field[len("groups."):].rsplit(".", 1))
+        elif field:
+            path += (field,)
+        line = _located_line(lines, path)
         where = os.path.basename(plan.compose_file) + (":%d" % line if line else "")
         message = "%s: %s (sbatch --test-only refuses the job: %s)" % (
             where + (": x-slurm." + field if field else ""), offer or "the scheduler", reason)
@@ -17381,11 +17409,21 @@ def _format_inspect_text(plan, verbose=False, cache_reports=None):
     lines.append("job name: %s" % plan.job_name)
     lines.append("runtime: %s" % plan.runtime)
     lines.append("cache dir: %s" % plan.cache_dir)
-    lines.append("allocation geometry: %s" % _format_geometry(slurm.ntasks, slurm.ntasks_per_node,
-                                                           plan.nodes))
+    if slurm.groups:
+        lines.append("allocation geometry: a heterogeneous job of %d groups (the batch script "
+                     "runs on group 0's first node)" % len(slurm.groups))
+    else:
+        lines.append("allocation geometry: %s" % _format_geometry(
+            slurm.ntasks, slurm.ntasks_per_node, plan.nodes))
     asked = ["%s=%s" % (key, getattr(slurm, key)) for key in _INSPECT_JOB_RESOURCES
              if getattr(slurm, key) not in (None, False)]
     lines.append("job resources: %s" % (" ".join(asked) or "the partition's defaults"))
+    for index, group in enumerate(slurm.groups):
+        asked = ["%s=%s" % (key, getattr(group.slurm, key)) for key in _GROUP_KEYS
+                 if getattr(group.slurm, key) not in (None, False)]
+        lines.append("group %d: %s: %s; services: %s" % (
+            index, group.name, " ".join(asked) or "the partition's defaults",
+            ", ".join(s.name for s in plan.services if s.group == group.name)))
     lines.append("service order: %s" % " -> ".join(s.name for s in plan.services))
     for service in plan.services:
         lines.append("")
@@ -17398,7 +17436,12 @@ def _format_inspect_text(plan, verbose=False, cache_reports=None):
             lines.append("  working dir: %s" % service.working_dir)
         placement = service.placement
         geometry = _format_geometry(placement.ntasks, placement.ntasks_per_node, placement.nodes)
-        pinned = " nodelist=$HPC_COMPOSE_PRIMARY_NODE" if placement.mode == "primary" else ""
+        pinned = ""
+        if placement.mode == "primary":
+            pinned = " nodelist=$" + ("HPC_COMPOSE_PRIMARY_NODE" if service.group is None
+                                      else _group_variable(service.group, "PRIMARY_NODE"))
+        if service.group is not None:
+            pinned += " group=%s (--het-group=%d)" % (service.group, service.het_group)
         lines.append("  placement: %s %s%s" % (placement.mode, geometry, pinned))
         resources = []
         if service.cpus_per_task is not None:

@@ -14703,7 +14703,7 @@ TEMPLATE_NAMES = (
     "restart-policy", "multi-stage-pipeline", "fairseq-preprocess", "llm-curl-workflow",
     "llm-curl-workflow-workdir", "llama-app", "llama-uv-worker", "vllm-openai", "vllm-uv-worker",
     "training-checkpoints", "training-resume", "mpi-hello", "multi-node-mpi", "multi-node-torchrun",
-    "long-training", "parameter-sweep",
+    "long-training", "parameter-sweep", "gpu-server-cpu-services",
 )
 
 _DEFAULT_INIT_OUTPUT = "compose.yaml"

@@ -5694,6 +5694,8 @@ def spec_to_dict(spec, escape_dollars=False):
             slurm["mpi"] = service.slurm.mpi
         if service.slurm.modules:
             slurm["modules"] = [escape(m.name) for m in service.slurm.modules]
+        if service.slurm.group is not None:
+            slurm["group"] = escape(service.slurm.group)
         if slurm:
             data["x-slurm"] = slurm
         if service.prepare is not None:

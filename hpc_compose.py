@@ -8117,6 +8117,25 @@ def _scheduler_refusals(plan, offers):
     return problems
 
 
+def _group_node_refusals(plan, offers):
+    """A heterogeneous job whose groups need more nodes together than their partitions have:
+    Slurm gives each group nodes of its own, and ``sbatch --test-only``, which weighs each group
+    alone, accepts a job that would then pend for ever (Reason Resources)."""
+    defaults = [name for name, offer in sorted(offers.items()) if offer.default]
+    wanted, nodes = 0, set()
+    for group in plan.slurm.groups:
+        wanted += group.slurm.nodes or 1
+        names = group.slurm.partition.split(",") if group.slurm.partition else defaults[:1]
+        for name in names:
+            nodes.update(offers[name].nodes if name in offers else ())
+    if not nodes or wanted <= len(nodes):
+        return []
+    return [("groups", "the groups need %d nodes together and their partitions have %d (%s): "
+             "Slurm gives every group nodes of its own, so the job would wait for ever"
+             % (wanted, len(nodes), ",".join(sorted(nodes))),
+             "make the groups smaller, or merge groups that can share nodes")]
+
+
 def _allocation_refusals(slurm, nodes, offers, prefix):
     """The refusals of one allocation: the job's, or one group's (fields under ``prefix``)."""
     defaults = [name for name, offer in sorted(offers.items()) if offer.default]
@@ -8174,16 +8193,22 @@ def _preflight_scheduler(plan, script, sbatch_path, sinfo_bin="sinfo", scontrol_
         answer = " ".join(((result.stderr or "") + " " + (result.stdout or "")).split())
     except ToolError as exc:
         result, answer = None, exc.message
+    problems = []
     if result is not None and result.returncode == 0:
-        return [Finding("ok", "scheduler", "sbatch --test-only accepts the job (%s)"
-                        % answer.replace("sbatch: ", ""))]
+        accepted = Finding("ok", "scheduler", "sbatch --test-only accepts the job (%s)"
+                           % answer.replace("sbatch: ", ""))
+        if plan.slurm.groups:
+            problems = _group_node_refusals(plan, _read_partitions(sinfo_bin, scontrol_bin))
+        if not problems:
+            return [accepted]
+        answer = "sbatch --test-only accepts each group alone"
     if result is None or any(word in answer.lower() for word in _SCHEDULER_UNREACHABLE):
         return [Finding("warn", "scheduler", "the scheduler could not be asked (%s): the job was "
                         "not checked against the cluster" % answer,
                         "run preflight on a login node of the cluster to check partition, "
                         "memory, time and gres before submitting")]
     reason = answer.split("error: ")[-1] or "no reason given"
-    problems = _scheduler_refusals(plan, _read_partitions(sinfo_bin, scontrol_bin))
+    problems = problems or _scheduler_refusals(plan, _read_partitions(sinfo_bin, scontrol_bin))
     lowered = reason.lower()
     for field in ("account", "qos", "reservation", "licenses", "dependency"):
         if field.rstrip("s") in lowered and getattr(plan.slurm, field):
@@ -8203,8 +8228,10 @@ def _preflight_scheduler(plan, script, sbatch_path, sinfo_bin="sinfo", scontrol_
             path += (field,)
         line = _located_line(lines, path)
         where = os.path.basename(plan.compose_file) + (":%d" % line if line else "")
-        message = "%s: %s (sbatch --test-only refuses the job: %s)" % (
-            where + (": x-slurm." + field if field else ""), offer or "the scheduler", reason)
+        message = "%s: %s (%s)" % (
+            where + (": x-slurm." + field if field else ""), offer or "the scheduler",
+            reason if reason.startswith("sbatch --test-only accepts")
+            else "sbatch --test-only refuses the job: " + reason)
         findings.append(Finding("error", "scheduler", message, fix))
     return findings
 

@@ -1,52 +1,30 @@
-"""A heterogeneous job (x-slurm.groups) on any cluster, one node included: two groups of one node
-each, a server in the first and a client in the second that reaches it through the group
-variables, a readiness probe sent to the second group's node, and sacct's two components.
-The 3-node version (a head on one node, workers on two, status/stats/exec/cancel, a failing
-worker) is in tests/test_multinode_e2e.py."""
-import json
-
-from slurm_support import _run, free_port, pyxis_test_image, wait_for_job
-from test_pyxis_e2e import compose_run
+"""Heterogeneous jobs (x-slurm.groups) against the real scheduler of any cluster, one node
+included. Slurm gives every group nodes of its own, so a one-node cluster cannot run one: what
+every cluster checks here is that preflight, asking the real `sbatch --test-only` (which weighs
+each group alone and accepts), says before the submission that the groups need more nodes than
+the cluster has, instead of leaving a job pending for ever. The runs themselves (a head on one
+node, workers on two) are in tests/test_multinode_e2e.py, on the 3-node cluster."""
+from slurm_support import cluster_nodes, run_tool_cli
 
 
-def test_two_groups_of_one_node_run_as_one_job_and_the_client_reaches_the_server(
-        slurm, slurm_jobs, cache_dir, tmp_path):
-    image = pyxis_test_image()
-    server_port, helper_port = free_port(), free_port()
-    reach = ("python3 -c \"import os, urllib.request; urllib.request.urlopen('http://' + "
-             "os.environ['HPC_COMPOSE_GROUP_SERVER_PRIMARY_NODE'] + ':%d/', timeout=10); "
-             "print('reached the server from group', os.environ['HPC_COMPOSE_GROUP'])\"" % server_port)
-    run = compose_run(tmp_path, """\
-name: groups-one-node
+def test_preflight_refuses_groups_that_need_more_nodes_than_the_cluster_has(slurm, tmp_path):
+    nodes = len(cluster_nodes())
+    (tmp_path / "compose.yaml").write_text("""\
+name: groups-too-big
 x-slurm:
+  runtime: host
   time: "00:05:00"
-  cache_dir: %s
   groups:
-    server: {nodes: 1, ntasks: 1}
-    client: {nodes: 1, ntasks: 1}
+    head: {nodes: 1}
+    workers: {nodes: %d}
 services:
-  server:
-    image: %s
-    command: exec python3 -m http.server %d
-    readiness: {type: tcp, port: %d}
-  helper:
-    image: %s
-    x-slurm: {group: client}
-    command: exec python3 -m http.server %d
-    readiness: {type: tcp, port: %d}
-  client:
-    image: %s
-    x-slurm: {group: client}
-    depends_on: {server: {condition: service_healthy}, helper: {condition: service_healthy}}
-    command: %s
-""" % (cache_dir, image, server_port, server_port, image, helper_port, helper_port, image,
-       json.dumps(reach)), slurm_jobs)
+  head: {command: ["true"]}
+  workers: {command: ["true"], x-slurm: {group: workers}}
+""" % nodes)
 
-    assert run.result.code == 0, run.result
-    assert wait_for_job(run.job_id, timeout=60) == "COMPLETED"
-    assert "reached the server from group client" in run.log("client")
-    assert run.service("client")["placement"]["group"] == "client"
-    code, out, _ = _run(["sacct", "-n", "-X", "-P", "-j", run.job_id, "--format=JobID,State"])
-    assert code == 0
-    assert [line.split("|")[0] for line in out.splitlines() if line.strip()] == [
-        run.job_id + "+0", run.job_id + "+1"]
+    result = run_tool_cli(["preflight", "-f", "compose.yaml"], cwd=str(tmp_path))
+
+    assert result.code == 1, result
+    assert ("compose.yaml:5: x-slurm.groups: the groups need %d nodes together and their "
+            "partitions have %d" % (nodes + 1, nodes)) in result.out + result.err, result
+    assert "sbatch --test-only accepts each group alone" in result.out + result.err

@@ -40,10 +40,10 @@ top-level name starts with an underscore and may change without notice. In pipel
   ``YamlDocument`` with a ``Mark`` per value;
 - interpolation: ``interpolate``, ``parse_dotenv(text)``, ``load_dotenv(path)``;
 - spec: ``load_spec(path or [paths merged in order], environ, env_files, profiles,
-  services)`` -> ``ComposeSpec`` (records ``SlurmSpec``, ``ServiceSpec``, ``ServiceSlurmSpec``,
-  ``ModuleSpec``, ``ReadinessSpec``, ``FailurePolicy``, ``PrepareSpec``, ``MetricsSpec``,
-  ``ArtifactsSpec``, ``ResumeSpec``, ``SecretSpec``, ``ServiceSecret``, ``SignalSpec``,
-  ``ServiceSignalSpec``),
+  services)`` -> ``ComposeSpec`` (records ``SlurmSpec``, ``SlurmGroupSpec``, ``ServiceSpec``,
+  ``ServiceSlurmSpec``, ``ModuleSpec``, ``ReadinessSpec``, ``FailurePolicy``, ``PrepareSpec``,
+  ``MetricsSpec``, ``ArtifactsSpec``, ``ResumeSpec``, ``SecretSpec``, ``ServiceSecret``,
+  ``SignalSpec``, ``ServiceSignalSpec``),
   ``spec_to_dict``;
 - planner: ``build_plan(spec)`` -> ``Plan`` (records ``ServicePlan``, ``ImageRef``, ``Execution``,
   ``Mount``, ``Dependency``, ``Placement``, ``PreparePlan``), ``plan_to_dict``, ``service_token``,
@@ -92,8 +92,8 @@ __all__ = [
     # interpolation
     "interpolate", "parse_dotenv", "load_dotenv",
     # spec
-    "load_spec", "ComposeSpec", "SlurmSpec", "ServiceSpec", "ServiceSlurmSpec", "ModuleSpec",
-    "ReadinessSpec",
+    "load_spec", "ComposeSpec", "SlurmSpec", "SlurmGroupSpec", "ServiceSpec", "ServiceSlurmSpec",
+    "ModuleSpec", "ReadinessSpec",
     "SecretSpec", "ServiceSecret",
     "FailurePolicy", "PrepareSpec", "MetricsSpec", "ArtifactsSpec", "ResumeSpec",
     "SignalSpec", "ServiceSignalSpec",
@@ -2384,7 +2384,6 @@ class SlurmGroupSpec(NamedTuple):
     """
     name: str
     slurm: SlurmSpec
-    line: Optional[int] = None     # line of the group's key in the compose file
 
 
 class ComposeSpec(NamedTuple):
@@ -4449,8 +4448,7 @@ class _SpecLoader(object):
             variables[variable] = name
             group = self.attempt(self.slurm_group, group_path, body)
             if group is not None:
-                mark = self.mark(group_path, at_key=True)
-                groups.append(SlurmGroupSpec(name, group, mark.line if mark else None))
+                groups.append(SlurmGroupSpec(name, group))
         return tuple(groups)
 
     def slurm_group(self, path, raw):

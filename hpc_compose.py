@@ -40,10 +40,10 @@ top-level name starts with an underscore and may change without notice. In pipel
   ``YamlDocument`` with a ``Mark`` per value;
 - interpolation: ``interpolate``, ``parse_dotenv(text)``, ``load_dotenv(path)``;
 - spec: ``load_spec(path or [paths merged in order], environ, env_files, profiles,
-  services)`` -> ``ComposeSpec`` (records ``SlurmSpec``, ``ServiceSpec``, ``ServiceSlurmSpec``,
-  ``ModuleSpec``, ``ReadinessSpec``, ``FailurePolicy``, ``PrepareSpec``, ``MetricsSpec``,
-  ``ArtifactsSpec``, ``ResumeSpec``, ``SecretSpec``, ``ServiceSecret``, ``SignalSpec``,
-  ``ServiceSignalSpec``, ``SweepSpec`` of ``SweepTask``),
+  services)`` -> ``ComposeSpec`` (records ``SlurmSpec``, ``SlurmGroupSpec``, ``ServiceSpec``,
+  ``ServiceSlurmSpec``, ``ModuleSpec``, ``ReadinessSpec``, ``FailurePolicy``, ``PrepareSpec``,
+  ``MetricsSpec``, ``ArtifactsSpec``, ``ResumeSpec``, ``SecretSpec``, ``ServiceSecret``,
+  ``SignalSpec``, ``ServiceSignalSpec``, ``SweepSpec`` of ``SweepTask``),
   ``spec_to_dict``;
 - planner: ``build_plan(spec)`` -> ``Plan`` (records ``ServicePlan``, ``ImageRef``, ``Execution``,
   ``Mount``, ``Dependency``, ``Placement``, ``PreparePlan``), ``plan_to_dict``, ``service_token``,
@@ -92,8 +92,8 @@ __all__ = [
     # interpolation
     "interpolate", "parse_dotenv", "load_dotenv",
     # spec
-    "load_spec", "ComposeSpec", "SlurmSpec", "ServiceSpec", "ServiceSlurmSpec", "ModuleSpec",
-    "ReadinessSpec",
+    "load_spec", "ComposeSpec", "SlurmSpec", "SlurmGroupSpec", "ServiceSpec", "ServiceSlurmSpec",
+    "ModuleSpec", "ReadinessSpec",
     "SecretSpec", "ServiceSecret",
     "FailurePolicy", "PrepareSpec", "MetricsSpec", "ArtifactsSpec", "ResumeSpec",
     "SignalSpec", "ServiceSignalSpec", "SweepSpec", "SweepTask",
@@ -2285,6 +2285,7 @@ class ServiceSlurmSpec(NamedTuple):
     time: Optional[str] = None     # srun --time of the service's step
     mpi: Optional[str] = None      # srun --mpi=TYPE (pmix, pmi2, ...)
     modules: Tuple[ModuleSpec, ...] = ()  # loaded after the job-level x-slurm.modules
+    group: Optional[str] = None    # x-slurm.groups member (None: the first group)
 
 
 class ServiceSpec(NamedTuple):
@@ -2385,6 +2386,18 @@ class SlurmSpec(NamedTuple):
     exclusive: Union[bool, str, None] = None  # True: --exclusive; "user"/"mcs": --exclusive=MODE
     modules: Tuple[ModuleSpec, ...] = ()  # environment modules every service loads
     modules_path: Tuple[str, ...] = ()  # `module use` folders, unresolved (planner resolves)
+    # x-slurm.groups: the components of a heterogeneous job, in file order (group 0 first)
+    groups: Tuple["SlurmGroupSpec", ...] = ()
+
+
+class SlurmGroupSpec(NamedTuple):
+    """One component of a heterogeneous job: its name and its own resource fields.
+
+    ``slurm`` is a SlurmSpec holding only the keys of _GROUP_KEYS (the rest stay at their
+    defaults), so that placement and the #SBATCH lines read a group as they read a plain job.
+    """
+    name: str
+    slurm: SlurmSpec
 
 
 class ComposeSpec(NamedTuple):
@@ -2653,6 +2666,17 @@ _SERVICE_SIGNAL_FIELDS = (
                                   "shell received)", choices=_SERVICE_SIGNALS),
     _Field("forward", "boolean", "false: the service is not signalled", default=True),
 )
+_EXCLUSIVE_FIELD = _Field("exclusive", "exclusive", "#SBATCH --exclusive: true, or user or mcs "
+                                                    "(--exclusive=user)")
+# The resource fields one component of a heterogeneous job sets for itself (x-slurm.groups.<name>);
+# the rest of x-slurm (time, job_name, output, signal...) stays job-wide.
+_GROUP_KEYS = ("partition", "account", "qos", "nodes", "ntasks", "ntasks_per_node",
+               "cpus_per_task", "mem", "mem_per_cpu", "mem_per_gpu", "gres", "gpus",
+               "gpus_per_node", "gpus_per_task", "cpus_per_gpu", "constraint", "exclusive",
+               "reservation", "nodelist", "exclude")
+_GROUP_FIELDS = tuple(field for field in _SLURM_STRING_FIELDS + _SLURM_COUNT_FIELDS
+                      + (_EXCLUSIVE_FIELD,) if field.name in _GROUP_KEYS)
+_GROUP_NAME_PATTERN = "^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 _SLURM_FIELDS = _SLURM_STRING_FIELDS + _SLURM_COUNT_FIELDS + (
     _Field("metrics", "mapping", "runtime metrics sampling", fields=_METRICS_FIELDS),
     _Field("artifacts", "mapping", "artifact collection and export", fields=_ARTIFACTS_FIELDS),
@@ -2670,12 +2694,14 @@ _SLURM_FIELDS = _SLURM_STRING_FIELDS + _SLURM_COUNT_FIELDS + (
     _Field("dependency", "text", "#SBATCH --dependency, e.g. afterok:12345 (submit --after adds "
                                  "to it)"),
     _Field("array", "text", "#SBATCH --array, e.g. \"0-15%4\": one task per index"),
-    _Field("exclusive", "exclusive", "#SBATCH --exclusive: true, or user or mcs "
-                                     "(--exclusive=user)"),
+    _EXCLUSIVE_FIELD,
     _Field("modules", "modules", "environment modules every service's step loads (module load), "
                                  "e.g. gcc/12.2"),
     _Field("modules_path", "texts", "folders of modulefiles to add first (module use); relative "
                                     "to the compose file"),
+    _Field("groups", "groups", "a heterogeneous job: group name -> its own resources (%s); a "
+                               "service picks one with x-slurm.group, the first is the default"
+                               % ", ".join(_GROUP_KEYS), fields=_GROUP_FIELDS),
 )
 _FAILURE_POLICY_FIELDS = (
     _Field("mode", "choice", "what a non-zero exit does", choices=_FAILURE_MODES,
@@ -2704,6 +2730,8 @@ _SERVICE_SLURM_FIELDS = (
                          "shows), a string or {type: TYPE}"),
     _Field("modules", "modules", "environment modules this service's step loads too, after "
                                  "x-slurm.modules"),
+    _Field("group", "text", "the x-slurm.groups component the service runs in (default: the "
+                            "first group)"),
 )
 _READINESS_SCHEMA_FIELDS = (
     _Field("type", "choice", "how readiness is checked", choices=("sleep", "tcp", "log", "http")),
@@ -2936,6 +2964,11 @@ def _field_schema(field):
         service["type"] = "object"
         schema = {"type": "object", "minProperties": 1, "additionalProperties": False,
                   "patternProperties": {"^[A-Za-z0-9][A-Za-z0-9_.-]*$": service}}
+    elif kind == "groups":
+        group = _mapping_schema(field.fields, False)
+        group["type"] = ["object", "null"]
+        schema = {"type": "object", "minProperties": 1, "additionalProperties": False,
+                  "patternProperties": {_GROUP_NAME_PATTERN: group}}
     elif kind == "bundles":
         bundle = {"type": "object", "required": ["paths"], "additionalProperties": False,
                   "properties": {"paths": dict(texts, description="paths in this bundle")}}
@@ -3381,13 +3414,26 @@ class Placement(NamedTuple):
     ntasks_per_node: Optional[int] = None
 
 
-def _resolve_placement(alloc_nodes, service_slurm, top_slurm, service_count):
-    """The ``Placement`` of one service in an allocation of ``alloc_nodes``; raises ``_Invalid``."""
+_ASCII_ALNUM = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
+
+
+def _group_variable(group, suffix):
+    """``HPC_COMPOSE_GROUP_<NAME>_<SUFFIX>``: the name upper-cased, non-alphanumerics as ``_``."""
+    name = "".join(c if c in _ASCII_ALNUM else "_" for c in group)
+    return "HPC_COMPOSE_GROUP_%s_%s" % (name.upper(), suffix)
+
+
+def _resolve_placement(alloc_nodes, service_slurm, top_slurm, service_count, group=None):
+    """The ``Placement`` of one service in an allocation of ``alloc_nodes`` (the job's, or group
+    ``group``'s in a heterogeneous job); raises ``_Invalid``."""
     requested = service_slurm.nodes
+    where = "the allocation" if group is None else "group '%s'" % group
     if alloc_nodes <= 1:
         if requested not in (None, 1):
-            raise _Invalid("x-slurm.nodes is %s but the allocation has 1 node" % requested,
-                           hint="raise the top-level x-slurm.nodes, or drop the service's nodes")
+            raise _Invalid("x-slurm.nodes is %s but %s has 1 node" % (requested, where),
+                           hint="raise the top-level x-slurm.nodes, or drop the service's nodes"
+                           if group is None else "raise x-slurm.groups.%s.nodes, or drop the "
+                           "service's nodes" % group)
         return _helper_geometry("single", service_slurm)
     if requested is None:
         distributed = service_count == 1
@@ -3396,12 +3442,12 @@ def _resolve_placement(alloc_nodes, service_slurm, top_slurm, service_count):
     elif requested == 1:
         distributed = False
     elif requested > alloc_nodes:
-        raise _Invalid("x-slurm.nodes is %s but the allocation has only %s nodes"
-                       % (requested, alloc_nodes))
+        raise _Invalid("x-slurm.nodes is %s but %s has only %s nodes"
+                       % (requested, where, alloc_nodes))
     else:
         raise _Invalid("x-slurm.nodes is %s; a service runs either on 1 node (a helper on the "
-                       "primary node) or on all %s nodes (the distributed step)"
-                       % (requested, alloc_nodes),
+                       "primary node) or on all %s nodes%s (the distributed step)"
+                       % (requested, alloc_nodes, "" if group is None else " of " + where),
                        hint="partial-node placement is not supported in v1")
     if not distributed:
         return _helper_geometry("primary", service_slurm)
@@ -4574,10 +4620,71 @@ class _SpecLoader(object):
                                          default=())
         values["modules_path"] = self.attempt(self.string_list, path + ("modules_path",),
                                               raw.get("modules_path"), default=())
+        if "groups" in raw:
+            values["groups"] = self.attempt(self.slurm_groups, path + ("groups",), raw["groups"],
+                                            raw, values, default=())
         # A resume or requeue that could not be read was reported; signal did not repeat it.
         for key in ("resume", "requeue"):
             if values.get(key) is _UNREAD:
                 values[key] = None
+        self.check_gpus(path, values)
+        return SlurmSpec(**values)
+
+    def slurm_groups(self, path, raw, raw_slurm, values):
+        """x-slurm.groups: the components of a heterogeneous job, each with its own resources."""
+        raw = self.mapping(path, raw, "a mapping of group name -> resources")
+        if not raw:
+            raise self.error(path, "x-slurm.groups is empty",
+                             hint="name at least one group, e.g. groups: {gpu: {nodes: 1}}, or "
+                                  "drop groups")
+        # One place for each resource: the job-level field would silently apply to group 0 only.
+        for key in _GROUP_KEYS:
+            if key in raw_slurm:
+                self.record(self.error(path[:-1] + (key,), "x-slurm.%s is set next to "
+                                       "x-slurm.groups; with groups every group sets its own "
+                                       "resources" % key, at_key=True,
+                                       hint="move %s into the groups that need it "
+                                            "(x-slurm.groups.<name>.%s)" % (key, key)))
+        if values.get("array") is not None:
+            self.record(self.error(path[:-1] + ("array",), "x-slurm.array is set with "
+                                   "x-slurm.groups; Slurm does not run job arrays of "
+                                   "heterogeneous jobs", at_key=True,
+                                   hint="drop array, or submit one heterogeneous job per index"))
+        import re
+        groups = []
+        variables = {}
+        for name, body in raw.items():
+            group_path = path + (name,)
+            if not isinstance(name, str) or not re.match(_GROUP_NAME_PATTERN, name):
+                self.record(self.error(group_path, "group name %r is not a name: letters, digits, "
+                                       "'_', '.' and '-', starting with a letter or digit"
+                                       % (name,), at_key=True))
+                continue
+            variable = _group_variable(name, "NODELIST")
+            if variable in variables:
+                self.record(self.error(group_path, "groups '%s' and '%s' both give the variable "
+                                       "%s" % (variables[variable], name, variable), at_key=True,
+                                       hint="rename one of them"))
+                continue
+            variables[variable] = name
+            group = self.attempt(self.slurm_group, group_path, body)
+            if group is not None:
+                groups.append(SlurmGroupSpec(name, group))
+        return tuple(groups)
+
+    def slurm_group(self, path, raw):
+        raw = self.mapping(path, raw)
+        self.check_keys(path, raw, _GROUP_KEYS, "x-slurm.groups.<name>")
+        values = {}
+        for key in _GROUP_KEYS:
+            if key in _SLURM_COUNT_KEYS:
+                values[key] = self.attempt(self.integer, path + (key,), raw.get(key))
+            elif key == "exclusive":
+                if raw.get(key) is not None:
+                    values[key] = self.attempt(self.exclusive, path + (key,), raw[key])
+            else:
+                values[key] = self.attempt(self.slurm_value, path + (key,), raw.get(key))
+        self.check_memory_options(path, values)
         self.check_gpus(path, values)
         return SlurmSpec(**values)
 
@@ -5063,6 +5170,7 @@ class _SpecLoader(object):
             values["mpi"] = self.attempt(self.mpi, path + ("mpi",), raw["mpi"])
         values["modules"] = self.attempt(self.modules, path + ("modules",), raw.get("modules"),
                                          default=())
+        values["group"] = self.attempt(self.optional_string, path + ("group",), raw.get("group"))
         self.check_gpus(path, values)
         return ServiceSlurmSpec(**values)
 
@@ -5456,18 +5564,54 @@ class _SpecLoader(object):
                                               by_name, raw_services)
                 if error is not None:
                     self.record(error)
+        if not slurm.groups:
+            for service in services:
+                if service.slurm.group is not None:
+                    self.record(self.error(
+                        ("services", service.name, "x-slurm", "group"), "service '%s' names "
+                        "group '%s', but x-slurm.groups is not set"
+                        % (service.name, service.slurm.group),
+                        hint="declare the group under x-slurm.groups, or drop group"))
+            self.check_placement(services, slurm, len(raw_services))
+            return
+        groups = dict((group.name, group) for group in slurm.groups)
+        members = dict((group.name, []) for group in slurm.groups)
+        for service in services:
+            name = service.slurm.group or slurm.groups[0].name
+            if name in members:
+                members[name].append(service)
+                continue
+            suggestion = _closest(name, sorted(groups))
+            self.record(self.error(("services", service.name, "x-slurm", "group"),
+                                   "service '%s' names the unknown group '%s'; the groups are %s"
+                                   % (service.name, name, ", ".join(sorted(groups))),
+                                   hint="did you mean '%s'?" % suggestion if suggestion
+                                   else "declare it under x-slurm.groups"))
+        for index, group in enumerate(slurm.groups):
+            # Only when every service loaded: one in error may well have named the group.
+            if not members[group.name] and len(services) == len(raw_services):
+                self.record(self.error(("x-slurm", "groups", group.name), "group '%s' runs no "
+                                       "service; Slurm would allocate its nodes for nothing"
+                                       % group.name, at_key=True,
+                                       hint="name it in a service's x-slurm.group, or drop it"))
+            self.check_placement(members[group.name], group.slurm, len(members[group.name]),
+                                 group.name, index)
+
+    def check_placement(self, services, slurm, service_count, group=None, group_index=0):
+        """Placement rules inside one allocation: the plain job's, or one group's."""
         alloc_nodes = slurm.nodes or 1
         distributed = None
         for service in services:
             path = ("services", service.name, "x-slurm", "nodes")
             placement = self.attempt(self.apply_rule, path, _resolve_placement, alloc_nodes,
-                                     service.slurm, slurm, len(raw_services))
+                                     service.slurm, slurm, service_count, group)
             if placement is None or placement.mode != "distributed":
                 continue
             if distributed is not None:
                 self.record(self.error(path, "services '%s' and '%s' both span the whole "
-                                       "allocation; at most one distributed service is supported"
-                                       % (distributed, service.name),
+                                       "%s; at most one distributed service is supported"
+                                       % (distributed, service.name, "allocation" if group is None
+                                          else "group '%s'" % group),
                                        hint="set x-slurm.nodes: 1 on helper services"))
                 continue
             distributed = service.name
@@ -5475,7 +5619,8 @@ class _SpecLoader(object):
             local = readiness is not None and (
                 (readiness.type == "tcp" and _is_local_host(readiness.host))
                 or (readiness.type == "http" and _is_local_host(_url_host(readiness.url))))
-            if local:
+            # In a later group the probe goes to that group's first node (see _readiness_host_parts).
+            if local and group_index == 0:
                 self.record(self.error(("services", service.name, "readiness"),
                                        "the distributed service '%s' cannot use %s readiness "
                                        "against localhost" % (service.name, readiness.type),
@@ -5683,6 +5828,19 @@ def _slurm_to_dict(slurm, escape=None):
     for key in ("dependency", "array"):
         if getattr(slurm, key) is not None:
             data[key] = escape(getattr(slurm, key))
+    if slurm.groups:
+        data["groups"] = dict((group.name, _group_slurm_to_dict(group.slurm, escape))
+                              for group in slurm.groups)
+    return data
+
+
+def _group_slurm_to_dict(slurm, escape):
+    """One group's resources: its keys that are set, in _GROUP_KEYS order."""
+    data = {}
+    for key in _GROUP_KEYS:
+        value = getattr(slurm, key)
+        if value is not None:
+            data[key] = escape(value) if isinstance(value, str) else value
     return data
 
 
@@ -5777,6 +5935,8 @@ def spec_to_dict(spec, escape_dollars=False):
             slurm["mpi"] = service.slurm.mpi
         if service.slurm.modules:
             slurm["modules"] = [escape(m.name) for m in service.slurm.modules]
+        if service.slurm.group is not None:
+            slurm["group"] = escape(service.slurm.group)
         if slurm:
             data["x-slurm"] = slurm
         if service.prepare is not None:
@@ -5870,6 +6030,8 @@ class ServicePlan(NamedTuple):
     mpi: Optional[str] = None      # srun --mpi=TYPE
     modules: Tuple[ModuleSpec, ...] = ()  # x-slurm.modules, then the service's own
     module_paths: Tuple[str, ...] = ()  # absolute `module use` folders (only with modules)
+    group: Optional[str] = None    # heterogeneous job: the x-slurm.groups component it runs in
+    het_group: Optional[int] = None  # ... and its index (srun --het-group), None in a plain job
 
 
 class Plan(NamedTuple):
@@ -6019,7 +6181,14 @@ def _find_cycle(services):
 def build_plan(spec, environ=None) -> Plan:
     """Turn a validated spec into the deterministic ``Plan``."""
     environ = os.environ if environ is None else environ
-    alloc_nodes = spec.slurm.nodes or 1
+    groups = spec.slurm.groups
+    # In a heterogeneous job the batch script runs in group 0: its nodes are "the allocation".
+    alloc_nodes = (groups[0].slurm.nodes if groups else spec.slurm.nodes) or 1
+    group_index = dict((group.name, index) for index, group in enumerate(groups))
+    group_size = dict((group.name, 0) for group in groups)
+    for service in spec.services:
+        if groups:
+            group_size[service.slurm.group or groups[0].name] += 1
     cache_dir = _resolve_cache_dir(spec, environ)
     module_paths = tuple(resolve_host_path(path, spec.project_dir, environ)
                          for path in spec.slurm.modules_path)
@@ -6030,9 +6199,17 @@ def build_plan(spec, environ=None) -> Plan:
             dependents[target].append(service.name)
     services = []
     for service in ordered:
+        group = het_group = None
         try:
-            placement = _resolve_placement(alloc_nodes, service.slurm, spec.slurm,
-                                           len(spec.services))
+            if groups:
+                group = service.slurm.group or groups[0].name
+                het_group = group_index[group]
+                group_slurm = groups[het_group].slurm
+                placement = _resolve_placement(group_slurm.nodes or 1, service.slurm, group_slurm,
+                                               group_size[group], group)
+            else:
+                placement = _resolve_placement(alloc_nodes, service.slurm, spec.slurm,
+                                               len(spec.services))
             if service.runtime == "host" or service.image is None:
                 image = ImageRef("none", "", None, service.image)
             else:
@@ -6069,7 +6246,8 @@ def build_plan(spec, environ=None) -> Plan:
             gres=service.slurm.gres, extra_srun_args=service.slurm.extra_srun_args,
             prepare=prepare, secrets=service.secrets, mem=service.slurm.mem,
             time=service.slurm.time, mpi=service.slurm.mpi, modules=modules,
-            module_paths=module_paths if modules else ()))
+            module_paths=module_paths if modules else (), group=group,
+            het_group=het_group))
     job_name = spec.slurm.job_name or spec.name or "hpc-compose"
     secrets = tuple(secret._replace(reference=resolve_host_path(secret.reference,
                                                                 spec.project_dir, environ))
@@ -6121,7 +6299,7 @@ def plan_to_dict(plan):
             "prepare": prepare,
             "secrets": _service_secrets_to_list(service.secrets),
         })
-        for key in ("mem", "time", "mpi"):
+        for key in ("mem", "time", "mpi", "group", "het_group"):
             if getattr(service, key) is not None:
                 services[-1][key] = getattr(service, key)
         if service.modules:
@@ -7249,10 +7427,11 @@ def run_preflight(runtime_plan, options=PreflightOptions()) -> PreflightReport:
         sbatch_path = _preflight_binary(findings, "sbatch", options.sbatch_bin, "--sbatch-bin")
     else:
         findings.extend(_preflight_local(runtime_plan, options.local, enroot_path))
-    if plan.nodes > 1:
+    if plan.nodes > 1 or plan.slurm.groups:
         _preflight_binary(findings, "scontrol", "scontrol", None,
                       why="x-slurm.nodes is %d: the batch script expands the node list with it"
-                          % plan.nodes)
+                          % plan.nodes if not plan.slurm.groups else "x-slurm.groups: the batch "
+                          "script expands each group's node list with it")
     elif _secret_services(plan) and options.local is None:
         _preflight_binary(findings, "scontrol", "scontrol", None,
                           why="the job uses secrets: submit releases it with scontrol once the "
@@ -7670,6 +7849,9 @@ def _local_plan_problems(plan, mode):
     if plan.slurm.array is not None:
         problems.append("x-slurm.array makes a job array, which only sbatch can start; submit it "
                         "with 'hpc-compose up' instead")
+    if plan.slurm.groups:
+        problems.append("x-slurm.groups makes a heterogeneous job, which only sbatch can start; "
+                        "submit it with 'hpc-compose up' instead")
     if mode != "machine":
         return problems
     if (plan.nodes or 1) > 1:
@@ -8051,7 +8233,10 @@ def _lint_plan(plan):
             found.append(("HC004", where, "service '%s' has dependents but no readiness: they "
                           "start as soon as it is launched, before it listens" % service.name,
                           "add readiness (tcp, http or log) or a healthcheck"))
-        for key, text in _service_excess(service, slurm):
+        # A service of a heterogeneous job is measured against its group's resources.
+        group = next((g for g in slurm.groups if g.name == service.group), None)
+        for key, text in _service_excess(service, slurm if group is None else slurm._replace(
+                **dict((key, getattr(group.slurm, key)) for key in _GROUP_KEYS))):
             found.append(("HC006", where + ("x-slurm", key), "service '%s': %s"
                           % (service.name, text), "raise the job's x-slurm.%s or lower the "
                           "service's" % key))
@@ -8165,49 +8350,84 @@ def _requested_gres(slurm):
 
 
 def _scheduler_refusals(plan, offers):
-    """``[(field, what the cluster offers, fix)]``: why a job of ``plan`` cannot run on ``offers``."""
-    slurm = plan.slurm
+    """``[(field, what the cluster offers, fix)]``: why a job of ``plan`` cannot run on ``offers``;
+    a heterogeneous job is checked group by group (field ``groups.<name>.<key>``)."""
+    if not plan.slurm.groups:
+        return _allocation_refusals(plan.slurm, plan.nodes, offers, "")
+    problems = []
+    for group in plan.slurm.groups:
+        slurm = plan.slurm._replace(**dict((key, getattr(group.slurm, key))
+                                           for key in _GROUP_KEYS))
+        problems += _allocation_refusals(slurm, group.slurm.nodes or 1, offers,
+                                         "groups.%s." % group.name)
+    return problems
+
+
+def _group_node_refusals(plan, offers):
+    """A heterogeneous job whose groups need more nodes together than their partitions have:
+    Slurm gives each group nodes of its own, and ``sbatch --test-only``, which weighs each group
+    alone, accepts a job that would then pend for ever (Reason Resources)."""
+    defaults = [name for name, offer in sorted(offers.items()) if offer.default]
+    wanted, nodes = 0, set()
+    for group in plan.slurm.groups:
+        wanted += group.slurm.nodes or 1
+        names = group.slurm.partition.split(",") if group.slurm.partition else defaults[:1]
+        for name in names:
+            nodes.update(offers[name].nodes if name in offers else ())
+    if not nodes or wanted <= len(nodes):
+        return []
+    return [("groups", "the groups need %d nodes together and their partitions have %d (%s): "
+             "Slurm gives every group nodes of its own, so the job would wait for ever"
+             % (wanted, len(nodes), ",".join(sorted(nodes))),
+             "make the groups smaller, or merge groups that can share nodes")]
+
+
+def _allocation_refusals(slurm, nodes, offers, prefix):
+    """The refusals of one allocation: the job's, or one group's (fields under ``prefix``)."""
     defaults = [name for name, offer in sorted(offers.items()) if offer.default]
     wanted = slurm.partition.split(",") if slurm.partition else defaults[:1]
     problems = []
     for name in wanted:
         offer = offers.get(name)
         if offer is None:
-            problems.append(("partition", "partition '%s' does not exist; the cluster has %s"
-                             % (name, ", ".join(sorted(offers)) or "none"),
-                             "set x-slurm.partition to one of them, or drop it for the default "
-                             "(%s)" % (", ".join(defaults) or "none")))
+            problems.append((prefix + "partition", "partition '%s' does not exist; the cluster "
+                             "has %s" % (name, ", ".join(sorted(offers)) or "none"),
+                             "set x-slurm.%spartition to one of them, or drop it for the default "
+                             "(%s)" % (prefix, ", ".join(defaults) or "none")))
             continue
         if offer.state.upper() != "UP":
-            problems.append(("partition", "partition %s is %s" % (name, offer.state.lower()),
+            problems.append((prefix + "partition", "partition %s is %s"
+                             % (name, offer.state.lower()),
                              "choose another partition, or wait until it is up"))
         limit = min(len(offer.nodes), offer.max_nodes or len(offer.nodes))
-        if plan.nodes > limit:
-            problems.append(("nodes", "%d nodes do not fit %s" % (plan.nodes, _format_offer(offer)),
+        if nodes > limit:
+            problems.append((prefix + "nodes", "%d nodes do not fit %s"
+                             % (nodes, _format_offer(offer)),
                              "ask for at most %d node%s" % (limit, "" if limit == 1 else "s")))
         memory = _memory_megabytes(slurm.mem) if slurm.mem else None
         if memory and offer.memory_mb and memory > offer.memory_mb:
-            problems.append(("mem", "%s (%d MB per node) does not fit %s"
+            problems.append((prefix + "mem", "%s (%d MB per node) does not fit %s"
                              % (slurm.mem, memory, _format_offer(offer)),
                              "ask for at most %dM, or choose a partition with bigger nodes"
                              % offer.memory_mb))
         seconds = _slurm_time_seconds(slurm.time)
         if seconds and offer.max_time is not None and seconds > offer.max_time:
-            problems.append(("time", "%s is longer than the MaxTime of %s"
+            problems.append((prefix + "time", "%s is longer than the MaxTime of %s"
                              % (slurm.time, _format_offer(offer)),
                              "ask for at most %d minutes, or choose another partition"
                              % (offer.max_time // 60)))
         if slurm.cpus_per_task and offer.cpus and slurm.cpus_per_task > offer.cpus:
-            problems.append(("cpus_per_task", "%d CPUs per task do not fit %s"
+            problems.append((prefix + "cpus_per_task", "%d CPUs per task do not fit %s"
                              % (slurm.cpus_per_task, _format_offer(offer)),
                              "ask for at most %d CPUs per task" % offer.cpus))
         for gres in _requested_gres(slurm):
             if gres not in offer.gres:
                 field = next(key for key in ("gres", "gpus", "gpus_per_node", "gpus_per_task")
                              if getattr(slurm, key))
-                problems.append((field, "no node has gres '%s' in %s" % (gres, _format_offer(offer)),
-                                 "drop x-slurm.%s, or choose a partition whose nodes have it"
-                                 % field))
+                problems.append((prefix + field, "no node has gres '%s' in %s"
+                                 % (gres, _format_offer(offer)),
+                                 "drop x-slurm.%s%s, or choose a partition whose nodes have it"
+                                 % (prefix, field)))
     return problems
 
 
@@ -8219,16 +8439,22 @@ def _preflight_scheduler(plan, script, sbatch_path, sinfo_bin="sinfo", scontrol_
         answer = " ".join(((result.stderr or "") + " " + (result.stdout or "")).split())
     except ToolError as exc:
         result, answer = None, exc.message
+    problems = []
     if result is not None and result.returncode == 0:
-        return [Finding("ok", "scheduler", "sbatch --test-only accepts the job (%s)"
-                        % answer.replace("sbatch: ", ""))]
+        accepted = Finding("ok", "scheduler", "sbatch --test-only accepts the job (%s)"
+                           % answer.replace("sbatch: ", ""))
+        if plan.slurm.groups:
+            problems = _group_node_refusals(plan, _read_partitions(sinfo_bin, scontrol_bin))
+        if not problems:
+            return [accepted]
+        answer = "sbatch --test-only accepts each group alone"
     if result is None or any(word in answer.lower() for word in _SCHEDULER_UNREACHABLE):
         return [Finding("warn", "scheduler", "the scheduler could not be asked (%s): the job was "
                         "not checked against the cluster" % answer,
                         "run preflight on a login node of the cluster to check partition, "
                         "memory, time and gres before submitting")]
     reason = answer.split("error: ")[-1] or "no reason given"
-    problems = _scheduler_refusals(plan, _read_partitions(sinfo_bin, scontrol_bin))
+    problems = problems or _scheduler_refusals(plan, _read_partitions(sinfo_bin, scontrol_bin))
     lowered = reason.lower()
     for field in ("account", "qos", "reservation", "licenses", "dependency"):
         if field.rstrip("s") in lowered and getattr(plan.slurm, field):
@@ -8241,10 +8467,17 @@ def _preflight_scheduler(plan, script, sbatch_path, sinfo_bin="sinfo", scontrol_
     lines = _compose_key_lines(_read_compose_document(plan.compose_file))
     findings = []
     for field, offer, fix in problems:
-        line = _located_line(lines, ("x-slurm", field) if field else ("x-slurm",))
+        path = ("x-slurm",)
+        if field and field.startswith("groups."):
+            path += ("groups",) + tuple(field[len("groups."):].rsplit(".", 1))
+        elif field:
+            path += (field,)
+        line = _located_line(lines, path)
         where = os.path.basename(plan.compose_file) + (":%d" % line if line else "")
-        message = "%s: %s (sbatch --test-only refuses the job: %s)" % (
-            where + (": x-slurm." + field if field else ""), offer or "the scheduler", reason)
+        message = "%s: %s (%s)" % (
+            where + (": x-slurm." + field if field else ""), offer or "the scheduler",
+            reason if reason.startswith("sbatch --test-only accepts")
+            else "sbatch --test-only refuses the job: " + reason)
         findings.append(Finding("error", "scheduler", message, fix))
     return findings
 
@@ -8369,7 +8602,12 @@ _SERVICE_ENTRY_TEMPLATE = """
 NAME[@{index}]=@{name_word} TOKEN[@{index}]=@{token} POLICY[@{index}]=@{policy} ENDS_JOB[@{index}]=@{ends_job}
 DEPENDS_ON[@{index}]=@{depends_on}
 PLACEMENT[@{index}]=@{placement} DISTRIBUTED[@{index}]=@{distributed}
-@{restart}@{readiness}"""
+@{group}@{restart}@{readiness}"""
+
+# A service of a heterogeneous job: the variables that hold its group's nodes (set at allocation).
+_GROUP_ENTRY_TEMPLATE = """\
+NODELIST_VARIABLE[@{index}]=@{nodelist_variable} PRIMARY_VARIABLE[@{index}]=@{primary_variable}
+"""
 
 _SIGNAL_TABLE_TEMPLATE = """
 # Signals (x-slurm.signal): ON_SIGNAL is forward or requeue; SIGNAL_TO is what each service receives
@@ -8520,7 +8758,7 @@ say() {  # a line for the Slurm batch log
 # line appended to timeline.jsonl (every service's status, launches, last exit), from which
 # `status --timeline` and `report` draw the job's phases.
 write_state() {
-    local i services='' separator='' readiness pid reason nodelist timeline=''
+    local i services='' separator='' readiness pid reason nodelist variable timeline=''
     clock
     for ((i = 0; i < SERVICE_COUNT; i++)); do
         readiness=null
@@ -8538,11 +8776,13 @@ write_state() {
             services+=", \"max_restarts\": null"
         fi
         services+=", \"last_exit_code\": ${LAST_EXIT[i]}, \"readiness\": $readiness"
+        # A service of a heterogeneous job's group runs on that group's nodes.
         if (( DISTRIBUTED[i] )); then
-            json_string "${HPC_COMPOSE_NODELIST:-}"
+            variable=${NODELIST_VARIABLE[i]:-HPC_COMPOSE_NODELIST}
         else
-            json_string "${HPC_COMPOSE_PRIMARY_NODE:-}"
+            variable=${PRIMARY_VARIABLE[i]:-HPC_COMPOSE_PRIMARY_NODE}
         fi
+        json_string "${!variable:-}"
         nodelist=$JSON
         services+=", \"placement\": {${PLACEMENT[i]}, \"nodelist\": $nodelist}"
         json_or_null "${STARTED_AT[i]}"
@@ -9116,8 +9356,7 @@ KEEPER_STOP="$RUN_DIR/containers.stop" KEEPER_PID=''
 start_container_keeper() {
 @{local_start}    rm -f -- "$KEEPER_STOP"
     # shellcheck disable=SC2016  # the script is expanded by the keeper's shell, on its node
-    srun --overlap --nodes="$HPC_COMPOSE_NODE_COUNT" --ntasks="$HPC_COMPOSE_NODE_COUNT" \
-        --ntasks-per-node=1 --kill-on-bad-exit=0 --job-name=hpc-compose-keeper /bin/sh -c '
+    srun @{keeper_steps} /bin/sh -c '
         prefix=$1 job=$2 stop=$3
         remove() {
             trap "" TERM INT HUP
@@ -9451,6 +9690,29 @@ export HPC_COMPOSE_NODELIST="${allocation_nodes[*]}"
 export HPC_COMPOSE_NODELIST_FILE="$JOB_DIR/allocation/nodes.txt"
 """
 
+# Heterogeneous job (x-slurm.groups): Slurm names each group's nodes; outside Slurm (up --local)
+# every group is this machine.
+_GROUP_ALLOCATION_TEMPLATE = """
+# ---------------------------------------------------------------------------
+# Groups of the heterogeneous job (x-slurm.groups): the nodes of each
+# ---------------------------------------------------------------------------
+@{groups}@{probes}"""
+
+_GROUP_NODES_TEMPLATE = """\
+group_nodes=()
+if [[ -n ${SLURM_JOB_NODELIST_HET_GROUP_@{index}:-} ]] && command -v scontrol >/dev/null 2>&1; then
+    mapfile -t group_nodes < <(scontrol show hostnames "$SLURM_JOB_NODELIST_HET_GROUP_@{index}")
+fi
+(( ${#group_nodes[@]} > 0 )) || group_nodes=("${allocation_nodes[@]}")
+export @{nodelist}="${group_nodes[*]}" @{primary}="${group_nodes[0]}"
+"""
+
+_GROUP_PROBES_TEMPLATE = """\
+# The batch script runs in the first group: a local probe of a later group's service goes to
+# that group's first node.
+@{lines}
+"""
+
 
 _RESUME_LATEST_TEMPLATE = """
 # The resume directory remembers which job and attempt wrote it last.
@@ -9552,33 +9814,55 @@ _SBATCH_TEXT_OPTIONS = ("constraint", "output", "error", "chdir", "mem_per_cpu",
 
 
 def _render_sbatch_lines(plan):
+    """The #SBATCH lines; a heterogeneous job has one block per group, split by ``hetjob``."""
     slurm = plan.slurm
-    lines = ["--job-name=" + shell_quote(_single_line(plan.job_name, "the job name")),
-             "--nodes=" + shell_quote(plan.nodes or 1)]
+    groups = slurm.groups
+    if groups:
+        # Group 0's block carries the job-wide options too; later blocks only their resources.
+        first = slurm._replace(**dict((key, getattr(groups[0].slurm, key))
+                                      for key in _GROUP_KEYS))
+        lines = _sbatch_options(plan.job_name, first, groups[0].slurm.nodes or 1,
+                                "x-slurm.groups.%s." % groups[0].name)
+        for group in groups[1:]:
+            lines.append("hetjob")
+            lines += _sbatch_options(None, group.slurm, group.slurm.nodes or 1,
+                                     "x-slurm.groups.%s." % group.name)
+    else:
+        lines = _sbatch_options(plan.job_name, slurm, plan.nodes or 1, "x-slurm.")
+    return ["#SBATCH " + line for line in lines]
+
+
+def _sbatch_options(job_name, slurm, nodes, where):
+    """The options of one #SBATCH block; without ``job_name``, a later group's resources only."""
+    lines = []
+    if job_name is not None:
+        lines.append("--job-name=" + shell_quote(_single_line(job_name, "the job name")))
+    lines.append("--nodes=" + shell_quote(nodes))
     fields = (("ntasks", "--ntasks"), ("ntasks_per_node", "--ntasks-per-node"),
               ("partition", "--partition"), ("account", "--account"), ("qos", "--qos"),
               ("time", "--time"), ("cpus_per_task", "--cpus-per-task"), ("mem", "--mem"))
     for field, flag in fields:
         value = getattr(slurm, field)
         if value is not None:
-            lines.append(flag + "=" + shell_quote(_single_line(value, "x-slurm." + field)))
+            lines.append(flag + "=" + shell_quote(_single_line(value, where + field)))
     if slurm.gres is not None:
-        lines.append("--gres=" + shell_quote(_single_line(slurm.gres, "x-slurm.gres")))
+        lines.append("--gres=" + shell_quote(_single_line(slurm.gres, where + "gres")))
     elif slurm.gpus is not None:
-        lines.append("--gpus=" + shell_quote(_single_line(slurm.gpus, "x-slurm.gpus")))
+        lines.append("--gpus=" + shell_quote(_single_line(slurm.gpus, where + "gpus")))
     for field in _SBATCH_TEXT_OPTIONS:
         value = getattr(slurm, field)
         if value is not None:
             lines.append("--%s=%s" % (field.replace("_", "-"),
-                                      shell_quote(_single_line(value, "x-slurm." + field))))
+                                      shell_quote(_single_line(value, where + field))))
     if slurm.exclusive is True:
         lines.append("--exclusive")
     elif slurm.exclusive:
         lines.append("--exclusive=" + shell_quote(slurm.exclusive))
-    lines.extend(_render_job_pattern_sbatch_lines(slurm))
-    for arg in slurm.submit_args:
-        lines.append(_single_line(arg, "x-slurm.submit_args entry"))
-    return ["#SBATCH " + line for line in lines]
+    if job_name is not None:
+        lines.extend(_render_job_pattern_sbatch_lines(slurm))
+        for arg in slurm.submit_args:
+            lines.append(_single_line(arg, "x-slurm.submit_args entry"))
+    return lines
 
 
 def _render_job_pattern_sbatch_lines(slurm):
@@ -9731,6 +10015,11 @@ def _env_names(runtime_plan, service):
         names += ["HPC_COMPOSE_ATTEMPT", "HPC_COMPOSE_IS_RESUME", "HPC_COMPOSE_RESUME_DIR"]
     if service.secrets:
         names.append(_SECRETS_DIR_VARIABLE)
+    if service.group is not None:
+        names.append("HPC_COMPOSE_GROUP")
+        for group in runtime_plan.plan.slurm.groups:
+            names += [_group_variable(group.name, "NODELIST"),
+                      _group_variable(group.name, "PRIMARY_NODE")]
     return sorted(set(names) | set(key for key, _ in service.environment))
 
 
@@ -9739,6 +10028,8 @@ def _environment_parts(runtime_plan, index):
     service = runtime_plan.plan.services[index]
     items = [(key, (str(value),)) for key, value in service.environment]
     tool = [("HPC_COMPOSE_SERVICE", (service.name,))]
+    if service.group is not None:
+        tool.append(("HPC_COMPOSE_GROUP", (service.group,)))
     if service.runtime == "host":
         tool += [("HPC_COMPOSE_JOB_DIR", (_ShellVariable("JOB_DIR"),)),
                  ("HPC_COMPOSE_NODELIST_FILE", (_ShellVariable("JOB_DIR"), "/allocation/nodes.txt"))]
@@ -9800,8 +10091,11 @@ def _srun_parts(runtime_plan, index):
     """The srun argv of service ``index`` as words made of parts (literals and ``_ShellVariable``s)."""
     service = runtime_plan.plan.services[index]
     placement = service.placement
-    words = [("--overlap",), ("--job-name=hpc-compose:" + service.token,),
-             ("--nodes=%s" % (placement.nodes or 1),)]
+    words = [("--overlap",)]
+    if service.het_group is not None:
+        words.append(("--het-group=%d" % service.het_group,))
+    words += [("--job-name=hpc-compose:" + service.token,),
+              ("--nodes=%s" % (placement.nodes or 1),)]
     if placement.ntasks is not None:
         words.append(("--ntasks=%s" % placement.ntasks,))
     if placement.ntasks_per_node is not None:
@@ -9815,7 +10109,9 @@ def _srun_parts(runtime_plan, index):
         # the whole step at once, so that the service's failure policy applies then.
         words.append(("--kill-on-bad-exit=1",))
     if placement.mode == "primary":
-        words.append(("--nodelist=", _ShellVariable("HPC_COMPOSE_PRIMARY_NODE")))
+        words.append(("--nodelist=", _ShellVariable(
+            "HPC_COMPOSE_PRIMARY_NODE" if service.group is None
+            else _group_variable(service.group, "PRIMARY_NODE"))))
     if service.cpus_per_task is not None:
         words.append(("--cpus-per-task=%s" % service.cpus_per_task,))
     if service.gres is not None:
@@ -9964,6 +10260,28 @@ def _format_probe(readiness):
     return "http %s status %s" % (readiness.url, readiness.status_code or _HTTP_STATUS_DEFAULT)
 
 
+def _readiness_host_parts(service):
+    """``(name, parts)`` that move a local readiness probe of a service in a later group of a
+    heterogeneous job to that group's first node (the batch script runs in group 0); or None."""
+    readiness = service.readiness
+    if not service.het_group or readiness is None or readiness.type not in ("tcp", "http"):
+        return None
+    node = _ShellVariable(_group_variable(service.group, "PRIMARY_NODE"))
+    if readiness.type == "tcp":
+        if not _is_local_host(readiness.host or _TCP_HOST_DEFAULT):
+            return None
+        return ("READY_HOST", (node,))
+    url = readiness.url
+    if not _is_local_host(_url_host(url)):
+        return None
+    scheme, rest = url.split("://", 1)
+    authority = rest.split("/", 1)[0].split("?", 1)[0].split("#", 1)[0]
+    after = authority.rsplit("@", 1)[-1]
+    port = after[after.rindex("]") + 1:] if after.startswith("[") else (
+        after[after.index(":"):] if ":" in after else "")
+    return ("READY_URL", (scheme + "://", node, port + rest[len(authority):]))
+
+
 def _render_readiness_entry(index, readiness):
     """The READINESS / READY_* lines: only the facts this readiness type uses."""
     if readiness is None:
@@ -9994,6 +10312,13 @@ def _render_service_entry(plan, index, ending):
     placement_json = '"mode": %s, "nodes": %s, "ntasks": %s, "ntasks_per_node": %s' % (
         _format_json(placement.mode), _format_json(placement.nodes or 1),
         _format_json(placement.ntasks), _format_json(placement.ntasks_per_node))
+    group = ""
+    if service.group is not None:
+        placement_json += ', "group": %s, "het_group": %d' % (_format_json(service.group),
+                                                             service.het_group)
+        group = _fill(_GROUP_ENTRY_TEMPLATE, index=str(index),
+                      nodelist_variable=_group_variable(service.group, "NODELIST"),
+                      primary_variable=_group_variable(service.group, "PRIMARY_NODE"))
     restart = ""
     if policy.mode == "restart_on_failure":
         restart = _fill(_RESTART_ENTRY_TEMPLATE, index=str(index),
@@ -10006,7 +10331,7 @@ def _render_service_entry(plan, index, ending):
         depends_on=shell_quote(" ".join("%d:%s" % (index_of[d.name], d.condition)
                                         for d in service.depends_on)),
         placement=shell_quote(placement_json),
-        distributed="1" if placement.mode == "distributed" else "0",
+        distributed="1" if placement.mode == "distributed" else "0", group=group,
         restart=restart, readiness=_render_readiness_entry(str(index), service.readiness))
 
 
@@ -10066,6 +10391,39 @@ def _stop_values(local):
                 kill_last='signal_service KILL "$i"', end_service='end_service "$i"; ',
                 stop_leftovers="    [[ $LAUNCHER == srun ]] || stop_leftovers  # the probes and the "
                                "sampler have gone\n")
+
+
+_KEEPER_OPTIONS = "--ntasks-per-node=1 --kill-on-bad-exit=0 --job-name=hpc-compose-keeper"
+
+
+def _render_keeper_steps(plan):
+    """The keeper's srun options: one task per node of the job, or of every group (a
+    heterogeneous step, the components' options separated by ``:``)."""
+    if not plan.slurm.groups:
+        return ('--overlap --nodes="$HPC_COMPOSE_NODE_COUNT" --ntasks="$HPC_COMPOSE_NODE_COUNT" '
+                '\\\n        ' + _KEEPER_OPTIONS)
+    return " : \\\n        ".join(
+        "--overlap --het-group=%d --nodes=%d --ntasks=%d %s"
+        % (index, group.slurm.nodes or 1, group.slurm.nodes or 1, _KEEPER_OPTIONS)
+        for index, group in enumerate(plan.slurm.groups))
+
+
+def _render_group_allocation(plan):
+    """The group variables and the probes moved to a later group's node; '' in a plain job."""
+    groups = plan.slurm.groups
+    if not groups:
+        return ""
+    blocks = "".join(_fill(_GROUP_NODES_TEMPLATE, index=str(index),
+                           nodelist=_group_variable(group.name, "NODELIST"),
+                           primary=_group_variable(group.name, "PRIMARY_NODE"))
+                     for index, group in enumerate(groups))
+    lines = []
+    for index, service in enumerate(plan.services):
+        moved = _readiness_host_parts(service)
+        if moved is not None:
+            lines.append("%s[%d]=%s" % (moved[0], index, _shell_word(*moved[1])))
+    probes = _fill(_GROUP_PROBES_TEMPLATE, lines="\n".join(lines)) if lines else ""
+    return _fill(_GROUP_ALLOCATION_TEMPLATE, groups=blocks, probes=probes)
 
 
 def _render_supervisor(plan, containers, metrics, artifacts, local=False):
@@ -10193,6 +10551,7 @@ def render_script(runtime_plan, local=False):
     pieces.append(_fill(_LOG_INDEX_TEMPLATE, suffix=shell_quote(_LOG_TIMES_SUFFIX)))
     if containers:
         pieces.append(_fill(_CONTAINER_KEEPER_TEMPLATE, prefix=shell_quote(_CONTAINER_NAME_PREFIX),
+                            keeper_steps=_render_keeper_steps(plan),
                             local_start=_KEEPER_LOCAL_START_TEMPLATE if local else "",
                             local_stop=_KEEPER_LOCAL_STOP_TEMPLATE if local else ""))
     pieces.append(_render_extras(metrics, artifacts))
@@ -10216,6 +10575,7 @@ def render_script(runtime_plan, local=False):
     else:
         pieces.append(_SRUN_LAUNCHER_TEMPLATE)
     pieces.append(_ALLOCATION_TEMPLATE)
+    pieces.append(_render_group_allocation(plan))
     if resume is not None:
         pieces.append(_fill(_RESUME_LATEST_TEMPLATE,
                             compose_name=shell_quote(plan.spec.name or plan.job_name),
@@ -10801,8 +11161,10 @@ def _build_job_record(runtime_plan, job_id, cluster=None, script_path=None, subm
             services[-1]["image"] = image.container_image   # the cache artifact (diff shows it)
         if service.runtime == "pyxis":
             services[-1]["container_name"] = _container_name(job_id, service.token)
+        if service.group is not None:
+            services[-1].update(group=service.group, het_group=service.het_group)
     artifacts = slurm.artifacts
-    return {
+    record = {
         "schema_version": _TRACKING_SCHEMA_VERSION,
         "job_id": str(job_id),
         "cluster": cluster,
@@ -10829,6 +11191,12 @@ def _build_job_record(runtime_plan, job_id, cluster=None, script_path=None, subm
         # The normalized spec (what `config` prints; secrets as references): diff compares it.
         "spec": spec_to_dict(plan.spec),
     }
+    if slurm.groups:
+        record["groups"] = [{"name": group.name, "het_group": index,
+                             "nodes": group.slurm.nodes or 1,
+                             "services": [s.name for s in plan.services if s.group == group.name]}
+                            for index, group in enumerate(slurm.groups)]
+    return record
 
 
 def _record_job(project_dir, record):
@@ -11241,7 +11609,8 @@ def _squeue_states(job_ids, squeue_bin="squeue"):
     for line in result.stdout.splitlines():
         if "|" in line:
             job, state = line.split("|", 1)
-            states[job.strip().split("_")[0]] = _normalize_slurm_state(state)
+            # 123_4 (an array task) and 123+1 (a heterogeneous job's component) are job 123.
+            states[job.strip().split("_")[0].split("+")[0]] = _normalize_slurm_state(state)
     return states
 
 
@@ -11350,6 +11719,38 @@ def _format_dependency_wait(record, scheduler, squeue_bin="squeue", sacct_bin="s
         for p in ended) + " so %s cannot hold; cancel this job" % (record.get("dependency") or
                                                                     "the dependency")
     return {"never_satisfied": True, "text": text, "parents": parents}
+
+
+class _HetComponent(NamedTuple):
+    """One component of a heterogeneous job as squeue or sacct list it (``123+1``)."""
+    component: str                 # 123+1
+    het_group: int                 # 1
+    job_id: str                    # its own job id (sstat and squeue --steps want it): 124
+    state: str
+    nodes: Optional[str]           # a Slurm hostlist, n[2-3]
+
+
+def _het_components(job_id, squeue_bin="squeue", sacct_bin="sacct"):
+    """The components of heterogeneous job ``job_id`` (squeue while queued, else sacct), in group
+    order; ``[]`` for a plain job or when neither knows it."""
+    for argv in ([squeue_bin, "-h", "-j", str(job_id), "-o", "%i|%A|%T|%N"],
+                 [sacct_bin, "-n", "-X", "-P", "-j", str(job_id),
+                  "--format=JobID,JobIDRaw,State,NodeList"]):
+        try:
+            result = _run_command(argv, timeout=_scheduler_timeout())
+        except ToolError:
+            continue
+        components = []
+        for line in result.stdout.splitlines() if result.returncode == 0 else ():
+            parts = (line.strip().split("|") + [""] * 4)[:4]
+            leader, plus, group = parts[0].partition("+")
+            if plus and leader == str(job_id) and group.isdigit():
+                components.append(_HetComponent(parts[0], int(group), parts[1].strip(),
+                                                _normalize_slurm_state(parts[2]),
+                                                _known_value(parts[3])))
+        if components:
+            return sorted(components, key=lambda c: c.het_group)
+    return []
 
 
 def _cancel_job(job_id, scancel_bin="scancel"):
@@ -12217,6 +12618,7 @@ class _ExecTarget(NamedTuple):
     runtime: str                   # pyxis | apptainer | singularity | host
     node: str
     container_name: Optional[str]  # Pyxis: the name given by the batch script; otherwise None
+    het_group: Optional[int] = None  # heterogeneous job: the service's group (srun --het-group)
 
 
 def _container_name(job_id, token):
@@ -12313,7 +12715,7 @@ def _exec_target(record, name, scheduler, expand_nodes, node=None, index=None):
     nodelist = (state.get("placement") or {}).get("nodelist") or ""
     nodes = expand_nodes(nodelist) if "[" in nodelist else nodelist.replace(",", " ").split()
     return _ExecTarget(record["job_id"], name, runtime, _pick_node(name, nodes, node, index),
-                      name_of_container)
+                      name_of_container, service.get("het_group"))
 
 
 def _exec_srun_argv(target, command, environment=(), workdir=None, tty=False, step=None,
@@ -12322,6 +12724,8 @@ def _exec_srun_argv(target, command, environment=(), workdir=None, tty=False, st
     ``environment`` is ``(KEY, VALUE)`` pairs set on top of the service's environment."""
     argv = [srun_bin, "--jobid=%s" % target.job_id, "--overlap", "--nodes=1", "--ntasks=1",
             "--nodelist=%s" % target.node, "--job-name=hpc-compose-exec", "--quiet"]
+    if target.het_group is not None:
+        argv.insert(2, "--het-group=%d" % target.het_group)
     if tty:
         argv.append("--pty")
     command = list(command) or list(_EXEC_SHELL)
@@ -12927,6 +13331,25 @@ def _file_facts(path):
             "updated_age_seconds": max(0, int(time.time() - info.st_mtime))}
 
 
+def _groups_status(record, squeue_bin="squeue", sacct_bin="sacct"):
+    """A heterogeneous job's groups: Slurm's component, state and nodes, and their services."""
+    if not record.get("groups"):
+        return None
+    components = {}
+    if not record.get("local"):
+        components = dict((c.het_group, c) for c in _het_components(record["job_id"], squeue_bin,
+                                                                    sacct_bin))
+    groups = []
+    for group in record["groups"]:
+        component = components.get(group.get("het_group"))
+        groups.append({"name": group.get("name"), "het_group": group.get("het_group"),
+                       "component": component.component if component else None,
+                       "state": component.state if component else None,
+                       "nodes": component.nodes if component else None,
+                       "services": list(group.get("services") or ())})
+    return groups
+
+
 def _job_status(record, squeue_bin="squeue", sacct_bin="sacct"):
     """Scheduler state, runtime state and log facts of a tracked job (a JSON-ready dict)."""
     scheduler, scheduler_warning = _query_scheduler_or_files(record, squeue_bin, sacct_bin)
@@ -12944,7 +13367,7 @@ def _job_status(record, squeue_bin="squeue", sacct_bin="sacct"):
         if not state:
             entry["status"] = "unknown"
         services.append(entry)
-    return {
+    status = {
         "job_id": record["job_id"],
         "progress": _job_progress(scheduler, runtime, record),
         "compose_file": record.get("compose_file"),
@@ -12969,6 +13392,9 @@ def _job_status(record, squeue_bin="squeue", sacct_bin="sacct"):
                      for n, state in _load_attempt_states(record["job_dir"])],
         "run": record.get("run"),
     }
+    if record.get("groups"):
+        status["groups"] = _groups_status(record, squeue_bin, sacct_bin)
+    return status
 
 
 def _job_progress(scheduler, runtime, record):
@@ -13662,6 +14088,11 @@ def _format_status_text(status):
     if errors:
         lines.append("  batch err:  %s (%s)" % (errors["path"], "updated " + _age(
             errors["updated_age_seconds"]) if errors["present"] else "not written yet"))
+    for group in status.get("groups") or ():
+        lines.append("  group %s (%s): %s on %s: %s" % (
+            group["name"], group["component"] or "het group %s" % group["het_group"],
+            group["state"] or "UNKNOWN", group["nodes"] or "?",
+            ", ".join(group["services"]) or "-"))
     for service in status["services"]:
         parts = ["  service %s: %s" % (service["name"], service["status"])]
         if service.get("failure_policy"):
@@ -13675,7 +14106,11 @@ def _format_status_text(status):
         if isinstance(readiness, dict):
             parts.append("readiness=%s:%s" % (readiness.get("type"), readiness.get("status")))
         placement = service.get("placement")
-        if isinstance(placement, dict) and (placement.get("nodes") or 1) not in (1, "1"):
+        if isinstance(placement, dict) and placement.get("group") is not None:
+            # A heterogeneous job: every service says where it runs.
+            parts.append("group=%s nodes=%s nodelist=%s" % (
+                placement.get("group"), placement.get("nodes"), placement.get("nodelist")))
+        elif isinstance(placement, dict) and (placement.get("nodes") or 1) not in (1, "1"):
             parts.append("placement=%s nodes=%s nodelist=%s" % (
                 placement.get("mode"), placement.get("nodes"), placement.get("nodelist")))
         lines.append(" ".join(parts))
@@ -13770,6 +14205,18 @@ def _live_sstat(job_id, sstat_bin="sstat"):
     return _parse_sstat_output(result.stdout)
 
 
+def _live_sstat_components(job_id, sstat_bin="sstat", squeue_bin="squeue", sacct_bin="sacct"):
+    """``_live_sstat`` of a heterogeneous job: one sstat per component (sstat of the leader sees
+    group 0 only), each step named as sacct does, ``123+1.2``."""
+    steps = []
+    for component in _het_components(job_id, squeue_bin, sacct_bin):
+        for row in _live_sstat(component.job_id or job_id, sstat_bin):
+            step = str(row.get("step_id") or "")
+            row["step_id"] = component.component + step[step.index("."):] if "." in step else step
+            steps.append(row)
+    return steps
+
+
 def _collect_stats(record, sstat_bin="sstat", squeue_bin="squeue", sacct_bin="sacct"):
     """Metrics of a job: the sampler's files first, live ``sstat`` when they have no step rows."""
     notes, sources = [], []
@@ -13781,7 +14228,11 @@ def _collect_stats(record, sstat_bin="sstat", squeue_bin="squeue", sacct_bin="sa
     if not steps:
         if scheduler.state == "RUNNING" and record.get("local") != "machine":
             try:
-                steps = _live_sstat(record["job_id"], sstat_bin)
+                if record.get("groups"):
+                    steps = _live_sstat_components(record["job_id"], sstat_bin, squeue_bin,
+                                                   sacct_bin)
+                else:
+                    steps = _live_sstat(record["job_id"], sstat_bin)
                 sources.append("sstat")
             except ToolError as exc:
                 if not sampler["present"]:
@@ -15101,7 +15552,7 @@ TEMPLATE_NAMES = (
     "restart-policy", "multi-stage-pipeline", "fairseq-preprocess", "llm-curl-workflow",
     "llm-curl-workflow-workdir", "llama-app", "llama-uv-worker", "vllm-openai", "vllm-uv-worker",
     "training-checkpoints", "training-resume", "mpi-hello", "multi-node-mpi", "multi-node-torchrun",
-    "long-training", "parameter-sweep", "sweep-grid",
+    "long-training", "parameter-sweep", "sweep-grid", "gpu-server-cpu-services",
 )
 
 _DEFAULT_INIT_OUTPUT = "compose.yaml"
@@ -17822,11 +18273,21 @@ def _format_inspect_text(plan, verbose=False, cache_reports=None):
     lines.append("job name: %s" % plan.job_name)
     lines.append("runtime: %s" % plan.runtime)
     lines.append("cache dir: %s" % plan.cache_dir)
-    lines.append("allocation geometry: %s" % _format_geometry(slurm.ntasks, slurm.ntasks_per_node,
-                                                           plan.nodes))
+    if slurm.groups:
+        lines.append("allocation geometry: a heterogeneous job of %d groups (the batch script "
+                     "runs on group 0's first node)" % len(slurm.groups))
+    else:
+        lines.append("allocation geometry: %s" % _format_geometry(
+            slurm.ntasks, slurm.ntasks_per_node, plan.nodes))
     asked = ["%s=%s" % (key, getattr(slurm, key)) for key in _INSPECT_JOB_RESOURCES
              if getattr(slurm, key) not in (None, False)]
     lines.append("job resources: %s" % (" ".join(asked) or "the partition's defaults"))
+    for index, group in enumerate(slurm.groups):
+        asked = ["%s=%s" % (key, getattr(group.slurm, key)) for key in _GROUP_KEYS
+                 if getattr(group.slurm, key) not in (None, False)]
+        lines.append("group %d: %s: %s; services: %s" % (
+            index, group.name, " ".join(asked) or "the partition's defaults",
+            ", ".join(s.name for s in plan.services if s.group == group.name)))
     lines.append("service order: %s" % " -> ".join(s.name for s in plan.services))
     sweep = plan.spec.sweep
     if sweep is not None:
@@ -17846,7 +18307,12 @@ def _format_inspect_text(plan, verbose=False, cache_reports=None):
             lines.append("  working dir: %s" % service.working_dir)
         placement = service.placement
         geometry = _format_geometry(placement.ntasks, placement.ntasks_per_node, placement.nodes)
-        pinned = " nodelist=$HPC_COMPOSE_PRIMARY_NODE" if placement.mode == "primary" else ""
+        pinned = ""
+        if placement.mode == "primary":
+            pinned = " nodelist=$" + ("HPC_COMPOSE_PRIMARY_NODE" if service.group is None
+                                      else _group_variable(service.group, "PRIMARY_NODE"))
+        if service.group is not None:
+            pinned += " group=%s (--het-group=%d)" % (service.group, service.het_group)
         lines.append("  placement: %s %s%s" % (placement.mode, geometry, pinned))
         resources = []
         if service.cpus_per_task is not None:
@@ -18971,7 +19437,14 @@ def _cmd_exec(args):
     if target.runtime != "pyxis":
         # The host and apptainer services are found through their step's task process.
         token = _record_service(record, args.service).get("token")
-        step = _service_step(record["job_id"], token, args.squeue_bin)
+        job_id = record["job_id"]
+        if target.het_group:
+            # A later group's steps are listed (and found by scontrol listpids) under the
+            # component's own job id.
+            job_id = next((c.job_id for c in _het_components(job_id, args.squeue_bin,
+                                                              args.sacct_bin)
+                           if c.het_group == target.het_group), job_id)
+        step = _service_step(job_id, token, args.squeue_bin)
         if step is None:
             # Without its step there is no process to take the environment and directory from.
             raise HpcComposeError("service '%s' is not running in job %s: Slurm lists no step "

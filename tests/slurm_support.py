@@ -219,7 +219,8 @@ def sacct_job(job_id, fields=("JobID", "JobName", "State", "ExitCode", "Elapsed"
         return {}
     for line in out.splitlines():
         values = line.split("|")
-        if len(values) == len(fields) and values[0] == str(job_id):
+        # A heterogeneous job's row is its component 0 (123+0), which runs the batch script.
+        if len(values) == len(fields) and values[0] in (str(job_id), "%s+0" % job_id):
             row = dict(zip(fields, values))
             if "State" in row:
                 row["State"] = _normalize_state(row["State"])

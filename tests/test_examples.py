@@ -46,10 +46,13 @@ def commands_of(document):
 
 # The HPC patterns around one job (signal + requeue + resume, arrays), runnable on the test cluster.
 PATTERN_EXAMPLES = ["long-training", "parameter-sweep", "sweep-grid"]
+# A heterogeneous job (x-slurm.groups): a GPU server and CPU services.
+HETEROGENEOUS_EXAMPLES = ["gpu-server-cpu-services"]
 
 
 def test_every_manual_example_and_host_pipeline_is_shipped():
-    assert sorted(MANUAL_EXAMPLES + ["host-pipeline"] + PATTERN_EXAMPLES) == NAMES
+    assert sorted(MANUAL_EXAMPLES + ["host-pipeline"] + PATTERN_EXAMPLES
+                  + HETEROGENEOUS_EXAMPLES) == NAMES
 
 
 @pytest.mark.parametrize("note", COMPANION_NOTES)
@@ -226,3 +229,9 @@ def test_sweep_grid_sweeps_two_parameters_with_three_replicates():
     assert [task.replicate for task in spec.sweep.tasks[:4]] == [0, 1, 2, 0]
 
 
+def test_heterogeneous_example_puts_the_server_and_the_clients_in_different_groups():
+    plan = hpc_compose.build_plan(hpc_compose.load_spec(
+        os.path.join(EXAMPLES, "gpu-server-cpu-services.yaml"), environ=ENV), environ=ENV)
+    groups = dict((s.name, (s.group, s.het_group, s.placement.mode)) for s in plan.services)
+    assert groups == {"vllm": ("gpu", 0, "single"), "redis": ("cpu", 1, "primary"),
+                      "clients": ("cpu", 1, "distributed")}

@@ -109,3 +109,52 @@ def test_the_partition_offer_is_read_from_sinfo_and_scontrol(tmp_path):
                                                3600, 1)
     assert offers["debug"].default and offers["debug"].max_time is None
     assert offers["debug"].nodes == ("n1", "n2")
+
+
+def test_a_heterogeneous_job_is_checked_group_by_group(tmp_path):
+    compose = tmp_path / "compose.yaml"
+    compose.write_text("x-slurm:\n  runtime: host\n  groups:\n    head:\n      partition: gpu\n"
+                       "    workers:\n      nodes: 5\n      mem: 1G\nservices:\n"
+                       "  app:\n    command: [\"true\"]\n"
+                       "  work:\n    command: [\"true\"]\n    x-slurm: {group: workers}\n")
+    environ = {"HOME": str(tmp_path)}
+    runtime_plan = hc.build_runtime_plan(hc.build_plan(hc.load_spec(str(compose),
+                                                                    environ=environ),
+                                                       environ=environ))
+    script = hc.render_script(runtime_plan)
+    options = hc.PreflightOptions(
+        srun_bin=standin(tmp_path, "srun"), sbatch_bin=standin(tmp_path, "sbatch",
+                                                               stderr=REFUSED, code=1),
+        sinfo_bin=standin(tmp_path, "sinfo", stdout=SINFO_ROWS),
+        scontrol_bin=standin(tmp_path, "scontrol", stdout=SCONTROL_ROWS), script=script)
+    found = scheduler(hc.run_preflight(runtime_plan, options))
+    # sbatch read the whole script, both blocks; the refusal names the group that does not fit.
+    assert "#SBATCH hetjob" in (tmp_path / "sbatch.stdin").read_text()
+    assert [f.message.split(" (sbatch")[0] for f in found] == [
+        "compose.yaml:7: x-slurm.groups.workers.nodes: 5 nodes do not fit partition debug: "
+        "2 nodes, 7030 MB and 2 CPUs each, no gres, no time limit"]
+    assert "at most 2 nodes" in found[0].remediation
+
+
+def test_groups_needing_more_nodes_together_than_there_are_are_refused_though_sbatch_accepts(
+        tmp_path):
+    compose = tmp_path / "compose.yaml"
+    compose.write_text("x-slurm:\n  runtime: host\n  groups:\n    head: {}\n    workers:\n"
+                       "      nodes: 2\nservices:\n  app:\n    command: [\"true\"]\n"
+                       "  work:\n    command: [\"true\"]\n    x-slurm: {group: workers}\n")
+    environ = {"HOME": str(tmp_path)}
+    runtime_plan = hc.build_runtime_plan(hc.build_plan(hc.load_spec(str(compose),
+                                                                    environ=environ),
+                                                       environ=environ))
+    options = hc.PreflightOptions(
+        srun_bin=standin(tmp_path, "srun"),
+        sbatch_bin=standin(tmp_path, "sbatch", stderr="sbatch: Job 7 to start at now", code=0),
+        sinfo_bin=standin(tmp_path, "sinfo", stdout=SINFO_ROWS),
+        scontrol_bin=standin(tmp_path, "scontrol", stdout=SCONTROL_ROWS),
+        script=hc.render_script(runtime_plan))
+    found = scheduler(hc.run_preflight(runtime_plan, options))
+    assert [f.level for f in found] == ["error"]
+    assert found[0].message.startswith(
+        "compose.yaml:3: x-slurm.groups: the groups need 3 nodes together and their partitions "
+        "have 2 (n1,n2)")
+    assert found[0].message.endswith("(sbatch --test-only accepts each group alone)")

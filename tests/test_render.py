@@ -789,3 +789,104 @@ def test_an_array_task_writes_under_its_own_job_directory_and_exports_its_task_i
     plain = hc.render_script(runtime_plan(service()))
     assert 'JOB_DIR="${SLURM_SUBMIT_DIR:-$PWD}/.hpc-compose/${SLURM_JOB_ID}"' in plain
     assert "HPC_COMPOSE_ARRAY_TASK_ID" not in plain
+
+
+# --- heterogeneous jobs (x-slurm.groups) ----------------------------------------------------------
+
+HETEROGENEOUS = """\
+name: het
+x-slurm:
+  time: "00:10:00"
+  groups:
+    head:
+      partition: gpu
+      gres: gpu:1
+    worker-pool:
+      partition: cpu
+      nodes: 2
+      ntasks_per_node: 1
+      exclusive: true
+services:
+  head:
+    image: /images/app.sqsh
+    command: serve
+    readiness: {type: tcp, port: 8000}
+  cache:
+    image: /images/app.sqsh
+    command: cache
+    x-slurm: {group: worker-pool, nodes: 1}
+    readiness: {type: http, url: "http://localhost:9000/ping?x=1"}
+  workers:
+    image: /images/app.sqsh
+    command: work
+    x-slurm: {group: worker-pool, nodes: 2}
+    depends_on: {head: {condition: service_healthy}, cache: {condition: service_healthy}}
+"""
+
+
+def _heterogeneous(tmp_path):
+    path = tmp_path / "compose.yaml"
+    path.write_text(HETEROGENEOUS)
+    environ = {"HOME": str(tmp_path), "USER": "tester"}
+    return hc.build_runtime_plan(hc.build_plan(hc.load_spec(str(path), environ=environ),
+                                               environ=environ))
+
+
+def test_each_group_is_one_sbatch_block_split_by_hetjob(tmp_path):
+    lines = hc._render_sbatch_lines(_heterogeneous(tmp_path).plan)
+    assert lines == [
+        "#SBATCH --job-name=het", "#SBATCH --nodes=1", "#SBATCH --partition=gpu",
+        "#SBATCH --time=00:10:00", "#SBATCH --gres=gpu:1",
+        "#SBATCH hetjob",
+        "#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1", "#SBATCH --partition=cpu",
+        "#SBATCH --exclusive"]
+
+
+def test_each_step_runs_in_its_group_and_a_helper_is_pinned_to_its_groups_first_node(tmp_path):
+    runtime = _heterogeneous(tmp_path)
+    head, cache, workers = (hc.service_srun_argv(runtime, i) for i in range(3))
+    assert head[:2] == ["--overlap", "--het-group=0"]
+    assert cache[:2] == ["--overlap", "--het-group=1"]
+    assert "--nodelist=${HPC_COMPOSE_GROUP_WORKER_POOL_PRIMARY_NODE}" in cache
+    assert "--het-group=1" in workers and "--nodes=2" in workers
+    assert not any(word.startswith("--nodelist") for word in workers)
+
+
+def test_services_get_their_group_and_every_groups_node_variables(tmp_path):
+    runtime = _heterogeneous(tmp_path)
+    environment = dict(hc.service_environment(runtime, 1))
+    assert environment["HPC_COMPOSE_GROUP"] == "worker-pool"
+    container_env = next(w for w in hc.service_srun_argv(runtime, 1)
+                         if w.startswith("--container-env="))
+    for name in ("HPC_COMPOSE_GROUP", "HPC_COMPOSE_GROUP_HEAD_NODELIST",
+                 "HPC_COMPOSE_GROUP_HEAD_PRIMARY_NODE", "HPC_COMPOSE_GROUP_WORKER_POOL_NODELIST",
+                 "HPC_COMPOSE_GROUP_WORKER_POOL_PRIMARY_NODE"):
+        assert name in container_env.split("=", 1)[1].split(",")
+
+
+def test_the_script_exports_each_groups_nodes_and_moves_a_later_groups_local_probe(tmp_path):
+    script = hc.render_script(_heterogeneous(tmp_path))
+    assert 'mapfile -t group_nodes < <(scontrol show hostnames "$SLURM_JOB_NODELIST_HET_GROUP_1")' \
+        in script
+    assert ('export HPC_COMPOSE_GROUP_WORKER_POOL_NODELIST="${group_nodes[*]}" '
+            'HPC_COMPOSE_GROUP_WORKER_POOL_PRIMARY_NODE="${group_nodes[0]}"') in script
+    # The head (group 0) is probed where the batch script runs; the cache on its group's node.
+    assert "READY_HOST[0]=127.0.0.1" in script
+    assert ('READY_URL[1]=http://"${HPC_COMPOSE_GROUP_WORKER_POOL_PRIMARY_NODE}":9000/ping?x=1'
+            in script.replace("'", ""))
+    assert "NODELIST_VARIABLE[2]=HPC_COMPOSE_GROUP_WORKER_POOL_NODELIST" in script
+    # The keeper runs one task on every node of every group: one heterogeneous step.
+    assert ("--overlap --het-group=0 --nodes=1 --ntasks=1" in script
+            and "--overlap --het-group=1 --nodes=2 --ntasks=2" in script)
+
+
+def test_a_heterogeneous_script_passes_bash_n_and_shellcheck(tmp_path):
+    script = tmp_path / "het.sbatch"
+    script.write_text(hc.render_script(_heterogeneous(tmp_path)))
+    _check_syntax(script)
+
+
+def test_a_plain_job_renders_no_group_pieces(tmp_path):
+    script = hc.render_script(runtime_plan(service()))
+    assert "hetjob" not in script and "--het-group" not in script
+    assert "HPC_COMPOSE_GROUP" not in script and "NODELIST_VARIABLE[0]" not in script

@@ -1116,3 +1116,128 @@ def test_array_expressions_slurm_accepts_are_kept(hc, project, expression):
 def test_bad_array_is_located(hc, project, expression, words):
     error = patterns_failure(hc, project, "  array: \"%s\"" % expression)
     assert error.path == "x-slurm.array" and words in error.message and error.line == 4
+
+
+# --- x-slurm.groups: heterogeneous jobs -----------------------------------------------------------
+
+HETEROGENEOUS = """\
+x-slurm:
+  time: "00:10:00"
+  groups:
+    head:
+      partition: gpu
+      nodes: 1
+    worker-pool:
+      nodes: 2
+      ntasks_per_node: 1
+services:
+  head:
+    image: redis:7
+  cache:
+    image: redis:7
+    x-slurm: {group: worker-pool, nodes: 1}
+  workers:
+    image: redis:7
+    x-slurm: {group: worker-pool, nodes: 2}
+"""
+
+
+def test_groups_keep_file_order_and_their_own_resources(hc, project):
+    spec = load(hc, project, HETEROGENEOUS)
+    assert [g.name for g in spec.slurm.groups] == ["head", "worker-pool"]
+    assert spec.slurm.groups[0].slurm.partition == "gpu"
+    assert spec.slurm.groups[1].slurm.nodes == 2
+    assert spec.slurm.partition is None
+
+
+def test_a_service_without_group_runs_in_the_first_and_placement_is_per_group(hc, project):
+    result = plan(hc, project, HETEROGENEOUS)
+    where = dict((s.name, (s.group, s.het_group, s.placement.mode, s.placement.nodes))
+                 for s in result.services)
+    assert where == {"head": ("head", 0, "single", 1), "cache": ("worker-pool", 1, "primary", 1),
+                     "workers": ("worker-pool", 1, "distributed", 2)}
+    assert result.nodes == 1
+
+
+def test_unknown_group_is_refused_with_a_suggestion(hc, project):
+    error = failure(hc, project, HETEROGENEOUS.replace("group: worker-pool, nodes: 2",
+                                                      "group: worker-poll, nodes: 2"))
+    assert error.path == "services.workers.x-slurm.group"
+    assert "unknown group 'worker-poll'" in error.message
+    assert "worker-pool" in error.hint
+
+
+def test_group_without_groups_is_refused(hc, project):
+    error = failure(hc, project, "services:\n  app:\n    image: redis:7\n"
+                                 "    x-slurm: {group: gpu}\n")
+    assert error.path == "services.app.x-slurm.group"
+    assert "x-slurm.groups is not set" in error.message
+
+
+def test_a_distributed_service_larger_than_its_group_is_refused(hc, project):
+    error = failure(hc, project, HETEROGENEOUS.replace("group: worker-pool, nodes: 2",
+                                                      "group: worker-pool, nodes: 3"))
+    assert error.path == "services.workers.x-slurm.nodes"
+    assert "group 'worker-pool' has only 2 nodes" in error.message
+
+
+def test_a_job_level_resource_next_to_groups_is_refused(hc, project):
+    error = failure(hc, project, HETEROGENEOUS.replace('  time: "00:10:00"\n',
+                                                      '  time: "00:10:00"\n  mem: 4G\n'))
+    assert error.path == "x-slurm.mem"
+    assert "set next to x-slurm.groups" in error.message
+    assert "x-slurm.groups.<name>.mem" in error.hint
+
+
+def test_a_group_that_runs_no_service_is_refused(hc, project):
+    error = failure(hc, project, HETEROGENEOUS.replace("services:\n",
+                                                      "    spare: {nodes: 1}\nservices:\n"))
+    assert error.path == "x-slurm.groups.spare"
+    assert "runs no service" in error.message
+
+
+def test_an_empty_groups_mapping_is_refused(hc, project):
+    error = failure(hc, project, "x-slurm:\n  groups: {}\nservices:\n  app:\n    image: redis:7\n")
+    assert error.path == "x-slurm.groups"
+    assert "empty" in error.message
+
+
+def test_groups_with_an_array_are_refused(hc, project):
+    error = failure(hc, project, HETEROGENEOUS.replace('  time: "00:10:00"\n',
+                                                      '  time: "00:10:00"\n  array: 0-3\n'))
+    assert error.path == "x-slurm.array"
+    assert "job arrays of heterogeneous jobs" in error.message
+
+
+def test_two_groups_giving_one_variable_name_are_refused(hc, project):
+    error = failure(hc, project, HETEROGENEOUS.replace("    head:\n      partition",
+                                                      "    worker_pool:\n      partition")
+                    .replace("  head:\n    image", "  head:\n    x-slurm: {group: worker_pool}\n"
+                             "    image"))
+    assert error.path == "x-slurm.groups.worker-pool"
+    assert "HPC_COMPOSE_GROUP_WORKER_POOL_NODELIST" in error.message
+
+
+def test_an_unknown_key_in_a_group_is_refused(hc, project):
+    error = failure(hc, project, HETEROGENEOUS.replace("      partition: gpu\n",
+                                                      "      partition: gpu\n      time: 5\n"))
+    assert error.path == "x-slurm.groups.head.time"
+
+
+def test_a_local_probe_of_a_distributed_service_in_a_later_group_is_accepted(hc, project):
+    text = HETEROGENEOUS.replace("x-slurm: {group: worker-pool, nodes: 2}",
+                                 "x-slurm: {group: worker-pool, nodes: 2}\n"
+                                 "    readiness: {type: tcp, port: 6379}")
+    assert plan(hc, project, text).services[2].readiness.port == 6379
+
+
+def test_groups_reach_the_json_schema_and_config(hc, project):
+    schema = hc._compose_json_schema()
+    slurm = schema["properties"]["x-slurm"]["properties"]
+    group = slurm["groups"]["patternProperties"]["^[A-Za-z0-9][A-Za-z0-9_.-]*$"]
+    assert sorted(group["properties"]) == sorted(hc._GROUP_KEYS)
+    service_slurm = schema["properties"]["services"]["patternProperties"][
+        "^[A-Za-z0-9][A-Za-z0-9_.-]*$"]["properties"]["x-slurm"]["properties"]
+    assert "group" in service_slurm
+    data = hc.spec_to_dict(load(hc, project, HETEROGENEOUS))
+    assert data["x-slurm"]["groups"]["worker-pool"] == {"nodes": 2, "ntasks_per_node": 1}

@@ -1733,3 +1733,114 @@ def test_exec_outside_slurm_refuses_an_apptainer_service():
         hpc_compose._refuse_apptainer_exec("web", "apptainer")
     hpc_compose._refuse_apptainer_exec("web", "pyxis")
     hpc_compose._refuse_apptainer_exec("web", "host")
+
+
+# --- heterogeneous jobs: 123+0, 123+1 -------------------------------------------------------------
+
+def _scheduler_answers(hc, monkeypatch, answers):
+    """``_run_command`` answering by the tool's name (argv[0]) with canned stdout; records argv."""
+    calls = []
+
+    def run(argv, **kwargs):
+        calls.append(list(argv))
+        return subprocess.CompletedProcess(argv, 0, answers.get(argv[0], ""), "")
+    monkeypatch.setattr(hc, "_run_command", run)
+    return calls
+
+
+def test_het_components_come_from_squeue_in_group_order(hc, monkeypatch):
+    _scheduler_answers(hc, monkeypatch, {
+        "squeue": "1561+1|1562|RUNNING|n[2-3]\n1561+0|1561|RUNNING|n1\n"})
+    components = hc._het_components("1561")
+    assert [(c.component, c.het_group, c.job_id, c.state, c.nodes) for c in components] == [
+        ("1561+0", 0, "1561", "RUNNING", "n1"), ("1561+1", 1, "1562", "RUNNING", "n[2-3]")]
+
+
+def test_het_components_of_a_finished_job_come_from_sacct(hc, monkeypatch):
+    calls = _scheduler_answers(hc, monkeypatch, {
+        "sacct": "1556+0|1556|COMPLETED|n1\n1556+1|1557|FAILED|n[2-3]\n"})
+    components = hc._het_components("1556")
+    assert [(c.component, c.state) for c in components] == [("1556+0", "COMPLETED"),
+                                                             ("1556+1", "FAILED")]
+    assert [argv[0] for argv in calls] == ["squeue", "sacct"]
+
+
+def test_a_plain_job_has_no_het_components(hc, monkeypatch):
+    _scheduler_answers(hc, monkeypatch, {"squeue": "77|77|RUNNING|n1\n"})
+    assert hc._het_components("77") == []
+
+
+def test_squeue_states_count_a_component_as_its_job(hc, monkeypatch):
+    _scheduler_answers(hc, monkeypatch, {"squeue": "1561+0|RUNNING\n1561+1|RUNNING\n9_2|PENDING\n"})
+    assert hc._squeue_states(["1561", "9"]) == {"1561": "RUNNING", "9": "PENDING"}
+
+
+def _heterogeneous_record(hc, tmp_path):
+    record = make_record(tmp_path, "1561", services=(("head", "head"), ("workers", "workers")),
+                         groups=[{"name": "head", "het_group": 0, "nodes": 1,
+                                  "services": ["head"]},
+                                 {"name": "workers", "het_group": 1, "nodes": 2,
+                                  "services": ["workers"]}])
+    record["services"][1].update(group="workers", het_group=1)
+    write_state(record["job_dir"], "running", [
+        {"name": "head", "status": "ready",
+         "placement": {"mode": "single", "nodes": 1, "group": "head", "het_group": 0,
+                       "nodelist": "n1"}},
+        {"name": "workers", "status": "running",
+         "placement": {"mode": "distributed", "nodes": 2, "group": "workers", "het_group": 1,
+                       "nodelist": "n2 n3"}}])
+    return record
+
+
+def test_status_shows_each_group_and_where_each_service_runs(hc, tmp_path, monkeypatch):
+    record = _heterogeneous_record(hc, tmp_path)
+    monkeypatch.setattr(hc, "_query_scheduler_or_files", lambda *a, **k: (
+        hc.SchedulerState("RUNNING", "squeue"), None))
+    _scheduler_answers(hc, monkeypatch, {
+        "squeue": "1561+0|1561|RUNNING|n1\n1561+1|1562|RUNNING|n[2-3]\n"})
+    status = hc._job_status(record)
+    assert [(g["name"], g["component"], g["state"], g["nodes"], g["services"])
+            for g in status["groups"]] == [("head", "1561+0", "RUNNING", "n1", ["head"]),
+                                          ("workers", "1561+1", "RUNNING", "n[2-3]", ["workers"])]
+    text = hc._format_status_text(status)
+    assert "  group workers (1561+1): RUNNING on n[2-3]: workers\n" in text
+    assert "service workers: running group=workers nodes=2 nodelist=n2 n3" in text
+    assert "service head: ready group=head nodes=1 nodelist=n1" in text
+
+
+def test_stats_asks_sstat_per_component_and_names_steps_as_sacct_does(hc, monkeypatch):
+    calls = []
+
+    def run(argv, **kwargs):
+        calls.append(list(argv))
+        if argv[0] == "squeue":
+            out = "1561+0|1561|RUNNING|n1\n1561+1|1562|RUNNING|n[2-3]\n"
+        else:
+            job = argv[argv.index("--jobs") + 1]
+            out = "%s.batch|1|00:00:00|1K|1K|\n%s.2|2|00:00:01|2K|3K|cpu=1\n" % (job, job)
+        return subprocess.CompletedProcess(argv, 0, out, "")
+    monkeypatch.setattr(hc, "_run_command", run)
+    steps = hc._live_sstat_components("1561")
+    assert [s["step_id"] for s in steps] == ["1561+0.2", "1561+1.2"]
+    assert [argv[argv.index("--jobs") + 1] for argv in calls if argv[0] == "sstat"] == [
+        "1561", "1562"]
+
+
+def test_exec_into_a_later_group_passes_its_het_group(hc):
+    argv = hc._exec_srun_argv(hc._ExecTarget("1561", "workers", "pyxis", "n3",
+                                             "hpc-compose_1561_workers", 1), ["true"])
+    assert argv[:3] == ["srun", "--jobid=1561", "--het-group=1"]
+    assert "--nodelist=n3" in argv
+
+
+def test_the_job_record_names_the_groups_and_each_services_group(hc, tmp_path):
+    (tmp_path / "compose.yaml").write_text(
+        "x-slurm:\n  groups:\n    a: {}\n    b: {nodes: 2}\nservices:\n"
+        "  one: {image: /i.sqsh}\n  two: {image: /i.sqsh, x-slurm: {group: b}}\n")
+    environ = {"HOME": str(tmp_path), "USER": "tester"}
+    plan = hc.build_plan(hc.load_spec(str(tmp_path / "compose.yaml"), environ=environ),
+                         environ=environ)
+    record = hc._build_job_record(hc.build_runtime_plan(plan), "40")
+    assert record["groups"] == [{"name": "a", "het_group": 0, "nodes": 1, "services": ["one"]},
+                                {"name": "b", "het_group": 1, "nodes": 2, "services": ["two"]}]
+    assert [(s["group"], s["het_group"]) for s in record["services"]] == [("a", 0), ("b", 1)]

@@ -16372,7 +16372,18 @@ class _Migration(object):
         return True
 
     def insert_into(self, path, notes, value):
-        """Add the entries of mapping ``value`` (or the items of list ``value``) to ``path``."""
+        """Add the entries of mapping ``value`` (or the items of list ``value``) to ``path``.
+        An empty, null or flow-style value (``x-slurm: {}``) has no block to add lines to: it
+        is written again whole, with the new entries."""
+        current = self._value(path)
+        if not current or self.is_flow(path):
+            if isinstance(value, list):
+                merged = list(current or []) + list(value)
+            else:
+                merged = dict(current or {})
+                merged.update(value)
+            self.replace_entry(path, notes, merged)
+            return
         start, end, column = self.entry_rows(path)
         indent = self.child_indent(start, end, column + 2)
         if isinstance(value, list) and self.lines[start + 1:start + 2] and \
@@ -16417,11 +16428,16 @@ class _Migration(object):
         return self.result(prefix)
 
     def keep_emptied_mappings(self):
-        """A mapping whose every key was dropped (an anchor of Compose-only keys) becomes {}."""
+        """A mapping whose every key was dropped (an anchor of Compose-only keys) becomes {},
+        unless keys were added to it (a `{}` after them would not parse)."""
         for parent in _unique(path[:-1] for path in self.dropped if len(path) > 1):
             value = self._value(parent)
             if isinstance(value, dict) and all(parent + (k,) in self.dropped for k in value):
                 start, end, column = self.entry_rows(parent)
+                if any(start < edit.start <= end and edit.start == edit.end and any(
+                        line.strip() and not line.strip().startswith("#") for line in edit.lines)
+                       for edit in self.edits):
+                    continue
                 indent = self.child_indent(start, end, column + 2)
                 self.edits.append(_Edit(end, end, (" " * indent + "{}",)))
 
@@ -16580,8 +16596,9 @@ class _Migration(object):
         if not values:
             return
         self.counts["added"] += 1
-        if current and self.entry_rows(("x-slurm",)):
-            self.insert_into(("x-slurm",), notes, values)
+        if "x-slurm" in self.data and self.entry_rows(("x-slurm",)):
+            self.insert_into(("x-slurm",), notes, dict(
+                (k, v) for k, v in values.items() if k not in current))
             return
         start, _, column = self.entry_rows(("services",))
         lines = tuple(self.note_lines(column, notes)) + tuple(
@@ -16647,7 +16664,9 @@ class _ServiceMigration(object):
             current = self.raw.get("x-slurm")
             values = dict((k, v) for k, (v, _) in self.slurm_additions.items())
             notes = [note for _, ns in self.slurm_additions.values() for note in ns]
-            if isinstance(current, dict) and migration.owns(self.name, path + ("x-slurm",)):
+            if "x-slurm" in self.raw and (current is None or isinstance(current, dict)) and \
+                    migration.owns(self.name, path + ("x-slurm",)):
+                current = current or {}
                 notes += ["x-slurm.%s kept as written (the Compose value was %s)"
                           % (k, _brief(v)) for k, v in values.items() if k in current]
                 values = dict((k, v) for k, v in values.items() if k not in current)
@@ -16692,7 +16711,8 @@ class _ServiceMigration(object):
         path = self.path + ("volumes",)
         notes = [note for _, note in additions]
         items = [text for text, _ in additions]
-        owned = isinstance(volumes, list) and migration.owns(self.name, path)
+        owned = "volumes" in self.raw and (volumes is None or isinstance(volumes, list)) and \
+            migration.owns(self.name, path)
         if owned and volumes and self.volumes_converted is None and not migration.is_flow(path):
             migration.insert_into(path, notes, items)
             return
@@ -16713,9 +16733,9 @@ class _ServiceMigration(object):
         migration = self.migration
         path = self.path + ("environment",)
         environment = self.raw.get("environment")
-        owned = environment is not None and migration.owns(self.name, path)
+        owned = "environment" in self.raw and migration.owns(self.name, path)
         if owned and not migration.is_flow(path) and self.env_replacement is None:
-            items = dict(additions) if isinstance(environment, dict) else \
+            items = dict(additions) if not isinstance(environment, list) else \
                 ["%s=%s" % pair for pair in additions]
             migration.insert_into(path, notes, items)
             return

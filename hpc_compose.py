@@ -1977,6 +1977,9 @@ def _yaml_scalar(value):
 
 _NAME_START = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ_")
 _NAME_CHARS = _NAME_START | frozenset("0123456789")
+# A service's environment also takes the names Docker passes that a shell cannot hold
+# (Elasticsearch's `discovery.type`): they reach the program through `env` and srun byte for byte.
+_SERVICE_ENV_NAME_CHARS = _NAME_CHARS | frozenset(".-")
 # Bounds: ${A:-${B:-...}} nested deeper than this is refused (not a RecursionError), and so is
 # one value, or all of a file's values together, grown by expansion past Slurm's default limit of
 # a batch script (4 MB), which no such value could reach anyway.
@@ -2804,7 +2807,7 @@ _TOP_LEVEL_FIELDS = (
 
 _TEXT_TYPES = ["string", "number", "boolean"]     # a scalar is read as the text written
 _INTERPOLATED = {"type": "string", "pattern": "\\$"}   # ${VAR} checked once interpolated
-_ENV_NAME_PATTERN = "^[A-Za-z_][A-Za-z0-9_]*$"
+_ENV_NAME_PATTERN = "^[A-Za-z_][A-Za-z0-9_.-]*$"
 
 
 def _choice_schema(choices):
@@ -2860,7 +2863,7 @@ def _field_schema(field):
         schema = {"anyOf": [
             {"type": "object", "additionalProperties": False,
              "patternProperties": {_ENV_NAME_PATTERN: {"type": _TEXT_TYPES + ["null"]}}},
-            {"type": "array", "items": {"type": "string", "pattern": "^[A-Za-z_][A-Za-z0-9_]*="}},
+            {"type": "array", "items": {"type": "string", "pattern": "^[A-Za-z_][A-Za-z0-9_.-]*="}},
             {"type": "null"}]}
     elif kind == "env_file":
         entry = {"anyOf": [{"type": "string"}, {
@@ -3052,6 +3055,15 @@ def _is_service_name(name):
 
 def _is_env_name(name):
     return bool(name) and name[0] in _NAME_START and _NAME_CHARS.issuperset(name)
+
+
+def _is_service_env_name(name):
+    """A name a service's environment accepts: a shell name, or one with ``.`` and ``-``."""
+    return bool(name) and name[0] in _NAME_START and _SERVICE_ENV_NAME_CHARS.issuperset(name)
+
+
+_SERVICE_ENV_NAME_HINT = ("names use letters, digits, _, . and -, and start with a letter or _ "
+                          "(a name with . or - reaches the program but not a shell variable)")
 
 
 def _expand_sweep(matrix, include=(), exclude=(), replicates=1):
@@ -4298,11 +4310,9 @@ class _SpecLoader(object):
         if isinstance(value, dict):
             for key, item in value.items():
                 item_path = tuple(path) + (key,)
-                if not isinstance(key, str) or not _is_env_name(key):
+                if not isinstance(key, str) or not _is_service_env_name(key):
                     raise self.error(item_path, "%r is not a valid environment variable name"
-                                     % (key,), at_key=True,
-                                     hint="names use letters, digits and _, and do not start "
-                                          "with a digit")
+                                     % (key,), at_key=True, hint=_SERVICE_ENV_NAME_HINT)
                 if item is None:
                     # Compose's `KEY:` with no value passes the variable through from the shell.
                     text = self.interpolate(item_path, "${%s}" % key)
@@ -4319,10 +4329,9 @@ class _SpecLoader(object):
             key, text = item.split("=", 1)
             if "\0" in text:
                 raise self.error(item_path, "the value contains a NUL byte", hint=_NUL_HINT)
-            if not _is_env_name(key):
+            if not _is_service_env_name(key):
                 raise self.error(item_path, "%r is not a valid environment variable name" % key,
-                                 hint="names use letters, digits and _, and do not start with "
-                                      "a digit")
+                                 hint=_SERVICE_ENV_NAME_HINT)
             if key in seen:
                 raise self.error(item_path, "environment variable '%s' is set twice" % key)
             seen.add(key)
@@ -4802,6 +4811,8 @@ class _SpecLoader(object):
         if commands_read:
             self.attempt(self.check_command_forms, path, host, command, entrypoint)
         environment = self.attempt(self.service_environment, path, raw, default=())
+        if runtime in _APPTAINER_RUNTIMES:
+            self.attempt(self.check_apptainer_environment, path, environment)
         volumes = self.attempt(self.service_volumes, path, raw, host, top_slurm, default=())
         working_dir = None
         if commands_read:
@@ -4835,6 +4846,15 @@ class _SpecLoader(object):
                              hint="e.g. image: python:3.11-slim, or run it on the node with "
                                   "x-slurm.runtime: host")
         return image
+
+    def check_apptainer_environment(self, path, environment):
+        names = [key for key, _ in environment if not _is_env_name(key)]
+        if names:
+            raise self.error(path + ("environment",), "environment name %s is not a shell "
+                             "variable name, which the apptainer runtime cannot pass (it hands "
+                             "variables over as APPTAINERENV_NAME)" % ", ".join(names),
+                             hint="rename it, pass the setting another way (a command-line "
+                                  "option or a config file), or use the pyxis or host runtime")
 
     def check_command_forms(self, path, host, command, entrypoint):
         if command is not None and entrypoint is not None and \
@@ -4968,7 +4988,7 @@ class _SpecLoader(object):
         if raw_format:
             for line in text.splitlines():
                 key, equals, value = line.partition("=")
-                if equals and _is_env_name(key.strip()):
+                if equals and _is_service_env_name(key.strip()):
                     pairs.append((key.strip(), value, ()))
             return pairs
         for number, key, value, quote in _dotenv_entries(text, file_path):
@@ -9731,7 +9751,11 @@ def _env_names(runtime_plan, service):
         names += ["HPC_COMPOSE_ATTEMPT", "HPC_COMPOSE_IS_RESUME", "HPC_COMPOSE_RESUME_DIR"]
     if service.secrets:
         names.append(_SECRETS_DIR_VARIABLE)
-    return sorted(set(names) | set(key for key, _ in service.environment))
+    # Pyxis writes each of these names into a bash function of Enroot's configuration
+    # (`${NAME-}`), which a name with . or - breaks ("bad substitution"): those are left out. They
+    # still reach the program (srun passes env's whole environment), only an image ENV of the same
+    # name would win over them.
+    return sorted(set(names) | set(key for key, _ in service.environment if _is_env_name(key)))
 
 
 def _environment_parts(runtime_plan, index):
@@ -16853,12 +16877,12 @@ class _ServiceMigration(object):
         migration = self.migration
         names = value if isinstance(value, dict) else [
             str(item).partition("=")[0] for item in value or []]
-        invalid = [str(key) for key in names if not _is_env_name(str(key))]
+        invalid = [str(key) for key in names if not _is_service_env_name(str(key))]
         if invalid:
-            return migration.todo_entry(path, "%s: not shell variable names, which the container "
-                                        "environment needs; pass these settings another way (a "
-                                        "command-line option or a config file)"
-                                        % ", ".join(invalid))
+            return migration.todo_entry(path, "%s: not environment names hpc-compose can pass "
+                                        "(letters, digits, _, . and -, starting with a letter "
+                                        "or _); pass these settings another way (a command-line "
+                                        "option or a config file)" % ", ".join(invalid))
         if migration.host_pattern is None or not isinstance(value, (dict, list)):
             migration.counts["kept"] += 1
             return

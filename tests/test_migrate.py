@@ -726,10 +726,19 @@ def test_env_file_values_naming_a_service_host_are_set_again_in_environment(hc, 
     assert any("host name broker -> 127.0.0.1 in URL" in n for n in notes(result))
 
 
-def test_environment_names_that_are_not_shell_names_are_a_todo(hc, project):
+def test_environment_names_with_dots_are_kept_as_docker_passes_them(hc, project):
     result = migrate(hc, project, "services:\n  es:\n    image: x\n    environment:\n"
-                     "      - discovery.type=single-node\n")
-    assert any("discovery.type: not shell variable names" in n for _, n in result.todos)
+                     "      - discovery.type=single-node\n      - xpack.security.enabled=false\n")
+    assert result.todos == ()
+    assert dict(service(load(hc, project, result), "es").environment) == \
+        {"discovery.type": "single-node", "xpack.security.enabled": "false"}
+
+
+def test_environment_names_no_service_can_take_are_a_todo(hc, project):
+    result = migrate(hc, project, "services:\n  es:\n    image: x\n    environment:\n"
+                     "      - 9lives=x\n")
+    assert any("9lives: not environment names hpc-compose can pass" in n
+               for _, n in result.todos)
 
 
 def test_the_migration_guide_shows_what_migrate_writes(hc, project):

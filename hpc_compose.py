@@ -146,6 +146,8 @@ _RUNTIMES = ("pyxis", "apptainer", "singularity", "host")
 _DEFAULT_RUNTIME = "pyxis"
 # The runtimes whose services run `apptainer exec` (or `singularity exec`, its older name) under srun.
 _APPTAINER_RUNTIMES = ("apptainer", "singularity")
+# Where x-enroot.prepare commands find each prepare stage's files (read-only), by stage name.
+_PREPARE_STAGE_MOUNT = "/tmp/hpc-compose-stage"
 # Cache keys carry this instead of the tool's release version: bump it only when the artifact layout
 # or the key recipe changes, so that upgrading hpc-compose does not re-import every image.
 _CACHE_FORMAT_VERSION = 1
@@ -2260,11 +2262,23 @@ class FailurePolicy(NamedTuple):
     backoff_seconds: Optional[int] = None  # restart_on_failure only (default 5)
 
 
+class PrepareStageSpec(NamedTuple):
+    """An image prepared on its own whose files the service's prepare commands read (at
+    ``/tmp/hpc-compose-stage/<name>``): a Dockerfile's build stage or ``COPY --from=<image>``."""
+    name: str
+    image: str                     # as written (interpolated)
+    commands: Tuple[str, ...] = ()  # none: the image's files as they are
+    mounts: Tuple[str, ...] = ()
+    env: Tuple[Tuple[str, str], ...] = ()
+    root: bool = True
+
+
 class PrepareSpec(NamedTuple):
     commands: Tuple[str, ...]
     mounts: Tuple[str, ...] = ()   # raw "host:container[:opts]" strings, interpolated, unresolved
     env: Tuple[Tuple[str, str], ...] = ()  # ((key, value), ...)
     root: bool = True
+    stages: Tuple[PrepareStageSpec, ...] = ()
 
 
 class ModuleSpec(NamedTuple):
@@ -2739,12 +2753,25 @@ _VOLUME_FIELDS = (
         _Field("create_host_path", "choice", "only true: a missing source folder is created",
                choices=(True,), default=True),)),
 )
+_PREPARE_STAGE_FIELDS = (
+    _Field("image", "text", "the stage's base image (registry reference or local .sqsh)"),
+    _Field("commands", "texts", "shell commands that make the stage (not interpolated; none: "
+                                "the image as it is)"),
+    _Field("mounts", "volumes", "host:container[:options] mounts visible while the stage is "
+                                "made", fields=_VOLUME_FIELDS),
+    _Field("env", "environment", "environment while the stage is made"),
+    _Field("root", "boolean", "run the stage's commands with enroot --root", default=True),
+)
 _PREPARE_FIELDS = (
     _Field("commands", "texts", "shell commands run in the image by enroot (not interpolated)"),
     _Field("mounts", "volumes", "host:container[:options] mounts (or type: bind) visible only "
                                 "during prepare", fields=_VOLUME_FIELDS),
     _Field("env", "environment", "environment only during prepare"),
     _Field("root", "boolean", "run the commands with enroot --root", default=True),
+    _Field("stages", "prepare_stages", "images prepared on their own (a Dockerfile's build "
+                                       "stages); the commands read each one's files read-only "
+                                       "at /tmp/hpc-compose-stage/<name>",
+           fields=_PREPARE_STAGE_FIELDS),
 )
 _SECRET_FIELDS = (
     _Field("file", "text", "a file on the login node holding the value (relative to the "
@@ -2939,6 +2966,11 @@ def _field_schema(field):
         service["type"] = "object"
         schema = {"type": "object", "minProperties": 1, "additionalProperties": False,
                   "patternProperties": {"^[A-Za-z0-9][A-Za-z0-9_.-]*$": service}}
+    elif kind == "prepare_stages":
+        stage = _mapping_schema(field.fields, False)
+        stage.update(type="object", required=["image"])
+        schema = {"type": ["object", "null"], "additionalProperties": False,
+                  "patternProperties": {"^[A-Za-z0-9][A-Za-z0-9_.-]*$": stage}}
     elif kind == "bundles":
         bundle = {"type": "object", "required": ["paths"], "additionalProperties": False,
                   "properties": {"paths": dict(texts, description="paths in this bundle")}}
@@ -4822,6 +4854,11 @@ class _SpecLoader(object):
                                   default=())
         readiness = self.attempt(self.service_readiness, path, raw)
         prepare = self.attempt(self.service_prepare, path, raw, host)
+        if prepare is not None and prepare.stages and runtime in _APPTAINER_RUNTIMES:
+            self.record(self.error(path + ("x-enroot", "prepare", "stages"), "prepare stages "
+                                   "are not available with the %s runtime yet" % runtime,
+                                   hint="use the pyxis runtime, or build the stage's files on "
+                                        "the login node and mount them"))
         profiles = self.attempt(self.service_profiles, path + ("profiles",), raw.get("profiles"),
                                 default=())
         secrets = self.attempt(self.service_secrets, path + ("secrets",), raw.get("secrets"),
@@ -5250,6 +5287,14 @@ class _SpecLoader(object):
         if not commands:
             raise self.error(path + ("commands",), "x-enroot.prepare.commands must not be empty",
                              hint="list the shell commands that customize the image")
+        mounts, env, root = self.prepare_settings(path, raw)
+        stages = ()
+        if raw.get("stages") is not None:
+            stages = self.prepare_stages(path + ("stages",), raw["stages"])
+        return PrepareSpec(commands, mounts, env, root, stages)
+
+    def prepare_settings(self, path, raw):
+        """``(mounts, env, root)`` of a prepare mapping or one of its stages."""
         mounts = []
         for index, item in enumerate(self.sequence(path + ("mounts",), raw.get("mounts"))):
             item_path = path + ("mounts", index)
@@ -5258,7 +5303,31 @@ class _SpecLoader(object):
             mounts.append(text)
         env = self.environment(path + ("env",), raw.get("env"))
         root = True if raw.get("root") is None else self.boolean(path + ("root",), raw["root"])
-        return PrepareSpec(commands, tuple(mounts), env, root)
+        return tuple(mounts), env, root
+
+    def prepare_stages(self, path, raw):
+        raw = self.mapping(path, raw, "a mapping of stage names to stages")
+        stages = []
+        for name, body in raw.items():
+            stage_path = path + (name,)
+            if not isinstance(name, str) or not _is_service_name(name):
+                raise self.error(stage_path, "stage name %r is not valid" % (name,), at_key=True,
+                                 hint="use letters, digits, '_', '.' and '-', starting with a "
+                                      "letter or digit")
+            body = self.mapping(stage_path, body, "a mapping with image: and commands:")
+            self.check_keys(stage_path, body, _field_names(_PREPARE_STAGE_FIELDS),
+                            "a prepare stage")
+            if body.get("image") is None:
+                raise self.error(stage_path, "stage '%s' needs an image" % name,
+                                 hint="the stage's base image, e.g. image: golang:1.22")
+            image = self.string(stage_path + ("image",), body["image"], unset_is_empty=True,
+                                allow_empty=True)
+            self.apply_rule(stage_path + ("image",), _classify_image, image)
+            commands = self.string_list(stage_path + ("commands",), body.get("commands"),
+                                        interpolated=False)
+            mounts, env, root = self.prepare_settings(stage_path, body)
+            stages.append(PrepareStageSpec(name, image, tuple(commands), mounts, env, root))
+        return tuple(stages)
 
     # --- secrets ---
 
@@ -5858,11 +5927,21 @@ class Dependency(NamedTuple):
     condition: str                 # service_started | service_healthy | service_completed_successfully
 
 
+class PrepareStagePlan(NamedTuple):
+    name: str
+    image: ImageRef
+    commands: Tuple[str, ...] = ()
+    mounts: Tuple[Mount, ...] = ()  # resolved
+    env: Tuple[Tuple[str, str], ...] = ()
+    root: bool = True
+
+
 class PreparePlan(NamedTuple):
     commands: Tuple[str, ...]
     mounts: Tuple[Mount, ...] = ()  # resolved
     env: Tuple[Tuple[str, str], ...] = ()  # ((key, value), ...)
     root: bool = True
+    stages: Tuple[PrepareStagePlan, ...] = ()
 
 
 class ServicePlan(NamedTuple):
@@ -6061,9 +6140,16 @@ def build_plan(spec, environ=None) -> Plan:
             mounts = _mounts(service.volumes, spec.project_dir, environ)
             prepare = None
             if service.prepare is not None:
+                stages = tuple(
+                    PrepareStagePlan(stage.name, normalize_image(stage.image, spec.project_dir,
+                                                                 environ),
+                                     stage.commands,
+                                     _mounts(stage.mounts, spec.project_dir, environ),
+                                     stage.env, stage.root)
+                    for stage in service.prepare.stages)
                 prepare = PreparePlan(service.prepare.commands,
                                       _mounts(service.prepare.mounts, spec.project_dir, environ),
-                                      service.prepare.env, service.prepare.root)
+                                      service.prepare.env, service.prepare.root, stages)
         except _Invalid as exc:
             raise SpecError(exc.message, file=service.file or spec.path, line=service.line,
                             path="services." + service.name, hint=exc.hint)
@@ -6195,6 +6281,16 @@ class Artifact(NamedTuple):
     builder: str = "enroot"        # enroot (.sqsh) | apptainer | singularity (.sif, `build`)
 
 
+class StageImage(NamedTuple):
+    """The image of one x-enroot.prepare stage: imported (``base``) or a local file, then
+    prepared on its own when the stage has commands."""
+    name: str
+    path: str                      # the image whose files the service's prepare reads
+    base: Optional[Artifact] = None
+    prepared: Optional[Artifact] = None
+    local_path: Optional[str] = None
+
+
 class ServiceImage(NamedTuple):
     service: str
     container_image: Optional[str]  # the value for --container-image (None for host runtime)
@@ -6202,6 +6298,7 @@ class ServiceImage(NamedTuple):
     prepared: Optional[Artifact] = None  # for an x-enroot.prepare image
     local_path: Optional[str] = None  # a user-provided local .sqsh/.squashfs, used in place
     rebuild_every_time: bool = False  # prepare.mounts present
+    stages: Tuple[StageImage, ...] = ()  # x-enroot.prepare.stages, in order
 
 
 class RuntimePlan(NamedTuple):
@@ -6379,7 +6476,8 @@ def _base_artifact(cache_dir, reference, builder="enroot"):
                           (("image", _digest([uri])),), uri=uri)
 
 
-def _prepared_artifact(cache_dir, base_source, base_identity, prepare, builder="enroot"):
+def _prepared_artifact(cache_dir, base_source, base_identity, prepare, builder="enroot",
+                       stages=()):
     inputs = (
         ("base", _digest([base_identity])),
         ("commands", _digest(prepare.commands)),
@@ -6387,8 +6485,30 @@ def _prepared_artifact(cache_dir, base_source, base_identity, prepare, builder="
         ("mounts", _digest(_mount_text(m) for m in prepare.mounts)),
         ("root", "true" if prepare.root else "false"),
     )
+    if stages:
+        # A stage's image is named by its cache key: a changed stage is a new service image.
+        inputs += (("stages", _digest("%s=%s" % (stage.name, os.path.basename(stage.path))
+                                      for stage in stages)),)
     return _make_artifact(cache_dir, "prepared", _artifact_label(base_source) + "-prepared",
                           base_source, inputs, builder=builder)
+
+
+def _stage_image(cache_dir, stage):
+    """The ``StageImage`` of one prepare stage (``PrepareStagePlan``)."""
+    base = local_path = None
+    if stage.image.kind == "local":
+        local_path = stage.image.reference
+        base_identity = "local " + _local_image_identity(local_path)
+    else:
+        base = _base_artifact(cache_dir, stage.image.reference)
+        base_identity = "base " + base.cache_key
+    prepared = None
+    if stage.commands:
+        prepared = _prepared_artifact(cache_dir, stage.image.reference, base_identity,
+                                      PreparePlan(stage.commands, stage.mounts, stage.env,
+                                                  stage.root))
+    path = (prepared or base).path if (prepared or base) else local_path
+    return StageImage(stage.name, path, base, prepared, local_path)
 
 
 # --- runtime plan ---------------------------------------------------------------------------------
@@ -6417,10 +6537,13 @@ def _service_image(cache_dir, service):
         base_identity = "base " + base.cache_key
     prepared = None
     rebuild = False
+    stages = ()
     if service.prepare is not None:
+        stages = tuple(_stage_image(cache_dir, stage) for stage in service.prepare.stages)
         prepared = _prepared_artifact(cache_dir, image.reference, base_identity, service.prepare,
-                                      builder)
-        rebuild = bool(service.prepare.mounts)
+                                      builder, stages)
+        rebuild = bool(service.prepare.mounts) or any(
+            stage.mounts and stage.commands for stage in service.prepare.stages)
     if prepared is not None:
         container_image = prepared.path
     elif base is not None:
@@ -6428,7 +6551,14 @@ def _service_image(cache_dir, service):
     else:
         container_image = local_path
     return ServiceImage(service=service.name, container_image=container_image, base=base,
-                        prepared=prepared, local_path=local_path, rebuild_every_time=rebuild)
+                        prepared=prepared, local_path=local_path, rebuild_every_time=rebuild,
+                        stages=stages)
+
+
+def _image_artifacts(image):
+    """The cache artifacts of a ``ServiceImage``: its stages' first, then its base and prepared."""
+    artifacts = [a for stage in image.stages for a in (stage.base, stage.prepared)]
+    return [a for a in artifacts + [image.base, image.prepared] if a is not None]
 
 
 def _default_cache_dir(environ=None):
@@ -6442,9 +6572,8 @@ def _runtime_artifacts(runtime_plan):
     """Every cache artifact path ``runtime_plan`` references (runtime images and their bases)."""
     paths = set()
     for image in runtime_plan.images:
-        for artifact in (image.base, image.prepared):
-            if artifact is not None:
-                paths.add(artifact.path)
+        for artifact in _image_artifacts(image):
+            paths.add(artifact.path)
     return paths
 
 
@@ -6676,9 +6805,8 @@ def prepare_images(runtime_plan, options=PrepareOptions(),
     run = _PrepareRun(runtime_plan, options, progress)
     users = {}
     for service, image in zip(runtime_plan.plan.services, runtime_plan.images):
-        for artifact in (image.base, image.prepared):
-            if artifact is not None:
-                users.setdefault(artifact.path, set()).add(service.name)
+        for artifact in _image_artifacts(image):
+            users.setdefault(artifact.path, set()).add(service.name)
     results = []
     for service, image in zip(runtime_plan.plan.services, runtime_plan.images):
         try:
@@ -6716,6 +6844,8 @@ def _prepare_service(run, service, image, users):
             _reuse(run, prepared, users, service, locked=True)
             return PrepareResult(service=service.name, runtime_action="reused",
                                  artifact=prepared.path)
+        for stage, stage_plan in zip(image.stages, service.prepare.stages):
+            _ensure_stage(run, service, stage, stage_plan, users, image.rebuild_every_time)
         if image.base is not None:
             base_action = _ensure_base(run, image.base, users)
             base_path = image.base.path
@@ -6731,6 +6861,39 @@ def _prepare_service(run, service, image, users):
         note = "rebuilt because x-enroot.prepare.mounts is set (rebuilds on every prepare/submit)"
     return PrepareResult(service=service.name, base_action=base_action, runtime_action="built",
                          artifact=prepared.path, note=note)
+
+
+def _ensure_stage(run, service, stage, stage_plan, users, always):
+    """Import the image of one prepare stage and prepare it when it has commands."""
+    if stage.base is not None:
+        _ensure_base(run, stage.base, users)
+        base_path = stage.base.path
+    else:
+        base_path = stage.local_path
+        if not os.path.isfile(base_path):
+            raise ToolError("local image '%s' of stage '%s' of service '%s' does not exist"
+                            % (base_path, stage.name, service.name),
+                            hint="fix services.%s.x-enroot.prepare.stages.%s.image"
+                                 % (service.name, stage.name))
+    if stage.prepared is None:
+        return
+    # The stage is prepared as a service of its own would be: the same cache, lock and manifest.
+    stage_service = service._replace(
+        name="%s/%s" % (service.name, stage.name),
+        prepare=PreparePlan(stage_plan.commands, stage_plan.mounts, stage_plan.env,
+                            stage_plan.root))
+    stage_image = ServiceImage(service=stage_service.name, container_image=stage.path,
+                               base=stage.base, prepared=stage.prepared,
+                               local_path=stage.local_path)
+    if not run.needs_build(stage.prepared, always=always):
+        _reuse(run, stage.prepared, users, stage_service)
+        return
+    with _FileLock(stage.prepared.path + ".lock"):
+        if not run.needs_build(stage.prepared, always=always):
+            _reuse(run, stage.prepared, users, stage_service, locked=True)
+            return
+        _build_prepared(run, stage_service, stage_image, base_path,
+                        users.get(stage.prepared.path, ()))
 
 
 def _reuse(run, artifact, users, service, locked=False):
@@ -6917,12 +7080,26 @@ def _build_prepared(run, service, image, base_path, services):
     partial = _partial_path(prepared.path)
     _remove_quietly(partial)
     created = False
+    stage_names = []
     try:
         argv = run.enroot(["create", "--force", "--name", name, base_path])
         code, tail = _run_enroot(argv, env, run.progress)
         if code != 0:
             raise _enroot_failure("enroot create for service '%s'" % service.name, argv, code, tail)
         created = True
+        # Each stage's files, unpacked by enroot create, are a read-only mount of the commands.
+        stage_mounts = []
+        for stage in image.stages:
+            stage_name = "%s-stage-%s" % (name, stage.name)
+            argv = run.enroot(["create", "--force", "--name", stage_name, stage.path])
+            code, tail = _run_enroot(argv, env, run.progress)
+            if code != 0:
+                raise _enroot_failure("enroot create of stage '%s' for service '%s'"
+                                      % (stage.name, service.name), argv, code, tail)
+            stage_names.append(stage_name)
+            stage_mounts.append(Mount(os.path.join(env["ENROOT_DATA_PATH"], stage_name),
+                                      "%s/%s" % (_PREPARE_STAGE_MOUNT, stage.name), "ro"))
+        prepare = prepare._replace(mounts=prepare.mounts + tuple(stage_mounts))
         for index, command in enumerate(prepare.commands, 1):
             run.say("preparing %s: command %d/%d: %s" % (service.name, index, len(prepare.commands), command))
             argv = run.enroot(_enroot_start_args(name, prepare, command))
@@ -6946,6 +7123,8 @@ def _build_prepared(run, service, image, base_path, services):
         os.replace(partial, prepared.path)
     except BaseException as exc:
         _remove_quietly(partial)
+        for stage_name in stage_names:
+            _run_enroot(run.enroot(["remove", "--force", stage_name]), env, None)
         if created and run.options.keep_failed:
             location = os.path.join(env["ENROOT_DATA_PATH"], name)
             message = ("kept the failed prepare container '%s' at %s (inspect it with: "
@@ -6959,6 +7138,8 @@ def _build_prepared(run, service, image, base_path, services):
         elif created:
             _run_enroot(run.enroot(["remove", "--force", name]), env, None)
         raise
+    for stage_name in stage_names:
+        _run_enroot(run.enroot(["remove", "--force", stage_name]), env, None)
     remove_argv = run.enroot(["remove", "--force", name])
     code, tail = _run_enroot(remove_argv, env, None)
     if code != 0:
@@ -15361,6 +15542,7 @@ def _template_files(template):
 # handler writes the result and creates the data folders.
 
 _MIGRATE_BUILD_MOUNT = "/tmp/hpc-compose-build"
+_MIGRATE_STAGE_MOUNT = _PREPARE_STAGE_MOUNT
 _MIGRATE_DEFAULT_DATA_DIR = "./data"
 _NETWORK_REASON = "services share the node's network (reach them at 127.0.0.1)"
 # Service keys with no meaning on a Slurm allocation: dropped, each with the reason shown.

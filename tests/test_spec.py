@@ -815,6 +815,18 @@ CASES = [
     ("services:\n  app:\n    image: x\n    environment:\n      a.b: x\n    x-slurm:\n"
      "      runtime: apptainer\n", "environment name a.b is not a shell variable name", 4,
      "services.app.environment"),
+    # x-enroot.prepare.stages
+    ("services:\n  app:\n    image: x\n    x-enroot:\n      prepare:\n        commands: [a]\n"
+     "        stages:\n          build:\n            commands: [b]\n",
+     "stage 'build' needs an image", 8, "services.app.x-enroot.prepare.stages.build"),
+    ("services:\n  app:\n    image: x\n    x-enroot:\n      prepare:\n        commands: [a]\n"
+     "        stages:\n          build:\n            image: y\n            target: z\n",
+     "unknown key 'target'", 10, "services.app.x-enroot.prepare.stages.build.target"),
+    ("services:\n  app:\n    image: x\n    x-enroot:\n      prepare:\n        commands: [a]\n"
+     "        stages:\n          build:\n            image: y\n    x-slurm:\n"
+     "      runtime: apptainer\n",
+     "prepare stages are not available with the apptainer runtime", 7,
+     "services.app.x-enroot.prepare.stages"),
     # host runtime
     ("x-slurm:\n  runtime: host\nservices:\n  app:\n    environment: {A: b}\n",
      "uses the host runtime but has no command or entrypoint", 4, "services.app"),

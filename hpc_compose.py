@@ -15680,6 +15680,8 @@ class _BuildResult(NamedTuple):
     healthcheck: Optional[Dict[str, object]]  # a Compose healthcheck mapping from HEALTHCHECK
     notes: Tuple[str, ...]
     todos: Tuple[str, ...]
+    # ((name, x-enroot.prepare.stages entry), ...): the stages and images COPY --from reads
+    stages: Tuple[Tuple[str, Dict[str, object]], ...] = ()
 
 
 def _load_text_file(path):
@@ -15925,6 +15927,29 @@ class _StageChoice(NamedTuple):
     variables: Tuple[Tuple[str, str], ...]  # the ARGs before the first FROM, with build.args
     notes: Tuple[str, ...]
     todos: Tuple[str, ...]
+    stages: Tuple[_DockerfileStage, ...] = ()  # every stage of the file, in order
+
+
+def _stage_chain(stage, stages):
+    """``stage`` and the stages it is built FROM, the first one first."""
+    by_name = dict((item.name, item) for item in stages if item.name)
+    chain = [stage]
+    while chain[0].image in by_name and by_name[chain[0].image] not in chain:
+        chain.insert(0, by_name[chain[0].image])
+    return chain
+
+
+def _copy_from_stage(reference, stages):
+    """``(x-enroot.prepare.stages name, the _DockerfileStage or None for an image)`` of a
+    ``COPY --from`` reference: a stage name, a stage number, or an image."""
+    import re
+    for stage in stages:
+        if stage.name == reference:
+            return reference, stage
+    if reference.isdigit() and int(reference) < len(stages):
+        stage = stages[int(reference)]
+        return stage.name or "stage" + reference, stage
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", reference).strip("-.") or "image", None
 
 
 def _select_stage(instructions, build_args, target):
@@ -15962,15 +15987,14 @@ def _select_stage(instructions, build_args, target):
         else:
             chosen = by_name[target]
     if len(stages) > 1:
-        notes.append("multi-stage Dockerfile: used stage %s (FROM %s), the one that makes the "
-                     "image" % (chosen.name or "#%d" % len(stages), chosen.image))
+        notes.append("multi-stage Dockerfile: stage %s (FROM %s) makes the image; the stages "
+                     "its COPY --from reads are x-enroot.prepare.stages"
+                     % (chosen.name or "#%d" % len(stages), chosen.image))
     # A stage built FROM an earlier stage inherits that stage's instructions.
-    chain = [chosen]
-    while chain[0].image in by_name and by_name[chain[0].image] not in chain:
-        chain.insert(0, by_name[chain[0].image])
+    chain = _stage_chain(chosen, stages)
     body = tuple(item for stage in chain for item in stage.body)
     return _StageChoice(chain[0].image, body, tuple(global_args.items()), tuple(notes),
-                        tuple(todos))
+                        tuple(todos), tuple(stages))
 
 
 class _BuildContext(NamedTuple):
@@ -15978,6 +16002,7 @@ class _BuildContext(NamedTuple):
     context: str                   # the build context as written relative to the compose file
     context_dir: Optional[str]     # its absolute path, used only to tell folders from files
     build_args: Dict[str, str]     # build.args of the service
+    stages: Tuple[_DockerfileStage, ...] = ()  # every stage of the file (COPY --from names one)
 
 
 class _DockerfileStep(NamedTuple):
@@ -16004,6 +16029,7 @@ class _DockerfileState(NamedTuple):
     command: Union[str, List[str], None] = None  # CMD: exec form as a list, shell form a string
     entrypoint: Union[str, List[str], None] = None
     healthcheck: Optional[Dict[str, object]] = None  # a Compose healthcheck mapping
+    copied_from: Tuple[str, ...] = ()  # COPY --from references, each once, in order
 
     def note(self, text):
         return self._replace(notes=self.notes + (text,))
@@ -16099,11 +16125,7 @@ def _dockerfile_copy(state, step, build):
     import posixpath
     where, instruction = step.where, step.instruction
     flags, rest = _split_flags(step.arguments)
-    if "from" in flags:
-        return state.todo("%s: %s --from=%s copies out of another stage or image, which "
-                          "prepare cannot do: install those files with a prepare command"
-                          % (where, instruction, flags["from"][0]))
-    for flag in sorted(flags):
+    for flag in sorted(set(flags) - set(["from"])):
         state = state.note("%s: %s --%s dropped (prepare runs as root; files keep the "
                            "mounted files' modes)" % (where, instruction, flag))
     variables = dict(state.variables)
@@ -16120,6 +16142,8 @@ def _dockerfile_copy(state, step, build):
     folder_destination = folder_destination or _under(state.workdir or "/", destination)
     if folder_destination and not destination.endswith("/"):
         destination += "/"
+    if "from" in flags:
+        return _copy_from(state, step, build, flags["from"][0], sources, destination)
     remote = [s for s in sources if "://" in s or s.startswith("git@")]
     if remote:
         return state.todo("%s: ADD %s fetches from the network: download it in a prepare "
@@ -16148,6 +16172,44 @@ def _dockerfile_copy(state, step, build):
     return state.note("%s: %s %s baked into the image by a prepare command (a later RUN needs "
                       "it); the build context is a prepare mount, so the image is rebuilt on "
                       "every submit" % (where, instruction, " ".join(sources)))
+
+
+def _copy_from(state, step, build, reference, sources, destination):
+    """COPY --from: a prepare command copying out of the stage's (or image's) files, which the
+    prepare sees read-only under /tmp/hpc-compose-stage/<name>."""
+    import posixpath
+    name, _ = _copy_from_stage(reference, build.stages)
+    folder_target = destination.endswith("/") or len(sources) > 1
+    target = destination.rstrip("/") or "/"
+    parts = []
+    for source in sources:
+        inside = posixpath.normpath(posixpath.join(_MIGRATE_STAGE_MOUNT, name,
+                                                   source.lstrip("/") or "."))
+        if any(c in source for c in "*?["):
+            parts.append("mkdir -p %s && cp -a %s %s/" % (shell_quote(target), inside,
+                                                           shell_quote(target)))
+            continue
+        # Whether the source is a folder is known only in the stage: a folder's contents are
+        # copied, as Docker does.
+        quoted = shell_quote(inside)
+        file_copy = ("mkdir -p %s && cp -a %s %s/" % (shell_quote(target), quoted,
+                                                       shell_quote(target))
+                     if folder_target else
+                     "mkdir -p %s && cp -a %s %s" % (
+                         shell_quote(posixpath.dirname(target) or "/"), quoted,
+                         shell_quote(target)))
+        parts.append("if [ -d %s ]; then mkdir -p %s && cp -a %s/. %s/; else %s; fi" % (
+            quoted, shell_quote(target), quoted, shell_quote(target), file_copy))
+    made_workdir = state.made_workdir
+    if state.workdir and (destination + "/").startswith(state.workdir.rstrip("/") + "/"):
+        made_workdir = state.workdir
+    copied = state.copied_from + ((reference,) if reference not in state.copied_from else ())
+    state = state._replace(commands=state.commands + (" && ".join(parts),),
+                           made_workdir=made_workdir, copied_from=copied)
+    return state.note("%s: %s --from=%s copies out of x-enroot.prepare.stages.%s, mounted "
+                      "read-only at %s/%s while the prepare commands run"
+                      % (step.where, step.instruction, reference, name, _MIGRATE_STAGE_MOUNT,
+                         name))
 
 
 def _copy_command(build, sources, destination, globbed, archive):
@@ -16244,19 +16306,54 @@ def _translate_dockerfile(text, context, build_args, target, context_dir=None):
     if stage is None:
         return _BuildResult(None, (), (), (), (), (), None, None, None, None, (),
                             ("the Dockerfile has no FROM line: write the base image",))
-    build = _BuildContext(context, context_dir, build_args)
-    runs = [index for index, item in enumerate(stage.body) if item[0] == "RUN"]
-    state = _DockerfileState(stage.variables, stage.notes, stage.todos)
-    for index, (instruction, arguments, line) in enumerate(stage.body):
-        step = _DockerfileStep(instruction, arguments, "Dockerfile line %d" % line,
-                               index > (runs[-1] if runs else -1))
-        translate = _DOCKERFILE_INSTRUCTIONS.get(instruction, _dockerfile_unsupported)
-        state = translate(state, step, build)
+    build = _BuildContext(context, context_dir, build_args, stage.stages)
+    state = _translate_body(_DockerfileState(stage.variables, stage.notes, stage.todos),
+                            stage.body, build, True)
     if state.shell is not None and state.commands:
         state = state.note("SHELL applies to the RUN commands only")
+    stages = []
+    for reference in state.copied_from:
+        name, source = _copy_from_stage(reference, stage.stages)
+        if source is None:
+            stages.append((name, {"image": reference}))
+            continue
+        # The stage is made as its own image: its instructions and those of the stages it is
+        # built FROM; every COPY of it is a prepare command (nothing of it runs as a service).
+        chain = _stage_chain(source, stage.stages)
+        made = _translate_body(_DockerfileState(stage.variables, (), ()),
+                               tuple(item for link in chain for item in link.body), build, False)
+        entry = {"image": chain[0].image}
+        if made.commands:
+            entry["commands"] = list(made.commands)
+        if made.mounts:
+            entry["mounts"] = list(made.mounts)
+        if made.prepare_env:
+            entry["env"] = dict((k, _escape_interpolation(v)) for k, v in made.prepare_env)
+        state = state._replace(notes=state.notes + tuple("stage %s: %s" % (name, note)
+                                                         for note in made.notes),
+                               todos=state.todos + tuple("stage %s: %s" % (name, todo)
+                                                         for todo in made.todos))
+        if made.copied_from:
+            state = state.todo("stage %s copies --from=%s: a stage that reads another stage is "
+                               "not translated; copy those files in its commands"
+                               % (name, ", ".join(made.copied_from)))
+        stages.append((name, entry))
     return _BuildResult(stage.image, state.commands, state.prepare_env, state.runtime_env,
                         state.mounts, state.volumes, state.workdir, state.command,
-                        state.entrypoint, state.healthcheck, state.notes, state.todos)
+                        state.entrypoint, state.healthcheck, state.notes, state.todos,
+                        tuple(stages))
+
+
+def _translate_body(state, body, build, final):
+    """The state after the instructions ``body`` of a stage; ``final``: the stage makes the
+    service's image (a COPY after its last RUN can be a runtime volume)."""
+    runs = [index for index, item in enumerate(body) if item[0] == "RUN"]
+    for index, (instruction, arguments, line) in enumerate(body):
+        step = _DockerfileStep(instruction, arguments, "Dockerfile line %d" % line,
+                               final and index > (runs[-1] if runs else -1))
+        translate = _DOCKERFILE_INSTRUCTIONS.get(instruction, _dockerfile_unsupported)
+        state = translate(state, step, build)
+    return state
 
 
 # --- build: -> image + x-enroot.prepare + the service's runtime settings --------------------------
@@ -16320,6 +16417,12 @@ def _migrate_build(raw, project_dir, read_text, host_runtime, readiness_needed):
         notes += list(result.notes)
         todos += list(result.todos)
     image = result.image if result is not None else None
+    if image and not host_runtime and result.commands and (
+            image == "scratch" or "distroless" in image):
+        # Prepare runs each command with the image's /bin/sh (and cp): these images have none.
+        todos.append("FROM %s has no shell, which the prepare commands run in: use a base "
+                     "image with /bin/sh and cp (debian:12-slim, busybox) for the final stage"
+                     % image)
     if image and not host_runtime:
         lines_value["image"] = image
     elif "image" in raw and not host_runtime:
@@ -16329,7 +16432,10 @@ def _migrate_build(raw, project_dir, read_text, host_runtime, readiness_needed):
             todos.append("with the host runtime nothing is built: install on the node what "
                          "these did: %s" % " ; ".join(result.commands))
     elif result is not None and result.commands:
-        prepare = {"commands": list(result.commands)}
+        prepare = {}
+        if result.stages:
+            prepare["stages"] = dict(result.stages)
+        prepare["commands"] = list(result.commands)
         if result.mounts:
             prepare["mounts"] = list(result.mounts)
         if result.prepare_env:

@@ -547,7 +547,46 @@ def test_multi_stage_dockerfile_uses_the_last_stage_with_a_note(hc, project):
     assert app.image == "python:3.12-slim"
     assert app.prepare.commands == ("pip install gunicorn", "pip install flask")
     assert app.command == "gunicorn app:app"
-    assert any("multi-stage Dockerfile: used stage runtime" in n for n in notes(result))
+    assert any("multi-stage Dockerfile: stage runtime (FROM base) makes the image" in n
+               for n in notes(result))
+    assert app.prepare.stages == ()
+
+
+def test_copy_from_a_build_stage_prepares_that_stage_on_its_own(hc, project):
+    dockerfile = ("FROM golang:1.22 AS build\nWORKDIR /src\nCOPY . .\n"
+                  "RUN go build -o /out/api ./cmd/api\n"
+                  "FROM debian:12-slim\nCOPY --from=build /out/api /usr/local/bin/api\n"
+                  "COPY --from=build /src/static/ /srv/static/\n"
+                  "CMD [\"/usr/local/bin/api\"]\n")
+    result = build_result(hc, project, dockerfile, compose="services:\n  app:\n    build: ./app\n")
+    app = service(load(hc, project, result), "app")
+    assert app.image == "debian:12-slim"
+    (stage,) = app.prepare.stages
+    assert stage == hc.PrepareStageSpec(
+        "build", "golang:1.22",
+        ("mkdir -p /src && cp -a /tmp/hpc-compose-build/. /src/",
+         "cd /src && go build -o /out/api ./cmd/api"), ("./app:/tmp/hpc-compose-build",))
+    inside = "/tmp/hpc-compose-stage/build/out/api"
+    assert app.prepare.commands[0] == (
+        "if [ -d %s ]; then mkdir -p /usr/local/bin/api && cp -a %s/. /usr/local/bin/api/; "
+        "else mkdir -p /usr/local/bin && cp -a %s /usr/local/bin/api; fi" % (inside, inside, inside))
+    assert app.prepare.commands[1].endswith(
+        "else mkdir -p /srv/static && cp -a /tmp/hpc-compose-stage/build/src/static /srv/static/; fi")
+    assert app.prepare.mounts == ()     # the final stage copies from the stage only
+    assert "      prepare:\n        stages:\n          build:\n            image: golang:1.22\n" \
+        in result.text
+
+
+def test_copy_from_an_image_or_a_stage_number(hc, project):
+    dockerfile = ("FROM alpine:3.20\nRUN echo made > /made\n"
+                  "FROM debian:12-slim\nCOPY --from=nginx:1.27 /etc/nginx/nginx.conf /etc/\n"
+                  "COPY --from=0 /made /made\n")
+    app = service(load(hc, project, build_result(
+        hc, project, dockerfile, compose="services:\n  app:\n    build: ./app\n")), "app")
+    assert [(s.name, s.image, s.commands) for s in app.prepare.stages] == [
+        ("nginx-1.27", "nginx:1.27", ()), ("stage0", "alpine:3.20", ("echo made > /made",))]
+    assert "cp -a /tmp/hpc-compose-stage/nginx-1.27/etc/nginx/nginx.conf /etc/; fi" in \
+        app.prepare.commands[0]
 
 
 def test_build_target_picks_the_stage(hc, project):
@@ -574,8 +613,11 @@ def test_add_of_a_local_archive_is_extracted_by_a_prepare_command(hc, project):
 
 
 @pytest.mark.parametrize("dockerfile, todo", [
-    ("FROM golang:1.22 AS build\nRUN go build -o /out/app\nFROM debian:12\n"
-     "COPY --from=build /out/app /usr/local/bin/app\nRUN true\n", "COPY --from=build"),
+    ("FROM golang:1.22 AS build\nRUN go build -o /out/app\n"
+     "FROM gcr.io/distroless/static-debian12\nCOPY --from=build /out/app /app\n",
+     "has no shell, which the prepare commands run in"),
+    ("FROM debian:12 AS a\nRUN make\nFROM debian:12 AS b\nCOPY --from=a /x /x\n"
+     "FROM debian:12\nCOPY --from=b /x /x\n", "a stage that reads another stage"),
     ("FROM debian:12\nADD https://example.org/tool.tgz /opt/\nRUN true\n", "fetches from the network"),
     ("FROM debian:12\nONBUILD RUN make\nRUN true\n", "ONBUILD RUN make has no prepare equivalent"),
     ("FROM debian:12\nRUN --mount=type=secret,id=token make\n", "uses a build secret"),

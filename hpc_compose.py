@@ -5874,6 +5874,18 @@ def spec_to_dict(spec, escape_dollars=False):
                 prepare["mounts"] = [escape(m) for m in service.prepare.mounts]
             if service.prepare.env:
                 prepare["env"] = dict((k, escape(v)) for k, v in service.prepare.env)
+            stages = {}
+            for stage in service.prepare.stages:
+                entry = {"image": escape(stage.image), "root": stage.root}
+                if stage.commands:
+                    entry["commands"] = list(stage.commands)
+                if stage.mounts:
+                    entry["mounts"] = [escape(m) for m in stage.mounts]
+                if stage.env:
+                    entry["env"] = dict((k, escape(v)) for k, v in stage.env)
+                stages[stage.name] = entry
+            if stages:
+                prepare["stages"] = stages
             data["x-enroot"] = {"prepare": prepare}
         if service.secrets:
             data["secrets"] = _service_secrets_to_list(service.secrets)
@@ -6199,7 +6211,13 @@ def plan_to_dict(plan):
             prepare = {"commands": list(service.prepare.commands),
                        "mounts": [_mount_to_dict(m) for m in service.prepare.mounts],
                        "env": [list(pair) for pair in service.prepare.env],
-                       "root": service.prepare.root}
+                       "root": service.prepare.root,
+                       "stages": [{"name": stage.name, "image": stage.image.reference,
+                                   "commands": list(stage.commands),
+                                   "mounts": [_mount_to_dict(m) for m in stage.mounts],
+                                   "env": [list(pair) for pair in stage.env],
+                                   "root": stage.root}
+                                  for stage in service.prepare.stages]}
         services.append({
             "name": service.name,
             "token": service.token,
@@ -18209,9 +18227,12 @@ def _format_inspect_text(plan, verbose=False, cache_reports=None):
         if service.prepare is not None:
             rebuild = (" (rebuilds on every prepare/submit: prepare.mounts are set)"
                        if service.prepare.mounts else "")
-            lines.append("  prepare: %d command%s%s" % (
+            stages = "".join("; stage %s from %s (%d command%s)" % (
+                stage.name, stage.image.original or stage.image.reference, len(stage.commands),
+                "" if len(stage.commands) == 1 else "s") for stage in service.prepare.stages)
+            lines.append("  prepare: %d command%s%s%s" % (
                 len(service.prepare.commands), "" if len(service.prepare.commands) == 1 else "s",
-                rebuild))
+                stages, rebuild))
         if verbose:
             if service.runtime != "host":
                 lines.append("  mounts:")

@@ -41,16 +41,17 @@ top-level name starts with an underscore and may change without notice. In pipel
 - interpolation: ``interpolate``, ``parse_dotenv(text)``, ``load_dotenv(path)``;
 - spec: ``load_spec(path or [paths merged in order], environ, env_files, profiles,
   services)`` -> ``ComposeSpec`` (records ``SlurmSpec``, ``ServiceSpec``, ``ServiceSlurmSpec``,
-  ``ModuleSpec``, ``ReadinessSpec``, ``FailurePolicy``, ``PrepareSpec``, ``MetricsSpec``,
-  ``ArtifactsSpec``, ``ResumeSpec``, ``SecretSpec``, ``ServiceSecret``, ``SignalSpec``,
-  ``ServiceSignalSpec``, ``SweepSpec`` of ``SweepTask``),
+  ``ModuleSpec``, ``ReadinessSpec``, ``FailurePolicy``, ``PrepareSpec``, ``PrepareStageSpec``,
+  ``MetricsSpec``, ``ArtifactsSpec``, ``ResumeSpec``, ``SecretSpec``, ``ServiceSecret``,
+  ``SignalSpec``, ``ServiceSignalSpec``, ``SweepSpec`` of ``SweepTask``),
   ``spec_to_dict``;
 - planner: ``build_plan(spec)`` -> ``Plan`` (records ``ServicePlan``, ``ImageRef``, ``Execution``,
-  ``Mount``, ``Dependency``, ``Placement``, ``PreparePlan``), ``plan_to_dict``, ``service_token``,
+  ``Mount``, ``Dependency``, ``Placement``, ``PreparePlan``, ``PrepareStagePlan``),
+  ``plan_to_dict``, ``service_token``,
   ``resolve_host_path``, ``normalize_image``;
 - images and preflight: ``build_runtime_plan`` -> ``RuntimePlan`` (``ServiceImage``,
-  ``Artifact``), ``prepare_images`` (``PrepareOptions`` -> ``PrepareResult``), ``list_cache``,
-  ``inspect_cache``, ``enroot_uri``, ``run_preflight`` (``PreflightOptions`` ->
+  ``StageImage``, ``Artifact``), ``prepare_images`` (``PrepareOptions`` -> ``PrepareResult``),
+  ``list_cache``, ``inspect_cache``, ``enroot_uri``, ``run_preflight`` (``PreflightOptions`` ->
   ``PreflightReport`` of ``Finding``);
 - render: ``render_script(runtime_plan)`` and its pieces ``render_metrics_block``,
   ``render_artifacts_block``, ``service_srun_argv``, ``service_environment``, ``shell_quote``;
@@ -95,14 +96,15 @@ __all__ = [
     "load_spec", "ComposeSpec", "SlurmSpec", "ServiceSpec", "ServiceSlurmSpec", "ModuleSpec",
     "ReadinessSpec",
     "SecretSpec", "ServiceSecret",
-    "FailurePolicy", "PrepareSpec", "MetricsSpec", "ArtifactsSpec", "ResumeSpec",
-    "SignalSpec", "ServiceSignalSpec", "SweepSpec", "SweepTask",
+    "FailurePolicy", "PrepareSpec", "PrepareStageSpec", "MetricsSpec", "ArtifactsSpec",
+    "ResumeSpec", "SignalSpec", "ServiceSignalSpec", "SweepSpec", "SweepTask",
     # planner
     "build_plan", "Plan", "ServicePlan", "ImageRef", "Execution", "Mount", "Dependency", "Placement",
-    "PreparePlan", "service_token", "plan_to_dict", "spec_to_dict", "resolve_host_path",
-    "normalize_image",
+    "PreparePlan", "PrepareStagePlan", "service_token", "plan_to_dict", "spec_to_dict",
+    "resolve_host_path", "normalize_image",
     # images and preflight
-    "build_runtime_plan", "prepare_images", "RuntimePlan", "ServiceImage", "Artifact",
+    "build_runtime_plan", "prepare_images", "RuntimePlan", "ServiceImage", "StageImage",
+    "Artifact",
     "PrepareOptions", "PrepareResult", "enroot_uri", "list_cache", "inspect_cache",
     "run_preflight", "PreflightOptions", "PreflightReport", "Finding",
     # render

@@ -7824,6 +7824,16 @@ def _pulls(runtime_plan):
         host = _registry_host(image.base.source)
         if host is not None:
             pulls.setdefault(host, []).append(service.name)
+    for service, image in zip(runtime_plan.plan.services, runtime_plan.images):
+        if image.prepared is not None and not image.rebuild_every_time \
+                and os.path.isfile(image.prepared.path):
+            continue
+        for stage in image.stages:
+            if stage.base is None or os.path.isfile(stage.base.path):
+                continue
+            host = _registry_host(stage.base.source)
+            if host is not None and service.name not in pulls.get(host, []):
+                pulls.setdefault(host, []).append(service.name)
     return pulls
 
 

@@ -1069,3 +1069,8 @@ def test_a_second_prepare_of_a_staged_service_is_a_hit(tmp_path, enroot):
     assert len(enroot.argvs()) == count
     assert results[0].runtime_action == "reused"
     assert rp.images[0].stages[0].prepared.path in hc._runtime_artifacts(rp)
+
+
+def test_preflight_counts_a_stage_image_among_the_pulls_that_need_credentials(tmp_path):
+    rp = hc.build_runtime_plan(staged_plan(tmp_path, stage_image="nvcr.io/nvidia/cuda:12.4"))
+    assert hc._pulls(rp) == {"docker.io": ["api"], "nvcr.io": ["api"]}

@@ -6878,7 +6878,9 @@ def _prepare_service(run, service, image, users):
         _build_prepared(run, service, image, base_path, users.get(image.prepared.path, ()))
     note = None
     if image.rebuild_every_time:
-        note = "rebuilt because x-enroot.prepare.mounts is set (rebuilds on every prepare/submit)"
+        note = ("rebuilt because x-enroot.prepare.mounts is set (rebuilds on every prepare/submit)"
+                if service.prepare.mounts else "rebuilt because a prepare stage has mounts "
+                "(rebuilds on every prepare/submit)")
     return PrepareResult(service=service.name, base_action=base_action, runtime_action="built",
                          artifact=prepared.path, note=note)
 
@@ -18238,7 +18240,10 @@ def _format_inspect_text(plan, verbose=False, cache_reports=None):
                                                       for item in service.secrets))
         if service.prepare is not None:
             rebuild = (" (rebuilds on every prepare/submit: prepare.mounts are set)"
-                       if service.prepare.mounts else "")
+                       if service.prepare.mounts else
+                       " (rebuilds on every prepare/submit: a stage has mounts)"
+                       if any(stage.mounts and stage.commands
+                              for stage in service.prepare.stages) else "")
             stages = "".join("; stage %s from %s (%d command%s)" % (
                 stage.name, stage.image.original or stage.image.reference, len(stage.commands),
                 "" if len(stage.commands) == 1 else "s") for stage in service.prepare.stages)

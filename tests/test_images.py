@@ -1074,3 +1074,19 @@ def test_a_second_prepare_of_a_staged_service_is_a_hit(tmp_path, enroot):
 def test_preflight_counts_a_stage_image_among_the_pulls_that_need_credentials(tmp_path):
     rp = hc.build_runtime_plan(staged_plan(tmp_path, stage_image="nvcr.io/nvidia/cuda:12.4"))
     assert hc._pulls(rp) == {"docker.io": ["api"], "nvcr.io": ["api"]}
+
+
+def test_a_stage_with_mounts_rebuilds_the_stage_and_the_service_image_every_time(
+        tmp_path, enroot):
+    stage = hc.PrepareStagePlan("build", hc.ImageRef("remote", "docker://golang:1.22", "golang"),
+                                ("go build",), (hc.Mount(str(tmp_path), "/src"),))
+    prep = hc.PreparePlan(("cp -a /tmp/hpc-compose-stage/build/out /out",), stages=(stage,))
+    rp = hc.build_runtime_plan(make_plan(tmp_path, [make_service("api", "debian:12",
+                                                                 prepare=prep)]))
+    assert rp.images[0].rebuild_every_time
+    hc.prepare_images(rp, options())
+    count = len([a for a in enroot.argvs() if a[0] == "export"])
+    results = hc.prepare_images(rp, options())
+    assert len([a for a in enroot.argvs() if a[0] == "export"]) == 2 * count == 4
+    assert results[0].note == "rebuilt because a prepare stage has mounts (rebuilds on every " \
+                              "prepare/submit)"

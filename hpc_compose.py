@@ -42,15 +42,17 @@ top-level name starts with an underscore and may change without notice. In pipel
 - spec: ``load_spec(path or [paths merged in order], environ, env_files, profiles,
   services)`` -> ``ComposeSpec`` (records ``SlurmSpec``, ``SlurmGroupSpec``, ``ServiceSpec``,
   ``ServiceSlurmSpec``, ``ModuleSpec``, ``ReadinessSpec``, ``FailurePolicy``, ``PrepareSpec``,
+  ``PrepareStageSpec``,
   ``MetricsSpec``, ``ArtifactsSpec``, ``ResumeSpec``, ``SecretSpec``, ``ServiceSecret``,
   ``SignalSpec``, ``ServiceSignalSpec``, ``SweepSpec`` of ``SweepTask``),
   ``spec_to_dict``;
 - planner: ``build_plan(spec)`` -> ``Plan`` (records ``ServicePlan``, ``ImageRef``, ``Execution``,
-  ``Mount``, ``Dependency``, ``Placement``, ``PreparePlan``), ``plan_to_dict``, ``service_token``,
+  ``Mount``, ``Dependency``, ``Placement``, ``PreparePlan``, ``PrepareStagePlan``),
+  ``plan_to_dict``, ``service_token``,
   ``resolve_host_path``, ``normalize_image``;
 - images and preflight: ``build_runtime_plan`` -> ``RuntimePlan`` (``ServiceImage``,
-  ``Artifact``), ``prepare_images`` (``PrepareOptions`` -> ``PrepareResult``), ``list_cache``,
-  ``inspect_cache``, ``enroot_uri``, ``run_preflight`` (``PreflightOptions`` ->
+  ``StageImage``, ``Artifact``), ``prepare_images`` (``PrepareOptions`` -> ``PrepareResult``),
+  ``list_cache``, ``inspect_cache``, ``enroot_uri``, ``run_preflight`` (``PreflightOptions`` ->
   ``PreflightReport`` of ``Finding``);
 - render: ``render_script(runtime_plan)`` and its pieces ``render_metrics_block``,
   ``render_artifacts_block``, ``service_srun_argv``, ``service_environment``, ``shell_quote``;
@@ -95,14 +97,15 @@ __all__ = [
     "load_spec", "ComposeSpec", "SlurmSpec", "SlurmGroupSpec", "ServiceSpec", "ServiceSlurmSpec",
     "ModuleSpec", "ReadinessSpec",
     "SecretSpec", "ServiceSecret",
-    "FailurePolicy", "PrepareSpec", "MetricsSpec", "ArtifactsSpec", "ResumeSpec",
-    "SignalSpec", "ServiceSignalSpec", "SweepSpec", "SweepTask",
+    "FailurePolicy", "PrepareSpec", "PrepareStageSpec", "MetricsSpec", "ArtifactsSpec",
+    "ResumeSpec", "SignalSpec", "ServiceSignalSpec", "SweepSpec", "SweepTask",
     # planner
     "build_plan", "Plan", "ServicePlan", "ImageRef", "Execution", "Mount", "Dependency", "Placement",
-    "PreparePlan", "service_token", "plan_to_dict", "spec_to_dict", "resolve_host_path",
-    "normalize_image",
+    "PreparePlan", "PrepareStagePlan", "service_token", "plan_to_dict", "spec_to_dict",
+    "resolve_host_path", "normalize_image",
     # images and preflight
-    "build_runtime_plan", "prepare_images", "RuntimePlan", "ServiceImage", "Artifact",
+    "build_runtime_plan", "prepare_images", "RuntimePlan", "ServiceImage", "StageImage",
+    "Artifact",
     "PrepareOptions", "PrepareResult", "enroot_uri", "list_cache", "inspect_cache",
     "run_preflight", "PreflightOptions", "PreflightReport", "Finding",
     # render
@@ -146,6 +149,8 @@ _RUNTIMES = ("pyxis", "apptainer", "singularity", "host")
 _DEFAULT_RUNTIME = "pyxis"
 # The runtimes whose services run `apptainer exec` (or `singularity exec`, its older name) under srun.
 _APPTAINER_RUNTIMES = ("apptainer", "singularity")
+# Where x-enroot.prepare commands find each prepare stage's files (read-only), by stage name.
+_PREPARE_STAGE_MOUNT = "/tmp/hpc-compose-stage"
 # Cache keys carry this instead of the tool's release version: bump it only when the artifact layout
 # or the key recipe changes, so that upgrading hpc-compose does not re-import every image.
 _CACHE_FORMAT_VERSION = 1
@@ -1977,6 +1982,9 @@ def _yaml_scalar(value):
 
 _NAME_START = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ_")
 _NAME_CHARS = _NAME_START | frozenset("0123456789")
+# A service's environment also takes the names Docker passes that a shell cannot hold
+# (Elasticsearch's `discovery.type`): they reach the program through `env` and srun byte for byte.
+_SERVICE_ENV_NAME_CHARS = _NAME_CHARS | frozenset(".-")
 # Bounds: ${A:-${B:-...}} nested deeper than this is refused (not a RecursionError), and so is
 # one value, or all of a file's values together, grown by expansion past Slurm's default limit of
 # a batch script (4 MB), which no such value could reach anyway.
@@ -2257,11 +2265,23 @@ class FailurePolicy(NamedTuple):
     backoff_seconds: Optional[int] = None  # restart_on_failure only (default 5)
 
 
+class PrepareStageSpec(NamedTuple):
+    """An image prepared on its own whose files the service's prepare commands read (at
+    ``/tmp/hpc-compose-stage/<name>``): a Dockerfile's build stage or ``COPY --from=<image>``."""
+    name: str
+    image: str                     # as written (interpolated)
+    commands: Tuple[str, ...] = ()  # none: the image's files as they are
+    mounts: Tuple[str, ...] = ()
+    env: Tuple[Tuple[str, str], ...] = ()
+    root: bool = True
+
+
 class PrepareSpec(NamedTuple):
     commands: Tuple[str, ...]
     mounts: Tuple[str, ...] = ()   # raw "host:container[:opts]" strings, interpolated, unresolved
     env: Tuple[Tuple[str, str], ...] = ()  # ((key, value), ...)
     root: bool = True
+    stages: Tuple[PrepareStageSpec, ...] = ()
 
 
 class ModuleSpec(NamedTuple):
@@ -2764,12 +2784,25 @@ _VOLUME_FIELDS = (
         _Field("create_host_path", "choice", "only true: a missing source folder is created",
                choices=(True,), default=True),)),
 )
+_PREPARE_STAGE_FIELDS = (
+    _Field("image", "text", "the stage's base image (registry reference or local .sqsh)"),
+    _Field("commands", "texts", "shell commands that make the stage (not interpolated; none: "
+                                "the image as it is)"),
+    _Field("mounts", "volumes", "host:container[:options] mounts visible while the stage is "
+                                "made", fields=_VOLUME_FIELDS),
+    _Field("env", "environment", "environment while the stage is made"),
+    _Field("root", "boolean", "run the stage's commands with enroot --root", default=True),
+)
 _PREPARE_FIELDS = (
     _Field("commands", "texts", "shell commands run in the image by enroot (not interpolated)"),
     _Field("mounts", "volumes", "host:container[:options] mounts (or type: bind) visible only "
                                 "during prepare", fields=_VOLUME_FIELDS),
     _Field("env", "environment", "environment only during prepare"),
     _Field("root", "boolean", "run the commands with enroot --root", default=True),
+    _Field("stages", "prepare_stages", "images prepared on their own (a Dockerfile's build "
+                                       "stages); the commands read each one's files read-only "
+                                       "at /tmp/hpc-compose-stage/<name>",
+           fields=_PREPARE_STAGE_FIELDS),
 )
 _SECRET_FIELDS = (
     _Field("file", "text", "a file on the login node holding the value (relative to the "
@@ -2832,7 +2865,7 @@ _TOP_LEVEL_FIELDS = (
 
 _TEXT_TYPES = ["string", "number", "boolean"]     # a scalar is read as the text written
 _INTERPOLATED = {"type": "string", "pattern": "\\$"}   # ${VAR} checked once interpolated
-_ENV_NAME_PATTERN = "^[A-Za-z_][A-Za-z0-9_]*$"
+_ENV_NAME_PATTERN = "^[A-Za-z_][A-Za-z0-9_.-]*$"
 
 
 def _choice_schema(choices):
@@ -2888,7 +2921,7 @@ def _field_schema(field):
         schema = {"anyOf": [
             {"type": "object", "additionalProperties": False,
              "patternProperties": {_ENV_NAME_PATTERN: {"type": _TEXT_TYPES + ["null"]}}},
-            {"type": "array", "items": {"type": "string", "pattern": "^[A-Za-z_][A-Za-z0-9_]*="}},
+            {"type": "array", "items": {"type": "string", "pattern": "^[A-Za-z_][A-Za-z0-9_.-]*="}},
             {"type": "null"}]}
     elif kind == "env_file":
         entry = {"anyOf": [{"type": "string"}, {
@@ -2969,6 +3002,11 @@ def _field_schema(field):
         group["type"] = ["object", "null"]
         schema = {"type": "object", "minProperties": 1, "additionalProperties": False,
                   "patternProperties": {_GROUP_NAME_PATTERN: group}}
+    elif kind == "prepare_stages":
+        stage = _mapping_schema(field.fields, False)
+        stage.update(type="object", required=["image"])
+        schema = {"type": ["object", "null"], "additionalProperties": False,
+                  "patternProperties": {"^[A-Za-z0-9][A-Za-z0-9_.-]*$": stage}}
     elif kind == "bundles":
         bundle = {"type": "object", "required": ["paths"], "additionalProperties": False,
                   "properties": {"paths": dict(texts, description="paths in this bundle")}}
@@ -3085,6 +3123,15 @@ def _is_service_name(name):
 
 def _is_env_name(name):
     return bool(name) and name[0] in _NAME_START and _NAME_CHARS.issuperset(name)
+
+
+def _is_service_env_name(name):
+    """A name a service's environment accepts: a shell name, or one with ``.`` and ``-``."""
+    return bool(name) and name[0] in _NAME_START and _SERVICE_ENV_NAME_CHARS.issuperset(name)
+
+
+_SERVICE_ENV_NAME_HINT = ("names use letters, digits, _, . and -, and start with a letter or _ "
+                          "(a name with . or - reaches the program but not a shell variable)")
 
 
 def _expand_sweep(matrix, include=(), exclude=(), replicates=1):
@@ -4344,11 +4391,9 @@ class _SpecLoader(object):
         if isinstance(value, dict):
             for key, item in value.items():
                 item_path = tuple(path) + (key,)
-                if not isinstance(key, str) or not _is_env_name(key):
+                if not isinstance(key, str) or not _is_service_env_name(key):
                     raise self.error(item_path, "%r is not a valid environment variable name"
-                                     % (key,), at_key=True,
-                                     hint="names use letters, digits and _, and do not start "
-                                          "with a digit")
+                                     % (key,), at_key=True, hint=_SERVICE_ENV_NAME_HINT)
                 if item is None:
                     # Compose's `KEY:` with no value passes the variable through from the shell.
                     text = self.interpolate(item_path, "${%s}" % key)
@@ -4365,10 +4410,9 @@ class _SpecLoader(object):
             key, text = item.split("=", 1)
             if "\0" in text:
                 raise self.error(item_path, "the value contains a NUL byte", hint=_NUL_HINT)
-            if not _is_env_name(key):
+            if not _is_service_env_name(key):
                 raise self.error(item_path, "%r is not a valid environment variable name" % key,
-                                 hint="names use letters, digits and _, and do not start with "
-                                      "a digit")
+                                 hint=_SERVICE_ENV_NAME_HINT)
             if key in seen:
                 raise self.error(item_path, "environment variable '%s' is set twice" % key)
             seen.add(key)
@@ -4909,6 +4953,8 @@ class _SpecLoader(object):
         if commands_read:
             self.attempt(self.check_command_forms, path, host, command, entrypoint)
         environment = self.attempt(self.service_environment, path, raw, default=())
+        if runtime in _APPTAINER_RUNTIMES:
+            self.attempt(self.check_apptainer_environment, path, environment)
         volumes = self.attempt(self.service_volumes, path, raw, host, top_slurm, default=())
         working_dir = None
         if commands_read:
@@ -4918,6 +4964,11 @@ class _SpecLoader(object):
                                   default=())
         readiness = self.attempt(self.service_readiness, path, raw)
         prepare = self.attempt(self.service_prepare, path, raw, host)
+        if prepare is not None and prepare.stages and runtime in _APPTAINER_RUNTIMES:
+            self.record(self.error(path + ("x-enroot", "prepare", "stages"), "prepare stages "
+                                   "are not available with the %s runtime yet" % runtime,
+                                   hint="use the pyxis runtime, or build the stage's files on "
+                                        "the login node and mount them"))
         profiles = self.attempt(self.service_profiles, path + ("profiles",), raw.get("profiles"),
                                 default=())
         secrets = self.attempt(self.service_secrets, path + ("secrets",), raw.get("secrets"),
@@ -4942,6 +4993,15 @@ class _SpecLoader(object):
                              hint="e.g. image: python:3.11-slim, or run it on the node with "
                                   "x-slurm.runtime: host")
         return image
+
+    def check_apptainer_environment(self, path, environment):
+        names = [key for key, _ in environment if not _is_env_name(key)]
+        if names:
+            raise self.error(path + ("environment",), "environment name %s is not a shell "
+                             "variable name, which the apptainer runtime cannot pass (it hands "
+                             "variables over as APPTAINERENV_NAME)" % ", ".join(names),
+                             hint="rename it, pass the setting another way (a command-line "
+                                  "option or a config file), or use the pyxis or host runtime")
 
     def check_command_forms(self, path, host, command, entrypoint):
         if command is not None and entrypoint is not None and \
@@ -5075,7 +5135,7 @@ class _SpecLoader(object):
         if raw_format:
             for line in text.splitlines():
                 key, equals, value = line.partition("=")
-                if equals and _is_env_name(key.strip()):
+                if equals and _is_service_env_name(key.strip()):
                     pairs.append((key.strip(), value, ()))
             return pairs
         for number, key, value, quote in _dotenv_entries(text, file_path):
@@ -5338,6 +5398,14 @@ class _SpecLoader(object):
         if not commands:
             raise self.error(path + ("commands",), "x-enroot.prepare.commands must not be empty",
                              hint="list the shell commands that customize the image")
+        mounts, env, root = self.prepare_settings(path, raw)
+        stages = ()
+        if raw.get("stages") is not None:
+            stages = self.prepare_stages(path + ("stages",), raw["stages"])
+        return PrepareSpec(commands, mounts, env, root, stages)
+
+    def prepare_settings(self, path, raw):
+        """``(mounts, env, root)`` of a prepare mapping or one of its stages."""
         mounts = []
         for index, item in enumerate(self.sequence(path + ("mounts",), raw.get("mounts"))):
             item_path = path + ("mounts", index)
@@ -5346,7 +5414,31 @@ class _SpecLoader(object):
             mounts.append(text)
         env = self.environment(path + ("env",), raw.get("env"))
         root = True if raw.get("root") is None else self.boolean(path + ("root",), raw["root"])
-        return PrepareSpec(commands, tuple(mounts), env, root)
+        return tuple(mounts), env, root
+
+    def prepare_stages(self, path, raw):
+        raw = self.mapping(path, raw, "a mapping of stage names to stages")
+        stages = []
+        for name, body in raw.items():
+            stage_path = path + (name,)
+            if not isinstance(name, str) or not _is_service_name(name):
+                raise self.error(stage_path, "stage name %r is not valid" % (name,), at_key=True,
+                                 hint="use letters, digits, '_', '.' and '-', starting with a "
+                                      "letter or digit")
+            body = self.mapping(stage_path, body, "a mapping with image: and commands:")
+            self.check_keys(stage_path, body, _field_names(_PREPARE_STAGE_FIELDS),
+                            "a prepare stage")
+            if body.get("image") is None:
+                raise self.error(stage_path, "stage '%s' needs an image" % name,
+                                 hint="the stage's base image, e.g. image: golang:1.22")
+            image = self.string(stage_path + ("image",), body["image"], unset_is_empty=True,
+                                allow_empty=True)
+            self.apply_rule(stage_path + ("image",), _classify_image, image)
+            commands = self.string_list(stage_path + ("commands",), body.get("commands"),
+                                        interpolated=False)
+            mounts, env, root = self.prepare_settings(stage_path, body)
+            stages.append(PrepareStageSpec(name, image, tuple(commands), mounts, env, root))
+        return tuple(stages)
 
     # --- secrets ---
 
@@ -5945,6 +6037,18 @@ def spec_to_dict(spec, escape_dollars=False):
                 prepare["mounts"] = [escape(m) for m in service.prepare.mounts]
             if service.prepare.env:
                 prepare["env"] = dict((k, escape(v)) for k, v in service.prepare.env)
+            stages = {}
+            for stage in service.prepare.stages:
+                entry = {"image": escape(stage.image), "root": stage.root}
+                if stage.commands:
+                    entry["commands"] = list(stage.commands)
+                if stage.mounts:
+                    entry["mounts"] = [escape(m) for m in stage.mounts]
+                if stage.env:
+                    entry["env"] = dict((k, escape(v)) for k, v in stage.env)
+                stages[stage.name] = entry
+            if stages:
+                prepare["stages"] = stages
             data["x-enroot"] = {"prepare": prepare}
         if service.secrets:
             data["secrets"] = _service_secrets_to_list(service.secrets)
@@ -5998,11 +6102,21 @@ class Dependency(NamedTuple):
     condition: str                 # service_started | service_healthy | service_completed_successfully
 
 
+class PrepareStagePlan(NamedTuple):
+    name: str
+    image: ImageRef
+    commands: Tuple[str, ...] = ()
+    mounts: Tuple[Mount, ...] = ()  # resolved
+    env: Tuple[Tuple[str, str], ...] = ()
+    root: bool = True
+
+
 class PreparePlan(NamedTuple):
     commands: Tuple[str, ...]
     mounts: Tuple[Mount, ...] = ()  # resolved
     env: Tuple[Tuple[str, str], ...] = ()  # ((key, value), ...)
     root: bool = True
+    stages: Tuple[PrepareStagePlan, ...] = ()
 
 
 class ServicePlan(NamedTuple):
@@ -6218,9 +6332,16 @@ def build_plan(spec, environ=None) -> Plan:
             mounts = _mounts(service.volumes, spec.project_dir, environ)
             prepare = None
             if service.prepare is not None:
+                stages = tuple(
+                    PrepareStagePlan(stage.name, normalize_image(stage.image, spec.project_dir,
+                                                                 environ),
+                                     stage.commands,
+                                     _mounts(stage.mounts, spec.project_dir, environ),
+                                     stage.env, stage.root)
+                    for stage in service.prepare.stages)
                 prepare = PreparePlan(service.prepare.commands,
                                       _mounts(service.prepare.mounts, spec.project_dir, environ),
-                                      service.prepare.env, service.prepare.root)
+                                      service.prepare.env, service.prepare.root, stages)
         except _Invalid as exc:
             raise SpecError(exc.message, file=service.file or spec.path, line=service.line,
                             path="services." + service.name, hint=exc.hint)
@@ -6271,7 +6392,13 @@ def plan_to_dict(plan):
             prepare = {"commands": list(service.prepare.commands),
                        "mounts": [_mount_to_dict(m) for m in service.prepare.mounts],
                        "env": [list(pair) for pair in service.prepare.env],
-                       "root": service.prepare.root}
+                       "root": service.prepare.root,
+                       "stages": [{"name": stage.name, "image": stage.image.reference,
+                                   "commands": list(stage.commands),
+                                   "mounts": [_mount_to_dict(m) for m in stage.mounts],
+                                   "env": [list(pair) for pair in stage.env],
+                                   "root": stage.root}
+                                  for stage in service.prepare.stages]}
         services.append({
             "name": service.name,
             "token": service.token,
@@ -6353,6 +6480,16 @@ class Artifact(NamedTuple):
     builder: str = "enroot"        # enroot (.sqsh) | apptainer | singularity (.sif, `build`)
 
 
+class StageImage(NamedTuple):
+    """The image of one x-enroot.prepare stage: imported (``base``) or a local file, then
+    prepared on its own when the stage has commands."""
+    name: str
+    path: str                      # the image whose files the service's prepare reads
+    base: Optional[Artifact] = None
+    prepared: Optional[Artifact] = None
+    local_path: Optional[str] = None
+
+
 class ServiceImage(NamedTuple):
     service: str
     container_image: Optional[str]  # the value for --container-image (None for host runtime)
@@ -6360,6 +6497,7 @@ class ServiceImage(NamedTuple):
     prepared: Optional[Artifact] = None  # for an x-enroot.prepare image
     local_path: Optional[str] = None  # a user-provided local .sqsh/.squashfs, used in place
     rebuild_every_time: bool = False  # prepare.mounts present
+    stages: Tuple[StageImage, ...] = ()  # x-enroot.prepare.stages, in order
 
 
 class RuntimePlan(NamedTuple):
@@ -6537,7 +6675,8 @@ def _base_artifact(cache_dir, reference, builder="enroot"):
                           (("image", _digest([uri])),), uri=uri)
 
 
-def _prepared_artifact(cache_dir, base_source, base_identity, prepare, builder="enroot"):
+def _prepared_artifact(cache_dir, base_source, base_identity, prepare, builder="enroot",
+                       stages=()):
     inputs = (
         ("base", _digest([base_identity])),
         ("commands", _digest(prepare.commands)),
@@ -6545,8 +6684,30 @@ def _prepared_artifact(cache_dir, base_source, base_identity, prepare, builder="
         ("mounts", _digest(_mount_text(m) for m in prepare.mounts)),
         ("root", "true" if prepare.root else "false"),
     )
+    if stages:
+        # A stage's image is named by its cache key: a changed stage is a new service image.
+        inputs += (("stages", _digest("%s=%s" % (stage.name, os.path.basename(stage.path))
+                                      for stage in stages)),)
     return _make_artifact(cache_dir, "prepared", _artifact_label(base_source) + "-prepared",
                           base_source, inputs, builder=builder)
+
+
+def _stage_image(cache_dir, stage):
+    """The ``StageImage`` of one prepare stage (``PrepareStagePlan``)."""
+    base = local_path = None
+    if stage.image.kind == "local":
+        local_path = stage.image.reference
+        base_identity = "local " + _local_image_identity(local_path)
+    else:
+        base = _base_artifact(cache_dir, stage.image.reference)
+        base_identity = "base " + base.cache_key
+    prepared = None
+    if stage.commands:
+        prepared = _prepared_artifact(cache_dir, stage.image.reference, base_identity,
+                                      PreparePlan(stage.commands, stage.mounts, stage.env,
+                                                  stage.root))
+    path = (prepared or base).path if (prepared or base) else local_path
+    return StageImage(stage.name, path, base, prepared, local_path)
 
 
 # --- runtime plan ---------------------------------------------------------------------------------
@@ -6575,10 +6736,13 @@ def _service_image(cache_dir, service):
         base_identity = "base " + base.cache_key
     prepared = None
     rebuild = False
+    stages = ()
     if service.prepare is not None:
+        stages = tuple(_stage_image(cache_dir, stage) for stage in service.prepare.stages)
         prepared = _prepared_artifact(cache_dir, image.reference, base_identity, service.prepare,
-                                      builder)
-        rebuild = bool(service.prepare.mounts)
+                                      builder, stages)
+        rebuild = bool(service.prepare.mounts) or any(
+            stage.mounts and stage.commands for stage in service.prepare.stages)
     if prepared is not None:
         container_image = prepared.path
     elif base is not None:
@@ -6586,7 +6750,14 @@ def _service_image(cache_dir, service):
     else:
         container_image = local_path
     return ServiceImage(service=service.name, container_image=container_image, base=base,
-                        prepared=prepared, local_path=local_path, rebuild_every_time=rebuild)
+                        prepared=prepared, local_path=local_path, rebuild_every_time=rebuild,
+                        stages=stages)
+
+
+def _image_artifacts(image):
+    """The cache artifacts of a ``ServiceImage``: its stages' first, then its base and prepared."""
+    artifacts = [a for stage in image.stages for a in (stage.base, stage.prepared)]
+    return [a for a in artifacts + [image.base, image.prepared] if a is not None]
 
 
 def _default_cache_dir(environ=None):
@@ -6600,9 +6771,8 @@ def _runtime_artifacts(runtime_plan):
     """Every cache artifact path ``runtime_plan`` references (runtime images and their bases)."""
     paths = set()
     for image in runtime_plan.images:
-        for artifact in (image.base, image.prepared):
-            if artifact is not None:
-                paths.add(artifact.path)
+        for artifact in _image_artifacts(image):
+            paths.add(artifact.path)
     return paths
 
 
@@ -6834,9 +7004,8 @@ def prepare_images(runtime_plan, options=PrepareOptions(),
     run = _PrepareRun(runtime_plan, options, progress)
     users = {}
     for service, image in zip(runtime_plan.plan.services, runtime_plan.images):
-        for artifact in (image.base, image.prepared):
-            if artifact is not None:
-                users.setdefault(artifact.path, set()).add(service.name)
+        for artifact in _image_artifacts(image):
+            users.setdefault(artifact.path, set()).add(service.name)
     results = []
     for service, image in zip(runtime_plan.plan.services, runtime_plan.images):
         try:
@@ -6874,6 +7043,8 @@ def _prepare_service(run, service, image, users):
             _reuse(run, prepared, users, service, locked=True)
             return PrepareResult(service=service.name, runtime_action="reused",
                                  artifact=prepared.path)
+        for stage, stage_plan in zip(image.stages, service.prepare.stages):
+            _ensure_stage(run, service, stage, stage_plan, users, image.rebuild_every_time)
         if image.base is not None:
             base_action = _ensure_base(run, image.base, users)
             base_path = image.base.path
@@ -6886,9 +7057,44 @@ def _prepare_service(run, service, image, users):
         _build_prepared(run, service, image, base_path, users.get(image.prepared.path, ()))
     note = None
     if image.rebuild_every_time:
-        note = "rebuilt because x-enroot.prepare.mounts is set (rebuilds on every prepare/submit)"
+        note = ("rebuilt because x-enroot.prepare.mounts is set (rebuilds on every prepare/submit)"
+                if service.prepare.mounts else "rebuilt because a prepare stage has mounts "
+                "(rebuilds on every prepare/submit)")
     return PrepareResult(service=service.name, base_action=base_action, runtime_action="built",
                          artifact=prepared.path, note=note)
+
+
+def _ensure_stage(run, service, stage, stage_plan, users, always):
+    """Import the image of one prepare stage and prepare it when it has commands."""
+    if stage.base is not None:
+        _ensure_base(run, stage.base, users)
+        base_path = stage.base.path
+    else:
+        base_path = stage.local_path
+        if not os.path.isfile(base_path):
+            raise ToolError("local image '%s' of stage '%s' of service '%s' does not exist"
+                            % (base_path, stage.name, service.name),
+                            hint="fix services.%s.x-enroot.prepare.stages.%s.image"
+                                 % (service.name, stage.name))
+    if stage.prepared is None:
+        return
+    # The stage is prepared as a service of its own would be: the same cache, lock and manifest.
+    stage_service = service._replace(
+        name="%s/%s" % (service.name, stage.name),
+        prepare=PreparePlan(stage_plan.commands, stage_plan.mounts, stage_plan.env,
+                            stage_plan.root))
+    stage_image = ServiceImage(service=stage_service.name, container_image=stage.path,
+                               base=stage.base, prepared=stage.prepared,
+                               local_path=stage.local_path)
+    if not run.needs_build(stage.prepared, always=always):
+        _reuse(run, stage.prepared, users, stage_service)
+        return
+    with _FileLock(stage.prepared.path + ".lock"):
+        if not run.needs_build(stage.prepared, always=always):
+            _reuse(run, stage.prepared, users, stage_service, locked=True)
+            return
+        _build_prepared(run, stage_service, stage_image, base_path,
+                        users.get(stage.prepared.path, ()))
 
 
 def _reuse(run, artifact, users, service, locked=False):
@@ -7075,12 +7281,26 @@ def _build_prepared(run, service, image, base_path, services):
     partial = _partial_path(prepared.path)
     _remove_quietly(partial)
     created = False
+    stage_names = []
     try:
         argv = run.enroot(["create", "--force", "--name", name, base_path])
         code, tail = _run_enroot(argv, env, run.progress)
         if code != 0:
             raise _enroot_failure("enroot create for service '%s'" % service.name, argv, code, tail)
         created = True
+        # Each stage's files, unpacked by enroot create, are a read-only mount of the commands.
+        stage_mounts = []
+        for stage in image.stages:
+            stage_name = "%s-stage-%s" % (name, stage.name)
+            argv = run.enroot(["create", "--force", "--name", stage_name, stage.path])
+            code, tail = _run_enroot(argv, env, run.progress)
+            if code != 0:
+                raise _enroot_failure("enroot create of stage '%s' for service '%s'"
+                                      % (stage.name, service.name), argv, code, tail)
+            stage_names.append(stage_name)
+            stage_mounts.append(Mount(os.path.join(env["ENROOT_DATA_PATH"], stage_name),
+                                      "%s/%s" % (_PREPARE_STAGE_MOUNT, stage.name), "ro"))
+        prepare = prepare._replace(mounts=prepare.mounts + tuple(stage_mounts))
         for index, command in enumerate(prepare.commands, 1):
             run.say("preparing %s: command %d/%d: %s" % (service.name, index, len(prepare.commands), command))
             argv = run.enroot(_enroot_start_args(name, prepare, command))
@@ -7104,6 +7324,8 @@ def _build_prepared(run, service, image, base_path, services):
         os.replace(partial, prepared.path)
     except BaseException as exc:
         _remove_quietly(partial)
+        for stage_name in stage_names:
+            _run_enroot(run.enroot(["remove", "--force", stage_name]), env, None)
         if created and run.options.keep_failed:
             location = os.path.join(env["ENROOT_DATA_PATH"], name)
             message = ("kept the failed prepare container '%s' at %s (inspect it with: "
@@ -7117,6 +7339,8 @@ def _build_prepared(run, service, image, base_path, services):
         elif created:
             _run_enroot(run.enroot(["remove", "--force", name]), env, None)
         raise
+    for stage_name in stage_names:
+        _run_enroot(run.enroot(["remove", "--force", stage_name]), env, None)
     remove_argv = run.enroot(["remove", "--force", name])
     code, tail = _run_enroot(remove_argv, env, None)
     if code != 0:
@@ -7782,6 +8006,16 @@ def _pulls(runtime_plan):
         host = _registry_host(image.base.source)
         if host is not None:
             pulls.setdefault(host, []).append(service.name)
+    for service, image in zip(runtime_plan.plan.services, runtime_plan.images):
+        if image.prepared is not None and not image.rebuild_every_time \
+                and os.path.isfile(image.prepared.path):
+            continue
+        for stage in image.stages:
+            if stage.base is None or os.path.isfile(stage.base.path):
+                continue
+            host = _registry_host(stage.base.source)
+            if host is not None and service.name not in pulls.get(host, []):
+                pulls.setdefault(host, []).append(service.name)
     return pulls
 
 
@@ -10020,7 +10254,11 @@ def _env_names(runtime_plan, service):
         for group in runtime_plan.plan.slurm.groups:
             names += [_group_variable(group.name, "NODELIST"),
                       _group_variable(group.name, "PRIMARY_NODE")]
-    return sorted(set(names) | set(key for key, _ in service.environment))
+    # Pyxis writes each of these names into a bash function of Enroot's configuration
+    # (`${NAME-}`), which a name with . or - breaks ("bad substitution"): those are left out. They
+    # still reach the program (srun passes env's whole environment), only an image ENV of the same
+    # name would win over them.
+    return sorted(set(names) | set(key for key, _ in service.environment if _is_env_name(key)))
 
 
 def _environment_parts(runtime_plan, index):
@@ -15788,6 +16026,7 @@ def _template_files(template):
 # handler writes the result and creates the data folders.
 
 _MIGRATE_BUILD_MOUNT = "/tmp/hpc-compose-build"
+_MIGRATE_STAGE_MOUNT = _PREPARE_STAGE_MOUNT
 _MIGRATE_DEFAULT_DATA_DIR = "./data"
 _NETWORK_REASON = "services share the node's network (reach them at 127.0.0.1)"
 # Service keys with no meaning on a Slurm allocation: dropped, each with the reason shown.
@@ -15925,6 +16164,8 @@ class _BuildResult(NamedTuple):
     healthcheck: Optional[Dict[str, object]]  # a Compose healthcheck mapping from HEALTHCHECK
     notes: Tuple[str, ...]
     todos: Tuple[str, ...]
+    # ((name, x-enroot.prepare.stages entry), ...): the stages and images COPY --from reads
+    stages: Tuple[Tuple[str, Dict[str, object]], ...] = ()
 
 
 def _load_text_file(path):
@@ -16170,6 +16411,29 @@ class _StageChoice(NamedTuple):
     variables: Tuple[Tuple[str, str], ...]  # the ARGs before the first FROM, with build.args
     notes: Tuple[str, ...]
     todos: Tuple[str, ...]
+    stages: Tuple[_DockerfileStage, ...] = ()  # every stage of the file, in order
+
+
+def _stage_chain(stage, stages):
+    """``stage`` and the stages it is built FROM, the first one first."""
+    by_name = dict((item.name, item) for item in stages if item.name)
+    chain = [stage]
+    while chain[0].image in by_name and by_name[chain[0].image] not in chain:
+        chain.insert(0, by_name[chain[0].image])
+    return chain
+
+
+def _copy_from_stage(reference, stages):
+    """``(x-enroot.prepare.stages name, the _DockerfileStage or None for an image)`` of a
+    ``COPY --from`` reference: a stage name, a stage number, or an image."""
+    import re
+    for stage in stages:
+        if stage.name == reference:
+            return reference, stage
+    if reference.isdigit() and int(reference) < len(stages):
+        stage = stages[int(reference)]
+        return stage.name or "stage" + reference, stage
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", reference).strip("-.") or "image", None
 
 
 def _select_stage(instructions, build_args, target):
@@ -16207,15 +16471,14 @@ def _select_stage(instructions, build_args, target):
         else:
             chosen = by_name[target]
     if len(stages) > 1:
-        notes.append("multi-stage Dockerfile: used stage %s (FROM %s), the one that makes the "
-                     "image" % (chosen.name or "#%d" % len(stages), chosen.image))
+        notes.append("multi-stage Dockerfile: stage %s (FROM %s) makes the image; the stages "
+                     "its COPY --from reads are x-enroot.prepare.stages"
+                     % (chosen.name or "#%d" % len(stages), chosen.image))
     # A stage built FROM an earlier stage inherits that stage's instructions.
-    chain = [chosen]
-    while chain[0].image in by_name and by_name[chain[0].image] not in chain:
-        chain.insert(0, by_name[chain[0].image])
+    chain = _stage_chain(chosen, stages)
     body = tuple(item for stage in chain for item in stage.body)
     return _StageChoice(chain[0].image, body, tuple(global_args.items()), tuple(notes),
-                        tuple(todos))
+                        tuple(todos), tuple(stages))
 
 
 class _BuildContext(NamedTuple):
@@ -16223,6 +16486,7 @@ class _BuildContext(NamedTuple):
     context: str                   # the build context as written relative to the compose file
     context_dir: Optional[str]     # its absolute path, used only to tell folders from files
     build_args: Dict[str, str]     # build.args of the service
+    stages: Tuple[_DockerfileStage, ...] = ()  # every stage of the file (COPY --from names one)
 
 
 class _DockerfileStep(NamedTuple):
@@ -16249,6 +16513,7 @@ class _DockerfileState(NamedTuple):
     command: Union[str, List[str], None] = None  # CMD: exec form as a list, shell form a string
     entrypoint: Union[str, List[str], None] = None
     healthcheck: Optional[Dict[str, object]] = None  # a Compose healthcheck mapping
+    copied_from: Tuple[str, ...] = ()  # COPY --from references, each once, in order
 
     def note(self, text):
         return self._replace(notes=self.notes + (text,))
@@ -16344,11 +16609,7 @@ def _dockerfile_copy(state, step, build):
     import posixpath
     where, instruction = step.where, step.instruction
     flags, rest = _split_flags(step.arguments)
-    if "from" in flags:
-        return state.todo("%s: %s --from=%s copies out of another stage or image, which "
-                          "prepare cannot do: install those files with a prepare command"
-                          % (where, instruction, flags["from"][0]))
-    for flag in sorted(flags):
+    for flag in sorted(set(flags) - set(["from"])):
         state = state.note("%s: %s --%s dropped (prepare runs as root; files keep the "
                            "mounted files' modes)" % (where, instruction, flag))
     variables = dict(state.variables)
@@ -16365,6 +16626,8 @@ def _dockerfile_copy(state, step, build):
     folder_destination = folder_destination or _under(state.workdir or "/", destination)
     if folder_destination and not destination.endswith("/"):
         destination += "/"
+    if "from" in flags:
+        return _copy_from(state, step, build, flags["from"][0], sources, destination)
     remote = [s for s in sources if "://" in s or s.startswith("git@")]
     if remote:
         return state.todo("%s: ADD %s fetches from the network: download it in a prepare "
@@ -16393,6 +16656,44 @@ def _dockerfile_copy(state, step, build):
     return state.note("%s: %s %s baked into the image by a prepare command (a later RUN needs "
                       "it); the build context is a prepare mount, so the image is rebuilt on "
                       "every submit" % (where, instruction, " ".join(sources)))
+
+
+def _copy_from(state, step, build, reference, sources, destination):
+    """COPY --from: a prepare command copying out of the stage's (or image's) files, which the
+    prepare sees read-only under /tmp/hpc-compose-stage/<name>."""
+    import posixpath
+    name, _ = _copy_from_stage(reference, build.stages)
+    folder_target = destination.endswith("/") or len(sources) > 1
+    target = destination.rstrip("/") or "/"
+    parts = []
+    for source in sources:
+        inside = posixpath.normpath(posixpath.join(_MIGRATE_STAGE_MOUNT, name,
+                                                   source.lstrip("/") or "."))
+        if any(c in source for c in "*?["):
+            parts.append("mkdir -p %s && cp -a %s %s/" % (shell_quote(target), inside,
+                                                           shell_quote(target)))
+            continue
+        # Whether the source is a folder is known only in the stage: a folder's contents are
+        # copied, as Docker does.
+        quoted = shell_quote(inside)
+        file_copy = ("mkdir -p %s && cp -a %s %s/" % (shell_quote(target), quoted,
+                                                       shell_quote(target))
+                     if folder_target else
+                     "mkdir -p %s && cp -a %s %s" % (
+                         shell_quote(posixpath.dirname(target) or "/"), quoted,
+                         shell_quote(target)))
+        parts.append("if [ -d %s ]; then mkdir -p %s && cp -a %s/. %s/; else %s; fi" % (
+            quoted, shell_quote(target), quoted, shell_quote(target), file_copy))
+    made_workdir = state.made_workdir
+    if state.workdir and (destination + "/").startswith(state.workdir.rstrip("/") + "/"):
+        made_workdir = state.workdir
+    copied = state.copied_from + ((reference,) if reference not in state.copied_from else ())
+    state = state._replace(commands=state.commands + (" && ".join(parts),),
+                           made_workdir=made_workdir, copied_from=copied)
+    return state.note("%s: %s --from=%s copies out of x-enroot.prepare.stages.%s, mounted "
+                      "read-only at %s/%s while the prepare commands run"
+                      % (step.where, step.instruction, reference, name, _MIGRATE_STAGE_MOUNT,
+                         name))
 
 
 def _copy_command(build, sources, destination, globbed, archive):
@@ -16489,19 +16790,54 @@ def _translate_dockerfile(text, context, build_args, target, context_dir=None):
     if stage is None:
         return _BuildResult(None, (), (), (), (), (), None, None, None, None, (),
                             ("the Dockerfile has no FROM line: write the base image",))
-    build = _BuildContext(context, context_dir, build_args)
-    runs = [index for index, item in enumerate(stage.body) if item[0] == "RUN"]
-    state = _DockerfileState(stage.variables, stage.notes, stage.todos)
-    for index, (instruction, arguments, line) in enumerate(stage.body):
-        step = _DockerfileStep(instruction, arguments, "Dockerfile line %d" % line,
-                               index > (runs[-1] if runs else -1))
-        translate = _DOCKERFILE_INSTRUCTIONS.get(instruction, _dockerfile_unsupported)
-        state = translate(state, step, build)
+    build = _BuildContext(context, context_dir, build_args, stage.stages)
+    state = _translate_body(_DockerfileState(stage.variables, stage.notes, stage.todos),
+                            stage.body, build, True)
     if state.shell is not None and state.commands:
         state = state.note("SHELL applies to the RUN commands only")
+    stages = []
+    for reference in state.copied_from:
+        name, source = _copy_from_stage(reference, stage.stages)
+        if source is None:
+            stages.append((name, {"image": reference}))
+            continue
+        # The stage is made as its own image: its instructions and those of the stages it is
+        # built FROM; every COPY of it is a prepare command (nothing of it runs as a service).
+        chain = _stage_chain(source, stage.stages)
+        made = _translate_body(_DockerfileState(stage.variables, (), ()),
+                               tuple(item for link in chain for item in link.body), build, False)
+        entry = {"image": chain[0].image}
+        if made.commands:
+            entry["commands"] = list(made.commands)
+        if made.mounts:
+            entry["mounts"] = list(made.mounts)
+        if made.prepare_env:
+            entry["env"] = dict((k, _escape_interpolation(v)) for k, v in made.prepare_env)
+        state = state._replace(notes=state.notes + tuple("stage %s: %s" % (name, note)
+                                                         for note in made.notes),
+                               todos=state.todos + tuple("stage %s: %s" % (name, todo)
+                                                         for todo in made.todos))
+        if made.copied_from:
+            state = state.todo("stage %s copies --from=%s: a stage that reads another stage is "
+                               "not translated; copy those files in its commands"
+                               % (name, ", ".join(made.copied_from)))
+        stages.append((name, entry))
     return _BuildResult(stage.image, state.commands, state.prepare_env, state.runtime_env,
                         state.mounts, state.volumes, state.workdir, state.command,
-                        state.entrypoint, state.healthcheck, state.notes, state.todos)
+                        state.entrypoint, state.healthcheck, state.notes, state.todos,
+                        tuple(stages))
+
+
+def _translate_body(state, body, build, final):
+    """The state after the instructions ``body`` of a stage; ``final``: the stage makes the
+    service's image (a COPY after its last RUN can be a runtime volume)."""
+    runs = [index for index, item in enumerate(body) if item[0] == "RUN"]
+    for index, (instruction, arguments, line) in enumerate(body):
+        step = _DockerfileStep(instruction, arguments, "Dockerfile line %d" % line,
+                               final and index > (runs[-1] if runs else -1))
+        translate = _DOCKERFILE_INSTRUCTIONS.get(instruction, _dockerfile_unsupported)
+        state = translate(state, step, build)
+    return state
 
 
 # --- build: -> image + x-enroot.prepare + the service's runtime settings --------------------------
@@ -16565,6 +16901,12 @@ def _migrate_build(raw, project_dir, read_text, host_runtime, readiness_needed):
         notes += list(result.notes)
         todos += list(result.todos)
     image = result.image if result is not None else None
+    if image and not host_runtime and result.commands and (
+            image == "scratch" or "distroless" in image):
+        # Prepare runs each command with the image's /bin/sh (and cp): these images have none.
+        todos.append("FROM %s has no shell, which the prepare commands run in: use a base "
+                     "image with /bin/sh and cp (debian:12-slim, busybox) for the final stage"
+                     % image)
     if image and not host_runtime:
         lines_value["image"] = image
     elif "image" in raw and not host_runtime:
@@ -16574,7 +16916,10 @@ def _migrate_build(raw, project_dir, read_text, host_runtime, readiness_needed):
             todos.append("with the host runtime nothing is built: install on the node what "
                          "these did: %s" % " ; ".join(result.commands))
     elif result is not None and result.commands:
-        prepare = {"commands": list(result.commands)}
+        prepare = {}
+        if result.stages:
+            prepare["stages"] = dict(result.stages)
+        prepare["commands"] = list(result.commands)
         if result.mounts:
             prepare["mounts"] = list(result.mounts)
         if result.prepare_env:
@@ -16823,7 +17168,18 @@ class _Migration(object):
         return True
 
     def insert_into(self, path, notes, value):
-        """Add the entries of mapping ``value`` (or the items of list ``value``) to ``path``."""
+        """Add the entries of mapping ``value`` (or the items of list ``value``) to ``path``.
+        An empty, null or flow-style value (``x-slurm: {}``) has no block to add lines to: it
+        is written again whole, with the new entries."""
+        current = self._value(path)
+        if not current or self.is_flow(path):
+            if isinstance(value, list):
+                merged = list(current or []) + list(value)
+            else:
+                merged = dict(current or {})
+                merged.update(value)
+            self.replace_entry(path, notes, merged)
+            return
         start, end, column = self.entry_rows(path)
         indent = self.child_indent(start, end, column + 2)
         if isinstance(value, list) and self.lines[start + 1:start + 2] and \
@@ -16868,11 +17224,16 @@ class _Migration(object):
         return self.result(prefix)
 
     def keep_emptied_mappings(self):
-        """A mapping whose every key was dropped (an anchor of Compose-only keys) becomes {}."""
+        """A mapping whose every key was dropped (an anchor of Compose-only keys) becomes {},
+        unless keys were added to it (a `{}` after them would not parse)."""
         for parent in _unique(path[:-1] for path in self.dropped if len(path) > 1):
             value = self._value(parent)
             if isinstance(value, dict) and all(parent + (k,) in self.dropped for k in value):
                 start, end, column = self.entry_rows(parent)
+                if any(start < edit.start <= end and edit.start == edit.end and any(
+                        line.strip() and not line.strip().startswith("#") for line in edit.lines)
+                       for edit in self.edits):
+                    continue
                 indent = self.child_indent(start, end, column + 2)
                 self.edits.append(_Edit(end, end, (" " * indent + "{}",)))
 
@@ -17031,8 +17392,9 @@ class _Migration(object):
         if not values:
             return
         self.counts["added"] += 1
-        if current and self.entry_rows(("x-slurm",)):
-            self.insert_into(("x-slurm",), notes, values)
+        if "x-slurm" in self.data and self.entry_rows(("x-slurm",)):
+            self.insert_into(("x-slurm",), notes, dict(
+                (k, v) for k, v in values.items() if k not in current))
             return
         start, _, column = self.entry_rows(("services",))
         lines = tuple(self.note_lines(column, notes)) + tuple(
@@ -17098,7 +17460,9 @@ class _ServiceMigration(object):
             current = self.raw.get("x-slurm")
             values = dict((k, v) for k, (v, _) in self.slurm_additions.items())
             notes = [note for _, ns in self.slurm_additions.values() for note in ns]
-            if isinstance(current, dict) and migration.owns(self.name, path + ("x-slurm",)):
+            if "x-slurm" in self.raw and (current is None or isinstance(current, dict)) and \
+                    migration.owns(self.name, path + ("x-slurm",)):
+                current = current or {}
                 notes += ["x-slurm.%s kept as written (the Compose value was %s)"
                           % (k, _brief(v)) for k, v in values.items() if k in current]
                 values = dict((k, v) for k, v in values.items() if k not in current)
@@ -17143,7 +17507,8 @@ class _ServiceMigration(object):
         path = self.path + ("volumes",)
         notes = [note for _, note in additions]
         items = [text for text, _ in additions]
-        owned = isinstance(volumes, list) and migration.owns(self.name, path)
+        owned = "volumes" in self.raw and (volumes is None or isinstance(volumes, list)) and \
+            migration.owns(self.name, path)
         if owned and volumes and self.volumes_converted is None and not migration.is_flow(path):
             migration.insert_into(path, notes, items)
             return
@@ -17164,9 +17529,9 @@ class _ServiceMigration(object):
         migration = self.migration
         path = self.path + ("environment",)
         environment = self.raw.get("environment")
-        owned = environment is not None and migration.owns(self.name, path)
+        owned = "environment" in self.raw and migration.owns(self.name, path)
         if owned and not migration.is_flow(path) and self.env_replacement is None:
-            items = dict(additions) if isinstance(environment, dict) else \
+            items = dict(additions) if not isinstance(environment, list) else \
                 ["%s=%s" % pair for pair in additions]
             migration.insert_into(path, notes, items)
             return
@@ -17284,12 +17649,12 @@ class _ServiceMigration(object):
         migration = self.migration
         names = value if isinstance(value, dict) else [
             str(item).partition("=")[0] for item in value or []]
-        invalid = [str(key) for key in names if not _is_env_name(str(key))]
+        invalid = [str(key) for key in names if not _is_service_env_name(str(key))]
         if invalid:
-            return migration.todo_entry(path, "%s: not shell variable names, which the container "
-                                        "environment needs; pass these settings another way (a "
-                                        "command-line option or a config file)"
-                                        % ", ".join(invalid))
+            return migration.todo_entry(path, "%s: not environment names hpc-compose can pass "
+                                        "(letters, digits, _, . and -, starting with a letter "
+                                        "or _); pass these settings another way (a command-line "
+                                        "option or a config file)" % ", ".join(invalid))
         if migration.host_pattern is None or not isinstance(value, (dict, list)):
             migration.counts["kept"] += 1
             return
@@ -18342,10 +18707,16 @@ def _format_inspect_text(plan, verbose=False, cache_reports=None):
                                                       for item in service.secrets))
         if service.prepare is not None:
             rebuild = (" (rebuilds on every prepare/submit: prepare.mounts are set)"
-                       if service.prepare.mounts else "")
-            lines.append("  prepare: %d command%s%s" % (
+                       if service.prepare.mounts else
+                       " (rebuilds on every prepare/submit: a stage has mounts)"
+                       if any(stage.mounts and stage.commands
+                              for stage in service.prepare.stages) else "")
+            stages = "".join("; stage %s from %s (%d command%s)" % (
+                stage.name, stage.image.original or stage.image.reference, len(stage.commands),
+                "" if len(stage.commands) == 1 else "s") for stage in service.prepare.stages)
+            lines.append("  prepare: %d command%s%s%s" % (
                 len(service.prepare.commands), "" if len(service.prepare.commands) == 1 else "s",
-                rebuild))
+                stages, rebuild))
         if verbose:
             if service.runtime != "host":
                 lines.append("  mounts:")

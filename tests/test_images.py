@@ -1006,3 +1006,87 @@ def test_apptainer_build_failure_names_the_tool_and_leaves_no_file(tmp_path, app
     assert "apptainer said:" in info.value.message
     assert not os.listdir(os.path.dirname(rp.images[0].base.path)) or \
         not any(n.endswith(".sif") for n in os.listdir(os.path.dirname(rp.images[0].base.path)))
+
+
+# -- prepare stages (a Dockerfile's build stage, COPY --from) ----------------------------------------
+
+def staged_plan(tmp_path, stage_commands=("go build -o /out/api",), stage_image="golang:1.22"):
+    reference = "docker://" + stage_image
+    stage = hc.PrepareStagePlan("build", hc.ImageRef("remote", reference, stage_image),
+                                tuple(stage_commands))
+    prep = hc.PreparePlan(("cp -a /tmp/hpc-compose-stage/build/out/api /api",), stages=(stage,))
+    return make_plan(tmp_path, [make_service("api", "debian:12", prepare=prep)])
+
+
+def test_a_stage_is_prepared_on_its_own_and_mounted_read_only_into_the_service_prepare(
+        tmp_path, enroot):
+    rp = hc.build_runtime_plan(staged_plan(tmp_path))
+    image = rp.images[0]
+    stage = image.stages[0]
+    assert stage.prepared is not None and stage.path == stage.prepared.path
+    hc.prepare_images(rp, options())
+    argvs = enroot.argvs()
+    # The stage: imported, prepared and exported first, as a service's image would be.
+    assert argvs[0] == ["import", "--output", partial_of(stage.base.path),
+                        "docker://registry-1.docker.io#library/golang:1.22"]
+    assert [a[0] for a in argvs[1:5]] == ["create", "start", "export", "remove"]
+    assert argvs[2][-1] == "go build -o /out/api"
+    # Then the service's image, with the stage's files unpacked and mounted at its name.
+    name = [a for a in argvs[5:] if a[0] == "create"][0][3]
+    data = str(tmp_path / "cache" / "enroot" / "data")
+    assert ["create", "--force", "--name", name + "-stage-build", stage.path] in argvs
+    start = [a for a in argvs[5:] if a[0] == "start"][0]
+    assert start == ["start", "--root", "--rw", "--mount",
+                     os.path.join(data, name + "-stage-build")
+                     + ":/tmp/hpc-compose-stage/build:none:rbind,x-create=auto,ro",
+                     name, "/bin/sh", "-lc", "cp -a /tmp/hpc-compose-stage/build/out/api /api"]
+    assert ["remove", "--force", name + "-stage-build"] in argvs
+    assert os.path.isfile(image.prepared.path) and os.path.isfile(stage.prepared.path)
+
+
+def test_a_stage_without_commands_is_the_imported_image_itself(tmp_path, enroot):
+    rp = hc.build_runtime_plan(staged_plan(tmp_path, stage_commands=(),
+                                           stage_image="nginx:1.27"))
+    stage = rp.images[0].stages[0]
+    assert stage.prepared is None and stage.path == stage.base.path
+    hc.prepare_images(rp, options())
+    assert ["create", "--force", "--name", enroot.argvs()[2][3] + "-stage-build",
+            stage.base.path] in enroot.argvs()
+
+
+def test_a_changed_stage_changes_the_service_image(tmp_path):
+    first = hc.build_runtime_plan(staged_plan(tmp_path)).images[0]
+    second = hc.build_runtime_plan(staged_plan(tmp_path, ("go build -o /out/other",))).images[0]
+    assert first.prepared.path != second.prepared.path
+    assert first.base.path == second.base.path
+
+
+def test_a_second_prepare_of_a_staged_service_is_a_hit(tmp_path, enroot):
+    rp = hc.build_runtime_plan(staged_plan(tmp_path))
+    hc.prepare_images(rp, options())
+    count = len(enroot.argvs())
+    results = hc.prepare_images(rp, options())
+    assert len(enroot.argvs()) == count
+    assert results[0].runtime_action == "reused"
+    assert rp.images[0].stages[0].prepared.path in hc._runtime_artifacts(rp)
+
+
+def test_preflight_counts_a_stage_image_among_the_pulls_that_need_credentials(tmp_path):
+    rp = hc.build_runtime_plan(staged_plan(tmp_path, stage_image="nvcr.io/nvidia/cuda:12.4"))
+    assert hc._pulls(rp) == {"docker.io": ["api"], "nvcr.io": ["api"]}
+
+
+def test_a_stage_with_mounts_rebuilds_the_stage_and_the_service_image_every_time(
+        tmp_path, enroot):
+    stage = hc.PrepareStagePlan("build", hc.ImageRef("remote", "docker://golang:1.22", "golang"),
+                                ("go build",), (hc.Mount(str(tmp_path), "/src"),))
+    prep = hc.PreparePlan(("cp -a /tmp/hpc-compose-stage/build/out /out",), stages=(stage,))
+    rp = hc.build_runtime_plan(make_plan(tmp_path, [make_service("api", "debian:12",
+                                                                 prepare=prep)]))
+    assert rp.images[0].rebuild_every_time
+    hc.prepare_images(rp, options())
+    count = len([a for a in enroot.argvs() if a[0] == "export"])
+    results = hc.prepare_images(rp, options())
+    assert len([a for a in enroot.argvs() if a[0] == "export"]) == 2 * count == 4
+    assert results[0].note == "rebuilt because a prepare stage has mounts (rebuilds on every " \
+                              "prepare/submit)"

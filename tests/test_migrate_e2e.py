@@ -59,3 +59,20 @@ def test_migrated_dockerfile_app_is_prepared_and_runs(slurm, slurm_jobs, image, 
     # COPY after the last RUN became a runtime volume of greet.sh.
     assert read(folder, "data", "out", "greeting.txt") == \
         "built by prepare\nat run time: built by prepare\n"
+
+
+def test_migrated_two_stage_dockerfile_app_prints_what_docker_prints(slurm, slurm_jobs, image,
+                                                                    cache_dir, tmp_path):
+    # The build stage is prepared as its own image, and the final stage's prepare copies its
+    # file --from it; WORKDIR, COPY into it, COPY dir/ ./dir/, ENV and RUN made the rest, and a
+    # dotted environment name (as Elasticsearch's) reaches the program.
+    folder, state = migrate_and_submit("two-stage-app", tmp_path, image, cache_dir, slurm_jobs)
+    assert state == "COMPLETED"
+    assert read(folder, "data", "out", "report.txt") == (
+        "greeting: hello from ENV\n"
+        "cwd: /app\n"
+        "discovery.type: single-node\n"
+        "RUN step ran\n"
+        "requests==2.32.3\n"
+        "setting=42\n"
+        "built in the build stage, in /src\n")

@@ -109,6 +109,16 @@ def test_container_env_names_every_variable_set_for_the_service():
                                                        "HPC_COMPOSE_SERVICE,PATH,ZED")) in line
 
 
+def test_a_name_with_a_dot_is_set_by_env_but_left_out_of_container_env():
+    # Pyxis writes --container-env names into bash (`${NAME-}`), which a dot breaks; srun passes
+    # the name from env's environment to the program all the same (seen on the test cluster).
+    plan = runtime_plan(service(environment=(("discovery.type", "single-node"), ("A", "1"))))
+    line = hc.service_srun_argv(plan, 0)
+    assert ("--container-env=A," + ENV_NAMES) in line
+    assert hc.service_environment(plan, 0)[:2] == [("discovery.type", "single-node"), ("A", "1")]
+    assert "        discovery.type=single-node \\\n" in hc.render_script(plan)
+
+
 def test_resume_adds_its_variables_to_container_env():
     line = argv(service(), resume=hc.ResumeSpec("/shared/run"))
     env_flag = [word for word in line if word.startswith("--container-env=")][0]

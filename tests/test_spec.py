@@ -550,9 +550,12 @@ CASES = [
      "'1A' is not a valid environment variable name", 5, "services.app.environment[0]"),
     ("services:\n  app:\n    image: x\n    environment:\n      - A=1\n      - A=2\n",
      "environment variable 'A' is set twice", 6, "services.app.environment[1]"),
-    ("services:\n  app:\n    image: x\n    environment:\n      BAD-NAME: x\n",
-     "'BAD-NAME' is not a valid environment variable name", 5,
-     "services.app.environment.BAD-NAME"),
+    ("services:\n  app:\n    image: x\n    environment:\n      BAD NAME: x\n",
+     "'BAD NAME' is not a valid environment variable name", 5,
+     "services.app.environment.BAD NAME"),
+    ("services:\n  app:\n    image: x\n    environment:\n      .hidden: x\n",
+     "'.hidden' is not a valid environment variable name", 5,
+     "services.app.environment..hidden"),
     ("services:\n  app:\n    image: x\n    environment:\n      A: $MISSING\n",
      "variable 'MISSING' is not set", 5, "services.app.environment.A"),
     ("services:\n  app:\n    image: x\n    environment:\n      A: [1]\n",
@@ -809,6 +812,21 @@ CASES = [
      3, "services.app.image"),
     ("services:\n  app:\n    image: podman://app\n    x-slurm:\n      runtime: apptainer\n",
      "image scheme 'podman' is not supported with the apptainer runtime", 3, "services.app.image"),
+    ("services:\n  app:\n    image: x\n    environment:\n      a.b: x\n    x-slurm:\n"
+     "      runtime: apptainer\n", "environment name a.b is not a shell variable name", 4,
+     "services.app.environment"),
+    # x-enroot.prepare.stages
+    ("services:\n  app:\n    image: x\n    x-enroot:\n      prepare:\n        commands: [a]\n"
+     "        stages:\n          build:\n            commands: [b]\n",
+     "stage 'build' needs an image", 8, "services.app.x-enroot.prepare.stages.build"),
+    ("services:\n  app:\n    image: x\n    x-enroot:\n      prepare:\n        commands: [a]\n"
+     "        stages:\n          build:\n            image: y\n            target: z\n",
+     "unknown key 'target'", 10, "services.app.x-enroot.prepare.stages.build.target"),
+    ("services:\n  app:\n    image: x\n    x-enroot:\n      prepare:\n        commands: [a]\n"
+     "        stages:\n          build:\n            image: y\n    x-slurm:\n"
+     "      runtime: apptainer\n",
+     "prepare stages are not available with the apptainer runtime", 7,
+     "services.app.x-enroot.prepare.stages"),
     # host runtime
     ("x-slurm:\n  runtime: host\nservices:\n  app:\n    environment: {A: b}\n",
      "uses the host runtime but has no command or entrypoint", 4, "services.app"),

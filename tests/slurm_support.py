@@ -33,6 +33,7 @@ __all__ = [
     "submit_wrap", "run_tool_cli", "pyxis_test_image", "TEST_IMAGE", "expected_slurm_generation",
     "slurm_under_test", "cluster_nodes", "on_node", "enroot_containers", "processes_with",
     "submitted_job_id", "image", "cache_dir", "E2E_CACHE_ROOT", "CLUSTER_COMMAND",
+    "CONTAINER_RUNTIMES", "container_runtime", "runtime_line", "apptainer_expected",
 ]
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -181,6 +182,58 @@ def pyxis_test_image():
         pytest.skip("real Pyxis test not possible: %s. Bring the cluster up with `%s`."
                     % (reason, CLUSTER_COMMAND))
     return TEST_IMAGE
+
+
+# --- the container runtimes under test: Pyxis everywhere, Apptainer where the cluster has it -------
+
+# The Slurm generation roots that `slurm-cluster.sh up --slurm X --containers` gives Apptainer 1.4.5
+# (from sid). The host's 22.05 cluster (Debian 12) has none by design: sid's apptainer needs glibc
+# 2.38 and bookworm has 2.36.
+APPTAINER_GENERATIONS = ("24.11", "26.05")
+
+
+def apptainer_expected():
+    """True where the container tests must also run under Apptainer.
+
+    In a generation root that installs it (HPC_COMPOSE_TEST_SLURM names it), Apptainer is required:
+    its absence fails the ``container_runtime`` fixture rather than silently testing Pyxis only.
+    Elsewhere the cases exist only when an ``apptainer`` is on PATH, so that on the host's 22.05
+    cluster they are not collected at all (a skip would be a failure under CI=true).
+    """
+    generation = expected_slurm_generation()
+    if generation is not None:
+        return generation in APPTAINER_GENERATIONS
+    return shutil.which("apptainer") is not None
+
+
+# Decided once, at import: the parameters of the ``container_runtime`` fixture.
+CONTAINER_RUNTIMES = ("pyxis", "apptainer") if apptainer_expected() else ("pyxis",)
+
+
+# `apptainer build` compresses a .sif with gzip by default: 60 s for the test image on the shared
+# 2-core machine, against 5 s with lz4. The tool leaves the default to the site; the tests (and the
+# tool they start, which passes its environment to apptainer) ask for lz4.
+APPTAINER_TEST_ENVIRONMENT = {"APPTAINER_MKSQUASHFS_ARGS": "-comp lz4"}
+
+
+@pytest.fixture(params=CONTAINER_RUNTIMES)
+def container_runtime(request, monkeypatch):
+    """The runtime a container test runs under: "pyxis", then "apptainer" where expected."""
+    if request.param == "apptainer":
+        if shutil.which("apptainer") is None:
+            # Not a skip: this root is meant to have Apptainer (`up --slurm X --containers`).
+            pytest.fail("no apptainer on PATH in the Slurm %s root; bring it up with "
+                        "`bash tests/cluster/slurm-cluster.sh up --slurm %s --containers`"
+                        % (expected_slurm_generation(), expected_slurm_generation()),
+                        pytrace=False)
+        for name, value in sorted(APPTAINER_TEST_ENVIRONMENT.items()):
+            monkeypatch.setenv(name, value)
+    return request.param
+
+
+def runtime_line(runtime, indent="  "):
+    """The one x-slurm line that picks ``runtime`` (empty for Pyxis, the default for an image)."""
+    return "" if runtime == "pyxis" else "%sruntime: %s\n" % (indent, runtime)
 
 
 class _JobSet(object):

@@ -34,6 +34,7 @@ __all__ = [
     "slurm_under_test", "cluster_nodes", "on_node", "enroot_containers", "processes_with",
     "submitted_job_id", "image", "cache_dir", "E2E_CACHE_ROOT", "CLUSTER_COMMAND",
     "CONTAINER_RUNTIMES", "container_runtime", "runtime_line", "apptainer_expected",
+    "job_processes",
 ]
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -491,6 +492,29 @@ def processes_with(marker):
             continue
         if marker in cmdline:
             found.append((int(pid), cmdline))
+    return found
+
+
+def job_processes(job_id, submit_dir):
+    """``[(pid, command line)]`` of live processes of the job submitted from ``submit_dir``.
+
+    Found by their environment (SLURM_JOB_ID and SLURM_SUBMIT_DIR, which every task inherits and
+    an apptainer service passes into its container): this sees what a marker in a command line
+    cannot, such as Apptainer's starter ("Apptainer runtime parent") and squashfuse_ll. The folder
+    matters: the clusters of two Slurm generations share this process table and number their jobs
+    alike.
+    """
+    wanted = [b"SLURM_JOB_ID=" + str(job_id).encode(),
+              b"SLURM_SUBMIT_DIR=" + os.fsencode(os.path.realpath(str(submit_dir)))]
+    found = []
+    for pid, cmdline in processes_with(""):
+        try:
+            with open("/proc/%d/environ" % pid, "rb") as handle:
+                environ = handle.read().split(b"\0")
+        except OSError:
+            continue
+        if all(entry in environ for entry in wanted):
+            found.append((pid, cmdline))
     return found
 
 

@@ -226,3 +226,46 @@ def test_sweep_grid_sweeps_two_parameters_with_three_replicates():
     assert [task.replicate for task in spec.sweep.tasks[:4]] == [0, 1, 2, 0]
 
 
+def with_runtime(text, runtime):
+    """The example with its container runtime switched by ONE line: `runtime:` under x-slurm."""
+    lines = text.split("\n")
+    for index, line in enumerate(lines):
+        if line.startswith("  runtime: "):
+            lines[index] = "  runtime: " + runtime
+            return "\n".join(lines)
+    index = lines.index("x-slurm:")
+    return "\n".join(lines[:index + 1] + ["  runtime: " + runtime] + lines[index + 1:])
+
+
+CONTAINER_EXAMPLES = [name for name in NAMES
+                      if any("image" in service for service in load(name)["services"].values())]
+
+
+def test_the_container_examples_are_the_ones_with_images():
+    assert len(CONTAINER_EXAMPLES) >= 18 and "host-pipeline" not in CONTAINER_EXAMPLES
+
+
+@pytest.mark.parametrize("runtime", ["apptainer", "singularity"])
+@pytest.mark.parametrize("name", CONTAINER_EXAMPLES)
+def test_container_example_validates_and_renders_with_the_runtime_flipped(cli, tmp_path, name,
+                                                                           runtime):
+    with open(os.path.join(EXAMPLES, name + ".yaml")) as handle:
+        original = handle.read()
+    flipped = with_runtime(original, runtime)
+    assert len(set(flipped.split("\n")) - set(original.split("\n"))) == 1
+    # In a copy of the examples folder, so that its relative volumes and files still resolve.
+    import shutil
+    folder = tmp_path / "examples"
+    shutil.copytree(EXAMPLES, str(folder))
+    compose = folder / (name + ".yaml")
+    compose.write_text(flipped)
+    result = cli(["validate", "-f", compose], env=ENV)
+    assert result.code == 0, result.err
+    script = tmp_path / "job.sbatch"
+    result = cli(["render", "-f", compose, "--output", script], env=ENV)
+    assert result.code == 0, result.err
+    text = script.read_text()
+    assert "%s --quiet " % runtime in text and "--container-image" not in text
+    check = subprocess.run(["bash", "-n", str(script)], stderr=subprocess.PIPE,
+                           universal_newlines=True)
+    assert check.returncode == 0, check.stderr

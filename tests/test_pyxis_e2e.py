@@ -22,9 +22,9 @@ import subprocess
 import time
 import uuid
 
-from slurm_support import (cluster_nodes, enroot_containers, free_port, processes_with,
-                           run_tool_cli, runtime_line, submitted_job_id, wait_for_job,
-                           wait_for_state)
+from slurm_support import (CONTAINER_RUNTIMES, cluster_nodes, enroot_containers, free_port,
+                           job_processes, processes_with, run_tool_cli, runtime_line,
+                           submitted_job_id, wait_for_job, wait_for_state)
 
 
 # Byte-exact environment: quotes, $, backslashes, a newline, unicode, a comma and '=' in values.
@@ -62,7 +62,7 @@ def compose_run(folder, text, slurm_jobs, verb="up", extra=(), timeout=300):
         handle.write(text)
     result = run_tool_cli([verb, "-f", "compose.yaml"] + list(extra), cwd=folder, timeout=timeout)
     run = ComposeRun(folder, result)
-    slurm_jobs.add(run.job_id)
+    slurm_jobs.add(run)
     return run
 
 
@@ -85,38 +85,17 @@ def job_containers(job_id, data_paths=()):
     return left
 
 
-def job_processes(job_id):
-    """``[(pid, command line)]`` of live processes started for the job: its environment names it.
-
-    This finds what a marker in a command line cannot: Apptainer's starter ("Apptainer runtime
-    parent"), squashfuse_ll and any instance, which all inherit the step's SLURM_JOB_ID.
-    """
-    if job_id is None:
-        return []
-    needle = b"\0SLURM_JOB_ID=%s\0" % str(job_id).encode()
-    found = []
-    for pid, cmdline in processes_with(""):
-        try:
-            with open("/proc/%d/environ" % pid, "rb") as handle:
-                environ = b"\0" + handle.read()
-        except OSError:
-            continue
-        if needle in environ:
-            found.append((pid, cmdline))
-    return found
-
-
-def assert_nothing_left(marker, job_id=None, data_paths=()):
-    """No process with ``marker``, no process of the job and no container of the job on any node,
-    once Pyxis (which removes a step's container filesystem as the step ends, taking a few seconds)
-    is done."""
+def assert_nothing_left(marker, run, data_paths=()):
+    """No process with ``marker``, no process of the run's job and no container of the job on any
+    node, once Pyxis (which removes a step's container filesystem as the step ends, taking a few
+    seconds) is done."""
     deadline = time.monotonic() + 60
-    while (processes_with(marker) or job_processes(job_id) or job_containers(job_id, data_paths)) \
-            and time.monotonic() < deadline:
+    while (processes_with(marker) or job_processes(run.job_id, run.folder)
+           or job_containers(run.job_id, data_paths)) and time.monotonic() < deadline:
         time.sleep(1)
     assert processes_with(marker) == []
-    assert job_processes(job_id) == []
-    assert job_containers(job_id, data_paths) == []
+    assert job_processes(run.job_id, run.folder) == []
+    assert job_containers(run.job_id, data_paths) == []
 
 
 # --- image, volumes, working directory, job mount ------------------------------------------------
@@ -152,7 +131,7 @@ def test_local_sqsh_image_runs_with_volumes_working_dir_and_job_mount(slurm, slu
     assert node.split()[1] == "listed=" + node.split()[0][len("node="):]
     assert run.file("data", "out.txt") == "written\n"
     assert run.file("config.txt") == "read-only config\n"
-    assert_nothing_left(run.job_dir, run.job_id)
+    assert_nothing_left(run.job_dir, run)
 
 
 def test_default_working_dir_is_the_images(slurm, slurm_jobs, image, cache_dir, tmp_path):
@@ -297,14 +276,14 @@ def test_prepare_commands_env_and_mounts_run_through_the_real_tool(slurm, slurm_
         assert [call.split()[0] for call in _calls(log)] == ["build"]
         built = [name for _, _, names in os.walk(cache_dir) for name in names]
         assert [name for name in built if name.endswith("-prepared.sif")], built
-        assert_nothing_left(run.job_dir, run.job_id)
+        assert_nothing_left(run.job_dir, run)
         return
     assert [call.split()[0] for call in _calls(log)] == [
         "create", "start", "start", "start", "export", "remove"]
     # The container's own name, not the bare prefix: the suite of another Slurm generation may be
     # preparing the same image on this machine at the same time.
     prep_name = [word for word in _calls(log)[0].split() if word.startswith("hpc-compose-prep-")][0]
-    assert_nothing_left(prep_name, run.job_id, [os.path.join(cache_dir, "enroot", "data")])
+    assert_nothing_left(prep_name, run, [os.path.join(cache_dir, "enroot", "data")])
 
 
 def test_a_prepared_image_cache_hit_calls_the_tool_zero_times(slurm, slurm_jobs, image, cache_dir,
@@ -370,7 +349,7 @@ def test_readiness_of_all_four_kinds_gates_dependents(slurm, slurm_jobs, image, 
     assert run.log("client") == "200\ntcp-open\n"
     for name in ("web", "port", "logger", "waiter"):
         assert run.service(name)["readiness"]["status"] == "ready", name
-    assert_nothing_left("http.server %d" % ports["http"], run.job_id)
+    assert_nothing_left("http.server %d" % ports["http"], run)
 
 
 # --- restart policy in a container ---------------------------------------------------------------
@@ -411,7 +390,7 @@ def test_a_failing_container_fails_the_job_with_its_exit_code_and_stops_the_othe
     assert run.result.code == 1, run.result
     assert wait_for_job(run.job_id, timeout=60) == "FAILED"
     assert run.service("bad")["last_exit_code"] == 7
-    assert_nothing_left(marker, run.job_id)
+    assert_nothing_left(marker, run)
 
 
 # --- teardown: scancel and time limit leave nothing on any node -----------------------------------
@@ -456,18 +435,45 @@ def test_scancel_leaves_no_container_process_and_no_container(slurm, slurm_jobs,
     subprocess.run(["scancel", run.job_id], check=True, timeout=30)
 
     assert wait_for_job(run.job_id, timeout=90) == "CANCELLED"
-    assert_nothing_left(marker, run.job_id)
+    assert_nothing_left(marker, run)
 
 
 def test_time_limit_leaves_no_container_process_and_no_container(slurm, slurm_jobs, image,
-                                                                 cache_dir, tmp_path,
-                                                                 container_runtime):
+                                                                 cache_dir, tmp_path):
+    # Waiting for a time limit costs more than a minute, so one job covers every runtime under
+    # test: where Apptainer is (CONTAINER_RUNTIMES), the worker runs under it beside the Pyxis
+    # server (a per-service runtime).
     marker = "hc-e2e-%s" % uuid.uuid4().hex[:8]
-    run = compose_run(tmp_path, long_running(head(image, cache_dir, "00:01:00",
-                                                 runtime=container_runtime), image, marker),
-                      slurm_jobs,
-                      verb="submit")
+    worker = ("    x-slurm: {runtime: apptainer}\n" if "apptainer" in CONTAINER_RUNTIMES else "")
+    run = compose_run(tmp_path, long_running(head(image, cache_dir, "00:01:00"), image, marker,
+                                             worker),
+                      slurm_jobs, verb="submit")
     assert run.result.code == 0, run.result
+    if worker:
+        assert "apptainer --quiet" in run.file("hpc-compose.sbatch")
 
     assert wait_for_job(run.job_id, timeout=240) == "TIMEOUT"
-    assert_nothing_left(marker, run.job_id)
+    assert_nothing_left(marker, run)
+
+
+# --- a shipped example on either runtime, by one line ----------------------------------------------
+
+def test_the_restart_policy_example_runs_on_either_runtime_by_one_line(slurm, slurm_jobs, image,
+                                                                      cache_dir, tmp_path,
+                                                                      container_runtime):
+    # The example as shipped but for the cluster's offline test image and the test's cache folder
+    # (this machine reaches no registry) and, for Apptainer, the one runtime line.
+    examples = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+    with open(os.path.join(examples, "restart-policy.yaml"), encoding="utf-8") as handle:
+        text = handle.read()
+    text = text.replace("image: alpine:3.20", "image: " + image).replace(
+        "cache_dir: /shared/$USER/hpc-compose-cache", "cache_dir: " + cache_dir)
+    text = text.replace("x-slurm:\n", "x-slurm:\n" + runtime_line(container_runtime), 1)
+    run = compose_run(tmp_path, text, slurm_jobs)
+
+    assert run.result.code == 0, run.result
+    assert run.log("flaky").splitlines()[-1] == "flaky: done"
+    assert run.service("flaky")["launches"] == 3
+    assert run.service("heartbeat")["last_exit_code"] == 1
+    assert run.log("checker") == "checker finished\n"
+    assert_nothing_left(run.job_dir, run)

@@ -1,5 +1,6 @@
 """The shipped examples: each one validates and renders, and its embedded code is well-formed."""
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -245,6 +246,9 @@ def test_the_container_examples_are_the_ones_with_images():
     assert len(CONTAINER_EXAMPLES) >= 18 and "host-pipeline" not in CONTAINER_EXAMPLES
 
 
+SHELLCHECKED_FLIPPED = ("app-redis-worker", "multi-node-torchrun", "training-resume")
+
+
 @pytest.mark.parametrize("runtime", ["apptainer", "singularity"])
 @pytest.mark.parametrize("name", CONTAINER_EXAMPLES)
 def test_container_example_validates_and_renders_with_the_runtime_flipped(cli, tmp_path, name,
@@ -254,7 +258,6 @@ def test_container_example_validates_and_renders_with_the_runtime_flipped(cli, t
     flipped = with_runtime(original, runtime)
     assert len(set(flipped.split("\n")) - set(original.split("\n"))) == 1
     # In a copy of the examples folder, so that its relative volumes and files still resolve.
-    import shutil
     folder = tmp_path / "examples"
     shutil.copytree(EXAMPLES, str(folder))
     compose = folder / (name + ".yaml")
@@ -269,3 +272,9 @@ def test_container_example_validates_and_renders_with_the_runtime_flipped(cli, t
     check = subprocess.run(["bash", "-n", str(script)], stderr=subprocess.PIPE,
                            universal_newlines=True)
     assert check.returncode == 0, check.stderr
+    # shellcheck (seconds per script) on three that between them use GPUs, several nodes, a
+    # resume folder and prepare; tests/test_render.py shellchecks every example under Pyxis.
+    if runtime == "apptainer" and name in SHELLCHECKED_FLIPPED and shutil.which("shellcheck"):
+        check = subprocess.run(["shellcheck", "--format=gcc", str(script)],
+                               stdout=subprocess.PIPE, universal_newlines=True)
+        assert check.returncode == 0, check.stdout

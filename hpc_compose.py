@@ -3189,6 +3189,11 @@ _LOCAL_IMAGE_SUFFIXES = (".sqsh", ".squashfs")
 
 
 _SIF_SUFFIX = ".sif"                # a local Apptainer image: only the apptainer runtimes run it
+# What an apptainer service runs in front of its arguments to start a SquashFS image's default (it
+# has no runscript): one made by enroot import has /etc/rc, which changes to the image's WORKDIR and
+# execs ENTRYPOINT with the arguments, as under Pyxis; any other runs the arguments as they are. A
+# .sif prepared from such an image gets it as its runscript.
+_SQUASHFS_DEFAULT_SCRIPT = '[ -e /etc/rc ] && exec /bin/sh /etc/rc "$@"; exec "$@"'
 
 
 def _classify_image(image, runtime=_DEFAULT_RUNTIME):
@@ -7215,7 +7220,22 @@ def _enroot_start_args(name, prepare, command):
 
 def _apptainer_definition(base_path, prepare):
     """The definition file of an apptainer prepare: the base image, the commands in ``%post``."""
-    lines = ["Bootstrap: localimage", "From: " + base_path, "", "%post", "    set -e"]
+    lines = ["Bootstrap: localimage", "From: " + base_path, ""]
+    if prepare.mounts:
+        # A build binds only onto paths the image has (it cannot create them in its sandbox, as
+        # enroot start does): %setup, run on the host before %post, makes each one first, a
+        # folder or an empty file as the host side is.
+        lines.append("%setup")
+        for mount in prepare.mounts:
+            target = '"${APPTAINER_ROOTFS}"/' + shell_quote(mount.container.strip("/"))
+            lines.append('    if [ -d %s ]; then mkdir -p %s; else mkdir -p "$(dirname %s)" && '
+                         'touch %s; fi' % (shell_quote(mount.host), target, target, target))
+        lines.append("")
+    if not base_path.endswith(_SIF_SUFFIX):
+        # A .sif base keeps its runscript (ENTRYPOINT and CMD); a SquashFS base has none, and the
+        # prepared image is started with `apptainer run` by the same rules as a .sif.
+        lines += ["%runscript", "    " + _SQUASHFS_DEFAULT_SCRIPT, ""]
+    lines += ["%post", "    set -e"]
     for key, value in prepare.env:
         lines.append("    export %s=%s" % (key, shell_quote(value)))
     for command in prepare.commands:
@@ -10181,11 +10201,8 @@ def _apptainer_argv(service, image):
     words = []
     if not image.container_image.endswith(_SIF_SUFFIX) and \
             (execution.form == "default" or execution.use_image_entrypoint):
-        # A SquashFS image has no runscript. One made by enroot import has /etc/rc, which changes
-        # to the image's WORKDIR and execs ENTRYPOINT with the arguments (CMD without), as under
-        # Pyxis; any other has no entrypoint to apply: the arguments run as they are.
-        words = ["/bin/sh", "-c", '[ -e /etc/rc ] && exec /bin/sh /etc/rc "$@"; exec "$@"',
-                 "hpc-compose"]
+        # A SquashFS image has no runscript: its default is started as _SQUASHFS_DEFAULT_SCRIPT says.
+        words = ["/bin/sh", "-c", _SQUASHFS_DEFAULT_SCRIPT, "hpc-compose"]
     if execution.form == "shell":
         return words + ["/bin/sh", "-c", execution.script]
     # `apptainer exec` resolves a bare program name in the container: no /bin/sh in between.

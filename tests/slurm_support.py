@@ -33,6 +33,8 @@ __all__ = [
     "submit_wrap", "run_tool_cli", "pyxis_test_image", "TEST_IMAGE", "expected_slurm_generation",
     "slurm_under_test", "cluster_nodes", "on_node", "enroot_containers", "processes_with",
     "submitted_job_id", "image", "cache_dir", "E2E_CACHE_ROOT", "CLUSTER_COMMAND",
+    "CONTAINER_RUNTIMES", "container_runtime", "runtime_line", "apptainer_expected",
+    "job_processes",
 ]
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -181,6 +183,58 @@ def pyxis_test_image():
         pytest.skip("real Pyxis test not possible: %s. Bring the cluster up with `%s`."
                     % (reason, CLUSTER_COMMAND))
     return TEST_IMAGE
+
+
+# --- the container runtimes under test: Pyxis everywhere, Apptainer where the cluster has it -------
+
+# The Slurm generation roots that `slurm-cluster.sh up --slurm X --containers` gives Apptainer 1.4.5
+# (from sid). The host's 22.05 cluster (Debian 12) has none by design: sid's apptainer needs glibc
+# 2.38 and bookworm has 2.36.
+APPTAINER_GENERATIONS = ("24.11", "26.05")
+
+
+def apptainer_expected():
+    """True where the container tests must also run under Apptainer.
+
+    In a generation root that installs it (HPC_COMPOSE_TEST_SLURM names it), Apptainer is required:
+    its absence fails the ``container_runtime`` fixture rather than silently testing Pyxis only.
+    Elsewhere the cases exist only when an ``apptainer`` is on PATH, so that on the host's 22.05
+    cluster they are not collected at all (a skip would be a failure under CI=true).
+    """
+    generation = expected_slurm_generation()
+    if generation is not None:
+        return generation in APPTAINER_GENERATIONS
+    return shutil.which("apptainer") is not None
+
+
+# Decided once, at import: the parameters of the ``container_runtime`` fixture.
+CONTAINER_RUNTIMES = ("pyxis", "apptainer") if apptainer_expected() else ("pyxis",)
+
+
+# `apptainer build` compresses a .sif with gzip by default: 60 s for the test image on the shared
+# 2-core machine, against 5 s with lz4. The tool leaves the default to the site; the tests (and the
+# tool they start, which passes its environment to apptainer) ask for lz4.
+APPTAINER_TEST_ENVIRONMENT = {"APPTAINER_MKSQUASHFS_ARGS": "-comp lz4"}
+
+
+@pytest.fixture(params=CONTAINER_RUNTIMES)
+def container_runtime(request, monkeypatch):
+    """The runtime a container test runs under: "pyxis", then "apptainer" where expected."""
+    if request.param == "apptainer":
+        if shutil.which("apptainer") is None:
+            # Not a skip: this root is meant to have Apptainer (`up --slurm X --containers`).
+            pytest.fail("no apptainer on PATH in the Slurm %s root; bring it up with "
+                        "`bash tests/cluster/slurm-cluster.sh up --slurm %s --containers`"
+                        % (expected_slurm_generation(), expected_slurm_generation()),
+                        pytrace=False)
+        for name, value in sorted(APPTAINER_TEST_ENVIRONMENT.items()):
+            monkeypatch.setenv(name, value)
+    return request.param
+
+
+def runtime_line(runtime, indent="  "):
+    """The one x-slurm line that picks ``runtime`` (empty for Pyxis, the default for an image)."""
+    return "" if runtime == "pyxis" else "%sruntime: %s\n" % (indent, runtime)
 
 
 class _JobSet(object):
@@ -439,6 +493,29 @@ def processes_with(marker):
             continue
         if marker in cmdline:
             found.append((int(pid), cmdline))
+    return found
+
+
+def job_processes(job_id, submit_dir):
+    """``[(pid, command line)]`` of live processes of the job submitted from ``submit_dir``.
+
+    Found by their environment (SLURM_JOB_ID and SLURM_SUBMIT_DIR, which every task inherits and
+    an apptainer service passes into its container): this sees what a marker in a command line
+    cannot, such as Apptainer's starter ("Apptainer runtime parent") and squashfuse_ll. The folder
+    matters: the clusters of two Slurm generations share this process table and number their jobs
+    alike.
+    """
+    wanted = [b"SLURM_JOB_ID=" + str(job_id).encode(),
+              b"SLURM_SUBMIT_DIR=" + os.fsencode(os.path.realpath(str(submit_dir)))]
+    found = []
+    for pid, cmdline in processes_with(""):
+        try:
+            with open("/proc/%d/environ" % pid, "rb") as handle:
+                environ = handle.read().split(b"\0")
+        except OSError:
+            continue
+        if all(entry in environ for entry in wanted):
+            found.append((pid, cmdline))
     return found
 
 

@@ -1,5 +1,6 @@
 """The shipped examples: each one validates and renders, and its embedded code is well-formed."""
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -235,3 +236,56 @@ def test_heterogeneous_example_puts_the_server_and_the_clients_in_different_grou
     groups = dict((s.name, (s.group, s.het_group, s.placement.mode)) for s in plan.services)
     assert groups == {"vllm": ("gpu", 0, "single"), "redis": ("cpu", 1, "primary"),
                       "clients": ("cpu", 1, "distributed")}
+
+
+def with_runtime(text, runtime):
+    """The example with its container runtime switched by ONE line: `runtime:` under x-slurm."""
+    lines = text.split("\n")
+    for index, line in enumerate(lines):
+        if line.startswith("  runtime: "):
+            lines[index] = "  runtime: " + runtime
+            return "\n".join(lines)
+    index = lines.index("x-slurm:")
+    return "\n".join(lines[:index + 1] + ["  runtime: " + runtime] + lines[index + 1:])
+
+
+CONTAINER_EXAMPLES = [name for name in NAMES
+                      if any("image" in service for service in load(name)["services"].values())]
+
+
+def test_the_container_examples_are_the_ones_with_images():
+    assert len(CONTAINER_EXAMPLES) >= 18 and "host-pipeline" not in CONTAINER_EXAMPLES
+
+
+SHELLCHECKED_FLIPPED = ("app-redis-worker", "multi-node-torchrun", "training-resume")
+
+
+@pytest.mark.parametrize("runtime", ["apptainer", "singularity"])
+@pytest.mark.parametrize("name", CONTAINER_EXAMPLES)
+def test_container_example_validates_and_renders_with_the_runtime_flipped(cli, tmp_path, name,
+                                                                           runtime):
+    with open(os.path.join(EXAMPLES, name + ".yaml")) as handle:
+        original = handle.read()
+    flipped = with_runtime(original, runtime)
+    assert len(set(flipped.split("\n")) - set(original.split("\n"))) == 1
+    # In a copy of the examples folder, so that its relative volumes and files still resolve.
+    folder = tmp_path / "examples"
+    shutil.copytree(EXAMPLES, str(folder))
+    compose = folder / (name + ".yaml")
+    compose.write_text(flipped)
+    result = cli(["validate", "-f", compose], env=ENV)
+    assert result.code == 0, result.err
+    script = tmp_path / "job.sbatch"
+    result = cli(["render", "-f", compose, "--output", script], env=ENV)
+    assert result.code == 0, result.err
+    text = script.read_text()
+    assert "%s --quiet " % runtime in text and "--container-image" not in text
+    check = subprocess.run(["bash", "-n", str(script)], stderr=subprocess.PIPE,
+                           universal_newlines=True)
+    assert check.returncode == 0, check.stderr
+    # shellcheck (seconds per script) on three that between them use GPUs, several nodes, a
+    # resume folder and prepare; tests/test_render.py shellchecks every example under Pyxis.
+    if runtime == "apptainer" and name in SHELLCHECKED_FLIPPED and shutil.which("shellcheck"):
+        check = subprocess.run(["shellcheck", "--format=gcc", str(script)],
+                               stdout=subprocess.PIPE, universal_newlines=True)
+        assert check.returncode == 0, check.stdout

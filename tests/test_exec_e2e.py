@@ -1,4 +1,5 @@
-"""`exec` and `logs` against the real test cluster (real Pyxis 0.24 + Enroot 4.1.2 for containers).
+"""`exec` and `logs` against the real test cluster (real Pyxis 0.24 + Enroot 4.1.2 for containers, and
+real Apptainer 1.4.5 where the cluster has it: the tests on ``container_job`` run under both).
 
 CI runs this file on one node; exec on several nodes (`--index`, `--node`, a service on a node that
 is not the first) is in test_multinode_e2e.py.
@@ -12,7 +13,8 @@ import uuid
 
 import pytest
 
-from slurm_support import enroot_containers, run_tool_cli, wait_for_job, wait_for_state
+from slurm_support import (enroot_containers, job_processes, run_tool_cli, runtime_line,
+                           wait_for_job, wait_for_state)
 
 TOOL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "hpc_compose.py")
 
@@ -80,74 +82,80 @@ def job_containers(job_id):
             if "hpc-compose_%s_" % job_id in name]
 
 
-def pyxis_compose(image, cache_dir, marker):
+def container_compose(image, cache_dir, marker, runtime="pyxis"):
     return """\
 name: exec-e2e
 x-slurm:
   time: "00:05:00"
   cache_dir: %s
-services:
+%sservices:
   app:
     image: %s
     working_dir: /tmp
     environment:
       GREETING: "hello 'there' $$HOME"
     command: touch /tmp/%s && exec python3 -c 'import time; print("up", flush=True); time.sleep(600)'
-""" % (cache_dir, image, marker)
+""" % (cache_dir, runtime_line(runtime), image, marker)
 
 
 @pytest.fixture
-def pyxis_job(slurm, slurm_jobs, image, cache_dir, tmp_path):
+def container_job(slurm, slurm_jobs, image, cache_dir, tmp_path, container_runtime):
     marker = "exec-e2e-" + uuid.uuid4().hex[:8]
-    job = submit(tmp_path, pyxis_compose(image, cache_dir, marker), slurm_jobs)
+    job = submit(tmp_path, container_compose(image, cache_dir, marker, container_runtime),
+                 slurm_jobs)
     wait_for_line(job, "app", "up")
     job.marker = marker
+    job.runtime = container_runtime
     return job
 
 
-def test_exec_runs_in_the_running_container_with_its_environment_and_exit_code(pyxis_job):
-    result = pyxis_job.cli("exec", "-T", "app", "--", "sh", "-c",
+def test_exec_runs_in_the_running_container_with_its_environment_and_exit_code(container_job):
+    result = container_job.cli("exec", "-T", "app", "--", "sh", "-c",
                            'echo "$GREETING|$PWD|$HPC_COMPOSE_SERVICE"; exit 3')
     assert result.code == 3, result
     assert result.out == "hello 'there' $HOME|/tmp|app\n"
     # It is inside the same container: it sees the file the service made in its private /tmp.
-    result = pyxis_job.cli("exec", "-T", "-e", "EXTRA=a b", "-e", "MARKER=" + pyxis_job.marker,
+    result = container_job.cli("exec", "-T", "-e", "EXTRA=a b", "-e", "MARKER=" + container_job.marker,
                            "--workdir", "/", "app", "--",
                            "sh", "-c", 'echo "$EXTRA|$PWD"; ls "/tmp/$MARKER"')
-    assert (result.code, result.out) == (0, "a b|/\n/tmp/%s\n" % pyxis_job.marker), result
+    assert (result.code, result.out) == (0, "a b|/\n/tmp/%s\n" % container_job.marker), result
 
 
-def test_exec_without_a_command_reads_a_shell_script_from_a_pipe(pyxis_job):
-    proc = subprocess.run(["python3", TOOL, "exec", "app"], cwd=pyxis_job.folder,
+def test_exec_without_a_command_reads_a_shell_script_from_a_pipe(container_job):
+    proc = subprocess.run(["python3", TOOL, "exec", "app"], cwd=container_job.folder,
                           input="echo from $0 in $PWD; exit 5\n", stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, universal_newlines=True, timeout=120)
     assert proc.returncode == 5, proc.stderr
     assert proc.stdout == "from bash in /tmp\n"
 
 
-def test_exec_gives_a_terminal_with_pty(pyxis_job):
+def test_exec_gives_a_terminal_with_pty(container_job):
     if shutil.which("script") is None:
         pytest.skip("script(1) is needed to run exec on a terminal")
     command = "python3 %s exec --pty app -- sh -c 'test -t 0 && echo tty:yes'" % TOOL
-    proc = subprocess.run(["script", "-qec", command, "/dev/null"], cwd=pyxis_job.folder,
+    proc = subprocess.run(["script", "-qec", command, "/dev/null"], cwd=container_job.folder,
                           stdout=subprocess.PIPE, universal_newlines=True, timeout=120)
     assert proc.returncode == 0 and "tty:yes" in proc.stdout, proc.stdout
 
 
-def test_named_containers_are_removed_when_the_job_is_cancelled(pyxis_job):
-    assert job_containers(pyxis_job.job_id) != []
-    subprocess.run(["scancel", pyxis_job.job_id], check=True, timeout=30)
-    assert wait_for_job(pyxis_job.job_id, timeout=120) == "CANCELLED"
+def test_named_containers_are_removed_when_the_job_is_cancelled(container_job):
+    # Pyxis names the service's container (exec joins it); an apptainer service has none.
+    assert (job_containers(container_job.job_id) != []) == (container_job.runtime == "pyxis")
+    subprocess.run(["scancel", container_job.job_id], check=True, timeout=30)
+    assert wait_for_job(container_job.job_id, timeout=120) == "CANCELLED"
     deadline = time.monotonic() + 60
-    while job_containers(pyxis_job.job_id) and time.monotonic() < deadline:
+    while job_containers(container_job.job_id) and time.monotonic() < deadline:
         time.sleep(1)
-    assert job_containers(pyxis_job.job_id) == []
+    assert job_containers(container_job.job_id) == []
+    while job_processes(container_job.job_id, container_job.folder) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert job_processes(container_job.job_id, container_job.folder) == []
     # Until its steps are gone squeue shows the job COMPLETING, and exec names that state.
-    while in_squeue(pyxis_job.job_id) and time.monotonic() < deadline + 60:
+    while in_squeue(container_job.job_id) and time.monotonic() < deadline + 60:
         time.sleep(0.5)
-    result = pyxis_job.cli("exec", "-T", "app", "true")
+    result = container_job.cli("exec", "-T", "app", "true")
     assert result.code == 1
-    assert result.err == "error: job %s is not running (CANCELLED)\n" % pyxis_job.job_id
+    assert result.err == "error: job %s is not running (CANCELLED)\n" % container_job.job_id
 
 
 def test_named_containers_are_removed_when_the_job_completes(slurm, slurm_jobs, image, cache_dir,

@@ -988,11 +988,24 @@ def test_apptainer_prepare_is_a_definition_file_built_with_fakeroot(tmp_path, ap
     assert argv[:4] == ["build", "--fakeroot", "--bind", "%s:/src:ro" % tmp_path]
     assert argv[4] == partial_of(image.prepared.path) and argv[5].endswith(".def")
     assert not os.path.exists(argv[5])
+    # The bind's destination is made first (%setup, on the host): a build cannot create it.
+    target = '"${APPTAINER_ROOTFS}"/src'
     assert build_prepared["definition"] == (
-        "Bootstrap: localimage\nFrom: %s\n\n%%post\n    set -e\n    export MODE='a b'\n"
+        "Bootstrap: localimage\nFrom: %s\n\n%%setup\n"
+        '    if [ -d %s ]; then mkdir -p %s; else mkdir -p "$(dirname %s)" && touch %s; fi\n\n'
+        "%%post\n    set -e\n    export MODE='a b'\n"
         "    /bin/sh -lc 'apt-get update'\n    /bin/sh -lc 'echo '\"'\"'done'\"'\"''\n"
-        % image.base.path)
+        % (image.base.path, hc.shell_quote(str(tmp_path)), target, target, target))
     assert os.path.isfile(image.prepared.path)
+
+
+def test_a_sif_prepared_from_a_squashfs_image_gets_its_default_as_runscript():
+    # Found on real Apptainer: a .sif built from a .sqsh had Apptainer's "There is no runscript"
+    # one, and `apptainer run` of the prepared image ignored the service's command.
+    prepare = hc.PreparePlan(commands=("true",), mounts=(), env=())
+    definition = hc._apptainer_definition("/images/base.sqsh", prepare)
+    assert "%runscript\n    " + hc._SQUASHFS_DEFAULT_SCRIPT + "\n\n%post" in definition
+    assert "%runscript" not in hc._apptainer_definition("/images/base.sif", prepare)
 
 
 def test_apptainer_build_failure_names_the_tool_and_leaves_no_file(tmp_path, apptainer,

@@ -10,7 +10,8 @@ import uuid
 
 import pytest
 
-from slurm_support import free_port, run_tool_cli, sacct_job, submitted_job_id, wait_for_job
+from slurm_support import (free_port, run_tool_cli, runtime_line, sacct_job, submitted_job_id,
+                           wait_for_job)
 
 
 @pytest.fixture
@@ -49,7 +50,7 @@ name: run-e2e
 x-slurm:
   time: "00:05:00"
   cache_dir: %(cache_dir)s
-services:
+%(runtime)sservices:
   server:
     image: %(image)s
     command: sleep 2; echo server-up-%(marker)s; exec python3 -m http.server %(port)s --bind 127.0.0.1
@@ -62,17 +63,19 @@ services:
 """
 
 
-def pyxis_project(tmp_path, image, cache_dir, marker):
+def pyxis_project(tmp_path, image, cache_dir, marker, runtime="pyxis"):
     port = free_port()
     project = Project(tmp_path, PYXIS_STACK % {"cache_dir": cache_dir, "image": image,
-                                               "marker": marker, "port": port})
+                                               "marker": marker, "port": port,
+                                               "runtime": runtime_line(runtime)})
     project.port = port
     return project
 
 
 def test_run_streams_the_commands_output_and_exits_with_its_code(slurm, slurm_jobs, image,
-                                                                 cache_dir, marker, tmp_path):
-    project = pyxis_project(tmp_path, image, cache_dir, marker)
+                                                                 cache_dir, marker, tmp_path,
+                                                                 container_runtime):
+    project = pyxis_project(tmp_path, image, cache_dir, marker, container_runtime)
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "in.txt").write_text("from-the-host\n")
     # The server sleeps 2 s before it listens: curl answers 200 only if run waited for readiness.

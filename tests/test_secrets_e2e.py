@@ -18,7 +18,8 @@ import uuid
 
 import pytest
 
-from slurm_support import (TOOL_PATH, pyxis_test_image, wait_for_job, wait_for_state)
+from slurm_support import (TOOL_PATH, pyxis_test_image, runtime_line, wait_for_job,
+                           wait_for_state)
 from test_tracking_e2e import final_state
 
 import hpc_compose
@@ -191,11 +192,12 @@ def test_host_service_reads_both_secrets_and_nothing_keeps_a_value_afterwards(
     assert_nothing_keeps_a_value(run, result["script_path"], "completed")
 
 
-def test_pyxis_service_reads_both_secrets_at_run_secrets(slurm, slurm_jobs, tmp_path):
+def test_container_service_reads_both_secrets_at_run_secrets(slurm, slurm_jobs, tmp_path,
+                                                             container_runtime):
     image = pyxis_test_image()
     cache = os.path.join(os.path.dirname(image), "e2e-cache")
     run = Run(tmp_path, slurm_jobs, where="    image: %s\n" % image,
-              slurm="  cache_dir: %s\n" % cache)
+              slurm="  cache_dir: %s\n%s" % (cache, runtime_line(container_runtime)))
     result = run.submit("--skip-prepare")
     assert wait_for_job(run.job_id, timeout=180) == "COMPLETED"
     assert_nothing_keeps_a_value(run, result["script_path"], "completed", mounted_read_only=True)

@@ -4458,6 +4458,12 @@ class _SpecLoader(object):
             self.record(self.error(("x-slurm", "array"), "x-slurm.array and x-sweep both make the "
                                    "job array", hint="drop x-slurm.array: x-sweep sets the array "
                                                      "from its tasks (max_parallel for %N)"))
+        elif sweep is not None and slurm.groups:
+            self.record(self.error(("x-sweep",), "x-sweep is set with x-slurm.groups; a sweep is a "
+                                   "job array, and Slurm does not run job arrays of heterogeneous "
+                                   "jobs", at_key=True,
+                                   hint="drop x-slurm.groups (one allocation shape for the sweep), "
+                                        "or submit one heterogeneous job per combination"))
         elif sweep is not None:
             slurm = slurm._replace(array=_sweep_array(sweep))
         if "services" not in root:

@@ -1227,6 +1227,14 @@ def test_groups_with_an_array_are_refused(hc, project):
     assert "job arrays of heterogeneous jobs" in error.message
 
 
+def test_groups_with_a_sweep_are_refused(hc, project):
+    # A sweep is a job array; Slurm has no arrays of heterogeneous jobs.
+    error = failure(hc, project, HETEROGENEOUS.replace(
+        "services:\n", "x-sweep:\n  matrix:\n    lr: [1, 2]\nservices:\n"))
+    assert error.path == "x-sweep"
+    assert "job arrays of heterogeneous jobs" in error.message
+
+
 def test_two_groups_giving_one_variable_name_are_refused(hc, project):
     error = failure(hc, project, HETEROGENEOUS.replace("    head:\n      partition",
                                                       "    worker_pool:\n      partition")

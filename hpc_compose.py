@@ -19680,7 +19680,8 @@ def main(argv=None):
     try:
         if argv is None:
             argv = sys.argv[1:]
-        parser = build_parser(_requested_command(argv))
+        # `--version` alone needs no subcommand's parser at all ("" matches none).
+        parser = build_parser("" if argv == ["--version"] else _requested_command(argv))
         args = parser.parse_args(argv)
         if not getattr(args, "handler", None):
             parser.print_help()

@@ -8512,7 +8512,8 @@ wake_at() {  # the event loop's next turn is due by epoch millisecond $1 at the 
 # until a child that ended (a step, a readiness attempt) writes its line on SLEEP_FD.
 sleep_until_due() {
     local ms=$TICK_MS seconds
-    if (( WAKE_MS )); then
+    # Without EPOCHREALTIME (bash < 5) the clock counts whole seconds: the plain TICK it is.
+    if (( WAKE_MS )) && [[ -n ${EPOCHREALTIME:-} ]]; then
         clock
         ms=$((WAKE_MS - NOW_MS))
         (( ms <= TICK_MS )) || ms=$TICK_MS

@@ -8600,8 +8600,9 @@ launch() {
     : >>"$log"
     [[ ${READINESS[i]} != log ]] || LOG_OFFSET[i]=$(stat -c %s -- "$log" 2>/dev/null || echo 0)
     # The step alone holds the write end of a pipe whose reader wakes the event loop when it reads
-    # end-of-file, that is the moment srun exits: no turn of the loop waits for the exit.
-    exec {EXIT_FD}> >(read -r _; printf '\n' >&"$SLEEP_FD")
+    # end-of-file, that is the moment srun exits: no turn of the loop waits for the exit. (The
+    # reader lets go of the script's output at once: it may outlive the script.)
+    exec {EXIT_FD}> >(exec >/dev/null 2>&1; read -r _; printf '\n' >&"$SLEEP_FD")
     "run_service_$i" >>"$log" 2>&1 </dev/null &
     PID[i]=$! HARD_KILLED[i]=0
     exec {EXIT_FD}>&-

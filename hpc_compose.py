@@ -8772,8 +8772,9 @@ def _preflight_scheduler(plan, script, sbatch_path, sinfo_bin="sinfo", scontrol_
 
 _STOP_GRACE_SECONDS = 10      # SIGTERM -> SIGKILL; below Slurm's default KillWait (30 s)
 _SUPERVISOR_TICK = "0.2"      # seconds between two turns of the event loop
-_FAST_TICK = "0.05"           # the turn after a readiness probe was started
-_PROBE_INTERVAL_MS = 200      # at most five readiness attempts per second and service
+_PROBE_FIRST_INTERVAL_MS = 20  # readiness attempts start this close together, right after launch,
+_PROBE_BACKOFF = 40           # then the interval grows to 1/40 of the time spent starting,
+_PROBE_INTERVAL_MS = 200      # up to this: at most five attempts per second and service
 _PROBE_LIMIT_SECONDS = 3      # one readiness attempt (tcp connect, grep, curl) may take this long
 _READINESS_TIMEOUT_DEFAULT = 60
 _TCP_HOST_DEFAULT = "127.0.0.1"
@@ -8970,12 +8971,11 @@ _SUPERVISOR_STATE_TEMPLATE = r"""
 # ---------------------------------------------------------------------------
 # Supervisor state (one entry per service) and helpers
 # ---------------------------------------------------------------------------
-TICK=@{tick}
+TICK=@{tick} TICK_MS=@{tick_ms}
 STOP_GRACE_SECONDS=@{grace}
-FAST_TICK=@{fast_tick}
-PROBE_INTERVAL_MS=@{probe_interval_ms}
+PROBE_FIRST_MS=@{probe_first_ms} PROBE_BACKOFF=@{probe_backoff} PROBE_INTERVAL_MS=@{probe_interval_ms}
 PROBE_LIMIT_MS=@{probe_limit_ms}
-PROBING=0
+WAKE_MS=0 WOKEN=0  # the event loop's next turn is due at WAKE_MS (or TICK); WOKEN: a child said it ended
 JOB_STATUS=running JOB_EXIT=null JOB_REASON='' FINISHING=0 STATE_CHANGED=1 PENDING_SIGNALS=()
 SIGNALS_JSON='' REQUEUE_SELF=0 LAST_ATTEMPT_NOTE=''
 KILL_WAIT=30  # Slurm's KillWait, read from scontrol once the allocation is known
@@ -9000,6 +9000,26 @@ clock() {
     fi
     printf -v t '%(%Y-%m-%dT%H:%M:%S%z)T' $((NOW_MS / 1000))
     NOW_ISO="${t:0:22}:${t:22}"
+}
+
+wake_at() {  # the event loop's next turn is due by epoch millisecond $1 at the latest
+    if (( WAKE_MS == 0 || $1 < WAKE_MS )); then WAKE_MS=$1; fi
+}
+
+# The end of a turn of the event loop: sleep until what is due first (wake_at), TICK at most, or
+# until a child that ended (a step, a readiness attempt) writes its line on SLEEP_FD.
+sleep_until_due() {
+    local ms=$TICK_MS seconds
+    # Without EPOCHREALTIME (bash < 5) the clock counts whole seconds: the plain TICK it is.
+    if (( WAKE_MS )) && [[ -n ${EPOCHREALTIME:-} ]]; then
+        clock
+        ms=$((WAKE_MS - NOW_MS))
+        (( ms <= TICK_MS )) || ms=$TICK_MS
+        (( ms >= 1 )) || ms=1
+    fi
+    WAKE_MS=0 WOKEN=0
+    printf -v seconds '%d.%03d' $((ms / 1000)) $((ms % 1000))
+    if read -r -t "$seconds" -u "$SLEEP_FD" _; then WOKEN=1; fi
 }
 
 # Is process $1 still running? kill -0 alone is not enough: an exited child that bash has not
@@ -9078,11 +9098,18 @@ launch() {
             "@{marker}" "'${NAME[i]}'" "$SLURM_JOB_ID" "$NOW_ISO" >>"$log"
     fi
     : >>"$log"
-    LOG_OFFSET[i]=$(stat -c %s -- "$log" 2>/dev/null || echo 0)
+    [[ ${READINESS[i]} != log ]] || LOG_OFFSET[i]=$(stat -c %s -- "$log" 2>/dev/null || echo 0)
+    # The step alone holds the write end of a pipe whose reader wakes the event loop when it reads
+    # end-of-file, that is the moment srun exits: no turn of the loop waits for the exit. (The
+    # reader lets go of the script's output at once: it may outlive the script.)
+    exec {EXIT_FD}> >(exec >/dev/null 2>&1; read -r _; printf '\n' >&"$SLEEP_FD")
     "run_service_$i" >>"$log" 2>&1 </dev/null &
     PID[i]=$! HARD_KILLED[i]=0
+    exec {EXIT_FD}>&-
     LAUNCHES[i]=$((LAUNCHES[i] + 1))
     LAUNCH_MS[i]=$NOW_MS STARTED_AT[i]=$NOW_ISO FINISHED_AT[i]='' LAST_EXIT[i]=null
+    PROBE_MS[i]=$NOW_MS
+    wake_at $((NOW_MS + PROBE_FIRST_MS))
     if [[ ${READINESS[i]} == none ]]; then
         STATUS[i]=running
     else
@@ -9135,15 +9162,25 @@ _COMPLETED_CONDITION_TEMPLATE = """\
 # Readiness: probes in background subshells, and what a readiness timeout does.
 _READINESS_TEMPLATE = r"""
 # Readiness of service $1: one attempt at a time, in a background subshell, so the loop never blocks.
+# Attempts start PROBE_FIRST_MS apart and back off to PROBE_INTERVAL_MS as the wait grows; an
+# attempt that ends wakes the loop (a line on SLEEP_FD), so its answer is taken at once.
 probe() {
-    local i=$1 code
+    local i=$1 code interval
     if [[ ${READINESS[i]} == sleep ]]; then
-        if (( NOW_MS - LAUNCH_MS[i] >= READY_SECONDS[i] * 1000 )); then mark_ready "$i"; fi
+        if (( NOW_MS - LAUNCH_MS[i] >= READY_SECONDS[i] * 1000 )); then
+            mark_ready "$i"
+        else
+            wake_at $((LAUNCH_MS[i] + READY_SECONDS[i] * 1000))
+        fi
         return
     fi
     if [[ -n ${PROBE_PID[i]} ]]; then
         if alive "${PROBE_PID[i]}"; then
-            (( NOW_MS - PROBE_MS[i] < PROBE_LIMIT_MS )) && return
+            if (( NOW_MS - PROBE_MS[i] < PROBE_LIMIT_MS )); then
+                # Woken by its line, the attempt may still be exiting: look again very soon.
+                if (( WOKEN )); then wake_at $((NOW_MS + 2)); else wake_at $((PROBE_MS[i] + PROBE_LIMIT_MS)); fi
+                return
+            fi
             kill -KILL "${PROBE_PID[i]}" 2>/dev/null
         fi
         code=0
@@ -9155,9 +9192,16 @@ probe() {
         readiness_timed_out "$i"
         return
     fi
-    (( NOW_MS - PROBE_MS[i] >= PROBE_INTERVAL_MS )) || return
-    run_probe "$i" </dev/null >/dev/null 2>&1 &
-    PROBE_PID[i]=$! PROBE_MS[i]=$NOW_MS PROBING=1
+    interval=$(( (NOW_MS - LAUNCH_MS[i]) / PROBE_BACKOFF ))
+    (( interval >= PROBE_FIRST_MS )) || interval=$PROBE_FIRST_MS
+    (( interval <= PROBE_INTERVAL_MS )) || interval=$PROBE_INTERVAL_MS
+    if (( NOW_MS - PROBE_MS[i] < interval )); then
+        wake_at $((PROBE_MS[i] + interval))
+        return
+    fi
+    { run_probe "$i"; code=$?; printf '\n' >&"$SLEEP_FD"; exit "$code"; } </dev/null >/dev/null 2>&1 &
+    PROBE_PID[i]=$! PROBE_MS[i]=$NOW_MS
+    wake_at $((NOW_MS + PROBE_LIMIT_MS))
 }
 
 run_probe() {  # one readiness attempt for service $1; exit status 0 means ready
@@ -10024,13 +10068,7 @@ while :; do
     check_job_end
     index_logs
     (( STATE_CHANGED )) && write_state
-    # A probe just started usually answers within milliseconds: look again soon.
-    if (( PROBING )); then
-        PROBING=0
-        read -r -t "$FAST_TICK" -u "$SLEEP_FD" _
-    else
-        read -r -t "$TICK" -u "$SLEEP_FD" _
-    fi
+    sleep_until_due
 done
 """
 
@@ -10697,8 +10735,10 @@ def _render_supervisor(plan, containers, metrics, artifacts, local=False):
         blocked = dict(blocked_dependents=_BLOCKED_DEPENDENTS_TEMPLATE,
                        blocked_call='blocked_dependents "$i"; ', blocked="$BLOCKED")
     return "".join([
-        _fill(_SUPERVISOR_STATE_TEMPLATE, tick=_SUPERVISOR_TICK, grace=str(_STOP_GRACE_SECONDS),
-              fast_tick=_FAST_TICK, probe_interval_ms=str(_PROBE_INTERVAL_MS),
+        _fill(_SUPERVISOR_STATE_TEMPLATE, tick=_SUPERVISOR_TICK,
+              tick_ms=str(int(round(float(_SUPERVISOR_TICK) * 1000))), grace=str(_STOP_GRACE_SECONDS),
+              probe_first_ms=str(_PROBE_FIRST_INTERVAL_MS), probe_backoff=str(_PROBE_BACKOFF),
+              probe_interval_ms=str(_PROBE_INTERVAL_MS),
               probe_limit_ms=str(_PROBE_LIMIT_SECONDS * 1000),
               state_schema_version=str(_STATE_SCHEMA_VERSION)),
         _fill(_LAUNCH_TEMPLATE, marker=_RESTART_MARKER,
@@ -20509,7 +20549,8 @@ def main(argv=None):
     try:
         if argv is None:
             argv = sys.argv[1:]
-        parser = build_parser(_requested_command(argv))
+        # `--version` alone needs no subcommand's parser at all ("" matches none).
+        parser = build_parser("" if argv == ["--version"] else _requested_command(argv))
         args = parser.parse_args(argv)
         if not getattr(args, "handler", None):
             parser.print_help()

@@ -162,7 +162,9 @@ with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
     for name in sorted(entries):
         info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
         info.external_attr = 0o644 << 16
-        info.compress_type = zipfile.ZIP_DEFLATED
+        # The bytecode is stored, not deflated: inflating it took about as long as unmarshalling it,
+        # at every start (docs/performance.md); the source and examples stay deflated.
+        info.compress_type = zipfile.ZIP_STORED if name.endswith(".pyc") else zipfile.ZIP_DEFLATED
         info.create_system = 3
         archive.writestr(info, entries[name])
 tmp = target + ".tmp"

@@ -571,8 +571,9 @@ def test_no_template_is_longer_than_200_lines():
 
 
 @pytest.mark.parametrize("name, placeholders", [
-    ("_SUPERVISOR_STATE_TEMPLATE", {"tick", "grace", "fast_tick", "probe_interval_ms",
-                                    "probe_limit_ms", "state_schema_version"}),
+    ("_SUPERVISOR_STATE_TEMPLATE", {"tick", "tick_ms", "grace", "probe_first_ms",
+                                    "probe_backoff", "probe_interval_ms", "probe_limit_ms",
+                                    "state_schema_version"}),
     ("_LAUNCH_TEMPLATE", {"marker", "completed_condition"}),
     ("_READINESS_TEMPLATE", {"readiness_exit"}),
     ("_EXITS_TEMPLATE", {"blocked_dependents", "blocked_call", "blocked", "end_service",

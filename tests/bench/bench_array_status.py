@@ -14,20 +14,14 @@ Usage: python3 tests/bench/bench_array_status.py [--tasks 200]
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from cluster_bench import TOOL_PATH, make_project, remove_project, require_cluster  # noqa: E402
-
-WRAPPER = '''#!/bin/sh
-# Counting stand-in: records the call, then runs the real {name}.
-echo {name} >> {log}
-exec {real} "$@"
-'''
+from cluster_bench import (TOOL_PATH, counting_wrappers, make_project,  # noqa: E402
+                           remove_project, require_cluster)
 
 COMPOSE = '''\
 name: bench-array
@@ -42,15 +36,6 @@ services:
   work:
     command: ["true"]
 '''
-
-
-def wrappers(folder, log):
-    os.makedirs(folder)
-    for name in ("squeue", "sacct"):
-        path = os.path.join(folder, name)
-        with open(path, "w") as handle:
-            handle.write(WRAPPER.format(name=name, log=log, real=shutil.which(name)))
-        os.chmod(path, 0o755)
 
 
 def timed_status(project, env, log):
@@ -81,7 +66,7 @@ def main():
     require_cluster()
     project = make_project("array", {"compose.yaml": COMPOSE.format(last=args.tasks - 1)})
     log = os.path.join(project, "calls.log")
-    wrappers(os.path.join(project, "bin"), log)
+    counting_wrappers(os.path.join(project, "bin"), log)
     env = dict(os.environ, PATH=os.path.join(project, "bin") + os.pathsep + os.environ["PATH"])
     job_id = None
     try:

@@ -16,20 +16,14 @@ Usage: python3 tests/bench/bench_sweep_status.py [--tasks 200]
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from cluster_bench import TOOL_PATH, make_project, remove_project, require_cluster  # noqa: E402
-
-WRAPPER = '''#!/bin/sh
-# Counting stand-in: records the call, then runs the real {name}.
-echo {name} >> {log}
-exec {real} "$@"
-'''
+from cluster_bench import (TOOL_PATH, counting_wrappers, make_project,  # noqa: E402
+                           remove_project, require_cluster)
 
 COMPOSE = '''\
 name: bench-sweep
@@ -51,15 +45,6 @@ services:
 '''
 
 ENDED = ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "UNKNOWN")
-
-
-def wrappers(folder, log):
-    os.makedirs(folder)
-    for name in ("squeue", "sacct"):
-        path = os.path.join(folder, name)
-        with open(path, "w") as handle:
-            handle.write(WRAPPER.format(name=name, log=log, real=shutil.which(name)))
-        os.chmod(path, 0o755)
 
 
 def timed_status(project, env, log):
@@ -107,7 +92,7 @@ def main():
     values = ", ".join("%g" % (0.001 * (n + 1)) for n in range(max(1, args.tasks // 4)))
     project = make_project("sweep", {"compose.yaml": COMPOSE.format(values=values)})
     log = os.path.join(project, "calls.log")
-    wrappers(os.path.join(project, "bin"), log)
+    counting_wrappers(os.path.join(project, "bin"), log)
     env = dict(os.environ, PATH=os.path.join(project, "bin") + os.pathsep + os.environ["PATH"])
     job_ids = []
     try:

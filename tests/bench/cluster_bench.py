@@ -142,3 +142,21 @@ def end_benchmark(job_id, project):
         subprocess.run(["scancel", job_id], timeout=30)
         time.sleep(5)
     remove_project(project)
+
+
+COUNTING_WRAPPER = '''#!/bin/sh
+# Counting stand-in: records the call, then runs the real {name}.
+echo {name} >> {log}
+exec {real} "$@"
+'''
+
+
+def counting_wrappers(folder, log, names=("squeue", "sacct")):
+    """Put a stand-in for each of ``names`` into ``folder`` that appends its name to ``log`` and
+    then runs the real tool (put ``folder`` first on PATH to count a command's scheduler calls)."""
+    os.makedirs(folder)
+    for name in names:
+        path = os.path.join(folder, name)
+        with open(path, "w") as handle:
+            handle.write(COUNTING_WRAPPER.format(name=name, log=log, real=shutil.which(name)))
+        os.chmod(path, 0o755)

@@ -10510,7 +10510,9 @@ def _render_run_service(runtime_plan, index):
         fill = _placeholder_parts
     mkdirs = ""
     if service.runtime != "host":
-        # Pyxis refuses a missing bind source; Docker creates missing directories, and so do we.
+        # preflight refuses a missing bind source (docs/spec-reference.md, volumes); one that
+        # vanished since (or the resume folder, made by the first attempt) is made here, as
+        # Pyxis and Apptainer would fail the step on it.
         sources = [m.host for m in service.mounts]
         if runtime_plan.plan.slurm.resume is not None:
             sources.insert(0, runtime_plan.plan.slurm.resume.path)

@@ -369,7 +369,7 @@ def test_a_task_failing_on_one_node_fails_the_service_at_once(slurm, slurm_jobs,
     log = run.log("workers")
     assert "%s: task %d: Exited with exit code 3" % (last, NODES - 1) in log
     assert run.state()["status"] == "failed"
-    assert_nothing_left(marker, run.job_id)
+    assert_nothing_left(marker, run)
 
 
 def _long_running(image, cache_dir, marker, time_limit="00:05:00"):
@@ -405,7 +405,7 @@ def test_scancel_leaves_nothing_on_any_node(slurm, slurm_jobs, image, cache_dir,
     subprocess.run(["scancel", run.job_id], check=True, timeout=30)
 
     assert wait_for_job(run.job_id, timeout=120) == "CANCELLED"
-    assert_nothing_left(marker, run.job_id)
+    assert_nothing_left(marker, run)
 
 
 def test_time_limit_leaves_nothing_on_any_node(slurm, slurm_jobs, image, cache_dir, tmp_path):
@@ -415,7 +415,7 @@ def test_time_limit_leaves_nothing_on_any_node(slurm, slurm_jobs, image, cache_d
     assert run.result.code == 0, run.result
 
     assert wait_for_job(run.job_id, timeout=240) == "TIMEOUT"
-    assert_nothing_left(marker, run.job_id)
+    assert_nothing_left(marker, run)
 
 
 def _kill_node(node):
@@ -489,7 +489,7 @@ def test_a_lost_node_ends_the_job_node_fail_and_says_which_node(slurm, slurm_job
         in status.out
     # On the nodes that stayed up, Slurm ended the job's steps and Pyxis removed their containers
     # (the lost node's own leftovers were cleared when it came back, as a reboot would).
-    assert_nothing_left(marker, run.job_id)
+    assert_nothing_left(marker, run)
 
 
 # --- exec on the node of a service ---------------------------------------------------------------
@@ -538,7 +538,7 @@ def test_exec_index_and_node_pick_that_task_of_a_distributed_service(slurm, slur
                                             "be 1 to %d, got %d\n" % (NODES, NODES, NODES + 1))
     subprocess.run(["scancel", run.job_id], check=True, timeout=30)
     assert wait_for_job(run.job_id, timeout=120) == "CANCELLED"
-    assert_nothing_left(marker, run.job_id)  # the named container is gone from every node
+    assert_nothing_left(marker, run)  # the named container is gone from every node
 
 
 def test_exec_reaches_a_service_pinned_to_a_node_that_is_not_the_first(slurm, slurm_jobs, image,
@@ -823,7 +823,7 @@ def test_a_two_group_heterogeneous_job_runs_and_status_logs_stats_cancel_follow_
     code, out, _ = _run(["sacct", "-n", "-X", "-P", "-j", run.job_id, "--format=JobID,NodeList"])
     assert [line.split("|")[0] for line in lines_of(out)] == [run.job_id + "+0",
                                                              run.job_id + "+1"]
-    assert_nothing_left(marker, run.job_id)
+    assert_nothing_left(marker, run)
 
 
 def test_a_failing_worker_fails_the_heterogeneous_job_and_stops_the_head(

@@ -15229,6 +15229,7 @@ def _escape_html(value):
 _GANTT_LABEL_WIDTH = 200
 _GANTT_ROW_HEIGHT = 30
 _GANTT_BAR_WIDTH = 660
+_GANTT_END_WIDTH = 8   # the least width of a service's last phase (failed, ...), in pixels
 _GANTT_TOP = 36
 _CHART_WIDTH = 440
 _CHART_HEIGHT = 250
@@ -15276,9 +15277,13 @@ def _format_timeline_svg(timeline):
         parts.append('<text x="24" y="%d"%s>%s%s</text>' % (
             y + 20, ' font-weight="bold"' if service.failed else "", _escape_html(name),
             " \u2717" if service.failed else ""))
-        for span in service.spans:
+        for number, span in enumerate(service.spans):
             left = _scale(span.start_ms, (start, end), (x0, x1))
             right = max(left + 2, _scale(span.end_ms, (start, end), (x0, x1)))
+            if number == len(service.spans) - 1:
+                # How a service ended must show, however short: a job stops within a tenth of a
+                # second of a failure, which on a minute-long axis is less than a pixel.
+                left = max(x0, min(left, right - _GANTT_END_WIDTH))
             fill = "url(#hatch)" if span.phase == "waiting" else _PHASE_COLOURS[span.phase]
             if right - left < 4:   # too thin to point at: no tooltip (a restart loop has many)
                 parts.append('<rect x="%.1f" y="%d" width="%.1f" height="%d" fill="%s"/>' % (

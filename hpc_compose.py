@@ -9471,9 +9471,14 @@ finish() {
 # end_as_slurm_says NUMBER: when Slurm's record of the job says that Slurm is ending it (the time
 # limit, a requeue from outside, scancel), finish with that status; otherwise return.
 end_as_slurm_says() {
-    local number=$1 name job
+    local number=$1 name job tries=0
     name=$(kill -l "$number" 2>/dev/null) || name=$number
-    job=$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null) || return 0
+    # A busy slurmctld may not answer at once, exactly when it is ending many jobs: ask up to three
+    # times (Slurm waits KillWait, 30 s by default, before it kills what a signal did not end).
+    until job=$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null); do
+        (( ++tries < 3 )) || return 0
+        sleep 1
+    done
     if [[ $job =~ JobState=TIMEOUT|Reason=TimeLimit ]]; then
         finish timeout $((128 + number)) "the job reached its time limit (SIG$name)$LAST_ATTEMPT_NOTE"
     fi

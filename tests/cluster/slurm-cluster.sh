@@ -2,7 +2,7 @@
 # Single-node Slurm test cluster for hpc-compose: up | down | status | restart.
 #
 # Other Slurm generations, each in a cached Debian root on ports of its own (tests/cluster/slurm-generation.sh):
-#   sudo bash tests/cluster/slurm-cluster.sh up --slurm 24.11|26.05 [--containers]   # also down/status
+#   sudo bash tests/cluster/slurm-cluster.sh up --slurm 24.11|26.05 [--containers] [--nodes N]   # also down/status
 #   sudo bash tests/cluster/slurm-cluster.sh exec --slurm 24.11 -- COMMAND...  # with that Slurm's clients
 # (`--slurm 22.05` is this host's cluster, the default.)
 #
@@ -96,7 +96,10 @@ DB_PASS=slurm-test-cluster
 UP_TIMEOUT="${SLURM_CLUSTER_UP_TIMEOUT:-120}"
 # Several nodes (`--nodes N`, N >= 2): each node nI is a real slurmd in its own network, UTS and
 # mount namespace (netns hc-nI, veth hcv-nI on bridge hcbr0), on a subnet that exists only inside
-# this machine: the controller is 10.213.77.1 on the bridge, node nI is 10.213.77.(10+I).
+# this machine: the controller is 10.213.77.1 on the bridge, node nI is 10.213.77.(10+I). The
+# generations' nodes (slurm-generation.sh) have bridges, subnets and namespaces of their own
+# (hgbr2411 on 10.213.78.0/24, hgbr2605 on 10.213.79.0/24, netns hg2411-nI...): `down` here
+# leaves them alone, as theirs leaves these.
 BRIDGE=hcbr0
 SUBNET_PREFIX=10.213.77
 CONTROLLER_ADDR="$SUBNET_PREFIX.1"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Newer Slurm generations for hpc-compose's tests, each in a cached Debian root with its own daemons.
 #
-#   bash tests/cluster/slurm-generation.sh up GEN [--containers] [--nodes 1]
+#   bash tests/cluster/slurm-generation.sh up GEN [--containers] [--nodes N]
 #   bash tests/cluster/slurm-generation.sh status GEN
 #   bash tests/cluster/slurm-generation.sh exec GEN -- COMMAND...
 #   bash tests/cluster/slurm-generation.sh down GEN
@@ -22,7 +22,19 @@
 #   python3 first on PATH, the checkout, $HOME, /tmp and /opt at the same paths as on the host, the
 #   current directory kept. HPC_COMPOSE_TEST_SLURM=GEN is set, so that the tests can check that the
 #   `sinfo` they talk to is that generation's.
-# - `down` stops that generation's daemons; the cached root stays.
+# - `--nodes N` (N >= 2), as the host's cluster does it (slurm-cluster.sh, "several nodes"): nodes
+#   n1..nN, each a real `slurmd -N nI` in its own network, UTS and mount namespace, the mount
+#   namespace pivot_rooted into the generation's root as every daemon's is. Each generation has a
+#   bridge, subnet and namespace names of its own, so the host's cluster (hcbr0, 10.213.77.0/24,
+#   netns hc-nI) and both generations can be up at once: 24.11 is bridge hgbr2411 on
+#   10.213.78.0/24 (netns hg2411-nI, veth hgv2411-nI), 26.05 hgbr2605 on 10.213.79.0/24. The
+#   controller listens on the bridge's .1, node nI is .(10+I). Each node binds, inside its mount
+#   namespace, a hosts file naming every node over /etc/hosts, an enroot.conf.d of its own (its own
+#   Enroot data and runtime directories) and a TmpFS folder of its own. The other daemons stay in the
+#   machine's network namespace, as the host's do. Slurm never puts two components of one
+#   heterogeneous job on one node: the heterogeneous-job tests need three nodes.
+# - `down` stops that generation's daemons and removes its nodes' namespaces and its bridge; the
+#   cached root stays.
 #
 # Facts found on the machine this was written on (Debian 12 host, root, only the package mirror
 # reachable):
@@ -52,6 +64,12 @@ DB_USER=slurm
 DB_PASS=slurm-test-cluster
 # Raised when the recipe below changes in a way the package list does not show.
 RECIPE_VERSION=1
+# Several nodes (`--nodes N`): per-node state inside the root (hosts file, Enroot configuration and
+# runtime folders, TmpFS folders), the node names `up` made, and the TmpFS every node binds its own
+# folder over (see NODE_TMPFS in slurm-cluster.sh: Slurm's pmix plugin and Enroot's PMI hook use it).
+NODE_STATE=/var/lib/slurm/nodes
+NODES_FILE=/run/slurm/cluster-nodes
+NODE_TMPFS=/var/tmp/hpc-compose-tmpfs
 # Packages of every root: the daemons and clients, what the tests run (python3, pytest, curl, nc,
 # ps; git for the packaging tests of the 3.14 run), and what tests/cluster/container-tools.sh needs
 # to build Enroot and Pyxis.
@@ -70,7 +88,7 @@ die() { printf '[slurm-generation%s] ERROR: %s\n' "${GEN:+ $GEN}" "$*" >&2; exit
 
 usage() {
     cat >&2 <<EOF
-usage: $0 up GEN [--containers] [--nodes 1]
+usage: $0 up GEN [--containers] [--nodes N]
        $0 status GEN | down GEN
        $0 exec GEN -- COMMAND...
 GEN: 24.11 (Debian trixie) or 26.05 (Debian forky); 22.05 is the host's cluster (slurm-cluster.sh)
@@ -78,11 +96,12 @@ EOF
     exit 2
 }
 
-# generation GEN: sets SUITE, SCRIPT and the ports of that generation (host's cluster: 6817-6819, 3306).
+# generation GEN: sets SUITE, SCRIPT, the ports and the nodes' network of that generation (host's
+# cluster: ports 6817-6819 and 3306, bridge hcbr0 on 10.213.77.0/24, netns hc-nI).
 generation() {
     case "$1" in
-        24.11) SUITE=trixie; SCRIPT=trixie; PORT_BASE=6900; DB_PORT=3317 ;;
-        26.05) SUITE=forky; SCRIPT=sid; PORT_BASE=7000; DB_PORT=3327 ;;
+        24.11) SUITE=trixie; SCRIPT=trixie; PORT_BASE=6900; DB_PORT=3317; SUBNET_PREFIX=10.213.78 ;;
+        26.05) SUITE=forky; SCRIPT=sid; PORT_BASE=7000; DB_PORT=3327; SUBNET_PREFIX=10.213.79 ;;
         22.05) die "22.05 is the host's cluster: use tests/cluster/slurm-cluster.sh up (without --slurm)" ;;
         *) die "unknown Slurm generation '$1' (known: 22.05, 24.11, 26.05)" ;;
     esac
@@ -90,6 +109,9 @@ generation() {
     CTLD_PORT=$((PORT_BASE + 17))
     SLURMD_PORT=$((PORT_BASE + 18))
     DBD_PORT=$((PORT_BASE + 19))
+    NET_TAG=${GEN//./}          # 2411: in the bridge's, namespaces' and veths' names (15 characters at most)
+    BRIDGE="hgbr$NET_TAG"
+    CONTROLLER_ADDR="$SUBNET_PREFIX.1"
 }
 
 need_root() {
@@ -125,12 +147,19 @@ root_dir() {
 # enter ROOT COMMAND...: run COMMAND pivot_rooted into ROOT in a new private mount namespace, with
 # /proc, /sys, /dev and the shared paths (checkout, $HOME, /tmp, /opt, extra SHARED_PATHS) mounted.
 # PRIVATE_TMP=1 keeps the root's own /tmp (for builds whose fixed log paths would collide).
+# NODE_NETNS=NAME (a node of `--nodes N`) enters that network namespace first and gives the command
+# a UTS namespace of its own too. (`ip netns exec` is avoided, as the host's cluster avoids it: it
+# remounts /sys.)
 enter() {
     local root=$1
     shift
     local shared=("$CHECKOUT" "$HOME" /opt ${SHARED_PATHS[@]+"${SHARED_PATHS[@]}"})
     [ "${PRIVATE_TMP:-0}" = 1 ] || shared+=(/tmp)
-    unshare -m --propagation private -- /bin/bash -c '
+    local namespaces=(unshare -m --propagation private)
+    if [ -n "${NODE_NETNS:-}" ]; then
+        namespaces=(nsenter --net="/run/netns/$NODE_NETNS" unshare --uts -m --propagation private)
+    fi
+    "${namespaces[@]}" -- /bin/bash -c '
 set -e
 root=$1; n=$2; shift 2
 mount --rbind "$root" "$root"
@@ -222,6 +251,7 @@ remove_old_roots() {  # stop the daemons of this generation's roots of older rec
         [ -d "$old" ] && [ "$old" != "$keep" ] || continue
         ROOT=$old
         stop_all
+        remove_nodes
         unmount_enroot_data
         say "removing the root of an older recipe: $old"
         rm -rf --one-file-system "$old"
@@ -253,29 +283,59 @@ current_root() {  # sets ROOT to the newest existing root of GEN (for status/exe
 
 # ---------------------------------------------------------------- configuration
 
+cluster_shape() {  # the node-dependent parts of slurm.conf, for one node or --nodes N namespaces
+    local i mem
+    NODE="$(hostname -s)"
+    NODE_NAMES=()
+    if [ "$NODES" -eq 1 ]; then
+        CONTROLLER_HOST="$NODE(127.0.0.1)"
+        SLURMD_NAME=slurmd
+        NODE_NAMES=("$NODE")
+        NODE_LINES="NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$CPUS RealMemory=$REAL_MEM State=UNKNOWN"
+        PARTITION_NODES="$NODE"
+        TMPFS_LINE=""
+        return 0
+    fi
+    CONTROLLER_HOST="$NODE($CONTROLLER_ADDR)"
+    # One slurmd per node in one root: per-node pid, spool and log paths through %n.
+    SLURMD_NAME='slurmd-%n'
+    mem=$((REAL_MEM / NODES))
+    NODE_LINES=""
+    for i in $(seq 1 "$NODES"); do
+        NODE_NAMES+=("n$i")
+        NODE_LINES+="NodeName=n$i NodeAddr=$SUBNET_PREFIX.$((10 + i)) CPUs=$CPUS RealMemory=$mem State=UNKNOWN"$'\n'
+    done
+    NODE_LINES="${NODE_LINES%$'\n'}"
+    PARTITION_NODES="n[1-$NODES]"
+    TMPFS_LINE="TmpFS=$NODE_TMPFS"
+}
+
 write_configs() {  # sets CONFIG_CHANGED=1 when a Slurm configuration file changed
     CONFIG_CHANGED=0
     node_resources
-    NODE="$(hostname -s)"
+    cluster_shape
     local etc="$ROOT/etc/slurm"
     mkdir -p "$etc" "$etc/plugstack.conf.d"
+    # (SlurmdTimeout stays 60 s with several nodes: the multi-node file, whose lost-node test wants
+    # it short, runs on the host's cluster only.)
     if write_if_changed "$etc/slurm.conf" 0644 <<EOF
 # Written by tests/cluster/slurm-generation.sh: Slurm $GEN test cluster in $ROOT. Do not edit.
 ClusterName=$CLUSTER_NAME
-SlurmctldHost=$NODE(127.0.0.1)
+SlurmctldHost=$CONTROLLER_HOST
 SlurmctldPort=$CTLD_PORT
 SlurmdPort=$SLURMD_PORT
 StateSaveLocation=/var/lib/slurm/slurmctld
-SlurmdSpoolDir=/var/lib/slurm/slurmd
+SlurmdSpoolDir=/var/lib/slurm/$SLURMD_NAME
 SlurmctldPidFile=/run/slurm/slurmctld.pid
-SlurmdPidFile=/run/slurm/slurmd.pid
+SlurmdPidFile=/run/slurm/$SLURMD_NAME.pid
 SlurmctldLogFile=/var/log/slurm/slurmctld.log
-SlurmdLogFile=/var/log/slurm/slurmd.log
+SlurmdLogFile=/var/log/slurm/$SLURMD_NAME.log
 AccountingStoragePort=$DBD_PORT
 SlurmdTimeout=60
-$(slurm_conf_shared)
-NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$CPUS RealMemory=$REAL_MEM State=UNKNOWN
-PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
+${TMPFS_LINE:+$TMPFS_LINE
+}$(slurm_conf_shared)
+$NODE_LINES
+PartitionName=debug Nodes=$PARTITION_NODES Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
 EOF
     then CONFIG_CHANGED=1; fi
     if write_if_changed "$etc/cgroup.conf" 0644 <<EOF
@@ -397,7 +457,8 @@ if ! alive /run/slurm/slurmctld.pid; then
 fi
 wait_for 30 /run/slurm/slurmctld.pid scontrol ping \
     || fail /var/log/slurm/slurmctld.log "slurmctld died or does not answer scontrol ping"
-if ! alive /run/slurm/slurmd.pid; then
+# With several nodes, each node's slurmd is started from the host, in its namespaces (start_nodes).
+if [ $NODES -eq 1 ] && ! alive /run/slurm/slurmd.pid; then
     say "starting slurmd on port $SLURMD_PORT"
     /usr/sbin/slurmd || fail /var/log/slurm/slurmd.log "slurmd failed to start"
 fi
@@ -409,24 +470,167 @@ in_root() {  # in_root COMMAND...: a command inside the root with a clean enviro
     enter "$ROOT" env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8 "$@"
 }
 
-node_state() {
-    { in_root timeout 15 sinfo -h -N -o '%T' 2>/dev/null || true; } | head -n 1
+node_state() {  # node_state NAME; never fails: under `set -e` a failing sinfo would end the script
+    { in_root timeout 15 sinfo -h -N -n "$1" -o '%T' 2>/dev/null || true; } | head -n 1
 }
 
-wait_for_idle_node() {
-    local i state=""
+wait_for_idle_nodes() {
+    local i state name pending=()
     for i in $(seq 1 $((UP_TIMEOUT))); do
-        state="$(node_state)"
-        case "$state" in
-            idle|mixed|allocated|completing) say "node is $state"; return 0 ;;
-            down*|drain*|fail*)
-                [ $((i % 5)) -eq 0 ] && in_root scontrol update nodename="$NODE" state=resume >/dev/null 2>&1 || true ;;
-        esac
+        pending=()
+        for name in "${NODE_NAMES[@]}"; do
+            state="$(node_state "$name")"
+            case "$state" in
+                idle|mixed|allocated|completing) ;;
+                down*|drain*|fail*)
+                    pending+=("$name:$state")
+                    [ $((i % 5)) -eq 0 ] && in_root scontrol update nodename="$name" state=resume >/dev/null 2>&1 || true ;;
+                *) pending+=("$name:${state:-none}") ;;
+            esac
+        done
+        if [ "${#pending[@]}" -eq 0 ]; then
+            say "nodes ${NODE_NAMES[*]} are usable"
+            return 0
+        fi
         sleep 1
     done
     in_root sinfo -N -l >&2 || true
-    tail -n 25 "$ROOT/var/log/slurm/slurmctld.log" "$ROOT/var/log/slurm/slurmd.log" >&2 || true
-    die "node is not idle after ${UP_TIMEOUT} s (state: ${state:-none})"
+    tail -n 25 "$ROOT/var/log/slurm/slurmctld.log" "$ROOT"/var/log/slurm/slurmd*.log >&2 || true
+    die "not usable after ${UP_TIMEOUT} s: ${pending[*]}"
+}
+
+# ---------------------------------------------------------------- several nodes (namespaces)
+
+check_namespace_support() {  # one line naming what is missing, before the cluster is changed
+    local tool
+    for tool in ip nsenter unshare; do
+        command -v "$tool" >/dev/null 2>&1 || die "$tool is missing: apt-get install iproute2 util-linux"
+    done
+    unshare --uts --mount --propagation private true 2>/dev/null \
+        || die "this kernel or container refuses new UTS/mount namespaces (unshare --uts --mount): run on a VM or a privileged container"
+    if ! ip link show "$BRIDGE" >/dev/null 2>&1; then
+        ip link add "hgprobe$NET_TAG" type bridge 2>/dev/null \
+            || die "cannot create a Linux bridge (ip link add type bridge): load the bridge module (modprobe bridge) or run on a VM"
+        ip link del "hgprobe$NET_TAG"
+    fi
+}
+
+setup_network() {  # the generation's bridge with the controller's address; no route out, no forwarding
+    if ! ip link show "$BRIDGE" >/dev/null 2>&1; then
+        say "creating bridge $BRIDGE ($CONTROLLER_ADDR/24)"
+        ip link add "$BRIDGE" type bridge
+    fi
+    # (no `ip ... | grep -q` here: with pipefail, grep's early exit fails the pipeline)
+    case "$(ip -4 -o addr show dev "$BRIDGE")" in
+        *"inet $CONTROLLER_ADDR/24"*) ;;
+        *) ip addr add "$CONTROLLER_ADDR/24" dev "$BRIDGE" ;;
+    esac
+    ip link set "$BRIDGE" up
+}
+
+node_netns() { echo "hg$NET_TAG-$1"; }  # node_netns NAME: that node's network namespace
+
+write_node_hosts() {  # every node's name resolves inside each node's mount namespace
+    local i
+    mkdir -p "$ROOT$NODE_STATE"
+    {
+        echo "127.0.0.1 localhost"
+        echo "$CONTROLLER_ADDR $NODE"
+        for i in $(seq 1 "$NODES"); do echo "$SUBNET_PREFIX.$((10 + i)) n$i"; done
+    } >"$ROOT$NODE_STATE/hosts"
+}
+
+write_node_enroot_conf() {  # write_node_enroot_conf NAME: the root's enroot.conf.d, with that node's paths
+    # Two nodes unpacking one image into one data directory collide ("File exists"), and Pyxis passes
+    # no ENROOT_*_PATH from the environment: each node binds a drop-in folder of its own over
+    # /etc/enroot/enroot.conf.d. Its data path stays on the Enroot tmpfs (see ENROOT_DATA_MOUNT),
+    # one folder per generation and node, so that `enroot list -f` names only this node's containers.
+    local name=$1 dir="$ROOT$NODE_STATE/$1/enroot.conf.d" file
+    mkdir -p "$dir" "$ROOT/etc/enroot/enroot.conf.d"
+    rm -f "$dir"/*.conf
+    for file in "$ROOT"/etc/enroot/enroot.conf.d/*.conf; do
+        [ -f "$file" ] || continue
+        [ "$(basename "$file")" = hpc-compose-root.conf ] || cp -p "$file" "$dir/"
+    done
+    cat >"$dir/hpc-compose-node.conf" <<EOF
+# Written by tests/cluster/slurm-generation.sh: node $name's own Enroot storage.
+ENROOT_DATA_PATH $ENROOT_DATA_MOUNT/slurm-$GEN/$name/user-\$(id -u)
+ENROOT_CACHE_PATH /var/lib/enroot/cache/user-\$(id -u)
+ENROOT_RUNTIME_PATH $NODE_STATE/$name/enroot-run/user-\$(id -u)
+EOF
+}
+
+start_node() {  # start_node NAME INDEX: namespaces, veth, then slurmd -N NAME inside the root
+    local name=$1 index=$2 ns veth="hgv$NET_TAG-$1"
+    ns="$(node_netns "$name")"
+    pid_alive slurmd "/run/slurm/slurmd-$name.pid" && return 0
+    if [ ! -e "/run/netns/$ns" ]; then
+        ip netns add "$ns"
+        ip link add "$veth" type veth peer name eth0 netns "$ns"
+        ip link set "$veth" master "$BRIDGE" up
+        ip -n "$ns" addr add "$SUBNET_PREFIX.$((10 + index))/24" dev eth0
+        ip -n "$ns" link set lo up
+        ip -n "$ns" link set eth0 up
+    fi
+    write_node_enroot_conf "$name"
+    mkdir -p "$ROOT$NODE_STATE/$name/tmpfs" "$ROOT$NODE_STATE/$name/enroot-run" "$ROOT$NODE_TMPFS"
+    chmod 1777 "$ROOT$NODE_STATE/$name/tmpfs" "$ROOT$NODE_TMPFS"
+    say "starting slurmd for node $name ($SUBNET_PREFIX.$((10 + index)), netns $ns)"
+    # shellcheck disable=SC2016  # $1..$3 are the inner shell's arguments
+    if ! NODE_NETNS=$ns enter "$ROOT" env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8 \
+            /bin/sh -c 'echo "$1" >/proc/sys/kernel/hostname &&
+                mount --bind "$2/hosts" /etc/hosts &&
+                mount --bind "$2/$1/enroot.conf.d" /etc/enroot/enroot.conf.d &&
+                mount --bind "$2/$1/tmpfs" "$3" &&
+                mkdir -p "/var/lib/slurm/slurmd-$1" &&
+                exec /usr/sbin/slurmd -N "$1"' node "$name" "$NODE_STATE" "$NODE_TMPFS"; then
+        tail -n 25 "$ROOT/var/log/slurm/slurmd-$name.log" >&2 2>/dev/null || true
+        return 1
+    fi
+}
+
+start_nodes() {
+    local i
+    write_node_hosts
+    for i in $(seq 1 "$NODES"); do
+        start_node "n$i" "$i" || { remove_nodes; die "slurmd for node n$i failed to start (log above); the nodes were removed, fix the cause and run up again"; }
+    done
+    printf '%s\n' "${NODE_NAMES[@]}" >"$ROOT$NODES_FILE"
+}
+
+node_processes() {  # node_processes NAME -> pids of every process in that node's network namespace
+    ip netns pids "$(node_netns "$1")" 2>/dev/null || true
+}
+
+stop_node_slurmds() {  # the slurmd of every node of `--nodes N`
+    local pidfile
+    for pidfile in "$ROOT"/run/slurm/slurmd-*.pid; do
+        [ -e "$pidfile" ] && stop_daemon slurmd "${pidfile#"$ROOT"}"
+    done
+    return 0
+}
+
+stop_slurmds() {  # the single node's slurmd and every node's
+    stop_daemon slurmd /run/slurm/slurmd.pid
+    stop_node_slurmds
+}
+
+remove_nodes() {  # every node namespace of this generation (its processes too), its veths, its bridge
+    local ns name pid
+    stop_node_slurmds
+    for ns in /run/netns/"hg$NET_TAG"-*; do
+        [ -e "$ns" ] || continue
+        name="${ns#/run/netns/hg"$NET_TAG"-}"
+        say "removing node $name"
+        for pid in $(node_processes "$name"); do kill -KILL "$pid" 2>/dev/null || true; done
+        ip netns del "$(basename "$ns")" 2>/dev/null || true
+        ip link del "hgv$NET_TAG-$name" 2>/dev/null || true
+    done
+    if ip link show "$BRIDGE" >/dev/null 2>&1; then
+        say "removing bridge $BRIDGE"
+        ip link del "$BRIDGE" 2>/dev/null || true
+    fi
+    rm -f "$ROOT$NODES_FILE"
 }
 
 # ---------------------------------------------------------------- containers
@@ -542,18 +746,22 @@ unmount_enroot_data() {
 # ---------------------------------------------------------------- actions
 
 cmd_up() {
-    local containers=0 nodes=1
+    local containers=0
+    NODES=1
     while [ $# -gt 0 ]; do
         case "$1" in
             --containers) containers=1 ;;
-            --nodes) [ $# -ge 2 ] || usage; nodes=$2; shift ;;
-            --nodes=*) nodes=${1#--nodes=} ;;
+            --nodes) [ $# -ge 2 ] || usage; NODES=$2; shift ;;
+            --nodes=*) NODES=${1#--nodes=} ;;
             *) usage ;;
         esac
         shift
     done
-    [ "$nodes" = 1 ] || die "--nodes $nodes: a Slurm $GEN root runs 1 node (several nodes run on the host's 22.05 cluster)"
+    case "$NODES" in
+        ''|*[!0-9]*|0) die "--nodes wants a number >= 1, not '$NODES'" ;;
+    esac
     need_root
+    if [ "$NODES" -gt 1 ]; then check_namespace_support; fi
     local start
     start=$(date +%s)
     ensure_root
@@ -566,25 +774,32 @@ cmd_up() {
         rm -f "$ROOT/etc/slurm/plugstack.conf.d/pyxis.conf"
     fi
     if [ "$CONFIG_CHANGED" -eq 1 ]; then
-        stop_daemon slurmd /run/slurm/slurmd.pid
+        # A changed configuration needs fresh daemons; an unchanged one keeps running jobs alive.
+        stop_slurmds
         stop_daemon slurmctld /run/slurm/slurmctld.pid
         stop_daemon slurmdbd /run/slurm/slurmdbd.pid
     fi
+    # Back to one node: the namespaces of an earlier `--nodes N` go. With several, the bridge (and
+    # so the route to the nodes' subnet) exists before any daemon addresses a node: without it,
+    # those addresses would go out through the default route.
+    if [ "$NODES" -eq 1 ]; then remove_nodes; else setup_network; fi
     write_start_script
     enter "$ROOT" env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8 \
         setsid /usr/local/sbin/hpc-compose-start-daemons </dev/null
-    wait_for_idle_node
+    if [ "$NODES" -gt 1 ]; then start_nodes; fi
+    wait_for_idle_nodes
     local version
     version="$(in_root sinfo --version)"
     case "$version" in
         "slurm $GEN".*|"slurm-wlm $GEN".*) ;;
         *) die "the root's Slurm is '$version', not $GEN: the recipe of this generation needs updating" ;;
     esac
-    say "$version up in $(( $(date +%s) - start )) s (root $ROOT, slurmctld port $CTLD_PORT)"
+    say "$version up in $(( $(date +%s) - start )) s (root $ROOT, slurmctld port $CTLD_PORT, nodes ${NODE_NAMES[*]})"
 }
 
-stop_all() {  # the daemons of ROOT, in the reverse order of their start
+stop_all() {  # the daemons of ROOT, in the reverse order of their start (every node's slurmd first)
     local i
+    stop_slurmds
     for ((i = ${#DAEMONS[@]} - 1; i >= 0; i--)); do
         stop_daemon "${DAEMONS[$i]%%:*}" "${DAEMONS[$i]#*:}"
     done
@@ -594,6 +809,8 @@ cmd_down() {
     need_root
     current_root
     stop_all
+    # Only now, with no daemon left to address a node, do the namespaces and the bridge go.
+    remove_nodes
     unmount_enroot_data
     say "down (the root stays cached: $ROOT)"
 }
@@ -601,9 +818,10 @@ cmd_down() {
 cmd_status() {
     need_root
     current_root
-    local ok=0 d
+    local ok=0 d name nodes=()
     echo "root: $ROOT"
     for d in "${DAEMONS[@]}"; do
+        [ "${d%%:*}" = slurmd ] && continue
         if pid_alive "${d%%:*}" "${d#*:}"; then
             printf '%-10s running (pid %s)\n' "${d%%:*}" "$(cat "$ROOT${d#*:}")"
         else
@@ -611,8 +829,30 @@ cmd_status() {
             ok=1
         fi
     done
+    if [ -s "$ROOT$NODES_FILE" ]; then
+        mapfile -t nodes <"$ROOT$NODES_FILE"
+        for name in "${nodes[@]}"; do
+            if pid_alive slurmd "/run/slurm/slurmd-$name.pid"; then
+                printf 'node %-5s slurmd running (pid %s), netns %s, %s, %s processes in it\n' "$name" \
+                    "$(cat "$ROOT/run/slurm/slurmd-$name.pid")" "$(node_netns "$name")" \
+                    "$(ip -n "$(node_netns "$name")" -4 -o addr show dev eth0 2>/dev/null | awk '{print $4}')" \
+                    "$(node_processes "$name" | wc -l)"
+            else
+                printf 'node %-5s slurmd NOT running\n' "$name"
+                ok=1
+            fi
+        done
+    elif pid_alive slurmd /run/slurm/slurmd.pid; then
+        printf '%-10s running (pid %s)\n' slurmd "$(cat "$ROOT/run/slurm/slurmd.pid")"
+        nodes=("$(hostname -s)")
+    else
+        printf '%-10s NOT running\n' slurmd
+        ok=1
+    fi
     if in_root timeout 15 sinfo --version 2>/dev/null && in_root timeout 15 sinfo -N -o '%N %P %T %c %m' 2>/dev/null; then
-        case "$(node_state)" in idle|mixed|allocated|completing) ;; *) ok=1 ;; esac
+        for name in ${nodes[@]+"${nodes[@]}"}; do
+            case "$(node_state "$name")" in idle|mixed|allocated|completing) ;; *) ok=1 ;; esac
+        done
     else
         echo "sinfo: controller not reachable"
         ok=1
@@ -620,7 +860,7 @@ cmd_status() {
     if [ -f "$ROOT/etc/slurm/plugstack.conf.d/pyxis.conf" ]; then
         echo "pyxis: $(cat "$ROOT/etc/slurm/plugstack.conf.d/pyxis.conf")"
     fi
-    echo "logs: $ROOT/var/log/slurm/{slurmctld,slurmd,slurmdbd}.log"
+    echo "logs: $ROOT/var/log/slurm/{slurmctld,slurmd*,slurmdbd}.log"
     if [ "$ok" -eq 0 ]; then echo "status: up"; else echo "status: DOWN or degraded"; fi
     return "$ok"
 }

@@ -474,14 +474,14 @@ node_state() {  # node_state NAME; never fails: under `set -e` a failing sinfo w
     { in_root timeout 15 sinfo -h -N -n "$1" -o '%T' 2>/dev/null || true; } | head -n 1
 }
 
-wait_for_idle_nodes() {
+wait_for_idle_nodes() {  # every node usable ("planned": idle, held by backfill for a pending job)
     local i state name pending=()
     for i in $(seq 1 $((UP_TIMEOUT))); do
         pending=()
         for name in "${NODE_NAMES[@]}"; do
             state="$(node_state "$name")"
             case "$state" in
-                idle|mixed|allocated|completing) ;;
+                idle|mixed|allocated|completing|planned) ;;
                 down*|drain*|fail*)
                     pending+=("$name:$state")
                     [ $((i % 5)) -eq 0 ] && in_root scontrol update nodename="$name" state=resume >/dev/null 2>&1 || true ;;
@@ -851,7 +851,7 @@ cmd_status() {
     fi
     if in_root timeout 15 sinfo --version 2>/dev/null && in_root timeout 15 sinfo -N -o '%N %P %T %c %m' 2>/dev/null; then
         for name in ${nodes[@]+"${nodes[@]}"}; do
-            case "$(node_state "$name")" in idle|mixed|allocated|completing) ;; *) ok=1 ;; esac
+            case "$(node_state "$name")" in idle|mixed|allocated|completing|planned) ;; *) ok=1 ;; esac
         done
     else
         echo "sinfo: controller not reachable"

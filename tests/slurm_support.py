@@ -31,7 +31,7 @@ __all__ = [
     "slurm", "slurm_jobs", "SlurmCluster", "ToolResult", "REPO_ROOT", "TOOL_PATH", "TERMINAL_STATES",
     "cluster_problem", "job_state", "sacct_job", "wait_for_job", "wait_for_state", "cancel_job",
     "submit_wrap", "run_tool_cli", "pyxis_test_image", "TEST_IMAGE", "expected_slurm_generation",
-    "slurm_under_test", "cluster_nodes", "on_node", "enroot_containers", "processes_with",
+    "slurm_under_test", "cluster_nodes", "require_nodes", "on_node", "enroot_containers", "processes_with",
     "submitted_job_id", "image", "cache_dir", "E2E_CACHE_ROOT", "CLUSTER_COMMAND",
     "CONTAINER_RUNTIMES", "container_runtime", "runtime_line", "apptainer_expected",
     "job_processes",
@@ -447,6 +447,19 @@ def cluster_nodes():
         if line not in names:
             names.append(line)
     return names
+
+
+def require_nodes(count, needs, command):
+    """The cluster's nodes when there are ``count``; else a skip saying what ``needs`` them and the
+    ``command`` that brings them up (a failure under CI, where a skip is one)."""
+    nodes = cluster_nodes()
+    if len(nodes) < count:
+        message = "%s needs %d nodes (`%s`); the cluster has %s" % (
+            needs, count, command, " ".join(nodes) or "no node")
+        if os.environ.get("CI") == "true":
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
+    return nodes
 
 
 def _node_pid(node):

@@ -7,7 +7,6 @@ weighs each group alone and accepts), preflight says before the submission that 
 more nodes than the cluster has, instead of leaving a job pending for ever.
 """
 import json
-import os
 import re
 import time
 import uuid
@@ -15,7 +14,8 @@ import uuid
 import pytest
 
 from slurm_support import (CLUSTER_COMMAND, _run, cluster_nodes, expected_slurm_generation,
-                           free_port, pyxis_test_image, run_tool_cli, wait_for_job)
+                           free_port, pyxis_test_image, require_nodes, run_tool_cli,
+                           wait_for_job)
 from test_pyxis_e2e import assert_nothing_left, compose_run, wait_running
 
 NODES = 3
@@ -33,15 +33,8 @@ def _cluster_command():
 @pytest.fixture(scope="module")
 def three_nodes(slurm):
     """The cluster's nodes; the runs need three (a skip, a failure under CI, without)."""
-    nodes = cluster_nodes()
-    if len(nodes) < NODES:
-        message = ("a two-group heterogeneous job (a head on one node, workers on two) needs %d "
-                   "nodes (`%s`); the cluster has %s"
-                   % (NODES, _cluster_command(), " ".join(nodes) or "no node"))
-        if os.environ.get("CI") == "true":
-            pytest.fail(message, pytrace=False)
-        pytest.skip(message)
-    return nodes
+    return require_nodes(NODES, "a two-group heterogeneous job (a head on one node, workers on two)",
+                         _cluster_command())
 
 
 @pytest.fixture(scope="module")

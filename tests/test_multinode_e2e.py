@@ -22,7 +22,7 @@ import pytest
 
 from slurm_support import (CLUSTER_COMMAND, CLUSTER_SCRIPT, REPO_ROOT, TOOL_PATH, cluster_nodes,
                            enroot_containers, free_port, on_node, processes_with, pyxis_test_image,
-                           run_tool_cli, submitted_job_id, wait_for_job)
+                           require_nodes, run_tool_cli, submitted_job_id, wait_for_job)
 from test_pyxis_e2e import (ComposeRun, assert_nothing_left, compose_run, long_running,
                             wait_running)
 
@@ -33,14 +33,7 @@ COPIES = os.path.join(REPO_ROOT, "tests", "multinode")
 @pytest.fixture(scope="module")
 def three_nodes(slurm):
     """The cluster's nodes; every test here needs three (a skip, a failure under CI, without)."""
-    nodes = cluster_nodes()
-    if len(nodes) < NODES:
-        message = ("these tests need the %d-node cluster (`%s`); it has %s"
-                   % (NODES, CLUSTER_COMMAND, " ".join(nodes) or "no node"))
-        if os.environ.get("CI") == "true":
-            pytest.fail(message, pytrace=False)
-        pytest.skip(message)
-    return nodes
+    return require_nodes(NODES, "every test of this file", CLUSTER_COMMAND)
 
 
 @pytest.fixture(scope="module")

@@ -239,29 +239,31 @@ def test_checkout_module_runs_validate(python):
     assert result.returncode == 0, result.stderr
 
 
-def test_pyz_uses_the_precompiled_module_of_the_running_python(pyz):
-    probe = ("import runpy, sys; sys.argv = ['hpc-compose', '--version'];\n"
-             "try:\n    runpy.run_path(sys.argv_pyz, run_name='__main__')\n"
-             "except SystemExit:\n    pass\n"
-             "import hpc_compose; print(type(hpc_compose.__spec__).__name__)")
-    result = run([sys.executable, "-c", probe.replace("sys.argv_pyz", repr(pyz))])
+def _last_line_after_pyz_version(pyz, code):
+    """Run ``--version`` through the archive's entry point in a fresh Python, then ``code`` there;
+    the last line ``code`` printed."""
+    probe = ("import gc, runpy, sys; sys.argv = ['hpc-compose', '--version']\n"
+             "try:\n    runpy.run_path(%r, run_name='__main__')\n"
+             "except SystemExit:\n    pass\n" % pyz) + code
+    result = run([sys.executable, "-c", probe])
     assert result.returncode == 0, result.stderr
+    return result.stdout.splitlines()[-1]
+
+
+def test_pyz_uses_the_precompiled_module_of_the_running_python(pyz):
     # A module executed from the archive's .pyc has no import spec; one imported from source has.
-    assert result.stdout.splitlines()[-1] == "NoneType"
+    assert _last_line_after_pyz_version(
+        pyz, "import hpc_compose; print(type(hpc_compose.__spec__).__name__)") == "NoneType"
 
 
 def test_pyz_freezes_the_module_out_of_the_collector_s_reach_and_leaves_it_on(pyz):
     # Start-up (docs/performance.md): the entry point keeps the cyclic collector off while the
     # module loads and freezes what it defined; the collector is on again for the command's own
-    # garbage (logs --follow and --watch run for hours).
-    probe = ("import gc, runpy, sys; sys.argv = ['hpc-compose', '--version'];\n"
-             "try:\n    runpy.run_path(sys.argv_pyz, run_name='__main__')\n"
-             "except SystemExit:\n    pass\n"
-             # Python 3.6 has no gc.freeze: there the collector is only off during the load.
-             "print(gc.isenabled(), getattr(gc, 'get_freeze_count', lambda: 1001)() > 1000)")
-    result = run([sys.executable, "-c", probe.replace("sys.argv_pyz", repr(pyz))])
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines()[-1] == "True True"
+    # garbage (logs --follow and --watch run for hours). Python 3.6 has no gc.freeze: there the
+    # collector is only off during the load.
+    assert _last_line_after_pyz_version(
+        pyz, "print(gc.isenabled(), getattr(gc, 'get_freeze_count', lambda: 1001)() > 1000)"
+    ) == "True True"
 
 
 def test_pyz_without_bytecode_runs_from_source(tmp_path):
